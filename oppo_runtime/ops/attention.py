@@ -1,0 +1,201 @@
+"""Attention ops of the engine and of training, each beside its pure-torch reference.
+
+Layout of a model's KV cache (one layer, K or V; a strided view of the shared page pool):
+    k_cache: [num_blocks, block_size, num_kv_heads, head_dim]   (inner 3 dims contiguous,
+             stride(0) = the pool's page stride, often larger than block_size*Hkv*D)
+A slot is ``block * block_size + offset``; ``slot_mapping`` value -1 means "skip this row".
+
+Ops (the CUDA kernel and the reference share a signature; ``backend`` forces one):
+    kv_append(key, value, k_cache, v_cache, slot_mapping)
+    paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
+    paged_prefill_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale)
+    varlen_causal_attention(q, k, v, cu_seqlens, scale)      (training, autograd, dense)
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._backend import choose_backend
+
+__all__ = [
+    "kv_append", "kv_append_ref",
+    "paged_decode_attention", "paged_decode_attention_ref",
+    "paged_prefill_attention", "paged_prefill_attention_ref",
+    "varlen_causal_attention", "gather_paged_kv",
+]
+
+
+def _check_cache(name: str, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    if k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
+        raise ValueError(f"{name}: k_cache/v_cache must both be [num_blocks, block_size, Hkv, D], "
+                         f"got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    if k_cache.dtype != v_cache.dtype:
+        raise ValueError(f"{name}: k_cache and v_cache dtypes differ ({k_cache.dtype}, {v_cache.dtype})")
+    for c in (k_cache, v_cache):
+        if c[0].stride() != (c.shape[2] * c.shape[3], c.shape[3], 1):
+            raise ValueError(f"{name}: each page of the cache must be contiguous [block_size, Hkv, D]")
+
+
+# ----------------------------------------------------------------------------- KV append
+def kv_append_ref(key, value, k_cache, v_cache, slot_mapping) -> None:
+    """key/value [N, Hkv, D] -> rows ``slot_mapping[i]`` of the caches; slot -1 is skipped."""
+    block_size = k_cache.shape[1]
+    slots = slot_mapping.to(torch.long)
+    keep = slots >= 0
+    if not bool(keep.all()):
+        slots, key, value = slots[keep], key[keep], value[keep]
+    blocks, offsets = slots // block_size, slots % block_size
+    k_cache[blocks, offsets] = key.to(k_cache.dtype)
+    v_cache[blocks, offsets] = value.to(v_cache.dtype)
+
+
+def kv_append(key, value, k_cache, v_cache, slot_mapping, backend: str | None = None) -> None:
+    """Write new K/V rows into the pages named by ``slot_mapping`` (in place)."""
+    _check_cache("kv_append", k_cache, v_cache)
+    if key.shape != value.shape or key.dim() != 3 or key.shape[1:] != k_cache.shape[2:]:
+        raise ValueError(f"kv_append: key/value must be [N, {k_cache.shape[2]}, {k_cache.shape[3]}], "
+                         f"got {tuple(key.shape)} and {tuple(value.shape)}")
+    if slot_mapping.shape != (key.shape[0],):
+        raise ValueError(f"kv_append: slot_mapping must be [{key.shape[0]}], got {tuple(slot_mapping.shape)}")
+    if choose_backend("kv_append", k_cache.device, backend) == "cuda":
+        torch.ops.oppo.kv_append(key, value, k_cache, v_cache, slot_mapping)
+    else:
+        kv_append_ref(key, value, k_cache, v_cache, slot_mapping)
+
+
+# ----------------------------------------------------------------------------- paged gather
+def gather_paged_kv(cache, block_tables, length: int):
+    """Rows 0..length-1 of every sequence's pages: [B, length, Hkv, D] (reference helper)."""
+    block_size = cache.shape[1]
+    pos = torch.arange(length, device=cache.device)
+    nblk = (length + block_size - 1) // block_size
+    tables = block_tables[:, :nblk].to(torch.long).clamp_min(0)
+    blocks = tables[:, pos // block_size]                       # [B, length]
+    return cache[blocks, (pos % block_size).expand_as(blocks)]
+
+
+# ----------------------------------------------------------------------------- decode
+def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale: float,
+                               out: torch.Tensor | None = None):
+    """One query per sequence over its paged context. q [B, Hq, D] -> [B, Hq, D].
+
+    Computed in float32. A sequence with context_len 0 gets zeros.
+    """
+    B, Hq, D = q.shape
+    Hkv = k_cache.shape[2]
+    G = Hq // Hkv
+    max_len = int(context_lens.max()) if B else 0
+    res = torch.zeros(B, Hq, D, dtype=torch.float32, device=q.device)
+    if B and max_len:
+        k = gather_paged_kv(k_cache, block_tables, max_len).float()    # [B, L, Hkv, D]
+        v = gather_paged_kv(v_cache, block_tables, max_len).float()
+        qf = q.float().view(B, Hkv, G, D)
+        s = torch.einsum("bhgd,blhd->bhgl", qf, k) * scale
+        valid = torch.arange(max_len, device=q.device)[None, :] < context_lens.to(q.device)[:, None]
+        s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
+        p = torch.softmax(s, dim=-1).nan_to_num(0.0)
+        res = torch.einsum("bhgl,blhd->bhgd", p, v).reshape(B, Hq, D)
+    if out is None:
+        return res.to(q.dtype)
+    out.copy_(res)
+    return out
+
+
+def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale: float,
+                           out: torch.Tensor | None = None, backend: str | None = None):
+    _check_cache("paged_decode_attention", k_cache, v_cache)
+    if q.dim() != 3 or q.shape[2] != k_cache.shape[3] or q.shape[1] % k_cache.shape[2]:
+        raise ValueError(f"paged_decode_attention: q must be [B, Hq, {k_cache.shape[3]}] with Hq a "
+                         f"multiple of Hkv={k_cache.shape[2]}, got {tuple(q.shape)}")
+    if block_tables.dim() != 2 or block_tables.shape[0] != q.shape[0] or context_lens.shape != (q.shape[0],):
+        raise ValueError("paged_decode_attention: block_tables must be [B, max_blocks] and context_lens [B]")
+    if choose_backend("paged_decode_attention", q.device, backend) == "cuda":
+        if out is None:
+            out = torch.empty_like(q)
+        torch.ops.oppo.paged_decode_attention(out, q, k_cache, v_cache, block_tables, context_lens, scale)
+        return out
+    return paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale, out)
+
+
+# ----------------------------------------------------------------------------- chunk prefill
+def paged_prefill_attention_ref(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables,
+                                scale: float, out: torch.Tensor | None = None):
+    """A chunk of new queries per sequence over its paged context, bottom-right causal.
+
+    q [Nq, Hq, D] packed by ``cu_seqlens_q`` [B+1]; ``context_lens`` [B] counts the prefix plus
+    the chunk (the chunk's K/V are already in the pages). Query i of sequence b sits at position
+    ``context_lens[b] - n_b + i`` and sees keys 0..that position. Computed in float32.
+    """
+    Nq, Hq, D = q.shape
+    Hkv = k_cache.shape[2]
+    res = torch.empty(Nq, Hq, D, dtype=torch.float32, device=q.device)
+    cu = cu_seqlens_q.tolist()
+    ctx = context_lens.tolist()
+    for b in range(len(ctx)):
+        s, e = cu[b], cu[b + 1]
+        n, L = e - s, ctx[b]
+        if n == 0:
+            continue
+        k = gather_paged_kv(k_cache, block_tables[b:b + 1], L)[0].float()   # [L, Hkv, D]
+        v = gather_paged_kv(v_cache, block_tables[b:b + 1], L)[0].float()
+        qb = q[s:e].float().transpose(0, 1)                                 # [Hq, n, D]
+        kb = k.transpose(0, 1).repeat_interleave(Hq // Hkv, 0)             # [Hq, L, D]
+        vb = v.transpose(0, 1).repeat_interleave(Hq // Hkv, 0)
+        qpos = torch.arange(L - n, L, device=q.device)[:, None]
+        mask = torch.arange(L, device=q.device)[None, :] <= qpos            # [n, L]
+        res[s:e] = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale).transpose(0, 1)
+    if out is None:
+        return res.to(q.dtype)
+    out.copy_(res)
+    return out
+
+
+def paged_prefill_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables,
+                            scale: float, out: torch.Tensor | None = None,
+                            max_seqlen_q: int | None = None, backend: str | None = None):
+    _check_cache("paged_prefill_attention", k_cache, v_cache)
+    B = context_lens.shape[0]
+    if q.dim() != 3 or q.shape[2] != k_cache.shape[3] or q.shape[1] % k_cache.shape[2]:
+        raise ValueError(f"paged_prefill_attention: q must be [Nq, Hq, {k_cache.shape[3]}], got {tuple(q.shape)}")
+    if cu_seqlens_q.shape != (B + 1,) or block_tables.shape[0] != B:
+        raise ValueError("paged_prefill_attention: cu_seqlens_q must be [B+1] and block_tables [B, max_blocks]")
+    if choose_backend("paged_prefill_attention", q.device, backend) == "cuda":
+        if out is None:
+            out = torch.empty_like(q)
+        if max_seqlen_q is None:
+            max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()) if B else 0
+        torch.ops.oppo.paged_prefill_attention(out, q, k_cache, v_cache, cu_seqlens_q, context_lens,
+                                               block_tables, scale, max_seqlen_q)
+        return out
+    return paged_prefill_attention_ref(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, out)
+
+
+# ----------------------------------------------------------------------------- training
+def varlen_causal_attention(q, k, v, cu_seqlens, scale: float, max_seqlen: int | None = None):
+    """Causal attention within each packed sequence (autograd). q [N, Hq, D], k/v [N, Hkv, D].
+
+    Packs to a right-padded batch and calls SDPA once: with right padding the causal mask alone
+    keeps every real query away from the padding, so no key-padding mask is needed.
+    """
+    N, Hq, D = q.shape
+    Hkv = k.shape[1]
+    lens = cu_seqlens[1:] - cu_seqlens[:-1]
+    B = lens.shape[0]
+    if B == 1:
+        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
+                                             v.transpose(0, 1)[None], is_causal=True, scale=scale,
+                                             enable_gqa=Hq != Hkv)
+        return out[0].transpose(0, 1)
+    T = int(max_seqlen if max_seqlen is not None else lens.max())
+    starts = cu_seqlens[:-1].to(q.device)
+    idx = torch.arange(T, device=q.device)
+    valid = idx[None, :] < lens.to(q.device)[:, None]                     # [B, T]
+    gather = (starts[:, None] + idx[None, :]).clamp_max(N - 1)            # [B, T]
+
+    def pad(x):
+        return x[gather].transpose(1, 2)                                  # [B, H, T, D]
+
+    out = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), is_causal=True, scale=scale,
+                                         enable_gqa=Hq != Hkv)
+    return out.transpose(1, 2)[valid]                                     # [N, Hq, D]
