@@ -1,0 +1,238 @@
+"""ActorEngine: generates the actor's responses over the shared page pool.
+
+    engine = ActorEngine(model, pool, EngineConfig(chunk_size=16), eos_token_id=tok.eos_token_id)
+    engine.add_chunk_consumer(lambda chunks: ...)     # the scorers attach here
+    seqs = engine.generate([[1, 2, 3], [4, 5]], SamplingParams(temperature=1.0, max_new_tokens=64))
+
+Every sampled token carries the behaviour log-prob of the distribution it was sampled from (see
+``ops.sampling``) and the policy version the engine had when it sampled it (``update_weights``).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable
+
+import torch
+
+from ..memory import KVGeometry, PagePool
+from ..ops import sample_tokens
+from .config import EngineConfig
+from .runner import ModelRunner
+from .scheduler import Scheduler
+from .sequence import Chunk, RequestError, SamplingParams, Sequence, SeqStatus
+
+__all__ = ["ActorEngine"]
+
+log = logging.getLogger("oppo_runtime.engine")
+
+
+class ActorEngine:
+    def __init__(self, model, pool: PagePool, config: EngineConfig | None = None, *, name: str = "actor",
+                 eos_token_id: int | None = None, on_pool_pressure: Callable[[int], int] | None = None):
+        self.model, self.pool = model, pool
+        self.config = config or EngineConfig()
+        self.name = name
+        self.eos_token_id = eos_token_id
+        L, Hkv, D = model.kv_geometry()
+        dtype = next(model.parameters()).dtype
+        self.view = pool.views.get(name) or pool.register(name, KVGeometry(L, Hkv, D, dtype))
+        self.max_model_len = self.config.max_model_len or model.config.max_position_embeddings
+        self.runner = ModelRunner(model, self.view, self.max_model_len, self.config.enforce_eager,
+                                  self.config.graph_batch_sizes)
+        self.scheduler = Scheduler(self.view, self.config.max_num_seqs, self.config.max_num_batched_tokens,
+                                   on_pool_pressure)
+        self.version = 0
+        self._num_requests = 0
+        self.chunk_size = self.config.chunk_size
+        self._consumers: list[Callable[[list[Chunk]], None]] = []
+        # host_s: host-side scheduling, batch preparation and token bookkeeping (not GPU work)
+        self.stats = {"decode_steps": 0, "prefill_steps": 0, "generated_tokens": 0, "host_s": 0.0}
+        self.step_hooks: list[Callable[[str, float, float], None]] = []   # (kind, t0, t1) per step
+
+    # ------------------------------------------------------------------ requests
+    def add_chunk_consumer(self, fn: Callable[[list[Chunk]], None]) -> None:
+        self._consumers.append(fn)
+
+    def validate(self, prompt_ids, sampling: SamplingParams, target_len: int | None) -> None:
+        if len(prompt_ids) == 0:
+            raise RequestError("empty prompt: at least one token is needed")
+        if len(prompt_ids) >= self.max_model_len:
+            raise RequestError(f"prompt of {len(prompt_ids)} tokens does not fit the context of "
+                               f"{self.max_model_len} tokens (room for one new token is needed)")
+        new = target_len if target_len is not None else sampling.max_new_tokens
+        total = min(len(prompt_ids) + new, self.max_model_len)
+        if self.view.pages_for_tokens(total) > self.pool.num_pages:
+            raise RequestError(f"request of up to {total} tokens needs {self.view.pages_for_tokens(total)} pages; "
+                               f"the whole pool has {self.pool.num_pages}")
+        vocab = self.model.config.vocab_size
+        bad = [t for t in prompt_ids if not 0 <= t < vocab]
+        if bad:
+            raise RequestError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+
+    def add_request(self, prompt_ids, sampling: SamplingParams | None = None, *, target_len: int | None = None,
+                    seq: Sequence | None = None, sample_key: int | None = None) -> Sequence:
+        """Queue a request; raises RequestError (and queues nothing) if it cannot be served.
+
+        The sampling noise of a sequence is keyed by ``sample_key`` (default: the engine's count of
+        requests so far), so the same requests in the same order give the same tokens under the
+        same seed, whatever the batching, preemption or overlap schedule.
+        """
+        sampling = sampling or SamplingParams()
+        if seq is None:
+            seq = Sequence(list(prompt_ids), sampling, target_len=target_len,
+                           sample_key=self._num_requests if sample_key is None else sample_key)
+        self._num_requests += 1
+        self.validate(seq.prompt_ids, seq.sampling, seq.target_len)
+        self.scheduler.add(seq)
+        return seq
+
+    def resume(self, seq: Sequence) -> None:
+        """Re-queue a sequence that keeps its generated tokens (deferred, or pages dropped)."""
+        seq.num_cached_tokens = 0 if not self.view.pages(seq.seq_id) else seq.num_cached_tokens
+        self.scheduler.add(seq)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    @property
+    def running(self) -> list[Sequence]:
+        return self.scheduler.running + list(self.scheduler.waiting)
+
+    # ------------------------------------------------------------------ weights
+    def update_weights(self, version: int, state_dict: dict | None = None) -> None:
+        """Take new weights; tokens sampled from now on carry ``version``.
+
+        With ``state_dict=None`` the engine already runs on the training model's parameters (no
+        copy); otherwise the tensors are copied into the engine's parameters in place (CUDA graphs
+        stay valid).
+        """
+        if state_dict is not None:
+            params = dict(self.model.named_parameters())
+            with torch.no_grad():
+                for k, v in state_dict.items():
+                    params[k].copy_(v)
+        self.version = version
+
+    # ------------------------------------------------------------------ the step
+    @torch.inference_mode()
+    def step(self) -> list[Sequence]:
+        """One prefill or decode step. Returns the sequences that finished in it."""
+        t0 = time.perf_counter()
+        batch = self.scheduler.schedule()
+        if batch is None:
+            if self.scheduler.waiting and not self.scheduler.running:
+                seq = self.scheduler.waiting[0]
+                raise RuntimeError(f"{self.name}: cannot admit sequence {seq.seq_id}: {self.pool.num_free} free "
+                                   f"pages of {self.pool.num_pages}, and no other user of the pool frees any")
+            return []
+        kind = "decode" if batch.is_decode else "prefill"
+        self.stats[f"{kind}_steps"] += 1
+        th = time.perf_counter()
+        hidden = self.runner.forward(batch.spans, self.view.pages)
+        rows = [i for i, s in enumerate(batch.sample) if s]
+        finished: list[Sequence] = []
+        for seq, span in zip(batch.seqs, batch.spans):
+            seq.num_cached_tokens = span.start + len(span.token_ids)
+        if rows:
+            seqs = [batch.seqs[i] for i in rows]
+            logits = self.model.compute_logits(hidden[rows] if len(rows) != hidden.shape[0] else hidden)
+            tokens, logps, bad = self._sample(seqs, logits)     # the step's one device sync
+            t_sync = time.perf_counter()
+            for seq, tok, lp, is_bad in zip(seqs, tokens, logps, bad):
+                if is_bad:      # NaN/+inf logits: this request ends with an error, the others go on
+                    seq.status, seq.finish_reason = SeqStatus.FINISHED, "error: NaN/inf in the actor's logits"
+                    log.error("%s: sequence %s: NaN/inf in the logits at position %d", self.name, seq.seq_id,
+                              seq.num_tokens)
+                    finished.append(seq)
+                    continue
+                seq.output_ids.append(tok)
+                seq.logprobs.append(lp)
+                seq.versions.append(self.version)
+                self.stats["generated_tokens"] += 1
+                if self._check_finish(seq):
+                    finished.append(seq)
+        else:
+            t_sync = time.perf_counter()
+        self._emit(batch.seqs)
+        for seq in finished:
+            self.scheduler.finish(seq)
+        t1 = time.perf_counter()
+        self.stats["host_s"] += (th - t0) + self.runner.last_prepare_s + (t1 - t_sync)
+        for hook in self.step_hooks:
+            hook(kind, th, time.perf_counter())
+        return finished
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor):
+        dev = logits.device
+        bad = (torch.isnan(logits) | (logits == float("inf"))).any(-1)
+        logits = logits.masked_fill(bad[:, None], 0.0)
+        temp = torch.tensor([s.sampling.temperature for s in seqs], device=dev)
+        top_k = torch.tensor([s.sampling.top_k for s in seqs], device=dev)
+        top_p = torch.tensor([s.sampling.top_p for s in seqs], device=dev)
+        keys = torch.tensor([s.sample_key for s in seqs], device=dev)
+        pos = torch.tensor([s.num_tokens for s in seqs], device=dev)
+        tokens, logps = sample_tokens(logits, temp, top_k, top_p, self.config.seed, keys, pos)
+        out = torch.stack([tokens.double(), logps.double(), bad.double()]).cpu()
+        return out[0].long().tolist(), out[1].tolist(), out[2].bool().tolist()
+
+    def _check_finish(self, seq: Sequence) -> bool:
+        n = len(seq.output_ids)
+        tok = seq.output_ids[-1]
+        reason = None
+        if seq.target_len is not None:
+            reason = "length" if n >= seq.target_len else None
+        elif self.eos_token_id is not None and tok == self.eos_token_id and not seq.sampling.ignore_eos:
+            reason = "eos"
+        elif tok in seq.sampling.stop_token_ids:
+            reason = "stop"
+        elif n >= seq.sampling.max_new_tokens:
+            reason = "length"
+        if reason is None and seq.num_tokens >= self.max_model_len:
+            reason = "length"
+        if reason is not None:
+            seq.finish_reason = reason
+            seq.status = SeqStatus.FINISHED
+        return reason is not None
+
+    def _emit(self, seqs: list[Sequence]) -> None:
+        if not self._consumers:
+            return
+        chunks = []
+        for seq in seqs:
+            n = len(seq.output_ids)
+            final = seq.status is SeqStatus.FINISHED
+            if n > seq.num_emitted and (final or n - seq.num_emitted >= self.chunk_size):
+                chunks.append(Chunk(seq, seq.num_emitted, n, final))
+                seq.num_emitted = n
+            elif final and n == seq.num_emitted:
+                chunks.append(Chunk(seq, n, n, True))
+        if chunks:
+            for fn in self._consumers:
+                fn(chunks)
+
+    # ------------------------------------------------------------------ batch API
+    def generate(self, prompts, sampling: SamplingParams | None = None, target_lens=None,
+                 progress: bool = False) -> list[Sequence]:
+        """Generate for every prompt; a request that cannot be served comes back with
+        ``finish_reason='error: ...'`` and the others go on."""
+        seqs = []
+        for i, p in enumerate(prompts):
+            tl = None if target_lens is None else target_lens[i]
+            try:
+                seqs.append(self.add_request(p, sampling, target_len=tl))
+            except RequestError as e:
+                s = Sequence(list(p), sampling or SamplingParams(), target_len=tl)
+                s.status, s.finish_reason = SeqStatus.FINISHED, f"error: {e}"
+                seqs.append(s)
+        bar = None
+        if progress:
+            from tqdm import tqdm
+            bar = tqdm(total=len(seqs), desc="generate", unit="seq")
+        while self.has_unfinished():
+            done = self.step()
+            if bar is not None:
+                bar.update(len(done))
+        if bar is not None:
+            bar.close()
+        return seqs

@@ -1,0 +1,25 @@
+"""Engine configuration (validated once, at construction)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["EngineConfig"]
+
+
+@dataclass
+class EngineConfig:
+    max_num_seqs: int = 256              # sequences decoded together at most
+    max_num_batched_tokens: int = 8192   # prefill tokens per step (long prompts are chunked)
+    max_model_len: int | None = None     # default: the model's max_position_embeddings
+    chunk_size: int = 16                 # C: stream every C generated tokens to the scorers
+    seed: int = 0                        # sampling seed (noise is keyed by (seed, sequence, position))
+    enforce_eager: bool = False          # True: no CUDA graphs for decode
+    graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
+
+    def __post_init__(self):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "chunk_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"EngineConfig.max_model_len must be >= 2, got {self.max_model_len}")
+        self.graph_batch_sizes = tuple(sorted(b for b in self.graph_batch_sizes if b <= self.max_num_seqs))

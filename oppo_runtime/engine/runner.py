@@ -1,0 +1,159 @@
+"""Runs one model over its pages of the shared pool: chunked prefill and decode steps.
+
+Work that depends only on the batch's shape is prepared on the host (token ids, positions, slot
+mapping, block tables, context lengths), staged through pinned memory and copied without
+blocking; the forward then does device work only. Decode steps can be captured in CUDA graphs
+for a ladder of batch sizes (needs the CUDA attention kernels: the reference ops sync).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..memory import KVView
+from ..models.context import PagedContext
+from ..ops import has_cuda_kernels
+
+__all__ = ["Span", "ModelRunner"]
+
+log = logging.getLogger("oppo_runtime.engine")
+
+
+@dataclass
+class Span:
+    """Tokens ``token_ids`` of sequence ``key`` at positions ``start .. start+len-1``."""
+    key: object
+    token_ids: list[int]
+    start: int
+
+
+class _Staging:
+    """Host->device copies through pinned buffers (non-blocking on CUDA)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.pin = device.type == "cuda"
+
+    def __call__(self, data, dtype) -> torch.Tensor:
+        t = torch.tensor(data, dtype=dtype)
+        if self.pin:
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
+
+
+class ModelRunner:
+    def __init__(self, model, view: KVView, max_model_len: int, enforce_eager: bool = True,
+                 graph_batch_sizes: tuple[int, ...] = ()):
+        self.model, self.view = model, view
+        self.device = next(model.parameters()).device
+        self.max_model_len = max_model_len
+        self.max_blocks = view.pages_for_tokens(max_model_len)
+        self.stage = _Staging(self.device)
+        self.graphs: dict[int, tuple] = {}
+        self.last_prepare_s = 0.0
+        self._graph_generation = view.pool.generation
+        self.use_graphs = (not enforce_eager and self.device.type == "cuda" and has_cuda_kernels()
+                           and bool(graph_batch_sizes))
+        if not enforce_eager and self.device.type == "cuda" and not self.use_graphs:
+            log.warning("CUDA graphs off for %s: the CUDA attention kernels are not loaded", view.name)
+        self.graph_batch_sizes = tuple(sorted(graph_batch_sizes))
+
+    # ------------------------------------------------------------------ batch metadata
+    def _context(self, spans: list[Span], pages_of) -> tuple[torch.Tensor, torch.Tensor, PagedContext]:
+        ids, pos, slots, tables, ctx_lens, cu = [], [], [], [], [], [0]
+        T = self.view.tokens_per_page
+        width = 1
+        for sp in spans:
+            pages = pages_of(sp.key)
+            n = len(sp.token_ids)
+            end = sp.start + n
+            if end > len(pages) * T:
+                raise RuntimeError(f"{self.view.name}: sequence {sp.key} has {len(pages)} pages for {end} tokens")
+            ids.extend(sp.token_ids)
+            pos.extend(range(sp.start, end))
+            slots.extend(pages[p // T] * T + p % T for p in range(sp.start, end))
+            used = -(-end // T)
+            tables.append(pages[:used])
+            width = max(width, used)
+            ctx_lens.append(end)
+            cu.append(cu[-1] + n)
+        tables = [t + [0] * (width - len(t)) for t in tables]
+        is_decode = cu[-1] == len(spans)
+        ctx = PagedContext(
+            kv_caches=self.view.kv_caches,
+            slot_mapping=self.stage(slots, torch.int64),
+            block_tables=self.stage(tables, torch.int32),
+            context_lens=self.stage(ctx_lens, torch.int32),
+            cu_seqlens_q=self.stage(cu, torch.int32),
+            max_seqlen_q=max((len(s.token_ids) for s in spans), default=0),
+            is_decode=is_decode,
+        )
+        return self.stage(ids, torch.int64), self.stage(pos, torch.int64), ctx
+
+    @torch.inference_mode()
+    def forward(self, spans: list[Span], pages_of, last_only: bool = True) -> torch.Tensor:
+        """Hidden states of the last token of each span [B, H] (or of every token [N, H])."""
+        if not spans:
+            raise ValueError("forward: empty batch")
+        t0 = time.perf_counter()
+        input_ids, positions, ctx = self._context(spans, pages_of)
+        self.last_prepare_s = time.perf_counter() - t0
+        if ctx.is_decode and self.use_graphs and len(spans) <= self.graph_batch_sizes[-1]:
+            if self._graph_generation != self.view.pool.generation:
+                self.reset_graphs()              # the pool's memory moved: captured pointers are stale
+            return self._graph_decode(input_ids, positions, ctx)
+        hidden = self.model(input_ids, positions, ctx)
+        if last_only and not ctx.is_decode:
+            hidden = hidden[ctx.cu_seqlens_q[1:].long() - 1]
+        return hidden
+
+    # ------------------------------------------------------------------ CUDA graphs (decode)
+    def _graph_decode(self, input_ids, positions, ctx: PagedContext) -> torch.Tensor:
+        B = input_ids.shape[0]
+        bs = next(s for s in self.graph_batch_sizes if s >= B)
+        if bs not in self.graphs:
+            self._capture(bs)
+        graph, st = self.graphs[bs]
+        width = ctx.block_tables.shape[1]
+        st["input_ids"][:B].copy_(input_ids)
+        st["positions"][:B].copy_(positions)
+        st["slot_mapping"].fill_(-1)
+        st["slot_mapping"][:B].copy_(ctx.slot_mapping)
+        st["context_lens"].fill_(1)
+        st["context_lens"][:B].copy_(ctx.context_lens)
+        st["block_tables"][:B, :width].copy_(ctx.block_tables)
+        graph.replay()
+        return st["hidden"][:B]
+
+    def _capture(self, bs: int) -> None:
+        dev = self.device
+        st = {
+            "input_ids": torch.zeros(bs, dtype=torch.int64, device=dev),
+            "positions": torch.zeros(bs, dtype=torch.int64, device=dev),
+            "slot_mapping": torch.full((bs,), -1, dtype=torch.int64, device=dev),
+            "context_lens": torch.ones(bs, dtype=torch.int32, device=dev),
+            "block_tables": torch.zeros(bs, self.max_blocks, dtype=torch.int32, device=dev),
+        }
+        ctx = PagedContext(self.view.kv_caches, st["slot_mapping"], st["block_tables"], st["context_lens"],
+                           torch.arange(bs + 1, dtype=torch.int32, device=dev), 1, True)
+        s = torch.cuda.Stream(dev)
+        s.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(s):
+            for _ in range(2):                       # warm-up outside the graph
+                self.model(st["input_ids"], st["positions"], ctx)
+        torch.cuda.current_stream(dev).wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=getattr(self, "_graph_pool", None)):
+            st["hidden"] = self.model(st["input_ids"], st["positions"], ctx)
+        self._graph_pool = graph.pool()
+        self.graphs[bs] = (graph, st)
+        log.info("%s: captured a decode CUDA graph for batch %d", self.view.name, bs)
+
+    def reset_graphs(self) -> None:
+        """Drop captured graphs (the pool's memory moved, or weights were replaced)."""
+        self.graphs.clear()
+        self._graph_pool = None
+        self._graph_generation = self.view.pool.generation

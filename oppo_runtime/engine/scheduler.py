@@ -1,0 +1,150 @@
+"""Continuous batching over the shared pool: admission, chunked prefill, decode, preemption.
+
+Policy (one step is either a prefill step or a decode step):
+  * prefill and decode alternate while both have work, so that neither starves;
+  * a prefill step takes waiting sequences first-come-first-served (preempted ones first, in their
+    original order) up to ``max_num_batched_tokens`` tokens; a long prompt is prefilled in chunks;
+  * a decode step takes every running sequence (up to ``max_num_seqs``);
+  * when pages run out, the most recently admitted running sequence is preempted: its pages are
+    freed and it is recomputed later from its tokens (nothing generated is lost). The oldest
+    sequence is never preempted while another one could be, so every sequence finishes.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable
+
+from ..memory import KVView, PoolExhausted
+from .runner import Span
+from .sequence import Sequence, SeqStatus
+
+__all__ = ["Scheduler", "ScheduledBatch"]
+
+
+@dataclass
+class ScheduledBatch:
+    seqs: list[Sequence]
+    spans: list[Span]
+    is_decode: bool
+    sample: list[bool]          # does this span reach the sequence's end (sample a token)?
+
+
+class Scheduler:
+    def __init__(self, view: KVView, max_num_seqs: int, max_num_batched_tokens: int,
+                 on_pool_pressure: Callable[[int], int] | None = None):
+        self.view = view
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.on_pool_pressure = on_pool_pressure      # asks other pool users to free n pages
+        self._admitted = 0
+        self._last_was_prefill = False
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SeqStatus.WAITING
+        if seq.admit_order < 0:
+            seq.admit_order = self._admitted
+            self._admitted += 1
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ------------------------------------------------------------------ pages
+    def _grow(self, seq: Sequence, num_tokens: int, protect: set[int]) -> bool:
+        """Give ``seq`` pages for ``num_tokens`` tokens, preempting younger sequences if needed."""
+        while True:
+            try:
+                self.view.ensure(seq.seq_id, num_tokens)
+                return True
+            except PoolExhausted:
+                pass
+            need = self.view.pages_for_tokens(num_tokens) - len(self.view.pages(seq.seq_id))
+            if self.on_pool_pressure is not None and self.on_pool_pressure(need) > 0:
+                continue
+            victims = [s for s in self.running if s is not seq and s.seq_id not in protect]
+            if not victims:
+                return False
+            self.preempt(max(victims, key=lambda s: s.admit_order))
+
+    def preempt(self, seq: Sequence) -> None:
+        self.view.free(seq.seq_id)
+        seq.num_cached_tokens = 0
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        if seq in self.running:
+            self.running.remove(seq)
+        seq.status = SeqStatus.WAITING
+        # back to the queue in admission order: older sequences are served first
+        items = list(self.waiting) + [seq]
+        items.sort(key=lambda s: s.admit_order)
+        self.waiting = deque(items)
+
+    def finish(self, seq: Sequence) -> None:
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.view.free(seq.seq_id)
+        seq.status = SeqStatus.FINISHED
+
+    # ------------------------------------------------------------------ steps
+    def schedule(self) -> ScheduledBatch | None:
+        pending = self.waiting or any(s.num_cached_tokens < s.num_tokens - 1 for s in self.running)
+        prefill_first = pending and (not self.running or not self._last_was_prefill)
+        batch = (self._schedule_prefill() if prefill_first else None) or self._schedule_decode() \
+            or self._schedule_prefill()
+        if batch is not None:
+            self._last_was_prefill = not batch.is_decode
+        return batch
+
+    def _schedule_prefill(self) -> ScheduledBatch | None:
+        budget = self.max_num_batched_tokens
+        seqs, spans, sample = [], [], []
+        partial = sorted((s for s in self.running if s.num_cached_tokens < s.num_tokens - 1),
+                         key=lambda s: s.admit_order)
+        for seq in partial + list(self.waiting):
+            if budget <= 0:
+                break
+            new = seq.status is SeqStatus.WAITING
+            if new and len(self.running) >= self.max_num_seqs:
+                break
+            if seq.status is SeqStatus.WAITING and seq not in self.waiting:
+                continue
+            todo = seq.num_tokens - seq.num_cached_tokens
+            n = min(todo, budget)
+            if not self._grow(seq, seq.num_cached_tokens + n, protect={s.seq_id for s in seqs}):
+                break
+            if new:
+                self.waiting.remove(seq)
+                seq.status = SeqStatus.RUNNING
+                self.running.append(seq)
+            spans.append(Span(seq.seq_id, seq.all_ids[seq.num_cached_tokens:seq.num_cached_tokens + n],
+                              seq.num_cached_tokens))
+            seqs.append(seq)
+            sample.append(n == todo)
+            budget -= n
+        if not seqs:
+            return None
+        return ScheduledBatch(seqs, spans, False, sample)
+
+    def _schedule_decode(self) -> ScheduledBatch | None:
+        # running sequences whose prefill is complete (cached all but their newest token)
+        ready = [s for s in self.running if s.num_cached_tokens == s.num_tokens - 1]
+        ready.sort(key=lambda s: s.admit_order)
+        ready = ready[: self.max_num_seqs]
+        seqs = []
+        for seq in ready:
+            if seq.status is not SeqStatus.RUNNING:       # preempted by an older one this step
+                continue
+            if self._grow(seq, seq.num_tokens, protect={s.seq_id for s in seqs}):
+                seqs.append(seq)
+            else:
+                self.preempt(seq)
+        if not seqs:
+            return None
+        spans = [Span(s.seq_id, [s.token_at(s.num_tokens - 1)], s.num_tokens - 1) for s in seqs]
+        return ScheduledBatch(seqs, spans, True, [True] * len(seqs))

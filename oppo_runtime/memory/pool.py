@@ -1,0 +1,234 @@
+"""One page pool shared by every model's KV cache.
+
+The pool is a single device allocation of ``num_pages`` pages of ``page_bytes`` each. A model
+registers its geometry (layers, KV heads, head dim, dtype) and gets a ``KVView``: per layer a K and
+a V cache ``[num_pages, tokens_per_page, Hkv, D]`` that are strided views of the same bytes. One
+page holds, for ``tokens_per_page`` tokens of one sequence, the K and V of every layer of that
+model, laid out ``[layer][k|v][token][kv_head][dim]``. A page belongs to at most one
+(model, sequence) at a time; pages freed by one model are used by any other.
+
+The pool only allocates and accounts; who is preempted when pages run out is the engine's
+policy (``PoolExhausted`` tells it). Invariants (checked by ``check()``, exercised by property
+tests): free + owned = num_pages, no page has two owners, every owned page is listed exactly once.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["KVGeometry", "KVView", "PagePool", "PoolExhausted", "pool_pages_from_free_memory"]
+
+log = logging.getLogger("oppo_runtime.memory")
+
+Owner = tuple  # (model name, sequence id)
+
+
+class PoolExhausted(RuntimeError):
+    """Not enough free pages; the caller preempts something or waits."""
+
+
+@dataclass(frozen=True)
+class KVGeometry:
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+    @property
+    def elem_size(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    @property
+    def bytes_per_token(self) -> int:
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.elem_size
+
+
+def _pow2_floor(x: int) -> int:
+    return 1 << (x.bit_length() - 1) if x > 0 else 0
+
+
+class KVView:
+    """A model's view of the pool: per layer (k_cache, v_cache), and its own tokens per page."""
+
+    def __init__(self, pool: "PagePool", name: str, geometry: KVGeometry, tokens_per_page: int):
+        self.pool, self.name, self.geometry = pool, name, geometry
+        self.tokens_per_page = tokens_per_page
+        self._caches = None
+        self._generation = -1
+
+    @property
+    def kv_caches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        if self._generation != self.pool.generation:
+            self._caches = self._make_views()
+            self._generation = self.pool.generation
+        return self._caches
+
+    def _make_views(self):
+        g, T, pool = self.geometry, self.tokens_per_page, self.pool
+        if pool.buffer is None:
+            raise RuntimeError("the page pool's memory is released (training phase); call reacquire() first")
+        es = g.elem_size
+        base = pool.buffer.view(g.dtype)
+        page_elems = pool.page_bytes // es
+        row = g.num_kv_heads * g.head_dim
+        size = (pool.num_pages, T, g.num_kv_heads, g.head_dim)
+        stride = (page_elems, row, g.head_dim, 1)
+        caches = []
+        for layer in range(g.num_layers):
+            k = base.as_strided(size, stride, (2 * layer) * T * row)
+            v = base.as_strided(size, stride, (2 * layer + 1) * T * row)
+            caches.append((k, v))
+        return caches
+
+    # convenience wrappers bound to this model
+    def pages_for_tokens(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.tokens_per_page)
+
+    def ensure(self, seq_id, num_tokens: int) -> list[int]:
+        """Grow ``seq_id``'s page list to hold ``num_tokens`` tokens (all or nothing)."""
+        need = self.pages_for_tokens(num_tokens) - len(self.pool.pages_of((self.name, seq_id)))
+        if need > 0:
+            self.pool.allocate((self.name, seq_id), need)
+        return self.pool.pages_of((self.name, seq_id))
+
+    def pages(self, seq_id) -> list[int]:
+        return self.pool.pages_of((self.name, seq_id))
+
+    def free(self, seq_id) -> int:
+        return self.pool.free((self.name, seq_id))
+
+    def slot(self, pages: list[int], position: int) -> int:
+        return pages[position // self.tokens_per_page] * self.tokens_per_page + position % self.tokens_per_page
+
+
+class PagePool:
+    def __init__(self, num_pages: int, page_bytes: int, device: torch.device | str = "cpu"):
+        if num_pages <= 0 or page_bytes <= 0 or page_bytes % 16:
+            raise ValueError(f"PagePool: num_pages ({num_pages}) must be > 0 and page_bytes ({page_bytes}) "
+                             "a positive multiple of 16")
+        self.num_pages, self.page_bytes, self.device = num_pages, page_bytes, torch.device(device)
+        self.buffer: torch.Tensor | None = torch.empty(num_pages * page_bytes, dtype=torch.uint8, device=self.device)
+        self.generation = 0
+        self._free: list[int] = list(range(num_pages - 1, -1, -1))   # pop() gives low ids first
+        self._owner: list[Owner | None] = [None] * num_pages
+        self._pages: dict[Owner, list[int]] = {}
+        self.views: dict[str, KVView] = {}
+        self._kept: tuple[list[int], torch.Tensor] | None = None
+
+    # ---------------------------------------------------------------- models
+    def register(self, name: str, geometry: KVGeometry, tokens_per_page: int | None = None) -> KVView:
+        """A model's view; tokens per page = the largest power of two that fits a page."""
+        if name in self.views:
+            raise ValueError(f"PagePool: a model named {name!r} is already registered")
+        fit = self.page_bytes // geometry.bytes_per_token
+        T = tokens_per_page or _pow2_floor(fit)
+        if T < 1 or T > fit:
+            raise ValueError(f"PagePool: a page of {self.page_bytes} B holds {fit} tokens of model {name!r} "
+                             f"({geometry.bytes_per_token} B/token); asked for {T}")
+        if self.page_bytes % geometry.elem_size:
+            raise ValueError("PagePool: page_bytes must be a multiple of the element size")
+        view = KVView(self, name, geometry, T)
+        self.views[name] = view
+        return view
+
+    @staticmethod
+    def page_bytes_for(geometries: list[KVGeometry], tokens_per_page: int) -> int:
+        """Page size that gives the largest geometry ``tokens_per_page`` tokens per page."""
+        b = max(g.bytes_per_token for g in geometries) * tokens_per_page
+        return -(-b // 16) * 16
+
+    # ---------------------------------------------------------------- pages
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def pages_of(self, owner: Owner) -> list[int]:
+        return self._pages.get(owner, [])
+
+    def allocate(self, owner: Owner, n: int) -> list[int]:
+        """Append ``n`` pages to ``owner`` (all or nothing); raises PoolExhausted."""
+        if n > len(self._free):
+            raise PoolExhausted(f"{owner}: needs {n} pages, {len(self._free)} free of {self.num_pages}")
+        got = [self._free.pop() for _ in range(n)]
+        for p in got:
+            self._owner[p] = owner
+        self._pages.setdefault(owner, []).extend(got)
+        return got
+
+    def free(self, owner: Owner) -> int:
+        pages = self._pages.pop(owner, [])
+        for p in pages:
+            assert self._owner[p] == owner, f"page {p} owned by {self._owner[p]}, freed by {owner}"
+            self._owner[p] = None
+        self._free.extend(reversed(pages))
+        return len(pages)
+
+    def owners(self) -> list[Owner]:
+        return list(self._pages)
+
+    def usage(self) -> dict[str, int]:
+        """Pages held per model, plus 'free'. Sums to num_pages."""
+        out: dict[str, int] = {name: 0 for name in self.views}
+        for (model, _), pages in self._pages.items():
+            out[model] = out.get(model, 0) + len(pages)
+        out["free"] = len(self._free)
+        return out
+
+    def check(self) -> None:
+        """Assert the accounting invariants (cheap enough for tests, not for hot paths)."""
+        seen = set()
+        for owner, pages in self._pages.items():
+            for p in pages:
+                assert p not in seen, f"page {p} listed twice"
+                assert self._owner[p] == owner, f"page {p}: owner {self._owner[p]} != {owner}"
+                seen.add(p)
+        free = set(self._free)
+        assert len(free) == len(self._free), "a page is free twice"
+        assert not (free & seen), "a page is both free and owned"
+        assert len(free) + len(seen) == self.num_pages, "pages leaked"
+
+    # ---------------------------------------------------------------- training phase
+    def release(self, keep: list[Owner] | None = None) -> None:
+        """Give the pool's memory back (training phase), keeping the pages of ``keep`` owners.
+
+        Kept pages are copied to a compact buffer and restored to the same page ids by
+        ``reacquire()``, so the block tables of in-flight sequences stay valid. Pages of every
+        other owner are freed.
+        """
+        if self.buffer is None:
+            return
+        keep = [o for o in (keep or []) if o in self._pages]
+        for owner in [o for o in self._pages if o not in keep]:
+            self.free(owner)
+        ids = [p for o in keep for p in self._pages[o]]
+        idx = torch.tensor(ids, dtype=torch.long, device=self.device)
+        saved = self.buffer.view(self.num_pages, self.page_bytes).index_select(0, idx)
+        self._kept = (ids, saved)
+        self.buffer = None
+        self.generation += 1
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        log.info("page pool released; kept %d pages of %d owners", len(ids), len(keep))
+
+    def reacquire(self) -> None:
+        if self.buffer is not None:
+            return
+        self.buffer = torch.empty(self.num_pages * self.page_bytes, dtype=torch.uint8, device=self.device)
+        ids, saved = self._kept
+        if ids:
+            idx = torch.tensor(ids, dtype=torch.long, device=self.device)
+            self.buffer.view(self.num_pages, self.page_bytes).index_copy_(0, idx, saved)
+        self._kept = None
+        self.generation += 1
+
+
+def pool_pages_from_free_memory(page_bytes: int, fraction: float, device: torch.device) -> int:
+    """Pages that fit in ``fraction`` of the device memory free now (call after a warm-up pass)."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"memory fraction must be in (0, 1], got {fraction}")
+    if device.type != "cuda":
+        raise ValueError("sizing from free memory needs a CUDA device; give num_pages on the CPU")
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(1, int(free * fraction) // page_bytes)

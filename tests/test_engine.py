@@ -1,0 +1,166 @@
+"""ActorEngine: exact greedy decoding vs transformers, preemption, chunk stream, sampling."""
+import pytest
+import torch
+import transformers
+
+from oppo_runtime.engine import ActorEngine, EngineConfig, RequestError, SamplingParams
+from oppo_runtime.memory import KVGeometry, PagePool
+from oppo_runtime.models import load_model
+from oppo_runtime.ops import process_logits
+from oppo_runtime.models.context import DenseContext
+
+VOCAB = 96
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                   rope_theta=10000.0, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    path = tmp_path_factory.mktemp("llama")
+    hf.save_pretrained(path)
+    return hf, load_model(path, dtype=torch.float32)
+
+
+def make_pool(model, num_pages, tokens_per_page=4):
+    L, Hkv, D = model.kv_geometry()
+    g = KVGeometry(L, Hkv, D, torch.float32)
+    return PagePool(num_pages, PagePool.page_bytes_for([g], tokens_per_page))
+
+
+def prompts(n, seed=0, lo=1, hi=20):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+def hf_greedy(hf, prompt, n):
+    out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                      max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 64])
+def test_greedy_matches_transformers_under_preemption(tiny_llama, chunk_size):
+    hf, model = tiny_llama
+    ps = prompts(10, seed=chunk_size)
+    n_new = 24
+    pool = make_pool(model, num_pages=24)     # holds ~96 tokens: far fewer than 10 sequences need
+    engine = ActorEngine(model, pool, EngineConfig(chunk_size=chunk_size, max_num_batched_tokens=32))
+    chunks = []
+    engine.add_chunk_consumer(chunks.extend)
+    seqs = engine.generate(ps, SamplingParams(temperature=0.0, max_new_tokens=n_new))
+    assert engine.scheduler.num_preemptions > 0
+    for p, s in zip(ps, seqs):
+        assert s.output_ids == hf_greedy(hf, p, n_new), f"sequence {s.seq_id}"
+        assert s.finish_reason == "length"
+    # the chunk stream reassembles each output exactly, in order, in pieces of chunk_size
+    for s in seqs:
+        mine = [c for c in chunks if c.seq is s]
+        assert [t for c in mine for t in c.token_ids] == s.output_ids
+        assert mine[-1].final and all(not c.final for c in mine[:-1])
+        assert all(c.end - c.start == chunk_size for c in mine[:-1])
+    assert pool.num_free == pool.num_pages
+    pool.check()
+
+
+def test_sampling_is_reproducible_and_independent_of_batching(tiny_llama):
+    _, model = tiny_llama
+    ps = prompts(6, seed=3)
+    sp = SamplingParams(temperature=0.9, top_k=40, top_p=0.9, max_new_tokens=16)
+
+    def run(max_num_seqs, num_pages, seed=7):
+        eng = ActorEngine(model, make_pool(model, num_pages), EngineConfig(max_num_seqs=max_num_seqs, seed=seed))
+        return [s.output_ids for s in eng.generate(ps, sp)]
+
+    a = run(8, 64)
+    assert a == run(8, 64)
+    assert a == run(2, 12)            # other batch composition, preemption: same tokens
+    assert a != run(8, 64, seed=8)
+
+
+def test_behaviour_logprobs_are_those_of_the_sampled_distribution(tiny_llama):
+    _, model = tiny_llama
+    ps = prompts(4, seed=5)
+    sp = SamplingParams(temperature=0.7, top_k=20, top_p=0.95, max_new_tokens=12)
+    eng = ActorEngine(model, make_pool(model, 64), EngineConfig(seed=1))
+    for s in eng.generate(ps, sp):
+        ids = torch.tensor(s.all_ids)
+        with torch.no_grad():
+            h = model(ids, torch.arange(len(ids)), DenseContext(torch.tensor([0, len(ids)])))
+            logits = model.compute_logits(h)[len(s.prompt_ids) - 1:-1]
+        n = len(logits)
+        lp = process_logits(logits, torch.full((n,), 0.7), torch.full((n,), 20), torch.full((n,), 0.95))
+        want = lp.gather(-1, torch.tensor(s.output_ids)[:, None])[:, 0]
+        torch.testing.assert_close(torch.tensor(s.logprobs), want, atol=1e-3, rtol=0)
+        assert s.versions == [0] * len(s.output_ids)
+
+
+def test_greedy_logprobs_equal_log_softmax(tiny_llama):
+    _, model = tiny_llama
+    eng = ActorEngine(model, make_pool(model, 64))
+    s = eng.generate(prompts(1, seed=9), SamplingParams(temperature=0.0, max_new_tokens=8))[0]
+    ids = torch.tensor(s.all_ids)
+    with torch.no_grad():
+        logits = model.compute_logits(model(ids, torch.arange(len(ids)), DenseContext(torch.tensor([0, len(ids)]))))
+    want = torch.log_softmax(logits[len(s.prompt_ids) - 1:-1], -1).gather(-1, torch.tensor(s.output_ids)[:, None])[:, 0]
+    torch.testing.assert_close(torch.tensor(s.logprobs), want, atol=1e-3, rtol=0)
+
+
+def test_stops_on_eos_stop_tokens_and_target_length(tiny_llama):
+    _, model = tiny_llama
+    p = prompts(1, seed=11)[0]
+    free = ActorEngine(model, make_pool(model, 64)).generate([p], SamplingParams(temperature=0.0, max_new_tokens=10))[0]
+    eos = free.output_ids[3]
+    first = free.output_ids.index(eos)
+    s = ActorEngine(model, make_pool(model, 64), eos_token_id=eos).generate(
+        [p], SamplingParams(temperature=0.0, max_new_tokens=10))[0]
+    assert s.finish_reason == "eos" and s.output_ids == free.output_ids[:first + 1]
+    s = ActorEngine(model, make_pool(model, 64)).generate(
+        [p], SamplingParams(temperature=0.0, max_new_tokens=10, stop_token_ids=(eos,)))[0]
+    assert s.finish_reason == "stop" and len(s.output_ids) == first + 1
+    s = ActorEngine(model, make_pool(model, 64), eos_token_id=eos).generate(
+        [p], SamplingParams(temperature=0.0, max_new_tokens=10), target_lens=[7])[0]
+    assert len(s.output_ids) == 7 and s.finish_reason == "length"
+
+
+def test_bad_requests_get_an_error_and_the_others_go_on(tiny_llama):
+    _, model = tiny_llama
+    eng = ActorEngine(model, make_pool(model, 8), EngineConfig(max_model_len=64))
+    good = prompts(2, seed=13)
+    too_long = list(range(64))
+    huge = [1, 2, 3]
+    sp = SamplingParams(temperature=0.0, max_new_tokens=8)
+    seqs = eng.generate([good[0], [], too_long, good[1], [VOCAB + 5]], sp)
+    assert seqs[1].finish_reason.startswith("error: empty prompt")
+    assert "does not fit the context" in seqs[2].finish_reason
+    assert "outside the vocabulary" in seqs[4].finish_reason
+    assert seqs[0].finish_reason == seqs[3].finish_reason == "length"
+    with pytest.raises(RequestError, match="whole pool"):
+        eng.add_request(huge, SamplingParams(max_new_tokens=60))
+
+
+def test_nan_logits_end_only_the_poisoned_request(tiny_llama):
+    _, model = tiny_llama
+    eng = ActorEngine(model, make_pool(model, 64))
+    orig = model.compute_logits
+    calls = {"n": 0}
+
+    def poisoned(h):
+        out = orig(h)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            out = out.clone()
+            out[0, 5] = float("nan")
+        return out
+
+    model.compute_logits = poisoned
+    try:
+        seqs = eng.generate(prompts(3, seed=17), SamplingParams(temperature=0.0, max_new_tokens=6))
+    finally:
+        del model.compute_logits
+    errs = [s for s in seqs if s.finish_reason.startswith("error")]
+    assert len(errs) == 1 and "NaN" in errs[0].finish_reason
+    assert all(len(s.output_ids) == 6 for s in seqs if s not in errs)
