@@ -1,0 +1,266 @@
+"""The timeline of a step: spans (lane, name, start, end) on each stream, to see the overlap.
+
+Two clocks. Host spans (``with tl.span(lane, name):``) use ``time.perf_counter`` relative to the
+timeline's origin. CUDA spans (``cuda_span_begin`` / ``cuda_span_end``) record timing events on a
+stream and cost no sync inside the step; ``resolve()`` at step end waits on the end events and
+places the spans in seconds relative to a reference event recorded at ``mark_reference()`` (whose
+device time is taken equal to the host time at that call: record it when the stream is idle,
+at the start of the step). Without CUDA the CUDA-span calls fall back to the host clock, so
+engine code is the same on both.
+
+Exports: Chrome/Perfetto trace JSON (one pid per step, one tid per lane) and a Gantt PNG.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+__all__ = ["Timeline", "TimelineSpan", "stage_kind", "STAGE_COLOURS"]
+
+STAGE_COLOURS = {
+    "prefill": "#4C72B0", "decode": "#55A868", "score": "#DD8452",
+    "train": "#C44E52", "other": "#8C8C8C",
+}
+_KIND_WORDS = (
+    ("prefill", ("prefill",)),
+    ("train", ("train", "update", "backward", "optim", "adv", "gae")),
+    ("decode", ("decode", "generate", "gen")),
+    ("score", ("score", "reward", "value", "critic", "ref")),
+)
+
+
+def stage_kind(name: str) -> str:
+    """prefill / decode / score / train / other, from words in a span's name."""
+    low = name.lower()
+    for kind, words in _KIND_WORDS:
+        if any(w in low for w in words):
+            return kind
+    return "other"
+
+
+@dataclass
+class TimelineSpan:
+    lane: str
+    name: str
+    start_s: float
+    end_s: float
+    args: dict = field(default_factory=dict)
+    step: int = 0
+
+    @property
+    def kind(self) -> str:
+        return self.args.get("kind") or stage_kind(self.name)
+
+    @property
+    def duration_s(self) -> float:
+        return self.end_s - self.start_s
+
+
+class Timeline:
+    def __init__(self, step: int = 0, use_cuda: bool | None = None, event_factory=None):
+        self.step = step
+        self.spans: list[TimelineSpan] = []
+        self.t0 = time.perf_counter()
+        self.use_cuda = torch.cuda.is_available() if use_cuda is None else use_cuda
+        # event_factory() -> an object with record(stream), synchronize(), elapsed_time(other) in ms
+        self._new_event = event_factory or (lambda: torch.cuda.Event(enable_timing=True))
+        self._ref = None              # (event, host seconds since t0)
+        self._open: dict[tuple[str, str], tuple] = {}
+        self._pending: list[tuple] = []
+
+    # ------------------------------------------------------------------ recording
+    def now(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def add(self, lane: str, name: str, start_s: float, end_s: float, step: int | None = None,
+            **args) -> TimelineSpan:
+        if end_s < start_s:
+            raise ValueError(f"span {lane}/{name} ends before it starts ({end_s} < {start_s})")
+        step = self.step if step is None else step
+        span = TimelineSpan(lane, name, float(start_s), float(end_s), args, step)
+        self.spans.append(span)
+        return span
+
+    def span(self, lane: str, name: str, **args):
+        return _HostSpan(self, lane, name, args)
+
+    def mark_reference(self, stream=None):
+        """Record the CUDA reference event (device zero = host time now)."""
+        if self.use_cuda:
+            ev = self._new_event()
+            ev.record(stream)
+            self._ref = (ev, self.now())
+
+    def cuda_span_begin(self, lane: str, name: str, stream=None, **args):
+        key = (lane, name)
+        if key in self._open:
+            raise RuntimeError(f"span {lane}/{name} is already open")
+        if not self.use_cuda:
+            self._open[key] = (None, self.now(), args)
+            return
+        if self._ref is None:
+            self.mark_reference(stream)
+        ev = self._new_event()
+        ev.record(stream)
+        self._open[key] = (ev, None, args)
+
+    def cuda_span_end(self, lane: str, name: str, stream=None):
+        try:
+            start_ev, start_host, args = self._open.pop((lane, name))
+        except KeyError:
+            raise RuntimeError(f"span {lane}/{name} was not begun") from None
+        if start_ev is None:
+            self.add(lane, name, start_host, self.now(), **args)
+            return
+        end_ev = self._new_event()
+        end_ev.record(stream)
+        self._pending.append((lane, name, start_ev, end_ev, args))
+
+    def resolve(self) -> "Timeline":
+        """Turn recorded CUDA events into spans; call after the step's work is done."""
+        if self._open:
+            raise RuntimeError(f"spans still open at resolve: {sorted(self._open)}")
+        if self._pending:
+            ref_ev, ref_host = self._ref
+            for lane, name, start_ev, end_ev, args in self._pending:
+                end_ev.synchronize()
+                start = ref_host + ref_ev.elapsed_time(start_ev) / 1e3
+                end = ref_host + ref_ev.elapsed_time(end_ev) / 1e3
+                self.add(lane, name, start, end, **args)
+            self._pending.clear()
+        return self
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def lanes(self) -> list[str]:
+        return list(dict.fromkeys(s.lane for s in self.spans))
+
+    def extent(self) -> tuple[float, float]:
+        if not self.spans:
+            return 0.0, 0.0
+        return min(s.start_s for s in self.spans), max(s.end_s for s in self.spans)
+
+    def busy_s(self, lane: str) -> float:
+        """Seconds the lane is busy: the union of its spans (overlapping spans count once)."""
+        return _union_seconds((s.start_s, s.end_s) for s in self.spans if s.lane == lane)
+
+    def busy_fraction(self, lane: str, window: tuple[float, float] | None = None) -> float:
+        """Busy seconds of the lane inside the window over the window's length
+        (default window: the whole timeline, all lanes)."""
+        lo, hi = window if window is not None else self.extent()
+        if hi <= lo:
+            return 0.0
+        busy = _union_seconds((max(s.start_s, lo), min(s.end_s, hi)) for s in self.spans
+                              if s.lane == lane and s.end_s > lo and s.start_s < hi)
+        return busy / (hi - lo)
+
+    def merge(self, other: "Timeline", offset: float | None = None) -> "Timeline":
+        """Add ``other``'s spans shifted by ``offset`` seconds (default: right after this
+        timeline's end, so consecutive steps line up). Spans keep their step. Returns self."""
+        if offset is None:
+            offset = self.extent()[1] - other.extent()[0] if self.spans else 0.0
+        for s in other.spans:
+            self.spans.append(TimelineSpan(s.lane, s.name, s.start_s + offset, s.end_s + offset,
+                                           dict(s.args), s.step))
+        return self
+
+    # ------------------------------------------------------------------ export
+    def to_chrome_trace(self, path: str | os.PathLike) -> Path:
+        """Chrome/Perfetto trace JSON ("X" events, microseconds); open in ui.perfetto.dev."""
+        lanes = {lane: i for i, lane in enumerate(self.lanes)}
+        events = []
+        for step in sorted({s.step for s in self.spans}):
+            events.append({"ph": "M", "name": "process_name", "pid": step, "tid": 0,
+                           "args": {"name": f"step {step}"}})
+            for lane, tid in lanes.items():
+                events.append({"ph": "M", "name": "thread_name", "pid": step, "tid": tid,
+                               "args": {"name": lane}})
+                events.append({"ph": "M", "name": "thread_sort_index", "pid": step, "tid": tid,
+                               "args": {"sort_index": tid}})
+        for s in self.spans:
+            events.append({"ph": "X", "name": s.name, "cat": s.kind, "pid": s.step, "tid": lanes[s.lane],
+                           "ts": s.start_s * 1e6, "dur": s.duration_s * 1e6,
+                           "args": {k: _jsonable(v) for k, v in s.args.items()}})
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump({"traceEvents": events, "displayTimeUnit": "ms"}, f)
+        return path
+
+    def to_png(self, path: str | os.PathLike, title: str | None = None) -> Path:
+        """Gantt chart: one row per lane, colour per stage kind, time in ms, busy share per lane."""
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+        from matplotlib.patches import Patch
+
+        lanes = self.lanes
+        lo, hi = self.extent()
+        total_ms = max((hi - lo) * 1e3, 1e-9)
+        fig = Figure(figsize=(11, 1.0 + 0.55 * max(len(lanes), 1)), dpi=120)
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+        for row, lane in enumerate(lanes):
+            y = len(lanes) - 1 - row              # first lane on top
+            for s in (s for s in self.spans if s.lane == lane):
+                x0, w = (s.start_s - lo) * 1e3, s.duration_s * 1e3
+                ax.broken_barh([(x0, max(w, total_ms * 1e-3))], (y - 0.38, 0.76),
+                               facecolors=STAGE_COLOURS.get(s.kind, STAGE_COLOURS["other"]),
+                               edgecolor="white", linewidth=0.4)
+                if w > 0.07 * total_ms:           # label only bars wide enough to read
+                    ax.text(x0 + w / 2, y, s.name, ha="center", va="center", fontsize=7, color="white",
+                            clip_on=True)
+            ax.text(1.005, (y + 0.5) / len(lanes), f"busy {100 * self.busy_fraction(lane):.0f}%\n"
+                    f"{self.busy_s(lane) * 1e3:.1f} ms", transform=ax.transAxes, va="center", fontsize=7)
+        ax.set_yticks(range(len(lanes)))
+        ax.set_yticklabels(list(reversed(lanes)), fontsize=8)
+        ax.set_ylim(-0.6, len(lanes) - 0.4)
+        ax.set_xlim(0, total_ms)
+        ax.set_xlabel("time (ms)")
+        ax.grid(axis="x", alpha=0.3)
+        kinds = [k for k in STAGE_COLOURS if any(s.kind == k for s in self.spans)]
+        ax.legend(handles=[Patch(color=STAGE_COLOURS[k], label=k) for k in kinds], fontsize=7,
+                  loc="upper center", bbox_to_anchor=(0.5, -0.25 if len(lanes) > 2 else -0.4),
+                  ncol=max(len(kinds), 1), frameon=False)
+        ax.set_title(f"{title or f'step {self.step}'} — total {total_ms:.1f} ms", fontsize=10)
+        fig.tight_layout()
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, bbox_inches="tight")
+        return path
+
+
+class _HostSpan:
+    def __init__(self, tl: Timeline, lane: str, name: str, args: dict):
+        self.tl, self.lane, self.name, self.args = tl, lane, name, args
+
+    def __enter__(self):
+        self.start = self.tl.now()
+        return self
+
+    def __exit__(self, *exc):
+        self.tl.add(self.lane, self.name, self.start, self.tl.now(), **self.args)
+
+
+def _union_seconds(intervals) -> float:
+    total, cur_start, cur_end = 0.0, None, None
+    for start, end in sorted(intervals):
+        if cur_end is None or start > cur_end:
+            if cur_end is not None:
+                total += cur_end - cur_start
+            cur_start, cur_end = start, end
+        else:
+            cur_end = max(cur_end, end)
+    return total + (cur_end - cur_start if cur_end is not None else 0.0)
+
+
+def _jsonable(v):
+    if isinstance(v, (str, int, float, bool)) or v is None:
+        return v
+    if isinstance(v, torch.Tensor) and v.numel() == 1:
+        return v.item()
+    return str(v)

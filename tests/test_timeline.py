@@ -1,0 +1,149 @@
+"""Timeline of a step: recording, busy fractions, Chrome trace and PNG export (all on the CPU)."""
+import json
+import time
+
+import pytest
+
+from oppo_runtime.engine.timeline import Timeline, stage_kind
+
+
+def overlap_timeline():
+    """Hand-made step: actor decodes 0-100 ms, the critic prefills two chunks under it, train at end."""
+    tl = Timeline(step=3, use_cuda=False)
+    tl.add("actor/stream A", "decode", 0.000, 0.100)
+    tl.add("critic/stream B", "prefill chunk 0", 0.010, 0.030)
+    tl.add("critic/stream B", "prefill chunk 1", 0.050, 0.080)
+    tl.add("reward/stream B", "score", 0.095, 0.105)
+    tl.add("train", "update_actor", 0.110, 0.200)
+    return tl
+
+
+def test_host_span_records_lane_name_args_and_duration():
+    tl = Timeline(step=1, use_cuda=False)
+    with tl.span("actor/stream A", "decode", tokens=64):
+        time.sleep(0.01)
+    (s,) = tl.spans
+    assert (s.lane, s.name, s.args, s.step) == ("actor/stream A", "decode", {"tokens": 64}, 1)
+    assert 0.009 < s.duration_s < 1.0
+
+
+def test_cuda_spans_fall_back_to_host_clock_without_cuda():
+    tl = Timeline(use_cuda=False)
+    tl.cuda_span_begin("critic/stream B", "prefill", stream=None)
+    tl.cuda_span_end("critic/stream B", "prefill")
+    tl.resolve()
+    assert [(s.lane, s.name) for s in tl.spans] == [("critic/stream B", "prefill")]
+
+
+class FakeEvent:
+    """A torch.cuda.Event stand-in whose device time is set by the test."""
+    clock_ms = 0.0
+
+    def record(self, stream=None):
+        self.ms = FakeEvent.clock_ms
+
+    def synchronize(self):
+        pass
+
+    def elapsed_time(self, other):
+        return other.ms - self.ms
+
+
+def test_cuda_spans_resolve_relative_to_the_reference_event():
+    tl = Timeline(use_cuda=True, event_factory=FakeEvent)
+    FakeEvent.clock_ms = 1000.0
+    tl.mark_reference()
+    ref_host = tl._ref[1]
+    FakeEvent.clock_ms = 1020.0
+    tl.cuda_span_begin("critic/stream B", "prefill", stream="B", chunk=0)
+    FakeEvent.clock_ms = 1050.0
+    tl.cuda_span_end("critic/stream B", "prefill", stream="B")
+    assert tl.spans == []                 # nothing resolved (no sync) until resolve()
+    tl.resolve()
+    (s,) = tl.spans
+    assert s.start_s == pytest.approx(ref_host + 0.020)
+    assert s.end_s == pytest.approx(ref_host + 0.050)
+    assert s.args == {"chunk": 0}
+
+
+def test_resolve_refuses_open_spans():
+    tl = Timeline(use_cuda=False)
+    tl.cuda_span_begin("actor/stream A", "decode")
+    with pytest.raises(RuntimeError, match="still open"):
+        tl.resolve()
+
+
+def test_ending_a_span_that_was_not_begun_is_an_error():
+    with pytest.raises(RuntimeError, match="not begun"):
+        Timeline(use_cuda=False).cuda_span_end("train", "update")
+
+
+def test_busy_fraction_on_hand_made_spans():
+    tl = overlap_timeline()                                   # extent 0 .. 200 ms
+    assert tl.busy_fraction("actor/stream A") == pytest.approx(100 / 200)
+    assert tl.busy_fraction("critic/stream B") == pytest.approx((20 + 30) / 200)
+    assert tl.busy_fraction("train") == pytest.approx(90 / 200)
+
+
+def test_busy_fraction_counts_overlapping_spans_once():
+    tl = Timeline(use_cuda=False)
+    tl.add("x", "a", 0.0, 0.6)
+    tl.add("x", "b", 0.4, 0.8)
+    tl.add("y", "c", 0.0, 1.0)
+    assert tl.busy_s("x") == pytest.approx(0.8)
+    assert tl.busy_fraction("x") == pytest.approx(0.8)
+
+
+def test_busy_fraction_within_a_window():
+    tl = overlap_timeline()
+    assert tl.busy_fraction("critic/stream B", window=(0.0, 0.1)) == pytest.approx(0.5)
+
+
+def test_merge_appends_after_the_end_and_keeps_steps():
+    a, b = overlap_timeline(), overlap_timeline()
+    b.step = 4
+    for s in b.spans:
+        s.step = 4
+    a.merge(b)
+    assert a.extent() == pytest.approx((0.0, 0.4))
+    assert {s.step for s in a.spans} == {3, 4}
+    assert a.busy_fraction("train") == pytest.approx(2 * 90 / 400)
+
+
+def test_merge_with_explicit_offset():
+    a = Timeline(use_cuda=False)
+    a.add("train", "update", 0.0, 0.1)
+    b = Timeline(use_cuda=False)
+    b.add("train", "update", 0.0, 0.1)
+    a.merge(b, offset=1.0)
+    assert [s.start_s for s in a.spans] == [0.0, 1.0]
+
+
+def test_stage_kind_from_span_names():
+    assert [stage_kind(n) for n in ("actor prefill", "decode", "critic prefill chunk 3", "reward score",
+                                    "ref logprobs", "update_critic", "idle")] == \
+        ["prefill", "decode", "prefill", "score", "score", "train", "other"]
+
+
+def test_chrome_trace_is_valid_json_with_lane_names(tmp_path):
+    path = overlap_timeline().to_chrome_trace(tmp_path / "trace.json")
+    trace = json.loads(path.read_text())
+    events = trace["traceEvents"]
+    spans = [e for e in events if e["ph"] == "X"]
+    names = {e["tid"]: e["args"]["name"] for e in events if e["ph"] == "M" and e["name"] == "thread_name"}
+    assert len(spans) == 5
+    assert all(e["pid"] == 3 for e in events)
+    assert sorted(names.values()) == sorted(["actor/stream A", "critic/stream B", "reward/stream B", "train"])
+    decode = next(e for e in spans if e["name"] == "decode")
+    assert (names[decode["tid"]], decode["ts"], decode["dur"], decode["cat"]) == \
+        ("actor/stream A", 0.0, pytest.approx(100_000.0), "decode")
+
+
+def test_png_is_written(tmp_path):
+    path = overlap_timeline().to_png(tmp_path / "step.png", title="OPPO step")
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_png_of_an_empty_timeline_does_not_fail(tmp_path):
+    assert Timeline(use_cuda=False).to_png(tmp_path / "empty.png").stat().st_size > 0
