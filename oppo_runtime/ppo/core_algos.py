@@ -5,7 +5,7 @@ with ``mask`` [B, T] (float or bool, 1 = response token). Hyperparameter names f
 ``gamma``, ``lam``, ``kl_coef``, ``clip_ratio_low``/``clip_ratio_high``, ``dual_clip_c``,
 ``cliprange_value``, ``loss_agg_mode``.
 
-Statistics are returned as detached float32 0-dim tensors, so that nothing here forces a host sync; the
+Statistics are returned as detached 0-dim tensors (at least float32), so that nothing here forces a host sync; the
 only functions that sync are ``check_finite`` and ``token_level_rewards`` (to raise on bad input).
 """
 from __future__ import annotations
@@ -29,6 +29,11 @@ _KL_ALIASES = {"kl": "k1", "mse": "k2", "low_var_kl": "k3"}   # verl's spellings
 
 def _fmask(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return mask.to(like.dtype if like.is_floating_point() else torch.float32)
+
+
+def _detached(stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detached, and at least float32 (bf16 stats are too coarse to log)."""
+    return {k: v.detach().to(torch.promote_types(v.dtype, torch.float32)) for k, v in stats.items()}
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
@@ -209,7 +214,7 @@ def policy_loss(logprob: torch.Tensor, old_logprob: torch.Tensor, advantages: to
             "ratio_mean": masked_mean(ratio, m),
             "dual_clipfrac": masked_mean(dual_clipped.float(), m),
         }
-    return loss, {k: v.detach().float() for k, v in stats.items()}
+    return loss, _detached(stats)
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
@@ -229,7 +234,7 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     loss = 0.5 * agg_loss(loss_mat, m, loss_agg_mode)
     with torch.no_grad():
         stats = {"vf_clipfrac": masked_mean(clipped.float(), m), "vpred_mean": masked_mean(values, m)}
-    return loss, {k: v.detach().float() for k, v in stats.items()}
+    return loss, _detached(stats)
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
