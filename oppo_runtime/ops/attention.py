@@ -37,6 +37,25 @@ def _check_cache(name: str, k_cache: torch.Tensor, v_cache: torch.Tensor) -> Non
             raise ValueError(f"{name}: each page of the cache must be contiguous [block_size, Hkv, D]")
 
 
+# The CUDA attention kernels cover bf16/fp16 and head dims 64/128 (out may also be float32);
+# anything else (fp32 inputs, the CPU-parity path) runs the reference.
+_KERNEL_DTYPES = (torch.bfloat16, torch.float16)
+_KERNEL_HEAD_DIMS = (64, 128)
+
+
+def _kernel_backend(op: str, q: torch.Tensor, backend: str | None) -> str | None:
+    if q.dtype in _KERNEL_DTYPES and q.shape[-1] in _KERNEL_HEAD_DIMS:
+        return backend
+    if backend == "cuda":
+        raise ValueError(f"{op}: the CUDA kernel takes bf16/fp16 with head_dim 64 or 128, "
+                         f"got {q.dtype} and head_dim {q.shape[-1]}")
+    return "reference"
+
+
+def _i32(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.int32 else x.to(torch.int32)
+
+
 # ----------------------------------------------------------------------------- KV append
 def kv_append_ref(key, value, k_cache, v_cache, slot_mapping) -> None:
     """key/value [N, Hkv, D] -> rows ``slot_mapping[i]`` of the caches; slot -1 is skipped."""
@@ -94,6 +113,7 @@ def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, 
         s = torch.einsum("bhgd,blhd->bhgl", qf, k) * scale
         valid = torch.arange(max_len, device=q.device)[None, :] < context_lens.to(q.device)[:, None]
         s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
+        v = v.masked_fill(~valid[:, :, None, None], 0.0)     # pages past the context hold garbage (NaN)
         p = torch.softmax(s, dim=-1).nan_to_num(0.0)
         res = torch.einsum("bhgl,blhd->bhgd", p, v).reshape(B, Hq, D)
     if out is None:
@@ -110,10 +130,12 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
                          f"multiple of Hkv={k_cache.shape[2]}, got {tuple(q.shape)}")
     if block_tables.dim() != 2 or block_tables.shape[0] != q.shape[0] or context_lens.shape != (q.shape[0],):
         raise ValueError("paged_decode_attention: block_tables must be [B, max_blocks] and context_lens [B]")
+    backend = _kernel_backend("paged_decode_attention", q, backend)
     if choose_backend("paged_decode_attention", q.device, backend) == "cuda":
         if out is None:
             out = torch.empty_like(q)
-        torch.ops.oppo.paged_decode_attention(out, q, k_cache, v_cache, block_tables, context_lens, scale)
+        torch.ops.oppo.paged_decode_attention(out, q, k_cache, v_cache, _i32(block_tables),
+                                              _i32(context_lens), scale)
         return out
     return paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale, out)
 
@@ -160,13 +182,15 @@ def paged_prefill_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, blo
         raise ValueError(f"paged_prefill_attention: q must be [Nq, Hq, {k_cache.shape[3]}], got {tuple(q.shape)}")
     if cu_seqlens_q.shape != (B + 1,) or block_tables.shape[0] != B:
         raise ValueError("paged_prefill_attention: cu_seqlens_q must be [B+1] and block_tables [B, max_blocks]")
+    backend = _kernel_backend("paged_prefill_attention", q, backend)
     if choose_backend("paged_prefill_attention", q.device, backend) == "cuda":
         if out is None:
             out = torch.empty_like(q)
-        if max_seqlen_q is None:
+        if max_seqlen_q is None:  # a host sync: callers that capture graphs pass it
             max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()) if B else 0
-        torch.ops.oppo.paged_prefill_attention(out, q, k_cache, v_cache, cu_seqlens_q, context_lens,
-                                               block_tables, scale, max_seqlen_q)
+        torch.ops.oppo.paged_prefill_attention(out, q, k_cache, v_cache, _i32(cu_seqlens_q),
+                                               _i32(context_lens), _i32(block_tables), scale,
+                                               max_seqlen_q)
         return out
     return paged_prefill_attention_ref(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, out)
 

@@ -1,0 +1,228 @@
+"""The rollout stage of a PPO step: the actor generates, the scorers score, with or without overlap.
+
+    rollout = Rollout(actor, scorers=[reward, critic, ref], overlap=True)
+    rollout.submit(prompts, sampling)            # B (+ delta) prompts
+    done = rollout.collect(B)                    # the first B sequences finished *and* scored
+
+``overlap=True`` (intra-step overlap): every C tokens the actor streams a chunk; each scorer
+prefills pending chunks on its own CUDA stream (ordered by the host, which already holds the token
+ids) while the actor keeps decoding on its stream. ``overlap=False`` is the sequential pipeline:
+generate, then score; both share every line of code but the schedule.
+
+``collect(n)`` returns as soon as ``n`` sequences are finished and scored; the others stay in flight
+with their tokens and pages (inter-step overlap) and continue at the next ``collect``.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .actor import ActorEngine
+from .scorer import RuleReward, ScoreError, Scorer
+from .sequence import Chunk, SamplingParams, Sequence, SeqStatus
+
+__all__ = ["Rollout", "ScoredSequence"]
+
+log = logging.getLogger("oppo_runtime.engine")
+
+
+@dataclass
+class ScoredSequence:
+    seq: Sequence
+    score: float | None = None                      # reward model score + rule reward (summed)
+    scores: dict[str, float] = field(default_factory=dict)   # per source
+    values: list[float] | None = None               # critic, per response token
+    ref_logprobs: list[float] | None = None         # reference, per response token
+    error: str | None = None                        # a scorer failed on this sequence
+
+
+class Rollout:
+    def __init__(self, actor: ActorEngine, scorers: list[Scorer] = (), rule_reward: RuleReward | None = None,
+                 overlap: bool = True, timeline=None):
+        self.actor = actor
+        self.scorers = list(scorers)
+        names = [s.name for s in self.scorers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"scorer names must be unique, got {names}")
+        self.rule_reward = rule_reward
+        self.overlap = overlap
+        self.timeline = timeline
+        self._buffered: dict[int, list[Chunk]] = {}   # sequential mode: chunks held until scoring
+        self._finished: list[Sequence] = []            # finish order (first finished = first trained)
+        self.in_flight: dict[int, Sequence] = {}
+        actor.add_chunk_consumer(self._on_chunks)
+        actor.scheduler.on_pool_pressure = self._on_pool_pressure
+        self.stats = {"actor_s": 0.0, "score_s": 0.0, "score_tail_s": 0.0}
+
+    # ------------------------------------------------------------------ plumbing
+    def _on_chunks(self, chunks: list[Chunk]) -> None:
+        for c in chunks:
+            if c.final:
+                self._finished.append(c.seq)
+                if self.rule_reward is not None and not c.seq.finish_reason.startswith("error"):
+                    self.rule_reward.submit(c.seq)
+        if self.overlap:
+            for s in self.scorers:
+                s.submit(chunks)
+        else:
+            for c in chunks:
+                self._buffered.setdefault(c.seq.seq_id, []).append(c)
+
+    def _on_pool_pressure(self, n_pages: int) -> int:
+        freed = 0
+        for s in self.scorers:
+            if freed < n_pages:
+                freed += s.evict(n_pages - freed)
+        return freed
+
+    def _scorer_ctx(self, scorer: Scorer):
+        return torch.cuda.stream(scorer.stream) if scorer.stream is not None else contextlib.nullcontext()
+
+    def _span(self, lane: str, name: str, stream=None):
+        if self.timeline is None:
+            return contextlib.nullcontext()
+        return self.timeline.span(lane, name, stream=stream)
+
+    # ------------------------------------------------------------------ API
+    def submit(self, prompts, sampling: SamplingParams | None = None, target_lens=None, sample_keys=None,
+               metas=None) -> list[Sequence]:
+        seqs = []
+        for i, p in enumerate(prompts):
+            seq = self.actor.add_request(p, sampling, target_len=None if target_lens is None else target_lens[i],
+                                         sample_key=None if sample_keys is None else sample_keys[i])
+            if metas is not None:
+                seq.meta.update(metas[i])
+            self.in_flight[seq.seq_id] = seq
+            seqs.append(seq)
+        return seqs
+
+    def resume(self, seqs: list[Sequence]) -> None:
+        """Put deferred sequences (from a checkpoint, or kept by the caller) back in flight."""
+        for seq in seqs:
+            self.in_flight[seq.seq_id] = seq
+            self.actor.resume(seq)
+
+    def _scored(self, seq: Sequence) -> bool:
+        if seq.finish_reason and seq.finish_reason.startswith("error"):
+            return True
+        if self.rule_reward is not None and not self.rule_reward.done(seq.seq_id):
+            return False
+        return all(s.done(seq.seq_id) for s in self.scorers)
+
+    def collect(self, n: int | None = None) -> list[ScoredSequence]:
+        """Run until the first ``n`` finished sequences (all in flight if None) are scored."""
+        n = len(self.in_flight) if n is None else n
+        if n > len(self.in_flight):
+            raise ValueError(f"collect({n}): only {len(self.in_flight)} sequences are in flight")
+        take: list[Sequence] = []
+        while True:
+            take = self._finished[:n]
+            if len(take) == n and (not self.overlap or all(self._scored(s) for s in take)):
+                break
+            scored_some = self._score_some() if self.overlap else False
+            # the actor keeps decoding while it has work and either fewer than n sequences are done
+            # or the scorers are idle (it frees pages as sequences finish)
+            if self.actor.has_unfinished() and (len(self._finished) < n or not scored_some):
+                t0 = time.perf_counter()
+                with self._span("actor", "decode"):
+                    self.actor.step()
+                self.stats["actor_s"] += time.perf_counter() - t0
+                continue
+            if scored_some:
+                continue
+            if not self.actor.has_unfinished() and len(self._finished) < n:
+                raise RuntimeError(f"collect({n}): the actor has no work left but only "
+                                   f"{len(self._finished)} sequences finished")
+            self._wait_results(take)
+            if any(s.pending_tokens() for s in self.scorers) and not self._unstick(take):
+                raise RuntimeError(f"scorers cannot get pages for their pending tokens: the pool "
+                                   f"({self.actor.pool.num_pages} pages) is too small for one sequence")
+
+        if not self.overlap:
+            self._score_sequential(take)
+        self._wait_results(take)
+        out = [self._result(seq) for seq in take]
+        self._finished = self._finished[n:]
+        for seq in take:
+            self.in_flight.pop(seq.seq_id, None)
+            for s in self.scorers:
+                s.release(seq.seq_id)
+        return out
+
+    def _unstick(self, take: list[Sequence]) -> bool:
+        """Scorers hold pages of many half-scored sequences and none can grow: drop the KV of the
+        youngest ones (recomputed later) until the oldest unscored sequence fits."""
+        oldest = next((q for q in take if not self._scored(q)), None)
+        if oldest is None:
+            return True
+        need = sum(s.pages_needed(oldest.seq_id) for s in self.scorers)
+        freed = 0
+        for s in self.scorers:
+            if freed < need:
+                freed += s.evict(need - freed, protect=frozenset([oldest.seq_id]))
+        return freed >= need or self.actor.pool.num_free >= need
+
+    def _score_some(self) -> bool:
+        """Overlap mode: each scorer prefills one batch of pending tokens on its stream."""
+        did = False
+        for s in self.scorers:
+            s.poll()
+            if s.pending_tokens():
+                t0 = time.perf_counter()
+                with self._scorer_ctx(s), self._span(s.name, "prefill", s.stream):
+                    did |= s.step() > 0
+                self.stats["score_s"] += time.perf_counter() - t0
+        return did
+
+    def _score_sequential(self, seqs: list[Sequence]) -> None:
+        t0 = time.perf_counter()
+        for s in self.scorers:
+            for seq in seqs:
+                s.submit(self._buffered.get(seq.seq_id, []))
+            with self._scorer_ctx(s), self._span(s.name, "prefill", s.stream):
+                while s.pending_tokens():
+                    if not s.step():
+                        raise RuntimeError(f"scorer {s.name}: no pages for pending work")
+        for seq in seqs:
+            self._buffered.pop(seq.seq_id, None)
+        self.stats["score_s"] += time.perf_counter() - t0
+
+    def _wait_results(self, seqs: list[Sequence]) -> None:
+        """Block until device results and rule rewards of ``seqs`` are in."""
+        for s in self.scorers:
+            s.poll(wait=True)
+        if self.rule_reward is not None:
+            for seq in seqs:
+                f = self.rule_reward.futures.get(seq.seq_id)
+                if f is not None:
+                    f.exception()
+
+    def _result(self, seq: Sequence) -> ScoredSequence:
+        r = ScoredSequence(seq)
+        if seq.finish_reason and seq.finish_reason.startswith("error"):
+            r.error = seq.finish_reason
+            return r
+        try:
+            total = 0.0
+            for s in self.scorers:
+                out = s.result(seq.seq_id)
+                if s.kind == "reward":
+                    r.scores[s.name] = out
+                    total += out
+                elif s.kind == "critic":
+                    r.values = out
+                else:
+                    r.ref_logprobs = out
+            if self.rule_reward is not None:
+                v = self.rule_reward.result(seq.seq_id)
+                r.scores[self.rule_reward.name] = v
+                total += v
+            r.score = total if r.scores else None
+        except ScoreError as e:
+            r.error = str(e)
+            log.error("sequence %s: %s", seq.seq_id, e)
+        return r

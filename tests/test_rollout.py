@@ -1,0 +1,134 @@
+"""Scorers and intra-step overlap: overlap on/off give the same tokens and scores, and both equal
+a dense forward over the finished sequences."""
+import math
+
+import pytest
+import torch
+
+from oppo_runtime.engine import ActorEngine, EngineConfig, SamplingParams
+from oppo_runtime.engine.rollout import Rollout
+from oppo_runtime.engine.scorer import RuleReward, Scorer
+from oppo_runtime.memory import KVGeometry, PagePool
+from oppo_runtime.models import ModelConfig, build_model
+from oppo_runtime.models.context import DenseContext
+
+CFG = dict(architectures=["Qwen2ForCausalLM"], vocab_size=80, hidden_size=32, intermediate_size=64,
+           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+           rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="module")
+def models():
+    cfg = ModelConfig.from_dict(CFG)
+    actor = build_model(cfg, "causal_lm", seed=1)
+    ref = build_model(cfg, "causal_lm", seed=1)
+    reward = build_model(cfg, "score", seed=2)
+    critic = build_model(cfg, "score", seed=3)
+    return actor, ref, reward, critic
+
+
+def make(models, overlap, chunk_size, num_pages=400, rule=None):
+    actor, ref, reward, critic = models
+    g = KVGeometry(*actor.kv_geometry(), torch.float32)
+    pool = PagePool(num_pages, PagePool.page_bytes_for([g], 4))
+    eng = ActorEngine(actor, pool, EngineConfig(chunk_size=chunk_size, seed=5, max_num_batched_tokens=64))
+    scorers = [Scorer("reward", reward, pool, "reward", max_model_len=512, max_num_batched_tokens=48),
+               Scorer("critic", critic, pool, "critic", max_model_len=512, max_num_batched_tokens=48),
+               Scorer("ref", ref, pool, "reference", max_model_len=512, max_num_batched_tokens=48)]
+    return Rollout(eng, scorers, rule_reward=rule, overlap=overlap), pool
+
+
+def prompts(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, 80, (int(torch.randint(2, 12, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+def run(models, overlap, chunk_size, lens, **kw):
+    ro, pool = make(models, overlap, chunk_size, **kw)
+    ro.submit(prompts(len(lens)), SamplingParams(temperature=1.0, max_new_tokens=64), target_lens=lens)
+    out = ro.collect()
+    assert pool.num_free == pool.num_pages, "pages leaked"
+    pool.check()
+    return sorted(out, key=lambda r: r.seq.sample_key)
+
+
+def dense(models, r):
+    actor, ref, reward, critic = models
+    ids = torch.tensor(r.seq.all_ids)
+    P = len(r.seq.prompt_ids)
+    ctx = DenseContext(torch.tensor([0, len(ids)]))
+    pos = torch.arange(len(ids))
+    with torch.no_grad():
+        lp = ref.compute_logprobs(ref(ids, pos, ctx)[P - 1:-1], ids[P:])
+        vals = critic.compute_scores(critic(ids, pos, ctx))[P - 1:-1]
+        score = reward.compute_scores(reward(ids, pos, ctx))[-1]
+    return lp, vals, score
+
+
+LENS = [3, 40, 1, 17, 25, 9]
+
+
+@pytest.mark.parametrize("chunk_size", [1, 16, 500])
+def test_overlap_on_and_off_agree_and_equal_dense(models, chunk_size):
+    on = run(models, True, chunk_size, LENS)
+    off = run(models, False, chunk_size, LENS)
+    for a, b in zip(on, off):
+        assert a.error is None and b.error is None
+        assert a.seq.output_ids == b.seq.output_ids
+        assert len(a.seq.output_ids) == len(a.values) == len(a.ref_logprobs)
+        torch.testing.assert_close(torch.tensor(a.values), torch.tensor(b.values), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(torch.tensor(a.ref_logprobs), torch.tensor(b.ref_logprobs), atol=1e-5, rtol=1e-5)
+        assert math.isclose(a.score, b.score, rel_tol=1e-5, abs_tol=1e-5)
+        lp, vals, score = dense(models, a)
+        torch.testing.assert_close(torch.tensor(a.ref_logprobs), lp, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(torch.tensor(a.values), vals, atol=1e-5, rtol=1e-5)
+        assert math.isclose(a.score, float(score), rel_tol=1e-5, abs_tol=1e-5)
+        # the reference is the actor's initial weights: its log-probs equal the behaviour ones
+        torch.testing.assert_close(torch.tensor(a.ref_logprobs), torch.tensor(a.seq.logprobs), atol=1e-4, rtol=0)
+
+
+def test_collect_returns_the_first_finished_and_keeps_the_rest_in_flight(models):
+    ro, pool = make(models, True, 4)
+    seqs = ro.submit(prompts(5, seed=1), SamplingParams(max_new_tokens=64), target_lens=[30, 2, 50, 5, 8])
+    first = ro.collect(3)
+    assert sorted(len(r.seq.output_ids) for r in first) == [2, 5, 8]
+    assert len(ro.in_flight) == 2 and all(not s.is_finished for s in ro.in_flight.values())
+    rest = ro.collect()
+    assert sorted(len(r.seq.output_ids) for r in rest) == [30, 50]
+    assert {r.seq.seq_id for r in first + rest} == {s.seq_id for s in seqs}
+    assert pool.num_free == pool.num_pages
+
+
+def test_scorers_survive_a_pool_too_small_for_everyone(models):
+    on = run(models, True, 8, LENS, num_pages=40)
+    off = run(models, False, 8, LENS)
+    for a, b in zip(on, off):
+        assert a.seq.output_ids == b.seq.output_ids
+        torch.testing.assert_close(torch.tensor(a.values), torch.tensor(b.values), atol=1e-5, rtol=1e-5)
+
+
+def test_rule_reward_runs_and_its_failure_names_the_sequence(models):
+    def rule(prompt, response, text):
+        if len(response) == 9:
+            raise ValueError("boom")
+        return float(len(response))
+
+    out = run(models, True, 4, LENS, rule=RuleReward(rule))
+    for r in out:
+        if len(r.seq.output_ids) == 9:
+            assert r.error and "boom" in r.error and str(r.seq.seq_id) in r.error
+        else:
+            assert r.scores["rule"] == len(r.seq.output_ids)
+            assert math.isclose(r.score, r.scores["rule"] + r.scores["reward"], rel_tol=1e-6)
+
+
+def test_nan_score_is_reported_with_its_sequence(models):
+    actor, ref, reward, critic = models
+    orig = reward.compute_scores
+    reward.compute_scores = lambda h: orig(h) * float("nan")
+    try:
+        out = run(models, True, 4, [3, 5])
+    finally:
+        del reward.compute_scores
+    assert all(r.error and "non-finite reward" in r.error and str(r.seq.seq_id) in r.error for r in out)
