@@ -1,0 +1,162 @@
+"""Shared pieces of the microbenchmarks: timing with CUDA events (over CUDA-graph replays where
+the callable allows it), the two ceilings measured in the same run (device-to-device copy
+bandwidth, bf16 matmul rate), a paged KV pool, and JSON output that records date, card and
+command.
+
+    ms = time_ms(fn)                      # median ms per call
+    bw = copy_bandwidth()                 # bytes/s, read + written
+    fl = matmul_flops()                   # FLOP/s of a large bf16 matmul on random data
+    write_json(path, {"rows": rows, "summary": {...}})
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import shlex
+import statistics
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+__all__ = ["time_ms", "copy_bandwidth", "matmul_flops", "device_info", "write_json", "print_table",
+           "paged_pool", "results_path"]
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def _sync():
+    torch.cuda.synchronize()
+
+
+def time_ms(fn: Callable[[], object], *, calls_per_replay: int = 10, reps: int = 15, warmup: int = 3,
+            graph: bool = True) -> float:
+    """Median milliseconds of one call of ``fn``.
+
+    With ``graph`` the calls are captured ``calls_per_replay`` times into one CUDA graph and each
+    timed replay is divided by that count (no launch gaps); if capture fails, eager calls are
+    timed instead. Events bracket each replay; the median over ``reps`` replays is returned.
+    """
+    for _ in range(warmup):
+        fn()
+    _sync()
+    run = None
+    if graph:
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                fn()
+            torch.cuda.current_stream().wait_stream(side)
+            _sync()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                for _ in range(calls_per_replay):
+                    fn()
+            run = g.replay
+            run()
+            _sync()
+        except Exception as e:  # noqa: BLE001 (some callables cannot be captured: time them eagerly)
+            print(f"  (graph capture failed: {type(e).__name__}: {str(e).splitlines()[0][:100]}; timing eagerly)")
+            run = None
+            _sync()
+    if run is None:
+        def run():
+            for _ in range(calls_per_replay):
+                fn()
+        run()
+        _sync()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls_per_replay)
+    return statistics.median(times)
+
+
+def copy_bandwidth(nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy rate in bytes/s, counting bytes read plus bytes written."""
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda").uniform_()
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), calls_per_replay=5, reps=10)
+    del src, dst
+    return 2 * nbytes / (ms * 1e-3)
+
+
+def matmul_flops(n: int = 8192) -> float:
+    """bf16 matmul rate (FLOP/s) of an n x n x n product on random data."""
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    c = torch.empty(n, n, device="cuda", dtype=torch.bfloat16)
+    ms = time_ms(lambda: torch.mm(a, b, out=c), calls_per_replay=5, reps=10)
+    return 2 * n ** 3 / (ms * 1e-3)
+
+
+def device_info() -> dict:
+    p = torch.cuda.get_device_properties(0)
+    return {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "card": p.name,
+        "sm_count": p.multi_processor_count,
+        "memory_gib": round(p.total_memory / 2**30, 1),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
+        "cwd": os.getcwd(),
+    }
+
+
+def results_path(name: str, out: str | None) -> Path:
+    return Path(out) if out else RESULTS_DIR / f"{name}.json"
+
+
+def write_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2, default=float) + "\n")
+
+
+def print_table(rows: list[dict], cols: list[tuple[str, str, str]]) -> None:
+    """cols: (key, header, format) -> a plain aligned table on stdout."""
+    cells = [[h for _, h, _ in cols]]
+    for r in rows:
+        line = []
+        for k, _, f in cols:
+            v = r.get(k)
+            line.append("-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, f))
+        cells.append(line)
+    widths = [max(len(c[i]) for c in cells) for i in range(len(cols))]
+    for j, c in enumerate(cells):
+        print("  ".join(s.rjust(w) for s, w in zip(c, widths)))
+        if j == 0:
+            print("  ".join("-" * w for w in widths))
+    sys.stdout.flush()
+
+
+def paged_pool(num_seqs: int, ctx: int, Hkv: int, D: int, block_size: int, dtype=torch.bfloat16,
+               seed: int = 0):
+    """A page pool holding num_seqs sequences of ctx tokens on shuffled pages.
+
+    Each page holds one layer's K and V ([2, block_size, Hkv, D]), so the K and V views have a page
+    stride of twice a page's K (as in the engine's shared pool). Returns k_cache, v_cache,
+    block_tables [num_seqs, ceil(ctx / block_size)] int32.
+    """
+    g = torch.Generator(device="cuda")
+    g.manual_seed(seed)
+    per_seq = math.ceil(ctx / block_size)
+    nblocks = num_seqs * per_seq
+    one = block_size * Hkv * D
+    pool = torch.randn(nblocks, 2 * one, device="cuda", dtype=dtype, generator=g)
+    shape, stride = (nblocks, block_size, Hkv, D), (2 * one, Hkv * D, D, 1)
+    k_cache = pool.as_strided(shape, stride, 0)
+    v_cache = pool.as_strided(shape, stride, one)
+    perm = torch.randperm(nblocks, device="cuda", generator=g).to(torch.int32)
+    block_tables = perm.view(num_seqs, per_seq).contiguous()
+    return k_cache, v_cache, block_tables

@@ -1,0 +1,134 @@
+"""Paged decode attention: achieved KV bytes/s over the copy bandwidth measured in the same run,
+beside PyTorch SDPA on a contiguous (unpaged) cache of the same shape and FlexAttention.
+
+    python bench/decode_attention.py [--out PATH] [--block-size 16] [--no-flex] [--shapes 0,2]
+
+Bytes counted: every K and V byte of every context once, plus q and out. One query per
+sequence; all sequences hold `ctx` tokens on shuffled pages of a pool whose page holds one
+layer's K and V (so the K/V page stride is twice a page's K). SDPA gets the GQA group as a
+query length (q viewed [B, Hkv, G, D], no mask), which reads each KV head once.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (copy_bandwidth, device_info, paged_pool, print_table, results_path, time_ms,  # noqa: E402
+                    write_json)
+
+SHAPES = [  # B, ctx, Hq, Hkv, D  (issue 7)
+    (64, 4096, 32, 8, 128),
+    (256, 1024, 14, 2, 64),
+    (16, 16384, 32, 8, 128),
+    (128, 2048, 32, 32, 128),
+    (1, 32768, 32, 8, 128),
+]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--no-flex", action="store_true")
+    ap.add_argument("--shapes", default=None, help="comma-separated indices into SHAPES")
+    args = ap.parse_args()
+
+    import oppo_runtime.ops  # noqa: F401  (loads torch.ops.oppo)
+    from oppo_runtime.ops import has_cuda_kernels
+    assert has_cuda_kernels(), "oppo_runtime._C was built without CUDA kernels"
+    flex = None
+    if not args.no_flex:
+        try:
+            from torch.nn.attention.flex_attention import flex_attention
+            flex = torch.compile(flex_attention, dynamic=False)
+        except Exception as e:  # noqa: BLE001
+            print(f"FlexAttention unavailable: {e}")
+
+    info = device_info()
+    bw = copy_bandwidth()
+    print(f"{info['card']}  torch {info['torch']}  copy bandwidth {bw / 1e12:.2f} TB/s (read + write)")
+    shapes = SHAPES if args.shapes is None else [SHAPES[int(i)] for i in args.shapes.split(",")]
+    out_path = results_path("decode_attention", args.out)
+    rows = []
+    dtype = torch.bfloat16
+    for (B, ctx, Hq, Hkv, D) in shapes:
+        G = Hq // Hkv
+        scale = D ** -0.5
+        k_cache, v_cache, bt = paged_pool(B, ctx, Hkv, D, args.block_size, dtype)
+        ctx_lens = torch.full((B,), ctx, dtype=torch.int32, device="cuda")
+        q = torch.randn(B, Hq, D, device="cuda", dtype=dtype)
+        out = torch.empty_like(q)
+        nbytes = 2 * B * ctx * Hkv * D * q.element_size() + 2 * q.numel() * q.element_size()
+        row = {"B": B, "ctx": ctx, "Hq": Hq, "Hkv": Hkv, "D": D, "block_size": args.block_size,
+               "bytes": nbytes, "floor_us": nbytes / bw * 1e6}
+        try:
+            ms = time_ms(lambda: torch.ops.oppo.paged_decode_attention(out, q, k_cache, v_cache, bt, ctx_lens, scale))
+            row["ours_us"] = ms * 1e3
+            row["ours_frac_copy_bw"] = nbytes / (ms * 1e-3) / bw
+        except Exception as e:  # noqa: BLE001
+            row["ours_error"] = f"{type(e).__name__}: {e}"[:300]
+            print(row["ours_error"])
+        # Contiguous caches of the same content for the baselines.
+        pos = torch.arange(ctx, device="cuda")
+        blocks = bt[:, pos // args.block_size].long()
+        kc = k_cache[blocks, pos % args.block_size].transpose(1, 2).contiguous()   # [B, Hkv, ctx, D]
+        vc = v_cache[blocks, pos % args.block_size].transpose(1, 2).contiguous()
+        qg = q.view(B, Hkv, G, D)
+        try:
+            ms = time_ms(lambda: F.scaled_dot_product_attention(qg, kc, vc, scale=scale))
+            row["sdpa_us"] = ms * 1e3
+            row["sdpa_frac_copy_bw"] = nbytes / (ms * 1e-3) / bw
+        except Exception as e:  # noqa: BLE001
+            row["sdpa_error"] = f"{type(e).__name__}: {e}"[:300]
+            print(row["sdpa_error"])
+        if flex is not None:
+            q4 = q.view(B, Hq, 1, D)
+            try:
+                ms = time_ms(lambda: flex(q4, kc, vc, scale=scale, enable_gqa=True), graph=False)
+                row["flex_us"] = ms * 1e3
+                row["flex_frac_copy_bw"] = nbytes / (ms * 1e-3) / bw
+            except Exception as e:  # noqa: BLE001
+                row["flex_error"] = f"{type(e).__name__}: {e}"[:300]
+                print(row["flex_error"])
+        if "ours_us" in row:
+            # Check the timed output once against SDPA (bf16, loose: a smoke test, not the test suite).
+            ref = F.scaled_dot_product_attention(qg.float(), kc.float(), vc.float(), scale=scale).view(B, Hq, D)
+            row["rel_err_vs_fp32"] = float((out.float() - ref).norm() / ref.norm())
+            for k in ("sdpa_us", "flex_us"):
+                if k in row:
+                    row["speedup_vs_" + k[:-3]] = row[k] / row["ours_us"]
+        rows.append(row)
+        del k_cache, v_cache, kc, vc
+        torch.cuda.empty_cache()
+        summary = _summary(rows)
+        write_json(out_path, {**info, "copy_bandwidth_Bps": bw, "dtype": "bfloat16", "rows": rows, "summary": summary})
+        print(f"  done B={B} ctx={ctx}: " + ", ".join(f"{k}={row[k]:.3g}" for k in row if k.endswith(("_us", "_bw"))))
+
+    print()
+    print_table(rows, [("B", "B", "d"), ("ctx", "ctx", "d"), ("Hq", "Hq", "d"), ("Hkv", "Hkv", "d"), ("D", "D", "d"),
+                       ("floor_us", "floor us", ".1f"), ("ours_us", "ours us", ".1f"),
+                       ("ours_frac_copy_bw", "ours/copy", ".3f"), ("sdpa_us", "sdpa us", ".1f"),
+                       ("sdpa_frac_copy_bw", "sdpa/copy", ".3f"), ("flex_us", "flex us", ".1f"),
+                       ("flex_frac_copy_bw", "flex/copy", ".3f"), ("speedup_vs_sdpa", "x sdpa", ".2f"),
+                       ("speedup_vs_flex", "x flex", ".2f"), ("rel_err_vs_fp32", "rel err", ".1e")])
+    print("summary:", _summary(rows))
+    print("wrote", out_path)
+
+
+def _summary(rows):
+    def mn(key):
+        vals = [r[key] for r in rows if key in r]
+        return min(vals) if vals else None
+    return {"min_fraction_of_copy_bw": mn("ours_frac_copy_bw"),
+            "min_speedup_vs_sdpa_contiguous": mn("speedup_vs_sdpa"),
+            "min_speedup_vs_flex": mn("speedup_vs_flex"),
+            "shapes": len(rows)}
+
+
+if __name__ == "__main__":
+    main()

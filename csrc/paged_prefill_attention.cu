@@ -1,0 +1,94 @@
+// Launcher of incremental (chunked) prefill attention over a paged prefix: argument checks,
+// dtype/head-dim dispatch, launch on the current stream. No host sync, no allocation: capturable
+// in CUDA graphs (max_seqlen_q comes from the caller, who knows the chunk sizes).
+#include <array>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include "dispatch.h"
+#include "../kernels/paged_prefill_attention.cuh"
+
+namespace {
+
+constexpr int kBlockN = 64;
+
+template <typename T, int D>
+void launch_prefill(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                    const at::Tensor& cu_seqlens_q, const at::Tensor& context_lens, const at::Tensor& block_tables,
+                    double scale, int64_t max_seqlen_q) {
+  using namespace oppo::attn;
+  const int B = static_cast<int>(context_lens.size(0)), Hq = static_cast<int>(q.size(1));
+  const int block_size = static_cast<int>(k_cache.size(1)), Hkv = static_cast<int>(k_cache.size(2));
+  const int G = Hq / Hkv;
+  const int64_t m_tiles = (max_seqlen_q * G + kPrefillBlockM - 1) / kPrefillBlockM;
+  TORCH_CHECK(m_tiles < (1LL << 31), "paged_prefill_attention: max_seqlen_q too large");
+  if (m_tiles == 0 || B == 0) return;
+  auto kernel = paged_prefill_kernel<T, D, kBlockN>;
+  constexpr int smem = PrefillSmem<T, D, kBlockN>::kBytes;
+  static bool attr_set[64] = {};
+  const int dev = q.get_device();
+  if (!attr_set[dev & 63]) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    attr_set[dev & 63] = true;
+  }
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const dim3 grid(static_cast<unsigned>(m_tiles), Hkv, B);
+  kernel<<<grid, kPrefillThreads, smem, stream>>>(
+      out.data_ptr(), out.scalar_type() == at::kFloat, out.stride(0), out.stride(1),
+      reinterpret_cast<const T*>(q.data_ptr()), q.stride(0), q.stride(1),
+      reinterpret_cast<const T*>(k_cache.data_ptr()), reinterpret_cast<const T*>(v_cache.data_ptr()),
+      k_cache.stride(0), block_size, Hkv, cu_seqlens_q.data_ptr<int>(), context_lens.data_ptr<int>(),
+      block_tables.data_ptr<int>(), block_tables.stride(0), G, static_cast<float>(scale) * kLog2e);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+// out          [Nq, Hq, D]  q's dtype or float32
+// q            [Nq, Hq, D]  bf16/fp16 packed by cu_seqlens_q [B+1] int32, inner dim contiguous
+// k/v_cache    [num_blocks, block_size, Hkv, D]  each page contiguous, equal strides; the chunk's
+//              K/V are already in the pages (kv_append)
+// context_lens [B] int32 (prefix + chunk);  block_tables [B, max_blocks] int32
+// max_seqlen_q >= every chunk length (sizes the grid; CTAs past a sequence's chunk exit)
+void paged_prefill_attention_cuda(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,
+                                  const at::Tensor& v_cache, const at::Tensor& cu_seqlens_q,
+                                  const at::Tensor& context_lens, const at::Tensor& block_tables, double scale,
+                                  int64_t max_seqlen_q) {
+  constexpr const char* op = "paged_prefill_attention";
+  OPPO_CHECK_CUDA(out, "paged_prefill_attention"); OPPO_CHECK_CUDA(q, "paged_prefill_attention");
+  OPPO_CHECK_CUDA(k_cache, "paged_prefill_attention"); OPPO_CHECK_CUDA(v_cache, "paged_prefill_attention");
+  OPPO_CHECK_CUDA(cu_seqlens_q, "paged_prefill_attention"); OPPO_CHECK_CUDA(context_lens, "paged_prefill_attention");
+  OPPO_CHECK_CUDA(block_tables, "paged_prefill_attention");
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), op, ": bad ranks/shapes");
+  const int64_t Hq = q.size(1), D = q.size(2), Hkv = k_cache.size(2), B = context_lens.size(0);
+  TORCH_CHECK(k_cache.size(3) == D && Hkv > 0 && Hq % Hkv == 0, op, ": q [Nq, Hq, D] must match the cache's D, Hq % Hkv == 0");
+  TORCH_CHECK(out.sizes() == q.sizes(), op, ": out must have q's shape");
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf, op, ": q must be bf16 or fp16, got ", q.scalar_type());
+  TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(), op, ": q and caches must share a dtype");
+  TORCH_CHECK(out.scalar_type() == q.scalar_type() || out.scalar_type() == at::kFloat, op, ": out must be q's dtype or float32");
+  TORCH_CHECK(D == 64 || D == 128, op, ": head_dim must be 64 or 128, got ", D);
+  TORCH_CHECK(cu_seqlens_q.scalar_type() == at::kInt && context_lens.scalar_type() == at::kInt &&
+              block_tables.scalar_type() == at::kInt, op, ": cu_seqlens_q, context_lens, block_tables must be int32");
+  TORCH_CHECK(cu_seqlens_q.dim() == 1 && cu_seqlens_q.size(0) == B + 1 && cu_seqlens_q.is_contiguous(), op, ": cu_seqlens_q must be [B+1]");
+  TORCH_CHECK(context_lens.dim() == 1 && context_lens.is_contiguous(), op, ": context_lens must be [B] contiguous");
+  TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == B && block_tables.stride(1) == 1, op, ": block_tables must be [B, max_blocks], rows contiguous");
+  TORCH_CHECK(k_cache.stride(3) == 1 && k_cache.stride(2) == D && k_cache.stride(1) == Hkv * D && v_cache.strides() == k_cache.strides(),
+              op, ": each page must be contiguous [block_size, Hkv, D] and K/V caches share strides");
+  TORCH_CHECK(q.stride(2) == 1 && out.stride(2) == 1, op, ": q/out inner dim must be contiguous");
+  TORCH_CHECK(q.stride(0) % 8 == 0 && q.stride(1) % 8 == 0 && out.stride(0) % 2 == 0 && out.stride(1) % 2 == 0 &&
+              k_cache.stride(0) % 8 == 0, op, ": strides must keep rows aligned");
+  for (const at::Tensor& t : std::array<at::Tensor, 4>{q, k_cache, v_cache, out})
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, op, ": tensors must be 16-byte aligned");
+  TORCH_CHECK(B <= 65535 && Hkv <= 65535, op, ": batch or kv heads above 65535");
+  TORCH_CHECK(max_seqlen_q >= 0, op, ": max_seqlen_q must be >= 0");
+  if (q.size(0) == 0 || B == 0) return;
+  const at::cuda::OptionalCUDAGuard guard(q.device());
+  if (q.scalar_type() == at::kBFloat16) {
+    if (D == 64) launch_prefill<__nv_bfloat16, 64>(out, q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, max_seqlen_q);
+    else launch_prefill<__nv_bfloat16, 128>(out, q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, max_seqlen_q);
+  } else {
+    if (D == 64) launch_prefill<__half, 64>(out, q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, max_seqlen_q);
+    else launch_prefill<__half, 128>(out, q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, max_seqlen_q);
+  }
+}

@@ -1,0 +1,107 @@
+// Device helpers shared by the paged attention kernels: cp.async, ldmatrix, mma.sync m16n8k16,
+// and the loader of a tile of K or V rows out of the page pool. Header-only, raw pointers.
+//
+// Fragment layouts of mma.m16n8k16 (lane = threadIdx.x % 32, quad row qr = lane / 4, quad
+// column qc = lane % 4), used throughout:
+//   A 16x16 (row-major): a[0] (qr, 2qc..+1)  a[1] (qr+8, 2qc..)  a[2] (qr, 8+2qc..)  a[3] (qr+8, 8+2qc..)
+//   B 16x8  (k x n):     b[0] (k=2qc..+1, n=qr)  b[1] (k=8+2qc.., n=qr)
+//   C 16x8  (float):     c[0..1] (qr, 2qc..+1)  c[2..3] (qr+8, 2qc..+1)
+#pragma once
+#include "common.cuh"
+
+namespace oppo {
+namespace attn {
+
+constexpr float kLog2e = 1.4426950408889634f;
+
+// Rows of every shared-memory tile are padded by 16 bytes, so that the 8 rows an ldmatrix
+// reads (or 8 threads' 16-byte cp.async writes) fall in 8 different 4-bank groups.
+template <int D> struct SmemRow { static constexpr int kElems = D + 8; };
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte global->shared copy; src_bytes 0 fills the destination with zeros (src not read).
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_u32(p)));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_u32(p)));
+}
+
+template <typename T> struct Mma;
+template <> struct Mma<__nv_bfloat16> {
+  __device__ __forceinline__ static void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  // Two floats -> a packed pair (low half = x), and the pair back to floats.
+  __device__ __forceinline__ static uint32_t pack(float x, float y) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(x, y);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+  __device__ __forceinline__ static float2 unpack(uint32_t u) {
+    return __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&u));
+  }
+};
+template <> struct Mma<__half> {
+  __device__ __forceinline__ static void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  __device__ __forceinline__ static uint32_t pack(float x, float y) {
+    __half2 h = __floats2half2_rn(x, y);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+  __device__ __forceinline__ static float2 unpack(uint32_t u) {
+    return __half22float2(*reinterpret_cast<__half2*>(&u));
+  }
+};
+
+// Loads rows [pos0, pos0 + kRows) of one KV head of one sequence into a padded smem tile
+// [kRows][D + 8]; rows at or past `end` are zero-filled (never read: the slots past a
+// sequence's length may hold anything, NaN included, and a zero V row keeps P*V finite).
+//   cache        [num_blocks, block_size, Hkv, D], page stride page_stride (elements)
+//   block_table  [max_blocks] of this sequence
+template <typename T, int D, int kRows, int kThreads>
+__device__ __forceinline__ void load_kv_tile(T* __restrict__ smem, const T* __restrict__ cache,
+                                             const int* __restrict__ block_table, int64_t page_stride,
+                                             int block_size, int row_stride, int head_offset, int pos0,
+                                             int end, int tid) {
+  constexpr int kChunks = D * int(sizeof(T)) / 16;            // 16-byte chunks per row
+  constexpr int kRowsPerPass = kThreads / kChunks;
+  static_assert(kThreads % kChunks == 0 && kRows % kRowsPerPass == 0, "tile/threads mismatch");
+  const int chunk = tid % kChunks;
+  const int row0 = tid / kChunks;
+#pragma unroll
+  for (int r = row0; r < kRows; r += kRowsPerPass) {
+    const int pos = pos0 + r;
+    const T* src = cache;
+    int bytes = 0;
+    if (pos < end) {
+      const int page = __ldg(block_table + pos / block_size);
+      src = cache + static_cast<int64_t>(page) * page_stride + static_cast<int64_t>(pos % block_size) * row_stride +
+            head_offset + chunk * (16 / int(sizeof(T)));
+      bytes = 16;
+    }
+    cp_async_16(smem + r * SmemRow<D>::kElems + chunk * (16 / int(sizeof(T))), src, bytes);
+  }
+}
+
+}  // namespace attn
+}  // namespace oppo
