@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# The one-command GPU check: build the extension, run the GPU tests, compute-sanitizer memcheck
+# and racecheck on tiny calls of each attention kernel, then the named benchmarks.
+#
+#   bash bench/gpu_check.sh [BENCH ...]      (default: decode_attention prefill_attention)
+#
+# BENCH names a script bench/BENCH.py that takes --out PATH (it writes its JSON there).
+# Everything lands in $OUT (default bench/results/gpu_check): report.md (one line per step),
+# log.txt (all output), and BENCH.json per benchmark. Each step has a time limit so that the
+# whole check stays well under 10 minutes; a failing step is reported and the next one runs.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench/results/gpu_check}
+mkdir -p "$OUT"
+LOG="$OUT/log.txt"
+REPORT="$OUT/report.md"
+BENCHES=("$@")
+[ ${#BENCHES[@]} -eq 0 ] && BENCHES=(decode_attention prefill_attention)
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-16}
+T0=$(date +%s)
+: > "$LOG"
+{
+  echo "# gpu_check $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  echo
+  echo "command: bash bench/gpu_check.sh ${BENCHES[*]}"
+  echo
+  echo '```'
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv 2>&1
+  $PY -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)" 2>&1
+  git log --oneline -1 2>/dev/null
+  echo '```'
+  echo
+  echo "| step | rc | seconds |"
+  echo "| --- | --- | --- |"
+} > "$REPORT"
+
+step() {  # step NAME LIMIT_S CMD...
+  local name=$1 limit=$2; shift 2
+  local t=$(date +%s)
+  echo "=== $name ($(date -u +%H:%M:%S), limit ${limit}s): $*" >> "$LOG"
+  timeout --kill-after=10 "$limit" "$@" >> "$LOG" 2>&1
+  local rc=$?
+  echo "=== $name rc=$rc" >> "$LOG"
+  echo "| $name | $rc | $(( $(date +%s) - t )) |" >> "$REPORT"
+  echo "[$(( $(date +%s) - T0 ))s] $name rc=$rc"
+  return $rc
+}
+
+step build 300 env CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=16 \
+  $PY -m pip install --no-build-isolation --no-deps -e . || { echo "build failed"; tail -50 "$LOG"; exit 1; }
+grep -E "registers|spill|stack frame" "$LOG" | sort | uniq -c | head -20 >> "$LOG"
+step pytest 200 $PY -m pytest -m gpu -q -rfE -p no:cacheprovider
+export PYTORCH_NO_CUDA_MEMORY_CACHING=1
+SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+step memcheck 120 "$SAN" --tool memcheck --error-exitcode 9 $PY bench/sanitize_attention.py
+step racecheck 120 "$SAN" --tool racecheck --error-exitcode 9 $PY bench/sanitize_attention.py
+unset PYTORCH_NO_CUDA_MEMORY_CACHING
+for b in "${BENCHES[@]}"; do
+  step "bench_$b" 180 $PY "bench/$b.py" --out "$OUT/$b.json"
+done
+{
+  echo
+  echo "total $(( $(date +%s) - T0 )) s"
+  echo
+  echo "## pytest summary"
+  echo '```'
+  grep -E "passed|failed|FAILED|ERROR" "$LOG" | tail -40
+  echo '```'
+  echo "## sanitizer summary"
+  echo '```'
+  grep -E "ERROR SUMMARY|RACECHECK SUMMARY|rel err" "$LOG"
+  echo '```'
+  for b in "${BENCHES[@]}"; do
+    echo "## $b"
+    echo '```'
+    awk "/=== bench_$b \\(/{f=1} f" "$LOG" | grep -v "^===" | tail -15
+    echo '```'
+  done
+} >> "$REPORT"
+cat "$REPORT"

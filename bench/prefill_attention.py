@@ -1,0 +1,143 @@
+"""Incremental (chunked) prefill attention over a paged prefix: achieved FLOP/s over the bf16
+matmul rate measured in the same run, beside FlexAttention (bottom-right causal block mask) and
+SDPA (explicit boolean mask), both on contiguous KV.
+
+    python bench/prefill_attention.py [--out PATH] [--block-size 16] [--no-flex] [--shapes 0,2]
+
+FLOPs counted: 4 * D * Hq per (query, visible key) pair (Q*K^T and P*V), i.e. only the causal
+part: query i of a chunk of n after a prefix p sees p + i + 1 keys. Every sequence of the batch
+has the same prefix and chunk; K/V on shuffled pages (the chunk's K/V already in the pages, as
+the scorer calls it after kv_append).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (device_info, matmul_flops, paged_pool, print_table, results_path, time_ms,  # noqa: E402
+                    write_json)
+
+SHAPES = [  # B, prefix, chunk, Hq, Hkv, D  (issue 8)
+    (16, 2048, 512, 32, 8, 128),
+    (64, 1024, 256, 14, 2, 64),
+    (8, 8192, 512, 32, 8, 128),
+]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--no-flex", action="store_true")
+    ap.add_argument("--shapes", default=None, help="comma-separated indices into SHAPES")
+    args = ap.parse_args()
+
+    import oppo_runtime.ops  # noqa: F401
+    from oppo_runtime.ops import has_cuda_kernels
+    assert has_cuda_kernels(), "oppo_runtime._C was built without CUDA kernels"
+    flex = create_block_mask = None
+    if not args.no_flex:
+        try:
+            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+            flex = torch.compile(flex_attention, dynamic=False)
+        except Exception as e:  # noqa: BLE001
+            print(f"FlexAttention unavailable: {e}")
+
+    info = device_info()
+    mm = matmul_flops()
+    print(f"{info['card']}  torch {info['torch']}  bf16 matmul {mm / 1e12:.0f} TFLOP/s")
+    shapes = SHAPES if args.shapes is None else [SHAPES[int(i)] for i in args.shapes.split(",")]
+    out_path = results_path("prefill_attention", args.out)
+    rows = []
+    dtype = torch.bfloat16
+    for (B, prefix, n, Hq, Hkv, D) in shapes:
+        ctx = prefix + n
+        scale = D ** -0.5
+        flops = 4.0 * D * Hq * B * (n * prefix + n * (n + 1) / 2)
+        k_cache, v_cache, bt = paged_pool(B, ctx, Hkv, D, args.block_size, dtype)
+        ctx_lens = torch.full((B,), ctx, dtype=torch.int32, device="cuda")
+        cu = torch.arange(0, (B + 1) * n, n, dtype=torch.int32, device="cuda")
+        q = torch.randn(B * n, Hq, D, device="cuda", dtype=dtype)
+        out = torch.empty_like(q)
+        row = {"B": B, "prefix": prefix, "chunk": n, "Hq": Hq, "Hkv": Hkv, "D": D, "block_size": args.block_size,
+               "gflop": flops / 1e9, "floor_us": flops / mm * 1e6}
+        try:
+            ms = time_ms(lambda: torch.ops.oppo.paged_prefill_attention(out, q, k_cache, v_cache, cu, ctx_lens, bt,
+                                                                        scale, n))
+            row["ours_us"] = ms * 1e3
+            row["ours_tflops"] = flops / (ms * 1e-3) / 1e12
+            row["ours_frac_matmul"] = flops / (ms * 1e-3) / mm
+        except Exception as e:  # noqa: BLE001
+            row["ours_error"] = f"{type(e).__name__}: {e}"[:300]
+            print(row["ours_error"])
+        pos = torch.arange(ctx, device="cuda")
+        blocks = bt[:, pos // args.block_size].long()
+        kc = k_cache[blocks, pos % args.block_size].transpose(1, 2).contiguous()   # [B, Hkv, ctx, D]
+        vc = v_cache[blocks, pos % args.block_size].transpose(1, 2).contiguous()
+        q4 = q.view(B, n, Hq, D).transpose(1, 2)                                      # [B, Hq, n, D]
+        if flex is not None:
+            try:
+                def causal(b, h, q_idx, kv_idx):
+                    return kv_idx <= q_idx + prefix
+                bm = create_block_mask(causal, B=None, H=None, Q_LEN=n, KV_LEN=ctx, device="cuda")
+                ms = time_ms(lambda: flex(q4, kc, vc, block_mask=bm, scale=scale, enable_gqa=True), graph=False)
+                row["flex_us"] = ms * 1e3
+                row["flex_frac_matmul"] = flops / (ms * 1e-3) / mm
+            except Exception as e:  # noqa: BLE001
+                row["flex_error"] = f"{type(e).__name__}: {e}"[:300]
+                print(row["flex_error"])
+        try:
+            mask = torch.arange(ctx, device="cuda")[None, :] <= (torch.arange(n, device="cuda")[:, None] + prefix)
+            G = Hq // Hkv
+            ke, ve = kc.repeat_interleave(G, 1), vc.repeat_interleave(G, 1)            # expanded outside the timing
+            ms = time_ms(lambda: F.scaled_dot_product_attention(q4, ke, ve, attn_mask=mask, scale=scale))
+            row["sdpa_us"] = ms * 1e3
+            row["sdpa_frac_matmul"] = flops / (ms * 1e-3) / mm
+            if "ours_us" in row:
+                ref = F.scaled_dot_product_attention(q4, ke, ve, attn_mask=mask, scale=scale)
+                ours = out.view(B, n, Hq, D).transpose(1, 2)
+                row["rel_err_vs_sdpa_bf16"] = float((ours.float() - ref.float()).norm() / ref.float().norm())
+            del ke, ve
+        except Exception as e:  # noqa: BLE001
+            row["sdpa_error"] = f"{type(e).__name__}: {e}"[:300]
+            print(row["sdpa_error"])
+        for k in ("sdpa_us", "flex_us"):
+            if k in row and "ours_us" in row:
+                row["speedup_vs_" + k[:-3]] = row[k] / row["ours_us"]
+        rows.append(row)
+        del k_cache, v_cache, kc, vc
+        torch.cuda.empty_cache()
+        write_json(out_path, {**info, "matmul_flops": mm, "dtype": "bfloat16", "rows": rows, "summary": _summary(rows)})
+        print(f"  done B={B} prefix={prefix} chunk={n}: " +
+              ", ".join(f"{k}={row[k]:.3g}" for k in row if k.endswith(("_us", "_matmul"))))
+
+    print()
+    print_table(rows, [("B", "B", "d"), ("prefix", "prefix", "d"), ("chunk", "chunk", "d"), ("Hq", "Hq", "d"),
+                       ("Hkv", "Hkv", "d"), ("D", "D", "d"), ("floor_us", "floor us", ".1f"),
+                       ("ours_us", "ours us", ".1f"), ("ours_tflops", "TFLOP/s", ".0f"),
+                       ("ours_frac_matmul", "ours/mm", ".3f"), ("flex_us", "flex us", ".1f"),
+                       ("flex_frac_matmul", "flex/mm", ".3f"), ("sdpa_us", "sdpa us", ".1f"),
+                       ("sdpa_frac_matmul", "sdpa/mm", ".3f"), ("speedup_vs_flex", "x flex", ".2f"),
+                       ("speedup_vs_sdpa", "x sdpa", ".2f"), ("rel_err_vs_sdpa_bf16", "rel err", ".1e")])
+    print("summary:", _summary(rows))
+    print("wrote", out_path)
+
+
+def _summary(rows):
+    def agg(f, key):
+        vals = [r[key] for r in rows if key in r]
+        return f(vals) if vals else None
+    return {"min_speedup_vs_flex": agg(min, "speedup_vs_flex"),
+            "min_speedup_vs_sdpa": agg(min, "speedup_vs_sdpa"),
+            "max_fraction_of_matmul": agg(max, "ours_frac_matmul"),
+            "min_fraction_of_matmul": agg(min, "ours_frac_matmul"),
+            "shapes": len(rows)}
+
+
+if __name__ == "__main__":
+    main()
