@@ -92,6 +92,20 @@ class ActorEngine:
         seq.num_cached_tokens = 0 if not self.view.pages(seq.seq_id) else seq.num_cached_tokens
         self.scheduler.add(seq)
 
+    def finish_now(self, seq: Sequence, reason: str) -> None:
+        """End a sequence where it stands (e.g. it would exceed the staleness bound)."""
+        seq.status, seq.finish_reason = SeqStatus.FINISHED, reason
+        self._emit([seq])
+        self.scheduler.finish(seq)
+
+    def drop_kv(self) -> int:
+        """Free the actor KV of every sequence in flight: they are re-prefilled (under the current
+        weights) when next scheduled. Returns how many sequences were affected."""
+        running = list(self.scheduler.running)
+        for seq in running:
+            self.scheduler.preempt(seq)
+        return len(running)
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
 

@@ -56,7 +56,8 @@ class Rollout:
         self.in_flight: dict[int, Sequence] = {}
         actor.add_chunk_consumer(self._on_chunks)
         actor.scheduler.on_pool_pressure = self._on_pool_pressure
-        self.stats = {"actor_s": 0.0, "score_s": 0.0, "score_tail_s": 0.0}
+        self.stats = {"actor_s": 0.0, "score_s": 0.0}
+        self.scorer_calls: list[tuple[int, float]] = []     # (tokens, host seconds) per scorer call
 
     # ------------------------------------------------------------------ plumbing
     def _on_chunks(self, chunks: list[Chunk]) -> None:
@@ -82,10 +83,17 @@ class Rollout:
     def _scorer_ctx(self, scorer: Scorer):
         return torch.cuda.stream(scorer.stream) if scorer.stream is not None else contextlib.nullcontext()
 
+    @contextlib.contextmanager
     def _span(self, lane: str, name: str, stream=None):
+        """A timeline span timed on ``stream`` by CUDA events (host clock on the CPU)."""
         if self.timeline is None:
-            return contextlib.nullcontext()
-        return self.timeline.span(lane, name, stream=stream)
+            yield
+            return
+        self.timeline.cuda_span_begin(lane, name, stream)
+        try:
+            yield
+        finally:
+            self.timeline.cuda_span_end(lane, name, stream)
 
     # ------------------------------------------------------------------ API
     def submit(self, prompts, sampling: SamplingParams | None = None, target_lens=None, sample_keys=None,
@@ -100,11 +108,26 @@ class Rollout:
             seqs.append(seq)
         return seqs
 
+    def set_chunk_size(self, c: int) -> None:
+        self.actor.chunk_size = c
+
+    def reset_stats(self) -> None:
+        self.stats = {k: 0.0 for k in self.stats}
+        self.scorer_calls = []
+
     def resume(self, seqs: list[Sequence]) -> None:
         """Put deferred sequences (from a checkpoint, or kept by the caller) back in flight."""
         for seq in seqs:
             self.in_flight[seq.seq_id] = seq
             self.actor.resume(seq)
+
+    def resume_finished(self, seqs: list[Sequence]) -> None:
+        """Put back sequences that had finished but were not trained yet (from a checkpoint)."""
+        for seq in seqs:
+            seq.status = SeqStatus.FINISHED
+            seq.num_emitted = len(seq.output_ids)
+            self.in_flight[seq.seq_id] = seq
+            self._on_chunks([Chunk(seq, 0, len(seq.output_ids), True)])
 
     def _scored(self, seq: Sequence) -> bool:
         if seq.finish_reason and seq.finish_reason.startswith("error"):
@@ -128,7 +151,7 @@ class Rollout:
             # or the scorers are idle (it frees pages as sequences finish)
             if self.actor.has_unfinished() and (len(self._finished) < n or not scored_some):
                 t0 = time.perf_counter()
-                with self._span("actor", "decode"):
+                with self._span("actor", "decode" if self.actor.scheduler.running else "prefill"):
                     self.actor.step()
                 self.stats["actor_s"] += time.perf_counter() - t0
                 continue
@@ -174,8 +197,12 @@ class Rollout:
             if s.pending_tokens():
                 t0 = time.perf_counter()
                 with self._scorer_ctx(s), self._span(s.name, "prefill", s.stream):
-                    did |= s.step() > 0
-                self.stats["score_s"] += time.perf_counter() - t0
+                    fed = s.step()
+                did |= fed > 0
+                dt = time.perf_counter() - t0
+                self.stats["score_s"] += dt
+                if fed:
+                    self.scorer_calls.append((fed, dt))
         return did
 
     def _score_sequential(self, seqs: list[Sequence]) -> None:

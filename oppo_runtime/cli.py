@@ -1,0 +1,132 @@
+"""`oppo train | doctor | bench`."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import platform
+import sys
+
+__all__ = ["main"]
+
+
+def _doctor(args) -> int:
+    import torch
+
+    from . import ops
+    from .memory import KVGeometry, PagePool
+    from .ops import attention
+
+    print(f"oppo-runtime   {__import__('oppo_runtime').__version__}")
+    print(f"python         {platform.python_version()} ({sys.executable})")
+    print(f"torch          {torch.__version__} (CUDA build: {torch.version.cuda or 'no'})")
+    cuda = torch.cuda.is_available()
+    if cuda:
+        major, minor = torch.cuda.get_device_capability(0)
+        print(f"CUDA device    {torch.cuda.get_device_name(0)} (sm_{major}{minor}, {torch.cuda.device_count()} visible)")
+    else:
+        print("CUDA device    none")
+    ext = ops.extension()
+    if ext is None:
+        print(f"extension _C   NOT LOADED: {ops.extension_error()}")
+    else:
+        print(f"extension _C   loaded; CUDA kernels compiled: {ext.cuda_kernels_compiled()}"
+              f"{' for ' + ext.cuda_arch_list() if ext.cuda_kernels_compiled() else ' (host-only build: CPU torch or no nvcc)'}")
+    # run each op once on a tiny input, so that the backend it really uses is recorded
+    dev = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    g = KVGeometry(1, 2, 64, dtype)
+    pool = PagePool(4, PagePool.page_bytes_for([g], 16), dev)
+    k, v = pool.register("doctor", g).kv_caches[0]
+    q = torch.randn(2, 4, 64, device=dev, dtype=dtype)
+    kv = torch.randn(3, 2, 64, device=dev, dtype=dtype)
+    problems = []
+    for name, fn in [
+        ("kv_append", lambda: attention.kv_append(kv, kv, k, v, torch.tensor([0, 1, -1], device=dev))),
+        ("paged_decode_attention", lambda: attention.paged_decode_attention(
+            q, k, v, torch.tensor([[0], [1]], dtype=torch.int32, device=dev),
+            torch.tensor([2, 1], dtype=torch.int32, device=dev), 0.125)),
+        ("paged_prefill_attention", lambda: attention.paged_prefill_attention(
+            q, k, v, torch.tensor([0, 2], dtype=torch.int32, device=dev), torch.tensor([2], dtype=torch.int32, device=dev),
+            torch.tensor([[0]], dtype=torch.int32, device=dev), 0.125)),
+    ]:
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001
+            problems.append(f"{name}: {type(e).__name__}: {e}")
+    if cuda:
+        torch.cuda.synchronize()
+    print("op backends:")
+    for op, backend in sorted(ops.backends().items()):
+        note = "" if backend == "cuda" or not cuda else "   <- reference on a GPU: no CUDA kernel for this op"
+        print(f"  {op:28s} {backend}{note}")
+    for p in problems:
+        print(f"  PROBLEM {p}")
+    return 1 if problems else 0
+
+
+def _train(args) -> int:
+    from .ppo.config import load_config
+    from .ppo.trainer import PPOTrainer
+
+    overrides = list(args.overrides)
+    if args.overlap:
+        overrides.append(f"run.overlap={args.overlap}")
+    if args.steps:
+        overrides.append(f"run.total_steps={args.steps}")
+    if args.out:
+        overrides.append(f"run.out_dir={args.out}")
+    cfg = load_config(args.config, overrides)
+    if args.resume:
+        # the run's own saved config wins over defaults, the command line over both
+        from .ppo.checkpoint import latest_checkpoint
+        import json
+        ck = latest_checkpoint(os.path.join(cfg.run.out_dir, "checkpoints"))
+        if ck is not None:
+            saved = json.loads((ck / "state.json").read_text())["config"]
+            cfg = _merge(saved, overrides)
+    print("config:\n" + cfg.dumps())
+    trainer = PPOTrainer(cfg, resume=args.resume)
+    last = trainer.train()
+    print(f"done: {cfg.run.total_steps} steps; last mean reward {last.get('objective/scores', float('nan')):.4f}; "
+          f"metrics in {cfg.run.out_dir}/metrics.jsonl, curve in {cfg.run.out_dir}/reward_curve.png, "
+          f"timelines in {cfg.run.out_dir}/timelines/")
+    return 0
+
+
+def _merge(saved: dict, overrides: list[str]):
+    import yaml
+
+    from .ppo.config import TrainConfig
+    d = {k: dict(v) for k, v in saved.items()}
+    for item in overrides:
+        key, value = item.split("=", 1)
+        sec, name = key.split(".", 1)
+        d.setdefault(sec, {})[name] = yaml.safe_load(value)
+    return TrainConfig.from_dict(d)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="oppo", description="oppo-runtime: PPO with an overlapped pipeline")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="PPO training (no arguments: the embedded default task)")
+    t.add_argument("--config", help="YAML config file")
+    t.add_argument("--overlap", choices=["none", "intra", "inter", "full"])
+    t.add_argument("--steps", type=int, help="run.total_steps")
+    t.add_argument("--out", help="run.out_dir")
+    t.add_argument("--resume", action="store_true", help="continue from the last checkpoint in run.out_dir")
+    t.add_argument("overrides", nargs="*", help="section.key=value")
+    sub.add_parser("doctor", help="torch, CUDA, GPU, extension, and the backend of every op")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.cmd == "doctor" else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    from .ppo.config import ConfigError
+    try:
+        return {"train": _train, "doctor": _doctor}[args.cmd](args)
+    except ConfigError as e:
+        print(f"oppo: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

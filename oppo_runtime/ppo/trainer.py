@@ -1,0 +1,563 @@
+"""The PPO trainer: rollout (engine + scorers, overlapped) -> advantages -> PPO epochs -> new weights.
+
+Overlap modes (``run.overlap``), which share all code but the schedule:
+  none   generate all B, then score all B (the sequential baseline);
+  intra  the scorers prefill chunks while the actor decodes;
+  inter  overcommit: B+Δ prompts in flight, train the first B finished, defer the rest;
+  full   intra + inter.
+Deferred sequences keep their tokens, behaviour log-probs and policy versions; their actor KV is
+recomputed under the new weights (``rollout.keep_stale_kv`` keeps it), critic values are
+recomputed when they are finally scored, reward and reference KV are kept (frozen models).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from ..engine import ActorEngine, EngineConfig, SamplingParams, Sequence, SeqStatus
+from ..engine.rollout import Rollout, ScoredSequence
+from ..engine.scorer import RuleReward, Scorer
+from ..engine.timeline import Timeline
+from ..memory import KVGeometry, PagePool, pool_pages_from_free_memory
+from ..models import DenseContext, build_model, load_model, load_tokenizer
+from ..ops import entropy_from_logits, token_logprobs
+from . import core_algos as algo
+from .checkpoint import load_latest, save_checkpoint
+from .config import TrainConfig
+from .controllers import ChunkSizeController, DeltaController
+from .default_task import case_reward, default_prompts, ensure_default_models
+from .metrics import MetricsLogger, StageTimer, plot_reward_curve
+
+__all__ = ["PPOTrainer"]
+
+log = logging.getLogger("oppo_runtime.ppo")
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    d = torch.device(spec)
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"run.device={spec!r} but CUDA is not available")
+    return d
+
+
+def _copy_for_engine(model, dtype, kind):
+    """A copy of a training model in the engine's dtype (weights are copied in at each update)."""
+    clone = build_model(model.config, kind, dtype=dtype, device=next(model.parameters()).device)
+    clone.load_state_dict({k: v.to(dtype) for k, v in model.state_dict().items()})
+    return clone.eval().requires_grad_(False)
+
+
+class PPOTrainer:
+    def __init__(self, cfg: TrainConfig, resume: bool = False):
+        self.cfg = cfg
+        run, r, m = cfg.run, cfg.rollout, cfg.model
+        torch.manual_seed(run.seed)
+        self.device = _device(run.device)
+        self.out_dir = Path(run.out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        train_dtype = _DTYPES[m.dtype]
+        eng_dtype = (torch.bfloat16 if self.device.type == "cuda" else train_dtype) if m.engine_dtype == "auto" \
+            else _DTYPES[m.engine_dtype]
+        self.autocast = self.device.type == "cuda" and train_dtype == torch.float32
+
+        # ---------------------------------------------------------------- models
+        default = m.actor_path is None
+        paths = ensure_default_models(run.cache_dir, seed=run.seed) if default else {}
+        actor_path = m.actor_path or paths["actor"]
+        reward_path = m.reward_path or paths.get("reward")
+        critic_path = m.critic_path or reward_path
+        self.tokenizer = load_tokenizer(actor_path)
+        max_len = self._max_model_len()
+        self.actor = load_model(actor_path, "causal_lm", train_dtype, self.device, max_model_len=max_len)
+        self.actor.gradient_checkpointing = m.gradient_checkpointing
+        if critic_path is not None:
+            self.critic = load_model(critic_path, "score", train_dtype, self.device, max_model_len=max_len)
+        else:
+            self.critic = load_model(actor_path, "score", train_dtype, self.device, allow_new_head=True,
+                                     seed=run.seed, max_model_len=max_len)
+        self.critic.gradient_checkpointing = m.gradient_checkpointing
+        ref = load_model(m.reference_path or actor_path, "causal_lm", eng_dtype, self.device, max_model_len=max_len)
+        reward = load_model(reward_path, "score", eng_dtype, self.device, max_model_len=max_len) if reward_path else None
+        for frozen in (ref, reward):
+            if frozen is not None:
+                frozen.eval().requires_grad_(False)
+        self.share_actor = eng_dtype == train_dtype
+        self.engine_actor = self.actor if self.share_actor else _copy_for_engine(self.actor, eng_dtype, "causal_lm")
+        self.engine_critic = self.critic if self.share_actor else _copy_for_engine(self.critic, eng_dtype, "score")
+        if self.tokenizer.vocab_size > self.actor.config.vocab_size:
+            raise ValueError(f"tokenizer of {actor_path} has {self.tokenizer.vocab_size} tokens, the model "
+                             f"{self.actor.config.vocab_size}")
+
+        # ---------------------------------------------------------------- pool, engine, scorers
+        models = {"actor": self.engine_actor, "critic": self.engine_critic, "ref": ref}
+        if reward is not None:
+            models["reward"] = reward
+        geoms = [KVGeometry(*mdl.kv_geometry(), next(mdl.parameters()).dtype) for mdl in models.values()]
+        page_bytes = PagePool.page_bytes_for(geoms, r.tokens_per_page)
+        self.pool = PagePool(self._num_pages(page_bytes, geoms, max_len), page_bytes, self.device)
+        inter = run.overlap in ("inter", "full")
+        self.engine = ActorEngine(self.engine_actor, self.pool, EngineConfig(
+            max_num_seqs=r.batch_size + (r.delta_max if inter else 0), max_num_batched_tokens=r.max_num_batched_tokens,
+            max_model_len=max_len, chunk_size=r.chunk_size, seed=run.seed), eos_token_id=self.tokenizer.eos_token_id)
+        scorers = []
+        if reward is not None:
+            scorers.append(Scorer("reward", reward, self.pool, "reward", max_model_len=max_len,
+                                  max_num_batched_tokens=r.max_num_batched_tokens))
+        scorers.append(Scorer("critic", self.engine_critic, self.pool, "critic", max_model_len=max_len,
+                              max_num_batched_tokens=r.max_num_batched_tokens))
+        scorers.append(Scorer("ref", ref, self.pool, "reference", max_model_len=max_len,
+                              max_num_batched_tokens=r.max_num_batched_tokens, temperature=r.temperature))
+        self.scorers = {s.name: s for s in scorers}
+        rule = RuleReward(case_reward, self.tokenizer, name="rule") if default else None
+        self.rollout = Rollout(self.engine, scorers, rule, overlap=run.overlap in ("intra", "full"))
+        self.sampling = SamplingParams(temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
+                                       max_new_tokens=r.max_new_tokens)
+
+        # ---------------------------------------------------------------- data, optim, control
+        self.prompts = default_prompts(r.num_prompts, seed=run.seed, max_len=r.max_new_tokens)
+        o = cfg.optim
+        self.opt_actor = torch.optim.AdamW(self.actor.parameters(), lr=o.actor_lr, betas=o.betas,
+                                           weight_decay=o.weight_decay)
+        self.opt_critic = torch.optim.AdamW(self.critic.parameters(), lr=o.critic_lr, betas=o.betas,
+                                            weight_decay=o.weight_decay)
+        self.sched_actor = torch.optim.lr_scheduler.LambdaLR(self.opt_actor, self._lr_lambda)
+        self.sched_critic = torch.optim.lr_scheduler.LambdaLR(self.opt_critic, self._lr_lambda)
+        self.delta_ctl = DeltaController(r.delta_init if inter else 0, r.delta_min if inter else 0,
+                                         r.delta_max if inter else 0, window=r.delta_window)
+        # the cost model is about hiding scorer work under decode on a GPU; on the CPU both share
+        # the same cores, nothing hides, and C stays as configured
+        self.chunk_ctl = ChunkSizeController(r.chunk_size, adaptive=r.adaptive_chunk and self.device.type == "cuda"
+                                             and run.overlap in ("intra", "full"))
+        self.step_idx = 0
+        self.version = 0
+        self.next_prompt = 0
+        self.skipped = 0
+        self.trained_keys: list[int] = []     # sample keys of trained sequences (conservation checks)
+        resumed_from = self._resume() if resume else None
+        self.metrics = MetricsLogger(self.out_dir, tensorboard=run.tensorboard,
+                                     truncate_after=(self.step_idx - 1) if resumed_from else None)
+        log.info("backends: engine dtype %s, training dtype %s, device %s, shared weights: %s",
+                 eng_dtype, train_dtype, self.device, self.share_actor)
+
+    # ------------------------------------------------------------------ setup helpers
+    def _max_model_len(self) -> int:
+        prompt_max = 8 if self.cfg.model.actor_path is None else 512
+        return min(4096, prompt_max + self.cfg.rollout.max_new_tokens + 2) if self.cfg.model.actor_path is None \
+            else prompt_max + self.cfg.rollout.max_new_tokens
+
+    def _num_pages(self, page_bytes: int, geoms, max_len: int) -> int:
+        r = self.cfg.rollout
+        if r.pool_pages is not None:
+            return r.pool_pages
+        if self.device.type == "cuda":
+            return pool_pages_from_free_memory(page_bytes, r.memory_fraction, self.device)
+        seqs = r.batch_size + r.delta_max
+        per_seq = -(-max_len // r.tokens_per_page)
+        return seqs * per_seq * len(geoms) + 8
+
+    def _lr_lambda(self, step: int) -> float:
+        o, total = self.cfg.optim, self.cfg.run.total_steps
+        if step < o.warmup_steps:
+            return (step + 1) / o.warmup_steps
+        frac = (step - o.warmup_steps) / max(1, total - o.warmup_steps)
+        if o.lr_schedule == "linear":
+            return max(0.0, 1.0 - frac)
+        if o.lr_schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+        return 1.0
+
+    # ------------------------------------------------------------------ prompts
+    def _prompt(self, i: int) -> dict:
+        n = len(self.prompts)
+        epoch, j = divmod(i, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.run.seed * 1000 + epoch))
+        return self.prompts[int(perm[j])]
+
+    def _admit(self, count: int) -> None:
+        if count <= 0:
+            return
+        items = [self._prompt(self.next_prompt + k) for k in range(count)]
+        keys = list(range(self.next_prompt, self.next_prompt + count))
+        self.next_prompt += count
+        tl = [it["target_len"] for it in items] if self.cfg.rollout.use_target_lens else None
+        self.rollout.submit([it["prompt_ids"] for it in items], self.sampling, target_lens=tl, sample_keys=keys,
+                            metas=[{"text": it["text"]} for it in items])
+
+    def _enforce_staleness(self) -> int:
+        """Sequences whose oldest token would be more than K versions old when trained next."""
+        r = self.cfg.rollout
+        n = 0
+        for seq in list(self.rollout.in_flight.values()):
+            if seq.is_finished or not seq.versions:
+                continue
+            if self.version + 1 - min(seq.versions) > r.staleness_limit:
+                n += 1
+                if r.stale_policy == "finish":
+                    self.engine.finish_now(seq, "stale")
+                else:
+                    self.engine.scheduler.finish(seq)
+                    for s in self.scorers.values():
+                        s.release(seq.seq_id)
+                    seq.output_ids.clear(), seq.logprobs.clear(), seq.versions.clear()
+                    seq.num_cached_tokens = seq.num_emitted = 0
+                    seq.status, seq.finish_reason = SeqStatus.WAITING, None
+                    self.engine.resume(seq)
+        return n
+
+    # ------------------------------------------------------------------ the step
+    def train(self) -> dict:
+        run = self.cfg.run
+        bar = None
+        if run.progress:
+            from tqdm import tqdm
+            bar = tqdm(total=run.total_steps, initial=self.step_idx, desc="ppo", unit="step", dynamic_ncols=True)
+        last = {}
+        while self.step_idx < run.total_steps:
+            last = self.step()
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(reward=f"{last['objective/scores']:.3f}", kl=f"{last['objective/kl']:.3f}")
+            if self.step_idx % run.save_every == 0 or self.step_idx == run.total_steps:
+                self.save()
+        if bar is not None:
+            bar.close()
+        self.metrics.close()
+        plot_reward_curve(self.out_dir / "metrics.jsonl", self.out_dir / "reward_curve.png",
+                          title=f"oppo train ({run.overlap})")
+        return last
+
+    def step(self) -> dict:
+        cfg, r = self.cfg, self.cfg.rollout
+        timer = StageTimer()
+        tl = Timeline(step=self.step_idx)
+        tl.mark_reference()
+        self.rollout.timeline = tl
+        self.rollout.reset_stats()
+        self.engine.stats.update(decode_steps=0, prefill_steps=0, generated_tokens=0, host_s=0.0)
+        t_step = time.perf_counter()
+        B = r.batch_size
+        delta = self.delta_ctl.delta
+        stale = self._enforce_staleness()
+        self._admit(B + delta - len(self.rollout.in_flight))
+        with timer("rollout"):
+            results = self.rollout.collect(B)
+        results = self._check_results(results)
+        with tl.span("train", "train"), timer("train"):
+            stats = self._update(results)
+        self.version += 1
+        with timer("sync_weights"):
+            self._sync_weights()
+        tl.resolve()
+
+        # ---------------------------------------------------------------- metrics
+        lens = [len(x.seq.output_ids) for x in results]
+        scores = [self._total_score(x) for x in results]
+        es = self.engine.stats
+        chunk = self.chunk_ctl.chunk_size
+        mean_batch = es["generated_tokens"] / max(1, es["decode_steps"] + es["prefill_steps"])
+        self.chunk_ctl.update(self.rollout.stats["actor_s"], es["decode_steps"] + es["prefill_steps"], mean_batch,
+                              self.rollout.scorer_calls)
+        self.rollout.set_chunk_size(self.chunk_ctl.chunk_size)
+        new_delta = self.delta_ctl.update(sum(scores) / len(scores)) if scores else delta
+        step_s = time.perf_counter() - t_step
+        total_tokens = sum(len(x.seq.prompt_ids) + len(x.seq.output_ids) for x in results)
+        versions = [v for x in results for v in x.seq.versions]
+        metrics = {
+            **stats,
+            "response_length/mean": sum(lens) / len(lens) if lens else 0.0,
+            "response_length/max": max(lens) if lens else 0,
+            "oppo/chunk_size": chunk,
+            "oppo/delta": delta,
+            "oppo/next_delta": new_delta,
+            "oppo/num_deferred": len(self.rollout.in_flight),
+            "oppo/num_stale_finished": stale,
+            "oppo/staleness_max": max((self.version - 1 - v for v in versions), default=0),
+            "oppo/hidden_fraction": self._hidden_fraction(tl),
+            "oppo/skipped_sequences": self.skipped,
+            "oppo/preemptions": self.engine.scheduler.num_preemptions,
+            "timing_s/step": step_s,
+            "timing_s/gen": self.rollout.stats["actor_s"],
+            "timing_s/score": self.rollout.stats["score_s"],
+            "timing_s/engine_host": es["host_s"],
+            **timer.metrics(),
+            "perf/throughput": total_tokens / step_s,
+            "perf/gen_throughput": es["generated_tokens"] / max(self.rollout.stats["actor_s"], 1e-9),
+            "lr": self.sched_actor.get_last_lr()[0],
+            "val/lr": self.sched_critic.get_last_lr()[0],
+        }
+        self.metrics.log(self.step_idx, metrics)
+        if cfg.run.timeline_every and self.step_idx % cfg.run.timeline_every == 0:
+            d = self.out_dir / "timelines"
+            d.mkdir(exist_ok=True)
+            tl.to_chrome_trace(d / f"step-{self.step_idx:06d}.json")
+            tl.to_png(d / f"step-{self.step_idx:06d}.png", title=f"step {self.step_idx} ({cfg.run.overlap})")
+        self.last_timeline = tl
+        self.step_idx += 1
+        return metrics
+
+    @staticmethod
+    def _hidden_fraction(tl: Timeline) -> float:
+        actor = sorted((s.start_s, s.end_s) for s in tl.spans if s.lane == "actor")
+        score = [(s.start_s, s.end_s) for s in tl.spans if s.lane not in ("actor", "train")]
+        total = sum(e - s for s, e in score)
+        if not total:
+            return 0.0
+        hidden = 0.0
+        for s, e in score:
+            for a, b in actor:
+                if b <= s:
+                    continue
+                if a >= e:
+                    break
+                hidden += min(b, e) - max(a, s)
+        return hidden / total
+
+    def _total_score(self, x: ScoredSequence) -> float:
+        coef = self.cfg.model.reward_model_coef
+        return sum(v * (coef if k == "reward" else 1.0) for k, v in x.scores.items())
+
+    def _check_results(self, results: list[ScoredSequence]) -> list[ScoredSequence]:
+        bad = [x for x in results if x.error is not None or not x.scores or
+               not all(math.isfinite(v) for v in x.scores.values())]
+        if not bad:
+            return results
+        desc = "; ".join(f"sequence {x.seq.seq_id} (prompt {x.seq.meta.get('text')!r}): {x.error or x.scores}"
+                         for x in bad[:5])
+        if self.cfg.run.nan_policy == "skip":
+            self.skipped += len(bad)
+            log.warning("skipping %d sequences with invalid scores: %s", len(bad), desc)
+            good = [x for x in results if x not in bad]
+            if not good:
+                raise FloatingPointError(f"step {self.step_idx}: every sequence had an invalid score: {desc}")
+            return good
+        raise FloatingPointError(f"step {self.step_idx}: invalid scores (set run.nan_policy=skip to drop them): "
+                                 f"{desc}. The last checkpoint under {self.out_dir}/checkpoints is intact.")
+
+    # ------------------------------------------------------------------ training
+    def _forward(self, model, items: list[ScoredSequence], kind: str, with_entropy: bool = False):
+        """Packed forward (no padding) -> per response token [sum T_i] logprobs (actor) or values."""
+        ids, pos, cu, rows, nexts = [], [], [0], [], []
+        for x in items:
+            s = x.seq
+            P, T = len(s.prompt_ids), len(s.output_ids)
+            all_ids = s.prompt_ids + s.output_ids
+            base = cu[-1]
+            ids.extend(all_ids)
+            pos.extend(range(P + T))
+            cu.append(base + P + T)
+            rows.extend(range(base + P - 1, base + P + T - 1))
+            nexts.extend(s.output_ids)
+        dev = self.device
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+            hidden = model(torch.tensor(ids, device=dev), torch.tensor(pos, device=dev),
+                           DenseContext(torch.tensor(cu, device=dev, dtype=torch.int32)))
+            h = hidden[torch.tensor(rows, device=dev)]
+            if kind == "critic":
+                return model.compute_scores(h), None
+            logits = model.compute_logits(h)
+        lp = token_logprobs(logits, torch.tensor(nexts, device=dev), self.cfg.rollout.temperature)
+        ent = entropy_from_logits(logits.detach(), self.cfg.rollout.temperature) if with_entropy else None
+        return lp, ent
+
+    def _pad(self, flat: torch.Tensor, lens: list[int]) -> torch.Tensor:
+        out = flat.new_zeros(len(lens), max(lens))
+        for i, piece in enumerate(torch.split(flat, lens)):
+            out[i, :len(piece)] = piece
+        return out
+
+    def _update(self, results: list[ScoredSequence]) -> dict:
+        cfg, p = self.cfg, self.cfg.ppo
+        dev = self.device
+        B = len(results)
+        lens = [len(x.seq.output_ids) for x in results]
+        T = max(lens)
+        mask = torch.zeros(B, T, device=dev)
+        for i, n in enumerate(lens):
+            mask[i, :n] = 1
+        as_t = lambda rows: self._pad(torch.tensor([v for row in rows for v in row], device=dev,  # noqa: E731
+                                                   dtype=torch.float32), lens)
+        behaviour = as_t([x.seq.logprobs for x in results])
+        ref_lp = as_t([x.ref_logprobs for x in results])
+        old_values = as_t([x.values for x in results])
+        versions = as_t([x.seq.versions for x in results])
+        scores = torch.tensor([self._total_score(x) for x in results], device=dev)
+        for name, t in (("behaviour log-probs", behaviour), ("reference log-probs", ref_lp),
+                        ("critic values", old_values), ("scores", scores)):
+            algo.check_finite(name, t, mask if t.dim() == 2 else None)
+
+        mb = cfg.ppo.micro_batch_size
+        with torch.no_grad():
+            if p.old_logprob == "recompute":
+                prox = torch.cat([self._forward(self.actor, results[i:i + mb], "actor")[0]
+                                  for i in range(0, B, mb)]).float()
+                old_lp = self._pad(prox, lens)
+            else:
+                old_lp = behaviour
+            offpolicy = (versions < self.version) & (mask > 0)
+            if p.old_logprob == "recompute":
+                iw = algo.truncated_importance_weights(old_lp, behaviour, cfg.rollout.is_cap)
+                iw = torch.where(offpolicy, iw, torch.ones_like(iw))
+            else:
+                iw = None
+            kl = algo.kl_estimate(old_lp, ref_lp, p.kl_estimator) * mask
+            kl_coef = p.kl_coef if p.kl_in_reward else 0.0
+            rewards = algo.token_level_rewards(scores, kl, mask, kl_coef)
+            adv, returns = algo.compute_gae(rewards, old_values, mask, p.gamma, p.lam)
+            if p.whiten_advantages:
+                adv = algo.masked_whiten(adv, mask)
+
+        agg = {k: [] for k in ("loss/policy_avg", "loss/value_avg", "policy/clipfrac_avg", "policy/approxkl_avg",
+                                "val/clipfrac_avg", "policy/entropy_avg", "val/ratio", "policy/grad_norm",
+                                "val/grad_norm", "policy/dual_clipfrac_avg", "policy/kl_loss_avg")}
+        gen = torch.Generator().manual_seed(cfg.run.seed * 7919 + self.step_idx)
+        self.actor.train(), self.critic.train()
+        for epoch in range(p.ppo_epochs):
+            order = torch.randperm(B, generator=gen).tolist()
+            for mb_idx in range(p.num_mini_batches):
+                idx = order[mb_idx::p.num_mini_batches]
+                tokens = float(mask[idx].sum())
+                self.opt_actor.zero_grad(set_to_none=True)
+                self.opt_critic.zero_grad(set_to_none=True)
+                for k in range(0, len(idx), mb):
+                    sub = idx[k:k + mb]
+                    items = [results[i] for i in sub]
+                    sub_lens = [lens[i] for i in sub]
+                    sub_T = max(sub_lens)
+                    m = mask[sub, :sub_T]
+                    w = float(m.sum()) / tokens if p.loss_agg_mode == "token-mean" else len(sub) / len(idx)
+                    lp, ent = self._forward(self.actor, items, "actor", with_entropy=True)
+                    lp = self._pad(lp.float(), sub_lens)
+                    pl, st = algo.policy_loss(lp, old_lp[sub, :sub_T], adv[sub, :sub_T], m, p.clip_ratio,
+                                              p.clip_ratio_high, p.dual_clip_c,
+                                              None if iw is None else iw[sub, :sub_T], p.loss_agg_mode)
+                    ent_pad = self._pad(ent.float(), sub_lens)
+                    loss = pl - p.ent_coef * algo.entropy_loss(ent_pad, m, p.loss_agg_mode)
+                    if not p.kl_in_reward:
+                        kll = algo.kl_loss(lp, ref_lp[sub, :sub_T], m, "k3", p.loss_agg_mode)
+                        loss = loss + p.kl_coef * kll
+                        agg["policy/kl_loss_avg"].append(float(kll))
+                    (loss * w).backward()
+                    v, _ = self._forward(self.critic, items, "critic")
+                    v = self._pad(v.float(), sub_lens)
+                    vl, vst = algo.value_loss(v, old_values[sub, :sub_T], returns[sub, :sub_T], m,
+                                              p.cliprange_value, p.loss_agg_mode)
+                    (p.vf_coef * vl * w).backward()
+                    agg["loss/policy_avg"].append(float(pl))
+                    agg["loss/value_avg"].append(float(vl))
+                    agg["policy/clipfrac_avg"].append(float(st["clipfrac"]))
+                    agg["policy/dual_clipfrac_avg"].append(float(st["dual_clipfrac"]))
+                    agg["policy/approxkl_avg"].append(float(st["approx_kl"]))
+                    agg["val/ratio"].append(float(st["ratio_mean"]))
+                    agg["val/clipfrac_avg"].append(float(vst["vf_clipfrac"]))
+                    agg["policy/entropy_avg"].append(float(algo.masked_mean(ent_pad, m)))
+                gn_a = torch.nn.utils.clip_grad_norm_(self.actor.parameters(), cfg.optim.max_grad_norm)
+                gn_c = torch.nn.utils.clip_grad_norm_(self.critic.parameters(), cfg.optim.max_grad_norm)
+                if not (torch.isfinite(gn_a) and torch.isfinite(gn_c)):
+                    raise FloatingPointError(f"step {self.step_idx}: non-finite gradient norm (actor {float(gn_a)}, "
+                                             f"critic {float(gn_c)}); weights left as they were before this step")
+                self.opt_actor.step()
+                self.opt_critic.step()
+                agg["policy/grad_norm"].append(float(gn_a))
+                agg["val/grad_norm"].append(float(gn_c))
+        self.sched_actor.step()
+        self.sched_critic.step()
+        self.actor.eval(), self.critic.eval()
+        self.trained_keys.extend(x.seq.sample_key for x in results)
+
+        seq_kl = (kl * mask).sum(1)
+        out = {k: sum(v) / len(v) for k, v in agg.items() if v}
+        out.update({
+            "objective/scores": float(scores.mean()),
+            "objective/scores_std": float(scores.std()) if B > 1 else 0.0,
+            "objective/kl": float(seq_kl.mean()),
+            "objective/entropy": float((-behaviour * mask).sum(1).mean()),
+            "objective/non_score_reward": float((-kl_coef * seq_kl).mean()),
+            "objective/rlhf_reward": float(scores.mean() - kl_coef * seq_kl.mean()),
+            "objective/kl_coef": kl_coef,
+            "val/explained_variance": float(algo.explained_variance(old_values, returns, mask)),
+            "oppo/offpolicy_token_frac": float(offpolicy.sum() / mask.sum()),
+            "policy/importance_weight_mean": float(algo.masked_mean(iw, mask)) if iw is not None else 1.0,
+            "oppo/trained_sequences": B,
+        })
+        return out
+
+    def _sync_weights(self) -> None:
+        """New weights to the engine and the critic scorer; deferred sequences' stale KV dropped."""
+        if self.share_actor:
+            self.engine.update_weights(self.version)
+        else:
+            with torch.no_grad():
+                self.engine.update_weights(self.version, self.actor.state_dict())
+                self.engine_critic.load_state_dict({k: v.to(self.engine_critic.dtype)
+                                                    for k, v in self.critic.state_dict().items()})
+        if not self.cfg.rollout.keep_stale_kv:
+            self.engine.drop_kv()
+        self.scorers["critic"].evict(self.pool.num_pages)     # critic changed: its values are recomputed
+
+    # ------------------------------------------------------------------ checkpoints
+    def _seq_state(self, seq: Sequence) -> dict:
+        return {"prompt_ids": seq.prompt_ids, "output_ids": seq.output_ids, "logprobs": seq.logprobs,
+                "versions": seq.versions, "target_len": seq.target_len, "sample_key": seq.sample_key,
+                "admit_order": seq.admit_order, "finish_reason": seq.finish_reason,
+                "num_emitted": seq.num_emitted, "meta": seq.meta}
+
+    def save(self) -> Path:
+        finished = {s.seq_id for s in self.rollout._finished}
+        state = {
+            "step": self.step_idx, "version": self.version, "next_prompt": self.next_prompt,
+            "skipped": self.skipped, "config": self.cfg.to_dict(),
+            "delta": self.delta_ctl.state_dict(), "chunk": self.chunk_ctl.state_dict(),
+            "sched_actor": self.sched_actor.state_dict(), "sched_critic": self.sched_critic.state_dict(),
+            "admitted": self.engine.scheduler._admitted, "num_requests": self.engine._num_requests,
+            "in_flight": [self._seq_state(s) for s in sorted(self.rollout.in_flight.values(),
+                                                                   key=lambda s: s.admit_order)],
+            "finished_in_flight": sorted(finished),
+            "trained_keys": self.trained_keys,
+        }
+        path = save_checkpoint(self.out_dir / "checkpoints", self.step_idx,
+                               {"actor": self.actor, "critic": self.critic},
+                               {"actor": self.opt_actor, "critic": self.opt_critic}, state,
+                               keep=self.cfg.run.keep_checkpoints)
+        log.info("checkpoint %s", path)
+        return path
+
+    def _resume(self) -> str | None:
+        state = load_latest(self.out_dir / "checkpoints", {"actor": self.actor, "critic": self.critic},
+                            {"actor": self.opt_actor, "critic": self.opt_critic})
+        if state is None:
+            log.warning("--resume: no checkpoint under %s/checkpoints; starting fresh", self.out_dir)
+            return None
+        self.step_idx, self.version, self.next_prompt = state["step"], state["version"], state["next_prompt"]
+        self.skipped = state["skipped"]
+        self.delta_ctl.load_state_dict(state["delta"])
+        self.chunk_ctl.load_state_dict(state["chunk"])
+        self.rollout.set_chunk_size(self.chunk_ctl.chunk_size)
+        self.sched_actor.load_state_dict(state["sched_actor"])
+        self.sched_critic.load_state_dict(state["sched_critic"])
+        self.trained_keys = state["trained_keys"]
+        if not self.share_actor:
+            self._sync_weights()
+        self.engine.version = self.version
+        self.engine.scheduler._admitted = state["admitted"]
+        self.engine._num_requests = state["num_requests"]
+        seqs = []
+        for d in state["in_flight"]:
+            seq = Sequence(d["prompt_ids"], self.sampling, target_len=d["target_len"], sample_key=d["sample_key"])
+            seq.output_ids, seq.logprobs, seq.versions = d["output_ids"], d["logprobs"], d["versions"]
+            seq.admit_order, seq.num_emitted, seq.meta = d["admit_order"], d["num_emitted"], d["meta"]
+            seq.finish_reason = d["finish_reason"]
+            seqs.append(seq)
+        finished = [s for s in seqs if s.finish_reason is not None]
+        self.rollout.resume([s for s in seqs if s.finish_reason is None])
+        self.rollout.resume_finished(finished)
+        log.info("resumed from %s at step %d with %d sequences in flight", state["_path"], self.step_idx, len(seqs))
+        return state["_path"]
