@@ -81,7 +81,7 @@ def time_ms(fn: Callable[[], object], *, calls_per_replay: int = 10, reps: int =
     return statistics.median(times)
 
 
-def copy_bandwidth(nbytes: int = 1 << 30) -> float:
+def copy_bandwidth(nbytes: int = 4 << 30) -> float:
     """Device-to-device copy rate in bytes/s, counting bytes read plus bytes written."""
     src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda").uniform_()
     dst = torch.empty_like(src)

@@ -96,9 +96,12 @@ def main() -> None:
                 row["flex_error"] = f"{type(e).__name__}: {e}"[:300]
                 print(row["flex_error"])
         if "ours_us" in row:
-            # Check the timed output once against SDPA (bf16, loose: a smoke test, not the test suite).
-            ref = F.scaled_dot_product_attention(qg.float(), kc.float(), vc.float(), scale=scale).view(B, Hq, D)
-            row["rel_err_vs_fp32"] = float((out.float() - ref).norm() / ref.norm())
+            try:  # the timed output once against SDPA in fp32 (a smoke test; the tests are the check)
+                ref = F.scaled_dot_product_attention(qg.float(), kc.float(), vc.float(), scale=scale).reshape(B, Hq, D)
+                row["rel_err_vs_fp32"] = float((out.float() - ref).norm() / ref.norm())
+                del ref
+            except Exception as e:  # noqa: BLE001
+                print(f"check failed: {e}")
             for k in ("sdpa_us", "flex_us"):
                 if k in row:
                     row["speedup_vs_" + k[:-3]] = row[k] / row["ours_us"]

@@ -73,33 +73,59 @@ template <> struct Mma<__half> {
   }
 };
 
-// Loads rows [pos0, pos0 + kRows) of one KV head of one sequence into a padded smem tile
-// [kRows][D + 8]; rows at or past `end` are zero-filled (never read: the slots past a
-// sequence's length may hold anything, NaN included, and a zero V row keeps P*V finite).
-//   cache        [num_blocks, block_size, Hkv, D], page stride page_stride (elements)
-//   block_table  [max_blocks] of this sequence
+// Element offset of each row of a KV tile within the cache (page, slot, head), computed once per
+// tile by kRows threads and shared through smem: the loader then issues its cp.async without a
+// division or a dependent block-table load per 16-byte chunk. -1 marks rows at or past `end`.
+//   block_table  [max_blocks] of this sequence;  cache rows: page * page_stride + slot * row_stride
+template <int kRows>
+__device__ __forceinline__ void tile_row_offsets(int64_t* __restrict__ off_s, const int* __restrict__ block_table,
+                                                 int64_t page_stride, int block_size, int row_stride,
+                                                 int head_offset, int pos0, int end, int tid, int nthreads) {
+  for (int r = tid; r < kRows; r += nthreads) {
+    const int pos = pos0 + r;
+    int64_t off = -1;
+    if (pos < end) {
+      const int page = __ldg(block_table + pos / block_size);
+      off = static_cast<int64_t>(page) * page_stride + static_cast<int64_t>(pos % block_size) * row_stride +
+            head_offset;
+    }
+    off_s[r] = off;
+  }
+}
+
+// The same, split in two so that the block-table load can be issued an iteration ahead of its
+// use (its latency then hides behind a tile's compute): thread `r` < kRows owns row r.
+__device__ __forceinline__ int tile_row_page(const int* __restrict__ block_table, int block_size, int pos0,
+                                             int end, int r) {
+  const int pos = pos0 + r;
+  return pos < end ? __ldg(block_table + pos / block_size) : -1;
+}
+__device__ __forceinline__ void tile_row_offset_store(int64_t* __restrict__ off_s, int page, int64_t page_stride,
+                                                      int block_size, int row_stride, int head_offset, int pos0,
+                                                      int r) {
+  off_s[r] = page >= 0 ? static_cast<int64_t>(page) * page_stride +
+                             static_cast<int64_t>((pos0 + r) % block_size) * row_stride + head_offset
+                       : -1;
+}
+
+// Loads a tile [kRows][D] of K or V rows (offsets from tile_row_offsets) into a padded smem tile
+// [kRows][D + 8]; rows marked -1 are zero-filled (never read: the slots past a sequence's length
+// may hold anything, NaN included, and a zero V row keeps P*V finite).
 template <typename T, int D, int kRows, int kThreads>
 __device__ __forceinline__ void load_kv_tile(T* __restrict__ smem, const T* __restrict__ cache,
-                                             const int* __restrict__ block_table, int64_t page_stride,
-                                             int block_size, int row_stride, int head_offset, int pos0,
-                                             int end, int tid) {
-  constexpr int kChunks = D * int(sizeof(T)) / 16;            // 16-byte chunks per row
+                                             const int64_t* __restrict__ off_s, int tid) {
+  constexpr int kVec = 16 / int(sizeof(T));
+  constexpr int kChunks = D / kVec;                           // 16-byte chunks per row
   constexpr int kRowsPerPass = kThreads / kChunks;
   static_assert(kThreads % kChunks == 0 && kRows % kRowsPerPass == 0, "tile/threads mismatch");
   const int chunk = tid % kChunks;
   const int row0 = tid / kChunks;
 #pragma unroll
-  for (int r = row0; r < kRows; r += kRowsPerPass) {
-    const int pos = pos0 + r;
-    const T* src = cache;
-    int bytes = 0;
-    if (pos < end) {
-      const int page = __ldg(block_table + pos / block_size);
-      src = cache + static_cast<int64_t>(page) * page_stride + static_cast<int64_t>(pos % block_size) * row_stride +
-            head_offset + chunk * (16 / int(sizeof(T)));
-      bytes = 16;
-    }
-    cp_async_16(smem + r * SmemRow<D>::kElems + chunk * (16 / int(sizeof(T))), src, bytes);
+  for (int i = 0; i < kRows / kRowsPerPass; ++i) {
+    const int r = row0 + i * kRowsPerPass;
+    const int64_t off = off_s[r];
+    const T* src = cache + (off >= 0 ? off : 0) + chunk * kVec;
+    cp_async_16(smem + r * SmemRow<D>::kElems + chunk * kVec, src, off >= 0 ? 16 : 0);
   }
 }
 

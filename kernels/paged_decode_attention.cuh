@@ -24,7 +24,8 @@ struct DecodeSmem {
   static constexpr int kRow = SmemRow<D>::kElems;
   static constexpr int kQElems = 16 * kRow;
   static constexpr int kTileElems = kDecodeTile * kRow;
-  static constexpr int kBytes = (kQElems + kStages * 2 * kTileElems) * int(sizeof(T));
+  static constexpr int kOffBytes = kStages * kDecodeTile * 8;  // row offsets, one slot per stage
+  static constexpr int kBytes = (kQElems + kStages * 2 * kTileElems) * int(sizeof(T)) + kOffBytes;
   // The warp merge reuses the pipeline buffers: o [4][16][D] + m, l [4][16] floats.
   static_assert(kStages * 2 * kTileElems * int(sizeof(T)) >= (4 * 16 * D + 2 * 4 * 16) * 4, "merge area");
 };
@@ -60,6 +61,7 @@ paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* q_s = reinterpret_cast<T*>(smem_raw);
   T* stage_base = q_s + S::kQElems;
+  int64_t* off_s = reinterpret_cast<int64_t*>(stage_base + kStages * 2 * S::kTileElems);
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int qr = lane >> 2, qc = lane & 3;
@@ -95,15 +97,29 @@ paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t 
     }
     cp_async_commit();
   }
+  // Row offsets of tile t go to slot t % kStages; they are written kStages - 1 iterations before
+  // the tile's load and made visible by the barrier at the top of the loop.
+  auto tile_offsets = [&](int t) {
+    tile_row_offsets<kDecodeTile>(off_s + (t % kStages) * kDecodeTile, bt, page_stride, block_size, row_stride,
+                                  head_off, start + t * kDecodeTile, end, tid, kDecodeThreads);
+  };
   auto load_tile = [&](int t) {
     T* k_s = stage_base + (t % kStages) * 2 * S::kTileElems;
     T* v_s = k_s + S::kTileElems;
-    const int pos0 = start + t * kDecodeTile;
-    load_kv_tile<T, D, kDecodeTile, kDecodeThreads>(k_s, k_cache, bt, page_stride, block_size, row_stride,
-                                                    head_off, pos0, end, tid);
-    load_kv_tile<T, D, kDecodeTile, kDecodeThreads>(v_s, v_cache, bt, page_stride, block_size, row_stride,
-                                                    head_off, pos0, end, tid);
+    const int64_t* off = off_s + (t % kStages) * kDecodeTile;
+    load_kv_tile<T, D, kDecodeTile, kDecodeThreads>(k_s, k_cache, off, tid);
+    load_kv_tile<T, D, kDecodeTile, kDecodeThreads>(v_s, v_cache, off, tid);
   };
+#pragma unroll
+  for (int s = 0; s < kStages; ++s)
+    if (s < ntiles) tile_offsets(s);
+  // The page of row tid of tile u is fetched one iteration before its offset is stored, so the
+  // block-table latency hides behind a tile.
+  auto page_of = [&](int u) {
+    return tid < kDecodeTile ? tile_row_page(bt, block_size, start + u * kDecodeTile, end, tid) : -1;
+  };
+  int next_page = page_of(kStages);
+  __syncthreads();
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
     if (s < ntiles) load_tile(s);
@@ -127,6 +143,12 @@ paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t 
     __syncthreads();
     if (t + kStages - 1 < ntiles) load_tile(t + kStages - 1);
     cp_async_commit();
+    if (t + kStages < ntiles && tid < kDecodeTile) {  // slot t % kStages: tile t is loaded already
+      const int u = t + kStages;
+      tile_row_offset_store(off_s + (u % kStages) * kDecodeTile, next_page, page_stride, block_size, row_stride,
+                            head_off, start + u * kDecodeTile, tid);
+    }
+    next_page = page_of(t + kStages + 1);
 
     const T* k_s = stage_base + (t % kStages) * 2 * S::kTileElems + warp * 16 * kRow;
     const T* v_s = k_s + S::kTileElems;

@@ -5,8 +5,8 @@
 // FlashAttention-2 structure on mma.sync m16n8k16: one CTA = (M tile, kv head, sequence),
 // 4 warps x 16 rows. Rows pack (query, head of the GQA group): row r -> query r / G, head
 // kvh * G + r % G, so a K/V tile read from the pages serves all G heads that share it. K and V
-// tiles are double-buffered with cp.async (K of tile t+1 loads during P*V of tile t, V of tile t
-// during Q*K^T of tile t). Only tiles that cross the diagonal apply the mask.
+// tiles are double-buffered with cp.async: K and V of tile t+1 load during the whole of tile t,
+// one barrier per tile. Page lookups happen once per tile row, an iteration ahead (smem offsets). Only tiles that cross the diagonal apply the mask.
 #pragma once
 #include "attention_common.cuh"
 
@@ -21,7 +21,7 @@ struct PrefillSmem {
   static constexpr int kRow = SmemRow<D>::kElems;
   static constexpr int kQElems = kPrefillBlockM * kRow;
   static constexpr int kTileElems = BN * kRow;
-  static constexpr int kBytes = (kQElems + 4 * kTileElems) * int(sizeof(T));  // Q, K x2, V x2
+  static constexpr int kBytes = (kQElems + 4 * kTileElems) * int(sizeof(T)) + 2 * BN * 8;  // Q, K x2, V x2, row offsets x2
 };
 
 // out          [Nq, Hq, D]  (dtype T, or float32 when out_f32), strides o_s0, o_s1, inner contiguous
@@ -45,6 +45,7 @@ paged_prefill_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t
   T* q_s = reinterpret_cast<T*>(smem_raw);
   T* k_s0 = q_s + S::kQElems;
   T* v_s0 = k_s0 + 2 * S::kTileElems;
+  int64_t* off_s0 = reinterpret_cast<int64_t*>(v_s0 + 2 * S::kTileElems);  // [2][BN], slot t & 1
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int qr = lane >> 2, qc = lane & 3, mi = lane >> 3;
@@ -80,8 +81,19 @@ paged_prefill_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t
     }
     cp_async_16(q_s + r * kRow + ch * kVec, src, bytes);
   }
-  load_kv_tile<T, D, BN, kPrefillThreads>(k_s0, k_cache, bt, page_stride, block_size, row_stride, head_off, 0,
-                                          kv_end, tid);
+  // Row offsets of tile u live in slot u & 1; the page of row tid of tile u+2 is fetched into a
+  // register one iteration before its offset is stored.
+  auto store_off = [&](int u, int page) {
+    if (tid < BN)
+      tile_row_offset_store(off_s0 + (u & 1) * BN, page, page_stride, block_size, row_stride, head_off, u * BN, tid);
+  };
+  auto page_of = [&](int u) { return tid < BN ? tile_row_page(bt, block_size, u * BN, kv_end, tid) : -1; };
+  store_off(0, page_of(0));
+  store_off(1, page_of(1));
+  int next_page = page_of(2);
+  __syncthreads();
+  load_kv_tile<T, D, BN, kPrefillThreads>(k_s0, k_cache, off_s0, tid);
+  load_kv_tile<T, D, BN, kPrefillThreads>(v_s0, v_cache, off_s0, tid);
   cp_async_commit();
 
   // The two rows this thread holds, and the last key each may see (padding rows see all).
@@ -96,13 +108,18 @@ paged_prefill_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t
   uint32_t qa[D / 16][4];
 
   for (int t = 0; t < ntiles; ++t) {
-    T* k_s = k_s0 + (t & 1) * S::kTileElems;
-    T* v_s = v_s0 + (t & 1) * S::kTileElems;
-    load_kv_tile<T, D, BN, kPrefillThreads>(v_s, v_cache, bt, page_stride, block_size, row_stride, head_off,
-                                            t * BN, kv_end, tid);
+    const T* k_s = k_s0 + (t & 1) * S::kTileElems;
+    const T* v_s = v_s0 + (t & 1) * S::kTileElems;
+    cp_async_wait<0>();  // Q, K and V of tile t (issued one iteration ago)
+    __syncthreads();     // ... visible to all; every warp is done with tile t-1 and its stage
+    if (t + 1 < ntiles) {
+      const int64_t* off = off_s0 + ((t + 1) & 1) * BN;
+      load_kv_tile<T, D, BN, kPrefillThreads>(k_s0 + ((t + 1) & 1) * S::kTileElems, k_cache, off, tid);
+      load_kv_tile<T, D, BN, kPrefillThreads>(v_s0 + ((t + 1) & 1) * S::kTileElems, v_cache, off, tid);
+    }
     cp_async_commit();
-    cp_async_wait<1>();  // Q and K of tile t
-    __syncthreads();
+    store_off(t + 2, next_page);  // slot t & 1: tile t's loads were issued before this iteration's barrier
+    next_page = page_of(t + 3);
     if (t == 0) {
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk)
@@ -162,12 +179,6 @@ paged_prefill_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t
       }
     }
 
-    if (t + 1 < ntiles)
-      load_kv_tile<T, D, BN, kPrefillThreads>(k_s0 + ((t + 1) & 1) * S::kTileElems, k_cache, bt, page_stride,
-                                              block_size, row_stride, head_off, (t + 1) * BN, kv_end, tid);
-    cp_async_commit();
-    cp_async_wait<1>();  // V of tile t
-    __syncthreads();
 
 #pragma unroll
     for (int kk = 0; kk < BN / 16; ++kk) {
