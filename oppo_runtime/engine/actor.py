@@ -103,7 +103,7 @@ class ActorEngine:
         weights) when next scheduled. Returns how many sequences were affected."""
         running = list(self.scheduler.running)
         for seq in running:
-            self.scheduler.preempt(seq)
+            self.scheduler.preempt(seq, pressure=False)
         return len(running)
 
     def has_unfinished(self) -> bool:

@@ -147,9 +147,9 @@ class Rollout:
             if len(take) == n and (not self.overlap or all(self._scored(s) for s in take)):
                 break
             scored_some = self._score_some() if self.overlap else False
-            # the actor keeps decoding while it has work and either fewer than n sequences are done
-            # or the scorers are idle (it frees pages as sequences finish)
-            if self.actor.has_unfinished() and (len(self._finished) < n or not scored_some):
+            # the actor decodes until n sequences are done, then waits for the scorers' tail: the
+            # progress of deferred sequences at the update must not depend on scorer timing
+            if self.actor.has_unfinished() and len(self._finished) < n:
                 t0 = time.perf_counter()
                 with self._span("actor", "decode" if self.actor.scheduler.running else "prefill"):
                     self.actor.step()
@@ -187,7 +187,10 @@ class Rollout:
         for s in self.scorers:
             if freed < need:
                 freed += s.evict(need - freed, protect=frozenset([oldest.seq_id]))
-        return freed >= need or self.actor.pool.num_free >= need
+        sched = self.actor.scheduler
+        while self.actor.pool.num_free < need and sched.running:     # then the actor's youngest
+            sched.preempt(max(sched.running, key=lambda q: q.admit_order))
+        return self.actor.pool.num_free >= need
 
     def _score_some(self) -> bool:
         """Overlap mode: each scorer prefills one batch of pending tokens on its stream."""

@@ -70,11 +70,14 @@ class Scheduler:
                 return False
             self.preempt(max(victims, key=lambda s: s.admit_order))
 
-    def preempt(self, seq: Sequence) -> None:
+    def preempt(self, seq: Sequence, pressure: bool = True) -> None:
+        """Drop ``seq``'s pages; it is recomputed from its tokens when next scheduled.
+        ``pressure=False``: not for lack of pages (e.g. stale KV after a weight update)."""
         self.view.free(seq.seq_id)
         seq.num_cached_tokens = 0
-        seq.num_preemptions += 1
-        self.num_preemptions += 1
+        if pressure:
+            seq.num_preemptions += 1
+            self.num_preemptions += 1
         if seq in self.running:
             self.running.remove(seq)
         seq.status = SeqStatus.WAITING

@@ -240,6 +240,15 @@ class Scorer:
                 freed += pages
         return freed
 
+    def invalidate(self) -> None:
+        """The model's weights changed (the critic after an update): drop every sequence's KV and
+        results; each is re-prefilled from its tokens, so its values come from the new weights."""
+        self._quiesce()
+        for st in self.states.values():
+            self.view.free(st.seq.seq_id)
+            self._reset(st)
+            st.error = None
+
     def _reset(self, st: _SeqState) -> None:
         st.fed = 0
         st.values = []

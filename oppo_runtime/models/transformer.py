@@ -212,4 +212,5 @@ class ScalarHeadModel(_DecoderModel):
 
     def compute_scores(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden_size] -> one float32 score per token [N] (head applied in float32)."""
-        return F.linear(hidden.float(), self.score.weight.float())[:, 0]
+        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        return F.linear(hidden.to(acc), self.score.weight.to(acc))[:, 0]

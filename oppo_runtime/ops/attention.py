@@ -22,8 +22,13 @@ __all__ = [
     "kv_append", "kv_append_ref",
     "paged_decode_attention", "paged_decode_attention_ref",
     "paged_prefill_attention", "paged_prefill_attention_ref",
-    "varlen_causal_attention", "gather_paged_kv",
+    "varlen_causal_attention", "gather_paged_kv", "acc_dtype",
 ]
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype of the references: float32, or float64 for float64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _check_cache(name: str, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
@@ -105,11 +110,12 @@ def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, 
     Hkv = k_cache.shape[2]
     G = Hq // Hkv
     max_len = int(context_lens.max()) if B else 0
-    res = torch.zeros(B, Hq, D, dtype=torch.float32, device=q.device)
+    acc = acc_dtype(q.dtype)
+    res = torch.zeros(B, Hq, D, dtype=acc, device=q.device)
     if B and max_len:
-        k = gather_paged_kv(k_cache, block_tables, max_len).float()    # [B, L, Hkv, D]
-        v = gather_paged_kv(v_cache, block_tables, max_len).float()
-        qf = q.float().view(B, Hkv, G, D)
+        k = gather_paged_kv(k_cache, block_tables, max_len).to(acc)    # [B, L, Hkv, D]
+        v = gather_paged_kv(v_cache, block_tables, max_len).to(acc)
+        qf = q.to(acc).view(B, Hkv, G, D)
         s = torch.einsum("bhgd,blhd->bhgl", qf, k) * scale
         valid = torch.arange(max_len, device=q.device)[None, :] < context_lens.to(q.device)[:, None]
         s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
@@ -151,7 +157,8 @@ def paged_prefill_attention_ref(q, k_cache, v_cache, cu_seqlens_q, context_lens,
     """
     Nq, Hq, D = q.shape
     Hkv = k_cache.shape[2]
-    res = torch.empty(Nq, Hq, D, dtype=torch.float32, device=q.device)
+    acc = acc_dtype(q.dtype)
+    res = torch.empty(Nq, Hq, D, dtype=acc, device=q.device)
     cu = cu_seqlens_q.tolist()
     ctx = context_lens.tolist()
     for b in range(len(ctx)):
@@ -159,9 +166,9 @@ def paged_prefill_attention_ref(q, k_cache, v_cache, cu_seqlens_q, context_lens,
         n, L = e - s, ctx[b]
         if n == 0:
             continue
-        k = gather_paged_kv(k_cache, block_tables[b:b + 1], L)[0].float()   # [L, Hkv, D]
-        v = gather_paged_kv(v_cache, block_tables[b:b + 1], L)[0].float()
-        qb = q[s:e].float().transpose(0, 1)                                 # [Hq, n, D]
+        k = gather_paged_kv(k_cache, block_tables[b:b + 1], L)[0].to(acc)   # [L, Hkv, D]
+        v = gather_paged_kv(v_cache, block_tables[b:b + 1], L)[0].to(acc)
+        qb = q[s:e].to(acc).transpose(0, 1)                                 # [Hq, n, D]
         kb = k.transpose(0, 1).repeat_interleave(Hq // Hkv, 0)             # [Hq, L, D]
         vb = v.transpose(0, 1).repeat_interleave(Hq // Hkv, 0)
         qpos = torch.arange(L - n, L, device=q.device)[:, None]

@@ -18,11 +18,11 @@ def _row_chunks(n: int, v: int):
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """log softmax(logits / temperature)[i, tokens[i]] in float32; logits [N, V], tokens [N]."""
+    """log softmax(logits / temperature)[i, tokens[i]] in float32 (float64 for float64 logits)."""
     N, V = logits.shape
     outs = []
     for s, e in _row_chunks(N, V):
-        x = logits[s:e].float()
+        x = logits[s:e].to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
         if temperature != 1.0:
             x = x / temperature
         outs.append(x.gather(-1, tokens[s:e, None].long())[:, 0] - torch.logsumexp(x, dim=-1))
@@ -34,7 +34,7 @@ def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch
     N, V = logits.shape
     outs = []
     for s, e in _row_chunks(N, V):
-        x = logits[s:e].float()
+        x = logits[s:e].to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
         if temperature != 1.0:
             x = x / temperature
         logp = torch.log_softmax(x, dim=-1)

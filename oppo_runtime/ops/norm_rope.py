@@ -8,7 +8,7 @@ __all__ = ["rms_norm", "rotary_cos_sin", "apply_rotary"]
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Llama RMSNorm: normalise in float32, cast back, then scale (transformers' order)."""
-    xf = x.float()
+    xf = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(x.dtype)
 

@@ -29,7 +29,7 @@ class ModelSection:
     reward_path: str | None = None      # *ForSequenceClassification dir; None = default / none
     critic_path: str | None = None      # None = reward_path (or the actor with a fresh score head)
     reference_path: str | None = None   # None = the actor's initial weights
-    dtype: str = "float32"              # parameter dtype of the trained models
+    dtype: str = "float32"              # parameter dtype of the trained models (float64: CPU exactness checks)
     engine_dtype: str = "auto"          # actor engine / scorers: "auto" = bfloat16 on CUDA, else dtype
     gradient_checkpointing: bool = False
     reward_model_coef: float = 0.1      # total score = rule reward + coef * reward model score
@@ -159,7 +159,8 @@ class TrainConfig:
             (run.save_every >= 1, "run.save_every", run.save_every, ">= 1"),
             (run.keep_checkpoints >= 1, "run.keep_checkpoints", run.keep_checkpoints, ">= 1"),
             (run.nan_policy in ("error", "skip"), "run.nan_policy", run.nan_policy, "error | skip"),
-            (m.dtype in ("float32", "bfloat16", "float16"), "model.dtype", m.dtype, "float32 | bfloat16 | float16"),
+            (m.dtype in ("float32", "bfloat16", "float16", "float64"), "model.dtype", m.dtype,
+             "float32 | bfloat16 | float16 | float64 (CPU exactness checks)"),
             (m.engine_dtype in ("auto", "float32", "bfloat16", "float16"), "model.engine_dtype", m.engine_dtype,
              "auto | float32 | bfloat16 | float16"),
         ]

@@ -37,7 +37,7 @@ __all__ = ["PPOTrainer"]
 
 log = logging.getLogger("oppo_runtime.ppo")
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
 def _device(spec: str) -> torch.device:
@@ -68,6 +68,7 @@ class PPOTrainer:
         eng_dtype = (torch.bfloat16 if self.device.type == "cuda" else train_dtype) if m.engine_dtype == "auto" \
             else _DTYPES[m.engine_dtype]
         self.autocast = self.device.type == "cuda" and train_dtype == torch.float32
+        self.acc = torch.float64 if train_dtype == torch.float64 else torch.float32   # loss arithmetic
 
         # ---------------------------------------------------------------- models
         default = m.actor_path is None
@@ -244,6 +245,7 @@ class PPOTrainer:
         self.rollout.reset_stats()
         self.engine.stats.update(decode_steps=0, prefill_steps=0, generated_tokens=0, host_s=0.0)
         t_step = time.perf_counter()
+        preempt0 = self.engine.scheduler.num_preemptions
         B = r.batch_size
         delta = self.delta_ctl.delta
         stale = self._enforce_staleness()
@@ -283,7 +285,7 @@ class PPOTrainer:
             "oppo/staleness_max": max((self.version - 1 - v for v in versions), default=0),
             "oppo/hidden_fraction": self._hidden_fraction(tl),
             "oppo/skipped_sequences": self.skipped,
-            "oppo/preemptions": self.engine.scheduler.num_preemptions,
+            "oppo/preemptions": self.engine.scheduler.num_preemptions - preempt0,
             "timing_s/step": step_s,
             "timing_s/gen": self.rollout.stats["actor_s"],
             "timing_s/score": self.rollout.stats["score_s"],
@@ -380,16 +382,16 @@ class PPOTrainer:
         B = len(results)
         lens = [len(x.seq.output_ids) for x in results]
         T = max(lens)
-        mask = torch.zeros(B, T, device=dev)
+        mask = torch.zeros(B, T, device=dev, dtype=self.acc)
         for i, n in enumerate(lens):
             mask[i, :n] = 1
         as_t = lambda rows: self._pad(torch.tensor([v for row in rows for v in row], device=dev,  # noqa: E731
-                                                   dtype=torch.float32), lens)
+                                                   dtype=self.acc), lens)
         behaviour = as_t([x.seq.logprobs for x in results])
         ref_lp = as_t([x.ref_logprobs for x in results])
         old_values = as_t([x.values for x in results])
         versions = as_t([x.seq.versions for x in results])
-        scores = torch.tensor([self._total_score(x) for x in results], device=dev)
+        scores = torch.tensor([self._total_score(x) for x in results], device=dev, dtype=self.acc)
         for name, t in (("behaviour log-probs", behaviour), ("reference log-probs", ref_lp),
                         ("critic values", old_values), ("scores", scores)):
             algo.check_finite(name, t, mask if t.dim() == 2 else None)
@@ -398,7 +400,7 @@ class PPOTrainer:
         with torch.no_grad():
             if p.old_logprob == "recompute":
                 prox = torch.cat([self._forward(self.actor, results[i:i + mb], "actor")[0]
-                                  for i in range(0, B, mb)]).float()
+                                  for i in range(0, B, mb)]).to(self.acc)
                 old_lp = self._pad(prox, lens)
             else:
                 old_lp = behaviour
@@ -435,24 +437,24 @@ class PPOTrainer:
                     m = mask[sub, :sub_T]
                     w = float(m.sum()) / tokens if p.loss_agg_mode == "token-mean" else len(sub) / len(idx)
                     lp, ent = self._forward(self.actor, items, "actor", with_entropy=True)
-                    lp = self._pad(lp.float(), sub_lens)
+                    lp = self._pad(lp.to(self.acc), sub_lens)
                     pl, st = algo.policy_loss(lp, old_lp[sub, :sub_T], adv[sub, :sub_T], m, p.clip_ratio,
                                               p.clip_ratio_high, p.dual_clip_c,
                                               None if iw is None else iw[sub, :sub_T], p.loss_agg_mode)
-                    ent_pad = self._pad(ent.float(), sub_lens)
+                    ent_pad = self._pad(ent.to(self.acc), sub_lens)
                     loss = pl - p.ent_coef * algo.entropy_loss(ent_pad, m, p.loss_agg_mode)
                     if not p.kl_in_reward:
                         kll = algo.kl_loss(lp, ref_lp[sub, :sub_T], m, "k3", p.loss_agg_mode)
                         loss = loss + p.kl_coef * kll
-                        agg["policy/kl_loss_avg"].append(float(kll))
+                        agg["policy/kl_loss_avg"].append(float(kll.detach()))
                     (loss * w).backward()
                     v, _ = self._forward(self.critic, items, "critic")
-                    v = self._pad(v.float(), sub_lens)
+                    v = self._pad(v.to(self.acc), sub_lens)
                     vl, vst = algo.value_loss(v, old_values[sub, :sub_T], returns[sub, :sub_T], m,
                                               p.cliprange_value, p.loss_agg_mode)
                     (p.vf_coef * vl * w).backward()
-                    agg["loss/policy_avg"].append(float(pl))
-                    agg["loss/value_avg"].append(float(vl))
+                    agg["loss/policy_avg"].append(float(pl.detach()))
+                    agg["loss/value_avg"].append(float(vl.detach()))
                     agg["policy/clipfrac_avg"].append(float(st["clipfrac"]))
                     agg["policy/dual_clipfrac_avg"].append(float(st["dual_clipfrac"]))
                     agg["policy/approxkl_avg"].append(float(st["approx_kl"]))
@@ -501,7 +503,7 @@ class PPOTrainer:
                                                     for k, v in self.critic.state_dict().items()})
         if not self.cfg.rollout.keep_stale_kv:
             self.engine.drop_kv()
-        self.scorers["critic"].evict(self.pool.num_pages)     # critic changed: its values are recomputed
+        self.scorers["critic"].invalidate()       # the critic changed: values of deferred sequences are recomputed
 
     # ------------------------------------------------------------------ checkpoints
     def _seq_state(self, seq: Sequence) -> dict:

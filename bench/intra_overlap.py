@@ -1,0 +1,114 @@
+"""Intra-step overlap on one GPU: rollout + scoring time with overlap on vs off, in one run.
+
+Actor, reward model and critic of the Qwen2.5-0.5B shape (random weights, bf16), batch 64,
+prompts of 128 tokens, response lengths lognormal (median ~200, capped at 2048; the engine is told
+each length). Times from the first decode to the last score:
+    alone : the actor only (no scorers)          -> the floor overlap can reach
+    off   : generate all, then score all         (sequential)
+    on    : scorers prefill chunks on their own stream while the actor decodes
+hidden_fraction = (off - on) / (off - alone): the share of scoring time hidden under decode.
+
+    python bench/intra_overlap.py [--out bench/results/intra_overlap.json] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import device_info, print_table, results_path, write_json  # noqa: E402
+from models import qwen_model  # noqa: E402
+
+from oppo_runtime import ops  # noqa: E402
+from oppo_runtime.engine import ActorEngine, EngineConfig, SamplingParams  # noqa: E402
+from oppo_runtime.engine.rollout import Rollout  # noqa: E402
+from oppo_runtime.engine.scorer import Scorer  # noqa: E402
+from oppo_runtime.engine.timeline import Timeline  # noqa: E402
+from oppo_runtime.memory import KVGeometry, PagePool  # noqa: E402
+
+
+def lengths(n, median, cap, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, generator=g)
+    return [int(min(cap, max(1, round(math.exp(math.log(median) + 1.0 * float(x)))))) for x in z]
+
+
+def run(models, prompts, lens, mode, chunk, timeline=None):
+    actor, reward, critic = models
+    g = KVGeometry(*actor.kv_geometry(), torch.bfloat16)
+    pb = PagePool.page_bytes_for([g], 16)
+    need = sum(-(-(len(p) + n) // 16) + 1 for p, n in zip(prompts, lens))
+    pool = PagePool(3 * need + 256, pb, "cuda")
+    eng = ActorEngine(actor, pool, EngineConfig(max_num_seqs=len(prompts), chunk_size=chunk, seed=0,
+                                                 max_num_batched_tokens=16384, max_model_len=4096))
+    scorers = [] if mode == "alone" else [
+        Scorer("reward", reward, pool, "reward", max_model_len=4096),
+        Scorer("critic", critic, pool, "critic", max_model_len=4096)]
+    ro = Rollout(eng, scorers, overlap=(mode == "on"), timeline=timeline)
+    sp = SamplingParams(temperature=1.0, max_new_tokens=max(lens))
+    ro.submit(prompts, sp, target_lens=[4] * len(prompts))       # warm-up: graphs, allocator
+    ro.collect()
+    torch.cuda.synchronize()
+    if timeline is not None:
+        timeline.spans.clear()
+        timeline.mark_reference()
+    ro.submit(prompts, sp, target_lens=lens)
+    t0 = time.perf_counter()
+    out = ro.collect()
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    assert all(r.error is None for r in out)
+    return wall, out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--chunk", type=int, default=16)
+    args = ap.parse_args()
+    info = device_info()
+    B, plen = 64, 128
+    lens = lengths(B, 200 if not args.quick else 40, 2048 if not args.quick else 200)
+    models = (qwen_model("qwen2.5-0.5b", seed=0), qwen_model("qwen2.5-0.5b", "score", seed=1),
+              qwen_model("qwen2.5-0.5b", "score", seed=2))
+    g = torch.Generator().manual_seed(1)
+    prompts = torch.randint(0, 151936, (B, plen), generator=g).tolist()
+    rows = []
+    res = {}
+    tl = Timeline(step=0)
+    for mode in ("alone", "off", "on"):
+        wall, out = run(models, prompts, lens, mode, args.chunk, timeline=tl if mode == "on" else None)
+        res[mode] = (wall, out)
+        rows.append({"mode": mode, "seconds": wall})
+        print(f"{mode}: {wall:.3f} s", flush=True)
+    tl.resolve()
+    out_dir = Path(args.out).parent if args.out else Path(__file__).resolve().parent / "results"
+    tl.to_png(out_dir / "intra_overlap_timeline.png", title="intra-step overlap (on), Qwen2.5-0.5B x3, B=64")
+    # exactness: the same tokens, and scores within bf16 noise
+    on, off = res["on"][1], res["off"][1]
+    same_tokens = all(a.seq.output_ids == b.seq.output_ids for a, b in zip(on, off))
+    rel = max(abs(a.score - b.score) / max(1e-6, abs(b.score)) for a, b in zip(on, off))
+    alone, t_off, t_on = res["alone"][0], res["off"][0], res["on"][0]
+    summary = {
+        "hidden_fraction": (t_off - t_on) / max(1e-9, t_off - alone),
+        "speedup_on_vs_off": t_off / t_on,
+        "on_over_alone": t_on / alone,
+        "same_tokens": same_tokens,
+        "max_rel_score_diff": rel,
+        "chunk_size": args.chunk,
+        "lengths": {"median": sorted(lens)[B // 2], "max": max(lens), "sum": sum(lens)},
+        "backends": ops.backends(),
+    }
+    print_table(rows, [("mode", "mode", "s"), ("seconds", "seconds", ".3f")])
+    print("summary:", summary)
+    write_json(results_path("intra_overlap", args.out), {"info": info, "rows": rows, "summary": summary})
+
+
+if __name__ == "__main__":
+    main()
