@@ -10,7 +10,7 @@ if ! $PY -c "import torch" 2>/dev/null; then
   $PY -m pip install -q "torch==2.14.1"
 fi
 $PY -m pip install -q safetensors tokenizers pyyaml tqdm matplotlib tensorboard numpy "pytest>=8" hypothesis \
-  "transformers>=4.51" setuptools wheel ninja 2>&1 | grep -v "Running pip as the 'root' user" || true
+  "transformers>=4.51" "trl==1.12.0" setuptools wheel ninja 2>&1 | grep -v "Running pip as the 'root' user" || true
 
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
 if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then

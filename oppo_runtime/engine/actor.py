@@ -122,7 +122,7 @@ class ActorEngine:
         stay valid).
         """
         if state_dict is not None:
-            params = dict(self.model.named_parameters())
+            params = dict(self.model.named_parameters(remove_duplicate=False))   # tied names too
             with torch.no_grad():
                 for k, v in state_dict.items():
                     params[k].copy_(v)
