@@ -50,14 +50,21 @@ step() {  # step NAME LIMIT_S CMD...
 step build 300 env CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=16 \
   $PY -m pip install --no-build-isolation --no-deps -e . || { echo "build failed"; tail -50 "$LOG"; exit 1; }
 grep -E "registers|spill|stack frame" "$LOG" | sort | uniq -c | head -20 >> "$LOG"
-step pytest 200 $PY -m pytest -m gpu -q -rfE -p no:cacheprovider
+step doctor 60 $PY -m oppo_runtime.cli doctor
+step pytest 240 $PY -m pytest -m gpu -q -rfE -p no:cacheprovider
+if [ -n "${OPPO_TRAIN_STEPS:-}" ]; then   # the main job on the GPU: a short default run
+  step train 240 $PY -m oppo_runtime.cli train --steps "$OPPO_TRAIN_STEPS" --out /tmp/oppo_train \
+    run.timeline_every=5 run.progress=false run.cache_dir=/tmp/oppo_cache
+  cp /tmp/oppo_train/timelines/step-000005.png "$OUT/train_timeline.png" 2>/dev/null
+  tail -3 /tmp/oppo_train/metrics.jsonl > "$OUT/train_metrics_tail.jsonl" 2>/dev/null
+fi
 export PYTORCH_NO_CUDA_MEMORY_CACHING=1
 SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
 step memcheck 120 "$SAN" --tool memcheck --error-exitcode 9 $PY bench/sanitize_attention.py
 step racecheck 120 "$SAN" --tool racecheck --error-exitcode 9 $PY bench/sanitize_attention.py
 unset PYTORCH_NO_CUDA_MEMORY_CACHING
 for b in "${BENCHES[@]}"; do
-  step "bench_$b" 180 $PY "bench/$b.py" --out "$OUT/$b.json"
+  step "bench_$b" ${BENCH_LIMIT:-240} $PY "bench/$b.py" --out "$OUT/$b.json" ${BENCH_ARGS:-}
 done
 {
   echo

@@ -1,0 +1,104 @@
+"""The engine and the overlapped rollout on a GPU: exact greedy decoding, CUDA graphs, kernels."""
+import pytest
+import torch
+
+from oppo_runtime import ops
+from oppo_runtime.engine import ActorEngine, EngineConfig, SamplingParams
+from oppo_runtime.engine.rollout import Rollout
+from oppo_runtime.engine.scorer import Scorer
+from oppo_runtime.memory import KVGeometry, PagePool
+from oppo_runtime.models import ModelConfig, build_model
+from oppo_runtime.models.context import DenseContext
+
+pytestmark = pytest.mark.gpu
+
+CFG = dict(architectures=["Qwen2ForCausalLM"], vocab_size=512, hidden_size=256, intermediate_size=512,
+           num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1024,
+           rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=True)
+
+
+def model(kind="causal_lm", dtype=torch.bfloat16, seed=0):
+    return build_model(ModelConfig.from_dict(CFG), kind, seed=seed, dtype=dtype, device="cuda").eval()
+
+
+def pool_for(m, pages, tpp=16):
+    g = KVGeometry(*m.kv_geometry(), next(m.parameters()).dtype)
+    return PagePool(pages, PagePool.page_bytes_for([g], tpp), "cuda")
+
+
+def prompts(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 512, (int(torch.randint(3, 60, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+def test_greedy_matches_transformers_on_gpu_with_preemption():
+    transformers = pytest.importorskip("transformers")
+    m = model(dtype=torch.float32)
+    hf_cfg = transformers.Qwen2Config(**{k: v for k, v in CFG.items() if k != "architectures"})
+    hf = transformers.Qwen2ForCausalLM(hf_cfg).cuda().eval()
+    hf.load_state_dict(m.state_dict(), strict=False)
+    hf.tie_weights()
+    ps = prompts(12, seed=1)
+    eng = ActorEngine(m, pool_for(m, 40, 8), EngineConfig(chunk_size=7, max_num_batched_tokens=128))
+    seqs = eng.generate(ps, SamplingParams(temperature=0.0, max_new_tokens=24))
+    assert eng.scheduler.num_preemptions > 0
+    for p, s in zip(ps, seqs):
+        out = hf.generate(torch.tensor([p], device="cuda"), attention_mask=torch.ones(1, len(p), dtype=torch.long,
+                          device="cuda"), max_new_tokens=24, min_new_tokens=24, do_sample=False,
+                          eos_token_id=None, pad_token_id=0)
+        assert s.output_ids == out[0, len(p):].tolist()
+
+
+def test_cuda_graph_decode_equals_eager_decode():
+    if not ops.has_cuda_kernels():
+        pytest.skip("CUDA kernels not built")
+    m = model()
+    ps = prompts(20, seed=2)
+    sp = SamplingParams(temperature=1.0, top_p=0.95, max_new_tokens=40)
+    outs = []
+    for eager in (True, False):
+        eng = ActorEngine(m, pool_for(m, 256), EngineConfig(enforce_eager=eager, seed=3))
+        outs.append([(s.output_ids, s.logprobs) for s in eng.generate(ps, sp)])
+        assert eng.runner.use_graphs == (not eager)
+        if not eager:
+            assert eng.runner.graphs, "no graph was captured"
+    assert [o for o, _ in outs[0]] == [o for o, _ in outs[1]]
+    torch.testing.assert_close(torch.tensor([lp for _, l in outs[0] for lp in l]),
+                               torch.tensor([lp for _, l in outs[1] for lp in l]), atol=1e-3, rtol=0)
+
+
+def test_behaviour_logprobs_match_a_dense_forward_in_bf16():
+    m = model()
+    ps = prompts(16, seed=4)
+    eng = ActorEngine(m, pool_for(m, 256), EngineConfig(seed=5))
+    seqs = eng.generate(ps, SamplingParams(temperature=1.0, max_new_tokens=48))
+    err = []
+    for s in seqs:
+        ids = torch.tensor(s.all_ids, device="cuda")
+        with torch.no_grad():
+            h = m(ids, torch.arange(len(ids), device="cuda"), DenseContext(torch.tensor([0, len(ids)], device="cuda")))
+            lp = m.compute_logprobs(h[len(s.prompt_ids) - 1:-1], ids[len(s.prompt_ids):])
+        err.append((lp.cpu() - torch.tensor(s.logprobs)).abs().max())
+    assert max(err) < 0.1, max(err)
+
+
+def test_overlap_on_and_off_agree_on_gpu():
+    actor, reward, critic = model(seed=0), model("score", seed=1), model("score", seed=2)
+    ps = prompts(24, seed=6)
+    lens = [int(x) for x in torch.randint(1, 120, (24,), generator=torch.Generator().manual_seed(7))]
+    res = {}
+    for overlap in (True, False):
+        pool = pool_for(actor, 1024)
+        eng = ActorEngine(actor, pool, EngineConfig(chunk_size=16, seed=1))
+        scorers = [Scorer("reward", reward, pool, "reward", max_model_len=1024),
+                   Scorer("critic", critic, pool, "critic", max_model_len=1024)]
+        ro = Rollout(eng, scorers, overlap=overlap)
+        ro.submit(ps, SamplingParams(max_new_tokens=128), target_lens=lens)
+        res[overlap] = sorted(ro.collect(), key=lambda r: r.seq.sample_key)
+        assert pool.num_free == pool.num_pages
+    for a, b in zip(res[True], res[False]):
+        assert a.seq.output_ids == b.seq.output_ids
+        assert abs(a.score - b.score) <= 2e-2 * max(1.0, abs(b.score))
+        va, vb = torch.tensor(a.values), torch.tensor(b.values)
+        assert (va - vb).norm() <= 2e-2 * max(1e-3, float(vb.norm()))
