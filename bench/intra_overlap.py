@@ -71,6 +71,7 @@ def main():
     ap.add_argument("--out")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--chunk", type=int, default=16)
+    ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of the 'on' run")
     args = ap.parse_args()
     info = device_info()
     B, plen = 64, 128
@@ -88,6 +89,13 @@ def main():
         rows.append({"mode": mode, "seconds": wall})
         print(f"{mode}: {wall:.3f} s", flush=True)
     tl.resolve()
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            run(models, prompts, lens, "on", args.chunk)
+        ka = prof.key_averages()
+        print(ka.table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
+        print(ka.table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=60))
     out_dir = Path(args.out).parent if args.out else Path(__file__).resolve().parent / "results"
     tl.to_png(out_dir / "intra_overlap_timeline.png", title="intra-step overlap (on), Qwen2.5-0.5B x3, B=64")
     # exactness: the same tokens, and scores within bf16 noise

@@ -178,15 +178,16 @@ class ActorEngine:
         return finished
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor):
-        dev = logits.device
-        bad = (torch.isnan(logits) | (logits == float("inf"))).any(-1)
-        logits = logits.masked_fill(bad[:, None], 0.0)
-        temp = torch.tensor([s.sampling.temperature for s in seqs], device=dev)
-        top_k = torch.tensor([s.sampling.top_k for s in seqs], device=dev)
-        top_p = torch.tensor([s.sampling.top_p for s in seqs], device=dev)
-        keys = torch.tensor([s.sample_key for s in seqs], device=dev)
-        pos = torch.tensor([s.num_tokens for s in seqs], device=dev)
-        tokens, logps = sample_tokens(logits, temp, top_k, top_p, self.config.seed, keys, pos)
+        """Sample each row; one host transfer brings back tokens, log-probs and NaN flags."""
+        V = logits.shape[-1]
+        params = [(s.sampling.temperature, s.sampling.top_k, s.sampling.top_p, s.sample_key, s.num_tokens)
+                  for s in seqs]
+        needs_filter = any(0 < k < V or p < 1.0 for _, k, p, _, _ in params)
+        meta = self.runner.stage([[float(x) for x in row] for row in params], torch.float64)
+        temp, top_k, top_p = meta[:, 0].float(), meta[:, 1].long(), meta[:, 2].float()
+        keys, pos = meta[:, 3].long(), meta[:, 4].long()
+        tokens, logps, bad = sample_tokens(logits, temp, top_k, top_p, self.config.seed, keys, pos,
+                                           needs_filter=needs_filter)
         out = torch.stack([tokens.double(), logps.double(), bad.double()]).cpu()
         return out[0].long().tolist(), out[1].tolist(), out[2].bool().tolist()
 

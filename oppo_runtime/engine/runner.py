@@ -15,7 +15,7 @@ import torch
 
 from ..memory import KVView
 from ..models.context import PagedContext
-from ..ops import has_cuda_kernels
+from ..ops import attention_kernels_support
 
 __all__ = ["Span", "ModelRunner"]
 
@@ -31,7 +31,7 @@ class Span:
 
 
 class _Staging:
-    """Host->device copies through pinned buffers (non-blocking on CUDA)."""
+    """Host->device copies through pinned memory (non-blocking on CUDA)."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -42,6 +42,16 @@ class _Staging:
         if self.pin:
             return t.pin_memory().to(self.device, non_blocking=True)
         return t.to(self.device)
+
+    def many(self, parts: list[list[int]]) -> list[torch.Tensor]:
+        """Several int lists in one pinned buffer and one copy; int64 views on the device."""
+        flat = torch.tensor([x for p in parts for x in p], dtype=torch.int64)
+        dev = flat.pin_memory().to(self.device, non_blocking=True) if self.pin else flat.to(self.device)
+        out, o = [], 0
+        for p in parts:
+            out.append(dev[o:o + len(p)])
+            o += len(p)
+        return out
 
 
 class ModelRunner:
@@ -55,10 +65,13 @@ class ModelRunner:
         self.graphs: dict[int, tuple] = {}
         self.last_prepare_s = 0.0
         self._graph_generation = view.pool.generation
-        self.use_graphs = (not enforce_eager and self.device.type == "cuda" and has_cuda_kernels()
-                           and bool(graph_batch_sizes))
-        if not enforce_eager and self.device.type == "cuda" and not self.use_graphs:
-            log.warning("CUDA graphs off for %s: the CUDA attention kernels are not loaded", view.name)
+        g = view.geometry
+        kernels = attention_kernels_support(g.dtype, g.head_dim)
+        self.use_graphs = not enforce_eager and self.device.type == "cuda" and kernels and bool(graph_batch_sizes)
+        if not enforce_eager and self.device.type == "cuda" and not kernels:
+            # the reference attention syncs with the host: it cannot be captured
+            log.warning("CUDA graphs off for %s: no CUDA attention kernel for %s, head_dim %d",
+                        view.name, g.dtype, g.head_dim)
         self.graph_batch_sizes = tuple(sorted(graph_batch_sizes))
 
     # ------------------------------------------------------------------ batch metadata
@@ -80,18 +93,19 @@ class ModelRunner:
             width = max(width, used)
             ctx_lens.append(end)
             cu.append(cu[-1] + n)
-        tables = [t + [0] * (width - len(t)) for t in tables]
+        flat_tables = [x for t in tables for x in (t + [0] * (width - len(t)))]
         is_decode = cu[-1] == len(spans)
+        d_ids, d_pos, d_slots, d_tables, d_ctx, d_cu = self.stage.many([ids, pos, slots, flat_tables, ctx_lens, cu])
         ctx = PagedContext(
             kv_caches=self.view.kv_caches,
-            slot_mapping=self.stage(slots, torch.int64),
-            block_tables=self.stage(tables, torch.int32),
-            context_lens=self.stage(ctx_lens, torch.int32),
-            cu_seqlens_q=self.stage(cu, torch.int32),
+            slot_mapping=d_slots,
+            block_tables=d_tables.view(len(spans), width).to(torch.int32),
+            context_lens=d_ctx.to(torch.int32),
+            cu_seqlens_q=d_cu.to(torch.int32),
             max_seqlen_q=max((len(s.token_ids) for s in spans), default=0),
             is_decode=is_decode,
         )
-        return self.stage(ids, torch.int64), self.stage(pos, torch.int64), ctx
+        return d_ids, d_pos, ctx
 
     @torch.inference_mode()
     def forward(self, spans: list[Span], pages_of, last_only: bool = True) -> torch.Tensor:

@@ -107,6 +107,7 @@ class Scheduler:
     def _schedule_prefill(self) -> ScheduledBatch | None:
         budget = self.max_num_batched_tokens
         seqs, spans, sample = [], [], []
+        taken: set[int] = set()
         partial = sorted((s for s in self.running if s.num_cached_tokens < s.num_tokens - 1),
                          key=lambda s: s.admit_order)
         for seq in partial + list(self.waiting):
@@ -119,8 +120,9 @@ class Scheduler:
                 continue
             todo = seq.num_tokens - seq.num_cached_tokens
             n = min(todo, budget)
-            if not self._grow(seq, seq.num_cached_tokens + n, protect={s.seq_id for s in seqs}):
+            if not self._grow(seq, seq.num_cached_tokens + n, protect=taken):
                 break
+            taken.add(seq.seq_id)
             if new:
                 self.waiting.remove(seq)
                 seq.status = SeqStatus.RUNNING
@@ -139,12 +141,13 @@ class Scheduler:
         ready = [s for s in self.running if s.num_cached_tokens == s.num_tokens - 1]
         ready.sort(key=lambda s: s.admit_order)
         ready = ready[: self.max_num_seqs]
-        seqs = []
+        seqs, taken = [], set()
         for seq in ready:
             if seq.status is not SeqStatus.RUNNING:       # preempted by an older one this step
                 continue
-            if self._grow(seq, seq.num_tokens, protect={s.seq_id for s in seqs}):
+            if self._grow(seq, seq.num_tokens, protect=taken):
                 seqs.append(seq)
+                taken.add(seq.seq_id)
             else:
                 self.preempt(seq)
         if not seqs:

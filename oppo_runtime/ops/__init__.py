@@ -2,7 +2,7 @@
 from ._backend import backends, extension, extension_error, has_cuda_kernels, MissingKernelError
 from .attention import (kv_append, kv_append_ref, paged_decode_attention, paged_decode_attention_ref,
                         paged_prefill_attention, paged_prefill_attention_ref, varlen_causal_attention,
-                        gather_paged_kv)
+                        gather_paged_kv, attention_kernels_support)
 from .logprobs import token_logprobs, entropy_from_logits
 from .norm_rope import rms_norm, rotary_cos_sin, apply_rotary
 from .sampling import sample_tokens, process_logits, hash_uniform
@@ -11,6 +11,6 @@ __all__ = [
     "backends", "extension", "extension_error", "has_cuda_kernels", "MissingKernelError",
     "kv_append", "kv_append_ref", "paged_decode_attention", "paged_decode_attention_ref",
     "paged_prefill_attention", "paged_prefill_attention_ref", "varlen_causal_attention",
-    "gather_paged_kv", "token_logprobs", "entropy_from_logits", "rms_norm", "rotary_cos_sin",
+    "gather_paged_kv", "attention_kernels_support", "token_logprobs", "entropy_from_logits", "rms_norm", "rotary_cos_sin",
     "apply_rotary", "sample_tokens", "process_logits", "hash_uniform",
 ]

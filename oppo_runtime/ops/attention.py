@@ -16,13 +16,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._backend import choose_backend
+from ._backend import choose_backend, has_cuda_kernels
 
 __all__ = [
     "kv_append", "kv_append_ref",
     "paged_decode_attention", "paged_decode_attention_ref",
     "paged_prefill_attention", "paged_prefill_attention_ref",
-    "varlen_causal_attention", "gather_paged_kv", "acc_dtype",
+    "varlen_causal_attention", "gather_paged_kv", "acc_dtype", "attention_kernels_support",
 ]
 
 
@@ -46,6 +46,11 @@ def _check_cache(name: str, k_cache: torch.Tensor, v_cache: torch.Tensor) -> Non
 # anything else (fp32 inputs, the CPU-parity path) runs the reference.
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 _KERNEL_HEAD_DIMS = (64, 128)
+
+
+def attention_kernels_support(dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether the CUDA attention kernels are built and cover this dtype and head dim."""
+    return has_cuda_kernels() and dtype in _KERNEL_DTYPES and head_dim in _KERNEL_HEAD_DIMS
 
 
 def _kernel_backend(op: str, q: torch.Tensor, backend: str | None) -> str | None:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from ._backend import record_backend
+
 __all__ = ["hash_uniform", "process_logits", "sample_tokens"]
 
 _M32 = 0xFFFFFFFF
@@ -65,17 +67,28 @@ def process_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch
 
 
 def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
-                  top_p: torch.Tensor, seed: int, seq_keys: torch.Tensor, positions: torch.Tensor):
-    """Sample one token per row. Returns (tokens [B] int64, behaviour log-probs [B] float32).
+                  top_p: torch.Tensor, seed: int, seq_keys: torch.Tensor, positions: torch.Tensor,
+                  needs_filter: bool | None = None, backend: str | None = None):
+    """Sample one token per row: (tokens [B] int64, behaviour log-probs [B] float32, bad [B] bool).
 
-    Raises if a row's logits hold NaN or +inf (a broken model must not silently emit tokens).
+    ``bad`` marks rows whose logits hold NaN or +inf (their token is meaningless: the caller ends
+    those requests). ``needs_filter`` (top-k/top-p active in some row) lets the caller skip a host
+    sync; rows without filtering on CUDA take the fused Triton kernel (one pass over the logits).
     """
-    if logits.numel() and not bool(torch.isfinite(logits).logical_or(logits == float("-inf")).all()):
-        bad = (~torch.isfinite(logits) & (logits != float("-inf"))).any(-1).nonzero().flatten().tolist()
-        raise FloatingPointError(f"sample_tokens: NaN/+inf in the logits of rows {bad}")
+    if needs_filter is None:
+        V = logits.shape[-1]
+        needs_filter = bool(((top_k > 0) & (top_k < V)).any()) or bool((top_p < 1.0).any())
+    if logits.is_cuda and not needs_filter and backend != "reference":
+        from . import sampling_triton
+        if sampling_triton.available():
+            record_backend("sample_tokens", "triton")
+            return sampling_triton.gumbel_sample(logits, temperature, seed, seq_keys, positions)
+    record_backend("sample_tokens", "reference")
+    bad = (torch.isnan(logits) | (logits == float("inf"))).any(-1)
+    logits = logits.masked_fill(bad[:, None], 0.0)
     logp = process_logits(logits, temperature, top_k, top_p)
     greedy = temperature <= 0
     g = -torch.log(-torch.log(hash_uniform(seed, seq_keys, positions, logits.shape[-1])))
     sampled = torch.argmax(logp + g, dim=-1)
     tokens = torch.where(greedy.to(logits.device), torch.argmax(logits, dim=-1), sampled)
-    return tokens, logp.gather(-1, tokens[:, None])[:, 0]
+    return tokens, logp.gather(-1, tokens[:, None])[:, 0], bad
