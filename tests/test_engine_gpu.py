@@ -12,7 +12,7 @@ from oppo_runtime.models.context import DenseContext
 
 pytestmark = pytest.mark.gpu
 
-CFG = dict(architectures=["Qwen2ForCausalLM"], vocab_size=512, hidden_size=256, intermediate_size=512,
+CFG = dict(architectures=["Qwen2ForCausalLM"], vocab_size=512, hidden_size=512, intermediate_size=1024,
            num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1024,
            rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=True)
 

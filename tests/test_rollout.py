@@ -132,3 +132,26 @@ def test_nan_score_is_reported_with_its_sequence(models):
     finally:
         del reward.compute_scores
     assert all(r.error and "non-finite reward" in r.error and str(r.seq.seq_id) in r.error for r in out)
+
+
+@pytest.mark.parametrize("num_pages", [400, 40])
+def test_threaded_scorers_equal_inline_scorers(models, num_pages):
+    """The GPU path (scorers driven by their own host thread) forced on the CPU."""
+    actor, ref, reward, critic = models
+    res = {}
+    for threaded in (False, True):
+        ro, pool = make(models, True, 4, num_pages=num_pages)
+        ro = Rollout(ro.actor, ro.scorers, overlap=True, threaded=threaded)
+        assert ro.threaded == threaded
+        ro.submit(prompts(len(LENS)), SamplingParams(temperature=1.0, max_new_tokens=64), target_lens=LENS)
+        first = ro.collect(3)
+        rest = ro.collect()
+        ro.close()
+        res[threaded] = sorted(first + rest, key=lambda r: r.seq.sample_key)
+        assert pool.num_free == pool.num_pages
+        pool.check()
+    for a, b in zip(res[False], res[True]):
+        assert a.seq.output_ids == b.seq.output_ids
+        torch.testing.assert_close(torch.tensor(a.values), torch.tensor(b.values), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(torch.tensor(a.ref_logprobs), torch.tensor(b.ref_logprobs), atol=1e-5, rtol=1e-5)
+        assert math.isclose(a.score, b.score, rel_tol=1e-5, abs_tol=1e-5)

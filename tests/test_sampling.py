@@ -23,12 +23,13 @@ CHECK = textwrap.dedent("""
     keys = torch.arange(B, device=dev) * 7919 + 5
     pos = torch.arange(B, device=dev) + 100
     zk, op = torch.zeros(B, dtype=torch.long, device=dev), torch.ones(B, device=dev)
-    t1, l1, b1 = sampling_triton.gumbel_sample(logits, temp, 1234, keys, pos)
-    t2, l2, b2 = sample_tokens(logits, temp, zk, op, 1234, keys, pos, needs_filter=False, backend="reference")
-    ok = ~b2
-    assert torch.equal(b1.cpu(), b2.cpu()), (b1, b2)
-    assert torch.equal(t1[ok].cpu(), t2[ok].cpu()), (t1, t2)
-    assert torch.allclose(l1[ok].cpu(), l2[ok].cpu(), atol=1e-4), (l1 - l2).abs().max()
+    for seed in (1, 1234):
+        t1, l1, b1 = sampling_triton.gumbel_sample(logits, temp, seed, keys, pos)
+        t2, l2, b2 = sample_tokens(logits, temp, zk, op, seed, keys, pos, needs_filter=False, backend="reference")
+        ok = ~b2
+        assert torch.equal(b1.cpu(), b2.cpu()), (b1, b2)
+        assert torch.equal(t1[ok].cpu(), t2[ok].cpu()), (t1, t2)
+        assert torch.allclose(l1[ok].cpu(), l2[ok].cpu(), atol=1e-4), (l1 - l2).abs().max()
     print("ok")
 """)
 

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
@@ -42,7 +44,7 @@ class ScoredSequence:
 
 class Rollout:
     def __init__(self, actor: ActorEngine, scorers: list[Scorer] = (), rule_reward: RuleReward | None = None,
-                 overlap: bool = True, timeline=None):
+                 overlap: bool = True, timeline=None, threaded: bool | None = None):
         self.actor = actor
         self.scorers = list(scorers)
         names = [s.name for s in self.scorers]
@@ -58,6 +60,22 @@ class Rollout:
         actor.scheduler.on_pool_pressure = self._on_pool_pressure
         self.stats = {"actor_s": 0.0, "score_s": 0.0}
         self.scorer_calls: list[tuple[int, float]] = []     # (tokens, host seconds) per scorer call
+        # On a GPU the scorers are driven from a host thread of their own: launching their eager
+        # prefill costs milliseconds of host time, which would otherwise stall the decode loop.
+        # On the CPU everything runs inline, in a fixed order (deterministic, testable).
+        on_cuda = any(s.stream is not None for s in self.scorers)
+        self.threaded = (overlap and on_cuda) if threaded is None else (threaded and overlap)
+        self._lock = threading.RLock()             # scorer state, scorer pages
+        self._inbox: deque = deque()               # chunks from the actor thread to the worker
+        self._run = threading.Event()              # the worker works only inside collect()
+        self._flush = False
+        self._only: set[int] | None = None
+        self._closed = False
+        self._worker_error: BaseException | None = None
+        self._worker = None
+        if self.threaded:
+            self._worker = threading.Thread(target=self._work, name="oppo-scorers", daemon=True)
+            self._worker.start()
 
     # ------------------------------------------------------------------ plumbing
     def _on_chunks(self, chunks: list[Chunk]) -> None:
@@ -66,7 +84,9 @@ class Rollout:
                 self._finished.append(c.seq)
                 if self.rule_reward is not None and not c.seq.finish_reason.startswith("error"):
                     self.rule_reward.submit(c.seq)
-        if self.overlap:
+        if self.overlap and self.threaded:
+            self._inbox.append(chunks)
+        elif self.overlap:
             for s in self.scorers:
                 s.submit(chunks)
         else:
@@ -74,6 +94,10 @@ class Rollout:
                 self._buffered.setdefault(c.seq.seq_id, []).append(c)
 
     def _on_pool_pressure(self, n_pages: int) -> int:
+        with self._lock:
+            return self._evict_scorers(n_pages)
+
+    def _evict_scorers(self, n_pages: int) -> int:
         freed = 0
         for s in self.scorers:
             if freed < n_pages:
@@ -141,12 +165,18 @@ class Rollout:
         n = len(self.in_flight) if n is None else n
         if n > len(self.in_flight):
             raise ValueError(f"collect({n}): only {len(self.in_flight)} sequences are in flight")
+        if self.threaded:
+            return self._collect_threaded(n)
         take: list[Sequence] = []
         while True:
             take = self._finished[:n]
             if len(take) == n and (not self.overlap or all(self._scored(s) for s in take)):
                 break
-            scored_some = self._score_some() if self.overlap else False
+            # once n are done, the scorers finish those n (younger ones wait for the next collect:
+            # feeding them could take the pages the n need)
+            only = {q.seq_id for q in take} if len(take) == n else None
+            flush = only is not None or not self.actor.has_unfinished()
+            scored_some = self._score_some(flush, only) if self.overlap else False
             # the actor decodes until n sequences are done, then waits for the scorers' tail: the
             # progress of deferred sequences at the update must not depend on scorer timing
             if self.actor.has_unfinished() and len(self._finished) < n:
@@ -161,12 +191,15 @@ class Rollout:
                 raise RuntimeError(f"collect({n}): the actor has no work left but only "
                                    f"{len(self._finished)} sequences finished")
             self._wait_results(take)
-            if any(s.pending_tokens() for s in self.scorers) and not self._unstick(take):
+            if any(s.pending_tokens(only) for s in self.scorers) and not self._unstick(take):
                 raise RuntimeError(f"scorers cannot get pages for their pending tokens: the pool "
                                    f"({self.actor.pool.num_pages} pages) is too small for one sequence")
 
         if not self.overlap:
             self._score_sequential(take)
+        return self._finish_collect(take, n)
+
+    def _finish_collect(self, take: list[Sequence], n: int) -> list[ScoredSequence]:
         self._wait_results(take)
         out = [self._result(seq) for seq in take]
         self._finished = self._finished[n:]
@@ -192,15 +225,96 @@ class Rollout:
             sched.preempt(max(sched.running, key=lambda q: q.admit_order))
         return self.actor.pool.num_free >= need
 
-    def _score_some(self) -> bool:
-        """Overlap mode: each scorer prefills one batch of pending tokens on its stream."""
+    def _collect_threaded(self, n: int) -> list[ScoredSequence]:
+        """Overlap on a GPU: this thread decodes, the worker thread scores."""
+        self._flush = False
+        self._only = None
+        self._run.set()
+        try:
+            while len(self._finished) < n:
+                self._raise_worker_error()
+                if not self.actor.has_unfinished():
+                    raise RuntimeError(f"collect({n}): the actor has no work left but only "
+                                       f"{len(self._finished)} sequences finished")
+                t0 = time.perf_counter()
+                with self._span("actor", "decode" if self.actor.scheduler.running else "prefill"):
+                    self.actor.step()
+                self.stats["actor_s"] += time.perf_counter() - t0
+            take = self._finished[:n]
+            self._only = {q.seq_id for q in take}
+            self._flush = True
+            idle_rounds = 0
+            while True:
+                self._raise_worker_error()
+                with self._lock:
+                    if all(self._scored(q) for q in take):
+                        break
+                    busy = bool(self._inbox) or any(s._pending for s in self.scorers)
+                    if not busy and any(s.pending_tokens(self._only) for s in self.scorers):
+                        idle_rounds += 1
+                        if idle_rounds > 200 and not self._unstick(take):
+                            raise RuntimeError("scorers cannot get pages for their pending tokens: the pool "
+                                               f"({self.actor.pool.num_pages} pages) is too small")
+                self._wait_rule(take)
+                time.sleep(0.0002)
+        finally:
+            self._run.clear()
+            with self._lock:               # the worker's current iteration, if any, is over
+                pass
+        with self._lock:
+            while self._inbox:
+                chunks = self._inbox.popleft()
+                for s in self.scorers:
+                    s.submit(chunks)
+            return self._finish_collect(take, n)
+
+    def _raise_worker_error(self) -> None:
+        if self._worker_error is not None:
+            err, self._worker_error = self._worker_error, None
+            raise RuntimeError(f"the scorer thread failed: {type(err).__name__}: {err}") from err
+
+    def _work(self) -> None:
+        while not self._closed:
+            if not self._run.wait(timeout=0.05):
+                continue
+            did = False
+            try:
+                with self._lock:
+                    if not self._run.is_set():
+                        continue
+                    while self._inbox:
+                        chunks = self._inbox.popleft()
+                        for s in self.scorers:
+                            s.submit(chunks)
+                    did = self._score_some(self._flush, self._only)
+                    for s in self.scorers:
+                        s.poll()
+            except BaseException as e:  # noqa: BLE001  (reported to the collecting thread)
+                self._worker_error = e
+                self._run.clear()
+            if not did:
+                time.sleep(0.0002)
+
+    def close(self) -> None:
+        """Stop the scorer thread (also done at interpreter exit: it is a daemon)."""
+        self._closed = True
+        if self._worker is not None:
+            self._worker.join(timeout=5)
+
+    def _score_some(self, flush: bool = True, only: set[int] | None = None) -> bool:
+        """Overlap mode: each scorer prefills one batch of pending tokens on its stream.
+
+        Unless ``flush``, a scorer waits until about half a round of chunks is pending (C tokens
+        for half the running sequences): each call costs a fixed host overhead, so final chunks of
+        sequences ending one by one are gathered rather than prefilled one call each."""
         did = False
+        threshold = 1 if flush else max(1, self.actor.chunk_size * len(self.actor.scheduler.running) // 2)
         for s in self.scorers:
             s.poll()
-            if s.pending_tokens():
+            if s.pending_tokens(only) >= threshold:
                 t0 = time.perf_counter()
                 with self._scorer_ctx(s), self._span(s.name, "prefill", s.stream):
-                    fed = s.step()
+                    fed = s.step(only=only)
                 did |= fed > 0
                 dt = time.perf_counter() - t0
                 self.stats["score_s"] += dt
@@ -225,6 +339,9 @@ class Rollout:
         """Block until device results and rule rewards of ``seqs`` are in."""
         for s in self.scorers:
             s.poll(wait=True)
+        self._wait_rule(seqs)
+
+    def _wait_rule(self, seqs: list[Sequence]) -> None:
         if self.rule_reward is not None:
             for seq in seqs:
                 f = self.rule_reward.futures.get(seq.seq_id)

@@ -90,8 +90,9 @@ class Scorer:
             return st.known if st.final else st.known - 1
         return st.known - 1
 
-    def pending_tokens(self) -> int:
-        return sum(max(0, self._want(st) - st.fed) for st in self.states.values())
+    def pending_tokens(self, only: set[int] | None = None) -> int:
+        return sum(max(0, self._want(st) - st.fed) for st in self.states.values()
+                   if only is None or st.seq.seq_id in only)
 
     def done(self, seq_id: int) -> bool:
         st = self.states.get(seq_id)
@@ -107,11 +108,14 @@ class Scorer:
 
     # ------------------------------------------------------------------ work
     @torch.inference_mode()
-    def step(self, max_tokens: int | None = None) -> int:
-        """Prefill pending tokens of as many sequences as fit the token budget. Returns tokens fed."""
+    def step(self, max_tokens: int | None = None, only: set[int] | None = None) -> int:
+        """Prefill pending tokens of as many sequences as fit the token budget (oldest first; only
+        the sequences in ``only`` if given). Returns tokens fed."""
         budget = min(max_tokens or self.max_num_batched_tokens, self.max_num_batched_tokens)
         spans, states = [], []
         for st in sorted(self.states.values(), key=lambda s: s.seq.admit_order):
+            if only is not None and st.seq.seq_id not in only:
+                continue
             want = self._want(st)
             n = min(want - st.fed, budget)
             if n <= 0:

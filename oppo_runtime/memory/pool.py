@@ -14,6 +14,7 @@ tests): free + owned = num_pages, no page has two owners, every owned page is li
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -116,6 +117,7 @@ class PagePool:
         self._pages: dict[Owner, list[int]] = {}
         self.views: dict[str, KVView] = {}
         self._kept: tuple[list[int], torch.Tensor] | None = None
+        self._lock = threading.Lock()      # the actor and the scorer thread allocate concurrently
 
     # ---------------------------------------------------------------- models
     def register(self, name: str, geometry: KVGeometry, tokens_per_page: int | None = None) -> KVView:
@@ -149,21 +151,23 @@ class PagePool:
 
     def allocate(self, owner: Owner, n: int) -> list[int]:
         """Append ``n`` pages to ``owner`` (all or nothing); raises PoolExhausted."""
-        if n > len(self._free):
-            raise PoolExhausted(f"{owner}: needs {n} pages, {len(self._free)} free of {self.num_pages}")
-        got = [self._free.pop() for _ in range(n)]
-        for p in got:
-            self._owner[p] = owner
-        self._pages.setdefault(owner, []).extend(got)
-        return got
+        with self._lock:
+            if n > len(self._free):
+                raise PoolExhausted(f"{owner}: needs {n} pages, {len(self._free)} free of {self.num_pages}")
+            got = [self._free.pop() for _ in range(n)]
+            for p in got:
+                self._owner[p] = owner
+            self._pages.setdefault(owner, []).extend(got)
+            return got
 
     def free(self, owner: Owner) -> int:
-        pages = self._pages.pop(owner, [])
-        for p in pages:
-            assert self._owner[p] == owner, f"page {p} owned by {self._owner[p]}, freed by {owner}"
-            self._owner[p] = None
-        self._free.extend(reversed(pages))
-        return len(pages)
+        with self._lock:
+            pages = self._pages.pop(owner, [])
+            for p in pages:
+                assert self._owner[p] == owner, f"page {p} owned by {self._owner[p]}, freed by {owner}"
+                self._owner[p] = None
+            self._free.extend(reversed(pages))
+            return len(pages)
 
     def owners(self) -> list[Owner]:
         return list(self._pages)

@@ -33,7 +33,7 @@ if triton is not None:
         return x ^ (x >> 16)
 
     @triton.jit
-    def _gumbel_sample_kernel(logits_ptr, stride, temp_ptr, key_ptr, pos_ptr, seed, V,
+    def _gumbel_sample_kernel(logits_ptr, stride, temp_ptr, key_ptr, pos_ptr, seed_ptr, V,
                               tok_ptr, logp_ptr, bad_ptr, BLOCK: tl.constexpr):
         row = tl.program_id(0)
         t = tl.load(temp_ptr + row).to(tl.float32)
@@ -41,7 +41,8 @@ if triton is not None:
         inv_t = tl.where(greedy, 1.0, 1.0 / tl.where(greedy, 1.0, t))
         key = tl.load(key_ptr + row).to(tl.uint32)
         pos = tl.load(pos_ptr + row).to(tl.uint32)
-        rowhash = _mix32(_mix32(key * 0x9E3779B1 + seed.to(tl.uint32)) ^ (pos * 0x7FEB352D))
+        seed = tl.load(seed_ptr).to(tl.uint32)          # a tensor: an int argument of 1 would be specialised
+        rowhash = _mix32(_mix32(key * 0x9E3779B1 + seed) ^ (pos * 0x7FEB352D))
         best = tl.full((), float("-inf"), tl.float32)
         best_x = tl.full((), float("-inf"), tl.float32)
         best_i = tl.full((), 0, tl.int32)
@@ -86,5 +87,6 @@ def gumbel_sample(logits: torch.Tensor, temperature: torch.Tensor, seed: int, se
     if B:
         _gumbel_sample_kernel[(B,)](logits, logits.stride(0), temperature.float().contiguous(),
                                     seq_keys.to(torch.int64).contiguous(), positions.to(torch.int64).contiguous(),
-                                    seed & 0xFFFFFFFF, V, tok, logp, bad, BLOCK=4096, num_warps=8)
+                                    torch.tensor([seed & 0xFFFFFFFF], dtype=torch.int64, device=logits.device),
+                                    V, tok, logp, bad, BLOCK=4096, num_warps=8)
     return tok, logp, bad.bool()
