@@ -160,7 +160,8 @@ class ModelRunner:
                 self.model(st["input_ids"], st["positions"], ctx)
         torch.cuda.current_stream(dev).wait_stream(s)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=getattr(self, "_graph_pool", None)):
+        # thread_local: the scorer thread keeps launching on its own stream while we capture
+        with torch.cuda.graph(graph, pool=getattr(self, "_graph_pool", None), capture_error_mode="thread_local"):
             st["hidden"] = self.model(st["input_ids"], st["positions"], ctx)
         self._graph_pool = graph.pool()
         self.graphs[bs] = (graph, st)
