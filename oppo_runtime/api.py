@@ -158,39 +158,6 @@ def _copy_into(model, state_dict: dict, role: str) -> None:
             params[k].copy_(v)
 
 
-class _CriticWithFinalValue(Scorer):
-    """A critic that, once a sequence ends, also feeds its last token: one more value, V after
-    the response (TRL's value model is read there, one position past the last response token)."""
-
-    def _want(self, st) -> int:
-        if st.error is None and st.final:
-            return st.known
-        return super()._want(st)
-
-    def _consume(self, spans, states, hidden) -> None:
-        rows, owners, row = [], [], 0
-        for sp, st in zip(spans, states):
-            first = len(st.seq.prompt_ids) - 1        # the hidden state that predicts response token 0
-            rows.extend(row + i for i in range(len(sp.token_ids)) if sp.start + i >= first)
-            owners.extend(st for i in range(len(sp.token_ids)) if sp.start + i >= first)
-            row += len(sp.token_ids)
-            st.fed = sp.start + len(sp.token_ids)
-        if not rows:
-            return
-        vals = self.model.compute_scores(hidden[self.runner.stage(rows, torch.int64)])
-        for st in set(owners):
-            st.inflight += 1
-        if vals.device.type == "cuda":
-            host = torch.empty(vals.shape, dtype=vals.dtype, pin_memory=True)
-            host.copy_(vals, non_blocking=True)
-            ev = torch.cuda.Event()
-            ev.record()
-            self._pending.append((owners, host, ev))
-        else:
-            self._pending.append((owners, vals, None))
-            self.poll()
-
-
 # ---------------------------------------------------------------------------------- the API
 class OPPORollout:
     """The rollout stage of a PPO step: generate with the actor, score with the downstream models.
@@ -282,9 +249,8 @@ class OPPORollout:
             scorers.append(Scorer("reward", models["reward_model"], self.pool, "reward", max_model_len=mml,
                                   max_num_batched_tokens=max_num_batched_tokens))
         if models["critic"] is not None:
-            cls = _CriticWithFinalValue if critic_final_value else Scorer
-            scorers.append(cls("critic", models["critic"], self.pool, "critic", max_model_len=mml,
-                               max_num_batched_tokens=max_num_batched_tokens))
+            scorers.append(Scorer("critic", models["critic"], self.pool, "critic", max_model_len=mml,
+                                  max_num_batched_tokens=max_num_batched_tokens, final_value=critic_final_value))
         if models["reference"] is not None:
             scorers.append(Scorer("reference", models["reference"], self.pool, "reference", max_model_len=mml,
                                   max_num_batched_tokens=max_num_batched_tokens,

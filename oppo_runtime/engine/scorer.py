@@ -56,7 +56,8 @@ class _SeqState:
 
 class Scorer:
     def __init__(self, name: str, model, pool: PagePool, kind: str, *, max_model_len: int,
-                 max_num_batched_tokens: int = 8192, temperature: float = 1.0, own_stream: bool = True):
+                 max_num_batched_tokens: int = 8192, temperature: float = 1.0, own_stream: bool = True,
+                 final_value: bool = False):
         if kind not in SCORER_KINDS:
             raise ValueError(f"scorer {name!r}: kind must be one of {SCORER_KINDS}, got {kind!r}")
         self.name, self.model, self.kind = name, model, kind
@@ -66,6 +67,9 @@ class Scorer:
         self.runner = ModelRunner(model, self.view, max_model_len, enforce_eager=True)
         self.max_num_batched_tokens = max_num_batched_tokens
         self.temperature = temperature          # reference log-probs use the actor's sampling temperature
+        if final_value and kind != "critic":
+            raise ValueError(f"scorer {name!r}: final_value is for critics (V after the last token)")
+        self.final_value = final_value          # critic: one more value, after the last token (TRL reads it)
         self.device = next(model.parameters()).device
         # its own CUDA stream, so that its prefill overlaps the actor's decode (stream B)
         self.stream = torch.cuda.Stream(self.device) if (own_stream and self.device.type == "cuda") else None
@@ -86,7 +90,7 @@ class Scorer:
     def _want(self, st: _SeqState) -> int:
         if st.error is not None:
             return st.fed
-        if self.kind == "reward":
+        if self.kind == "reward" or self.final_value:
             return st.known if st.final else st.known - 1
         return st.known - 1
 
@@ -147,9 +151,10 @@ class Scorer:
                     if st.final and pos == st.known - 1:
                         rows.append(row + i)
                         owners.append(st)
-                elif pos >= P - 1:                    # predicts response token at pos+1
+                elif pos >= P - 1:                    # the state before response token pos+1-P
                     rows.append(row + i)
-                    nexts.append(st.seq.token_at(pos + 1))
+                    if self.kind == "reference":
+                        nexts.append(st.seq.token_at(pos + 1))
                     owners.append(st)
             row += len(sp.token_ids)
             st.fed = sp.start + len(sp.token_ids)
@@ -161,9 +166,13 @@ class Scorer:
             vals = self.model.compute_logprobs(h, stage(nexts, torch.int64), self.temperature)
         else:
             vals = self.model.compute_scores(h)
+        self._read_back(owners, vals)
+
+    def _read_back(self, owners: list[_SeqState], vals: torch.Tensor) -> None:
+        """Queue device results for their sequences, without a host sync; poll() finishes it."""
         for st in set(owners):
             st.inflight += 1
-        if vals.device.type == "cuda":     # read back without a host sync; poll() finishes it
+        if vals.device.type == "cuda":
             host = torch.empty(vals.shape, dtype=vals.dtype, pin_memory=True)
             host.copy_(vals, non_blocking=True)
             ev = torch.cuda.Event()
