@@ -92,3 +92,56 @@ def test_random_grow_and_free_never_leak_or_double_own(seq_ops):
             assert v.free(sid) == len(before)
         pool.check()
         assert sum(pool.usage().values()) == pool.num_pages
+
+
+# ------------------------------------------------------------------ scheduler properties
+from oppo_runtime.engine import Scheduler, Sequence, SamplingParams  # noqa: E402
+
+requests = st.lists(st.tuples(st.integers(1, 30), st.integers(1, 25)), min_size=1, max_size=12)
+
+
+@settings(max_examples=100, deadline=None)
+@given(requests, st.integers(8, 40), st.integers(1, 6), st.integers(4, 64), st.randoms(use_true_random=False))
+def test_scheduler_never_leaks_never_double_owns_and_finishes_everyone(reqs, num_pages, max_seqs, budget, rnd):
+    """Random requests through admit / chunked prefill / decode / preempt / finish, with the pool
+    shared with another model that grabs and frees pages at random."""
+    pool = PagePool(num_pages, PagePool.page_bytes_for([GEOM], 4))
+    view = pool.register("actor", GEOM)
+    other = pool.register("reward", GEOM)
+    sched = Scheduler(view, max_seqs, budget)
+    seqs = []
+    for plen, new in reqs:
+        if view.pages_for_tokens(plen + new) > num_pages:
+            continue                         # the engine rejects those at admission
+        s = Sequence(list(range(plen)), SamplingParams(max_new_tokens=new))
+        sched.add(s)
+        seqs.append(s)
+    for step in range(5000):
+        if not sched.has_work():
+            break
+        if rnd.random() < 0.2:               # another pool user comes and goes
+            try:
+                other.ensure(rnd.randint(0, 3), rnd.randint(1, 8))
+            except Exception:
+                pass
+        if rnd.random() < 0.3:
+            other.free(rnd.randint(0, 3))
+        batch = sched.schedule()
+        if batch is None:
+            for i in range(4):               # starved by the other user: it frees (as scorers evict)
+                other.free(i)
+            continue
+        for seq, span, sample in zip(batch.seqs, batch.spans, batch.sample):
+            assert span.start == seq.num_cached_tokens
+            assert len(view.pages(seq.seq_id)) * view.tokens_per_page >= span.start + len(span.token_ids)
+            seq.num_cached_tokens = span.start + len(span.token_ids)
+            if sample:
+                seq.output_ids.append(0)
+                if len(seq.output_ids) >= seq.sampling.max_new_tokens:
+                    sched.finish(seq)
+        pool.check()
+        assert sum(pool.usage().values()) == pool.num_pages
+        assert len(sched.running) <= max_seqs
+    assert not sched.has_work(), "a sequence starved"
+    assert all(s.is_finished and len(s.output_ids) == s.sampling.max_new_tokens for s in seqs)
+    assert view.pool.usage()["actor"] == 0

@@ -104,9 +104,13 @@ def test_kill_9_and_resume_equals_an_uninterrupted_run(tmp_path, overlap):
     out = res.communicate(timeout=600)[0]
     assert res.returncode == 0, out
     assert_same_metrics(metrics(tmp_path / "ref"), metrics(tmp_path / "run"))
-    if overlap == "full":
-        state = json.loads((ck / "step-000009" / "state.json").read_text()) if (ck / "step-000009").exists() else None
-        assert state is None or state["in_flight"] is not None
+    # conservation across the kill: every admitted prompt trained once or still in flight
+    ref_state = json.loads((tmp_path / "ref" / "checkpoints" / "step-000010" / "state.json").read_text())
+    state = json.loads((ck / "step-000010" / "state.json").read_text())
+    keys = state["trained_keys"]
+    assert keys == ref_state["trained_keys"] and len(keys) == len(set(keys))
+    in_flight = {d["sample_key"] for d in state["in_flight"]}
+    assert set(keys) | in_flight == set(range(state["next_prompt"])) and not set(keys) & in_flight
 
 
 def test_invalid_config_values_name_the_value():

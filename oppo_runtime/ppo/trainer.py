@@ -283,6 +283,8 @@ class PPOTrainer:
             "oppo/num_deferred": len(self.rollout.in_flight),
             "oppo/num_stale_finished": stale,
             "oppo/staleness_max": max((self.version - 1 - v for v in versions), default=0),
+            **{f"oppo/staleness_lag{k}_frac": sum(1 for v in versions if self.version - 1 - v == k) / max(1, len(versions))
+               for k in range(r.staleness_limit + 1)},
             "oppo/hidden_fraction": self._hidden_fraction(tl),
             "oppo/skipped_sequences": self.skipped,
             "oppo/preemptions": self.engine.scheduler.num_preemptions - preempt0,

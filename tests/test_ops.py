@@ -1,0 +1,97 @@
+"""The pure-torch references on the CPU (the oracle of the kernels), and dispatch errors."""
+import math
+
+import pytest
+import torch
+
+from oppo_runtime import ops
+from oppo_runtime.ops import (MissingKernelError, kv_append, paged_decode_attention, paged_prefill_attention,
+                              varlen_causal_attention)
+
+
+def paged(num_blocks, block_size, Hkv, D, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    pool = torch.randn(num_blocks, 2, block_size, Hkv, D, generator=g, dtype=torch.float64)
+    return pool[:, 0], pool[:, 1]          # page stride = 2 pages: as in the shared pool
+
+
+def test_kv_append_writes_the_named_slots_and_skips_minus_one():
+    k_cache, v_cache = paged(6, 4, 2, 8)
+    before_k, before_v = k_cache.clone(), v_cache.clone()
+    key, value = torch.randn(5, 2, 8, dtype=torch.float64), torch.randn(5, 2, 8, dtype=torch.float64)
+    slots = torch.tensor([13, -1, 0, 22, -1])
+    kv_append(key, value, k_cache, v_cache, slots)
+    for i, s in enumerate(slots.tolist()):
+        if s >= 0:
+            assert torch.equal(k_cache[s // 4, s % 4], key[i]) and torch.equal(v_cache[s // 4, s % 4], value[i])
+    untouched = torch.ones(6, 4, dtype=torch.bool)
+    for s in (13, 0, 22):
+        untouched[s // 4, s % 4] = False
+    assert torch.equal(k_cache[untouched], before_k[untouched]) and torch.equal(v_cache[untouched], before_v[untouched])
+
+
+def dense_attention(q, k, v, causal_offset):
+    """q [n, Hq, D], k/v [L, Hkv, D]; query i sees keys 0..causal_offset+i (float64, by hand)."""
+    G = q.shape[1] // k.shape[1]
+    out = torch.empty_like(q)
+    for i in range(q.shape[0]):
+        for h in range(q.shape[1]):
+            L = causal_offset + i + 1
+            s = (k[:L, h // G] @ q[i, h]) / math.sqrt(q.shape[2])
+            out[i, h] = torch.softmax(s, 0) @ v[:L, h // G]
+    return out
+
+
+@pytest.mark.parametrize("Hq,Hkv", [(4, 4), (4, 1), (7, 1)])
+def test_decode_reference_equals_attention_by_hand_on_shuffled_pages(Hq, Hkv):
+    block_size, D, lens = 4, 8, [1, 7, 12]
+    k_cache, v_cache = paged(12, block_size, Hkv, D)
+    perm = torch.randperm(12, generator=torch.Generator().manual_seed(1))
+    tables = perm[:9].view(3, 3).to(torch.int32)
+    q = torch.randn(3, Hq, D, dtype=torch.float64)
+    out = paged_decode_attention(q, k_cache, v_cache, tables, torch.tensor(lens, dtype=torch.int32), D ** -0.5)
+    for b, L in enumerate(lens):
+        k = torch.cat([k_cache[p] for p in tables[b].tolist()])[:L]
+        v = torch.cat([v_cache[p] for p in tables[b].tolist()])[:L]
+        torch.testing.assert_close(out[b:b + 1], dense_attention(q[b:b + 1], k, v, L - 1))
+
+
+def test_prefill_reference_is_bottom_right_causal_over_the_prefix():
+    block_size, Hq, Hkv, D = 4, 4, 2, 8
+    k_cache, v_cache = paged(16, block_size, Hkv, D)
+    tables = torch.randperm(16, generator=torch.Generator().manual_seed(2))[:12].view(3, 4).to(torch.int32)
+    chunks, ctx = [3, 1, 5], [9, 1, 14]               # prefix 6, 0, 9
+    cu = torch.tensor([0, 3, 4, 9], dtype=torch.int32)
+    q = torch.randn(9, Hq, D, dtype=torch.float64)
+    out = paged_prefill_attention(q, k_cache, v_cache, cu, torch.tensor(ctx, dtype=torch.int32), tables, D ** -0.5)
+    for b in range(3):
+        k = torch.cat([k_cache[p] for p in tables[b].tolist()])[:ctx[b]]
+        v = torch.cat([v_cache[p] for p in tables[b].tolist()])[:ctx[b]]
+        want = dense_attention(q[cu[b]:cu[b + 1]], k, v, ctx[b] - chunks[b])
+        torch.testing.assert_close(out[cu[b]:cu[b + 1]], want)
+
+
+def test_varlen_training_attention_keeps_sequences_apart():
+    q, k, v = (torch.randn(10, 4, 8, dtype=torch.float64) for _ in range(3))
+    cu = torch.tensor([0, 3, 10])
+    out = varlen_causal_attention(q, k[:, :2], v[:, :2], cu, 8 ** -0.5)
+    for s, e in ((0, 3), (3, 10)):
+        torch.testing.assert_close(out[s:e], dense_attention(q[s:e], k[s:e, :2], v[s:e, :2], 0))
+
+
+def test_asking_for_a_cuda_kernel_on_cpu_tensors_names_the_op():
+    k_cache, v_cache = paged(2, 4, 1, 8)
+    with pytest.raises(MissingKernelError, match=r"op kv_append: CUDA kernel requested"):
+        kv_append(torch.zeros(1, 1, 8, dtype=torch.float64), torch.zeros(1, 1, 8, dtype=torch.float64),
+                  k_cache, v_cache, torch.tensor([0]), backend="cuda")
+    with pytest.raises(ValueError, match="unknown backend"):
+        kv_append(torch.zeros(1, 1, 8), torch.zeros(1, 1, 8), k_cache.float(), v_cache.float(), torch.tensor([0]),
+                  backend="triton")
+
+
+def test_shape_errors_name_the_op_and_shapes():
+    k_cache, v_cache = paged(2, 4, 2, 8)
+    with pytest.raises(ValueError, match=r"paged_decode_attention: q must be \[B, Hq, 8\]"):
+        paged_decode_attention(torch.zeros(1, 3, 8, dtype=torch.float64), k_cache, v_cache,
+                               torch.zeros(1, 1, dtype=torch.int32), torch.ones(1, dtype=torch.int32), 1.0)
+    assert "kv_append" in ops.backends()
