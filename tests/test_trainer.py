@@ -142,3 +142,20 @@ def test_nan_reward_is_an_error_naming_the_sequence_or_a_counted_skip(tmp_path, 
     t = PPOTrainer(cfg(tmp_path / "skip", "intra", 3, "run.nan_policy=skip"))
     t.train()
     assert metrics(tmp_path / "skip")[-1]["oppo/skipped_sequences"] == 1
+
+
+def test_prompt_file_with_a_too_long_prompt_names_its_line_or_is_a_counted_skip(tmp_path):
+    from oppo_runtime.ppo.default_task import VOCAB
+    lines = [json.dumps({"prompt": "abc:"}), json.dumps({"prompt": "ABCD:", "target_len": 5}),
+             json.dumps({"prompt_ids": [2] + [3] * 40})] + [json.dumps({"prompt": w + ":"}) for w in
+                                                            ("xy", "QR", "mn", "ST", "uv", "WXY")] * 3
+    f = tmp_path / "prompts.jsonl"
+    f.write_text("\n".join(lines) + "\n")
+    extra = [f"rollout.prompt_file={f}", "rollout.max_prompt_len=16", "rollout.batch_size=8"]
+    with pytest.raises(ValueError, match=r"prompts.jsonl:3: prompt of 41 tokens is longer than rollout.max_prompt_len=16"):
+        PPOTrainer(cfg(tmp_path / "a", "intra", 2, *extra))
+    t = PPOTrainer(cfg(tmp_path / "b", "intra", 2, *extra, "run.nan_policy=skip"))
+    t.train()
+    assert t.skipped == 1 and len(t.prompts) == len(lines) - 1
+    assert metrics(tmp_path / "b")[-1]["oppo/skipped_sequences"] == 1
+    assert len(VOCAB) == t.actor.config.vocab_size

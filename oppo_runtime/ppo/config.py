@@ -38,6 +38,9 @@ class ModelSection:
 @dataclass
 class RolloutSection:
     batch_size: int = 16                # B: sequences trained per step
+    prompt_file: str | None = None      # JSONL: {"prompt": text} or {"prompt_ids": [...]}, optional "target_len";
+                                        # None = the embedded default task
+    max_prompt_len: int = 512           # longer prompts: an error naming them (or skipped, run.nan_policy=skip)
     num_prompts: int = 512              # prompts of the embedded default set
     max_new_tokens: int = 96
     use_target_lens: bool = True        # tell the engine each prompt's response length (benchmarks, default task)
@@ -125,6 +128,7 @@ class TrainConfig:
             (r.batch_size >= 1, "rollout.batch_size", r.batch_size, ">= 1"),
             (r.max_new_tokens >= 1, "rollout.max_new_tokens", r.max_new_tokens, ">= 1"),
             (r.num_prompts >= r.batch_size, "rollout.num_prompts", r.num_prompts, ">= rollout.batch_size"),
+            (r.max_prompt_len >= 1, "rollout.max_prompt_len", r.max_prompt_len, ">= 1"),
             (r.temperature > 0, "rollout.temperature", r.temperature, "> 0 for PPO (sampling)"),
             (0 < r.top_p <= 1, "rollout.top_p", r.top_p, "in (0, 1]"),
             (r.top_k >= 0, "rollout.top_k", r.top_k, ">= 0"),

@@ -77,9 +77,20 @@ class PPOTrainer:
         reward_path = m.reward_path or paths.get("reward")
         critic_path = m.critic_path or reward_path
         self.tokenizer = load_tokenizer(actor_path)
-        max_len = self._max_model_len()
+        self.skipped = 0
+        self.prompts = (default_prompts(r.num_prompts, seed=run.seed, max_len=r.max_new_tokens) if r.prompt_file is None
+                        else self._load_prompts(r.prompt_file))
+        if len(self.prompts) < r.batch_size:
+            raise ValueError(f"{r.prompt_file}: {len(self.prompts)} usable prompts, fewer than rollout.batch_size={r.batch_size}")
+        if reward_path is None and not default:
+            raise ValueError("no reward: give model.reward_path (a *ForSequenceClassification directory), "
+                             "or leave model.actor_path unset for the embedded default task and its rule reward")
+        max_len = max(len(p["prompt_ids"]) for p in self.prompts) + r.max_new_tokens + 1
         self.actor = load_model(actor_path, "causal_lm", train_dtype, self.device, max_model_len=max_len)
         self.actor.gradient_checkpointing = m.gradient_checkpointing
+        if max_len > self.actor.config.max_position_embeddings:
+            raise ValueError(f"the longest prompt plus rollout.max_new_tokens needs {max_len} positions; "
+                             f"{actor_path} has a context of {self.actor.config.max_position_embeddings}")
         if critic_path is not None:
             self.critic = load_model(critic_path, "score", train_dtype, self.device, max_model_len=max_len)
         else:
@@ -123,8 +134,7 @@ class PPOTrainer:
         self.sampling = SamplingParams(temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
                                        max_new_tokens=r.max_new_tokens)
 
-        # ---------------------------------------------------------------- data, optim, control
-        self.prompts = default_prompts(r.num_prompts, seed=run.seed, max_len=r.max_new_tokens)
+        # ---------------------------------------------------------------- optim, control
         o = cfg.optim
         self.opt_actor = torch.optim.AdamW(self.actor.parameters(), lr=o.actor_lr, betas=o.betas,
                                            weight_decay=o.weight_decay)
@@ -141,7 +151,6 @@ class PPOTrainer:
         self.step_idx = 0
         self.version = 0
         self.next_prompt = 0
-        self.skipped = 0
         self.trained_keys: list[int] = []     # sample keys of trained sequences (conservation checks)
         resumed_from = self._resume() if resume else None
         self.metrics = MetricsLogger(self.out_dir, tensorboard=run.tensorboard,
@@ -150,10 +159,28 @@ class PPOTrainer:
                  eng_dtype, train_dtype, self.device, self.share_actor)
 
     # ------------------------------------------------------------------ setup helpers
-    def _max_model_len(self) -> int:
-        prompt_max = 8 if self.cfg.model.actor_path is None else 512
-        return min(4096, prompt_max + self.cfg.rollout.max_new_tokens + 2) if self.cfg.model.actor_path is None \
-            else prompt_max + self.cfg.rollout.max_new_tokens
+    def _load_prompts(self, path: str) -> list[dict]:
+        """JSONL prompts, tokenized with the actor's tokenizer; too long ones name their line."""
+        import json
+
+        r, out = self.cfg.rollout, []
+        with open(path) as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                d = json.loads(line)
+                ids = d.get("prompt_ids") or self.tokenizer.encode(d["prompt"])
+                if not ids:
+                    raise ValueError(f"{path}:{n}: empty prompt")
+                if len(ids) > r.max_prompt_len:
+                    msg = f"{path}:{n}: prompt of {len(ids)} tokens is longer than rollout.max_prompt_len={r.max_prompt_len}"
+                    if self.cfg.run.nan_policy != "skip":
+                        raise ValueError(msg + " (run.nan_policy=skip drops such prompts)")
+                    log.warning("%s: skipped", msg)
+                    self.skipped += 1
+                    continue
+                out.append({"prompt_ids": list(ids), "text": d.get("prompt", ""), "target_len": d.get("target_len")})
+        return out
 
     def _num_pages(self, page_bytes: int, geoms, max_len: int) -> int:
         r = self.cfg.rollout
@@ -190,6 +217,9 @@ class PPOTrainer:
         keys = list(range(self.next_prompt, self.next_prompt + count))
         self.next_prompt += count
         tl = [it["target_len"] for it in items] if self.cfg.rollout.use_target_lens else None
+        if tl is not None and any(t is None for t in tl):
+            tl = None if all(t is None for t in tl) else [t if t is not None else self.cfg.rollout.max_new_tokens
+                                                          for t in tl]
         self.rollout.submit([it["prompt_ids"] for it in items], self.sampling, target_lens=tl, sample_keys=keys,
                             metas=[{"text": it["text"]} for it in items])
 
