@@ -159,3 +159,10 @@ def test_prompt_file_with_a_too_long_prompt_names_its_line_or_is_a_counted_skip(
     assert t.skipped == 1 and len(t.prompts) == len(lines) - 1
     assert metrics(tmp_path / "b")[-1]["oppo/skipped_sequences"] == 1
     assert len(VOCAB) == t.actor.config.vocab_size
+
+
+def test_releasing_the_pool_for_training_changes_nothing(tmp_path):
+    common = ["model.dtype=float64", "rollout.delta_init=4"]
+    PPOTrainer(cfg(tmp_path / "keep", "full", 6, *common)).train()
+    PPOTrainer(cfg(tmp_path / "release", "full", 6, *common, "rollout.release_pool_in_training=true")).train()
+    assert_same_metrics(metrics(tmp_path / "keep"), metrics(tmp_path / "release"), tol=1e-12)

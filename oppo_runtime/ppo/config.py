@@ -60,6 +60,8 @@ class RolloutSection:
     pool_pages: int | None = None       # None: from free memory (CUDA) or enough for the batch (CPU)
     memory_fraction: float = 0.5
     tokens_per_page: int = 16
+    release_pool_in_training: bool = False  # give the KV pool's memory back during the update
+                                            # (pages of in-flight sequences are kept)
     max_num_batched_tokens: int = 4096
 
 

@@ -283,8 +283,13 @@ class PPOTrainer:
         with timer("rollout"):
             results = self.rollout.collect(B)
         results = self._check_results(results)
+        if r.release_pool_in_training:
+            keep = [o for o in self.pool.owners() if o[1] in self.rollout.in_flight]
+            self.pool.release(keep=keep)
         with tl.span("train", "train"), timer("train"):
             stats = self._update(results)
+        if r.release_pool_in_training:
+            self.pool.reacquire()
         self.version += 1
         with timer("sync_weights"):
             self._sync_weights()
