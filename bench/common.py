@@ -23,7 +23,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["time_ms", "copy_bandwidth", "matmul_flops", "device_info", "write_json", "print_table",
+__all__ = ["attention_bench_setup", "time_ms", "copy_bandwidth", "matmul_flops", "device_info", "write_json", "print_table",
            "paged_pool", "results_path"]
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -163,3 +163,29 @@ def paged_pool(num_seqs: int, ctx: int, Hkv: int, D: int, block_size: int, dtype
     perm = torch.randperm(nblocks, device="cuda", generator=g).to(torch.int32)
     block_tables = perm.view(num_seqs, per_seq).contiguous()
     return k_cache, v_cache, block_tables
+
+
+def attention_bench_setup(doc: str):
+    """Arguments, kernel check and compiled FlexAttention shared by the attention benchmarks.
+
+    Returns (args, flex_attention or None, create_block_mask or None)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--no-flex", action="store_true")
+    ap.add_argument("--shapes", default=None, help="comma-separated indices into SHAPES")
+    args = ap.parse_args()
+
+    import oppo_runtime.ops  # noqa: F401  (loads torch.ops.oppo)
+    from oppo_runtime.ops import has_cuda_kernels
+    assert has_cuda_kernels(), "oppo_runtime._C was built without CUDA kernels"
+    flex = create_block_mask = None
+    if not args.no_flex:
+        try:
+            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+            flex = torch.compile(flex_attention, dynamic=False)
+        except Exception as e:  # noqa: BLE001
+            print(f"FlexAttention unavailable: {e}")
+    return args, flex, create_block_mask

@@ -10,7 +10,6 @@ query length (q viewed [B, Hkv, G, D], no mask), which reads each KV head once.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (copy_bandwidth, device_info, paged_pool, print_table, results_path, time_ms,  # noqa: E402
+from common import (attention_bench_setup, copy_bandwidth, device_info, paged_pool, print_table, results_path, time_ms,  # noqa: E402
                     write_json)
 
 SHAPES = [  # B, ctx, Hq, Hkv, D  (issue 7)
@@ -31,23 +30,8 @@ SHAPES = [  # B, ctx, Hq, Hkv, D  (issue 7)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--block-size", type=int, default=16)
-    ap.add_argument("--no-flex", action="store_true")
-    ap.add_argument("--shapes", default=None, help="comma-separated indices into SHAPES")
-    args = ap.parse_args()
 
-    import oppo_runtime.ops  # noqa: F401  (loads torch.ops.oppo)
-    from oppo_runtime.ops import has_cuda_kernels
-    assert has_cuda_kernels(), "oppo_runtime._C was built without CUDA kernels"
-    flex = None
-    if not args.no_flex:
-        try:
-            from torch.nn.attention.flex_attention import flex_attention
-            flex = torch.compile(flex_attention, dynamic=False)
-        except Exception as e:  # noqa: BLE001
-            print(f"FlexAttention unavailable: {e}")
+    args, flex, _ = attention_bench_setup(__doc__)
 
     info = device_info()
     bw = copy_bandwidth()
