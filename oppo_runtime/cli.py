@@ -84,7 +84,7 @@ def _train(args) -> int:
         ck = latest_checkpoint(os.path.join(cfg.run.out_dir, "checkpoints"))
         if ck is not None:
             saved = json.loads((ck / "state.json").read_text())["config"]
-            cfg = _merge(saved, overrides)
+            cfg = load_config(None, overrides, base=saved)
     print("config:\n" + cfg.dumps())
     trainer = PPOTrainer(cfg, resume=args.resume)
     last = trainer.train()
@@ -92,18 +92,6 @@ def _train(args) -> int:
           f"metrics in {cfg.run.out_dir}/metrics.jsonl, curve in {cfg.run.out_dir}/reward_curve.png, "
           f"timelines in {cfg.run.out_dir}/timelines/")
     return 0
-
-
-def _merge(saved: dict, overrides: list[str]):
-    import yaml
-
-    from .ppo.config import TrainConfig
-    d = {k: dict(v) for k, v in saved.items()}
-    for item in overrides:
-        key, value = item.split("=", 1)
-        sec, name = key.split(".", 1)
-        d.setdefault(sec, {})[name] = yaml.safe_load(value)
-    return TrainConfig.from_dict(d)
 
 
 def main(argv=None) -> int:

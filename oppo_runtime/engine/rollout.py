@@ -180,10 +180,7 @@ class Rollout:
             # the actor decodes until n sequences are done, then waits for the scorers' tail: the
             # progress of deferred sequences at the update must not depend on scorer timing
             if self.actor.has_unfinished() and len(self._finished) < n:
-                t0 = time.perf_counter()
-                with self._span("actor", "decode" if self.actor.scheduler.running else "prefill"):
-                    self.actor.step()
-                self.stats["actor_s"] += time.perf_counter() - t0
+                self._actor_step()
                 continue
             if scored_some:
                 continue
@@ -236,10 +233,7 @@ class Rollout:
                 if not self.actor.has_unfinished():
                     raise RuntimeError(f"collect({n}): the actor has no work left but only "
                                        f"{len(self._finished)} sequences finished")
-                t0 = time.perf_counter()
-                with self._span("actor", "decode" if self.actor.scheduler.running else "prefill"):
-                    self.actor.step()
-                self.stats["actor_s"] += time.perf_counter() - t0
+                self._actor_step()
             take = self._finished[:n]
             self._only = {q.seq_id for q in take}
             self._flush = True
@@ -267,6 +261,12 @@ class Rollout:
                 for s in self.scorers:
                     s.submit(chunks)
             return self._finish_collect(take, n)
+
+    def _actor_step(self) -> None:
+        t0 = time.perf_counter()
+        with self._span("actor", "decode" if self.actor.scheduler.running else "prefill"):
+            self.actor.step()
+        self.stats["actor_s"] += time.perf_counter() - t0
 
     def _raise_worker_error(self) -> None:
         if self._worker_error is not None:

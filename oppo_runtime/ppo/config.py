@@ -7,7 +7,6 @@ Sections and names follow TRL/verl where users know them (``kl_coef``, ``clipran
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import asdict, dataclass, field, fields
 
@@ -205,14 +204,19 @@ def _parse_value(text: str):
     return v
 
 
-def load_config(path: str | None = None, overrides: list[str] = ()) -> TrainConfig:
-    """YAML file (optional) + ``section.key=value`` overrides -> validated TrainConfig."""
-    d: dict = {}
+def load_config(path: str | None = None, overrides: list[str] = (), base: dict | None = None) -> TrainConfig:
+    """``base`` (e.g. a checkpoint's saved config), then a YAML file, then ``section.key=value``
+    overrides -> validated TrainConfig."""
+    d: dict = {k: dict(v) for k, v in (base or {}).items()}
     if path:
         with open(path) as f:
-            d = yaml.safe_load(f) or {}
-        if not isinstance(d, dict):
+            loaded = yaml.safe_load(f) or {}
+        if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: a config file must be a mapping of sections")
+        for section, values in loaded.items():
+            if values is not None and not isinstance(values, dict):
+                raise ConfigError(f"{path}: section [{section}] must be a mapping, got {values!r}")
+            d.setdefault(section, {}).update(values or {})
     for item in overrides:
         if "=" not in item or "." not in item.split("=", 1)[0]:
             raise ConfigError(f"override {item!r} must look like section.key=value")
@@ -223,15 +227,3 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> TrainConf
         return TrainConfig.from_dict(d)
     except TypeError as e:
         raise ConfigError(f"invalid config: {e}") from None
-
-
-def replace(cfg: TrainConfig, **sections) -> TrainConfig:
-    """A copy with some sections' fields replaced: replace(cfg, run={"total_steps": 3})."""
-    d = cfg.to_dict()
-    for k, v in sections.items():
-        d[k].update(v)
-    return TrainConfig.from_dict(d)
-
-
-__all__.append("replace")
-_ = dataclasses
