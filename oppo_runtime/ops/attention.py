@@ -5,7 +5,8 @@ Layout of a model's KV cache (one layer, K or V; a strided view of the shared pa
              stride(0) = the pool's page stride, often larger than block_size*Hkv*D)
 A slot is ``block * block_size + offset``; ``slot_mapping`` value -1 means "skip this row".
 
-Ops (the CUDA kernel and the reference share a signature; ``backend`` forces one):
+Ops (the CUDA kernel and the reference share a signature; ``backend`` forces one; chunk prefill
+also has a Triton kernel, ``prefill_triton.py``, the default on sm_90):
     kv_append(key, value, k_cache, v_cache, slot_mapping)
     paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
     paged_prefill_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale)
@@ -13,10 +14,12 @@ Ops (the CUDA kernel and the reference share a signature; ``backend`` forces one
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
-from ._backend import choose_backend, has_cuda_kernels
+from ._backend import MissingKernelError, choose_backend, has_cuda_kernels, record_backend
 
 __all__ = [
     "kv_append", "kv_append_ref",
@@ -185,17 +188,78 @@ def paged_prefill_attention_ref(q, k_cache, v_cache, cu_seqlens_q, context_lens,
     return out
 
 
+def _prefill_backend(q: torch.Tensor, backend: str | None) -> str:
+    """Which implementation runs ``paged_prefill_attention``: 'cuda', 'triton' or 'reference'.
+
+    Asked for by, in order: the ``backend`` argument, env ``OPPO_PREFILL_BACKEND``
+    (cuda|triton|reference), env ``OPPO_OP_BACKEND``; none of them (or 'auto') means auto.
+    Auto rule, on a CUDA device for bf16/fp16 and head dim 64/128: the Triton kernel on sm_90
+    (Hopper) when triton imports — there tl.dot lowers to wgmma, which the CUDA kernel (mma.sync,
+    0.55-0.63x FlexAttention on an H100, bench/NOTES.md "Prefill v2") does not use; on other cards
+    the CUDA kernel, or Triton when the extension lacks it; else the reference. Inputs no kernel
+    covers (fp32, other head dims) take the reference unless the ``backend`` argument names a
+    kernel (ValueError). A kernel asked for that cannot run raises MissingKernelError: no silent
+    fallback.
+    """
+    op = "paged_prefill_attention"
+    requested = (backend or os.environ.get("OPPO_PREFILL_BACKEND") or os.environ.get("OPPO_OP_BACKEND")
+                 or "auto")
+    if requested not in ("auto", "cuda", "triton", "reference"):
+        raise ValueError(f"op {op}: unknown backend {requested!r} (auto|cuda|triton|reference)")
+    covered = q.dtype in _KERNEL_DTYPES and q.shape[-1] in _KERNEL_HEAD_DIMS
+    if not covered:
+        if backend in ("cuda", "triton"):
+            raise ValueError(f"{op}: the {backend} kernel takes bf16/fp16 with head_dim 64 or 128, "
+                             f"got {q.dtype} and head_dim {q.shape[-1]}")
+        return choose_backend(op, q.device, "reference")
+    on_cuda = q.device.type == "cuda"
+    if requested == "auto" and on_cuda:
+        from . import prefill_triton
+        if prefill_triton.available() and (_is_sm90(q.device) or not has_cuda_kernels()):
+            requested = "triton"
+    if requested == "triton":
+        from . import prefill_triton
+        if not prefill_triton.available() or not on_cuda:
+            why = ("triton is not installed" if not prefill_triton.available()
+                   else f"its inputs are on {q.device}, not on a CUDA device")
+            raise MissingKernelError(f"op {op}: Triton kernel requested but not available ({why})")
+        record_backend(op, "triton")
+        return "triton"
+    return choose_backend(op, q.device, requested)
+
+
+def _is_sm90(device: torch.device) -> bool:
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    if key not in _TRITON_PREFERRED:
+        _TRITON_PREFERRED[key] = torch.cuda.get_device_capability(device)[0] == 9
+    return _TRITON_PREFERRED[key]
+
+
+_TRITON_PREFERRED: dict[int, bool] = {}
+
+
 def paged_prefill_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables,
                             scale: float, out: torch.Tensor | None = None,
                             max_seqlen_q: int | None = None, backend: str | None = None):
+    """Chunk prefill over the paged context (see ``paged_prefill_attention_ref``).
+
+    ``backend``: None/'auto', 'cuda', 'triton' or 'reference' (rule in ``_prefill_backend``).
+    Pass ``max_seqlen_q`` (the longest chunk, or more) to avoid a host sync, e.g. under CUDA-graph
+    capture; the Triton backend also needs one eager call per (G, head_dim, page size, dtype)
+    before capture (its autotuner benchmarks on the first).
+    """
     _check_cache("paged_prefill_attention", k_cache, v_cache)
     B = context_lens.shape[0]
     if q.dim() != 3 or q.shape[2] != k_cache.shape[3] or q.shape[1] % k_cache.shape[2]:
         raise ValueError(f"paged_prefill_attention: q must be [Nq, Hq, {k_cache.shape[3]}], got {tuple(q.shape)}")
     if cu_seqlens_q.shape != (B + 1,) or block_tables.shape[0] != B:
         raise ValueError("paged_prefill_attention: cu_seqlens_q must be [B+1] and block_tables [B, max_blocks]")
-    backend = _kernel_backend("paged_prefill_attention", q, backend)
-    if choose_backend("paged_prefill_attention", q.device, backend) == "cuda":
+    which = _prefill_backend(q, backend)
+    if which == "triton":
+        from . import prefill_triton
+        return prefill_triton.paged_prefill_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens,
+                                                      block_tables, scale, out=out, max_seqlen_q=max_seqlen_q)
+    if which == "cuda":
         if out is None:
             out = torch.empty_like(q)
         if max_seqlen_q is None:  # a host sync: callers that capture graphs pass it

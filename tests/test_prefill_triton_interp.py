@@ -1,0 +1,154 @@
+"""The Triton chunk-prefill kernel on the CPU, through the Triton interpreter, against the fp32 reference.
+
+``TRITON_INTERPRET=1`` is read when a kernel is decorated (at import), so the cases run in one
+child process that imports the kernel with it set; each test here checks one case's result.
+Pages are shuffled, slots past each context hold NaN, the output is poisoned with NaN.
+
+Interpreter differences from the GPU: its ``tl.dot`` multiplies bf16 bit patterns as integers
+(the kernel's ``DOT_F32`` switch, on only in the interpreter, feeds fp32 operands instead), and
+its fp32 -> bf16 cast truncates where the GPU rounds to nearest, which doubles the error of P's
+bf16 rounding: hence the wider bf16 tolerance here (the GPU tests keep 2e-3).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Hq, Hkv, D, block_size, prefixes, chunks, dtype, (BLOCK_M, BLOCK_N), max_seqlen_q padding
+CASES = {
+    "ragged_G4_page16_multi_page_tiles": (8, 2, 64, 16, [0, 37, 70], [1, 50, 33], "float16", (128, 64), 0),
+    "bf16_G4_page16": (8, 2, 64, 16, [0, 37, 70], [1, 50, 33], "bfloat16", (128, 64), 0),
+    "G7_page64_tile_in_one_page": (7, 1, 64, 64, [5, 0, 130], [40, 90, 2], "float16", (128, 64), 5),
+    "G1_page48_not_pow2_D32": (4, 4, 32, 48, [95, 13], [31, 20], "float16", (128, 64), 0),
+    "G8_small_tiles_bn16": (8, 1, 64, 32, [64, 3], [20, 17], "float16", (64, 16), 0),
+    "D128_G2_bf16": (4, 2, 128, 16, [17, 0], [9, 24], "bfloat16", (128, 64), 0),
+    "diagonal_at_tile_edges_G1": (2, 2, 64, 16, [62, 63, 64, 127], [10, 3, 70, 1], "float16", (128, 64), 0),
+    "chunk1_only": (8, 2, 64, 16, [10, 0, 31], [1, 1, 1], "float16", (128, 64), 0),
+}
+TOL = {"float16": 1e-3, "bfloat16": 4e-3}
+
+
+def _run_case(Hq, Hkv, D, bs, prefixes, chunks, dtype_name, cfg, pad, seed):
+    from oppo_runtime.ops import attention as A
+    from oppo_runtime.ops import prefill_triton as T
+
+    dtype = getattr(torch, dtype_name)
+    g = torch.Generator().manual_seed(seed)
+    lens = [p + c for p, c in zip(prefixes, chunks)]
+    need = [math.ceil(n / bs) for n in lens]
+    nb = sum(need) + 3
+    page_elems = 2 * 2 * bs * Hkv * D            # [layer][k|v] of 2 layers: page stride > one page
+    pool = ((torch.rand(nb, page_elems, generator=g) * 2 - 1) * 50).to(dtype)
+    one = bs * Hkv * D
+    shape, stride = (nb, bs, Hkv, D), (page_elems, Hkv * D, D, 1)
+    k, v = pool.as_strided(shape, stride, 2 * one), pool.as_strided(shape, stride, 3 * one)
+    perm = torch.randperm(nb, generator=g)
+    bt = torch.full((len(lens), max(need + [1]) + 1), -1, dtype=torch.int32)
+    at = 0
+    for b, nblk in enumerate(need):
+        bt[b, :nblk] = perm[at:at + nblk].to(torch.int32)
+        at += nblk
+    for b, n in enumerate(lens):
+        pos = torch.arange(n)
+        blocks = bt[b, pos // bs].long()
+        for c in (k, v):
+            c[blocks, pos % bs] = torch.randn(n, Hkv, D, generator=g).to(dtype)
+        if n % bs:                                # the rest of the last page: NaN
+            k[bt[b, n // bs].long(), n % bs:] = float("nan")
+            v[bt[b, n // bs].long(), n % bs:] = float("nan")
+    cu = torch.tensor([0] + torch.tensor(chunks).cumsum(0).tolist(), dtype=torch.int32)
+    ctx = torch.tensor(lens, dtype=torch.int32)
+    Nq = int(cu[-1])
+    q = torch.randn(Nq, Hq, D, generator=g).to(dtype)
+    out = torch.full((Nq, Hq, D), float("nan"), dtype=torch.float32)
+    T.paged_prefill_attention(q, k, v, cu, ctx, bt, D ** -0.5, out=out, max_seqlen_q=max(chunks) + pad, config=cfg)
+    out_native = T.paged_prefill_attention(q, k, v, cu, ctx, bt, D ** -0.5, max_seqlen_q=max(chunks) + pad,
+                                           config=cfg)
+    ref = A.paged_prefill_attention_ref(q, k, v, cu, ctx, bt.clamp_min(0), D ** -0.5, out=torch.empty(Nq, Hq, D))
+
+    def rel(x):
+        return float((x.double() - ref.double()).norm() / ref.double().norm())
+    return {"finite": bool(torch.isfinite(out).all()) and bool(torch.isfinite(out_native.float()).all()),
+            "native_dtype": str(out_native.dtype), "err_f32_out": rel(out), "err_native_out": rel(out_native),
+            "rounding": rel(ref.to(dtype))}
+
+
+def _child():
+    results = {}
+    for i, (name, case) in enumerate(CASES.items()):
+        try:
+            results[name] = _run_case(*case, seed=i)
+        except Exception as e:  # noqa: BLE001
+            results[name] = {"error": f"{type(e).__name__}: {e}"}
+    print("RESULTS " + json.dumps(results))
+
+
+@pytest.fixture(scope="module")
+def results():
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")), None)
+    assert line is not None, f"interpreter child failed (rc {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    return json.loads(line[len("RESULTS "):])
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_triton_prefill_matches_reference_in_interpreter(results, name):
+    r = results[name]
+    assert "error" not in r, r.get("error")
+    dtype = CASES[name][6]
+    assert r["finite"], "unwritten or non-finite output"
+    assert r["native_dtype"] == f"torch.{dtype}"
+    assert r["err_f32_out"] < TOL[dtype], r
+    assert r["err_native_out"] < r["rounding"] + TOL[dtype], r
+
+
+# ----------------------------------------------------------------------------- dispatch (CPU)
+def _tiny(dtype=torch.bfloat16, D=64):
+    k = torch.zeros(2, 16, 1, D, dtype=dtype)
+    q = torch.randn(3, 2, D).to(dtype)
+    cu = torch.tensor([0, 3], dtype=torch.int32)
+    ctx = torch.tensor([5], dtype=torch.int32)
+    bt = torch.tensor([[0]], dtype=torch.int32)
+    return q, k, k, cu, ctx, bt
+
+
+def test_triton_backend_on_cpu_raises_instead_of_falling_back():
+    from oppo_runtime.ops import MissingKernelError, paged_prefill_attention
+    with pytest.raises(MissingKernelError, match="Triton kernel requested but not available"):
+        paged_prefill_attention(*_tiny(), 0.125, backend="triton")
+
+
+def test_triton_backend_rejects_uncovered_inputs():
+    from oppo_runtime.ops import paged_prefill_attention
+    with pytest.raises(ValueError, match="triton kernel takes bf16/fp16"):
+        paged_prefill_attention(*_tiny(torch.float32), 0.125, backend="triton")
+    with pytest.raises(ValueError, match="unknown backend"):
+        paged_prefill_attention(*_tiny(), 0.125, backend="flash")
+
+
+def test_env_forces_the_prefill_backend(monkeypatch):
+    from oppo_runtime.ops import MissingKernelError, backends, paged_prefill_attention
+    monkeypatch.setenv("OPPO_PREFILL_BACKEND", "triton")
+    with pytest.raises(MissingKernelError):
+        paged_prefill_attention(*_tiny(), 0.125)            # CPU tensors: no Triton here
+    paged_prefill_attention(*_tiny(torch.float32), 0.125)   # fp32: no kernel covers it, the reference runs
+    assert backends()["paged_prefill_attention"] == "reference"
+    monkeypatch.setenv("OPPO_PREFILL_BACKEND", "reference")
+    out = paged_prefill_attention(*_tiny(), 0.125)
+    assert out.shape == (3, 2, 64) and backends()["paged_prefill_attention"] == "reference"
+
+
+if __name__ == "__main__":
+    _child()
