@@ -102,3 +102,26 @@ def test_overlap_on_and_off_agree_on_gpu():
         assert abs(a.score - b.score) <= 2e-2 * max(1.0, abs(b.score))
         va, vb = torch.tensor(a.values), torch.tensor(b.values)
         assert (va - vb).norm() <= 2e-2 * max(1e-3, float(vb.norm()))
+
+
+def test_async_decode_equals_synchronous_decode_on_gpu():
+    """Tokens read back one step late (the default on CUDA) change no token, log-prob or finish,
+    with CUDA graphs, EOS ends (one wasted row) and a pool small enough to preempt."""
+    m = model()
+    ps = prompts(24, seed=4)
+    sp = SamplingParams(temperature=1.0, max_new_tokens=48)
+    probe = ActorEngine(m, pool_for(m, 256), EngineConfig(seed=3, async_decode=False)).generate(ps[:1], sp)[0]
+    eos = probe.output_ids[10]
+    outs = []
+    for async_decode in (False, True):
+        pool = pool_for(m, 48)
+        eng = ActorEngine(m, pool, EngineConfig(seed=3, async_decode=async_decode, chunk_size=5), eos_token_id=eos)
+        seqs = eng.generate(ps, sp)
+        outs.append([(s.output_ids, s.logprobs, s.finish_reason) for s in seqs])
+        assert pool.num_free == pool.num_pages
+        pool.check()
+    assert [(o, r) for o, _, r in outs[0]] == [(o, r) for o, _, r in outs[1]]
+    # batch sizes differ by the wasted rows, so a GEMM may pick another kernel: log-probs to 1e-3
+    torch.testing.assert_close(torch.tensor([x for _, lp, _ in outs[0] for x in lp]),
+                               torch.tensor([x for _, lp, _ in outs[1] for x in lp]), atol=1e-3, rtol=0)
+    assert any(r == "eos" for *_, r in outs[0])

@@ -10,7 +10,9 @@ Every sampled token carries the behaviour log-prob of the distribution it was sa
 from __future__ import annotations
 
 import logging
+import os
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -19,12 +21,27 @@ from ..memory import KVGeometry, PagePool
 from ..ops import sample_tokens
 from .config import EngineConfig
 from .runner import ModelRunner
-from .scheduler import Scheduler
+from .scheduler import NeedsDrain, Scheduler
 from .sequence import Chunk, RequestError, SamplingParams, Sequence, SeqStatus
 
 __all__ = ["ActorEngine"]
 
 log = logging.getLogger("oppo_runtime.engine")
+
+_PENDING = -1       # output_ids entry of a sampled token not yet read back from the device
+
+
+@dataclass
+class _InFlight:
+    """A launched step whose sampled tokens are still on the device."""
+    seqs: list[Sequence]
+    idx: list[int]                 # where each row's token goes in seq.output_ids
+    version: int
+    tokens: torch.Tensor           # [B] on the device: the next step's input tokens
+    host: torch.Tensor             # [3, B] float64 (pinned): tokens, log-probs, NaN flags
+    event: object                  # CUDA event after the copy (None on the CPU)
+    row: dict                      # seq_id -> row
+    launch_id: int
 
 
 class ActorEngine:
@@ -49,6 +66,18 @@ class ActorEngine:
         # host_s: host-side scheduling, batch preparation and token bookkeeping (not GPU work)
         self.stats = {"decode_steps": 0, "prefill_steps": 0, "generated_tokens": 0, "host_s": 0.0}
         self.step_hooks: list[Callable[[str, float, float], None]] = []   # (kind, t0, t1) per step
+        # async decode: read each decode step's tokens back while the next one runs (see step())
+        self.async_decode = self.config.async_decode
+        if self.async_decode is None:       # default: on CUDA; OPPO_ASYNC_DECODE=0|1 overrides
+            env = os.environ.get("OPPO_ASYNC_DECODE")
+            self.async_decode = env == "1" if env in ("0", "1") else self.runner.device.type == "cuda"
+        self._inflight: _InFlight | None = None
+        self._launch_id = 0             # steps launched so far
+        self._booked_id = 0             # the device is known to be done with steps up to this one
+        self._retired: list = []        # (launch id when freed, quarantine owner key)
+        self._retire_count = 0
+        self._waited = 0.0
+        self.scheduler.release_pages = self._release_pages
 
     # ------------------------------------------------------------------ requests
     def add_chunk_consumer(self, fn: Callable[[list[Chunk]], None]) -> None:
@@ -89,11 +118,13 @@ class ActorEngine:
 
     def resume(self, seq: Sequence) -> None:
         """Re-queue a sequence that keeps its generated tokens (deferred, or pages dropped)."""
+        self.sync()
         seq.num_cached_tokens = 0 if not self.view.pages(seq.seq_id) else seq.num_cached_tokens
         self.scheduler.add(seq)
 
     def finish_now(self, seq: Sequence, reason: str) -> None:
         """End a sequence where it stands (e.g. it would exceed the staleness bound)."""
+        self.sync()
         seq.status, seq.finish_reason = SeqStatus.FINISHED, reason
         self._emit([seq])
         self.scheduler.finish(seq)
@@ -101,13 +132,14 @@ class ActorEngine:
     def drop_kv(self) -> int:
         """Free the actor KV of every sequence in flight: they are re-prefilled (under the current
         weights) when next scheduled. Returns how many sequences were affected."""
+        self.sync()
         running = list(self.scheduler.running)
         for seq in running:
             self.scheduler.preempt(seq, pressure=False)
         return len(running)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self._inflight is not None
 
     @property
     def running(self) -> list[Sequence]:
@@ -121,6 +153,7 @@ class ActorEngine:
         copy); otherwise the tensors are copied into the engine's parameters in place (CUDA graphs
         stay valid).
         """
+        self.sync()
         if state_dict is not None:
             params = dict(self.model.named_parameters(remove_duplicate=False))   # tied names too
             with torch.no_grad():
@@ -131,54 +164,160 @@ class ActorEngine:
     # ------------------------------------------------------------------ the step
     @torch.inference_mode()
     def step(self) -> list[Sequence]:
-        """One prefill or decode step. Returns the sequences that finished in it."""
+        """One prefill or decode step. Returns the sequences that finished (in it, or -- with
+        ``async_decode`` -- in the decode step before it, whose tokens are read back now).
+
+        Async decode: a decode step samples on the device and returns without waiting for its
+        tokens; the next decode step takes its input tokens from the device, is launched, and only
+        then are the previous step's tokens read back (their copy finished long ago) and booked.
+        The host's scheduling, staging and bookkeeping thus run while the GPU decodes. Until booked,
+        a sampled token is a placeholder in ``output_ids`` (the log-probs, versions and chunks only
+        ever hold booked tokens). A sequence that ends by EOS/stop token decodes one wasted row;
+        ends by length are known in advance and sit out."""
         t0 = time.perf_counter()
-        batch = self.scheduler.schedule()
+        prev, self._inflight = self._inflight, None
+        finished: list[Sequence] = []
+        batch, ids_from = None, None
+        if prev is not None:
+            exclude = {s.seq_id for s in prev.seqs if self._ends_by_length(s)}
+            try:
+                batch = self.scheduler.schedule_lagged_decode(exclude)
+            except NeedsDrain:
+                batch = None
+            if batch is None:                       # prefill, preemption or the end: book first
+                finished += self._book(prev)
+                prev = None
+            else:
+                row = prev.row
+                dst = [i for i, s in enumerate(batch.seqs) if s.seq_id in row]
+                ids_from = (dst, [row[batch.seqs[i].seq_id] for i in dst], prev.tokens)
         if batch is None:
-            if self.scheduler.waiting and not self.scheduler.running:
+            batch = self.scheduler.schedule()
+        if batch is None:
+            if not finished and self.scheduler.waiting and not self.scheduler.running:
                 seq = self.scheduler.waiting[0]
                 raise RuntimeError(f"{self.name}: cannot admit sequence {seq.seq_id}: {self.pool.num_free} free "
                                    f"pages of {self.pool.num_pages}, and no other user of the pool frees any")
-            return []
+            self._account(t0)
+            return finished
         kind = "decode" if batch.is_decode else "prefill"
         self.stats[f"{kind}_steps"] += 1
         th = time.perf_counter()
-        hidden = self.runner.forward(batch.spans, self.view.pages)
-        rows = [i for i, s in enumerate(batch.sample) if s]
-        finished: list[Sequence] = []
-        for seq, span in zip(batch.seqs, batch.spans):
-            seq.num_cached_tokens = span.start + len(span.token_ids)
-        if rows:
-            seqs = [batch.seqs[i] for i in rows]
-            logits = self.model.compute_logits(hidden[rows] if len(rows) != hidden.shape[0] else hidden)
-            tokens, logps, bad = self._sample(seqs, logits)     # the step's one device sync
-            t_sync = time.perf_counter()
-            for seq, tok, lp, is_bad in zip(seqs, tokens, logps, bad):
-                if is_bad:      # NaN/+inf logits: this request ends with an error, the others go on
-                    seq.status, seq.finish_reason = SeqStatus.FINISHED, "error: NaN/inf in the actor's logits"
-                    log.error("%s: sequence %s: NaN/inf in the logits at position %d", self.name, seq.seq_id,
-                              seq.num_tokens)
-                    finished.append(seq)
-                    continue
-                seq.output_ids.append(tok)
-                seq.logprobs.append(lp)
-                seq.versions.append(self.version)
-                self.stats["generated_tokens"] += 1
-                if self._check_finish(seq):
-                    finished.append(seq)
+        launched = self._launch(batch, ids_from)
+        if prev is not None:
+            finished += self._book(prev)
+        if batch.is_decode and self.async_decode:
+            self._inflight = launched
         else:
-            t_sync = time.perf_counter()
-        self._emit(batch.seqs)
-        for seq in finished:
-            self.scheduler.finish(seq)
-        t1 = time.perf_counter()
-        self.stats["host_s"] += (th - t0) + self.runner.last_prepare_s + (t1 - t_sync)
+            finished += self._book(launched)
+        self._account(t0)
         for hook in self.step_hooks:
             hook(kind, th, time.perf_counter())
         return finished
 
+    def sync(self) -> list[Sequence]:
+        """Book the decode step still on the device, if any; returns the sequences it finished.
+        Called before anything that changes sequences or weights from outside the step loop."""
+        if self._inflight is None:
+            return []
+        prev, self._inflight = self._inflight, None
+        t0 = time.perf_counter()
+        done = self._book(prev)
+        self._account(t0)
+        return done
+
+    def _account(self, t0: float) -> None:
+        # host_s: time the host spent in step() not waiting for the device
+        self.stats["host_s"] += time.perf_counter() - t0 - self._waited
+        self._waited = 0.0
+
+    def _release_pages(self, seq_id) -> None:
+        """Free a sequence's pages; while a step is on the device they wait in quarantine (the step
+        may still write them, and a scorer on another stream could otherwise take them)."""
+        if self._booked_id == self._launch_id:           # nothing on the device
+            self.view.free(seq_id)
+            return
+        self._retire_count += 1
+        key = ("retired", self._retire_count)
+        if self.pool.rename((self.name, seq_id), (self.name, key)):
+            self._retired.append((self._launch_id, key))
+
+    def _free_retired(self) -> None:
+        """Free quarantined pages that no step still on the device was launched before."""
+        keep = []
+        for launch_id, key in self._retired:
+            if launch_id <= self._booked_id:
+                self.view.free(key)
+            else:
+                keep.append((launch_id, key))
+        self._retired = keep
+
+    def _ends_by_length(self, seq: Sequence) -> bool:
+        n = len(seq.output_ids)
+        return n >= seq.max_new or seq.num_tokens >= self.max_model_len
+
+    def _launch(self, batch, ids_from) -> "_InFlight":
+        """Forward and sampling on the device; the tokens' read-back is started, not awaited."""
+        self._launch_id += 1        # pages freed from now until this step is booked are quarantined
+        hidden = self.runner.forward(batch.spans, self.view.pages, ids_from=ids_from)
+        for seq, span in zip(batch.seqs, batch.spans):
+            seq.num_cached_tokens = span.start + len(span.token_ids)
+        rows = [i for i, s in enumerate(batch.sample) if s]
+        seqs = [batch.seqs[i] for i in rows]
+        tokens = host = None
+        if rows:
+            logits = self.model.compute_logits(hidden[rows] if len(rows) != hidden.shape[0] else hidden)
+            tokens, out = self._sample(seqs, logits)
+            host = torch.empty(out.shape, dtype=out.dtype, pin_memory=out.is_cuda)
+            host.copy_(out, non_blocking=True)
+        event = None
+        if hidden.is_cuda:
+            event = torch.cuda.Event()
+            event.record()
+        idx = []
+        for seq in seqs:
+            seq.output_ids.append(_PENDING)
+            idx.append(len(seq.output_ids) - 1)
+        return _InFlight(seqs, idx, self.version, tokens, host, event, {s.seq_id: r for r, s in enumerate(seqs)},
+                         self._launch_id)
+
+    def _book(self, fl: "_InFlight") -> list[Sequence]:
+        """Read back a launched step's tokens and book them; returns the sequences that finished."""
+        if fl.event is not None:
+            t = time.perf_counter()
+            fl.event.synchronize()
+            self._waited += time.perf_counter() - t
+        # the stream is in order: every step launched up to this one is done
+        self._booked_id = max(self._booked_id, fl.launch_id)
+        self._free_retired()
+        finished: list[Sequence] = []
+        if not fl.seqs:
+            return finished
+        toks, lps, bad = fl.host[0].long().tolist(), fl.host[1].tolist(), fl.host[2].tolist()
+        for seq, i, tok, lp, is_bad in zip(fl.seqs, fl.idx, toks, lps, bad):
+            if seq.status is SeqStatus.FINISHED or len(seq.output_ids) <= i:
+                continue                  # ended at an earlier token: this row was wasted work
+            if is_bad:      # NaN/+inf logits: this request ends with an error, the others go on
+                del seq.output_ids[i:]
+                seq.status, seq.finish_reason = SeqStatus.FINISHED, "error: NaN/inf in the actor's logits"
+                log.error("%s: sequence %s: NaN/inf in the logits at position %d", self.name, seq.seq_id,
+                          seq.num_tokens)
+                finished.append(seq)
+                continue
+            seq.output_ids[i] = tok
+            seq.logprobs.append(lp)
+            seq.versions.append(fl.version)
+            self.stats["generated_tokens"] += 1
+            if self._check_finish(seq, i):
+                del seq.output_ids[i + 1:]            # a later step's unread token, if any
+                finished.append(seq)
+        self._emit(fl.seqs)
+        for seq in finished:
+            self.scheduler.finish(seq)
+        return finished
+
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor):
-        """Sample each row; one host transfer brings back tokens, log-probs and NaN flags."""
+        """Sample each row on the device: (tokens [B] int64, [3, B] float64 tokens/log-probs/NaN flags)."""
         V = logits.shape[-1]
         params = [(s.sampling.temperature, s.sampling.top_k, s.sampling.top_p, s.sample_key, s.num_tokens)
                   for s in seqs]
@@ -188,12 +327,13 @@ class ActorEngine:
         keys, pos = meta[:, 3].long(), meta[:, 4].long()
         tokens, logps, bad = sample_tokens(logits, temp, top_k, top_p, self.config.seed, keys, pos,
                                            needs_filter=needs_filter)
-        out = torch.stack([tokens.double(), logps.double(), bad.double()]).cpu()
-        return out[0].long().tolist(), out[1].tolist(), out[2].bool().tolist()
+        return tokens, torch.stack([tokens.double(), logps.double(), bad.double()])
 
-    def _check_finish(self, seq: Sequence) -> bool:
-        n = len(seq.output_ids)
-        tok = seq.output_ids[-1]
+    def _check_finish(self, seq: Sequence, i: int | None = None) -> bool:
+        """Does ``seq`` end with its output token ``i`` (default: the last)?"""
+        i = len(seq.output_ids) - 1 if i is None else i
+        n = i + 1
+        tok = seq.output_ids[i]
         reason = None
         if seq.target_len is not None:
             reason = "length" if n >= seq.target_len else None
@@ -203,7 +343,7 @@ class ActorEngine:
             reason = "stop"
         elif n >= seq.sampling.max_new_tokens:
             reason = "length"
-        if reason is None and seq.num_tokens >= self.max_model_len:
+        if reason is None and len(seq.prompt_ids) + n >= self.max_model_len:
             reason = "length"
         if reason is not None:
             seq.finish_reason = reason
@@ -215,7 +355,7 @@ class ActorEngine:
             return
         chunks = []
         for seq in seqs:
-            n = len(seq.output_ids)
+            n = len(seq.logprobs)            # booked tokens only (not a step's unread placeholder)
             final = seq.status is SeqStatus.FINISHED
             if n > seq.num_emitted and (final or n - seq.num_emitted >= self.chunk_size):
                 chunks.append(Chunk(seq, seq.num_emitted, n, final))

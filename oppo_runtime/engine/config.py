@@ -14,6 +14,7 @@ class EngineConfig:
     chunk_size: int = 16                 # C: stream every C generated tokens to the scorers
     seed: int = 0                        # sampling seed (noise is keyed by (seed, sequence, position))
     enforce_eager: bool = False          # True: no CUDA graphs for decode
+    async_decode: bool | None = None     # read tokens back one step late (default: on CUDA)
     graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
 
     def __post_init__(self):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import threading
 import time
 from collections import deque
@@ -197,6 +198,7 @@ class Rollout:
         return self._finish_collect(take, n)
 
     def _finish_collect(self, take: list[Sequence], n: int) -> list[ScoredSequence]:
+        self.actor.sync()          # book the decode step still on the device (sequences stay consistent)
         self._wait_results(take)
         out = [self._result(seq) for seq in take]
         self._finished = self._finished[n:]
@@ -209,6 +211,7 @@ class Rollout:
     def _unstick(self, take: list[Sequence]) -> bool:
         """Scorers hold pages of many half-scored sequences and none can grow: drop the KV of the
         youngest ones (recomputed later) until the oldest unscored sequence fits."""
+        self.actor.sync()          # pages the actor frees below must be free at once
         oldest = next((q for q in take if not self._scored(q)), None)
         if oldest is None:
             return True
@@ -227,6 +230,10 @@ class Rollout:
         self._flush = False
         self._only = None
         self._run.set()
+        # both threads launch CUDA work under the GIL: hand it over every 0.5 ms instead of 5 ms,
+        # so that the decode loop never waits long behind a scorer's launches
+        switch = sys.getswitchinterval()
+        sys.setswitchinterval(min(switch, 0.0005))
         try:
             while len(self._finished) < n:
                 self._raise_worker_error()
@@ -252,6 +259,7 @@ class Rollout:
                 self._wait_rule(take)
                 time.sleep(0.0002)
         finally:
+            sys.setswitchinterval(switch)
             self._run.clear()
             with self._lock:               # the worker's current iteration, if any, is over
                 pass

@@ -75,7 +75,7 @@ class ModelRunner:
         self.graph_batch_sizes = tuple(sorted(graph_batch_sizes))
 
     # ------------------------------------------------------------------ batch metadata
-    def _context(self, spans: list[Span], pages_of) -> tuple[torch.Tensor, torch.Tensor, PagedContext]:
+    def _context(self, spans: list[Span], pages_of, ids_from=None) -> tuple[torch.Tensor, torch.Tensor, PagedContext]:
         ids, pos, slots, tables, ctx_lens, cu = [], [], [], [], [], [0]
         T = self.view.tokens_per_page
         width = 1
@@ -95,7 +95,18 @@ class ModelRunner:
             cu.append(cu[-1] + n)
         flat_tables = [x for t in tables for x in (t + [0] * (width - len(t)))]
         is_decode = cu[-1] == len(spans)
-        d_ids, d_pos, d_slots, d_tables, d_ctx, d_cu = self.stage.many([ids, pos, slots, flat_tables, ctx_lens, cu])
+        if ids_from is None:
+            d_ids, d_pos, d_slots, d_tables, d_ctx, d_cu = self.stage.many([ids, pos, slots, flat_tables, ctx_lens, cu])
+        else:
+            # some input tokens live only on the device (sampled by the step still in flight):
+            # rows ``dst`` take ``src_tokens[src]``
+            dst, src, src_tokens = ids_from
+            d_ids, d_pos, d_slots, d_tables, d_ctx, d_cu, d_dst, d_src = self.stage.many(
+                [ids, pos, slots, flat_tables, ctx_lens, cu, dst, src])
+            if dst == src and len(dst) == len(ids):          # same rows, same order
+                d_ids = src_tokens[:len(ids)].to(torch.int64)
+            elif dst:
+                d_ids = d_ids.index_copy(0, d_dst, src_tokens.index_select(0, d_src).to(torch.int64))
         ctx = PagedContext(
             kv_caches=self.view.kv_caches,
             slot_mapping=d_slots,
@@ -108,12 +119,15 @@ class ModelRunner:
         return d_ids, d_pos, ctx
 
     @torch.inference_mode()
-    def forward(self, spans: list[Span], pages_of, last_only: bool = True) -> torch.Tensor:
-        """Hidden states of the last token of each span [B, H] (or of every token [N, H])."""
+    def forward(self, spans: list[Span], pages_of, last_only: bool = True, ids_from=None) -> torch.Tensor:
+        """Hidden states of the last token of each span [B, H] (or of every token [N, H]).
+
+        ``ids_from=(dst_rows, src_rows, tokens)``: decode rows ``dst_rows`` take their input token
+        from the device tensor ``tokens[src_rows]`` instead of the span (whose id is a placeholder)."""
         if not spans:
             raise ValueError("forward: empty batch")
         t0 = time.perf_counter()
-        input_ids, positions, ctx = self._context(spans, pages_of)
+        input_ids, positions, ctx = self._context(spans, pages_of, ids_from)
         self.last_prepare_s = time.perf_counter() - t0
         if ctx.is_decode and self.use_graphs and len(spans) <= self.graph_batch_sizes[-1]:
             if self._graph_generation != self.view.pool.generation:

@@ -19,7 +19,11 @@ from ..memory import KVView, PoolExhausted
 from .runner import Span
 from .sequence import Sequence, SeqStatus
 
-__all__ = ["Scheduler", "ScheduledBatch"]
+__all__ = ["Scheduler", "ScheduledBatch", "NeedsDrain"]
+
+
+class NeedsDrain(Exception):
+    """A lagged decode step would have to preempt: the caller resolves its step in flight first."""
 
 
 @dataclass
@@ -42,6 +46,8 @@ class Scheduler:
         self._admitted = 0
         self._last_was_prefill = False
         self.num_preemptions = 0
+        self.release_pages: Callable[[object], None] = view.free   # the engine may defer frees
+        self._lagged = False
 
     def add(self, seq: Sequence) -> None:
         seq.status = SeqStatus.WAITING
@@ -66,6 +72,8 @@ class Scheduler:
             if self.on_pool_pressure is not None and self.on_pool_pressure(need) > 0:
                 continue
             victims = [s for s in self.running if s is not seq and s.seq_id not in protect]
+            if self._lagged:
+                raise NeedsDrain(f"sequence {seq.seq_id} needs {need} pages")
             if not victims:
                 return False
             self.preempt(max(victims, key=lambda s: s.admit_order))
@@ -73,7 +81,7 @@ class Scheduler:
     def preempt(self, seq: Sequence, pressure: bool = True) -> None:
         """Drop ``seq``'s pages; it is recomputed from its tokens when next scheduled.
         ``pressure=False``: not for lack of pages (e.g. stale KV after a weight update)."""
-        self.view.free(seq.seq_id)
+        self.release_pages(seq.seq_id)
         seq.num_cached_tokens = 0
         if pressure:
             seq.num_preemptions += 1
@@ -91,12 +99,12 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self.view.free(seq.seq_id)
+        self.release_pages(seq.seq_id)
         seq.status = SeqStatus.FINISHED
 
     # ------------------------------------------------------------------ steps
     def schedule(self) -> ScheduledBatch | None:
-        pending = self.waiting or any(s.num_cached_tokens < s.num_tokens - 1 for s in self.running)
+        pending = self.prefill_pending()
         prefill_first = pending and (not self.running or not self._last_was_prefill)
         batch = (self._schedule_prefill() if prefill_first else None) or self._schedule_decode() \
             or self._schedule_prefill()
@@ -136,9 +144,29 @@ class Scheduler:
             return None
         return ScheduledBatch(seqs, spans, False, sample)
 
-    def _schedule_decode(self) -> ScheduledBatch | None:
+    def prefill_pending(self) -> bool:
+        return bool(self.waiting) or any(s.num_cached_tokens < s.num_tokens - 1 for s in self.running)
+
+    def schedule_lagged_decode(self, exclude: set[int]) -> ScheduledBatch | None:
+        """The next decode step while the previous one is still on the device (its tokens unread).
+
+        Only when no prefill is pending; sequences in ``exclude`` (ending with their unread token)
+        sit out. Raises NeedsDrain instead of preempting: pages freed now could still be written by
+        the step in flight, so preemption waits until that step is resolved."""
+        if self.prefill_pending():
+            return None
+        self._lagged = True
+        try:
+            batch = self._schedule_decode(exclude)
+        finally:
+            self._lagged = False
+        if batch is not None:
+            self._last_was_prefill = False
+        return batch
+
+    def _schedule_decode(self, exclude: set[int] = frozenset()) -> ScheduledBatch | None:
         # running sequences whose prefill is complete (cached all but their newest token)
-        ready = [s for s in self.running if s.num_cached_tokens == s.num_tokens - 1]
+        ready = [s for s in self.running if s.num_cached_tokens == s.num_tokens - 1 and s.seq_id not in exclude]
         ready.sort(key=lambda s: s.admit_order)
         ready = ready[: self.max_num_seqs]
         seqs, taken = [], set()

@@ -169,6 +169,18 @@ class PagePool:
             self._free.extend(reversed(pages))
             return len(pages)
 
+    def rename(self, owner: Owner, new_owner: Owner) -> int:
+        """Hand ``owner``'s pages to ``new_owner`` (e.g. a quarantine until in-flight work ends)."""
+        with self._lock:
+            if new_owner in self._pages:
+                raise ValueError(f"PagePool.rename: {new_owner} already owns pages")
+            pages = self._pages.pop(owner, [])
+            if pages:
+                for p in pages:
+                    self._owner[p] = new_owner
+                self._pages[new_owner] = pages
+            return len(pages)
+
     def owners(self) -> list[Owner]:
         return list(self._pages)
 
