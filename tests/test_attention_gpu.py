@@ -223,7 +223,8 @@ def test_decode_float32_inputs_fall_back_to_reference():
 
 
 # ----------------------------------------------------------------------------- prefill
-def _prefill_case(Hq, Hkv, D, bs, prefixes, chunks, dtype, out_dtype, via_kv_append=False, pad_max=0):
+def _prefill_case(Hq, Hkv, D, bs, prefixes, chunks, dtype, out_dtype, via_kv_append=False, pad_max=0,
+                  backend="cuda"):
     lens = [p + c for p, c in zip(prefixes, chunks)]
     B = len(lens)
     kv = PagedKV(num_blocks=sum(math.ceil(n / bs) for n in lens) + 5, block_size=bs, Hkv=Hkv, D=D, dtype=dtype)
@@ -239,14 +240,14 @@ def _prefill_case(Hq, Hkv, D, bs, prefixes, chunks, dtype, out_dtype, via_kv_app
         for b, (p, c) in enumerate(zip(prefixes, chunks)):
             pos = torch.arange(p, p + c, device="cuda")
             slots.append(bt[b, pos // bs].long() * bs + pos % bs)
-        A.kv_append(key, value, kv.k, kv.v, torch.cat(slots), backend="cuda")
+        A.kv_append(key, value, kv.k, kv.v, torch.cat(slots), backend="cuda" if backend == "cuda" else None)
     else:
         kv.fill(bt, lens)
     q = torch.randn(Nq, Hq, D, device="cuda").to(dtype)
     scale = D ** -0.5
     out = torch.full((Nq, Hq, D), float("nan"), device="cuda", dtype=out_dtype)
     A.paged_prefill_attention(q, kv.k, kv.v, cu, ctx, bt, scale, out=out, max_seqlen_q=max(chunks) + pad_max,
-                              backend="cuda")
+                              backend=backend)
     ref = A.paged_prefill_attention_ref(q, kv.k, kv.v, cu, ctx, _ref_tables(bt), scale,
                                         out=torch.empty(Nq, Hq, D, device="cuda"))
     torch.cuda.synchronize()
@@ -261,6 +262,8 @@ PREFILL_SHAPES = [  # Hq, Hkv, D, block_size, prefixes, chunks
     (32, 4, 64, 256, [600, 1], [64, 700]),                      # G = 8, big pages
     (12, 4, 128, 48, [95, 13, 0], [31, 1, 129]),                # G = 3, page size not a power of two
     (16, 1, 64, 32, [0, 2000], [1000, 5]),                      # G = 16
+    (32, 8, 128, 64, [130, 0, 64, 2047], [400, 64, 1, 129]),    # G = 4, pages of 64 (= the Triton tile)
+    (28, 4, 64, 64, [63, 1000], [300, 17]),                     # G = 7, pages of 64
 ]
 
 
