@@ -185,6 +185,10 @@ def _atomic_write(path: str, write) -> None:
         raise
 
 
+def _own_storage(t: torch.Tensor) -> torch.Tensor:
+    return t if t.untyped_storage().nbytes() == t.nbytes and t.storage_offset() == 0 else t.clone()
+
+
 def save_model(model, path: str | os.PathLike) -> None:
     """Write ``config.json`` and ``model.safetensors`` (transformers' names; tied lm_head omitted)."""
     path = os.fspath(path)
@@ -192,7 +196,8 @@ def save_model(model, path: str | os.PathLike) -> None:
     config = model.config
     hf = config.to_hf_dict()
     hf["dtype"] = str(model.dtype).removeprefix("torch.")
-    tensors = {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()}
+    # fused projections make q/k/v (gate/up) views of one tensor: safetensors refuses shared storage
+    tensors = {name: _own_storage(t.detach().to("cpu").contiguous()) for name, t in model.state_dict().items()}
     if isinstance(model, CausalLM) and config.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)
 

@@ -8,6 +8,31 @@ rotary math goes through ``oppo_runtime.ops`` so the CUDA kernels plug in undern
 
 Parameter names equal transformers' state-dict names (``model.layers.0.self_attn.q_proj.weight``,
 ``lm_head.weight``, ``score.weight``): loading and saving is a rename-free mapping.
+
+Two forward paths, one set of weights:
+  * autograd path (``DenseContext``, or anything with grad enabled): the plain torch math of
+    ``ops.norm_rope``, unchanged, so training, the recomputed PPO old log-probs and the update's
+    first forward are the same computation (the PPO ratio starts at exactly 1);
+  * inference path (``PagedContext`` under no_grad / inference_mode: the engine and the scorers):
+    the fused ops of ``ops.fused``, about 10 kernels per layer instead of ~45 -- add+RMSNorm
+    (the residual travels beside the hidden state, as in vLLM), one QKV GEMM, one rotary kernel
+    for q and k (with Qwen3's q_norm/k_norm inside), the attention ops, o_proj, add+RMSNorm, one
+    gate_up GEMM, silu*mul, down_proj. On the CPU the references run and give bit-for-bit the
+    autograd path's numbers.
+
+Fused projections (``fuse_projections()``, called once by the engine after the model is on its
+device): each layer allocates one weight [q+k+v, h] (and bias) and one [2I, h], copies the
+q/k/v and gate/up weights in, and re-points those Parameters' ``.data`` to row slices (views) of
+it. The Parameters stay the same objects under the same names and shapes, so loading,
+``state_dict()``, ``update_weights(state_dict)`` (``copy_`` in place) and an optimizer that
+updates them in place all write into the fused tensor, and the engine can keep running on the
+training model's own parameters with no copy. The fused tensors are plain attributes, not
+parameters or buffers: ``named_parameters()`` and ``state_dict()`` are unchanged. ``model.to()``
+(and ``.half()``, ``.cuda()``, ...) re-fuses from the converted parameters (``_apply``). Anything
+that replaces the Parameters' storage behind our back (``load_state_dict(assign=True)``, FSDP
+sharding, ``param.data = ...``) is detected on the next inference forward, which raises and
+asks for ``fuse_projections()`` again rather than running on stale weights. ``save_model``
+clones tensors (safetensors refuses views that share storage).
 """
 from __future__ import annotations
 
@@ -20,6 +45,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..ops import (apply_rotary, kv_append, paged_decode_attention, paged_prefill_attention, rms_norm,
                    rotary_cos_sin, token_logprobs, varlen_causal_attention)
+from ..ops.fused import fused_add_rms_norm, rotary_cos_sin_cache, rotary_qk, silu_mul
 from .config import ModelConfig
 from .context import DenseContext, PagedContext
 
@@ -46,6 +72,37 @@ def rotary_inv_freq(config: ModelConfig) -> torch.Tensor:
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
     return torch.where(is_medium, smoothed, scaled)
+
+
+class _FusedLinears:
+    """Row-concatenation of some ``nn.Linear``s' weights (and biases) whose Parameters view it."""
+
+    def __init__(self, linears: list[nn.Linear]):
+        self.linears = linears
+        with torch.no_grad(), torch.inference_mode(False):   # real tensors: training may use them
+            self.weight = torch.cat([lin.weight.detach() for lin in linears])
+            has_bias = linears[0].bias is not None
+            self.bias = torch.cat([lin.bias.detach() for lin in linears]) if has_bias else None
+            row = 0
+            for lin in linears:
+                rows = lin.weight.shape[0]
+                lin.weight.data = self.weight[row:row + rows]
+                if has_bias:
+                    lin.bias.data = self.bias[row:row + rows]
+                row += rows
+        self._ptrs = self._data_ptrs()
+
+    def _data_ptrs(self) -> list[int]:
+        return [p.data_ptr() for lin in self.linears for p in (lin.weight, lin.bias) if p is not None]
+
+    def check(self, where: str) -> None:
+        if self._data_ptrs() != self._ptrs:
+            raise RuntimeError(f"{where}: the parameters no longer view the fused weight (replaced after "
+                               "fuse_projections(): load_state_dict(assign=True), sharding, param.data = ...); "
+                               "call model.fuse_projections() again")
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -75,6 +132,16 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         else:
             self.q_norm = self.k_norm = None
+        self.qkv: _FusedLinears | None = None
+
+    def fuse_projections(self) -> None:
+        self.qkv = _FusedLinears([self.q_proj, self.k_proj, self.v_proj])
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self.qkv is not None:          # .to()/.half()/...: the parameters moved, fuse them again
+            self.fuse_projections()
+        return self
 
     def forward(self, x, cos, sin, ctx):
         n = x.shape[0]
@@ -84,6 +151,28 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        return self._attend_and_project(q, k, v, ctx)
+
+    def forward_fused(self, x, positions, cos_sin_cache, ctx):
+        """Inference path: one QKV GEMM (when fused), one rotary kernel (q_norm/k_norm inside)."""
+        n = x.shape[0]
+        q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        if self.qkv is not None:
+            self.qkv.check(f"layer {self.layer_idx} q/k/v_proj")
+            q, k, v = self.qkv(x).split([q_dim, kv_dim, kv_dim], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(n, self.num_heads, self.head_dim)
+        k = k.view(n, self.num_kv_heads, self.head_dim)
+        v = v.view(n, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = rotary_qk(q, k, cos_sin_cache, positions, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
+        else:
+            q, k = rotary_qk(q, k, cos_sin_cache, positions)
+        return self._attend_and_project(q, k, v, ctx)
+
+    def _attend_and_project(self, q, k, v, ctx):
+        n = q.shape[0]
         if isinstance(ctx, DenseContext):
             o = varlen_causal_attention(q, k, v, ctx.cu_seqlens, self.scale, max_seqlen=ctx.max_seqlen)
         else:
@@ -104,9 +193,26 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(h, i, bias=bias)
         self.up_proj = nn.Linear(h, i, bias=bias)
         self.down_proj = nn.Linear(i, h, bias=bias)
+        self.gate_up: _FusedLinears | None = None
+
+    def fuse_projections(self) -> None:
+        self.gate_up = _FusedLinears([self.gate_proj, self.up_proj])
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self.gate_up is not None:
+            self.fuse_projections()
+        return self
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    def forward_fused(self, x):
+        """Inference path: one gate_up GEMM and one silu*mul kernel (when fused)."""
+        if self.gate_up is None:
+            return self.forward(x)
+        self.gate_up.check("gate_proj/up_proj")
+        return self.down_proj(silu_mul(self.gate_up(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -121,6 +227,15 @@ class DecoderLayer(nn.Module):
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, ctx)
         return h + self.mlp(self.post_attention_layernorm(h))
 
+    def forward_fused(self, x, residual, positions, cos_sin_cache, ctx):
+        """(x, residual) -> (mlp output, residual); the residual add of each sublayer is deferred
+        into the next add+RMSNorm (residual None: x is the embedding, the stream starts here)."""
+        norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
+        x, residual = fused_add_rms_norm(x, residual, norm1.weight, norm1.eps)
+        x = self.self_attn.forward_fused(x, positions, cos_sin_cache, ctx)
+        x, residual = fused_add_rms_norm(x, residual, norm2.weight, norm2.eps)
+        return self.mlp.forward_fused(x), residual
+
 
 class Decoder(nn.Module):
     """Embedding, layers, final norm: ``model.*`` in transformers' naming."""
@@ -134,14 +249,25 @@ class Decoder(nn.Module):
         # Not a buffer: Module.to(bfloat16) would round it. Always float32, one copy per device.
         self._inv_freq_cpu = rotary_inv_freq(config)
         self._inv_freq: dict[torch.device, torch.Tensor] = {}
+        self._cos_sin_cache: dict[torch.device, torch.Tensor] = {}
 
     def inv_freq(self, device: torch.device) -> torch.Tensor:
         if device not in self._inv_freq:
             self._inv_freq[device] = self._inv_freq_cpu.to(device)
         return self._inv_freq[device]
 
+    def cos_sin_cache(self, device: torch.device) -> torch.Tensor:
+        """[P, head_dim] float32 cos | sin of every position this model runs (float32, one per device)."""
+        if device not in self._cos_sin_cache:
+            positions = max(self.config.max_position_embeddings, self.config.max_model_len or 0)
+            with torch.no_grad(), torch.inference_mode(False):
+                self._cos_sin_cache[device] = rotary_cos_sin_cache(self.inv_freq(device), positions, device)
+        return self._cos_sin_cache[device]
+
     def forward(self, input_ids, positions, ctx, use_checkpoint: bool = False):
         h = self.embed_tokens(input_ids)
+        if isinstance(ctx, PagedContext) and not torch.is_grad_enabled():
+            return self._forward_fused(h, positions, ctx)
         cos, sin = rotary_cos_sin(positions, self.inv_freq(h.device))
         use_checkpoint = use_checkpoint and isinstance(ctx, DenseContext) and torch.is_grad_enabled()
         for layer in self.layers:
@@ -150,6 +276,13 @@ class Decoder(nn.Module):
             else:
                 h = layer(h, cos, sin, ctx)
         return self.norm(h)
+
+    def _forward_fused(self, h, positions, ctx):
+        cache = self.cos_sin_cache(h.device)
+        residual = None
+        for layer in self.layers:
+            h, residual = layer.forward_fused(h, residual, positions, cache, ctx)
+        return fused_add_rms_norm(h, residual, self.norm.weight, self.norm.eps)[0]
 
 
 class _DecoderModel(nn.Module):
@@ -163,6 +296,15 @@ class _DecoderModel(nn.Module):
                 ctx: DenseContext | PagedContext) -> torch.Tensor:
         """input_ids [N] long, positions [N] long -> final-normed hidden states [N, hidden_size]."""
         return self.model(input_ids, positions, ctx, use_checkpoint=self.gradient_checkpointing and self.training)
+
+    def fuse_projections(self) -> "_DecoderModel":
+        """One QKV and one gate_up weight per layer, viewed by the named parameters (see the module
+        docstring). Call once the model is on its device; idempotent (fuses again from the current
+        values). Used by the inference path only; training is unaffected."""
+        for layer in self.model.layers:
+            layer.self_attn.fuse_projections()
+            layer.mlp.fuse_projections()
+        return self
 
     def kv_geometry(self) -> tuple[int, int, int]:
         """(num_layers, num_kv_heads, head_dim) of this model's KV cache."""

@@ -5,6 +5,7 @@ from .attention import (kv_append, kv_append_ref, paged_decode_attention, paged_
                         gather_paged_kv, attention_kernels_support)
 from .logprobs import token_logprobs, entropy_from_logits
 from .norm_rope import rms_norm, rotary_cos_sin, apply_rotary
+from .fused import fused_add_rms_norm, rotary_cos_sin_cache, rotary_qk, silu_mul
 from .sampling import sample_tokens, process_logits, hash_uniform
 
 __all__ = [
@@ -13,4 +14,5 @@ __all__ = [
     "paged_prefill_attention", "paged_prefill_attention_ref", "varlen_causal_attention",
     "gather_paged_kv", "attention_kernels_support", "token_logprobs", "entropy_from_logits", "rms_norm", "rotary_cos_sin",
     "apply_rotary", "sample_tokens", "process_logits", "hash_uniform",
+    "fused_add_rms_norm", "rotary_cos_sin_cache", "rotary_qk", "silu_mul",
 ]

@@ -1,0 +1,168 @@
+"""Fused ops of the inference path (no autograd): add+RMSNorm, rotary on q and k, silu*mul.
+
+Each op has a pure-torch reference with the same signature (what runs on the CPU, and the test
+oracle) whose math is that of the unfused autograd code in ``norm_rope`` (bit-equal), and a
+Triton kernel (``fused_triton``) for CUDA tensors. Dispatch is explicit and logged once per op
+(``record_backend``): the kernel runs on CUDA tensors when Triton is importable; ``backend=``
+(or env ``OPPO_OP_BACKEND``) 'reference' forces the reference, 'triton' (or 'cuda') forces the
+kernel and raises if it cannot run (on CPU tensors it runs only under ``TRITON_INTERPRET=1``);
+``OPPO_REQUIRE_KERNELS=1`` turns a missing kernel on a CUDA device into an error.
+
+    fused_add_rms_norm(x, residual, weight, eps) -> (normed, x + residual)
+    rotary_cos_sin_cache(inv_freq, max_positions, device) -> [max_positions, D] float32 (cos | sin)
+    rotary_qk(q, k, cos_sin_cache, positions, q_norm_weight=None, k_norm_weight=None, eps=1e-6) -> (q, k)
+    silu_mul(gate_up) -> silu(gate) * up
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from ._backend import MissingKernelError, record_backend
+from .norm_rope import apply_rotary, rms_norm
+
+__all__ = ["fused_add_rms_norm", "fused_add_rms_norm_ref", "rotary_cos_sin_cache", "rotary_qk", "rotary_qk_ref",
+           "silu_mul", "silu_mul_ref"]
+
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)   # float64 keeps the reference
+
+
+def _choose(op: str, tensors, backend: str | None) -> str:
+    """'triton' or 'reference' for an op on ``tensors`` (the first one's device decides)."""
+    requested = backend or os.environ.get("OPPO_OP_BACKEND") or "auto"
+    if requested not in ("auto", "triton", "cuda", "reference"):
+        raise ValueError(f"op {op}: unknown backend {requested!r} (auto|triton|cuda|reference)")
+    device = tensors[0].device
+    on_cuda = device.type == "cuda"
+    wants_kernel = requested in ("triton", "cuda")
+    if requested == "reference":
+        chosen = "reference"
+    elif any(t.dtype not in _KERNEL_DTYPES for t in tensors):
+        if wants_kernel:
+            raise ValueError(f"op {op}: the Triton kernel takes float16/bfloat16/float32, got "
+                             f"{sorted({str(t.dtype) for t in tensors})}")
+        chosen = "reference"
+    else:
+        from . import fused_triton
+        interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+        if fused_triton.available() and (on_cuda or (wants_kernel and interpreted)):
+            chosen = "triton"
+        elif wants_kernel or (on_cuda and os.environ.get("OPPO_REQUIRE_KERNELS") == "1"):
+            why = ("triton is not importable" if not fused_triton.available()
+                   else f"its inputs are on {device}, not on a CUDA device (set TRITON_INTERPRET=1 to interpret)")
+            raise MissingKernelError(f"op {op}: Triton kernel requested but not available ({why})")
+        else:
+            chosen = "reference"
+    record_backend(op, chosen)
+    return chosen
+
+
+# ----------------------------------------------------------------------------- add + RMSNorm
+def fused_add_rms_norm_ref(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float):
+    """(rms_norm(x + residual), x + residual); the sum in the model dtype, as ``h = h + sublayer(h)``."""
+    if residual is not None:
+        x = residual + x
+    return rms_norm(x, weight, eps), x
+
+
+def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                       backend: str | None = None):
+    """x, residual [..., H] -> (normed [..., H], new residual [..., H]).
+
+    With ``residual=None`` it is plain ``rms_norm(x)`` and the new residual is ``x`` itself: the
+    first layer starts the residual stream. One kernel, one row per program.
+    """
+    tensors = (x, weight) if residual is None else (x, residual, weight)
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"fused_add_rms_norm: residual {tuple(residual.shape)} must have x's shape {tuple(x.shape)}")
+    if weight.shape != x.shape[-1:]:
+        raise ValueError(f"fused_add_rms_norm: weight {tuple(weight.shape)} must be [{x.shape[-1]}]")
+    if _choose("fused_add_rms_norm", tensors, backend) == "reference":
+        return fused_add_rms_norm_ref(x, residual, weight, eps)
+    from . import fused_triton
+    shape = x.shape
+    rows = lambda t: t if t.dim() == 2 and t.stride(-1) == 1 else t.reshape(-1, shape[-1]).contiguous()  # noqa: E731
+    normed, new_residual = fused_triton.add_rms_norm(rows(x), None if residual is None else rows(residual),
+                                                     weight.contiguous(), eps)
+    if residual is None:
+        return normed.view(shape), x
+    return normed.view(shape), new_residual.view(shape)
+
+
+# ----------------------------------------------------------------------------- rotary
+def rotary_cos_sin_cache(inv_freq: torch.Tensor, max_positions: int, device: torch.device | str) -> torch.Tensor:
+    """[max_positions, D] float32: row p is cos(p * inv_freq) | sin(p * inv_freq).
+
+    The same float32 math as ``rotary_cos_sin`` (positions.float() * inv_freq, then cos/sin), so
+    gathering row p gives bit-for-bit the cos/sin that ``rotary_cos_sin`` computes for position p.
+    """
+    positions = torch.arange(max_positions, device=device)
+    freqs = positions.float()[:, None] * inv_freq.to(device).float()[None, :]
+    return torch.cat((freqs.cos(), freqs.sin()), dim=-1).contiguous()
+
+
+def rotary_qk_ref(q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor, positions: torch.Tensor,
+                  q_norm_weight: torch.Tensor | None = None, k_norm_weight: torch.Tensor | None = None,
+                  eps: float = 1e-6):
+    """``apply_rotary`` of q and k (after Qwen3's per-head q_norm/k_norm, when given), cos/sin gathered."""
+    half = cos_sin_cache.shape[1] // 2
+    cs = cos_sin_cache[positions.long()]
+    cos = torch.cat((cs[:, :half], cs[:, :half]), dim=-1)
+    sin = torch.cat((cs[:, half:], cs[:, half:]), dim=-1)
+    if q_norm_weight is not None:
+        q, k = rms_norm(q, q_norm_weight, eps), rms_norm(k, k_norm_weight, eps)
+    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+
+def rotary_qk(q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor, positions: torch.Tensor,
+              q_norm_weight: torch.Tensor | None = None, k_norm_weight: torch.Tensor | None = None,
+              eps: float = 1e-6, backend: str | None = None):
+    """Half-split (NeoX / HF Llama) rotary of q [N, Hq, D] and k [N, Hkv, D] at ``positions`` [N].
+
+    Returns new contiguous tensors (q and k may be strided views of a fused QKV output: each head
+    row must be contiguous). ``cos_sin_cache`` from ``rotary_cos_sin_cache``; a position past its
+    end gives NaN rows in the kernel (the reference raises). One kernel for q and k together.
+    """
+    if q.dim() != 3 or k.dim() != 3 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
+        raise ValueError(f"rotary_qk: q [N, Hq, D] and k [N, Hkv, D], got {tuple(q.shape)} and {tuple(k.shape)}")
+    if cos_sin_cache.shape[1] != q.shape[2] or cos_sin_cache.dtype != torch.float32:
+        raise ValueError(f"rotary_qk: cos_sin_cache must be float32 [P, {q.shape[2]}], got "
+                         f"{cos_sin_cache.dtype} {tuple(cos_sin_cache.shape)}")
+    if (q_norm_weight is None) != (k_norm_weight is None):
+        raise ValueError("rotary_qk: give both q_norm_weight and k_norm_weight, or neither")
+    tensors = (q, k) if q_norm_weight is None else (q, k, q_norm_weight, k_norm_weight)
+    chosen = _choose("rotary_qk", tensors, backend)
+    if chosen == "triton" and (k.dtype != q.dtype or (q_norm_weight is not None and not
+                                                        q_norm_weight.dtype == k_norm_weight.dtype == q.dtype)):
+        chosen = "reference"      # mixed dtypes (autocast): the reference's promotion rules
+        record_backend("rotary_qk", chosen)
+    if chosen == "reference":
+        return rotary_qk_ref(q, k, cos_sin_cache, positions, q_norm_weight, k_norm_weight, eps)
+    from . import fused_triton
+    q = q if q.stride(2) == 1 else q.contiguous()
+    k = k if k.stride(2) == 1 else k.contiguous()
+    return fused_triton.rotary_qk(q, k, cos_sin_cache.contiguous(), positions.contiguous(),
+                                  q_norm_weight, k_norm_weight, eps)
+
+
+# ----------------------------------------------------------------------------- silu * mul
+def silu_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up [N, 2I] (gate | up) -> silu(gate) * up [N, I], as ``F.silu(gate_proj(x)) * up_proj(x)``."""
+    inter = gate_up.shape[-1] // 2
+    # contiguous: the CPU's vectorised silu rounds a row's tail differently from its body, so the
+    # gate must be laid out as gate_proj(x) is for bit-equal results
+    return F.silu(gate_up[..., :inter].contiguous()) * gate_up[..., inter:]
+
+
+def silu_mul(gate_up: torch.Tensor, backend: str | None = None) -> torch.Tensor:
+    """gate_up [..., 2I] -> [..., I]; one kernel."""
+    if gate_up.shape[-1] % 2:
+        raise ValueError(f"silu_mul: the last dim must be even (gate | up), got {gate_up.shape[-1]}")
+    if _choose("silu_mul", (gate_up,), backend) == "reference":
+        return silu_mul_ref(gate_up)
+    from . import fused_triton
+    shape = gate_up.shape
+    rows = gate_up if gate_up.dim() == 2 and gate_up.stride(-1) == 1 else gate_up.reshape(-1, shape[-1]).contiguous()
+    return fused_triton.silu_mul(rows).view(*shape[:-1], shape[-1] // 2)
