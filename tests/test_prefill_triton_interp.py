@@ -114,6 +114,55 @@ def test_triton_prefill_matches_reference_in_interpreter(results, name):
     assert r["err_native_out"] < r["rounding"] + TOL[dtype], r
 
 
+# ----------------------------------------------------------------------------- sm_90 code, no GPU
+def _compile_sm90(G, D, page, block_n, warps, stages):
+    """ptxas verbose output and PTX of the kernel compiled ahead of time for sm_90a (no device)."""
+    import re
+    import tempfile
+
+    from oppo_runtime.ops import prefill_triton as T
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except ImportError as e:
+        pytest.skip(f"this triton has no ahead-of-time API: {e}")
+    fn = T._prefill_kernel
+    if not hasattr(fn, "arg_names"):
+        pytest.skip("kernels are interpreted (TRITON_INTERPRET set)")
+    ptrs = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "CU": "*i32", "CTX": "*i32", "BT": "*i32"}
+    consts = {"G": G, "HEAD_DIM": D, "PAGE": page, "BLOCK_M": 128, "BLOCK_N": block_n, "DOT_F32": False}
+    sig = {n: ptrs.get(n) or ("constexpr" if n in consts else "fp32" if n == "qk_scale" else "i32")
+           for n in fn.arg_names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
+             if n in ptrs or n.startswith("stride")}          # as the launcher specialises them
+    try:
+        k = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
+                           options={"num_warps": warps, "num_stages": stages})
+    except (TypeError, RuntimeError) as e:
+        if "ptxas" in str(e).lower() or "signature" in str(e).lower():
+            pytest.skip(f"cannot compile for sm_90 here: {str(e)[:200]}")
+        raise
+    ptx = k.asm["ptx"]
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    if not ptxas.exists():
+        pytest.skip("no ptxas shipped with triton")
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(ptx)
+        f.flush()
+        r = subprocess.run([str(ptxas), "-arch=sm_90a", "-v", f.name, "-o", os.devnull],
+                           capture_output=True, text=True, timeout=120)
+    spills = [int(x) for x in re.findall(r"(\d+) bytes spill", r.stderr)]
+    return ptx, spills, r.stderr
+
+
+@pytest.mark.parametrize("G,D,page,block_n,warps", [(4, 128, 16, 64, 8), (7, 64, 16, 64, 4), (4, 128, 64, 128, 8)])
+def test_compiles_to_wgmma_and_async_copies_without_spills(G, D, page, block_n, warps):
+    ptx, spills, log = _compile_sm90(G, D, page, block_n, warps, 3)
+    assert "wgmma.mma_async" in ptx and "mma.sync" not in ptx
+    assert "cp.async" in ptx, "K/V loads not pipelined"
+    assert spills and max(spills) == 0, log
+
+
 # ----------------------------------------------------------------------------- dispatch (CPU)
 def _tiny(dtype=torch.bfloat16, D=64):
     k = torch.zeros(2, 16, 1, D, dtype=dtype)
