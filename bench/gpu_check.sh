@@ -8,6 +8,13 @@
 # Everything lands in $OUT (default bench/results/gpu_check): report.md (one line per step),
 # log.txt (all output), and BENCH.json per benchmark. Each step has a time limit so that the
 # whole check stays well under 10 minutes; a failing step is reported and the next one runs.
+#
+# BENCH_ONLY=1 skips doctor, pytest and the sanitizers (build, then the benchmarks), for a
+# benchmark that needs most of the 10 minutes: the end-to-end PPO step, one workload per call,
+#   BENCH_ONLY=1 BENCH_ARGS="--workload G" bash bench/gpu_check.sh ppo_step
+#   BENCH_ONLY=1 BENCH_ARGS="--workload T --trl" bash bench/gpu_check.sh ppo_step   (carry .whl)
+# (build ~90 s + ppo_step <= ~8 min: its --budget-s 420 stops modes early / skips the rest).
+# BENCH_LIMIT (seconds per benchmark) defaults to 240, and to 500 for ppo_step.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/gpu_check}
@@ -50,21 +57,27 @@ step() {  # step NAME LIMIT_S CMD...
 step build 300 env CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=16 \
   $PY -m pip install --no-build-isolation --no-deps -e . || { echo "build failed"; tail -50 "$LOG"; exit 1; }
 grep -E "registers|spill|stack frame" "$LOG" | sort | uniq -c | head -20 >> "$LOG"
+if [ -z "${BENCH_ONLY:-}" ]; then
 step doctor 60 $PY -m oppo_runtime.cli doctor
 step pytest 240 $PY -m pytest -m gpu -q -rfE -p no:cacheprovider
+fi
 if [ -n "${OPPO_TRAIN_STEPS:-}" ]; then   # the main job on the GPU: a short default run
   step train 240 $PY -m oppo_runtime.cli train --steps "$OPPO_TRAIN_STEPS" --out /tmp/oppo_train \
     run.timeline_every=5 run.progress=false run.cache_dir=/tmp/oppo_cache
   cp /tmp/oppo_train/timelines/step-000005.png "$OUT/train_timeline.png" 2>/dev/null
   tail -3 /tmp/oppo_train/metrics.jsonl > "$OUT/train_metrics_tail.jsonl" 2>/dev/null
 fi
+if [ -z "${BENCH_ONLY:-}" ]; then
 export PYTORCH_NO_CUDA_MEMORY_CACHING=1
 SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
 step memcheck 120 "$SAN" --tool memcheck --error-exitcode 9 $PY bench/sanitize_attention.py
 step racecheck 120 "$SAN" --tool racecheck --error-exitcode 9 $PY bench/sanitize_attention.py
 unset PYTORCH_NO_CUDA_MEMORY_CACHING
+fi
 for b in "${BENCHES[@]}"; do
-  step "bench_$b" ${BENCH_LIMIT:-240} $PY "bench/$b.py" --out "$OUT/$b.json" ${BENCH_ARGS:-}
+  limit=${BENCH_LIMIT:-240}
+  [ "$b" = ppo_step ] && limit=${BENCH_LIMIT:-500}
+  step "bench_$b" "$limit" $PY "bench/$b.py" --out "$OUT/$b.json" ${BENCH_ARGS:-}
 done
 {
   echo
@@ -81,7 +94,7 @@ done
   for b in "${BENCHES[@]}"; do
     echo "## $b"
     echo '```'
-    awk "/=== bench_$b \\(/{f=1} f" "$LOG" | grep -v "^===" | tail -15
+    awk "/=== bench_$b \\(/{f=1} f" "$LOG" | grep -v "^===" | tail -${REPORT_TAIL:-15}
     echo '```'
   done
 } >> "$REPORT"

@@ -1,0 +1,106 @@
+"""bench/ppo_step.py (full PPO steps, four overlap modes, TRL beside them) on tiny models on the
+CPU, so that the GPU benchmark cannot rot: every mode runs the real trainer, TRL's trainer runs
+in its subprocess, the JSON carries the summary keys of issue 10 and the two timelines exist."""
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+
+
+def _load(name):
+    sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _has_trl():
+    return importlib.util.find_spec("trl") is not None and importlib.util.find_spec("datasets") is not None
+
+
+def test_tiny_run_of_every_mode_and_trl(tmp_path):
+    trl = _has_trl()
+    out = tmp_path / "res" / "ppo_step.json"
+    cmd = [sys.executable, str(BENCH / "ppo_step.py"), "--tiny", "--workload", "T", "--steps", "1", "--warmup", "1",
+           "--out", str(out), "--cache-dir", str(tmp_path / "models"), *(["--trl"] if trl else [])]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRL_EXPERIMENTAL_SILENCE": "1"}
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240, cwd=ROOT)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    d = json.loads(out.read_text())
+    rows = {r["mode"]: r for r in d["workloads"]["T"]["rows"]}
+    assert set(rows) == {"none", "intra", "inter", "full"} | ({"trl"} if trl else set())
+    for m, r in rows.items():
+        assert not r.get("error"), (m, r.get("error"))
+        assert r["step_s"] > 0 and r["gen_tok_s"] > 0 and r["steps_timed"] == 1, (m, r)
+        assert r["train_s"] > 0 and r["rollout_s"] > 0 and r["exposed_score_s"] >= 0, (m, r)
+        assert r["busy"] is None                       # no GPU: no NVML
+    for m in ("none", "intra", "inter", "full"):
+        r = rows[m]
+        assert r["stale_finished"] == 0
+        assert all(s["trained_tokens"] > 0 for s in r["steps"])
+    assert rows["none"]["deferred_mean"] == 0 and rows["full"]["deferred_mean"] > 0
+    s = d["summary"]
+    for key in ("speedup_full_vs_none", "busy_ratio_full_vs_none", "speedup_full_vs_trl", "speedup_none_vs_trl",
+                "speedup_full_vs_none_T"):
+        assert key in s
+    assert s["speedup_full_vs_none_T"] > 0
+    if trl:
+        assert math.isfinite(s["speedup_full_vs_trl"]) and math.isfinite(s["speedup_none_vs_trl"])
+        assert rows["trl"]["generated_tokens_per_step"] == 8 * 16     # B x response_length, no stop token
+    for m in ("none", "full"):
+        png = out.parent / f"ppo_step_T_{m}_timeline.png"
+        assert png.stat().st_size > 1000, png
+    assert "workload T" in run.stdout and "summary:" in run.stdout
+
+
+def test_summary_and_merge_of_workloads(tmp_path):
+    ps = _load("ppo_step")
+    row = lambda m, s, busy=None: {"mode": m, "step_s": s, "busy": busy, "gen_tok_s": 100.0 / s}  # noqa: E731
+    g = {"config": {}, "rows": [row("none", 20.0, 0.5), row("full", 10.0, 0.8)]}
+    t = {"config": {}, "rows": [row("none", 4.0), row("full", 2.0), row("trl", 16.0)]}
+    ps.save(tmp_path / "a" / "ppo_step.json", {"card": "x"}, {"G": g})
+    ps.save(tmp_path / "b" / "ppo_step.json", {"card": "x"}, {"T": t})
+    (tmp_path / "b" / "ppo_step_T_full_timeline.png").write_bytes(b"png")
+    out = tmp_path / "c" / "ppo_step.json"
+    ps.main(["--merge", str(tmp_path / "a" / "ppo_step.json"), str(tmp_path / "b" / "ppo_step.json"),
+             "--out", str(out)])
+    s = json.loads(out.read_text())["summary"]
+    assert s["speedup_full_vs_none"] == pytest.approx(2.0)
+    assert s["busy_ratio_full_vs_none"] == pytest.approx(1.6)
+    assert s["speedup_full_vs_trl"] == pytest.approx(8.0)
+    assert s["speedup_none_vs_trl"] == pytest.approx(4.0)
+    assert s["speedup_full_vs_none_T"] == pytest.approx(2.0)
+    assert (out.parent / "ppo_step_T_full_timeline.png").exists()
+    # a later run of one workload keeps the others already in the file
+    ps.save(out, {"card": "x"}, {"T": {"config": {}, "rows": [row("none", 4.0), row("full", 1.0), row("trl", 16.0)]}})
+    s = json.loads(out.read_text())["summary"]
+    assert s["speedup_full_vs_none"] == pytest.approx(2.0) and s["speedup_full_vs_trl"] == pytest.approx(16.0)
+
+
+def test_trl_baseline_config_builds_without_running(tmp_path):
+    """TRL's trainer on the bench's model directories: batch = micro x accumulation, one mini-batch,
+    no stop token (generation runs response_length tokens)."""
+    if not _has_trl():
+        pytest.skip("trl not installed")
+    ps = _load("ppo_step")
+    trl_step = _load("trl_ppo_step")
+    paths = ps.ensure_models(tmp_path / "models", "tiny", 128, 256)
+    pf = ps.write_prompts(tmp_path / "p.jsonl", 32, 16, 128, 5, 1.0, 16)
+    args = trl_step.argparse.Namespace(actor=paths["actor"], reward=paths["reward"], critic=paths["critic"],
+                                       prompts=str(pf), batch=8, micro=4, response_length=16, steps=1, warmup=1,
+                                       dtype="bf16", lr=1e-6, device="cpu", out=str(tmp_path / "t.json"))
+    trainer, timer = trl_step.build(args)
+    timer.unwrap()                                  # TRL's module functions as they were
+    a = trainer.args
+    assert a.batch_size == 8 and a.local_mini_batch_size == 8 and a.num_ppo_epochs == 1
+    assert a.response_length == 16 and trainer.stop_token_id is None
+    assert a.num_total_batches == 2
