@@ -237,6 +237,35 @@ def _mean(xs):
     return sum(xs) / len(xs) if xs else None
 
 
+RENDERS: list[subprocess.Popen] = []
+
+
+def render_png(tl, png: Path, work: Path, title: str) -> subprocess.Popen:
+    """Timeline.to_png in a child process (thousands of decode spans take matplotlib tens of
+    seconds), so that the next mode runs meanwhile; ``wait_renders`` collects them."""
+    import pickle
+    src = work / f"{png.stem}.spans.pkl"
+    with open(src, "wb") as f:
+        pickle.dump({"step": tl.step, "spans": tl.spans, "png": str(png), "title": title}, f)
+    code = ("import pickle, sys; from oppo_runtime.engine.timeline import Timeline; "
+            "d = pickle.load(open(sys.argv[1], 'rb')); tl = Timeline(step=d['step'], use_cuda=False); "
+            "tl.spans = d['spans']; tl.to_png(d['png'], title=d['title'])")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(x for x in (str(ROOT), os.environ.get("PYTHONPATH")) if x),
+           "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-c", code, str(src)], env=env)
+
+
+def wait_renders(timeout: float = 180.0) -> None:
+    end = time.perf_counter() + timeout
+    for proc in RENDERS:
+        try:
+            proc.wait(timeout=max(1.0, end - time.perf_counter()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            print("  (a timeline PNG did not finish in time)", flush=True)
+    RENDERS.clear()
+
+
 # ---------------------------------------------------------------------------------------------- our trainer
 def train_config(mode: str, p: dict, paths: dict, prompt_file: Path, out_dir: Path, args, total_steps: int) -> TrainConfig:
     train_dtype = "bfloat16" if args.ours_dtype == "bf16" else "float32"
@@ -299,8 +328,8 @@ def run_mode(mode: str, p: dict, paths: dict, prompt_file: Path, work: Path, arg
                 print(f"  [{mode}] time budget spent: stopping after {len(windows)} timed steps", flush=True)
                 break
         if png is not None:
-            tr.last_timeline.to_png(png, title=f"PPO step {tr.last_timeline.step} ({mode}), "
-                                               f"{p['workload']}: B={p['B']}, median {p['median']}, cap {p['cap']}")
+            RENDERS.append(render_png(tr.last_timeline, png, work, f"PPO step {tr.last_timeline.step} ({mode}), "
+                                      f"{p['workload']}: B={p['B']}, median {p['median']}, cap {p['cap']}"))
         peak = torch.cuda.max_memory_allocated() / 2 ** 30 if torch.cuda.is_available() else None
     finally:
         tr.rollout.close()
@@ -605,6 +634,7 @@ def main(argv=None):
             save(out, info, {args.workload: entry})
     finally:
         sampler.close()
+        wait_renders()
         shutil.rmtree(work, ignore_errors=True)
     print_rows(args.workload, entry)
     payload = save(out, info, {args.workload: entry})
