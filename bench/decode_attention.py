@@ -1,7 +1,10 @@
 """Paged decode attention: achieved KV bytes/s over the copy bandwidth measured in the same run,
 beside PyTorch SDPA on a contiguous (unpaged) cache of the same shape and FlexAttention.
 
-    python bench/decode_attention.py [--out PATH] [--block-size 16] [--no-flex] [--shapes 0,2]
+    python bench/decode_attention.py [--out PATH] [--block-size 16] [--no-flex] [--shapes 0,2] [--plans v3,v2]
+
+--plans: time our kernel under each split plan (OPPO_DECODE_PLAN) in the same run; the first is
+the `ours` column, the others get `ours_<plan>` columns. Default: the environment's plan (v3).
 
 Bytes counted: every K and V byte of every context once, plus q and out. One query per
 sequence; all sequences hold `ctx` tokens on shuffled pages of a pool whose page holds one
@@ -10,6 +13,8 @@ query length (q viewed [B, Hkv, G, D], no mask), which reads each KV head once.
 """
 from __future__ import annotations
 
+import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -29,9 +34,24 @@ SHAPES = [  # B, ctx, Hq, Hkv, D  (issue 7)
 ]
 
 
-def main() -> None:
+def _plans() -> list[str]:
+    """--plans, taken out of argv before the shared setup parses the rest."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--plans", default=None)
+    known, rest = pre.parse_known_args()
+    sys.argv = sys.argv[:1] + rest
+    if known.plans is None:
+        return [os.environ.get("OPPO_DECODE_PLAN") or "v3"]
+    plans = [p.strip() for p in known.plans.split(",") if p.strip()]
+    assert plans and all(p in ("v2", "v3") for p in plans), f"--plans takes v2/v3, got {known.plans!r}"
+    return plans
 
+
+def main() -> None:
+    plans = _plans()
     args, flex, _ = attention_bench_setup(__doc__)
+    from oppo_runtime.ops.attention import paged_decode_plan, paged_decode_resident_ctas
+    env_plan = os.environ.get("OPPO_DECODE_PLAN")
 
     info = device_info()
     bw = copy_bandwidth()
@@ -50,13 +70,26 @@ def main() -> None:
         nbytes = 2 * B * ctx * Hkv * D * q.element_size() + 2 * q.numel() * q.element_size()
         row = {"B": B, "ctx": ctx, "Hq": Hq, "Hkv": Hkv, "D": D, "block_size": args.block_size,
                "bytes": nbytes, "floor_us": nbytes / bw * 1e6}
-        try:
-            ms = time_ms(lambda: torch.ops.oppo.paged_decode_attention(out, q, k_cache, v_cache, bt, ctx_lens, scale))
-            row["ours_us"] = ms * 1e3
-            row["ours_frac_copy_bw"] = nbytes / (ms * 1e-3) / bw
-        except Exception as e:  # noqa: BLE001
-            row["ours_error"] = f"{type(e).__name__}: {e}"[:300]
-            print(row["ours_error"])
+        outs = {}
+        for i, plan in enumerate(plans):   # the plan is read at each call, so at capture inside time_ms
+            key = "ours" if i == 0 else f"ours_{plan}"
+            row[f"splits_{plan}"] = paged_decode_plan(B, Hq, Hkv, D, bt.shape[1] * args.block_size, info["sm_count"],
+                                                      paged_decode_resident_ctas(D), plan)[0]
+            os.environ["OPPO_DECODE_PLAN"] = plan
+            try:
+                ms = time_ms(lambda: torch.ops.oppo.paged_decode_attention(out, q, k_cache, v_cache, bt, ctx_lens, scale))
+                row[f"{key}_us"] = ms * 1e3
+                row[f"{key}_frac_copy_bw"] = nbytes / (ms * 1e-3) / bw
+                outs[plan] = out.clone()
+            except Exception as e:  # noqa: BLE001
+                row[f"{key}_error"] = f"{type(e).__name__}: {e}"[:300]
+                print(row[f"{key}_error"])
+            finally:
+                if env_plan is None:
+                    os.environ.pop("OPPO_DECODE_PLAN", None)
+                else:
+                    os.environ["OPPO_DECODE_PLAN"] = env_plan
+        row["plan"] = plans[0]
         # Contiguous caches of the same content for the baselines.
         pos = torch.arange(ctx, device="cuda")
         blocks = bt[:, pos // args.block_size].long()
@@ -79,10 +112,12 @@ def main() -> None:
             except Exception as e:  # noqa: BLE001
                 row["flex_error"] = f"{type(e).__name__}: {e}"[:300]
                 print(row["flex_error"])
-        if "ours_us" in row:
-            try:  # the timed output once against SDPA in fp32 (a smoke test; the tests are the check)
+        if outs:
+            try:  # the timed outputs once against SDPA in fp32 (a smoke test; the tests are the check)
                 ref = F.scaled_dot_product_attention(qg.float(), kc.float(), vc.float(), scale=scale).reshape(B, Hq, D)
-                row["rel_err_vs_fp32"] = float((out.float() - ref).norm() / ref.norm())
+                for i, (plan, o) in enumerate(outs.items()):
+                    key = "rel_err_vs_fp32" if plan == plans[0] else f"rel_err_vs_fp32_{plan}"
+                    row[key] = float((o.float() - ref).norm() / ref.norm())
                 del ref
             except Exception as e:  # noqa: BLE001
                 print(f"check failed: {e}")
@@ -97,9 +132,14 @@ def main() -> None:
         print(f"  done B={B} ctx={ctx}: " + ", ".join(f"{k}={row[k]:.3g}" for k in row if k.endswith(("_us", "_bw"))))
 
     print()
+    extra = []
+    for plan in plans[1:]:
+        extra += [(f"splits_{plan}", f"splits {plan}", "d"), (f"ours_{plan}_us", f"{plan} us", ".1f"),
+                  (f"ours_{plan}_frac_copy_bw", f"{plan}/copy", ".3f")]
+    print(f"ours = plan {plans[0]}")
     print_table(rows, [("B", "B", "d"), ("ctx", "ctx", "d"), ("Hq", "Hq", "d"), ("Hkv", "Hkv", "d"), ("D", "D", "d"),
-                       ("floor_us", "floor us", ".1f"), ("ours_us", "ours us", ".1f"),
-                       ("ours_frac_copy_bw", "ours/copy", ".3f"), ("sdpa_us", "sdpa us", ".1f"),
+                       ("floor_us", "floor us", ".1f"), (f"splits_{plans[0]}", "splits", "d"), ("ours_us", "ours us", ".1f"),
+                       ("ours_frac_copy_bw", "ours/copy", ".3f"), *extra, ("sdpa_us", "sdpa us", ".1f"),
                        ("sdpa_frac_copy_bw", "sdpa/copy", ".3f"), ("flex_us", "flex us", ".1f"),
                        ("flex_frac_copy_bw", "flex/copy", ".3f"), ("speedup_vs_sdpa", "x sdpa", ".2f"),
                        ("speedup_vs_flex", "x flex", ".2f"), ("rel_err_vs_fp32", "rel err", ".1e")])
@@ -111,7 +151,11 @@ def _summary(rows):
     def mn(key):
         vals = [r[key] for r in rows if key in r]
         return min(vals) if vals else None
-    return {"min_fraction_of_copy_bw": mn("ours_frac_copy_bw"),
+    other = sorted({k[len("ours_"):-len("_frac_copy_bw")] for r in rows for k in r
+                    if k.startswith("ours_") and k.endswith("_frac_copy_bw") and k != "ours_frac_copy_bw"})
+    return {"plan": rows[0].get("plan") if rows else None,
+            "min_fraction_of_copy_bw": mn("ours_frac_copy_bw"),
+            **{f"min_fraction_of_copy_bw_{p}": mn(f"ours_{p}_frac_copy_bw") for p in other},
             "min_speedup_vs_sdpa_contiguous": mn("speedup_vs_sdpa"),
             "min_speedup_vs_flex": mn("speedup_vs_flex"),
             "shapes": len(rows)}

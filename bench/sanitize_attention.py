@@ -3,10 +3,13 @@
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck python bench/sanitize_attention.py
 
 Covers kv_append, decode with one split and with several (plus the reduction), a context of 0,
-a group of 20 heads (two head chunks), and prefill with prefix 0, chunk 1 and a ragged batch.
-Exits non-zero if an output differs from the reference.
+a group of 20 heads (two head chunks), the no-split plan of a batch that fills the machine (D=64,
+4-stage pipeline, contexts at tile edges), D=64 splits of exactly 4 tiles, the v2 plan, and
+prefill with prefix 0, chunk 1 and a ragged batch. Exits non-zero if an output differs from the
+reference.
 """
 import math
+import os
 import sys
 
 import torch
@@ -49,15 +52,28 @@ def main():
     slots = torch.randperm(40 * bs, device="cuda")[:30].to(torch.int32)
     slots[::7] = -1
     A.kv_append(key, value, k, v, slots, backend="cuda")
-    for lens, Hq, Hkv in (([37, 0, 5], 8, 2), ([600], 40, 2)):
-        kk, vv = pool(60, bs, Hkv, D)
-        bt = tables([max(n, 1) for n in lens], bs, 60)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    edges = [1, 63, 64, 65, 129, 0, 192, 193, 256, 257]
+    fill = [edges[i % len(edges)] for i in range(math.ceil(2 * sms / 2))]    # B * Hkv >= half the slots: 1 split
+    cases = (([37, 0, 5], 8, 2, D, None), ([600], 40, 2, D, None), (fill, 14, 2, 64, None),
+             ([7000, 100, 0, 3000, 6999, 1, 64, 65], 14, 2, 64, None),     # v3: 5-tile splits, empty ones
+             ([7000, 100, 0, 3000, 6999, 1, 64, 65], 14, 2, 64, "v2"))
+    for lens, Hq, Hkv, Dd, plan in cases:
+        nblk = sum(math.ceil(max(n, 1) / bs) for n in lens) + 4
+        kk, vv = pool(nblk, bs, Hkv, Dd)
+        bt = tables([max(n, 1) for n in lens], bs, nblk)
         ctx = torch.tensor(lens, dtype=torch.int32, device="cuda")
-        q = torch.randn(len(lens), Hq, D, device="cuda").bfloat16()
-        out = torch.empty(len(lens), Hq, D, device="cuda")
+        q = torch.randn(len(lens), Hq, Dd, device="cuda").bfloat16()
+        out = torch.empty(len(lens), Hq, Dd, device="cuda")
+        if plan:
+            os.environ["OPPO_DECODE_PLAN"] = plan
         A.paged_decode_attention(q, kk, vv, bt, ctx, 0.1, out=out, backend="cuda")
+        os.environ.pop("OPPO_DECODE_PLAN", None)
         ref = A.paged_decode_attention_ref(q, kk, vv, bt.clamp_min(0), ctx, 0.1, out=torch.empty_like(out))
-        ok &= check(f"decode lens={lens} Hq={Hq}", out, ref)
+        splits = A.paged_decode_plan(len(lens), Hq, Hkv, Dd, bt.shape[1] * bs, sms, A.paged_decode_resident_ctas(Dd),
+                                     plan or "v3")[0]
+        ok &= check(f"decode B={len(lens)} max len={max(lens)} Hq={Hq} Hkv={Hkv} D={Dd} plan={plan or 'v3'} "
+                    f"splits={splits}", out, ref)
     prefixes, chunks = [0, 20, 3], [1, 70, 17]
     lens = [p + c for p, c in zip(prefixes, chunks)]
     kk, vv = pool(30, bs, 2, 64)

@@ -4,10 +4,18 @@
 // Workspace (num_splits > 1): taken from PyTorch's caching allocator (at::empty). That is
 // graph-safe: under CUDA-graph capture the allocation comes from the graph's private pool at a
 // fixed address, and nothing here syncs with the host. The split plan depends only on shapes
-// (B, Hkv, G, block_tables' width x block_size, the SM count), never on context_lens' values.
+// (B, Hkv, G, block_tables' width x block_size, the SM count and the kernel's occupancy), never
+// on context_lens' values.
+//
+// OPPO_DECODE_PLAN=v2 selects the previous plan (about 8 CTAs per SM) on the same kernels, for
+// A/B timing; read at every call (the bench switches it between captures). Default: v3.
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <algorithm>
 #include <array>
+#include <climits>
+#include <cstdlib>
+#include <cstring>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include "dispatch.h"
@@ -15,7 +23,7 @@
 
 namespace {
 
-constexpr int kStages = 3;
+constexpr int kMinPartition = 256;  // tokens: at least 4 tiles per split
 
 // Multiprocessor count, read once per device (no ATen/cuda/CUDAContext.h: it needs cuSPARSE's
 // headers, which a bare toolkit may lack).
@@ -26,66 +34,98 @@ int sm_count(int dev) {
   return n;
 }
 
-template <typename T, int D>
-void launch_decode(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                   const at::Tensor& block_tables, const at::Tensor& context_lens, double scale) {
-  using namespace oppo::attn;
-  const int B = static_cast<int>(q.size(0)), Hq = static_cast<int>(q.size(1));
-  const int block_size = static_cast<int>(k_cache.size(1)), Hkv = static_cast<int>(k_cache.size(2));
-  const int G = Hq / Hkv;
-  const int q_chunks = (G + 15) / 16;
-  const int64_t max_ctx = block_tables.size(1) * static_cast<int64_t>(block_size);
-  const int sms = sm_count(q.get_device());
+bool use_plan_v2() {
+  const char* e = std::getenv("OPPO_DECODE_PLAN");
+  if (e == nullptr || *e == 0 || std::strcmp(e, "v3") == 0) return false;
+  TORCH_CHECK(std::strcmp(e, "v2") == 0, "OPPO_DECODE_PLAN must be v2 or v3, got '", e, "'");
+  return true;
+}
 
-  // Split plan: about 8 CTAs per SM in all, partitions of at least 256 tokens (a multiple of
-  // the 64-token tile).
-  const int64_t base = static_cast<int64_t>(B) * Hkv * q_chunks;
+struct DecodePlan {
+  int num_splits;
+  int partition;  // tokens per split (a multiple of the tile); 1 << 30 with one split
+};
+
+// base = CTAs per split (B * Hkv * q_chunks); resident = CTAs of the kernel per SM.
+//   v2: about 8 CTAs per SM in all.
+//   v3: at most one wave of resident CTAs: splits = floor(SMs * resident / base), so no split at
+//       all once B * Hkv * q_chunks fills half the machine (each CTA then writes `out` itself).
+// Both: partitions of at least kMinPartition tokens, rounded up to the 64-token tile.
+DecodePlan plan_decode(int64_t base, int64_t max_ctx, int sms, int resident, bool v2) {
+  using oppo::attn::kDecodeTile;
   int64_t splits = 1;
-  const int64_t target = 8LL * sms;
-  if (base < target) splits = (target + base - 1) / base;
-  splits = std::min<int64_t>(splits, std::max<int64_t>(1, (max_ctx + 255) / 256));
-  int partition = 1 << 30;
+  if (v2) {
+    const int64_t target = 8LL * sms;
+    if (base < target) splits = (target + base - 1) / base;
+  } else {
+    const int64_t slots = static_cast<int64_t>(sms) * std::max(1, resident);
+    if (base < slots) splits = slots / base;
+  }
+  splits = std::min<int64_t>(splits, std::max<int64_t>(1, (max_ctx + kMinPartition - 1) / kMinPartition));
   if (splits > 1) {
     int64_t part = (max_ctx + splits - 1) / splits;
     part = (part + kDecodeTile - 1) / kDecodeTile * kDecodeTile;
     splits = (max_ctx + part - 1) / part;
-    partition = static_cast<int>(part);
+    if (splits > 1) return {static_cast<int>(splits), static_cast<int>(part)};
   }
-  if (splits <= 1) { splits = 1; partition = 1 << 30; }
-  const int num_splits = static_cast<int>(splits);
+  return {1, 1 << 30};
+}
 
-  at::Tensor ws_o, ws_lse;
+template <typename T, int D>
+void launch_decode(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                   const at::Tensor& block_tables, const at::Tensor& context_lens, double scale) {
+  using namespace oppo::attn;
+  constexpr int kStages = DecodeCfg<D>::kStages;
+  const int B = static_cast<int>(q.size(0)), Hq = static_cast<int>(q.size(1));
+  const int block_size = static_cast<int>(k_cache.size(1)), Hkv = static_cast<int>(k_cache.size(2));
+  const int G = Hq / Hkv;
+  const int q_chunks = (G + 15) / 16;
+  const int64_t max_ctx = std::min<int64_t>(block_tables.size(1) * static_cast<int64_t>(block_size), INT_MAX);
+  const int dev = q.get_device();
+  const int sms = sm_count(dev);
+
+  auto kernel = paged_decode_kernel<T, D, kStages>;
+  constexpr int smem = DecodeSmem<T, D, kStages>::kBytes;
+  static int resident[64] = {};  // CTAs per SM (0: not yet set up on that device)
+  if (resident[dev & 63] == 0) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    // All of the unified L1/smem as smem (D=64: 3 x 75 KiB): the kernel reads through cp.async.cg.
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                        static_cast<int>(cudaSharedmemCarveoutMaxShared)));
+    int n = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kDecodeThreads, smem));
+    resident[dev & 63] = std::max(1, n);
+  }
+
+  const DecodePlan plan =
+      plan_decode(static_cast<int64_t>(B) * Hkv * q_chunks, max_ctx, sms, resident[dev & 63], use_plan_v2());
+  const int num_splits = plan.num_splits;
+
+  at::Tensor ws;
   float* ws_o_ptr = nullptr;
   float* ws_lse_ptr = nullptr;
-  if (num_splits > 1) {
-    ws_o = at::empty({B, Hq, num_splits, D}, q.options().dtype(at::kFloat));
-    ws_lse = at::empty({B, Hq, num_splits}, q.options().dtype(at::kFloat));
-    ws_o_ptr = ws_o.data_ptr<float>();
-    ws_lse_ptr = ws_lse.data_ptr<float>();
+  if (num_splits > 1) {  // one allocation: o [B, Hq, S, D] then lse [B, Hq, S]
+    const int64_t n = static_cast<int64_t>(B) * Hq * num_splits;
+    ws = at::empty({n * (D + 1)}, q.options().dtype(at::kFloat));
+    ws_o_ptr = ws.data_ptr<float>();
+    ws_lse_ptr = ws_o_ptr + n * D;
   }
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const bool out_f32 = out.scalar_type() == at::kFloat;
   const float scale_log2 = static_cast<float>(scale) * kLog2e;
 
-  auto kernel = paged_decode_kernel<T, D, kStages>;
-  constexpr int smem = DecodeSmem<T, D, kStages>::kBytes;
-  static bool attr_set[64] = {};
-  const int dev = q.get_device();
-  if (!attr_set[dev & 63]) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    attr_set[dev & 63] = true;
-  }
   const dim3 grid(num_splits, Hkv * q_chunks, B);
   kernel<<<grid, kDecodeThreads, smem, stream>>>(
       out.data_ptr(), out_f32, out.stride(0), out.stride(1), reinterpret_cast<const T*>(q.data_ptr()), q.stride(0),
       q.stride(1), reinterpret_cast<const T*>(k_cache.data_ptr()), reinterpret_cast<const T*>(v_cache.data_ptr()),
       k_cache.stride(0), block_size, Hkv, block_tables.data_ptr<int>(), block_tables.stride(0),
-      context_lens.data_ptr<int>(), ws_o_ptr, ws_lse_ptr, G, num_splits, partition, scale_log2);
+      static_cast<int>(max_ctx), context_lens.data_ptr<int>(), ws_o_ptr, ws_lse_ptr, G, num_splits, plan.partition,
+      scale_log2);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (num_splits > 1) {
-    paged_decode_reduce_kernel<T><<<dim3(Hq, B), D / 4, 0, stream>>>(
+    paged_decode_reduce_kernel<T, D><<<dim3(Hq, B), kDecodeReduceThreads, 0, stream>>>(
         out.data_ptr(), out_f32, out.stride(0), out.stride(1), ws_o_ptr, ws_lse_ptr, context_lens.data_ptr<int>(),
-        Hq, D, num_splits, partition);
+        Hq, num_splits, plan.partition);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }

@@ -5,8 +5,9 @@
 // K/V byte is read once per CTA whatever the group size. The CTA's 4 warps split each 64-token
 // tile 4 ways (16 tokens each) and keep their own running max / sum / output; the warps are
 // merged in shared memory at the end. K/V tiles stream through a kStages-deep cp.async
-// pipeline. With more than one split, each split writes its normalised output and log-sum-exp
-// (base 2) to the workspace and decode_reduce_kernel merges them.
+// pipeline (DecodeCfg: 4 stages for D=64, 3 for D=128). With one split the CTA writes `out`
+// directly; with more, each split writes its normalised output and log-sum-exp (base 2) to the
+// workspace and paged_decode_reduce_kernel merges them.
 //
 // P is fed to the P*V product as hi + lo halves (two mma per fragment): P rounded to bf16 alone
 // costs ~1.6e-3 relative error; the second mma is free here, the kernel is memory-bound.
@@ -19,16 +20,41 @@ namespace attn {
 constexpr int kDecodeThreads = 128;
 constexpr int kDecodeTile = 64;  // tokens per pipeline stage (16 per warp)
 
+// Pipeline depth and the CTAs per SM the registers must allow (launch bounds), per head dim.
+// D=64: 4 stages = 74 KiB of smem -> 3 CTAs per SM on a 228 KiB SM (48 KiB in flight per CTA).
+// D=128: 3 stages = 103.5 KiB -> 2 CTAs per SM (64 KiB in flight per CTA).
+template <int D> struct DecodeCfg {
+  static constexpr int kStages = D == 64 ? 4 : 3;
+  static constexpr int kMinBlocks = D == 64 ? 3 : 2;
+};
+
+// Q (16 rows) is staged in the K buffer of the last pipeline slot: that slot is first written by
+// the load issued in loop iteration 0, after the barrier that follows every warp's ldmatrix of Q.
 template <typename T, int D, int kStages>
 struct DecodeSmem {
   static constexpr int kRow = SmemRow<D>::kElems;
-  static constexpr int kQElems = 16 * kRow;
   static constexpr int kTileElems = kDecodeTile * kRow;
-  static constexpr int kOffBytes = kStages * kDecodeTile * 8;  // row offsets, one slot per stage
-  static constexpr int kBytes = (kQElems + kStages * 2 * kTileElems) * int(sizeof(T)) + kOffBytes;
+  static constexpr int kQOffset = (kStages - 1) * 2 * kTileElems;  // elements from the stage base
+  static constexpr int kOffBytes = kStages * kDecodeTile * 8;      // row offsets, one slot per stage
+  static constexpr int kBytes = kStages * 2 * kTileElems * int(sizeof(T)) + kOffBytes;
+  static_assert(kStages >= 2 && 16 <= kDecodeTile, "Q must fit a K tile");
   // The warp merge reuses the pipeline buffers: o [4][16][D] + m, l [4][16] floats.
   static_assert(kStages * 2 * kTileElems * int(sizeof(T)) >= (4 * 16 * D + 2 * 4 * 16) * 4, "merge area");
 };
+
+// Page of token `pos` of a sequence (its block-table row `bt`), or -1 at or past `limit` (a bound
+// in tokens: the table's width for the prologue, whose loads then need no context length, or the
+// split's end inside the loop).
+__device__ __forceinline__ int decode_row_page(const int* __restrict__ bt, int block_size, int pos, int limit) {
+  return pos < limit ? __ldg(bt + pos / block_size) : -1;
+}
+// Element offset of token `pos` (page `page`) in the cache, or -1 for rows not to be read.
+__device__ __forceinline__ int64_t decode_row_offset(int page, int pos, int end, int64_t page_stride,
+                                                     int block_size, int row_stride, int head_off) {
+  return (page >= 0 && pos < end)
+             ? static_cast<int64_t>(page) * page_stride + static_cast<int64_t>(pos % block_size) * row_stride + head_off
+             : -1;
+}
 
 template <typename T>
 __device__ __forceinline__ void store_out4(void* out, bool out_f32, int64_t off, float4 v) {
@@ -45,22 +71,23 @@ __device__ __forceinline__ void store_out4(void* out, bool out_f32, int64_t off,
 // out          [B, Hq, D]  (dtype T, or float32 when out_f32), strides o_s0, o_s1, inner contiguous
 // q            [B, Hq, D]  strides q_s0, q_s1, inner contiguous
 // k/v_cache    [num_blocks, block_size, Hkv, D], page stride page_stride
-// block_tables [B, max_blocks] int32, row stride bt_stride;  context_lens [B] int32
+// block_tables [B, max_blocks] int32, row stride bt_stride; table_tokens = max_blocks * block_size
+//              (clamped to INT_MAX);  context_lens [B] int32, each <= table_tokens
 // ws_o         [B, Hq, num_splits, D] float;  ws_lse [B, Hq, num_splits] float  (num_splits > 1)
-// grid (num_splits, Hkv * q_chunks, B), q_chunks = ceil(G / 16)
+// grid (num_splits, Hkv * q_chunks, B), q_chunks = ceil(G / 16); num_splits == 1 needs partition >= ctx
 template <typename T, int D, int kStages>
-__global__ void __launch_bounds__(kDecodeThreads, 2)
+__global__ void __launch_bounds__(kDecodeThreads, DecodeCfg<D>::kMinBlocks)
 paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t o_s1,
                     const T* __restrict__ q, int64_t q_s0, int64_t q_s1,
                     const T* __restrict__ k_cache, const T* __restrict__ v_cache, int64_t page_stride,
                     int block_size, int Hkv, const int* __restrict__ block_tables, int64_t bt_stride,
-                    const int* __restrict__ context_lens, float* __restrict__ ws_o,
+                    int table_tokens, const int* __restrict__ context_lens, float* __restrict__ ws_o,
                     float* __restrict__ ws_lse, int G, int num_splits, int partition, float scale_log2) {
   using S = DecodeSmem<T, D, kStages>;
   constexpr int kRow = S::kRow;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  T* q_s = reinterpret_cast<T*>(smem_raw);
-  T* stage_base = q_s + S::kQElems;
+  T* stage_base = reinterpret_cast<T*>(smem_raw);
+  T* q_s = stage_base + S::kQOffset;
   int64_t* off_s = reinterpret_cast<int64_t*>(stage_base + kStages * 2 * S::kTileElems);
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -70,11 +97,7 @@ paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t 
   const int kvh = blockIdx.y / q_chunks, qchunk = blockIdx.y % q_chunks;
   const int b = blockIdx.z;
   const int Hq = Hkv * G;
-  const int ctx = context_lens[b];
   const int start = split * partition;
-  if (num_splits > 1 && start >= ctx) return;  // empty split: the reduction never reads it
-  const int end = min(ctx, start + partition);
-  const int ntiles = end > start ? ceil_div(end - start, kDecodeTile) : 0;
   const int rows = min(16, G - qchunk * 16);
   const int hq0 = kvh * G + qchunk * 16;
 
@@ -82,8 +105,12 @@ paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t 
   const int row_stride = Hkv * D;
   const int head_off = kvh * D;
 
-  // Q rows (zero past `rows`), its own commit group.
+  // Start-up, issued before the context length is known (nothing below waits for it until the
+  // row offsets): the context length, Q's copy, and the pages of the first kStages tiles (bounded
+  // by the table's width, not by the context).
+  const int ctx = context_lens[b];
   {
+    // Q rows (zero past `rows`), its own commit group.
     constexpr int kChunks = D * int(sizeof(T)) / 16, kVec = 16 / int(sizeof(T));
     for (int c = tid; c < 16 * kChunks; c += kDecodeThreads) {
       const int r = c / kChunks, ch = c % kChunks;
@@ -97,12 +124,35 @@ paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t 
     }
     cp_async_commit();
   }
+  // Rows of tiles 0..kStages-1 are the positions start + i, i < kStages * kDecodeTile (tile i / 64,
+  // row i % 64, slot = tile), and row tid (< 64) of tile kStages.
+  constexpr int kProRows = kStages * kDecodeTile;
+  constexpr int kProPerThread = (kProRows + kDecodeThreads - 1) / kDecodeThreads;
+  int pro_page[kProPerThread];
+#pragma unroll
+  for (int j = 0; j < kProPerThread; ++j) {
+    const int i = tid + j * kDecodeThreads;
+    pro_page[j] = i < kProRows ? decode_row_page(bt, block_size, start + i, table_tokens) : -1;
+  }
+  // The page of row tid of tile u is fetched one iteration before its offset is stored, so the
+  // block-table latency hides behind a tile.
+  int next_page = tid < kDecodeTile ? decode_row_page(bt, block_size, start + kProRows + tid, table_tokens) : -1;
+
+  if (num_splits > 1 && start >= ctx) {  // empty split: the reduction never reads it
+    cp_async_wait<0>();                  // (no copy outstanding when the CTA leaves)
+    return;
+  }
+  const int end = min(ctx, start + partition);
+  const int ntiles = end > start ? ceil_div(end - start, kDecodeTile) : 0;
+
   // Row offsets of tile t go to slot t % kStages; they are written kStages - 1 iterations before
   // the tile's load and made visible by the barrier at the top of the loop.
-  auto tile_offsets = [&](int t) {
-    tile_row_offsets<kDecodeTile>(off_s + (t % kStages) * kDecodeTile, bt, page_stride, block_size, row_stride,
-                                  head_off, start + t * kDecodeTile, end, tid, kDecodeThreads);
-  };
+#pragma unroll
+  for (int j = 0; j < kProPerThread; ++j) {
+    const int i = tid + j * kDecodeThreads;
+    if (i < kProRows)
+      off_s[i] = decode_row_offset(pro_page[j], start + i, end, page_stride, block_size, row_stride, head_off);
+  }
   auto load_tile = [&](int t) {
     T* k_s = stage_base + (t % kStages) * 2 * S::kTileElems;
     T* v_s = k_s + S::kTileElems;
@@ -110,15 +160,6 @@ paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t 
     load_kv_tile<T, D, kDecodeTile, kDecodeThreads>(k_s, k_cache, off, tid);
     load_kv_tile<T, D, kDecodeTile, kDecodeThreads>(v_s, v_cache, off, tid);
   };
-#pragma unroll
-  for (int s = 0; s < kStages; ++s)
-    if (s < ntiles) tile_offsets(s);
-  // The page of row tid of tile u is fetched one iteration before its offset is stored, so the
-  // block-table latency hides behind a tile.
-  auto page_of = [&](int u) {
-    return tid < kDecodeTile ? tile_row_page(bt, block_size, start + u * kDecodeTile, end, tid) : -1;
-  };
-  int next_page = page_of(kStages);
   __syncthreads();
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
@@ -144,11 +185,12 @@ paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t 
     if (t + kStages - 1 < ntiles) load_tile(t + kStages - 1);
     cp_async_commit();
     if (t + kStages < ntiles && tid < kDecodeTile) {  // slot t % kStages: tile t is loaded already
-      const int u = t + kStages;
-      tile_row_offset_store(off_s + (u % kStages) * kDecodeTile, next_page, page_stride, block_size, row_stride,
-                            head_off, start + u * kDecodeTile, tid);
+      const int pos = start + (t + kStages) * kDecodeTile + tid;
+      off_s[(t % kStages) * kDecodeTile + tid] =
+          decode_row_offset(next_page, pos, end, page_stride, block_size, row_stride, head_off);
     }
-    next_page = page_of(t + kStages + 1);
+    next_page = tid < kDecodeTile ? decode_row_page(bt, block_size, start + (t + kStages + 1) * kDecodeTile + tid, end)
+                                  : -1;
 
     const T* k_s = stage_base + (t % kStages) * 2 * S::kTileElems + warp * 16 * kRow;
     const T* v_s = k_s + S::kTileElems;
@@ -273,30 +315,78 @@ paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t 
 }
 
 // Merges the splits of decode: out[b, h] = sum_s w_s o_s / sum_s w_s, w_s = 2^(lse_s - max lse).
-// grid (Hq, B), block D / 4 threads (4 dims each). Splits past the context were never written.
-template <typename T>
-__global__ void paged_decode_reduce_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t o_s1,
-                                           const float* __restrict__ ws_o, const float* __restrict__ ws_lse,
-                                           const int* __restrict__ context_lens, int Hq, int D,
-                                           int num_splits, int partition) {
-  const int h = blockIdx.x, b = blockIdx.y, d = threadIdx.x * 4;
+// grid (Hq, B), block kDecodeReduceThreads: thread (lane l = tid / (D/4), dims 4 * (tid % (D/4)))
+// accumulates the splits s = l, l + kLanes, ... in batches of 8 loads issued together, so 8 * kLanes
+// (32 for D=128, 64 for D=64) splits cost one L2 round trip, not one per split. Splits past the
+// context were never written (nvalid bounds them).
+constexpr int kDecodeReduceThreads = 128;
+template <typename T, int D>
+__global__ void __launch_bounds__(kDecodeReduceThreads)
+paged_decode_reduce_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t o_s1,
+                           const float* __restrict__ ws_o, const float* __restrict__ ws_lse,
+                           const int* __restrict__ context_lens, int Hq, int num_splits, int partition) {
+  constexpr int kDimThreads = D / 4;
+  constexpr int kLanes = kDecodeReduceThreads / kDimThreads;
+  constexpr int kWarps = kDecodeReduceThreads / 32;
+  __shared__ float red_s[kWarps];
+  __shared__ float w_s[kLanes];
+  __shared__ __align__(16) float4 acc_s[kLanes][kDimThreads];
+  const int h = blockIdx.x, b = blockIdx.y, tid = threadIdx.x;
   const int ctx = context_lens[b];
   const int nvalid = ctx > 0 ? min(num_splits, ceil_div(ctx, partition)) : 0;
   const int64_t slot0 = (static_cast<int64_t>(b) * Hq + h) * num_splits;
+
   float M = -INFINITY;
-  for (int s = 0; s < nvalid; ++s) M = fmaxf(M, ws_lse[slot0 + s]);
+  for (int s = tid; s < nvalid; s += kDecodeReduceThreads) M = fmaxf(M, ws_lse[slot0 + s]);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
+  if ((tid & 31) == 0) red_s[tid >> 5] = M;
+  __syncthreads();
+  M = red_s[0];
+#pragma unroll
+  for (int w = 1; w < kWarps; ++w) M = fmaxf(M, red_s[w]);
+  const float m_use = M == -INFINITY ? 0.f : M;
+
+  const int ln = tid / kDimThreads, d = (tid % kDimThreads) * 4;
   float W = 0.f;
   float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll 4
-  for (int s = 0; s < nvalid; ++s) {
-    const float w = exp2f(ws_lse[slot0 + s] - M);
-    const float4 v = *reinterpret_cast<const float4*>(ws_o + (slot0 + s) * D + d);
-    W += w;
-    acc.x += v.x * w; acc.y += v.y * w; acc.z += v.z * w; acc.w += v.w * w;
+  constexpr int kBatch = 8;  // loads issued before the first is used
+  for (int s0 = ln; s0 < nvalid; s0 += kBatch * kLanes) {
+    float lse[kBatch];
+    float4 v[kBatch];
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int s = s0 + u * kLanes;
+      lse[u] = -INFINITY;
+      v[u] = make_float4(0.f, 0.f, 0.f, 0.f);
+      if (s < nvalid) {
+        lse[u] = ws_lse[slot0 + s];
+        v[u] = *reinterpret_cast<const float4*>(ws_o + (slot0 + s) * D + d);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const float w = exp2f(lse[u] - m_use);  // 0 for the padding (-inf)
+      W += w;
+      acc.x += v[u].x * w; acc.y += v[u].y * w; acc.z += v[u].z * w; acc.w += v[u].w * w;
+    }
   }
-  const float inv = W > 0.f ? 1.f / W : 0.f;
-  acc.x *= inv; acc.y *= inv; acc.z *= inv; acc.w *= inv;
-  store_out4<T>(out, out_f32, static_cast<int64_t>(b) * o_s0 + static_cast<int64_t>(h) * o_s1 + d, acc);
+  acc_s[ln][tid % kDimThreads] = acc;
+  if (tid % kDimThreads == 0) w_s[ln] = W;
+  __syncthreads();
+  if (tid < kDimThreads) {
+    float4 a = acc_s[0][tid];
+    float Wt = w_s[0];
+#pragma unroll
+    for (int l = 1; l < kLanes; ++l) {
+      const float4 v = acc_s[l][tid];
+      a.x += v.x; a.y += v.y; a.z += v.z; a.w += v.w;
+      Wt += w_s[l];
+    }
+    const float inv = Wt > 0.f ? 1.f / Wt : 0.f;
+    a.x *= inv; a.y *= inv; a.z *= inv; a.w *= inv;
+    store_out4<T>(out, out_f32, static_cast<int64_t>(b) * o_s0 + static_cast<int64_t>(h) * o_s1 + d, a);
+  }
 }
 
 }  // namespace attn

@@ -109,21 +109,43 @@ def test_kv_append_strided_rows():
 
 
 # ----------------------------------------------------------------------------- decode
-def _decode_case(B, Hq, Hkv, D, block_size, lens, dtype, out_dtype):
+def _decode_run(B, Hq, Hkv, D, block_size, lens, dtype, out_dtype, extra_blocks=1, scale=None):
+    """Kernel vs reference on fresh pages; also the bytes of workspace the call allocated (0: no split)."""
     kv = PagedKV(num_blocks=sum(math.ceil(n / block_size) for n in lens) + 7, block_size=block_size,
                  Hkv=Hkv, D=D, dtype=dtype)
-    bt = kv.tables(lens)
+    bt = kv.tables(lens, extra_blocks=extra_blocks)
     kv.fill(bt, lens)
     ctx = torch.tensor(lens, dtype=torch.int32, device="cuda")
     q = torch.randn(B, Hq, D, device="cuda").to(dtype)
-    scale = D ** -0.5
+    scale = D ** -0.5 if scale is None else scale
     out = torch.full((B, Hq, D), float("nan"), device="cuda", dtype=out_dtype)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_stats()["requested_bytes.all.current"]
+    torch.cuda.reset_peak_memory_stats()
     A.paged_decode_attention(q, kv.k, kv.v, bt, ctx, scale, out=out, backend="cuda")
+    torch.cuda.synchronize()
+    ws = torch.cuda.memory_stats()["requested_bytes.all.peak"] - before   # bytes requested, unrounded
     ref = A.paged_decode_attention_ref(q, kv.k, kv.v, _ref_tables(bt), ctx, scale,
                                        out=torch.empty(B, Hq, D, device="cuda"))
     torch.cuda.synchronize()
     assert torch.isfinite(out).all(), "unwritten or non-finite output"
+    return out, ref, ws
+
+
+def _decode_case(B, Hq, Hkv, D, block_size, lens, dtype, out_dtype):
+    out, ref, _ = _decode_run(B, Hq, Hkv, D, block_size, lens, dtype, out_dtype)
     return out, ref
+
+
+def _plan(B, Hq, Hkv, D, table_tokens, plan=None):
+    """The launcher's (num_splits, partition), from the Python mirror (used to place contexts)."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    return A.paged_decode_plan(B, Hq, Hkv, D, table_tokens, sms, A.paged_decode_resident_ctas(D), plan)
+
+
+def _ws_expected(B, Hq, D, splits):
+    """Workspace bytes the launcher requests for a plan: float o [B, Hq, S, D] + lse [B, Hq, S]."""
+    return 0 if splits == 1 else B * Hq * splits * (D + 1) * 4
 
 
 DECODE_SHAPES = [  # B, Hq, Hkv, D, block_size, max_len
@@ -207,6 +229,106 @@ def test_decode_cuda_graph_replay():
         out.fill_(float("nan"))
         graph.replay()
         ref = A.paged_decode_attention_ref(q, kv.k, kv.v, bt, ctx, 0.088, out=torch.empty_like(out))
+        torch.cuda.synchronize()
+        assert torch.isfinite(out).all() and rel_err(out, ref) < 2e-3
+
+
+# Contexts at and around the 64-token tile and the 4-stage (D=64) / 3-stage (D=128) prologue.
+TILE_EDGE_LENS = [1, 2, 15, 16, 17, 63, 64, 65, 127, 128, 129, 191, 192, 193, 255, 256, 257, 300, 0]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("Hq,Hkv,D,bs", [(14, 2, 64, 16), (32, 8, 128, 16), (40, 2, 128, 8), (16, 4, 64, 256)])
+def test_decode_no_split_when_heads_fill_the_machine(dtype, Hq, Hkv, D, bs):
+    """B * Hkv * head chunks >= the resident CTAs: one split, `out` written by the main kernel
+    itself (no workspace, no reduction); contexts at tile and pipeline-prologue edges, and 0."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    chunks = Hkv * math.ceil(Hq // Hkv / 16)
+    B = math.ceil(4 * sms / chunks)                 # >= any resident count (<= 4 CTAs per SM)
+    lens = [TILE_EDGE_LENS[i % len(TILE_EDGE_LENS)] for i in range(B)]
+    out, ref, ws = _decode_run(B, Hq, Hkv, D, bs, lens, dtype, torch.float32)
+    assert ws == 0, f"expected the no-split path (no workspace), got {ws} bytes"
+    assert rel_err(out, ref) < TOL_F32_OUT[dtype]
+    zero = [b for b, n in enumerate(lens) if n == 0]
+    assert (out[zero] == 0).all()
+
+
+@pytest.mark.parametrize("D", [64, 128])
+def test_decode_long_splits_partition_edges(D):
+    """A 32k table over few sequences: long partitions (v3); contexts at P-1, P, P+1, 2P+65 and
+    near the table's end, so the last tile of a split and the first of the next are partial."""
+    B, Hq, Hkv, bs, table = 6, 32, 8, 16, 32768
+    splits, P = _plan(B, Hq, Hkv, D, table)
+    assert splits > 1
+    lens = [1, P - 1, P, P + 1, min(2 * P + 65, table - 1), table - 5]
+    out, ref, _ = _decode_run(B, Hq, Hkv, D, bs, lens, torch.bfloat16, torch.float32, extra_blocks=0)
+    assert rel_err(out, ref) < 2e-3
+
+
+@pytest.mark.parametrize("plan", ["v2", "v3"])
+@pytest.mark.parametrize("B,Hq,Hkv,D,table", [(1, 32, 8, 128, 32768), (1, 32, 8, 64, 32768), (4, 14, 2, 64, 4096),
+                                               (16, 32, 8, 128, 16384), (64, 14, 2, 64, 4096), (3, 40, 2, 128, 2048)])
+def test_decode_plan_mirror_matches_launcher(monkeypatch, plan, B, Hq, Hkv, D, table):
+    """The Python mirror of the split plan (used by the bench and to place contexts in these tests)
+    agrees with the launcher, read through the workspace size. Contexts are short: the plan depends
+    on the table's width only. A failure here means the mirror drifted (or the card's occupancy
+    differs from its estimate), not a wrong result: the other tests check results."""
+    monkeypatch.setenv("OPPO_DECODE_PLAN", plan)
+    bs = 16
+    lens = [1 + (37 * b) % 50 for b in range(B)]
+    out, ref, ws = _decode_run(B, Hq, Hkv, D, bs, lens, torch.bfloat16, torch.float32,
+                               extra_blocks=table // bs - max(math.ceil(n / bs) for n in lens))
+    splits, _ = _plan(B, Hq, Hkv, D, table, plan)
+    assert ws == _ws_expected(B, Hq, D, splits), f"launcher workspace {ws} B, mirror plans {splits} splits"
+    assert rel_err(out, ref) < 2e-3
+
+
+def test_decode_plans_v2_and_v3_agree(monkeypatch):
+    """Same inputs under both plans (they split (64, 4096, 14, 2, 64) 8 and 3 ways)."""
+    B, Hq, Hkv, D, bs = 64, 14, 2, 64, 16
+    assert _plan(B, Hq, Hkv, D, 4096, "v2")[0] != _plan(B, Hq, Hkv, D, 4096, "v3")[0]
+    lens = torch.randint(1, 4097, (B,)).tolist()
+    lens[0] = 4096
+    kv = PagedKV(num_blocks=sum(math.ceil(n / bs) for n in lens) + 3, block_size=bs, Hkv=Hkv, D=D, dtype=torch.bfloat16)
+    bt = kv.tables(lens, extra_blocks=0)
+    kv.fill(bt, lens)
+    ctx = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    q = torch.randn(B, Hq, D, device="cuda").bfloat16()
+    outs = {}
+    for plan in ("v2", "v3"):
+        monkeypatch.setenv("OPPO_DECODE_PLAN", plan)
+        outs[plan] = torch.full((B, Hq, D), float("nan"), device="cuda")
+        A.paged_decode_attention(q, kv.k, kv.v, bt, ctx, 0.125, out=outs[plan], backend="cuda")
+    ref = A.paged_decode_attention_ref(q, kv.k, kv.v, _ref_tables(bt), ctx, 0.125, out=torch.empty(B, Hq, D, device="cuda"))
+    for plan, out in outs.items():
+        assert torch.isfinite(out).all() and rel_err(out, ref) < 2e-3, plan
+    assert rel_err(outs["v2"], outs["v3"]) < 2e-3
+
+
+def test_decode_cuda_graph_replay_no_split():
+    """The no-split plan captured once, replayed on new queries and context lengths."""
+    Hq, Hkv, D, bs, max_len = 14, 2, 64, 16, 300
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    B = math.ceil(4 * sms / Hkv)
+    assert _plan(B, Hq, Hkv, D, math.ceil(max_len / bs) * bs)[0] == 1
+    kv = PagedKV(num_blocks=B * math.ceil(max_len / bs) + 3, block_size=bs, Hkv=Hkv, D=D, dtype=torch.bfloat16)
+    full = [max_len] * B
+    bt = kv.tables(full, extra_blocks=0)
+    kv.fill(bt, full)
+    q = torch.randn(B, Hq, D, device="cuda").bfloat16()
+    ctx = torch.randint(1, max_len + 1, (B,), dtype=torch.int32, device="cuda")
+    out = torch.empty(B, Hq, D, device="cuda", dtype=torch.float32)
+    A.paged_decode_attention(q, kv.k, kv.v, bt, ctx, 0.125, out=out, backend="cuda")   # warm-up
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        A.paged_decode_attention(q, kv.k, kv.v, bt, ctx, 0.125, out=out, backend="cuda")
+    for _ in range(3):
+        q.copy_(torch.randn_like(q, dtype=torch.float32))
+        ctx.copy_(torch.randint(0, max_len + 1, (B,), dtype=torch.int32))
+        out.fill_(float("nan"))
+        graph.replay()
+        ref = A.paged_decode_attention_ref(q, kv.k, kv.v, bt, ctx, 0.125, out=torch.empty_like(out))
         torch.cuda.synchronize()
         assert torch.isfinite(out).all() and rel_err(out, ref) < 2e-3
 

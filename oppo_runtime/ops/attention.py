@@ -23,7 +23,7 @@ from ._backend import MissingKernelError, choose_backend, has_cuda_kernels, reco
 
 __all__ = [
     "kv_append", "kv_append_ref",
-    "paged_decode_attention", "paged_decode_attention_ref",
+    "paged_decode_attention", "paged_decode_attention_ref", "paged_decode_plan", "paged_decode_resident_ctas",
     "paged_prefill_attention", "paged_prefill_attention_ref",
     "varlen_causal_attention", "gather_paged_kv", "acc_dtype", "attention_kernels_support",
 ]
@@ -136,8 +136,60 @@ def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, 
     return out
 
 
+# Mirror of the CUDA launcher's split plan (plan_decode in csrc/paged_decode_attention.cu), for
+# tests and benchmarks only: the kernel does not read it. Resident CTAs per SM are estimated from
+# the kernel's shared memory (and the registers ptxas reported); the launcher asks the CUDA
+# occupancy API instead, so on an unusual card the two may differ.
+_DECODE_TILE = 64
+_DECODE_MIN_PARTITION = 256
+_DECODE_STAGES = {64: 4, 128: 3}
+_DECODE_CTAS_BY_REGS = {64: 4, 128: 2}     # 114-120 and 174-178 registers x 128 threads
+
+
+def paged_decode_resident_ctas(head_dim: int, device=None) -> int:
+    """Estimated CTAs per SM of the decode kernel for this head dim (smem and register bound)."""
+    props = torch.cuda.get_device_properties(device if device is not None else torch.cuda.current_device())
+    row = (head_dim + 8) * 2
+    smem = _DECODE_STAGES[head_dim] * (2 * _DECODE_TILE * row + _DECODE_TILE * 8)
+    per_sm = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
+    return max(1, min(_DECODE_CTAS_BY_REGS[head_dim], per_sm // (smem + 1024)))
+
+
+def paged_decode_plan(B: int, Hq: int, Hkv: int, head_dim: int, table_tokens: int, sm_count: int,
+                      resident: int, plan: str | None = None) -> tuple[int, int]:
+    """(num_splits, partition in tokens) of the CUDA decode launcher; partition 1 << 30 = no split.
+
+    ``table_tokens`` = block_tables.shape[1] * block_size. ``plan`` "v3" (default, or the
+    ``OPPO_DECODE_PLAN`` environment variable) or "v2"."""
+    import os
+    plan = plan or os.environ.get("OPPO_DECODE_PLAN") or "v3"
+    base = B * Hkv * ((Hq // Hkv + 15) // 16)
+    splits = 1
+    if plan == "v2":
+        target = 8 * sm_count
+        if base < target:
+            splits = -(-target // base)
+    elif plan == "v3":
+        slots = sm_count * max(1, resident)
+        if base < slots:
+            splits = slots // base
+    else:
+        raise ValueError(f"plan must be v2 or v3, got {plan!r}")
+    max_ctx = min(table_tokens, 2**31 - 1)
+    splits = min(splits, max(1, -(-max_ctx // _DECODE_MIN_PARTITION)))
+    if splits > 1:
+        part = -(-max_ctx // splits)
+        part = -(-part // _DECODE_TILE) * _DECODE_TILE
+        splits = -(-max_ctx // part)
+        if splits > 1:
+            return splits, part
+    return 1, 1 << 30
+
+
 def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale: float,
                            out: torch.Tensor | None = None, backend: str | None = None):
+    """CUDA kernel (bf16/fp16, head_dim 64/128) or the reference. Split plan: see
+    ``paged_decode_plan``; ``OPPO_DECODE_PLAN=v2`` selects the previous plan (A/B timing)."""
     _check_cache("paged_decode_attention", k_cache, v_cache)
     if q.dim() != 3 or q.shape[2] != k_cache.shape[3] or q.shape[1] % k_cache.shape[2]:
         raise ValueError(f"paged_decode_attention: q must be [B, Hq, {k_cache.shape[3]}] with Hq a "
