@@ -58,7 +58,7 @@ def _doctor(args) -> int:
         torch.cuda.synchronize()
     print("op backends:")
     for op, backend in sorted(ops.backends().items()):
-        note = "" if backend == "cuda" or not cuda else "   <- reference on a GPU: no CUDA kernel for this op"
+        note = "" if backend in ("cuda", "triton") or not cuda else "   <- reference on a GPU: no GPU kernel for this op"
         print(f"  {op:28s} {backend}{note}")
     for p in problems:
         print(f"  PROBLEM {p}")

@@ -7,10 +7,12 @@ for a ladder of batch sizes (needs the CUDA attention kernels: the reference ops
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..memory import KVView
@@ -45,7 +47,9 @@ class _Staging:
 
     def many(self, parts: list[list[int]]) -> list[torch.Tensor]:
         """Several int lists in one pinned buffer and one copy; int64 views on the device."""
-        flat = torch.tensor([x for p in parts for x in p], dtype=torch.int64)
+        # numpy builds the buffer ~5x faster than torch.tensor on a list (host time per step)
+        n = sum(len(p) for p in parts)
+        flat = torch.from_numpy(np.fromiter(itertools.chain.from_iterable(parts), dtype=np.int64, count=n))
         dev = flat.pin_memory().to(self.device, non_blocking=True) if self.pin else flat.to(self.device)
         out, o = [], 0
         for p in parts:
@@ -79,21 +83,33 @@ class ModelRunner:
         ids, pos, slots, tables, ctx_lens, cu = [], [], [], [], [], [0]
         T = self.view.tokens_per_page
         width = 1
+        max_q = 0
         for sp in spans:
             pages = pages_of(sp.key)
+            start = sp.start
             n = len(sp.token_ids)
-            end = sp.start + n
+            end = start + n
             if end > len(pages) * T:
                 raise RuntimeError(f"{self.view.name}: sequence {sp.key} has {len(pages)} pages for {end} tokens")
-            ids.extend(sp.token_ids)
-            pos.extend(range(sp.start, end))
-            slots.extend(pages[p // T] * T + p % T for p in range(sp.start, end))
+            ids += sp.token_ids
+            if n == 1:                                  # decode: the common case, kept cheap
+                pos.append(start)
+                slots.append(pages[start // T] * T + start % T)
+            else:
+                pos += range(start, end)
+                slots += [pages[p // T] * T + p % T for p in range(start, end)]
             used = -(-end // T)
             tables.append(pages[:used])
-            width = max(width, used)
+            if used > width:
+                width = used
+            if n > max_q:
+                max_q = n
             ctx_lens.append(end)
             cu.append(cu[-1] + n)
-        flat_tables = [x for t in tables for x in (t + [0] * (width - len(t)))]
+        flat_tables: list[int] = []
+        for t in tables:
+            flat_tables += t
+            flat_tables += [0] * (width - len(t))
         is_decode = cu[-1] == len(spans)
         if ids_from is None:
             d_ids, d_pos, d_slots, d_tables, d_ctx, d_cu = self.stage.many([ids, pos, slots, flat_tables, ctx_lens, cu])
@@ -113,7 +129,7 @@ class ModelRunner:
             block_tables=d_tables.view(len(spans), width).to(torch.int32),
             context_lens=d_ctx.to(torch.int32),
             cu_seqlens_q=d_cu.to(torch.int32),
-            max_seqlen_q=max((len(s.token_ids) for s in spans), default=0),
+            max_seqlen_q=max_q,
             is_decode=is_decode,
         )
         return d_ids, d_pos, ctx

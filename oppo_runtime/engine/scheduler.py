@@ -170,10 +170,12 @@ class Scheduler:
         ready.sort(key=lambda s: s.admit_order)
         ready = ready[: self.max_num_seqs]
         seqs, taken = [], set()
+        T, pages = self.view.tokens_per_page, self.view.pages
         for seq in ready:
             if seq.status is not SeqStatus.RUNNING:       # preempted by an older one this step
                 continue
-            if self._grow(seq, seq.num_tokens, protect=taken):
+            n = seq.num_tokens
+            if len(pages(seq.seq_id)) * T >= n or self._grow(seq, n, protect=taken):
                 seqs.append(seq)
                 taken.add(seq.seq_id)
             else:
