@@ -1,9 +1,13 @@
 import logging
+import os
 
 import pytest
 import torch
 
 logging.getLogger("oppo_runtime").setLevel(logging.INFO)
+# Triton kernels run one fixed config in tests (autotuning compiles every config for every shape
+# key: minutes); tests/test_prefill_triton_gpu.py runs the autotuner itself once.
+os.environ.setdefault("OPPO_TRITON_AUTOTUNE", "0")
 
 
 def pytest_collection_modifyitems(config, items):
