@@ -77,7 +77,8 @@ fi
 for b in "${BENCHES[@]}"; do
   limit=${BENCH_LIMIT:-240}
   [ "$b" = ppo_step ] && limit=${BENCH_LIMIT:-500}
-  step "bench_$b" "$limit" $PY "bench/$b.py" --out "$OUT/$b.json" ${BENCH_ARGS:-}
+  extra=$(eval echo "\${ARGS_$b:-}")          # per-benchmark arguments: ARGS_decode_attention="--plans v3,v2"
+  step "bench_$b" "$limit" $PY "bench/$b.py" --out "$OUT/$b.json" ${BENCH_ARGS:-} $extra
 done
 {
   echo
