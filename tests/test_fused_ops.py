@@ -18,8 +18,7 @@ import torch.nn.functional as F
 from oppo_runtime.models import DenseContext, ModelConfig, PagedContext, build_model, load_model, save_model
 from oppo_runtime.models.transformer import rotary_inv_freq
 from oppo_runtime.ops import MissingKernelError, apply_rotary, backends, rms_norm, rotary_cos_sin
-from oppo_runtime.ops.fused import (fused_add_rms_norm, fused_add_rms_norm_ref, rotary_cos_sin_cache, rotary_qk,
-                                    rotary_qk_ref, silu_mul, silu_mul_ref)
+from oppo_runtime.ops.fused import fused_add_rms_norm, rotary_cos_sin_cache, rotary_qk, silu_mul, silu_mul_ref
 
 TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=128, max_position_embeddings=256, pad_token_id=0)
@@ -31,10 +30,6 @@ FAMILIES = {
     "qwen2": ("Qwen2ForCausalLM", dict(tie_word_embeddings=True)),
     "qwen3": ("Qwen3ForCausalLM", dict(head_dim=32)),
 }
-
-
-def _inv_freq(head_dim, theta=10000.0):
-    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
 
 
 # ----------------------------------------------------------------------------- references == unfused math
@@ -183,9 +178,9 @@ MODEL_CHECK = textwrap.dedent("""
     if dev == "cpu":       # force the kernels (interpreted) for every fused op
         choose = fused._choose
         fused._choose = lambda op, tensors, backend: choose(op, tensors, backend or "triton")
-    TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+    TINY = dict(hidden_size=256, intermediate_size=320, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, vocab_size=128, max_position_embeddings=256, pad_token_id=0)
-    for arch, extra in [("Qwen2ForCausalLM", {{}}), ("Qwen3ForCausalLM", {{"head_dim": 32}}),
+    for arch, extra in [("Qwen2ForCausalLM", {{}}), ("Qwen3ForCausalLM", {{"head_dim": 128}}),
                         ("LlamaForCausalLM", {{"attention_bias": True, "mlp_bias": True}})]:
         model = build_model(ModelConfig.from_dict({{"architectures": [arch], **TINY, **extra}}), seed=3,
                             dtype=dtype, device=dev)
@@ -316,6 +311,15 @@ def test_to_after_fusing_fuses_again():
     assert attn.qkv.weight.dtype == torch.float64 and attn.q_proj.weight.data_ptr() == attn.qkv.weight.data_ptr()
     # float64: the CPU GEMM of the concatenated weight may round differently from the separate ones
     torch.testing.assert_close(_paged_logits(model), _paged_logits(model, grad=True), rtol=1e-12, atol=1e-12)
+
+
+def test_fusing_again_keeps_intact_fused_weights():
+    model = _model("qwen2")
+    model.fuse_projections()
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    qkv, gate_up = attn.qkv.weight, mlp.gate_up.weight
+    model.fuse_projections()                   # e.g. a second engine on the same model
+    assert attn.qkv.weight is qkv and mlp.gate_up.weight is gate_up
 
 
 def test_parameters_replaced_after_fusing_are_refused():

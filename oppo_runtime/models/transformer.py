@@ -95,8 +95,12 @@ class _FusedLinears:
     def _data_ptrs(self) -> list[int]:
         return [p.data_ptr() for lin in self.linears for p in (lin.weight, lin.bias) if p is not None]
 
+    def intact(self) -> bool:
+        """Whether the parameters still view this fused weight."""
+        return self._data_ptrs() == self._ptrs
+
     def check(self, where: str) -> None:
-        if self._data_ptrs() != self._ptrs:
+        if not self.intact():
             raise RuntimeError(f"{where}: the parameters no longer view the fused weight (replaced after "
                                "fuse_projections(): load_state_dict(assign=True), sharding, param.data = ...); "
                                "call model.fuse_projections() again")
@@ -135,12 +139,14 @@ class Attention(nn.Module):
         self.qkv: _FusedLinears | None = None
 
     def fuse_projections(self) -> None:
-        self.qkv = _FusedLinears([self.q_proj, self.k_proj, self.v_proj])
+        # kept when intact: a CUDA graph captured on the fused weight must not see it freed
+        if self.qkv is None or not self.qkv.intact():
+            self.qkv = _FusedLinears([self.q_proj, self.k_proj, self.v_proj])
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
         if self.qkv is not None:          # .to()/.half()/...: the parameters moved, fuse them again
-            self.fuse_projections()
+            self.qkv = _FusedLinears([self.q_proj, self.k_proj, self.v_proj])
         return self
 
     def forward(self, x, cos, sin, ctx):
@@ -196,12 +202,13 @@ class MLP(nn.Module):
         self.gate_up: _FusedLinears | None = None
 
     def fuse_projections(self) -> None:
-        self.gate_up = _FusedLinears([self.gate_proj, self.up_proj])
+        if self.gate_up is None or not self.gate_up.intact():
+            self.gate_up = _FusedLinears([self.gate_proj, self.up_proj])
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
         if self.gate_up is not None:
-            self.fuse_projections()
+            self.gate_up = _FusedLinears([self.gate_proj, self.up_proj])
         return self
 
     def forward(self, x):
@@ -299,8 +306,9 @@ class _DecoderModel(nn.Module):
 
     def fuse_projections(self) -> "_DecoderModel":
         """One QKV and one gate_up weight per layer, viewed by the named parameters (see the module
-        docstring). Call once the model is on its device; idempotent (fuses again from the current
-        values). Used by the inference path only; training is unaffected."""
+        docstring). Call once the model is on its device. Idempotent: intact fused weights are kept
+        (CUDA graphs captured on them stay valid); stale ones (parameters replaced since) are
+        rebuilt from the parameters' current values. The autograd path never reads them."""
         for layer in self.model.layers:
             layer.self_attn.fuse_projections()
             layer.mlp.fuse_projections()
