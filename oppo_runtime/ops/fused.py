@@ -133,12 +133,11 @@ def rotary_qk(q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor, pos
     if (q_norm_weight is None) != (k_norm_weight is None):
         raise ValueError("rotary_qk: give both q_norm_weight and k_norm_weight, or neither")
     tensors = (q, k) if q_norm_weight is None else (q, k, q_norm_weight, k_norm_weight)
-    chosen = _choose("rotary_qk", tensors, backend)
-    if chosen == "triton" and (k.dtype != q.dtype or (q_norm_weight is not None and not
-                                                        q_norm_weight.dtype == k_norm_weight.dtype == q.dtype)):
-        chosen = "reference"      # mixed dtypes (autocast): the reference's promotion rules
-        record_backend("rotary_qk", chosen)
-    if chosen == "reference":
+    if len({t.dtype for t in tensors}) > 1:
+        if backend in ("triton", "cuda"):
+            raise ValueError(f"rotary_qk: the Triton kernel takes one dtype, got {[str(t.dtype) for t in tensors]}")
+        backend = "reference"     # mixed dtypes (autocast): the reference's promotion rules
+    if _choose("rotary_qk", tensors, backend) == "reference":
         return rotary_qk_ref(q, k, cos_sin_cache, positions, q_norm_weight, k_norm_weight, eps)
     from . import fused_triton
     q = q if q.stride(2) == 1 else q.contiguous()
