@@ -49,6 +49,11 @@ def _doctor(args) -> int:
         ("paged_prefill_attention", lambda: attention.paged_prefill_attention(
             q, k, v, torch.tensor([0, 2], dtype=torch.int32, device=dev), torch.tensor([2], dtype=torch.int32, device=dev),
             torch.tensor([[0]], dtype=torch.int32, device=dev), 0.125)),
+        ("fused_add_rms_norm", lambda: ops.fused_add_rms_norm(
+            kv.reshape(3, 128), None, torch.ones(128, device=dev, dtype=dtype), 1e-6)),
+        ("rotary_qk", lambda: ops.rotary_qk(q, kv[:2], ops.rotary_cos_sin_cache(torch.ones(32), 8, dev),
+                                            torch.tensor([0, 1], device=dev))),
+        ("silu_mul", lambda: ops.silu_mul(kv.reshape(3, 128))),
     ]:
         try:
             fn()

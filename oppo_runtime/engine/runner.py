@@ -63,6 +63,10 @@ class ModelRunner:
                  graph_batch_sizes: tuple[int, ...] = ()):
         self.model, self.view = model, view
         self.device = next(model.parameters()).device
+        if self.device.type == "cuda" and hasattr(model, "fuse_projections"):
+            # one QKV and one gate_up GEMM; the named parameters become views of the fused weights,
+            # so a training model's optimizer steps reach the engine without a copy
+            model.fuse_projections()
         self.max_model_len = max_model_len
         self.max_blocks = view.pages_for_tokens(max_model_len)
         self.stage = _Staging(self.device)
