@@ -337,7 +337,7 @@ def test_parameters_replaced_after_fusing_are_refused():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["torch.bfloat16", "torch.float16", "torch.float32"])
 def test_triton_kernels_equal_references_on_gpu(dtype):
-    _run(KERNEL_CHECK.format(dev="cuda", dtypes=dtype, hiddens="896, 1536, 4096", rows="1, 7, 64, 257",
+    _run(KERNEL_CHECK.format(dev="cuda", dtypes=dtype + ",", hiddens="896, 1536, 4096", rows="1, 7, 64, 257",
                              head_dims="64, 128", heads="(14, 2), (32, 8)", bf16_tol=1.6e-2), interpret=False)
 
 

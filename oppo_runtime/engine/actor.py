@@ -294,9 +294,11 @@ class ActorEngine:
         if not fl.seqs:
             return finished
         toks, lps, bad = fl.host[0].long().tolist(), fl.host[1].tolist(), fl.host[2].tolist()
+        live = []
         for seq, i, tok, lp, is_bad in zip(fl.seqs, fl.idx, toks, lps, bad):
             if seq.status is SeqStatus.FINISHED or len(seq.output_ids) <= i:
                 continue                  # ended at an earlier token: this row was wasted work
+            live.append(seq)
             if is_bad:      # NaN/+inf logits: this request ends with an error, the others go on
                 del seq.output_ids[i:]
                 seq.status, seq.finish_reason = SeqStatus.FINISHED, "error: NaN/inf in the actor's logits"
@@ -311,7 +313,7 @@ class ActorEngine:
             if self._check_finish(seq, i):
                 del seq.output_ids[i + 1:]            # a later step's unread token, if any
                 finished.append(seq)
-        self._emit(fl.seqs)
+        self._emit(live)                  # (a sequence that ended earlier has had its final chunk)
         for seq in finished:
             self.scheduler.finish(seq)
         return finished
