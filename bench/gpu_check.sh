@@ -9,7 +9,7 @@
 # log.txt (all output), and BENCH.json per benchmark. Each step has a time limit so that the
 # whole check stays well under 10 minutes; a failing step is reported and the next one runs.
 #
-# BENCH_ONLY=1 skips doctor, pytest and the sanitizers (build, then the benchmarks), for a
+# BENCH_ONLY=1 skips doctor, pytest and the sanitizers (PYTEST_FILES="tests/a.py ..." still runs those) (build, then the benchmarks), for a
 # benchmark that needs most of the 10 minutes: the end-to-end PPO step, one workload per call,
 #   BENCH_ONLY=1 BENCH_ARGS="--workload G" bash bench/gpu_check.sh ppo_step
 #   BENCH_ONLY=1 BENCH_ARGS="--workload T --trl" bash bench/gpu_check.sh ppo_step   (carry .whl)
@@ -60,6 +60,8 @@ grep -E "registers|spill|stack frame" "$LOG" | sort | uniq -c | head -20 >> "$LO
 if [ -z "${BENCH_ONLY:-}" ]; then
 step doctor 60 $PY -m oppo_runtime.cli doctor
 step pytest 240 $PY -m pytest -m gpu -q -rfE -p no:cacheprovider
+elif [ -n "${PYTEST_FILES:-}" ]; then        # BENCH_ONLY with a few GPU test files first
+step pytest 180 $PY -m pytest -m gpu -q -rfE -p no:cacheprovider $PYTEST_FILES
 fi
 if [ -n "${OPPO_TRAIN_STEPS:-}" ]; then   # the main job on the GPU: a short default run
   step train 240 $PY -m oppo_runtime.cli train --steps "$OPPO_TRAIN_STEPS" --out /tmp/oppo_train \
