@@ -125,3 +125,25 @@ def test_async_decode_equals_synchronous_decode_on_gpu():
     torch.testing.assert_close(torch.tensor([x for _, lp, _ in outs[0] for x in lp]),
                                torch.tensor([x for _, lp, _ in outs[1] for x in lp]), atol=1e-3, rtol=0)
     assert any(r == "eos" for *_, r in outs[0])
+
+
+def test_steady_decode_steps_never_sync_the_host_with_the_device():
+    """A decode step (CUDA graph, sampler, staging, read-back of the previous step) issues no
+    synchronizing CUDA call: torch's sync debug mode raises on any (e.g. a pageable copy)."""
+    if not ops.has_cuda_kernels():
+        pytest.skip("CUDA kernels not built")
+    m = model()
+    eng = ActorEngine(m, pool_for(m, 256), EngineConfig(seed=3))
+    for p in prompts(8, seed=6):
+        eng.add_request(p, SamplingParams(temperature=1.0, max_new_tokens=64), target_len=64)
+    while eng.scheduler.prefill_pending() or eng.stats["decode_steps"] < 4:
+        eng.step()                                   # prefill, graph capture, first decode steps
+    assert eng._inflight is not None
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(16):
+            eng.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    eng.generate([], SamplingParams())               # drain
+    assert all(len(s.output_ids) == 64 for s in eng.scheduler.running) or not eng.scheduler.running

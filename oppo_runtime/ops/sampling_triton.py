@@ -76,6 +76,19 @@ if triton is not None:
         tl.store(bad_ptr + row, bad.to(tl.int8))
 
 
+_seeds: dict = {}
+
+
+def _seed_tensor(seed: int, device: torch.device) -> torch.Tensor:
+    """The seed on the device, made once: ``torch.tensor(..., device=cuda)`` from a Python list is a
+    synchronous copy, which would stall the host behind the GPU at every decode step."""
+    key = (seed & 0xFFFFFFFF, device)
+    t = _seeds.get(key)
+    if t is None:
+        t = _seeds[key] = torch.tensor([key[0]], dtype=torch.int64).to(device)
+    return t
+
+
 def gumbel_sample(logits: torch.Tensor, temperature: torch.Tensor, seed: int, seq_keys: torch.Tensor,
                   positions: torch.Tensor):
     """(tokens int64 [B], behaviour log-probs float32 [B], bad bool [B]) without top-k/top-p."""
@@ -87,6 +100,6 @@ def gumbel_sample(logits: torch.Tensor, temperature: torch.Tensor, seed: int, se
     if B:
         _gumbel_sample_kernel[(B,)](logits, logits.stride(0), temperature.float().contiguous(),
                                     seq_keys.to(torch.int64).contiguous(), positions.to(torch.int64).contiguous(),
-                                    torch.tensor([seed & 0xFFFFFFFF], dtype=torch.int64, device=logits.device),
+                                    _seed_tensor(seed, logits.device),
                                     V, tok, logp, bad, BLOCK=4096, num_warps=8)
     return tok, logp, bad.bool()
