@@ -134,8 +134,8 @@ def test_steady_decode_steps_never_sync_the_host_with_the_device():
         pytest.skip("CUDA kernels not built")
     m = model()
     eng = ActorEngine(m, pool_for(m, 256), EngineConfig(seed=3))
-    for p in prompts(8, seed=6):
-        eng.add_request(p, SamplingParams(temperature=1.0, max_new_tokens=64), target_len=64)
+    seqs = [eng.add_request(p, SamplingParams(temperature=1.0, max_new_tokens=64), target_len=64)
+            for p in prompts(8, seed=6)]
     while eng.scheduler.prefill_pending() or eng.stats["decode_steps"] < 4:
         eng.step()                                   # prefill, graph capture, first decode steps
     assert eng._inflight is not None
@@ -145,5 +145,6 @@ def test_steady_decode_steps_never_sync_the_host_with_the_device():
             eng.step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    eng.generate([], SamplingParams())               # drain
-    assert all(len(s.output_ids) == 64 for s in eng.scheduler.running) or not eng.scheduler.running
+    while eng.has_unfinished():
+        eng.step()
+    assert all(len(s.output_ids) == 64 and s.finish_reason == "length" for s in seqs)
