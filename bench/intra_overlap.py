@@ -7,6 +7,7 @@ each length). Times from the first decode to the last score:
     off   : generate all, then score all         (sequential)
     on    : scorers prefill chunks on their own stream while the actor decodes
 hidden_fraction = (off - on) / (off - alone): the share of scoring time hidden under decode.
+Modes run interleaved over --reps rounds; each mode's time is its median.
 
     python bench/intra_overlap.py [--out bench/results/intra_overlap.json] [--quick]
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -70,7 +72,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--chunks", default="16,64,256", help="chunk sizes C tried with overlap on")
+    ap.add_argument("--chunks", default="64,256,1024", help="chunk sizes C tried with overlap on")
+    ap.add_argument("--reps", type=int, default=3, help="rounds over the modes (median per mode)")
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of the 'on' run")
     args = ap.parse_args()
     info = device_info()
@@ -83,15 +86,22 @@ def main():
     rows = []
     res = {}
     timelines = {}
-    for mode in ["alone", "off"] + [f"on C={c}" for c in args.chunks.split(",")]:
-        chunk = int(mode.split("=")[1]) if mode.startswith("on") else 16
-        tl = Timeline(step=0) if mode.startswith("on") else None
-        wall, out = run(models, prompts, lens, "on" if mode.startswith("on") else mode, chunk, timeline=tl)
-        res[mode] = (wall, out)
-        if tl is not None:
-            timelines[mode] = tl.resolve()
-        rows.append({"mode": mode, "seconds": wall})
-        print(f"{mode}: {wall:.3f} s", flush=True)
+    modes = ["alone", "off"] + [f"on C={c}" for c in args.chunks.split(",")]
+    walls: dict[str, list[float]] = {m: [] for m in modes}
+    # modes interleaved over --reps rounds (GPU clocks and allocator state drift within a run);
+    # each mode's time is its median over the rounds
+    for rep in range(args.reps):
+        for mode in modes:
+            chunk = int(mode.split("=")[1]) if mode.startswith("on") else 16
+            tl = Timeline(step=0) if mode.startswith("on") and rep == args.reps - 1 else None
+            wall, out = run(models, prompts, lens, "on" if mode.startswith("on") else mode, chunk, timeline=tl)
+            walls[mode].append(wall)
+            res[mode] = (statistics.median(walls[mode]), out)
+            if tl is not None:
+                timelines[mode] = tl.resolve()
+            print(f"round {rep} {mode}: {wall:.3f} s", flush=True)
+    for mode in modes:
+        rows.append({"mode": mode, "seconds": res[mode][0], "runs": " ".join(f"{w:.3f}" for w in walls[mode])})
     best = min((m for m in res if m.startswith("on")), key=lambda m: res[m][0])
     res["on"] = res[best]
     tl = timelines[best]
@@ -120,7 +130,7 @@ def main():
         "lengths": {"median": sorted(lens)[B // 2], "max": max(lens), "sum": sum(lens)},
         "backends": ops.backends(),
     }
-    print_table(rows, [("mode", "mode", "s"), ("seconds", "seconds", ".3f")])
+    print_table(rows, [("mode", "mode", "s"), ("seconds", "median s", ".3f"), ("runs", "runs", "s")])
     print("summary:", summary)
     write_json(results_path("intra_overlap", args.out), {"info": info, "rows": rows, "summary": summary})
 

@@ -78,6 +78,11 @@ class ActorEngine:
         self._retire_count = 0
         self._waited = 0.0
         self.scheduler.release_pages = self._release_pages
+        # The actor decodes on a stream of the highest priority: when scorers prefill on their own
+        # (default-priority) streams, the GPU schedules the decode's blocks first as SMs free up,
+        # so a large scorer GEMM delays a decode step by one wave of its blocks, not by all of it.
+        self.stream = (torch.cuda.Stream(self.runner.device, priority=-100)
+                       if self.runner.device.type == "cuda" else None)
 
     # ------------------------------------------------------------------ requests
     def add_chunk_consumer(self, fn: Callable[[list[Chunk]], None]) -> None:
@@ -162,8 +167,16 @@ class ActorEngine:
         self.version = version
 
     # ------------------------------------------------------------------ the step
-    @torch.inference_mode()
     def step(self) -> list[Sequence]:
+        """One prefill or decode step (see ``_step``), on the engine's high-priority CUDA stream."""
+        if self.stream is None:
+            return self._step()
+        self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))   # e.g. new weights
+        with torch.cuda.stream(self.stream):
+            return self._step()
+
+    @torch.inference_mode()
+    def _step(self) -> list[Sequence]:
         """One prefill or decode step. Returns the sequences that finished (in it, or -- with
         ``async_decode`` -- in the decode step before it, whose tokens are read back now).
 
@@ -219,11 +232,15 @@ class ActorEngine:
         """Book the decode step still on the device, if any; returns the sequences it finished.
         Called before anything that changes sequences or weights from outside the step loop."""
         if self._inflight is None:
+            if self.stream is not None:
+                torch.cuda.current_stream(self.stream.device).wait_stream(self.stream)
             return []
         prev, self._inflight = self._inflight, None
         t0 = time.perf_counter()
         done = self._book(prev)
         self._account(t0)
+        if self.stream is not None:     # work queued after this point sees the actor's writes
+            torch.cuda.current_stream(self.stream.device).wait_stream(self.stream)
         return done
 
     def _account(self, t0: float) -> None:

@@ -272,7 +272,7 @@ class Rollout:
 
     def _actor_step(self) -> None:
         t0 = time.perf_counter()
-        with self._span("actor", "decode" if self.actor.scheduler.running else "prefill"):
+        with self._span("actor", "decode" if self.actor.scheduler.running else "prefill", self.actor.stream):
             self.actor.step()
         self.stats["actor_s"] += time.perf_counter() - t0
 
