@@ -225,7 +225,7 @@ class ActorEngine:
             finished += self._book(launched)
         self._account(t0)
         for hook in self.step_hooks:
-            hook(kind, th, time.perf_counter())
+            hook(kind, t0, time.perf_counter())
         return finished
 
     def sync(self) -> list[Sequence]:
