@@ -52,10 +52,19 @@ class ChunkSizeController:
     tail left when the last sequence ends (``o + p*C`` per scorer), so the smallest such C wins.
     When ``d <= p*b`` the scorers cannot keep up at any C (prefill slower than decode): the
     largest C is used, i.e. sequential. Candidates are powers of two within [c_min, c_max].
+
+    The fixed cost ``o`` of a call also slows the actor on the same GPU and host (the scorer thread
+    holds the GIL while it launches; its kernels share the SMs): ``n`` scorers calling every C
+    steps cost the decode about ``n*o / (C*d)`` of its time. So C is also at least
+    ``n*o / (max_interference * d)``. Without this term the model fed on itself on an H100: the
+    interference lengthened ``d``, which lowered the C that keeps up, which added calls, down to
+    C=4-8 and a rollout 2-3x slower than with C=256-1024 (bench/RESULTS.md, 2026-11-25).
     """
 
-    def __init__(self, initial: int, c_min: int = 1, c_max: int = 512, adaptive: bool = True):
+    def __init__(self, initial: int, c_min: int = 1, c_max: int = 1024, adaptive: bool = True,
+                 max_interference: float = 0.05):
         self.chunk_size, self.c_min, self.c_max, self.adaptive = initial, c_min, c_max, adaptive
+        self.max_interference = max_interference
         self.last_model: dict = {}
 
     @staticmethod
@@ -71,13 +80,15 @@ class ChunkSizeController:
         return o, p
 
     def update(self, decode_s: float, decode_steps: int, mean_batch: float,
-               scorer_calls: list[tuple[int, float]]) -> int:
+               scorer_calls: list[tuple[int, float]], num_scorers: int = 1) -> int:
         if not self.adaptive or decode_steps == 0 or len(scorer_calls) < 2:
             return self.chunk_size
         d = decode_s / decode_steps
         o, p = self.fit(scorer_calls)
         room = d - p * mean_batch
         c = self.c_max if room <= 0 else o / room
+        if d > 0:
+            c = max(c, num_scorers * o / (self.max_interference * d))
         c = min(self.c_max, max(self.c_min, c))
         self.chunk_size = min(self.c_max, max(self.c_min, 1 << max(0, math.ceil(math.log2(c)))))
         self.last_model = {"decode_step_s": d, "scorer_overhead_s": o, "scorer_token_s": p,

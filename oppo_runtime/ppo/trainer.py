@@ -302,7 +302,7 @@ class PPOTrainer:
         chunk = self.chunk_ctl.chunk_size
         mean_batch = es["generated_tokens"] / max(1, es["decode_steps"] + es["prefill_steps"])
         self.chunk_ctl.update(self.rollout.stats["actor_s"], es["decode_steps"] + es["prefill_steps"], mean_batch,
-                              self.rollout.scorer_calls)
+                              self.rollout.scorer_calls, num_scorers=len(self.rollout.scorers))
         self.rollout.set_chunk_size(self.chunk_ctl.chunk_size)
         new_delta = self.delta_ctl.update(sum(scores) / len(scores)) if scores else delta
         step_s = time.perf_counter() - t_step
