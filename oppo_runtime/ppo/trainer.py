@@ -434,11 +434,18 @@ class PPOTrainer:
             algo.check_finite(name, t, mask if t.dim() == 2 else None)
 
         mb = cfg.ppo.micro_batch_size
+        # micro-batches group sequences of similar length: the packed attention pads each micro-batch
+        # to its longest sequence, so mixing a 4k-token response with short ones multiplies its cost
+        by_len = sorted(range(B), key=lambda i: lens[i])
         with torch.no_grad():
             if p.old_logprob == "recompute":
-                prox = torch.cat([self._forward(self.actor, results[i:i + mb], "actor")[0]
-                                  for i in range(0, B, mb)]).to(self.acc)
-                old_lp = self._pad(prox, lens)
+                per_seq: list = [None] * B
+                for k in range(0, B, mb):
+                    sub = by_len[k:k + mb]
+                    lp_sub = self._forward(self.actor, [results[i] for i in sub], "actor")[0]
+                    for i, piece in zip(sub, torch.split(lp_sub, [lens[i] for i in sub])):
+                        per_seq[i] = piece
+                old_lp = self._pad(torch.cat(per_seq).to(self.acc), lens)
             else:
                 old_lp = behaviour
             offpolicy = (versions < self.version) & (mask > 0)
@@ -462,7 +469,7 @@ class PPOTrainer:
         for epoch in range(p.ppo_epochs):
             order = torch.randperm(B, generator=gen).tolist()
             for mb_idx in range(p.num_mini_batches):
-                idx = order[mb_idx::p.num_mini_batches]
+                idx = sorted(order[mb_idx::p.num_mini_batches], key=lambda i: lens[i])
                 tokens = float(mask[idx].sum())
                 self.opt_actor.zero_grad(set_to_none=True)
                 self.opt_critic.zero_grad(set_to_none=True)
