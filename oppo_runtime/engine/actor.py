@@ -215,7 +215,6 @@ class ActorEngine:
             return finished
         kind = "decode" if batch.is_decode else "prefill"
         self.stats[f"{kind}_steps"] += 1
-        th = time.perf_counter()
         launched = self._launch(batch, ids_from)
         if prev is not None:
             finished += self._book(prev)
