@@ -287,6 +287,27 @@ def train_config(mode: str, p: dict, paths: dict, prompt_file: Path, out_dir: Pa
     })
 
 
+def profile_step(tr, mode: str, p: dict, args) -> None:
+    """One more step (not timed) under torch.profiler: where the rollout and the update spend their
+    device and host time. Tables go to stdout and to ppo_step_<W>_<mode>_profile.txt beside --out."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=acts) as prof:
+        m = tr.step()
+        _sync()
+    ka = prof.key_averages()
+    sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    text = (f"profile of one {mode} step, workload {p['workload']}: "
+            + ", ".join(f"{k} {v:.2f}" for k, v in m.items() if k.startswith("timing_s/")) + "\n"
+            + ka.table(sort_by=sort, row_limit=30, max_name_column_width=70) + "\n"
+            + ka.table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=70))
+    print(text, flush=True)
+    out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / "ppo_step.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    (out.parent / f"ppo_step_{p['workload']}_{mode}_profile.txt").write_text(text)
+
+
 def run_mode(mode: str, p: dict, paths: dict, prompt_file: Path, work: Path, args, sampler: BusySampler,
              png: Path | None, deadline: float) -> dict:
     from oppo_runtime.ppo.trainer import PPOTrainer
@@ -327,6 +348,8 @@ def run_mode(mode: str, p: dict, paths: dict, prompt_file: Path, work: Path, arg
             if time.perf_counter() > deadline and windows and i + 1 < total:
                 print(f"  [{mode}] time budget spent: stopping after {len(windows)} timed steps", flush=True)
                 break
+        if args.profile:
+            profile_step(tr, mode, p, args)
         if png is not None:
             RENDERS.append(render_png(tr.last_timeline, png, work, f"PPO step {tr.last_timeline.step} ({mode}), "
                                       f"{p['workload']}: B={p['B']}, median {p['median']}, cap {p['cap']}"))
@@ -532,6 +555,8 @@ def main(argv=None):
     ap.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "oppo_bench_models"))
     ap.add_argument("--budget-s", type=float, default=420.0,
                     help="wall-clock budget of the run: modes stop early / are skipped once it is spent")
+    ap.add_argument("--profile", action="store_true",
+                    help="after the timed steps of each mode, one more step under torch.profiler (tables to a .txt)")
     ap.add_argument("--merge", nargs="+", default=None, help="join the workloads of these JSON files into --out")
     args = ap.parse_args(argv)
     out = Path(args.out) if args.out else HERE / "results" / "ppo_step.json"

@@ -104,3 +104,14 @@ def test_trl_baseline_config_builds_without_running(tmp_path):
     assert a.batch_size == 8 and a.local_mini_batch_size == 8 and a.num_ppo_epochs == 1
     assert a.response_length == 16 and trainer.stop_token_id is None
     assert a.num_total_batches == 2
+
+
+def test_profile_writes_stage_labelled_tables(tmp_path):
+    out = tmp_path / "res" / "ppo_step.json"
+    cmd = [sys.executable, str(BENCH / "ppo_step.py"), "--tiny", "--workload", "T", "--modes", "none", "--steps", "1",
+           "--warmup", "0", "--profile", "--out", str(out), "--cache-dir", str(tmp_path / "models")]
+    run = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                         timeout=240, cwd=ROOT)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    text = (out.parent / "ppo_step_T_none_profile.txt").read_text()
+    assert "stage/rollout" in text and "stage/train" in text

@@ -131,6 +131,10 @@ class StageTimer:
 
     @contextlib.contextmanager
     def __call__(self, name: str, stream=None):
+        with torch.profiler.record_function(f"stage/{name}"):     # labels the stage in profiles
+            yield from self._timed(name, stream)
+
+    def _timed(self, name: str, stream):
         if self.cuda_events:
             start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
             start.record(stream)
