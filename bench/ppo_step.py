@@ -336,7 +336,7 @@ def run_mode(mode: str, p: dict, paths: dict, prompt_file: Path, work: Path, arg
                    "trained_tokens": m["response_length/mean"] * m["oppo/trained_sequences"],
                    "deferred": m["oppo/num_deferred"], "stale_finished": m["oppo/num_stale_finished"],
                    "preemptions": m["oppo/preemptions"], "chunk_size": m["oppo/chunk_size"],
-                   "hidden_fraction": m["oppo/hidden_fraction"], **st,
+                   "hidden_fraction": m["oppo/hidden_fraction"], "alloc_retries": m.get("memory/alloc_retries"), **st,
                    "busy": sampler.busy([(t0, t1)]), "timed": i >= args.warmup}
             steps.append(rec)
             if rec["timed"]:
@@ -344,7 +344,8 @@ def run_mode(mode: str, p: dict, paths: dict, prompt_file: Path, work: Path, arg
             print(f"  [{mode}] step {i}{'' if rec['timed'] else ' (warm-up)'}: {rec['wall_s']:.2f} s, "
                   f"rollout {rec['rollout_s']:.2f}, not hidden scoring {st['exposed_score_s']:.2f}, "
                   f"train {rec['train_s']:.2f}, {rec['generated_tokens']} tokens generated, "
-                  f"deferred {rec['deferred']}, busy {rec['busy']}", flush=True)
+                  f"deferred {rec['deferred']}, busy {rec['busy']}, allocator retries {rec['alloc_retries']}",
+                  flush=True)
             if time.perf_counter() > deadline and windows and i + 1 < total:
                 print(f"  [{mode}] time budget spent: stopping after {len(windows)} timed steps", flush=True)
                 break

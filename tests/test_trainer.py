@@ -166,3 +166,20 @@ def test_releasing_the_pool_for_training_changes_nothing(tmp_path):
     PPOTrainer(cfg(tmp_path / "keep", "full", 6, *common)).train()
     PPOTrainer(cfg(tmp_path / "release", "full", 6, *common, "rollout.release_pool_in_training=true")).train()
     assert_same_metrics(metrics(tmp_path / "keep"), metrics(tmp_path / "release"), tol=1e-12)
+
+
+def test_micro_batches_group_by_length_and_bound_tokens():
+    from oppo_runtime.ppo.trainer import micro_batches
+    import random
+    rng = random.Random(0)
+    toks = [rng.choice([20, 40, 80, 4000]) for _ in range(64)]
+    idx = list(range(0, 64, 2))
+    parts = micro_batches(idx, toks, 8)
+    assert sorted(i for p in parts for i in p) == sorted(idx)          # each sequence exactly once
+    budget = 8 * sum(toks[i] for i in idx) / len(idx)
+    for p in parts:
+        assert len(p) <= 8
+        assert len(p) == 1 or sum(toks[i] for i in p) <= budget
+    flat = [toks[i] for p in parts for i in p]
+    assert flat == sorted(flat)                                       # similar lengths together
+    assert micro_batches([], toks, 8) == []

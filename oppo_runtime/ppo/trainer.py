@@ -48,6 +48,30 @@ def _device(spec: str) -> torch.device:
     return d
 
 
+def micro_batches(idx: list[int], seq_tokens: list[int], size: int) -> list[list[int]]:
+    """Split the sequences ``idx`` into micro-batches of similar length and bounded tokens.
+
+    Sorted by length (the packed attention pads a micro-batch to its longest sequence), then packed
+    greedily up to ``size`` sequences and a token budget of ``size`` x the mean length of ``idx``:
+    every micro-batch holds about as many tokens as an average fixed-size one, so the long tail of
+    responses no longer lands in one micro-batch whose activations (and [tokens, vocab] logits)
+    dwarf the others. A sequence longer than the budget forms its own micro-batch. The loss
+    weights are per token (or per sequence), so the split does not change the update."""
+    if not idx:
+        return []
+    order = sorted(idx, key=lambda i: seq_tokens[i])
+    budget = size * sum(seq_tokens[i] for i in idx) / len(idx)
+    out, cur, cur_tokens = [], [], 0
+    for i in order:
+        if cur and (len(cur) >= size or cur_tokens + seq_tokens[i] > budget):
+            out.append(cur)
+            cur, cur_tokens = [], 0
+        cur.append(i)
+        cur_tokens += seq_tokens[i]
+    out.append(cur)
+    return out
+
+
 def _copy_for_engine(model, dtype, kind):
     """A copy of a training model in the engine's dtype (weights are copied in at each update)."""
     clone = build_model(model.config, kind, dtype=dtype, device=next(model.parameters()).device)
@@ -329,6 +353,7 @@ class PPOTrainer:
             **timer.metrics(),
             "perf/throughput": total_tokens / step_s,
             "perf/gen_throughput": es["generated_tokens"] / max(self.rollout.stats["actor_s"], 1e-9),
+            **self._memory_metrics(),
             "lr": self.sched_actor.get_last_lr()[0],
             "val/lr": self.sched_critic.get_last_lr()[0],
         }
@@ -341,6 +366,18 @@ class PPOTrainer:
         self.last_timeline = tl
         self.step_idx += 1
         return metrics
+
+    def _memory_metrics(self) -> dict:
+        """Peak GPU memory so far and the caching allocator's retries in this step (each one frees cached
+        blocks and synchronizes: many of them mean the update runs short of memory)."""
+        if self.device.type != "cuda":
+            return {}
+        st = torch.cuda.memory_stats(self.device)
+        retries = st.get("num_alloc_retries", 0)
+        out = {"memory/max_allocated_gib": torch.cuda.max_memory_allocated(self.device) / 2 ** 30,
+               "memory/alloc_retries": retries - getattr(self, "_alloc_retries", 0)}
+        self._alloc_retries = retries
+        return out
 
     @staticmethod
     def _hidden_fraction(tl: Timeline) -> float:
@@ -433,14 +470,11 @@ class PPOTrainer:
             algo.check_finite(name, t, mask if t.dim() == 2 else None)
 
         mb = cfg.ppo.micro_batch_size
-        # micro-batches group sequences of similar length: the packed attention pads each micro-batch
-        # to its longest sequence, so mixing a 4k-token response with short ones multiplies its cost
-        by_len = sorted(range(B), key=lambda i: lens[i])
+        seq_tokens = [len(x.seq.prompt_ids) + len(x.seq.output_ids) for x in results]
         with torch.no_grad():
             if p.old_logprob == "recompute":
                 per_seq: list = [None] * B
-                for k in range(0, B, mb):
-                    sub = by_len[k:k + mb]
+                for sub in micro_batches(list(range(B)), seq_tokens, mb):
                     lp_sub = self._forward(self.actor, [results[i] for i in sub], "actor")[0]
                     for i, piece in zip(sub, torch.split(lp_sub, [lens[i] for i in sub])):
                         per_seq[i] = piece
@@ -468,12 +502,11 @@ class PPOTrainer:
         for epoch in range(p.ppo_epochs):
             order = torch.randperm(B, generator=gen).tolist()
             for mb_idx in range(p.num_mini_batches):
-                idx = sorted(order[mb_idx::p.num_mini_batches], key=lambda i: lens[i])
+                idx = order[mb_idx::p.num_mini_batches]
                 tokens = float(mask[idx].sum())
                 self.opt_actor.zero_grad(set_to_none=True)
                 self.opt_critic.zero_grad(set_to_none=True)
-                for k in range(0, len(idx), mb):
-                    sub = idx[k:k + mb]
+                for sub in micro_batches(idx, seq_tokens, mb):
                     items = [results[i] for i in sub]
                     sub_lens = [lens[i] for i in sub]
                     sub_T = max(sub_lens)
