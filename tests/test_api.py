@@ -1,7 +1,6 @@
 """The embedding API (OPPORollout): consistent experiences, overcommit across calls, misuse errors;
 the plain PyTorch example learns; TRL's PPO trainer gets the same losses from our rollout stage as
 from its own for the same tokens."""
-import importlib.util
 import math
 import sys
 from pathlib import Path
@@ -12,6 +11,8 @@ import torch
 from oppo_runtime import Experiences, OPPORollout, SamplingParams
 from oppo_runtime.models import DenseContext, ModelConfig, build_model, load_model, load_tokenizer
 from oppo_runtime.ppo.default_task import VOCAB, case_reward, default_prompts, ensure_default_models
+
+from _scripts import load_script
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -208,11 +209,7 @@ def test_wrong_model_kinds_and_batch_sizes_are_refused(models, paths):
 
 # ------------------------------------------------------------------------------------ examples
 def _load_example(name):
-    sys.path.insert(0, str(EXAMPLES))
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(EXAMPLES, name)
 
 
 def test_plain_pytorch_example_learns_the_default_task(tmp_path):

@@ -207,6 +207,27 @@ def test_decode_table_wider_than_contexts():
     assert torch.isfinite(out).all() and rel_err(out, ref) < 2e-3
 
 
+def _check_decode_graph_replay(kv, bt, ctx, Hq, scale, min_ctx, max_len):
+    """Capture the decode op once (after an eager warm-up), then replay it three times on new
+    queries and context lengths in [min_ctx, max_len], each against the fp32 reference."""
+    B, D = ctx.shape[0], kv.k.shape[-1]
+    q = torch.randn(B, Hq, D, device="cuda").bfloat16()
+    out = torch.empty(B, Hq, D, device="cuda", dtype=torch.float32)
+    A.paged_decode_attention(q, kv.k, kv.v, bt, ctx, scale, out=out, backend="cuda")   # warm-up
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        A.paged_decode_attention(q, kv.k, kv.v, bt, ctx, scale, out=out, backend="cuda")
+    for _ in range(3):
+        q.copy_(torch.randn_like(q, dtype=torch.float32))
+        ctx.copy_(torch.randint(min_ctx, max_len + 1, (B,), dtype=torch.int32))
+        out.fill_(float("nan"))
+        graph.replay()
+        ref = A.paged_decode_attention_ref(q, kv.k, kv.v, bt, ctx, scale, out=torch.empty_like(out))
+        torch.cuda.synchronize()
+        assert torch.isfinite(out).all() and rel_err(out, ref) < 2e-3
+
+
 def test_decode_cuda_graph_replay():
     """Captured once, replayed on new queries and new context lengths (workspace inside)."""
     B, Hq, Hkv, D, bs = 4, 32, 8, 128, 16
@@ -215,22 +236,8 @@ def test_decode_cuda_graph_replay():
     full = [max_len] * B
     bt = kv.tables(full)
     kv.fill(bt, full)
-    q = torch.randn(B, Hq, D, device="cuda").bfloat16()
     ctx = torch.tensor([1000, 3, 1999, 640], dtype=torch.int32, device="cuda")
-    out = torch.empty(B, Hq, D, device="cuda", dtype=torch.float32)
-    A.paged_decode_attention(q, kv.k, kv.v, bt, ctx, 0.088, out=out, backend="cuda")   # warm-up
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        A.paged_decode_attention(q, kv.k, kv.v, bt, ctx, 0.088, out=out, backend="cuda")
-    for _ in range(3):
-        q.copy_(torch.randn_like(q, dtype=torch.float32))
-        ctx.copy_(torch.randint(1, max_len + 1, (B,), dtype=torch.int32))
-        out.fill_(float("nan"))
-        graph.replay()
-        ref = A.paged_decode_attention_ref(q, kv.k, kv.v, bt, ctx, 0.088, out=torch.empty_like(out))
-        torch.cuda.synchronize()
-        assert torch.isfinite(out).all() and rel_err(out, ref) < 2e-3
+    _check_decode_graph_replay(kv, bt, ctx, Hq, 0.088, min_ctx=1, max_len=max_len)
 
 
 # Contexts at and around the 64-token tile and the 4-stage (D=64) / 3-stage (D=128) prologue.
@@ -315,22 +322,8 @@ def test_decode_cuda_graph_replay_no_split():
     full = [max_len] * B
     bt = kv.tables(full, extra_blocks=0)
     kv.fill(bt, full)
-    q = torch.randn(B, Hq, D, device="cuda").bfloat16()
     ctx = torch.randint(1, max_len + 1, (B,), dtype=torch.int32, device="cuda")
-    out = torch.empty(B, Hq, D, device="cuda", dtype=torch.float32)
-    A.paged_decode_attention(q, kv.k, kv.v, bt, ctx, 0.125, out=out, backend="cuda")   # warm-up
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        A.paged_decode_attention(q, kv.k, kv.v, bt, ctx, 0.125, out=out, backend="cuda")
-    for _ in range(3):
-        q.copy_(torch.randn_like(q, dtype=torch.float32))
-        ctx.copy_(torch.randint(0, max_len + 1, (B,), dtype=torch.int32))
-        out.fill_(float("nan"))
-        graph.replay()
-        ref = A.paged_decode_attention_ref(q, kv.k, kv.v, bt, ctx, 0.125, out=torch.empty_like(out))
-        torch.cuda.synchronize()
-        assert torch.isfinite(out).all() and rel_err(out, ref) < 2e-3
+    _check_decode_graph_replay(kv, bt, ctx, Hq, 0.125, min_ctx=0, max_len=max_len)
 
 
 def test_decode_float32_inputs_fall_back_to_reference():
@@ -348,7 +341,6 @@ def test_decode_float32_inputs_fall_back_to_reference():
 def _prefill_case(Hq, Hkv, D, bs, prefixes, chunks, dtype, out_dtype, via_kv_append=False, pad_max=0,
                   backend="cuda"):
     lens = [p + c for p, c in zip(prefixes, chunks)]
-    B = len(lens)
     kv = PagedKV(num_blocks=sum(math.ceil(n / bs) for n in lens) + 5, block_size=bs, Hkv=Hkv, D=D, dtype=dtype)
     bt = kv.tables(lens)
     cu = torch.tensor([0] + list(torch.tensor(chunks).cumsum(0).tolist()), dtype=torch.int32, device="cuda")

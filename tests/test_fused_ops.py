@@ -20,10 +20,7 @@ from oppo_runtime.models.transformer import rotary_inv_freq
 from oppo_runtime.ops import MissingKernelError, apply_rotary, backends, rms_norm, rotary_cos_sin
 from oppo_runtime.ops.fused import fused_add_rms_norm, rotary_cos_sin_cache, rotary_qk, silu_mul, silu_mul_ref
 
-TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=128, max_position_embeddings=256, pad_token_id=0)
-LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+from test_models import LLAMA3_ROPE, TINY  # noqa: E402  (the same tiny shapes as the model tests)
 FAMILIES = {
     "llama-bias": ("LlamaForCausalLM", dict(attention_bias=True, mlp_bias=True)),
     "llama3-rope": ("LlamaForCausalLM", dict(rope_scaling=LLAMA3_ROPE, tie_word_embeddings=True)),
