@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -71,7 +70,6 @@ class ModelRunner:
         self.max_blocks = view.pages_for_tokens(max_model_len)
         self.stage = _Staging(self.device)
         self.graphs: dict[int, tuple] = {}
-        self.last_prepare_s = 0.0
         self._graph_generation = view.pool.generation
         g = view.geometry
         kernels = attention_kernels_support(g.dtype, g.head_dim)
@@ -146,9 +144,7 @@ class ModelRunner:
         from the device tensor ``tokens[src_rows]`` instead of the span (whose id is a placeholder)."""
         if not spans:
             raise ValueError("forward: empty batch")
-        t0 = time.perf_counter()
         input_ids, positions, ctx = self._context(spans, pages_of, ids_from)
-        self.last_prepare_s = time.perf_counter() - t0
         if ctx.is_decode and self.use_graphs and len(spans) <= self.graph_batch_sizes[-1]:
             if self._graph_generation != self.view.pool.generation:
                 self.reset_graphs()              # the pool's memory moved: captured pointers are stale

@@ -26,7 +26,6 @@ from typing import Callable
 import torch
 
 from ..memory import KVGeometry, PagePool, PoolExhausted
-from ..ops import token_logprobs
 from .runner import ModelRunner, Span
 from .sequence import Chunk, Sequence
 
