@@ -324,13 +324,60 @@ def paged_prefill_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, blo
 
 
 # ----------------------------------------------------------------------------- training
+class _FlashVarlen(torch.autograd.Function):
+    """Causal varlen attention on PyTorch's FlashAttention-2 (``aten._flash_attention_forward`` /
+    ``_backward``, the kernels under SDPA's flash backend and ``torch.nn.attention.varlen``):
+    packed tokens and cu_seqlens straight in, GQA native (Hkv divides Hq), no padding, no gather,
+    no host sync. The same aten calls as ``torch.nn.attention.varlen.varlen_attn``, which not every
+    supported torch version ships."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu, max_seqlen: int, scale: float):
+        out, lse, seed, offset, _ = torch.ops.aten._flash_attention_forward(
+            q, k, v, cu, cu, max_seqlen, max_seqlen, 0.0, True, False, scale=scale)
+        ctx.save_for_backward(q, k, v, out, lse, cu, seed, offset)
+        ctx.max_seqlen, ctx.scale = max_seqlen, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, cu, seed, offset = ctx.saved_tensors
+        dq, dk, dv = torch.ops.aten._flash_attention_backward(
+            grad_out.contiguous(), q, k, v, out, lse, cu, cu, ctx.max_seqlen, ctx.max_seqlen, 0.0, True,
+            seed, offset, scale=ctx.scale)
+        return dq, dk, dv, None, None, None
+
+
+def _training_attention_backend(q: torch.Tensor) -> str:
+    """'flash' (CUDA, bf16/fp16, head dim <= 256, env OPPO_TRAIN_ATTENTION unset or 'flash') or
+    'padded_sdpa' (everything else, and OPPO_TRAIN_ATTENTION=sdpa)."""
+    want = os.environ.get("OPPO_TRAIN_ATTENTION", "auto")
+    if want not in ("auto", "flash", "sdpa"):
+        raise ValueError(f"OPPO_TRAIN_ATTENTION={want!r}: expected auto, flash or sdpa")
+    ok = (q.is_cuda and q.dtype in _KERNEL_DTYPES and q.shape[-1] <= 256 and q.shape[-1] % 8 == 0
+          and hasattr(torch.ops.aten, "_flash_attention_forward"))
+    if want == "flash" and not ok:
+        raise ValueError(f"OPPO_TRAIN_ATTENTION=flash needs CUDA bf16/fp16 inputs with head_dim <= 256, "
+                         f"got {q.dtype} head_dim {q.shape[-1]} on {q.device}")
+    which = "flash" if ok and want != "sdpa" else "padded_sdpa"
+    record_backend("varlen_causal_attention", which)
+    return which
+
+
 def varlen_causal_attention(q, k, v, cu_seqlens, scale: float, max_seqlen: int | None = None):
     """Causal attention within each packed sequence (autograd). q [N, Hq, D], k/v [N, Hkv, D].
 
-    Packs to a right-padded batch and calls SDPA once: with right padding the causal mask alone
-    keeps every real query away from the padding, so no key-padding mask is needed.
+    On CUDA in bf16/fp16: FlashAttention-2 varlen (``_FlashVarlen``). Otherwise (the CPU, fp32):
+    packs to a right-padded batch and calls SDPA once: with right padding the causal mask alone
+    keeps every real query away from the padding, so no key-padding mask is needed. Give
+    ``max_seqlen`` (the longest sequence, known on the host) to avoid a device-to-host read.
     """
     N, Hq, D = q.shape
+    if _training_attention_backend(q) == "flash":
+        if max_seqlen is None:
+            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        return _FlashVarlen.apply(q.contiguous(), k.contiguous(), v.contiguous(),
+                                  cu_seqlens.to(device=q.device, dtype=torch.int32), int(max_seqlen), float(scale))
     Hkv = k.shape[1]
     lens = cu_seqlens[1:] - cu_seqlens[:-1]
     B = lens.shape[0]
