@@ -46,6 +46,7 @@ from torch.utils.checkpoint import checkpoint
 from ..ops import (apply_rotary, kv_append, paged_decode_attention, paged_prefill_attention, rms_norm,
                    rotary_cos_sin, token_logprobs, varlen_causal_attention)
 from ..ops.fused import fused_add_rms_norm, rotary_cos_sin_cache, rotary_qk, silu_mul
+from ..ops.logprobs import entropy_from_logits, linear_token_logprobs
 from .config import ModelConfig
 from .context import DenseContext, PagedContext
 
@@ -351,6 +352,24 @@ class CausalLM(_DecoderModel):
                                temperature)
                 for s in range(0, hidden.shape[0], chunk_rows)]
         return torch.cat(outs) if outs else hidden.new_zeros(0, dtype=torch.float32)
+
+    def compute_token_logprobs(self, hidden: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0,
+                               with_entropy: bool = False, *, chunk_rows: int | None = None
+                               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(log p(tokens[i] | hidden[i]) [N], entropy [N] or None), float32, for training.
+
+        One fused op (``ops.logprobs.linear_token_logprobs``) over ``lm_head.weight`` (tied to the
+        embeddings or not: the gradient lands in whichever Parameter it is): the logits exist one
+        row chunk at a time in forward and backward, none is saved for backward, and the entropy
+        is differentiable too. ``lm_head`` has no bias here; were one added, this falls back to the
+        reference composition (``token_logprobs`` / ``entropy_from_logits`` of ``compute_logits``),
+        which keeps the logits for backward.
+        """
+        if self.lm_head.bias is not None:
+            logits = self.compute_logits(hidden)
+            return (token_logprobs(logits, tokens, temperature),
+                    entropy_from_logits(logits, temperature) if with_entropy else None)
+        return linear_token_logprobs(hidden, self.lm_head.weight, tokens, temperature, with_entropy, chunk_rows)
 
 
 class ScalarHeadModel(_DecoderModel):

@@ -2,12 +2,20 @@
 
 ``token_logprobs`` never materialises the full [N, V] float32 log-softmax at once: it works in
 row chunks (the reference of a fused kernel that would read each logit once). Autograd flows.
+
+``linear_token_logprobs`` goes one step further for training: it takes the LM head's input and
+weight instead of the logits, and is one autograd op whose forward and backward both work one
+row chunk of logits at a time. Composing ``lm_head`` with ``token_logprobs`` under autograd keeps
+every chunk's float32 logits alive until backward ([N, V] float32: tens of GB for a micro-batch of
+16k tokens over a 152k vocabulary); the fused op keeps only the per-row log-sum-exp (and entropy)
+and recomputes each chunk's logits in backward: one more LM-head GEMM for [N, V] less memory.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-__all__ = ["token_logprobs", "entropy_from_logits"]
+__all__ = ["token_logprobs", "entropy_from_logits", "linear_token_logprobs"]
 
 _CHUNK_ELEMS = 1 << 24   # rows per chunk = this / V (about 64 MiB of float32 per chunk)
 
@@ -42,3 +50,154 @@ def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch
         logp = torch.log_softmax(x, dim=-1)
         return -(logp.exp() * logp).sum(-1)
     return _per_row_chunk(logits, temperature, entropy)
+
+
+# ----------------------------------------------------------------------------- LM head fused
+_LINEAR_CHUNK_ELEMS = 1 << 26   # rows per chunk = this / V (about 256 MiB of float32 logits)
+
+
+def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype F.linear(hidden, weight) would run its GEMM in here (autocast included)."""
+    dev = hidden.device.type
+    low = (torch.float16, torch.bfloat16, torch.float32)
+    if torch.is_autocast_enabled(dev) and hidden.dtype in low and weight.dtype in low:
+        return torch.get_autocast_dtype(dev)
+    if hidden.dtype != weight.dtype:
+        raise TypeError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) need the same dtype")
+    return hidden.dtype
+
+
+def _chunk_logits(h: torch.Tensor, w: torch.Tensor, temperature: float, cdtype: torch.dtype,
+                  acc: torch.dtype) -> torch.Tensor:
+    """(h @ w.T) in cdtype, upcast to acc, / temperature: a fresh tensor the caller may overwrite."""
+    z = F.linear(h.to(cdtype), w)
+    if z.dtype != acc:
+        z = z.to(acc)
+    if temperature != 1.0:
+        z.div_(temperature)
+    return z
+
+
+def _linear_logprobs_forward(hidden, weight, tokens, temperature, with_entropy, rows, cdtype):
+    """-> logprobs [N], lse [N], entropy [N] or None (all in acc dtype), one row chunk at a time."""
+    N, V = hidden.shape[0], weight.shape[0]
+    acc = torch.float64 if cdtype == torch.float64 else torch.float32
+    w = weight.to(cdtype)
+    lp = torch.empty(N, dtype=acc, device=hidden.device)
+    lse = torch.empty(N, dtype=acc, device=hidden.device)
+    ent = torch.empty(N, dtype=acc, device=hidden.device) if with_entropy else None
+    for s in range(0, N, rows):
+        e = min(N, s + rows)
+        z = _chunk_logits(hidden[s:e], w, temperature, cdtype, acc)
+        m = torch.logsumexp(z, dim=-1)
+        lse[s:e] = m
+        lp[s:e] = z.gather(-1, tokens[s:e, None])[:, 0] - m
+        if with_entropy:
+            logp = z.sub_(m[:, None])
+            ent[s:e] = -logp.exp().mul_(logp).sum(-1)
+        del z
+    return lp, lse, ent
+
+
+class _LinearTokenLogprobs(torch.autograd.Function):
+    """(hidden, weight, tokens) -> logprobs [N] (, entropy [N]); saves no logits (see module doc)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, tokens, temperature, with_entropy, rows, cdtype):
+        with torch.autocast(hidden.device.type, enabled=False):
+            lp, lse, ent = _linear_logprobs_forward(hidden, weight, tokens, temperature, with_entropy, rows,
+                                                    cdtype)
+        ctx.set_materialize_grads(False)
+        ctx.temperature, ctx.with_entropy, ctx.rows, ctx.cdtype = temperature, with_entropy, rows, cdtype
+        ctx.save_for_backward(hidden, weight, tokens, lse, ent)
+        return (lp, ent) if with_entropy else lp
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_lp, g_ent=None):
+        hidden, weight, tokens, lse, ent = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        rest = (None,) * 5
+        if (g_lp is None and g_ent is None) or not (need_h or need_w):
+            return (None, None) + rest
+        T, rows, cdtype, acc = ctx.temperature, ctx.rows, ctx.cdtype, lse.dtype
+        # d lp / dz = onehot - p;  d H / dz = -p * (logp + H);  both times 1/T (z = logits / T)
+        g_lp = None if g_lp is None else g_lp.to(acc) / T
+        g_ent = None if g_ent is None else g_ent.to(acc) / T
+        N, V = hidden.shape[0], weight.shape[0]
+        grad_h = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(cdtype)
+            for s in range(0, N, rows):
+                e = min(N, s + rows)
+                h = hidden[s:e].to(cdtype)
+                logp = _chunk_logits(h, w, T, cdtype, acc).sub_(lse[s:e, None])
+                if g_ent is not None:   # gz = -p * (g_lp + g_ent * (logp + H)) (+ g_lp at the token)
+                    p = logp.exp()
+                    gz = logp.add_(ent[s:e, None]).mul_(g_ent[s:e, None])
+                    if g_lp is not None:
+                        gz.add_(g_lp[s:e, None])
+                    gz.mul_(p).neg_()
+                    del p
+                else:                   # gz = -p * g_lp (+ g_lp at the token)
+                    gz = logp.exp_().mul_(-g_lp[s:e, None])
+                if g_lp is not None:
+                    gz.scatter_add_(-1, tokens[s:e, None], g_lp[s:e, None])
+                gz = gz.to(cdtype)
+                if need_h:
+                    grad_h[s:e] = gz @ w
+                if need_w:
+                    _accumulate_gemm(grad_w, gz.t(), h)
+                del logp, gz
+        return (grad_h, None if grad_w is None else grad_w.to(weight.dtype)) + rest
+
+
+def _accumulate_gemm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b with acc in float32/64 and a, b possibly half precision (float32 accumulation)."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    elif acc.is_cuda and acc.dtype == torch.float32:
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)   # one GEMM, C in float32
+    else:
+        acc.add_(a @ b)
+
+
+def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor,
+                          temperature: float = 1.0, with_entropy: bool = False,
+                          chunk_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-prob of ``tokens`` (and entropy) under ``softmax(hidden @ weight.T / temperature)``.
+
+    hidden [N, H], weight [V, H] (an LM head's weight, no bias), tokens [N] int. Returns
+    (logprobs [N], entropy [N] or None), float32 (float64 for float64 inputs). Equal to::
+
+        z = F.linear(hidden, weight).float() / temperature     # GEMM in the input (or autocast) dtype
+        logp = z.log_softmax(-1)
+        logprobs, entropy = logp.gather(-1, tokens[:, None])[:, 0], -(logp.exp() * logp).sum(-1)
+
+    but one autograd op that holds at most one row chunk of logits (``chunk_rows`` rows; by
+    default about 256 MiB of float32: max(1, 2**26 // V)) in forward and in backward: it saves
+    hidden, weight, tokens and the per-row log-sum-exp (and entropy) and recomputes the logits in
+    backward. Gradients flow to hidden and weight (whichever need them) through both outputs,
+    entropy included; weight's gradient is accumulated over chunks in float32. Under autocast the
+    GEMMs run in the autocast dtype, as F.linear's would, and the gradients come back in the
+    inputs' own dtypes.
+    """
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"need hidden [N, H] and weight [V, H], got {tuple(hidden.shape)} and {tuple(weight.shape)}")
+    if tokens.shape != hidden.shape[:1]:
+        raise ValueError(f"need tokens [{hidden.shape[0]}], got {tuple(tokens.shape)}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    rows = max(1, _LINEAR_CHUNK_ELEMS // max(weight.shape[0], 1)) if chunk_rows is None else int(chunk_rows)
+    if rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    cdtype = _compute_dtype(hidden, weight)
+    tokens = tokens.to(device=hidden.device, dtype=torch.long)
+    temperature, with_entropy = float(temperature), bool(with_entropy)
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        out = _LinearTokenLogprobs.apply(hidden, weight, tokens, temperature, with_entropy, rows, cdtype)
+        return out if with_entropy else (out, None)
+    with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
+        lp, _, ent = _linear_logprobs_forward(hidden, weight, tokens, temperature, with_entropy, rows, cdtype)
+    return lp, ent
