@@ -44,6 +44,9 @@ class ScoredSequence:
 
 
 class Rollout:
+    WORKER_TIMEOUT_S = 0.05      # the scorer thread's longest sleep (reads back device results)
+    UNSTICK_AFTER_S = 0.04       # flushing: scorers with pending tokens but no progress this long
+
     def __init__(self, actor: ActorEngine, scorers: list[Scorer] = (), rule_reward: RuleReward | None = None,
                  overlap: bool = True, timeline=None, threaded: bool | None = None):
         self.actor = actor
@@ -67,8 +70,17 @@ class Rollout:
         on_cuda = any(s.stream is not None for s in self.scorers)
         self.threaded = (overlap and on_cuda) if threaded is None else (threaded and overlap)
         self._lock = threading.RLock()             # scorer state, scorer pages
-        self._inbox: deque = deque()               # chunks from the actor thread to the worker
+        self._inbox: deque = deque()               # (chunks, tokens) from the actor thread to the worker
         self._run = threading.Event()              # the worker works only inside collect()
+        # The worker sleeps on _wake (releasing the GIL) until there is work worth launching; the
+        # actor thread sets it. Token counters, each written by one thread only (no lock needed):
+        self._wake = threading.Event()
+        self._progress = threading.Event()         # set by the worker after each round (flush waits on it)
+        self._appended_tokens = 0                  # actor thread: tokens put in the inbox
+        self._drained_tokens = 0                   # worker (or collect, worker stopped): tokens taken out
+        self._backlog = 0                          # worker: scorers' pending tokens left below the threshold
+        self._worker_fed = 0                       # worker: rounds of _score_some that launched work
+        self.worker_wakeups = 0                    # worker rounds (wake-ups that took the GIL and the lock)
         self._flush = False
         self._only: set[int] | None = None
         self._closed = False
@@ -86,7 +98,17 @@ class Rollout:
                 if self.rule_reward is not None and not c.seq.finish_reason.startswith("error"):
                     self.rule_reward.submit(c.seq)
         if self.overlap and self.threaded:
-            self._inbox.append(chunks)
+            n = sum(c.end - c.start for c in chunks)
+            self._inbox.append((chunks, n))
+            self._appended_tokens += n
+            # wake the worker (after the append: no lost wake-up) only when it would launch work:
+            # the pending tokens reach _score_some's threshold, or anything arrives while flushing
+            if self._flush:
+                self._wake.set()
+            elif not self._wake.is_set():
+                pending = self._appended_tokens - self._drained_tokens + self._backlog
+                if pending >= self._threshold(False):
+                    self._wake.set()
         elif self.overlap:
             for s in self.scorers:
                 s.submit(chunks)
@@ -230,8 +252,12 @@ class Rollout:
         self._flush = False
         self._only = None
         self._run.set()
-        # both threads launch CUDA work under the GIL: hand it over every 0.5 ms instead of 5 ms,
-        # so that the decode loop never waits long behind a scorer's launches
+        self._wake.set()           # a first round: chunks and backlog left from before this collect
+        # Both threads launch CUDA work under the GIL. The worker sleeps in Event.wait (GIL released)
+        # except when it launches a batch of scorer prefills, which costs milliseconds of host time:
+        # with the default 5 ms switch interval the decode loop could wait that long behind such a
+        # burst at each hand-over. 0.5 ms bounds the actor's wait; it costs nothing while the worker
+        # sleeps (the interval only matters when two threads want the GIL).
         switch = sys.getswitchinterval()
         sys.setswitchinterval(min(switch, 0.0005))
         try:
@@ -244,30 +270,35 @@ class Rollout:
             take = self._finished[:n]
             self._only = {q.seq_id for q in take}
             self._flush = True
-            idle_rounds = 0
+            self._wake.set()
+            # wait for the worker to score ``take``; if the scorers have pending tokens of ``take``
+            # but make no progress for a while (no pages), unstick them
+            idle_since, fed = time.monotonic(), self._worker_fed
             while True:
+                self._progress.clear()         # before the check: a round that ends after it wakes us
                 self._raise_worker_error()
                 with self._lock:
                     if all(self._scored(q) for q in take):
                         break
+                    now = time.monotonic()
                     busy = bool(self._inbox) or any(s._pending for s in self.scorers)
-                    if not busy and any(s.pending_tokens(self._only) for s in self.scorers):
-                        idle_rounds += 1
-                        if idle_rounds > 200 and not self._unstick(take):
+                    if busy or fed != self._worker_fed or not any(s.pending_tokens(self._only)
+                                                                  for s in self.scorers):
+                        idle_since, fed = now, self._worker_fed
+                    elif now - idle_since > self.UNSTICK_AFTER_S:
+                        if not self._unstick(take):
                             raise RuntimeError("scorers cannot get pages for their pending tokens: the pool "
                                                f"({self.actor.pool.num_pages} pages) is too small")
+                        self._wake.set()       # pages were freed: the worker retries at once
                 self._wait_rule(take)
-                time.sleep(0.0002)
+                self._progress.wait(timeout=0.005)
         finally:
             sys.setswitchinterval(switch)
             self._run.clear()
             with self._lock:               # the worker's current iteration, if any, is over
                 pass
         with self._lock:
-            while self._inbox:
-                chunks = self._inbox.popleft()
-                for s in self.scorers:
-                    s.submit(chunks)
+            self._drain_inbox()
             return self._finish_collect(take, n)
 
     def _actor_step(self) -> None:
@@ -281,31 +312,75 @@ class Rollout:
             err, self._worker_error = self._worker_error, None
             raise RuntimeError(f"the scorer thread failed: {type(err).__name__}: {err}") from err
 
+    def _threshold(self, flush: bool) -> int:
+        """Pending tokens from which a scorer launches a prefill (see ``_score_some``)."""
+        return 1 if flush else max(1, self.actor.chunk_size * len(self.actor.scheduler.running) // 2)
+
+    def _drain_inbox(self) -> None:
+        """Hand the chunks of the inbox to the scorers (under the lock)."""
+        while self._inbox:
+            chunks, n = self._inbox.popleft()
+            self._drained_tokens += n
+            for s in self.scorers:
+                s.submit(chunks)
+
     def _work(self) -> None:
-        while not self._closed:
-            if not self._run.wait(timeout=0.05):
+        """The scorer thread: sleeps until the actor thread has work for it (or, as a safety net
+        for reading back device results, a timeout), then launches until it runs out of work."""
+        timeout = self.WORKER_TIMEOUT_S
+        while True:
+            self._wake.wait(timeout)
+            if self._closed:
+                return
+            if not self._run.is_set():
+                # outside collect: a wake-up (chunks from resume_finished) stays set for the next
+                # collect; wait for that one instead of spinning
+                timeout = self.WORKER_TIMEOUT_S
+                if self._wake.is_set():
+                    self._run.wait(self.WORKER_TIMEOUT_S)
                 continue
-            did = False
             try:
-                with self._lock:
-                    if not self._run.is_set():
-                        continue
-                    while self._inbox:
-                        chunks = self._inbox.popleft()
-                        for s in self.scorers:
-                            s.submit(chunks)
-                    did = self._score_some(self._flush, self._only)
-                    for s in self.scorers:
-                        s.poll()
+                timeout = self._round()
             except BaseException as e:  # noqa: BLE001  (reported to the collecting thread)
                 self._worker_error = e
                 self._run.clear()
-            if not did:
-                time.sleep(0.0002)
+            self._progress.set()
+
+    def _round(self) -> float:
+        """One wake-up of the worker: drain the inbox and launch until ``_score_some`` finds nothing
+        worth launching (a burst is handled without waiting again), then read back finished device
+        results. Every step checks, under the lock, that collect() still runs. Returns how long to
+        sleep before the next round unless woken."""
+        first = True
+        while True:
+            with self._lock:
+                if not self._run.is_set() or self._closed:
+                    return self.WORKER_TIMEOUT_S
+                if first:
+                    self._wake.clear()         # before draining: a later append wakes us again
+                    self.worker_wakeups += 1
+                    first = False
+                self._drain_inbox()
+                if self._score_some(self._flush, self._only):
+                    self._worker_fed += 1
+                    continue           # (the lock is free for a moment: pool pressure, flush checks)
+                for s in self.scorers:
+                    s.poll()
+                flush = self._flush
+                threshold = self._threshold(flush)
+                left = max((s.pending_tokens(self._only) for s in self.scorers), default=0)
+                # leftovers count towards the next wake-up; a backlog the scorers cannot take (no
+                # pages) does not, or every chunk would wake us for nothing
+                self._backlog = left if left < threshold else 0
+                results_due = any(s._pending for s in self.scorers)
+                # flushing, the collecting thread waits for device results: read them back promptly
+                return 0.0005 if (flush and results_due) else self.WORKER_TIMEOUT_S
 
     def close(self) -> None:
         """Stop the scorer thread (also done at interpreter exit: it is a daemon)."""
         self._closed = True
+        self._wake.set()
+        self._run.set()
         if self._worker is not None:
             self._worker.join(timeout=5)
 
@@ -316,7 +391,7 @@ class Rollout:
         for half the running sequences): each call costs a fixed host overhead, so final chunks of
         sequences ending one by one are gathered rather than prefilled one call each."""
         did = False
-        threshold = 1 if flush else max(1, self.actor.chunk_size * len(self.actor.scheduler.running) // 2)
+        threshold = self._threshold(flush)
         for s in self.scorers:
             s.poll()
             if s.pending_tokens(only) >= threshold:
