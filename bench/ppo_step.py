@@ -79,7 +79,7 @@ WORKLOADS = {
     "I": dict(median=200, cap=2048, modes=("none", "inter", "full"), about="issue 6"),
 }
 FULL = dict(shape="qwen2.5-0.5b", vocab=151936, max_pos=32768, B=64, prompt_len=128, sigma=1.0, delta=16, chunk=64,
-            micro=16, max_batched=16384, memory_fraction=0.25, lr=1e-6)
+            micro=16, micro_tokens=16384, max_batched=16384, memory_fraction=0.25, lr=1e-6)
 TINY_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2)
 TINY = dict(shape="tiny", vocab=128, max_pos=256, B=8, prompt_len=16, sigma=1.0, delta=2, chunk=4, micro=4,
@@ -279,7 +279,7 @@ def train_config(mode: str, p: dict, paths: dict, prompt_file: Path, out_dir: Pa
                     "staleness_limit": args.staleness_limit, "memory_fraction": p["memory_fraction"],
                     "max_num_batched_tokens": p["max_batched"]},
         "ppo": {"ppo_epochs": 1, "num_mini_batches": 1, "micro_batch_size": p["micro"],
-                "old_logprob": args.old_logprob},
+                "micro_batch_tokens": p.get("micro_tokens"), "old_logprob": args.old_logprob},
         "optim": {"actor_lr": p["lr"], "critic_lr": p["lr"]},
         "run": {"total_steps": total_steps, "seed": 0, "overlap": mode, "out_dir": str(out_dir),
                 "device": args.device, "timeline_every": 0, "nan_policy": "skip", "tensorboard": False,

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from oppo_runtime.ppo.config import ConfigError, load_config
 from oppo_runtime.ppo.trainer import PPOTrainer
@@ -183,3 +184,28 @@ def test_micro_batches_group_by_length_and_bound_tokens():
     flat = [toks[i] for p in parts for i in p]
     assert flat == sorted(flat)                                       # similar lengths together
     assert micro_batches([], toks, 8) == []
+
+
+def test_micro_batches_token_budget_packs_whole_sequences_up_to_it():
+    from oppo_runtime.ppo.trainer import micro_batches
+    toks = [100, 900, 300, 5000, 250, 700, 60, 1200]
+    idx = list(range(len(toks)))
+    parts = micro_batches(idx, toks, 2, max_tokens=2000)      # size is ignored under a token budget
+    assert sorted(i for p in parts for i in p) == idx
+    for p in parts:
+        assert len(p) == 1 or sum(toks[i] for i in p) <= 2000
+    assert [3] in parts                                       # longer than the budget: alone
+    assert parts == [[6, 0, 4, 2, 5], [1], [7], [3]]
+    flat = [toks[i] for p in parts for i in p]
+    assert flat == sorted(flat)
+
+
+def test_pad_scatters_rows_and_passes_gradients():
+    from oppo_runtime.ppo.trainer import PPOTrainer
+    tr = PPOTrainer.__new__(PPOTrainer)
+    tr.device = torch.device("cpu")
+    flat = torch.arange(1.0, 7.0, requires_grad=True)
+    out = tr._pad(flat, [2, 0, 3, 1])
+    assert out.tolist() == [[1, 2, 0], [0, 0, 0], [3, 4, 5], [6, 0, 0]]
+    (out * torch.arange(12.0).view(4, 3)).sum().backward()
+    assert flat.grad.tolist() == [0, 1, 6, 7, 8, 9]

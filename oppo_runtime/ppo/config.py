@@ -69,6 +69,7 @@ class PPOSection:
     ppo_epochs: int = 1
     num_mini_batches: int = 1
     micro_batch_size: int = 16          # sequences per forward (gradient accumulation)
+    micro_batch_tokens: int | None = None   # if set: tokens per forward instead (sorted, packed)
     gamma: float = 1.0
     lam: float = 0.95
     kl_coef: float = 0.02
@@ -146,6 +147,8 @@ class TrainConfig:
             (1 <= p.num_mini_batches <= r.batch_size, "ppo.num_mini_batches", p.num_mini_batches,
              "in [1, rollout.batch_size]"),
             (p.micro_batch_size >= 1, "ppo.micro_batch_size", p.micro_batch_size, ">= 1"),
+            (p.micro_batch_tokens is None or p.micro_batch_tokens >= 1, "ppo.micro_batch_tokens",
+             p.micro_batch_tokens, "None or >= 1"),
             (0 <= p.gamma <= 1, "ppo.gamma", p.gamma, "in [0, 1]"),
             (0 <= p.lam <= 1, "ppo.lam", p.lam, "in [0, 1]"),
             (p.kl_coef >= 0, "ppo.kl_coef", p.kl_coef, ">= 0"),

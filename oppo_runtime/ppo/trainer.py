@@ -48,19 +48,24 @@ def _device(spec: str) -> torch.device:
     return d
 
 
-def micro_batches(idx: list[int], seq_tokens: list[int], size: int) -> list[list[int]]:
+def micro_batches(idx: list[int], seq_tokens: list[int], size: int, max_tokens: int | None = None) -> list[list[int]]:
     """Split the sequences ``idx`` into micro-batches of similar length and bounded tokens.
 
-    Sorted by length (the packed attention pads a micro-batch to its longest sequence), then packed
-    greedily up to ``size`` sequences and a token budget of ``size`` x the mean length of ``idx``:
-    every micro-batch holds about as many tokens as an average fixed-size one, so the long tail of
-    responses no longer lands in one micro-batch whose activations (and [tokens, vocab] logits)
-    dwarf the others. A sequence longer than the budget forms its own micro-batch. The loss
-    weights are per token (or per sequence), so the split does not change the update."""
+    Sorted by length, then packed greedily. With ``max_tokens`` (``ppo.micro_batch_tokens``) a
+    micro-batch holds up to that many tokens, however many sequences that is: few large
+    micro-batches keep the GPU busy (each forward is launch-bound below a few thousand tokens).
+    Without it, up to ``size`` sequences and a token budget of ``size`` x the mean length of
+    ``idx``: every micro-batch holds about as many tokens as an average fixed-size one, so the
+    long tail of responses does not land in one micro-batch whose activations dwarf the others.
+    A sequence longer than the budget forms its own micro-batch. The loss weights are per token
+    (or per sequence), so the split does not change the update."""
     if not idx:
         return []
     order = sorted(idx, key=lambda i: seq_tokens[i])
-    budget = size * sum(seq_tokens[i] for i in idx) / len(idx)
+    if max_tokens is not None:
+        size, budget = len(idx), max_tokens
+    else:
+        budget = size * sum(seq_tokens[i] for i in idx) / len(idx)
     out, cur, cur_tokens = [], [], 0
     for i in order:
         if cur and (len(cur) >= size or cur_tokens + seq_tokens[i] > budget):
@@ -418,36 +423,47 @@ class PPOTrainer:
                                  f"{desc}. The last checkpoint under {self.out_dir}/checkpoints is intact.")
 
     # ------------------------------------------------------------------ training
+    def _h2d(self, values, dtype) -> torch.Tensor:
+        """A host list on the training device without a stream sync (pinned staging, non-blocking):
+        ``torch.tensor(list, device=cuda)`` waits for every queued kernel, which made the update
+        host-bound."""
+        t = torch.as_tensor(values, dtype=dtype)
+        if self.device.type != "cuda":
+            return t
+        return t.pin_memory().to(self.device, non_blocking=True)
+
     def _forward(self, model, items: list[ScoredSequence], kind: str, with_entropy: bool = False):
         """Packed forward (no padding) -> per response token [sum T_i] logprobs (actor) or values."""
         ids, pos, cu, rows, nexts = [], [], [0], [], []
         for x in items:
             s = x.seq
             P, T = len(s.prompt_ids), len(s.output_ids)
-            all_ids = s.prompt_ids + s.output_ids
             base = cu[-1]
-            ids.extend(all_ids)
+            ids.extend(s.prompt_ids)
+            ids.extend(s.output_ids)
             pos.extend(range(P + T))
             cu.append(base + P + T)
             rows.extend(range(base + P - 1, base + P + T - 1))
             nexts.extend(s.output_ids)
-        dev = self.device
+        max_len = max(b - a for a, b in zip(cu, cu[1:]))
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
-            hidden = model(torch.tensor(ids, device=dev), torch.tensor(pos, device=dev),
-                           DenseContext(torch.tensor(cu, device=dev, dtype=torch.int32)))
-            h = hidden[torch.tensor(rows, device=dev)]
+            hidden = model(self._h2d(ids, torch.long), self._h2d(pos, torch.long),
+                           DenseContext(self._h2d(cu, torch.int32), max_seqlen=max_len))
+            h = hidden.index_select(0, self._h2d(rows, torch.long))
             if kind == "critic":
                 return model.compute_scores(h), None
-            logits = model.compute_logits(h)
-        lp = token_logprobs(logits, torch.tensor(nexts, device=dev), self.cfg.rollout.temperature)
-        ent = entropy_from_logits(logits.detach(), self.cfg.rollout.temperature) if with_entropy else None
-        return lp, ent
+            return model.compute_token_logprobs(h, self._h2d(nexts, torch.long), self.cfg.rollout.temperature,
+                                                with_entropy=with_entropy)
 
     def _pad(self, flat: torch.Tensor, lens: list[int]) -> torch.Tensor:
-        out = flat.new_zeros(len(lens), max(lens))
-        for i, piece in enumerate(torch.split(flat, lens)):
-            out[i, :len(piece)] = piece
-        return out
+        """[sum lens] -> right-padded [len(lens), max(lens)] in one scatter (autograd flows)."""
+        import numpy as np
+
+        n = np.asarray(lens, dtype=np.int64)
+        rows = np.repeat(np.arange(len(lens)), n)
+        cols = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
+        out = flat.new_zeros(len(lens), int(n.max()))
+        return out.index_put((self._h2d(rows, torch.long), self._h2d(cols, torch.long)), flat)
 
     def _update(self, results: list[ScoredSequence]) -> dict:
         cfg, p = self.cfg, self.cfg.ppo
@@ -455,26 +471,24 @@ class PPOTrainer:
         B = len(results)
         lens = [len(x.seq.output_ids) for x in results]
         T = max(lens)
-        mask = torch.zeros(B, T, device=dev, dtype=self.acc)
-        for i, n in enumerate(lens):
-            mask[i, :n] = 1
-        as_t = lambda rows: self._pad(torch.tensor([v for row in rows for v in row], device=dev,  # noqa: E731
-                                                   dtype=self.acc), lens)
+        mask = self._pad(self._h2d([1.0] * sum(lens), self.acc), lens)
+        as_t = lambda rows: self._pad(self._h2d([v for row in rows for v in row], self.acc), lens)  # noqa: E731
         behaviour = as_t([x.seq.logprobs for x in results])
         ref_lp = as_t([x.ref_logprobs for x in results])
         old_values = as_t([x.values for x in results])
         versions = as_t([x.seq.versions for x in results])
-        scores = torch.tensor([self._total_score(x) for x in results], device=dev, dtype=self.acc)
+        scores = self._h2d([self._total_score(x) for x in results], self.acc)
         for name, t in (("behaviour log-probs", behaviour), ("reference log-probs", ref_lp),
                         ("critic values", old_values), ("scores", scores)):
             algo.check_finite(name, t, mask if t.dim() == 2 else None)
 
         mb = cfg.ppo.micro_batch_size
+        mb_tokens = cfg.ppo.micro_batch_tokens
         seq_tokens = [len(x.seq.prompt_ids) + len(x.seq.output_ids) for x in results]
         with torch.no_grad():
             if p.old_logprob == "recompute":
                 per_seq: list = [None] * B
-                for sub in micro_batches(list(range(B)), seq_tokens, mb):
+                for sub in micro_batches(list(range(B)), seq_tokens, mb, mb_tokens):
                     lp_sub = self._forward(self.actor, [results[i] for i in sub], "actor")[0]
                     for i, piece in zip(sub, torch.split(lp_sub, [lens[i] for i in sub])):
                         per_seq[i] = piece
@@ -503,40 +517,42 @@ class PPOTrainer:
             order = torch.randperm(B, generator=gen).tolist()
             for mb_idx in range(p.num_mini_batches):
                 idx = order[mb_idx::p.num_mini_batches]
-                tokens = float(mask[idx].sum())
+                tokens = float(sum(lens[i] for i in idx))
                 self.opt_actor.zero_grad(set_to_none=True)
                 self.opt_critic.zero_grad(set_to_none=True)
-                for sub in micro_batches(idx, seq_tokens, mb):
+                for sub in micro_batches(idx, seq_tokens, mb, mb_tokens):
                     items = [results[i] for i in sub]
                     sub_lens = [lens[i] for i in sub]
                     sub_T = max(sub_lens)
                     m = mask[sub, :sub_T]
-                    w = float(m.sum()) / tokens if p.loss_agg_mode == "token-mean" else len(sub) / len(idx)
+                    w = sum(sub_lens) / tokens if p.loss_agg_mode == "token-mean" else len(sub) / len(idx)
                     lp, ent = self._forward(self.actor, items, "actor", with_entropy=True)
                     lp = self._pad(lp.to(self.acc), sub_lens)
                     pl, st = algo.policy_loss(lp, old_lp[sub, :sub_T], adv[sub, :sub_T], m, p.clip_ratio,
                                               p.clip_ratio_high, p.dual_clip_c,
                                               None if iw is None else iw[sub, :sub_T], p.loss_agg_mode)
-                    ent_pad = self._pad(ent.to(self.acc), sub_lens)
+                    ent_pad = self._pad(ent.to(self.acc), sub_lens)     # differentiable: the entropy bonus
                     loss = pl - p.ent_coef * algo.entropy_loss(ent_pad, m, p.loss_agg_mode)
                     if not p.kl_in_reward:
                         kll = algo.kl_loss(lp, ref_lp[sub, :sub_T], m, "k3", p.loss_agg_mode)
                         loss = loss + p.kl_coef * kll
-                        agg["policy/kl_loss_avg"].append(float(kll.detach()))
+                        agg["policy/kl_loss_avg"].append(kll.detach())
                     (loss * w).backward()
                     v, _ = self._forward(self.critic, items, "critic")
                     v = self._pad(v.to(self.acc), sub_lens)
                     vl, vst = algo.value_loss(v, old_values[sub, :sub_T], returns[sub, :sub_T], m,
                                               p.cliprange_value, p.loss_agg_mode)
                     (p.vf_coef * vl * w).backward()
-                    agg["loss/policy_avg"].append(float(pl.detach()))
-                    agg["loss/value_avg"].append(float(vl.detach()))
-                    agg["policy/clipfrac_avg"].append(float(st["clipfrac"]))
-                    agg["policy/dual_clipfrac_avg"].append(float(st["dual_clipfrac"]))
-                    agg["policy/approxkl_avg"].append(float(st["approx_kl"]))
-                    agg["val/ratio"].append(float(st["ratio_mean"]))
-                    agg["val/clipfrac_avg"].append(float(vst["vf_clipfrac"]))
-                    agg["policy/entropy_avg"].append(float(algo.masked_mean(ent_pad, m)))
+                    # statistics stay on the device until the update is over (a float() here
+                    # would drain the queue every micro-batch and expose the host's launch time)
+                    agg["loss/policy_avg"].append(pl.detach())
+                    agg["loss/value_avg"].append(vl.detach())
+                    agg["policy/clipfrac_avg"].append(st["clipfrac"])
+                    agg["policy/dual_clipfrac_avg"].append(st["dual_clipfrac"])
+                    agg["policy/approxkl_avg"].append(st["approx_kl"])
+                    agg["val/ratio"].append(st["ratio_mean"])
+                    agg["val/clipfrac_avg"].append(vst["vf_clipfrac"])
+                    agg["policy/entropy_avg"].append(algo.masked_mean(ent_pad.detach(), m))
                 gn_a = torch.nn.utils.clip_grad_norm_(self.actor.parameters(), cfg.optim.max_grad_norm)
                 gn_c = torch.nn.utils.clip_grad_norm_(self.critic.parameters(), cfg.optim.max_grad_norm)
                 if not (torch.isfinite(gn_a) and torch.isfinite(gn_c)):
@@ -544,15 +560,15 @@ class PPOTrainer:
                                              f"critic {float(gn_c)}); weights left as they were before this step")
                 self.opt_actor.step()
                 self.opt_critic.step()
-                agg["policy/grad_norm"].append(float(gn_a))
-                agg["val/grad_norm"].append(float(gn_c))
+                agg["policy/grad_norm"].append(gn_a.detach())
+                agg["val/grad_norm"].append(gn_c.detach())
         self.sched_actor.step()
         self.sched_critic.step()
         self.actor.eval(), self.critic.eval()
         self.trained_keys.extend(x.seq.sample_key for x in results)
 
         seq_kl = (kl * mask).sum(1)
-        out = {k: sum(v) / len(v) for k, v in agg.items() if v}
+        out = {k: float(torch.stack([t.float() for t in v]).mean()) for k, v in agg.items() if v}
         out.update({
             "objective/scores": float(scores.mean()),
             "objective/scores_std": float(scores.std()) if B > 1 else 0.0,
