@@ -213,3 +213,12 @@ def test_async_decode_equals_synchronous_decode(tiny_llama, num_pages, batched):
     assert all(t >= 0 for out, *_ in async_out for t in out)
     if num_pages == 20:
         assert eng.scheduler.num_preemptions > 0
+
+
+def test_every_schedulable_batch_has_a_decode_graph_size():
+    from oppo_runtime.engine import EngineConfig
+    for n in (1, 3, 64, 80, 256, 300):
+        sizes = EngineConfig(max_num_seqs=n).graph_batch_sizes
+        assert sizes[-1] == n and all(1 <= b <= n for b in sizes) and list(sizes) == sorted(set(sizes))
+    assert EngineConfig(max_num_seqs=80).graph_batch_sizes[-2:] == (64, 80)
+    assert EngineConfig(max_num_seqs=8, graph_batch_sizes=()).graph_batch_sizes == ()

@@ -49,7 +49,11 @@ def test_flash_varlen_matches_reference_forward_and_backward(dtype, Hq, Hkv, D, 
         k2 = k.detach().clone()
         k2[-lens[-1]:] += 1
         out2 = A.varlen_causal_attention(q2, k2, v.detach(), cu, scale, max_seqlen=max(lens))
-    assert torch.equal(out2[:N - lens[-1]], out.detach()[:N - lens[-1]])
+    keep = N - lens[-1]
+    # not bitwise (measured: FA2's result for a sequence moved with its neighbours' values), but at
+    # rounding level, while the changed sequence moves by O(1)
+    assert rel_err(out2[:keep], out.detach()[:keep]) < 1e-2
+    assert rel_err(out2[keep:], out.detach()[keep:]) > 1e-1
 
 
 def test_flash_is_refused_with_a_clear_error_where_it_cannot_run(monkeypatch):
