@@ -5,6 +5,8 @@ The PPO update runs causal attention over packed sequences of different lengths 
 micro-batch of the PPO-step workloads (Qwen2.5-0.5B heads: Hq 14, Hkv 2, D 64, bf16), sorted by
 length as ``ppo.trainer.micro_batches`` sorts them:
 
+  ours_current       ops.attention.varlen_causal_attention as the trainer calls it
+  flash_varlen       FlashAttention-2 varlen on the packed tokens (what ours_current runs on CUDA)
   padded_sdpa_gqa    right-pad to the longest, SDPA(enable_gqa=True), default backend choice
   padded_sdpa_rep    right-pad, K/V repeated to Hq heads, SDPA (flash eligible)
   per_backend        the padded_sdpa_rep call forced to FLASH / EFFICIENT / CUDNN
@@ -68,7 +70,7 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/train_attention.json")
     args = ap.parse_args()
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    from oppo_runtime.ops.attention import varlen_causal_attention
+    from oppo_runtime.ops.attention import _FlashVarlen, varlen_causal_attention
 
     dev = torch.device("cuda")
     Hq, Hkv, D = 14, 2, 64
@@ -99,6 +101,7 @@ def main() -> None:
                     return {"error": f"{type(e).__name__}: {str(e)[:160]}"}
 
             row["ours_current"] = run(lambda: varlen_causal_attention(q, k, v, cu, scale, max_seqlen=max(mb)))
+            row["flash_varlen"] = run(lambda: _FlashVarlen.apply(q, k, v, cu, max(mb), scale))
             T = max(mb)
             lens_t = torch.tensor(mb, device=dev)
             idx = torch.arange(T, device=dev)
