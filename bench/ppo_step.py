@@ -20,7 +20,9 @@ Per mode: median seconds per step over --steps timed steps after --warmup steps;
 per second (engine count / step time); stages from the trainer (rollout = timing_s/rollout,
 scoring not hidden = seconds of the step's timeline where a scorer ran and the actor did not,
 training = timing_s/train + timing_s/sync_weights); GPU busy fraction = mean of NVML utilization
-(pynvml, sampled every 50 ms by a thread) over the timed steps (null on the CPU); the timeline of
+(pynvml, sampled every 50 ms by a thread) over the timed steps (null on the CPU), and SM busy =
+NVML GPM SM utilization over ~100 ms windows (Hopper+: how much of the machine ran, where plain
+utilization counts any running kernel as busy); the timeline of
 the last timed step of `none` and `full` as PNG next to the JSON. TRL runs in a subprocess
 (bench/trl_ppo_step.py) on the same model directories and prompts; where trl is not importable its
 wheels are installed from .whl/ (pip --no-index) into a folder put on its PYTHONPATH.
@@ -141,6 +143,9 @@ class BusySampler:
 
     def __init__(self, interval: float = 0.05):
         self.interval, self.samples, self.source = interval, [], None
+        self.sm_samples: list[tuple[float, float]] = []     # (interval midpoint, SM util %)
+        self.sm_source: str | None = None
+        self._gpm = None
         self._read = None
         self._thread = None
         self._stop = threading.Event()
@@ -154,6 +159,7 @@ class BusySampler:
             handle = pynvml.nvmlDeviceGetHandleByIndex(idx)
             self._read = lambda: pynvml.nvmlDeviceGetUtilizationRates(handle).gpu
             self.source = "pynvml"
+            self._gpm = self._gpm_reader(pynvml, handle)
         except Exception:  # noqa: BLE001
             try:
                 torch.cuda.utilization()
@@ -165,18 +171,67 @@ class BusySampler:
             self._thread = threading.Thread(target=self._loop, name="nvml-sampler", daemon=True)
             self._thread.start()
 
+    def _gpm_reader(self, nv, handle):
+        """SM utilization from NVML GPM (Hopper+): the fraction of SM time that had a warp resident
+        between two samples, i.e. how much of the machine ran, not just whether a kernel did. NVML's
+        plain "utilization" counts a batch-1 decode kernel on 8 of 132 SMs as 100% busy."""
+        try:
+            sup = nv.nvmlGpmQueryDeviceSupport(handle)
+            if not getattr(sup, "isSupportedDevice", 0):
+                print("  (NVML GPM not supported on this device: no SM utilization)")
+                return None
+            samples = [nv.nvmlGpmSampleAlloc(), nv.nvmlGpmSampleAlloc()]
+            nv.nvmlGpmSampleGet(handle, samples[0])
+            state = {"prev": 0, "t": time.perf_counter()}
+
+            def read():
+                cur = 1 - state["prev"]
+                nv.nvmlGpmSampleGet(handle, samples[cur])
+                t = time.perf_counter()
+                mg = nv.c_nvmlGpmMetricsGet_t()
+                mg.version = nv.NVML_GPM_METRICS_GET_VERSION
+                mg.numMetrics = 1
+                mg.sample1, mg.sample2 = samples[state["prev"]], samples[cur]
+                mg.metrics[0].metricId = nv.NVML_GPM_METRIC_SM_UTIL
+                nv.nvmlGpmMetricsGet(mg)
+                mid = (state["t"] + t) / 2
+                state["prev"], state["t"] = cur, t
+                if mg.metrics[0].nvmlReturn != 0:
+                    raise RuntimeError(f"GPM SM_UTIL returned {mg.metrics[0].nvmlReturn}")
+                return mid, float(mg.metrics[0].value)
+
+            read()
+            self.sm_source = "nvml-gpm SM_UTIL"
+            return read
+        except Exception as e:  # noqa: BLE001  (old driver / nvidia-ml-py without GPM / no permission)
+            print(f"  (no NVML GPM SM utilization: {type(e).__name__}: {e})")
+            return None
+
     def _loop(self):
+        n = 0
         while not self._stop.is_set():
             try:
                 self.samples.append((time.perf_counter(), float(self._read())))
             except Exception:  # noqa: BLE001
                 pass
+            n += 1
+            if self._gpm is not None and n % 2 == 0:      # GPM over ~100 ms windows
+                try:
+                    self.sm_samples.append(self._gpm())
+                except Exception as e:  # noqa: BLE001
+                    print(f"  (NVML GPM sampling stopped: {type(e).__name__}: {e})")
+                    self._gpm = None
             self._stop.wait(self.interval)
 
     def busy(self, windows: list[tuple[float, float]]) -> float | None:
         if self._read is None:
             return None
         vals = [u for t, u in list(self.samples) if any(a <= t <= b for a, b in windows)]
+        return sum(vals) / len(vals) / 100.0 if vals else None
+
+    def sm_busy(self, windows: list[tuple[float, float]]) -> float | None:
+        """Mean GPM SM utilization (fraction) over the GPM intervals whose midpoint is in a window."""
+        vals = [u for t, u in list(self.sm_samples) if any(a <= t <= b for a, b in windows)]
         return sum(vals) / len(vals) / 100.0 if vals else None
 
     def close(self):
@@ -378,6 +433,7 @@ def run_mode(mode: str, p: dict, paths: dict, prompt_file: Path, work: Path, arg
         "generated_tokens_per_step": _mean([s["generated_tokens"] for s in timed]),
         "trained_tokens_per_step": _mean([s["trained_tokens"] for s in timed]),
         "busy": sampler.busy(windows),
+        "sm_busy": sampler.sm_busy(windows),
         "trace_busy": sum(s["trace_busy_s"] for s in timed) / sum(s["wall_s"] for s in timed),
         "hidden_fraction": _mean([s["hidden_fraction"] for s in timed]),
         "deferred_mean": _mean([s["deferred"] for s in timed]),
@@ -453,6 +509,7 @@ def summarize(workloads: dict) -> dict:
             if none is not None and m != "none":
                 d[f"speedup_{m}_vs_none"] = _ratio(none["step_s"], r["step_s"])
                 d[f"busy_ratio_{m}_vs_none"] = _ratio(r.get("busy"), none.get("busy"))
+                d[f"sm_busy_ratio_{m}_vs_none"] = _ratio(r.get("sm_busy"), none.get("sm_busy"))
                 d[f"gen_tok_s_ratio_{m}_vs_none"] = _ratio(r.get("gen_tok_s"), none.get("gen_tok_s"))
             if "trl" in rows and m != "trl":
                 d[f"speedup_{m}_vs_trl"] = _ratio(rows["trl"]["step_s"], r["step_s"])
@@ -462,6 +519,7 @@ def summarize(workloads: dict) -> dict:
     g, t, i = by.get("G", {}), by.get("T", {}), by.get("I", {})
     s["speedup_full_vs_none"] = g.get("speedup_full_vs_none")
     s["busy_ratio_full_vs_none"] = g.get("busy_ratio_full_vs_none")
+    s["sm_busy_ratio_full_vs_none"] = g.get("sm_busy_ratio_full_vs_none")
     s["speedup_full_vs_trl"] = t.get("speedup_full_vs_trl")
     s["speedup_none_vs_trl"] = t.get("speedup_none_vs_trl")
     s["speedup_full_vs_none_T"] = t.get("speedup_full_vs_none")
@@ -498,7 +556,7 @@ def print_rows(name: str, entry: dict) -> None:
     print_table(rows, [("mode", "mode", "s"), ("step_s", "s/step", ".3f"), ("x_none", "x none", ".2f"),
                        ("gen_tok_s", "gen tok/s", ".0f"), ("rollout_s", "rollout s", ".2f"),
                        ("exposed_score_s", "scoring not hidden s", ".2f"), ("train_s", "train s", ".2f"),
-                       ("busy", "GPU busy", ".2f"), ("trace_busy", "trace busy", ".2f"),
+                       ("busy", "GPU busy", ".2f"), ("sm_busy", "SM busy", ".2f"), ("trace_busy", "trace busy", ".2f"),
                        ("deferred_mean", "deferred", ".1f"), ("peak_mem_gib", "peak GiB", ".1f"),
                        ("steps_timed", "steps", "d")])
     for r in entry["rows"]:
@@ -615,6 +673,7 @@ def main(argv=None):
     entry = {"config": config, "rows": []}
     sampler = BusySampler()
     config["busy_source"] = sampler.source
+    config["sm_busy_source"] = sampler.sm_source
     order = [m for m in ("none", "full") if m in modes] + (["trl"] if args.trl else []) + \
         [m for m in modes if m not in ("none", "full")]
     rows = {}

@@ -113,3 +113,39 @@ def test_profile_writes_stage_labelled_tables(tmp_path):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     text = (out.parent / "ppo_step_T_none_profile.txt").read_text()
     assert "stage/rollout" in text and "stage/train" in text
+
+
+def test_gpm_sm_utilization_reader_pairs_consecutive_samples():
+    """The NVML GPM reader (no GPU here: a fake nvml module with the same API) asks for SM_UTIL
+    between the previous sample and the new one, alternating two sample buffers."""
+    from types import SimpleNamespace
+    ppo = _load("ppo_step")
+    calls = []
+
+    class Metrics:
+        def __init__(self):
+            self.metrics = [SimpleNamespace(metricId=None, value=None, nvmlReturn=None) for _ in range(4)]
+
+    def get(mg):
+        calls.append((mg.sample1.n, mg.sample2.n, mg.metrics[0].metricId))
+        mg.metrics[0].value, mg.metrics[0].nvmlReturn = 10.0 * len(calls), 0
+
+    nv = SimpleNamespace(NVML_GPM_METRICS_GET_VERSION=1, NVML_GPM_METRIC_SM_UTIL=2,
+                         nvmlGpmQueryDeviceSupport=lambda h: SimpleNamespace(isSupportedDevice=1),
+                         nvmlGpmSampleAlloc=lambda: SimpleNamespace(n=0),
+                         nvmlGpmSampleGet=lambda h, s: setattr(s, "n", s.n + 1),
+                         c_nvmlGpmMetricsGet_t=Metrics, nvmlGpmMetricsGet=get)
+    sampler = ppo.BusySampler.__new__(ppo.BusySampler)
+    sampler.sm_samples, sampler.sm_source = [], None
+    read = sampler._gpm_reader(nv, handle=0)
+    assert sampler.sm_source and read is not None and len(calls) == 1
+    t1, v1 = read()
+    t2, v2 = read()
+    assert (v1, v2) == (20.0, 30.0) and t2 >= t1
+    # buffers alternate: each call's sample1 is the previous call's sample2
+    assert [c[2] for c in calls] == [2, 2, 2]
+    assert calls[1][0] == calls[0][1] and calls[2][0] == calls[1][1]
+    sampler.sm_samples = [(1.0, 50.0), (2.0, 10.0), (5.0, 90.0)]
+    assert sampler.sm_busy([(0.5, 2.5)]) == pytest.approx(0.3)
+    unsupported = SimpleNamespace(nvmlGpmQueryDeviceSupport=lambda h: SimpleNamespace(isSupportedDevice=0))
+    assert sampler._gpm_reader(unsupported, handle=0) is None
