@@ -23,46 +23,21 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import matmul_flops, time_ms  # noqa: E402
 
 
 def lengths(n: int, median: float, cap: int, prompt: int, seed: int) -> list[int]:
     g = torch.Generator().manual_seed(seed)
     r = torch.exp(torch.randn(n, generator=g) + math.log(median)).clamp(1, cap).long()
     return sorted(prompt + int(x) for x in r)
-
-
-def matmul_rate(dev) -> float:
-    a = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize()
-    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    e0.record()
-    for _ in range(20):
-        a @ b
-    e1.record()
-    torch.cuda.synchronize()
-    return 2 * 8192 ** 3 * 20 / (e0.elapsed_time(e1) / 1e3)
-
-
-def time_fn(fn, reps: int = 10) -> float:
-    for _ in range(2):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        fn()
-        e1.record()
-        torch.cuda.synchronize()
-        ts.append(e0.elapsed_time(e1) / 1e3)
-    return sorted(ts)[len(ts) // 2]
 
 
 def main() -> None:
@@ -75,7 +50,7 @@ def main() -> None:
     dev = torch.device("cuda")
     Hq, Hkv, D = 14, 2, 64
     scale = D ** -0.5
-    rate = matmul_rate(dev)
+    rate = matmul_flops()
     rows = []
     for name, med, cap in (("T", 150, 512), ("G", 400, 4096)):
         lens = lengths(64, med, cap, 128, seed=1)
@@ -95,7 +70,7 @@ def main() -> None:
                     q.grad = k.grad = v.grad = None
                     f().backward(go)
                 try:
-                    t = time_fn(go_)
+                    t = time_ms(go_, graph=False, calls_per_replay=1, reps=10, warmup=2) / 1e3
                     return {"s": t, "frac_matmul": flop / t / rate}
                 except Exception as e:   # noqa: BLE001  (a backend that refuses this shape)
                     return {"error": f"{type(e).__name__}: {str(e)[:160]}"}

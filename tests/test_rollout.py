@@ -27,7 +27,7 @@ def models():
     return actor, ref, reward, critic
 
 
-def make(models, overlap, chunk_size, num_pages=400, rule=None):
+def make(models, overlap, chunk_size, num_pages=400, rule=None, threaded=None):
     actor, ref, reward, critic = models
     g = KVGeometry(*actor.kv_geometry(), torch.float32)
     pool = PagePool(num_pages, PagePool.page_bytes_for([g], 4))
@@ -35,7 +35,7 @@ def make(models, overlap, chunk_size, num_pages=400, rule=None):
     scorers = [Scorer("reward", reward, pool, "reward", max_model_len=512, max_num_batched_tokens=48),
                Scorer("critic", critic, pool, "critic", max_model_len=512, max_num_batched_tokens=48),
                Scorer("ref", ref, pool, "reference", max_model_len=512, max_num_batched_tokens=48)]
-    return Rollout(eng, scorers, rule_reward=rule, overlap=overlap), pool
+    return Rollout(eng, scorers, rule_reward=rule, overlap=overlap, threaded=threaded), pool
 
 
 def prompts(n, seed=0):

@@ -7,38 +7,16 @@ import threading
 import pytest
 import torch
 
-from oppo_runtime.engine import ActorEngine, EngineConfig, SamplingParams
-from oppo_runtime.engine.rollout import Rollout
-from oppo_runtime.engine.scorer import RuleReward, Scorer
-from oppo_runtime.memory import KVGeometry, PagePool
-from oppo_runtime.models import ModelConfig, build_model
-
-CFG = dict(architectures=["Qwen2ForCausalLM"], vocab_size=80, hidden_size=32, intermediate_size=64,
-           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-           rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=True)
+from oppo_runtime.engine import SamplingParams
+from oppo_runtime.engine.scorer import RuleReward
+from test_rollout import make as make_rollout
+from test_rollout import models  # noqa: F401  (the module-scoped fixture of tiny models)
 
 LENS = [3, 40, 1, 17, 25, 9]
 
 
-@pytest.fixture(scope="module")
-def models():
-    cfg = ModelConfig.from_dict(CFG)
-    actor = build_model(cfg, "causal_lm", seed=1)
-    ref = build_model(cfg, "causal_lm", seed=1)
-    reward = build_model(cfg, "score", seed=2)
-    critic = build_model(cfg, "score", seed=3)
-    return actor, ref, reward, critic
-
-
 def make(models, threaded, chunk_size, num_pages=400, rule=None):
-    actor, ref, reward, critic = models
-    g = KVGeometry(*actor.kv_geometry(), torch.float32)
-    pool = PagePool(num_pages, PagePool.page_bytes_for([g], 4))
-    eng = ActorEngine(actor, pool, EngineConfig(chunk_size=chunk_size, seed=5, max_num_batched_tokens=64))
-    scorers = [Scorer("reward", reward, pool, "reward", max_model_len=512, max_num_batched_tokens=48),
-               Scorer("critic", critic, pool, "critic", max_model_len=512, max_num_batched_tokens=48),
-               Scorer("ref", ref, pool, "reference", max_model_len=512, max_num_batched_tokens=48)]
-    ro = Rollout(eng, scorers, rule_reward=rule, overlap=True, threaded=threaded)
+    ro, pool = make_rollout(models, True, chunk_size, num_pages, rule=rule, threaded=threaded)
     assert ro.threaded == threaded
     # no safety-net timeout: every round the worker needs must come from a wake-up (a lost one
     # hangs collect, caught by collect_in_thread), and the wake-up count is free of timing
