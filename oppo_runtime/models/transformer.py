@@ -10,9 +10,11 @@ Parameter names equal transformers' state-dict names (``model.layers.0.self_attn
 ``lm_head.weight``, ``score.weight``): loading and saving is a rename-free mapping.
 
 Two forward paths, one set of weights:
-  * autograd path (``DenseContext``, or anything with grad enabled): the plain torch math of
-    ``ops.norm_rope``, unchanged, so training, the recomputed PPO old log-probs and the update's
-    first forward are the same computation (the PPO ratio starts at exactly 1);
+  * autograd path (``DenseContext``, or anything with grad enabled): the math of
+    ``ops.norm_rope``; on CUDA RMSNorm and silu(gate)*up run as one Triton kernel each way
+    (``ops.train_fused``, whose references are that math and what the CPU runs). Training, the
+    recomputed PPO old log-probs and the update's first forward are the same computation (the
+    PPO ratio starts at exactly 1);
   * inference path (``PagedContext`` under no_grad / inference_mode: the engine and the scorers):
     the fused ops of ``ops.fused``, about 10 kernels per layer instead of ~45 -- add+RMSNorm
     (the residual travels beside the hidden state, as in vLLM), one QKV GEMM, one rotary kernel
@@ -43,10 +45,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..ops import (apply_rotary, kv_append, paged_decode_attention, paged_prefill_attention, rms_norm,
+from ..ops import (apply_rotary, kv_append, paged_decode_attention, paged_prefill_attention,
                    rotary_cos_sin, token_logprobs, varlen_causal_attention)
 from ..ops.fused import fused_add_rms_norm, rotary_cos_sin_cache, rotary_qk, silu_mul
 from ..ops.logprobs import entropy_from_logits, linear_token_logprobs
+from ..ops.train_fused import rms_norm_train, silu_mul_train
 from .config import ModelConfig
 from .context import DenseContext, PagedContext
 
@@ -117,7 +120,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+        return rms_norm_train(x, self.weight, self.eps)      # one Triton kernel each way on CUDA
 
 
 class Attention(nn.Module):
@@ -213,7 +216,7 @@ class MLP(nn.Module):
         return self
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(silu_mul_train(self.gate_proj(x), self.up_proj(x)))
 
     def forward_fused(self, x):
         """Inference path: one gate_up GEMM and one silu*mul kernel (when fused)."""
