@@ -9,12 +9,20 @@ each length). Times from the first decode to the last score:
 hidden_fraction = (off - on) / (off - alone): the share of scoring time hidden under decode.
 Modes run interleaved over --reps rounds; each mode's time is its median.
 
-    python bench/intra_overlap.py [--out bench/results/intra_overlap.json] [--quick]
+--scorer-graphs (issue 4): "env" (default: Scorer's default, env OPPO_SCORER_GRAPHS), "off", "on",
+or "both": every scorer mode twice in the same run, eager and with the chunk prefill in CUDA graphs
+(modes "... graphs"); the summary stays the eager family's, ``summary.graphs`` holds the graph
+family's. A graph mode warms up on the timed workload itself (its buckets are captured before the
+clock starts); ``captures_timed`` counts captures that still fell inside the timed run.
+
+    python bench/intra_overlap.py [--out bench/results/intra_overlap.json] [--quick] [--scorer-graphs both]
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import math
+import os
 import statistics
 import sys
 import time
@@ -40,8 +48,9 @@ def lengths(n, median, cap, seed=0):
     return [int(min(cap, max(1, round(math.exp(math.log(median) + 1.0 * float(x)))))) for x in z]
 
 
-def run(models, prompts, lens, mode, chunk, timeline=None):
+def run(models, prompts, lens, mode, chunk, timeline=None, graphs=None):
     actor, reward, critic = models
+    gc.collect()         # the last run's rollout (a reference cycle through its engine) and its memory
     g = KVGeometry(*actor.kv_geometry(), torch.bfloat16)
     pb = PagePool.page_bytes_for([g], 16)
     need = sum(-(-(len(p) + n) // 16) + 1 for p, n in zip(prompts, lens))
@@ -49,13 +58,17 @@ def run(models, prompts, lens, mode, chunk, timeline=None):
     eng = ActorEngine(actor, pool, EngineConfig(max_num_seqs=len(prompts), chunk_size=chunk, seed=0,
                                                  max_num_batched_tokens=16384, max_model_len=4096))
     scorers = [] if mode == "alone" else [
-        Scorer("reward", reward, pool, "reward", max_model_len=4096),
-        Scorer("critic", critic, pool, "critic", max_model_len=4096)]
+        Scorer("reward", reward, pool, "reward", max_model_len=4096, graphs=graphs),
+        Scorer("critic", critic, pool, "critic", max_model_len=4096, graphs=graphs)]
     ro = Rollout(eng, scorers, overlap=(mode == "on"), timeline=timeline)
     sp = SamplingParams(temperature=1.0, max_new_tokens=max(lens))
-    ro.submit(prompts, sp, target_lens=[4] * len(prompts))       # warm-up: graphs, allocator
+    use_graphs = any(s.graphs for s in scorers)
+    # warm-up: decode graphs, allocator; with scorer graphs, the timed workload itself (its
+    # prefill buckets are captured here, not on the clock)
+    ro.submit(prompts, sp, target_lens=lens if use_graphs else [4] * len(prompts))
     ro.collect()
     torch.cuda.synchronize()
+    captures = sum(s.runner.prefill_stats["captures"] for s in scorers)
     if timeline is not None:
         timeline.spans.clear()
         timeline.mark_reference()
@@ -65,7 +78,9 @@ def run(models, prompts, lens, mode, chunk, timeline=None):
     torch.cuda.synchronize()
     wall = time.perf_counter() - t0
     assert all(r.error is None for r in out)
-    return wall, out
+    captures = sum(s.runner.prefill_stats["captures"] for s in scorers) - captures
+    ro.close()           # the scorer thread holds the rollout (its pool, its graphs) until closed
+    return wall, out, captures
 
 
 def main():
@@ -75,6 +90,8 @@ def main():
     ap.add_argument("--chunks", default="64,256,1024", help="chunk sizes C tried with overlap on")
     ap.add_argument("--reps", type=int, default=3, help="rounds over the modes (median per mode)")
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of the 'on' run")
+    ap.add_argument("--scorer-graphs", choices=("env", "off", "on", "both"), default="env",
+                    help="scorers' chunk prefill in CUDA graphs: env (OPPO_SCORER_GRAPHS), off, on, or both (A/B)")
     args = ap.parse_args()
     info = device_info()
     B, plen = 64, 128
@@ -86,51 +103,76 @@ def main():
     rows = []
     res = {}
     timelines = {}
-    modes = ["alone", "off"] + [f"on C={c}" for c in args.chunks.split(",")]
+    # a suffix per scorer-graph family: "" = as --scorer-graphs says (env/off/on), " graphs" = on
+    families = {"env": {"": None}, "off": {"": False}, "on": {"": True},
+                "both": {"": False, " graphs": True}}[args.scorer_graphs]
+    modes = ["alone"] + [f"off{f}" for f in families] + [f"on C={c}{f}" for f in families
+                                                         for c in args.chunks.split(",")]
     walls: dict[str, list[float]] = {m: [] for m in modes}
+    captures_timed: dict[str, list[int]] = {m: [] for m in modes}
     # modes interleaved over --reps rounds (GPU clocks and allocator state drift within a run);
     # each mode's time is its median over the rounds
     for rep in range(args.reps):
         for mode in modes:
-            chunk = int(mode.split("=")[1]) if mode.startswith("on") else 16
-            tl = Timeline(step=0) if mode.startswith("on") and rep == args.reps - 1 else None
-            wall, out = run(models, prompts, lens, "on" if mode.startswith("on") else mode, chunk, timeline=tl)
+            fam = " graphs" if mode.endswith(" graphs") else ""
+            base = mode[:-len(fam)] if fam else mode
+            chunk = int(base.split("=")[1]) if base.startswith("on") else 16
+            tl = Timeline(step=0) if base.startswith("on") and rep == args.reps - 1 else None
+            wall, out, caps = run(models, prompts, lens, "on" if base.startswith("on") else base, chunk, timeline=tl,
+                                  graphs=families.get(fam))
             walls[mode].append(wall)
+            captures_timed[mode].append(caps)
             res[mode] = (statistics.median(walls[mode]), out)
             if tl is not None:
                 timelines[mode] = tl.resolve()
-            print(f"round {rep} {mode}: {wall:.3f} s", flush=True)
+            print(f"round {rep} {mode}: {wall:.3f} s" + (f" ({caps} graph captures timed)" if caps else ""),
+                  flush=True)
     for mode in modes:
-        rows.append({"mode": mode, "seconds": res[mode][0], "runs": " ".join(f"{w:.3f}" for w in walls[mode])})
-    best = min((m for m in res if m.startswith("on")), key=lambda m: res[m][0])
-    res["on"] = res[best]
+        rows.append({"mode": mode, "seconds": res[mode][0], "runs": " ".join(f"{w:.3f}" for w in walls[mode]),
+                     "captures_timed": " ".join(str(c) for c in captures_timed[mode])})
+
+    def family_summary(fam):
+        on_modes = [m for m in res if m.startswith("on") and m.endswith(fam) and (fam or not m.endswith(" graphs"))]
+        best = min(on_modes, key=lambda m: res[m][0])
+        on, off = res[best][1], res[f"off{fam}"][1]
+        alone, t_off, t_on = res["alone"][0], res[f"off{fam}"][0], res[best][0]
+        return best, {
+            "hidden_fraction": (t_off - t_on) / max(1e-9, t_off - alone),
+            "speedup_on_vs_off": t_off / t_on,
+            "on_over_alone": t_on / alone,
+            # exactness: the same tokens, and scores within bf16 noise
+            "same_tokens": all(a.seq.output_ids == b.seq.output_ids for a, b in zip(on, off)),
+            "max_rel_score_diff": max(abs(a.score - b.score) / max(1e-6, abs(b.score)) for a, b in zip(on, off)),
+            "best_chunk": best,
+        }
+
+    best, summary = family_summary("")
     tl = timelines[best]
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            run(models, prompts, lens, "on", int(best.split("=")[1]))
+            run(models, prompts, lens, "on", int(best.split("=")[1].split()[0]), graphs=families[""])
         ka = prof.key_averages()
         print(ka.table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
         print(ka.table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=60))
     out_dir = Path(args.out).parent if args.out else Path(__file__).resolve().parent / "results"
     tl.to_png(out_dir / "intra_overlap_timeline.png", title=f"intra-step overlap ({best}), Qwen2.5-0.5B x3, B=64")
-    # exactness: the same tokens, and scores within bf16 noise
-    on, off = res["on"][1], res["off"][1]
-    same_tokens = all(a.seq.output_ids == b.seq.output_ids for a, b in zip(on, off))
-    rel = max(abs(a.score - b.score) / max(1e-6, abs(b.score)) for a, b in zip(on, off))
-    alone, t_off, t_on = res["alone"][0], res["off"][0], res["on"][0]
-    summary = {
-        "hidden_fraction": (t_off - t_on) / max(1e-9, t_off - alone),
-        "speedup_on_vs_off": t_off / t_on,
-        "on_over_alone": t_on / alone,
-        "same_tokens": same_tokens,
-        "max_rel_score_diff": rel,
-        "best_chunk": best,
-        "seconds": {m: res[m][0] for m in res if m != "on"},
+    summary.update({
+        "seconds": {m: res[m][0] for m in res},
         "lengths": {"median": sorted(lens)[B // 2], "max": max(lens), "sum": sum(lens)},
         "backends": ops.backends(),
-    }
-    print_table(rows, [("mode", "mode", "s"), ("seconds", "median s", ".3f"), ("runs", "runs", "s")])
+        "scorer_graphs": args.scorer_graphs if args.scorer_graphs != "env" else
+        ("on" if os.environ.get("OPPO_SCORER_GRAPHS") == "1" else "off"),
+    })
+    if " graphs" in families:
+        gbest, gsum = family_summary(" graphs")
+        gsum["on_graphs_vs_on_eager"] = res[best][0] / res[gbest][0]       # > 1: graphs faster
+        gsum["off_graphs_vs_off_eager"] = res["off"][0] / res["off graphs"][0]
+        summary["graphs"] = gsum
+        timelines[gbest].to_png(out_dir / "intra_overlap_graphs_timeline.png",
+                                title=f"intra-step overlap ({gbest}), Qwen2.5-0.5B x3, B=64")
+    print_table(rows, [("mode", "mode", "s"), ("seconds", "median s", ".3f"), ("runs", "runs", "s"),
+                       ("captures_timed", "captures timed", "s")])
     print("summary:", summary)
     write_json(results_path("intra_overlap", args.out), {"info": info, "rows": rows, "summary": summary})
 

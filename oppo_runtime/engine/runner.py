@@ -4,11 +4,22 @@ Work that depends only on the batch's shape is prepared on the host (token ids, 
 mapping, block tables, context lengths), staged through pinned memory and copied without
 blocking; the forward then does device work only. Decode steps can be captured in CUDA graphs
 for a ladder of batch sizes (needs the CUDA attention kernels: the reference ops sync).
+
+Chunk prefill of every token (``last_only=False``: the scorers) can be captured too
+(``prefill_graphs=True``, issue 4): a graph per bucket (tokens N -> n_bucket, sequences B ->
+b_bucket, longest chunk -> q_bucket; ``_prefill_bucket``), captured lazily, replayed with the
+padded inputs of ``_prefill_inputs``. Padding rows write no KV (slot -1), sit at position 0 and
+belong to no sequence (padding sequences are empty: cu_seqlens stays at N, context length 0), so
+attention never reads them and every other op is row-wise; their hidden rows are garbage and only
+``hidden[:N]`` is returned. One launch replaces ~240 (24 layers x ~10 kernels), which a scorer
+thread would otherwise issue under the GIL while the actor's decode loop waits for it.
 """
 from __future__ import annotations
 
 import itertools
 import logging
+import threading
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +30,19 @@ from ..models.context import PagedContext
 from ..ops import attention_kernels_support
 
 __all__ = ["Span", "ModelRunner"]
+
+# Prefill graph buckets: at least 64 tokens and chunks of 16 (smaller buckets would only add graphs),
+# at most 256 sequences (padding sequences cost a few early-exiting attention CTAs each).
+PREFILL_MIN_TOKENS = 64
+PREFILL_MIN_CHUNK = 16
+PREFILL_MAX_SEQS = 256
+PREFILL_MAX_GRAPHS = 64
+
+# One capture at a time in the process. The actor thread captures decode graphs with
+# torch.cuda.graph(), whose entry synchronizes the device and empties the allocator's caches; an
+# empty_cache while another thread's capture is underway fails the allocator's internal assert
+# (captures_underway.empty()) and would abort the rollout. Scorer threads capture prefill graphs.
+_CAPTURE_LOCK = threading.Lock()
 
 log = logging.getLogger("oppo_runtime.engine")
 
@@ -57,9 +81,125 @@ class _Staging:
         return out
 
 
+# ---------------------------------------------------------------------- prefill graphs: host side
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+def _prefill_bucket(num_tokens: int, num_seqs: int, max_q: int, max_tokens: int = 8192,
+                    max_seqs: int = PREFILL_MAX_SEQS) -> tuple[int, int, int] | None:
+    """(n_bucket, b_bucket, q_bucket) of a chunk-prefill call, or None (too large: run eager).
+
+    n_bucket: next power of two >= num_tokens, at least 64, at most next_pow2(max_tokens);
+    b_bucket: next power of two >= num_seqs, at most max_seqs; q_bucket: next power of two >= the
+    longest chunk, at least 16 (the attention grid is sized by it: rows past a chunk exit early)
+    and at most n_bucket (a chunk is never longer than the batch)."""
+    if num_tokens < 1 or num_seqs < 1 or not 1 <= max_q <= num_tokens:
+        raise ValueError(f"_prefill_bucket: bad batch ({num_tokens} tokens, {num_seqs} sequences, "
+                         f"longest chunk {max_q})")
+    if num_tokens > _next_pow2(max(max_tokens, PREFILL_MIN_TOKENS)) or num_seqs > max_seqs:
+        return None
+    n_bucket = max(PREFILL_MIN_TOKENS, _next_pow2(num_tokens))
+    q_bucket = min(n_bucket, max(PREFILL_MIN_CHUNK, _next_pow2(max_q)))
+    return n_bucket, _next_pow2(num_seqs), q_bucket
+
+
+def _align16(x: int) -> int:
+    return -(-x // 16) * 16
+
+
+def _prefill_layout(b_bucket: int, max_blocks: int) -> tuple[int, int, int, int]:
+    """Offsets of cu_seqlens_q [b+1], context_lens [b], block_tables [b, max_blocks] in the one
+    int32 buffer of a prefill graph (each 64-byte aligned), and its length."""
+    off_cu = 0
+    off_ctx = _align16(b_bucket + 1)
+    off_bt = off_ctx + _align16(b_bucket)
+    return off_cu, off_ctx, off_bt, off_bt + b_bucket * max_blocks
+
+
+def _prefill_inputs(spans: list[Span], pages_of, tokens_per_page: int, bucket: tuple[int, int, int],
+                    max_blocks: int, out64: np.ndarray | None = None, out32: np.ndarray | None = None
+                    ) -> tuple[np.ndarray, np.ndarray, int]:
+    """The padded host inputs of a prefill graph: (i64 [3, n_bucket], i32 [layout length], n32).
+
+    i64 rows: input_ids, positions, slot_mapping; rows N.. are padding: id 0, position 0 (rotary
+    reads it: a valid row of the cos/sin cache), slot -1 (no KV written). i32: ``_prefill_layout``:
+    cu_seqlens_q (padding sequences empty: cu stays at N), context_lens (0 for padding sequences),
+    the block tables of the B real sequences (zeros past each table's pages). Only the first
+    ``n32`` int32 values need copying: rows of padding sequences in the block tables are never read
+    (their chunk is empty, so the attention kernels exit before reading their table)."""
+    n_bucket, b_bucket, _ = bucket
+    T = tokens_per_page
+    B = len(spans)
+    lens = np.fromiter((len(sp.token_ids) for sp in spans), dtype=np.int64, count=B)
+    starts = np.fromiter((sp.start for sp in spans), dtype=np.int64, count=B)
+    N = int(lens.sum())
+    if B > b_bucket or N > n_bucket:
+        raise ValueError(f"_prefill_inputs: {B} sequences / {N} tokens do not fit bucket {bucket}")
+    off_cu, off_ctx, off_bt, size = _prefill_layout(b_bucket, max_blocks)
+    a64 = np.empty((3, n_bucket), dtype=np.int64) if out64 is None else out64
+    a32 = np.empty(size, dtype=np.int32) if out32 is None else out32
+    ends = starts + lens
+    cu = np.zeros(B + 1, dtype=np.int64)
+    np.cumsum(lens, out=cu[1:])
+    bt = a32[off_bt:off_bt + B * max_blocks].reshape(B, max_blocks)
+    bt.fill(0)
+    tables = [pages_of(sp.key) for sp in spans]
+    used = -(-ends // T)                                   # pages each sequence's context spans
+    have = np.fromiter((len(t) for t in tables), dtype=np.int64, count=B)
+    bad = np.flatnonzero((used > have) | (used > max_blocks))
+    if bad.size:
+        b = int(bad[0])
+        raise RuntimeError(f"sequence {spans[b].key}: {int(ends[b])} tokens, {int(have[b])} pages "
+                           f"(at most {max_blocks} per sequence)")
+    # all tables in one scatter (a row at a time costs ~2 us each)
+    total = int(used.sum())
+    flat = np.fromiter(itertools.chain.from_iterable(t[:u] for t, u in zip(tables, used.tolist())),
+                       dtype=np.int32, count=total)
+    first = np.zeros(B, dtype=np.int64)
+    np.cumsum(used[:-1], out=first[1:])
+    bt[np.repeat(np.arange(B), used), np.arange(total) - np.repeat(first, used)] = flat
+    a64[0, :N] = np.fromiter(itertools.chain.from_iterable(sp.token_ids for sp in spans), dtype=np.int64, count=N)
+    seq_of_row = np.repeat(np.arange(B), lens)
+    pos = starts[seq_of_row] + (np.arange(N) - cu[:-1][seq_of_row])
+    a64[1, :N] = pos
+    a64[2, :N] = bt[seq_of_row, pos // T].astype(np.int64) * T + pos % T
+    a64[0, N:] = 0
+    a64[1, N:] = 0
+    a64[2, N:] = -1
+    a32[off_cu:off_cu + B + 1] = cu
+    a32[off_cu + B + 1:off_ctx] = N         # padding sequences: empty (and the alignment gap)
+    a32[off_ctx:off_ctx + B] = ends
+    a32[off_ctx + B:off_bt] = 0
+    return a64, a32, off_bt + B * max_blocks
+
+
+def _weight_fingerprint(model) -> tuple[int, ...]:
+    """Addresses of every weight a captured graph reads (parameters, buffers, fused projections)."""
+    ptrs = [t.data_ptr() for t in itertools.chain(model.parameters(), model.buffers())]
+    for m in model.modules():
+        for name in ("qkv", "gate_up"):
+            fused = getattr(m, name, None)
+            if fused is not None and hasattr(fused, "weight"):
+                ptrs.append(fused.weight.data_ptr())
+                if fused.bias is not None:
+                    ptrs.append(fused.bias.data_ptr())
+    return tuple(ptrs)
+
+
+@dataclass
+class _PrefillGraph:
+    graph: object                 # torch.cuda.CUDAGraph
+    flat64: torch.Tensor          # [3, n_bucket] input_ids | positions | slot_mapping
+    flat32: torch.Tensor          # _prefill_layout: cu_seqlens_q | context_lens | block_tables
+    hidden: torch.Tensor          # [n_bucket, H], written by each replay
+    replays: int = 0
+
+
 class ModelRunner:
     def __init__(self, model, view: KVView, max_model_len: int, enforce_eager: bool = True,
-                 graph_batch_sizes: tuple[int, ...] = ()):
+                 graph_batch_sizes: tuple[int, ...] = (), prefill_graphs: bool = False,
+                 max_prefill_tokens: int = 8192, max_prefill_graphs: int = PREFILL_MAX_GRAPHS):
         self.model, self.view = model, view
         self.device = next(model.parameters()).device
         if self.device.type == "cuda" and hasattr(model, "fuse_projections"):
@@ -79,6 +219,38 @@ class ModelRunner:
             log.warning("CUDA graphs off for %s: no CUDA attention kernel for %s, head_dim %d",
                         view.name, g.dtype, g.head_dim)
         self.graph_batch_sizes = tuple(sorted(graph_batch_sizes))
+        # chunk prefill in CUDA graphs (scorers); see the module docstring
+        self.max_prefill_tokens = max_prefill_tokens
+        self.max_prefill_graphs = max_prefill_graphs
+        self.prefill_graphs: dict[tuple[int, int, int], _PrefillGraph] = {}
+        self.prefill_stats = {"replays": 0, "captures": 0, "eager": 0}
+        self._prefill_pool = None           # one memory pool for all of this runner's prefill graphs
+        self._capture_stream = None
+        self._prefill_stream = None         # the stream of the last replay (static buffers in use there)
+        self._refused_logged = False
+        self._weights = None                # _weight_fingerprint at the first capture
+        self.prefill_graphs_off_reason = self._prefill_graphs_off_reason(prefill_graphs, enforce_eager, kernels)
+        self.use_prefill_graphs = self.prefill_graphs_off_reason is None
+
+    def _prefill_graphs_off_reason(self, wanted: bool, enforce_eager: bool, kernels: bool) -> str | None:
+        if not wanted:
+            return "not requested"
+        if enforce_eager:
+            return "enforce_eager"
+        if self.device.type != "cuda":
+            return f"the model is on {self.device.type}, not on a CUDA device"
+        g = self.view.geometry
+        if not kernels:
+            return (f"no CUDA attention kernels for {g.dtype}, head_dim {g.head_dim} (the reference ops "
+                    "sync with the host)")
+        from ..ops.attention import _prefill_backend
+        try:
+            which = _prefill_backend(torch.empty(0, 1, g.head_dim, dtype=g.dtype, device=self.device), None)
+        except Exception as e:  # noqa: BLE001  (a backend asked for by env that cannot run: say so)
+            return f"paged_prefill_attention has no backend here: {e}"
+        if which not in ("cuda", "triton"):
+            return f"paged_prefill_attention runs the {which} backend (it syncs with the host)"
+        return None
 
     # ------------------------------------------------------------------ batch metadata
     def _context(self, spans: list[Span], pages_of, ids_from=None) -> tuple[torch.Tensor, torch.Tensor, PagedContext]:
@@ -140,10 +312,18 @@ class ModelRunner:
     def forward(self, spans: list[Span], pages_of, last_only: bool = True, ids_from=None) -> torch.Tensor:
         """Hidden states of the last token of each span [B, H] (or of every token [N, H]).
 
+        With prefill graphs, the [N, H] result is a view of the graph's static output: valid until
+        the next forward of this runner, and to be read on the stream it was computed on.
+
         ``ids_from=(dst_rows, src_rows, tokens)``: decode rows ``dst_rows`` take their input token
         from the device tensor ``tokens[src_rows]`` instead of the span (whose id is a placeholder)."""
         if not spans:
             raise ValueError("forward: empty batch")
+        if self.use_prefill_graphs and not last_only and ids_from is None:
+            hidden = self._graph_prefill(spans, pages_of)
+            if hidden is not None:
+                return hidden
+            self.prefill_stats["eager"] += 1
         input_ids, positions, ctx = self._context(spans, pages_of, ids_from)
         if ctx.is_decode and self.use_graphs and len(spans) <= self.graph_batch_sizes[-1]:
             if self._graph_generation != self.view.pool.generation:
@@ -183,22 +363,154 @@ class ModelRunner:
         }
         ctx = PagedContext(self.view.kv_caches, st["slot_mapping"], st["block_tables"], st["context_lens"],
                            torch.arange(bs + 1, dtype=torch.int32, device=dev), 1, True)
-        s = torch.cuda.Stream(dev)
-        s.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(s):
-            for _ in range(2):                       # warm-up outside the graph
-                self.model(st["input_ids"], st["positions"], ctx)
-        torch.cuda.current_stream(dev).wait_stream(s)
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: the scorer thread keeps launching on its own stream while we capture
-        with torch.cuda.graph(graph, pool=getattr(self, "_graph_pool", None), capture_error_mode="thread_local"):
-            st["hidden"] = self.model(st["input_ids"], st["positions"], ctx)
+        with _CAPTURE_LOCK:                          # a scorer thread may be capturing (see _CAPTURE_LOCK)
+            s = torch.cuda.Stream(dev)
+            s.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(s):
+                for _ in range(2):                       # warm-up outside the graph
+                    self.model(st["input_ids"], st["positions"], ctx)
+            torch.cuda.current_stream(dev).wait_stream(s)
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: the scorer thread keeps launching on its own stream while we capture
+            with torch.cuda.graph(graph, pool=getattr(self, "_graph_pool", None), capture_error_mode="thread_local"):
+                st["hidden"] = self.model(st["input_ids"], st["positions"], ctx)
         self._graph_pool = graph.pool()
         self.graphs[bs] = (graph, st)
         log.info("%s: captured a decode CUDA graph for batch %d", self.view.name, bs)
 
+    # ------------------------------------------------------------------ CUDA graphs (chunk prefill)
+    def _graph_prefill(self, spans: list[Span], pages_of) -> torch.Tensor | None:
+        """Every token's hidden state [N, H] from a prefill graph, or None: run eager (too large,
+        or the bound on graphs is reached)."""
+        if self._graph_generation != self.view.pool.generation:
+            self.reset_graphs()                  # the pool's memory moved: captured pointers are stale
+        N, max_q = 0, 0
+        for sp in spans:
+            n = len(sp.token_ids)
+            N += n
+            if n > max_q:
+                max_q = n
+        bucket = _prefill_bucket(N, len(spans), max_q, self.max_prefill_tokens)
+        if bucket is None:
+            return None
+        entry = self.prefill_graphs.get(bucket)
+        if entry is None and len(self.prefill_graphs) >= self.max_prefill_graphs:
+            # refuse, not LRU: a capture costs two eager forwards and the pool keeps the memory of
+            # every graph captured, so churning graphs would cost more than running eager
+            if not self._refused_logged:
+                log.warning("%s: %d chunk-prefill graphs captured (the bound): batches of new buckets run "
+                            "eager (first refused: %s)", self.view.name, len(self.prefill_graphs), bucket)
+                self._refused_logged = True
+            return None
+        dev = self.device
+        n_bucket, b_bucket, _ = bucket
+        _, _, _, size32 = _prefill_layout(b_bucket, self.max_blocks)
+        # fresh pinned buffers from the caching host allocator, which keeps each one until its
+        # non-blocking copy has run (a reused buffer could be overwritten before the copy reads it)
+        h64 = torch.empty((3, n_bucket), dtype=torch.int64, pin_memory=True)
+        h32 = torch.empty(size32, dtype=torch.int32, pin_memory=True)
+        _, _, n32 = _prefill_inputs(spans, pages_of, self.view.tokens_per_page, bucket, self.max_blocks,
+                                    out64=h64.numpy(), out32=h32.numpy())
+        stream = torch.cuda.current_stream(dev)
+        if self._prefill_stream is not None and self._prefill_stream != stream:
+            stream.wait_stream(self._prefill_stream)   # the last replay still reads the static buffers there
+        self._prefill_stream = stream
+        if entry is None:
+            flat64 = torch.empty((3, n_bucket), dtype=torch.int64, device=dev)
+            flat32 = torch.zeros(size32, dtype=torch.int32, device=dev)
+            flat64.copy_(h64, non_blocking=True)
+            flat32[:n32].copy_(h32[:n32], non_blocking=True)
+            entry = self._capture_prefill(bucket, flat64, flat32)
+        else:
+            entry.flat64.copy_(h64, non_blocking=True)
+            entry.flat32[:n32].copy_(h32[:n32], non_blocking=True)
+        entry.graph.replay()
+        entry.replays += 1
+        self.prefill_stats["replays"] += 1
+        return entry.hidden[:N]
+
+    def _prefill_context(self, bucket, flat64: torch.Tensor, flat32: torch.Tensor) -> PagedContext:
+        n_bucket, b_bucket, q_bucket = bucket
+        off_cu, off_ctx, off_bt, size32 = _prefill_layout(b_bucket, self.max_blocks)
+        # is_decode=False and max_seqlen_q=q_bucket (static): the attention grid depends only on
+        # q_bucket, b_bucket and Hkv; CTAs past a sequence's chunk (and all of a padding sequence's)
+        # exit before reading anything (Triton and CUDA kernels alike)
+        return PagedContext(
+            kv_caches=self.view.kv_caches,
+            slot_mapping=flat64[2],
+            block_tables=flat32[off_bt:size32].view(b_bucket, self.max_blocks),
+            context_lens=flat32[off_ctx:off_ctx + b_bucket],
+            cu_seqlens_q=flat32[off_cu:off_cu + b_bucket + 1],
+            max_seqlen_q=q_bucket,
+            is_decode=False,
+        )
+
+    def _capture_prefill(self, bucket, flat64: torch.Tensor, flat32: torch.Tensor) -> _PrefillGraph:
+        """Warm up eagerly on this call's own (already copied) inputs, then capture. The warm-up
+        writes the same K/V the replay writes again (deterministic, row by row). Weights: the graph
+        reads the model's tensors at their addresses now; in-place updates (``copy_``, optimizer
+        steps: the critic after each PPO step) reach it, replaced tensors do not (``check_weights``)."""
+        dev = self.device
+        t0 = time.perf_counter()
+        ctx = self._prefill_context(bucket, flat64, flat32)
+        input_ids, positions = flat64[0], flat64[1]
+        stream = torch.cuda.current_stream(dev)
+        if self._capture_stream is None:
+            # our own stream: torch.cuda.graph() would share one capture stream with the actor's
+            # decode captures, and synchronize the device and empty the allocator caches under it
+            self._capture_stream = torch.cuda.Stream(dev)
+            self._prefill_pool = torch.cuda.graph_pool_handle()
+        cap = self._capture_stream
+        cap.wait_stream(stream)                       # the static inputs were copied on ``stream``
+        with _CAPTURE_LOCK, torch.cuda.stream(cap):   # no decode capture (empty_cache) meanwhile
+            for _ in range(2):                        # Triton autotune/compile, cuBLAS, lazy caches
+                self.model(input_ids, positions, ctx)
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: the actor thread keeps launching (and allocating) while we capture
+            graph.capture_begin(pool=self._prefill_pool, capture_error_mode="thread_local")
+            try:
+                hidden = self.model(input_ids, positions, ctx)
+            except BaseException:
+                try:
+                    graph.capture_end()
+                except Exception:  # noqa: BLE001  (the first error is the one to report)
+                    pass
+                raise
+            graph.capture_end()
+        stream.wait_stream(cap)
+        if self._weights is None:
+            self._weights = _weight_fingerprint(self.model)
+        # All graphs share one pool: safe because one runner replays one graph at a time, on one
+        # stream (ordered by ``_prefill_stream``), and a graph's live tensors (its output) stay
+        # allocated, so later captures reuse only other graphs' intermediates, which each replay
+        # rewrites before reading.
+        entry = _PrefillGraph(graph, flat64, flat32, hidden)
+        self.prefill_graphs[bucket] = entry
+        self.prefill_stats["captures"] += 1
+        log.info("%s: captured a chunk-prefill CUDA graph for %d tokens, %d sequences, chunks <= %d "
+                 "(%d graphs, %.0f ms)", self.view.name, *bucket, len(self.prefill_graphs),
+                 1e3 * (time.perf_counter() - t0))
+        return entry
+
+    def check_weights(self) -> bool:
+        """Drop the graphs if the model's weights were replaced (not copied in place) since they
+        were captured; True if they were. Called by ``Scorer.invalidate`` after weight updates."""
+        if self._weights is None or _weight_fingerprint(self.model) == self._weights:
+            return False
+        log.warning("%s: model weights were replaced since the CUDA graphs were captured: graphs dropped",
+                    self.view.name)
+        self.reset_graphs()
+        return True
+
     def reset_graphs(self) -> None:
         """Drop captured graphs (the pool's memory moved, or weights were replaced)."""
+        if self.prefill_graphs and self._prefill_stream is not None:
+            self._prefill_stream.synchronize()     # rare: a replay in flight must not see its pool freed
         self.graphs.clear()
         self._graph_pool = None
+        self.prefill_graphs.clear()
+        self._prefill_pool = torch.cuda.graph_pool_handle() if self._capture_stream is not None else None
+        self._prefill_stream = None
+        self._refused_logged = False
+        self._weights = None
         self._graph_generation = self.view.pool.generation

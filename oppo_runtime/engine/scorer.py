@@ -14,11 +14,17 @@ not generated yet); only the reward model feeds the very last token, once the se
 
 Rule rewards (Python callables on the finished response) run in a thread pool, off the
 critical path; an exception is reported with the sequence it came from.
+
+``graphs=True`` (or env ``OPPO_SCORER_GRAPHS=1``; default off until measured, issue 4): on a CUDA
+device the chunk prefill replays CUDA graphs over bucketed shapes (``runner._prefill_bucket``)
+instead of launching ~10 kernels per layer from Python; where graphs cannot run (the CPU, no
+attention kernels) the scorer says so in the log and runs eager.
 """
 from __future__ import annotations
 
 import logging
 import math
+import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
@@ -53,17 +59,47 @@ class _SeqState:
 
 
 
+def _token_slice(seq: Sequence, a: int, b: int) -> list[int]:
+    """Tokens a..b-1 of the sequence (prompt then output): ``[seq.token_at(i) for i in range(a, b)]``."""
+    P = len(seq.prompt_ids)
+    if b <= P:
+        return seq.prompt_ids[a:b]
+    if a >= P:
+        return seq.output_ids[a - P:b - P]
+    return seq.prompt_ids[a:] + seq.output_ids[:b - P]
+
+
+def _graphs_from_env() -> bool:
+    v = os.environ.get("OPPO_SCORER_GRAPHS", "").strip()
+    if v in ("", "0"):
+        return False
+    if v == "1":
+        return True
+    raise ValueError(f"OPPO_SCORER_GRAPHS={v!r}: expected 0 or 1")
+
+
 class Scorer:
     def __init__(self, name: str, model, pool: PagePool, kind: str, *, max_model_len: int,
                  max_num_batched_tokens: int = 8192, temperature: float = 1.0, own_stream: bool = True,
-                 final_value: bool = False):
+                 final_value: bool = False, graphs: bool | None = None):
         if kind not in SCORER_KINDS:
             raise ValueError(f"scorer {name!r}: kind must be one of {SCORER_KINDS}, got {kind!r}")
         self.name, self.model, self.kind = name, model, kind
         self.pool = pool
         L, Hkv, D = model.kv_geometry()
         self.view = pool.views.get(name) or pool.register(name, KVGeometry(L, Hkv, D, next(model.parameters()).dtype))
-        self.runner = ModelRunner(model, self.view, max_model_len, enforce_eager=True)
+        want_graphs = _graphs_from_env() if graphs is None else bool(graphs)
+        # decode graphs are irrelevant here (no graph_batch_sizes); prefill graphs only if asked
+        self.runner = ModelRunner(model, self.view, max_model_len, enforce_eager=not want_graphs,
+                                  prefill_graphs=want_graphs, max_prefill_tokens=max_num_batched_tokens)
+        self.graphs = self.runner.use_prefill_graphs
+        if self.graphs:
+            log.info("scorer %s: chunk prefill in CUDA graphs", name)
+        elif want_graphs:
+            log.warning("scorer %s: CUDA graphs requested but chunk prefill runs eager: %s", name,
+                        self.runner.prefill_graphs_off_reason)
+        else:
+            log.info("scorer %s: chunk prefill eager (graphs=True or OPPO_SCORER_GRAPHS=1 for CUDA graphs)", name)
         self.max_num_batched_tokens = max_num_batched_tokens
         self.temperature = temperature          # reference log-probs use the actor's sampling temperature
         if final_value and kind != "critic":
@@ -127,7 +163,7 @@ class Scorer:
                 self.view.ensure(st.seq.seq_id, st.fed + n)
             except PoolExhausted:
                 break                 # wait for pages (the actor frees finished sequences)
-            spans.append(Span(st.seq.seq_id, [st.seq.token_at(i) for i in range(st.fed, st.fed + n)], st.fed))
+            spans.append(Span(st.seq.seq_id, _token_slice(st.seq, st.fed, st.fed + n), st.fed))
             states.append(st)
             budget -= n
             if budget <= 0:
@@ -141,22 +177,27 @@ class Scorer:
         return fed
 
     def _consume(self, spans: list[Span], states: list[_SeqState], hidden: torch.Tensor) -> None:
+        # ranges and slices, not a Python loop per token: this runs on the scorer thread under the
+        # GIL, while the actor's decode loop waits for it
         rows, nexts, owners = [], [], []
         row = 0
         for sp, st in zip(spans, states):
-            P = len(st.seq.prompt_ids)
-            for i, pos in enumerate(range(sp.start, sp.start + len(sp.token_ids))):
-                if self.kind == "reward":
-                    if st.final and pos == st.known - 1:
-                        rows.append(row + i)
-                        owners.append(st)
-                elif pos >= P - 1:                    # the state before response token pos+1-P
+            n = len(sp.token_ids)
+            end = sp.start + n
+            if self.kind == "reward":
+                i = st.known - 1 - sp.start
+                if st.final and 0 <= i < n:
                     rows.append(row + i)
-                    if self.kind == "reference":
-                        nexts.append(st.seq.token_at(pos + 1))
                     owners.append(st)
-            row += len(sp.token_ids)
-            st.fed = sp.start + len(sp.token_ids)
+            else:
+                first = max(sp.start, len(st.seq.prompt_ids) - 1)   # the state before response token pos+1-P
+                if first < end:
+                    rows.extend(range(row + first - sp.start, row + n))
+                    if self.kind == "reference":
+                        nexts.extend(_token_slice(st.seq, first + 1, end + 1))
+                    owners.extend([st] * (end - first))
+            row += n
+            st.fed = end
         if not rows:
             return
         stage = self.runner.stage
@@ -256,6 +297,9 @@ class Scorer:
         """The model's weights changed (the critic after an update): drop every sequence's KV and
         results; each is re-prefilled from its tokens, so its values come from the new weights."""
         self._quiesce()
+        # prefill graphs read the weights where they were at capture: in-place updates (the critic's
+        # optimizer step, load_state_dict's copy_) reach them; replaced tensors drop the graphs
+        self.runner.check_weights()
         for st in self.states.values():
             self.view.free(st.seq.seq_id)
             self._reset(st)
