@@ -2,7 +2,6 @@
 reference log-probs, critic values and reward (bf16, 2e-2 relative) on ragged chunk streams, across
 new buckets, pages scattered over the pool, a pool release (new generation), in-place and replaced
 weights, and an overlapped rollout; a replayed call issues no synchronizing CUDA call."""
-import random
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ from oppo_runtime.engine.scorer import Scorer
 from oppo_runtime.engine.sequence import Chunk, Sequence
 from oppo_runtime.memory import KVGeometry, PagePool
 from oppo_runtime.models import ModelConfig, build_model
+from test_scorer_graphs import shuffle_free_pages
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -48,14 +48,6 @@ def pool_for(m, pages=1024, tpp=16):
     return PagePool(pages, PagePool.page_bytes_for([g], tpp), "cuda")
 
 
-def shuffle_free_pages(pool, seed):
-    """The next pages any sequence gets are scattered over the pool."""
-    fillers = [("filler", i) for i in range(pool.num_free)]
-    for f in fillers:
-        pool.allocate(f, 1)
-    random.Random(seed).shuffle(fillers)
-    for f in fillers:
-        pool.free(f)
 
 
 def token(i, pos):
