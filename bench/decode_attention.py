@@ -1,10 +1,12 @@
 """Paged decode attention: achieved KV bytes/s over the copy bandwidth measured in the same run,
 beside PyTorch SDPA on a contiguous (unpaged) cache of the same shape and FlexAttention.
 
-    python bench/decode_attention.py [--out PATH] [--block-size 16] [--no-flex] [--shapes 0,2] [--plans v3,v2]
+    python bench/decode_attention.py [--out PATH] [--block-size 16] [--no-flex] [--shapes 0,2] [--plans v4,v3]
 
---plans: time our kernel under each split plan (OPPO_DECODE_PLAN) in the same run; the first is
-the `ours` column, the others get `ours_<plan>` columns. Default: the environment's plan (v3).
+--plans: time our kernel under each plan (OPPO_DECODE_PLAN: v2, v3, v4) in the same run; the first
+is the `ours` column, the others get `ours_<plan>` columns. Default: the environment's plan (v3).
+Per plan the row also records the splits, the CTAs launched and the most items one CTA takes
+(from the Python mirror of the launcher's plan; v4 without split is a persistent grid).
 
 Bytes counted: every K and V byte of every context once, plus q and out. One query per
 sequence; all sequences hold `ctx` tokens on shuffled pages of a pool whose page holds one
@@ -43,14 +45,14 @@ def _plans() -> list[str]:
     if known.plans is None:
         return [os.environ.get("OPPO_DECODE_PLAN") or "v3"]
     plans = [p.strip() for p in known.plans.split(",") if p.strip()]
-    assert plans and all(p in ("v2", "v3") for p in plans), f"--plans takes v2/v3, got {known.plans!r}"
+    assert plans and all(p in ("v2", "v3", "v4") for p in plans), f"--plans takes v2/v3/v4, got {known.plans!r}"
     return plans
 
 
 def main() -> None:
     plans = _plans()
     args, flex, _ = attention_bench_setup(__doc__)
-    from oppo_runtime.ops.attention import paged_decode_plan, paged_decode_resident_ctas
+    from oppo_runtime.ops.attention import paged_decode_grid, paged_decode_plan, paged_decode_resident_ctas
     env_plan = os.environ.get("OPPO_DECODE_PLAN")
 
     info = device_info()
@@ -73,8 +75,11 @@ def main() -> None:
         outs = {}
         for i, plan in enumerate(plans):   # the plan is read at each call, so at capture inside time_ms
             key = "ours" if i == 0 else f"ours_{plan}"
-            row[f"splits_{plan}"] = paged_decode_plan(B, Hq, Hkv, D, bt.shape[1] * args.block_size, info["sm_count"],
-                                                      paged_decode_resident_ctas(D), plan)[0]
+            table = bt.shape[1] * args.block_size
+            resident = paged_decode_resident_ctas(D, plan=plan)
+            row[f"splits_{plan}"] = paged_decode_plan(B, Hq, Hkv, D, table, info["sm_count"], resident, plan)[0]
+            row[f"ctas_{plan}"], row[f"items_per_cta_{plan}"] = paged_decode_grid(
+                B, Hq, Hkv, D, table, info["sm_count"], resident, plan)
             os.environ["OPPO_DECODE_PLAN"] = plan
             try:
                 ms = time_ms(lambda: torch.ops.oppo.paged_decode_attention(out, q, k_cache, v_cache, bt, ctx_lens, scale))
@@ -134,11 +139,12 @@ def main() -> None:
     print()
     extra = []
     for plan in plans[1:]:
-        extra += [(f"splits_{plan}", f"splits {plan}", "d"), (f"ours_{plan}_us", f"{plan} us", ".1f"),
-                  (f"ours_{plan}_frac_copy_bw", f"{plan}/copy", ".3f")]
+        extra += [(f"splits_{plan}", f"splits {plan}", "d"), (f"ctas_{plan}", f"CTAs {plan}", "d"),
+                  (f"ours_{plan}_us", f"{plan} us", ".1f"), (f"ours_{plan}_frac_copy_bw", f"{plan}/copy", ".3f")]
     print(f"ours = plan {plans[0]}")
     print_table(rows, [("B", "B", "d"), ("ctx", "ctx", "d"), ("Hq", "Hq", "d"), ("Hkv", "Hkv", "d"), ("D", "D", "d"),
-                       ("floor_us", "floor us", ".1f"), (f"splits_{plans[0]}", "splits", "d"), ("ours_us", "ours us", ".1f"),
+                       ("floor_us", "floor us", ".1f"), (f"splits_{plans[0]}", "splits", "d"),
+                       (f"ctas_{plans[0]}", "CTAs", "d"), (f"items_per_cta_{plans[0]}", "items/CTA", "d"), ("ours_us", "ours us", ".1f"),
                        ("ours_frac_copy_bw", "ours/copy", ".3f"), *extra, ("sdpa_us", "sdpa us", ".1f"),
                        ("sdpa_frac_copy_bw", "sdpa/copy", ".3f"), ("flex_us", "flex us", ".1f"),
                        ("flex_frac_copy_bw", "flex/copy", ".3f"), ("speedup_vs_sdpa", "x sdpa", ".2f"),

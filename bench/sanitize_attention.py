@@ -5,8 +5,12 @@
 Covers kv_append, decode with one split and with several (plus the reduction), a context of 0,
 a group of 20 heads (two head chunks), the no-split plan of a batch that fills the machine (D=64,
 4-stage pipeline, contexts at tile edges), D=64 splits of exactly 4 tiles, the v2 plan, and
-prefill with prefix 0, chunk 1 and a ragged batch. Exits non-zero if an output differs from the
-reference.
+prefill with prefix 0, chunk 1 and a ragged batch. The v4 plan (OPPO_DECODE_PLAN=v4, one kernel):
+the same decode cases, plus a persistent grid with several short items per CTA (the tile stream
+crosses items; D=64 and D=128) and the split cases with the ticket counters in the workspace
+(OPPO_DECODE_TICKETS=memset). racecheck covers the shared-memory reuse (merge area in a pipeline
+slot, tile-record ring); the tickets' global-memory ordering is not something it checks (the GPU
+tests do, by results). Exits non-zero if an output differs from the reference.
 """
 import math
 import os
@@ -55,9 +59,15 @@ def main():
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     edges = [1, 63, 64, 65, 129, 0, 192, 193, 256, 257]
     fill = [edges[i % len(edges)] for i in range(math.ceil(2 * sms / 2))]    # B * Hkv >= half the slots: 1 split
+    # v4 persistent: B * Hkv = 7 x SMs: 2-3 items per CTA for D=64 (3 CTAs per SM), 3-4 for D=128 (2)
+    many = [edges[(3 * i) % len(edges)] for i in range(math.ceil(7 * sms / 2))]
+    splits = [7000, 100, 0, 3000, 6999, 1, 64, 65]
     cases = (([37, 0, 5], 8, 2, D, None), ([600], 40, 2, D, None), (fill, 14, 2, 64, None),
-             ([7000, 100, 0, 3000, 6999, 1, 64, 65], 14, 2, 64, None),     # v3: 5-tile splits, empty ones
-             ([7000, 100, 0, 3000, 6999, 1, 64, 65], 14, 2, 64, "v2"))
+             (splits, 14, 2, 64, None),                                     # v3: 5-tile splits, empty ones
+             (splits, 14, 2, 64, "v2"),
+             ([37, 0, 5], 8, 2, D, "v4"), ([600], 40, 2, D, "v4"), (fill, 14, 2, 64, "v4"),
+             (splits, 14, 2, 64, "v4"), (splits, 8, 2, D, "v4"), (many, 14, 2, 64, "v4"), (many, 8, 2, D, "v4"),
+             (splits, 14, 2, 64, "v4:memset"), ([600], 40, 2, D, "v4:memset"))
     for lens, Hq, Hkv, Dd, plan in cases:
         nblk = sum(math.ceil(max(n, 1) / bs) for n in lens) + 4
         kk, vv = pool(nblk, bs, Hkv, Dd)
@@ -65,15 +75,21 @@ def main():
         ctx = torch.tensor(lens, dtype=torch.int32, device="cuda")
         q = torch.randn(len(lens), Hq, Dd, device="cuda").bfloat16()
         out = torch.empty(len(lens), Hq, Dd, device="cuda")
-        if plan:
-            os.environ["OPPO_DECODE_PLAN"] = plan
-        A.paged_decode_attention(q, kk, vv, bt, ctx, 0.1, out=out, backend="cuda")
+        name, _, tickets = (plan or "v3").partition(":")
+        resident = A.paged_decode_resident_ctas(Dd, plan=name)
+        nsplit = A.paged_decode_plan(len(lens), Hq, Hkv, Dd, bt.shape[1] * bs, sms, resident, name)[0]
+        ctas, per_cta = A.paged_decode_grid(len(lens), Hq, Hkv, Dd, bt.shape[1] * bs, sms, resident, name)
+        os.environ["OPPO_DECODE_PLAN"] = name
+        if tickets:
+            os.environ["OPPO_DECODE_TICKETS"] = tickets
+        for _ in range(2 if name == "v4" and nsplit > 1 else 1):   # v4 split: again, on the counters the first call left
+            out.fill_(float("nan"))
+            A.paged_decode_attention(q, kk, vv, bt, ctx, 0.1, out=out, backend="cuda")
         os.environ.pop("OPPO_DECODE_PLAN", None)
+        os.environ.pop("OPPO_DECODE_TICKETS", None)
         ref = A.paged_decode_attention_ref(q, kk, vv, bt.clamp_min(0), ctx, 0.1, out=torch.empty_like(out))
-        splits = A.paged_decode_plan(len(lens), Hq, Hkv, Dd, bt.shape[1] * bs, sms, A.paged_decode_resident_ctas(Dd),
-                                     plan or "v3")[0]
         ok &= check(f"decode B={len(lens)} max len={max(lens)} Hq={Hq} Hkv={Hkv} D={Dd} plan={plan or 'v3'} "
-                    f"splits={splits}", out, ref)
+                    f"splits={nsplit} ctas={ctas} items/cta<={per_cta}", out, ref)
     prefixes, chunks = [0, 20, 3], [1, 70, 17]
     lens = [p + c for p, c in zip(prefixes, chunks)]
     kk, vv = pool(30, bs, 2, 64)

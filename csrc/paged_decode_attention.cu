@@ -7,8 +7,27 @@
 // (B, Hkv, G, block_tables' width x block_size, the SM count and the kernel's occupancy), never
 // on context_lens' values.
 //
-// OPPO_DECODE_PLAN=v2 selects the previous plan (about 8 CTAs per SM) on the same kernels, for
-// A/B timing; read at every call (the bench switches it between captures). Default: v3.
+// OPPO_DECODE_PLAN (read at every call; the bench switches it between captures):
+//   v3 (default): about one wave of resident CTAs, splits merged by a second kernel;
+//   v2: the previous plan (about 8 CTAs per SM) on the same kernels, for A/B timing;
+//   v4: paged_decode_v4_kernel, one launch: the same split count as v3 (with the v4 kernel's
+//       occupancy), the splits merged by the last CTA of each group (ticket counters), and
+//       without split a persistent grid of min(groups, resident slots) CTAs streaming their
+//       items' tiles through one pipeline.
+//
+// v4 ticket counters (one unsigned int per group = (sequence, kv head, head chunk), split plans
+// only). The kernel needs them at 0 when it starts and leaves them at 0 (the CTA that draws a
+// group's last ticket resets it), so a counter stays usable as long as two launches that may
+// overlap in time never share it. This launcher owns them:
+//   - eager launches: one set per (device, stream) (launches on one stream are ordered);
+//   - launches captured into a CUDA graph: a set of their own, kept for the life of the process
+//     (replays of one graph exec are ordered by CUDA; different graphs get different sets);
+//   both carved out of chunks that this launcher cudaMalloc's and zeroes once (cudaMemsetAsync,
+//   then a sync of the launching stream), only outside capture (the first split call on a
+//   device, normally an eager warm-up, allocates the first 1 MiB chunk).
+//   - A captured launch that finds no chunk room (no eager split call yet, or the chunk full), or
+//     OPPO_DECODE_TICKETS=memset: counters at the end of the per-call workspace, zeroed by a
+//     cudaMemsetAsync on the stream (a memset node under capture: still graph-safe).
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <algorithm>
@@ -16,6 +35,10 @@
 #include <climits>
 #include <cstdlib>
 #include <cstring>
+#include <map>
+#include <mutex>
+#include <utility>
+#include <vector>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include "dispatch.h"
@@ -34,10 +57,21 @@ int sm_count(int dev) {
   return n;
 }
 
-bool use_plan_v2() {
+enum class PlanKind { v2, v3, v4 };
+
+PlanKind decode_plan_kind() {
   const char* e = std::getenv("OPPO_DECODE_PLAN");
-  if (e == nullptr || *e == 0 || std::strcmp(e, "v3") == 0) return false;
-  TORCH_CHECK(std::strcmp(e, "v2") == 0, "OPPO_DECODE_PLAN must be v2 or v3, got '", e, "'");
+  if (e == nullptr || *e == 0 || std::strcmp(e, "v3") == 0) return PlanKind::v3;
+  if (std::strcmp(e, "v2") == 0) return PlanKind::v2;
+  if (std::strcmp(e, "v4") == 0) return PlanKind::v4;
+  TORCH_CHECK(false, "OPPO_DECODE_PLAN must be v2, v3 or v4, got '", e, "'");
+  return PlanKind::v3;
+}
+
+bool tickets_forced_memset() {
+  const char* e = std::getenv("OPPO_DECODE_TICKETS");
+  if (e == nullptr || *e == 0 || std::strcmp(e, "pool") == 0) return false;
+  TORCH_CHECK(std::strcmp(e, "memset") == 0, "OPPO_DECODE_TICKETS must be pool or memset, got '", e, "'");
   return true;
 }
 
@@ -50,6 +84,7 @@ struct DecodePlan {
 //   v2: about 8 CTAs per SM in all.
 //   v3: at most one wave of resident CTAs: splits = floor(SMs * resident / base), so no split at
 //       all once B * Hkv * q_chunks fills half the machine (each CTA then writes `out` itself).
+//   v4: v3's rule with the v4 kernel's occupancy (the caller passes v2 = false).
 // Both: partitions of at least kMinPartition tokens, rounded up to the 64-token tile.
 DecodePlan plan_decode(int64_t base, int64_t max_ctx, int sms, int resident, bool v2) {
   using oppo::attn::kDecodeTile;
@@ -71,10 +106,162 @@ DecodePlan plan_decode(int64_t base, int64_t max_ctx, int sms, int resident, boo
   return {1, 1 << 30};
 }
 
+// ---- v4 ticket counters (see the top of this file) ----
+struct TicketChunk {
+  unsigned* base;
+  int64_t cap, used;  // in counters
+};
+struct TicketRegistry {
+  std::mutex mu;
+  std::vector<TicketChunk> chunks[64];                                        // per device
+  std::map<std::pair<int, cudaStream_t>, std::pair<unsigned*, int64_t>> eager;  // set, capacity
+};
+TicketRegistry& ticket_registry() {
+  static TicketRegistry* r = new TicketRegistry;  // never destroyed: captured graphs keep pointers
+  return *r;
+}
+constexpr int64_t kTicketChunk = 1 << 18;  // counters per chunk (1 MiB)
+constexpr int64_t kTicketEagerSet = 4096;  // counters per stream set (more than any split plan needs)
+
+void add_ticket_chunk(std::vector<TicketChunk>& chunks, int64_t cap, cudaStream_t stream) {
+  void* p = nullptr;
+  C10_CUDA_CHECK(cudaMalloc(&p, cap * sizeof(unsigned)));
+  C10_CUDA_CHECK(cudaMemsetAsync(p, 0, cap * sizeof(unsigned), stream));
+  C10_CUDA_CHECK(cudaStreamSynchronize(stream));  // zero before any stream uses a piece of it
+  chunks.push_back({static_cast<unsigned*>(p), cap, 0});
+}
+
+// n zeroed counters out of the device's chunks; a new chunk only when allocating is allowed.
+unsigned* carve_tickets(std::vector<TicketChunk>& chunks, int64_t n, bool may_allocate, cudaStream_t stream) {
+  n = (n + 63) / 64 * 64;  // 256-byte pieces
+  if (chunks.empty() || chunks.back().used + n > chunks.back().cap) {
+    if (!may_allocate) return nullptr;
+    add_ticket_chunk(chunks, std::max(kTicketChunk, n), stream);
+  }
+  TicketChunk& c = chunks.back();
+  unsigned* out = c.base + c.used;
+  c.used += n;
+  return out;
+}
+
+// Zeroed counters for `n` groups of a v4 launch on `stream`, or nullptr: the caller then puts
+// them in its workspace and zeroes them with cudaMemsetAsync.
+unsigned* ticket_counters(int dev, cudaStream_t stream, int64_t n) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
+  TicketRegistry& reg = ticket_registry();
+  std::lock_guard<std::mutex> lock(reg.mu);
+  std::vector<TicketChunk>& chunks = reg.chunks[dev & 63];
+  if (status != cudaStreamCaptureStatusNone) return carve_tickets(chunks, n, false, stream);  // its own set
+  // Eager: keep at least half a chunk free for the captures that follow (an engine warms up
+  // eagerly before it captures; each captured split launch takes its own set for good).
+  if (chunks.empty() || chunks.back().cap - chunks.back().used < kTicketChunk / 2)
+    add_ticket_chunk(chunks, kTicketChunk, stream);
+  auto& set = reg.eager[{dev, stream}];
+  if (set.second < n) {
+    const int64_t cap = std::max(n, kTicketEagerSet);
+    set = {carve_tickets(chunks, cap, true, stream), cap};
+  }
+  return set.first;
+}
+
+// Occupancy set-up once per device and instantiation: smem attribute, max-shared carveout (the
+// kernels read K/V through cp.async.cg, L1 is not needed), resident CTAs per SM.
+template <typename Kernel>
+int setup_resident(Kernel kernel, int smem, int dev, int* cache) {
+  if (cache[dev & 63] == 0) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                        static_cast<int>(cudaSharedmemCarveoutMaxShared)));
+    int n = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, oppo::attn::kDecodeThreads, smem));
+    cache[dev & 63] = std::max(1, n);
+  }
+  return cache[dev & 63];
+}
+
+template <typename T, int D>
+void launch_decode_v4(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                      const at::Tensor& block_tables, const at::Tensor& context_lens, double scale) {
+  using namespace oppo::attn;
+  constexpr int kStages = DecodeCfg<D>::kStages;
+  const int B = static_cast<int>(q.size(0)), Hq = static_cast<int>(q.size(1));
+  const int block_size = static_cast<int>(k_cache.size(1)), Hkv = static_cast<int>(k_cache.size(2));
+  const int G = Hq / Hkv;
+  const int q_chunks = (G + 15) / 16;
+  const int64_t max_ctx = std::min<int64_t>(block_tables.size(1) * static_cast<int64_t>(block_size), INT_MAX);
+  const int dev = q.get_device();
+  const int sms = sm_count(dev);
+
+  auto kernel = paged_decode_v4_kernel<T, D, kStages>;
+  constexpr int smem = DecodeV4Smem<T, D, kStages>::kBytes;
+  static int resident_cache[64] = {};
+  const int resident = setup_resident(kernel, smem, dev, resident_cache);
+
+  const int64_t groups = static_cast<int64_t>(B) * Hkv * q_chunks;
+  const int64_t slots = static_cast<int64_t>(sms) * resident;
+  const DecodePlan plan = plan_decode(groups, max_ctx, sms, resident, false);  // v3's split count
+  const int num_splits = plan.num_splits;
+  const int64_t items = groups * num_splits;  // <= slots when split
+  const int64_t grid = num_splits > 1 ? items : std::min(groups, slots);
+  TORCH_CHECK(items <= INT_MAX, "paged_decode_attention: too many work items");
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+
+  at::Tensor ws;
+  float* ws_o_ptr = nullptr;
+  float* ws_lse_ptr = nullptr;
+  unsigned* tickets = nullptr;
+  if (num_splits > 1) {  // o [B, Hq, S, D], lse [B, Hq, S] (+ counters [groups] when not from the registry)
+    const int64_t n = static_cast<int64_t>(B) * Hq * num_splits;
+    if (!tickets_forced_memset()) tickets = ticket_counters(dev, stream, groups);
+    ws = at::empty({n * (D + 1) + (tickets == nullptr ? groups : 0)}, q.options().dtype(at::kFloat));
+    ws_o_ptr = ws.data_ptr<float>();
+    ws_lse_ptr = ws_o_ptr + n * D;
+    if (tickets == nullptr) {
+      tickets = reinterpret_cast<unsigned*>(ws_o_ptr + n * (D + 1));
+      C10_CUDA_CHECK(cudaMemsetAsync(tickets, 0, groups * sizeof(unsigned), stream));
+    }
+  }
+
+  DecodeV4Params p;
+  p.out = out.data_ptr();
+  p.q = q.data_ptr();
+  p.k_cache = k_cache.data_ptr();
+  p.v_cache = v_cache.data_ptr();
+  p.block_tables = block_tables.data_ptr<int>();
+  p.context_lens = context_lens.data_ptr<int>();
+  p.ws_o = ws_o_ptr;
+  p.ws_lse = ws_lse_ptr;
+  p.tickets = tickets;
+  p.o_s0 = out.stride(0);
+  p.o_s1 = out.stride(1);
+  p.q_s0 = q.stride(0);
+  p.q_s1 = q.stride(1);
+  p.page_stride = k_cache.stride(0);
+  p.bt_stride = block_tables.stride(0);
+  p.block_size = block_size;
+  p.Hkv = Hkv;
+  p.G = G;
+  p.q_chunks = q_chunks;
+  p.table_tokens = static_cast<int>(max_ctx);
+  p.num_splits = num_splits;
+  p.partition = plan.partition;
+  p.num_items = static_cast<int>(items);
+  p.scale_log2 = static_cast<float>(scale) * kLog2e;
+  p.out_f32 = out.scalar_type() == at::kFloat;
+  kernel<<<static_cast<unsigned>(grid), kDecodeThreads, smem, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 template <typename T, int D>
 void launch_decode(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                    const at::Tensor& block_tables, const at::Tensor& context_lens, double scale) {
   using namespace oppo::attn;
+  const PlanKind kind = decode_plan_kind();
+  if (kind == PlanKind::v4) {
+    launch_decode_v4<T, D>(out, q, k_cache, v_cache, block_tables, context_lens, scale);
+    return;
+  }
   constexpr int kStages = DecodeCfg<D>::kStages;
   const int B = static_cast<int>(q.size(0)), Hq = static_cast<int>(q.size(1));
   const int block_size = static_cast<int>(k_cache.size(1)), Hkv = static_cast<int>(k_cache.size(2));
@@ -86,19 +273,11 @@ void launch_decode(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cac
 
   auto kernel = paged_decode_kernel<T, D, kStages>;
   constexpr int smem = DecodeSmem<T, D, kStages>::kBytes;
-  static int resident[64] = {};  // CTAs per SM (0: not yet set up on that device)
-  if (resident[dev & 63] == 0) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    // All of the unified L1/smem as smem (D=64: 3 x 75 KiB): the kernel reads through cp.async.cg.
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                        static_cast<int>(cudaSharedmemCarveoutMaxShared)));
-    int n = 0;
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kDecodeThreads, smem));
-    resident[dev & 63] = std::max(1, n);
-  }
+  static int resident_cache[64] = {};  // CTAs per SM (0: not yet set up on that device)
+  const int resident = setup_resident(kernel, smem, dev, resident_cache);
 
   const DecodePlan plan =
-      plan_decode(static_cast<int64_t>(B) * Hkv * q_chunks, max_ctx, sms, resident[dev & 63], use_plan_v2());
+      plan_decode(static_cast<int64_t>(B) * Hkv * q_chunks, max_ctx, sms, resident, kind == PlanKind::v2);
   const int num_splits = plan.num_splits;
 
   at::Tensor ws;

@@ -7,7 +7,9 @@
 // merged in shared memory at the end. K/V tiles stream through a kStages-deep cp.async
 // pipeline (DecodeCfg: 4 stages for D=64, 3 for D=128). With one split the CTA writes `out`
 // directly; with more, each split writes its normalised output and log-sum-exp (base 2) to the
-// workspace and paged_decode_reduce_kernel merges them.
+// workspace and paged_decode_reduce_kernel merges them (plans v2, v3). paged_decode_v4_kernel
+// (plan v4, at the end of this file) does the same arithmetic in one launch: a persistent tile
+// stream over work items, and the splits merged by the last CTA of each group.
 //
 // P is fed to the P*V product as hi + lo halves (two mma per fragment): P rounded to bf16 alone
 // costs ~1.6e-3 relative error; the second mma is free here, the kernel is memory-bound.
@@ -389,5 +391,441 @@ paged_decode_reduce_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, i
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// v4 (OPPO_DECODE_PLAN=v4): one kernel, no reduction kernel.
+//
+// Work item = (split, group), group = (sequence b, kv head, query-head chunk); item = group *
+// num_splits + split. The grid is at most one wave of resident CTAs and CTA c takes the items
+// c, c + gridDim.x, ... (the no-split plan launches min(groups, resident slots) CTAs; the split
+// plan launches one CTA per item).
+//
+// Tile stream: a CTA's items are one stream of 64-token tiles through the same kStages-deep
+// pipeline, so the loads of the next item's first tiles are in flight while the current item
+// finishes (no per-item start-up, no drain between items). A producer cursor (uniform over the
+// CTA) walks the items kStages + 1 tiles ahead of the consumer: for stream tile u it fetches the
+// pages (threads 0..63, one row each) at iteration u - kStages - 1, stores the row offsets at
+// u - kStages, the tile's load is issued at u - kStages + 1 and it is consumed at u (as in v3).
+// The cursor also writes a record per tile (item, first token, end, first/last flags, number of
+// non-empty splits of its group) into a ring of 8 in smem, which the consumer reads: the consumer
+// never reads context_lens. An item has ceil((end - start) / 64) tiles; split 0 of a context of
+// 0 has one tile with every row masked (its output is zeros); a split past the context (start >=
+// ctx, split > 0) has none and is skipped. Past the CTA's last item the records say "end" and the
+// loads are zero fills (no global read).
+//
+// Q: loaded straight into the mma A fragments (registers) from global memory when an item starts
+// (issued right after the previous item's last tile, so the loads overlap its merge).
+//
+// End of an item: the 4 warps are merged in the smem slot of the tile just consumed (the next
+// load into that slot is issued one iteration later, after a barrier). Then:
+//   - nvalid <= 1 (no split, or a context within split 0, or a context of 0): `out` directly;
+//   - else the split's normalised output and log-sum-exp go to the workspace; every thread
+//     fences (__threadfence), the CTA synchronises, thread 0 draws a ticket (atomicAdd on the
+//     group's counter) and fences again; the CTA that draws ticket nvalid - 1 resets the counter
+//     to 0 and merges the group's nvalid partials (read with __ldcg, L2) into `out`.
+// The counters must be 0 before the launch; the last CTA of each group leaves its counter at 0
+// (who provides zeroed counters: see the launcher, csrc/paged_decode_attention.cu).
+struct DecodeV4Params {
+  void* out;                 // [B, Hq, D], T or float32 (out_f32)
+  const void* q;             // [B, Hq, D]
+  const void* k_cache;       // [num_blocks, block_size, Hkv, D], page stride page_stride
+  const void* v_cache;
+  const int* block_tables;   // [B, max_blocks], row stride bt_stride
+  const int* context_lens;   // [B], each <= table_tokens
+  float* ws_o;               // [B, Hq, num_splits, D]   (num_splits > 1)
+  float* ws_lse;             // [B, Hq, num_splits]
+  unsigned* tickets;         // [B * Hkv * q_chunks], zero before the launch (num_splits > 1)
+  int64_t o_s0, o_s1, q_s0, q_s1, page_stride, bt_stride;
+  int block_size, Hkv, G, q_chunks, table_tokens, num_splits, partition, num_items;
+  float scale_log2;
+  bool out_f32;
+};
+
+template <typename T, int D, int kStages>
+struct DecodeV4Smem {
+  static constexpr int kRow = SmemRow<D>::kElems;
+  static constexpr int kTileElems = kDecodeTile * kRow;
+  static constexpr int kSlotBytes = 2 * kTileElems * int(sizeof(T));  // K + V of one stage
+  static constexpr int kStageBytes = kStages * kSlotBytes;
+  static constexpr int kOffBytes = kStages * kDecodeTile * 8;          // row offsets, one slot per stage
+  static constexpr int kRecs = 8;                                       // tile records (ring)
+  static constexpr int kBytes = kStageBytes + kOffBytes + kRecs * 16 + 16;
+  static_assert(kStages + 1 <= kRecs, "a record is written kStages + 1 iterations before its use");
+  // The warp merge of an item uses one stage slot: o [4][16][D] + m, l [4][16] floats.
+  static_assert(kSlotBytes >= (4 * 16 * D + 2 * 4 * 16) * 4, "merge area");
+};
+
+constexpr int kRecLast = 1, kRecFirst = 2;  // record flags (bits 0-1; nvalid in bits 2-31)
+
+template <typename T, int D, int kStages>
+__global__ void __launch_bounds__(kDecodeThreads, DecodeCfg<D>::kMinBlocks)
+paged_decode_v4_kernel(const DecodeV4Params p) {
+  using S = DecodeV4Smem<T, D, kStages>;
+  constexpr int kRow = S::kRow;
+  constexpr int kTileElems = S::kTileElems;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* stage_base = reinterpret_cast<T*>(smem_raw);
+  int64_t* off_s = reinterpret_cast<int64_t*>(smem_raw + S::kStageBytes);
+  int4* rec_s = reinterpret_cast<int4*>(smem_raw + S::kStageBytes + S::kOffBytes);
+  int* flag_s = reinterpret_cast<int*>(rec_s + S::kRecs);
+
+  const T* __restrict__ q = static_cast<const T*>(p.q);
+  const T* __restrict__ k_cache = static_cast<const T*>(p.k_cache);
+  const T* __restrict__ v_cache = static_cast<const T*>(p.v_cache);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int qr = lane >> 2, qc = lane & 3;
+  const int nsplit = p.num_splits, q_chunks = p.q_chunks, per_b = p.Hkv * q_chunks;
+  const int row_stride = p.Hkv * D;
+  const int step = gridDim.x;
+
+  // ---- producer cursor (the same values in every thread) ----
+  int p_item = static_cast<int>(blockIdx.x) - step;  // the item being walked (>= num_items: none left)
+  int p_local = 0, p_nt = 0, p_start = 0, p_end = 0, p_nvalid = 0, p_b = 0, p_head = 0;
+  auto ctx_of = [&](int item) -> int {
+    return item < p.num_items ? __ldg(p.context_lens + (item / nsplit) / per_b) : 0;
+  };
+  int p_ctx_next = ctx_of(blockIdx.x);  // context length of item p_item + step, loaded one item ahead
+  // Enters `item` (context length c): false for an empty split (skipped), true otherwise and at the end.
+  auto enter = [&](int item, int c) -> bool {
+    p_item = item;
+    p_local = 0;
+    if (item >= p.num_items) return true;
+    const int split = item % nsplit, group = item / nsplit;
+    p_b = group / per_b;
+    p_head = ((group / q_chunks) % p.Hkv) * D;
+    p_start = split * p.partition;
+    if (split > 0 && p_start >= c) return false;
+    p_end = min(c, p_start + p.partition);
+    p_nt = p_end > p_start ? ceil_div(p_end - p_start, kDecodeTile) : 1;  // 1: split 0 of a context of 0
+    p_nvalid = c > 0 ? min(nsplit, (c - 1) / p.partition + 1) : 0;
+    return true;
+  };
+  auto advance = [&]() {
+    int it = p_item;
+    while (true) {
+      it += step;
+      const int c = p_ctx_next;
+      p_ctx_next = ctx_of(it + step);
+      if (enter(it, c)) break;
+    }
+  };
+  // Producer step for stream tile u: its record, and (threads < 64) the page and in-page offset of
+  // row tid, or page -1 (rows past the item's end or the stream's). `spec` is the page fetched
+  // for the first item before its context length was known (kNoSpec: none).
+  constexpr int kNoSpec = -2;
+  const int item0 = blockIdx.x;
+  auto produce = [&](int u, int spec, int& page, int64_t& rowoff) {
+    page = -1;
+    rowoff = 0;
+    if (p_item < p.num_items) {
+      const int tok = p_start + p_local * kDecodeTile;
+      if (tid == 0) {
+        const int flags = (p_local == 0 ? kRecFirst : 0) | (p_local + 1 == p_nt ? kRecLast : 0);
+        rec_s[u & (S::kRecs - 1)] = make_int4(p_item, tok, p_end, flags | (p_nvalid << 2));
+      }
+      if (tid < kDecodeTile) {
+        const int pos = tok + tid;
+        if (pos < p_end)
+          page = (spec != kNoSpec && p_item == item0)
+                     ? spec
+                     : __ldg(p.block_tables + static_cast<int64_t>(p_b) * p.bt_stride + pos / p.block_size);
+        rowoff = static_cast<int64_t>(pos % p.block_size) * row_stride + p_head;
+      }
+      if (++p_local == p_nt) advance();
+    } else if (tid == 0) {
+      rec_s[u & (S::kRecs - 1)] = make_int4(-1, 0, 0, 0);
+    }
+  };
+
+  // ---- Q of an item -> the A fragments (rows past the item's heads are zero) ----
+  uint32_t qa[D / 16][4];
+  auto load_q = [&](int item) {
+    const int group = item / nsplit, rem = group % per_b;
+    const int b = group / per_b, kvh = rem / q_chunks, qch = rem % q_chunks;
+    const int rows = min(16, p.G - qch * 16);
+    const T* base = q + static_cast<int64_t>(b) * p.q_s0 + static_cast<int64_t>(kvh * p.G + qch * 16) * p.q_s1 + qc * 2;
+    const T* r0 = base + static_cast<int64_t>(qr) * p.q_s1;
+    const T* r1 = base + static_cast<int64_t>(qr + 8) * p.q_s1;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      qa[kk][0] = qr < rows ? __ldg(reinterpret_cast<const unsigned*>(r0 + kk * 16)) : 0u;
+      qa[kk][1] = qr + 8 < rows ? __ldg(reinterpret_cast<const unsigned*>(r1 + kk * 16)) : 0u;
+      qa[kk][2] = qr < rows ? __ldg(reinterpret_cast<const unsigned*>(r0 + kk * 16 + 8)) : 0u;
+      qa[kk][3] = qr + 8 < rows ? __ldg(reinterpret_cast<const unsigned*>(r1 + kk * 16 + 8)) : 0u;
+    }
+  };
+
+  // ---- start-up: pages of the first kStages + 1 tiles of item0 and its Q, issued before its
+  // context length is known (bounded by the split's end and the table's width) ----
+  int spec[kStages + 1];
+  {
+    int b0 = 0, start0 = 0, limit0 = 0;
+    if (item0 < p.num_items) {
+      b0 = (item0 / nsplit) / per_b;
+      start0 = (item0 % nsplit) * p.partition;
+      limit0 = min(p.table_tokens, start0 + p.partition);
+    }
+#pragma unroll
+    for (int j = 0; j <= kStages; ++j) {
+      const int pos = start0 + j * kDecodeTile + tid;
+      spec[j] = (tid < kDecodeTile && pos < limit0)
+                    ? __ldg(p.block_tables + static_cast<int64_t>(b0) * p.bt_stride + pos / p.block_size)
+                    : -1;
+    }
+  }
+  int q_item = -1;  // the item whose Q is in qa
+  if (item0 < p.num_items) {
+    load_q(item0);
+    q_item = item0;
+  }
+  advance();  // the first item (waits for its context length)
+
+  int next_page;        // page of row tid of the tile whose offsets are stored next
+  int64_t next_rowoff;
+#pragma unroll
+  for (int j = 0; j <= kStages; ++j) {
+    int page;
+    int64_t rowoff;
+    produce(j, spec[j], page, rowoff);
+    if (j < kStages) {
+      if (tid < kDecodeTile) off_s[j * kDecodeTile + tid] = page >= 0 ? static_cast<int64_t>(page) * p.page_stride + rowoff : -1;
+    } else {
+      next_page = page;
+      next_rowoff = rowoff;
+    }
+  }
+  auto load_tile = [&](int slot) {
+    T* k_s = stage_base + slot * 2 * kTileElems;
+    T* v_s = k_s + kTileElems;
+    const int64_t* off = off_s + slot * kDecodeTile;
+    load_kv_tile<T, D, kDecodeTile, kDecodeThreads>(k_s, k_cache, off, tid);
+    load_kv_tile<T, D, kDecodeTile, kDecodeThreads>(v_s, v_cache, off, tid);
+  };
+  __syncthreads();
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    load_tile(s);
+    cp_async_commit();
+  }
+
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+  float o[D / 8][4];
+#pragma unroll
+  for (int j = 0; j < D / 8; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
+
+  for (int t = 0;; ++t) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();
+    const int4 rec = rec_s[t & (S::kRecs - 1)];
+    if (rec.x < 0) break;  // uniform: every thread read the same record
+    load_tile((t + kStages - 1) % kStages);  // slot of tile t - 1 (zero fills past the stream's end)
+    cp_async_commit();
+    if (tid < kDecodeTile)  // tile t + kStages: slot t % kStages (tile t is in smem already)
+      off_s[(t % kStages) * kDecodeTile + tid] =
+          next_page >= 0 ? static_cast<int64_t>(next_page) * p.page_stride + next_rowoff : -1;
+    produce(t + kStages + 1, kNoSpec, next_page, next_rowoff);
+    if (rec.x != q_item) {  // first tile of an item whose Q was not prefetched
+      load_q(rec.x);
+      q_item = rec.x;
+    }
+
+    const int slot = t % kStages;
+    const T* k_s = stage_base + slot * 2 * kTileElems + warp * 16 * kRow;
+    const T* v_s = k_s + kTileElems;
+    const int mi = lane >> 3;
+
+    float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t kb[4];
+      ldmatrix_x4(kb, k_s + ((lane & 7) + (mi >> 1) * 8) * kRow + kk * 16 + (mi & 1) * 8);
+      Mma<T>::run(s[0], qa[kk], kb[0], kb[1]);
+      Mma<T>::run(s[1], qa[kk], kb[2], kb[3]);
+    }
+    const int tok0 = rec.y + warp * 16 + qc * 2, end = rec.z;
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e)
+        s[nt][e] = (tok0 + nt * 8 + (e & 1) < end) ? s[nt][e] * p.scale_log2 : -INFINITY;
+
+    float p_sum[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {  // h: row qr (h=0) or qr+8 (h=1)
+      float mx = fmaxf(fmaxf(s[0][2 * h], s[0][2 * h + 1]), fmaxf(s[1][2 * h], s[1][2 * h + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_new = fmaxf(m[h], mx);
+      const float m_use = m_new == -INFINITY ? 0.f : m_new;
+      const float corr = exp2f(m[h] - m_use);
+      m[h] = m_new;
+      float sum = 0.f;
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt) {
+        s[nt][2 * h] = exp2f(s[nt][2 * h] - m_use);
+        s[nt][2 * h + 1] = exp2f(s[nt][2 * h + 1] - m_use);
+        sum += s[nt][2 * h] + s[nt][2 * h + 1];
+      }
+      p_sum[h] = sum;
+      l[h] = l[h] * corr;
+#pragma unroll
+      for (int j = 0; j < D / 8; ++j) {
+        o[j][2 * h] *= corr;
+        o[j][2 * h + 1] *= corr;
+      }
+    }
+    l[0] += p_sum[0];
+    l[1] += p_sum[1];
+
+    uint32_t ph[4], pl[4];
+    const float px[4] = {s[0][0], s[0][2], s[1][0], s[1][2]};
+    const float py[4] = {s[0][1], s[0][3], s[1][1], s[1][3]};
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const float x = px[r], y = py[r];
+      ph[r] = Mma<T>::pack(x, y);
+      const float2 back = Mma<T>::unpack(ph[r]);
+      pl[r] = Mma<T>::pack(x - back.x, y - back.y);
+    }
+#pragma unroll
+    for (int jj = 0; jj < D / 16; ++jj) {
+      uint32_t vb[4];
+      ldmatrix_x4_trans(vb, v_s + ((lane & 7) + (mi & 1) * 8) * kRow + jj * 16 + (mi >> 1) * 8);
+      Mma<T>::run(o[2 * jj], ph, vb[0], vb[1]);
+      Mma<T>::run(o[2 * jj], pl, vb[0], vb[1]);
+      Mma<T>::run(o[2 * jj + 1], ph, vb[2], vb[3]);
+      Mma<T>::run(o[2 * jj + 1], pl, vb[2], vb[3]);
+    }
+
+    if (!(rec.w & kRecLast)) continue;
+
+    // ---- end of an item ----
+    const int item = rec.x, nvalid = rec.w >> 2;
+    const int split = item % nsplit, group = item / nsplit;
+    const int b = group / per_b, rem = group % per_b;
+    const int kvh = rem / q_chunks, qch = rem % q_chunks;
+    const int rows = min(16, p.G - qch * 16), hq0 = kvh * p.G + qch * 16;
+    const int Hq = p.Hkv * p.G;
+    const bool direct = nvalid <= 1;
+    {
+      const int nx = rec_s[(t + 1) & (S::kRecs - 1)].x;  // the next item's Q, loaded during the merge
+      if (nx >= 0 && nx != q_item) {
+        load_q(nx);
+        q_item = nx;
+      }
+    }
+    __syncthreads();  // every warp is done reading slot t % kStages: it becomes the merge area
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      l[h] += __shfl_xor_sync(0xffffffffu, l[h], 1);
+      l[h] += __shfl_xor_sync(0xffffffffu, l[h], 2);
+    }
+    float* o_m = reinterpret_cast<float*>(stage_base + slot * 2 * kTileElems);  // [4][16][D]
+    float* m_m = o_m + 4 * 16 * D;                                               // [4][16]
+    float* l_m = m_m + 4 * 16;                                                   // [4][16]
+    if (qc == 0) {
+      m_m[warp * 16 + qr] = m[0];
+      m_m[warp * 16 + qr + 8] = m[1];
+      l_m[warp * 16 + qr] = l[0];
+      l_m[warp * 16 + qr + 8] = l[1];
+    }
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j) {
+      *reinterpret_cast<float2*>(o_m + (warp * 16 + qr) * D + j * 8 + qc * 2) = make_float2(o[j][0], o[j][1]);
+      *reinterpret_cast<float2*>(o_m + (warp * 16 + qr + 8) * D + j * 8 + qc * 2) = make_float2(o[j][2], o[j][3]);
+    }
+    __syncthreads();
+    for (int idx = tid; idx < rows * (D / 4); idx += kDecodeThreads) {
+      const int r = idx / (D / 4), d = (idx % (D / 4)) * 4;
+      float M = -INFINITY;
+#pragma unroll
+      for (int w = 0; w < 4; ++w) M = fmaxf(M, m_m[w * 16 + r]);
+      float L = 0.f;
+      float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+      if (M != -INFINITY) {
+#pragma unroll
+        for (int w = 0; w < 4; ++w) {
+          const float f = exp2f(m_m[w * 16 + r] - M);
+          const float4 v = *reinterpret_cast<const float4*>(o_m + (w * 16 + r) * D + d);
+          L += l_m[w * 16 + r] * f;
+          acc.x += v.x * f; acc.y += v.y * f; acc.z += v.z * f; acc.w += v.w * f;
+        }
+      }
+      const float inv = L > 0.f ? 1.f / L : 0.f;
+      acc.x *= inv; acc.y *= inv; acc.z *= inv; acc.w *= inv;
+      const int hq = hq0 + r;
+      if (direct) {
+        store_out4<T>(p.out, p.out_f32, static_cast<int64_t>(b) * p.o_s0 + static_cast<int64_t>(hq) * p.o_s1 + d, acc);
+      } else {
+        const int64_t ws_slot = (static_cast<int64_t>(b) * Hq + hq) * nsplit + split;
+        *reinterpret_cast<float4*>(p.ws_o + ws_slot * D + d) = acc;
+        if (d == 0) p.ws_lse[ws_slot] = M + log2f(L);
+      }
+    }
+    if (!direct) {
+      __threadfence();  // this thread's partial is visible device-wide before the ticket is drawn
+      __syncthreads();
+      if (tid == 0) {
+        const unsigned prev = atomicAdd(p.tickets + group, 1u);
+        const int last = prev == static_cast<unsigned>(nvalid - 1);
+        if (last) atomicExch(p.tickets + group, 0u);  // ready for the next launch
+        __threadfence();  // the other CTAs' partials are read after the ticket
+        *flag_s = last;
+      }
+      __syncthreads();
+      if (*flag_s) {
+        // Merge the group's nvalid partials: out = sum_s w_s o_s / sum_s w_s, w_s = 2^(lse_s - max),
+        // online over batches of kMergeBatch loads issued together (L2 reads, bypassing L1).
+        constexpr int kMergeBatch = D == 128 ? 16 : 8;
+        for (int idx = tid; idx < rows * (D / 4); idx += kDecodeThreads) {
+          const int r = idx / (D / 4), d = (idx % (D / 4)) * 4;
+          const int64_t slot0 = (static_cast<int64_t>(b) * Hq + hq0 + r) * nsplit;
+          float M = -INFINITY, W = 0.f;
+          float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+          for (int s0 = 0; s0 < nvalid; s0 += kMergeBatch) {
+            float lse[kMergeBatch];
+            float4 v[kMergeBatch];
+#pragma unroll
+            for (int u = 0; u < kMergeBatch; ++u) {
+              const int sp = s0 + u;
+              lse[u] = -INFINITY;
+              v[u] = make_float4(0.f, 0.f, 0.f, 0.f);
+              if (sp < nvalid) {
+                lse[u] = __ldcg(p.ws_lse + slot0 + sp);
+                v[u] = __ldcg(reinterpret_cast<const float4*>(p.ws_o + (slot0 + sp) * D + d));
+              }
+            }
+            float bm = M;
+#pragma unroll
+            for (int u = 0; u < kMergeBatch; ++u) bm = fmaxf(bm, lse[u]);
+            if (bm == -INFINITY) continue;
+            const float c = exp2f(M - bm);  // 0 while M is -inf
+            W *= c;
+            acc.x *= c; acc.y *= c; acc.z *= c; acc.w *= c;
+#pragma unroll
+            for (int u = 0; u < kMergeBatch; ++u) {
+              const float w = exp2f(lse[u] - bm);  // 0 for the padding (-inf)
+              W += w;
+              acc.x += v[u].x * w; acc.y += v[u].y * w; acc.z += v[u].z * w; acc.w += v[u].w * w;
+            }
+            M = bm;
+          }
+          const float inv = W > 0.f ? 1.f / W : 0.f;
+          acc.x *= inv; acc.y *= inv; acc.z *= inv; acc.w *= inv;
+          store_out4<T>(p.out, p.out_f32,
+                        static_cast<int64_t>(b) * p.o_s0 + static_cast<int64_t>(hq0 + r) * p.o_s1 + d, acc);
+        }
+      }
+    }
+    // Next item: fresh accumulators (the loop's next barrier orders the merge reads of this slot
+    // before the load that refills it).
+    m[0] = m[1] = -INFINITY;
+    l[0] = l[1] = 0.f;
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
+  }
+  cp_async_wait<0>();  // no copy outstanding when the CTA leaves (the last loads are zero fills)
+}
+
 }  // namespace attn
 }  // namespace oppo
+

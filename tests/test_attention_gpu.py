@@ -140,12 +140,25 @@ def _decode_case(B, Hq, Hkv, D, block_size, lens, dtype, out_dtype):
 def _plan(B, Hq, Hkv, D, table_tokens, plan=None):
     """The launcher's (num_splits, partition), from the Python mirror (used to place contexts)."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    return A.paged_decode_plan(B, Hq, Hkv, D, table_tokens, sms, A.paged_decode_resident_ctas(D), plan)
+    return A.paged_decode_plan(B, Hq, Hkv, D, table_tokens, sms, A.paged_decode_resident_ctas(D, plan=plan), plan)
 
 
-def _ws_expected(B, Hq, D, splits):
-    """Workspace bytes the launcher requests for a plan: float o [B, Hq, S, D] + lse [B, Hq, S]."""
-    return 0 if splits == 1 else B * Hq * splits * (D + 1) * 4
+def _ws_expected(B, Hq, D, splits, ticket_groups=0):
+    """Workspace bytes the launcher requests for a plan: float o [B, Hq, S, D] + lse [B, Hq, S]
+    (+ one uint32 ticket counter per group for v4 with OPPO_DECODE_TICKETS=memset)."""
+    return 0 if splits == 1 else (B * Hq * splits * (D + 1) + ticket_groups) * 4
+
+
+def _use_plan(monkeypatch, plan, tickets=None):
+    """Select the launcher's plan (read at every call) and, for v4, where its ticket counters live."""
+    monkeypatch.setenv("OPPO_DECODE_PLAN", plan)
+    if tickets is None:
+        monkeypatch.delenv("OPPO_DECODE_TICKETS", raising=False)
+    else:
+        monkeypatch.setenv("OPPO_DECODE_TICKETS", tickets)
+
+
+PLANS = ["v3", "v4"]
 
 
 DECODE_SHAPES = [  # B, Hq, Hkv, D, block_size, max_len
@@ -159,9 +172,11 @@ DECODE_SHAPES = [  # B, Hq, Hkv, D, block_size, max_len
 ]
 
 
+@pytest.mark.parametrize("plan", PLANS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", DECODE_SHAPES)
-def test_decode_kernel_error_in_float32_out(dtype, shape):
+def test_decode_kernel_error_in_float32_out(monkeypatch, plan, dtype, shape):
+    _use_plan(monkeypatch, plan)
     B, Hq, Hkv, D, bs, max_len = shape
     lens = torch.randint(1, max_len + 1, (B,)).tolist()
     lens[0] = max_len
@@ -179,21 +194,30 @@ def test_decode_native_dtype_output(dtype, shape):
     assert rel_err(out, ref) < rounding + TOL_F32_OUT[dtype]
 
 
+@pytest.mark.parametrize("plan", PLANS)
 @pytest.mark.parametrize("D", [64, 128])
-def test_decode_long_context_splits(D):
+def test_decode_long_context_splits(monkeypatch, plan, D):
+    """B=1, 32k: the most splits (v4: 32-way last-CTA merge on an H100)."""
+    _use_plan(monkeypatch, plan)
+    assert _plan(1, 32, 8, D, 32768, plan)[0] > 1
     out, ref = _decode_case(1, 32, 8, D, 16, [32768 - 5], torch.bfloat16, torch.float32)
     assert rel_err(out, ref) < 2e-3
 
 
-def test_decode_many_short_and_empty_contexts():
+@pytest.mark.parametrize("plan", PLANS)
+def test_decode_many_short_and_empty_contexts(monkeypatch, plan):
+    _use_plan(monkeypatch, plan)
     lens = [0, 1, 2, 15, 16, 17, 0, 64, 65, 1]
     out, ref = _decode_case(len(lens), 16, 2, 128, 16, lens, torch.bfloat16, torch.float32)
     assert rel_err(out, ref) < 2e-3
     assert (out[0] == 0).all() and (out[6] == 0).all()
 
 
-def test_decode_table_wider_than_contexts():
-    """A wide (padded) block table plans many splits; most are empty for short contexts."""
+@pytest.mark.parametrize("plan", PLANS)
+def test_decode_table_wider_than_contexts(monkeypatch, plan):
+    """A wide (padded) block table plans many splits; most are empty for short contexts (v4:
+    their CTAs take no ticket; a context within split 0 is written by that CTA directly)."""
+    _use_plan(monkeypatch, plan)
     B, Hq, Hkv, D, bs = 3, 8, 2, 128, 16
     lens = [5, 300, 77]
     kv = PagedKV(num_blocks=300, block_size=bs, Hkv=Hkv, D=D, dtype=torch.bfloat16)
@@ -228,8 +252,12 @@ def _check_decode_graph_replay(kv, bt, ctx, Hq, scale, min_ctx, max_len):
         assert torch.isfinite(out).all() and rel_err(out, ref) < 2e-3
 
 
-def test_decode_cuda_graph_replay():
-    """Captured once, replayed on new queries and new context lengths (workspace inside)."""
+@pytest.mark.parametrize("plan,tickets", [("v3", None), ("v4", None), ("v4", "memset")])
+def test_decode_cuda_graph_replay(monkeypatch, plan, tickets):
+    """Captured once, replayed on new queries and new context lengths (workspace inside). v4: the
+    replays run back to back on the same ticket counters (each must leave them at 0), from the
+    launcher's pool or (memset) in the workspace, zeroed by a captured memset."""
+    _use_plan(monkeypatch, plan, tickets)
     B, Hq, Hkv, D, bs = 4, 32, 8, 128, 16
     max_len = 2000
     kv = PagedKV(num_blocks=B * math.ceil(max_len / bs) + 3, block_size=bs, Hkv=Hkv, D=D, dtype=torch.bfloat16)
@@ -244,11 +272,14 @@ def test_decode_cuda_graph_replay():
 TILE_EDGE_LENS = [1, 2, 15, 16, 17, 63, 64, 65, 127, 128, 129, 191, 192, 193, 255, 256, 257, 300, 0]
 
 
+@pytest.mark.parametrize("plan", PLANS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("Hq,Hkv,D,bs", [(14, 2, 64, 16), (32, 8, 128, 16), (40, 2, 128, 8), (16, 4, 64, 256)])
-def test_decode_no_split_when_heads_fill_the_machine(dtype, Hq, Hkv, D, bs):
+def test_decode_no_split_when_heads_fill_the_machine(monkeypatch, plan, dtype, Hq, Hkv, D, bs):
     """B * Hkv * head chunks >= the resident CTAs: one split, `out` written by the main kernel
-    itself (no workspace, no reduction); contexts at tile and pipeline-prologue edges, and 0."""
+    itself (no workspace, no reduction); contexts at tile and pipeline-prologue edges, and 0.
+    v4: a persistent grid, 1-2 items per CTA."""
+    _use_plan(monkeypatch, plan)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     chunks = Hkv * math.ceil(Hq // Hkv / 16)
     B = math.ceil(4 * sms / chunks)                 # >= any resident count (<= 4 CTAs per SM)
@@ -260,38 +291,45 @@ def test_decode_no_split_when_heads_fill_the_machine(dtype, Hq, Hkv, D, bs):
     assert (out[zero] == 0).all()
 
 
+@pytest.mark.parametrize("plan", PLANS)
 @pytest.mark.parametrize("D", [64, 128])
-def test_decode_long_splits_partition_edges(D):
-    """A 32k table over few sequences: long partitions (v3); contexts at P-1, P, P+1, 2P+65 and
-    near the table's end, so the last tile of a split and the first of the next are partial."""
+def test_decode_long_splits_partition_edges(monkeypatch, plan, D):
+    """A 32k table over few sequences: long partitions (v3, v4); contexts at P-1, P, P+1, 2P+65 and
+    near the table's end, so the last tile of a split and the first of the next are partial (v4:
+    P-1 and P are written by split 0 directly, the others merged by their last CTA)."""
+    _use_plan(monkeypatch, plan)
     B, Hq, Hkv, bs, table = 6, 32, 8, 16, 32768
-    splits, P = _plan(B, Hq, Hkv, D, table)
+    splits, P = _plan(B, Hq, Hkv, D, table, plan)
     assert splits > 1
     lens = [1, P - 1, P, P + 1, min(2 * P + 65, table - 1), table - 5]
     out, ref, _ = _decode_run(B, Hq, Hkv, D, bs, lens, torch.bfloat16, torch.float32, extra_blocks=0)
     assert rel_err(out, ref) < 2e-3
 
 
-@pytest.mark.parametrize("plan", ["v2", "v3"])
+@pytest.mark.parametrize("plan,tickets", [("v2", None), ("v3", None), ("v4", None), ("v4", "memset")])
 @pytest.mark.parametrize("B,Hq,Hkv,D,table", [(1, 32, 8, 128, 32768), (1, 32, 8, 64, 32768), (4, 14, 2, 64, 4096),
                                                (16, 32, 8, 128, 16384), (64, 14, 2, 64, 4096), (3, 40, 2, 128, 2048)])
-def test_decode_plan_mirror_matches_launcher(monkeypatch, plan, B, Hq, Hkv, D, table):
+def test_decode_plan_mirror_matches_launcher(monkeypatch, plan, tickets, B, Hq, Hkv, D, table):
     """The Python mirror of the split plan (used by the bench and to place contexts in these tests)
     agrees with the launcher, read through the workspace size. Contexts are short: the plan depends
     on the table's width only. A failure here means the mirror drifted (or the card's occupancy
-    differs from its estimate), not a wrong result: the other tests check results."""
-    monkeypatch.setenv("OPPO_DECODE_PLAN", plan)
+    differs from its estimate), not a wrong result: the other tests check results. v4: the ticket
+    counters come from the launcher's own pool (cudaMalloc, not in the workspace), or with
+    OPPO_DECODE_TICKETS=memset one uint32 per group at the end of the workspace."""
+    _use_plan(monkeypatch, plan, tickets)
     bs = 16
     lens = [1 + (37 * b) % 50 for b in range(B)]
     out, ref, ws = _decode_run(B, Hq, Hkv, D, bs, lens, torch.bfloat16, torch.float32,
                                extra_blocks=table // bs - max(math.ceil(n / bs) for n in lens))
     splits, _ = _plan(B, Hq, Hkv, D, table, plan)
-    assert ws == _ws_expected(B, Hq, D, splits), f"launcher workspace {ws} B, mirror plans {splits} splits"
+    groups = B * Hkv * math.ceil(Hq // Hkv / 16)
+    expected = _ws_expected(B, Hq, D, splits, groups if tickets == "memset" else 0)
+    assert ws == expected, f"launcher workspace {ws} B, mirror plans {splits} splits ({expected} B)"
     assert rel_err(out, ref) < 2e-3
 
 
-def test_decode_plans_v2_and_v3_agree(monkeypatch):
-    """Same inputs under both plans (they split (64, 4096, 14, 2, 64) 8 and 3 ways)."""
+def test_decode_plans_v2_v3_v4_agree(monkeypatch):
+    """Same inputs under the three plans (they split (64, 4096, 14, 2, 64) 8, 3 and 3 ways)."""
     B, Hq, Hkv, D, bs = 64, 14, 2, 64, 16
     assert _plan(B, Hq, Hkv, D, 4096, "v2")[0] != _plan(B, Hq, Hkv, D, 4096, "v3")[0]
     lens = torch.randint(1, 4097, (B,)).tolist()
@@ -302,7 +340,7 @@ def test_decode_plans_v2_and_v3_agree(monkeypatch):
     ctx = torch.tensor(lens, dtype=torch.int32, device="cuda")
     q = torch.randn(B, Hq, D, device="cuda").bfloat16()
     outs = {}
-    for plan in ("v2", "v3"):
+    for plan in ("v2", "v3", "v4"):
         monkeypatch.setenv("OPPO_DECODE_PLAN", plan)
         outs[plan] = torch.full((B, Hq, D), float("nan"), device="cuda")
         A.paged_decode_attention(q, kv.k, kv.v, bt, ctx, 0.125, out=outs[plan], backend="cuda")
@@ -310,20 +348,72 @@ def test_decode_plans_v2_and_v3_agree(monkeypatch):
     for plan, out in outs.items():
         assert torch.isfinite(out).all() and rel_err(out, ref) < 2e-3, plan
     assert rel_err(outs["v2"], outs["v3"]) < 2e-3
+    assert rel_err(outs["v4"], outs["v3"]) < 2e-3
 
 
-def test_decode_cuda_graph_replay_no_split():
+@pytest.mark.parametrize("plan", PLANS)
+def test_decode_cuda_graph_replay_no_split(monkeypatch, plan):
     """The no-split plan captured once, replayed on new queries and context lengths."""
+    _use_plan(monkeypatch, plan)
     Hq, Hkv, D, bs, max_len = 14, 2, 64, 16, 300
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     B = math.ceil(4 * sms / Hkv)
-    assert _plan(B, Hq, Hkv, D, math.ceil(max_len / bs) * bs)[0] == 1
+    assert _plan(B, Hq, Hkv, D, math.ceil(max_len / bs) * bs, plan)[0] == 1
     kv = PagedKV(num_blocks=B * math.ceil(max_len / bs) + 3, block_size=bs, Hkv=Hkv, D=D, dtype=torch.bfloat16)
     full = [max_len] * B
     bt = kv.tables(full, extra_blocks=0)
     kv.fill(bt, full)
     ctx = torch.randint(1, max_len + 1, (B,), dtype=torch.int32, device="cuda")
     _check_decode_graph_replay(kv, bt, ctx, Hq, 0.125, min_ctx=0, max_len=max_len)
+
+
+@pytest.mark.parametrize("dtype,Hq,Hkv,D,bs", [(torch.bfloat16, 14, 2, 64, 16), (torch.bfloat16, 32, 8, 128, 16),
+                                               (torch.bfloat16, 40, 2, 128, 8), (torch.bfloat16, 8, 8, 64, 256),
+                                               (torch.float16, 28, 4, 64, 48)])
+def test_decode_v4_persistent_many_items_per_cta(monkeypatch, dtype, Hq, Hkv, D, bs):
+    """v4 without split, ~4-6 (sequence, kv head) items per persistent CTA, all short (0 to 5
+    tiles; contexts at tile edges and 0): the producer's look-ahead of kStages + 1 tiles crosses
+    several items, Q of the next item is loaded during the merge of the current one."""
+    _use_plan(monkeypatch, "v4")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    chunks = Hkv * math.ceil(Hq // Hkv / 16)
+    slots = sms * A.paged_decode_resident_ctas(D, plan="v4")
+    B = math.ceil(4 * slots / chunks)
+    lens = [TILE_EDGE_LENS[(7 * i) % len(TILE_EDGE_LENS)] for i in range(B)]
+    table = (math.ceil(max(lens) / bs) + 1) * bs
+    ctas, per_cta = A.paged_decode_grid(B, Hq, Hkv, D, table, sms, A.paged_decode_resident_ctas(D, plan="v4"), "v4")
+    assert ctas == slots and per_cta >= 4
+    out, ref, ws = _decode_run(B, Hq, Hkv, D, bs, lens, dtype, torch.float32)
+    assert ws == 0, f"expected the no-split path (no workspace), got {ws} bytes"
+    assert rel_err(out, ref) < TOL_F32_OUT[dtype]
+    zero = [b for b, n in enumerate(lens) if n == 0]
+    assert (out[zero] == 0).all()
+
+
+def test_decode_v4_tickets_reset_between_calls_and_streams(monkeypatch):
+    """v4 split plan, called eagerly five times on the current stream and alternately on two side
+    streams (each stream has its own counters): every call's result is checked, so a counter left
+    non-zero by one call (the last CTA must reset it) fails the next one."""
+    _use_plan(monkeypatch, "v4")
+    B, Hq, Hkv, D, bs = 3, 28, 4, 128, 16
+    lens = [4000, 1, 2500]
+    table = 4096
+    assert _plan(B, Hq, Hkv, D, table, "v4")[0] > 1
+    kv = PagedKV(num_blocks=table // bs * B + 3, block_size=bs, Hkv=Hkv, D=D, dtype=torch.bfloat16)
+    bt = kv.tables(lens, extra_blocks=table // bs - math.ceil(max(lens) / bs))
+    kv.fill(bt, lens)
+    ctx = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    streams = [torch.cuda.current_stream(), torch.cuda.Stream(), torch.cuda.Stream()]
+    for i in range(9):
+        s = streams[0] if i < 5 else streams[1 + i % 2]
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            q = torch.randn(B, Hq, D, device="cuda").bfloat16()
+            out = torch.full((B, Hq, D), float("nan"), device="cuda")
+            A.paged_decode_attention(q, kv.k, kv.v, bt, ctx, 0.09, out=out, backend="cuda")
+            ref = A.paged_decode_attention_ref(q, kv.k, kv.v, _ref_tables(bt), ctx, 0.09, out=torch.empty_like(out))
+        s.synchronize()
+        assert torch.isfinite(out).all() and rel_err(out, ref) < 2e-3, f"call {i}"
 
 
 def test_decode_float32_inputs_fall_back_to_reference():

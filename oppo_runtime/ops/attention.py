@@ -143,38 +143,52 @@ def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, 
 _DECODE_TILE = 64
 _DECODE_MIN_PARTITION = 256
 _DECODE_STAGES = {64: 4, 128: 3}
-_DECODE_CTAS_BY_REGS = {64: 4, 128: 2}     # 114-120 and 174-178 registers x 128 threads
+_DECODE_CTAS_BY_REGS = {64: 4, 128: 2}     # v3: 114-120 and 174-178 registers x 128 threads
+_DECODE_V4_CTAS_BY_REGS = {64: 3, 128: 2}  # v4: 128-132 and 188 registers x 128 threads
+_DECODE_V4_EXTRA_SMEM = 8 * 16 + 16        # v4: ring of 8 tile records + the ticket flag
+_DECODE_PLANS = ("v2", "v3", "v4")
 
 
-def paged_decode_resident_ctas(head_dim: int, device=None) -> int:
-    """Estimated CTAs per SM of the decode kernel for this head dim (smem and register bound)."""
+def _decode_plan_name(plan: str | None) -> str:
+    plan = plan or os.environ.get("OPPO_DECODE_PLAN") or "v3"
+    if plan not in _DECODE_PLANS:
+        raise ValueError(f"plan must be one of {_DECODE_PLANS}, got {plan!r}")
+    return plan
+
+
+def paged_decode_resident_ctas(head_dim: int, device=None, plan: str | None = None) -> int:
+    """Estimated CTAs per SM of the decode kernel of ``plan`` (default: ``OPPO_DECODE_PLAN`` or
+    v3; v2 and v3 share a kernel, v4 has its own) for this head dim (smem and register bound)."""
+    plan = _decode_plan_name(plan)
     props = torch.cuda.get_device_properties(device if device is not None else torch.cuda.current_device())
     row = (head_dim + 8) * 2
     smem = _DECODE_STAGES[head_dim] * (2 * _DECODE_TILE * row + _DECODE_TILE * 8)
+    regs = _DECODE_CTAS_BY_REGS
+    if plan == "v4":
+        smem += _DECODE_V4_EXTRA_SMEM
+        regs = _DECODE_V4_CTAS_BY_REGS
     per_sm = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
-    return max(1, min(_DECODE_CTAS_BY_REGS[head_dim], per_sm // (smem + 1024)))
+    return max(1, min(regs[head_dim], per_sm // (smem + 1024)))
 
 
 def paged_decode_plan(B: int, Hq: int, Hkv: int, head_dim: int, table_tokens: int, sm_count: int,
                       resident: int, plan: str | None = None) -> tuple[int, int]:
     """(num_splits, partition in tokens) of the CUDA decode launcher; partition 1 << 30 = no split.
 
-    ``table_tokens`` = block_tables.shape[1] * block_size. ``plan`` "v3" (default, or the
-    ``OPPO_DECODE_PLAN`` environment variable) or "v2"."""
-    import os
-    plan = plan or os.environ.get("OPPO_DECODE_PLAN") or "v3"
+    ``table_tokens`` = block_tables.shape[1] * block_size; ``resident`` = CTAs per SM of the
+    plan's kernel (``paged_decode_resident_ctas(D, plan=plan)``). ``plan`` "v3" (default, or the
+    ``OPPO_DECODE_PLAN`` environment variable), "v2" or "v4" (v3's rule on the v4 kernel)."""
+    plan = _decode_plan_name(plan)
     base = B * Hkv * ((Hq // Hkv + 15) // 16)
     splits = 1
     if plan == "v2":
         target = 8 * sm_count
         if base < target:
             splits = -(-target // base)
-    elif plan == "v3":
+    else:   # v3, v4
         slots = sm_count * max(1, resident)
         if base < slots:
             splits = slots // base
-    else:
-        raise ValueError(f"plan must be v2 or v3, got {plan!r}")
     max_ctx = min(table_tokens, 2**31 - 1)
     splits = min(splits, max(1, -(-max_ctx // _DECODE_MIN_PARTITION)))
     if splits > 1:
@@ -186,10 +200,27 @@ def paged_decode_plan(B: int, Hq: int, Hkv: int, head_dim: int, table_tokens: in
     return 1, 1 << 30
 
 
+def paged_decode_grid(B: int, Hq: int, Hkv: int, head_dim: int, table_tokens: int, sm_count: int,
+                      resident: int, plan: str | None = None) -> tuple[int, int]:
+    """(CTAs launched, most work items one CTA takes) of the CUDA decode launcher (mirror).
+
+    v2/v3: one CTA per (split, sequence, kv head, head chunk), one item each (plus the reduction
+    kernel when split). v4: one CTA per item when split; without split a persistent grid of
+    min(groups, sm_count * resident) CTAs, CTA c taking the groups c, c + grid, ..."""
+    plan = _decode_plan_name(plan)
+    groups = B * Hkv * ((Hq // Hkv + 15) // 16)
+    splits, _ = paged_decode_plan(B, Hq, Hkv, head_dim, table_tokens, sm_count, resident, plan)
+    if plan != "v4" or splits > 1:
+        return splits * groups, 1
+    ctas = min(groups, sm_count * max(1, resident))
+    return ctas, -(-groups // ctas)
+
+
 def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale: float,
                            out: torch.Tensor | None = None, backend: str | None = None):
     """CUDA kernel (bf16/fp16, head_dim 64/128) or the reference. Split plan: see
-    ``paged_decode_plan``; ``OPPO_DECODE_PLAN=v2`` selects the previous plan (A/B timing)."""
+    ``paged_decode_plan``; ``OPPO_DECODE_PLAN=v2`` selects the previous plan (A/B timing),
+    ``OPPO_DECODE_PLAN=v4`` the one-launch kernel (last-CTA merge, persistent grid)."""
     _check_cache("paged_decode_attention", k_cache, v_cache)
     if q.dim() != 3 or q.shape[2] != k_cache.shape[3] or q.shape[1] % k_cache.shape[2]:
         raise ValueError(f"paged_decode_attention: q must be [B, Hq, {k_cache.shape[3]}] with Hq a "
