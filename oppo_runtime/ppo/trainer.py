@@ -24,7 +24,6 @@ from ..engine.scorer import RuleReward, Scorer
 from ..engine.timeline import Timeline
 from ..memory import KVGeometry, PagePool, pool_pages_from_free_memory
 from ..models import DenseContext, build_model, load_model, load_tokenizer
-from ..ops import entropy_from_logits, token_logprobs
 from . import core_algos as algo
 from .checkpoint import load_latest, save_checkpoint
 from .config import TrainConfig
@@ -467,10 +466,8 @@ class PPOTrainer:
 
     def _update(self, results: list[ScoredSequence]) -> dict:
         cfg, p = self.cfg, self.cfg.ppo
-        dev = self.device
         B = len(results)
         lens = [len(x.seq.output_ids) for x in results]
-        T = max(lens)
         mask = self._pad(self._h2d([1.0] * sum(lens), self.acc), lens)
         as_t = lambda rows: self._pad(self._h2d([v for row in rows for v in row], self.acc), lens)  # noqa: E731
         behaviour = as_t([x.seq.logprobs for x in results])
@@ -524,23 +521,27 @@ class PPOTrainer:
                     items = [results[i] for i in sub]
                     sub_lens = [lens[i] for i in sub]
                     sub_T = max(sub_lens)
-                    m = mask[sub, :sub_T]
+                    sub_t = self._h2d(sub, torch.long)        # a list index would copy (and sync) per use
+
+                    def rows(t, sub_t=sub_t, sub_T=sub_T):
+                        return t.index_select(0, sub_t)[:, :sub_T]
+                    m = rows(mask)
                     w = sum(sub_lens) / tokens if p.loss_agg_mode == "token-mean" else len(sub) / len(idx)
                     lp, ent = self._forward(self.actor, items, "actor", with_entropy=True)
                     lp = self._pad(lp.to(self.acc), sub_lens)
-                    pl, st = algo.policy_loss(lp, old_lp[sub, :sub_T], adv[sub, :sub_T], m, p.clip_ratio,
+                    pl, st = algo.policy_loss(lp, rows(old_lp), rows(adv), m, p.clip_ratio,
                                               p.clip_ratio_high, p.dual_clip_c,
-                                              None if iw is None else iw[sub, :sub_T], p.loss_agg_mode)
+                                              None if iw is None else rows(iw), p.loss_agg_mode)
                     ent_pad = self._pad(ent.to(self.acc), sub_lens)     # differentiable: the entropy bonus
                     loss = pl - p.ent_coef * algo.entropy_loss(ent_pad, m, p.loss_agg_mode)
                     if not p.kl_in_reward:
-                        kll = algo.kl_loss(lp, ref_lp[sub, :sub_T], m, "k3", p.loss_agg_mode)
+                        kll = algo.kl_loss(lp, rows(ref_lp), m, "k3", p.loss_agg_mode)
                         loss = loss + p.kl_coef * kll
                         agg["policy/kl_loss_avg"].append(kll.detach())
                     (loss * w).backward()
                     v, _ = self._forward(self.critic, items, "critic")
                     v = self._pad(v.to(self.acc), sub_lens)
-                    vl, vst = algo.value_loss(v, old_values[sub, :sub_T], returns[sub, :sub_T], m,
+                    vl, vst = algo.value_loss(v, rows(old_values), rows(returns), m,
                                               p.cliprange_value, p.loss_agg_mode)
                     (p.vf_coef * vl * w).backward()
                     # statistics stay on the device until the update is over (a float() here
