@@ -380,13 +380,14 @@ class _FlashVarlen(torch.autograd.Function):
 
 
 def _training_attention_backend(q: torch.Tensor) -> str:
-    """'flash' (CUDA, bf16/fp16, head dim <= 256, env OPPO_TRAIN_ATTENTION unset or 'flash') or
+    """'flash' (CUDA sm_80+, bf16/fp16, head dim <= 256, env OPPO_TRAIN_ATTENTION unset or 'flash') or
     'padded_sdpa' (everything else, and OPPO_TRAIN_ATTENTION=sdpa)."""
     want = os.environ.get("OPPO_TRAIN_ATTENTION", "auto")
     if want not in ("auto", "flash", "sdpa"):
         raise ValueError(f"OPPO_TRAIN_ATTENTION={want!r}: expected auto, flash or sdpa")
     ok = (q.is_cuda and q.dtype in _KERNEL_DTYPES and q.shape[-1] <= 256 and q.shape[-1] % 8 == 0
-          and hasattr(torch.ops.aten, "_flash_attention_forward"))
+          and hasattr(torch.ops.aten, "_flash_attention_forward")
+          and torch.cuda.get_device_capability(q.device) >= (8, 0))     # FlashAttention-2: sm_80+
     if want == "flash" and not ok:
         raise ValueError(f"OPPO_TRAIN_ATTENTION=flash needs CUDA bf16/fp16 inputs with head_dim <= 256, "
                          f"got {q.dtype} head_dim {q.shape[-1]} on {q.device}")
