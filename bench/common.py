@@ -176,6 +176,8 @@ def attention_bench_setup(doc: str):
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--shapes", default=None, help="comma-separated indices into SHAPES")
+    ap.add_argument("--extra-block-sizes", default="", help="prefill: also time the Triton kernel on the same "
+                    "K/V in pages of these sizes (comma-separated), e.g. 64")
     args = ap.parse_args()
 
     import oppo_runtime.ops  # noqa: F401  (loads torch.ops.oppo)

@@ -96,6 +96,28 @@ def main() -> None:
             except Exception as e:  # noqa: BLE001
                 row["flex_error"] = f"{type(e).__name__}: {e}"[:300]
                 print(row["flex_error"])
+        for bs in [int(x) for x in args.extra_block_sizes.split(",") if x.strip()]:
+            # the same K/V in pages of bs tokens: with bs >= the kernel's key tile, one block-table
+            # load per tile instead of one per key (the runtime's page size is a config choice)
+            try:
+                k2, v2, bt2 = paged_pool(B, ctx, Hkv, D, bs, dtype)
+                blocks2 = bt2[:, pos // bs].long()
+                k2[blocks2, pos % bs] = kc.transpose(1, 2)
+                v2[blocks2, pos % bs] = vc.transpose(1, 2)
+                o2 = torch.empty_like(q)
+                ms = time_ms(lambda: paged_prefill_attention(q, k2, v2, cu, ctx_lens, bt2, scale, out=o2,
+                                                             max_seqlen_q=n, backend="triton"))
+                row[f"triton_bs{bs}_us"] = ms * 1e3
+                row[f"triton_bs{bs}_frac_matmul"] = flops / (ms * 1e-3) / mm
+                if "triton_us" in row:
+                    row[f"triton_bs{bs}_max_abs_diff_vs_bs{args.block_size}"] = float(
+                        (o2.float() - outs["triton"].float()).abs().max())
+                if "flex_us" in row:
+                    row[f"speedup_vs_flex_triton_bs{bs}"] = row["flex_us"] / row[f"triton_bs{bs}_us"]
+                del k2, v2
+            except Exception as e:  # noqa: BLE001
+                row[f"triton_bs{bs}_error"] = f"{type(e).__name__}: {e}"[:300]
+                print(row[f"triton_bs{bs}_error"])
         try:
             mask = torch.arange(ctx, device="cuda")[None, :] <= (torch.arange(n, device="cuda")[:, None] + prefix)
             G = Hq // Hkv
@@ -148,6 +170,8 @@ def _summary(rows):
             "best_backend_per_shape": [r.get("best") for r in rows],
             "min_speedup_vs_flex_cuda": agg(min, "speedup_vs_flex_cuda"),
             "min_speedup_vs_flex_triton": agg(min, "speedup_vs_flex_triton"),
+            **{f"min_speedup_vs_flex_triton_bs{k.rsplit('bs', 1)[1]}": agg(min, k)
+               for k in sorted({k for r in rows for k in r if k.startswith("speedup_vs_flex_triton_bs")})},
             "min_speedup_vs_sdpa": agg(min, "speedup_vs_sdpa"),
             "max_fraction_of_matmul": agg(max, "best_frac_matmul"),
             "min_fraction_of_matmul": agg(min, "best_frac_matmul"),
