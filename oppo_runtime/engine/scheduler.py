@@ -165,22 +165,26 @@ class Scheduler:
         return batch
 
     def _schedule_decode(self, exclude: set[int] = frozenset()) -> ScheduledBatch | None:
-        # running sequences whose prefill is complete (cached all but their newest token)
-        ready = [s for s in self.running if s.num_cached_tokens == s.num_tokens - 1 and s.seq_id not in exclude]
-        ready.sort(key=lambda s: s.admit_order)
-        ready = ready[: self.max_num_seqs]
-        seqs, taken = [], set()
+        # running sequences whose prefill is complete (cached all but their newest token); this
+        # runs once per decode step over every running sequence, so it reads each one's length once
+        ready = []
+        for s in self.running:
+            n = len(s.prompt_ids) + len(s.output_ids)
+            if s.num_cached_tokens == n - 1 and s.seq_id not in exclude:
+                ready.append((s.admit_order, n, s))
+        ready.sort(key=lambda r: r[0])
+        del ready[self.max_num_seqs:]
+        seqs, spans, taken = [], [], set()
         T, pages = self.view.tokens_per_page, self.view.pages
-        for seq in ready:
+        for _, n, seq in ready:
             if seq.status is not SeqStatus.RUNNING:       # preempted by an older one this step
                 continue
-            n = seq.num_tokens
             if len(pages(seq.seq_id)) * T >= n or self._grow(seq, n, protect=taken):
                 seqs.append(seq)
+                spans.append(Span(seq.seq_id, [seq.token_at(n - 1)], n - 1))
                 taken.add(seq.seq_id)
             else:
                 self.preempt(seq)
         if not seqs:
             return None
-        spans = [Span(s.seq_id, [s.token_at(s.num_tokens - 1)], s.num_tokens - 1) for s in seqs]
         return ScheduledBatch(seqs, spans, True, [True] * len(seqs))
