@@ -14,7 +14,9 @@
 #   BENCH_ONLY=1 BENCH_ARGS="--workload G" bash bench/gpu_check.sh ppo_step
 #   BENCH_ONLY=1 BENCH_ARGS="--workload T --trl" bash bench/gpu_check.sh ppo_step   (carry .whl)
 # (build ~90 s + ppo_step <= ~8 min: its --budget-s 420 stops modes early / skips the rest).
-# BENCH_LIMIT (seconds per benchmark) defaults to 240, and to 500 for ppo_step.
+# BENCH_LIMIT (seconds per benchmark) defaults to 240, and to 500 for ppo_step. PYTEST_LIMIT
+# (default 240; 180 with PYTEST_FILES) bounds the GPU tests; SANITIZE=1 runs the sanitizers
+# under BENCH_ONLY too (e.g. PYTEST_FILES=tests/test_attention_gpu.py SANITIZE=1 for a kernel change).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/gpu_check}
@@ -59,9 +61,9 @@ step build 300 env CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} TORCH_CUDA_ARCH_LIST=
 grep -E "registers|spill|stack frame" "$LOG" | sort | uniq -c | head -20 >> "$LOG"
 if [ -z "${BENCH_ONLY:-}" ]; then
 step doctor 60 $PY -m oppo_runtime.cli doctor
-step pytest 240 $PY -m pytest -m gpu -q -rfE -p no:cacheprovider
+step pytest ${PYTEST_LIMIT:-240} $PY -m pytest -m gpu -q -rfE -p no:cacheprovider
 elif [ -n "${PYTEST_FILES:-}" ]; then        # BENCH_ONLY with a few GPU test files first
-step pytest 180 $PY -m pytest -m gpu -q -rfE -p no:cacheprovider $PYTEST_FILES
+step pytest ${PYTEST_LIMIT:-180} $PY -m pytest -m gpu -q -rfE -p no:cacheprovider $PYTEST_FILES
 fi
 if [ -n "${OPPO_TRAIN_STEPS:-}" ]; then   # the main job on the GPU: a short default run
   step train 240 $PY -m oppo_runtime.cli train --steps "$OPPO_TRAIN_STEPS" --out /tmp/oppo_train \
@@ -69,7 +71,7 @@ if [ -n "${OPPO_TRAIN_STEPS:-}" ]; then   # the main job on the GPU: a short def
   cp /tmp/oppo_train/timelines/step-000005.png "$OUT/train_timeline.png" 2>/dev/null
   tail -3 /tmp/oppo_train/metrics.jsonl > "$OUT/train_metrics_tail.jsonl" 2>/dev/null
 fi
-if [ -z "${BENCH_ONLY:-}" ]; then
+if [ -z "${BENCH_ONLY:-}" ] || [ -n "${SANITIZE:-}" ]; then   # SANITIZE=1: also with BENCH_ONLY
 export PYTORCH_NO_CUDA_MEMORY_CACHING=1
 SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
 step memcheck 120 "$SAN" --tool memcheck --error-exitcode 9 $PY bench/sanitize_attention.py
