@@ -51,7 +51,7 @@ def gpu_only_ms(eng, B, iters=20):
     return a.elapsed_time(b) / iters
 
 
-def ours(model, prompts, new, B, async_decode=True):
+def ours(model, prompts, new, B, async_decode=True, host_profile: str | None = None):
     g = KVGeometry(*model.kv_geometry(), torch.bfloat16)
     pb = PagePool.page_bytes_for([g], 16)
     ctx = len(prompts[0]) + new
@@ -75,11 +75,30 @@ def ours(model, prompts, new, B, async_decode=True):
             acc["probe_s"] += time.perf_counter() - tp
 
     eng.step_hooks.append(hook)
+    prof = None
+    if host_profile:                 # where the host's time per step goes (Python functions)
+        import cProfile
+        prof = cProfile.Profile()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
+    if prof is not None:
+        prof.enable()
     seqs = eng.generate(prompts, sp, target_lens=[new] * B)
+    if prof is not None:
+        prof.disable()
     torch.cuda.synchronize()
     t_end = time.perf_counter()
+    if prof is not None:
+        import io
+        import pstats
+        buf = io.StringIO()
+        st = pstats.Stats(prof, stream=buf)
+        buf.write(f"cProfile of one generate: B={B}, {new} new tokens, {eng.stats['decode_steps']} decode steps "
+                  f"(times include cProfile's own overhead; compare functions, not totals)\n")
+        st.sort_stats("tottime").print_stats(35)
+        st.sort_stats("cumulative").print_stats(35)
+        Path(host_profile).write_text(buf.getvalue())
+        print(f"  host profile -> {host_profile}")
     wall = t_end - t0 - acc["probe_s"]
     decode_wall = t_end - acc["first_decode"] - acc["probe_s"]
     assert all(len(s.output_ids) == new for s in seqs)
@@ -126,6 +145,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out")
     ap.add_argument("--quick", action="store_true", help="fewer new tokens (smoke run)")
+    ap.add_argument("--host-profile", action="store_true",
+                    help="one more (untimed) generate of the 0.5B shape at B=64 under cProfile, to a .txt beside --out")
     args = ap.parse_args()
     info = device_info()
     bw = copy_bandwidth()
@@ -152,6 +173,9 @@ def main():
                      host_exposed_frac=max(0.0, 1 - r["gpu_ms"] / r["step_ms"]),
                      gpu_over_floor=r["gpu_ms"] / floor_ms)
             rows.append(r)
+            if args.host_profile and shape == "qwen2.5-0.5b" and B == 64:
+                out = results_path("engine", args.out)
+                ours(model, prompts, new, B, host_profile=str(out.parent / "engine_host_profile.txt"))
             print(f"{shape} B={B}: ours {r['ours_tok_s']:.0f} tok/s, hf {r['hf_tok_s']:.0f} tok/s, "
                   f"step {r['step_ms']:.2f} ms (sync {r['sync_step_ms']:.2f}, device alone {r['gpu_ms']:.2f}, "
                   f"floor {floor_ms:.2f}), host {r['host_ms']:.2f} ms", flush=True)
