@@ -144,8 +144,25 @@ KERNEL_CHECK = textwrap.dedent("""
                         close(got[0], want[0], dtype, "q " + what)
                         close(got[1], want[1], dtype, "k " + what)
                         assert got[0].is_contiguous() and got[1].is_contiguous()
+                        # with the K/V append fused: pages of 4 tokens in a pool whose page stride is
+                        # twice a page (K and V interleaved), shuffled slots, some -1 (skipped)
+                        v = qkv[:, (Hq + Hkv) * D:].view(N, Hkv, D)
+                        nblk, bs = N + 3, 4
+                        pool = randn(nblk, 2 * bs * Hkv * D, dtype=dtype, scale=50.0)
+                        shape, stride = (nblk, bs, Hkv, D), (2 * bs * Hkv * D, Hkv * D, D, 1)
+                        kc, vc = pool.as_strided(shape, stride, 0), pool.as_strided(shape, stride, bs * Hkv * D)
+                        slots = torch.randperm(nblk * bs, generator=g)[:N].to(dev)
+                        slots[::3] = -1
+                        want_pool = pool.clone()
+                        wkc, wvc = want_pool.as_strided(shape, stride, 0), want_pool.as_strided(shape, stride, bs * Hkv * D)
+                        got = fused.rotary_qk(q, k, cache, pos, wq, wk, 1e-6, backend="triton", kv=(v, kc, vc, slots))
+                        want = fused.rotary_qk_ref(q, k, cache, pos, wq, wk, 1e-6)
+                        __import__("oppo_runtime").ops.attention.kv_append_ref(want[1], v, wkc, wvc, slots)
+                        close(got[1], want[1], dtype, "k (kv fused) " + what)
+                        close(pool, want_pool, dtype, "pages (kv fused) " + what)
     assert all(fused_backend == "triton" for op, fused_backend in __import__("oppo_runtime").ops.backends().items()
                if op in ("fused_add_rms_norm", "rotary_qk", "silu_mul")), __import__("oppo_runtime").ops.backends()
+    assert __import__("oppo_runtime").ops.backends().get("rotary_qk+kv_append") == "one kernel"
     print("ok")
 """)
 

@@ -164,7 +164,8 @@ class Attention(nn.Module):
         return self._attend_and_project(q, k, v, ctx)
 
     def forward_fused(self, x, positions, cos_sin_cache, ctx):
-        """Inference path: one QKV GEMM (when fused), one rotary kernel (q_norm/k_norm inside)."""
+        """Inference path: one QKV GEMM (when fused), one rotary kernel (q_norm/k_norm inside, and the
+        K/V append to the pages)."""
         n = x.shape[0]
         q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         if self.qkv is not None:
@@ -175,19 +176,25 @@ class Attention(nn.Module):
         q = q.view(n, self.num_heads, self.head_dim)
         k = k.view(n, self.num_kv_heads, self.head_dim)
         v = v.view(n, self.num_kv_heads, self.head_dim)
+        # paged: the rotary kernel also appends the rotated k and v to the pages (one launch fewer)
+        kv = None
+        if isinstance(ctx, PagedContext):
+            kv = (v, *ctx.kv_caches[self.layer_idx], ctx.slot_mapping)
         if self.q_norm is not None:
-            q, k = rotary_qk(q, k, cos_sin_cache, positions, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
+            q, k = rotary_qk(q, k, cos_sin_cache, positions, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps,
+                             kv=kv)
         else:
-            q, k = rotary_qk(q, k, cos_sin_cache, positions)
-        return self._attend_and_project(q, k, v, ctx)
+            q, k = rotary_qk(q, k, cos_sin_cache, positions, kv=kv)
+        return self._attend_and_project(q, k, v, ctx, appended=kv is not None)
 
-    def _attend_and_project(self, q, k, v, ctx):
+    def _attend_and_project(self, q, k, v, ctx, appended: bool = False):
         n = q.shape[0]
         if isinstance(ctx, DenseContext):
             o = varlen_causal_attention(q, k, v, ctx.cu_seqlens, self.scale, max_seqlen=ctx.max_seqlen)
         else:
             k_cache, v_cache = ctx.kv_caches[self.layer_idx]
-            kv_append(k, v, k_cache, v_cache, ctx.slot_mapping)
+            if not appended:
+                kv_append(k, v, k_cache, v_cache, ctx.slot_mapping)
             if ctx.is_decode:
                 o = paged_decode_attention(q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, self.scale)
             else:

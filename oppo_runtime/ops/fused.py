@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ._backend import MissingKernelError, record_backend
+from .attention import kv_append
 from .norm_rope import apply_rotary, rms_norm
 
 __all__ = ["fused_add_rms_norm", "fused_add_rms_norm_ref", "rotary_cos_sin_cache", "rotary_qk", "rotary_qk_ref",
@@ -118,12 +119,16 @@ def rotary_qk_ref(q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor,
 
 def rotary_qk(q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor, positions: torch.Tensor,
               q_norm_weight: torch.Tensor | None = None, k_norm_weight: torch.Tensor | None = None,
-              eps: float = 1e-6, backend: str | None = None):
+              eps: float = 1e-6, backend: str | None = None, kv=None):
     """Half-split (NeoX / HF Llama) rotary of q [N, Hq, D] and k [N, Hkv, D] at ``positions`` [N].
 
     Returns new contiguous tensors (q and k may be strided views of a fused QKV output: each head
     row must be contiguous). ``cos_sin_cache`` from ``rotary_cos_sin_cache``; a position past its
     end gives NaN rows in the kernel (the reference raises). One kernel for q and k together.
+
+    ``kv=(v, k_cache, v_cache, slot_mapping)``: also append the rotated k and v to the paged caches,
+    exactly as ``attention.kv_append(k_rot, v, k_cache, v_cache, slot_mapping)`` (slot -1 skipped)
+    -- in the same kernel on the Triton path (one launch per layer fewer in every decode step).
     """
     if q.dim() != 3 or k.dim() != 3 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
         raise ValueError(f"rotary_qk: q [N, Hq, D] and k [N, Hkv, D], got {tuple(q.shape)} and {tuple(k.shape)}")
@@ -137,13 +142,38 @@ def rotary_qk(q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor, pos
         if backend in ("triton", "cuda"):
             raise ValueError(f"rotary_qk: the Triton kernel takes one dtype, got {[str(t.dtype) for t in tensors]}")
         backend = "reference"     # mixed dtypes (autocast): the reference's promotion rules
+    if kv is not None:
+        v, k_cache, v_cache, slots = kv
+        if v.shape != k.shape or slots.shape != (k.shape[0],) or k_cache.shape[2:] != k.shape[1:]:
+            raise ValueError(f"rotary_qk: kv=(v {tuple(v.shape)}, k_cache {tuple(k_cache.shape)}, slots "
+                             f"{tuple(slots.shape)}) does not match k {tuple(k.shape)}")
     if _choose("rotary_qk", tensors, backend) == "reference":
-        return rotary_qk_ref(q, k, cos_sin_cache, positions, q_norm_weight, k_norm_weight, eps)
+        q, k = rotary_qk_ref(q, k, cos_sin_cache, positions, q_norm_weight, k_norm_weight, eps)
+        if kv is not None:
+            kv_append(k, v, k_cache, v_cache, slots)
+        return q, k
     from . import fused_triton
     q = q if q.stride(2) == 1 else q.contiguous()
     k = k if k.stride(2) == 1 else k.contiguous()
-    return fused_triton.rotary_qk(q, k, cos_sin_cache.contiguous(), positions.contiguous(),
-                                  q_norm_weight, k_norm_weight, eps)
+    fuse = kv is not None and _fusable_kv(k, v, k_cache, v_cache)
+    if fuse:
+        kv = (v if v.stride(2) == 1 else v.contiguous(), k_cache, v_cache, slots.contiguous())
+    q, k = fused_triton.rotary_qk(q, k, cos_sin_cache.contiguous(), positions.contiguous(),
+                                  q_norm_weight, k_norm_weight, eps, kv=kv if fuse else None)
+    if kv is not None and not fuse:
+        kv_append(k, v, k_cache, v_cache, slots)
+    if kv is not None:
+        record_backend("rotary_qk+kv_append", "one kernel" if fuse else "two kernels")
+    return q, k
+
+
+def _fusable_kv(k, v, k_cache, v_cache) -> bool:
+    """The Triton rotary writes the caches itself when they share k's dtype and device and each page
+    is one contiguous [block_size, Hkv, D] block at the same page stride for K and V."""
+    D, Hkv = k.shape[2], k.shape[1]
+    return (k_cache.dtype == v_cache.dtype == k.dtype and v.dtype == k.dtype and k_cache.device == k.device
+            and k_cache.stride()[1:] == (Hkv * D, D, 1) and v_cache.stride() == k_cache.stride()
+            and k_cache.shape == v_cache.shape)
 
 
 # ----------------------------------------------------------------------------- silu * mul

@@ -53,9 +53,11 @@ if triton is not None:
         tl.store(out_ptr + row * out_stride + cols, (w * y).to(out_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
-    def _rotate_heads(x_ptr, head_stride, out_ptr, w_ptr, eps, H, c, s,
-                      HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, HAS_NORM: tl.constexpr):
-        # x: [H, 2*HALF] of one token (heads strided, each head contiguous); out: contiguous [H, 2*HALF]
+    def _rotate_heads(x_ptr, head_stride, out_ptr, w_ptr, eps, H, c, s, out2_ptr, out2_ok,
+                      HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, HAS_NORM: tl.constexpr,
+                      HAS_OUT2: tl.constexpr):
+        # x: [H, 2*HALF] of one token (heads strided, each head contiguous); out: contiguous [H, 2*HALF];
+        # HAS_OUT2: the result also to out2 (the token's row of the K cache), where out2_ok
         dt = out_ptr.dtype.element_ty
         h = tl.arange(0, BLOCK_H)[:, None]
         d = tl.arange(0, BLOCK_D)[None, :]
@@ -75,13 +77,21 @@ if triton is not None:
         base = out_ptr + h * (2 * HALF) + d
         tl.store(base, o1.to(dt), mask=ok)
         tl.store(base + HALF, o2.to(dt), mask=ok)
+        if HAS_OUT2:
+            base2 = out2_ptr + h * (2 * HALF) + d
+            tl.store(base2, o1.to(out2_ptr.dtype.element_ty), mask=ok & out2_ok)
+            tl.store(base2 + HALF, o2.to(out2_ptr.dtype.element_ty), mask=ok & out2_ok)
 
     @triton.jit
     def _rotary_qk_kernel(q_ptr, q_stride0, q_stride1, k_ptr, k_stride0, k_stride1, q_out_ptr, k_out_ptr,
                           cache_ptr, cache_stride, max_pos, pos_ptr, qw_ptr, kw_ptr, eps, HQ, HKV,
+                          v_ptr, v_stride0, v_stride1, kc_ptr, vc_ptr, page_stride, block_size, slot_ptr,
                           HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr,
-                          BLOCK_D: tl.constexpr, HAS_NORM: tl.constexpr):
-        # q [N, HQ, D], k [N, HKV, D]; cos_sin_cache [max_pos, D] float32 (cos | sin); positions [N]
+                          BLOCK_D: tl.constexpr, HAS_NORM: tl.constexpr, WRITE_KV: tl.constexpr):
+        # q [N, HQ, D], k [N, HKV, D]; cos_sin_cache [max_pos, D] float32 (cos | sin); positions [N].
+        # WRITE_KV: also the rotated k and v [N, HKV, D] into the paged caches [blocks, block_size,
+        # HKV, D] (page stride page_stride, each page contiguous) at slot_mapping[tok] (-1: skip),
+        # which the kv_append kernel otherwise does as one more launch per layer
         tok = tl.program_id(0).to(tl.int64)
         pos = tl.load(pos_ptr + tok).to(tl.int64)
         d = tl.arange(0, BLOCK_D)[None, :]
@@ -92,9 +102,22 @@ if triton is not None:
         c = c.to(dt).to(tl.float32)                    # cos.to(x.dtype)
         s = s.to(dt).to(tl.float32)
         _rotate_heads(q_ptr + tok * q_stride0, q_stride1, q_out_ptr + tok * HQ * 2 * HALF, qw_ptr, eps, HQ, c, s,
-                      HALF, BLOCK_HQ, BLOCK_D, HAS_NORM)
-        _rotate_heads(k_ptr + tok * k_stride0, k_stride1, k_out_ptr + tok * HKV * 2 * HALF, kw_ptr, eps, HKV, c, s,
-                      HALF, BLOCK_HKV, BLOCK_D, HAS_NORM)
+                      q_out_ptr, False, HALF, BLOCK_HQ, BLOCK_D, HAS_NORM, False)
+        if WRITE_KV:
+            slot = tl.load(slot_ptr + tok).to(tl.int64)
+            keep = slot >= 0
+            slot = tl.maximum(slot, 0)
+            row = (slot // block_size) * page_stride + (slot % block_size) * (HKV * 2 * HALF)
+            _rotate_heads(k_ptr + tok * k_stride0, k_stride1, k_out_ptr + tok * HKV * 2 * HALF, kw_ptr, eps, HKV,
+                          c, s, kc_ptr + row, keep, HALF, BLOCK_HKV, BLOCK_D, HAS_NORM, True)
+            h = tl.arange(0, BLOCK_HKV)[:, None]
+            dd = tl.arange(0, 2 * BLOCK_D)[None, :]
+            okv = (h < HKV) & (dd < 2 * HALF)
+            v = tl.load(v_ptr + tok * v_stride0 + h * v_stride1 + dd, mask=okv, other=0.0)
+            tl.store(vc_ptr + row + h * (2 * HALF) + dd, v.to(vc_ptr.dtype.element_ty), mask=okv & keep)
+        else:
+            _rotate_heads(k_ptr + tok * k_stride0, k_stride1, k_out_ptr + tok * HKV * 2 * HALF, kw_ptr, eps, HKV,
+                          c, s, k_out_ptr, False, HALF, BLOCK_HKV, BLOCK_D, HAS_NORM, False)
 
     @triton.jit
     def _silu_mul_kernel(x_ptr, x_stride, out_ptr, out_stride, INTER, BLOCK: tl.constexpr):
@@ -125,8 +148,9 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
 
 
 def rotary_qk(q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor, positions: torch.Tensor,
-              q_norm_weight: torch.Tensor | None, k_norm_weight: torch.Tensor | None, eps: float):
-    """q [N, Hq, D], k [N, Hkv, D] (heads may be strided) -> new contiguous (q, k)."""
+              q_norm_weight: torch.Tensor | None, k_norm_weight: torch.Tensor | None, eps: float, kv=None):
+    """q [N, Hq, D], k [N, Hkv, D] (heads may be strided) -> new contiguous (q, k); with
+    ``kv=(v, k_cache, v_cache, slot_mapping)`` the rotated k and v also go to the caches."""
     N, Hq, D = q.shape
     Hkv = k.shape[1]
     q_out = torch.empty(N, Hq, D, dtype=q.dtype, device=q.device)
@@ -137,11 +161,16 @@ def rotary_qk(q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor, pos
         kw = k_norm_weight if has_norm else cos_sin_cache
         half = D // 2
         block_d = triton.next_power_of_2(half)
+        if kv is not None:
+            v, k_cache, v_cache, slots = kv
+            kv_args = (v, v.stride(0), v.stride(1), k_cache, v_cache, k_cache.stride(0), k_cache.shape[1], slots)
+        else:
+            kv_args = (k, 0, 0, k_out, k_out, 0, 1, positions)          # unread placeholders
         _rotary_qk_kernel[(N,)](q, q.stride(0), q.stride(1), k, k.stride(0), k.stride(1), q_out, k_out,
                                 cos_sin_cache, cos_sin_cache.stride(0), cos_sin_cache.shape[0], positions,
-                                qw, kw, eps, Hq, Hkv, HALF=half, BLOCK_HQ=triton.next_power_of_2(Hq),
+                                qw, kw, eps, Hq, Hkv, *kv_args, HALF=half, BLOCK_HQ=triton.next_power_of_2(Hq),
                                 BLOCK_HKV=triton.next_power_of_2(Hkv), BLOCK_D=block_d,
-                                HAS_NORM=has_norm, num_warps=4)
+                                HAS_NORM=has_norm, WRITE_KV=kv is not None, num_warps=4)
     return q_out, k_out
 
 
