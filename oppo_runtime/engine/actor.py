@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 
 from ..memory import KVGeometry, PagePool
-from ..ops import sample_tokens
+from ..ops import sample_tokens, sampling_triton
 from .config import EngineConfig
 from .runner import ModelRunner
 from .scheduler import NeedsDrain, Scheduler
@@ -38,7 +38,7 @@ class _InFlight:
     idx: list[int]                 # where each row's token goes in seq.output_ids
     version: int
     tokens: torch.Tensor           # [B] on the device: the next step's input tokens
-    host: torch.Tensor             # [3, B] float64 (pinned): tokens, log-probs, NaN flags
+    host: tuple                    # (tokens, log-probs, NaN flags) [B] each, on the host (pinned)
     event: object                  # CUDA event after the copy (None on the CPU)
     row: dict                      # seq_id -> row
     launch_id: int
@@ -283,9 +283,12 @@ class ActorEngine:
         tokens = host = None
         if rows:
             logits = self.model.compute_logits(hidden[rows] if len(rows) != hidden.shape[0] else hidden)
-            tokens, out = self._sample(seqs, logits)
-            host = torch.empty(out.shape, dtype=out.dtype, pin_memory=out.is_cuda)
-            host.copy_(out, non_blocking=True)
+            out = self._sample(seqs, logits)
+            tokens = out[0]
+            # three copies into pinned memory (no stack/convert kernels on the device)
+            host = tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=t.is_cuda) for t in out)
+            for h, t in zip(host, out):
+                h.copy_(t, non_blocking=True)
         event = None
         if hidden.is_cuda:
             event = torch.cuda.Event()
@@ -309,7 +312,7 @@ class ActorEngine:
         finished: list[Sequence] = []
         if not fl.seqs:
             return finished
-        toks, lps, bad = fl.host[0].long().tolist(), fl.host[1].tolist(), fl.host[2].tolist()
+        toks, lps, bad = fl.host[0].tolist(), fl.host[1].tolist(), fl.host[2].tolist()
         live = []
         for seq, i, tok, lp, is_bad in zip(fl.seqs, fl.idx, toks, lps, bad):
             if seq.status is SeqStatus.FINISHED or len(seq.output_ids) <= i:
@@ -335,17 +338,22 @@ class ActorEngine:
         return finished
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor):
-        """Sample each row on the device: (tokens [B] int64, [3, B] float64 tokens/log-probs/NaN flags)."""
+        """Sample each row on the device: (tokens [B] int64, log-probs [B] float32, NaN flags [B] bool)."""
         V = logits.shape[-1]
-        params = [(s.sampling.temperature, s.sampling.top_k, s.sampling.top_p, s.sample_key, s.num_tokens)
-                  for s in seqs]
-        needs_filter = any(0 < k < V or p < 1.0 for _, k, p, _, _ in params)
-        meta = self.runner.stage([[float(x) for x in row] for row in params], torch.float64)
-        temp, top_k, top_p = meta[:, 0].float(), meta[:, 1].long(), meta[:, 2].float()
-        keys, pos = meta[:, 3].long(), meta[:, 4].long()
+        sp = [s.sampling for s in seqs]
+        needs_filter = any(0 < p.top_k < V or p.top_p < 1.0 for p in sp)
+        # per-row parameters in two staged copies and no conversion kernels (this runs every step)
+        keys, pos = self.runner.stage.many([[s.sample_key for s in seqs],
+                                            [len(s.prompt_ids) + len(s.output_ids) for s in seqs]])
+        temp = self.runner.stage([p.temperature for p in sp], torch.float32)
+        if needs_filter or not (logits.is_cuda and sampling_triton.available()):
+            top_k = self.runner.stage([p.top_k for p in sp], torch.int64)
+            top_p = self.runner.stage([p.top_p for p in sp], torch.float32)
+        else:                   # the fused sampler does not read them
+            top_k = top_p = None
         tokens, logps, bad = sample_tokens(logits, temp, top_k, top_p, self.config.seed, keys, pos,
                                            needs_filter=needs_filter)
-        return tokens, torch.stack([tokens.double(), logps.double(), bad.double()])
+        return tokens, logps, bad
 
     def _check_finish(self, seq: Sequence, i: int | None = None) -> bool:
         """Does ``seq`` end with its output token ``i`` (default: the last)?"""
