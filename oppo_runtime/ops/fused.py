@@ -155,7 +155,8 @@ def rotary_qk(q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor, pos
     from . import fused_triton
     q = q if q.stride(2) == 1 else q.contiguous()
     k = k if k.stride(2) == 1 else k.contiguous()
-    fuse = kv is not None and _fusable_kv(k, v, k_cache, v_cache)
+    # OPPO_FUSE_KV_APPEND=0: the separate kv_append kernel (A/B timing, triage)
+    fuse = kv is not None and os.environ.get("OPPO_FUSE_KV_APPEND", "1") != "0" and _fusable_kv(k, v, k_cache, v_cache)
     if fuse:
         kv = (v if v.stride(2) == 1 else v.contiguous(), k_cache, v_cache, slots.contiguous())
     q, k = fused_triton.rotary_qk(q, k, cos_sin_cache.contiguous(), positions.contiguous(),

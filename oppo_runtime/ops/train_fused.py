@@ -16,6 +16,8 @@ fp32 arithmetic; gradients are computed in fp32 and rounded once.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -166,9 +168,14 @@ class _SiluMul(torch.autograd.Function):
         return dg, du
 
 
+def _off() -> bool:
+    """OPPO_TRAIN_FUSED=0: the torch references on CUDA too (A/B timing, triage)."""
+    return os.environ.get("OPPO_TRAIN_FUSED", "1") == "0"
+
+
 def rms_norm_train(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str | None = None) -> torch.Tensor:
     """RMSNorm with autograd: one Triton kernel each way on CUDA, ``norm_rope.rms_norm`` elsewhere."""
-    if triton is None or _choose("rms_norm_train", (x, weight), backend) == "reference":
+    if triton is None or _off() or _choose("rms_norm_train", (x, weight), backend) == "reference":
         return rms_norm(x, weight, eps)
     return _RMSNorm.apply(x, weight, float(eps))
 
@@ -177,6 +184,6 @@ def silu_mul_train(gate: torch.Tensor, up: torch.Tensor, backend: str | None = N
     """silu(gate) * up with autograd: one Triton kernel each way on CUDA, the torch ops elsewhere."""
     if gate.shape != up.shape:
         raise ValueError(f"silu_mul_train: gate {tuple(gate.shape)} and up {tuple(up.shape)} differ")
-    if triton is None or _choose("silu_mul_train", (gate, up), backend) == "reference":
+    if triton is None or _off() or _choose("silu_mul_train", (gate, up), backend) == "reference":
         return silu_mul_ref(gate, up)
     return _SiluMul.apply(gate, up)
