@@ -180,18 +180,26 @@ int setup_resident(Kernel kernel, int smem, int dev, int* cache) {
   return cache[dev & 63];
 }
 
+// The shape both launchers (v2/v3 and v4) read from the tensors.
+struct DecodeShape {
+  int B, Hq, block_size, Hkv, G, q_chunks, dev, sms;
+  int64_t max_ctx;  // tokens the block table can address (the partition plan's upper bound)
+  DecodeShape(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& block_tables)
+      : B(static_cast<int>(q.size(0))), Hq(static_cast<int>(q.size(1))),
+        block_size(static_cast<int>(k_cache.size(1))), Hkv(static_cast<int>(k_cache.size(2))), G(Hq / Hkv),
+        q_chunks((G + 15) / 16), dev(q.get_device()), sms(sm_count(dev)),
+        max_ctx(std::min<int64_t>(block_tables.size(1) * static_cast<int64_t>(block_size), INT_MAX)) {}
+};
+
 template <typename T, int D>
 void launch_decode_v4(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                       const at::Tensor& block_tables, const at::Tensor& context_lens, double scale) {
   using namespace oppo::attn;
   constexpr int kStages = DecodeCfg<D>::kStages;
-  const int B = static_cast<int>(q.size(0)), Hq = static_cast<int>(q.size(1));
-  const int block_size = static_cast<int>(k_cache.size(1)), Hkv = static_cast<int>(k_cache.size(2));
-  const int G = Hq / Hkv;
-  const int q_chunks = (G + 15) / 16;
-  const int64_t max_ctx = std::min<int64_t>(block_tables.size(1) * static_cast<int64_t>(block_size), INT_MAX);
-  const int dev = q.get_device();
-  const int sms = sm_count(dev);
+  const DecodeShape sh(q, k_cache, block_tables);
+  const int B = sh.B, Hq = sh.Hq, block_size = sh.block_size, Hkv = sh.Hkv, G = sh.G, q_chunks = sh.q_chunks;
+  const int64_t max_ctx = sh.max_ctx;
+  const int dev = sh.dev, sms = sh.sms;
 
   auto kernel = paged_decode_v4_kernel<T, D, kStages>;
   constexpr int smem = DecodeV4Smem<T, D, kStages>::kBytes;
@@ -263,13 +271,10 @@ void launch_decode(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cac
     return;
   }
   constexpr int kStages = DecodeCfg<D>::kStages;
-  const int B = static_cast<int>(q.size(0)), Hq = static_cast<int>(q.size(1));
-  const int block_size = static_cast<int>(k_cache.size(1)), Hkv = static_cast<int>(k_cache.size(2));
-  const int G = Hq / Hkv;
-  const int q_chunks = (G + 15) / 16;
-  const int64_t max_ctx = std::min<int64_t>(block_tables.size(1) * static_cast<int64_t>(block_size), INT_MAX);
-  const int dev = q.get_device();
-  const int sms = sm_count(dev);
+  const DecodeShape sh(q, k_cache, block_tables);
+  const int B = sh.B, Hq = sh.Hq, block_size = sh.block_size, Hkv = sh.Hkv, G = sh.G, q_chunks = sh.q_chunks;
+  const int64_t max_ctx = sh.max_ctx;
+  const int dev = sh.dev, sms = sh.sms;
 
   auto kernel = paged_decode_kernel<T, D, kStages>;
   constexpr int smem = DecodeSmem<T, D, kStages>::kBytes;

@@ -58,6 +58,78 @@ __device__ __forceinline__ int64_t decode_row_offset(int page, int pos, int end,
              : -1;
 }
 
+// One K/V tile of a warp's 16 tokens (k_s, v_s: the warp's rows in smem): S = Q K^T masked past
+// `end` (tok0: this thread's first token), the online-softmax update of (m, l, o), and O += P V
+// with P split hi + lo so that P's rounding to T cancels. Shared by the v3 and v4 kernels.
+template <typename T, int D, int kRow>
+__device__ __forceinline__ void decode_tile_update(const T* k_s, const T* v_s, const uint32_t (&qa)[D / 16][4],
+                                                   int lane, int tok0, int end, float scale_log2, float (&m)[2],
+                                                   float (&l)[2], float (&o)[D / 8][4]) {
+  const int mi = lane >> 3;
+  float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    uint32_t kb[4];
+    ldmatrix_x4(kb, k_s + ((lane & 7) + (mi >> 1) * 8) * kRow + kk * 16 + (mi & 1) * 8);
+    Mma<T>::run(s[0], qa[kk], kb[0], kb[1]);
+    Mma<T>::run(s[1], qa[kk], kb[2], kb[3]);
+  }
+#pragma unroll
+  for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e)
+      s[nt][e] = (tok0 + nt * 8 + (e & 1) < end) ? s[nt][e] * scale_log2 : -INFINITY;
+
+  float p_sum[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {  // h: row qr (h=0) or qr+8 (h=1)
+    float mx = fmaxf(fmaxf(s[0][2 * h], s[0][2 * h + 1]), fmaxf(s[1][2 * h], s[1][2 * h + 1]));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float m_new = fmaxf(m[h], mx);
+    const float m_use = m_new == -INFINITY ? 0.f : m_new;
+    const float corr = exp2f(m[h] - m_use);
+    m[h] = m_new;
+    float sum = 0.f;
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+      s[nt][2 * h] = exp2f(s[nt][2 * h] - m_use);
+      s[nt][2 * h + 1] = exp2f(s[nt][2 * h + 1] - m_use);
+      sum += s[nt][2 * h] + s[nt][2 * h + 1];
+    }
+    p_sum[h] = sum;
+    l[h] = l[h] * corr;
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j) {
+      o[j][2 * h] *= corr;
+      o[j][2 * h + 1] *= corr;
+    }
+  }
+  l[0] += p_sum[0];
+  l[1] += p_sum[1];
+
+  uint32_t ph[4], pl[4];
+  // A-fragment order: (row qr, tokens 0-7), (row qr+8, tokens 0-7), (qr, 8-15), (qr+8, 8-15).
+  const float px[4] = {s[0][0], s[0][2], s[1][0], s[1][2]};
+  const float py[4] = {s[0][1], s[0][3], s[1][1], s[1][3]};
+#pragma unroll
+  for (int r = 0; r < 4; ++r) {
+    const float x = px[r], y = py[r];
+    ph[r] = Mma<T>::pack(x, y);
+    const float2 back = Mma<T>::unpack(ph[r]);
+    pl[r] = Mma<T>::pack(x - back.x, y - back.y);
+  }
+#pragma unroll
+  for (int jj = 0; jj < D / 16; ++jj) {
+    uint32_t vb[4];
+    ldmatrix_x4_trans(vb, v_s + ((lane & 7) + (mi & 1) * 8) * kRow + jj * 16 + (mi >> 1) * 8);
+    Mma<T>::run(o[2 * jj], ph, vb[0], vb[1]);
+    Mma<T>::run(o[2 * jj], pl, vb[0], vb[1]);
+    Mma<T>::run(o[2 * jj + 1], ph, vb[2], vb[3]);
+    Mma<T>::run(o[2 * jj + 1], pl, vb[2], vb[3]);
+  }
+}
+
 template <typename T>
 __device__ __forceinline__ void store_out4(void* out, bool out_f32, int64_t off, float4 v) {
   if (out_f32) {
@@ -195,72 +267,8 @@ paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t 
                                   : -1;
 
     const T* k_s = stage_base + (t % kStages) * 2 * S::kTileElems + warp * 16 * kRow;
-    const T* v_s = k_s + S::kTileElems;
-    const int mi = lane >> 3;
-
-    float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      uint32_t kb[4];
-      ldmatrix_x4(kb, k_s + ((lane & 7) + (mi >> 1) * 8) * kRow + kk * 16 + (mi & 1) * 8);
-      Mma<T>::run(s[0], qa[kk], kb[0], kb[1]);
-      Mma<T>::run(s[1], qa[kk], kb[2], kb[3]);
-    }
-    const int tok0 = start + t * kDecodeTile + warp * 16 + qc * 2;
-#pragma unroll
-    for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e)
-        s[nt][e] = (tok0 + nt * 8 + (e & 1) < end) ? s[nt][e] * scale_log2 : -INFINITY;
-
-    float p_sum[2];
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {  // h: row qr (h=0) or qr+8 (h=1)
-      float mx = fmaxf(fmaxf(s[0][2 * h], s[0][2 * h + 1]), fmaxf(s[1][2 * h], s[1][2 * h + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_new = fmaxf(m[h], mx);
-      const float m_use = m_new == -INFINITY ? 0.f : m_new;
-      const float corr = exp2f(m[h] - m_use);
-      m[h] = m_new;
-      float sum = 0.f;
-#pragma unroll
-      for (int nt = 0; nt < 2; ++nt) {
-        s[nt][2 * h] = exp2f(s[nt][2 * h] - m_use);
-        s[nt][2 * h + 1] = exp2f(s[nt][2 * h + 1] - m_use);
-        sum += s[nt][2 * h] + s[nt][2 * h + 1];
-      }
-      p_sum[h] = sum;
-      l[h] = l[h] * corr;
-#pragma unroll
-      for (int j = 0; j < D / 8; ++j) {
-        o[j][2 * h] *= corr;
-        o[j][2 * h + 1] *= corr;
-      }
-    }
-    l[0] += p_sum[0];
-    l[1] += p_sum[1];
-
-    uint32_t ph[4], pl[4];
-    // A-fragment order: (row qr, tokens 0-7), (row qr+8, tokens 0-7), (qr, 8-15), (qr+8, 8-15).
-    const float px[4] = {s[0][0], s[0][2], s[1][0], s[1][2]};
-    const float py[4] = {s[0][1], s[0][3], s[1][1], s[1][3]};
-#pragma unroll
-    for (int r = 0; r < 4; ++r) {
-      const float x = px[r], y = py[r];
-      ph[r] = Mma<T>::pack(x, y);
-      const float2 back = Mma<T>::unpack(ph[r]);
-      pl[r] = Mma<T>::pack(x - back.x, y - back.y);
-    }
-#pragma unroll
-    for (int jj = 0; jj < D / 16; ++jj) {
-      uint32_t vb[4];
-      ldmatrix_x4_trans(vb, v_s + ((lane & 7) + (mi & 1) * 8) * kRow + jj * 16 + (mi >> 1) * 8);
-      Mma<T>::run(o[2 * jj], ph, vb[0], vb[1]);
-      Mma<T>::run(o[2 * jj], pl, vb[0], vb[1]);
-      Mma<T>::run(o[2 * jj + 1], ph, vb[2], vb[3]);
-      Mma<T>::run(o[2 * jj + 1], pl, vb[2], vb[3]);
-    }
+    decode_tile_update<T, D, kRow>(k_s, k_s + S::kTileElems, qa, lane, start + t * kDecodeTile + warp * 16 + qc * 2,
+                                   end, scale_log2, m, l, o);
   }
 
   // Merge the 4 warps (pipeline buffers reused).
@@ -630,71 +638,8 @@ paged_decode_v4_kernel(const DecodeV4Params p) {
 
     const int slot = t % kStages;
     const T* k_s = stage_base + slot * 2 * kTileElems + warp * 16 * kRow;
-    const T* v_s = k_s + kTileElems;
-    const int mi = lane >> 3;
-
-    float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      uint32_t kb[4];
-      ldmatrix_x4(kb, k_s + ((lane & 7) + (mi >> 1) * 8) * kRow + kk * 16 + (mi & 1) * 8);
-      Mma<T>::run(s[0], qa[kk], kb[0], kb[1]);
-      Mma<T>::run(s[1], qa[kk], kb[2], kb[3]);
-    }
-    const int tok0 = rec.y + warp * 16 + qc * 2, end = rec.z;
-#pragma unroll
-    for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e)
-        s[nt][e] = (tok0 + nt * 8 + (e & 1) < end) ? s[nt][e] * p.scale_log2 : -INFINITY;
-
-    float p_sum[2];
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {  // h: row qr (h=0) or qr+8 (h=1)
-      float mx = fmaxf(fmaxf(s[0][2 * h], s[0][2 * h + 1]), fmaxf(s[1][2 * h], s[1][2 * h + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_new = fmaxf(m[h], mx);
-      const float m_use = m_new == -INFINITY ? 0.f : m_new;
-      const float corr = exp2f(m[h] - m_use);
-      m[h] = m_new;
-      float sum = 0.f;
-#pragma unroll
-      for (int nt = 0; nt < 2; ++nt) {
-        s[nt][2 * h] = exp2f(s[nt][2 * h] - m_use);
-        s[nt][2 * h + 1] = exp2f(s[nt][2 * h + 1] - m_use);
-        sum += s[nt][2 * h] + s[nt][2 * h + 1];
-      }
-      p_sum[h] = sum;
-      l[h] = l[h] * corr;
-#pragma unroll
-      for (int j = 0; j < D / 8; ++j) {
-        o[j][2 * h] *= corr;
-        o[j][2 * h + 1] *= corr;
-      }
-    }
-    l[0] += p_sum[0];
-    l[1] += p_sum[1];
-
-    uint32_t ph[4], pl[4];
-    const float px[4] = {s[0][0], s[0][2], s[1][0], s[1][2]};
-    const float py[4] = {s[0][1], s[0][3], s[1][1], s[1][3]};
-#pragma unroll
-    for (int r = 0; r < 4; ++r) {
-      const float x = px[r], y = py[r];
-      ph[r] = Mma<T>::pack(x, y);
-      const float2 back = Mma<T>::unpack(ph[r]);
-      pl[r] = Mma<T>::pack(x - back.x, y - back.y);
-    }
-#pragma unroll
-    for (int jj = 0; jj < D / 16; ++jj) {
-      uint32_t vb[4];
-      ldmatrix_x4_trans(vb, v_s + ((lane & 7) + (mi & 1) * 8) * kRow + jj * 16 + (mi >> 1) * 8);
-      Mma<T>::run(o[2 * jj], ph, vb[0], vb[1]);
-      Mma<T>::run(o[2 * jj], pl, vb[0], vb[1]);
-      Mma<T>::run(o[2 * jj + 1], ph, vb[2], vb[3]);
-      Mma<T>::run(o[2 * jj + 1], pl, vb[2], vb[3]);
-    }
+    decode_tile_update<T, D, kRow>(k_s, k_s + kTileElems, qa, lane, rec.y + warp * 16 + qc * 2, rec.z, p.scale_log2,
+                                   m, l, o);
 
     if (!(rec.w & kRecLast)) continue;
 
