@@ -6,9 +6,6 @@ path (fused ops, fused QKV / gate_up) equals its autograd path; fused projection
 optimizer updates, ``.to()``, save/load. GPU (``-m gpu``): each Triton kernel against its
 reference over the shapes of real models, outputs poisoned with NaN first.
 """
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -20,6 +17,7 @@ from oppo_runtime.models.transformer import rotary_inv_freq
 from oppo_runtime.ops import MissingKernelError, apply_rotary, backends, rms_norm, rotary_cos_sin
 from oppo_runtime.ops.fused import fused_add_rms_norm, rotary_cos_sin_cache, rotary_qk, silu_mul, silu_mul_ref
 
+from _scripts import run_check  # noqa: E402
 from test_models import LLAMA3_ROPE, TINY  # noqa: E402  (the same tiny shapes as the model tests)
 FAMILIES = {
     "llama-bias": ("LlamaForCausalLM", dict(attention_bias=True, mlp_bias=True)),
@@ -167,19 +165,9 @@ KERNEL_CHECK = textwrap.dedent("""
 """)
 
 
-def _run(code: str, interpret: bool) -> None:
-    env = dict(os.environ)
-    if interpret:
-        env["TRITON_INTERPRET"] = "1"
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0 and "ok" in out.stdout, out.stdout[-2000:] + out.stderr[-4000:]
-
-
 def test_triton_kernels_equal_references_in_the_interpreter():
     pytest.importorskip("triton")
-    _run(KERNEL_CHECK.format(dev="cpu", dtypes="torch.float32, torch.float16, torch.bfloat16",
+    run_check(KERNEL_CHECK.format(dev="cpu", dtypes="torch.float32, torch.float16, torch.bfloat16",
                              hiddens="96, 896", rows="1, 5", head_dims="64, 128", heads="(14, 2), (4, 4)",
                              bf16_tol=6e-2),
          interpret=True)
@@ -228,7 +216,7 @@ MODEL_CHECK = textwrap.dedent("""
 
 def test_model_inference_path_runs_the_kernels_in_the_interpreter():
     pytest.importorskip("triton")
-    _run(MODEL_CHECK.format(dev="cpu", dtype="float32", tol=1e-5), interpret=True)
+    run_check(MODEL_CHECK.format(dev="cpu", dtype="float32", tol=1e-5), interpret=True)
 
 
 # ----------------------------------------------------------------------------- the model's inference path
@@ -352,11 +340,11 @@ def test_parameters_replaced_after_fusing_are_refused():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["torch.bfloat16", "torch.float16", "torch.float32"])
 def test_triton_kernels_equal_references_on_gpu(dtype):
-    _run(KERNEL_CHECK.format(dev="cuda", dtypes=dtype + ",", hiddens="896, 1536, 4096", rows="1, 7, 64, 257",
+    run_check(KERNEL_CHECK.format(dev="cuda", dtypes=dtype + ",", hiddens="896, 1536, 4096", rows="1, 7, 64, 257",
                              head_dims="64, 128", heads="(14, 2), (32, 8)", bf16_tol=1.6e-2), interpret=False)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype,tol", [("bfloat16", 2e-2), ("float16", 5e-3), ("float32", 1e-5)])
 def test_model_inference_path_with_kernels_matches_autograd_path_on_gpu(dtype, tol):
-    _run(MODEL_CHECK.format(dev="cuda", dtype=dtype, tol=tol), interpret=False)
+    run_check(MODEL_CHECK.format(dev="cuda", dtype=dtype, tol=tol), interpret=False)

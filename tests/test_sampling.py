@@ -1,12 +1,11 @@
 """Sampling: the fused Triton kernel equals the reference (run by Triton's interpreter on the CPU,
 on the GPU for real), and the reference's distribution is the one it claims."""
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
+
+from _scripts import run_check
 
 from oppo_runtime.ops import process_logits, sample_tokens
 
@@ -36,18 +35,13 @@ CHECK = textwrap.dedent("""
 
 def test_triton_sampler_equals_reference_in_the_interpreter():
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    out = subprocess.run([sys.executable, "-c", CHECK.format(dev="cpu", dtype="float32")], env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
+    run_check(CHECK.format(dev="cpu", dtype="float32"), interpret=True, timeout=600)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_triton_sampler_equals_reference_on_gpu(dtype):
-    out = subprocess.run([sys.executable, "-c", CHECK.format(dev="cuda", dtype=dtype)], capture_output=True,
-                         text=True, timeout=600)
-    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
+    run_check(CHECK.format(dev="cuda", dtype=dtype), timeout=600)
 
 
 def test_reference_sampler_follows_the_processed_distribution():

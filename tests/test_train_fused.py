@@ -1,12 +1,11 @@
 """Training fused ops (RMSNorm, silu*up; forward and backward) against their torch references:
 in Triton's interpreter on the CPU, and on the GPU for real."""
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
+
+from _scripts import run_check
 
 CHECK = textwrap.dedent("""
     import torch
@@ -59,19 +58,14 @@ CHECK = textwrap.dedent("""
 
 def test_training_fused_ops_equal_references_in_the_interpreter():
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    out = subprocess.run([sys.executable, "-c", CHECK.format(dev="cpu", dtype="float32")], env=env,
-                         capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
+    run_check(CHECK.format(dev="cpu", dtype="float32"), interpret=True, timeout=900)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_training_fused_ops_equal_references_on_gpu(dtype):
-    out = subprocess.run([sys.executable, "-c", CHECK.format(dev="cuda", dtype=dtype)], capture_output=True,
-                         text=True, timeout=600)
-    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
+    run_check(CHECK.format(dev="cuda", dtype=dtype), timeout=600)
 
 
 def test_cpu_tensors_take_the_reference_path_bit_for_bit():
