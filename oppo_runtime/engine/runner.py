@@ -63,7 +63,7 @@ class _Staging:
         self.pin = device.type == "cuda"
 
     def __call__(self, data, dtype) -> torch.Tensor:
-        t = torch.tensor(data, dtype=dtype)
+        t = torch.as_tensor(data, dtype=dtype)          # a list, or a numpy array without a copy
         if self.pin:
             return t.pin_memory().to(self.device, non_blocking=True)
         return t.to(self.device)

@@ -20,6 +20,7 @@ import torch
 
 from ..engine import ActorEngine, EngineConfig, SamplingParams, Sequence, SeqStatus
 from ..engine.rollout import Rollout, ScoredSequence
+from ..engine.runner import _Staging
 from ..engine.scorer import RuleReward, Scorer
 from ..engine.timeline import Timeline
 from ..memory import KVGeometry, PagePool, pool_pages_from_free_memory
@@ -423,13 +424,10 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------ training
     def _h2d(self, values, dtype) -> torch.Tensor:
-        """A host list on the training device without a stream sync (pinned staging, non-blocking):
-        ``torch.tensor(list, device=cuda)`` waits for every queued kernel, which made the update
-        host-bound."""
-        t = torch.as_tensor(values, dtype=dtype)
-        if self.device.type != "cuda":
-            return t
-        return t.pin_memory().to(self.device, non_blocking=True)
+        """Host values on the training device without a stream sync (the engine's pinned,
+        non-blocking staging): ``torch.tensor(list, device=cuda)`` waits for every queued kernel,
+        which made the update host-bound."""
+        return _Staging(self.device)(values, dtype)
 
     def _forward(self, model, items: list[ScoredSequence], kind: str, with_entropy: bool = False):
         """Packed forward (no padding) -> per response token [sum T_i] logprobs (actor) or values."""
