@@ -66,6 +66,17 @@ def backends() -> dict[str, str]:
     return dict(_seen)
 
 
+_sm_counts: dict = {}
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (asked once per device: kernels size grids by it)."""
+    n = _sm_counts.get(device)
+    if n is None:
+        n = _sm_counts[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return n
+
+
 def choose_backend(op: str, device: torch.device, requested: str | None = None) -> str:
     """'cuda' or 'reference' for an op whose tensors live on ``device``.
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from ._backend import sm_count
+
 try:
     import triton
     import triton.language as tl
@@ -124,7 +126,6 @@ def _seed_tensor(seed: int, device: torch.device) -> torch.Tensor:
 
 
 _BLOCK = 4096
-_sms: dict = {}
 
 
 def _splits(B: int, V: int, device: torch.device) -> int:
@@ -133,10 +134,7 @@ def _splits(B: int, V: int, device: torch.device) -> int:
     H100), at least one 4096-logit block per split."""
     if device.type != "cuda":
         return min(3, triton.cdiv(V, _BLOCK))      # the interpreter: exercise the combine
-    sms = _sms.get(device)
-    if sms is None:
-        sms = _sms[device] = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(triton.cdiv(V, _BLOCK), triton.cdiv(2 * sms, max(B, 1)), 64))
+    return max(1, min(triton.cdiv(V, _BLOCK), triton.cdiv(2 * sm_count(device), max(B, 1)), 64))
 
 
 def gumbel_sample(logits: torch.Tensor, temperature: torch.Tensor, seed: int, seq_keys: torch.Tensor,

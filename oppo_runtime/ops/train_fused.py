@@ -21,6 +21,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from ._backend import sm_count
 from .fused import _choose
 from .norm_rope import rms_norm
 
@@ -101,16 +102,8 @@ def _warps(block: int) -> int:
     return 4 if block <= 1024 else 8 if block <= 4096 else 16
 
 
-_sms: dict = {}
-
-
 def _programs(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4
-    n = _sms.get(device)
-    if n is None:
-        n = _sms[device] = torch.cuda.get_device_properties(device).multi_processor_count
-    return 4 * n
+    return 4 * sm_count(device) if device.type == "cuda" else 4
 
 
 class _RMSNorm(torch.autograd.Function):
