@@ -130,6 +130,30 @@ __device__ __forceinline__ void decode_tile_update(const T* k_s, const T* v_s, c
   }
 }
 
+// Row r, columns d..d+3 of the 4 warps' partial outputs (o_m [4*16][D], m_m / l_m [4*16] in smem)
+// merged: the normalised output, and the row's log2-domain max M and sum L (for a split's lse).
+template <int D>
+__device__ __forceinline__ float4 merge_warp_row(const float* o_m, const float* m_m, const float* l_m, int r, int d,
+                                                 float& M, float& L) {
+  M = -INFINITY;
+#pragma unroll
+  for (int w = 0; w < 4; ++w) M = fmaxf(M, m_m[w * 16 + r]);
+  L = 0.f;
+  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+  if (M != -INFINITY) {
+#pragma unroll
+    for (int w = 0; w < 4; ++w) {
+      const float f = exp2f(m_m[w * 16 + r] - M);
+      const float4 v = *reinterpret_cast<const float4*>(o_m + (w * 16 + r) * D + d);
+      L += l_m[w * 16 + r] * f;
+      acc.x += v.x * f; acc.y += v.y * f; acc.z += v.z * f; acc.w += v.w * f;
+    }
+  }
+  const float inv = L > 0.f ? 1.f / L : 0.f;
+  acc.x *= inv; acc.y *= inv; acc.z *= inv; acc.w *= inv;
+  return acc;
+}
+
 template <typename T>
 __device__ __forceinline__ void store_out4(void* out, bool out_f32, int64_t off, float4 v) {
   if (out_f32) {
@@ -297,22 +321,8 @@ paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t 
   for (int idx = tid; idx < 16 * (D / 4); idx += kDecodeThreads) {
     const int r = idx / (D / 4), d = (idx % (D / 4)) * 4;
     if (r >= rows) continue;
-    float M = -INFINITY;
-#pragma unroll
-    for (int w = 0; w < 4; ++w) M = fmaxf(M, m_m[w * 16 + r]);
-    float L = 0.f;
-    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-    if (M != -INFINITY) {
-#pragma unroll
-      for (int w = 0; w < 4; ++w) {
-        const float f = exp2f(m_m[w * 16 + r] - M);
-        const float4 v = *reinterpret_cast<const float4*>(o_m + (w * 16 + r) * D + d);
-        L += l_m[w * 16 + r] * f;
-        acc.x += v.x * f; acc.y += v.y * f; acc.z += v.z * f; acc.w += v.w * f;
-      }
-    }
-    const float inv = L > 0.f ? 1.f / L : 0.f;
-    acc.x *= inv; acc.y *= inv; acc.z *= inv; acc.w *= inv;
+    float M, L;
+    const float4 acc = merge_warp_row<D>(o_m, m_m, l_m, r, d, M, L);
     const int hq = hq0 + r;
     if (num_splits == 1) {
       store_out4<T>(out, out_f32, static_cast<int64_t>(b) * o_s0 + static_cast<int64_t>(hq) * o_s1 + d, acc);
@@ -681,22 +691,8 @@ paged_decode_v4_kernel(const DecodeV4Params p) {
     __syncthreads();
     for (int idx = tid; idx < rows * (D / 4); idx += kDecodeThreads) {
       const int r = idx / (D / 4), d = (idx % (D / 4)) * 4;
-      float M = -INFINITY;
-#pragma unroll
-      for (int w = 0; w < 4; ++w) M = fmaxf(M, m_m[w * 16 + r]);
-      float L = 0.f;
-      float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-      if (M != -INFINITY) {
-#pragma unroll
-        for (int w = 0; w < 4; ++w) {
-          const float f = exp2f(m_m[w * 16 + r] - M);
-          const float4 v = *reinterpret_cast<const float4*>(o_m + (w * 16 + r) * D + d);
-          L += l_m[w * 16 + r] * f;
-          acc.x += v.x * f; acc.y += v.y * f; acc.z += v.z * f; acc.w += v.w * f;
-        }
-      }
-      const float inv = L > 0.f ? 1.f / L : 0.f;
-      acc.x *= inv; acc.y *= inv; acc.z *= inv; acc.w *= inv;
+      float M, L;
+      const float4 acc = merge_warp_row<D>(o_m, m_m, l_m, r, d, M, L);
       const int hq = hq0 + r;
       if (direct) {
         store_out4<T>(p.out, p.out_f32, static_cast<int64_t>(b) * p.o_s0 + static_cast<int64_t>(hq) * p.o_s1 + d, acc);
