@@ -130,11 +130,37 @@ __device__ __forceinline__ void decode_tile_update(const T* k_s, const T* v_s, c
   }
 }
 
-// Row r, columns d..d+3 of the 4 warps' partial outputs (o_m [4*16][D], m_m / l_m [4*16] in smem)
-// merged: the normalised output, and the row's log2-domain max M and sum L (for a split's lse).
+// The 4 warps' partials of a CTA's 16 rows in smem at o_m: o [4][16][D], then m [4][16], then
+// l [4][16] floats (l summed over the 4 lanes of a row first). A barrier must follow.
 template <int D>
-__device__ __forceinline__ float4 merge_warp_row(const float* o_m, const float* m_m, const float* l_m, int r, int d,
-                                                 float& M, float& L) {
+__device__ __forceinline__ void warp_partials_to_smem(float* o_m, const float (&m)[2], float (&l)[2],
+                                                      const float (&o)[D / 8][4], int warp, int qr, int qc) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    l[h] += __shfl_xor_sync(0xffffffffu, l[h], 1);
+    l[h] += __shfl_xor_sync(0xffffffffu, l[h], 2);
+  }
+  float* m_m = o_m + 4 * 16 * D;
+  float* l_m = m_m + 4 * 16;
+  if (qc == 0) {
+    m_m[warp * 16 + qr] = m[0];
+    m_m[warp * 16 + qr + 8] = m[1];
+    l_m[warp * 16 + qr] = l[0];
+    l_m[warp * 16 + qr + 8] = l[1];
+  }
+#pragma unroll
+  for (int j = 0; j < D / 8; ++j) {
+    *reinterpret_cast<float2*>(o_m + (warp * 16 + qr) * D + j * 8 + qc * 2) = make_float2(o[j][0], o[j][1]);
+    *reinterpret_cast<float2*>(o_m + (warp * 16 + qr + 8) * D + j * 8 + qc * 2) = make_float2(o[j][2], o[j][3]);
+  }
+}
+
+// Row r, columns d..d+3 of those partials merged: the normalised output, and the row's
+// log2-domain max M and sum L (for a split's lse).
+template <int D>
+__device__ __forceinline__ float4 merge_warp_row(const float* o_m, int r, int d, float& M, float& L) {
+  const float* m_m = o_m + 4 * 16 * D;
+  const float* l_m = m_m + 4 * 16;
   M = -INFINITY;
 #pragma unroll
   for (int w = 0; w < 4; ++w) M = fmaxf(M, m_m[w * 16 + r]);
@@ -298,31 +324,14 @@ paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t 
   // Merge the 4 warps (pipeline buffers reused).
   cp_async_wait<0>();
   __syncthreads();
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    l[h] += __shfl_xor_sync(0xffffffffu, l[h], 1);
-    l[h] += __shfl_xor_sync(0xffffffffu, l[h], 2);
-  }
-  float* o_m = reinterpret_cast<float*>(stage_base);        // [4][16][D]
-  float* m_m = o_m + 4 * 16 * D;                            // [4][16]
-  float* l_m = m_m + 4 * 16;                                // [4][16]
-  if (qc == 0) {
-    m_m[warp * 16 + qr] = m[0];
-    m_m[warp * 16 + qr + 8] = m[1];
-    l_m[warp * 16 + qr] = l[0];
-    l_m[warp * 16 + qr + 8] = l[1];
-  }
-#pragma unroll
-  for (int j = 0; j < D / 8; ++j) {
-    *reinterpret_cast<float2*>(o_m + (warp * 16 + qr) * D + j * 8 + qc * 2) = make_float2(o[j][0], o[j][1]);
-    *reinterpret_cast<float2*>(o_m + (warp * 16 + qr + 8) * D + j * 8 + qc * 2) = make_float2(o[j][2], o[j][3]);
-  }
+  float* o_m = reinterpret_cast<float*>(stage_base);        // warp partials, see warp_partials_to_smem
+  warp_partials_to_smem<D>(o_m, m, l, o, warp, qr, qc);
   __syncthreads();
   for (int idx = tid; idx < 16 * (D / 4); idx += kDecodeThreads) {
     const int r = idx / (D / 4), d = (idx % (D / 4)) * 4;
     if (r >= rows) continue;
     float M, L;
-    const float4 acc = merge_warp_row<D>(o_m, m_m, l_m, r, d, M, L);
+    const float4 acc = merge_warp_row<D>(o_m, r, d, M, L);
     const int hq = hq0 + r;
     if (num_splits == 1) {
       store_out4<T>(out, out_f32, static_cast<int64_t>(b) * o_s0 + static_cast<int64_t>(hq) * o_s1 + d, acc);
@@ -669,30 +678,13 @@ paged_decode_v4_kernel(const DecodeV4Params p) {
       }
     }
     __syncthreads();  // every warp is done reading slot t % kStages: it becomes the merge area
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      l[h] += __shfl_xor_sync(0xffffffffu, l[h], 1);
-      l[h] += __shfl_xor_sync(0xffffffffu, l[h], 2);
-    }
-    float* o_m = reinterpret_cast<float*>(stage_base + slot * 2 * kTileElems);  // [4][16][D]
-    float* m_m = o_m + 4 * 16 * D;                                               // [4][16]
-    float* l_m = m_m + 4 * 16;                                                   // [4][16]
-    if (qc == 0) {
-      m_m[warp * 16 + qr] = m[0];
-      m_m[warp * 16 + qr + 8] = m[1];
-      l_m[warp * 16 + qr] = l[0];
-      l_m[warp * 16 + qr + 8] = l[1];
-    }
-#pragma unroll
-    for (int j = 0; j < D / 8; ++j) {
-      *reinterpret_cast<float2*>(o_m + (warp * 16 + qr) * D + j * 8 + qc * 2) = make_float2(o[j][0], o[j][1]);
-      *reinterpret_cast<float2*>(o_m + (warp * 16 + qr + 8) * D + j * 8 + qc * 2) = make_float2(o[j][2], o[j][3]);
-    }
+    float* o_m = reinterpret_cast<float*>(stage_base + slot * 2 * kTileElems);  // see warp_partials_to_smem
+    warp_partials_to_smem<D>(o_m, m, l, o, warp, qr, qc);
     __syncthreads();
     for (int idx = tid; idx < rows * (D / 4); idx += kDecodeThreads) {
       const int r = idx / (D / 4), d = (idx % (D / 4)) * 4;
       float M, L;
-      const float4 acc = merge_warp_row<D>(o_m, m_m, l_m, r, d, M, L);
+      const float4 acc = merge_warp_row<D>(o_m, r, d, M, L);
       const int hq = hq0 + r;
       if (direct) {
         store_out4<T>(p.out, p.out_f32, static_cast<int64_t>(b) * p.o_s0 + static_cast<int64_t>(hq) * p.o_s1 + d, acc);
