@@ -144,12 +144,14 @@ def print_table(rows: list[dict], cols: list[tuple[str, str, str]]) -> None:
 
 
 def paged_pool(num_seqs: int, ctx: int, Hkv: int, D: int, block_size: int, dtype=torch.bfloat16,
-               seed: int = 0):
+               seed: int = 0, head_major: bool = False):
     """A page pool holding num_seqs sequences of ctx tokens on shuffled pages.
 
     Each page holds one layer's K and V ([2, block_size, Hkv, D]), so the K and V views have a page
     stride of twice a page's K (as in the engine's shared pool). Returns k_cache, v_cache,
-    block_tables [num_seqs, ceil(ctx / block_size)] int32.
+    block_tables [num_seqs, ceil(ctx / block_size)] int32. ``head_major``: pages [2, Hkv,
+    block_size, D] instead (each kv head's tokens of a page contiguous), returned as the same
+    [num_blocks, block_size, Hkv, D] views with strides (page, D, block_size * D, 1).
     """
     g = torch.Generator(device="cuda")
     g.manual_seed(seed)
@@ -158,6 +160,8 @@ def paged_pool(num_seqs: int, ctx: int, Hkv: int, D: int, block_size: int, dtype
     one = block_size * Hkv * D
     pool = torch.randn(nblocks, 2 * one, device="cuda", dtype=dtype, generator=g)
     shape, stride = (nblocks, block_size, Hkv, D), (2 * one, Hkv * D, D, 1)
+    if head_major:
+        stride = (2 * one, D, block_size * D, 1)
     k_cache = pool.as_strided(shape, stride, 0)
     v_cache = pool.as_strided(shape, stride, one)
     perm = torch.randperm(nblocks, device="cuda", generator=g).to(torch.int32)

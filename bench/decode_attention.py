@@ -2,9 +2,12 @@
 beside PyTorch SDPA on a contiguous (unpaged) cache of the same shape and FlexAttention.
 
     python bench/decode_attention.py [--out PATH] [--block-size 16] [--no-flex] [--shapes 0,2] [--plans v4,v3]
+                                     [--head-major]
 
 --plans: time our kernel under each plan (OPPO_DECODE_PLAN: v2, v3, v4) in the same run; the first
 is the `ours` column, the others get `ours_<plan>` columns. Default: the environment's plan (v3).
+--head-major: the first plan also on a pool of head-major pages ([2, Hkv, block_size, D]: a kv head's
+tokens of a page contiguous, as FlashInfer's HND layout), `ours_hm` columns (the layout A/B).
 Per plan the row also records the splits, the CTAs launched and the most items one CTA takes
 (from the Python mirror of the launcher's plan; v4 without split is a persistent grid).
 
@@ -36,23 +39,25 @@ SHAPES = [  # B, ctx, Hq, Hkv, D  (issue 7)
 ]
 
 
-def _plans() -> list[str]:
-    """--plans, taken out of argv before the shared setup parses the rest."""
+def _plans() -> tuple[list[str], bool]:
+    """--plans and --head-major, taken out of argv before the shared setup parses the rest."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--plans", default=None)
+    pre.add_argument("--head-major", action="store_true")
     known, rest = pre.parse_known_args()
     sys.argv = sys.argv[:1] + rest
     if known.plans is None:
-        return [os.environ.get("OPPO_DECODE_PLAN") or "v3"]
+        return [os.environ.get("OPPO_DECODE_PLAN") or "v3"], known.head_major
     plans = [p.strip() for p in known.plans.split(",") if p.strip()]
     assert plans and all(p in ("v2", "v3", "v4") for p in plans), f"--plans takes v2/v3/v4, got {known.plans!r}"
-    return plans
+    return plans, known.head_major
 
 
 def main() -> None:
-    plans = _plans()
+    plans, head_major = _plans()
     args, flex, _ = attention_bench_setup(__doc__)
-    from oppo_runtime.ops.attention import paged_decode_grid, paged_decode_plan, paged_decode_resident_ctas
+    from oppo_runtime.ops.attention import (paged_decode_attention_ref, paged_decode_grid, paged_decode_plan,
+                                            paged_decode_resident_ctas)
     env_plan = os.environ.get("OPPO_DECODE_PLAN")
 
     info = device_info()
@@ -95,6 +100,25 @@ def main() -> None:
                 else:
                     os.environ["OPPO_DECODE_PLAN"] = env_plan
         row["plan"] = plans[0]
+        if head_major:   # the first plan again on head-major pages of the same shape (layout A/B)
+            os.environ["OPPO_DECODE_PLAN"] = plans[0]
+            try:
+                kh, vh, bth = paged_pool(B, ctx, Hkv, D, args.block_size, dtype, head_major=True)
+                oh = torch.empty_like(q)
+                ms = time_ms(lambda: torch.ops.oppo.paged_decode_attention(oh, q, kh, vh, bth, ctx_lens, scale))
+                row["ours_hm_us"] = ms * 1e3
+                row["ours_hm_frac_copy_bw"] = nbytes / (ms * 1e-3) / bw
+                ref_h = paged_decode_attention_ref(q, kh, vh, bth, ctx_lens, scale).float()
+                row["rel_err_hm"] = float((oh.float() - ref_h).norm() / ref_h.norm())
+                del kh, vh, ref_h
+            except Exception as e:  # noqa: BLE001
+                row["ours_hm_error"] = f"{type(e).__name__}: {e}"[:300]
+                print(row["ours_hm_error"])
+            finally:
+                if env_plan is None:
+                    os.environ.pop("OPPO_DECODE_PLAN", None)
+                else:
+                    os.environ["OPPO_DECODE_PLAN"] = env_plan
         # Contiguous caches of the same content for the baselines.
         pos = torch.arange(ctx, device="cuda")
         blocks = bt[:, pos // args.block_size].long()
@@ -141,7 +165,9 @@ def main() -> None:
     for plan in plans[1:]:
         extra += [(f"splits_{plan}", f"splits {plan}", "d"), (f"ctas_{plan}", f"CTAs {plan}", "d"),
                   (f"ours_{plan}_us", f"{plan} us", ".1f"), (f"ours_{plan}_frac_copy_bw", f"{plan}/copy", ".3f")]
-    print(f"ours = plan {plans[0]}")
+    if head_major:
+        extra += [("ours_hm_us", "head-major us", ".1f"), ("ours_hm_frac_copy_bw", "head-major/copy", ".3f")]
+    print(f"ours = plan {plans[0]}" + ("; head-major = the same plan on head-major pages" if head_major else ""))
     print_table(rows, [("B", "B", "d"), ("ctx", "ctx", "d"), ("Hq", "Hq", "d"), ("Hkv", "Hkv", "d"), ("D", "D", "d"),
                        ("floor_us", "floor us", ".1f"), (f"splits_{plans[0]}", "splits", "d"),
                        (f"ctas_{plans[0]}", "CTAs", "d"), (f"items_per_cta_{plans[0]}", "items/CTA", "d"), ("ours_us", "ours us", ".1f"),

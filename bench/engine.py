@@ -147,12 +147,13 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fewer new tokens (smoke run)")
     ap.add_argument("--host-profile", action="store_true",
                     help="one more (untimed) generate of the 0.5B shape at B=64 under cProfile, to a .txt beside --out")
+    ap.add_argument("--shapes", default="qwen2.5-0.5b,qwen2.5-1.5b", help="comma-separated model shapes")
     args = ap.parse_args()
     info = device_info()
     bw = copy_bandwidth()
     new, plen = (64, 128) if args.quick else (512, 128)
     rows = []
-    for shape in ("qwen2.5-0.5b", "qwen2.5-1.5b"):
+    for shape in args.shapes.split(","):
         model = qwen_model(shape)
         wb = weight_bytes(model)
         L, Hkv, D = model.kv_geometry()

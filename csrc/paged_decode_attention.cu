@@ -246,6 +246,8 @@ void launch_decode_v4(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_
   p.q_s0 = q.stride(0);
   p.q_s1 = q.stride(1);
   p.page_stride = k_cache.stride(0);
+  p.row_stride = static_cast<int>(k_cache.stride(1));
+  p.head_stride = static_cast<int>(k_cache.stride(2));
   p.bt_stride = block_tables.stride(0);
   p.block_size = block_size;
   p.Hkv = Hkv;
@@ -302,7 +304,8 @@ void launch_decode(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cac
   kernel<<<grid, kDecodeThreads, smem, stream>>>(
       out.data_ptr(), out_f32, out.stride(0), out.stride(1), reinterpret_cast<const T*>(q.data_ptr()), q.stride(0),
       q.stride(1), reinterpret_cast<const T*>(k_cache.data_ptr()), reinterpret_cast<const T*>(v_cache.data_ptr()),
-      k_cache.stride(0), block_size, Hkv, block_tables.data_ptr<int>(), block_tables.stride(0),
+      k_cache.stride(0), static_cast<int>(k_cache.stride(1)), static_cast<int>(k_cache.stride(2)), block_size, Hkv,
+      block_tables.data_ptr<int>(), block_tables.stride(0),
       static_cast<int>(max_ctx), context_lens.data_ptr<int>(), ws_o_ptr, ws_lse_ptr, G, num_splits, plan.partition,
       scale_log2);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -338,8 +341,12 @@ void paged_decode_attention_cuda(at::Tensor& out, const at::Tensor& q, const at:
   TORCH_CHECK(block_tables.scalar_type() == at::kInt && context_lens.scalar_type() == at::kInt, op, ": block_tables/context_lens must be int32");
   TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == B && block_tables.stride(1) == 1, op, ": block_tables must be [B, max_blocks], rows contiguous");
   TORCH_CHECK(context_lens.dim() == 1 && context_lens.size(0) == B && context_lens.is_contiguous(), op, ": context_lens must be [B] contiguous");
-  TORCH_CHECK(k_cache.stride(3) == 1 && k_cache.stride(2) == D && k_cache.stride(1) == Hkv * D && v_cache.strides() == k_cache.strides(),
-              op, ": each page must be contiguous [block_size, Hkv, D] and K/V caches share strides");
+  // Pages token-major [block_size, Hkv, D] (the pool's layout) or head-major [Hkv, block_size, D]
+  // viewed as [block_size, Hkv, D]: any strides of a token row and a kv head with rows contiguous.
+  TORCH_CHECK(k_cache.stride(3) == 1 && v_cache.strides() == k_cache.strides(), op,
+              ": cache rows must be contiguous (stride 1 in D) and K/V caches share strides");
+  TORCH_CHECK(k_cache.stride(1) % 8 == 0 && k_cache.stride(2) % 8 == 0 && k_cache.stride(1) <= INT_MAX &&
+              k_cache.stride(2) <= INT_MAX, op, ": cache token/head strides must be multiples of 8 elements");
   TORCH_CHECK(q.stride(2) == 1 && out.stride(2) == 1, op, ": q/out inner dim must be contiguous");
   TORCH_CHECK(q.stride(0) % 8 == 0 && q.stride(1) % 8 == 0 && out.stride(0) % 4 == 0 && out.stride(1) % 4 == 0 &&
               k_cache.stride(0) % 8 == 0, op, ": strides must keep rows 16-byte aligned");

@@ -194,7 +194,9 @@ __device__ __forceinline__ void store_out4(void* out, bool out_f32, int64_t off,
 
 // out          [B, Hq, D]  (dtype T, or float32 when out_f32), strides o_s0, o_s1, inner contiguous
 // q            [B, Hq, D]  strides q_s0, q_s1, inner contiguous
-// k/v_cache    [num_blocks, block_size, Hkv, D], page stride page_stride
+// k/v_cache    [num_blocks, block_size, Hkv, D], strides (page_stride, row_stride, head_stride, 1):
+//              token-major pages (row_stride = Hkv * D, head_stride = D) or head-major ones viewed
+//              so (row_stride = D, head_stride = block_size * D)
 // block_tables [B, max_blocks] int32, row stride bt_stride; table_tokens = max_blocks * block_size
 //              (clamped to INT_MAX);  context_lens [B] int32, each <= table_tokens
 // ws_o         [B, Hq, num_splits, D] float;  ws_lse [B, Hq, num_splits] float  (num_splits > 1)
@@ -204,7 +206,8 @@ __global__ void __launch_bounds__(kDecodeThreads, DecodeCfg<D>::kMinBlocks)
 paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t o_s1,
                     const T* __restrict__ q, int64_t q_s0, int64_t q_s1,
                     const T* __restrict__ k_cache, const T* __restrict__ v_cache, int64_t page_stride,
-                    int block_size, int Hkv, const int* __restrict__ block_tables, int64_t bt_stride,
+                    int row_stride, int head_stride, int block_size, int Hkv,
+                    const int* __restrict__ block_tables, int64_t bt_stride,
                     int table_tokens, const int* __restrict__ context_lens, float* __restrict__ ws_o,
                     float* __restrict__ ws_lse, int G, int num_splits, int partition, float scale_log2) {
   using S = DecodeSmem<T, D, kStages>;
@@ -226,8 +229,7 @@ paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t 
   const int hq0 = kvh * G + qchunk * 16;
 
   const int* bt = block_tables + static_cast<int64_t>(b) * bt_stride;
-  const int row_stride = Hkv * D;
-  const int head_off = kvh * D;
+  const int head_off = kvh * head_stride;
 
   // Start-up, issued before the context length is known (nothing below waits for it until the
   // row offsets): the context length, Q's copy, and the pages of the first kStages tiles (bounded
@@ -462,6 +464,7 @@ struct DecodeV4Params {
   float* ws_lse;             // [B, Hq, num_splits]
   unsigned* tickets;         // [B * Hkv * q_chunks], zero before the launch (num_splits > 1)
   int64_t o_s0, o_s1, q_s0, q_s1, page_stride, bt_stride;
+  int row_stride, head_stride;  // cache strides of a token row and of a kv head (elements)
   int block_size, Hkv, G, q_chunks, table_tokens, num_splits, partition, num_items;
   float scale_log2;
   bool out_f32;
@@ -501,7 +504,7 @@ paged_decode_v4_kernel(const DecodeV4Params p) {
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int qr = lane >> 2, qc = lane & 3;
   const int nsplit = p.num_splits, q_chunks = p.q_chunks, per_b = p.Hkv * q_chunks;
-  const int row_stride = p.Hkv * D;
+  const int row_stride = p.row_stride;
   const int step = gridDim.x;
 
   // ---- producer cursor (the same values in every thread) ----
@@ -518,7 +521,7 @@ paged_decode_v4_kernel(const DecodeV4Params p) {
     if (item >= p.num_items) return true;
     const int split = item % nsplit, group = item / nsplit;
     p_b = group / per_b;
-    p_head = ((group / q_chunks) % p.Hkv) * D;
+    p_head = ((group / q_chunks) % p.Hkv) * p.head_stride;
     p_start = split * p.partition;
     if (split > 0 && p_start >= c) return false;
     p_end = min(c, p_start + p.partition);

@@ -33,13 +33,15 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 class PagedKV:
     """K/V caches of one layer as strided views of a pool page [layers, 2, block_size, Hkv, D]."""
 
-    def __init__(self, num_blocks, block_size, Hkv, D, dtype, layers=2, layer=1, seed=None):
+    def __init__(self, num_blocks, block_size, Hkv, D, dtype, layers=2, layer=1, seed=None, head_major=False):
         g = torch.Generator(device="cuda")
         g.manual_seed(seed if seed is not None else torch.seed() % (2**31))
         page_elems = layers * 2 * block_size * Hkv * D
         self.pool = (torch.rand(num_blocks, page_elems, device="cuda", generator=g) * 2 - 1).mul_(GARBAGE).to(dtype)
         one = block_size * Hkv * D
         shape, stride = (num_blocks, block_size, Hkv, D), (page_elems, Hkv * D, D, 1)
+        if head_major:   # pages [Hkv, block_size, D] viewed as [block_size, Hkv, D] (decode only)
+            stride = (page_elems, D, block_size * D, 1)
         self.k = self.pool.as_strided(shape, stride, (2 * layer) * one)
         self.v = self.pool.as_strided(shape, stride, (2 * layer + 1) * one)
         self.block_size, self.num_blocks, self.g = block_size, num_blocks, g
@@ -109,10 +111,10 @@ def test_kv_append_strided_rows():
 
 
 # ----------------------------------------------------------------------------- decode
-def _decode_run(B, Hq, Hkv, D, block_size, lens, dtype, out_dtype, extra_blocks=1, scale=None):
+def _decode_run(B, Hq, Hkv, D, block_size, lens, dtype, out_dtype, extra_blocks=1, scale=None, head_major=False):
     """Kernel vs reference on fresh pages; also the bytes of workspace the call allocated (0: no split)."""
     kv = PagedKV(num_blocks=sum(math.ceil(n / block_size) for n in lens) + 7, block_size=block_size,
-                 Hkv=Hkv, D=D, dtype=dtype)
+                 Hkv=Hkv, D=D, dtype=dtype, head_major=head_major)
     bt = kv.tables(lens, extra_blocks=extra_blocks)
     kv.fill(bt, lens)
     ctx = torch.tensor(lens, dtype=torch.int32, device="cuda")
@@ -182,6 +184,20 @@ def test_decode_kernel_error_in_float32_out(monkeypatch, plan, dtype, shape):
     lens[0] = max_len
     out, ref = _decode_case(B, Hq, Hkv, D, bs, lens, dtype, torch.float32)
     assert rel_err(out, ref) < TOL_F32_OUT[dtype]
+
+
+@pytest.mark.parametrize("plan", PLANS)
+@pytest.mark.parametrize("shape", [DECODE_SHAPES[i] for i in (0, 1, 2, 4, 5)])
+def test_decode_head_major_pages(monkeypatch, plan, shape):
+    """Pages laid out [Hkv, block_size, D] (viewed [block_size, Hkv, D]): the kernels take the token
+    and head strides from the cache, so the layout A/B of bench/decode_attention.py --head-major
+    times a correct kernel. Splits included (the 2100-token case)."""
+    _use_plan(monkeypatch, plan)
+    B, Hq, Hkv, D, bs, max_len = shape
+    lens = torch.randint(1, max_len + 1, (B,)).tolist()
+    lens[0] = max_len
+    out, ref, _ = _decode_run(B, Hq, Hkv, D, bs, lens, torch.bfloat16, torch.float32, head_major=True)
+    assert rel_err(out, ref) < TOL_F32_OUT[torch.bfloat16]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -56,6 +56,26 @@ def test_decode_reference_equals_attention_by_hand_on_shuffled_pages(Hq, Hkv):
         torch.testing.assert_close(out[b:b + 1], dense_attention(q[b:b + 1], k, v, L - 1))
 
 
+def test_decode_takes_head_major_pages_and_refuses_other_layouts():
+    """Decode accepts pages [Hkv, block_size, D] viewed as [block_size, Hkv, D] (same answer as the
+    pool's token-major pages); prefill and pages whose rows are not contiguous are refused."""
+    block_size, Hq, Hkv, D, lens = 4, 4, 2, 8, [3, 9]
+    k_cache, v_cache = paged(6, block_size, Hkv, D)
+    k_hm = k_cache.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)   # same values, head-major memory
+    v_hm = v_cache.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)
+    assert k_hm.stride() == (block_size * Hkv * D, D, block_size * D, 1)
+    tables = torch.tensor([[4, 1, 0], [2, 5, 3]], dtype=torch.int32)
+    q = torch.randn(2, Hq, D, dtype=torch.float64)
+    ctx = torch.tensor(lens, dtype=torch.int32)
+    torch.testing.assert_close(paged_decode_attention(q, k_hm, v_hm, tables, ctx, 0.3),
+                               paged_decode_attention(q, k_cache, v_cache, tables, ctx, 0.3), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="each page of the cache must be contiguous"):
+        paged_prefill_attention(q, k_hm, v_hm, torch.tensor([0, 1, 2], dtype=torch.int32), ctx, tables, 0.3)
+    k_bad = k_cache.transpose(2, 3).contiguous().transpose(2, 3)          # D not the inner dim
+    with pytest.raises(ValueError, match="each page of the cache must be contiguous"):
+        paged_decode_attention(q, k_bad, k_bad, tables, ctx, 0.3)
+
+
 def test_prefill_reference_is_bottom_right_causal_over_the_prefix():
     block_size, Hq, Hkv, D = 4, 4, 2, 8
     k_cache, v_cache = paged(16, block_size, Hkv, D)

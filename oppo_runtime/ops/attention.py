@@ -34,12 +34,18 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _check_cache(name: str, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+def _check_cache(name: str, k_cache: torch.Tensor, v_cache: torch.Tensor, head_major_ok: bool = False) -> None:
+    """The pool's layout: pages [block_size, Hkv, D] contiguous. ``head_major_ok`` (decode) also
+    accepts head-major pages [Hkv, block_size, D] viewed as [block_size, Hkv, D] (rows contiguous,
+    K and V with equal strides)."""
     if k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
         raise ValueError(f"{name}: k_cache/v_cache must both be [num_blocks, block_size, Hkv, D], "
                          f"got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
     if k_cache.dtype != v_cache.dtype:
         raise ValueError(f"{name}: k_cache and v_cache dtypes differ ({k_cache.dtype}, {v_cache.dtype})")
+    if head_major_ok and k_cache.stride() == v_cache.stride() and \
+            k_cache[0].stride() == (k_cache.shape[3], k_cache.shape[1] * k_cache.shape[3], 1):
+        return
     for c in (k_cache, v_cache):
         if c[0].stride() != (c.shape[2] * c.shape[3], c.shape[3], 1):
             raise ValueError(f"{name}: each page of the cache must be contiguous [block_size, Hkv, D]")
@@ -221,7 +227,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
     """CUDA kernel (bf16/fp16, head_dim 64/128) or the reference. Split plan: see
     ``paged_decode_plan``; ``OPPO_DECODE_PLAN=v2`` selects the previous plan (A/B timing),
     ``OPPO_DECODE_PLAN=v4`` the one-launch kernel (last-CTA merge, persistent grid)."""
-    _check_cache("paged_decode_attention", k_cache, v_cache)
+    _check_cache("paged_decode_attention", k_cache, v_cache, head_major_ok=True)
     if q.dim() != 3 or q.shape[2] != k_cache.shape[3] or q.shape[1] % k_cache.shape[2]:
         raise ValueError(f"paged_decode_attention: q must be [B, Hq, {k_cache.shape[3]}] with Hq a "
                          f"multiple of Hkv={k_cache.shape[2]}, got {tuple(q.shape)}")
