@@ -109,6 +109,15 @@ def test_greedy_logprobs_equal_log_softmax(tiny_llama):
     torch.testing.assert_close(torch.tensor(s.logprobs), want, atol=1e-3, rtol=0)
 
 
+def test_warmup_refuses_requests_in_flight_and_is_a_no_op_on_cpu(tiny_llama):
+    _, model = tiny_llama
+    eng = ActorEngine(model, make_pool(model, 64))
+    assert eng.warmup() == 0                         # no CUDA graphs on the CPU
+    eng.add_request(prompts(1)[0], SamplingParams(max_new_tokens=3))
+    with pytest.raises(RuntimeError, match="warmup.*in flight"):
+        eng.warmup()
+
+
 def test_stops_on_eos_stop_tokens_and_target_length(tiny_llama):
     _, model = tiny_llama
     p = prompts(1, seed=11)[0]

@@ -68,6 +68,27 @@ def test_cuda_graph_decode_equals_eager_decode():
                                torch.tensor([lp for _, l in outs[1] for lp in l]), atol=1e-3, rtol=0)
 
 
+def test_warmup_captures_every_decode_graph_up_front():
+    """After warmup() a generation whose batch shrinks through every size captures nothing more,
+    and its tokens equal a lazily capturing engine's."""
+    if not ops.has_cuda_kernels():
+        pytest.skip("CUDA kernels not built")
+    m = model()
+    ps = prompts(20, seed=4)
+    sp = SamplingParams(temperature=1.0, max_new_tokens=40)
+    lens = [1 + 2 * i for i in range(20)]          # one finishes every 2 steps: every batch size is met
+    lazy = ActorEngine(m, pool_for(m, 256), EngineConfig(seed=5))
+    want = [s.output_ids for s in lazy.generate(ps, sp, target_lens=lens)]
+    eng = ActorEngine(m, pool_for(m, 256), EngineConfig(seed=5))
+    n = eng.warmup()
+    assert n == len(eng.runner.graph_batch_sizes) and set(eng.runner.graphs) == set(eng.runner.graph_batch_sizes)
+    captured = dict(eng.runner.graphs)
+    assert eng.warmup() == 0
+    got = [s.output_ids for s in eng.generate(ps, sp, target_lens=lens)]
+    assert got == want
+    assert all(eng.runner.graphs[bs] is captured[bs] for bs in captured), "a graph was captured again"
+
+
 def test_behaviour_logprobs_match_a_dense_forward_in_bf16():
     m = model()
     ps = prompts(16, seed=4)

@@ -66,6 +66,23 @@ def test_cuda_spans_resolve_relative_to_the_reference_event():
     assert s.args == {"chunk": 0}
 
 
+def test_clear_drops_unresolved_cuda_spans_of_a_warm_up():
+    tl = Timeline(use_cuda=True, event_factory=FakeEvent)
+    FakeEvent.clock_ms = 0.0
+    tl.cuda_span_begin("critic/stream B", "warm-up prefill")
+    FakeEvent.clock_ms = 5.0
+    tl.cuda_span_end("critic/stream B", "warm-up prefill")
+    tl.add("actor", "warm-up decode", 0.0, 0.01)
+    tl.clear()
+    FakeEvent.clock_ms = 100.0
+    tl.mark_reference()
+    tl.cuda_span_begin("critic/stream B", "prefill")
+    FakeEvent.clock_ms = 110.0
+    tl.cuda_span_end("critic/stream B", "prefill")
+    tl.resolve()
+    assert [s.name for s in tl.spans] == ["prefill"]
+
+
 def test_resolve_refuses_open_spans():
     tl = Timeline(use_cuda=False)
     tl.cuda_span_begin("actor/stream A", "decode")

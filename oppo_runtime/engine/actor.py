@@ -84,6 +84,23 @@ class ActorEngine:
         self.stream = (torch.cuda.Stream(self.runner.device, priority=-100)
                        if self.runner.device.type == "cuda" else None)
 
+    def warmup(self) -> int:
+        """Capture every decode CUDA graph now (on the engine's stream), instead of lazily inside
+        the generations that first reach each batch size. Returns the number captured (0 on the
+        CPU or with enforce_eager). Needs no request in flight."""
+        if self.has_unfinished():
+            raise RuntimeError(f"{self.name}: warmup() with requests in flight")
+        if self.stream is None:
+            return self.runner.capture_decode_graphs()
+        self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
+        with torch.cuda.stream(self.stream):
+            n = self.runner.capture_decode_graphs()
+        torch.cuda.current_stream(self.stream.device).wait_stream(self.stream)
+        if n:
+            log.info("%s: captured %d decode CUDA graphs (batch sizes %s)", self.name, n,
+                     ",".join(map(str, self.runner.graph_batch_sizes)))
+        return n
+
     # ------------------------------------------------------------------ requests
     def add_chunk_consumer(self, fn: Callable[[list[Chunk]], None]) -> None:
         self._consumers.append(fn)

@@ -352,6 +352,20 @@ class ModelRunner:
         graph.replay()
         return st["hidden"][:B]
 
+    def capture_decode_graphs(self) -> int:
+        """Capture the decode graph of every batch size not captured yet (what `_graph_decode`
+        would otherwise do lazily, the first time a step has that many sequences); returns how many
+        were captured. Call it before timing, or before the first step, so that no capture (tens
+        of ms each) falls inside a generation."""
+        if not self.use_graphs:
+            return 0
+        if self._graph_generation != self.view.pool.generation:
+            self.reset_graphs()
+        todo = [bs for bs in self.graph_batch_sizes if bs not in self.graphs]
+        for bs in todo:
+            self._capture(bs)
+        return len(todo)
+
     def _capture(self, bs: int) -> None:
         dev = self.device
         st = {

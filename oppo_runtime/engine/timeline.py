@@ -74,6 +74,15 @@ class Timeline:
         self._pending: list[tuple] = []
 
     # ------------------------------------------------------------------ recording
+    def clear(self) -> None:
+        """Forget everything recorded so far: spans, and CUDA spans not yet resolved (a warm-up's
+        events would otherwise turn into spans at the next resolve())."""
+        if self._open:
+            raise RuntimeError(f"clear() with spans still open: {sorted(self._open)}")
+        self.spans.clear()
+        self._pending.clear()
+        self._ref = None
+
     def now(self) -> float:
         return time.perf_counter() - self.t0
 

@@ -148,6 +148,7 @@ class PPOTrainer:
         self.engine = ActorEngine(self.engine_actor, self.pool, EngineConfig(
             max_num_seqs=r.batch_size + (r.delta_max if inter else 0), max_num_batched_tokens=r.max_num_batched_tokens,
             max_model_len=max_len, chunk_size=r.chunk_size, seed=run.seed), eos_token_id=self.tokenizer.eos_token_id)
+        self.engine.warmup()      # every decode graph now, not inside the first steps' rollouts
         scorers = []
         if reward is not None:
             scorers.append(Scorer("reward", reward, self.pool, "reward", max_model_len=max_len,
