@@ -392,13 +392,18 @@ def run_mode(mode: str, p: dict, paths: dict, prompt_file: Path, work: Path, arg
                    "deferred": m["oppo/num_deferred"], "stale_finished": m["oppo/num_stale_finished"],
                    "preemptions": m["oppo/preemptions"], "chunk_size": m["oppo/chunk_size"],
                    "hidden_fraction": m["oppo/hidden_fraction"], "alloc_retries": m.get("memory/alloc_retries"), **st,
+                   # device seconds of the update's phases (old log-probs, actor, critic, optimizer)
+                   "update_phases": {k[len("timing_s/update_"):]: v for k, v in m.items()
+                                     if k.startswith("timing_s/update_")},
                    "busy": sampler.busy([(t0, t1)]), "timed": i >= args.warmup}
             steps.append(rec)
             if rec["timed"]:
                 windows.append((t0, t1))
             print(f"  [{mode}] step {i}{'' if rec['timed'] else ' (warm-up)'}: {rec['wall_s']:.2f} s, "
                   f"rollout {rec['rollout_s']:.2f}, not hidden scoring {st['exposed_score_s']:.2f}, "
-                  f"train {rec['train_s']:.2f}, {rec['generated_tokens']} tokens generated, "
+                  f"train {rec['train_s']:.2f} ("
+                  + ", ".join(f"{k} {v:.2f}" for k, v in rec["update_phases"].items())
+                  + f"), {rec['generated_tokens']} tokens generated, "
                   f"deferred {rec['deferred']}, busy {rec['busy']}, allocator retries {rec['alloc_retries']}",
                   flush=True)
             if time.perf_counter() > deadline and windows and i + 1 < total:
@@ -428,6 +433,8 @@ def run_mode(mode: str, p: dict, paths: dict, prompt_file: Path, work: Path, arg
         "exposed_score_s": _median([s["exposed_score_s"] for s in timed]),
         "score_union_s": _median([s["score_union_s"] for s in timed]),
         "train_s": _median([s["train_s"] for s in timed]),
+        "update_phases_s": {k: _median([s["update_phases"].get(k, 0.0) for s in timed])
+                            for k in dict.fromkeys(k for s in timed for k in s["update_phases"])},
         "gen_tok_s": sum(s["generated_tokens"] for s in timed) / sum(s["wall_s"] for s in timed),
         "trained_tok_s": sum(s["trained_tokens"] for s in timed) / sum(s["wall_s"] for s in timed),
         "generated_tokens_per_step": _mean([s["generated_tokens"] for s in timed]),

@@ -169,6 +169,23 @@ def test_releasing_the_pool_for_training_changes_nothing(tmp_path):
     assert_same_metrics(metrics(tmp_path / "keep"), metrics(tmp_path / "release"), tol=1e-12)
 
 
+def test_update_phases_are_timed_in_metrics_and_timeline(tmp_path):
+    """The update's phases (old log-probs, actor, critic, optimizer) are spans of the step's
+    "update" lane, inside the train span, and their seconds are metrics."""
+    t = PPOTrainer(cfg(tmp_path, "intra", 2, "ppo.micro_batch_size=2"))
+    t.train()
+    m = metrics(tmp_path)[-1]
+    phases = {k: v for k, v in m.items() if k.startswith("timing_s/update_")}
+    assert set(phases) == {f"timing_s/update_{p}" for p in ("old_logprob", "actor", "critic", "optimizer")}
+    assert all(v > 0 for v in phases.values())
+    tl = t.last_timeline
+    (train,) = [s for s in tl.spans if s.lane == "train"]
+    upd = [s for s in tl.spans if s.lane == "update"]
+    assert len([s for s in upd if s.args["phase"] == "actor"]) >= 2       # one span per micro-batch
+    assert all(train.start_s <= s.start_s and s.end_s <= train.end_s + 1e-6 for s in upd)
+    assert sum(phases.values()) <= m["timing_s/train"] + 1e-6
+
+
 def test_micro_batches_group_by_length_and_bound_tokens():
     from oppo_runtime.ppo.trainer import micro_batches
     import random

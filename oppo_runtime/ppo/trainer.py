@@ -11,6 +11,7 @@ recomputed when they are finally scored, reward and reference KV are kept (froze
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -75,6 +76,39 @@ def micro_batches(idx: list[int], seq_tokens: list[int], size: int, max_tokens: 
         cur_tokens += seq_tokens[i]
     out.append(cur)
     return out
+
+
+UPDATE_LANE = "update"
+
+
+class _Phases:
+    """Phases of the PPO update as spans of the timeline's "update" lane: CUDA events on the
+    current stream (no sync; resolved with the step's timeline), the host clock on the CPU. One
+    phase is open at a time (begin() ends the open one); `phase` in the span's args names it for
+    the metrics."""
+
+    def __init__(self, tl: Timeline | None):
+        self.tl, self.open = tl, None
+
+    def begin(self, phase: str, name: str) -> None:
+        if self.tl is None:
+            return
+        self.end()
+        self.open = name
+        self.tl.cuda_span_begin(UPDATE_LANE, name, phase=phase, kind="train")
+
+    def end(self) -> None:
+        if self.open is not None:
+            self.tl.cuda_span_end(UPDATE_LANE, self.open)
+            self.open = None
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str, name: str):
+        self.begin(phase, name)
+        try:
+            yield
+        finally:
+            self.end()
 
 
 def _copy_for_engine(model, dtype, kind):
@@ -316,13 +350,20 @@ class PPOTrainer:
             keep = [o for o in self.pool.owners() if o[1] in self.rollout.in_flight]
             self.pool.release(keep=keep)
         with tl.span("train", "train"), timer("train"):
-            stats = self._update(results)
+            stats = self._update(results, tl)
         if r.release_pool_in_training:
             self.pool.reacquire()
         self.version += 1
         with timer("sync_weights"):
             self._sync_weights()
         tl.resolve()
+        # device seconds of each phase of the update (the "update" lane: CUDA events on the
+        # training stream, host clock on the CPU), to see what the train time is made of
+        phases = {}
+        for sp in tl.spans:
+            if sp.lane == UPDATE_LANE:
+                key = sp.args.get("phase", sp.name)
+                phases[key] = phases.get(key, 0.0) + sp.duration_s
 
         # ---------------------------------------------------------------- metrics
         lens = [len(x.seq.output_ids) for x in results]
@@ -357,6 +398,7 @@ class PPOTrainer:
             "timing_s/score": self.rollout.stats["score_s"],
             "timing_s/engine_host": es["host_s"],
             **timer.metrics(),
+            **{f"timing_s/update_{k}": v for k, v in phases.items()},
             "perf/throughput": total_tokens / step_s,
             "perf/gen_throughput": es["generated_tokens"] / max(self.rollout.stats["actor_s"], 1e-9),
             **self._memory_metrics(),
@@ -463,8 +505,9 @@ class PPOTrainer:
         out = flat.new_zeros(len(lens), int(n.max()))
         return out.index_put((self._h2d(rows, torch.long), self._h2d(cols, torch.long)), flat)
 
-    def _update(self, results: list[ScoredSequence]) -> dict:
+    def _update(self, results: list[ScoredSequence], tl: Timeline | None = None) -> dict:
         cfg, p = self.cfg, self.cfg.ppo
+        phase = _Phases(tl)
         B = len(results)
         lens = [len(x.seq.output_ids) for x in results]
         mask = self._pad(self._h2d([1.0] * sum(lens), self.acc), lens)
@@ -484,10 +527,11 @@ class PPOTrainer:
         with torch.no_grad():
             if p.old_logprob == "recompute":
                 per_seq: list = [None] * B
-                for sub in micro_batches(list(range(B)), seq_tokens, mb, mb_tokens):
-                    lp_sub = self._forward(self.actor, [results[i] for i in sub], "actor")[0]
-                    for i, piece in zip(sub, torch.split(lp_sub, [lens[i] for i in sub])):
-                        per_seq[i] = piece
+                with phase("old_logprob", "old log-probs"):
+                    for sub in micro_batches(list(range(B)), seq_tokens, mb, mb_tokens):
+                        lp_sub = self._forward(self.actor, [results[i] for i in sub], "actor")[0]
+                        for i, piece in zip(sub, torch.split(lp_sub, [lens[i] for i in sub])):
+                            per_seq[i] = piece
                 old_lp = self._pad(torch.cat(per_seq).to(self.acc), lens)
             else:
                 old_lp = behaviour
@@ -526,6 +570,7 @@ class PPOTrainer:
                         return t.index_select(0, sub_t)[:, :sub_T]
                     m = rows(mask)
                     w = sum(sub_lens) / tokens if p.loss_agg_mode == "token-mean" else len(sub) / len(idx)
+                    phase.begin("actor", "actor fwd+bwd")
                     lp, ent = self._forward(self.actor, items, "actor", with_entropy=True)
                     lp = self._pad(lp.to(self.acc), sub_lens)
                     pl, st = algo.policy_loss(lp, rows(old_lp), rows(adv), m, p.clip_ratio,
@@ -538,11 +583,13 @@ class PPOTrainer:
                         loss = loss + p.kl_coef * kll
                         agg["policy/kl_loss_avg"].append(kll.detach())
                     (loss * w).backward()
+                    phase.begin("critic", "critic fwd+bwd")
                     v, _ = self._forward(self.critic, items, "critic")
                     v = self._pad(v.to(self.acc), sub_lens)
                     vl, vst = algo.value_loss(v, rows(old_values), rows(returns), m,
                                               p.cliprange_value, p.loss_agg_mode)
                     (p.vf_coef * vl * w).backward()
+                    phase.end()
                     # statistics stay on the device until the update is over (a float() here
                     # would drain the queue every micro-batch and expose the host's launch time)
                     agg["loss/policy_avg"].append(pl.detach())
@@ -553,13 +600,16 @@ class PPOTrainer:
                     agg["val/ratio"].append(st["ratio_mean"])
                     agg["val/clipfrac_avg"].append(vst["vf_clipfrac"])
                     agg["policy/entropy_avg"].append(algo.masked_mean(ent_pad.detach(), m))
+                phase.begin("optimizer", "clip+optimizer")
                 gn_a = torch.nn.utils.clip_grad_norm_(self.actor.parameters(), cfg.optim.max_grad_norm)
                 gn_c = torch.nn.utils.clip_grad_norm_(self.critic.parameters(), cfg.optim.max_grad_norm)
                 if not (torch.isfinite(gn_a) and torch.isfinite(gn_c)):
+                    phase.end()
                     raise FloatingPointError(f"step {self.step_idx}: non-finite gradient norm (actor {float(gn_a)}, "
                                              f"critic {float(gn_c)}); weights left as they were before this step")
                 self.opt_actor.step()
                 self.opt_critic.step()
+                phase.end()
                 agg["policy/grad_norm"].append(gn_a.detach())
                 agg["val/grad_norm"].append(gn_c.detach())
         self.sched_actor.step()
