@@ -51,7 +51,49 @@ def gpu_only_ms(eng, B, iters=20):
     return a.elapsed_time(b) / iters
 
 
-def ours(model, prompts, new, B, async_decode=True, host_profile: str | None = None):
+def kernel_profile(eng, B, path: str, iters=10) -> dict:
+    """The device's decode step kernel by kernel: `gpu_only_ms`'s step (graph replay, LM head,
+    sampler) under torch.profiler (CUDA activity; kernels inside graph replays are recorded one by
+    one). Writes a table per kernel name to `path`; returns kernels per step and their summed
+    time per step (against the step's wall time on the device, the difference is the gaps
+    between kernels)."""
+    from torch.profiler import ProfilerActivity, profile
+    r = eng.runner
+    bs = next(s for s in r.graph_batch_sizes if s >= B)
+    graph, st = r.graphs[bs]
+    dev = st["input_ids"].device
+    args = (torch.ones(B, device=dev), torch.zeros(B, dtype=torch.long, device=dev), torch.ones(B, device=dev), 0,
+            torch.arange(B, device=dev), torch.full((B,), 300, dtype=torch.long, device=dev))
+
+    def one():
+        graph.replay()
+        ops.sample_tokens(eng.model.compute_logits(st["hidden"][:B]), *args)
+
+    for _ in range(3):
+        one()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            one()
+        torch.cuda.synchronize()
+    ka = prof.key_averages()
+    dev_us = lambda e: getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)  # noqa: E731
+    kern = [e for e in ka if dev_us(e) > 0]
+    total_us = sum(dev_us(e) for e in kern) / iters
+    count = sum(e.count for e in kern) / iters
+    rows = sorted(kern, key=dev_us, reverse=True)
+    lines = [f"decode step kernels, B={B} (graph of batch {bs}) + LM head + sampler, {iters} steps profiled: "
+             f"{count:.0f} kernels per step, {total_us:.1f} us of kernel time per step", "",
+             f"{'us/step':>9} {'calls/step':>10} {'us/call':>8}  kernel"]
+    for e in rows:
+        lines.append(f"{dev_us(e) / iters:9.1f} {e.count / iters:10.1f} {dev_us(e) / e.count:8.2f}  {e.key[:150]}")
+    Path(path).write_text("\n".join(lines) + "\n")
+    print(f"  kernel profile B={B}: {count:.0f} kernels, {total_us:.0f} us per step -> {path}", flush=True)
+    return {"kernels_per_step": count, "kernel_us_per_step": total_us}
+
+
+def ours(model, prompts, new, B, async_decode=True, host_profile: str | None = None,
+         kernel_profile_path: str | None = None):
     g = KVGeometry(*model.kv_geometry(), torch.bfloat16)
     pb = PagePool.page_bytes_for([g], 16)
     ctx = len(prompts[0]) + new
@@ -72,6 +114,8 @@ def ours(model, prompts, new, B, async_decode=True, host_profile: str | None = N
         if acc["gpu_ms"] is None and eng.stats["decode_steps"] == new // 2:
             tp = time.perf_counter()
             acc["gpu_ms"] = gpu_only_ms(eng, B) if eng.runner.graphs else float("nan")
+            if kernel_profile_path and eng.runner.graphs:
+                acc["kernels"] = kernel_profile(eng, B, kernel_profile_path)
             acc["probe_s"] += time.perf_counter() - tp
 
     eng.step_hooks.append(hook)
@@ -108,7 +152,7 @@ def ours(model, prompts, new, B, async_decode=True, host_profile: str | None = N
     return {"ours_s": wall, "ours_tok_s": B * new / wall, "decode_steps": steps,
             "step_ms": 1e3 * decode_wall / steps, "gpu_ms": acc["gpu_ms"],
             "host_ms": 1e3 * eng.stats["host_s"] / (steps + eng.stats["prefill_steps"]),
-            "graphs": eng.runner.use_graphs}
+            "graphs": eng.runner.use_graphs, **acc.get("kernels", {})}
 
 
 def hf_generate(model, prompts, new):
@@ -147,6 +191,9 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fewer new tokens (smoke run)")
     ap.add_argument("--host-profile", action="store_true",
                     help="one more (untimed) generate of the 0.5B shape at B=64 under cProfile, to a .txt beside --out")
+    ap.add_argument("--kernel-profile", action="store_true",
+                    help="the device's decode step kernel by kernel (torch.profiler), per shape and batch, to "
+                         "engine_kernels_<shape>_B<B>.txt beside --out")
     ap.add_argument("--shapes", default="qwen2.5-0.5b,qwen2.5-1.5b", help="comma-separated model shapes")
     args = ap.parse_args()
     info = device_info()
@@ -162,7 +209,11 @@ def main():
             g = torch.Generator().manual_seed(B)
             prompts = torch.randint(0, model.config.vocab_size, (B, plen), generator=g).tolist()
             r = {"shape": shape, "batch": B, "prompt": plen, "new": new}
-            r.update(ours(model, prompts, new, B))
+            kp = (str(results_path("engine", args.out).parent / f"engine_kernels_{shape}_B{B}.txt")
+                  if args.kernel_profile else None)
+            r.update(ours(model, prompts, new, B, kernel_profile_path=kp))
+            if "kernel_us_per_step" in r:   # kernels' own time vs the device step: the rest is gaps
+                r["kernel_gap_frac"] = max(0.0, 1 - r["kernel_us_per_step"] / (1e3 * r["gpu_ms"]))
             sync = ours(model, prompts, new, B, async_decode=False)
             r.update(sync_step_ms=sync["step_ms"], sync_host_ms=sync["host_ms"], sync_tok_s=sync["ours_tok_s"])
             r.update(hf_generate(model, prompts, new))
@@ -187,7 +238,8 @@ def main():
                        ("step_ms", "step ms", ".2f"), ("floor_ms", "floor ms", ".2f"),
                        ("step_over_floor", "step/floor", ".2f"), ("gpu_ms", "device ms", ".2f"),
                        ("gpu_over_floor", "device/floor", ".2f"), ("sync_step_ms", "sync step ms", ".2f"),
-                       ("host_ms", "host ms", ".2f"), ("host_exposed_frac", "host exposed", ".2f")])
+                       ("host_ms", "host ms", ".2f"), ("host_exposed_frac", "host exposed", ".2f"),
+                       ("kernels_per_step", "kernels/step", ".0f"), ("kernel_gap_frac", "gaps", ".2f")])
     summary = {
         "speedup_vs_hf_generate": min(r["speedup_vs_hf"] for r in rows),
         "step_over_floor": next(r["step_over_floor"] for r in rows if r["shape"] == "qwen2.5-0.5b" and r["batch"] == 256),
