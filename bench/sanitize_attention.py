@@ -4,7 +4,7 @@
 
 Covers kv_append, decode with one split and with several (plus the reduction), a context of 0,
 a group of 20 heads (two head chunks), the no-split plan of a batch that fills the machine (D=64,
-4-stage pipeline, contexts at tile edges), D=64 splits of exactly 4 tiles, the v2 plan, and
+3-stage pipeline, contexts at tile edges), D=64 splits of exactly 4 tiles, the v2 plan, and
 prefill with prefix 0, chunk 1 and a ragged batch. The v4 plan (OPPO_DECODE_PLAN=v4, one kernel):
 the same decode cases, plus a persistent grid with several short items per CTA (the tile stream
 crosses items; D=64 and D=128) and the split cases with the ticket counters in the workspace
@@ -58,7 +58,7 @@ def main():
     A.kv_append(key, value, k, v, slots, backend="cuda")
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     edges = [1, 63, 64, 65, 129, 0, 192, 193, 256, 257]
-    fill = [edges[i % len(edges)] for i in range(math.ceil(2 * sms / 2))]    # B * Hkv >= half the slots: 1 split
+    fill = [edges[i % len(edges)] for i in range(math.ceil(3 * sms / 2))]    # B * Hkv > half of 4 per SM: 1 split
     # v4 persistent: B * Hkv = 7 x SMs: 2-3 items per CTA for D=64 (3 CTAs per SM), 3-4 for D=128 (2)
     many = [edges[(3 * i) % len(edges)] for i in range(math.ceil(7 * sms / 2))]
     splits = [7000, 100, 0, 3000, 6999, 1, 64, 65]

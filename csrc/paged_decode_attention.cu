@@ -195,7 +195,7 @@ template <typename T, int D>
 void launch_decode_v4(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                       const at::Tensor& block_tables, const at::Tensor& context_lens, double scale) {
   using namespace oppo::attn;
-  constexpr int kStages = DecodeCfg<D>::kStages;
+  constexpr int kStages = DecodeCfg<D, true>::kStages;
   const DecodeShape sh(q, k_cache, block_tables);
   const int B = sh.B, Hq = sh.Hq, block_size = sh.block_size, Hkv = sh.Hkv, G = sh.G, q_chunks = sh.q_chunks;
   const int64_t max_ctx = sh.max_ctx;

@@ -5,8 +5,8 @@
 // K/V byte is read once per CTA whatever the group size. The CTA's 4 warps split each 64-token
 // tile 4 ways (16 tokens each) and keep their own running max / sum / output; the warps are
 // merged in shared memory at the end. K/V tiles stream through a kStages-deep cp.async
-// pipeline (DecodeCfg: 4 stages for D=64, 3 for D=128). With one split the CTA writes `out`
-// directly; with more, each split writes its normalised output and log-sum-exp (base 2) to the
+// pipeline (DecodeCfg: 3 stages, 4 CTAs per SM for D=64; 2 per SM for D=128). With one
+// split the CTA writes `out` directly; with more, each split writes its normalised output and log-sum-exp (base 2) to the
 // workspace and paged_decode_reduce_kernel merges them (plans v2, v3). paged_decode_v4_kernel
 // (plan v4, at the end of this file) does the same arithmetic in one launch: a persistent tile
 // stream over work items, and the splits merged by the last CTA of each group.
@@ -23,11 +23,15 @@ constexpr int kDecodeThreads = 128;
 constexpr int kDecodeTile = 64;  // tokens per pipeline stage (16 per warp)
 
 // Pipeline depth and the CTAs per SM the registers must allow (launch bounds), per head dim.
-// D=64: 4 stages = 74 KiB of smem -> 3 CTAs per SM on a 228 KiB SM (48 KiB in flight per CTA).
+// D=64 (v3): 3 stages = 55.5 KiB of smem -> 4 CTAs per SM on a 228 KiB SM (32 KiB in flight per
+//   CTA, 128 KiB per SM), registers capped at 128. With 4 stages (74 KiB, 3 per SM) the 512 CTAs
+//   of B=256 x 2 kv heads took 1.29 waves of 396 slots (0.60 of copy bandwidth on an H200); 528
+//   slots hold them in one wave.
+// D=64 (v4): 4 stages, 3 CTAs per SM (its 128-132 registers do not allow 4).
 // D=128: 3 stages = 103.5 KiB -> 2 CTAs per SM (64 KiB in flight per CTA).
-template <int D> struct DecodeCfg {
-  static constexpr int kStages = D == 64 ? 4 : 3;
-  static constexpr int kMinBlocks = D == 64 ? 3 : 2;
+template <int D, bool kV4 = false> struct DecodeCfg {
+  static constexpr int kStages = D == 64 ? (kV4 ? 4 : 3) : 3;
+  static constexpr int kMinBlocks = D == 64 ? (kV4 ? 3 : 4) : 2;
 };
 
 // Q (16 rows) is staged in the K buffer of the last pipeline slot: that slot is first written by
@@ -487,7 +491,7 @@ struct DecodeV4Smem {
 constexpr int kRecLast = 1, kRecFirst = 2;  // record flags (bits 0-1; nvalid in bits 2-31)
 
 template <typename T, int D, int kStages>
-__global__ void __launch_bounds__(kDecodeThreads, DecodeCfg<D>::kMinBlocks)
+__global__ void __launch_bounds__(kDecodeThreads, DecodeCfg<D, true>::kMinBlocks)
 paged_decode_v4_kernel(const DecodeV4Params p) {
   using S = DecodeV4Smem<T, D, kStages>;
   constexpr int kRow = S::kRow;

@@ -284,7 +284,7 @@ def test_decode_cuda_graph_replay(monkeypatch, plan, tickets):
     _check_decode_graph_replay(kv, bt, ctx, Hq, 0.088, min_ctx=1, max_len=max_len)
 
 
-# Contexts at and around the 64-token tile and the 4-stage (D=64) / 3-stage (D=128) prologue.
+# Contexts at and around the 64-token tile and the 3-stage pipeline prologue (v4 D=64: 4 stages).
 TILE_EDGE_LENS = [1, 2, 15, 16, 17, 63, 64, 65, 127, 128, 129, 191, 192, 193, 255, 256, 257, 300, 0]
 
 

@@ -148,8 +148,9 @@ def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, 
 # occupancy API instead, so on an unusual card the two may differ.
 _DECODE_TILE = 64
 _DECODE_MIN_PARTITION = 256
-_DECODE_STAGES = {64: 4, 128: 3}
-_DECODE_CTAS_BY_REGS = {64: 4, 128: 2}     # v3: 114-120 and 174-178 registers x 128 threads
+_DECODE_STAGES = {64: 3, 128: 3}
+_DECODE_V4_STAGES = {64: 4, 128: 3}
+_DECODE_CTAS_BY_REGS = {64: 4, 128: 2}     # v3: <= 128 (launch bounds) and 174-178 registers x 128 threads
 _DECODE_V4_CTAS_BY_REGS = {64: 3, 128: 2}  # v4: 128-132 and 188 registers x 128 threads
 _DECODE_V4_EXTRA_SMEM = 8 * 16 + 16        # v4: ring of 8 tile records + the ticket flag
 _DECODE_PLANS = ("v2", "v3", "v4")
@@ -168,11 +169,12 @@ def paged_decode_resident_ctas(head_dim: int, device=None, plan: str | None = No
     plan = _decode_plan_name(plan)
     props = torch.cuda.get_device_properties(device if device is not None else torch.cuda.current_device())
     row = (head_dim + 8) * 2
-    smem = _DECODE_STAGES[head_dim] * (2 * _DECODE_TILE * row + _DECODE_TILE * 8)
-    regs = _DECODE_CTAS_BY_REGS
+    stages, regs = _DECODE_STAGES, _DECODE_CTAS_BY_REGS
+    if plan == "v4":
+        stages, regs = _DECODE_V4_STAGES, _DECODE_V4_CTAS_BY_REGS
+    smem = stages[head_dim] * (2 * _DECODE_TILE * row + _DECODE_TILE * 8)
     if plan == "v4":
         smem += _DECODE_V4_EXTRA_SMEM
-        regs = _DECODE_V4_CTAS_BY_REGS
     per_sm = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
     return max(1, min(regs[head_dim], per_sm // (smem + 1024)))
 
