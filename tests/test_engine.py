@@ -231,3 +231,46 @@ def test_every_schedulable_batch_has_a_decode_graph_size():
         assert sizes[-1] == n and all(1 <= b <= n for b in sizes) and list(sizes) == sorted(set(sizes))
     assert EngineConfig(max_num_seqs=80).graph_batch_sizes[-2:] == (64, 80)
     assert EngineConfig(max_num_seqs=8, graph_batch_sizes=()).graph_batch_sizes == ()
+
+
+def test_decode_inputs_from_the_pool_mirror_equal_the_general_path(tiny_llama):
+    """The decode fast path of ModelRunner._context (block tables from the pool's row mirror)
+    gives the general path's ids, positions, slots, context lengths, cu_seqlens and, within each
+    sequence's pages, block tables; after interleaved growth, frees, reused rows and a rename."""
+    from oppo_runtime.engine.runner import Span
+    _, model = tiny_llama
+    pool = make_pool(model, 400)
+    eng = ActorEngine(model, pool)
+    view, T = eng.view, eng.view.tokens_per_page
+    g = torch.Generator().manual_seed(3)
+    lens = {}
+    for step in range(6):                       # interleaved growth: pages of a sequence scattered
+        for i in range(12):
+            lens[i] = lens.get(i, 0) + int(torch.randint(1, 9, (1,), generator=g))
+            view.ensure(i, lens[i] + 1)
+    for i in (2, 5):                            # freed rows, reused by new sequences
+        view.free(i)
+        del lens[i]
+    for i in (20, 21):
+        lens[i] = 30 + i
+        view.ensure(i, lens[i] + 1)
+    pool.rename((view.name, 7), (view.name, 70))
+    lens[70] = lens.pop(7)
+    pool.check()
+    spans = [Span(k, [int(k) % 50], n) for k, n in lens.items()]
+    r = eng.runner
+    fast = r._context(spans, view.pages)
+    slow = r._context(spans, lambda k: view.pages(k))
+    for a, b in zip(fast[:2], slow[:2]):
+        assert torch.equal(a, b)
+    fa, sl = fast[2], slow[2]
+    for name in ("slot_mapping", "context_lens", "cu_seqlens_q"):
+        assert torch.equal(getattr(fa, name), getattr(sl, name)), name
+    assert fa.block_tables.shape == sl.block_tables.shape and fa.is_decode and sl.is_decode
+    for row, (k, n) in enumerate(lens.items()):
+        used = -(-(n + 1) // T)
+        assert torch.equal(fa.block_tables[row, :used], sl.block_tables[row, :used])
+        assert fa.block_tables[row, :used].tolist() == view.pages(k)[:used]
+    with pytest.raises(RuntimeError, match="has 0 pages"):
+        r._context([Span(999, [1], 4)], view.pages)
+

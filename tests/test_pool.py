@@ -69,7 +69,7 @@ def test_invalid_pool_sizes_raise():
         PagePool(4, 1000)
 
 
-ops = st.lists(st.tuples(st.sampled_from(["grow", "free"]), st.sampled_from(["actor", "reward"]),
+ops = st.lists(st.tuples(st.sampled_from(["grow", "free", "rename"]), st.sampled_from(["actor", "reward"]),
                          st.integers(0, 5), st.integers(1, 40)), max_size=60)
 
 
@@ -88,10 +88,21 @@ def test_random_grow_and_free_never_leak_or_double_own(seq_ops):
                 assert pages[:len(before)] == before and len(pages) >= v.pages_for_tokens(n)
             except PoolExhausted:
                 assert v.pages(sid) == before
+        elif op == "rename":            # to a free id (the engine's quarantine), or a no-op
+            to = next(i for i in range(6, 20) if not v.pages(i))
+            assert pool.rename((model, sid), (model, to)) == len(before)
+            assert v.pages(to) == before and v.pages(sid) == []
         else:
             assert v.free(sid) == len(before)
-        pool.check()
+        pool.check()                    # includes the row mirror of the block tables
         assert sum(pool.usage().values()) == pool.num_pages
+        live = [i for i in range(20) if v.pages(i)]
+        if live:                        # the mirror's tables: each owner's pages first
+            width = max(len(v.pages(i)) for i in live) + 1
+            table, counts = v.block_table(live + [99], width)
+            for row, i in enumerate(live):
+                assert table[row, :counts[row]].tolist() == v.pages(i) and counts[row] == len(v.pages(i))
+            assert counts[-1] == 0 and not table[-1].any()
 
 
 # ------------------------------------------------------------------ scheduler properties

@@ -17,6 +17,7 @@ import logging
 import threading
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 __all__ = ["KVGeometry", "KVView", "PagePool", "PoolExhausted", "pool_pages_from_free_memory"]
@@ -100,6 +101,12 @@ class KVView:
     def free(self, seq_id) -> int:
         return self.pool.free((self.name, seq_id))
 
+    def block_table(self, seq_ids: list, width: int) -> tuple[np.ndarray, np.ndarray]:
+        """The block tables of ``seq_ids`` as one int64 array [B, width] and their page counts
+        [B], from the pool's row mirror (no per-page Python work). Entries past a sequence's pages
+        hold stale page ids or zeros: valid page indices, never read for its tokens."""
+        return self.pool.table_rows(self.name, seq_ids, width)
+
     def slot(self, pages: list[int], position: int) -> int:
         return pages[position // self.tokens_per_page] * self.tokens_per_page + position % self.tokens_per_page
 
@@ -118,6 +125,12 @@ class PagePool:
         self.views: dict[str, KVView] = {}
         self._kept: tuple[list[int], torch.Tensor] | None = None
         self._lock = threading.Lock()      # the actor and the scorer thread allocate concurrently
+        # Row mirror of _pages for building block tables with numpy: owner -> row of _table
+        # (its pages in order in the first _count[row] columns). Rows of freed owners are reused.
+        self._rows: dict[Owner, int] = {}
+        self._free_rows: list[int] = []
+        self._table = np.zeros((64, 64), dtype=np.int64)
+        self._count = np.zeros(64, dtype=np.int64)
 
     # ---------------------------------------------------------------- models
     def register(self, name: str, geometry: KVGeometry, tokens_per_page: int | None = None) -> KVView:
@@ -158,7 +171,52 @@ class PagePool:
             for p in got:
                 self._owner[p] = owner
             self._pages.setdefault(owner, []).extend(got)
+            self._mirror_append(owner, got)
             return got
+
+    def _mirror_append(self, owner: Owner, got: list[int]) -> None:
+        row = self._rows.get(owner)
+        if row is None:
+            if self._free_rows:
+                row = self._free_rows.pop()
+            else:
+                row = len(self._rows)
+                if row >= self._table.shape[0]:
+                    grow = self._table.shape[0]
+                    self._table = np.concatenate([self._table, np.zeros_like(self._table[:grow])])
+                    self._count = np.concatenate([self._count, np.zeros(grow, dtype=np.int64)])
+            self._rows[owner] = row
+            self._count[row] = 0
+        c = int(self._count[row])
+        need = c + len(got)
+        if need > self._table.shape[1]:
+            cols = max(need, 2 * self._table.shape[1])
+            self._table = np.concatenate(
+                [self._table, np.zeros((self._table.shape[0], cols - self._table.shape[1]), dtype=np.int64)], axis=1)
+        self._table[row, c:need] = got
+        self._count[row] = need
+
+    def _mirror_drop(self, owner: Owner) -> None:
+        row = self._rows.pop(owner, None)
+        if row is not None:
+            self._count[row] = 0
+            self._free_rows.append(row)
+
+    def table_rows(self, model: str, seq_ids: list, width: int) -> tuple[np.ndarray, np.ndarray]:
+        """[len(seq_ids), width] int64 page ids of owners (model, seq_id) (see KVView.block_table)
+        and their page counts; an owner without pages has count 0 (its row is zeros)."""
+        get = self._rows.get
+        with self._lock:
+            rows = np.fromiter((get((model, s), -1) for s in seq_ids), dtype=np.int64, count=len(seq_ids))
+            missing = rows < 0
+            safe = np.where(missing, 0, rows)
+            counts = np.where(missing, 0, self._count[safe])
+            w = min(width, self._table.shape[1])
+            table = np.zeros((len(seq_ids), width), dtype=np.int64)
+            table[:, :w] = self._table[safe, :w]
+            if missing.any():
+                table[missing] = 0
+            return table, counts
 
     def free(self, owner: Owner) -> int:
         with self._lock:
@@ -167,6 +225,7 @@ class PagePool:
                 assert self._owner[p] == owner, f"page {p} owned by {self._owner[p]}, freed by {owner}"
                 self._owner[p] = None
             self._free.extend(reversed(pages))
+            self._mirror_drop(owner)
             return len(pages)
 
     def rename(self, owner: Owner, new_owner: Owner) -> int:
@@ -175,10 +234,15 @@ class PagePool:
             if new_owner in self._pages:
                 raise ValueError(f"PagePool.rename: {new_owner} already owns pages")
             pages = self._pages.pop(owner, [])
+            row = self._rows.pop(owner, None)
             if pages:
                 for p in pages:
                     self._owner[p] = new_owner
                 self._pages[new_owner] = pages
+                self._rows[new_owner] = row
+            elif row is not None:
+                self._count[row] = 0
+                self._free_rows.append(row)
             return len(pages)
 
     def owners(self) -> list[Owner]:
@@ -200,6 +264,12 @@ class PagePool:
                 assert p not in seen, f"page {p} listed twice"
                 assert self._owner[p] == owner, f"page {p}: owner {self._owner[p]} != {owner}"
                 seen.add(p)
+        assert set(self._rows) == set(self._pages), "row mirror owners differ from the page lists'"
+        for owner, pages in self._pages.items():
+            row = self._rows[owner]
+            assert self._count[row] == len(pages) and self._table[row, :len(pages)].tolist() == pages, \
+                f"row mirror of {owner} differs from its pages"
+        assert len(set(self._rows.values())) == len(self._rows), "two owners share a mirror row"
         free = set(self._free)
         assert len(free) == len(self._free), "a page is free twice"
         assert not (free & seen), "a page is both free and owned"
