@@ -155,3 +155,24 @@ def test_threaded_scorers_equal_inline_scorers(models, num_pages):
         torch.testing.assert_close(torch.tensor(a.values), torch.tensor(b.values), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(torch.tensor(a.ref_logprobs), torch.tensor(b.ref_logprobs), atol=1e-5, rtol=1e-5)
         assert math.isclose(a.score, b.score, rel_tol=1e-5, abs_tol=1e-5)
+
+
+def test_threshold_drops_to_one_chunk_in_the_end_game_of_a_collect(models):
+    """Scorers wait for about half a round of chunks, except near the end of a collect (at most
+    max(2, n/8) of its n sequences left to finish): then one chunk, so the pending tokens are
+    scored under the last decode steps; 1 when flushing; no end game outside a collect."""
+    ro, _ = make(models, True, 4)
+    ro.submit(prompts(16), SamplingParams(temperature=1.0, max_new_tokens=64), target_lens=[8] * 16)
+    ro.actor.step()                                  # admit (as the prefill budget allows)
+    running = len(ro.actor.scheduler.running)
+    assert running > 2
+    assert ro._threshold(False) == 4 * running // 2 and ro._threshold(True) == 1
+    ro._target = 16
+    ro._finished = [None] * 13                       # 3 left > max(2, 16 // 8)
+    assert ro._threshold(False) == 4 * running // 2
+    ro._finished = [None] * 14                       # 2 left: end game
+    assert ro._threshold(False) == 4
+    ro._target, ro._finished = None, []
+    assert ro._threshold(False) == 4 * running // 2
+    ro.close()
+

@@ -83,6 +83,7 @@ class Rollout:
         self.worker_wakeups = 0                    # worker rounds (wake-ups that took the GIL and the lock)
         self._flush = False
         self._only: set[int] | None = None
+        self._target: int | None = None            # n of the collect() under way (the threshold's end game)
         self._closed = False
         self._worker_error: BaseException | None = None
         self._worker = None
@@ -188,6 +189,13 @@ class Rollout:
         n = len(self.in_flight) if n is None else n
         if n > len(self.in_flight):
             raise ValueError(f"collect({n}): only {len(self.in_flight)} sequences are in flight")
+        self._target = n
+        try:
+            return self._collect(n)
+        finally:
+            self._target = None
+
+    def _collect(self, n: int) -> list[ScoredSequence]:
         if self.threaded:
             return self._collect_threaded(n)
         take: list[Sequence] = []
@@ -312,9 +320,24 @@ class Rollout:
             err, self._worker_error = self._worker_error, None
             raise RuntimeError(f"the scorer thread failed: {type(err).__name__}: {err}") from err
 
+    # The end game of a collect: once at most this share of its sequences is left to finish, the
+    # threshold drops to one chunk, so that what is pending is scored under the last decode steps
+    # instead of after them (the exposed tail of scoring on a PPO step).
+    END_GAME_FRACTION = 8
+
     def _threshold(self, flush: bool) -> int:
-        """Pending tokens from which a scorer launches a prefill (see ``_score_some``)."""
-        return 1 if flush else max(1, self.actor.chunk_size * len(self.actor.scheduler.running) // 2)
+        """Pending tokens from which a scorer launches a prefill (see ``_score_some``): about half
+        a round of chunks (C tokens for half the running sequences), at most one chunk (C) in the
+        end game of a collect (at most max(2, n / END_GAME_FRACTION) of its n sequences left to
+        finish), and 1 when flushing."""
+        if flush:
+            return 1
+        C = self.actor.chunk_size
+        t = max(1, C * len(self.actor.scheduler.running) // 2)
+        n = self._target
+        if n is not None and n - len(self._finished) <= max(2, n // self.END_GAME_FRACTION):
+            t = min(t, max(1, C))
+        return t
 
     def _drain_inbox(self) -> None:
         """Hand the chunks of the inbox to the scorers (under the lock)."""
