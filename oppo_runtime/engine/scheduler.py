@@ -11,6 +11,7 @@ Policy (one step is either a prefill step or a decode step):
 """
 from __future__ import annotations
 
+import operator
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable
@@ -18,6 +19,8 @@ from typing import Callable
 from ..memory import KVView, PoolExhausted
 from .runner import Span
 from .sequence import Sequence, SeqStatus
+
+_first = operator.itemgetter(0)
 
 __all__ = ["Scheduler", "ScheduledBatch", "NeedsDrain"]
 
@@ -172,14 +175,15 @@ class Scheduler:
             n = len(s.prompt_ids) + len(s.output_ids)
             if s.num_cached_tokens == n - 1 and s.seq_id not in exclude:
                 ready.append((s.admit_order, n, s))
-        ready.sort(key=lambda r: r[0])
+        ready.sort(key=_first)             # by admit order
         del ready[self.max_num_seqs:]
         seqs, spans, taken = [], [], set()
-        T, pages = self.view.tokens_per_page, self.view.pages
+        T = self.view.tokens_per_page
+        num_pages = self.view.num_pages_of
         for _, n, seq in ready:
             if seq.status is not SeqStatus.RUNNING:       # preempted by an older one this step
                 continue
-            if len(pages(seq.seq_id)) * T >= n or self._grow(seq, n, protect=taken):
+            if num_pages(seq.seq_id) * T >= n or self._grow(seq, n, protect=taken):
                 seqs.append(seq)
                 spans.append(Span(seq.seq_id, [seq.token_at(n - 1)], n - 1))
                 taken.add(seq.seq_id)
