@@ -375,6 +375,7 @@ def run_mode(mode: str, p: dict, paths: dict, prompt_file: Path, work: Path, arg
     tr = PPOTrainer(cfg)
     setup_s = time.perf_counter() - t_setup
     steps, windows = [], []
+    phase_windows: dict[str, list] = {"rollout": [], "train": []}   # host windows of each timed step's stages
     try:
         for i in range(total):
             _sync()
@@ -399,6 +400,12 @@ def run_mode(mode: str, p: dict, paths: dict, prompt_file: Path, work: Path, arg
             steps.append(rec)
             if rec["timed"]:
                 windows.append((t0, t1))
+                tl = tr.last_timeline
+                train_span = next((sp for sp in tl.spans if sp.lane == "train"), None)
+                if train_span is not None:       # rollout (+ scoring tail) = step start .. train start
+                    a, b = tl.t0 + train_span.start_s, tl.t0 + train_span.end_s
+                    phase_windows["rollout"].append((t0, a))
+                    phase_windows["train"].append((a, b))
             print(f"  [{mode}] step {i}{'' if rec['timed'] else ' (warm-up)'}: {rec['wall_s']:.2f} s, "
                   f"rollout {rec['rollout_s']:.2f}, not hidden scoring {st['exposed_score_s']:.2f}, "
                   f"train {rec['train_s']:.2f} ("
@@ -441,6 +448,10 @@ def run_mode(mode: str, p: dict, paths: dict, prompt_file: Path, work: Path, arg
         "trained_tokens_per_step": _mean([s["trained_tokens"] for s in timed]),
         "busy": sampler.busy(windows),
         "sm_busy": sampler.sm_busy(windows),
+        # the same two, within the rollout (step start to the update) and within the update: where
+        # the GPU's idle time is
+        "busy_by_phase": {k: sampler.busy(w) for k, w in phase_windows.items()},
+        "sm_busy_by_phase": {k: sampler.sm_busy(w) for k, w in phase_windows.items()},
         "trace_busy": sum(s["trace_busy_s"] for s in timed) / sum(s["wall_s"] for s in timed),
         "hidden_fraction": _mean([s["hidden_fraction"] for s in timed]),
         "deferred_mean": _mean([s["deferred"] for s in timed]),
@@ -566,6 +577,14 @@ def print_rows(name: str, entry: dict) -> None:
                        ("busy", "GPU busy", ".2f"), ("sm_busy", "SM busy", ".2f"), ("trace_busy", "trace busy", ".2f"),
                        ("deferred_mean", "deferred", ".1f"), ("peak_mem_gib", "peak GiB", ".1f"),
                        ("steps_timed", "steps", "d")])
+    fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    for r in rows:                     # where the idle time is, and what the update is made of
+        bp, sp = r.get("busy_by_phase") or {}, r.get("sm_busy_by_phase") or {}
+        ph = r.get("update_phases_s") or {}
+        if bp or ph:
+            print(f"  {r['mode']}: busy rollout {fmt(bp.get('rollout'))} / train {fmt(bp.get('train'))}, "
+                  f"SM busy rollout {fmt(sp.get('rollout'))} / train {fmt(sp.get('train'))}; update phases (s): "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in ph.items()))
     for r in entry["rows"]:
         if r.get("error"):
             print(f"  {r['mode']}: {r['error']}")
