@@ -42,8 +42,9 @@ def gpu_only_ms(eng, B, iters=20):
 
     def one():
         graph.replay()
-        logits = eng.model.compute_logits(st["hidden"][:B])
-        ops.sample_tokens(logits, temp, top_k, top_p, 0, keys, pos)
+        if not eng.graph_sampling:       # (with graph sampling the head is inside the graph)
+            logits = eng.model.compute_logits(st["hidden"][:B])
+            ops.sample_tokens(logits, temp, top_k, top_p, 0, keys, pos)
 
     one()
     a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -71,7 +72,8 @@ def kernel_profile(eng, B, path: str, iters=10) -> dict:
 
     def one():
         graph.replay()
-        ops.sample_tokens(eng.model.compute_logits(st["hidden"][:B]), *args)
+        if not eng.graph_sampling:
+            ops.sample_tokens(eng.model.compute_logits(st["hidden"][:B]), *args)
 
     for _ in range(3):
         one()
@@ -97,13 +99,14 @@ def kernel_profile(eng, B, path: str, iters=10) -> dict:
 
 
 def ours(model, prompts, new, B, async_decode=True, host_profile: str | None = None,
-         kernel_profile_path: str | None = None):
+         kernel_profile_path: str | None = None, graph_sampling: bool = False):
     g = KVGeometry(*model.kv_geometry(), torch.bfloat16)
     pb = PagePool.page_bytes_for([g], 16)
     ctx = len(prompts[0]) + new
     pool = PagePool(B * (-(-ctx // 16)) + 64, pb, "cuda")
     eng = ActorEngine(model, pool, EngineConfig(max_num_seqs=B, max_num_batched_tokens=16384, seed=0,
-                                                 max_model_len=ctx + 16, async_decode=async_decode))
+                                                 max_model_len=ctx + 16, async_decode=async_decode,
+                                                 graph_sampling=graph_sampling))
     sp = SamplingParams(temperature=1.0, max_new_tokens=new)
     eng.generate(prompts, sp, target_lens=[8] * B)           # warm-up: graph capture for batch B
     eng.stats.update(decode_steps=0, prefill_steps=0, generated_tokens=0, host_s=0.0)
@@ -198,6 +201,8 @@ def main():
     ap.add_argument("--kernel-profile", action="store_true",
                     help="the device's decode step kernel by kernel (torch.profiler), per shape and batch, to "
                          "engine_kernels_<shape>_B<B>.txt beside --out")
+    ap.add_argument("--graph-sampling", action="store_true",
+                    help="also time the engine with the LM head and sampler inside the decode graphs (gs_* columns)")
     ap.add_argument("--batches", default="64,256",
                     help="comma-separated batch sizes (1 and 8: the decode tail of a long-tailed rollout)")
     ap.add_argument("--hf-min-batch", type=int, default=64, help="time HF generate only from this batch up")
@@ -222,6 +227,10 @@ def main():
             r.update(ours(model, prompts, new, B, kernel_profile_path=kp))
             if "kernel_us_per_step" in r:   # kernels' own time vs the device step: the rest is gaps
                 r["kernel_gap_frac"] = max(0.0, 1 - r["kernel_us_per_step"] / (1e3 * r["gpu_ms"]))
+            if args.graph_sampling:          # A/B: the LM head and sampler inside the decode graph
+                gs = ours(model, prompts, new, B, graph_sampling=True)
+                r.update(gs_step_ms=gs["step_ms"], gs_host_ms=gs["host_ms"], gs_gpu_ms=gs["gpu_ms"],
+                         gs_tok_s=gs["ours_tok_s"])
             sync = ours(model, prompts, new, B, async_decode=False)
             r.update(sync_step_ms=sync["step_ms"], sync_host_ms=sync["host_ms"], sync_tok_s=sync["ours_tok_s"])
             if B >= args.hf_min_batch:       # HF at batch 1-8 would take most of a call
@@ -248,7 +257,8 @@ def main():
                        ("step_over_floor", "step/floor", ".2f"), ("gpu_ms", "device ms", ".2f"),
                        ("gpu_over_floor", "device/floor", ".2f"), ("sync_step_ms", "sync step ms", ".2f"),
                        ("host_ms", "host ms", ".2f"), ("host_exposed_frac", "host exposed", ".2f"),
-                       ("kernels_per_step", "kernels/step", ".0f"), ("kernel_gap_frac", "gaps", ".2f")])
+                       ("kernels_per_step", "kernels/step", ".0f"), ("kernel_gap_frac", "gaps", ".2f"),
+                       ("gs_step_ms", "graph-sampling step ms", ".2f"), ("gs_host_ms", "its host ms", ".2f")])
     summary = {
         "speedup_vs_hf_generate": min((r["speedup_vs_hf"] for r in rows if r["speedup_vs_hf"] is not None),
                                       default=None),

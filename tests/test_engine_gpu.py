@@ -169,3 +169,68 @@ def test_steady_decode_steps_never_sync_the_host_with_the_device():
     while eng.has_unfinished():
         eng.step()
     assert all(len(s.output_ids) == 64 and s.finish_reason == "length" for s in seqs)
+
+
+def _graph_sampling_runs(ps, sp, **cfg):
+    """(tokens, log-probs, finish reasons) per sequence with the LM head and sampler in the decode
+    graphs off and on, everything else equal."""
+    m = model()
+    outs = []
+    for gs in (False, True):
+        pool = pool_for(m, 256)
+        eng = ActorEngine(m, pool, EngineConfig(seed=3, graph_sampling=gs, **cfg))
+        assert eng.graph_sampling == gs and (eng.runner.decode_head is not None) == gs
+        seqs = eng.generate(ps, sp)
+        if gs:
+            assert all("sampled" in st for _, st in eng.runner.graphs.values()), "a graph without the sampler"
+        outs.append([(s.output_ids, s.logprobs, s.finish_reason) for s in seqs])
+        assert pool.num_free == pool.num_pages
+    return outs
+
+
+@pytest.mark.parametrize("async_decode", [True, False])
+def test_graph_sampling_equals_eager_sampling(async_decode):
+    """The LM head and the Gumbel sampler captured in the decode graphs (EngineConfig.graph_sampling)
+    sample the same tokens as the eager head (same kernels; the padded graph batch may split the
+    vocabulary differently: log-probs to 1e-4), with a shrinking batch (graph buckets > B)."""
+    if not ops.has_cuda_kernels():
+        pytest.skip("CUDA kernels not built")
+    ps = prompts(21, seed=8)
+    sp = SamplingParams(temperature=0.8, max_new_tokens=40)
+    off, on = _graph_sampling_runs(ps, sp, async_decode=async_decode)
+    assert [(o, r) for o, _, r in off] == [(o, r) for o, _, r in on]
+    torch.testing.assert_close(torch.tensor([x for _, lp, _ in off for x in lp]),
+                               torch.tensor([x for _, lp, _ in on for x in lp]), atol=1e-4, rtol=0)
+
+
+def test_graph_sampling_falls_back_for_top_p_rows():
+    """A batch with a top-p row cannot use the captured (filterless) sampler: that step runs the
+    eager head; results equal the engine without graph sampling."""
+    if not ops.has_cuda_kernels():
+        pytest.skip("CUDA kernels not built")
+    ps = prompts(6, seed=9)
+    sp = SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=24)
+    off, on = _graph_sampling_runs(ps, sp)
+    assert [o for o, _, _ in off] == [o for o, _, _ in on]
+
+
+def test_graph_sampling_steps_never_sync_the_host_with_the_device():
+    if not ops.has_cuda_kernels():
+        pytest.skip("CUDA kernels not built")
+    m = model()
+    eng = ActorEngine(m, pool_for(m, 256), EngineConfig(seed=3, graph_sampling=True))
+    assert eng.warmup() == len(eng.runner.graph_batch_sizes)
+    seqs = [eng.add_request(p, SamplingParams(temperature=1.0, max_new_tokens=48), target_len=48)
+            for p in prompts(8, seed=6)]
+    while eng.scheduler.prefill_pending() or eng.stats["decode_steps"] < 4:
+        eng.step()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(16):
+            eng.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    while eng.has_unfinished():
+        eng.step()
+    assert all(len(s.output_ids) == 48 for s in seqs)
+

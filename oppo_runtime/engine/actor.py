@@ -71,6 +71,15 @@ class ActorEngine:
         if self.async_decode is None:       # default: on CUDA; OPPO_ASYNC_DECODE=0|1 overrides
             env = os.environ.get("OPPO_ASYNC_DECODE")
             self.async_decode = env == "1" if env in ("0", "1") else self.runner.device.type == "cuda"
+        # the LM head and the sampler inside the decode graphs (EngineConfig.graph_sampling)
+        gs = self.config.graph_sampling
+        if gs is None:
+            gs = os.environ.get("OPPO_GRAPH_SAMPLING") == "1"
+        self.graph_sampling = bool(gs) and self.runner.use_graphs and sampling_triton.available()
+        if self.graph_sampling:
+            seed = self.config.seed
+            self.runner.set_decode_head(lambda h, temp, keys, pos: sample_tokens(
+                self.model.compute_logits(h), temp, None, None, seed, keys, pos, needs_filter=False))
         self._inflight: _InFlight | None = None
         self._launch_id = 0             # steps launched so far
         self._booked_id = 0             # the device is known to be done with steps up to this one
@@ -292,22 +301,29 @@ class ActorEngine:
     def _launch(self, batch, ids_from) -> "_InFlight":
         """Forward and sampling on the device; the tokens' read-back is started, not awaited."""
         self._launch_id += 1        # pages freed from now until this step is booked are quarantined
-        hidden = self.runner.forward(batch.spans, self.view.pages, ids_from=ids_from)
-        for seq, span in zip(batch.seqs, batch.spans):
-            seq.num_cached_tokens = span.start + len(span.token_ids)
         rows = [i for i, s in enumerate(batch.sample) if s]
         seqs = [batch.seqs[i] for i in rows]
+        out = None
+        if self.graph_sampling and batch.is_decode and len(rows) == len(batch.seqs):
+            needs_filter, keys, pos, temp, _, _ = self._sample_inputs(seqs, self.model.config.vocab_size)
+            if not needs_filter:        # one replay: forward, LM head and sampler (None: not this step)
+                out = self.runner.forward_sample(batch.spans, self.view.pages, ids_from, keys, pos, temp)
+        if out is None:
+            hidden = self.runner.forward(batch.spans, self.view.pages, ids_from=ids_from)
+            if rows:
+                logits = self.model.compute_logits(hidden[rows] if len(rows) != hidden.shape[0] else hidden)
+                out = self._sample(seqs, logits)
+        for seq, span in zip(batch.seqs, batch.spans):
+            seq.num_cached_tokens = span.start + len(span.token_ids)
         tokens = host = None
-        if rows:
-            logits = self.model.compute_logits(hidden[rows] if len(rows) != hidden.shape[0] else hidden)
-            out = self._sample(seqs, logits)
+        if out is not None:
             tokens = out[0]
             # three copies into pinned memory (no stack/convert kernels on the device)
             host = tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=t.is_cuda) for t in out)
             for h, t in zip(host, out):
                 h.copy_(t, non_blocking=True)
         event = None
-        if hidden.is_cuda:
+        if self.runner.device.type == "cuda":
             event = torch.cuda.Event()
             event.record()
         idx = []
@@ -354,20 +370,26 @@ class ActorEngine:
             self.scheduler.finish(seq)
         return finished
 
-    def _sample(self, seqs: list[Sequence], logits: torch.Tensor):
-        """Sample each row on the device: (tokens [B] int64, log-probs [B] float32, NaN flags [B] bool)."""
-        V = logits.shape[-1]
+    def _sample_inputs(self, seqs: list[Sequence], V: int):
+        """(needs_filter, keys, positions, temperature, top_k, top_p) of the rows over a vocabulary
+        of V, staged on the device (top_k/top_p only when a row filters or the fused sampler cannot
+        run)."""
         sp = [s.sampling for s in seqs]
         needs_filter = any(0 < p.top_k < V or p.top_p < 1.0 for p in sp)
         # per-row parameters in two staged copies and no conversion kernels (this runs every step)
         keys, pos = self.runner.stage.many([[s.sample_key for s in seqs],
                                             [len(s.prompt_ids) + len(s.output_ids) for s in seqs]])
         temp = self.runner.stage([p.temperature for p in sp], torch.float32)
-        if needs_filter or not (logits.is_cuda and sampling_triton.available()):
+        if needs_filter or not (self.runner.device.type == "cuda" and sampling_triton.available()):
             top_k = self.runner.stage([p.top_k for p in sp], torch.int64)
             top_p = self.runner.stage([p.top_p for p in sp], torch.float32)
         else:                   # the fused sampler does not read them
             top_k = top_p = None
+        return needs_filter, keys, pos, temp, top_k, top_p
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor):
+        """Sample each row on the device: (tokens [B] int64, log-probs [B] float32, NaN flags [B] bool)."""
+        needs_filter, keys, pos, temp, top_k, top_p = self._sample_inputs(seqs, logits.shape[-1])
         tokens, logps, bad = sample_tokens(logits, temp, top_k, top_p, self.config.seed, keys, pos,
                                            needs_filter=needs_filter)
         return tokens, logps, bad

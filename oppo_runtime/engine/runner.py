@@ -217,6 +217,7 @@ class ModelRunner:
         self.max_blocks = view.pages_for_tokens(max_model_len)
         self.stage = _Staging(self.device)
         self.graphs: dict[int, tuple] = {}
+        self.decode_head = None             # see set_decode_head (the LM head + sampler in decode graphs)
         self._graph_generation = view.pool.generation
         g = view.geometry
         kernels = attention_kernels_support(g.dtype, g.head_dim)
@@ -375,7 +376,32 @@ class ModelRunner:
         return hidden
 
     # ------------------------------------------------------------------ CUDA graphs (decode)
-    def _graph_decode(self, input_ids, positions, ctx: PagedContext) -> torch.Tensor:
+    def forward_sample(self, spans: list[Span], pages_of, ids_from, keys: torch.Tensor, positions: torch.Tensor,
+                       temperature: torch.Tensor):
+        """A decode step, the LM head and the sampler in one graph replay: (tokens int64, log-probs
+        float32, bad bool) [B] as views of the graph's outputs (valid until its next replay), or
+        None when this step cannot take that path (no head set, eager, not a decode batch, too
+        large): the caller then runs forward() and samples eagerly. keys/positions/temperature:
+        the sampler's per-row inputs [B] on the device."""
+        if self.decode_head is None or not self.use_graphs or len(spans) > self.graph_batch_sizes[-1]:
+            return None
+        input_ids, pos, ctx = self._context(spans, pages_of, ids_from)
+        if not ctx.is_decode:
+            return None
+        if self._graph_generation != self.view.pool.generation:
+            self.reset_graphs()
+        graph, st = self._graph_inputs(input_ids, pos, ctx)
+        B = input_ids.shape[0]
+        st["keys"][:B].copy_(keys)
+        st["sample_pos"][:B].copy_(positions)
+        st["temperature"][:B].copy_(temperature)
+        graph.replay()
+        tok, logp, bad = st["sampled"]
+        return tok[:B], logp[:B], bad[:B]
+
+    def _graph_inputs(self, input_ids, positions, ctx: PagedContext) -> tuple:
+        """(graph, its static buffers) of the decode graph for this batch size, the inputs filled
+        for this step."""
         B = input_ids.shape[0]
         bs = next(s for s in self.graph_batch_sizes if s >= B)
         if bs not in self.graphs:
@@ -389,8 +415,20 @@ class ModelRunner:
         st["context_lens"].fill_(1)
         st["context_lens"][:B].copy_(ctx.context_lens)
         st["block_tables"][:B, :width].copy_(ctx.block_tables)
+        return graph, st
+
+    def _graph_decode(self, input_ids, positions, ctx: PagedContext) -> torch.Tensor:
+        graph, st = self._graph_inputs(input_ids, positions, ctx)
         graph.replay()
-        return st["hidden"][:B]
+        return st["hidden"][:input_ids.shape[0]]
+
+    def set_decode_head(self, head) -> None:
+        """``head(hidden [bs, H], temperature [bs], keys [bs], positions [bs]) -> (tokens, log-probs,
+        bad)``, captured with each decode graph from now on (graphs captured before are dropped),
+        for forward_sample(); None: decode graphs end at the hidden states."""
+        if self.graphs:
+            self.reset_graphs()
+        self.decode_head = head
 
     def capture_decode_graphs(self) -> int:
         """Capture the decode graph of every batch size not captured yet (what `_graph_decode`
@@ -417,20 +455,32 @@ class ModelRunner:
         }
         ctx = PagedContext(self.view.kv_caches, st["slot_mapping"], st["block_tables"], st["context_lens"],
                            torch.arange(bs + 1, dtype=torch.int32, device=dev), 1, True)
+        head = self.decode_head
+        if head is not None:     # the sampler's per-row inputs (padding rows: key 0, position 0, T=1)
+            st["keys"] = torch.zeros(bs, dtype=torch.int64, device=dev)
+            st["sample_pos"] = torch.zeros(bs, dtype=torch.int64, device=dev)
+            st["temperature"] = torch.ones(bs, dtype=torch.float32, device=dev)
+
+        def step():
+            hidden = self.model(st["input_ids"], st["positions"], ctx)
+            sampled = head(hidden, st["temperature"], st["keys"], st["sample_pos"]) if head is not None else None
+            return hidden, sampled
+
         with _CAPTURE_LOCK:                          # a scorer thread may be capturing (see _CAPTURE_LOCK)
             s = torch.cuda.Stream(dev)
             s.wait_stream(torch.cuda.current_stream(dev))
             with torch.cuda.stream(s):
                 for _ in range(2):                       # warm-up outside the graph
-                    self.model(st["input_ids"], st["positions"], ctx)
+                    step()
             torch.cuda.current_stream(dev).wait_stream(s)
             graph = torch.cuda.CUDAGraph()
             # thread_local: the scorer thread keeps launching on its own stream while we capture
             with torch.cuda.graph(graph, pool=getattr(self, "_graph_pool", None), capture_error_mode="thread_local"):
-                st["hidden"] = self.model(st["input_ids"], st["positions"], ctx)
+                st["hidden"], st["sampled"] = step()
         self._graph_pool = graph.pool()
         self.graphs[bs] = (graph, st)
-        log.info("%s: captured a decode CUDA graph for batch %d", self.view.name, bs)
+        log.info("%s: captured a decode CUDA graph for batch %d%s", self.view.name, bs,
+                 " (with the LM head and the sampler)" if head is not None else "")
 
     # ------------------------------------------------------------------ CUDA graphs (chunk prefill)
     def _graph_prefill(self, spans: list[Span], pages_of) -> torch.Tensor | None:
