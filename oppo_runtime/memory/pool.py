@@ -268,7 +268,7 @@ class PagePool:
                 assert p not in seen, f"page {p} listed twice"
                 assert self._owner[p] == owner, f"page {p}: owner {self._owner[p]} != {owner}"
                 seen.add(p)
-        assert set(self._rows) == set(self._pages), "row mirror owners differ from the page lists'"
+        assert set(self._rows) == set(self._pages), "row mirror owners differ from the page lists"
         for owner, pages in self._pages.items():
             row = self._rows[owner]
             assert self._count[row] == len(pages) and self._table[row, :len(pages)].tolist() == pages, \
