@@ -65,9 +65,29 @@ def _doctor(args) -> int:
     for op, backend in sorted(ops.backends().items()):
         note = "" if backend in ("cuda", "triton") or not cuda else "   <- reference on a GPU: no GPU kernel for this op"
         print(f"  {op:28s} {backend}{note}")
+    print("switches (environment; unset = default):")
+    for name, default in _SWITCHES:
+        print(f"  {name:24s} {os.environ.get(name, '-'):10s} default: {default}")
     for p in problems:
         print(f"  PROBLEM {p}")
     return 1 if problems else 0
+
+
+# Environment switches the runtime reads, and what it does without them (doctor lists them).
+_SWITCHES = (
+    ("OPPO_OP_BACKEND", "each op's fastest backend here (cuda > triton > reference)"),
+    ("OPPO_PREFILL_BACKEND", "chunk prefill: triton on sm_90, else cuda"),
+    ("OPPO_REQUIRE_KERNELS", "off (1: a missing GPU kernel is an error, not a reference fallback)"),
+    ("OPPO_DECODE_PLAN", "v3 (v2/v4: A/B plans of the decode kernel)"),
+    ("OPPO_DECODE_TICKETS", "pool (memset: v4's ticket counters in the per-call workspace)"),
+    ("OPPO_FUSE_KV_APPEND", "1 (K/V append inside the rotary kernel)"),
+    ("OPPO_ASYNC_DECODE", "1 on CUDA (tokens read back one step late)"),
+    ("OPPO_GRAPH_SAMPLING", "0 (1: LM head + sampler inside the decode graphs)"),
+    ("OPPO_SCORER_GRAPHS", "0 (1: scorers' chunk prefill in CUDA graphs)"),
+    ("OPPO_TRAIN_ATTENTION", "auto (FlashAttention-2 varlen on sm_80+, else padded SDPA)"),
+    ("OPPO_TRAIN_FUSED", "1 (Triton RMSNorm and silu*up for training)"),
+    ("OPPO_TRITON_AUTOTUNE", "1 (0: the Triton prefill takes one fixed config, no autotuning)"),
+)
 
 
 def _train(args) -> int:

@@ -115,3 +115,20 @@ def test_shape_errors_name_the_op_and_shapes():
         paged_decode_attention(torch.zeros(1, 3, 8, dtype=torch.float64), k_cache, v_cache,
                                torch.zeros(1, 1, dtype=torch.int32), torch.ones(1, dtype=torch.int32), 1.0)
     assert "kv_append" in ops.backends()
+
+
+def test_doctor_lists_every_environment_switch_the_package_reads():
+    """`oppo doctor` prints each OPPO_* variable the runtime (Python and CUDA launchers) reads."""
+    import re
+    from pathlib import Path
+
+    from oppo_runtime.cli import _SWITCHES
+    src = Path(ops.__file__).resolve().parent.parent
+    read = set()
+    for f in src.rglob("*.py"):
+        read |= set(re.findall(r"""environ(?:\.get)?\(\s*["'](OPPO_[A-Z_]+)""", f.read_text()))
+        read |= set(re.findall(r"""environ\[\s*["'](OPPO_[A-Z_]+)""", f.read_text()))
+    for f in (src.parent / "csrc").glob("*.cu"):                # the CUDA launchers read some too
+        read |= set(re.findall(r"""getenv\(\s*"(OPPO_[A-Z_]+)""", f.read_text()))
+    listed = {name for name, _ in _SWITCHES}
+    assert read and read <= listed, f"not listed by doctor: {sorted(read - listed)}"
