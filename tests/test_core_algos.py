@@ -130,6 +130,35 @@ def test_gae_passes_through_holes_in_the_mask():
     close(adv, [[0.346, 0.0, 0.3]])
 
 
+@pytest.mark.parametrize("T", [1, 7, 64, 65, 300, 4200])     # 4200: blocks of blocks (> 64 x 64)
+@pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.9, 0.8), (1.0, 1.0), (0.99, 0.0)])
+def test_vectorised_gae_equals_the_per_token_recursion(T, gamma, lam):
+    """Ragged rows, holes in the mask, garbage at masked positions (rewards, values, even NaN-free
+    huge numbers), float64 and float32: the blockwise scan equals the recursion."""
+    from oppo_runtime.ppo.core_algos import compute_gae_loop
+    g = torch.Generator().manual_seed(T)
+    B = 5
+    mask = (torch.rand(B, T, generator=g) > 0.15).double()
+    lens = torch.randint(0, T + 1, (B,), generator=g)
+    mask *= (torch.arange(T)[None, :] < lens[:, None]).double()
+    mask[0] = 0.0                                   # a row with no token at all
+    if T > 3:
+        mask[1, :] = 1.0                            # a full row
+    rewards = torch.randn(B, T, generator=g, dtype=torch.float64)
+    values = torch.randn(B, T, generator=g, dtype=torch.float64)
+    values = torch.where(mask > 0, values, torch.full_like(values, 1e6))    # padding must not leak
+    for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 2e-4)):
+        got = compute_gae(rewards.to(dtype), values.to(dtype), mask, gamma=gamma, lam=lam)
+        want = compute_gae_loop(rewards.double(), values.double(), mask, gamma=gamma, lam=lam)
+        for a, b in zip(got, want):
+            assert a.dtype == dtype
+            torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol * max(1.0, float(b.abs().max())))
+    nan_pad = torch.where(mask > 0, values, torch.full_like(values, float("nan")))
+    adv, ret = compute_gae(rewards, nan_pad, mask, gamma=gamma, lam=lam)    # NaN padding stays out
+    clean = compute_gae(rewards, values, mask, gamma=gamma, lam=lam)
+    assert torch.equal(adv, clean[0]) and torch.equal(ret, clean[1])
+
+
 # ---------------------------------------------------------------- policy loss
 
 def _one_token_policy_loss(ratio, adv, **kw):

@@ -16,7 +16,7 @@ import torch
 
 __all__ = [
     "masked_mean", "masked_var", "masked_whiten",
-    "kl_estimate", "token_level_rewards", "compute_gae",
+    "kl_estimate", "token_level_rewards", "compute_gae", "compute_gae_loop",
     "truncated_importance_weights", "policy_loss", "value_loss",
     "agg_loss", "entropy_loss", "kl_loss", "explained_variance",
     "check_finite", "LOSS_AGG_MODES", "KL_KINDS",
@@ -113,7 +113,59 @@ def compute_gae(token_rewards: torch.Tensor, values: torch.Tensor, mask: torch.T
     (padding, or holes such as tool output inside a response) are skipped: the recursion passes
     straight through them, and their advantages and returns are 0. returns = advantages + values.
     Advantages are not whitened here: call ``masked_whiten`` (the trainer decides).
+
+    Vectorised: each row's response tokens are compacted to the front (holes drop out, so V_{t+1}
+    is the next response token's value), and A is a discounted reverse cumulative sum of delta,
+    computed in float64 by blocks (``_discounted_revcumsum``): a few dozen kernels whatever T, where
+    the per-token loop (``compute_gae_loop``, the reference) launched ~15 per token: ~0.3 s of host
+    time per step at T = 4096 on a GPU.
     """
+    with torch.no_grad():
+        m = _fmask(mask, values)
+        B, T = values.shape
+        if B == 0 or T == 0:
+            return torch.zeros_like(values), torch.zeros_like(values)
+        valid = m > 0
+        pos = torch.arange(T, device=values.device).expand(B, T)
+        order = torch.argsort(torch.where(valid, pos, pos + T), dim=1)     # response tokens first, in order
+        inside = pos < valid.sum(1, keepdim=True)                          # compacted slots holding one
+        f64 = torch.float64
+        zero = torch.zeros((), dtype=f64, device=values.device)
+        # where, not a product: whatever sits at masked positions (even NaN) never enters the sums
+        vc = torch.where(inside, values.to(f64).gather(1, order), zero)
+        rc = torch.where(inside, token_rewards.to(f64).gather(1, order), zero)
+        v_next = torch.cat([vc[:, 1:], vc.new_zeros(B, 1)], dim=1)          # 0 after the last token
+        delta = torch.where(inside, rc + gamma * v_next - vc, zero)
+        adv_c = _discounted_revcumsum(delta, gamma * lam)
+        adv = torch.zeros(B, T, dtype=f64, device=values.device).scatter(1, order, adv_c)
+        adv = adv.to(values.dtype)
+        returns = torch.where(valid, adv + values, torch.zeros((), dtype=values.dtype, device=values.device))
+    return adv, returns
+
+
+def _discounted_revcumsum(x: torch.Tensor, c: float, block: int = 64) -> torch.Tensor:
+    """y_t = sum_{k >= t} c^(k-t) x_k along dim 1 of x [B, T] (float64): within blocks of
+    ``block`` tokens by one product with the [block, block] matrix of powers, across blocks by the
+    same sum over the blocks' first elements with factor c^block (recursively)."""
+    B, T = x.shape
+    if T <= block:
+        k = torch.arange(T, device=x.device, dtype=x.dtype)
+        diff = k[:, None] - k[None, :]                                      # [k, t] = k - t
+        M = torch.where(diff >= 0, torch.pow(x.new_tensor(c), diff.clamp(min=0)), x.new_zeros(()))
+        return x @ M
+    nb = -(-T // block)
+    xb = torch.nn.functional.pad(x, (0, nb * block - T)).view(B, nb, block)
+    local = _discounted_revcumsum(xb.reshape(B * nb, block), c, block).view(B, nb, block)
+    firsts = _discounted_revcumsum(local[:, :, 0], c ** block, block)      # y at each block's first token
+    after = torch.cat([firsts[:, 1:], firsts.new_zeros(B, 1)], dim=1)      # y at the next block's first
+    j = torch.arange(block, device=x.device, dtype=x.dtype)
+    y = local + torch.pow(x.new_tensor(c), block - j)[None, None, :] * after[:, :, None]
+    return y.reshape(B, nb * block)[:, :T]
+
+
+def compute_gae_loop(token_rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                     gamma: float = 1.0, lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+    """``compute_gae`` as the per-token recursion (the reference the tests hold it to)."""
     with torch.no_grad():
         m = _fmask(mask, values)
         B, T = values.shape
