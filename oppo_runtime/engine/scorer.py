@@ -179,7 +179,7 @@ class Scorer:
     def _consume(self, spans: list[Span], states: list[_SeqState], hidden: torch.Tensor) -> None:
         # ranges and slices, not a Python loop per token: this runs on the scorer thread under the
         # GIL, while the actor's decode loop waits for it
-        rows, nexts, owners = [], [], []
+        rows, nexts, owners = [], [], []          # owners: (state, number of consecutive rows)
         row = 0
         for sp, st in zip(spans, states):
             n = len(sp.token_ids)
@@ -188,14 +188,14 @@ class Scorer:
                 i = st.known - 1 - sp.start
                 if st.final and 0 <= i < n:
                     rows.append(row + i)
-                    owners.append(st)
+                    owners.append((st, 1))
             else:
                 first = max(sp.start, len(st.seq.prompt_ids) - 1)   # the state before response token pos+1-P
                 if first < end:
                     rows.extend(range(row + first - sp.start, row + n))
                     if self.kind == "reference":
                         nexts.extend(_token_slice(st.seq, first + 1, end + 1))
-                    owners.extend([st] * (end - first))
+                    owners.append((st, end - first))
             row += n
             st.fed = end
         if not rows:
@@ -208,9 +208,10 @@ class Scorer:
             vals = self.model.compute_scores(h)
         self._read_back(owners, vals)
 
-    def _read_back(self, owners: list[_SeqState], vals: torch.Tensor) -> None:
-        """Queue device results for their sequences, without a host sync; poll() finishes it."""
-        for st in set(owners):
+    def _read_back(self, owners: list[tuple[_SeqState, int]], vals: torch.Tensor) -> None:
+        """Queue device results for their sequences (``owners``: runs of consecutive rows of one
+        sequence), without a host sync; poll() finishes it."""
+        for st in {st for st, _ in owners}:
             st.inflight += 1
         if vals.device.type == "cuda":
             host = torch.empty(vals.shape, dtype=vals.dtype, pin_memory=True)
@@ -232,15 +233,20 @@ class Scorer:
                 elif not ev.query():
                     return
             self._pending.pop(0)
-            for st, v in zip(owners, vals.double().tolist()):
-                if not math.isfinite(v) and st.error is None:
+            flat = vals.double().tolist()
+            o = 0
+            for st, k in owners:                 # a slice per run, not a Python step per token
+                part = flat[o:o + k]
+                o += k
+                if st.error is None and not all(map(math.isfinite, part)):
+                    v = next(x for x in part if not math.isfinite(x))
                     st.error = f"{self.name}: non-finite {self.kind} output {v} for sequence {st.seq.seq_id}"
                     log.error(st.error)
                 if self.kind == "reward":
-                    st.score = v
+                    st.score = part[-1]
                 else:
-                    st.values.append(v)
-            for st in set(owners):
+                    st.values.extend(part)
+            for st in {st for st, _ in owners}:
                 st.inflight -= 1
                 if self.done(st.seq.seq_id):         # its KV is no longer needed: pages go back now
                     self.view.free(st.seq.seq_id)
