@@ -100,7 +100,7 @@ class KVView:
 
     def num_pages_of(self, seq_id) -> int:
         """len(pages(seq_id)), without building anything (called per sequence per decode step)."""
-        return len(self.pool._pages.get((self.name, seq_id), ()))
+        return len(self.pool.pages_of((self.name, seq_id)))
 
     def free(self, seq_id) -> int:
         return self.pool.free((self.name, seq_id))

@@ -169,12 +169,9 @@ def paged_decode_resident_ctas(head_dim: int, device=None, plan: str | None = No
     plan = _decode_plan_name(plan)
     props = torch.cuda.get_device_properties(device if device is not None else torch.cuda.current_device())
     row = (head_dim + 8) * 2
-    stages, regs = _DECODE_STAGES, _DECODE_CTAS_BY_REGS
-    if plan == "v4":
-        stages, regs = _DECODE_V4_STAGES, _DECODE_V4_CTAS_BY_REGS
-    smem = stages[head_dim] * (2 * _DECODE_TILE * row + _DECODE_TILE * 8)
-    if plan == "v4":
-        smem += _DECODE_V4_EXTRA_SMEM
+    stages, regs, extra = ((_DECODE_V4_STAGES, _DECODE_V4_CTAS_BY_REGS, _DECODE_V4_EXTRA_SMEM) if plan == "v4"
+                           else (_DECODE_STAGES, _DECODE_CTAS_BY_REGS, 0))
+    smem = stages[head_dim] * (2 * _DECODE_TILE * row + _DECODE_TILE * 8) + extra
     per_sm = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
     return max(1, min(regs[head_dim], per_sm // (smem + 1024)))
 
