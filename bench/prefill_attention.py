@@ -1,8 +1,9 @@
 """Incremental (chunked) prefill attention over a paged prefix: achieved FLOP/s over the bf16
-matmul rate measured in the same run, for our two backends (the CUDA kernel, "ours", and the
-Triton kernel, "triton") beside FlexAttention (bottom-right causal block mask) and SDPA (explicit
-boolean mask), both on contiguous KV. ``speedup_vs_flex`` / ``speedup_vs_sdpa`` use the faster of
-our backends (``best``); per-backend speedups are kept beside them.
+matmul rate measured in the same run, for our backends (the CUDA kernel's mma plan, "ours"; on
+sm_90 with an sm_90a build its warp-specialized wgmma plan, "wgmma" (OPPO_PREFILL_PLAN=wgmma);
+the Triton kernel, "triton") beside FlexAttention (bottom-right causal block mask) and SDPA
+(explicit boolean mask), both on contiguous KV. ``speedup_vs_flex`` / ``speedup_vs_sdpa`` use
+the fastest of our backends (``best``); per-backend speedups are kept beside them.
 
     python bench/prefill_attention.py [--out PATH] [--block-size 16] [--no-flex] [--shapes 0,2]
 
@@ -13,6 +14,7 @@ the scorer calls it after kv_append).
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -21,7 +23,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from oppo_runtime.ops import prefill_triton  # noqa: E402
-from oppo_runtime.ops.attention import paged_prefill_attention  # noqa: E402
+from oppo_runtime.ops.attention import paged_prefill_attention, prefill_wgmma_available  # noqa: E402
 
 from common import (attention_bench_setup, device_info, matmul_flops, paged_pool, print_table, results_path, time_ms,  # noqa: E402
                     write_json)
@@ -31,6 +33,24 @@ SHAPES = [  # B, prefix, chunk, Hq, Hkv, D  (issue 8)
     (64, 1024, 256, 14, 2, 64),
     (8, 8192, 512, 32, 8, 128),
 ]
+
+
+OURS = {"ours": "cuda", "wgmma": "cuda_wgmma", "triton": "triton"}   # result key -> backend name
+
+
+def _with_plan(plan: str, fn):
+    """fn under OPPO_PREFILL_PLAN=plan (the launcher reads it at every call, also when captured)."""
+    def call():
+        old = os.environ.get("OPPO_PREFILL_PLAN")
+        os.environ["OPPO_PREFILL_PLAN"] = plan
+        try:
+            return fn()
+        finally:
+            if old is None:
+                os.environ.pop("OPPO_PREFILL_PLAN", None)
+            else:
+                os.environ["OPPO_PREFILL_PLAN"] = old
+    return call
 
 
 def main() -> None:
@@ -55,14 +75,17 @@ def main() -> None:
         out = torch.empty_like(q)
         row = {"B": B, "prefix": prefix, "chunk": n, "Hq": Hq, "Hkv": Hkv, "D": D, "block_size": args.block_size,
                "gflop": flops / 1e9, "floor_us": flops / mm * 1e6}
-        outs = {"ours": out, "triton": torch.empty_like(q)}
+        outs = {"ours": out, "triton": torch.empty_like(q), "wgmma": torch.empty_like(q)}
         calls = {
-            "ours": lambda: torch.ops.oppo.paged_prefill_attention(out, q, k_cache, v_cache, cu, ctx_lens, bt,
-                                                                   scale, n),
+            "ours": _with_plan("mma", lambda: torch.ops.oppo.paged_prefill_attention(
+                out, q, k_cache, v_cache, cu, ctx_lens, bt, scale, n)),
             # the first (eager) call autotunes; time_ms's warm-up calls run before its graph capture
             "triton": lambda: paged_prefill_attention(q, k_cache, v_cache, cu, ctx_lens, bt, scale,
                                                       out=outs["triton"], max_seqlen_q=n, backend="triton"),
         }
+        if prefill_wgmma_available():
+            calls["wgmma"] = _with_plan("wgmma", lambda: torch.ops.oppo.paged_prefill_attention(
+                outs["wgmma"], q, k_cache, v_cache, cu, ctx_lens, bt, scale, n))
         for name, fn in calls.items():
             try:
                 ms = time_ms(fn)
@@ -74,10 +97,10 @@ def main() -> None:
                 print(row[name + "_error"])
         if "triton_us" in row:
             row["triton_config"] = prefill_triton.best_config()
-        timed = [b for b in ("ours", "triton") if b + "_us" in row]
+        timed = [b for b in OURS if b + "_us" in row]
         if timed:
             best = min(timed, key=lambda b: row[b + "_us"])
-            row["best"] = "cuda" if best == "ours" else "triton"
+            row["best"] = OURS[best]
             row["best_us"] = row[best + "_us"]
             row["best_frac_matmul"] = row[best + "_frac_matmul"]
         pos = torch.arange(ctx, device="cuda")
@@ -126,7 +149,7 @@ def main() -> None:
             row["sdpa_us"] = ms * 1e3
             row["sdpa_frac_matmul"] = flops / (ms * 1e-3) / mm
             ref = F.scaled_dot_product_attention(q4, ke, ve, attn_mask=mask, scale=scale)
-            for name, suffix in (("ours", ""), ("triton", "_triton")):
+            for name, suffix in (("ours", ""), ("triton", "_triton"), ("wgmma", "_wgmma")):
                 if name + "_us" in row:
                     o = outs[name].view(B, n, Hq, D).transpose(1, 2)
                     row["rel_err_vs_sdpa_bf16" + suffix] = float((o.float() - ref.float()).norm() / ref.float().norm())
@@ -135,7 +158,7 @@ def main() -> None:
             row["sdpa_error"] = f"{type(e).__name__}: {e}"[:300]
             print(row["sdpa_error"])
         for k in ("sdpa_us", "flex_us"):
-            for name, suffix in (("best", ""), ("ours", "_cuda"), ("triton", "_triton")):
+            for name, suffix in (("best", ""), ("ours", "_cuda"), ("triton", "_triton"), ("wgmma", "_wgmma")):
                 if k in row and name + "_us" in row:
                     row["speedup_vs_" + k[:-3] + suffix] = row[k] / row[name + "_us"]
         rows.append(row)
@@ -151,11 +174,13 @@ def main() -> None:
                        ("ours_us", "ours us", ".1f"), ("ours_tflops", "TFLOP/s", ".0f"),
                        ("ours_frac_matmul", "ours/mm", ".3f"), ("triton_us", "triton us", ".1f"),
                        ("triton_tflops", "TFLOP/s", ".0f"), ("triton_frac_matmul", "triton/mm", ".3f"),
+                       ("wgmma_us", "wgmma us", ".1f"), ("wgmma_frac_matmul", "wgmma/mm", ".3f"),
                        ("flex_us", "flex us", ".1f"),
                        ("flex_frac_matmul", "flex/mm", ".3f"), ("sdpa_us", "sdpa us", ".1f"),
                        ("sdpa_frac_matmul", "sdpa/mm", ".3f"), ("speedup_vs_flex", "x flex", ".2f"),
                        ("speedup_vs_sdpa", "x sdpa", ".2f"), ("best", "best", "s"),
-                       ("rel_err_vs_sdpa_bf16", "rel err", ".1e"), ("rel_err_vs_sdpa_bf16_triton", "triton err", ".1e")])
+                       ("rel_err_vs_sdpa_bf16", "rel err", ".1e"), ("rel_err_vs_sdpa_bf16_triton", "triton err", ".1e"),
+                       ("rel_err_vs_sdpa_bf16_wgmma", "wgmma err", ".1e")])
     print("summary:", _summary(rows))
     print("wrote", out_path)
 
@@ -170,6 +195,7 @@ def _summary(rows):
             "best_backend_per_shape": [r.get("best") for r in rows],
             "min_speedup_vs_flex_cuda": agg(min, "speedup_vs_flex_cuda"),
             "min_speedup_vs_flex_triton": agg(min, "speedup_vs_flex_triton"),
+            "min_speedup_vs_flex_wgmma": agg(min, "speedup_vs_flex_wgmma"),
             **{f"min_speedup_vs_flex_triton_bs{k.rsplit('bs', 1)[1]}": agg(min, k)
                for k in sorted({k for r in rows for k in r if k.startswith("speedup_vs_flex_triton_bs")})},
             "min_speedup_vs_sdpa": agg(min, "speedup_vs_sdpa"),

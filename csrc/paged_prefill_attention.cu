@@ -1,13 +1,21 @@
 // Launcher of incremental (chunked) prefill attention over a paged prefix: argument checks,
 // dtype/head-dim dispatch, launch on the current stream. No host sync, no allocation: capturable
 // in CUDA graphs (max_seqlen_q comes from the caller, who knows the chunk sizes).
+//
+// OPPO_PREFILL_PLAN (read at every call, so a benchmark can A/B within one process):
+//   mma   (default) v2: mma.sync m16n8k16, 64-row CTAs (kernels/paged_prefill_attention.cuh);
+//   wgmma           v4: sm_90a warpgroup MMA, warp-specialized (kernels/paged_prefill_wgmma.cuh);
+//                   an error on other devices or when the build has no sm_90a code.
 #include <array>
+#include <cstdlib>
+#include <cstring>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include "dispatch.h"
 #include "../kernels/paged_prefill_attention.cuh"
+#include "../kernels/paged_prefill_wgmma.cuh"
 
 namespace {
 
@@ -41,6 +49,60 @@ void launch_prefill(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_ca
       k_cache.stride(0), block_size, Hkv, cu_seqlens_q.data_ptr<int>(), context_lens.data_ptr<int>(),
       block_tables.data_ptr<int>(), block_tables.stride(0), G, static_cast<float>(scale) * kLog2e);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+bool use_wgmma_plan(const at::Tensor& q) {
+  const char* e = std::getenv("OPPO_PREFILL_PLAN");
+  if (e == nullptr || *e == '\0' || std::strcmp(e, "mma") == 0) return false;
+  TORCH_CHECK(std::strcmp(e, "wgmma") == 0, "OPPO_PREFILL_PLAN must be mma or wgmma, got '", e, "'");
+  int major = 0, minor = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.get_device()));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, q.get_device()));
+  TORCH_CHECK(major == 9 && minor == 0, "OPPO_PREFILL_PLAN=wgmma needs an sm_90 device, this is sm_", major, minor);
+#ifdef OPPO_CUDA_ARCHS
+  TORCH_CHECK(std::strstr(OPPO_CUDA_ARCHS, "sm_90a") != nullptr,
+              "OPPO_PREFILL_PLAN=wgmma: the extension was built without sm_90a (TORCH_CUDA_ARCH_LIST has no 9.0a): ",
+              OPPO_CUDA_ARCHS);
+#endif
+  return true;
+}
+
+template <typename T, int D>
+void launch_prefill_wgmma(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                          const at::Tensor& cu_seqlens_q, const at::Tensor& context_lens,
+                          const at::Tensor& block_tables, double scale, int64_t max_seqlen_q) {
+  using namespace oppo::attn;
+  const int B = static_cast<int>(context_lens.size(0)), Hq = static_cast<int>(q.size(1));
+  const int block_size = static_cast<int>(k_cache.size(1)), Hkv = static_cast<int>(k_cache.size(2));
+  const int G = Hq / Hkv;
+  const int64_t m_tiles = (max_seqlen_q * G + wgp::kBM - 1) / wgp::kBM;
+  TORCH_CHECK(m_tiles < (1LL << 31), "paged_prefill_attention: max_seqlen_q too large");
+  if (m_tiles == 0 || B == 0) return;
+  auto kernel = wgp::paged_prefill_wgmma_kernel<T, D>;
+  constexpr int smem = wgp::Cfg<D>::kSmem;
+  static bool attr_set[64] = {};
+  const int dev = q.get_device();
+  if (!attr_set[dev & 63]) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    attr_set[dev & 63] = true;
+  }
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const dim3 grid(static_cast<unsigned>(m_tiles), Hkv, B);
+  kernel<<<grid, wgp::kThreads, smem, stream>>>(
+      out.data_ptr(), out.scalar_type() == at::kFloat, out.stride(0), out.stride(1),
+      reinterpret_cast<const T*>(q.data_ptr()), q.stride(0), q.stride(1),
+      reinterpret_cast<const T*>(k_cache.data_ptr()), reinterpret_cast<const T*>(v_cache.data_ptr()),
+      k_cache.stride(0), block_size, Hkv, cu_seqlens_q.data_ptr<int>(), context_lens.data_ptr<int>(),
+      block_tables.data_ptr<int>(), block_tables.stride(0), G, static_cast<float>(scale) * kLog2e);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, int D>
+void launch(bool wgmma, at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+            const at::Tensor& cu_seqlens_q, const at::Tensor& context_lens, const at::Tensor& block_tables,
+            double scale, int64_t max_seqlen_q) {
+  if (wgmma) launch_prefill_wgmma<T, D>(out, q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, max_seqlen_q);
+  else launch_prefill<T, D>(out, q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, max_seqlen_q);
 }
 
 }  // namespace
@@ -84,11 +146,12 @@ void paged_prefill_attention_cuda(at::Tensor& out, const at::Tensor& q, const at
   TORCH_CHECK(max_seqlen_q >= 0, op, ": max_seqlen_q must be >= 0");
   if (q.size(0) == 0 || B == 0) return;
   const at::cuda::OptionalCUDAGuard guard(q.device());
+  const bool wg = use_wgmma_plan(q);
   if (q.scalar_type() == at::kBFloat16) {
-    if (D == 64) launch_prefill<__nv_bfloat16, 64>(out, q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, max_seqlen_q);
-    else launch_prefill<__nv_bfloat16, 128>(out, q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, max_seqlen_q);
+    if (D == 64) launch<__nv_bfloat16, 64>(wg, out, q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, max_seqlen_q);
+    else launch<__nv_bfloat16, 128>(wg, out, q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, max_seqlen_q);
   } else {
-    if (D == 64) launch_prefill<__half, 64>(out, q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, max_seqlen_q);
-    else launch_prefill<__half, 128>(out, q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, max_seqlen_q);
+    if (D == 64) launch<__half, 64>(wg, out, q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, max_seqlen_q);
+    else launch<__half, 128>(wg, out, q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, max_seqlen_q);
   }
 }

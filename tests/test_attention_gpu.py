@@ -487,34 +487,88 @@ PREFILL_SHAPES = [  # Hq, Hkv, D, block_size, prefixes, chunks
 ]
 
 
+PREFILL_PLANS = ["mma", "wgmma"]
+
+
+@pytest.fixture(params=PREFILL_PLANS)
+def prefill_plan(request, monkeypatch):
+    """The CUDA launcher's plan (read at every call): mma (v2) everywhere, wgmma on sm_90 with an
+    sm_90a build (skipped elsewhere, with the reason)."""
+    if request.param == "wgmma" and not A.prefill_wgmma_available():
+        pytest.skip("the wgmma plan needs an sm_90 device and an extension built with sm_90a")
+    monkeypatch.setenv("OPPO_PREFILL_PLAN", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", PREFILL_SHAPES)
-def test_prefill_kernel_error_in_float32_out(dtype, shape):
+def test_prefill_kernel_error_in_float32_out(prefill_plan, dtype, shape):
     Hq, Hkv, D, bs, prefixes, chunks = shape
     out, ref = _prefill_case(Hq, Hkv, D, bs, prefixes, chunks, dtype, torch.float32)
     assert rel_err(out, ref) < TOL_F32_OUT[dtype]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_prefill_native_dtype_output(dtype):
+def test_prefill_native_dtype_output(prefill_plan, dtype):
     out, ref = _prefill_case(32, 8, 128, 16, [0, 333], [300, 45], dtype, dtype)
     rounding = rel_err(ref.to(dtype), ref)
     assert rel_err(out, ref) < rounding + TOL_F32_OUT[dtype]
 
 
-def test_prefill_after_kv_append_of_the_chunk():
+def test_prefill_after_kv_append_of_the_chunk(prefill_plan):
     out, ref = _prefill_case(28, 4, 128, 16, [0, 70, 513], [100, 1, 64], torch.bfloat16, torch.float32,
                              via_kv_append=True)
     assert rel_err(out, ref) < 2e-3
 
 
-def test_prefill_long_chunk_and_padded_max_seqlen():
+def test_prefill_long_chunk_and_padded_max_seqlen(prefill_plan):
     out, ref = _prefill_case(16, 4, 128, 16, [700, 0], [4096, 3], torch.bfloat16, torch.float32, pad_max=100)
     assert rel_err(out, ref) < 2e-3
 
 
-def test_prefill_single_token_chunks_equal_decode():
+def test_prefill_single_token_chunks_equal_decode(prefill_plan):
     Hq, Hkv, D, bs = 32, 8, 128, 16
     prefixes, chunks = [10, 400, 0], [1, 1, 1]
     out, ref = _prefill_case(Hq, Hkv, D, bs, prefixes, chunks, torch.bfloat16, torch.float32)
     assert rel_err(out, ref) < 2e-3
+
+
+def test_prefill_wgmma_graph_replay_and_many_tiles(monkeypatch):
+    """The wgmma plan captured once and replayed on new queries and new chunk/context lengths
+    inside the captured grid: the producer/consumer mbarrier ring runs over 2-40 tiles per CTA
+    (phases wrap several times), CTAs past a chunk exit before touching the barriers."""
+    if not A.prefill_wgmma_available():
+        pytest.skip("the wgmma plan needs an sm_90 device and an extension built with sm_90a")
+    monkeypatch.setenv("OPPO_PREFILL_PLAN", "wgmma")
+    Hq, Hkv, D, bs, max_chunk, max_ctx = 28, 4, 128, 16, 300, 2600
+    B = 3
+    kv = PagedKV(num_blocks=B * math.ceil(max_ctx / bs) + 3, block_size=bs, Hkv=Hkv, D=D, dtype=torch.bfloat16)
+    bt = kv.tables([max_ctx] * B)
+    kv.fill(bt, [max_ctx] * B)
+    cu = torch.zeros(B + 1, dtype=torch.int32, device="cuda")
+    ctx = torch.zeros(B, dtype=torch.int32, device="cuda")
+    q = torch.empty(B * max_chunk, Hq, D, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty(B * max_chunk, Hq, D, device="cuda")
+
+    def set_case(chunks, prefixes):
+        cu.copy_(torch.tensor([0] + torch.tensor(chunks).cumsum(0).tolist(), dtype=torch.int32))
+        ctx.copy_(torch.tensor([p + c for p, c in zip(prefixes, chunks)], dtype=torch.int32))
+        q.copy_(torch.randn_like(q, dtype=torch.float32))
+        out.fill_(float("nan"))
+
+    set_case([max_chunk] * B, [0] * B)
+    A.paged_prefill_attention(q, kv.k, kv.v, cu, ctx, bt, D ** -0.5, out=out, max_seqlen_q=max_chunk, backend="cuda")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        A.paged_prefill_attention(q, kv.k, kv.v, cu, ctx, bt, D ** -0.5, out=out, max_seqlen_q=max_chunk,
+                                  backend="cuda")
+    for chunks, prefixes in (([300, 1, 77], [2300, 0, 1000]), ([5, 300, 64], [64, 2299, 127]),
+                             ([1, 1, 1], [2599, 0, 15])):
+        set_case(chunks, prefixes)
+        graph.replay()
+        n = sum(chunks)
+        ref = A.paged_prefill_attention_ref(q[:n], kv.k, kv.v, cu, ctx, _ref_tables(bt), D ** -0.5,
+                                            out=torch.empty(n, Hq, D, device="cuda"))
+        torch.cuda.synchronize()
+        assert torch.isfinite(out[:n]).all(), (chunks, prefixes)
+        assert rel_err(out[:n], ref) < 2e-3, (chunks, prefixes)

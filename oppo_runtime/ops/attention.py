@@ -24,7 +24,7 @@ from ._backend import MissingKernelError, choose_backend, has_cuda_kernels, reco
 __all__ = [
     "kv_append", "kv_append_ref",
     "paged_decode_attention", "paged_decode_attention_ref", "paged_decode_plan", "paged_decode_resident_ctas",
-    "paged_prefill_attention", "paged_prefill_attention_ref",
+    "paged_prefill_attention", "paged_prefill_attention_ref", "prefill_wgmma_available",
     "varlen_causal_attention", "gather_paged_kv", "acc_dtype", "attention_kernels_support",
 ]
 
@@ -326,6 +326,17 @@ def _is_sm90(device: torch.device) -> bool:
 _TRITON_PREFERRED: dict[int, bool] = {}
 
 
+def prefill_wgmma_available(device: torch.device | None = None) -> bool:
+    """Whether the CUDA prefill's wgmma plan (OPPO_PREFILL_PLAN=wgmma) can run here: an sm_90
+    device and an extension built with sm_90a code (TORCH_CUDA_ARCH_LIST with 9.0a)."""
+    if not (torch.cuda.is_available() and has_cuda_kernels()):
+        return False
+    from ._backend import extension
+    if "sm_90a" not in extension().cuda_arch_list().split():
+        return False
+    return torch.cuda.get_device_capability(device) == (9, 0)
+
+
 def paged_prefill_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables,
                             scale: float, out: torch.Tensor | None = None,
                             max_seqlen_q: int | None = None, backend: str | None = None):
@@ -348,6 +359,8 @@ def paged_prefill_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, blo
         return prefill_triton.paged_prefill_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens,
                                                       block_tables, scale, out=out, max_seqlen_q=max_seqlen_q)
     if which == "cuda":
+        # the launcher picks its plan from OPPO_PREFILL_PLAN (mma | wgmma) at every call
+        record_backend("paged_prefill_attention/cuda_plan", os.environ.get("OPPO_PREFILL_PLAN") or "mma")
         if out is None:
             out = torch.empty_like(q)
         if max_seqlen_q is None:  # a host sync: callers that capture graphs pass it

@@ -1,0 +1,343 @@
+// Chunk prefill attention over the paged prefix on sm_90a warpgroup MMA (wgmma): prefill v4.
+// Same semantics as paged_prefill_attention.cuh (bottom-right causal, GQA rows packed as
+// (query, head of the group), K/V of the chunk already in the pages).
+//
+// Warp-specialized (FlashAttention-3's structure, without its ping-pong and intra-warpgroup
+// overlap): one CTA = 128 rows of one (sequence, kv head), 384 threads.
+//   warpgroup 0  producer: gathers K and V tiles of kBN keys through the block table with
+//                cp.async (16 B per thread and chunk, zero-fill past the context) into a ring of
+//                kStages stages; per stage one "full" mbarrier (128 producer arrivals, each after
+//                its own copies landed and a proxy fence) and one "empty" mbarrier (256 consumer
+//                arrivals once both warpgroups' MMAs on the stage completed).
+//   warpgroups 1, 2  consumers, 64 rows each: S = Q K^T as wgmma m64n64k16 with Q and K from
+//                shared memory; online softmax on the accumulator registers (exp2, fp32); P
+//                rounded to T in registers is the A operand of O += P V (wgmma m64nDk16, A from
+//                registers, V from shared memory MN-major).
+// Shared-memory tiles ([rows x D], T = 2 bytes): D / 64 column blocks of [rows x 128 B], each
+// in the canonical 128-byte swizzle (16-byte chunk c of row r stored at chunk c ^ (r % 8)).
+// K-major operands (Q, K) and the MN-major operand (V) use the same physical layout, so the
+// producer writes K and V tiles alike. Descriptors: 128B swizzle, SBO 1024 B (8 rows); LBO
+// unused for K-major, the column-block stride for MN-major.
+// Only tiles that cross a row's diagonal pay for the mask. No host sync, no allocation:
+// capturable in CUDA graphs. Compiled into sm_90a code only (empty elsewhere; the launcher checks
+// the device before choosing this plan).
+#pragma once
+#include "attention_common.cuh"
+#include "wgmma_ops.cuh"
+
+namespace oppo {
+namespace attn {
+namespace wgp {
+
+constexpr int kBM = 128;        // rows per CTA: two consumer warpgroups x 64
+constexpr int kBN = 64;         // keys per K/V tile
+constexpr int kThreads = 384;   // producer warpgroup + two consumer warpgroups
+
+template <int D>
+struct Cfg {
+  static constexpr int kChunks = D / 8;             // 16-byte chunks per row of one head
+  static constexpr int kStages = D == 128 ? 3 : 4;
+  static constexpr int kQBytes = kBM * D * 2;
+  static constexpr int kTileBytes = kBN * D * 2;    // one K or V tile
+  static constexpr int kStageBytes = 2 * kTileBytes;
+  static constexpr int kSmem = 1024 /*alignment slack*/ + kQBytes + kStages * kStageBytes + 2 * kStages * 8;
+};
+
+// Byte offset of 16-byte chunk `chunk` of row `row` in a [rows x D] tile (layout above).
+__device__ __forceinline__ uint32_t swz(int rows, int row, int chunk) {
+  return static_cast<uint32_t>((chunk >> 3) * rows * 128 + row * 128 + (((chunk & 7) ^ (row & 7)) << 4));
+}
+
+// wgmma shared-memory matrix descriptor, 128-byte swizzle (layout type 1), base offset 0.
+__device__ __forceinline__ uint64_t desc128(uint32_t saddr, uint32_t lbo_bytes, uint32_t sbo_bytes) {
+  return static_cast<uint64_t>((saddr >> 4) & 0x3FFF) | (static_cast<uint64_t>((lbo_bytes >> 4) & 0x3FFF) << 16) |
+         (static_cast<uint64_t>((sbo_bytes >> 4) & 0x3FFF) << 32) | (1ull << 62);
+}
+
+__device__ __forceinline__ void mbar_init(uint64_t* bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(count));
+}
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_u32(bar)) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+  uint32_t done = 0;
+  do {
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done) : "r"(smem_u32(bar)), "r"(parity) : "memory");
+  } while (!done);
+}
+// Generic-proxy writes (st.shared, cp.async) -> visible to the async proxy (wgmma operands).
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+__device__ __forceinline__ void named_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wg_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+// Pins accumulator registers in place around the asynchronous MMAs (no reordering across).
+template <int N>
+__device__ __forceinline__ void fence_regs(float (&r)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+__device__ __forceinline__ float ex2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// out          [Nq, Hq, D]  (T, or float32 when out_f32), strides o_s0, o_s1, inner contiguous
+// q            [Nq, Hq, D]  packed by cu_seqlens_q [B+1], strides q_s0, q_s1, inner contiguous
+// k/v_cache    [num_blocks, block_size, Hkv, D] (page stride page_stride, equal for K and V)
+// context_lens [B] int32 (prefix + chunk);  block_tables [B, max_blocks] int32, row stride bt_stride
+// grid (ceil(max_seqlen_q * G / 128), Hkv, B), block 384, dynamic smem Cfg<D>::kSmem
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads, 1)
+paged_prefill_wgmma_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t o_s1,
+                           const T* __restrict__ q, int64_t q_s0, int64_t q_s1,
+                           const T* __restrict__ k_cache, const T* __restrict__ v_cache, int64_t page_stride,
+                           int block_size, int Hkv, const int* __restrict__ cu_seqlens_q,
+                           const int* __restrict__ context_lens, const int* __restrict__ block_tables,
+                           int64_t bt_stride, int G, float scale_log2) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using C = Cfg<D>;
+  using Ops = wgmma::Ops<T>;
+  constexpr int kS = C::kStages;
+  extern __shared__ unsigned char smem_raw[];
+  unsigned char* smem = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  unsigned char* q_s = smem;
+  unsigned char* kv_s = smem + C::kQBytes;  // stage s: K tile at s * kStageBytes, V tile after it
+  uint64_t* full = reinterpret_cast<uint64_t*>(kv_s + kS * C::kStageBytes);
+  uint64_t* empty = full + kS;
+
+  const int b = blockIdx.z, kvh = blockIdx.y;
+  const int mt = gridDim.x - 1 - blockIdx.x;  // the longest tiles (most keys) start first
+  const int q0 = cu_seqlens_q[b];
+  const int n = cu_seqlens_q[b + 1] - q0;
+  const int rows = n * G;
+  const int row0 = mt * kBM;
+  if (row0 >= rows) return;  // whole CTA, before any barrier
+  const int L = context_lens[b];
+  const int prefix = L - n;
+  const int first = prefix + row0 / G;                           // position of the tile's first query
+  const int last = prefix + (min(row0 + kBM, rows) - 1) / G;     // ... and of its last
+  const int n_tiles = (last + kBN) / kBN;                        // keys 0..last
+  const int n_full = (first + 1) / kBN;                          // tiles no row of the CTA masks
+
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int s = 0; s < kS; ++s) {
+      mbar_init(&full[s], 128);
+      mbar_init(&empty[s], 256);
+    }
+  }
+  __syncthreads();
+
+  const int wg = threadIdx.x / 128;
+  if (wg == 0) {
+    // ------------------------------------------------------------------ producer
+    const int t = threadIdx.x;
+    const int* bt = block_tables + static_cast<int64_t>(b) * bt_stride;
+    constexpr int kPer = kBN * C::kChunks / 128;   // chunks per thread per tile (8 for D=128)
+    constexpr int kTokStep = 128 / C::kChunks;     // tokens per pass of the 128 threads
+    const int ch = t % C::kChunks, tok0 = t / C::kChunks;
+    const int64_t row_stride = static_cast<int64_t>(Hkv) * D;
+    const int64_t head_off = static_cast<int64_t>(kvh) * D + ch * 8;
+    for (int it = 0; it < n_tiles; ++it) {
+      const int s = it % kS;
+      mbar_wait(&empty[s], ((it / kS) & 1) ^ 1);
+      unsigned char* ks = kv_s + s * C::kStageBytes;
+      unsigned char* vs = ks + C::kTileBytes;
+      int page[kPer];
+#pragma unroll
+      for (int i = 0; i < kPer; ++i) {  // the block-table loads first, all independent
+        const int pos = it * kBN + tok0 + i * kTokStep;
+        page[i] = pos < L ? __ldg(bt + pos / block_size) : 0;
+      }
+#pragma unroll
+      for (int i = 0; i < kPer; ++i) {
+        const int tok = tok0 + i * kTokStep;
+        const int pos = it * kBN + tok;
+        const bool ok = pos < L;
+        const int64_t off = ok ? static_cast<int64_t>(page[i]) * page_stride + (pos % block_size) * row_stride + head_off : 0;
+        const uint32_t dst = swz(kBN, tok, ch);
+        cp_async_16(ks + dst, k_cache + off, ok ? 16 : 0);
+        cp_async_16(vs + dst, v_cache + off, ok ? 16 : 0);
+      }
+      cp_async_commit();
+      if (it > 0) {  // the previous tile has landed (this thread's part): publish it
+        cp_async_wait<1>();
+        fence_proxy_async();
+        mbar_arrive(&full[(it - 1) % kS]);
+      }
+    }
+    cp_async_wait<0>();
+    fence_proxy_async();
+    mbar_arrive(&full[(n_tiles - 1) % kS]);
+    return;
+  }
+
+  // -------------------------------------------------------------------- consumers
+  const int cw = wg - 1;                    // rows 64 cw .. 64 cw + 63 of the CTA tile
+  const int tw = threadIdx.x - 128 * wg;
+  const int warp = tw >> 5, lane = tw & 31, g = lane >> 2, tq = lane & 3;
+
+  {  // Q rows of this warpgroup -> shared memory (swizzled), zeros for rows past the chunk
+    constexpr int kPer = 64 * C::kChunks / 128;
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) {
+      const int c = i * 128 + tw;
+      const int rr = c / C::kChunks, ch = c % C::kChunks;
+      const int grow = row0 + 64 * cw + rr;
+      uint4 v = make_uint4(0u, 0u, 0u, 0u);
+      if (grow < rows) {
+        const T* src = q + static_cast<int64_t>(q0 + grow / G) * q_s0 + static_cast<int64_t>(kvh * G + grow % G) * q_s1 + ch * 8;
+        v = *reinterpret_cast<const uint4*>(src);
+      }
+      *reinterpret_cast<uint4*>(q_s + swz(kBM, 64 * cw + rr, ch)) = v;
+    }
+    fence_proxy_async();
+    named_sync(1 + cw, 128);
+  }
+
+  // this thread's two rows (r = 0: local row rA, r = 1: rA + 8) and their query positions
+  const int rA = 64 * cw + 16 * warp + g;
+  int pos[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int grow = row0 + rA + 8 * r;
+    pos[r] = grow < rows ? prefix + grow / G : L - 1;  // rows past the chunk: any valid position
+  }
+  const uint32_t q_addr = smem_u32(q_s) + 64 * cw * 128;
+  const uint32_t kv_addr = smem_u32(kv_s);
+
+  const float kNegInf = -INFINITY;
+  float m[2] = {kNegInf, kNegInf}, l[2] = {0.f, 0.f};
+  float o[D / 2];
+#pragma unroll
+  for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
+  float sacc[32];
+#pragma unroll
+  for (int i = 0; i < 32; ++i) sacc[i] = 0.f;
+
+  for (int it = 0; it < n_tiles; ++it) {
+    const int s = it % kS;
+    mbar_wait(&full[s], (it / kS) & 1);
+    const uint32_t k_addr = kv_addr + s * C::kStageBytes;
+    const uint32_t v_addr = k_addr + C::kTileBytes;
+
+    // S = Q K^T  (64 x 64 per warpgroup, D / 16 k-steps)
+    fence_regs(sacc);
+    wg_fence();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      const uint32_t koff = (kk & 3) * 32;  // 16 elements along the row, inside the swizzle atom
+      const uint64_t da = desc128(q_addr + (kk >> 2) * (kBM * 128) + koff, 16, 1024);
+      const uint64_t db = desc128(k_addr + (kk >> 2) * (kBN * 128) + koff, 16, 1024);
+      Ops::ss_n64(sacc, da, db, kk > 0 ? 1 : 0);
+    }
+    wg_commit();
+    wg_wait_all();
+    fence_regs(sacc);
+
+    if (it >= n_full) {  // the diagonal: keys past a row's position are masked
+#pragma unroll
+      for (int i = 0; i < 8; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const int key = it * kBN + 8 * i + 2 * tq + (j & 1);
+          if (key > pos[j >> 1]) sacc[4 * i + j] = kNegInf;
+        }
+    }
+
+    // online softmax over the tile (each row's 64 scores live in the 4 threads of a quad)
+    float mx[2] = {kNegInf, kNegInf};
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      mx[0] = fmaxf(mx[0], fmaxf(sacc[4 * i], sacc[4 * i + 1]));
+      mx[1] = fmaxf(mx[1], fmaxf(sacc[4 * i + 2], sacc[4 * i + 3]));
+    }
+    float alpha[2], m_use[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+      const float m_new = fmaxf(m[r], mx[r] * scale_log2);
+      m_use[r] = m_new == kNegInf ? 0.f : m_new;
+      alpha[r] = ex2(m[r] - m_use[r]);  // 0 while m is -inf
+      m[r] = m_new;
+    }
+    float rs[2] = {0.f, 0.f};
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float p = ex2(fmaf(sacc[4 * i + j], scale_log2, -m_use[j >> 1]));
+        sacc[4 * i + j] = p;
+        rs[j >> 1] += p;
+      }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) l[r] = l[r] * alpha[r] + rs[r];
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) {
+      o[4 * i + 0] *= alpha[0];
+      o[4 * i + 1] *= alpha[0];
+      o[4 * i + 2] *= alpha[1];
+      o[4 * i + 3] *= alpha[1];
+    }
+    // P (T) as the register A operand: k-step kk covers keys 16 kk .. 16 kk + 15 = n8 blocks 2kk, 2kk+1
+    uint32_t pa[4][4];
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      pa[kk][0] = Mma<T>::pack(sacc[8 * kk + 0], sacc[8 * kk + 1]);
+      pa[kk][1] = Mma<T>::pack(sacc[8 * kk + 2], sacc[8 * kk + 3]);
+      pa[kk][2] = Mma<T>::pack(sacc[8 * kk + 4], sacc[8 * kk + 5]);
+      pa[kk][3] = Mma<T>::pack(sacc[8 * kk + 6], sacc[8 * kk + 7]);
+    }
+
+    // O += P V  (64 x D per warpgroup, 4 k-steps of 16 keys; V MN-major: LBO = column-block stride)
+    fence_regs(o);
+    wg_fence();
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      const uint64_t dv = desc128(v_addr + kk * 16 * 128, kBN * 128, 1024);
+      if constexpr (D == 128) Ops::rs_n128(o, pa[kk], dv, 1);
+      else Ops::rs_n64(o, pa[kk], dv, 1);
+    }
+    wg_commit();
+    wg_wait_all();
+    fence_regs(o);
+    mbar_arrive(&empty[s]);  // this thread's reads of the stage are done
+  }
+
+  // epilogue: full row sums across the quad, normalize, store the valid rows
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int grow = row0 + rA + 8 * r;
+    if (grow >= rows) continue;
+    const float inv = 1.f / l[r];
+    const int64_t base = static_cast<int64_t>(q0 + grow / G) * o_s0 + static_cast<int64_t>(kvh * G + grow % G) * o_s1;
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) {
+      const int col = 8 * i + 2 * tq;
+      const float x = o[4 * i + 2 * r] * inv, y = o[4 * i + 2 * r + 1] * inv;
+      if (out_f32) {
+        *reinterpret_cast<float2*>(static_cast<float*>(out) + base + col) = make_float2(x, y);
+      } else {
+        *reinterpret_cast<uint32_t*>(static_cast<T*>(out) + base + col) = Mma<T>::pack(x, y);
+      }
+    }
+  }
+#endif
+}
+
+}  // namespace wgp
+}  // namespace attn
+}  // namespace oppo
