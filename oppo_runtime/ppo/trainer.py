@@ -201,10 +201,13 @@ class PPOTrainer:
 
         # ---------------------------------------------------------------- optim, control
         o = cfg.optim
+        # CUDA: the fused AdamW (one multi-tensor kernel per step: ~1e9 parameters read and written
+        # once instead of by ~8 foreach passes); same update rule
+        fused = self.device.type == "cuda"
         self.opt_actor = torch.optim.AdamW(self.actor.parameters(), lr=o.actor_lr, betas=o.betas,
-                                           weight_decay=o.weight_decay)
+                                           weight_decay=o.weight_decay, fused=fused)
         self.opt_critic = torch.optim.AdamW(self.critic.parameters(), lr=o.critic_lr, betas=o.betas,
-                                            weight_decay=o.weight_decay)
+                                            weight_decay=o.weight_decay, fused=fused)
         self.sched_actor = torch.optim.lr_scheduler.LambdaLR(self.opt_actor, self._lr_lambda)
         self.sched_critic = torch.optim.lr_scheduler.LambdaLR(self.opt_critic, self._lr_lambda)
         self.delta_ctl = DeltaController(r.delta_init if inter else 0, r.delta_min if inter else 0,
