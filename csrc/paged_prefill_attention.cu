@@ -21,20 +21,23 @@ namespace {
 
 constexpr int kBlockN = 64;
 
-template <typename T, int D>
-void launch_prefill(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                    const at::Tensor& cu_seqlens_q, const at::Tensor& context_lens, const at::Tensor& block_tables,
-                    double scale, int64_t max_seqlen_q) {
-  using namespace oppo::attn;
+// Both plans' kernels share one signature; they differ in rows per CTA, threads and smem.
+template <typename T>
+using PrefillKernel = void (*)(void*, bool, int64_t, int64_t, const T*, int64_t, int64_t, const T*, const T*,
+                               int64_t, int, int, const int*, const int*, const int*, int64_t, int, float);
+
+template <typename T, int D, bool kWgmma>   // one instantiation per kernel: attr_set below is its own
+void launch_kernel(PrefillKernel<T> kernel, int rows_per_cta, int threads, int smem, at::Tensor& out,
+                   const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                   const at::Tensor& cu_seqlens_q, const at::Tensor& context_lens, const at::Tensor& block_tables,
+                   double scale, int64_t max_seqlen_q) {
   const int B = static_cast<int>(context_lens.size(0)), Hq = static_cast<int>(q.size(1));
   const int block_size = static_cast<int>(k_cache.size(1)), Hkv = static_cast<int>(k_cache.size(2));
   const int G = Hq / Hkv;
-  const int64_t m_tiles = (max_seqlen_q * G + kPrefillBlockM - 1) / kPrefillBlockM;
+  const int64_t m_tiles = (max_seqlen_q * G + rows_per_cta - 1) / rows_per_cta;
   TORCH_CHECK(m_tiles < (1LL << 31), "paged_prefill_attention: max_seqlen_q too large");
   if (m_tiles == 0 || B == 0) return;
-  auto kernel = paged_prefill_kernel<T, D, kBlockN>;
-  constexpr int smem = PrefillSmem<T, D, kBlockN>::kBytes;
-  static bool attr_set[64] = {};
+  static bool attr_set[64] = {};  // per kernel and device
   const int dev = q.get_device();
   if (!attr_set[dev & 63]) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
@@ -42,12 +45,12 @@ void launch_prefill(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_ca
   }
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const dim3 grid(static_cast<unsigned>(m_tiles), Hkv, B);
-  kernel<<<grid, kPrefillThreads, smem, stream>>>(
+  kernel<<<grid, threads, smem, stream>>>(
       out.data_ptr(), out.scalar_type() == at::kFloat, out.stride(0), out.stride(1),
       reinterpret_cast<const T*>(q.data_ptr()), q.stride(0), q.stride(1),
       reinterpret_cast<const T*>(k_cache.data_ptr()), reinterpret_cast<const T*>(v_cache.data_ptr()),
       k_cache.stride(0), block_size, Hkv, cu_seqlens_q.data_ptr<int>(), context_lens.data_ptr<int>(),
-      block_tables.data_ptr<int>(), block_tables.stride(0), G, static_cast<float>(scale) * kLog2e);
+      block_tables.data_ptr<int>(), block_tables.stride(0), G, static_cast<float>(scale) * oppo::attn::kLog2e);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -68,41 +71,17 @@ bool use_wgmma_plan(const at::Tensor& q) {
 }
 
 template <typename T, int D>
-void launch_prefill_wgmma(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                          const at::Tensor& cu_seqlens_q, const at::Tensor& context_lens,
-                          const at::Tensor& block_tables, double scale, int64_t max_seqlen_q) {
-  using namespace oppo::attn;
-  const int B = static_cast<int>(context_lens.size(0)), Hq = static_cast<int>(q.size(1));
-  const int block_size = static_cast<int>(k_cache.size(1)), Hkv = static_cast<int>(k_cache.size(2));
-  const int G = Hq / Hkv;
-  const int64_t m_tiles = (max_seqlen_q * G + wgp::kBM - 1) / wgp::kBM;
-  TORCH_CHECK(m_tiles < (1LL << 31), "paged_prefill_attention: max_seqlen_q too large");
-  if (m_tiles == 0 || B == 0) return;
-  auto kernel = wgp::paged_prefill_wgmma_kernel<T, D>;
-  constexpr int smem = wgp::Cfg<D>::kSmem;
-  static bool attr_set[64] = {};
-  const int dev = q.get_device();
-  if (!attr_set[dev & 63]) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    attr_set[dev & 63] = true;
-  }
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const dim3 grid(static_cast<unsigned>(m_tiles), Hkv, B);
-  kernel<<<grid, wgp::kThreads, smem, stream>>>(
-      out.data_ptr(), out.scalar_type() == at::kFloat, out.stride(0), out.stride(1),
-      reinterpret_cast<const T*>(q.data_ptr()), q.stride(0), q.stride(1),
-      reinterpret_cast<const T*>(k_cache.data_ptr()), reinterpret_cast<const T*>(v_cache.data_ptr()),
-      k_cache.stride(0), block_size, Hkv, cu_seqlens_q.data_ptr<int>(), context_lens.data_ptr<int>(),
-      block_tables.data_ptr<int>(), block_tables.stride(0), G, static_cast<float>(scale) * kLog2e);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-template <typename T, int D>
 void launch(bool wgmma, at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
             const at::Tensor& cu_seqlens_q, const at::Tensor& context_lens, const at::Tensor& block_tables,
             double scale, int64_t max_seqlen_q) {
-  if (wgmma) launch_prefill_wgmma<T, D>(out, q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, max_seqlen_q);
-  else launch_prefill<T, D>(out, q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, max_seqlen_q);
+  using namespace oppo::attn;
+  if (wgmma)
+    launch_kernel<T, D, true>(wgp::paged_prefill_wgmma_kernel<T, D>, wgp::kBM, wgp::kThreads, wgp::Cfg<D>::kSmem, out, q,
+                        k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, max_seqlen_q);
+  else
+    launch_kernel<T, D, false>(paged_prefill_kernel<T, D, kBlockN>, kPrefillBlockM, kPrefillThreads,
+                        PrefillSmem<T, D, kBlockN>::kBytes, out, q, k_cache, v_cache, cu_seqlens_q, context_lens,
+                        block_tables, scale, max_seqlen_q);
 }
 
 }  // namespace
