@@ -1,6 +1,7 @@
 """Incremental (chunked) prefill attention over a paged prefix: achieved FLOP/s over the bf16
 matmul rate measured in the same run, for our backends (the CUDA kernel's mma plan, "ours"; on
-sm_90 with an sm_90a build its warp-specialized wgmma plan, "wgmma" (OPPO_PREFILL_PLAN=wgmma);
+sm_90 with an sm_90a build its warp-specialized wgmma plan, "wgmma" (OPPO_PREFILL_PLAN=wgmma),
+and the same with its consumer warpgroups in ping-pong, "wgmma_pp";
 the Triton kernel, "triton") beside FlexAttention (bottom-right causal block mask) and SDPA
 (explicit boolean mask), both on contiguous KV. ``speedup_vs_flex`` / ``speedup_vs_sdpa`` use
 the fastest of our backends (``best``); per-backend speedups are kept beside them.
@@ -35,7 +36,7 @@ SHAPES = [  # B, prefix, chunk, Hq, Hkv, D  (issue 8)
 ]
 
 
-OURS = {"ours": "cuda", "wgmma": "cuda_wgmma", "triton": "triton"}   # result key -> backend name
+OURS = {"ours": "cuda", "wgmma": "cuda_wgmma", "wgmma_pp": "cuda_wgmma_pp", "triton": "triton"}   # key -> backend
 
 
 def _with_plan(plan: str, fn):
@@ -75,7 +76,8 @@ def main() -> None:
         out = torch.empty_like(q)
         row = {"B": B, "prefix": prefix, "chunk": n, "Hq": Hq, "Hkv": Hkv, "D": D, "block_size": args.block_size,
                "gflop": flops / 1e9, "floor_us": flops / mm * 1e6}
-        outs = {"ours": out, "triton": torch.empty_like(q), "wgmma": torch.empty_like(q)}
+        outs = {"ours": out, "triton": torch.empty_like(q), "wgmma": torch.empty_like(q),
+                "wgmma_pp": torch.empty_like(q)}
         calls = {
             "ours": _with_plan("mma", lambda: torch.ops.oppo.paged_prefill_attention(
                 out, q, k_cache, v_cache, cu, ctx_lens, bt, scale, n)),
@@ -84,8 +86,9 @@ def main() -> None:
                                                       out=outs["triton"], max_seqlen_q=n, backend="triton"),
         }
         if prefill_wgmma_available():
-            calls["wgmma"] = _with_plan("wgmma", lambda: torch.ops.oppo.paged_prefill_attention(
-                outs["wgmma"], q, k_cache, v_cache, cu, ctx_lens, bt, scale, n))
+            for plan in ("wgmma", "wgmma_pp"):
+                calls[plan] = _with_plan(plan, lambda o=outs[plan]: torch.ops.oppo.paged_prefill_attention(
+                    o, q, k_cache, v_cache, cu, ctx_lens, bt, scale, n))
         for name, fn in calls.items():
             try:
                 ms = time_ms(fn)
@@ -149,7 +152,7 @@ def main() -> None:
             row["sdpa_us"] = ms * 1e3
             row["sdpa_frac_matmul"] = flops / (ms * 1e-3) / mm
             ref = F.scaled_dot_product_attention(q4, ke, ve, attn_mask=mask, scale=scale)
-            for name, suffix in (("ours", ""), ("triton", "_triton"), ("wgmma", "_wgmma")):
+            for name, suffix in (("ours", ""), ("triton", "_triton"), ("wgmma", "_wgmma"), ("wgmma_pp", "_wgmma_pp")):
                 if name + "_us" in row:
                     o = outs[name].view(B, n, Hq, D).transpose(1, 2)
                     row["rel_err_vs_sdpa_bf16" + suffix] = float((o.float() - ref.float()).norm() / ref.float().norm())
@@ -158,7 +161,8 @@ def main() -> None:
             row["sdpa_error"] = f"{type(e).__name__}: {e}"[:300]
             print(row["sdpa_error"])
         for k in ("sdpa_us", "flex_us"):
-            for name, suffix in (("best", ""), ("ours", "_cuda"), ("triton", "_triton"), ("wgmma", "_wgmma")):
+            for name, suffix in (("best", ""), ("ours", "_cuda"), ("triton", "_triton"), ("wgmma", "_wgmma"),
+                                 ("wgmma_pp", "_wgmma_pp")):
                 if k in row and name + "_us" in row:
                     row["speedup_vs_" + k[:-3] + suffix] = row[k] / row[name + "_us"]
         rows.append(row)
@@ -175,6 +179,7 @@ def main() -> None:
                        ("ours_frac_matmul", "ours/mm", ".3f"), ("triton_us", "triton us", ".1f"),
                        ("triton_tflops", "TFLOP/s", ".0f"), ("triton_frac_matmul", "triton/mm", ".3f"),
                        ("wgmma_us", "wgmma us", ".1f"), ("wgmma_frac_matmul", "wgmma/mm", ".3f"),
+                       ("wgmma_pp_us", "pp us", ".1f"), ("wgmma_pp_frac_matmul", "pp/mm", ".3f"),
                        ("flex_us", "flex us", ".1f"),
                        ("flex_frac_matmul", "flex/mm", ".3f"), ("sdpa_us", "sdpa us", ".1f"),
                        ("sdpa_frac_matmul", "sdpa/mm", ".3f"), ("speedup_vs_flex", "x flex", ".2f"),
@@ -196,6 +201,7 @@ def _summary(rows):
             "min_speedup_vs_flex_cuda": agg(min, "speedup_vs_flex_cuda"),
             "min_speedup_vs_flex_triton": agg(min, "speedup_vs_flex_triton"),
             "min_speedup_vs_flex_wgmma": agg(min, "speedup_vs_flex_wgmma"),
+            "min_speedup_vs_flex_wgmma_pp": agg(min, "speedup_vs_flex_wgmma_pp"),
             **{f"min_speedup_vs_flex_triton_bs{k.rsplit('bs', 1)[1]}": agg(min, k)
                for k in sorted({k for r in rows for k in r if k.startswith("speedup_vs_flex_triton_bs")})},
             "min_speedup_vs_sdpa": agg(min, "speedup_vs_sdpa"),

@@ -5,8 +5,8 @@
 Covers kv_append, decode with one split and with several (plus the reduction), a context of 0,
 a group of 20 heads (two head chunks), the no-split plan of a batch that fills the machine (D=64,
 3-stage pipeline, contexts at tile edges), D=64 splits of exactly 4 tiles, the v2 plan, and
-prefill with prefix 0, chunk 1 and a ragged batch (the mma plan, and on sm_90 the wgmma plan,
-OPPO_PREFILL_PLAN=wgmma: its mbarrier ring over several tiles, D=64 and 128). The v4 plan (OPPO_DECODE_PLAN=v4, one kernel):
+prefill with prefix 0, chunk 1 and a ragged batch (the mma plan, and on sm_90 the wgmma plans,
+OPPO_PREFILL_PLAN=wgmma/wgmma_pp: the mbarrier ring over several tiles, D=64 and 128). The v4 plan (OPPO_DECODE_PLAN=v4, one kernel):
 the same decode cases, plus a persistent grid with several short items per CTA (the tile stream
 crosses items; D=64 and D=128) and the split cases with the ticket counters in the workspace
 (OPPO_DECODE_TICKETS=memset). racecheck covers the shared-memory reuse (merge area in a pipeline
@@ -102,9 +102,11 @@ def main():
     A.paged_prefill_attention(q, kk, vv, cu, ctx, bt, 0.125, out=out, max_seqlen_q=70, backend="cuda")
     ref = A.paged_prefill_attention_ref(q, kk, vv, cu, ctx, bt.clamp_min(0), 0.125, out=torch.empty_like(out))
     ok &= check("prefill ragged G=7 D=64", out, ref)
-    if A.prefill_wgmma_available():   # the sm_90a plan: its mbarrier ring, both head dims, 3+ tiles
-        for Hq, Hkv, Dd, pre, chk in ((14, 2, 64, [0, 20, 3, 130], [1, 70, 17, 60]),
-                                      (8, 2, 128, [0, 200, 5], [3, 90, 140])):
+    if A.prefill_wgmma_available():   # the sm_90a plans: mbarrier ring, ping-pong, both head dims, 3+ tiles
+        for plan, Hq, Hkv, Dd, pre, chk in (("wgmma", 14, 2, 64, [0, 20, 3, 130], [1, 70, 17, 60]),
+                                            ("wgmma", 8, 2, 128, [0, 200, 5], [3, 90, 140]),
+                                            ("wgmma_pp", 14, 2, 64, [0, 20, 3, 130], [1, 70, 17, 60]),
+                                            ("wgmma_pp", 8, 2, 128, [0, 200, 5], [3, 90, 140])):
             lens = [p + c for p, c in zip(pre, chk)]
             nblk = sum(math.ceil(n / bs) for n in lens) + 4
             kk, vv = pool(nblk, bs, Hkv, Dd)
@@ -113,11 +115,11 @@ def main():
             ctx = torch.tensor(lens, dtype=torch.int32, device="cuda")
             q = torch.randn(sum(chk), Hq, Dd, device="cuda").bfloat16()
             out = torch.full((sum(chk), Hq, Dd), float("nan"), device="cuda")
-            os.environ["OPPO_PREFILL_PLAN"] = "wgmma"
+            os.environ["OPPO_PREFILL_PLAN"] = plan
             A.paged_prefill_attention(q, kk, vv, cu, ctx, bt, 0.1, out=out, max_seqlen_q=max(chk), backend="cuda")
             os.environ.pop("OPPO_PREFILL_PLAN", None)
             ref = A.paged_prefill_attention_ref(q, kk, vv, cu, ctx, bt.clamp_min(0), 0.1, out=torch.empty_like(out))
-            ok &= check(f"prefill wgmma G={Hq // Hkv} D={Dd}", out, ref)
+            ok &= check(f"prefill {plan} G={Hq // Hkv} D={Dd}", out, ref)
     torch.cuda.synchronize()
     sys.exit(0 if ok else 1)
 

@@ -5,7 +5,8 @@
 // OPPO_PREFILL_PLAN (read at every call, so a benchmark can A/B within one process):
 //   mma   (default) v2: mma.sync m16n8k16, 64-row CTAs (kernels/paged_prefill_attention.cuh);
 //   wgmma           v4: sm_90a warpgroup MMA, warp-specialized (kernels/paged_prefill_wgmma.cuh);
-//                   an error on other devices or when the build has no sm_90a code.
+//   wgmma_pp        v4 with its two consumer warpgroups in ping-pong (same kernel, a flag);
+//                   the wgmma plans are an error on other devices or without sm_90a code.
 #include <array>
 #include <cstdlib>
 #include <cstring>
@@ -23,11 +24,11 @@ constexpr int kBlockN = 64;
 
 // Both plans' kernels share one signature; they differ in rows per CTA, threads and smem.
 template <typename T>
-using PrefillKernel = void (*)(void*, bool, int64_t, int64_t, const T*, int64_t, int64_t, const T*, const T*,
+using PrefillKernel = void (*)(void*, int, int64_t, int64_t, const T*, int64_t, int64_t, const T*, const T*,
                                int64_t, int, int, const int*, const int*, const int*, int64_t, int, float);
 
 template <typename T, int D, bool kWgmma>   // one instantiation per kernel: attr_set below is its own
-void launch_kernel(PrefillKernel<T> kernel, int rows_per_cta, int threads, int smem, at::Tensor& out,
+void launch_kernel(PrefillKernel<T> kernel, int rows_per_cta, int threads, int smem, int flags, at::Tensor& out,
                    const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                    const at::Tensor& cu_seqlens_q, const at::Tensor& context_lens, const at::Tensor& block_tables,
                    double scale, int64_t max_seqlen_q) {
@@ -46,7 +47,7 @@ void launch_kernel(PrefillKernel<T> kernel, int rows_per_cta, int threads, int s
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const dim3 grid(static_cast<unsigned>(m_tiles), Hkv, B);
   kernel<<<grid, threads, smem, stream>>>(
-      out.data_ptr(), out.scalar_type() == at::kFloat, out.stride(0), out.stride(1),
+      out.data_ptr(), flags | (out.scalar_type() == at::kFloat ? 1 : 0), out.stride(0), out.stride(1),
       reinterpret_cast<const T*>(q.data_ptr()), q.stride(0), q.stride(1),
       reinterpret_cast<const T*>(k_cache.data_ptr()), reinterpret_cast<const T*>(v_cache.data_ptr()),
       k_cache.stride(0), block_size, Hkv, cu_seqlens_q.data_ptr<int>(), context_lens.data_ptr<int>(),
@@ -54,10 +55,13 @@ void launch_kernel(PrefillKernel<T> kernel, int rows_per_cta, int threads, int s
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-bool use_wgmma_plan(const at::Tensor& q) {
+enum class Plan { mma, wgmma, wgmma_pp };
+
+Plan prefill_plan(const at::Tensor& q) {
   const char* e = std::getenv("OPPO_PREFILL_PLAN");
-  if (e == nullptr || *e == '\0' || std::strcmp(e, "mma") == 0) return false;
-  TORCH_CHECK(std::strcmp(e, "wgmma") == 0, "OPPO_PREFILL_PLAN must be mma or wgmma, got '", e, "'");
+  if (e == nullptr || *e == '\0' || std::strcmp(e, "mma") == 0) return Plan::mma;
+  const bool pp = std::strcmp(e, "wgmma_pp") == 0;
+  TORCH_CHECK(pp || std::strcmp(e, "wgmma") == 0, "OPPO_PREFILL_PLAN must be mma, wgmma or wgmma_pp, got '", e, "'");
   int major = 0, minor = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.get_device()));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, q.get_device()));
@@ -67,21 +71,22 @@ bool use_wgmma_plan(const at::Tensor& q) {
               "OPPO_PREFILL_PLAN=wgmma: the extension was built without sm_90a (TORCH_CUDA_ARCH_LIST has no 9.0a): ",
               OPPO_CUDA_ARCHS);
 #endif
-  return true;
+  return pp ? Plan::wgmma_pp : Plan::wgmma;
 }
 
 template <typename T, int D>
-void launch(bool wgmma, at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+void launch(Plan plan, at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
             const at::Tensor& cu_seqlens_q, const at::Tensor& context_lens, const at::Tensor& block_tables,
             double scale, int64_t max_seqlen_q) {
   using namespace oppo::attn;
-  if (wgmma)
-    launch_kernel<T, D, true>(wgp::paged_prefill_wgmma_kernel<T, D>, wgp::kBM, wgp::kThreads, wgp::Cfg<D>::kSmem, out, q,
-                        k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, max_seqlen_q);
+  if (plan != Plan::mma)
+    launch_kernel<T, D, true>(wgp::paged_prefill_wgmma_kernel<T, D>, wgp::kBM, wgp::kThreads, wgp::Cfg<D>::kSmem,
+                              plan == Plan::wgmma_pp ? wgp::kFlagPingPong : 0, out, q, k_cache, v_cache,
+                              cu_seqlens_q, context_lens, block_tables, scale, max_seqlen_q);
   else
     launch_kernel<T, D, false>(paged_prefill_kernel<T, D, kBlockN>, kPrefillBlockM, kPrefillThreads,
-                        PrefillSmem<T, D, kBlockN>::kBytes, out, q, k_cache, v_cache, cu_seqlens_q, context_lens,
-                        block_tables, scale, max_seqlen_q);
+                               PrefillSmem<T, D, kBlockN>::kBytes, 0, out, q, k_cache, v_cache, cu_seqlens_q,
+                               context_lens, block_tables, scale, max_seqlen_q);
 }
 
 }  // namespace
@@ -125,7 +130,7 @@ void paged_prefill_attention_cuda(at::Tensor& out, const at::Tensor& q, const at
   TORCH_CHECK(max_seqlen_q >= 0, op, ": max_seqlen_q must be >= 0");
   if (q.size(0) == 0 || B == 0) return;
   const at::cuda::OptionalCUDAGuard guard(q.device());
-  const bool wg = use_wgmma_plan(q);
+  const Plan wg = prefill_plan(q);
   if (q.scalar_type() == at::kBFloat16) {
     if (D == 64) launch<__nv_bfloat16, 64>(wg, out, q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, max_seqlen_q);
     else launch<__nv_bfloat16, 128>(wg, out, q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, max_seqlen_q);

@@ -24,14 +24,14 @@ struct PrefillSmem {
   static constexpr int kBytes = (kQElems + 4 * kTileElems) * int(sizeof(T)) + 2 * BN * 8;  // Q, K x2, V x2, row offsets x2
 };
 
-// out          [Nq, Hq, D]  (dtype T, or float32 when out_f32), strides o_s0, o_s1, inner contiguous
+// out          [Nq, Hq, D]  (dtype T, or float32 when flags & 1), strides o_s0, o_s1, inner contiguous
 // q            [Nq, Hq, D]  packed by cu_seqlens_q [B+1], strides q_s0, q_s1, inner contiguous
 // k/v_cache    [num_blocks, block_size, Hkv, D], page stride page_stride
 // context_lens [B] int32 (prefix + chunk);  block_tables [B, max_blocks] int32, row stride bt_stride
 // grid (ceil(max_seqlen_q * G / 64), Hkv, B)
 template <typename T, int D, int BN>
 __global__ void __launch_bounds__(kPrefillThreads, 2)
-paged_prefill_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t o_s1,
+paged_prefill_kernel(void* __restrict__ out, int flags, int64_t o_s0, int64_t o_s1,
                      const T* __restrict__ q, int64_t q_s0, int64_t q_s1,
                      const T* __restrict__ k_cache, const T* __restrict__ v_cache, int64_t page_stride,
                      int block_size, int Hkv, const int* __restrict__ cu_seqlens_q,
@@ -210,7 +210,7 @@ paged_prefill_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t
 #pragma unroll
     for (int j = 0; j < D / 8; ++j) {
       const float x = o[j][2 * h] * inv, y = o[j][2 * h + 1] * inv;
-      if (out_f32) {
+      if (flags & 1) {  // float32 out
         *reinterpret_cast<float2*>(static_cast<float*>(out) + base + j * 8) = make_float2(x, y);
       } else {
         *reinterpret_cast<uint32_t*>(static_cast<T*>(out) + base + j * 8) = Mma<T>::pack(x, y);

@@ -2,8 +2,9 @@
 // Same semantics as paged_prefill_attention.cuh (bottom-right causal, GQA rows packed as
 // (query, head of the group), K/V of the chunk already in the pages).
 //
-// Warp-specialized (FlashAttention-3's structure, without its ping-pong and intra-warpgroup
-// overlap): one CTA = 128 rows of one (sequence, kv head), 384 threads.
+// Warp-specialized (FlashAttention-3's structure, without its intra-warpgroup overlap; its
+// ping-pong of the two consumer warpgroups as a flag): one CTA = 128 rows of one (sequence,
+// kv head), 384 threads.
 //   warpgroup 0  producer: gathers K and V tiles of kBN keys through the block table with
 //                cp.async (16 B per thread and chunk, zero-fill past the context) into a ring of
 //                kStages stages; per stage one "full" mbarrier (128 producer arrivals, each after
@@ -12,7 +13,8 @@
 //   warpgroups 1, 2  consumers, 64 rows each: S = Q K^T as wgmma m64n64k16 with Q and K from
 //                shared memory; online softmax on the accumulator registers (exp2, fp32); P
 //                rounded to T in registers is the A operand of O += P V (wgmma m64nDk16, A from
-//                registers, V from shared memory MN-major).
+//                registers, V from shared memory MN-major). P V of tile t is issued together
+//                with Q K^T of tile t+1: one commit and one wait per tile.
 // Shared-memory tiles ([rows x D], T = 2 bytes): D / 64 column blocks of [rows x 128 B], each
 // in the canonical 128-byte swizzle (16-byte chunk c of row r stored at chunk c ^ (r % 8)).
 // K-major operands (Q, K) and the MN-major operand (V) use the same physical layout, so the
@@ -32,6 +34,8 @@ namespace wgp {
 constexpr int kBM = 128;        // rows per CTA: two consumer warpgroups x 64
 constexpr int kBN = 64;         // keys per K/V tile
 constexpr int kThreads = 384;   // producer warpgroup + two consumer warpgroups
+constexpr int kFlagOutF32 = 1;  // out is float32 (else T)
+constexpr int kFlagPingPong = 2;  // the consumer warpgroups take turns issuing their MMAs
 
 template <int D>
 struct Cfg {
@@ -73,6 +77,9 @@ __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.
 __device__ __forceinline__ void named_sync(int id, int threads) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
+__device__ __forceinline__ void named_arrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
 __device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wg_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
@@ -88,14 +95,15 @@ __device__ __forceinline__ float ex2(float x) {
   return y;
 }
 
-// out          [Nq, Hq, D]  (T, or float32 when out_f32), strides o_s0, o_s1, inner contiguous
+// out          [Nq, Hq, D]  (T, or float32 with kFlagOutF32), strides o_s0, o_s1, inner contiguous
+// flags        kFlagOutF32 | kFlagPingPong
 // q            [Nq, Hq, D]  packed by cu_seqlens_q [B+1], strides q_s0, q_s1, inner contiguous
 // k/v_cache    [num_blocks, block_size, Hkv, D] (page stride page_stride, equal for K and V)
 // context_lens [B] int32 (prefix + chunk);  block_tables [B, max_blocks] int32, row stride bt_stride
 // grid (ceil(max_seqlen_q * G / 128), Hkv, B), block 384, dynamic smem Cfg<D>::kSmem
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, 1)
-paged_prefill_wgmma_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t o_s1,
+paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int64_t o_s1,
                            const T* __restrict__ q, int64_t q_s0, int64_t q_s1,
                            const T* __restrict__ k_cache, const T* __restrict__ v_cache, int64_t page_stride,
                            int block_size, int Hkv, const int* __restrict__ cu_seqlens_q,
@@ -221,16 +229,17 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, i
   float sacc[32];
 #pragma unroll
   for (int i = 0; i < 32; ++i) sacc[i] = 0.f;
+  uint32_t pa[4][4];  // P of the last softmaxed tile (T pairs): the register A operand of its P V
 
-  for (int it = 0; it < n_tiles; ++it) {
-    const int s = it % kS;
-    mbar_wait(&full[s], (it / kS) & 1);
+  // Tile t's Q K^T is issued together with tile t-1's P V: one commit and one wait per tile.
+  // Ping-pong (flag): the two warpgroups take turns issuing their batch (named barriers 3 and 4,
+  // 256 threads: the one whose turn it is syncs, the other arrives after issuing its own), so one's
+  // softmax runs under the other's MMAs. Warpgroup 0 goes first; warpgroup 1 skips its last
+  // arrive, so every barrier phase started is completed. No branch sits between a wgmma.fence
+  // and its MMAs (ptxas would serialize them): first tile, steady state and last P V are peeled.
+  const bool pingpong = (flags & kFlagPingPong) != 0;
+  auto issue_qk = [&](int s) {  // S = Q K^T (64 x 64 per warpgroup, D / 16 k-steps)
     const uint32_t k_addr = kv_addr + s * C::kStageBytes;
-    const uint32_t v_addr = k_addr + C::kTileBytes;
-
-    // S = Q K^T  (64 x 64 per warpgroup, D / 16 k-steps)
-    fence_regs(sacc);
-    wg_fence();
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
       const uint32_t koff = (kk & 3) * 32;  // 16 elements along the row, inside the swizzle atom
@@ -238,10 +247,30 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, i
       const uint64_t db = desc128(k_addr + (kk >> 2) * (kBN * 128) + koff, 16, 1024);
       Ops::ss_n64(sacc, da, db, kk > 0 ? 1 : 0);
     }
-    wg_commit();
-    wg_wait_all();
+  };
+  auto issue_pv = [&](int s) {  // O += P V (4 k-steps of 16 keys; V MN-major: LBO = column-block stride)
+    const uint32_t v_addr = kv_addr + s * C::kStageBytes + C::kTileBytes;
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      const uint64_t dv = desc128(v_addr + kk * 16 * 128, kBN * 128, 1024);
+      if constexpr (D == 128) Ops::rs_n128(o, pa[kk], dv, 1);
+      else Ops::rs_n64(o, pa[kk], dv, 1);
+    }
+  };
+  auto begin_batch = [&]() {
+    if (pingpong) named_sync(3 + cw, 256);
+    fence_regs(o);
     fence_regs(sacc);
-
+    wg_fence();
+  };
+  auto end_batch = [&](bool last) {
+    wg_commit();
+    if (pingpong && !(last && cw == 1)) named_arrive(3 + (1 - cw), 256);
+    wg_wait_all();
+    fence_regs(o);
+    fence_regs(sacc);
+  };
+  auto softmax = [&](int it) {  // S of tile it -> P (pa), O rescaled, running max and sum
     if (it >= n_full) {  // the diagonal: keys past a row's position are masked
 #pragma unroll
       for (int i = 0; i < 8; ++i)
@@ -251,8 +280,7 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, i
           if (key > pos[j >> 1]) sacc[4 * i + j] = kNegInf;
         }
     }
-
-    // online softmax over the tile (each row's 64 scores live in the 4 threads of a quad)
+    // each row's 64 scores live in the 4 threads of a quad
     float mx[2] = {kNegInf, kNegInf};
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
@@ -281,14 +309,13 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, i
 #pragma unroll
     for (int r = 0; r < 2; ++r) l[r] = l[r] * alpha[r] + rs[r];
 #pragma unroll
-    for (int i = 0; i < D / 8; ++i) {
+    for (int i = 0; i < D / 8; ++i) {  // O holds tiles < it (their P V was waited on)
       o[4 * i + 0] *= alpha[0];
       o[4 * i + 1] *= alpha[0];
       o[4 * i + 2] *= alpha[1];
       o[4 * i + 3] *= alpha[1];
     }
     // P (T) as the register A operand: k-step kk covers keys 16 kk .. 16 kk + 15 = n8 blocks 2kk, 2kk+1
-    uint32_t pa[4][4];
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
       pa[kk][0] = Mma<T>::pack(sacc[8 * kk + 0], sacc[8 * kk + 1]);
@@ -296,21 +323,28 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, i
       pa[kk][2] = Mma<T>::pack(sacc[8 * kk + 4], sacc[8 * kk + 5]);
       pa[kk][3] = Mma<T>::pack(sacc[8 * kk + 6], sacc[8 * kk + 7]);
     }
+  };
 
-    // O += P V  (64 x D per warpgroup, 4 k-steps of 16 keys; V MN-major: LBO = column-block stride)
-    fence_regs(o);
-    wg_fence();
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
-      const uint64_t dv = desc128(v_addr + kk * 16 * 128, kBN * 128, 1024);
-      if constexpr (D == 128) Ops::rs_n128(o, pa[kk], dv, 1);
-      else Ops::rs_n64(o, pa[kk], dv, 1);
-    }
-    wg_commit();
-    wg_wait_all();
-    fence_regs(o);
-    mbar_arrive(&empty[s]);  // this thread's reads of the stage are done
+  if (pingpong && cw == 1) named_arrive(3, 256);
+  mbar_wait(&full[0], 0);  // tile 0: Q K^T alone
+  begin_batch();
+  issue_qk(0);
+  end_batch(false);
+  softmax(0);
+  for (int it = 1; it < n_tiles; ++it) {
+    const int s = it % kS, sp = (it - 1) % kS;
+    mbar_wait(&full[s], (it / kS) & 1);
+    begin_batch();
+    issue_pv(sp);
+    issue_qk(s);
+    end_batch(false);
+    mbar_arrive(&empty[sp]);  // this thread's reads of tile it-1's stage are done
+    softmax(it);
   }
+  begin_batch();  // the last tile's P V
+  issue_pv((n_tiles - 1) % kS);
+  end_batch(true);
+  mbar_arrive(&empty[(n_tiles - 1) % kS]);
 
   // epilogue: full row sums across the quad, normalize, store the valid rows
 #pragma unroll
@@ -328,7 +362,7 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, i
     for (int i = 0; i < D / 8; ++i) {
       const int col = 8 * i + 2 * tq;
       const float x = o[4 * i + 2 * r] * inv, y = o[4 * i + 2 * r + 1] * inv;
-      if (out_f32) {
+      if (flags & kFlagOutF32) {
         *reinterpret_cast<float2*>(static_cast<float*>(out) + base + col) = make_float2(x, y);
       } else {
         *reinterpret_cast<uint32_t*>(static_cast<T*>(out) + base + col) = Mma<T>::pack(x, y);

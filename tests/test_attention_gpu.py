@@ -487,14 +487,14 @@ PREFILL_SHAPES = [  # Hq, Hkv, D, block_size, prefixes, chunks
 ]
 
 
-PREFILL_PLANS = ["mma", "wgmma"]
+PREFILL_PLANS = ["mma", "wgmma", "wgmma_pp"]
 
 
 @pytest.fixture(params=PREFILL_PLANS)
 def prefill_plan(request, monkeypatch):
-    """The CUDA launcher's plan (read at every call): mma (v2) everywhere, wgmma on sm_90 with an
-    sm_90a build (skipped elsewhere, with the reason)."""
-    if request.param == "wgmma" and not A.prefill_wgmma_available():
+    """The CUDA launcher's plan (read at every call): mma (v2) everywhere, wgmma and wgmma_pp
+    (its ping-pong flag) on sm_90 with an sm_90a build (skipped elsewhere, with the reason)."""
+    if request.param.startswith("wgmma") and not A.prefill_wgmma_available():
         pytest.skip("the wgmma plan needs an sm_90 device and an extension built with sm_90a")
     monkeypatch.setenv("OPPO_PREFILL_PLAN", request.param)
     return request.param
@@ -533,13 +533,14 @@ def test_prefill_single_token_chunks_equal_decode(prefill_plan):
     assert rel_err(out, ref) < 2e-3
 
 
-def test_prefill_wgmma_graph_replay_and_many_tiles(monkeypatch):
-    """The wgmma plan captured once and replayed on new queries and new chunk/context lengths
+@pytest.mark.parametrize("plan", ["wgmma", "wgmma_pp"])
+def test_prefill_wgmma_graph_replay_and_many_tiles(monkeypatch, plan):
+    """The wgmma plans captured once and replayed on new queries and new chunk/context lengths
     inside the captured grid: the producer/consumer mbarrier ring runs over 2-40 tiles per CTA
     (phases wrap several times), CTAs past a chunk exit before touching the barriers."""
     if not A.prefill_wgmma_available():
         pytest.skip("the wgmma plan needs an sm_90 device and an extension built with sm_90a")
-    monkeypatch.setenv("OPPO_PREFILL_PLAN", "wgmma")
+    monkeypatch.setenv("OPPO_PREFILL_PLAN", plan)
     Hq, Hkv, D, bs, max_chunk, max_ctx = 28, 4, 128, 16, 300, 2600
     B = 3
     kv = PagedKV(num_blocks=B * math.ceil(max_ctx / bs) + 3, block_size=bs, Hkv=Hkv, D=D, dtype=torch.bfloat16)
