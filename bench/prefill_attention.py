@@ -1,7 +1,8 @@
 """Incremental (chunked) prefill attention over a paged prefix: achieved FLOP/s over the bf16
 matmul rate measured in the same run, for our backends (the CUDA kernel's mma plan, "ours"; on
 sm_90 with an sm_90a build its warp-specialized wgmma plan, "wgmma" (OPPO_PREFILL_PLAN=wgmma),
-and the same with its consumer warpgroups in ping-pong, "wgmma_pp";
+and its flag variants: consumer warpgroups in ping-pong "wgmma_pp", softmax overlapping the
+warpgroup's own P V "wgmma_ov", both "wgmma_pp_ov";
 the Triton kernel, "triton") beside FlexAttention (bottom-right causal block mask) and SDPA
 (explicit boolean mask), both on contiguous KV. ``speedup_vs_flex`` / ``speedup_vs_sdpa`` use
 the fastest of our backends (``best``); per-backend speedups are kept beside them.
@@ -36,7 +37,8 @@ SHAPES = [  # B, prefix, chunk, Hq, Hkv, D  (issue 8)
 ]
 
 
-OURS = {"ours": "cuda", "wgmma": "cuda_wgmma", "wgmma_pp": "cuda_wgmma_pp", "triton": "triton"}   # key -> backend
+WGMMA_PLANS = ("wgmma", "wgmma_pp", "wgmma_ov", "wgmma_pp_ov")
+OURS = {"ours": "cuda", **{p: "cuda_" + p for p in WGMMA_PLANS}, "triton": "triton"}   # result key -> backend
 
 
 def _with_plan(plan: str, fn):
@@ -76,8 +78,7 @@ def main() -> None:
         out = torch.empty_like(q)
         row = {"B": B, "prefix": prefix, "chunk": n, "Hq": Hq, "Hkv": Hkv, "D": D, "block_size": args.block_size,
                "gflop": flops / 1e9, "floor_us": flops / mm * 1e6}
-        outs = {"ours": out, "triton": torch.empty_like(q), "wgmma": torch.empty_like(q),
-                "wgmma_pp": torch.empty_like(q)}
+        outs = {"ours": out, "triton": torch.empty_like(q), **{p: torch.empty_like(q) for p in WGMMA_PLANS}}
         calls = {
             "ours": _with_plan("mma", lambda: torch.ops.oppo.paged_prefill_attention(
                 out, q, k_cache, v_cache, cu, ctx_lens, bt, scale, n)),
@@ -86,7 +87,7 @@ def main() -> None:
                                                       out=outs["triton"], max_seqlen_q=n, backend="triton"),
         }
         if prefill_wgmma_available():
-            for plan in ("wgmma", "wgmma_pp"):
+            for plan in WGMMA_PLANS:
                 calls[plan] = _with_plan(plan, lambda o=outs[plan]: torch.ops.oppo.paged_prefill_attention(
                     o, q, k_cache, v_cache, cu, ctx_lens, bt, scale, n))
         for name, fn in calls.items():
@@ -152,7 +153,7 @@ def main() -> None:
             row["sdpa_us"] = ms * 1e3
             row["sdpa_frac_matmul"] = flops / (ms * 1e-3) / mm
             ref = F.scaled_dot_product_attention(q4, ke, ve, attn_mask=mask, scale=scale)
-            for name, suffix in (("ours", ""), ("triton", "_triton"), ("wgmma", "_wgmma"), ("wgmma_pp", "_wgmma_pp")):
+            for name, suffix in (("ours", ""), ("triton", "_triton"), *((p, "_" + p) for p in WGMMA_PLANS)):
                 if name + "_us" in row:
                     o = outs[name].view(B, n, Hq, D).transpose(1, 2)
                     row["rel_err_vs_sdpa_bf16" + suffix] = float((o.float() - ref.float()).norm() / ref.float().norm())
@@ -161,8 +162,8 @@ def main() -> None:
             row["sdpa_error"] = f"{type(e).__name__}: {e}"[:300]
             print(row["sdpa_error"])
         for k in ("sdpa_us", "flex_us"):
-            for name, suffix in (("best", ""), ("ours", "_cuda"), ("triton", "_triton"), ("wgmma", "_wgmma"),
-                                 ("wgmma_pp", "_wgmma_pp")):
+            for name, suffix in (("best", ""), ("ours", "_cuda"), ("triton", "_triton"),
+                                 *((p, "_" + p) for p in WGMMA_PLANS)):
                 if k in row and name + "_us" in row:
                     row["speedup_vs_" + k[:-3] + suffix] = row[k] / row[name + "_us"]
         rows.append(row)
@@ -178,8 +179,7 @@ def main() -> None:
                        ("ours_us", "ours us", ".1f"), ("ours_tflops", "TFLOP/s", ".0f"),
                        ("ours_frac_matmul", "ours/mm", ".3f"), ("triton_us", "triton us", ".1f"),
                        ("triton_tflops", "TFLOP/s", ".0f"), ("triton_frac_matmul", "triton/mm", ".3f"),
-                       ("wgmma_us", "wgmma us", ".1f"), ("wgmma_frac_matmul", "wgmma/mm", ".3f"),
-                       ("wgmma_pp_us", "pp us", ".1f"), ("wgmma_pp_frac_matmul", "pp/mm", ".3f"),
+                       *((f"{p}_frac_matmul", f"{p}/mm", ".3f") for p in WGMMA_PLANS),
                        ("flex_us", "flex us", ".1f"),
                        ("flex_frac_matmul", "flex/mm", ".3f"), ("sdpa_us", "sdpa us", ".1f"),
                        ("sdpa_frac_matmul", "sdpa/mm", ".3f"), ("speedup_vs_flex", "x flex", ".2f"),
@@ -200,8 +200,7 @@ def _summary(rows):
             "best_backend_per_shape": [r.get("best") for r in rows],
             "min_speedup_vs_flex_cuda": agg(min, "speedup_vs_flex_cuda"),
             "min_speedup_vs_flex_triton": agg(min, "speedup_vs_flex_triton"),
-            "min_speedup_vs_flex_wgmma": agg(min, "speedup_vs_flex_wgmma"),
-            "min_speedup_vs_flex_wgmma_pp": agg(min, "speedup_vs_flex_wgmma_pp"),
+            **{f"min_speedup_vs_flex_{p}": agg(min, f"speedup_vs_flex_{p}") for p in WGMMA_PLANS},
             **{f"min_speedup_vs_flex_triton_bs{k.rsplit('bs', 1)[1]}": agg(min, k)
                for k in sorted({k for r in rows for k in r if k.startswith("speedup_vs_flex_triton_bs")})},
             "min_speedup_vs_sdpa": agg(min, "speedup_vs_sdpa"),

@@ -6,7 +6,8 @@
 //   mma   (default) v2: mma.sync m16n8k16, 64-row CTAs (kernels/paged_prefill_attention.cuh);
 //   wgmma           v4: sm_90a warpgroup MMA, warp-specialized (kernels/paged_prefill_wgmma.cuh);
 //   wgmma_pp        v4 with its two consumer warpgroups in ping-pong (same kernel, a flag);
-//                   the wgmma plans are an error on other devices or without sm_90a code.
+//   wgmma_ov        v4 with each warpgroup's softmax overlapping its own P V (a flag);
+//   wgmma_pp_ov     both; the wgmma plans are an error on other devices or without sm_90a code.
 #include <array>
 #include <cstdlib>
 #include <cstring>
@@ -55,13 +56,16 @@ void launch_kernel(PrefillKernel<T> kernel, int rows_per_cta, int threads, int s
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-enum class Plan { mma, wgmma, wgmma_pp };
-
-Plan prefill_plan(const at::Tensor& q) {
+// -1: the mma plan; else the wgmma kernel's flags (ping-pong, overlap)
+int prefill_plan(const at::Tensor& q) {
   const char* e = std::getenv("OPPO_PREFILL_PLAN");
-  if (e == nullptr || *e == '\0' || std::strcmp(e, "mma") == 0) return Plan::mma;
-  const bool pp = std::strcmp(e, "wgmma_pp") == 0;
-  TORCH_CHECK(pp || std::strcmp(e, "wgmma") == 0, "OPPO_PREFILL_PLAN must be mma, wgmma or wgmma_pp, got '", e, "'");
+  if (e == nullptr || *e == '\0' || std::strcmp(e, "mma") == 0) return -1;
+  int flags = -1;
+  if (std::strcmp(e, "wgmma") == 0) flags = 0;
+  else if (std::strcmp(e, "wgmma_pp") == 0) flags = oppo::attn::wgp::kFlagPingPong;
+  else if (std::strcmp(e, "wgmma_ov") == 0) flags = oppo::attn::wgp::kFlagOverlap;
+  else if (std::strcmp(e, "wgmma_pp_ov") == 0) flags = oppo::attn::wgp::kFlagPingPong | oppo::attn::wgp::kFlagOverlap;
+  TORCH_CHECK(flags >= 0, "OPPO_PREFILL_PLAN must be mma, wgmma, wgmma_pp, wgmma_ov or wgmma_pp_ov, got '", e, "'");
   int major = 0, minor = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.get_device()));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, q.get_device()));
@@ -71,17 +75,17 @@ Plan prefill_plan(const at::Tensor& q) {
               "OPPO_PREFILL_PLAN=wgmma: the extension was built without sm_90a (TORCH_CUDA_ARCH_LIST has no 9.0a): ",
               OPPO_CUDA_ARCHS);
 #endif
-  return pp ? Plan::wgmma_pp : Plan::wgmma;
+  return flags;
 }
 
 template <typename T, int D>
-void launch(Plan plan, at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+void launch(int plan, at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
             const at::Tensor& cu_seqlens_q, const at::Tensor& context_lens, const at::Tensor& block_tables,
             double scale, int64_t max_seqlen_q) {
   using namespace oppo::attn;
-  if (plan != Plan::mma)
+  if (plan >= 0)
     launch_kernel<T, D, true>(wgp::paged_prefill_wgmma_kernel<T, D>, wgp::kBM, wgp::kThreads, wgp::Cfg<D>::kSmem,
-                              plan == Plan::wgmma_pp ? wgp::kFlagPingPong : 0, out, q, k_cache, v_cache,
+                              plan, out, q, k_cache, v_cache,
                               cu_seqlens_q, context_lens, block_tables, scale, max_seqlen_q);
   else
     launch_kernel<T, D, false>(paged_prefill_kernel<T, D, kBlockN>, kPrefillBlockM, kPrefillThreads,
@@ -130,7 +134,7 @@ void paged_prefill_attention_cuda(at::Tensor& out, const at::Tensor& q, const at
   TORCH_CHECK(max_seqlen_q >= 0, op, ": max_seqlen_q must be >= 0");
   if (q.size(0) == 0 || B == 0) return;
   const at::cuda::OptionalCUDAGuard guard(q.device());
-  const Plan wg = prefill_plan(q);
+  const int wg = prefill_plan(q);
   if (q.scalar_type() == at::kBFloat16) {
     if (D == 64) launch<__nv_bfloat16, 64>(wg, out, q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, max_seqlen_q);
     else launch<__nv_bfloat16, 128>(wg, out, q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, max_seqlen_q);

@@ -2,9 +2,9 @@
 // Same semantics as paged_prefill_attention.cuh (bottom-right causal, GQA rows packed as
 // (query, head of the group), K/V of the chunk already in the pages).
 //
-// Warp-specialized (FlashAttention-3's structure, without its intra-warpgroup overlap; its
-// ping-pong of the two consumer warpgroups as a flag): one CTA = 128 rows of one (sequence,
-// kv head), 384 threads.
+// Warp-specialized (FlashAttention-3's structure; its ping-pong of the two consumer warpgroups
+// and its intra-warpgroup overlap as flags): one CTA = 128 rows of one (sequence, kv head),
+// 384 threads.
 //   warpgroup 0  producer: gathers K and V tiles of kBN keys through the block table with
 //                cp.async (16 B per thread and chunk, zero-fill past the context) into a ring of
 //                kStages stages; per stage one "full" mbarrier (128 producer arrivals, each after
@@ -13,8 +13,10 @@
 //   warpgroups 1, 2  consumers, 64 rows each: S = Q K^T as wgmma m64n64k16 with Q and K from
 //                shared memory; online softmax on the accumulator registers (exp2, fp32); P
 //                rounded to T in registers is the A operand of O += P V (wgmma m64nDk16, A from
-//                registers, V from shared memory MN-major). P V of tile t is issued together
-//                with Q K^T of tile t+1: one commit and one wait per tile.
+//                registers, V from shared memory MN-major). Q K^T of tile t+1 and P V of tile t
+//                are issued together (two commit groups); the softmax of tile t+1 starts when
+//                its S is done (with kFlagOverlap, while P V still runs: FA3's intra-warpgroup
+//                overlap) and O is rescaled once P V is done.
 // Shared-memory tiles ([rows x D], T = 2 bytes): D / 64 column blocks of [rows x 128 B], each
 // in the canonical 128-byte swizzle (16-byte chunk c of row r stored at chunk c ^ (r % 8)).
 // K-major operands (Q, K) and the MN-major operand (V) use the same physical layout, so the
@@ -36,6 +38,7 @@ constexpr int kBN = 64;         // keys per K/V tile
 constexpr int kThreads = 384;   // producer warpgroup + two consumer warpgroups
 constexpr int kFlagOutF32 = 1;  // out is float32 (else T)
 constexpr int kFlagPingPong = 2;  // the consumer warpgroups take turns issuing their MMAs
+constexpr int kFlagOverlap = 4;   // a warpgroup's softmax of tile t overlaps its own P V of tile t-1
 
 template <int D>
 struct Cfg {
@@ -82,7 +85,9 @@ __device__ __forceinline__ void named_arrive(int id, int threads) {
 }
 __device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wg_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wg_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"); }
+__device__ __forceinline__ void wg_wait_all() { wg_wait<0>(); }
 // Pins accumulator registers in place around the asynchronous MMAs (no reordering across).
 template <int N>
 __device__ __forceinline__ void fence_regs(float (&r)[N]) {
@@ -96,7 +101,7 @@ __device__ __forceinline__ float ex2(float x) {
 }
 
 // out          [Nq, Hq, D]  (T, or float32 with kFlagOutF32), strides o_s0, o_s1, inner contiguous
-// flags        kFlagOutF32 | kFlagPingPong
+// flags        kFlagOutF32 | kFlagPingPong | kFlagOverlap
 // q            [Nq, Hq, D]  packed by cu_seqlens_q [B+1], strides q_s0, q_s1, inner contiguous
 // k/v_cache    [num_blocks, block_size, Hkv, D] (page stride page_stride, equal for K and V)
 // context_lens [B] int32 (prefix + chunk);  block_tables [B, max_blocks] int32, row stride bt_stride
@@ -231,13 +236,15 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
   for (int i = 0; i < 32; ++i) sacc[i] = 0.f;
   uint32_t pa[4][4];  // P of the last softmaxed tile (T pairs): the register A operand of its P V
 
-  // Tile t's Q K^T is issued together with tile t-1's P V: one commit and one wait per tile.
+  // Tile t's Q K^T is issued together with tile t-1's P V (two commit groups; waited on together,
+  // or with kFlagOverlap the S first and the softmax's first part before P V's wait).
   // Ping-pong (flag): the two warpgroups take turns issuing their batch (named barriers 3 and 4,
   // 256 threads: the one whose turn it is syncs, the other arrives after issuing its own), so one's
   // softmax runs under the other's MMAs. Warpgroup 0 goes first; warpgroup 1 skips its last
   // arrive, so every barrier phase started is completed. No branch sits between a wgmma.fence
   // and its MMAs (ptxas would serialize them): first tile, steady state and last P V are peeled.
   const bool pingpong = (flags & kFlagPingPong) != 0;
+  const bool overlap = (flags & kFlagOverlap) != 0;
   auto issue_qk = [&](int s) {  // S = Q K^T (64 x 64 per warpgroup, D / 16 k-steps)
     const uint32_t k_addr = kv_addr + s * C::kStageBytes;
 #pragma unroll
@@ -270,7 +277,9 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
     fence_regs(o);
     fence_regs(sacc);
   };
-  auto softmax = [&](int it) {  // S of tile it -> P (pa), O rescaled, running max and sum
+  // Softmax of tile it in two parts: scores() needs only S (the running max and sum, P in sacc),
+  // finish() the finished P V of tile it-1 (O rescaled by alpha, P packed into the A operand).
+  auto scores = [&](int it, float (&alpha)[2]) {
     if (it >= n_full) {  // the diagonal: keys past a row's position are masked
 #pragma unroll
       for (int i = 0; i < 8; ++i)
@@ -287,7 +296,7 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
       mx[0] = fmaxf(mx[0], fmaxf(sacc[4 * i], sacc[4 * i + 1]));
       mx[1] = fmaxf(mx[1], fmaxf(sacc[4 * i + 2], sacc[4 * i + 3]));
     }
-    float alpha[2], m_use[2];
+    float m_use[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
@@ -308,6 +317,8 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
       }
 #pragma unroll
     for (int r = 0; r < 2; ++r) l[r] = l[r] * alpha[r] + rs[r];
+  };
+  auto finish = [&](const float (&alpha)[2]) {
 #pragma unroll
     for (int i = 0; i < D / 8; ++i) {  // O holds tiles < it (their P V was waited on)
       o[4 * i + 0] *= alpha[0];
@@ -330,16 +341,35 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
   begin_batch();
   issue_qk(0);
   end_batch(false);
-  softmax(0);
+  {
+    float alpha[2];
+    scores(0, alpha);
+    finish(alpha);
+  }
   for (int it = 1; it < n_tiles; ++it) {
     const int s = it % kS, sp = (it - 1) % kS;
     mbar_wait(&full[s], (it / kS) & 1);
     begin_batch();
-    issue_pv(sp);
-    issue_qk(s);
-    end_batch(false);
+    issue_qk(s);  // group 1: S of tile it
+    wg_commit();
+    issue_pv(sp);  // group 2: P V of tile it-1
+    wg_commit();
+    if (pingpong) named_arrive(3 + (1 - cw), 256);
+    float alpha[2];
+    if (overlap) {  // the softmax's first part runs while this warpgroup's P V is on the tensor cores
+      wg_wait<1>();
+      fence_regs(sacc);
+      scores(it, alpha);
+      wg_wait<0>();
+      fence_regs(o);
+    } else {
+      wg_wait<0>();
+      fence_regs(sacc);
+      fence_regs(o);
+      scores(it, alpha);
+    }
     mbar_arrive(&empty[sp]);  // this thread's reads of tile it-1's stage are done
-    softmax(it);
+    finish(alpha);
   }
   begin_batch();  // the last tile's P V
   issue_pv((n_tiles - 1) % kS);

@@ -487,13 +487,14 @@ PREFILL_SHAPES = [  # Hq, Hkv, D, block_size, prefixes, chunks
 ]
 
 
-PREFILL_PLANS = ["mma", "wgmma", "wgmma_pp"]
+PREFILL_PLANS = ["mma", "wgmma", "wgmma_pp", "wgmma_ov", "wgmma_pp_ov"]
 
 
 @pytest.fixture(params=PREFILL_PLANS)
 def prefill_plan(request, monkeypatch):
-    """The CUDA launcher's plan (read at every call): mma (v2) everywhere, wgmma and wgmma_pp
-    (its ping-pong flag) on sm_90 with an sm_90a build (skipped elsewhere, with the reason)."""
+    """The CUDA launcher's plan (read at every call): mma (v2) everywhere, wgmma and its flag
+    variants (ping-pong, intra-warpgroup overlap) on sm_90 with an sm_90a build (skipped
+    elsewhere, with the reason)."""
     if request.param.startswith("wgmma") and not A.prefill_wgmma_available():
         pytest.skip("the wgmma plan needs an sm_90 device and an extension built with sm_90a")
     monkeypatch.setenv("OPPO_PREFILL_PLAN", request.param)
@@ -533,7 +534,7 @@ def test_prefill_single_token_chunks_equal_decode(prefill_plan):
     assert rel_err(out, ref) < 2e-3
 
 
-@pytest.mark.parametrize("plan", ["wgmma", "wgmma_pp"])
+@pytest.mark.parametrize("plan", PREFILL_PLANS[1:])
 def test_prefill_wgmma_graph_replay_and_many_tiles(monkeypatch, plan):
     """The wgmma plans captured once and replayed on new queries and new chunk/context lengths
     inside the captured grid: the producer/consumer mbarrier ring runs over 2-40 tiles per CTA
