@@ -5,12 +5,13 @@
 // Warp-specialized (FlashAttention-3's structure; its ping-pong of the two consumer warpgroups
 // and its intra-warpgroup overlap as flags): one CTA = 128 rows of one (sequence, kv head),
 // 384 threads.
-//   warpgroup 0  producer: gathers K and V tiles of kBN keys through the block table with
+//   warpgroup 0  producer: gathers K and V tiles of kBN keys (128 for D=64, 64 for D=128)
+//                through the block table with
 //                cp.async (16 B per thread and chunk, zero-fill past the context) into a ring of
 //                kStages stages; per stage one "full" mbarrier (128 producer arrivals, each after
 //                its own copies landed and a proxy fence) and one "empty" mbarrier (256 consumer
 //                arrivals once both warpgroups' MMAs on the stage completed).
-//   warpgroups 1, 2  consumers, 64 rows each: S = Q K^T as wgmma m64n64k16 with Q and K from
+//   warpgroups 1, 2  consumers, 64 rows each: S = Q K^T as wgmma m64nkBNk16 with Q and K from
 //                shared memory; online softmax on the accumulator registers (exp2, fp32); P
 //                rounded to T in registers is the A operand of O += P V (wgmma m64nDk16, A from
 //                registers, V from shared memory MN-major). Q K^T of tile t+1 and P V of tile t
@@ -34,7 +35,6 @@ namespace attn {
 namespace wgp {
 
 constexpr int kBM = 128;        // rows per CTA: two consumer warpgroups x 64
-constexpr int kBN = 64;         // keys per K/V tile
 constexpr int kThreads = 384;   // producer warpgroup + two consumer warpgroups
 constexpr int kFlagOutF32 = 1;  // out is float32 (else T)
 constexpr int kFlagPingPong = 2;  // the consumer warpgroups take turns issuing their MMAs
@@ -42,8 +42,12 @@ constexpr int kFlagOverlap = 4;   // a warpgroup's softmax of tile t overlaps it
 
 template <int D>
 struct Cfg {
+  // keys per K/V tile: 128 for D=64 (its per-tile softmax is issue-bound at 64: twice the MMA per
+  // fixed cost; S 64 registers, ~160 in all), 64 for D=128 (S 32 registers; 128 would need
+  // setmaxnreg)
+  static constexpr int kBN = D == 64 ? 128 : 64;
   static constexpr int kChunks = D / 8;             // 16-byte chunks per row of one head
-  static constexpr int kStages = D == 128 ? 3 : 4;
+  static constexpr int kStages = 4 - D / 128;       // 3 for D=128 (132 KB of smem), 4 for D=64 (145 KB)
   static constexpr int kQBytes = kBM * D * 2;
   static constexpr int kTileBytes = kBN * D * 2;    // one K or V tile
   static constexpr int kStageBytes = 2 * kTileBytes;
@@ -118,6 +122,9 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
   using C = Cfg<D>;
   using Ops = wgmma::Ops<T>;
   constexpr int kS = C::kStages;
+  constexpr int kBN = C::kBN;
+  constexpr int kNB = kBN / 8;    // n8 blocks of S per row
+  constexpr int kKS = kBN / 16;   // k-steps of P V
   extern __shared__ unsigned char smem_raw[];
   unsigned char* smem = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   unsigned char* q_s = smem;
@@ -231,10 +238,10 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
   float o[D / 2];
 #pragma unroll
   for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
-  float sacc[32];
+  float sacc[kBN / 2];
 #pragma unroll
-  for (int i = 0; i < 32; ++i) sacc[i] = 0.f;
-  uint32_t pa[4][4];  // P of the last softmaxed tile (T pairs): the register A operand of its P V
+  for (int i = 0; i < kBN / 2; ++i) sacc[i] = 0.f;
+  uint32_t pa[kKS][4];  // P of the last softmaxed tile (T pairs): the register A operand of its P V
 
   // Tile t's Q K^T is issued together with tile t-1's P V (two commit groups; waited on together,
   // or with kFlagOverlap the S first and the softmax's first part before P V's wait).
@@ -245,20 +252,21 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
   // and its MMAs (ptxas would serialize them): first tile, steady state and last P V are peeled.
   const bool pingpong = (flags & kFlagPingPong) != 0;
   const bool overlap = (flags & kFlagOverlap) != 0;
-  auto issue_qk = [&](int s) {  // S = Q K^T (64 x 64 per warpgroup, D / 16 k-steps)
+  auto issue_qk = [&](int s) {  // S = Q K^T (64 x kBN per warpgroup, D / 16 k-steps)
     const uint32_t k_addr = kv_addr + s * C::kStageBytes;
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
       const uint32_t koff = (kk & 3) * 32;  // 16 elements along the row, inside the swizzle atom
       const uint64_t da = desc128(q_addr + (kk >> 2) * (kBM * 128) + koff, 16, 1024);
       const uint64_t db = desc128(k_addr + (kk >> 2) * (kBN * 128) + koff, 16, 1024);
-      Ops::ss_n64(sacc, da, db, kk > 0 ? 1 : 0);
+      if constexpr (kBN == 128) Ops::ss_n128(sacc, da, db, kk > 0 ? 1 : 0);
+      else Ops::ss_n64(sacc, da, db, kk > 0 ? 1 : 0);
     }
   };
-  auto issue_pv = [&](int s) {  // O += P V (4 k-steps of 16 keys; V MN-major: LBO = column-block stride)
+  auto issue_pv = [&](int s) {  // O += P V (kBN / 16 k-steps of 16 keys; V MN-major: LBO = column-block stride)
     const uint32_t v_addr = kv_addr + s * C::kStageBytes + C::kTileBytes;
 #pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
+    for (int kk = 0; kk < kKS; ++kk) {
       const uint64_t dv = desc128(v_addr + kk * 16 * 128, kBN * 128, 1024);
       if constexpr (D == 128) Ops::rs_n128(o, pa[kk], dv, 1);
       else Ops::rs_n64(o, pa[kk], dv, 1);
@@ -282,17 +290,17 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
   auto scores = [&](int it, float (&alpha)[2]) {
     if (it >= n_full) {  // the diagonal: keys past a row's position are masked
 #pragma unroll
-      for (int i = 0; i < 8; ++i)
+      for (int i = 0; i < kNB; ++i)
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
           const int key = it * kBN + 8 * i + 2 * tq + (j & 1);
           if (key > pos[j >> 1]) sacc[4 * i + j] = kNegInf;
         }
     }
-    // each row's 64 scores live in the 4 threads of a quad
+    // each row's kBN scores live in the 4 threads of a quad
     float mx[2] = {kNegInf, kNegInf};
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
+    for (int i = 0; i < kNB; ++i) {
       mx[0] = fmaxf(mx[0], fmaxf(sacc[4 * i], sacc[4 * i + 1]));
       mx[1] = fmaxf(mx[1], fmaxf(sacc[4 * i + 2], sacc[4 * i + 3]));
     }
@@ -308,7 +316,7 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
     }
     float rs[2] = {0.f, 0.f};
 #pragma unroll
-    for (int i = 0; i < 8; ++i)
+    for (int i = 0; i < kNB; ++i)
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         const float p = ex2(fmaf(sacc[4 * i + j], scale_log2, -m_use[j >> 1]));
@@ -328,7 +336,7 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
     }
     // P (T) as the register A operand: k-step kk covers keys 16 kk .. 16 kk + 15 = n8 blocks 2kk, 2kk+1
 #pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
+    for (int kk = 0; kk < kKS; ++kk) {
       pa[kk][0] = Mma<T>::pack(sacc[8 * kk + 0], sacc[8 * kk + 1]);
       pa[kk][1] = Mma<T>::pack(sacc[8 * kk + 2], sacc[8 * kk + 3]);
       pa[kk][2] = Mma<T>::pack(sacc[8 * kk + 4], sacc[8 * kk + 5]);

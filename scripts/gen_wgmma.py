@@ -65,6 +65,7 @@ template <typename T> struct Ops;
     for ptx_t, ctype in TYPES.items():
         parts.append(f"template <> struct Ops<{ctype}> {{\n")
         parts.append(ss(64, ptx_t))
+        parts.append(ss(128, ptx_t))
         parts.append(rs(64, ptx_t))
         parts.append(rs(128, ptx_t))
         parts.append("};\n\n")

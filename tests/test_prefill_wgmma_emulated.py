@@ -26,7 +26,7 @@ import torch
 
 from oppo_runtime.ops import attention as A
 
-BM, BN = 128, 64
+BM = 128
 LOG2E = 1.4426950408889634
 
 
@@ -43,6 +43,11 @@ def desc128(saddr: int, lbo: int, sbo: int) -> int:
 
 def stages(D: int) -> int:
     return 3 if D == 128 else 4
+
+
+def block_n(D: int) -> int:
+    """Keys per K/V tile (Cfg<D>::kBN)."""
+    return 128 if D == 64 else 64
 
 
 # --------------------------------------------------------------------------- the hardware, as documented
@@ -111,7 +116,8 @@ def emulate(q, k_cache, v_cache, cu, ctx, bt, scale, out):
     Nq, Hq, D = q.shape
     _, bs, Hkv, _ = k_cache.shape
     Gq = Hq // Hkv
-    kS, chunks = stages(D), D // 8
+    kS, chunks, BN = stages(D), D // 8, block_n(D)
+    NB, KS = BN // 8, BN // 16
     qn, kn, vn = (x.float().numpy() for x in (q, k_cache, v_cache))
     cu, ctx, bt = cu.tolist(), ctx.tolist(), bt.tolist()
     q_bytes, tile_bytes = BM * D * 2, BN * D * 2
@@ -174,18 +180,18 @@ def emulate(q, k_cache, v_cache, cu, ctx, bt, scale, out):
                                     for r in range(2)], 1)
                     state.append(dict(rA=rA, pos=pos, m=np.full((128, 2), -np.inf, np.float32),
                                       l=np.zeros((128, 2), np.float32), o=np.zeros((128, D // 2), np.float32),
-                                      sacc=np.zeros((128, 32), np.float32), pa=None))
+                                      sacc=np.zeros((128, BN // 2), np.float32), pa=None))
                 q_addr = [64 * cw * 128 for cw in range(2)]
-                srow, scol = acc_index(64)
+                srow, scol = acc_index(BN)
                 orow, ocol = acc_index(D)
 
                 def issue_qk(st, cw, s):
                     k_addr = q_bytes + s * stage_bytes
-                    S = np.zeros((64, 64), np.float32)
+                    S = np.zeros((64, BN), np.float32)
                     for kk in range(D // 16):
                         koff = (kk & 3) * 32
                         a = kmajor(smem, desc128(q_addr[cw] + (kk >> 2) * (BM * 128) + koff, 16, 1024), 64)
-                        bmat = kmajor(smem, desc128(k_addr + (kk >> 2) * (BN * 128) + koff, 16, 1024), 64)
+                        bmat = kmajor(smem, desc128(k_addr + (kk >> 2) * (BN * 128) + koff, 16, 1024), BN)
                         S += a @ bmat.T
                     st["sacc"] = S[srow, scol]
 
@@ -194,7 +200,7 @@ def emulate(q, k_cache, v_cache, cu, ctx, bt, scale, out):
                     O = np.zeros((64, D), np.float32)
                     O[orow, ocol] = st["o"]
                     lo, hi = st["pa"]
-                    for kk in range(4):
+                    for kk in range(KS):
                         bmat = mnmajor(smem, desc128(v_addr + kk * 16 * 128, BN * 128, 1024), D)
                         O += a_from_regs(lo[:, kk], hi[:, kk]) @ bmat
                     st["o"] = O[orow, ocol]
@@ -203,23 +209,23 @@ def emulate(q, k_cache, v_cache, cu, ctx, bt, scale, out):
                     sacc = st["sacc"].copy()
                     if it >= n_full:
                         key = it * BN + scol                          # [128, 32]
-                        p_row = st["pos"][:, (np.arange(32) % 4) >> 1]
+                        p_row = st["pos"][:, (np.arange(BN // 2) % 4) >> 1]
                         sacc[key > p_row] = -np.inf
-                    mx = np.stack([np.max(sacc[:, [4 * i + j for i in range(8) for j in (0, 1)]], 1),
-                                   np.max(sacc[:, [4 * i + j for i in range(8) for j in (2, 3)]], 1)], 1)
+                    mx = np.stack([np.max(sacc[:, [4 * i + j for i in range(NB) for j in (0, 1)]], 1),
+                                   np.max(sacc[:, [4 * i + j for i in range(NB) for j in (2, 3)]], 1)], 1)
                     mx = mx.reshape(4, 8, 4, 2).max(axis=2, keepdims=True).repeat(4, axis=2).reshape(128, 2)  # quad
                     m_new = np.maximum(st["m"], mx * scale_log2)
                     m_use = np.where(m_new == -np.inf, 0.0, m_new).astype(np.float32)
                     alpha = np.exp2(st["m"] - m_use)
                     st["m"] = m_new
-                    p = np.exp2(sacc * scale_log2 - m_use[:, (np.arange(32) % 4) >> 1]).astype(np.float32)
-                    rs = np.stack([p[:, [4 * i + j for i in range(8) for j in (0, 1)]].sum(1),
-                                   p[:, [4 * i + j for i in range(8) for j in (2, 3)]].sum(1)], 1)
+                    p = np.exp2(sacc * scale_log2 - m_use[:, (np.arange(BN // 2) % 4) >> 1]).astype(np.float32)
+                    rs = np.stack([p[:, [4 * i + j for i in range(NB) for j in (0, 1)]].sum(1),
+                                   p[:, [4 * i + j for i in range(NB) for j in (2, 3)]].sum(1)], 1)
                     st["l"] = st["l"] * alpha + rs
                     st["o"] = st["o"] * alpha[:, (np.arange(D // 2) % 4) >> 1]
                     pr = round_to(p, dtype)                           # Mma<T>::pack rounds to T
-                    lo = np.stack([pr[:, [8 * kk + 2 * r for r in range(4)]] for kk in range(4)], 1)
-                    hi = np.stack([pr[:, [8 * kk + 2 * r + 1 for r in range(4)]] for kk in range(4)], 1)
+                    lo = np.stack([pr[:, [8 * kk + 2 * r for r in range(4)]] for kk in range(KS)], 1)
+                    hi = np.stack([pr[:, [8 * kk + 2 * r + 1 for r in range(4)]] for kk in range(KS)], 1)
                     st["pa"] = (lo, hi)                               # [128, kk, reg]
 
                 # the pipeline, in one order the barriers allow (the producer a stage ahead)
@@ -283,7 +289,7 @@ def _case(Hq, Hkv, D, bs, prefixes, chunks, dtype, seed=0):
 
 @pytest.mark.parametrize("Hq,Hkv,D,bs,prefixes,chunks", [
     (8, 2, 64, 16, [0, 37, 130], [1, 70, 20]),          # G = 4: prefix 0, chunk 1, several tiles
-    (14, 2, 64, 16, [200], [30]),                        # G = 7 (Qwen2.5), 4 stages wrap around
+    (14, 2, 64, 16, [600], [30]),                        # G = 7 (Qwen2.5), 4 stages of 128 keys wrap
     (4, 2, 128, 16, [250, 0], [9, 40]),                  # D = 128: two column blocks, 3 stages wrap
     (2, 2, 128, 48, [100], [150]),                       # G = 1, pages not a power of two, 2 row tiles
 ])
@@ -302,7 +308,7 @@ def test_emulation_catches_a_wrong_descriptor():
     good = desc128
     try:
         def swapped(saddr, lbo, sbo):
-            return good(saddr, sbo, lbo) if lbo == BN * 128 else good(saddr, lbo, sbo)
+            return good(saddr, sbo, lbo) if lbo == block_n(128) * 128 else good(saddr, lbo, sbo)
         desc128 = swapped
         out, ref = _case(4, 2, 128, 16, [70], [10], torch.bfloat16)
         assert float((out - ref).norm() / ref.norm()) > 0.1
