@@ -1,0 +1,176 @@
+"""The prefill v4 kernel's synchronization, simulated on the CPU (kernels/paged_prefill_wgmma.cuh).
+
+A hang on the GPU costs a whole device call, so the barrier protocol is checked here first: the
+producer warpgroup and the two consumer warpgroups run as coroutines under a random scheduler,
+over mbarriers (arrival counts, phases, parity waits as PTX defines them: a fresh barrier's
+"preceding phase" of parity 1 counts as complete) and named barriers (bar.sync waits for the
+barrier's thread count, bar.arrive adds to it without waiting). Each program mirrors the
+kernel's order of operations, with and without ping-pong. The checks: every run finishes (no
+deadlock), a consumer reads a stage only when it holds the tile it expects, the producer never
+overwrites a stage a consumer has not released, and every named-barrier phase that starts is
+completed (no arrival left over at exit, and no phase completed by one warpgroup's arrivals alone).
+"""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+
+class MBarrier:
+    def __init__(self, count: int):
+        self.count, self.pending, self.completed = count, count, 0
+
+    def arrive(self, n: int) -> None:
+        self.pending -= n
+        assert self.pending >= 0, "more arrivals than the barrier's count in one phase"
+        if self.pending == 0:
+            self.completed += 1
+            self.pending = self.count
+
+    def ready(self, parity: int) -> bool:   # try_wait.parity: the phase of that parity has completed
+        return (self.completed & 1) != parity
+
+
+class NamedBarrier:
+    def __init__(self, threads: int):
+        self.threads, self.arrived, self.generation = threads, 0, 0
+        self.arrivers: list[str] = []
+
+    def arrive(self, who: str, n: int = 128) -> int:
+        self.arrived += n
+        self.arrivers.append(who)
+        gen = self.generation
+        if self.arrived == self.threads:
+            assert len(set(self.arrivers)) > 1 or self.threads == n, \
+                f"a phase completed by {who}'s arrivals alone"
+            self.arrived, self.arrivers = 0, []
+            self.generation += 1
+        assert self.arrived < self.threads
+        return gen
+
+
+def programs(n_tiles: int, kS: int, pingpong: bool, log: list):
+    """Generators for the producer and the two consumer warpgroups; each yields a predicate
+    (callable) it waits on, or None to give up the processor."""
+    full = [MBarrier(128) for _ in range(kS)]
+    empty = [MBarrier(256) for _ in range(kS)]
+    named = {3: NamedBarrier(256), 4: NamedBarrier(256)}
+    stage_tile = [None] * kS          # which tile a stage holds (None: being written or empty)
+    readers = [set() for _ in range(kS)]
+
+    def producer():
+        for it in range(n_tiles):
+            s = it % kS
+            p = ((it // kS) & 1) ^ 1
+            yield lambda s=s, p=p: empty[s].ready(p)
+            assert not readers[s], f"producer overwrites stage {s} while {readers[s]} still read it"
+            stage_tile[s] = None      # cp.async in flight
+            yield None
+            stage_tile[s] = ("landing", it)
+            if it > 0:                # wait_group 1, proxy fence, arrive on the previous tile
+                sp = (it - 1) % kS
+                stage_tile[sp] = stage_tile[sp][1] if isinstance(stage_tile[sp], tuple) else stage_tile[sp]
+                full[sp].arrive(128)
+        sl = (n_tiles - 1) % kS
+        stage_tile[sl] = stage_tile[sl][1] if isinstance(stage_tile[sl], tuple) else stage_tile[sl]
+        full[sl].arrive(128)
+        log.append("producer done")
+
+    def consumer(cw: int):
+        me, other = 3 + cw, 3 + (1 - cw)
+        name = f"wg{cw}"
+
+        def sync(bid):             # bar.sync: arrive, then wait for the phase to complete
+            gen = named[bid].arrive(name)
+            yield lambda: named[bid].generation > gen
+
+        def begin():
+            if pingpong:
+                yield from sync(me)
+
+        def end(last: bool):
+            if pingpong and not (last and cw == 1):
+                named[other].arrive(name)
+
+        def read(s, it):
+            assert stage_tile[s] == it, f"{name} reads stage {s} expecting tile {it}, it holds {stage_tile[s]}"
+            readers[s].add(name)
+
+        def release(s):
+            readers[s].discard(name)
+            empty[s].arrive(128)
+
+        if pingpong and cw == 1:
+            named[3].arrive(name)
+        yield lambda: full[0].ready(0)
+        yield from begin()
+        read(0, 0)                 # Q K^T of tile 0
+        end(False)
+        yield None                 # softmax
+        for it in range(1, n_tiles):
+            s, sp = it % kS, (it - 1) % kS
+            yield lambda s=s, it=it: full[s].ready((it // kS) & 1)
+            yield from begin()
+            read(s, it)            # Q K^T of tile it (K of stage s)
+            read(sp, it - 1)       # P V of tile it-1 (V of stage sp)
+            end(False)
+            yield None             # the MMAs run, the softmax's first part
+            release(sp)
+            yield None
+        yield from begin()
+        read((n_tiles - 1) % kS, n_tiles - 1)
+        end(True)
+        yield None
+        release((n_tiles - 1) % kS)
+        log.append(f"{name} done")
+
+    return [producer(), consumer(0), consumer(1)], named
+
+
+def run(n_tiles: int, kS: int, pingpong: bool, seed: int) -> list:
+    log: list = []
+    progs, named = programs(n_tiles, kS, pingpong, log)
+    waiting = [None] * len(progs)
+    alive = set(range(len(progs)))
+    rng = random.Random(seed)
+    for _ in range(100_000):
+        if not alive:
+            break
+        runnable = [i for i in alive if waiting[i] is None or waiting[i]()]
+        assert runnable, f"deadlock: n_tiles={n_tiles} kS={kS} pingpong={pingpong}, done: {log}"
+        i = rng.choice(runnable)
+        try:
+            waiting[i] = next(progs[i])
+        except StopIteration:
+            alive.discard(i)
+            waiting[i] = None
+    assert not alive, "did not finish"
+    for bid, nb in named.items():
+        assert nb.arrived == 0, f"named barrier {bid}: {nb.arrived} threads' arrivals left at exit"
+    return log
+
+
+@pytest.mark.parametrize("pingpong", [False, True])
+@pytest.mark.parametrize("kS", [3, 4])
+@pytest.mark.parametrize("n_tiles", [1, 2, 3, 4, 5, 9, 40])
+def test_barrier_protocol_finishes_without_races(n_tiles, kS, pingpong):
+    for seed in range(25):
+        log = run(n_tiles, kS, pingpong, seed)
+        assert sorted(log) == ["producer done", "wg0 done", "wg1 done"]
+
+
+def test_simulation_catches_a_wrong_parity():
+    """Not vacuous: a consumer waiting on the wrong parity of the full barrier (the classic
+    off-by-one) is caught, as a stale read or a deadlock."""
+    orig = MBarrier.ready
+
+    def flipped(self, parity):
+        return orig(self, parity ^ 1) if self.count == 128 else orig(self, parity)
+    MBarrier.ready = flipped
+    try:
+        with pytest.raises(AssertionError):
+            for seed in range(10):
+                run(6, 3, True, seed)
+    finally:
+        MBarrier.ready = orig
