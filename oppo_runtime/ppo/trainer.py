@@ -582,8 +582,11 @@ class PPOTrainer:
                     pl, st = algo.policy_loss(lp, rows(old_lp), rows(adv), m, p.clip_ratio,
                                               p.clip_ratio_high, p.dual_clip_c,
                                               None if iw is None else rows(iw), p.loss_agg_mode)
-                    ent_pad = self._pad(ent.to(self.acc), sub_lens)     # differentiable: the entropy bonus
-                    loss = pl - p.ent_coef * algo.entropy_loss(ent_pad, m, p.loss_agg_mode)
+                    ent_pad = self._pad(ent.to(self.acc), sub_lens)
+                    loss = pl
+                    if p.ent_coef:      # the entropy bonus; at 0 the entropy stays out of the graph and
+                        # the LM-head backward skips its term (~4 passes over each chunk's logits)
+                        loss = loss - p.ent_coef * algo.entropy_loss(ent_pad, m, p.loss_agg_mode)
                     if not p.kl_in_reward:
                         kll = algo.kl_loss(lp, rows(ref_lp), m, "k3", p.loss_agg_mode)
                         loss = loss + p.kl_coef * kll
