@@ -303,16 +303,17 @@ class ActorEngine:
         self._launch_id += 1        # pages freed from now until this step is booked are quarantined
         rows = [i for i, s in enumerate(batch.sample) if s]
         seqs = [batch.seqs[i] for i in rows]
-        out = None
+        out = staged = None
         if self.graph_sampling and batch.is_decode and len(rows) == len(batch.seqs):
-            needs_filter, keys, pos, temp, _, _ = self._sample_inputs(seqs, self.model.config.vocab_size)
+            staged = self._sample_inputs(seqs, self.model.config.vocab_size)
+            needs_filter, keys, pos, temp, _, _ = staged
             if not needs_filter:        # one replay: forward, LM head and sampler (None: not this step)
                 out = self.runner.forward_sample(batch.spans, self.view.pages, ids_from, keys, pos, temp)
         if out is None:
             hidden = self.runner.forward(batch.spans, self.view.pages, ids_from=ids_from)
             if rows:
                 logits = self.model.compute_logits(hidden[rows] if len(rows) != hidden.shape[0] else hidden)
-                out = self._sample(seqs, logits)
+                out = self._sample(seqs, logits, staged)
         for seq, span in zip(batch.seqs, batch.spans):
             seq.num_cached_tokens = span.start + len(span.token_ids)
         tokens = host = None
@@ -387,9 +388,10 @@ class ActorEngine:
             top_k = top_p = None
         return needs_filter, keys, pos, temp, top_k, top_p
 
-    def _sample(self, seqs: list[Sequence], logits: torch.Tensor):
-        """Sample each row on the device: (tokens [B] int64, log-probs [B] float32, NaN flags [B] bool)."""
-        needs_filter, keys, pos, temp, top_k, top_p = self._sample_inputs(seqs, logits.shape[-1])
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor, staged=None):
+        """Sample each row on the device: (tokens [B] int64, log-probs [B] float32, NaN flags [B] bool).
+        ``staged``: the rows' ``_sample_inputs``, if already staged (the graph path that declined)."""
+        needs_filter, keys, pos, temp, top_k, top_p = staged or self._sample_inputs(seqs, logits.shape[-1])
         tokens, logps, bad = sample_tokens(logits, temp, top_k, top_p, self.config.seed, keys, pos,
                                            needs_filter=needs_filter)
         return tokens, logps, bad
