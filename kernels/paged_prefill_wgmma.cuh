@@ -5,8 +5,7 @@
 // Warp-specialized (FlashAttention-3's structure; its ping-pong of the two consumer warpgroups
 // and its intra-warpgroup overlap as flags): one CTA = 128 rows of one (sequence, kv head),
 // 384 threads.
-//   warpgroup 0  producer: gathers K and V tiles of kBN keys (128 for D=64, 64 for D=128)
-//                through the block table with
+//   warpgroup 0  producer: gathers K and V tiles of kBN = 128 keys through the block table with
 //                cp.async (16 B per thread and chunk, zero-fill past the context) into a ring of
 //                kStages stages; per stage one "full" mbarrier (128 producer arrivals, each after
 //                its own copies landed and a proxy fence) and one "empty" mbarrier (256 consumer
@@ -42,12 +41,17 @@ constexpr int kFlagOverlap = 4;   // a warpgroup's softmax of tile t overlaps it
 
 template <int D>
 struct Cfg {
-  // keys per K/V tile: 128 for D=64 (its per-tile softmax is issue-bound at 64: twice the MMA per
-  // fixed cost; S 64 registers, ~160 in all), 64 for D=128 (S 32 registers; 128 would need
-  // setmaxnreg)
-  static constexpr int kBN = D == 64 ? 128 : 64;
+  // keys per K/V tile: 128 (FA3's tile for these head dims): twice the MMA per softmax fixed cost
+  // (barrier waits, max shuffles, the O rescale) of a 64-key tile. S is 64 registers; D=128's
+  // consumers need ~200 in all, hence setmaxnreg (producer 56, consumers 224) for D=128.
+  static constexpr int kBN = 128;
   static constexpr int kChunks = D / 8;             // 16-byte chunks per row of one head
-  static constexpr int kStages = 4 - D / 128;       // 3 for D=128 (132 KB of smem), 4 for D=64 (145 KB)
+  // a stage (K and V of a tile) is held from its Q K^T to its P V one iteration later, so the
+  // consumers hold two and the rest are the prefetch depth: 3 stages for D=128 (225 KB of the
+  // 227 KB a CTA may have), 4 for D=64 (145 KB)
+  static constexpr int kStages = D == 128 ? 3 : 4;
+  static constexpr bool kSetMaxNReg = D == 128;
+  static constexpr int kProducerRegs = 56, kConsumerRegs = 224;   // 128 x 56 + 256 x 224 <= 65536
   static constexpr int kQBytes = kBM * D * 2;
   static constexpr int kTileBytes = kBN * D * 2;    // one K or V tile
   static constexpr int kStageBytes = 2 * kTileBytes;
@@ -87,6 +91,11 @@ __device__ __forceinline__ void named_sync(int id, int threads) {
 __device__ __forceinline__ void named_arrive(int id, int threads) {
   asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
+// Register reallocation between warpgroups (each warpgroup executes it as a whole).
+template <int N>
+__device__ __forceinline__ void setmaxnreg_dec() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N)); }
+template <int N>
+__device__ __forceinline__ void setmaxnreg_inc() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N)); }
 __device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 template <int N>
@@ -158,6 +167,7 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
   const int wg = threadIdx.x / 128;
   if (wg == 0) {
     // ------------------------------------------------------------------ producer
+    if constexpr (C::kSetMaxNReg) setmaxnreg_dec<C::kProducerRegs>();
     const int t = threadIdx.x;
     const int* bt = block_tables + static_cast<int64_t>(b) * bt_stride;
     constexpr int kPer = kBN * C::kChunks / 128;   // chunks per thread per tile (8 for D=128)
@@ -170,21 +180,25 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
       mbar_wait(&empty[s], ((it / kS) & 1) ^ 1);
       unsigned char* ks = kv_s + s * C::kStageBytes;
       unsigned char* vs = ks + C::kTileBytes;
-      int page[kPer];
 #pragma unroll
-      for (int i = 0; i < kPer; ++i) {  // the block-table loads first, all independent
-        const int pos = it * kBN + tok0 + i * kTokStep;
-        page[i] = pos < L ? __ldg(bt + pos / block_size) : 0;
-      }
+      for (int i0 = 0; i0 < kPer; i0 += 8) {  // 8 chunks at a time: the producer's register budget
+        int page[8];
 #pragma unroll
-      for (int i = 0; i < kPer; ++i) {
-        const int tok = tok0 + i * kTokStep;
-        const int pos = it * kBN + tok;
-        const bool ok = pos < L;
-        const int64_t off = ok ? static_cast<int64_t>(page[i]) * page_stride + (pos % block_size) * row_stride + head_off : 0;
-        const uint32_t dst = swz(kBN, tok, ch);
-        cp_async_16(ks + dst, k_cache + off, ok ? 16 : 0);
-        cp_async_16(vs + dst, v_cache + off, ok ? 16 : 0);
+        for (int i = i0; i < i0 + 8; ++i) {  // the block-table loads first, all independent
+          const int pos = it * kBN + tok0 + i * kTokStep;
+          page[i - i0] = pos < L ? __ldg(bt + pos / block_size) : 0;
+        }
+#pragma unroll
+        for (int i = i0; i < i0 + 8; ++i) {
+          const int tok = tok0 + i * kTokStep;
+          const int pos = it * kBN + tok;
+          const bool ok = pos < L;
+          const int64_t off =
+              ok ? static_cast<int64_t>(page[i - i0]) * page_stride + (pos % block_size) * row_stride + head_off : 0;
+          const uint32_t dst = swz(kBN, tok, ch);
+          cp_async_16(ks + dst, k_cache + off, ok ? 16 : 0);
+          cp_async_16(vs + dst, v_cache + off, ok ? 16 : 0);
+        }
       }
       cp_async_commit();
       if (it > 0) {  // the previous tile has landed (this thread's part): publish it
@@ -200,6 +214,7 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
   }
 
   // -------------------------------------------------------------------- consumers
+  if constexpr (C::kSetMaxNReg) setmaxnreg_inc<C::kConsumerRegs>();
   const int cw = wg - 1;                    // rows 64 cw .. 64 cw + 63 of the CTA tile
   const int tw = threadIdx.x - 128 * wg;
   const int warp = tw >> 5, lane = tw & 31, g = lane >> 2, tq = lane & 3;

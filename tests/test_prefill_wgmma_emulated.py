@@ -47,7 +47,7 @@ def stages(D: int) -> int:
 
 def block_n(D: int) -> int:
     """Keys per K/V tile (Cfg<D>::kBN)."""
-    return 128 if D == 64 else 64
+    return 128
 
 
 # --------------------------------------------------------------------------- the hardware, as documented
@@ -290,7 +290,7 @@ def _case(Hq, Hkv, D, bs, prefixes, chunks, dtype, seed=0):
 @pytest.mark.parametrize("Hq,Hkv,D,bs,prefixes,chunks", [
     (8, 2, 64, 16, [0, 37, 130], [1, 70, 20]),          # G = 4: prefix 0, chunk 1, several tiles
     (14, 2, 64, 16, [600], [30]),                        # G = 7 (Qwen2.5), 4 stages of 128 keys wrap
-    (4, 2, 128, 16, [250, 0], [9, 40]),                  # D = 128: two column blocks, 3 stages wrap
+    (4, 2, 128, 16, [450, 0], [9, 40]),                  # D = 128: two column blocks, 3 stages wrap
     (2, 2, 128, 48, [100], [150]),                       # G = 1, pages not a power of two, 2 row tiles
 ])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -310,7 +310,7 @@ def test_emulation_catches_a_wrong_descriptor():
         def swapped(saddr, lbo, sbo):
             return good(saddr, sbo, lbo) if lbo == block_n(128) * 128 else good(saddr, lbo, sbo)
         desc128 = swapped
-        out, ref = _case(4, 2, 128, 16, [70], [10], torch.bfloat16)
+        out, ref = _case(4, 2, 128, 16, [170], [10], torch.bfloat16)
         assert float((out - ref).norm() / ref.norm()) > 0.1
     finally:
         desc128 = good
