@@ -143,7 +143,7 @@ class BusySampler:
 
     def __init__(self, interval: float = 0.05):
         self.interval, self.samples, self.source = interval, [], None
-        self.sm_samples: list[tuple[float, float]] = []     # (interval midpoint, SM util %)
+        self.sm_samples: list[tuple[float, dict]] = []      # (interval midpoint, {GPM metric: %})
         self.sm_source: str | None = None
         self._gpm = None
         self._read = None
@@ -171,10 +171,17 @@ class BusySampler:
             self._thread = threading.Thread(target=self._loop, name="nvml-sampler", daemon=True)
             self._thread.start()
 
+    # GPM metrics sampled together (name -> pynvml constant name, its id where the binding lacks it)
+    GPM_METRICS = {"sm": ("NVML_GPM_METRIC_SM_UTIL", 2), "occupancy": ("NVML_GPM_METRIC_SM_OCCUPANCY", 3),
+                   "tensor": ("NVML_GPM_METRIC_ANY_TENSOR_UTIL", 5)}
+
     def _gpm_reader(self, nv, handle):
-        """SM utilization from NVML GPM (Hopper+): the fraction of SM time that had a warp resident
-        between two samples, i.e. how much of the machine ran, not just whether a kernel did. NVML's
-        plain "utilization" counts a batch-1 decode kernel on 8 of 132 SMs as 100% busy."""
+        """GPM metrics (Hopper+) between two samples: SM utilization, the fraction of SM time that
+        had a warp resident (how much of the machine ran, not just whether a kernel did: NVML's
+        plain "utilization" counts a batch-1 decode kernel on 8 of 132 SMs as 100% busy); SM
+        occupancy, resident warps over the maximum (how full the SMs that ran were); and tensor
+        activity, the fraction of time any tensor pipe was busy (useful matmul work). A metric
+        the driver refuses is left out (None), the others go on."""
         try:
             sup = nv.nvmlGpmQueryDeviceSupport(handle)
             if not getattr(sup, "isSupportedDevice", 0):
@@ -183,6 +190,7 @@ class BusySampler:
             samples = [nv.nvmlGpmSampleAlloc(), nv.nvmlGpmSampleAlloc()]
             nv.nvmlGpmSampleGet(handle, samples[0])
             state = {"prev": 0, "t": time.perf_counter()}
+            ids = {k: getattr(nv, name, fallback) for k, (name, fallback) in self.GPM_METRICS.items()}
 
             def read():
                 cur = 1 - state["prev"]
@@ -190,18 +198,21 @@ class BusySampler:
                 t = time.perf_counter()
                 mg = nv.c_nvmlGpmMetricsGet_t()
                 mg.version = nv.NVML_GPM_METRICS_GET_VERSION
-                mg.numMetrics = 1
+                mg.numMetrics = len(ids)
                 mg.sample1, mg.sample2 = samples[state["prev"]], samples[cur]
-                mg.metrics[0].metricId = nv.NVML_GPM_METRIC_SM_UTIL
+                for j, mid in enumerate(ids.values()):
+                    mg.metrics[j].metricId = mid
                 nv.nvmlGpmMetricsGet(mg)
-                mid = (state["t"] + t) / 2
+                mid_t = (state["t"] + t) / 2
                 state["prev"], state["t"] = cur, t
-                if mg.metrics[0].nvmlReturn != 0:
+                vals = {k: (float(mg.metrics[j].value) if mg.metrics[j].nvmlReturn == 0 else None)
+                        for j, k in enumerate(ids)}
+                if vals["sm"] is None:
                     raise RuntimeError(f"GPM SM_UTIL returned {mg.metrics[0].nvmlReturn}")
-                return mid, float(mg.metrics[0].value)
+                return mid_t, vals
 
             read()
-            self.sm_source = "nvml-gpm SM_UTIL"
+            self.sm_source = "nvml-gpm SM_UTIL, SM_OCCUPANCY, ANY_TENSOR_UTIL"
             return read
         except Exception as e:  # noqa: BLE001  (old driver / nvidia-ml-py without GPM / no permission)
             print(f"  (no NVML GPM SM utilization: {type(e).__name__}: {e})")
@@ -229,9 +240,11 @@ class BusySampler:
         vals = [u for t, u in list(self.samples) if any(a <= t <= b for a, b in windows)]
         return sum(vals) / len(vals) / 100.0 if vals else None
 
-    def sm_busy(self, windows: list[tuple[float, float]]) -> float | None:
-        """Mean GPM SM utilization (fraction) over the GPM intervals whose midpoint is in a window."""
-        vals = [u for t, u in list(self.sm_samples) if any(a <= t <= b for a, b in windows)]
+    def sm_busy(self, windows: list[tuple[float, float]], metric: str = "sm") -> float | None:
+        """Mean of a GPM metric (fraction; "sm" utilization, "occupancy", "tensor") over the GPM
+        intervals whose midpoint is in a window."""
+        vals = [u[metric] for t, u in list(self.sm_samples)
+                if u.get(metric) is not None and any(a <= t <= b for a, b in windows)]
         return sum(vals) / len(vals) / 100.0 if vals else None
 
     def close(self):
@@ -448,6 +461,8 @@ def run_mode(mode: str, p: dict, paths: dict, prompt_file: Path, work: Path, arg
         "trained_tokens_per_step": _mean([s["trained_tokens"] for s in timed]),
         "busy": sampler.busy(windows),
         "sm_busy": sampler.sm_busy(windows),
+        "sm_occupancy": sampler.sm_busy(windows, "occupancy"),
+        "tensor_active": sampler.sm_busy(windows, "tensor"),
         # the same two, within the rollout (step start to the update) and within the update: where
         # the GPU's idle time is
         "busy_by_phase": {k: sampler.busy(w) for k, w in phase_windows.items()},
@@ -528,6 +543,8 @@ def summarize(workloads: dict) -> dict:
                 d[f"speedup_{m}_vs_none"] = _ratio(none["step_s"], r["step_s"])
                 d[f"busy_ratio_{m}_vs_none"] = _ratio(r.get("busy"), none.get("busy"))
                 d[f"sm_busy_ratio_{m}_vs_none"] = _ratio(r.get("sm_busy"), none.get("sm_busy"))
+                d[f"sm_occupancy_ratio_{m}_vs_none"] = _ratio(r.get("sm_occupancy"), none.get("sm_occupancy"))
+                d[f"tensor_active_ratio_{m}_vs_none"] = _ratio(r.get("tensor_active"), none.get("tensor_active"))
                 d[f"gen_tok_s_ratio_{m}_vs_none"] = _ratio(r.get("gen_tok_s"), none.get("gen_tok_s"))
             if "trl" in rows and m != "trl":
                 d[f"speedup_{m}_vs_trl"] = _ratio(rows["trl"]["step_s"], r["step_s"])
@@ -538,6 +555,8 @@ def summarize(workloads: dict) -> dict:
     s["speedup_full_vs_none"] = g.get("speedup_full_vs_none")
     s["busy_ratio_full_vs_none"] = g.get("busy_ratio_full_vs_none")
     s["sm_busy_ratio_full_vs_none"] = g.get("sm_busy_ratio_full_vs_none")
+    s["sm_occupancy_ratio_full_vs_none"] = g.get("sm_occupancy_ratio_full_vs_none")
+    s["tensor_active_ratio_full_vs_none"] = g.get("tensor_active_ratio_full_vs_none")
     s["speedup_full_vs_trl"] = t.get("speedup_full_vs_trl")
     s["speedup_none_vs_trl"] = t.get("speedup_none_vs_trl")
     s["speedup_full_vs_none_T"] = t.get("speedup_full_vs_none")
@@ -574,7 +593,8 @@ def print_rows(name: str, entry: dict) -> None:
     print_table(rows, [("mode", "mode", "s"), ("step_s", "s/step", ".3f"), ("x_none", "x none", ".2f"),
                        ("gen_tok_s", "gen tok/s", ".0f"), ("rollout_s", "rollout s", ".2f"),
                        ("exposed_score_s", "scoring not hidden s", ".2f"), ("train_s", "train s", ".2f"),
-                       ("busy", "GPU busy", ".2f"), ("sm_busy", "SM busy", ".2f"), ("trace_busy", "trace busy", ".2f"),
+                       ("busy", "GPU busy", ".2f"), ("sm_busy", "SM busy", ".2f"), ("sm_occupancy", "SM occ", ".2f"),
+                       ("tensor_active", "tensor", ".2f"), ("trace_busy", "trace busy", ".2f"),
                        ("deferred_mean", "deferred", ".1f"), ("peak_mem_gib", "peak GiB", ".1f"),
                        ("steps_timed", "steps", "d")])
     fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731

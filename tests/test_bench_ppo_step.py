@@ -116,8 +116,9 @@ def test_profile_writes_stage_labelled_tables(tmp_path):
 
 
 def test_gpm_sm_utilization_reader_pairs_consecutive_samples():
-    """The NVML GPM reader (no GPU here: a fake nvml module with the same API) asks for SM_UTIL
-    between the previous sample and the new one, alternating two sample buffers."""
+    """The NVML GPM reader (no GPU here: a fake nvml module with the same API) asks for SM_UTIL,
+    SM_OCCUPANCY and ANY_TENSOR_UTIL between the previous sample and the new one, alternating two
+    sample buffers; a metric the driver refuses is None, the others go on."""
     from types import SimpleNamespace
     ppo = _load("ppo_step")
     calls = []
@@ -127,11 +128,13 @@ def test_gpm_sm_utilization_reader_pairs_consecutive_samples():
             self.metrics = [SimpleNamespace(metricId=None, value=None, nvmlReturn=None) for _ in range(4)]
 
     def get(mg):
-        calls.append((mg.sample1.n, mg.sample2.n, mg.metrics[0].metricId))
-        mg.metrics[0].value, mg.metrics[0].nvmlReturn = 10.0 * len(calls), 0
+        calls.append((mg.sample1.n, mg.sample2.n, [mg.metrics[j].metricId for j in range(mg.numMetrics)]))
+        for j in range(mg.numMetrics):
+            m = mg.metrics[j]
+            m.value, m.nvmlReturn = 10.0 * len(calls) + j, (3 if m.metricId == 5 else 0)   # no tensor metric
 
-    nv = SimpleNamespace(NVML_GPM_METRICS_GET_VERSION=1, NVML_GPM_METRIC_SM_UTIL=2,
-                         nvmlGpmQueryDeviceSupport=lambda h: SimpleNamespace(isSupportedDevice=1),
+    nv = SimpleNamespace(NVML_GPM_METRICS_GET_VERSION=1, NVML_GPM_METRIC_SM_UTIL=2,   # no OCCUPANCY name:
+                         nvmlGpmQueryDeviceSupport=lambda h: SimpleNamespace(isSupportedDevice=1),   # its id
                          nvmlGpmSampleAlloc=lambda: SimpleNamespace(n=0),
                          nvmlGpmSampleGet=lambda h, s: setattr(s, "n", s.n + 1),
                          c_nvmlGpmMetricsGet_t=Metrics, nvmlGpmMetricsGet=get)
@@ -141,11 +144,15 @@ def test_gpm_sm_utilization_reader_pairs_consecutive_samples():
     assert sampler.sm_source and read is not None and len(calls) == 1
     t1, v1 = read()
     t2, v2 = read()
-    assert (v1, v2) == (20.0, 30.0) and t2 >= t1
-    # buffers alternate: each call's sample1 is the previous call's sample2
-    assert [c[2] for c in calls] == [2, 2, 2]
+    assert v1 == {"sm": 20.0, "occupancy": 21.0, "tensor": None} and v2["sm"] == 30.0 and t2 >= t1
+    # buffers alternate: each call's sample1 is the previous call's sample2; the three metric ids
+    assert [c[2] for c in calls] == [[2, 3, 5]] * 3
     assert calls[1][0] == calls[0][1] and calls[2][0] == calls[1][1]
-    sampler.sm_samples = [(1.0, 50.0), (2.0, 10.0), (5.0, 90.0)]
+    sampler.sm_samples = [(1.0, {"sm": 50.0, "occupancy": 20.0, "tensor": None}),
+                          (2.0, {"sm": 10.0, "occupancy": 40.0, "tensor": 8.0}),
+                          (5.0, {"sm": 90.0, "occupancy": 90.0, "tensor": 90.0})]
     assert sampler.sm_busy([(0.5, 2.5)]) == pytest.approx(0.3)
+    assert sampler.sm_busy([(0.5, 2.5)], "occupancy") == pytest.approx(0.3)
+    assert sampler.sm_busy([(0.5, 2.5)], "tensor") == pytest.approx(0.08)      # the None left out
     unsupported = SimpleNamespace(nvmlGpmQueryDeviceSupport=lambda h: SimpleNamespace(isSupportedDevice=0))
     assert sampler._gpm_reader(unsupported, handle=0) is None
