@@ -7,10 +7,13 @@
 //   wgmma           v4: sm_90a warpgroup MMA, warp-specialized (kernels/paged_prefill_wgmma.cuh);
 //   wgmma_pp        v4 with its two consumer warpgroups in ping-pong (same kernel, a flag);
 //   wgmma_ov        v4 with each warpgroup's softmax overlapping its own P V (a flag);
-//   wgmma_pp_ov     both; the wgmma plans are an error on other devices or without sm_90a code.
+//   wgmma_pp_ov     both; "_ps" after any of them: persistent CTAs (one per SM, looping over the
+//                   work items, the K/V prefetch running on across items); the wgmma plans are an
+//                   error on other devices or without sm_90a code.
 #include <array>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_bf16.h>
@@ -26,11 +29,21 @@ constexpr int kBlockN = 64;
 // Both plans' kernels share one signature; they differ in rows per CTA, threads and smem.
 template <typename T>
 using PrefillKernel = void (*)(void*, int, int64_t, int64_t, const T*, int64_t, int64_t, const T*, const T*,
-                               int64_t, int, int, const int*, const int*, const int*, int64_t, int, float);
+                               int64_t, int, int, const int*, const int*, const int*, int64_t, int, float, int, int);
+
+// How the grid covers the (row tile, kv head, sequence) items: 3D, one CTA each (mma); 1D, one
+// CTA each (wgmma); 1D persistent, one CTA per SM looping over items (wgmma "_ps").
+enum class Grid { three_d, items, persistent };
+
+int sm_count(int dev) {
+  static int sms[64] = {};
+  if (sms[dev & 63] == 0) C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms[dev & 63], cudaDevAttrMultiProcessorCount, dev));
+  return sms[dev & 63];
+}
 
 template <typename T, int D, bool kWgmma>   // one instantiation per kernel: attr_set below is its own
-void launch_kernel(PrefillKernel<T> kernel, int rows_per_cta, int threads, int smem, int flags, at::Tensor& out,
-                   const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+void launch_kernel(PrefillKernel<T> kernel, int rows_per_cta, int threads, int smem, int flags, Grid grid_kind,
+                   at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                    const at::Tensor& cu_seqlens_q, const at::Tensor& context_lens, const at::Tensor& block_tables,
                    double scale, int64_t max_seqlen_q) {
   const int B = static_cast<int>(context_lens.size(0)), Hq = static_cast<int>(q.size(1));
@@ -46,26 +59,38 @@ void launch_kernel(PrefillKernel<T> kernel, int rows_per_cta, int threads, int s
     attr_set[dev & 63] = true;
   }
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const dim3 grid(static_cast<unsigned>(m_tiles), Hkv, B);
+  const int64_t items = m_tiles * Hkv * B;
+  TORCH_CHECK(items < (1LL << 31), "paged_prefill_attention: too many (row tile, kv head, sequence) items");
+  dim3 grid(static_cast<unsigned>(m_tiles), Hkv, B);
+  if (grid_kind == Grid::items) grid = dim3(static_cast<unsigned>(items));
+  if (grid_kind == Grid::persistent) grid = dim3(static_cast<unsigned>(std::min<int64_t>(items, sm_count(dev))));
   kernel<<<grid, threads, smem, stream>>>(
       out.data_ptr(), flags | (out.scalar_type() == at::kFloat ? 1 : 0), out.stride(0), out.stride(1),
       reinterpret_cast<const T*>(q.data_ptr()), q.stride(0), q.stride(1),
       reinterpret_cast<const T*>(k_cache.data_ptr()), reinterpret_cast<const T*>(v_cache.data_ptr()),
       k_cache.stride(0), block_size, Hkv, cu_seqlens_q.data_ptr<int>(), context_lens.data_ptr<int>(),
-      block_tables.data_ptr<int>(), block_tables.stride(0), G, static_cast<float>(scale) * oppo::attn::kLog2e);
+      block_tables.data_ptr<int>(), block_tables.stride(0), G, static_cast<float>(scale) * oppo::attn::kLog2e,
+      static_cast<int>(m_tiles), static_cast<int>(items));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// -1: the mma plan; else the wgmma kernel's flags (ping-pong, overlap)
+constexpr int kPersistent = 1 << 8;  // host-side plan bit (not a kernel flag)
+
+// -1: the mma plan; else the wgmma kernel's flags (ping-pong, overlap) | kPersistent
 int prefill_plan(const at::Tensor& q) {
   const char* e = std::getenv("OPPO_PREFILL_PLAN");
   if (e == nullptr || *e == '\0' || std::strcmp(e, "mma") == 0) return -1;
-  int flags = -1;
-  if (std::strcmp(e, "wgmma") == 0) flags = 0;
-  else if (std::strcmp(e, "wgmma_pp") == 0) flags = oppo::attn::wgp::kFlagPingPong;
-  else if (std::strcmp(e, "wgmma_ov") == 0) flags = oppo::attn::wgp::kFlagOverlap;
-  else if (std::strcmp(e, "wgmma_pp_ov") == 0) flags = oppo::attn::wgp::kFlagPingPong | oppo::attn::wgp::kFlagOverlap;
-  TORCH_CHECK(flags >= 0, "OPPO_PREFILL_PLAN must be mma, wgmma, wgmma_pp, wgmma_ov or wgmma_pp_ov, got '", e, "'");
+  std::string name(e);
+  int flags = 0;
+  if (name.size() > 3 && name.compare(name.size() - 3, 3, "_ps") == 0) {
+    flags |= kPersistent;
+    name.resize(name.size() - 3);
+  }
+  if (name == "wgmma_pp") flags |= oppo::attn::wgp::kFlagPingPong;
+  else if (name == "wgmma_ov") flags |= oppo::attn::wgp::kFlagOverlap;
+  else if (name == "wgmma_pp_ov") flags |= oppo::attn::wgp::kFlagPingPong | oppo::attn::wgp::kFlagOverlap;
+  else TORCH_CHECK(name == "wgmma", "OPPO_PREFILL_PLAN must be mma or wgmma[_pp][_ov][_ps] (e.g. wgmma_pp_ov_ps), got '",
+                   e, "'");
   int major = 0, minor = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.get_device()));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, q.get_device()));
@@ -85,12 +110,12 @@ void launch(int plan, at::Tensor& out, const at::Tensor& q, const at::Tensor& k_
   using namespace oppo::attn;
   if (plan >= 0)
     launch_kernel<T, D, true>(wgp::paged_prefill_wgmma_kernel<T, D>, wgp::kBM, wgp::kThreads, wgp::Cfg<D>::kSmem,
-                              plan, out, q, k_cache, v_cache,
-                              cu_seqlens_q, context_lens, block_tables, scale, max_seqlen_q);
+                              plan & ~kPersistent, (plan & kPersistent) ? Grid::persistent : Grid::items, out, q,
+                              k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, max_seqlen_q);
   else
     launch_kernel<T, D, false>(paged_prefill_kernel<T, D, kBlockN>, kPrefillBlockM, kPrefillThreads,
-                               PrefillSmem<T, D, kBlockN>::kBytes, 0, out, q, k_cache, v_cache, cu_seqlens_q,
-                               context_lens, block_tables, scale, max_seqlen_q);
+                               PrefillSmem<T, D, kBlockN>::kBytes, 0, Grid::three_d, out, q, k_cache, v_cache,
+                               cu_seqlens_q, context_lens, block_tables, scale, max_seqlen_q);
 }
 
 }  // namespace

@@ -28,7 +28,8 @@ struct PrefillSmem {
 // q            [Nq, Hq, D]  packed by cu_seqlens_q [B+1], strides q_s0, q_s1, inner contiguous
 // k/v_cache    [num_blocks, block_size, Hkv, D], page stride page_stride
 // context_lens [B] int32 (prefix + chunk);  block_tables [B, max_blocks] int32, row stride bt_stride
-// grid (ceil(max_seqlen_q * G / 64), Hkv, B)
+// grid (ceil(max_seqlen_q * G / 64), Hkv, B); the last two arguments (the wgmma kernel's item
+// space, same signature) are unused
 template <typename T, int D, int BN>
 __global__ void __launch_bounds__(kPrefillThreads, 2)
 paged_prefill_kernel(void* __restrict__ out, int flags, int64_t o_s0, int64_t o_s1,
@@ -36,7 +37,7 @@ paged_prefill_kernel(void* __restrict__ out, int flags, int64_t o_s0, int64_t o_
                      const T* __restrict__ k_cache, const T* __restrict__ v_cache, int64_t page_stride,
                      int block_size, int Hkv, const int* __restrict__ cu_seqlens_q,
                      const int* __restrict__ context_lens, const int* __restrict__ block_tables,
-                     int64_t bt_stride, int G, float scale_log2) {
+                     int64_t bt_stride, int G, float scale_log2, int /*m_tiles*/, int /*num_items*/) {
   using S = PrefillSmem<T, D, BN>;
   constexpr int kRow = S::kRow;
   constexpr int kVec = 16 / int(sizeof(T));

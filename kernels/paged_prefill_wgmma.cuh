@@ -118,7 +118,10 @@ __device__ __forceinline__ float ex2(float x) {
 // q            [Nq, Hq, D]  packed by cu_seqlens_q [B+1], strides q_s0, q_s1, inner contiguous
 // k/v_cache    [num_blocks, block_size, Hkv, D] (page stride page_stride, equal for K and V)
 // context_lens [B] int32 (prefix + chunk);  block_tables [B, max_blocks] int32, row stride bt_stride
-// grid (ceil(max_seqlen_q * G / 128), Hkv, B), block 384, dynamic smem Cfg<D>::kSmem
+// work items: (row tile of 128 rows, kv head, sequence), m_tiles = ceil(max_seqlen_q * G / 128) row
+// tiles each, num_items = m_tiles * Hkv * B; grid 1D: CTA c takes items c, c + gridDim.x, ...
+// (gridDim.x = num_items: one item each; fewer: persistent CTAs, the K/V ring and the producer's
+// prefetch running on across items). Block 384, dynamic smem Cfg<D>::kSmem
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, 1)
 paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int64_t o_s1,
@@ -126,7 +129,7 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
                            const T* __restrict__ k_cache, const T* __restrict__ v_cache, int64_t page_stride,
                            int block_size, int Hkv, const int* __restrict__ cu_seqlens_q,
                            const int* __restrict__ context_lens, const int* __restrict__ block_tables,
-                           int64_t bt_stride, int G, float scale_log2) {
+                           int64_t bt_stride, int G, float scale_log2, int m_tiles, int num_items) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using C = Cfg<D>;
   using Ops = wgmma::Ops<T>;
@@ -141,19 +144,34 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
   uint64_t* full = reinterpret_cast<uint64_t*>(kv_s + kS * C::kStageBytes);
   uint64_t* empty = full + kS;
 
-  const int b = blockIdx.z, kvh = blockIdx.y;
-  const int mt = gridDim.x - 1 - blockIdx.x;  // the longest tiles (most keys) start first
-  const int q0 = cu_seqlens_q[b];
-  const int n = cu_seqlens_q[b + 1] - q0;
-  const int rows = n * G;
-  const int row0 = mt * kBM;
-  if (row0 >= rows) return;  // whole CTA, before any barrier
-  const int L = context_lens[b];
-  const int prefix = L - n;
-  const int first = prefix + row0 / G;                           // position of the tile's first query
-  const int last = prefix + (min(row0 + kBM, rows) - 1) / G;     // ... and of its last
-  const int n_tiles = (last + kBN) / kBN;                        // keys 0..last
-  const int n_full = (first + 1) / kBN;                          // tiles no row of the CTA masks
+  // an item: row tile mt (heaviest, i.e. most keys, first within its (sequence, kv head)), its
+  // rows, its context and its key tiles (n_full of them need no mask)
+  struct Item {
+    int b, kvh, q0, rows, row0, L, prefix, n_tiles, n_full;
+  };
+  auto item_at = [&](int w, Item& I) -> bool {
+    const int x = w % m_tiles, rest = w / m_tiles;
+    I.kvh = rest % Hkv;
+    I.b = rest / Hkv;
+    I.q0 = cu_seqlens_q[I.b];
+    const int n = cu_seqlens_q[I.b + 1] - I.q0;
+    I.rows = n * G;
+    I.row0 = (m_tiles - 1 - x) * kBM;
+    if (I.row0 >= I.rows) return false;
+    I.L = context_lens[I.b];
+    I.prefix = I.L - n;
+    const int first = I.prefix + I.row0 / G;                        // position of the tile's first query
+    const int last = I.prefix + (min(I.row0 + kBM, I.rows) - 1) / G;  // ... and of its last
+    I.n_tiles = (last + kBN) / kBN;                                  // keys 0..last
+    I.n_full = (first + 1) / kBN;                                    // tiles no row of the item masks
+    return true;
+  };
+  {  // a CTA without work leaves before any barrier (rows past a short chunk, padded max_seqlen_q)
+    Item I;
+    bool any = false;
+    for (int w = blockIdx.x; w < num_items && !any; w += gridDim.x) any = item_at(w, I);
+    if (!any) return;
+  }
 
   if (threadIdx.x == 0) {
 #pragma unroll
@@ -169,47 +187,52 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
     // ------------------------------------------------------------------ producer
     if constexpr (C::kSetMaxNReg) setmaxnreg_dec<C::kProducerRegs>();
     const int t = threadIdx.x;
-    const int* bt = block_tables + static_cast<int64_t>(b) * bt_stride;
-    constexpr int kPer = kBN * C::kChunks / 128;   // chunks per thread per tile (8 for D=128)
+    constexpr int kPer = kBN * C::kChunks / 128;   // chunks per thread per tile (16 for D=128)
     constexpr int kTokStep = 128 / C::kChunks;     // tokens per pass of the 128 threads
     const int ch = t % C::kChunks, tok0 = t / C::kChunks;
     const int64_t row_stride = static_cast<int64_t>(Hkv) * D;
-    const int64_t head_off = static_cast<int64_t>(kvh) * D + ch * 8;
-    for (int it = 0; it < n_tiles; ++it) {
-      const int s = it % kS;
-      mbar_wait(&empty[s], ((it / kS) & 1) ^ 1);
-      unsigned char* ks = kv_s + s * C::kStageBytes;
-      unsigned char* vs = ks + C::kTileBytes;
+    int g = 0;                                     // tiles issued by this CTA: the ring position
+    for (int w = blockIdx.x; w < num_items; w += gridDim.x) {
+      Item I;
+      if (!item_at(w, I)) continue;
+      const int* bt = block_tables + static_cast<int64_t>(I.b) * bt_stride;
+      const int64_t head_off = static_cast<int64_t>(I.kvh) * D + ch * 8;
+      for (int it = 0; it < I.n_tiles; ++it, ++g) {
+        const int s = g % kS;
+        mbar_wait(&empty[s], ((g / kS) & 1) ^ 1);
+        unsigned char* ks = kv_s + s * C::kStageBytes;
+        unsigned char* vs = ks + C::kTileBytes;
 #pragma unroll
-      for (int i0 = 0; i0 < kPer; i0 += 8) {  // 8 chunks at a time: the producer's register budget
-        int page[8];
+        for (int i0 = 0; i0 < kPer; i0 += 8) {  // 8 chunks at a time: the producer's register budget
+          int page[8];
 #pragma unroll
-        for (int i = i0; i < i0 + 8; ++i) {  // the block-table loads first, all independent
-          const int pos = it * kBN + tok0 + i * kTokStep;
-          page[i - i0] = pos < L ? __ldg(bt + pos / block_size) : 0;
+          for (int i = i0; i < i0 + 8; ++i) {  // the block-table loads first, all independent
+            const int pos = it * kBN + tok0 + i * kTokStep;
+            page[i - i0] = pos < I.L ? __ldg(bt + pos / block_size) : 0;
+          }
+#pragma unroll
+          for (int i = i0; i < i0 + 8; ++i) {
+            const int tok = tok0 + i * kTokStep;
+            const int pos = it * kBN + tok;
+            const bool ok = pos < I.L;
+            const int64_t off =
+                ok ? static_cast<int64_t>(page[i - i0]) * page_stride + (pos % block_size) * row_stride + head_off : 0;
+            const uint32_t dst = swz(kBN, tok, ch);
+            cp_async_16(ks + dst, k_cache + off, ok ? 16 : 0);
+            cp_async_16(vs + dst, v_cache + off, ok ? 16 : 0);
+          }
         }
-#pragma unroll
-        for (int i = i0; i < i0 + 8; ++i) {
-          const int tok = tok0 + i * kTokStep;
-          const int pos = it * kBN + tok;
-          const bool ok = pos < L;
-          const int64_t off =
-              ok ? static_cast<int64_t>(page[i - i0]) * page_stride + (pos % block_size) * row_stride + head_off : 0;
-          const uint32_t dst = swz(kBN, tok, ch);
-          cp_async_16(ks + dst, k_cache + off, ok ? 16 : 0);
-          cp_async_16(vs + dst, v_cache + off, ok ? 16 : 0);
+        cp_async_commit();
+        if (g > 0) {  // the previous tile (of this item or the last one) has landed: publish it
+          cp_async_wait<1>();
+          fence_proxy_async();
+          mbar_arrive(&full[(g - 1) % kS]);
         }
-      }
-      cp_async_commit();
-      if (it > 0) {  // the previous tile has landed (this thread's part): publish it
-        cp_async_wait<1>();
-        fence_proxy_async();
-        mbar_arrive(&full[(it - 1) % kS]);
       }
     }
     cp_async_wait<0>();
     fence_proxy_async();
-    mbar_arrive(&full[(n_tiles - 1) % kS]);
+    mbar_arrive(&full[(g - 1) % kS]);  // g >= 1: the CTA has an item
     return;
   }
 
@@ -219,40 +242,14 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
   const int tw = threadIdx.x - 128 * wg;
   const int warp = tw >> 5, lane = tw & 31, g = lane >> 2, tq = lane & 3;
 
-  {  // Q rows of this warpgroup -> shared memory (swizzled), zeros for rows past the chunk
-    constexpr int kPer = 64 * C::kChunks / 128;
-#pragma unroll
-    for (int i = 0; i < kPer; ++i) {
-      const int c = i * 128 + tw;
-      const int rr = c / C::kChunks, ch = c % C::kChunks;
-      const int grow = row0 + 64 * cw + rr;
-      uint4 v = make_uint4(0u, 0u, 0u, 0u);
-      if (grow < rows) {
-        const T* src = q + static_cast<int64_t>(q0 + grow / G) * q_s0 + static_cast<int64_t>(kvh * G + grow % G) * q_s1 + ch * 8;
-        v = *reinterpret_cast<const uint4*>(src);
-      }
-      *reinterpret_cast<uint4*>(q_s + swz(kBM, 64 * cw + rr, ch)) = v;
-    }
-    fence_proxy_async();
-    named_sync(1 + cw, 128);
-  }
-
-  // this thread's two rows (r = 0: local row rA, r = 1: rA + 8) and their query positions
-  const int rA = 64 * cw + 16 * warp + g;
-  int pos[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int grow = row0 + rA + 8 * r;
-    pos[r] = grow < rows ? prefix + grow / G : L - 1;  // rows past the chunk: any valid position
-  }
   const uint32_t q_addr = smem_u32(q_s) + 64 * cw * 128;
   const uint32_t kv_addr = smem_u32(kv_s);
-
+  const int rA = 64 * cw + 16 * warp + g;   // this thread's two rows: rA and rA + 8 (local to the item)
   const float kNegInf = -INFINITY;
-  float m[2] = {kNegInf, kNegInf}, l[2] = {0.f, 0.f};
+  Item I;                                    // the current item
+  int pos[2];                                // query positions of this thread's rows
+  float m[2], l[2];
   float o[D / 2];
-#pragma unroll
-  for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
   float sacc[kBN / 2];
 #pragma unroll
   for (int i = 0; i < kBN / 2; ++i) sacc[i] = 0.f;
@@ -303,7 +300,7 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
   // Softmax of tile it in two parts: scores() needs only S (the running max and sum, P in sacc),
   // finish() the finished P V of tile it-1 (O rescaled by alpha, P packed into the A operand).
   auto scores = [&](int it, float (&alpha)[2]) {
-    if (it >= n_full) {  // the diagonal: keys past a row's position are masked
+    if (it >= I.n_full) {  // the diagonal: keys past a row's position are masked
 #pragma unroll
       for (int i = 0; i < kNB; ++i)
 #pragma unroll
@@ -359,66 +356,105 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
     }
   };
 
-  if (pingpong && cw == 1) named_arrive(3, 256);
-  mbar_wait(&full[0], 0);  // tile 0: Q K^T alone
-  begin_batch();
-  issue_qk(0);
-  end_batch(false);
-  {
-    float alpha[2];
-    scores(0, alpha);
-    finish(alpha);
-  }
-  for (int it = 1; it < n_tiles; ++it) {
-    const int s = it % kS, sp = (it - 1) % kS;
-    mbar_wait(&full[s], (it / kS) & 1);
-    begin_batch();
-    issue_qk(s);  // group 1: S of tile it
-    wg_commit();
-    issue_pv(sp);  // group 2: P V of tile it-1
-    wg_commit();
-    if (pingpong) named_arrive(3 + (1 - cw), 256);
-    float alpha[2];
-    if (overlap) {  // the softmax's first part runs while this warpgroup's P V is on the tensor cores
-      wg_wait<1>();
-      fence_regs(sacc);
-      scores(it, alpha);
-      wg_wait<0>();
-      fence_regs(o);
-    } else {
-      wg_wait<0>();
-      fence_regs(sacc);
-      fence_regs(o);
-      scores(it, alpha);
+  int gbase = 0;                             // ring position of the item's first tile
+  for (int w = blockIdx.x; w < num_items; w += gridDim.x) {
+    if (!item_at(w, I)) continue;
+    // Q rows of this warpgroup -> shared memory (swizzled), zeros for rows past the chunk. The
+    // buffer is free: this warpgroup's Q K^T of the previous item were all waited on.
+    fence_proxy_async();
+    {
+      constexpr int kPer = 64 * C::kChunks / 128;
+#pragma unroll
+      for (int i = 0; i < kPer; ++i) {
+        const int c = i * 128 + tw;
+        const int rr = c / C::kChunks, ch = c % C::kChunks;
+        const int grow = I.row0 + 64 * cw + rr;
+        uint4 v = make_uint4(0u, 0u, 0u, 0u);
+        if (grow < I.rows) {
+          const T* src = q + static_cast<int64_t>(I.q0 + grow / G) * q_s0 +
+                         static_cast<int64_t>(I.kvh * G + grow % G) * q_s1 + ch * 8;
+          v = *reinterpret_cast<const uint4*>(src);
+        }
+        *reinterpret_cast<uint4*>(q_s + swz(kBM, 64 * cw + rr, ch)) = v;
+      }
+      fence_proxy_async();
+      named_sync(1 + cw, 128);
     }
-    mbar_arrive(&empty[sp]);  // this thread's reads of tile it-1's stage are done
-    finish(alpha);
-  }
-  begin_batch();  // the last tile's P V
-  issue_pv((n_tiles - 1) % kS);
-  end_batch(true);
-  mbar_arrive(&empty[(n_tiles - 1) % kS]);
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int grow = I.row0 + rA + 8 * r;
+      pos[r] = grow < I.rows ? I.prefix + grow / G : I.L - 1;  // rows past the chunk: any valid position
+      m[r] = kNegInf;
+      l[r] = 0.f;
+    }
+#pragma unroll
+    for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
+    const int n_tiles = I.n_tiles;
 
-  // epilogue: full row sums across the quad, normalize, store the valid rows
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
-    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
-  }
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int grow = row0 + rA + 8 * r;
-    if (grow >= rows) continue;
-    const float inv = 1.f / l[r];
-    const int64_t base = static_cast<int64_t>(q0 + grow / G) * o_s0 + static_cast<int64_t>(kvh * G + grow % G) * o_s1;
-#pragma unroll
-    for (int i = 0; i < D / 8; ++i) {
-      const int col = 8 * i + 2 * tq;
-      const float x = o[4 * i + 2 * r] * inv, y = o[4 * i + 2 * r + 1] * inv;
-      if (flags & kFlagOutF32) {
-        *reinterpret_cast<float2*>(static_cast<float*>(out) + base + col) = make_float2(x, y);
+    if (pingpong && cw == 1) named_arrive(3, 256);
+    mbar_wait(&full[gbase % kS], (gbase / kS) & 1);  // tile 0: Q K^T alone
+    begin_batch();
+    issue_qk(gbase % kS);
+    end_batch(false);
+    {
+      float alpha[2];
+      scores(0, alpha);
+      finish(alpha);
+    }
+    for (int it = 1; it < n_tiles; ++it) {
+      const int gi = gbase + it;
+      const int s = gi % kS, sp = (gi - 1) % kS;
+      mbar_wait(&full[s], (gi / kS) & 1);
+      begin_batch();
+      issue_qk(s);  // group 1: S of tile it
+      wg_commit();
+      issue_pv(sp);  // group 2: P V of tile it-1
+      wg_commit();
+      if (pingpong) named_arrive(3 + (1 - cw), 256);
+      float alpha[2];
+      if (overlap) {  // the softmax's first part runs while this warpgroup's P V is on the tensor cores
+        wg_wait<1>();
+        fence_regs(sacc);
+        scores(it, alpha);
+        wg_wait<0>();
+        fence_regs(o);
       } else {
-        *reinterpret_cast<uint32_t*>(static_cast<T*>(out) + base + col) = Mma<T>::pack(x, y);
+        wg_wait<0>();
+        fence_regs(sacc);
+        fence_regs(o);
+        scores(it, alpha);
+      }
+      mbar_arrive(&empty[sp]);  // this thread's reads of tile it-1's stage are done
+      finish(alpha);
+    }
+    begin_batch();  // the last tile's P V
+    issue_pv((gbase + n_tiles - 1) % kS);
+    end_batch(true);
+    mbar_arrive(&empty[(gbase + n_tiles - 1) % kS]);
+    gbase += n_tiles;
+
+    // epilogue: full row sums across the quad, normalize, store the valid rows
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+      l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int grow = I.row0 + rA + 8 * r;
+      if (grow >= I.rows) continue;
+      const float inv = 1.f / l[r];
+      const int64_t base =
+          static_cast<int64_t>(I.q0 + grow / G) * o_s0 + static_cast<int64_t>(I.kvh * G + grow % G) * o_s1;
+#pragma unroll
+      for (int i = 0; i < D / 8; ++i) {
+        const int col = 8 * i + 2 * tq;
+        const float x = o[4 * i + 2 * r] * inv, y = o[4 * i + 2 * r + 1] * inv;
+        if (flags & kFlagOutF32) {
+          *reinterpret_cast<float2*>(static_cast<float*>(out) + base + col) = make_float2(x, y);
+        } else {
+          *reinterpret_cast<uint32_t*>(static_cast<T*>(out) + base + col) = Mma<T>::pack(x, y);
+        }
       }
     }
   }

@@ -487,14 +487,14 @@ PREFILL_SHAPES = [  # Hq, Hkv, D, block_size, prefixes, chunks
 ]
 
 
-PREFILL_PLANS = ["mma", "wgmma", "wgmma_pp", "wgmma_ov", "wgmma_pp_ov"]
+PREFILL_PLANS = ["mma", "wgmma", "wgmma_pp", "wgmma_ov", "wgmma_pp_ov", "wgmma_pp_ov_ps"]
 
 
 @pytest.fixture(params=PREFILL_PLANS)
 def prefill_plan(request, monkeypatch):
     """The CUDA launcher's plan (read at every call): mma (v2) everywhere, wgmma and its flag
-    variants (ping-pong, intra-warpgroup overlap) on sm_90 with an sm_90a build (skipped
-    elsewhere, with the reason)."""
+    variants (ping-pong, intra-warpgroup overlap, persistent CTAs) on sm_90 with an sm_90a build
+    (skipped elsewhere, with the reason)."""
     if request.param.startswith("wgmma") and not A.prefill_wgmma_available():
         pytest.skip("the wgmma plan needs an sm_90 device and an extension built with sm_90a")
     monkeypatch.setenv("OPPO_PREFILL_PLAN", request.param)
@@ -574,3 +574,17 @@ def test_prefill_wgmma_graph_replay_and_many_tiles(monkeypatch, plan):
         torch.cuda.synchronize()
         assert torch.isfinite(out[:n]).all(), (chunks, prefixes)
         assert rel_err(out[:n], ref) < 2e-3, (chunks, prefixes)
+
+
+def test_prefill_wgmma_persistent_many_items_per_cta(monkeypatch):
+    """The persistent plan with several items per CTA (more (row tile, kv head, sequence) items
+    than SMs): ragged chunks, items past short chunks, a stage ring that runs on across items."""
+    if not A.prefill_wgmma_available():
+        pytest.skip("the wgmma plan needs an sm_90 device and an extension built with sm_90a")
+    monkeypatch.setenv("OPPO_PREFILL_PLAN", "wgmma_pp_ov_ps")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    B = 2 * sms // 8 + 3                        # items = m_tiles * 2 kv heads * B > 2 x SMs
+    prefixes = [(37 * b) % 700 for b in range(B)]
+    chunks = [[300, 1, 129, 64][b % 4] for b in range(B)]
+    out, ref = _prefill_case(8, 2, 64, 16, prefixes, chunks, torch.bfloat16, torch.float32)
+    assert rel_err(out, ref) < 2e-3

@@ -50,9 +50,12 @@ class NamedBarrier:
         return gen
 
 
-def programs(n_tiles: int, kS: int, pingpong: bool, log: list):
-    """Generators for the producer and the two consumer warpgroups; each yields a predicate
-    (callable) it waits on, or None to give up the processor."""
+def programs(items: list[int], kS: int, pingpong: bool, log: list):
+    """Generators for the producer and the two consumer warpgroups of a CTA that works through
+    ``items`` (each a number of key tiles; one item, or several for the persistent plan), the
+    ring of stages running on across items; each yields a predicate (callable) it waits on, or
+    None to give up the processor."""
+    n_total = sum(items)
     full = [MBarrier(128) for _ in range(kS)]
     empty = [MBarrier(256) for _ in range(kS)]
     named = {3: NamedBarrier(256), 4: NamedBarrier(256)}
@@ -60,19 +63,19 @@ def programs(n_tiles: int, kS: int, pingpong: bool, log: list):
     readers = [set() for _ in range(kS)]
 
     def producer():
-        for it in range(n_tiles):
-            s = it % kS
-            p = ((it // kS) & 1) ^ 1
+        for g in range(n_total):      # g: the ring position (tiles of all items, in order)
+            s = g % kS
+            p = ((g // kS) & 1) ^ 1
             yield lambda s=s, p=p: empty[s].ready(p)
             assert not readers[s], f"producer overwrites stage {s} while {readers[s]} still read it"
             stage_tile[s] = None      # cp.async in flight
             yield None
-            stage_tile[s] = ("landing", it)
-            if it > 0:                # wait_group 1, proxy fence, arrive on the previous tile
-                sp = (it - 1) % kS
+            stage_tile[s] = ("landing", g)
+            if g > 0:                 # wait_group 1, proxy fence, arrive on the previous tile
+                sp = (g - 1) % kS
                 stage_tile[sp] = stage_tile[sp][1] if isinstance(stage_tile[sp], tuple) else stage_tile[sp]
                 full[sp].arrive(128)
-        sl = (n_tiles - 1) % kS
+        sl = (n_total - 1) % kS
         stage_tile[sl] = stage_tile[sl][1] if isinstance(stage_tile[sl], tuple) else stage_tile[sl]
         full[sl].arrive(128)
         log.append("producer done")
@@ -101,36 +104,43 @@ def programs(n_tiles: int, kS: int, pingpong: bool, log: list):
             readers[s].discard(name)
             empty[s].arrive(128)
 
-        if pingpong and cw == 1:
-            named[3].arrive(name)
-        yield lambda: full[0].ready(0)
-        yield from begin()
-        read(0, 0)                 # Q K^T of tile 0
-        end(False)
-        yield None                 # softmax
-        for it in range(1, n_tiles):
-            s, sp = it % kS, (it - 1) % kS
-            yield lambda s=s, it=it: full[s].ready((it // kS) & 1)
+        gbase = 0
+        for n_tiles in items:
+            yield None                 # the Q load of the item (named barrier of this warpgroup)
+            if pingpong and cw == 1:
+                named[3].arrive(name)
+            yield lambda g0=gbase: full[g0 % kS].ready((g0 // kS) & 1)
             yield from begin()
-            read(s, it)            # Q K^T of tile it (K of stage s)
-            read(sp, it - 1)       # P V of tile it-1 (V of stage sp)
+            read(gbase % kS, gbase)    # Q K^T of tile 0
             end(False)
-            yield None             # the MMAs run, the softmax's first part
-            release(sp)
+            yield None                 # softmax
+            for it in range(1, n_tiles):
+                gi = gbase + it
+                s, sp = gi % kS, (gi - 1) % kS
+                yield lambda s=s, gi=gi: full[s].ready((gi // kS) & 1)
+                yield from begin()
+                read(s, gi)            # Q K^T of tile it (K of stage s)
+                read(sp, gi - 1)       # P V of tile it-1 (V of stage sp)
+                end(False)
+                yield None             # the MMAs run, the softmax's first part
+                release(sp)
+                yield None
+            gl = gbase + n_tiles - 1
+            yield from begin()
+            read(gl % kS, gl)
+            end(True)
             yield None
-        yield from begin()
-        read((n_tiles - 1) % kS, n_tiles - 1)
-        end(True)
-        yield None
-        release((n_tiles - 1) % kS)
+            release(gl % kS)
+            gbase += n_tiles
         log.append(f"{name} done")
 
     return [producer(), consumer(0), consumer(1)], named
 
 
-def run(n_tiles: int, kS: int, pingpong: bool, seed: int) -> list:
+def run(items, kS: int, pingpong: bool, seed: int) -> list:
     log: list = []
-    progs, named = programs(n_tiles, kS, pingpong, log)
+    items = [items] if isinstance(items, int) else list(items)
+    progs, named = programs(items, kS, pingpong, log)
     waiting = [None] * len(progs)
     alive = set(range(len(progs)))
     rng = random.Random(seed)
@@ -138,7 +148,7 @@ def run(n_tiles: int, kS: int, pingpong: bool, seed: int) -> list:
         if not alive:
             break
         runnable = [i for i in alive if waiting[i] is None or waiting[i]()]
-        assert runnable, f"deadlock: n_tiles={n_tiles} kS={kS} pingpong={pingpong}, done: {log}"
+        assert runnable, f"deadlock: items={items} kS={kS} pingpong={pingpong}, done: {log}"
         i = rng.choice(runnable)
         try:
             waiting[i] = next(progs[i])
@@ -157,6 +167,17 @@ def run(n_tiles: int, kS: int, pingpong: bool, seed: int) -> list:
 def test_barrier_protocol_finishes_without_races(n_tiles, kS, pingpong):
     for seed in range(25):
         log = run(n_tiles, kS, pingpong, seed)
+        assert sorted(log) == ["producer done", "wg0 done", "wg1 done"]
+
+
+@pytest.mark.parametrize("pingpong", [False, True])
+@pytest.mark.parametrize("kS", [3, 4])
+@pytest.mark.parametrize("items", [[1, 1, 1], [3, 1, 5], [2, 7, 1, 4, 2], [9, 9]])
+def test_persistent_items_share_the_ring(items, kS, pingpong):
+    """The persistent plan: one CTA works through several items, the stages and their phases
+    running on across items, ping-pong restarting per item."""
+    for seed in range(25):
+        log = run(items, kS, pingpong, seed)
         assert sorted(log) == ["producer done", "wg0 done", "wg1 done"]
 
 
