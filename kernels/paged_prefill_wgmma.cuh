@@ -3,8 +3,9 @@
 // (query, head of the group), K/V of the chunk already in the pages).
 //
 // Warp-specialized (FlashAttention-3's structure; its ping-pong of the two consumer warpgroups
-// and its intra-warpgroup overlap as flags): one CTA = 128 rows of one (sequence, kv head),
-// 384 threads.
+// and its intra-warpgroup overlap as flags): a work item = 128 rows of one (sequence, kv head);
+// a CTA (384 threads) takes one item, or several in turn when the grid is persistent (the K/V
+// ring below running on across items).
 //   warpgroup 0  producer: gathers K and V tiles of kBN = 128 keys through the block table with
 //                cp.async (16 B per thread and chunk, zero-fill past the context) into a ring of
 //                kStages stages; per stage one "full" mbarrier (128 producer arrivals, each after
