@@ -588,3 +588,48 @@ def test_prefill_wgmma_persistent_many_items_per_cta(monkeypatch):
     chunks = [[300, 1, 129, 64][b % 4] for b in range(B)]
     out, ref = _prefill_case(8, 2, 64, 16, prefixes, chunks, torch.bfloat16, torch.float32)
     assert rel_err(out, ref) < 2e-3
+
+
+def _wgmma_diag_case(monkeypatch, D, q_zero=False, v_onehot=False):
+    """One sequence, prefix 150, chunk 40, G = 4, plan wgmma: structured inputs whose outputs
+    point at one half of the kernel when wrong (the GPU session's first look, before ncu)."""
+    if not A.prefill_wgmma_available():
+        pytest.skip("the wgmma plan needs an sm_90 device and an extension built with sm_90a")
+    monkeypatch.setenv("OPPO_PREFILL_PLAN", "wgmma")
+    Hq, Hkv, bs, prefix, n = 8, 2, 16, 150, 40
+    L = prefix + n
+    kv = PagedKV(num_blocks=math.ceil(L / bs) + 3, block_size=bs, Hkv=Hkv, D=D, dtype=torch.bfloat16)
+    bt = kv.tables([L])
+    kv.fill(bt, [L])
+    if v_onehot:       # V row of key t = one-hot(t % D): out[:, d] = the weights of keys t = d (mod D)
+        pos = torch.arange(L, device="cuda")
+        onehot = torch.nn.functional.one_hot(pos % D, D).to(torch.bfloat16)[:, None, :].expand(L, Hkv, D)
+        kv.v[bt[0, pos // bs].long(), pos % bs] = onehot
+    cu = torch.tensor([0, n], dtype=torch.int32, device="cuda")
+    ctx = torch.tensor([L], dtype=torch.int32, device="cuda")
+    q = torch.zeros(n, Hq, D, device="cuda", dtype=torch.bfloat16) if q_zero else \
+        torch.randn(n, Hq, D, device="cuda").bfloat16()
+    out = torch.full((n, Hq, D), float("nan"), device="cuda")
+    A.paged_prefill_attention(q, kv.k, kv.v, cu, ctx, bt, D ** -0.5, out=out, max_seqlen_q=n, backend="cuda")
+    ref = A.paged_prefill_attention_ref(q, kv.k, kv.v, cu, ctx, _ref_tables(bt), D ** -0.5,
+                                        out=torch.empty(n, Hq, D, device="cuda"))
+    torch.cuda.synchronize()
+    return out, ref
+
+
+@pytest.mark.parametrize("D", [64, 128])
+def test_prefill_wgmma_diag_pv_path(monkeypatch, D):
+    """Q = 0: every visible key weighs the same, so the output is the mean of the visible V rows.
+    Wrong here but right in the QK test below: the P V half (V's MN-major descriptor, the
+    register A operand, the O fragment) or the mask's extent."""
+    out, ref = _wgmma_diag_case(monkeypatch, D, q_zero=True)
+    assert torch.isfinite(out).all() and rel_err(out, ref) < 2e-3, rel_err(out, ref)
+
+
+@pytest.mark.parametrize("D", [64, 128])
+def test_prefill_wgmma_diag_qk_path(monkeypatch, D):
+    """V rows one-hot in the key position (mod D): the output is the attention weights
+    themselves. Wrong here but right above: the Q K^T half (Q/K descriptors, the swizzle, the
+    S fragment) or the softmax."""
+    out, ref = _wgmma_diag_case(monkeypatch, D, v_onehot=True)
+    assert torch.isfinite(out).all() and rel_err(out, ref) < 2e-3, rel_err(out, ref)
