@@ -56,9 +56,9 @@ step() {  # step NAME LIMIT_S CMD...
   return $rc
 }
 
-step build 300 env CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=16 \
-  $PY -m pip install --no-build-isolation --no-deps -e . || { echo "build failed"; tail -50 "$LOG"; exit 1; }
-grep -E "registers|spill|stack frame" "$LOG" | sort | uniq -c | head -20 >> "$LOG"
+step build 300 env CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=16 OPPO_PTXAS_VERBOSE=1 \
+  $PY -m pip install -v --no-build-isolation --no-deps -e . || { echo "build failed"; tail -50 "$LOG"; exit 1; }
+grep -E "registers|spill|stack frame" "$LOG" | sort | uniq -c | head -40 >> "$LOG"
 # ptxas serializing wgmma (C7519 / "Performance Loss"): a kernel change broke the prefill v4 batches
 grep -E "C75[0-9][0-9]|Performance Loss" "$LOG" | sort -u | head -5 | sed 's/^/| ptxas warning: /; s/$/ | - | - |/' >> "$REPORT"
 if [ -z "${BENCH_ONLY:-}" ]; then

@@ -359,7 +359,7 @@ def paged_prefill_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, blo
         return prefill_triton.paged_prefill_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens,
                                                       block_tables, scale, out=out, max_seqlen_q=max_seqlen_q)
     if which == "cuda":
-        # the launcher picks its plan from OPPO_PREFILL_PLAN (mma | wgmma) at every call
+        # the launcher picks its plan from OPPO_PREFILL_PLAN (mma | wgmma[_pp][_ov][_ps]) at every call
         record_backend("paged_prefill_attention/cuda_plan", os.environ.get("OPPO_PREFILL_PLAN") or "mma")
         if out is None:
             out = torch.empty_like(q)
