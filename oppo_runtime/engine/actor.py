@@ -81,6 +81,8 @@ class ActorEngine:
             self.runner.set_decode_head(lambda h, temp, keys, pos: sample_tokens(
                 self.model.compute_logits(h), temp, None, None, seed, keys, pos, needs_filter=False))
         self._inflight: _InFlight | None = None
+        self._ring: list[list[torch.Tensor]] = [[] for _ in range(self.HOST_RING)]
+        self._ring_i = 0
         self._launch_id = 0             # steps launched so far
         self._booked_id = 0             # the device is known to be done with steps up to this one
         self._retired: list = []        # (launch id when freed, quarantine owner key)
@@ -320,7 +322,7 @@ class ActorEngine:
         if out is not None:
             tokens = out[0]
             # three copies into pinned memory (no stack/convert kernels on the device)
-            host = tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=t.is_cuda) for t in out)
+            host = self._host_buffers(out)
             for h, t in zip(host, out):
                 h.copy_(t, non_blocking=True)
         event = None
@@ -333,6 +335,27 @@ class ActorEngine:
             idx.append(len(seq.output_ids) - 1)
         return _InFlight(seqs, idx, self.version, tokens, host, event, {s.seq_id: r for r, s in enumerate(seqs)},
                          self._launch_id)
+
+    # host buffers of a step's read-back come from a ring of this many sets: a step's are read when
+    # it is booked, at most one step later (one step in flight while the next one launches)
+    HOST_RING = 3
+
+    def _host_buffers(self, out) -> tuple:
+        """Host tensors shaped like ``out`` (tokens, log-probs, flags) for its read-back: views of
+        preallocated buffers (pinned on CUDA), not a pinned allocation per tensor and step."""
+        self._ring_i = (self._ring_i + 1) % self.HOST_RING
+        slot = self._ring[self._ring_i]
+        views = []
+        for j, t in enumerate(out):
+            b = slot[j] if j < len(slot) else None
+            if b is None or b.dtype != t.dtype or b.numel() < t.numel():
+                b = torch.empty(max(t.numel(), self.config.max_num_seqs), dtype=t.dtype, pin_memory=t.is_cuda)
+                if j < len(slot):
+                    slot[j] = b
+                else:
+                    slot.append(b)
+            views.append(b[:t.numel()].view(t.shape))
+        return tuple(views)
 
     def _book(self, fl: "_InFlight") -> list[Sequence]:
         """Read back a launched step's tokens and book them; returns the sequences that finished."""
