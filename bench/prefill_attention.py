@@ -8,6 +8,7 @@ the Triton kernel, "triton") beside FlexAttention (bottom-right causal block mas
 the fastest of our backends (``best``); per-backend speedups are kept beside them.
 
     python bench/prefill_attention.py [--out PATH] [--block-size 16] [--no-flex] [--shapes 0,2]
+                                      [--plans wgmma,wgmma_pp_ov_ps]   (the wgmma plans to time; default all)
 
 FLOPs counted: 4 * D * Hq per (query, visible key) pair (Q*K^T and P*V), i.e. only the causal
 part: query i of a chunk of n after a prefix p sees p + i + 1 keys. Every sequence of the batch
@@ -56,8 +57,22 @@ def _with_plan(plan: str, fn):
     return call
 
 
-def main() -> None:
+def _plans() -> tuple[str, ...]:
+    """--plans (the wgmma plans to time), taken out of argv before the shared setup parses the rest."""
+    import argparse
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--plans", default=None)
+    known, rest = pre.parse_known_args()
+    sys.argv = sys.argv[:1] + rest
+    if known.plans is None:
+        return WGMMA_PLANS
+    plans = tuple(p.strip() for p in known.plans.split(",") if p.strip())
+    assert all(p in WGMMA_PLANS for p in plans), f"--plans takes some of {WGMMA_PLANS}, got {known.plans!r}"
+    return plans
 
+
+def main() -> None:
+    plans = _plans()
     args, flex, create_block_mask = attention_bench_setup(__doc__)
 
     info = device_info()
@@ -87,7 +102,7 @@ def main() -> None:
                                                       out=outs["triton"], max_seqlen_q=n, backend="triton"),
         }
         if prefill_wgmma_available():
-            for plan in WGMMA_PLANS:
+            for plan in plans:
                 calls[plan] = _with_plan(plan, lambda o=outs[plan]: torch.ops.oppo.paged_prefill_attention(
                     o, q, k_cache, v_cache, cu, ctx_lens, bt, scale, n))
         for name, fn in calls.items():
