@@ -34,7 +34,7 @@ namespace oppo {
 namespace attn {
 namespace wgp {
 
-constexpr int kBM = 128;        // rows per CTA: two consumer warpgroups x 64
+constexpr int kBM = 128;        // rows per work item: two consumer warpgroups x 64
 constexpr int kThreads = 384;   // producer warpgroup + two consumer warpgroups
 constexpr int kFlagOutF32 = 1;  // out is float32 (else T)
 constexpr int kFlagPingPong = 2;  // the consumer warpgroups take turns issuing their MMAs
