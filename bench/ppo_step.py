@@ -240,7 +240,7 @@ class BusySampler:
         vals = [u for t, u in list(self.samples) if any(a <= t <= b for a, b in windows)]
         return sum(vals) / len(vals) / 100.0 if vals else None
 
-    def sm_busy(self, windows: list[tuple[float, float]], metric: str = "sm") -> float | None:
+    def gpm_mean(self, windows: list[tuple[float, float]], metric: str = "sm") -> float | None:
         """Mean of a GPM metric (fraction; "sm" utilization, "occupancy", "tensor") over the GPM
         intervals whose midpoint is in a window."""
         vals = [u[metric] for t, u in list(self.sm_samples)
@@ -460,13 +460,13 @@ def run_mode(mode: str, p: dict, paths: dict, prompt_file: Path, work: Path, arg
         "generated_tokens_per_step": _mean([s["generated_tokens"] for s in timed]),
         "trained_tokens_per_step": _mean([s["trained_tokens"] for s in timed]),
         "busy": sampler.busy(windows),
-        "sm_busy": sampler.sm_busy(windows),
-        "sm_occupancy": sampler.sm_busy(windows, "occupancy"),
-        "tensor_active": sampler.sm_busy(windows, "tensor"),
+        "sm_busy": sampler.gpm_mean(windows),
+        "sm_occupancy": sampler.gpm_mean(windows, "occupancy"),
+        "tensor_active": sampler.gpm_mean(windows, "tensor"),
         # the same two, within the rollout (step start to the update) and within the update: where
         # the GPU's idle time is
         "busy_by_phase": {k: sampler.busy(w) for k, w in phase_windows.items()},
-        "sm_busy_by_phase": {k: sampler.sm_busy(w) for k, w in phase_windows.items()},
+        "sm_busy_by_phase": {k: sampler.gpm_mean(w) for k, w in phase_windows.items()},
         "trace_busy": sum(s["trace_busy_s"] for s in timed) / sum(s["wall_s"] for s in timed),
         "hidden_fraction": _mean([s["hidden_fraction"] for s in timed]),
         "deferred_mean": _mean([s["deferred"] for s in timed]),

@@ -60,12 +60,13 @@ void launch_kernel(PrefillKernel<T> kernel, int rows_per_cta, int threads, int s
   }
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const int64_t items = m_tiles * Hkv * B;
-  TORCH_CHECK(items < (1LL << 31), "paged_prefill_attention: too many (row tile, kv head, sequence) items");
+  TORCH_CHECK(grid_kind == Grid::three_d || items < (1LL << 31),
+              "paged_prefill_attention: too many (row tile, kv head, sequence) items for a 1D grid");
   dim3 grid(static_cast<unsigned>(m_tiles), Hkv, B);
   if (grid_kind == Grid::items) grid = dim3(static_cast<unsigned>(items));
   if (grid_kind == Grid::persistent) grid = dim3(static_cast<unsigned>(std::min<int64_t>(items, sm_count(dev))));
   kernel<<<grid, threads, smem, stream>>>(
-      out.data_ptr(), flags | (out.scalar_type() == at::kFloat ? 1 : 0), out.stride(0), out.stride(1),
+      out.data_ptr(), flags | (out.scalar_type() == at::kFloat ? oppo::attn::kPrefillOutF32 : 0), out.stride(0), out.stride(1),
       reinterpret_cast<const T*>(q.data_ptr()), q.stride(0), q.stride(1),
       reinterpret_cast<const T*>(k_cache.data_ptr()), reinterpret_cast<const T*>(v_cache.data_ptr()),
       k_cache.stride(0), block_size, Hkv, cu_seqlens_q.data_ptr<int>(), context_lens.data_ptr<int>(),

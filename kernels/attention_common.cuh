@@ -13,6 +13,8 @@ namespace oppo {
 namespace attn {
 
 constexpr float kLog2e = 1.4426950408889634f;
+// flags word of the prefill kernels (both take it): bit 0, out is float32 (else the input type)
+constexpr int kPrefillOutF32 = 1;
 
 // Rows of every shared-memory tile are padded by 16 bytes, so that the 8 rows an ldmatrix
 // reads (or 8 threads' 16-byte cp.async writes) fall in 8 different 4-bank groups.

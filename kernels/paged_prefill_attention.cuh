@@ -24,7 +24,7 @@ struct PrefillSmem {
   static constexpr int kBytes = (kQElems + 4 * kTileElems) * int(sizeof(T)) + 2 * BN * 8;  // Q, K x2, V x2, row offsets x2
 };
 
-// out          [Nq, Hq, D]  (dtype T, or float32 when flags & 1), strides o_s0, o_s1, inner contiguous
+// out          [Nq, Hq, D]  (dtype T, or float32 when flags has kPrefillOutF32), strides o_s0, o_s1, inner contiguous
 // q            [Nq, Hq, D]  packed by cu_seqlens_q [B+1], strides q_s0, q_s1, inner contiguous
 // k/v_cache    [num_blocks, block_size, Hkv, D], page stride page_stride
 // context_lens [B] int32 (prefix + chunk);  block_tables [B, max_blocks] int32, row stride bt_stride
@@ -211,7 +211,7 @@ paged_prefill_kernel(void* __restrict__ out, int flags, int64_t o_s0, int64_t o_
 #pragma unroll
     for (int j = 0; j < D / 8; ++j) {
       const float x = o[j][2 * h] * inv, y = o[j][2 * h + 1] * inv;
-      if (flags & 1) {  // float32 out
+      if (flags & kPrefillOutF32) {
         *reinterpret_cast<float2*>(static_cast<float*>(out) + base + j * 8) = make_float2(x, y);
       } else {
         *reinterpret_cast<uint32_t*>(static_cast<T*>(out) + base + j * 8) = Mma<T>::pack(x, y);

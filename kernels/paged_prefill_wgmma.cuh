@@ -36,7 +36,7 @@ namespace wgp {
 
 constexpr int kBM = 128;        // rows per work item: two consumer warpgroups x 64
 constexpr int kThreads = 384;   // producer warpgroup + two consumer warpgroups
-constexpr int kFlagOutF32 = 1;  // out is float32 (else T)
+// flags beyond kPrefillOutF32 (bit 0, attention_common.cuh):
 constexpr int kFlagPingPong = 2;  // the consumer warpgroups take turns issuing their MMAs
 constexpr int kFlagOverlap = 4;   // a warpgroup's softmax of tile t overlaps its own P V of tile t-1
 
@@ -114,8 +114,8 @@ __device__ __forceinline__ float ex2(float x) {
   return y;
 }
 
-// out          [Nq, Hq, D]  (T, or float32 with kFlagOutF32), strides o_s0, o_s1, inner contiguous
-// flags        kFlagOutF32 | kFlagPingPong | kFlagOverlap
+// out          [Nq, Hq, D]  (T, or float32 with kPrefillOutF32), strides o_s0, o_s1, inner contiguous
+// flags        kPrefillOutF32 | kFlagPingPong | kFlagOverlap
 // q            [Nq, Hq, D]  packed by cu_seqlens_q [B+1], strides q_s0, q_s1, inner contiguous
 // k/v_cache    [num_blocks, block_size, Hkv, D] (page stride page_stride, equal for K and V)
 // context_lens [B] int32 (prefix + chunk);  block_tables [B, max_blocks] int32, row stride bt_stride
@@ -451,7 +451,7 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
       for (int i = 0; i < D / 8; ++i) {
         const int col = 8 * i + 2 * tq;
         const float x = o[4 * i + 2 * r] * inv, y = o[4 * i + 2 * r + 1] * inv;
-        if (flags & kFlagOutF32) {
+        if (flags & kPrefillOutF32) {
           *reinterpret_cast<float2*>(static_cast<float*>(out) + base + col) = make_float2(x, y);
         } else {
           *reinterpret_cast<uint32_t*>(static_cast<T*>(out) + base + col) = Mma<T>::pack(x, y);

@@ -151,8 +151,8 @@ def test_gpm_sm_utilization_reader_pairs_consecutive_samples():
     sampler.sm_samples = [(1.0, {"sm": 50.0, "occupancy": 20.0, "tensor": None}),
                           (2.0, {"sm": 10.0, "occupancy": 40.0, "tensor": 8.0}),
                           (5.0, {"sm": 90.0, "occupancy": 90.0, "tensor": 90.0})]
-    assert sampler.sm_busy([(0.5, 2.5)]) == pytest.approx(0.3)
-    assert sampler.sm_busy([(0.5, 2.5)], "occupancy") == pytest.approx(0.3)
-    assert sampler.sm_busy([(0.5, 2.5)], "tensor") == pytest.approx(0.08)      # the None left out
+    assert sampler.gpm_mean([(0.5, 2.5)]) == pytest.approx(0.3)
+    assert sampler.gpm_mean([(0.5, 2.5)], "occupancy") == pytest.approx(0.3)
+    assert sampler.gpm_mean([(0.5, 2.5)], "tensor") == pytest.approx(0.08)      # the None left out
     unsupported = SimpleNamespace(nvmlGpmQueryDeviceSupport=lambda h: SimpleNamespace(isSupportedDevice=0))
     assert sampler._gpm_reader(unsupported, handle=0) is None

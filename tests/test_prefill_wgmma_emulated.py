@@ -45,9 +45,7 @@ def stages(D: int) -> int:
     return 3 if D == 128 else 4
 
 
-def block_n(D: int) -> int:
-    """Keys per K/V tile (Cfg<D>::kBN)."""
-    return 128
+BN = 128   # keys per K/V tile (Cfg<D>::kBN, both head dims)
 
 
 # --------------------------------------------------------------------------- the hardware, as documented
@@ -141,7 +139,7 @@ def emulate(q, k_cache, v_cache, cu, ctx, bt, scale, out, grid=None):
     Nq, Hq, D = q.shape
     _, bs, Hkv, _ = k_cache.shape
     Gq = Hq // Hkv
-    kS, chunks, BN = stages(D), D // 8, block_n(D)
+    kS, chunks = stages(D), D // 8
     NB, KS = BN // 8, BN // 16
     qn, kn, vn = (x.float().numpy() for x in (q, k_cache, v_cache))
     cu, ctx, bt = cu.tolist(), ctx.tolist(), bt.tolist()
@@ -339,7 +337,7 @@ def test_emulation_catches_a_wrong_descriptor():
     good = desc128
     try:
         def swapped(saddr, lbo, sbo):
-            return good(saddr, sbo, lbo) if lbo == block_n(128) * 128 else good(saddr, lbo, sbo)
+            return good(saddr, sbo, lbo) if lbo == BN * 128 else good(saddr, lbo, sbo)
         desc128 = swapped
         out, ref = _case(4, 2, 128, 16, [170], [10], torch.bfloat16)
         assert float((out - ref).norm() / ref.norm()) > 0.1
