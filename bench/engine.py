@@ -6,11 +6,15 @@ measured in the same run). Random weights; every sequence decodes exactly NEW to
                            [--batches 1,8,64,256] [--kernel-profile] [--host-profile]
 
 --batches 1,8: the small batches of a long-tailed rollout's tail (HF generate only from
---hf-min-batch up); --kernel-profile: the device's step kernel by kernel, per shape and batch.
+--hf-min-batch up); --kernel-profile: the device's step kernel by kernel, per shape and batch. --gemm-fusion: also
+time the decode layer in 5 launches (OPPO_DECODE_GEMM_FUSION=1: add+RMSNorm as the prologue of the
+QKV and gate_up GEMMs, rotary + K/V append and silu*mul as their epilogues; gf_* columns, and its
+kernel profile beside the unfused one).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -99,7 +103,20 @@ def kernel_profile(eng, B, path: str, iters=10) -> dict:
 
 
 def ours(model, prompts, new, B, async_decode=True, host_profile: str | None = None,
-         kernel_profile_path: str | None = None, graph_sampling: bool = False):
+         kernel_profile_path: str | None = None, graph_sampling: bool = False, gemm_fusion: bool = False):
+    """One timed generate (a fresh engine: its decode graphs are captured in its warm-up)."""
+    old = os.environ.get("OPPO_DECODE_GEMM_FUSION")
+    os.environ["OPPO_DECODE_GEMM_FUSION"] = "1" if gemm_fusion else "0"   # read when graphs are captured
+    try:
+        return _ours(model, prompts, new, B, async_decode, host_profile, kernel_profile_path, graph_sampling)
+    finally:
+        if old is None:
+            os.environ.pop("OPPO_DECODE_GEMM_FUSION")
+        else:
+            os.environ["OPPO_DECODE_GEMM_FUSION"] = old
+
+
+def _ours(model, prompts, new, B, async_decode, host_profile, kernel_profile_path, graph_sampling):
     g = KVGeometry(*model.kv_geometry(), torch.bfloat16)
     pb = PagePool.page_bytes_for([g], 16)
     ctx = len(prompts[0]) + new
@@ -203,6 +220,8 @@ def main():
                          "engine_kernels_<shape>_B<B>.txt beside --out")
     ap.add_argument("--graph-sampling", action="store_true",
                     help="also time the engine with the LM head and sampler inside the decode graphs (gs_* columns)")
+    ap.add_argument("--gemm-fusion", action="store_true",
+                    help="also time the decode layer in 5 launches (OPPO_DECODE_GEMM_FUSION=1; gf_* columns)")
     ap.add_argument("--batches", default="64,256",
                     help="comma-separated batch sizes (1 and 8: the decode tail of a long-tailed rollout)")
     ap.add_argument("--hf-min-batch", type=int, default=64, help="time HF generate only from this batch up")
@@ -231,6 +250,12 @@ def main():
                 gs = ours(model, prompts, new, B, graph_sampling=True)
                 r.update(gs_step_ms=gs["step_ms"], gs_host_ms=gs["host_ms"], gs_gpu_ms=gs["gpu_ms"],
                          gs_tok_s=gs["ours_tok_s"])
+            if args.gemm_fusion:             # A/B: norm+QKV+rotary and norm+gate_up+silu as one kernel each
+                gkp = kp and kp.replace(".txt", "_gemm_fused.txt")
+                gf = ours(model, prompts, new, B, kernel_profile_path=gkp, gemm_fusion=True)
+                r.update(gf_step_ms=gf["step_ms"], gf_host_ms=gf["host_ms"], gf_gpu_ms=gf["gpu_ms"],
+                         gf_tok_s=gf["ours_tok_s"], gf_kernels_per_step=gf.get("kernels_per_step"),
+                         gf_gpu_speedup=r["gpu_ms"] / gf["gpu_ms"])
             sync = ours(model, prompts, new, B, async_decode=False)
             r.update(sync_step_ms=sync["step_ms"], sync_host_ms=sync["host_ms"], sync_tok_s=sync["ours_tok_s"])
             if B >= args.hf_min_batch:       # HF at batch 1-8 would take most of a call
@@ -258,7 +283,9 @@ def main():
                        ("gpu_over_floor", "device/floor", ".2f"), ("sync_step_ms", "sync step ms", ".2f"),
                        ("host_ms", "host ms", ".2f"), ("host_exposed_frac", "host exposed", ".2f"),
                        ("kernels_per_step", "kernels/step", ".0f"), ("kernel_gap_frac", "gaps", ".2f"),
-                       ("gs_step_ms", "graph-sampling step ms", ".2f"), ("gs_host_ms", "its host ms", ".2f")])
+                       ("gs_step_ms", "graph-sampling step ms", ".2f"), ("gs_host_ms", "its host ms", ".2f"),
+                       ("gf_gpu_ms", "gemm-fused device ms", ".2f"), ("gf_gpu_speedup", "x unfused device", ".2f"),
+                       ("gf_step_ms", "gemm-fused step ms", ".2f"), ("gf_kernels_per_step", "its kernels", ".0f")])
     summary = {
         "speedup_vs_hf_generate": min((r["speedup_vs_hf"] for r in rows if r["speedup_vs_hf"] is not None),
                                       default=None),
@@ -266,6 +293,9 @@ def main():
                                  if r["shape"] == "qwen2.5-0.5b" and r["batch"] == 256), None),
         "host_exposed_frac": next((r["host_exposed_frac"] for r in rows
                                    if r["shape"] == "qwen2.5-0.5b" and r["batch"] == 256), None),
+        "gemm_fused_device_over_floor": next((r["gf_gpu_ms"] / r["floor_ms"] for r in rows
+                                              if r["shape"] == "qwen2.5-0.5b" and r["batch"] == 256
+                                              and "gf_gpu_ms" in r), None),
         "copy_bandwidth_Bps": bw,
         "backends": ops.backends(),
     }

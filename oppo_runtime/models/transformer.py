@@ -47,7 +47,9 @@ from torch.utils.checkpoint import checkpoint
 
 from ..ops import (apply_rotary, kv_append, paged_decode_attention, paged_prefill_attention,
                    rotary_cos_sin, token_logprobs, varlen_causal_attention)
-from ..ops.fused import fused_add_rms_norm, rotary_cos_sin_cache, rotary_qk, silu_mul
+from ..ops._backend import record_backend
+from ..ops.fused import (decode_gemm_fusion, fused_add_rms_norm, norm_gate_up_silu, norm_qkv_rotary,
+                         rotary_cos_sin_cache, rotary_qk, silu_mul)
 from ..ops.logprobs import entropy_from_logits, linear_token_logprobs
 from ..ops.train_fused import rms_norm_train, silu_mul_train
 from .config import ModelConfig
@@ -249,10 +251,36 @@ class DecoderLayer(nn.Module):
         """(x, residual) -> (mlp output, residual); the residual add of each sublayer is deferred
         into the next add+RMSNorm (residual None: x is the embedding, the stream starts here)."""
         norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
+        if self._gemm_fusion(ctx):
+            return self._forward_decode_gemm_fused(x, residual, positions, cos_sin_cache, ctx)
+        if isinstance(ctx, PagedContext) and ctx.is_decode:
+            record_backend("decode_layer", "unfused (9 launches)")
         x, residual = fused_add_rms_norm(x, residual, norm1.weight, norm1.eps)
         x = self.self_attn.forward_fused(x, positions, cos_sin_cache, ctx)
         x, residual = fused_add_rms_norm(x, residual, norm2.weight, norm2.eps)
         return self.mlp.forward_fused(x), residual
+
+    def _gemm_fusion(self, ctx) -> bool:
+        """Decode steps with ``OPPO_DECODE_GEMM_FUSION=1``, fused projections and no q/k norm."""
+        attn = self.self_attn
+        return (isinstance(ctx, PagedContext) and ctx.is_decode and decode_gemm_fusion() and attn.qkv is not None
+                and self.mlp.gate_up is not None and attn.q_norm is None)
+
+    def _forward_decode_gemm_fused(self, x, residual, positions, cos_sin_cache, ctx):
+        """The decode layer in 5 launches: add+RMSNorm+QKV+rotary+K/V append, attention, o_proj,
+        add+RMSNorm+gate_up+silu*mul, down_proj (instead of 9; see ops.fused)."""
+        attn, mlp = self.self_attn, self.mlp
+        norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
+        attn.qkv.check(f"layer {attn.layer_idx} q/k/v_proj")
+        mlp.gate_up.check("gate_proj/up_proj")
+        k_cache, v_cache = ctx.kv_caches[attn.layer_idx]
+        q, residual = norm_qkv_rotary(x, residual, norm1.weight, norm1.eps, attn.qkv.weight, attn.qkv.bias,
+                                      attn.num_heads, attn.num_kv_heads, cos_sin_cache, positions, k_cache, v_cache,
+                                      ctx.slot_mapping)
+        x = attn._attend_and_project(q, None, None, ctx, appended=True)
+        act, residual = norm_gate_up_silu(x, residual, norm2.weight, norm2.eps, mlp.gate_up.weight, mlp.gate_up.bias)
+        record_backend("decode_layer", "gemm-fused (5 launches)")
+        return mlp.down_proj(act), residual
 
 
 class Decoder(nn.Module):

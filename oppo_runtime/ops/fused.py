@@ -12,6 +12,14 @@ kernel and raises if it cannot run (on CPU tensors it runs only under ``TRITON_I
     rotary_cos_sin_cache(inv_freq, max_positions, device) -> [max_positions, D] float32 (cos | sin)
     rotary_qk(q, k, cos_sin_cache, positions, q_norm_weight=None, k_norm_weight=None, eps=1e-6) -> (q, k)
     silu_mul(gate_up) -> silu(gate) * up
+
+Decode-layer GEMM fusion (opt-in: ``OPPO_DECODE_GEMM_FUSION=1``; see ``decode_gemm_fusion``): the
+add+RMSNorm becomes the prologue of the projection that follows it, and the projection's epilogue
+does what the next kernel did, so a decode layer is 5 launches instead of 9:
+
+    norm_qkv_rotary(x, residual, norm_w, eps, w_qkv, b_qkv, Hq, Hkv, cos_sin_cache, positions,
+                    k_cache, v_cache, slot_mapping) -> (q rotated, new residual); k, v to the pages
+    norm_gate_up_silu(x, residual, norm_w, eps, w_gate_up, b_gate_up) -> (silu(gate) * up, new residual)
 """
 from __future__ import annotations
 
@@ -21,11 +29,12 @@ import torch
 import torch.nn.functional as F
 
 from ._backend import MissingKernelError, record_backend
-from .attention import kv_append
+from .attention import kv_append, kv_append_ref
 from .norm_rope import apply_rotary, rms_norm
 
 __all__ = ["fused_add_rms_norm", "fused_add_rms_norm_ref", "rotary_cos_sin_cache", "rotary_qk", "rotary_qk_ref",
-           "silu_mul", "silu_mul_ref"]
+           "silu_mul", "silu_mul_ref", "decode_gemm_fusion", "norm_qkv_rotary", "norm_qkv_rotary_ref",
+           "norm_gate_up_silu", "norm_gate_up_silu_ref"]
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)   # float64 keeps the reference
 
@@ -196,3 +205,109 @@ def silu_mul(gate_up: torch.Tensor, backend: str | None = None) -> torch.Tensor:
     shape = gate_up.shape
     rows = gate_up if gate_up.dim() == 2 and gate_up.stride(-1) == 1 else gate_up.reshape(-1, shape[-1]).contiguous()
     return fused_triton.silu_mul(rows).view(*shape[:-1], shape[-1] // 2)
+
+
+# ----------------------------------------------------------------------------- decode-layer GEMM fusion
+def decode_gemm_fusion() -> bool:
+    """Whether the model's decode steps run the fused norm+projection ops below (env
+    ``OPPO_DECODE_GEMM_FUSION=1``; off by default until measured against cuBLAS + separate kernels).
+    Read when a decode graph is captured (or per eager step)."""
+    return os.environ.get("OPPO_DECODE_GEMM_FUSION") == "1"
+
+
+def _check_norm_linear(op: str, x, residual, norm_weight, weight, bias) -> None:
+    if x.dim() != 2 or weight.dim() != 2 or weight.shape[1] != x.shape[1]:
+        raise ValueError(f"{op}: x [M, H] and weight [N, H], got {tuple(x.shape)} and {tuple(weight.shape)}")
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"{op}: residual {tuple(residual.shape)} must have x's shape {tuple(x.shape)}")
+    if norm_weight.shape != x.shape[1:]:
+        raise ValueError(f"{op}: norm weight {tuple(norm_weight.shape)} must be [{x.shape[1]}]")
+    if bias is not None and bias.shape != weight.shape[:1]:
+        raise ValueError(f"{op}: bias {tuple(bias.shape)} must be [{weight.shape[0]}]")
+
+
+def _kernel_takes(x, residual, weight, bias) -> str | None:
+    """Why the dual-GEMM kernel cannot take these operands (None: it can)."""
+    if len({t.dtype for t in (x, weight) + (() if residual is None else (residual,))}) > 1:
+        return "mixed dtypes"
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"dtype {x.dtype}"
+    if any(t is not None and t.stride(-1) != 1 for t in (x, residual, weight, bias)):
+        return "an operand's rows are not contiguous"
+    return None
+
+
+def norm_gate_up_silu_ref(x, residual, norm_weight, eps, weight, bias=None):
+    """(silu_mul(F.linear(rms_norm(x + residual), weight, bias)), x + residual): the unfused ops."""
+    normed, res = fused_add_rms_norm_ref(x, residual, norm_weight, eps)
+    return silu_mul_ref(F.linear(normed, weight, bias)), res
+
+
+def norm_gate_up_silu(x, residual, norm_weight, eps, weight, bias=None, backend: str | None = None):
+    """x, residual [M, H] (residual None: x starts the stream), weight [2I, H] (gate | up) ->
+    (silu(gate) * up [M, I], new residual [M, H]); one kernel on the Triton path."""
+    _check_norm_linear("norm_gate_up_silu", x, residual, norm_weight, weight, bias)
+    if weight.shape[0] % 2:
+        raise ValueError(f"norm_gate_up_silu: weight rows must be even (gate | up), got {weight.shape[0]}")
+    why = _kernel_takes(x, residual, weight, bias)
+    if why is not None and backend not in ("triton", "cuda"):
+        backend = "reference"
+    if _choose("norm_gate_up_silu", (x, weight), backend) == "reference":
+        if why is not None and x.is_cuda:
+            record_backend("norm_gate_up_silu", f"reference ({why})")
+        return norm_gate_up_silu_ref(x, residual, norm_weight, eps, weight, bias)
+    if why is not None:
+        raise ValueError(f"norm_gate_up_silu: the Triton kernel cannot take these operands ({why})")
+    from . import fused_triton
+    return fused_triton.norm_gate_up_silu(x, residual, norm_weight, eps, weight, bias)
+
+
+def norm_qkv_rotary_ref(x, residual, norm_weight, eps, weight, bias, num_heads, num_kv_heads, cos_sin_cache,
+                        positions, k_cache, v_cache, slot_mapping):
+    """The unfused ops: add+RMSNorm, the QKV projection, rotary of q and k, K/V appended to the pages."""
+    normed, res = fused_add_rms_norm_ref(x, residual, norm_weight, eps)
+    n, D = x.shape[0], cos_sin_cache.shape[1]
+    q, k, v = F.linear(normed, weight, bias).split([num_heads * D, num_kv_heads * D, num_kv_heads * D], -1)
+    q, k = rotary_qk_ref(q.view(n, num_heads, D), k.view(n, num_kv_heads, D), cos_sin_cache, positions)
+    kv_append_ref(k, v.reshape(n, num_kv_heads, D), k_cache, v_cache, slot_mapping)
+    return q, res
+
+
+def norm_qkv_rotary(x, residual, norm_weight, eps, weight, bias, num_heads, num_kv_heads, cos_sin_cache,
+                    positions, k_cache, v_cache, slot_mapping, backend: str | None = None):
+    """x, residual [M, H], weight [(Hq + 2 Hkv) D, H] (q | k | v rows), bias or None, cos_sin_cache
+    [P, D] float32, positions [M], caches [pages, block_size, Hkv, D], slot_mapping [M] ->
+    (q [M, Hq, D] rotated, new residual [M, H]); the rotated k and v are written to the pages
+    (slot -1 skipped). One kernel on the Triton path (the add+RMSNorm, QKV GEMM and rotary+append
+    kernels of the unfused decode layer)."""
+    _check_norm_linear("norm_qkv_rotary", x, residual, norm_weight, weight, bias)
+    D = cos_sin_cache.shape[1]
+    if weight.shape[0] != (num_heads + 2 * num_kv_heads) * D or D % 2:
+        raise ValueError(f"norm_qkv_rotary: weight [{(num_heads + 2 * num_kv_heads) * D}, H] for {num_heads} q and "
+                         f"{num_kv_heads} kv heads of dim {D}, got {tuple(weight.shape)}")
+    if cos_sin_cache.dtype != torch.float32:
+        raise ValueError(f"norm_qkv_rotary: cos_sin_cache must be float32, got {cos_sin_cache.dtype}")
+    if k_cache.shape[2:] != (num_kv_heads, D) or slot_mapping.shape != (x.shape[0],) or positions.shape != (x.shape[0],):
+        raise ValueError(f"norm_qkv_rotary: caches [pages, block_size, {num_kv_heads}, {D}] and positions / "
+                         f"slot_mapping [{x.shape[0]}], got {tuple(k_cache.shape)}, {tuple(positions.shape)}, "
+                         f"{tuple(slot_mapping.shape)}")
+    why = _kernel_takes(x, residual, weight, bias)
+    if why is None and D // 2 < 16:
+        why = f"head_dim {D} (tl.dot needs half a head of at least 16)"
+    if why is None:
+        k = torch.empty(0, num_kv_heads, D, dtype=k_cache.dtype, device=k_cache.device)
+        if k_cache.dtype != x.dtype or not _fusable_kv(k, k, k_cache, v_cache):
+            why = "the caches' layout or dtype"
+    if why is not None and backend not in ("triton", "cuda"):
+        backend = "reference"
+    if _choose("norm_qkv_rotary", (x, weight), backend) == "reference":
+        if why is not None and x.is_cuda:
+            record_backend("norm_qkv_rotary", f"reference ({why})")
+        return norm_qkv_rotary_ref(x, residual, norm_weight, eps, weight, bias, num_heads, num_kv_heads,
+                                   cos_sin_cache, positions, k_cache, v_cache, slot_mapping)
+    if why is not None:
+        raise ValueError(f"norm_qkv_rotary: the Triton kernel cannot take these operands ({why})")
+    from . import fused_triton
+    return fused_triton.norm_qkv_rotary(x, residual, norm_weight, eps, weight, bias, num_heads, num_kv_heads,
+                                        cos_sin_cache.contiguous(), positions.contiguous(), k_cache, v_cache,
+                                        slot_mapping.contiguous())

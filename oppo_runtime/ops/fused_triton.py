@@ -8,8 +8,13 @@ order of its float32 sum of squares.
     _add_rms_norm_kernel   one row per program: residual add, sum of squares, scale, weight
     _rotary_qk_kernel      one token per program: all q and k heads, optional per-head RMSNorm first
     _silu_mul_kernel       (row, column block) per program
+    _norm_dual_gemm_kernel (row block, column tile) per program: add+RMSNorm as the prologue of a
+                           GEMM with two accumulators, whose epilogue is silu(gate) * up, or rotary
+                           of one q/k head (and the K/V append) -- a decode layer in 5 launches
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -19,7 +24,7 @@ try:
 except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
     triton = None
 
-__all__ = ["available", "add_rms_norm", "rotary_qk", "silu_mul"]
+__all__ = ["available", "add_rms_norm", "rotary_qk", "silu_mul", "norm_gate_up_silu", "norm_qkv_rotary"]
 
 
 def available() -> bool:
@@ -132,6 +137,124 @@ if triton is not None:
         tl.store(out_ptr + row * out_stride + cols, (a * u).to(dt), mask=ok)
 
 
+    @triton.jit
+    def _sum_rows(x_ptr, x_stride, res_ptr, res_stride, res_out_ptr, res_out_stride, rows, rmask, k0, K, write,
+                  HAS_RESIDUAL: tl.constexpr, BLOCK_K: tl.constexpr):
+        # columns k0.. of x + residual for rows [BLOCK_M] -> float32 [BLOCK_M, BLOCK_K] (the sum rounded to
+        # the model dtype, as ``h = h + sublayer(h)``), stored to res_out where ``write``; and the columns
+        cols = k0 + tl.arange(0, BLOCK_K)
+        m = rmask[:, None] & (cols[None, :] < K)
+        x = tl.load(x_ptr + rows[:, None] * x_stride + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        if HAS_RESIDUAL:
+            r = tl.load(res_ptr + rows[:, None] * res_stride + cols[None, :], mask=m, other=0.0).to(tl.float32)
+            s = (x + r).to(res_out_ptr.dtype.element_ty)
+            tl.store(res_out_ptr + rows[:, None] * res_out_stride + cols[None, :], s, mask=m & write)
+            x = s.to(tl.float32)
+        return x, cols
+
+    @triton.jit
+    def _norm_dual_gemm_kernel(x_ptr, x_stride, res_ptr, res_stride, res_out_ptr, res_out_stride, nw_ptr, eps,
+                               w_ptr, w_stride, b_ptr, M, K, LIMIT_A, OFFSET_B, LIMIT_B, out_ptr, out_stride,
+                               cache_ptr, cache_stride, max_pos, pos_ptr, kc_ptr, vc_ptr, page_stride, block_size,
+                               slot_ptr, HQ, HKV,
+                               EPI_QKV: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                               DOT_F32: tl.constexpr, IEEE: tl.constexpr):
+        # x, residual [M, K] (rows strided); norm weight [K]; W [rows, K] (row stride w_stride), bias [rows].
+        # Prologue: s = x + residual (stored to res_out by column tile 0), y = RMSNorm(s). Two accumulators over weight rows A = j*BLOCK_N + n (< LIMIT_A) and
+        # B = A + OFFSET_B (< LIMIT_B):
+        #   EPI_QKV=False (gate_up, W = gate | up): out[M, INTER] = silu(y @ Wa^T) * (y @ Wb^T);
+        #   EPI_QKV=True  (W = q | k | v, BLOCK_N = head_dim / 2, tile j = head j): the two halves of the
+        #     head, rotated at positions[M] (cos_sin_cache [max_pos, D] float32) unless a v head; q heads to
+        #     out [M, HQ * D], k and v heads into the paged caches [pages, block_size, HKV, D] (page stride
+        #     page_stride) at slot_mapping[M] (-1: skipped), as rotary_qk(kv=...) writes them.
+        pid_m = tl.program_id(0)
+        j = tl.program_id(1)
+        rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        rmask = rows < M
+        dt = res_out_ptr.dtype.element_ty
+        n = tl.arange(0, BLOCK_N)
+        row_a = j * BLOCK_N + n
+        if EPI_QKV:
+            row_a = j * (2 * BLOCK_N) + n
+        row_b = row_a + OFFSET_B
+        ok_a = row_a < LIMIT_A
+        ok_b = row_b < LIMIT_B
+        # One pass over K: x + residual is read once per program. The RMS scale is one number per row,
+        # so it is applied to the accumulators at the end: (w * s) @ W^T * rstd == (w * s * rstd) @ W^T
+        # (the rounding of the GEMM's input differs from fused_add_rms_norm's by where it happens)
+        sumsq = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc_a = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc_b = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            x, cols = _sum_rows(x_ptr, x_stride, res_ptr, res_stride, res_out_ptr, res_out_stride, rows, rmask,
+                                k0, K, j == 0, HAS_RESIDUAL, BLOCK_K)
+            sumsq += tl.sum(x * x, 1)
+            kmask = cols < K
+            nw = tl.load(nw_ptr + cols, mask=kmask, other=0.0).to(tl.float32)
+            a = (nw[None, :] * x).to(w_ptr.dtype.element_ty)
+            wa = tl.load(w_ptr + row_a[:, None].to(tl.int64) * w_stride + cols[None, :],
+                         mask=ok_a[:, None] & kmask[None, :], other=0.0)
+            wb = tl.load(w_ptr + row_b[:, None].to(tl.int64) * w_stride + cols[None, :],
+                         mask=ok_b[:, None] & kmask[None, :], other=0.0)
+            if DOT_F32:   # the interpreter's dot multiplies bf16 bit patterns: operands in fp32
+                a = a.to(tl.float32)
+                wa = wa.to(tl.float32)
+                wb = wb.to(tl.float32)
+            if IEEE:      # float32 models: full-precision products, as torch's float32 matmul (not tf32)
+                acc_a = tl.dot(a, tl.trans(wa), acc_a, input_precision="ieee")
+                acc_b = tl.dot(a, tl.trans(wb), acc_b, input_precision="ieee")
+            else:
+                acc_a = tl.dot(a, tl.trans(wa), acc_a)
+                acc_b = tl.dot(a, tl.trans(wb), acc_b)
+        rstd = tl.math.rsqrt(sumsq / K + eps)
+        acc_a = acc_a * rstd[:, None]
+        acc_b = acc_b * rstd[:, None]
+        if HAS_BIAS:
+            acc_a += tl.load(b_ptr + row_a, mask=ok_a, other=0.0).to(tl.float32)[None, :]
+            acc_b += tl.load(b_ptr + row_b, mask=ok_b, other=0.0).to(tl.float32)[None, :]
+        odt = out_ptr.dtype.element_ty
+        ga = acc_a.to(odt).to(tl.float32)                 # the projection's output, in the model dtype
+        gb = acc_b.to(odt).to(tl.float32)
+        if EPI_QKV:
+            D = 2 * BLOCK_N
+            if j < HQ + HKV:                              # q or k head: rotate (as _rotate_heads)
+                pos = tl.load(pos_ptr + rows, mask=rmask, other=0).to(tl.int64)
+                inside = (pos >= 0) & (pos < max_pos)
+                cm = inside[:, None] & (n[None, :] < BLOCK_N)
+                c = tl.load(cache_ptr + pos[:, None] * cache_stride + n[None, :], mask=cm, other=float("nan"))
+                s = tl.load(cache_ptr + pos[:, None] * cache_stride + BLOCK_N + n[None, :], mask=cm,
+                            other=float("nan"))
+                c = c.to(odt).to(tl.float32)
+                s = s.to(odt).to(tl.float32)
+                o1 = (ga * c).to(odt).to(tl.float32) + (-gb * s).to(odt).to(tl.float32)
+                o2 = (gb * c).to(odt).to(tl.float32) + (ga * s).to(odt).to(tl.float32)
+            else:
+                o1 = ga
+                o2 = gb
+            if j < HQ:
+                base = out_ptr + rows[:, None] * out_stride + j * D + n[None, :]
+                tl.store(base, o1.to(odt), mask=rmask[:, None])
+                tl.store(base + BLOCK_N, o2.to(odt), mask=rmask[:, None])
+            else:
+                slot = tl.load(slot_ptr + rows, mask=rmask, other=-1).to(tl.int64)
+                keep = (slot >= 0)[:, None]
+                slot = tl.maximum(slot, 0)
+                h = j - HQ
+                cache = kc_ptr
+                if j >= HQ + HKV:
+                    h = j - HQ - HKV
+                    cache = vc_ptr
+                base = cache + ((slot // block_size) * page_stride + (slot % block_size) * (HKV * D) + h * D)[:, None] \
+                    + n[None, :]
+                tl.store(base, o1.to(cache.dtype.element_ty), mask=keep)
+                tl.store(base + BLOCK_N, o2.to(cache.dtype.element_ty), mask=keep)
+        else:
+            act = (ga / (1.0 + tl.exp(-ga))).to(odt).to(tl.float32)          # F.silu rounds to the dtype
+            tl.store(out_ptr + rows[:, None] * out_stride + row_a[None, :], (act * gb).to(odt),
+                     mask=rmask[:, None] & ok_a[None, :])
+
+
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float):
     """x, residual [N, H] -> (normed [N, H], x + residual [N, H]) (second is x when residual is None)."""
     N, H = x.shape
@@ -184,3 +307,70 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
         _silu_mul_kernel[(N, triton.cdiv(inter, block))](gate_up, gate_up.stride(0), out, out.stride(0), inter,
                                                          BLOCK=block, num_warps=_warps(block))
     return out
+
+
+
+def _dual_gemm_blocks(M: int, K: int) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_K): row blocks of 16 up to 64 rows (tl.dot's smallest M is 16; a decode batch
+    of B <= 64 is one row block, so each weight tile is read from DRAM once), K in chunks of 64."""
+    return min(64, max(16, triton.next_power_of_2(M))), 64 if K >= 64 else max(16, triton.next_power_of_2(K))
+
+
+# (BLOCK_M, BLOCK_K, num_stages, num_warps) forced for every launch (bench/decode_layer.py's sweep), or None
+CONFIG_OVERRIDE: tuple[int, int, int, int] | None = None
+
+
+def _norm_dual_gemm(x, residual, norm_weight, eps, weight, bias, out, grid_n, limits, block_n, rotary=None):
+    """Launch ``_norm_dual_gemm_kernel``; returns the new residual (x itself when residual is None).
+    limits = (LIMIT_A, OFFSET_B, LIMIT_B); rotary = (cos_sin_cache, positions, k_cache, v_cache,
+    slot_mapping, HQ, HKV) for the QKV epilogue, None for silu*mul."""
+    M, K = x.shape
+    res_out = x if residual is None else torch.empty(M, K, dtype=x.dtype, device=x.device)
+    if M:
+        bm, bk = _dual_gemm_blocks(M, K)
+        stages, warps = 3, 4
+        if CONFIG_OVERRIDE is not None:
+            bm, bk, stages, warps = CONFIG_OVERRIDE
+        r = x if residual is None else residual
+        b = weight if bias is None else bias              # an unread placeholder without a bias
+        if rotary is None:                                # unread placeholders of the rotary epilogue
+            rot = (norm_weight, 0, 0, x, out, out, 0, 1, x, 0, 0)
+        else:
+            cache, pos, kc, vc, slots, hq, hkv = rotary
+            rot = (cache, cache.stride(0), cache.shape[0], pos, kc, vc, kc.stride(0), kc.shape[1], slots, hq, hkv)
+        _norm_dual_gemm_kernel[(triton.cdiv(M, bm), grid_n)](
+            x, x.stride(0), r, r.stride(0), res_out, res_out.stride(0), norm_weight, eps,
+            weight, weight.stride(0), b, M, K, *limits, out, out.stride(0), *rot,
+            EPI_QKV=rotary is not None, HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None,
+            BLOCK_M=bm, BLOCK_N=block_n, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+            DOT_F32=os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") and weight.dtype == torch.bfloat16,
+            IEEE=weight.dtype == torch.float32)
+    return res_out
+
+
+def norm_gate_up_silu(x, residual, norm_weight, eps, weight, bias):
+    """x, residual [M, H]; weight [2I, H] (gate | up), bias [2I] or None -> (silu(gate) * up [M, I],
+    new residual), the normed rows never stored."""
+    M = x.shape[0]
+    inter = weight.shape[0] // 2
+    out = torch.empty(M, inter, dtype=weight.dtype, device=x.device)
+    # every column tile reads all of x and residual (from L2): 32 columns (x2) while one row block
+    # leaves the grid small (B <= 64: 152 programs for Qwen2.5-0.5B), 64 beyond (half the rereads)
+    block_n = 32 if M <= 64 else 64
+    res = _norm_dual_gemm(x, residual, norm_weight, eps, weight, bias, out, triton.cdiv(inter, block_n),
+                          (inter, inter, 2 * inter), block_n)
+    return out, res
+
+
+def norm_qkv_rotary(x, residual, norm_weight, eps, weight, bias, num_heads, num_kv_heads, cos_sin_cache,
+                    positions, k_cache, v_cache, slot_mapping):
+    """x, residual [M, H]; weight [(Hq + 2 Hkv) D, H] (q | k | v) -> (q [M, Hq, D] rotated, new residual);
+    k (rotated) and v go into the paged caches at slot_mapping (-1 skipped)."""
+    M = x.shape[0]
+    D = cos_sin_cache.shape[1]
+    q = torch.empty(M, num_heads, D, dtype=weight.dtype, device=x.device)
+    n_out = (num_heads + 2 * num_kv_heads) * D
+    res = _norm_dual_gemm(x, residual, norm_weight, eps, weight, bias, q.view(M, num_heads * D),
+                          num_heads + 2 * num_kv_heads, (n_out, D // 2, n_out), D // 2,
+                          rotary=(cos_sin_cache, positions, k_cache, v_cache, slot_mapping, num_heads, num_kv_heads))
+    return q, res
