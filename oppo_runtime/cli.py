@@ -84,6 +84,8 @@ _SWITCHES = (
     ("OPPO_FUSE_KV_APPEND", "1 (K/V append inside the rotary kernel)"),
     ("OPPO_ASYNC_DECODE", "1 on CUDA (tokens read back one step late)"),
     ("OPPO_GRAPH_SAMPLING", "0 (1: LM head + sampler inside the decode graphs)"),
+    ("OPPO_DECODE_GEMM_FUSION", "0 (1: add+RMSNorm fused into the decode QKV and gate_up GEMMs)"),
+    ("OPPO_STATIC_DECODE", "0 (1 on a CPU: decode through the graphs' packed input buffers, eagerly)"),
     ("OPPO_SCORER_GRAPHS", "0 (1: scorers' chunk prefill in CUDA graphs)"),
     ("OPPO_TRAIN_ATTENTION", "auto (FlashAttention-2 varlen on sm_80+, else padded SDPA)"),
     ("OPPO_TRAIN_FUSED", "1 (Triton RMSNorm and silu*up for training)"),

@@ -175,22 +175,30 @@ def test_nan_logits_end_only_the_poisoned_request(tiny_llama):
     assert all(len(s.output_ids) == 6 for s in seqs if s not in errs)
 
 
+@pytest.mark.parametrize("mode", ["async", "static async", "static async graph-sampling", "static graph-sampling"])
 @pytest.mark.parametrize("num_pages,batched", [(64, 256), (20, 24)])
-def test_async_decode_equals_synchronous_decode(tiny_llama, num_pages, batched):
+def test_async_decode_equals_synchronous_decode(tiny_llama, num_pages, batched, mode, monkeypatch):
     """Reading tokens back one step late changes nothing: tokens, log-probs, versions, finish
     reasons, chunks; EOS ends cost one wasted row; preemption (small pool) drains first; pages
-    freed while a step is on the device are quarantined, then freed (no leak)."""
+    freed while a step is on the device are quarantined, then freed (no leak). "static": decode
+    steps through the CUDA graphs' packed input buffers (run eagerly on the CPU: padding rows,
+    the tables' copy, input tokens taken from the step in flight), with the LM head and the
+    sampler inside the step ("graph-sampling") or after it."""
     _, model = tiny_llama
+    static, graph_sampling = "static" in mode, "graph-sampling" in mode
     ps = prompts(9, seed=23)
     probe = ActorEngine(model, make_pool(model, 128)).generate(ps[:1], SamplingParams(temperature=0.0,
                                                                                      max_new_tokens=8))[0]
     eos = probe.output_ids[5]
 
-    def run(async_decode):
+    def run(async_decode, static=False, graph_sampling=False):
+        monkeypatch.setenv("OPPO_STATIC_DECODE", "1" if static else "0")
         pool = make_pool(model, num_pages)
         eng = ActorEngine(model, pool, EngineConfig(async_decode=async_decode, chunk_size=3, seed=4,
-                                                    max_num_batched_tokens=batched, max_model_len=40),
+                                                    max_num_batched_tokens=batched, max_model_len=40,
+                                                    graph_sampling=graph_sampling),
                           eos_token_id=eos)
+        assert eng.runner.static_decode == static and eng.graph_sampling == graph_sampling
         chunks = []
         eng.add_chunk_consumer(lambda cs: chunks.extend((c.seq.seq_id, c.start, c.end, c.final, tuple(c.token_ids))
                                                         for c in cs))
@@ -208,8 +216,11 @@ def test_async_decode_equals_synchronous_decode(tiny_llama, num_pages, batched):
         return [(s.output_ids, s.logprobs, s.versions, s.finish_reason) for s in seqs], chunks, lagged, eng
 
     sync_out, sync_chunks, lagged_sync, _ = run(False)
-    async_out, async_chunks, lagged_async, eng = run(True)
-    assert lagged_sync == 0 and lagged_async > 0
+    async_decode = "async" in mode
+    async_out, async_chunks, lagged_async, eng = run(async_decode, static, graph_sampling)
+    assert lagged_sync == 0 and (lagged_async > 0) == async_decode
+    if static:       # every decode step went through the static buffers of its batch size
+        assert eng.runner.graphs and all(g is None for g, _ in eng.runner.graphs.values())
     # tokens, versions and finishes exactly; log-probs to float rounding (the wasted rows change a
     # step's batch size, and a CPU GEMM's blocking with it)
     assert [(o, v, r) for o, _, v, r in async_out] == [(o, v, r) for o, _, v, r in sync_out]

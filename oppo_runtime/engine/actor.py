@@ -75,7 +75,9 @@ class ActorEngine:
         gs = self.config.graph_sampling
         if gs is None:
             gs = os.environ.get("OPPO_GRAPH_SAMPLING") == "1"
-        self.graph_sampling = bool(gs) and self.runner.use_graphs and sampling_triton.available()
+        # (CUDA: captured, so the fused Triton sampler; a CPU with OPPO_STATIC_DECODE=1: the reference)
+        self.graph_sampling = bool(gs) and self.runner.static_decode and (
+            self.runner.device.type != "cuda" or sampling_triton.available())
         if self.graph_sampling:
             seed = self.config.seed
             self.runner.set_decode_head(lambda h, temp, keys, pos: sample_tokens(
@@ -305,17 +307,21 @@ class ActorEngine:
         self._launch_id += 1        # pages freed from now until this step is booked are quarantined
         rows = [i for i, s in enumerate(batch.sample) if s]
         seqs = [batch.seqs[i] for i in rows]
-        out = staged = None
+        out = None
         if self.graph_sampling and batch.is_decode and len(rows) == len(batch.seqs):
-            staged = self._sample_inputs(seqs, self.model.config.vocab_size)
-            needs_filter, keys, pos, temp, _, _ = staged
-            if not needs_filter:        # one replay: forward, LM head and sampler (None: not this step)
-                out = self.runner.forward_sample(batch.spans, self.view.pages, ids_from, keys, pos, temp)
+            sp = [s.sampling for s in seqs]
+            V = self.model.config.vocab_size
+            if not any(0 < p.top_k < V or p.top_p < 1.0 for p in sp):
+                # one replay: forward, LM head and sampler, the sampler's inputs packed with the
+                # step's (None: this step cannot take that path)
+                out = self.runner.forward_sample(batch.spans, self.view.pages, ids_from, [s.sample_key for s in seqs],
+                                                 [len(s.prompt_ids) + len(s.output_ids) for s in seqs],
+                                                 [p.temperature for p in sp])
         if out is None:
             hidden = self.runner.forward(batch.spans, self.view.pages, ids_from=ids_from)
             if rows:
                 logits = self.model.compute_logits(hidden[rows] if len(rows) != hidden.shape[0] else hidden)
-                out = self._sample(seqs, logits, staged)
+                out = self._sample(seqs, logits)
         for seq, span in zip(batch.seqs, batch.spans):
             seq.num_cached_tokens = span.start + len(span.token_ids)
         tokens = host = None
@@ -411,10 +417,9 @@ class ActorEngine:
             top_k = top_p = None
         return needs_filter, keys, pos, temp, top_k, top_p
 
-    def _sample(self, seqs: list[Sequence], logits: torch.Tensor, staged=None):
-        """Sample each row on the device: (tokens [B] int64, log-probs [B] float32, NaN flags [B] bool).
-        ``staged``: the rows' ``_sample_inputs``, if already staged (the graph path that declined)."""
-        needs_filter, keys, pos, temp, top_k, top_p = staged or self._sample_inputs(seqs, logits.shape[-1])
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor):
+        """Sample each row on the device: (tokens [B] int64, log-probs [B] float32, NaN flags [B] bool)."""
+        needs_filter, keys, pos, temp, top_k, top_p = self._sample_inputs(seqs, logits.shape[-1])
         tokens, logps, bad = sample_tokens(logits, temp, top_k, top_p, self.config.seed, keys, pos,
                                            needs_filter=needs_filter)
         return tokens, logps, bad

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -86,6 +87,22 @@ class _Staging:
             out.append(dev[o:o + k])
             o += k
         return out
+
+
+# ---------------------------------------------------------------------- decode graphs: one staged copy
+# A decode batch's inputs travel in one byte buffer per graph batch size bs (and one pinned host
+# buffer from a ring): int64 rows [_D64_ROWS, bs] = input ids, positions, slot mapping, sampler keys,
+# sampler positions, and the dst / src rows of tokens that come from the step still on the device;
+# then int32 context lengths [bs], temperatures (float32 bits) [bs] and the block tables [B, width]
+# packed, which one strided copy puts into the graph's [bs, max_blocks] table. The graph reads its
+# inputs where they land: one H2D copy and one table copy per step instead of ~20 small ops.
+_D64_ROWS = 7
+
+
+def _decode_layout(bs: int, max_blocks: int) -> tuple[int, int]:
+    """(byte offset of the int32 part, total bytes) of a decode batch's buffer for batch size bs."""
+    off32 = 8 * _D64_ROWS * bs
+    return off32, off32 + 4 * (2 * bs + bs * max_blocks)
 
 
 # ---------------------------------------------------------------------- prefill graphs: host side
@@ -227,6 +244,12 @@ class ModelRunner:
             log.warning("CUDA graphs off for %s: no CUDA attention kernel for %s, head_dim %d",
                         view.name, g.dtype, g.head_dim)
         self.graph_batch_sizes = tuple(sorted(graph_batch_sizes))
+        # decode steps through the static buffers of _decode_layout: with CUDA graphs, or eagerly on
+        # a CPU when OPPO_STATIC_DECODE=1 (the same packing and padding, testable without a GPU)
+        self.static_decode = self.use_graphs or (self.device.type != "cuda" and bool(self.graph_batch_sizes)
+                                                 and os.environ.get("OPPO_STATIC_DECODE") == "1")
+        self._host_ring: list = [None] * 3    # pinned byte buffers of _decode_layout (see _pack_decode)
+        self._host_i = 0
         # chunk prefill in CUDA graphs (scorers); see the module docstring
         self.max_prefill_tokens = max_prefill_tokens
         self.max_prefill_graphs = max_prefill_graphs
@@ -365,62 +388,111 @@ class ModelRunner:
             if hidden is not None:
                 return hidden
             self.prefill_stats["eager"] += 1
+        if self.static_decode and len(spans) <= self.graph_batch_sizes[-1]:
+            st = self._static_decode(spans, pages_of, ids_from)
+            if st is not None:
+                return st["hidden"][:len(spans)]
         input_ids, positions, ctx = self._context(spans, pages_of, ids_from)
-        if ctx.is_decode and self.use_graphs and len(spans) <= self.graph_batch_sizes[-1]:
-            if self._graph_generation != self.view.pool.generation:
-                self.reset_graphs()              # the pool's memory moved: captured pointers are stale
-            return self._graph_decode(input_ids, positions, ctx)
         hidden = self.model(input_ids, positions, ctx)
         if last_only and not ctx.is_decode:
             hidden = hidden[ctx.cu_seqlens_q[1:].long() - 1]
         return hidden
 
     # ------------------------------------------------------------------ CUDA graphs (decode)
-    def forward_sample(self, spans: list[Span], pages_of, ids_from, keys: torch.Tensor, positions: torch.Tensor,
-                       temperature: torch.Tensor):
+    def forward_sample(self, spans: list[Span], pages_of, ids_from, keys: list[int], positions: list[int],
+                       temperature: list[float]):
         """A decode step, the LM head and the sampler in one graph replay: (tokens int64, log-probs
         float32, bad bool) [B] as views of the graph's outputs (valid until its next replay), or
         None when this step cannot take that path (no head set, eager, not a decode batch, too
         large): the caller then runs forward() and samples eagerly. keys/positions/temperature:
-        the sampler's per-row inputs [B] on the device."""
-        if self.decode_head is None or not self.use_graphs or len(spans) > self.graph_batch_sizes[-1]:
+        the sampler's per-row inputs [B] on the host (they travel with the step's other inputs)."""
+        if self.decode_head is None or not self.static_decode or len(spans) > self.graph_batch_sizes[-1]:
             return None
-        input_ids, pos, ctx = self._context(spans, pages_of, ids_from)
-        if not ctx.is_decode:
+        st = self._static_decode(spans, pages_of, ids_from, (keys, positions, temperature))
+        if st is None:
             return None
-        if self._graph_generation != self.view.pool.generation:
-            self.reset_graphs()
-        graph, st = self._graph_inputs(input_ids, pos, ctx)
-        B = input_ids.shape[0]
-        st["keys"][:B].copy_(keys)
-        st["sample_pos"][:B].copy_(positions)
-        st["temperature"][:B].copy_(temperature)
-        graph.replay()
+        B = len(spans)
         tok, logp, bad = st["sampled"]
         return tok[:B], logp[:B], bad[:B]
 
-    def _graph_inputs(self, input_ids, positions, ctx: PagedContext) -> tuple:
-        """(graph, its static buffers) of the decode graph for this batch size, the inputs filled
-        for this step."""
-        B = input_ids.shape[0]
+    def _static_decode(self, spans, pages_of, ids_from, sampler=None) -> dict | None:
+        """Pack the step's inputs into the static buffers of its batch size and replay (or, on a CPU,
+        run) the decode step there; returns the buffers (``hidden``, ``sampled``), or None when the
+        batch is not a decode batch of the pool's own page lists."""
+        fast = self._decode_host_inputs(spans) if pages_of == self.view.pages else None
+        if fast is None:
+            return None
+        if self._graph_generation != self.view.pool.generation:
+            self.reset_graphs()                  # the pool's memory moved: captured pointers are stale
+        B = len(spans)
         bs = next(s for s in self.graph_batch_sizes if s >= B)
         if bs not in self.graphs:
             self._capture(bs)
         graph, st = self.graphs[bs]
-        width = ctx.block_tables.shape[1]
-        st["input_ids"][:B].copy_(input_ids)
-        st["positions"][:B].copy_(positions)
-        st["slot_mapping"].fill_(-1)
-        st["slot_mapping"][:B].copy_(ctx.slot_mapping)
-        st["context_lens"].fill_(1)
-        st["context_lens"][:B].copy_(ctx.context_lens)
-        st["block_tables"][:B, :width].copy_(ctx.block_tables)
-        return graph, st
+        self._pack_decode(bs, st, fast[0], B, fast[1], ids_from, sampler)
+        if graph is not None:
+            graph.replay()
+        else:                                    # CPU (OPPO_STATIC_DECODE=1): the same buffers, eagerly
+            st["hidden"], st["sampled"] = st["step"]()
+        return st
 
-    def _graph_decode(self, input_ids, positions, ctx: PagedContext) -> torch.Tensor:
-        graph, st = self._graph_inputs(input_ids, positions, ctx)
-        graph.replay()
-        return st["hidden"][:input_ids.shape[0]]
+    def _host_staging(self, nbytes: int) -> torch.Tensor:
+        """The next pinned byte buffer of a ring of three. A step's buffer is read by its H2D copy,
+        which has run by the time that step is booked, and booking trails launching by one step:
+        the buffer of step t is free again when step t + 3 is packed."""
+        self._host_i = (self._host_i + 1) % len(self._host_ring)
+        buf = self._host_ring[self._host_i]
+        if buf is None or buf.numel() < nbytes:
+            top = _decode_layout(self.graph_batch_sizes[-1], self.max_blocks)[1]
+            buf = torch.empty(max(nbytes, top), dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+            self._host_ring[self._host_i] = buf
+        return buf
+
+    def _pack_decode(self, bs: int, st: dict, host: list, B: int, width: int, ids_from, sampler) -> None:
+        """This step's inputs into graph bs's buffers: padding rows past B get id 0, position 0, slot
+        -1 (no K/V written), context length 1, sampler key 0, position 0, temperature 1 (their
+        outputs are never read). One H2D copy, one copy of the tables, and one or two ops when
+        input tokens come from the step still on the device (``ids_from``)."""
+        off32, _ = _decode_layout(bs, self.max_blocks)
+        used = off32 + 4 * (2 * bs + B * width)
+        hbuf = self._host_staging(used)
+        raw = hbuf.numpy()
+        h64 = raw[:off32].view(np.int64).reshape(_D64_ROWS, bs)
+        h32 = raw[off32:used].view(np.int32)
+        ids, starts, slots, table, ends, _ = host
+        h64[0, :B] = ids
+        h64[1, :B] = starts
+        h64[2, :B] = slots
+        h64[0:2, B:] = 0
+        h64[2, B:] = -1
+        h32[:B] = ends
+        h32[B:bs] = 1
+        temps = h32[bs:2 * bs].view(np.float32)
+        if sampler is not None:
+            keys, spos, temperature = sampler
+            h64[3, :B] = keys
+            h64[4, :B] = spos
+            temps[:B] = temperature
+        else:
+            h64[3:5, :B] = 0
+            temps[:B] = 1.0
+        h64[3:5, B:] = 0
+        temps[B:] = 1.0
+        h32[2 * bs:] = table
+        nd = 0
+        if ids_from is not None:
+            dst, src, src_tokens = ids_from
+            nd = len(dst)
+            h64[5, :nd] = dst
+            h64[6, :nd] = src
+        st["flat"][:used].copy_(hbuf[:used], non_blocking=True)
+        st["block_tables"][:B, :width].copy_(st["v32"][2 * bs:2 * bs + B * width].view(B, width))
+        if nd:
+            if dst == src and nd == B:                      # same rows, same order
+                st["input_ids"][:B].copy_(src_tokens[:B])
+            else:
+                st["input_ids"].index_copy_(0, st["v64"][5, :nd],
+                                            src_tokens.index_select(0, st["v64"][6, :nd]).to(torch.int64))
 
     def set_decode_head(self, head) -> None:
         """``head(hidden [bs, H], temperature [bs], keys [bs], positions [bs]) -> (tokens, log-probs,
@@ -435,7 +507,7 @@ class ModelRunner:
         would otherwise do lazily, the first time a step has that many sequences); returns how many
         were captured. Call it before timing, or before the first step, so that no capture (tens
         of ms each) falls inside a generation."""
-        if not self.use_graphs:
+        if not self.static_decode:
             return 0
         if self._graph_generation != self.view.pool.generation:
             self.reset_graphs()
@@ -446,26 +518,35 @@ class ModelRunner:
 
     def _capture(self, bs: int) -> None:
         dev = self.device
+        off32, nbytes = _decode_layout(bs, self.max_blocks)
+        flat = torch.zeros(nbytes, dtype=torch.uint8, device=dev)
+        v64 = flat[:off32].view(torch.int64).view(_D64_ROWS, bs)
+        v32 = flat[off32:].view(torch.int32)
         st = {
-            "input_ids": torch.zeros(bs, dtype=torch.int64, device=dev),
-            "positions": torch.zeros(bs, dtype=torch.int64, device=dev),
-            "slot_mapping": torch.full((bs,), -1, dtype=torch.int64, device=dev),
-            "context_lens": torch.ones(bs, dtype=torch.int32, device=dev),
+            "flat": flat, "v64": v64, "v32": v32,
+            "input_ids": v64[0], "positions": v64[1], "slot_mapping": v64[2],
+            "context_lens": v32[:bs],
             "block_tables": torch.zeros(bs, self.max_blocks, dtype=torch.int32, device=dev),
         }
+        st["slot_mapping"].fill_(-1)
+        st["context_lens"].fill_(1)
         ctx = PagedContext(self.view.kv_caches, st["slot_mapping"], st["block_tables"], st["context_lens"],
                            torch.arange(bs + 1, dtype=torch.int32, device=dev), 1, True)
         head = self.decode_head
         if head is not None:     # the sampler's per-row inputs (padding rows: key 0, position 0, T=1)
-            st["keys"] = torch.zeros(bs, dtype=torch.int64, device=dev)
-            st["sample_pos"] = torch.zeros(bs, dtype=torch.int64, device=dev)
-            st["temperature"] = torch.ones(bs, dtype=torch.float32, device=dev)
+            st["keys"], st["sample_pos"] = v64[3], v64[4]
+            st["temperature"] = v32[bs:2 * bs].view(torch.float32)
+            st["temperature"].fill_(1.0)
 
         def step():
             hidden = self.model(st["input_ids"], st["positions"], ctx)
             sampled = head(hidden, st["temperature"], st["keys"], st["sample_pos"]) if head is not None else None
             return hidden, sampled
 
+        if not self.use_graphs:          # CPU, OPPO_STATIC_DECODE=1: run step() eagerly on the buffers
+            st["step"] = step
+            self.graphs[bs] = (None, st)
+            return
         with _CAPTURE_LOCK:                          # a scorer thread may be capturing (see _CAPTURE_LOCK)
             s = torch.cuda.Stream(dev)
             s.wait_stream(torch.cuda.current_stream(dev))

@@ -45,12 +45,16 @@ def process_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch
     """Log-probs [B, V] (float32) of the distribution sampled from; excluded entries are -inf.
 
     temperature [B] (0 = greedy: rows are returned as plain log_softmax), top_k [B] (0 = off),
-    top_p [B] (1.0 = off).
+    top_p [B] (1.0 = off); None for either: off in every row.
     """
     x = logits.float()
     t = torch.where(temperature > 0, temperature, torch.ones_like(temperature)).float()
     x = x / t[:, None]
     V = x.shape[-1]
+    if top_k is None:           # None: off for every row (the graph-captured sampler passes none)
+        top_k = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
+    if top_p is None:
+        top_p = torch.ones(x.shape[0], dtype=torch.float32, device=x.device)
     if bool(((top_k > 0) & (top_k < V)).any()) or bool((top_p < 1.0).any()):
         sorted_x, order = torch.sort(x, dim=-1, descending=True)
         ranks = torch.arange(V, device=x.device)[None, :]
@@ -77,7 +81,8 @@ def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
     """
     if needs_filter is None:
         V = logits.shape[-1]
-        needs_filter = bool(((top_k > 0) & (top_k < V)).any()) or bool((top_p < 1.0).any())
+        needs_filter = (top_k is not None and bool(((top_k > 0) & (top_k < V)).any())) or \
+            (top_p is not None and bool((top_p < 1.0).any()))
     if logits.is_cuda and not needs_filter and backend != "reference":
         from . import sampling_triton
         if sampling_triton.available():
