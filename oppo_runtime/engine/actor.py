@@ -222,7 +222,7 @@ class ActorEngine:
         finished: list[Sequence] = []
         batch, ids_from = None, None
         if prev is not None:
-            exclude = {s.seq_id for s in prev.seqs if self._ends_by_length(s)}
+            exclude = self._ending_by_length(prev.seqs)
             try:
                 batch = self.scheduler.schedule_lagged_decode(exclude)
             except NeedsDrain:
@@ -232,8 +232,13 @@ class ActorEngine:
                 prev = None
             else:
                 row = prev.row
-                dst = [i for i, s in enumerate(batch.seqs) if s.seq_id in row]
-                ids_from = (dst, [row[batch.seqs[i].seq_id] for i in dst], prev.tokens)
+                dst, src = [], []
+                for i, s in enumerate(batch.seqs):
+                    r = row.get(s.seq_id)
+                    if r is not None:
+                        dst.append(i)
+                        src.append(r)
+                ids_from = (dst, src, prev.tokens)
         if batch is None:
             batch = self.scheduler.schedule()
         if batch is None:
@@ -298,9 +303,17 @@ class ActorEngine:
                 keep.append((launch_id, key))
         self._retired = keep
 
-    def _ends_by_length(self, seq: Sequence) -> bool:
-        n = len(seq.output_ids)
-        return n >= seq.max_new or seq.num_tokens >= self.max_model_len
+    def _ending_by_length(self, seqs: list[Sequence]) -> set:
+        """Ids of ``seqs`` whose unread token is their last by length (their told or maximum number of
+        new tokens, or the context): they sit out the next lagged step. Runs over the whole batch
+        every decode step, so it reads each length once."""
+        max_len, out = self.max_model_len, set()
+        for seq in seqs:
+            n = len(seq.output_ids)
+            tl = seq.target_len
+            if n >= (tl if tl is not None else seq.sampling.max_new_tokens) or len(seq.prompt_ids) + n >= max_len:
+                out.add(seq.seq_id)
+        return out
 
     def _launch(self, batch, ids_from) -> "_InFlight":
         """Forward and sampling on the device; the tokens' read-back is started, not awaited."""
@@ -377,10 +390,20 @@ class ActorEngine:
             return finished
         toks, lps, bad = fl.host[0].tolist(), fl.host[1].tolist(), fl.host[2].tolist()
         live = []
+        version, booked, max_len = fl.version, 0, self.max_model_len
+        done = SeqStatus.FINISHED
         for seq, i, tok, lp, is_bad in zip(fl.seqs, fl.idx, toks, lps, bad):
-            if seq.status is SeqStatus.FINISHED or len(seq.output_ids) <= i:
+            out = seq.output_ids
+            if seq.status is done or len(out) <= i:
                 continue                  # ended at an earlier token: this row was wasted work
             live.append(seq)
+            tl = seq.target_len
+            if not is_bad and tl is not None and i + 1 < tl and len(seq.prompt_ids) + i + 1 < max_len:
+                out[i] = tok              # the common case of a told length: booked, not ending
+                seq.logprobs.append(lp)
+                seq.versions.append(version)
+                booked += 1
+                continue
             if is_bad:      # NaN/+inf logits: this request ends with an error, the others go on
                 del seq.output_ids[i:]
                 seq.status, seq.finish_reason = SeqStatus.FINISHED, "error: NaN/inf in the actor's logits"
@@ -388,13 +411,14 @@ class ActorEngine:
                           seq.num_tokens)
                 finished.append(seq)
                 continue
-            seq.output_ids[i] = tok
+            out[i] = tok
             seq.logprobs.append(lp)
-            seq.versions.append(fl.version)
-            self.stats["generated_tokens"] += 1
+            seq.versions.append(version)
+            booked += 1
             if self._check_finish(seq, i):
-                del seq.output_ids[i + 1:]            # a later step's unread token, if any
+                del out[i + 1:]            # a later step's unread token, if any
                 finished.append(seq)
+        self.stats["generated_tokens"] += booked
         self._emit(live)                  # (a sequence that ended earlier has had its final chunk)
         for seq in finished:
             self.scheduler.finish(seq)

@@ -63,8 +63,9 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     # ------------------------------------------------------------------ pages
-    def _grow(self, seq: Sequence, num_tokens: int, protect: set[int]) -> bool:
-        """Give ``seq`` pages for ``num_tokens`` tokens, preempting younger sequences if needed."""
+    def _grow(self, seq: Sequence, num_tokens: int, protect) -> bool:
+        """Give ``seq`` pages for ``num_tokens`` tokens, preempting younger sequences if needed
+        (never one in ``protect``: seq ids, or the sequences already taken into this step)."""
         while True:
             try:
                 self.view.ensure(seq.seq_id, num_tokens)
@@ -74,6 +75,8 @@ class Scheduler:
             need = self.view.pages_for_tokens(num_tokens) - len(self.view.pages(seq.seq_id))
             if self.on_pool_pressure is not None and self.on_pool_pressure(need) > 0:
                 continue
+            if not isinstance(protect, set):           # the step's sequences: their ids only when needed
+                protect = {x.seq_id for x in protect}
             victims = [s for s in self.running if s is not seq and s.seq_id not in protect]
             if self._lagged:
                 raise NeedsDrain(f"sequence {seq.seq_id} needs {need} pages")
@@ -107,9 +110,15 @@ class Scheduler:
 
     # ------------------------------------------------------------------ steps
     def schedule(self) -> ScheduledBatch | None:
-        pending = self.prefill_pending()
+        ready = None
+        if self.waiting:
+            pending = True
+        else:       # one pass over the running sequences: the decode-ready ones, and whether any has prefill left
+            ready, pending = self._decode_ready(frozenset(), stop_at_partial=False)
         prefill_first = pending and (not self.running or not self._last_was_prefill)
-        batch = (self._schedule_prefill() if prefill_first else None) or self._schedule_decode() \
+        if prefill_first:
+            ready = None            # a prefill step (even one that takes nothing) may preempt: look again
+        batch = (self._schedule_prefill() if prefill_first else None) or self._schedule_decode(ready=ready) \
             or self._schedule_prefill()
         if batch is not None:
             self._last_was_prefill = not batch.is_decode
@@ -156,37 +165,60 @@ class Scheduler:
         Only when no prefill is pending; sequences in ``exclude`` (ending with their unread token)
         sit out. Raises NeedsDrain instead of preempting: pages freed now could still be written by
         the step in flight, so preemption waits until that step is resolved."""
-        if self.prefill_pending():
+        if self.waiting:
             return None
         self._lagged = True
         try:
-            batch = self._schedule_decode(exclude)
+            batch = self._schedule_decode(exclude, none_if_partial=True)
         finally:
             self._lagged = False
         if batch is not None:
             self._last_was_prefill = False
         return batch
 
-    def _schedule_decode(self, exclude: set[int] = frozenset()) -> ScheduledBatch | None:
-        # running sequences whose prefill is complete (cached all but their newest token); this
-        # runs once per decode step over every running sequence, so it reads each one's length once
-        ready = []
+    def _decode_ready(self, exclude, stop_at_partial: bool) -> tuple[list | None, bool]:
+        """(running sequences whose prefill is complete -- cached all but their newest token -- as
+        (admit order, length, seq), sorted by admission; whether a running sequence has prefill
+        left). One pass that reads each length once: this runs every decode step over every running
+        sequence (host time per step at B=256). stop_at_partial: (None, True) at the first one."""
+        ready, partial = [], False
         for s in self.running:
             n = len(s.prompt_ids) + len(s.output_ids)
-            if s.num_cached_tokens == n - 1 and s.seq_id not in exclude:
-                ready.append((s.admit_order, n, s))
-        ready.sort(key=_first)             # by admit order
+            c = s.num_cached_tokens
+            if c == n - 1:
+                if s.seq_id not in exclude:
+                    ready.append((s.admit_order, n, s))
+            elif c < n - 1:
+                if stop_at_partial:
+                    return None, True
+                partial = True
+        ready.sort(key=_first)
+        return ready, partial
+
+    def _schedule_decode(self, exclude: set[int] = frozenset(), none_if_partial: bool = False,
+                         ready: list | None = None) -> ScheduledBatch | None:
+        """A decode step over the ready sequences (``ready``: from ``_decode_ready``, if the caller
+        has it); touches the pool only for sequences that need a page. none_if_partial: None if a
+        running sequence has prefill left."""
+        if ready is None:
+            ready, partial = self._decode_ready(exclude, stop_at_partial=none_if_partial)
+            if ready is None:
+                return None
         del ready[self.max_num_seqs:]
-        seqs, spans, taken = [], [], set()
+        seqs, spans = [], []
         T = self.view.tokens_per_page
-        num_pages = self.view.num_pages_of
+        pages = self.view.pool._pages         # the pool's owner -> page list (read only)
+        name = self.view.name
+        running = SeqStatus.RUNNING
         for _, n, seq in ready:
-            if seq.status is not SeqStatus.RUNNING:       # preempted by an older one this step
+            if seq.status is not running:               # preempted by an older one this step
                 continue
-            if num_pages(seq.seq_id) * T >= n or self._grow(seq, n, protect=taken):
+            sid = seq.seq_id
+            have = pages.get((name, sid))
+            if (have is not None and len(have) * T >= n) or self._grow(seq, n, seqs):
                 seqs.append(seq)
-                spans.append(Span(seq.seq_id, [seq.token_at(n - 1)], n - 1))
-                taken.add(seq.seq_id)
+                out = seq.output_ids
+                spans.append(Span(sid, [out[-1] if out else seq.prompt_ids[-1]], n - 1))
             else:
                 self.preempt(seq)
         if not seqs:
