@@ -261,10 +261,9 @@ class DecoderLayer(nn.Module):
         return self.mlp.forward_fused(x), residual
 
     def _gemm_fusion(self, ctx) -> bool:
-        """Decode steps with ``OPPO_DECODE_GEMM_FUSION=1``, fused projections and no q/k norm."""
-        attn = self.self_attn
-        return (isinstance(ctx, PagedContext) and ctx.is_decode and decode_gemm_fusion() and attn.qkv is not None
-                and self.mlp.gate_up is not None and attn.q_norm is None)
+        """Decode steps with ``OPPO_DECODE_GEMM_FUSION=1`` and fused projections."""
+        return (isinstance(ctx, PagedContext) and ctx.is_decode and decode_gemm_fusion()
+                and self.self_attn.qkv is not None and self.mlp.gate_up is not None)
 
     def _forward_decode_gemm_fused(self, x, residual, positions, cos_sin_cache, ctx):
         """The decode layer in 5 launches: add+RMSNorm+QKV+rotary+K/V append, attention, o_proj,
@@ -274,9 +273,11 @@ class DecoderLayer(nn.Module):
         attn.qkv.check(f"layer {attn.layer_idx} q/k/v_proj")
         mlp.gate_up.check("gate_proj/up_proj")
         k_cache, v_cache = ctx.kv_caches[attn.layer_idx]
+        qn, kn = attn.q_norm, attn.k_norm
         q, residual = norm_qkv_rotary(x, residual, norm1.weight, norm1.eps, attn.qkv.weight, attn.qkv.bias,
                                       attn.num_heads, attn.num_kv_heads, cos_sin_cache, positions, k_cache, v_cache,
-                                      ctx.slot_mapping)
+                                      ctx.slot_mapping, None if qn is None else qn.weight,
+                                      None if kn is None else kn.weight, 1e-6 if qn is None else qn.eps)
         x = attn._attend_and_project(q, None, None, ctx, appended=True)
         act, residual = norm_gate_up_silu(x, residual, norm2.weight, norm2.eps, mlp.gate_up.weight, mlp.gate_up.bias)
         record_backend("decode_layer", "gemm-fused (5 launches)")

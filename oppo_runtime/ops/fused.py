@@ -263,22 +263,27 @@ def norm_gate_up_silu(x, residual, norm_weight, eps, weight, bias=None, backend:
 
 
 def norm_qkv_rotary_ref(x, residual, norm_weight, eps, weight, bias, num_heads, num_kv_heads, cos_sin_cache,
-                        positions, k_cache, v_cache, slot_mapping):
-    """The unfused ops: add+RMSNorm, the QKV projection, rotary of q and k, K/V appended to the pages."""
+                        positions, k_cache, v_cache, slot_mapping, q_norm_weight=None, k_norm_weight=None,
+                        qk_eps: float = 1e-6):
+    """The unfused ops: add+RMSNorm, the QKV projection, (q/k norm and) rotary of q and k, K/V
+    appended to the pages."""
     normed, res = fused_add_rms_norm_ref(x, residual, norm_weight, eps)
     n, D = x.shape[0], cos_sin_cache.shape[1]
     q, k, v = F.linear(normed, weight, bias).split([num_heads * D, num_kv_heads * D, num_kv_heads * D], -1)
-    q, k = rotary_qk_ref(q.view(n, num_heads, D), k.view(n, num_kv_heads, D), cos_sin_cache, positions)
+    q, k = rotary_qk_ref(q.view(n, num_heads, D), k.view(n, num_kv_heads, D), cos_sin_cache, positions,
+                         q_norm_weight, k_norm_weight, qk_eps)
     kv_append_ref(k, v.reshape(n, num_kv_heads, D), k_cache, v_cache, slot_mapping)
     return q, res
 
 
 def norm_qkv_rotary(x, residual, norm_weight, eps, weight, bias, num_heads, num_kv_heads, cos_sin_cache,
-                    positions, k_cache, v_cache, slot_mapping, backend: str | None = None):
+                    positions, k_cache, v_cache, slot_mapping, q_norm_weight=None, k_norm_weight=None,
+                    qk_eps: float = 1e-6, backend: str | None = None):
     """x, residual [M, H], weight [(Hq + 2 Hkv) D, H] (q | k | v rows), bias or None, cos_sin_cache
     [P, D] float32, positions [M], caches [pages, block_size, Hkv, D], slot_mapping [M] ->
     (q [M, Hq, D] rotated, new residual [M, H]); the rotated k and v are written to the pages
-    (slot -1 skipped). One kernel on the Triton path (the add+RMSNorm, QKV GEMM and rotary+append
+    (slot -1 skipped). q_norm_weight / k_norm_weight [D] (Qwen3): each q / k head RMS-normed (qk_eps)
+    before the rotation. One kernel on the Triton path (the add+RMSNorm, QKV GEMM and rotary+append
     kernels of the unfused decode layer)."""
     _check_norm_linear("norm_qkv_rotary", x, residual, norm_weight, weight, bias)
     D = cos_sin_cache.shape[1]
@@ -287,6 +292,9 @@ def norm_qkv_rotary(x, residual, norm_weight, eps, weight, bias, num_heads, num_
                          f"{num_kv_heads} kv heads of dim {D}, got {tuple(weight.shape)}")
     if cos_sin_cache.dtype != torch.float32:
         raise ValueError(f"norm_qkv_rotary: cos_sin_cache must be float32, got {cos_sin_cache.dtype}")
+    if (q_norm_weight is None) != (k_norm_weight is None) or \
+            any(w is not None and w.shape != (D,) for w in (q_norm_weight, k_norm_weight)):
+        raise ValueError(f"norm_qkv_rotary: q_norm_weight and k_norm_weight [{D}] together, or neither")
     if k_cache.shape[2:] != (num_kv_heads, D) or slot_mapping.shape != (x.shape[0],) or positions.shape != (x.shape[0],):
         raise ValueError(f"norm_qkv_rotary: caches [pages, block_size, {num_kv_heads}, {D}] and positions / "
                          f"slot_mapping [{x.shape[0]}], got {tuple(k_cache.shape)}, {tuple(positions.shape)}, "
@@ -304,10 +312,11 @@ def norm_qkv_rotary(x, residual, norm_weight, eps, weight, bias, num_heads, num_
         if why is not None and x.is_cuda:
             record_backend("norm_qkv_rotary", f"reference ({why})")
         return norm_qkv_rotary_ref(x, residual, norm_weight, eps, weight, bias, num_heads, num_kv_heads,
-                                   cos_sin_cache, positions, k_cache, v_cache, slot_mapping)
+                                   cos_sin_cache, positions, k_cache, v_cache, slot_mapping, q_norm_weight,
+                                   k_norm_weight, qk_eps)
     if why is not None:
         raise ValueError(f"norm_qkv_rotary: the Triton kernel cannot take these operands ({why})")
     from . import fused_triton
     return fused_triton.norm_qkv_rotary(x, residual, norm_weight, eps, weight, bias, num_heads, num_kv_heads,
                                         cos_sin_cache.contiguous(), positions.contiguous(), k_cache, v_cache,
-                                        slot_mapping.contiguous())
+                                        slot_mapping.contiguous(), q_norm_weight, k_norm_weight, qk_eps)

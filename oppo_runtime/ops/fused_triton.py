@@ -156,8 +156,9 @@ if triton is not None:
     def _norm_dual_gemm_kernel(x_ptr, x_stride, res_ptr, res_stride, res_out_ptr, res_out_stride, nw_ptr, eps,
                                w_ptr, w_stride, b_ptr, M, K, LIMIT_A, OFFSET_B, LIMIT_B, out_ptr, out_stride,
                                cache_ptr, cache_stride, max_pos, pos_ptr, kc_ptr, vc_ptr, page_stride, block_size,
-                               slot_ptr, HQ, HKV,
-                               EPI_QKV: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                               slot_ptr, HQ, HKV, qnw_ptr, knw_ptr, qk_eps,
+                               EPI_QKV: tl.constexpr, HAS_QK_NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                               HAS_BIAS: tl.constexpr,
                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                                DOT_F32: tl.constexpr, IEEE: tl.constexpr):
         # x, residual [M, K] (rows strided); norm weight [K]; W [rows, K] (row stride w_stride), bias [rows].
@@ -167,7 +168,8 @@ if triton is not None:
         #   EPI_QKV=True  (W = q | k | v, BLOCK_N = head_dim / 2, tile j = head j): the two halves of the
         #     head, rotated at positions[M] (cos_sin_cache [max_pos, D] float32) unless a v head; q heads to
         #     out [M, HQ * D], k and v heads into the paged caches [pages, block_size, HKV, D] (page stride
-        #     page_stride) at slot_mapping[M] (-1: skipped), as rotary_qk(kv=...) writes them.
+        #     page_stride) at slot_mapping[M] (-1: skipped), as rotary_qk(kv=...) writes them;
+        #     HAS_QK_NORM: RMSNorm of each q / k head first (weights [D], qk_eps).
         pid_m = tl.program_id(0)
         j = tl.program_id(1)
         rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -219,6 +221,15 @@ if triton is not None:
         if EPI_QKV:
             D = 2 * BLOCK_N
             if j < HQ + HKV:                              # q or k head: rotate (as _rotate_heads)
+                if HAS_QK_NORM:   # Qwen3's q_norm / k_norm over the head (both halves), before the rotation
+                    hw = qnw_ptr
+                    if j >= HQ:
+                        hw = knw_ptr
+                    rs = tl.math.rsqrt((tl.sum(ga * ga, 1) + tl.sum(gb * gb, 1)) / D + qk_eps)[:, None]
+                    w1 = tl.load(hw + n).to(tl.float32)[None, :]
+                    w2 = tl.load(hw + BLOCK_N + n).to(tl.float32)[None, :]
+                    ga = (w1 * (ga * rs).to(odt).to(tl.float32)).to(odt).to(tl.float32)
+                    gb = (w2 * (gb * rs).to(odt).to(tl.float32)).to(odt).to(tl.float32)
                 pos = tl.load(pos_ptr + rows, mask=rmask, other=0).to(tl.int64)
                 inside = (pos >= 0) & (pos < max_pos)
                 cm = inside[:, None] & (n[None, :] < BLOCK_N)
@@ -323,7 +334,8 @@ CONFIG_OVERRIDE: tuple[int, int, int, int] | None = None
 def _norm_dual_gemm(x, residual, norm_weight, eps, weight, bias, out, grid_n, limits, block_n, rotary=None):
     """Launch ``_norm_dual_gemm_kernel``; returns the new residual (x itself when residual is None).
     limits = (LIMIT_A, OFFSET_B, LIMIT_B); rotary = (cos_sin_cache, positions, k_cache, v_cache,
-    slot_mapping, HQ, HKV) for the QKV epilogue, None for silu*mul."""
+    slot_mapping, HQ, HKV, q_norm_weight, k_norm_weight, qk_eps) for the QKV epilogue (norm weights
+    None: no q/k norm), None for silu*mul."""
     M, K = x.shape
     res_out = x if residual is None else torch.empty(M, K, dtype=x.dtype, device=x.device)
     if M:
@@ -333,15 +345,19 @@ def _norm_dual_gemm(x, residual, norm_weight, eps, weight, bias, out, grid_n, li
             bm, bk, stages, warps = CONFIG_OVERRIDE
         r = x if residual is None else residual
         b = weight if bias is None else bias              # an unread placeholder without a bias
+        qk_norm = rotary is not None and rotary[7] is not None
         if rotary is None:                                # unread placeholders of the rotary epilogue
-            rot = (norm_weight, 0, 0, x, out, out, 0, 1, x, 0, 0)
+            rot = (norm_weight, 0, 0, x, out, out, 0, 1, x, 0, 0, norm_weight, norm_weight, eps)
         else:
-            cache, pos, kc, vc, slots, hq, hkv = rotary
-            rot = (cache, cache.stride(0), cache.shape[0], pos, kc, vc, kc.stride(0), kc.shape[1], slots, hq, hkv)
+            cache, pos, kc, vc, slots, hq, hkv, qnw, knw, qk_eps = rotary
+            if qnw is None:
+                qnw = knw = norm_weight                   # unread placeholders
+            rot = (cache, cache.stride(0), cache.shape[0], pos, kc, vc, kc.stride(0), kc.shape[1], slots, hq, hkv,
+                   qnw, knw, qk_eps)
         _norm_dual_gemm_kernel[(triton.cdiv(M, bm), grid_n)](
             x, x.stride(0), r, r.stride(0), res_out, res_out.stride(0), norm_weight, eps,
             weight, weight.stride(0), b, M, K, *limits, out, out.stride(0), *rot,
-            EPI_QKV=rotary is not None, HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None,
+            EPI_QKV=rotary is not None, HAS_QK_NORM=qk_norm, HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None,
             BLOCK_M=bm, BLOCK_N=block_n, BLOCK_K=bk, num_warps=warps, num_stages=stages,
             DOT_F32=os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") and weight.dtype == torch.bfloat16,
             IEEE=weight.dtype == torch.float32)
@@ -363,7 +379,8 @@ def norm_gate_up_silu(x, residual, norm_weight, eps, weight, bias):
 
 
 def norm_qkv_rotary(x, residual, norm_weight, eps, weight, bias, num_heads, num_kv_heads, cos_sin_cache,
-                    positions, k_cache, v_cache, slot_mapping):
+                    positions, k_cache, v_cache, slot_mapping, q_norm_weight=None, k_norm_weight=None,
+                    qk_eps=1e-6):
     """x, residual [M, H]; weight [(Hq + 2 Hkv) D, H] (q | k | v) -> (q [M, Hq, D] rotated, new residual);
     k (rotated) and v go into the paged caches at slot_mapping (-1 skipped)."""
     M = x.shape[0]
@@ -372,5 +389,6 @@ def norm_qkv_rotary(x, residual, norm_weight, eps, weight, bias, num_heads, num_
     n_out = (num_heads + 2 * num_kv_heads) * D
     res = _norm_dual_gemm(x, residual, norm_weight, eps, weight, bias, q.view(M, num_heads * D),
                           num_heads + 2 * num_kv_heads, (n_out, D // 2, n_out), D // 2,
-                          rotary=(cos_sin_cache, positions, k_cache, v_cache, slot_mapping, num_heads, num_kv_heads))
+                          rotary=(cos_sin_cache, positions, k_cache, v_cache, slot_mapping, num_heads, num_kv_heads,
+                                  q_norm_weight, k_norm_weight, qk_eps))
     return q, res
