@@ -201,13 +201,13 @@ class Scheduler:
         has it); touches the pool only for sequences that need a page. none_if_partial: None if a
         running sequence has prefill left."""
         if ready is None:
-            ready, partial = self._decode_ready(exclude, stop_at_partial=none_if_partial)
+            ready, _ = self._decode_ready(exclude, stop_at_partial=none_if_partial)
             if ready is None:
                 return None
         del ready[self.max_num_seqs:]
         seqs, spans = [], []
         T = self.view.tokens_per_page
-        pages = self.view.pool._pages         # the pool's owner -> page list (read only)
+        pages = self.view.pool.page_lists     # owner -> page list (read only)
         name = self.view.name
         running = SeqStatus.RUNNING
         for _, n, seq in ready:

@@ -166,6 +166,12 @@ class PagePool:
     def pages_of(self, owner: Owner) -> list[int]:
         return self._pages.get(owner, [])
 
+    @property
+    def page_lists(self) -> dict:
+        """owner -> its page list, the pool's own dict (read it, never change it): a per-sequence
+        ``dict.get`` for the scheduler's page check of every decode step, without a call per owner."""
+        return self._pages
+
     def allocate(self, owner: Owner, n: int) -> list[int]:
         """Append ``n`` pages to ``owner`` (all or nothing); raises PoolExhausted."""
         with self._lock:
