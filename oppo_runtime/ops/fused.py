@@ -300,8 +300,8 @@ def norm_qkv_rotary(x, residual, norm_weight, eps, weight, bias, num_heads, num_
                          f"slot_mapping [{x.shape[0]}], got {tuple(k_cache.shape)}, {tuple(positions.shape)}, "
                          f"{tuple(slot_mapping.shape)}")
     why = _kernel_takes(x, residual, weight, bias)
-    if why is None and D // 2 < 16:
-        why = f"head_dim {D} (tl.dot needs half a head of at least 16)"
+    if why is None and (D < 32 or D & (D - 1)):
+        why = f"head_dim {D} (the kernel takes powers of two from 32: a rotary half is one dot tile)"
     if why is None:
         k = torch.empty(0, num_kv_heads, D, dtype=k_cache.dtype, device=k_cache.device)
         if k_cache.dtype != x.dtype or not _fusable_kv(k, k, k_cache, v_cache):

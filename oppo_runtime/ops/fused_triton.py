@@ -160,13 +160,15 @@ if triton is not None:
                                EPI_QKV: tl.constexpr, HAS_QK_NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
                                HAS_BIAS: tl.constexpr,
                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                               HALF: tl.constexpr, SPLIT: tl.constexpr,
                                DOT_F32: tl.constexpr, IEEE: tl.constexpr):
         # x, residual [M, K] (rows strided); norm weight [K]; W [rows, K] (row stride w_stride), bias [rows].
         # Prologue: s = x + residual (stored to res_out by column tile 0), y = RMSNorm(s). Two accumulators over weight rows A = j*BLOCK_N + n (< LIMIT_A) and
         # B = A + OFFSET_B (< LIMIT_B):
         #   EPI_QKV=False (gate_up, W = gate | up): out[M, INTER] = silu(y @ Wa^T) * (y @ Wb^T);
-        #   EPI_QKV=True  (W = q | k | v, BLOCK_N = head_dim / 2, tile j = head j): the two halves of the
-        #     head, rotated at positions[M] (cos_sin_cache [max_pos, D] float32) unless a v head; q heads to
+        #   EPI_QKV=True  (W = q | k | v, HALF = head_dim / 2 = SPLIT * BLOCK_N, program j = columns
+        #     [s, s + BLOCK_N) of both halves of head j // SPLIT, s = (j % SPLIT) * BLOCK_N): the head,
+        #     rotated at positions[M] (cos_sin_cache [max_pos, D] float32) unless a v head; q heads to
         #     out [M, HQ * D], k and v heads into the paged caches [pages, block_size, HKV, D] (page stride
         #     page_stride) at slot_mapping[M] (-1: skipped), as rotary_qk(kv=...) writes them;
         #     HAS_QK_NORM: RMSNorm of each q / k head first (weights [D], qk_eps).
@@ -177,8 +179,10 @@ if triton is not None:
         dt = res_out_ptr.dtype.element_ty
         n = tl.arange(0, BLOCK_N)
         row_a = j * BLOCK_N + n
+        head = j // SPLIT                   # QKV: program j is column slice j % SPLIT of head j // SPLIT
+        sl = (j % SPLIT) * BLOCK_N + n      # (the slice's columns within each rotary half)
         if EPI_QKV:
-            row_a = j * (2 * BLOCK_N) + n
+            row_a = head * (2 * HALF) + sl
         row_b = row_a + OFFSET_B
         ok_a = row_a < LIMIT_A
         ok_b = row_b < LIMIT_B
@@ -219,11 +223,11 @@ if triton is not None:
         ga = acc_a.to(odt).to(tl.float32)                 # the projection's output, in the model dtype
         gb = acc_b.to(odt).to(tl.float32)
         if EPI_QKV:
-            D = 2 * BLOCK_N
-            if j < HQ + HKV:                              # q or k head: rotate (as _rotate_heads)
-                if HAS_QK_NORM:   # Qwen3's q_norm / k_norm over the head (both halves), before the rotation
+            D = 2 * HALF
+            if head < HQ + HKV:                           # q or k head: rotate (as _rotate_heads)
+                if HAS_QK_NORM:   # Qwen3's q_norm / k_norm over the head (both halves: SPLIT == 1)
                     hw = qnw_ptr
-                    if j >= HQ:
+                    if head >= HQ:
                         hw = knw_ptr
                     rs = tl.math.rsqrt((tl.sum(ga * ga, 1) + tl.sum(gb * gb, 1)) / D + qk_eps)[:, None]
                     w1 = tl.load(hw + n).to(tl.float32)[None, :]
@@ -232,9 +236,9 @@ if triton is not None:
                     gb = (w2 * (gb * rs).to(odt).to(tl.float32)).to(odt).to(tl.float32)
                 pos = tl.load(pos_ptr + rows, mask=rmask, other=0).to(tl.int64)
                 inside = (pos >= 0) & (pos < max_pos)
-                cm = inside[:, None] & (n[None, :] < BLOCK_N)
-                c = tl.load(cache_ptr + pos[:, None] * cache_stride + n[None, :], mask=cm, other=float("nan"))
-                s = tl.load(cache_ptr + pos[:, None] * cache_stride + BLOCK_N + n[None, :], mask=cm,
+                cm = inside[:, None] & (sl[None, :] < HALF)
+                c = tl.load(cache_ptr + pos[:, None] * cache_stride + sl[None, :], mask=cm, other=float("nan"))
+                s = tl.load(cache_ptr + pos[:, None] * cache_stride + HALF + sl[None, :], mask=cm,
                             other=float("nan"))
                 c = c.to(odt).to(tl.float32)
                 s = s.to(odt).to(tl.float32)
@@ -243,23 +247,23 @@ if triton is not None:
             else:
                 o1 = ga
                 o2 = gb
-            if j < HQ:
-                base = out_ptr + rows[:, None] * out_stride + j * D + n[None, :]
+            if head < HQ:
+                base = out_ptr + rows[:, None] * out_stride + head * D + sl[None, :]
                 tl.store(base, o1.to(odt), mask=rmask[:, None])
-                tl.store(base + BLOCK_N, o2.to(odt), mask=rmask[:, None])
+                tl.store(base + HALF, o2.to(odt), mask=rmask[:, None])
             else:
                 slot = tl.load(slot_ptr + rows, mask=rmask, other=-1).to(tl.int64)
                 keep = (slot >= 0)[:, None]
                 slot = tl.maximum(slot, 0)
-                h = j - HQ
+                h = head - HQ
                 cache = kc_ptr
-                if j >= HQ + HKV:
-                    h = j - HQ - HKV
+                if head >= HQ + HKV:
+                    h = head - HQ - HKV
                     cache = vc_ptr
                 base = cache + ((slot // block_size) * page_stride + (slot % block_size) * (HKV * D) + h * D)[:, None] \
-                    + n[None, :]
+                    + sl[None, :]
                 tl.store(base, o1.to(cache.dtype.element_ty), mask=keep)
-                tl.store(base + BLOCK_N, o2.to(cache.dtype.element_ty), mask=keep)
+                tl.store(base + HALF, o2.to(cache.dtype.element_ty), mask=keep)
         else:
             act = (ga / (1.0 + tl.exp(-ga))).to(odt).to(tl.float32)          # F.silu rounds to the dtype
             tl.store(out_ptr + rows[:, None] * out_stride + row_a[None, :], (act * gb).to(odt),
@@ -331,7 +335,8 @@ def _dual_gemm_blocks(M: int, K: int) -> tuple[int, int]:
 CONFIG_OVERRIDE: tuple[int, int, int, int] | None = None
 
 
-def _norm_dual_gemm(x, residual, norm_weight, eps, weight, bias, out, grid_n, limits, block_n, rotary=None):
+def _norm_dual_gemm(x, residual, norm_weight, eps, weight, bias, out, grid_n, limits, block_n, rotary=None,
+                    half: int = 0):
     """Launch ``_norm_dual_gemm_kernel``; returns the new residual (x itself when residual is None).
     limits = (LIMIT_A, OFFSET_B, LIMIT_B); rotary = (cos_sin_cache, positions, k_cache, v_cache,
     slot_mapping, HQ, HKV, q_norm_weight, k_norm_weight, qk_eps) for the QKV epilogue (norm weights
@@ -358,7 +363,8 @@ def _norm_dual_gemm(x, residual, norm_weight, eps, weight, bias, out, grid_n, li
             x, x.stride(0), r, r.stride(0), res_out, res_out.stride(0), norm_weight, eps,
             weight, weight.stride(0), b, M, K, *limits, out, out.stride(0), *rot,
             EPI_QKV=rotary is not None, HAS_QK_NORM=qk_norm, HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None,
-            BLOCK_M=bm, BLOCK_N=block_n, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+            BLOCK_M=bm, BLOCK_N=block_n, BLOCK_K=bk, HALF=half or block_n, SPLIT=max(1, half // block_n),
+            num_warps=warps, num_stages=stages,
             DOT_F32=os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") and weight.dtype == torch.bfloat16,
             IEEE=weight.dtype == torch.float32)
     return res_out
@@ -387,8 +393,16 @@ def norm_qkv_rotary(x, residual, norm_weight, eps, weight, bias, num_heads, num_
     D = cos_sin_cache.shape[1]
     q = torch.empty(M, num_heads, D, dtype=weight.dtype, device=x.device)
     n_out = (num_heads + 2 * num_kv_heads) * D
+    # a program per head while the grid has enough of them; for one row block (B <= 64: the weights'
+    # bandwidth is the cost) heads split into 16-column slices of both halves, so that the 2 MB of
+    # Qwen2.5-0.5B's QKV weights are read by 36 programs instead of 18 (not with a q/k norm, which
+    # needs the whole head's sum of squares)
+    block_n = D // 2
+    if M <= 64 and q_norm_weight is None and block_n % 16 == 0:
+        block_n = 16
     res = _norm_dual_gemm(x, residual, norm_weight, eps, weight, bias, q.view(M, num_heads * D),
-                          num_heads + 2 * num_kv_heads, (n_out, D // 2, n_out), D // 2,
+                          (num_heads + 2 * num_kv_heads) * (D // 2 // block_n), (n_out, D // 2, n_out), block_n,
+                          half=D // 2,
                           rotary=(cos_sin_cache, positions, k_cache, v_cache, slot_mapping, num_heads, num_kv_heads,
                                   q_norm_weight, k_norm_weight, qk_eps))
     return q, res
