@@ -166,7 +166,7 @@ def test_fusion_needs_fused_projections(monkeypatch):
     """Without fuse_projections() (the runner fuses them on CUDA) the layer keeps the unfused path."""
     model = _model("qwen2", torch.float32)
     decode_step(model, fused=True, monkeypatch=monkeypatch)
-    assert backends()["decode_layer"] == "unfused (9 launches)"
+    assert backends()["decode_layer"] == "unfused (9 launches: projections not fused)"
     model.fuse_projections()
     decode_step(model, fused=True, monkeypatch=monkeypatch)
     assert backends()["decode_layer"] == "gemm-fused (5 launches)"
@@ -257,3 +257,15 @@ def test_engine_decodes_the_same_greedy_tokens_with_the_fused_layer_in_cuda_grap
     assert outs[0][0] == outs[1][0]
     torch.testing.assert_close(torch.tensor([x for r in outs[1][1] for x in r]),
                                torch.tensor([x for r in outs[0][1] for x in r]), rtol=0, atol=1e-4)
+
+
+def test_qkv_kernel_refuses_what_it_cannot_serve():
+    """The model keeps the unfused decode layer on CUDA for these (the references sync: no graph)."""
+    from oppo_runtime.ops.fused import qkv_kernel_refuses
+    kc = torch.zeros(4, 16, 2, 64, dtype=torch.bfloat16)
+    assert qkv_kernel_refuses(torch.bfloat16, 64, 2, kc, kc.clone()) is None
+    assert "head_dim 80" in qkv_kernel_refuses(torch.bfloat16, 80, 2, torch.zeros(4, 16, 2, 80), torch.zeros(4, 16, 2, 80))
+    assert "head_dim 16" in qkv_kernel_refuses(torch.bfloat16, 16, 2, torch.zeros(4, 16, 2, 16), torch.zeros(4, 16, 2, 16))
+    assert "dtype" in qkv_kernel_refuses(torch.float16, 64, 2, kc, kc.clone())
+    head_major = torch.zeros(4, 2, 16, 64, dtype=torch.bfloat16).transpose(1, 2)     # [pages, 16, Hkv, D] view
+    assert "layout" in qkv_kernel_refuses(torch.bfloat16, 64, 2, head_major, head_major.clone().transpose(1, 2))

@@ -49,7 +49,7 @@ from ..ops import (apply_rotary, kv_append, paged_decode_attention, paged_prefil
                    rotary_cos_sin, token_logprobs, varlen_causal_attention)
 from ..ops._backend import record_backend
 from ..ops.fused import (decode_gemm_fusion, fused_add_rms_norm, norm_gate_up_silu, norm_qkv_rotary,
-                         rotary_cos_sin_cache, rotary_qk, silu_mul)
+                         qkv_kernel_refuses, rotary_cos_sin_cache, rotary_qk, silu_mul)
 from ..ops.logprobs import entropy_from_logits, linear_token_logprobs
 from ..ops.train_fused import rms_norm_train, silu_mul_train
 from .config import ModelConfig
@@ -251,19 +251,31 @@ class DecoderLayer(nn.Module):
         """(x, residual) -> (mlp output, residual); the residual add of each sublayer is deferred
         into the next add+RMSNorm (residual None: x is the embedding, the stream starts here)."""
         norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
-        if self._gemm_fusion(ctx):
-            return self._forward_decode_gemm_fused(x, residual, positions, cos_sin_cache, ctx)
         if isinstance(ctx, PagedContext) and ctx.is_decode:
-            record_backend("decode_layer", "unfused (9 launches)")
+            refused = self._gemm_fusion_refused(ctx)
+            if refused is None:
+                return self._forward_decode_gemm_fused(x, residual, positions, cos_sin_cache, ctx)
+            record_backend("decode_layer", f"unfused (9 launches{refused})")
         x, residual = fused_add_rms_norm(x, residual, norm1.weight, norm1.eps)
         x = self.self_attn.forward_fused(x, positions, cos_sin_cache, ctx)
         x, residual = fused_add_rms_norm(x, residual, norm2.weight, norm2.eps)
         return self.mlp.forward_fused(x), residual
 
-    def _gemm_fusion(self, ctx) -> bool:
-        """Decode steps with ``OPPO_DECODE_GEMM_FUSION=1`` and fused projections."""
-        return (isinstance(ctx, PagedContext) and ctx.is_decode and decode_gemm_fusion()
-                and self.self_attn.qkv is not None and self.mlp.gate_up is not None)
+    def _gemm_fusion_refused(self, ctx) -> str | None:
+        """None when this decode step takes the 5-launch layer (``OPPO_DECODE_GEMM_FUSION=1``, fused
+        projections and, on CUDA, operands the fused kernels take: their references sync with the
+        host, so a decode graph could not be captured); else why not, for the log ('' if off)."""
+        if not decode_gemm_fusion():
+            return ""
+        attn = self.self_attn
+        if attn.qkv is None or self.mlp.gate_up is None:
+            return ": projections not fused"
+        k_cache, v_cache = ctx.kv_caches[attn.layer_idx]
+        if k_cache.is_cuda:
+            why = qkv_kernel_refuses(attn.qkv.weight.dtype, attn.head_dim, attn.num_kv_heads, k_cache, v_cache)
+            if why is not None:
+                return f": the fused kernels refuse {why}"
+        return None
 
     def _forward_decode_gemm_fused(self, x, residual, positions, cos_sin_cache, ctx):
         """The decode layer in 5 launches: add+RMSNorm+QKV+rotary+K/V append, attention, o_proj,

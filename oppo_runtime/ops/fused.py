@@ -33,7 +33,7 @@ from .attention import kv_append, kv_append_ref
 from .norm_rope import apply_rotary, rms_norm
 
 __all__ = ["fused_add_rms_norm", "fused_add_rms_norm_ref", "rotary_cos_sin_cache", "rotary_qk", "rotary_qk_ref",
-           "silu_mul", "silu_mul_ref", "decode_gemm_fusion", "norm_qkv_rotary", "norm_qkv_rotary_ref",
+           "silu_mul", "silu_mul_ref", "decode_gemm_fusion", "norm_qkv_rotary", "norm_qkv_rotary_ref", "qkv_kernel_refuses",
            "norm_gate_up_silu", "norm_gate_up_silu_ref"]
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)   # float64 keeps the reference
@@ -262,6 +262,19 @@ def norm_gate_up_silu(x, residual, norm_weight, eps, weight, bias=None, backend:
     return fused_triton.norm_gate_up_silu(x, residual, norm_weight, eps, weight, bias)
 
 
+def qkv_kernel_refuses(dtype: torch.dtype, head_dim: int, num_kv_heads: int, k_cache, v_cache) -> str | None:
+    """Why the fused QKV kernel cannot serve this attention layer (None: it can): the head dim (a
+    power of two from 32: a rotary half is one dot tile) and the caches (the model's dtype, each
+    page one contiguous [block_size, Hkv, D] block)."""
+    D = head_dim
+    if D < 32 or D & (D - 1):
+        return f"head_dim {D} (the kernel takes powers of two from 32: a rotary half is one dot tile)"
+    k = torch.empty(0, num_kv_heads, D, dtype=k_cache.dtype, device=k_cache.device)
+    if k_cache.dtype != dtype or not _fusable_kv(k, k, k_cache, v_cache):
+        return "the caches' layout or dtype"
+    return None
+
+
 def norm_qkv_rotary_ref(x, residual, norm_weight, eps, weight, bias, num_heads, num_kv_heads, cos_sin_cache,
                         positions, k_cache, v_cache, slot_mapping, q_norm_weight=None, k_norm_weight=None,
                         qk_eps: float = 1e-6):
@@ -299,13 +312,7 @@ def norm_qkv_rotary(x, residual, norm_weight, eps, weight, bias, num_heads, num_
         raise ValueError(f"norm_qkv_rotary: caches [pages, block_size, {num_kv_heads}, {D}] and positions / "
                          f"slot_mapping [{x.shape[0]}], got {tuple(k_cache.shape)}, {tuple(positions.shape)}, "
                          f"{tuple(slot_mapping.shape)}")
-    why = _kernel_takes(x, residual, weight, bias)
-    if why is None and (D < 32 or D & (D - 1)):
-        why = f"head_dim {D} (the kernel takes powers of two from 32: a rotary half is one dot tile)"
-    if why is None:
-        k = torch.empty(0, num_kv_heads, D, dtype=k_cache.dtype, device=k_cache.device)
-        if k_cache.dtype != x.dtype or not _fusable_kv(k, k, k_cache, v_cache):
-            why = "the caches' layout or dtype"
+    why = _kernel_takes(x, residual, weight, bias) or qkv_kernel_refuses(x.dtype, D, num_kv_heads, k_cache, v_cache)
     if why is not None and backend not in ("triton", "cuda"):
         backend = "reference"
     if _choose("norm_qkv_rotary", (x, weight), backend) == "reference":
