@@ -67,7 +67,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 if str(ROOT) not in sys.path:
     sys.path.insert(1, str(ROOT))
-from common import print_table, write_json  # noqa: E402
+from common import matmul_flops, print_table, write_json  # noqa: E402
 from models import SHAPES  # noqa: E402
 
 from oppo_runtime.models import ModelConfig, build_model, save_model  # noqa: E402
@@ -376,6 +376,20 @@ def profile_step(tr, mode: str, p: dict, args) -> None:
     (out.parent / f"ppo_step_{p['workload']}_{mode}_profile.txt").write_text(text)
 
 
+def update_flop(tr, sequences: float, response_tokens: float, prompt_len: int) -> float:
+    """GEMM FLOPs of one PPO update by count (attention's are <2% at these lengths and left out):
+    the actor's old-log-prob forward (when recomputed), its forward and backward (x3) with the LM
+    head's logits once more in backward (the fused log-prob op recomputes them), the critic's
+    forward and backward. Body = parameters outside the embedding / LM head (tied here)."""
+    def body(m):
+        return sum(q.numel() for n, q in m.named_parameters() if "embed_tokens" not in n and "lm_head" not in n)
+    n_tok = response_tokens + sequences * prompt_len
+    vh = tr.actor.model.embed_tokens.weight.numel()
+    fwd_actor = 2 * body(tr.actor) * n_tok + 2 * vh * response_tokens
+    old = fwd_actor if tr.cfg.ppo.old_logprob == "recompute" else 0.0
+    return old + 3 * fwd_actor + 2 * vh * response_tokens + 3 * 2 * body(tr.critic) * n_tok
+
+
 def run_mode(mode: str, p: dict, paths: dict, prompt_file: Path, work: Path, args, sampler: BusySampler,
              png: Path | None, deadline: float) -> dict:
     from oppo_runtime.ppo.trainer import PPOTrainer
@@ -403,6 +417,8 @@ def run_mode(mode: str, p: dict, paths: dict, prompt_file: Path, work: Path, arg
                    "train_s": m.get("timing_s/train", 0.0) + m.get("timing_s/sync_weights", 0.0),
                    "generated_tokens": tr.engine.stats["generated_tokens"],
                    "trained_tokens": m["response_length/mean"] * m["oppo/trained_sequences"],
+                   "update_flop": update_flop(tr, m["oppo/trained_sequences"],
+                                              m["response_length/mean"] * m["oppo/trained_sequences"], p["prompt_len"]),
                    "deferred": m["oppo/num_deferred"], "stale_finished": m["oppo/num_stale_finished"],
                    "preemptions": m["oppo/preemptions"], "chunk_size": m["oppo/chunk_size"],
                    "hidden_fraction": m["oppo/hidden_fraction"], "alloc_retries": m.get("memory/alloc_retries"), **st,
@@ -468,6 +484,8 @@ def run_mode(mode: str, p: dict, paths: dict, prompt_file: Path, work: Path, arg
         "busy_by_phase": {k: sampler.busy(w) for k, w in phase_windows.items()},
         "sm_busy_by_phase": {k: sampler.gpm_mean(w) for k, w in phase_windows.items()},
         "trace_busy": sum(s["trace_busy_s"] for s in timed) / sum(s["wall_s"] for s in timed),
+        # the update's GEMM FLOPs by count over its measured time (fraction of the matmul rate: main)
+        "update_flop_per_s": _median([s["update_flop"] / s["train_s"] for s in timed if s["train_s"] > 0]),
         "hidden_fraction": _mean([s["hidden_fraction"] for s in timed]),
         "deferred_mean": _mean([s["deferred"] for s in timed]),
         "stale_finished": sum(s["stale_finished"] for s in steps),
@@ -593,6 +611,7 @@ def print_rows(name: str, entry: dict) -> None:
     print_table(rows, [("mode", "mode", "s"), ("step_s", "s/step", ".3f"), ("x_none", "x none", ".2f"),
                        ("gen_tok_s", "gen tok/s", ".0f"), ("rollout_s", "rollout s", ".2f"),
                        ("exposed_score_s", "scoring not hidden s", ".2f"), ("train_s", "train s", ".2f"),
+                       ("update_frac_of_matmul", "update / matmul rate", ".2f"),
                        ("busy", "GPU busy", ".2f"), ("sm_busy", "SM busy", ".2f"), ("sm_occupancy", "SM occ", ".2f"),
                        ("tensor_active", "tensor", ".2f"), ("trace_busy", "trace busy", ".2f"),
                        ("deferred_mean", "deferred", ".1f"), ("peak_mem_gib", "peak GiB", ".1f"),
@@ -720,6 +739,8 @@ def main(argv=None):
     sampler = BusySampler()
     config["busy_source"] = sampler.source
     config["sm_busy_source"] = sampler.sm_source
+    if torch.cuda.is_available() and args.device != "cpu" and not args.tiny:
+        config["matmul_flop_per_s"] = matmul_flops()      # the update's ceiling, measured in this run
     order = [m for m in ("none", "full") if m in modes] + (["trl"] if args.trl else []) + \
         [m for m in modes if m not in ("none", "full")]
     rows = {}
@@ -760,6 +781,9 @@ def main(argv=None):
                 rows[m]["dtype"] = args.ours_dtype
                 if rows[m].get("step_s") is not None:
                     need = max(need, rows[m]["setup_s"] + (args.warmup + 1) * rows[m]["step_s"])
+            for r in rows.values():
+                if r.get("update_flop_per_s") and config.get("matmul_flop_per_s"):
+                    r["update_frac_of_matmul"] = r["update_flop_per_s"] / config["matmul_flop_per_s"]
             entry["rows"] = [rows[k] for k in ("none", "intra", "inter", "full", "trl") if k in rows]
             entry["wall_s"] = time.perf_counter() - t_start
             save(out, info, {args.workload: entry})
