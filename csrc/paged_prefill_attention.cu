@@ -56,6 +56,20 @@ void launch_kernel(PrefillKernel<T> kernel, int rows_per_cta, int threads, int s
   const int dev = q.get_device();
   if (!attr_set[dev & 63]) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    if constexpr (kWgmma) {
+      // setmaxnreg moves registers between warpgroups within what the CTA was given at launch: if
+      // ptxas gave the kernel fewer (another toolkit, a code change), the consumers' increase would
+      // wait forever. Refuse to launch instead of hanging.
+      using Cfg = oppo::attn::wgp::Cfg<D>;
+      if constexpr (Cfg::kSetMaxNReg) {
+        cudaFuncAttributes fa{};
+        C10_CUDA_CHECK(cudaFuncGetAttributes(&fa, kernel));
+        const int need = 128 * Cfg::kProducerRegs + (threads - 128) * Cfg::kConsumerRegs;
+        TORCH_CHECK(fa.numRegs * threads >= need, "paged_prefill_attention (wgmma, head_dim ", D, "): the kernel ",
+                    "was compiled with ", fa.numRegs, " registers per thread; its setmaxnreg split needs ", need,
+                    " per CTA (", (need + threads - 1) / threads, " per thread). Use OPPO_PREFILL_PLAN=mma.");
+      }
+    }
     attr_set[dev & 63] = true;
   }
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();

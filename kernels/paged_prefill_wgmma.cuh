@@ -200,17 +200,30 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
       const int64_t head_off = static_cast<int64_t>(I.kvh) * D + ch * 8;
       for (int it = 0; it < I.n_tiles; ++it, ++g) {
         const int s = g % kS;
+        int page[8];
+        auto pages = [&](int i0) {  // a group's block-table loads, all independent
+#pragma unroll
+          for (int i = i0; i < i0 + 8; ++i) {
+            const int pos = it * kBN + tok0 + i * kTokStep;
+            page[i - i0] = pos < I.L ? __ldg(bt + pos / block_size) : 0;
+          }
+        };
+        pages(0);  // before the waits below: they do not depend on the stage
+        // Publish the previous tile (of this item or the last one) as soon as it has landed, before
+        // waiting for this tile's stage: with 3 stages that stage frees only when the consumers end
+        // the iteration before the one that needs the previous tile, so publishing after this
+        // tile's loads (as first written) stalled them by this tile's issue every iteration
+        if (g > 0) {
+          cp_async_wait<0>();
+          fence_proxy_async();
+          mbar_arrive(&full[(g - 1) % kS]);
+        }
         mbar_wait(&empty[s], ((g / kS) & 1) ^ 1);
         unsigned char* ks = kv_s + s * C::kStageBytes;
         unsigned char* vs = ks + C::kTileBytes;
 #pragma unroll
         for (int i0 = 0; i0 < kPer; i0 += 8) {  // 8 chunks at a time: the producer's register budget
-          int page[8];
-#pragma unroll
-          for (int i = i0; i < i0 + 8; ++i) {  // the block-table loads first, all independent
-            const int pos = it * kBN + tok0 + i * kTokStep;
-            page[i - i0] = pos < I.L ? __ldg(bt + pos / block_size) : 0;
-          }
+          if (i0 > 0) pages(i0);
 #pragma unroll
           for (int i = i0; i < i0 + 8; ++i) {
             const int tok = tok0 + i * kTokStep;
@@ -224,11 +237,6 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
           }
         }
         cp_async_commit();
-        if (g > 0) {  // the previous tile (of this item or the last one) has landed: publish it
-          cp_async_wait<1>();
-          fence_proxy_async();
-          mbar_arrive(&full[(g - 1) % kS]);
-        }
       }
     }
     cp_async_wait<0>();
@@ -417,7 +425,14 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
         wg_wait<1>();
         fence_regs(sacc);
         scores(it, alpha);
-        wg_wait<0>();
+        // A bare wait_group 0 here is hoisted by ptxas to right after the wait_group 1 (SASS: the
+        // two DEPBARs adjacent, every ex2 after them), which undoes the overlap. A warp-uniform,
+        // always-true condition on the row sums (NaN included) makes the wait depend on the
+        // softmax. The other branch must not fall through: a path that reaches O's reads without
+        // the wait makes ptxas serialize every wgmma of the kernel (C7514; seen with a bare `if`).
+        // SASS with this form (CUDA 13.0): DEPBAR 1, the tile's 66 ex2 (D=128), DEPBAR 0.
+        if (__ballot_sync(0xffffffffu, !(l[0] + l[1] < -1.f))) wg_wait<0>();
+        else __trap();
         fence_regs(o);
       } else {
         wg_wait<0>();

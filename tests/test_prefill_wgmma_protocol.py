@@ -66,15 +66,15 @@ def programs(items: list[int], kS: int, pingpong: bool, log: list):
         for g in range(n_total):      # g: the ring position (tiles of all items, in order)
             s = g % kS
             p = ((g // kS) & 1) ^ 1
+            if g > 0:                 # wait_group 0, proxy fence, arrive on the previous tile, before
+                sp = (g - 1) % kS     # waiting for this tile's stage
+                stage_tile[sp] = stage_tile[sp][1] if isinstance(stage_tile[sp], tuple) else stage_tile[sp]
+                full[sp].arrive(128)
             yield lambda s=s, p=p: empty[s].ready(p)
             assert not readers[s], f"producer overwrites stage {s} while {readers[s]} still read it"
             stage_tile[s] = None      # cp.async in flight
             yield None
             stage_tile[s] = ("landing", g)
-            if g > 0:                 # wait_group 1, proxy fence, arrive on the previous tile
-                sp = (g - 1) % kS
-                stage_tile[sp] = stage_tile[sp][1] if isinstance(stage_tile[sp], tuple) else stage_tile[sp]
-                full[sp].arrive(128)
         sl = (n_total - 1) % kS
         stage_tile[sl] = stage_tile[sl][1] if isinstance(stage_tile[sl], tuple) else stage_tile[sl]
         full[sl].arrive(128)
