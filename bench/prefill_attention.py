@@ -7,6 +7,9 @@ the Triton kernel, "triton") beside FlexAttention (bottom-right causal block mas
 (explicit boolean mask), both on contiguous KV. ``speedup_vs_flex`` / ``speedup_vs_sdpa`` use
 the fastest of our backends (``best``); per-backend speedups are kept beside them.
 
+Also, per shape, the chunk's K/V write into the pages (issue 8): inside the rotary kernel (what the
+engine and the scorers run) vs the rotary kernel then the CUDA kv_append, beside the bytes' floor.
+
     python bench/prefill_attention.py [--out PATH] [--block-size 16] [--no-flex] [--shapes 0,2]
                                       [--plans wgmma,wgmma_pp_ov_ps]   (the wgmma plans to time; default all)
 
@@ -176,6 +179,7 @@ def main() -> None:
         except Exception as e:  # noqa: BLE001
             row["sdpa_error"] = f"{type(e).__name__}: {e}"[:300]
             print(row["sdpa_error"])
+        row.update(_kv_write(B, n, Hq, Hkv, D, args.block_size, dtype))
         for k in ("sdpa_us", "flex_us"):
             for name, suffix in (("best", ""), ("ours", "_cuda"), ("triton", "_triton"),
                                  *((p, "_" + p) for p in WGMMA_PLANS)):
@@ -200,9 +204,51 @@ def main() -> None:
                        ("sdpa_frac_matmul", "sdpa/mm", ".3f"), ("speedup_vs_flex", "x flex", ".2f"),
                        ("speedup_vs_sdpa", "x sdpa", ".2f"), ("best", "best", "s"),
                        ("rel_err_vs_sdpa_bf16", "rel err", ".1e"), ("rel_err_vs_sdpa_bf16_triton", "triton err", ".1e"),
-                       ("rel_err_vs_sdpa_bf16_wgmma", "wgmma err", ".1e")])
+                       ("rel_err_vs_sdpa_bf16_wgmma", "wgmma err", ".1e"),
+                       ("kv_write_fused_us", "K/V write fused us", ".1f"),
+                       ("kv_write_separate_us", "rotary + kv_append us", ".1f"),
+                       ("kv_write_floor_us", "its floor us", ".1f")])
     print("summary:", _summary(rows))
     print("wrote", out_path)
+
+
+def _kv_write(B, n, Hq, Hkv, D, block_size, dtype) -> dict:
+    """The chunk's K/V into the pages (issue 8: fused, or by the KV append op, whichever is faster):
+    rotary of q and k with the append inside the same Triton kernel (what the scorers run), vs
+    the rotary kernel then the CUDA kv_append, on the chunk's B*n tokens at shuffled slots. Also
+    the copy-bandwidth floor of the bytes either way must move (q, k, v read; q, k written; k, v
+    to the pages)."""
+    from common import copy_bandwidth
+    from oppo_runtime.ops.fused import rotary_cos_sin_cache, rotary_qk
+    N = B * n
+    g = torch.Generator(device="cuda").manual_seed(1)
+    qkv = torch.randn(N, (Hq + 2 * Hkv) * D, device="cuda", dtype=dtype, generator=g)
+    q = qkv[:, :Hq * D].view(N, Hq, D)
+    k = qkv[:, Hq * D:(Hq + Hkv) * D].view(N, Hkv, D)
+    v = qkv[:, (Hq + Hkv) * D:].view(N, Hkv, D)
+    kc, vc, _ = paged_pool(-(-N // block_size) + 4, block_size, Hkv, D, block_size, dtype)
+    slots = torch.randperm(kc.shape[0] * block_size, device="cuda", generator=g)[:N]
+    pos = torch.randint(0, 8192, (N,), device="cuda", generator=g)
+    cache = rotary_cos_sin_cache(1.0 / (1e6 ** (torch.arange(0, D, 2, device="cuda").float() / D)), 8192, "cuda")
+    r = {}
+    try:
+        fused_ms = time_ms(lambda: rotary_qk(q, k, cache, pos, kv=(v, kc, vc, slots)))
+        old = os.environ.get("OPPO_FUSE_KV_APPEND")
+        os.environ["OPPO_FUSE_KV_APPEND"] = "0"   # read per call: the rotary kernel, then kv_append
+        try:
+            sep_ms = time_ms(lambda: rotary_qk(q, k, cache, pos, kv=(v, kc, vc, slots)))
+        finally:
+            if old is None:
+                os.environ.pop("OPPO_FUSE_KV_APPEND")
+            else:
+                os.environ["OPPO_FUSE_KV_APPEND"] = old
+        moved = N * D * 2 * ((Hq + 2 * Hkv) + (Hq + Hkv) + 2 * Hkv)
+        r.update(kv_write_fused_us=fused_ms * 1e3, kv_write_separate_us=sep_ms * 1e3,
+                 kv_write_fused_speedup=sep_ms / fused_ms, kv_write_floor_us=moved / copy_bandwidth() * 1e6)
+    except Exception as e:  # noqa: BLE001
+        r["kv_write_error"] = f"{type(e).__name__}: {e}"[:300]
+        print(r["kv_write_error"])
+    return r
 
 
 def _summary(rows):
@@ -219,6 +265,7 @@ def _summary(rows):
             **{f"min_speedup_vs_flex_triton_bs{k.rsplit('bs', 1)[1]}": agg(min, k)
                for k in sorted({k for r in rows for k in r if k.startswith("speedup_vs_flex_triton_bs")})},
             "min_speedup_vs_sdpa": agg(min, "speedup_vs_sdpa"),
+            "min_kv_write_fused_speedup": agg(min, "kv_write_fused_speedup"),   # > 1: the fused append wins
             "max_fraction_of_matmul": agg(max, "best_frac_matmul"),
             "min_fraction_of_matmul": agg(min, "best_frac_matmul"),
             "max_fraction_of_matmul_cuda": agg(max, "ours_frac_matmul"),
