@@ -163,8 +163,8 @@ if triton is not None:
                                HALF: tl.constexpr, SPLIT: tl.constexpr,
                                DOT_F32: tl.constexpr, IEEE: tl.constexpr):
         # x, residual [M, K] (rows strided); norm weight [K]; W [rows, K] (row stride w_stride), bias [rows].
-        # Prologue: s = x + residual (stored to res_out by column tile 0), y = RMSNorm(s). Two accumulators over weight rows A = j*BLOCK_N + n (< LIMIT_A) and
-        # B = A + OFFSET_B (< LIMIT_B):
+        # Prologue: s = x + residual (stored to res_out by column tile 0), y = RMSNorm(s). Two
+        # accumulators over weight rows A = j*BLOCK_N + n (< LIMIT_A) and B = A + OFFSET_B (< LIMIT_B):
         #   EPI_QKV=False (gate_up, W = gate | up): out[M, INTER] = silu(y @ Wa^T) * (y @ Wb^T);
         #   EPI_QKV=True  (W = q | k | v, HALF = head_dim / 2 = SPLIT * BLOCK_N, program j = columns
         #     [s, s + BLOCK_N) of both halves of head j // SPLIT, s = (j % SPLIT) * BLOCK_N): the head,
@@ -324,7 +324,6 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return out
 
 
-
 def _dual_gemm_blocks(M: int, K: int) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_K): row blocks of 16 up to 64 rows (tl.dot's smallest M is 16; a decode batch
     of B <= 64 is one row block, so each weight tile is read from DRAM once), K in chunks of 64."""
@@ -362,7 +361,8 @@ def _norm_dual_gemm(x, residual, norm_weight, eps, weight, bias, out, grid_n, li
         _norm_dual_gemm_kernel[(triton.cdiv(M, bm), grid_n)](
             x, x.stride(0), r, r.stride(0), res_out, res_out.stride(0), norm_weight, eps,
             weight, weight.stride(0), b, M, K, *limits, out, out.stride(0), *rot,
-            EPI_QKV=rotary is not None, HAS_QK_NORM=qk_norm, HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None,
+            EPI_QKV=rotary is not None, HAS_QK_NORM=qk_norm, HAS_RESIDUAL=residual is not None,
+            HAS_BIAS=bias is not None,
             BLOCK_M=bm, BLOCK_N=block_n, BLOCK_K=bk, HALF=half or block_n, SPLIT=max(1, half // block_n),
             num_warps=warps, num_stages=stages,
             DOT_F32=os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") and weight.dtype == torch.bfloat16,
