@@ -285,3 +285,27 @@ def test_decode_inputs_from_the_pool_mirror_equal_the_general_path(tiny_llama):
     with pytest.raises(RuntimeError, match="has 0 pages"):
         r._context([Span(999, [1], 4)], view.pages)
 
+
+
+def test_static_decode_buffers_pad_rows_past_the_batch(tiny_llama, monkeypatch):
+    """The packed decode inputs of a batch smaller than its graph size: real rows carry the step's
+    positions, slots, context lengths and sampler inputs; padding rows write no K/V (slot -1), see
+    one key (context length 1) and sample with key 0, position 0, temperature 1."""
+    _, model = tiny_llama
+    monkeypatch.setenv("OPPO_STATIC_DECODE", "1")
+    pool = make_pool(model, 64)
+    eng = ActorEngine(model, pool, EngineConfig(seed=2, graph_sampling=True, max_model_len=64))
+    seqs = [eng.add_request(p, SamplingParams(temperature=0.7, max_new_tokens=6), target_len=6)
+            for p in prompts(5, seed=9)]
+    while eng.has_unfinished():
+        eng.step()
+    _, st = eng.runner.graphs[8]                    # the 5-sequence batch used the bucket of 8
+    B = 5
+    assert (st["slot_mapping"][B:] == -1).all() and (st["context_lens"][B:] == 1).all()
+    assert (st["keys"][B:] == 0).all() and (st["sample_pos"][B:] == 0).all()
+    assert (st["temperature"][B:] == 1.0).all() and torch.allclose(st["temperature"][:B], torch.tensor(0.7))
+    # the last step's real rows: position n-1 of each sequence, its slot in its own pages
+    last = [len(s.prompt_ids) + 4 for s in seqs]     # the 6th token was sampled from position P + 4
+    assert st["positions"][:B].tolist() == last and st["context_lens"][:B].tolist() == [p + 1 for p in last]
+    assert all(t == s.sample_key for t, s in zip(st["keys"][:B].tolist(), seqs))
+    assert all(len(s.output_ids) == 6 for s in seqs) and pool.num_free == pool.num_pages
