@@ -226,11 +226,11 @@ def test_fused_decode_step_matches_the_unfused_one_on_gpu(dtype, tol):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("graph_sampling", [False, True])
-def test_engine_decodes_the_same_greedy_tokens_with_the_fused_layer_in_cuda_graphs(graph_sampling, monkeypatch):
-    """fp32 (full-precision dots in the kernel), greedy: the fused decode layer, captured in the
-    engine's decode graphs at every batch size the run reaches (the batch shrinks as told lengths
-    end), gives the unfused engine's tokens; its log-probs agree to fp32 rounding."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_engine_decode_step_in_cuda_graphs_with_the_fused_layer(dtype, monkeypatch):
+    """The fused decode layer captured in the engine's decode graphs: the first decode step of 24
+    sequences (after the same eager prefill) gives the unfused engine's hidden states within the
+    dtype's rounding, and each run logs the layer it ran."""
     from oppo_runtime import ops
     from oppo_runtime.engine import ActorEngine, EngineConfig, SamplingParams
     from oppo_runtime.memory import KVGeometry, PagePool
@@ -242,21 +242,22 @@ def test_engine_decodes_the_same_greedy_tokens_with_the_fused_layer_in_cuda_grap
     g = torch.Generator().manual_seed(4)
     ps = [torch.randint(0, 512, (int(torch.randint(3, 60, (1,), generator=g)),), generator=g).tolist()
           for _ in range(24)]
-    lens = [int(x) for x in torch.randint(1, 48, (24,), generator=g)]
-    outs = []
+    hidden = []
     for fused in ("0", "1"):
         monkeypatch.setenv("OPPO_DECODE_GEMM_FUSION", fused)
-        m = build_model(ModelConfig.from_dict(cfg), seed=0, dtype=torch.float32, device="cuda").eval()
-        geo = KVGeometry(*m.kv_geometry(), torch.float32)
-        pool = PagePool(400, PagePool.page_bytes_for([geo], 16), "cuda")
-        eng = ActorEngine(m, pool, EngineConfig(max_num_seqs=32, graph_sampling=graph_sampling))
+        m = build_model(ModelConfig.from_dict(cfg), seed=0, dtype=dtype, device="cuda").eval()
+        geo = KVGeometry(*m.kv_geometry(), dtype)
+        eng = ActorEngine(m, PagePool(400, PagePool.page_bytes_for([geo], 16), "cuda"),
+                          EngineConfig(max_num_seqs=32, async_decode=False))
         assert eng.warmup() > 0 and eng.runner.use_graphs
-        seqs = eng.generate(ps, SamplingParams(temperature=0.0, max_new_tokens=64), target_lens=lens)
-        outs.append(([s.output_ids for s in seqs], [s.logprobs for s in seqs]))
+        for p in ps:
+            eng.add_request(p, SamplingParams(temperature=0.0, max_new_tokens=8), target_len=8)
+        while eng.stats["decode_steps"] == 0:
+            eng.step()
+        hidden.append(eng.runner.graphs[24][1]["hidden"][:24].float().clone())
         assert backends()["decode_layer"] == ("gemm-fused (5 launches)" if fused == "1" else "unfused (9 launches)")
-    assert outs[0][0] == outs[1][0]
-    torch.testing.assert_close(torch.tensor([x for r in outs[1][1] for x in r]),
-                               torch.tensor([x for r in outs[0][1] for x in r]), rtol=0, atol=1e-4)
+    err = ((hidden[1] - hidden[0]).norm() / hidden[0].norm()).item()
+    assert err < (2e-2 if dtype == torch.bfloat16 else 5e-3), err
 
 
 def test_qkv_kernel_refuses_what_it_cannot_serve():
