@@ -42,33 +42,43 @@ def signature(fn) -> tuple[list[str], dict]:
     return params, sig
 
 
-def main():
+# (BLOCK_M, BLOCK_N, BLOCK_K, stages, HALF): QKV of head_dim 64 (HALF 32) in 16-column slices (SPLIT 2,
+# no q/k norm) or whole heads, and of head_dim 128 (HALF 64)
+CONFIGS = ((16, 16, 64, 3, 32), (16, 32, 64, 3, 32), (64, 32, 64, 3, 32), (64, 64, 64, 3, 64), (64, 32, 128, 3, 32))
+
+
+def compile_config(qkv: bool, bm: int, bn: int, bk: int, stages: int, half: int) -> dict:
+    """Compile one config for sm_90; its PTX counts, shared memory, registers and local memory."""
     fn = fused_triton._norm_dual_gemm_kernel
     params, sig = signature(fn)
     attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params) if sig[p].startswith("*") or p in DIV16}
+    cst = dict(EPI_QKV=qkv, HAS_QK_NORM=qkv and bn == half, HAS_RESIDUAL=True, HAS_BIAS=True, BLOCK_M=bm,
+               BLOCK_N=bn, BLOCK_K=bk, HALF=half, SPLIT=half // bn, DOT_F32=False, IEEE=False)
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cst, attrs=attrs),
+                       target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=stages))
+    ptx = k.asm["ptx"]
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(k.asm["cubin"])
+    try:
+        usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    finally:
+        os.unlink(f.name)
+    res = dict(kv.split(":") for ln in usage.splitlines() if ln.strip().startswith("REG") for kv in ln.split())
+    return {"cp_async": ptx.count("cp.async"), "wgmma": ptx.count("wgmma.mma_async"),
+            "mma_sync": ptx.count("mma.sync"), "shared": k.metadata.shared,
+            "regs": int(res.get("REG", -1)), "local": int(res.get("LOCAL", -1))}
+
+
+def main():
     print(f"triton {triton.__version__}, sm_90")
     for qkv in (False, True):
-        # (BLOCK_M, BLOCK_N, BLOCK_K, stages, HALF): QKV of head_dim 64 (HALF 32) in 16-column slices
-        # (SPLIT 2, no q/k norm) or whole heads, and of head_dim 128 (HALF 64)
-        for bm, bn, bk, stages, half in ((16, 16, 64, 3, 32), (16, 32, 64, 3, 32), (64, 32, 64, 3, 32),
-                                         (64, 64, 64, 3, 64), (64, 32, 128, 3, 32)):
-            cst = dict(EPI_QKV=qkv, HAS_QK_NORM=qkv and bn == half, HAS_RESIDUAL=True, HAS_BIAS=True, BLOCK_M=bm,
-                       BLOCK_N=bn, BLOCK_K=bk, HALF=half, SPLIT=half // bn, DOT_F32=False, IEEE=False)
-            k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cst, attrs=attrs),
-                               target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=stages))
-            ptx = k.asm["ptx"]
-            with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-                f.write(k.asm["cubin"])
-            usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True,
-                                   text=True).stdout
-            os.unlink(f.name)
-            regs = next((ln.split()[0] + " " + ln.split()[3] for ln in (x.strip() for x in usage.splitlines())
-                         if ln.startswith("REG")), "?")
+        for bm, bn, bk, stages, half in CONFIGS:
+            r = compile_config(qkv, bm, bn, bk, stages, half)
             print(f"{'qkv' if qkv else 'gate_up':8s} BM={bm:3d} BN={bn:3d} BK={bk:3d} stages={stages} "
-                  f"split={half // bn}: "
-                  f"cp.async {ptx.count('cp.async'):3d}, wgmma {ptx.count('wgmma.mma_async'):2d}, "
-                  f"mma.sync {ptx.count('mma.sync'):2d}, shared {k.metadata.shared} B, {regs}")
+                  f"split={half // bn}: cp.async {r['cp_async']:3d}, wgmma {r['wgmma']:2d}, "
+                  f"mma.sync {r['mma_sync']:2d}, shared {r['shared']} B, {r['regs']} registers, "
+                  f"{r['local']} B local")
 
 
 if __name__ == "__main__":
