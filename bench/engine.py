@@ -246,35 +246,30 @@ def main():
             r.update(ours(model, prompts, new, B, kernel_profile_path=kp))
             if "kernel_us_per_step" in r:   # kernels' own time vs the device step: the rest is gaps
                 r["kernel_gap_frac"] = max(0.0, 1 - r["kernel_us_per_step"] / (1e3 * r["gpu_ms"]))
-            if args.graph_sampling:          # A/B: the LM head and sampler inside the decode graph
-                try:                         # its first run on a GPU: a failure must not lose the rest
-                    gs = ours(model, prompts, new, B, graph_sampling=True)
-                    r.update(gs_step_ms=gs["step_ms"], gs_host_ms=gs["host_ms"], gs_gpu_ms=gs["gpu_ms"],
-                             gs_tok_s=gs["ours_tok_s"])
-                except Exception as e:  # noqa: BLE001
-                    import traceback
-                    traceback.print_exc()
-                    r["gs_error"] = f"{type(e).__name__}: {e}"[:300]
-            if args.gemm_fusion:             # A/B: norm+QKV+rotary and norm+gate_up+silu as one kernel each
-                gkp = kp and kp.replace(".txt", "_gemm_fused.txt")
-                try:                         # its first run on a GPU: a failure must not lose the rest
-                    gf = ours(model, prompts, new, B, kernel_profile_path=gkp, gemm_fusion=True)
-                    r.update(gf_step_ms=gf["step_ms"], gf_host_ms=gf["host_ms"], gf_gpu_ms=gf["gpu_ms"],
-                             gf_tok_s=gf["ours_tok_s"], gf_kernels_per_step=gf.get("kernels_per_step"),
-                             gf_gpu_speedup=r["gpu_ms"] / gf["gpu_ms"])
-                except Exception as e:  # noqa: BLE001
-                    import traceback
-                    traceback.print_exc()
-                    r["gf_error"] = f"{type(e).__name__}: {e}"[:300]
-            if args.gemm_fusion and args.graph_sampling:   # both: what would become the default
+            def variant(prefix, **kw):
+                """One more timed generate with the switches ``kw``; its columns ``<prefix>_*``, or
+                ``<prefix>_error`` (the A/B switches' first runs on a GPU must not lose the bench)."""
                 try:
-                    both = ours(model, prompts, new, B, graph_sampling=True, gemm_fusion=True)
-                    r.update(gsgf_step_ms=both["step_ms"], gsgf_host_ms=both["host_ms"], gsgf_gpu_ms=both["gpu_ms"],
-                             gsgf_tok_s=both["ours_tok_s"], gsgf_step_speedup=r["step_ms"] / both["step_ms"])
+                    v = ours(model, prompts, new, B, **kw)
                 except Exception as e:  # noqa: BLE001
                     import traceback
                     traceback.print_exc()
-                    r["gsgf_error"] = f"{type(e).__name__}: {e}"[:300]
+                    r[f"{prefix}_error"] = f"{type(e).__name__}: {e}"[:300]
+                    return None
+                r.update({f"{prefix}_step_ms": v["step_ms"], f"{prefix}_host_ms": v["host_ms"],
+                          f"{prefix}_gpu_ms": v["gpu_ms"], f"{prefix}_tok_s": v["ours_tok_s"]})
+                return v
+
+            if args.graph_sampling:          # A/B: the LM head and sampler inside the decode graph
+                variant("gs", graph_sampling=True)
+            if args.gemm_fusion:             # A/B: norm+QKV+rotary and norm+gate_up+silu as one kernel each
+                gf = variant("gf", gemm_fusion=True, kernel_profile_path=kp and kp.replace(".txt", "_gemm_fused.txt"))
+                if gf is not None:
+                    r.update(gf_kernels_per_step=gf.get("kernels_per_step"), gf_gpu_speedup=r["gpu_ms"] / gf["gpu_ms"])
+            if args.gemm_fusion and args.graph_sampling:   # both: what would become the default
+                both = variant("gsgf", graph_sampling=True, gemm_fusion=True)
+                if both is not None:
+                    r["gsgf_step_speedup"] = r["step_ms"] / both["step_ms"]
             sync = ours(model, prompts, new, B, async_decode=False)
             r.update(sync_step_ms=sync["step_ms"], sync_host_ms=sync["host_ms"], sync_tok_s=sync["ours_tok_s"])
             if B >= args.hf_min_batch:       # HF at batch 1-8 would take most of a call

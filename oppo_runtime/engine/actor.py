@@ -20,7 +20,7 @@ import torch
 from ..memory import KVGeometry, PagePool
 from ..ops import sample_tokens, sampling_triton
 from .config import EngineConfig
-from .runner import ModelRunner
+from .runner import ModelRunner, PinnedRing
 from .scheduler import NeedsDrain, Scheduler
 from .sequence import Chunk, RequestError, SamplingParams, Sequence, SeqStatus
 
@@ -42,6 +42,12 @@ class _InFlight:
     event: object                  # CUDA event after the copy (None on the CPU)
     row: dict                      # seq_id -> row
     launch_id: int
+
+
+def _needs_filter(sampling: list[SamplingParams], V: int) -> bool:
+    """Whether a row of the step samples with top-k or top-p over a vocabulary of V (the fused
+    sampler, and so the graph-captured head, cannot)."""
+    return any(0 < p.top_k < V or p.top_p < 1.0 for p in sampling)
 
 
 class ActorEngine:
@@ -83,8 +89,8 @@ class ActorEngine:
             self.runner.set_decode_head(lambda h, temp, keys, pos: sample_tokens(
                 self.model.compute_logits(h), temp, None, None, seed, keys, pos, needs_filter=False))
         self._inflight: _InFlight | None = None
-        self._ring: list[list[torch.Tensor]] = [[] for _ in range(self.HOST_RING)]
-        self._ring_i = 0
+        # a step's read-back lands in reused pinned buffers, not a pinned allocation per tensor and step
+        self._readback = PinnedRing(3, self.runner.device.type == "cuda")
         self._launch_id = 0             # steps launched so far
         self._booked_id = 0             # the device is known to be done with steps up to this one
         self._retired: list = []        # (launch id when freed, quarantine owner key)
@@ -310,8 +316,7 @@ class ActorEngine:
         max_len, out = self.max_model_len, set()
         for seq in seqs:
             n = len(seq.output_ids)
-            tl = seq.target_len
-            if n >= (tl if tl is not None else seq.sampling.max_new_tokens) or len(seq.prompt_ids) + n >= max_len:
+            if n >= seq.max_new or len(seq.prompt_ids) + n >= max_len:
                 out.add(seq.seq_id)
         return out
 
@@ -323,8 +328,7 @@ class ActorEngine:
         out = None
         if self.graph_sampling and batch.is_decode and len(rows) == len(batch.seqs):
             sp = [s.sampling for s in seqs]
-            V = self.model.config.vocab_size
-            if not any(0 < p.top_k < V or p.top_p < 1.0 for p in sp):
+            if not _needs_filter(sp, self.model.config.vocab_size):
                 # one replay: forward, LM head and sampler, the sampler's inputs packed with the
                 # step's (None: this step cannot take that path)
                 out = self.runner.forward_sample(batch.spans, self.view.pages, ids_from, [s.sample_key for s in seqs],
@@ -341,7 +345,7 @@ class ActorEngine:
         if out is not None:
             tokens = out[0]
             # three copies into pinned memory (no stack/convert kernels on the device)
-            host = self._host_buffers(out)
+            host = self._readback.take_like(out, min_bytes=16 * self.config.max_num_seqs)
             for h, t in zip(host, out):
                 h.copy_(t, non_blocking=True)
         event = None
@@ -354,27 +358,6 @@ class ActorEngine:
             idx.append(len(seq.output_ids) - 1)
         return _InFlight(seqs, idx, self.version, tokens, host, event, {s.seq_id: r for r, s in enumerate(seqs)},
                          self._launch_id)
-
-    # host buffers of a step's read-back come from a ring of this many sets: a step's are read when
-    # it is booked, at most one step later (one step in flight while the next one launches)
-    HOST_RING = 3
-
-    def _host_buffers(self, out) -> tuple:
-        """Host tensors shaped like ``out`` (tokens, log-probs, flags) for its read-back: views of
-        preallocated buffers (pinned on CUDA), not a pinned allocation per tensor and step."""
-        self._ring_i = (self._ring_i + 1) % self.HOST_RING
-        slot = self._ring[self._ring_i]
-        views = []
-        for j, t in enumerate(out):
-            b = slot[j] if j < len(slot) else None
-            if b is None or b.dtype != t.dtype or b.numel() < t.numel():
-                b = torch.empty(max(t.numel(), self.config.max_num_seqs), dtype=t.dtype, pin_memory=t.is_cuda)
-                if j < len(slot):
-                    slot[j] = b
-                else:
-                    slot.append(b)
-            views.append(b[:t.numel()].view(t.shape))
-        return tuple(views)
 
     def _book(self, fl: "_InFlight") -> list[Sequence]:
         """Read back a launched step's tokens and book them; returns the sequences that finished."""
@@ -429,7 +412,7 @@ class ActorEngine:
         of V, staged on the device (top_k/top_p only when a row filters or the fused sampler cannot
         run)."""
         sp = [s.sampling for s in seqs]
-        needs_filter = any(0 < p.top_k < V or p.top_p < 1.0 for p in sp)
+        needs_filter = _needs_filter(sp, V)
         # per-row parameters in two staged copies and no conversion kernels (this runs every step)
         keys, pos = self.runner.stage.many([[s.sample_key for s in seqs],
                                             [len(s.prompt_ids) + len(s.output_ids) for s in seqs]])

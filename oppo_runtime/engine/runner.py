@@ -30,7 +30,7 @@ from ..memory import KVView
 from ..models.context import PagedContext
 from ..ops import attention_kernels_support
 
-__all__ = ["Span", "ModelRunner"]
+__all__ = ["Span", "ModelRunner", "PinnedRing"]
 
 # Prefill graph buckets: at least 64 tokens and chunks of 16 (smaller buckets would only add graphs),
 # at most 256 sequences (padding sequences cost a few early-exiting attention CTAs each).
@@ -87,6 +87,36 @@ class _Staging:
             out.append(dev[o:o + k])
             o += k
         return out
+
+
+class PinnedRing:
+    """Reusable host byte buffers (pinned for CUDA) handed out in turn from a ring of ``size``: a
+    buffer comes back ``size`` takes later, so a caller must be done with it by then (in the
+    engine, a step's copies have run once the step is booked, which trails its launch by one)."""
+
+    def __init__(self, size: int, pin: bool):
+        self.bufs: list[torch.Tensor | None] = [None] * size
+        self.i = 0
+        self.pin = pin
+
+    def take(self, nbytes: int, min_bytes: int = 0) -> torch.Tensor:
+        """The next buffer, uint8, at least ``nbytes`` long (grown to max(nbytes, min_bytes))."""
+        self.i = (self.i + 1) % len(self.bufs)
+        buf = self.bufs[self.i]
+        if buf is None or buf.numel() < nbytes:
+            buf = torch.empty(max(nbytes, min_bytes), dtype=torch.uint8, pin_memory=self.pin)
+            self.bufs[self.i] = buf
+        return buf
+
+    def take_like(self, tensors, min_bytes: int = 0) -> tuple:
+        """Views shaped and typed like ``tensors``, carved from the next buffer (8-byte aligned)."""
+        sizes = [-(-t.numel() * t.element_size() // 8) * 8 for t in tensors]
+        buf = self.take(sum(sizes), min_bytes)
+        views, o = [], 0
+        for t, n in zip(tensors, sizes):
+            views.append(buf[o:o + t.numel() * t.element_size()].view(t.dtype).view(t.shape))
+            o += n
+        return tuple(views)
 
 
 # ---------------------------------------------------------------------- decode graphs: one staged copy
@@ -248,8 +278,7 @@ class ModelRunner:
         # a CPU when OPPO_STATIC_DECODE=1 (the same packing and padding, testable without a GPU)
         self.static_decode = self.use_graphs or (self.device.type != "cuda" and bool(self.graph_batch_sizes)
                                                  and os.environ.get("OPPO_STATIC_DECODE") == "1")
-        self._host_ring: list = [None] * 3    # pinned byte buffers of _decode_layout (see _pack_decode)
-        self._host_i = 0
+        self._host_ring = PinnedRing(3, self.device.type == "cuda")   # _decode_layout's host side
         # chunk prefill in CUDA graphs (scorers); see the module docstring
         self.max_prefill_tokens = max_prefill_tokens
         self.max_prefill_graphs = max_prefill_graphs
@@ -436,18 +465,6 @@ class ModelRunner:
             st["hidden"], st["sampled"] = st["step"]()
         return st
 
-    def _host_staging(self, nbytes: int) -> torch.Tensor:
-        """The next pinned byte buffer of a ring of three. A step's buffer is read by its H2D copy,
-        which has run by the time that step is booked, and booking trails launching by one step:
-        the buffer of step t is free again when step t + 3 is packed."""
-        self._host_i = (self._host_i + 1) % len(self._host_ring)
-        buf = self._host_ring[self._host_i]
-        if buf is None or buf.numel() < nbytes:
-            top = _decode_layout(self.graph_batch_sizes[-1], self.max_blocks)[1]
-            buf = torch.empty(max(nbytes, top), dtype=torch.uint8, pin_memory=self.device.type == "cuda")
-            self._host_ring[self._host_i] = buf
-        return buf
-
     def _pack_decode(self, bs: int, st: dict, host: list, B: int, width: int, ids_from, sampler) -> None:
         """This step's inputs into graph bs's buffers: padding rows past B get id 0, position 0, slot
         -1 (no K/V written), context length 1, sampler key 0, position 0, temperature 1 (their
@@ -455,7 +472,7 @@ class ModelRunner:
         input tokens come from the step still on the device (``ids_from``)."""
         off32, _ = _decode_layout(bs, self.max_blocks)
         used = off32 + 4 * (2 * bs + B * width)
-        hbuf = self._host_staging(used)
+        hbuf = self._host_ring.take(used, _decode_layout(self.graph_batch_sizes[-1], self.max_blocks)[1])
         raw = hbuf.numpy()
         h64 = raw[:off32].view(np.int64).reshape(_D64_ROWS, bs)
         h32 = raw[off32:used].view(np.int32)
@@ -468,16 +485,13 @@ class ModelRunner:
         h32[:B] = ends
         h32[B:bs] = 1
         temps = h32[bs:2 * bs].view(np.float32)
+        h64[3:5] = 0
+        temps[:] = 1.0
         if sampler is not None:
             keys, spos, temperature = sampler
             h64[3, :B] = keys
             h64[4, :B] = spos
             temps[:B] = temperature
-        else:
-            h64[3:5, :B] = 0
-            temps[:B] = 1.0
-        h64[3:5, B:] = 0
-        temps[B:] = 1.0
         h32[2 * bs:] = table
         nd = 0
         if ids_from is not None:

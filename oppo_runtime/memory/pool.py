@@ -98,10 +98,6 @@ class KVView:
     def pages(self, seq_id) -> list[int]:
         return self.pool.pages_of((self.name, seq_id))
 
-    def num_pages_of(self, seq_id) -> int:
-        """len(pages(seq_id)), without building anything (called per sequence per decode step)."""
-        return len(self.pool.pages_of((self.name, seq_id)))
-
     def free(self, seq_id) -> int:
         return self.pool.free((self.name, seq_id))
 

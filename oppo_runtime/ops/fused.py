@@ -237,6 +237,21 @@ def _kernel_takes(x, residual, weight, bias) -> str | None:
     return None
 
 
+def _use_kernel(op: str, x, weight, why: str | None, backend: str | None) -> bool:
+    """Whether ``op`` runs its Triton kernel (else its reference). ``why``: the reason the kernel
+    cannot take the operands, if any: then the reference runs (logged with the reason on CUDA), or,
+    when the kernel was asked for by name, a ValueError says why."""
+    if why is not None and backend not in ("triton", "cuda"):
+        backend = "reference"
+    if _choose(op, (x, weight), backend) == "reference":
+        if why is not None and x.is_cuda:
+            record_backend(op, f"reference ({why})")
+        return False
+    if why is not None:
+        raise ValueError(f"{op}: the Triton kernel cannot take these operands ({why})")
+    return True
+
+
 def norm_gate_up_silu_ref(x, residual, norm_weight, eps, weight, bias=None):
     """(silu_mul(F.linear(rms_norm(x + residual), weight, bias)), x + residual): the unfused ops."""
     normed, res = fused_add_rms_norm_ref(x, residual, norm_weight, eps)
@@ -249,15 +264,8 @@ def norm_gate_up_silu(x, residual, norm_weight, eps, weight, bias=None, backend:
     _check_norm_linear("norm_gate_up_silu", x, residual, norm_weight, weight, bias)
     if weight.shape[0] % 2:
         raise ValueError(f"norm_gate_up_silu: weight rows must be even (gate | up), got {weight.shape[0]}")
-    why = _kernel_takes(x, residual, weight, bias)
-    if why is not None and backend not in ("triton", "cuda"):
-        backend = "reference"
-    if _choose("norm_gate_up_silu", (x, weight), backend) == "reference":
-        if why is not None and x.is_cuda:
-            record_backend("norm_gate_up_silu", f"reference ({why})")
+    if not _use_kernel("norm_gate_up_silu", x, weight, _kernel_takes(x, residual, weight, bias), backend):
         return norm_gate_up_silu_ref(x, residual, norm_weight, eps, weight, bias)
-    if why is not None:
-        raise ValueError(f"norm_gate_up_silu: the Triton kernel cannot take these operands ({why})")
     from . import fused_triton
     return fused_triton.norm_gate_up_silu(x, residual, norm_weight, eps, weight, bias)
 
@@ -313,16 +321,10 @@ def norm_qkv_rotary(x, residual, norm_weight, eps, weight, bias, num_heads, num_
                          f"slot_mapping [{x.shape[0]}], got {tuple(k_cache.shape)}, {tuple(positions.shape)}, "
                          f"{tuple(slot_mapping.shape)}")
     why = _kernel_takes(x, residual, weight, bias) or qkv_kernel_refuses(x.dtype, D, num_kv_heads, k_cache, v_cache)
-    if why is not None and backend not in ("triton", "cuda"):
-        backend = "reference"
-    if _choose("norm_qkv_rotary", (x, weight), backend) == "reference":
-        if why is not None and x.is_cuda:
-            record_backend("norm_qkv_rotary", f"reference ({why})")
+    if not _use_kernel("norm_qkv_rotary", x, weight, why, backend):
         return norm_qkv_rotary_ref(x, residual, norm_weight, eps, weight, bias, num_heads, num_kv_heads,
                                    cos_sin_cache, positions, k_cache, v_cache, slot_mapping, q_norm_weight,
                                    k_norm_weight, qk_eps)
-    if why is not None:
-        raise ValueError(f"norm_qkv_rotary: the Triton kernel cannot take these operands ({why})")
     from . import fused_triton
     return fused_triton.norm_qkv_rotary(x, residual, norm_weight, eps, weight, bias, num_heads, num_kv_heads,
                                         cos_sin_cache.contiguous(), positions.contiguous(), k_cache, v_cache,
