@@ -61,6 +61,14 @@ step build 300 env CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} TORCH_CUDA_ARCH_LIST=
 grep -E "registers|spill|stack frame" "$LOG" | sort | uniq -c | head -40 >> "$LOG"
 # ptxas serializing wgmma (C7519 / "Performance Loss"): a kernel change broke the prefill v4 batches
 grep -E "C75[0-9][0-9]|Performance Loss" "$LOG" | sort -u | head -5 | sed 's/^/| ptxas warning: /; s/$/ | - | - |/' >> "$REPORT"
+# each wgmma prefill plan once in its own process under a time limit: a plan that hangs or fails is
+# switched off (OPPO_PREFILL_WGMMA_OFF) for the tests, sanitizers and benchmarks below, and named here
+step wgmma_smoke 200 $PY bench/wgmma_smoke.py
+off=$(grep -a "^OPPO_PREFILL_WGMMA_OFF=" "$LOG" | tail -1 | cut -d= -f2)
+if [ -n "$off" ]; then
+  export OPPO_PREFILL_WGMMA_OFF=$off
+  echo "| wgmma plans switched off: $off | - | - |" >> "$REPORT"
+fi
 if [ -z "${BENCH_ONLY:-}" ]; then
 step doctor 60 $PY -m oppo_runtime.cli doctor
 step pytest ${PYTEST_LIMIT:-240} $PY -m pytest -m gpu -q -rfE -p no:cacheprovider

@@ -106,6 +106,9 @@ def main() -> None:
         }
         if prefill_wgmma_available():
             for plan in plans:
+                if not prefill_wgmma_available(plan=plan):
+                    row[plan + "_error"] = "switched off by OPPO_PREFILL_WGMMA_OFF (bench/wgmma_smoke.py)"
+                    continue
                 calls[plan] = _with_plan(plan, lambda o=outs[plan]: torch.ops.oppo.paged_prefill_attention(
                     o, q, k_cache, v_cache, cu, ctx_lens, bt, scale, n))
         for name, fn in calls.items():

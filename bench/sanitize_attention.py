@@ -110,6 +110,9 @@ def main():
                                             # more items than SMs: persistent CTAs take several
                                             ("wgmma_pp_ov_ps", 8, 2, 64, [5 * i for i in range(40)],
                                              [300 if i % 3 == 0 else 1 + i for i in range(40)])):
+            if not A.prefill_wgmma_available(plan=plan):
+                print(f"prefill {plan}: skipped (OPPO_PREFILL_WGMMA_OFF)")
+                continue
             lens = [p + c for p, c in zip(pre, chk)]
             nblk = sum(math.ceil(n / bs) for n in lens) + 4
             kk, vv = pool(nblk, bs, Hkv, Dd)

@@ -326,9 +326,15 @@ def _is_sm90(device: torch.device) -> bool:
 _TRITON_PREFERRED: dict[int, bool] = {}
 
 
-def prefill_wgmma_available(device: torch.device | None = None) -> bool:
-    """Whether the CUDA prefill's wgmma plan (OPPO_PREFILL_PLAN=wgmma) can run here: an sm_90
-    device and an extension built with sm_90a code (TORCH_CUDA_ARCH_LIST with 9.0a)."""
+def prefill_wgmma_available(device: torch.device | None = None, plan: str | None = None) -> bool:
+    """Whether the CUDA prefill's wgmma plans (OPPO_PREFILL_PLAN=wgmma[_pp][_ov][_ps]) can run
+    here: an sm_90 device and an extension built with sm_90a code (TORCH_CUDA_ARCH_LIST with
+    9.0a). With ``plan``, also that this plan is not switched off by OPPO_PREFILL_WGMMA_OFF (a
+    comma list of plans, or ``all``: what ``bench/wgmma_smoke.py`` found failing or hanging)."""
+    if plan is not None:
+        off = {p.strip() for p in os.environ.get("OPPO_PREFILL_WGMMA_OFF", "").split(",") if p.strip()}
+        if plan in off or "all" in off:
+            return False
     if not (torch.cuda.is_available() and has_cuda_kernels()):
         return False
     from ._backend import extension

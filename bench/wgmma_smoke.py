@@ -1,0 +1,84 @@
+"""Each wgmma prefill plan once, on a small ragged case, each in its own process under a time limit,
+so that a plan that hangs (an mbarrier phase or a setmaxnreg split gone wrong) or fails costs
+seconds, not the GPU check's whole test and benchmark time:
+
+    python bench/wgmma_smoke.py [--limit-s 60]      (prints OPPO_PREFILL_WGMMA_OFF=<failed plans>)
+
+Per plan: D=64 (G=7) and D=128 (G=4), prefixes 0 to 700 not multiples of the page, chunks 1 to
+300, shuffled pages, NaN-poisoned output, compared with the fp32 reference. The last line is
+``OPPO_PREFILL_WGMMA_OFF=...`` (empty when every plan passed): bench/gpu_check.sh exports it, so
+the tests, the sanitizers and the benchmark skip those plans and say so. Exits 0 when the device
+cannot run wgmma at all (nothing to check) or every plan passed, 1 otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+
+PLANS = ("wgmma", "wgmma_pp", "wgmma_ov", "wgmma_pp_ov", "wgmma_pp_ov_ps")
+
+CASE = r'''
+import math, os, sys, torch
+from oppo_runtime.ops import attention as A
+os.environ["OPPO_PREFILL_PLAN"] = sys.argv[1]
+torch.manual_seed(0)
+worst = 0.0
+for Hq, Hkv, D, pre, chk in ((14, 2, 64, [0, 20, 3, 130, 700], [1, 70, 17, 300, 64]),
+                             (8, 2, 128, [0, 200, 5, 511], [3, 90, 140, 257])):
+    bs = 16
+    lens = [p + c for p, c in zip(pre, chk)]
+    nblk = sum(math.ceil(n / bs) for n in lens) + 5
+    k = torch.randn(nblk, bs, Hkv, D, device="cuda").bfloat16()
+    v = torch.randn(nblk, bs, Hkv, D, device="cuda").bfloat16()
+    perm = torch.randperm(nblk, device="cuda").to(torch.int32)
+    bt = torch.full((len(lens), max(math.ceil(n / bs) for n in lens) + 1), -1, dtype=torch.int32, device="cuda")
+    at = 0
+    for b, n in enumerate(lens):
+        m = math.ceil(n / bs)
+        bt[b, :m] = perm[at:at + m]
+        at += m
+    cu = torch.tensor([0] + torch.tensor(chk).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
+    ctx = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    q = torch.randn(sum(chk), Hq, D, device="cuda").bfloat16()
+    out = torch.full((sum(chk), Hq, D), float("nan"), device="cuda")
+    A.paged_prefill_attention(q, k, v, cu, ctx, bt, D ** -0.5, out=out, max_seqlen_q=max(chk), backend="cuda")
+    ref = A.paged_prefill_attention_ref(q, k, v, cu, ctx, bt.clamp_min(0), D ** -0.5, out=torch.empty_like(out))
+    torch.cuda.synchronize()
+    if not bool(torch.isfinite(out).all()):
+        print(f"D={D}: non-finite output"); sys.exit(2)
+    worst = max(worst, float((out - ref).norm() / ref.norm()))
+print(f"rel err {worst:.2e}")
+sys.exit(0 if worst < 3e-3 else 3)
+'''
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--limit-s", type=float, default=60.0, help="per plan (the first includes CUDA start-up)")
+    args = ap.parse_args()
+    from oppo_runtime.ops.attention import prefill_wgmma_available
+    if not prefill_wgmma_available():
+        print("no sm_90 device or no sm_90a build: no wgmma plan to check")
+        print("OPPO_PREFILL_WGMMA_OFF=")
+        return
+    failed = []
+    for plan in PLANS:
+        t = time.perf_counter()
+        try:
+            r = subprocess.run([sys.executable, "-c", CASE, plan], capture_output=True, text=True,
+                               timeout=args.limit_s)
+            tail = (r.stdout + r.stderr).strip().splitlines()[-1:] or [""]
+            status = ("ok, " if r.returncode == 0 else f"FAIL rc={r.returncode}: ") + tail[0][:200]
+        except subprocess.TimeoutExpired:
+            status = f"HANG (killed after {args.limit_s:.0f} s)"
+        print(f"{plan}: {status} ({time.perf_counter() - t:.1f} s)", flush=True)
+        if not status.startswith("ok"):
+            failed.append(plan)
+    print("OPPO_PREFILL_WGMMA_OFF=" + ",".join(failed))
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
