@@ -80,6 +80,7 @@ _SWITCHES = (
     ("OPPO_REQUIRE_KERNELS", "off (1: a missing GPU kernel is an error, not a reference fallback)"),
     ("OPPO_DECODE_PLAN", "v3 (v2/v4: A/B plans of the decode kernel)"),
     ("OPPO_PREFILL_PLAN", "mma (wgmma[_pp][_ov][_ps]: the sm_90a plans of the CUDA prefill)"),
+    ("OPPO_PREFILL_WGMMA_OFF", "none (a comma list of wgmma plans, or all, that tests and benches skip)"),
     ("OPPO_DECODE_TICKETS", "pool (memset: v4's ticket counters in the per-call workspace)"),
     ("OPPO_FUSE_KV_APPEND", "1 (K/V append inside the rotary kernel)"),
     ("OPPO_ASYNC_DECODE", "1 on CUDA (tokens read back one step late)"),
