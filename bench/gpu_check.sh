@@ -71,9 +71,9 @@ if [ -n "$off" ]; then
 fi
 if [ -z "${BENCH_ONLY:-}" ]; then
 step doctor 60 $PY -m oppo_runtime.cli doctor
-step pytest ${PYTEST_LIMIT:-240} $PY -m pytest -m gpu -q -rfE -p no:cacheprovider
+step pytest ${PYTEST_LIMIT:-240} $PY -m pytest -m gpu -q -rfE -p no:cacheprovider --durations=15
 elif [ -n "${PYTEST_FILES:-}" ]; then        # BENCH_ONLY with a few GPU test files first
-step pytest ${PYTEST_LIMIT:-180} $PY -m pytest -m gpu -q -rfE -p no:cacheprovider $PYTEST_FILES
+step pytest ${PYTEST_LIMIT:-180} $PY -m pytest -m gpu -q -rfE -p no:cacheprovider --durations=15 $PYTEST_FILES
 fi
 if [ -n "${OPPO_TRAIN_STEPS:-}" ]; then   # the main job on the GPU: a short default run
   step train 240 $PY -m oppo_runtime.cli train --steps "$OPPO_TRAIN_STEPS" --out /tmp/oppo_train \
