@@ -62,12 +62,18 @@ grep -E "registers|spill|stack frame" "$LOG" | sort | uniq -c | head -40 >> "$LO
 # ptxas serializing wgmma (C7519 / "Performance Loss"): a kernel change broke the prefill v4 batches
 grep -E "C75[0-9][0-9]|Performance Loss" "$LOG" | sort -u | head -5 | sed 's/^/| ptxas warning: /; s/$/ | - | - |/' >> "$REPORT"
 # each wgmma prefill plan once in its own process under a time limit: a plan that hangs or fails is
-# switched off (OPPO_PREFILL_WGMMA_OFF) for the tests, sanitizers and benchmarks below, and named here
-step wgmma_smoke 200 $PY bench/wgmma_smoke.py
-off=$(grep -a "^OPPO_PREFILL_WGMMA_OFF=" "$LOG" | tail -1 | cut -d= -f2)
-if [ -n "$off" ]; then
-  export OPPO_PREFILL_WGMMA_OFF=$off
-  echo "| wgmma plans switched off: $off | - | - |" >> "$REPORT"
+# switched off (OPPO_PREFILL_WGMMA_OFF) for the tests, sanitizers and benchmarks below, and named
+# here. ~30 s, so only in calls that run the prefill kernels' tests, sanitizers or benchmark.
+smoke=
+if [ -z "${BENCH_ONLY:-}" ] || [ -n "${SANITIZE:-}" ]; then smoke=1; fi      # all GPU tests, or sanitizers
+case " ${PYTEST_FILES:-} ${BENCHES[*]} " in *attention*|*" tests "*|*" tests/ "*) smoke=1 ;; esac
+if [ -n "$smoke" ]; then
+  step wgmma_smoke 200 $PY bench/wgmma_smoke.py
+  off=$(grep -a "^OPPO_PREFILL_WGMMA_OFF=" "$LOG" | tail -1 | cut -d= -f2)
+  if [ -n "$off" ]; then
+    export OPPO_PREFILL_WGMMA_OFF=$off
+    echo "| wgmma plans switched off: $off | - | - |" >> "$REPORT"
+  fi
 fi
 if [ -z "${BENCH_ONLY:-}" ]; then
 step doctor 60 $PY -m oppo_runtime.cli doctor
