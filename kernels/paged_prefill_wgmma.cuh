@@ -209,11 +209,15 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
           }
         };
         pages(0);  // before the waits below: they do not depend on the stage
-        // Publish the previous tile (of this item or the last one) as soon as it has landed, before
-        // waiting for this tile's stage: with 3 stages that stage frees only when the consumers end
-        // the iteration before the one that needs the previous tile, so publishing after this
-        // tile's loads (as first written) stalled them by this tile's issue every iteration
-        if (g > 0) {
+        // 3 stages (D=128): publish the previous tile (of this item or the last one) as soon as it
+        // has landed, before waiting for this tile's stage: that stage frees only when the
+        // consumers end the iteration before the one that needs the previous tile, so publishing
+        // after this tile's loads stalled them by this tile's issue every iteration. The price:
+        // one tile's copies in flight at a time (wait_group 0 before the next tile's issue).
+        // 4 stages (D=64): this tile's stage frees an iteration earlier, so the tile is issued
+        // first and the previous one published after wait_group 1: two tiles' copies in flight.
+        constexpr bool kIssueFirst = kS >= 4;
+        if (!kIssueFirst && g > 0) {
           cp_async_wait<0>();
           fence_proxy_async();
           mbar_arrive(&full[(g - 1) % kS]);
@@ -237,6 +241,11 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
           }
         }
         cp_async_commit();
+        if (kIssueFirst && g > 0) {  // every group but this tile's has landed: the previous tile
+          cp_async_wait<1>();
+          fence_proxy_async();
+          mbar_arrive(&full[(g - 1) % kS]);
+        }
       }
     }
     cp_async_wait<0>();

@@ -62,22 +62,28 @@ def programs(items: list[int], kS: int, pingpong: bool, log: list):
     stage_tile = [None] * kS          # which tile a stage holds (None: being written or empty)
     readers = [set() for _ in range(kS)]
 
+    issue_first = kS >= 4             # the kernel's kIssueFirst
+
+    def publish(t):                   # wait_group, proxy fence, arrive on tile t's full barrier
+        st = t % kS
+        assert stage_tile[st] == ("landing", t), f"publishing tile {t}, stage {st} holds {stage_tile[st]}"
+        stage_tile[st] = t
+        full[st].arrive(128)
+
     def producer():
         for g in range(n_total):      # g: the ring position (tiles of all items, in order)
             s = g % kS
             p = ((g // kS) & 1) ^ 1
-            if g > 0:                 # wait_group 0, proxy fence, arrive on the previous tile, before
-                sp = (g - 1) % kS     # waiting for this tile's stage
-                stage_tile[sp] = stage_tile[sp][1] if isinstance(stage_tile[sp], tuple) else stage_tile[sp]
-                full[sp].arrive(128)
+            if g > 0 and not issue_first:   # 3 stages: the previous tile before this tile's stage wait
+                publish(g - 1)
             yield lambda s=s, p=p: empty[s].ready(p)
             assert not readers[s], f"producer overwrites stage {s} while {readers[s]} still read it"
             stage_tile[s] = None      # cp.async in flight
             yield None
             stage_tile[s] = ("landing", g)
-        sl = (n_total - 1) % kS
-        stage_tile[sl] = stage_tile[sl][1] if isinstance(stage_tile[sl], tuple) else stage_tile[sl]
-        full[sl].arrive(128)
+            if g > 0 and issue_first:       # 4 stages: this tile issued, then the previous one (wait_group 1)
+                publish(g - 1)
+        publish(n_total - 1)
         log.append("producer done")
 
     def consumer(cw: int):
