@@ -63,6 +63,8 @@ def _compile(D: int, tmp_path: Path) -> tuple[str, list[str]]:
             events.append("EX2")
         elif "HGMMA" in line:
             events.append("HGMMA")
+        elif re.search(r"\bDEPBAR\.LE SB0", line):      # cp.async.wait_group N (the producer's)
+            events.append("CPWAIT" + re.search(r"SB0,\s*(0x[0-9a-f]+)", line).group(1))
     return out.stdout + out.stderr, events
 
 
@@ -85,3 +87,13 @@ def test_wgmma_prefill_sass_keeps_its_batches_and_its_overlap(D, tmp_path):
     i = ev.index("DEPBAR0x1")
     j = ev.index("DEPBAR0x0", i)
     assert ev[i + 1:j].count("EX2") >= 64, ev[i:j + 1]
+
+
+@pytest.mark.parametrize("D", [64, 128])
+def test_wgmma_prefill_producer_keeps_its_copies_in_flight(D, tmp_path):
+    """With 4 stages (D=64) the producer publishes the previous tile after cp.async.wait_group 1
+    (two tiles' copies in flight); with 3 (D=128) after wait_group 0, before the next stage wait."""
+    _, ev = _compile(D, tmp_path)
+    waits = {e for e in ev if e.startswith("CPWAIT")}
+    assert ("CPWAIT0x1" in waits) == (D == 64), waits
+
