@@ -29,6 +29,14 @@ __all__ = ["attention_bench_setup", "time_ms", "copy_bandwidth", "matmul_flops",
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
+
+def lognormal_lengths(n: int, median: float, cap: int, seed: int = 0) -> list[int]:
+    """Response lengths lognormal (sigma 1) around ``median``, in [1, cap]: intra_overlap's and
+    rollout_probe's workload (one torch draw, so both time the same lengths)."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, generator=g)
+    return [int(min(cap, max(1, round(math.exp(math.log(median) + 1.0 * float(x)))))) for x in z]
+
 def _sync():
     torch.cuda.synchronize()
 

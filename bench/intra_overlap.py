@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import math
 import os
 import statistics
 import sys
@@ -31,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import device_info, print_table, results_path, write_json  # noqa: E402
+from common import device_info, lognormal_lengths, print_table, results_path, write_json  # noqa: E402
 from models import qwen_model  # noqa: E402
 
 from oppo_runtime import ops  # noqa: E402
@@ -40,12 +39,6 @@ from oppo_runtime.engine.rollout import Rollout  # noqa: E402
 from oppo_runtime.engine.scorer import Scorer  # noqa: E402
 from oppo_runtime.engine.timeline import Timeline  # noqa: E402
 from oppo_runtime.memory import KVGeometry, PagePool  # noqa: E402
-
-
-def lengths(n, median, cap, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    z = torch.randn(n, generator=g)
-    return [int(min(cap, max(1, round(math.exp(math.log(median) + 1.0 * float(x)))))) for x in z]
 
 
 def run(models, prompts, lens, mode, chunk, timeline=None, graphs=None):
@@ -96,7 +89,7 @@ def main():
     args = ap.parse_args()
     info = device_info()
     B, plen = 64, 128
-    lens = lengths(B, 200 if not args.quick else 40, 2048 if not args.quick else 200)
+    lens = lognormal_lengths(B, 200 if not args.quick else 40, 2048 if not args.quick else 200)
     models = (qwen_model("qwen2.5-0.5b", seed=0), qwen_model("qwen2.5-0.5b", "score", seed=1),
               qwen_model("qwen2.5-0.5b", "score", seed=2))
     g = torch.Generator().manual_seed(1)

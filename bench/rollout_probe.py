@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import time
@@ -24,13 +23,6 @@ from pathlib import Path
 import torch
 
 BUCKETS = ((1, 1), (2, 4), (5, 16), (17, 48), (49, 1 << 30))
-
-
-def lengths(n: int, median: int, cap: int, seed: int = 0) -> list[int]:
-    """intra_overlap's lengths (the same draw)."""
-    g = torch.Generator().manual_seed(seed)
-    z = torch.randn(n, generator=g)
-    return [int(min(cap, max(1, round(math.exp(math.log(median) + 1.0 * float(x)))))) for x in z]
 
 
 def main() -> None:
@@ -42,7 +34,8 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="a 1-layer model of width 32 (a CPU check of the script)")
     args = ap.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from models import qwen_config  # noqa: E402  (this tree's bench shapes)
+    from common import lognormal_lengths  # noqa: E402  (this tree's bench helpers and shapes)
+    from models import qwen_config  # noqa: E402
 
     import oppo_runtime
     from oppo_runtime.engine import ActorEngine, EngineConfig, SamplingParams
@@ -60,7 +53,7 @@ def main() -> None:
         cfg = qwen_config("qwen2.5-0.5b")
     model = build_model(cfg, "causal_lm", seed=0, dtype=dtype, device=dev).eval().requires_grad_(False)
     B, plen = 64, 128
-    lens = lengths(B, 40 if args.quick else 200, 200 if args.quick else 2048)
+    lens = lognormal_lengths(B, 40 if args.quick else 200, 200 if args.quick else 2048)
     g = torch.Generator().manual_seed(1)
     prompts = torch.randint(0, cfg.vocab_size, (B, plen), generator=g).tolist()
     geo = KVGeometry(*model.kv_geometry(), dtype)
