@@ -5,7 +5,8 @@ seconds, not the GPU check's whole test and benchmark time:
     python bench/wgmma_smoke.py [--limit-s 60]      (prints OPPO_PREFILL_WGMMA_OFF=<failed plans>)
 
 Per plan: D=64 (G=7) and D=128 (G=4), prefixes 0 to 700 not multiples of the page, chunks 1 to
-300, shuffled pages, NaN-poisoned output, compared with the fp32 reference. The last line is
+300, shuffled pages, NaN-poisoned output, compared with the fp32 reference (the pool, tables and
+check of ``bench/sanitize_attention.py``). The last line is
 ``OPPO_PREFILL_WGMMA_OFF=...`` (empty when every plan passed): bench/gpu_check.sh exports it, so
 the tests, the sanitizers and the benchmark skip those plans and say so. Exits 0 when the device
 cannot run wgmma at all (nothing to check) or every plan passed, 1 otherwise.
@@ -19,45 +20,46 @@ import time
 
 PLANS = ("wgmma", "wgmma_pp", "wgmma_ov", "wgmma_pp_ov", "wgmma_pp_ov_ps")
 
-CASE = r'''
-import math, os, sys, torch
-from oppo_runtime.ops import attention as A
-os.environ["OPPO_PREFILL_PLAN"] = sys.argv[1]
-torch.manual_seed(0)
-worst = 0.0
-for Hq, Hkv, D, pre, chk in ((14, 2, 64, [0, 20, 3, 130, 700], [1, 70, 17, 300, 64]),
-                             (8, 2, 128, [0, 200, 5, 511], [3, 90, 140, 257])):
-    bs = 16
-    lens = [p + c for p, c in zip(pre, chk)]
-    nblk = sum(math.ceil(n / bs) for n in lens) + 5
-    k = torch.randn(nblk, bs, Hkv, D, device="cuda").bfloat16()
-    v = torch.randn(nblk, bs, Hkv, D, device="cuda").bfloat16()
-    perm = torch.randperm(nblk, device="cuda").to(torch.int32)
-    bt = torch.full((len(lens), max(math.ceil(n / bs) for n in lens) + 1), -1, dtype=torch.int32, device="cuda")
-    at = 0
-    for b, n in enumerate(lens):
-        m = math.ceil(n / bs)
-        bt[b, :m] = perm[at:at + m]
-        at += m
-    cu = torch.tensor([0] + torch.tensor(chk).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
-    ctx = torch.tensor(lens, dtype=torch.int32, device="cuda")
-    q = torch.randn(sum(chk), Hq, D, device="cuda").bfloat16()
-    out = torch.full((sum(chk), Hq, D), float("nan"), device="cuda")
-    A.paged_prefill_attention(q, k, v, cu, ctx, bt, D ** -0.5, out=out, max_seqlen_q=max(chk), backend="cuda")
-    ref = A.paged_prefill_attention_ref(q, k, v, cu, ctx, bt.clamp_min(0), D ** -0.5, out=torch.empty_like(out))
-    torch.cuda.synchronize()
-    if not bool(torch.isfinite(out).all()):
-        print(f"D={D}: non-finite output"); sys.exit(2)
-    worst = max(worst, float((out - ref).norm() / ref.norm()))
-print(f"rel err {worst:.2e}")
-sys.exit(0 if worst < 3e-3 else 3)
-'''
+CASES = ((14, 2, 64, [0, 20, 3, 130, 700], [1, 70, 17, 300, 64]),     # Hq, Hkv, D, prefixes, chunks
+         (8, 2, 128, [0, 200, 5, 511], [3, 90, 140, 257]))
+
+
+def one(plan: str) -> int:
+    """The child process: both cases under OPPO_PREFILL_PLAN=plan, with the sanitizer script's
+    paged pool (page stride above one page), shuffled tables and check; 0 when both pass."""
+    import math
+    import os
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import torch
+    from sanitize_attention import check, pool, tables
+
+    from oppo_runtime.ops import attention as A
+    os.environ["OPPO_PREFILL_PLAN"] = plan
+    torch.manual_seed(0)
+    ok, bs = True, 16
+    for Hq, Hkv, D, pre, chk in CASES:
+        lens = [p + c for p, c in zip(pre, chk)]
+        nblk = sum(math.ceil(n / bs) for n in lens) + 5
+        k, v = pool(nblk, bs, Hkv, D)
+        bt = tables(lens, bs, nblk)
+        cu = torch.tensor([0] + torch.tensor(chk).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
+        ctx = torch.tensor(lens, dtype=torch.int32, device="cuda")
+        q = torch.randn(sum(chk), Hq, D, device="cuda").bfloat16()
+        out = torch.full((sum(chk), Hq, D), float("nan"), device="cuda")
+        A.paged_prefill_attention(q, k, v, cu, ctx, bt, D ** -0.5, out=out, max_seqlen_q=max(chk), backend="cuda")
+        ref = A.paged_prefill_attention_ref(q, k, v, cu, ctx, bt.clamp_min(0), D ** -0.5, out=torch.empty_like(out))
+        torch.cuda.synchronize()
+        ok &= check(f"{plan} D={D}", out, ref)
+    return 0 if ok else 3
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--limit-s", type=float, default=60.0, help="per plan (the first includes CUDA start-up)")
+    ap.add_argument("--plan", help=argparse.SUPPRESS)     # the child process: run this plan's cases
     args = ap.parse_args()
+    if args.plan:
+        sys.exit(one(args.plan))
     from oppo_runtime.ops.attention import prefill_wgmma_available
     if not prefill_wgmma_available():
         print("no sm_90 device or no sm_90a build: no wgmma plan to check")
@@ -67,7 +69,7 @@ def main() -> None:
     for plan in PLANS:
         t = time.perf_counter()
         try:
-            r = subprocess.run([sys.executable, "-c", CASE, plan], capture_output=True, text=True,
+            r = subprocess.run([sys.executable, __file__, "--plan", plan], capture_output=True, text=True,
                                timeout=args.limit_s)
             tail = (r.stdout + r.stderr).strip().splitlines()[-1:] or [""]
             status = ("ok, " if r.returncode == 0 else f"FAIL rc={r.returncode}: ") + tail[0][:200]
