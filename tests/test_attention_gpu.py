@@ -490,14 +490,19 @@ PREFILL_SHAPES = [  # Hq, Hkv, D, block_size, prefixes, chunks
 PREFILL_PLANS = ["mma", "wgmma", "wgmma_pp", "wgmma_ov", "wgmma_pp_ov", "wgmma_pp_ov_ps"]
 
 
+def _skip_unless_wgmma(plan: str) -> None:
+    if not A.prefill_wgmma_available(plan=plan):
+        pytest.skip("the wgmma plan needs an sm_90 device and an extension built with sm_90a "
+                    "(and is not in OPPO_PREFILL_WGMMA_OFF)")
+
+
 @pytest.fixture(params=PREFILL_PLANS)
 def prefill_plan(request, monkeypatch):
     """The CUDA launcher's plan (read at every call): mma (v2) everywhere, wgmma and its flag
     variants (ping-pong, intra-warpgroup overlap, persistent CTAs) on sm_90 with an sm_90a build
     (skipped elsewhere, with the reason)."""
-    if request.param.startswith("wgmma") and not A.prefill_wgmma_available(plan=request.param):
-        pytest.skip("the wgmma plan needs an sm_90 device and an extension built with sm_90a "
-                    "(and is not in OPPO_PREFILL_WGMMA_OFF)")
+    if request.param.startswith("wgmma"):
+        _skip_unless_wgmma(request.param)
     monkeypatch.setenv("OPPO_PREFILL_PLAN", request.param)
     return request.param
 
@@ -540,8 +545,7 @@ def test_prefill_wgmma_graph_replay_and_many_tiles(monkeypatch, plan):
     """The wgmma plans captured once and replayed on new queries and new chunk/context lengths
     inside the captured grid: the producer/consumer mbarrier ring runs over 2-40 tiles per CTA
     (phases wrap several times), CTAs past a chunk exit before touching the barriers."""
-    if not A.prefill_wgmma_available(plan=plan):
-        pytest.skip("the wgmma plan needs an sm_90 device and an extension built with sm_90a")
+    _skip_unless_wgmma(plan)
     monkeypatch.setenv("OPPO_PREFILL_PLAN", plan)
     Hq, Hkv, D, bs, max_chunk, max_ctx = 28, 4, 128, 16, 300, 2600
     B = 3
@@ -580,8 +584,7 @@ def test_prefill_wgmma_graph_replay_and_many_tiles(monkeypatch, plan):
 def test_prefill_wgmma_persistent_many_items_per_cta(monkeypatch):
     """The persistent plan with several items per CTA (more (row tile, kv head, sequence) items
     than SMs): ragged chunks, items past short chunks, a stage ring that runs on across items."""
-    if not A.prefill_wgmma_available(plan="wgmma_pp_ov_ps"):
-        pytest.skip("the wgmma plan needs an sm_90 device and an extension built with sm_90a")
+    _skip_unless_wgmma("wgmma_pp_ov_ps")
     monkeypatch.setenv("OPPO_PREFILL_PLAN", "wgmma_pp_ov_ps")
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     B = 2 * sms // 8 + 3                        # items = m_tiles * 2 kv heads * B > 2 x SMs
@@ -594,8 +597,7 @@ def test_prefill_wgmma_persistent_many_items_per_cta(monkeypatch):
 def _wgmma_diag_case(monkeypatch, D, q_zero=False, v_onehot=False):
     """One sequence, prefix 150, chunk 40, G = 4, plan wgmma: structured inputs whose outputs
     point at one half of the kernel when wrong (the GPU session's first look, before ncu)."""
-    if not A.prefill_wgmma_available(plan="wgmma"):
-        pytest.skip("the wgmma plan needs an sm_90 device and an extension built with sm_90a")
+    _skip_unless_wgmma("wgmma")
     monkeypatch.setenv("OPPO_PREFILL_PLAN", "wgmma")
     Hq, Hkv, bs, prefix, n = 8, 2, 16, 150, 40
     L = prefix + n
