@@ -48,6 +48,31 @@ def check(name, out, ref, tol=3e-3):
     return ok
 
 
+def prefill_plan_check(name, plan, Hq, Hkv, D, prefixes, chunks, scale, bs=16, spare_blocks=4):
+    """One ragged prefill batch (bf16, shuffled pages, NaN-poisoned output) under
+    OPPO_PREFILL_PLAN=plan against the fp32 reference; True if it passes ``check``."""
+    lens = [p + c for p, c in zip(prefixes, chunks)]
+    nblk = sum(math.ceil(n / bs) for n in lens) + spare_blocks
+    kk, vv = pool(nblk, bs, Hkv, D)
+    bt = tables(lens, bs, nblk)
+    cu = torch.tensor([0] + torch.tensor(chunks).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
+    ctx = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    q = torch.randn(sum(chunks), Hq, D, device="cuda").bfloat16()
+    out = torch.full((sum(chunks), Hq, D), float("nan"), device="cuda")
+    old = os.environ.get("OPPO_PREFILL_PLAN")
+    os.environ["OPPO_PREFILL_PLAN"] = plan
+    try:
+        A.paged_prefill_attention(q, kk, vv, cu, ctx, bt, scale, out=out, max_seqlen_q=max(chunks), backend="cuda")
+    finally:
+        if old is None:
+            os.environ.pop("OPPO_PREFILL_PLAN", None)
+        else:
+            os.environ["OPPO_PREFILL_PLAN"] = old
+    ref = A.paged_prefill_attention_ref(q, kk, vv, cu, ctx, bt.clamp_min(0), scale, out=torch.empty_like(out))
+    torch.cuda.synchronize()
+    return check(name, out, ref)
+
+
 def main():
     torch.manual_seed(0)
     ok = True
@@ -113,19 +138,7 @@ def main():
             if not A.prefill_wgmma_available(plan=plan):
                 print(f"prefill {plan}: skipped (OPPO_PREFILL_WGMMA_OFF)")
                 continue
-            lens = [p + c for p, c in zip(pre, chk)]
-            nblk = sum(math.ceil(n / bs) for n in lens) + 4
-            kk, vv = pool(nblk, bs, Hkv, Dd)
-            bt = tables(lens, bs, nblk)
-            cu = torch.tensor([0] + torch.tensor(chk).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
-            ctx = torch.tensor(lens, dtype=torch.int32, device="cuda")
-            q = torch.randn(sum(chk), Hq, Dd, device="cuda").bfloat16()
-            out = torch.full((sum(chk), Hq, Dd), float("nan"), device="cuda")
-            os.environ["OPPO_PREFILL_PLAN"] = plan
-            A.paged_prefill_attention(q, kk, vv, cu, ctx, bt, 0.1, out=out, max_seqlen_q=max(chk), backend="cuda")
-            os.environ.pop("OPPO_PREFILL_PLAN", None)
-            ref = A.paged_prefill_attention_ref(q, kk, vv, cu, ctx, bt.clamp_min(0), 0.1, out=torch.empty_like(out))
-            ok &= check(f"prefill {plan} G={Hq // Hkv} D={Dd}", out, ref)
+            ok &= prefill_plan_check(f"prefill {plan} G={Hq // Hkv} D={Dd}", plan, Hq, Hkv, Dd, pre, chk, 0.1)
     torch.cuda.synchronize()
     sys.exit(0 if ok else 1)
 

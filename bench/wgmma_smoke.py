@@ -25,31 +25,17 @@ CASES = ((14, 2, 64, [0, 20, 3, 130, 700], [1, 70, 17, 300, 64]),     # Hq, Hkv,
 
 
 def one(plan: str) -> int:
-    """The child process: both cases under OPPO_PREFILL_PLAN=plan, with the sanitizer script's
-    paged pool (page stride above one page), shuffled tables and check; 0 when both pass."""
-    import math
+    """The child process: both cases under OPPO_PREFILL_PLAN=plan, through the sanitizer script's
+    prefill check (paged pool with a page stride above one page, shuffled tables, NaN-poisoned
+    output, fp32 reference); 0 when both pass."""
     import os
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import torch
-    from sanitize_attention import check, pool, tables
-
-    from oppo_runtime.ops import attention as A
-    os.environ["OPPO_PREFILL_PLAN"] = plan
+    from sanitize_attention import prefill_plan_check
     torch.manual_seed(0)
-    ok, bs = True, 16
+    ok = True
     for Hq, Hkv, D, pre, chk in CASES:
-        lens = [p + c for p, c in zip(pre, chk)]
-        nblk = sum(math.ceil(n / bs) for n in lens) + 5
-        k, v = pool(nblk, bs, Hkv, D)
-        bt = tables(lens, bs, nblk)
-        cu = torch.tensor([0] + torch.tensor(chk).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
-        ctx = torch.tensor(lens, dtype=torch.int32, device="cuda")
-        q = torch.randn(sum(chk), Hq, D, device="cuda").bfloat16()
-        out = torch.full((sum(chk), Hq, D), float("nan"), device="cuda")
-        A.paged_prefill_attention(q, k, v, cu, ctx, bt, D ** -0.5, out=out, max_seqlen_q=max(chk), backend="cuda")
-        ref = A.paged_prefill_attention_ref(q, k, v, cu, ctx, bt.clamp_min(0), D ** -0.5, out=torch.empty_like(out))
-        torch.cuda.synchronize()
-        ok &= check(f"{plan} D={D}", out, ref)
+        ok &= prefill_plan_check(f"{plan} D={D}", plan, Hq, Hkv, D, pre, chk, D ** -0.5, spare_blocks=5)
     return 0 if ok else 3
 
 
