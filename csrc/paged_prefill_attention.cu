@@ -11,6 +11,7 @@
 //                   work items, the K/V prefetch running on across items); the wgmma plans are an
 //                   error on other devices or without sm_90a code.
 #include <array>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -123,14 +124,20 @@ void launch(int plan, at::Tensor& out, const at::Tensor& q, const at::Tensor& k_
             const at::Tensor& cu_seqlens_q, const at::Tensor& context_lens, const at::Tensor& block_tables,
             double scale, int64_t max_seqlen_q) {
   using namespace oppo::attn;
-  if (plan >= 0)
+  if (plan >= 0) {
+    // the wgmma producer divides by block_size once per thread; its in-page row offsets
+    // (row * Hkv * D + kv head * D < block_size * Hkv * D) are 32-bit
+    TORCH_CHECK(k_cache.size(1) > 0 && k_cache.size(1) * k_cache.size(2) * D <= INT32_MAX,
+                "paged_prefill_attention (wgmma): pages of ", k_cache.size(1), " x ", k_cache.size(2), " x ", D,
+                " elements (empty, or past 32-bit offsets); use OPPO_PREFILL_PLAN=mma");
     launch_kernel<T, D, true>(wgp::paged_prefill_wgmma_kernel<T, D>, wgp::kBM, wgp::kThreads, wgp::Cfg<D>::kSmem,
                               plan & ~kPersistent, (plan & kPersistent) ? Grid::persistent : Grid::items, out, q,
                               k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, max_seqlen_q);
-  else
+  } else {
     launch_kernel<T, D, false>(paged_prefill_kernel<T, D, kBlockN>, kPrefillBlockM, kPrefillThreads,
                                PrefillSmem<T, D, kBlockN>::kBytes, 0, Grid::three_d, out, q, k_cache, v_cache,
                                cu_seqlens_q, context_lens, block_tables, scale, max_seqlen_q);
+  }
 }
 
 }  // namespace

@@ -8,7 +8,9 @@
 // ring below running on across items).
 //   warpgroup 0  producer: gathers K and V tiles of kBN = 128 keys through the block table with
 //                cp.async (16 B per thread and chunk, zero-fill past the context) into a ring of
-//                kStages stages; per stage one "full" mbarrier (128 producer arrivals, each after
+//                kStages stages (one table load per thread and tile, a tile ahead, the row
+//                offsets shared by warp shuffles; no division in its loop);
+//                per stage one "full" mbarrier (128 producer arrivals, each after
 //                its own copies landed and a proxy fence) and one "empty" mbarrier (256 consumer
 //                arrivals once both warpgroups' MMAs on the stage completed).
 //   warpgroups 1, 2  consumers, 64 rows each: S = Q K^T as wgmma m64nkBNk16 with Q and K from
@@ -91,6 +93,26 @@ __device__ __forceinline__ void named_sync(int id, int threads) {
 }
 __device__ __forceinline__ void named_arrive(int id, int threads) {
   asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+// cp.async of 16 bytes to a shared-space address (src_bytes 0: zero fill, src not read).
+__device__ __forceinline__ void cp_async_16_s(uint32_t dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
+}
+// ld.global.nc as volatile asm: the compiler keeps it before the barrier waits and the copies that
+// follow it in the source (a plain __ldg of the producer's next-tile page id was sunk next to its
+// use, after the tile's copies). ptxas still schedules it: the SASS test checks that it comes
+// before the tile's commit and is read only after it.
+__device__ __forceinline__ int ldg_early(const int* p) {
+  int v;
+  asm volatile("ld.global.nc.b32 %0, [%1];\n" : "=r"(v) : "l"(p));
+  return v;
+}
+// The compiler sees a new pointer: K's and V's per-thread bases stay two registers each, so each
+// copy's address is one 64-bit add (it otherwise reassociates to base + (ch * 8 + o) << 1 twice).
+__device__ __forceinline__ const char* opaque_ptr(const void* p) {
+  const char* r;
+  asm("mov.b64 %0, %1;\n" : "=l"(r) : "l"(p));
+  return r;
 }
 // Register reallocation between warpgroups (each warpgroup executes it as a whole).
 template <int N>
@@ -187,66 +209,125 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
   if (wg == 0) {
     // ------------------------------------------------------------------ producer
     if constexpr (C::kSetMaxNReg) setmaxnreg_dec<C::kProducerRegs>();
-    const int t = threadIdx.x;
     constexpr int kPer = kBN * C::kChunks / 128;   // chunks per thread per tile (16 for D=128)
     constexpr int kTokStep = 128 / C::kChunks;     // tokens per pass of the 128 threads
-    const int ch = t % C::kChunks, tok0 = t / C::kChunks;
-    const int64_t row_stride = static_cast<int64_t>(Hkv) * D;
-    int g = 0;                                     // tiles issued by this CTA: the ring position
-    for (int w = blockIdx.x; w < num_items; w += gridDim.x) {
+    static_assert(kPer * kTokStep == kBN && 32 % C::kChunks == 0 && kTokStep % 8 == 0,
+                  "a warp copies whole rows, and a thread's rows share one swizzle phase");
+    const int t = threadIdx.x;
+    const int ch = t % C::kChunks, tok0 = t / C::kChunks;  // copies chunk ch of keys tok0 + kTokStep i
+    // Row offsets: one block-table load per thread and tile, a tile ahead. Thread t looks up key
+    // own = tok0 + kTokStep ch of every tile: the kChunks lanes with this tok0 (a shuffle segment
+    // of the warp) look up keys tok0 + kTokStep i, i = their ch, which are the keys whose chunk ch
+    // this thread copies; the copy of chunk i takes its row offset from segment lane i (shfl,
+    // width kChunks). So each thread loads one table entry per tile, for tile g+1 while tile g
+    // waits for its stage and issues its copies, and turns it into a row offset after tile g's
+    // commit; no shared memory, no named barrier (FlashInfer's sm90 producer does the same).
+    // The page of key it * kBN + own is a running quotient and remainder by block_size, stepped by
+    // kBN per tile: no division in the loop, for any block_size (the two below: once per thread).
+    const int own = tok0 + kTokStep * ch;
+    const int own_q = own / block_size, own_r = own - own_q * block_size;
+    const int step_q = kBN / block_size, step_r = kBN - step_q * block_size;
+    // 32-bit in-page offsets: r * Hkv * D + kvh * D < block_size * Hkv * D <= INT_MAX (the launcher
+    // checks); the page base (page * page_stride) and the pointers stay 64-bit
+    const int row_stride = Hkv * D;
+    const char* kb = opaque_ptr(k_cache + ch * 8);
+    const char* vb = opaque_ptr(v_cache + ch * 8);
+    // this thread's chunk of key tok0 in stage 0; key tok0 + kTokStep i is kTokStep i rows further
+    // (kTokStep % 8 == 0: same swizzle phase), its V chunk kTileBytes further
+    const uint32_t dst0 = smem_u32(kv_s) + swz(kBN, tok0, ch);
+
+    // a tile: its item (w; none when w >= num_items), the item's block-table row, kv head, context
+    // and tile count, the tile's index it, and the page (q, r) of its key own
+    struct Tile {
+      int w, kvh, L, n, it, q, r;
+      const int* bt;
+    };
+    auto first_tile = [&](int w, Tile& x) {  // the first tile of the first item at or after w
       Item I;
-      if (!item_at(w, I)) continue;
-      const int* bt = block_tables + static_cast<int64_t>(I.b) * bt_stride;
-      const int64_t head_off = static_cast<int64_t>(I.kvh) * D + ch * 8;
-      for (int it = 0; it < I.n_tiles; ++it, ++g) {
-        const int s = g % kS;
-        int page[8];
-        auto pages = [&](int i0) {  // a group's block-table loads, all independent
-#pragma unroll
-          for (int i = i0; i < i0 + 8; ++i) {
-            const int pos = it * kBN + tok0 + i * kTokStep;
-            page[i - i0] = pos < I.L ? __ldg(bt + pos / block_size) : 0;
-          }
-        };
-        pages(0);  // before the waits below: they do not depend on the stage
-        // 3 stages (D=128): publish the previous tile (of this item or the last one) as soon as it
-        // has landed, before waiting for this tile's stage: that stage frees only when the
-        // consumers end the iteration before the one that needs the previous tile, so publishing
-        // after this tile's loads stalled them by this tile's issue every iteration. The price:
-        // one tile's copies in flight at a time (wait_group 0 before the next tile's issue).
-        // 4 stages (D=64): this tile's stage frees an iteration earlier, so the tile is issued
-        // first and the previous one published after wait_group 1: two tiles' copies in flight.
-        constexpr bool kIssueFirst = kS >= 4;
-        if (!kIssueFirst && g > 0) {
-          cp_async_wait<0>();
-          fence_proxy_async();
-          mbar_arrive(&full[(g - 1) % kS]);
-        }
-        mbar_wait(&empty[s], ((g / kS) & 1) ^ 1);
-        unsigned char* ks = kv_s + s * C::kStageBytes;
-        unsigned char* vs = ks + C::kTileBytes;
-#pragma unroll
-        for (int i0 = 0; i0 < kPer; i0 += 8) {  // 8 chunks at a time: the producer's register budget
-          if (i0 > 0) pages(i0);
-#pragma unroll
-          for (int i = i0; i < i0 + 8; ++i) {
-            const int tok = tok0 + i * kTokStep;
-            const int pos = it * kBN + tok;
-            const bool ok = pos < I.L;
-            const int64_t off =
-                ok ? static_cast<int64_t>(page[i - i0]) * page_stride + (pos % block_size) * row_stride + head_off : 0;
-            const uint32_t dst = swz(kBN, tok, ch);
-            cp_async_16(ks + dst, k_cache + off, ok ? 16 : 0);
-            cp_async_16(vs + dst, v_cache + off, ok ? 16 : 0);
-          }
-        }
-        cp_async_commit();
-        if (kIssueFirst && g > 0) {  // every group but this tile's has landed: the previous tile
-          cp_async_wait<1>();
-          fence_proxy_async();
-          mbar_arrive(&full[(g - 1) % kS]);
-        }
+      while (w < num_items && !item_at(w, I)) w += gridDim.x;
+      x = Tile{w, 0, 0, 0, 0, own_q, own_r, block_tables};
+      if (w < num_items) {
+        x.kvh = I.kvh;
+        x.L = I.L;
+        x.n = I.n_tiles;
+        x.bt = block_tables + static_cast<int64_t>(I.b) * bt_stride;
       }
+    };
+    // this thread's key of tile x: in the context (then `page` is its block-table entry) or not
+    auto key_in = [&](const Tile& x) { return x.w < num_items && x.it * kBN + own < x.L; };
+    auto row_off = [&](const Tile& x, bool in, int page) -> int64_t {  // bytes; 0 past the context
+      return in ? (static_cast<int64_t>(page) * page_stride + (x.r * row_stride + x.kvh * D)) * int64_t{sizeof(T)}
+                : int64_t{0};
+    };
+
+    // 3 stages (D=128): publish the previous tile (of this item or the last one) as soon as it
+    // has landed, before waiting for this tile's stage: that stage frees only when the
+    // consumers end the iteration before the one that needs the previous tile, so publishing
+    // after this tile's loads stalled them by this tile's issue every iteration. The price:
+    // one tile's copies in flight at a time (wait_group 0 before the next tile's issue).
+    // 4 stages (D=64): this tile's stage frees an iteration earlier, so the tile is issued
+    // first and the previous one published after wait_group 1: two tiles' copies in flight.
+    constexpr bool kIssueFirst = kS >= 4;
+    int g = 0;        // tiles issued by this CTA: the ring position
+    int64_t off;      // the current tile's row offset of key own (bytes)
+    int lim;          // the current tile's keys tok0 + kTokStep i are in the context iff kTokStep i < lim
+    // One tile (ring position g), given its successor nx: the publish of tile g-1 (3 stages), nx's
+    // table load (in flight during this tile's stage wait and copies), the stage wait, the copies,
+    // the publish of tile g-1 (4 stages), then nx's row offset from the loaded page id.
+    auto run = [&](const Tile& nx) {
+      const int s = g % kS;
+      if (!kIssueFirst && g > 0) {
+        cp_async_wait<0>();
+        fence_proxy_async();
+        mbar_arrive(&full[(g - 1) % kS]);
+      }
+      const bool nin = key_in(nx);
+      const int page = nin ? ldg_early(nx.bt + nx.q) : 0;
+      mbar_wait(&empty[s], ((g / kS) & 1) ^ 1);
+      const uint32_t dst = dst0 + s * C::kStageBytes;
+#pragma unroll
+      for (int i = 0; i < kPer; ++i) {
+        const int64_t o = __shfl_sync(0xffffffffu, static_cast<long long>(off), i, C::kChunks);
+        const int bytes = kTokStep * i < lim ? 16 : 0;  // zero fill past the context (o is 0 there)
+        cp_async_16_s(dst + i * kTokStep * 128, kb + o, bytes);
+        cp_async_16_s(dst + C::kTileBytes + i * kTokStep * 128, vb + o, bytes);
+      }
+      cp_async_commit();
+      if (kIssueFirst && g > 0) {  // every group but this tile's has landed: the previous tile
+        cp_async_wait<1>();
+        fence_proxy_async();
+        mbar_arrive(&full[(g - 1) % kS]);
+      }
+      ++g;
+      off = row_off(nx, nin, page);
+      lim = nx.L - nx.it * kBN - tok0;
+    };
+
+    Tile cur;
+    first_tile(blockIdx.x, cur);  // there is one: the CTA has an item
+    {
+      const bool in = key_in(cur);
+      off = row_off(cur, in, in ? __ldg(cur.bt + cur.q) : 0);
+      lim = cur.L - tok0;
+    }
+    while (true) {
+      while (cur.it + 1 < cur.n) {  // the successor is in the same item: kBN keys on
+        Tile nx = cur;
+        ++nx.it;
+        nx.q += step_q;
+        nx.r += step_r;
+        if (nx.r >= block_size) {
+          nx.r -= block_size;
+          ++nx.q;
+        }
+        run(nx);
+        cur = nx;
+      }
+      Tile nx;  // the item's last tile: the successor opens the next item, if any
+      first_tile(cur.w + gridDim.x, nx);
+      run(nx);
+      if (nx.w >= num_items) break;
+      cur = nx;
     }
     cp_async_wait<0>();
     fence_proxy_async();

@@ -141,7 +141,11 @@ def emulate(q, k_cache, v_cache, cu, ctx, bt, scale, out, grid=None):
     Gq = Hq // Hkv
     kS, chunks = stages(D), D // 8
     NB, KS = BN // 8, BN // 16
-    qn, kn, vn = (x.float().numpy() for x in (q, k_cache, v_cache))
+    qn = q.float().numpy()
+    # the pools as the kernel sees them: flat, pages page_stride elements apart (>= a page)
+    page_stride = k_cache.stride(0)
+    assert v_cache.stride(0) == page_stride and k_cache.stride(1) == Hkv * D
+    kflat, vflat = (torch.as_strided(x, (x.shape[0] * page_stride,), (1,)).float().numpy() for x in (k_cache, v_cache))
     cu, ctx, bt = cu.tolist(), ctx.tolist(), bt.tolist()
     q_bytes, tile_bytes = BM * D * 2, BN * D * 2
     stage_bytes = 2 * tile_bytes
@@ -156,26 +160,43 @@ def emulate(q, k_cache, v_cache, cu, ctx, bt, scale, out, grid=None):
         ring = [(I, it) for I in work for it in range(I["n_tiles"])]      # tiles in ring order (g)
         smem = np.full((q_bytes + kS * stage_bytes) // 2, np.nan, np.float32)   # unwritten = NaN
         produced = 0
+        # the producer's cursor (kernel: Tile): per thread, the page (q, r) of its key `own` of
+        # the last tile produced, stepped by BN keys per tile, reset at an item's first tile
+        per, step = BN * chunks // 128, 128 // chunks
+        t = np.arange(128)
+        ch, tok0 = t % chunks, t // chunks
+        own = tok0 + step * ch                       # the key each thread looks up
+        own_q, own_r = own // bs, own % bs           # once per thread (the kernel's only division)
+        step_q, step_r = BN // bs, BN % bs
+        cur = dict(q=own_q.copy(), r=own_r.copy())
 
         def produce_next():          # the producer warpgroup's copies of ring tile `produced`
             nonlocal produced
             I, it = ring[produced]
+            if it == 0:
+                cur["q"], cur["r"] = own_q.copy(), own_r.copy()
+            else:                    # kBN keys on: quotient and remainder without a division
+                r = cur["r"] + step_r
+                cur["q"], cur["r"] = cur["q"] + step_q + (r >= bs), np.where(r >= bs, r - bs, r)
+            assert (cur["q"] == (it * BN + own) // bs).all() and (cur["r"] == (it * BN + own) % bs).all()
+            key_in = it * BN + own < I["L"]
+            page = np.array([bt[I["b"]][q] if ok else 0 for q, ok in zip(cur["q"], key_in)])
+            off = np.where(key_in, page * page_stride + cur["r"] * Hkv * D + I["kvh"] * D, 0)   # elements
+            lim = I["L"] - it * BN - tok0
             base = q_bytes + (produced % kS) * stage_bytes
-            per, step = BN * chunks // 128, 128 // chunks
-            for t in range(128):
-                ch, tok0 = t % chunks, t // chunks
+            for tt in range(128):
                 for i in range(per):
-                    tok = tok0 + i * step
-                    pos = it * BN + tok
-                    dst = (base + swz(BN, tok, ch)) // 2
-                    if pos < I["L"]:
-                        page = bt[I["b"]][pos // bs]
-                        smem[dst:dst + 8] = kn[page, pos % bs, I["kvh"], ch * 8:ch * 8 + 8]
-                        smem[dst + tile_bytes // 2:dst + tile_bytes // 2 + 8] = \
-                            vn[page, pos % bs, I["kvh"], ch * 8:ch * 8 + 8]
-                    else:                # cp.async with src-size 0: zero fill
-                        smem[dst:dst + 8] = 0
-                        smem[dst + tile_bytes // 2:dst + tile_bytes // 2 + 8] = 0
+                    tok = tok0[tt] + i * step
+                    # shfl.idx width `chunks`: lane i of this thread's segment (same tok0) owns key tok
+                    src = (tt // chunks) * chunks + i
+                    assert own[src] == tok
+                    dst = (base + swz(BN, tok, ch[tt])) // 2
+                    for flat, half in ((kflat, 0), (vflat, tile_bytes // 2)):
+                        if step * i < lim[tt]:
+                            o = off[src] + ch[tt] * 8
+                            smem[dst + half:dst + half + 8] = flat[o:o + 8]
+                        else:                # cp.async with src-size 0: zero fill
+                            smem[dst + half:dst + half + 8] = 0
             produced += 1
 
         def release():               # both warpgroups released a stage: the producer refills it
@@ -278,12 +299,13 @@ def emulate(q, k_cache, v_cache, cu, ctx, bt, scale, out, grid=None):
 
 
 # --------------------------------------------------------------------------- the test
-def _case(Hq, Hkv, D, bs, prefixes, chunks, dtype, seed=0, grid=None):
+def _case(Hq, Hkv, D, bs, prefixes, chunks, dtype, seed=0, grid=None, pad=0):
+    """pad > 0: pages `pad` rows longer than block_size (page stride > page, garbage between pages)."""
     g = torch.Generator().manual_seed(seed)
     lens = [p + c for p, c in zip(prefixes, chunks)]
     nblocks = sum(math.ceil(n / bs) for n in lens) + 3
-    k = (torch.rand(nblocks, bs, Hkv, D, generator=g) * 100 - 50).to(dtype)    # garbage outside the contexts
-    v = (torch.rand(nblocks, bs, Hkv, D, generator=g) * 100 - 50).to(dtype)
+    k = (torch.rand(nblocks, bs + pad, Hkv, D, generator=g) * 100 - 50).to(dtype)[:, :bs]  # garbage outside the contexts
+    v = (torch.rand(nblocks, bs + pad, Hkv, D, generator=g) * 100 - 50).to(dtype)[:, :bs]
     perm = torch.randperm(nblocks, generator=g)
     width = max(math.ceil(n / bs) for n in lens) + 1
     bt = torch.full((len(lens), width), -1, dtype=torch.int32)
@@ -326,6 +348,18 @@ def test_persistent_grid_runs_the_ring_across_items(D):
     producer's prefetch run on across items (a stage holds the next item's tile while the last
     one's P V is pending); ragged items of 1 to 6 tiles, items past short chunks skipped."""
     out, ref = _case(8, 2, D, 16, [0, 300, 5, 700], [150, 40, 1, 90], torch.bfloat16, grid=3)
+    assert torch.isfinite(out).all()
+    assert float((out - ref).norm() / ref.norm()) < 2e-3
+
+
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("bs,pad", [(1, 0), (7, 1), (32, 3), (128, 0), (200, 2), (256, 0)])
+def test_producer_pages_any_block_size(D, bs, pad):
+    """The producer's page arithmetic (quotient and remainder of each thread's key, stepped by 128
+    keys per tile, reset per item; one table load per thread and tile, its row offset shuffled to
+    the threads that copy the key) for block sizes below, at and above the 128-key tile, powers of
+    two or not, pages apart by more than a page, over a persistent grid (the cursor crosses items)."""
+    out, ref = _case(8, 2, D, bs, [0, 300, 5, 260], [150, 40, 1, 9], torch.bfloat16, grid=3, pad=pad)
     assert torch.isfinite(out).all()
     assert float((out - ref).norm() / ref.norm()) < 2e-3
 

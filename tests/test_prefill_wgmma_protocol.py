@@ -71,6 +71,9 @@ def programs(items: list[int], kS: int, pingpong: bool, log: list):
         full[st].arrive(128)
 
     def producer():
+        # The kernel's producer also loads tile g+1's block-table entries during tile g (after the
+        # publish with 3 stages, before the stage wait with 4) and shares row offsets by warp
+        # shuffles: neither is a barrier operation, so the order simulated here is unchanged.
         for g in range(n_total):      # g: the ring position (tiles of all items, in order)
             s = g % kS
             p = ((g // kS) & 1) ^ 1

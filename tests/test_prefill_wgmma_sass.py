@@ -6,13 +6,17 @@ matching wait (warning C7514/C7519-style "Potential Performance Loss"), and it h
 ``wgmma.wait_group 0`` up to the ``wait_group 1`` before it, which undoes the intra-warpgroup
 overlap (the softmax of tile t while tile t-1's P V runs). This test compiles the kernel for
 sm_90a with nvcc (bf16, head dims 64 and 128), reads ptxas's report and the SASS, and checks:
-no performance-loss warning, no spills, HGMMAs issued in batches, and the overlap's shape (a
-DEPBAR 1, then the tile's exponentials, then the DEPBAR 0).
+no performance-loss warning, no spills, HGMMAs issued in batches, the overlap's shape (a
+DEPBAR 1, then the tile's exponentials, then the DEPBAR 0), and the producer's tile loop (no
+integer division in it, a bounded issue, the next tile's block-table load before this tile's
+cp.async commit and used only after it).
 """
+import functools
 import os
 import re
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -42,8 +46,11 @@ def _tools():
     return nvcc, cuobjdump
 
 
-def _compile(D: int, tmp_path: Path) -> tuple[str, list[str]]:
+@functools.lru_cache(maxsize=None)
+def _build(D: int) -> tuple[str, str]:
+    """ptxas's report and the SASS of the bf16 kernel for head dim D (compiled once per session)."""
     nvcc, cuobjdump = _tools()
+    tmp_path = Path(tempfile.mkdtemp(prefix=f"wgmma_sass_{D}_"))
     src = tmp_path / f"wgmma_{D}.cu"
     src.write_text(SOURCE.replace("{D}", str(D)))
     cubin = tmp_path / f"wgmma_{D}.cubin"
@@ -55,8 +62,14 @@ def _compile(D: int, tmp_path: Path) -> tuple[str, list[str]]:
     assert out.returncode == 0, out.stderr[-3000:]
     sass = subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True, text=True, timeout=120)
     assert sass.returncode == 0, sass.stderr[-2000:]
+    shutil.rmtree(tmp_path, ignore_errors=True)
+    return out.stdout + out.stderr, sass.stdout
+
+
+def _compile(D: int, tmp_path: Path) -> tuple[str, list[str]]:
+    report, sass = _build(D)
     events = []
-    for line in sass.stdout.splitlines():
+    for line in sass.splitlines():
         if "WARPGROUP.DEPBAR" in line:
             events.append("DEPBAR" + re.search(r"gsb0,\s*(0x[0-9a-f]+)", line).group(1))
         elif "MUFU.EX2" in line:
@@ -65,7 +78,7 @@ def _compile(D: int, tmp_path: Path) -> tuple[str, list[str]]:
             events.append("HGMMA")
         elif re.search(r"\bDEPBAR\.LE SB0", line):      # cp.async.wait_group N (the producer's)
             events.append("CPWAIT" + re.search(r"SB0,\s*(0x[0-9a-f]+)", line).group(1))
-    return out.stdout + out.stderr, events
+    return report, events
 
 
 @pytest.mark.parametrize("D", [64, 128])
@@ -97,3 +110,105 @@ def test_wgmma_prefill_producer_keeps_its_copies_in_flight(D, tmp_path):
     waits = {e for e in ev if e.startswith("CPWAIT")}
     assert ("CPWAIT0x1" in waits) == (D == 64), waits
 
+
+# ------------------------------------------------------------------ the producer's tile loop
+def _instructions(sass: str) -> list[tuple[int, str]]:
+    """(address, instruction text with its predicate guard, without the ';') of every SASS line."""
+    out = []
+    for line in sass.splitlines():
+        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", line)
+        if m:
+            out.append((int(m.group(1), 16), m.group(2).strip()))
+    return out
+
+
+def _opcode(text: str) -> str:
+    return re.sub(r"^@!?U?P\w+\s+", "", text).split()[0]
+
+
+def _regs(operand: str) -> set[str]:
+    """General registers an operand names (R4.64: R4 and R5)."""
+    regs = set()
+    for m in re.finditer(r"\bR(\d+)(\.64)?\b", operand):
+        regs.add(f"R{m.group(1)}")
+        if m.group(2):
+            regs.add(f"R{int(m.group(1)) + 1}")
+    return regs
+
+
+def producer_loop(sass: str) -> dict:
+    """The producer's steady-state tile loop: the innermost loop (a predicated backward branch)
+    holding the cp.async copies (LDGSTS) and an mbarrier wait. Returns its instructions and the
+    indices (into them) of the stage wait before the first copy and of the commit (LDGDEPBAR)."""
+    ins = _instructions(sass)
+    addr = [a for a, _ in ins]
+    best = None
+    for k, (a, t) in enumerate(ins):
+        m = re.search(r"\bBRA\b.*?(0x[0-9a-f]+)$", t)
+        if not (m and t.startswith("@")) or int(m.group(1), 16) >= a:
+            continue
+        h = addr.index(int(m.group(1), 16))
+        body = [x for _, x in ins[h:k + 1]]
+        if any(_opcode(x).startswith("LDGSTS") for x in body) and any("TRYWAIT" in x for x in body):
+            if best is None or k - h < len(best):
+                best = body
+    assert best is not None, "no producer loop (LDGSTS and an mbarrier wait under a backward branch)"
+    ops = [_opcode(x) for x in best]
+    first = ops.index(next(o for o in ops if o.startswith("LDGSTS")))
+    wait = max(i for i in range(first) if "TRYWAIT" in best[i])
+    commit = next(i for i in range(first, len(ops)) if ops[i] == "LDGDEPBAR")
+    return dict(body=best, ops=ops, wait=wait, commit=commit)
+
+
+def _sources_and_dests(text: str) -> tuple[set[str], set[str]]:
+    """General registers an instruction reads and writes (stores, copies and barriers only read;
+    otherwise the first register operand after any predicate outputs is the destination)."""
+    op = _opcode(text)
+    operands = [x.strip() for x in re.sub(r"^@!?U?P\w+\s+", "", text).split(None, 1)[1:][0].split(",")] \
+        if len(text.split()) > 1 else []
+    if re.match(r"^(LDGSTS|STS|STG|ST\.|SYNCS|RED|BAR|BRA)", op):
+        return set().union(set(), *(_regs(x) for x in operands)), set()
+    k = 0
+    while k < len(operands) and re.fullmatch(r"U?P(T|\d+)", operands[k]):
+        k += 1
+    dests = _regs(operands[k]) if k < len(operands) and not operands[k].startswith("[") else set()
+    if ".WIDE" in op and dests:                                 # a 64-bit result: the pair
+        dests |= {f"R{int(r[1:]) + 1}" for r in dests if r != "RZ"}
+    return set().union(set(), *(_regs(x) for x in operands[k + 1:])), dests
+
+
+_DIVISION = re.compile(r"^(I2F|F2I|MUFU\.RCP|IMAD\.HI)")   # the integer division sequence's pieces
+
+
+@pytest.mark.parametrize("D", [64, 128])
+def test_wgmma_prefill_producer_loop_has_no_division_and_prefetches_the_table(D):
+    """The producer's per-tile work (session 8). Before: a runtime division and modulo by
+    block_size per 16-byte chunk (I2F/MUFU.RCP/IMAD.HI in the loop: 80 of them at D=64, 160 at
+    D=128), 446 / 1248 instructions from the stage wait to the commit, and the table loads on the
+    copies' path (D=128: 8 of them between the wait and the commit). Now: no division anywhere in
+    the loop, ~6 instructions per copy at most, and the next tile's table load (a tile ahead)
+    issued before this tile's commit and read only after it."""
+    _tools()
+    L = producer_loop(_build(D)[1])
+    body, ops, wait, commit = L["body"], L["ops"], L["wait"], L["commit"]
+    div = [body[i] for i, o in enumerate(ops) if _DIVISION.match(o)]
+    assert not div, f"integer division in the producer's tile loop: {div[:6]}"
+    copies = sum(o.startswith("LDGSTS") for o in ops)
+    assert copies == 2 * (128 * D // 8) // 128, copies          # K and V: kPer chunks each per thread
+    issue = commit - wait + 1
+    assert issue <= 6 * copies + 24, f"{issue} instructions from the stage wait to the commit for {copies} copies"
+    ldg = [i for i, o in enumerate(ops) if o.startswith("LDG.")]
+    assert ldg, "no block-table load in the producer's tile loop"
+    for i in ldg:
+        assert i < commit, f"block-table load after the commit: {body[i]}"
+        dest = _sources_and_dests(body[i])[1]
+        assert dest, body[i]
+        # the loaded page id is first read after this tile's copies are committed: the next tile's
+        for j in range(i + 1, len(ops)):
+            reads, writes = _sources_and_dests(body[j])
+            if dest & reads:
+                assert j > commit, f"the table load {body[i]!r} is used before the commit by {body[j]!r}"
+                break
+            assert not dest & writes, f"the table load {body[i]!r} is overwritten unread by {body[j]!r}"
+        else:
+            raise AssertionError(f"the table load {body[i]!r} is not read in the loop")
