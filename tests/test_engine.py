@@ -187,13 +187,10 @@ def test_async_decode_equals_synchronous_decode(tiny_llama, num_pages, batched, 
     _, model = tiny_llama
     static, graph_sampling = "static" in mode, "graph-sampling" in mode
     ps = prompts(9, seed=23)
-    probe = ActorEngine(model, make_pool(model, 128)).generate(ps[:1], SamplingParams(temperature=0.0,
-                                                                                     max_new_tokens=8))[0]
-    eos = probe.output_ids[5]
 
-    def run(async_decode, static=False, graph_sampling=False):
+    def run(async_decode, static=False, graph_sampling=False, pages=num_pages):
         monkeypatch.setenv("OPPO_STATIC_DECODE", "1" if static else "0")
-        pool = make_pool(model, num_pages)
+        pool = make_pool(model, pages)
         eng = ActorEngine(model, pool, EngineConfig(async_decode=async_decode, chunk_size=3, seed=4,
                                                     max_num_batched_tokens=batched, max_model_len=40,
                                                     graph_sampling=graph_sampling),
@@ -203,8 +200,14 @@ def test_async_decode_equals_synchronous_decode(tiny_llama, num_pages, batched, 
         eng.add_chunk_consumer(lambda cs: chunks.extend((c.seq.seq_id, c.start, c.end, c.final, tuple(c.token_ids))
                                                         for c in cs))
         sp = SamplingParams(temperature=1.0, max_new_tokens=30)
+        # also: a stop token, EOS ignored, top-k (the eager sampler), a colder temperature
+        sps = [sp, sp, SamplingParams(temperature=1.0, max_new_tokens=30,
+                                                        stop_token_ids=() if stop is None else (stop,)),
+               sp, SamplingParams(temperature=1.0, max_new_tokens=20, ignore_eos=True), sp,
+               SamplingParams(temperature=1.0, max_new_tokens=30, top_k=5), sp,
+               SamplingParams(temperature=0.5, max_new_tokens=30)]
         lens = [None, 5, None, 12, None, 1, None, 30, None]
-        seqs = [eng.add_request(p, sp, target_len=t) for p, t in zip(ps, lens)]
+        seqs = [eng.add_request(p, q, target_len=t) for p, q, t in zip(ps, sps, lens)]
         lagged = 0
         while eng.has_unfinished():
             eng.step()
@@ -215,10 +218,27 @@ def test_async_decode_equals_synchronous_decode(tiny_llama, num_pages, batched, 
         chunks = sorted((ids[c[0]],) + c[1:] for c in chunks)
         return [(s.output_ids, s.logprobs, s.versions, s.finish_reason) for s in seqs], chunks, lagged, eng
 
-    sync_out, sync_chunks, lagged_sync, _ = run(False)
+    # EOS and the stop token from a run without them (sampling is a function of the sequence and
+    # position only): sequence 0 meets the EOS by its 5th token, sequence 2 its stop token by its 3rd
+    eos = stop = None
+    probe, *_ = run(False, pages=128)
+    eos = probe[0][0][4]
+    stop = next(t for t in probe[2][0][2:] if t != eos)
+    sync_out, sync_chunks, lagged_sync, sync_eng = run(False)
     async_decode = "async" in mode
     async_out, async_chunks, lagged_async, eng = run(async_decode, static, graph_sampling)
+    # the same schedule: as many prefill steps, and as many decode steps but those a read-late
+    # EOS or stop token adds (a step left with wasted rows only)
+    assert eng.stats["prefill_steps"] == sync_eng.stats["prefill_steps"]
+    assert 0 <= eng.stats["decode_steps"] - sync_eng.stats["decode_steps"] <= eng.stats["wasted_rows"]
     assert lagged_sync == 0 and (lagged_async > 0) == async_decode
+    # the lagged steps of the steady state filter the previous step's arrays (Scheduler._lagged_rows)
+    assert (eng.scheduler.rows_stats["fast"] > 0) == async_decode
+    # a read-late EOS or stop token costs at most one wasted row; a known end (length) costs none
+    token_ends = sum(r in ("eos", "stop") for *_, r in sync_out)
+    assert eng.stats["wasted_rows"] <= (token_ends if async_decode else 0)
+    if async_decode and num_pages == 64:            # (no preemption draining the step first)
+        assert eng.stats["wasted_rows"] > 0
     if static:       # every decode step went through the static buffers of its batch size
         assert eng.runner.graphs and all(g is None for g, _ in eng.runner.graphs.values())
     # tokens, versions and finishes exactly; log-probs to float rounding (the wasted rows change a
@@ -229,7 +249,7 @@ def test_async_decode_equals_synchronous_decode(tiny_llama, num_pages, batched, 
     assert async_chunks == sync_chunks
     finals = [c[0] for c in async_chunks if c[3]]
     assert sorted(finals) == list(range(len(ps)))         # one final chunk per sequence
-    assert any(r == "eos" for *_, r in sync_out) and any(r == "length" for *_, r in sync_out)
+    assert {"eos", "stop", "length"} <= {r for *_, r in sync_out}
     assert all(t >= 0 for out, *_ in async_out for t in out)
     if num_pages == 20:
         assert eng.scheduler.num_preemptions > 0

@@ -15,12 +15,13 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
 from ..memory import KVGeometry, PagePool
 from ..ops import sample_tokens, sampling_triton
 from .config import EngineConfig
-from .runner import ModelRunner, PinnedRing
+from .runner import DecodeRows, ModelRunner, PinnedRing, TokensFrom
 from .scheduler import NeedsDrain, Scheduler
 from .sequence import Chunk, RequestError, SamplingParams, Sequence, SeqStatus
 
@@ -40,8 +41,16 @@ class _InFlight:
     tokens: torch.Tensor           # [B] on the device: the next step's input tokens
     host: tuple                    # (tokens, log-probs, NaN flags) [B] each, on the host (pinned)
     event: object                  # CUDA event after the copy (None on the CPU)
-    row: dict                      # seq_id -> row
     launch_id: int
+    rows: DecodeRows | None = None  # the step's arrays (the next lagged step filters them)
+    _row: dict | None = None
+
+    @property
+    def row(self) -> dict:
+        """seq_id -> row (made when a step that walks the sequences needs it)."""
+        if self._row is None:
+            self._row = {s.seq_id: r for r, s in enumerate(self.seqs)}
+        return self._row
 
 
 def _needs_filter(sampling: list[SamplingParams], V: int) -> bool:
@@ -65,12 +74,16 @@ class ActorEngine:
                                   self.config.graph_batch_sizes)
         self.scheduler = Scheduler(self.view, self.config.max_num_seqs, self.config.max_num_batched_tokens,
                                    on_pool_pressure)
+        self.scheduler.max_model_len = self.max_model_len
         self.version = 0
         self._num_requests = 0
         self.chunk_size = self.config.chunk_size
         self._consumers: list[Callable[[list[Chunk]], None]] = []
         # host_s: host-side scheduling, batch preparation and token bookkeeping (not GPU work)
-        self.stats = {"decode_steps": 0, "prefill_steps": 0, "generated_tokens": 0, "host_s": 0.0}
+        # wasted_rows: decode rows of sequences that had ended at an earlier token (async decode: an
+        # EOS or stop token is read one step late; ends by length are known and sit out)
+        self.stats = {"decode_steps": 0, "prefill_steps": 0, "generated_tokens": 0, "host_s": 0.0,
+                      "wasted_rows": 0}
         self.step_hooks: list[Callable[[str, float, float], None]] = []   # (kind, t0, t1) per step
         # async decode: read each decode step's tokens back while the next one runs (see step())
         self.async_decode = self.config.async_decode
@@ -227,15 +240,19 @@ class ActorEngine:
         prev, self._inflight = self._inflight, None
         finished: list[Sequence] = []
         batch, ids_from = None, None
+        self.scheduler.track_rows = self.async_decode      # the lagged steps' arrays (DecodeRows)
         if prev is not None:
-            exclude = self._ending_by_length(prev.seqs)
             try:
-                batch = self.scheduler.schedule_lagged_decode(exclude)
+                batch = self.scheduler.schedule_lagged_decode(prev.seqs, prev.rows)
             except NeedsDrain:
                 batch = None
             if batch is None:                       # prefill, preemption or the end: book first
                 finished += self._book(prev)
                 prev = None
+            elif batch.spans is batch.rows:         # made from prev's rows: every row continues one
+                src = batch.rows.from_prev
+                B = len(src)
+                ids_from = TokensFrom(np.arange(B, dtype=np.int64), src, prev.tokens, bool(src[-1] == B - 1))
             else:
                 row = prev.row
                 dst, src = [], []
@@ -244,7 +261,7 @@ class ActorEngine:
                     if r is not None:
                         dst.append(i)
                         src.append(r)
-                ids_from = (dst, src, prev.tokens)
+                ids_from = TokensFrom(dst, src, prev.tokens, len(dst) == len(batch.seqs) and dst == src)
         if batch is None:
             batch = self.scheduler.schedule()
         if batch is None:
@@ -309,38 +326,45 @@ class ActorEngine:
                 keep.append((launch_id, key))
         self._retired = keep
 
-    def _ending_by_length(self, seqs: list[Sequence]) -> set:
-        """Ids of ``seqs`` whose unread token is their last by length (their told or maximum number of
-        new tokens, or the context): they sit out the next lagged step. Runs over the whole batch
-        every decode step, so it reads each length once."""
-        max_len, out = self.max_model_len, set()
-        for seq in seqs:
-            n = len(seq.output_ids)
-            if n >= seq.max_new or len(seq.prompt_ids) + n >= max_len:
-                out.add(seq.seq_id)
-        return out
-
     def _launch(self, batch, ids_from) -> "_InFlight":
         """Forward and sampling on the device; the tokens' read-back is started, not awaited."""
         self._launch_id += 1        # pages freed from now until this step is booked are quarantined
-        rows = [i for i, s in enumerate(batch.sample) if s]
-        seqs = [batch.seqs[i] for i in rows]
+        rows = batch.rows
+        if batch.is_decode:         # every row samples
+            seqs = batch.seqs
+            sampled_rows = None
+        else:
+            sampled_rows = [i for i, s in enumerate(batch.sample) if s]
+            seqs = [batch.seqs[i] for i in sampled_rows]
+        V = self.model.config.vocab_size
         out = None
-        if self.graph_sampling and batch.is_decode and len(rows) == len(batch.seqs):
-            sp = [s.sampling for s in seqs]
-            if not _needs_filter(sp, self.model.config.vocab_size):
-                # one replay: forward, LM head and sampler, the sampler's inputs packed with the
-                # step's (None: this step cannot take that path)
-                out = self.runner.forward_sample(batch.spans, self.view.pages, ids_from, [s.sample_key for s in seqs],
-                                                 [len(s.prompt_ids) + len(s.output_ids) for s in seqs],
-                                                 [p.temperature for p in sp])
+        if self.graph_sampling and batch.is_decode and sampled_rows is None:
+            if rows is not None:            # the sampler's inputs from the arrays
+                if not (rows.filtered and _needs_filter([s.sampling for s in seqs], V)):
+                    out = self.runner.forward_sample(batch.spans, self.view.pages, ids_from, rows.keys, rows.n,
+                                                     rows.temps)
+            else:
+                sp = [s.sampling for s in seqs]
+                if not _needs_filter(sp, V):
+                    # one replay: forward, LM head and sampler, the sampler's inputs packed with the
+                    # step's (None: this step cannot take that path)
+                    out = self.runner.forward_sample(batch.spans, self.view.pages, ids_from,
+                                                     [s.sample_key for s in seqs],
+                                                     [len(s.prompt_ids) + len(s.output_ids) for s in seqs],
+                                                     [p.temperature for p in sp])
         if out is None:
             hidden = self.runner.forward(batch.spans, self.view.pages, ids_from=ids_from)
-            if rows:
-                logits = self.model.compute_logits(hidden[rows] if len(rows) != hidden.shape[0] else hidden)
-                out = self._sample(seqs, logits)
-        for seq, span in zip(batch.seqs, batch.spans):
-            seq.num_cached_tokens = span.start + len(span.token_ids)
+            if seqs:
+                if sampled_rows is not None and len(sampled_rows) != hidden.shape[0]:
+                    hidden = hidden[sampled_rows]
+                logits = self.model.compute_logits(hidden)
+                out = self._sample(seqs, logits, rows)
+        if rows is not None:
+            for seq, n in zip(batch.seqs, rows.n.tolist()):
+                seq.num_cached_tokens = n
+        else:
+            for seq, span in zip(batch.seqs, batch.spans):
+                seq.num_cached_tokens = span.start + len(span.token_ids)
         tokens = host = None
         if out is not None:
             tokens = out[0]
@@ -352,12 +376,16 @@ class ActorEngine:
         if self.runner.device.type == "cuda":
             event = torch.cuda.Event()
             event.record()
-        idx = []
-        for seq in seqs:
-            seq.output_ids.append(_PENDING)
-            idx.append(len(seq.output_ids) - 1)
-        return _InFlight(seqs, idx, self.version, tokens, host, event, {s.seq_id: r for r, s in enumerate(seqs)},
-                         self._launch_id)
+        if rows is not None:                # each row's token goes at index n - prompt length
+            idx = (rows.n - rows.plen).tolist()
+            for seq in seqs:
+                seq.output_ids.append(_PENDING)
+        else:
+            idx = []
+            for seq in seqs:
+                seq.output_ids.append(_PENDING)
+                idx.append(len(seq.output_ids) - 1)
+        return _InFlight(seqs, idx, self.version, tokens, host, event, self._launch_id, rows)
 
     def _book(self, fl: "_InFlight") -> list[Sequence]:
         """Read back a launched step's tokens and book them; returns the sequences that finished."""
@@ -375,14 +403,22 @@ class ActorEngine:
         live = []
         version, booked, max_len = fl.version, 0, self.max_model_len
         done = SeqStatus.FINISHED
-        for seq, i, tok, lp, is_bad in zip(fl.seqs, fl.idx, toks, lps, bad):
+        # rows whose token cannot end them (no EOS/stop/length/context end, finite logits): booked
+        # without the checks; from the step's arrays when it has them
+        if fl.rows is not None:
+            plain = fl.rows.plain_rows(fl.host[0].numpy(), fl.host[2].numpy(), max_len, self.eos_token_id)
+        else:
+            plain = [not b and s.target_len is not None and i + 1 < s.target_len and len(s.prompt_ids) + i + 1 < max_len
+                     for s, i, b in zip(fl.seqs, fl.idx, bad)]
+        wasted = 0
+        for seq, i, tok, lp, is_bad, is_plain in zip(fl.seqs, fl.idx, toks, lps, bad, plain):
             out = seq.output_ids
             if seq.status is done or len(out) <= i:
-                continue                  # ended at an earlier token: this row was wasted work
+                wasted += 1               # ended at an earlier token: this row was wasted work
+                continue
             live.append(seq)
-            tl = seq.target_len
-            if not is_bad and tl is not None and i + 1 < tl and len(seq.prompt_ids) + i + 1 < max_len:
-                out[i] = tok              # the common case of a told length: booked, not ending
+            if is_plain:
+                out[i] = tok              # the common case: booked, not ending
                 seq.logprobs.append(lp)
                 seq.versions.append(version)
                 booked += 1
@@ -402,31 +438,39 @@ class ActorEngine:
                 del out[i + 1:]            # a later step's unread token, if any
                 finished.append(seq)
         self.stats["generated_tokens"] += booked
+        self.stats["wasted_rows"] += wasted
         self._emit(live)                  # (a sequence that ended earlier has had its final chunk)
         for seq in finished:
             self.scheduler.finish(seq)
         return finished
 
-    def _sample_inputs(self, seqs: list[Sequence], V: int):
+    def _sample_inputs(self, seqs: list[Sequence], V: int, rows: DecodeRows | None = None):
         """(needs_filter, keys, positions, temperature, top_k, top_p) of the rows over a vocabulary
         of V, staged on the device (top_k/top_p only when a row filters or the fused sampler cannot
-        run)."""
-        sp = [s.sampling for s in seqs]
-        needs_filter = _needs_filter(sp, V)
-        # per-row parameters in two staged copies and no conversion kernels (this runs every step)
-        keys, pos = self.runner.stage.many([[s.sample_key for s in seqs],
-                                            [len(s.prompt_ids) + len(s.output_ids) for s in seqs]])
-        temp = self.runner.stage([p.temperature for p in sp], torch.float32)
+        run). ``rows``: the batch's arrays (a decode batch: keys, positions n, temperatures)."""
+        sp = None
+        if rows is not None and not rows.filtered:
+            needs_filter = False
+            keys, pos = self.runner.stage.many([rows.keys, rows.n])
+            temp = self.runner.stage(rows.temps, torch.float32)
+        else:
+            sp = [s.sampling for s in seqs]
+            needs_filter = _needs_filter(sp, V)
+            # per-row parameters in two staged copies and no conversion kernels (this runs every step)
+            keys, pos = self.runner.stage.many([[s.sample_key for s in seqs],
+                                                [len(s.prompt_ids) + len(s.output_ids) for s in seqs]])
+            temp = self.runner.stage([p.temperature for p in sp], torch.float32)
         if needs_filter or not (self.runner.device.type == "cuda" and sampling_triton.available()):
+            sp = sp or [s.sampling for s in seqs]
             top_k = self.runner.stage([p.top_k for p in sp], torch.int64)
             top_p = self.runner.stage([p.top_p for p in sp], torch.float32)
         else:                   # the fused sampler does not read them
             top_k = top_p = None
         return needs_filter, keys, pos, temp, top_k, top_p
 
-    def _sample(self, seqs: list[Sequence], logits: torch.Tensor):
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor, rows: DecodeRows | None = None):
         """Sample each row on the device: (tokens [B] int64, log-probs [B] float32, NaN flags [B] bool)."""
-        needs_filter, keys, pos, temp, top_k, top_p = self._sample_inputs(seqs, logits.shape[-1])
+        needs_filter, keys, pos, temp, top_k, top_p = self._sample_inputs(seqs, logits.shape[-1], rows)
         tokens, logps, bad = sample_tokens(logits, temp, top_k, top_p, self.config.seed, keys, pos,
                                            needs_filter=needs_filter)
         return tokens, logps, bad

@@ -22,6 +22,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -30,7 +31,7 @@ from ..memory import KVView
 from ..models.context import PagedContext
 from ..ops import attention_kernels_support
 
-__all__ = ["Span", "ModelRunner", "PinnedRing"]
+__all__ = ["Span", "DecodeRows", "TokensFrom", "ModelRunner", "PinnedRing"]
 
 # Prefill graph buckets: at least 64 tokens and chunks of 16 (smaller buckets would only add graphs),
 # at most 256 sequences (padding sequences cost a few early-exiting attention CTAs each).
@@ -54,6 +55,98 @@ class Span:
     key: object
     token_ids: list[int]
     start: int
+
+
+class TokensFrom(NamedTuple):
+    """Decode rows whose input token is still on the device (sampled by the step in flight): row
+    ``dst[i]`` of this step takes ``tokens[src[i]]``; ``same``: dst and src are both 0..B-1."""
+    dst: object           # list[int] or int64 array
+    src: object
+    tokens: torch.Tensor
+    same: bool
+
+
+@dataclass
+class DecodeRows:
+    """A decode batch as arrays, one row per sequence and one token each (the steady state of
+    async decoding: the scheduler carries it from one lagged step to the next and filters it with
+    numpy instead of walking every running sequence in Python; see Scheduler._lagged_rows).
+
+    Row i decodes the token at position ``n[i] - 1`` of ``seqs[i]`` (its K/V land in slot n-1, the
+    context is n tokens, the sampler's position is n). ``alive`` turns False when the sequence
+    finishes (Scheduler.finish)."""
+    seqs: list
+    seq_ids: np.ndarray       # int64 [B]
+    n: np.ndarray             # int64 [B] tokens of the sequence counting this step's input
+    plen: np.ndarray          # int64 [B] prompt lengths
+    max_new: np.ndarray       # int64 [B] told or maximum new tokens
+    cap: np.ndarray           # int64 [B] tokens the sequence's pages hold
+    prow: np.ndarray          # int64 [B] the sequence's row in the pool's table mirror
+    keys: np.ndarray          # int64 [B] sampler keys
+    temps: np.ndarray         # float32 [B]
+    eos_ends: np.ndarray      # bool [B] the EOS token ends it (no told length, EOS not ignored)
+    stops: np.ndarray         # bool [B] it has stop tokens (no told length)
+    filtered: bool            # some row samples with top-k / top-p
+    generation: int           # the pool's generation when made (its memory moved: walk again)
+    from_prev: np.ndarray = None  # int64 [B]: each row's row in the previous step's rows (lagged steps)
+
+    # per-row arrays, in field order (subset() slices them)
+    _ROW_FIELDS = ("seq_ids", "n", "plen", "max_new", "cap", "prow", "keys", "temps", "eos_ends", "stops")
+
+    def __post_init__(self):
+        B = len(self.seqs)
+        self.alive = np.ones(B, dtype=bool)          # False once the row's sequence finished
+        self.n_alive = B
+        self.index = dict(zip(self.seq_ids.tolist(), range(B)))   # seq_id -> row
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    def subset(self, idx: np.ndarray, generation: int, **arrays) -> "DecodeRows":
+        """Rows ``idx`` (increasing) as a new batch; ``arrays`` replace per-row fields (already
+        taken at idx)."""
+        seqs = self.seqs
+        per_row = {f: arrays[f] if f in arrays else getattr(self, f)[idx] for f in self._ROW_FIELDS}
+        out = DecodeRows([seqs[i] for i in idx.tolist()], filtered=self.filtered, generation=generation,
+                         **per_row)
+        out.from_prev = idx
+        return out
+
+    def plain_rows(self, tokens: np.ndarray, bad: np.ndarray, max_len: int, eos: int | None) -> list:
+        """Per row: can its sampled token (``tokens``; ``bad``: NaN/inf logits) not end it? The
+        booking takes such a row's token without the checks of a possible end (EOS, stop tokens,
+        lengths, the context)."""
+        n1 = self.n + 1                 # the sequence's tokens with this one
+        ends = bad | (n1 - self.plen >= self.max_new) | (n1 >= max_len) | self.stops
+        if eos is not None:
+            ends |= self.eos_ends & (tokens == eos)
+        return (~ends).tolist()
+
+    def host_inputs(self, view: KVView) -> tuple[list, int]:
+        """([ids, positions, slots, block tables (flat), context lengths, cu_seqlens], width), as
+        ModelRunner._decode_host_inputs; ids are placeholders (-1: every row's token comes from the
+        device)."""
+        return _decode_inputs(view, np.full(len(self.seqs), -1, dtype=np.int64), self.n - 1,
+                              lambda width: view.pool.table_at(self.prow, width), lambda i: int(self.seq_ids[i]))
+
+
+def _decode_inputs(view: KVView, ids, starts: np.ndarray, tables, key_of) -> tuple[list, int]:
+    """A decode batch's host inputs from its input ids and positions (``starts``, int64 [B]):
+    [ids, positions, slots, block tables (flat), context lengths, cu_seqlens] and the tables'
+    width; ``tables(width)`` gives the [B, width] tables and page counts, ``key_of(i)`` row i's
+    sequence (for the error of a row without the pages of its tokens)."""
+    B = len(starts)
+    T = view.tokens_per_page
+    ends = starts + 1
+    used = (ends + (T - 1)) // T
+    width = max(1, int(used.max()))
+    table, counts = tables(width)
+    short = np.nonzero(used > counts)[0]
+    if short.size:
+        i = int(short[0])
+        raise RuntimeError(f"{view.name}: sequence {key_of(i)} has {int(counts[i])} pages for {int(ends[i])} tokens")
+    slots = table[np.arange(B), starts // T] * T + starts % T
+    return [ids, starts, slots, table.ravel(), ends, np.arange(B + 1, dtype=np.int64)], width
 
 
 class _Staging:
@@ -317,25 +410,16 @@ class ModelRunner:
         """A decode batch's host inputs ([ids, positions, slots, block tables (flat), context
         lengths, cu_seqlens], table width) built with numpy from the pool's row mirror (the
         per-page Python loops of the general path cost ~0.5 ms per step at B=256 here), or None
-        when a span is not one token."""
-        B = len(spans)
+        when a span is not one token. ``spans`` may be a DecodeRows (the arrays are there)."""
+        if isinstance(spans, DecodeRows):
+            return spans.host_inputs(self.view)
         toks = [sp.token_ids for sp in spans]
         if any(len(t) != 1 for t in toks):
             return None
-        ids = [t[0] for t in toks]
-        T = self.view.tokens_per_page
-        starts = np.fromiter((sp.start for sp in spans), dtype=np.int64, count=B)
-        ends = starts + 1
-        used = (ends + (T - 1)) // T
-        width = max(1, int(used.max()))
+        starts = np.fromiter((sp.start for sp in spans), dtype=np.int64, count=len(spans))
         keys = [sp.key for sp in spans]
-        table, counts = self.view.block_table(keys, width)
-        short = np.nonzero(used > counts)[0]
-        if short.size:
-            i = int(short[0])
-            raise RuntimeError(f"{self.view.name}: sequence {keys[i]} has {int(counts[i])} pages for {int(ends[i])} tokens")
-        slots = table[np.arange(B), starts // T] * T + starts % T
-        return [ids, starts, slots, table.ravel(), ends, np.arange(B + 1, dtype=np.int64)], width
+        return _decode_inputs(self.view, [t[0] for t in toks], starts,
+                              lambda width: self.view.block_table(keys, width), keys.__getitem__)
 
     def _context(self, spans: list[Span], pages_of, ids_from=None) -> tuple[torch.Tensor, torch.Tensor, PagedContext]:
         fast = self._decode_host_inputs(spans) if pages_of == self.view.pages else None
@@ -384,11 +468,11 @@ class ModelRunner:
         else:
             # some input tokens live only on the device (sampled by the step still in flight):
             # rows ``dst`` take ``src_tokens[src]``
-            dst, src, src_tokens = ids_from
+            dst, src, src_tokens, same = ids_from
             d_ids, d_pos, d_slots, d_tables, d_ctx, d_cu, d_dst, d_src = self.stage.many(host + [dst, src])
-            if dst == src and len(dst) == len(ids):          # same rows, same order
+            if same and len(dst) == len(ids):          # same rows, same order
                 d_ids = src_tokens[:len(ids)].to(torch.int64)
-            elif dst:
+            elif len(dst):
                 d_ids = d_ids.index_copy(0, d_dst, src_tokens.index_select(0, d_src).to(torch.int64))
         ctx = PagedContext(
             kv_caches=self.view.kv_caches,
@@ -408,8 +492,9 @@ class ModelRunner:
         With prefill graphs, the [N, H] result is a view of the graph's static output: valid until
         the next forward of this runner, and to be read on the stream it was computed on.
 
-        ``ids_from=(dst_rows, src_rows, tokens)``: decode rows ``dst_rows`` take their input token
-        from the device tensor ``tokens[src_rows]`` instead of the span (whose id is a placeholder)."""
+        ``ids_from`` (a TokensFrom): decode rows ``dst`` take their input token from the device
+        tensor ``tokens[src]`` instead of the span (whose id is a placeholder). ``spans`` may be a
+        DecodeRows for a decode batch."""
         if not spans:
             raise ValueError("forward: empty batch")
         if self.use_prefill_graphs and not last_only and ids_from is None:
@@ -495,14 +580,14 @@ class ModelRunner:
         h32[2 * bs:] = table
         nd = 0
         if ids_from is not None:
-            dst, src, src_tokens = ids_from
+            dst, src, src_tokens, same = ids_from
             nd = len(dst)
             h64[5, :nd] = dst
             h64[6, :nd] = src
         st["flat"][:used].copy_(hbuf[:used], non_blocking=True)
         st["block_tables"][:B, :width].copy_(st["v32"][2 * bs:2 * bs + B * width].view(B, width))
         if nd:
-            if dst == src and nd == B:                      # same rows, same order
+            if same and nd == B:                            # same rows, same order
                 st["input_ids"][:B].copy_(src_tokens[:B])
             else:
                 st["input_ids"].index_copy_(0, st["v64"][5, :nd],

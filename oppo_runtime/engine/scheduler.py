@@ -16,8 +16,10 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
+
 from ..memory import KVView, PoolExhausted
-from .runner import Span
+from .runner import DecodeRows, Span
 from .sequence import Sequence, SeqStatus
 
 _first = operator.itemgetter(0)
@@ -32,9 +34,10 @@ class NeedsDrain(Exception):
 @dataclass
 class ScheduledBatch:
     seqs: list[Sequence]
-    spans: list[Span]
+    spans: list[Span] | DecodeRows   # a decode batch may come as arrays
     is_decode: bool
-    sample: list[bool]          # does this span reach the sequence's end (sample a token)?
+    sample: list[bool]          # does this span reach the sequence's end (sample a token)? (decode: all)
+    rows: DecodeRows | None = None   # a decode batch's arrays (async decode), also when spans are Spans
 
 
 class Scheduler:
@@ -51,6 +54,12 @@ class Scheduler:
         self.num_preemptions = 0
         self.release_pages: Callable[[object], None] = view.free   # the engine may defer frees
         self._lagged = False
+        # the last decode batch as arrays (DecodeRows), made when track_rows is set (the engine does
+        # for async decode): the next lagged step filters them (see _lagged_rows)
+        self.track_rows = False
+        self.max_model_len: int | None = None
+        self._rows: DecodeRows | None = None
+        self.rows_stats = {"fast": 0, "slow": 0}
 
     def add(self, seq: Sequence) -> None:
         seq.status = SeqStatus.WAITING
@@ -101,6 +110,11 @@ class Scheduler:
         self.waiting = deque(items)
 
     def finish(self, seq: Sequence) -> None:
+        rows = self._rows
+        r = rows.index.get(seq.seq_id) if rows is not None else None
+        if r is not None and rows.seqs[r] is seq and rows.alive[r]:
+            rows.alive[r] = False
+            rows.n_alive -= 1
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
@@ -159,22 +173,99 @@ class Scheduler:
     def prefill_pending(self) -> bool:
         return bool(self.waiting) or any(s.num_cached_tokens < s.num_tokens - 1 for s in self.running)
 
-    def schedule_lagged_decode(self, exclude: set[int]) -> ScheduledBatch | None:
-        """The next decode step while the previous one is still on the device (its tokens unread).
+    def schedule_lagged_decode(self, prev_seqs: list[Sequence], prev_rows: DecodeRows | None = None
+                               ) -> ScheduledBatch | None:
+        """The next decode step while the previous one (over ``prev_seqs``) is still on the device
+        (its tokens unread).
 
-        Only when no prefill is pending; sequences in ``exclude`` (ending with their unread token)
-        sit out. Raises NeedsDrain instead of preempting: pages freed now could still be written by
-        the step in flight, so preemption waits until that step is resolved."""
+        Only when no prefill is pending; sequences whose unread token is their last by length sit
+        out. Raises NeedsDrain instead of preempting: pages freed now could still be written by
+        the step in flight, so preemption waits until that step is resolved. With ``prev_rows``
+        (the in-flight step's DecodeRows) and no change of the running set since, the batch is
+        made from those arrays (``_lagged_rows``); otherwise by walking the running sequences."""
         if self.waiting:
             return None
         self._lagged = True
         try:
-            batch = self._schedule_decode(exclude, none_if_partial=True)
+            done, batch = self._lagged_rows(prev_rows) if prev_rows is not None else (False, None)
+            if not done:
+                self.rows_stats["slow"] += 1
+                batch = self._schedule_decode(self._ending_by_length(prev_seqs), none_if_partial=True)
+            else:
+                self.rows_stats["fast"] += 1
         finally:
             self._lagged = False
         if batch is not None:
             self._last_was_prefill = False
         return batch
+
+    def _ending_by_length(self, seqs: list[Sequence]) -> set:
+        """Ids of ``seqs`` whose unread token is their last by length (their told or maximum number of
+        new tokens, or the context): they sit out the next lagged step."""
+        max_len, out = self.max_model_len, set()
+        for seq in seqs:
+            n = len(seq.output_ids)
+            if n >= seq.max_new or (max_len is not None and len(seq.prompt_ids) + n >= max_len):
+                out.add(seq.seq_id)
+        return out
+
+    def _lagged_rows(self, rows: DecodeRows) -> tuple[bool, ScheduledBatch | None]:
+        """The lagged decode step from the in-flight step's rows, with numpy: (True, the batch or
+        None if no row is left), or (False, None) when the running sequences are not those rows
+        (the caller walks them then). Same result as ``_schedule_decode`` over them: every row
+        still running whose unread token is not its last by length, in admission order (the rows
+        are), with pages for its next token.
+
+        Why the rows are the running set: they are the last decode batch (``self._rows``), which
+        held every decode-ready sequence; a sequence ended since is marked dead by finish(); one
+        preempted leaves ``running`` but stays alive (counts differ); one admitted or prefilled
+        comes through a prefill step, after which the next decode batch is walked again; a row
+        left out as ending by length finishes when the step in flight is booked, before this."""
+        pool = self.view.pool
+        if (rows is not self._rows or rows.generation != pool.generation or rows.n_alive != len(self.running)
+                or self.max_model_len is None):
+            return False, None
+        n = rows.n + 1                          # the unread token now counts
+        keep = rows.alive & (n - rows.plen < rows.max_new) & (n < self.max_model_len)
+        idx = np.flatnonzero(keep)
+        if idx.size == 0:
+            return True, None
+        n = n[idx]
+        cap = rows.cap[idx]
+        prow = rows.prow[idx]
+        grow = np.flatnonzero(cap < n)
+        if grow.size:                           # ~B/T rows per step, a page each: one allocation
+            T = self.view.tokens_per_page
+            need = ((n[grow] + (T - 1)) // T - cap[grow] // T).tolist()
+            name = self.view.name
+            try:
+                pool.allocate_many([(name, int(rows.seq_ids[i])) for i in idx[grow].tolist()], need)
+            except PoolExhausted:               # short of pages: one by one, asking the pool's other
+                taken = [rows.seqs[i] for i in idx.tolist()]    # users first (lagged: NeedsDrain)
+                for j in grow.tolist():
+                    self._grow(taken[j], int(n[j]), taken)
+            cap[grow] = pool.page_counts_at(prow[grow]) * T
+        new = self._rows = rows.subset(idx, pool.generation, n=n, cap=cap, prow=prow)
+        return True, ScheduledBatch(new.seqs, new, True, [True] * len(new.seqs), new)
+
+    def _make_rows(self, seqs: list[Sequence], ns: list[int]) -> DecodeRows:
+        """The arrays of a decode batch made by walking (its sequences' tokens counting the input, ns)."""
+        B = len(seqs)
+        ids = [s.seq_id for s in seqs]
+        pool = self.view.pool
+        prow = pool.mirror_rows(self.view.name, ids)
+        sp = [s.sampling for s in seqs]
+        untold = np.fromiter((s.target_len is None for s in seqs), dtype=bool, count=B)
+        return DecodeRows(
+            seqs, np.array(ids, dtype=np.int64), np.array(ns, dtype=np.int64),
+            plen=np.fromiter((len(s.prompt_ids) for s in seqs), dtype=np.int64, count=B),
+            max_new=np.fromiter((s.max_new for s in seqs), dtype=np.int64, count=B),
+            cap=pool.page_counts_at(np.maximum(prow, 0)) * self.view.tokens_per_page * (prow >= 0), prow=prow,
+            keys=np.fromiter((s.sample_key for s in seqs), dtype=np.int64, count=B),
+            temps=np.fromiter((p.temperature for p in sp), dtype=np.float32, count=B),
+            eos_ends=untold & np.fromiter((not p.ignore_eos for p in sp), dtype=bool, count=B),
+            stops=untold & np.fromiter((bool(p.stop_token_ids) for p in sp), dtype=bool, count=B),
+            filtered=any(p.top_k > 0 or p.top_p < 1.0 for p in sp), generation=pool.generation)
 
     def _decode_ready(self, exclude, stop_at_partial: bool) -> tuple[list | None, bool]:
         """(running sequences whose prefill is complete -- cached all but their newest token -- as
@@ -210,6 +301,7 @@ class Scheduler:
         pages = self.view.pool.page_lists     # owner -> page list (read only)
         name = self.view.name
         running = SeqStatus.RUNNING
+        ns = []
         for _, n, seq in ready:
             if seq.status is not running:               # preempted by an older one this step
                 continue
@@ -217,10 +309,15 @@ class Scheduler:
             have = pages.get((name, sid))
             if (have is not None and len(have) * T >= n) or self._grow(seq, n, seqs):
                 seqs.append(seq)
+                ns.append(n)
                 out = seq.output_ids
                 spans.append(Span(sid, [out[-1] if out else seq.prompt_ids[-1]], n - 1))
             else:
                 self.preempt(seq)
         if not seqs:
+            self._rows = None
             return None
-        return ScheduledBatch(seqs, spans, True, [True] * len(seqs))
+        rows = None
+        if self.track_rows:          # seeds the next lagged step's arrays (the inputs here are the spans)
+            rows = self._rows = self._make_rows(seqs, ns)
+        return ScheduledBatch(seqs, spans, True, [True] * len(seqs), rows)

@@ -180,6 +180,22 @@ class PagePool:
             self._mirror_append(owner, got)
             return got
 
+    def allocate_many(self, owners: list[Owner], counts: list[int]) -> None:
+        """Append ``counts[i]`` pages to ``owners[i]`` for every i under one lock (all or nothing:
+        raises PoolExhausted, changing nothing, when the pages do not all fit)."""
+        with self._lock:
+            total = sum(counts)
+            if total > len(self._free):
+                raise PoolExhausted(f"{len(owners)} owners need {total} pages, {len(self._free)} free of "
+                                    f"{self.num_pages}")
+            free, owner_of, pages = self._free, self._owner, self._pages
+            for owner, n in zip(owners, counts):
+                got = [free.pop() for _ in range(n)]
+                for p in got:
+                    owner_of[p] = owner
+                pages.setdefault(owner, []).extend(got)
+                self._mirror_append(owner, got)
+
     def _mirror_append(self, owner: Owner, got: list[int]) -> None:
         row = self._rows.get(owner)
         if row is None:
@@ -208,21 +224,37 @@ class PagePool:
             self._count[row] = 0
             self._free_rows.append(row)
 
-    def table_rows(self, model: str, seq_ids: list, width: int) -> tuple[np.ndarray, np.ndarray]:
-        """[len(seq_ids), width] int64 page ids of owners (model, seq_id) (see KVView.block_table)
-        and their page counts; an owner without pages has count 0 (its row is zeros)."""
+    def mirror_rows(self, model: str, seq_ids: list) -> np.ndarray:
+        """int64 [len(seq_ids)]: the row of each owner (model, seq_id) in the table mirror, -1 for
+        an owner without pages. A row stays the owner's until its pages are all freed or renamed,
+        so a caller may keep it while it knows the owner keeps its pages (see table_at)."""
         get = self._rows.get
         with self._lock:
-            rows = np.fromiter((get((model, s), -1) for s in seq_ids), dtype=np.int64, count=len(seq_ids))
+            return np.fromiter((get((model, s), -1) for s in seq_ids), dtype=np.int64, count=len(seq_ids))
+
+    def table_at(self, rows: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+        """[len(rows), width] int64 page ids of the mirror's ``rows`` (from mirror_rows; -1: an
+        owner without pages, whose row is zeros) and their page counts."""
+        with self._lock:
             missing = rows < 0
             safe = np.where(missing, 0, rows)
             counts = np.where(missing, 0, self._count[safe])
             w = min(width, self._table.shape[1])
-            table = np.zeros((len(seq_ids), width), dtype=np.int64)
+            table = np.zeros((len(rows), width), dtype=np.int64)
             table[:, :w] = self._table[safe, :w]
             if missing.any():
                 table[missing] = 0
             return table, counts
+
+    def page_counts_at(self, rows: np.ndarray) -> np.ndarray:
+        """Page counts of the mirror's ``rows`` (all >= 0)."""
+        with self._lock:
+            return self._count[rows]
+
+    def table_rows(self, model: str, seq_ids: list, width: int) -> tuple[np.ndarray, np.ndarray]:
+        """[len(seq_ids), width] int64 page ids of owners (model, seq_id) (see KVView.block_table)
+        and their page counts; an owner without pages has count 0 (its row is zeros)."""
+        return self.table_at(self.mirror_rows(model, seq_ids), width)
 
     def free(self, owner: Owner) -> int:
         with self._lock:

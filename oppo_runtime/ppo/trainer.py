@@ -341,7 +341,7 @@ class PPOTrainer:
         tl.mark_reference()
         self.rollout.timeline = tl
         self.rollout.reset_stats()
-        self.engine.stats.update(decode_steps=0, prefill_steps=0, generated_tokens=0, host_s=0.0)
+        self.engine.stats.update(decode_steps=0, prefill_steps=0, generated_tokens=0, host_s=0.0, wasted_rows=0)
         t_step = time.perf_counter()
         preempt0 = self.engine.scheduler.num_preemptions
         B = r.batch_size
@@ -402,6 +402,7 @@ class PPOTrainer:
             "timing_s/gen": self.rollout.stats["actor_s"],
             "timing_s/score": self.rollout.stats["score_s"],
             "timing_s/engine_host": es["host_s"],
+            "perf/wasted_decode_rows": es["wasted_rows"],
             **timer.metrics(),
             **{f"timing_s/update_{k}": v for k, v in phases.items()},
             "perf/throughput": total_tokens / step_s,
