@@ -15,7 +15,7 @@ import torch
 
 from ._backend import record_backend
 
-__all__ = ["hash_uniform", "process_logits", "sample_tokens"]
+__all__ = ["hash_uniform", "process_logits", "sample_tokens", "colmix"]
 
 _M32 = 0xFFFFFFFF
 
@@ -30,14 +30,37 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
+# The column's half of the hash input: rowhash ^ colmix(col), then ONE murmur3 finaliser per entry.
+# colmix is injective on [0, 2^32) for col < 2^32: the low 12 bits hold (col & 4095) * _COL_LO mod 2^12
+# (a bijection of col & 4095, the multiplier being odd) and the high 20 bits add (col >> 12) * _COL_HI mod
+# 2^20, so no two columns of a row share an input (hence a uniform: the finaliser is a bijection). Split at
+# 4096 so that a kernel sweeping 4096-column blocks hoists the finaliser's first xor-shift out of its
+# loop: x ^ (x >> 16) is linear over xor, so it is (R ^ R >> 16) ^ (L ^ L >> 16) with R per block
+# (rowhash ^ hi(col)) and L per lane (lo(col)), one xor per entry (see sampling_triton).
+_COL_LO = 0x9E3779B1
+_COL_HI = 0x7FEB352D
+COL_SPLIT = 12
+
+
+def colmix(col: torch.Tensor) -> torch.Tensor:
+    """The 32-bit column term of the noise hash (int64 lanes holding uint32 values)."""
+    hi = ((col >> COL_SPLIT) * _COL_HI << COL_SPLIT) & _M32
+    return hi ^ (((col & ((1 << COL_SPLIT) - 1)) * _COL_LO) & _M32)
+
+
 def hash_uniform(seed: int, seq_keys: torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.Tensor:
-    """Uniforms in (0, 1), float32 [B, vocab], a pure function of (seed, key, position, column)."""
+    """Uniforms in (0, 1), float32 [B, vocab], a pure function of (seed, key, position, column).
+
+    Per row a hash of (seed, key, position); per entry one murmur3 finaliser of rowhash ^ colmix(col),
+    whose top 23 bits k give u = (2k + 1) / 2^24 exactly: u lies in [2^-24, 1 - 2^-24], never 0 or 1
+    (the previous stream rounded (h + 0.5) / 2^32 to float32, which gave u == 1.0, so a Gumbel noise of
+    +inf, for h >= 2^32 - 128: about one row in 220 at V = 151936 then drew a uniformly random token).
+    """
     dev = seq_keys.device
     row = _mix32(_mix32(seq_keys.to(torch.int64) * 0x9E3779B1 + seed) ^ (positions.to(torch.int64) * 0x7FEB352D))
     col = torch.arange(vocab, device=dev, dtype=torch.int64)
-    x = _mix32(row[:, None] ^ _mix32(col + 0x632BE5AB)[None, :])
-    x = _mix32(x + (row[:, None] >> 7))
-    return (x.to(torch.float32) + 0.5) * (1.0 / 4294967296.0)
+    k = _mix32(row[:, None] ^ colmix(col)[None, :]) >> 9
+    return (2 * k + 1).to(torch.float32) * (1.0 / 16777216.0)
 
 
 def process_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
