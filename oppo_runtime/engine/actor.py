@@ -359,10 +359,7 @@ class ActorEngine:
                     hidden = hidden[sampled_rows]
                 logits = self.model.compute_logits(hidden)
                 out = self._sample(seqs, logits, rows)
-        if rows is not None:
-            for seq, n in zip(batch.seqs, rows.n.tolist()):
-                seq.num_cached_tokens = n
-        else:
+        if rows is None:
             for seq, span in zip(batch.seqs, batch.spans):
                 seq.num_cached_tokens = span.start + len(span.token_ids)
         tokens = host = None
@@ -378,7 +375,8 @@ class ActorEngine:
             event.record()
         if rows is not None:                # each row's token goes at index n - prompt length
             idx = (rows.n - rows.plen).tolist()
-            for seq in seqs:
+            for seq, n in zip(seqs, rows.n.tolist()):
+                seq.num_cached_tokens = n
                 seq.output_ids.append(_PENDING)
         else:
             idx = []

@@ -97,7 +97,13 @@ class DecodeRows:
         B = len(self.seqs)
         self.alive = np.ones(B, dtype=bool)          # False once the row's sequence finished
         self.n_alive = B
-        self.index = dict(zip(self.seq_ids.tolist(), range(B)))   # seq_id -> row
+        self._index = None
+
+    def row_of(self, seq_id) -> int | None:
+        """The row of sequence ``seq_id`` (a dict made at the first call: most steps need none)."""
+        if self._index is None:
+            self._index = dict(zip(self.seq_ids.tolist(), range(len(self.seqs))))
+        return self._index.get(seq_id)
 
     def __len__(self) -> int:
         return len(self.seqs)

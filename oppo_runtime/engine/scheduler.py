@@ -111,7 +111,7 @@ class Scheduler:
 
     def finish(self, seq: Sequence) -> None:
         rows = self._rows
-        r = rows.index.get(seq.seq_id) if rows is not None else None
+        r = rows.row_of(seq.seq_id) if rows is not None else None
         if r is not None and rows.seqs[r] is seq and rows.alive[r]:
             rows.alive[r] = False
             rows.n_alive -= 1
