@@ -176,6 +176,8 @@ def _ours(model, prompts, new, B, async_decode, host_profile, kernel_profile_pat
     return {"ours_s": wall, "ours_tok_s": B * new / wall, "decode_steps": steps,
             "step_ms": 1e3 * decode_wall / steps, "gpu_ms": acc["gpu_ms"],
             "host_ms": 1e3 * eng.stats["host_s"] / (steps + eng.stats["prefill_steps"]),
+            # lagged decode steps made from the previous step's arrays vs by walking the sequences
+            "lagged_from_rows": dict(eng.scheduler.rows_stats),
             "graphs": eng.runner.use_graphs, **acc.get("kernels", {})}
 
 

@@ -2,7 +2,7 @@
 # The one-command GPU check: build the extension, run the GPU tests, compute-sanitizer memcheck
 # and racecheck on tiny calls of each attention kernel, then the named benchmarks.
 #
-#   bash bench/gpu_check.sh [BENCH ...]      (default: decode_attention prefill_attention)
+#   bash bench/gpu_check.sh [BENCH ...]      (default: decode_attention prefill_attention sampler)
 #
 # BENCH names a script bench/BENCH.py that takes --out PATH (it writes its JSON there).
 # Everything lands in $OUT (default bench/results/gpu_check): report.md (one line per step),
@@ -24,7 +24,7 @@ mkdir -p "$OUT"
 LOG="$OUT/log.txt"
 REPORT="$OUT/report.md"
 BENCHES=("$@")
-[ ${#BENCHES[@]} -eq 0 ] && BENCHES=(decode_attention prefill_attention)
+[ ${#BENCHES[@]} -eq 0 ] && BENCHES=(decode_attention prefill_attention sampler)
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-16}
 T0=$(date +%s)
