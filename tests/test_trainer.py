@@ -67,9 +67,14 @@ def test_full_with_delta_zero_equals_intra(tmp_path):
     assert_same_metrics(metrics(tmp_path / "intra"), metrics(tmp_path / "full"), tol=1e-12)
 
 
-def test_deferral_conserves_prompts_and_trains_exactly_b(tmp_path):
+@pytest.mark.parametrize("decode", ["sync", "async"])
+def test_deferral_conserves_prompts_and_trains_exactly_b(tmp_path, decode, monkeypatch):
+    # async: the GPU's decode (tokens read one step late; its lagged steps from the last step's
+    # arrays) through deferral, the staleness bound and weight syncs
+    monkeypatch.setenv("OPPO_ASYNC_DECODE", "1" if decode == "async" else "0")
     t = PPOTrainer(cfg(tmp_path, "full", 12, "rollout.delta_init=6", "rollout.delta_max=8", "rollout.staleness_limit=2"))
     t.train()
+    assert (t.engine.scheduler.rows_stats["fast"] > 0) == (decode == "async")
     ms = metrics(tmp_path)
     assert all(m["oppo/trained_sequences"] == t.cfg.rollout.batch_size for m in ms)
     assert sum(m["oppo/num_deferred"] > 0 for m in ms) >= 6, "deferral never happened"
