@@ -66,7 +66,7 @@ class TokensFrom(NamedTuple):
     same: bool
 
 
-@dataclass
+@dataclass(eq=False)             # compared by identity (its fields are arrays)
 class DecodeRows:
     """A decode batch as arrays, one row per sequence and one token each (the steady state of
     async decoding: the scheduler carries it from one lagged step to the next and filters it with
