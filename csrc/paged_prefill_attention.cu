@@ -7,9 +7,11 @@
 //   wgmma           v4: sm_90a warpgroup MMA, warp-specialized (kernels/paged_prefill_wgmma.cuh);
 //   wgmma_pp        v4 with its two consumer warpgroups in ping-pong (same kernel, a flag);
 //   wgmma_ov        v4 with each warpgroup's softmax overlapping its own P V (a flag);
-//   wgmma_pp_ov     both; "_ps" after any of them: persistent CTAs (one per SM, looping over the
-//                   work items, the K/V prefetch running on across items); the wgmma plans are an
-//                   error on other devices or without sm_90a code.
+//   wgmma_pp_ov     both; then "_kv" after any of them: K and V on separate barrier rings over the
+//                   same stages (released and published separately: K prefetched ~2 tiles ahead, V
+//                   ~2.5; a flag), and last "_ps": persistent CTAs (one per SM, looping over the
+//                   work items, the K/V prefetch running on across items), e.g. wgmma_pp_ov_kv_ps;
+//                   the wgmma plans are an error on other devices or without sm_90a code.
 #include <array>
 #include <cstdint>
 #include <cstdlib>
@@ -92,7 +94,7 @@ void launch_kernel(PrefillKernel<T> kernel, int rows_per_cta, int threads, int s
 
 constexpr int kPersistent = 1 << 8;  // host-side plan bit (not a kernel flag)
 
-// -1: the mma plan; else the wgmma kernel's flags (ping-pong, overlap) | kPersistent
+// -1: the mma plan; else the wgmma kernel's flags (ping-pong, overlap, split K/V rings) | kPersistent
 int prefill_plan(const at::Tensor& q) {
   const char* e = std::getenv("OPPO_PREFILL_PLAN");
   if (e == nullptr || *e == '\0' || std::strcmp(e, "mma") == 0) return -1;
@@ -102,10 +104,14 @@ int prefill_plan(const at::Tensor& q) {
     flags |= kPersistent;
     name.resize(name.size() - 3);
   }
+  if (name.size() > 3 && name.compare(name.size() - 3, 3, "_kv") == 0) {
+    flags |= oppo::attn::wgp::kFlagSplitKV;
+    name.resize(name.size() - 3);
+  }
   if (name == "wgmma_pp") flags |= oppo::attn::wgp::kFlagPingPong;
   else if (name == "wgmma_ov") flags |= oppo::attn::wgp::kFlagOverlap;
   else if (name == "wgmma_pp_ov") flags |= oppo::attn::wgp::kFlagPingPong | oppo::attn::wgp::kFlagOverlap;
-  else TORCH_CHECK(name == "wgmma", "OPPO_PREFILL_PLAN must be mma or wgmma[_pp][_ov][_ps] (e.g. wgmma_pp_ov_ps), got '",
+  else TORCH_CHECK(name == "wgmma", "OPPO_PREFILL_PLAN must be mma or wgmma[_pp][_ov][_kv][_ps] (e.g. wgmma_pp_ov_kv_ps), got '",
                    e, "'");
   int major = 0, minor = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.get_device()));

@@ -12,7 +12,11 @@
 //                offsets shared by warp shuffles; no division in its loop);
 //                per stage one "full" mbarrier (128 producer arrivals, each after
 //                its own copies landed and a proxy fence) and one "empty" mbarrier (256 consumer
-//                arrivals once both warpgroups' MMAs on the stage completed).
+//                arrivals once both warpgroups' MMAs on the stage completed). With kFlagSplitKV
+//                (plans _kv) K and V of a stage are two commit groups on two rings: full/empty
+//                guard the K tiles (released once S is waited on, an iteration before V), and
+//                fullV/emptyV the V tiles (released after their P V), so the producer prefetches
+//                K ~2 tiles and V ~2.5 tiles ahead with the same stages.
 //   warpgroups 1, 2  consumers, 64 rows each: S = Q K^T as wgmma m64nkBNk16 with Q and K from
 //                shared memory; online softmax on the accumulator registers (exp2, fp32); P
 //                rounded to T in registers is the A operand of O += P V (wgmma m64nDk16, A from
@@ -32,6 +36,8 @@
 #include "attention_common.cuh"
 #include "wgmma_ops.cuh"
 
+#include <type_traits>
+
 namespace oppo {
 namespace attn {
 namespace wgp {
@@ -41,6 +47,7 @@ constexpr int kThreads = 384;   // producer warpgroup + two consumer warpgroups
 // flags beyond kPrefillOutF32 (bit 0, attention_common.cuh):
 constexpr int kFlagPingPong = 2;  // the consumer warpgroups take turns issuing their MMAs
 constexpr int kFlagOverlap = 4;   // a warpgroup's softmax of tile t overlaps its own P V of tile t-1
+constexpr int kFlagSplitKV = 8;   // K and V of a stage released and published separately (two rings)
 
 template <int D>
 struct Cfg {
@@ -58,7 +65,9 @@ struct Cfg {
   static constexpr int kQBytes = kBM * D * 2;
   static constexpr int kTileBytes = kBN * D * 2;    // one K or V tile
   static constexpr int kStageBytes = 2 * kTileBytes;
-  static constexpr int kSmem = 1024 /*alignment slack*/ + kQBytes + kStages * kStageBytes + 2 * kStages * 8;
+  // barriers: full/empty per stage, and with kFlagSplitKV fullV/emptyV (full/empty are then K's)
+  static constexpr int kSmem = 1024 /*alignment slack*/ + kQBytes + kStages * kStageBytes + 4 * kStages * 8;
+  static_assert(kSmem <= 232448, "a CTA may have 227 KB of shared memory");
 };
 
 // Byte offset of 16-byte chunk `chunk` of row `row` in a [rows x D] tile (layout above).
@@ -137,7 +146,7 @@ __device__ __forceinline__ float ex2(float x) {
 }
 
 // out          [Nq, Hq, D]  (T, or float32 with kPrefillOutF32), strides o_s0, o_s1, inner contiguous
-// flags        kPrefillOutF32 | kFlagPingPong | kFlagOverlap
+// flags        kPrefillOutF32 | kFlagPingPong | kFlagOverlap | kFlagSplitKV
 // q            [Nq, Hq, D]  packed by cu_seqlens_q [B+1], strides q_s0, q_s1, inner contiguous
 // k/v_cache    [num_blocks, block_size, Hkv, D] (page stride page_stride, equal for K and V)
 // context_lens [B] int32 (prefix + chunk);  block_tables [B, max_blocks] int32, row stride bt_stride
@@ -166,6 +175,10 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
   unsigned char* kv_s = smem + C::kQBytes;  // stage s: K tile at s * kStageBytes, V tile after it
   uint64_t* full = reinterpret_cast<uint64_t*>(kv_s + kS * C::kStageBytes);
   uint64_t* empty = full + kS;
+  // kFlagSplitKV: full/empty guard the K tiles of the stages, fullV/emptyV their V tiles
+  uint64_t* fullV = empty + kS;
+  uint64_t* emptyV = fullV + kS;
+  const bool splitkv = (flags & kFlagSplitKV) != 0;
 
   // an item: row tile mt (heaviest, i.e. most keys, first within its (sequence, kv head)), its
   // rows, its context and its key tiles (n_full of them need no mask)
@@ -201,6 +214,8 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
     for (int s = 0; s < kS; ++s) {
       mbar_init(&full[s], 128);
       mbar_init(&empty[s], 256);
+      mbar_init(&fullV[s], 128);
+      mbar_init(&emptyV[s], 256);
     }
   }
   __syncthreads();
@@ -302,6 +317,47 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
       off = row_off(nx, nin, page);
       lim = nx.L - nx.it * kBN - tok0;
     };
+    // kFlagSplitKV: K and V of a tile are two commit groups, each issued after its own ring's
+    // empty wait and published as soon as it has landed, never behind the next group's empty wait:
+    // K(g) issued, wait_group 1 (V(g-1) landed) -> publish V(g-1); V(g) issued, wait_group 1 (K(g)
+    // landed) -> publish K(g). K's slot frees when both warpgroups have waited on the S that read it
+    // (an iteration before V's), so the producer runs ~2 tiles ahead on K and ~2.5 on V with the
+    // same stages, a K or V group always in flight while it waits for the next slot.
+    // nx's table load sits between the two publishes (in flight during V(g)'s slot wait and
+    // copies) and is read before K(g)'s publish: each publish's proxy fence (MEMBAR.ALL.CTA) would
+    // wait for a load still in flight, and ptxas sinks the load past any fence before its use.
+    auto run_kv = [&](const Tile& nx) {
+      const int s = g % kS;
+      const uint32_t ph = ((g / kS) & 1) ^ 1;
+      const uint32_t dst = dst0 + s * C::kStageBytes;
+      mbar_wait(&empty[s], ph);  // emptyK
+#pragma unroll
+      for (int i = 0; i < kPer; ++i) {
+        const int64_t o = __shfl_sync(0xffffffffu, static_cast<long long>(off), i, C::kChunks);
+        cp_async_16_s(dst + i * kTokStep * 128, kb + o, kTokStep * i < lim ? 16 : 0);
+      }
+      cp_async_commit();
+      if (g > 0) {  // all but K(g) landed: V(g-1)
+        cp_async_wait<1>();
+        fence_proxy_async();
+        mbar_arrive(&fullV[(g - 1) % kS]);
+      }
+      const bool nin = key_in(nx);
+      const int page = nin ? ldg_early(nx.bt + nx.q) : 0;
+      mbar_wait(&emptyV[s], ph);
+#pragma unroll
+      for (int i = 0; i < kPer; ++i) {
+        const int64_t o = __shfl_sync(0xffffffffu, static_cast<long long>(off), i, C::kChunks);
+        cp_async_16_s(dst + C::kTileBytes + i * kTokStep * 128, vb + o, kTokStep * i < lim ? 16 : 0);
+      }
+      cp_async_commit();
+      off = row_off(nx, nin, page);
+      lim = nx.L - nx.it * kBN - tok0;
+      cp_async_wait<1>();  // all but V(g) landed: K(g)
+      fence_proxy_async();
+      mbar_arrive(&full[s]);  // fullK
+      ++g;
+    };
 
     Tile cur;
     first_tile(blockIdx.x, cur);  // there is one: the CTA has an item
@@ -310,28 +366,35 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
       off = row_off(cur, in, in ? __ldg(cur.bt + cur.q) : 0);
       lim = cur.L - tok0;
     }
-    while (true) {
-      while (cur.it + 1 < cur.n) {  // the successor is in the same item: kBN keys on
-        Tile nx = cur;
-        ++nx.it;
-        nx.q += step_q;
-        nx.r += step_r;
-        if (nx.r >= block_size) {
-          nx.r -= block_size;
-          ++nx.q;
+    // the tile loop, once per ring protocol (a uniform flag; each loop keeps its own schedule)
+    auto tiles = [&](auto split) {
+      while (true) {
+        while (cur.it + 1 < cur.n) {  // the successor is in the same item: kBN keys on
+          Tile nx = cur;
+          ++nx.it;
+          nx.q += step_q;
+          nx.r += step_r;
+          if (nx.r >= block_size) {
+            nx.r -= block_size;
+            ++nx.q;
+          }
+          if constexpr (decltype(split)::value) run_kv(nx);
+          else run(nx);
+          cur = nx;
         }
-        run(nx);
+        Tile nx;  // the item's last tile: the successor opens the next item, if any
+        first_tile(cur.w + gridDim.x, nx);
+        if constexpr (decltype(split)::value) run_kv(nx);
+        else run(nx);
+        if (nx.w >= num_items) break;
         cur = nx;
       }
-      Tile nx;  // the item's last tile: the successor opens the next item, if any
-      first_tile(cur.w + gridDim.x, nx);
-      run(nx);
-      if (nx.w >= num_items) break;
-      cur = nx;
-    }
+    };
+    if (splitkv) tiles(std::true_type{});
+    else tiles(std::false_type{});
     cp_async_wait<0>();
     fence_proxy_async();
-    mbar_arrive(&full[(g - 1) % kS]);  // g >= 1: the CTA has an item
+    mbar_arrive(splitkv ? &fullV[(g - 1) % kS] : &full[(g - 1) % kS]);  // g >= 1: the CTA has an item
     return;
   }
 
@@ -495,6 +558,7 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
     begin_batch();
     issue_qk(gbase % kS);
     end_batch(false);
+    if (splitkv) mbar_arrive(&empty[gbase % kS]);  // emptyK: S of tile 0 was waited on
     {
       float alpha[2];
       scores(0, alpha);
@@ -504,6 +568,9 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
       const int gi = gbase + it;
       const int s = gi % kS, sp = (gi - 1) % kS;
       mbar_wait(&full[s], (gi / kS) & 1);
+      // kFlagSplitKV: V of tile it-1 has its own barrier (waited here, not between the wgmma fence
+      // and the MMAs: ptxas would serialize every wgmma)
+      if (splitkv) mbar_wait(&fullV[sp], ((gi - 1) / kS) & 1);
       begin_batch();
       issue_qk(s);  // group 1: S of tile it
       wg_commit();
@@ -514,6 +581,7 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
       if (overlap) {  // the softmax's first part runs while this warpgroup's P V is on the tensor cores
         wg_wait<1>();
         fence_regs(sacc);
+        if (splitkv) mbar_arrive(&empty[s]);  // emptyK: this thread's reads of K(it) are done
         scores(it, alpha);
         // A bare wait_group 0 here is hoisted by ptxas to right after the wait_group 1 (SASS: the
         // two DEPBARs adjacent, every ex2 after them), which undoes the overlap. A warp-uniform,
@@ -528,15 +596,21 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
         wg_wait<0>();
         fence_regs(sacc);
         fence_regs(o);
+        if (splitkv) mbar_arrive(&empty[s]);  // emptyK: this thread's reads of K(it) are done
         scores(it, alpha);
       }
-      mbar_arrive(&empty[sp]);  // this thread's reads of tile it-1's stage are done
+      // this thread's reads of tile it-1's stage (kFlagSplitKV: of its V tile) are done
+      mbar_arrive(splitkv ? &emptyV[sp] : &empty[sp]);
       finish(alpha);
     }
-    begin_batch();  // the last tile's P V
-    issue_pv((gbase + n_tiles - 1) % kS);
-    end_batch(true);
-    mbar_arrive(&empty[(gbase + n_tiles - 1) % kS]);
+    {
+      const int gl = gbase + n_tiles - 1;
+      if (splitkv) mbar_wait(&fullV[gl % kS], (gl / kS) & 1);
+      begin_batch();  // the last tile's P V
+      issue_pv(gl % kS);
+      end_batch(true);
+      mbar_arrive(splitkv ? &emptyV[gl % kS] : &empty[gl % kS]);
+    }
     gbase += n_tiles;
 
     // epilogue: full row sums across the quad, normalize, store the valid rows

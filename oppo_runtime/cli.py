@@ -79,7 +79,7 @@ _SWITCHES = (
     ("OPPO_PREFILL_BACKEND", "chunk prefill: triton on sm_90, else cuda"),
     ("OPPO_REQUIRE_KERNELS", "off (1: a missing GPU kernel is an error, not a reference fallback)"),
     ("OPPO_DECODE_PLAN", "v3 (v2/v4: A/B plans of the decode kernel)"),
-    ("OPPO_PREFILL_PLAN", "mma (wgmma[_pp][_ov][_ps]: the sm_90a plans of the CUDA prefill)"),
+    ("OPPO_PREFILL_PLAN", "mma (wgmma[_pp][_ov][_kv][_ps]: the sm_90a plans of the CUDA prefill)"),
     ("OPPO_PREFILL_WGMMA_OFF", "none (a comma list of wgmma plans, or all, that tests and benches skip)"),
     ("OPPO_DECODE_TICKETS", "pool (memset: v4's ticket counters in the per-call workspace)"),
     ("OPPO_FUSE_KV_APPEND", "1 (K/V append inside the rotary kernel)"),

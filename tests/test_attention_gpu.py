@@ -487,7 +487,8 @@ PREFILL_SHAPES = [  # Hq, Hkv, D, block_size, prefixes, chunks
 ]
 
 
-PREFILL_PLANS = ["mma", "wgmma", "wgmma_pp", "wgmma_ov", "wgmma_pp_ov", "wgmma_pp_ov_ps"]
+PREFILL_PLANS = ["mma", "wgmma", "wgmma_pp", "wgmma_ov", "wgmma_pp_ov", "wgmma_pp_ov_ps", "wgmma_kv",
+                 "wgmma_pp_ov_kv"]
 
 
 def _skip_unless_wgmma(plan: str) -> None:
@@ -581,11 +582,13 @@ def test_prefill_wgmma_graph_replay_and_many_tiles(monkeypatch, plan):
         assert rel_err(out[:n], ref) < 2e-3, (chunks, prefixes)
 
 
-def test_prefill_wgmma_persistent_many_items_per_cta(monkeypatch):
+@pytest.mark.parametrize("plan", ["wgmma_pp_ov_ps", "wgmma_pp_ov_kv_ps"])
+def test_prefill_wgmma_persistent_many_items_per_cta(monkeypatch, plan):
     """The persistent plan with several items per CTA (more (row tile, kv head, sequence) items
-    than SMs): ragged chunks, items past short chunks, a stage ring that runs on across items."""
-    _skip_unless_wgmma("wgmma_pp_ov_ps")
-    monkeypatch.setenv("OPPO_PREFILL_PLAN", "wgmma_pp_ov_ps")
+    than SMs): ragged chunks, items past short chunks, a stage ring that runs on across items
+    (with _kv: the K and V rings)."""
+    _skip_unless_wgmma(plan)
+    monkeypatch.setenv("OPPO_PREFILL_PLAN", plan)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     B = 2 * sms // 8 + 3                        # items = m_tiles * 2 kv heads * B > 2 x SMs
     prefixes = [(37 * b) % 700 for b in range(B)]

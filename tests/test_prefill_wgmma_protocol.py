@@ -9,6 +9,11 @@ kernel's order of operations, with and without ping-pong. The checks: every run 
 deadlock), a consumer reads a stage only when it holds the tile it expects, the producer never
 overwrites a stage a consumer has not released, and every named-barrier phase that starts is
 completed (no arrival left over at exit, and no phase completed by one warpgroup's arrivals alone).
+
+kFlagSplitKV (plans ``_kv``) gives K and V separate rings of barriers over the same stages: the
+producer commits K(g) and V(g) as two cp.async groups and publishes each as it lands; here the
+groups land in any order (a lander coroutine), and ``cp.async.wait_group n`` waits until all but
+the newest n groups have landed, so publishing a group before it landed is caught too.
 """
 from __future__ import annotations
 
@@ -146,14 +151,149 @@ def programs(items: list[int], kS: int, pingpong: bool, log: list):
     return [producer(), consumer(0), consumer(1)], named
 
 
-def run(items, kS: int, pingpong: bool, seed: int) -> list:
+def programs_split(items: list[int], kS: int, pingpong: bool, log: list, rng: random.Random,
+                   v_wait: int = 1, skip_v_wait: str = ""):
+    """kFlagSplitKV: fullK/emptyK (the kernel's full/empty) and fullV/emptyV per stage.
+    Producer, per tile g (slot s = g % kS): wait emptyK[s], issue and commit K(g), wait_group 1,
+    publish V(g-1); wait emptyV[s], issue and commit V(g), wait_group 1, publish K(g); at the end
+    wait_group 0 and publish V of the last tile. Consumers: wait fullK[s] (and fullV of the
+    previous tile) before the batch; release K(it) once S(it) is waited on, V(it-1) once P V(it-1)
+    is. Mutation hooks: ``v_wait``, the wait_group before V(g-1)'s publish (2 publishes too early);
+    ``skip_v_wait`` "loop" or "last", a consumer fullV wait left out."""
+    n_total = sum(items)
+    fullK = [MBarrier(128) for _ in range(kS)]
+    emptyK = [MBarrier(256) for _ in range(kS)]
+    fullV = [MBarrier(128) for _ in range(kS)]
+    emptyV = [MBarrier(256) for _ in range(kS)]
+    named = {3: NamedBarrier(256), 4: NamedBarrier(256)}
+    slot = {"K": [None] * kS, "V": [None] * kS}      # a slot's tile, ("flight"|"landed", tile) or None
+    readers = {"K": [set() for _ in range(kS)], "V": [set() for _ in range(kS)]}
+    groups: list = []                                  # committed cp.async groups, oldest first
+    landed: set = set()
+    state = {"producer": False}
+
+    def commit(kind, t):
+        st = t % kS
+        assert not readers[kind][st], f"producer overwrites {kind} slot {st} while {readers[kind][st]} read it"
+        slot[kind][st] = ("flight", t)
+        groups.append((kind, t))
+
+    def wait_group(n):                                 # all but the newest n groups have landed
+        return lambda: all(gr in landed for gr in groups[:max(0, len(groups) - n)])
+
+    def publish(kind, t):
+        st = t % kS
+        assert slot[kind][st] == ("landed", t), f"publishing {kind}({t}), slot {st} holds {slot[kind][st]}"
+        slot[kind][st] = t
+        (fullK if kind == "K" else fullV)[st].arrive(128)
+
+    def lander():                                      # the copies land in any order
+        while not (state["producer"] and len(landed) == len(groups)):
+            todo = [gr for gr in groups if gr not in landed]
+            if not todo:                               # nothing in flight: wait for a commit
+                yield lambda: len(landed) < len(groups) or state["producer"]
+                continue
+            kind, t = rng.choice(todo)
+            landed.add((kind, t))
+            assert slot[kind][t % kS] == ("flight", t)
+            slot[kind][t % kS] = ("landed", t)
+            yield None
+
+    def producer():
+        for g in range(n_total):
+            s = g % kS
+            p = ((g // kS) & 1) ^ 1
+            yield lambda s=s, p=p: emptyK[s].ready(p)
+            commit("K", g)
+            if g > 0:
+                yield wait_group(v_wait)
+                publish("V", g - 1)
+            yield lambda s=s, p=p: emptyV[s].ready(p)
+            commit("V", g)
+            yield wait_group(1)
+            publish("K", g)
+        yield wait_group(0)
+        publish("V", n_total - 1)
+        state["producer"] = True
+        log.append("producer done")
+
+    def consumer(cw: int):
+        me, other = 3 + cw, 3 + (1 - cw)
+        name = f"wg{cw}"
+
+        def sync(bid):
+            gen = named[bid].arrive(name)
+            yield lambda: named[bid].generation > gen
+
+        def begin():
+            if pingpong:
+                yield from sync(me)
+
+        def end(last: bool):
+            if pingpong and not (last and cw == 1):
+                named[other].arrive(name)
+
+        def read(kind, t):
+            st = t % kS
+            assert slot[kind][st] == t, f"{name} reads {kind} slot {st} expecting tile {t}, it holds {slot[kind][st]}"
+            readers[kind][st].add(name)
+
+        def release(kind, t):
+            st = t % kS
+            readers[kind][st].discard(name)
+            (emptyK if kind == "K" else emptyV)[st].arrive(128)
+
+        gbase = 0
+        for n_tiles in items:
+            yield None                 # the Q load of the item
+            if pingpong and cw == 1:
+                named[3].arrive(name)
+            yield lambda g0=gbase: fullK[g0 % kS].ready((g0 // kS) & 1)
+            yield from begin()
+            read("K", gbase)           # Q K^T of tile 0
+            end(False)
+            yield None                 # S waited on
+            release("K", gbase)
+            yield None                 # softmax
+            for it in range(1, n_tiles):
+                gi = gbase + it
+                yield lambda gi=gi: fullK[gi % kS].ready((gi // kS) & 1)
+                if skip_v_wait != "loop":
+                    yield lambda gi=gi: fullV[(gi - 1) % kS].ready(((gi - 1) // kS) & 1)
+                yield from begin()
+                read("K", gi)          # Q K^T of tile it
+                read("V", gi - 1)      # P V of tile it-1
+                end(False)
+                yield None             # S done (wait_group 1, or 0)
+                release("K", gi)
+                yield None             # the softmax's first part, P V done
+                release("V", gi - 1)
+                yield None
+            gl = gbase + n_tiles - 1
+            if skip_v_wait != "last":
+                yield lambda gl=gl: fullV[gl % kS].ready((gl // kS) & 1)
+            yield from begin()
+            read("V", gl)
+            end(True)
+            yield None
+            release("V", gl)
+            gbase += n_tiles
+        log.append(f"{name} done")
+
+    return [producer(), consumer(0), consumer(1), lander()], named
+
+
+def run(items, kS: int, pingpong: bool, seed: int, split: bool = False, **kw) -> list:
     log: list = []
     items = [items] if isinstance(items, int) else list(items)
-    progs, named = programs(items, kS, pingpong, log)
+    if split:
+        progs, named = programs_split(items, kS, pingpong, log, random.Random(seed + 7919), **kw)
+    else:
+        progs, named = programs(items, kS, pingpong, log)
     waiting = [None] * len(progs)
     alive = set(range(len(progs)))
     rng = random.Random(seed)
-    for _ in range(100_000):
+    for _ in range(400_000):
         if not alive:
             break
         runnable = [i for i in alive if waiting[i] is None or waiting[i]()]
@@ -204,3 +344,58 @@ def test_simulation_catches_a_wrong_parity():
                 run(6, 3, True, seed)
     finally:
         MBarrier.ready = orig
+
+
+# ------------------------------------------------------------------ kFlagSplitKV (plans _kv)
+@pytest.mark.parametrize("pingpong", [False, True])
+@pytest.mark.parametrize("kS", [3, 4])
+@pytest.mark.parametrize("n_tiles", [1, 2, 3, 4, 5, 9, 40])
+def test_split_kv_protocol_finishes_without_races(n_tiles, kS, pingpong):
+    for seed in range(25):
+        log = run(n_tiles, kS, pingpong, seed, split=True)
+        assert sorted(log) == ["producer done", "wg0 done", "wg1 done"]
+
+
+@pytest.mark.parametrize("pingpong", [False, True])
+@pytest.mark.parametrize("kS", [3, 4])
+@pytest.mark.parametrize("items", [[1, 1, 1], [3, 1, 5], [2, 7, 1, 4, 2], [9, 9]])
+def test_split_kv_persistent_items_share_the_rings(items, kS, pingpong):
+    for seed in range(25):
+        log = run(items, kS, pingpong, seed, split=True)
+        assert sorted(log) == ["producer done", "wg0 done", "wg1 done"]
+
+
+def test_split_kv_simulation_catches_a_wrong_parity():
+    orig = MBarrier.ready
+
+    def flipped(self, parity):
+        return orig(self, parity ^ 1) if self.count == 128 else orig(self, parity)
+    MBarrier.ready = flipped
+    try:
+        with pytest.raises(AssertionError):
+            for seed in range(10):
+                run(6, 3, True, seed, split=True)
+    finally:
+        MBarrier.ready = orig
+
+
+def test_split_kv_simulation_catches_publishing_v_before_it_landed():
+    """wait_group 2 before V(g-1)'s publish (V(g-1) and K(g) may both be in flight) is caught."""
+    with pytest.raises(AssertionError, match="publishing V"):
+        for seed in range(50):
+            run(6, 3, False, seed, split=True, v_wait=2)
+    for seed in range(50):                             # and the kernel's wait_group 1 is clean
+        run(6, 3, False, seed, split=True, v_wait=1)
+
+
+def test_split_kv_fullv_waits():
+    """The last tile's fullV wait is needed (left out: a read of an unpublished V). The in-loop one
+    is implied by the producer's order: each producer thread arrives on fullV[g-1] before fullK[g],
+    so a completed fullK phase of tile it means V(it-1) is published (and, by each thread's release
+    order, visible). The kernel keeps the wait (one try_wait that succeeds at once) so that a
+    producer reordering cannot break the consumers silently."""
+    with pytest.raises(AssertionError, match="reads V"):
+        for seed in range(50):
+            run([3, 2, 4], 3, True, seed, split=True, skip_v_wait="last")
+    for seed in range(25):
+        run([3, 2, 4], 3, True, seed, split=True, skip_v_wait="loop")

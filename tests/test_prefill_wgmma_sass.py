@@ -105,10 +105,13 @@ def test_wgmma_prefill_sass_keeps_its_batches_and_its_overlap(D, tmp_path):
 @pytest.mark.parametrize("D", [64, 128])
 def test_wgmma_prefill_producer_keeps_its_copies_in_flight(D, tmp_path):
     """With 4 stages (D=64) the producer publishes the previous tile after cp.async.wait_group 1
-    (two tiles' copies in flight); with 3 (D=128) after wait_group 0, before the next stage wait."""
-    _, ev = _compile(D, tmp_path)
-    waits = {e for e in ev if e.startswith("CPWAIT")}
-    assert ("CPWAIT0x1" in waits) == (D == 64), waits
+    (two tiles' copies in flight); with 3 (D=128) after wait_group 0, before the next stage wait.
+    (The kernel's other producer loop, kFlagSplitKV's, waits with wait_group 1 at both head dims:
+    test_wgmma_prefill_split_kv_loop_publishes_each_group_as_it_lands.)"""
+    _tools()
+    body = producer_loop(_build(D)[1])["body"]
+    waits = {re.search(r"SB0,\s*(0x[0-9a-f]+)", x).group(1) for x in body if re.search(r"\bDEPBAR\.LE SB0", x)}
+    assert waits == ({"0x1"} if D == 64 else {"0x0"}), waits
 
 
 # ------------------------------------------------------------------ the producer's tile loop
@@ -136,10 +139,11 @@ def _regs(operand: str) -> set[str]:
     return regs
 
 
-def producer_loop(sass: str) -> dict:
+def producer_loop(sass: str, commits: int = 1) -> dict:
     """The producer's steady-state tile loop: the innermost loop (a predicated backward branch)
-    holding the cp.async copies (LDGSTS) and an mbarrier wait. Returns its instructions and the
-    indices (into them) of the stage wait before the first copy and of the commit (LDGDEPBAR)."""
+    holding the cp.async copies (LDGSTS), an mbarrier wait and ``commits`` commits (LDGDEPBAR: one
+    per tile in the stage ring, two, K's and V's, with kFlagSplitKV). Returns its instructions and
+    the indices (into them) of the stage wait before the first copy and of the commit after it."""
     ins = _instructions(sass)
     addr = [a for a, _ in ins]
     best = None
@@ -149,7 +153,8 @@ def producer_loop(sass: str) -> dict:
             continue
         h = addr.index(int(m.group(1), 16))
         body = [x for _, x in ins[h:k + 1]]
-        if any(_opcode(x).startswith("LDGSTS") for x in body) and any("TRYWAIT" in x for x in body):
+        if any(_opcode(x).startswith("LDGSTS") for x in body) and any("TRYWAIT" in x for x in body) \
+                and sum(_opcode(x) == "LDGDEPBAR" for x in body) == commits:
             if best is None or k - h < len(best):
                 best = body
     assert best is not None, "no producer loop (LDGSTS and an mbarrier wait under a backward branch)"
@@ -212,3 +217,62 @@ def test_wgmma_prefill_producer_loop_has_no_division_and_prefetches_the_table(D)
             assert not dest & writes, f"the table load {body[i]!r} is overwritten unread by {body[j]!r}"
         else:
             raise AssertionError(f"the table load {body[i]!r} is not read in the loop")
+
+
+@pytest.mark.parametrize("D", [64, 128])
+def test_wgmma_prefill_split_kv_loop_publishes_each_group_as_it_lands(D):
+    """kFlagSplitKV's producer loop (a second instantiation of the tile loop, in the same kernel):
+    per tile the K slot wait, K's copies and commit, wait_group 1 and the publish of V(g-1), the
+    next tile's table load, the V slot wait, V's copies and commit, wait_group 1 and the publish of
+    K(g). No wait_group 0 (a group is always in flight), no division, a bounded issue per group, and the table load read only after V's commit and before K's publish (a
+    proxy fence after the load, before its use, would wait for it)."""
+    _tools()
+    L = producer_loop(_build(D)[1], commits=2)
+    body, ops = L["body"], L["ops"]
+    div = [body[i] for i, o in enumerate(ops) if _DIVISION.match(o)]
+    assert not div, f"integer division in the split-ring producer loop: {div[:6]}"
+
+    def kind(i):
+        x, o = body[i], ops[i]
+        if "TRYWAIT" in x:
+            return "WAIT"
+        if o == "LDGDEPBAR":
+            return "COMMIT"
+        if re.search(r"\bDEPBAR\.LE SB0", x):
+            return "CPWAIT" + re.search(r"SB0,\s*(0x[0-9a-f]+)", x).group(1)
+        if o == "MEMBAR.ALL.CTA":
+            return "FENCE"
+        if "SYNCS.ARRIVE" in x:
+            return "ARRIVE"
+        if o.startswith("LDG."):
+            return "LDG"
+        if o.startswith("LDGSTS"):
+            return "COPY"
+        return None
+    seq = []
+    for i in range(len(ops)):
+        k = kind(i)
+        if k and not (k == "COPY" and seq and seq[-1][0] == "COPY"):
+            seq.append((k, i))
+    names = [k for k, _ in seq]
+    start = names.index("WAIT")                   # the loop may be rotated: read it from K's slot wait
+    names = names[start:] + names[:start]
+    assert names == ["WAIT", "COPY", "COMMIT", "CPWAIT0x1", "FENCE", "ARRIVE", "LDG", "WAIT", "COPY", "COMMIT",
+                     "CPWAIT0x1", "FENCE", "ARRIVE"], names
+    copies = sum(o.startswith("LDGSTS") for o in ops)
+    assert copies == 2 * (128 * D // 8) // 128, copies
+    waits = [i for k, i in seq if k == "WAIT"]
+    commits = [i for k, i in seq if k == "COMMIT"]
+    for w, c in zip(waits, commits):   # each group shuffles its 64-bit row offsets itself: ~2 SHFL more per copy
+        assert c - w + 1 <= 9 * copies // 2 + 24, f"{c - w + 1} instructions from a slot wait to its commit"
+    ldg = next(i for k, i in seq if k == "LDG")
+    dest = _sources_and_dests(body[ldg])[1]
+    fence_k = [i for k, i in seq if k == "FENCE"][-1]
+    for j in range(ldg + 1, len(ops)):
+        reads, writes = _sources_and_dests(body[j])
+        if dest & reads:
+            assert commits[1] < j < fence_k, f"the table load {body[ldg]!r} is read at {body[j]!r}"
+            break
+        assert not dest & writes, f"the table load {body[ldg]!r} is overwritten unread by {body[j]!r}"
+    else:
+        raise AssertionError(f"the table load {body[ldg]!r} is not read in the loop")
