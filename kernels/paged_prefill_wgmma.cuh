@@ -15,8 +15,8 @@
 //                arrivals once both warpgroups' MMAs on the stage completed). With kFlagSplitKV
 //                (plans _kv) K and V of a stage are two commit groups on two rings: full/empty
 //                guard the K tiles (released once S is waited on, an iteration before V), and
-//                fullV/emptyV the V tiles (released after their P V), so the producer prefetches
-//                K ~2 tiles and V ~2.5 tiles ahead with the same stages.
+//                fullV/emptyV the V tiles (released after their P V); each group is published
+//                one group behind, so two are always in flight (~2 tiles ahead on each ring).
 //   warpgroups 1, 2  consumers, 64 rows each: S = Q K^T as wgmma m64nkBNk16 with Q and K from
 //                shared memory; online softmax on the accumulator registers (exp2, fp32); P
 //                rounded to T in registers is the A operand of O += P V (wgmma m64nDk16, A from
@@ -318,13 +318,17 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
       lim = nx.L - nx.it * kBN - tok0;
     };
     // kFlagSplitKV: K and V of a tile are two commit groups, each issued after its own ring's
-    // empty wait and published as soon as it has landed, never behind the next group's empty wait:
-    // K(g) issued, wait_group 1 (V(g-1) landed) -> publish V(g-1); V(g) issued, wait_group 1 (K(g)
-    // landed) -> publish K(g). K's slot frees when both warpgroups have waited on the S that read it
-    // (an iteration before V's), so the producer runs ~2 tiles ahead on K and ~2.5 on V with the
-    // same stages, a K or V group always in flight while it waits for the next slot.
+    // empty wait, and published one group behind: after K(g)'s commit, wait_group 2 (all but V(g-1)
+    // and K(g) landed) -> publish K(g-1); after V(g)'s commit, wait_group 2 -> publish V(g-1). So
+    // two groups are always in flight and the producer never waits for its newest group to land
+    // (waiting for it, wait_group 1, would land one group at a time: no more latency hidden than
+    // the flag-off order). No deadlock: K(g-1) is needed at iteration g-1, when the consumers have
+    // released K up to g-2 >= g-kS (kS >= 2), so K(g)'s slot wait passes; V(g-1) at iteration g,
+    // when V up to g-2 is released, so V(g)'s does. K's slot frees when both warpgroups have
+    // waited on the S that read it (an iteration before V's), so with the same stages the
+    // producer runs ~2 tiles ahead on both rings.
     // nx's table load sits between the two publishes (in flight during V(g)'s slot wait and
-    // copies) and is read before K(g)'s publish: each publish's proxy fence (MEMBAR.ALL.CTA) would
+    // copies) and is read before V(g-1)'s publish: each publish's proxy fence (MEMBAR.ALL.CTA) would
     // wait for a load still in flight, and ptxas sinks the load past any fence before its use.
     auto run_kv = [&](const Tile& nx) {
       const int s = g % kS;
@@ -337,10 +341,10 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
         cp_async_16_s(dst + i * kTokStep * 128, kb + o, kTokStep * i < lim ? 16 : 0);
       }
       cp_async_commit();
-      if (g > 0) {  // all but K(g) landed: V(g-1)
-        cp_async_wait<1>();
+      if (g > 0) {  // all but V(g-1) and K(g) landed: K(g-1)
+        cp_async_wait<2>();
         fence_proxy_async();
-        mbar_arrive(&fullV[(g - 1) % kS]);
+        mbar_arrive(&full[(g - 1) % kS]);  // fullK
       }
       const bool nin = key_in(nx);
       const int page = nin ? ldg_early(nx.bt + nx.q) : 0;
@@ -353,9 +357,11 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
       cp_async_commit();
       off = row_off(nx, nin, page);
       lim = nx.L - nx.it * kBN - tok0;
-      cp_async_wait<1>();  // all but V(g) landed: K(g)
-      fence_proxy_async();
-      mbar_arrive(&full[s]);  // fullK
+      if (g > 0) {  // all but K(g) and V(g) landed: V(g-1)
+        cp_async_wait<2>();
+        fence_proxy_async();
+        mbar_arrive(&fullV[(g - 1) % kS]);
+      }
       ++g;
     };
 
@@ -394,7 +400,8 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
     else tiles(std::false_type{});
     cp_async_wait<0>();
     fence_proxy_async();
-    mbar_arrive(splitkv ? &fullV[(g - 1) % kS] : &full[(g - 1) % kS]);  // g >= 1: the CTA has an item
+    mbar_arrive(&full[(g - 1) % kS]);  // g >= 1: the CTA has an item (split rings: K of its last tile)
+    if (splitkv) mbar_arrive(&fullV[(g - 1) % kS]);
     return;
   }
 

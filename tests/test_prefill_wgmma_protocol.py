@@ -11,9 +11,10 @@ overwrites a stage a consumer has not released, and every named-barrier phase th
 completed (no arrival left over at exit, and no phase completed by one warpgroup's arrivals alone).
 
 kFlagSplitKV (plans ``_kv``) gives K and V separate rings of barriers over the same stages: the
-producer commits K(g) and V(g) as two cp.async groups and publishes each as it lands; here the
-groups land in any order (a lander coroutine), and ``cp.async.wait_group n`` waits until all but
-the newest n groups have landed, so publishing a group before it landed is caught too.
+producer commits K(g) and V(g) as two cp.async groups and publishes each one group behind (two
+always in flight); here the groups land in any order (a lander coroutine), and
+``cp.async.wait_group n`` waits until all but the newest n groups have landed, so publishing a
+group before it landed is caught too.
 """
 from __future__ import annotations
 
@@ -152,14 +153,15 @@ def programs(items: list[int], kS: int, pingpong: bool, log: list):
 
 
 def programs_split(items: list[int], kS: int, pingpong: bool, log: list, rng: random.Random,
-                   v_wait: int = 1, skip_v_wait: str = ""):
+                   v_wait: int = 2, skip_v_wait: str = "", k_wait: int = 2):
     """kFlagSplitKV: fullK/emptyK (the kernel's full/empty) and fullV/emptyV per stage.
-    Producer, per tile g (slot s = g % kS): wait emptyK[s], issue and commit K(g), wait_group 1,
-    publish V(g-1); wait emptyV[s], issue and commit V(g), wait_group 1, publish K(g); at the end
-    wait_group 0 and publish V of the last tile. Consumers: wait fullK[s] (and fullV of the
-    previous tile) before the batch; release K(it) once S(it) is waited on, V(it-1) once P V(it-1)
-    is. Mutation hooks: ``v_wait``, the wait_group before V(g-1)'s publish (2 publishes too early);
-    ``skip_v_wait`` "loop" or "last", a consumer fullV wait left out."""
+    Producer, per tile g (slot s = g % kS), each group published one group behind: wait emptyK[s],
+    issue and commit K(g), wait_group 2, publish K(g-1); wait emptyV[s], issue and commit V(g),
+    wait_group 2, publish V(g-1); at the end wait_group 0 and publish K and V of the last tile.
+    Consumers: wait fullK[s] (and fullV of the previous tile) before the batch; release K(it) once
+    S(it) is waited on, V(it-1) once P V(it-1) is. Mutation hooks: ``v_wait`` / ``k_wait``, the
+    wait_group before V(g-1)'s / K(g-1)'s publish (3 publishes too early); ``skip_v_wait`` "loop"
+    or "last", a consumer fullV wait left out."""
     n_total = sum(items)
     fullK = [MBarrier(128) for _ in range(kS)]
     emptyK = [MBarrier(256) for _ in range(kS)]
@@ -206,13 +208,15 @@ def programs_split(items: list[int], kS: int, pingpong: bool, log: list, rng: ra
             yield lambda s=s, p=p: emptyK[s].ready(p)
             commit("K", g)
             if g > 0:
-                yield wait_group(v_wait)
-                publish("V", g - 1)
+                yield wait_group(k_wait)
+                publish("K", g - 1)
             yield lambda s=s, p=p: emptyV[s].ready(p)
             commit("V", g)
-            yield wait_group(1)
-            publish("K", g)
+            if g > 0:
+                yield wait_group(v_wait)
+                publish("V", g - 1)
         yield wait_group(0)
+        publish("K", n_total - 1)
         publish("V", n_total - 1)
         state["producer"] = True
         log.append("producer done")
@@ -380,19 +384,26 @@ def test_split_kv_simulation_catches_a_wrong_parity():
 
 
 def test_split_kv_simulation_catches_publishing_v_before_it_landed():
-    """wait_group 2 before V(g-1)'s publish (V(g-1) and K(g) may both be in flight) is caught."""
+    """wait_group 3 before V(g-1)'s publish (V(g-1), K(g) and V(g) may all be in flight) is caught."""
     with pytest.raises(AssertionError, match="publishing V"):
         for seed in range(50):
-            run(6, 3, False, seed, split=True, v_wait=2)
-    for seed in range(50):                             # and the kernel's wait_group 1 is clean
-        run(6, 3, False, seed, split=True, v_wait=1)
+            run(6, 3, False, seed, split=True, v_wait=3)
+    for seed in range(50):                             # and the kernel's wait_group 2 is clean
+        run(6, 3, False, seed, split=True, v_wait=2)
+
+
+def test_split_kv_simulation_catches_publishing_k_before_it_landed():
+    """wait_group 3 before K(g-1)'s publish (K(g-1), V(g-1) and K(g) may all be in flight) is caught."""
+    with pytest.raises(AssertionError, match="publishing K"):
+        for seed in range(50):
+            run(6, 3, False, seed, split=True, k_wait=3)
 
 
 def test_split_kv_fullv_waits():
     """The last tile's fullV wait is needed (left out: a read of an unpublished V). The in-loop one
-    is implied by the producer's order: each producer thread arrives on fullV[g-1] before fullK[g],
-    so a completed fullK phase of tile it means V(it-1) is published (and, by each thread's release
-    order, visible). The kernel keeps the wait (one try_wait that succeeds at once) so that a
+    is implied by the producer's order: each producer thread arrives on fullV[g-1] (after V(g)'s
+    commit) before fullK[g] (after K(g+1)'s), so a completed fullK phase of tile it means V(it-1)
+    is published (and, by each thread's release order, visible). The kernel keeps the wait (one try_wait that succeeds at once) so that a
     producer reordering cannot break the consumers silently."""
     with pytest.raises(AssertionError, match="reads V"):
         for seed in range(50):

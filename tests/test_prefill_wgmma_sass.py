@@ -106,7 +106,7 @@ def test_wgmma_prefill_sass_keeps_its_batches_and_its_overlap(D, tmp_path):
 def test_wgmma_prefill_producer_keeps_its_copies_in_flight(D, tmp_path):
     """With 4 stages (D=64) the producer publishes the previous tile after cp.async.wait_group 1
     (two tiles' copies in flight); with 3 (D=128) after wait_group 0, before the next stage wait.
-    (The kernel's other producer loop, kFlagSplitKV's, waits with wait_group 1 at both head dims:
+    (The kernel's other producer loop, kFlagSplitKV's, waits with wait_group 2 at both head dims:
     test_wgmma_prefill_split_kv_loop_publishes_each_group_as_it_lands.)"""
     _tools()
     body = producer_loop(_build(D)[1])["body"]
@@ -222,10 +222,12 @@ def test_wgmma_prefill_producer_loop_has_no_division_and_prefetches_the_table(D)
 @pytest.mark.parametrize("D", [64, 128])
 def test_wgmma_prefill_split_kv_loop_publishes_each_group_as_it_lands(D):
     """kFlagSplitKV's producer loop (a second instantiation of the tile loop, in the same kernel):
-    per tile the K slot wait, K's copies and commit, wait_group 1 and the publish of V(g-1), the
-    next tile's table load, the V slot wait, V's copies and commit, wait_group 1 and the publish of
-    K(g). No wait_group 0 (a group is always in flight), no division, a bounded issue per group, and the table load read only after V's commit and before K's publish (a
-    proxy fence after the load, before its use, would wait for it)."""
+    per tile the K slot wait, K's copies and commit, wait_group 2 and the publish of K(g-1), the
+    next tile's table load, the V slot wait, V's copies and commit, wait_group 2 and the publish of
+    V(g-1). Only wait_group 2 (two groups always in flight: waiting for the newest would land one
+    group at a time), no division, a bounded issue per group, and the table load read only after
+    V's commit and before V(g-1)'s publish (a proxy fence after the load, before its use, would
+    wait for it)."""
     _tools()
     L = producer_loop(_build(D)[1], commits=2)
     body, ops = L["body"], L["ops"]
@@ -257,8 +259,8 @@ def test_wgmma_prefill_split_kv_loop_publishes_each_group_as_it_lands(D):
     names = [k for k, _ in seq]
     start = names.index("WAIT")                   # the loop may be rotated: read it from K's slot wait
     names = names[start:] + names[:start]
-    assert names == ["WAIT", "COPY", "COMMIT", "CPWAIT0x1", "FENCE", "ARRIVE", "LDG", "WAIT", "COPY", "COMMIT",
-                     "CPWAIT0x1", "FENCE", "ARRIVE"], names
+    assert names == ["WAIT", "COPY", "COMMIT", "CPWAIT0x2", "FENCE", "ARRIVE", "LDG", "WAIT", "COPY", "COMMIT",
+                     "CPWAIT0x2", "FENCE", "ARRIVE"], names
     copies = sum(o.startswith("LDGSTS") for o in ops)
     assert copies == 2 * (128 * D // 8) // 128, copies
     waits = [i for k, i in seq if k == "WAIT"]
