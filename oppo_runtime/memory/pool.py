@@ -173,12 +173,7 @@ class PagePool:
         with self._lock:
             if n > len(self._free):
                 raise PoolExhausted(f"{owner}: needs {n} pages, {len(self._free)} free of {self.num_pages}")
-            got = [self._free.pop() for _ in range(n)]
-            for p in got:
-                self._owner[p] = owner
-            self._pages.setdefault(owner, []).extend(got)
-            self._mirror_append(owner, got)
-            return got
+            return self._take(owner, n)
 
     def allocate_many(self, owners: list[Owner], counts: list[int]) -> None:
         """Append ``counts[i]`` pages to ``owners[i]`` for every i under one lock (all or nothing:
@@ -188,13 +183,17 @@ class PagePool:
             if total > len(self._free):
                 raise PoolExhausted(f"{len(owners)} owners need {total} pages, {len(self._free)} free of "
                                     f"{self.num_pages}")
-            free, owner_of, pages = self._free, self._owner, self._pages
             for owner, n in zip(owners, counts):
-                got = [free.pop() for _ in range(n)]
-                for p in got:
-                    owner_of[p] = owner
-                pages.setdefault(owner, []).extend(got)
-                self._mirror_append(owner, got)
+                self._take(owner, n)
+
+    def _take(self, owner: Owner, n: int) -> list[int]:
+        """``n`` free pages to ``owner`` (the caller holds the lock and checked that they are free)."""
+        got = [self._free.pop() for _ in range(n)]
+        for p in got:
+            self._owner[p] = owner
+        self._pages.setdefault(owner, []).extend(got)
+        self._mirror_append(owner, got)
+        return got
 
     def _mirror_append(self, owner: Owner, got: list[int]) -> None:
         row = self._rows.get(owner)
