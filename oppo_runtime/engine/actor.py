@@ -339,19 +339,11 @@ class ActorEngine:
         V = self.model.config.vocab_size
         out = None
         if self.graph_sampling and batch.is_decode and sampled_rows is None:
-            if rows is not None:            # the sampler's inputs from the arrays
-                if not (rows.filtered and _needs_filter([s.sampling for s in seqs], V)):
-                    out = self.runner.forward_sample(batch.spans, self.view.pages, ids_from, rows.keys, rows.n,
-                                                     rows.temps)
-            else:
-                sp = [s.sampling for s in seqs]
-                if not _needs_filter(sp, V):
-                    # one replay: forward, LM head and sampler, the sampler's inputs packed with the
-                    # step's (None: this step cannot take that path)
-                    out = self.runner.forward_sample(batch.spans, self.view.pages, ids_from,
-                                                     [s.sample_key for s in seqs],
-                                                     [len(s.prompt_ids) + len(s.output_ids) for s in seqs],
-                                                     [p.temperature for p in sp])
+            needs_filter, keys, pos, temps = self._sampler_rows(seqs, V, rows)
+            if not needs_filter:
+                # one replay: forward, LM head and sampler, the sampler's inputs packed with the
+                # step's (None: this step cannot take that path)
+                out = self.runner.forward_sample(batch.spans, self.view.pages, ids_from, keys, pos, temps)
         if out is None:
             hidden = self.runner.forward(batch.spans, self.view.pages, ids_from=ids_from)
             if seqs:
@@ -442,24 +434,26 @@ class ActorEngine:
             self.scheduler.finish(seq)
         return finished
 
+    @staticmethod
+    def _sampler_rows(seqs: list[Sequence], V: int, rows: DecodeRows | None):
+        """(needs_filter, keys, positions, temperatures) of the sampled rows on the host: from the
+        batch's arrays when it has them (a decode batch), else from the sequences."""
+        if rows is not None:
+            return rows.filtered and _needs_filter([s.sampling for s in seqs], V), rows.keys, rows.n, rows.temps
+        sp = [s.sampling for s in seqs]
+        return (_needs_filter(sp, V), [s.sample_key for s in seqs],
+                [len(s.prompt_ids) + len(s.output_ids) for s in seqs], [p.temperature for p in sp])
+
     def _sample_inputs(self, seqs: list[Sequence], V: int, rows: DecodeRows | None = None):
         """(needs_filter, keys, positions, temperature, top_k, top_p) of the rows over a vocabulary
         of V, staged on the device (top_k/top_p only when a row filters or the fused sampler cannot
         run). ``rows``: the batch's arrays (a decode batch: keys, positions n, temperatures)."""
-        sp = None
-        if rows is not None and not rows.filtered:
-            needs_filter = False
-            keys, pos = self.runner.stage.many([rows.keys, rows.n])
-            temp = self.runner.stage(rows.temps, torch.float32)
-        else:
-            sp = [s.sampling for s in seqs]
-            needs_filter = _needs_filter(sp, V)
-            # per-row parameters in two staged copies and no conversion kernels (this runs every step)
-            keys, pos = self.runner.stage.many([[s.sample_key for s in seqs],
-                                                [len(s.prompt_ids) + len(s.output_ids) for s in seqs]])
-            temp = self.runner.stage([p.temperature for p in sp], torch.float32)
+        needs_filter, keys, pos, temps = self._sampler_rows(seqs, V, rows)
+        # per-row parameters in two staged copies and no conversion kernels (this runs every step)
+        keys, pos = self.runner.stage.many([keys, pos])
+        temp = self.runner.stage(temps, torch.float32)
         if needs_filter or not (self.runner.device.type == "cuda" and sampling_triton.available()):
-            sp = sp or [s.sampling for s in seqs]
+            sp = [s.sampling for s in seqs]
             top_k = self.runner.stage([p.top_k for p in sp], torch.int64)
             top_p = self.runner.stage([p.top_p for p in sp], torch.float32)
         else:                   # the fused sampler does not read them
