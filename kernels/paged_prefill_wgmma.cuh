@@ -334,13 +334,16 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
       const int s = g % kS;
       const uint32_t ph = ((g / kS) & 1) ^ 1;
       const uint32_t dst = dst0 + s * C::kStageBytes;
-      mbar_wait(&empty[s], ph);  // emptyK
+      auto copy_group = [&](uint32_t d, const char* base) {  // one tile of K or V, one commit group
 #pragma unroll
-      for (int i = 0; i < kPer; ++i) {
-        const int64_t o = __shfl_sync(0xffffffffu, static_cast<long long>(off), i, C::kChunks);
-        cp_async_16_s(dst + i * kTokStep * 128, kb + o, kTokStep * i < lim ? 16 : 0);
-      }
-      cp_async_commit();
+        for (int i = 0; i < kPer; ++i) {
+          const int64_t o = __shfl_sync(0xffffffffu, static_cast<long long>(off), i, C::kChunks);
+          cp_async_16_s(d + i * kTokStep * 128, base + o, kTokStep * i < lim ? 16 : 0);
+        }
+        cp_async_commit();
+      };
+      mbar_wait(&empty[s], ph);  // emptyK
+      copy_group(dst, kb);
       if (g > 0) {  // all but V(g-1) and K(g) landed: K(g-1)
         cp_async_wait<2>();
         fence_proxy_async();
@@ -349,12 +352,7 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
       const bool nin = key_in(nx);
       const int page = nin ? ldg_early(nx.bt + nx.q) : 0;
       mbar_wait(&emptyV[s], ph);
-#pragma unroll
-      for (int i = 0; i < kPer; ++i) {
-        const int64_t o = __shfl_sync(0xffffffffu, static_cast<long long>(off), i, C::kChunks);
-        cp_async_16_s(dst + C::kTileBytes + i * kTokStep * 128, vb + o, kTokStep * i < lim ? 16 : 0);
-      }
-      cp_async_commit();
+      copy_group(dst + C::kTileBytes, vb);
       off = row_off(nx, nin, page);
       lim = nx.L - nx.it * kBN - tok0;
       if (g > 0) {  // all but K(g) and V(g) landed: V(g-1)
