@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import math
 import os
 import platform
 import statistics
@@ -118,10 +117,9 @@ def main() -> None:
         keys = torch.arange(B, device=dev) * 7919 + 5
         pos = torch.arange(B, device=dev) + 100
         nbytes = B * V * logits.element_size()
-        blk = sampling_triton._BLOCK            # the split gumbel_sample will use (its own arithmetic)
-        span = math.ceil(math.ceil(V / sampling_triton._splits(B, V, dev)) / blk) * blk
+        splits, _ = sampling_triton.split_layout(B, V, dev)      # the grid gumbel_sample launches
         row = {"B": B, "V": V, "temperature": ARGS.temperature, "bytes": nbytes, "floor_us": nbytes / bw * 1e6,
-               "splits": math.ceil(V / span), "programs": B * math.ceil(V / span)}
+               "splits": splits, "programs": B * splits}
 
         def fused():
             return sampling_triton.gumbel_sample(logits, temp, 1, keys, pos)

@@ -235,6 +235,13 @@ def _splits(B: int, V: int, device: torch.device) -> int:
     return max(1, min(triton.cdiv(V, _BLOCK), slots // max(B, 1), 64))
 
 
+def split_layout(B: int, V: int, device: torch.device, splits: int | None = None) -> tuple[int, int]:
+    """(splits, span): the partial kernel's grid over the vocabulary, whole 4096-column blocks per
+    split (``splits``: asked for, else _splits'; the count is recomputed from the span)."""
+    span = triton.cdiv(triton.cdiv(V, splits or _splits(B, V, device)), _BLOCK) * _BLOCK
+    return triton.cdiv(V, span), span
+
+
 def neg_log2_uniform(k: torch.Tensor) -> torch.Tensor:
     """The kernel's exponential noise E = -log2(u), u = (2k + 1) / 2^24, for 23-bit integers k (any
     integer dtype), float32: how the sampler turns its hash into noise, exposed for the tests."""
@@ -265,9 +272,7 @@ def gumbel_sample(logits: torch.Tensor, temperature: torch.Tensor, seed: int, se
     logp = torch.empty(B, dtype=torch.float32, device=dev)
     bad = torch.empty(B, dtype=torch.int8, device=dev)
     if B:
-        S = splits or _splits(B, V, dev)
-        span = triton.cdiv(triton.cdiv(V, S), _BLOCK) * _BLOCK
-        S = triton.cdiv(V, span)
+        S, span = split_layout(B, V, dev, splits)
         f = torch.empty(3, B, S, dtype=torch.float32, device=dev)
         i = torch.empty(B, S, dtype=torch.int32, device=dev)
         temp = temperature.float().contiguous()
