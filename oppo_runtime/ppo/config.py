@@ -48,6 +48,10 @@ class RolloutSection:
     top_p: float = 1.0
     chunk_size: int = 8                 # C
     adaptive_chunk: bool = True         # pick C from the cost model every step (logged as oppo/chunk_size)
+    chunk_trial_every: int = 50         # adaptive C: try C/2, C, 2C (and the model's pick) one step each after
+                                        # every N steps; 0 = never (the cost model alone)
+    chunk_trial_margin: float = 0.05    # the model's pick stays in charge while within this fraction of the
+                                        # trial's fastest C; else C is pinned to it (oppo/chunk_pinned)
     delta_init: int = 4                 # inter-step overlap: extra prompts admitted (Δ)
     delta_min: int = 0
     delta_max: int = 8
@@ -135,6 +139,8 @@ class TrainConfig:
             (0 < r.top_p <= 1, "rollout.top_p", r.top_p, "in (0, 1]"),
             (r.top_k >= 0, "rollout.top_k", r.top_k, ">= 0"),
             (r.chunk_size >= 1, "rollout.chunk_size", r.chunk_size, ">= 1"),
+            (r.chunk_trial_every >= 0, "rollout.chunk_trial_every", r.chunk_trial_every, ">= 0 (0 = never)"),
+            (0 <= r.chunk_trial_margin < 1, "rollout.chunk_trial_margin", r.chunk_trial_margin, "in [0, 1)"),
             (0 <= r.delta_min <= r.delta_init <= r.delta_max, "rollout.delta_init", r.delta_init,
              f"within [delta_min={r.delta_min}, delta_max={r.delta_max}]"),
             (r.staleness_limit >= 1, "rollout.staleness_limit", r.staleness_limit, ">= 1"),

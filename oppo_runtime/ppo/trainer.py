@@ -215,7 +215,8 @@ class PPOTrainer:
         # the cost model is about hiding scorer work under decode on a GPU; on the CPU both share
         # the same cores, nothing hides, and C stays as configured
         self.chunk_ctl = ChunkSizeController(r.chunk_size, adaptive=r.adaptive_chunk and self.device.type == "cuda"
-                                             and run.overlap in ("intra", "full"))
+                                             and run.overlap in ("intra", "full"),
+                                             trial_every=r.chunk_trial_every, trial_margin=r.chunk_trial_margin)
         self.step_idx = 0
         self.version = 0
         self.next_prompt = 0
@@ -374,10 +375,11 @@ class PPOTrainer:
         lens = [len(x.seq.output_ids) for x in results]
         scores = [self._total_score(x) for x in results]
         es = self.engine.stats
-        chunk = self.chunk_ctl.chunk_size
+        chunk_metrics = self.chunk_ctl.metrics()       # the C this step ran with, before choosing the next
         mean_batch = es["generated_tokens"] / max(1, es["decode_steps"] + es["prefill_steps"])
         self.chunk_ctl.update(self.rollout.stats["actor_s"], es["decode_steps"] + es["prefill_steps"], mean_batch,
-                              self.rollout.scorer_calls, num_scorers=len(self.rollout.scorers))
+                              self.rollout.scorer_calls, num_scorers=len(self.rollout.scorers),
+                              rollout_s=timer.seconds()["rollout"])
         self.rollout.set_chunk_size(self.chunk_ctl.chunk_size)
         new_delta = self.delta_ctl.update(sum(scores) / len(scores)) if scores else delta
         step_s = time.perf_counter() - t_step
@@ -387,7 +389,7 @@ class PPOTrainer:
             **stats,
             "response_length/mean": sum(lens) / len(lens) if lens else 0.0,
             "response_length/max": max(lens) if lens else 0,
-            "oppo/chunk_size": chunk,
+            **chunk_metrics,
             "oppo/delta": delta,
             "oppo/next_delta": new_delta,
             "oppo/num_deferred": len(self.rollout.in_flight),
