@@ -3,6 +3,7 @@ import json
 import time
 
 import pytest
+import torch
 
 from oppo_runtime.engine.timeline import Timeline, stage_kind
 
@@ -64,6 +65,65 @@ def test_cuda_spans_resolve_relative_to_the_reference_event():
     assert s.start_s == pytest.approx(ref_host + 0.020)
     assert s.end_s == pytest.approx(ref_host + 0.050)
     assert s.args == {"chunk": 0}
+
+
+class _Stream:
+    """A stream stand-in on GPU ``index``."""
+    def __init__(self, index):
+        self.device = torch.device("cuda", index)
+
+
+class DeviceClockEvent:
+    """Events with one clock per GPU; like CUDA, timing across GPUs is an error."""
+    clocks: dict = {}
+
+    def record(self, stream=None):
+        self.dev = None if stream is None else stream.device.index
+        self.ms = DeviceClockEvent.clocks[self.dev]
+
+    def synchronize(self):
+        pass
+
+    def elapsed_time(self, other):
+        if other.dev != self.dev:
+            raise RuntimeError("elapsed time between events of different devices")
+        return other.ms - self.ms
+
+
+def test_spans_on_two_gpus_resolve_against_their_own_device_reference():
+    # scorers placed on a second GPU: its clock is unrelated to the first GPU's
+    tl = Timeline(use_cuda=True, event_factory=DeviceClockEvent)
+    a, b = _Stream(0), _Stream(1)
+    DeviceClockEvent.clocks = {0: 1000.0, 1: 777000.0}
+    tl.mark_reference(a)
+    tl.mark_reference(b)
+    host0 = tl._refs[0][1]
+    DeviceClockEvent.clocks = {0: 1010.0, 1: 777030.0}
+    tl.cuda_span_begin("actor", "decode", a)
+    tl.cuda_span_begin("critic", "prefill", b)
+    DeviceClockEvent.clocks = {0: 1040.0, 1: 777050.0}
+    tl.cuda_span_end("actor", "decode", a)
+    tl.cuda_span_end("critic", "prefill", b)
+    tl.resolve()
+    got = {s.lane: (s.start_s, s.end_s) for s in tl.spans}
+    assert got["actor"] == pytest.approx((host0 + 0.010, host0 + 0.040))
+    host1 = tl._refs[1][1]
+    assert got["critic"] == pytest.approx((host1 + 0.030, host1 + 0.050))
+
+
+def test_a_gpu_without_a_reference_gets_one_at_its_first_span():
+    tl = Timeline(use_cuda=True, event_factory=DeviceClockEvent)
+    a, b = _Stream(0), _Stream(1)
+    DeviceClockEvent.clocks = {0: 5.0, 1: 9000.0}
+    tl.mark_reference(a)
+    tl.cuda_span_begin("reward", "prefill", b)       # device 1's reference: now
+    assert set(tl._refs) == {0, 1}
+    DeviceClockEvent.clocks = {0: 6.0, 1: 9020.0}
+    tl.cuda_span_end("reward", "prefill", b)
+    tl.resolve()
+    (s,) = tl.spans
+    assert s.duration_s == pytest.approx(0.020)
+    assert s.start_s == pytest.approx(tl._refs[1][1])
 
 
 def test_clear_drops_unresolved_cuda_spans_of_a_warm_up():

@@ -5,8 +5,10 @@ timeline's origin. CUDA spans (``cuda_span_begin`` / ``cuda_span_end``) record t
 stream and cost no sync inside the step; ``resolve()`` at step end waits on the end events and
 places the spans in seconds relative to a reference event recorded at ``mark_reference()`` (whose
 device time is taken equal to the host time at that call: record it when the stream is idle,
-at the start of the step). Without CUDA the CUDA-span calls fall back to the host clock, so
-engine code is the same on both.
+at the start of the step). Events of different GPUs cannot be compared, so each device has its
+own reference: ``mark_reference(stream)`` for a stream of another GPU (the scorers placed on a
+second GPU) at the start of the step, or else at that device's first span. Without CUDA the
+CUDA-span calls fall back to the host clock, so engine code is the same on both.
 
 Exports: Chrome/Perfetto trace JSON (one pid per step, one tid per lane) and a Gantt PNG.
 """
@@ -69,7 +71,8 @@ class Timeline:
         self.use_cuda = torch.cuda.is_available() if use_cuda is None else use_cuda
         # event_factory() -> an object with record(stream), synchronize(), elapsed_time(other) in ms
         self._new_event = event_factory or (lambda: torch.cuda.Event(enable_timing=True))
-        self._ref = None              # (event, host seconds since t0)
+        self._real_events = event_factory is None
+        self._refs: dict = {}         # device index -> (event, host seconds since t0)
         self._open: dict[tuple[str, str], tuple] = {}
         self._pending: list[tuple] = []
 
@@ -81,7 +84,7 @@ class Timeline:
             raise RuntimeError(f"clear() with spans still open: {sorted(self._open)}")
         self.spans.clear()
         self._pending.clear()
-        self._ref = None
+        self._refs.clear()
 
     def now(self) -> float:
         return time.perf_counter() - self.t0
@@ -98,12 +101,24 @@ class Timeline:
     def span(self, lane: str, name: str, **args):
         return _HostSpan(self, lane, name, args)
 
+    def _device_of(self, stream):
+        """The GPU a stream belongs to (None: the current one; test doubles have no device)."""
+        dev = getattr(stream, "device", None)
+        if dev is not None:
+            return getattr(dev, "index", dev)
+        return torch.cuda.current_device() if self._real_events else None
+
+    @property
+    def _ref(self):
+        """The first device's reference (event, host seconds)."""
+        return next(iter(self._refs.values()), None)
+
     def mark_reference(self, stream=None):
-        """Record the CUDA reference event (device zero = host time now)."""
+        """Record the CUDA reference event of ``stream``'s device (device zero = host time now)."""
         if self.use_cuda:
             ev = self._new_event()
             ev.record(stream)
-            self._ref = (ev, self.now())
+            self._refs[self._device_of(stream)] = (ev, self.now())
 
     def cuda_span_begin(self, lane: str, name: str, stream=None, **args):
         key = (lane, name)
@@ -112,31 +127,32 @@ class Timeline:
         if not self.use_cuda:
             self._open[key] = (None, self.now(), args)
             return
-        if self._ref is None:
+        dev = self._device_of(stream)
+        if dev not in self._refs:
             self.mark_reference(stream)
         ev = self._new_event()
         ev.record(stream)
-        self._open[key] = (ev, None, args)
+        self._open[key] = (ev, dev, args)
 
     def cuda_span_end(self, lane: str, name: str, stream=None):
         try:
-            start_ev, start_host, args = self._open.pop((lane, name))
+            start_ev, where, args = self._open.pop((lane, name))   # where: host start, or the device
         except KeyError:
             raise RuntimeError(f"span {lane}/{name} was not begun") from None
         if start_ev is None:
-            self.add(lane, name, start_host, self.now(), **args)
+            self.add(lane, name, where, self.now(), **args)
             return
         end_ev = self._new_event()
         end_ev.record(stream)
-        self._pending.append((lane, name, start_ev, end_ev, args))
+        self._pending.append((lane, name, start_ev, end_ev, where, args))
 
     def resolve(self) -> "Timeline":
         """Turn recorded CUDA events into spans; call after the step's work is done."""
         if self._open:
             raise RuntimeError(f"spans still open at resolve: {sorted(self._open)}")
         if self._pending:
-            ref_ev, ref_host = self._ref
-            for lane, name, start_ev, end_ev, args in self._pending:
+            for lane, name, start_ev, end_ev, dev, args in self._pending:
+                ref_ev, ref_host = self._refs[dev]
                 end_ev.synchronize()
                 start = ref_host + ref_ev.elapsed_time(start_ev) / 1e3
                 end = ref_host + ref_ev.elapsed_time(end_ev) / 1e3
