@@ -438,6 +438,8 @@ class OPPORollout:
             if critic is None:
                 raise ValueError("critic_state_dict given but this rollout has no critic")
             _copy_into(critic.model, critic_state_dict, "critic")
+        if critic is not None:
+            critic.follow_weights()     # a shared critic was changed in place by the caller's optimizer
         if self.recompute_deferred_kv:
             for seq in list(self.engine.scheduler.running):
                 self.engine.scheduler.preempt(seq)

@@ -303,13 +303,20 @@ class Scorer:
         """The model's weights changed (the critic after an update): drop every sequence's KV and
         results; each is re-prefilled from its tokens, so its values come from the new weights."""
         self._quiesce()
-        # prefill graphs read the weights where they were at capture: in-place updates (the critic's
-        # optimizer step, load_state_dict's copy_) reach them; replaced tensors drop the graphs
-        self.runner.check_weights()
+        self.follow_weights()
         for st in self.states.values():
             self.view.free(st.seq.seq_id)
             self._reset(st)
             st.error = None
+
+    def follow_weights(self) -> None:
+        """The model's weights were just written, on the calling thread's current stream (the
+        optimizer step, or the copy from the training GPU): this scorer's next prefill, on its own
+        stream, must come after that write. Prefill graphs read the weights where they were at
+        capture: in-place updates reach them; replaced tensors drop the graphs."""
+        if self.stream is not None:
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        self.runner.check_weights()
 
     def _reset(self, st: _SeqState) -> None:
         st.fed = 0
