@@ -27,14 +27,16 @@ def models():
     return actor, ref, reward, critic
 
 
-def make(models, overlap, chunk_size, num_pages=400, rule=None, threaded=None):
+def make(models, overlap, chunk_size, num_pages=400, rule=None, threaded=None, scorer_pages=None):
+    """``scorer_pages``: the scorers get a page pool of their own (placed apart from the actor)."""
     actor, ref, reward, critic = models
     g = KVGeometry(*actor.kv_geometry(), torch.float32)
     pool = PagePool(num_pages, PagePool.page_bytes_for([g], 4))
+    spool = pool if scorer_pages is None else PagePool(scorer_pages, PagePool.page_bytes_for([g], 4))
     eng = ActorEngine(actor, pool, EngineConfig(chunk_size=chunk_size, seed=5, max_num_batched_tokens=64))
-    scorers = [Scorer("reward", reward, pool, "reward", max_model_len=512, max_num_batched_tokens=48),
-               Scorer("critic", critic, pool, "critic", max_model_len=512, max_num_batched_tokens=48),
-               Scorer("ref", ref, pool, "reference", max_model_len=512, max_num_batched_tokens=48)]
+    scorers = [Scorer("reward", reward, spool, "reward", max_model_len=512, max_num_batched_tokens=48),
+               Scorer("critic", critic, spool, "critic", max_model_len=512, max_num_batched_tokens=48),
+               Scorer("ref", ref, spool, "reference", max_model_len=512, max_num_batched_tokens=48)]
     return Rollout(eng, scorers, rule_reward=rule, overlap=overlap, threaded=threaded), pool
 
 
@@ -45,12 +47,23 @@ def prompts(n, seed=0):
 
 
 def run(models, overlap, chunk_size, lens, **kw):
-    ro, pool = make(models, overlap, chunk_size, **kw)
+    ro, _ = make(models, overlap, chunk_size, **kw)
     ro.submit(prompts(len(lens)), SamplingParams(temperature=1.0, max_new_tokens=64), target_lens=lens)
     out = ro.collect()
-    assert pool.num_free == pool.num_pages, "pages leaked"
-    pool.check()
+    ro.close()
+    for pool in ro._pools():
+        assert pool.num_free == pool.num_pages, "pages leaked"
+        pool.check()
     return sorted(out, key=lambda r: r.seq.sample_key)
+
+
+def assert_same_results(got, want):
+    for a, b in zip(got, want, strict=True):
+        assert a.error is None and b.error is None
+        assert a.seq.output_ids == b.seq.output_ids
+        torch.testing.assert_close(torch.tensor(a.values), torch.tensor(b.values), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(torch.tensor(a.ref_logprobs), torch.tensor(b.ref_logprobs), atol=1e-5, rtol=1e-5)
+        assert math.isclose(a.score, b.score, rel_tol=1e-5, abs_tol=1e-5)
 
 
 def dense(models, r):
@@ -106,6 +119,30 @@ def test_scorers_survive_a_pool_too_small_for_everyone(models):
     for a, b in zip(on, off):
         assert a.seq.output_ids == b.seq.output_ids
         torch.testing.assert_close(torch.tensor(a.values), torch.tensor(b.values), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("overlap,threaded", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("num_pages,scorer_pages", [(400, 400), (400, 45), (14, 45)])
+def test_scorers_with_a_pool_of_their_own_score_the_same(models, overlap, threaded, num_pages, scorer_pages):
+    """Scorers placed apart (another GPU): their own pool, full or too small for every sequence at
+    once (45 pages hold the longest sequence in all three scorers, not all sequences), beside an
+    actor pool that is full or short (14 pages: the actor preempts)."""
+    want = run(models, False, 8, LENS)
+    got = run(models, overlap, 8, LENS, num_pages=num_pages, scorer_pages=scorer_pages, threaded=threaded)
+    assert_same_results(got, want)
+
+
+def test_actor_pool_pressure_preempts_the_actor_not_scorers_of_another_pool(models):
+    ro, pool = make(models, True, 8, num_pages=14, scorer_pages=400)
+    spool = ro.scorers[0].pool
+    ro.submit(prompts(len(LENS)), SamplingParams(temperature=1.0, max_new_tokens=64), target_lens=LENS)
+    evicted = []
+    for s in ro.scorers:
+        s.evict = lambda n, protect=frozenset(), _s=s: evicted.append(_s.name) or 0
+    got = sorted(ro.collect(), key=lambda r: r.seq.sample_key)
+    assert evicted == [] and ro.actor.scheduler.num_preemptions > 0
+    assert_same_results(got, run(models, False, 8, LENS))
+    assert pool.num_free == pool.num_pages and spool.num_free == spool.num_pages
 
 
 def test_rule_reward_runs_and_its_failure_names_the_sequence(models):

@@ -122,11 +122,24 @@ class Rollout:
             return self._evict_scorers(n_pages)
 
     def _evict_scorers(self, n_pages: int) -> int:
+        """The actor's pool is short: drop scorer KV that lives in it (scorers placed on another
+        device have a pool of their own, and freeing theirs would not help)."""
         freed = 0
         for s in self.scorers:
-            if freed < n_pages:
+            if freed < n_pages and s.pool is self.actor.pool:
                 freed += s.evict(n_pages - freed)
         return freed
+
+    def _pools(self) -> list:
+        """The page pools: the actor's, then those of scorers placed elsewhere."""
+        pools = [self.actor.pool]
+        for s in self.scorers:
+            if all(s.pool is not p for p in pools):
+                pools.append(s.pool)
+        return pools
+
+    def _pool_sizes(self) -> str:
+        return ", ".join(f"{p.num_pages} pages on {p.device}" for p in self._pools())
 
     def _scorer_ctx(self, scorer: Scorer):
         return torch.cuda.stream(scorer.stream) if scorer.stream is not None else contextlib.nullcontext()
@@ -221,7 +234,7 @@ class Rollout:
             self._wait_results(take)
             if any(s.pending_tokens(only) for s in self.scorers) and not self._unstick(take):
                 raise RuntimeError(f"scorers cannot get pages for their pending tokens: the pool "
-                                   f"({self.actor.pool.num_pages} pages) is too small for one sequence")
+                                   f"({self._pool_sizes()}) is too small for one sequence")
 
         if not self.overlap:
             self._score_sequential(take)
@@ -245,15 +258,24 @@ class Rollout:
         oldest = next((q for q in take if not self._scored(q)), None)
         if oldest is None:
             return True
-        need = sum(s.pages_needed(oldest.seq_id) for s in self.scorers)
-        freed = 0
-        for s in self.scorers:
-            if freed < need:
-                freed += s.evict(need - freed, protect=frozenset([oldest.seq_id]))
-        sched = self.actor.scheduler
-        while self.actor.pool.num_free < need and sched.running:     # then the actor's youngest
-            sched.preempt(max(sched.running, key=lambda q: q.admit_order))
-        return self.actor.pool.num_free >= need
+        ok = True
+        for pool in self._pools():              # each pool on its own (scorers on another device)
+            group = [s for s in self.scorers if s.pool is pool]
+            need = sum(s.pages_needed(oldest.seq_id) for s in group)
+            freed = 0
+            for s in group:
+                if freed < need:
+                    freed += s.evict(need - freed, protect=frozenset([oldest.seq_id]))
+            sched = self.actor.scheduler
+            while pool is self.actor.pool and pool.num_free < need and sched.running:   # the actor's youngest
+                sched.preempt(max(sched.running, key=lambda q: q.admit_order))
+            ok &= pool.num_free >= need
+        if ok:
+            # feed the oldest at once: left to the next round, the first scorer would take the freed
+            # pages for younger sequences, the others would starve again, and the next unstick would
+            # evict that work (a livelock with a pool that holds few sequences)
+            self._score_some(True, {oldest.seq_id})
+        return ok
 
     def _collect_threaded(self, n: int) -> list[ScoredSequence]:
         """Overlap on a GPU: this thread decodes, the worker thread scores."""
@@ -296,7 +318,7 @@ class Rollout:
                     elif now - idle_since > self.UNSTICK_AFTER_S:
                         if not self._unstick(take):
                             raise RuntimeError("scorers cannot get pages for their pending tokens: the pool "
-                                               f"({self.actor.pool.num_pages} pages) is too small")
+                                               f"({self._pool_sizes()}) is too small")
                         self._wake.set()       # pages were freed: the worker retries at once
                 self._wait_rule(take)
                 self._progress.wait(timeout=0.005)
@@ -436,7 +458,10 @@ class Rollout:
             with self._scorer_ctx(s), self._span(s.name, "prefill", s.stream):
                 while s.pending_tokens():
                     if not s.step():
-                        raise RuntimeError(f"scorer {s.name}: no pages for pending work")
+                        s.poll(wait=True)         # scored sequences give their pages back
+                        if not s.step():
+                            raise RuntimeError(f"scorer {s.name}: no pages for pending work "
+                                               f"({self._pool_sizes()})")
         for seq in seqs:
             self._buffered.pop(seq.seq_id, None)
         self.stats["score_s"] += time.perf_counter() - t0
