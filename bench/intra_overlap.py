@@ -15,7 +15,11 @@ or "both": every scorer mode twice in the same run, eager and with the chunk pre
 family's. A graph mode warms up on the timed workload itself (its buckets are captured before the
 clock starts); ``captures_timed`` counts captures that still fell inside the timed run.
 
+--scorer-device cuda:1 (placement, issue 4): the reward model and critic on a second GPU with a page
+pool of their own; their prefill runs beside the actor's decode instead of sharing its GPU.
+
     python bench/intra_overlap.py [--out bench/results/intra_overlap.json] [--quick] [--scorer-graphs both]
+    python bench/intra_overlap.py --scorer-device cuda:1 --out bench/results/intra_overlap_2gpu.json
 """
 from __future__ import annotations
 
@@ -41,19 +45,28 @@ from oppo_runtime.engine.timeline import Timeline  # noqa: E402
 from oppo_runtime.memory import KVGeometry, PagePool  # noqa: E402
 
 
+def sync(scorer_device):
+    torch.cuda.synchronize()
+    if scorer_device != torch.device("cuda", torch.cuda.current_device()):
+        torch.cuda.synchronize(scorer_device)
+
+
 def run(models, prompts, lens, mode, chunk, timeline=None, graphs=None):
     actor, reward, critic = models
     gc.collect()         # the last run's rollout (a reference cycle through its engine) and its memory
     g = KVGeometry(*actor.kv_geometry(), torch.bfloat16)
     pb = PagePool.page_bytes_for([g], 16)
     need = sum(-(-(len(p) + n) // 16) + 1 for p, n in zip(prompts, lens))
-    pool = PagePool(3 * need + 256, pb, "cuda")
+    sdev = next(reward.parameters()).device
+    apart = sdev != next(actor.parameters()).device
+    pool = PagePool((1 if apart else 3) * need + 256, pb, "cuda")
+    spool = PagePool(2 * need + 256, pb, sdev) if apart else pool
     eng = ActorEngine(actor, pool, EngineConfig(max_num_seqs=len(prompts), chunk_size=chunk, seed=0,
                                                  max_num_batched_tokens=16384, max_model_len=4096))
     eng.warmup()         # every decode graph before the clock (captured lazily, they fell in the timed run)
     scorers = [] if mode == "alone" else [
-        Scorer("reward", reward, pool, "reward", max_model_len=4096, graphs=graphs),
-        Scorer("critic", critic, pool, "critic", max_model_len=4096, graphs=graphs)]
+        Scorer("reward", reward, spool, "reward", max_model_len=4096, graphs=graphs),
+        Scorer("critic", critic, spool, "critic", max_model_len=4096, graphs=graphs)]
     ro = Rollout(eng, scorers, overlap=(mode == "on"), timeline=timeline)
     sp = SamplingParams(temperature=1.0, max_new_tokens=max(lens))
     use_graphs = any(s.graphs for s in scorers)
@@ -61,15 +74,17 @@ def run(models, prompts, lens, mode, chunk, timeline=None, graphs=None):
     # prefill buckets are captured here, not on the clock)
     ro.submit(prompts, sp, target_lens=lens if use_graphs else [4] * len(prompts))
     ro.collect()
-    torch.cuda.synchronize()
+    sync(sdev)
     captures = sum(s.runner.prefill_stats["captures"] for s in scorers)
     if timeline is not None:
         timeline.clear()
         timeline.mark_reference()
+        if apart:
+            timeline.mark_reference(torch.cuda.current_stream(sdev))
     ro.submit(prompts, sp, target_lens=lens)
     t0 = time.perf_counter()
     out = ro.collect()
-    torch.cuda.synchronize()
+    sync(sdev)
     wall = time.perf_counter() - t0
     assert all(r.error is None for r in out)
     captures = sum(s.runner.prefill_stats["captures"] for s in scorers) - captures
@@ -86,12 +101,21 @@ def main():
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of the 'on' run")
     ap.add_argument("--scorer-graphs", choices=("env", "off", "on", "both"), default="env",
                     help="scorers' chunk prefill in CUDA graphs: env (OPPO_SCORER_GRAPHS), off, on, or both (A/B)")
+    ap.add_argument("--scorer-device", default="cuda",
+                    help="where the reward model and critic run: cuda (beside the actor, one pool) or cuda:N")
     args = ap.parse_args()
     info = device_info()
     B, plen = 64, 128
     lens = lognormal_lengths(B, 200 if not args.quick else 40, 2048 if not args.quick else 200)
-    models = (qwen_model("qwen2.5-0.5b", seed=0), qwen_model("qwen2.5-0.5b", "score", seed=1),
-              qwen_model("qwen2.5-0.5b", "score", seed=2))
+    sdev = torch.device(args.scorer_device)
+    if sdev.index is None:
+        sdev = torch.device("cuda", torch.cuda.current_device())
+    if sdev.index >= torch.cuda.device_count():
+        sys.exit(f"--scorer-device {args.scorer_device}: this machine has {torch.cuda.device_count()} GPU(s)")
+    models = (qwen_model("qwen2.5-0.5b", seed=0), qwen_model("qwen2.5-0.5b", "score", seed=1, device=sdev),
+              qwen_model("qwen2.5-0.5b", "score", seed=2, device=sdev))
+    apart = sdev.index != torch.cuda.current_device()
+    tag = f"_scorers_on_{sdev.type}{sdev.index}" if apart else ""
     g = torch.Generator().manual_seed(1)
     prompts = torch.randint(0, 151936, (B, plen), generator=g).tolist()
     rows = []
@@ -153,10 +177,13 @@ def main():
         print(ka.table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
         print(ka.table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=60))
     out_dir = Path(args.out).parent if args.out else Path(__file__).resolve().parent / "results"
-    tl.to_png(out_dir / "intra_overlap_timeline.png", title=f"intra-step overlap ({best}), Qwen2.5-0.5B x3, B=64")
+    where = f", scorers on {sdev}" if apart else ""
+    tl.to_png(out_dir / f"intra_overlap{tag}_timeline.png",
+              title=f"intra-step overlap ({best}), Qwen2.5-0.5B x3, B=64{where}")
     summary.update({
         "seconds": {m: res[m][0] for m in res},
         "lengths": {"median": sorted(lens)[B // 2], "max": max(lens), "sum": sum(lens)},
+        "scorer_device": str(sdev) if apart else "beside the actor",
         "backends": ops.backends(),
         "scorer_graphs": args.scorer_graphs if args.scorer_graphs != "env" else
         ("on" if os.environ.get("OPPO_SCORER_GRAPHS") == "1" else "off"),
@@ -166,8 +193,8 @@ def main():
         gsum["on_graphs_vs_on_eager"] = res[best][0] / res[gbest][0]       # > 1: graphs faster
         gsum["off_graphs_vs_off_eager"] = res["off"][0] / res["off graphs"][0]
         summary["graphs"] = gsum
-        timelines[gbest].to_png(out_dir / "intra_overlap_graphs_timeline.png",
-                                title=f"intra-step overlap ({gbest}), Qwen2.5-0.5B x3, B=64")
+        timelines[gbest].to_png(out_dir / f"intra_overlap{tag}_graphs_timeline.png",
+                                title=f"intra-step overlap ({gbest}), Qwen2.5-0.5B x3, B=64{where}")
     print_table(rows, [("mode", "mode", "s"), ("seconds", "median s", ".3f"), ("runs", "runs", "s"),
                        ("captures_timed", "captures timed", "s")])
     print("summary:", summary)

@@ -179,7 +179,11 @@ class OPPORollout:
         critic_final_value: also return V after the last token (``Experiences.final_values``).
         pool_pages / memory_fraction: size of the shared KV page pool (default: 1024 pages on the
             CPU, 0.3 of the free memory on CUDA).
-        device: where the pool lives; every model must be on it (default: the actor's device).
+        device: where the actor and its page pool live (default: the actor's device).
+        scorer_device: placement of the reward model, critic and reference (e.g. ``"cuda:1"``):
+            there, with a page pool of their own (sized like the actor's), so their prefill runs
+            beside the actor's decode instead of sharing its GPU. Default: beside the actor, in
+            its pool. Models given as objects must already be on their device.
     """
 
     def __init__(self, actor, *, tokenizer=None, reward_model=None, rule_reward=None, critic=None,
@@ -187,7 +191,8 @@ class OPPORollout:
                  overlap: bool = True, overcommit: int = 0, recompute_deferred_kv: bool = True,
                  critic_final_value: bool = False, pool_pages: int | None = None,
                  memory_fraction: float | None = None, tokens_per_page: int = 16,
-                 device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+                 device: str | torch.device | None = None, scorer_device: str | torch.device | None = None,
+                 dtype: torch.dtype | None = None,
                  max_model_len: int | None = None, max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 8192, eos_token_id: int | None = None,
                  pad_token_id: int | None = None, seed: int = 0, enforce_eager: bool = False):
@@ -207,12 +212,13 @@ class OPPORollout:
         if self.actor_model is None:
             raise TypeError("actor is required")
         dev = dev or _device_of(self.actor_model)
+        sdev = dev if scorer_device is None else torch.device(scorer_device)
         models = {"actor": self.actor_model}
         for role, m, kind in (("reward_model", reward_model, "score"), ("critic", critic, "score"),
                               ("reference", reference, "causal_lm")):
-            models[role] = _as_model(m, role, kind, dev, dtype, max_model_len)
-        self._check_models(models, dev)
-        self.device = dev
+            models[role] = _as_model(m, role, kind, sdev, dtype, max_model_len)
+        self._check_models(models, dev, sdev)
+        self.device, self.scorer_device = dev, sdev
         vocab = self.actor_model.config.vocab_size
         if tokenizer is not None and _tokenizer_vocab(tokenizer) > vocab:
             raise ValueError(f"the tokenizer has {_tokenizer_vocab(tokenizer)} tokens but the actor's vocabulary "
@@ -229,30 +235,38 @@ class OPPORollout:
         if self.pad_token_id is None:
             self.pad_token_id = cfg.pad_token_id if cfg.pad_token_id is not None else (self.eos_token_id or 0)
 
-        present = [m for m in models.values() if m is not None]
-        geoms = [KVGeometry(*m.kv_geometry(), next(m.parameters()).dtype) for m in present]
-        page_bytes = PagePool.page_bytes_for(geoms, tokens_per_page)
-        if pool_pages is None:
-            if dev.type == "cuda":
-                pool_pages = pool_pages_from_free_memory(page_bytes, memory_fraction or _CUDA_DEFAULT_FRACTION, dev)
-            elif memory_fraction is not None:
-                raise ValueError("memory_fraction sizes the pool from free CUDA memory; on the CPU give pool_pages")
-            else:
-                pool_pages = _CPU_DEFAULT_PAGES
-        self.pool = PagePool(pool_pages, page_bytes, dev)
+        if memory_fraction is not None and dev.type != "cuda":
+            raise ValueError("memory_fraction sizes the pool from free CUDA memory; on the CPU give pool_pages")
+
+        def make_pool(members, where):
+            geoms = [KVGeometry(*m.kv_geometry(), next(m.parameters()).dtype) for m in members if m is not None]
+            page_bytes = PagePool.page_bytes_for(geoms, tokens_per_page)
+            pages = pool_pages
+            if pages is None:
+                pages = (pool_pages_from_free_memory(page_bytes, memory_fraction or _CUDA_DEFAULT_FRACTION, where)
+                         if where.type == "cuda" else _CPU_DEFAULT_PAGES)
+            return PagePool(pages, page_bytes, where)
+
+        scoring = [models[r] for r in ("reward_model", "critic", "reference")]
+        if scorer_device is None:
+            self.pool = make_pool([self.actor_model, *scoring], dev)
+            self.scorer_pool = self.pool
+        else:
+            self.pool = make_pool([self.actor_model], dev)
+            self.scorer_pool = make_pool(scoring, sdev)
         self.engine = ActorEngine(self.actor_model, self.pool, EngineConfig(
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
             chunk_size=chunk_size, seed=seed, enforce_eager=enforce_eager), eos_token_id=self.eos_token_id)
         mml = self.engine.max_model_len
         scorers = []
         if models["reward_model"] is not None:
-            scorers.append(Scorer("reward", models["reward_model"], self.pool, "reward", max_model_len=mml,
+            scorers.append(Scorer("reward", models["reward_model"], self.scorer_pool, "reward", max_model_len=mml,
                                   max_num_batched_tokens=max_num_batched_tokens))
         if models["critic"] is not None:
-            scorers.append(Scorer("critic", models["critic"], self.pool, "critic", max_model_len=mml,
+            scorers.append(Scorer("critic", models["critic"], self.scorer_pool, "critic", max_model_len=mml,
                                   max_num_batched_tokens=max_num_batched_tokens, final_value=critic_final_value))
         if models["reference"] is not None:
-            scorers.append(Scorer("reference", models["reference"], self.pool, "reference", max_model_len=mml,
+            scorers.append(Scorer("reference", models["reference"], self.scorer_pool, "reference", max_model_len=mml,
                                   max_num_batched_tokens=max_num_batched_tokens,
                                   temperature=self.sampling.temperature or 1.0))
         if rule_reward is not None and not isinstance(rule_reward, RuleReward):
@@ -267,15 +281,16 @@ class OPPORollout:
         self.version = 0
 
     @staticmethod
-    def _check_models(models: dict, dev: torch.device) -> None:
+    def _check_models(models: dict, dev: torch.device, sdev: torch.device) -> None:
         actor = models["actor"]
         for role, m in models.items():
             if m is None:
                 continue
-            d = _device_of(m)
-            if d.type != dev.type or (dev.index is not None and d.index is not None and d.index != dev.index):
-                raise ValueError(f"{role} is on {d} but the page pool is on {dev}: every model shares the pool's "
-                                 f"KV pages, so move it there first ({role}.to({str(dev)!r}))"
+            d, want = _device_of(m), (dev if role == "actor" else sdev)
+            if d.type != want.type or (want.index is not None and d.index is not None and d.index != want.index):
+                where = "the actor's page pool" if want is dev else "the scorers' page pool (scorer_device)"
+                raise ValueError(f"{role} is on {d} but {where} is on {want}: a model's KV pages live beside it, "
+                                 f"so move it there first ({role}.to({str(want)!r}))"
                                  + ("" if role != "actor" else " or pass device=None"))
             if role != "actor" and m.config.vocab_size != actor.config.vocab_size:
                 raise ValueError(f"{role} has a vocabulary of {m.config.vocab_size} tokens, the actor "
@@ -453,5 +468,8 @@ class OPPORollout:
 
     @property
     def stats(self) -> dict:
-        return {**self.rollout.stats, **self.engine.stats, "pool_pages": self.pool.num_pages,
-                "pool_free": self.pool.num_free}
+        out = {**self.rollout.stats, **self.engine.stats, "pool_pages": self.pool.num_pages,
+               "pool_free": self.pool.num_free}
+        if self.scorer_pool is not self.pool:
+            out.update(scorer_pool_pages=self.scorer_pool.num_pages, scorer_pool_free=self.scorer_pool.num_free)
+        return out

@@ -191,10 +191,36 @@ def test_a_scorer_with_another_vocabulary_is_refused(paths):
 
 def test_a_scorer_on_another_device_is_refused(paths):
     reward = load_model(paths["reward"], kind="score").to("meta")
-    with pytest.raises(ValueError, match="reward_model is on meta but the page pool is on cpu"):
+    with pytest.raises(ValueError, match="reward_model is on meta but the actor's page pool is on cpu"):
         OPPORollout(paths["actor"], reward_model=reward)
-    with pytest.raises(ValueError, match="actor is on cpu but the page pool is on meta"):
+    with pytest.raises(ValueError, match=r"reward_model is on meta but the scorers' page pool \(scorer_device\) is on cpu"):
+        OPPORollout(paths["actor"], reward_model=reward, scorer_device="cpu")
+    with pytest.raises(ValueError, match="actor is on cpu but the actor's page pool is on meta"):
         OPPORollout(load_model(paths["actor"]), device="meta")
+
+
+def test_scorers_placed_apart_score_the_same_and_follow_critic_updates(models, paths):
+    """scorer_device (another GPU in production; here the CPU again): the scorers' own page pool,
+    the same experiences, before and after a critic update."""
+    actor, reward, critic, ref = models
+    new_critic = {k: v + 0.01 for k, v in critic.state_dict().items()}
+    out = {}
+    for placed in (None, "cpu"):
+        c = load_model(paths["critic"], kind="score")          # updated below: not the shared fixture
+        ro = OPPORollout(actor, tokenizer=load_tokenizer(paths["actor"]), reward_model=reward, critic=c,
+                         reference=ref, rule_reward=case_reward, chunk_size=4, overcommit=2,
+                         sampling=SamplingParams(max_new_tokens=20), scorer_device=placed)
+        assert (ro.scorer_pool is ro.pool) == (placed is None)
+        first = ro.generate_and_score(ids(6), target_lens=[3, 19, 7, 12, 1, 16], batch_size=4)
+        ro.update_weights(critic_state_dict=new_critic)        # the 2 deferred ones are re-scored
+        second = ro.generate_and_score(ids(2, seed=5), batch_size=4)
+        assert ro.num_in_flight == 0
+        assert ro.pool.num_free == ro.pool.num_pages and ro.scorer_pool.num_free == ro.scorer_pool.num_pages
+        out[placed] = (first, second)
+    for a, b in zip(out[None], out["cpu"]):
+        assert a.prompt_uids == b.prompt_uids and torch.equal(a.response_ids, b.response_ids)
+        for name in ("values", "ref_logprobs", "scores"):
+            torch.testing.assert_close(getattr(a, name), getattr(b, name), atol=1e-6, rtol=1e-6)
 
 
 def test_wrong_model_kinds_and_batch_sizes_are_refused(models, paths):

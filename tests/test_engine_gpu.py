@@ -17,13 +17,13 @@ CFG = dict(architectures=["Qwen2ForCausalLM"], vocab_size=512, hidden_size=512, 
            rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=True)
 
 
-def model(kind="causal_lm", dtype=torch.bfloat16, seed=0):
-    return build_model(ModelConfig.from_dict(CFG), kind, seed=seed, dtype=dtype, device="cuda").eval()
+def model(kind="causal_lm", dtype=torch.bfloat16, seed=0, device="cuda"):
+    return build_model(ModelConfig.from_dict(CFG), kind, seed=seed, dtype=dtype, device=device).eval()
 
 
 def pool_for(m, pages, tpp=16):
     g = KVGeometry(*m.kv_geometry(), next(m.parameters()).dtype)
-    return PagePool(pages, PagePool.page_bytes_for([g], tpp), "cuda")
+    return PagePool(pages, PagePool.page_bytes_for([g], tpp), next(m.parameters()).device)
 
 
 def prompts(n, seed=0):
@@ -119,6 +119,40 @@ def test_overlap_on_and_off_agree_on_gpu():
         res[overlap] = sorted(ro.collect(), key=lambda r: r.seq.sample_key)
         assert pool.num_free == pool.num_pages
     for a, b in zip(res[True], res[False]):
+        assert a.seq.output_ids == b.seq.output_ids
+        assert abs(a.score - b.score) <= 2e-2 * max(1.0, abs(b.score))
+        va, vb = torch.tensor(a.values), torch.tensor(b.values)
+        assert (va - vb).norm() <= 2e-2 * max(1e-3, float(vb.norm()))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_scorers_on_a_second_gpu_score_as_beside_the_actor():
+    """Placement: reward model and critic on cuda:1 with a pool of their own, driven by the scorer
+    thread while the actor decodes on cuda:0; the timeline resolves each GPU's spans on its clock."""
+    from oppo_runtime.engine.timeline import Timeline
+    actor = model(seed=0, device="cuda:0")
+    ps = prompts(24, seed=6)
+    lens = [int(x) for x in torch.randint(1, 120, (24,), generator=torch.Generator().manual_seed(7))]
+    res = {}
+    for dev in ("cuda:0", "cuda:1"):
+        reward, critic = model("score", seed=1, device=dev), model("score", seed=2, device=dev)
+        pool = pool_for(actor, 1024)
+        spool = pool if dev == "cuda:0" else pool_for(reward, 1024)
+        eng = ActorEngine(actor, pool, EngineConfig(chunk_size=16, seed=1))
+        scorers = [Scorer("reward", reward, spool, "reward", max_model_len=1024),
+                   Scorer("critic", critic, spool, "critic", max_model_len=1024)]
+        tl = Timeline()
+        tl.mark_reference()
+        ro = Rollout(eng, scorers, overlap=True, timeline=tl)
+        ro.submit(ps, SamplingParams(max_new_tokens=128), target_lens=lens)
+        res[dev] = sorted(ro.collect(), key=lambda r: r.seq.sample_key)
+        ro.close()
+        tl.resolve()
+        assert {"actor", "reward", "critic"} <= set(tl.lanes)
+        lo, hi = tl.extent()
+        assert 0 <= hi - lo < 60 and all(sp.duration_s >= 0 for sp in tl.spans)
+        assert pool.num_free == pool.num_pages and spool.num_free == spool.num_pages
+    for a, b in zip(res["cuda:1"], res["cuda:0"]):
         assert a.seq.output_ids == b.seq.output_ids
         assert abs(a.score - b.score) <= 2e-2 * max(1.0, abs(b.score))
         va, vb = torch.tensor(a.values), torch.tensor(b.values)

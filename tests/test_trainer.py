@@ -1,6 +1,7 @@
 """The PPO trainer on the embedded default task (CPU): learning, schedule-invariance, deferral
 conservation, kill -9 and resume, bad input."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -124,6 +125,8 @@ def test_invalid_config_values_name_the_value():
         load_config(None, ["ppo.gamma=1.5"])
     with pytest.raises(ConfigError, match=r"run.overlap"):
         load_config(None, ["run.overlap=sideways"])
+    with pytest.raises(ConfigError, match=r"run.scorer_device = 'gpu1'"):
+        load_config(None, ["run.scorer_device=gpu1"])
     with pytest.raises(ConfigError, match=r"unknown config keys in \[rollout\]: \['batch'\]"):
         load_config(None, ["rollout.batch=3"])
     out = subprocess.run([sys.executable, "-m", "oppo_runtime.cli", "train", "rollout.batch_size=0"],
@@ -172,6 +175,31 @@ def test_releasing_the_pool_for_training_changes_nothing(tmp_path):
     PPOTrainer(cfg(tmp_path / "keep", "full", 6, *common)).train()
     PPOTrainer(cfg(tmp_path / "release", "full", 6, *common, "rollout.release_pool_in_training=true")).train()
     assert_same_metrics(metrics(tmp_path / "keep"), metrics(tmp_path / "release"), tol=1e-12)
+
+
+def test_scorers_placed_apart_with_a_pool_of_their_own_change_nothing(tmp_path):
+    """run.scorer_device (another GPU in production; here the CPU again): the scorers get their own
+    page pool and an inference copy of the critic, synced after every update; the run is the same."""
+    common = ["model.dtype=float64", "rollout.delta_init=4"]
+    PPOTrainer(cfg(tmp_path / "beside", "full", 6, *common)).train()
+    tr = PPOTrainer(cfg(tmp_path / "apart", "full", 6, *common, "run.scorer_device=cpu"))
+    assert tr.scorer_pool is not tr.pool and tr.engine_critic is not tr.critic
+    assert set(tr.pool.views) == {"actor"} and set(tr.scorer_pool.views) == {"reward", "critic", "ref"}
+    tr.train()
+    assert_same_metrics(metrics(tmp_path / "beside"), metrics(tmp_path / "apart"), tol=1e-12)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_scorers_on_a_second_gpu_train_like_scorers_beside_the_actor(tmp_path):
+    common = ["run.device=cuda:0", "rollout.delta_init=4"]
+    PPOTrainer(cfg(tmp_path / "beside", "full", 3, *common)).train()
+    PPOTrainer(cfg(tmp_path / "apart", "full", 3, *common, "run.scorer_device=cuda:1")).train()
+    a, b = metrics(tmp_path / "beside"), metrics(tmp_path / "apart")
+    assert all("memory/scorer_max_allocated_gib" in m for m in b)
+    # bf16 engines on two GPUs: the same tokens need not come out, so compare what must hold
+    assert [m["oppo/trained_sequences"] for m in a] == [m["oppo/trained_sequences"] for m in b]
+    assert all(math.isfinite(m["objective/scores"]) and math.isfinite(m["loss/value_avg"]) for m in b)
 
 
 def test_update_phases_are_timed_in_metrics_and_timeline(tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, fields
 
+import torch
 import yaml
 
 __all__ = ["TrainConfig", "ModelSection", "RolloutSection", "PPOSection", "OptimSection", "RunSection",
@@ -109,6 +110,9 @@ class RunSection:
     out_dir: str = "runs/default"
     cache_dir: str = ".oppo_cache"      # where the embedded default models are written
     device: str = "auto"                # auto | cpu | cuda | cuda:N
+    scorer_device: str | None = None    # placement of the scorers (reward, reference, the critic's inference
+                                        # copy): None = beside the actor, in its page pool; a device (e.g.
+                                        # cuda:1) = there, with a page pool of their own
     save_every: int = 25
     keep_checkpoints: int = 3
     timeline_every: int = 10            # write the step's timeline (trace JSON + PNG) every N steps
@@ -173,6 +177,8 @@ class TrainConfig:
             (run.save_every >= 1, "run.save_every", run.save_every, ">= 1"),
             (run.keep_checkpoints >= 1, "run.keep_checkpoints", run.keep_checkpoints, ">= 1"),
             (run.nan_policy in ("error", "skip"), "run.nan_policy", run.nan_policy, "error | skip"),
+            (run.scorer_device is None or _is_device(run.scorer_device), "run.scorer_device", run.scorer_device,
+             "null (beside the actor), cpu, cuda or cuda:N"),
             (m.dtype in ("float32", "bfloat16", "float16", "float64"), "model.dtype", m.dtype,
              "float32 | bfloat16 | float16 | float64 (CPU exactness checks)"),
             (m.engine_dtype in ("auto", "float32", "bfloat16", "float16"), "model.engine_dtype", m.engine_dtype,
@@ -206,6 +212,15 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"unknown config sections {sorted(unknown)}; known: model, rollout, ppo, optim, run")
         return cls(**sections)
+
+
+def _is_device(spec) -> bool:
+    if not isinstance(spec, str):
+        return False
+    try:
+        return torch.device(spec).type in ("cpu", "cuda")
+    except (RuntimeError, ValueError):
+        return False
 
 
 def _parse_value(text: str):

@@ -42,12 +42,14 @@ log = logging.getLogger("oppo_runtime.ppo")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
-def _device(spec: str) -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    d = torch.device(spec)
+def _device(spec: str, key: str = "run.device") -> torch.device:
+    d = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if spec == "auto" else spec)
     if d.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"run.device={spec!r} but CUDA is not available")
+        raise RuntimeError(f"{key}={spec!r} but CUDA is not available")
+    if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
+        raise RuntimeError(f"{key}={spec!r} but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if d.type == "cuda" and d.index is None:
+        d = torch.device("cuda", torch.cuda.current_device())     # "cuda" and "cuda:0" compare equal
     return d
 
 
@@ -113,9 +115,10 @@ class _Phases:
             self.end()
 
 
-def _copy_for_engine(model, dtype, kind):
-    """A copy of a training model in the engine's dtype (weights are copied in at each update)."""
-    clone = build_model(model.config, kind, dtype=dtype, device=next(model.parameters()).device)
+def _copy_for_engine(model, dtype, kind, device=None):
+    """A copy of a training model in the engine's dtype, on ``device`` (default: the model's);
+    weights are copied in at each update."""
+    clone = build_model(model.config, kind, dtype=dtype, device=device or next(model.parameters()).device)
     clone.load_state_dict({k: v.to(dtype) for k, v in model.state_dict().items()})
     return clone.eval().requires_grad_(False)
 
@@ -126,6 +129,9 @@ class PPOTrainer:
         run, r, m = cfg.run, cfg.rollout, cfg.model
         torch.manual_seed(run.seed)
         self.device = _device(run.device)
+        # scorers beside the actor (one page pool), or placed on a device of their own with their own pool
+        self.scorer_device = self.device if run.scorer_device is None else _device(run.scorer_device,
+                                                                                   "run.scorer_device")
         self.out_dir = Path(run.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         train_dtype = _DTYPES[m.dtype]
@@ -161,25 +167,34 @@ class PPOTrainer:
             self.critic = load_model(actor_path, "score", train_dtype, self.device, allow_new_head=True,
                                      seed=run.seed, max_model_len=max_len)
         self.critic.gradient_checkpointing = m.gradient_checkpointing
-        ref = load_model(m.reference_path or actor_path, "causal_lm", eng_dtype, self.device, max_model_len=max_len)
-        reward = load_model(reward_path, "score", eng_dtype, self.device, max_model_len=max_len) if reward_path else None
+        sdev = self.scorer_device
+        ref = load_model(m.reference_path or actor_path, "causal_lm", eng_dtype, sdev, max_model_len=max_len)
+        reward = load_model(reward_path, "score", eng_dtype, sdev, max_model_len=max_len) if reward_path else None
         for frozen in (ref, reward):
             if frozen is not None:
                 frozen.eval().requires_grad_(False)
         self.share_actor = eng_dtype == train_dtype
+        # placed apart (run.scorer_device set), the critic scorer reads an inference copy, synced after each update
+        self.share_critic = self.share_actor and run.scorer_device is None
         self.engine_actor = self.actor if self.share_actor else _copy_for_engine(self.actor, eng_dtype, "causal_lm")
-        self.engine_critic = self.critic if self.share_actor else _copy_for_engine(self.critic, eng_dtype, "score")
+        self.engine_critic = self.critic if self.share_critic else _copy_for_engine(self.critic, eng_dtype, "score",
+                                                                                    sdev)
         if self.tokenizer.vocab_size > self.actor.config.vocab_size:
             raise ValueError(f"tokenizer of {actor_path} has {self.tokenizer.vocab_size} tokens, the model "
                              f"{self.actor.config.vocab_size}")
 
         # ---------------------------------------------------------------- pool, engine, scorers
-        models = {"actor": self.engine_actor, "critic": self.engine_critic, "ref": ref}
+        scoring = {"critic": self.engine_critic, "ref": ref}
         if reward is not None:
-            models["reward"] = reward
-        geoms = [KVGeometry(*mdl.kv_geometry(), next(mdl.parameters()).dtype) for mdl in models.values()]
-        page_bytes = PagePool.page_bytes_for(geoms, r.tokens_per_page)
-        self.pool = PagePool(self._num_pages(page_bytes, geoms, max_len), page_bytes, self.device)
+            scoring["reward"] = reward
+        if run.scorer_device is None:
+            self.pool = self._make_pool([self.engine_actor, *scoring.values()], max_len, self.device)
+            self.scorer_pool = self.pool
+        else:
+            self.pool = self._make_pool([self.engine_actor], max_len, self.device)
+            self.scorer_pool = self._make_pool(list(scoring.values()), max_len, sdev)
+            log.info("placement: actor and training on %s (%d KV pages), scorers on %s (%d KV pages of their own)",
+                     self.device, self.pool.num_pages, sdev, self.scorer_pool.num_pages)
         inter = run.overlap in ("inter", "full")
         self.engine = ActorEngine(self.engine_actor, self.pool, EngineConfig(
             max_num_seqs=r.batch_size + (r.delta_max if inter else 0), max_num_batched_tokens=r.max_num_batched_tokens,
@@ -187,11 +202,11 @@ class PPOTrainer:
         self.engine.warmup()      # every decode graph now, not inside the first steps' rollouts
         scorers = []
         if reward is not None:
-            scorers.append(Scorer("reward", reward, self.pool, "reward", max_model_len=max_len,
+            scorers.append(Scorer("reward", reward, self.scorer_pool, "reward", max_model_len=max_len,
                                   max_num_batched_tokens=r.max_num_batched_tokens))
-        scorers.append(Scorer("critic", self.engine_critic, self.pool, "critic", max_model_len=max_len,
+        scorers.append(Scorer("critic", self.engine_critic, self.scorer_pool, "critic", max_model_len=max_len,
                               max_num_batched_tokens=r.max_num_batched_tokens))
-        scorers.append(Scorer("ref", ref, self.pool, "reference", max_model_len=max_len,
+        scorers.append(Scorer("ref", ref, self.scorer_pool, "reference", max_model_len=max_len,
                               max_num_batched_tokens=r.max_num_batched_tokens, temperature=r.temperature))
         self.scorers = {s.name: s for s in scorers}
         rule = RuleReward(case_reward, self.tokenizer, name="rule") if default else None
@@ -251,15 +266,21 @@ class PPOTrainer:
                 out.append({"prompt_ids": list(ids), "text": d.get("prompt", ""), "target_len": d.get("target_len")})
         return out
 
-    def _num_pages(self, page_bytes: int, geoms, max_len: int) -> int:
+    def _make_pool(self, models: list, max_len: int, device: torch.device) -> PagePool:
+        """One page pool on ``device`` for the KV of ``models``: rollout.pool_pages pages, else
+        rollout.memory_fraction of the device's free memory (CUDA), else enough for every
+        sequence in flight at its longest (CPU)."""
         r = self.cfg.rollout
+        geoms = [KVGeometry(*mdl.kv_geometry(), next(mdl.parameters()).dtype) for mdl in models]
+        page_bytes = PagePool.page_bytes_for(geoms, r.tokens_per_page)
         if r.pool_pages is not None:
-            return r.pool_pages
-        if self.device.type == "cuda":
-            return pool_pages_from_free_memory(page_bytes, r.memory_fraction, self.device)
-        seqs = r.batch_size + r.delta_max
-        per_seq = -(-max_len // r.tokens_per_page)
-        return seqs * per_seq * len(geoms) + 8
+            pages = r.pool_pages
+        elif device.type == "cuda":
+            pages = pool_pages_from_free_memory(page_bytes, r.memory_fraction, device)
+        else:
+            per_seq = -(-max_len // r.tokens_per_page)
+            pages = (r.batch_size + r.delta_max) * per_seq * len(geoms) + 8
+        return PagePool(pages, page_bytes, device)
 
     def _lr_lambda(self, step: int) -> float:
         o, total = self.cfg.optim, self.cfg.run.total_steps
@@ -340,6 +361,8 @@ class PPOTrainer:
         timer = StageTimer()
         tl = Timeline(step=self.step_idx)
         tl.mark_reference()
+        if self.scorer_device.type == "cuda" and self.scorer_device != self.device:
+            tl.mark_reference(torch.cuda.current_stream(self.scorer_device))   # its clock is its own
         self.rollout.timeline = tl
         self.rollout.reset_stats()
         self.engine.stats.update(decode_steps=0, prefill_steps=0, generated_tokens=0, host_s=0.0, wasted_rows=0)
@@ -433,6 +456,8 @@ class PPOTrainer:
         out = {"memory/max_allocated_gib": torch.cuda.max_memory_allocated(self.device) / 2 ** 30,
                "memory/alloc_retries": retries - getattr(self, "_alloc_retries", 0)}
         self._alloc_retries = retries
+        if self.scorer_device.type == "cuda" and self.scorer_device != self.device:
+            out["memory/scorer_max_allocated_gib"] = torch.cuda.max_memory_allocated(self.scorer_device) / 2 ** 30
         return out
 
     @staticmethod
@@ -653,6 +678,8 @@ class PPOTrainer:
         else:
             with torch.no_grad():
                 self.engine.update_weights(self.version, self.actor.state_dict())
+        if not self.share_critic:       # (to the scorers' device, if they are placed elsewhere)
+            with torch.no_grad():
                 self.engine_critic.load_state_dict({k: v.to(self.engine_critic.dtype)
                                                     for k, v in self.critic.state_dict().items()})
         if not self.cfg.rollout.keep_stale_kv:
@@ -700,7 +727,7 @@ class PPOTrainer:
         self.sched_actor.load_state_dict(state["sched_actor"])
         self.sched_critic.load_state_dict(state["sched_critic"])
         self.trained_keys = state["trained_keys"]
-        if not self.share_actor:
+        if not (self.share_actor and self.share_critic):
             self._sync_weights()
         self.engine.version = self.version
         self.engine.scheduler._admitted = state["admitted"]
