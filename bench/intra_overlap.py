@@ -6,7 +6,9 @@ each length). Times from the first decode to the last score:
     alone : the actor only (no scorers)          -> the floor overlap can reach
     off   : generate all, then score all         (sequential)
     on    : scorers prefill chunks on their own stream while the actor decodes
-hidden_fraction = (off - on) / (off - alone): the share of scoring time hidden under decode.
+hidden_fraction = (off - on) / (off - alone): the share of scoring time hidden under decode (None when
+sequential scoring costs under 2% of alone: then it is noise); hidden_fraction_timeline = the share
+of the scorers' busy seconds (CUDA events on their streams) that ran while the actor was busy.
 Modes run interleaved over --reps rounds; each mode's time is its median.
 
 --scorer-graphs (issue 4): "env" (default: Scorer's default, env OPPO_SCORER_GRAPHS), "off", "on",
@@ -158,6 +160,10 @@ def main():
         return best, {
             # undefined when sequential scoring costs (within noise) nothing over the rollout alone
             "hidden_fraction": (t_off - t_on) / scoring if scoring > 0.02 * alone else None,
+            # from the timeline of the best "on" run: the scorers' busy seconds that ran under the
+            # actor's (their share), and the seconds a scorer ran while the actor did not
+            "hidden_fraction_timeline": timelines[best].hidden_fraction() if best in timelines else None,
+            "exposed_score_s_timeline": timelines[best].exposed_s() if best in timelines else None,
             "scoring_s": scoring,
             "speedup_on_vs_off": t_off / t_on,
             "on_over_alone": t_on / alone,

@@ -258,41 +258,11 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def _merge(intervals):
-    out = []
-    for a, b in sorted(intervals):
-        if out and a <= out[-1][1]:
-            out[-1][1] = max(out[-1][1], b)
-        else:
-            out.append([a, b])
-    return out
-
-
-def _length(merged) -> float:
-    return sum(b - a for a, b in merged)
-
-
-def _overlap(x, y) -> float:
-    i = j = 0
-    total = 0.0
-    while i < len(x) and j < len(y):
-        lo, hi = max(x[i][0], y[j][0]), min(x[i][1], y[j][1])
-        total += max(0.0, hi - lo)
-        if x[i][1] < y[j][1]:
-            i += 1
-        else:
-            j += 1
-    return total
-
-
 def timeline_stages(tl) -> dict:
     """Seconds of the step's timeline: scoring not hidden (a scorer ran, the actor did not), and
     the union of all lanes (trace busy)."""
-    actor = _merge((s.start_s, s.end_s) for s in tl.spans if s.lane == "actor")
-    score = _merge((s.start_s, s.end_s) for s in tl.spans if s.lane not in ("actor", "train"))
-    every = _merge((s.start_s, s.end_s) for s in tl.spans)
-    return {"exposed_score_s": _length(score) - _overlap(score, actor), "score_union_s": _length(score),
-            "trace_busy_s": _length(every)}
+    return {"exposed_score_s": tl.exposed_s(), "score_union_s": tl.union_s(tl.scorer_lanes()),
+            "trace_busy_s": tl.union_s()}
 
 
 def _median(xs):

@@ -176,6 +176,26 @@ def test_busy_fraction_within_a_window():
     assert tl.busy_fraction("critic/stream B", window=(0.0, 0.1)) == pytest.approx(0.5)
 
 
+def test_hidden_and_exposed_scoring_of_a_ppo_step():
+    """Scorer lanes are every lane but actor/train/update; hidden = their busy seconds under the
+    actor's, summed over scorers; exposed = seconds a scorer ran and the actor did not."""
+    tl = Timeline(use_cuda=False)
+    tl.add("actor", "decode", 0.000, 0.040)
+    tl.add("actor", "decode", 0.060, 0.100)
+    tl.add("critic", "prefill", 0.030, 0.070)        # 20 ms under decode, 20 ms in the gap
+    tl.add("reward", "prefill", 0.050, 0.070)        # 10 under, 10 in the gap (with the critic)
+    tl.add("reward", "prefill", 0.100, 0.110)        # 10 exposed after the actor ended
+    tl.add("train", "train", 0.110, 0.200)
+    tl.add("update", "actor fwd+bwd", 0.120, 0.180)  # training: neither a scorer nor hidden
+    assert tl.scorer_lanes() == ["critic", "reward"]
+    assert tl.hidden_fraction() == pytest.approx((0.020 + 0.010) / (0.040 + 0.030))
+    assert tl.exposed_s() == pytest.approx(0.020 + 0.010)
+    assert tl.union_s(["critic", "reward"]) == pytest.approx(0.050)
+    assert tl.overlap_s(["critic", "reward"], ["actor"]) == pytest.approx(0.020)
+    assert tl.union_s() == pytest.approx(0.200)
+    assert Timeline(use_cuda=False).hidden_fraction() == 0.0
+
+
 def test_merge_appends_after_the_end_and_keeps_steps():
     a, b = overlap_timeline(), overlap_timeline()
     b.step = 4

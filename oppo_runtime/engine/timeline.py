@@ -22,7 +22,10 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["Timeline", "TimelineSpan", "stage_kind", "STAGE_COLOURS"]
+__all__ = ["Timeline", "TimelineSpan", "stage_kind", "STAGE_COLOURS", "PIPELINE_LANES"]
+
+# lanes of a PPO step that are not a scorer: the actor's, the training step's, its phases'
+PIPELINE_LANES = ("actor", "train", "update")
 
 STAGE_COLOURS = {
     "prefill": "#4C72B0", "decode": "#55A868", "score": "#DD8452",
@@ -174,6 +177,33 @@ class Timeline:
         """Seconds the lane is busy: the union of its spans (overlapping spans count once)."""
         return _union_seconds((s.start_s, s.end_s) for s in self.spans if s.lane == lane)
 
+    def scorer_lanes(self) -> list[str]:
+        """Every lane but the actor's and training's (each scorer records on a lane of its name)."""
+        return [lane for lane in self.lanes if lane not in PIPELINE_LANES]
+
+    def _merged(self, lanes) -> list[list[float]]:
+        return _merge((s.start_s, s.end_s) for s in self.spans if s.lane in lanes)
+
+    def union_s(self, lanes=None) -> float:
+        """Seconds when any of ``lanes`` (default: all) is busy."""
+        return _length(self._merged(self.lanes if lanes is None else lanes))
+
+    def overlap_s(self, lanes, under) -> float:
+        """Seconds when one of ``lanes`` and one of ``under`` are busy together."""
+        return _overlap(self._merged(lanes), self._merged(under))
+
+    def hidden_fraction(self, under=("actor",)) -> float:
+        """The share of the scorers' busy seconds (summed over scorer lanes) that ran while the
+        actor was busy: scoring hidden under decode. 0 without scorer spans."""
+        lanes = self.scorer_lanes()
+        total = sum(self.busy_s(lane) for lane in lanes)
+        return sum(self.overlap_s([lane], under) for lane in lanes) / total if total else 0.0
+
+    def exposed_s(self, under=("actor",)) -> float:
+        """Seconds when a scorer ran and the actor did not: scoring on the critical path."""
+        lanes = self.scorer_lanes()
+        return self.union_s(lanes) - self.overlap_s(lanes, under)
+
     def busy_fraction(self, lane: str, window: tuple[float, float] | None = None) -> float:
         """Busy seconds of the lane inside the window over the window's length
         (default window: the whole timeline, all lanes)."""
@@ -271,16 +301,36 @@ class _HostSpan:
         self.tl.add(self.lane, self.name, self.start, self.tl.now(), **self.args)
 
 
-def _union_seconds(intervals) -> float:
-    total, cur_start, cur_end = 0.0, None, None
-    for start, end in sorted(intervals):
-        if cur_end is None or start > cur_end:
-            if cur_end is not None:
-                total += cur_end - cur_start
-            cur_start, cur_end = start, end
+def _merge(intervals) -> list[list[float]]:
+    """Sorted, disjoint [start, end] covering the same seconds."""
+    out: list[list[float]] = []
+    for a, b in sorted(intervals):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
         else:
-            cur_end = max(cur_end, end)
-    return total + (cur_end - cur_start if cur_end is not None else 0.0)
+            out.append([a, b])
+    return out
+
+
+def _length(merged) -> float:
+    return sum(b - a for a, b in merged)
+
+
+def _overlap(x, y) -> float:
+    """Seconds common to two merged interval lists (one pass over both)."""
+    i = j = 0
+    total = 0.0
+    while i < len(x) and j < len(y):
+        total += max(0.0, min(x[i][1], y[j][1]) - max(x[i][0], y[j][0]))
+        if x[i][1] < y[j][1]:
+            i += 1
+        else:
+            j += 1
+    return total
+
+
+def _union_seconds(intervals) -> float:
+    return _length(_merge(intervals))
 
 
 def _jsonable(v):

@@ -420,7 +420,7 @@ class PPOTrainer:
             "oppo/staleness_max": max((self.version - 1 - v for v in versions), default=0),
             **{f"oppo/staleness_lag{k}_frac": sum(1 for v in versions if self.version - 1 - v == k) / max(1, len(versions))
                for k in range(r.staleness_limit + 1)},
-            "oppo/hidden_fraction": self._hidden_fraction(tl),
+            "oppo/hidden_fraction": tl.hidden_fraction(),
             "oppo/skipped_sequences": self.skipped,
             "oppo/preemptions": self.engine.scheduler.num_preemptions - preempt0,
             "timing_s/step": step_s,
@@ -459,23 +459,6 @@ class PPOTrainer:
         if self.scorer_device.type == "cuda" and self.scorer_device != self.device:
             out["memory/scorer_max_allocated_gib"] = torch.cuda.max_memory_allocated(self.scorer_device) / 2 ** 30
         return out
-
-    @staticmethod
-    def _hidden_fraction(tl: Timeline) -> float:
-        actor = sorted((s.start_s, s.end_s) for s in tl.spans if s.lane == "actor")
-        score = [(s.start_s, s.end_s) for s in tl.spans if s.lane not in ("actor", "train")]
-        total = sum(e - s for s, e in score)
-        if not total:
-            return 0.0
-        hidden = 0.0
-        for s, e in score:
-            for a, b in actor:
-                if b <= s:
-                    continue
-                if a >= e:
-                    break
-                hidden += min(b, e) - max(a, s)
-        return hidden / total
 
     def _total_score(self, x: ScoredSequence) -> float:
         coef = self.cfg.model.reward_model_coef
