@@ -320,7 +320,7 @@ def train_config(mode: str, p: dict, paths: dict, prompt_file: Path, out_dir: Pa
                 "micro_batch_tokens": p.get("micro_tokens"), "old_logprob": args.old_logprob},
         "optim": {"actor_lr": p["lr"], "critic_lr": p["lr"]},
         "run": {"total_steps": total_steps, "seed": 0, "overlap": mode, "out_dir": str(out_dir),
-                "device": args.device, "timeline_every": 0, "nan_policy": "skip", "tensorboard": False,
+                "device": args.device, "scorer_device": args.scorer_device, "timeline_every": 0, "nan_policy": "skip", "tensorboard": False,
                 "progress": False, "save_every": 10 ** 9},
     })
 
@@ -646,6 +646,9 @@ def main(argv=None):
     ap.add_argument("--cap", type=int, default=None)
     ap.add_argument("--sigma", type=float, default=None)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--scorer-device", default=None,
+                    help="place the scorers (reward, reference, critic copy) on this device, e.g. cuda:1 "
+                         "(run.scorer_device; default beside the actor). TRL runs on one GPU: compare with care")
     ap.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "oppo_bench_models"))
     ap.add_argument("--budget-s", type=float, default=420.0,
                     help="wall-clock budget of the run: modes stop early / are skipped once it is spent")
@@ -704,7 +707,7 @@ def main(argv=None):
                   staleness_limit=args.staleness_limit, adaptive_chunk=not args.fixed_chunk, tiny=args.tiny,
                   target_len_mean=sum(lens) / len(lens), target_len_max=max(lens),
                   first_batch_max=max(lens[:p["B"]]), num_prompts=len(lens),
-                  trl_response_length=p["cap"] if args.trl else None)
+                  trl_response_length=p["cap"] if args.trl else None, scorer_device=args.scorer_device)
     entry = {"config": config, "rows": []}
     sampler = BusySampler()
     config["busy_source"] = sampler.source
