@@ -37,7 +37,7 @@ import torch
 from .engine import ActorEngine, Chunk, EngineConfig, RequestError, SamplingParams
 from .engine.rollout import Rollout, ScoredSequence
 from .engine.scorer import RuleReward, Scorer
-from .memory import KVGeometry, PagePool, pool_pages_from_free_memory
+from .memory import PagePool
 from .models import CausalLM, ModelConfig, ScalarHeadModel, load_model
 
 __all__ = ["OPPORollout", "Experiences", "SamplingParams", "RuleReward"]
@@ -239,13 +239,8 @@ class OPPORollout:
             raise ValueError("memory_fraction sizes the pool from free CUDA memory; on the CPU give pool_pages")
 
         def make_pool(members, where):
-            geoms = [KVGeometry(*m.kv_geometry(), next(m.parameters()).dtype) for m in members if m is not None]
-            page_bytes = PagePool.page_bytes_for(geoms, tokens_per_page)
-            pages = pool_pages
-            if pages is None:
-                pages = (pool_pages_from_free_memory(page_bytes, memory_fraction or _CUDA_DEFAULT_FRACTION, where)
-                         if where.type == "cuda" else _CPU_DEFAULT_PAGES)
-            return PagePool(pages, page_bytes, where)
+            pages = pool_pages if pool_pages is not None or where.type == "cuda" else _CPU_DEFAULT_PAGES
+            return PagePool.for_models(members, where, tokens_per_page, pages, memory_fraction or _CUDA_DEFAULT_FRACTION)
 
         scoring = [models[r] for r in ("reward_model", "critic", "reference")]
         if scorer_device is None:

@@ -154,6 +154,20 @@ class PagePool:
         b = max(g.bytes_per_token for g in geometries) * tokens_per_page
         return -(-b // 16) * 16
 
+    @classmethod
+    def for_models(cls, models, device, tokens_per_page: int, num_pages: int | None = None,
+                   memory_fraction: float | None = None) -> "PagePool":
+        """A pool on ``device`` for the KV of ``models`` (objects with ``kv_geometry()`` and
+        parameters; None entries are skipped): pages of ``tokens_per_page`` tokens of the largest
+        geometry, ``num_pages`` of them, else ``memory_fraction`` of the device's free memory."""
+        geoms = [KVGeometry(*m.kv_geometry(), next(m.parameters()).dtype) for m in models if m is not None]
+        page_bytes = cls.page_bytes_for(geoms, tokens_per_page)
+        if num_pages is None:
+            if memory_fraction is None:
+                raise ValueError("PagePool.for_models: give num_pages or memory_fraction")
+            num_pages = pool_pages_from_free_memory(page_bytes, memory_fraction, torch.device(device))
+        return cls(num_pages, page_bytes, device)
+
     # ---------------------------------------------------------------- pages
     @property
     def num_free(self) -> int:

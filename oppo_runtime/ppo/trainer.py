@@ -26,7 +26,7 @@ from ..engine.rollout import Rollout, ScoredSequence
 from ..engine.runner import _Staging
 from ..engine.scorer import RuleReward, Scorer
 from ..engine.timeline import Timeline
-from ..memory import KVGeometry, PagePool, pool_pages_from_free_memory
+from ..memory import PagePool
 from ..models import DenseContext, build_model, load_model, load_tokenizer
 from . import core_algos as algo
 from .checkpoint import load_latest, save_checkpoint
@@ -271,16 +271,10 @@ class PPOTrainer:
         rollout.memory_fraction of the device's free memory (CUDA), else enough for every
         sequence in flight at its longest (CPU)."""
         r = self.cfg.rollout
-        geoms = [KVGeometry(*mdl.kv_geometry(), next(mdl.parameters()).dtype) for mdl in models]
-        page_bytes = PagePool.page_bytes_for(geoms, r.tokens_per_page)
-        if r.pool_pages is not None:
-            pages = r.pool_pages
-        elif device.type == "cuda":
-            pages = pool_pages_from_free_memory(page_bytes, r.memory_fraction, device)
-        else:
-            per_seq = -(-max_len // r.tokens_per_page)
-            pages = (r.batch_size + r.delta_max) * per_seq * len(geoms) + 8
-        return PagePool(pages, page_bytes, device)
+        pages = r.pool_pages
+        if pages is None and device.type != "cuda":
+            pages = (r.batch_size + r.delta_max) * -(-max_len // r.tokens_per_page) * len(models) + 8
+        return PagePool.for_models(models, device, r.tokens_per_page, pages, r.memory_fraction)
 
     def _lr_lambda(self, step: int) -> float:
         o, total = self.cfg.optim, self.cfg.run.total_steps
