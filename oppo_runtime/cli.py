@@ -24,6 +24,8 @@ def _doctor(args) -> int:
     if cuda:
         major, minor = torch.cuda.get_device_capability(0)
         print(f"CUDA device    {torch.cuda.get_device_name(0)} (sm_{major}{minor}, {torch.cuda.device_count()} visible)")
+        if torch.cuda.device_count() > 1:
+            print("placement      scorers can run on a second GPU: oppo train run.scorer_device=cuda:1")
     else:
         print("CUDA device    none")
     ext = ops.extension()
