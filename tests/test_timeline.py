@@ -5,7 +5,7 @@ import time
 import pytest
 import torch
 
-from oppo_runtime.engine.timeline import Timeline, stage_kind
+from oppo_runtime.engine.timeline import Timeline, TimelineSpan, _runs, stage_kind
 
 
 def overlap_timeline():
@@ -194,6 +194,24 @@ def test_hidden_and_exposed_scoring_of_a_ppo_step():
     assert tl.overlap_s(["critic", "reward"], ["actor"]) == pytest.approx(0.020)
     assert tl.union_s() == pytest.approx(0.200)
     assert Timeline(use_cuda=False).hidden_fraction() == 0.0
+
+
+def test_the_picture_draws_runs_of_one_name_as_one_bar():
+    """Thousands of decode spans become one bar per run (gaps under a pixel); other names and
+    real gaps stay apart, so the update's phases keep their own bars."""
+    tl = Timeline(use_cuda=False)
+    for i in range(100):
+        tl.add("actor", "decode", i * 0.010, i * 0.010 + 0.0099)      # 0.1 ms gaps
+    tl.add("actor", "prefill", 1.0, 1.01)
+    tl.add("actor", "decode", 1.01, 1.02)
+    tl.add("actor", "decode", 1.5, 1.6)                                # a real gap: a bar of its own
+    runs = _runs(sorted(tl.spans, key=lambda s: s.start_s), gap_s=0.001)
+    assert [(r.name, r.kind) for r in runs] == [("decode x100", "decode"), ("prefill", "prefill"),
+                                                ("decode", "decode"), ("decode", "decode")]
+    assert runs[0].start_s == 0.0 and runs[0].end_s == pytest.approx(0.9999)
+    phases = [TimelineSpan("update", n, i, i + 1, {"kind": "train"}) for i, n in enumerate(("actor", "critic"))]
+    assert [r.name for r in _runs(phases, gap_s=0.5)] == ["actor", "critic"]
+    assert len(tl.spans) == 103                                        # the timeline itself is unchanged
 
 
 def test_merge_appends_after_the_end_and_keeps_steps():

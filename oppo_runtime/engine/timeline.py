@@ -259,15 +259,20 @@ class Timeline:
         fig = Figure(figsize=(11, 1.0 + 0.55 * max(len(lanes), 1)), dpi=120)
         FigureCanvasAgg(fig)
         ax = fig.add_subplot()
+        ms_per_px = total_ms / 1100               # the axis is ~1100 pixels wide
         for row, lane in enumerate(lanes):
             y = len(lanes) - 1 - row              # first lane on top
-            for s in (s for s in self.spans if s.lane == lane):
-                x0, w = (s.start_s - lo) * 1e3, s.duration_s * 1e3
-                ax.broken_barh([(x0, max(w, total_ms * 1e-3))], (y - 0.38, 0.76),
-                               facecolors=STAGE_COLOURS.get(s.kind, STAGE_COLOURS["other"]),
-                               edgecolor="white", linewidth=0.4)
-                if w > 0.07 * total_ms:           # label only bars wide enough to read
-                    ax.text(x0 + w / 2, y, s.name, ha="center", va="center", fontsize=7, color="white",
+            # a decode lane holds thousands of ~ms spans: drawn one by one they took seconds and,
+            # each edged in white, came out as a pale band; runs of one kind closer than a
+            # pixel are drawn as one bar (solid colour), a white edge only between real gaps
+            for run in _runs(sorted((s for s in self.spans if s.lane == lane), key=lambda s: s.start_s),
+                             ms_per_px / 1e3):
+                x0, w = (run.start_s - lo) * 1e3, run.duration_s * 1e3
+                ax.broken_barh([(x0, max(w, ms_per_px))], (y - 0.38, 0.76),
+                               facecolors=STAGE_COLOURS.get(run.kind, STAGE_COLOURS["other"]),
+                               edgecolor="white", linewidth=0.4 if w > 3 * ms_per_px else 0.0)
+                if len(run.name) * 6 * ms_per_px < w:     # label a bar that its name fits in
+                    ax.text(x0 + w / 2, y, run.name, ha="center", va="center", fontsize=7, color="white",
                             clip_on=True)
             ax.text(1.005, (y + 0.5) / len(lanes), f"busy {100 * self.busy_fraction(lane):.0f}%\n"
                     f"{self.busy_s(lane) * 1e3:.1f} ms", transform=ax.transAxes, va="center", fontsize=7)
@@ -299,6 +304,26 @@ class _HostSpan:
 
     def __exit__(self, *exc):
         self.tl.add(self.lane, self.name, self.start, self.tl.now(), **self.args)
+
+
+def _runs(spans: list[TimelineSpan], gap_s: float) -> list[TimelineSpan]:
+    """Consecutive spans of one name and kind with gaps up to ``gap_s`` as one span per run,
+    named with how many it holds ("decode x812"); spans of other names (the update's phases,
+    a prefill between decodes) stay apart."""
+    out: list[TimelineSpan] = []
+    counts: list[int] = []
+    for s in spans:
+        last = out[-1] if out else None
+        if last is not None and (s.name, s.kind) == (last.name, last.kind) and s.start_s - last.end_s <= gap_s:
+            last.end_s = max(last.end_s, s.end_s)
+            counts[-1] += 1
+        else:
+            out.append(TimelineSpan(s.lane, s.name, s.start_s, s.end_s, {"kind": s.kind}, s.step))
+            counts.append(1)
+    for run, n in zip(out, counts):
+        if n > 1:
+            run.name = f"{run.name} x{n}"
+    return out
 
 
 def _merge(intervals) -> list[list[float]]:
