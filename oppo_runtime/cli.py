@@ -136,7 +136,13 @@ def main(argv=None) -> int:
     t.add_argument("--resume", action="store_true", help="continue from the last checkpoint in run.out_dir")
     t.add_argument("overrides", nargs="*", help="section.key=value")
     sub.add_parser("doctor", help="torch, CUDA, GPU, extension, and the backend of every op")
-    args = parser.parse_args(argv)
+    # overrides may stand between options ("--steps 3 run.seed=1 --overlap full"): argparse takes
+    # one run of positionals only, so the later runs come back unknown and join the overrides
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if args.cmd != "train" or any(a.startswith("-") or "=" not in a for a in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides) + extra
     logging.basicConfig(level=logging.INFO if args.cmd == "doctor" else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     from .ppo.config import ConfigError

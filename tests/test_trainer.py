@@ -93,11 +93,12 @@ def _run_cli(out, *args):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-@pytest.mark.parametrize("overlap", ["intra", "full"])
-def test_kill_9_and_resume_equals_an_uninterrupted_run(tmp_path, overlap):
-    ref = _run_cli(tmp_path / "ref", "--steps", "10", "--overlap", overlap)
+@pytest.mark.parametrize("overlap,extra", [("intra", ()), ("full", ()), ("full", ("run.scorer_device=cpu",))],
+                         ids=["intra", "full", "full-scorers-placed-apart"])
+def test_kill_9_and_resume_equals_an_uninterrupted_run(tmp_path, overlap, extra):
+    ref = _run_cli(tmp_path / "ref", *extra, "--steps", "10", "--overlap", overlap)
     assert ref.wait(timeout=600) == 0, ref.stdout.read()
-    run = _run_cli(tmp_path / "run", "--steps", "10", "--overlap", overlap)
+    run = _run_cli(tmp_path / "run", *extra, "--steps", "10", "--overlap", overlap)
     ck = tmp_path / "run" / "checkpoints"
     deadline = time.time() + 300
     while not (ck / "step-000006").exists() and time.time() < deadline and run.poll() is None:
@@ -107,7 +108,7 @@ def test_kill_9_and_resume_equals_an_uninterrupted_run(tmp_path, overlap):
     run.wait()
     done = sorted(p.name for p in ck.glob("step-*") if not p.name.endswith(".tmp"))
     assert done and int(done[-1][5:]) < 10
-    res = _run_cli(tmp_path / "run", "--resume", "--steps", "10", "--overlap", overlap)
+    res = _run_cli(tmp_path / "run", *extra, "--resume", "--steps", "10", "--overlap", overlap)
     out = res.communicate(timeout=600)[0]
     assert res.returncode == 0, out
     assert_same_metrics(metrics(tmp_path / "ref"), metrics(tmp_path / "run"))
@@ -132,6 +133,10 @@ def test_invalid_config_values_name_the_value():
     out = subprocess.run([sys.executable, "-m", "oppo_runtime.cli", "train", "rollout.batch_size=0"],
                          capture_output=True, text=True)
     assert out.returncode == 2 and "rollout.batch_size = 0" in out.stderr
+    # overrides between options are overrides too (argparse alone took only the first run of them)
+    out = subprocess.run([sys.executable, "-m", "oppo_runtime.cli", "train", "--overlap", "none", "run.seed=1",
+                          "--steps", "1", "rollout.batch_size=0"], capture_output=True, text=True)
+    assert out.returncode == 2 and "rollout.batch_size = 0" in out.stderr, out.stderr
 
 
 def test_nan_reward_is_an_error_naming_the_sequence_or_a_counted_skip(tmp_path, monkeypatch):
