@@ -263,7 +263,7 @@ class Timeline:
         for row, lane in enumerate(lanes):
             y = len(lanes) - 1 - row              # first lane on top
             # a decode lane holds thousands of ~ms spans: drawn one by one they took seconds and,
-            # each edged in white, came out as a pale band; runs of one kind closer than a
+            # each edged in white, came out as a pale band; runs of one name closer than a
             # pixel are drawn as one bar (solid colour), a white edge only between real gaps
             for run in _runs(sorted((s for s in self.spans if s.lane == lane), key=lambda s: s.start_s),
                              ms_per_px / 1e3):
