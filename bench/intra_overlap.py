@@ -186,6 +186,7 @@ def main():
     where = f", scorers on {sdev}" if apart else ""
     tl.to_png(out_dir / f"intra_overlap{tag}_timeline.png",
               title=f"intra-step overlap ({best}), Qwen2.5-0.5B x3, B=64{where}")
+    tl.to_chrome_trace(out_dir / f"intra_overlap{tag}_timeline.trace.json")    # for Perfetto: every span
     summary.update({
         "seconds": {m: res[m][0] for m in res},
         "lengths": {"median": sorted(lens)[B // 2], "max": max(lens), "sum": sum(lens)},
