@@ -125,6 +125,48 @@ def _train(args) -> int:
     return 0
 
 
+def _bench_dir():
+    """The repository's bench/ beside the package (a source checkout or an editable install)."""
+    from pathlib import Path
+    d = Path(__file__).resolve().parent.parent / "bench"
+    return d if (d / "common.py").exists() else None
+
+
+def _benches(d) -> dict[str, str]:
+    """Runnable benchmarks: bench/*.py with a __main__ guard, and the first line of their docstring."""
+    import ast
+    out = {}
+    for f in sorted(d.glob("*.py")):
+        src = f.read_text(encoding="utf-8")
+        if f.stem.startswith("_") or '__name__ == "__main__"' not in src:
+            continue
+        doc = ast.get_docstring(ast.parse(src)) or ""
+        out[f.stem] = doc.strip().splitlines()[0] if doc.strip() else ""
+    return out
+
+
+def _bench(args) -> int:
+    """``oppo bench NAME [ARGS...]``: run bench/NAME.py with ARGS (``oppo bench`` lists them)."""
+    import subprocess
+    d = _bench_dir()
+    if d is None:
+        print("oppo bench: the benchmarks live in the repository's bench/ folder, which this install does "
+              "not have: clone the repository and install it with `pip install -e .`", file=sys.stderr)
+        return 2
+    benches = _benches(d)
+    if not args.name:
+        width = max(map(len, benches))
+        for name, doc in benches.items():
+            print(f"{name:<{width}}  {doc}")
+        print("\nrun one: oppo bench NAME [ARGS...]   (NAME --help for its options; commands and results: "
+              "bench/RESULTS.md)")
+        return 0
+    if args.name not in benches:
+        print(f"oppo bench: no benchmark {args.name!r}; there are: {', '.join(benches)}", file=sys.stderr)
+        return 2
+    return subprocess.call([sys.executable, str(d / f"{args.name}.py"), *args.bench_args])
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="oppo", description="oppo-runtime: PPO with an overlapped pipeline")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -136,6 +178,9 @@ def main(argv=None) -> int:
     t.add_argument("--resume", action="store_true", help="continue from the last checkpoint in run.out_dir")
     t.add_argument("overrides", nargs="*", help="section.key=value")
     sub.add_parser("doctor", help="torch, CUDA, GPU, extension, and the backend of every op")
+    b = sub.add_parser("bench", help="run a benchmark of bench/ (no name: list them)")
+    b.add_argument("name", nargs="?", help="e.g. decode_attention, intra_overlap, ppo_step")
+    b.add_argument("bench_args", nargs=argparse.REMAINDER, help="passed to the benchmark")
     # overrides may stand between options ("--steps 3 run.seed=1 --overlap full"): argparse takes
     # one run of positionals only, so the later runs come back unknown and join the overrides
     args, extra = parser.parse_known_args(argv)
@@ -147,7 +192,7 @@ def main(argv=None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     from .ppo.config import ConfigError
     try:
-        return {"train": _train, "doctor": _doctor}[args.cmd](args)
+        return {"train": _train, "doctor": _doctor, "bench": _bench}[args.cmd](args)
     except ConfigError as e:
         print(f"oppo: {e}", file=sys.stderr)
         return 2
