@@ -54,7 +54,7 @@ def test_cuda_spans_resolve_relative_to_the_reference_event():
     tl = Timeline(use_cuda=True, event_factory=FakeEvent)
     FakeEvent.clock_ms = 1000.0
     tl.mark_reference()
-    ref_host = tl._ref[1]
+    ref_host = tl._refs[None][1]           # test streams have no device: key None
     FakeEvent.clock_ms = 1020.0
     tl.cuda_span_begin("critic/stream B", "prefill", stream="B", chunk=0)
     FakeEvent.clock_ms = 1050.0

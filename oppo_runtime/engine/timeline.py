@@ -111,11 +111,6 @@ class Timeline:
             return getattr(dev, "index", dev)
         return torch.cuda.current_device() if self._real_events else None
 
-    @property
-    def _ref(self):
-        """The first device's reference (event, host seconds)."""
-        return next(iter(self._refs.values()), None)
-
     def mark_reference(self, stream=None):
         """Record the CUDA reference event of ``stream``'s device (device zero = host time now)."""
         if self.use_cuda:
