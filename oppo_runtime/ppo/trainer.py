@@ -132,6 +132,9 @@ class PPOTrainer:
         # scorers beside the actor (one page pool), or placed on a device of their own with their own pool
         self.scorer_device = self.device if run.scorer_device is None else _device(run.scorer_device,
                                                                                    "run.scorer_device")
+        # a second GPU of the scorers: its own timeline clock and its own peak memory
+        self.scorer_gpu = self.scorer_device if (self.scorer_device.type == "cuda"
+                                                 and self.scorer_device != self.device) else None
         self.out_dir = Path(run.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         train_dtype = _DTYPES[m.dtype]
@@ -355,8 +358,8 @@ class PPOTrainer:
         timer = StageTimer()
         tl = Timeline(step=self.step_idx)
         tl.mark_reference()
-        if self.scorer_device.type == "cuda" and self.scorer_device != self.device:
-            tl.mark_reference(torch.cuda.current_stream(self.scorer_device))   # its clock is its own
+        if self.scorer_gpu is not None:
+            tl.mark_reference(torch.cuda.current_stream(self.scorer_gpu))
         self.rollout.timeline = tl
         self.rollout.reset_stats()
         self.engine.stats.update(decode_steps=0, prefill_steps=0, generated_tokens=0, host_s=0.0, wasted_rows=0)
@@ -450,8 +453,8 @@ class PPOTrainer:
         out = {"memory/max_allocated_gib": torch.cuda.max_memory_allocated(self.device) / 2 ** 30,
                "memory/alloc_retries": retries - getattr(self, "_alloc_retries", 0)}
         self._alloc_retries = retries
-        if self.scorer_device.type == "cuda" and self.scorer_device != self.device:
-            out["memory/scorer_max_allocated_gib"] = torch.cuda.max_memory_allocated(self.scorer_device) / 2 ** 30
+        if self.scorer_gpu is not None:
+            out["memory/scorer_max_allocated_gib"] = torch.cuda.max_memory_allocated(self.scorer_gpu) / 2 ** 30
         return out
 
     def _total_score(self, x: ScoredSequence) -> float:
