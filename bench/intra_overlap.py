@@ -44,7 +44,7 @@ from oppo_runtime.engine import ActorEngine, EngineConfig, SamplingParams  # noq
 from oppo_runtime.engine.rollout import Rollout  # noqa: E402
 from oppo_runtime.engine.scorer import Scorer  # noqa: E402
 from oppo_runtime.engine.timeline import Timeline  # noqa: E402
-from oppo_runtime.memory import KVGeometry, PagePool  # noqa: E402
+from oppo_runtime.memory import PagePool  # noqa: E402
 
 
 def sync(scorer_device):
@@ -56,13 +56,11 @@ def sync(scorer_device):
 def run(models, prompts, lens, mode, chunk, timeline=None, graphs=None):
     actor, reward, critic = models
     gc.collect()         # the last run's rollout (a reference cycle through its engine) and its memory
-    g = KVGeometry(*actor.kv_geometry(), torch.bfloat16)
-    pb = PagePool.page_bytes_for([g], 16)
     need = sum(-(-(len(p) + n) // 16) + 1 for p, n in zip(prompts, lens))
     sdev = next(reward.parameters()).device
     apart = sdev != next(actor.parameters()).device
-    pool = PagePool((1 if apart else 3) * need + 256, pb, "cuda")
-    spool = PagePool(2 * need + 256, pb, sdev) if apart else pool
+    pool = PagePool.for_models([actor], "cuda", 16, (1 if apart else 3) * need + 256)
+    spool = PagePool.for_models([reward, critic], sdev, 16, 2 * need + 256) if apart else pool
     eng = ActorEngine(actor, pool, EngineConfig(max_num_seqs=len(prompts), chunk_size=chunk, seed=0,
                                                  max_num_batched_tokens=16384, max_model_len=4096))
     eng.warmup()         # every decode graph before the clock (captured lazily, they fell in the timed run)
