@@ -57,7 +57,7 @@ def main() -> None:
     plans, head_major = _plans()
     args, flex, _ = attention_bench_setup(__doc__)
     from oppo_runtime.ops.attention import (paged_decode_attention_ref, paged_decode_grid, paged_decode_plan,
-                                            paged_decode_resident_ctas)
+                                            paged_decode_resident_ctas, paged_decode_workspace)
     env_plan = os.environ.get("OPPO_DECODE_PLAN")
 
     info = device_info()
@@ -86,8 +86,10 @@ def main() -> None:
             row[f"ctas_{plan}"], row[f"items_per_cta_{plan}"] = paged_decode_grid(
                 B, Hq, Hkv, D, table, info["sm_count"], resident, plan)
             os.environ["OPPO_DECODE_PLAN"] = plan
-            try:
-                ms = time_ms(lambda: torch.ops.oppo.paged_decode_attention(out, q, k_cache, v_cache, bt, ctx_lens, scale))
+            try:   # the caller's workspace, as the engine's decode graphs pass it
+                ws = paged_decode_workspace(q, k_cache, bt, backend="cuda")
+                ms = time_ms(lambda: torch.ops.oppo.paged_decode_attention(out, q, k_cache, v_cache, bt, ctx_lens,
+                                                                           scale, ws))
                 row[f"{key}_us"] = ms * 1e3
                 row[f"{key}_frac_copy_bw"] = nbytes / (ms * 1e-3) / bw
                 outs[plan] = out.clone()

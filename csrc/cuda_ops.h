@@ -1,10 +1,14 @@
 // CUDA implementations of the attention ops (launchers in csrc/*.cu), registered by ops.cpp.
 #pragma once
 #include <ATen/ATen.h>
+#include <optional>
 
 void paged_decode_attention_cuda(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,
                                  const at::Tensor& v_cache, const at::Tensor& block_tables,
-                                 const at::Tensor& context_lens, double scale);
+                                 const at::Tensor& context_lens, double scale,
+                                 const std::optional<at::Tensor>& workspace);
+int64_t paged_decode_workspace_size_cuda(const at::Tensor& q, const at::Tensor& k_cache,
+                                         const at::Tensor& block_tables);
 void paged_prefill_attention_cuda(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,
                                   const at::Tensor& v_cache, const at::Tensor& cu_seqlens_q,
                                   const at::Tensor& context_lens, const at::Tensor& block_tables, double scale,
@@ -12,4 +16,5 @@ void paged_prefill_attention_cuda(at::Tensor& out, const at::Tensor& q, const at
 
 #define OPPO_REGISTER_CUDA_ATTENTION(m)                                    \
   m.impl("paged_decode_attention", &paged_decode_attention_cuda);          \
+  m.impl("paged_decode_workspace_size", &paged_decode_workspace_size_cuda); \
   m.impl("paged_prefill_attention", &paged_prefill_attention_cuda);

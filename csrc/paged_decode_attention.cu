@@ -1,9 +1,12 @@
 // Launcher of paged decode attention: argument checks, the split-KV plan, dtype/head-dim
 // dispatch, launches on the current stream.
 //
-// Workspace (num_splits > 1): taken from PyTorch's caching allocator (at::empty). That is
-// graph-safe: under CUDA-graph capture the allocation comes from the graph's private pool at a
-// fixed address, and nothing here syncs with the host. The split plan depends only on shapes
+// Workspace (num_splits > 1): float32 partials o [B, Hq, S, D] then lse [B, Hq, S] (v4: + one
+// ticket counter per group when they are not from the pool below). From the caller when it passes
+// `workspace` (at least paged_decode_workspace_size(q, k_cache, block_tables) floats, checked:
+// a short one is an error, never an overrun), else from PyTorch's caching allocator (at::empty).
+// Both are graph-safe: under CUDA-graph capture an allocation comes from the graph's private
+// pool at a fixed address, and nothing here syncs with the host. The split plan depends only on shapes
 // (B, Hkv, G, block_tables' width x block_size, the SM count and the kernel's occupancy), never
 // on context_lens' values.
 //
@@ -37,6 +40,8 @@
 #include <cstring>
 #include <map>
 #include <mutex>
+#include <optional>
+#include <type_traits>
 #include <utility>
 #include <vector>
 #include <cuda_bf16.h>
@@ -191,9 +196,55 @@ struct DecodeShape {
         max_ctx(std::min<int64_t>(block_tables.size(1) * static_cast<int64_t>(block_size), INT_MAX)) {}
 };
 
+// Workspace floats of a split plan: o [B, Hq, S, D] + lse [B, Hq, S] (+ `ticket_groups` counters).
+int64_t workspace_floats(const DecodeShape& sh, int D, int num_splits, int64_t ticket_groups) {
+  if (num_splits <= 1) return 0;
+  return static_cast<int64_t>(sh.B) * sh.Hq * num_splits * (D + 1) + ticket_groups;
+}
+
+// The caller's workspace (checked to hold `need` floats) or a fresh one in `holder`; nullptr
+// when the plan needs none.
+float* take_workspace(const std::optional<at::Tensor>& given, int64_t need, const at::Tensor& q, at::Tensor& holder) {
+  constexpr const char* op = "paged_decode_attention";
+  if (need == 0) return nullptr;
+  if (given.has_value() && given->defined()) {
+    const at::Tensor& w = *given;
+    TORCH_CHECK(w.is_cuda() && w.get_device() == q.get_device(), op, ": workspace must be on q's device (",
+                q.device(), "), got ", w.device());
+    TORCH_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous(), op,
+                ": workspace must be a contiguous float32 tensor, got ", w.scalar_type());
+    TORCH_CHECK(w.numel() >= need, op, ": workspace holds ", w.numel(), " floats, this call's split plan needs ",
+                need, " (size it with paged_decode_workspace_size for this q, k_cache and block_tables)");
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0, op, ": workspace must be 16-byte aligned");
+    return w.data_ptr<float>();
+  }
+  holder = at::empty({need}, q.options().dtype(at::kFloat));
+  return holder.data_ptr<float>();
+}
+
+// The plan of OPPO_DECODE_PLAN's kernel for this shape, and its kernel's CTAs per SM.
+template <typename T, int D>
+DecodePlan plan_for(const DecodeShape& sh, PlanKind kind, int* resident_out) {
+  using namespace oppo::attn;
+  const int64_t groups = static_cast<int64_t>(sh.B) * sh.Hkv * sh.q_chunks;
+  int resident;
+  if (kind == PlanKind::v4) {
+    constexpr int kStages = DecodeCfg<D, true>::kStages;
+    static int cache[64] = {};
+    resident = setup_resident(paged_decode_v4_kernel<T, D, kStages>, DecodeV4Smem<T, D, kStages>::kBytes, sh.dev, cache);
+  } else {
+    constexpr int kStages = DecodeCfg<D>::kStages;
+    static int cache[64] = {};  // CTAs per SM (0: not yet set up on that device)
+    resident = setup_resident(paged_decode_kernel<T, D, kStages>, DecodeSmem<T, D, kStages>::kBytes, sh.dev, cache);
+  }
+  if (resident_out != nullptr) *resident_out = resident;
+  return plan_decode(groups, sh.max_ctx, sh.sms, resident, kind == PlanKind::v2);
+}
+
 template <typename T, int D>
 void launch_decode_v4(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                      const at::Tensor& block_tables, const at::Tensor& context_lens, double scale) {
+                      const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
+                      const std::optional<at::Tensor>& workspace) {
   using namespace oppo::attn;
   constexpr int kStages = DecodeCfg<D, true>::kStages;
   const DecodeShape sh(q, k_cache, block_tables);
@@ -203,12 +254,10 @@ void launch_decode_v4(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_
 
   auto kernel = paged_decode_v4_kernel<T, D, kStages>;
   constexpr int smem = DecodeV4Smem<T, D, kStages>::kBytes;
-  static int resident_cache[64] = {};
-  const int resident = setup_resident(kernel, smem, dev, resident_cache);
-
+  int resident = 1;
+  const DecodePlan plan = plan_for<T, D>(sh, PlanKind::v4, &resident);  // v3's split count
   const int64_t groups = static_cast<int64_t>(B) * Hkv * q_chunks;
   const int64_t slots = static_cast<int64_t>(sms) * resident;
-  const DecodePlan plan = plan_decode(groups, max_ctx, sms, resident, false);  // v3's split count
   const int num_splits = plan.num_splits;
   const int64_t items = groups * num_splits;  // <= slots when split
   const int64_t grid = num_splits > 1 ? items : std::min(groups, slots);
@@ -222,8 +271,7 @@ void launch_decode_v4(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_
   if (num_splits > 1) {  // o [B, Hq, S, D], lse [B, Hq, S] (+ counters [groups] when not from the registry)
     const int64_t n = static_cast<int64_t>(B) * Hq * num_splits;
     if (!tickets_forced_memset()) tickets = ticket_counters(dev, stream, groups);
-    ws = at::empty({n * (D + 1) + (tickets == nullptr ? groups : 0)}, q.options().dtype(at::kFloat));
-    ws_o_ptr = ws.data_ptr<float>();
+    ws_o_ptr = take_workspace(workspace, workspace_floats(sh, D, num_splits, tickets == nullptr ? groups : 0), q, ws);
     ws_lse_ptr = ws_o_ptr + n * D;
     if (tickets == nullptr) {
       tickets = reinterpret_cast<unsigned*>(ws_o_ptr + n * (D + 1));
@@ -265,37 +313,27 @@ void launch_decode_v4(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_
 
 template <typename T, int D>
 void launch_decode(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                   const at::Tensor& block_tables, const at::Tensor& context_lens, double scale) {
+                   const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
+                   const std::optional<at::Tensor>& workspace) {
   using namespace oppo::attn;
   const PlanKind kind = decode_plan_kind();
   if (kind == PlanKind::v4) {
-    launch_decode_v4<T, D>(out, q, k_cache, v_cache, block_tables, context_lens, scale);
+    launch_decode_v4<T, D>(out, q, k_cache, v_cache, block_tables, context_lens, scale, workspace);
     return;
   }
   constexpr int kStages = DecodeCfg<D>::kStages;
   const DecodeShape sh(q, k_cache, block_tables);
   const int B = sh.B, Hq = sh.Hq, block_size = sh.block_size, Hkv = sh.Hkv, G = sh.G, q_chunks = sh.q_chunks;
   const int64_t max_ctx = sh.max_ctx;
-  const int dev = sh.dev, sms = sh.sms;
 
   auto kernel = paged_decode_kernel<T, D, kStages>;
   constexpr int smem = DecodeSmem<T, D, kStages>::kBytes;
-  static int resident_cache[64] = {};  // CTAs per SM (0: not yet set up on that device)
-  const int resident = setup_resident(kernel, smem, dev, resident_cache);
-
-  const DecodePlan plan =
-      plan_decode(static_cast<int64_t>(B) * Hkv * q_chunks, max_ctx, sms, resident, kind == PlanKind::v2);
+  const DecodePlan plan = plan_for<T, D>(sh, kind, nullptr);
   const int num_splits = plan.num_splits;
 
-  at::Tensor ws;
-  float* ws_o_ptr = nullptr;
-  float* ws_lse_ptr = nullptr;
-  if (num_splits > 1) {  // one allocation: o [B, Hq, S, D] then lse [B, Hq, S]
-    const int64_t n = static_cast<int64_t>(B) * Hq * num_splits;
-    ws = at::empty({n * (D + 1)}, q.options().dtype(at::kFloat));
-    ws_o_ptr = ws.data_ptr<float>();
-    ws_lse_ptr = ws_o_ptr + n * D;
-  }
+  at::Tensor ws;  // one piece: o [B, Hq, S, D] then lse [B, Hq, S]
+  float* ws_o_ptr = take_workspace(workspace, workspace_floats(sh, D, num_splits, 0), q, ws);
+  float* ws_lse_ptr = ws_o_ptr == nullptr ? nullptr : ws_o_ptr + static_cast<int64_t>(B) * Hq * num_splits * D;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const bool out_f32 = out.scalar_type() == at::kFloat;
   const float scale_log2 = static_cast<float>(scale) * kLog2e;
@@ -325,7 +363,8 @@ void launch_decode(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cac
 // block_tables [B, max_blocks] int32;  context_lens [B] int32
 void paged_decode_attention_cuda(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,
                                  const at::Tensor& v_cache, const at::Tensor& block_tables,
-                                 const at::Tensor& context_lens, double scale) {
+                                 const at::Tensor& context_lens, double scale,
+                                 const std::optional<at::Tensor>& workspace) {
   constexpr const char* op = "paged_decode_attention";
   OPPO_CHECK_CUDA(out, "paged_decode_attention"); OPPO_CHECK_CUDA(q, "paged_decode_attention");
   OPPO_CHECK_CUDA(k_cache, "paged_decode_attention"); OPPO_CHECK_CUDA(v_cache, "paged_decode_attention");
@@ -356,10 +395,42 @@ void paged_decode_attention_cuda(at::Tensor& out, const at::Tensor& q, const at:
   if (B == 0 || Hq == 0) return;
   const at::cuda::OptionalCUDAGuard guard(q.device());
   if (q.scalar_type() == at::kBFloat16) {
-    if (D == 64) launch_decode<__nv_bfloat16, 64>(out, q, k_cache, v_cache, block_tables, context_lens, scale);
-    else launch_decode<__nv_bfloat16, 128>(out, q, k_cache, v_cache, block_tables, context_lens, scale);
+    if (D == 64) launch_decode<__nv_bfloat16, 64>(out, q, k_cache, v_cache, block_tables, context_lens, scale, workspace);
+    else launch_decode<__nv_bfloat16, 128>(out, q, k_cache, v_cache, block_tables, context_lens, scale, workspace);
   } else {
-    if (D == 64) launch_decode<__half, 64>(out, q, k_cache, v_cache, block_tables, context_lens, scale);
-    else launch_decode<__half, 128>(out, q, k_cache, v_cache, block_tables, context_lens, scale);
+    if (D == 64) launch_decode<__half, 64>(out, q, k_cache, v_cache, block_tables, context_lens, scale, workspace);
+    else launch_decode<__half, 128>(out, q, k_cache, v_cache, block_tables, context_lens, scale, workspace);
   }
+}
+
+// Floats of `workspace` that paged_decode_attention needs for this q, k_cache and block_tables
+// under the current OPPO_DECODE_PLAN (0: the plan does not split). The plan depends on shapes only
+// (never on context_lens' values), so one workspace serves every call of a captured graph. v4:
+// room for the ticket counters too (a captured launch may need them there).
+int64_t paged_decode_workspace_size_cuda(const at::Tensor& q, const at::Tensor& k_cache,
+                                         const at::Tensor& block_tables) {
+  constexpr const char* op = "paged_decode_workspace_size";
+  OPPO_CHECK_CUDA(q, "paged_decode_workspace_size"); OPPO_CHECK_CUDA(k_cache, "paged_decode_workspace_size");
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && block_tables.dim() == 2, op,
+              ": q [B, Hq, D], k_cache [num_blocks, block_size, Hkv, D], block_tables [B, max_blocks]");
+  const int64_t Hq = q.size(1), D = q.size(2), Hkv = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(3) == D && Hkv > 0 && Hq % Hkv == 0 && (D == 64 || D == 128), op,
+              ": head_dim 64 or 128 shared by q and the cache, and Hq % Hkv == 0");
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf, op, ": q must be bf16 or fp16");
+  if (q.size(0) == 0 || Hq == 0) return 0;
+  const at::cuda::OptionalCUDAGuard guard(q.device());
+  const DecodeShape sh(q, k_cache, block_tables);
+  const PlanKind kind = decode_plan_kind();
+  const int64_t groups = static_cast<int64_t>(sh.B) * sh.Hkv * sh.q_chunks;
+  auto size = [&](auto tag, auto dtag) -> int64_t {
+    using T = decltype(tag);
+    constexpr int kD = decltype(dtag)::value;
+    const DecodePlan plan = plan_for<T, kD>(sh, kind, nullptr);
+    return workspace_floats(sh, kD, plan.num_splits, kind == PlanKind::v4 ? groups : 0);
+  };
+  using D64 = std::integral_constant<int, 64>;
+  using D128 = std::integral_constant<int, 128>;
+  if (q.scalar_type() == at::kBFloat16)
+    return D == 64 ? size(__nv_bfloat16{}, D64{}) : size(__nv_bfloat16{}, D128{});
+  return D == 64 ? size(__half{}, D64{}) : size(__half{}, D128{});
 }

@@ -247,17 +247,23 @@ def test_decode_table_wider_than_contexts(monkeypatch, plan):
     assert torch.isfinite(out).all() and rel_err(out, ref) < 2e-3
 
 
-def _check_decode_graph_replay(kv, bt, ctx, Hq, scale, min_ctx, max_len):
+def _check_decode_graph_replay(kv, bt, ctx, Hq, scale, min_ctx, max_len, caller_workspace=False):
     """Capture the decode op once (after an eager warm-up), then replay it three times on new
-    queries and context lengths in [min_ctx, max_len], each against the fp32 reference."""
+    queries and context lengths in [min_ctx, max_len], each against the fp32 reference.
+    ``caller_workspace``: the split-KV scratch from paged_decode_workspace, poisoned with NaN."""
     B, D = ctx.shape[0], kv.k.shape[-1]
     q = torch.randn(B, Hq, D, device="cuda").bfloat16()
     out = torch.empty(B, Hq, D, device="cuda", dtype=torch.float32)
-    A.paged_decode_attention(q, kv.k, kv.v, bt, ctx, scale, out=out, backend="cuda")   # warm-up
+    ws = None
+    if caller_workspace:
+        ws = A.paged_decode_workspace(q, kv.k, bt, backend="cuda")
+        assert ws is not None, "this shape is meant to split"
+        ws.fill_(float("nan"))
+    A.paged_decode_attention(q, kv.k, kv.v, bt, ctx, scale, out=out, backend="cuda", workspace=ws)   # warm-up
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        A.paged_decode_attention(q, kv.k, kv.v, bt, ctx, scale, out=out, backend="cuda")
+        A.paged_decode_attention(q, kv.k, kv.v, bt, ctx, scale, out=out, backend="cuda", workspace=ws)
     for _ in range(3):
         q.copy_(torch.randn_like(q, dtype=torch.float32))
         ctx.copy_(torch.randint(min_ctx, max_len + 1, (B,), dtype=torch.int32))
@@ -268,11 +274,12 @@ def _check_decode_graph_replay(kv, bt, ctx, Hq, scale, min_ctx, max_len):
         assert torch.isfinite(out).all() and rel_err(out, ref) < 2e-3
 
 
-@pytest.mark.parametrize("plan,tickets", [("v3", None), ("v4", None), ("v4", "memset")])
-def test_decode_cuda_graph_replay(monkeypatch, plan, tickets):
-    """Captured once, replayed on new queries and new context lengths (workspace inside). v4: the
-    replays run back to back on the same ticket counters (each must leave them at 0), from the
-    launcher's pool or (memset) in the workspace, zeroed by a captured memset."""
+@pytest.mark.parametrize("plan,tickets,caller_ws", [("v3", None, False), ("v3", None, True), ("v4", None, False),
+                                                     ("v4", "memset", False), ("v4", "memset", True)])
+def test_decode_cuda_graph_replay(monkeypatch, plan, tickets, caller_ws):
+    """Captured once, replayed on new queries and new context lengths (workspace inside, or the
+    caller's). v4: the replays run back to back on the same ticket counters (each must leave them
+    at 0), from the launcher's pool or (memset) in the workspace, zeroed by a captured memset."""
     _use_plan(monkeypatch, plan, tickets)
     B, Hq, Hkv, D, bs = 4, 32, 8, 128, 16
     max_len = 2000
@@ -281,7 +288,65 @@ def test_decode_cuda_graph_replay(monkeypatch, plan, tickets):
     bt = kv.tables(full)
     kv.fill(bt, full)
     ctx = torch.tensor([1000, 3, 1999, 640], dtype=torch.int32, device="cuda")
-    _check_decode_graph_replay(kv, bt, ctx, Hq, 0.088, min_ctx=1, max_len=max_len)
+    _check_decode_graph_replay(kv, bt, ctx, Hq, 0.088, min_ctx=1, max_len=max_len, caller_workspace=caller_ws)
+
+
+@pytest.mark.parametrize("plan", PLANS)
+@pytest.mark.parametrize("B,Hq,Hkv,D,table", [(1, 32, 8, 128, 32768), (3, 14, 2, 64, 2048)])
+def test_decode_caller_workspace_allocates_nothing(monkeypatch, plan, B, Hq, Hkv, D, table):
+    """With ``out`` and the caller's workspace the op allocates nothing (#7: workspace from the
+    caller), reads none of the workspace's stale contents (poisoned), and gives bit for bit the
+    result of the call that allocates its own. The size op agrees with the plan mirror."""
+    _use_plan(monkeypatch, plan)
+    bs = 16
+    lens = [table - 5 - 333 * b for b in range(B)]
+    kv = PagedKV(num_blocks=sum(math.ceil(n / bs) for n in lens) + 7, block_size=bs, Hkv=Hkv, D=D, dtype=torch.bfloat16)
+    bt = kv.tables(lens, extra_blocks=table // bs - max(math.ceil(n / bs) for n in lens))
+    kv.fill(bt, lens)
+    ctx = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    q = torch.randn(B, Hq, D, device="cuda").bfloat16()
+    ws = A.paged_decode_workspace(q, kv.k, bt, backend="cuda")
+    splits, _ = _plan(B, Hq, Hkv, D, bt.shape[1] * bs, plan)
+    assert splits > 1 and ws is not None
+    groups = B * Hkv * math.ceil(Hq // Hkv / 16)
+    assert ws.numel() * 4 == _ws_expected(B, Hq, D, splits, groups if plan == "v4" else 0)
+    ws.fill_(float("nan"))
+    own = A.paged_decode_attention(q, kv.k, kv.v, bt, ctx, D ** -0.5, backend="cuda")
+    out = torch.full_like(q, float("nan"))
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_stats()["allocation.all.allocated"]
+    A.paged_decode_attention(q, kv.k, kv.v, bt, ctx, D ** -0.5, out=out, backend="cuda", workspace=ws)
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_stats()["allocation.all.allocated"] == before, "the op allocated"
+    assert torch.equal(out, own)
+    ref = A.paged_decode_attention_ref(q, kv.k, kv.v, _ref_tables(bt), ctx, D ** -0.5,
+                                       out=torch.empty(B, Hq, D, device="cuda"))
+    assert rel_err(out.float(), ref) < 1e-2   # bf16 output: the reference's own rounding on top
+
+
+def test_decode_caller_workspace_checked():
+    """A workspace too small for the call's plan, of the wrong dtype or device is a clear error
+    (never an overrun), and the output is left as it was; a shape that does not split needs none."""
+    B, Hq, Hkv, D, bs, n = 1, 32, 8, 128, 16, 4000
+    kv = PagedKV(num_blocks=math.ceil(n / bs) + 3, block_size=bs, Hkv=Hkv, D=D, dtype=torch.bfloat16)
+    bt = kv.tables([n])
+    kv.fill(bt, [n])
+    ctx = torch.tensor([n], dtype=torch.int32, device="cuda")
+    q = torch.randn(B, Hq, D, device="cuda").bfloat16()
+    need = A.paged_decode_workspace(q, kv.k, bt, backend="cuda").numel()
+    out = torch.zeros_like(q)
+    for bad, msg in [(torch.empty(need - 1, device="cuda"), "workspace holds"),
+                     (torch.empty(need, device="cuda", dtype=torch.bfloat16), "float32"),
+                     (torch.empty(need), "device")]:
+        with pytest.raises(RuntimeError, match=msg):
+            A.paged_decode_attention(q, kv.k, kv.v, bt, ctx, 0.1, out=out, backend="cuda", workspace=bad)
+    torch.cuda.synchronize()
+    assert not out.any()
+    # 256 sequences x 2 kv heads fill the machine: no split, no workspace
+    q2 = torch.randn(256, 14, 64, device="cuda").bfloat16()
+    kv2 = PagedKV(num_blocks=8, block_size=16, Hkv=2, D=64, dtype=torch.bfloat16)
+    bt2 = torch.zeros(256, 4, dtype=torch.int32, device="cuda")
+    assert A.paged_decode_workspace(q2, kv2.k, bt2, backend="cuda") is None
 
 
 # Contexts at and around the 64-token tile and the 3-stage pipeline prologue (v4 D=64: 4 stages).

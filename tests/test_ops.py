@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from oppo_runtime import ops
-from oppo_runtime.ops import (MissingKernelError, kv_append, paged_decode_attention, paged_prefill_attention,
+from oppo_runtime.ops import (MissingKernelError, kv_append, paged_decode_attention, paged_decode_workspace,
+                              paged_prefill_attention,
                               varlen_causal_attention)
 
 
@@ -49,6 +50,7 @@ def test_decode_reference_equals_attention_by_hand_on_shuffled_pages(Hq, Hkv):
     perm = torch.randperm(12, generator=torch.Generator().manual_seed(1))
     tables = perm[:9].view(3, 3).to(torch.int32)
     q = torch.randn(3, Hq, D, dtype=torch.float64)
+    assert paged_decode_workspace(q, k_cache, tables) is None     # the reference needs no scratch
     out = paged_decode_attention(q, k_cache, v_cache, tables, torch.tensor(lens, dtype=torch.int32), D ** -0.5)
     for b, L in enumerate(lens):
         k = torch.cat([k_cache[p] for p in tables[b].tolist()])[:L]

@@ -29,7 +29,7 @@ import torch
 
 from ..memory import KVView
 from ..models.context import PagedContext
-from ..ops import attention_kernels_support
+from ..ops import attention_kernels_support, paged_decode_workspace
 
 __all__ = ["Span", "DecodeRows", "TokensFrom", "ModelRunner", "PinnedRing"]
 
@@ -635,8 +635,12 @@ class ModelRunner:
         }
         st["slot_mapping"].fill_(-1)
         st["context_lens"].fill_(1)
+        k0 = self.view.kv_caches[0][0]
+        q_like = torch.empty(bs, self.model.config.num_attention_heads, k0.shape[3], dtype=k0.dtype, device=dev)
         ctx = PagedContext(self.view.kv_caches, st["slot_mapping"], st["block_tables"], st["context_lens"],
-                           torch.arange(bs + 1, dtype=torch.int32, device=dev), 1, True)
+                           torch.arange(bs + 1, dtype=torch.int32, device=dev), 1, True,
+                           # the graph's own split-KV scratch (all layers share it: one stream)
+                           decode_workspace=paged_decode_workspace(q_like, k0, st["block_tables"]))
         head = self.decode_head
         if head is not None:     # the sampler's per-row inputs (padding rows: key 0, position 0, T=1)
             st["keys"], st["sample_pos"] = v64[3], v64[4]

@@ -34,3 +34,5 @@ class PagedContext:
     cu_seqlens_q: torch.Tensor          # [B+1] int32
     max_seqlen_q: int
     is_decode: bool                     # every sequence has exactly one new token
+    decode_workspace: torch.Tensor | None = None  # split-KV scratch of the decode kernel (a captured
+                                                  # graph's own; None: the kernel allocates one)

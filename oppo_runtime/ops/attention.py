@@ -24,6 +24,7 @@ from ._backend import MissingKernelError, choose_backend, has_cuda_kernels, reco
 __all__ = [
     "kv_append", "kv_append_ref",
     "paged_decode_attention", "paged_decode_attention_ref", "paged_decode_plan", "paged_decode_resident_ctas",
+    "paged_decode_workspace",
     "paged_prefill_attention", "paged_prefill_attention_ref", "prefill_wgmma_available",
     "varlen_causal_attention", "gather_paged_kv", "acc_dtype", "attention_kernels_support",
 ]
@@ -115,10 +116,11 @@ def gather_paged_kv(cache, block_tables, length: int):
 
 # ----------------------------------------------------------------------------- decode
 def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale: float,
-                               out: torch.Tensor | None = None):
+                               out: torch.Tensor | None = None, workspace: torch.Tensor | None = None):
     """One query per sequence over its paged context. q [B, Hq, D] -> [B, Hq, D].
 
-    Computed in float32. A sequence with context_len 0 gets zeros.
+    Computed in float32. A sequence with context_len 0 gets zeros. ``workspace`` (the kernel's
+    split-KV scratch) is accepted for the kernel's signature and not needed here.
     """
     B, Hq, D = q.shape
     Hkv = k_cache.shape[2]
@@ -221,11 +223,29 @@ def paged_decode_grid(B: int, Hq: int, Hkv: int, head_dim: int, table_tokens: in
     return ctas, -(-groups // ctas)
 
 
+def paged_decode_workspace(q, k_cache, block_tables, backend: str | None = None) -> torch.Tensor | None:
+    """The float32 scratch ``paged_decode_attention(..., workspace=)`` needs for this shape (split-KV
+    partials), or None where it needs none (no split, or the reference runs). The split plan depends
+    on shapes only (q's B, Hq, D and dtype, the cache's Hkv and page size, block_tables' width) and
+    on ``OPPO_DECODE_PLAN``, so one workspace serves every call of that shape, e.g. all layers of a
+    captured decode graph; a call whose plan needs more raises instead of overrunning it."""
+    backend = _kernel_backend("paged_decode_attention", q, backend)
+    if choose_backend("paged_decode_attention", q.device, backend) != "cuda":
+        return None
+    n = int(torch.ops.oppo.paged_decode_workspace_size(q, k_cache, block_tables))
+    return torch.empty(n, dtype=torch.float32, device=q.device) if n else None
+
+
 def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale: float,
-                           out: torch.Tensor | None = None, backend: str | None = None):
+                           out: torch.Tensor | None = None, backend: str | None = None,
+                           workspace: torch.Tensor | None = None):
     """CUDA kernel (bf16/fp16, head_dim 64/128) or the reference. Split plan: see
     ``paged_decode_plan``; ``OPPO_DECODE_PLAN=v2`` selects the previous plan (A/B timing),
-    ``OPPO_DECODE_PLAN=v4`` the one-launch kernel (last-CTA merge, persistent grid)."""
+    ``OPPO_DECODE_PLAN=v4`` the one-launch kernel (last-CTA merge, persistent grid).
+
+    ``workspace``: the split-KV scratch from ``paged_decode_workspace`` (float32); with it and
+    ``out`` given the call allocates nothing. Without it the kernel takes one from PyTorch's
+    caching allocator (graph-safe too: the graph's private pool under capture)."""
     _check_cache("paged_decode_attention", k_cache, v_cache, head_major_ok=True)
     if q.dim() != 3 or q.shape[2] != k_cache.shape[3] or q.shape[1] % k_cache.shape[2]:
         raise ValueError(f"paged_decode_attention: q must be [B, Hq, {k_cache.shape[3]}] with Hq a "
@@ -237,7 +257,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
         if out is None:
             out = torch.empty_like(q)
         torch.ops.oppo.paged_decode_attention(out, q, k_cache, v_cache, _i32(block_tables),
-                                              _i32(context_lens), scale)
+                                              _i32(context_lens), scale, workspace)
         return out
     return paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale, out)
 
