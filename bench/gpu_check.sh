@@ -68,6 +68,7 @@ grep -E "C75[0-9][0-9]|Performance Loss" "$LOG" | sort -u | head -5 | sed 's/^/|
 smoke=
 if [ -z "${BENCH_ONLY:-}" ] || [ -n "${SANITIZE:-}" ]; then smoke=1; fi      # all GPU tests, or sanitizers
 case " ${PYTEST_FILES:-} ${BENCHES[*]} " in *attention*|*" tests "*|*" tests/ "*) smoke=1 ;; esac
+[ "${SMOKE:-}" = 0 ] && smoke=      # SMOKE=0: skip it (a call that runs no prefill wgmma plan)
 if [ -n "$smoke" ]; then
   step wgmma_smoke 200 $PY bench/wgmma_smoke.py
   off=$(grep -a "^OPPO_PREFILL_WGMMA_OFF=" "$LOG" | tail -1 | cut -d= -f2)
