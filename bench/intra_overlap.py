@@ -191,7 +191,7 @@ def main():
         "scorer_device": str(sdev) if apart else "beside the actor",
         "backends": ops.backends(),
         "scorer_graphs": args.scorer_graphs if args.scorer_graphs != "env" else
-        ("on" if os.environ.get("OPPO_SCORER_GRAPHS") == "1" else "off"),
+        ("off" if os.environ.get("OPPO_SCORER_GRAPHS", "").strip() == "0" else "on"),
     })
     if " graphs" in families:
         gbest, gsum = family_summary(" graphs")

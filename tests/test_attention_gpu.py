@@ -324,6 +324,36 @@ def test_decode_caller_workspace_allocates_nothing(monkeypatch, plan, B, Hq, Hkv
     assert rel_err(out.float(), ref) < 1e-2   # bf16 output: the reference's own rounding on top
 
 
+_RAW_WS_PROBE = """
+import sys, torch, oppo_runtime.ops
+B, Hq, Hkv, D, bs, blocks = 1, 32, 8, 128, 16, 251
+q = torch.randn(B, Hq, D, device="cuda").bfloat16()
+k = torch.randn(blocks, bs, Hkv, D, device="cuda").bfloat16()
+bt = torch.arange(blocks, dtype=torch.int32, device="cuda").view(1, -1)
+ctx = torch.tensor([4000], dtype=torch.int32, device="cuda")
+need = torch.ops.oppo.paged_decode_workspace_size(q, k, bt)
+bad = {"short": lambda: torch.empty(need - 1, device="cuda"),
+       "bf16": lambda: torch.empty(need, device="cuda", dtype=torch.bfloat16),
+       "cpu": lambda: torch.empty(need)}[sys.argv[1]]()
+try:
+    torch.ops.oppo.paged_decode_attention(torch.empty_like(q), q, k, k, bt, ctx, 0.1, bad)
+except RuntimeError as e:
+    print("raised:", str(e).splitlines()[0])
+    sys.exit(0)
+sys.exit(3)
+"""
+
+
+@pytest.mark.parametrize("case", ["short", "bf16", "cpu"])
+def test_decode_raw_op_refuses_a_bad_workspace_without_crashing(case):
+    """The op itself (below the Python checks) raises on a bad workspace: in its own process, so
+    that a crash is this case's failure, not the test session's."""
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-c", _RAW_WS_PROBE, case], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "raised:" in r.stdout, (r.returncode, r.stdout[-500:], r.stderr[-2000:])
+
+
 def test_decode_caller_workspace_checked():
     """A workspace too small for the call's plan, of the wrong dtype or device is a clear error
     (never an overrun), and the output is left as it was; a shape that does not split needs none."""
@@ -335,10 +365,10 @@ def test_decode_caller_workspace_checked():
     q = torch.randn(B, Hq, D, device="cuda").bfloat16()
     need = A.paged_decode_workspace(q, kv.k, bt, backend="cuda").numel()
     out = torch.zeros_like(q)
-    for bad, msg in [(torch.empty(need - 1, device="cuda"), "workspace holds"),
-                     (torch.empty(need, device="cuda", dtype=torch.bfloat16), "float32"),
-                     (torch.empty(need), "device")]:
-        with pytest.raises(RuntimeError, match=msg):
+    for bad, err, msg in [(torch.empty(need - 1, device="cuda"), RuntimeError, "workspace holds"),
+                          (torch.empty(need, device="cuda", dtype=torch.bfloat16), ValueError, "float32"),
+                          (torch.empty(need), ValueError, "float32 tensor on cuda")]:
+        with pytest.raises(err, match=msg):
             A.paged_decode_attention(q, kv.k, kv.v, bt, ctx, 0.1, out=out, backend="cuda", workspace=bad)
     torch.cuda.synchronize()
     assert not out.any()

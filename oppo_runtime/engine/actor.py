@@ -93,7 +93,7 @@ class ActorEngine:
         # the LM head and the sampler inside the decode graphs (EngineConfig.graph_sampling)
         gs = self.config.graph_sampling
         if gs is None:
-            gs = os.environ.get("OPPO_GRAPH_SAMPLING") == "1"
+            gs = os.environ.get("OPPO_GRAPH_SAMPLING", "1") != "0"
         # (CUDA: captured, so the fused Triton sampler; a CPU with OPPO_STATIC_DECODE=1: the reference)
         self.graph_sampling = bool(gs) and self.runner.static_decode and (
             self.runner.device.type != "cuda" or sampling_triton.available())

@@ -252,6 +252,10 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
                          f"multiple of Hkv={k_cache.shape[2]}, got {tuple(q.shape)}")
     if block_tables.dim() != 2 or block_tables.shape[0] != q.shape[0] or context_lens.shape != (q.shape[0],):
         raise ValueError("paged_decode_attention: block_tables must be [B, max_blocks] and context_lens [B]")
+    if workspace is not None and (workspace.device != q.device or workspace.dtype != torch.float32
+                                  or not workspace.is_contiguous()):
+        raise ValueError(f"paged_decode_attention: workspace must be a contiguous float32 tensor on {q.device} "
+                         f"(from paged_decode_workspace), got {workspace.dtype} on {workspace.device}")
     backend = _kernel_backend("paged_decode_attention", q, backend)
     if choose_backend("paged_decode_attention", q.device, backend) == "cuda":
         if out is None:
