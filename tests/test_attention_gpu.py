@@ -326,6 +326,7 @@ def test_decode_caller_workspace_allocates_nothing(monkeypatch, plan, B, Hq, Hkv
 
 _RAW_WS_PROBE = """
 import sys, torch, oppo_runtime.ops
+assert oppo_runtime.ops.extension() is not None    # loads torch.ops.oppo
 B, Hq, Hkv, D, bs, blocks = 1, 32, 8, 128, 16, 251
 q = torch.randn(B, Hq, D, device="cuda").bfloat16()
 k = torch.randn(blocks, bs, Hkv, D, device="cuda").bfloat16()
@@ -347,7 +348,9 @@ sys.exit(3)
 @pytest.mark.parametrize("case", ["short", "bf16", "cpu"])
 def test_decode_raw_op_refuses_a_bad_workspace_without_crashing(case):
     """The op itself (below the Python checks) raises on a bad workspace: in its own process, so
-    that a crash is this case's failure, not the test session's."""
+    that a crash is this case's failure, not the test session's. Open in session 10: a failed
+    check inside launch_decode segfaulted the process on the GPU (the entry point's checks throw
+    cleanly; see NOTES)."""
     import subprocess
     import sys
     r = subprocess.run([sys.executable, "-c", _RAW_WS_PROBE, case], capture_output=True, text=True, timeout=120)
@@ -365,7 +368,7 @@ def test_decode_caller_workspace_checked():
     q = torch.randn(B, Hq, D, device="cuda").bfloat16()
     need = A.paged_decode_workspace(q, kv.k, bt, backend="cuda").numel()
     out = torch.zeros_like(q)
-    for bad, err, msg in [(torch.empty(need - 1, device="cuda"), RuntimeError, "workspace holds"),
+    for bad, err, msg in [(torch.empty(need - 1, device="cuda"), ValueError, "workspace holds"),
                           (torch.empty(need, device="cuda", dtype=torch.bfloat16), ValueError, "float32"),
                           (torch.empty(need), ValueError, "float32 tensor on cuda")]:
         with pytest.raises(err, match=msg):

@@ -641,6 +641,11 @@ class ModelRunner:
                            torch.arange(bs + 1, dtype=torch.int32, device=dev), 1, True,
                            # the graph's own split-KV scratch (all layers share it: one stream)
                            decode_workspace=paged_decode_workspace(q_like, k0, st["block_tables"]))
+        # st keeps every tensor the graph reads or writes alive for the graph's life: the context's
+        # workspace and cu_seqlens come from the caching allocator outside the graph's pool, and a
+        # freed block handed to another tensor would take the replays' writes (session 10 lost a
+        # G run to this: an illegal address at the third PPO step)
+        st["ctx"] = ctx
         head = self.decode_head
         if head is not None:     # the sampler's per-row inputs (padding rows: key 0, position 0, T=1)
             st["keys"], st["sample_pos"] = v64[3], v64[4]

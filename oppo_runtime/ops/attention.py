@@ -260,6 +260,11 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
     if choose_backend("paged_decode_attention", q.device, backend) == "cuda":
         if out is None:
             out = torch.empty_like(q)
+        if workspace is not None:    # checked here too: a failed check inside the launcher crashed (NOTES)
+            need = int(torch.ops.oppo.paged_decode_workspace_size(q, k_cache, block_tables))
+            if workspace.numel() < need:
+                raise ValueError(f"paged_decode_attention: workspace holds {workspace.numel()} floats, this "
+                                 f"call's split plan needs {need} (size it with paged_decode_workspace)")
         torch.ops.oppo.paged_decode_attention(out, q, k_cache, v_cache, _i32(block_tables),
                                               _i32(context_lens), scale, workspace)
         return out
