@@ -560,11 +560,12 @@ def _load(path: Path) -> dict:
         return {}
 
 
-def save(path: Path, info: dict, workloads: dict) -> dict:
-    """Write info + all workloads (this run's replace the file's of the same name) + summary."""
+def save(path: Path, info: dict, workloads: dict, infos: dict | None = None) -> dict:
+    """Write info + all workloads (this run's replace the file's of the same name) + summary.
+    ``infos``: the run info of each workload (default: ``info`` for all of ``workloads``)."""
     old = _load(path)
     merged = {**old.get("workloads", {}), **workloads}
-    infos = {**old.get("info_by_workload", {}), **{w: info for w in workloads}}
+    infos = {**old.get("info_by_workload", {}), **(infos or {w: info for w in workloads})}
     payload = {"info": info, "info_by_workload": infos, "workloads": merged, "summary": summarize(merged)}
     write_json(path, payload)
     return payload
@@ -659,16 +660,18 @@ def main(argv=None):
     out = Path(args.out) if args.out else HERE / "results" / "ppo_step.json"
 
     if args.merge:
-        workloads, info = {}, {}
-        for f in args.merge:
+        workloads, info, infos = {}, {}, {}
+        for f in args.merge:      # each workload keeps the info (card, date, command) of its own run
             d = _load(Path(f))
             workloads.update(d.get("workloads", {}))
             info = d.get("info", info)
+            for w in d.get("workloads", {}):
+                infos[w] = d.get("info_by_workload", {}).get(w, d.get("info", {}))
             for png in Path(f).parent.glob("ppo_step_*timeline.png"):
                 if png.parent.resolve() != out.parent.resolve():
                     out.parent.mkdir(parents=True, exist_ok=True)
                     shutil.copy(png, out.parent / png.name)
-        payload = save(out, info, workloads)
+        payload = save(out, info, workloads, infos)
         print(json.dumps({k: v for k, v in payload["summary"].items() if k != "by_workload"}, indent=1))
         return payload
 
