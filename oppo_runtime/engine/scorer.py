@@ -16,9 +16,10 @@ Rule rewards (Python callables on the finished response) run in a thread pool, o
 critical path; an exception is reported with the sequence it came from.
 
 ``graphs`` (default on, env ``OPPO_SCORER_GRAPHS=0`` turns it off; measured 1.5-4% faster than
-eager in bench/intra_overlap.py, sessions 7 and 10): on a CUDA device the chunk prefill replays CUDA graphs over bucketed shapes (``runner._prefill_bucket``)
-instead of launching ~10 kernels per layer from Python; where graphs cannot run (the CPU, no
-attention kernels) the scorer says so in the log and runs eager.
+eager in bench/intra_overlap.py, sessions 7 and 10): on a CUDA device the chunk prefill replays
+CUDA graphs over bucketed shapes (``runner._prefill_bucket``) instead of launching ~10 kernels
+per layer from Python; where graphs cannot run (the CPU, no attention kernels) the scorer says
+so in the log and runs eager.
 """
 from __future__ import annotations
 
