@@ -121,13 +121,15 @@ class Rollout:
         with self._lock:
             return self._evict_scorers(n_pages)
 
-    def _evict_scorers(self, n_pages: int) -> int:
-        """The actor's pool is short: drop scorer KV that lives in it (scorers placed on another
-        device have a pool of their own, and freeing theirs would not help)."""
+    def _evict_scorers(self, n_pages: int, pool=None, protect: frozenset = frozenset()) -> int:
+        """``pool`` (default: the actor's) is short: drop up to ``n_pages`` of scorer KV that lives
+        in it, never a ``protect``ed sequence's (scorers placed on another device have a pool of
+        their own, and freeing theirs would not help the actor's)."""
+        pool = self.actor.pool if pool is None else pool
         freed = 0
         for s in self.scorers:
-            if freed < n_pages and s.pool is self.actor.pool:
-                freed += s.evict(n_pages - freed)
+            if freed < n_pages and s.pool is pool:
+                freed += s.evict(n_pages - freed, protect=protect)
         return freed
 
     def _pools(self) -> list:
@@ -259,14 +261,10 @@ class Rollout:
         if oldest is None:
             return True
         ok = True
+        sched = self.actor.scheduler
         for pool in self._pools():              # each pool on its own (scorers on another device)
-            group = [s for s in self.scorers if s.pool is pool]
-            need = sum(s.pages_needed(oldest.seq_id) for s in group)
-            freed = 0
-            for s in group:
-                if freed < need:
-                    freed += s.evict(need - freed, protect=frozenset([oldest.seq_id]))
-            sched = self.actor.scheduler
+            need = sum(s.pages_needed(oldest.seq_id) for s in self.scorers if s.pool is pool)
+            self._evict_scorers(need, pool, protect=frozenset([oldest.seq_id]))
             while pool is self.actor.pool and pool.num_free < need and sched.running:   # the actor's youngest
                 sched.preempt(max(sched.running, key=lambda q: q.admit_order))
             ok &= pool.num_free >= need
