@@ -170,7 +170,7 @@ class Timeline:
 
     def busy_s(self, lane: str) -> float:
         """Seconds the lane is busy: the union of its spans (overlapping spans count once)."""
-        return _union_seconds((s.start_s, s.end_s) for s in self.spans if s.lane == lane)
+        return self.union_s([lane])
 
     def scorer_lanes(self) -> list[str]:
         """Every lane but the actor's and training's (each scorer records on a lane of its name)."""
@@ -205,8 +205,8 @@ class Timeline:
         lo, hi = window if window is not None else self.extent()
         if hi <= lo:
             return 0.0
-        busy = _union_seconds((max(s.start_s, lo), min(s.end_s, hi)) for s in self.spans
-                              if s.lane == lane and s.end_s > lo and s.start_s < hi)
+        busy = _length(_merge((max(s.start_s, lo), min(s.end_s, hi)) for s in self.spans
+                                      if s.lane == lane and s.end_s > lo and s.start_s < hi))
         return busy / (hi - lo)
 
     def merge(self, other: "Timeline", offset: float | None = None) -> "Timeline":
@@ -347,10 +347,6 @@ def _overlap(x, y) -> float:
         else:
             j += 1
     return total
-
-
-def _union_seconds(intervals) -> float:
-    return _length(_merge(intervals))
 
 
 def _jsonable(v):
