@@ -320,8 +320,8 @@ def train_config(mode: str, p: dict, paths: dict, prompt_file: Path, out_dir: Pa
                 "micro_batch_tokens": p.get("micro_tokens"), "old_logprob": args.old_logprob},
         "optim": {"actor_lr": p["lr"], "critic_lr": p["lr"]},
         "run": {"total_steps": total_steps, "seed": 0, "overlap": mode, "out_dir": str(out_dir),
-                "device": args.device, "scorer_device": args.scorer_device, "timeline_every": 0, "nan_policy": "skip", "tensorboard": False,
-                "progress": False, "save_every": 10 ** 9},
+                "device": args.device, "scorer_device": args.scorer_device, "timeline_every": 0,
+                "nan_policy": "skip", "tensorboard": False, "progress": False, "save_every": 10 ** 9},
     })
 
 
