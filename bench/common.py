@@ -177,8 +177,10 @@ def paged_pool(num_seqs: int, ctx: int, Hkv: int, D: int, block_size: int, dtype
     return k_cache, v_cache, block_tables
 
 
-def attention_bench_setup(doc: str):
+def attention_bench_setup(doc: str, argv: list[str] | None = None):
     """Arguments, kernel check and compiled FlexAttention shared by the attention benchmarks.
+    ``argv``: the arguments to parse (default sys.argv[1:]; a bench with options of its own passes
+    the rest, and sys.argv stays whole for the recorded command).
 
     Returns (args, flex_attention or None, create_block_mask or None)."""
     import argparse
@@ -190,7 +192,7 @@ def attention_bench_setup(doc: str):
     ap.add_argument("--shapes", default=None, help="comma-separated indices into SHAPES")
     ap.add_argument("--extra-block-sizes", default="", help="prefill: also time the Triton kernel on the same "
                     "K/V in pages of these sizes (comma-separated), e.g. 64")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     import oppo_runtime.ops  # noqa: F401  (loads torch.ops.oppo)
     from oppo_runtime.ops import has_cuda_kernels

@@ -39,23 +39,23 @@ SHAPES = [  # B, ctx, Hq, Hkv, D  (issue 7)
 ]
 
 
-def _plans() -> tuple[list[str], bool]:
-    """--plans and --head-major, taken out of argv before the shared setup parses the rest."""
+def _plans() -> tuple[list[str], bool, list[str]]:
+    """--plans and --head-major, and the rest of argv for the shared setup (sys.argv stays whole:
+    the recorded command must reproduce the run)."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--plans", default=None)
     pre.add_argument("--head-major", action="store_true")
     known, rest = pre.parse_known_args()
-    sys.argv = sys.argv[:1] + rest
     if known.plans is None:
-        return [os.environ.get("OPPO_DECODE_PLAN") or "v3"], known.head_major
+        return [os.environ.get("OPPO_DECODE_PLAN") or "v3"], known.head_major, rest
     plans = [p.strip() for p in known.plans.split(",") if p.strip()]
     assert plans and all(p in ("v2", "v3", "v4") for p in plans), f"--plans takes v2/v3/v4, got {known.plans!r}"
-    return plans, known.head_major
+    return plans, known.head_major, rest
 
 
 def main() -> None:
-    plans, head_major = _plans()
-    args, flex, _ = attention_bench_setup(__doc__)
+    plans, head_major, rest = _plans()
+    args, flex, _ = attention_bench_setup(__doc__, rest)
     from oppo_runtime.ops.attention import (paged_decode_attention_ref, paged_decode_grid, paged_decode_plan,
                                             paged_decode_resident_ctas, paged_decode_workspace)
     env_plan = os.environ.get("OPPO_DECODE_PLAN")

@@ -61,23 +61,23 @@ def _with_plan(plan: str, fn):
     return call
 
 
-def _plans() -> tuple[str, ...]:
-    """--plans (the wgmma plans to time), taken out of argv before the shared setup parses the rest."""
+def _plans() -> tuple[tuple[str, ...], list[str]]:
+    """--plans (the wgmma plans to time) and the rest of argv for the shared setup (sys.argv stays
+    whole: the recorded command must reproduce the run)."""
     import argparse
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--plans", default=None)
     known, rest = pre.parse_known_args()
-    sys.argv = sys.argv[:1] + rest
     if known.plans is None:
-        return WGMMA_PLANS
+        return WGMMA_PLANS, rest
     plans = tuple(p.strip() for p in known.plans.split(",") if p.strip())
     assert all(p in WGMMA_PLANS for p in plans), f"--plans takes some of {WGMMA_PLANS}, got {known.plans!r}"
-    return plans
+    return plans, rest
 
 
 def main() -> None:
-    plans = _plans()
-    args, flex, create_block_mask = attention_bench_setup(__doc__)
+    plans, rest = _plans()
+    args, flex, create_block_mask = attention_bench_setup(__doc__, rest)
 
     info = device_info()
     mm = matmul_flops()

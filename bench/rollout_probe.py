@@ -5,6 +5,12 @@ grouped by batch size, through the engine API that every version since session 2
 checkout (``bench/ab_rollout.sh REV`` runs it against REV and against this tree in one call):
 
     python bench/rollout_probe.py [--out PATH] [--reps 3] [--quick] [--device cpu]
+                                  [--via rollout] [--extra-models 2] [--pool-mult 3] [--warmup short]
+
+The last four make the probe's setting intra_overlap's ``alone`` mode one piece at a time (the
+actor driven by a scorer-less ``Rollout``, the reward model and critic resident, a pool of 3x the
+workload's pages, a 4-token warm-up after ``ActorEngine.warmup()``): where the two disagree, these
+say which piece costs the time.
 
 A warm-up generate of the same workload comes first (every decode graph of the shrinking batch
 is captured before the clock in any version). Reported: wall of each timed generate, decode
@@ -32,6 +38,12 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="median 40, cap 200 (smoke run)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="a 1-layer model of width 32 (a CPU check of the script)")
+    ap.add_argument("--via", choices=("generate", "rollout"), default="generate",
+                    help="drive the actor by ActorEngine.generate or by a Rollout without scorers (overlap off)")
+    ap.add_argument("--extra-models", type=int, default=0, help="idle models of the same shape kept on the device")
+    ap.add_argument("--pool-mult", type=int, default=1, help="pool pages: this many times the workload's")
+    ap.add_argument("--warmup", choices=("full", "short"), default="full",
+                    help="full: the timed workload once; short: ActorEngine.warmup() and 4 tokens per sequence")
     args = ap.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from common import lognormal_lengths  # noqa: E402  (this tree's bench helpers and shapes)
@@ -58,7 +70,9 @@ def main() -> None:
     prompts = torch.randint(0, cfg.vocab_size, (B, plen), generator=g).tolist()
     geo = KVGeometry(*model.kv_geometry(), dtype)
     pb = PagePool.page_bytes_for([geo], 16)
-    pool = PagePool(sum(-(-(plen + n) // 16) + 1 for n in lens) + 256, pb, dev)
+    extra = [build_model(cfg, "causal_lm", seed=9 + i, dtype=dtype, device=dev).eval().requires_grad_(False)
+             for i in range(args.extra_models)]   # noqa: F841  (kept resident on purpose)
+    pool = PagePool(args.pool_mult * sum(-(-(plen + n) // 16) + 1 for n in lens) + 256, pb, dev)
     eng = ActorEngine(model, pool, EngineConfig(max_num_seqs=B, chunk_size=16, seed=0, max_num_batched_tokens=16384,
                                                  max_model_len=4096))
     sp = SamplingParams(temperature=1.0, max_new_tokens=max(lens))
@@ -77,7 +91,20 @@ def main() -> None:
                 per_bucket[name].append(dt)
         return out
 
-    eng.generate(prompts, sp, target_lens=lens)          # warm-up: the same workload
+    if args.via == "rollout":
+        from oppo_runtime.engine.rollout import Rollout
+        ro = Rollout(eng, [], overlap=False)
+
+        def generate(prompts, sp, target_lens):
+            ro.submit(prompts, sp, target_lens=target_lens)
+            return [r.seq for r in ro.collect()]
+    else:
+        generate = eng.generate
+    if args.warmup == "short":      # intra_overlap's alone mode: the graphs up front, then 4 tokens each
+        eng.warmup()
+        generate(prompts, sp, target_lens=[4] * B)
+    else:
+        generate(prompts, sp, target_lens=lens)          # warm-up: the same workload
     sync()
     walls, stats = [], []
     for rep in range(args.reps):
@@ -86,7 +113,7 @@ def main() -> None:
         before = dict(eng.stats)
         eng.step = timed_step
         t = time.perf_counter()
-        out = eng.generate(prompts, sp, target_lens=lens)
+        out = generate(prompts, sp, target_lens=lens)
         sync()
         walls.append(time.perf_counter() - t)
         eng.step = step
@@ -102,7 +129,8 @@ def main() -> None:
     res = {"package": str(Path(oppo_runtime.__file__).resolve().parent), "device": str(dev),
            "card": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": " ".join(sys.argv),
-           "tokens": sum(lens), "max_len": max(lens), "walls_s": walls, "median_s": statistics.median(walls),
+           "setting": {"via": args.via, "extra_models": args.extra_models, "pool_mult": args.pool_mult,
+                       "warmup": args.warmup}, "tokens": sum(lens), "max_len": max(lens), "walls_s": walls, "median_s": statistics.median(walls),
            "stats_last": stats[-1], "buckets_last": buckets}
     print(f"median {res['median_s']:.3f} s ({res['package']})")
     if args.out:
