@@ -69,8 +69,9 @@ def test_cuda_graph_decode_equals_eager_decode():
 
 
 def test_warmup_captures_every_decode_graph_up_front():
-    """After warmup() a generation whose batch shrinks through every size captures nothing more,
-    and its tokens equal a lazily capturing engine's."""
+    """After warmup() (called with grad on, trainable weights) a generation whose batch shrinks
+    through every size captures nothing more, its graphs hold the inference path, and its tokens
+    equal a lazily capturing engine's."""
     if not ops.has_cuda_kernels():
         pytest.skip("CUDA kernels not built")
     m = model()
@@ -80,8 +81,12 @@ def test_warmup_captures_every_decode_graph_up_front():
     lazy = ActorEngine(m, pool_for(m, 256), EngineConfig(seed=5))
     want = [s.output_ids for s in lazy.generate(ps, sp, target_lens=lens)]
     eng = ActorEngine(m, pool_for(m, 256), EngineConfig(seed=5))
+    assert torch.is_grad_enabled() and all(p.requires_grad for p in m.parameters())   # as in the trainer
     n = eng.warmup()
     assert n == len(eng.runner.graph_batch_sizes) and set(eng.runner.graphs) == set(eng.runner.graph_batch_sizes)
+    # the fused inference path, not the autograd one (session 11: warmup() captured the latter,
+    # ~4.5x the kernels per replay; its tokens still matched, so the token check alone missed it)
+    assert not any(st["hidden"].requires_grad for _, st in eng.runner.graphs.values())
     captured = dict(eng.runner.graphs)
     assert eng.warmup() == 0
     got = [s.output_ids for s in eng.generate(ps, sp, target_lens=lens)]
