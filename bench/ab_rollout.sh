@@ -8,10 +8,12 @@
 #                                              carried, where the device's .git lacks REV)
 #
 # Builds this tree as gpu_check does and REV in place under /tmp/ab_old (TORCH_CUDA_ARCH_LIST=9.0a),
-# the two builds side by side, then runs the probe twice per tree, alternating. Writes $OUT/ab_rollout_{new,old}_{1,2}.json and
-# a summary in $OUT/ab_rollout.txt (median seconds and per-bucket step ms of each run).
+# the two builds side by side, then runs the probe twice per tree, alternating. Writes
+# $OUT/ab_rollout_{new,old}_{1,2}.json and a summary in $OUT/ab_rollout.txt (median seconds and
+# per-bucket step ms of each run).
 # PROBE_ARGS: extra arguments of the probe (e.g. "--device cpu --tiny --quick" for a CPU check).
-# AB_NEW_ENV: "VAR=value ...": a third arm, this tree under that environment (e.g. OPPO_GRAPH_SAMPLING=0).
+# AB_NEW_ENV: "VAR=value ...": a third arm, this tree under that environment
+# (e.g. OPPO_GRAPH_SAMPLING=0).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/ab_rollout}

@@ -130,7 +130,8 @@ def main() -> None:
            "card": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": " ".join(sys.argv),
            "setting": {"via": args.via, "extra_models": args.extra_models, "pool_mult": args.pool_mult,
-                       "warmup": args.warmup}, "tokens": sum(lens), "max_len": max(lens), "walls_s": walls, "median_s": statistics.median(walls),
+                       "warmup": args.warmup},
+           "tokens": sum(lens), "max_len": max(lens), "walls_s": walls, "median_s": statistics.median(walls),
            "stats_last": stats[-1], "buckets_last": buckets}
     print(f"median {res['median_s']:.3f} s ({res['package']})")
     if args.out:

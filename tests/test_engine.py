@@ -351,7 +351,7 @@ def test_decode_graph_step_runs_the_inference_path_whatever_the_callers_grad_mod
     monkeypatch.setattr(type(model), "forward", spy)
     with torch.enable_grad():
         assert eng.warmup() == len(eng.runner.graph_batch_sizes)
-        for bs, (_, st) in eng.runner.graphs.items():
+        for _graph, st in eng.runner.graphs.values():
             hidden, sampled = st["step"]()        # what torch.cuda.graph() would record
             assert not hidden.requires_grad and sampled is not None
     assert seen and not any(seen)
