@@ -315,7 +315,7 @@ def train_config(mode: str, p: dict, paths: dict, prompt_file: Path, out_dir: Pa
                     "chunk_size": p["chunk"], "adaptive_chunk": not args.fixed_chunk,
                     "delta_init": p["delta"], "delta_min": p["delta"], "delta_max": p["delta"],
                     "staleness_limit": args.staleness_limit, "memory_fraction": p["memory_fraction"],
-                    "max_num_batched_tokens": p["max_batched"]},
+                    "max_num_batched_tokens": p["max_batched"], "score_below_batch": args.score_below_batch},
         "ppo": {"ppo_epochs": 1, "num_mini_batches": 1, "micro_batch_size": p["micro"],
                 "micro_batch_tokens": p.get("micro_tokens"), "old_logprob": args.old_logprob},
         "optim": {"actor_lr": p["lr"], "critic_lr": p["lr"]},
@@ -643,6 +643,9 @@ def main(argv=None):
     ap.add_argument("--staleness-limit", type=int, default=16,
                     help="high: no deferred sequence is cut, every mode decodes the same tokens")
     ap.add_argument("--old-logprob", choices=("recompute", "behaviour"), default="recompute")
+    ap.add_argument("--score-below-batch", type=int, default=None,
+                    help="intra/full: scorers launch before the flush only once at most this many sequences "
+                         "decode (rollout.score_below_batch; default: whenever enough tokens are pending)")
     ap.add_argument("--median", type=float, default=None)
     ap.add_argument("--cap", type=int, default=None)
     ap.add_argument("--sigma", type=float, default=None)

@@ -213,3 +213,33 @@ def test_threshold_drops_to_one_chunk_in_the_end_game_of_a_collect(models):
     assert ro._threshold(False) == 4 * running // 2
     ro.close()
 
+
+
+@pytest.mark.parametrize("threaded", [False, True])
+def test_score_below_batch_waits_for_the_tail_and_changes_no_result(models, threaded):
+    """With score_below_batch=b, no scorer launches before the flush while more than b sequences
+    decode (the threshold is infinite there); from then on the usual threshold applies. Results
+    equal overlap off's, inline and on the scorer thread."""
+    lens = [3, 40, 1, 17, 25, 9, 30, 12]
+    want = run(models, False, 4, lens)
+    ro, pool = make(models, True, 4)
+    ro = Rollout(ro.actor, ro.scorers, overlap=True, threaded=threaded, score_below_batch=2)
+    with pytest.raises(ValueError, match="score_below_batch"):
+        Rollout(ro.actor, [], overlap=True, score_below_batch=0)
+    launches = []                       # (sequences decoding, flushing) at each scorer launch
+    for s in ro.scorers:
+        step = s.step
+
+        def spy(*a, _step=step, **k):
+            fed = _step(*a, **k)
+            if fed:
+                launches.append((len(ro.actor.scheduler.running), ro._flush or not ro.actor.has_unfinished()))
+            return fed
+        s.step = spy
+    ro.submit(prompts(len(lens)), SamplingParams(temperature=1.0, max_new_tokens=64), target_lens=lens)
+    got = sorted(ro.collect(), key=lambda r: r.seq.sample_key)
+    ro.close()
+    assert_same_results(got, want)
+    assert pool.num_free == pool.num_pages
+    early = [n for n, flushing in launches if not flushing]
+    assert early and max(early) <= 2, launches        # scored in the tail, before the flush

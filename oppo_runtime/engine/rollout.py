@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import sys
 import threading
 import time
@@ -48,8 +49,12 @@ class Rollout:
     UNSTICK_AFTER_S = 0.04       # flushing: scorers with pending tokens but no progress this long
 
     def __init__(self, actor: ActorEngine, scorers: list[Scorer] = (), rule_reward: RuleReward | None = None,
-                 overlap: bool = True, timeline=None, threaded: bool | None = None):
+                 overlap: bool = True, timeline=None, threaded: bool | None = None,
+                 score_below_batch: int | None = None):
+        if score_below_batch is not None and score_below_batch < 1:
+            raise ValueError(f"score_below_batch must be >= 1 or None, got {score_below_batch}")
         self.actor = actor
+        self.score_below_batch = score_below_batch    # see _threshold
         self.scorers = list(scorers)
         names = [s.name for s in self.scorers]
         if len(set(names)) != len(names):
@@ -345,15 +350,21 @@ class Rollout:
     # instead of after them (the exposed tail of scoring on a PPO step).
     END_GAME_FRACTION = 8
 
-    def _threshold(self, flush: bool) -> int:
+    def _threshold(self, flush: bool) -> float:
         """Pending tokens from which a scorer launches a prefill (see ``_score_some``): about half
         a round of chunks (C tokens for half the running sequences), at most one chunk (C) in the
         end game of a collect (at most max(2, n / END_GAME_FRACTION) of its n sequences left to
-        finish), and 1 when flushing."""
+        finish), and 1 when flushing. With ``score_below_batch``, infinite (no launch before the
+        flush) while more sequences than that decode: scoring waits for the tail, where a small
+        decode batch leaves the GPU's SMs idle (on T, scorers under a full batch slowed a
+        device-bound decode more than they hid, session 11)."""
         if flush:
             return 1
+        running = len(self.actor.scheduler.running)
+        if self.score_below_batch is not None and running > self.score_below_batch:
+            return math.inf
         C = self.actor.chunk_size
-        t = max(1, C * len(self.actor.scheduler.running) // 2)
+        t = max(1, C * running // 2)
         n = self._target
         if n is not None and n - len(self._finished) <= max(2, n // self.END_GAME_FRACTION):
             t = min(t, max(1, C))

@@ -53,6 +53,9 @@ class RolloutSection:
                                         # every N steps; 0 = never (the cost model alone)
     chunk_trial_margin: float = 0.05    # the model's pick stays in charge while within this fraction of the
                                         # trial's fastest C; else C is pinned to it (oppo/chunk_pinned)
+    score_below_batch: int | None = None  # intra overlap: before the flush, scorers launch only once at most
+                                        # this many sequences decode (the tail, where decode leaves SMs idle);
+                                        # None: whenever enough tokens are pending (see Rollout._threshold)
     delta_init: int = 4                 # inter-step overlap: extra prompts admitted (Δ)
     delta_min: int = 0
     delta_max: int = 8
@@ -144,6 +147,8 @@ class TrainConfig:
             (r.top_k >= 0, "rollout.top_k", r.top_k, ">= 0"),
             (r.chunk_size >= 1, "rollout.chunk_size", r.chunk_size, ">= 1"),
             (r.chunk_trial_every >= 0, "rollout.chunk_trial_every", r.chunk_trial_every, ">= 0 (0 = never)"),
+            (r.score_below_batch is None or r.score_below_batch >= 1, "rollout.score_below_batch",
+             r.score_below_batch, ">= 1 (or null)"),
             (0 <= r.chunk_trial_margin < 1, "rollout.chunk_trial_margin", r.chunk_trial_margin, "in [0, 1)"),
             (0 <= r.delta_min <= r.delta_init <= r.delta_max, "rollout.delta_init", r.delta_init,
              f"within [delta_min={r.delta_min}, delta_max={r.delta_max}]"),

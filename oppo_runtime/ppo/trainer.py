@@ -213,7 +213,8 @@ class PPOTrainer:
                               max_num_batched_tokens=r.max_num_batched_tokens, temperature=r.temperature))
         self.scorers = {s.name: s for s in scorers}
         rule = RuleReward(case_reward, self.tokenizer, name="rule") if default else None
-        self.rollout = Rollout(self.engine, scorers, rule, overlap=run.overlap in ("intra", "full"))
+        self.rollout = Rollout(self.engine, scorers, rule, overlap=run.overlap in ("intra", "full"),
+                               score_below_batch=cfg.rollout.score_below_batch)
         self.sampling = SamplingParams(temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
                                        max_new_tokens=r.max_new_tokens)
 
