@@ -27,8 +27,10 @@ def models():
     return actor, ref, reward, critic
 
 
-def make(models, overlap, chunk_size, num_pages=400, rule=None, threaded=None, scorer_pages=None):
-    """``scorer_pages``: the scorers get a page pool of their own (placed apart from the actor)."""
+def make(models, overlap, chunk_size, num_pages=400, rule=None, threaded=None, scorer_pages=None, **rollout_kw):
+    """``scorer_pages``: the scorers get a page pool of their own (placed apart from the actor);
+    ``rollout_kw``: more Rollout arguments (one Rollout per engine: a second one on the same actor
+    would also take its chunks and feed the scorers outside the scorer thread's lock)."""
     actor, ref, reward, critic = models
     g = KVGeometry(*actor.kv_geometry(), torch.float32)
     pool = PagePool(num_pages, PagePool.page_bytes_for([g], 4))
@@ -37,7 +39,7 @@ def make(models, overlap, chunk_size, num_pages=400, rule=None, threaded=None, s
     scorers = [Scorer("reward", reward, spool, "reward", max_model_len=512, max_num_batched_tokens=48),
                Scorer("critic", critic, spool, "critic", max_model_len=512, max_num_batched_tokens=48),
                Scorer("ref", ref, spool, "reference", max_model_len=512, max_num_batched_tokens=48)]
-    return Rollout(eng, scorers, rule_reward=rule, overlap=overlap, threaded=threaded), pool
+    return Rollout(eng, scorers, rule_reward=rule, overlap=overlap, threaded=threaded, **rollout_kw), pool
 
 
 def prompts(n, seed=0):
@@ -177,8 +179,7 @@ def test_threaded_scorers_equal_inline_scorers(models, num_pages):
     actor, ref, reward, critic = models
     res = {}
     for threaded in (False, True):
-        ro, pool = make(models, True, 4, num_pages=num_pages)
-        ro = Rollout(ro.actor, ro.scorers, overlap=True, threaded=threaded)
+        ro, pool = make(models, True, 4, num_pages=num_pages, threaded=threaded)
         assert ro.threaded == threaded
         ro.submit(prompts(len(LENS)), SamplingParams(temperature=1.0, max_new_tokens=64), target_lens=LENS)
         first = ro.collect(3)
@@ -222,10 +223,10 @@ def test_score_below_batch_waits_for_the_tail_and_changes_no_result(models, thre
     equal overlap off's, inline and on the scorer thread."""
     lens = [3, 40, 1, 17, 25, 9, 30, 12]
     want = run(models, False, 4, lens)
-    ro, pool = make(models, True, 4)
-    ro = Rollout(ro.actor, ro.scorers, overlap=True, threaded=threaded, score_below_batch=2)
+    ro, pool = make(models, True, 4, threaded=threaded, score_below_batch=2)
+    assert ro.threaded == threaded
     with pytest.raises(ValueError, match="score_below_batch"):
-        Rollout(ro.actor, [], overlap=True, score_below_batch=0)
+        Rollout(ro.actor, [], overlap=True, score_below_batch=0)     # refused before it takes any chunk
     launches = []                       # (sequences decoding, flushing) at each scorer launch
     for s in ro.scorers:
         step = s.step
