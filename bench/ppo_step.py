@@ -344,6 +344,14 @@ def profile_step(tr, mode: str, p: dict, args) -> None:
     out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / "ppo_step.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     (out.parent / f"ppo_step_{p['workload']}_{mode}_profile.txt").write_text(text)
+    # the whole trace, gzipped (a few MB: the decode replays graphs): per-phase kernel sums offline
+    # (bench/trace_phases.py), which key_averages over the whole step cannot give
+    import gzip
+    raw = out.parent / f"ppo_step_{p['workload']}_{mode}_trace.json"
+    prof.export_chrome_trace(str(raw))
+    with open(raw, "rb") as f, gzip.open(str(raw) + ".gz", "wb") as g:
+        shutil.copyfileobj(f, g)
+    raw.unlink()
 
 
 def update_flop(tr, sequences: float, response_tokens: float, prompt_len: int) -> float:

@@ -113,6 +113,33 @@ def test_profile_writes_stage_labelled_tables(tmp_path):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     text = (out.parent / "ppo_step_T_none_profile.txt").read_text()
     assert "stage/rollout" in text and "stage/train" in text
+    # the gzipped trace holds the update's phase ranges that bench/trace_phases.py sums by
+    events = _load("trace_phases").load(str(out.parent / "ppo_step_T_none_trace.json.gz"))
+    names = {e.get("name") for e in events if e.get("cat") == "user_annotation"}
+    assert {"update/old_logprob", "update/actor", "update/critic", "update/optimizer"} <= names
+
+
+def test_trace_phases_gives_each_kernel_to_the_range_that_launched_it():
+    tp = _load("trace_phases")
+
+    def x(cat, name, ts, dur, tid=1, **args):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "pid": 1, "tid": tid, "args": args}
+    ev = [x("user_annotation", "update/actor", 100, 50), x("user_annotation", "update/critic", 200, 50),
+          x("cuda_runtime", "cudaLaunchKernel", 110, 1, correlation=1),
+          x("cuda_runtime", "cudaLaunchKernel", 120, 1, correlation=2),
+          x("cuda_runtime", "cudaLaunchKernel", 210, 1, correlation=3),
+          x("cuda_runtime", "cudaLaunchKernel", 170, 1, correlation=4),          # between the ranges
+          x("cuda_runtime", "cudaLaunchKernel", 130, 1, tid=2, correlation=5),   # another thread
+          x("kernel", "gemm", 300, 10, tid=7, correlation=1), x("kernel", "gemm", 305, 10, tid=7, correlation=2),
+          x("kernel", "norm", 400, 4, tid=7, correlation=3), x("kernel", "other", 500, 2, tid=7, correlation=4),
+          x("kernel", "scorer", 600, 3, tid=8, correlation=5)]
+    res = tp.phases(ev)
+    assert set(res) == {"actor", "critic", "-"}
+    a = res["actor"]
+    assert (a["count"], a["kernel_us"], a["busy_us"], a["span_us"]) == (2, 20, 15, 15)
+    assert a["top"] == [("gemm", 20.0, 2)]
+    assert res["critic"]["kernel_us"] == 4 and res["-"]["count"] == 2 and res["-"]["kernel_us"] == 5
+    assert "| actor | 2 |" in tp.report(res)
 
 
 def test_gpm_sm_utilization_reader_pairs_consecutive_samples():

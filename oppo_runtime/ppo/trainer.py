@@ -92,7 +92,7 @@ class _Phases:
     the metrics."""
 
     def __init__(self, tl: Timeline | None):
-        self.tl, self.open = tl, None
+        self.tl, self.open, self.rf = tl, None, None
 
     def begin(self, phase: str, name: str) -> None:
         if self.tl is None:
@@ -100,11 +100,16 @@ class _Phases:
         self.end()
         self.open = name
         self.tl.cuda_span_begin(UPDATE_LANE, name, phase=phase, kind="train")
+        # the same range for torch.profiler (ppo_step --profile; bench/trace_phases.py sums its kernels)
+        self.rf = torch.profiler.record_function(f"update/{phase}")
+        self.rf.__enter__()
 
     def end(self) -> None:
         if self.open is not None:
             self.tl.cuda_span_end(UPDATE_LANE, self.open)
             self.open = None
+            self.rf.__exit__(None, None, None)
+            self.rf = None
 
     @contextlib.contextmanager
     def __call__(self, phase: str, name: str):
