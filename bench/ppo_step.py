@@ -399,6 +399,8 @@ def run_mode(mode: str, p: dict, paths: dict, prompt_file: Path, work: Path, arg
                                               m["response_length/mean"] * m["oppo/trained_sequences"], p["prompt_len"]),
                    "deferred": m["oppo/num_deferred"], "stale_finished": m["oppo/num_stale_finished"],
                    "preemptions": m["oppo/preemptions"], "chunk_size": m["oppo/chunk_size"],
+                   "scorer_graph_captures": m.get("perf/scorer_graph_captures"),
+                   "scorer_capture_s": m.get("perf/scorer_graph_capture_s"),
                    "hidden_fraction": m["oppo/hidden_fraction"], "alloc_retries": m.get("memory/alloc_retries"), **st,
                    # device seconds of the update's phases (old log-probs, actor, critic, optimizer)
                    "update_phases": {k[len("timing_s/update_"):]: v for k, v in m.items()
@@ -418,7 +420,8 @@ def run_mode(mode: str, p: dict, paths: dict, prompt_file: Path, work: Path, arg
                   f"train {rec['train_s']:.2f} ("
                   + ", ".join(f"{k} {v:.2f}" for k, v in rec["update_phases"].items())
                   + f"), {rec['generated_tokens']} tokens generated, "
-                  f"deferred {rec['deferred']}, busy {rec['busy']}, allocator retries {rec['alloc_retries']}",
+                  f"deferred {rec['deferred']}, busy {rec['busy']}, allocator retries {rec['alloc_retries']}, "
+                  f"scorer graph captures {rec['scorer_graph_captures']} ({rec['scorer_capture_s'] or 0:.2f} s)",
                   flush=True)
             if time.perf_counter() > deadline and windows and i + 1 < total:
                 print(f"  [{mode}] time budget spent: stopping after {len(windows)} timed steps", flush=True)
@@ -654,6 +657,8 @@ def main(argv=None):
     ap.add_argument("--score-below-batch", type=int, default=None,
                     help="intra/full: scorers launch before the flush only once at most this many sequences "
                          "decode (rollout.score_below_batch; default: whenever enough tokens are pending)")
+    ap.add_argument("--micro-tokens", type=int, default=None,
+                    help="ppo.micro_batch_tokens of our modes (default 16384; TRL keeps --micro 16 sequences)")
     ap.add_argument("--median", type=float, default=None)
     ap.add_argument("--cap", type=int, default=None)
     ap.add_argument("--sigma", type=float, default=None)
@@ -696,7 +701,7 @@ def main(argv=None):
     p.update(workload=args.workload, median=wl["median"], cap=wl["cap"])
     if args.tiny:
         p.update(median=TINY["median"], cap=TINY["cap"])
-    for k in ("median", "cap", "sigma", "delta", "chunk"):
+    for k in ("median", "cap", "sigma", "delta", "chunk", "micro_tokens"):
         if getattr(args, k) is not None:
             p[k] = getattr(args, k)
     modes = [m.strip() for m in args.modes.split(",")] if args.modes else list(wl["modes"])

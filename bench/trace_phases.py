@@ -8,6 +8,8 @@ kernel belongs to the phase whose range, on the launching thread, holds its laun
 call with the kernel's correlation id). Per phase: the kernels' summed device time, the union of
 their intervals (busy), the span from the first kernel's start to the last one's end, and the top
 kernels by time. ``-`` holds everything launched outside the ranges (the rollout and the scorers).
+A launch from another thread (autograd's backward threads) counts for the range open on any
+thread of the process at that moment (the update's ranges do not overlap).
 """
 from __future__ import annotations
 
@@ -63,12 +65,14 @@ def phases(events: list[dict], prefix: str = "update/") -> dict[str, dict]:
         if hit is None:
             return "-"
         pid, tid, ts = hit
-        rs = ranges.get((pid, tid))
-        if not rs:
-            return "-"
-        i = bisect.bisect_right(starts[(pid, tid)], ts) - 1
-        if i >= 0 and rs[i][0] <= ts <= rs[i][1]:
-            return rs[i][2]
+        keys = [(pid, tid)] + [k for k in ranges if k[0] == pid and k != (pid, tid)]
+        for k in keys:              # the launching thread's own range first, then any other thread's
+            rs = ranges.get(k)
+            if not rs:
+                continue
+            i = bisect.bisect_right(starts[k], ts) - 1
+            if i >= 0 and rs[i][0] <= ts <= rs[i][1]:
+                return rs[i][2]
         return "-"
 
     out: dict[str, dict] = {}

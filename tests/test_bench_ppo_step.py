@@ -129,17 +129,18 @@ def test_trace_phases_gives_each_kernel_to_the_range_that_launched_it():
           x("cuda_runtime", "cudaLaunchKernel", 120, 1, correlation=2),
           x("cuda_runtime", "cudaLaunchKernel", 210, 1, correlation=3),
           x("cuda_runtime", "cudaLaunchKernel", 170, 1, correlation=4),          # between the ranges
-          x("cuda_runtime", "cudaLaunchKernel", 130, 1, tid=2, correlation=5),   # another thread
+          x("cuda_runtime", "cudaLaunchKernel", 130, 1, tid=2, correlation=5),   # backward's thread
+          x("cuda_runtime", "cudaLaunchKernel", 180, 1, tid=2, correlation=6),   # a scorer's thread
           x("kernel", "gemm", 300, 10, tid=7, correlation=1), x("kernel", "gemm", 305, 10, tid=7, correlation=2),
           x("kernel", "norm", 400, 4, tid=7, correlation=3), x("kernel", "other", 500, 2, tid=7, correlation=4),
-          x("kernel", "scorer", 600, 3, tid=8, correlation=5)]
+          x("kernel", "gemm_bwd", 600, 3, tid=8, correlation=5), x("kernel", "scorer", 700, 1, tid=8, correlation=6)]
     res = tp.phases(ev)
     assert set(res) == {"actor", "critic", "-"}
     a = res["actor"]
-    assert (a["count"], a["kernel_us"], a["busy_us"], a["span_us"]) == (2, 20, 15, 15)
-    assert a["top"] == [("gemm", 20.0, 2)]
-    assert res["critic"]["kernel_us"] == 4 and res["-"]["count"] == 2 and res["-"]["kernel_us"] == 5
-    assert "| actor | 2 |" in tp.report(res)
+    assert (a["count"], a["kernel_us"], a["busy_us"], a["span_us"]) == (3, 23, 18, 303)
+    assert a["top"] == [("gemm", 20.0, 2), ("gemm_bwd", 3.0, 1)]
+    assert res["critic"]["kernel_us"] == 4 and res["-"]["count"] == 2 and res["-"]["kernel_us"] == 3
+    assert "| actor | 3 |" in tp.report(res)
 
 
 def test_gpm_sm_utilization_reader_pairs_consecutive_samples():

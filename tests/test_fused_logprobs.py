@@ -232,3 +232,72 @@ def test_model_method_with_a_head_bias_falls_back_to_the_reference():
     assert_near(ent, entropy_from_logits(logits), 1e-12)
     no_bias = linear_token_logprobs(hidden, model.lm_head.weight.detach(), packed)[0]
     assert (lp - no_bias).abs().max() > 1e-3   # the bias matters: the fallback is what made it right
+
+
+# ----------------------------------------------------------------------------- Triton kernels
+# The kernel path (ops.logprobs_triton: log-sum-exp / log-prob / entropy in one pass over the
+# logits, and the logits' gradient in place) against the torch reference path of the same ops, on
+# the same inputs: forward values and both gradients, ragged row counts, chunk boundaries, V not a
+# multiple of the kernel's block, temperatures, an out-of-range token (NaN, not a wild read),
+# logits with -inf entries, and the plain token_logprobs / entropy_from_logits on strided rows.
+KERNEL_CHECK = r"""
+import math, torch
+from oppo_runtime.ops.logprobs import linear_token_logprobs, token_logprobs, entropy_from_logits
+dev, dt = "{dev}", getattr(torch, "{dtype}")
+tol = dict(rtol=2e-5, atol=2e-5) if dt == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+g = torch.Generator().manual_seed(0)
+for (N, V, H, rows, T, ent) in [(5, 4500, 24, None, 1.0, True), (9, 2048, 16, 4, 0.7, True),
+                                 (3, 97, 8, 2, 1.3, False), (1, 3000, 8, None, 1.0, True), (0, 50, 8, None, 1.0, True)]:
+    h0 = (torch.randn(N, H, generator=g) * 2).to(dt).to(dev)
+    w0 = (torch.randn(V, H, generator=g) * 0.5).to(dt).to(dev)
+    tok = torch.randint(0, V, (N,), generator=g).to(dev)
+    glp, gent = torch.randn(N, generator=g).to(dev), torch.randn(N, generator=g).to(dev)
+    res = {{}}
+    for be in ("reference", "triton"):
+        h, w = h0.clone().requires_grad_(True), w0.clone().requires_grad_(True)
+        lp, en = linear_token_logprobs(h, w, tok, T, ent, chunk_rows=rows, backend=be)
+        loss = (lp * glp).sum() + ((en * gent).sum() if ent else 0)
+        if N:
+            loss.backward()
+        res[be] = (lp.detach(), None if en is None else en.detach(), h.grad, w.grad)
+        with torch.no_grad():
+            lp2, en2 = linear_token_logprobs(h0, w0, tok, T, ent, chunk_rows=rows, backend=be)
+        torch.testing.assert_close(lp2, lp.detach(), rtol=0, atol=0)
+    for a, b, what in zip(res["triton"], res["reference"], ("logprobs", "entropy", "grad hidden", "grad weight")):
+        if b is None:
+            assert a is None, what
+            continue
+        assert a.dtype == b.dtype and a.shape == b.shape, what
+        scale = max(b.abs().max().item(), 1e-6) if b.numel() else 1.0
+        torch.testing.assert_close(a.float(), b.float(), rtol=tol["rtol"], atol=tol["atol"] * scale, msg=lambda m: what + ": " + m)
+# plain logits: strided rows (a column slice of a wider buffer), -inf entries, a bad token
+z = torch.randn(6, 2600, generator=g).to(dt).to(dev)
+wide = torch.full((6, 2700), 7.0, dtype=dt, device=dev)
+wide[:, :2600] = z
+wide[2, 5:900] = float("-inf")
+zs = wide[:, :2600]
+assert zs.stride(0) == 2700
+tok = torch.randint(0, 2600, (6,), generator=g).to(dev)
+tok[2] = 3
+for T in (1.0, 0.6):
+    torch.testing.assert_close(token_logprobs(zs, tok, T, backend="triton"), token_logprobs(zs, tok, T, backend="reference"), **tol)
+    torch.testing.assert_close(entropy_from_logits(zs, T, backend="triton"), entropy_from_logits(zs, T, backend="reference"), **tol)
+bad = tok.clone(); bad[4] = 2600
+out = token_logprobs(zs, bad, 1.0, backend="triton")
+assert math.isnan(out[4].item()) and torch.isfinite(out[torch.arange(6, device=dev) != 4]).all()
+print("ok")
+"""
+
+
+def test_logprob_kernels_equal_the_reference_in_the_interpreter():
+    pytest.importorskip("triton")
+    from _scripts import run_check
+    run_check(KERNEL_CHECK.format(dev="cpu", dtype="float32"), interpret=True, timeout=900)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_logprob_kernels_equal_the_reference_on_gpu(dtype):
+    from _scripts import run_check
+    run_check(KERNEL_CHECK.format(dev="cuda", dtype=dtype), timeout=600)

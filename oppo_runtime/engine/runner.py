@@ -382,7 +382,7 @@ class ModelRunner:
         self.max_prefill_tokens = max_prefill_tokens
         self.max_prefill_graphs = max_prefill_graphs
         self.prefill_graphs: dict[tuple[int, int, int], _PrefillGraph] = {}
-        self.prefill_stats = {"replays": 0, "captures": 0, "eager": 0}
+        self.prefill_stats = {"replays": 0, "captures": 0, "eager": 0, "capture_s": 0.0}
         self._prefill_pool = None           # one memory pool for all of this runner's prefill graphs
         self._capture_stream = None
         self._prefill_stream = None         # the stream of the last replay (static buffers in use there)
@@ -792,6 +792,7 @@ class ModelRunner:
         entry = _PrefillGraph(graph, flat64, flat32, hidden)
         self.prefill_graphs[bucket] = entry
         self.prefill_stats["captures"] += 1
+        self.prefill_stats["capture_s"] += time.perf_counter() - t0
         log.info("%s: captured a chunk-prefill CUDA graph for %d tokens, %d sequences, chunks <= %d "
                  "(%d graphs, %.0f ms)", self.view.name, *bucket, len(self.prefill_graphs),
                  1e3 * (time.perf_counter() - t0))

@@ -9,6 +9,12 @@ row chunk of logits at a time. Composing ``lm_head`` with ``token_logprobs`` und
 every chunk's float32 logits alive until backward ([N, V] float32: tens of GB for a micro-batch of
 16k tokens over a 152k vocabulary); the fused op keeps only the per-row log-sum-exp (and entropy)
 and recomputes each chunk's logits in backward: one more LM-head GEMM for [N, V] less memory.
+
+On CUDA the per-row work over the logits (log-sum-exp, the token's log-prob, the entropy, and in
+backward the logits' gradient) is one Triton kernel each way (``logprobs_triton``: one read of the
+logits in their own dtype instead of ~6-10 float32 passes); the torch code below is the reference
+and what the CPU runs (``OPPO_OP_BACKEND=reference`` forces it on CUDA, for A/B runs). The
+kernel path takes larger row chunks (512 MiB of logits in the GEMM's dtype: no float32 copies).
 """
 from __future__ import annotations
 
@@ -16,6 +22,15 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["token_logprobs", "entropy_from_logits", "linear_token_logprobs"]
+
+_KERNEL_CHUNK_BYTES = 1 << 29   # kernel path: rows per chunk = this / (V * itemsize) (512 MiB of logits)
+
+
+def _kernel(op: str, t: torch.Tensor, backend: str | None = None) -> bool:
+    """Whether ``op`` runs its Triton kernel on ``t`` (CUDA, half/float32; logged once per op)."""
+    from . import logprobs_triton
+    from .fused import _choose
+    return logprobs_triton.available() and _choose(op, (t,), backend) == "triton"
 
 _CHUNK_ELEMS = 1 << 24   # rows per chunk = this / V (about 64 MiB of float32 per chunk)
 
@@ -38,17 +53,27 @@ def _per_row_chunk(logits: torch.Tensor, temperature: float, fn) -> torch.Tensor
     return torch.cat(outs) if outs else logits.new_zeros(0, dtype=acc)
 
 
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0,
+                   backend: str | None = None) -> torch.Tensor:
     """log softmax(logits / temperature)[i, tokens[i]] in float32 (float64 for float64 logits)."""
+    if logits.dim() == 2 and logits.stride(1) == 1 and _kernel("token_logprobs", logits, backend):
+        from .logprobs_triton import row_stats
+        return row_stats(logits, tokens.to(device=logits.device, dtype=torch.long).contiguous(),
+                         temperature, False)[0]
     return _per_row_chunk(logits, temperature, lambda x, s, e: x.gather(-1, tokens[s:e, None].long())[:, 0]
                           - torch.logsumexp(x, dim=-1))
 
 
-def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0, backend: str | None = None) -> torch.Tensor:
     """Entropy of softmax(logits / temperature) per row, float32 [N] (float64 for float64 logits)."""
+    if logits.dim() == 2 and logits.stride(1) == 1 and _kernel("entropy_from_logits", logits, backend):
+        from .logprobs_triton import row_stats
+        return row_stats(logits, None, temperature, True)[2]
+
     def entropy(x, s, e):
         logp = torch.log_softmax(x, dim=-1)
-        return -(logp.exp() * logp).sum(-1)
+        plogp = logp.exp() * logp
+        return -torch.where(logp == float("-inf"), 0.0, plogp).sum(-1)    # 0 log 0 = 0 (a -inf logit)
     return _per_row_chunk(logits, temperature, entropy)
 
 
@@ -78,7 +103,7 @@ def _chunk_logits(h: torch.Tensor, w: torch.Tensor, temperature: float, cdtype: 
     return z
 
 
-def _linear_logprobs_forward(hidden, weight, tokens, temperature, with_entropy, rows, cdtype):
+def _linear_logprobs_forward(hidden, weight, tokens, temperature, with_entropy, rows, cdtype, kernel=False):
     """-> logprobs [N], lse [N], entropy [N] or None (all in acc dtype), one row chunk at a time."""
     N, V = hidden.shape[0], weight.shape[0]
     acc = torch.float64 if cdtype == torch.float64 else torch.float32
@@ -88,6 +113,13 @@ def _linear_logprobs_forward(hidden, weight, tokens, temperature, with_entropy, 
     ent = torch.empty(N, dtype=acc, device=hidden.device) if with_entropy else None
     for s in range(0, N, rows):
         e = min(N, s + rows)
+        if kernel:      # the GEMM in cdtype, then one pass over its logits
+            from .logprobs_triton import row_stats
+            z = F.linear(hidden[s:e].to(cdtype), w)
+            row_stats(z, tokens[s:e], temperature, with_entropy,
+                      out=(lp[s:e], lse[s:e], ent[s:e] if with_entropy else None))
+            del z
+            continue
         z = _chunk_logits(hidden[s:e], w, temperature, cdtype, acc)
         m = torch.logsumexp(z, dim=-1)
         lse[s:e] = m
@@ -103,12 +135,13 @@ class _LinearTokenLogprobs(torch.autograd.Function):
     """(hidden, weight, tokens) -> logprobs [N] (, entropy [N]); saves no logits (see module doc)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, tokens, temperature, with_entropy, rows, cdtype):
+    def forward(ctx, hidden, weight, tokens, temperature, with_entropy, rows, cdtype, kernel):
         with torch.autocast(hidden.device.type, enabled=False):
             lp, lse, ent = _linear_logprobs_forward(hidden, weight, tokens, temperature, with_entropy, rows,
-                                                    cdtype)
+                                                    cdtype, kernel)
         ctx.set_materialize_grads(False)
         ctx.temperature, ctx.with_entropy, ctx.rows, ctx.cdtype = temperature, with_entropy, rows, cdtype
+        ctx.kernel = kernel
         ctx.save_for_backward(hidden, weight, tokens, lse, ent)
         return (lp, ent) if with_entropy else lp
 
@@ -117,10 +150,12 @@ class _LinearTokenLogprobs(torch.autograd.Function):
     def backward(ctx, g_lp, g_ent=None):
         hidden, weight, tokens, lse, ent = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        rest = (None,) * 5
+        rest = (None,) * 6
         if (g_lp is None and g_ent is None) or not (need_h or need_w):
             return (None, None) + rest
         T, rows, cdtype, acc = ctx.temperature, ctx.rows, ctx.cdtype, lse.dtype
+        if ctx.kernel:
+            return _linear_logprobs_backward_kernel(ctx, hidden, weight, tokens, lse, ent, g_lp, g_ent) + rest
         # d lp / dz = onehot - p;  d H / dz = -p * (logp + H);  both times 1/T (z = logits / T)
         g_lp = None if g_lp is None else g_lp.to(acc) / T
         g_ent = None if g_ent is None else g_ent.to(acc) / T
@@ -153,6 +188,32 @@ class _LinearTokenLogprobs(torch.autograd.Function):
         return (grad_h, None if grad_w is None else grad_w.to(weight.dtype)) + rest
 
 
+def _linear_logprobs_backward_kernel(ctx, hidden, weight, tokens, lse, ent, g_lp, g_ent):
+    """The backward above with the logits' gradient from one Triton pass per chunk (in place over
+    the recomputed logits, in cdtype) -> (grad_hidden, grad_weight)."""
+    from .logprobs_triton import grad_logits_
+    need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    T, rows, cdtype, acc = ctx.temperature, ctx.rows, ctx.cdtype, lse.dtype
+    g_lp = None if g_lp is None else g_lp.to(acc).contiguous()
+    g_ent = None if g_ent is None else g_ent.to(acc).contiguous()
+    N = hidden.shape[0]
+    grad_h = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_h else None
+    grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+    with torch.autocast(hidden.device.type, enabled=False):
+        w = weight.to(cdtype)
+        for s in range(0, N, rows):
+            e = min(N, s + rows)
+            h = hidden[s:e].to(cdtype)
+            gz = grad_logits_(F.linear(h, w), tokens[s:e], lse[s:e], None if ent is None else ent[s:e],
+                              None if g_lp is None else g_lp[s:e], None if g_ent is None else g_ent[s:e], T)
+            if need_h:
+                grad_h[s:e] = gz @ w
+            if need_w:
+                _accumulate_gemm(grad_w, gz.t(), h)
+            del gz
+    return grad_h, None if grad_w is None else grad_w.to(weight.dtype)
+
+
 def _accumulate_gemm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """acc += a @ b with acc in float32/64 and a, b possibly half precision (float32 accumulation)."""
     if a.dtype == acc.dtype:
@@ -165,7 +226,8 @@ def _accumulate_gemm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> Non
 
 def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor,
                           temperature: float = 1.0, with_entropy: bool = False,
-                          chunk_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                          chunk_rows: int | None = None, backend: str | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-prob of ``tokens`` (and entropy) under ``softmax(hidden @ weight.T / temperature)``.
 
     hidden [N, H], weight [V, H] (an LM head's weight, no bias), tokens [N] int. Returns
@@ -189,15 +251,24 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, tokens: to
         raise ValueError(f"need tokens [{hidden.shape[0]}], got {tuple(tokens.shape)}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    rows = max(1, _LINEAR_CHUNK_ELEMS // max(weight.shape[0], 1)) if chunk_rows is None else int(chunk_rows)
+    cdtype = _compute_dtype(hidden, weight)
+    kernel = cdtype != torch.float64 and _kernel("linear_token_logprobs",
+                                                 hidden.new_empty(0, dtype=cdtype), backend)
+    V = max(weight.shape[0], 1)
+    if chunk_rows is not None:
+        rows = int(chunk_rows)
+    elif kernel:
+        rows = max(1, _KERNEL_CHUNK_BYTES // (V * torch.empty(0, dtype=cdtype).element_size()))
+    else:
+        rows = max(1, _LINEAR_CHUNK_ELEMS // V)
     if rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
-    cdtype = _compute_dtype(hidden, weight)
-    tokens = tokens.to(device=hidden.device, dtype=torch.long)
+    tokens = tokens.to(device=hidden.device, dtype=torch.long).contiguous()
     temperature, with_entropy = float(temperature), bool(with_entropy)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        out = _LinearTokenLogprobs.apply(hidden, weight, tokens, temperature, with_entropy, rows, cdtype)
+        out = _LinearTokenLogprobs.apply(hidden, weight, tokens, temperature, with_entropy, rows, cdtype, kernel)
         return out if with_entropy else (out, None)
     with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
-        lp, _, ent = _linear_logprobs_forward(hidden, weight, tokens, temperature, with_entropy, rows, cdtype)
+        lp, _, ent = _linear_logprobs_forward(hidden, weight, tokens, temperature, with_entropy, rows, cdtype,
+                                              kernel)
     return lp, ent

@@ -371,6 +371,7 @@ class PPOTrainer:
         self.engine.stats.update(decode_steps=0, prefill_steps=0, generated_tokens=0, host_s=0.0, wasted_rows=0)
         t_step = time.perf_counter()
         preempt0 = self.engine.scheduler.num_preemptions
+        graphs0 = self._scorer_graph_stats()
         B = r.batch_size
         delta = self.delta_ctl.delta
         stale = self._enforce_staleness()
@@ -426,6 +427,9 @@ class PPOTrainer:
             "oppo/hidden_fraction": tl.hidden_fraction(),
             "oppo/skipped_sequences": self.skipped,
             "oppo/preemptions": self.engine.scheduler.num_preemptions - preempt0,
+            # chunk-prefill graphs the scorers captured in this step (a new shape bucket: two eager
+            # runs and a capture, inside the step) and the host seconds that took
+            **{f"perf/scorer_graph_{k}": v - graphs0[k] for k, v in self._scorer_graph_stats().items()},
             "timing_s/step": step_s,
             "timing_s/gen": self.rollout.stats["actor_s"],
             "timing_s/score": self.rollout.stats["score_s"],
@@ -448,6 +452,11 @@ class PPOTrainer:
         self.last_timeline = tl
         self.step_idx += 1
         return metrics
+
+    def _scorer_graph_stats(self) -> dict:
+        st = [s.runner.prefill_stats for s in self.rollout.scorers]
+        return {"captures": sum(x["captures"] for x in st), "capture_s": sum(x["capture_s"] for x in st),
+                "eager": sum(x["eager"] for x in st)}
 
     def _memory_metrics(self) -> dict:
         """Peak GPU memory so far and the caching allocator's retries in this step (each one frees cached
