@@ -1,4 +1,4 @@
-"""Training fused ops (RMSNorm, silu*up; forward and backward) against their torch references:
+"""Training fused ops (RMSNorm, silu*up, rotary; forward and backward) against their torch references:
 in Triton's interpreter on the CPU, and on the GPU for real."""
 import textwrap
 
@@ -52,6 +52,31 @@ CHECK = textwrap.dedent("""
         (yk, gk), (yr, gr) = both(lambda p, q: silu_mul_train(p, q, backend="triton"), silu_mul_ref, [a, b], dy)
         assert rel(yk, yr) < tol, ("silu y", shape, rel(yk, yr))
         assert rel(gk[0], gr[0]) < 2 * tol and rel(gk[1], gr[1]) < 2 * tol, ("silu grads", shape)
+    from oppo_runtime.ops.train_fused import rotary_train, rotary_train_ref
+    from oppo_runtime.ops.norm_rope import rotary_cos_sin
+    for N, HQ, HK, D in ((1, 4, 1, 8), (23, 14, 2, 64), (9, 7, 7, 128), (0, 4, 2, 16)):
+        pos = torch.randint(0, 5000, (N,), generator=g).to(dev)
+        inv = 1.0 / (10000.0 ** (torch.arange(0, D, 2, dtype=torch.float32) / D))
+        cos, sin = rotary_cos_sin(pos, inv.to(dev))
+        wide = torch.randn(N, HQ + 2 * HK, D, generator=g).to(dev, dtype)     # q and k as views of one buffer
+        q, k = wide[:, :HQ], wide[:, HQ:HQ + HK]
+        dq, dk = torch.randn(N, HQ, D, generator=g).to(dev, dtype), torch.randn(N, HK, D, generator=g).to(dev, dtype)
+        outs = []
+        for fn in (lambda a, b: rotary_train(a, b, cos, sin, backend="triton"), lambda a, b: rotary_train_ref(a, b, cos, sin)):
+            a, b = q.detach().clone().requires_grad_(True), k.detach().clone().requires_grad_(True)
+            ya, yb = fn(a, b)
+            torch.autograd.backward([ya, yb], [dq, dk])
+            outs.append((ya.detach(), yb.detach(), a.grad, b.grad))
+        (qk_, kk_, gqk, gkk), (qr, kr, gqr, gkr) = outs
+        assert qk_.shape == (N, HQ, D) and kk_.shape == (N, HK, D) and qk_.dtype == dtype
+        if N:
+            for name, a, b in (("q", qk_, qr), ("k", kk_, kr), ("dq", gqk, gqr), ("dk", gkk, gkr)):
+                assert rel(a, b) < tol, ("rotary " + name, N, HQ, HK, D, rel(a, b))
+        # only q used downstream: k's gradient is zero, q's still right
+        a, b = q.detach().clone().requires_grad_(True), k.detach().clone().requires_grad_(True)
+        ya, _ = rotary_train(a, b, cos, sin, backend="triton")
+        ya.backward(dq)
+        assert float(b.grad.abs().sum()) == 0 and (not N or rel(a.grad, gqr) < tol)
     print("ok")
 """)
 

@@ -45,13 +45,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..ops import (apply_rotary, kv_append, paged_decode_attention, paged_prefill_attention,
+from ..ops import (kv_append, paged_decode_attention, paged_prefill_attention,
                    rotary_cos_sin, token_logprobs, varlen_causal_attention)
 from ..ops._backend import record_backend
 from ..ops.fused import (decode_gemm_fusion, fused_add_rms_norm, norm_gate_up_silu, norm_qkv_rotary,
                          qkv_kernel_refuses, rotary_cos_sin_cache, rotary_qk, silu_mul)
 from ..ops.logprobs import entropy_from_logits, linear_token_logprobs
-from ..ops.train_fused import rms_norm_train, silu_mul_train
+from ..ops.train_fused import rms_norm_train, rotary_train, silu_mul_train
 from .config import ModelConfig
 from .context import DenseContext, PagedContext
 
@@ -162,7 +162,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = rotary_train(q, k, cos, sin)       # one Triton kernel each way on CUDA
         return self._attend_and_project(q, k, v, ctx)
 
     def forward_fused(self, x, positions, cos_sin_cache, ctx):

@@ -1,4 +1,4 @@
-"""Fused ops of the training path (autograd): RMSNorm and silu(gate) * up, forward and backward.
+"""Fused ops of the training path (autograd): RMSNorm, silu(gate) * up and rotary, forward and backward.
 
 The training forward ran these as chains of torch ops (RMSNorm: upcast, square, mean, rsqrt,
 multiply, cast, scale; about twice as many kernels in backward), each a full pass over the
@@ -7,6 +7,12 @@ Triton kernel forward and one backward (plus a column sum for the norm's weight 
 
     rms_norm_train(x, weight, eps)   == norm_rope.rms_norm (the reference, and the CPU path)
     silu_mul_train(gate, up)         == F.silu(gate) * up
+    rotary_train(q, k, cos, sin)     == (norm_rope.apply_rotary(q, cos, sin), apply_rotary(k, cos, sin))
+
+rotary_train replaces ~7 torch kernels per tensor each way (a cast of cos and of sin, a negation, a
+concatenation, two products and a sum) by one launch for q and k together; it computes in float32
+and rounds once (the reference rounds cos/sin and each product to the input dtype: results agree
+to about one unit in the last place of bf16). Its backward is the same kernel with sin negated.
 
 Same dispatch as ``fused`` (``fused._choose``: Triton on CUDA tensors, the reference elsewhere,
 ``backend=`` / ``OPPO_OP_BACKEND`` to force, logged once per op). The forward rounds where the
@@ -23,9 +29,9 @@ import torch.nn.functional as F
 
 from ._backend import sm_count
 from .fused import _choose
-from .norm_rope import rms_norm
+from .norm_rope import apply_rotary, rms_norm
 
-__all__ = ["rms_norm_train", "silu_mul_train", "silu_mul_ref"]
+__all__ = ["rms_norm_train", "silu_mul_train", "silu_mul_ref", "rotary_train", "rotary_train_ref"]
 
 try:
     import triton
@@ -98,6 +104,32 @@ if triton is not None:
         tl.store(dg_ptr + offs, (dy * u * sig * (1.0 + gf * (1.0 - sig))).to(dg_ptr.dtype.element_ty), mask=ok)
 
 
+    @triton.jit
+    def _rope_rows(src, dst, n, s_n, s_h, H, c, s, SIGN: tl.constexpr, HALF: tl.constexpr,
+                   BH: tl.constexpr, BD: tl.constexpr):
+        """Rotate the H heads of token n of src [N, H, 2*HALF] (strides s_n, s_h, 1) into dst
+        (contiguous): y1 = x1 c - SIGN x2 s, y2 = x2 c + SIGN x1 s, in float32."""
+        h = tl.arange(0, BH)[:, None]
+        d = tl.arange(0, BD)[None, :]
+        ok = (h < H) & (d < HALF)
+        a = src + n * s_n + h * s_h + d
+        x1 = tl.load(a, mask=ok, other=0.0).to(tl.float32)
+        x2 = tl.load(a + HALF, mask=ok, other=0.0).to(tl.float32)
+        o = dst + n * (H * 2 * HALF) + h * (2 * HALF) + d
+        tl.store(o, (x1 * c - SIGN * x2 * s).to(dst.dtype.element_ty), mask=ok)
+        tl.store(o + HALF, (x2 * c + SIGN * x1 * s).to(dst.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _rope_qk(q, k, cos, sin, qo, ko, q_sn, q_sh, k_sn, k_sh, cs_sn, HQ, HK, SIGN: tl.constexpr,
+                 HALF: tl.constexpr, BHQ: tl.constexpr, BHK: tl.constexpr, BD: tl.constexpr):
+        n = tl.program_id(0).to(tl.int64)
+        d = tl.arange(0, BD)[None, :]
+        c = tl.load(cos + n * cs_sn + d, mask=d < HALF, other=0.0).to(tl.float32)
+        s = tl.load(sin + n * cs_sn + d, mask=d < HALF, other=0.0).to(tl.float32)
+        _rope_rows(q, qo, n, q_sn, q_sh, HQ, c, s, SIGN, HALF, BHQ, BD)
+        _rope_rows(k, ko, n, k_sn, k_sh, HK, c, s, SIGN, HALF, BHK, BD)
+
+
 def _warps(block: int) -> int:
     return 4 if block <= 1024 else 8 if block <= 4096 else 16
 
@@ -161,6 +193,42 @@ class _SiluMul(torch.autograd.Function):
         return dg, du
 
 
+def _rope_launch(q, k, cos, sin, sign: int):
+    N, HQ, D = q.shape
+    HK = k.shape[1]
+    qo = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    ko = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    if N:
+        half = D // 2
+        _rope_qk[(N,)](q, k, cos, sin, qo, ko, q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0),
+                       HQ, HK, SIGN=sign, HALF=half, BHQ=triton.next_power_of_2(HQ), BHK=triton.next_power_of_2(HK),
+                       BD=triton.next_power_of_2(half), num_warps=4)
+    return qo, ko
+
+
+class _Rotary(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return _rope_launch(q, k, cos, sin, 1)
+
+    @staticmethod
+    def backward(ctx, dq, dk):
+        cos, sin = ctx.saved_tensors
+        # the rotation's transpose is the rotation by -angle (autograd materializes an unused
+        # output's gradient as zeros: the default set_materialize_grads(True))
+        dq, dk = _rope_launch(_unit_last(dq), _unit_last(dk), cos, sin, -1)
+        return dq, dk, None, None
+
+
+def _unit_last(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def rotary_train_ref(q, k, cos, sin):
+    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+
 def _off() -> bool:
     """OPPO_TRAIN_FUSED=0: the torch references on CUDA too (A/B timing, triage)."""
     return os.environ.get("OPPO_TRAIN_FUSED", "1") == "0"
@@ -180,3 +248,19 @@ def silu_mul_train(gate: torch.Tensor, up: torch.Tensor, backend: str | None = N
     if triton is None or _off() or _choose("silu_mul_train", (gate, up), backend) == "reference":
         return silu_mul_ref(gate, up)
     return _SiluMul.apply(gate, up)
+
+
+def rotary_train(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary (half-split layout) of q [N, Hq, D] and k [N, Hk, D] with cos/sin [N, D] (float32, the
+    two halves equal, as ``rotary_cos_sin`` gives them), with autograd to q and k: one Triton kernel
+    each way on CUDA, ``apply_rotary`` elsewhere."""
+    if q.dim() != 3 or k.dim() != 3 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2] or q.shape[2] % 2:
+        raise ValueError(f"rotary_train: need q [N, Hq, D] and k [N, Hk, D] with D even, got {tuple(q.shape)} "
+                         f"and {tuple(k.shape)}")
+    if cos.shape != (q.shape[0], q.shape[2]) or sin.shape != cos.shape:
+        raise ValueError(f"rotary_train: need cos/sin [{q.shape[0]}, {q.shape[2]}], got {tuple(cos.shape)} "
+                         f"and {tuple(sin.shape)}")
+    if triton is None or _off() or _choose("rotary_train", (q, k), backend) == "reference":
+        return rotary_train_ref(q, k, cos, sin)
+    return _Rotary.apply(_unit_last(q), _unit_last(k), _unit_last(cos), _unit_last(sin))
