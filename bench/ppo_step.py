@@ -628,6 +628,10 @@ def device_info(args) -> dict:
                                         text=True).stdout.strip()
     except OSError:
         pass
+    # OPPO_COMMIT: the commit the tree was copied from, where the copy's .git is not that tree's
+    # (the device machine's copy keeps the session's first HEAD)
+    if os.environ.get("OPPO_COMMIT"):
+        info["commit"] = os.environ["OPPO_COMMIT"]
     return info
 
 
@@ -723,6 +727,7 @@ def main(argv=None):
     lens = [json.loads(line)["target_len"] for line in open(prompt_file)]
     config = {k: v for k, v in p.items() if k != "workload"}
     config.update(steps=args.steps, warmup=args.warmup, dtype=args.dtype, ours_dtype=args.ours_dtype, old_logprob=args.old_logprob,
+                  score_below_batch=args.score_below_batch,
                   staleness_limit=args.staleness_limit, adaptive_chunk=not args.fixed_chunk, tiny=args.tiny,
                   target_len_mean=sum(lens) / len(lens), target_len_max=max(lens),
                   first_batch_max=max(lens[:p["B"]]), num_prompts=len(lens),
