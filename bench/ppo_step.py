@@ -401,6 +401,7 @@ def run_mode(mode: str, p: dict, paths: dict, prompt_file: Path, work: Path, arg
                    "preemptions": m["oppo/preemptions"], "chunk_size": m["oppo/chunk_size"],
                    "scorer_graph_captures": m.get("perf/scorer_graph_captures"),
                    "scorer_capture_s": m.get("perf/scorer_graph_capture_s"),
+                   "scorer_graph_borrowed": m.get("perf/scorer_graph_borrowed"),
                    "hidden_fraction": m["oppo/hidden_fraction"], "alloc_retries": m.get("memory/alloc_retries"), **st,
                    # device seconds of the update's phases (old log-probs, actor, critic, optimizer)
                    "update_phases": {k[len("timing_s/update_"):]: v for k, v in m.items()
@@ -421,7 +422,8 @@ def run_mode(mode: str, p: dict, paths: dict, prompt_file: Path, work: Path, arg
                   + ", ".join(f"{k} {v:.2f}" for k, v in rec["update_phases"].items())
                   + f"), {rec['generated_tokens']} tokens generated, "
                   f"deferred {rec['deferred']}, busy {rec['busy']}, allocator retries {rec['alloc_retries']}, "
-                  f"scorer graph captures {rec['scorer_graph_captures']} ({rec['scorer_capture_s'] or 0:.2f} s)",
+                  f"scorer graph captures {rec['scorer_graph_captures']} ({rec['scorer_capture_s'] or 0:.2f} s), "
+                  f"borrowed {rec['scorer_graph_borrowed']}",
                   flush=True)
             if time.perf_counter() > deadline and windows and i + 1 < total:
                 print(f"  [{mode}] time budget spent: stopping after {len(windows)} timed steps", flush=True)

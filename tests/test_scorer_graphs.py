@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from oppo_runtime.engine.runner import (ModelRunner, Span, _prefill_bucket, _prefill_inputs, _prefill_layout,
-                                        _weight_fingerprint)
+from oppo_runtime.engine.runner import (CAPTURE_ON_SIGHTING, ModelRunner, Span, _prefill_bucket, _prefill_inputs,
+                                        _prefill_layout, _reuse_bucket, _weight_fingerprint)
 from oppo_runtime.engine.scorer import Scorer
 from oppo_runtime.engine.sequence import Chunk, Sequence
 from oppo_runtime.memory import KVGeometry, PagePool
@@ -137,10 +137,26 @@ def test_prefill_inputs_reused_buffers_are_fully_reset(critic):
     assert (a32[:n32] == fresh32[:n32]).all()
 
 
-def test_padded_forward_equals_the_eager_forward_and_writes_no_padding_kv(critic):
+def test_a_new_bucket_borrows_the_smallest_captured_bucket_that_holds_it_until_its_third_request():
+    captured = {(512, 8, 256): 0, (1024, 8, 256): 0, (512, 64, 512): 0, (8192, 64, 1024): 0, (256, 4, 64): 0}
+    assert _reuse_bucket((512, 8, 256), captured, 1) == (512, 8, 256)          # its own graph
+    assert _reuse_bucket((512, 4, 128), captured, 1) == (512, 8, 256)          # rows first, then chunk, then seqs
+    assert _reuse_bucket((512, 16, 128), captured, 2) == (512, 64, 512)
+    assert _reuse_bucket((512, 4, 128), captured, CAPTURE_ON_SIGHTING) is None  # seen often: its own graph now
+    assert _reuse_bucket((2048, 8, 256), captured, 1) is None                  # 8192 rows: more than 2x
+    assert _reuse_bucket((64, 2, 16), captured, 1) == (256, 4, 64)             # small: up to 1024 rows
+    assert _reuse_bucket((4096, 64, 1024), captured, 1) == (8192, 64, 1024)
+    assert _reuse_bucket((512, 8, 1024), captured, 1) is None                  # no captured chunk that long
+    assert _reuse_bucket((512, 8, 256), {}, 1) is None
+
+
+@pytest.mark.parametrize("borrowed", [False, True])
+def test_padded_forward_equals_the_eager_forward_and_writes_no_padding_kv(critic, borrowed):
     """The graph's computation, run eagerly on the CPU references: a forward over the padded
     static inputs gives the eager hidden states on the real rows, writes K/V only into the real
-    slots, and never reads pages outside the sequences' tables (poisoned with NaN here)."""
+    slots, and never reads pages outside the sequences' tables (poisoned with NaN here). Also
+    through a larger bucket than the batch's own (``borrowed``: twice the rows, sequences and
+    chunk length), as ``_reuse_bucket`` hands out."""
     pool = make_pool(critic)
     runner = ModelRunner(critic, pool.register("critic", KVGeometry(*critic.kv_geometry(), torch.float32), TPP),
                          MAX_LEN)
@@ -159,6 +175,8 @@ def test_padded_forward_equals_the_eager_forward_and_writes_no_padding_kv(critic
     N, B = sum(len(s.token_ids) for s in spans), len(spans)
     bucket = _prefill_bucket(N, B, max(len(s.token_ids) for s in spans))
     assert bucket[0] > N and bucket[1] > B                 # padding rows and padding sequences
+    if borrowed:
+        bucket = (2 * bucket[0], 2 * bucket[1], min(2 * bucket[2], 2 * bucket[0]))
     a64, a32, _ = _prefill_inputs(spans, runner.view.pages, TPP, bucket, runner.max_blocks)
     flat64, flat32 = torch.from_numpy(a64), torch.from_numpy(a32)
     with torch.inference_mode():
@@ -201,7 +219,8 @@ def test_graphs_requested_on_the_cpu_are_logged_and_run_eager(critic, caplog):
             assert any("scorer critic: chunk prefill eager" in m for m in msgs), msgs
         seqs = [Sequence([1 + i, 2, 3, 4, 5][: 2 + i], admit_order=i) for i in range(3)]
         outs.append(stream_through(s, seqs, [(1, 7, 20), (16, 1, 3)]))
-        assert s.runner.prefill_stats == {"replays": 0, "captures": 0, "eager": 0}   # the graph path never ran
+        assert s.runner.prefill_stats == {"replays": 0, "captures": 0, "eager": 0, "capture_s": 0.0,
+                                          "borrowed": 0}   # the graph path never ran
     assert outs[0] == outs[1]
 
 

@@ -8,7 +8,8 @@ for a ladder of batch sizes (needs the CUDA attention kernels: the reference ops
 Chunk prefill of every token (``last_only=False``: the scorers) can be captured too
 (``prefill_graphs=True``, issue 4): a graph per bucket (tokens N -> n_bucket, sequences B ->
 b_bucket, longest chunk -> q_bucket; ``_prefill_bucket``), captured lazily, replayed with the
-padded inputs of ``_prefill_inputs``. Padding rows write no KV (slot -1), sit at position 0 and
+padded inputs of ``_prefill_inputs``; a bucket seen for the first times borrows a captured larger
+one (``_reuse_bucket``) instead of paying a capture inside the step. Padding rows write no KV (slot -1), sit at position 0 and
 belong to no sequence (padding sequences are empty: cu_seqlens stays at N, context length 0), so
 attention never reads them and every other op is row-wise; their hidden rows are garbage and only
 ``hidden[:N]`` is returned. One launch replaces ~240 (24 layers x ~10 kernels), which a scorer
@@ -257,6 +258,31 @@ def _prefill_bucket(num_tokens: int, num_seqs: int, max_q: int, max_tokens: int 
     return n_bucket, _next_pow2(num_seqs), q_bucket
 
 
+# A new bucket first borrows a captured graph whose bucket holds it (every dimension at least as
+# large: more padding rows, padding sequences, idle attention CTAs), and is captured only on its
+# CAPTURE_ON_SIGHTING-th request. A capture costs two eager forwards and the capture itself
+# (60-90 ms of host time on T's scorers, session 12: 0-6 captures in each timed PPO step, up to
+# 0.6 s); a borrowed graph costs only its padding, bounded by REUSE_MAX_ROWS.
+CAPTURE_ON_SIGHTING = 3
+REUSE_MAX_ROWS = (2, 1024)      # a borrowed graph has at most max(2 x the bucket's rows, 1024) rows
+
+
+def _reuse_bucket(bucket: tuple[int, int, int], captured, seen: int) -> tuple[int, int, int] | None:
+    """The captured bucket to replay for ``bucket`` (itself when captured), or None: capture it.
+
+    ``seen``: how many times ``bucket`` was requested, this time included. Before its
+    CAPTURE_ON_SIGHTING-th request a bucket borrows the smallest captured bucket (rows, then chunk
+    length, then sequences) that holds it within REUSE_MAX_ROWS; from then on it gets its own."""
+    if bucket in captured:
+        return bucket
+    if seen >= CAPTURE_ON_SIGHTING:
+        return None
+    n, b, q = bucket
+    limit = max(REUSE_MAX_ROWS[0] * n, REUSE_MAX_ROWS[1])
+    fits = [c for c in captured if n <= c[0] <= limit and b <= c[1] and q <= c[2]]
+    return min(fits) if fits else None
+
+
 def _align16(x: int) -> int:
     return -(-x // 16) * 16
 
@@ -382,7 +408,8 @@ class ModelRunner:
         self.max_prefill_tokens = max_prefill_tokens
         self.max_prefill_graphs = max_prefill_graphs
         self.prefill_graphs: dict[tuple[int, int, int], _PrefillGraph] = {}
-        self.prefill_stats = {"replays": 0, "captures": 0, "eager": 0, "capture_s": 0.0}
+        self.prefill_stats = {"replays": 0, "captures": 0, "eager": 0, "capture_s": 0.0, "borrowed": 0}
+        self._bucket_seen: dict[tuple[int, int, int], int] = {}
         self._prefill_pool = None           # one memory pool for all of this runner's prefill graphs
         self._capture_stream = None
         self._prefill_stream = None         # the stream of the last replay (static buffers in use there)
@@ -698,6 +725,11 @@ class ModelRunner:
         bucket = _prefill_bucket(N, len(spans), max_q, self.max_prefill_tokens)
         if bucket is None:
             return None
+        seen = self._bucket_seen[bucket] = self._bucket_seen.get(bucket, 0) + 1
+        use = _reuse_bucket(bucket, self.prefill_graphs, seen)
+        if use is not None and use != bucket:
+            self.prefill_stats["borrowed"] += 1
+            bucket = use
         entry = self.prefill_graphs.get(bucket)
         if entry is None and len(self.prefill_graphs) >= self.max_prefill_graphs:
             # refuse, not LRU: a capture costs two eager forwards and the pool keeps the memory of

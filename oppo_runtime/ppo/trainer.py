@@ -455,8 +455,7 @@ class PPOTrainer:
 
     def _scorer_graph_stats(self) -> dict:
         st = [s.runner.prefill_stats for s in self.rollout.scorers]
-        return {"captures": sum(x["captures"] for x in st), "capture_s": sum(x["capture_s"] for x in st),
-                "eager": sum(x["eager"] for x in st)}
+        return {k: sum(x[k] for x in st) for k in ("captures", "capture_s", "eager", "borrowed")}
 
     def _memory_metrics(self) -> dict:
         """Peak GPU memory so far and the caching allocator's retries in this step (each one frees cached
