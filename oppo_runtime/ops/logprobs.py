@@ -32,6 +32,7 @@ def _kernel(op: str, t: torch.Tensor, backend: str | None = None) -> bool:
     from .fused import _choose
     return logprobs_triton.available() and _choose(op, (t,), backend) == "triton"
 
+
 _CHUNK_ELEMS = 1 << 24   # rows per chunk = this / V (about 64 MiB of float32 per chunk)
 
 

@@ -103,7 +103,6 @@ if triton is not None:
         tl.store(du_ptr + offs, (dy * gf * sig).to(du_ptr.dtype.element_ty), mask=ok)
         tl.store(dg_ptr + offs, (dy * u * sig * (1.0 + gf * (1.0 - sig))).to(dg_ptr.dtype.element_ty), mask=ok)
 
-
     @triton.jit
     def _rope_rows(src, dst, n, s_n, s_h, H, c, s, SIGN: tl.constexpr, HALF: tl.constexpr,
                    BH: tl.constexpr, BD: tl.constexpr):
