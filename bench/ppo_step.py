@@ -315,7 +315,8 @@ def train_config(mode: str, p: dict, paths: dict, prompt_file: Path, out_dir: Pa
                     "chunk_size": p["chunk"], "adaptive_chunk": not args.fixed_chunk,
                     "delta_init": p["delta"], "delta_min": p["delta"], "delta_max": p["delta"],
                     "staleness_limit": args.staleness_limit, "memory_fraction": p["memory_fraction"],
-                    "max_num_batched_tokens": p["max_batched"], "score_below_batch": args.score_below_batch},
+                    "max_num_batched_tokens": p["max_batched"], "score_below_batch": args.score_below_batch,
+                    "keep_stale_kv": args.keep_stale_kv},
         "ppo": {"ppo_epochs": 1, "num_mini_batches": 1, "micro_batch_size": p["micro"],
                 "micro_batch_tokens": p.get("micro_tokens"), "old_logprob": args.old_logprob},
         "optim": {"actor_lr": p["lr"], "critic_lr": p["lr"]},
@@ -663,6 +664,9 @@ def main(argv=None):
     ap.add_argument("--score-below-batch", type=int, default=None,
                     help="intra/full: scorers launch before the flush only once at most this many sequences "
                          "decode (rollout.score_below_batch; default: whenever enough tokens are pending)")
+    ap.add_argument("--keep-stale-kv", action="store_true",
+                    help="rollout.keep_stale_kv: deferred sequences keep their actor KV across the weight "
+                         "update (no recompute; approximate)")
     ap.add_argument("--micro-tokens", type=int, default=None,
                     help="ppo.micro_batch_tokens of our modes (default 16384; TRL keeps --micro 16 sequences)")
     ap.add_argument("--median", type=float, default=None)
@@ -729,7 +733,7 @@ def main(argv=None):
     lens = [json.loads(line)["target_len"] for line in open(prompt_file)]
     config = {k: v for k, v in p.items() if k != "workload"}
     config.update(steps=args.steps, warmup=args.warmup, dtype=args.dtype, ours_dtype=args.ours_dtype, old_logprob=args.old_logprob,
-                  score_below_batch=args.score_below_batch,
+                  score_below_batch=args.score_below_batch, keep_stale_kv=args.keep_stale_kv,
                   staleness_limit=args.staleness_limit, adaptive_chunk=not args.fixed_chunk, tiny=args.tiny,
                   target_len_mean=sum(lens) / len(lens), target_len_max=max(lens),
                   first_batch_max=max(lens[:p["B"]]), num_prompts=len(lens),

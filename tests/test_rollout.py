@@ -8,6 +8,7 @@ import torch
 from oppo_runtime.engine import ActorEngine, EngineConfig, SamplingParams
 from oppo_runtime.engine.rollout import Rollout
 from oppo_runtime.engine.scorer import RuleReward, Scorer
+from oppo_runtime.engine.timeline import Timeline
 from oppo_runtime.memory import KVGeometry, PagePool
 from oppo_runtime.models import ModelConfig, build_model
 from oppo_runtime.models.context import DenseContext
@@ -244,3 +245,25 @@ def test_score_below_batch_waits_for_the_tail_and_changes_no_result(models, thre
     assert pool.num_free == pool.num_pages
     early = [n for n, flushing in launches if not flushing]
     assert early and max(early) <= 2, launches        # scored in the tail, before the flush
+
+
+@pytest.mark.parametrize("threaded", [False, True])
+def test_actor_spans_are_named_by_what_each_step_did(models, threaded):
+    """A prefill step (new prompts) taken while other sequences decode is drawn as "prefill", not
+    "decode": one actor span per engine step, named by the step's kind."""
+    ro, _ = make(models, True, 4, threaded=threaded)
+    ro.submit(prompts(4, seed=3), SamplingParams(max_new_tokens=64), target_lens=[2, 3, 40, 45])
+    ro.collect(2)
+    assert ro.actor.scheduler.running                     # two still decoding
+    ro.submit(prompts(3, seed=4), SamplingParams(max_new_tokens=64), target_lens=[5, 6, 7])
+    tl = Timeline()
+    tl.mark_reference()
+    ro.timeline = tl
+    before = dict(ro.actor.stats)
+    ro.collect()
+    ro.close()
+    tl.resolve()
+    names = [sp.name for sp in sorted(tl.spans, key=lambda s: s.start_s) if sp.lane == "actor"]
+    assert names[0] == "prefill"                           # the new prompts' step, beside the decoders
+    assert names.count("prefill") == ro.actor.stats["prefill_steps"] - before["prefill_steps"] >= 1
+    assert names.count("decode") == ro.actor.stats["decode_steps"] - before["decode_steps"] >= 1

@@ -153,15 +153,17 @@ class Rollout:
 
     @contextlib.contextmanager
     def _span(self, lane: str, name: str, stream=None):
-        """A timeline span timed on ``stream`` by CUDA events (host clock on the CPU)."""
+        """A timeline span timed on ``stream`` by CUDA events (host clock on the CPU). Yields a dict
+        whose "name" the body may change (the span is recorded under it)."""
+        label = {"name": name}
         if self.timeline is None:
-            yield
+            yield label
             return
         self.timeline.cuda_span_begin(lane, name, stream)
         try:
-            yield
+            yield label
         finally:
-            self.timeline.cuda_span_end(lane, name, stream)
+            self.timeline.cuda_span_end(lane, name, stream, as_name=label["name"])
 
     # ------------------------------------------------------------------ API
     def submit(self, prompts, sampling: SamplingParams | None = None, target_lens=None, sample_keys=None,
@@ -336,8 +338,13 @@ class Rollout:
 
     def _actor_step(self) -> None:
         t0 = time.perf_counter()
-        with self._span("actor", "decode" if self.actor.scheduler.running else "prefill", self.actor.stream):
+        # named by what the step did: a prefill step (new prompts, recomputed KV of deferred or
+        # preempted sequences) while others decode was drawn as "decode" before
+        with self._span("actor", "decode", self.actor.stream) as label:
+            n0 = self.actor.stats["prefill_steps"]
             self.actor.step()
+            if self.actor.stats["prefill_steps"] != n0:
+                label["name"] = "prefill"
         self.stats["actor_s"] += time.perf_counter() - t0
 
     def _raise_worker_error(self) -> None:

@@ -132,11 +132,13 @@ class Timeline:
         ev.record(stream)
         self._open[key] = (ev, dev, args)
 
-    def cuda_span_end(self, lane: str, name: str, stream=None):
+    def cuda_span_end(self, lane: str, name: str, stream=None, as_name: str | None = None):
+        """End the span begun as (lane, name); ``as_name`` renames it (what it turned out to be)."""
         try:
             start_ev, where, args = self._open.pop((lane, name))   # where: host start, or the device
         except KeyError:
             raise RuntimeError(f"span {lane}/{name} was not begun") from None
+        name = as_name or name
         if start_ev is None:
             self.add(lane, name, where, self.now(), **args)
             return
