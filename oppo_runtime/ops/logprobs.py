@@ -155,64 +155,51 @@ class _LinearTokenLogprobs(torch.autograd.Function):
         if (g_lp is None and g_ent is None) or not (need_h or need_w):
             return (None, None) + rest
         T, rows, cdtype, acc = ctx.temperature, ctx.rows, ctx.cdtype, lse.dtype
-        if ctx.kernel:
-            return _linear_logprobs_backward_kernel(ctx, hidden, weight, tokens, lse, ent, g_lp, g_ent) + rest
-        # d lp / dz = onehot - p;  d H / dz = -p * (logp + H);  both times 1/T (z = logits / T)
-        g_lp = None if g_lp is None else g_lp.to(acc) / T
-        g_ent = None if g_ent is None else g_ent.to(acc) / T
-        N, V = hidden.shape[0], weight.shape[0]
+        N = hidden.shape[0]
         grad_h = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        if ctx.kernel:              # the kernel divides by T itself
+            from .logprobs_triton import grad_logits_
+            g_lp = None if g_lp is None else g_lp.to(acc).contiguous()
+            g_ent = None if g_ent is None else g_ent.to(acc).contiguous()
+        else:
+            g_lp = None if g_lp is None else g_lp.to(acc) / T
+            g_ent = None if g_ent is None else g_ent.to(acc) / T
         with torch.autocast(hidden.device.type, enabled=False):
             w = weight.to(cdtype)
             for s in range(0, N, rows):
                 e = min(N, s + rows)
                 h = hidden[s:e].to(cdtype)
-                logp = _chunk_logits(h, w, T, cdtype, acc).sub_(lse[s:e, None])
-                if g_ent is not None:   # gz = -p * (g_lp + g_ent * (logp + H)) (+ g_lp at the token)
-                    p = logp.exp()
-                    gz = logp.add_(ent[s:e, None]).mul_(g_ent[s:e, None])
-                    if g_lp is not None:
-                        gz.add_(g_lp[s:e, None])
-                    gz.mul_(p).neg_()
-                    del p
-                else:                   # gz = -p * g_lp (+ g_lp at the token)
-                    gz = logp.exp_().mul_(-g_lp[s:e, None])
-                if g_lp is not None:
-                    gz.scatter_add_(-1, tokens[s:e, None], g_lp[s:e, None])
-                gz = gz.to(cdtype)
+                sl = (tokens[s:e], lse[s:e], None if ent is None else ent[s:e],
+                      None if g_lp is None else g_lp[s:e], None if g_ent is None else g_ent[s:e])
+                if ctx.kernel:      # one pass, in place over the chunk's logits (in cdtype)
+                    gz = grad_logits_(F.linear(h, w), *sl, T)
+                else:
+                    gz = _chunk_logits_grad(_chunk_logits(h, w, T, cdtype, acc), *sl).to(cdtype)
                 if need_h:
                     grad_h[s:e] = gz @ w
                 if need_w:
                     _accumulate_gemm(grad_w, gz.t(), h)
-                del logp, gz
+                del gz
         return (grad_h, None if grad_w is None else grad_w.to(weight.dtype)) + rest
 
 
-def _linear_logprobs_backward_kernel(ctx, hidden, weight, tokens, lse, ent, g_lp, g_ent):
-    """The backward above with the logits' gradient from one Triton pass per chunk (in place over
-    the recomputed logits, in cdtype) -> (grad_hidden, grad_weight)."""
-    from .logprobs_triton import grad_logits_
-    need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    T, rows, cdtype, acc = ctx.temperature, ctx.rows, ctx.cdtype, lse.dtype
-    g_lp = None if g_lp is None else g_lp.to(acc).contiguous()
-    g_ent = None if g_ent is None else g_ent.to(acc).contiguous()
-    N = hidden.shape[0]
-    grad_h = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_h else None
-    grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
-    with torch.autocast(hidden.device.type, enabled=False):
-        w = weight.to(cdtype)
-        for s in range(0, N, rows):
-            e = min(N, s + rows)
-            h = hidden[s:e].to(cdtype)
-            gz = grad_logits_(F.linear(h, w), tokens[s:e], lse[s:e], None if ent is None else ent[s:e],
-                              None if g_lp is None else g_lp[s:e], None if g_ent is None else g_ent[s:e], T)
-            if need_h:
-                grad_h[s:e] = gz @ w
-            if need_w:
-                _accumulate_gemm(grad_w, gz.t(), h)
-            del gz
-    return grad_h, None if grad_w is None else grad_w.to(weight.dtype)
+def _chunk_logits_grad(z, tokens, lse, ent, g_lp, g_ent):
+    """The reference of ``logprobs_triton.grad_logits_``: d(sum g_lp * logprobs + g_ent * entropy)
+    / d(z) for a chunk of scaled logits z (float32, overwritten), with g_lp, g_ent already divided
+    by the temperature. d lp / dz = onehot - p;  d H / dz = -p * (logp + H)."""
+    logp = z.sub_(lse[:, None])
+    if g_ent is not None:       # gz = -p * (g_lp + g_ent * (logp + H)) (+ g_lp at the token)
+        p = logp.exp()
+        gz = logp.add_(ent[:, None]).mul_(g_ent[:, None])
+        if g_lp is not None:
+            gz.add_(g_lp[:, None])
+        gz.mul_(p).neg_()
+    else:                       # gz = -p * g_lp (+ g_lp at the token)
+        gz = logp.exp_().mul_(-g_lp[:, None])
+    if g_lp is not None:
+        gz.scatter_add_(-1, tokens[:, None], g_lp[:, None])
+    return gz
 
 
 def _accumulate_gemm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
