@@ -3,7 +3,7 @@ pool, staging, booking, chunk emission) over a stub model whose forward and LM h
 preallocated zeros and a stub sampler, so what is timed is the Python and numpy a decode step
 costs, not arithmetic.
 
-    python bench/host_probe.py [--batches 64,256] [--new 256] [--reps 3] [--profile] [--out PATH]
+    python bench/host_probe.py [--batches 64,256] [--new 256] [--reps 3] [--prompt-len 128] [--profile] [--out PATH]
 
 Modes (each in the same process): ``sync`` (book every step before the next), ``async`` (the
 GPU's default: the next step is launched before the previous one is booked) and ``static`` (async
@@ -75,14 +75,13 @@ def _stub_sample(logits, temperature, top_k, top_p, seed, keys, positions, needs
     return (torch.ones(n, dtype=torch.int64), torch.zeros(n), torch.zeros(n, dtype=torch.bool))
 
 
-def run(B: int, new: int, mode: str, reps: int, profile: str | None = None) -> dict:
+def run(B: int, new: int, mode: str, reps: int, profile: str | None = None, plen: int = 128) -> dict:
     actor_module.sample_tokens = _stub_sample
     os.environ["OPPO_ASYNC_DECODE"] = "0" if mode == "sync" else "1"
     os.environ["OPPO_STATIC_DECODE"] = "1" if mode.startswith("static") else "0"
     os.environ["OPPO_GRAPH_SAMPLING"] = "1" if mode == "static_gs" else "0"
     model = StubModel()
     geo = KVGeometry(*model.kv_geometry(), torch.float32)
-    plen = 128
     pool = PagePool(B * (-(-(plen + new) // 16) + 1) + 64, PagePool.page_bytes_for([geo], 16), "cpu")
     eng = ActorEngine(model, pool, EngineConfig(max_num_seqs=B, chunk_size=64, seed=0, max_num_batched_tokens=1 << 16,
                                                 max_model_len=plen + new + 16))
@@ -119,6 +118,7 @@ def main():
     ap.add_argument("--batches", default="64,256")
     ap.add_argument("--new", type=int, default=256)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--prompt-len", type=int, default=128, help="prompt tokens (long contexts: long block tables)")
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--profile", action="store_true", help="one more generate per mode and batch under cProfile, "
                                                           "to host_probe_<mode>_B<B>.txt beside --out (or in /tmp)")
@@ -131,7 +131,7 @@ def main():
             prof = None
             if args.profile:
                 prof = str(Path(args.out).parent if args.out else Path("/tmp")) + f"/host_probe_{mode}_B{B}.txt"
-            r = run(B, args.new, mode, args.reps, prof)
+            r = run(B, args.new, mode, args.reps, prof, args.prompt_len)
             rows.append(r)
             print(f"B={B:4d} {mode:9s} host {r['host_ms']:.3f} ms/step, wall {r['wall_ms']:.3f} ms/step", flush=True)
     print_table(rows, [("B", "B", "d"), ("mode", "mode", "s"), ("host_ms", "host ms/step", ".3f"),
