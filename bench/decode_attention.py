@@ -2,7 +2,7 @@
 beside PyTorch SDPA on a contiguous (unpaged) cache of the same shape and FlexAttention.
 
     python bench/decode_attention.py [--out PATH] [--block-size 16] [--no-flex] [--shapes 0,2] [--plans v4,v3]
-                                     [--head-major]
+                                     [--head-major] [--ragged]
 
 --plans: time our kernel under each plan (OPPO_DECODE_PLAN: v2, v3, v4) in the same run; the first
 is the `ours` column, the others get `ours_<plan>` columns. Default: the environment's plan (v3).
@@ -10,6 +10,13 @@ is the `ours` column, the others get `ours_<plan>` columns. Default: the environ
 tokens of a page contiguous, as FlashInfer's HND layout), `ours_hm` columns (the layout A/B).
 Per plan the row also records the splits, the CTAs launched and the most items one CTA takes
 (from the Python mirror of the launcher's plan; v4 without split is a persistent grid).
+
+--ragged: one more row, the decode batch of the PPO benchmark's workload G (B + Δ = 128 sequences,
+Hq 14 / Hkv 2 / D 64, contexts = a 128-token prompt + part of a lognormal response, median 400,
+sigma 1, cap 4096: one long context beside many short ones, fixed seed). Its baselines get the
+ragged lengths as a mask (SDPA: a boolean mask over the padded cache; FlexAttention: a block mask,
+which skips the padding's blocks). It is reported apart: `summary.ragged_*`, not in the minima of
+the five shapes of issue 7.
 
 Bytes counted: every K and V byte of every context once, plus q and out. One query per
 sequence; all sequences hold `ctx` tokens on shuffled pages of a pool whose page holds one
@@ -37,6 +44,22 @@ SHAPES = [  # B, ctx, Hq, Hkv, D  (issue 7)
     (128, 2048, 32, 32, 128),
     (1, 32768, 32, 8, 128),
 ]
+RAGGED = (128, "ragged", 14, 2, 64)     # --ragged: workload G's decode batch
+
+
+def ragged_lengths(B: int, seed: int = 0, prompt: int = 128, median: float = 400.0, sigma: float = 1.0,
+                   cap: int = 4096) -> list[int]:
+    """Context lengths of a decode batch part-way through lognormal responses (see --ragged)."""
+    g = torch.Generator().manual_seed(seed)
+    final = (median * torch.exp(sigma * torch.randn(B, generator=g, dtype=torch.float64))).clamp(1, cap)
+    part = torch.rand(B, generator=g, dtype=torch.float64)
+    return [prompt + max(1, int(round(float(f * p)))) for f, p in zip(final, part)]
+
+
+def ragged_mask(ctx_lens: torch.Tensor, ctx: int) -> torch.Tensor:
+    """[B, 1, 1, ctx] bool: True at the keys a sequence holds (SDPA's mask over a padded cache)."""
+    B = ctx_lens.shape[0]
+    return (torch.arange(ctx, device=ctx_lens.device)[None, :] < ctx_lens[:, None]).view(B, 1, 1, ctx)
 
 
 def _plans() -> tuple[list[str], bool, list[str]]:
@@ -45,17 +68,18 @@ def _plans() -> tuple[list[str], bool, list[str]]:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--plans", default=None)
     pre.add_argument("--head-major", action="store_true")
+    pre.add_argument("--ragged", action="store_true")
     known, rest = pre.parse_known_args()
     if known.plans is None:
-        return [os.environ.get("OPPO_DECODE_PLAN") or "v3"], known.head_major, rest
+        return [os.environ.get("OPPO_DECODE_PLAN") or "v3"], known.head_major, known.ragged, rest
     plans = [p.strip() for p in known.plans.split(",") if p.strip()]
     assert plans and all(p in ("v2", "v3", "v4") for p in plans), f"--plans takes v2/v3/v4, got {known.plans!r}"
-    return plans, known.head_major, rest
+    return plans, known.head_major, known.ragged, rest
 
 
 def main() -> None:
-    plans, head_major, rest = _plans()
-    args, flex, _ = attention_bench_setup(__doc__, rest)
+    plans, head_major, ragged_row, rest = _plans()
+    args, flex, create_block_mask = attention_bench_setup(__doc__, rest)
     from oppo_runtime.ops.attention import (paged_decode_attention_ref, paged_decode_grid, paged_decode_plan,
                                             paged_decode_resident_ctas, paged_decode_workspace)
     env_plan = os.environ.get("OPPO_DECODE_PLAN")
@@ -64,19 +88,28 @@ def main() -> None:
     bw = copy_bandwidth()
     print(f"{info['card']}  torch {info['torch']}  copy bandwidth {bw / 1e12:.2f} TB/s (read + write)")
     shapes = SHAPES if args.shapes is None else [SHAPES[int(i)] for i in args.shapes.split(",")]
+    if ragged_row:
+        shapes = [*shapes, RAGGED]
     out_path = results_path("decode_attention", args.out)
     rows = []
     dtype = torch.bfloat16
-    for (B, ctx, Hq, Hkv, D) in shapes:
+    for (B, ctx_spec, Hq, Hkv, D) in shapes:
         G = Hq // Hkv
         scale = D ** -0.5
+        ragged = ctx_spec == "ragged"
+        lens = ragged_lengths(B) if ragged else [ctx_spec] * B
+        ctx = max(lens)                 # the pool, the tables and the padded baselines' length
         k_cache, v_cache, bt = paged_pool(B, ctx, Hkv, D, args.block_size, dtype)
-        ctx_lens = torch.full((B,), ctx, dtype=torch.int32, device="cuda")
+        ctx_lens = torch.tensor(lens, dtype=torch.int32, device="cuda")
         q = torch.randn(B, Hq, D, device="cuda", dtype=dtype)
         out = torch.empty_like(q)
-        nbytes = 2 * B * ctx * Hkv * D * q.element_size() + 2 * q.numel() * q.element_size()
+        nbytes = 2 * sum(lens) * Hkv * D * q.element_size() + 2 * q.numel() * q.element_size()
         row = {"B": B, "ctx": ctx, "Hq": Hq, "Hkv": Hkv, "D": D, "block_size": args.block_size,
                "bytes": nbytes, "floor_us": nbytes / bw * 1e6}
+        if ragged:
+            row.update(ragged=True, ctx_mean=sum(lens) / B, ctx_min=min(lens))
+        # ragged: the baselines read a padded cache and mask the padding off
+        mask = ragged_mask(ctx_lens, ctx) if ragged else None
         outs = {}
         for i, plan in enumerate(plans):   # the plan is read at each call, so at capture inside time_ms
             key = "ours" if i == 0 else f"ours_{plan}"
@@ -128,7 +161,7 @@ def main() -> None:
         vc = v_cache[blocks, pos % args.block_size].transpose(1, 2).contiguous()
         qg = q.view(B, Hkv, G, D)
         try:
-            ms = time_ms(lambda: F.scaled_dot_product_attention(qg, kc, vc, scale=scale))
+            ms = time_ms(lambda: F.scaled_dot_product_attention(qg, kc, vc, attn_mask=mask, scale=scale))
             row["sdpa_us"] = ms * 1e3
             row["sdpa_frac_copy_bw"] = nbytes / (ms * 1e-3) / bw
         except Exception as e:  # noqa: BLE001
@@ -137,7 +170,11 @@ def main() -> None:
         if flex is not None:
             q4 = q.view(B, Hq, 1, D)
             try:
-                ms = time_ms(lambda: flex(q4, kc, vc, scale=scale, enable_gqa=True), graph=False)
+                bm = None
+                if ragged:
+                    bm = create_block_mask(lambda b, h, q_idx, kv_idx: kv_idx < ctx_lens[b], B, None, 1, ctx,
+                                           device="cuda")
+                ms = time_ms(lambda: flex(q4, kc, vc, block_mask=bm, scale=scale, enable_gqa=True), graph=False)
                 row["flex_us"] = ms * 1e3
                 row["flex_frac_copy_bw"] = nbytes / (ms * 1e-3) / bw
             except Exception as e:  # noqa: BLE001
@@ -145,7 +182,8 @@ def main() -> None:
                 print(row["flex_error"])
         if outs:
             try:  # the timed outputs once against SDPA in fp32 (a smoke test; the tests are the check)
-                ref = F.scaled_dot_product_attention(qg.float(), kc.float(), vc.float(), scale=scale).reshape(B, Hq, D)
+                ref = F.scaled_dot_product_attention(qg.float(), kc.float(), vc.float(), attn_mask=mask,
+                                                     scale=scale).reshape(B, Hq, D)
                 for i, (plan, o) in enumerate(outs.items()):
                     key = "rel_err_vs_fp32" if plan == plans[0] else f"rel_err_vs_fp32_{plan}"
                     row[key] = float((o.float() - ref).norm() / ref.norm())
@@ -182,17 +220,26 @@ def main() -> None:
 
 
 def _summary(rows):
+    """Minima over issue 7's shapes; the --ragged row apart (``ragged_*``)."""
+    extra = [r for r in rows if r.get("ragged")]
+    rows = [r for r in rows if not r.get("ragged")]
+
     def mn(key):
         vals = [r[key] for r in rows if key in r]
         return min(vals) if vals else None
     other = sorted({k[len("ours_"):-len("_frac_copy_bw")] for r in rows for k in r
                     if k.startswith("ours_") and k.endswith("_frac_copy_bw") and k != "ours_frac_copy_bw"})
-    return {"plan": rows[0].get("plan") if rows else None,
-            "min_fraction_of_copy_bw": mn("ours_frac_copy_bw"),
-            **{f"min_fraction_of_copy_bw_{p}": mn(f"ours_{p}_frac_copy_bw") for p in other},
-            "min_speedup_vs_sdpa_contiguous": mn("speedup_vs_sdpa"),
-            "min_speedup_vs_flex": mn("speedup_vs_flex"),
-            "shapes": len(rows)}
+    out = {"plan": rows[0].get("plan") if rows else None,
+           "min_fraction_of_copy_bw": mn("ours_frac_copy_bw"),
+           **{f"min_fraction_of_copy_bw_{p}": mn(f"ours_{p}_frac_copy_bw") for p in other},
+           "min_speedup_vs_sdpa_contiguous": mn("speedup_vs_sdpa"),
+           "min_speedup_vs_flex": mn("speedup_vs_flex"),
+           "shapes": len(rows)}
+    if extra:
+        r = extra[0]
+        out.update(ragged_fraction_of_copy_bw=r.get("ours_frac_copy_bw"),
+                   ragged_speedup_vs_sdpa_padded=r.get("speedup_vs_sdpa"), ragged_speedup_vs_flex=r.get("speedup_vs_flex"))
+    return out
 
 
 if __name__ == "__main__":

@@ -1,0 +1,42 @@
+"""bench/decode_attention.py's parts that run without a GPU: the --ragged row's lengths, its
+SDPA mask (against SDPA on each sequence's own keys) and the summary that keeps it apart from
+issue 7's minima."""
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from _scripts import load_script
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def test_ragged_lengths_are_a_fixed_mix_of_short_and_long_contexts():
+    d = load_script(BENCH, "decode_attention")
+    lens = d.ragged_lengths(128)
+    assert lens == d.ragged_lengths(128) and len(lens) == 128
+    assert all(129 <= n <= 128 + 4096 for n in lens)
+    assert max(lens) > 4 * (sum(lens) / len(lens))        # one long context beside many short ones
+
+
+def test_ragged_mask_equals_attention_over_each_sequences_own_keys():
+    d = load_script(BENCH, "decode_attention")
+    B, Hkv, G, D, ctx = 3, 2, 7, 16, 40
+    lens = torch.tensor([40, 13, 1], dtype=torch.int32)
+    q, k, v = torch.randn(B, Hkv, G, D), torch.randn(B, Hkv, ctx, D), torch.randn(B, Hkv, ctx, D)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=d.ragged_mask(lens, ctx))
+    for b, n in enumerate(lens.tolist()):
+        own = F.scaled_dot_product_attention(q[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n])
+        torch.testing.assert_close(out[b:b + 1], own, atol=1e-5, rtol=1e-5)
+
+
+def test_summary_keeps_the_ragged_row_out_of_issue_7s_minima():
+    d = load_script(BENCH, "decode_attention")
+    rows = [{"plan": "v3", "ours_frac_copy_bw": 0.9, "speedup_vs_sdpa": 1.1, "speedup_vs_flex": 3.0},
+            {"plan": "v3", "ours_frac_copy_bw": 0.7, "speedup_vs_sdpa": 0.9, "speedup_vs_flex": 2.0},
+            {"plan": "v3", "ragged": True, "ours_frac_copy_bw": 0.4, "speedup_vs_sdpa": 5.0, "speedup_vs_flex": 0.5}]
+    s = d._summary(rows)
+    assert (s["min_fraction_of_copy_bw"], s["min_speedup_vs_sdpa_contiguous"], s["min_speedup_vs_flex"]) == (0.7, 0.9, 2.0)
+    assert s["shapes"] == 2
+    assert (s["ragged_fraction_of_copy_bw"], s["ragged_speedup_vs_sdpa_padded"], s["ragged_speedup_vs_flex"]) == (0.4, 5.0, 0.5)
+    assert "ragged_fraction_of_copy_bw" not in d._summary(rows[:2])
