@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import gzip
 import json
 import math
 import os
@@ -347,7 +348,6 @@ def profile_step(tr, mode: str, p: dict, args) -> None:
     (out.parent / f"ppo_step_{p['workload']}_{mode}_profile.txt").write_text(text)
     # the whole trace, gzipped (a few MB: the decode replays graphs): per-phase kernel sums offline
     # (bench/trace_phases.py), which key_averages over the whole step cannot give
-    import gzip
     raw = out.parent / f"ppo_step_{p['workload']}_{mode}_trace.json"
     prof.export_chrome_trace(str(raw))
     with open(raw, "rb") as f, gzip.open(str(raw) + ".gz", "wb") as g:
