@@ -355,3 +355,32 @@ def test_decode_graph_step_runs_the_inference_path_whatever_the_callers_grad_mod
             hidden, sampled = st["step"]()        # what torch.cuda.graph() would record
             assert not hidden.requires_grad and sampled is not None
     assert seen and not any(seen)
+
+
+def test_drains_and_waiting_decode_steps_count_where_async_decode_stalls(tiny_llama):
+    """perf counters of the async decode: a step that must read the one in flight back first (a
+    prefill pending: here a sequence admitted mid-run; the end) counts as a drain; decode steps
+    taken while a sequence waits for pages count as waiting. Nothing waits with a roomy pool and
+    every request in at the start, and then only the end and the prompts' prefill drain."""
+    _, model = tiny_llama
+
+    def run(pages, late):
+        pool = make_pool(model, pages)
+        eng = ActorEngine(model, pool, EngineConfig(async_decode=True, chunk_size=4, seed=1, max_num_seqs=4,
+                                                    max_num_batched_tokens=64, max_model_len=64))
+        sp = SamplingParams(temperature=1.0, max_new_tokens=40)
+        for p in prompts(4, seed=5):
+            eng.add_request(p, sp, target_len=30)
+        steps = 0
+        while eng.has_unfinished():
+            eng.step()
+            steps += 1
+            if steps == 10 and late:          # one more request once the others decode (slot or pages)
+                eng.add_request(prompts(1, seed=6)[0], sp, target_len=10)
+        assert pool.num_free == pool.num_pages
+        return eng.stats
+
+    roomy = run(400, late=False)
+    assert roomy["waiting_decode_steps"] == 0 and roomy["drains"] <= 2 and roomy["decode_steps"] >= 29
+    late = run(400, late=True)        # max_num_seqs=4: the fifth waits for a slot while four decode
+    assert late["waiting_decode_steps"] > 0 and late["drains"] >= roomy["drains"] + 1

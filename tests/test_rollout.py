@@ -117,7 +117,13 @@ def test_collect_returns_the_first_finished_and_keeps_the_rest_in_flight(models)
 
 
 def test_scorers_survive_a_pool_too_small_for_everyone(models):
-    on = run(models, True, 8, LENS, num_pages=40)
+    ro, pool = make(models, True, 8, num_pages=40)
+    ro.submit(prompts(len(LENS)), SamplingParams(temperature=1.0, max_new_tokens=64), target_lens=LENS)
+    on = sorted(ro.collect(), key=lambda r: r.seq.sample_key)
+    assert ro.stats["scorer_pages_evicted"] > 0          # the actor's pressure took scorer pages (counted)
+    ro.close()
+    assert pool.num_free == pool.num_pages, "pages leaked"
+    pool.check()
     off = run(models, False, 8, LENS)
     for a, b in zip(on, off):
         assert a.seq.output_ids == b.seq.output_ids

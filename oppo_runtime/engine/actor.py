@@ -82,8 +82,11 @@ class ActorEngine:
         # host_s: host-side scheduling, batch preparation and token bookkeeping (not GPU work)
         # wasted_rows: decode rows of sequences that had ended at an earlier token (async decode: an
         # EOS or stop token is read one step late; ends by length are known and sit out)
+        # drains: async decode steps that had to read the step in flight back before scheduling
+        # (a prefill pending, a preemption, the end), i.e. the GPU idled while the host caught up;
+        # waiting_decode_steps: decode steps taken while sequences waited for admission (pages)
         self.stats = {"decode_steps": 0, "prefill_steps": 0, "generated_tokens": 0, "host_s": 0.0,
-                      "wasted_rows": 0}
+                      "wasted_rows": 0, "drains": 0, "waiting_decode_steps": 0}
         self.step_hooks: list[Callable[[str, float, float], None]] = []   # (kind, t0, t1) per step
         # async decode: read each decode step's tokens back while the next one runs (see step())
         self.async_decode = self.config.async_decode
@@ -247,6 +250,7 @@ class ActorEngine:
             except NeedsDrain:
                 batch = None
             if batch is None:                       # prefill, preemption or the end: book first
+                self.stats["drains"] += 1
                 finished += self._book(prev)
                 prev = None
             elif batch.spans is batch.rows:         # made from prev's rows: every row continues one
@@ -273,6 +277,8 @@ class ActorEngine:
             return finished
         kind = "decode" if batch.is_decode else "prefill"
         self.stats[f"{kind}_steps"] += 1
+        if batch.is_decode and self.scheduler.waiting:
+            self.stats["waiting_decode_steps"] += 1
         launched = self._launch(batch, ids_from)
         if prev is not None:
             finished += self._book(prev)

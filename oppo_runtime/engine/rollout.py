@@ -67,7 +67,9 @@ class Rollout:
         self.in_flight: dict[int, Sequence] = {}
         actor.add_chunk_consumer(self._on_chunks)
         actor.scheduler.on_pool_pressure = self._on_pool_pressure
-        self.stats = {"actor_s": 0.0, "score_s": 0.0}
+        # scorer_pages_evicted: scorer KV pages dropped for the actor's pool pressure (the
+        # scorers recompute those prefixes later)
+        self.stats = {"actor_s": 0.0, "score_s": 0.0, "scorer_pages_evicted": 0}
         self.scorer_calls: list[tuple[int, float]] = []     # (tokens, host seconds) per scorer call
         # On a GPU the scorers are driven from a host thread of their own: launching their eager
         # prefill costs milliseconds of host time, which would otherwise stall the decode loop.
@@ -135,6 +137,7 @@ class Rollout:
         for s in self.scorers:
             if freed < n_pages and s.pool is pool:
                 freed += s.evict(n_pages - freed, protect=protect)
+        self.stats["scorer_pages_evicted"] += freed
         return freed
 
     def _pools(self) -> list:
@@ -182,7 +185,7 @@ class Rollout:
         self.actor.chunk_size = c
 
     def reset_stats(self) -> None:
-        self.stats = {k: 0.0 for k in self.stats}
+        self.stats = {k: type(v)(0) for k, v in self.stats.items()}
         self.scorer_calls = []
 
     def resume(self, seqs: list[Sequence]) -> None:
