@@ -382,5 +382,37 @@ def test_drains_and_waiting_decode_steps_count_where_async_decode_stalls(tiny_ll
 
     roomy = run(400, late=False)
     assert roomy["waiting_decode_steps"] == 0 and roomy["drains"] <= 2 and roomy["decode_steps"] >= 29
-    late = run(400, late=True)        # max_num_seqs=4: the fifth waits for a slot while four decode
-    assert late["waiting_decode_steps"] > 0 and late["drains"] >= roomy["drains"] + 1
+    # max_num_seqs=4: the fifth waits for a slot while four decode. It cannot be admitted before
+    # one of them ends, so those steps stay lagged (they drained every step before 2026-12-05:
+    # 22 drains in 38 decode steps); one drain admits it once a slot is free
+    late = run(400, late=True)
+    assert late["waiting_decode_steps"] >= 10
+    assert late["drains"] <= roomy["drains"] + 2, late
+    # pages, not slots: a waiting request may be admitted by preempting, so each step drains
+    short = run(22, late=True)
+    assert short["drains"] > roomy["drains"] + 2, short
+
+
+def test_async_decode_with_requests_waiting_for_a_slot_equals_synchronous(tiny_llama):
+    """More requests than batch slots (max_num_seqs=3 for 8): waiting requests do not stop the
+    lagged decode, and tokens, log-probs and finishes equal the synchronous engine's."""
+    _, model = tiny_llama
+    ps = prompts(8, seed=31)
+
+    def run(async_decode):
+        pool = make_pool(model, 400)
+        eng = ActorEngine(model, pool, EngineConfig(async_decode=async_decode, chunk_size=4, seed=2, max_num_seqs=3,
+                                                    max_num_batched_tokens=64, max_model_len=64))
+        sp = SamplingParams(temperature=1.0, max_new_tokens=30)
+        seqs = [eng.add_request(p, sp, target_len=t) for p, t in zip(ps, [5, 30, 12, 1, 20, 8, 25, 3])]
+        while eng.has_unfinished():
+            eng.step()
+            pool.check()
+        assert pool.num_free == pool.num_pages
+        return [(s.output_ids, s.versions, s.finish_reason) for s in seqs], [x for s in seqs for x in s.logprobs], eng
+
+    sync_out, sync_lp, _ = run(False)
+    async_out, async_lp, eng = run(True)
+    assert async_out == sync_out
+    torch.testing.assert_close(torch.tensor(async_lp), torch.tensor(sync_lp), atol=1e-5, rtol=0)
+    assert eng.stats["waiting_decode_steps"] > 0 and eng.stats["drains"] < eng.stats["waiting_decode_steps"]

@@ -178,12 +178,14 @@ class Scheduler:
         """The next decode step while the previous one (over ``prev_seqs``) is still on the device
         (its tokens unread).
 
-        Only when no prefill is pending; sequences whose unread token is their last by length sit
-        out. Raises NeedsDrain instead of preempting: pages freed now could still be written by
-        the step in flight, so preemption waits until that step is resolved. With ``prev_rows``
-        (the in-flight step's DecodeRows) and no change of the running set since, the batch is
-        made from those arrays (``_lagged_rows``); otherwise by walking the running sequences."""
-        if self.waiting:
+        Only when no prefill is pending, or only waiting sequences that cannot be admitted anyway
+        (every batch slot taken: ``_schedule_prefill`` would take none of them); sequences whose
+        unread token is their last by length sit out. Raises NeedsDrain instead of preempting:
+        pages freed now could still be written by the step in flight, so preemption waits until
+        that step is resolved. With ``prev_rows`` (the in-flight step's DecodeRows) and no change
+        of the running set since, the batch is made from those arrays (``_lagged_rows``);
+        otherwise by walking the running sequences."""
+        if self.waiting and len(self.running) < self.max_num_seqs:
             return None
         self._lagged = True
         try:
