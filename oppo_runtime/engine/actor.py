@@ -84,7 +84,7 @@ class ActorEngine:
         # EOS or stop token is read one step late; ends by length are known and sit out)
         # drains: async decode steps that had to read the step in flight back before scheduling
         # (a prefill pending, a preemption, the end), i.e. the GPU idled while the host caught up;
-        # waiting_decode_steps: decode steps taken while sequences waited for admission (pages)
+        # waiting_decode_steps: decode steps taken while sequences waited for admission (a slot or pages)
         self.stats = {"decode_steps": 0, "prefill_steps": 0, "generated_tokens": 0, "host_s": 0.0,
                       "wasted_rows": 0, "drains": 0, "waiting_decode_steps": 0}
         self.step_hooks: list[Callable[[str, float, float], None]] = []   # (kind, t0, t1) per step
