@@ -126,7 +126,7 @@ def _ours(model, prompts, new, B, async_decode, host_profile, kernel_profile_pat
                                                  graph_sampling=graph_sampling))
     sp = SamplingParams(temperature=1.0, max_new_tokens=new)
     eng.generate(prompts, sp, target_lens=[8] * B)           # warm-up: graph capture for batch B
-    eng.stats.update(decode_steps=0, prefill_steps=0, generated_tokens=0, host_s=0.0)
+    eng.reset_stats()
     acc = {"first_decode": None, "probe_s": 0.0, "gpu_ms": None}
 
     def hook(kind, t0, t1):

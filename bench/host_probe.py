@@ -94,7 +94,7 @@ def run(B: int, new: int, mode: str, reps: int, profile: str | None = None, plen
     out = []
     for rep in range(reps + (1 if profile else 0)):
         prof = cProfile.Profile() if (profile and rep == reps) else None
-        eng.stats.update(decode_steps=0, prefill_steps=0, generated_tokens=0, host_s=0.0)
+        eng.reset_stats()
         t = time.perf_counter()
         if prof:
             prof.enable()

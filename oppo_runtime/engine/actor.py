@@ -186,6 +186,11 @@ class ActorEngine:
         self._emit([seq])
         self.scheduler.finish(seq)
 
+    def reset_stats(self) -> None:
+        """Zero the per-run counters of ``stats`` (a PPO step's, a benchmark repetition's), in place."""
+        for k, v in self.stats.items():
+            self.stats[k] = type(v)(0)
+
     def drop_kv(self) -> int:
         """Free the actor KV of every sequence in flight: they are re-prefilled (under the current
         weights) when next scheduled. Returns how many sequences were affected."""

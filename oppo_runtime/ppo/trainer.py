@@ -368,8 +368,7 @@ class PPOTrainer:
             tl.mark_reference(torch.cuda.current_stream(self.scorer_gpu))
         self.rollout.timeline = tl
         self.rollout.reset_stats()
-        self.engine.stats.update(decode_steps=0, prefill_steps=0, generated_tokens=0, host_s=0.0, wasted_rows=0,
-                                 drains=0, waiting_decode_steps=0)
+        self.engine.reset_stats()
         t_step = time.perf_counter()
         preempt0 = self.engine.scheduler.num_preemptions
         graphs0 = self._scorer_graph_stats()
@@ -437,8 +436,8 @@ class PPOTrainer:
             "timing_s/engine_host": es["host_s"],
             "perf/wasted_decode_rows": es["wasted_rows"],
             "perf/decode_drains": es["drains"],
-            "oppo/scorer_pages_evicted": self.rollout.stats["scorer_pages_evicted"],
             "perf/waiting_decode_steps": es["waiting_decode_steps"],
+            "oppo/scorer_pages_evicted": self.rollout.stats["scorer_pages_evicted"],
             **timer.metrics(),
             **{f"timing_s/update_{k}": v for k, v in phases.items()},
             "perf/throughput": total_tokens / step_s,
