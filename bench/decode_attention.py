@@ -2,7 +2,7 @@
 beside PyTorch SDPA on a contiguous (unpaged) cache of the same shape and FlexAttention.
 
     python bench/decode_attention.py [--out PATH] [--block-size 16] [--no-flex] [--shapes 0,2] [--plans v4,v3]
-                                     [--head-major] [--ragged]
+                                     [--head-major] [--ragged] [--caps 256,512]
 
 --plans: time our kernel under each plan (OPPO_DECODE_PLAN: v2, v3, v4) in the same run; the first
 is the `ours` column, the others get `ours_<plan>` columns. Default: the environment's plan (v3).
@@ -10,6 +10,10 @@ is the `ours` column, the others get `ours_<plan>` columns. Default: the environ
 tokens of a page contiguous, as FlashInfer's HND layout), `ours_hm` columns (the layout A/B).
 Per plan the row also records the splits, the CTAs launched and the most items one CTA takes
 (from the Python mirror of the launcher's plan; v4 without split is a persistent grid).
+
+--caps: the first plan again with each max_partition (the cap on tokens per split that the engine
+passes, EngineConfig.decode_max_partition), `ours_cap<N>` columns; `ours` is the kernel's own plan
+(no cap), which issue 7's minima are taken over.
 
 --ragged: one more row, the decode batch of the PPO benchmark's workload G (B + Δ = 128 sequences,
 Hq 14 / Hkv 2 / D 64, contexts = a 128-token prompt + part of a lognormal response, median 400,
@@ -62,23 +66,26 @@ def ragged_mask(ctx_lens: torch.Tensor, ctx: int) -> torch.Tensor:
     return (torch.arange(ctx, device=ctx_lens.device)[None, :] < ctx_lens[:, None]).view(B, 1, 1, ctx)
 
 
-def _plans() -> tuple[list[str], bool, list[str]]:
-    """--plans and --head-major, and the rest of argv for the shared setup (sys.argv stays whole:
+def _plans() -> tuple[list[str], bool, bool, list[int], list[str]]:
+    """--plans, --head-major, --ragged and --caps, and the rest of argv for the shared setup (sys.argv stays whole:
     the recorded command must reproduce the run)."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--plans", default=None)
     pre.add_argument("--head-major", action="store_true")
     pre.add_argument("--ragged", action="store_true")
+    pre.add_argument("--caps", default="")
     known, rest = pre.parse_known_args()
+    caps = [int(c) for c in known.caps.split(",") if c.strip()]
+    assert all(c > 0 for c in caps), f"--caps takes positive token counts, got {known.caps!r}"
     if known.plans is None:
-        return [os.environ.get("OPPO_DECODE_PLAN") or "v3"], known.head_major, known.ragged, rest
+        return [os.environ.get("OPPO_DECODE_PLAN") or "v3"], known.head_major, known.ragged, caps, rest
     plans = [p.strip() for p in known.plans.split(",") if p.strip()]
     assert plans and all(p in ("v2", "v3", "v4") for p in plans), f"--plans takes v2/v3/v4, got {known.plans!r}"
-    return plans, known.head_major, known.ragged, rest
+    return plans, known.head_major, known.ragged, caps, rest
 
 
 def main() -> None:
-    plans, head_major, ragged_row, rest = _plans()
+    plans, head_major, ragged_row, caps, rest = _plans()
     args, flex, create_block_mask = attention_bench_setup(__doc__, rest)
     from oppo_runtime.ops.attention import (paged_decode_attention_ref, paged_decode_grid, paged_decode_plan,
                                             paged_decode_resident_ctas, paged_decode_workspace)
@@ -135,6 +142,30 @@ def main() -> None:
                 else:
                     os.environ["OPPO_DECODE_PLAN"] = env_plan
         row["plan"] = plans[0]
+        if caps:
+            os.environ["OPPO_DECODE_PLAN"] = plans[0]
+        for cap in caps:    # the first plan with the engine's cap on tokens per split
+            key = f"ours_cap{cap}"
+            table = bt.shape[1] * args.block_size
+            resident = paged_decode_resident_ctas(D, plan=plans[0])
+            row[f"splits_cap{cap}"] = paged_decode_plan(B, Hq, Hkv, D, table, info["sm_count"], resident, plans[0],
+                                                        cap)[0]
+            try:
+                ws = paged_decode_workspace(q, k_cache, bt, backend="cuda", max_partition=cap)
+                oc = torch.empty_like(q)
+                ms = time_ms(lambda: torch.ops.oppo.paged_decode_attention(oc, q, k_cache, v_cache, bt, ctx_lens,
+                                                                           scale, ws, cap))
+                row[f"{key}_us"] = ms * 1e3
+                row[f"{key}_frac_copy_bw"] = nbytes / (ms * 1e-3) / bw
+                outs[f"cap{cap}"] = oc
+            except Exception as e:  # noqa: BLE001
+                row[f"{key}_error"] = f"{type(e).__name__}: {e}"[:300]
+                print(row[f"{key}_error"])
+        if caps:
+            if env_plan is None:
+                os.environ.pop("OPPO_DECODE_PLAN", None)
+            else:
+                os.environ["OPPO_DECODE_PLAN"] = env_plan
         if head_major:   # the first plan again on head-major pages of the same shape (layout A/B)
             os.environ["OPPO_DECODE_PLAN"] = plans[0]
             try:
@@ -205,6 +236,9 @@ def main() -> None:
     for plan in plans[1:]:
         extra += [(f"splits_{plan}", f"splits {plan}", "d"), (f"ctas_{plan}", f"CTAs {plan}", "d"),
                   (f"ours_{plan}_us", f"{plan} us", ".1f"), (f"ours_{plan}_frac_copy_bw", f"{plan}/copy", ".3f")]
+    for cap in caps:
+        extra += [(f"splits_cap{cap}", f"splits cap {cap}", "d"), (f"ours_cap{cap}_us", f"cap {cap} us", ".1f"),
+                  (f"ours_cap{cap}_frac_copy_bw", f"cap {cap}/copy", ".3f")]
     if head_major:
         extra += [("ours_hm_us", "head-major us", ".1f"), ("ours_hm_frac_copy_bw", "head-major/copy", ".3f")]
     print(f"ours = plan {plans[0]}" + ("; head-major = the same plan on head-major pages" if head_major else ""))
@@ -238,7 +272,9 @@ def _summary(rows):
     if extra:
         r = extra[0]
         out.update(ragged_fraction_of_copy_bw=r.get("ours_frac_copy_bw"),
-                   ragged_speedup_vs_sdpa_padded=r.get("speedup_vs_sdpa"), ragged_speedup_vs_flex=r.get("speedup_vs_flex"))
+                   ragged_speedup_vs_sdpa_padded=r.get("speedup_vs_sdpa"), ragged_speedup_vs_flex=r.get("speedup_vs_flex"),
+                   **{f"ragged_fraction_of_copy_bw_{k[len('ours_'):-len('_frac_copy_bw')]}": v for k, v in r.items()
+                      if k.startswith("ours_cap") and k.endswith("_frac_copy_bw")})
     return out
 
 

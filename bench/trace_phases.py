@@ -1,6 +1,6 @@
 """Where a profiled PPO step's GPU time went, phase by phase, from its chrome trace.
 
-    python bench/trace_phases.py bench/results/ppo_step_T_none_trace.json.gz [--top 12]
+    python bench/trace_phases.py bench/results/ppo_step_T_none_trace.json.gz [--top 12] [--prefix engine/,scorer/]
 
 ``bench/ppo_step.py --profile`` writes the trace of one step. The trainer opens a profiler range
 ``update/<phase>`` (old_logprob, actor, critic, optimizer) around each phase of the update; a
@@ -10,6 +10,10 @@ their intervals (busy), the span from the first kernel's start to the last one's
 kernels by time. ``-`` holds everything launched outside the ranges (the rollout and the scorers).
 A launch from another thread (autograd's backward threads) counts for the range open on any
 thread of the process at that moment (the update's ranges do not overlap).
+
+``--prefix engine/,scorer/`` splits the rollout instead: the actor engine opens ``engine/prefill``
+or ``engine/decode`` around each step's launches, the rollout ``scorer/<name>`` around each scorer
+call. Those run on two threads at once, so a launch counts only for a range of its own thread.
 """
 from __future__ import annotations
 
@@ -40,8 +44,13 @@ def _union(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
-def phases(events: list[dict], prefix: str = "update/") -> dict[str, dict]:
-    """phase -> {"kernel_us", "busy_us", "span_us", "count", "top": [(name, us, count)]}."""
+def phases(events: list[dict], prefix: str | tuple[str, ...] = "update/", any_thread: bool = True
+           ) -> dict[str, dict]:
+    """phase -> {"kernel_us", "busy_us", "span_us", "count", "top": [(name, us, count)]}. A phase is
+    a range name less its prefix (with several prefixes: the name whole). ``any_thread``: a launch
+    outside its thread's ranges counts for a range open on another thread."""
+    prefixes = (prefix,) if isinstance(prefix, str) else tuple(prefix)
+    cut = len(prefixes[0]) if len(prefixes) == 1 else 0
     ranges = defaultdict(list)          # (pid, tid) -> sorted [(start, end, name)]
     launches = {}                       # correlation -> (pid, tid, ts)
     gpu = []
@@ -49,8 +58,8 @@ def phases(events: list[dict], prefix: str = "update/") -> dict[str, dict]:
         if e.get("ph") != "X":
             continue
         cat = e.get("cat", "")
-        if cat == "user_annotation" and e.get("name", "").startswith(prefix):
-            ranges[(e["pid"], e["tid"])].append((e["ts"], e["ts"] + e.get("dur", 0), e["name"][len(prefix):]))
+        if cat == "user_annotation" and e.get("name", "").startswith(prefixes):
+            ranges[(e["pid"], e["tid"])].append((e["ts"], e["ts"] + e.get("dur", 0), e["name"][cut:]))
         elif cat == "cuda_runtime" or cat == "cuda_driver":
             corr = e.get("args", {}).get("correlation")
             if corr is not None:
@@ -65,7 +74,7 @@ def phases(events: list[dict], prefix: str = "update/") -> dict[str, dict]:
         if hit is None:
             return "-"
         pid, tid, ts = hit
-        keys = [(pid, tid)] + [k for k in ranges if k[0] == pid and k != (pid, tid)]
+        keys = [(pid, tid)] + ([k for k in ranges if k[0] == pid and k != (pid, tid)] if any_thread else [])
         for k in keys:              # the launching thread's own range first, then any other thread's
             rs = ranges.get(k)
             if not rs:
@@ -108,8 +117,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("trace")
     ap.add_argument("--top", type=int, default=12)
+    ap.add_argument("--prefix", default="update/",
+                    help="comma-separated range prefixes (default update/; e.g. engine/,scorer/: own thread only)")
     args = ap.parse_args(argv)
-    print(report(phases(load(args.trace)), args.top))
+    prefixes = tuple(p for p in args.prefix.split(",") if p)
+    print(report(phases(load(args.trace), prefixes, any_thread=prefixes == ("update/",)), args.top))
     return 0
 
 

@@ -6,9 +6,9 @@
 void paged_decode_attention_cuda(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,
                                  const at::Tensor& v_cache, const at::Tensor& block_tables,
                                  const at::Tensor& context_lens, double scale,
-                                 const std::optional<at::Tensor>& workspace);
+                                 const std::optional<at::Tensor>& workspace, int64_t max_partition);
 int64_t paged_decode_workspace_size_cuda(const at::Tensor& q, const at::Tensor& k_cache,
-                                         const at::Tensor& block_tables);
+                                         const at::Tensor& block_tables, int64_t max_partition);
 void paged_prefill_attention_cuda(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,
                                   const at::Tensor& v_cache, const at::Tensor& cu_seqlens_q,
                                   const at::Tensor& context_lens, const at::Tensor& block_tables, double scale,

@@ -14,8 +14,8 @@ void kv_append_cuda(const at::Tensor& key, const at::Tensor& value, at::Tensor& 
 TORCH_LIBRARY(oppo, m) {
   m.def("kv_append(Tensor key, Tensor value, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()");
   m.def("paged_decode_attention(Tensor(a!) out, Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
-        "Tensor context_lens, float scale, Tensor(b!)? workspace=None) -> ()");
-  m.def("paged_decode_workspace_size(Tensor q, Tensor k_cache, Tensor block_tables) -> int");
+        "Tensor context_lens, float scale, Tensor(b!)? workspace=None, int max_partition=0) -> ()");
+  m.def("paged_decode_workspace_size(Tensor q, Tensor k_cache, Tensor block_tables, int max_partition=0) -> int");
   m.def("paged_prefill_attention(Tensor(a!) out, Tensor q, Tensor k_cache, Tensor v_cache, Tensor cu_seqlens_q, "
         "Tensor context_lens, Tensor block_tables, float scale, int max_seqlen_q) -> ()");
 }

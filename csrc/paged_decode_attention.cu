@@ -91,7 +91,14 @@ struct DecodePlan {
 //       all once B * Hkv * q_chunks fills half the machine (each CTA then writes `out` itself).
 //   v4: v3's rule with the v4 kernel's occupancy (the caller passes v2 = false).
 // Both: partitions of at least kMinPartition tokens, rounded up to the 64-token tile.
-DecodePlan plan_decode(int64_t base, int64_t max_ctx, int sms, int resident, bool v2) {
+// max_partition > 0 (the caller's hint, v2/v3 only): then also at most that many tokens per split
+// (rounded up to the tile). The rules above see shapes only, so they plan a batch of one long
+// context among many short ones as if every context filled the table: 2 splits at workload G's
+// decode batch (B 128, Hkv 2, table 3360), and the CTA of the longest context's first half (1680
+// tokens, one CTA at ~10 GB/s) set the time, 45 us against a floor of 10 (session 13). With a cap,
+// the long contexts get more CTAs; a split past a context's end exits at once and the reduction
+// never reads it.
+DecodePlan plan_decode(int64_t base, int64_t max_ctx, int sms, int resident, bool v2, int64_t max_partition) {
   using oppo::attn::kDecodeTile;
   int64_t splits = 1;
   if (v2) {
@@ -102,6 +109,10 @@ DecodePlan plan_decode(int64_t base, int64_t max_ctx, int sms, int resident, boo
     if (base < slots) splits = slots / base;
   }
   splits = std::min<int64_t>(splits, std::max<int64_t>(1, (max_ctx + kMinPartition - 1) / kMinPartition));
+  if (max_partition > 0) {
+    const int64_t cap = (max_partition + kDecodeTile - 1) / kDecodeTile * kDecodeTile;
+    splits = std::max<int64_t>(splits, (max_ctx + cap - 1) / cap);
+  }
   if (splits > 1) {
     int64_t part = (max_ctx + splits - 1) / splits;
     part = (part + kDecodeTile - 1) / kDecodeTile * kDecodeTile;
@@ -188,12 +199,14 @@ int setup_resident(Kernel kernel, int smem, int dev, int* cache) {
 // The shape both launchers (v2/v3 and v4) read from the tensors.
 struct DecodeShape {
   int B, Hq, block_size, Hkv, G, q_chunks, dev, sms;
-  int64_t max_ctx;  // tokens the block table can address (the partition plan's upper bound)
-  DecodeShape(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& block_tables)
+  int64_t max_ctx;        // tokens the block table can address (the partition plan's upper bound)
+  int64_t max_partition;  // the caller's cap on tokens per split (0: none; v2/v3 only)
+  DecodeShape(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& block_tables, int64_t max_partition)
       : B(static_cast<int>(q.size(0))), Hq(static_cast<int>(q.size(1))),
         block_size(static_cast<int>(k_cache.size(1))), Hkv(static_cast<int>(k_cache.size(2))), G(Hq / Hkv),
         q_chunks((G + 15) / 16), dev(q.get_device()), sms(sm_count(dev)),
-        max_ctx(std::min<int64_t>(block_tables.size(1) * static_cast<int64_t>(block_size), INT_MAX)) {}
+        max_ctx(std::min<int64_t>(block_tables.size(1) * static_cast<int64_t>(block_size), INT_MAX)),
+        max_partition(max_partition) {}
 };
 
 // Workspace floats of a split plan: o [B, Hq, S, D] + lse [B, Hq, S] (+ `ticket_groups` counters).
@@ -238,7 +251,9 @@ DecodePlan plan_for(const DecodeShape& sh, PlanKind kind, int* resident_out) {
     resident = setup_resident(paged_decode_kernel<T, D, kStages>, DecodeSmem<T, D, kStages>::kBytes, sh.dev, cache);
   }
   if (resident_out != nullptr) *resident_out = resident;
-  return plan_decode(groups, sh.max_ctx, sh.sms, resident, kind == PlanKind::v2);
+  // v4 ignores max_partition: its split launches were not built for more than one wave of items
+  return plan_decode(groups, sh.max_ctx, sh.sms, resident, kind == PlanKind::v2,
+                     kind == PlanKind::v4 ? 0 : sh.max_partition);
 }
 
 template <typename T, int D>
@@ -247,7 +262,7 @@ void launch_decode_v4(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_
                       const std::optional<at::Tensor>& workspace) {
   using namespace oppo::attn;
   constexpr int kStages = DecodeCfg<D, true>::kStages;
-  const DecodeShape sh(q, k_cache, block_tables);
+  const DecodeShape sh(q, k_cache, block_tables, 0);
   const int B = sh.B, Hq = sh.Hq, block_size = sh.block_size, Hkv = sh.Hkv, G = sh.G, q_chunks = sh.q_chunks;
   const int64_t max_ctx = sh.max_ctx;
   const int dev = sh.dev, sms = sh.sms;
@@ -314,7 +329,7 @@ void launch_decode_v4(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_
 template <typename T, int D>
 void launch_decode(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                    const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
-                   const std::optional<at::Tensor>& workspace) {
+                   const std::optional<at::Tensor>& workspace, int64_t max_partition) {
   using namespace oppo::attn;
   const PlanKind kind = decode_plan_kind();
   if (kind == PlanKind::v4) {
@@ -322,7 +337,7 @@ void launch_decode(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cac
     return;
   }
   constexpr int kStages = DecodeCfg<D>::kStages;
-  const DecodeShape sh(q, k_cache, block_tables);
+  const DecodeShape sh(q, k_cache, block_tables, max_partition);
   const int B = sh.B, Hq = sh.Hq, block_size = sh.block_size, Hkv = sh.Hkv, G = sh.G, q_chunks = sh.q_chunks;
   const int64_t max_ctx = sh.max_ctx;
 
@@ -364,8 +379,9 @@ void launch_decode(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cac
 void paged_decode_attention_cuda(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,
                                  const at::Tensor& v_cache, const at::Tensor& block_tables,
                                  const at::Tensor& context_lens, double scale,
-                                 const std::optional<at::Tensor>& workspace) {
+                                 const std::optional<at::Tensor>& workspace, int64_t max_partition) {
   constexpr const char* op = "paged_decode_attention";
+  TORCH_CHECK(max_partition >= 0, op, ": max_partition must be >= 0 (0: no cap), got ", max_partition);
   OPPO_CHECK_CUDA(out, "paged_decode_attention"); OPPO_CHECK_CUDA(q, "paged_decode_attention");
   OPPO_CHECK_CUDA(k_cache, "paged_decode_attention"); OPPO_CHECK_CUDA(v_cache, "paged_decode_attention");
   OPPO_CHECK_CUDA(block_tables, "paged_decode_attention"); OPPO_CHECK_CUDA(context_lens, "paged_decode_attention");
@@ -395,11 +411,11 @@ void paged_decode_attention_cuda(at::Tensor& out, const at::Tensor& q, const at:
   if (B == 0 || Hq == 0) return;
   const at::cuda::OptionalCUDAGuard guard(q.device());
   if (q.scalar_type() == at::kBFloat16) {
-    if (D == 64) launch_decode<__nv_bfloat16, 64>(out, q, k_cache, v_cache, block_tables, context_lens, scale, workspace);
-    else launch_decode<__nv_bfloat16, 128>(out, q, k_cache, v_cache, block_tables, context_lens, scale, workspace);
+    if (D == 64) launch_decode<__nv_bfloat16, 64>(out, q, k_cache, v_cache, block_tables, context_lens, scale, workspace, max_partition);
+    else launch_decode<__nv_bfloat16, 128>(out, q, k_cache, v_cache, block_tables, context_lens, scale, workspace, max_partition);
   } else {
-    if (D == 64) launch_decode<__half, 64>(out, q, k_cache, v_cache, block_tables, context_lens, scale, workspace);
-    else launch_decode<__half, 128>(out, q, k_cache, v_cache, block_tables, context_lens, scale, workspace);
+    if (D == 64) launch_decode<__half, 64>(out, q, k_cache, v_cache, block_tables, context_lens, scale, workspace, max_partition);
+    else launch_decode<__half, 128>(out, q, k_cache, v_cache, block_tables, context_lens, scale, workspace, max_partition);
   }
 }
 
@@ -408,7 +424,7 @@ void paged_decode_attention_cuda(at::Tensor& out, const at::Tensor& q, const at:
 // (never on context_lens' values), so one workspace serves every call of a captured graph. v4:
 // room for the ticket counters too (a captured launch may need them there).
 int64_t paged_decode_workspace_size_cuda(const at::Tensor& q, const at::Tensor& k_cache,
-                                         const at::Tensor& block_tables) {
+                                         const at::Tensor& block_tables, int64_t max_partition) {
   constexpr const char* op = "paged_decode_workspace_size";
   OPPO_CHECK_CUDA(q, "paged_decode_workspace_size"); OPPO_CHECK_CUDA(k_cache, "paged_decode_workspace_size");
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && block_tables.dim() == 2, op,
@@ -418,8 +434,9 @@ int64_t paged_decode_workspace_size_cuda(const at::Tensor& q, const at::Tensor& 
               ": head_dim 64 or 128 shared by q and the cache, and Hq % Hkv == 0");
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf, op, ": q must be bf16 or fp16");
   if (q.size(0) == 0 || Hq == 0) return 0;
+  TORCH_CHECK(max_partition >= 0, op, ": max_partition must be >= 0 (0: no cap), got ", max_partition);
   const at::cuda::OptionalCUDAGuard guard(q.device());
-  const DecodeShape sh(q, k_cache, block_tables);
+  const DecodeShape sh(q, k_cache, block_tables, max_partition);
   const PlanKind kind = decode_plan_kind();
   const int64_t groups = static_cast<int64_t>(sh.B) * sh.Hkv * sh.q_chunks;
   auto size = [&](auto tag, auto dtag) -> int64_t {

@@ -111,7 +111,8 @@ def test_kv_append_strided_rows():
 
 
 # ----------------------------------------------------------------------------- decode
-def _decode_run(B, Hq, Hkv, D, block_size, lens, dtype, out_dtype, extra_blocks=1, scale=None, head_major=False):
+def _decode_run(B, Hq, Hkv, D, block_size, lens, dtype, out_dtype, extra_blocks=1, scale=None, head_major=False,
+                max_partition=0):
     """Kernel vs reference on fresh pages; also the bytes of workspace the call allocated (0: no split)."""
     kv = PagedKV(num_blocks=sum(math.ceil(n / block_size) for n in lens) + 7, block_size=block_size,
                  Hkv=Hkv, D=D, dtype=dtype, head_major=head_major)
@@ -124,7 +125,7 @@ def _decode_run(B, Hq, Hkv, D, block_size, lens, dtype, out_dtype, extra_blocks=
     torch.cuda.synchronize()
     before = torch.cuda.memory_stats()["requested_bytes.all.current"]
     torch.cuda.reset_peak_memory_stats()
-    A.paged_decode_attention(q, kv.k, kv.v, bt, ctx, scale, out=out, backend="cuda")
+    A.paged_decode_attention(q, kv.k, kv.v, bt, ctx, scale, out=out, backend="cuda", max_partition=max_partition)
     torch.cuda.synchronize()
     ws = torch.cuda.memory_stats()["requested_bytes.all.peak"] - before   # bytes requested, unrounded
     ref = A.paged_decode_attention_ref(q, kv.k, kv.v, _ref_tables(bt), ctx, scale,
@@ -184,6 +185,59 @@ def test_decode_kernel_error_in_float32_out(monkeypatch, plan, dtype, shape):
     lens[0] = max_len
     out, ref = _decode_case(B, Hq, Hkv, D, bs, lens, dtype, torch.float32)
     assert rel_err(out, ref) < TOL_F32_OUT[dtype]
+
+
+@pytest.mark.parametrize("cap", [64, 200, 512])
+@pytest.mark.parametrize("shape", [DECODE_SHAPES[i] for i in (0, 1, 2, 4, 5)])
+def test_decode_max_partition_on_ragged_contexts(monkeypatch, cap, shape):
+    """The engine's cap on tokens per split (max_partition; 200 rounds up to 256): one long context
+    among short ones gets many splits, most of them past a short context's end (those CTAs exit at
+    once and the reduction skips them). Float32 out against the reference; the workspace the call
+    took is the mirror's plan with the cap (more splits than without it)."""
+    _use_plan(monkeypatch, "v3")
+    B, Hq, Hkv, D, bs, max_len = shape
+    lens = torch.randint(1, max(2, max_len // 6), (B,)).tolist()
+    lens[0] = max_len
+    out, ref, ws = _decode_run(B, Hq, Hkv, D, bs, lens, torch.bfloat16, torch.float32, max_partition=cap)
+    assert rel_err(out, ref) < TOL_F32_OUT[torch.bfloat16]
+    table = (math.ceil(max_len / bs) + 1) * bs
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    splits, part = A.paged_decode_plan(B, Hq, Hkv, D, table, sms, A.paged_decode_resident_ctas(D, plan="v3"), "v3",
+                                       max_partition=cap)
+    assert splits == max(_plan(B, Hq, Hkv, D, table, "v3")[0], math.ceil(table / (math.ceil(cap / 64) * 64)))
+    assert part <= math.ceil(cap / 64) * 64 or splits == 1
+    assert ws == _ws_expected(B, Hq, D, splits)
+
+
+def test_decode_max_partition_graph_replay_with_caller_workspace(monkeypatch):
+    """As the engine runs it: captured with the cap and a workspace sized for it, replayed on new
+    context lengths (poisoned output each time)."""
+    _use_plan(monkeypatch, "v3")
+    B, Hq, Hkv, D, bs, max_len = 6, 14, 2, 64, 16, 1500
+    kv = PagedKV(num_blocks=B * math.ceil(max_len / bs) + 3, block_size=bs, Hkv=Hkv, D=D, dtype=torch.bfloat16)
+    full = [max_len] * B
+    bt = kv.tables(full)
+    kv.fill(bt, full)
+    q = torch.randn(B, Hq, D, device="cuda").bfloat16()
+    out = torch.empty(B, Hq, D, device="cuda")
+    ctx = torch.tensor([1500, 3, 200, 1, 64, 700], dtype=torch.int32, device="cuda")
+    ws = A.paged_decode_workspace(q, kv.k, bt, backend="cuda", max_partition=256)
+    assert ws is not None and ws.numel() >= B * Hq * 6 * (D + 1)       # >= 6 splits of 256 tokens
+    A.paged_decode_attention(q, kv.k, kv.v, bt, ctx, 0.125, out=out, backend="cuda", workspace=ws,
+                             max_partition=256)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        A.paged_decode_attention(q, kv.k, kv.v, bt, ctx, 0.125, out=out, backend="cuda", workspace=ws,
+                                 max_partition=256)
+    for new in ([1, 1500, 257, 256, 255, 9], [700, 700, 1499, 2, 513, 1024]):
+        ctx.copy_(torch.tensor(new, dtype=torch.int32))
+        q.copy_(torch.randn_like(q))
+        out.fill_(float("nan"))
+        graph.replay()
+        ref = A.paged_decode_attention_ref(q, kv.k, kv.v, bt, ctx, 0.125, out=torch.empty_like(out))
+        torch.cuda.synchronize()
+        assert torch.isfinite(out).all() and rel_err(out, ref) < 2e-3
 
 
 @pytest.mark.parametrize("plan", PLANS)

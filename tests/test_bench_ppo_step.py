@@ -141,6 +141,16 @@ def test_trace_phases_gives_each_kernel_to_the_range_that_launched_it():
     assert a["top"] == [("gemm", 20.0, 2), ("gemm_bwd", 3.0, 1)]
     assert res["critic"]["kernel_us"] == 4 and res["-"]["count"] == 2 and res["-"]["kernel_us"] == 3
     assert "| actor | 3 |" in tp.report(res)
+    # the rollout's ranges (engine/ on the actor thread, scorer/ on the worker): own thread only
+    ev2 = [x("user_annotation", "engine/decode", 100, 50), x("user_annotation", "scorer/reward", 105, 80, tid=2),
+           x("cuda_runtime", "cudaGraphLaunch", 110, 1, correlation=1),
+           x("cuda_runtime", "cudaLaunchKernel", 160, 1, correlation=2),            # actor, between steps
+           x("cuda_runtime", "cudaLaunchKernel", 120, 1, tid=2, correlation=3),
+           x("kernel", "decode_attn", 300, 10, tid=7, correlation=1), x("kernel", "copy", 320, 1, tid=7, correlation=2),
+           x("kernel", "prefill_attn", 330, 20, tid=8, correlation=3)]
+    res2 = tp.phases(ev2, ("engine/", "scorer/"), any_thread=False)
+    assert set(res2) == {"engine/decode", "scorer/reward", "-"}
+    assert res2["-"]["top"] == [("copy", 1.0, 1)] and res2["scorer/reward"]["kernel_us"] == 20
 
 
 def test_gpm_sm_utilization_reader_pairs_consecutive_samples():

@@ -134,3 +134,26 @@ def test_doctor_lists_every_environment_switch_the_package_reads():
         read |= set(re.findall(r"""getenv\(\s*"(OPPO_[A-Z_]+)""", f.read_text()))
     listed = {name for name, _ in _SWITCHES}
     assert read and read <= listed, f"not listed by doctor: {sorted(read - listed)}"
+
+
+def test_decode_plan_mirror_caps_tokens_per_split():
+    """max_partition (EngineConfig.decode_max_partition): the plan of workload G's decode batch
+    (B 128, Hq 14, Hkv 2, D 64, table 3360 tokens, 132 SMs x 4 CTAs) goes from 2 splits of 1680
+    tokens to 14 of 256 (rounded to the 64-token tile: 200 -> 256); a cap above the plan's own
+    partition changes nothing; v4 ignores it; a negative cap is refused."""
+    from oppo_runtime.ops.attention import paged_decode_grid, paged_decode_plan
+    shape = (128, 14, 2, 64, 3360, 132, 4)
+    assert paged_decode_plan(*shape, plan="v3") == (2, 1728)
+    assert paged_decode_plan(*shape, plan="v3", max_partition=200) == (14, 256)
+    assert paged_decode_plan(*shape, plan="v3", max_partition=512) == (7, 512)
+    assert paged_decode_plan(*shape, plan="v3", max_partition=4096) == (2, 1728)
+    assert paged_decode_plan(*shape, plan="v4", max_partition=256) == paged_decode_plan(*shape, plan="v4")
+    assert paged_decode_grid(*shape, plan="v3", max_partition=512) == (7 * 256, 1)
+    # a long context alone (no split by the plan: B x Hkv fills the machine) gets split by the cap
+    assert paged_decode_plan(512, 32, 8, 128, 4096, 132, 2, plan="v3") == (1, 1 << 30)
+    assert paged_decode_plan(512, 32, 8, 128, 4096, 132, 2, plan="v3", max_partition=1024) == (4, 1024)
+    with pytest.raises(ValueError, match="max_partition"):
+        paged_decode_plan(*shape, plan="v3", max_partition=-1)
+    with pytest.raises(ValueError, match="decode_max_partition"):
+        from oppo_runtime.engine import EngineConfig
+        EngineConfig(decode_max_partition=-5)

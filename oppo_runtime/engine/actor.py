@@ -24,6 +24,7 @@ from .config import EngineConfig
 from .runner import DecodeRows, ModelRunner, PinnedRing, TokensFrom
 from .scheduler import NeedsDrain, Scheduler
 from .sequence import Chunk, RequestError, SamplingParams, Sequence, SeqStatus
+from .timeline import profiler_range
 
 __all__ = ["ActorEngine"]
 
@@ -71,7 +72,8 @@ class ActorEngine:
         self.view = pool.views.get(name) or pool.register(name, KVGeometry(L, Hkv, D, dtype))
         self.max_model_len = self.config.max_model_len or model.config.max_position_embeddings
         self.runner = ModelRunner(model, self.view, self.max_model_len, self.config.enforce_eager,
-                                  self.config.graph_batch_sizes)
+                                  self.config.graph_batch_sizes,
+                                  decode_max_partition=self.config.decode_max_partition)
         self.scheduler = Scheduler(self.view, self.config.max_num_seqs, self.config.max_num_batched_tokens,
                                    on_pool_pressure)
         self.scheduler.max_model_len = self.max_model_len
@@ -284,7 +286,10 @@ class ActorEngine:
         self.stats[f"{kind}_steps"] += 1
         if batch.is_decode and self.scheduler.waiting:
             self.stats["waiting_decode_steps"] += 1
-        launched = self._launch(batch, ids_from)
+        # a profiler range per step kind (bench/trace_phases.py --prefix engine/ splits the rollout's
+        # kernels by it); nothing when no profiler runs
+        with profiler_range(f"engine/{kind}"):
+            launched = self._launch(batch, ids_from)
         if prev is not None:
             finished += self._book(prev)
         if batch.is_decode and self.async_decode:

@@ -28,6 +28,7 @@ import torch
 from .actor import ActorEngine
 from .scorer import RuleReward, ScoreError, Scorer
 from .sequence import Chunk, SamplingParams, Sequence, SeqStatus
+from .timeline import profiler_range
 
 __all__ = ["Rollout", "ScoredSequence"]
 
@@ -460,7 +461,8 @@ class Rollout:
             s.poll()
             if s.pending_tokens(only) >= threshold:
                 t0 = time.perf_counter()
-                with self._scorer_ctx(s), self._span(s.name, "prefill", s.stream):
+                with self._scorer_ctx(s), self._span(s.name, "prefill", s.stream), \
+                        profiler_range(f"scorer/{s.name}"):
                     fed = s.step(only=only)
                 did |= fed > 0
                 dt = time.perf_counter() - t0

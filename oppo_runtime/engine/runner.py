@@ -379,8 +379,10 @@ class _PrefillGraph:
 class ModelRunner:
     def __init__(self, model, view: KVView, max_model_len: int, enforce_eager: bool = True,
                  graph_batch_sizes: tuple[int, ...] = (), prefill_graphs: bool = False,
-                 max_prefill_tokens: int = 8192, max_prefill_graphs: int = PREFILL_MAX_GRAPHS):
+                 max_prefill_tokens: int = 8192, max_prefill_graphs: int = PREFILL_MAX_GRAPHS,
+                 decode_max_partition: int = 0):
         self.model, self.view = model, view
+        self.decode_max_partition = decode_max_partition    # EngineConfig.decode_max_partition
         self.device = next(model.parameters()).device
         if self.device.type == "cuda" and hasattr(model, "fuse_projections"):
             # one QKV and one gate_up GEMM; the named parameters become views of the fused weights,
@@ -516,6 +518,7 @@ class ModelRunner:
             cu_seqlens_q=d_cu.to(torch.int32),
             max_seqlen_q=max_q,
             is_decode=is_decode,
+            decode_max_partition=self.decode_max_partition,
         )
         return d_ids, d_pos, ctx
 
@@ -668,7 +671,9 @@ class ModelRunner:
         ctx = PagedContext(self.view.kv_caches, st["slot_mapping"], st["block_tables"], st["context_lens"],
                            torch.arange(bs + 1, dtype=torch.int32, device=dev), 1, True,
                            # the graph's own split-KV scratch (all layers share it: one stream)
-                           decode_workspace=paged_decode_workspace(q_like, k0, st["block_tables"]))
+                           decode_workspace=paged_decode_workspace(q_like, k0, st["block_tables"],
+                                                                   max_partition=self.decode_max_partition),
+                           decode_max_partition=self.decode_max_partition)
         # st keeps every tensor the graph reads or writes alive for the graph's life: the context's
         # workspace and cu_seqlens come from the caching allocator outside the graph's pool, and a
         # freed block handed to another tensor would take the replays' writes (session 10 lost a

@@ -14,6 +14,7 @@ Exports: Chrome/Perfetto trace JSON (one pid per step, one tid per lane) and a G
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -22,7 +23,15 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["Timeline", "TimelineSpan", "stage_kind", "STAGE_COLOURS", "PIPELINE_LANES"]
+__all__ = ["Timeline", "TimelineSpan", "stage_kind", "STAGE_COLOURS", "PIPELINE_LANES", "profiler_range"]
+
+
+def profiler_range(name: str):
+    """A torch.profiler range ``name`` while a profiler runs, else nothing (this is on the decode
+    loop's path: a range costs microseconds even with no profiler)."""
+    if torch.autograd._profiler_enabled():
+        return torch.profiler.record_function(name)
+    return contextlib.nullcontext()
 
 # lanes of a PPO step that are not a scorer: the actor's, the training step's, its phases'
 PIPELINE_LANES = ("actor", "train", "update")

@@ -36,3 +36,4 @@ class PagedContext:
     is_decode: bool                     # every sequence has exactly one new token
     decode_workspace: torch.Tensor | None = None  # split-KV scratch of the decode kernel (a captured
                                                   # graph's own; None: the kernel allocates one)
+    decode_max_partition: int = 0       # the decode kernel's cap on tokens per split (EngineConfig)

@@ -199,7 +199,7 @@ class Attention(nn.Module):
                 kv_append(k, v, k_cache, v_cache, ctx.slot_mapping)
             if ctx.is_decode:
                 o = paged_decode_attention(q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, self.scale,
-                                           workspace=ctx.decode_workspace)
+                                           workspace=ctx.decode_workspace, max_partition=ctx.decode_max_partition)
             else:
                 o = paged_prefill_attention(q, k_cache, v_cache, ctx.cu_seqlens_q, ctx.context_lens,
                                             ctx.block_tables, self.scale, max_seqlen_q=ctx.max_seqlen_q)

@@ -179,13 +179,17 @@ def paged_decode_resident_ctas(head_dim: int, device=None, plan: str | None = No
 
 
 def paged_decode_plan(B: int, Hq: int, Hkv: int, head_dim: int, table_tokens: int, sm_count: int,
-                      resident: int, plan: str | None = None) -> tuple[int, int]:
+                      resident: int, plan: str | None = None, max_partition: int = 0) -> tuple[int, int]:
     """(num_splits, partition in tokens) of the CUDA decode launcher; partition 1 << 30 = no split.
 
     ``table_tokens`` = block_tables.shape[1] * block_size; ``resident`` = CTAs per SM of the
     plan's kernel (``paged_decode_resident_ctas(D, plan=plan)``). ``plan`` "v3" (default, or the
-    ``OPPO_DECODE_PLAN`` environment variable), "v2" or "v4" (v3's rule on the v4 kernel)."""
+    ``OPPO_DECODE_PLAN`` environment variable), "v2" or "v4" (v3's rule on the v4 kernel).
+    ``max_partition`` (v2/v3; v4 ignores it): at most that many tokens per split, rounded up to
+    the 64-token tile (0: no cap); see ``paged_decode_attention``."""
     plan = _decode_plan_name(plan)
+    if max_partition < 0:
+        raise ValueError(f"max_partition must be >= 0 (0: no cap), got {max_partition}")
     base = B * Hkv * ((Hq // Hkv + 15) // 16)
     splits = 1
     if plan == "v2":
@@ -198,6 +202,9 @@ def paged_decode_plan(B: int, Hq: int, Hkv: int, head_dim: int, table_tokens: in
             splits = slots // base
     max_ctx = min(table_tokens, 2**31 - 1)
     splits = min(splits, max(1, -(-max_ctx // _DECODE_MIN_PARTITION)))
+    if max_partition > 0 and plan != "v4":
+        cap = -(-max_partition // _DECODE_TILE) * _DECODE_TILE
+        splits = max(splits, -(-max_ctx // cap))
     if splits > 1:
         part = -(-max_ctx // splits)
         part = -(-part // _DECODE_TILE) * _DECODE_TILE
@@ -208,7 +215,7 @@ def paged_decode_plan(B: int, Hq: int, Hkv: int, head_dim: int, table_tokens: in
 
 
 def paged_decode_grid(B: int, Hq: int, Hkv: int, head_dim: int, table_tokens: int, sm_count: int,
-                      resident: int, plan: str | None = None) -> tuple[int, int]:
+                      resident: int, plan: str | None = None, max_partition: int = 0) -> tuple[int, int]:
     """(CTAs launched, most work items one CTA takes) of the CUDA decode launcher (mirror).
 
     v2/v3: one CTA per (split, sequence, kv head, head chunk), one item each (plus the reduction
@@ -216,32 +223,40 @@ def paged_decode_grid(B: int, Hq: int, Hkv: int, head_dim: int, table_tokens: in
     min(groups, sm_count * resident) CTAs, CTA c taking the groups c, c + grid, ..."""
     plan = _decode_plan_name(plan)
     groups = B * Hkv * ((Hq // Hkv + 15) // 16)
-    splits, _ = paged_decode_plan(B, Hq, Hkv, head_dim, table_tokens, sm_count, resident, plan)
+    splits, _ = paged_decode_plan(B, Hq, Hkv, head_dim, table_tokens, sm_count, resident, plan, max_partition)
     if plan != "v4" or splits > 1:
         return splits * groups, 1
     ctas = min(groups, sm_count * max(1, resident))
     return ctas, -(-groups // ctas)
 
 
-def paged_decode_workspace(q, k_cache, block_tables, backend: str | None = None) -> torch.Tensor | None:
+def paged_decode_workspace(q, k_cache, block_tables, backend: str | None = None,
+                           max_partition: int = 0) -> torch.Tensor | None:
     """The float32 scratch ``paged_decode_attention(..., workspace=)`` needs for this shape (split-KV
     partials), or None where it needs none (no split, or the reference runs). The split plan depends
     on shapes only (q's B, Hq, D and dtype, the cache's Hkv and page size, block_tables' width) and
-    on ``OPPO_DECODE_PLAN``, so one workspace serves every call of that shape, e.g. all layers of a
-    captured decode graph; a call whose plan needs more raises instead of overrunning it."""
+    on ``OPPO_DECODE_PLAN`` and ``max_partition`` (pass the calls' own), so one workspace serves every
+    call of that shape, e.g. all layers of a captured decode graph; a call whose plan needs more
+    raises instead of overrunning it."""
     backend = _kernel_backend("paged_decode_attention", q, backend)
     if choose_backend("paged_decode_attention", q.device, backend) != "cuda":
         return None
-    n = int(torch.ops.oppo.paged_decode_workspace_size(q, k_cache, block_tables))
+    n = int(torch.ops.oppo.paged_decode_workspace_size(q, k_cache, block_tables, max_partition))
     return torch.empty(n, dtype=torch.float32, device=q.device) if n else None
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale: float,
                            out: torch.Tensor | None = None, backend: str | None = None,
-                           workspace: torch.Tensor | None = None):
+                           workspace: torch.Tensor | None = None, max_partition: int = 0):
     """CUDA kernel (bf16/fp16, head_dim 64/128) or the reference. Split plan: see
     ``paged_decode_plan``; ``OPPO_DECODE_PLAN=v2`` selects the previous plan (A/B timing),
     ``OPPO_DECODE_PLAN=v4`` the one-launch kernel (last-CTA merge, persistent grid).
+
+    ``max_partition`` (tokens, 0: none): a cap on the tokens one CTA reads, for batches of ragged
+    contexts. The plan sees shapes only (the table's width, not the lengths), so without a cap a
+    batch of many short contexts and a few long ones gets few splits, and the long ones' CTAs
+    set the time while the rest of the GPU idles. The engine passes ``EngineConfig.
+    decode_max_partition``. The reference ignores it (same result). v4 ignores it.
 
     ``workspace``: the split-KV scratch from ``paged_decode_workspace`` (float32); with it and
     ``out`` given the call allocates nothing. Without it the kernel takes one from PyTorch's
@@ -261,13 +276,15 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
         if out is None:
             out = torch.empty_like(q)
         if workspace is not None:    # checked here too: a failed check inside the launcher crashed (NOTES)
-            need = int(torch.ops.oppo.paged_decode_workspace_size(q, k_cache, block_tables))
+            need = int(torch.ops.oppo.paged_decode_workspace_size(q, k_cache, block_tables, max_partition))
             if workspace.numel() < need:
                 raise ValueError(f"paged_decode_attention: workspace holds {workspace.numel()} floats, this "
                                  f"call's split plan needs {need} (size it with paged_decode_workspace)")
         torch.ops.oppo.paged_decode_attention(out, q, k_cache, v_cache, _i32(block_tables),
-                                              _i32(context_lens), scale, workspace)
+                                              _i32(context_lens), scale, workspace, max_partition)
         return out
+    if max_partition < 0:
+        raise ValueError(f"paged_decode_attention: max_partition must be >= 0 (0: no cap), got {max_partition}")
     return paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale, out)
 
 
