@@ -436,7 +436,7 @@ def run_mode(mode: str, p: dict, paths: dict, prompt_file: Path, work: Path, arg
             if time.perf_counter() > deadline and windows and i + 1 < total:
                 print(f"  [{mode}] time budget spent: stopping after {len(windows)} timed steps", flush=True)
                 break
-        if args.profile:
+        if args.profile is not None and (args.profile == "all" or mode in args.profile.split(",")):
             profile_step(tr, mode, p, args)
         if png is not None:
             RENDERS.append(render_png(tr.last_timeline, png, work, f"PPO step {tr.last_timeline.step} ({mode}), "
@@ -686,8 +686,10 @@ def main(argv=None):
     ap.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "oppo_bench_models"))
     ap.add_argument("--budget-s", type=float, default=420.0,
                     help="wall-clock budget of the run: modes stop early / are skipped once it is spent")
-    ap.add_argument("--profile", action="store_true",
-                    help="after the timed steps of each mode, one more step under torch.profiler (tables to a .txt)")
+    ap.add_argument("--profile", nargs="?", const="all", default=None, metavar="MODES",
+                    help="after the timed steps of each mode (or of the comma-separated MODES only), one more "
+                         "step under torch.profiler (tables to a .txt, the trace to a .json.gz). A step of none "
+                         "on G takes minutes to write: --profile full")
     ap.add_argument("--merge", nargs="+", default=None, help="join the workloads of these JSON files into --out")
     args = ap.parse_args(argv)
     out = Path(args.out) if args.out else HERE / "results" / "ppo_step.json"

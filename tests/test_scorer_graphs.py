@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from oppo_runtime.engine.runner import (CAPTURE_ON_SIGHTING, ModelRunner, Span, _prefill_bucket, _prefill_inputs,
-                                        _prefill_layout, _reuse_bucket, _weight_fingerprint)
+                                        _graph_for, _prefill_layout, _weight_fingerprint)
 from oppo_runtime.engine.scorer import Scorer
 from oppo_runtime.engine.sequence import Chunk, Sequence
 from oppo_runtime.memory import KVGeometry, PagePool
@@ -137,17 +137,21 @@ def test_prefill_inputs_reused_buffers_are_fully_reset(critic):
     assert (a32[:n32] == fresh32[:n32]).all()
 
 
-def test_a_new_bucket_borrows_the_smallest_captured_bucket_that_holds_it_until_its_third_request():
+def test_a_new_bucket_borrows_or_runs_eager_until_its_third_request():
     captured = {(512, 8, 256): 0, (1024, 8, 256): 0, (512, 64, 512): 0, (8192, 64, 1024): 0, (256, 4, 64): 0}
-    assert _reuse_bucket((512, 8, 256), captured, 1) == (512, 8, 256)          # its own graph
-    assert _reuse_bucket((512, 4, 128), captured, 1) == (512, 8, 256)          # rows first, then chunk, then seqs
-    assert _reuse_bucket((512, 16, 128), captured, 2) == (512, 64, 512)
-    assert _reuse_bucket((512, 4, 128), captured, CAPTURE_ON_SIGHTING) is None  # seen often: its own graph now
-    assert _reuse_bucket((2048, 8, 256), captured, 1) is None                  # 8192 rows: more than 2x
-    assert _reuse_bucket((64, 2, 16), captured, 1) == (256, 4, 64)             # small: up to 1024 rows
-    assert _reuse_bucket((4096, 64, 1024), captured, 1) == (8192, 64, 1024)
-    assert _reuse_bucket((512, 8, 1024), captured, 1) is None                  # no captured chunk that long
-    assert _reuse_bucket((512, 8, 256), {}, 1) is None
+    replay = lambda b: ("replay", b)   # noqa: E731
+    assert _graph_for((512, 8, 256), captured, 1) == replay((512, 8, 256))     # its own graph
+    assert _graph_for((512, 4, 128), captured, 1) == replay((512, 8, 256))     # rows first, then chunk, then seqs
+    assert _graph_for((512, 16, 128), captured, 2) == replay((512, 64, 512))
+    assert _graph_for((512, 4, 128), captured, CAPTURE_ON_SIGHTING) == ("capture", (512, 4, 128))  # seen often
+    assert _graph_for((2048, 8, 256), captured, 1) == ("eager", None)          # 8192 rows: more than 2x
+    assert _graph_for((64, 2, 16), captured, 1) == replay((256, 4, 64))        # small: up to 1024 rows
+    assert _graph_for((4096, 64, 1024), captured, 1) == replay((8192, 64, 1024))
+    assert _graph_for((512, 8, 1024), captured, 2) == ("eager", None)          # no captured chunk that long
+    assert _graph_for((512, 8, 1024), captured, CAPTURE_ON_SIGHTING) == ("capture", (512, 8, 1024))
+    assert _graph_for((512, 8, 256), {}, 1) == ("eager", None)
+    assert _graph_for((512, 8, 256), {}, 1, eager_first=False) == ("capture", (512, 8, 256))   # sessions 12-13
+    assert _graph_for((512, 4, 128), captured, 1, eager_first=False) == replay((512, 8, 256))
 
 
 @pytest.mark.parametrize("borrowed", [False, True])
@@ -156,7 +160,7 @@ def test_padded_forward_equals_the_eager_forward_and_writes_no_padding_kv(critic
     static inputs gives the eager hidden states on the real rows, writes K/V only into the real
     slots, and never reads pages outside the sequences' tables (poisoned with NaN here). Also
     through a larger bucket than the batch's own (``borrowed``: twice the rows, sequences and
-    chunk length), as ``_reuse_bucket`` hands out."""
+    chunk length), as ``_graph_for`` hands out."""
     pool = make_pool(critic)
     runner = ModelRunner(critic, pool.register("critic", KVGeometry(*critic.kv_geometry(), torch.float32), TPP),
                          MAX_LEN)

@@ -8,6 +8,7 @@ import torch
 
 from oppo_runtime import ops
 from oppo_runtime.engine import ActorEngine, EngineConfig, SamplingParams
+from oppo_runtime.engine import runner as runner_mod
 from oppo_runtime.engine.rollout import Rollout
 from oppo_runtime.engine.scorer import Scorer
 from oppo_runtime.engine.sequence import Chunk, Sequence
@@ -27,6 +28,16 @@ KINDS = ("reference", "critic", "reward")
 PROMPT_LENS = (3, 17, 40, 90)
 # chunk lengths per sequence, round by round (ragged: 1, 7, 64, 200 tokens); the last round is final
 ROUNDS = [(1, 7, 64, 200), (7, 1, 200, 64), (64, 200, 1, 7), (1, 1, 1, 1), (200, 64, 7, 1)]
+
+
+@pytest.fixture(autouse=True)
+def capture_at_first_sighting(request, monkeypatch):
+    """These tests check the captured and replayed paths, on streams of a few calls: a bucket with
+    nothing to borrow is captured at once here (runner.EAGER_UNTIL_CAPTURE off, the policy they
+    were written for), not run eager until its third request. A test marked ``eager_first`` keeps
+    the default policy."""
+    if "eager_first" not in request.keywords:
+        monkeypatch.setattr(runner_mod, "EAGER_UNTIL_CAPTURE", False)
 
 
 def needs_kernels():
@@ -203,6 +214,17 @@ def test_weights_updated_in_place_reach_the_graphs_and_replaced_ones_drop_them()
 def test_overlapped_rollout_with_scorer_graphs_equals_eager_scorers(models):
     """The scorer thread captures and replays its graphs while the actor thread decodes (and
     captures its own decode graphs)."""
+    _overlapped_rollout_equals_eager_scorers(models, eager_first=False)
+
+
+@pytest.mark.eager_first
+def test_overlapped_rollout_with_the_default_graph_policy_equals_eager_scorers(models):
+    """The same under the default policy (buckets with nothing to borrow run eager until their third
+    request): eager, borrowed and captured calls mixed in one rollout."""
+    _overlapped_rollout_equals_eager_scorers(models, eager_first=True)
+
+
+def _overlapped_rollout_equals_eager_scorers(models, eager_first: bool):
     needs_kernels()
     actor = model("causal_lm", 0)
     g = torch.Generator().manual_seed(6)
@@ -220,7 +242,8 @@ def test_overlapped_rollout_with_scorer_graphs_equals_eager_scorers(models):
         ro.close()
         assert pool.num_free == pool.num_pages
         if graphs:
-            assert all(s.runner.prefill_stats["replays"] > 0 for s in scorers)
+            st = [s.runner.prefill_stats for s in scorers]
+            assert all(x["replays"] > 0 for x in st) if not eager_first else all(x["eager"] > 0 for x in st), st
     for a, b in zip(res[True], res[False]):
         assert a.error is None and b.error is None
         assert a.seq.output_ids == b.seq.output_ids

@@ -9,7 +9,8 @@ Chunk prefill of every token (``last_only=False``: the scorers) can be captured 
 (``prefill_graphs=True``, issue 4): a graph per bucket (tokens N -> n_bucket, sequences B ->
 b_bucket, longest chunk -> q_bucket; ``_prefill_bucket``), captured lazily, replayed with the
 padded inputs of ``_prefill_inputs``; a bucket's first requests borrow a captured larger one
-(``_reuse_bucket``) instead of paying a capture inside the step. Padding rows write no KV (slot
+(``_graph_for``) instead of paying a capture inside the step, and one that none holds runs eager
+until it recurs. Padding rows write no KV (slot
 -1), sit at position 0 and belong to no sequence (padding sequences are empty: cu_seqlens stays
 at N, context length 0), so attention never reads them and every other op is row-wise; their
 hidden rows are garbage and only ``hidden[:N]`` is returned. One launch replaces ~240 (24 layers x
@@ -260,28 +261,40 @@ def _prefill_bucket(num_tokens: int, num_seqs: int, max_q: int, max_tokens: int 
 
 
 # A new bucket first borrows a captured graph whose bucket holds it (every dimension at least as
-# large: more padding rows, padding sequences, idle attention CTAs), and is captured only on its
-# CAPTURE_ON_SIGHTING-th request. A capture costs two eager forwards and the capture itself
-# (60-90 ms of host time on T's scorers, session 12: 0-6 captures in each timed PPO step, up to
-# 0.6 s); a borrowed graph costs only its padding, bounded by REUSE_MAX_ROWS.
+# large: more padding rows, padding sequences, idle attention CTAs), or runs eager where none does,
+# and is captured only on its CAPTURE_ON_SIGHTING-th request. A capture costs two eager forwards
+# and the capture itself (60-90 ms of host time on T's scorers, session 12); a borrowed graph costs
+# only its padding, bounded by REUSE_MAX_ROWS; an eager forward one forward's launches. Capturing
+# every bucket that found nothing to borrow at its first request (sessions 12-13) still captured
+# 5-8 graphs in most timed steps of workload G's full mode (0.4-0.9 s of host time each step, the
+# slow steps among them): the bucket space (rows x sequences x chunk length, the chunk size moving)
+# is large and most buckets come once.
 CAPTURE_ON_SIGHTING = 3
 REUSE_MAX_ROWS = (2, 1024)      # a borrowed graph has at most max(2 x the bucket's rows, 1024) rows
+EAGER_UNTIL_CAPTURE = True      # False: a bucket with nothing to borrow is captured at once (sessions 12-13)
 
 
-def _reuse_bucket(bucket: tuple[int, int, int], captured, seen: int) -> tuple[int, int, int] | None:
-    """The captured bucket to replay for ``bucket`` (itself when captured), or None: capture it.
+def _graph_for(bucket: tuple[int, int, int], captured, seen: int, eager_first: bool | None = None
+               ) -> tuple[str, tuple[int, int, int] | None]:
+    """What a chunk-prefill call of ``bucket`` runs: ("replay", the captured bucket to replay: itself,
+    or a larger one it borrows), ("capture", bucket) or ("eager", None).
 
     ``seen``: how many times ``bucket`` was requested, this time included. Before its
     CAPTURE_ON_SIGHTING-th request a bucket borrows the smallest captured bucket (rows, then chunk
-    length, then sequences) that holds it within REUSE_MAX_ROWS; from then on it gets its own."""
+    length, then sequences) that holds it within REUSE_MAX_ROWS, and runs eager if none does
+    (``eager_first``, default EAGER_UNTIL_CAPTURE; else it is captured at once); from then on it
+    gets its own."""
+    eager_first = EAGER_UNTIL_CAPTURE if eager_first is None else eager_first
     if bucket in captured:
-        return bucket
+        return "replay", bucket
     if seen >= CAPTURE_ON_SIGHTING:
-        return None
+        return "capture", bucket
     n, b, q = bucket
     limit = max(REUSE_MAX_ROWS[0] * n, REUSE_MAX_ROWS[1])
     fits = [c for c in captured if n <= c[0] <= limit and b <= c[1] and q <= c[2]]
-    return min(fits) if fits else None
+    if fits:
+        return "replay", min(fits)
+    return ("eager", None) if eager_first else ("capture", bucket)
 
 
 def _align16(x: int) -> int:
@@ -732,8 +745,10 @@ class ModelRunner:
         if bucket is None:
             return None
         seen = self._bucket_seen[bucket] = self._bucket_seen.get(bucket, 0) + 1
-        use = _reuse_bucket(bucket, self.prefill_graphs, seen)
-        if use is not None and use != bucket:
+        action, use = _graph_for(bucket, self.prefill_graphs, seen)
+        if action == "eager":
+            return None
+        if use != bucket:
             self.prefill_stats["borrowed"] += 1
             bucket = use
         entry = self.prefill_graphs.get(bucket)
