@@ -416,3 +416,72 @@ def test_async_decode_with_requests_waiting_for_a_slot_equals_synchronous(tiny_l
     assert async_out == sync_out
     torch.testing.assert_close(torch.tensor(async_lp), torch.tensor(sync_lp), atol=1e-5, rtol=0)
     assert eng.stats["waiting_decode_steps"] > 0 and eng.stats["drains"] < eng.stats["waiting_decode_steps"]
+
+
+@pytest.mark.parametrize("async_decode", [False, True])
+def test_reprefill_of_a_sequence_with_tokens_samples_nothing(tiny_llama, async_decode):
+    """Sequences whose KV is dropped mid-generation (``drop_kv``, as after a weight update) are
+    re-prefilled up to their last token, and the next decode step feeds that token: the prefill
+    samples nothing, so with async decode the engine launches the next step behind it without
+    waiting (it stays unbooked until then). Tokens, versions and finishes equal a run without the
+    drop (sampling is keyed by sequence and position); no page leaks."""
+    _, model = tiny_llama
+    ps = prompts(4, seed=41)
+
+    def run(drop: bool):
+        pool = make_pool(model, 64)
+        eng = ActorEngine(model, pool, EngineConfig(async_decode=async_decode, chunk_size=4, seed=9,
+                                                    max_model_len=60), eos_token_id=None)
+        sp = SamplingParams(temperature=1.0, max_new_tokens=12, ignore_eos=True)
+        seqs = [eng.add_request(p, sp, target_len=t) for p, t in zip(ps, (12, 7, 10, 3))]
+        for _ in range(5):
+            eng.step()
+        unbooked = None
+        if drop:
+            assert eng.drop_kv() > 0
+            before = [len(s.output_ids) for s in seqs]
+            n0 = eng.stats["prefill_steps"]
+            eng.step()
+            assert eng.stats["prefill_steps"] == n0 + 1
+            assert [len(s.output_ids) for s in seqs] == before            # the prefill sampled nothing
+            unbooked = eng._unbooked is not None
+            running = [s for s in eng.scheduler.running]
+            assert running and all(s.num_cached_tokens == s.num_tokens - 1 for s in running)
+        while eng.has_unfinished():
+            eng.step()
+            pool.check()
+        assert pool.num_free == pool.num_pages and not eng._retired and eng._unbooked is None
+        return [(s.output_ids, s.versions, s.finish_reason) for s in seqs], unbooked
+
+    want, _ = run(False)
+    got, unbooked = run(True)
+    assert got == want
+    assert unbooked == async_decode
+
+
+def test_resumed_sequence_with_its_kv_kept_decodes_without_a_prefill(tiny_llama):
+    """``resume`` of a sequence whose pages are still there (all its tokens but the last cached)
+    admits it straight into decoding: no prefill step, and its tokens equal an uninterrupted run."""
+    _, model = tiny_llama
+    p = prompts(1, seed=43)[0]
+
+    def run(pause: bool):
+        pool = make_pool(model, 32)
+        eng = ActorEngine(model, pool, EngineConfig(async_decode=False, chunk_size=4, seed=3, max_model_len=60),
+                          eos_token_id=None)
+        seq = eng.add_request(p, SamplingParams(temperature=1.0, max_new_tokens=8, ignore_eos=True), target_len=8)
+        for _ in range(4):
+            eng.step()
+        if pause:       # out of the running set with its pages kept, then back (as a checkpoint's resume)
+            eng.scheduler.running.remove(seq)
+            n0 = eng.stats["prefill_steps"]
+            eng.resume(seq)
+            assert seq.num_cached_tokens == seq.num_tokens - 1
+        while eng.has_unfinished():
+            eng.step()
+        if pause:
+            assert eng.stats["prefill_steps"] == n0
+        assert pool.num_free == pool.num_pages
+        return seq.output_ids
+
+    assert run(True) == run(False)

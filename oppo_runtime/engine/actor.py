@@ -107,6 +107,9 @@ class ActorEngine:
             self.runner.set_decode_head(lambda h, temp, keys, pos: sample_tokens(
                 self.model.compute_logits(h), temp, None, None, seed, keys, pos, needs_filter=False))
         self._inflight: _InFlight | None = None
+        # the last prefill step that sampled nothing, not yet known done (async decode): nothing
+        # to read back, so the host goes on; the next booking (or sync()) settles it
+        self._unbooked: _InFlight | None = None
         # a step's read-back lands in reused pinned buffers, not a pinned allocation per tensor and step
         self._readback = PinnedRing(3, self.runner.device.type == "cuda")
         self._launch_id = 0             # steps launched so far
@@ -247,6 +250,8 @@ class ActorEngine:
         ever hold booked tokens). A sequence that ends by EOS/stop token decodes one wasted row;
         ends by length are known in advance and sit out."""
         t0 = time.perf_counter()
+        if self._unbooked is not None and self._retired:
+            self._book(self._unbooked)          # free quarantined pages before the scheduler needs pages
         prev, self._inflight = self._inflight, None
         finished: list[Sequence] = []
         batch, ids_from = None, None
@@ -294,6 +299,10 @@ class ActorEngine:
             finished += self._book(prev)
         if batch.is_decode and self.async_decode:
             self._inflight = launched
+        elif self.async_decode and not launched.seqs:
+            # a prefill step that samples nothing (a chunk of a long prompt, the KV of a deferred
+            # or preempted sequence): the next step is launched behind it without waiting
+            self._unbooked = launched
         else:
             finished += self._book(launched)
         self._account(t0)
@@ -305,6 +314,10 @@ class ActorEngine:
         """Book the decode step still on the device, if any; returns the sequences it finished.
         Called before anything that changes sequences or weights from outside the step loop."""
         if self._inflight is None:
+            if self._unbooked is not None:      # the device done with it: quarantined pages free
+                t0 = time.perf_counter()
+                self._book(self._unbooked)
+                self._account(t0)
             if self.stream is not None:
                 torch.cuda.current_stream(self.stream.device).wait_stream(self.stream)
             return []
@@ -324,6 +337,10 @@ class ActorEngine:
     def _release_pages(self, seq_id) -> None:
         """Free a sequence's pages; while a step is on the device they wait in quarantine (the step
         may still write them, and a scorer on another stream could otherwise take them)."""
+        if self._inflight is None and self._unbooked is not None:
+            # only a prefill that samples nothing is on the device: wait for it rather than hold
+            # the pages (the scheduler frees pages to make room: held, it would preempt more)
+            self._book(self._unbooked)
         if self._booked_id == self._launch_id:           # nothing on the device
             self.view.free(seq_id)
             return
@@ -401,6 +418,8 @@ class ActorEngine:
             self._waited += time.perf_counter() - t
         # the stream is in order: every step launched up to this one is done
         self._booked_id = max(self._booked_id, fl.launch_id)
+        if self._unbooked is not None and self._unbooked.launch_id <= self._booked_id:
+            self._unbooked = None
         self._free_retired()
         finished: list[Sequence] = []
         if not fl.seqs:

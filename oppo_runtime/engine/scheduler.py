@@ -4,6 +4,9 @@ Policy (one step is either a prefill step or a decode step):
   * prefill and decode alternate while both have work, so that neither starves;
   * a prefill step takes waiting sequences first-come-first-served (preempted ones first, in their
     original order) up to ``max_num_batched_tokens`` tokens; a long prompt is prefilled in chunks;
+    a sequence that already has generated tokens (preempted, deferred, its KV dropped) is
+    re-prefilled up to its last token only, which its next decode step feeds (so such a prefill
+    samples nothing, and an async engine does not wait for it);
   * a decode step takes every running sequence (up to ``max_num_seqs``);
   * when pages run out, the most recently admitted running sequence is preempted: its pages are
     freed and it is recomputed later from its tokens (nothing generated is lost). The oldest
@@ -152,7 +155,15 @@ class Scheduler:
                 break
             if seq.status is SeqStatus.WAITING and seq not in self.waiting:
                 continue
-            todo = seq.num_tokens - seq.num_cached_tokens
+            # A sequence with generated tokens (deferred, preempted, its KV dropped) is re-prefilled
+            # up to its last token, which the next decode step feeds and samples from, as it would
+            # have anyway: its prefill samples nothing, so the engine need not wait for it.
+            todo = seq.num_tokens - (1 if seq.output_ids else 0) - seq.num_cached_tokens
+            if todo <= 0 and new:               # its KV is all there (kept pages): decode-ready
+                self.waiting.remove(seq)
+                seq.status = SeqStatus.RUNNING
+                self.running.append(seq)
+                continue
             n = min(todo, budget)
             if not self._grow(seq, seq.num_cached_tokens + n, protect=taken):
                 break
@@ -164,7 +175,7 @@ class Scheduler:
             spans.append(Span(seq.seq_id, seq.all_ids[seq.num_cached_tokens:seq.num_cached_tokens + n],
                               seq.num_cached_tokens))
             seqs.append(seq)
-            sample.append(n == todo)
+            sample.append(n == todo and not seq.output_ids)
             budget -= n
         if not seqs:
             return None
