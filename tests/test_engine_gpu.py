@@ -242,6 +242,35 @@ def test_steady_decode_steps_never_sync_the_host_with_the_device(graph_sampling)
     assert all(len(s.output_ids) == 64 and s.finish_reason == "length" for s in seqs)
 
 
+def test_reprefill_of_dropped_kv_is_not_waited_for():
+    """After ``drop_kv`` (a weight update), the sequences' re-prefill samples nothing (their next
+    decode step feeds the last token), so the engine leaves it unbooked and the step issues no
+    synchronizing CUDA call (sync debug mode); the tokens equal a run without the drop."""
+    if not ops.has_cuda_kernels():
+        pytest.skip("CUDA kernels not built")
+    m = model()
+    ps = prompts(6, seed=8)
+
+    def run(drop):
+        eng = ActorEngine(m, pool_for(m, 256), EngineConfig(seed=5))
+        seqs = [eng.add_request(p, SamplingParams(temperature=1.0, max_new_tokens=40), target_len=40) for p in ps]
+        while eng.scheduler.prefill_pending() or eng.stats["decode_steps"] < 6:
+            eng.step()
+        if drop:
+            assert eng.drop_kv() == len(ps)
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                eng.step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            assert eng._unbooked is not None and eng.stats["prefill_steps"] == 2
+        while eng.has_unfinished():
+            eng.step()
+        return [s.output_ids for s in seqs]
+
+    assert run(True) == run(False)
+
+
 def _graph_sampling_runs(ps, sp, **cfg):
     """(tokens, log-probs, finish reasons) per sequence with the LM head and sampler in the decode
     graphs off and on, everything else equal."""
