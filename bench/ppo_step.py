@@ -396,6 +396,7 @@ def run_mode(mode: str, p: dict, paths: dict, prompt_file: Path, work: Path, arg
                    "engine_host_s": m.get("timing_s/engine_host"),
                    "decode_steps": tr.engine.stats["decode_steps"], "prefill_steps": tr.engine.stats["prefill_steps"],
                    "decode_drains": m.get("perf/decode_drains"), "waiting_decode_steps": m.get("perf/waiting_decode_steps"),
+                   "lagged_prefills": m.get("perf/lagged_prefills"),
                    "scorer_pages_evicted": m.get("oppo/scorer_pages_evicted"),
                    "train_s": m.get("timing_s/train", 0.0) + m.get("timing_s/sync_weights", 0.0),
                    "generated_tokens": tr.engine.stats["generated_tokens"],
@@ -427,7 +428,8 @@ def run_mode(mode: str, p: dict, paths: dict, prompt_file: Path, work: Path, arg
                   + ", ".join(f"{k} {v:.2f}" for k, v in rec["update_phases"].items())
                   + f"), {rec['generated_tokens']} tokens generated in {rec['decode_steps']} decode + "
                   f"{rec['prefill_steps']} prefill steps (engine host {rec['engine_host_s'] or 0:.2f} s, "
-                  f"{rec['decode_drains']} drains, {rec['waiting_decode_steps']} decode steps with sequences waiting, "
+                  f"{rec['decode_drains']} drains, {rec['lagged_prefills']} lagged prefills, "
+                  f"{rec['waiting_decode_steps']} decode steps with sequences waiting, "
                   f"{rec['scorer_pages_evicted']} scorer pages evicted), "
                   f"deferred {rec['deferred']}, busy {rec['busy']}, allocator retries {rec['alloc_retries']}, "
                   f"scorer graph captures {rec['scorer_graph_captures']} ({rec['scorer_capture_s'] or 0:.2f} s), "

@@ -232,6 +232,8 @@ def test_async_decode_equals_synchronous_decode(tiny_llama, num_pages, batched, 
     assert eng.stats["prefill_steps"] == sync_eng.stats["prefill_steps"]
     assert 0 <= eng.stats["decode_steps"] - sync_eng.stats["decode_steps"] <= eng.stats["wasted_rows"]
     assert lagged_sync == 0 and (lagged_async > 0) == async_decode
+    # prefill steps of waiting prompts (24-token budget: several) launched behind a decode step in flight
+    assert sync_eng.stats["lagged_prefills"] == 0 and (eng.stats["lagged_prefills"] > 0) == (async_decode and batched == 24)
     # the lagged steps of the steady state filter the previous step's arrays (Scheduler._lagged_rows)
     assert (eng.scheduler.rows_stats["fast"] > 0) == async_decode
     # a read-late EOS or stop token costs at most one wasted row; a known end (length) costs none

@@ -87,8 +87,9 @@ class ActorEngine:
         # drains: async decode steps that had to read the step in flight back before scheduling
         # (a prefill pending, a preemption, the end), i.e. the GPU idled while the host caught up;
         # waiting_decode_steps: decode steps taken while sequences waited for admission (a slot or pages)
+        # lagged_prefills: prefill steps launched behind the decode step in flight (not drained first)
         self.stats = {"decode_steps": 0, "prefill_steps": 0, "generated_tokens": 0, "host_s": 0.0,
-                      "wasted_rows": 0, "drains": 0, "waiting_decode_steps": 0}
+                      "wasted_rows": 0, "drains": 0, "waiting_decode_steps": 0, "lagged_prefills": 0}
         self.step_hooks: list[Callable[[str, float, float], None]] = []   # (kind, t0, t1) per step
         # async decode: read each decode step's tokens back while the next one runs (see step())
         self.async_decode = self.config.async_decode
@@ -265,6 +266,8 @@ class ActorEngine:
                 self.stats["drains"] += 1
                 finished += self._book(prev)
                 prev = None
+            elif not batch.is_decode:               # a lagged prefill: none of prev's sequences
+                self.stats["lagged_prefills"] += 1
             elif batch.spans is batch.rows:         # made from prev's rows: every row continues one
                 src = batch.rows.from_prev
                 B = len(src)

@@ -195,9 +195,26 @@ class Scheduler:
         pages freed now could still be written by the step in flight, so preemption waits until
         that step is resolved. With ``prev_rows`` (the in-flight step's DecodeRows) and no change
         of the running set since, the batch is made from those arrays (``_lagged_rows``);
-        otherwise by walking the running sequences."""
+        otherwise by walking the running sequences.
+
+        With waiting sequences that every one fits a batch slot (so the in-flight step's ends,
+        unread yet, cannot change who is admitted), the prefill step that ``schedule()`` would
+        take after booking is taken now instead (a lagged prefill: the sequences it takes are not
+        in the step in flight; NeedsDrain where it would preempt). The engine launches it behind
+        the decode step and books that one after: the GPU is not left idle while the host builds
+        a prefill step (the KV recompute of deferred sequences after a weight update: several
+        16k-token steps)."""
         if self.waiting and len(self.running) < self.max_num_seqs:
-            return None
+            if len(self.running) + len(self.waiting) > self.max_num_seqs:
+                return None                     # admission may hinge on the step's unread ends
+            self._lagged = True
+            try:
+                batch = self._schedule_prefill()
+            finally:
+                self._lagged = False
+            if batch is not None:
+                self._last_was_prefill = True
+            return batch
         self._lagged = True
         try:
             done, batch = self._lagged_rows(prev_rows) if prev_rows is not None else (False, None)

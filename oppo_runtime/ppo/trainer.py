@@ -436,6 +436,7 @@ class PPOTrainer:
             "timing_s/engine_host": es["host_s"],
             "perf/wasted_decode_rows": es["wasted_rows"],
             "perf/decode_drains": es["drains"],
+            "perf/lagged_prefills": es["lagged_prefills"],
             "perf/waiting_decode_steps": es["waiting_decode_steps"],
             "oppo/scorer_pages_evicted": self.rollout.stats["scorer_pages_evicted"],
             **timer.metrics(),
