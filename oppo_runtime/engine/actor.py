@@ -249,7 +249,9 @@ class ActorEngine:
         The host's scheduling, staging and bookkeeping thus run while the GPU decodes. Until booked,
         a sampled token is a placeholder in ``output_ids`` (the log-probs, versions and chunks only
         ever hold booked tokens). A sequence that ends by EOS/stop token decodes one wasted row;
-        ends by length are known in advance and sit out."""
+        ends by length are known in advance and sit out. A prefill step of waiting sequences is
+        launched behind the decode step in flight the same way (a lagged prefill), and one that
+        samples nothing is not waited for at all (``_unbooked``)."""
         t0 = time.perf_counter()
         if self._unbooked is not None and self._retired:
             self._book(self._unbooked)          # free quarantined pages before the scheduler needs pages
