@@ -71,7 +71,9 @@ class Rollout:
         # scorer_pages_evicted: scorer KV pages dropped for the actor's pool pressure (the
         # scorers recompute those prefixes later)
         self.stats = {"actor_s": 0.0, "score_s": 0.0, "scorer_pages_evicted": 0}
-        self.scorer_calls: list[tuple[int, float]] = []     # (tokens, host seconds) per scorer call
+        # (tokens, host seconds) per scorer call, less any CUDA graph capture inside it: the chunk
+        # size model (ppo.controllers) fits a call's steady cost, and a capture is a one-off
+        self.scorer_calls: list[tuple[int, float]] = []
         # On a GPU the scorers are driven from a host thread of their own: launching their eager
         # prefill costs milliseconds of host time, which would otherwise stall the decode loop.
         # On the CPU everything runs inline, in a fixed order (deterministic, testable).
@@ -461,6 +463,7 @@ class Rollout:
             s.poll()
             if s.pending_tokens(only) >= threshold:
                 t0 = time.perf_counter()
+                cap0 = s.runner.prefill_stats["capture_s"]
                 with self._scorer_ctx(s), self._span(s.name, "prefill", s.stream), \
                         profiler_range(f"scorer/{s.name}"):
                     fed = s.step(only=only)
@@ -468,7 +471,10 @@ class Rollout:
                 dt = time.perf_counter() - t0
                 self.stats["score_s"] += dt
                 if fed:
-                    self.scorer_calls.append((fed, dt))
+                    # G full's C jumped 32-1024 between steps (session 13): calls with captures
+                    # (0.1 s each) made the fitted overhead, and so C, swing; a new C made new
+                    # buckets, and those more captures
+                    self.scorer_calls.append((fed, max(0.0, dt - (s.runner.prefill_stats["capture_s"] - cap0))))
         return did
 
     def _score_sequential(self, seqs: list[Sequence]) -> None:
