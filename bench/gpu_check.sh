@@ -9,6 +9,7 @@
 # log.txt (all output), and BENCH.json per benchmark. Each step has a time limit so that the
 # whole check stays well under 10 minutes; a failing step is reported and the next one runs.
 #
+# On the device: OUT=$OUT PACK=1 (bench/pack_out.sh: traces summed on the spot, the rest tarred).
 # BENCH_ONLY=1 skips doctor, pytest and the sanitizers (PYTEST_FILES="tests/a.py ..." still runs those) (build, then the benchmarks), for a
 # benchmark that needs most of the 10 minutes: the end-to-end PPO step, one workload per call,
 #   BENCH_ONLY=1 BENCH_ARGS="--workload G" bash bench/gpu_check.sh ppo_step
@@ -122,3 +123,6 @@ done
   done
 } >> "$REPORT"
 cat "$REPORT"
+# PACK=1 (a device call, OUT=$OUT): traces summed and deleted, the rest in results.tgz beside
+# report.md and log.txt (at most 8 files come back, 16 MiB each)
+if [ -n "${PACK:-}" ]; then bash bench/pack_out.sh "$OUT" >> "$LOG" 2>&1; fi
