@@ -261,7 +261,7 @@ class ActorEngine:
         self.scheduler.track_rows = self.async_decode      # the lagged steps' arrays (DecodeRows)
         if prev is not None:
             try:
-                batch = self.scheduler.schedule_lagged_decode(prev.seqs, prev.rows)
+                batch = self.scheduler.schedule_lagged(prev.seqs, prev.rows)
             except NeedsDrain:
                 batch = None
             if batch is None:                       # prefill, preemption or the end: book first

@@ -184,12 +184,12 @@ class Scheduler:
     def prefill_pending(self) -> bool:
         return bool(self.waiting) or any(s.num_cached_tokens < s.num_tokens - 1 for s in self.running)
 
-    def schedule_lagged_decode(self, prev_seqs: list[Sequence], prev_rows: DecodeRows | None = None
-                               ) -> ScheduledBatch | None:
-        """The next decode step while the previous one (over ``prev_seqs``) is still on the device
-        (its tokens unread).
+    def schedule_lagged(self, prev_seqs: list[Sequence], prev_rows: DecodeRows | None = None
+                        ) -> ScheduledBatch | None:
+        """The next step while the previous decode step (over ``prev_seqs``) is still on the device
+        (its tokens unread): a decode step, or a prefill step of waiting sequences (see the end).
 
-        Only when no prefill is pending, or only waiting sequences that cannot be admitted anyway
+        A decode step only when no prefill is pending, or only waiting sequences that cannot be admitted anyway
         (every batch slot taken: ``_schedule_prefill`` would take none of them); sequences whose
         unread token is their last by length sit out. Raises NeedsDrain instead of preempting:
         pages freed now could still be written by the step in flight, so preemption waits until
