@@ -407,7 +407,7 @@ def test_decode_raw_op_refuses_a_bad_workspace_without_crashing(case):
     cleanly; see NOTES)."""
     import subprocess
     import sys
-    r = subprocess.run([sys.executable, "-c", _RAW_WS_PROBE, case], capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-X", "faulthandler", "-u", "-c", _RAW_WS_PROBE, case], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "raised:" in r.stdout, (r.returncode, r.stdout[-500:], r.stderr[-2000:])
 
 

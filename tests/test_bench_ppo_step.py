@@ -73,7 +73,9 @@ def test_summary_and_merge_of_workloads(tmp_path):
              "--out", str(out)])
     s = json.loads(out.read_text())["summary"]
     assert s["speedup_full_vs_none"] == pytest.approx(2.0)
-    assert s["busy_ratio_full_vs_none"] == pytest.approx(1.6)
+    assert s["busy_ratio_full_vs_none"] == pytest.approx(1.6)     # no GPM: NVML utilization
+    assert s["busy_ratio_full_vs_none_source"] == "nvml utilization"
+    assert s["kernel_active_ratio_full_vs_none"] == pytest.approx(1.6)
     assert s["speedup_full_vs_trl"] == pytest.approx(8.0)
     assert s["speedup_none_vs_trl"] == pytest.approx(4.0)
     assert s["speedup_full_vs_none_T"] == pytest.approx(2.0)
@@ -82,6 +84,22 @@ def test_summary_and_merge_of_workloads(tmp_path):
     ps.save(out, {"card": "x"}, {"T": {"config": {}, "rows": [row("none", 4.0), row("full", 1.0), row("trl", 16.0)]}})
     s = json.loads(out.read_text())["summary"]
     assert s["speedup_full_vs_none"] == pytest.approx(2.0) and s["speedup_full_vs_trl"] == pytest.approx(16.0)
+
+
+def test_busy_ratio_is_sm_busy_where_gpm_is_there():
+    """NVML utilization counts a 1-SM kernel as busy; with GPM both ways are kept and the headline
+    ratio is SM busy."""
+    ps = _load("ppo_step")
+    rows = [{"mode": "none", "step_s": 6.0, "busy": 0.9, "sm_busy": 0.4},
+            {"mode": "full", "step_s": 2.5, "busy": 0.8, "sm_busy": 0.7}]
+    s = ps.summarize({"G": {"config": {}, "rows": rows}})
+    assert s["busy_ratio_full_vs_none"] == pytest.approx(0.7 / 0.4)
+    assert s["busy_ratio_full_vs_none_source"] == "nvml-gpm SM_UTIL"
+    assert s["kernel_active_ratio_full_vs_none"] == pytest.approx(0.8 / 0.9)
+    rows[0]["sm_busy"] = None                       # one mode without GPM: no mixed ratio
+    s = ps.summarize({"G": {"config": {}, "rows": rows}})
+    assert s["busy_ratio_full_vs_none"] == pytest.approx(0.8 / 0.9)
+    assert s["busy_ratio_full_vs_none_source"] == "nvml utilization"
 
 
 def test_trl_baseline_config_builds_without_running(tmp_path):
