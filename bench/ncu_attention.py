@@ -21,7 +21,13 @@ from common import paged_pool  # noqa: E402
 from decode_attention import SHAPES as DECODE_SHAPES  # noqa: E402
 from prefill_attention import SHAPES as PREFILL_SHAPES  # noqa: E402
 
-import oppo_runtime.ops  # noqa: E402,F401  (registers torch.ops.oppo)
+import oppo_runtime.ops  # noqa: E402
+
+
+def _load_extension() -> None:
+    """torch.ops.oppo exists once the built extension is loaded (importing ops does not load it)."""
+    if oppo_runtime.ops.extension() is None:
+        sys.exit("ncu_attention: the oppo_runtime extension is not built (pip install -e . first)")
 
 
 def main() -> None:
@@ -31,6 +37,7 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=3)
     ap.add_argument("--block-size", type=int, default=16)
     args = ap.parse_args()
+    _load_extension()
     if args.op == "decode":
         B, ctx, Hq, Hkv, D = DECODE_SHAPES[args.shape]
         n = 1
