@@ -13,6 +13,7 @@ engine and the scorers run) vs the rotary kernel then the CUDA kv_append, beside
 
     python bench/prefill_attention.py [--out PATH] [--block-size 16] [--no-flex] [--shapes 0,2]
                                       [--plans wgmma,wgmma_pp_ov_ps]   (the wgmma plans to time; default all)
+                                      [--triton-sweep]   (also the Triton kernel at each of TRITON_SWEEP's configs)
 
 FLOPs counted: 4 * D * Hq per (query, visible key) pair (Q*K^T and P*V), i.e. only the causal
 part: query i of a chunk of n after a prefix p sees p + i + 1 keys. Every sequence of the batch
@@ -61,22 +62,63 @@ def _with_plan(plan: str, fn):
     return call
 
 
-def _plans() -> tuple[tuple[str, ...], list[str]]:
-    """--plans (the wgmma plans to time) and the rest of argv for the shared setup (sys.argv stays
+def _plans() -> tuple[tuple[str, ...], list[str], bool]:
+    """--plans (the wgmma plans to time), --triton-sweep, and the rest of argv for the shared setup (sys.argv stays
     whole: the recorded command must reproduce the run)."""
     import argparse
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--plans", default=None)
+    pre.add_argument("--triton-sweep", action="store_true")
     known, rest = pre.parse_known_args()
     if known.plans is None:
-        return WGMMA_PLANS, rest
+        return WGMMA_PLANS, rest, known.triton_sweep
     plans = tuple(p.strip() for p in known.plans.split(",") if p.strip())
     assert all(p in WGMMA_PLANS for p in plans), f"--plans takes some of {WGMMA_PLANS}, got {known.plans!r}"
-    return plans, rest
+    return plans, rest, known.triton_sweep
+
+
+# --triton-sweep: (BLOCK_M, BLOCK_N, num_warps, num_stages) timed one by one, the autotuner bypassed,
+# to see whether a config outside the autotuner's short list (prefill_triton._CONFIGS) is faster.
+# Stages >= 3 (the indirect K/V loads pipeline only then); configs over the SM's shared memory or
+# that fail to compile are recorded as errors.
+TRITON_SWEEP = [(bm, bn, w, st) for bm in (64, 128) for bn in (32, 64, 128) for w in (4, 8) for st in (3, 4)]
+
+
+def _triton_sweep(row, q, k_cache, v_cache, cu, ctx_lens, bt, scale, n, flops, mm, ref_out) -> None:
+    """Times every TRITON_SWEEP config on this shape into row["triton_sweep"] (us or an error),
+    the fastest as triton_sweep_best(_us), and its largest difference from the autotuned output."""
+    res, o = {}, torch.empty_like(q)
+    D = q.shape[-1]
+    for bm, bn, w, st in TRITON_SWEEP:
+        key = f"{bm}x{bn}_w{w}_s{st}"
+        if st * bn * D * 2 * 2 + bm * D * 2 > 227 * 1024:
+            res[key] = "skipped: shared memory"
+            continue
+        try:
+            fn = lambda: prefill_triton.paged_prefill_attention(  # noqa: E731
+                q, k_cache, v_cache, cu, ctx_lens, bt, scale, out=o, max_seqlen_q=n, config=(bm, bn),
+                num_warps=w, num_stages=st)
+            res[key] = time_ms(fn) * 1e3
+        except Exception as e:  # noqa: BLE001
+            res[key] = f"{type(e).__name__}: {e}"[:160]
+    row["triton_sweep"] = res
+    timed = {k: v for k, v in res.items() if isinstance(v, float)}
+    if timed:
+        best = min(timed, key=timed.get)
+        bm, bn, w, st = next(c for c in TRITON_SWEEP if f"{c[0]}x{c[1]}_w{c[2]}_s{c[3]}" == best)
+        prefill_triton.paged_prefill_attention(q, k_cache, v_cache, cu, ctx_lens, bt, scale, out=o, max_seqlen_q=n,
+                                               config=(bm, bn), num_warps=w, num_stages=st)
+        row["triton_sweep_best"] = best
+        row["triton_sweep_best_us"] = timed[best]
+        row["triton_sweep_best_frac_matmul"] = flops / (timed[best] * 1e-6) / mm
+        if ref_out is not None:
+            row["triton_sweep_best_max_abs_diff_vs_triton"] = float((o.float() - ref_out.float()).abs().max())
+        print(f"  triton sweep: best {best} {timed[best]:.1f} us; " +
+              ", ".join(f"{k} {v:.0f}" for k, v in sorted(timed.items(), key=lambda kv: kv[1])[:6]), flush=True)
 
 
 def main() -> None:
-    plans, rest = _plans()
+    plans, rest, triton_sweep = _plans()
     args, flex, create_block_mask = attention_bench_setup(__doc__, rest)
 
     info = device_info()
@@ -123,6 +165,9 @@ def main() -> None:
                 print(row[name + "_error"])
         if "triton_us" in row:
             row["triton_config"] = prefill_triton.best_config()
+        if triton_sweep:
+            _triton_sweep(row, q, k_cache, v_cache, cu, ctx_lens, bt, scale, n, flops, mm,
+                          outs["triton"] if "triton_us" in row else None)
         timed = [b for b in OURS if b + "_us" in row]
         if timed:
             best = min(timed, key=lambda b: row[b + "_us"])
@@ -186,7 +231,7 @@ def main() -> None:
         row.update(_kv_write(B, n, Hq, Hkv, D, args.block_size, dtype))
         for k in ("sdpa_us", "flex_us"):
             for name, suffix in (("best", ""), ("ours", "_cuda"), ("triton", "_triton"),
-                                 *((p, "_" + p) for p in WGMMA_PLANS)):
+                                 ("triton_sweep_best", "_triton_sweep_best"), *((p, "_" + p) for p in WGMMA_PLANS)):
                 if k in row and name + "_us" in row:
                     row["speedup_vs_" + k[:-3] + suffix] = row[k] / row[name + "_us"]
         rows.append(row)
@@ -268,6 +313,7 @@ def _summary(rows):
             **{f"min_speedup_vs_flex_{p}": agg(min, f"speedup_vs_flex_{p}") for p in WGMMA_PLANS},
             **{f"min_speedup_vs_flex_triton_bs{k.rsplit('bs', 1)[1]}": agg(min, k)
                for k in sorted({k for r in rows for k in r if k.startswith("speedup_vs_flex_triton_bs")})},
+            "min_speedup_vs_flex_triton_sweep_best": agg(min, "speedup_vs_flex_triton_sweep_best"),  # --triton-sweep
             "min_speedup_vs_sdpa": agg(min, "speedup_vs_sdpa"),
             "min_kv_write_fused_speedup": agg(min, "kv_write_fused_speedup"),   # > 1: the fused append wins
             "max_fraction_of_matmul": agg(max, "best_frac_matmul"),
