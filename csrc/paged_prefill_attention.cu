@@ -3,7 +3,9 @@
 // in CUDA graphs (max_seqlen_q comes from the caller, who knows the chunk sizes).
 //
 // OPPO_PREFILL_PLAN (read at every call, so a benchmark can A/B within one process):
-//   mma   (default) v2: mma.sync m16n8k16, 64-row CTAs (kernels/paged_prefill_attention.cuh);
+//   auto  (default, or unset): wgmma_pp_ov_ps for head dim 128 on an sm_90a device, else mma
+//         (prefill_plan() below says why);
+//   mma   v2: mma.sync m16n8k16, 64-row CTAs (kernels/paged_prefill_attention.cuh);
 //   wgmma           v4: sm_90a warpgroup MMA, warp-specialized (kernels/paged_prefill_wgmma.cuh);
 //   wgmma_pp        v4 with its two consumer warpgroups in ping-pong (same kernel, a flag);
 //   wgmma_ov        v4 with each warpgroup's softmax overlapping its own P V (a flag);
@@ -94,10 +96,54 @@ void launch_kernel(PrefillKernel<T> kernel, int rows_per_cta, int threads, int s
 
 constexpr int kPersistent = 1 << 8;  // host-side plan bit (not a kernel flag)
 
-// -1: the mma plan; else the wgmma kernel's flags (ping-pong, overlap, split K/V rings) | kPersistent
+// Whether this device runs the extension's sm_90a code (wgmma): an sm_90 card, and 9.0a built.
+// Asked once per device (every prefill call with the default plan asks).
+bool sm90a_here(const at::Tensor& q) {
+  static signed char cached[64] = {};  // 0: not asked yet, 1: yes, -1: no
+  signed char& c = cached[q.get_device() & 63];
+  if (c == 0) {
+    int major = 0, minor = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.get_device()));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, q.get_device()));
+    bool yes = major == 9 && minor == 0;
+#ifdef OPPO_CUDA_ARCHS
+    yes = yes && std::strstr(OPPO_CUDA_ARCHS, "sm_90a") != nullptr;
+#endif
+    c = yes ? 1 : -1;
+  }
+  return c > 0;
+}
+
+// Whether OPPO_PREFILL_WGMMA_OFF (a comma list of plans, or "all": what bench/wgmma_smoke.py found
+// failing) switches `plan` off.
+bool wgmma_plan_off(const char* plan) {
+  const char* e = std::getenv("OPPO_PREFILL_WGMMA_OFF");
+  if (e == nullptr) return false;
+  std::string list(e), item;
+  for (size_t i = 0; i <= list.size(); ++i) {
+    if (i == list.size() || list[i] == ',') {
+      if (item == plan || item == "all") return true;
+      item.clear();
+    } else if (list[i] != ' ') {
+      item += list[i];
+    }
+  }
+  return false;
+}
+
+// -1: the mma plan; else the wgmma kernel's flags (ping-pong, overlap, split K/V rings) | kPersistent.
+// OPPO_PREFILL_PLAN unset (or "auto"): wgmma_pp_ov_ps for head dim 128 on an sm_90a device (session
+// 14, H100: 0.64-0.72 of the bf16 matmul rate on issue 8's D=128 shapes, against mma's 0.29-0.30,
+// Triton's 0.42-0.43 and FlexAttention's 0.49-0.55), unless OPPO_PREFILL_WGMMA_OFF names it; mma
+// otherwise (D=64: the wgmma plans are not faster than Triton, which the Python side picks there).
 int prefill_plan(const at::Tensor& q) {
   const char* e = std::getenv("OPPO_PREFILL_PLAN");
-  if (e == nullptr || *e == '\0' || std::strcmp(e, "mma") == 0) return -1;
+  if (e == nullptr || *e == '\0' || std::strcmp(e, "auto") == 0) {
+    if (q.size(2) == 128 && !wgmma_plan_off("wgmma_pp_ov_ps") && sm90a_here(q))
+      return oppo::attn::wgp::kFlagPingPong | oppo::attn::wgp::kFlagOverlap | kPersistent;
+    return -1;
+  }
+  if (std::strcmp(e, "mma") == 0) return -1;
   std::string name(e);
   int flags = 0;
   if (name.size() > 3 && name.compare(name.size() - 3, 3, "_ps") == 0) {
@@ -111,7 +157,7 @@ int prefill_plan(const at::Tensor& q) {
   if (name == "wgmma_pp") flags |= oppo::attn::wgp::kFlagPingPong;
   else if (name == "wgmma_ov") flags |= oppo::attn::wgp::kFlagOverlap;
   else if (name == "wgmma_pp_ov") flags |= oppo::attn::wgp::kFlagPingPong | oppo::attn::wgp::kFlagOverlap;
-  else TORCH_CHECK(name == "wgmma", "OPPO_PREFILL_PLAN must be mma or wgmma[_pp][_ov][_kv][_ps] (e.g. wgmma_pp_ov_kv_ps), got '",
+  else TORCH_CHECK(name == "wgmma", "OPPO_PREFILL_PLAN must be auto, mma or wgmma[_pp][_ov][_kv][_ps] (e.g. wgmma_pp_ov_kv_ps), got '",
                    e, "'");
   int major = 0, minor = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.get_device()));

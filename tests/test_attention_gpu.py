@@ -693,6 +693,56 @@ def test_prefill_single_token_chunks_equal_decode(prefill_plan):
     assert rel_err(out, ref) < 2e-3
 
 
+@pytest.mark.parametrize("plan_env", [None, "auto"])
+def test_prefill_auto_rule_runs_wgmma_for_head_dim_128(monkeypatch, plan_env):
+    """OPPO_PREFILL_PLAN unset or auto, no backend asked for: on sm_90 with sm_90a code, head dim 128
+    runs the CUDA launcher's default plan there, wgmma_pp_ov_ps (bitwise what that plan asked for
+    by name gives, and within the fp32 reference's tolerance), and head dim 64 runs Triton; an
+    explicit OPPO_PREFILL_PLAN=mma keeps the launcher on mma."""
+    from oppo_runtime.ops import backends
+    _skip_unless_wgmma("wgmma_pp_ov_ps")
+    if plan_env is None:
+        monkeypatch.delenv("OPPO_PREFILL_PLAN", raising=False)
+    else:
+        monkeypatch.setenv("OPPO_PREFILL_PLAN", plan_env)
+    monkeypatch.delenv("OPPO_PREFILL_BACKEND", raising=False)
+    monkeypatch.delenv("OPPO_OP_BACKEND", raising=False)
+    out, ref = _prefill_case(32, 8, 128, 16, [0, 37, 1000], [1, 200, 128], torch.bfloat16, torch.float32,
+                             backend=None)
+    assert backends()["paged_prefill_attention"] == "cuda"
+    assert backends()["paged_prefill_attention/cuda_plan"] == "wgmma_pp_ov_ps"
+    assert rel_err(out, ref) < 2e-3
+    # the same inputs through the default plan and through the plan named (PagedKV draws fresh seeds)
+    lens, chunks = [69, 309], [64, 9]
+    kv = PagedKV(num_blocks=40, block_size=16, Hkv=8, D=128, dtype=torch.bfloat16)
+    bt = kv.tables(lens)
+    kv.fill(bt, lens)
+    cu = torch.tensor([0, 64, 73], dtype=torch.int32, device="cuda")
+    ctx = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    q = torch.randn(73, 32, 128, device="cuda").bfloat16()
+
+    def run():
+        out = torch.full((73, 32, 128), float("nan"), device="cuda")
+        A.paged_prefill_attention(q, kv.k, kv.v, cu, ctx, bt, 128 ** -0.5, out=out, max_seqlen_q=64, backend="cuda")
+        torch.cuda.synchronize()
+        return out
+
+    auto = run()
+    monkeypatch.setenv("OPPO_PREFILL_PLAN", "wgmma_pp_ov_ps")
+    assert torch.equal(auto, run())
+    monkeypatch.setenv("OPPO_PREFILL_PLAN", "mma")
+    mma = run()
+    assert backends()["paged_prefill_attention/cuda_plan"] == "mma"
+    assert torch.isfinite(mma).all() and not torch.equal(auto, mma)     # another kernel ran
+    if plan_env is None:
+        monkeypatch.delenv("OPPO_PREFILL_PLAN", raising=False)
+    else:
+        monkeypatch.setenv("OPPO_PREFILL_PLAN", plan_env)
+    out, ref = _prefill_case(14, 2, 64, 16, [100, 0], [256, 65], torch.bfloat16, torch.float32, backend=None)
+    assert backends()["paged_prefill_attention"] == "triton"
+    assert rel_err(out, ref) < 2e-3
+
+
 @pytest.mark.parametrize("plan", PREFILL_PLANS[1:])
 def test_prefill_wgmma_graph_replay_and_many_tiles(monkeypatch, plan):
     """The wgmma plans captured once and replayed on new queries and new chunk/context lengths

@@ -201,3 +201,29 @@ def test_env_forces_the_prefill_backend(monkeypatch):
 
 if __name__ == "__main__":
     _child()
+
+
+def test_cuda_prefill_plan_mirrors_the_launchers_default(monkeypatch):
+    """The plan the CUDA launcher runs, as the log and the auto rule read it: a named
+    OPPO_PREFILL_PLAN wins; unset or auto, wgmma_pp_ov_ps only for head dim 128 where the wgmma
+    plans can run (sm_90 with sm_90a code, not switched off), else mma."""
+    from oppo_runtime.ops import attention as A
+    q128, q64 = torch.zeros(2, 4, 128), torch.zeros(2, 4, 64)
+    monkeypatch.delenv("OPPO_PREFILL_PLAN", raising=False)
+    assert A._cuda_prefill_plan(q128) == "mma"                  # a CPU tensor: no wgmma
+    fake = type("Q", (), {"shape": (2, 4, 128), "device": torch.device("cuda", 0)})()
+    fake64 = type("Q", (), {"shape": (2, 4, 64), "device": torch.device("cuda", 0)})()
+    monkeypatch.setattr(A, "_is_sm90", lambda device: True)
+    monkeypatch.setattr(A, "prefill_wgmma_available", lambda device=None, plan=None: plan == "wgmma_pp_ov_ps")
+    assert A._cuda_prefill_plan(fake) == "wgmma_pp_ov_ps"
+    assert A._cuda_prefill_plan(fake64) == "mma"
+    monkeypatch.setenv("OPPO_PREFILL_PLAN", "auto")
+    assert A._cuda_prefill_plan(fake) == "wgmma_pp_ov_ps"
+    monkeypatch.setenv("OPPO_PREFILL_PLAN", "mma")
+    assert A._cuda_prefill_plan(fake) == "mma"
+    monkeypatch.setenv("OPPO_PREFILL_PLAN", "wgmma_pp")
+    assert A._cuda_prefill_plan(fake64) == "wgmma_pp"
+    monkeypatch.delenv("OPPO_PREFILL_PLAN")
+    monkeypatch.setattr(A, "prefill_wgmma_available", lambda device=None, plan=None: False)   # switched off
+    assert A._cuda_prefill_plan(fake) == "mma"
+    assert A._cuda_prefill_plan(q64) == "mma"

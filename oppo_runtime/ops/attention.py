@@ -327,9 +327,11 @@ def _prefill_backend(q: torch.Tensor, backend: str | None) -> str:
 
     Asked for by, in order: the ``backend`` argument, env ``OPPO_PREFILL_BACKEND``
     (cuda|triton|reference), env ``OPPO_OP_BACKEND``; none of them (or 'auto') means auto.
-    Auto rule, on a CUDA device for bf16/fp16 and head dim 64/128: the Triton kernel on sm_90
-    (Hopper) when triton imports — there tl.dot lowers to wgmma, which the CUDA kernel (mma.sync,
-    0.55-0.63x FlexAttention on an H100, bench/NOTES.md "Prefill v2") does not use; on other cards
+    Auto rule, on a CUDA device for bf16/fp16 and head dim 64/128: on sm_90 (Hopper) with head
+    dim 128 and sm_90a code, the CUDA kernel, whose default plan there is wgmma_pp_ov_ps
+    (``_cuda_prefill_plan``); else the Triton
+    kernel on sm_90 when triton imports — there tl.dot lowers to wgmma, which the CUDA kernel's mma
+    plan (0.55-0.63x FlexAttention on an H100, bench/NOTES.md "Prefill v2") does not use; on other cards
     the CUDA kernel, or Triton when the extension lacks it; else the reference. Inputs no kernel
     covers (fp32, other head dims) take the reference unless the ``backend`` argument names a
     kernel (ValueError). A kernel asked for that cannot run raises MissingKernelError: no silent
@@ -349,6 +351,8 @@ def _prefill_backend(q: torch.Tensor, backend: str | None) -> str:
     on_cuda = q.device.type == "cuda"
     if requested == "auto" and on_cuda:
         from . import prefill_triton
+        if os.environ.get("OPPO_PREFILL_PLAN", "auto") in ("", "auto") and _cuda_prefill_plan(q) != "mma":
+            return choose_backend(op, q.device, "cuda")     # the launcher's default plan there: wgmma
         if prefill_triton.available() and (_is_sm90(q.device) or not has_cuda_kernels()):
             requested = "triton"
     if requested == "triton":
@@ -360,6 +364,22 @@ def _prefill_backend(q: torch.Tensor, backend: str | None) -> str:
         record_backend(op, "triton")
         return "triton"
     return choose_backend(op, q.device, requested)
+
+
+def _cuda_prefill_plan(q: torch.Tensor) -> str:
+    """The plan the CUDA launcher runs for ``q`` (its ``prefill_plan``, mirrored for the log and
+    the auto rule): OPPO_PREFILL_PLAN when it names one; else (unset or ``auto``) wgmma_pp_ov_ps
+    for head dim 128 on sm_90 with sm_90a code, unless OPPO_PREFILL_WGMMA_OFF switches it off
+    (session 14, H100, issue 8's D=128 shapes: 0.64-0.72 of the bf16 matmul rate against Triton's
+    0.42-0.43 and FlexAttention's 0.49-0.55); else mma. Not wgmma for D=64: there it equals
+    Triton (0.37 vs 0.38), which the auto rule picks instead."""
+    plan = os.environ.get("OPPO_PREFILL_PLAN", "auto")
+    if plan not in ("", "auto"):
+        return plan
+    if (q.shape[-1] == 128 and q.device.type == "cuda" and _is_sm90(q.device)
+            and prefill_wgmma_available(q.device, plan="wgmma_pp_ov_ps")):
+        return "wgmma_pp_ov_ps"
+    return "mma"
 
 
 def _is_sm90(device: torch.device) -> bool:
@@ -411,8 +431,8 @@ def paged_prefill_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, blo
         return prefill_triton.paged_prefill_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens,
                                                       block_tables, scale, out=out, max_seqlen_q=max_seqlen_q)
     if which == "cuda":
-        # the launcher picks its plan from OPPO_PREFILL_PLAN (mma | wgmma[_pp][_ov][_kv][_ps]) at every call
-        record_backend("paged_prefill_attention/cuda_plan", os.environ.get("OPPO_PREFILL_PLAN") or "mma")
+        # the launcher picks its plan from OPPO_PREFILL_PLAN (auto | mma | wgmma[_pp][_ov][_kv][_ps]) at every call
+        record_backend("paged_prefill_attention/cuda_plan", _cuda_prefill_plan(q))
         if out is None:
             out = torch.empty_like(q)
         if max_seqlen_q is None:  # a host sync: callers that capture graphs pass it
