@@ -69,14 +69,14 @@ PlanKind decode_plan_kind() {
   if (e == nullptr || *e == 0 || std::strcmp(e, "v3") == 0) return PlanKind::v3;
   if (std::strcmp(e, "v2") == 0) return PlanKind::v2;
   if (std::strcmp(e, "v4") == 0) return PlanKind::v4;
-  TORCH_CHECK(false, "OPPO_DECODE_PLAN must be v2, v3 or v4, got '", e, "'");
+  OPPO_CHECK(false, "OPPO_DECODE_PLAN must be v2, v3 or v4, got '", e, "'");
   return PlanKind::v3;
 }
 
 bool tickets_forced_memset() {
   const char* e = std::getenv("OPPO_DECODE_TICKETS");
   if (e == nullptr || *e == 0 || std::strcmp(e, "pool") == 0) return false;
-  TORCH_CHECK(std::strcmp(e, "memset") == 0, "OPPO_DECODE_TICKETS must be pool or memset, got '", e, "'");
+  OPPO_CHECK(std::strcmp(e, "memset") == 0, "OPPO_DECODE_TICKETS must be pool or memset, got '", e, "'");
   return true;
 }
 
@@ -222,13 +222,13 @@ float* take_workspace(const std::optional<at::Tensor>& given, int64_t need, cons
   if (need == 0) return nullptr;
   if (given.has_value() && given->defined()) {
     const at::Tensor& w = *given;
-    TORCH_CHECK(w.is_cuda() && w.get_device() == q.get_device(), op, ": workspace must be on q's device (",
+    OPPO_CHECK(w.is_cuda() && w.get_device() == q.get_device(), op, ": workspace must be on q's device (",
                 q.device(), "), got ", w.device());
-    TORCH_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous(), op,
+    OPPO_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous(), op,
                 ": workspace must be a contiguous float32 tensor, got ", w.scalar_type());
-    TORCH_CHECK(w.numel() >= need, op, ": workspace holds ", w.numel(), " floats, this call's split plan needs ",
+    OPPO_CHECK(w.numel() >= need, op, ": workspace holds ", w.numel(), " floats, this call's split plan needs ",
                 need, " (size it with paged_decode_workspace_size for this q, k_cache and block_tables)");
-    TORCH_CHECK(reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0, op, ": workspace must be 16-byte aligned");
+    OPPO_CHECK(reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0, op, ": workspace must be 16-byte aligned");
     return w.data_ptr<float>();
   }
   holder = at::empty({need}, q.options().dtype(at::kFloat));
@@ -276,7 +276,7 @@ void launch_decode_v4(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_
   const int num_splits = plan.num_splits;
   const int64_t items = groups * num_splits;  // <= slots when split
   const int64_t grid = num_splits > 1 ? items : std::min(groups, slots);
-  TORCH_CHECK(items <= INT_MAX, "paged_decode_attention: too many work items");
+  OPPO_CHECK(items <= INT_MAX, "paged_decode_attention: too many work items");
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
   at::Tensor ws;
@@ -381,33 +381,33 @@ void paged_decode_attention_cuda(at::Tensor& out, const at::Tensor& q, const at:
                                  const at::Tensor& context_lens, double scale,
                                  const std::optional<at::Tensor>& workspace, int64_t max_partition) {
   constexpr const char* op = "paged_decode_attention";
-  TORCH_CHECK(max_partition >= 0, op, ": max_partition must be >= 0 (0: no cap), got ", max_partition);
+  OPPO_CHECK(max_partition >= 0, op, ": max_partition must be >= 0 (0: no cap), got ", max_partition);
   OPPO_CHECK_CUDA(out, "paged_decode_attention"); OPPO_CHECK_CUDA(q, "paged_decode_attention");
   OPPO_CHECK_CUDA(k_cache, "paged_decode_attention"); OPPO_CHECK_CUDA(v_cache, "paged_decode_attention");
   OPPO_CHECK_CUDA(block_tables, "paged_decode_attention"); OPPO_CHECK_CUDA(context_lens, "paged_decode_attention");
-  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), op, ": bad ranks/shapes");
+  OPPO_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), op, ": bad ranks/shapes");
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = k_cache.size(2);
-  TORCH_CHECK(k_cache.size(3) == D && Hkv > 0 && Hq % Hkv == 0, op, ": q [B, Hq, D] must match the cache's D, Hq % Hkv == 0");
-  TORCH_CHECK(out.sizes() == q.sizes(), op, ": out must have q's shape");
-  TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf, op, ": q must be bf16 or fp16, got ", q.scalar_type());
-  TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(), op, ": q and caches must share a dtype");
-  TORCH_CHECK(out.scalar_type() == q.scalar_type() || out.scalar_type() == at::kFloat, op, ": out must be q's dtype or float32");
-  TORCH_CHECK(D == 64 || D == 128, op, ": head_dim must be 64 or 128, got ", D);
-  TORCH_CHECK(block_tables.scalar_type() == at::kInt && context_lens.scalar_type() == at::kInt, op, ": block_tables/context_lens must be int32");
-  TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == B && block_tables.stride(1) == 1, op, ": block_tables must be [B, max_blocks], rows contiguous");
-  TORCH_CHECK(context_lens.dim() == 1 && context_lens.size(0) == B && context_lens.is_contiguous(), op, ": context_lens must be [B] contiguous");
+  OPPO_CHECK(k_cache.size(3) == D && Hkv > 0 && Hq % Hkv == 0, op, ": q [B, Hq, D] must match the cache's D, Hq % Hkv == 0");
+  OPPO_CHECK(out.sizes() == q.sizes(), op, ": out must have q's shape");
+  OPPO_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf, op, ": q must be bf16 or fp16, got ", q.scalar_type());
+  OPPO_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(), op, ": q and caches must share a dtype");
+  OPPO_CHECK(out.scalar_type() == q.scalar_type() || out.scalar_type() == at::kFloat, op, ": out must be q's dtype or float32");
+  OPPO_CHECK(D == 64 || D == 128, op, ": head_dim must be 64 or 128, got ", D);
+  OPPO_CHECK(block_tables.scalar_type() == at::kInt && context_lens.scalar_type() == at::kInt, op, ": block_tables/context_lens must be int32");
+  OPPO_CHECK(block_tables.dim() == 2 && block_tables.size(0) == B && block_tables.stride(1) == 1, op, ": block_tables must be [B, max_blocks], rows contiguous");
+  OPPO_CHECK(context_lens.dim() == 1 && context_lens.size(0) == B && context_lens.is_contiguous(), op, ": context_lens must be [B] contiguous");
   // Pages token-major [block_size, Hkv, D] (the pool's layout) or head-major [Hkv, block_size, D]
   // viewed as [block_size, Hkv, D]: any strides of a token row and a kv head with rows contiguous.
-  TORCH_CHECK(k_cache.stride(3) == 1 && v_cache.strides() == k_cache.strides(), op,
+  OPPO_CHECK(k_cache.stride(3) == 1 && v_cache.strides() == k_cache.strides(), op,
               ": cache rows must be contiguous (stride 1 in D) and K/V caches share strides");
-  TORCH_CHECK(k_cache.stride(1) % 8 == 0 && k_cache.stride(2) % 8 == 0 && k_cache.stride(1) <= INT_MAX &&
+  OPPO_CHECK(k_cache.stride(1) % 8 == 0 && k_cache.stride(2) % 8 == 0 && k_cache.stride(1) <= INT_MAX &&
               k_cache.stride(2) <= INT_MAX, op, ": cache token/head strides must be multiples of 8 elements");
-  TORCH_CHECK(q.stride(2) == 1 && out.stride(2) == 1, op, ": q/out inner dim must be contiguous");
-  TORCH_CHECK(q.stride(0) % 8 == 0 && q.stride(1) % 8 == 0 && out.stride(0) % 4 == 0 && out.stride(1) % 4 == 0 &&
+  OPPO_CHECK(q.stride(2) == 1 && out.stride(2) == 1, op, ": q/out inner dim must be contiguous");
+  OPPO_CHECK(q.stride(0) % 8 == 0 && q.stride(1) % 8 == 0 && out.stride(0) % 4 == 0 && out.stride(1) % 4 == 0 &&
               k_cache.stride(0) % 8 == 0, op, ": strides must keep rows 16-byte aligned");
   for (const at::Tensor& t : std::array<at::Tensor, 4>{q, k_cache, v_cache, out})
-    TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, op, ": tensors must be 16-byte aligned");
-  TORCH_CHECK(B <= 65535, op, ": batch above 65535");
+    OPPO_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, op, ": tensors must be 16-byte aligned");
+  OPPO_CHECK(B <= 65535, op, ": batch above 65535");
   if (B == 0 || Hq == 0) return;
   const at::cuda::OptionalCUDAGuard guard(q.device());
   if (q.scalar_type() == at::kBFloat16) {
@@ -427,14 +427,14 @@ int64_t paged_decode_workspace_size_cuda(const at::Tensor& q, const at::Tensor& 
                                          const at::Tensor& block_tables, int64_t max_partition) {
   constexpr const char* op = "paged_decode_workspace_size";
   OPPO_CHECK_CUDA(q, "paged_decode_workspace_size"); OPPO_CHECK_CUDA(k_cache, "paged_decode_workspace_size");
-  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && block_tables.dim() == 2, op,
+  OPPO_CHECK(q.dim() == 3 && k_cache.dim() == 4 && block_tables.dim() == 2, op,
               ": q [B, Hq, D], k_cache [num_blocks, block_size, Hkv, D], block_tables [B, max_blocks]");
   const int64_t Hq = q.size(1), D = q.size(2), Hkv = k_cache.size(2);
-  TORCH_CHECK(k_cache.size(3) == D && Hkv > 0 && Hq % Hkv == 0 && (D == 64 || D == 128), op,
+  OPPO_CHECK(k_cache.size(3) == D && Hkv > 0 && Hq % Hkv == 0 && (D == 64 || D == 128), op,
               ": head_dim 64 or 128 shared by q and the cache, and Hq % Hkv == 0");
-  TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf, op, ": q must be bf16 or fp16");
+  OPPO_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf, op, ": q must be bf16 or fp16");
   if (q.size(0) == 0 || Hq == 0) return 0;
-  TORCH_CHECK(max_partition >= 0, op, ": max_partition must be >= 0 (0: no cap), got ", max_partition);
+  OPPO_CHECK(max_partition >= 0, op, ": max_partition must be >= 0 (0: no cap), got ", max_partition);
   const at::cuda::OptionalCUDAGuard guard(q.device());
   const DecodeShape sh(q, k_cache, block_tables, max_partition);
   const PlanKind kind = decode_plan_kind();

@@ -55,7 +55,7 @@ void launch_kernel(PrefillKernel<T> kernel, int rows_per_cta, int threads, int s
   const int block_size = static_cast<int>(k_cache.size(1)), Hkv = static_cast<int>(k_cache.size(2));
   const int G = Hq / Hkv;
   const int64_t m_tiles = (max_seqlen_q * G + rows_per_cta - 1) / rows_per_cta;
-  TORCH_CHECK(m_tiles < (1LL << 31), "paged_prefill_attention: max_seqlen_q too large");
+  OPPO_CHECK(m_tiles < (1LL << 31), "paged_prefill_attention: max_seqlen_q too large");
   if (m_tiles == 0 || B == 0) return;
   static bool attr_set[64] = {};  // per kernel and device
   const int dev = q.get_device();
@@ -70,7 +70,7 @@ void launch_kernel(PrefillKernel<T> kernel, int rows_per_cta, int threads, int s
         cudaFuncAttributes fa{};
         C10_CUDA_CHECK(cudaFuncGetAttributes(&fa, kernel));
         const int need = 128 * Cfg::kProducerRegs + (threads - 128) * Cfg::kConsumerRegs;
-        TORCH_CHECK(fa.numRegs * threads >= need, "paged_prefill_attention (wgmma, head_dim ", D, "): the kernel ",
+        OPPO_CHECK(fa.numRegs * threads >= need, "paged_prefill_attention (wgmma, head_dim ", D, "): the kernel ",
                     "was compiled with ", fa.numRegs, " registers per thread; its setmaxnreg split needs ", need,
                     " per CTA (", (need + threads - 1) / threads, " per thread). Use OPPO_PREFILL_PLAN=mma.");
       }
@@ -79,7 +79,7 @@ void launch_kernel(PrefillKernel<T> kernel, int rows_per_cta, int threads, int s
   }
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const int64_t items = m_tiles * Hkv * B;
-  TORCH_CHECK(grid_kind == Grid::three_d || items < (1LL << 31),
+  OPPO_CHECK(grid_kind == Grid::three_d || items < (1LL << 31),
               "paged_prefill_attention: too many (row tile, kv head, sequence) items for a 1D grid");
   dim3 grid(static_cast<unsigned>(m_tiles), Hkv, B);
   if (grid_kind == Grid::items) grid = dim3(static_cast<unsigned>(items));
@@ -157,14 +157,14 @@ int prefill_plan(const at::Tensor& q) {
   if (name == "wgmma_pp") flags |= oppo::attn::wgp::kFlagPingPong;
   else if (name == "wgmma_ov") flags |= oppo::attn::wgp::kFlagOverlap;
   else if (name == "wgmma_pp_ov") flags |= oppo::attn::wgp::kFlagPingPong | oppo::attn::wgp::kFlagOverlap;
-  else TORCH_CHECK(name == "wgmma", "OPPO_PREFILL_PLAN must be auto, mma or wgmma[_pp][_ov][_kv][_ps] (e.g. wgmma_pp_ov_kv_ps), got '",
+  else OPPO_CHECK(name == "wgmma", "OPPO_PREFILL_PLAN must be auto, mma or wgmma[_pp][_ov][_kv][_ps] (e.g. wgmma_pp_ov_kv_ps), got '",
                    e, "'");
   int major = 0, minor = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.get_device()));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, q.get_device()));
-  TORCH_CHECK(major == 9 && minor == 0, "OPPO_PREFILL_PLAN=wgmma needs an sm_90 device, this is sm_", major, minor);
+  OPPO_CHECK(major == 9 && minor == 0, "OPPO_PREFILL_PLAN=wgmma needs an sm_90 device, this is sm_", major, minor);
 #ifdef OPPO_CUDA_ARCHS
-  TORCH_CHECK(std::strstr(OPPO_CUDA_ARCHS, "sm_90a") != nullptr,
+  OPPO_CHECK(std::strstr(OPPO_CUDA_ARCHS, "sm_90a") != nullptr,
               "OPPO_PREFILL_PLAN=wgmma: the extension was built without sm_90a (TORCH_CUDA_ARCH_LIST has no 9.0a): ",
               OPPO_CUDA_ARCHS);
 #endif
@@ -179,7 +179,7 @@ void launch(int plan, at::Tensor& out, const at::Tensor& q, const at::Tensor& k_
   if (plan >= 0) {
     // the wgmma producer divides by block_size once per thread; its in-page row offsets
     // (row * Hkv * D + kv head * D < block_size * Hkv * D) are 32-bit
-    TORCH_CHECK(k_cache.size(1) > 0 && k_cache.size(1) * k_cache.size(2) * D <= INT32_MAX,
+    OPPO_CHECK(k_cache.size(1) > 0 && k_cache.size(1) * k_cache.size(2) * D <= INT32_MAX,
                 "paged_prefill_attention (wgmma): pages of ", k_cache.size(1), " x ", k_cache.size(2), " x ", D,
                 " elements (empty, or past 32-bit offsets); use OPPO_PREFILL_PLAN=mma");
     launch_kernel<T, D, true>(wgp::paged_prefill_wgmma_kernel<T, D>, wgp::kBM, wgp::kThreads, wgp::Cfg<D>::kSmem,
@@ -209,28 +209,28 @@ void paged_prefill_attention_cuda(at::Tensor& out, const at::Tensor& q, const at
   OPPO_CHECK_CUDA(k_cache, "paged_prefill_attention"); OPPO_CHECK_CUDA(v_cache, "paged_prefill_attention");
   OPPO_CHECK_CUDA(cu_seqlens_q, "paged_prefill_attention"); OPPO_CHECK_CUDA(context_lens, "paged_prefill_attention");
   OPPO_CHECK_CUDA(block_tables, "paged_prefill_attention");
-  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), op, ": bad ranks/shapes");
+  OPPO_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), op, ": bad ranks/shapes");
   const int64_t Hq = q.size(1), D = q.size(2), Hkv = k_cache.size(2), B = context_lens.size(0);
-  TORCH_CHECK(k_cache.size(3) == D && Hkv > 0 && Hq % Hkv == 0, op, ": q [Nq, Hq, D] must match the cache's D, Hq % Hkv == 0");
-  TORCH_CHECK(out.sizes() == q.sizes(), op, ": out must have q's shape");
-  TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf, op, ": q must be bf16 or fp16, got ", q.scalar_type());
-  TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(), op, ": q and caches must share a dtype");
-  TORCH_CHECK(out.scalar_type() == q.scalar_type() || out.scalar_type() == at::kFloat, op, ": out must be q's dtype or float32");
-  TORCH_CHECK(D == 64 || D == 128, op, ": head_dim must be 64 or 128, got ", D);
-  TORCH_CHECK(cu_seqlens_q.scalar_type() == at::kInt && context_lens.scalar_type() == at::kInt &&
+  OPPO_CHECK(k_cache.size(3) == D && Hkv > 0 && Hq % Hkv == 0, op, ": q [Nq, Hq, D] must match the cache's D, Hq % Hkv == 0");
+  OPPO_CHECK(out.sizes() == q.sizes(), op, ": out must have q's shape");
+  OPPO_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf, op, ": q must be bf16 or fp16, got ", q.scalar_type());
+  OPPO_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(), op, ": q and caches must share a dtype");
+  OPPO_CHECK(out.scalar_type() == q.scalar_type() || out.scalar_type() == at::kFloat, op, ": out must be q's dtype or float32");
+  OPPO_CHECK(D == 64 || D == 128, op, ": head_dim must be 64 or 128, got ", D);
+  OPPO_CHECK(cu_seqlens_q.scalar_type() == at::kInt && context_lens.scalar_type() == at::kInt &&
               block_tables.scalar_type() == at::kInt, op, ": cu_seqlens_q, context_lens, block_tables must be int32");
-  TORCH_CHECK(cu_seqlens_q.dim() == 1 && cu_seqlens_q.size(0) == B + 1 && cu_seqlens_q.is_contiguous(), op, ": cu_seqlens_q must be [B+1]");
-  TORCH_CHECK(context_lens.dim() == 1 && context_lens.is_contiguous(), op, ": context_lens must be [B] contiguous");
-  TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == B && block_tables.stride(1) == 1, op, ": block_tables must be [B, max_blocks], rows contiguous");
-  TORCH_CHECK(k_cache.stride(3) == 1 && k_cache.stride(2) == D && k_cache.stride(1) == Hkv * D && v_cache.strides() == k_cache.strides(),
+  OPPO_CHECK(cu_seqlens_q.dim() == 1 && cu_seqlens_q.size(0) == B + 1 && cu_seqlens_q.is_contiguous(), op, ": cu_seqlens_q must be [B+1]");
+  OPPO_CHECK(context_lens.dim() == 1 && context_lens.is_contiguous(), op, ": context_lens must be [B] contiguous");
+  OPPO_CHECK(block_tables.dim() == 2 && block_tables.size(0) == B && block_tables.stride(1) == 1, op, ": block_tables must be [B, max_blocks], rows contiguous");
+  OPPO_CHECK(k_cache.stride(3) == 1 && k_cache.stride(2) == D && k_cache.stride(1) == Hkv * D && v_cache.strides() == k_cache.strides(),
               op, ": each page must be contiguous [block_size, Hkv, D] and K/V caches share strides");
-  TORCH_CHECK(q.stride(2) == 1 && out.stride(2) == 1, op, ": q/out inner dim must be contiguous");
-  TORCH_CHECK(q.stride(0) % 8 == 0 && q.stride(1) % 8 == 0 && out.stride(0) % 2 == 0 && out.stride(1) % 2 == 0 &&
+  OPPO_CHECK(q.stride(2) == 1 && out.stride(2) == 1, op, ": q/out inner dim must be contiguous");
+  OPPO_CHECK(q.stride(0) % 8 == 0 && q.stride(1) % 8 == 0 && out.stride(0) % 2 == 0 && out.stride(1) % 2 == 0 &&
               k_cache.stride(0) % 8 == 0, op, ": strides must keep rows aligned");
   for (const at::Tensor& t : std::array<at::Tensor, 4>{q, k_cache, v_cache, out})
-    TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, op, ": tensors must be 16-byte aligned");
-  TORCH_CHECK(B <= 65535 && Hkv <= 65535, op, ": batch or kv heads above 65535");
-  TORCH_CHECK(max_seqlen_q >= 0, op, ": max_seqlen_q must be >= 0");
+    OPPO_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, op, ": tensors must be 16-byte aligned");
+  OPPO_CHECK(B <= 65535 && Hkv <= 65535, op, ": batch or kv heads above 65535");
+  OPPO_CHECK(max_seqlen_q >= 0, op, ": max_seqlen_q must be >= 0");
   if (q.size(0) == 0 || B == 0) return;
   const at::cuda::OptionalCUDAGuard guard(q.device());
   const int wg = prefill_plan(q);
