@@ -17,6 +17,7 @@ import os
 import platform
 import shlex
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 from typing import Callable
@@ -110,9 +111,23 @@ def matmul_flops(n: int = 8192) -> float:
     return 2 * n ** 3 / (ms * 1e-3)
 
 
+def tree_commit() -> str | None:
+    """The commit of the tree that runs: OPPO_COMMIT where set (the device machine's copy of the
+    tree keeps a stale .git, so call scripts write the session's HEAD there), else git's HEAD."""
+    if os.environ.get("OPPO_COMMIT"):
+        return os.environ["OPPO_COMMIT"]
+    try:
+        out = subprocess.run(["git", "-C", str(Path(__file__).resolve().parents[1]), "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return None
+    return out or None
+
+
 def device_info() -> dict:
     p = torch.cuda.get_device_properties(0)
     return {
+        "commit": tree_commit(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "card": p.name,
         "sm_count": p.multi_processor_count,

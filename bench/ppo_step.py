@@ -70,7 +70,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 if str(ROOT) not in sys.path:
     sys.path.insert(1, str(ROOT))
-from common import matmul_flops, print_table, write_json  # noqa: E402
+from common import matmul_flops, print_table, tree_commit, write_json  # noqa: E402
 from models import SHAPES  # noqa: E402
 
 from oppo_runtime.models import ModelConfig, build_model, save_model  # noqa: E402
@@ -653,15 +653,7 @@ def device_info(args) -> dict:
         info.update(card=pr.name, sm_count=pr.multi_processor_count, memory_gib=round(pr.total_memory / 2 ** 30, 1))
     else:
         info.update(card="cpu", threads=torch.get_num_threads())
-    try:
-        info["commit"] = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                        text=True).stdout.strip()
-    except OSError:
-        pass
-    # OPPO_COMMIT: the commit the tree was copied from, where the copy's .git is not that tree's
-    # (the device machine's copy keeps the session's first HEAD)
-    if os.environ.get("OPPO_COMMIT"):
-        info["commit"] = os.environ["OPPO_COMMIT"]
+    info["commit"] = tree_commit()
     return info
 
 
