@@ -25,6 +25,25 @@ inline void append_text(std::string& s, c10::IntArrayRef a) {
 #define OPPO_CHECK_DTYPE(x, dt, op) \
   OPPO_CHECK((x).scalar_type() == (dt), op ": " #x " has dtype ", (x).scalar_type(), ", expected ", (dt))
 
+// The checks the attention launchers share: ranks, q against the caches' head dim and kv heads,
+// out's shape, the dtypes (q bf16/fp16, caches like q, out like q or float32) and the head dim.
+// `q_shape` names q's layout in the message ("[B, Hq, D]" or "[Nq, Hq, D]").
+inline void check_attention_tensors(const char* op, const char* q_shape, const at::Tensor& out, const at::Tensor& q,
+                                    const at::Tensor& k_cache, const at::Tensor& v_cache) {
+  OPPO_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), op, ": bad ranks/shapes");
+  const int64_t Hq = q.size(1), D = q.size(2), Hkv = k_cache.size(2);
+  OPPO_CHECK(k_cache.size(3) == D && Hkv > 0 && Hq % Hkv == 0, op, ": q ", q_shape,
+             " must match the cache's D, Hq % Hkv == 0");
+  OPPO_CHECK(out.sizes() == q.sizes(), op, ": out must have q's shape");
+  OPPO_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf, op, ": q must be bf16 or fp16, got ",
+             q.scalar_type());
+  OPPO_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(), op,
+             ": q and caches must share a dtype");
+  OPPO_CHECK(out.scalar_type() == q.scalar_type() || out.scalar_type() == at::kFloat, op,
+             ": out must be q's dtype or float32");
+  OPPO_CHECK(D == 64 || D == 128, op, ": head_dim must be 64 or 128, got ", D);
+}
+
 // Only the three float types the runtime uses are instantiated.
 #define OPPO_DISPATCH_FLOAT(scalar_type, op, ...)                                  \
   [&] {                                                                            \

@@ -385,14 +385,8 @@ void paged_decode_attention_cuda(at::Tensor& out, const at::Tensor& q, const at:
   OPPO_CHECK_CUDA(out, "paged_decode_attention"); OPPO_CHECK_CUDA(q, "paged_decode_attention");
   OPPO_CHECK_CUDA(k_cache, "paged_decode_attention"); OPPO_CHECK_CUDA(v_cache, "paged_decode_attention");
   OPPO_CHECK_CUDA(block_tables, "paged_decode_attention"); OPPO_CHECK_CUDA(context_lens, "paged_decode_attention");
-  OPPO_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), op, ": bad ranks/shapes");
+  check_attention_tensors(op, "[B, Hq, D]", out, q, k_cache, v_cache);
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = k_cache.size(2);
-  OPPO_CHECK(k_cache.size(3) == D && Hkv > 0 && Hq % Hkv == 0, op, ": q [B, Hq, D] must match the cache's D, Hq % Hkv == 0");
-  OPPO_CHECK(out.sizes() == q.sizes(), op, ": out must have q's shape");
-  OPPO_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf, op, ": q must be bf16 or fp16, got ", q.scalar_type());
-  OPPO_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(), op, ": q and caches must share a dtype");
-  OPPO_CHECK(out.scalar_type() == q.scalar_type() || out.scalar_type() == at::kFloat, op, ": out must be q's dtype or float32");
-  OPPO_CHECK(D == 64 || D == 128, op, ": head_dim must be 64 or 128, got ", D);
   OPPO_CHECK(block_tables.scalar_type() == at::kInt && context_lens.scalar_type() == at::kInt, op, ": block_tables/context_lens must be int32");
   OPPO_CHECK(block_tables.dim() == 2 && block_tables.size(0) == B && block_tables.stride(1) == 1, op, ": block_tables must be [B, max_blocks], rows contiguous");
   OPPO_CHECK(context_lens.dim() == 1 && context_lens.size(0) == B && context_lens.is_contiguous(), op, ": context_lens must be [B] contiguous");

@@ -209,14 +209,8 @@ void paged_prefill_attention_cuda(at::Tensor& out, const at::Tensor& q, const at
   OPPO_CHECK_CUDA(k_cache, "paged_prefill_attention"); OPPO_CHECK_CUDA(v_cache, "paged_prefill_attention");
   OPPO_CHECK_CUDA(cu_seqlens_q, "paged_prefill_attention"); OPPO_CHECK_CUDA(context_lens, "paged_prefill_attention");
   OPPO_CHECK_CUDA(block_tables, "paged_prefill_attention");
-  OPPO_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), op, ": bad ranks/shapes");
+  check_attention_tensors(op, "[Nq, Hq, D]", out, q, k_cache, v_cache);
   const int64_t Hq = q.size(1), D = q.size(2), Hkv = k_cache.size(2), B = context_lens.size(0);
-  OPPO_CHECK(k_cache.size(3) == D && Hkv > 0 && Hq % Hkv == 0, op, ": q [Nq, Hq, D] must match the cache's D, Hq % Hkv == 0");
-  OPPO_CHECK(out.sizes() == q.sizes(), op, ": out must have q's shape");
-  OPPO_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf, op, ": q must be bf16 or fp16, got ", q.scalar_type());
-  OPPO_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(), op, ": q and caches must share a dtype");
-  OPPO_CHECK(out.scalar_type() == q.scalar_type() || out.scalar_type() == at::kFloat, op, ": out must be q's dtype or float32");
-  OPPO_CHECK(D == 64 || D == 128, op, ": head_dim must be 64 or 128, got ", D);
   OPPO_CHECK(cu_seqlens_q.scalar_type() == at::kInt && context_lens.scalar_type() == at::kInt &&
               block_tables.scalar_type() == at::kInt, op, ": cu_seqlens_q, context_lens, block_tables must be int32");
   OPPO_CHECK(cu_seqlens_q.dim() == 1 && cu_seqlens_q.size(0) == B + 1 && cu_seqlens_q.is_contiguous(), op, ": cu_seqlens_q must be [B+1]");
