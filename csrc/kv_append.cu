@@ -19,13 +19,13 @@ void kv_append_cuda(const at::Tensor& key, const at::Tensor& value, at::Tensor& 
   OPPO_CHECK(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), op, ": caches must be [blocks, block_size, Hkv, D]");
   OPPO_CHECK(key.size(1) == k_cache.size(2) && key.size(2) == k_cache.size(3), op, ": key rows do not match the cache geometry");
   OPPO_CHECK(key.scalar_type() == k_cache.scalar_type() && value.scalar_type() == k_cache.scalar_type() &&
-              v_cache.scalar_type() == k_cache.scalar_type(), op, ": key, value and caches must share a dtype");
+             v_cache.scalar_type() == k_cache.scalar_type(), op, ": key, value and caches must share a dtype");
   OPPO_CHECK(slot_mapping.dim() == 1 && slot_mapping.size(0) == key.size(0), op, ": slot_mapping must be [N]");
   OPPO_CHECK(slot_mapping.scalar_type() == at::kInt || slot_mapping.scalar_type() == at::kLong, op, ": slot_mapping must be int32 or int64");
   OPPO_CHECK(key.stride(2) == 1 && key.stride(1) == key.size(2) && value.stride(2) == 1 && value.stride(1) == value.size(2),
-              op, ": each key/value row must be contiguous");
+             op, ": each key/value row must be contiguous");
   OPPO_CHECK(k_cache.stride(3) == 1 && k_cache.stride(2) == k_cache.size(3) && k_cache.stride(1) == k_cache.size(2) * k_cache.size(3) &&
-              v_cache.strides() == k_cache.strides(), op, ": each page must be contiguous and K/V caches share strides");
+             v_cache.strides() == k_cache.strides(), op, ": each page must be contiguous and K/V caches share strides");
   const int64_t n = key.size(0);
   if (n == 0) return;
   const at::cuda::OptionalCUDAGuard guard(key.device());

@@ -223,11 +223,11 @@ float* take_workspace(const std::optional<at::Tensor>& given, int64_t need, cons
   if (given.has_value() && given->defined()) {
     const at::Tensor& w = *given;
     OPPO_CHECK(w.is_cuda() && w.get_device() == q.get_device(), op, ": workspace must be on q's device (",
-                q.device(), "), got ", w.device());
+               q.device(), "), got ", w.device());
     OPPO_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous(), op,
-                ": workspace must be a contiguous float32 tensor, got ", w.scalar_type());
+               ": workspace must be a contiguous float32 tensor, got ", w.scalar_type());
     OPPO_CHECK(w.numel() >= need, op, ": workspace holds ", w.numel(), " floats, this call's split plan needs ",
-                need, " (size it with paged_decode_workspace_size for this q, k_cache and block_tables)");
+               need, " (size it with paged_decode_workspace_size for this q, k_cache and block_tables)");
     OPPO_CHECK(reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0, op, ": workspace must be 16-byte aligned");
     return w.data_ptr<float>();
   }
@@ -393,12 +393,12 @@ void paged_decode_attention_cuda(at::Tensor& out, const at::Tensor& q, const at:
   // Pages token-major [block_size, Hkv, D] (the pool's layout) or head-major [Hkv, block_size, D]
   // viewed as [block_size, Hkv, D]: any strides of a token row and a kv head with rows contiguous.
   OPPO_CHECK(k_cache.stride(3) == 1 && v_cache.strides() == k_cache.strides(), op,
-              ": cache rows must be contiguous (stride 1 in D) and K/V caches share strides");
+             ": cache rows must be contiguous (stride 1 in D) and K/V caches share strides");
   OPPO_CHECK(k_cache.stride(1) % 8 == 0 && k_cache.stride(2) % 8 == 0 && k_cache.stride(1) <= INT_MAX &&
-              k_cache.stride(2) <= INT_MAX, op, ": cache token/head strides must be multiples of 8 elements");
+             k_cache.stride(2) <= INT_MAX, op, ": cache token/head strides must be multiples of 8 elements");
   OPPO_CHECK(q.stride(2) == 1 && out.stride(2) == 1, op, ": q/out inner dim must be contiguous");
   OPPO_CHECK(q.stride(0) % 8 == 0 && q.stride(1) % 8 == 0 && out.stride(0) % 4 == 0 && out.stride(1) % 4 == 0 &&
-              k_cache.stride(0) % 8 == 0, op, ": strides must keep rows 16-byte aligned");
+             k_cache.stride(0) % 8 == 0, op, ": strides must keep rows 16-byte aligned");
   for (const at::Tensor& t : std::array<at::Tensor, 4>{q, k_cache, v_cache, out})
     OPPO_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, op, ": tensors must be 16-byte aligned");
   OPPO_CHECK(B <= 65535, op, ": batch above 65535");
@@ -422,10 +422,10 @@ int64_t paged_decode_workspace_size_cuda(const at::Tensor& q, const at::Tensor& 
   constexpr const char* op = "paged_decode_workspace_size";
   OPPO_CHECK_CUDA(q, "paged_decode_workspace_size"); OPPO_CHECK_CUDA(k_cache, "paged_decode_workspace_size");
   OPPO_CHECK(q.dim() == 3 && k_cache.dim() == 4 && block_tables.dim() == 2, op,
-              ": q [B, Hq, D], k_cache [num_blocks, block_size, Hkv, D], block_tables [B, max_blocks]");
+             ": q [B, Hq, D], k_cache [num_blocks, block_size, Hkv, D], block_tables [B, max_blocks]");
   const int64_t Hq = q.size(1), D = q.size(2), Hkv = k_cache.size(2);
   OPPO_CHECK(k_cache.size(3) == D && Hkv > 0 && Hq % Hkv == 0 && (D == 64 || D == 128), op,
-              ": head_dim 64 or 128 shared by q and the cache, and Hq % Hkv == 0");
+             ": head_dim 64 or 128 shared by q and the cache, and Hq % Hkv == 0");
   OPPO_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf, op, ": q must be bf16 or fp16");
   if (q.size(0) == 0 || Hq == 0) return 0;
   OPPO_CHECK(max_partition >= 0, op, ": max_partition must be >= 0 (0: no cap), got ", max_partition);

@@ -71,8 +71,8 @@ void launch_kernel(PrefillKernel<T> kernel, int rows_per_cta, int threads, int s
         C10_CUDA_CHECK(cudaFuncGetAttributes(&fa, kernel));
         const int need = 128 * Cfg::kProducerRegs + (threads - 128) * Cfg::kConsumerRegs;
         OPPO_CHECK(fa.numRegs * threads >= need, "paged_prefill_attention (wgmma, head_dim ", D, "): the kernel ",
-                    "was compiled with ", fa.numRegs, " registers per thread; its setmaxnreg split needs ", need,
-                    " per CTA (", (need + threads - 1) / threads, " per thread). Use OPPO_PREFILL_PLAN=mma.");
+                   "was compiled with ", fa.numRegs, " registers per thread; its setmaxnreg split needs ", need,
+                   " per CTA (", (need + threads - 1) / threads, " per thread). Use OPPO_PREFILL_PLAN=mma.");
       }
     }
     attr_set[dev & 63] = true;
@@ -80,7 +80,7 @@ void launch_kernel(PrefillKernel<T> kernel, int rows_per_cta, int threads, int s
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const int64_t items = m_tiles * Hkv * B;
   OPPO_CHECK(grid_kind == Grid::three_d || items < (1LL << 31),
-              "paged_prefill_attention: too many (row tile, kv head, sequence) items for a 1D grid");
+             "paged_prefill_attention: too many (row tile, kv head, sequence) items for a 1D grid");
   dim3 grid(static_cast<unsigned>(m_tiles), Hkv, B);
   if (grid_kind == Grid::items) grid = dim3(static_cast<unsigned>(items));
   if (grid_kind == Grid::persistent) grid = dim3(static_cast<unsigned>(std::min<int64_t>(items, sm_count(dev))));
@@ -158,15 +158,15 @@ int prefill_plan(const at::Tensor& q) {
   else if (name == "wgmma_ov") flags |= oppo::attn::wgp::kFlagOverlap;
   else if (name == "wgmma_pp_ov") flags |= oppo::attn::wgp::kFlagPingPong | oppo::attn::wgp::kFlagOverlap;
   else OPPO_CHECK(name == "wgmma", "OPPO_PREFILL_PLAN must be auto, mma or wgmma[_pp][_ov][_kv][_ps] (e.g. wgmma_pp_ov_kv_ps), got '",
-                   e, "'");
+                  e, "'");
   int major = 0, minor = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.get_device()));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, q.get_device()));
   OPPO_CHECK(major == 9 && minor == 0, "OPPO_PREFILL_PLAN=wgmma needs an sm_90 device, this is sm_", major, minor);
 #ifdef OPPO_CUDA_ARCHS
   OPPO_CHECK(std::strstr(OPPO_CUDA_ARCHS, "sm_90a") != nullptr,
-              "OPPO_PREFILL_PLAN=wgmma: the extension was built without sm_90a (TORCH_CUDA_ARCH_LIST has no 9.0a): ",
-              OPPO_CUDA_ARCHS);
+             "OPPO_PREFILL_PLAN=wgmma: the extension was built without sm_90a (TORCH_CUDA_ARCH_LIST has no 9.0a): ",
+             OPPO_CUDA_ARCHS);
 #endif
   return flags;
 }
@@ -180,8 +180,8 @@ void launch(int plan, at::Tensor& out, const at::Tensor& q, const at::Tensor& k_
     // the wgmma producer divides by block_size once per thread; its in-page row offsets
     // (row * Hkv * D + kv head * D < block_size * Hkv * D) are 32-bit
     OPPO_CHECK(k_cache.size(1) > 0 && k_cache.size(1) * k_cache.size(2) * D <= INT32_MAX,
-                "paged_prefill_attention (wgmma): pages of ", k_cache.size(1), " x ", k_cache.size(2), " x ", D,
-                " elements (empty, or past 32-bit offsets); use OPPO_PREFILL_PLAN=mma");
+               "paged_prefill_attention (wgmma): pages of ", k_cache.size(1), " x ", k_cache.size(2), " x ", D,
+               " elements (empty, or past 32-bit offsets); use OPPO_PREFILL_PLAN=mma");
     launch_kernel<T, D, true>(wgp::paged_prefill_wgmma_kernel<T, D>, wgp::kBM, wgp::kThreads, wgp::Cfg<D>::kSmem,
                               plan & ~kPersistent, (plan & kPersistent) ? Grid::persistent : Grid::items, out, q,
                               k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, max_seqlen_q);
@@ -212,15 +212,15 @@ void paged_prefill_attention_cuda(at::Tensor& out, const at::Tensor& q, const at
   check_attention_tensors(op, "[Nq, Hq, D]", out, q, k_cache, v_cache);
   const int64_t Hq = q.size(1), D = q.size(2), Hkv = k_cache.size(2), B = context_lens.size(0);
   OPPO_CHECK(cu_seqlens_q.scalar_type() == at::kInt && context_lens.scalar_type() == at::kInt &&
-              block_tables.scalar_type() == at::kInt, op, ": cu_seqlens_q, context_lens, block_tables must be int32");
+             block_tables.scalar_type() == at::kInt, op, ": cu_seqlens_q, context_lens, block_tables must be int32");
   OPPO_CHECK(cu_seqlens_q.dim() == 1 && cu_seqlens_q.size(0) == B + 1 && cu_seqlens_q.is_contiguous(), op, ": cu_seqlens_q must be [B+1]");
   OPPO_CHECK(context_lens.dim() == 1 && context_lens.is_contiguous(), op, ": context_lens must be [B] contiguous");
   OPPO_CHECK(block_tables.dim() == 2 && block_tables.size(0) == B && block_tables.stride(1) == 1, op, ": block_tables must be [B, max_blocks], rows contiguous");
   OPPO_CHECK(k_cache.stride(3) == 1 && k_cache.stride(2) == D && k_cache.stride(1) == Hkv * D && v_cache.strides() == k_cache.strides(),
-              op, ": each page must be contiguous [block_size, Hkv, D] and K/V caches share strides");
+             op, ": each page must be contiguous [block_size, Hkv, D] and K/V caches share strides");
   OPPO_CHECK(q.stride(2) == 1 && out.stride(2) == 1, op, ": q/out inner dim must be contiguous");
   OPPO_CHECK(q.stride(0) % 8 == 0 && q.stride(1) % 8 == 0 && out.stride(0) % 2 == 0 && out.stride(1) % 2 == 0 &&
-              k_cache.stride(0) % 8 == 0, op, ": strides must keep rows aligned");
+             k_cache.stride(0) % 8 == 0, op, ": strides must keep rows aligned");
   for (const at::Tensor& t : std::array<at::Tensor, 4>{q, k_cache, v_cache, out})
     OPPO_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, op, ": tensors must be 16-byte aligned");
   OPPO_CHECK(B <= 65535 && Hkv <= 65535, op, ": batch or kv heads above 65535");
