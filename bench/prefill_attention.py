@@ -63,8 +63,8 @@ def _with_plan(plan: str, fn):
 
 
 def _plans() -> tuple[tuple[str, ...], list[str], bool]:
-    """--plans (the wgmma plans to time), --triton-sweep, and the rest of argv for the shared setup (sys.argv stays
-    whole: the recorded command must reproduce the run)."""
+    """--plans (the wgmma plans to time), --triton-sweep, and the rest of argv for the shared setup
+    (sys.argv stays whole: the recorded command must reproduce the run)."""
     import argparse
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--plans", default=None)
