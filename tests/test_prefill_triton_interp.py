@@ -206,16 +206,21 @@ if __name__ == "__main__":
 def test_cuda_prefill_plan_mirrors_the_launchers_default(monkeypatch):
     """The plan the CUDA launcher runs, as the log and the auto rule read it: a named
     OPPO_PREFILL_PLAN wins; unset or auto, wgmma_pp_ov_ps only for head dim 128 where the wgmma
-    plans can run (sm_90 with sm_90a code, not switched off), else mma."""
+    plans can run (sm_90 with sm_90a code, asked once per device) and OPPO_PREFILL_WGMMA_OFF does
+    not switch it off (read at every call), else mma."""
     from oppo_runtime.ops import attention as A
-    q128, q64 = torch.zeros(2, 4, 128), torch.zeros(2, 4, 64)
+    q64 = torch.zeros(2, 4, 64)
     monkeypatch.delenv("OPPO_PREFILL_PLAN", raising=False)
-    assert A._cuda_prefill_plan(q128) == "mma"                  # a CPU tensor: no wgmma
+    monkeypatch.delenv("OPPO_PREFILL_WGMMA_OFF", raising=False)
+    assert A._cuda_prefill_plan(torch.zeros(2, 4, 128)) == "mma"       # a CPU tensor: no wgmma
     fake = type("Q", (), {"shape": (2, 4, 128), "device": torch.device("cuda", 0)})()
     fake64 = type("Q", (), {"shape": (2, 4, 64), "device": torch.device("cuda", 0)})()
+    asked = []
+    monkeypatch.setattr(A, "_WGMMA_HERE", {})
     monkeypatch.setattr(A, "_is_sm90", lambda device: True)
-    monkeypatch.setattr(A, "prefill_wgmma_available", lambda device=None, plan=None: plan == "wgmma_pp_ov_ps")
+    monkeypatch.setattr(A, "prefill_wgmma_available", lambda device=None, plan=None: asked.append(device) or True)
     assert A._cuda_prefill_plan(fake) == "wgmma_pp_ov_ps"
+    assert A._cuda_prefill_plan(fake) == "wgmma_pp_ov_ps" and len(asked) == 1     # cached per device
     assert A._cuda_prefill_plan(fake64) == "mma"
     monkeypatch.setenv("OPPO_PREFILL_PLAN", "auto")
     assert A._cuda_prefill_plan(fake) == "wgmma_pp_ov_ps"
@@ -224,6 +229,12 @@ def test_cuda_prefill_plan_mirrors_the_launchers_default(monkeypatch):
     monkeypatch.setenv("OPPO_PREFILL_PLAN", "wgmma_pp")
     assert A._cuda_prefill_plan(fake64) == "wgmma_pp"
     monkeypatch.delenv("OPPO_PREFILL_PLAN")
-    monkeypatch.setattr(A, "prefill_wgmma_available", lambda device=None, plan=None: False)   # switched off
+    for off in ("wgmma_pp_ov_ps", "wgmma, all", "all"):
+        monkeypatch.setenv("OPPO_PREFILL_WGMMA_OFF", off)
+        assert A._cuda_prefill_plan(fake) == "mma", off
+    monkeypatch.setenv("OPPO_PREFILL_WGMMA_OFF", "wgmma_pp")
+    assert A._cuda_prefill_plan(fake) == "wgmma_pp_ov_ps"
+    monkeypatch.setattr(A, "_WGMMA_HERE", {})
+    monkeypatch.setattr(A, "prefill_wgmma_available", lambda device=None, plan=None: False)   # no sm_90a code
     assert A._cuda_prefill_plan(fake) == "mma"
     assert A._cuda_prefill_plan(q64) == "mma"

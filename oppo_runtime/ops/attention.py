@@ -376,10 +376,21 @@ def _cuda_prefill_plan(q: torch.Tensor) -> str:
     plan = os.environ.get("OPPO_PREFILL_PLAN", "auto")
     if plan not in ("", "auto"):
         return plan
-    if (q.shape[-1] == 128 and q.device.type == "cuda" and _is_sm90(q.device)
-            and prefill_wgmma_available(q.device, plan="wgmma_pp_ov_ps")):
-        return "wgmma_pp_ov_ps"
-    return "mma"
+    if q.shape[-1] != 128 or q.device.type != "cuda":
+        return "mma"
+    key = q.device.index if q.device.index is not None else torch.cuda.current_device()
+    if key not in _WGMMA_HERE:     # asked once per device: this runs at every layer's prefill call
+        _WGMMA_HERE[key] = _is_sm90(q.device) and prefill_wgmma_available(q.device)
+    return "wgmma_pp_ov_ps" if _WGMMA_HERE[key] and not _wgmma_switched_off("wgmma_pp_ov_ps") else "mma"
+
+
+_WGMMA_HERE: dict[int, bool] = {}
+
+
+def _wgmma_switched_off(plan: str) -> bool:
+    """Whether OPPO_PREFILL_WGMMA_OFF (read at every call: tests and the smoke set it) names ``plan``."""
+    off = {p.strip() for p in os.environ.get("OPPO_PREFILL_WGMMA_OFF", "").split(",") if p.strip()}
+    return plan in off or "all" in off
 
 
 def _is_sm90(device: torch.device) -> bool:
@@ -397,10 +408,8 @@ def prefill_wgmma_available(device: torch.device | None = None, plan: str | None
     here: an sm_90 device and an extension built with sm_90a code (TORCH_CUDA_ARCH_LIST with
     9.0a). With ``plan``, also that this plan is not switched off by OPPO_PREFILL_WGMMA_OFF (a
     comma list of plans, or ``all``: what ``bench/wgmma_smoke.py`` found failing or hanging)."""
-    if plan is not None:
-        off = {p.strip() for p in os.environ.get("OPPO_PREFILL_WGMMA_OFF", "").split(",") if p.strip()}
-        if plan in off or "all" in off:
-            return False
+    if plan is not None and _wgmma_switched_off(plan):
+        return False
     if not (torch.cuda.is_available() and has_cuda_kernels()):
         return False
     from ._backend import extension
