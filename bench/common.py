@@ -10,6 +10,7 @@ command.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import math
@@ -109,6 +110,22 @@ def matmul_flops(n: int = 8192) -> float:
     c = torch.empty(n, n, device="cuda", dtype=torch.bfloat16)
     ms = time_ms(lambda: torch.mm(a, b, out=c), calls_per_replay=5, reps=10)
     return 2 * n ** 3 / (ms * 1e-3)
+
+
+@contextlib.contextmanager
+def env_var(name: str, value: str):
+    """Environment variable ``name`` = ``value`` inside, the caller's value (or none) restored after:
+    for the switches the kernels' launchers read at every call (OPPO_DECODE_PLAN, OPPO_PREFILL_PLAN,
+    OPPO_FUSE_KV_APPEND), so also at a graph capture inside time_ms."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
 
 
 def tree_commit() -> str | None:

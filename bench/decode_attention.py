@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (attention_bench_setup, copy_bandwidth, device_info, paged_pool, print_table, results_path, time_ms,  # noqa: E402
+from common import (attention_bench_setup, copy_bandwidth, device_info, env_var, paged_pool, print_table, results_path, time_ms,  # noqa: E402
                     write_json)
 
 SHAPES = [  # B, ctx, Hq, Hkv, D  (issue 7)
@@ -89,7 +89,6 @@ def main() -> None:
     args, flex, create_block_mask = attention_bench_setup(__doc__, rest)
     from oppo_runtime.ops.attention import (paged_decode_attention_ref, paged_decode_grid, paged_decode_plan,
                                             paged_decode_resident_ctas, paged_decode_workspace)
-    env_plan = os.environ.get("OPPO_DECODE_PLAN")
 
     info = device_info()
     bw = copy_bandwidth()
@@ -125,66 +124,50 @@ def main() -> None:
             row[f"splits_{plan}"] = paged_decode_plan(B, Hq, Hkv, D, table, info["sm_count"], resident, plan)[0]
             row[f"ctas_{plan}"], row[f"items_per_cta_{plan}"] = paged_decode_grid(
                 B, Hq, Hkv, D, table, info["sm_count"], resident, plan)
-            os.environ["OPPO_DECODE_PLAN"] = plan
-            try:   # the caller's workspace, as the engine's decode graphs pass it
-                ws = paged_decode_workspace(q, k_cache, bt, backend="cuda")
-                ms = time_ms(lambda: torch.ops.oppo.paged_decode_attention(out, q, k_cache, v_cache, bt, ctx_lens,
-                                                                           scale, ws))
-                row[f"{key}_us"] = ms * 1e3
-                row[f"{key}_frac_copy_bw"] = nbytes / (ms * 1e-3) / bw
-                outs[plan] = out.clone()
-            except Exception as e:  # noqa: BLE001
-                row[f"{key}_error"] = f"{type(e).__name__}: {e}"[:300]
-                print(row[f"{key}_error"])
-            finally:
-                if env_plan is None:
-                    os.environ.pop("OPPO_DECODE_PLAN", None)
-                else:
-                    os.environ["OPPO_DECODE_PLAN"] = env_plan
+            with env_var("OPPO_DECODE_PLAN", plan):
+                try:   # the caller's workspace, as the engine's decode graphs pass it
+                    ws = paged_decode_workspace(q, k_cache, bt, backend="cuda")
+                    ms = time_ms(lambda: torch.ops.oppo.paged_decode_attention(out, q, k_cache, v_cache, bt,
+                                                                               ctx_lens, scale, ws))
+                    row[f"{key}_us"] = ms * 1e3
+                    row[f"{key}_frac_copy_bw"] = nbytes / (ms * 1e-3) / bw
+                    outs[plan] = out.clone()
+                except Exception as e:  # noqa: BLE001
+                    row[f"{key}_error"] = f"{type(e).__name__}: {e}"[:300]
+                    print(row[f"{key}_error"])
         row["plan"] = plans[0]
-        if caps:
-            os.environ["OPPO_DECODE_PLAN"] = plans[0]
         for cap in caps:    # the first plan with the engine's cap on tokens per split
             key = f"ours_cap{cap}"
             table = bt.shape[1] * args.block_size
             resident = paged_decode_resident_ctas(D, plan=plans[0])
             row[f"splits_cap{cap}"] = paged_decode_plan(B, Hq, Hkv, D, table, info["sm_count"], resident, plans[0],
                                                         cap)[0]
-            try:
-                ws = paged_decode_workspace(q, k_cache, bt, backend="cuda", max_partition=cap)
-                oc = torch.empty_like(q)
-                ms = time_ms(lambda: torch.ops.oppo.paged_decode_attention(oc, q, k_cache, v_cache, bt, ctx_lens,
-                                                                           scale, ws, cap))
-                row[f"{key}_us"] = ms * 1e3
-                row[f"{key}_frac_copy_bw"] = nbytes / (ms * 1e-3) / bw
-                outs[f"cap{cap}"] = oc
-            except Exception as e:  # noqa: BLE001
-                row[f"{key}_error"] = f"{type(e).__name__}: {e}"[:300]
-                print(row[f"{key}_error"])
-        if caps:
-            if env_plan is None:
-                os.environ.pop("OPPO_DECODE_PLAN", None)
-            else:
-                os.environ["OPPO_DECODE_PLAN"] = env_plan
+            with env_var("OPPO_DECODE_PLAN", plans[0]):
+                try:
+                    ws = paged_decode_workspace(q, k_cache, bt, backend="cuda", max_partition=cap)
+                    oc = torch.empty_like(q)
+                    ms = time_ms(lambda: torch.ops.oppo.paged_decode_attention(oc, q, k_cache, v_cache, bt,
+                                                                               ctx_lens, scale, ws, cap))
+                    row[f"{key}_us"] = ms * 1e3
+                    row[f"{key}_frac_copy_bw"] = nbytes / (ms * 1e-3) / bw
+                    outs[f"cap{cap}"] = oc
+                except Exception as e:  # noqa: BLE001
+                    row[f"{key}_error"] = f"{type(e).__name__}: {e}"[:300]
+                    print(row[f"{key}_error"])
         if head_major:   # the first plan again on head-major pages of the same shape (layout A/B)
-            os.environ["OPPO_DECODE_PLAN"] = plans[0]
-            try:
-                kh, vh, bth = paged_pool(B, ctx, Hkv, D, args.block_size, dtype, head_major=True)
-                oh = torch.empty_like(q)
-                ms = time_ms(lambda: torch.ops.oppo.paged_decode_attention(oh, q, kh, vh, bth, ctx_lens, scale))
-                row["ours_hm_us"] = ms * 1e3
-                row["ours_hm_frac_copy_bw"] = nbytes / (ms * 1e-3) / bw
-                ref_h = paged_decode_attention_ref(q, kh, vh, bth, ctx_lens, scale).float()
-                row["rel_err_hm"] = float((oh.float() - ref_h).norm() / ref_h.norm())
-                del kh, vh, ref_h
-            except Exception as e:  # noqa: BLE001
-                row["ours_hm_error"] = f"{type(e).__name__}: {e}"[:300]
-                print(row["ours_hm_error"])
-            finally:
-                if env_plan is None:
-                    os.environ.pop("OPPO_DECODE_PLAN", None)
-                else:
-                    os.environ["OPPO_DECODE_PLAN"] = env_plan
+            with env_var("OPPO_DECODE_PLAN", plans[0]):
+                try:
+                    kh, vh, bth = paged_pool(B, ctx, Hkv, D, args.block_size, dtype, head_major=True)
+                    oh = torch.empty_like(q)
+                    ms = time_ms(lambda: torch.ops.oppo.paged_decode_attention(oh, q, kh, vh, bth, ctx_lens, scale))
+                    row["ours_hm_us"] = ms * 1e3
+                    row["ours_hm_frac_copy_bw"] = nbytes / (ms * 1e-3) / bw
+                    ref_h = paged_decode_attention_ref(q, kh, vh, bth, ctx_lens, scale).float()
+                    row["rel_err_hm"] = float((oh.float() - ref_h).norm() / ref_h.norm())
+                    del kh, vh, ref_h
+                except Exception as e:  # noqa: BLE001
+                    row["ours_hm_error"] = f"{type(e).__name__}: {e}"[:300]
+                    print(row["ours_hm_error"])
         # Contiguous caches of the same content for the baselines.
         pos = torch.arange(ctx, device="cuda")
         blocks = bt[:, pos // args.block_size].long()

@@ -22,7 +22,6 @@ the scorer calls it after kv_append).
 """
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -33,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from oppo_runtime.ops import prefill_triton  # noqa: E402
 from oppo_runtime.ops.attention import paged_prefill_attention, prefill_wgmma_available  # noqa: E402
 
-from common import (attention_bench_setup, device_info, matmul_flops, paged_pool, print_table, results_path, time_ms,  # noqa: E402
+from common import (attention_bench_setup, device_info, env_var, matmul_flops, paged_pool, print_table, results_path, time_ms,  # noqa: E402
                     write_json)
 
 SHAPES = [  # B, prefix, chunk, Hq, Hkv, D  (issue 8)
@@ -50,15 +49,8 @@ OURS = {"ours": "cuda", **{p: "cuda_" + p for p in WGMMA_PLANS}, "triton": "trit
 def _with_plan(plan: str, fn):
     """fn under OPPO_PREFILL_PLAN=plan (the launcher reads it at every call, also when captured)."""
     def call():
-        old = os.environ.get("OPPO_PREFILL_PLAN")
-        os.environ["OPPO_PREFILL_PLAN"] = plan
-        try:
+        with env_var("OPPO_PREFILL_PLAN", plan):
             return fn()
-        finally:
-            if old is None:
-                os.environ.pop("OPPO_PREFILL_PLAN", None)
-            else:
-                os.environ["OPPO_PREFILL_PLAN"] = old
     return call
 
 
@@ -282,15 +274,8 @@ def _kv_write(B, n, Hq, Hkv, D, block_size, dtype) -> dict:
     r = {}
     try:
         fused_ms = time_ms(lambda: rotary_qk(q, k, cache, pos, kv=(v, kc, vc, slots)))
-        old = os.environ.get("OPPO_FUSE_KV_APPEND")
-        os.environ["OPPO_FUSE_KV_APPEND"] = "0"   # read per call: the rotary kernel, then kv_append
-        try:
+        with env_var("OPPO_FUSE_KV_APPEND", "0"):   # read per call: the rotary kernel, then kv_append
             sep_ms = time_ms(lambda: rotary_qk(q, k, cache, pos, kv=(v, kc, vc, slots)))
-        finally:
-            if old is None:
-                os.environ.pop("OPPO_FUSE_KV_APPEND")
-            else:
-                os.environ["OPPO_FUSE_KV_APPEND"] = old
         moved = N * D * 2 * ((Hq + 2 * Hkv) + (Hq + Hkv) + 2 * Hkv)
         r.update(kv_write_fused_us=fused_ms * 1e3, kv_write_separate_us=sep_ms * 1e3,
                  kv_write_fused_speedup=sep_ms / fused_ms, kv_write_floor_us=moved / copy_bandwidth() * 1e6)
