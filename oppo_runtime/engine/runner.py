@@ -10,10 +10,10 @@ Chunk prefill of every token (``last_only=False``: the scorers) can be captured 
 b_bucket, longest chunk -> q_bucket; ``_prefill_bucket``), captured lazily, replayed with the
 padded inputs of ``_prefill_inputs``; a bucket's first requests borrow a captured larger one
 (``_graph_for``) instead of paying a capture inside the step, and one that none holds runs eager
-until it recurs. Padding rows write no KV (slot
--1), sit at position 0 and belong to no sequence (padding sequences are empty: cu_seqlens stays
-at N, context length 0), so attention never reads them and every other op is row-wise; their
-hidden rows are garbage and only ``hidden[:N]`` is returned. One launch replaces ~240 (24 layers x
+until it recurs. Padding rows write no KV (slot -1), sit at position 0 and belong to no sequence
+(padding sequences are empty: cu_seqlens stays at N, context length 0), so attention never reads
+them and every other op is row-wise; their hidden rows are garbage and only ``hidden[:N]`` is
+returned. One launch replaces ~240 (24 layers x
 ~10 kernels), which a scorer thread would otherwise issue under the GIL while the actor's decode
 loop waits for it.
 """

@@ -189,15 +189,15 @@ class Scheduler:
         """The next step while the previous decode step (over ``prev_seqs``) is still on the device
         (its tokens unread): a decode step, or a prefill step of waiting sequences (see the end).
 
-        A decode step only when no prefill is pending, or only waiting sequences that cannot be admitted anyway
-        (every batch slot taken: ``_schedule_prefill`` would take none of them); sequences whose
-        unread token is their last by length sit out. Raises NeedsDrain instead of preempting:
+        A decode step only when no prefill is pending, or only waiting sequences that cannot be
+        admitted anyway (every batch slot taken: ``_schedule_prefill`` would take none of them);
+        sequences whose unread token is their last by length sit out. Raises NeedsDrain instead of preempting:
         pages freed now could still be written by the step in flight, so preemption waits until
         that step is resolved. With ``prev_rows`` (the in-flight step's DecodeRows) and no change
         of the running set since, the batch is made from those arrays (``_lagged_rows``);
         otherwise by walking the running sequences.
 
-        With waiting sequences that every one fits a batch slot (so the in-flight step's ends,
+        When every waiting sequence fits a free batch slot (so the in-flight step's ends,
         unread yet, cannot change who is admitted), the prefill step that ``schedule()`` would
         take after booking is taken now instead (a lagged prefill: the sequences it takes are not
         in the step in flight; NeedsDrain where it would preempt). The engine launches it behind

@@ -275,7 +275,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
     if choose_backend("paged_decode_attention", q.device, backend) == "cuda":
         if out is None:
             out = torch.empty_like(q)
-        if workspace is not None:    # checked here too: a failed check inside the launcher crashed (NOTES)
+        if workspace is not None:    # checked here too, as a ValueError like the other argument errors
             need = int(torch.ops.oppo.paged_decode_workspace_size(q, k_cache, block_tables, max_partition))
             if workspace.numel() < need:
                 raise ValueError(f"paged_decode_attention: workspace holds {workspace.numel()} floats, this "
