@@ -4,8 +4,10 @@ beside PyTorch SDPA on a contiguous (unpaged) cache of the same shape and FlexAt
     python bench/decode_attention.py [--out PATH] [--block-size 16] [--no-flex] [--shapes 0,2] [--plans v4,v3]
                                      [--head-major] [--ragged] [--caps 256,512]
 
---plans: time our kernel under each plan (OPPO_DECODE_PLAN: v2, v3, v4) in the same run; the first
-is the `ours` column, the others get `ours_<plan>` columns. Default: the environment's plan (v3).
+--plans: time our kernel under each plan (OPPO_DECODE_PLAN: v2, v3, v4, v5) in the same run; the first
+is the `ours` column, the others get `ours_<plan>` columns. v5xN: v5 with N work items per resident
+CTA slot at least (OPPO_DECODE_V5_ITEMS=N; default 4), v5pM: items of at most M tokens
+(OPPO_DECODE_V5_MAX_PART=M; default 512), both: v5xNpM. Default: the environment's plan (v3).
 --head-major: the first plan also on a pool of head-major pages ([2, Hkv, block_size, D]: a kv head's
 tokens of a page contiguous, as FlashInfer's HND layout), `ours_hm` columns (the layout A/B).
 Per plan the row also records the splits, the CTAs launched and the most items one CTA takes
@@ -30,7 +32,9 @@ query length (q viewed [B, Hkv, G, D], no mask), which reads each KV head once.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -80,8 +84,19 @@ def _plans() -> tuple[list[str], bool, bool, list[int], list[str]]:
     if known.plans is None:
         return [os.environ.get("OPPO_DECODE_PLAN") or "v3"], known.head_major, known.ragged, caps, rest
     plans = [p.strip() for p in known.plans.split(",") if p.strip()]
-    assert plans and all(p in ("v2", "v3", "v4") for p in plans), f"--plans takes v2/v3/v4, got {known.plans!r}"
+    ok = all(p in ("v2", "v3", "v4") or re.fullmatch(r"v5(x\d+)?(p\d+)?", p) for p in plans)
+    assert plans and ok, f"--plans takes v2/v3/v4/v5/v5xNpM, got {known.plans!r}"
     return plans, known.head_major, known.ragged, caps, rest
+
+
+@contextlib.contextmanager
+def plan_env(plan: str):
+    """OPPO_DECODE_PLAN (and for v5xNpM, OPPO_DECODE_V5_ITEMS=N and OPPO_DECODE_V5_MAX_PART=M)
+    set inside: the launcher and the plan mirror both read them."""
+    m = re.fullmatch(r"(v\d)(?:x(\d+))?(?:p(\d+))?", plan)
+    with (env_var("OPPO_DECODE_PLAN", m.group(1)), env_var("OPPO_DECODE_V5_ITEMS", m.group(2) or "4"),
+          env_var("OPPO_DECODE_V5_MAX_PART", m.group(3) or "512")):
+        yield
 
 
 def main() -> None:
@@ -120,11 +135,11 @@ def main() -> None:
         for i, plan in enumerate(plans):   # the plan is read at each call, so at capture inside time_ms
             key = "ours" if i == 0 else f"ours_{plan}"
             table = bt.shape[1] * args.block_size
-            resident = paged_decode_resident_ctas(D, plan=plan)
-            row[f"splits_{plan}"] = paged_decode_plan(B, Hq, Hkv, D, table, info["sm_count"], resident, plan)[0]
-            row[f"ctas_{plan}"], row[f"items_per_cta_{plan}"] = paged_decode_grid(
-                B, Hq, Hkv, D, table, info["sm_count"], resident, plan)
-            with env_var("OPPO_DECODE_PLAN", plan):
+            with plan_env(plan):
+                resident = paged_decode_resident_ctas(D)
+                row[f"splits_{plan}"] = paged_decode_plan(B, Hq, Hkv, D, table, info["sm_count"], resident)[0]
+                row[f"ctas_{plan}"], row[f"items_per_cta_{plan}"] = paged_decode_grid(
+                    B, Hq, Hkv, D, table, info["sm_count"], resident)
                 try:   # the caller's workspace, as the engine's decode graphs pass it
                     ws = paged_decode_workspace(q, k_cache, bt, backend="cuda")
                     ms = time_ms(lambda: torch.ops.oppo.paged_decode_attention(out, q, k_cache, v_cache, bt,
@@ -139,10 +154,10 @@ def main() -> None:
         for cap in caps:    # the first plan with the engine's cap on tokens per split
             key = f"ours_cap{cap}"
             table = bt.shape[1] * args.block_size
-            resident = paged_decode_resident_ctas(D, plan=plans[0])
-            row[f"splits_cap{cap}"] = paged_decode_plan(B, Hq, Hkv, D, table, info["sm_count"], resident, plans[0],
-                                                        cap)[0]
-            with env_var("OPPO_DECODE_PLAN", plans[0]):
+            with plan_env(plans[0]):
+                resident = paged_decode_resident_ctas(D)
+                row[f"splits_cap{cap}"] = paged_decode_plan(B, Hq, Hkv, D, table, info["sm_count"], resident,
+                                                            max_partition=cap)[0]
                 try:
                     ws = paged_decode_workspace(q, k_cache, bt, backend="cuda", max_partition=cap)
                     oc = torch.empty_like(q)
@@ -155,7 +170,7 @@ def main() -> None:
                     row[f"{key}_error"] = f"{type(e).__name__}: {e}"[:300]
                     print(row[f"{key}_error"])
         if head_major:   # the first plan again on head-major pages of the same shape (layout A/B)
-            with env_var("OPPO_DECODE_PLAN", plans[0]):
+            with plan_env(plans[0]):
                 try:
                     kh, vh, bth = paged_pool(B, ctx, Hkv, D, args.block_size, dtype, head_major=True)
                     oh = torch.empty_like(q)

@@ -11,7 +11,9 @@ the same decode cases, plus a persistent grid with several short items per CTA (
 crosses items; D=64 and D=128) and the split cases with the ticket counters in the workspace
 (OPPO_DECODE_TICKETS=memset). racecheck covers the shared-memory reuse (merge area in a pipeline
 slot, tile-record ring); the tickets' global-memory ordering is not something it checks (the GPU
-tests do, by results). Exits non-zero if an output differs from the reference.
+tests do, by results). v5 (OPPO_DECODE_PLAN=v5): the v4 kernel with items claimed from a counter,
+split and not, run twice on the same counters. --decode-only: kv_append and decode only. Exits
+non-zero if an output differs from the reference.
 """
 import math
 import os
@@ -93,7 +95,10 @@ def main():
              (splits, 14, 2, 64, "v2"),
              ([37, 0, 5], 8, 2, D, "v4"), ([600], 40, 2, D, "v4"), (fill, 14, 2, 64, "v4"),
              (splits, 14, 2, 64, "v4"), (splits, 8, 2, D, "v4"), (many, 14, 2, 64, "v4"), (many, 8, 2, D, "v4"),
-             (splits, 14, 2, 64, "v4:memset"), ([600], 40, 2, D, "v4:memset"))
+             (splits, 14, 2, 64, "v4:memset"), ([600], 40, 2, D, "v4:memset"),
+             # v5: items claimed from a counter (split and not, empty splits skipped by the claimer)
+             ([37, 0, 5], 8, 2, D, "v5"), (splits, 14, 2, 64, "v5"), (splits, 8, 2, D, "v5"),
+             (many, 14, 2, 64, "v5"), (many, 8, 2, D, "v5"), (splits, 14, 2, 64, "v5:memset"))
     for lens, Hq, Hkv, Dd, plan in cases:
         nblk = sum(math.ceil(max(n, 1) / bs) for n in lens) + 4
         kk, vv = pool(nblk, bs, Hkv, Dd)
@@ -108,7 +113,8 @@ def main():
         os.environ["OPPO_DECODE_PLAN"] = name
         if tickets:
             os.environ["OPPO_DECODE_TICKETS"] = tickets
-        for _ in range(2 if name == "v4" and nsplit > 1 else 1):   # v4 split: again, on the counters the first call left
+        # v4 split, v5: again, on the counters the first call left
+        for _ in range(2 if (name == "v4" and nsplit > 1) or name == "v5" else 1):
             out.fill_(float("nan"))
             A.paged_decode_attention(q, kk, vv, bt, ctx, 0.1, out=out, backend="cuda")
         os.environ.pop("OPPO_DECODE_PLAN", None)
@@ -116,6 +122,8 @@ def main():
         ref = A.paged_decode_attention_ref(q, kk, vv, bt.clamp_min(0), ctx, 0.1, out=torch.empty_like(out))
         ok &= check(f"decode B={len(lens)} max len={max(lens)} Hq={Hq} Hkv={Hkv} D={Dd} plan={plan or 'v3'} "
                     f"splits={nsplit} ctas={ctas} items/cta<={per_cta}", out, ref)
+    if "--decode-only" in sys.argv:
+        sys.exit(0 if ok else 1)
     prefixes, chunks = [0, 20, 3], [1, 70, 17]
     lens = [p + c for p, c in zip(prefixes, chunks)]
     kk, vv = pool(30, bs, 2, 64)

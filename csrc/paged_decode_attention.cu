@@ -17,6 +17,10 @@
 //       occupancy), the splits merged by the last CTA of each group (ticket counters), and
 //       without split a persistent grid of min(groups, resident slots) CTAs streaming their
 //       items' tiles through one pipeline.
+//   v5: the v4 kernel with ~4 work items per resident slot (plan_decode_v5) claimed from a
+//       counter (dynamic balance: a CTA that streams faster takes more items), a persistent grid
+//       of min(items, slots) CTAs; splits merged as in v4. Two more counters per launch (claim,
+//       exit), from the same registry as v4's tickets.
 //
 // v4 ticket counters (one unsigned int per group = (sequence, kv head, head chunk), split plans
 // only). The kernel needs them at 0 when it starts and leaves them at 0 (the CTA that draws a
@@ -62,14 +66,15 @@ int sm_count(int dev) {
   return n;
 }
 
-enum class PlanKind { v2, v3, v4 };
+enum class PlanKind { v2, v3, v4, v5 };
 
 PlanKind decode_plan_kind() {
   const char* e = std::getenv("OPPO_DECODE_PLAN");
   if (e == nullptr || *e == 0 || std::strcmp(e, "v3") == 0) return PlanKind::v3;
   if (std::strcmp(e, "v2") == 0) return PlanKind::v2;
   if (std::strcmp(e, "v4") == 0) return PlanKind::v4;
-  OPPO_CHECK(false, "OPPO_DECODE_PLAN must be v2, v3 or v4, got '", e, "'");
+  if (std::strcmp(e, "v5") == 0) return PlanKind::v5;
+  OPPO_CHECK(false, "OPPO_DECODE_PLAN must be v2, v3, v4 or v5, got '", e, "'");
   return PlanKind::v3;
 }
 
@@ -113,6 +118,39 @@ DecodePlan plan_decode(int64_t base, int64_t max_ctx, int sms, int resident, boo
     const int64_t cap = (max_partition + kDecodeTile - 1) / kDecodeTile * kDecodeTile;
     splits = std::max<int64_t>(splits, (max_ctx + cap - 1) / cap);
   }
+  if (splits > 1) {
+    int64_t part = (max_ctx + splits - 1) / splits;
+    part = (part + kDecodeTile - 1) / kDecodeTile * kDecodeTile;
+    splits = (max_ctx + part - 1) / part;
+    if (splits > 1) return {static_cast<int>(splits), static_cast<int>(part)};
+  }
+  return {1, 1 << 30};
+}
+
+// v5 (dynamic items on the v4 kernel): at least `items_per_slot` (OPPO_DECODE_V5_ITEMS, default 4)
+// work items per resident CTA slot, so that CTAs that stream faster take more of them: splits =
+// ceil(items_per_slot * slots / groups), partitions of at least kMinPartition tokens (rounded up
+// to the tile). ncu (session 14): with one wave of equal CTAs the SMs were active only 83-84% of
+// the kernel's cycles (its ramp and ragged end); claims from a counter balance the end.
+// Items also hold at most OPPO_DECODE_V5_MAX_PART tokens (default 512): when the counter runs out
+// each CTA finishes the item it holds, so the ragged end is about half an item's time.
+int env_int(const char* name, int dflt, int lo, int hi) {
+  const char* e = std::getenv(name);
+  if (e == nullptr || *e == 0) return dflt;
+  char* end = nullptr;
+  const long v = std::strtol(e, &end, 10);
+  OPPO_CHECK(end != e && *end == 0 && v >= lo && v <= hi, name, " must be an integer in ", lo, "..", hi, ", got '", e,
+             "'");
+  return static_cast<int>(v);
+}
+
+DecodePlan plan_decode_v5(int64_t groups, int64_t max_ctx, int sms, int resident) {
+  using oppo::attn::kDecodeTile;
+  const int64_t slots = static_cast<int64_t>(sms) * std::max(1, resident);
+  const int64_t want = env_int("OPPO_DECODE_V5_ITEMS", 4, 1, 64) * slots;
+  const int64_t max_part = env_int("OPPO_DECODE_V5_MAX_PART", 512, kMinPartition, 1 << 30);
+  int64_t splits = std::max((want + groups - 1) / groups, (max_ctx + max_part - 1) / max_part);
+  splits = std::min<int64_t>(splits, std::max<int64_t>(1, (max_ctx + kMinPartition - 1) / kMinPartition));
   if (splits > 1) {
     int64_t part = (max_ctx + splits - 1) / splits;
     part = (part + kDecodeTile - 1) / kDecodeTile * kDecodeTile;
@@ -241,7 +279,7 @@ DecodePlan plan_for(const DecodeShape& sh, PlanKind kind, int* resident_out) {
   using namespace oppo::attn;
   const int64_t groups = static_cast<int64_t>(sh.B) * sh.Hkv * sh.q_chunks;
   int resident;
-  if (kind == PlanKind::v4) {
+  if (kind == PlanKind::v4 || kind == PlanKind::v5) {
     constexpr int kStages = DecodeCfg<D, true>::kStages;
     static int cache[64] = {};
     resident = setup_resident(paged_decode_v4_kernel<T, D, kStages>, DecodeV4Smem<T, D, kStages>::kBytes, sh.dev, cache);
@@ -251,15 +289,22 @@ DecodePlan plan_for(const DecodeShape& sh, PlanKind kind, int* resident_out) {
     resident = setup_resident(paged_decode_kernel<T, D, kStages>, DecodeSmem<T, D, kStages>::kBytes, sh.dev, cache);
   }
   if (resident_out != nullptr) *resident_out = resident;
+  if (kind == PlanKind::v5) return plan_decode_v5(groups, sh.max_ctx, sh.sms, resident);
   // v4 ignores max_partition: its split launches were not built for more than one wave of items
   return plan_decode(groups, sh.max_ctx, sh.sms, resident, kind == PlanKind::v2,
                      kind == PlanKind::v4 ? 0 : sh.max_partition);
 }
 
+// Counters a v4/v5 launch needs: one ticket per group when split, + (v5) the claim and exit
+// counters after them.
+int64_t v4_counters(PlanKind kind, int64_t groups, int num_splits) {
+  return (num_splits > 1 ? groups : 0) + (kind == PlanKind::v5 ? 2 : 0);
+}
+
 template <typename T, int D>
-void launch_decode_v4(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                      const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
-                      const std::optional<at::Tensor>& workspace) {
+void launch_decode_v4(PlanKind kind, at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,
+                      const at::Tensor& v_cache, const at::Tensor& block_tables, const at::Tensor& context_lens,
+                      double scale, const std::optional<at::Tensor>& workspace) {
   using namespace oppo::attn;
   constexpr int kStages = DecodeCfg<D, true>::kStages;
   const DecodeShape sh(q, k_cache, block_tables, 0);
@@ -270,27 +315,32 @@ void launch_decode_v4(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_
   auto kernel = paged_decode_v4_kernel<T, D, kStages>;
   constexpr int smem = DecodeV4Smem<T, D, kStages>::kBytes;
   int resident = 1;
-  const DecodePlan plan = plan_for<T, D>(sh, PlanKind::v4, &resident);  // v3's split count
+  // v4: v3's split count (items <= slots when split); v5: ~4 items per slot, claimed dynamically
+  const DecodePlan plan = plan_for<T, D>(sh, kind, &resident);
   const int64_t groups = static_cast<int64_t>(B) * Hkv * q_chunks;
   const int64_t slots = static_cast<int64_t>(sms) * resident;
   const int num_splits = plan.num_splits;
-  const int64_t items = groups * num_splits;  // <= slots when split
-  const int64_t grid = num_splits > 1 ? items : std::min(groups, slots);
+  const int64_t items = groups * num_splits;
+  const int64_t grid = (kind == PlanKind::v4 && num_splits > 1) ? items : std::min(items, slots);
   OPPO_CHECK(items <= INT_MAX, "paged_decode_attention: too many work items");
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
+  // Workspace: o [B, Hq, S, D], lse [B, Hq, S] when split, then the counters when they are not
+  // from the registry (captured without room, or OPPO_DECODE_TICKETS=memset).
   at::Tensor ws;
   float* ws_o_ptr = nullptr;
   float* ws_lse_ptr = nullptr;
   unsigned* tickets = nullptr;
-  if (num_splits > 1) {  // o [B, Hq, S, D], lse [B, Hq, S] (+ counters [groups] when not from the registry)
-    const int64_t n = static_cast<int64_t>(B) * Hq * num_splits;
-    if (!tickets_forced_memset()) tickets = ticket_counters(dev, stream, groups);
-    ws_o_ptr = take_workspace(workspace, workspace_floats(sh, D, num_splits, tickets == nullptr ? groups : 0), q, ws);
+  const int64_t counters = v4_counters(kind, groups, num_splits);
+  if (counters > 0) {
+    const int64_t n = num_splits > 1 ? static_cast<int64_t>(B) * Hq * num_splits : 0;
+    if (!tickets_forced_memset()) tickets = ticket_counters(dev, stream, counters);
+    ws_o_ptr = take_workspace(workspace, workspace_floats(sh, D, num_splits, 0) + (tickets == nullptr ? counters : 0),
+                              q, ws);
     ws_lse_ptr = ws_o_ptr + n * D;
     if (tickets == nullptr) {
       tickets = reinterpret_cast<unsigned*>(ws_o_ptr + n * (D + 1));
-      C10_CUDA_CHECK(cudaMemsetAsync(tickets, 0, groups * sizeof(unsigned), stream));
+      C10_CUDA_CHECK(cudaMemsetAsync(tickets, 0, counters * sizeof(unsigned), stream));
     }
   }
 
@@ -304,6 +354,7 @@ void launch_decode_v4(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_
   p.ws_o = ws_o_ptr;
   p.ws_lse = ws_lse_ptr;
   p.tickets = tickets;
+  p.claims = kind == PlanKind::v5 ? tickets + (num_splits > 1 ? groups : 0) : nullptr;
   p.o_s0 = out.stride(0);
   p.o_s1 = out.stride(1);
   p.q_s0 = q.stride(0);
@@ -332,8 +383,8 @@ void launch_decode(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cac
                    const std::optional<at::Tensor>& workspace, int64_t max_partition) {
   using namespace oppo::attn;
   const PlanKind kind = decode_plan_kind();
-  if (kind == PlanKind::v4) {
-    launch_decode_v4<T, D>(out, q, k_cache, v_cache, block_tables, context_lens, scale, workspace);
+  if (kind == PlanKind::v4 || kind == PlanKind::v5) {
+    launch_decode_v4<T, D>(kind, out, q, k_cache, v_cache, block_tables, context_lens, scale, workspace);
     return;
   }
   constexpr int kStages = DecodeCfg<D>::kStages;
@@ -437,7 +488,9 @@ int64_t paged_decode_workspace_size_cuda(const at::Tensor& q, const at::Tensor& 
     using T = decltype(tag);
     constexpr int kD = decltype(dtag)::value;
     const DecodePlan plan = plan_for<T, kD>(sh, kind, nullptr);
-    return workspace_floats(sh, kD, plan.num_splits, kind == PlanKind::v4 ? groups : 0);
+    if (kind == PlanKind::v4 || kind == PlanKind::v5)
+      return workspace_floats(sh, kD, plan.num_splits, 0) + v4_counters(kind, groups, plan.num_splits);
+    return workspace_floats(sh, kD, plan.num_splits, 0);
   };
   using D64 = std::integral_constant<int, 64>;
   using D128 = std::integral_constant<int, 128>;

@@ -467,6 +467,7 @@ struct DecodeV4Params {
   float* ws_o;               // [B, Hq, num_splits, D]   (num_splits > 1)
   float* ws_lse;             // [B, Hq, num_splits]
   unsigned* tickets;         // [B * Hkv * q_chunks], zero before the launch (num_splits > 1)
+  unsigned* claims;          // v5: [2] (claim, exit), zero before the launch; nullptr: v4's static items
   int64_t o_s0, o_s1, q_s0, q_s1, page_stride, bt_stride;
   int row_stride, head_stride;  // cache strides of a token row and of a kv head (elements)
   int block_size, Hkv, G, q_chunks, table_tokens, num_splits, partition, num_items;
@@ -482,7 +483,7 @@ struct DecodeV4Smem {
   static constexpr int kStageBytes = kStages * kSlotBytes;
   static constexpr int kOffBytes = kStages * kDecodeTile * 8;          // row offsets, one slot per stage
   static constexpr int kRecs = 8;                                       // tile records (ring)
-  static constexpr int kBytes = kStageBytes + kOffBytes + kRecs * 16 + 16;
+  static constexpr int kBytes = kStageBytes + kOffBytes + kRecs * 16 + 16 + 16;  // + flag, + claim slot
   static_assert(kStages + 1 <= kRecs, "a record is written kStages + 1 iterations before its use");
   // The warp merge of an item uses one stage slot: o [4][16][D] + m, l [4][16] floats.
   static_assert(kSlotBytes >= (4 * 16 * D + 2 * 4 * 16) * 4, "merge area");
@@ -501,6 +502,7 @@ paged_decode_v4_kernel(const DecodeV4Params p) {
   int64_t* off_s = reinterpret_cast<int64_t*>(smem_raw + S::kStageBytes);
   int4* rec_s = reinterpret_cast<int4*>(smem_raw + S::kStageBytes + S::kOffBytes);
   int* flag_s = reinterpret_cast<int*>(rec_s + S::kRecs);
+  int2* claim_s = reinterpret_cast<int2*>(flag_s + 4);
 
   const T* __restrict__ q = static_cast<const T*>(p.q);
   const T* __restrict__ k_cache = static_cast<const T*>(p.k_cache);
@@ -534,13 +536,35 @@ paged_decode_v4_kernel(const DecodeV4Params p) {
     return true;
   };
   auto advance = [&]() {
-    int it = p_item;
-    while (true) {
-      it += step;
-      const int c = p_ctx_next;
-      p_ctx_next = ctx_of(it + step);
-      if (enter(it, c)) break;
+    if (p.claims == nullptr) {  // v4: items blockIdx.x, blockIdx.x + step, ...
+      int it = p_item;
+      while (true) {
+        it += step;
+        const int c = p_ctx_next;
+        p_ctx_next = ctx_of(it + step);
+        if (enter(it, c)) break;
+      }
+      return;
     }
+    // v5: the first item is blockIdx.x (its pages were fetched speculatively), then items claimed
+    // from the counter (step + ticket: the first `step` items are the CTAs' first ones). Thread 0
+    // claims until it draws a non-empty item or one past the end and publishes it with its
+    // context length; every thread enters it after the barrier. Called by all threads alike
+    // (produce is), so the barriers are uniform; the second one keeps the slot from being
+    // overwritten by the next claim before everyone has read it.
+    if (p_item < 0 && enter(blockIdx.x, p_ctx_next)) return;
+    if (tid == 0) {
+      int it, c;
+      do {
+        it = step + static_cast<int>(atomicAdd(p.claims, 1u));
+        c = ctx_of(it);
+      } while (it < p.num_items && (it % nsplit) > 0 && (it % nsplit) * p.partition >= c);
+      *claim_s = make_int2(it, c);
+    }
+    __syncthreads();
+    const int2 cl = *claim_s;
+    __syncthreads();
+    enter(cl.x, cl.y);  // true: thread 0 skipped the empty splits
   };
   // Producer step for stream tile u: its record, and (threads < 64) the page and in-page offset of
   // row tid, or page -1 (rows past the item's end or the stream's). `spec` is the page fetched
@@ -764,6 +788,15 @@ paged_decode_v4_kernel(const DecodeV4Params p) {
     for (int j = 0; j < D / 8; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
   }
   cp_async_wait<0>();  // no copy outstanding when the CTA leaves (the last loads are zero fills)
+  if (p.claims != nullptr && tid == 0) {
+    // v5: every claim of this CTA is done (it drew one past the end); the last CTA to leave
+    // resets both counters for the next launch on them.
+    __threadfence();
+    if (atomicAdd(p.claims + 1, 1u) == gridDim.x - 1) {
+      atomicExch(p.claims, 0u);
+      atomicExch(p.claims + 1, 0u);
+    }
+  }
 }
 
 }  // namespace attn

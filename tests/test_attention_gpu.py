@@ -146,10 +146,17 @@ def _plan(B, Hq, Hkv, D, table_tokens, plan=None):
     return A.paged_decode_plan(B, Hq, Hkv, D, table_tokens, sms, A.paged_decode_resident_ctas(D, plan=plan), plan)
 
 
-def _ws_expected(B, Hq, D, splits, ticket_groups=0):
+def _ws_expected(B, Hq, D, splits, counters=0):
     """Workspace bytes the launcher requests for a plan: float o [B, Hq, S, D] + lse [B, Hq, S]
-    (+ one uint32 ticket counter per group for v4 with OPPO_DECODE_TICKETS=memset)."""
-    return 0 if splits == 1 else (B * Hq * splits * (D + 1) + ticket_groups) * 4
+    when split, + the uint32 counters of v4/v5 where they live in the workspace (``_counters``)."""
+    return ((B * Hq * splits * (D + 1) if splits > 1 else 0) + counters) * 4
+
+
+def _counters(plan, groups, splits):
+    """Counters of a v4/v5 launch: one ticket per group when split, + (v5) claim and exit."""
+    if plan not in ("v4", "v5"):
+        return 0
+    return (groups if splits > 1 else 0) + (2 if plan == "v5" else 0)
 
 
 def _use_plan(monkeypatch, plan, tickets=None):
@@ -161,7 +168,7 @@ def _use_plan(monkeypatch, plan, tickets=None):
         monkeypatch.setenv("OPPO_DECODE_TICKETS", tickets)
 
 
-PLANS = ["v3", "v4"]
+PLANS = ["v3", "v4", "v5"]
 
 
 DECODE_SHAPES = [  # B, Hq, Hkv, D, block_size, max_len
@@ -329,7 +336,8 @@ def _check_decode_graph_replay(kv, bt, ctx, Hq, scale, min_ctx, max_len, caller_
 
 
 @pytest.mark.parametrize("plan,tickets,caller_ws", [("v3", None, False), ("v3", None, True), ("v4", None, False),
-                                                     ("v4", "memset", False), ("v4", "memset", True)])
+                                                     ("v4", "memset", False), ("v4", "memset", True),
+                                                     ("v5", None, False), ("v5", "memset", True)])
 def test_decode_cuda_graph_replay(monkeypatch, plan, tickets, caller_ws):
     """Captured once, replayed on new queries and new context lengths (workspace inside, or the
     caller's). v4: the replays run back to back on the same ticket counters (each must leave them
@@ -363,7 +371,7 @@ def test_decode_caller_workspace_allocates_nothing(monkeypatch, plan, B, Hq, Hkv
     splits, _ = _plan(B, Hq, Hkv, D, bt.shape[1] * bs, plan)
     assert splits > 1 and ws is not None
     groups = B * Hkv * math.ceil(Hq // Hkv / 16)
-    assert ws.numel() * 4 == _ws_expected(B, Hq, D, splits, groups if plan == "v4" else 0)
+    assert ws.numel() * 4 == _ws_expected(B, Hq, D, splits, _counters(plan, groups, splits))
     ws.fill_(float("nan"))
     own = A.paged_decode_attention(q, kv.k, kv.v, bt, ctx, D ** -0.5, backend="cuda")
     out = torch.full_like(q, float("nan"))
@@ -475,7 +483,8 @@ def test_decode_long_splits_partition_edges(monkeypatch, plan, D):
     assert rel_err(out, ref) < 2e-3
 
 
-@pytest.mark.parametrize("plan,tickets", [("v2", None), ("v3", None), ("v4", None), ("v4", "memset")])
+@pytest.mark.parametrize("plan,tickets", [("v2", None), ("v3", None), ("v4", None), ("v4", "memset"), ("v5", None),
+                                          ("v5", "memset")])
 @pytest.mark.parametrize("B,Hq,Hkv,D,table", [(1, 32, 8, 128, 32768), (1, 32, 8, 64, 32768), (4, 14, 2, 64, 4096),
                                                (16, 32, 8, 128, 16384), (64, 14, 2, 64, 4096), (3, 40, 2, 128, 2048)])
 def test_decode_plan_mirror_matches_launcher(monkeypatch, plan, tickets, B, Hq, Hkv, D, table):
@@ -492,13 +501,13 @@ def test_decode_plan_mirror_matches_launcher(monkeypatch, plan, tickets, B, Hq, 
                                extra_blocks=table // bs - max(math.ceil(n / bs) for n in lens))
     splits, _ = _plan(B, Hq, Hkv, D, table, plan)
     groups = B * Hkv * math.ceil(Hq // Hkv / 16)
-    expected = _ws_expected(B, Hq, D, splits, groups if tickets == "memset" else 0)
+    expected = _ws_expected(B, Hq, D, splits, _counters(plan, groups, splits) if tickets == "memset" else 0)
     assert ws == expected, f"launcher workspace {ws} B, mirror plans {splits} splits ({expected} B)"
     assert rel_err(out, ref) < 2e-3
 
 
-def test_decode_plans_v2_v3_v4_agree(monkeypatch):
-    """Same inputs under the three plans (they split (64, 4096, 14, 2, 64) 8, 3 and 3 ways)."""
+def test_decode_plans_v2_v3_v4_v5_agree(monkeypatch):
+    """Same inputs under the four plans (they split (64, 4096, 14, 2, 64) 8, 3, 3 and ~13 ways)."""
     B, Hq, Hkv, D, bs = 64, 14, 2, 64, 16
     assert _plan(B, Hq, Hkv, D, 4096, "v2")[0] != _plan(B, Hq, Hkv, D, 4096, "v3")[0]
     lens = torch.randint(1, 4097, (B,)).tolist()
@@ -509,7 +518,7 @@ def test_decode_plans_v2_v3_v4_agree(monkeypatch):
     ctx = torch.tensor(lens, dtype=torch.int32, device="cuda")
     q = torch.randn(B, Hq, D, device="cuda").bfloat16()
     outs = {}
-    for plan in ("v2", "v3", "v4"):
+    for plan in ("v2", "v3", "v4", "v5"):
         monkeypatch.setenv("OPPO_DECODE_PLAN", plan)
         outs[plan] = torch.full((B, Hq, D), float("nan"), device="cuda")
         A.paged_decode_attention(q, kv.k, kv.v, bt, ctx, 0.125, out=outs[plan], backend="cuda")
@@ -518,6 +527,7 @@ def test_decode_plans_v2_v3_v4_agree(monkeypatch):
         assert torch.isfinite(out).all() and rel_err(out, ref) < 2e-3, plan
     assert rel_err(outs["v2"], outs["v3"]) < 2e-3
     assert rel_err(outs["v4"], outs["v3"]) < 2e-3
+    assert rel_err(outs["v5"], outs["v3"]) < 2e-3
 
 
 @pytest.mark.parametrize("plan", PLANS)
@@ -539,18 +549,20 @@ def test_decode_cuda_graph_replay_no_split(monkeypatch, plan):
 @pytest.mark.parametrize("dtype,Hq,Hkv,D,bs", [(torch.bfloat16, 14, 2, 64, 16), (torch.bfloat16, 32, 8, 128, 16),
                                                (torch.bfloat16, 40, 2, 128, 8), (torch.bfloat16, 8, 8, 64, 256),
                                                (torch.float16, 28, 4, 64, 48)])
-def test_decode_v4_persistent_many_items_per_cta(monkeypatch, dtype, Hq, Hkv, D, bs):
-    """v4 without split, ~4-6 (sequence, kv head) items per persistent CTA, all short (0 to 5
+@pytest.mark.parametrize("plan", ["v4", "v5"])
+def test_decode_v4_persistent_many_items_per_cta(monkeypatch, plan, dtype, Hq, Hkv, D, bs):
+    """v4/v5 without split, ~4-6 (sequence, kv head) items per persistent CTA, all short (0 to 5
     tiles; contexts at tile edges and 0): the producer's look-ahead of kStages + 1 tiles crosses
-    several items, Q of the next item is loaded during the merge of the current one."""
-    _use_plan(monkeypatch, "v4")
+    several items, Q of the next item is loaded during the merge of the current one (v5: items
+    claimed from the counter, so a CTA's next item is only known at its claim)."""
+    _use_plan(monkeypatch, plan)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     chunks = Hkv * math.ceil(Hq // Hkv / 16)
-    slots = sms * A.paged_decode_resident_ctas(D, plan="v4")
+    slots = sms * A.paged_decode_resident_ctas(D, plan=plan)
     B = math.ceil(4 * slots / chunks)
     lens = [TILE_EDGE_LENS[(7 * i) % len(TILE_EDGE_LENS)] for i in range(B)]
     table = (math.ceil(max(lens) / bs) + 1) * bs
-    ctas, per_cta = A.paged_decode_grid(B, Hq, Hkv, D, table, sms, A.paged_decode_resident_ctas(D, plan="v4"), "v4")
+    ctas, per_cta = A.paged_decode_grid(B, Hq, Hkv, D, table, sms, A.paged_decode_resident_ctas(D, plan=plan), plan)
     assert ctas == slots and per_cta >= 4
     out, ref, ws = _decode_run(B, Hq, Hkv, D, bs, lens, dtype, torch.float32)
     assert ws == 0, f"expected the no-split path (no workspace), got {ws} bytes"
@@ -559,15 +571,17 @@ def test_decode_v4_persistent_many_items_per_cta(monkeypatch, dtype, Hq, Hkv, D,
     assert (out[zero] == 0).all()
 
 
-def test_decode_v4_tickets_reset_between_calls_and_streams(monkeypatch):
-    """v4 split plan, called eagerly five times on the current stream and alternately on two side
-    streams (each stream has its own counters): every call's result is checked, so a counter left
-    non-zero by one call (the last CTA must reset it) fails the next one."""
-    _use_plan(monkeypatch, "v4")
+@pytest.mark.parametrize("plan", ["v4", "v5"])
+def test_decode_v4_tickets_reset_between_calls_and_streams(monkeypatch, plan):
+    """v4/v5 split plan, called eagerly five times on the current stream and alternately on two
+    side streams (each stream has its own counters): every call's result is checked, so a counter
+    left non-zero by one call (the last CTA must reset it; v5: also the claim and exit counters)
+    fails the next one."""
+    _use_plan(monkeypatch, plan)
     B, Hq, Hkv, D, bs = 3, 28, 4, 128, 16
     lens = [4000, 1, 2500]
     table = 4096
-    assert _plan(B, Hq, Hkv, D, table, "v4")[0] > 1
+    assert _plan(B, Hq, Hkv, D, table, plan)[0] > 1
     kv = PagedKV(num_blocks=table // bs * B + 3, block_size=bs, Hkv=Hkv, D=D, dtype=torch.bfloat16)
     bt = kv.tables(lens, extra_blocks=table // bs - math.ceil(max(lens) / bs))
     kv.fill(bt, lens)

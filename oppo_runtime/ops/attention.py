@@ -154,8 +154,10 @@ _DECODE_STAGES = {64: 3, 128: 3}
 _DECODE_V4_STAGES = {64: 4, 128: 3}
 _DECODE_CTAS_BY_REGS = {64: 4, 128: 2}     # v3: <= 128 (launch bounds) and 174-178 registers x 128 threads
 _DECODE_V4_CTAS_BY_REGS = {64: 3, 128: 2}  # v4: 128-132 and 188 registers x 128 threads
-_DECODE_V4_EXTRA_SMEM = 8 * 16 + 16        # v4: ring of 8 tile records + the ticket flag
-_DECODE_PLANS = ("v2", "v3", "v4")
+_DECODE_V4_EXTRA_SMEM = 8 * 16 + 32        # v4/v5: ring of 8 tile records + the ticket flag + the claim slot
+_DECODE_V5_ITEMS = 4                       # v5: work items per resident slot, at least (OPPO_DECODE_V5_ITEMS)
+_DECODE_V5_MAX_PART = 512                  # v5: tokens per item, at most (OPPO_DECODE_V5_MAX_PART)
+_DECODE_PLANS = ("v2", "v3", "v4", "v5")
 
 
 def _decode_plan_name(plan: str | None) -> str:
@@ -167,11 +169,11 @@ def _decode_plan_name(plan: str | None) -> str:
 
 def paged_decode_resident_ctas(head_dim: int, device=None, plan: str | None = None) -> int:
     """Estimated CTAs per SM of the decode kernel of ``plan`` (default: ``OPPO_DECODE_PLAN`` or
-    v3; v2 and v3 share a kernel, v4 has its own) for this head dim (smem and register bound)."""
+    v3; v2 and v3 share a kernel, v4 and v5 another) for this head dim (smem and register bound)."""
     plan = _decode_plan_name(plan)
     props = torch.cuda.get_device_properties(device if device is not None else torch.cuda.current_device())
     row = (head_dim + 8) * 2
-    stages, regs, extra = ((_DECODE_V4_STAGES, _DECODE_V4_CTAS_BY_REGS, _DECODE_V4_EXTRA_SMEM) if plan == "v4"
+    stages, regs, extra = ((_DECODE_V4_STAGES, _DECODE_V4_CTAS_BY_REGS, _DECODE_V4_EXTRA_SMEM) if plan in ("v4", "v5")
                            else (_DECODE_STAGES, _DECODE_CTAS_BY_REGS, 0))
     smem = stages[head_dim] * (2 * _DECODE_TILE * row + _DECODE_TILE * 8) + extra
     per_sm = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
@@ -184,15 +186,21 @@ def paged_decode_plan(B: int, Hq: int, Hkv: int, head_dim: int, table_tokens: in
 
     ``table_tokens`` = block_tables.shape[1] * block_size; ``resident`` = CTAs per SM of the
     plan's kernel (``paged_decode_resident_ctas(D, plan=plan)``). ``plan`` "v3" (default, or the
-    ``OPPO_DECODE_PLAN`` environment variable), "v2" or "v4" (v3's rule on the v4 kernel).
-    ``max_partition`` (v2/v3; v4 ignores it): at most that many tokens per split, rounded up to
-    the 64-token tile (0: no cap); see ``paged_decode_attention``."""
+    ``OPPO_DECODE_PLAN`` environment variable), "v2", "v4" (v3's rule on the v4 kernel) or "v5"
+    (the v4 kernel with at least ``OPPO_DECODE_V5_ITEMS`` (4) work items per resident slot of at
+    most ``OPPO_DECODE_V5_MAX_PART`` (512) tokens, claimed dynamically). ``max_partition`` (v2/v3; v4 and v5 ignore it): at most that many tokens per
+    split, rounded up to the 64-token tile (0: no cap); see ``paged_decode_attention``."""
     plan = _decode_plan_name(plan)
     if max_partition < 0:
         raise ValueError(f"max_partition must be >= 0 (0: no cap), got {max_partition}")
     base = B * Hkv * ((Hq // Hkv + 15) // 16)
     splits = 1
-    if plan == "v2":
+    max_ctx = min(table_tokens, 2**31 - 1)
+    if plan == "v5":
+        items = int(os.environ.get("OPPO_DECODE_V5_ITEMS") or _DECODE_V5_ITEMS)
+        max_part = int(os.environ.get("OPPO_DECODE_V5_MAX_PART") or _DECODE_V5_MAX_PART)
+        splits = max(-(-items * sm_count * max(1, resident) // base), -(-max_ctx // max_part))
+    elif plan == "v2":
         target = 8 * sm_count
         if base < target:
             splits = -(-target // base)
@@ -200,9 +208,8 @@ def paged_decode_plan(B: int, Hq: int, Hkv: int, head_dim: int, table_tokens: in
         slots = sm_count * max(1, resident)
         if base < slots:
             splits = slots // base
-    max_ctx = min(table_tokens, 2**31 - 1)
     splits = min(splits, max(1, -(-max_ctx // _DECODE_MIN_PARTITION)))
-    if max_partition > 0 and plan != "v4":
+    if max_partition > 0 and plan not in ("v4", "v5"):
         cap = -(-max_partition // _DECODE_TILE) * _DECODE_TILE
         splits = max(splits, -(-max_ctx // cap))
     if splits > 1:
@@ -220,14 +227,17 @@ def paged_decode_grid(B: int, Hq: int, Hkv: int, head_dim: int, table_tokens: in
 
     v2/v3: one CTA per (split, sequence, kv head, head chunk), one item each (plus the reduction
     kernel when split). v4: one CTA per item when split; without split a persistent grid of
-    min(groups, sm_count * resident) CTAs, CTA c taking the groups c, c + grid, ..."""
+    min(groups, sm_count * resident) CTAs, CTA c taking the groups c, c + grid, ... v5: a
+    persistent grid of min(items, sm_count * resident) CTAs claiming items from a counter (the
+    second value is then the items per CTA on average, rounded up)."""
     plan = _decode_plan_name(plan)
     groups = B * Hkv * ((Hq // Hkv + 15) // 16)
     splits, _ = paged_decode_plan(B, Hq, Hkv, head_dim, table_tokens, sm_count, resident, plan, max_partition)
-    if plan != "v4" or splits > 1:
-        return splits * groups, 1
-    ctas = min(groups, sm_count * max(1, resident))
-    return ctas, -(-groups // ctas)
+    items = splits * groups
+    if plan not in ("v4", "v5") or (plan == "v4" and splits > 1):
+        return items, 1
+    ctas = min(items, sm_count * max(1, resident))
+    return ctas, -(-items // ctas)
 
 
 def paged_decode_workspace(q, k_cache, block_tables, backend: str | None = None,
@@ -250,13 +260,14 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
                            workspace: torch.Tensor | None = None, max_partition: int = 0):
     """CUDA kernel (bf16/fp16, head_dim 64/128) or the reference. Split plan: see
     ``paged_decode_plan``; ``OPPO_DECODE_PLAN=v2`` selects the previous plan (A/B timing),
-    ``OPPO_DECODE_PLAN=v4`` the one-launch kernel (last-CTA merge, persistent grid).
+    ``OPPO_DECODE_PLAN=v4`` the one-launch kernel (last-CTA merge, persistent grid), ``v5`` that
+    kernel with ~4 work items per CTA slot claimed from a counter (dynamic balance).
 
     ``max_partition`` (tokens, 0: none): a cap on the tokens one CTA reads, for batches of ragged
     contexts. The plan sees shapes only (the table's width, not the lengths), so without a cap a
     batch of many short contexts and a few long ones gets few splits, and the long ones' CTAs
     set the time while the rest of the GPU idles. The engine passes ``EngineConfig.
-    decode_max_partition``. The reference ignores it (same result). v4 ignores it.
+    decode_max_partition``. The reference ignores it (same result). v4 and v5 ignore it.
 
     ``workspace``: the split-KV scratch from ``paged_decode_workspace`` (float32); with it and
     ``out`` given the call allocates nothing. Without it the kernel takes one from PyTorch's
