@@ -451,9 +451,9 @@ paged_decode_reduce_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, i
 // End of an item: the 4 warps are merged in the smem slot of the tile just consumed (the next
 // load into that slot is issued one iteration later, after a barrier). Then:
 //   - nvalid <= 1 (no split, or a context within split 0, or a context of 0): `out` directly;
-//   - else the split's normalised output and log-sum-exp go to the workspace; every thread
-//     fences (__threadfence), the CTA synchronises, thread 0 draws a ticket (atomicAdd on the
-//     group's counter) and fences again; the CTA that draws ticket nvalid - 1 resets the counter
+//   - else the split's normalised output and log-sum-exp go to the workspace; the CTA
+//     synchronises, thread 0 fences (__threadfence), draws a ticket (atomicAdd on the group's
+//     counter) and fences again; the CTA that draws ticket nvalid - 1 resets the counter
 //     to 0 and merges the group's nvalid partials (read with __ldcg, L2) into `out`.
 // The counters must be 0 before the launch; the last CTA of each group leaves its counter at 0
 // (who provides zeroed counters: see the launcher, csrc/paged_decode_attention.cu).
@@ -726,9 +726,12 @@ paged_decode_v4_kernel(const DecodeV4Params p) {
       }
     }
     if (!direct) {
-      __threadfence();  // this thread's partial is visible device-wide before the ticket is drawn
+      // The partials of all threads are ordered before thread 0's fence by the barrier, and the
+      // fence (cumulative) makes them visible device-wide before the ticket: one fence per CTA,
+      // as cooperative groups' grid sync does, not one per thread.
       __syncthreads();
       if (tid == 0) {
+        __threadfence();
         const unsigned prev = atomicAdd(p.tickets + group, 1u);
         const int last = prev == static_cast<unsigned>(nvalid - 1);
         if (last) atomicExch(p.tickets + group, 0u);  // ready for the next launch

@@ -455,11 +455,13 @@ TILE_EDGE_LENS = [1, 2, 15, 16, 17, 63, 64, 65, 127, 128, 129, 191, 192, 193, 25
 def test_decode_no_split_when_heads_fill_the_machine(monkeypatch, plan, dtype, Hq, Hkv, D, bs):
     """B * Hkv * head chunks >= the resident CTAs: one split, `out` written by the main kernel
     itself (no workspace, no reduction); contexts at tile and pipeline-prologue edges, and 0.
-    v4: a persistent grid, 1-2 items per CTA."""
+    v4: a persistent grid, 1-2 items per CTA. v5 splits below 4 items per resident slot, so it
+    gets 4 times the batch (and items up to 4096 tokens)."""
     _use_plan(monkeypatch, plan)
+    monkeypatch.setenv("OPPO_DECODE_V5_MAX_PART", "4096")
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     chunks = Hkv * math.ceil(Hq // Hkv / 16)
-    B = math.ceil(4 * sms / chunks)                 # >= any resident count (<= 4 CTAs per SM)
+    B = math.ceil(4 * sms / chunks) * (4 if plan == "v5" else 1)   # >= any resident count (<= 4 CTAs per SM)
     lens = [TILE_EDGE_LENS[i % len(TILE_EDGE_LENS)] for i in range(B)]
     out, ref, ws = _decode_run(B, Hq, Hkv, D, bs, lens, dtype, torch.float32)
     assert ws == 0, f"expected the no-split path (no workspace), got {ws} bytes"
@@ -532,11 +534,12 @@ def test_decode_plans_v2_v3_v4_v5_agree(monkeypatch):
 
 @pytest.mark.parametrize("plan", PLANS)
 def test_decode_cuda_graph_replay_no_split(monkeypatch, plan):
-    """The no-split plan captured once, replayed on new queries and context lengths."""
+    """The no-split plan captured once, replayed on new queries and context lengths (v5: 4 items
+    per resident slot, so 4 times the batch)."""
     _use_plan(monkeypatch, plan)
     Hq, Hkv, D, bs, max_len = 14, 2, 64, 16, 300
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    B = math.ceil(4 * sms / Hkv)
+    B = math.ceil(4 * sms / Hkv) * (4 if plan == "v5" else 1)
     assert _plan(B, Hq, Hkv, D, math.ceil(max_len / bs) * bs, plan)[0] == 1
     kv = PagedKV(num_blocks=B * math.ceil(max_len / bs) + 3, block_size=bs, Hkv=Hkv, D=D, dtype=torch.bfloat16)
     full = [max_len] * B
@@ -556,6 +559,7 @@ def test_decode_v4_persistent_many_items_per_cta(monkeypatch, plan, dtype, Hq, H
     several items, Q of the next item is loaded during the merge of the current one (v5: items
     claimed from the counter, so a CTA's next item is only known at its claim)."""
     _use_plan(monkeypatch, plan)
+    monkeypatch.setenv("OPPO_DECODE_V5_MAX_PART", "4096")   # v5: no split over the 768-token table of bs 256
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     chunks = Hkv * math.ceil(Hq // Hkv / 16)
     slots = sms * A.paged_decode_resident_ctas(D, plan=plan)
