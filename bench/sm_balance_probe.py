@@ -1,0 +1,127 @@
+"""Where a one-wave memory-bound kernel loses its last 15%: per-SM finish times of a pure read stream.
+
+    python bench/sm_balance_probe.py [--out PATH] [--kib 256] [--per-sm 4] [--waves 1,2,4,8]
+
+ncu put decode attention's SMs at 83-84% active over its kernel (session 14): a wave of equal CTAs
+whose SMs finish at different times. This probe asks whether that is the memory system's doing
+(some SMs stream slower, e.g. by their place in the GPU's partitions) or the kernel's: a Triton
+kernel in which every program reads an equal slice of a large buffer (no writes besides one float
+per program) and stamps %smid and %globaltimer at its start and end. For each configuration
+(programs = SMs x per-sm x waves, each reading KiB / waves, so every configuration reads the same
+bytes), it reports the achieved read bandwidth over the copy bandwidth measured in the same run,
+the spread of the SMs' last finish times, and the SM-idle fraction (the time between an SM's
+last program's end and the kernel's end, summed over SMs, over SMs x the kernel's span), which
+ncu's "SM Active Cycles / Elapsed Cycles" measures for the decode kernel. Per-SM finish times go
+to the JSON (bench/results/sm_balance_probe.json) with the SM ids, so a pattern by partition
+shows. No timing assertion: a measurement for bench/NOTES.md.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import copy_bandwidth, device_info, results_path, time_ms, write_json  # noqa: E402
+
+
+def _kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def stream_probe(x_ptr, out_ptr, stamps_ptr, chunk, BLOCK: tl.constexpr):
+        pid = tl.program_id(0)
+        dummy = tl.full([1], 0, tl.int32)
+        t0 = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [dummy], dtype=tl.int64,
+                                       is_pure=False, pack=1)
+        base = x_ptr + pid.to(tl.int64) * chunk
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for off in range(0, chunk, BLOCK):
+            acc += tl.load(base + off + tl.arange(0, BLOCK), cache_modifier=".cg").to(tl.float32)
+        tl.store(out_ptr + pid, tl.sum(acc, axis=0))
+        t1 = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [dummy], dtype=tl.int64,
+                                       is_pure=False, pack=1)
+        sm = tl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r,r", [dummy], dtype=tl.int32, is_pure=False, pack=1)
+        tl.store(stamps_ptr + pid * 3 + tl.arange(0, 1), t0)
+        tl.store(stamps_ptr + pid * 3 + 1 + tl.arange(0, 1), t1)
+        tl.store(stamps_ptr + pid * 3 + 2 + tl.arange(0, 1), sm.to(tl.int64))
+
+    return stream_probe
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--kib", type=int, default=256, help="KiB each program reads in the one-wave configuration")
+    ap.add_argument("--per-sm", type=int, default=4, help="programs per SM in one wave")
+    ap.add_argument("--waves", default="1,2,4,8", help="split each program's slice into this many programs")
+    ap.add_argument("--block", type=int, default=8192,
+                    help="bf16 elements a program loads per loop step (16 KiB: 4 programs per SM keep 64 KiB in flight)")
+    ap.add_argument("--reps", type=int, default=5, help="stamped launches per configuration (the median one is kept)")
+    args = ap.parse_args()
+    info = device_info()
+    sms = info["sm_count"]
+    bw = copy_bandwidth()
+    kern = _kernel()
+    total_elems = sms * args.per_sm * args.kib * 1024 // 2          # bf16
+    x = torch.randn(total_elems, device="cuda").to(torch.bfloat16)
+    rows = []
+    for waves in [int(w) for w in args.waves.split(",")]:
+        progs = sms * args.per_sm * waves
+        chunk = total_elems // progs
+        block = min(args.block, chunk)
+        assert chunk % block == 0, (chunk, block)
+        out = torch.empty(progs, device="cuda")
+        stamps = torch.zeros(progs, 3, dtype=torch.int64, device="cuda")
+
+        def run():
+            kern[(progs,)](x, out, stamps, chunk, BLOCK=block, num_warps=4)
+
+        ms = time_ms(run, graph=False)
+        spans = []
+        for _ in range(args.reps):   # stamped launches, one at a time
+            run()
+            torch.cuda.synchronize()
+            s = stamps.cpu()
+            t0, t1 = int(s[:, 0].min()), int(s[:, 1].max())
+            spans.append((t1 - t0, s.clone()))
+        spans.sort(key=lambda p: p[0])
+        span, s = spans[len(spans) // 2]
+        t0 = int(s[:, 0].min())
+        start, end, smid = (s[:, 0] - t0).double() / 1e3, (s[:, 1] - t0).double() / 1e3, s[:, 2]
+        kernel_end = float(end.max())
+        finish = {}
+        count = {}
+        for e, m in zip(end.tolist(), smid.tolist()):
+            finish[m] = max(finish.get(m, 0.0), e)
+            count[m] = count.get(m, 0) + 1
+        idle = sum(kernel_end - f for f in finish.values()) + (sms - len(finish)) * kernel_end
+        fin = sorted(finish.values())
+        row = {"waves": waves, "programs": progs, "kib_per_program": args.kib / waves, "ms": ms,
+               "read_bw_over_copy": total_elems * 2 / (ms * 1e-3) / bw,
+               "span_us": span / 1e3, "sms_used": len(finish),
+               "programs_per_sm_min": min(count.values()), "programs_per_sm_max": max(count.values()),
+               "sm_finish_us_min": fin[0], "sm_finish_us_median": statistics.median(fin), "sm_finish_us_max": fin[-1],
+               "sm_idle_fraction": idle / (sms * kernel_end),
+               "last_start_us": float(start.max()),
+               "sm_finish_us_by_smid": [round(finish.get(m, 0.0), 2) for m in range(sms)]}
+        rows.append(row)
+        print(f"waves {waves}: {progs} programs x {args.kib / waves:.0f} KiB, {ms * 1e3:.1f} us, read/copy "
+              f"{row['read_bw_over_copy']:.3f}, SMs finish {fin[0]:.1f}-{fin[-1]:.1f} us (median "
+              f"{row['sm_finish_us_median']:.1f}), SM idle {row['sm_idle_fraction']:.3f}, programs/SM "
+              f"{row['programs_per_sm_min']}-{row['programs_per_sm_max']}, last start {row['last_start_us']:.1f} us")
+    one = rows[0]["sm_finish_us_by_smid"]
+    print("one wave, SM finish (us) by smid:", " ".join(f"{v:.0f}" for v in one))
+    path = results_path("sm_balance_probe", args.out)
+    write_json(path, {**info, "copy_bandwidth_Bps": bw, "rows": rows,
+                      "summary": {"sm_idle_fraction_one_wave": rows[0]["sm_idle_fraction"],
+                                  "best_read_bw_over_copy": max(r["read_bw_over_copy"] for r in rows)}})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
