@@ -50,7 +50,69 @@ def _kernel():
         tl.store(stamps_ptr + pid * 3 + 1 + tl.arange(0, 1), t1)
         tl.store(stamps_ptr + pid * 3 + 2 + tl.arange(0, 1), sm.to(tl.int64))
 
-    return stream_probe
+    @triton.jit
+    def paged_probe(cache_ptr, bt_ptr, out_ptr, stamps_ptr, tokens, n_heads, page_stride, row_stride, v_off,
+                    BS: tl.constexpr, D: tl.constexpr, TILE: tl.constexpr):
+        # decode's reads without its arithmetic: program = (token range, kv head) of one sequence,
+        # TILE-token K and V tiles gathered through the block table (rows of D elements)
+        pid = tl.program_id(0)
+        head = pid % n_heads
+        t0 = (pid // n_heads) * tokens
+        dummy = tl.full([1], 0, tl.int32)
+        s0 = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [dummy], dtype=tl.int64,
+                                       is_pure=False, pack=1)
+        acc = tl.zeros([TILE, D], dtype=tl.float32)
+        cols = tl.arange(0, D)
+        for t in range(t0, t0 + tokens, TILE):
+            tok = t + tl.arange(0, TILE)
+            page = tl.load(bt_ptr + tok // BS)
+            off = page.to(tl.int64) * page_stride + (tok % BS) * row_stride + head * D
+            k = tl.load(cache_ptr + off[:, None] + cols[None, :], cache_modifier=".cg")
+            v = tl.load(cache_ptr + v_off + off[:, None] + cols[None, :], cache_modifier=".cg")
+            acc += k.to(tl.float32) + v.to(tl.float32)
+        tl.store(out_ptr + pid, tl.sum(tl.sum(acc, axis=1), axis=0))
+        s1 = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [dummy], dtype=tl.int64,
+                                       is_pure=False, pack=1)
+        sm = tl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r,r", [dummy], dtype=tl.int32, is_pure=False, pack=1)
+        tl.store(stamps_ptr + pid * 3 + tl.arange(0, 1), s0)
+        tl.store(stamps_ptr + pid * 3 + 1 + tl.arange(0, 1), s1)
+        tl.store(stamps_ptr + pid * 3 + 2 + tl.arange(0, 1), sm.to(tl.int64))
+
+    return stream_probe, paged_probe
+
+
+def _stamped(run, stamps, reps, sms):
+    """Launch `run` reps times (one at a time), keep the launch of median span; per-SM finish
+    times (us from the first program's start), programs per SM, the SM-idle fraction."""
+    spans = []
+    for _ in range(reps):
+        run()
+        torch.cuda.synchronize()
+        s = stamps.cpu()
+        spans.append((int(s[:, 1].max()) - int(s[:, 0].min()), s.clone()))
+    spans.sort(key=lambda p: p[0])
+    span, s = spans[len(spans) // 2]
+    t0 = int(s[:, 0].min())
+    start, end, smid = (s[:, 0] - t0).double() / 1e3, (s[:, 1] - t0).double() / 1e3, s[:, 2]
+    kernel_end = float(end.max())
+    finish, count = {}, {}
+    for e, m in zip(end.tolist(), smid.tolist()):
+        finish[m] = max(finish.get(m, 0.0), e)
+        count[m] = count.get(m, 0) + 1
+    idle = sum(kernel_end - f for f in finish.values()) + (sms - len(finish)) * kernel_end
+    fin = sorted(finish.values())
+    return {"span_us": span / 1e3, "sms_used": len(finish),
+            "programs_per_sm_min": min(count.values()), "programs_per_sm_max": max(count.values()),
+            "sm_finish_us_min": fin[0], "sm_finish_us_median": statistics.median(fin), "sm_finish_us_max": fin[-1],
+            "sm_idle_fraction": idle / (sms * kernel_end), "last_start_us": float(start.max()),
+            "sm_finish_us_by_smid": [round(finish.get(m, 0.0), 2) for m in range(sms)]}
+
+
+def _print(tag, row):
+    print(f"{tag}: {row['programs']} programs, {row['ms'] * 1e3:.1f} us, read/copy {row['read_bw_over_copy']:.3f} "
+          f"(span {row['span_us']:.1f} us), SMs finish {row['sm_finish_us_min']:.1f}-{row['sm_finish_us_max']:.1f} us "
+          f"(median {row['sm_finish_us_median']:.1f}), SM idle {row['sm_idle_fraction']:.3f}, programs/SM "
+          f"{row['programs_per_sm_min']}-{row['programs_per_sm_max']}, last start {row['last_start_us']:.1f} us")
 
 
 def main() -> None:
@@ -61,12 +123,15 @@ def main() -> None:
     ap.add_argument("--waves", default="1,2,4,8", help="split each program's slice into this many programs")
     ap.add_argument("--block", type=int, default=8192,
                     help="bf16 elements a program loads per loop step (16 KiB: 4 programs per SM keep 64 KiB in flight)")
+    ap.add_argument("--paged", default="32,64,128",
+                    help="also decode's paged reads of (1, 32768, Hkv 8, D 128, page 16) in this many splits "
+                         "per kv head (128-token tiles, 8 warps: 2 programs per SM, 64 KiB in flight each, as v3)")
     ap.add_argument("--reps", type=int, default=5, help="stamped launches per configuration (the median one is kept)")
     args = ap.parse_args()
     info = device_info()
     sms = info["sm_count"]
     bw = copy_bandwidth()
-    kern = _kernel()
+    kern, paged = _kernel()
     total_elems = sms * args.per_sm * args.kib * 1024 // 2          # bf16
     x = torch.randn(total_elems, device="cuda").to(torch.bfloat16)
     rows = []
@@ -82,44 +147,42 @@ def main() -> None:
             kern[(progs,)](x, out, stamps, chunk, BLOCK=block, num_warps=4)
 
         ms = time_ms(run, graph=False)
-        spans = []
-        for _ in range(args.reps):   # stamped launches, one at a time
-            run()
-            torch.cuda.synchronize()
-            s = stamps.cpu()
-            t0, t1 = int(s[:, 0].min()), int(s[:, 1].max())
-            spans.append((t1 - t0, s.clone()))
-        spans.sort(key=lambda p: p[0])
-        span, s = spans[len(spans) // 2]
-        t0 = int(s[:, 0].min())
-        start, end, smid = (s[:, 0] - t0).double() / 1e3, (s[:, 1] - t0).double() / 1e3, s[:, 2]
-        kernel_end = float(end.max())
-        finish = {}
-        count = {}
-        for e, m in zip(end.tolist(), smid.tolist()):
-            finish[m] = max(finish.get(m, 0.0), e)
-            count[m] = count.get(m, 0) + 1
-        idle = sum(kernel_end - f for f in finish.values()) + (sms - len(finish)) * kernel_end
-        fin = sorted(finish.values())
-        row = {"waves": waves, "programs": progs, "kib_per_program": args.kib / waves, "ms": ms,
-               "read_bw_over_copy": total_elems * 2 / (ms * 1e-3) / bw,
-               "span_us": span / 1e3, "sms_used": len(finish),
-               "programs_per_sm_min": min(count.values()), "programs_per_sm_max": max(count.values()),
-               "sm_finish_us_min": fin[0], "sm_finish_us_median": statistics.median(fin), "sm_finish_us_max": fin[-1],
-               "sm_idle_fraction": idle / (sms * kernel_end),
-               "last_start_us": float(start.max()),
-               "sm_finish_us_by_smid": [round(finish.get(m, 0.0), 2) for m in range(sms)]}
+        row = {"kind": "contiguous", "waves": waves, "programs": progs, "kib_per_program": args.kib / waves, "ms": ms,
+               "read_bw_over_copy": total_elems * 2 / (ms * 1e-3) / bw, **_stamped(run, stamps, args.reps, sms)}
         rows.append(row)
-        print(f"waves {waves}: {progs} programs x {args.kib / waves:.0f} KiB, {ms * 1e3:.1f} us, read/copy "
-              f"{row['read_bw_over_copy']:.3f}, SMs finish {fin[0]:.1f}-{fin[-1]:.1f} us (median "
-              f"{row['sm_finish_us_median']:.1f}), SM idle {row['sm_idle_fraction']:.3f}, programs/SM "
-              f"{row['programs_per_sm_min']}-{row['programs_per_sm_max']}, last start {row['last_start_us']:.1f} us")
+        _print(f"contiguous, waves {waves} ({args.kib / waves:.0f} KiB each)", row)
     one = rows[0]["sm_finish_us_by_smid"]
+    del x
+    if args.paged:
+        ctx, hkv, d, bs, tile = 32768, 8, 128, 16, 128
+        pages = ctx // bs
+        page_stride = 2 * bs * hkv * d
+        cache = torch.randn(pages * page_stride, device="cuda").to(torch.bfloat16)
+        bt = torch.randperm(pages, device="cuda").to(torch.int32)
+        nbytes = 2 * ctx * hkv * d * 2
+        for splits in [int(v) for v in args.paged.split(",")]:
+            tokens = ctx // splits
+            progs = splits * hkv
+            out = torch.empty(progs, device="cuda")
+            stamps = torch.zeros(progs, 3, dtype=torch.int64, device="cuda")
+
+            def run_paged():
+                paged[(progs,)](cache, bt, out, stamps, tokens, hkv, page_stride, hkv * d, bs * hkv * d,
+                                BS=bs, D=d, TILE=min(tile, tokens), num_warps=8)
+
+            ms = time_ms(run_paged, calls_per_replay=10)
+            row = {"kind": "paged", "splits": splits, "programs": progs, "tokens_per_program": tokens, "ms": ms,
+                   "read_bw_over_copy": nbytes / (ms * 1e-3) / bw, **_stamped(run_paged, stamps, args.reps, sms)}
+            rows.append(row)
+            _print(f"paged (1, 32768, 8, 128), {splits} splits", row)
     print("one wave, SM finish (us) by smid:", " ".join(f"{v:.0f}" for v in one))
     path = results_path("sm_balance_probe", args.out)
     write_json(path, {**info, "copy_bandwidth_Bps": bw, "rows": rows,
                       "summary": {"sm_idle_fraction_one_wave": rows[0]["sm_idle_fraction"],
-                                  "best_read_bw_over_copy": max(r["read_bw_over_copy"] for r in rows)}})
+                                  "best_read_bw_over_copy": max(r["read_bw_over_copy"] for r in rows
+                                                                if r["kind"] == "contiguous"),
+                                  "best_paged_read_bw_over_copy": max((r["read_bw_over_copy"] for r in rows
+                                                                       if r["kind"] == "paged"), default=None)}})
     print(f"wrote {path}")
 
 
