@@ -52,9 +52,10 @@ def _kernel():
 
     @triton.jit
     def paged_probe(cache_ptr, bt_ptr, out_ptr, stamps_ptr, tokens, n_heads, page_stride, row_stride, v_off,
-                    BS: tl.constexpr, D: tl.constexpr, TILE: tl.constexpr):
+                    BS: tl.constexpr, D: tl.constexpr, TILE: tl.constexpr, PREFETCH: tl.constexpr):
         # decode's reads without its arithmetic: program = (token range, kv head) of one sequence,
-        # TILE-token K and V tiles gathered through the block table (rows of D elements)
+        # TILE-token K and V tiles gathered through the block table (rows of D elements); with
+        # PREFETCH the next tile's loads are issued before the current one is used (two in flight)
         pid = tl.program_id(0)
         head = pid % n_heads
         t0 = (pid // n_heads) * tokens
@@ -63,13 +64,30 @@ def _kernel():
                                        is_pure=False, pack=1)
         acc = tl.zeros([TILE, D], dtype=tl.float32)
         cols = tl.arange(0, D)
-        for t in range(t0, t0 + tokens, TILE):
-            tok = t + tl.arange(0, TILE)
-            page = tl.load(bt_ptr + tok // BS)
-            off = page.to(tl.int64) * page_stride + (tok % BS) * row_stride + head * D
+        if PREFETCH:
+            tok = t0 + tl.arange(0, TILE)
+            off = tl.load(bt_ptr + tok // BS).to(tl.int64) * page_stride + (tok % BS) * row_stride + head * D
             k = tl.load(cache_ptr + off[:, None] + cols[None, :], cache_modifier=".cg")
             v = tl.load(cache_ptr + v_off + off[:, None] + cols[None, :], cache_modifier=".cg")
-            acc += k.to(tl.float32) + v.to(tl.float32)
+            for t in range(t0 + TILE, t0 + tokens + TILE, TILE):
+                tok = t + tl.arange(0, TILE)
+                more = tok < t0 + tokens
+                off = tl.load(bt_ptr + tok // BS, mask=more, other=0).to(tl.int64) * page_stride + \
+                    (tok % BS) * row_stride + head * D
+                kn = tl.load(cache_ptr + off[:, None] + cols[None, :], mask=more[:, None], other=0.0,
+                             cache_modifier=".cg")
+                vn = tl.load(cache_ptr + v_off + off[:, None] + cols[None, :], mask=more[:, None], other=0.0,
+                             cache_modifier=".cg")
+                acc += k.to(tl.float32) + v.to(tl.float32)
+                k, v = kn, vn
+        else:
+            for t in range(t0, t0 + tokens, TILE):
+                tok = t + tl.arange(0, TILE)
+                page = tl.load(bt_ptr + tok // BS)
+                off = page.to(tl.int64) * page_stride + (tok % BS) * row_stride + head * D
+                k = tl.load(cache_ptr + off[:, None] + cols[None, :], cache_modifier=".cg")
+                v = tl.load(cache_ptr + v_off + off[:, None] + cols[None, :], cache_modifier=".cg")
+                acc += k.to(tl.float32) + v.to(tl.float32)
         tl.store(out_ptr + pid, tl.sum(tl.sum(acc, axis=1), axis=0))
         s1 = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [dummy], dtype=tl.int64,
                                        is_pure=False, pack=1)
@@ -126,6 +144,9 @@ def main() -> None:
     ap.add_argument("--paged", default="32,64,128",
                     help="also decode's paged reads of (1, 32768, Hkv 8, D 128, page 16) in this many splits "
                          "per kv head (128-token tiles, 8 warps: 2 programs per SM, 64 KiB in flight each, as v3)")
+    ap.add_argument("--paged-configs", default="8:128:0",
+                    help="comma list of warps:tile:prefetch for the paged reads (4:64:1 is decode v3's CTA: "
+                         "128 threads, 64-token tiles, the next tile in flight)")
     ap.add_argument("--reps", type=int, default=5, help="stamped launches per configuration (the median one is kept)")
     args = ap.parse_args()
     info = device_info()
@@ -160,21 +181,24 @@ def main() -> None:
         cache = torch.randn(pages * page_stride, device="cuda").to(torch.bfloat16)
         bt = torch.randperm(pages, device="cuda").to(torch.int32)
         nbytes = 2 * ctx * hkv * d * 2
-        for splits in [int(v) for v in args.paged.split(",")]:
-            tokens = ctx // splits
-            progs = splits * hkv
-            out = torch.empty(progs, device="cuda")
-            stamps = torch.zeros(progs, 3, dtype=torch.int64, device="cuda")
+        for cfg in args.paged_configs.split(","):
+            warps, tile, prefetch = (int(v) for v in cfg.split(":"))
+            for splits in [int(v) for v in args.paged.split(",")]:
+                tokens = ctx // splits
+                progs = splits * hkv
+                out = torch.empty(progs, device="cuda")
+                stamps = torch.zeros(progs, 3, dtype=torch.int64, device="cuda")
 
-            def run_paged():
-                paged[(progs,)](cache, bt, out, stamps, tokens, hkv, page_stride, hkv * d, bs * hkv * d,
-                                BS=bs, D=d, TILE=min(tile, tokens), num_warps=8)
+                def run_paged():
+                    paged[(progs,)](cache, bt, out, stamps, tokens, hkv, page_stride, hkv * d, bs * hkv * d,
+                                    BS=bs, D=d, TILE=min(tile, tokens), PREFETCH=bool(prefetch), num_warps=warps)
 
-            ms = time_ms(run_paged, calls_per_replay=10)
-            row = {"kind": "paged", "splits": splits, "programs": progs, "tokens_per_program": tokens, "ms": ms,
-                   "read_bw_over_copy": nbytes / (ms * 1e-3) / bw, **_stamped(run_paged, stamps, args.reps, sms)}
-            rows.append(row)
-            _print(f"paged (1, 32768, 8, 128), {splits} splits", row)
+                ms = time_ms(run_paged, calls_per_replay=10)
+                row = {"kind": "paged", "config": cfg, "splits": splits, "programs": progs,
+                       "tokens_per_program": tokens, "ms": ms, "read_bw_over_copy": nbytes / (ms * 1e-3) / bw,
+                       **_stamped(run_paged, stamps, args.reps, sms)}
+                rows.append(row)
+                _print(f"paged (1, 32768, 8, 128) {cfg} (warps:tile:prefetch), {splits} splits", row)
     print("one wave, SM finish (us) by smid:", " ".join(f"{v:.0f}" for v in one))
     path = results_path("sm_balance_probe", args.out)
     write_json(path, {**info, "copy_bandwidth_Bps": bw, "rows": rows,
