@@ -4,7 +4,7 @@ beside PyTorch SDPA on a contiguous (unpaged) cache of the same shape and FlexAt
     python bench/decode_attention.py [--out PATH] [--block-size 16] [--no-flex] [--shapes 0,2] [--plans v4,v3]
                                      [--head-major] [--ragged] [--caps 256,512]
 
---plans: time our kernel under each plan (OPPO_DECODE_PLAN: v2, v3, v4, v5) in the same run; the first
+--plans: time our kernel under each plan (OPPO_DECODE_PLAN: v2, v3, v4, v5, v6) in the same run; the first
 is the `ours` column, the others get `ours_<plan>` columns. v5xN: v5 with N work items per resident
 CTA slot at least (OPPO_DECODE_V5_ITEMS=N; default 4), v5pM: items of at most M tokens
 (OPPO_DECODE_V5_MAX_PART=M; default 512), both: v5xNpM. Default: the environment's plan (v3).
@@ -84,8 +84,8 @@ def _plans() -> tuple[list[str], bool, bool, list[int], list[str]]:
     if known.plans is None:
         return [os.environ.get("OPPO_DECODE_PLAN") or "v3"], known.head_major, known.ragged, caps, rest
     plans = [p.strip() for p in known.plans.split(",") if p.strip()]
-    ok = all(p in ("v2", "v3", "v4") or re.fullmatch(r"v5(x\d+)?(p\d+)?", p) for p in plans)
-    assert plans and ok, f"--plans takes v2/v3/v4/v5/v5xNpM, got {known.plans!r}"
+    ok = all(p in ("v2", "v3", "v4", "v6") or re.fullmatch(r"v5(x\d+)?(p\d+)?", p) for p in plans)
+    assert plans and ok, f"--plans takes v2/v3/v4/v6/v5/v5xNpM, got {known.plans!r}"
     return plans, known.head_major, known.ragged, caps, rest
 
 

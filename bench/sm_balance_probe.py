@@ -144,6 +144,9 @@ def main() -> None:
     ap.add_argument("--paged", default="32,64,128",
                     help="also decode's paged reads of (1, 32768, Hkv 8, D 128, page 16) in this many splits "
                          "per kv head (128-token tiles, 8 warps: 2 programs per SM, 64 KiB in flight each, as v3)")
+    ap.add_argument("--paged-shape", default="32768,8,128",
+                    help="tokens,Hkv,D of the paged reads (one table over all tokens: 262144,2,64 reads the bytes "
+                         "of decode's (256, 1024, 14, 2, 64) with 256 splits)")
     ap.add_argument("--paged-configs", default="8:128:0",
                     help="comma list of warps:tile:prefetch for the paged reads (4:64:1 is decode v3's CTA: "
                          "128 threads, 64-token tiles, the next tile in flight)")
@@ -175,7 +178,8 @@ def main() -> None:
     one = rows[0]["sm_finish_us_by_smid"]
     del x
     if args.paged:
-        ctx, hkv, d, bs, tile = 32768, 8, 128, 16, 128
+        ctx, hkv, d = (int(v) for v in args.paged_shape.split(","))
+        bs, tile = 16, 128
         pages = ctx // bs
         page_stride = 2 * bs * hkv * d
         cache = torch.randn(pages * page_stride, device="cuda").to(torch.bfloat16)
@@ -194,11 +198,11 @@ def main() -> None:
                                     BS=bs, D=d, TILE=min(tile, tokens), PREFETCH=bool(prefetch), num_warps=warps)
 
                 ms = time_ms(run_paged, calls_per_replay=10)
-                row = {"kind": "paged", "config": cfg, "splits": splits, "programs": progs,
+                row = {"kind": "paged", "shape": args.paged_shape, "config": cfg, "splits": splits, "programs": progs,
                        "tokens_per_program": tokens, "ms": ms, "read_bw_over_copy": nbytes / (ms * 1e-3) / bw,
                        **_stamped(run_paged, stamps, args.reps, sms)}
                 rows.append(row)
-                _print(f"paged (1, 32768, 8, 128) {cfg} (warps:tile:prefetch), {splits} splits", row)
+                _print(f"paged ({ctx}, {hkv}, {d}) {cfg} (warps:tile:prefetch), {splits} splits", row)
     print("one wave, SM finish (us) by smid:", " ".join(f"{v:.0f}" for v in one))
     path = results_path("sm_balance_probe", args.out)
     write_json(path, {**info, "copy_bandwidth_Bps": bw, "rows": rows,

@@ -21,6 +21,7 @@
 //       counter (dynamic balance: a CTA that streams faster takes more items), a persistent grid
 //       of min(items, slots) CTAs; splits merged as in v4. Two more counters per launch (claim,
 //       exit), from the same registry as v4's tickets.
+//   v6: v3 on the lean kernel (DecodeLeanCfg): D=128 with 2 stages and 3 CTAs per SM.
 //
 // v4 ticket counters (one unsigned int per group = (sequence, kv head, head chunk), split plans
 // only). The kernel needs them at 0 when it starts and leaves them at 0 (the CTA that draws a
@@ -66,7 +67,7 @@ int sm_count(int dev) {
   return n;
 }
 
-enum class PlanKind { v2, v3, v4, v5 };
+enum class PlanKind { v2, v3, v4, v5, v6 };
 
 PlanKind decode_plan_kind() {
   const char* e = std::getenv("OPPO_DECODE_PLAN");
@@ -74,7 +75,8 @@ PlanKind decode_plan_kind() {
   if (std::strcmp(e, "v2") == 0) return PlanKind::v2;
   if (std::strcmp(e, "v4") == 0) return PlanKind::v4;
   if (std::strcmp(e, "v5") == 0) return PlanKind::v5;
-  OPPO_CHECK(false, "OPPO_DECODE_PLAN must be v2, v3, v4 or v5, got '", e, "'");
+  if (std::strcmp(e, "v6") == 0) return PlanKind::v6;
+  OPPO_CHECK(false, "OPPO_DECODE_PLAN must be v2, v3, v4, v5 or v6, got '", e, "'");
   return PlanKind::v3;
 }
 
@@ -283,6 +285,10 @@ DecodePlan plan_for(const DecodeShape& sh, PlanKind kind, int* resident_out) {
     constexpr int kStages = DecodeCfg<D, true>::kStages;
     static int cache[64] = {};
     resident = setup_resident(paged_decode_v4_kernel<T, D, kStages>, DecodeV4Smem<T, D, kStages>::kBytes, sh.dev, cache);
+  } else if (kind == PlanKind::v6) {
+    constexpr int kStages = DecodeLeanCfg<D>::kStages;
+    static int cache[64] = {};
+    resident = setup_resident(paged_decode_kernel<T, D, kStages>, DecodeSmem<T, D, kStages>::kBytes, sh.dev, cache);
   } else {
     constexpr int kStages = DecodeCfg<D>::kStages;
     static int cache[64] = {};  // CTAs per SM (0: not yet set up on that device)
@@ -377,17 +383,12 @@ void launch_decode_v4(PlanKind kind, at::Tensor& out, const at::Tensor& q, const
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename T, int D>
-void launch_decode(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                   const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
-                   const std::optional<at::Tensor>& workspace, int64_t max_partition) {
+// v2, v3 (kStages = DecodeCfg's) and v6 (DecodeLeanCfg's): the split kernel, then the reduction.
+template <typename T, int D, int kStages>
+void launch_decode_split(PlanKind kind, at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,
+                         const at::Tensor& v_cache, const at::Tensor& block_tables, const at::Tensor& context_lens,
+                         double scale, const std::optional<at::Tensor>& workspace, int64_t max_partition) {
   using namespace oppo::attn;
-  const PlanKind kind = decode_plan_kind();
-  if (kind == PlanKind::v4 || kind == PlanKind::v5) {
-    launch_decode_v4<T, D>(kind, out, q, k_cache, v_cache, block_tables, context_lens, scale, workspace);
-    return;
-  }
-  constexpr int kStages = DecodeCfg<D>::kStages;
   const DecodeShape sh(q, k_cache, block_tables, max_partition);
   const int B = sh.B, Hq = sh.Hq, block_size = sh.block_size, Hkv = sh.Hkv, G = sh.G, q_chunks = sh.q_chunks;
   const int64_t max_ctx = sh.max_ctx;
@@ -419,6 +420,22 @@ void launch_decode(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cac
         Hq, num_splits, plan.partition);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
+}
+
+template <typename T, int D>
+void launch_decode(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                   const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
+                   const std::optional<at::Tensor>& workspace, int64_t max_partition) {
+  using namespace oppo::attn;
+  const PlanKind kind = decode_plan_kind();
+  if (kind == PlanKind::v4 || kind == PlanKind::v5)
+    launch_decode_v4<T, D>(kind, out, q, k_cache, v_cache, block_tables, context_lens, scale, workspace);
+  else if (kind == PlanKind::v6 && DecodeLeanCfg<D>::kStages != DecodeCfg<D>::kStages)
+    launch_decode_split<T, D, DecodeLeanCfg<D>::kStages>(kind, out, q, k_cache, v_cache, block_tables, context_lens,
+                                                         scale, workspace, max_partition);
+  else
+    launch_decode_split<T, D, DecodeCfg<D>::kStages>(kind, out, q, k_cache, v_cache, block_tables, context_lens,
+                                                     scale, workspace, max_partition);
 }
 
 }  // namespace

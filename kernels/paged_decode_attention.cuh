@@ -33,6 +33,15 @@ template <int D, bool kV4 = false> struct DecodeCfg {
   static constexpr int kStages = D == 64 ? (kV4 ? 4 : 3) : 3;
   static constexpr int kMinBlocks = D == 64 ? (kV4 ? 3 : 4) : 2;
 };
+// Plan v6 (lean): D=128 with 2 stages = 69.6 KiB of smem, 3 CTAs per SM (one tile in flight per
+// CTA while it computes, three CTAs per SM sharing the reads); D=64 as v3. The launch bounds of
+// paged_decode_kernel follow its stage count.
+template <int D> struct DecodeLeanCfg {
+  static constexpr int kStages = D == 128 ? 2 : DecodeCfg<D>::kStages;
+};
+template <int D, int kStages> struct DecodeBounds {
+  static constexpr int kMinBlocks = (D == 128 && kStages == 2) ? 3 : DecodeCfg<D>::kMinBlocks;
+};
 
 // Q (16 rows) is staged in the K buffer of the last pipeline slot: that slot is first written by
 // the load issued in loop iteration 0, after the barrier that follows every warp's ldmatrix of Q.
@@ -206,7 +215,7 @@ __device__ __forceinline__ void store_out4(void* out, bool out_f32, int64_t off,
 // ws_o         [B, Hq, num_splits, D] float;  ws_lse [B, Hq, num_splits] float  (num_splits > 1)
 // grid (num_splits, Hkv * q_chunks, B), q_chunks = ceil(G / 16); num_splits == 1 needs partition >= ctx
 template <typename T, int D, int kStages>
-__global__ void __launch_bounds__(kDecodeThreads, DecodeCfg<D>::kMinBlocks)
+__global__ void __launch_bounds__(kDecodeThreads, DecodeBounds<D, kStages>::kMinBlocks)
 paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t o_s1,
                     const T* __restrict__ q, int64_t q_s0, int64_t q_s1,
                     const T* __restrict__ k_cache, const T* __restrict__ v_cache, int64_t page_stride,

@@ -168,7 +168,7 @@ def _use_plan(monkeypatch, plan, tickets=None):
         monkeypatch.setenv("OPPO_DECODE_TICKETS", tickets)
 
 
-PLANS = ["v3", "v4", "v5"]
+PLANS = ["v3", "v4", "v5", "v6"]
 
 
 DECODE_SHAPES = [  # B, Hq, Hkv, D, block_size, max_len

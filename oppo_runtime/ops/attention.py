@@ -157,7 +157,9 @@ _DECODE_V4_CTAS_BY_REGS = {64: 3, 128: 2}  # v4: 128-132 and 188 registers x 128
 _DECODE_V4_EXTRA_SMEM = 8 * 16 + 32        # v4/v5: ring of 8 tile records + the ticket flag + the claim slot
 _DECODE_V5_ITEMS = 4                       # v5: work items per resident slot, at least (OPPO_DECODE_V5_ITEMS)
 _DECODE_V5_MAX_PART = 512                  # v5: tokens per item, at most (OPPO_DECODE_V5_MAX_PART)
-_DECODE_PLANS = ("v2", "v3", "v4", "v5")
+_DECODE_V6_STAGES = {64: 3, 128: 2}       # v6: the v3 kernel, lean at D=128 (2 stages ...)
+_DECODE_V6_CTAS_BY_REGS = {64: 4, 128: 3}  # ... and launch bounds of 3 CTAs per SM)
+_DECODE_PLANS = ("v2", "v3", "v4", "v5", "v6")
 
 
 def _decode_plan_name(plan: str | None) -> str:
@@ -174,6 +176,7 @@ def paged_decode_resident_ctas(head_dim: int, device=None, plan: str | None = No
     props = torch.cuda.get_device_properties(device if device is not None else torch.cuda.current_device())
     row = (head_dim + 8) * 2
     stages, regs, extra = ((_DECODE_V4_STAGES, _DECODE_V4_CTAS_BY_REGS, _DECODE_V4_EXTRA_SMEM) if plan in ("v4", "v5")
+                           else (_DECODE_V6_STAGES, _DECODE_V6_CTAS_BY_REGS, 0) if plan == "v6"
                            else (_DECODE_STAGES, _DECODE_CTAS_BY_REGS, 0))
     smem = stages[head_dim] * (2 * _DECODE_TILE * row + _DECODE_TILE * 8) + extra
     per_sm = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
@@ -186,10 +189,12 @@ def paged_decode_plan(B: int, Hq: int, Hkv: int, head_dim: int, table_tokens: in
 
     ``table_tokens`` = block_tables.shape[1] * block_size; ``resident`` = CTAs per SM of the
     plan's kernel (``paged_decode_resident_ctas(D, plan=plan)``). ``plan`` "v3" (default, or the
-    ``OPPO_DECODE_PLAN`` environment variable), "v2", "v4" (v3's rule on the v4 kernel) or "v5"
+    ``OPPO_DECODE_PLAN`` environment variable), "v2", "v4" (v3's rule on the v4 kernel), "v5"
     (the v4 kernel with at least ``OPPO_DECODE_V5_ITEMS`` (4) work items per resident slot of at
-    most ``OPPO_DECODE_V5_MAX_PART`` (512) tokens, claimed dynamically). ``max_partition`` (v2/v3; v4 and v5 ignore it): at most that many tokens per
-    split, rounded up to the 64-token tile (0: no cap); see ``paged_decode_attention``."""
+    most ``OPPO_DECODE_V5_MAX_PART`` (512) tokens, claimed dynamically) or "v6" (v3's rule on the
+    v3 kernel lean at D=128: 2 stages, 3 CTAs per SM). ``max_partition`` (v2/v3/v6; v4 and v5
+    ignore it): at most that many tokens per split, rounded up to the 64-token tile (0: no cap);
+    see ``paged_decode_attention``."""
     plan = _decode_plan_name(plan)
     if max_partition < 0:
         raise ValueError(f"max_partition must be >= 0 (0: no cap), got {max_partition}")
@@ -204,7 +209,7 @@ def paged_decode_plan(B: int, Hq: int, Hkv: int, head_dim: int, table_tokens: in
         target = 8 * sm_count
         if base < target:
             splits = -(-target // base)
-    else:   # v3, v4
+    else:   # v3, v4, v6
         slots = sm_count * max(1, resident)
         if base < slots:
             splits = slots // base
