@@ -33,22 +33,29 @@ def _kernel():
     import triton.language as tl
 
     @triton.jit
+    def now():  # %globaltimer (ns), as a [1] tensor
+        return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [tl.full([1], 0, tl.int32)],
+                                         dtype=tl.int64, is_pure=False, pack=1)
+
+    @triton.jit
+    def stamp(stamps_ptr, pid, t0):  # row pid of stamps: start, end (now), %smid
+        t1 = now()
+        sm = tl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r,r", [tl.full([1], 0, tl.int32)], dtype=tl.int32,
+                                       is_pure=False, pack=1)
+        tl.store(stamps_ptr + pid * 3 + tl.arange(0, 1), t0)
+        tl.store(stamps_ptr + pid * 3 + 1 + tl.arange(0, 1), t1)
+        tl.store(stamps_ptr + pid * 3 + 2 + tl.arange(0, 1), sm.to(tl.int64))
+
+    @triton.jit
     def stream_probe(x_ptr, out_ptr, stamps_ptr, chunk, BLOCK: tl.constexpr):
         pid = tl.program_id(0)
-        dummy = tl.full([1], 0, tl.int32)
-        t0 = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [dummy], dtype=tl.int64,
-                                       is_pure=False, pack=1)
+        t0 = now()
         base = x_ptr + pid.to(tl.int64) * chunk
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for off in range(0, chunk, BLOCK):
             acc += tl.load(base + off + tl.arange(0, BLOCK), cache_modifier=".cg").to(tl.float32)
         tl.store(out_ptr + pid, tl.sum(acc, axis=0))
-        t1 = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [dummy], dtype=tl.int64,
-                                       is_pure=False, pack=1)
-        sm = tl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r,r", [dummy], dtype=tl.int32, is_pure=False, pack=1)
-        tl.store(stamps_ptr + pid * 3 + tl.arange(0, 1), t0)
-        tl.store(stamps_ptr + pid * 3 + 1 + tl.arange(0, 1), t1)
-        tl.store(stamps_ptr + pid * 3 + 2 + tl.arange(0, 1), sm.to(tl.int64))
+        stamp(stamps_ptr, pid, t0)
 
     @triton.jit
     def paged_probe(cache_ptr, bt_ptr, out_ptr, stamps_ptr, tokens, n_heads, page_stride, row_stride, v_off,
@@ -59,9 +66,7 @@ def _kernel():
         pid = tl.program_id(0)
         head = pid % n_heads
         t0 = (pid // n_heads) * tokens
-        dummy = tl.full([1], 0, tl.int32)
-        s0 = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [dummy], dtype=tl.int64,
-                                       is_pure=False, pack=1)
+        s0 = now()
         acc = tl.zeros([TILE, D], dtype=tl.float32)
         cols = tl.arange(0, D)
         if PREFETCH:
@@ -89,12 +94,7 @@ def _kernel():
                 v = tl.load(cache_ptr + v_off + off[:, None] + cols[None, :], cache_modifier=".cg")
                 acc += k.to(tl.float32) + v.to(tl.float32)
         tl.store(out_ptr + pid, tl.sum(tl.sum(acc, axis=1), axis=0))
-        s1 = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [dummy], dtype=tl.int64,
-                                       is_pure=False, pack=1)
-        sm = tl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r,r", [dummy], dtype=tl.int32, is_pure=False, pack=1)
-        tl.store(stamps_ptr + pid * 3 + tl.arange(0, 1), s0)
-        tl.store(stamps_ptr + pid * 3 + 1 + tl.arange(0, 1), s1)
-        tl.store(stamps_ptr + pid * 3 + 2 + tl.arange(0, 1), sm.to(tl.int64))
+        stamp(stamps_ptr, pid, s0)
 
     return stream_probe, paged_probe
 

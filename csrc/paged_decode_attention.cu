@@ -105,6 +105,18 @@ struct DecodePlan {
 // tokens, one CTA at ~10 GB/s) set the time, 45 us against a floor of 10 (session 13). With a cap,
 // the long contexts get more CTAs; a split past a context's end exits at once and the reduction
 // never reads it.
+// `splits` partitions of max_ctx tokens, each rounded up to the tile (so maybe fewer splits).
+DecodePlan split_into(int64_t splits, int64_t max_ctx) {
+  using oppo::attn::kDecodeTile;
+  if (splits > 1) {
+    int64_t part = (max_ctx + splits - 1) / splits;
+    part = (part + kDecodeTile - 1) / kDecodeTile * kDecodeTile;
+    splits = (max_ctx + part - 1) / part;
+    if (splits > 1) return {static_cast<int>(splits), static_cast<int>(part)};
+  }
+  return {1, 1 << 30};
+}
+
 DecodePlan plan_decode(int64_t base, int64_t max_ctx, int sms, int resident, bool v2, int64_t max_partition) {
   using oppo::attn::kDecodeTile;
   int64_t splits = 1;
@@ -120,13 +132,7 @@ DecodePlan plan_decode(int64_t base, int64_t max_ctx, int sms, int resident, boo
     const int64_t cap = (max_partition + kDecodeTile - 1) / kDecodeTile * kDecodeTile;
     splits = std::max<int64_t>(splits, (max_ctx + cap - 1) / cap);
   }
-  if (splits > 1) {
-    int64_t part = (max_ctx + splits - 1) / splits;
-    part = (part + kDecodeTile - 1) / kDecodeTile * kDecodeTile;
-    splits = (max_ctx + part - 1) / part;
-    if (splits > 1) return {static_cast<int>(splits), static_cast<int>(part)};
-  }
-  return {1, 1 << 30};
+  return split_into(splits, max_ctx);
 }
 
 // v5 (dynamic items on the v4 kernel): at least `items_per_slot` (OPPO_DECODE_V5_ITEMS, default 4)
@@ -147,19 +153,12 @@ int env_int(const char* name, int dflt, int lo, int hi) {
 }
 
 DecodePlan plan_decode_v5(int64_t groups, int64_t max_ctx, int sms, int resident) {
-  using oppo::attn::kDecodeTile;
   const int64_t slots = static_cast<int64_t>(sms) * std::max(1, resident);
   const int64_t want = env_int("OPPO_DECODE_V5_ITEMS", 4, 1, 64) * slots;
   const int64_t max_part = env_int("OPPO_DECODE_V5_MAX_PART", 512, kMinPartition, 1 << 30);
   int64_t splits = std::max((want + groups - 1) / groups, (max_ctx + max_part - 1) / max_part);
   splits = std::min<int64_t>(splits, std::max<int64_t>(1, (max_ctx + kMinPartition - 1) / kMinPartition));
-  if (splits > 1) {
-    int64_t part = (max_ctx + splits - 1) / splits;
-    part = (part + kDecodeTile - 1) / kDecodeTile * kDecodeTile;
-    splits = (max_ctx + part - 1) / part;
-    if (splits > 1) return {static_cast<int>(splits), static_cast<int>(part)};
-  }
-  return {1, 1 << 30};
+  return split_into(splits, max_ctx);
 }
 
 // ---- v4 ticket counters (see the top of this file) ----
