@@ -5,7 +5,8 @@
 # Needs the built extension. ncu's --clock-control none leaves the card's clocks as found
 # (METHOD.md). Profiles the last calls of each shape's kernels (decode: the main kernel and its
 # reduction, if split; prefill: the CUDA kernel of OPPO_PREFILL_PLAN) with SpeedOfLight,
-# MemoryWorkloadAnalysis, Occupancy, LaunchStats, WarpStateStats, SchedulerStats.
+# MemoryWorkloadAnalysis, Occupancy, LaunchStats, WarpStateStats, SchedulerStats. NCU_SOURCE=1 adds
+# SourceCounters (the build has -lineinfo: where the warps stall, by source line) and every detail.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/ncu}
@@ -23,7 +24,7 @@ TAG=$OP
 for s in "${SHAPES[@]}"; do
   timeout 120 "$NCU" --clock-control none --kernel-name regex:paged_${OP} --launch-skip 4 --launch-count 2 \
     --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
-    --section WarpStateStats --section SchedulerStats \
+    --section WarpStateStats --section SchedulerStats ${NCU_SOURCE:+--section SourceCounters --section WarpStateStats --print-details all} \
     ${PYTHON:-python3} bench/ncu_attention.py --op "$OP" --shape "$s" --calls 6 > "$OUT/ncu_${TAG}_shape$s.txt" 2>&1
   echo "$OP shape $s: rc=$? -> $OUT/ncu_${TAG}_shape$s.txt"
   grep -E "Duration|DRAM Throughput|Memory Throughput|Compute \(SM\)|Achieved Occupancy|Registers Per|Waves Per SM|Stall|shape" \
