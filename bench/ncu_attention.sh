@@ -24,7 +24,7 @@ TAG=$OP
 for s in "${SHAPES[@]}"; do
   timeout 120 "$NCU" --clock-control none --kernel-name regex:paged_${OP} --launch-skip 4 --launch-count 2 \
     --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
-    --section WarpStateStats --section SchedulerStats ${NCU_SOURCE:+--section SourceCounters --section WarpStateStats --print-details all} \
+    --section WarpStateStats --section SchedulerStats ${NCU_SOURCE:+--section SourceCounters --print-details all} \
     ${PYTHON:-python3} bench/ncu_attention.py --op "$OP" --shape "$s" --calls 6 > "$OUT/ncu_${TAG}_shape$s.txt" 2>&1
   echo "$OP shape $s: rc=$? -> $OUT/ncu_${TAG}_shape$s.txt"
   grep -E "Duration|DRAM Throughput|Memory Throughput|Compute \(SM\)|Achieved Occupancy|Registers Per|Waves Per SM|Stall|shape" \
