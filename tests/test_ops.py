@@ -158,3 +158,28 @@ def test_decode_plan_mirror_caps_tokens_per_split():
     with pytest.raises(ValueError, match="decode_max_partition"):
         from oppo_runtime.engine import EngineConfig
         EngineConfig(decode_max_partition=-5)
+
+
+def test_decode_plan_mirror_v5_and_v6(monkeypatch):
+    """v5 (items claimed from a counter): at least OPPO_DECODE_V5_ITEMS (4) items per resident slot,
+    of at most OPPO_DECODE_V5_MAX_PART (512) tokens, a persistent grid of min(items, slots) CTAs;
+    it ignores max_partition. v6 (v3 lean at D=128, 3 CTAs per SM) takes v3's rule."""
+    from oppo_runtime.ops.attention import paged_decode_grid, paged_decode_plan
+    monkeypatch.delenv("OPPO_DECODE_V5_ITEMS", raising=False)
+    monkeypatch.delenv("OPPO_DECODE_V5_MAX_PART", raising=False)
+    # (1, 32768, 32, 8, 128) on 132 SMs x 2: 8 groups, 4 x 264 items -> 132 splits -> 128 of 256 tokens
+    assert paged_decode_plan(1, 32, 8, 128, 32768, 132, 2, plan="v5") == (128, 256)
+    assert paged_decode_grid(1, 32, 8, 128, 32768, 132, 2, plan="v5") == (264, 4)
+    # (64, 4096, 32, 8, 128): 512 groups need 3 splits for 4 items a slot; 512 tokens a split need 8
+    assert paged_decode_plan(64, 32, 8, 128, 4096, 132, 2, plan="v5") == (8, 512)
+    assert paged_decode_plan(64, 32, 8, 128, 4096, 132, 2, plan="v5", max_partition=256) == (8, 512)
+    monkeypatch.setenv("OPPO_DECODE_V5_MAX_PART", "4096")
+    assert paged_decode_plan(64, 32, 8, 128, 4096, 132, 2, plan="v5") == (3, 1408)
+    monkeypatch.setenv("OPPO_DECODE_V5_ITEMS", "1")
+    assert paged_decode_plan(64, 32, 8, 128, 4096, 132, 2, plan="v5") == (1, 1 << 30)
+    assert paged_decode_grid(64, 32, 8, 128, 4096, 132, 2, plan="v5") == (264, 2)   # 512 items, 264 CTAs
+    # v6 = v3's rule with its own occupancy: 3 CTAs per SM at D=128 -> 396 slots
+    assert paged_decode_plan(1, 32, 8, 128, 32768, 132, 3, plan="v6") == (47, 704)
+    assert paged_decode_plan(1, 32, 8, 128, 32768, 132, 3, plan="v6", max_partition=256) == (128, 256)
+    assert paged_decode_plan(1, 32, 8, 128, 32768, 132, 3, plan="v6") == paged_decode_plan(
+        1, 32, 8, 128, 32768, 132, 3, plan="v3")
