@@ -1,8 +1,9 @@
 // Launcher of paged decode attention: argument checks, the split-KV plan, dtype/head-dim
 // dispatch, launches on the current stream.
 //
-// Workspace (num_splits > 1): float32 partials o [B, Hq, S, D] then lse [B, Hq, S] (v4: + one
-// ticket counter per group when they are not from the pool below). From the caller when it passes
+// Workspace (num_splits > 1): float32 partials o [B, Hq, S, D] then lse [B, Hq, S] (v4/v5: + one
+// ticket counter per group, and v5's claim and exit counters even without split, when they are
+// not from the pool below). From the caller when it passes
 // `workspace` (at least paged_decode_workspace_size(q, k_cache, block_tables) floats, checked:
 // a short one is an error, never an overrun), else from PyTorch's caching allocator (at::empty).
 // Both are graph-safe: under CUDA-graph capture an allocation comes from the graph's private
@@ -92,19 +93,6 @@ struct DecodePlan {
   int partition;  // tokens per split (a multiple of the tile); 1 << 30 with one split
 };
 
-// base = CTAs per split (B * Hkv * q_chunks); resident = CTAs of the kernel per SM.
-//   v2: about 8 CTAs per SM in all.
-//   v3: at most one wave of resident CTAs: splits = floor(SMs * resident / base), so no split at
-//       all once B * Hkv * q_chunks fills half the machine (each CTA then writes `out` itself).
-//   v4: v3's rule with the v4 kernel's occupancy (the caller passes v2 = false).
-// Both: partitions of at least kMinPartition tokens, rounded up to the 64-token tile.
-// max_partition > 0 (the caller's hint, v2/v3 only): then also at most that many tokens per split
-// (rounded up to the tile). The rules above see shapes only, so they plan a batch of one long
-// context among many short ones as if every context filled the table: 2 splits at workload G's
-// decode batch (B 128, Hkv 2, table 3360), and the CTA of the longest context's first half (1680
-// tokens, one CTA at ~10 GB/s) set the time, 45 us against a floor of 10 (session 13). With a cap,
-// the long contexts get more CTAs; a split past a context's end exits at once and the reduction
-// never reads it.
 // `splits` partitions of max_ctx tokens, each rounded up to the tile (so maybe fewer splits).
 DecodePlan split_into(int64_t splits, int64_t max_ctx) {
   using oppo::attn::kDecodeTile;
@@ -117,6 +105,20 @@ DecodePlan split_into(int64_t splits, int64_t max_ctx) {
   return {1, 1 << 30};
 }
 
+// base = CTAs per split (B * Hkv * q_chunks); resident = CTAs of the kernel per SM.
+//   v2: about 8 CTAs per SM in all.
+//   v3: at most one wave of resident CTAs: splits = floor(SMs * resident / base), so no split at
+//       all once B * Hkv * q_chunks fills half the machine (each CTA then writes `out` itself).
+//   v4: v3's rule with the v4 kernel's occupancy (the caller passes v2 = false); v6: v3's rule
+//       with the lean kernel's occupancy (3 CTAs per SM at D=128).
+// All: partitions of at least kMinPartition tokens, rounded up to the 64-token tile.
+// max_partition > 0 (the caller's hint, v2/v3 only): then also at most that many tokens per split
+// (rounded up to the tile). The rules above see shapes only, so they plan a batch of one long
+// context among many short ones as if every context filled the table: 2 splits at workload G's
+// decode batch (B 128, Hkv 2, table 3360), and the CTA of the longest context's first half (1680
+// tokens, one CTA at ~10 GB/s) set the time, 45 us against a floor of 10 (session 13). With a cap,
+// the long contexts get more CTAs; a split past a context's end exits at once and the reduction
+// never reads it.
 DecodePlan plan_decode(int64_t base, int64_t max_ctx, int sms, int resident, bool v2, int64_t max_partition) {
   using oppo::attn::kDecodeTile;
   int64_t splits = 1;
@@ -135,13 +137,7 @@ DecodePlan plan_decode(int64_t base, int64_t max_ctx, int sms, int resident, boo
   return split_into(splits, max_ctx);
 }
 
-// v5 (dynamic items on the v4 kernel): at least `items_per_slot` (OPPO_DECODE_V5_ITEMS, default 4)
-// work items per resident CTA slot, so that CTAs that stream faster take more of them: splits =
-// ceil(items_per_slot * slots / groups), partitions of at least kMinPartition tokens (rounded up
-// to the tile). ncu (session 14): with one wave of equal CTAs the SMs were active only 83-84% of
-// the kernel's cycles (its ramp and ragged end); claims from a counter balance the end.
-// Items also hold at most OPPO_DECODE_V5_MAX_PART tokens (default 512): when the counter runs out
-// each CTA finishes the item it holds, so the ragged end is about half an item's time.
+// An integer switch read at every call: `dflt` when unset, else checked to lie in lo..hi.
 int env_int(const char* name, int dflt, int lo, int hi) {
   const char* e = std::getenv(name);
   if (e == nullptr || *e == 0) return dflt;
@@ -152,6 +148,15 @@ int env_int(const char* name, int dflt, int lo, int hi) {
   return static_cast<int>(v);
 }
 
+// v5 (dynamic items on the v4 kernel): at least `items_per_slot` (OPPO_DECODE_V5_ITEMS, default 4)
+// work items per resident CTA slot, so that CTAs that stream faster take more of them: splits =
+// ceil(items_per_slot * slots / groups), partitions of at least kMinPartition tokens (rounded up
+// to the tile). ncu (session 14): with one wave of equal CTAs the SMs were active only 83-84% of
+// the kernel's cycles (its ramp and ragged end); claims from a counter balance the end.
+// Items also hold at most OPPO_DECODE_V5_MAX_PART tokens (default 512): when the counter runs out
+// each CTA finishes the item it holds, so the ragged end is about half an item's time.
+// Measured (session 15, H200): slower than v3 on every shape of issue 7, by 2-4 us per item and
+// CTA (the persistent stream's item transitions; bench/NOTES.md "Session 15").
 DecodePlan plan_decode_v5(int64_t groups, int64_t max_ctx, int sms, int resident) {
   const int64_t slots = static_cast<int64_t>(sms) * std::max(1, resident);
   const int64_t want = env_int("OPPO_DECODE_V5_ITEMS", 4, 1, 64) * slots;
