@@ -12,7 +12,8 @@ crosses items; D=64 and D=128) and the split cases with the ticket counters in t
 (OPPO_DECODE_TICKETS=memset). racecheck covers the shared-memory reuse (merge area in a pipeline
 slot, tile-record ring); the tickets' global-memory ordering is not something it checks (the GPU
 tests do, by results). v5 (OPPO_DECODE_PLAN=v5): the v4 kernel with items claimed from a counter,
-split and not, run twice on the same counters. --decode-only: kv_append and decode only;
+split and not, run twice on the same counters. v6: the v3 kernel with 2 stages at D=128.
+--decode-only: kv_append and decode only;
 --decode-plans=v5,v4:memset: only the decode cases of those plans (v3 for the default). Exits
 non-zero if an output differs from the reference.
 """
@@ -99,7 +100,9 @@ def main():
              (splits, 14, 2, 64, "v4:memset"), ([600], 40, 2, D, "v4:memset"),
              # v5: items claimed from a counter (split and not, empty splits skipped by the claimer)
              ([37, 0, 5], 8, 2, D, "v5"), (splits, 14, 2, 64, "v5"), (splits, 8, 2, D, "v5"),
-             (many, 14, 2, 64, "v5"), (many, 8, 2, D, "v5"), (splits, 14, 2, 64, "v5:memset"))
+             (many, 14, 2, 64, "v5"), (many, 8, 2, D, "v5"), (splits, 14, 2, 64, "v5:memset"),
+             # v6: the split kernel with 2 stages at D=128 (3 CTAs per SM)
+             ([37, 0, 5], 8, 2, D, "v6"), ([600], 40, 2, D, "v6"), (splits, 8, 2, D, "v6"))
     only = next((a.split("=", 1)[1].split(",") for a in sys.argv if a.startswith("--decode-plans=")), None)
     for lens, Hq, Hkv, Dd, plan in cases:
         if only is not None and (plan or "v3") not in only and (plan or "v3").split(":")[0] not in only:

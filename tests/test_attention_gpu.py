@@ -486,7 +486,7 @@ def test_decode_long_splits_partition_edges(monkeypatch, plan, D):
 
 
 @pytest.mark.parametrize("plan,tickets", [("v2", None), ("v3", None), ("v4", None), ("v4", "memset"), ("v5", None),
-                                          ("v5", "memset")])
+                                          ("v5", "memset"), ("v6", None)])
 @pytest.mark.parametrize("B,Hq,Hkv,D,table", [(1, 32, 8, 128, 32768), (1, 32, 8, 64, 32768), (4, 14, 2, 64, 4096),
                                                (16, 32, 8, 128, 16384), (64, 14, 2, 64, 4096), (3, 40, 2, 128, 2048)])
 def test_decode_plan_mirror_matches_launcher(monkeypatch, plan, tickets, B, Hq, Hkv, D, table):

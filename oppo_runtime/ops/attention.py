@@ -171,7 +171,8 @@ def _decode_plan_name(plan: str | None) -> str:
 
 def paged_decode_resident_ctas(head_dim: int, device=None, plan: str | None = None) -> int:
     """Estimated CTAs per SM of the decode kernel of ``plan`` (default: ``OPPO_DECODE_PLAN`` or
-    v3; v2 and v3 share a kernel, v4 and v5 another) for this head dim (smem and register bound)."""
+    v3; v2, v3 and v6 share a kernel, v6 with 2 stages at D=128; v4 and v5 another) for this head
+    dim (smem and register bound)."""
     plan = _decode_plan_name(plan)
     props = torch.cuda.get_device_properties(device if device is not None else torch.cuda.current_device())
     row = (head_dim + 8) * 2
@@ -266,7 +267,8 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
     """CUDA kernel (bf16/fp16, head_dim 64/128) or the reference. Split plan: see
     ``paged_decode_plan``; ``OPPO_DECODE_PLAN=v2`` selects the previous plan (A/B timing),
     ``OPPO_DECODE_PLAN=v4`` the one-launch kernel (last-CTA merge, persistent grid), ``v5`` that
-    kernel with ~4 work items per CTA slot claimed from a counter (dynamic balance).
+    kernel with ~4 work items per CTA slot claimed from a counter (dynamic balance), ``v6`` v3's
+    kernel with 2 stages and 3 CTAs per SM at head dim 128.
 
     ``max_partition`` (tokens, 0: none): a cap on the tokens one CTA reads, for batches of ragged
     contexts. The plan sees shapes only (the table's width, not the lengths), so without a cap a
