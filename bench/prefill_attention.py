@@ -3,7 +3,8 @@ matmul rate measured in the same run, for our backends (the CUDA kernel's mma pl
 sm_90 with an sm_90a build its warp-specialized wgmma plan, "wgmma" (OPPO_PREFILL_PLAN=wgmma),
 and its flag variants: consumer warpgroups in ping-pong "wgmma_pp", softmax overlapping the
 warpgroup's own P V "wgmma_ov", both "wgmma_pp_ov", and both on persistent CTAs "wgmma_pp_ov_ps";
-K and V on separate barrier rings "wgmma_kv" and "wgmma_pp_ov_kv";
+K and V on separate barrier rings "wgmma_kv" and "wgmma_pp_ov_kv"; three consumer warpgroups
+(192-row items, head dim 64 only: timed on the D=64 shapes) "wgmma3_pp_ov" and "wgmma3_pp_ov_ps";
 the Triton kernel, "triton") beside FlexAttention (bottom-right causal block mask) and SDPA
 (explicit boolean mask), both on contiguous KV. ``speedup_vs_flex`` / ``speedup_vs_sdpa`` use
 the fastest of our backends (``best``); per-backend speedups are kept beside them.
@@ -42,7 +43,8 @@ SHAPES = [  # B, prefix, chunk, Hq, Hkv, D  (issue 8)
 ]
 
 
-WGMMA_PLANS = ("wgmma", "wgmma_pp", "wgmma_ov", "wgmma_pp_ov", "wgmma_pp_ov_ps", "wgmma_kv", "wgmma_pp_ov_kv")
+WGMMA_PLANS = ("wgmma", "wgmma_pp", "wgmma_ov", "wgmma_pp_ov", "wgmma_pp_ov_ps", "wgmma_kv", "wgmma_pp_ov_kv",
+               "wgmma3_pp_ov", "wgmma3_pp_ov_ps")
 OURS = {"ours": "cuda", **{p: "cuda_" + p for p in WGMMA_PLANS}, "triton": "triton"}   # result key -> backend
 
 
@@ -143,6 +145,8 @@ def main() -> None:
             for plan in plans:
                 if not prefill_wgmma_available(plan=plan):
                     row[plan + "_error"] = "switched off by OPPO_PREFILL_WGMMA_OFF (bench/wgmma_smoke.py)"
+                    continue
+                if plan.startswith("wgmma3") and D != 64:   # built for head dim 64 only
                     continue
                 calls[plan] = _with_plan(plan, lambda o=outs[plan]: torch.ops.oppo.paged_prefill_attention(
                     o, q, k_cache, v_cache, cu, ctx_lens, bt, scale, n))

@@ -152,6 +152,10 @@ def main():
                                             ("wgmma_kv", 14, 2, 64, [0, 20, 3, 130], [1, 70, 17, 60]),
                                             # more items than SMs: persistent CTAs take several
                                             ("wgmma_pp_ov_ps", 8, 2, 64, [5 * i for i in range(40)],
+                                             [300 if i % 3 == 0 else 1 + i for i in range(40)]),
+                                            # three consumer warpgroups (192-row items, D=64)
+                                            ("wgmma3_pp_ov", 14, 2, 64, [0, 20, 3, 130], [1, 70, 17, 60]),
+                                            ("wgmma3_pp_ov_ps", 8, 2, 64, [5 * i for i in range(40)],
                                              [300 if i % 3 == 0 else 1 + i for i in range(40)])):
             if not A.prefill_wgmma_available(plan=plan):
                 print(f"prefill {plan}: skipped (OPPO_PREFILL_WGMMA_OFF)")

@@ -13,12 +13,16 @@
 //                   same stages (released and published separately: K prefetched ~2 tiles ahead, V
 //                   ~2.5; a flag), and last "_ps": persistent CTAs (one per SM, looping over the
 //                   work items, the K/V prefetch running on across items), e.g. wgmma_pp_ov_kv_ps;
-//                   the wgmma plans are an error on other devices or without sm_90a code.
+//                   the wgmma plans are an error on other devices or without sm_90a code;
+//   wgmma3...       any of the above with three consumer warpgroups (192-row items, 512 threads,
+//                   setmaxnreg 32/160), e.g. wgmma3_pp_ov_ps: head dim 64 and bf16 only (the
+//                   lever for issue 8's D=64 shape, bench/NOTES.md "Session 15").
 #include <array>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_bf16.h>
@@ -46,7 +50,7 @@ int sm_count(int dev) {
   return sms[dev & 63];
 }
 
-template <typename T, int D, bool kWgmma>   // one instantiation per kernel: attr_set below is its own
+template <typename T, int D, bool kWgmma, int NC = 2>   // one instantiation per kernel: attr_set below is its own
 void launch_kernel(PrefillKernel<T> kernel, int rows_per_cta, int threads, int smem, int flags, Grid grid_kind,
                    at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                    const at::Tensor& cu_seqlens_q, const at::Tensor& context_lens, const at::Tensor& block_tables,
@@ -65,7 +69,7 @@ void launch_kernel(PrefillKernel<T> kernel, int rows_per_cta, int threads, int s
       // setmaxnreg moves registers between warpgroups within what the CTA was given at launch: if
       // ptxas gave the kernel fewer (another toolkit, a code change), the consumers' increase would
       // wait forever. Refuse to launch instead of hanging.
-      using Cfg = oppo::attn::wgp::Cfg<D>;
+      using Cfg = oppo::attn::wgp::Cfg<D, NC>;
       if constexpr (Cfg::kSetMaxNReg) {
         cudaFuncAttributes fa{};
         C10_CUDA_CHECK(cudaFuncGetAttributes(&fa, kernel));
@@ -94,7 +98,8 @@ void launch_kernel(PrefillKernel<T> kernel, int rows_per_cta, int threads, int s
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-constexpr int kPersistent = 1 << 8;  // host-side plan bit (not a kernel flag)
+constexpr int kPersistent = 1 << 8;  // host-side plan bits (not kernel flags): persistent CTAs,
+constexpr int kThreeWG = 1 << 9;     // three consumer warpgroups (plans wgmma3...)
 
 // Whether this device runs the extension's sm_90a code (wgmma): an sm_90 card, and 9.0a built.
 // Asked once per device (every prefill call with the default plan asks).
@@ -146,6 +151,10 @@ int prefill_plan(const at::Tensor& q) {
   if (std::strcmp(e, "mma") == 0) return -1;
   std::string name(e);
   int flags = 0;
+  if (name.compare(0, 6, "wgmma3") == 0) {
+    flags |= kThreeWG;
+    name.erase(5, 1);  // wgmma3_pp_ov -> wgmma_pp_ov
+  }
   if (name.size() > 3 && name.compare(name.size() - 3, 3, "_ps") == 0) {
     flags |= kPersistent;
     name.resize(name.size() - 3);
@@ -157,8 +166,11 @@ int prefill_plan(const at::Tensor& q) {
   if (name == "wgmma_pp") flags |= oppo::attn::wgp::kFlagPingPong;
   else if (name == "wgmma_ov") flags |= oppo::attn::wgp::kFlagOverlap;
   else if (name == "wgmma_pp_ov") flags |= oppo::attn::wgp::kFlagPingPong | oppo::attn::wgp::kFlagOverlap;
-  else OPPO_CHECK(name == "wgmma", "OPPO_PREFILL_PLAN must be auto, mma or wgmma[_pp][_ov][_kv][_ps] (e.g. wgmma_pp_ov_kv_ps), got '",
+  else OPPO_CHECK(name == "wgmma", "OPPO_PREFILL_PLAN must be auto, mma or wgmma[3][_pp][_ov][_kv][_ps] (e.g. wgmma_pp_ov_kv_ps), got '",
                   e, "'");
+  OPPO_CHECK(!(flags & kThreeWG) || (q.size(2) == 64 && q.scalar_type() == at::kBFloat16),
+             "OPPO_PREFILL_PLAN=", e, ": the three-warpgroup plans are built for head dim 64 and bf16 only, got head dim ",
+             q.size(2), " and ", q.scalar_type());
   int major = 0, minor = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.get_device()));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, q.get_device()));
@@ -182,9 +194,20 @@ void launch(int plan, at::Tensor& out, const at::Tensor& q, const at::Tensor& k_
     OPPO_CHECK(k_cache.size(1) > 0 && k_cache.size(1) * k_cache.size(2) * D <= INT32_MAX,
                "paged_prefill_attention (wgmma): pages of ", k_cache.size(1), " x ", k_cache.size(2), " x ", D,
                " elements (empty, or past 32-bit offsets); use OPPO_PREFILL_PLAN=mma");
+    const int flags = plan & ~(kPersistent | kThreeWG);
+    const Grid grid = (plan & kPersistent) ? Grid::persistent : Grid::items;
+    if constexpr (D == 64 && std::is_same_v<T, __nv_bfloat16>) {
+      if (plan & kThreeWG) {   // prefill_plan checked head dim and dtype
+        using G3 = wgp::Geo<3>;
+        launch_kernel<T, D, true, 3>(wgp::paged_prefill_wgmma_kernel<T, D, 3>, G3::kBM, G3::kThreads,
+                                     wgp::Cfg<D, 3>::kSmem, flags, grid, out, q, k_cache, v_cache, cu_seqlens_q,
+                                     context_lens, block_tables, scale, max_seqlen_q);
+        return;
+      }
+    }
     launch_kernel<T, D, true>(wgp::paged_prefill_wgmma_kernel<T, D>, wgp::kBM, wgp::kThreads, wgp::Cfg<D>::kSmem,
-                              plan & ~kPersistent, (plan & kPersistent) ? Grid::persistent : Grid::items, out, q,
-                              k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, max_seqlen_q);
+                              flags, grid, out, q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale,
+                              max_seqlen_q);
   } else {
     launch_kernel<T, D, false>(paged_prefill_kernel<T, D, kBlockN>, kPrefillBlockM, kPrefillThreads,
                                PrefillSmem<T, D, kBlockN>::kBytes, 0, Grid::three_d, out, q, k_cache, v_cache,

@@ -44,12 +44,21 @@ namespace wgp {
 
 constexpr int kBM = 128;        // rows per work item: two consumer warpgroups x 64
 constexpr int kThreads = 384;   // producer warpgroup + two consumer warpgroups
+// NC consumer warpgroups (2: the plans above; 3: the "wgmma3" plans, head dim 64 only, FA3's
+// 192-row tile at that head dim: one more warpgroup's softmax to hide under the others' MMAs).
+template <int NC>
+struct Geo {
+  static_assert(NC == 2 || NC == 3, "two or three consumer warpgroups");
+  static constexpr int kBM = 64 * NC;              // rows per work item
+  static constexpr int kThreads = 128 * (NC + 1);  // the producer warpgroup and the consumers
+  static constexpr int kPingPongBar = 1 + NC;      // named barriers: 1 .. NC stage Q, then NC for ping-pong
+};
 // flags beyond kPrefillOutF32 (bit 0, attention_common.cuh):
 constexpr int kFlagPingPong = 2;  // the consumer warpgroups take turns issuing their MMAs
 constexpr int kFlagOverlap = 4;   // a warpgroup's softmax of tile t overlaps its own P V of tile t-1
 constexpr int kFlagSplitKV = 8;   // K and V of a stage released and published separately (two rings)
 
-template <int D>
+template <int D, int NC = 2>
 struct Cfg {
   // keys per K/V tile: 128 (FA3's tile for these head dims): twice the MMA per softmax fixed cost
   // (barrier waits, max shuffles, the O rescale) of a 64-key tile. S is 64 registers; D=128's
@@ -60,9 +69,13 @@ struct Cfg {
   // consumers hold two and the rest are the prefetch depth: 3 stages for D=128 (225 KB of the
   // 227 KB a CTA may have), 4 for D=64 (145 KB)
   static constexpr int kStages = D == 128 ? 3 : 4;
-  static constexpr bool kSetMaxNReg = D == 128;
-  static constexpr int kProducerRegs = 56, kConsumerRegs = 224;   // 128 x 56 + 256 x 224 <= 65536
-  static constexpr int kQBytes = kBM * D * 2;
+  // NC = 3 (512 threads, 128 registers each at launch): FA3's split for three MMA warpgroups,
+  // producer 32 and consumers 160 (128 x 32 + 384 x 160 = 65536).
+  static constexpr bool kSetMaxNReg = D == 128 || NC == 3;
+  static constexpr int kProducerRegs = NC == 3 ? 32 : 56;
+  static constexpr int kConsumerRegs = NC == 3 ? 160 : 224;   // NC = 2: 128 x 56 + 256 x 224 <= 65536
+  static_assert(128 * kProducerRegs + 128 * NC * kConsumerRegs <= 65536, "register split");
+  static constexpr int kQBytes = Geo<NC>::kBM * D * 2;
   static constexpr int kTileBytes = kBN * D * 2;    // one K or V tile
   static constexpr int kStageBytes = 2 * kTileBytes;
   // barriers: full/empty per stage, and with kFlagSplitKV fullV/emptyV (full/empty are then K's)
@@ -153,9 +166,10 @@ __device__ __forceinline__ float ex2(float x) {
 // work items: (row tile of 128 rows, kv head, sequence), m_tiles = ceil(max_seqlen_q * G / 128) row
 // tiles each, num_items = m_tiles * Hkv * B; grid 1D: CTA c takes items c, c + gridDim.x, ...
 // (gridDim.x = num_items: one item each; fewer: persistent CTAs, the K/V ring and the producer's
-// prefetch running on across items). Block 384, dynamic smem Cfg<D>::kSmem
-template <typename T, int D>
-__global__ void __launch_bounds__(kThreads, 1)
+// prefetch running on across items). Block Geo<NC>::kThreads (384 for NC = 2: rows per item 128;
+// 512 for NC = 3: 192 rows), dynamic smem Cfg<D, NC>::kSmem.
+template <typename T, int D, int NC = 2>
+__global__ void __launch_bounds__(Geo<NC>::kThreads, 1)
 paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int64_t o_s1,
                            const T* __restrict__ q, int64_t q_s0, int64_t q_s1,
                            const T* __restrict__ k_cache, const T* __restrict__ v_cache, int64_t page_stride,
@@ -163,7 +177,9 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
                            const int* __restrict__ context_lens, const int* __restrict__ block_tables,
                            int64_t bt_stride, int G, float scale_log2, int m_tiles, int num_items) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using C = Cfg<D>;
+  using C = Cfg<D, NC>;
+  constexpr int kBM = Geo<NC>::kBM;
+  constexpr int kPP = Geo<NC>::kPingPongBar;
   using Ops = wgmma::Ops<T>;
   constexpr int kS = C::kStages;
   constexpr int kBN = C::kBN;
@@ -213,9 +229,9 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
 #pragma unroll
     for (int s = 0; s < kS; ++s) {
       mbar_init(&full[s], 128);
-      mbar_init(&empty[s], 256);
+      mbar_init(&empty[s], 128 * NC);
       mbar_init(&fullV[s], 128);
-      mbar_init(&emptyV[s], 256);
+      mbar_init(&emptyV[s], 128 * NC);
     }
   }
   __syncthreads();
@@ -424,10 +440,12 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
 
   // Tile t's Q K^T is issued together with tile t-1's P V (two commit groups; waited on together,
   // or with kFlagOverlap the S first and the softmax's first part before P V's wait).
-  // Ping-pong (flag): the two warpgroups take turns issuing their batch (named barriers 3 and 4,
-  // 256 threads: the one whose turn it is syncs, the other arrives after issuing its own), so one's
-  // softmax runs under the other's MMAs. Warpgroup 0 goes first; warpgroup 1 skips its last
-  // arrive, so every barrier phase started is completed. No branch sits between a wgmma.fence
+  // Ping-pong (flag): the NC warpgroups take turns issuing their batch, in a ring (named barriers
+  // kPP + cw, 256 threads: the one whose turn it is syncs, the one before it arrives after issuing
+  // its own), so one's softmax runs under the others' MMAs. Warpgroup 0 goes first (the last one
+  // arrives on its barrier at the item's start); the last skips its arrive after the item's final
+  // P V, so every barrier phase started is completed (per item each warpgroup syncs n_tiles + 1
+  // times and is arrived on as often). No branch sits between a wgmma.fence
   // and its MMAs (ptxas would serialize them): first tile, steady state and last P V are peeled.
   const bool pingpong = (flags & kFlagPingPong) != 0;
   const bool overlap = (flags & kFlagOverlap) != 0;
@@ -452,14 +470,14 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
     }
   };
   auto begin_batch = [&]() {
-    if (pingpong) named_sync(3 + cw, 256);
+    if (pingpong) named_sync(kPP + cw, 256);
     fence_regs(o);
     fence_regs(sacc);
     wg_fence();
   };
   auto end_batch = [&](bool last) {
     wg_commit();
-    if (pingpong && !(last && cw == 1)) named_arrive(3 + (1 - cw), 256);
+    if (pingpong && !(last && cw == NC - 1)) named_arrive(kPP + (cw + 1) % NC, 256);
     wg_wait_all();
     fence_regs(o);
     fence_regs(sacc);
@@ -558,7 +576,7 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
     for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
     const int n_tiles = I.n_tiles;
 
-    if (pingpong && cw == 1) named_arrive(3, 256);
+    if (pingpong && cw == NC - 1) named_arrive(kPP, 256);
     mbar_wait(&full[gbase % kS], (gbase / kS) & 1);  // tile 0: Q K^T alone
     begin_batch();
     issue_qk(gbase % kS);
@@ -581,7 +599,7 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
       wg_commit();
       issue_pv(sp);  // group 2: P V of tile it-1
       wg_commit();
-      if (pingpong) named_arrive(3 + (1 - cw), 256);
+      if (pingpong) named_arrive(kPP + (cw + 1) % NC, 256);
       float alpha[2];
       if (overlap) {  // the softmax's first part runs while this warpgroup's P V is on the tensor cores
         wg_wait<1>();

@@ -818,6 +818,44 @@ def test_prefill_wgmma_persistent_many_items_per_cta(monkeypatch, plan):
     assert rel_err(out, ref) < 2e-3
 
 
+WGMMA3_PLANS = ["wgmma3_pp_ov", "wgmma3_pp_ov_ps", "wgmma3"]
+
+
+@pytest.mark.parametrize("shape", [s for s in PREFILL_SHAPES if s[2] == 64])
+@pytest.mark.parametrize("plan", WGMMA3_PLANS)
+def test_prefill_wgmma3_matches_reference(monkeypatch, plan, shape):
+    """Three consumer warpgroups (192-row items, 512 threads, setmaxnreg 32/160; head dim 64, bf16):
+    every D=64 shape of the prefill tests (G = 7, 8, 16, big pages, pages of 64), fp32 output."""
+    _skip_unless_wgmma(plan)
+    monkeypatch.setenv("OPPO_PREFILL_PLAN", plan)
+    Hq, Hkv, D, bs, prefixes, chunks = shape
+    out, ref = _prefill_case(Hq, Hkv, D, bs, prefixes, chunks, torch.bfloat16, torch.float32)
+    assert rel_err(out, ref) < TOL_F32_OUT[torch.bfloat16]
+
+
+@pytest.mark.parametrize("plan", WGMMA3_PLANS[:2])
+def test_prefill_wgmma3_persistent_many_items_and_native_output(monkeypatch, plan):
+    """More items than SMs (persistent CTAs take several), ragged chunks, bf16 output."""
+    _skip_unless_wgmma(plan)
+    monkeypatch.setenv("OPPO_PREFILL_PLAN", plan)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    B = 2 * sms // 8 + 3
+    prefixes = [(37 * b) % 700 for b in range(B)]
+    chunks = [[300, 1, 129, 64][b % 4] for b in range(B)]
+    out, ref = _prefill_case(14, 2, 64, 16, prefixes, chunks, torch.bfloat16, torch.bfloat16)
+    assert rel_err(out, ref) < rel_err(ref.to(torch.bfloat16), ref) + TOL_F32_OUT[torch.bfloat16]
+
+
+def test_prefill_wgmma3_refuses_head_dim_128_and_fp16(monkeypatch):
+    """The wgmma3 plans are built for head dim 64 and bf16 only: anything else is a clear error."""
+    _skip_unless_wgmma("wgmma3_pp_ov")
+    monkeypatch.setenv("OPPO_PREFILL_PLAN", "wgmma3_pp_ov")
+    with pytest.raises(RuntimeError, match="head dim 64 and bf16 only"):
+        _prefill_case(8, 2, 128, 16, [10], [20], torch.bfloat16, torch.float32)
+    with pytest.raises(RuntimeError, match="head dim 64 and bf16 only"):
+        _prefill_case(8, 2, 64, 16, [10], [20], torch.float16, torch.float32)
+
+
 def _wgmma_diag_case(monkeypatch, D, q_zero=False, v_onehot=False):
     """One sequence, prefix 150, chunk 40, G = 4, plan wgmma: structured inputs whose outputs
     point at one half of the kernel when wrong (the GPU session's first look, before ncu)."""

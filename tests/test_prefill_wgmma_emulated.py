@@ -108,9 +108,10 @@ def round_to(x: np.ndarray, dtype: torch.dtype) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- the kernel, replayed
-def items_of(cu, ctx, Gq, Hkv, BN):
+def items_of(cu, ctx, Gq, Hkv, BN, BM=BM):
     """The kernel's work items in index order: (b, kvh, q0, rows, row0, L, prefix, n_tiles, n_full)
-    or None for a row tile past its sequence's chunk (item_at)."""
+    or None for a row tile past its sequence's chunk (item_at). BM: rows per item (64 x the
+    consumer warpgroups: 128, or 192 for the wgmma3 plans)."""
     B = len(ctx)
     max_seqlen = max(cu[b + 1] - cu[b] for b in range(B))
     m_tiles = math.ceil(max_seqlen * Gq / BM)
@@ -131,10 +132,12 @@ def items_of(cu, ctx, Gq, Hkv, BN):
     return out
 
 
-def emulate(q, k_cache, v_cache, cu, ctx, bt, scale, out, grid=None):
+def emulate(q, k_cache, v_cache, cu, ctx, bt, scale, out, grid=None, nc=2):
     """paged_prefill_wgmma_kernel over the whole grid, one CTA after another: CTA c takes items
     c, c + grid, ... (grid None: one item per CTA; fewer: the persistent plan), its K/V ring and
-    the producer's prefetch running on across items."""
+    the producer's prefetch running on across items. nc: consumer warpgroups (3: the wgmma3
+    plans' 192-row items)."""
+    BM = 64 * nc
     dtype = q.dtype
     Nq, Hq, D = q.shape
     _, bs, Hkv, _ = k_cache.shape
@@ -150,11 +153,11 @@ def emulate(q, k_cache, v_cache, cu, ctx, bt, scale, out, grid=None):
     q_bytes, tile_bytes = BM * D * 2, BN * D * 2
     stage_bytes = 2 * tile_bytes
     scale_log2 = scale * LOG2E
-    items = items_of(cu, ctx, Gq, Hkv, BN)
+    items = items_of(cu, ctx, Gq, Hkv, BN, BM)
     grid = len(items) if grid is None else min(grid, len(items))
     srow, scol = acc_index(BN)
     orow, ocol = acc_index(D)
-    q_addr = [64 * cw * 128 for cw in range(2)]
+    q_addr = [64 * cw * 128 for cw in range(nc)]
     for c in range(grid):
         work = [I for I in items[c::grid] if I is not None]
         ring = [(I, it) for I in work for it in range(I["n_tiles"])]      # tiles in ring order (g)
@@ -207,7 +210,7 @@ def emulate(q, k_cache, v_cache, cu, ctx, bt, scale, out, grid=None):
             produce_next()
         gbase = 0
         for I in work:
-            for cw in range(2):       # Q rows of each consumer warpgroup
+            for cw in range(nc):       # Q rows of each consumer warpgroup
                 for i in range(64 * chunks // 128):
                     cidx = i * 128 + TW
                     rr, ch = cidx // chunks, cidx % chunks
@@ -220,7 +223,7 @@ def emulate(q, k_cache, v_cache, cu, ctx, bt, scale, out, grid=None):
                         else:
                             smem[dst:dst + 8] = 0
             state = []
-            for cw in range(2):
+            for cw in range(nc):
                 rA = 64 * cw + 16 * WARP + G_
                 pos = np.stack([np.where(I["row0"] + rA + 8 * r < I["rows"], I["prefix"] + (I["row0"] + rA + 8 * r) // Gq,
                                          I["L"] - 1) for r in range(2)], 1)
@@ -270,23 +273,23 @@ def emulate(q, k_cache, v_cache, cu, ctx, bt, scale, out, grid=None):
                 st["pa"] = (lo, hi)                               # [128, kk, reg]
 
             n_tiles = I["n_tiles"]
-            for cw in range(2):
+            for cw in range(nc):
                 issue_qk(state[cw], cw, gbase % kS)
                 softmax(state[cw], 0)
             for it in range(1, n_tiles):
                 gi = gbase + it
-                for cw in range(2):
+                for cw in range(nc):
                     issue_pv(state[cw], (gi - 1) % kS)
                     issue_qk(state[cw], cw, gi % kS)
                 release()                                         # tile gi-1's stage
-                for cw in range(2):
+                for cw in range(nc):
                     softmax(state[cw], it)
-            for cw in range(2):
+            for cw in range(nc):
                 issue_pv(state[cw], (gbase + n_tiles - 1) % kS)
             release()
             gbase += n_tiles
 
-            for cw in range(2):                                   # epilogue
+            for cw in range(nc):                                   # epilogue
                 st = state[cw]
                 l = st["l"].reshape(4, 8, 4, 2).sum(axis=2, keepdims=True).repeat(4, axis=2).reshape(128, 2)
                 for r in range(2):
@@ -299,7 +302,7 @@ def emulate(q, k_cache, v_cache, cu, ctx, bt, scale, out, grid=None):
 
 
 # --------------------------------------------------------------------------- the test
-def _case(Hq, Hkv, D, bs, prefixes, chunks, dtype, seed=0, grid=None, pad=0):
+def _case(Hq, Hkv, D, bs, prefixes, chunks, dtype, seed=0, grid=None, pad=0, nc=2):
     """pad > 0: pages `pad` rows longer than block_size (page stride > page, garbage between pages)."""
     g = torch.Generator().manual_seed(seed)
     lens = [p + c for p, c in zip(prefixes, chunks)]
@@ -323,7 +326,7 @@ def _case(Hq, Hkv, D, bs, prefixes, chunks, dtype, seed=0, grid=None, pad=0):
     q = torch.randn(sum(chunks), Hq, D, generator=g).to(dtype)
     scale = D ** -0.5
     out = torch.full((sum(chunks), Hq, D), float("nan"))
-    emulate(q, k, v, cu, ctx, bt, scale, out, grid=grid)
+    emulate(q, k, v, cu, ctx, bt, scale, out, grid=grid, nc=nc)
     ref = A.paged_prefill_attention_ref(q, k, v, cu, ctx, bt.clamp_min(0), scale, out=torch.empty_like(out))
     return out, ref
 
@@ -361,6 +364,20 @@ def test_producer_pages_any_block_size(D, bs, pad):
     two or not, pages apart by more than a page, over a persistent grid (the cursor crosses items)."""
     out, ref = _case(8, 2, D, bs, [0, 300, 5, 260], [150, 40, 1, 9], torch.bfloat16, grid=3, pad=pad)
     assert torch.isfinite(out).all()
+    assert float((out - ref).norm() / ref.norm()) < 2e-3
+
+
+@pytest.mark.parametrize("grid", [None, 3])
+@pytest.mark.parametrize("Hq,Hkv,prefixes,chunks", [
+    (14, 2, [0, 600, 37], [1, 30, 70]),        # G = 7: 192-row items cut mid-query, 4 stages wrap
+    (8, 2, [0, 300, 5, 700], [150, 40, 1, 90]),  # G = 4: several row tiles, ragged
+])
+def test_three_consumer_warpgroups_match_reference(Hq, Hkv, prefixes, chunks, grid):
+    """The wgmma3 plans' kernel (three consumer warpgroups, 192-row items, head dim 64, bf16):
+    items, Q staging of each warpgroup's 64 rows into the 192-row Q tile and its descriptors, one
+    item per CTA and persistent."""
+    out, ref = _case(Hq, Hkv, 64, 16, prefixes, chunks, torch.bfloat16, grid=grid, nc=3)
+    assert torch.isfinite(out).all(), "a row the kernel should write was left unwritten"
     assert float((out - ref).norm() / ref.norm()) < 2e-3
 
 

@@ -1,7 +1,8 @@
 """The prefill v4 kernel's synchronization, simulated on the CPU (kernels/paged_prefill_wgmma.cuh).
 
 A hang on the GPU costs a whole device call, so the barrier protocol is checked here first: the
-producer warpgroup and the two consumer warpgroups run as coroutines under a random scheduler,
+producer warpgroup and the two (or, for the wgmma3 plans, three) consumer warpgroups run as
+coroutines under a random scheduler,
 over mbarriers (arrival counts, phases, parity waits as PTX defines them: a fresh barrier's
 "preceding phase" of parity 1 counts as complete) and named barriers (bar.sync waits for the
 barrier's thread count, bar.arrive adds to it without waiting). Each program mirrors the
@@ -56,11 +57,17 @@ class NamedBarrier:
         return gen
 
 
-def _turns(named: dict, pingpong: bool, cw: int, name: str):
+def _pp_base(nc: int) -> int:
+    """The kernel's Geo<NC>::kPingPongBar: named barriers 1..nc stage Q, then nc for ping-pong."""
+    return 1 + nc
+
+
+def _turns(named: dict, pingpong: bool, cw: int, name: str, nc: int = 2):
     """Consumer warpgroup cw's ping-pong turn, as the kernel's begin_batch / end_batch: begin()
-    waits for its turn (bar.sync on barrier 3 + cw: arrive, then wait for the phase to complete),
-    end(last) hands the turn over (bar.arrive on the other's; warpgroup 1 skips its last)."""
-    me, other = 3 + cw, 3 + (1 - cw)
+    waits for its turn (bar.sync on barrier base + cw: arrive, then wait for the phase to complete),
+    end(last) hands the turn over (bar.arrive on the next one's in the ring, base + (cw + 1) % nc;
+    the last warpgroup skips its last)."""
+    me, other = _pp_base(nc) + cw, _pp_base(nc) + (cw + 1) % nc
 
     def begin():
         if pingpong:
@@ -68,21 +75,21 @@ def _turns(named: dict, pingpong: bool, cw: int, name: str):
             yield lambda: named[me].generation > gen
 
     def end(last: bool):
-        if pingpong and not (last and cw == 1):
+        if pingpong and not (last and cw == nc - 1):
             named[other].arrive(name)
 
     return begin, end
 
 
-def programs(items: list[int], kS: int, pingpong: bool, log: list):
+def programs(items: list[int], kS: int, pingpong: bool, log: list, nc: int = 2):
     """Generators for the producer and the two consumer warpgroups of a CTA that works through
     ``items`` (each a number of key tiles; one item, or several for the persistent plan), the
     ring of stages running on across items; each yields a predicate (callable) it waits on, or
     None to give up the processor."""
     n_total = sum(items)
     full = [MBarrier(128) for _ in range(kS)]
-    empty = [MBarrier(256) for _ in range(kS)]
-    named = {3: NamedBarrier(256), 4: NamedBarrier(256)}
+    empty = [MBarrier(128 * nc) for _ in range(kS)]
+    named = {_pp_base(nc) + i: NamedBarrier(256) for i in range(nc)}
     stage_tile = [None] * kS          # which tile a stage holds (None: being written or empty)
     readers = [set() for _ in range(kS)]
 
@@ -115,7 +122,7 @@ def programs(items: list[int], kS: int, pingpong: bool, log: list):
 
     def consumer(cw: int):
         name = f"wg{cw}"
-        begin, end = _turns(named, pingpong, cw, name)
+        begin, end = _turns(named, pingpong, cw, name, nc)
 
         def read(s, it):
             assert stage_tile[s] == it, f"{name} reads stage {s} expecting tile {it}, it holds {stage_tile[s]}"
@@ -128,8 +135,8 @@ def programs(items: list[int], kS: int, pingpong: bool, log: list):
         gbase = 0
         for n_tiles in items:
             yield None                 # the Q load of the item (named barrier of this warpgroup)
-            if pingpong and cw == 1:
-                named[3].arrive(name)
+            if pingpong and cw == nc - 1:
+                named[_pp_base(nc)].arrive(name)
             yield lambda g0=gbase: full[g0 % kS].ready((g0 // kS) & 1)
             yield from begin()
             read(gbase % kS, gbase)    # Q K^T of tile 0
@@ -155,11 +162,11 @@ def programs(items: list[int], kS: int, pingpong: bool, log: list):
             gbase += n_tiles
         log.append(f"{name} done")
 
-    return [producer(), consumer(0), consumer(1)], named
+    return [producer(), *(consumer(c) for c in range(nc))], named
 
 
 def programs_split(items: list[int], kS: int, pingpong: bool, log: list, rng: random.Random,
-                   v_wait: int = 2, skip_v_wait: str = "", k_wait: int = 2):
+                   v_wait: int = 2, skip_v_wait: str = "", k_wait: int = 2, nc: int = 2):
     """kFlagSplitKV: fullK/emptyK (the kernel's full/empty) and fullV/emptyV per stage.
     Producer, per tile g (slot s = g % kS), each group published one group behind: wait emptyK[s],
     issue and commit K(g), wait_group 2, publish K(g-1); wait emptyV[s], issue and commit V(g),
@@ -170,10 +177,10 @@ def programs_split(items: list[int], kS: int, pingpong: bool, log: list, rng: ra
     or "last", a consumer fullV wait left out."""
     n_total = sum(items)
     fullK = [MBarrier(128) for _ in range(kS)]
-    emptyK = [MBarrier(256) for _ in range(kS)]
+    emptyK = [MBarrier(128 * nc) for _ in range(kS)]
     fullV = [MBarrier(128) for _ in range(kS)]
-    emptyV = [MBarrier(256) for _ in range(kS)]
-    named = {3: NamedBarrier(256), 4: NamedBarrier(256)}
+    emptyV = [MBarrier(128 * nc) for _ in range(kS)]
+    named = {_pp_base(nc) + i: NamedBarrier(256) for i in range(nc)}
     slot = {"K": [None] * kS, "V": [None] * kS}      # a slot's tile, ("flight"|"landed", tile) or None
     readers = {"K": [set() for _ in range(kS)], "V": [set() for _ in range(kS)]}
     groups: list = []                                  # committed cp.async groups, oldest first
@@ -229,7 +236,7 @@ def programs_split(items: list[int], kS: int, pingpong: bool, log: list, rng: ra
 
     def consumer(cw: int):
         name = f"wg{cw}"
-        begin, end = _turns(named, pingpong, cw, name)
+        begin, end = _turns(named, pingpong, cw, name, nc)
 
         def read(kind, t):
             st = t % kS
@@ -244,8 +251,8 @@ def programs_split(items: list[int], kS: int, pingpong: bool, log: list, rng: ra
         gbase = 0
         for n_tiles in items:
             yield None                 # the Q load of the item
-            if pingpong and cw == 1:
-                named[3].arrive(name)
+            if pingpong and cw == nc - 1:
+                named[_pp_base(nc)].arrive(name)
             yield lambda g0=gbase: fullK[g0 % kS].ready((g0 // kS) & 1)
             yield from begin()
             read("K", gbase)           # Q K^T of tile 0
@@ -278,16 +285,16 @@ def programs_split(items: list[int], kS: int, pingpong: bool, log: list, rng: ra
             gbase += n_tiles
         log.append(f"{name} done")
 
-    return [producer(), consumer(0), consumer(1), lander()], named
+    return [producer(), *(consumer(c) for c in range(nc)), lander()], named
 
 
-def run(items, kS: int, pingpong: bool, seed: int, split: bool = False, **kw) -> list:
+def run(items, kS: int, pingpong: bool, seed: int, split: bool = False, nc: int = 2, **kw) -> list:
     log: list = []
     items = [items] if isinstance(items, int) else list(items)
     if split:
-        progs, named = programs_split(items, kS, pingpong, log, random.Random(seed + 7919), **kw)
+        progs, named = programs_split(items, kS, pingpong, log, random.Random(seed + 7919), nc=nc, **kw)
     else:
-        progs, named = programs(items, kS, pingpong, log)
+        progs, named = programs(items, kS, pingpong, log, nc=nc)
     waiting = [None] * len(progs)
     alive = set(range(len(progs)))
     rng = random.Random(seed)
@@ -391,3 +398,45 @@ def test_split_kv_fullv_waits():
             run([3, 2, 4], 3, True, seed, split=True, skip_v_wait="last")
     for seed in range(25):
         run([3, 2, 4], 3, True, seed, split=True, skip_v_wait="loop")
+
+
+@pytest.mark.parametrize("split", [False, True])
+@pytest.mark.parametrize("pingpong", [False, True])
+@pytest.mark.parametrize("items", [[1], [2], [5], [40], [3, 1, 5], [2, 7, 1, 4, 2]])
+def test_three_consumer_warpgroups_finish_without_races(items, pingpong, split):
+    """The wgmma3 plans (head dim 64, 4 stages): three consumer warpgroups, empty barriers of 384
+    arrivals, ping-pong as a ring over named barriers 4, 5, 6 (the last warpgroup kicks the first
+    at each item and skips its arrive after the item's final P V), one item or several."""
+    for seed in range(15):
+        log = run(items, 4, pingpong, seed, split=split, nc=3)
+        assert sorted(log) == ["producer done", "wg0 done", "wg1 done", "wg2 done"]
+
+
+def test_three_consumer_simulation_catches_a_two_warpgroup_ring():
+    """Not vacuous: with three warpgroups, handing the turn over as the two-warpgroup kernel did
+    (to 3 + (1 - cw)) deadlocks or leaves a phase open."""
+    def two_ring(named, pingpong, cw, name, nc=2):
+        me, other = _pp_base(nc) + cw, _pp_base(nc) + (1 - cw) % nc
+
+        def begin():
+            if pingpong:
+                gen = named[me].arrive(name)
+                yield lambda: named[me].generation > gen
+
+        def end(last):
+            if pingpong and not (last and cw == nc - 1):
+                named[other].arrive(name)
+        return begin, end
+    global _turns
+    orig = _turns
+    _turns = two_ring
+    try:
+        caught = 0
+        for seed in range(10):
+            try:
+                run([3, 2], 4, True, seed, nc=3)
+            except AssertionError:
+                caught += 1
+        assert caught == 10
+    finally:
+        _turns = orig

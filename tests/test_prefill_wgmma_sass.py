@@ -5,7 +5,8 @@ have bitten: it serializes every wgmma of the kernel when any path reads an accu
 matching wait (warning C7514/C7519-style "Potential Performance Loss"), and it hoists a bare
 ``wgmma.wait_group 0`` up to the ``wait_group 1`` before it, which undoes the intra-warpgroup
 overlap (the softmax of tile t while tile t-1's P V runs). This test compiles the kernel for
-sm_90a with nvcc (bf16, head dims 64 and 128), reads ptxas's report and the SASS, and checks:
+sm_90a with nvcc (bf16, head dims 64 and 128; and head dim 64 with three consumer warpgroups,
+"64x3", the wgmma3 plans), reads ptxas's report and the SASS, and checks:
 no performance-loss warning, no spills, HGMMAs issued in batches, the overlap's shape (a
 DEPBAR 1, then the tile's exponentials, then the DEPBAR 0), and the producer's tile loop (no
 integer division in it, a bounded issue, the next tile's block-table load before this tile's
@@ -28,7 +29,7 @@ SOURCE = """
 #define ARGS(T) void* __restrict__, int, int64_t, int64_t, const T* __restrict__, int64_t, int64_t, \\
   const T* __restrict__, const T* __restrict__, int64_t, int, int, const int* __restrict__, \\
   const int* __restrict__, const int* __restrict__, int64_t, int, float, int, int
-template __global__ void oppo::attn::wgp::paged_prefill_wgmma_kernel<__nv_bfloat16, {D}>(ARGS(__nv_bfloat16));
+template __global__ void oppo::attn::wgp::paged_prefill_wgmma_kernel<__nv_bfloat16, {D}, {NC}>(ARGS(__nv_bfloat16));
 """
 
 
@@ -46,13 +47,23 @@ def _tools():
     return nvcc, cuobjdump
 
 
+VARIANTS = ["64", "128", "64x3"]   # head dim, and "x3": three consumer warpgroups (the wgmma3 plans)
+
+
+def _dims(variant) -> tuple[int, int]:
+    """(head dim, consumer warpgroups) of a variant: 64, 128 or "64x3"."""
+    d, _, nc = str(variant).partition("x")
+    return int(d), int(nc or 2)
+
+
 @functools.lru_cache(maxsize=None)
-def _build(D: int) -> tuple[str, str]:
-    """ptxas's report and the SASS of the bf16 kernel for head dim D (compiled once per session)."""
+def _build(variant) -> tuple[str, str]:
+    """ptxas's report and the SASS of the bf16 kernel of a variant (compiled once per session)."""
     nvcc, cuobjdump = _tools()
-    tmp_path = Path(tempfile.mkdtemp(prefix=f"wgmma_sass_{D}_"))
+    D, NC = _dims(variant)
+    tmp_path = Path(tempfile.mkdtemp(prefix=f"wgmma_sass_{D}x{NC}_"))
     src = tmp_path / f"wgmma_{D}.cu"
-    src.write_text(SOURCE.replace("{D}", str(D)))
+    src.write_text(SOURCE.replace("{D}", str(D)).replace("{NC}", str(NC)))
     cubin = tmp_path / f"wgmma_{D}.cubin"
     out = subprocess.run([nvcc, "-std=c++20", "-O3", "-gencode=arch=compute_90a,code=sm_90a", "-Xptxas", "-v",
                           "--expt-relaxed-constexpr", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
@@ -66,8 +77,8 @@ def _build(D: int) -> tuple[str, str]:
     return out.stdout + out.stderr, sass.stdout
 
 
-def _compile(D: int, tmp_path: Path) -> tuple[str, list[str]]:
-    report, sass = _build(D)
+def _compile(variant, tmp_path: Path) -> tuple[str, list[str]]:
+    report, sass = _build(variant)
     events = []
     for line in sass.splitlines():
         if "WARPGROUP.DEPBAR" in line:
@@ -81,13 +92,16 @@ def _compile(D: int, tmp_path: Path) -> tuple[str, list[str]]:
     return report, events
 
 
-@pytest.mark.parametrize("D", [64, 128])
-def test_wgmma_prefill_sass_keeps_its_batches_and_its_overlap(D, tmp_path):
-    report, ev = _compile(D, tmp_path)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_wgmma_prefill_sass_keeps_its_batches_and_its_overlap(variant, tmp_path):
+    report, ev = _compile(variant, tmp_path)
     assert "Potential Performance Loss" not in report, report      # no serialized wgmma (C75xx)
     assert re.search(r"\b0 bytes spill stores, 0 bytes spill loads", report), report
     regs = int(re.search(r"Used (\d+) registers", report).group(1))
-    assert regs <= 168, f"{regs} registers: setmaxnreg's split (128 x 56 + 256 x 224) needs <= 168 at launch"
+    if _dims(variant)[1] == 3:   # 512 threads: the 32 / 160 split takes all 65536, 128 each at launch
+        assert regs == 128, f"{regs} registers: setmaxnreg's split (128 x 32 + 384 x 160) needs 128 at launch"
+    else:
+        assert regs <= 168, f"{regs} registers: setmaxnreg's split (128 x 56 + 256 x 224) needs <= 168 at launch"
     runs, n = [], 0                                # HGMMAs issued back to back, not one per wait
     for e in ev + ["END"]:
         if e == "HGMMA":
@@ -102,14 +116,15 @@ def test_wgmma_prefill_sass_keeps_its_batches_and_its_overlap(D, tmp_path):
     assert ev[i + 1:j].count("EX2") >= 64, ev[i:j + 1]
 
 
-@pytest.mark.parametrize("D", [64, 128])
-def test_wgmma_prefill_producer_keeps_its_copies_in_flight(D, tmp_path):
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_wgmma_prefill_producer_keeps_its_copies_in_flight(variant, tmp_path):
     """With 4 stages (D=64) the producer publishes the previous tile after cp.async.wait_group 1
     (two tiles' copies in flight); with 3 (D=128) after wait_group 0, before the next stage wait.
     (The kernel's other producer loop, kFlagSplitKV's, waits with wait_group 2 at both head dims:
     test_wgmma_prefill_split_kv_loop_publishes_each_group_as_it_lands.)"""
     _tools()
-    body = producer_loop(_build(D)[1])["body"]
+    D = _dims(variant)[0]
+    body = producer_loop(_build(variant)[1])["body"]
     waits = {re.search(r"SB0,\s*(0x[0-9a-f]+)", x).group(1) for x in body if re.search(r"\bDEPBAR\.LE SB0", x)}
     assert waits == ({"0x1"} if D == 64 else {"0x0"}), waits
 
@@ -185,8 +200,8 @@ def _sources_and_dests(text: str) -> tuple[set[str], set[str]]:
 _DIVISION = re.compile(r"^(I2F|F2I|MUFU\.RCP|IMAD\.HI)")   # the integer division sequence's pieces
 
 
-@pytest.mark.parametrize("D", [64, 128])
-def test_wgmma_prefill_producer_loop_has_no_division_and_prefetches_the_table(D):
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_wgmma_prefill_producer_loop_has_no_division_and_prefetches_the_table(variant):
     """The producer's per-tile work (session 8). Before: a runtime division and modulo by
     block_size per 16-byte chunk (I2F/MUFU.RCP/IMAD.HI in the loop: 80 of them at D=64, 160 at
     D=128), 446 / 1248 instructions from the stage wait to the commit, and the table loads on the
@@ -194,7 +209,8 @@ def test_wgmma_prefill_producer_loop_has_no_division_and_prefetches_the_table(D)
     the loop, ~6 instructions per copy at most, and the next tile's table load (a tile ahead)
     issued before this tile's commit and read only after it."""
     _tools()
-    L = producer_loop(_build(D)[1])
+    D = _dims(variant)[0]
+    L = producer_loop(_build(variant)[1])
     body, ops, wait, commit = L["body"], L["ops"], L["wait"], L["commit"]
     div = [body[i] for i, o in enumerate(ops) if _DIVISION.match(o)]
     assert not div, f"integer division in the producer's tile loop: {div[:6]}"
@@ -219,8 +235,8 @@ def test_wgmma_prefill_producer_loop_has_no_division_and_prefetches_the_table(D)
             raise AssertionError(f"the table load {body[i]!r} is not read in the loop")
 
 
-@pytest.mark.parametrize("D", [64, 128])
-def test_wgmma_prefill_split_kv_loop_publishes_each_group_as_it_lands(D):
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_wgmma_prefill_split_kv_loop_publishes_each_group_as_it_lands(variant):
     """kFlagSplitKV's producer loop (a second instantiation of the tile loop, in the same kernel):
     per tile the K slot wait, K's copies and commit, wait_group 2 and the publish of K(g-1), the
     next tile's table load, the V slot wait, V's copies and commit, wait_group 2 and the publish of
@@ -229,7 +245,8 @@ def test_wgmma_prefill_split_kv_loop_publishes_each_group_as_it_lands(D):
     V's commit and before V(g-1)'s publish (a proxy fence after the load, before its use, would
     wait for it)."""
     _tools()
-    L = producer_loop(_build(D)[1], commits=2)
+    D = _dims(variant)[0]
+    L = producer_loop(_build(variant)[1], commits=2)
     body, ops = L["body"], L["ops"]
     div = [body[i] for i, o in enumerate(ops) if _DIVISION.match(o)]
     assert not div, f"integer division in the split-ring producer loop: {div[:6]}"
