@@ -1,0 +1,85 @@
+"""The decode kernels' resources as ptxas reports them for sm_90a, checked without a GPU.
+
+Every decode plan's split count rests on how many CTAs of its kernel fit on an SM (the launcher
+asks the occupancy API; the Python mirror, ``ops.attention.paged_decode_resident_ctas``, estimates
+it from shared memory and a table of CTAs the registers allow). A code change that adds a few
+registers can silently drop a kernel from 3 CTAs per SM to 2 (v6 at D=128: 2 stages, launch
+bounds of 3) and change every plan. This test compiles each instantiation the launcher uses (bf16)
+and checks: no spill, and registers x 128 threads x the mirror's CTAs per SM within the 65536
+registers of an SM, so the mirror's table is what the hardware can do.
+"""
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from oppo_runtime.ops import attention as A
+
+ROOT = Path(__file__).resolve().parent.parent
+SOURCE = """
+#include <cuda_bf16.h>
+#include "paged_decode_attention.cuh"
+using T = __nv_bfloat16;
+template __global__ void oppo::attn::paged_decode_kernel<T, {D}, {S}>(void* __restrict__, bool, int64_t, int64_t,
+    const T* __restrict__, int64_t, int64_t, const T* __restrict__, const T* __restrict__, int64_t, int, int, int, int,
+    const int* __restrict__, int64_t, int, const int* __restrict__, float* __restrict__, float* __restrict__, int, int,
+    int, float);
+template __global__ void oppo::attn::paged_decode_v4_kernel<T, {D}, {S4}>(const oppo::attn::DecodeV4Params);
+"""
+
+# plan -> (table of CTAs per SM by head dim, stages by head dim) of the Python mirror
+MIRROR = {
+    "v3": (A._DECODE_CTAS_BY_REGS, A._DECODE_STAGES),
+    "v6": (A._DECODE_V6_CTAS_BY_REGS, A._DECODE_V6_STAGES),
+    "v4": (A._DECODE_V4_CTAS_BY_REGS, A._DECODE_V4_STAGES),
+}
+
+
+def _ptxas(D: int, stages: int, stages_v4: int) -> dict[str, tuple[int, str]]:
+    """{kernel kind: (registers, ptxas's lines)} for the split kernel with `stages` and the v4
+    kernel with `stages_v4` at head dim D."""
+    nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
+    if not os.path.exists(nvcc):
+        pytest.skip("needs nvcc")
+    tmp = Path(tempfile.mkdtemp(prefix="decode_ptxas_"))
+    try:
+        src = tmp / "decode.cu"
+        src.write_text(SOURCE.replace("{D}", str(D)).replace("{S}", str(stages)).replace("{S4}", str(stages_v4)))
+        out = subprocess.run([nvcc, "-std=c++20", "-O3", "-gencode=arch=compute_90a,code=sm_90a", "-Xptxas", "-v",
+                              "--expt-relaxed-constexpr", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
+                              "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
+                              f"-I{ROOT / 'kernels'}", "-cubin", "-o", str(tmp / "decode.cubin"), str(src)],
+                             capture_output=True, text=True, timeout=600)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = out.stdout + out.stderr
+    kernels = {}
+    # ptxas prints, per entry: "Compiling entry function '<mangled>'", then the stack/spill line
+    # and "Used N registers"
+    for block in re.split(r"Compiling entry function", report)[1:]:
+        name = "v4" if "paged_decode_v4_kernel" in block.split("\n", 1)[0] else "split"
+        regs = int(re.search(r"Used (\d+) registers", block).group(1))
+        kernels[name] = (regs, block)
+    assert set(kernels) == {"split", "v4"}, report
+    return kernels
+
+
+@pytest.mark.parametrize("D", [64, 128])
+def test_decode_kernels_fit_the_ctas_per_sm_the_plans_assume(D):
+    built = {}
+    for plan in ("v3", "v6"):
+        stages = MIRROR[plan][1][D]
+        if stages not in built:
+            built[stages] = _ptxas(D, stages, A._DECODE_V4_STAGES[D])
+    for plan, (ctas, stages) in MIRROR.items():
+        kernels = built[stages[D]] if plan != "v4" else next(iter(built.values()))
+        regs, lines = kernels["v4" if plan == "v4" else "split"]
+        assert re.search(r"\b0 bytes spill stores, 0 bytes spill loads", lines), (plan, D, lines)
+        assert regs * 128 * ctas[D] <= 65536, (
+            f"{plan} D={D}: {regs} registers x 128 threads x {ctas[D]} CTAs per SM (the plan mirror's "
+            f"table) is past an SM's 65536 registers: the kernel no longer fits that many CTAs")
