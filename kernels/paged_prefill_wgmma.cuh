@@ -163,7 +163,7 @@ __device__ __forceinline__ float ex2(float x) {
 // q            [Nq, Hq, D]  packed by cu_seqlens_q [B+1], strides q_s0, q_s1, inner contiguous
 // k/v_cache    [num_blocks, block_size, Hkv, D] (page stride page_stride, equal for K and V)
 // context_lens [B] int32 (prefix + chunk);  block_tables [B, max_blocks] int32, row stride bt_stride
-// work items: (row tile of 128 rows, kv head, sequence), m_tiles = ceil(max_seqlen_q * G / 128) row
+// work items: (row tile of kBM rows, kv head, sequence), m_tiles = ceil(max_seqlen_q * G / kBM) row
 // tiles each, num_items = m_tiles * Hkv * B; grid 1D: CTA c takes items c, c + gridDim.x, ...
 // (gridDim.x = num_items: one item each; fewer: persistent CTAs, the K/V ring and the producer's
 // prefetch running on across items). Block Geo<NC>::kThreads (384 for NC = 2: rows per item 128;

@@ -818,7 +818,7 @@ def test_prefill_wgmma_persistent_many_items_per_cta(monkeypatch, plan):
     assert rel_err(out, ref) < 2e-3
 
 
-WGMMA3_PLANS = ["wgmma3_pp_ov", "wgmma3_pp_ov_ps", "wgmma3"]
+WGMMA3_PLANS = ["wgmma3_pp_ov", "wgmma3_pp_ov_ps", "wgmma3_ov_ps", "wgmma3"]
 
 
 @pytest.mark.parametrize("shape", [s for s in PREFILL_SHAPES if s[2] == 64])
@@ -833,7 +833,7 @@ def test_prefill_wgmma3_matches_reference(monkeypatch, plan, shape):
     assert rel_err(out, ref) < TOL_F32_OUT[torch.bfloat16]
 
 
-@pytest.mark.parametrize("plan", WGMMA3_PLANS[:2])
+@pytest.mark.parametrize("plan", WGMMA3_PLANS[:3])
 def test_prefill_wgmma3_persistent_many_items_and_native_output(monkeypatch, plan):
     """More items than SMs (persistent CTAs take several), ragged chunks, bf16 output."""
     _skip_unless_wgmma(plan)
