@@ -5,7 +5,8 @@
 // Warp-specialized (FlashAttention-3's structure; its ping-pong of the two consumer warpgroups
 // and its intra-warpgroup overlap as flags): a work item = 128 rows of one (sequence, kv head);
 // a CTA (384 threads) takes one item, or several in turn when the grid is persistent (the K/V
-// ring below running on across items).
+// ring below running on across items). With NC = 3 (plans wgmma3, head dim 64): three consumer
+// warpgroups, 192-row items, 512 threads (Geo<NC>).
 //   warpgroup 0  producer: gathers K and V tiles of kBN = 128 keys through the block table with
 //                cp.async (16 B per thread and chunk, zero-fill past the context) into a ring of
 //                kStages stages (one table load per thread and tile, a tile ahead, the row
