@@ -1,6 +1,7 @@
 """Where a one-wave memory-bound kernel loses its last 15%: per-SM finish times of a pure read stream.
 
     python bench/sm_balance_probe.py [--out PATH] [--kib 256] [--per-sm 4] [--waves 1,2,4,8]
+                                     [--paged 32,64,128] [--paged-shape 32768,8,128] [--paged-configs 8:128:0,4:64:1]
 
 ncu put decode attention's SMs at 83-84% active over its kernel (session 14): a wave of equal CTAs
 whose SMs finish at different times. This probe asks whether that is the memory system's doing
@@ -142,8 +143,8 @@ def main() -> None:
     ap.add_argument("--block", type=int, default=8192,
                     help="bf16 elements a program loads per loop step (16 KiB: 4 programs per SM keep 64 KiB in flight)")
     ap.add_argument("--paged", default="32,64,128",
-                    help="also decode's paged reads of (1, 32768, Hkv 8, D 128, page 16) in this many splits "
-                         "per kv head (128-token tiles, 8 warps: 2 programs per SM, 64 KiB in flight each, as v3)")
+                    help="also decode's paged reads (--paged-shape, 16-token shuffled pages) in this many splits "
+                         "per kv head, for each of --paged-configs; empty: none")
     ap.add_argument("--paged-shape", default="32768,8,128",
                     help="tokens,Hkv,D of the paged reads (one table over all tokens: 262144,2,64 reads the bytes "
                          "of decode's (256, 1024, 14, 2, 64) with 256 splits)")
@@ -179,7 +180,7 @@ def main() -> None:
     del x
     if args.paged:
         ctx, hkv, d = (int(v) for v in args.paged_shape.split(","))
-        bs, tile = 16, 128
+        bs = 16
         pages = ctx // bs
         page_stride = 2 * bs * hkv * d
         cache = torch.randn(pages * page_stride, device="cuda").to(torch.bfloat16)
