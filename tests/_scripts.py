@@ -26,3 +26,27 @@ def run_check(code: str, interpret: bool = False, timeout: float = 900) -> None:
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0 and "ok" in out.stdout, out.stdout[-2000:] + out.stderr[-4000:]
+
+
+def nvcc_sm90a(source: str, workdir: Path, sass_with: str | None = None) -> tuple[str, str]:
+    """Compile `source` (with kernels/ on the include path, the extension's CUDA flags) to an
+    sm_90a cubin in `workdir`: ptxas's report (-v), and with `sass_with` (a cuobjdump) the SASS."""
+    import shutil
+    nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
+    if not os.path.exists(nvcc):
+        import pytest
+        pytest.skip("needs nvcc")
+    src, cubin = workdir / "kernel.cu", workdir / "kernel.cubin"
+    src.write_text(source)
+    out = subprocess.run([nvcc, "-std=c++20", "-O3", "-gencode=arch=compute_90a,code=sm_90a", "-Xptxas", "-v",
+                          "--expt-relaxed-constexpr", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
+                          "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
+                          f"-I{ROOT / 'kernels'}", "-cubin", "-o", str(cubin), str(src)],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    sass = ""
+    if sass_with is not None:
+        dump = subprocess.run([sass_with, "-sass", str(cubin)], capture_output=True, text=True, timeout=120)
+        assert dump.returncode == 0, dump.stderr[-2000:]
+        sass = dump.stdout
+    return out.stdout + out.stderr, sass

@@ -8,18 +8,16 @@ bounds of 3) and change every plan. This test compiles each instantiation the la
 and checks: no spill, and registers x 128 threads x the mirror's CTAs per SM within the 65536
 registers of an SM, so the mirror's table is what the hardware can do.
 """
-import os
 import re
 import shutil
-import subprocess
 import tempfile
 from pathlib import Path
 
 import pytest
+from _scripts import nvcc_sm90a
 
 from oppo_runtime.ops import attention as A
 
-ROOT = Path(__file__).resolve().parent.parent
 SOURCE = """
 #include <cuda_bf16.h>
 #include "paged_decode_attention.cuh"
@@ -42,22 +40,12 @@ MIRROR = {
 def _ptxas(D: int, stages: int, stages_v4: int) -> dict[str, tuple[int, str]]:
     """{kernel kind: (registers, ptxas's lines)} for the split kernel with `stages` and the v4
     kernel with `stages_v4` at head dim D."""
-    nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
-    if not os.path.exists(nvcc):
-        pytest.skip("needs nvcc")
     tmp = Path(tempfile.mkdtemp(prefix="decode_ptxas_"))
     try:
-        src = tmp / "decode.cu"
-        src.write_text(SOURCE.replace("{D}", str(D)).replace("{S}", str(stages)).replace("{S4}", str(stages_v4)))
-        out = subprocess.run([nvcc, "-std=c++20", "-O3", "-gencode=arch=compute_90a,code=sm_90a", "-Xptxas", "-v",
-                              "--expt-relaxed-constexpr", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
-                              "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
-                              f"-I{ROOT / 'kernels'}", "-cubin", "-o", str(tmp / "decode.cubin"), str(src)],
-                             capture_output=True, text=True, timeout=600)
+        report, _ = nvcc_sm90a(SOURCE.replace("{D}", str(D)).replace("{S}", str(stages)).replace("{S4}", str(stages_v4)),
+                               tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    assert out.returncode == 0, out.stderr[-3000:]
-    report = out.stdout + out.stderr
     kernels = {}
     # ptxas prints, per entry: "Compiling entry function '<mangled>'", then the stack/spill line
     # and "Used N registers"

@@ -16,13 +16,13 @@ import functools
 import os
 import re
 import shutil
-import subprocess
 import tempfile
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from _scripts import nvcc_sm90a
+
 SOURCE = """
 #include <cuda_bf16.h>
 #include "paged_prefill_wgmma.cuh"
@@ -59,22 +59,13 @@ def _dims(variant) -> tuple[int, int]:
 @functools.lru_cache(maxsize=None)
 def _build(variant) -> tuple[str, str]:
     """ptxas's report and the SASS of the bf16 kernel of a variant (compiled once per session)."""
-    nvcc, cuobjdump = _tools()
+    _, cuobjdump = _tools()
     D, NC = _dims(variant)
     tmp_path = Path(tempfile.mkdtemp(prefix=f"wgmma_sass_{D}x{NC}_"))
-    src = tmp_path / f"wgmma_{D}.cu"
-    src.write_text(SOURCE.replace("{D}", str(D)).replace("{NC}", str(NC)))
-    cubin = tmp_path / f"wgmma_{D}.cubin"
-    out = subprocess.run([nvcc, "-std=c++20", "-O3", "-gencode=arch=compute_90a,code=sm_90a", "-Xptxas", "-v",
-                          "--expt-relaxed-constexpr", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
-                          "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
-                          f"-I{ROOT / 'kernels'}", "-cubin", "-o", str(cubin), str(src)],
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    sass = subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True, text=True, timeout=120)
-    assert sass.returncode == 0, sass.stderr[-2000:]
-    shutil.rmtree(tmp_path, ignore_errors=True)
-    return out.stdout + out.stderr, sass.stdout
+    try:
+        return nvcc_sm90a(SOURCE.replace("{D}", str(D)).replace("{NC}", str(NC)), tmp_path, sass_with=cuobjdump)
+    finally:
+        shutil.rmtree(tmp_path, ignore_errors=True)
 
 
 def _compile(variant, tmp_path: Path) -> tuple[str, list[str]]:
