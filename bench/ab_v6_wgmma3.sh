@@ -4,8 +4,9 @@
 #   decode v6 (v3's kernel with 3 CTAs per SM at D=128) against v3, issue 7's shapes and the ragged row;
 #   prefill wgmma3 (three consumer warpgroups at D=64) against wgmma_pp_ov_ps, issue 8's D=64 shape;
 #   their GPU tests (tests/test_attention_gpu.py; gpu_check's smoke first switches off a wgmma plan
-#   that hangs), the read probe in decode's CTA shape and at D=64, and compute-sanitizer on v6's
-#   decode cases.
+#   that hangs), the read probe in decode's CTA shape and at D=64, per-CTA stamps of v3 and v6 on
+#   issue 7's shapes and the engine's batch (bench/decode_stamps.py: where the idle SM time sits),
+#   and compute-sanitizer on v6's decode cases and the stamps' (v3:stamps, v6:stamps).
 #
 #   OUT=$OUT OPPO_COMMIT=<sha> bash bench/ab_v6_wgmma3.sh      (on the device; results under $OUT)
 set -u
@@ -21,12 +22,13 @@ BENCH_ONLY=1 PYTEST_FILES="tests/test_attention_gpu.py" PYTEST_LIMIT=200 BENCH_L
     --out "$O/sm_balance_probe_d128.json" 2>&1 | grep -v "by smid"
   timeout 30 python3 bench/sm_balance_probe.py --waves 1 --paged 256,512 --paged-shape 262144,2,64 \
     --paged-configs 4:64:1,8:128:0 --out "$O/sm_balance_probe_d64.json" 2>&1 | grep -v "by smid"
+  timeout 90 python3 bench/decode_stamps.py --plans v3,v6 --engine --out "$O/decode_stamps.json" 2>&1 | tail -16
   SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
   export PYTORCH_NO_CUDA_MEMORY_CACHING=1
   for tool in memcheck racecheck; do
     timeout 60 "$SAN" --tool $tool --error-exitcode 9 python3 bench/sanitize_attention.py --decode-only \
-      --decode-plans=v6 2>&1 | tail -4
-    echo "$tool (v6) rc=${PIPESTATUS[0]}"
+      --decode-plans=v6,v3:stamps 2>&1 | tail -4
+    echo "$tool (v6, v3:stamps) rc=${PIPESTATUS[0]}"
   done
 } > "$O/checks.txt" 2>&1
 tail -25 "$O/report.md"; cat "$O/checks.txt"

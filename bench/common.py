@@ -183,6 +183,45 @@ def print_table(rows: list[dict], cols: list[tuple[str, str, str]]) -> None:
     sys.stdout.flush()
 
 
+def stamp_stats(stamps: torch.Tensor, sms: int) -> dict:
+    """Where a one-launch kernel's SM time goes, from per-CTA (program) stamps: rows (start ns, end
+    ns, SM id) on the host, rows of CTAs that did not run all zero (dropped). Times are us from the
+    first start. ``sm_idle_fraction``: the time between each SM's last end and the kernel's end,
+    summed over all ``sms`` SMs (an unused SM idles throughout), over sms x the span: ncu's
+    1 - SM active / elapsed, less the start. ``sm_idle_start_fraction``: the same before each SM's
+    first start (the launch's ramp). CTA durations as percentiles; ``cta_us_by_load``: the median
+    CTA duration by the number of CTAs its SM ran (does a CTA sharing its SM with more run longer?)."""
+    s = stamps[stamps[:, 1] > 0]
+    t0 = int(s[:, 0].min())
+    start, end, smid = (s[:, 0] - t0).double() / 1e3, (s[:, 1] - t0).double() / 1e3, s[:, 2].tolist()
+    span = float(end.max())
+    first, finish, count = {}, {}, {}
+    for a, e, m in zip(start.tolist(), end.tolist(), smid):
+        first[m] = min(first.get(m, span), a)
+        finish[m] = max(finish.get(m, 0.0), e)
+        count[m] = count.get(m, 0) + 1
+    idle = sum(span - f for f in finish.values()) + (sms - len(finish)) * span
+    fin = sorted(finish.values())
+    dur = sorted((end - start).tolist())
+
+    def pct(xs, q):
+        return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+    by_load: dict[int, list[float]] = {}
+    for a, e, m in zip(start.tolist(), end.tolist(), smid):
+        by_load.setdefault(count[m], []).append(e - a)
+    return {"span_us": span, "ctas": len(dur), "sms_used": len(finish),
+            "programs_per_sm_min": min(count.values()), "programs_per_sm_max": max(count.values()),
+            "sm_finish_us_min": fin[0], "sm_finish_us_median": statistics.median(fin), "sm_finish_us_max": fin[-1],
+            "sm_idle_fraction": idle / (sms * span),
+            "sm_idle_start_fraction": sum(first.values()) / (sms * span),
+            "last_start_us": float(start.max()),
+            "cta_us_min": dur[0], "cta_us_p10": pct(dur, 0.1), "cta_us_median": pct(dur, 0.5),
+            "cta_us_p90": pct(dur, 0.9), "cta_us_max": dur[-1],
+            "cta_us_by_load": {str(k): round(statistics.median(v), 2) for k, v in sorted(by_load.items())},
+            "sm_finish_us_by_smid": [round(finish.get(m, 0.0), 2) for m in range(sms)]}
+
+
 def paged_pool(num_seqs: int, ctx: int, Hkv: int, D: int, block_size: int, dtype=torch.bfloat16,
                seed: int = 0, head_major: bool = False):
     """A page pool holding num_seqs sequences of ctx tokens on shuffled pages.

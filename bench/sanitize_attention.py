@@ -17,6 +17,7 @@ split and not, run twice on the same counters. v6: the v3 kernel with 2 stages a
 --decode-plans=v5,v4:memset: only the decode cases of those plans (v3 for the default). Exits
 non-zero if an output differs from the reference.
 """
+import contextlib
 import math
 import os
 import sys
@@ -102,7 +103,9 @@ def main():
              ([37, 0, 5], 8, 2, D, "v5"), (splits, 14, 2, 64, "v5"), (splits, 8, 2, D, "v5"),
              (many, 14, 2, 64, "v5"), (many, 8, 2, D, "v5"), (splits, 14, 2, 64, "v5:memset"),
              # v6: the split kernel with 2 stages at D=128 (3 CTAs per SM)
-             ([37, 0, 5], 8, 2, D, "v6"), ([600], 40, 2, D, "v6"), (splits, 8, 2, D, "v6"))
+             ([37, 0, 5], 8, 2, D, "v6"), ([600], 40, 2, D, "v6"), (splits, 8, 2, D, "v6"),
+             # per-CTA stamps on, with room for 3 CTAs of the grid (the rest must write nothing)
+             (splits, 14, 2, 64, "v3:stamps"), (splits, 8, 2, D, "v6:stamps"))
     only = next((a.split("=", 1)[1].split(",") for a in sys.argv if a.startswith("--decode-plans=")), None)
     for lens, Hq, Hkv, Dd, plan in cases:
         if only is not None and (plan or "v3") not in only and (plan or "v3").split(":")[0] not in only:
@@ -118,12 +121,13 @@ def main():
         nsplit = A.paged_decode_plan(len(lens), Hq, Hkv, Dd, bt.shape[1] * bs, sms, resident, name)[0]
         ctas, per_cta = A.paged_decode_grid(len(lens), Hq, Hkv, Dd, bt.shape[1] * bs, sms, resident, name)
         os.environ["OPPO_DECODE_PLAN"] = name
-        if tickets:
+        if tickets and tickets != "stamps":
             os.environ["OPPO_DECODE_TICKETS"] = tickets
-        # v4 split, v5: again, on the counters the first call left
-        for _ in range(2 if (name == "v4" and nsplit > 1) or name == "v5" else 1):
-            out.fill_(float("nan"))
-            A.paged_decode_attention(q, kk, vv, bt, ctx, 0.1, out=out, backend="cuda")
+        with A.decode_cta_stamps(3) if tickets == "stamps" else contextlib.nullcontext():
+            # v4 split, v5: again, on the counters the first call left
+            for _ in range(2 if (name == "v4" and nsplit > 1) or name == "v5" else 1):
+                out.fill_(float("nan"))
+                A.paged_decode_attention(q, kk, vv, bt, ctx, 0.1, out=out, backend="cuda")
         os.environ.pop("OPPO_DECODE_PLAN", None)
         os.environ.pop("OPPO_DECODE_TICKETS", None)
         ref = A.paged_decode_attention_ref(q, kk, vv, bt.clamp_min(0), ctx, 0.1, out=torch.empty_like(out))

@@ -19,14 +19,13 @@ shows. No timing assertion: a measurement for bench/NOTES.md.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import copy_bandwidth, device_info, results_path, time_ms, write_json  # noqa: E402
+from common import copy_bandwidth, device_info, results_path, stamp_stats, time_ms, write_json  # noqa: E402
 
 
 def _kernel():
@@ -101,8 +100,8 @@ def _kernel():
 
 
 def _stamped(run, stamps, reps, sms):
-    """Launch `run` reps times (one at a time), keep the launch of median span; per-SM finish
-    times (us from the first program's start), programs per SM, the SM-idle fraction."""
+    """Launch `run` reps times (one at a time), keep the launch of median span: its
+    ``common.stamp_stats`` (per-SM finish times, programs per SM, the SM-idle fraction)."""
     spans = []
     for _ in range(reps):
         run()
@@ -110,21 +109,7 @@ def _stamped(run, stamps, reps, sms):
         s = stamps.cpu()
         spans.append((int(s[:, 1].max()) - int(s[:, 0].min()), s.clone()))
     spans.sort(key=lambda p: p[0])
-    span, s = spans[len(spans) // 2]
-    t0 = int(s[:, 0].min())
-    start, end, smid = (s[:, 0] - t0).double() / 1e3, (s[:, 1] - t0).double() / 1e3, s[:, 2]
-    kernel_end = float(end.max())
-    finish, count = {}, {}
-    for e, m in zip(end.tolist(), smid.tolist()):
-        finish[m] = max(finish.get(m, 0.0), e)
-        count[m] = count.get(m, 0) + 1
-    idle = sum(kernel_end - f for f in finish.values()) + (sms - len(finish)) * kernel_end
-    fin = sorted(finish.values())
-    return {"span_us": span / 1e3, "sms_used": len(finish),
-            "programs_per_sm_min": min(count.values()), "programs_per_sm_max": max(count.values()),
-            "sm_finish_us_min": fin[0], "sm_finish_us_median": statistics.median(fin), "sm_finish_us_max": fin[-1],
-            "sm_idle_fraction": idle / (sms * kernel_end), "last_start_us": float(start.max()),
-            "sm_finish_us_by_smid": [round(finish.get(m, 0.0), 2) for m in range(sms)]}
+    return stamp_stats(spans[len(spans) // 2][1], sms)
 
 
 def _print(tag, row):

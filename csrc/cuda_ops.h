@@ -7,6 +7,7 @@ void paged_decode_attention_cuda(at::Tensor& out, const at::Tensor& q, const at:
                                  const at::Tensor& v_cache, const at::Tensor& block_tables,
                                  const at::Tensor& context_lens, double scale,
                                  const std::optional<at::Tensor>& workspace, int64_t max_partition);
+void decode_cta_stamps_cuda(at::Tensor& stamps);
 int64_t paged_decode_workspace_size_cuda(const at::Tensor& q, const at::Tensor& k_cache,
                                          const at::Tensor& block_tables, int64_t max_partition);
 void paged_prefill_attention_cuda(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,
@@ -17,4 +18,5 @@ void paged_prefill_attention_cuda(at::Tensor& out, const at::Tensor& q, const at
 #define OPPO_REGISTER_CUDA_ATTENTION(m)                                    \
   m.impl("paged_decode_attention", &paged_decode_attention_cuda);          \
   m.impl("paged_decode_workspace_size", &paged_decode_workspace_size_cuda); \
+  m.impl("decode_cta_stamps", &decode_cta_stamps_cuda);                    \
   m.impl("paged_prefill_attention", &paged_prefill_attention_cuda);

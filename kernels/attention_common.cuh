@@ -131,5 +131,38 @@ __device__ __forceinline__ void load_kv_tile(T* __restrict__ smem, const T* __re
   }
 }
 
+// Per-CTA timestamps, for finding where a kernel's time goes (bench/decode_stamps.py): row c of a
+// [capacity, 3] int64 buffer = (start ns, end ns, SM id) of the CTA with linear id c =
+// blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z); rows past capacity are not
+// written. Off (rows == nullptr) unless a launcher's host side sets its kernel's copy.
+struct CtaStamps {
+  int64_t* rows;
+  int64_t capacity;
+};
+__device__ __forceinline__ long long global_ns() {
+  long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;\n" : "=l"(t));
+  return t;
+}
+__device__ __forceinline__ long long cta_linear_id() {
+  return blockIdx.x + static_cast<long long>(gridDim.x) * (blockIdx.y + static_cast<long long>(gridDim.y) * blockIdx.z);
+}
+// Thread 0 writes the CTA's start time and SM (call first thing; nothing stays live in registers).
+__device__ __forceinline__ void cta_stamp_start(const CtaStamps& st) {
+  const long long c = cta_linear_id();
+  if (st.rows != nullptr && threadIdx.x == 0 && c < st.capacity) {
+    unsigned sm;
+    asm volatile("mov.u32 %0, %%smid;\n" : "=r"(sm));
+    st.rows[3 * c] = global_ns();
+    st.rows[3 * c + 2] = sm;
+  }
+}
+// Thread 0 writes the CTA's end time: called after thread 0's last store, it marks the CTA's end
+// when the threads' last work is equal (no barrier: one costs the lean kernels a spill).
+__device__ __forceinline__ void cta_stamp_end(const CtaStamps& st) {
+  const long long c = cta_linear_id();
+  if (st.rows != nullptr && threadIdx.x == 0 && c < st.capacity) st.rows[3 * c + 1] = global_ns();
+}
+
 }  // namespace attn
 }  // namespace oppo

@@ -43,6 +43,10 @@ template <int D, int kStages> struct DecodeBounds {
   static constexpr int kMinBlocks = (D == 128 && kStages == 2) ? 3 : DecodeCfg<D>::kMinBlocks;
 };
 
+// Per-CTA timestamps of paged_decode_kernel (see CtaStamps), set by the launcher's host side
+// (oppo::decode_cta_stamps); off by default. Constant memory: the check costs no register.
+static __constant__ CtaStamps decode_stamps;
+
 // Q (16 rows) is staged in the K buffer of the last pipeline slot: that slot is first written by
 // the load issued in loop iteration 0, after the barrier that follows every warp's ldmatrix of Q.
 template <typename T, int D, int kStages>
@@ -229,6 +233,7 @@ paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t 
   T* stage_base = reinterpret_cast<T*>(smem_raw);
   T* q_s = stage_base + S::kQOffset;
   int64_t* off_s = reinterpret_cast<int64_t*>(stage_base + kStages * 2 * S::kTileElems);
+  cta_stamp_start(decode_stamps);
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int qr = lane >> 2, qc = lane & 3;
@@ -279,6 +284,7 @@ paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t 
 
   if (num_splits > 1 && start >= ctx) {  // empty split: the reduction never reads it
     cp_async_wait<0>();                  // (no copy outstanding when the CTA leaves)
+    cta_stamp_end(decode_stamps);
     return;
   }
   const int end = min(ctx, start + partition);
@@ -356,6 +362,7 @@ paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t 
       if (d == 0) ws_lse[slot] = M + log2f(L);
     }
   }
+  cta_stamp_end(decode_stamps);  // thread 0's last store: within the merge's few loads of the CTA's end
 }
 
 // Merges the splits of decode: out[b, h] = sum_s w_s o_s / sum_s w_s, w_s = 2^(lse_s - max lse).

@@ -386,6 +386,60 @@ def test_decode_caller_workspace_allocates_nothing(monkeypatch, plan, B, Hq, Hkv
     assert rel_err(out.float(), ref) < 1e-2   # bf16 output: the reference's own rounding on top
 
 
+@pytest.mark.parametrize("plan", ["v3", "v6"])
+@pytest.mark.parametrize("B,Hq,Hkv,D,table", [(1, 32, 8, 128, 32768), (3, 14, 2, 64, 2048)])
+def test_decode_cta_stamps_cover_every_cta_and_change_nothing(monkeypatch, plan, B, Hq, Hkv, D, table):
+    """decode_cta_stamps: every CTA of the split kernel's grid (the plan mirror's count) writes its
+    row (start <= end, a real SM id) and no row past the grid, empty splits included; the output is
+    bit for bit the unstamped call's, also replayed in a graph captured outside the block; after
+    the block, launches write nothing; a capacity below the grid is not overrun (memcheck:
+    bench/sanitize_attention.py's stamps case); the switch is refused under capture."""
+    _use_plan(monkeypatch, plan)
+    bs = 16
+    lens = [table - 5 - 700 * b for b in range(B)]   # the last sequences' tail splits are empty
+    kv = PagedKV(num_blocks=sum(math.ceil(n / bs) for n in lens) + 7, block_size=bs, Hkv=Hkv, D=D, dtype=torch.bfloat16)
+    bt = kv.tables(lens, extra_blocks=table // bs - max(math.ceil(n / bs) for n in lens))
+    kv.fill(bt, lens)
+    ctx = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    q = torch.randn(B, Hq, D, device="cuda").bfloat16()
+    splits, _ = _plan(B, Hq, Hkv, D, bt.shape[1] * bs, plan)
+    ctas = splits * Hkv * math.ceil(Hq // Hkv / 16) * B
+    ws = A.paged_decode_workspace(q, kv.k, bt, backend="cuda")
+    plain = A.paged_decode_attention(q, kv.k, kv.v, bt, ctx, D ** -0.5, backend="cuda", workspace=ws)
+    out = torch.full_like(q, float("nan"))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        A.paged_decode_attention(q, kv.k, kv.v, bt, ctx, D ** -0.5, out=out, backend="cuda", workspace=ws)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    with A.decode_cta_stamps(ctas + 5) as stamps:
+        stamped = A.paged_decode_attention(q, kv.k, kv.v, bt, ctx, D ** -0.5, backend="cuda", workspace=ws)
+        torch.cuda.synchronize()
+        s = stamps.cpu()
+        stamps.zero_()
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        s_graph = stamps.cpu()
+    assert torch.equal(stamped, plain) and torch.equal(out, plain)
+    for rows in (s, s_graph):
+        ran = rows[:ctas]
+        assert bool((ran[:, 0] > 0).all() and (ran[:, 1] >= ran[:, 0]).all()), ran
+        assert bool(((ran[:, 2] >= 0) & (ran[:, 2] < sms)).all())
+        assert int((ran[:, 1] - ran[:, 0]).max()) < 10**9                   # ns, not garbage
+        assert not rows[ctas:].any(), "a row past the grid was written"
+    stamps.zero_()
+    A.paged_decode_attention(q, kv.k, kv.v, bt, ctx, D ** -0.5, backend="cuda", workspace=ws)
+    torch.cuda.synchronize()
+    assert not stamps.any(), "stamps written after the block"
+    with A.decode_cta_stamps(2) as few:                               # capacity below the grid: no overrun
+        A.paged_decode_attention(q, kv.k, kv.v, bt, ctx, D ** -0.5, backend="cuda", workspace=ws)
+        torch.cuda.synchronize()
+        assert bool((few[:, 1] > 0).all())
+        with pytest.raises(RuntimeError, match="capture"):      # the switch is refused under capture
+            with torch.cuda.graph(torch.cuda.CUDAGraph()):
+                torch.ops.oppo.decode_cta_stamps(few)
+
+
 _RAW_WS_PROBE = """
 import sys, torch, oppo_runtime.ops
 assert oppo_runtime.ops.extension() is not None    # loads torch.ops.oppo

@@ -111,6 +111,21 @@ def test_asking_for_a_cuda_kernel_on_cpu_tensors_names_the_op():
                   backend="triton")
 
 
+def test_decode_cta_stamps_is_registered_and_refuses_without_a_gpu():
+    """The profiling switch (bench/decode_stamps.py): a torch op of the extension where it is built
+    with CUDA; without a GPU the context manager raises before touching anything."""
+    from oppo_runtime.ops import attention as A
+    if ops.has_cuda_kernels():
+        assert "decode_cta_stamps(Tensor(a!) stamps) -> ()" in str(torch.ops.oppo.decode_cta_stamps.default._schema)
+    with pytest.raises(ValueError, match="capacity must be >= 1"):
+        with A.decode_cta_stamps(0):
+            pass
+    if not torch.cuda.is_available():
+        with pytest.raises(MissingKernelError, match="decode_cta_stamps: needs"):
+            with A.decode_cta_stamps(4):
+                pass
+
+
 def test_shape_errors_name_the_op_and_shapes():
     k_cache, v_cache = paged(2, 4, 2, 8)
     with pytest.raises(ValueError, match=r"paged_decode_attention: q must be \[B, Hq, 8\]"):

@@ -14,6 +14,7 @@ also has a Triton kernel, ``prefill_triton.py``, the default on sm_90):
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -24,7 +25,7 @@ from ._backend import MissingKernelError, choose_backend, has_cuda_kernels, reco
 __all__ = [
     "kv_append", "kv_append_ref",
     "paged_decode_attention", "paged_decode_attention_ref", "paged_decode_plan", "paged_decode_resident_ctas",
-    "paged_decode_workspace",
+    "paged_decode_workspace", "decode_cta_stamps",
     "paged_prefill_attention", "paged_prefill_attention_ref", "prefill_wgmma_available",
     "varlen_causal_attention", "gather_paged_kv", "acc_dtype", "attention_kernels_support",
 ]
@@ -304,6 +305,32 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
     if max_partition < 0:
         raise ValueError(f"paged_decode_attention: max_partition must be >= 0 (0: no cap), got {max_partition}")
     return paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale, out)
+
+
+@contextlib.contextmanager
+def decode_cta_stamps(capacity: int, device=None):
+    """Per-CTA timestamps of the CUDA decode kernel inside the block (a profiling aid:
+    ``bench/decode_stamps.py``). Yields an int64 [capacity, 3] tensor of zeros on ``device`` (default:
+    the current CUDA device); each launch of the split kernel (plans v2, v3, v6; not v4/v5, not the
+    split reduction) inside the block writes row c = the CTA's linear id (blockIdx.x + gridDim.x *
+    (blockIdx.y + gridDim.y * blockIdx.z)): start ns, end ns (%globaltimer) and SM id; CTAs past
+    ``capacity`` write nothing. Later launches overwrite earlier ones' rows. The switch is ordered on
+    the current stream; not under CUDA-graph capture, but graphs replayed inside the block stamp
+    too. Raises where the CUDA kernels are not built or no GPU is present."""
+    if capacity < 1:
+        raise ValueError(f"decode_cta_stamps: capacity must be >= 1, got {capacity}")
+    if not (has_cuda_kernels() and torch.cuda.is_available()):
+        raise MissingKernelError("decode_cta_stamps: needs the CUDA kernels (oppo_runtime._C built with CUDA) "
+                                 "and a GPU")
+    dev = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
+    if dev.type != "cuda":
+        raise ValueError(f"decode_cta_stamps: device must be a CUDA device, got {dev}")
+    stamps = torch.zeros(capacity, 3, dtype=torch.int64, device=dev)
+    torch.ops.oppo.decode_cta_stamps(stamps)
+    try:
+        yield stamps
+    finally:
+        torch.ops.oppo.decode_cta_stamps(torch.empty(0, 3, dtype=torch.int64, device=dev))
 
 
 # ----------------------------------------------------------------------------- chunk prefill

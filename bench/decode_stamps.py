@@ -1,0 +1,121 @@
+"""Where decode attention's time goes, CTA by CTA: start and end times and SM ids of every CTA of
+the split kernel (``ops.attention.decode_cta_stamps``), per shape and plan.
+
+    python bench/decode_stamps.py [--plans v3,v6] [--shapes 0,1,2,3,4] [--engine] [--reps 5] [--out PATH]
+
+ncu put decode v3's SMs at 83-84% active on (1, 32768) and (256, 1024) (session 14) and a read
+probe without arithmetic reached 0.94-0.95 of copy where v3 reaches 0.66-0.77 (session 15), but
+neither says whether the lost time is the launch's ramp (SMs that start late), the end (SMs that
+finish early and wait for the last CTAs), or every CTA streaming slower. This does, on the kernel
+itself. For each of issue 7's shapes (``--engine``: also the engine's decode batch of Qwen2.5-0.5B
+at B=256 and 384 tokens, the mean of its 128 + 512 steps) and plan: the kernel timed as
+``decode_attention.py`` times it (graph replays; us and fraction of the copy bandwidth measured in
+this run), then ``--reps`` stamped eager launches, of which the one of median span is kept
+(``common.stamp_stats``): span, the SM-idle fractions at the end and at the start, CTA durations
+(p10 / median / p90 / max), the median CTA duration by its SM's CTA count, and ``outside_us`` =
+timed us - span (the launch, the split reduction, graph gaps). ``active_frac_copy``: the bytes
+over the time SMs held CTAs (span x (1 - both idle fractions)), over copy: the streaming rate
+while active. No timing assertion: a measurement for bench/NOTES.md.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (copy_bandwidth, device_info, paged_pool, print_table, results_path, stamp_stats,  # noqa: E402
+                    time_ms, write_json)
+from decode_attention import SHAPES, plan_env  # noqa: E402
+
+ENGINE = (256, 384, 14, 2, 64)   # --engine: bench/engine.py's Qwen2.5-0.5B batch at its mean context
+
+
+def stamped_row(run, stamps: torch.Tensor, reps: int, sms: int) -> dict:
+    """`run` launched reps times (stamps zeroed before each); the median-span launch's stamp_stats."""
+    kept = []
+    for _ in range(reps):
+        stamps.zero_()
+        run()
+        torch.cuda.synchronize()
+        s = stamps.cpu()
+        ran = s[s[:, 1] > 0]
+        kept.append((int(ran[:, 1].max()) - int(ran[:, 0].min()), s))
+    kept.sort(key=lambda p: p[0])
+    return stamp_stats(kept[len(kept) // 2][1], sms)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--plans", default="v3", help="comma list of split-kernel plans (v2, v3, v6)")
+    ap.add_argument("--shapes", default=None, help="comma-separated indices into decode_attention.SHAPES")
+    ap.add_argument("--engine", action="store_true", help="also the engine's Qwen2.5-0.5B decode batch (B=256, ctx 384)")
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    plans = [p.strip() for p in args.plans.split(",") if p.strip()]
+    assert plans and all(p in ("v2", "v3", "v6") for p in plans), f"--plans takes v2/v3/v6, got {args.plans!r}"
+
+    import oppo_runtime.ops  # noqa: F401  (loads torch.ops.oppo)
+    from oppo_runtime.ops.attention import decode_cta_stamps, paged_decode_workspace
+
+    info = device_info()
+    sms = info["sm_count"]
+    bw = copy_bandwidth()
+    print(f"{info['card']}  torch {info['torch']}  copy bandwidth {bw / 1e12:.2f} TB/s (read + write)")
+    shapes = SHAPES if args.shapes is None else [SHAPES[int(i)] for i in args.shapes.split(",")]
+    if args.engine:
+        shapes = [*shapes, ENGINE]
+    rows = []
+    for (B, ctx, Hq, Hkv, D) in shapes:
+        dtype = torch.bfloat16
+        k_cache, v_cache, bt = paged_pool(B, ctx, Hkv, D, args.block_size, dtype)
+        ctx_lens = torch.full((B,), ctx, dtype=torch.int32, device="cuda")
+        q = torch.randn(B, Hq, D, device="cuda", dtype=dtype)
+        out = torch.empty_like(q)
+        scale = D ** -0.5
+        nbytes = 2 * B * ctx * Hkv * D * q.element_size() + 2 * q.numel() * q.element_size()
+        for plan in plans:
+            with plan_env(plan):
+                ws = paged_decode_workspace(q, k_cache, bt, backend="cuda")
+
+                def run():
+                    torch.ops.oppo.paged_decode_attention(out, q, k_cache, v_cache, bt, ctx_lens, scale, ws)
+
+                ms = time_ms(run)
+                # room for every CTA of any split plan of this shape: splits of >= 256 tokens
+                # (the launcher's minimum partition) x Hkv x head chunks of 16 x B
+                cap = B * Hkv * -(-(Hq // Hkv) // 16) * -(-ctx // 256)
+                with decode_cta_stamps(cap) as stamps:
+                    st = stamped_row(run, stamps, args.reps, sms)
+            row = {"B": B, "ctx": ctx, "Hq": Hq, "Hkv": Hkv, "D": D, "plan": plan, "bytes": nbytes,
+                   "us": ms * 1e3, "frac_copy_bw": nbytes / (ms * 1e-3) / bw, **st,
+                   "outside_us": ms * 1e3 - st["span_us"]}
+            active = st["span_us"] * (1 - st["sm_idle_fraction"] - st["sm_idle_start_fraction"])
+            row["active_frac_copy"] = nbytes / (active * 1e-6) / bw if active > 0 else None
+            rows.append(row)
+            print(f"B={B} ctx={ctx} {Hq}/{Hkv}/{D} {plan}: {row['us']:.1f} us ({row['frac_copy_bw']:.3f} of copy), "
+                  f"span {st['span_us']:.1f}, {st['ctas']} CTAs, SM idle end {st['sm_idle_fraction']:.3f} "
+                  f"start {st['sm_idle_start_fraction']:.3f}, CTA us {st['cta_us_min']:.1f}/{st['cta_us_median']:.1f}/"
+                  f"{st['cta_us_max']:.1f}, by SM load {st['cta_us_by_load']}", flush=True)
+        del k_cache, v_cache
+        torch.cuda.empty_cache()
+    print_table(rows, [("B", "B", "d"), ("ctx", "ctx", "d"), ("Hq", "Hq", "d"), ("Hkv", "Hkv", "d"), ("D", "D", "d"),
+                       ("plan", "plan", "s"), ("us", "us", ".1f"), ("frac_copy_bw", "/copy", ".3f"),
+                       ("span_us", "span us", ".1f"), ("outside_us", "outside us", ".1f"), ("ctas", "CTAs", "d"),
+                       ("sm_idle_start_fraction", "idle start", ".3f"), ("sm_idle_fraction", "idle end", ".3f"),
+                       ("active_frac_copy", "active/copy", ".3f"), ("last_start_us", "last start us", ".1f"),
+                       ("cta_us_p10", "CTA p10", ".1f"), ("cta_us_median", "CTA p50", ".1f"),
+                       ("cta_us_p90", "CTA p90", ".1f"), ("cta_us_max", "CTA max", ".1f")])
+    path = results_path("decode_stamps", args.out)
+    write_json(path, {**info, "copy_bandwidth_Bps": bw, "rows": rows,
+                      "summary": {"max_sm_idle_fraction": max(r["sm_idle_fraction"] for r in rows),
+                                  "max_sm_idle_start_fraction": max(r["sm_idle_start_fraction"] for r in rows)}})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""bench/common.py's stamp_stats (read by bench/decode_stamps.py and bench/sm_balance_probe.py),
+on stamps whose answer is known."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from _scripts import load_script
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def test_stamp_stats_splits_sm_idle_into_the_ramp_and_the_end():
+    c = load_script(BENCH, "common")
+    us = 1000   # stamps are ns
+    t0 = 5_000_000
+    rows = [  # start, end (us from t0), SM
+        (0, 10, 0), (0, 10, 0),      # SM 0: two CTAs, busy 0-10
+        (2, 8, 1),                   # SM 1: starts at 2, ends at 8
+        (1, 6, 2), (6, 10, 2),       # SM 2: two in a row, 1-10
+    ]
+    s = torch.zeros(7, 3, dtype=torch.int64)      # two rows of CTAs that never ran: dropped
+    for i, (a, e, m) in enumerate(rows):
+        s[i] = torch.tensor([t0 + a * us, t0 + e * us, m])
+    st = c.stamp_stats(s, sms=4)                  # SM 3 never used: idle for the whole span
+    assert st["ctas"] == 5 and st["sms_used"] == 3 and st["span_us"] == pytest.approx(10)
+    # end: SM 1 idles 8..10, SM 3 0..10 -> (2 + 10) / (4 x 10)
+    assert st["sm_idle_fraction"] == pytest.approx(12 / 40)
+    # start: SM 1 from 0 to 2, SM 2 from 0 to 1 -> 3 / 40
+    assert st["sm_idle_start_fraction"] == pytest.approx(3 / 40)
+    assert (st["programs_per_sm_min"], st["programs_per_sm_max"]) == (1, 2)
+    assert (st["cta_us_min"], st["cta_us_median"], st["cta_us_max"]) == pytest.approx((4, 6, 10))
+    assert st["cta_us_by_load"] == {"1": 6.0, "2": 7.5}       # SM 0: 10, 10; SM 2: 5, 4 -> median of the four
+    assert st["last_start_us"] == pytest.approx(6)
+    assert st["sm_finish_us_by_smid"] == [10.0, 8.0, 10.0, 0.0]
