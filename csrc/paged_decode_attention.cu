@@ -23,6 +23,7 @@
 //       of min(items, slots) CTAs; splits merged as in v4. Two more counters per launch (claim,
 //       exit), from the same registry as v4's tickets.
 //   v6: v3 on the lean kernel (DecodeLeanCfg): D=128 with 2 stages and 3 CTAs per SM.
+// OPPO_DECODE_PDL=1 (plans v2, v3, v6): programmatic dependent launch of both kernels (decode_pdl).
 //
 // v4 ticket counters (one unsigned int per group = (sequence, kv head, head chunk), split plans
 // only). The kernel needs them at 0 when it starts and leaves them at 0 (the CTA that draws a
@@ -79,6 +80,35 @@ PlanKind decode_plan_kind() {
   if (std::strcmp(e, "v6") == 0) return PlanKind::v6;
   OPPO_CHECK(false, "OPPO_DECODE_PLAN must be v2, v3, v4, v5 or v6, got '", e, "'");
   return PlanKind::v3;
+}
+
+// OPPO_DECODE_PDL=1: the split kernel and its reduction are launched with programmatic dependent
+// launch (cudaLaunchKernelEx, programmatic stream serialization): each may be scheduled before the
+// kernel ahead of it in the stream has finished, and waits in the kernel (griddepcontrol.wait)
+// before its first read, so only the launch latency between kernels is hidden. Default off (0)
+// until measured (bench/decode_attention.py --plans v3,v3+pdl).
+bool decode_pdl() {
+  const char* e = std::getenv("OPPO_DECODE_PDL");
+  if (e == nullptr || *e == 0 || std::strcmp(e, "0") == 0) return false;
+  OPPO_CHECK(std::strcmp(e, "1") == 0, "OPPO_DECODE_PDL must be 0 or 1, got '", e, "'");
+  return true;
+}
+
+// kernel<<<grid, block, smem, stream>>>(args...), with the PDL attribute when `pdl`.
+template <typename... Params, typename... Args>
+void launch_kernel(void (*kernel)(Params...), dim3 grid, int block, int smem, cudaStream_t stream, bool pdl,
+                   Args&&... args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = dim3(block);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl ? 1 : 0;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...));
 }
 
 bool tickets_forced_memset() {
@@ -409,20 +439,19 @@ void launch_decode_split(PlanKind kind, at::Tensor& out, const at::Tensor& q, co
   const bool out_f32 = out.scalar_type() == at::kFloat;
   const float scale_log2 = static_cast<float>(scale) * kLog2e;
 
+  const bool pdl = decode_pdl();
   const dim3 grid(num_splits, Hkv * q_chunks, B);
-  kernel<<<grid, kDecodeThreads, smem, stream>>>(
+  launch_kernel(kernel, grid, kDecodeThreads, smem, stream, pdl,
       out.data_ptr(), out_f32, out.stride(0), out.stride(1), reinterpret_cast<const T*>(q.data_ptr()), q.stride(0),
       q.stride(1), reinterpret_cast<const T*>(k_cache.data_ptr()), reinterpret_cast<const T*>(v_cache.data_ptr()),
       k_cache.stride(0), static_cast<int>(k_cache.stride(1)), static_cast<int>(k_cache.stride(2)), block_size, Hkv,
       block_tables.data_ptr<int>(), block_tables.stride(0),
       static_cast<int>(max_ctx), context_lens.data_ptr<int>(), ws_o_ptr, ws_lse_ptr, G, num_splits, plan.partition,
       scale_log2);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (num_splits > 1) {
-    paged_decode_reduce_kernel<T, D><<<dim3(Hq, B), kDecodeReduceThreads, 0, stream>>>(
-        out.data_ptr(), out_f32, out.stride(0), out.stride(1), ws_o_ptr, ws_lse_ptr, context_lens.data_ptr<int>(),
-        Hq, num_splits, plan.partition);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_kernel(paged_decode_reduce_kernel<T, D>, dim3(Hq, B), kDecodeReduceThreads, 0, stream, pdl,
+        out.data_ptr(), out_f32, out.stride(0), out.stride(1), static_cast<const float*>(ws_o_ptr),
+        static_cast<const float*>(ws_lse_ptr), context_lens.data_ptr<int>(), Hq, num_splits, plan.partition);
   }
 }
 

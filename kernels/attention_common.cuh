@@ -131,6 +131,22 @@ __device__ __forceinline__ void load_kv_tile(T* __restrict__ smem, const T* __re
   }
 }
 
+// Programmatic dependent launch (sm_90+; no-ops elsewhere and in a kernel launched without the
+// attribute). pdl_wait: blocks until the previous kernel in the stream has completed and its memory
+// is visible; a kernel launched with the attribute reads no input before it. pdl_launch_dependents:
+// this CTA no longer holds the next kernel back (it may be scheduled once every CTA has called it or
+// exited; it still waits in its own pdl_wait for this kernel's completion).
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
 // Per-CTA timestamps, for finding where a kernel's time goes (bench/decode_stamps.py): row c of a
 // [capacity, 3] int64 buffer = (start ns, end ns, SM id) of the CTA with linear id c =
 // blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z); rows past capacity are not

@@ -234,6 +234,7 @@ paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t 
   T* q_s = stage_base + S::kQOffset;
   int64_t* off_s = reinterpret_cast<int64_t*>(stage_base + kStages * 2 * S::kTileElems);
   cta_stamp_start(decode_stamps);
+  pdl_wait();  // launched with PDL (OPPO_DECODE_PDL): the previous kernel's outputs (q, the cache) from here
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int qr = lane >> 2, qc = lane & 3;
@@ -344,6 +345,7 @@ paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t 
 
   // Merge the 4 warps (pipeline buffers reused).
   cp_async_wait<0>();
+  pdl_launch_dependents();  // every read is done: the reduction (or the next op) may be scheduled
   __syncthreads();
   float* o_m = reinterpret_cast<float*>(stage_base);        // warp partials, see warp_partials_to_smem
   warp_partials_to_smem<D>(o_m, m, l, o, warp, qr, qc);
@@ -383,6 +385,8 @@ paged_decode_reduce_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, i
   __shared__ float w_s[kLanes];
   __shared__ __align__(16) float4 acc_s[kLanes][kDimThreads];
   const int h = blockIdx.x, b = blockIdx.y, tid = threadIdx.x;
+  pdl_wait();  // launched with PDL: the split kernel's partials are complete and visible from here
+  pdl_launch_dependents();
   const int ctx = context_lens[b];
   const int nvalid = ctx > 0 ? min(num_splits, ceil_div(ctx, partition)) : 0;
   const int64_t slot0 = (static_cast<int64_t>(b) * Hq + h) * num_splits;

@@ -86,6 +86,7 @@ _SWITCHES = (
     ("OPPO_PREFILL_PLAN", "auto (wgmma_pp_ov_ps at D=128 on sm_90a, else mma; wgmma[3][_pp][_ov][_kv][_ps]: the sm_90a plans, wgmma3 D=64 bf16)"),
     ("OPPO_PREFILL_WGMMA_OFF", "none (a comma list of wgmma plans, or all, that tests and benches skip)"),
     ("OPPO_DECODE_TICKETS", "pool (memset: v4/v5's counters in the per-call workspace)"),
+    ("OPPO_DECODE_PDL", "0 (1: the decode split kernel and its reduction with programmatic dependent launch)"),
     ("OPPO_FUSE_KV_APPEND", "1 (K/V append inside the rotary kernel)"),
     ("OPPO_ASYNC_DECODE", "1 on CUDA (tokens read back one step late)"),
     ("OPPO_GRAPH_SAMPLING", "1 (LM head + sampler inside the decode graphs; 0: eager head)"),

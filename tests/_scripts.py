@@ -28,6 +28,22 @@ def run_check(code: str, interpret: bool = False, timeout: float = 900) -> None:
     assert out.returncode == 0 and "ok" in out.stdout, out.stdout[-2000:] + out.stderr[-4000:]
 
 
+def cuobjdump_path() -> str:
+    """cuobjdump of the CUDA toolkit, else the one Triton ships; skips the test where neither is."""
+    import shutil
+    path = shutil.which("cuobjdump") or "/usr/local/cuda/bin/cuobjdump"
+    if not os.path.exists(path):
+        try:
+            import triton
+            path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+        except ImportError:
+            pass
+    if not os.path.exists(path):
+        import pytest
+        pytest.skip("needs cuobjdump")
+    return path
+
+
 def nvcc_sm90a(source: str, workdir: Path, sass_with: str | None = None) -> tuple[str, str]:
     """Compile `source` (with kernels/ on the include path, the extension's CUDA flags) to an
     sm_90a cubin in `workdir`: ptxas's report (-v), and with `sass_with` (a cuobjdump) the SASS."""

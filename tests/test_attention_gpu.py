@@ -440,6 +440,60 @@ def test_decode_cta_stamps_cover_every_cta_and_change_nothing(monkeypatch, plan,
                 torch.ops.oppo.decode_cta_stamps(few)
 
 
+@pytest.mark.parametrize("plan", ["v3", "v6"])
+@pytest.mark.parametrize("B,Hq,Hkv,D,table", [(1, 32, 8, 128, 32768), (3, 14, 2, 64, 2048), (40, 14, 2, 64, 512)])
+def test_decode_pdl_waits_for_the_kernel_ahead(monkeypatch, plan, B, Hq, Hkv, D, table):
+    """OPPO_DECODE_PDL=1 (programmatic dependent launch of the split kernel and its reduction): a
+    chain in which each call's q is the previous call's output (attention right after attention:
+    the kernel ahead lets its dependents be scheduled before it has written its output), with a
+    K/V append between some calls, gives bit for bit the chain without PDL, eagerly and replayed
+    from a CUDA graph (programmatic edges). Split and unsplit plans, empty splits included."""
+    _use_plan(monkeypatch, plan)
+    bs = 16
+    lens = [max(1, table - 5 - 700 * b) for b in range(B)]
+    kv = PagedKV(num_blocks=sum(math.ceil(n / bs) for n in lens) + 7, block_size=bs, Hkv=Hkv, D=D, dtype=torch.bfloat16)
+    bt = kv.tables(lens, extra_blocks=table // bs - max(math.ceil(n / bs) for n in lens))
+    kv.fill(bt, lens)
+    ctx = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    # the append rewrites each sequence's last token (its slot is inside every context)
+    last = torch.tensor([int(bt[b, (n - 1) // bs]) * bs + (n - 1) % bs for b, n in enumerate(lens)],
+                        dtype=torch.int32, device="cuda")
+    q0 = torch.randn(B, Hq, D, device="cuda").bfloat16()
+    kn = torch.randn(B, Hkv, D, device="cuda").bfloat16()
+    ws = A.paged_decode_workspace(q0, kv.k, bt, backend="cuda")
+    outs = [torch.empty_like(q0) for _ in range(4)]
+
+    def chain():
+        q = q0
+        for i, o in enumerate(outs):
+            A.paged_decode_attention(q, kv.k, kv.v, bt, ctx, D ** -0.5, out=o, backend="cuda", workspace=ws)
+            if i == 1:
+                A.kv_append(o[:, :Hkv] + kn, kn, kv.k, kv.v, last, backend="cuda")
+            q = o
+        return [o.clone() for o in outs]
+
+    pool0 = kv.pool.clone()
+    monkeypatch.setenv("OPPO_DECODE_PDL", "0")
+    want = chain()
+    for mode in ("eager", "graph"):
+        kv.pool.copy_(pool0)
+        monkeypatch.setenv("OPPO_DECODE_PDL", "1")
+        if mode == "eager":
+            got = chain()
+        else:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                chain()
+            for o in outs:
+                o.fill_(float("nan"))
+            kv.pool.copy_(pool0)
+            graph.replay()
+            torch.cuda.synchronize()
+            got = [o.clone() for o in outs]
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert torch.equal(g, w), f"{mode}: call {i} differs with PDL"
+
+
 _RAW_WS_PROBE = """
 import sys, torch, oppo_runtime.ops
 assert oppo_runtime.ops.extension() is not None    # loads torch.ops.oppo

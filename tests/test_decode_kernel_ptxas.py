@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from _scripts import nvcc_sm90a
+from _scripts import cuobjdump_path, nvcc_sm90a
 
 from oppo_runtime.ops import attention as A
 
@@ -71,3 +71,41 @@ def test_decode_kernels_fit_the_ctas_per_sm_the_plans_assume(D):
         assert regs * 128 * ctas[D] <= 65536, (
             f"{plan} D={D}: {regs} registers x 128 threads x {ctas[D]} CTAs per SM (the plan mirror's "
             f"table) is past an SM's 65536 registers: the kernel no longer fits that many CTAs")
+
+
+REDUCE = """
+template __global__ void oppo::attn::paged_decode_reduce_kernel<T, {D}>(void* __restrict__, bool, int64_t, int64_t,
+    const float* __restrict__, const float* __restrict__, const int* __restrict__, int, int, int);
+"""
+# SASS of a global read: a load, cp.async (LDGSTS), a bulk/TMA copy
+_GLOBAL_READ = re.compile(r"\b(LDG|LDGSTS|LD|UBLKCP|UTMALDG)\b")
+
+
+@pytest.mark.parametrize("D,stages", [(64, 3), (128, 3), (128, 2)])
+def test_decode_kernels_read_nothing_before_the_pdl_wait(D, stages):
+    """Under OPPO_DECODE_PDL=1 the split kernel and its reduction may start before the kernel ahead
+    of them has finished; they are correct only if no global read comes before griddepcontrol.wait
+    (SASS ACQBULK), and the split kernel lets its dependents go (PREEXIT) after its last load."""
+    tmp = Path(tempfile.mkdtemp(prefix="decode_pdl_"))
+    try:
+        src = (SOURCE + REDUCE).replace("{D}", str(D)).replace("{S}", str(stages)).replace("{S4}", "3")
+        _, sass = nvcc_sm90a(src, tmp, sass_with=cuobjdump_path())
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    funcs = {}
+    for block in re.split(r"\n\s*Function : ", sass)[1:]:
+        name, body = block.split("\n", 1)
+        if "v4_kernel" in name:
+            continue
+        kind = "reduce" if "reduce_kernel" in name else "split"
+        funcs[kind] = [ln.split(";")[0] for ln in body.splitlines() if re.search(r"/\*[0-9a-f]{4,}\*/", ln)]
+    assert set(funcs) == {"split", "reduce"}, sass[:2000]
+    for kind, ins in funcs.items():
+        wait = next((i for i, x in enumerate(ins) if "ACQBULK" in x), None)
+        assert wait is not None, f"{kind}: no griddepcontrol.wait"
+        early = [x.strip() for x in ins[:wait] if _GLOBAL_READ.search(x)]
+        assert not early, f"{kind} D={D}: global reads before the PDL wait: {early}"
+    split = funcs["split"]
+    trigger = next(i for i, x in enumerate(split) if "PREEXIT" in x)
+    last_copy = max(i for i, x in enumerate(split) if "LDGSTS" in x)
+    assert trigger > last_copy, "the split kernel lets its dependents go before its last K/V load"

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from _scripts import nvcc_sm90a
+from _scripts import cuobjdump_path, nvcc_sm90a
 
 SOURCE = """
 #include <cuda_bf16.h>
@@ -35,16 +35,9 @@ template __global__ void oppo::attn::wgp::paged_prefill_wgmma_kernel<__nv_bfloat
 
 def _tools():
     nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
-    cuobjdump = shutil.which("cuobjdump") or "/usr/local/cuda/bin/cuobjdump"
-    if not os.path.exists(cuobjdump):
-        try:
-            import triton
-            cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-        except ImportError:
-            pass
-    if not (os.path.exists(nvcc) and os.path.exists(cuobjdump)):
-        pytest.skip("needs nvcc and cuobjdump")
-    return nvcc, cuobjdump
+    if not os.path.exists(nvcc):
+        pytest.skip("needs nvcc")
+    return nvcc, cuobjdump_path()
 
 
 VARIANTS = ["64", "128", "64x3"]   # head dim, and "x3": three consumer warpgroups (the wgmma3 plans)
