@@ -184,8 +184,9 @@ def print_table(rows: list[dict], cols: list[tuple[str, str, str]]) -> None:
 
 
 def stamp_stats(stamps: torch.Tensor, sms: int) -> dict:
-    """Where a one-launch kernel's SM time goes, from per-CTA (program) stamps: rows (start ns, end
-    ns, SM id) on the host, rows of CTAs that did not run all zero (dropped). Times are us from the
+    """Where a one-launch kernel's SM time goes, from per-CTA (program, or work item) stamps: rows
+    (start ns, end ns, SM id in the lower 32 bits) on the host, rows that were not written all zero
+    (dropped). Times are us from the
     first start. ``sm_idle_fraction``: the time between each SM's last end and the kernel's end,
     summed over all ``sms`` SMs (an unused SM idles throughout), over sms x the span: ncu's
     1 - SM active / elapsed, less the start. ``sm_idle_start_fraction``: the same before each SM's
@@ -193,7 +194,8 @@ def stamp_stats(stamps: torch.Tensor, sms: int) -> dict:
     CTA duration by the number of CTAs its SM ran (does a CTA sharing its SM with more run longer?)."""
     s = stamps[stamps[:, 1] > 0]
     t0 = int(s[:, 0].min())
-    start, end, smid = (s[:, 0] - t0).double() / 1e3, (s[:, 1] - t0).double() / 1e3, s[:, 2].tolist()
+    start, end = (s[:, 0] - t0).double() / 1e3, (s[:, 1] - t0).double() / 1e3
+    smid = (s[:, 2] & 0xFFFFFFFF).tolist()          # (the upper half may carry a tag)
     span = float(end.max())
     first, finish, count = {}, {}, {}
     for a, e, m in zip(start.tolist(), end.tolist(), smid):

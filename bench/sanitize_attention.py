@@ -171,6 +171,11 @@ def main():
                 print(f"prefill {plan}: skipped (OPPO_PREFILL_WGMMA_OFF)")
                 continue
             ok &= prefill_plan_check(f"prefill {plan} G={Hq // Hkv} D={Dd}", plan, Hq, Hkv, Dd, pre, chk, 0.1)
+        if A.prefill_wgmma_available(plan="wgmma_pp_ov_ps"):   # item stamps on, room for 2 items
+            with A.prefill_item_stamps(2):
+                ok &= prefill_plan_check("prefill wgmma_pp_ov_ps with item stamps", "wgmma_pp_ov_ps", 8, 2, 64,
+                                         [5 * i for i in range(40)], [300 if i % 3 == 0 else 1 + i for i in range(40)],
+                                         0.1)
     torch.cuda.synchronize()
     sys.exit(0 if ok else 1)
 

@@ -55,6 +55,7 @@
 #include <cuda_fp16.h>
 #include "dispatch.h"
 #include "../kernels/paged_decode_attention.cuh"
+#include "stamps.h"
 
 namespace {
 
@@ -514,38 +515,10 @@ void paged_decode_attention_cuda(at::Tensor& out, const at::Tensor& q, const at:
   }
 }
 
-// Per-CTA timestamps of paged_decode_kernel (plans v2, v3, v6; bench/decode_stamps.py): from the
-// next launch on, CTA c writes row c of `stamps` (int64 [n, 3] contiguous, on the device): start
-// ns, end ns (%globaltimer), SM id; n == 0 turns them off. The switch is ordered on the current
-// stream (a copy into the kernel's constant), refused under graph capture (a replay would not
-// follow a later switch), and this launcher holds `stamps` while they are on, so a buffer freed
-// by its caller is never written.
+// Per-CTA timestamps of paged_decode_kernel (plans v2, v3, v6; bench/decode_stamps.py): CTA c
+// writes row c (start ns, end ns, SM id); see set_stamps.
 void decode_cta_stamps_cuda(at::Tensor& stamps) {
-  constexpr const char* op = "decode_cta_stamps";
-  OPPO_CHECK_CUDA(stamps, "decode_cta_stamps");
-  OPPO_CHECK(stamps.scalar_type() == at::kLong && stamps.dim() == 2 && stamps.size(1) == 3 && stamps.is_contiguous(),
-             op, ": stamps must be int64 [n, 3] contiguous (n = 0: off)");
-  const at::cuda::OptionalCUDAGuard guard(stamps.device());
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
-  OPPO_CHECK(capture == cudaStreamCaptureStatusNone, op, ": not under CUDA-graph capture");
-  static std::mutex mu;
-  // per device: the buffer the kernels write while on (never destroyed: no tensor freed at exit)
-  static auto* held = new std::map<int, at::Tensor>();
-  const std::lock_guard<std::mutex> lock(mu);
-  const oppo::attn::CtaStamps h{stamps.numel() > 0 ? stamps.data_ptr<int64_t>() : nullptr,
-                                stamps.size(0)};
-  // from pageable memory: staged before the call returns, so `h` may go out of scope
-  C10_CUDA_CHECK(cudaMemcpyToSymbolAsync(oppo::attn::decode_stamps, &h, sizeof(h), 0, cudaMemcpyHostToDevice, stream));
-  const int dev = stamps.get_device();
-  if (held->count(dev)) {
-    // launches queued before this switch may still write the old buffer: the caching allocator
-    // reuses it only after them (on this stream; the switch is meant for one stream's launches)
-    (*held)[dev].record_stream(at::cuda::getCurrentCUDAStream());
-    held->erase(dev);
-  }
-  if (h.rows != nullptr) (*held)[dev] = stamps;
+  set_stamps("decode_cta_stamps", oppo::attn::decode_stamps, stamps);
 }
 
 // Floats of `workspace` that paged_decode_attention needs for this q, k_cache and block_tables

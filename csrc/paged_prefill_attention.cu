@@ -30,6 +30,7 @@
 #include "dispatch.h"
 #include "../kernels/paged_prefill_attention.cuh"
 #include "../kernels/paged_prefill_wgmma.cuh"
+#include "stamps.h"
 
 namespace {
 
@@ -258,4 +259,11 @@ void paged_prefill_attention_cuda(at::Tensor& out, const at::Tensor& q, const at
     if (D == 64) launch<__half, 64>(wg, out, q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, max_seqlen_q);
     else launch<__half, 128>(wg, out, q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale, max_seqlen_q);
   }
+}
+
+// Per-item timestamps of the sm_90a wgmma prefill kernel (bench/prefill_stamps.py): item w writes
+// row w (start ns, end ns as consumer warpgroup 0 sees them, SM id | key tiles << 32); see
+// set_stamps.
+void prefill_item_stamps_cuda(at::Tensor& stamps) {
+  set_stamps("prefill_item_stamps", oppo::attn::wgp::prefill_stamps, stamps);
 }

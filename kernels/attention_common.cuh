@@ -147,10 +147,11 @@ __device__ __forceinline__ void pdl_launch_dependents() {
 #endif
 }
 
-// Per-CTA timestamps, for finding where a kernel's time goes (bench/decode_stamps.py): row c of a
-// [capacity, 3] int64 buffer = (start ns, end ns, SM id) of the CTA with linear id c =
-// blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z); rows past capacity are not
-// written. Off (rows == nullptr) unless a launcher's host side sets its kernel's copy.
+// Timestamps, for finding where a kernel's time goes (bench/decode_stamps.py, bench/prefill_stamps.py):
+// row r of a [capacity, 3] int64 buffer = (start ns, end ns, SM id | tag << 32) of a CTA (row = its
+// linear id blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z)) or of a work item
+// (row = the item; tag e.g. its tile count); rows past capacity are not written. Off (rows ==
+// nullptr) unless a launcher's host side sets its kernel's copy (a __constant__: no register).
 struct CtaStamps {
   int64_t* rows;
   int64_t capacity;
@@ -160,24 +161,36 @@ __device__ __forceinline__ long long global_ns() {
   asm volatile("mov.u64 %0, %%globaltimer;\n" : "=l"(t));
   return t;
 }
-__device__ __forceinline__ long long cta_linear_id() {
-  return blockIdx.x + static_cast<long long>(gridDim.x) * (blockIdx.y + static_cast<long long>(gridDim.y) * blockIdx.z);
+__device__ __forceinline__ int64_t cta_linear_id() {
+  return blockIdx.x + static_cast<int64_t>(gridDim.x) * (blockIdx.y + static_cast<int64_t>(gridDim.y) * blockIdx.z);
 }
-// Thread 0 writes the CTA's start time and SM (call first thing; nothing stays live in registers).
-__device__ __forceinline__ void cta_stamp_start(const CtaStamps& st) {
-  const long long c = cta_linear_id();
-  if (st.rows != nullptr && threadIdx.x == 0 && c < st.capacity) {
-    unsigned sm;
-    asm volatile("mov.u32 %0, %%smid;\n" : "=r"(sm));
-    st.rows[3 * c] = global_ns();
-    st.rows[3 * c + 2] = sm;
+__device__ __forceinline__ unsigned sm_id() {
+  unsigned sm;
+  asm volatile("mov.u32 %0, %%smid;\n" : "=r"(sm));
+  return sm;
+}
+// The calling thread writes row's start time and SM (nothing stays live in registers after).
+__device__ __forceinline__ void stamp_start(const CtaStamps& st, int64_t row) {
+  if (st.rows != nullptr && row < st.capacity) {
+    st.rows[3 * row] = global_ns();
+    st.rows[3 * row + 2] = sm_id();
   }
 }
-// Thread 0 writes the CTA's end time: called after thread 0's last store, it marks the CTA's end
-// when the threads' last work is equal (no barrier: one costs the lean kernels a spill).
+// The calling thread writes row's end time, and its SM with `tag` in the upper half.
+__device__ __forceinline__ void stamp_end(const CtaStamps& st, int64_t row, int64_t tag = 0) {
+  if (st.rows != nullptr && row < st.capacity) {
+    st.rows[3 * row + 1] = global_ns();
+    st.rows[3 * row + 2] = static_cast<int64_t>(sm_id()) | (tag << 32);
+  }
+}
+// A CTA's row: thread 0 at the kernel's start, and after thread 0's last store at its end (that
+// marks the CTA's end when the threads' last work is equal; a barrier costs the lean decode
+// kernels a spill).
+__device__ __forceinline__ void cta_stamp_start(const CtaStamps& st) {
+  if (threadIdx.x == 0) stamp_start(st, cta_linear_id());
+}
 __device__ __forceinline__ void cta_stamp_end(const CtaStamps& st) {
-  const long long c = cta_linear_id();
-  if (st.rows != nullptr && threadIdx.x == 0 && c < st.capacity) st.rows[3 * c + 1] = global_ns();
+  if (threadIdx.x == 0) stamp_end(st, cta_linear_id());
 }
 
 }  // namespace attn

@@ -159,6 +159,11 @@ __device__ __forceinline__ float ex2(float x) {
   return y;
 }
 
+// Per-item timestamps (see CtaStamps; row = item, tag = its key tiles), written by consumer
+// warpgroup 0's thread 0 at the item's start and after its epilogue; set by the launcher's host
+// side (oppo::prefill_item_stamps), off by default.
+static __constant__ CtaStamps prefill_stamps;
+
 // out          [Nq, Hq, D]  (T, or float32 with kPrefillOutF32), strides o_s0, o_s1, inner contiguous
 // flags        kPrefillOutF32 | kFlagPingPong | kFlagOverlap | kFlagSplitKV
 // q            [Nq, Hq, D]  packed by cu_seqlens_q [B+1], strides q_s0, q_s1, inner contiguous
@@ -545,6 +550,7 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
   int gbase = 0;                             // ring position of the item's first tile
   for (int w = blockIdx.x; w < num_items; w += gridDim.x) {
     if (!item_at(w, I)) continue;
+    if (cw == 0 && tw == 0) stamp_start(prefill_stamps, w);  // off unless bench/prefill_stamps.py sets it
     // Q rows of this warpgroup -> shared memory (swizzled), zeros for rows past the chunk. The
     // buffer is free: this warpgroup's Q K^T of the previous item were all waited on.
     fence_proxy_async();
@@ -661,6 +667,7 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
         }
       }
     }
+    if (cw == 0 && tw == 0) stamp_end(prefill_stamps, w, n_tiles);  // warpgroup 0's end of the item
   }
 #endif
 }

@@ -954,6 +954,46 @@ def test_prefill_wgmma3_persistent_many_items_and_native_output(monkeypatch, pla
     assert rel_err(out, ref) < rel_err(ref.to(torch.bfloat16), ref) + TOL_F32_OUT[torch.bfloat16]
 
 
+@pytest.mark.parametrize("plan", ["wgmma_pp_ov", "wgmma_pp_ov_ps", "wgmma3_pp_ov_ps"])
+def test_prefill_item_stamps_cover_every_item_and_change_nothing(monkeypatch, plan):
+    """prefill_item_stamps: every work item of the wgmma kernel (row tile, kv head, sequence, in the
+    launcher's order; one CTA each or persistent CTAs) writes its row with its key-tile count as
+    the tag, items past a short chunk write nothing, and the output is bit for bit the unstamped
+    call's."""
+    _skip_unless_wgmma(plan)
+    monkeypatch.setenv("OPPO_PREFILL_PLAN", plan)
+    Hq, Hkv, D, bs = 14, 2, 64, 16
+    G, bm = Hq // Hkv, 192 if plan.startswith("wgmma3") else 128
+    prefixes, chunks = [0, 300, 77, 1000, 5], [256, 1, 129, 64, 200]
+    lens = [p + c for p, c in zip(prefixes, chunks)]
+    kv = PagedKV(num_blocks=sum(math.ceil(n / bs) for n in lens) + 5, block_size=bs, Hkv=Hkv, D=D, dtype=torch.bfloat16)
+    bt = kv.tables(lens)
+    kv.fill(bt, lens)
+    cu = torch.tensor([0] + list(torch.tensor(chunks).cumsum(0).tolist()), dtype=torch.int32, device="cuda")
+    ctx = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    q = torch.randn(sum(chunks), Hq, D, device="cuda").bfloat16()
+    plain = A.paged_prefill_attention(q, kv.k, kv.v, cu, ctx, bt, D ** -0.5, max_seqlen_q=max(chunks), backend="cuda")
+    m_tiles = math.ceil(max(chunks) * G / bm)
+    items = m_tiles * Hkv * len(chunks)
+    with A.prefill_item_stamps(items + 3) as stamps:
+        stamped = A.paged_prefill_attention(q, kv.k, kv.v, cu, ctx, bt, D ** -0.5, max_seqlen_q=max(chunks),
+                                            backend="cuda")
+        torch.cuda.synchronize()
+        s = stamps.cpu()
+    assert torch.equal(stamped, plain)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for w in range(items + 3):
+        x, rest = w % m_tiles, w // m_tiles
+        b, row0 = rest // Hkv, (m_tiles - 1 - x) * bm
+        if w >= items or row0 >= chunks[b] * G:
+            assert not s[w].any(), f"item {w} (none) wrote {s[w].tolist()}"
+            continue
+        last = prefixes[b] + (min(row0 + bm, chunks[b] * G) - 1) // G
+        start, end, tag = s[w].tolist()
+        assert 0 < start <= end and (tag & 0xFFFFFFFF) < sms, (w, s[w].tolist())
+        assert tag >> 32 == (last + 128) // 128, f"item {w}: key tiles {tag >> 32}, expected {(last + 128) // 128}"
+
+
 def test_prefill_wgmma3_refuses_head_dim_128_and_fp16(monkeypatch):
     """The wgmma3 plans are built for head dim 64 and bf16 only: anything else is a clear error."""
     _skip_unless_wgmma("wgmma3_pp_ov")

@@ -33,3 +33,31 @@ def test_stamp_stats_splits_sm_idle_into_the_ramp_and_the_end():
     assert st["cta_us_by_load"] == {"1": 6.0, "2": 7.5}       # SM 0: 10, 10; SM 2: 5, 4 -> median of the four
     assert st["last_start_us"] == pytest.approx(6)
     assert st["sm_finish_us_by_smid"] == [10.0, 8.0, 10.0, 0.0]
+
+
+def test_stamp_stats_reads_the_sm_below_a_tag():
+    c = load_script(BENCH, "common")
+    s = torch.tensor([[1000, 5000, 3 | (7 << 32)], [1000, 3000, 1 | (9 << 32)]], dtype=torch.int64)
+    assert c.stamp_stats(s, sms=4)["sm_finish_us_by_smid"] == [0.0, 2.0, 0.0, 4.0]
+
+
+def test_prefill_item_fit_recovers_overhead_per_item_and_time_per_tile():
+    """bench/prefill_stamps.py's fit: items of 1-30 key tiles lasting 3 us + 0.5 us per tile, four
+    per SM back to back with 0.25 us between them, give a = 3, b = 0.5, gap 0.25."""
+    p = load_script(BENCH, "prefill_stamps")
+    rows, t = [], {}
+    for i in range(40):
+        sm, tiles = i % 10, 1 + (7 * i) % 30
+        start = t.get(sm, 10_000)
+        end = start + int((3.0 + 0.5 * tiles) * 1000)
+        rows.append([start, end, sm | (tiles << 32)])
+        t[sm] = end + 250
+    s = torch.tensor(rows + [[0, 0, 0]], dtype=torch.int64)       # an item that did not run
+    fit = p.fit_items(s)
+    assert fit["items"] == 40 and (fit["tiles_min"], fit["tiles_max"]) == (1, 30)
+    assert fit["item_overhead_us"] == pytest.approx(3.0, abs=1e-6)
+    assert fit["tile_us"] == pytest.approx(0.5, abs=1e-6) and fit["fit_r2"] == pytest.approx(1.0)
+    assert fit["gap_us"] == pytest.approx(0.25)
+    same = s.clone()
+    same[:, 2] = (same[:, 2] & 0xFFFFFFFF) | (4 << 32)                 # one tile count: no fit, a mean
+    assert p.fit_items(same)["item_overhead_us"] is None

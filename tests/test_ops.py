@@ -111,18 +111,20 @@ def test_asking_for_a_cuda_kernel_on_cpu_tensors_names_the_op():
                   backend="triton")
 
 
-def test_decode_cta_stamps_is_registered_and_refuses_without_a_gpu():
-    """The profiling switch (bench/decode_stamps.py): a torch op of the extension where it is built
-    with CUDA; without a GPU the context manager raises before touching anything."""
+@pytest.mark.parametrize("op", ["decode_cta_stamps", "prefill_item_stamps"])
+def test_stamp_switches_are_registered_and_refuse_without_a_gpu(op):
+    """The profiling switches (bench/decode_stamps.py, bench/prefill_stamps.py): torch ops of the
+    extension where it is built with CUDA; without a GPU the context managers raise before
+    touching anything."""
     from oppo_runtime.ops import attention as A
     if ops.has_cuda_kernels():
-        assert "decode_cta_stamps(Tensor(a!) stamps) -> ()" in str(torch.ops.oppo.decode_cta_stamps.default._schema)
+        assert f"{op}(Tensor(a!) stamps) -> ()" in str(getattr(torch.ops.oppo, op).default._schema)
     with pytest.raises(ValueError, match="capacity must be >= 1"):
-        with A.decode_cta_stamps(0):
+        with getattr(A, op)(0):
             pass
     if not torch.cuda.is_available():
-        with pytest.raises(MissingKernelError, match="decode_cta_stamps: needs"):
-            with A.decode_cta_stamps(4):
+        with pytest.raises(MissingKernelError, match=f"{op}: needs"):
+            with getattr(A, op)(4):
                 pass
 
 

@@ -278,7 +278,9 @@ def test_actor_spans_are_named_by_what_each_step_did(models, threaded):
 def test_scorer_call_costs_leave_out_graph_captures(models):
     """The (tokens, seconds) per scorer call that the chunk-size model fits leave out time spent
     capturing CUDA graphs inside the call (a one-off): here a scorer whose calls each 'capture'
-    for 0.2 s records calls far shorter than that, while ``score_s`` keeps the whole time."""
+    for 0.5 s records calls shorter than that (by the capture, not by a timing margin: the real
+    step takes well under 0.3 s even on a loaded 2-core machine), while ``score_s`` keeps the
+    whole time."""
     import time as _time
     ro, _ = make(models, True, 4, threaded=False)
     s = ro.scorers[0]
@@ -287,8 +289,8 @@ def test_scorer_call_costs_leave_out_graph_captures(models):
     calls = []
 
     def capturing_step(only=None):
-        _time.sleep(0.2)
-        s.runner.prefill_stats["capture_s"] += 0.2
+        _time.sleep(0.5)
+        s.runner.prefill_stats["capture_s"] += 0.5
         calls.append(1)
         return orig(only=only)
 
@@ -296,5 +298,5 @@ def test_scorer_call_costs_leave_out_graph_captures(models):
     ro.submit(prompts(3, seed=5), SamplingParams(max_new_tokens=16), target_lens=[6, 9, 12])
     ro.collect()
     ro.close()
-    assert calls and ro.scorer_calls and ro.stats["score_s"] >= 0.2 * len(calls)
-    assert max(sec for _, sec in ro.scorer_calls) < 0.15
+    assert calls and ro.scorer_calls and ro.stats["score_s"] >= 0.5 * len(calls)
+    assert max(sec for _, sec in ro.scorer_calls) < 0.35

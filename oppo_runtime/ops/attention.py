@@ -25,7 +25,7 @@ from ._backend import MissingKernelError, choose_backend, has_cuda_kernels, reco
 __all__ = [
     "kv_append", "kv_append_ref",
     "paged_decode_attention", "paged_decode_attention_ref", "paged_decode_plan", "paged_decode_resident_ctas",
-    "paged_decode_workspace", "decode_cta_stamps",
+    "paged_decode_workspace", "decode_cta_stamps", "prefill_item_stamps",
     "paged_prefill_attention", "paged_prefill_attention_ref", "prefill_wgmma_available",
     "varlen_causal_attention", "gather_paged_kv", "acc_dtype", "attention_kernels_support",
 ]
@@ -308,29 +308,43 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
 
 
 @contextlib.contextmanager
-def decode_cta_stamps(capacity: int, device=None):
-    """Per-CTA timestamps of the CUDA decode kernel inside the block (a profiling aid:
-    ``bench/decode_stamps.py``). Yields an int64 [capacity, 3] tensor of zeros on ``device`` (default:
-    the current CUDA device); each launch of the split kernel (plans v2, v3, v6; not v4/v5, not the
-    split reduction) inside the block writes row c = the CTA's linear id (blockIdx.x + gridDim.x *
-    (blockIdx.y + gridDim.y * blockIdx.z)): start ns, end ns (%globaltimer) and SM id; CTAs past
-    ``capacity`` write nothing. Later launches overwrite earlier ones' rows. The switch is ordered on
-    the current stream; not under CUDA-graph capture, but graphs replayed inside the block stamp
-    too. Raises where the CUDA kernels are not built or no GPU is present."""
+def _stamps(op: str, capacity: int, device):
+    """Point a kernel's timestamp buffer (torch.ops.oppo.<op>) at fresh zeros inside the block."""
     if capacity < 1:
-        raise ValueError(f"decode_cta_stamps: capacity must be >= 1, got {capacity}")
+        raise ValueError(f"{op}: capacity must be >= 1, got {capacity}")
     if not (has_cuda_kernels() and torch.cuda.is_available()):
-        raise MissingKernelError("decode_cta_stamps: needs the CUDA kernels (oppo_runtime._C built with CUDA) "
-                                 "and a GPU")
+        raise MissingKernelError(f"{op}: needs the CUDA kernels (oppo_runtime._C built with CUDA) and a GPU")
     dev = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
     if dev.type != "cuda":
-        raise ValueError(f"decode_cta_stamps: device must be a CUDA device, got {dev}")
+        raise ValueError(f"{op}: device must be a CUDA device, got {dev}")
+    switch = getattr(torch.ops.oppo, op)
     stamps = torch.zeros(capacity, 3, dtype=torch.int64, device=dev)
-    torch.ops.oppo.decode_cta_stamps(stamps)
+    switch(stamps)
     try:
         yield stamps
     finally:
-        torch.ops.oppo.decode_cta_stamps(torch.empty(0, 3, dtype=torch.int64, device=dev))
+        switch(torch.empty(0, 3, dtype=torch.int64, device=dev))
+
+
+def decode_cta_stamps(capacity: int, device=None):
+    """Per-CTA timestamps of the CUDA decode kernel inside the block (a profiling aid:
+    ``bench/decode_stamps.py``); a context manager. Yields an int64 [capacity, 3] tensor of zeros on
+    ``device`` (default: the current CUDA device); each launch of the split kernel (plans v2, v3, v6;
+    not v4/v5, not the split reduction) inside the block writes row c = the CTA's linear id
+    (blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z)): start ns, end ns
+    (%globaltimer) and SM id; CTAs past ``capacity`` write nothing. Later launches overwrite
+    earlier ones' rows. The switch is ordered on the current stream; not under CUDA-graph capture,
+    but graphs replayed inside the block stamp too. Raises where the CUDA kernels are not built or
+    no GPU is present."""
+    return _stamps("decode_cta_stamps", capacity, device)
+
+
+def prefill_item_stamps(capacity: int, device=None):
+    """Per-item timestamps of the sm_90a wgmma prefill kernel (``bench/prefill_stamps.py``), as
+    ``decode_cta_stamps``: row w = work item w (row tile, kv head, sequence; the launcher's order)
+    gets start ns, end ns (consumer warpgroup 0's start of the item and end of its epilogue) and
+    SM id | key tiles << 32. Only the wgmma plans write (not mma, not Triton)."""
+    return _stamps("prefill_item_stamps", capacity, device)
 
 
 # ----------------------------------------------------------------------------- chunk prefill
