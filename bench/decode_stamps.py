@@ -15,7 +15,9 @@ this run), then ``--reps`` stamped eager launches, of which the one of median sp
 (p10 / median / p90 / max), the median CTA duration by its SM's CTA count, and ``outside_us`` =
 timed us - span (the launch, the split reduction, graph gaps). ``active_frac_copy``: the bytes
 over the time SMs held CTAs (span x (1 - both idle fractions)), over copy: the streaming rate
-while active. No timing assertion: a measurement for bench/NOTES.md.
+while active. With ``+pdl`` (programmatic dependent launch) a CTA's start is when it was scheduled,
+before its wait for the kernel ahead (in the stamped eager launches that kernel is the stamps'
+zeroing, which does not release it early). No timing assertion: a measurement for bench/NOTES.md.
 """
 from __future__ import annotations
 
