@@ -183,6 +183,21 @@ def print_table(rows: list[dict], cols: list[tuple[str, str, str]]) -> None:
     sys.stdout.flush()
 
 
+def median_span_stamps(run: Callable[[], object], stamps: torch.Tensor, reps: int) -> torch.Tensor:
+    """`run` launched reps times, one at a time, the stamp buffer zeroed before each; the host copy
+    of the launch whose span (last end - first start) is the median (rows never written: zero)."""
+    kept = []
+    for _ in range(reps):
+        stamps.zero_()
+        run()
+        torch.cuda.synchronize()
+        s = stamps.cpu()
+        ran = s[s[:, 1] > 0]
+        kept.append((int(ran[:, 1].max()) - int(ran[:, 0].min()), s))
+    kept.sort(key=lambda p: p[0])
+    return kept[len(kept) // 2][1]
+
+
 def stamp_stats(stamps: torch.Tensor, sms: int) -> dict:
     """Where a one-launch kernel's SM time goes, from per-CTA (program, or work item) stamps: rows
     (start ns, end ns, SM id in the lower 32 bits) on the host, rows that were not written all zero

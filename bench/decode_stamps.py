@@ -28,25 +28,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (copy_bandwidth, device_info, paged_pool, print_table, results_path, stamp_stats,  # noqa: E402
-                    time_ms, write_json)
+from common import (copy_bandwidth, device_info, median_span_stamps, paged_pool, print_table, results_path,  # noqa: E402
+                    stamp_stats, time_ms, write_json)
 from decode_attention import SHAPES, plan_env  # noqa: E402
 
 ENGINE = (256, 384, 14, 2, 64)   # --engine: bench/engine.py's Qwen2.5-0.5B batch at its mean context
-
-
-def stamped_row(run, stamps: torch.Tensor, reps: int, sms: int) -> dict:
-    """`run` launched reps times (stamps zeroed before each); the median-span launch's stamp_stats."""
-    kept = []
-    for _ in range(reps):
-        stamps.zero_()
-        run()
-        torch.cuda.synchronize()
-        s = stamps.cpu()
-        ran = s[s[:, 1] > 0]
-        kept.append((int(ran[:, 1].max()) - int(ran[:, 0].min()), s))
-    kept.sort(key=lambda p: p[0])
-    return stamp_stats(kept[len(kept) // 2][1], sms)
 
 
 def main() -> None:
@@ -94,7 +80,7 @@ def main() -> None:
                 # (the launcher's minimum partition) x Hkv x head chunks of 16 x B
                 cap = B * Hkv * -(-(Hq // Hkv) // 16) * -(-ctx // 256)
                 with decode_cta_stamps(cap) as stamps:
-                    st = stamped_row(run, stamps, args.reps, sms)
+                    st = stamp_stats(median_span_stamps(run, stamps, args.reps), sms)
             row = {"B": B, "ctx": ctx, "Hq": Hq, "Hkv": Hkv, "D": D, "plan": plan, "bytes": nbytes,
                    "us": ms * 1e3, "frac_copy_bw": nbytes / (ms * 1e-3) / bw, **st,
                    "outside_us": ms * 1e3 - st["span_us"]}

@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (device_info, env_var, matmul_flops, paged_pool, print_table, results_path, stamp_stats,  # noqa: E402
-                    time_ms, write_json)
+from common import (device_info, env_var, matmul_flops, median_span_stamps, paged_pool, print_table,  # noqa: E402
+                    results_path, stamp_stats, time_ms, write_json)
 from prefill_attention import SHAPES, WGMMA_PLANS  # noqa: E402
 
 SPREAD = (32, "spread", 256, 14, 2, 64)   # B, prefixes 0..4096 (spread), chunk, Hq, Hkv, D
@@ -118,17 +118,8 @@ def main() -> None:
 
             ms = time_ms(run)
             items = B * Hkv * -(-(n * G) // bm)
-            kept = []
             with prefill_item_stamps(items) as stamps:
-                for _ in range(args.reps):
-                    stamps.zero_()
-                    run()
-                    torch.cuda.synchronize()
-                    s = stamps.cpu()
-                    ran = s[s[:, 1] > 0]
-                    kept.append((int(ran[:, 1].max()) - int(ran[:, 0].min()), s))
-            kept.sort(key=lambda p: p[0])
-            s = kept[len(kept) // 2][1]
+                s = median_span_stamps(run, stamps, args.reps)
             st = stamp_stats(s, sms)
             fit = fit_items(s)
             tile_floor = 4.0 * bm * KBN * D / (mm / sms) * 1e6     # Q K^T + P V of one tile, one SM

@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import copy_bandwidth, device_info, results_path, stamp_stats, time_ms, write_json  # noqa: E402
+from common import (copy_bandwidth, device_info, median_span_stamps, results_path, stamp_stats, time_ms,  # noqa: E402
+                    write_json)
 
 
 def _kernel():
@@ -99,19 +100,6 @@ def _kernel():
     return stream_probe, paged_probe
 
 
-def _stamped(run, stamps, reps, sms):
-    """Launch `run` reps times (one at a time), keep the launch of median span: its
-    ``common.stamp_stats`` (per-SM finish times, programs per SM, the SM-idle fraction)."""
-    spans = []
-    for _ in range(reps):
-        run()
-        torch.cuda.synchronize()
-        s = stamps.cpu()
-        spans.append((int(s[:, 1].max()) - int(s[:, 0].min()), s.clone()))
-    spans.sort(key=lambda p: p[0])
-    return stamp_stats(spans[len(spans) // 2][1], sms)
-
-
 def _print(tag, row):
     print(f"{tag}: {row['programs']} programs, {row['ms'] * 1e3:.1f} us, read/copy {row['read_bw_over_copy']:.3f} "
           f"(span {row['span_us']:.1f} us), SMs finish {row['sm_finish_us_min']:.1f}-{row['sm_finish_us_max']:.1f} us "
@@ -158,7 +146,8 @@ def main() -> None:
 
         ms = time_ms(run, graph=False)
         row = {"kind": "contiguous", "waves": waves, "programs": progs, "kib_per_program": args.kib / waves, "ms": ms,
-               "read_bw_over_copy": total_elems * 2 / (ms * 1e-3) / bw, **_stamped(run, stamps, args.reps, sms)}
+               "read_bw_over_copy": total_elems * 2 / (ms * 1e-3) / bw,
+               **stamp_stats(median_span_stamps(run, stamps, args.reps), sms)}
         rows.append(row)
         _print(f"contiguous, waves {waves} ({args.kib / waves:.0f} KiB each)", row)
     one = rows[0]["sm_finish_us_by_smid"]
@@ -186,7 +175,7 @@ def main() -> None:
                 ms = time_ms(run_paged, calls_per_replay=10)
                 row = {"kind": "paged", "shape": args.paged_shape, "config": cfg, "splits": splits, "programs": progs,
                        "tokens_per_program": tokens, "ms": ms, "read_bw_over_copy": nbytes / (ms * 1e-3) / bw,
-                       **_stamped(run_paged, stamps, args.reps, sms)}
+                       **stamp_stats(median_span_stamps(run_paged, stamps, args.reps), sms)}
                 rows.append(row)
                 _print(f"paged ({ctx}, {hkv}, {d}) {cfg} (warps:tile:prefetch), {splits} splits", row)
     print("one wave, SM finish (us) by smid:", " ".join(f"{v:.0f}" for v in one))
