@@ -43,17 +43,41 @@ def _sync():
     torch.cuda.synchronize()
 
 
+def _warm(fn: Callable[[], object], ms: float) -> None:
+    """Calls of ``fn`` until they have kept the device busy for ``ms`` (device time, by events; in
+    batches that double, so the host never queues much more than that): a card that idled, e.g.
+    while the previous shape compiled FlexAttention on the CPU, is back at its working clocks
+    before the clock starts (the likely reason why the first kernel timed after such a pause read
+    13% slow: decode v3 at (1, 32768) on an H100, session 13, 64.9 us, and 57.1 us for the same
+    plan later in the same shape's block; decode_attention.py's repeat of its first plan shows
+    whether a spread remains)."""
+    spent, n = 0.0, 1
+    while spent < ms:
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(n):
+            fn()
+        b.record()
+        b.synchronize()
+        spent += a.elapsed_time(b)
+        n = min(2 * n, 1024)
+
+
 def time_ms(fn: Callable[[], object], *, calls_per_replay: int = 10, reps: int = 15, warmup: int = 3,
-            graph: bool = True) -> float:
+            graph: bool = True, warmup_ms: float = 30.0) -> float:
     """Median milliseconds of one call of ``fn``.
 
     With ``graph`` the calls are captured ``calls_per_replay`` times into one CUDA graph and each
     timed replay is divided by that count (no launch gaps); if capture fails, eager calls are
     timed instead. Events bracket each replay; the median over ``reps`` replays is returned.
+    Before anything is timed: ``warmup`` calls, then calls for ``warmup_ms`` of device time
+    (``_warm``).
     """
     for _ in range(warmup):
         fn()
     _sync()
+    if warmup_ms > 0:
+        _warm(fn, warmup_ms)
     run = None
     if graph:
         try:
