@@ -15,7 +15,7 @@ tests do, by results). v5 (OPPO_DECODE_PLAN=v5): the v4 kernel with items claime
 split and not, run twice on the same counters. v6: the v3 kernel with 2 stages at D=128.
 --decode-only: kv_append and decode only;
 --decode-plans=v5,v4:memset: only the decode cases of those plans (v3 for the default; v3:stamps,
-v3:pdl: per-CTA stamps on, programmatic dependent launch). Exits
+v3:pdl, v3:l2: per-CTA stamps on, programmatic dependent launch, L2 prefetch). Exits
 non-zero if an output differs from the reference.
 """
 import contextlib
@@ -108,7 +108,9 @@ def main():
              # per-CTA stamps on, with room for 3 CTAs of the grid (the rest must write nothing)
              (splits, 14, 2, 64, "v3:stamps"), (splits, 8, 2, D, "v6:stamps"),
              # programmatic dependent launch of the split kernel and its reduction
-             (splits, 14, 2, 64, "v3:pdl"), (splits, 8, 2, D, "v6:pdl"), (fill, 14, 2, 64, "v3:pdl"))
+             (splits, 14, 2, 64, "v3:pdl"), (splits, 8, 2, D, "v6:pdl"), (fill, 14, 2, 64, "v3:pdl"),
+             # L2 prefetch of the tile after those in flight (rows past a context are not prefetched)
+             (splits, 14, 2, 64, "v3:l2"), (splits, 8, 2, D, "v6:l2"), ([37, 0, 5], 8, 2, D, "v3:l2"))
     only = next((a.split("=", 1)[1].split(",") for a in sys.argv if a.startswith("--decode-plans=")), None)
     for lens, Hq, Hkv, Dd, plan in cases:
         if only is not None and (plan or "v3") not in only and (plan or "v3").split(":")[0] not in only:
@@ -126,6 +128,8 @@ def main():
         os.environ["OPPO_DECODE_PLAN"] = name
         if tickets == "pdl":
             os.environ["OPPO_DECODE_PDL"] = "1"
+        elif tickets == "l2":
+            os.environ["OPPO_DECODE_PREFETCH"] = "1"
         elif tickets and tickets != "stamps":
             os.environ["OPPO_DECODE_TICKETS"] = tickets
         with A.decode_cta_stamps(3) if tickets == "stamps" else contextlib.nullcontext():
@@ -136,6 +140,7 @@ def main():
         os.environ.pop("OPPO_DECODE_PLAN", None)
         os.environ.pop("OPPO_DECODE_TICKETS", None)
         os.environ.pop("OPPO_DECODE_PDL", None)
+        os.environ.pop("OPPO_DECODE_PREFETCH", None)
         ref = A.paged_decode_attention_ref(q, kk, vv, bt.clamp_min(0), ctx, 0.1, out=torch.empty_like(out))
         ok &= check(f"decode B={len(lens)} max len={max(lens)} Hq={Hq} Hkv={Hkv} D={Dd} plan={plan or 'v3'} "
                     f"splits={nsplit} ctas={ctas} items/cta<={per_cta}", out, ref)

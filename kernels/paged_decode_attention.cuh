@@ -61,6 +61,16 @@ struct DecodeSmem {
   static_assert(kStages * 2 * kTileElems * int(sizeof(T)) >= (4 * 16 * D + 2 * 4 * 16) * 4, "merge area");
 };
 
+// One row of D elements of the cache (16-byte aligned) into L2, fire and forget: one prefetch per
+// 128-byte line. (Not cp.async.bulk.prefetch: its address is a uniform register, so per-thread
+// rows became a loop over the warp's lanes in SASS.)
+template <typename T, int D>
+__device__ __forceinline__ void prefetch_row_l2(const T* p) {
+#pragma unroll
+  for (int b = 0; b < D * int(sizeof(T)); b += 128)
+    asm volatile("prefetch.global.L2 [%0];\n" ::"l"(reinterpret_cast<const char*>(p) + b));
+}
+
 // Page of token `pos` of a sequence (its block-table row `bt`), or -1 at or past `limit` (a bound
 // in tokens: the table's width for the prologue, whose loads then need no context length, or the
 // split's end inside the loop).
@@ -217,6 +227,8 @@ __device__ __forceinline__ void store_out4(void* out, bool out_f32, int64_t off,
 // block_tables [B, max_blocks] int32, row stride bt_stride; table_tokens = max_blocks * block_size
 //              (clamped to INT_MAX);  context_lens [B] int32, each <= table_tokens
 // ws_o         [B, Hq, num_splits, D] float;  ws_lse [B, Hq, num_splits] float  (num_splits > 1)
+// l2_prefetch  also prefetch into L2 the rows of the tile after those in flight, as soon as their
+//              offsets are known (one tile time before its cp.async; OPPO_DECODE_PREFETCH=1)
 // grid (num_splits, Hkv * q_chunks, B), q_chunks = ceil(G / 16); num_splits == 1 needs partition >= ctx
 template <typename T, int D, int kStages>
 __global__ void __launch_bounds__(kDecodeThreads, DecodeBounds<D, kStages>::kMinBlocks)
@@ -226,7 +238,8 @@ paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t 
                     int row_stride, int head_stride, int block_size, int Hkv,
                     const int* __restrict__ block_tables, int64_t bt_stride,
                     int table_tokens, const int* __restrict__ context_lens, float* __restrict__ ws_o,
-                    float* __restrict__ ws_lse, int G, int num_splits, int partition, float scale_log2) {
+                    float* __restrict__ ws_lse, int G, int num_splits, int partition, float scale_log2,
+                    bool l2_prefetch) {
   using S = DecodeSmem<T, D, kStages>;
   constexpr int kRow = S::kRow;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -296,8 +309,14 @@ paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t 
 #pragma unroll
   for (int j = 0; j < kProPerThread; ++j) {
     const int i = tid + j * kDecodeThreads;
-    if (i < kProRows)
-      off_s[i] = decode_row_offset(pro_page[j], start + i, end, page_stride, block_size, row_stride, head_off);
+    if (i < kProRows) {
+      const int64_t off = decode_row_offset(pro_page[j], start + i, end, page_stride, block_size, row_stride, head_off);
+      off_s[i] = off;
+      if (l2_prefetch && i >= (kStages - 1) * kDecodeTile && off >= 0) {  // tile kStages - 1: loaded in iteration 0
+        prefetch_row_l2<T, D>(k_cache + off);
+        prefetch_row_l2<T, D>(v_cache + off);
+      }
+    }
   }
   auto load_tile = [&](int t) {
     T* k_s = stage_base + (t % kStages) * 2 * S::kTileElems;
@@ -332,8 +351,12 @@ paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t 
     cp_async_commit();
     if (t + kStages < ntiles && tid < kDecodeTile) {  // slot t % kStages: tile t is loaded already
       const int pos = start + (t + kStages) * kDecodeTile + tid;
-      off_s[(t % kStages) * kDecodeTile + tid] =
-          decode_row_offset(next_page, pos, end, page_stride, block_size, row_stride, head_off);
+      const int64_t off = decode_row_offset(next_page, pos, end, page_stride, block_size, row_stride, head_off);
+      off_s[(t % kStages) * kDecodeTile + tid] = off;
+      if (l2_prefetch && off >= 0) {  // tile t + kStages: its cp.async is issued next iteration
+        prefetch_row_l2<T, D>(k_cache + off);
+        prefetch_row_l2<T, D>(v_cache + off);
+      }
     }
     next_page = tid < kDecodeTile ? decode_row_page(bt, block_size, start + (t + kStages + 1) * kDecodeTile + tid, end)
                                   : -1;

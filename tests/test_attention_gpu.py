@@ -440,14 +440,18 @@ def test_decode_cta_stamps_cover_every_cta_and_change_nothing(monkeypatch, plan,
                 torch.ops.oppo.decode_cta_stamps(few)
 
 
+@pytest.mark.parametrize("switch", ["OPPO_DECODE_PDL", "OPPO_DECODE_PREFETCH", "both"])
 @pytest.mark.parametrize("plan", ["v3", "v6"])
 @pytest.mark.parametrize("B,Hq,Hkv,D,table", [(1, 32, 8, 128, 32768), (3, 14, 2, 64, 2048), (40, 14, 2, 64, 512)])
-def test_decode_pdl_waits_for_the_kernel_ahead(monkeypatch, plan, B, Hq, Hkv, D, table):
+def test_decode_pdl_waits_for_the_kernel_ahead(monkeypatch, switch, plan, B, Hq, Hkv, D, table):
     """OPPO_DECODE_PDL=1 (programmatic dependent launch of the split kernel and its reduction): a
     chain in which each call's q is the previous call's output (attention right after attention:
     the kernel ahead lets its dependents be scheduled before it has written its output), with a
     K/V append between some calls, gives bit for bit the chain without PDL, eagerly and replayed
-    from a CUDA graph (programmatic edges). Split and unsplit plans, empty splits included."""
+    from a CUDA graph (programmatic edges). Split and unsplit plans, empty splits included. The
+    same for OPPO_DECODE_PREFETCH=1 (L2 prefetch of the next tile's rows: a hint, no result
+    changes) and both at once."""
+    switches = ["OPPO_DECODE_PDL", "OPPO_DECODE_PREFETCH"] if switch == "both" else [switch]
     _use_plan(monkeypatch, plan)
     bs = 16
     lens = [max(1, table - 5 - 700 * b) for b in range(B)]
@@ -473,11 +477,13 @@ def test_decode_pdl_waits_for_the_kernel_ahead(monkeypatch, plan, B, Hq, Hkv, D,
         return [o.clone() for o in outs]
 
     pool0 = kv.pool.clone()
-    monkeypatch.setenv("OPPO_DECODE_PDL", "0")
+    for name in switches:
+        monkeypatch.setenv(name, "0")
     want = chain()
     for mode in ("eager", "graph"):
         kv.pool.copy_(pool0)
-        monkeypatch.setenv("OPPO_DECODE_PDL", "1")
+        for name in switches:
+            monkeypatch.setenv(name, "1")
         if mode == "eager":
             got = chain()
         else:
@@ -491,7 +497,7 @@ def test_decode_pdl_waits_for_the_kernel_ahead(monkeypatch, plan, B, Hq, Hkv, D,
             torch.cuda.synchronize()
             got = [o.clone() for o in outs]
         for i, (g, w) in enumerate(zip(got, want)):
-            assert torch.equal(g, w), f"{mode}: call {i} differs with PDL"
+            assert torch.equal(g, w), f"{mode}: call {i} differs with {switches}"
 
 
 _RAW_WS_PROBE = """
