@@ -3,17 +3,17 @@
 # session 16's tools (bench/NOTES.md "Session 16: next GPU session, the order"):
 #   part 1 (~7 min: the build, the tests, the benches):
 #     decode v6 (v3's kernel with 3 CTAs per SM at D=128) against v3, each also with programmatic
-#     dependent launch (+pdl: OPPO_DECODE_PDL=1) and with the L2 prefetch of one more tile (+l2:
-#     OPPO_DECODE_PREFETCH=1), issue 7's shapes and the ragged row;
+#     dependent launch (+pdl: OPPO_DECODE_PDL=1) and with the L2 prefetch of one or two more tiles
+#     (+l2, +l2x2: OPPO_DECODE_PREFETCH=1, 2), issue 7's shapes and the ragged row;
 #     prefill wgmma3 (three consumer warpgroups at D=64) against wgmma_pp_ov_ps, issue 8's D=64 shape;
 #     their GPU tests (tests/test_attention_gpu.py; gpu_check's smoke first switches off a wgmma plan
 #     that hangs);
 #   part 2 (~4 min, the build of part 1 reused): the read probe in decode's CTA shape and at D=64,
-#     per-CTA stamps of v3, v6 and v3+l2 on issue 7's shapes and the engine's batch
+#     per-CTA stamps of v3, v6, v3+l2 and v3+l2x2 on issue 7's shapes and the engine's batch
 #     (bench/decode_stamps.py: where the idle SM time sits), per-item stamps of the wgmma prefill at
 #     D=64 (bench/prefill_stamps.py: overhead per item against time per key tile), and
 #     compute-sanitizer on v6's decode cases, the stamps' (v3:stamps, v6:stamps), PDL's (v3:pdl,
-#     v6:pdl) and the prefetch's (v3:l2, v6:l2).
+#     v6:pdl) and the prefetch's (v3:l2, v6:l2, v3:l2x2, v6:l2x2).
 #
 #   OUT=$OUT OPPO_COMMIT=<sha> bash bench/ab_v6_wgmma3.sh 1|2      (on the device; results under $OUT)
 set -u
@@ -23,7 +23,7 @@ mkdir -p "$O"
 part=${1:?usage: ab_v6_wgmma3.sh 1|2}
 if [ "$part" = 1 ]; then
 BENCH_ONLY=1 PYTEST_FILES="tests/test_attention_gpu.py" PYTEST_LIMIT=200 BENCH_LIMIT=120 \
-  ARGS_decode_attention="--plans v3,v6,v3+pdl,v6+pdl,v3+l2,v6+l2,v6+pdl+l2 --ragged --no-flex" \
+  ARGS_decode_attention="--plans v3,v6,v3+pdl,v6+pdl,v3+l2,v6+l2,v3+l2x2,v6+l2x2,v6+pdl+l2x2 --ragged --no-flex" \
   ARGS_prefill_attention="--shapes 1 --plans wgmma_pp_ov_ps,wgmma3_pp_ov,wgmma3_pp_ov_ps,wgmma3_ov_ps" \
   OUT="$O" bash bench/gpu_check.sh decode_attention prefill_attention > /dev/null 2>&1
 tail -25 "$O/report.md"
@@ -37,15 +37,15 @@ python3 -c "import oppo_runtime.ops as o; assert o.has_cuda_kernels()" 2>/dev/nu
     --out "$O/sm_balance_probe_d128.json" 2>&1 | grep -v "by smid"
   timeout 30 python3 bench/sm_balance_probe.py --waves 1 --paged 256,512 --paged-shape 262144,2,64 \
     --paged-configs 4:64:1,8:128:0 --out "$O/sm_balance_probe_d64.json" 2>&1 | grep -v "by smid"
-  timeout 90 python3 bench/decode_stamps.py --plans v3,v6,v3+l2 --engine --out "$O/decode_stamps.json" 2>&1 | tail -16
+  timeout 90 python3 bench/decode_stamps.py --plans v3,v6,v3+l2,v3+l2x2 --engine --out "$O/decode_stamps.json" 2>&1 | tail -16
   timeout 90 python3 bench/prefill_stamps.py --plans wgmma_pp_ov_ps,wgmma3_pp_ov_ps,wgmma3_pp_ov \
     --out "$O/prefill_stamps.json" 2>&1 | tail -12
   SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
   export PYTORCH_NO_CUDA_MEMORY_CACHING=1
   for tool in memcheck racecheck; do
     timeout 60 "$SAN" --tool $tool --error-exitcode 9 python3 bench/sanitize_attention.py --decode-only \
-      --decode-plans=v6,v3:stamps,v3:pdl,v3:l2 2>&1 | tail -4
-    echo "$tool (v6, v3:stamps, v3:pdl, v3:l2) rc=${PIPESTATUS[0]}"
+      --decode-plans=v6,v3:stamps,v3:pdl,v3:l2,v3:l2x2 2>&1 | tail -4
+    echo "$tool (v6, v3:stamps, v3:pdl, v3:l2, v3:l2x2) rc=${PIPESTATUS[0]}"
   done
   timeout 100 "$SAN" --tool memcheck --error-exitcode 9 python3 bench/sanitize_attention.py 2>&1 | tail -4
   echo "memcheck (every case, prefill item stamps included) rc=${PIPESTATUS[0]}"

@@ -85,27 +85,27 @@ def _plans() -> tuple[list[str], bool, bool, list[int], list[str]]:
         return [os.environ.get("OPPO_DECODE_PLAN") or "v3"], known.head_major, known.ragged, caps, rest
     plans = [p.strip() for p in known.plans.split(",") if p.strip()]
     ok = all(_PDL.fullmatch(p) or _V5.fullmatch(p) for p in plans)
-    assert plans and ok, f"--plans takes v2/v3/v4/v6 (v2/v3/v6 also with +pdl and/or +l2)/v5/v5xNpM, got {known.plans!r}"
+    assert plans and ok, f"--plans takes v2/v3/v4/v6 (v2/v3/v6 also with +pdl and/or +l2 or +l2x2)/v5/v5xNpM, got {known.plans!r}"
     return plans, known.head_major, known.ragged, caps, rest
 
 
 _V5 = re.compile(r"(v5)(?:x(\d+))?(?:p(\d+))?")   # v5, v5xN, v5pM, v5xNpM
-_PDL = re.compile(r"(v2|v3|v6)(\+pdl|\+l2)*|v4")   # the split plans' switches: +pdl OPPO_DECODE_PDL=1,
-                                                     # +l2 OPPO_DECODE_PREFETCH=1
+_PDL = re.compile(r"(v2|v3|v6)(\+pdl|\+l2|\+l2x2)*|v4")   # the split plans' switches: +pdl OPPO_DECODE_PDL=1,
+                                                           # +l2 OPPO_DECODE_PREFETCH=1, +l2x2 =2
 
 
 @contextlib.contextmanager
 def plan_env(plan: str):
     """OPPO_DECODE_PLAN (and for v5xNpM, OPPO_DECODE_V5_ITEMS=N and OPPO_DECODE_V5_MAX_PART=M; for
-    PLAN+pdl, OPPO_DECODE_PDL=1; for PLAN+l2, OPPO_DECODE_PREFETCH=1) set inside: the launcher and
-    the plan mirror both read them."""
+    PLAN+pdl, OPPO_DECODE_PDL=1; for PLAN+l2 and PLAN+l2x2, OPPO_DECODE_PREFETCH=1 and 2) set inside:
+    the launcher and the plan mirror both read them."""
     m = _V5.fullmatch(plan)
     base, items, max_part = (m.group(1), m.group(2), m.group(3)) if m else (plan, None, None)
     base, *switches = base.split("+")
     with (env_var("OPPO_DECODE_PLAN", base), env_var("OPPO_DECODE_V5_ITEMS", items or "4"),
           env_var("OPPO_DECODE_V5_MAX_PART", max_part or "512"),
           env_var("OPPO_DECODE_PDL", "1" if "pdl" in switches else "0"),
-          env_var("OPPO_DECODE_PREFETCH", "1" if "l2" in switches else "0")):
+          env_var("OPPO_DECODE_PREFETCH", "2" if "l2x2" in switches else "1" if "l2" in switches else "0")):
         yield
 
 

@@ -38,7 +38,7 @@ ENGINE = (256, 384, 14, 2, 64)   # --engine: bench/engine.py's Qwen2.5-0.5B batc
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--plans", default="v3", help="comma list of split-kernel plans (v2, v3, v6; +pdl: with "
-                                                  "programmatic dependent launch; +l2: with the L2 prefetch)")
+                                                  "programmatic dependent launch; +l2, +l2x2: with the L2 prefetch of 1 or 2 tiles)")
     ap.add_argument("--shapes", default=None, help="comma-separated indices into decode_attention.SHAPES")
     ap.add_argument("--engine", action="store_true", help="also the engine's Qwen2.5-0.5B decode batch (B=256, ctx 384)")
     ap.add_argument("--block-size", type=int, default=16)
@@ -46,8 +46,8 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     plans = [p.strip() for p in args.plans.split(",") if p.strip()]
-    assert plans and all(p.split("+")[0] in ("v2", "v3", "v6") and set(p.split("+")[1:]) <= {"pdl", "l2"}
-                         for p in plans), f"--plans takes v2/v3/v6, each also with +pdl and/or +l2, got {args.plans!r}"
+    assert plans and all(p.split("+")[0] in ("v2", "v3", "v6") and set(p.split("+")[1:]) <= {"pdl", "l2", "l2x2"}
+                         for p in plans), f"--plans takes v2/v3/v6, each also with +pdl and/or +l2 or +l2x2, got {args.plans!r}"
 
     import oppo_runtime.ops  # noqa: F401  (loads torch.ops.oppo)
     from oppo_runtime.ops.attention import decode_cta_stamps, paged_decode_workspace

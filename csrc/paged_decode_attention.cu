@@ -24,7 +24,7 @@
 //       exit), from the same registry as v4's tickets.
 //   v6: v3 on the lean kernel (DecodeLeanCfg): D=128 with 2 stages and 3 CTAs per SM.
 // OPPO_DECODE_PDL=1 (plans v2, v3, v6): programmatic dependent launch of both kernels (decode_pdl).
-// OPPO_DECODE_PREFETCH=1 (plans v2, v3, v6): L2 prefetch one tile further ahead (decode_l2_prefetch).
+// OPPO_DECODE_PREFETCH=1|2 (plans v2, v3, v6): L2 prefetch 1 or 2 tiles further ahead (decode_l2_ahead).
 //
 // v4 ticket counters (one unsigned int per group = (sequence, kv head, head chunk), split plans
 // only). The kernel needs them at 0 when it starts and leaves them at 0 (the CTA that draws a
@@ -96,14 +96,15 @@ bool decode_pdl() {
   return true;
 }
 
-// OPPO_DECODE_PREFETCH=1: the split kernel also prefetches into L2 the rows of the tile after the
-// ones in flight (kernel argument l2_prefetch): one tile more of the context requested from DRAM per
-// CTA without shared memory for it. Default off (0) until measured (--plans v3,v3+l2).
-bool decode_l2_prefetch() {
+// OPPO_DECODE_PREFETCH=1|2: the split kernel also prefetches into L2 the rows of the 1 or 2 tiles
+// after the ones in flight (kernel argument l2_ahead): more of the context requested from DRAM per
+// CTA without shared memory for it. Default off (0) until measured (--plans v3,v3+l2,v3+l2x2).
+int decode_l2_ahead() {
   const char* e = std::getenv("OPPO_DECODE_PREFETCH");
-  if (e == nullptr || *e == 0 || std::strcmp(e, "0") == 0) return false;
-  OPPO_CHECK(std::strcmp(e, "1") == 0, "OPPO_DECODE_PREFETCH must be 0 or 1, got '", e, "'");
-  return true;
+  if (e == nullptr || *e == 0 || std::strcmp(e, "0") == 0) return 0;
+  OPPO_CHECK(std::strcmp(e, "1") == 0 || std::strcmp(e, "2") == 0, "OPPO_DECODE_PREFETCH must be 0, 1 or 2, got '",
+             e, "'");
+  return *e - '0';
 }
 
 // kernel<<<grid, block, smem, stream>>>(args...), with the PDL attribute when `pdl`.
@@ -459,7 +460,7 @@ void launch_decode_split(PlanKind kind, at::Tensor& out, const at::Tensor& q, co
       k_cache.stride(0), static_cast<int>(k_cache.stride(1)), static_cast<int>(k_cache.stride(2)), block_size, Hkv,
       block_tables.data_ptr<int>(), block_tables.stride(0),
       static_cast<int>(max_ctx), context_lens.data_ptr<int>(), ws_o_ptr, ws_lse_ptr, G, num_splits, plan.partition,
-      scale_log2, decode_l2_prefetch());
+      scale_log2, decode_l2_ahead());
   if (num_splits > 1) {
     launch_kernel(paged_decode_reduce_kernel<T, D>, dim3(Hq, B), kDecodeReduceThreads, 0, stream, pdl,
         out.data_ptr(), out_f32, out.stride(0), out.stride(1), static_cast<const float*>(ws_o_ptr),

@@ -227,8 +227,9 @@ __device__ __forceinline__ void store_out4(void* out, bool out_f32, int64_t off,
 // block_tables [B, max_blocks] int32, row stride bt_stride; table_tokens = max_blocks * block_size
 //              (clamped to INT_MAX);  context_lens [B] int32, each <= table_tokens
 // ws_o         [B, Hq, num_splits, D] float;  ws_lse [B, Hq, num_splits] float  (num_splits > 1)
-// l2_prefetch  also prefetch into L2 the rows of the tile after those in flight, as soon as their
-//              offsets are known (one tile time before its cp.async; OPPO_DECODE_PREFETCH=1)
+// l2_ahead     0; 1: also prefetch into L2 the rows of the tile after those in flight, as soon as
+//              their offsets are known (one tile time before its cp.async); 2: the two tiles after
+//              them (the block table read one tile further ahead). OPPO_DECODE_PREFETCH=1|2
 // grid (num_splits, Hkv * q_chunks, B), q_chunks = ceil(G / 16); num_splits == 1 needs partition >= ctx
 template <typename T, int D, int kStages>
 __global__ void __launch_bounds__(kDecodeThreads, DecodeBounds<D, kStages>::kMinBlocks)
@@ -239,7 +240,7 @@ paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t 
                     const int* __restrict__ block_tables, int64_t bt_stride,
                     int table_tokens, const int* __restrict__ context_lens, float* __restrict__ ws_o,
                     float* __restrict__ ws_lse, int G, int num_splits, int partition, float scale_log2,
-                    bool l2_prefetch) {
+                    int l2_ahead) {
   using S = DecodeSmem<T, D, kStages>;
   constexpr int kRow = S::kRow;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -295,6 +296,10 @@ paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t 
   // The page of row tid of tile u is fetched one iteration before its offset is stored, so the
   // block-table latency hides behind a tile.
   int next_page = tid < kDecodeTile ? decode_row_page(bt, block_size, start + kProRows + tid, table_tokens) : -1;
+  // l2_ahead 2: the page of row tid of the tile after that one (prefetched an iteration early)
+  int far_page = l2_ahead > 1 && tid < kDecodeTile
+                     ? decode_row_page(bt, block_size, start + kProRows + kDecodeTile + tid, table_tokens)
+                     : -1;
 
   if (num_splits > 1 && start >= ctx) {  // empty split: the reduction never reads it
     cp_async_wait<0>();                  // (no copy outstanding when the CTA leaves)
@@ -312,7 +317,7 @@ paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t 
     if (i < kProRows) {
       const int64_t off = decode_row_offset(pro_page[j], start + i, end, page_stride, block_size, row_stride, head_off);
       off_s[i] = off;
-      if (l2_prefetch && i >= (kStages - 1) * kDecodeTile && off >= 0) {  // tile kStages - 1: loaded in iteration 0
+      if (l2_ahead > 0 && i >= (kStages - 1) * kDecodeTile && off >= 0) {  // tile kStages - 1: loaded in iteration 0
         prefetch_row_l2<T, D>(k_cache + off);
         prefetch_row_l2<T, D>(v_cache + off);
       }
@@ -330,6 +335,14 @@ paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t 
   for (int s = 0; s < kStages - 1; ++s) {
     if (s < ntiles) load_tile(s);
     cp_async_commit();
+  }
+  if (l2_ahead > 1 && kStages < ntiles && tid < kDecodeTile) {  // tile kStages (l2_ahead 1: in iteration 0)
+    const int64_t off = decode_row_offset(next_page, start + kProRows + tid, end, page_stride, block_size, row_stride,
+                                          head_off);
+    if (off >= 0) {
+      prefetch_row_l2<T, D>(k_cache + off);
+      prefetch_row_l2<T, D>(v_cache + off);
+    }
   }
 
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
@@ -353,13 +366,29 @@ paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t 
       const int pos = start + (t + kStages) * kDecodeTile + tid;
       const int64_t off = decode_row_offset(next_page, pos, end, page_stride, block_size, row_stride, head_off);
       off_s[(t % kStages) * kDecodeTile + tid] = off;
-      if (l2_prefetch && off >= 0) {  // tile t + kStages: its cp.async is issued next iteration
+      if (l2_ahead == 1 && off >= 0) {  // tile t + kStages: its cp.async is issued next iteration
         prefetch_row_l2<T, D>(k_cache + off);
         prefetch_row_l2<T, D>(v_cache + off);
       }
     }
-    next_page = tid < kDecodeTile ? decode_row_page(bt, block_size, start + (t + kStages + 1) * kDecodeTile + tid, end)
-                                  : -1;
+    if (l2_ahead > 1) {  // tile t + kStages + 1 (its page was read an iteration ago), then one page further
+      if (t + kStages + 1 < ntiles && tid < kDecodeTile) {
+        const int pos = start + (t + kStages + 1) * kDecodeTile + tid;
+        const int64_t off = decode_row_offset(far_page, pos, end, page_stride, block_size, row_stride, head_off);
+        if (off >= 0) {
+          prefetch_row_l2<T, D>(k_cache + off);
+          prefetch_row_l2<T, D>(v_cache + off);
+        }
+      }
+      next_page = far_page;
+      far_page = tid < kDecodeTile
+                     ? decode_row_page(bt, block_size, start + (t + kStages + 2) * kDecodeTile + tid, end)
+                     : -1;
+    } else {
+      next_page = tid < kDecodeTile
+                      ? decode_row_page(bt, block_size, start + (t + kStages + 1) * kDecodeTile + tid, end)
+                      : -1;
+    }
 
     const T* k_s = stage_base + (t % kStages) * 2 * S::kTileElems + warp * 16 * kRow;
     decode_tile_update<T, D, kRow>(k_s, k_s + S::kTileElems, qa, lane, start + t * kDecodeTile + warp * 16 + qc * 2,

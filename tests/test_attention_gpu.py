@@ -440,7 +440,7 @@ def test_decode_cta_stamps_cover_every_cta_and_change_nothing(monkeypatch, plan,
                 torch.ops.oppo.decode_cta_stamps(few)
 
 
-@pytest.mark.parametrize("switch", ["OPPO_DECODE_PDL", "OPPO_DECODE_PREFETCH", "both"])
+@pytest.mark.parametrize("switch", ["OPPO_DECODE_PDL", "OPPO_DECODE_PREFETCH=1", "OPPO_DECODE_PREFETCH=2", "both"])
 @pytest.mark.parametrize("plan", ["v3", "v6"])
 @pytest.mark.parametrize("B,Hq,Hkv,D,table", [(1, 32, 8, 128, 32768), (3, 14, 2, 64, 2048), (40, 14, 2, 64, 512)])
 def test_decode_pdl_waits_for_the_kernel_ahead(monkeypatch, switch, plan, B, Hq, Hkv, D, table):
@@ -449,9 +449,9 @@ def test_decode_pdl_waits_for_the_kernel_ahead(monkeypatch, switch, plan, B, Hq,
     the kernel ahead lets its dependents be scheduled before it has written its output), with a
     K/V append between some calls, gives bit for bit the chain without PDL, eagerly and replayed
     from a CUDA graph (programmatic edges). Split and unsplit plans, empty splits included. The
-    same for OPPO_DECODE_PREFETCH=1 (L2 prefetch of the next tile's rows: a hint, no result
-    changes) and both at once."""
-    switches = ["OPPO_DECODE_PDL", "OPPO_DECODE_PREFETCH"] if switch == "both" else [switch]
+    same for OPPO_DECODE_PREFETCH=1 and 2 (L2 prefetch of the next tiles' rows: a hint, no result
+    changes) and PDL with the prefetch of 2 at once."""
+    switches = ["OPPO_DECODE_PDL", "OPPO_DECODE_PREFETCH=2"] if switch == "both" else [switch]
     _use_plan(monkeypatch, plan)
     bs = 16
     lens = [max(1, table - 5 - 700 * b) for b in range(B)]
@@ -477,13 +477,14 @@ def test_decode_pdl_waits_for_the_kernel_ahead(monkeypatch, switch, plan, B, Hq,
         return [o.clone() for o in outs]
 
     pool0 = kv.pool.clone()
-    for name in switches:
-        monkeypatch.setenv(name, "0")
+    for sw in switches:
+        monkeypatch.setenv(sw.split("=")[0], "0")
     want = chain()
     for mode in ("eager", "graph"):
         kv.pool.copy_(pool0)
-        for name in switches:
-            monkeypatch.setenv(name, "1")
+        for sw in switches:
+            name, _, value = sw.partition("=")
+            monkeypatch.setenv(name, value or "1")
         if mode == "eager":
             got = chain()
         else:
