@@ -5,7 +5,8 @@
 #     decode v6 (v3's kernel with 3 CTAs per SM at D=128) against v3, each also with programmatic
 #     dependent launch (+pdl: OPPO_DECODE_PDL=1) and with the L2 prefetch of one or two more tiles
 #     (+l2, +l2x2: OPPO_DECODE_PREFETCH=1, 2), issue 7's shapes and the ragged row;
-#     prefill wgmma3 (three consumer warpgroups at D=64) against wgmma_pp_ov_ps, issue 8's D=64 shape;
+#     prefill wgmma3 (three consumer warpgroups at D=64) against wgmma_pp_ov_ps, each also with its
+#     items' Q prefetched into L2 by the producer (_qp), issue 8's D=64 shape;
 #     their GPU tests (tests/test_attention_gpu.py; gpu_check's smoke first switches off a wgmma plan
 #     that hangs);
 #   part 2 (~4 min, the build of part 1 reused): the read probe in decode's CTA shape and at D=64,
@@ -24,7 +25,7 @@ part=${1:?usage: ab_v6_wgmma3.sh 1|2}
 if [ "$part" = 1 ]; then
 BENCH_ONLY=1 PYTEST_FILES="tests/test_attention_gpu.py" PYTEST_LIMIT=200 BENCH_LIMIT=120 \
   ARGS_decode_attention="--plans v3,v6,v3+pdl,v6+pdl,v3+l2,v6+l2,v3+l2x2,v6+l2x2,v6+pdl+l2x2 --ragged --no-flex" \
-  ARGS_prefill_attention="--shapes 1 --plans wgmma_pp_ov_ps,wgmma3_pp_ov,wgmma3_pp_ov_ps,wgmma3_ov_ps" \
+  ARGS_prefill_attention="--shapes 1 --plans wgmma_pp_ov_ps,wgmma_pp_ov_qp_ps,wgmma3_pp_ov,wgmma3_pp_ov_ps,wgmma3_ov_ps,wgmma3_pp_ov_qp_ps" \
   OUT="$O" bash bench/gpu_check.sh decode_attention prefill_attention > /dev/null 2>&1
 tail -25 "$O/report.md"
 else
@@ -38,7 +39,7 @@ python3 -c "import oppo_runtime.ops as o; assert o.has_cuda_kernels()" 2>/dev/nu
   timeout 30 python3 bench/sm_balance_probe.py --waves 1 --paged 256,512 --paged-shape 262144,2,64 \
     --paged-configs 4:64:1,8:128:0 --out "$O/sm_balance_probe_d64.json" 2>&1 | grep -v "by smid"
   timeout 90 python3 bench/decode_stamps.py --plans v3,v6,v3+l2,v3+l2x2 --engine --out "$O/decode_stamps.json" 2>&1 | tail -16
-  timeout 90 python3 bench/prefill_stamps.py --plans wgmma_pp_ov_ps,wgmma3_pp_ov_ps,wgmma3_pp_ov \
+  timeout 90 python3 bench/prefill_stamps.py --plans wgmma_pp_ov_ps,wgmma_pp_ov_qp_ps,wgmma3_pp_ov_ps,wgmma3_pp_ov_qp_ps \
     --out "$O/prefill_stamps.json" 2>&1 | tail -12
   SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
   export PYTORCH_NO_CUDA_MEMORY_CACHING=1

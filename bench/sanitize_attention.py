@@ -172,6 +172,10 @@ def main():
                                             # three consumer warpgroups (192-row items, D=64)
                                             ("wgmma3_pp_ov", 14, 2, 64, [0, 20, 3, 130], [1, 70, 17, 60]),
                                             ("wgmma3_pp_ov_ps", 8, 2, 64, [5 * i for i in range(40)],
+                                             [300 if i % 3 == 0 else 1 + i for i in range(40)]),
+                                            # each item's Q rows prefetched into L2 by the producer
+                                            ("wgmma_pp_ov_qp_ps", 8, 2, 128, [0, 200, 5], [3, 90, 140]),
+                                            ("wgmma3_pp_ov_qp_ps", 8, 2, 64, [5 * i for i in range(40)],
                                              [300 if i % 3 == 0 else 1 + i for i in range(40)])):
             if not A.prefill_wgmma_available(plan=plan):
                 print(f"prefill {plan}: skipped (OPPO_PREFILL_WGMMA_OFF)")

@@ -131,6 +131,16 @@ __device__ __forceinline__ void load_kv_tile(T* __restrict__ smem, const T* __re
   }
 }
 
+// kBytes from p (16-byte aligned) into L2, fire and forget: one prefetch per 128-byte line. (Not
+// cp.async.bulk.prefetch: its address is a uniform register, so per-thread addresses became a
+// loop over the warp's lanes in SASS.)
+template <int kBytes>
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+#pragma unroll
+  for (int b = 0; b < kBytes; b += 128)
+    asm volatile("prefetch.global.L2 [%0];\n" ::"l"(static_cast<const char*>(p) + b));
+}
+
 // Programmatic dependent launch (sm_90+; no-ops elsewhere and in a kernel launched without the
 // attribute). pdl_wait: blocks until the previous kernel in the stream has completed and its memory
 // is visible; a kernel launched with the attribute reads no input before it. pdl_launch_dependents:

@@ -61,14 +61,10 @@ struct DecodeSmem {
   static_assert(kStages * 2 * kTileElems * int(sizeof(T)) >= (4 * 16 * D + 2 * 4 * 16) * 4, "merge area");
 };
 
-// One row of D elements of the cache (16-byte aligned) into L2, fire and forget: one prefetch per
-// 128-byte line. (Not cp.async.bulk.prefetch: its address is a uniform register, so per-thread
-// rows became a loop over the warp's lanes in SASS.)
+// One row of D elements of the cache into L2 (prefetch_l2).
 template <typename T, int D>
 __device__ __forceinline__ void prefetch_row_l2(const T* p) {
-#pragma unroll
-  for (int b = 0; b < D * int(sizeof(T)); b += 128)
-    asm volatile("prefetch.global.L2 [%0];\n" ::"l"(reinterpret_cast<const char*>(p) + b));
+  prefetch_l2<D * int(sizeof(T))>(p);
 }
 
 // Page of token `pos` of a sequence (its block-table row `bt`), or -1 at or past `limit` (a bound

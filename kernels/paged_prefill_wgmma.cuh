@@ -58,6 +58,7 @@ struct Geo {
 constexpr int kFlagPingPong = 2;  // the consumer warpgroups take turns issuing their MMAs
 constexpr int kFlagOverlap = 4;   // a warpgroup's softmax of tile t overlaps its own P V of tile t-1
 constexpr int kFlagSplitKV = 8;   // K and V of a stage released and published separately (two rings)
+constexpr int kFlagQPrefetch = 16;  // the producer prefetches an item's Q rows into L2 when it opens the item
 
 template <int D, int NC = 2>
 struct Cfg {
@@ -165,7 +166,7 @@ __device__ __forceinline__ float ex2(float x) {
 static __constant__ CtaStamps prefill_stamps;
 
 // out          [Nq, Hq, D]  (T, or float32 with kPrefillOutF32), strides o_s0, o_s1, inner contiguous
-// flags        kPrefillOutF32 | kFlagPingPong | kFlagOverlap | kFlagSplitKV
+// flags        kPrefillOutF32 | kFlagPingPong | kFlagOverlap | kFlagSplitKV | kFlagQPrefetch
 // q            [Nq, Hq, D]  packed by cu_seqlens_q [B+1], strides q_s0, q_s1, inner contiguous
 // k/v_cache    [num_blocks, block_size, Hkv, D] (page stride page_stride, equal for K and V)
 // context_lens [B] int32 (prefix + chunk);  block_tables [B, max_blocks] int32, row stride bt_stride
@@ -288,6 +289,16 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
         x.L = I.L;
         x.n = I.n_tiles;
         x.bt = block_tables + static_cast<int64_t>(I.b) * bt_stride;
+        // kFlagQPrefetch: the item's Q rows into L2, up to kS tiles before the consumers stage them
+        // (opened at the previous item's last tile); row r of the item is thread r % 128's
+        if (flags & kFlagQPrefetch) {
+          for (int r = t; r < kBM; r += 128) {
+            const int grow = I.row0 + r;
+            if (grow < I.rows)
+              prefetch_l2<D * 2>(q + static_cast<int64_t>(I.q0 + grow / G) * q_s0 +
+                                 static_cast<int64_t>(I.kvh * G + grow % G) * q_s1);
+          }
+        }
       }
     };
     // this thread's key of tile x: in the context (then `page` is its block-table entry) or not

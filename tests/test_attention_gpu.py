@@ -774,7 +774,7 @@ PREFILL_SHAPES = [  # Hq, Hkv, D, block_size, prefixes, chunks
 
 
 PREFILL_PLANS = ["mma", "wgmma", "wgmma_pp", "wgmma_ov", "wgmma_pp_ov", "wgmma_pp_ov_ps", "wgmma_kv",
-                 "wgmma_pp_ov_kv"]
+                 "wgmma_pp_ov_kv", "wgmma_pp_ov_qp_ps"]
 
 
 def _skip_unless_wgmma(plan: str) -> None:
@@ -918,7 +918,7 @@ def test_prefill_wgmma_graph_replay_and_many_tiles(monkeypatch, plan):
         assert rel_err(out[:n], ref) < 2e-3, (chunks, prefixes)
 
 
-@pytest.mark.parametrize("plan", ["wgmma_pp_ov_ps", "wgmma_pp_ov_kv_ps"])
+@pytest.mark.parametrize("plan", ["wgmma_pp_ov_ps", "wgmma_pp_ov_kv_ps", "wgmma_pp_ov_qp_ps"])
 def test_prefill_wgmma_persistent_many_items_per_cta(monkeypatch, plan):
     """The persistent plan with several items per CTA (more (row tile, kv head, sequence) items
     than SMs): ragged chunks, items past short chunks, a stage ring that runs on across items
@@ -933,7 +933,7 @@ def test_prefill_wgmma_persistent_many_items_per_cta(monkeypatch, plan):
     assert rel_err(out, ref) < 2e-3
 
 
-WGMMA3_PLANS = ["wgmma3_pp_ov", "wgmma3_pp_ov_ps", "wgmma3_ov_ps", "wgmma3"]
+WGMMA3_PLANS = ["wgmma3_pp_ov", "wgmma3_pp_ov_ps", "wgmma3_ov_ps", "wgmma3", "wgmma3_pp_ov_qp_ps"]
 
 
 @pytest.mark.parametrize("shape", [s for s in PREFILL_SHAPES if s[2] == 64])
