@@ -9,11 +9,13 @@ measured in the same run). Random weights; every sequence decodes exactly NEW to
 --hf-min-batch up); --kernel-profile: the device's step kernel by kernel, per shape and batch. --gemm-fusion: also
 time the decode layer in 5 launches (OPPO_DECODE_GEMM_FUSION=1: add+RMSNorm as the prologue of the
 QKV and gate_up GEMMs, rotary + K/V append and silu*mul as their epilogues; gf_* columns, and its
-kernel profile beside the unfused one).
+kernel profile beside the unfused one). --decode-env NAME:VAR=V[,VAR=V] (repeatable): one more timed
+generate with the decode kernels' switches set (e.g. pdl:OPPO_DECODE_PDL=1), columns NAME_*.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -22,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import copy_bandwidth, device_info, print_table, results_path, write_json  # noqa: E402
+from common import copy_bandwidth, device_info, env_var, print_table, results_path, write_json  # noqa: E402
 from models import qwen_model, weight_bytes  # noqa: E402
 
 from oppo_runtime import ops  # noqa: E402
@@ -103,17 +105,28 @@ def kernel_profile(eng, B, path: str, iters=10) -> dict:
 
 
 def ours(model, prompts, new, B, async_decode=True, host_profile: str | None = None,
-         kernel_profile_path: str | None = None, graph_sampling: bool = False, gemm_fusion: bool = False):
-    """One timed generate (a fresh engine: its decode graphs are captured in its warm-up)."""
-    old = os.environ.get("OPPO_DECODE_GEMM_FUSION")
-    os.environ["OPPO_DECODE_GEMM_FUSION"] = "1" if gemm_fusion else "0"   # read when graphs are captured
-    try:
+         kernel_profile_path: str | None = None, graph_sampling: bool = False, gemm_fusion: bool = False,
+         env: dict[str, str] | None = None):
+    """One timed generate (a fresh engine: its decode graphs are captured in its warm-up), with
+    OPPO_DECODE_GEMM_FUSION and the variables ``env`` set for it (the launchers read them when the
+    graphs are captured)."""
+    with contextlib.ExitStack() as stack:
+        for k, v in {"OPPO_DECODE_GEMM_FUSION": "1" if gemm_fusion else "0", **(env or {})}.items():
+            stack.enter_context(env_var(k, v))
         return _ours(model, prompts, new, B, async_decode, host_profile, kernel_profile_path, graph_sampling)
-    finally:
-        if old is None:
-            os.environ.pop("OPPO_DECODE_GEMM_FUSION")
-        else:
-            os.environ["OPPO_DECODE_GEMM_FUSION"] = old
+
+
+def parse_decode_env(specs: list[str]) -> dict[str, dict[str, str]]:
+    """--decode-env pdl:OPPO_DECODE_PDL=1 --decode-env l2:OPPO_DECODE_PREFETCH=1,OPPO_DECODE_PLAN=v6 ->
+    {"pdl": {"OPPO_DECODE_PDL": "1"}, "l2": {...}}: one more timed generate per name. (Repeated
+    rather than one string with a separator: gpu_check.sh passes ARGS_engine through eval.)"""
+    out = {}
+    for part in (p.strip() for p in specs if p.strip()):
+        name, _, assigns = part.partition(":")
+        kv = dict(a.split("=", 1) for a in assigns.split(",") if a.strip())
+        assert name and kv and all(k.startswith("OPPO_") for k in kv), f"--decode-env: bad variant {part!r}"
+        out[name] = kv
+    return out
 
 
 def _ours(model, prompts, new, B, async_decode, host_profile, kernel_profile_path, graph_sampling):
@@ -224,12 +237,16 @@ def main():
                     help="also time the engine with the LM head and sampler inside the decode graphs (gs_* columns)")
     ap.add_argument("--gemm-fusion", action="store_true",
                     help="also time the decode layer in 5 launches (OPPO_DECODE_GEMM_FUSION=1; gf_* columns)")
+    ap.add_argument("--decode-env", action="append", default=[],
+                    help="an A/B variant of the decode kernels' switches, one more timed generate (columns "
+                         "<name>_step_ms, <name>_gpu_ms, ...), e.g. pdl:OPPO_DECODE_PDL=1; repeat for more")
     ap.add_argument("--batches", default="64,256",
                     help="comma-separated batch sizes (1 and 8: the decode tail of a long-tailed rollout)")
     ap.add_argument("--hf-min-batch", type=int, default=64, help="time HF generate only from this batch up")
     ap.add_argument("--shapes", default="qwen2.5-0.5b,qwen2.5-1.5b", help="comma-separated model shapes")
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
+    decode_env = parse_decode_env(args.decode_env)
     info = device_info()
     bw = copy_bandwidth()
     new, plen = (64, 128) if args.quick else (512, 128)
@@ -262,6 +279,10 @@ def main():
                           f"{prefix}_gpu_ms": v["gpu_ms"], f"{prefix}_tok_s": v["ours_tok_s"]})
                 return v
 
+            for name, env in decode_env.items():   # A/B: the decode kernels' switches (read at capture)
+                v = variant(name, env=env)
+                if v is not None:
+                    r[f"{name}_gpu_speedup"] = r["gpu_ms"] / v["gpu_ms"]
             if args.graph_sampling:          # A/B: the LM head and sampler inside the decode graph
                 variant("gs", graph_sampling=True)
             if args.gemm_fusion:             # A/B: norm+QKV+rotary and norm+gate_up+silu as one kernel each
@@ -302,7 +323,10 @@ def main():
                        ("gs_step_ms", "graph-sampling step ms", ".2f"), ("gs_host_ms", "its host ms", ".2f"),
                        ("gf_gpu_ms", "gemm-fused device ms", ".2f"), ("gf_gpu_speedup", "x unfused device", ".2f"),
                        ("gf_step_ms", "gemm-fused step ms", ".2f"), ("gf_kernels_per_step", "its kernels", ".0f"),
-                       ("gsgf_step_ms", "both step ms", ".2f"), ("gsgf_step_speedup", "x default step", ".2f")])
+                       ("gsgf_step_ms", "both step ms", ".2f"), ("gsgf_step_speedup", "x default step", ".2f"),
+                       *[c for n in decode_env for c in ((f"{n}_step_ms", f"{n} step ms", ".2f"),
+                                                         (f"{n}_gpu_ms", f"{n} device ms", ".2f"),
+                                                         (f"{n}_gpu_speedup", f"{n} x device", ".2f"))]])
     summary = {
         "speedup_vs_hf_generate": min((r["speedup_vs_hf"] for r in rows if r["speedup_vs_hf"] is not None),
                                       default=None),
