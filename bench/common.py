@@ -225,8 +225,7 @@ def median_span_stamps(run: Callable[[], object], stamps: torch.Tensor, reps: in
 def stamp_stats(stamps: torch.Tensor, sms: int) -> dict:
     """Where a one-launch kernel's SM time goes, from per-CTA (program, or work item) stamps: rows
     (start ns, end ns, SM id in the lower 32 bits) on the host, rows that were not written all zero
-    (dropped). Times are us from the
-    first start. ``sm_idle_fraction``: the time between each SM's last end and the kernel's end,
+    (dropped). Times are us from the first start. ``sm_idle_fraction``: the time between each SM's last end and the kernel's end,
     summed over all ``sms`` SMs (an unused SM idles throughout), over sms x the span: ncu's
     1 - SM active / elapsed, less the start. ``sm_idle_start_fraction``: the same before each SM's
     first start (the launch's ramp). CTA durations as percentiles; ``cta_us_by_load``: the median

@@ -84,14 +84,14 @@ def _plans() -> tuple[list[str], bool, bool, list[int], list[str]]:
     if known.plans is None:
         return [os.environ.get("OPPO_DECODE_PLAN") or "v3"], known.head_major, known.ragged, caps, rest
     plans = [p.strip() for p in known.plans.split(",") if p.strip()]
-    ok = all(_PDL.fullmatch(p) or _V5.fullmatch(p) for p in plans)
+    ok = all(_SPLIT_PLAN.fullmatch(p) or _V5.fullmatch(p) for p in plans)
     assert plans and ok, f"--plans takes v2/v3/v4/v6 (v2/v3/v6 also with +pdl and/or +l2 or +l2x2)/v5/v5xNpM, got {known.plans!r}"
     return plans, known.head_major, known.ragged, caps, rest
 
 
 _V5 = re.compile(r"(v5)(?:x(\d+))?(?:p(\d+))?")   # v5, v5xN, v5pM, v5xNpM
-_PDL = re.compile(r"(v2|v3|v6)(\+pdl|\+l2|\+l2x2)*|v4")   # the split plans' switches: +pdl OPPO_DECODE_PDL=1,
-                                                           # +l2 OPPO_DECODE_PREFETCH=1, +l2x2 =2
+# the split plans with their switches (+pdl: OPPO_DECODE_PDL=1, +l2 / +l2x2: OPPO_DECODE_PREFETCH=1 / 2), and v4
+_SPLIT_PLAN = re.compile(r"(v2|v3|v6)(\+pdl|\+l2|\+l2x2)*|v4")
 
 
 @contextlib.contextmanager
