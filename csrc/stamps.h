@@ -13,7 +13,8 @@
 
 // From the next launch on, the kernel writes rows of `stamps` (int64 [n, 3] contiguous, on the
 // device); n == 0 turns them off. The switch is ordered on the current stream (a copy into the
-// constant), refused under graph capture (a replay would not follow a later switch), and `stamps`
+// constant), refused under graph capture (the copy would become a graph node reading this call's
+// host memory at every replay), and `stamps`
 // is held here while on, so a buffer its caller frees is never written; when it is switched off or
 // replaced, the allocator reuses it only after the launches queued on this stream before the
 // switch (the switch is meant for one stream's launches).
