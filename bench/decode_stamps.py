@@ -33,6 +33,23 @@ from common import (copy_bandwidth, device_info, median_span_stamps, paged_pool,
 from decode_attention import SHAPES, plan_env  # noqa: E402
 
 ENGINE = (256, 384, 14, 2, 64)   # --engine: bench/engine.py's Qwen2.5-0.5B batch at its mean context
+COLUMNS = [("B", "B", "d"), ("ctx", "ctx", "d"), ("Hq", "Hq", "d"), ("Hkv", "Hkv", "d"), ("D", "D", "d"),
+           ("plan", "plan", "s"), ("us", "us", ".1f"), ("frac_copy_bw", "/copy", ".3f"),
+           ("span_us", "span us", ".1f"), ("outside_us", "outside us", ".1f"), ("ctas", "CTAs", "d"),
+           ("sm_idle_start_fraction", "idle start", ".3f"), ("sm_idle_fraction", "idle end", ".3f"),
+           ("active_frac_copy", "active/copy", ".3f"), ("last_start_us", "last start us", ".1f"),
+           ("cta_us_p10", "CTA p10", ".1f"), ("cta_us_median", "CTA p50", ".1f"),
+           ("cta_us_p90", "CTA p90", ".1f"), ("cta_us_max", "CTA max", ".1f")]
+
+
+def cta_row(shape, plan: str, nbytes: int, ms: float, bw: float, st: dict) -> dict:
+    """One table row: the shape, the plan, the timed call and its stamps' stamp_stats ``st``."""
+    B, ctx, Hq, Hkv, D = shape
+    row = {"B": B, "ctx": ctx, "Hq": Hq, "Hkv": Hkv, "D": D, "plan": plan, "bytes": nbytes,
+           "us": ms * 1e3, "frac_copy_bw": nbytes / (ms * 1e-3) / bw, **st, "outside_us": ms * 1e3 - st["span_us"]}
+    active = st["span_us"] * (1 - st["sm_idle_fraction"] - st["sm_idle_start_fraction"])
+    row["active_frac_copy"] = nbytes / (active * 1e-6) / bw if active > 0 else None
+    return row
 
 
 def main() -> None:
@@ -81,11 +98,7 @@ def main() -> None:
                 cap = B * Hkv * -(-(Hq // Hkv) // 16) * -(-ctx // 256)
                 with decode_cta_stamps(cap) as stamps:
                     st = stamp_stats(median_span_stamps(run, stamps, args.reps), sms)
-            row = {"B": B, "ctx": ctx, "Hq": Hq, "Hkv": Hkv, "D": D, "plan": plan, "bytes": nbytes,
-                   "us": ms * 1e3, "frac_copy_bw": nbytes / (ms * 1e-3) / bw, **st,
-                   "outside_us": ms * 1e3 - st["span_us"]}
-            active = st["span_us"] * (1 - st["sm_idle_fraction"] - st["sm_idle_start_fraction"])
-            row["active_frac_copy"] = nbytes / (active * 1e-6) / bw if active > 0 else None
+            row = cta_row((B, ctx, Hq, Hkv, D), plan, nbytes, ms, bw, st)
             rows.append(row)
             print(f"B={B} ctx={ctx} {Hq}/{Hkv}/{D} {plan}: {row['us']:.1f} us ({row['frac_copy_bw']:.3f} of copy), "
                   f"span {st['span_us']:.1f}, {st['ctas']} CTAs, SM idle end {st['sm_idle_fraction']:.3f} "
@@ -93,13 +106,7 @@ def main() -> None:
                   f"{st['cta_us_max']:.1f}, by SM load {st['cta_us_by_load']}", flush=True)
         del k_cache, v_cache
         torch.cuda.empty_cache()
-    print_table(rows, [("B", "B", "d"), ("ctx", "ctx", "d"), ("Hq", "Hq", "d"), ("Hkv", "Hkv", "d"), ("D", "D", "d"),
-                       ("plan", "plan", "s"), ("us", "us", ".1f"), ("frac_copy_bw", "/copy", ".3f"),
-                       ("span_us", "span us", ".1f"), ("outside_us", "outside us", ".1f"), ("ctas", "CTAs", "d"),
-                       ("sm_idle_start_fraction", "idle start", ".3f"), ("sm_idle_fraction", "idle end", ".3f"),
-                       ("active_frac_copy", "active/copy", ".3f"), ("last_start_us", "last start us", ".1f"),
-                       ("cta_us_p10", "CTA p10", ".1f"), ("cta_us_median", "CTA p50", ".1f"),
-                       ("cta_us_p90", "CTA p90", ".1f"), ("cta_us_max", "CTA max", ".1f")])
+    print_table(rows, COLUMNS)
     path = results_path("decode_stamps", args.out)
     write_json(path, {**info, "copy_bandwidth_Bps": bw, "rows": rows,
                       "summary": {"max_sm_idle_fraction": max(r["sm_idle_fraction"] for r in rows),

@@ -36,6 +36,13 @@ from prefill_attention import SHAPES, WGMMA_PLANS  # noqa: E402
 
 SPREAD = (32, "spread", 256, 14, 2, 64)   # B, prefixes 0..4096 (spread), chunk, Hq, Hkv, D
 KBN = 128                                 # key tile of the wgmma kernel (both head dims)
+COLUMNS = [("B", "B", "d"), ("prefix", "prefix", "s"), ("chunk", "chunk", "d"), ("D", "D", "d"),
+           ("plan", "plan", "s"), ("us", "us", ".1f"), ("frac_matmul", "/matmul", ".3f"),
+           ("items", "items", "d"), ("item_us_median", "item us", ".2f"),
+           ("item_overhead_us", "overhead us", ".2f"), ("tile_us", "tile us", ".3f"),
+           ("tile_us_floor", "tile floor", ".3f"), ("tile_over_floor", "tile/floor", ".2f"),
+           ("gap_us", "gap us", ".2f"), ("sm_idle_start_fraction", "idle start", ".3f"),
+           ("sm_idle_fraction", "idle end", ".3f")]
 
 
 def rows_per_item(plan: str) -> int:
@@ -66,6 +73,18 @@ def fit_items(s: torch.Tensor) -> dict:
         gaps += [(b[0] - a[1]) / 1e3 for a, b in zip(seq, seq[1:])]
     out["gap_us"] = statistics.median(gaps) if gaps else None
     return out
+
+
+def item_row(shape, plan: str, flops: float, ms: float, mm: float, sms: int, st: dict, fit: dict) -> dict:
+    """One table row: the shape (prefix "spread" for the batch of spread prefixes), the plan, the
+    timed call, the items' stamp_stats ``st`` and fit_items ``fit``, and the tile's MMA floor."""
+    B, prefix_spec, n, Hq, Hkv, D = shape
+    tile_floor = 4.0 * rows_per_item(plan) * KBN * D / (mm / sms) * 1e6     # Q K^T + P V of one tile, one SM
+    return {"B": B, "prefix": "0-4096" if prefix_spec == "spread" else str(prefix_spec), "chunk": n, "Hq": Hq,
+            "Hkv": Hkv, "D": D, "plan": plan, "us": ms * 1e3, "frac_matmul": flops / (ms * 1e-3) / mm,
+            "span_us": st["span_us"], "sm_idle_fraction": st["sm_idle_fraction"],
+            "sm_idle_start_fraction": st["sm_idle_start_fraction"], **fit, "tile_us_floor": tile_floor,
+            "tile_over_floor": fit["tile_us"] / tile_floor}
 
 
 def main() -> None:
@@ -122,12 +141,8 @@ def main() -> None:
                 s = median_span_stamps(run, stamps, args.reps)
             st = stamp_stats(s, sms)
             fit = fit_items(s)
-            tile_floor = 4.0 * bm * KBN * D / (mm / sms) * 1e6     # Q K^T + P V of one tile, one SM
-            row = {"B": B, "prefix": "0-4096" if prefix_spec == "spread" else prefix_spec, "chunk": n, "Hq": Hq,
-                   "Hkv": Hkv, "D": D, "plan": plan, "us": ms * 1e3, "frac_matmul": flops / (ms * 1e-3) / mm,
-                   "span_us": st["span_us"], "sm_idle_fraction": st["sm_idle_fraction"],
-                   "sm_idle_start_fraction": st["sm_idle_start_fraction"], **fit, "tile_us_floor": tile_floor,
-                   "tile_over_floor": fit["tile_us"] / tile_floor}
+            row = item_row((B, prefix_spec, n, Hq, Hkv, D), plan, flops, ms, mm, sms, st, fit)
+            tile_floor = row["tile_us_floor"]
             rows.append(row)
             print(f"B={B} prefix {row['prefix']} chunk {n} {Hq}/{Hkv}/{D} {plan}: {row['us']:.1f} us "
                   f"({row['frac_matmul']:.3f} of matmul), {fit['items']} items of {fit['tiles_min']}-{fit['tiles_max']} "
@@ -136,13 +151,7 @@ def main() -> None:
                   f"{st['sm_idle_fraction']:.3f} start {st['sm_idle_start_fraction']:.3f}", flush=True)
         del k_cache, v_cache
         torch.cuda.empty_cache()
-    print_table(rows, [("B", "B", "d"), ("prefix", "prefix", "s"), ("chunk", "chunk", "d"), ("D", "D", "d"),
-                       ("plan", "plan", "s"), ("us", "us", ".1f"), ("frac_matmul", "/matmul", ".3f"),
-                       ("items", "items", "d"), ("item_us_median", "item us", ".2f"),
-                       ("item_overhead_us", "overhead us", ".2f"), ("tile_us", "tile us", ".3f"),
-                       ("tile_us_floor", "tile floor", ".3f"), ("tile_over_floor", "tile/floor", ".2f"),
-                       ("gap_us", "gap us", ".2f"), ("sm_idle_start_fraction", "idle start", ".3f"),
-                       ("sm_idle_fraction", "idle end", ".3f")])
+    print_table(rows, COLUMNS)
     path = results_path("prefill_stamps", args.out)
     write_json(path, {**info, "matmul_flops": mm, "rows": rows})
     print(f"wrote {path}")

@@ -61,3 +61,31 @@ def test_prefill_item_fit_recovers_overhead_per_item_and_time_per_tile():
     same = s.clone()
     same[:, 2] = (same[:, 2] & 0xFFFFFFFF) | (4 << 32)                 # one tile count: no fit, a mean
     assert p.fit_items(same)["item_overhead_us"] is None
+
+
+def _stamps(rows):
+    return torch.tensor([[a, e, m] for a, e, m in rows], dtype=torch.int64)
+
+
+def test_the_stamp_benches_rows_print_as_their_tables(capsys):
+    """decode_stamps.py's and prefill_stamps.py's rows, built from stamps as their main() builds
+    them, go through their tables' formats (an int under a string format, say, would raise only on
+    the GPU, after the measurements)."""
+    c = load_script(BENCH, "common")
+    d = load_script(BENCH, "decode_stamps")
+    p = load_script(BENCH, "prefill_stamps")
+    ctas = _stamps([(1000, 9000, 0), (1500, 8000, 1), (1200, 9500, 1)])
+    st = c.stamp_stats(ctas, sms=2)
+    row = d.cta_row((256, 1024, 14, 2, 64), "v3+l2", 134_217_728, 0.041, 4.2e12, st)
+    assert row["outside_us"] == pytest.approx(41.0 - 8.5) and row["active_frac_copy"] > row["frac_copy_bw"]
+    c.print_table([row], d.COLUMNS)
+    items = _stamps([(1000, 5000, 3 | (4 << 32)), (5200, 13200, 3 | (12 << 32)), (1000, 7000, 5 | (8 << 32))])
+    prow = p.item_row((64, 1024, 256, 14, 2, 64), "wgmma3_pp_ov_qp_ps", 6.77e10, 0.2, 7.5e14, 132,
+                      c.stamp_stats(items, sms=132), p.fit_items(items))
+    assert prow["prefix"] == "1024" and prow["tile_us"] == pytest.approx(0.5)
+    assert prow["tile_us_floor"] == pytest.approx(4 * 192 * 128 * 64 / (7.5e14 / 132) * 1e6)
+    spread = dict(prow, prefix=p.item_row((32, "spread", 256, 14, 2, 64), "wgmma_pp_ov_ps", 1e10, 0.1, 7.5e14, 132,
+                                          c.stamp_stats(items, sms=132), p.fit_items(items))["prefix"])
+    c.print_table([prow, spread], p.COLUMNS)
+    out = capsys.readouterr().out
+    assert "v3+l2" in out and "wgmma3_pp_ov_qp_ps" in out and "0-4096" in out
