@@ -142,12 +142,11 @@ def main() -> None:
             st = stamp_stats(s, sms)
             fit = fit_items(s)
             row = item_row((B, prefix_spec, n, Hq, Hkv, D), plan, flops, ms, mm, sms, st, fit)
-            tile_floor = row["tile_us_floor"]
             rows.append(row)
             print(f"B={B} prefix {row['prefix']} chunk {n} {Hq}/{Hkv}/{D} {plan}: {row['us']:.1f} us "
                   f"({row['frac_matmul']:.3f} of matmul), {fit['items']} items of {fit['tiles_min']}-{fit['tiles_max']} "
                   f"tiles: overhead {fit['item_overhead_us']} us + {fit['tile_us']:.3f} us/tile "
-                  f"(floor {tile_floor:.3f}, r2 {fit['fit_r2']}), gap {fit['gap_us']} us, SM idle end "
+                  f"(floor {row['tile_us_floor']:.3f}, r2 {fit['fit_r2']}), gap {fit['gap_us']} us, SM idle end "
                   f"{st['sm_idle_fraction']:.3f} start {st['sm_idle_start_fraction']:.3f}", flush=True)
         del k_cache, v_cache
         torch.cuda.empty_cache()

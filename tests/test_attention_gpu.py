@@ -353,6 +353,15 @@ def test_decode_cuda_graph_replay(monkeypatch, plan, tickets, caller_ws):
     _check_decode_graph_replay(kv, bt, ctx, Hq, 0.088, min_ctx=1, max_len=max_len, caller_workspace=caller_ws)
 
 
+def _full_width_case(lens, Hkv, D, table, bs):
+    """bf16 K/V of sequences of `lens` tokens on shuffled pages, block tables `table` tokens wide
+    (the plan sees the width, not the lengths), and the context lengths on the device."""
+    kv = PagedKV(num_blocks=sum(math.ceil(n / bs) for n in lens) + 7, block_size=bs, Hkv=Hkv, D=D, dtype=torch.bfloat16)
+    bt = kv.tables(lens, extra_blocks=table // bs - max(math.ceil(n / bs) for n in lens))
+    kv.fill(bt, lens)
+    return kv, bt, torch.tensor(lens, dtype=torch.int32, device="cuda")
+
+
 @pytest.mark.parametrize("plan", PLANS)
 @pytest.mark.parametrize("B,Hq,Hkv,D,table", [(1, 32, 8, 128, 32768), (3, 14, 2, 64, 2048)])
 def test_decode_caller_workspace_allocates_nothing(monkeypatch, plan, B, Hq, Hkv, D, table):
@@ -362,10 +371,7 @@ def test_decode_caller_workspace_allocates_nothing(monkeypatch, plan, B, Hq, Hkv
     _use_plan(monkeypatch, plan)
     bs = 16
     lens = [table - 5 - 333 * b for b in range(B)]
-    kv = PagedKV(num_blocks=sum(math.ceil(n / bs) for n in lens) + 7, block_size=bs, Hkv=Hkv, D=D, dtype=torch.bfloat16)
-    bt = kv.tables(lens, extra_blocks=table // bs - max(math.ceil(n / bs) for n in lens))
-    kv.fill(bt, lens)
-    ctx = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    kv, bt, ctx = _full_width_case(lens, Hkv, D, table, bs)
     q = torch.randn(B, Hq, D, device="cuda").bfloat16()
     ws = A.paged_decode_workspace(q, kv.k, bt, backend="cuda")
     splits, _ = _plan(B, Hq, Hkv, D, bt.shape[1] * bs, plan)
@@ -397,10 +403,7 @@ def test_decode_cta_stamps_cover_every_cta_and_change_nothing(monkeypatch, plan,
     _use_plan(monkeypatch, plan)
     bs = 16
     lens = [table - 5 - 700 * b for b in range(B)]   # the last sequences' tail splits are empty
-    kv = PagedKV(num_blocks=sum(math.ceil(n / bs) for n in lens) + 7, block_size=bs, Hkv=Hkv, D=D, dtype=torch.bfloat16)
-    bt = kv.tables(lens, extra_blocks=table // bs - max(math.ceil(n / bs) for n in lens))
-    kv.fill(bt, lens)
-    ctx = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    kv, bt, ctx = _full_width_case(lens, Hkv, D, table, bs)
     q = torch.randn(B, Hq, D, device="cuda").bfloat16()
     splits, _ = _plan(B, Hq, Hkv, D, bt.shape[1] * bs, plan)
     ctas = splits * Hkv * math.ceil(Hq // Hkv / 16) * B
@@ -455,10 +458,7 @@ def test_decode_pdl_waits_for_the_kernel_ahead(monkeypatch, switch, plan, B, Hq,
     _use_plan(monkeypatch, plan)
     bs = 16
     lens = [max(1, table - 5 - 700 * b) for b in range(B)]
-    kv = PagedKV(num_blocks=sum(math.ceil(n / bs) for n in lens) + 7, block_size=bs, Hkv=Hkv, D=D, dtype=torch.bfloat16)
-    bt = kv.tables(lens, extra_blocks=table // bs - max(math.ceil(n / bs) for n in lens))
-    kv.fill(bt, lens)
-    ctx = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    kv, bt, ctx = _full_width_case(lens, Hkv, D, table, bs)
     # the append rewrites each sequence's last token (its slot is inside every context)
     last = torch.tensor([int(bt[b, (n - 1) // bs]) * bs + (n - 1) % bs for b, n in enumerate(lens)],
                         dtype=torch.int32, device="cuda")
