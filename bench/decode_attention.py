@@ -7,7 +7,10 @@ beside PyTorch SDPA on a contiguous (unpaged) cache of the same shape and FlexAt
 --plans: time our kernel under each plan (OPPO_DECODE_PLAN: v2, v3, v4, v5, v6) in the same run; the first
 is the `ours` column, the others get `ours_<plan>` columns. v5xN: v5 with N work items per resident
 CTA slot at least (OPPO_DECODE_V5_ITEMS=N; default 4), v5pM: items of at most M tokens
-(OPPO_DECODE_V5_MAX_PART=M; default 512), both: v5xNpM. Default: the environment's plan (v3).
+(OPPO_DECODE_V5_MAX_PART=M; default 512), both: v5xNpM. Each plan name states its switches: v3 is
+the split kernel without PDL and without the L2 prefetch, v3+l2 with the prefetch of one tile (the
+runtime's default since session 17). Default: the environment's plan (v3) with +l2, as the runtime
+runs it.
 --head-major: the first plan also on a pool of head-major pages ([2, Hkv, block_size, D]: a kv head's
 tokens of a page contiguous, as FlashInfer's HND layout), `ours_hm` columns (the layout A/B).
 Per plan the row also records the splits, the CTAs launched and the most items one CTA takes
@@ -82,7 +85,8 @@ def _plans() -> tuple[list[str], bool, bool, list[int], list[str]]:
     caps = [int(c) for c in known.caps.split(",") if c.strip()]
     assert all(c > 0 for c in caps), f"--caps takes positive token counts, got {known.caps!r}"
     if known.plans is None:
-        return [os.environ.get("OPPO_DECODE_PLAN") or "v3"], known.head_major, known.ragged, caps, rest
+        base = os.environ.get("OPPO_DECODE_PLAN") or "v3"      # the runtime's default: its switches' defaults
+        return [f"{base}+l2" if base in ("v2", "v3", "v6") else base], known.head_major, known.ragged, caps, rest
     plans = [p.strip() for p in known.plans.split(",") if p.strip()]
     ok = all(_SPLIT_PLAN.fullmatch(p) or _V5.fullmatch(p) for p in plans)
     assert plans and ok, f"--plans takes v2/v3/v4/v6 (v2/v3/v6 also with +pdl and/or +l2 or +l2x2)/v5/v5xNpM, got {known.plans!r}"
@@ -97,8 +101,9 @@ _SPLIT_PLAN = re.compile(r"(v2|v3|v6)(\+pdl|\+l2|\+l2x2)*|v4")
 @contextlib.contextmanager
 def plan_env(plan: str):
     """OPPO_DECODE_PLAN (and for v5xNpM, OPPO_DECODE_V5_ITEMS=N and OPPO_DECODE_V5_MAX_PART=M; for
-    PLAN+pdl, OPPO_DECODE_PDL=1; for PLAN+l2 and PLAN+l2x2, OPPO_DECODE_PREFETCH=1 and 2) set inside:
-    the launcher and the plan mirror both read them."""
+    PLAN+pdl, OPPO_DECODE_PDL=1; for PLAN+l2 and PLAN+l2x2, OPPO_DECODE_PREFETCH=1 and 2; both 0
+    otherwise, so bare v3 runs without the prefetch the runtime defaults to) set inside: the launcher
+    and the plan mirror both read them."""
     m = _V5.fullmatch(plan)
     base, items, max_part = (m.group(1), m.group(2), m.group(3)) if m else (plan, None, None)
     base, *switches = base.split("+")

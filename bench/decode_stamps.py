@@ -54,8 +54,9 @@ def cta_row(shape, plan: str, nbytes: int, ms: float, bw: float, st: dict) -> di
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--plans", default="v3", help="comma list of split-kernel plans (v2, v3, v6; +pdl: with "
-                                                  "programmatic dependent launch; +l2, +l2x2: with the L2 prefetch of 1 or 2 tiles)")
+    ap.add_argument("--plans", default="v3+l2", help="comma list of split-kernel plans (v2, v3, v6; +pdl: with "
+                                                  "programmatic dependent launch; +l2, +l2x2: with the L2 prefetch of 1 or 2 "
+                                                  "tiles, none without; default: the runtime's, v3+l2)")
     ap.add_argument("--shapes", default=None, help="comma-separated indices into decode_attention.SHAPES")
     ap.add_argument("--engine", action="store_true", help="also the engine's Qwen2.5-0.5B decode batch (B=256, ctx 384)")
     ap.add_argument("--block-size", type=int, default=16)

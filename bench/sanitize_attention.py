@@ -15,7 +15,8 @@ tests do, by results). v5 (OPPO_DECODE_PLAN=v5): the v4 kernel with items claime
 split and not, run twice on the same counters. v6: the v3 kernel with 2 stages at D=128.
 --decode-only: kv_append and decode only;
 --decode-plans=v5,v4:memset: only the decode cases of those plans (v3 for the default; v3:stamps,
-v3:pdl, v3:l2, v3:l2x2: per-CTA stamps on, programmatic dependent launch, L2 prefetch of 1 or 2 tiles). Exits
+v3:pdl, v3:l2off, v3:l2, v3:l2x2: per-CTA stamps on, programmatic dependent launch, L2 prefetch of 0,
+1 (the default) or 2 tiles). Exits
 non-zero if an output differs from the reference.
 """
 import contextlib
@@ -109,8 +110,10 @@ def main():
              (splits, 14, 2, 64, "v3:stamps"), (splits, 8, 2, D, "v6:stamps"),
              # programmatic dependent launch of the split kernel and its reduction
              (splits, 14, 2, 64, "v3:pdl"), (splits, 8, 2, D, "v6:pdl"), (fill, 14, 2, 64, "v3:pdl"),
-             # L2 prefetch of the tile after those in flight (rows past a context are not prefetched)
-             (splits, 14, 2, 64, "v3:l2"), (splits, 8, 2, D, "v6:l2"), ([37, 0, 5], 8, 2, D, "v3:l2"),
+             # L2 prefetch of the tile after those in flight (the default; rows past a context are not
+             # prefetched), of none, and of two tiles
+             (splits, 14, 2, 64, "v3:l2off"), ([600], 40, 2, D, "v3:l2off"), (splits, 14, 2, 64, "v3:l2"),
+             (splits, 8, 2, D, "v6:l2"), ([37, 0, 5], 8, 2, D, "v3:l2"),
              (splits, 14, 2, 64, "v3:l2x2"), (splits, 8, 2, D, "v6:l2x2"), ([600], 40, 2, D, "v3:l2x2"))
     only = next((a.split("=", 1)[1].split(",") for a in sys.argv if a.startswith("--decode-plans=")), None)
     for lens, Hq, Hkv, Dd, plan in cases:
@@ -129,8 +132,8 @@ def main():
         os.environ["OPPO_DECODE_PLAN"] = name
         if tickets == "pdl":
             os.environ["OPPO_DECODE_PDL"] = "1"
-        elif tickets in ("l2", "l2x2"):
-            os.environ["OPPO_DECODE_PREFETCH"] = "1" if tickets == "l2" else "2"
+        elif tickets in ("l2off", "l2", "l2x2"):
+            os.environ["OPPO_DECODE_PREFETCH"] = {"l2off": "0", "l2": "1", "l2x2": "2"}[tickets]
         elif tickets and tickets != "stamps":
             os.environ["OPPO_DECODE_TICKETS"] = tickets
         with A.decode_cta_stamps(3) if tickets == "stamps" else contextlib.nullcontext():

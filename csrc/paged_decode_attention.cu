@@ -24,7 +24,8 @@
 //       exit), from the same registry as v4's tickets.
 //   v6: v3 on the lean kernel (DecodeLeanCfg): D=128 with 2 stages and 3 CTAs per SM.
 // OPPO_DECODE_PDL=1 (plans v2, v3, v6): programmatic dependent launch of both kernels (decode_pdl).
-// OPPO_DECODE_PREFETCH=1|2 (plans v2, v3, v6): L2 prefetch 1 or 2 tiles further ahead (decode_l2_ahead).
+// OPPO_DECODE_PREFETCH=0|1|2 (plans v2, v3, v6; default 1): L2 prefetch 0, 1 or 2 tiles further ahead
+// (decode_l2_ahead).
 //
 // v4 ticket counters (one unsigned int per group = (sequence, kv head, head chunk), split plans
 // only). The kernel needs them at 0 when it starts and leaves them at 0 (the CTA that draws a
@@ -87,8 +88,9 @@ PlanKind decode_plan_kind() {
 // OPPO_DECODE_PDL=1: the split kernel and its reduction are launched with programmatic dependent
 // launch (cudaLaunchKernelEx, programmatic stream serialization): each may be scheduled before the
 // kernel ahead of it in the stream has finished, and waits in the kernel (griddepcontrol.wait)
-// before its first read, so only the launch latency between kernels is hidden. Default off (0)
-// until measured (bench/decode_attention.py --plans v3,v3+pdl).
+// before its first read, so only the launch latency between kernels is hidden. Default off (0):
+// session 17 (H100) measured v3+pdl 1.2 us faster than v3 on (1, 32768) (56.7 vs 57.9 us) and equal on
+// the shapes that do not split, but not yet with the prefetch default nor in the engine's graphs.
 bool decode_pdl() {
   const char* e = std::getenv("OPPO_DECODE_PDL");
   if (e == nullptr || *e == 0 || std::strcmp(e, "0") == 0) return false;
@@ -96,12 +98,15 @@ bool decode_pdl() {
   return true;
 }
 
-// OPPO_DECODE_PREFETCH=1|2: the split kernel also prefetches into L2 the rows of the 1 or 2 tiles
+// OPPO_DECODE_PREFETCH=0|1|2: the split kernel also prefetches into L2 the rows of the 1 or 2 tiles
 // after the ones in flight (kernel argument l2_ahead): more of the context requested from DRAM per
-// CTA without shared memory for it. Default off (0) until measured (--plans v3,v3+l2,v3+l2x2).
+// CTA without shared memory for it. Default 1 (unset or empty): session 17, H100, plan v3, issue 7's
+// five shapes, one run: 0.765-0.965 of copy without it, 0.779-1.019 with 1 (faster on every shape,
+// by 1-5%), 0.726-0.955 with 2 (slower than 0 on four of five: bench/RESULTS.md).
 int decode_l2_ahead() {
   const char* e = std::getenv("OPPO_DECODE_PREFETCH");
-  if (e == nullptr || *e == 0 || std::strcmp(e, "0") == 0) return 0;
+  if (e == nullptr || *e == 0) return 1;
+  if (std::strcmp(e, "0") == 0) return 0;
   OPPO_CHECK(std::strcmp(e, "1") == 0 || std::strcmp(e, "2") == 0, "OPPO_DECODE_PREFETCH must be 0, 1 or 2, got '",
              e, "'");
   return *e - '0';

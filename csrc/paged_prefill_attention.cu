@@ -3,8 +3,8 @@
 // in CUDA graphs (max_seqlen_q comes from the caller, who knows the chunk sizes).
 //
 // OPPO_PREFILL_PLAN (read at every call, so a benchmark can A/B within one process):
-//   auto  (default, or unset): wgmma_pp_ov_ps for head dim 128 on an sm_90a device, else mma
-//         (prefill_plan() below says why);
+//   auto  (default, or unset): on an sm_90a device wgmma_pp_ov_qp_ps for head dim 128 and
+//         wgmma3_pp_ov_qp_ps for head dim 64 in bf16, else mma (prefill_plan() below says why);
 //   mma   v2: mma.sync m16n8k16, 64-row CTAs (kernels/paged_prefill_attention.cuh);
 //   wgmma           v4: sm_90a warpgroup MMA, warp-specialized (kernels/paged_prefill_wgmma.cuh);
 //   wgmma_pp        v4 with its two consumer warpgroups in ping-pong (same kernel, a flag);
@@ -140,15 +140,21 @@ bool wgmma_plan_off(const char* plan) {
 }
 
 // -1: the mma plan; else the wgmma kernel's flags (ping-pong, overlap, split K/V rings) | kPersistent.
-// OPPO_PREFILL_PLAN unset (or "auto"): wgmma_pp_ov_ps for head dim 128 on an sm_90a device (session
-// 14, H100: 0.64-0.72 of the bf16 matmul rate on issue 8's D=128 shapes, against mma's 0.29-0.30,
-// Triton's 0.42-0.43 and FlexAttention's 0.49-0.55), unless OPPO_PREFILL_WGMMA_OFF names it; mma
-// otherwise (D=64: the wgmma plans are not faster than Triton, which the Python side picks there).
+// OPPO_PREFILL_PLAN unset (or "auto"), on an sm_90a device, unless OPPO_PREFILL_WGMMA_OFF names the
+// plan (session 17, H100, bench/RESULTS.md):
+//   head dim 128: wgmma_pp_ov_qp_ps, 1.29-1.36x FlexAttention on issue 8's D=128 shapes (0.64-0.73
+//     of the bf16 matmul rate; without the Q prefetch, wgmma_pp_ov_ps, 1.24x);
+//   head dim 64, bf16: wgmma3_pp_ov_qp_ps, 1.13x FlexAttention on issue 8's D=64 shape (0.47 of the
+//     matmul rate), where the two-warpgroup plan and Triton are 0.91x and 0.93x;
+// mma otherwise (fp16 at D=64: the Python side picks Triton there, as fast as two warpgroups).
 int prefill_plan(const at::Tensor& q) {
   const char* e = std::getenv("OPPO_PREFILL_PLAN");
   if (e == nullptr || *e == '\0' || std::strcmp(e, "auto") == 0) {
-    if (q.size(2) == 128 && !wgmma_plan_off("wgmma_pp_ov_ps") && sm90a_here(q))
-      return oppo::attn::wgp::kFlagPingPong | oppo::attn::wgp::kFlagOverlap | kPersistent;
+    using namespace oppo::attn::wgp;
+    if (q.size(2) == 128 && !wgmma_plan_off("wgmma_pp_ov_qp_ps") && sm90a_here(q))
+      return kFlagPingPong | kFlagOverlap | kFlagQPrefetch | kPersistent;
+    if (q.size(2) == 64 && q.scalar_type() == at::kBFloat16 && !wgmma_plan_off("wgmma3_pp_ov_qp_ps") && sm90a_here(q))
+      return kFlagPingPong | kFlagOverlap | kFlagQPrefetch | kPersistent | kThreeWG;
     return -1;
   }
   if (std::strcmp(e, "mma") == 0) return -1;

@@ -225,7 +225,7 @@ __device__ __forceinline__ void store_out4(void* out, bool out_f32, int64_t off,
 // ws_o         [B, Hq, num_splits, D] float;  ws_lse [B, Hq, num_splits] float  (num_splits > 1)
 // l2_ahead     0; 1: also prefetch into L2 the rows of the tile after those in flight, as soon as
 //              their offsets are known (one tile time before its cp.async); 2: the two tiles after
-//              them (the block table read one tile further ahead). OPPO_DECODE_PREFETCH=1|2
+//              them (the block table read one tile further ahead). OPPO_DECODE_PREFETCH=0|1|2 (default 1)
 // grid (num_splits, Hkv * q_chunks, B), q_chunks = ceil(G / 16); num_splits == 1 needs partition >= ctx
 template <typename T, int D, int kStages>
 __global__ void __launch_bounds__(kDecodeThreads, DecodeBounds<D, kStages>::kMinBlocks)

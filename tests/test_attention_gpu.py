@@ -828,53 +828,55 @@ def test_prefill_single_token_chunks_equal_decode(prefill_plan):
 
 
 @pytest.mark.parametrize("plan_env", [None, "auto"])
-def test_prefill_auto_rule_runs_wgmma_for_head_dim_128(monkeypatch, plan_env):
+@pytest.mark.parametrize("Hq,Hkv,D,default", [(32, 8, 128, "wgmma_pp_ov_qp_ps"), (14, 2, 64, "wgmma3_pp_ov_qp_ps")])
+def test_prefill_auto_rule_runs_wgmma(monkeypatch, plan_env, Hq, Hkv, D, default):
     """OPPO_PREFILL_PLAN unset or auto, no backend asked for: on sm_90 with sm_90a code, head dim 128
-    runs the CUDA launcher's default plan there, wgmma_pp_ov_ps (bitwise what that plan asked for
-    by name gives, and within the fp32 reference's tolerance), and head dim 64 runs Triton; an
-    explicit OPPO_PREFILL_PLAN=mma keeps the launcher on mma."""
+    (bf16 or fp16) and head dim 64 in bf16 run the CUDA launcher's default plans there,
+    wgmma_pp_ov_qp_ps and wgmma3_pp_ov_qp_ps (bitwise what that plan asked for by name gives, and
+    within the fp32 reference's tolerance); fp16 at head dim 64 runs Triton; an explicit
+    OPPO_PREFILL_PLAN=mma keeps the launcher on mma."""
     from oppo_runtime.ops import backends
-    _skip_unless_wgmma("wgmma_pp_ov_ps")
-    if plan_env is None:
-        monkeypatch.delenv("OPPO_PREFILL_PLAN", raising=False)
-    else:
-        monkeypatch.setenv("OPPO_PREFILL_PLAN", plan_env)
+    _skip_unless_wgmma(default)
+
+    def set_plan_env():
+        if plan_env is None:
+            monkeypatch.delenv("OPPO_PREFILL_PLAN", raising=False)
+        else:
+            monkeypatch.setenv("OPPO_PREFILL_PLAN", plan_env)
+    set_plan_env()
     monkeypatch.delenv("OPPO_PREFILL_BACKEND", raising=False)
     monkeypatch.delenv("OPPO_OP_BACKEND", raising=False)
-    out, ref = _prefill_case(32, 8, 128, 16, [0, 37, 1000], [1, 200, 128], torch.bfloat16, torch.float32,
-                             backend=None)
-    assert backends()["paged_prefill_attention"] == "cuda"
-    assert backends()["paged_prefill_attention/cuda_plan"] == "wgmma_pp_ov_ps"
-    assert rel_err(out, ref) < 2e-3
+    for dtype in (torch.bfloat16, torch.float16):
+        out, ref = _prefill_case(Hq, Hkv, D, 16, [0, 37, 1000], [1, 200, 128], dtype, torch.float32, backend=None)
+        if D == 64 and dtype == torch.float16:
+            assert backends()["paged_prefill_attention"] == "triton"
+        else:
+            assert backends()["paged_prefill_attention"] == "cuda"
+            assert backends()["paged_prefill_attention/cuda_plan"] == default
+        assert rel_err(out, ref) < 2e-3
     # the same inputs through the default plan and through the plan named (PagedKV draws fresh seeds)
     lens, chunks = [69, 309], [64, 9]
-    kv = PagedKV(num_blocks=40, block_size=16, Hkv=8, D=128, dtype=torch.bfloat16)
+    kv = PagedKV(num_blocks=40, block_size=16, Hkv=Hkv, D=D, dtype=torch.bfloat16)
     bt = kv.tables(lens)
     kv.fill(bt, lens)
     cu = torch.tensor([0, 64, 73], dtype=torch.int32, device="cuda")
     ctx = torch.tensor(lens, dtype=torch.int32, device="cuda")
-    q = torch.randn(73, 32, 128, device="cuda").bfloat16()
+    q = torch.randn(73, Hq, D, device="cuda").bfloat16()
 
     def run():
-        out = torch.full((73, 32, 128), float("nan"), device="cuda")
-        A.paged_prefill_attention(q, kv.k, kv.v, cu, ctx, bt, 128 ** -0.5, out=out, max_seqlen_q=64, backend="cuda")
+        out = torch.full((73, Hq, D), float("nan"), device="cuda")
+        A.paged_prefill_attention(q, kv.k, kv.v, cu, ctx, bt, D ** -0.5, out=out, max_seqlen_q=64, backend="cuda")
         torch.cuda.synchronize()
         return out
 
     auto = run()
-    monkeypatch.setenv("OPPO_PREFILL_PLAN", "wgmma_pp_ov_ps")
+    monkeypatch.setenv("OPPO_PREFILL_PLAN", default)
     assert torch.equal(auto, run())
     monkeypatch.setenv("OPPO_PREFILL_PLAN", "mma")
     mma = run()
     assert backends()["paged_prefill_attention/cuda_plan"] == "mma"
     assert torch.isfinite(mma).all() and not torch.equal(auto, mma)     # another kernel ran
-    if plan_env is None:
-        monkeypatch.delenv("OPPO_PREFILL_PLAN", raising=False)
-    else:
-        monkeypatch.setenv("OPPO_PREFILL_PLAN", plan_env)
-    out, ref = _prefill_case(14, 2, 64, 16, [100, 0], [256, 65], torch.bfloat16, torch.float32, backend=None)
-    assert backends()["paged_prefill_attention"] == "triton"
-    assert rel_err(out, ref) < 2e-3
+    set_plan_env()
 
 
 @pytest.mark.parametrize("plan", PREFILL_PLANS[1:])
