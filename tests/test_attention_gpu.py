@@ -950,9 +950,10 @@ def test_prefill_wgmma3_matches_reference(monkeypatch, plan, shape):
     assert rel_err(out, ref) < TOL_F32_OUT[torch.bfloat16]
 
 
-@pytest.mark.parametrize("plan", WGMMA3_PLANS[:3])
+@pytest.mark.parametrize("plan", WGMMA3_PLANS[:3] + ["wgmma3_pp_ov_qp_ps"])
 def test_prefill_wgmma3_persistent_many_items_and_native_output(monkeypatch, plan):
-    """More items than SMs (persistent CTAs take several), ragged chunks, bf16 output."""
+    """More items than SMs (persistent CTAs take several), ragged chunks, bf16 output; the plans
+    with two or three warpgroups in ping-pong, and the auto plan at D=64 (with the Q prefetch)."""
     _skip_unless_wgmma(plan)
     monkeypatch.setenv("OPPO_PREFILL_PLAN", plan)
     sms = torch.cuda.get_device_properties(0).multi_processor_count

@@ -388,8 +388,8 @@ def _prefill_backend(q: torch.Tensor, backend: str | None) -> str:
     (cuda|triton|reference), env ``OPPO_OP_BACKEND``; none of them (or 'auto') means auto.
     Auto rule, on a CUDA device for bf16/fp16 and head dim 64/128: on sm_90 (Hopper) with sm_90a
     code, for head dim 128 and for head dim 64 in bf16, the CUDA kernel, whose default plans there
-    are wgmma_pp_ov_qp_ps and wgmma3_pp_ov_qp_ps (``_cuda_prefill_plan``); else the Triton kernel on sm_90 when triton imports (there tl.dot
-    lowers to wgmma, which the CUDA kernel's mma plan, 0.55-0.63x FlexAttention on an H100,
+    are wgmma_pp_ov_qp_ps and wgmma3_pp_ov_qp_ps (``_cuda_prefill_plan``); else the Triton kernel
+    on sm_90 when triton imports (there tl.dot lowers to wgmma, which the CUDA kernel's mma plan, 0.55-0.63x FlexAttention on an H100,
     bench/NOTES.md "Prefill v2", does not use); on other cards the CUDA kernel, or Triton when the
     extension lacks it; else the reference. Inputs no kernel
     covers (fp32, other head dims) take the reference unless the ``backend`` argument names a
