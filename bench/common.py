@@ -43,6 +43,18 @@ def _sync():
     torch.cuda.synchronize()
 
 
+def events_ms(fn: Callable[[], object], n: int = 1) -> float:
+    """Device milliseconds of ``n`` back-to-back calls of ``fn``, between two CUDA events recorded
+    on the current stream (the host waits for the second)."""
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(n):
+        fn()
+    b.record()
+    b.synchronize()
+    return a.elapsed_time(b)
+
+
 def _warm(fn: Callable[[], object], ms: float) -> None:
     """Calls of ``fn`` until they have kept the device busy for ``ms`` (device time, by events; in
     batches that double, so the host never queues much more than that): a card that idled, e.g.
@@ -53,13 +65,7 @@ def _warm(fn: Callable[[], object], ms: float) -> None:
     whether a spread remains)."""
     spent, n = 0.0, 1
     while spent < ms:
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(n):
-            fn()
-        b.record()
-        b.synchronize()
-        spent += a.elapsed_time(b)
+        spent += events_ms(fn, n)
         n = min(2 * n, 1024)
 
 
@@ -104,15 +110,7 @@ def time_ms(fn: Callable[[], object], *, calls_per_replay: int = 10, reps: int =
                 fn()
         run()
         _sync()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        run()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / calls_per_replay)
-    return statistics.median(times)
+    return statistics.median(events_ms(run) / calls_per_replay for _ in range(reps))
 
 
 def copy_bandwidth(nbytes: int = 4 << 30) -> float:

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import copy_bandwidth, device_info, env_var, print_table, results_path, write_json  # noqa: E402
+from common import copy_bandwidth, device_info, env_var, events_ms, print_table, results_path, write_json  # noqa: E402
 from models import qwen_model, weight_bytes  # noqa: E402
 
 from oppo_runtime import ops  # noqa: E402
@@ -53,13 +53,7 @@ def gpu_only_ms(eng, B, iters=20):
             ops.sample_tokens(logits, temp, top_k, top_p, 0, keys, pos)
 
     one()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(iters):
-        one()
-    b.record()
-    b.synchronize()
-    return a.elapsed_time(b) / iters
+    return events_ms(one, iters) / iters
 
 
 def kernel_profile(eng, B, path: str, iters=10) -> dict:
