@@ -15,6 +15,9 @@
 //                   work items, the K/V prefetch running on across items), e.g. wgmma_pp_ov_kv_ps;
 //                   "_qp" before "_ps": the producer prefetches each item's Q rows into L2 when it
 //                   opens the item (up to a few tiles before the consumers stage them; a flag);
+//                   "_xc" before "_ps" (with _pp): the warpgroups' ring of turns runs on across a
+//                   persistent CTA's items, the next item's first Q K^T issued while the last
+//                   warpgroup finishes the item (a flag, kFlagChain), e.g. wgmma3_pp_ov_qp_xc_ps;
 //                   the wgmma plans are an error on other devices or without sm_90a code;
 //   wgmma3...       any of the above with three consumer warpgroups (192-row items, 512 threads,
 //                   setmaxnreg 32/160), e.g. wgmma3_pp_ov_ps: head dim 64 and bf16 only (the
@@ -168,6 +171,10 @@ int prefill_plan(const at::Tensor& q) {
     flags |= kPersistent;
     name.resize(name.size() - 3);
   }
+  if (name.size() > 3 && name.compare(name.size() - 3, 3, "_xc") == 0) {
+    flags |= oppo::attn::wgp::kFlagChain;
+    name.resize(name.size() - 3);
+  }
   if (name.size() > 3 && name.compare(name.size() - 3, 3, "_qp") == 0) {
     flags |= oppo::attn::wgp::kFlagQPrefetch;
     name.resize(name.size() - 3);
@@ -179,8 +186,10 @@ int prefill_plan(const at::Tensor& q) {
   if (name == "wgmma_pp") flags |= oppo::attn::wgp::kFlagPingPong;
   else if (name == "wgmma_ov") flags |= oppo::attn::wgp::kFlagOverlap;
   else if (name == "wgmma_pp_ov") flags |= oppo::attn::wgp::kFlagPingPong | oppo::attn::wgp::kFlagOverlap;
-  else OPPO_CHECK(name == "wgmma", "OPPO_PREFILL_PLAN must be auto, mma or wgmma[3][_pp][_ov][_kv][_qp][_ps] (e.g. wgmma_pp_ov_kv_ps), got '",
+  else OPPO_CHECK(name == "wgmma", "OPPO_PREFILL_PLAN must be auto, mma or wgmma[3][_pp][_ov][_kv][_qp][_xc][_ps] (e.g. wgmma_pp_ov_kv_ps), got '",
                   e, "'");
+  OPPO_CHECK(!(flags & oppo::attn::wgp::kFlagChain) || (flags & oppo::attn::wgp::kFlagPingPong), "OPPO_PREFILL_PLAN=", e,
+             ": _xc chains the ping-pong turns across items, so it needs _pp");
   OPPO_CHECK(!(flags & kThreeWG) || (q.size(2) == 64 && q.scalar_type() == at::kBFloat16),
              "OPPO_PREFILL_PLAN=", e, ": the three-warpgroup plans are built for head dim 64 and bf16 only, got head dim ",
              q.size(2), " and ", q.scalar_type());

@@ -59,6 +59,13 @@ constexpr int kFlagPingPong = 2;  // the consumer warpgroups take turns issuing 
 constexpr int kFlagOverlap = 4;   // a warpgroup's softmax of tile t overlaps its own P V of tile t-1
 constexpr int kFlagSplitKV = 8;   // K and V of a stage released and published separately (two rings)
 constexpr int kFlagQPrefetch = 16;  // the producer prefetches an item's Q rows into L2 when it opens the item
+// With kFlagPingPong on persistent CTAs: the ring of turns runs on across items. The last warpgroup
+// hands the turn to the first right after issuing an item's final P V (as after any other batch),
+// so the first warpgroup's Q K^T of the next item follows it on the tensor cores while the last one
+// still waits for its P V, normalizes, stores and stages its Q. Without the flag the first
+// warpgroup waits for all of that (the last warpgroup kicks it at the next item's start): the
+// tensor cores idle for one warpgroup's epilogue and Q staging per item.
+constexpr int kFlagChain = 32;
 
 template <int D, int NC = 2>
 struct Cfg {
@@ -166,7 +173,7 @@ __device__ __forceinline__ float ex2(float x) {
 static __constant__ CtaStamps prefill_stamps;
 
 // out          [Nq, Hq, D]  (T, or float32 with kPrefillOutF32), strides o_s0, o_s1, inner contiguous
-// flags        kPrefillOutF32 | kFlagPingPong | kFlagOverlap | kFlagSplitKV | kFlagQPrefetch
+// flags        kPrefillOutF32 | kFlagPingPong | kFlagOverlap | kFlagSplitKV | kFlagQPrefetch | kFlagChain
 // q            [Nq, Hq, D]  packed by cu_seqlens_q [B+1], strides q_s0, q_s1, inner contiguous
 // k/v_cache    [num_blocks, block_size, Hkv, D] (page stride page_stride, equal for K and V)
 // context_lens [B] int32 (prefix + chunk);  block_tables [B, max_blocks] int32, row stride bt_stride
@@ -462,7 +469,9 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
   // its own), so one's softmax runs under the others' MMAs. Warpgroup 0 goes first (the last one
   // arrives on its barrier at the item's start); the last skips its arrive after the item's final
   // P V, so every barrier phase started is completed (per item each warpgroup syncs n_tiles + 1
-  // times and is arrived on as often). No branch sits between a wgmma.fence
+  // times and is arrived on as often). With kFlagChain the last warpgroup kicks warpgroup 0 only
+  // at the CTA's first item and skips only its last item's final arrive: the arrive after an
+  // item's final P V is the next item's kick. No branch sits between a wgmma.fence
   // and its MMAs (ptxas would serialize them): first tile, steady state and last P V are peeled.
   const bool pingpong = (flags & kFlagPingPong) != 0;
   const bool overlap = (flags & kFlagOverlap) != 0;
@@ -559,8 +568,17 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
   };
 
   int gbase = 0;                             // ring position of the item's first tile
+  const bool chain = pingpong && (flags & kFlagChain) != 0;
+  bool first_item = true;
   for (int w = blockIdx.x; w < num_items; w += gridDim.x) {
     if (!item_at(w, I)) continue;
+    // kFlagChain: the last warpgroup hands the turn on after this item's final P V when the CTA
+    // has another item (the same items the loop takes: those item_at accepts)
+    bool more = false;
+    if (chain && cw == NC - 1) {
+      Item J;
+      for (int w2 = w + gridDim.x; w2 < num_items && !more; w2 += gridDim.x) more = item_at(w2, J);
+    }
     if (cw == 0 && tw == 0) stamp_start(prefill_stamps, w);  // off unless bench/prefill_stamps.py sets it
     // Q rows of this warpgroup -> shared memory (swizzled), zeros for rows past the chunk. The
     // buffer is free: this warpgroup's Q K^T of the previous item were all waited on.
@@ -594,7 +612,8 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
     for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
     const int n_tiles = I.n_tiles;
 
-    if (pingpong && cw == NC - 1) named_arrive(kPP, 256);
+    if (pingpong && cw == NC - 1 && (!chain || first_item)) named_arrive(kPP, 256);  // warpgroup 0's turn
+    first_item = false;
     mbar_wait(&full[gbase % kS], (gbase / kS) & 1);  // tile 0: Q K^T alone
     begin_batch();
     issue_qk(gbase % kS);
@@ -649,7 +668,7 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
       if (splitkv) mbar_wait(&fullV[gl % kS], (gl / kS) & 1);
       begin_batch();  // the last tile's P V
       issue_pv(gl % kS);
-      end_batch(true);
+      end_batch(!more);  // the last warpgroup hands on only when chained to another item
       mbar_arrive(splitkv ? &emptyV[gl % kS] : &empty[gl % kS]);
     }
     gbase += n_tiles;

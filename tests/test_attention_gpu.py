@@ -774,7 +774,7 @@ PREFILL_SHAPES = [  # Hq, Hkv, D, block_size, prefixes, chunks
 
 
 PREFILL_PLANS = ["mma", "wgmma", "wgmma_pp", "wgmma_ov", "wgmma_pp_ov", "wgmma_pp_ov_ps", "wgmma_kv",
-                 "wgmma_pp_ov_kv", "wgmma_pp_ov_qp_ps"]
+                 "wgmma_pp_ov_kv", "wgmma_pp_ov_qp_ps", "wgmma_pp_ov_qp_xc_ps"]
 
 
 def _skip_unless_wgmma(plan: str) -> None:
@@ -920,7 +920,8 @@ def test_prefill_wgmma_graph_replay_and_many_tiles(monkeypatch, plan):
         assert rel_err(out[:n], ref) < 2e-3, (chunks, prefixes)
 
 
-@pytest.mark.parametrize("plan", ["wgmma_pp_ov_ps", "wgmma_pp_ov_kv_ps", "wgmma_pp_ov_qp_ps"])
+@pytest.mark.parametrize("plan", ["wgmma_pp_ov_ps", "wgmma_pp_ov_kv_ps", "wgmma_pp_ov_qp_ps", "wgmma_pp_ov_qp_xc_ps",
+                                  "wgmma_pp_ov_kv_xc_ps"])
 def test_prefill_wgmma_persistent_many_items_per_cta(monkeypatch, plan):
     """The persistent plan with several items per CTA (more (row tile, kv head, sequence) items
     than SMs): ragged chunks, items past short chunks, a stage ring that runs on across items
@@ -935,7 +936,7 @@ def test_prefill_wgmma_persistent_many_items_per_cta(monkeypatch, plan):
     assert rel_err(out, ref) < 2e-3
 
 
-WGMMA3_PLANS = ["wgmma3_pp_ov", "wgmma3_pp_ov_ps", "wgmma3_ov_ps", "wgmma3", "wgmma3_pp_ov_qp_ps"]
+WGMMA3_PLANS = ["wgmma3_pp_ov", "wgmma3_pp_ov_ps", "wgmma3_ov_ps", "wgmma3", "wgmma3_pp_ov_qp_ps", "wgmma3_pp_ov_qp_xc_ps"]
 
 
 @pytest.mark.parametrize("shape", [s for s in PREFILL_SHAPES if s[2] == 64])
@@ -950,7 +951,7 @@ def test_prefill_wgmma3_matches_reference(monkeypatch, plan, shape):
     assert rel_err(out, ref) < TOL_F32_OUT[torch.bfloat16]
 
 
-@pytest.mark.parametrize("plan", WGMMA3_PLANS[:3] + ["wgmma3_pp_ov_qp_ps"])
+@pytest.mark.parametrize("plan", WGMMA3_PLANS[:3] + ["wgmma3_pp_ov_qp_ps", "wgmma3_pp_ov_qp_xc_ps", "wgmma3_pp_ov_kv_xc_ps"])
 def test_prefill_wgmma3_persistent_many_items_and_native_output(monkeypatch, plan):
     """More items than SMs (persistent CTAs take several), ragged chunks, bf16 output; the plans
     with two or three warpgroups in ping-pong, and the auto plan at D=64 (with the Q prefetch)."""

@@ -81,7 +81,7 @@ def _turns(named: dict, pingpong: bool, cw: int, name: str, nc: int = 2):
     return begin, end
 
 
-def programs(items: list[int], kS: int, pingpong: bool, log: list, nc: int = 2):
+def programs(items: list[int], kS: int, pingpong: bool, log: list, nc: int = 2, chain: bool | str = False):
     """Generators for the producer and the two consumer warpgroups of a CTA that works through
     ``items`` (each a number of key tiles; one item, or several for the persistent plan), the
     ring of stages running on across items; each yields a predicate (callable) it waits on, or
@@ -133,9 +133,9 @@ def programs(items: list[int], kS: int, pingpong: bool, log: list, nc: int = 2):
             empty[s].arrive(128)
 
         gbase = 0
-        for n_tiles in items:
+        for idx, n_tiles in enumerate(items):
             yield None                 # the Q load of the item (named barrier of this warpgroup)
-            if pingpong and cw == nc - 1:
+            if pingpong and cw == nc - 1 and (chain is not True or idx == 0):   # kFlagChain: only the first kick
                 named[_pp_base(nc)].arrive(name)
             yield lambda g0=gbase: full[g0 % kS].ready((g0 // kS) & 1)
             yield from begin()
@@ -156,7 +156,7 @@ def programs(items: list[int], kS: int, pingpong: bool, log: list, nc: int = 2):
             gl = gbase + n_tiles - 1
             yield from begin()
             read(gl % kS, gl)
-            end(True)
+            end(not (chain and idx < len(items) - 1))   # kFlagChain: the next item's kick
             yield None
             release(gl % kS)
             gbase += n_tiles
@@ -166,7 +166,7 @@ def programs(items: list[int], kS: int, pingpong: bool, log: list, nc: int = 2):
 
 
 def programs_split(items: list[int], kS: int, pingpong: bool, log: list, rng: random.Random,
-                   v_wait: int = 2, skip_v_wait: str = "", k_wait: int = 2, nc: int = 2):
+                   v_wait: int = 2, skip_v_wait: str = "", k_wait: int = 2, nc: int = 2, chain: bool | str = False):
     """kFlagSplitKV: fullK/emptyK (the kernel's full/empty) and fullV/emptyV per stage.
     Producer, per tile g (slot s = g % kS), each group published one group behind: wait emptyK[s],
     issue and commit K(g), wait_group 2, publish K(g-1); wait emptyV[s], issue and commit V(g),
@@ -249,9 +249,9 @@ def programs_split(items: list[int], kS: int, pingpong: bool, log: list, rng: ra
             (emptyK if kind == "K" else emptyV)[st].arrive(128)
 
         gbase = 0
-        for n_tiles in items:
+        for idx, n_tiles in enumerate(items):
             yield None                 # the Q load of the item
-            if pingpong and cw == nc - 1:
+            if pingpong and cw == nc - 1 and (chain is not True or idx == 0):
                 named[_pp_base(nc)].arrive(name)
             yield lambda g0=gbase: fullK[g0 % kS].ready((g0 // kS) & 1)
             yield from begin()
@@ -279,7 +279,7 @@ def programs_split(items: list[int], kS: int, pingpong: bool, log: list, rng: ra
                 yield lambda gl=gl: fullV[gl % kS].ready((gl // kS) & 1)
             yield from begin()
             read("V", gl)
-            end(True)
+            end(not (chain and idx < len(items) - 1))
             yield None
             release("V", gl)
             gbase += n_tiles
@@ -288,13 +288,14 @@ def programs_split(items: list[int], kS: int, pingpong: bool, log: list, rng: ra
     return [producer(), *(consumer(c) for c in range(nc)), lander()], named
 
 
-def run(items, kS: int, pingpong: bool, seed: int, split: bool = False, nc: int = 2, **kw) -> list:
+def run(items, kS: int, pingpong: bool, seed: int, split: bool = False, nc: int = 2, chain: bool | str = False,
+        **kw) -> list:
     log: list = []
     items = [items] if isinstance(items, int) else list(items)
     if split:
-        progs, named = programs_split(items, kS, pingpong, log, random.Random(seed + 7919), nc=nc, **kw)
+        progs, named = programs_split(items, kS, pingpong, log, random.Random(seed + 7919), nc=nc, chain=chain, **kw)
     else:
-        progs, named = programs(items, kS, pingpong, log, nc=nc)
+        progs, named = programs(items, kS, pingpong, log, nc=nc, chain=chain)
     waiting = [None] * len(progs)
     alive = set(range(len(progs)))
     rng = random.Random(seed)
@@ -440,3 +441,25 @@ def test_three_consumer_simulation_catches_a_two_warpgroup_ring():
         assert caught == 10
     finally:
         _turns = orig
+
+
+# ------------------------------------------------------------------ kFlagChain (plans _xc)
+@pytest.mark.parametrize("split", [False, True])
+@pytest.mark.parametrize("nc,kS", [(2, 3), (2, 4), (3, 4)])
+@pytest.mark.parametrize("items", [[1], [4], [1, 1, 1], [3, 1, 5], [2, 7, 1, 4, 2], [9, 9]])
+def test_chained_turns_across_items_finish_without_races(items, nc, kS, split):
+    """_xc: the last warpgroup kicks the first at the CTA's first item only, and its arrive after
+    each item's final P V but the last is the next item's kick (the ring of turns runs on across
+    items); every phase still completes, no stage is read stale or overwritten early."""
+    for seed in range(15):
+        log = run(items, kS, True, seed, split=split, nc=nc, chain=True)
+        assert sorted(log) == ["producer done"] + [f"wg{c} done" for c in range(nc)]
+
+
+def test_chained_turns_catch_a_kick_left_in():
+    """Not vacuous: chaining the final arrive while still kicking at every item's start (chain
+    "both", a wrong kernel) completes a phase with one warpgroup's arrivals or leaves one open."""
+    for split in (False, True):
+        for seed in range(10):
+            with pytest.raises(AssertionError):
+                run([3, 2, 4], 4, True, seed, split=split, nc=3, chain="both")
