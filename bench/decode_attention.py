@@ -4,7 +4,7 @@ beside PyTorch SDPA on a contiguous (unpaged) cache of the same shape and FlexAt
     python bench/decode_attention.py [--out PATH] [--block-size 16] [--no-flex] [--shapes 0,2] [--plans v4,v3]
                                      [--head-major] [--ragged] [--caps 256,512]
 
---plans: time our kernel under each plan (OPPO_DECODE_PLAN: v2, v3, v4, v5, v6) in the same run; the first
+--plans: time our kernel under each plan (OPPO_DECODE_PLAN: v2, v3, v4, v5, v6, v7) in the same run; the first
 is the `ours` column, the others get `ours_<plan>` columns. v5xN: v5 with N work items per resident
 CTA slot at least (OPPO_DECODE_V5_ITEMS=N; default 4), v5pM: items of at most M tokens
 (OPPO_DECODE_V5_MAX_PART=M; default 512), both: v5xNpM. Each plan name states its switches: v3 is
@@ -86,16 +86,16 @@ def _plans() -> tuple[list[str], bool, bool, list[int], list[str]]:
     assert all(c > 0 for c in caps), f"--caps takes positive token counts, got {known.caps!r}"
     if known.plans is None:
         base = os.environ.get("OPPO_DECODE_PLAN") or "v3"      # the runtime's default: its switches' defaults
-        return [f"{base}+l2" if base in ("v2", "v3", "v6") else base], known.head_major, known.ragged, caps, rest
+        return [f"{base}+l2" if base in ("v2", "v3", "v6", "v7") else base], known.head_major, known.ragged, caps, rest
     plans = [p.strip() for p in known.plans.split(",") if p.strip()]
     ok = all(_SPLIT_PLAN.fullmatch(p) or _V5.fullmatch(p) for p in plans)
-    assert plans and ok, f"--plans takes v2/v3/v4/v6 (v2/v3/v6 also with +pdl and/or +l2 or +l2x2)/v5/v5xNpM, got {known.plans!r}"
+    assert plans and ok, f"--plans takes v2/v3/v4/v6/v7 (v2/v3/v6/v7 also with +pdl and/or +l2 or +l2x2)/v5/v5xNpM, got {known.plans!r}"
     return plans, known.head_major, known.ragged, caps, rest
 
 
 _V5 = re.compile(r"(v5)(?:x(\d+))?(?:p(\d+))?")   # v5, v5xN, v5pM, v5xNpM
 # the split plans with their switches (+pdl: OPPO_DECODE_PDL=1, +l2 / +l2x2: OPPO_DECODE_PREFETCH=1 / 2), and v4
-_SPLIT_PLAN = re.compile(r"(v2|v3|v6)(\+pdl|\+l2|\+l2x2)*|v4")
+_SPLIT_PLAN = re.compile(r"(v2|v3|v6|v7)(\+pdl|\+l2|\+l2x2)*|v4")
 
 
 @contextlib.contextmanager

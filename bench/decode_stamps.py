@@ -54,7 +54,7 @@ def cta_row(shape, plan: str, nbytes: int, ms: float, bw: float, st: dict) -> di
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--plans", default="v3+l2", help="comma list of split-kernel plans (v2, v3, v6; +pdl: with "
+    ap.add_argument("--plans", default="v3+l2", help="comma list of split-kernel plans (v2, v3, v6, v7; +pdl: with "
                                                   "programmatic dependent launch; +l2, +l2x2: with the L2 prefetch of 1 or 2 "
                                                   "tiles, none without; default: the runtime's, v3+l2)")
     ap.add_argument("--shapes", default=None, help="comma-separated indices into decode_attention.SHAPES")
@@ -64,8 +64,8 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     plans = [p.strip() for p in args.plans.split(",") if p.strip()]
-    assert plans and all(p.split("+")[0] in ("v2", "v3", "v6") and set(p.split("+")[1:]) <= {"pdl", "l2", "l2x2"}
-                         for p in plans), f"--plans takes v2/v3/v6, each also with +pdl and/or +l2 or +l2x2, got {args.plans!r}"
+    assert plans and all(p.split("+")[0] in ("v2", "v3", "v6", "v7") and set(p.split("+")[1:]) <= {"pdl", "l2", "l2x2"}
+                         for p in plans), f"--plans takes v2/v3/v6/v7, each also with +pdl and/or +l2 or +l2x2, got {args.plans!r}"
 
     import oppo_runtime.ops  # noqa: F401  (loads torch.ops.oppo)
     from oppo_runtime.ops.attention import decode_cta_stamps, paged_decode_workspace

@@ -12,7 +12,8 @@ crosses items; D=64 and D=128) and the split cases with the ticket counters in t
 (OPPO_DECODE_TICKETS=memset). racecheck covers the shared-memory reuse (merge area in a pipeline
 slot, tile-record ring); the tickets' global-memory ordering is not something it checks (the GPU
 tests do, by results). v5 (OPPO_DECODE_PLAN=v5): the v4 kernel with items claimed from a counter,
-split and not, run twice on the same counters. v6: the v3 kernel with 2 stages at D=128.
+split and not, run twice on the same counters. v6: the v3 kernel with 2 stages at D=128. v7: the
+v3 kernel with each group's splits merged by its last CTA (tickets as v4's), run twice.
 --decode-only: kv_append and decode only;
 --decode-plans=v5,v4:memset: only the decode cases of those plans (v3 for the default; v3:stamps,
 v3:pdl, v3:l2off, v3:l2, v3:l2x2: per-CTA stamps on, programmatic dependent launch, L2 prefetch of 0,
@@ -114,7 +115,11 @@ def main():
              # prefetched), of none, and of two tiles
              (splits, 14, 2, 64, "v3:l2off"), ([600], 40, 2, D, "v3:l2off"), (splits, 14, 2, 64, "v3:l2"),
              (splits, 8, 2, D, "v6:l2"), ([37, 0, 5], 8, 2, D, "v3:l2"),
-             (splits, 14, 2, 64, "v3:l2x2"), (splits, 8, 2, D, "v6:l2x2"), ([600], 40, 2, D, "v3:l2x2"))
+             (splits, 14, 2, 64, "v3:l2x2"), (splits, 8, 2, D, "v6:l2x2"), ([600], 40, 2, D, "v3:l2x2"),
+             # v7: v3's split kernel, each group's splits merged by its last CTA (tickets from the
+             # launcher's pool or in the workspace); contexts of 0 and within split 0 included
+             ([37, 0, 5], 8, 2, D, "v7"), (splits, 14, 2, 64, "v7"), (splits, 8, 2, D, "v7"),
+             ([600], 40, 2, D, "v7:memset"), (splits, 14, 2, 64, "v7:memset"))
     only = next((a.split("=", 1)[1].split(",") for a in sys.argv if a.startswith("--decode-plans=")), None)
     for lens, Hq, Hkv, Dd, plan in cases:
         if only is not None and (plan or "v3") not in only and (plan or "v3").split(":")[0] not in only:
@@ -137,8 +142,8 @@ def main():
         elif tickets and tickets != "stamps":
             os.environ["OPPO_DECODE_TICKETS"] = tickets
         with A.decode_cta_stamps(3) if tickets == "stamps" else contextlib.nullcontext():
-            # v4 split, v5: again, on the counters the first call left
-            for _ in range(2 if (name == "v4" and nsplit > 1) or name == "v5" else 1):
+            # v4/v7 split, v5: again, on the counters the first call left
+            for _ in range(2 if (name in ("v4", "v7") and nsplit > 1) or name == "v5" else 1):
                 out.fill_(float("nan"))
                 A.paged_decode_attention(q, kk, vv, bt, ctx, 0.1, out=out, backend="cuda")
         os.environ.pop("OPPO_DECODE_PLAN", None)

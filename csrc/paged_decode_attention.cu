@@ -23,11 +23,14 @@
 //       of min(items, slots) CTAs; splits merged as in v4. Two more counters per launch (claim,
 //       exit), from the same registry as v4's tickets.
 //   v6: v3 on the lean kernel (DecodeLeanCfg): D=128 with 2 stages and 3 CTAs per SM.
-// OPPO_DECODE_PDL=1 (plans v2, v3, v6): programmatic dependent launch of both kernels (decode_pdl).
-// OPPO_DECODE_PREFETCH=0|1|2 (plans v2, v3, v6; default 1): L2 prefetch 0, 1 or 2 tiles further ahead
+//   v7: v3's kernel and split plan, the splits merged by the last CTA of each group (ticket
+//       counters, as v4's) instead of the reduction kernel: one launch, no launch gap and no
+//       second kernel's start-up at the end of a split call.
+// OPPO_DECODE_PDL=1 (plans v2, v3, v6, v7): programmatic dependent launch of both kernels (decode_pdl).
+// OPPO_DECODE_PREFETCH=0|1|2 (plans v2, v3, v6, v7; default 1): L2 prefetch 0, 1 or 2 tiles further ahead
 // (decode_l2_ahead).
 //
-// v4 ticket counters (one unsigned int per group = (sequence, kv head, head chunk), split plans
+// v4/v7 ticket counters (one unsigned int per group = (sequence, kv head, head chunk), split plans
 // only). The kernel needs them at 0 when it starts and leaves them at 0 (the CTA that draws a
 // group's last ticket resets it), so a counter stays usable as long as two launches that may
 // overlap in time never share it. This launcher owns them:
@@ -72,7 +75,7 @@ int sm_count(int dev) {
   return n;
 }
 
-enum class PlanKind { v2, v3, v4, v5, v6 };
+enum class PlanKind { v2, v3, v4, v5, v6, v7 };
 
 PlanKind decode_plan_kind() {
   const char* e = std::getenv("OPPO_DECODE_PLAN");
@@ -81,7 +84,8 @@ PlanKind decode_plan_kind() {
   if (std::strcmp(e, "v4") == 0) return PlanKind::v4;
   if (std::strcmp(e, "v5") == 0) return PlanKind::v5;
   if (std::strcmp(e, "v6") == 0) return PlanKind::v6;
-  OPPO_CHECK(false, "OPPO_DECODE_PLAN must be v2, v3, v4, v5 or v6, got '", e, "'");
+  if (std::strcmp(e, "v7") == 0) return PlanKind::v7;
+  OPPO_CHECK(false, "OPPO_DECODE_PLAN must be v2, v3, v4, v5, v6 or v7, got '", e, "'");
   return PlanKind::v3;
 }
 
@@ -353,10 +357,35 @@ DecodePlan plan_for(const DecodeShape& sh, PlanKind kind, int* resident_out) {
                      kind == PlanKind::v4 ? 0 : sh.max_partition);
 }
 
-// Counters a v4/v5 launch needs: one ticket per group when split, + (v5) the claim and exit
-// counters after them.
+// Counters a v4/v5/v7 launch needs: one ticket per group when split, + (v5) the claim and exit
+// counters after them; none for v2, v3, v6 (their splits are merged by the reduction kernel).
 int64_t v4_counters(PlanKind kind, int64_t groups, int num_splits) {
+  if (kind != PlanKind::v4 && kind != PlanKind::v5 && kind != PlanKind::v7) return 0;
   return (num_splits > 1 ? groups : 0) + (kind == PlanKind::v5 ? 2 : 0);
+}
+
+// A launch's scratch: the split partials o [B, Hq, S, D] and lse [B, Hq, S] (when split) and
+// `counters` zeroed ticket counters (v4/v5/v7): from the registry, or (captured without room
+// there, or OPPO_DECODE_TICKETS=memset) after the partials in the workspace, zeroed by a
+// cudaMemsetAsync on the stream (a memset node under capture: still graph-safe).
+struct SplitScratch {
+  float* ws_o = nullptr;
+  float* ws_lse = nullptr;
+  unsigned* tickets = nullptr;
+};
+SplitScratch split_scratch(const std::optional<at::Tensor>& workspace, const DecodeShape& sh, int D, int num_splits,
+                           int64_t counters, const at::Tensor& q, at::Tensor& holder, cudaStream_t stream) {
+  SplitScratch r;
+  if (counters > 0 && !tickets_forced_memset()) r.tickets = ticket_counters(sh.dev, stream, counters);
+  const int64_t in_ws = counters > 0 && r.tickets == nullptr ? counters : 0;
+  r.ws_o = take_workspace(workspace, workspace_floats(sh, D, num_splits, 0) + in_ws, q, holder);
+  const int64_t n = num_splits > 1 ? static_cast<int64_t>(sh.B) * sh.Hq * num_splits : 0;
+  if (r.ws_o != nullptr) r.ws_lse = r.ws_o + n * D;
+  if (in_ws > 0) {
+    r.tickets = reinterpret_cast<unsigned*>(r.ws_o + n * (D + 1));
+    C10_CUDA_CHECK(cudaMemsetAsync(r.tickets, 0, in_ws * sizeof(unsigned), stream));
+  }
+  return r;
 }
 
 template <typename T, int D>
@@ -383,24 +412,11 @@ void launch_decode_v4(PlanKind kind, at::Tensor& out, const at::Tensor& q, const
   OPPO_CHECK(items <= INT_MAX, "paged_decode_attention: too many work items");
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
-  // Workspace: o [B, Hq, S, D], lse [B, Hq, S] when split, then the counters when they are not
-  // from the registry (captured without room, or OPPO_DECODE_TICKETS=memset).
   at::Tensor ws;
-  float* ws_o_ptr = nullptr;
-  float* ws_lse_ptr = nullptr;
-  unsigned* tickets = nullptr;
-  const int64_t counters = v4_counters(kind, groups, num_splits);
-  if (counters > 0) {
-    const int64_t n = num_splits > 1 ? static_cast<int64_t>(B) * Hq * num_splits : 0;
-    if (!tickets_forced_memset()) tickets = ticket_counters(dev, stream, counters);
-    ws_o_ptr = take_workspace(workspace, workspace_floats(sh, D, num_splits, 0) + (tickets == nullptr ? counters : 0),
-                              q, ws);
-    ws_lse_ptr = ws_o_ptr + n * D;
-    if (tickets == nullptr) {
-      tickets = reinterpret_cast<unsigned*>(ws_o_ptr + n * (D + 1));
-      C10_CUDA_CHECK(cudaMemsetAsync(tickets, 0, counters * sizeof(unsigned), stream));
-    }
-  }
+  const SplitScratch sc = split_scratch(workspace, sh, D, num_splits, v4_counters(kind, groups, num_splits), q, ws, stream);
+  float* ws_o_ptr = sc.ws_o;
+  float* ws_lse_ptr = sc.ws_lse;
+  unsigned* tickets = sc.tickets;
 
   DecodeV4Params p;
   p.out = out.data_ptr();
@@ -435,7 +451,7 @@ void launch_decode_v4(PlanKind kind, at::Tensor& out, const at::Tensor& q, const
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// v2, v3 (kStages = DecodeCfg's) and v6 (DecodeLeanCfg's): the split kernel, then the reduction.
+// v2, v3, v7 (kStages = DecodeCfg's) and v6 (DecodeLeanCfg's): the split kernel, then (v2, v3, v6) the reduction.
 template <typename T, int D, int kStages>
 void launch_decode_split(PlanKind kind, at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,
                          const at::Tensor& v_cache, const at::Tensor& block_tables, const at::Tensor& context_lens,
@@ -450,10 +466,12 @@ void launch_decode_split(PlanKind kind, at::Tensor& out, const at::Tensor& q, co
   const DecodePlan plan = plan_for<T, D>(sh, kind, nullptr);
   const int num_splits = plan.num_splits;
 
-  at::Tensor ws;  // one piece: o [B, Hq, S, D] then lse [B, Hq, S]
-  float* ws_o_ptr = take_workspace(workspace, workspace_floats(sh, D, num_splits, 0), q, ws);
-  float* ws_lse_ptr = ws_o_ptr == nullptr ? nullptr : ws_o_ptr + static_cast<int64_t>(B) * Hq * num_splits * D;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  at::Tensor ws;  // one piece: o [B, Hq, S, D] then lse [B, Hq, S] (v7: then its tickets, if not from the registry)
+  const int64_t groups = static_cast<int64_t>(B) * Hkv * q_chunks;
+  const SplitScratch sc = split_scratch(workspace, sh, D, num_splits, v4_counters(kind, groups, num_splits), q, ws, stream);
+  float* ws_o_ptr = sc.ws_o;
+  float* ws_lse_ptr = sc.ws_lse;
   const bool out_f32 = out.scalar_type() == at::kFloat;
   const float scale_log2 = static_cast<float>(scale) * kLog2e;
 
@@ -465,8 +483,8 @@ void launch_decode_split(PlanKind kind, at::Tensor& out, const at::Tensor& q, co
       k_cache.stride(0), static_cast<int>(k_cache.stride(1)), static_cast<int>(k_cache.stride(2)), block_size, Hkv,
       block_tables.data_ptr<int>(), block_tables.stride(0),
       static_cast<int>(max_ctx), context_lens.data_ptr<int>(), ws_o_ptr, ws_lse_ptr, G, num_splits, plan.partition,
-      scale_log2, decode_l2_ahead());
-  if (num_splits > 1) {
+      scale_log2, decode_l2_ahead(), sc.tickets);
+  if (num_splits > 1 && sc.tickets == nullptr) {  // v2, v3, v6: the reduction kernel (v7's CTAs merge)
     launch_kernel(paged_decode_reduce_kernel<T, D>, dim3(Hq, B), kDecodeReduceThreads, 0, stream, pdl,
         out.data_ptr(), out_f32, out.stride(0), out.stride(1), static_cast<const float*>(ws_o_ptr),
         static_cast<const float*>(ws_lse_ptr), context_lens.data_ptr<int>(), Hq, num_splits, plan.partition);
@@ -532,7 +550,7 @@ void paged_decode_attention_cuda(at::Tensor& out, const at::Tensor& q, const at:
   }
 }
 
-// Per-CTA timestamps of paged_decode_kernel (plans v2, v3, v6; bench/decode_stamps.py): CTA c
+// Per-CTA timestamps of paged_decode_kernel (plans v2, v3, v6, v7; bench/decode_stamps.py): CTA c
 // writes row c (start ns, end ns, SM id); see set_stamps.
 void decode_cta_stamps_cuda(at::Tensor& stamps) {
   set_stamps("decode_cta_stamps", oppo::attn::decode_stamps, stamps);
@@ -540,7 +558,7 @@ void decode_cta_stamps_cuda(at::Tensor& stamps) {
 
 // Floats of `workspace` that paged_decode_attention needs for this q, k_cache and block_tables
 // under the current OPPO_DECODE_PLAN (0: the plan does not split). The plan depends on shapes only
-// (never on context_lens' values), so one workspace serves every call of a captured graph. v4:
+// (never on context_lens' values), so one workspace serves every call of a captured graph. v4/v5/v7:
 // room for the ticket counters too (a captured launch may need them there).
 int64_t paged_decode_workspace_size_cuda(const at::Tensor& q, const at::Tensor& k_cache,
                                          const at::Tensor& block_tables, int64_t max_partition) {
@@ -562,9 +580,7 @@ int64_t paged_decode_workspace_size_cuda(const at::Tensor& q, const at::Tensor& 
     using T = decltype(tag);
     constexpr int kD = decltype(dtag)::value;
     const DecodePlan plan = plan_for<T, kD>(sh, kind, nullptr);
-    if (kind == PlanKind::v4 || kind == PlanKind::v5)
-      return workspace_floats(sh, kD, plan.num_splits, 0) + v4_counters(kind, groups, plan.num_splits);
-    return workspace_floats(sh, kD, plan.num_splits, 0);
+    return workspace_floats(sh, kD, plan.num_splits, 0) + v4_counters(kind, groups, plan.num_splits);
   };
   using D64 = std::integral_constant<int, 64>;
   using D128 = std::integral_constant<int, 128>;

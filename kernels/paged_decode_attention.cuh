@@ -215,6 +215,73 @@ __device__ __forceinline__ void store_out4(void* out, bool out_f32, int64_t off,
   }
 }
 
+// Split-KV merge by the last CTA of a group (plans v4, v5 and v7): each CTA that wrote a partial
+// draws a ticket from the group's counter; the one that draws ticket nvalid - 1 resets the counter
+// to 0 (ready for the next launch) and merges. The partials of all threads are ordered before
+// thread 0's fence by the barrier, and the fence (cumulative) makes them visible device-wide
+// before the ticket: one fence per CTA, as cooperative groups' grid sync does. Returns, to every
+// thread, whether this CTA merges.
+__device__ __forceinline__ bool draw_last_ticket(unsigned* counter, int nvalid, int* flag_s) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    const unsigned prev = atomicAdd(counter, 1u);
+    const int last = prev == static_cast<unsigned>(nvalid - 1);
+    if (last) atomicExch(counter, 0u);  // ready for the next launch
+    __threadfence();                    // the other CTAs' partials are read after the ticket
+    *flag_s = last;
+  }
+  __syncthreads();
+  return *flag_s != 0;
+}
+
+// The merging CTA: out = sum_s w_s o_s / sum_s w_s, w_s = 2^(lse_s - max) over the group's nvalid
+// partials (rows query heads hq0.. of sequence b), online over batches of kMergeBatch loads issued
+// together (L2 reads, bypassing L1: other CTAs wrote them).
+template <typename T, int D>
+__device__ __forceinline__ void merge_split_partials(void* out, bool out_f32, int64_t o_s0, int64_t o_s1,
+                                                     const float* ws_o, const float* ws_lse, int b, int Hq, int hq0,
+                                                     int rows, int nsplit, int nvalid, int tid) {
+  constexpr int kMergeBatch = D == 128 ? 16 : 8;
+  for (int idx = tid; idx < rows * (D / 4); idx += kDecodeThreads) {
+    const int r = idx / (D / 4), d = (idx % (D / 4)) * 4;
+    const int64_t slot0 = (static_cast<int64_t>(b) * Hq + hq0 + r) * nsplit;
+    float M = -INFINITY, W = 0.f;
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int s0 = 0; s0 < nvalid; s0 += kMergeBatch) {
+      float lse[kMergeBatch];
+      float4 v[kMergeBatch];
+#pragma unroll
+      for (int u = 0; u < kMergeBatch; ++u) {
+        const int sp = s0 + u;
+        lse[u] = -INFINITY;
+        v[u] = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (sp < nvalid) {
+          lse[u] = __ldcg(ws_lse + slot0 + sp);
+          v[u] = __ldcg(reinterpret_cast<const float4*>(ws_o + (slot0 + sp) * D + d));
+        }
+      }
+      float bm = M;
+#pragma unroll
+      for (int u = 0; u < kMergeBatch; ++u) bm = fmaxf(bm, lse[u]);
+      if (bm == -INFINITY) continue;
+      const float c = exp2f(M - bm);  // 0 while M is -inf
+      W *= c;
+      acc.x *= c; acc.y *= c; acc.z *= c; acc.w *= c;
+#pragma unroll
+      for (int u = 0; u < kMergeBatch; ++u) {
+        const float w = exp2f(lse[u] - bm);  // 0 for the padding (-inf)
+        W += w;
+        acc.x += v[u].x * w; acc.y += v[u].y * w; acc.z += v[u].z * w; acc.w += v[u].w * w;
+      }
+      M = bm;
+    }
+    const float inv = W > 0.f ? 1.f / W : 0.f;
+    acc.x *= inv; acc.y *= inv; acc.z *= inv; acc.w *= inv;
+    store_out4<T>(out, out_f32, static_cast<int64_t>(b) * o_s0 + static_cast<int64_t>(hq0 + r) * o_s1 + d, acc);
+  }
+}
+
 // out          [B, Hq, D]  (dtype T, or float32 when out_f32), strides o_s0, o_s1, inner contiguous
 // q            [B, Hq, D]  strides q_s0, q_s1, inner contiguous
 // k/v_cache    [num_blocks, block_size, Hkv, D], strides (page_stride, row_stride, head_stride, 1):
@@ -226,6 +293,11 @@ __device__ __forceinline__ void store_out4(void* out, bool out_f32, int64_t off,
 // l2_ahead     0; 1: also prefetch into L2 the rows of the tile after those in flight, as soon as
 //              their offsets are known (one tile time before its cp.async); 2: the two tiles after
 //              them (the block table read one tile further ahead). OPPO_DECODE_PREFETCH=0|1|2 (default 1)
+// tickets      nullptr: with num_splits > 1 the partials go to the workspace for
+//              paged_decode_reduce_kernel (v2, v3, v6); else (v7) one counter per group
+//              (B * Hkv * q_chunks, zero before the launch, left at zero): the group's last CTA
+//              merges its splits into `out` (draw_last_ticket), a context within split 0 is written
+//              by that CTA, a context of 0 by split 0 (zeros)
 // grid (num_splits, Hkv * q_chunks, B), q_chunks = ceil(G / 16); num_splits == 1 needs partition >= ctx
 template <typename T, int D, int kStages>
 __global__ void __launch_bounds__(kDecodeThreads, DecodeBounds<D, kStages>::kMinBlocks)
@@ -236,7 +308,7 @@ paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t 
                     const int* __restrict__ block_tables, int64_t bt_stride,
                     int table_tokens, const int* __restrict__ context_lens, float* __restrict__ ws_o,
                     float* __restrict__ ws_lse, int G, int num_splits, int partition, float scale_log2,
-                    int l2_ahead) {
+                    int l2_ahead, unsigned* __restrict__ tickets) {
   using S = DecodeSmem<T, D, kStages>;
   constexpr int kRow = S::kRow;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -299,6 +371,11 @@ paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t 
 
   if (num_splits > 1 && start >= ctx) {  // empty split: the reduction never reads it
     cp_async_wait<0>();                  // (no copy outstanding when the CTA leaves)
+    if (tickets != nullptr && split == 0) {  // v7, a context of 0: no CTA merges, split 0 writes the zeros
+      for (int idx = tid; idx < rows * (D / 4); idx += kDecodeThreads)
+        store_out4<T>(out, out_f32, static_cast<int64_t>(b) * o_s0 + static_cast<int64_t>(hq0 + idx / (D / 4)) * o_s1 +
+                      (idx % (D / 4)) * 4, make_float4(0.f, 0.f, 0.f, 0.f));
+    }
     cta_stamp_end(decode_stamps);
     return;
   }
@@ -398,19 +475,28 @@ paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t 
   float* o_m = reinterpret_cast<float*>(stage_base);        // warp partials, see warp_partials_to_smem
   warp_partials_to_smem<D>(o_m, m, l, o, warp, qr, qc);
   __syncthreads();
+  // v7 (tickets): the group's splits that hold part of the context; a context within split 0 is
+  // written by that CTA directly
+  const int nvalid = tickets != nullptr && num_splits > 1 ? min(num_splits, (ctx - 1) / partition + 1) : num_splits;  // ctx > 0 here
+  const bool direct = num_splits == 1 || nvalid == 1;
   for (int idx = tid; idx < 16 * (D / 4); idx += kDecodeThreads) {
     const int r = idx / (D / 4), d = (idx % (D / 4)) * 4;
     if (r >= rows) continue;
     float M, L;
     const float4 acc = merge_warp_row<D>(o_m, r, d, M, L);
     const int hq = hq0 + r;
-    if (num_splits == 1) {
+    if (direct) {
       store_out4<T>(out, out_f32, static_cast<int64_t>(b) * o_s0 + static_cast<int64_t>(hq) * o_s1 + d, acc);
     } else {
       const int64_t slot = (static_cast<int64_t>(b) * Hq + hq) * num_splits + split;
       *reinterpret_cast<float4*>(ws_o + slot * D + d) = acc;
       if (d == 0) ws_lse[slot] = M + log2f(L);
     }
+  }
+  if (tickets != nullptr && !direct) {  // v7: the group's last CTA merges its splits (no reduction kernel)
+    __shared__ int flag_s;
+    if (draw_last_ticket(tickets + static_cast<int64_t>(b) * gridDim.y + blockIdx.y, nvalid, &flag_s))
+      merge_split_partials<T, D>(out, out_f32, o_s0, o_s1, ws_o, ws_lse, b, Hq, hq0, rows, num_splits, nvalid, tid);
   }
   cta_stamp_end(decode_stamps);  // thread 0's last store: within the merge's few loads of the CTA's end
 }
@@ -793,64 +879,9 @@ paged_decode_v4_kernel(const DecodeV4Params p) {
         if (d == 0) p.ws_lse[ws_slot] = M + log2f(L);
       }
     }
-    if (!direct) {
-      // The partials of all threads are ordered before thread 0's fence by the barrier, and the
-      // fence (cumulative) makes them visible device-wide before the ticket: one fence per CTA,
-      // as cooperative groups' grid sync does, not one per thread.
-      __syncthreads();
-      if (tid == 0) {
-        __threadfence();
-        const unsigned prev = atomicAdd(p.tickets + group, 1u);
-        const int last = prev == static_cast<unsigned>(nvalid - 1);
-        if (last) atomicExch(p.tickets + group, 0u);  // ready for the next launch
-        __threadfence();  // the other CTAs' partials are read after the ticket
-        *flag_s = last;
-      }
-      __syncthreads();
-      if (*flag_s) {
-        // Merge the group's nvalid partials: out = sum_s w_s o_s / sum_s w_s, w_s = 2^(lse_s - max),
-        // online over batches of kMergeBatch loads issued together (L2 reads, bypassing L1).
-        constexpr int kMergeBatch = D == 128 ? 16 : 8;
-        for (int idx = tid; idx < rows * (D / 4); idx += kDecodeThreads) {
-          const int r = idx / (D / 4), d = (idx % (D / 4)) * 4;
-          const int64_t slot0 = (static_cast<int64_t>(b) * Hq + hq0 + r) * nsplit;
-          float M = -INFINITY, W = 0.f;
-          float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-          for (int s0 = 0; s0 < nvalid; s0 += kMergeBatch) {
-            float lse[kMergeBatch];
-            float4 v[kMergeBatch];
-#pragma unroll
-            for (int u = 0; u < kMergeBatch; ++u) {
-              const int sp = s0 + u;
-              lse[u] = -INFINITY;
-              v[u] = make_float4(0.f, 0.f, 0.f, 0.f);
-              if (sp < nvalid) {
-                lse[u] = __ldcg(p.ws_lse + slot0 + sp);
-                v[u] = __ldcg(reinterpret_cast<const float4*>(p.ws_o + (slot0 + sp) * D + d));
-              }
-            }
-            float bm = M;
-#pragma unroll
-            for (int u = 0; u < kMergeBatch; ++u) bm = fmaxf(bm, lse[u]);
-            if (bm == -INFINITY) continue;
-            const float c = exp2f(M - bm);  // 0 while M is -inf
-            W *= c;
-            acc.x *= c; acc.y *= c; acc.z *= c; acc.w *= c;
-#pragma unroll
-            for (int u = 0; u < kMergeBatch; ++u) {
-              const float w = exp2f(lse[u] - bm);  // 0 for the padding (-inf)
-              W += w;
-              acc.x += v[u].x * w; acc.y += v[u].y * w; acc.z += v[u].z * w; acc.w += v[u].w * w;
-            }
-            M = bm;
-          }
-          const float inv = W > 0.f ? 1.f / W : 0.f;
-          acc.x *= inv; acc.y *= inv; acc.z *= inv; acc.w *= inv;
-          store_out4<T>(p.out, p.out_f32,
-                        static_cast<int64_t>(b) * p.o_s0 + static_cast<int64_t>(hq0 + r) * p.o_s1 + d, acc);
-        }
-      }
-    }
+    if (!direct && draw_last_ticket(p.tickets + group, nvalid, flag_s))
+      merge_split_partials<T, D>(p.out, p.out_f32, p.o_s0, p.o_s1, p.ws_o, p.ws_lse, b, Hq, hq0, rows, nsplit, nvalid,
+                                 tid);
     // Next item: fresh accumulators (the loop's next barrier orders the merge reads of this slot
     // before the load that refills it).
     m[0] = m[1] = -INFINITY;

@@ -153,8 +153,8 @@ def _ws_expected(B, Hq, D, splits, counters=0):
 
 
 def _counters(plan, groups, splits):
-    """Counters of a v4/v5 launch: one ticket per group when split, + (v5) claim and exit."""
-    if plan not in ("v4", "v5"):
+    """Counters of a v4/v5/v7 launch: one ticket per group when split, + (v5) claim and exit."""
+    if plan not in ("v4", "v5", "v7"):
         return 0
     return (groups if splits > 1 else 0) + (2 if plan == "v5" else 0)
 
@@ -168,7 +168,7 @@ def _use_plan(monkeypatch, plan, tickets=None):
         monkeypatch.setenv("OPPO_DECODE_TICKETS", tickets)
 
 
-PLANS = ["v3", "v4", "v5", "v6"]
+PLANS = ["v3", "v4", "v5", "v6", "v7"]
 
 
 DECODE_SHAPES = [  # B, Hq, Hkv, D, block_size, max_len
@@ -292,11 +292,12 @@ def test_decode_many_short_and_empty_contexts(monkeypatch, plan):
 
 @pytest.mark.parametrize("plan", PLANS)
 def test_decode_table_wider_than_contexts(monkeypatch, plan):
-    """A wide (padded) block table plans many splits; most are empty for short contexts (v4:
-    their CTAs take no ticket; a context within split 0 is written by that CTA directly)."""
+    """A wide (padded) block table plans many splits; most are empty for short contexts (v4, v7:
+    their CTAs take no ticket; a context within split 0 is written by that CTA directly; a context
+    of 0 has no split with keys: its output is zeros)."""
     _use_plan(monkeypatch, plan)
-    B, Hq, Hkv, D, bs = 3, 8, 2, 128, 16
-    lens = [5, 300, 77]
+    B, Hq, Hkv, D, bs = 4, 8, 2, 128, 16
+    lens = [5, 300, 77, 0]
     kv = PagedKV(num_blocks=300, block_size=bs, Hkv=Hkv, D=D, dtype=torch.bfloat16)
     bt = kv.tables(lens, extra_blocks=250)
     kv.fill(bt, lens)
@@ -306,6 +307,7 @@ def test_decode_table_wider_than_contexts(monkeypatch, plan):
     A.paged_decode_attention(q, kv.k, kv.v, bt, ctx, 0.1, out=out, backend="cuda")
     ref = A.paged_decode_attention_ref(q, kv.k, kv.v, _ref_tables(bt), ctx, 0.1, out=torch.empty_like(out))
     assert torch.isfinite(out).all() and rel_err(out, ref) < 2e-3
+    assert (out[3] == 0).all()
 
 
 def _check_decode_graph_replay(kv, bt, ctx, Hq, scale, min_ctx, max_len, caller_workspace=False):
@@ -337,7 +339,8 @@ def _check_decode_graph_replay(kv, bt, ctx, Hq, scale, min_ctx, max_len, caller_
 
 @pytest.mark.parametrize("plan,tickets,caller_ws", [("v3", None, False), ("v3", None, True), ("v4", None, False),
                                                      ("v4", "memset", False), ("v4", "memset", True),
-                                                     ("v5", None, False), ("v5", "memset", True)])
+                                                     ("v5", None, False), ("v5", "memset", True),
+                                                     ("v7", None, False), ("v7", None, True), ("v7", "memset", True)])
 def test_decode_cuda_graph_replay(monkeypatch, plan, tickets, caller_ws):
     """Captured once, replayed on new queries and new context lengths (workspace inside, or the
     caller's). v4: the replays run back to back on the same ticket counters (each must leave them
@@ -444,7 +447,7 @@ def test_decode_cta_stamps_cover_every_cta_and_change_nothing(monkeypatch, plan,
 
 
 @pytest.mark.parametrize("switch", ["OPPO_DECODE_PDL", "OPPO_DECODE_PREFETCH=1", "OPPO_DECODE_PREFETCH=2", "both"])
-@pytest.mark.parametrize("plan", ["v3", "v6"])
+@pytest.mark.parametrize("plan", ["v3", "v6", "v7"])
 @pytest.mark.parametrize("B,Hq,Hkv,D,table", [(1, 32, 8, 128, 32768), (3, 14, 2, 64, 2048), (40, 14, 2, 64, 512)])
 def test_decode_pdl_waits_for_the_kernel_ahead(monkeypatch, switch, plan, B, Hq, Hkv, D, table):
     """OPPO_DECODE_PDL=1 (programmatic dependent launch of the split kernel and its reduction): a
@@ -601,7 +604,7 @@ def test_decode_long_splits_partition_edges(monkeypatch, plan, D):
 
 
 @pytest.mark.parametrize("plan,tickets", [("v2", None), ("v3", None), ("v4", None), ("v4", "memset"), ("v5", None),
-                                          ("v5", "memset"), ("v6", None)])
+                                          ("v5", "memset"), ("v6", None), ("v7", None), ("v7", "memset")])
 @pytest.mark.parametrize("B,Hq,Hkv,D,table", [(1, 32, 8, 128, 32768), (1, 32, 8, 64, 32768), (4, 14, 2, 64, 4096),
                                                (16, 32, 8, 128, 16384), (64, 14, 2, 64, 4096), (3, 40, 2, 128, 2048)])
 def test_decode_plan_mirror_matches_launcher(monkeypatch, plan, tickets, B, Hq, Hkv, D, table):
@@ -690,7 +693,7 @@ def test_decode_v4_persistent_many_items_per_cta(monkeypatch, plan, dtype, Hq, H
     assert (out[zero] == 0).all()
 
 
-@pytest.mark.parametrize("plan", ["v4", "v5"])
+@pytest.mark.parametrize("plan", ["v4", "v5", "v7"])
 def test_decode_v4_tickets_reset_between_calls_and_streams(monkeypatch, plan):
     """v4/v5 split plan, called eagerly five times on the current stream and alternately on two
     side streams (each stream has its own counters): every call's result is checked, so a counter

@@ -25,7 +25,7 @@ using T = __nv_bfloat16;
 template __global__ void oppo::attn::paged_decode_kernel<T, {D}, {S}>(void* __restrict__, bool, int64_t, int64_t,
     const T* __restrict__, int64_t, int64_t, const T* __restrict__, const T* __restrict__, int64_t, int, int, int, int,
     const int* __restrict__, int64_t, int, const int* __restrict__, float* __restrict__, float* __restrict__, int, int,
-    int, float, int);
+    int, float, int, unsigned* __restrict__);
 template __global__ void oppo::attn::paged_decode_v4_kernel<T, {D}, {S4}>(const oppo::attn::DecodeV4Params);
 """
 

@@ -200,3 +200,11 @@ def test_decode_plan_mirror_v5_and_v6(monkeypatch):
     assert paged_decode_plan(1, 32, 8, 128, 32768, 132, 3, plan="v6", max_partition=256) == (128, 256)
     assert paged_decode_plan(1, 32, 8, 128, 32768, 132, 3, plan="v6") == paged_decode_plan(
         1, 32, 8, 128, 32768, 132, 3, plan="v3")
+    # v7 = v3's rule and kernel (its splits merged by each group's last CTA): the same plan and grid,
+    # the engine's cap included, with no second kernel
+    for args in ((1, 32, 8, 128, 32768, 132, 2), (256, 14, 2, 64, 1024, 132, 4), (128, 14, 2, 64, 3360, 132, 4)):
+        for cap in (0, 512):
+            assert paged_decode_plan(*args, plan="v7", max_partition=cap) == paged_decode_plan(
+                *args, plan="v3", max_partition=cap)
+            assert paged_decode_grid(*args, plan="v7", max_partition=cap) == paged_decode_grid(
+                *args, plan="v3", max_partition=cap)

@@ -160,7 +160,7 @@ _DECODE_V5_ITEMS = 4                       # v5: work items per resident slot, a
 _DECODE_V5_MAX_PART = 512                  # v5: tokens per item, at most (OPPO_DECODE_V5_MAX_PART)
 _DECODE_V6_STAGES = {64: 3, 128: 2}       # v6: the v3 kernel, lean at D=128 (2 stages ...)
 _DECODE_V6_CTAS_BY_REGS = {64: 4, 128: 3}  # ... and launch bounds of 3 CTAs per SM)
-_DECODE_PLANS = ("v2", "v3", "v4", "v5", "v6")
+_DECODE_PLANS = ("v2", "v3", "v4", "v5", "v6", "v7")
 
 
 def _decode_plan_name(plan: str | None) -> str:
@@ -172,8 +172,8 @@ def _decode_plan_name(plan: str | None) -> str:
 
 def paged_decode_resident_ctas(head_dim: int, device=None, plan: str | None = None) -> int:
     """Estimated CTAs per SM of the decode kernel of ``plan`` (default: ``OPPO_DECODE_PLAN`` or
-    v3; v2, v3 and v6 share a kernel, v6 with 2 stages at D=128; v4 and v5 another) for this head
-    dim (smem and register bound)."""
+    v3; v2, v3, v6 and v7 share a kernel, v6 with 2 stages at D=128; v4 and v5 another) for this
+    head dim (smem and register bound)."""
     plan = _decode_plan_name(plan)
     props = torch.cuda.get_device_properties(device if device is not None else torch.cuda.current_device())
     row = (head_dim + 8) * 2
@@ -194,7 +194,9 @@ def paged_decode_plan(B: int, Hq: int, Hkv: int, head_dim: int, table_tokens: in
     ``OPPO_DECODE_PLAN`` environment variable), "v2", "v4" (v3's rule on the v4 kernel), "v5"
     (the v4 kernel with at least ``OPPO_DECODE_V5_ITEMS`` (4) work items per resident slot of at
     most ``OPPO_DECODE_V5_MAX_PART`` (512) tokens, claimed dynamically) or "v6" (v3's rule on the
-    v3 kernel lean at D=128: 2 stages, 3 CTAs per SM). ``max_partition`` (v2/v3/v6; v4 and v5
+    v3 kernel lean at D=128: 2 stages, 3 CTAs per SM) or "v7" (v3's rule and kernel, the splits
+    merged by the last CTA of each group instead of a reduction kernel). ``max_partition``
+    (v2/v3/v6/v7; v4 and v5
     ignore it): at most that many tokens per split, rounded up to the 64-token tile (0: no cap);
     see ``paged_decode_attention``."""
     plan = _decode_plan_name(plan)
@@ -211,7 +213,7 @@ def paged_decode_plan(B: int, Hq: int, Hkv: int, head_dim: int, table_tokens: in
         target = 8 * sm_count
         if base < target:
             splits = -(-target // base)
-    else:   # v3, v4, v6
+    else:   # v3, v4, v6, v7
         slots = sm_count * max(1, resident)
         if base < slots:
             splits = slots // base
@@ -232,8 +234,8 @@ def paged_decode_grid(B: int, Hq: int, Hkv: int, head_dim: int, table_tokens: in
                       resident: int, plan: str | None = None, max_partition: int = 0) -> tuple[int, int]:
     """(CTAs launched, most work items one CTA takes) of the CUDA decode launcher (mirror).
 
-    v2/v3: one CTA per (split, sequence, kv head, head chunk), one item each (plus the reduction
-    kernel when split). v4: one CTA per item when split; without split a persistent grid of
+    v2/v3/v6/v7: one CTA per (split, sequence, kv head, head chunk), one item each (plus, but for
+    v7, the reduction kernel when split). v4: one CTA per item when split; without split a persistent grid of
     min(groups, sm_count * resident) CTAs, CTA c taking the groups c, c + grid, ... v5: a
     persistent grid of min(items, sm_count * resident) CTAs claiming items from a counter (the
     second value is then the items per CTA on average, rounded up)."""
