@@ -6,7 +6,7 @@ Covers kv_append, decode with one split and with several (plus the reduction), a
 a group of 20 heads (two head chunks), the no-split plan of a batch that fills the machine (D=64,
 3-stage pipeline, contexts at tile edges), D=64 splits of exactly 4 tiles, the v2 plan, and
 prefill with prefix 0, chunk 1 and a ragged batch (the mma plan, and on sm_90 the wgmma plans,
-OPPO_PREFILL_PLAN=wgmma, wgmma_pp_ov, wgmma_pp_ov_ps, wgmma_pp_ov_kv and wgmma_kv: the mbarrier rings over several tiles, D=64 and 128). The v4 plan (OPPO_DECODE_PLAN=v4, one kernel):
+OPPO_PREFILL_PLAN=wgmma, wgmma_pp_ov, wgmma_pp_ov_ps, wgmma_pp_ov_kv, wgmma_kv, the wgmma3, _qp and _xc plans: the mbarrier rings over several tiles, D=64 and 128). The v4 plan (OPPO_DECODE_PLAN=v4, one kernel):
 the same decode cases, plus a persistent grid with several short items per CTA (the tile stream
 crosses items; D=64 and D=128) and the split cases with the ticket counters in the workspace
 (OPPO_DECODE_TICKETS=memset). racecheck covers the shared-memory reuse (merge area in a pipeline
@@ -184,6 +184,11 @@ def main():
                                             # each item's Q rows prefetched into L2 by the producer
                                             ("wgmma_pp_ov_qp_ps", 8, 2, 128, [0, 200, 5], [3, 90, 140]),
                                             ("wgmma3_pp_ov_qp_ps", 8, 2, 64, [5 * i for i in range(40)],
+                                             [300 if i % 3 == 0 else 1 + i for i in range(40)]),
+                                            # the warpgroups' turns chained across a persistent CTA's items
+                                            ("wgmma_pp_ov_qp_xc_ps", 8, 2, 64, [5 * i for i in range(40)],
+                                             [300 if i % 3 == 0 else 1 + i for i in range(40)]),
+                                            ("wgmma3_pp_ov_qp_xc_ps", 8, 2, 64, [5 * i for i in range(40)],
                                              [300 if i % 3 == 0 else 1 + i for i in range(40)])):
             if not A.prefill_wgmma_available(plan=plan):
                 print(f"prefill {plan}: skipped (OPPO_PREFILL_WGMMA_OFF)")
