@@ -3,8 +3,8 @@
 // in CUDA graphs (max_seqlen_q comes from the caller, who knows the chunk sizes).
 //
 // OPPO_PREFILL_PLAN (read at every call, so a benchmark can A/B within one process):
-//   auto  (default, or unset): on an sm_90a device wgmma_pp_ov_qp_ps for head dim 128 and
-//         wgmma3_pp_ov_qp_ps for head dim 64 in bf16, else mma (prefill_plan() below says why);
+//   auto  (default, or unset): on an sm_90a device wgmma_pp_ov_qp_xc_ps for head dim 128 and
+//         wgmma3_pp_ov_qp_xc_ps for head dim 64 in bf16, else mma (prefill_plan() below says why);
 //   mma   v2: mma.sync m16n8k16, 64-row CTAs (kernels/paged_prefill_attention.cuh);
 //   wgmma           v4: sm_90a warpgroup MMA, warp-specialized (kernels/paged_prefill_wgmma.cuh);
 //   wgmma_pp        v4 with its two consumer warpgroups in ping-pong (same kernel, a flag);
@@ -144,20 +144,22 @@ bool wgmma_plan_off(const char* plan) {
 
 // -1: the mma plan; else the wgmma kernel's flags (ping-pong, overlap, split K/V rings) | kPersistent.
 // OPPO_PREFILL_PLAN unset (or "auto"), on an sm_90a device, unless OPPO_PREFILL_WGMMA_OFF names the
-// plan (session 17, H100, bench/RESULTS.md):
-//   head dim 128: wgmma_pp_ov_qp_ps, 1.29-1.36x FlexAttention on issue 8's D=128 shapes (0.64-0.73
-//     of the bf16 matmul rate; without the Q prefetch, wgmma_pp_ov_ps, 1.24x);
-//   head dim 64, bf16: wgmma3_pp_ov_qp_ps, 1.13x FlexAttention on issue 8's D=64 shape (0.47 of the
-//     matmul rate), where the two-warpgroup plan and Triton are 0.91x and 0.93x;
+// plan (bench/RESULTS.md):
+//   head dim 128: wgmma_pp_ov_qp_xc_ps; without the chained turns (wgmma_pp_ov_qp_ps) 1.29-1.36x
+//     FlexAttention on issue 8's D=128 shapes (0.64-0.73 of the bf16 matmul rate; session 17, H100);
+//   head dim 64, bf16: wgmma3_pp_ov_qp_xc_ps; without the chained turns 1.13x FlexAttention on
+//     issue 8's D=64 shape (0.47 of the matmul rate), where the two-warpgroup plan and Triton are
+//     0.91x and 0.93x (session 17); the chained turns (_xc) are session 18's, measured beside them;
 // mma otherwise (fp16 at D=64: the Python side picks Triton there, as fast as two warpgroups).
 int prefill_plan(const at::Tensor& q) {
   const char* e = std::getenv("OPPO_PREFILL_PLAN");
   if (e == nullptr || *e == '\0' || std::strcmp(e, "auto") == 0) {
     using namespace oppo::attn::wgp;
-    if (q.size(2) == 128 && !wgmma_plan_off("wgmma_pp_ov_qp_ps") && sm90a_here(q))
-      return kFlagPingPong | kFlagOverlap | kFlagQPrefetch | kPersistent;
-    if (q.size(2) == 64 && q.scalar_type() == at::kBFloat16 && !wgmma_plan_off("wgmma3_pp_ov_qp_ps") && sm90a_here(q))
-      return kFlagPingPong | kFlagOverlap | kFlagQPrefetch | kPersistent | kThreeWG;
+    if (q.size(2) == 128 && !wgmma_plan_off("wgmma_pp_ov_qp_xc_ps") && sm90a_here(q))
+      return kFlagPingPong | kFlagOverlap | kFlagQPrefetch | kFlagChain | kPersistent;
+    if (q.size(2) == 64 && q.scalar_type() == at::kBFloat16 && !wgmma_plan_off("wgmma3_pp_ov_qp_xc_ps") &&
+        sm90a_here(q))
+      return kFlagPingPong | kFlagOverlap | kFlagQPrefetch | kFlagChain | kPersistent | kThreeWG;
     return -1;
   }
   if (std::strcmp(e, "mma") == 0) return -1;

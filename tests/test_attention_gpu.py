@@ -831,11 +831,11 @@ def test_prefill_single_token_chunks_equal_decode(prefill_plan):
 
 
 @pytest.mark.parametrize("plan_env", [None, "auto"])
-@pytest.mark.parametrize("Hq,Hkv,D,default", [(32, 8, 128, "wgmma_pp_ov_qp_ps"), (14, 2, 64, "wgmma3_pp_ov_qp_ps")])
+@pytest.mark.parametrize("Hq,Hkv,D,default", [(32, 8, 128, "wgmma_pp_ov_qp_xc_ps"), (14, 2, 64, "wgmma3_pp_ov_qp_xc_ps")])
 def test_prefill_auto_rule_runs_wgmma(monkeypatch, plan_env, Hq, Hkv, D, default):
     """OPPO_PREFILL_PLAN unset or auto, no backend asked for: on sm_90 with sm_90a code, head dim 128
     (bf16 or fp16) and head dim 64 in bf16 run the CUDA launcher's default plans there,
-    wgmma_pp_ov_qp_ps and wgmma3_pp_ov_qp_ps (bitwise what that plan asked for by name gives, and
+    wgmma_pp_ov_qp_xc_ps and wgmma3_pp_ov_qp_xc_ps (bitwise what that plan asked for by name gives, and
     within the fp32 reference's tolerance); fp16 at head dim 64 runs Triton; an explicit
     OPPO_PREFILL_PLAN=mma keeps the launcher on mma."""
     from oppo_runtime.ops import backends

@@ -205,8 +205,8 @@ if __name__ == "__main__":
 
 def test_cuda_prefill_plan_mirrors_the_launchers_default(monkeypatch):
     """The plan the CUDA launcher runs, as the log and the auto rule read it: a named
-    OPPO_PREFILL_PLAN wins; unset or auto, wgmma_pp_ov_qp_ps for head dim 128 and
-    wgmma3_pp_ov_qp_ps for head dim 64 in bf16 (not fp16: the three-warpgroup kernel is built for
+    OPPO_PREFILL_PLAN wins; unset or auto, wgmma_pp_ov_qp_xc_ps for head dim 128 and
+    wgmma3_pp_ov_qp_xc_ps for head dim 64 in bf16 (not fp16: the three-warpgroup kernel is built for
     bf16 only), only where the wgmma plans can run (sm_90 with sm_90a code, asked once per device)
     and OPPO_PREFILL_WGMMA_OFF does not switch that plan off (read at every call), else mma."""
     from oppo_runtime.ops import attention as A
@@ -222,26 +222,26 @@ def test_cuda_prefill_plan_mirrors_the_launchers_default(monkeypatch):
     monkeypatch.setattr(A, "_WGMMA_HERE", {})
     monkeypatch.setattr(A, "_is_sm90", lambda device: True)
     monkeypatch.setattr(A, "prefill_wgmma_available", lambda device=None, plan=None: asked.append(device) or True)
-    assert A._cuda_prefill_plan(fake) == "wgmma_pp_ov_qp_ps"
-    assert A._cuda_prefill_plan(fake) == "wgmma_pp_ov_qp_ps" and len(asked) == 1     # cached per device
-    assert A._cuda_prefill_plan(fake64) == "wgmma3_pp_ov_qp_ps"
-    assert A._cuda_prefill_plan(fake_q(128, torch.float16)) == "wgmma_pp_ov_qp_ps"
+    assert A._cuda_prefill_plan(fake) == "wgmma_pp_ov_qp_xc_ps"
+    assert A._cuda_prefill_plan(fake) == "wgmma_pp_ov_qp_xc_ps" and len(asked) == 1     # cached per device
+    assert A._cuda_prefill_plan(fake64) == "wgmma3_pp_ov_qp_xc_ps"
+    assert A._cuda_prefill_plan(fake_q(128, torch.float16)) == "wgmma_pp_ov_qp_xc_ps"
     assert A._cuda_prefill_plan(fake64h) == "mma"          # fp16 at D=64: no three-warpgroup kernel
     assert A._cuda_prefill_plan(fake96) == "mma"
     monkeypatch.setenv("OPPO_PREFILL_PLAN", "auto")
-    assert A._cuda_prefill_plan(fake) == "wgmma_pp_ov_qp_ps"
+    assert A._cuda_prefill_plan(fake) == "wgmma_pp_ov_qp_xc_ps"
     monkeypatch.setenv("OPPO_PREFILL_PLAN", "mma")
     assert A._cuda_prefill_plan(fake) == "mma"
     monkeypatch.setenv("OPPO_PREFILL_PLAN", "wgmma_pp")
     assert A._cuda_prefill_plan(fake64) == "wgmma_pp"
     monkeypatch.delenv("OPPO_PREFILL_PLAN")
-    for off in ("wgmma_pp_ov_qp_ps", "wgmma, all", "all"):
+    for off in ("wgmma_pp_ov_qp_xc_ps", "wgmma, all", "all"):
         monkeypatch.setenv("OPPO_PREFILL_WGMMA_OFF", off)
         assert A._cuda_prefill_plan(fake) == "mma", off
-    monkeypatch.setenv("OPPO_PREFILL_WGMMA_OFF", "wgmma3_pp_ov_qp_ps")
-    assert A._cuda_prefill_plan(fake64) == "mma" and A._cuda_prefill_plan(fake) == "wgmma_pp_ov_qp_ps"
+    monkeypatch.setenv("OPPO_PREFILL_WGMMA_OFF", "wgmma3_pp_ov_qp_xc_ps")
+    assert A._cuda_prefill_plan(fake64) == "mma" and A._cuda_prefill_plan(fake) == "wgmma_pp_ov_qp_xc_ps"
     monkeypatch.setenv("OPPO_PREFILL_WGMMA_OFF", "wgmma_pp_ov_ps")     # another plan: not the default's
-    assert A._cuda_prefill_plan(fake) == "wgmma_pp_ov_qp_ps"
+    assert A._cuda_prefill_plan(fake) == "wgmma_pp_ov_qp_xc_ps"
     monkeypatch.setattr(A, "_WGMMA_HERE", {})
     monkeypatch.setattr(A, "prefill_wgmma_available", lambda device=None, plan=None: False)   # no sm_90a code
     assert A._cuda_prefill_plan(fake) == "mma"

@@ -390,7 +390,7 @@ def _prefill_backend(q: torch.Tensor, backend: str | None) -> str:
     (cuda|triton|reference), env ``OPPO_OP_BACKEND``; none of them (or 'auto') means auto.
     Auto rule, on a CUDA device for bf16/fp16 and head dim 64/128: on sm_90 (Hopper) with sm_90a
     code, for head dim 128 and for head dim 64 in bf16, the CUDA kernel, whose default plans there
-    are wgmma_pp_ov_qp_ps and wgmma3_pp_ov_qp_ps (``_cuda_prefill_plan``); else the Triton kernel
+    are wgmma_pp_ov_qp_xc_ps and wgmma3_pp_ov_qp_xc_ps (``_cuda_prefill_plan``); else the Triton kernel
     on sm_90 when triton imports (there tl.dot lowers to wgmma, which the CUDA kernel's mma plan, 0.55-0.63x FlexAttention on an H100,
     bench/NOTES.md "Prefill v2", does not use); on other cards the CUDA kernel, or Triton when the
     extension lacks it; else the reference. Inputs no kernel
@@ -430,15 +430,15 @@ def _prefill_backend(q: torch.Tensor, backend: str | None) -> str:
 def _cuda_prefill_plan(q: torch.Tensor) -> str:
     """The plan the CUDA launcher runs for ``q`` (its ``prefill_plan``, mirrored for the log and
     the auto rule): OPPO_PREFILL_PLAN when it names one; else (unset or ``auto``), on sm_90 with
-    sm_90a code and unless OPPO_PREFILL_WGMMA_OFF switches it off, wgmma_pp_ov_qp_ps for head dim
-    128 and wgmma3_pp_ov_qp_ps for head dim 64 in bf16 (session 17, H100, issue 8's shapes: 1.29-1.36x
-    and 1.13x FlexAttention; Triton 0.79-0.93x); else mma. Not wgmma for fp16 at D=64 (the
+    sm_90a code and unless OPPO_PREFILL_WGMMA_OFF switches it off, wgmma_pp_ov_qp_xc_ps for head dim
+    128 and wgmma3_pp_ov_qp_xc_ps for head dim 64 in bf16 (without the chained turns, _xc: session
+    17, H100, issue 8's shapes, 1.29-1.36x and 1.13x FlexAttention; Triton 0.79-0.93x); else mma. Not wgmma for fp16 at D=64 (the
     three-warpgroup plan is built for bf16 only; two warpgroups equal Triton there, which the auto
     rule picks instead)."""
     plan = os.environ.get("OPPO_PREFILL_PLAN", "auto")
     if plan not in ("", "auto"):
         return plan
-    default = {128: "wgmma_pp_ov_qp_ps", 64: "wgmma3_pp_ov_qp_ps"}.get(q.shape[-1])
+    default = {128: "wgmma_pp_ov_qp_xc_ps", 64: "wgmma3_pp_ov_qp_xc_ps"}.get(q.shape[-1])
     if default is None or q.device.type != "cuda" or (q.shape[-1] == 64 and q.dtype != torch.bfloat16):
         return "mma"
     key = q.device.index if q.device.index is not None else torch.cuda.current_device()
