@@ -475,9 +475,10 @@ paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t 
   float* o_m = reinterpret_cast<float*>(stage_base);        // warp partials, see warp_partials_to_smem
   warp_partials_to_smem<D>(o_m, m, l, o, warp, qr, qc);
   __syncthreads();
-  // v7 (tickets): the group's splits that hold part of the context; a context within split 0 is
-  // written by that CTA directly
-  const int nvalid = tickets != nullptr && num_splits > 1 ? min(num_splits, (ctx - 1) / partition + 1) : num_splits;  // ctx > 0 here
+  // v7 (tickets): the group's splits that hold part of the context (ctx > 0 here when split); a
+  // context within split 0 is written by that CTA directly
+  const int nvalid =
+      tickets != nullptr && num_splits > 1 ? min(num_splits, (ctx - 1) / partition + 1) : num_splits;
   const bool direct = num_splits == 1 || nvalid == 1;
   for (int idx = tid; idx < 16 * (D / 4); idx += kDecodeThreads) {
     const int r = idx / (D / 4), d = (idx % (D / 4)) * 4;
