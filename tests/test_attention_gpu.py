@@ -1018,6 +1018,15 @@ def test_prefill_wgmma3_refuses_head_dim_128_and_fp16(monkeypatch):
         _prefill_case(8, 2, 64, 16, [10], [20], torch.float16, torch.float32)
 
 
+@pytest.mark.parametrize("plan", ["wgmma_ov_qp_xc_ps", "wgmma_xc_ps", "wgmma3_ov_xc_ps"])
+def test_prefill_xc_without_pingpong_is_refused(monkeypatch, plan):
+    """_xc chains the ping-pong turns across items: a plan with _xc but without _pp is a clear error."""
+    _skip_unless_wgmma("wgmma_pp_ov_qp_xc_ps")
+    monkeypatch.setenv("OPPO_PREFILL_PLAN", plan)
+    with pytest.raises(RuntimeError, match="needs _pp"):
+        _prefill_case(14, 2, 64, 16, [10], [20], torch.bfloat16, torch.float32)
+
+
 def _wgmma_diag_case(monkeypatch, D, q_zero=False, v_onehot=False):
     """One sequence, prefix 150, chunk 40, G = 4, plan wgmma: structured inputs whose outputs
     point at one half of the kernel when wrong (the GPU session's first look, before ncu)."""
