@@ -397,7 +397,7 @@ void launch_decode_v4(PlanKind kind, at::Tensor& out, const at::Tensor& q, const
   const DecodeShape sh(q, k_cache, block_tables, 0);
   const int B = sh.B, Hq = sh.Hq, block_size = sh.block_size, Hkv = sh.Hkv, G = sh.G, q_chunks = sh.q_chunks;
   const int64_t max_ctx = sh.max_ctx;
-  const int dev = sh.dev, sms = sh.sms;
+  const int sms = sh.sms;
 
   auto kernel = paged_decode_v4_kernel<T, D, kStages>;
   constexpr int smem = DecodeV4Smem<T, D, kStages>::kBytes;
