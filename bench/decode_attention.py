@@ -147,15 +147,21 @@ def main() -> None:
         # ragged: the baselines read a padded cache and mask the padding off
         mask = ragged_mask(ctx_lens, ctx) if ragged else None
         outs = {}
+
+        def time_plan(plan: str) -> float:
+            """ms of one call under `plan`, with the caller's workspace, as the engine's decode graphs pass it."""
+            with plan_env(plan):
+                ws = paged_decode_workspace(q, k_cache, bt, backend="cuda")
+                return time_ms(lambda: torch.ops.oppo.paged_decode_attention(out, q, k_cache, v_cache, bt, ctx_lens,
+                                                                             scale, ws))
+
         # The shape's warm-up: the first plan timed once and discarded. Session 18 (H100, three runs):
         # at (1, 32768) the first plan timed after the pool was built read 63-65 us and the same plan
         # 56-57 us later in the process (ours_again), so `ours` and the summary took the cold number.
-        with plan_env(plans[0]):
-            try:
-                ws = paged_decode_workspace(q, k_cache, bt, backend="cuda")
-                time_ms(lambda: torch.ops.oppo.paged_decode_attention(out, q, k_cache, v_cache, bt, ctx_lens, scale, ws))
-            except Exception:  # noqa: BLE001  (the timed loop below records the error)
-                pass
+        try:
+            time_plan(plans[0])
+        except Exception:  # noqa: BLE001  (the timed loop below records the error)
+            pass
         for i, plan in enumerate(plans):   # the plan is read at each call, so at capture inside time_ms
             key = "ours" if i == 0 else f"ours_{plan}"
             table = bt.shape[1] * args.block_size
@@ -164,10 +170,8 @@ def main() -> None:
                 row[f"splits_{plan}"] = paged_decode_plan(B, Hq, Hkv, D, table, info["sm_count"], resident)[0]
                 row[f"ctas_{plan}"], row[f"items_per_cta_{plan}"] = paged_decode_grid(
                     B, Hq, Hkv, D, table, info["sm_count"], resident)
-                try:   # the caller's workspace, as the engine's decode graphs pass it
-                    ws = paged_decode_workspace(q, k_cache, bt, backend="cuda")
-                    ms = time_ms(lambda: torch.ops.oppo.paged_decode_attention(out, q, k_cache, v_cache, bt,
-                                                                               ctx_lens, scale, ws))
+                try:
+                    ms = time_plan(plan)
                     row[f"{key}_us"] = ms * 1e3
                     row[f"{key}_frac_copy_bw"] = nbytes / (ms * 1e-3) / bw
                     outs[plan] = out.clone()
@@ -234,10 +238,7 @@ def main() -> None:
                 row["flex_error"] = f"{type(e).__name__}: {e}"[:300]
                 print(row["flex_error"])
         if "ours_us" in row:   # the first plan again, last: the same version twice (its spread is the noise)
-            with plan_env(plans[0]):
-                ws = paged_decode_workspace(q, k_cache, bt, backend="cuda")
-                ms = time_ms(lambda: torch.ops.oppo.paged_decode_attention(out, q, k_cache, v_cache, bt,
-                                                                           ctx_lens, scale, ws))
+            ms = time_plan(plans[0])
             row["ours_again_us"] = ms * 1e3
             row["ours_spread"] = abs(row["ours_us"] - row["ours_again_us"]) / min(row["ours_us"], row["ours_again_us"])
         if outs:
