@@ -189,9 +189,6 @@ def main():
                                             ("wgmma_pp_ov_qp_xc_ps", 8, 2, 64, [5 * i for i in range(40)],
                                              [300 if i % 3 == 0 else 1 + i for i in range(40)]),
                                             ("wgmma3_pp_ov_qp_xc_ps", 8, 2, 64, [5 * i for i in range(40)],
-                                             [300 if i % 3 == 0 else 1 + i for i in range(40)]),
-                                            # one exponential in four on the FMA pipes
-                                            ("wgmma3_pp_ov_qp_xc_se_ps", 8, 2, 64, [5 * i for i in range(40)],
                                              [300 if i % 3 == 0 else 1 + i for i in range(40)])):
             if not A.prefill_wgmma_available(plan=plan):
                 print(f"prefill {plan}: skipped (OPPO_PREFILL_WGMMA_OFF)")

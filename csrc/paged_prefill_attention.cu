@@ -18,8 +18,6 @@
 //                   "_xc" before "_ps" (with _pp): the warpgroups' ring of turns runs on across a
 //                   persistent CTA's items, the next item's first Q K^T issued while the last
 //                   warpgroup finishes the item (a flag, kFlagChain), e.g. wgmma3_pp_ov_qp_xc_ps;
-//                   "_se" before "_ps": one exponential in four of the softmax on the FMA pipes
-//                   instead of the MUFU (a flag, kFlagSoftExp), e.g. wgmma3_pp_ov_qp_xc_se_ps;
 //                   the wgmma plans are an error on other devices or without sm_90a code;
 //   wgmma3...       any of the above with three consumer warpgroups (192-row items, 512 threads,
 //                   setmaxnreg 32/160), e.g. wgmma3_pp_ov_ps: head dim 64 and bf16 only (the
@@ -175,10 +173,6 @@ int prefill_plan(const at::Tensor& q) {
     flags |= kPersistent;
     name.resize(name.size() - 3);
   }
-  if (name.size() > 3 && name.compare(name.size() - 3, 3, "_se") == 0) {
-    flags |= oppo::attn::wgp::kFlagSoftExp;
-    name.resize(name.size() - 3);
-  }
   if (name.size() > 3 && name.compare(name.size() - 3, 3, "_xc") == 0) {
     flags |= oppo::attn::wgp::kFlagChain;
     name.resize(name.size() - 3);
@@ -194,7 +188,7 @@ int prefill_plan(const at::Tensor& q) {
   if (name == "wgmma_pp") flags |= oppo::attn::wgp::kFlagPingPong;
   else if (name == "wgmma_ov") flags |= oppo::attn::wgp::kFlagOverlap;
   else if (name == "wgmma_pp_ov") flags |= oppo::attn::wgp::kFlagPingPong | oppo::attn::wgp::kFlagOverlap;
-  else OPPO_CHECK(name == "wgmma", "OPPO_PREFILL_PLAN must be auto, mma or wgmma[3][_pp][_ov][_kv][_qp][_xc][_se][_ps] (e.g. wgmma_pp_ov_kv_ps), got '",
+  else OPPO_CHECK(name == "wgmma", "OPPO_PREFILL_PLAN must be auto, mma or wgmma[3][_pp][_ov][_kv][_qp][_xc][_ps] (e.g. wgmma_pp_ov_kv_ps), got '",
                   e, "'");
   OPPO_CHECK(!(flags & oppo::attn::wgp::kFlagChain) || (flags & oppo::attn::wgp::kFlagPingPong), "OPPO_PREFILL_PLAN=", e,
              ": _xc chains the ping-pong turns across items, so it needs _pp");

@@ -66,13 +66,6 @@ constexpr int kFlagQPrefetch = 16;  // the producer prefetches an item's Q rows 
 // warpgroup waits for all of that (the last warpgroup kicks it at the next item's start): the
 // tensor cores idle for one warpgroup's epilogue and Q staging per item.
 constexpr int kFlagChain = 32;
-// The softmax's exponentials share the special-function unit (MUFU: 16 ex2 per clock per SM) with
-// nothing else, and at head dim 64 a 64 x 128 tile's 8192 ex2 take as many clocks there (512) as
-// its two MMAs on the tensor cores: the MUFU is as loaded as the tensor cores. With this flag one
-// n8 block of S in kSoftExpEvery is exponentiated on the FMA/ALU pipes instead (ex2_fma below,
-// FlashAttention-4's trick), which have room: MUFU time per tile 512 -> 384 clocks per warp.
-constexpr int kFlagSoftExp = 64;
-constexpr int kSoftExpEvery = 4;
 
 template <int D, int NC = 2>
 struct Cfg {
@@ -173,19 +166,6 @@ __device__ __forceinline__ float ex2(float x) {
   asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
   return y;
 }
-// 2^x for x <= 0 without the MUFU (kFlagSoftExp): x = n + f with n = round(x) (the 1.5 * 2^23 shift
-// leaves n in t's low mantissa bits) and |f| <= 1/2; 2^f by a degree-3 polynomial (minimax in
-// relative error on [-1/2, 1/2], 7.5e-5 in fp32: below bf16/fp16 P's rounding, 2^-9 / 2^-11); n
-// added to 2^f's exponent field. x is first clamped at -125, so -inf (a masked key) and anything
-// smaller give ~2^-125 (2.3e-38) instead of ex2.approx.ftz's 0: nothing a row sum of at least 1
-// (its maximum's 2^0) or P's rounding can see. Ops: 1 FMNMX, 3 FADD, 3 FFMA, 1 SHL, 1 IADD.
-__device__ __forceinline__ float ex2_fma(float x) {
-  x = fmaxf(x, -125.f);
-  const float t = __fadd_rn(x, 12582912.f);
-  const float f = __fsub_rn(x, __fsub_rn(t, 12582912.f));
-  const float p = fmaf(fmaf(fmaf(0.0551716685f, f, 0.2426111400f), f, 0.6932609678f), f, 0.9999280572f);
-  return __int_as_float(__float_as_int(p) + (__float_as_int(t) << 23));
-}
 
 // Per-item timestamps (see CtaStamps; row = item, tag = its key tiles), written by consumer
 // warpgroup 0's thread 0 at the item's start and after its epilogue; set by the launcher's host
@@ -193,8 +173,7 @@ __device__ __forceinline__ float ex2_fma(float x) {
 static __constant__ CtaStamps prefill_stamps;
 
 // out          [Nq, Hq, D]  (T, or float32 with kPrefillOutF32), strides o_s0, o_s1, inner contiguous
-// flags        kPrefillOutF32 | kFlagPingPong | kFlagOverlap | kFlagSplitKV | kFlagQPrefetch | kFlagChain |
-//              kFlagSoftExp
+// flags        kPrefillOutF32 | kFlagPingPong | kFlagOverlap | kFlagSplitKV | kFlagQPrefetch | kFlagChain
 // q            [Nq, Hq, D]  packed by cu_seqlens_q [B+1], strides q_s0, q_s1, inner contiguous
 // k/v_cache    [num_blocks, block_size, Hkv, D] (page stride page_stride, equal for K and V)
 // context_lens [B] int32 (prefix + chunk);  block_tables [B, max_blocks] int32, row stride bt_stride
@@ -496,7 +475,6 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
   // and its MMAs (ptxas would serialize them): first tile, steady state and last P V are peeled.
   const bool pingpong = (flags & kFlagPingPong) != 0;
   const bool overlap = (flags & kFlagOverlap) != 0;
-  const bool softexp = (flags & kFlagSoftExp) != 0;
   auto issue_qk = [&](int s) {  // S = Q K^T (64 x kBN per warpgroup, D / 16 k-steps)
     const uint32_t k_addr = kv_addr + s * C::kStageBytes;
 #pragma unroll
@@ -560,21 +538,14 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
       m[r] = m_new;
     }
     float rs[2] = {0.f, 0.f};
-    // kFlagSoftExp: block i of every kSoftExpEvery on the FMA pipes (one loop per case, so that
-    // each is straight-line code the scheduler interleaves: MUFU ex2 between the polynomials)
-    auto exps = [&](auto soft) {
 #pragma unroll
-      for (int i = 0; i < kNB; ++i)
+    for (int i = 0; i < kNB; ++i)
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const float x = fmaf(sacc[4 * i + j], scale_log2, -m_use[j >> 1]);
-          const float p = (decltype(soft)::value && i % kSoftExpEvery == kSoftExpEvery - 1) ? ex2_fma(x) : ex2(x);
-          sacc[4 * i + j] = p;
-          rs[j >> 1] += p;
-        }
-    };
-    if (softexp) exps(std::true_type{});
-    else exps(std::false_type{});
+      for (int j = 0; j < 4; ++j) {
+        const float p = ex2(fmaf(sacc[4 * i + j], scale_log2, -m_use[j >> 1]));
+        sacc[4 * i + j] = p;
+        rs[j >> 1] += p;
+      }
 #pragma unroll
     for (int r = 0; r < 2; ++r) l[r] = l[r] * alpha[r] + rs[r];
   };
