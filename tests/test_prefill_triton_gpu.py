@@ -106,13 +106,21 @@ def test_triton_prefill_cuda_graph_replay(monkeypatch):
 
 
 def test_auto_backend_rule(monkeypatch):
-    """Auto picks Triton on sm_90, the CUDA kernel elsewhere when built; the env var forces one."""
+    """Auto, head dim 64: on sm_90 the CUDA kernel in bf16 when its wgmma plans are built (the
+    three-warpgroup plan, session 17), Triton in fp16 (the three-warpgroup plan is bf16 only) and
+    in bf16 without sm_90a code; elsewhere the CUDA kernel when built. The env var forces one."""
     monkeypatch.delenv("OPPO_PREFILL_BACKEND", raising=False)
     monkeypatch.delenv("OPPO_OP_BACKEND", raising=False)
-    _prefill_case(8, 2, 64, 16, [5], [7], torch.bfloat16, torch.float32, backend=None)
+    monkeypatch.delenv("OPPO_PREFILL_PLAN", raising=False)
     sm90 = torch.cuda.get_device_capability()[0] == 9
-    expect = "triton" if sm90 or not A.has_cuda_kernels() else "cuda"
-    assert backends()["paged_prefill_attention"] == expect
+    for dtype in (torch.bfloat16, torch.float16):
+        _prefill_case(8, 2, 64, 16, [5], [7], dtype, torch.float32, backend=None)
+        if sm90:
+            wgmma3 = dtype == torch.bfloat16 and A.prefill_wgmma_available(plan="wgmma3_pp_ov_qp_xc_ps")
+            expect = "cuda" if wgmma3 else "triton"
+        else:
+            expect = "cuda" if A.has_cuda_kernels() else "triton"
+        assert backends()["paged_prefill_attention"] == expect, dtype
     monkeypatch.setenv("OPPO_PREFILL_BACKEND", "reference")
     _prefill_case(8, 2, 64, 16, [5], [7], torch.bfloat16, torch.float32, backend=None)
     assert backends()["paged_prefill_attention"] == "reference"
