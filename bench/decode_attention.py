@@ -9,8 +9,9 @@ is the `ours` column, the others get `ours_<plan>` columns. v5xN: v5 with N work
 CTA slot at least (OPPO_DECODE_V5_ITEMS=N; default 4), v5pM: items of at most M tokens
 (OPPO_DECODE_V5_MAX_PART=M; default 512), both: v5xNpM. Each plan name states its switches: v3 is
 the split kernel without PDL and without the L2 prefetch, v3+l2 with the prefetch of one tile (the
-runtime's default since session 17). Default: the environment's plan (v3) with +l2, as the runtime
-runs it.
+runtime's default since session 17); v7 is v3's kernel with each group's splits merged by its last
+CTA (the runtime's default plan since session 19). Default: the environment's plan (v7) with +l2, as
+the runtime runs it.
 --head-major: the first plan also on a pool of head-major pages ([2, Hkv, block_size, D]: a kv head's
 tokens of a page contiguous, as FlashInfer's HND layout), `ours_hm` columns (the layout A/B).
 Per plan the row also records the splits, the CTAs launched and the most items one CTA takes
@@ -85,7 +86,7 @@ def _plans() -> tuple[list[str], bool, bool, list[int], list[str]]:
     caps = [int(c) for c in known.caps.split(",") if c.strip()]
     assert all(c > 0 for c in caps), f"--caps takes positive token counts, got {known.caps!r}"
     if known.plans is None:
-        base = os.environ.get("OPPO_DECODE_PLAN") or "v3"      # the runtime's default: its switches' defaults
+        base = os.environ.get("OPPO_DECODE_PLAN") or "v7"      # the runtime's default: its switches' defaults
         return [f"{base}+l2" if base in ("v2", "v3", "v6", "v7") else base], known.head_major, known.ragged, caps, rest
     plans = [p.strip() for p in known.plans.split(",") if p.strip()]
     ok = all(_SPLIT_PLAN.fullmatch(p) or _V5.fullmatch(p) for p in plans)

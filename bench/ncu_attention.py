@@ -1,5 +1,5 @@
 """One shape of the decode or prefill benchmark, for Nsight Compute: warm-up calls, then
-`--calls` calls of the CUDA kernel (decode: the plan of OPPO_DECODE_PLAN, default v3; prefill:
+`--calls` calls of the CUDA kernel (decode: the plan of OPPO_DECODE_PLAN, default v7; prefill:
 OPPO_PREFILL_PLAN, default mma) on the same paged pool as bench/decode_attention.py and
 bench/prefill_attention.py. Run under ncu through bench/ncu_attention.sh, which profiles the last
 calls' kernels with the sections that say where the time goes (throughput, warp stalls,

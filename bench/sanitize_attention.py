@@ -15,7 +15,7 @@ tests do, by results). v5 (OPPO_DECODE_PLAN=v5): the v4 kernel with items claime
 split and not, run twice on the same counters. v6: the v3 kernel with 2 stages at D=128. v7: the
 v3 kernel with each group's splits merged by its last CTA (tickets as v4's), run twice.
 --decode-only: kv_append and decode only;
---decode-plans=v5,v4:memset: only the decode cases of those plans (v3 for the default; v3:stamps,
+--decode-plans=v5,v4:memset: only the decode cases of those plans (v7 for the default, the cases without a plan; v3:stamps,
 v3:pdl, v3:l2off, v3:l2, v3:l2x2: per-CTA stamps on, programmatic dependent launch, L2 prefetch of 0,
 1 (the default) or 2 tiles). Exits
 non-zero if an output differs from the reference.
@@ -97,7 +97,7 @@ def main():
     many = [edges[(3 * i) % len(edges)] for i in range(math.ceil(7 * sms / 2))]
     splits = [7000, 100, 0, 3000, 6999, 1, 64, 65]
     cases = (([37, 0, 5], 8, 2, D, None), ([600], 40, 2, D, None), (fill, 14, 2, 64, None),
-             (splits, 14, 2, 64, None),                                     # v3: 5-tile splits, empty ones
+             (splits, 14, 2, 64, None),                   # the default plan (v7): 5-tile splits, empty ones
              (splits, 14, 2, 64, "v2"),
              ([37, 0, 5], 8, 2, D, "v4"), ([600], 40, 2, D, "v4"), (fill, 14, 2, 64, "v4"),
              (splits, 14, 2, 64, "v4"), (splits, 8, 2, D, "v4"), (many, 14, 2, 64, "v4"), (many, 8, 2, D, "v4"),
@@ -118,11 +118,12 @@ def main():
              (splits, 14, 2, 64, "v3:l2x2"), (splits, 8, 2, D, "v6:l2x2"), ([600], 40, 2, D, "v3:l2x2"),
              # v7: v3's split kernel, each group's splits merged by its last CTA (tickets from the
              # launcher's pool or in the workspace); contexts of 0 and within split 0 included
-             ([37, 0, 5], 8, 2, D, "v7"), (splits, 14, 2, 64, "v7"), (splits, 8, 2, D, "v7"),
+             # (the first four cases, plan None, run it too)
+             (splits, 8, 2, D, "v7"), (splits, 14, 2, 64, "v3"), ([600], 40, 2, D, "v3"),
              ([600], 40, 2, D, "v7:memset"), (splits, 14, 2, 64, "v7:memset"))
     only = next((a.split("=", 1)[1].split(",") for a in sys.argv if a.startswith("--decode-plans=")), None)
     for lens, Hq, Hkv, Dd, plan in cases:
-        if only is not None and (plan or "v3") not in only and (plan or "v3").split(":")[0] not in only:
+        if only is not None and (plan or "v7") not in only and (plan or "v7").split(":")[0] not in only:
             continue
         nblk = sum(math.ceil(max(n, 1) / bs) for n in lens) + 4
         kk, vv = pool(nblk, bs, Hkv, Dd)
@@ -130,7 +131,7 @@ def main():
         ctx = torch.tensor(lens, dtype=torch.int32, device="cuda")
         q = torch.randn(len(lens), Hq, Dd, device="cuda").bfloat16()
         out = torch.empty(len(lens), Hq, Dd, device="cuda")
-        name, _, tickets = (plan or "v3").partition(":")
+        name, _, tickets = (plan or "v7").partition(":")
         resident = A.paged_decode_resident_ctas(Dd, plan=name)
         nsplit = A.paged_decode_plan(len(lens), Hq, Hkv, Dd, bt.shape[1] * bs, sms, resident, name)[0]
         ctas, per_cta = A.paged_decode_grid(len(lens), Hq, Hkv, Dd, bt.shape[1] * bs, sms, resident, name)

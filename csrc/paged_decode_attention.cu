@@ -12,7 +12,13 @@
 // on context_lens' values.
 //
 // OPPO_DECODE_PLAN (read at every call; the bench switches it between captures):
-//   v3 (default): about one wave of resident CTAs, splits merged by a second kernel;
+//   v7 (default since session 19): v3's kernel and split plan, the splits merged by the last CTA
+//       of each group (ticket counters, as v4's) instead of the reduction kernel: one launch, no
+//       launch gap and no second kernel's start-up at the end of a split call, and a split whose
+//       range is empty costs one early exit. Equal to v3 or up to 1.3% faster on issue 7's five
+//       shapes; the engine's decode step at B=256 (Qwen2.5-0.5B shape, the engine's cap of 512
+//       tokens per split: 2 splits) 2.24 -> 2.13 ms (H100, bench/RESULTS.md session 19);
+//   v3: about one wave of resident CTAs, splits merged by a second kernel;
 //   v2: the previous plan (about 8 CTAs per SM) on the same kernels, for A/B timing;
 //   v4: paged_decode_v4_kernel, one launch: the same split count as v3 (with the v4 kernel's
 //       occupancy), the splits merged by the last CTA of each group (ticket counters), and
@@ -23,9 +29,6 @@
 //       of min(items, slots) CTAs; splits merged as in v4. Two more counters per launch (claim,
 //       exit), from the same registry as v4's tickets.
 //   v6: v3 on the lean kernel (DecodeLeanCfg): D=128 with 2 stages and 3 CTAs per SM.
-//   v7: v3's kernel and split plan, the splits merged by the last CTA of each group (ticket
-//       counters, as v4's) instead of the reduction kernel: one launch, no launch gap and no
-//       second kernel's start-up at the end of a split call.
 // OPPO_DECODE_PDL=1 (plans v2, v3, v6, v7): programmatic dependent launch of both kernels (decode_pdl).
 // OPPO_DECODE_PREFETCH=0|1|2 (plans v2, v3, v6, v7; default 1): L2 prefetch 0, 1 or 2 tiles further ahead
 // (decode_l2_ahead).
@@ -79,7 +82,8 @@ enum class PlanKind { v2, v3, v4, v5, v6, v7 };
 
 PlanKind decode_plan_kind() {
   const char* e = std::getenv("OPPO_DECODE_PLAN");
-  if (e == nullptr || *e == 0 || std::strcmp(e, "v3") == 0) return PlanKind::v3;
+  if (e == nullptr || *e == 0 || std::strcmp(e, "v7") == 0) return PlanKind::v7;
+  if (std::strcmp(e, "v3") == 0) return PlanKind::v3;
   if (std::strcmp(e, "v2") == 0) return PlanKind::v2;
   if (std::strcmp(e, "v4") == 0) return PlanKind::v4;
   if (std::strcmp(e, "v5") == 0) return PlanKind::v5;

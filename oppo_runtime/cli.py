@@ -80,7 +80,7 @@ _SWITCHES = (
     ("OPPO_OP_BACKEND", "each op's fastest backend here (cuda > triton > reference)"),
     ("OPPO_PREFILL_BACKEND", "chunk prefill: triton on sm_90, else cuda"),
     ("OPPO_REQUIRE_KERNELS", "off (1: a missing GPU kernel is an error, not a reference fallback)"),
-    ("OPPO_DECODE_PLAN", "v3 (v2/v4/v5/v6/v7: A/B plans of the decode kernel; v5 claims items dynamically, v6 is v3 lean at D=128, v7 is v3 with the splits merged by each group's last CTA)"),
+    ("OPPO_DECODE_PLAN", "v7 (v3's kernel, the splits merged by each group's last CTA; v2/v3/v4/v5/v6: A/B plans of the decode kernel; v3 merges splits with a second kernel, v5 claims items dynamically, v6 is v3 lean at D=128)"),
     ("OPPO_DECODE_V5_ITEMS", "4 (v5: work items per resident CTA slot, at least)"),
     ("OPPO_DECODE_V5_MAX_PART", "512 (v5: tokens per work item, at most)"),
     ("OPPO_PREFILL_PLAN", "auto (on sm_90a wgmma_pp_ov_qp_xc_ps at D=128, wgmma3_pp_ov_qp_xc_ps at D=64 bf16, else mma; wgmma[3][_pp][_ov][_kv][_qp][_xc][_ps]: the sm_90a plans, wgmma3 D=64 bf16)"),

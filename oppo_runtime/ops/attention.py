@@ -164,7 +164,7 @@ _DECODE_PLANS = ("v2", "v3", "v4", "v5", "v6", "v7")
 
 
 def _decode_plan_name(plan: str | None) -> str:
-    plan = plan or os.environ.get("OPPO_DECODE_PLAN") or "v3"
+    plan = plan or os.environ.get("OPPO_DECODE_PLAN") or "v7"
     if plan not in _DECODE_PLANS:
         raise ValueError(f"plan must be one of {_DECODE_PLANS}, got {plan!r}")
     return plan
@@ -190,12 +190,13 @@ def paged_decode_plan(B: int, Hq: int, Hkv: int, head_dim: int, table_tokens: in
     """(num_splits, partition in tokens) of the CUDA decode launcher; partition 1 << 30 = no split.
 
     ``table_tokens`` = block_tables.shape[1] * block_size; ``resident`` = CTAs per SM of the
-    plan's kernel (``paged_decode_resident_ctas(D, plan=plan)``). ``plan`` "v3" (default, or the
-    ``OPPO_DECODE_PLAN`` environment variable), "v2", "v4" (v3's rule on the v4 kernel), "v5"
+    plan's kernel (``paged_decode_resident_ctas(D, plan=plan)``). ``plan`` "v7" (default, or the
+    ``OPPO_DECODE_PLAN`` environment variable), "v3", "v2", "v4" (v3's rule on the v4 kernel), "v5"
     (the v4 kernel with at least ``OPPO_DECODE_V5_ITEMS`` (4) work items per resident slot of at
     most ``OPPO_DECODE_V5_MAX_PART`` (512) tokens, claimed dynamically) or "v6" (v3's rule on the
-    v3 kernel lean at D=128: 2 stages, 3 CTAs per SM) or "v7" (v3's rule and kernel, the splits
-    merged by the last CTA of each group instead of a reduction kernel). ``max_partition``
+    v3 kernel lean at D=128: 2 stages, 3 CTAs per SM); "v7" is v3's rule and kernel with the splits
+    merged by the last CTA of each group instead of a reduction kernel (the default since session
+    19: equal to v3 on issue 7's shapes or faster, -5% on the engine's decode step at B=256). ``max_partition``
     (v2/v3/v6/v7; v4 and v5
     ignore it): at most that many tokens per split, rounded up to the 64-token tile (0: no cap);
     see ``paged_decode_attention``."""
@@ -331,7 +332,7 @@ def _stamps(op: str, capacity: int, device):
 def decode_cta_stamps(capacity: int, device=None):
     """Per-CTA timestamps of the CUDA decode kernel inside the block (a profiling aid:
     ``bench/decode_stamps.py``); a context manager. Yields an int64 [capacity, 3] tensor of zeros on
-    ``device`` (default: the current CUDA device); each launch of the split kernel (plans v2, v3, v6;
+    ``device`` (default: the current CUDA device); each launch of the split kernel (plans v2, v3, v6, v7;
     not v4/v5, not the split reduction) inside the block writes row c = the CTA's linear id
     (blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z)): start ns, end ns
     (%globaltimer) and SM id; CTAs past ``capacity`` write nothing. Later launches overwrite
