@@ -5,7 +5,8 @@ and its flag variants: consumer warpgroups in ping-pong "wgmma_pp", softmax over
 warpgroup's own P V "wgmma_ov", both "wgmma_pp_ov", and both on persistent CTAs "wgmma_pp_ov_ps";
 K and V on separate barrier rings "wgmma_kv" and "wgmma_pp_ov_kv"; each item's Q rows prefetched
 into L2 by the producer "wgmma_pp_ov_qp_ps", "wgmma3_pp_ov_qp_ps"; with the warpgroups' turns
-chained across a persistent CTA's items "wgmma_pp_ov_qp_xc_ps", "wgmma3_pp_ov_qp_xc_ps"; three consumer warpgroups
+chained across a persistent CTA's items "wgmma_pp_ov_qp_xc_ps", "wgmma3_pp_ov_qp_xc_ps"; with a CTA's items
+merged into one stream of batches "wgmma_pp_ov_qp_mi_ps", "wgmma3_pp_ov_qp_mi_ps"; three consumer warpgroups
 (192-row items, head dim 64 only: timed on the D=64 shapes) "wgmma3_pp_ov", "wgmma3_pp_ov_ps" and, without ping-pong, "wgmma3_ov_ps";
 the Triton kernel, "triton") beside FlexAttention (bottom-right causal block mask) and SDPA
 (explicit boolean mask), both on contiguous KV. ``speedup_vs_flex`` / ``speedup_vs_sdpa`` use
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from oppo_runtime.ops import prefill_triton  # noqa: E402
-from oppo_runtime.ops.attention import paged_prefill_attention, prefill_wgmma_available  # noqa: E402
+from oppo_runtime.ops.attention import paged_prefill_attention, prefill_plan_head_dims, prefill_wgmma_available  # noqa: E402
 
 from common import (attention_bench_setup, device_info, env_var, matmul_flops, paged_pool, print_table, results_path, time_ms,  # noqa: E402
                     write_json)
@@ -47,6 +48,7 @@ SHAPES = [  # B, prefix, chunk, Hq, Hkv, D  (issue 8)
 
 WGMMA_PLANS = ("wgmma", "wgmma_pp", "wgmma_ov", "wgmma_pp_ov", "wgmma_pp_ov_ps", "wgmma_kv", "wgmma_pp_ov_kv",
                "wgmma_pp_ov_qp_ps", "wgmma3_pp_ov_qp_ps", "wgmma_pp_ov_qp_xc_ps", "wgmma3_pp_ov_qp_xc_ps",
+               "wgmma_pp_ov_qp_mi_ps", "wgmma3_pp_ov_qp_mi_ps",
                "wgmma3_pp_ov", "wgmma3_pp_ov_ps", "wgmma3_ov_ps")
 OURS = {"ours": "cuda", **{p: "cuda_" + p for p in WGMMA_PLANS}, "triton": "triton"}   # result key -> backend
 
@@ -149,7 +151,7 @@ def main() -> None:
                 if not prefill_wgmma_available(plan=plan):
                     row[plan + "_error"] = "switched off by OPPO_PREFILL_WGMMA_OFF (bench/wgmma_smoke.py)"
                     continue
-                if plan.startswith("wgmma3") and D != 64:   # built for head dim 64 only
+                if D not in prefill_plan_head_dims(plan):   # wgmma3: 64 only; the other _mi plans: 128
                     continue
                 calls[plan] = _with_plan(plan, lambda o=outs[plan]: torch.ops.oppo.paged_prefill_attention(
                     o, q, k_cache, v_cache, cu, ctx_lens, bt, scale, n))

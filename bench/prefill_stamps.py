@@ -100,7 +100,7 @@ def main() -> None:
     assert plans and all(p in WGMMA_PLANS for p in plans), f"--plans takes some of {WGMMA_PLANS}, got {args.plans!r}"
 
     import oppo_runtime.ops  # noqa: F401  (loads torch.ops.oppo)
-    from oppo_runtime.ops.attention import prefill_item_stamps, prefill_wgmma_available
+    from oppo_runtime.ops.attention import prefill_item_stamps, prefill_plan_head_dims, prefill_wgmma_available
     assert prefill_wgmma_available(), "the wgmma prefill kernel needs an sm_90a build on an sm_90 GPU"
 
     info = device_info()
@@ -124,7 +124,7 @@ def main() -> None:
         q = torch.randn(B * n, Hq, D, device="cuda", dtype=dtype)
         out = torch.empty_like(q)
         for plan in plans:
-            if plan.startswith("wgmma3") and D != 64:
+            if D not in prefill_plan_head_dims(plan):
                 continue
             if not prefill_wgmma_available(plan=plan):
                 print(f"{plan}: switched off (OPPO_PREFILL_WGMMA_OFF)")

@@ -14,7 +14,8 @@ slot, tile-record ring); the tickets' global-memory ordering is not something it
 tests do, by results). v5 (OPPO_DECODE_PLAN=v5): the v4 kernel with items claimed from a counter,
 split and not, run twice on the same counters. v6: the v3 kernel with 2 stages at D=128. v7: the
 v3 kernel with each group's splits merged by its last CTA (tickets as v4's), run twice.
---decode-only: kv_append and decode only;
+--decode-only: kv_append and decode only; --prefill-plans=a,b: kv_append, the mma prefill case and those
+wgmma prefill plans' cases only (no decode);
 --decode-plans=v5,v4:memset: only the decode cases of those plans (v7 for the default, the cases without a plan; v3:stamps,
 v3:pdl, v3:l2off, v3:l2, v3:l2x2: per-CTA stamps on, programmatic dependent launch, L2 prefetch of 0,
 1 (the default) or 2 tiles). Exits
@@ -122,7 +123,10 @@ def main():
              (splits, 8, 2, D, "v7"), (splits, 14, 2, 64, "v3"), ([600], 40, 2, D, "v3"),
              ([600], 40, 2, D, "v7:memset"), (splits, 14, 2, 64, "v7:memset"))
     only = next((a.split("=", 1)[1].split(",") for a in sys.argv if a.startswith("--decode-plans=")), None)
+    only_prefill = next((a.split("=", 1)[1].split(",") for a in sys.argv if a.startswith("--prefill-plans=")), None)
     for lens, Hq, Hkv, Dd, plan in cases:
+        if only_prefill is not None:
+            break
         if only is not None and (plan or "v7") not in only and (plan or "v7").split(":")[0] not in only:
             continue
         nblk = sum(math.ceil(max(n, 1) / bs) for n in lens) + 4
@@ -190,12 +194,19 @@ def main():
                                             ("wgmma_pp_ov_qp_xc_ps", 8, 2, 64, [5 * i for i in range(40)],
                                              [300 if i % 3 == 0 else 1 + i for i in range(40)]),
                                             ("wgmma3_pp_ov_qp_xc_ps", 8, 2, 64, [5 * i for i in range(40)],
+                                             [300 if i % 3 == 0 else 1 + i for i in range(40)]),
+                                            # a CTA's items merged into one stream of batches
+                                            ("wgmma_pp_ov_qp_mi_ps", 8, 2, 128, [5 * i for i in range(40)],
+                                             [300 if i % 3 == 0 else 1 + i for i in range(40)]),
+                                            ("wgmma3_pp_ov_qp_mi_ps", 8, 2, 64, [5 * i for i in range(40)],
                                              [300 if i % 3 == 0 else 1 + i for i in range(40)])):
+            if only_prefill is not None and plan not in only_prefill:
+                continue
             if not A.prefill_wgmma_available(plan=plan):
                 print(f"prefill {plan}: skipped (OPPO_PREFILL_WGMMA_OFF)")
                 continue
             ok &= prefill_plan_check(f"prefill {plan} G={Hq // Hkv} D={Dd}", plan, Hq, Hkv, Dd, pre, chk, 0.1)
-        if A.prefill_wgmma_available(plan="wgmma_pp_ov_ps"):   # item stamps on, room for 2 items
+        if A.prefill_wgmma_available(plan="wgmma_pp_ov_ps") and only_prefill is None:   # item stamps on, room for 2 items
             with A.prefill_item_stamps(2):
                 ok &= prefill_plan_check("prefill wgmma_pp_ov_ps with item stamps", "wgmma_pp_ov_ps", 8, 2, 64,
                                          [5 * i for i in range(40)], [300 if i % 3 == 0 else 1 + i for i in range(40)],

@@ -20,6 +20,7 @@ import time
 
 PLANS = ("wgmma", "wgmma_pp", "wgmma_ov", "wgmma_pp_ov", "wgmma_pp_ov_ps", "wgmma_kv", "wgmma_pp_ov_kv",
          "wgmma_pp_ov_qp_ps", "wgmma3_pp_ov_qp_ps", "wgmma_pp_ov_qp_xc_ps", "wgmma3_pp_ov_qp_xc_ps",
+         "wgmma_pp_ov_qp_mi_ps", "wgmma3_pp_ov_qp_mi_ps",
          "wgmma3_pp_ov", "wgmma3_pp_ov_ps", "wgmma3_ov_ps")   # wgmma3: three consumer warpgroups, head dim 64 only
 
 CASES = ((14, 2, 64, [0, 20, 3, 130, 700], [1, 70, 17, 300, 64]),     # Hq, Hkv, D, prefixes, chunks
@@ -34,10 +35,11 @@ def one(plan: str) -> int:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import torch
     from sanitize_attention import prefill_plan_check
+    from oppo_runtime.ops import attention as A
     torch.manual_seed(0)
     ok = True
     for Hq, Hkv, D, pre, chk in CASES:
-        if plan.startswith("wgmma3") and D != 64:
+        if D not in A.prefill_plan_head_dims(plan):
             continue
         ok &= prefill_plan_check(f"{plan} D={D}", plan, Hq, Hkv, D, pre, chk, D ** -0.5, spare_blocks=5)
     return 0 if ok else 3

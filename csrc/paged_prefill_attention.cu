@@ -18,6 +18,10 @@
 //                   "_xc" before "_ps" (with _pp): the warpgroups' ring of turns runs on across a
 //                   persistent CTA's items, the next item's first Q K^T issued while the last
 //                   warpgroup finishes the item (a flag, kFlagChain), e.g. wgmma3_pp_ov_qp_xc_ps;
+//                   "_mi" before "_ps": a persistent CTA's items as one stream of batches, each
+//                   item's last P V issued with the next item's first Q K^T and the next item's Q
+//                   staged under the last softmax (a flag, kFlagMerge; chains the turns as _xc),
+//                   e.g. wgmma3_pp_ov_qp_mi_ps;
 //                   the wgmma plans are an error on other devices or without sm_90a code;
 //   wgmma3...       any of the above with three consumer warpgroups (192-row items, 512 threads,
 //                   setmaxnreg 32/160), e.g. wgmma3_pp_ov_ps: head dim 64 and bf16 only (the
@@ -56,7 +60,7 @@ int sm_count(int dev) {
   return sms[dev & 63];
 }
 
-template <typename T, int D, bool kWgmma, int NC = 2>   // one instantiation per kernel: attr_set below is its own
+template <typename T, int D, bool kWgmma, int NC = 2, bool kMerge = false>   // one instantiation per kernel: attr_set below is its own
 void launch_kernel(PrefillKernel<T> kernel, int rows_per_cta, int threads, int smem, int flags, Grid grid_kind,
                    at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                    const at::Tensor& cu_seqlens_q, const at::Tensor& context_lens, const at::Tensor& block_tables,
@@ -173,6 +177,10 @@ int prefill_plan(const at::Tensor& q) {
     flags |= kPersistent;
     name.resize(name.size() - 3);
   }
+  if (name.size() > 3 && name.compare(name.size() - 3, 3, "_mi") == 0) {
+    flags |= oppo::attn::wgp::kFlagMerge;
+    name.resize(name.size() - 3);
+  }
   if (name.size() > 3 && name.compare(name.size() - 3, 3, "_xc") == 0) {
     flags |= oppo::attn::wgp::kFlagChain;
     name.resize(name.size() - 3);
@@ -188,10 +196,14 @@ int prefill_plan(const at::Tensor& q) {
   if (name == "wgmma_pp") flags |= oppo::attn::wgp::kFlagPingPong;
   else if (name == "wgmma_ov") flags |= oppo::attn::wgp::kFlagOverlap;
   else if (name == "wgmma_pp_ov") flags |= oppo::attn::wgp::kFlagPingPong | oppo::attn::wgp::kFlagOverlap;
-  else OPPO_CHECK(name == "wgmma", "OPPO_PREFILL_PLAN must be auto, mma or wgmma[3][_pp][_ov][_kv][_qp][_xc][_ps] (e.g. wgmma_pp_ov_kv_ps), got '",
+  else OPPO_CHECK(name == "wgmma", "OPPO_PREFILL_PLAN must be auto, mma or wgmma[3][_pp][_ov][_kv][_qp][_xc][_mi][_ps] (e.g. wgmma_pp_ov_kv_ps), got '",
                   e, "'");
   OPPO_CHECK(!(flags & oppo::attn::wgp::kFlagChain) || (flags & oppo::attn::wgp::kFlagPingPong), "OPPO_PREFILL_PLAN=", e,
              ": _xc chains the ping-pong turns across items, so it needs _pp");
+  OPPO_CHECK(!(flags & oppo::attn::wgp::kFlagMerge) || (q.scalar_type() == at::kBFloat16 &&
+             ((q.size(2) == 64 && (flags & kThreeWG)) || (q.size(2) == 128 && !(flags & kThreeWG)))),
+             "OPPO_PREFILL_PLAN=", e, ": the _mi plans are built for wgmma3 at head dim 64 and wgmma at head dim 128, ",
+             "in bf16 only; got head dim ", q.size(2), " and ", q.scalar_type());
   OPPO_CHECK(!(flags & kThreeWG) || (q.size(2) == 64 && q.scalar_type() == at::kBFloat16),
              "OPPO_PREFILL_PLAN=", e, ": the three-warpgroup plans are built for head dim 64 and bf16 only, got head dim ",
              q.size(2), " and ", q.scalar_type());
@@ -220,6 +232,21 @@ void launch(int plan, at::Tensor& out, const at::Tensor& q, const at::Tensor& k_
                " elements (empty, or past 32-bit offsets); use OPPO_PREFILL_PLAN=mma");
     const int flags = plan & ~(kPersistent | kThreeWG);
     const Grid grid = (plan & kPersistent) ? Grid::persistent : Grid::items;
+    if constexpr (std::is_same_v<T, __nv_bfloat16>) {   // _mi: its own instantiations (prefill_plan checked which)
+      if (plan & wgp::kFlagMerge) {
+        if constexpr (D == 64) {
+          using G3 = wgp::Geo<3>;
+          launch_kernel<T, D, true, 3, true>(wgp::paged_prefill_wgmma_kernel<T, D, 3, true>, G3::kBM, G3::kThreads,
+                                             wgp::Cfg<D, 3>::kSmem, flags, grid, out, q, k_cache, v_cache, cu_seqlens_q,
+                                             context_lens, block_tables, scale, max_seqlen_q);
+        } else {
+          launch_kernel<T, D, true, 2, true>(wgp::paged_prefill_wgmma_kernel<T, D, 2, true>, wgp::kBM, wgp::kThreads,
+                                             wgp::Cfg<D>::kSmem, flags, grid, out, q, k_cache, v_cache, cu_seqlens_q,
+                                             context_lens, block_tables, scale, max_seqlen_q);
+        }
+        return;
+      }
+    }
     if constexpr (D == 64 && std::is_same_v<T, __nv_bfloat16>) {
       if (plan & kThreeWG) {   // prefill_plan checked head dim and dtype
         using G3 = wgp::Geo<3>;

@@ -66,6 +66,15 @@ constexpr int kFlagQPrefetch = 16;  // the producer prefetches an item's Q rows 
 // warpgroup waits for all of that (the last warpgroup kicks it at the next item's start): the
 // tensor cores idle for one warpgroup's epilogue and Q staging per item.
 constexpr int kFlagChain = 32;
+// kFlagMerge (plans _mi, "merged items"): a persistent CTA's items as one stream of batches. An
+// item's final P V is issued in one batch with the next item's first Q K^T (as any P V with the
+// following tile's Q K^T within an item), instead of alone and followed by a Q K^T alone: one
+// ring turn fewer per item, and the first tile's softmax no longer runs with nothing under it.
+// Each warpgroup stages the next item's Q rows (cp.async into its own rows of the one Q buffer)
+// once its last Q K^T of the item is waited on, under that tile's softmax; the item's epilogue
+// runs after the merged batch's P V, under the next item's first softmax. The turns then run on
+// across items as with kFlagChain (implied).
+constexpr int kFlagMerge = 64;
 
 template <int D, int NC = 2>
 struct Cfg {
@@ -173,7 +182,8 @@ __device__ __forceinline__ float ex2(float x) {
 static __constant__ CtaStamps prefill_stamps;
 
 // out          [Nq, Hq, D]  (T, or float32 with kPrefillOutF32), strides o_s0, o_s1, inner contiguous
-// flags        kPrefillOutF32 | kFlagPingPong | kFlagOverlap | kFlagSplitKV | kFlagQPrefetch | kFlagChain
+// flags        kPrefillOutF32 | kFlagPingPong | kFlagOverlap | kFlagSplitKV | kFlagQPrefetch | kFlagChain |
+//              kFlagMerge
 // q            [Nq, Hq, D]  packed by cu_seqlens_q [B+1], strides q_s0, q_s1, inner contiguous
 // k/v_cache    [num_blocks, block_size, Hkv, D] (page stride page_stride, equal for K and V)
 // context_lens [B] int32 (prefix + chunk);  block_tables [B, max_blocks] int32, row stride bt_stride
@@ -182,7 +192,10 @@ static __constant__ CtaStamps prefill_stamps;
 // (gridDim.x = num_items: one item each; fewer: persistent CTAs, the K/V ring and the producer's
 // prefetch running on across items). Block Geo<NC>::kThreads (384 for NC = 2: rows per item 128;
 // 512 for NC = 3: 192 rows), dynamic smem Cfg<D, NC>::kSmem.
-template <typename T, int D, int NC = 2>
+// kMerge: the kernel of the _mi plans (kFlagMerge): its own instantiation, because its item
+// hand-over costs the three-warpgroup consumers a few registers they do not have (spills), which
+// the plans without it must not pay.
+template <typename T, int D, int NC = 2, bool kMerge = false>
 __global__ void __launch_bounds__(Geo<NC>::kThreads, 1)
 paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int64_t o_s1,
                            const T* __restrict__ q, int64_t q_s0, int64_t q_s1,
@@ -510,8 +523,8 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
   };
   // Softmax of tile it in two parts: scores() needs only S (the running max and sum, P in sacc),
   // finish() the finished P V of tile it-1 (O rescaled by alpha, P packed into the A operand).
-  auto scores = [&](int it, float (&alpha)[2]) {
-    if (it >= I.n_full) {  // the diagonal: keys past a row's position are masked
+  auto scores = [&](int it, float (&alpha)[2], int n_full) {
+    if (it >= n_full) {  // the diagonal (tiles from the item's n_full on): keys past a row's position are masked
 #pragma unroll
       for (int i = 0; i < kNB; ++i)
 #pragma unroll
@@ -567,40 +580,55 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
     }
   };
 
-  int gbase = 0;                             // ring position of the item's first tile
-  const bool chain = pingpong && (flags & kFlagChain) != 0;
-  bool first_item = true;
-  for (int w = blockIdx.x; w < num_items; w += gridDim.x) {
-    if (!item_at(w, I)) continue;
-    // kFlagChain: the last warpgroup hands the turn on after this item's final P V when the CTA
-    // has another item (the same items the loop takes: those item_at accepts)
-    bool more = false;
-    if (chain && cw == NC - 1) {
-      Item J;
-      for (int w2 = w + gridDim.x; w2 < num_items && !more; w2 += gridDim.x) more = item_at(w2, J);
-    }
-    if (cw == 0 && tw == 0) stamp_start(prefill_stamps, w);  // off unless bench/prefill_stamps.py sets it
-    // Q rows of this warpgroup -> shared memory (swizzled), zeros for rows past the chunk. The
-    // buffer is free: this warpgroup's Q K^T of the previous item were all waited on.
+  // Q rows of this warpgroup (64 of item J's) -> its rows of the Q buffer (swizzled), zeros for
+  // rows past the chunk; by loads and stores, or (kFlagMerge, under a softmax) by cp.async, landed
+  // by q_landed. The rows are free: this warpgroup's Q K^T of the previous item were waited on
+  // (the fence orders those async-proxy reads before these writes).
+  constexpr int kQPer = 64 * C::kChunks / 128;
+  auto q_src = [&](const Item& J, int i, bool& in) -> const T* {
+    const int c = i * 128 + tw;
+    const int grow = J.row0 + 64 * cw + c / C::kChunks;
+    in = grow < J.rows;
+    return in ? q + static_cast<int64_t>(J.q0 + grow / G) * q_s0 + static_cast<int64_t>(J.kvh * G + grow % G) * q_s1 +
+                    (c % C::kChunks) * 8
+              : q;
+  };
+  auto q_dst = [&](int i) {
+    const int c = i * 128 + tw;
+    return q_s + swz(kBM, 64 * cw + c / C::kChunks, c % C::kChunks);
+  };
+  auto stage_q = [&](const Item& J) {
     fence_proxy_async();
-    {
-      constexpr int kPer = 64 * C::kChunks / 128;
 #pragma unroll
-      for (int i = 0; i < kPer; ++i) {
-        const int c = i * 128 + tw;
-        const int rr = c / C::kChunks, ch = c % C::kChunks;
-        const int grow = I.row0 + 64 * cw + rr;
-        uint4 v = make_uint4(0u, 0u, 0u, 0u);
-        if (grow < I.rows) {
-          const T* src = q + static_cast<int64_t>(I.q0 + grow / G) * q_s0 +
-                         static_cast<int64_t>(I.kvh * G + grow % G) * q_s1 + ch * 8;
-          v = *reinterpret_cast<const uint4*>(src);
-        }
-        *reinterpret_cast<uint4*>(q_s + swz(kBM, 64 * cw + rr, ch)) = v;
-      }
-      fence_proxy_async();
-      named_sync(1 + cw, 128);
+    for (int i = 0; i < kQPer; ++i) {
+      bool in;
+      const T* src = q_src(J, i, in);
+      *reinterpret_cast<uint4*>(q_dst(i)) = in ? *reinterpret_cast<const uint4*>(src) : make_uint4(0u, 0u, 0u, 0u);
     }
+    fence_proxy_async();
+    named_sync(1 + cw, 128);
+  };
+  auto stage_q_async = [&](const Item& J) {
+    fence_proxy_async();
+#pragma unroll
+    for (int i = 0; i < kQPer; ++i) {
+      bool in;
+      const T* src = q_src(J, i, in);
+      cp_async_16(q_dst(i), src, in ? 16 : 0);
+    }
+    cp_async_commit();
+  };
+  auto q_landed = [&]() {
+    cp_async_wait<0>();
+    fence_proxy_async();
+    named_sync(1 + cw, 128);
+  };
+  auto stage_next_q = [&](int wn) {  // item wn's rows (its fields read again: see the item loop)
+    Item J;
+    item_at(wn, J);
+    stage_q_async(J);
+  };
+  auto start_rows = [&]() {  // this thread's rows of item I: positions, empty softmax state (not O)
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int grow = I.row0 + rA + 8 * r;
@@ -608,10 +636,91 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
       m[r] = kNegInf;
       l[r] = 0.f;
     }
+  };
+  auto zero_o = [&]() {
 #pragma unroll
     for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
-    const int n_tiles = I.n_tiles;
+  };
+  // 1 / the full row sums of this thread's rows (l holds its quad's partial sums)
+  auto inv_rows = [&](float (&inv)[2]) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float x = l[r] + __shfl_xor_sync(0xffffffffu, l[r], 1);
+      x += __shfl_xor_sync(0xffffffffu, x, 2);
+      inv[r] = 1.f / x;
+    }
+  };
+  // the epilogue of item P: O times inv (1 / the row sums, or 1 where O is normalized already),
+  // the valid rows stored
+  auto store_rows = [&](const Item& P, const float (&inv_r)[2]) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int grow = P.row0 + rA + 8 * r;
+      if (grow >= P.rows) continue;
+      const float inv = inv_r[r];
+      const int64_t base =
+          static_cast<int64_t>(P.q0 + grow / G) * o_s0 + static_cast<int64_t>(P.kvh * G + grow % G) * o_s1;
+#pragma unroll
+      for (int i = 0; i < D / 8; ++i) {
+        const int col = 8 * i + 2 * tq;
+        const float x = o[4 * i + 2 * r] * inv, y = o[4 * i + 2 * r + 1] * inv;
+        if (flags & kPrefillOutF32) {
+          *reinterpret_cast<float2*>(static_cast<float*>(out) + base + col) = make_float2(x, y);
+        } else {
+          *reinterpret_cast<uint32_t*>(static_cast<T*>(out) + base + col) = Mma<T>::pack(x, y);
+        }
+      }
+    }
+  };
 
+  constexpr bool merge = kMerge;  // (the launcher picks this instantiation for kFlagMerge)
+  // The end of tile `it` of item I (after its softmax): O rescaled, P packed (finish). With
+  // kFlagMerge, at the item's last tile when another item follows: the row sums are final, so O
+  // and this tile's P are normalized first (its final P V, issued with the next item's first
+  // Q K^T, then leaves O finished: no row sum to keep across that batch), and after finish, with
+  // its last Q K^T waited on and the registers the MMAs hold free, this warpgroup's Q rows take
+  // the next item's (cp.async, landed before the next batch).
+  auto end_of_tile = [&](int it, bool more, int wn, float (&alpha)[2]) {
+    const bool last = merge && more && it == I.n_tiles - 1;
+    if (last) {
+      float inv[2];
+      inv_rows(inv);
+#pragma unroll
+      for (int i = 0; i < kNB; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) sacc[4 * i + j] *= inv[j >> 1];
+      alpha[0] *= inv[0];
+      alpha[1] *= inv[1];
+    }
+    finish(alpha);
+    if (last) stage_next_q(wn);
+  };
+  int gbase = 0;                             // ring position of the item's first tile
+  const bool chain = pingpong && (merge || (flags & kFlagChain) != 0);
+  bool first_item = true;
+  // the CTA's item after item w (the items the loop takes: those item_at accepts); wn = its index
+  auto next_item = [&](int w, int& wn) {
+    Item J;
+    for (int w2 = w + gridDim.x; w2 < num_items; w2 += gridDim.x) {
+      if (item_at(w2, J)) {
+        wn = w2;
+        return true;
+      }
+    }
+    return false;
+  };
+  for (int w = blockIdx.x; w < num_items; w += gridDim.x) {
+    if (!item_at(w, I)) continue;
+    // kFlagChain: the last warpgroup hands the turn on after an item's final P V when the CTA has
+    // another item; kFlagMerge: every warpgroup issues that P V with the next item's first Q K^T.
+    // (Only the next item's index stays live through the tiles: its fields are read again where
+    // needed, which keeps the consumers under their register budget.)
+    int wn = w;
+    bool more = ((chain && cw == NC - 1) || merge) && next_item(w, wn);
+    if (cw == 0 && tw == 0) stamp_start(prefill_stamps, w);  // off unless bench/prefill_stamps.py sets it
+    stage_q(I);
+    start_rows();
+    zero_o();
     if (pingpong && cw == NC - 1 && (!chain || first_item)) named_arrive(kPP, 256);  // warpgroup 0's turn
     first_item = false;
     mbar_wait(&full[gbase % kS], (gbase / kS) & 1);  // tile 0: Q K^T alone
@@ -621,28 +730,48 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
     if (splitkv) mbar_arrive(&empty[gbase % kS]);  // emptyK: S of tile 0 was waited on
     {
       float alpha[2];
-      scores(0, alpha);
-      finish(alpha);
+      scores(0, alpha, I.n_full);
+      end_of_tile(0, more, wn, alpha);
     }
-    for (int it = 1; it < n_tiles; ++it) {
+    // One batch per iteration: Q K^T of ring position gi (tile `it` of item I, or with kFlagMerge
+    // at an item's end tile 0 of the next item, "cross") and P V of the tile before it. A merged
+    // CTA's items all run through this loop, so its MMAs are issued from one place.
+    int it = 1;
+    while (true) {
+      const bool cross = it == I.n_tiles;  // the next Q K^T is the next item's first
+      if (cross && !(merge && more)) break;
       const int gi = gbase + it;
       const int s = gi % kS, sp = (gi - 1) % kS;
+      int n_full = I.n_full;
+      if (cross) {  // kFlagMerge: the next item's row positions, an empty softmax state, its Q landed
+        Item J;     // (item I's O needs no row sum any more: see the end of its last tile below)
+        item_at(wn, J);
+        n_full = J.n_full;
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int grow = J.row0 + rA + 8 * r;
+          pos[r] = grow < J.rows ? J.prefix + grow / G : J.L - 1;
+          m[r] = kNegInf;
+          l[r] = 0.f;
+        }
+        q_landed();
+      }
       mbar_wait(&full[s], (gi / kS) & 1);
       // kFlagSplitKV: V of tile it-1 has its own barrier (waited here, not between the wgmma fence
       // and the MMAs: ptxas would serialize every wgmma)
       if (splitkv) mbar_wait(&fullV[sp], ((gi - 1) / kS) & 1);
       begin_batch();
-      issue_qk(s);  // group 1: S of tile it
+      issue_qk(s);  // group 1: S of ring position gi
       wg_commit();
-      issue_pv(sp);  // group 2: P V of tile it-1
+      issue_pv(sp);  // group 2: P V of ring position gi - 1
       wg_commit();
       if (pingpong) named_arrive(kPP + (cw + 1) % NC, 256);
       float alpha[2];
       if (overlap) {  // the softmax's first part runs while this warpgroup's P V is on the tensor cores
         wg_wait<1>();
         fence_regs(sacc);
-        if (splitkv) mbar_arrive(&empty[s]);  // emptyK: this thread's reads of K(it) are done
-        scores(it, alpha);
+        if (splitkv) mbar_arrive(&empty[s]);  // emptyK: this thread's reads of K(gi) are done
+        scores(cross ? 0 : it, alpha, n_full);
         // A bare wait_group 0 here is hoisted by ptxas to right after the wait_group 1 (SASS: the
         // two DEPBARs adjacent, every ex2 after them), which undoes the overlap. A warp-uniform,
         // always-true condition on the row sums (NaN included) makes the wait depend on the
@@ -656,48 +785,43 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
         wg_wait<0>();
         fence_regs(sacc);
         fence_regs(o);
-        if (splitkv) mbar_arrive(&empty[s]);  // emptyK: this thread's reads of K(it) are done
-        scores(it, alpha);
+        if (splitkv) mbar_arrive(&empty[s]);  // emptyK: this thread's reads of K(gi) are done
+        scores(cross ? 0 : it, alpha, n_full);
       }
-      // this thread's reads of tile it-1's stage (kFlagSplitKV: of its V tile) are done
+      // this thread's reads of ring position gi-1's stage (kFlagSplitKV: of its V tile) are done
       mbar_arrive(splitkv ? &emptyV[sp] : &empty[sp]);
-      finish(alpha);
+      if (cross) {  // item I is done: its rows out; the next item becomes I, O starts at zero
+        const float one[2] = {1.f, 1.f};
+        store_rows(I, one);
+        if (cw == 0 && tw == 0) {
+          stamp_end(prefill_stamps, w, I.n_tiles);
+          stamp_start(prefill_stamps, wn);
+        }
+        gbase += I.n_tiles;
+        w = wn;
+        item_at(w, I);
+        more = next_item(w, wn);
+        zero_o();
+        it = 0;
+      }
+      end_of_tile(it, more, wn, alpha);
+      ++it;
     }
     {
-      const int gl = gbase + n_tiles - 1;
+      const int gl = gbase + I.n_tiles - 1;
       if (splitkv) mbar_wait(&fullV[gl % kS], (gl / kS) & 1);
       begin_batch();  // the last tile's P V
       issue_pv(gl % kS);
       end_batch(!more);  // the last warpgroup hands on only when chained to another item
       mbar_arrive(splitkv ? &emptyV[gl % kS] : &empty[gl % kS]);
     }
-    gbase += n_tiles;
-
-    // epilogue: full row sums across the quad, normalize, store the valid rows
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
-      l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+    gbase += I.n_tiles;
+    {
+      float inv[2];
+      inv_rows(inv);
+      store_rows(I, inv);
     }
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int grow = I.row0 + rA + 8 * r;
-      if (grow >= I.rows) continue;
-      const float inv = 1.f / l[r];
-      const int64_t base =
-          static_cast<int64_t>(I.q0 + grow / G) * o_s0 + static_cast<int64_t>(I.kvh * G + grow % G) * o_s1;
-#pragma unroll
-      for (int i = 0; i < D / 8; ++i) {
-        const int col = 8 * i + 2 * tq;
-        const float x = o[4 * i + 2 * r] * inv, y = o[4 * i + 2 * r + 1] * inv;
-        if (flags & kPrefillOutF32) {
-          *reinterpret_cast<float2*>(static_cast<float*>(out) + base + col) = make_float2(x, y);
-        } else {
-          *reinterpret_cast<uint32_t*>(static_cast<T*>(out) + base + col) = Mma<T>::pack(x, y);
-        }
-      }
-    }
-    if (cw == 0 && tw == 0) stamp_end(prefill_stamps, w, n_tiles);  // warpgroup 0's end of the item
+    if (cw == 0 && tw == 0) stamp_end(prefill_stamps, w, I.n_tiles);  // warpgroup 0's end of the item
   }
 #endif
 }

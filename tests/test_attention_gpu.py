@@ -939,7 +939,42 @@ def test_prefill_wgmma_persistent_many_items_per_cta(monkeypatch, plan):
     assert rel_err(out, ref) < 2e-3
 
 
-WGMMA3_PLANS = ["wgmma3_pp_ov", "wgmma3_pp_ov_ps", "wgmma3_ov_ps", "wgmma3", "wgmma3_pp_ov_qp_ps", "wgmma3_pp_ov_qp_xc_ps"]
+MI_PLANS_D128 = ["wgmma_pp_ov_qp_mi_ps", "wgmma_pp_ov_kv_mi_ps", "wgmma_ov_mi_ps", "wgmma_mi_ps"]
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("plan", MI_PLANS_D128)
+def test_prefill_merged_items_head_dim_128(monkeypatch, plan, out_dtype):
+    """_mi (a persistent CTA's items as one stream of batches: each item's last P V issued with the
+    next item's first Q K^T, the next item's Q staged under the last softmax, O normalized before
+    that last P V) at head dim 128: more items than SMs, ragged chunks (items of one key tile,
+    items past short chunks), with and without ping-pong, the intra-warpgroup overlap and the
+    split K/V rings."""
+    _skip_unless_wgmma(plan)
+    monkeypatch.setenv("OPPO_PREFILL_PLAN", plan)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    B = 2 * sms // 8 + 3
+    prefixes = [(37 * b) % 700 for b in range(B)]
+    chunks = [[300, 1, 129, 64][b % 4] for b in range(B)]
+    out, ref = _prefill_case(8, 2, 128, 16, prefixes, chunks, torch.bfloat16, out_dtype)
+    tol = TOL_F32_OUT[torch.bfloat16] + (rel_err(ref.to(out_dtype), ref) if out_dtype != torch.float32 else 0)
+    assert rel_err(out, ref) < tol
+
+
+@pytest.mark.parametrize("plan,D,dtype", [("wgmma_pp_ov_qp_mi_ps", 64, torch.bfloat16),
+                                          ("wgmma_pp_ov_qp_mi_ps", 128, torch.float16),
+                                          ("wgmma3_pp_ov_qp_mi_ps", 64, torch.float16)])
+def test_prefill_merged_items_refused_where_not_built(monkeypatch, plan, D, dtype):
+    """_mi is built for wgmma3 at head dim 64 and wgmma at head dim 128, bf16: elsewhere a clear
+    error, not a silent other plan."""
+    _skip_unless_wgmma(plan)
+    monkeypatch.setenv("OPPO_PREFILL_PLAN", plan)
+    with pytest.raises(RuntimeError, match="_mi plans are built for"):
+        _prefill_case(8, 2, D, 16, [10], [20], dtype, torch.float32)
+
+
+WGMMA3_PLANS = ["wgmma3_pp_ov", "wgmma3_pp_ov_ps", "wgmma3_ov_ps", "wgmma3", "wgmma3_pp_ov_qp_ps", "wgmma3_pp_ov_qp_xc_ps",
+                "wgmma3_pp_ov_qp_mi_ps"]
 
 
 @pytest.mark.parametrize("shape", [s for s in PREFILL_SHAPES if s[2] == 64])
@@ -954,7 +989,8 @@ def test_prefill_wgmma3_matches_reference(monkeypatch, plan, shape):
     assert rel_err(out, ref) < TOL_F32_OUT[torch.bfloat16]
 
 
-@pytest.mark.parametrize("plan", WGMMA3_PLANS[:3] + ["wgmma3_pp_ov_qp_ps", "wgmma3_pp_ov_qp_xc_ps", "wgmma3_pp_ov_kv_xc_ps"])
+@pytest.mark.parametrize("plan", WGMMA3_PLANS[:3] + ["wgmma3_pp_ov_qp_ps", "wgmma3_pp_ov_qp_xc_ps", "wgmma3_pp_ov_kv_xc_ps",
+                                                   "wgmma3_pp_ov_qp_mi_ps", "wgmma3_pp_ov_kv_mi_ps", "wgmma3_ov_mi_ps"])
 def test_prefill_wgmma3_persistent_many_items_and_native_output(monkeypatch, plan):
     """More items than SMs (persistent CTAs take several), ragged chunks, bf16 output; the plans
     with two or three warpgroups in ping-pong, and the auto plan at D=64 (with the Q prefetch)."""
@@ -968,7 +1004,7 @@ def test_prefill_wgmma3_persistent_many_items_and_native_output(monkeypatch, pla
     assert rel_err(out, ref) < rel_err(ref.to(torch.bfloat16), ref) + TOL_F32_OUT[torch.bfloat16]
 
 
-@pytest.mark.parametrize("plan", ["wgmma_pp_ov", "wgmma_pp_ov_ps", "wgmma3_pp_ov_ps"])
+@pytest.mark.parametrize("plan", ["wgmma_pp_ov", "wgmma_pp_ov_ps", "wgmma3_pp_ov_ps", "wgmma3_pp_ov_qp_mi_ps"])
 def test_prefill_item_stamps_cover_every_item_and_change_nothing(monkeypatch, plan):
     """prefill_item_stamps: every work item of the wgmma kernel (row tile, kv head, sequence, in the
     launcher's order; one CTA each or persistent CTAs) writes its row with its key-tile count as

@@ -16,6 +16,10 @@ producer commits K(g) and V(g) as two cp.async groups and publishes each one gro
 always in flight); here the groups land in any order (a lander coroutine), and
 ``cp.async.wait_group n`` waits until all but the newest n groups have landed, so publishing a
 group before it landed is caught too.
+
+kFlagChain (plans ``_xc``) runs the ring of turns on across a persistent CTA's items; kFlagMerge
+(plans ``_mi``) also issues each item's last P V in one batch with the next item's first Q K^T
+(the next item's Q staged by each warpgroup into its own rows, which only its own barrier guards).
 """
 from __future__ import annotations
 
@@ -81,7 +85,8 @@ def _turns(named: dict, pingpong: bool, cw: int, name: str, nc: int = 2):
     return begin, end
 
 
-def programs(items: list[int], kS: int, pingpong: bool, log: list, nc: int = 2, chain: bool | str = False):
+def programs(items: list[int], kS: int, pingpong: bool, log: list, nc: int = 2, chain: bool | str = False,
+             merge: bool | str = False):
     """Generators for the producer and the two consumer warpgroups of a CTA that works through
     ``items`` (each a number of key tiles; one item, or several for the persistent plan), the
     ring of stages running on across items; each yields a predicate (callable) it waits on, or
@@ -134,14 +139,16 @@ def programs(items: list[int], kS: int, pingpong: bool, log: list, nc: int = 2, 
 
         gbase = 0
         for idx, n_tiles in enumerate(items):
-            yield None                 # the Q load of the item (named barrier of this warpgroup)
-            if pingpong and cw == nc - 1 and (chain is not True or idx == 0):   # kFlagChain: only the first kick
-                named[_pp_base(nc)].arrive(name)
-            yield lambda g0=gbase: full[g0 % kS].ready((g0 // kS) & 1)
-            yield from begin()
-            read(gbase % kS, gbase)    # Q K^T of tile 0
-            end(False)
-            yield None                 # softmax
+            last_item = idx == len(items) - 1
+            if not (merge and idx > 0):    # kFlagMerge: tile 0 was issued with the last item's final P V
+                yield None                 # the Q load of the item (named barrier of this warpgroup)
+                if pingpong and cw == nc - 1 and (chain is not True or idx == 0):   # kFlagChain: only the first kick
+                    named[_pp_base(nc)].arrive(name)
+                yield lambda g0=gbase: full[g0 % kS].ready((g0 // kS) & 1)
+                yield from begin()
+                read(gbase % kS, gbase)    # Q K^T of tile 0
+                end(False)
+                yield None                 # softmax
             for it in range(1, n_tiles):
                 gi = gbase + it
                 s, sp = gi % kS, (gi - 1) % kS
@@ -154,9 +161,22 @@ def programs(items: list[int], kS: int, pingpong: bool, log: list, nc: int = 2, 
                 release(sp)
                 yield None
             gl = gbase + n_tiles - 1
+            if merge and not last_item:    # the next item's Q staged (cp.async, own rows); its tile 0
+                g0 = gl + 1                # with this item's last P V in one batch
+                yield None
+                yield lambda g0=g0: full[g0 % kS].ready((g0 // kS) & 1)
+                yield from begin()
+                read(g0 % kS, g0)
+                read(gl % kS, gl)
+                end(merge == "no-handover")    # (a mutation for the negative test)
+                yield None                 # S of g0, the next item's first softmax, then P V done
+                release(gl % kS)
+                yield None                 # this item's epilogue
+                gbase += n_tiles
+                continue
             yield from begin()
             read(gl % kS, gl)
-            end(not (chain and idx < len(items) - 1))   # kFlagChain: the next item's kick
+            end(not ((chain or merge) and not last_item))   # kFlagChain: the next item's kick
             yield None
             release(gl % kS)
             gbase += n_tiles
@@ -166,7 +186,8 @@ def programs(items: list[int], kS: int, pingpong: bool, log: list, nc: int = 2, 
 
 
 def programs_split(items: list[int], kS: int, pingpong: bool, log: list, rng: random.Random,
-                   v_wait: int = 2, skip_v_wait: str = "", k_wait: int = 2, nc: int = 2, chain: bool | str = False):
+                   v_wait: int = 2, skip_v_wait: str = "", k_wait: int = 2, nc: int = 2, chain: bool | str = False,
+                   merge: bool | str = False):
     """kFlagSplitKV: fullK/emptyK (the kernel's full/empty) and fullV/emptyV per stage.
     Producer, per tile g (slot s = g % kS), each group published one group behind: wait emptyK[s],
     issue and commit K(g), wait_group 2, publish K(g-1); wait emptyV[s], issue and commit V(g),
@@ -250,16 +271,18 @@ def programs_split(items: list[int], kS: int, pingpong: bool, log: list, rng: ra
 
         gbase = 0
         for idx, n_tiles in enumerate(items):
-            yield None                 # the Q load of the item
-            if pingpong and cw == nc - 1 and (chain is not True or idx == 0):
-                named[_pp_base(nc)].arrive(name)
-            yield lambda g0=gbase: fullK[g0 % kS].ready((g0 // kS) & 1)
-            yield from begin()
-            read("K", gbase)           # Q K^T of tile 0
-            end(False)
-            yield None                 # S waited on
-            release("K", gbase)
-            yield None                 # softmax
+            last_item = idx == len(items) - 1
+            if not (merge and idx > 0):
+                yield None                 # the Q load of the item
+                if pingpong and cw == nc - 1 and (chain is not True or idx == 0):
+                    named[_pp_base(nc)].arrive(name)
+                yield lambda g0=gbase: fullK[g0 % kS].ready((g0 // kS) & 1)
+                yield from begin()
+                read("K", gbase)           # Q K^T of tile 0
+                end(False)
+                yield None                 # S waited on
+                release("K", gbase)
+                yield None                 # softmax
             for it in range(1, n_tiles):
                 gi = gbase + it
                 yield lambda gi=gi: fullK[gi % kS].ready((gi // kS) & 1)
@@ -275,11 +298,28 @@ def programs_split(items: list[int], kS: int, pingpong: bool, log: list, rng: ra
                 release("V", gi - 1)
                 yield None
             gl = gbase + n_tiles - 1
+            if merge and not last_item:    # K of the next item's tile 0 and V of this item's last
+                g0 = gl + 1
+                yield None                 # the next item's Q staged
+                yield lambda g0=g0: fullK[g0 % kS].ready((g0 // kS) & 1)
+                if skip_v_wait != "last":
+                    yield lambda gl=gl: fullV[gl % kS].ready((gl // kS) & 1)
+                yield from begin()
+                read("K", g0)
+                read("V", gl)
+                end(merge == "no-handover")
+                yield None                 # S of g0 waited on
+                release("K", g0)
+                yield None                 # softmax, P V waited on
+                release("V", gl)
+                yield None                 # this item's epilogue
+                gbase += n_tiles
+                continue
             if skip_v_wait != "last":
                 yield lambda gl=gl: fullV[gl % kS].ready((gl // kS) & 1)
             yield from begin()
             read("V", gl)
-            end(not (chain and idx < len(items) - 1))
+            end(not ((chain or merge) and not last_item))
             yield None
             release("V", gl)
             gbase += n_tiles
@@ -289,13 +329,14 @@ def programs_split(items: list[int], kS: int, pingpong: bool, log: list, rng: ra
 
 
 def run(items, kS: int, pingpong: bool, seed: int, split: bool = False, nc: int = 2, chain: bool | str = False,
-        **kw) -> list:
+        merge: bool | str = False, **kw) -> list:
     log: list = []
     items = [items] if isinstance(items, int) else list(items)
     if split:
-        progs, named = programs_split(items, kS, pingpong, log, random.Random(seed + 7919), nc=nc, chain=chain, **kw)
+        progs, named = programs_split(items, kS, pingpong, log, random.Random(seed + 7919), nc=nc, chain=chain,
+                                      merge=merge, **kw)
     else:
-        progs, named = programs(items, kS, pingpong, log, nc=nc, chain=chain)
+        progs, named = programs(items, kS, pingpong, log, nc=nc, chain=chain, merge=merge)
     waiting = [None] * len(progs)
     alive = set(range(len(progs)))
     rng = random.Random(seed)
@@ -463,3 +504,26 @@ def test_chained_turns_catch_a_kick_left_in():
         for seed in range(10):
             with pytest.raises(AssertionError):
                 run([3, 2, 4], 4, True, seed, split=split, nc=3, chain="both")
+
+
+# ------------------------------------------------------------------ kFlagMerge (plans _mi)
+@pytest.mark.parametrize("split", [False, True])
+@pytest.mark.parametrize("pingpong", [False, True])
+@pytest.mark.parametrize("nc,kS", [(2, 3), (2, 4), (3, 4)])
+@pytest.mark.parametrize("items", [[1], [4], [1, 1, 1], [3, 1, 5], [2, 7, 1, 4, 2], [9, 9]])
+def test_merged_items_finish_without_races(items, nc, kS, pingpong, split):
+    """_mi: a CTA's items as one stream of batches (each item's last P V issued with the next
+    item's first Q K^T; the first kick only, the last warpgroup's arrive skipped only at the very
+    end): every phase completes, no stage is read stale or overwritten early."""
+    for seed in range(15):
+        log = run(items, kS, pingpong, seed, split=split, nc=nc, merge=True)
+        assert sorted(log) == ["producer done"] + [f"wg{c} done" for c in range(nc)]
+
+
+def test_merged_items_catch_a_turn_not_handed_on():
+    """Not vacuous: a merged batch that skips its hand-over like an item's final P V (the last
+    warpgroup's arrive left out at every item's end, a wrong kernel) stalls the ring."""
+    for split in (False, True):
+        for seed in range(5):
+            with pytest.raises(AssertionError, match="deadlock"):
+                run([3, 2, 4], 4, True, seed, split=split, nc=3, merge="no-handover")
