@@ -382,7 +382,12 @@ SplitScratch split_scratch(const std::optional<at::Tensor>& workspace, const Dec
   SplitScratch r;
   if (counters > 0 && !tickets_forced_memset()) r.tickets = ticket_counters(sh.dev, stream, counters);
   const int64_t in_ws = counters > 0 && r.tickets == nullptr ? counters : 0;
-  r.ws_o = take_workspace(workspace, workspace_floats(sh, D, num_splits, 0) + in_ws, q, holder);
+  // A caller's workspace must hold what paged_decode_workspace_size reports, the counters' room
+  // included wherever this launch takes its tickets from (the size is the contract; the Python
+  // side checks the same); one allocated here holds what this launch uses.
+  const int64_t partials = workspace_floats(sh, D, num_splits, 0);
+  const bool given = workspace.has_value() && workspace->defined();
+  r.ws_o = take_workspace(workspace, partials + (given ? counters : in_ws), q, holder);
   const int64_t n = num_splits > 1 ? static_cast<int64_t>(sh.B) * sh.Hq * num_splits : 0;
   if (r.ws_o != nullptr) r.ws_lse = r.ws_o + n * D;
   if (in_ws > 0) {
