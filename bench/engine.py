@@ -100,14 +100,15 @@ def kernel_profile(eng, B, path: str, iters=10) -> dict:
 
 def ours(model, prompts, new, B, async_decode=True, host_profile: str | None = None,
          kernel_profile_path: str | None = None, graph_sampling: bool = False, gemm_fusion: bool = False,
-         env: dict[str, str] | None = None):
+         env: dict[str, str] | None = None, max_partition: int | None = None):
     """One timed generate (a fresh engine: its decode graphs are captured in its warm-up), with
     OPPO_DECODE_GEMM_FUSION and the variables ``env`` set for it (the launchers read them when the
-    graphs are captured)."""
+    graphs are captured); ``max_partition``: EngineConfig.decode_max_partition (None: its default)."""
     with contextlib.ExitStack() as stack:
         for k, v in {"OPPO_DECODE_GEMM_FUSION": "1" if gemm_fusion else "0", **(env or {})}.items():
             stack.enter_context(env_var(k, v))
-        return _ours(model, prompts, new, B, async_decode, host_profile, kernel_profile_path, graph_sampling)
+        return _ours(model, prompts, new, B, async_decode, host_profile, kernel_profile_path, graph_sampling,
+                     max_partition)
 
 
 def parse_decode_env(specs: list[str]) -> dict[str, dict[str, str]]:
@@ -123,14 +124,16 @@ def parse_decode_env(specs: list[str]) -> dict[str, dict[str, str]]:
     return out
 
 
-def _ours(model, prompts, new, B, async_decode, host_profile, kernel_profile_path, graph_sampling):
+def _ours(model, prompts, new, B, async_decode, host_profile, kernel_profile_path, graph_sampling,
+          max_partition=None):
     g = KVGeometry(*model.kv_geometry(), torch.bfloat16)
     pb = PagePool.page_bytes_for([g], 16)
     ctx = len(prompts[0]) + new
     pool = PagePool(B * (-(-ctx // 16)) + 64, pb, "cuda")
+    cap = {} if max_partition is None else {"decode_max_partition": max_partition}
     eng = ActorEngine(model, pool, EngineConfig(max_num_seqs=B, max_num_batched_tokens=16384, seed=0,
                                                  max_model_len=ctx + 16, async_decode=async_decode,
-                                                 graph_sampling=graph_sampling))
+                                                 graph_sampling=graph_sampling, **cap))
     sp = SamplingParams(temperature=1.0, max_new_tokens=new)
     eng.generate(prompts, sp, target_lens=[8] * B)           # warm-up: graph capture for batch B
     eng.reset_stats()
@@ -234,6 +237,9 @@ def main():
     ap.add_argument("--decode-env", action="append", default=[],
                     help="an A/B variant of the decode kernels' switches, one more timed generate (columns "
                          "<name>_step_ms, <name>_gpu_ms, ...), e.g. pdl:OPPO_DECODE_PDL=1; repeat for more")
+    ap.add_argument("--caps", default="",
+                    help="comma-separated EngineConfig.decode_max_partition values (0: no cap), one more timed "
+                         "generate each (columns cap<N>_step_ms, ...; the default cap is EngineConfig's)")
     ap.add_argument("--batches", default="64,256",
                     help="comma-separated batch sizes (1 and 8: the decode tail of a long-tailed rollout)")
     ap.add_argument("--hf-min-batch", type=int, default=64, help="time HF generate only from this batch up")
@@ -277,6 +283,10 @@ def main():
                 v = variant(name, env=env)
                 if v is not None:
                     r[f"{name}_gpu_speedup"] = r["gpu_ms"] / v["gpu_ms"]
+            for c in (int(x) for x in args.caps.split(",") if x.strip()):   # A/B: the decode split cap
+                v = variant(f"cap{c}", max_partition=c)
+                if v is not None:
+                    r[f"cap{c}_gpu_speedup"] = r["gpu_ms"] / v["gpu_ms"]
             if args.graph_sampling:          # A/B: the LM head and sampler inside the decode graph
                 variant("gs", graph_sampling=True)
             if args.gemm_fusion:             # A/B: norm+QKV+rotary and norm+gate_up+silu as one kernel each
@@ -318,9 +328,10 @@ def main():
                        ("gf_gpu_ms", "gemm-fused device ms", ".2f"), ("gf_gpu_speedup", "x unfused device", ".2f"),
                        ("gf_step_ms", "gemm-fused step ms", ".2f"), ("gf_kernels_per_step", "its kernels", ".0f"),
                        ("gsgf_step_ms", "both step ms", ".2f"), ("gsgf_step_speedup", "x default step", ".2f"),
-                       *[c for n in decode_env for c in ((f"{n}_step_ms", f"{n} step ms", ".2f"),
-                                                         (f"{n}_gpu_ms", f"{n} device ms", ".2f"),
-                                                         (f"{n}_gpu_speedup", f"{n} x device", ".2f"))]])
+                       *[c for n in [*decode_env, *(f"cap{int(x)}" for x in args.caps.split(",") if x.strip())]
+                         for c in ((f"{n}_step_ms", f"{n} step ms", ".2f"),
+                                   (f"{n}_gpu_ms", f"{n} device ms", ".2f"),
+                                   (f"{n}_gpu_speedup", f"{n} x device", ".2f"))]])
     summary = {
         "speedup_vs_hf_generate": min((r["speedup_vs_hf"] for r in rows if r["speedup_vs_hf"] is not None),
                                       default=None),
