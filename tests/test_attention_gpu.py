@@ -923,6 +923,17 @@ def test_prefill_wgmma_graph_replay_and_many_tiles(monkeypatch, plan):
         assert rel_err(out[:n], ref) < 2e-3, (chunks, prefixes)
 
 
+def _many_items_case(Hq: int, D: int, out_dtype):
+    """A bf16 batch with more (row tile, kv head, sequence) items than twice the SMs (persistent
+    CTAs take several), 2 kv heads, ragged chunks (300, 1, 129, 64: items of one key tile, items
+    past short chunks) after prefixes not multiples of the page: (out, fp32 reference)."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    B = 2 * sms // 8 + 3                        # items = m_tiles * 2 kv heads * B > 2 x SMs
+    prefixes = [(37 * b) % 700 for b in range(B)]
+    chunks = [[300, 1, 129, 64][b % 4] for b in range(B)]
+    return _prefill_case(Hq, 2, D, 16, prefixes, chunks, torch.bfloat16, out_dtype)
+
+
 @pytest.mark.parametrize("plan", ["wgmma_pp_ov_ps", "wgmma_pp_ov_kv_ps", "wgmma_pp_ov_qp_ps", "wgmma_pp_ov_qp_xc_ps",
                                   "wgmma_pp_ov_kv_xc_ps"])
 def test_prefill_wgmma_persistent_many_items_per_cta(monkeypatch, plan):
@@ -931,11 +942,7 @@ def test_prefill_wgmma_persistent_many_items_per_cta(monkeypatch, plan):
     (with _kv: the K and V rings)."""
     _skip_unless_wgmma(plan)
     monkeypatch.setenv("OPPO_PREFILL_PLAN", plan)
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    B = 2 * sms // 8 + 3                        # items = m_tiles * 2 kv heads * B > 2 x SMs
-    prefixes = [(37 * b) % 700 for b in range(B)]
-    chunks = [[300, 1, 129, 64][b % 4] for b in range(B)]
-    out, ref = _prefill_case(8, 2, 64, 16, prefixes, chunks, torch.bfloat16, torch.float32)
+    out, ref = _many_items_case(8, 64, torch.float32)
     assert rel_err(out, ref) < 2e-3
 
 
@@ -952,11 +959,7 @@ def test_prefill_merged_items_head_dim_128(monkeypatch, plan, out_dtype):
     split K/V rings."""
     _skip_unless_wgmma(plan)
     monkeypatch.setenv("OPPO_PREFILL_PLAN", plan)
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    B = 2 * sms // 8 + 3
-    prefixes = [(37 * b) % 700 for b in range(B)]
-    chunks = [[300, 1, 129, 64][b % 4] for b in range(B)]
-    out, ref = _prefill_case(8, 2, 128, 16, prefixes, chunks, torch.bfloat16, out_dtype)
+    out, ref = _many_items_case(8, 128, out_dtype)
     tol = TOL_F32_OUT[torch.bfloat16] + (rel_err(ref.to(out_dtype), ref) if out_dtype != torch.float32 else 0)
     assert rel_err(out, ref) < tol
 
@@ -996,11 +999,7 @@ def test_prefill_wgmma3_persistent_many_items_and_native_output(monkeypatch, pla
     with two or three warpgroups in ping-pong, and the auto plan at D=64 (with the Q prefetch)."""
     _skip_unless_wgmma(plan)
     monkeypatch.setenv("OPPO_PREFILL_PLAN", plan)
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    B = 2 * sms // 8 + 3
-    prefixes = [(37 * b) % 700 for b in range(B)]
-    chunks = [[300, 1, 129, 64][b % 4] for b in range(B)]
-    out, ref = _prefill_case(14, 2, 64, 16, prefixes, chunks, torch.bfloat16, torch.bfloat16)
+    out, ref = _many_items_case(14, 64, torch.bfloat16)
     assert rel_err(out, ref) < rel_err(ref.to(torch.bfloat16), ref) + TOL_F32_OUT[torch.bfloat16]
 
 
