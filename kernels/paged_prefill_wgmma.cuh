@@ -71,9 +71,10 @@ constexpr int kFlagChain = 32;
 // following tile's Q K^T within an item), instead of alone and followed by a Q K^T alone: one
 // ring turn fewer per item, and the first tile's softmax no longer runs with nothing under it.
 // Each warpgroup stages the next item's Q rows (cp.async into its own rows of the one Q buffer)
-// once its last Q K^T of the item is waited on, under that tile's softmax; the item's epilogue
-// runs after the merged batch's P V, under the next item's first softmax. The turns then run on
-// across items as with kFlagChain (implied).
+// at the end of the item's last tile (its last Q K^T waited on), landed before the merged batch;
+// O and that tile's P are normalized first, so the merged batch's P V leaves O finished and the
+// item's rows are stored after the next item's first softmax. The turns run on across items as
+// with kFlagChain (implied). Measured equal to kFlagChain (session 19, bench/NOTES.md).
 constexpr int kFlagMerge = 64;
 
 template <int D, int NC = 2>
@@ -581,8 +582,8 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
   };
 
   // Q rows of this warpgroup (64 of item J's) -> its rows of the Q buffer (swizzled), zeros for
-  // rows past the chunk; by loads and stores, or (kFlagMerge, under a softmax) by cp.async, landed
-  // by q_landed. The rows are free: this warpgroup's Q K^T of the previous item were waited on
+  // rows past the chunk; by loads and stores, or (kFlagMerge, at the end of an item's last tile) by
+  // cp.async, landed by q_landed. The rows are free: this warpgroup's Q K^T of the previous item were waited on
   // (the fence orders those async-proxy reads before these writes).
   constexpr int kQPer = 64 * C::kChunks / 128;
   auto q_src = [&](const Item& J, int i, bool& in) -> const T* {
