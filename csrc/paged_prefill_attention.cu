@@ -19,9 +19,10 @@
 //                   persistent CTA's items, the next item's first Q K^T issued while the last
 //                   warpgroup finishes the item (a flag, kFlagChain), e.g. wgmma3_pp_ov_qp_xc_ps;
 //                   "_mi" before "_ps": a persistent CTA's items as one stream of batches, each
-//                   item's last P V issued with the next item's first Q K^T and the next item's Q
-//                   staged under the last softmax (a flag, kFlagMerge; chains the turns as _xc),
-//                   e.g. wgmma3_pp_ov_qp_mi_ps;
+//                   item's last P V issued with the next item's first Q K^T, the next item's Q
+//                   staged at the end of the item's last tile (kFlagMerge, its own kernel
+//                   instantiation; chains the turns as _xc; bf16, wgmma3 at head dim 64 and wgmma
+//                   at 128), e.g. wgmma3_pp_ov_qp_mi_ps; measured equal to _xc (session 19);
 //                   the wgmma plans are an error on other devices or without sm_90a code;
 //   wgmma3...       any of the above with three consumer warpgroups (192-row items, 512 threads,
 //                   setmaxnreg 32/160), e.g. wgmma3_pp_ov_ps: head dim 64 and bf16 only (the

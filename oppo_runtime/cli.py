@@ -85,7 +85,7 @@ _SWITCHES = (
     ("OPPO_DECODE_V5_MAX_PART", "512 (v5: tokens per work item, at most)"),
     ("OPPO_PREFILL_PLAN", "auto (on sm_90a wgmma_pp_ov_qp_xc_ps at D=128, wgmma3_pp_ov_qp_xc_ps at D=64 bf16, else mma; wgmma[3][_pp][_ov][_kv][_qp][_xc][_mi][_ps]: the sm_90a plans, wgmma3 D=64 bf16)"),
     ("OPPO_PREFILL_WGMMA_OFF", "none (a comma list of wgmma plans, or all, that tests and benches skip)"),
-    ("OPPO_DECODE_TICKETS", "pool (memset: v4/v5's counters in the per-call workspace)"),
+    ("OPPO_DECODE_TICKETS", "pool (memset: v4/v5/v7's counters in the per-call workspace)"),
     ("OPPO_DECODE_PDL", "0 (1: the decode split kernel and its reduction with programmatic dependent launch)"),
     ("OPPO_DECODE_PREFETCH", "1 (0|1|2: the decode split kernel also prefetches the next 0, 1 or 2 tiles' rows into L2)"),
     ("OPPO_FUSE_KV_APPEND", "1 (K/V append inside the rotary kernel)"),

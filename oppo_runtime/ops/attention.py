@@ -468,8 +468,9 @@ _TRITON_PREFERRED: dict[int, bool] = {}
 
 
 def prefill_plan_head_dims(plan: str) -> tuple[int, ...]:
-    """The head dims a CUDA prefill wgmma plan is built for (bf16; the launcher refuses the others):
-    the three-warpgroup plans (``wgmma3...``) 64, the other ``_mi`` plans 128, the rest both."""
+    """The head dims a CUDA prefill wgmma plan is built for (the launcher refuses the others): the
+    three-warpgroup plans (``wgmma3...``) 64 and the other ``_mi`` plans 128, both bf16 only; the
+    rest 64 and 128, bf16 and fp16."""
     if plan.startswith("wgmma3"):
         return (64,)
     if "_mi" in plan.split("_ps")[0]:
