@@ -23,6 +23,10 @@
 //                   staged at the end of the item's last tile (kFlagMerge, its own kernel
 //                   instantiation; chains the turns as _xc; bf16, wgmma3 at head dim 64 and wgmma
 //                   at 128), e.g. wgmma3_pp_ov_qp_mi_ps; measured equal to _xc (session 19);
+//                   "_ks" before "_ps" (wgmma3 only, not with _mi or _kv): an item whose rows all
+//                   fall in the first warpgroup's 64 has its key tiles split across the three
+//                   warpgroups and merged at the end (kFlagKeySplit, its own instantiation), e.g.
+//                   wgmma3_pp_ov_qp_xc_ks_ps;
 //                   the wgmma plans are an error on other devices or without sm_90a code;
 //   wgmma3...       any of the above with three consumer warpgroups (192-row items, 512 threads,
 //                   setmaxnreg 32/160), e.g. wgmma3_pp_ov_ps: head dim 64 and bf16 only (the
@@ -61,7 +65,7 @@ int sm_count(int dev) {
   return sms[dev & 63];
 }
 
-template <typename T, int D, bool kWgmma, int NC = 2, bool kMerge = false>   // one instantiation per kernel: attr_set below is its own
+template <typename T, int D, bool kWgmma, int NC = 2, bool kMerge = false, bool kKeySplit = false>   // one instantiation per kernel: attr_set below is its own
 void launch_kernel(PrefillKernel<T> kernel, int rows_per_cta, int threads, int smem, int flags, Grid grid_kind,
                    at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                    const at::Tensor& cu_seqlens_q, const at::Tensor& context_lens, const at::Tensor& block_tables,
@@ -178,6 +182,10 @@ int prefill_plan(const at::Tensor& q) {
     flags |= kPersistent;
     name.resize(name.size() - 3);
   }
+  if (name.size() > 3 && name.compare(name.size() - 3, 3, "_ks") == 0) {
+    flags |= oppo::attn::wgp::kFlagKeySplit;
+    name.resize(name.size() - 3);
+  }
   if (name.size() > 3 && name.compare(name.size() - 3, 3, "_mi") == 0) {
     flags |= oppo::attn::wgp::kFlagMerge;
     name.resize(name.size() - 3);
@@ -197,7 +205,7 @@ int prefill_plan(const at::Tensor& q) {
   if (name == "wgmma_pp") flags |= oppo::attn::wgp::kFlagPingPong;
   else if (name == "wgmma_ov") flags |= oppo::attn::wgp::kFlagOverlap;
   else if (name == "wgmma_pp_ov") flags |= oppo::attn::wgp::kFlagPingPong | oppo::attn::wgp::kFlagOverlap;
-  else OPPO_CHECK(name == "wgmma", "OPPO_PREFILL_PLAN must be auto, mma or wgmma[3][_pp][_ov][_kv][_qp][_xc][_mi][_ps] (e.g. wgmma_pp_ov_kv_ps), got '",
+  else OPPO_CHECK(name == "wgmma", "OPPO_PREFILL_PLAN must be auto, mma or wgmma[3][_pp][_ov][_kv][_qp][_xc][_mi][_ks][_ps] (e.g. wgmma_pp_ov_kv_ps), got '",
                   e, "'");
   OPPO_CHECK(!(flags & oppo::attn::wgp::kFlagChain) || (flags & oppo::attn::wgp::kFlagPingPong), "OPPO_PREFILL_PLAN=", e,
              ": _xc chains the ping-pong turns across items, so it needs _pp");
@@ -205,6 +213,11 @@ int prefill_plan(const at::Tensor& q) {
              ((q.size(2) == 64 && (flags & kThreeWG)) || (q.size(2) == 128 && !(flags & kThreeWG)))),
              "OPPO_PREFILL_PLAN=", e, ": the _mi plans are built for wgmma3 at head dim 64 and wgmma at head dim 128, ",
              "in bf16 only; got head dim ", q.size(2), " and ", q.scalar_type());
+  OPPO_CHECK(!(flags & oppo::attn::wgp::kFlagKeySplit) ||
+             ((flags & kThreeWG) && q.size(2) == 64 && q.scalar_type() == at::kBFloat16 &&
+              !(flags & (oppo::attn::wgp::kFlagMerge | oppo::attn::wgp::kFlagSplitKV))),
+             "OPPO_PREFILL_PLAN=", e, ": the _ks plans are built for wgmma3 at head dim 64 in bf16, without _mi and _kv; ",
+             "got head dim ", q.size(2), " and ", q.scalar_type());
   OPPO_CHECK(!(flags & kThreeWG) || (q.size(2) == 64 && q.scalar_type() == at::kBFloat16),
              "OPPO_PREFILL_PLAN=", e, ": the three-warpgroup plans are built for head dim 64 and bf16 only, got head dim ",
              q.size(2), " and ", q.scalar_type());
@@ -249,6 +262,14 @@ void launch(int plan, at::Tensor& out, const at::Tensor& q, const at::Tensor& k_
       }
     }
     if constexpr (D == 64 && std::is_same_v<T, __nv_bfloat16>) {
+      if (plan & wgp::kFlagKeySplit) {   // _ks: its own instantiation (prefill_plan checked the rest)
+        using G3 = wgp::Geo<3>;
+        launch_kernel<T, D, true, 3, false, true>(wgp::paged_prefill_wgmma_kernel<T, D, 3, false, true>, G3::kBM,
+                                                  G3::kThreads, wgp::Cfg<D, 3>::kSmem, flags, grid, out, q, k_cache,
+                                                  v_cache, cu_seqlens_q, context_lens, block_tables, scale,
+                                                  max_seqlen_q);
+        return;
+      }
       if (plan & kThreeWG) {   // prefill_plan checked head dim and dtype
         using G3 = wgp::Geo<3>;
         launch_kernel<T, D, true, 3>(wgp::paged_prefill_wgmma_kernel<T, D, 3>, G3::kBM, G3::kThreads,

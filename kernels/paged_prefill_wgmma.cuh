@@ -76,6 +76,16 @@ constexpr int kFlagChain = 32;
 // item's rows are stored after the next item's first softmax. The turns run on across items as
 // with kFlagChain (implied). Measured equal to kFlagChain (session 19, bench/NOTES.md).
 constexpr int kFlagMerge = 64;
+// kFlagKeySplit (plans wgmma3..._ks, its own instantiation): an item whose valid rows all fall in
+// warpgroup 0's 64 (the remainder of a (sequence, kv head) whose rows are not a multiple of 192,
+// e.g. G = 7 and a 256-token chunk: 1792 rows = 9 items of 192 + 64) costs a full item: each
+// warpgroup's tile chain is latency-bound, so the two idle warpgroups do not make warpgroup 0's
+// any faster. With this flag such an item's key tiles are split across the warpgroups instead
+// (warpgroup k takes tiles k, k + NC, ...; each reads warpgroup 0's Q rows and keeps its own O, m
+// and l for them), and warpgroup 0 merges the three partial results through shared memory: the
+// item takes about 1/NC of its time. The turns stay in their ring (a warpgroup without a tile for
+// a turn takes it empty), and a warpgroup arrives on the stages of the tiles it does not read.
+constexpr int kFlagKeySplit = 128;
 
 template <int D, int NC = 2>
 struct Cfg {
@@ -98,7 +108,12 @@ struct Cfg {
   static constexpr int kTileBytes = kBN * D * 2;    // one K or V tile
   static constexpr int kStageBytes = 2 * kTileBytes;
   // barriers: full/empty per stage, and with kFlagSplitKV fullV/emptyV (full/empty are then K's)
-  static constexpr int kSmem = 1024 /*alignment slack*/ + kQBytes + kStages * kStageBytes + 4 * kStages * 8;
+  // kFlagKeySplit (NC = 3): warpgroups 1 and 2 hand their partial O (D / 2 floats per thread) and
+  // m, l (2 + 2) to warpgroup 0 through shared memory after the barriers
+  static constexpr int kKsOffset = kQBytes + kStages * kStageBytes + 4 * kStages * 8;
+  static constexpr int kKsFloats = D / 2 + 4;
+  static constexpr int kKsBytes = NC == 3 ? (NC - 1) * 128 * kKsFloats * 4 : 0;
+  static constexpr int kSmem = 1024 /*alignment slack*/ + kKsOffset + kKsBytes;
   static_assert(kSmem <= 232448, "a CTA may have 227 KB of shared memory");
 };
 
@@ -196,7 +211,7 @@ static __constant__ CtaStamps prefill_stamps;
 // kMerge: the kernel of the _mi plans (kFlagMerge): its own instantiation, because its item
 // hand-over costs the three-warpgroup consumers a few registers they do not have (spills), which
 // the plans without it must not pay.
-template <typename T, int D, int NC = 2, bool kMerge = false>
+template <typename T, int D, int NC = 2, bool kMerge = false, bool kKeySplit = false>
 __global__ void __launch_bounds__(Geo<NC>::kThreads, 1)
 paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int64_t o_s1,
                            const T* __restrict__ q, int64_t q_s0, int64_t q_s1,
@@ -463,9 +478,10 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
   const int tw = threadIdx.x - 128 * wg;
   const int warp = tw >> 5, lane = tw & 31, g = lane >> 2, tq = lane & 3;
 
-  const uint32_t q_addr = smem_u32(q_s) + 64 * cw * 128;
+  // this warpgroup's Q rows and its threads' rows (kFlagKeySplit: warpgroup 0's, for a split item)
+  uint32_t q_addr = smem_u32(q_s) + 64 * cw * 128;
   const uint32_t kv_addr = smem_u32(kv_s);
-  const int rA = 64 * cw + 16 * warp + g;   // this thread's two rows: rA and rA + 8 (local to the item)
+  int rA = 64 * cw + 16 * warp + g;   // this thread's two rows: rA and rA + 8 (local to the item)
   const float kNegInf = -INFINITY;
   Item I;                                    // the current item
   int pos[2];                                // query positions of this thread's rows
@@ -674,6 +690,41 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
     }
   };
 
+  // One batch: Q K^T of stage s (S of tile `it`) and P V of stage sp, issued together (two commit
+  // groups); then tile it's softmax (row maxima and sums, P in sacc) and the release of sp. The
+  // caller waited for both stages.
+  auto qk_pv_step = [&](int s, int sp, int it, int n_full, float (&alpha)[2]) {
+    begin_batch();
+    issue_qk(s);  // group 1: S
+    wg_commit();
+    issue_pv(sp);  // group 2: P V
+    wg_commit();
+    if (pingpong) named_arrive(kPP + (cw + 1) % NC, 256);
+    if (overlap) {  // the softmax's first part runs while this warpgroup's P V is on the tensor cores
+      wg_wait<1>();
+      fence_regs(sacc);
+      if (splitkv) mbar_arrive(&empty[s]);  // emptyK: this thread's reads of K(s) are done
+      scores(it, alpha, n_full);
+      // A bare wait_group 0 here is hoisted by ptxas to right after the wait_group 1 (SASS: the
+      // two DEPBARs adjacent, every ex2 after them), which undoes the overlap. A warp-uniform,
+      // always-true condition on the row sums (NaN included) makes the wait depend on the
+      // softmax. The other branch must not fall through: a path that reaches O's reads without
+      // the wait makes ptxas serialize every wgmma of the kernel (C7514; seen with a bare `if`).
+      // SASS with this form (CUDA 13.0): DEPBAR 1, the tile's 66 ex2 (D=128), DEPBAR 0.
+      if (__ballot_sync(0xffffffffu, !(l[0] + l[1] < -1.f))) wg_wait<0>();
+      else __trap();
+      fence_regs(o);
+    } else {
+      wg_wait<0>();
+      fence_regs(sacc);
+      fence_regs(o);
+      if (splitkv) mbar_arrive(&empty[s]);  // emptyK: this thread's reads of K(s) are done
+      scores(it, alpha, n_full);
+    }
+    // this thread's reads of stage sp (kFlagSplitKV: of its V tile) are done
+    mbar_arrive(splitkv ? &emptyV[sp] : &empty[sp]);
+  };
+
   constexpr bool merge = kMerge;  // (the launcher picks this instantiation for kFlagMerge)
   // The end of tile `it` of item I (after its softmax): O rescaled, P packed (finish). With
   // kFlagMerge, at the item's last tile when another item follows: the row sums are final, so O
@@ -710,6 +761,115 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
     }
     return false;
   };
+  // kFlagKeySplit: a turn without MMAs (the ring's order kept), and an item of warpgroup 0's rows
+  // only, its key tiles split across the warpgroups (see kFlagKeySplit)
+  auto empty_turn = [&](bool last) {
+    if (pingpong) {
+      named_sync(kPP + cw, 256);
+      if (!(last && cw == NC - 1)) named_arrive(kPP + (cw + 1) % NC, 256);
+    }
+  };
+  auto key_split_item = [&](int w, bool more) {
+    static_assert(!kKeySplit || (NC == 3 && kS > NC), "key split: three warpgroups, more stages than warpgroups");
+    constexpr int kKsBar = kPP + NC;   // named barrier of the consumer warpgroups (128 NC threads)
+    if (cw == 0 && tw == 0) stamp_start(prefill_stamps, w);
+    q_addr = smem_u32(q_s);            // warpgroup 0's Q rows and row positions, for every warpgroup
+    rA = 16 * warp + g;
+    if (cw == 0) stage_q(I);
+    named_sync(kKsBar, 128 * NC);      // (its writes fenced for the async proxy by stage_q)
+    start_rows();
+    zero_o();
+    if (pingpong && cw == NC - 1 && (!chain || first_item)) named_arrive(kPP, 256);  // warpgroup 0's turn
+    first_item = false;
+    const int n = I.n_tiles;
+    const int nk = n > cw ? (n - cw + NC - 1) / NC : 0;  // this warpgroup's tiles: cw, cw + NC, ...
+    const int turns = (n + NC - 1) / NC;                  // every warpgroup's (the ring's order)
+    // A ring position this warpgroup does not read still needs its arrival on the stage's empty
+    // barrier, once per phase: after that position's full barrier (its phase is the current one).
+    // Positions are passed in order, each before this warpgroup's next own tile. Each own tile's
+    // P V is issued and waited on in its own turn, right after the softmax (not with the next own
+    // tile's Q K^T): the 4-stage producer publishes a tile only once it has issued the next one, so
+    // the wait for own tile t needs position t - 3, this warpgroup's previous tile, released first
+    // (the protocol simulation deadlocks otherwise).
+    int passed = 0;
+    auto pass_to = [&](int p_end) {
+      for (; passed < p_end; ++passed) {
+        if (passed % NC == cw) continue;
+        const int gp = gbase + passed;
+        mbar_wait(&full[gp % kS], (gp / kS) & 1);
+        mbar_arrive(&empty[gp % kS]);
+      }
+    };
+    for (int j = 0; j < turns; ++j) {
+      const bool last = j == turns - 1 && !more;  // the CTA's last turn: the last warpgroup hands on nothing
+      if (j < nk) {
+        const int t = cw + NC * j;
+        pass_to(t);
+        passed = t + 1;
+        const int gt = gbase + t;
+        mbar_wait(&full[gt % kS], (gt / kS) & 1);
+        begin_batch();
+        issue_qk(gt % kS);
+        end_batch(last);
+        float alpha[2];
+        scores(t, alpha, I.n_full);
+        finish(alpha);
+        fence_regs(o);  // P V of this tile, alone (outside the ring: the turn was handed on)
+        wg_fence();
+        issue_pv(gt % kS);
+        wg_commit();
+        wg_wait_all();
+        fence_regs(o);
+        mbar_arrive(&empty[gt % kS]);
+      } else {
+        empty_turn(last);
+      }
+    }
+    pass_to(n);
+    gbase += n;
+    // warpgroups 1 and 2 hand over O, m and l (thread tw of each holds the same rows and columns);
+    // warpgroup 0 rescales the three to their common maximum, adds them and stores the rows
+    float* ks_s = reinterpret_cast<float*>(smem + C::kKsOffset);
+    if (cw > 0) {
+      float* mine = ks_s + (cw - 1) * C::kKsFloats * 128 + tw;
+#pragma unroll
+      for (int i = 0; i < D / 2; ++i) mine[i * 128] = o[i];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        mine[(D / 2 + r) * 128] = m[r];
+        mine[(D / 2 + 2 + r) * 128] = l[r];
+      }
+    }
+    named_sync(kKsBar, 128 * NC);
+    if (cw == 0) {
+#pragma unroll
+      for (int k = 1; k < NC; ++k) {
+        const float* theirs = ks_s + (k - 1) * C::kKsFloats * 128 + tw;
+        float mine_scale[2], their_scale[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const float mk = theirs[(D / 2 + r) * 128];
+          const float mx = fmaxf(m[r], mk);    // finite: warpgroup 0 read key 0 (never masked)
+          mine_scale[r] = ex2(m[r] - mx);
+          their_scale[r] = ex2(mk - mx);       // 0 for a warpgroup without a tile (m = -inf)
+          l[r] = l[r] * mine_scale[r] + theirs[(D / 2 + 2 + r) * 128] * their_scale[r];
+          m[r] = mx;
+        }
+#pragma unroll
+        for (int i = 0; i < D / 2; ++i) {
+          const int r = (i >> 1) & 1;          // o[4 c + 0, 1]: row rA; o[4 c + 2, 3]: row rA + 8
+          o[i] = o[i] * mine_scale[r] + theirs[i * 128] * their_scale[r];
+        }
+      }
+      float inv[2];
+      inv_rows(inv);
+      store_rows(I, inv);
+    }
+    named_sync(kKsBar, 128 * NC);      // the hand-over area is free again
+    if (cw == 0 && tw == 0) stamp_end(prefill_stamps, w, n);
+    q_addr = smem_u32(q_s) + 64 * cw * 128;
+    rA = 64 * cw + 16 * warp + g;
+  };
   for (int w = blockIdx.x; w < num_items; w += gridDim.x) {
     if (!item_at(w, I)) continue;
     // kFlagChain: the last warpgroup hands the turn on after an item's final P V when the CTA has
@@ -718,6 +878,12 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
     // needed, which keeps the consumers under their register budget.)
     int wn = w;
     bool more = ((chain && cw == NC - 1) || merge) && next_item(w, wn);
+    if constexpr (kKeySplit) {
+      if (I.rows - I.row0 <= 64) {  // only warpgroup 0's rows valid: the key tiles split instead
+        key_split_item(w, more);
+        continue;
+      }
+    }
     if (cw == 0 && tw == 0) stamp_start(prefill_stamps, w);  // off unless bench/prefill_stamps.py sets it
     stage_q(I);
     start_rows();
@@ -761,36 +927,8 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
       // kFlagSplitKV: V of tile it-1 has its own barrier (waited here, not between the wgmma fence
       // and the MMAs: ptxas would serialize every wgmma)
       if (splitkv) mbar_wait(&fullV[sp], ((gi - 1) / kS) & 1);
-      begin_batch();
-      issue_qk(s);  // group 1: S of ring position gi
-      wg_commit();
-      issue_pv(sp);  // group 2: P V of ring position gi - 1
-      wg_commit();
-      if (pingpong) named_arrive(kPP + (cw + 1) % NC, 256);
       float alpha[2];
-      if (overlap) {  // the softmax's first part runs while this warpgroup's P V is on the tensor cores
-        wg_wait<1>();
-        fence_regs(sacc);
-        if (splitkv) mbar_arrive(&empty[s]);  // emptyK: this thread's reads of K(gi) are done
-        scores(cross ? 0 : it, alpha, n_full);
-        // A bare wait_group 0 here is hoisted by ptxas to right after the wait_group 1 (SASS: the
-        // two DEPBARs adjacent, every ex2 after them), which undoes the overlap. A warp-uniform,
-        // always-true condition on the row sums (NaN included) makes the wait depend on the
-        // softmax. The other branch must not fall through: a path that reaches O's reads without
-        // the wait makes ptxas serialize every wgmma of the kernel (C7514; seen with a bare `if`).
-        // SASS with this form (CUDA 13.0): DEPBAR 1, the tile's 66 ex2 (D=128), DEPBAR 0.
-        if (__ballot_sync(0xffffffffu, !(l[0] + l[1] < -1.f))) wg_wait<0>();
-        else __trap();
-        fence_regs(o);
-      } else {
-        wg_wait<0>();
-        fence_regs(sacc);
-        fence_regs(o);
-        if (splitkv) mbar_arrive(&empty[s]);  // emptyK: this thread's reads of K(gi) are done
-        scores(cross ? 0 : it, alpha, n_full);
-      }
-      // this thread's reads of ring position gi-1's stage (kFlagSplitKV: of its V tile) are done
-      mbar_arrive(splitkv ? &emptyV[sp] : &empty[sp]);
+      qk_pv_step(s, sp, cross ? 0 : it, n_full, alpha);
       if (cross) {  // item I is done: its rows out; the next item becomes I, O starts at zero
         const float one[2] = {1.f, 1.f};
         store_rows(I, one);

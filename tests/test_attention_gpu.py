@@ -976,8 +976,34 @@ def test_prefill_merged_items_refused_where_not_built(monkeypatch, plan, D, dtyp
         _prefill_case(8, 2, D, 16, [10], [20], dtype, torch.float32)
 
 
+@pytest.mark.parametrize("plan", ["wgmma3_pp_ov_qp_xc_ks_ps", "wgmma3_ks"])
+@pytest.mark.parametrize("chunks", [[64, 1, 2, 63], [256] * 6, [1] * 9])
+def test_prefill_key_split_items(monkeypatch, plan, chunks):
+    """_ks: items whose valid rows all fall in the first warpgroup's 64 (G = 7: a 256-token chunk's
+    1792 rows leave 64 after nine items of 192; chunks of at most 9 tokens are one such item) have
+    their key tiles split across the three warpgroups and the partial results merged: items of 1
+    to ~20 key tiles (prefixes 0 to 2400: warpgroups without a tile of their own), beside
+    ordinary items, fp32 output against the reference."""
+    _skip_unless_wgmma(plan)
+    monkeypatch.setenv("OPPO_PREFILL_PLAN", plan)
+    prefixes = [(613 * i) % 2400 for i in range(len(chunks))]
+    out, ref = _prefill_case(14, 2, 64, 16, prefixes, chunks, torch.bfloat16, torch.float32)
+    assert rel_err(out, ref) < TOL_F32_OUT[torch.bfloat16]
+
+
+@pytest.mark.parametrize("plan,D,dtype", [("wgmma_pp_ov_ks_ps", 64, torch.bfloat16),
+                                          ("wgmma3_pp_ov_kv_ks_ps", 64, torch.bfloat16),
+                                          ("wgmma3_pp_ov_mi_ks_ps", 64, torch.bfloat16)])
+def test_prefill_key_split_refused_where_not_built(monkeypatch, plan, D, dtype):
+    """_ks is built for wgmma3 at head dim 64 in bf16, without _mi or _kv: elsewhere a clear error."""
+    _skip_unless_wgmma("wgmma3_pp_ov_qp_xc_ks_ps")
+    monkeypatch.setenv("OPPO_PREFILL_PLAN", plan)
+    with pytest.raises(RuntimeError, match="_ks plans are built for"):
+        _prefill_case(14, 2, D, 16, [10], [20], dtype, torch.float32)
+
+
 WGMMA3_PLANS = ["wgmma3_pp_ov", "wgmma3_pp_ov_ps", "wgmma3_ov_ps", "wgmma3", "wgmma3_pp_ov_qp_ps", "wgmma3_pp_ov_qp_xc_ps",
-                "wgmma3_pp_ov_qp_mi_ps"]
+                "wgmma3_pp_ov_qp_mi_ps", "wgmma3_pp_ov_qp_xc_ks_ps", "wgmma3_ks", "wgmma3_ov_ks_ps"]
 
 
 @pytest.mark.parametrize("shape", [s for s in PREFILL_SHAPES if s[2] == 64])
@@ -993,7 +1019,8 @@ def test_prefill_wgmma3_matches_reference(monkeypatch, plan, shape):
 
 
 @pytest.mark.parametrize("plan", WGMMA3_PLANS[:3] + ["wgmma3_pp_ov_qp_ps", "wgmma3_pp_ov_qp_xc_ps", "wgmma3_pp_ov_kv_xc_ps",
-                                                   "wgmma3_pp_ov_qp_mi_ps", "wgmma3_pp_ov_kv_mi_ps", "wgmma3_ov_mi_ps"])
+                                                   "wgmma3_pp_ov_qp_mi_ps", "wgmma3_pp_ov_kv_mi_ps", "wgmma3_ov_mi_ps",
+                                                   "wgmma3_pp_ov_qp_xc_ks_ps", "wgmma3_pp_ov_ks_ps"])
 def test_prefill_wgmma3_persistent_many_items_and_native_output(monkeypatch, plan):
     """More items than SMs (persistent CTAs take several), ragged chunks, bf16 output; the plans
     with two or three warpgroups in ping-pong, and the auto plan at D=64 (with the Q prefetch)."""
@@ -1003,7 +1030,8 @@ def test_prefill_wgmma3_persistent_many_items_and_native_output(monkeypatch, pla
     assert rel_err(out, ref) < rel_err(ref.to(torch.bfloat16), ref) + TOL_F32_OUT[torch.bfloat16]
 
 
-@pytest.mark.parametrize("plan", ["wgmma_pp_ov", "wgmma_pp_ov_ps", "wgmma3_pp_ov_ps", "wgmma3_pp_ov_qp_mi_ps"])
+@pytest.mark.parametrize("plan", ["wgmma_pp_ov", "wgmma_pp_ov_ps", "wgmma3_pp_ov_ps", "wgmma3_pp_ov_qp_mi_ps",
+                                  "wgmma3_pp_ov_qp_xc_ks_ps"])
 def test_prefill_item_stamps_cover_every_item_and_change_nothing(monkeypatch, plan):
     """prefill_item_stamps: every work item of the wgmma kernel (row tile, kv head, sequence, in the
     launcher's order; one CTA each or persistent CTAs) writes its row with its key-tile count as

@@ -8,7 +8,7 @@ its tensor-core overlap and shows up only as a slower benchmark. Session 19 hit 
 item stream (plans _mi) as a runtime flag: all three kernels, the default plans included. This test
 compiles each instantiation the launcher uses and checks: no wgmma serialization anywhere, no spill
 in the kernels of the plans without _mi, and the _mi kernels' spills within what they had when
-measured (12 bytes in the three-warpgroup one, session 19).
+measured (12 bytes in the three-warpgroup one, session 19); the key-split kernel (_ks) spills none.
 """
 import re
 import shutil
@@ -20,17 +20,18 @@ from _scripts import nvcc_sm90a
 
 SIG = ("void*, int, int64_t, int64_t, const T*, int64_t, int64_t, const T*, const T*, int64_t, int, int, "
        "const int*, const int*, const int*, int64_t, int, float, int, int")
-# (dtype, head dim, consumer warpgroups, merged items): the launcher's instantiations
-KERNELS = [("__nv_bfloat16", 128, 2, False), ("__half", 128, 2, False), ("__nv_bfloat16", 64, 2, False),
-           ("__half", 64, 2, False), ("__nv_bfloat16", 64, 3, False),
-           ("__nv_bfloat16", 64, 3, True), ("__nv_bfloat16", 128, 2, True)]
+# (dtype, head dim, consumer warpgroups, merged items, key split): the launcher's instantiations
+KERNELS = [("__nv_bfloat16", 128, 2, False, False), ("__half", 128, 2, False, False),
+           ("__nv_bfloat16", 64, 2, False, False), ("__half", 64, 2, False, False),
+           ("__nv_bfloat16", 64, 3, False, False), ("__nv_bfloat16", 64, 3, True, False),
+           ("__nv_bfloat16", 128, 2, True, False), ("__nv_bfloat16", 64, 3, False, True)]
 MERGED_SPILL_BYTES = 64   # the _mi kernels' bound (12 and 0 bytes when measured)
 
 
-def _report(T: str, D: int, NC: int, merge: bool) -> str:
+def _report(T: str, D: int, NC: int, merge: bool, key_split: bool) -> str:
     src = (f'#include <cuda_bf16.h>\n#include <cuda_fp16.h>\n#include "paged_prefill_wgmma.cuh"\nusing T = {T};\n'
            f"template __global__ void oppo::attn::wgp::paged_prefill_wgmma_kernel<T, {D}, {NC}, "
-           f"{'true' if merge else 'false'}>({SIG});\n")
+           f"{'true' if merge else 'false'}, {'true' if key_split else 'false'}>({SIG});\n")
     tmp = Path(tempfile.mkdtemp(prefix="prefill_ptxas_"))
     try:
         report, _ = nvcc_sm90a(src, tmp)
@@ -39,9 +40,9 @@ def _report(T: str, D: int, NC: int, merge: bool) -> str:
     return report
 
 
-@pytest.mark.parametrize("T,D,NC,merge", KERNELS)
-def test_prefill_wgmma_kernels_keep_their_registers(T, D, NC, merge):
-    report = _report(T, D, NC, merge)
+@pytest.mark.parametrize("T,D,NC,merge,key_split", KERNELS)
+def test_prefill_wgmma_kernels_keep_their_registers(T, D, NC, merge, key_split):
+    report = _report(T, D, NC, merge, key_split)
     assert "Compiling entry function" in report, report
     assert not re.search(r"C75\d\d|Performance Loss", report), report
     spills = [int(s) for s in re.findall(r"(\d+) bytes spill stores", report)]

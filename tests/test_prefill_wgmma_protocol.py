@@ -61,6 +61,9 @@ class NamedBarrier:
         return gen
 
 
+KS_PAIR_PV = False   # a mutation of the key-split schedule, for its negative test
+
+
 def _pp_base(nc: int) -> int:
     """The kernel's Geo<NC>::kPingPongBar: named barriers 1..nc stage Q, then nc for ping-pong."""
     return 1 + nc
@@ -86,7 +89,7 @@ def _turns(named: dict, pingpong: bool, cw: int, name: str, nc: int = 2):
 
 
 def programs(items: list[int], kS: int, pingpong: bool, log: list, nc: int = 2, chain: bool | str = False,
-             merge: bool | str = False):
+             merge: bool | str = False, key_split: frozenset = frozenset()):
     """Generators for the producer and the two consumer warpgroups of a CTA that works through
     ``items`` (each a number of key tiles; one item, or several for the persistent plan), the
     ring of stages running on across items; each yields a predicate (callable) it waits on, or
@@ -95,6 +98,7 @@ def programs(items: list[int], kS: int, pingpong: bool, log: list, nc: int = 2, 
     full = [MBarrier(128) for _ in range(kS)]
     empty = [MBarrier(128 * nc) for _ in range(kS)]
     named = {_pp_base(nc) + i: NamedBarrier(256) for i in range(nc)}
+    ks_bar = NamedBarrier(128 * nc)   # kFlagKeySplit: the consumer warpgroups' barrier
     stage_tile = [None] * kS          # which tile a stage holds (None: being written or empty)
     readers = [set() for _ in range(kS)]
 
@@ -137,13 +141,82 @@ def programs(items: list[int], kS: int, pingpong: bool, log: list, nc: int = 2, 
             readers[s].discard(name)
             empty[s].arrive(128)
 
+        def ks_sync():                 # bar.sync on the consumers' barrier
+            gen = ks_bar.arrive(name)
+            yield lambda: ks_bar.generation > gen
+
+        def ks_item(n_tiles, gbase, more):
+            """kFlagKeySplit's item: this warpgroup's tiles cw, cw + nc, ... in every warpgroup's
+            (n_tiles + nc - 1) // nc turns (empty ones where it has none), each tile's P V in its
+            own turn; the positions it does not read, waited on and released in order before its
+            next own tile."""
+            yield None                 # warpgroup 0 stages its Q rows
+            yield from ks_sync()
+            if pingpong and cw == nc - 1 and (chain is not True or first[0]):
+                named[_pp_base(nc)].arrive(name)
+            first[0] = False
+            nk = (n_tiles - cw + nc - 1) // nc if n_tiles > cw else 0
+            turns = (n_tiles + nc - 1) // nc
+            passed = [0]
+
+            def pass_to(p_end):
+                while passed[0] < p_end:
+                    p = passed[0]
+                    passed[0] += 1
+                    if p % nc == cw:
+                        continue
+                    g = gbase + p
+                    yield lambda g=g: full[g % kS].ready((g // kS) & 1)
+                    assert stage_tile[g % kS] == g, f"{name} passes stage {g % kS} expecting {g}"
+                    empty[g % kS].arrive(128)
+
+            for j in range(turns):
+                last = j == turns - 1 and not more
+                if j < nk:
+                    t = cw + nc * j
+                    yield from pass_to(t)
+                    passed[0] = t + 1
+                    gt = gbase + t
+                    if KS_PAIR_PV:             # (the mutation: the previous P V with this Q K^T)
+                        yield lambda gt=gt: full[gt % kS].ready((gt // kS) & 1)
+                        yield from begin()
+                        read(gt % kS, gt)
+                        if j > 0:
+                            read((gt - nc) % kS, gt - nc)
+                        end(False)
+                        yield None
+                        if j > 0:
+                            release((gt - nc) % kS)
+                        continue
+                    yield lambda gt=gt: full[gt % kS].ready((gt // kS) & 1)
+                    yield from begin()
+                    read(gt % kS, gt)      # Q K^T
+                    end(last)
+                    yield None             # softmax
+                    read(gt % kS, gt)      # P V, alone (outside the ring), waited on
+                    yield None
+                    release(gt % kS)
+                else:
+                    yield from begin()     # an empty turn
+                    end(last)
+            yield from pass_to(n_tiles)
+            yield from ks_sync()       # the partial results handed over
+            yield None                 # warpgroup 0 merges and stores
+            yield from ks_sync()       # the hand-over area free again
+
+        first = [True]
         gbase = 0
         for idx, n_tiles in enumerate(items):
             last_item = idx == len(items) - 1
+            if idx in key_split:
+                yield from ks_item(n_tiles, gbase, chain is True and not last_item)
+                gbase += n_tiles
+                continue
             if not (merge and idx > 0):    # kFlagMerge: tile 0 was issued with the last item's final P V
                 yield None                 # the Q load of the item (named barrier of this warpgroup)
-                if pingpong and cw == nc - 1 and (chain is not True or idx == 0):   # kFlagChain: only the first kick
+                if pingpong and cw == nc - 1 and (chain is not True or first[0]):   # kFlagChain: only the first kick
                     named[_pp_base(nc)].arrive(name)
+                first[0] = False
                 yield lambda g0=gbase: full[g0 % kS].ready((g0 // kS) & 1)
                 yield from begin()
                 read(gbase % kS, gbase)    # Q K^T of tile 0
@@ -329,14 +402,14 @@ def programs_split(items: list[int], kS: int, pingpong: bool, log: list, rng: ra
 
 
 def run(items, kS: int, pingpong: bool, seed: int, split: bool = False, nc: int = 2, chain: bool | str = False,
-        merge: bool | str = False, **kw) -> list:
+        merge: bool | str = False, key_split: frozenset = frozenset(), **kw) -> list:
     log: list = []
     items = [items] if isinstance(items, int) else list(items)
     if split:
         progs, named = programs_split(items, kS, pingpong, log, random.Random(seed + 7919), nc=nc, chain=chain,
                                       merge=merge, **kw)
     else:
-        progs, named = programs(items, kS, pingpong, log, nc=nc, chain=chain, merge=merge)
+        progs, named = programs(items, kS, pingpong, log, nc=nc, chain=chain, merge=merge, key_split=key_split)
     waiting = [None] * len(progs)
     alive = set(range(len(progs)))
     rng = random.Random(seed)
@@ -527,3 +600,35 @@ def test_merged_items_catch_a_turn_not_handed_on():
         for seed in range(5):
             with pytest.raises(AssertionError, match="deadlock"):
                 run([3, 2, 4], 4, True, seed, split=split, nc=3, merge="no-handover")
+
+
+# ------------------------------------------------------------------ kFlagKeySplit (plans _ks)
+@pytest.mark.parametrize("chain", [False, True])
+@pytest.mark.parametrize("pingpong", [False, True])
+@pytest.mark.parametrize("items,split", [([1], {0}), ([2], {0}), ([3], {0}), ([10], {0}), ([10, 9, 9], {0}),
+                                         ([9, 10, 1, 4], {1, 2}), ([10, 10, 10], {0, 1, 2}), ([5, 2, 7, 1], {1, 3})])
+def test_key_split_items_finish_without_races(items, split, pingpong, chain):
+    """_ks: items of warpgroup 0's rows only with their key tiles split across three warpgroups
+    (tiles k, k + 3, ... each; empty turns keep the ring; the positions a warpgroup does not read
+    released in order), between ordinary items, with and without chained turns: every phase
+    completes, no stage is read stale or overwritten early (four stages, three warpgroups)."""
+    if chain and not pingpong:
+        pytest.skip("the chained turns need ping-pong")
+    for seed in range(12):
+        log = run(items, 4, pingpong, seed, nc=3, chain=chain, key_split=frozenset(split))
+        assert sorted(log) == ["producer done"] + [f"wg{c}" + " done" for c in range(3)]
+
+
+def test_key_split_catches_a_p_v_paired_with_the_next_tile():
+    """Not vacuous: pairing each own tile's P V with the warpgroup's next Q K^T (the ordinary
+    items' schedule) deadlocks the key split with four stages: the producer publishes a tile only
+    once it has issued the next, so the wait for own tile t needs tile t - 3, this warpgroup's
+    previous one, released first."""
+    global KS_PAIR_PV
+    KS_PAIR_PV = True
+    try:
+        with pytest.raises(AssertionError, match="deadlock"):
+            for seed in range(6):
+                run([10, 9], 4, True, seed, nc=3, chain=True, key_split=frozenset({0}))
+    finally:
+        KS_PAIR_PV = False
