@@ -16,7 +16,7 @@
 #   BENCH_ONLY=1 BENCH_ARGS="--workload T --trl" bash bench/gpu_check.sh ppo_step   (carry .whl)
 # (build ~90 s + ppo_step <= ~8 min: its --budget-s 420 stops modes early / skips the rest).
 # BENCH_LIMIT (seconds per benchmark) defaults to 240, and to 500 for ppo_step. PYTEST_LIMIT
-# (default 240; 180 with PYTEST_FILES) bounds the GPU tests, which run as PYTEST_SHARDS (default 4)
+# (default 240; 180 with PYTEST_FILES; PYTEST_K="expr" selects among them as pytest -k does) bounds the GPU tests, which run as PYTEST_SHARDS (default 4)
 # processes side by side (bench/pytest_shards.sh; 1 = one process); SANITIZE=1 runs the sanitizers
 # under BENCH_ONLY too (e.g. PYTEST_FILES=tests/test_attention_gpu.py SANITIZE=1 for a kernel change).
 set -u
@@ -81,8 +81,11 @@ fi
 if [ -z "${BENCH_ONLY:-}" ]; then
 step doctor 60 $PY -m oppo_runtime.cli doctor
 step pytest ${PYTEST_LIMIT:-240} env PYTHON=$PY bash bench/pytest_shards.sh -m gpu -q -rfE -p no:cacheprovider --durations=15
-elif [ -n "${PYTEST_FILES:-}" ]; then        # BENCH_ONLY with a few GPU test files first
-step pytest ${PYTEST_LIMIT:-180} env PYTHON=$PY bash bench/pytest_shards.sh -m gpu -q -rfE -p no:cacheprovider --durations=15 $PYTEST_FILES
+elif [ -n "${PYTEST_FILES:-}" ]; then        # BENCH_ONLY with a few GPU test files first (PYTEST_K: pytest's -k)
+kargs=()
+[ -n "${PYTEST_K:-}" ] && kargs=(-k "$PYTEST_K")
+step pytest ${PYTEST_LIMIT:-180} env PYTHON=$PY bash bench/pytest_shards.sh -m gpu -q -rfE -p no:cacheprovider --durations=15 \
+  ${kargs[@]+"${kargs[@]}"} $PYTEST_FILES
 fi
 if [ -n "${OPPO_TRAIN_STEPS:-}" ]; then   # the main job on the GPU: a short default run
   step train 240 $PY -m oppo_runtime.cli train --steps "$OPPO_TRAIN_STEPS" --out /tmp/oppo_train \

@@ -1,20 +1,28 @@
-"""bench/ab_v6_wgmma3.sh, the next GPU session's two calls, checked without a GPU: every script it
-runs exists and every plan it names is one its script accepts (a typo there costs a device call)."""
+"""The committed device-call scripts (bench/ab_v6_wgmma3.sh, bench/ab_ks_caps.sh: a GPU session's
+calls), checked without a GPU: every script they run exists and every plan they name is one its
+script accepts (a typo there costs a device call)."""
 import re
 from pathlib import Path
 
+import pytest
 from _scripts import load_script
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
-SCRIPT = (BENCH / "ab_v6_wgmma3.sh").read_text()
+SCRIPTS = ["ab_v6_wgmma3.sh", "ab_ks_caps.sh"]
 
 
-def _plans_after(marker: str) -> list[list[str]]:
+@pytest.fixture(params=SCRIPTS)
+def script(request) -> str:
+    return (BENCH / request.param).read_text()
+
+
+def _plans_after(script: str, marker: str) -> list[list[str]]:
     """The comma lists that follow `marker` (e.g. 'decode_stamps.py --plans') in the script."""
-    return [m.split(",") for m in re.findall(re.escape(marker) + r"\s+([\w+,]+)", SCRIPT)]
+    return [m.split(",") for m in re.findall(re.escape(marker) + r"\s+([\w+,]+)", script)]
 
 
-def test_every_script_the_calls_run_exists():
+def test_every_script_the_calls_run_exists(script):
+    SCRIPT = script
     names = set(re.findall(r"bench/(\w+)\.(?:py|sh)", SCRIPT))
     names |= set(re.findall(r"gpu_check\.sh ([\w ]+?)(?: >|$)", SCRIPT, flags=re.M)[0].split())
     names |= {"sampler"}
@@ -22,15 +30,19 @@ def test_every_script_the_calls_run_exists():
         assert (BENCH / f"{n}.py").exists() or (BENCH / f"{n}.sh").exists(), n
 
 
-def test_every_plan_the_calls_name_is_accepted():
+def test_every_plan_the_calls_name_is_accepted(script):
+    SCRIPT = script
     d = load_script(BENCH, "decode_attention")
     p = load_script(BENCH, "prefill_attention")
     decode = [pl for ls in re.findall(r'ARGS_decode_attention="--plans ([\w+,]+)', SCRIPT) for pl in ls.split(",")]
-    decode += [pl for ls in _plans_after("decode_stamps.py --plans") for pl in ls]
+    decode += [pl for ls in _plans_after(SCRIPT, "decode_stamps.py --plans") for pl in ls]
     prefill = [pl for ls in re.findall(r'ARGS_prefill_attention="--shapes \d+ --plans ([\w,]+)', SCRIPT)
                for pl in ls.split(",")]
-    prefill += [pl for ls in _plans_after("prefill_stamps.py --plans") for pl in ls]
-    assert decode and prefill
+    prefill += [pl for ls in _plans_after(SCRIPT, "prefill_stamps.py --plans") for pl in ls]
+    prefill += [pl for ls in re.findall(r"prefill_attention\.py --shapes \d+ --plans ([\w,]+)", SCRIPT)
+                for pl in ls.split(",")]
+    prefill += [pl for ls in re.findall(r"--prefill-plans=([\w,]+)", SCRIPT) for pl in ls.split(",")]
+    assert decode or prefill
     for pl in decode:
         assert d._SPLIT_PLAN.fullmatch(pl) or d._V5.fullmatch(pl), pl
     for pl in prefill:
@@ -40,3 +52,27 @@ def test_every_plan_the_calls_name_is_accepted():
     src = Path(san.__file__).read_text()
     for case in (c for ls in cases for c in ls.split(",")):
         assert f'"{case}"' in src or case in ("v3", "v6", "v7"), f"no sanitizer case {case}"
+
+
+def test_every_flag_a_call_passes_a_bench_script_is_one_it_takes(script):
+    """Each `python3 bench/NAME.py ...` command of the script (continuation lines joined): every
+    --flag on it appears in that script's --help."""
+    import subprocess
+    import sys
+    joined = re.sub(r"\\\n\s*", " ", script)
+    helps: dict[str, str] = {}
+    for name, rest in re.findall(r"python3 bench/(\w+)\.py([^\n|>;]*)", joined):
+        if name not in helps:
+            src = (BENCH / f"{name}.py").read_text()
+            if "argparse" not in src:      # (sanitize_attention.py reads sys.argv: its flags are in its text)
+                helps[name] = src
+            else:
+                r = subprocess.run([sys.executable, str(BENCH / f"{name}.py"), "--help"], capture_output=True, text=True,
+                                   timeout=120)
+                assert r.returncode == 0, (name, r.stderr[-1000:])
+                helps[name] = r.stdout
+        for flag in re.findall(r"(?<![\w-])(--[a-z][\w-]*)", rest):
+            assert flag in helps[name], f"bench/{name}.py takes no {flag}"
+    san = (BENCH / "sanitize_attention.py").read_text()
+    for pl in (p for ls in re.findall(r"--prefill-plans=([\w,]+)", script) for p in ls.split(",")):
+        assert f'"{pl}"' in san, f"no sanitizer case for {pl}"
