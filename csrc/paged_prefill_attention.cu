@@ -37,6 +37,7 @@
 #include <cstring>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_bf16.h>
@@ -178,29 +179,18 @@ int prefill_plan(const at::Tensor& q) {
     flags |= kThreeWG;
     name.erase(5, 1);  // wgmma3_pp_ov -> wgmma_pp_ov
   }
-  if (name.size() > 3 && name.compare(name.size() - 3, 3, "_ps") == 0) {
-    flags |= kPersistent;
-    name.resize(name.size() - 3);
-  }
-  if (name.size() > 3 && name.compare(name.size() - 3, 3, "_ks") == 0) {
-    flags |= oppo::attn::wgp::kFlagKeySplit;
-    name.resize(name.size() - 3);
-  }
-  if (name.size() > 3 && name.compare(name.size() - 3, 3, "_mi") == 0) {
-    flags |= oppo::attn::wgp::kFlagMerge;
-    name.resize(name.size() - 3);
-  }
-  if (name.size() > 3 && name.compare(name.size() - 3, 3, "_xc") == 0) {
-    flags |= oppo::attn::wgp::kFlagChain;
-    name.resize(name.size() - 3);
-  }
-  if (name.size() > 3 && name.compare(name.size() - 3, 3, "_qp") == 0) {
-    flags |= oppo::attn::wgp::kFlagQPrefetch;
-    name.resize(name.size() - 3);
-  }
-  if (name.size() > 3 && name.compare(name.size() - 3, 3, "_kv") == 0) {
-    flags |= oppo::attn::wgp::kFlagSplitKV;
-    name.resize(name.size() - 3);
+  // the optional suffixes, taken off from the end in this order (the grammar's order reversed)
+  {
+    using namespace oppo::attn::wgp;
+    constexpr std::pair<const char*, int> kSuffixes[] = {{"_ps", kPersistent}, {"_ks", kFlagKeySplit},
+                                                         {"_mi", kFlagMerge},  {"_xc", kFlagChain},
+                                                         {"_qp", kFlagQPrefetch}, {"_kv", kFlagSplitKV}};
+    for (const auto& [suffix, flag] : kSuffixes) {
+      if (name.size() > 3 && name.compare(name.size() - 3, 3, suffix) == 0) {
+        flags |= flag;
+        name.resize(name.size() - 3);
+      }
+    }
   }
   if (name == "wgmma_pp") flags |= oppo::attn::wgp::kFlagPingPong;
   else if (name == "wgmma_ov") flags |= oppo::attn::wgp::kFlagOverlap;
