@@ -953,8 +953,8 @@ MI_PLANS_D128 = ["wgmma_pp_ov_qp_mi_ps", "wgmma_pp_ov_kv_mi_ps", "wgmma_ov_mi_ps
 @pytest.mark.parametrize("plan", MI_PLANS_D128)
 def test_prefill_merged_items_head_dim_128(monkeypatch, plan, out_dtype):
     """_mi (a persistent CTA's items as one stream of batches: each item's last P V issued with the
-    next item's first Q K^T, the next item's Q staged under the last softmax, O normalized before
-    that last P V) at head dim 128: more items than SMs, ragged chunks (items of one key tile,
+    next item's first Q K^T, the next item's Q staged at the end of the item's last tile, O
+    normalized before that last P V) at head dim 128: more items than SMs, ragged chunks (items of one key tile,
     items past short chunks), with and without ping-pong, the intra-warpgroup overlap and the
     split K/V rings."""
     _skip_unless_wgmma(plan)
