@@ -525,15 +525,23 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
       else Ops::rs_n64(o, pa[kk], dv, 1);
     }
   };
-  auto begin_batch = [&]() {
+  // this warpgroup's turn: wait for it, and hand it to the next one (the last warpgroup's very
+  // last turn hands on nothing, so every barrier phase started is completed)
+  auto take_turn = [&]() {
     if (pingpong) named_sync(kPP + cw, 256);
+  };
+  auto hand_on = [&](bool last) {
+    if (pingpong && !(last && cw == NC - 1)) named_arrive(kPP + (cw + 1) % NC, 256);
+  };
+  auto begin_batch = [&]() {
+    take_turn();
     fence_regs(o);
     fence_regs(sacc);
     wg_fence();
   };
   auto end_batch = [&](bool last) {
     wg_commit();
-    if (pingpong && !(last && cw == NC - 1)) named_arrive(kPP + (cw + 1) % NC, 256);
+    hand_on(last);
     wg_wait_all();
     fence_regs(o);
     fence_regs(sacc);
@@ -699,7 +707,7 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
     wg_commit();
     issue_pv(sp);  // group 2: P V
     wg_commit();
-    if (pingpong) named_arrive(kPP + (cw + 1) % NC, 256);
+    hand_on(false);
     if (overlap) {  // the softmax's first part runs while this warpgroup's P V is on the tensor cores
       wg_wait<1>();
       fence_regs(sacc);
@@ -750,6 +758,12 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
   int gbase = 0;                             // ring position of the item's first tile
   const bool chain = pingpong && (merge || (flags & kFlagChain) != 0);
   bool first_item = true;
+  // an item's start: the last warpgroup gives warpgroup 0 its first turn (with chained turns only
+  // at the CTA's first item: after that, its hand-on after an item's last batch is the kick)
+  auto kick = [&]() {
+    if (pingpong && cw == NC - 1 && (!chain || first_item)) named_arrive(kPP, 256);
+    first_item = false;
+  };
   // the CTA's item after item w (the items the loop takes: those item_at accepts); wn = its index
   auto next_item = [&](int w, int& wn) {
     Item J;
@@ -764,10 +778,8 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
   // kFlagKeySplit: a turn without MMAs (the ring's order kept), and an item of warpgroup 0's rows
   // only, its key tiles split across the warpgroups (see kFlagKeySplit)
   auto empty_turn = [&](bool last) {
-    if (pingpong) {
-      named_sync(kPP + cw, 256);
-      if (!(last && cw == NC - 1)) named_arrive(kPP + (cw + 1) % NC, 256);
-    }
+    take_turn();
+    hand_on(last);
   };
   auto key_split_item = [&](int w, bool more) {
     static_assert(!kKeySplit || (NC == 3 && kS > NC), "key split: three warpgroups, more stages than warpgroups");
@@ -779,8 +791,7 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
     named_sync(kKsBar, 128 * NC);      // (its writes fenced for the async proxy by stage_q)
     start_rows();
     zero_o();
-    if (pingpong && cw == NC - 1 && (!chain || first_item)) named_arrive(kPP, 256);  // warpgroup 0's turn
-    first_item = false;
+    kick();
     const int n = I.n_tiles;
     const int nk = n > cw ? (n - cw + NC - 1) / NC : 0;  // this warpgroup's tiles: cw, cw + NC, ...
     const int turns = (n + NC - 1) / NC;                  // every warpgroup's (the ring's order)
@@ -888,8 +899,7 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
     stage_q(I);
     start_rows();
     zero_o();
-    if (pingpong && cw == NC - 1 && (!chain || first_item)) named_arrive(kPP, 256);  // warpgroup 0's turn
-    first_item = false;
+    kick();
     mbar_wait(&full[gbase % kS], (gbase / kS) & 1);  // tile 0: Q K^T alone
     begin_batch();
     issue_qk(gbase % kS);
