@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["attention_bench_setup", "time_ms", "copy_bandwidth", "matmul_flops", "device_info", "write_json", "print_table",
+__all__ = ["attention_bench_setup", "time_ms", "L2Flush", "copy_bandwidth", "matmul_flops", "device_info", "write_json", "print_table",
            "paged_pool", "results_path"]
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -69,9 +69,27 @@ def _warm(fn: Callable[[], object], ms: float) -> None:
         n = min(2 * n, 1024)
 
 
+class L2Flush:
+    """Evicts the L2 cache by reading a buffer of twice its size (a read, not a write: dirty lines
+    left by a write would be written back during the timed kernel, DRAM traffic that is not its own).
+    ``flush()`` is capturable; ``ms()`` is its own time, measured as time_ms measures."""
+
+    def __init__(self):
+        l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20)
+        self.buf = torch.ones(1024, max(1, (2 * l2) // 4096), device="cuda", dtype=torch.float32)
+        self.out = torch.empty(1024, device="cuda", dtype=torch.float32)
+
+    def flush(self) -> None:
+        torch.sum(self.buf, dim=1, out=self.out)
+
+
 def time_ms(fn: Callable[[], object], *, calls_per_replay: int = 10, reps: int = 15, warmup: int = 3,
-            graph: bool = True, warmup_ms: float = 30.0) -> float:
+            graph: bool = True, warmup_ms: float = 30.0, cold_l2: L2Flush | None = None) -> float:
     """Median milliseconds of one call of ``fn``.
+
+    ``cold_l2``: each call preceded by that L2 flush, and the flush's own median time (timed the
+    same way) subtracted: ``fn`` as it runs between other kernels whose bytes filled the L2 (the
+    engine's decode attention runs between GEMMs), not as a loop that finds last call's bytes there.
 
     With ``graph`` the calls are captured ``calls_per_replay`` times into one CUDA graph and each
     timed replay is divided by that count (no launch gaps); if capture fails, eager calls are
@@ -79,6 +97,13 @@ def time_ms(fn: Callable[[], object], *, calls_per_replay: int = 10, reps: int =
     Before anything is timed: ``warmup`` calls, then calls for ``warmup_ms`` of device time
     (``_warm``).
     """
+    if cold_l2 is not None:
+        kw = dict(calls_per_replay=calls_per_replay, reps=reps, warmup=warmup, graph=graph, warmup_ms=warmup_ms)
+
+        def pair():
+            cold_l2.flush()
+            fn()
+        return time_ms(pair, **kw) - time_ms(cold_l2.flush, **kw)
     for _ in range(warmup):
         fn()
     _sync()
@@ -261,11 +286,13 @@ def stamp_stats(stamps: torch.Tensor, sms: int) -> dict:
 
 
 def paged_pool(num_seqs: int, ctx: int, Hkv: int, D: int, block_size: int, dtype=torch.bfloat16,
-               seed: int = 0, head_major: bool = False):
+               seed: int = 0, head_major: bool = False, layers: int = 1):
     """A page pool holding num_seqs sequences of ctx tokens on shuffled pages.
 
     Each page holds one layer's K and V ([2, block_size, Hkv, D]), so the K and V views have a page
-    stride of twice a page's K (as in the engine's shared pool). Returns k_cache, v_cache,
+    stride of twice a page's K (as in the engine's shared pool); ``layers`` > 1: each page holds that
+    many layers' K and V ([layers, 2, block_size, Hkv, D], the engine's page) and the views are layer
+    0's, a page stride of ``layers`` times more bytes over a pool that much larger. Returns k_cache, v_cache,
     block_tables [num_seqs, ceil(ctx / block_size)] int32. ``head_major``: pages [2, Hkv,
     block_size, D] instead (each kv head's tokens of a page contiguous), returned as the same
     [num_blocks, block_size, Hkv, D] views with strides (page, D, block_size * D, 1).
@@ -275,10 +302,10 @@ def paged_pool(num_seqs: int, ctx: int, Hkv: int, D: int, block_size: int, dtype
     per_seq = math.ceil(ctx / block_size)
     nblocks = num_seqs * per_seq
     one = block_size * Hkv * D
-    pool = torch.randn(nblocks, 2 * one, device="cuda", dtype=dtype, generator=g)
-    shape, stride = (nblocks, block_size, Hkv, D), (2 * one, Hkv * D, D, 1)
+    pool = torch.randn(nblocks, layers * 2 * one, device="cuda", dtype=dtype, generator=g)
+    shape, stride = (nblocks, block_size, Hkv, D), (layers * 2 * one, Hkv * D, D, 1)
     if head_major:
-        stride = (2 * one, D, block_size * D, 1)
+        stride = (layers * 2 * one, D, block_size * D, 1)
     k_cache = pool.as_strided(shape, stride, 0)
     v_cache = pool.as_strided(shape, stride, one)
     perm = torch.randperm(nblocks, device="cuda", generator=g).to(torch.int32)
