@@ -286,13 +286,17 @@ def stamp_stats(stamps: torch.Tensor, sms: int) -> dict:
 
 
 def paged_pool(num_seqs: int, ctx: int, Hkv: int, D: int, block_size: int, dtype=torch.bfloat16,
-               seed: int = 0, head_major: bool = False, layers: int = 1):
+               seed: int = 0, head_major: bool = False, layers: int = 1, engine_prompt: int = 0):
     """A page pool holding num_seqs sequences of ctx tokens on shuffled pages.
 
     Each page holds one layer's K and V ([2, block_size, Hkv, D]), so the K and V views have a page
     stride of twice a page's K (as in the engine's shared pool); ``layers`` > 1: each page holds that
     many layers' K and V ([layers, 2, block_size, Hkv, D], the engine's page) and the views are layer
-    0's, a page stride of ``layers`` times more bytes over a pool that much larger. Returns k_cache, v_cache,
+    0's, a page stride of ``layers`` times more bytes over a pool that much larger. ``engine_prompt``
+    > 0: pages numbered as the engine's pool hands them out (lowest free id first) to sequences that
+    prefilled prompts of that many tokens together and then decoded in lockstep: sequence i's prompt
+    pages i * p .. i * p + p - 1, then its k-th decode page num_seqs * p + k * num_seqs + i (at each
+    page boundary every sequence takes the next id), instead of a random permutation. Returns k_cache, v_cache,
     block_tables [num_seqs, ceil(ctx / block_size)] int32. ``head_major``: pages [2, Hkv,
     block_size, D] instead (each kv head's tokens of a page contiguous), returned as the same
     [num_blocks, block_size, Hkv, D] views with strides (page, D, block_size * D, 1).
@@ -308,8 +312,14 @@ def paged_pool(num_seqs: int, ctx: int, Hkv: int, D: int, block_size: int, dtype
         stride = (layers * 2 * one, D, block_size * D, 1)
     k_cache = pool.as_strided(shape, stride, 0)
     v_cache = pool.as_strided(shape, stride, one)
-    perm = torch.randperm(nblocks, device="cuda", generator=g).to(torch.int32)
-    block_tables = perm.view(num_seqs, per_seq).contiguous()
+    if engine_prompt > 0:
+        p = min(per_seq, math.ceil(engine_prompt / block_size))
+        i = torch.arange(num_seqs, device="cuda").view(-1, 1)
+        k = torch.arange(per_seq, device="cuda").view(1, -1)
+        block_tables = torch.where(k < p, i * p + k, num_seqs * p + (k - p) * num_seqs + i).to(torch.int32)
+    else:
+        perm = torch.randperm(nblocks, device="cuda", generator=g).to(torch.int32)
+        block_tables = perm.view(num_seqs, per_seq).contiguous()
     return k_cache, v_cache, block_tables
 
 

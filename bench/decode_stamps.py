@@ -2,7 +2,7 @@
 the split kernel (``ops.attention.decode_cta_stamps``), per shape and plan.
 
     python bench/decode_stamps.py [--plans v3,v6] [--shapes 0,1,2,3,4] [--engine] [--reps 5]
-                                  [--layers 1,24] [--l2 warm,cold] [--out PATH]
+                                  [--layers 1,24] [--l2 warm,cold] [--pages shuffled,engine] [--out PATH]
 
 ncu put decode v3's SMs at 83-84% active on (1, 32768) and (256, 1024) (session 14) and a read
 probe without arithmetic reached 0.94-0.95 of copy where v3 reaches 0.66-0.77 (session 15), but
@@ -25,7 +25,9 @@ Two conditions of the engine that a loop of one kernel does not have, as variant
 over a pool 24x larger: more DRAM pages and TLB reach per byte read); ``--l2 cold``: each call
 (timed and stamped) after an L2 flush, as in the engine where GEMMs run between the attention
 calls (a loop finds part of the last call's bytes in L2: at B=256, ctx 384 the 50 MB read is the
-H100's L2 size).
+H100's L2 size); ``--pages engine``: page ids as the engine's pool hands them out to a batch that
+prefilled 128-token prompts together and decodes in lockstep (common.paged_pool's engine_prompt),
+not shuffled: concurrent CTAs then read pages at regular strides.
 """
 from __future__ import annotations
 
@@ -42,7 +44,7 @@ from decode_attention import SHAPES, plan_env  # noqa: E402
 
 ENGINE = (256, 384, 14, 2, 64)   # --engine: bench/engine.py's Qwen2.5-0.5B batch at its mean context
 COLUMNS = [("B", "B", "d"), ("ctx", "ctx", "d"), ("Hq", "Hq", "d"), ("Hkv", "Hkv", "d"), ("D", "D", "d"),
-           ("plan", "plan", "s"), ("layers", "layers", "d"), ("l2", "L2", "s"), ("us", "us", ".1f"), ("frac_copy_bw", "/copy", ".3f"),
+           ("plan", "plan", "s"), ("layers", "layers", "d"), ("l2", "L2", "s"), ("pages", "pages", "s"), ("us", "us", ".1f"), ("frac_copy_bw", "/copy", ".3f"),
            ("span_us", "span us", ".1f"), ("outside_us", "outside us", ".1f"), ("ctas", "CTAs", "d"),
            ("sm_idle_start_fraction", "idle start", ".3f"), ("sm_idle_fraction", "idle end", ".3f"),
            ("active_frac_copy", "active/copy", ".3f"), ("last_start_us", "last start us", ".1f"),
@@ -73,7 +75,11 @@ def main() -> None:
     ap.add_argument("--l2", default="warm", help="comma list of warm (a loop of the kernel) and cold (an L2 flush "
                                                 "before each call)")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--pages", default="shuffled", help="comma list of shuffled and engine (page ids in the engine "
+                                                       "pool's order)")
     args = ap.parse_args()
+    page_list = [x.strip() for x in args.pages.split(",") if x.strip()]
+    assert page_list and set(page_list) <= {"shuffled", "engine"}, f"--pages takes shuffled and/or engine, got {args.pages!r}"
     layer_list = [int(x) for x in args.layers.split(",") if x.strip()]
     l2_list = [x.strip() for x in args.l2.split(",") if x.strip()]
     assert layer_list and all(n >= 1 for n in layer_list), f"--layers takes positive integers, got {args.layers!r}"
@@ -94,9 +100,10 @@ def main() -> None:
         shapes = [*shapes, ENGINE]
     rows = []
     flusher = L2Flush() if "cold" in l2_list else None
-    for (B, ctx, Hq, Hkv, D), layers in ((sh, n) for sh in shapes for n in layer_list):
+    for (B, ctx, Hq, Hkv, D), layers, pages in ((sh, n, pg) for sh in shapes for n in layer_list for pg in page_list):
         dtype = torch.bfloat16
-        k_cache, v_cache, bt = paged_pool(B, ctx, Hkv, D, args.block_size, dtype, layers=layers)
+        k_cache, v_cache, bt = paged_pool(B, ctx, Hkv, D, args.block_size, dtype, layers=layers,
+                                          engine_prompt=128 if pages == "engine" else 0)
         ctx_lens = torch.full((B,), ctx, dtype=torch.int32, device="cuda")
         q = torch.randn(B, Hq, D, device="cuda", dtype=dtype)
         out = torch.empty_like(q)
@@ -121,9 +128,9 @@ def main() -> None:
                 cap = B * Hkv * -(-(Hq // Hkv) // 16) * -(-ctx // 256)
                 with decode_cta_stamps(cap) as stamps:
                     st = stamp_stats(median_span_stamps(stamped, stamps, args.reps), sms)
-            row = {**cta_row((B, ctx, Hq, Hkv, D), plan, nbytes, ms, bw, st), "layers": layers, "l2": l2}
+            row = {**cta_row((B, ctx, Hq, Hkv, D), plan, nbytes, ms, bw, st), "layers": layers, "l2": l2, "pages": pages}
             rows.append(row)
-            print(f"B={B} ctx={ctx} {Hq}/{Hkv}/{D} {plan} layers={layers} L2 {l2}: {row['us']:.1f} us "
+            print(f"B={B} ctx={ctx} {Hq}/{Hkv}/{D} {plan} layers={layers} L2 {l2} pages {pages}: {row['us']:.1f} us "
                   f"({row['frac_copy_bw']:.3f} of copy), "
                   f"span {st['span_us']:.1f}, {st['ctas']} CTAs, SM idle end {st['sm_idle_fraction']:.3f} "
                   f"start {st['sm_idle_start_fraction']:.3f}, CTA us {st['cta_us_min']:.1f}/{st['cta_us_median']:.1f}/"

@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import copy_bandwidth, device_info, env_var, events_ms, print_table, results_path, write_json  # noqa: E402
+from common import (copy_bandwidth, device_info, env_var, events_ms, print_table, results_path, stamp_stats,  # noqa: E402
+                    write_json)
 from models import qwen_model, weight_bytes  # noqa: E402
 
 from oppo_runtime import ops  # noqa: E402
@@ -93,9 +94,27 @@ def kernel_profile(eng, B, path: str, iters=10) -> dict:
              f"{'us/step':>9} {'calls/step':>10} {'us/call':>8}  kernel"]
     for e in rows:
         lines.append(f"{dev_us(e) / iters:9.1f} {e.count / iters:10.1f} {dev_us(e) / e.count:8.2f}  {e.key[:150]}")
+    # The CTAs of the step's last decode attention call as they run inside the engine's graph (the
+    # stamps' constant is read at each launch: a replay inside the block stamps, each layer's call
+    # overwriting the one before): set beside bench/decode_stamps.py's loop of the same shape.
+    stamped = {}
+    if ops.backends().get("paged_decode_attention") == "cuda":
+        from oppo_runtime.ops.attention import decode_cta_stamps
+        with decode_cta_stamps(B * 64, dev) as stamps:
+            one()
+            torch.cuda.synchronize()
+            host = stamps.cpu()
+        if bool((host[:, 1] > 0).any()):
+            stamped = stamp_stats(host, torch.cuda.get_device_properties(dev).multi_processor_count)
+            lines += ["", "the step's last decode attention call, CTA stamps inside the graph: " +
+                      ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in stamped.items())]
     Path(path).write_text("\n".join(lines) + "\n")
     print(f"  kernel profile B={B}: {count:.0f} kernels, {total_us:.0f} us per step -> {path}", flush=True)
-    return {"kernels_per_step": count, "kernel_us_per_step": total_us}
+    if stamped:
+        print(f"  its last decode attention call: span {stamped['span_us']:.1f} us, {stamped['ctas']} CTAs, CTA us "
+              f"{stamped['cta_us_p10']:.1f}/{stamped['cta_us_median']:.1f}/{stamped['cta_us_max']:.1f}, SM idle end "
+              f"{stamped['sm_idle_fraction']:.3f}", flush=True)
+    return {"kernels_per_step": count, "kernel_us_per_step": total_us, "decode_attention_stamps": stamped}
 
 
 def ours(model, prompts, new, B, async_decode=True, host_profile: str | None = None,
