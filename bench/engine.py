@@ -303,7 +303,7 @@ def main():
                 if v is not None:
                     r[f"{name}_gpu_speedup"] = r["gpu_ms"] / v["gpu_ms"]
             for c in (int(x) for x in args.caps.split(",") if x.strip()):   # A/B: the decode split cap
-                v = variant(f"cap{c}", max_partition=c)
+                v = variant(f"cap{c}", max_partition=c, kernel_profile_path=kp and kp.replace(".txt", f"_cap{c}.txt"))
                 if v is not None:
                     r[f"cap{c}_gpu_speedup"] = r["gpu_ms"] / v["gpu_ms"]
             if args.graph_sampling:          # A/B: the LM head and sampler inside the decode graph

@@ -485,7 +485,7 @@ void launch_decode_split(PlanKind kind, at::Tensor& out, const at::Tensor& q, co
   const float scale_log2 = static_cast<float>(scale) * kLog2e;
 
   const bool pdl = decode_pdl();
-  const dim3 grid(num_splits, Hkv * q_chunks, B);
+  const dim3 grid(Hkv * q_chunks, B, num_splits);  // split slowest: see paged_decode_kernel
   launch_kernel(kernel, grid, kDecodeThreads, smem, stream, pdl,
       out.data_ptr(), out_f32, out.stride(0), out.stride(1), reinterpret_cast<const T*>(q.data_ptr()), q.stride(0),
       q.stride(1), reinterpret_cast<const T*>(k_cache.data_ptr()), reinterpret_cast<const T*>(v_cache.data_ptr()),

@@ -298,7 +298,13 @@ __device__ __forceinline__ void merge_split_partials(void* out, bool out_f32, in
 //              (B * Hkv * q_chunks, zero before the launch, left at zero): the group's last CTA
 //              merges its splits into `out` (draw_last_ticket), a context within split 0 is written
 //              by that CTA, a context of 0 by split 0 (zeros)
-// grid (num_splits, Hkv * q_chunks, B), q_chunks = ceil(G / 16); num_splits == 1 needs partition >= ctx
+// grid (Hkv * q_chunks, B, num_splits), q_chunks = ceil(G / 16); num_splits == 1 needs partition >= ctx.
+// The split is the slowest grid dimension: the block scheduler hands out every group's split 0
+// before any split 1, so the first wave holds the longest pieces and a split past a context's end
+// (common in a decode graph captured for the longest context) takes a slot only after them. With
+// the split fastest, those empty CTAs were interleaved with the real ones, and each empty slot
+// refilled half with empties again: in the engine's step (B=256, 2 splits of 384 tokens, contexts
+// of 384) the last real CTA started 13 us into a 28 us call (bench/NOTES.md, session 20).
 template <typename T, int D, int kStages>
 __global__ void __launch_bounds__(kDecodeThreads, DecodeBounds<D, kStages>::kMinBlocks)
 paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t o_s1,
@@ -320,10 +326,10 @@ paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t 
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int qr = lane >> 2, qc = lane & 3;
-  const int split = blockIdx.x;
+  const int split = blockIdx.z;
   const int q_chunks = (G + 15) / 16;
-  const int kvh = blockIdx.y / q_chunks, qchunk = blockIdx.y % q_chunks;
-  const int b = blockIdx.z;
+  const int kvh = blockIdx.x / q_chunks, qchunk = blockIdx.x % q_chunks;
+  const int b = blockIdx.y;
   const int Hq = Hkv * G;
   const int start = split * partition;
   const int rows = min(16, G - qchunk * 16);
@@ -496,7 +502,7 @@ paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t 
   }
   if (tickets != nullptr && !direct) {  // v7: the group's last CTA merges its splits (no reduction kernel)
     __shared__ int flag_s;
-    if (draw_last_ticket(tickets + static_cast<int64_t>(b) * gridDim.y + blockIdx.y, nvalid, &flag_s))
+    if (draw_last_ticket(tickets + static_cast<int64_t>(b) * gridDim.x + blockIdx.x, nvalid, &flag_s))
       merge_split_partials<T, D>(out, out_f32, o_s0, o_s1, ws_o, ws_lse, b, Hq, hq0, rows, num_splits, nvalid, tid);
   }
   cta_stamp_end(decode_stamps);  // thread 0's last store: within the merge's few loads of the CTA's end
