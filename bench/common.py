@@ -245,14 +245,16 @@ def median_span_stamps(run: Callable[[], object], stamps: torch.Tensor, reps: in
     return kept[len(kept) // 2][1]
 
 
-def stamp_stats(stamps: torch.Tensor, sms: int) -> dict:
+def stamp_stats(stamps: torch.Tensor, sms: int, clock_tag: bool = False) -> dict:
     """Where a one-launch kernel's SM time goes, from per-CTA (program, or work item) stamps: rows
     (start ns, end ns, SM id in the lower 32 bits) on the host, rows that were not written all zero
     (dropped). Times are us from the first start. ``sm_idle_fraction``: the time between each SM's last end and the kernel's end,
     summed over all ``sms`` SMs (an unused SM idles throughout), over sms x the span: ncu's
     1 - SM active / elapsed, less the start. ``sm_idle_start_fraction``: the same before each SM's
     first start (the launch's ramp). CTA durations as percentiles; ``cta_us_by_load``: the median
-    CTA duration by the number of CTAs its SM ran (does a CTA sharing its SM with more run longer?)."""
+    CTA duration by the number of CTAs its SM ran (does a CTA sharing its SM with more run longer?).
+    ``clock_tag``: the tag is the CTA's SM cycles (the decode kernel's stamps): ``sm_mhz_*``, the
+    SM clock of the CTAs that ran at least 2 us (cycles / ns; shorter ones are the timer's grain)."""
     s = stamps[stamps[:, 1] > 0]
     t0 = int(s[:, 0].min())
     start, end = (s[:, 0] - t0).double() / 1e3, (s[:, 1] - t0).double() / 1e3
@@ -273,7 +275,13 @@ def stamp_stats(stamps: torch.Tensor, sms: int) -> dict:
     by_load: dict[int, list[float]] = {}
     for a, e, m in zip(start.tolist(), end.tolist(), smid):
         by_load.setdefault(count[m], []).append(e - a)
-    return {"span_us": span, "ctas": len(dur), "sms_used": len(finish),
+    clock = {}
+    if clock_tag:
+        ns = (s[:, 1] - s[:, 0]).double()
+        mhz = sorted(((s[:, 2] >> 32).double() / ns * 1e3)[ns >= 2000].tolist())
+        if mhz:
+            clock = {"sm_mhz_p10": pct(mhz, 0.1), "sm_mhz_median": pct(mhz, 0.5), "sm_mhz_p90": pct(mhz, 0.9)}
+    return {**clock, "span_us": span, "ctas": len(dur), "sms_used": len(finish),
             "programs_per_sm_min": min(count.values()), "programs_per_sm_max": max(count.values()),
             "sm_finish_us_min": fin[0], "sm_finish_us_median": statistics.median(fin), "sm_finish_us_max": fin[-1],
             "sm_idle_fraction": idle / (sms * span),

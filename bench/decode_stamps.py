@@ -49,7 +49,7 @@ COLUMNS = [("B", "B", "d"), ("ctx", "ctx", "d"), ("Hq", "Hq", "d"), ("Hkv", "Hkv
            ("sm_idle_start_fraction", "idle start", ".3f"), ("sm_idle_fraction", "idle end", ".3f"),
            ("active_frac_copy", "active/copy", ".3f"), ("last_start_us", "last start us", ".1f"),
            ("cta_us_p10", "CTA p10", ".1f"), ("cta_us_median", "CTA p50", ".1f"),
-           ("cta_us_p90", "CTA p90", ".1f"), ("cta_us_max", "CTA max", ".1f")]
+           ("cta_us_p90", "CTA p90", ".1f"), ("cta_us_max", "CTA max", ".1f"), ("sm_mhz_median", "SM MHz", ".0f")]
 
 
 def cta_row(shape, plan: str, nbytes: int, ms: float, bw: float, st: dict) -> dict:
@@ -127,14 +127,15 @@ def main() -> None:
                 # (the launcher's minimum partition) x Hkv x head chunks of 16 x B
                 cap = B * Hkv * -(-(Hq // Hkv) // 16) * -(-ctx // 256)
                 with decode_cta_stamps(cap) as stamps:
-                    st = stamp_stats(median_span_stamps(stamped, stamps, args.reps), sms)
+                    st = stamp_stats(median_span_stamps(stamped, stamps, args.reps), sms, clock_tag=True)
             row = {**cta_row((B, ctx, Hq, Hkv, D), plan, nbytes, ms, bw, st), "layers": layers, "l2": l2, "pages": pages}
             rows.append(row)
             print(f"B={B} ctx={ctx} {Hq}/{Hkv}/{D} {plan} layers={layers} L2 {l2} pages {pages}: {row['us']:.1f} us "
                   f"({row['frac_copy_bw']:.3f} of copy), "
                   f"span {st['span_us']:.1f}, {st['ctas']} CTAs, SM idle end {st['sm_idle_fraction']:.3f} "
                   f"start {st['sm_idle_start_fraction']:.3f}, CTA us {st['cta_us_min']:.1f}/{st['cta_us_median']:.1f}/"
-                  f"{st['cta_us_max']:.1f}, by SM load {st['cta_us_by_load']}", flush=True)
+                  f"{st['cta_us_max']:.1f}, by SM load {st['cta_us_by_load']}, SM clock {st.get('sm_mhz_median', float('nan')):.0f} MHz",
+                  flush=True)
         del k_cache, v_cache
         torch.cuda.empty_cache()
     print_table(rows, COLUMNS)

@@ -29,6 +29,9 @@ BENCHES=("$@")
 [ ${#BENCHES[@]} -eq 0 ] && BENCHES=(decode_attention prefill_attention sampler)
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-16}
+# The commit each JSON records (common.tree_commit): the device's copy of the tree keeps a stale
+# .git, so a call carries .commit (`git rev-parse --short HEAD > .commit`); OPPO_COMMIT wins if set.
+if [ -z "${OPPO_COMMIT:-}" ] && [ -s .commit ]; then export OPPO_COMMIT=$(head -c 40 .commit | tr -d '[:space:]'); fi
 T0=$(date +%s)
 : > "$LOG"
 {
@@ -39,7 +42,7 @@ T0=$(date +%s)
   echo '```'
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv 2>&1
   $PY -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)" 2>&1
-  git log --oneline -1 2>/dev/null
+  echo "tree: ${OPPO_COMMIT:-$(git log --oneline -1 2>/dev/null)}"
   echo '```'
   echo
   echo "| step | rc | seconds |"

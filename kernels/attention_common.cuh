@@ -158,7 +158,8 @@ __device__ __forceinline__ void pdl_launch_dependents() {
 }
 
 // Timestamps, for finding where a kernel's time goes (bench/decode_stamps.py, bench/prefill_stamps.py):
-// row r of a [capacity, 3] int64 buffer = (start ns, end ns, SM id | tag << 32) of a CTA (row = its
+// row r of a [capacity, 3] int64 buffer = (start ns, end ns, SM id | tag << 32) of a CTA (tag: its
+// SM cycles, cta_stamp_*; row = its
 // linear id blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z)) or of a work item
 // (row = the item; tag e.g. its tile count); rows past capacity are not written. Off (rows ==
 // nullptr) unless a launcher's host side sets its kernel's copy (a __constant__: no register).
@@ -193,14 +194,37 @@ __device__ __forceinline__ void stamp_end(const CtaStamps& st, int64_t row, int6
     st.rows[3 * row + 2] = static_cast<int64_t>(sm_id()) | (tag << 32);
   }
 }
+__device__ __forceinline__ long long sm_clock() {  // the SM's cycle counter
+  long long c;
+  asm volatile("mov.u64 %0, %%clock64;\n" : "=l"(c));
+  return c;
+}
 // A CTA's row: thread 0 at the kernel's start, and after thread 0's last store at its end (that
 // marks the CTA's end when the threads' last work is equal; a barrier costs the lean decode
-// kernels a spill).
+// kernels a spill). The tag is the CTA's SM cycles from start to end (the SM clock it ran at =
+// cycles / ns): the start's clock waits in the row's third slot, so no register holds it across
+// the kernel. (Written as stamp_start/stamp_end are: a first form, the row computed before the
+// thread test and the clock read with a "memory" clobber, spilled 24 bytes in decode plan v6's
+// kernel; tests/test_decode_kernel_ptxas.py fails on it.)
+__device__ __forceinline__ void cta_clock_start(const CtaStamps& st, int64_t row) {
+  if (st.rows != nullptr && row < st.capacity) {
+    st.rows[3 * row] = global_ns();
+    st.rows[3 * row + 2] = sm_clock();
+  }
+}
+__device__ __forceinline__ void cta_clock_end(const CtaStamps& st, int64_t row) {
+  if (st.rows != nullptr && row < st.capacity) {
+    const long long t = global_ns();
+    const long long c = sm_clock();  // neither waits for the load below (only the subtraction does)
+    st.rows[3 * row + 1] = t;
+    st.rows[3 * row + 2] = static_cast<int64_t>(sm_id()) | ((c - st.rows[3 * row + 2]) << 32);
+  }
+}
 __device__ __forceinline__ void cta_stamp_start(const CtaStamps& st) {
-  if (threadIdx.x == 0) stamp_start(st, cta_linear_id());
+  if (threadIdx.x == 0) cta_clock_start(st, cta_linear_id());
 }
 __device__ __forceinline__ void cta_stamp_end(const CtaStamps& st) {
-  if (threadIdx.x == 0) stamp_end(st, cta_linear_id());
+  if (threadIdx.x == 0) cta_clock_end(st, cta_linear_id());
 }
 
 }  // namespace attn

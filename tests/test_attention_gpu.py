@@ -399,8 +399,9 @@ def test_decode_caller_workspace_allocates_nothing(monkeypatch, plan, B, Hq, Hkv
 @pytest.mark.parametrize("B,Hq,Hkv,D,table", [(1, 32, 8, 128, 32768), (3, 14, 2, 64, 2048)])
 def test_decode_cta_stamps_cover_every_cta_and_change_nothing(monkeypatch, plan, B, Hq, Hkv, D, table):
     """decode_cta_stamps: every CTA of the split kernel's grid (the plan mirror's count) writes its
-    row (start <= end, a real SM id) and no row past the grid, empty splits included; the output is
-    bit for bit the unstamped call's, also replayed in a graph captured outside the block; after
+    row (start <= end, a real SM id, its SM cycles in the upper half) and no row past the grid, empty
+    splits included; the output is bit for bit the unstamped call's, also replayed in a graph
+    captured outside the block; after
     the block, launches write nothing; a capacity below the grid is not overrun (memcheck:
     bench/sanitize_attention.py's stamps case); the switch is refused under capture."""
     _use_plan(monkeypatch, plan)
@@ -430,8 +431,13 @@ def test_decode_cta_stamps_cover_every_cta_and_change_nothing(monkeypatch, plan,
     for rows in (s, s_graph):
         ran = rows[:ctas]
         assert bool((ran[:, 0] > 0).all() and (ran[:, 1] >= ran[:, 0]).all()), ran
-        assert bool(((ran[:, 2] >= 0) & (ran[:, 2] < sms)).all())
+        sm, cycles = ran[:, 2] & 0xFFFFFFFF, ran[:, 2] >> 32             # SM id | SM cycles << 32
+        assert bool(((sm >= 0) & (sm < sms)).all()), ran
         assert int((ran[:, 1] - ran[:, 0]).max()) < 10**9                   # ns, not garbage
+        assert bool((cycles > 0).all()), ran
+        ns = (ran[:, 1] - ran[:, 0]).double()
+        mhz = (cycles.double() / ns * 1e3)[ns >= 2000]                     # units: cycles over ns, not garbage
+        assert bool(((mhz > 50) & (mhz < 10000)).all()), mhz
         assert not rows[ctas:].any(), "a row past the grid was written"
     stamps.zero_()
     A.paged_decode_attention(q, kv.k, kv.v, bt, ctx, D ** -0.5, backend="cuda", workspace=ws)

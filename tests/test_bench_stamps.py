@@ -41,6 +41,17 @@ def test_stamp_stats_reads_the_sm_below_a_tag():
     assert c.stamp_stats(s, sms=4)["sm_finish_us_by_smid"] == [0.0, 2.0, 0.0, 4.0]
 
 
+def test_stamp_stats_reads_the_sm_clock_from_a_cycle_tag():
+    """clock_tag: the tag is the CTA's SM cycles; CTAs under 2 us (the timer's grain) are left out."""
+    c = load_script(BENCH, "common")
+    rows = [(0, 10_000, 0, 17_000), (0, 5_000, 1, 9_000), (0, 20_000, 2, 38_000), (0, 1_000, 3, 99_000)]
+    s = torch.tensor([[a, e, m | (cyc << 32)] for a, e, m, cyc in rows], dtype=torch.int64)
+    st = c.stamp_stats(s, sms=4, clock_tag=True)
+    assert (st["sm_mhz_p10"], st["sm_mhz_median"], st["sm_mhz_p90"]) == pytest.approx((1700, 1800, 1900))
+    assert "sm_mhz_median" not in c.stamp_stats(s, sms=4)          # a tag that is not cycles: no clock
+    assert st["sm_finish_us_by_smid"] == [10.0, 5.0, 20.0, 1.0]    # the SM id below the cycles
+
+
 def test_prefill_item_fit_recovers_overhead_per_item_and_time_per_tile():
     """bench/prefill_stamps.py's fit: items of 1-30 key tiles lasting 3 us + 0.5 us per tile, four
     per SM back to back with 0.25 us between them, give a = 3, b = 0.5, gap 0.25."""

@@ -335,7 +335,8 @@ def decode_cta_stamps(capacity: int, device=None):
     ``device`` (default: the current CUDA device); each launch of the split kernel (plans v2, v3, v6, v7;
     not v4/v5, not the split reduction) inside the block writes row c = the CTA's linear id
     (blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z)): start ns, end ns
-    (%globaltimer) and SM id; CTAs past ``capacity`` write nothing. Later launches overwrite
+    (%globaltimer) and SM id | the CTA's SM cycles (%clock64, start to end) << 32, so cycles / ns is
+    the SM clock it ran at; CTAs past ``capacity`` write nothing. Later launches overwrite
     earlier ones' rows. The switch is ordered on the current stream; not under CUDA-graph capture,
     but graphs replayed inside the block stamp too. Raises where the CUDA kernels are not built or
     no GPU is present."""
