@@ -2,14 +2,17 @@
 weights stay in L2) and cold (an L2 flush before each call: in the engine every layer's weights
 come from DRAM), under each BLAS library PyTorch offers here, over the bytes' floor.
 
-    python bench/linear_probe.py [--shapes qwen2.5-0.5b] [--batches 64,256] [--libs cublas,cublaslt]
+    python bench/linear_probe.py [--shapes qwen2.5-0.5b] [--batches 64,256] [--libs cublas,cublaslt,inductor]
                                  [--out bench/results/linear_probe.json]
 
 Why: the engine's kernel profile (H100, B=256) has the QKV projection at 5.4 us and o_proj at 4.5
 us per call for ~1 us of bytes, and down_proj at 10.2 us for ~3.7 us. Before writing a GEMM of our
 own, this says how much of that is the cold L2 (nothing to win by a better tile) and whether the
-other library's heuristics pick better tiles (a one-line switch). Floor: weights + input + output
-bytes over the copy bandwidth measured in the same run. No timing assertion.
+other library's heuristics pick better tiles (a one-line switch). ``inductor``: the same F.linear
+under ``torch.compile(mode="max-autotune-no-cudagraphs")``, which times its Triton GEMM templates
+against cuBLAS for this shape and keeps the faster (its table of configs goes to the log): whether a
+Triton GEMM of our own can beat cuBLAS at these small-M shapes, before writing one. Floor: weights +
+input + output bytes over the copy bandwidth measured in the same run. No timing assertion.
 """
 from __future__ import annotations
 
@@ -38,6 +41,20 @@ def projections(h: int, i: int, hq: int, hkv: int, d: int) -> list[tuple[str, in
             ("gate_up", h, 2 * i, False), ("down", i, h, False)]
 
 
+def inductor_linear(x, w, b):
+    """A call that returns F.linear(x, w, b) through a max-autotuned torch.compile (the autotuning,
+    with its table of Triton configs against cuBLAS, runs at the first call; the output is the
+    compiled code's own allocation, as the engine's F.linear's is)."""
+    import torch._inductor.config as ic
+    ic.max_autotune_gemm_backends = "ATEN,TRITON"
+    fn = torch.compile(lambda x, w, b: F.linear(x, w, b), mode="max-autotune-no-cudagraphs", dynamic=False,
+                       fullgraph=True)
+
+    def run():
+        return fn(x, w, b)
+    return run
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="qwen2.5-0.5b")
@@ -46,7 +63,8 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     libs = [x.strip() for x in args.libs.split(",") if x.strip()]
-    assert libs and set(libs) <= {"cublas", "cublaslt"}, f"--libs takes cublas and/or cublaslt, got {args.libs!r}"
+    assert libs and set(libs) <= {"cublas", "cublaslt", "inductor"}, \
+        f"--libs takes cublas, cublaslt and/or inductor, got {args.libs!r}"
     info = device_info()
     bw = copy_bandwidth()
     print(f"{info['card']}  torch {info['torch']}  copy bandwidth {bw / 1e12:.2f} TB/s (read + write)")
@@ -64,13 +82,16 @@ def main() -> None:
                     ref = F.linear(x.float(), w.float(), None if b is None else b.float())
                     floor_us = 2 * (N * K + B * K + B * N) / bw * 1e6
                     for lib in libs:
-                        torch.backends.cuda.preferred_blas_library(lib)
+                        torch.backends.cuda.preferred_blas_library("cublas" if lib == "inductor" else lib)
+                        if lib == "inductor":
+                            run = inductor_linear(x, w, b)
+                        else:
+                            def run():
+                                torch.matmul(x, w.t(), out=out) if b is None else torch.addmm(b, x, w.t(), out=out)
 
-                        def run():
-                            torch.matmul(x, w.t(), out=out) if b is None else torch.addmm(b, x, w.t(), out=out)
-
-                        run()
-                        err = float((out.float() - ref).norm() / ref.norm())
+                        got = run()
+                        got = out if got is None else got
+                        err = float((got.float() - ref).norm() / ref.norm())
                         assert err < 2e-2, f"{name} {proj} B={B} {lib}: relative error {err:.2e}"
                         warm = time_ms(run) * 1e3
                         cold = time_ms(run, cold_l2=flusher) * 1e3
