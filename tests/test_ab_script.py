@@ -1,6 +1,7 @@
-"""The committed device-call scripts (bench/ab_v6_wgmma3.sh, bench/ab_ks_caps.sh: a GPU session's
-calls), checked without a GPU: every script they run exists and every plan they name is one its
-script accepts (a typo there costs a device call)."""
+"""The committed device-call scripts (bench/ab_*.sh: a GPU session's calls), checked without a GPU:
+every script they run exists, every plan they name is one its script accepts and every flag they
+pass a bench script (directly or through gpu_check.sh's ARGS_<bench>) is one it takes (a typo there
+costs a device call)."""
 import re
 from pathlib import Path
 
@@ -8,7 +9,7 @@ import pytest
 from _scripts import load_script
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
-SCRIPTS = ["ab_v6_wgmma3.sh", "ab_ks_caps.sh"]
+SCRIPTS = ["ab_v6_wgmma3.sh", "ab_ks_caps.sh", "ab_clock_gemm.sh"]
 
 
 @pytest.fixture(params=SCRIPTS)
@@ -36,6 +37,8 @@ def test_every_plan_the_calls_name_is_accepted(script):
     p = load_script(BENCH, "prefill_attention")
     decode = [pl for ls in re.findall(r'ARGS_decode_attention="--plans ([\w+,]+)', SCRIPT) for pl in ls.split(",")]
     decode += [pl for ls in _plans_after(SCRIPT, "decode_stamps.py --plans") for pl in ls]
+    decode += [pl for ls in _plans_after(SCRIPT, "decode_attention.py --plans") for pl in ls]
+    decode += [pl for ls in re.findall(r'ARGS_decode_stamps="--plans ([\w+,]+)', SCRIPT) for pl in ls.split(",")]
     prefill = [pl for ls in re.findall(r'ARGS_prefill_attention="--shapes \d+ --plans ([\w,]+)', SCRIPT)
                for pl in ls.split(",")]
     prefill += [pl for ls in _plans_after(SCRIPT, "prefill_stamps.py --plans") for pl in ls]
@@ -61,7 +64,10 @@ def test_every_flag_a_call_passes_a_bench_script_is_one_it_takes(script):
     import sys
     joined = re.sub(r"\\\n\s*", " ", script)
     helps: dict[str, str] = {}
-    for name, rest in re.findall(r"python3 bench/(\w+)\.py([^\n|>;]*)", joined):
+    commands = re.findall(r"python3 bench/(\w+)\.py([^\n|>;]*)", joined)
+    commands += re.findall(r'ARGS_(\w+)="([^"]*)"', joined)      # gpu_check.sh passes these to bench/NAME.py
+    assert commands
+    for name, rest in commands:
         if name not in helps:
             src = (BENCH / f"{name}.py").read_text()
             if "argparse" not in src:      # (sanitize_attention.py reads sys.argv: its flags are in its text)
