@@ -72,7 +72,7 @@ def _warm(fn: Callable[[], object], ms: float) -> None:
 class L2Flush:
     """Evicts the L2 cache by reading a buffer of twice its size (a read, not a write: dirty lines
     left by a write would be written back during the timed kernel, DRAM traffic that is not its own).
-    ``flush()`` is capturable; ``ms()`` is its own time, measured as time_ms measures."""
+    ``flush()`` is capturable (time_ms's ``cold_l2`` times it alone and subtracts it)."""
 
     def __init__(self):
         l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20)

@@ -100,7 +100,7 @@ def kernel_profile(eng, B, path: str, iters=10) -> dict:
     stamped = {}
     if ops.backends().get("paged_decode_attention") == "cuda":
         from oppo_runtime.ops.attention import decode_cta_stamps
-        with decode_cta_stamps(B * 64, dev) as stamps:
+        with decode_cta_stamps(B * 512, dev) as stamps:    # rows: B x kv heads x chunks x splits, with room
             one()
             torch.cuda.synchronize()
             host = stamps.cpu()

@@ -302,9 +302,9 @@ __device__ __forceinline__ void merge_split_partials(void* out, bool out_f32, in
 // The split is the slowest grid dimension: the block scheduler hands out every group's split 0
 // before any split 1, so the first wave holds the longest pieces and a split past a context's end
 // (common in a decode graph captured for the longest context) takes a slot only after them. With
-// the split fastest, those empty CTAs were interleaved with the real ones, and each empty slot
-// refilled half with empties again: in the engine's step (B=256, 2 splits of 384 tokens, contexts
-// of 384) the last real CTA started 13 us into a 28 us call (bench/NOTES.md, session 20).
+// the split fastest, empty CTAs were dealt alternately with real ones: in the engine's step (B=256,
+// 2 splits of 384 tokens, contexts of 384; H100) the call's last CTA started 13 us into its 27.9 us
+// and 17% of SM time idled at the end; split-major: 25.9 us, 6% (bench/NOTES.md, session 20).
 template <typename T, int D, int kStages>
 __global__ void __launch_bounds__(kDecodeThreads, DecodeBounds<D, kStages>::kMinBlocks)
 paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t o_s1,
