@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The one-command GPU check: build the extension, run the GPU tests, compute-sanitizer memcheck
-# and racecheck on tiny calls of each attention kernel, then the named benchmarks.
+# on tiny calls of each attention kernel and plan and racecheck on the default plans', then the named
+# benchmarks.
 #
 #   bash bench/gpu_check.sh [BENCH ...]      (default: decode_attention prefill_attention sampler)
 #
@@ -100,7 +101,12 @@ if [ -z "${BENCH_ONLY:-}" ] || [ -n "${SANITIZE:-}" ]; then   # SANITIZE=1: also
 export PYTORCH_NO_CUDA_MEMORY_CACHING=1
 SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
 step memcheck 120 "$SAN" --tool memcheck --error-exitcode 9 $PY bench/sanitize_attention.py
-step racecheck 120 "$SAN" --tool racecheck --error-exitcode 9 $PY bench/sanitize_attention.py
+# racecheck: the default plans only (every case under racecheck ran past 120 s in session 20; the
+# A/B plans get memcheck above), decode and prefill as two steps (--prefill-plans skips decode)
+step racecheck_decode 120 "$SAN" --tool racecheck --error-exitcode 9 $PY bench/sanitize_attention.py \
+  --decode-only --decode-plans=v7
+step racecheck_prefill 120 "$SAN" --tool racecheck --error-exitcode 9 $PY bench/sanitize_attention.py \
+  --prefill-plans=wgmma_pp_ov_qp_xc_ps,wgmma3_pp_ov_qp_xc_ps
 unset PYTORCH_NO_CUDA_MEMORY_CACHING
 fi
 for b in "${BENCHES[@]}"; do
