@@ -85,6 +85,14 @@ constexpr int kFlagMerge = 64;
 // and l for them), and warpgroup 0 merges the three partial results through shared memory: the
 // item takes about 1/NC of its time. The turns stay in their ring (a warpgroup without a tile for
 // a turn takes it empty), and a warpgroup arrives on the stages of the tiles it does not read.
+// Its items come in another order: every (sequence, kv head)'s last row tile (x = 0, the one that
+// holds the remainder) first, in group order, then the other row tiles x fastest. With persistent
+// CTAs (CTA c takes items c, c + gridDim.x, ...) the x-fastest order handed the short items to
+// some CTAs only (issue 8's D=64 shape: item w is short iff w % 10 == 0, and 132 % 10 == 2, so only
+// even CTAs got them): the batch's span is the CTAs with the most full items, and it did not
+// shrink (session 20: SM idle at the end 0.043 -> 0.079, `_ks` 1.5% slower than without). First,
+// they go to CTAs 0..127 as their first item, and each CTA that takes one item more than others
+// takes a short one (9 full + 1 short instead of 10 full at that shape).
 constexpr int kFlagKeySplit = 128;
 
 template <int D, int NC = 2>
@@ -204,7 +212,8 @@ static __constant__ CtaStamps prefill_stamps;
 // k/v_cache    [num_blocks, block_size, Hkv, D] (page stride page_stride, equal for K and V)
 // context_lens [B] int32 (prefix + chunk);  block_tables [B, max_blocks] int32, row stride bt_stride
 // work items: (row tile of kBM rows, kv head, sequence), m_tiles = ceil(max_seqlen_q * G / kBM) row
-// tiles each, num_items = m_tiles * Hkv * B; grid 1D: CTA c takes items c, c + gridDim.x, ...
+// tiles each, num_items = m_tiles * Hkv * B (index order: item_at; kKeySplit's differs); grid 1D:
+// CTA c takes items c, c + gridDim.x, ...
 // (gridDim.x = num_items: one item each; fewer: persistent CTAs, the K/V ring and the producer's
 // prefetch running on across items). Block Geo<NC>::kThreads (384 for NC = 2: rows per item 128;
 // 512 for NC = 3: 192 rows), dynamic smem Cfg<D, NC>::kSmem.
@@ -245,7 +254,17 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
     int b, kvh, q0, rows, row0, L, prefix, n_tiles, n_full;
   };
   auto item_at = [&](int w, Item& I) -> bool {
-    const int x = w % m_tiles, rest = w / m_tiles;
+    int x = w % m_tiles, rest = w / m_tiles;
+    if constexpr (kKeySplit) {  // the groups' last row tiles first, then the others x fastest (kFlagKeySplit)
+      const int groups = num_items / m_tiles;
+      x = 0;
+      rest = w;
+      if (w >= groups) {          // (m_tiles > 1 here: with one row tile every w is < groups)
+        const int v = w - groups;
+        x = 1 + v % (m_tiles - 1);
+        rest = v / (m_tiles - 1);
+      }
+    }
     I.kvh = rest % Hkv;
     I.b = rest / Hkv;
     I.q0 = cu_seqlens_q[I.b];

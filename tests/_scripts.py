@@ -66,3 +66,14 @@ def nvcc_sm90a(source: str, workdir: Path, sass_with: str | None = None) -> tupl
         assert dump.returncode == 0, dump.stderr[-2000:]
         sass = dump.stdout
     return out.stdout + out.stderr, sass
+
+
+def prefill_item_coords(w: int, m_tiles: int, groups: int, key_split: bool) -> tuple[int, int]:
+    """Item w's (x, group) in the wgmma kernel's order (item_at): x (row tile from the last) fastest;
+    the key-split kernel's: every group's x = 0 first, then the rest x fastest (kFlagKeySplit)."""
+    if not key_split:
+        return w % m_tiles, w // m_tiles
+    if w < groups:
+        return 0, w
+    v = w - groups
+    return 1 + v % (m_tiles - 1), v // (m_tiles - 1)

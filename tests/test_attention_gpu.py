@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from oppo_runtime.ops import attention as A
+from _scripts import prefill_item_coords
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -1040,7 +1041,7 @@ def test_prefill_wgmma3_persistent_many_items_and_native_output(monkeypatch, pla
                                   "wgmma3_pp_ov_qp_xc_ks_ps"])
 def test_prefill_item_stamps_cover_every_item_and_change_nothing(monkeypatch, plan):
     """prefill_item_stamps: every work item of the wgmma kernel (row tile, kv head, sequence, in the
-    launcher's order; one CTA each or persistent CTAs) writes its row with its key-tile count as
+    kernel's order, prefill_item_coords; one CTA each or persistent CTAs) writes its row with its key-tile count as
     the tag, items past a short chunk write nothing, and the output is bit for bit the unstamped
     call's."""
     _skip_unless_wgmma(plan)
@@ -1066,7 +1067,7 @@ def test_prefill_item_stamps_cover_every_item_and_change_nothing(monkeypatch, pl
     assert torch.equal(stamped, plain)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     for w in range(items + 3):
-        x, rest = w % m_tiles, w // m_tiles
+        x, rest = prefill_item_coords(w, m_tiles, items // m_tiles, key_split="_ks" in plan)
         b, row0 = rest // Hkv, (m_tiles - 1 - x) * bm
         if w >= items or row0 >= chunks[b] * G:
             assert not s[w].any(), f"item {w} (none) wrote {s[w].tolist()}"

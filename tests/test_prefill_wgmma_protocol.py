@@ -26,6 +26,7 @@ from __future__ import annotations
 import random
 
 import pytest
+from _scripts import prefill_item_coords
 
 
 class MBarrier:
@@ -632,3 +633,25 @@ def test_key_split_catches_a_p_v_paired_with_the_next_tile():
                 run([10, 9], 4, True, seed, nc=3, chain=True, key_split=frozenset({0}))
     finally:
         KS_PAIR_PV = False
+
+
+@pytest.mark.parametrize("key_split", [False, True])
+def test_item_order_gives_the_short_items_to_the_ctas_with_one_more(key_split):
+    """The wgmma kernel's item order (kernels/paged_prefill_wgmma.cuh item_at, mirrored by
+    prefill_item_coords; the GPU stamps test checks the mirror against the kernel) is a permutation
+    of the items, and under the key split's order persistent CTAs (CTA c takes items c, c + 132,
+    ...) at issue 8's D=64 shape (64 sequences x 2 kv heads, 10 row tiles of 192 rows, the tenth 64
+    rows: short under the key split) each take at most 9 full items plus one short one. In the
+    x-fastest order the short items fall on even CTAs only, and the busiest CTAs carry 10 full ones."""
+    m_tiles, groups, ctas = 10, 128, 132
+    order = [prefill_item_coords(w, m_tiles, groups, key_split) for w in range(m_tiles * groups)]
+    assert sorted(order) == sorted((x, g) for g in range(groups) for x in range(m_tiles))
+    full = [0] * ctas
+    short = [0] * ctas
+    for w, (x, _) in enumerate(order):
+        (short if x == 0 else full)[w % ctas] += 1
+    if key_split:
+        assert max(full) == 9 and all(s <= 1 for s in short)
+        assert all(s == 1 for f, s in zip(full, short) if f + s == max(f + s for f, s in zip(full, short)))
+    else:
+        assert max(full) == 10 and all(s == 0 for c, s in enumerate(short) if c % 2)
