@@ -38,7 +38,8 @@ SPREAD = (32, "spread", 256, 14, 2, 64)   # B, prefixes 0..4096 (spread), chunk,
 KBN = 128                                 # key tile of the wgmma kernel (both head dims)
 COLUMNS = [("B", "B", "d"), ("prefix", "prefix", "s"), ("chunk", "chunk", "d"), ("D", "D", "d"),
            ("plan", "plan", "s"), ("us", "us", ".1f"), ("frac_matmul", "/matmul", ".3f"),
-           ("items", "items", "d"), ("item_us_median", "item us", ".2f"),
+           ("items", "items", "d"), ("item_us_median", "item us", ".2f"), ("short_items", "split items", "d"),
+           ("short_item_us_median", "split item us", ".2f"),
            ("item_overhead_us", "overhead us", ".2f"), ("tile_us", "tile us", ".3f"),
            ("tile_us_floor", "tile floor", ".3f"), ("tile_over_floor", "tile/floor", ".2f"),
            ("gap_us", "gap us", ".2f"), ("sm_idle_start_fraction", "idle start", ".3f"),
@@ -51,12 +52,19 @@ def rows_per_item(plan: str) -> int:
 
 def fit_items(s: torch.Tensor) -> dict:
     """Items' durations against their key tiles: least squares a + b x tiles, and the gaps between
-    consecutive items of a CTA (by SM and start; persistent CTAs run one at a time per SM)."""
+    consecutive items of a CTA (by SM and start; persistent CTAs run one at a time per SM). Items
+    whose key tiles were split (plans _ks: the tag's bit 20) are counted and timed apart
+    (``short_items``, ``short_item_us_median``) and left out of the fit."""
     s = s[s[:, 1] > 0]
+    split = ((s[:, 2] >> 52) & 1).bool()            # the tag's kStampKeySplit bit: a key-split item
+    short = s[split]
+    out = {"short_items": int(short.shape[0]),
+           "short_item_us_median": float(((short[:, 1] - short[:, 0]).double() / 1e3).median()) if len(short) else None}
+    s_all, s = s, s[~split]                         # the fit: the ordinary items
     dur = (s[:, 1] - s[:, 0]).double() / 1e3
-    tiles = (s[:, 2] >> 32).double()
-    out = {"items": int(s.shape[0]), "tiles_min": int(tiles.min()), "tiles_max": int(tiles.max()),
-           "item_us_median": float(dur.median())}
+    tiles = ((s[:, 2] >> 32) & 0xFFFFF).double()
+    out.update({"items": int(s_all.shape[0]), "tiles_min": int(tiles.min()), "tiles_max": int(tiles.max()),
+                "item_us_median": float(dur.median())})
     if int(tiles.max()) > int(tiles.min()):
         A = torch.stack([torch.ones_like(tiles), tiles], dim=1)
         sol = torch.linalg.lstsq(A, dur[:, None]).solution[:, 0]
@@ -66,7 +74,7 @@ def fit_items(s: torch.Tensor) -> dict:
     else:
         out.update(item_overhead_us=None, tile_us=float(dur.mean() / tiles.mean()), fit_r2=None)
     gaps, by_sm = [], {}
-    for a, e, m in zip(s[:, 0].tolist(), s[:, 1].tolist(), (s[:, 2] & 0xFFFFFFFF).tolist()):
+    for a, e, m in zip(s_all[:, 0].tolist(), s_all[:, 1].tolist(), (s_all[:, 2] & 0xFFFFFFFF).tolist()):
         by_sm.setdefault(m, []).append((a, e))
     for seq in by_sm.values():
         seq.sort()

@@ -94,6 +94,8 @@ constexpr int kFlagMerge = 64;
 // they go to CTAs 0..127 as their first item, and each CTA that takes one item more than others
 // takes a short one (9 full + 1 short instead of 10 full at that shape).
 constexpr int kFlagKeySplit = 128;
+// prefill_item_stamps' tag: an item's key tiles, | this bit for an item whose key tiles were split
+constexpr int64_t kStampKeySplit = int64_t(1) << 20;
 
 template <int D, int NC = 2>
 struct Cfg {
@@ -896,7 +898,7 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
       store_rows(I, inv);
     }
     named_sync(kKsBar, 128 * NC);      // the hand-over area is free again
-    if (cw == 0 && tw == 0) stamp_end(prefill_stamps, w, n);
+    if (cw == 0 && tw == 0) stamp_end(prefill_stamps, w, n | kStampKeySplit);
     q_addr = smem_u32(q_s) + 64 * cw * 128;
     rA = 64 * cw + 16 * warp + g;
   };

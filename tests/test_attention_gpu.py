@@ -1041,7 +1041,8 @@ def test_prefill_wgmma3_persistent_many_items_and_native_output(monkeypatch, pla
                                   "wgmma3_pp_ov_qp_xc_ks_ps"])
 def test_prefill_item_stamps_cover_every_item_and_change_nothing(monkeypatch, plan):
     """prefill_item_stamps: every work item of the wgmma kernel (row tile, kv head, sequence, in the
-    kernel's order, prefill_item_coords; one CTA each or persistent CTAs) writes its row with its key-tile count as
+    kernel's order, prefill_item_coords; one CTA each or persistent CTAs) writes its row with its key-tile count
+    (and the key-split bit for the _ks plan's split items) as
     the tag, items past a short chunk write nothing, and the output is bit for bit the unstamped
     call's."""
     _skip_unless_wgmma(plan)
@@ -1075,7 +1076,9 @@ def test_prefill_item_stamps_cover_every_item_and_change_nothing(monkeypatch, pl
         last = prefixes[b] + (min(row0 + bm, chunks[b] * G) - 1) // G
         start, end, tag = s[w].tolist()
         assert 0 < start <= end and (tag & 0xFFFFFFFF) < sms, (w, s[w].tolist())
-        assert tag >> 32 == (last + 128) // 128, f"item {w}: key tiles {tag >> 32}, expected {(last + 128) // 128}"
+        tiles, split = (tag >> 32) & 0xFFFFF, tag >> 52                  # kStampKeySplit: bit 20 of the tag
+        assert tiles == (last + 128) // 128, f"item {w}: key tiles {tiles}, expected {(last + 128) // 128}"
+        assert split == int("_ks" in plan and chunks[b] * G - row0 <= 64), f"item {w}: key-split bit {split}"
 
 
 def test_prefill_wgmma3_refuses_head_dim_128_and_fp16(monkeypatch):

@@ -72,6 +72,13 @@ def test_prefill_item_fit_recovers_overhead_per_item_and_time_per_tile():
     same = s.clone()
     same[:, 2] = (same[:, 2] & 0xFFFFFFFF) | (4 << 32)                 # one tile count: no fit, a mean
     assert p.fit_items(same)["item_overhead_us"] is None
+    assert fit["short_items"] == 0 and fit["short_item_us_median"] is None
+    # two key-split items (tag bit 20) of 20 tiles lasting 2 us: timed apart, out of the fit
+    split = torch.tensor([[50_000, 52_000, 3 | ((20 | (1 << 20)) << 32)],
+                          [60_000, 62_000, 4 | ((20 | (1 << 20)) << 32)]], dtype=torch.int64)
+    fit2 = p.fit_items(torch.cat([s, split]))
+    assert fit2["items"] == 42 and fit2["short_items"] == 2 and fit2["short_item_us_median"] == pytest.approx(2.0)
+    assert fit2["item_overhead_us"] == pytest.approx(3.0, abs=1e-6) and fit2["tiles_max"] == 30
 
 
 def _stamps(rows):
