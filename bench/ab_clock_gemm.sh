@@ -44,7 +44,10 @@ BENCH_ONLY=1 SMOKE=0 BENCH_LIMIT=120 PYTEST_FILES="tests/test_attention_gpu.py" 
 tail -30 "$O/report.md"; grep -a -E "SM clock|its last" "$O/log.txt"; cat "$O/checks.txt"
 else
 {
-  timeout 300 python3 bench/linear_probe.py --batches 256 --libs cublas,inductor --out "$O/linear_probe.json" 2>&1 | tail -12
+  # (the whole log kept: inductor prints its autotuning table of Triton configs against cuBLAS there)
+  timeout 300 python3 bench/linear_probe.py --batches 256 --libs cublas,inductor --out "$O/linear_probe.json" \
+    > "$O/linear_probe.log" 2>&1
+  echo "linear_probe rc=$?"; tail -12 "$O/linear_probe.log"
   timeout 250 bash bench/pytest_shards.sh -m gpu > "$O/pytest_all.txt" 2>&1
   echo "whole GPU suite rc=$?"; grep -E "passed|failed|FAILED" "$O/pytest_all.txt"
 } > "$O/checks2.txt" 2>&1
