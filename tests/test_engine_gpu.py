@@ -312,3 +312,49 @@ def test_graph_sampling_falls_back_for_top_p_rows():
     sp = SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=24)
     off, on = _graph_sampling_runs(ps, sp)
     assert [o for o, _, _ in off] == [o for o, _, _ in on]
+
+
+def test_pinned_staging_beside_another_threads_capture():
+    """The rollout's pattern without a model: one thread captures CUDA graphs (thread_local mode,
+    as the runner's decode and prefill captures do) while another pins host buffers and copies them
+    to and from the device on its own stream (the scorer thread's staging, runner._Staging). Session
+    20's whole suite failed once with "CUDA error: invalid argument" raised at a scorer thread's
+    pin_memory() (test_scorer_graphs_gpu's overlapped rollout; it passed rerun alone): this runs the
+    pattern many times on its own, so a race between PyTorch's pinned allocator and a capture on
+    another thread shows here, where the cause is the only thing running."""
+    import threading
+    dev = torch.device("cuda")
+    stop, errors, done = threading.Event(), [], [0]
+
+    def stager():
+        s = torch.cuda.Stream(dev)
+        with torch.cuda.stream(s):
+            i = 0
+            while not stop.is_set():
+                try:
+                    t = torch.as_tensor(list(range(1 + i % 97)), dtype=torch.int64).pin_memory().to(dev, non_blocking=True)
+                    h = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                    h.copy_(t * 2, non_blocking=True)                   # a D2H into pinned memory, as the scorer's
+                    s.synchronize()
+                    assert int(h[-1]) == 2 * (i % 97), (i, h[-1])
+                except Exception as e:  # noqa: BLE001  (reported by the main thread)
+                    errors.append(e)
+                    return
+                i += 1
+            done[0] = i
+
+    th = threading.Thread(target=stager)
+    th.start()
+    try:
+        x = torch.randn(256, 256, device=dev)
+        for _ in range(200):
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, capture_error_mode="thread_local"):
+                y = x @ x + 1
+            g.replay()
+    finally:
+        stop.set()
+        th.join()
+    torch.cuda.synchronize()
+    assert not errors, f"the staging thread failed beside the captures: {errors[0]!r}"
+    assert done[0] > 0 and torch.allclose(y, x @ x + 1, rtol=1e-3, atol=1e-3)
