@@ -402,9 +402,9 @@ def test_decode_cta_stamps_cover_every_cta_and_change_nothing(monkeypatch, plan,
     """decode_cta_stamps: every CTA of the split kernel's grid (the plan mirror's count) writes its
     row (start <= end, a real SM id, its SM cycles in the upper half) and no row past the grid, empty
     splits included; the output is bit for bit the unstamped call's, also replayed in a graph
-    captured outside the block; after
-    the block, launches write nothing; a capacity below the grid is not overrun (memcheck:
-    bench/sanitize_attention.py's stamps case); the switch is refused under capture."""
+    captured outside the block; after the block, launches write nothing; a capacity below the grid
+    is not overrun (memcheck: bench/sanitize_attention.py's stamps case); the switch is refused
+    under capture."""
     _use_plan(monkeypatch, plan)
     bs = 16
     lens = [table - 5 - 700 * b for b in range(B)]   # the last sequences' tail splits are empty
@@ -1041,10 +1041,9 @@ def test_prefill_wgmma3_persistent_many_items_and_native_output(monkeypatch, pla
                                   "wgmma3_pp_ov_qp_xc_ks_ps"])
 def test_prefill_item_stamps_cover_every_item_and_change_nothing(monkeypatch, plan):
     """prefill_item_stamps: every work item of the wgmma kernel (row tile, kv head, sequence, in the
-    kernel's order, prefill_item_coords; one CTA each or persistent CTAs) writes its row with its key-tile count
-    (and the key-split bit for the _ks plan's split items) as
-    the tag, items past a short chunk write nothing, and the output is bit for bit the unstamped
-    call's."""
+    kernel's order, prefill_item_coords; one CTA each or persistent CTAs) writes its row with its
+    key-tile count (and the key-split bit for the _ks plan's split items) as the tag, items past a
+    short chunk write nothing, and the output is bit for bit the unstamped call's."""
     _skip_unless_wgmma(plan)
     monkeypatch.setenv("OPPO_PREFILL_PLAN", plan)
     Hq, Hkv, D, bs = 14, 2, 64, 16
