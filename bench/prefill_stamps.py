@@ -61,6 +61,8 @@ def fit_items(s: torch.Tensor) -> dict:
     out = {"short_items": int(short.shape[0]),
            "short_item_us_median": float(((short[:, 1] - short[:, 0]).double() / 1e3).median()) if len(short) else None}
     s_all, s = s, s[~split]                         # the fit: the ordinary items
+    if s.shape[0] == 0:                             # every item split (chunks of a few tokens): nothing to fit
+        s = s_all
     dur = (s[:, 1] - s[:, 0]).double() / 1e3
     tiles = ((s[:, 2] >> 32) & 0xFFFFF).double()
     out.update({"items": int(s_all.shape[0]), "tiles_min": int(tiles.min()), "tiles_max": int(tiles.max()),

@@ -79,6 +79,8 @@ def test_prefill_item_fit_recovers_overhead_per_item_and_time_per_tile():
     fit2 = p.fit_items(torch.cat([s, split]))
     assert fit2["items"] == 42 and fit2["short_items"] == 2 and fit2["short_item_us_median"] == pytest.approx(2.0)
     assert fit2["item_overhead_us"] == pytest.approx(3.0, abs=1e-6) and fit2["tiles_max"] == 30
+    only = p.fit_items(split)                                          # every item split: timed, and fitted as they are
+    assert only["short_items"] == 2 and only["items"] == 2 and only["tiles_max"] == 20
 
 
 def _stamps(rows):

@@ -345,7 +345,8 @@ def decode_cta_stamps(capacity: int, device=None):
 
 def prefill_item_stamps(capacity: int, device=None):
     """Per-item timestamps of the sm_90a wgmma prefill kernel (``bench/prefill_stamps.py``), as
-    ``decode_cta_stamps``: row w = work item w (row tile, kv head, sequence; the launcher's order)
+    ``decode_cta_stamps``: row w = work item w (row tile, kv head, sequence; in the kernel's order,
+    which for the key-split plans _ks takes every (sequence, kv head)'s last row tile first)
     gets start ns, end ns (consumer warpgroup 0's start of the item and end of its epilogue) and
     SM id | key tiles << 32 (| 1 << 52: an item whose key tiles were split, plans _ks). Only the
     wgmma plans write (not mma, not Triton)."""
