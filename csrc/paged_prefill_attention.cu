@@ -27,6 +27,11 @@
 //                   fall in the first warpgroup's 64 has its key tiles split across the three
 //                   warpgroups and merged at the end (kFlagKeySplit, its own instantiation), e.g.
 //                   wgmma3_pp_ov_qp_xc_ks_ps;
+//                   "_ip" before "_ps" (bf16 only): P packed to bf16 by integer ops instead of
+//                   cvt, off the pipe of the softmax's ex2 (kFlagIntPack, a runtime flag), e.g.
+//                   wgmma3_pp_ov_qp_xc_ip_ps;
+//                   "_pe" before "_ip": a quarter of P by a cubic on the FMA pipe instead of
+//                   ex2 (kFlagPolyExp, a runtime flag), e.g. wgmma3_pp_ov_qp_xc_pe_ip_ps;
 //                   the wgmma plans are an error on other devices or without sm_90a code;
 //   wgmma3...       any of the above with three consumer warpgroups (192-row items, 512 threads,
 //                   setmaxnreg 32/160), e.g. wgmma3_pp_ov_ps: head dim 64 and bf16 only (the
@@ -182,9 +187,9 @@ int prefill_plan(const at::Tensor& q) {
   // the optional suffixes, taken off from the end in this order (the grammar's order reversed)
   {
     using namespace oppo::attn::wgp;
-    constexpr std::pair<const char*, int> kSuffixes[] = {{"_ps", kPersistent}, {"_ks", kFlagKeySplit},
-                                                         {"_mi", kFlagMerge},  {"_xc", kFlagChain},
-                                                         {"_qp", kFlagQPrefetch}, {"_kv", kFlagSplitKV}};
+    constexpr std::pair<const char*, int> kSuffixes[] = {
+        {"_ps", kPersistent}, {"_ip", kFlagIntPack}, {"_pe", kFlagPolyExp}, {"_ks", kFlagKeySplit},
+        {"_mi", kFlagMerge},  {"_xc", kFlagChain},   {"_qp", kFlagQPrefetch}, {"_kv", kFlagSplitKV}};
     for (const auto& [suffix, flag] : kSuffixes) {
       if (name.size() > 3 && name.compare(name.size() - 3, 3, suffix) == 0) {
         flags |= flag;
@@ -195,7 +200,7 @@ int prefill_plan(const at::Tensor& q) {
   if (name == "wgmma_pp") flags |= oppo::attn::wgp::kFlagPingPong;
   else if (name == "wgmma_ov") flags |= oppo::attn::wgp::kFlagOverlap;
   else if (name == "wgmma_pp_ov") flags |= oppo::attn::wgp::kFlagPingPong | oppo::attn::wgp::kFlagOverlap;
-  else OPPO_CHECK(name == "wgmma", "OPPO_PREFILL_PLAN must be auto, mma or wgmma[3][_pp][_ov][_kv][_qp][_xc][_mi][_ks][_ps] (e.g. wgmma_pp_ov_kv_ps), got '",
+  else OPPO_CHECK(name == "wgmma", "OPPO_PREFILL_PLAN must be auto, mma or wgmma[3][_pp][_ov][_kv][_qp][_xc][_mi][_ks][_pe][_ip][_ps] (e.g. wgmma_pp_ov_kv_ps), got '",
                   e, "'");
   OPPO_CHECK(!(flags & oppo::attn::wgp::kFlagChain) || (flags & oppo::attn::wgp::kFlagPingPong), "OPPO_PREFILL_PLAN=", e,
              ": _xc chains the ping-pong turns across items, so it needs _pp");
@@ -208,6 +213,8 @@ int prefill_plan(const at::Tensor& q) {
               !(flags & (oppo::attn::wgp::kFlagMerge | oppo::attn::wgp::kFlagSplitKV))),
              "OPPO_PREFILL_PLAN=", e, ": the _ks plans are built for wgmma3 at head dim 64 in bf16, without _mi and _kv; ",
              "got head dim ", q.size(2), " and ", q.scalar_type());
+  OPPO_CHECK(!(flags & oppo::attn::wgp::kFlagIntPack) || q.scalar_type() == at::kBFloat16, "OPPO_PREFILL_PLAN=", e,
+             ": _ip packs P to bf16 by integer ops, so it needs bf16 inputs, got ", q.scalar_type());
   OPPO_CHECK(!(flags & kThreeWG) || (q.size(2) == 64 && q.scalar_type() == at::kBFloat16),
              "OPPO_PREFILL_PLAN=", e, ": the three-warpgroup plans are built for head dim 64 and bf16 only, got head dim ",
              q.size(2), " and ", q.scalar_type());

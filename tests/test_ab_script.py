@@ -9,7 +9,7 @@ import pytest
 from _scripts import load_script
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
-SCRIPTS = ["ab_v6_wgmma3.sh", "ab_ks_caps.sh", "ab_clock_gemm.sh"]
+SCRIPTS = ["ab_v6_wgmma3.sh", "ab_ks_caps.sh", "ab_clock_gemm.sh", "ab_softmax_bits.sh"]
 
 
 @pytest.fixture(params=SCRIPTS)
@@ -39,10 +39,10 @@ def test_every_plan_the_calls_name_is_accepted(script):
     decode += [pl for ls in _plans_after(SCRIPT, "decode_stamps.py --plans") for pl in ls]
     decode += [pl for ls in _plans_after(SCRIPT, "decode_attention.py --plans") for pl in ls]
     decode += [pl for ls in re.findall(r'ARGS_decode_stamps="--plans ([\w+,]+)', SCRIPT) for pl in ls.split(",")]
-    prefill = [pl for ls in re.findall(r'ARGS_prefill_attention="--shapes \d+ --plans ([\w,]+)', SCRIPT)
+    prefill = [pl for ls in re.findall(r'ARGS_prefill_attention="--shapes [\d,]+ --plans ([\w,]+)', SCRIPT)
                for pl in ls.split(",")]
     prefill += [pl for ls in _plans_after(SCRIPT, "prefill_stamps.py --plans") for pl in ls]
-    prefill += [pl for ls in re.findall(r"prefill_attention\.py --shapes \d+ --plans ([\w,]+)", SCRIPT)
+    prefill += [pl for ls in re.findall(r"prefill_attention\.py --shapes [\d,]+ --plans ([\w,]+)", SCRIPT)
                 for pl in ls.split(",")]
     prefill += [pl for ls in re.findall(r"--prefill-plans=([\w,]+)", SCRIPT) for pl in ls.split(",")]
     assert decode or prefill
@@ -82,3 +82,24 @@ def test_every_flag_a_call_passes_a_bench_script_is_one_it_takes(script):
     san = (BENCH / "sanitize_attention.py").read_text()
     for pl in (p for ls in re.findall(r"--prefill-plans=([\w,]+)", script) for p in ls.split(",")):
         assert f'"{pl}"' in san, f"no sanitizer case for {pl}"
+
+
+def test_sass_counts_reads_cuobjdump_text():
+    """bench/sass_counts.py (the softmax A/B's static opcode counts): functions picked by name,
+    predicated instructions counted, an op counting its dotted variants only."""
+    sc = load_script(BENCH, "sass_counts")
+    text = """
+        Function : _ZN4oppo4attn3wgp26paged_prefill_wgmma_kernelI13__nv_bfloat16Li64ELi3ELb0ELb0EEEvPv
+        .headerflags    @"EF_CUDA_SM90 EF_CUDA_VIRTUAL_SM(EF_CUDA_SM90)"
+        /*0000*/                   MUFU.EX2 R12, R12 ;                        /* 0x0000000c000c7308 */
+        /*0010*/              @!P0 MUFU.EX2 R13, R13 ;                        /* 0x0000000d000d8308 */
+        /*0020*/                   F2FP.BF16.F32.PACK_AB R4, R5, R4 ;         /* 0x000000050404723e */
+        /*0030*/                   F2FPX R4, R5 ;                             /* 0x000000050404723e */
+        /*0040*/                   PRMT R6, R7, 0x7632, R6 ;                  /* 0x0000763207067816 */
+        Function : _ZN4oppo4attn25paged_decode_kernelEv
+        /*0000*/                   MUFU.EX2 R1, R1 ;                          /* 0x0000000c000c7308 */
+    """
+    res = sc.count(text.splitlines(), "paged_prefill_wgmma", ["MUFU.EX2", "F2FP", "PRMT"])
+    assert list(res) == ["_ZN4oppo4attn3wgp26paged_prefill_wgmma_kernelI13__nv_bfloat16Li64ELi3ELb0ELb0EEEvPv"]
+    (c,) = res.values()
+    assert c == {"MUFU.EX2": 2, "F2FP": 1, "PRMT": 1, "total": 5}

@@ -942,7 +942,7 @@ def _many_items_case(Hq: int, D: int, out_dtype):
 
 
 @pytest.mark.parametrize("plan", ["wgmma_pp_ov_ps", "wgmma_pp_ov_kv_ps", "wgmma_pp_ov_qp_ps", "wgmma_pp_ov_qp_xc_ps",
-                                  "wgmma_pp_ov_kv_xc_ps"])
+                                  "wgmma_pp_ov_kv_xc_ps", "wgmma_pp_ov_qp_xc_ip_ps"])
 def test_prefill_wgmma_persistent_many_items_per_cta(monkeypatch, plan):
     """The persistent plan with several items per CTA (more (row tile, kv head, sequence) items
     than SMs): ragged chunks, items past short chunks, a stage ring that runs on across items
@@ -1009,6 +1009,45 @@ def test_prefill_key_split_refused_where_not_built(monkeypatch, plan, D, dtype):
         _prefill_case(14, 2, D, 16, [10], [20], dtype, torch.float32)
 
 
+# kFlagIntPack (_ip): P packed to bf16 by integer ops (round half away from zero) instead of cvt;
+# bf16 only. kFlagPolyExp (_pe): a quarter of P by a cubic on the FMA pipe instead of ex2. Every
+# prefill test shape in bf16 at its head dim, with the default plans' flags, and beside the key split.
+SOFTMAX_BIT_PLANS = {
+    128: ["wgmma_pp_ov_qp_xc_ip_ps", "wgmma_ip", "wgmma_pp_ov_qp_xc_pe_ps", "wgmma_pp_ov_qp_xc_pe_ip_ps"],
+    64: ["wgmma3_pp_ov_qp_xc_ip_ps", "wgmma3_pp_ov_qp_xc_ks_ip_ps", "wgmma_pp_ov_qp_xc_ip_ps", "wgmma3_pp_ov_qp_xc_pe_ps",
+         "wgmma3_pp_ov_qp_xc_pe_ip_ps", "wgmma3_pe"]}
+
+
+@pytest.mark.parametrize("plan,shape", [(p, s) for s in PREFILL_SHAPES for p in SOFTMAX_BIT_PLANS[s[2]]])
+def test_prefill_int_pack_and_poly_exp_match_reference(monkeypatch, plan, shape):
+    """_ip and _pe: the same accuracy against the fp32 reference as cvt and ex2 (ragged chunks,
+    prefix 0, chunk 1, shuffled pages, poisoned output and pages; fp32 output, so P's rounding is
+    what shows)."""
+    _skip_unless_wgmma(plan)
+    monkeypatch.setenv("OPPO_PREFILL_PLAN", plan)
+    Hq, Hkv, D, bs, prefixes, chunks = shape
+    out, ref = _prefill_case(Hq, Hkv, D, bs, prefixes, chunks, torch.bfloat16, torch.float32)
+    assert rel_err(out, ref) < TOL_F32_OUT[torch.bfloat16]
+
+
+def test_prefill_poly_exp_fp16(monkeypatch):
+    """_pe does not depend on bf16 (only _ip does): fp16 at head dim 128 against the reference."""
+    plan = "wgmma_pp_ov_qp_xc_pe_ps"
+    _skip_unless_wgmma(plan)
+    monkeypatch.setenv("OPPO_PREFILL_PLAN", plan)
+    out, ref = _prefill_case(32, 8, 128, 16, [0, 37, 500, 1000], [1, 200, 77, 128], torch.float16, torch.float32)
+    assert rel_err(out, ref) < TOL_F32_OUT[torch.float16]
+
+
+@pytest.mark.parametrize("plan,D", [("wgmma_pp_ov_qp_xc_ip_ps", 128), ("wgmma_pp_ov_qp_xc_ip_ps", 64)])
+def test_prefill_int_pack_refused_for_fp16(monkeypatch, plan, D):
+    """_ip packs P to bf16 by integer ops: fp16 inputs are a clear error, not a silently wrong P."""
+    _skip_unless_wgmma(plan)
+    monkeypatch.setenv("OPPO_PREFILL_PLAN", plan)
+    with pytest.raises(RuntimeError, match="_ip packs P to bf16"):
+        _prefill_case(8, 2, D, 16, [10], [20], torch.float16, torch.float32)
+
+
 WGMMA3_PLANS = ["wgmma3_pp_ov", "wgmma3_pp_ov_ps", "wgmma3_ov_ps", "wgmma3", "wgmma3_pp_ov_qp_ps", "wgmma3_pp_ov_qp_xc_ps",
                 "wgmma3_pp_ov_qp_mi_ps", "wgmma3_pp_ov_qp_xc_ks_ps", "wgmma3_ks", "wgmma3_ov_ks_ps"]
 
@@ -1027,7 +1066,8 @@ def test_prefill_wgmma3_matches_reference(monkeypatch, plan, shape):
 
 @pytest.mark.parametrize("plan", WGMMA3_PLANS[:3] + ["wgmma3_pp_ov_qp_ps", "wgmma3_pp_ov_qp_xc_ps", "wgmma3_pp_ov_kv_xc_ps",
                                                    "wgmma3_pp_ov_qp_mi_ps", "wgmma3_pp_ov_kv_mi_ps", "wgmma3_ov_mi_ps",
-                                                   "wgmma3_pp_ov_qp_xc_ks_ps", "wgmma3_pp_ov_ks_ps"])
+                                                   "wgmma3_pp_ov_qp_xc_ks_ps", "wgmma3_pp_ov_ks_ps",
+                                                   "wgmma3_pp_ov_qp_xc_ip_ps", "wgmma3_pp_ov_qp_xc_ks_ip_ps"])
 def test_prefill_wgmma3_persistent_many_items_and_native_output(monkeypatch, plan):
     """More items than SMs (persistent CTAs take several), ragged chunks, bf16 output; the plans
     with two or three warpgroups in ping-pong, and the auto plan at D=64 (with the Q prefetch)."""
