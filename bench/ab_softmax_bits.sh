@@ -14,8 +14,8 @@ set -u
 cd "$(dirname "$0")/.."
 O=${OUT:-bench/results/ab_softmax_bits}
 mkdir -p "$O"
-BENCH_ONLY=1 BENCH_LIMIT=200 PYTEST_FILES="tests/test_attention_gpu.py" PYTEST_LIMIT=150 \
-  PYTEST_K="int_pack or poly_exp or wgmma3 or prefill_default or auto" \
+BENCH_ONLY=1 BENCH_LIMIT=200 SMOKE_PLANS=wgmma_pp_ov_qp_xc_ps,wgmma_pp_ov_qp_xc_ip_ps,wgmma_pp_ov_qp_xc_pe_ps,wgmma_pp_ov_qp_xc_pe_ip_ps,wgmma3_pp_ov_qp_xc_ps,wgmma3_pp_ov_qp_xc_ip_ps,wgmma3_pp_ov_qp_xc_pe_ps,wgmma3_pp_ov_qp_xc_pe_ip_ps PYTEST_FILES="tests/test_attention_gpu.py" PYTEST_LIMIT=150 \
+  PYTEST_K="int_pack or poly_exp or bit_flags or wgmma3 or prefill_default or auto" \
   ARGS_prefill_attention="--shapes 0,1,2 --plans wgmma_pp_ov_qp_xc_ps,wgmma_pp_ov_qp_xc_ip_ps,wgmma_pp_ov_qp_xc_pe_ps,wgmma_pp_ov_qp_xc_pe_ip_ps,wgmma3_pp_ov_qp_xc_ps,wgmma3_pp_ov_qp_xc_ip_ps,wgmma3_pp_ov_qp_xc_pe_ps,wgmma3_pp_ov_qp_xc_pe_ip_ps" \
   OUT="$O" bash bench/gpu_check.sh prefill_attention > /dev/null 2>&1
 {

@@ -75,7 +75,7 @@ if [ -z "${BENCH_ONLY:-}" ] || [ -n "${SANITIZE:-}" ]; then smoke=1; fi      # a
 case " ${PYTEST_FILES:-} ${BENCHES[*]} " in *attention*|*" tests "*|*" tests/ "*) smoke=1 ;; esac
 [ "${SMOKE:-}" = 0 ] && smoke=      # SMOKE=0: skip it (a call that runs no prefill wgmma plan)
 if [ -n "$smoke" ]; then
-  step wgmma_smoke 200 $PY bench/wgmma_smoke.py
+  step wgmma_smoke 200 $PY bench/wgmma_smoke.py ${SMOKE_PLANS:+--plans $SMOKE_PLANS}   # SMOKE_PLANS=a,b: only those
   off=$(grep -a "^OPPO_PREFILL_WGMMA_OFF=" "$LOG" | tail -1 | cut -d= -f2)
   if [ -n "$off" ]; then
     export OPPO_PREFILL_WGMMA_OFF=$off

@@ -2,7 +2,7 @@
 so that a plan that hangs (an mbarrier phase or a setmaxnreg split gone wrong) or fails costs
 seconds, not the GPU check's whole test and benchmark time:
 
-    python bench/wgmma_smoke.py [--limit-s 60]      (prints OPPO_PREFILL_WGMMA_OFF=<failed plans>)
+    python bench/wgmma_smoke.py [--limit-s 60] [--plans a,b]      (prints OPPO_PREFILL_WGMMA_OFF=<failed plans>)
 
 Per plan: D=64 (G=7) and D=128 (G=4; not for the head-dim-64 wgmma3 plans), prefixes 0 to 700 not multiples of the page, chunks 1 to
 300, shuffled pages, NaN-poisoned output, compared with the fp32 reference (the pool, tables and
@@ -50,8 +50,14 @@ def one(plan: str) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--limit-s", type=float, default=60.0, help="per plan (the first includes CUDA start-up)")
+    ap.add_argument("--plans", default=None, help="comma list: only these of the plans (an A/B call's; each ~5 s)")
     ap.add_argument("--plan", help=argparse.SUPPRESS)     # the child process: run this plan's cases
     args = ap.parse_args()
+    plans = PLANS
+    if args.plans:
+        plans = tuple(p.strip() for p in args.plans.split(",") if p.strip())
+        unknown = [p for p in plans if p not in PLANS]
+        assert not unknown, f"--plans: not wgmma plans of this smoke: {unknown} (known: {', '.join(PLANS)})"
     if args.plan:
         sys.exit(one(args.plan))
     from oppo_runtime.ops.attention import prefill_wgmma_available
@@ -60,7 +66,7 @@ def main() -> None:
         print("OPPO_PREFILL_WGMMA_OFF=")
         return
     failed = []
-    for plan in PLANS:
+    for plan in plans:
         t = time.perf_counter()
         try:
             r = subprocess.run([sys.executable, __file__, "--plan", plan], capture_output=True, text=True,

@@ -119,8 +119,16 @@ void launch_kernel(PrefillKernel<T> kernel, int rows_per_cta, int threads, int s
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-constexpr int kPersistent = 1 << 8;  // host-side plan bits (not kernel flags): persistent CTAs,
-constexpr int kThreeWG = 1 << 9;     // three consumer warpgroups (plans wgmma3...)
+constexpr int kPersistent = 1 << 16;  // host-side plan bits (not kernel flags): persistent CTAs,
+constexpr int kThreeWG = 1 << 17;     // three consumer warpgroups (plans wgmma3...)
+// The launcher strips these two before the kernel sees its flags: a kernel flag on one of their
+// bits would be dropped without a word (session 21's first _ip and _pe, on bits 8 and 9: the A/B
+// timed the default plan four times over).
+static_assert(((oppo::attn::kPrefillOutF32 | oppo::attn::wgp::kFlagPingPong | oppo::attn::wgp::kFlagOverlap |
+                oppo::attn::wgp::kFlagSplitKV | oppo::attn::wgp::kFlagQPrefetch | oppo::attn::wgp::kFlagChain |
+                oppo::attn::wgp::kFlagMerge | oppo::attn::wgp::kFlagKeySplit | oppo::attn::wgp::kFlagIntPack |
+                oppo::attn::wgp::kFlagPolyExp) & (kPersistent | kThreeWG)) == 0,
+              "a kernel flag shares a bit with the launcher's plan bits");
 
 // Whether this device runs the extension's sm_90a code (wgmma): an sm_90 card, and 9.0a built.
 // Asked once per device (every prefill call with the default plan asks).

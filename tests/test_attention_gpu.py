@@ -741,9 +741,13 @@ def test_decode_float32_inputs_fall_back_to_reference():
 
 # ----------------------------------------------------------------------------- prefill
 def _prefill_case(Hq, Hkv, D, bs, prefixes, chunks, dtype, out_dtype, via_kv_append=False, pad_max=0,
-                  backend="cuda"):
+                  backend="cuda", seed=None):
+    """seed: the same pages, tables and inputs at every call with that seed (bitwise A/B of plans)."""
     lens = [p + c for p, c in zip(prefixes, chunks)]
-    kv = PagedKV(num_blocks=sum(math.ceil(n / bs) for n in lens) + 5, block_size=bs, Hkv=Hkv, D=D, dtype=dtype)
+    kv = PagedKV(num_blocks=sum(math.ceil(n / bs) for n in lens) + 5, block_size=bs, Hkv=Hkv, D=D, dtype=dtype,
+                 seed=seed)
+    if seed is not None:
+        torch.manual_seed(seed)
     bt = kv.tables(lens)
     cu = torch.tensor([0] + list(torch.tensor(chunks).cumsum(0).tolist()), dtype=torch.int32, device="cuda")
     ctx = torch.tensor(lens, dtype=torch.int32, device="cuda")
@@ -1028,6 +1032,31 @@ def test_prefill_int_pack_and_poly_exp_match_reference(monkeypatch, plan, shape)
     Hq, Hkv, D, bs, prefixes, chunks = shape
     out, ref = _prefill_case(Hq, Hkv, D, bs, prefixes, chunks, torch.bfloat16, torch.float32)
     assert rel_err(out, ref) < TOL_F32_OUT[torch.bfloat16]
+
+
+@pytest.mark.parametrize("default,variant,Hq,Hkv,D", [
+    ("wgmma3_pp_ov_qp_xc_ps", "wgmma3_pp_ov_qp_xc_ip_ps", 14, 2, 64),
+    ("wgmma3_pp_ov_qp_xc_ps", "wgmma3_pp_ov_qp_xc_pe_ps", 14, 2, 64),
+    ("wgmma_pp_ov_qp_xc_ps", "wgmma_pp_ov_qp_xc_ip_ps", 32, 8, 128),
+    ("wgmma_pp_ov_qp_xc_ps", "wgmma_pp_ov_qp_xc_pe_ps", 32, 8, 128)])
+def test_prefill_softmax_bit_flags_reach_the_kernel(monkeypatch, default, variant, Hq, Hkv, D):
+    """A flag the launcher dropped leaves the output bitwise the default plan's (session 21: _ip and
+    _pe first sat on the launcher's own plan bits, stripped before the launch, and every test above
+    passed on the default code). The same inputs under both plans: the default twice is bitwise
+    equal (so a difference is the flag's), the variant differs (_pe: a quarter of P by the cubic;
+    _ip: the exact ties among ~10M P values, rounded up instead of to even), both accurate."""
+    outs = {}
+    for name in (default, default, variant):
+        _skip_unless_wgmma(name)
+        monkeypatch.setenv("OPPO_PREFILL_PLAN", name)
+        outs.setdefault(name, []).append(_prefill_case(Hq, Hkv, D, 16, [1000, 1100, 900], [256, 256, 256],
+                                                       torch.bfloat16, torch.float32, seed=1234))
+    (a, ref_a), (b, ref_b) = outs[default]
+    (c, ref_c), = outs[variant]
+    assert torch.equal(ref_a, ref_c), "the inputs differ between the calls"
+    assert torch.equal(a, b), "the default plan is not deterministic: no bitwise A/B possible"
+    assert not torch.equal(a, c), f"{variant} gave the default's output bit for bit: its flag did not reach the kernel"
+    assert rel_err(c, ref_c) < TOL_F32_OUT[torch.bfloat16]
 
 
 def test_prefill_poly_exp_fp16(monkeypatch):
