@@ -6,7 +6,8 @@
 # (METHOD.md). Profiles the last calls of each shape's kernels (decode: the main kernel and its
 # reduction, if split; prefill: the CUDA kernel of OPPO_PREFILL_PLAN) with SpeedOfLight,
 # MemoryWorkloadAnalysis, Occupancy, LaunchStats, WarpStateStats, SchedulerStats. NCU_SOURCE=1 adds
-# SourceCounters (the build has -lineinfo: where the warps stall, by source line) and every detail.
+# SourceCounters (the build has -lineinfo: where the warps stall, by source line) and every detail;
+# NCU_PIPES=1 the pipes' utilization, NCU_METRICS raw metrics (below).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/ncu}
@@ -20,13 +21,16 @@ if [ ${#SHAPES[@]} -eq 0 ]; then
   if [ "$OP" = decode ]; then SHAPES=(1 4 0); else SHAPES=(0 1 2); fi
 fi
 TAG=$OP
-[ "$OP" = prefill ] && TAG=prefill_${OPPO_PREFILL_PLAN:-mma}
+# NCU_PIPES=1: also the compute pipes' utilization and the instruction mix (which pipe binds a
+# tensor-core kernel: the tensor pipe, MUFU (xu), the FMA or the integer ALU; session 21);
+# NCU_METRICS=a,b: raw metrics beside (a name this ncu does not know fails the whole profile).
 for s in "${SHAPES[@]}"; do
   timeout 120 "$NCU" --clock-control none --kernel-name regex:paged_${OP} --launch-skip 4 --launch-count 2 \
     --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
     --section WarpStateStats --section SchedulerStats ${NCU_SOURCE:+--section SourceCounters --print-details all} \
+    ${NCU_PIPES:+--section ComputeWorkloadAnalysis --section InstructionStats} ${NCU_METRICS:+--metrics $NCU_METRICS} \
     ${PYTHON:-python3} bench/ncu_attention.py --op "$OP" --shape "$s" --calls 6 > "$OUT/ncu_${TAG}_shape$s.txt" 2>&1
   echo "$OP shape $s: rc=$? -> $OUT/ncu_${TAG}_shape$s.txt"
-  grep -E "Duration|DRAM Throughput|Memory Throughput|Compute \(SM\)|Achieved Occupancy|Registers Per|Waves Per SM|Stall|shape" \
+  grep -E "Duration|DRAM Throughput|Memory Throughput|Compute \(SM\)|Achieved Occupancy|Registers Per|Waves Per SM|Stall|shape|pipe_|Issue Slots|Executed Ipc" \
     "$OUT/ncu_${TAG}_shape$s.txt" | head -20
 done
