@@ -94,20 +94,6 @@ constexpr int kFlagMerge = 64;
 // they go to CTAs 0..127 as their first item, and each CTA that takes one item more than others
 // takes a short one (9 full + 1 short instead of 10 full at that shape).
 constexpr int kFlagKeySplit = 128;
-// kFlagIntPack (plans ..._ip, bf16 only; a runtime flag, no instantiation of its own): P packed to
-// bf16 by integer ops (round half away from zero: add 0x8000 to each float's bits, then one PRMT
-// takes both upper halves) instead of cvt.rn.bf16x2.f32. The hypothesis (session 21): conversions
-// run at 16 per clock per SM on Hopper, on the pipe of the softmax's ex2 (MUFU, 16 per clock), so
-// a 192 x 128 tile's 24576 P values cost that pipe 1536 clocks of ex2 plus 768 of packing, more than
-// the tile's tensor-core time at head dim 64 (about 1900 clocks at the measured matmul rate; the
-// tile measured 1.42x that, session 20). The integer form issues on the integer ALU instead. P lies
-// in [0, 1] (finite, sign clear), so the add cannot carry past 1.0's exponent, and exact ties are
-// the only values rounded otherwise than by cvt.rn (to nearest even).
-constexpr int kFlagIntPack = 256;
-// kFlagPolyExp (plans ..._pe; a runtime flag): a quarter of each tile's P values (key columns of the
-// n8 blocks i % 4 == 0) by ex2_fma, a polynomial on the FMA pipe, the rest by ex2 (MUFU): the
-// other lever on the same pipe (FlashAttention-4's, on Blackwell), measured beside kFlagIntPack.
-constexpr int kFlagPolyExp = 512;
 // prefill_item_stamps' tag: an item's key tiles, | this bit for an item whose key tiles were split
 constexpr int64_t kStampKeySplit = int64_t(1) << 20;
 
@@ -210,23 +196,6 @@ __device__ __forceinline__ void fence_regs(float (&r)[N]) {
 #pragma unroll
   for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
 }
-// Two floats of [0, 1] -> a bf16 pair (low half = x), rounded half away from zero by integer ops
-// (kFlagIntPack): no cvt, whose pipe the softmax's ex2 shares.
-__device__ __forceinline__ uint32_t pack_bf16_alu(float x, float y) {
-  return __byte_perm(__float_as_uint(x) + 0x8000u, __float_as_uint(y) + 0x8000u, 0x7632);
-}
-// 2^x for x <= 0 (or -inf) without MUFU (kFlagPolyExp): x = j + f with j = round(x) (the 1.5 * 2^23
-// trick puts j in t's low mantissa bits), 2^f on [-0.5, 0.5] by a cubic (relative error 1.7e-4,
-// below bf16's 3.9e-3 step for P), and j added to its exponent. x is clamped at -127, where the cubic
-// gives 1.0 exactly and the sum's exponent field is 0: 2^-127 and -inf (masked keys) come out 0,
-// so a masked key's P is 0 as with ex2 and a poisoned V past the context cannot leak in.
-__device__ __forceinline__ float ex2_fma(float x) {
-  x = fmaxf(x, -127.f);
-  const float t = x + 12582912.f;
-  const float f = x - (t - 12582912.f);
-  const float p = fmaf(fmaf(fmaf(0.05461704f, f, 0.24195334f), f, 0.6933188f), f, 1.f);
-  return __int_as_float(__float_as_int(p) + (__float_as_int(t) << 23));
-}
 __device__ __forceinline__ float ex2(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
@@ -240,7 +209,7 @@ static __constant__ CtaStamps prefill_stamps;
 
 // out          [Nq, Hq, D]  (T, or float32 with kPrefillOutF32), strides o_s0, o_s1, inner contiguous
 // flags        kPrefillOutF32 | kFlagPingPong | kFlagOverlap | kFlagSplitKV | kFlagQPrefetch | kFlagChain |
-//              kFlagMerge | kFlagKeySplit | kFlagIntPack | kFlagPolyExp
+//              kFlagMerge
 // q            [Nq, Hq, D]  packed by cu_seqlens_q [B+1], strides q_s0, q_s1, inner contiguous
 // k/v_cache    [num_blocks, block_size, Hkv, D] (page stride page_stride, equal for K and V)
 // context_lens [B] int32 (prefix + chunk);  block_tables [B, max_blocks] int32, row stride bt_stride
@@ -557,8 +526,6 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
   // and its MMAs (ptxas would serialize them): first tile, steady state and last P V are peeled.
   const bool pingpong = (flags & kFlagPingPong) != 0;
   const bool overlap = (flags & kFlagOverlap) != 0;
-  const bool int_pack = (flags & kFlagIntPack) != 0;   // P to bf16 by integer ops (kFlagIntPack)
-  const bool poly_exp = (flags & kFlagPolyExp) != 0;   // a quarter of P by ex2_fma (kFlagPolyExp)
   auto issue_qk = [&](int s) {  // S = Q K^T (64 x kBN per warpgroup, D / 16 k-steps)
     const uint32_t k_addr = kv_addr + s * C::kStageBytes;
 #pragma unroll
@@ -634,8 +601,7 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
     for (int i = 0; i < kNB; ++i)
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        const float x = fmaf(sacc[4 * i + j], scale_log2, -m_use[j >> 1]);
-        const float p = (poly_exp && i % 4 == 0) ? ex2_fma(x) : ex2(x);
+        const float p = ex2(fmaf(sacc[4 * i + j], scale_log2, -m_use[j >> 1]));
         sacc[4 * i + j] = p;
         rs[j >> 1] += p;
       }
@@ -651,15 +617,6 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
       o[4 * i + 3] *= alpha[1];
     }
     // P (T) as the register A operand: k-step kk covers keys 16 kk .. 16 kk + 15 = n8 blocks 2kk, 2kk+1
-    if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-      if (int_pack) {
-#pragma unroll
-        for (int kk = 0; kk < kKS; ++kk)
-#pragma unroll
-          for (int h = 0; h < 4; ++h) pa[kk][h] = pack_bf16_alu(sacc[8 * kk + 2 * h], sacc[8 * kk + 2 * h + 1]);
-        return;
-      }
-    }
 #pragma unroll
     for (int kk = 0; kk < kKS; ++kk) {
       pa[kk][0] = Mma<T>::pack(sacc[8 * kk + 0], sacc[8 * kk + 1]);

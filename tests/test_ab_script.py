@@ -9,7 +9,7 @@ import pytest
 from _scripts import load_script
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
-SCRIPTS = ["ab_v6_wgmma3.sh", "ab_ks_caps.sh", "ab_clock_gemm.sh", "ab_softmax_bits.sh"]
+SCRIPTS = ["ab_v6_wgmma3.sh", "ab_ks_caps.sh", "ab_clock_gemm.sh"]
 
 
 @pytest.fixture(params=SCRIPTS)
@@ -85,7 +85,7 @@ def test_every_flag_a_call_passes_a_bench_script_is_one_it_takes(script):
 
 
 def test_sass_counts_reads_cuobjdump_text():
-    """bench/sass_counts.py (the softmax A/B's static opcode counts): functions picked by name,
+    """bench/sass_counts.py (static opcode counts of a kernel): functions picked by name,
     predicated instructions counted, an op counting its dotted variants only."""
     sc = load_script(BENCH, "sass_counts")
     text = """

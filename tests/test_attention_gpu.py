@@ -741,13 +741,9 @@ def test_decode_float32_inputs_fall_back_to_reference():
 
 # ----------------------------------------------------------------------------- prefill
 def _prefill_case(Hq, Hkv, D, bs, prefixes, chunks, dtype, out_dtype, via_kv_append=False, pad_max=0,
-                  backend="cuda", seed=None):
-    """seed: the same pages, tables and inputs at every call with that seed (bitwise A/B of plans)."""
+                  backend="cuda"):
     lens = [p + c for p, c in zip(prefixes, chunks)]
-    kv = PagedKV(num_blocks=sum(math.ceil(n / bs) for n in lens) + 5, block_size=bs, Hkv=Hkv, D=D, dtype=dtype,
-                 seed=seed)
-    if seed is not None:
-        torch.manual_seed(seed)
+    kv = PagedKV(num_blocks=sum(math.ceil(n / bs) for n in lens) + 5, block_size=bs, Hkv=Hkv, D=D, dtype=dtype)
     bt = kv.tables(lens)
     cu = torch.tensor([0] + list(torch.tensor(chunks).cumsum(0).tolist()), dtype=torch.int32, device="cuda")
     ctx = torch.tensor(lens, dtype=torch.int32, device="cuda")
@@ -946,7 +942,7 @@ def _many_items_case(Hq: int, D: int, out_dtype):
 
 
 @pytest.mark.parametrize("plan", ["wgmma_pp_ov_ps", "wgmma_pp_ov_kv_ps", "wgmma_pp_ov_qp_ps", "wgmma_pp_ov_qp_xc_ps",
-                                  "wgmma_pp_ov_kv_xc_ps", "wgmma_pp_ov_qp_xc_ip_ps"])
+                                  "wgmma_pp_ov_kv_xc_ps"])
 def test_prefill_wgmma_persistent_many_items_per_cta(monkeypatch, plan):
     """The persistent plan with several items per CTA (more (row tile, kv head, sequence) items
     than SMs): ragged chunks, items past short chunks, a stage ring that runs on across items
@@ -1013,70 +1009,6 @@ def test_prefill_key_split_refused_where_not_built(monkeypatch, plan, D, dtype):
         _prefill_case(14, 2, D, 16, [10], [20], dtype, torch.float32)
 
 
-# kFlagIntPack (_ip): P packed to bf16 by integer ops (round half away from zero) instead of cvt;
-# bf16 only. kFlagPolyExp (_pe): a quarter of P by a cubic on the FMA pipe instead of ex2. Every
-# prefill test shape in bf16 at its head dim, with the default plans' flags, and beside the key split.
-SOFTMAX_BIT_PLANS = {
-    128: ["wgmma_pp_ov_qp_xc_ip_ps", "wgmma_ip", "wgmma_pp_ov_qp_xc_pe_ps", "wgmma_pp_ov_qp_xc_pe_ip_ps"],
-    64: ["wgmma3_pp_ov_qp_xc_ip_ps", "wgmma3_pp_ov_qp_xc_ks_ip_ps", "wgmma_pp_ov_qp_xc_ip_ps", "wgmma3_pp_ov_qp_xc_pe_ps",
-         "wgmma3_pp_ov_qp_xc_pe_ip_ps", "wgmma3_pe"]}
-
-
-@pytest.mark.parametrize("plan,shape", [(p, s) for s in PREFILL_SHAPES for p in SOFTMAX_BIT_PLANS[s[2]]])
-def test_prefill_int_pack_and_poly_exp_match_reference(monkeypatch, plan, shape):
-    """_ip and _pe: the same accuracy against the fp32 reference as cvt and ex2 (ragged chunks,
-    prefix 0, chunk 1, shuffled pages, poisoned output and pages; fp32 output, so P's rounding is
-    what shows)."""
-    _skip_unless_wgmma(plan)
-    monkeypatch.setenv("OPPO_PREFILL_PLAN", plan)
-    Hq, Hkv, D, bs, prefixes, chunks = shape
-    out, ref = _prefill_case(Hq, Hkv, D, bs, prefixes, chunks, torch.bfloat16, torch.float32)
-    assert rel_err(out, ref) < TOL_F32_OUT[torch.bfloat16]
-
-
-@pytest.mark.parametrize("default,variant,Hq,Hkv,D", [
-    ("wgmma3_pp_ov_qp_xc_ps", "wgmma3_pp_ov_qp_xc_ip_ps", 14, 2, 64),
-    ("wgmma3_pp_ov_qp_xc_ps", "wgmma3_pp_ov_qp_xc_pe_ps", 14, 2, 64),
-    ("wgmma_pp_ov_qp_xc_ps", "wgmma_pp_ov_qp_xc_ip_ps", 32, 8, 128),
-    ("wgmma_pp_ov_qp_xc_ps", "wgmma_pp_ov_qp_xc_pe_ps", 32, 8, 128)])
-def test_prefill_softmax_bit_flags_reach_the_kernel(monkeypatch, default, variant, Hq, Hkv, D):
-    """A flag the launcher dropped leaves the output bitwise the default plan's (session 21: _ip and
-    _pe first sat on the launcher's own plan bits, stripped before the launch, and every test above
-    passed on the default code). The same inputs under both plans: the default twice is bitwise
-    equal (so a difference is the flag's), the variant differs (_pe: a quarter of P by the cubic;
-    _ip: the exact ties among ~10M P values, rounded up instead of to even), both accurate."""
-    outs = {}
-    for name in (default, default, variant):
-        _skip_unless_wgmma(name)
-        monkeypatch.setenv("OPPO_PREFILL_PLAN", name)
-        outs.setdefault(name, []).append(_prefill_case(Hq, Hkv, D, 16, [1000, 1100, 900], [256, 256, 256],
-                                                       torch.bfloat16, torch.float32, seed=1234))
-    (a, ref_a), (b, ref_b) = outs[default]
-    (c, ref_c), = outs[variant]
-    assert torch.equal(ref_a, ref_c), "the inputs differ between the calls"
-    assert torch.equal(a, b), "the default plan is not deterministic: no bitwise A/B possible"
-    assert not torch.equal(a, c), f"{variant} gave the default's output bit for bit: its flag did not reach the kernel"
-    assert rel_err(c, ref_c) < TOL_F32_OUT[torch.bfloat16]
-
-
-def test_prefill_poly_exp_fp16(monkeypatch):
-    """_pe does not depend on bf16 (only _ip does): fp16 at head dim 128 against the reference."""
-    plan = "wgmma_pp_ov_qp_xc_pe_ps"
-    _skip_unless_wgmma(plan)
-    monkeypatch.setenv("OPPO_PREFILL_PLAN", plan)
-    out, ref = _prefill_case(32, 8, 128, 16, [0, 37, 500, 1000], [1, 200, 77, 128], torch.float16, torch.float32)
-    assert rel_err(out, ref) < TOL_F32_OUT[torch.float16]
-
-
-@pytest.mark.parametrize("plan,D", [("wgmma_pp_ov_qp_xc_ip_ps", 128), ("wgmma_pp_ov_qp_xc_ip_ps", 64)])
-def test_prefill_int_pack_refused_for_fp16(monkeypatch, plan, D):
-    """_ip packs P to bf16 by integer ops: fp16 inputs are a clear error, not a silently wrong P."""
-    _skip_unless_wgmma(plan)
-    monkeypatch.setenv("OPPO_PREFILL_PLAN", plan)
-    with pytest.raises(RuntimeError, match="_ip packs P to bf16"):
-        _prefill_case(8, 2, D, 16, [10], [20], torch.float16, torch.float32)
-
-
 WGMMA3_PLANS = ["wgmma3_pp_ov", "wgmma3_pp_ov_ps", "wgmma3_ov_ps", "wgmma3", "wgmma3_pp_ov_qp_ps", "wgmma3_pp_ov_qp_xc_ps",
                 "wgmma3_pp_ov_qp_mi_ps", "wgmma3_pp_ov_qp_xc_ks_ps", "wgmma3_ks", "wgmma3_ov_ks_ps"]
 
@@ -1095,8 +1027,7 @@ def test_prefill_wgmma3_matches_reference(monkeypatch, plan, shape):
 
 @pytest.mark.parametrize("plan", WGMMA3_PLANS[:3] + ["wgmma3_pp_ov_qp_ps", "wgmma3_pp_ov_qp_xc_ps", "wgmma3_pp_ov_kv_xc_ps",
                                                    "wgmma3_pp_ov_qp_mi_ps", "wgmma3_pp_ov_kv_mi_ps", "wgmma3_ov_mi_ps",
-                                                   "wgmma3_pp_ov_qp_xc_ks_ps", "wgmma3_pp_ov_ks_ps",
-                                                   "wgmma3_pp_ov_qp_xc_ip_ps", "wgmma3_pp_ov_qp_xc_ks_ip_ps"])
+                                                   "wgmma3_pp_ov_qp_xc_ks_ps", "wgmma3_pp_ov_ks_ps"])
 def test_prefill_wgmma3_persistent_many_items_and_native_output(monkeypatch, plan):
     """More items than SMs (persistent CTAs take several), ragged chunks, bf16 output; the plans
     with two or three warpgroups in ping-pong, and the auto plan at D=64 (with the Q prefetch)."""
