@@ -94,6 +94,13 @@ constexpr int kFlagMerge = 64;
 // they go to CTAs 0..127 as their first item, and each CTA that takes one item more than others
 // takes a short one (9 full + 1 short instead of 10 full at that shape).
 constexpr int kFlagKeySplit = 128;
+// kFlagMaxTree (plans ..._mt; a runtime flag): each row's max over a tile's scores as four chains
+// and two levels (depth 6 for kBN = 128) instead of one chain of kNB fmaxf (a full pairwise tree
+// keeps 2 kNB partial maxima live beside S: ptxas spilled 42 bytes in the two-warpgroup kernels). The max is the first
+// step of every softmax and the exponentials wait on it; session 21's per-instruction stall map of
+// the D=64 kernel put 7.5% of all stall samples on its FMNMX. The max of a set does not depend on
+// the order (scores are finite or -inf), so the output is bitwise the chain's.
+constexpr int kFlagMaxTree = 256;
 // prefill_item_stamps' tag: an item's key tiles, | this bit for an item whose key tiles were split
 constexpr int64_t kStampKeySplit = int64_t(1) << 20;
 
@@ -209,7 +216,7 @@ static __constant__ CtaStamps prefill_stamps;
 
 // out          [Nq, Hq, D]  (T, or float32 with kPrefillOutF32), strides o_s0, o_s1, inner contiguous
 // flags        kPrefillOutF32 | kFlagPingPong | kFlagOverlap | kFlagSplitKV | kFlagQPrefetch | kFlagChain |
-//              kFlagMerge
+//              kFlagMerge | kFlagKeySplit | kFlagMaxTree
 // q            [Nq, Hq, D]  packed by cu_seqlens_q [B+1], strides q_s0, q_s1, inner contiguous
 // k/v_cache    [num_blocks, block_size, Hkv, D] (page stride page_stride, equal for K and V)
 // context_lens [B] int32 (prefix + chunk);  block_tables [B, max_blocks] int32, row stride bt_stride
@@ -526,6 +533,7 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
   // and its MMAs (ptxas would serialize them): first tile, steady state and last P V are peeled.
   const bool pingpong = (flags & kFlagPingPong) != 0;
   const bool overlap = (flags & kFlagOverlap) != 0;
+  const bool max_tree = (flags & kFlagMaxTree) != 0;   // each row's tile max as a tree (kFlagMaxTree)
   auto issue_qk = [&](int s) {  // S = Q K^T (64 x kBN per warpgroup, D / 16 k-steps)
     const uint32_t k_addr = kv_addr + s * C::kStageBytes;
 #pragma unroll
@@ -581,10 +589,23 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
     }
     // each row's kBN scores live in the 4 threads of a quad
     float mx[2] = {kNegInf, kNegInf};
+    if (max_tree) {   // kFlagMaxTree: four chains per row, then two levels (depth kNB / 4 + 2)
+      static_assert(kNB % 4 == 0, "the max tree keeps four chains per row");
+      float t[2][4];
 #pragma unroll
-    for (int i = 0; i < kNB; ++i) {
-      mx[0] = fmaxf(mx[0], fmaxf(sacc[4 * i], sacc[4 * i + 1]));
-      mx[1] = fmaxf(mx[1], fmaxf(sacc[4 * i + 2], sacc[4 * i + 3]));
+      for (int i = 0; i < kNB; ++i) {
+        const float a = fmaxf(sacc[4 * i], sacc[4 * i + 1]), b = fmaxf(sacc[4 * i + 2], sacc[4 * i + 3]);
+        t[0][i % 4] = i < 4 ? a : fmaxf(t[0][i % 4], a);
+        t[1][i % 4] = i < 4 ? b : fmaxf(t[1][i % 4], b);
+      }
+      mx[0] = fmaxf(fmaxf(t[0][0], t[0][1]), fmaxf(t[0][2], t[0][3]));
+      mx[1] = fmaxf(fmaxf(t[1][0], t[1][1]), fmaxf(t[1][2], t[1][3]));
+    } else {
+#pragma unroll
+      for (int i = 0; i < kNB; ++i) {
+        mx[0] = fmaxf(mx[0], fmaxf(sacc[4 * i], sacc[4 * i + 1]));
+        mx[1] = fmaxf(mx[1], fmaxf(sacc[4 * i + 2], sacc[4 * i + 3]));
+      }
     }
     float m_use[2];
 #pragma unroll

@@ -741,9 +741,13 @@ def test_decode_float32_inputs_fall_back_to_reference():
 
 # ----------------------------------------------------------------------------- prefill
 def _prefill_case(Hq, Hkv, D, bs, prefixes, chunks, dtype, out_dtype, via_kv_append=False, pad_max=0,
-                  backend="cuda"):
+                  backend="cuda", seed=None):
+    """seed: the same pages, tables and inputs at every call with that seed (bitwise A/B of plans)."""
     lens = [p + c for p, c in zip(prefixes, chunks)]
-    kv = PagedKV(num_blocks=sum(math.ceil(n / bs) for n in lens) + 5, block_size=bs, Hkv=Hkv, D=D, dtype=dtype)
+    kv = PagedKV(num_blocks=sum(math.ceil(n / bs) for n in lens) + 5, block_size=bs, Hkv=Hkv, D=D, dtype=dtype,
+                 seed=seed)
+    if seed is not None:
+        torch.manual_seed(seed)
     bt = kv.tables(lens)
     cu = torch.tensor([0] + list(torch.tensor(chunks).cumsum(0).tolist()), dtype=torch.int32, device="cuda")
     ctx = torch.tensor(lens, dtype=torch.int32, device="cuda")
@@ -942,7 +946,7 @@ def _many_items_case(Hq: int, D: int, out_dtype):
 
 
 @pytest.mark.parametrize("plan", ["wgmma_pp_ov_ps", "wgmma_pp_ov_kv_ps", "wgmma_pp_ov_qp_ps", "wgmma_pp_ov_qp_xc_ps",
-                                  "wgmma_pp_ov_kv_xc_ps"])
+                                  "wgmma_pp_ov_kv_xc_ps", "wgmma_pp_ov_qp_xc_mt_ps"])
 def test_prefill_wgmma_persistent_many_items_per_cta(monkeypatch, plan):
     """The persistent plan with several items per CTA (more (row tile, kv head, sequence) items
     than SMs): ragged chunks, items past short chunks, a stage ring that runs on across items
@@ -1009,8 +1013,28 @@ def test_prefill_key_split_refused_where_not_built(monkeypatch, plan, D, dtype):
         _prefill_case(14, 2, D, 16, [10], [20], dtype, torch.float32)
 
 
+@pytest.mark.parametrize("default,Hq,Hkv,D", [("wgmma3_pp_ov_qp_xc_ps", 14, 2, 64), ("wgmma_pp_ov_qp_xc_ps", 32, 8, 128),
+                                               ("wgmma_pp_ov_qp_xc_ps", 14, 2, 64)])
+def test_prefill_max_tree_is_bitwise_the_chain(monkeypatch, default, Hq, Hkv, D):
+    """_mt (each row's tile max as a pairwise tree): the max of a set does not depend on the order,
+    so the output is bitwise the default plan's on the same inputs (ragged chunks, prefix 0, chunk 1,
+    a diagonal tile with masked keys), and as accurate."""
+    variant = default.replace("_ps", "_mt_ps")
+    outs = []
+    for name in (default, variant):
+        _skip_unless_wgmma(name)
+        monkeypatch.setenv("OPPO_PREFILL_PLAN", name)
+        outs.append(_prefill_case(Hq, Hkv, D, 16, [0, 1000, 37, 900], [1, 256, 200, 77], torch.bfloat16, torch.float32,
+                                  seed=1234))
+    (a, ref_a), (b, ref_b) = outs
+    assert torch.equal(ref_a, ref_b), "the inputs differ between the calls"
+    assert torch.equal(a, b)
+    assert rel_err(b, ref_b) < TOL_F32_OUT[torch.bfloat16]
+
+
 WGMMA3_PLANS = ["wgmma3_pp_ov", "wgmma3_pp_ov_ps", "wgmma3_ov_ps", "wgmma3", "wgmma3_pp_ov_qp_ps", "wgmma3_pp_ov_qp_xc_ps",
-                "wgmma3_pp_ov_qp_mi_ps", "wgmma3_pp_ov_qp_xc_ks_ps", "wgmma3_ks", "wgmma3_ov_ks_ps"]
+                "wgmma3_pp_ov_qp_mi_ps", "wgmma3_pp_ov_qp_xc_ks_ps", "wgmma3_ks", "wgmma3_ov_ks_ps",
+                "wgmma3_pp_ov_qp_xc_mt_ps", "wgmma3_pp_ov_qp_xc_ks_mt_ps"]
 
 
 @pytest.mark.parametrize("shape", [s for s in PREFILL_SHAPES if s[2] == 64])

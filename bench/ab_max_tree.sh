@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# One device call (~4-5 min on a fresh machine): session 21's prefill lever `_mt` (each row's tile
+# max as four chains and two levels instead of one chain of 16 fmaxf; bitwise the same output)
+# against the default plans of both head dims (bench/NOTES.md "Session 21: next GPU session"):
+#   the build; the wgmma smoke of the four plans; the GPU tests of the max tree (bitwise against the
+#   chain) and of the wgmma3 and default plans; memcheck of `_mt` (D=64 and D=128); issue 8's three
+#   shapes with the four plans beside Flex and SDPA; the D=64 shape again in the reverse order; the
+#   item stamps of both D=64 plans (tile time against the tensor cores' floor).
+#
+#   OUT=$OUT bash bench/ab_max_tree.sh      (on the device, carrying .commit; results under $OUT)
+set -u
+cd "$(dirname "$0")/.."
+O=${OUT:-bench/results/ab_max_tree}
+mkdir -p "$O"
+# the commit each JSON records: the device copy keeps a stale .git, so the carried .commit (steps
+# outside gpu_check.sh, which reads it too, would otherwise record the stale one)
+if [ -z "${OPPO_COMMIT:-}" ] && [ -s .commit ]; then export OPPO_COMMIT=$(head -c 40 .commit | tr -d '[:space:]'); fi
+BENCH_ONLY=1 BENCH_LIMIT=200 SMOKE_PLANS=wgmma_pp_ov_qp_xc_ps,wgmma_pp_ov_qp_xc_mt_ps,wgmma3_pp_ov_qp_xc_ps,wgmma3_pp_ov_qp_xc_mt_ps PYTEST_FILES="tests/test_attention_gpu.py" PYTEST_LIMIT=150 \
+  PYTEST_K="max_tree or wgmma3 or prefill_default or auto" \
+  ARGS_prefill_attention="--shapes 0,1,2 --plans wgmma_pp_ov_qp_xc_ps,wgmma_pp_ov_qp_xc_mt_ps,wgmma3_pp_ov_qp_xc_ps,wgmma3_pp_ov_qp_xc_mt_ps" \
+  OUT="$O" bash bench/gpu_check.sh prefill_attention > /dev/null 2>&1
+{
+  SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 90 "$SAN" --tool memcheck --error-exitcode 9 python3 bench/sanitize_attention.py \
+    --prefill-plans=wgmma3_pp_ov_qp_xc_mt_ps,wgmma_pp_ov_qp_xc_mt_ps 2>&1 | tail -4
+  echo "memcheck (_mt) rc=${PIPESTATUS[0]}"
+  timeout 60 python3 bench/prefill_attention.py --shapes 1 --plans wgmma3_pp_ov_qp_xc_mt_ps,wgmma3_pp_ov_qp_xc_ps --no-flex \
+    --out "$O/prefill_order.json" 2>&1 | tail -3
+  timeout 90 python3 bench/prefill_stamps.py --plans wgmma3_pp_ov_qp_xc_ps,wgmma3_pp_ov_qp_xc_mt_ps --out "$O/prefill_stamps_mt.json" 2>&1 | tail -12
+  SO=$(ls oppo_runtime/_C*.so | head -1)
+  OBJ=$(command -v cuobjdump || echo /usr/local/cuda/bin/cuobjdump)
+  timeout 60 "$OBJ" -sass "$SO" 2>/dev/null | python3 bench/sass_counts.py --match paged_prefill_wgmma \
+    --ops FMNMX,MUFU.EX2,F2FP,HGMMA,FFMA,FADD 2>&1 | tail -12
+} > "$O/checks.txt" 2>&1
+tail -25 "$O/report.md"; cat "$O/checks.txt"
+bash bench/pack_out.sh "$O"
