@@ -106,6 +106,11 @@ def kernel_profile(eng, B, path: str, iters=10) -> dict:
             host = stamps.cpu()
         if bool((host[:, 1] > 0).any()):
             stamped = stamp_stats(host, torch.cuda.get_device_properties(dev).multi_processor_count, clock_tag=True)
+            # the contexts that call read (the graph's static buffer as the generate left it), to set
+            # the stamps beside decode_stamps.py's loop, whose sequences all have one length
+            ctx = st["context_lens"][:B].float().cpu()
+            stamped.update(ctx_min=int(ctx.min()), ctx_median=float(ctx.median()), ctx_mean=float(ctx.mean()),
+                           ctx_max=int(ctx.max()), kv_tokens=int(ctx.sum()))
             lines += ["", "the step's last decode attention call, CTA stamps inside the graph: " +
                       ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in stamped.items())]
     Path(path).write_text("\n".join(lines) + "\n")
@@ -113,7 +118,9 @@ def kernel_profile(eng, B, path: str, iters=10) -> dict:
     if stamped:
         print(f"  its last decode attention call: span {stamped['span_us']:.1f} us, {stamped['ctas']} CTAs, CTA us "
               f"{stamped['cta_us_p10']:.1f}/{stamped['cta_us_median']:.1f}/{stamped['cta_us_max']:.1f}, SM idle end "
-              f"{stamped['sm_idle_fraction']:.3f}, SM clock {stamped.get('sm_mhz_median', float('nan')):.0f} MHz", flush=True)
+              f"{stamped['sm_idle_fraction']:.3f}, SM clock {stamped.get('sm_mhz_median', float('nan')):.0f} MHz, "
+              f"contexts {stamped['ctx_min']}/{stamped['ctx_median']:.0f}/{stamped['ctx_max']} (mean "
+              f"{stamped['ctx_mean']:.0f})", flush=True)
     return {"kernels_per_step": count, "kernel_us_per_step": total_us, "decode_attention_stamps": stamped}
 
 
