@@ -27,8 +27,9 @@
 //                   fall in the first warpgroup's 64 has its key tiles split across the three
 //                   warpgroups and merged at the end (kFlagKeySplit, its own instantiation), e.g.
 //                   wgmma3_pp_ov_qp_xc_ks_ps;
-//                   "_mt" before "_ps": each row's tile max as a pairwise tree instead of a chain
-//                   (kFlagMaxTree, a runtime flag; bitwise the same output), e.g. wgmma3_pp_ov_qp_xc_mt_ps;
+//                   "_mt" before "_ps": each row's tile max as four chains and two levels instead
+//                   of one chain (kFlagMaxTree, a runtime flag; bitwise the same output), e.g.
+//                   wgmma3_pp_ov_qp_xc_mt_ps;
 //                   the wgmma plans are an error on other devices or without sm_90a code;
 //   wgmma3...       any of the above with three consumer warpgroups (192-row items, 512 threads,
 //                   setmaxnreg 32/160), e.g. wgmma3_pp_ov_ps: head dim 64 and bf16 only (the

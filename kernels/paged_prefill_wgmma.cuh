@@ -95,11 +95,12 @@ constexpr int kFlagMerge = 64;
 // takes a short one (9 full + 1 short instead of 10 full at that shape).
 constexpr int kFlagKeySplit = 128;
 // kFlagMaxTree (plans ..._mt; a runtime flag): each row's max over a tile's scores as four chains
-// and two levels (depth 6 for kBN = 128) instead of one chain of kNB fmaxf (a full pairwise tree
-// keeps 2 kNB partial maxima live beside S: ptxas spilled 42 bytes in the two-warpgroup kernels). The max is the first
-// step of every softmax and the exponentials wait on it; session 21's per-instruction stall map of
-// the D=64 kernel put 7.5% of all stall samples on its FMNMX. The max of a set does not depend on
-// the order (scores are finite or -inf), so the output is bitwise the chain's.
+// and two levels (depth 6 for kBN = 128) instead of one chain of kNB fmaxf. (A full pairwise tree
+// keeps 2 kNB partial maxima live beside S: ptxas spilled 42 bytes in the two-warpgroup kernels.)
+// The max is the first step of every softmax and the exponentials wait on it; session 21's
+// per-instruction stall map of the D=64 kernel put 7.5% of all stall samples on its FMNMX. The max
+// of a set does not depend on the order (scores are finite or -inf), so the output is bitwise the
+// chain's.
 constexpr int kFlagMaxTree = 256;
 // prefill_item_stamps' tag: an item's key tiles, | this bit for an item whose key tiles were split
 constexpr int64_t kStampKeySplit = int64_t(1) << 20;

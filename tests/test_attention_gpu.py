@@ -1016,7 +1016,7 @@ def test_prefill_key_split_refused_where_not_built(monkeypatch, plan, D, dtype):
 @pytest.mark.parametrize("default,Hq,Hkv,D", [("wgmma3_pp_ov_qp_xc_ps", 14, 2, 64), ("wgmma_pp_ov_qp_xc_ps", 32, 8, 128),
                                                ("wgmma_pp_ov_qp_xc_ps", 14, 2, 64)])
 def test_prefill_max_tree_is_bitwise_the_chain(monkeypatch, default, Hq, Hkv, D):
-    """_mt (each row's tile max as a pairwise tree): the max of a set does not depend on the order,
+    """_mt (each row's tile max as four chains and two levels): the max of a set does not depend on the order,
     so the output is bitwise the default plan's on the same inputs (ragged chunks, prefix 0, chunk 1,
     a diagonal tile with masked keys), and as accurate."""
     variant = default.replace("_ps", "_mt_ps")
