@@ -24,6 +24,7 @@ TAG=$OP
 # NCU_PIPES=1: also the compute pipes' utilization and the instruction mix (which pipe binds a
 # tensor-core kernel: the tensor pipe, MUFU (xu), the FMA or the integer ALU; session 21);
 # NCU_METRICS=a,b: raw metrics beside (a name this ncu does not know fails the whole profile).
+[ "$OP" = prefill ] && TAG=prefill_${OPPO_PREFILL_PLAN:-mma}
 for s in "${SHAPES[@]}"; do
   timeout 120 "$NCU" --clock-control none --kernel-name regex:paged_${OP} --launch-skip 4 --launch-count 2 \
     --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \

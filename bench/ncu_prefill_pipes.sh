@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One device call (~6 min on a fresh machine): where the prefill wgmma kernel's tile time goes.
+# One device call (~4 min on a fresh machine; 143 s of wall time in session 21): where the prefill wgmma kernel's tile time goes.
 # Session 21 falsified the softmax's MUFU/cvt pipe as the bound at head dim 64 (P packed by
 # integer ops, _ip, and a quarter of P by a cubic, _pe, were 5-13% slower); this asks ncu which
 # pipe or stall does bind: the build, then ncu (bench/ncu_attention.sh with the pipes' sections and
