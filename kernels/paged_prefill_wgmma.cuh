@@ -102,6 +102,13 @@ constexpr int kFlagKeySplit = 128;
 // of a set does not depend on the order (scores are finite or -inf), so the output is bitwise the
 // chain's.
 constexpr int kFlagMaxTree = 256;
+// kFlagDescHoist (plans ..._dh; a runtime flag): the wgmma shared-memory descriptors of a Q K^T or
+// P V batch built once per batch and stepped by each k-step's constant offset (one add) instead of
+// built whole at every k-step (shift, mask, or: ~4 uniform-datapath instructions per descriptor).
+// Session 21's stall map of the D=64 kernel: ~7 uniform instructions per HGMMA, the wgmma issue
+// region ~16% of the stall samples; a warpgroup's turn issues 12 HGMMAs (D=64) with 16
+// descriptors. The descriptors are the same bits either way, so is the output.
+constexpr int kFlagDescHoist = 512;
 // prefill_item_stamps' tag: an item's key tiles, | this bit for an item whose key tiles were split
 constexpr int64_t kStampKeySplit = int64_t(1) << 20;
 
@@ -144,6 +151,14 @@ __device__ __forceinline__ uint32_t swz(int rows, int row, int chunk) {
 __device__ __forceinline__ uint64_t desc128(uint32_t saddr, uint32_t lbo_bytes, uint32_t sbo_bytes) {
   return static_cast<uint64_t>((saddr >> 4) & 0x3FFF) | (static_cast<uint64_t>((lbo_bytes >> 4) & 0x3FFF) << 16) |
          (static_cast<uint64_t>((sbo_bytes >> 4) & 0x3FFF) << 32) | (1ull << 62);
+}
+
+// desc128(saddr + off, ...) from desc128(saddr, ...), off a multiple of 16: one add to the start
+// address field (bits 0-13, the address / 16). No carry leaves the field: shared addresses stay
+// below 2^18 (228 KB of shared memory per SM), so (saddr + off) / 16 < 2^14.
+// The add on the low word alone (its high word kept): one 32-bit add instead of a 64-bit one.
+__device__ __forceinline__ uint64_t desc_step(uint64_t desc, uint32_t off) {
+  return (desc & 0xFFFFFFFF00000000ull) | static_cast<uint32_t>(static_cast<uint32_t>(desc) + (off >> 4));
 }
 
 __device__ __forceinline__ void mbar_init(uint64_t* bar, int count) {
@@ -217,7 +232,7 @@ static __constant__ CtaStamps prefill_stamps;
 
 // out          [Nq, Hq, D]  (T, or float32 with kPrefillOutF32), strides o_s0, o_s1, inner contiguous
 // flags        kPrefillOutF32 | kFlagPingPong | kFlagOverlap | kFlagSplitKV | kFlagQPrefetch | kFlagChain |
-//              kFlagMerge | kFlagKeySplit | kFlagMaxTree
+//              kFlagMerge | kFlagKeySplit | kFlagMaxTree | kFlagDescHoist
 // q            [Nq, Hq, D]  packed by cu_seqlens_q [B+1], strides q_s0, q_s1, inner contiguous
 // k/v_cache    [num_blocks, block_size, Hkv, D] (page stride page_stride, equal for K and V)
 // context_lens [B] int32 (prefix + chunk);  block_tables [B, max_blocks] int32, row stride bt_stride
@@ -535,22 +550,28 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
   const bool pingpong = (flags & kFlagPingPong) != 0;
   const bool overlap = (flags & kFlagOverlap) != 0;
   const bool max_tree = (flags & kFlagMaxTree) != 0;   // each row's tile max as a tree (kFlagMaxTree)
+  const bool desc_hoist = (flags & kFlagDescHoist) != 0;   // descriptors stepped, not rebuilt (kFlagDescHoist)
+  // kFlagDescHoist: each operand's descriptor built once per call and stepped by the k-step's
+  // constant offset (desc_step), instead of built whole at every k-step
   auto issue_qk = [&](int s) {  // S = Q K^T (64 x kBN per warpgroup, D / 16 k-steps)
     const uint32_t k_addr = kv_addr + s * C::kStageBytes;
+    const uint64_t da0 = desc128(q_addr, 16, 1024), db0 = desc128(k_addr, 16, 1024);
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
       const uint32_t koff = (kk & 3) * 32;  // 16 elements along the row, inside the swizzle atom
-      const uint64_t da = desc128(q_addr + (kk >> 2) * (kBM * 128) + koff, 16, 1024);
-      const uint64_t db = desc128(k_addr + (kk >> 2) * (kBN * 128) + koff, 16, 1024);
+      const uint32_t offa = (kk >> 2) * (kBM * 128) + koff, offb = (kk >> 2) * (kBN * 128) + koff;
+      const uint64_t da = desc_hoist ? desc_step(da0, offa) : desc128(q_addr + offa, 16, 1024);
+      const uint64_t db = desc_hoist ? desc_step(db0, offb) : desc128(k_addr + offb, 16, 1024);
       if constexpr (kBN == 128) Ops::ss_n128(sacc, da, db, kk > 0 ? 1 : 0);
       else Ops::ss_n64(sacc, da, db, kk > 0 ? 1 : 0);
     }
   };
   auto issue_pv = [&](int s) {  // O += P V (kBN / 16 k-steps of 16 keys; V MN-major: LBO = column-block stride)
     const uint32_t v_addr = kv_addr + s * C::kStageBytes + C::kTileBytes;
+    const uint64_t dv0 = desc128(v_addr, kBN * 128, 1024);
 #pragma unroll
     for (int kk = 0; kk < kKS; ++kk) {
-      const uint64_t dv = desc128(v_addr + kk * 16 * 128, kBN * 128, 1024);
+      const uint64_t dv = desc_hoist ? desc_step(dv0, kk * 16 * 128) : desc128(v_addr + kk * 16 * 128, kBN * 128, 1024);
       if constexpr (D == 128) Ops::rs_n128(o, pa[kk], dv, 1);
       else Ops::rs_n64(o, pa[kk], dv, 1);
     }

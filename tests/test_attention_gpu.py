@@ -946,7 +946,8 @@ def _many_items_case(Hq: int, D: int, out_dtype):
 
 
 @pytest.mark.parametrize("plan", ["wgmma_pp_ov_ps", "wgmma_pp_ov_kv_ps", "wgmma_pp_ov_qp_ps", "wgmma_pp_ov_qp_xc_ps",
-                                  "wgmma_pp_ov_kv_xc_ps", "wgmma_pp_ov_qp_xc_mt_ps"])
+                                  "wgmma_pp_ov_kv_xc_ps", "wgmma_pp_ov_qp_xc_mt_ps", "wgmma_pp_ov_qp_xc_mt_dh_ps",
+                                  "wgmma_pp_ov_kv_dh_ps"])
 def test_prefill_wgmma_persistent_many_items_per_cta(monkeypatch, plan):
     """The persistent plan with several items per CTA (more (row tile, kv head, sequence) items
     than SMs): ragged chunks, items past short chunks, a stage ring that runs on across items
@@ -1013,13 +1014,15 @@ def test_prefill_key_split_refused_where_not_built(monkeypatch, plan, D, dtype):
         _prefill_case(14, 2, D, 16, [10], [20], dtype, torch.float32)
 
 
+@pytest.mark.parametrize("suffix", ["_mt", "_dh", "_mt_dh"])
 @pytest.mark.parametrize("default,Hq,Hkv,D", [("wgmma3_pp_ov_qp_xc_ps", 14, 2, 64), ("wgmma_pp_ov_qp_xc_ps", 32, 8, 128),
                                                ("wgmma_pp_ov_qp_xc_ps", 14, 2, 64)])
-def test_prefill_max_tree_is_bitwise_the_chain(monkeypatch, default, Hq, Hkv, D):
-    """_mt (each row's tile max as four chains and two levels): the max of a set does not depend on the order,
-    so the output is bitwise the default plan's on the same inputs (ragged chunks, prefix 0, chunk 1,
-    a diagonal tile with masked keys), and as accurate."""
-    variant = default.replace("_ps", "_mt_ps")
+def test_prefill_max_tree_and_hoisted_descriptors_are_bitwise_the_default(monkeypatch, suffix, default, Hq, Hkv, D):
+    """_mt (each row's tile max as four chains and two levels: the max of a set does not depend on
+    the order) and _dh (the wgmma descriptors stepped by each k-step's offset: the same bits): the
+    output is bitwise the default plan's on the same inputs (ragged chunks, prefix 0, chunk 1, a
+    diagonal tile with masked keys), and as accurate."""
+    variant = default.replace("_ps", suffix + "_ps")
     outs = []
     for name in (default, variant):
         _skip_unless_wgmma(name)
@@ -1034,7 +1037,8 @@ def test_prefill_max_tree_is_bitwise_the_chain(monkeypatch, default, Hq, Hkv, D)
 
 WGMMA3_PLANS = ["wgmma3_pp_ov", "wgmma3_pp_ov_ps", "wgmma3_ov_ps", "wgmma3", "wgmma3_pp_ov_qp_ps", "wgmma3_pp_ov_qp_xc_ps",
                 "wgmma3_pp_ov_qp_mi_ps", "wgmma3_pp_ov_qp_xc_ks_ps", "wgmma3_ks", "wgmma3_ov_ks_ps",
-                "wgmma3_pp_ov_qp_xc_mt_ps", "wgmma3_pp_ov_qp_xc_ks_mt_ps"]
+                "wgmma3_pp_ov_qp_xc_mt_ps", "wgmma3_pp_ov_qp_xc_ks_mt_ps", "wgmma3_pp_ov_qp_xc_mt_dh_ps",
+                "wgmma3_pp_ov_qp_mi_dh_ps", "wgmma3_pp_ov_qp_xc_ks_dh_ps"]
 
 
 @pytest.mark.parametrize("shape", [s for s in PREFILL_SHAPES if s[2] == 64])
