@@ -24,5 +24,6 @@ echo "ncu rc=$?"; tail -3 "$O/ncu_run.txt"
 timeout 90 "$NCU" --import "$O/src.ncu-rep" --page source --csv --print-source sass > "$O/src_sass.csv" 2> "$O/src_err.txt" \
   || timeout 90 "$NCU" --import "$O/src.ncu-rep" --page source --csv > "$O/src_sass.csv" 2>> "$O/src_err.txt"
 echo "export rc=$? lines=$(wc -l < "$O/src_sass.csv")"; head -c 600 "$O/src_sass.csv"; echo; tail -3 "$O/src_err.txt"
+timeout 60 python3 bench/source_map.py "$O/src_sass.csv" --top 12 > "$O/src_summary.txt" 2>&1; head -40 "$O/src_summary.txt"
 gzip -9 "$O/src_sass.csv"
 rm -f "$O/src.ncu-rep"

@@ -98,16 +98,15 @@ constexpr int kFlagKeySplit = 128;
 // and two levels (depth 6 for kBN = 128) instead of one chain of kNB fmaxf. (A full pairwise tree
 // keeps 2 kNB partial maxima live beside S: ptxas spilled 42 bytes in the two-warpgroup kernels.)
 // The max is the first step of every softmax and the exponentials wait on it; session 21's
-// per-instruction stall map of the D=64 kernel put 7.5% of all stall samples on its FMNMX. The max
+// per-instruction stall map of the D=64 kernel put 8.6% of all stall samples on its FMNMX. The max
 // of a set does not depend on the order (scores are finite or -inf), so the output is bitwise the
 // chain's.
 constexpr int kFlagMaxTree = 256;
 // kFlagDescHoist (plans ..._dh; a runtime flag): the wgmma shared-memory descriptors of a Q K^T or
 // P V batch built once per batch and stepped by each k-step's constant offset (one add) instead of
 // built whole at every k-step (shift, mask, or: ~4 uniform-datapath instructions per descriptor).
-// Session 21's stall map of the D=64 kernel: ~7 uniform instructions per HGMMA, the wgmma issue
-// region ~16% of the stall samples; a warpgroup's turn issues 12 HGMMAs (D=64) with 16
-// descriptors. The descriptors are the same bits either way, so is the output.
+// Session 21's stall map of the D=64 kernel: ~7 uniform instructions per HGMMA, 9.2% of the stall
+// samples on them; a warpgroup's turn issues 12 HGMMAs (D=64) with 16 descriptors. The descriptors are the same bits either way, so is the output.
 constexpr int kFlagDescHoist = 512;
 // prefill_item_stamps' tag: an item's key tiles, | this bit for an item whose key tiles were split
 constexpr int64_t kStampKeySplit = int64_t(1) << 20;

@@ -112,3 +112,26 @@ def test_every_call_that_runs_a_bench_script_itself_records_the_carried_commit(s
     from .commit (session 21's calls 3-4 did not: their order and stamps JSONs were fixed by hand)."""
     if re.search(r"python3 bench/\w+\.py", script):
         assert "export OPPO_COMMIT=$(head -c 40 .commit" in script
+
+
+def test_source_map_reads_an_ncu_source_page(tmp_path):
+    """bench/source_map.py (the per-instruction stall map): the kernel row, opcodes without their
+    predicates and modifiers, samples and stall reasons summed per opcode, gzip or plain."""
+    import gzip
+    sm = load_script(BENCH, "source_map")
+    text = ('"Kernel Name","void k(int)",\n'
+            '"Address","Source","Warp Stall Sampling (All Samples)","Instructions Executed","stall_wait",'
+            '"stall_long_sb","stall_wait (Not Issued)"\n'
+            '"0x10","MUFU.EX2 R1, R1","1,200","64","1,000","0","7"\n'
+            '"0x20","@!P1 BRA 0x40","300","8","0","290","0"\n'
+            '"0x30","MUFU.EX2 R2, R2","100","64","50","0","0"\n')
+    for name, data in (("p.csv", text.encode()), ("p.csv.gz", gzip.compress(text.encode()))):
+        (tmp_path / name).write_bytes(data)
+        kernel, rows = sm.load(tmp_path / name)
+        assert kernel == "void k(int)" and len(rows) == 3
+        s = sm.summarize(rows)
+        assert s["total_samples"] == 1600
+        assert s["by_opcode"]["MUFU"]["samples"] == 1300 and s["by_opcode"]["MUFU"]["executed"] == 128
+        assert s["by_opcode"]["MUFU"]["stalls"]["wait"] == 1050
+        assert s["by_opcode"]["BRA"]["stalls"]["long_sb"] == 290
+        assert "wait (Not Issued)" not in s["by_opcode"]["MUFU"]["stalls"]
