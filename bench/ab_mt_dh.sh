@@ -14,9 +14,7 @@ set -u
 cd "$(dirname "$0")/.."
 O=${OUT:-bench/results/ab_mt_dh}
 mkdir -p "$O"
-# the commit each JSON records: the device copy keeps a stale .git, so the carried .commit (steps
-# outside gpu_check.sh, which reads it too, would otherwise record the stale one)
-if [ -z "${OPPO_COMMIT:-}" ] && [ -s .commit ]; then export OPPO_COMMIT=$(head -c 40 .commit | tr -d '[:space:]'); fi
+. bench/device_commit.sh   # the carried .commit for the JSONs of the steps run here too
 BENCH_ONLY=1 BENCH_LIMIT=240 SMOKE_PLANS=wgmma_pp_ov_qp_xc_ps,wgmma_pp_ov_qp_xc_mt_ps,wgmma_pp_ov_qp_xc_dh_ps,wgmma_pp_ov_qp_xc_mt_dh_ps,wgmma3_pp_ov_qp_xc_ps,wgmma3_pp_ov_qp_xc_mt_ps,wgmma3_pp_ov_qp_xc_dh_ps,wgmma3_pp_ov_qp_xc_mt_dh_ps PYTEST_FILES="tests/test_attention_gpu.py" PYTEST_LIMIT=150 \
   PYTEST_K="max_tree or wgmma3 or persistent or prefill_default or auto" \
   ARGS_prefill_attention="--shapes 0,1,2 --plans wgmma_pp_ov_qp_xc_ps,wgmma_pp_ov_qp_xc_mt_ps,wgmma_pp_ov_qp_xc_dh_ps,wgmma_pp_ov_qp_xc_mt_dh_ps,wgmma3_pp_ov_qp_xc_ps,wgmma3_pp_ov_qp_xc_mt_ps,wgmma3_pp_ov_qp_xc_dh_ps,wgmma3_pp_ov_qp_xc_mt_dh_ps" \

@@ -18,9 +18,7 @@
 #   OUT=$OUT OPPO_COMMIT=<sha> bash bench/ab_v6_wgmma3.sh 1|2      (on the device; results under $OUT)
 set -u
 cd "$(dirname "$0")/.."
-# the commit each JSON records: the device copy keeps a stale .git, so the carried .commit (steps
-# outside gpu_check.sh, which reads it too, would otherwise record the stale one)
-if [ -z "${OPPO_COMMIT:-}" ] && [ -s .commit ]; then export OPPO_COMMIT=$(head -c 40 .commit | tr -d '[:space:]'); fi
+. bench/device_commit.sh   # the carried .commit for the JSONs of the steps run here too
 O=${OUT:-bench/results/ab_v6_wgmma3}
 mkdir -p "$O"
 part=${1:?usage: ab_v6_wgmma3.sh 1|2}

@@ -30,9 +30,7 @@ BENCHES=("$@")
 [ ${#BENCHES[@]} -eq 0 ] && BENCHES=(decode_attention prefill_attention sampler)
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-16}
-# The commit each JSON records (common.tree_commit): the device's copy of the tree keeps a stale
-# .git, so a call carries .commit (`git rev-parse --short HEAD > .commit`); OPPO_COMMIT wins if set.
-if [ -z "${OPPO_COMMIT:-}" ] && [ -s .commit ]; then export OPPO_COMMIT=$(head -c 40 .commit | tr -d '[:space:]'); fi
+. bench/device_commit.sh   # the commit each JSON records (common.tree_commit): the carried .commit
 T0=$(date +%s)
 : > "$LOG"
 {

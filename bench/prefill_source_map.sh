@@ -10,7 +10,7 @@ set -u
 cd "$(dirname "$0")/.."
 O=${OUT:-bench/results/prefill_source_map}
 mkdir -p "$O"
-if [ -z "${OPPO_COMMIT:-}" ] && [ -s .commit ]; then export OPPO_COMMIT=$(head -c 40 .commit | tr -d '[:space:]'); fi
+. bench/device_commit.sh   # the carried .commit for the JSONs of the steps run here too
 CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=16 timeout 300 \
   python3 -m pip install -q --no-build-isolation --no-deps -e . > "$O/build.txt" 2>&1 || { tail -30 "$O/build.txt"; exit 1; }
 timeout 150 python3 bench/prefill_attention.py --plans wgmma_pp_ov_qp_xc_ps,wgmma3_pp_ov_qp_xc_ps \

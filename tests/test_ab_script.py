@@ -110,8 +110,10 @@ def test_every_call_that_runs_a_bench_script_itself_records_the_carried_commit(s
     """A device call's copy of the tree keeps a stale .git: a step outside gpu_check.sh (which reads
     the carried .commit) records the wrong commit in its JSON unless the script exports OPPO_COMMIT
     from .commit (session 21's calls 3-4 did not: their order and stamps JSONs were fixed by hand)."""
+    helper = (BENCH / "device_commit.sh").read_text()
+    assert "export OPPO_COMMIT=$(head -c 40 .commit" in helper
     if re.search(r"python3 bench/\w+\.py", script):
-        assert "export OPPO_COMMIT=$(head -c 40 .commit" in script
+        assert re.search(r"^\. bench/device_commit\.sh", script, flags=re.M)
 
 
 def test_source_map_reads_an_ncu_source_page(tmp_path):
