@@ -203,14 +203,11 @@ def main():
                                             # items of 64 valid rows: key tiles split across the warpgroups
                                             ("wgmma3_pp_ov_qp_xc_ks_ps", 14, 2, 64, [5 * i for i in range(40)],
                                              [64 if i % 3 == 0 else 1 + i for i in range(40)]),
-                                            # each row's tile max as four chains and two levels
-                                            ("wgmma3_pp_ov_qp_xc_mt_ps", 8, 2, 64, [5 * i for i in range(40)],
+                                            # the next item's Q rows copied into a second buffer
+                                            ("wgmma3_pp_ov_qp_xc_qa_ps", 8, 2, 64, [5 * i for i in range(40)],
                                              [300 if i % 3 == 0 else 1 + i for i in range(40)]),
-                                            ("wgmma_pp_ov_qp_xc_mt_ps", 8, 2, 128, [0, 200, 5], [3, 90, 140]),
-                                            # the wgmma descriptors stepped, not rebuilt (with the max tree)
-                                            ("wgmma3_pp_ov_qp_xc_mt_dh_ps", 8, 2, 64, [5 * i for i in range(40)],
-                                             [300 if i % 3 == 0 else 1 + i for i in range(40)]),
-                                            ("wgmma_pp_ov_qp_xc_mt_dh_ps", 8, 2, 128, [0, 200, 5], [3, 90, 140])):
+                                            ("wgmma_pp_ov_qp_xc_qa_ps", 8, 2, 64, [5 * i for i in range(40)],
+                                             [300 if i % 3 == 0 else 1 + i for i in range(40)])):
             if only_prefill is not None and plan not in only_prefill:
                 continue
             if not A.prefill_wgmma_available(plan=plan):

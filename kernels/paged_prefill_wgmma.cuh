@@ -94,20 +94,16 @@ constexpr int kFlagMerge = 64;
 // they go to CTAs 0..127 as their first item, and each CTA that takes one item more than others
 // takes a short one (9 full + 1 short instead of 10 full at that shape).
 constexpr int kFlagKeySplit = 128;
-// kFlagMaxTree (plans ..._mt; a runtime flag): each row's max over a tile's scores as four chains
-// and two levels (depth 6 for kBN = 128) instead of one chain of kNB fmaxf. (A full pairwise tree
-// keeps 2 kNB partial maxima live beside S: ptxas spilled 42 bytes in the two-warpgroup kernels.)
-// The max is the first step of every softmax and the exponentials wait on it; session 21's
-// per-instruction stall map of the D=64 kernel put 8.6% of all stall samples on its FMNMX. The max
-// of a set does not depend on the order (scores are finite or -inf), so the output is bitwise the
-// chain's.
-constexpr int kFlagMaxTree = 256;
-// kFlagDescHoist (plans ..._dh; a runtime flag): the wgmma shared-memory descriptors of a Q K^T or
-// P V batch built once per batch and stepped by each k-step's constant offset (one add) instead of
-// built whole at every k-step (shift, mask, or: ~4 uniform-datapath instructions per descriptor).
-// Session 21's stall map of the D=64 kernel: ~7 uniform instructions per HGMMA, 9.2% of the stall
-// samples on them; a warpgroup's turn issues 12 HGMMAs (D=64) with 16 descriptors. The descriptors are the same bits either way, so is the output.
-constexpr int kFlagDescHoist = 512;
+// kFlagQAhead (plans ..._qa; a runtime flag, head dim 64, not with _mi or _ks): each warpgroup's Q
+// rows of the CTA's next item are copied (cp.async) into a second Q buffer while the current item
+// runs, issued under its first Q K^T; at the next item's start the warpgroup only waits for them
+// to have landed. Without it each item starts with its Q rows loaded and stored by the consumers
+// (from L2 with _qp), and with the chained turns that staging sits between the first warpgroup's
+// last P V of an item and its next Q K^T: the tensor cores wait for it (session 21's stall map of
+// the D=64 kernel: 4.2% of the stall samples on the staging's stores). The second buffer sits
+// past the rest (Cfg::kQaOffset), so the plans without the flag keep their shared memory. D=128's
+// stages leave no room for it.
+constexpr int kFlagQAhead = 256;
 // prefill_item_stamps' tag: an item's key tiles, | this bit for an item whose key tiles were split
 constexpr int64_t kStampKeySplit = int64_t(1) << 20;
 
@@ -138,7 +134,11 @@ struct Cfg {
   static constexpr int kKsFloats = D / 2 + 4;
   static constexpr int kKsBytes = NC == 3 ? (NC - 1) * 128 * kKsFloats * 4 : 0;
   static constexpr int kSmem = 1024 /*alignment slack*/ + kKsOffset + kKsBytes;
+  // kFlagQAhead: the second Q buffer, 1024-aligned (the 128-byte swizzle's period) past the rest
+  static constexpr int kQaOffset = (kKsOffset + kKsBytes + 1023) / 1024 * 1024;
+  static constexpr int kSmemQa = 1024 + kQaOffset + kQBytes;
   static_assert(kSmem <= 232448, "a CTA may have 227 KB of shared memory");
+  static constexpr bool kQaFits = kSmemQa <= 232448;
 };
 
 // Byte offset of 16-byte chunk `chunk` of row `row` in a [rows x D] tile (layout above).
@@ -231,7 +231,7 @@ static __constant__ CtaStamps prefill_stamps;
 
 // out          [Nq, Hq, D]  (T, or float32 with kPrefillOutF32), strides o_s0, o_s1, inner contiguous
 // flags        kPrefillOutF32 | kFlagPingPong | kFlagOverlap | kFlagSplitKV | kFlagQPrefetch | kFlagChain |
-//              kFlagMerge | kFlagKeySplit | kFlagMaxTree | kFlagDescHoist
+//              kFlagMerge | kFlagKeySplit | kFlagQAhead
 // q            [Nq, Hq, D]  packed by cu_seqlens_q [B+1], strides q_s0, q_s1, inner contiguous
 // k/v_cache    [num_blocks, block_size, Hkv, D] (page stride page_stride, equal for K and V)
 // context_lens [B] int32 (prefix + chunk);  block_tables [B, max_blocks] int32, row stride bt_stride
@@ -548,10 +548,10 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
   // and its MMAs (ptxas would serialize them): first tile, steady state and last P V are peeled.
   const bool pingpong = (flags & kFlagPingPong) != 0;
   const bool overlap = (flags & kFlagOverlap) != 0;
-  const bool max_tree = (flags & kFlagMaxTree) != 0;   // each row's tile max as a tree (kFlagMaxTree)
-  const bool desc_hoist = (flags & kFlagDescHoist) != 0;   // descriptors stepped, not rebuilt (kFlagDescHoist)
-  // kFlagDescHoist: each operand's descriptor built once per call and stepped by the k-step's
-  // constant offset (desc_step), instead of built whole at every k-step
+  // Each operand's descriptor is built once per batch and stepped by the k-step's constant offset
+  // (desc_step: one add) instead of built whole at every k-step (shift, mask, or: ~4 uniform
+  // instructions each): 4% off issue 8's D=64 shape in both orders, D=128 the same (session 22,
+  // bench/NOTES.md "`_dh`").
   auto issue_qk = [&](int s) {  // S = Q K^T (64 x kBN per warpgroup, D / 16 k-steps)
     const uint32_t k_addr = kv_addr + s * C::kStageBytes;
     const uint64_t da0 = desc128(q_addr, 16, 1024), db0 = desc128(k_addr, 16, 1024);
@@ -559,8 +559,7 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
     for (int kk = 0; kk < D / 16; ++kk) {
       const uint32_t koff = (kk & 3) * 32;  // 16 elements along the row, inside the swizzle atom
       const uint32_t offa = (kk >> 2) * (kBM * 128) + koff, offb = (kk >> 2) * (kBN * 128) + koff;
-      const uint64_t da = desc_hoist ? desc_step(da0, offa) : desc128(q_addr + offa, 16, 1024);
-      const uint64_t db = desc_hoist ? desc_step(db0, offb) : desc128(k_addr + offb, 16, 1024);
+      const uint64_t da = desc_step(da0, offa), db = desc_step(db0, offb);
       if constexpr (kBN == 128) Ops::ss_n128(sacc, da, db, kk > 0 ? 1 : 0);
       else Ops::ss_n64(sacc, da, db, kk > 0 ? 1 : 0);
     }
@@ -570,7 +569,7 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
     const uint64_t dv0 = desc128(v_addr, kBN * 128, 1024);
 #pragma unroll
     for (int kk = 0; kk < kKS; ++kk) {
-      const uint64_t dv = desc_hoist ? desc_step(dv0, kk * 16 * 128) : desc128(v_addr + kk * 16 * 128, kBN * 128, 1024);
+      const uint64_t dv = desc_step(dv0, kk * 16 * 128);
       if constexpr (D == 128) Ops::rs_n128(o, pa[kk], dv, 1);
       else Ops::rs_n64(o, pa[kk], dv, 1);
     }
@@ -610,23 +609,10 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
     }
     // each row's kBN scores live in the 4 threads of a quad
     float mx[2] = {kNegInf, kNegInf};
-    if (max_tree) {   // kFlagMaxTree: four chains per row, then two levels (depth kNB / 4 + 2)
-      static_assert(kNB % 4 == 0, "the max tree keeps four chains per row");
-      float t[2][4];
 #pragma unroll
-      for (int i = 0; i < kNB; ++i) {
-        const float a = fmaxf(sacc[4 * i], sacc[4 * i + 1]), b = fmaxf(sacc[4 * i + 2], sacc[4 * i + 3]);
-        t[0][i % 4] = i < 4 ? a : fmaxf(t[0][i % 4], a);
-        t[1][i % 4] = i < 4 ? b : fmaxf(t[1][i % 4], b);
-      }
-      mx[0] = fmaxf(fmaxf(t[0][0], t[0][1]), fmaxf(t[0][2], t[0][3]));
-      mx[1] = fmaxf(fmaxf(t[1][0], t[1][1]), fmaxf(t[1][2], t[1][3]));
-    } else {
-#pragma unroll
-      for (int i = 0; i < kNB; ++i) {
-        mx[0] = fmaxf(mx[0], fmaxf(sacc[4 * i], sacc[4 * i + 1]));
-        mx[1] = fmaxf(mx[1], fmaxf(sacc[4 * i + 2], sacc[4 * i + 3]));
-      }
+    for (int i = 0; i < kNB; ++i) {
+      mx[0] = fmaxf(mx[0], fmaxf(sacc[4 * i], sacc[4 * i + 1]));
+      mx[1] = fmaxf(mx[1], fmaxf(sacc[4 * i + 2], sacc[4 * i + 3]));
     }
     float m_use[2];
 #pragma unroll
@@ -681,28 +667,28 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
                     (c % C::kChunks) * 8
               : q;
   };
-  auto q_dst = [&](int i) {
+  auto q_dst = [&](unsigned char* buf, int i) {
     const int c = i * 128 + tw;
-    return q_s + swz(kBM, 64 * cw + c / C::kChunks, c % C::kChunks);
+    return buf + swz(kBM, 64 * cw + c / C::kChunks, c % C::kChunks);
   };
-  auto stage_q = [&](const Item& J) {
+  auto stage_q = [&](const Item& J, unsigned char* buf) {
     fence_proxy_async();
 #pragma unroll
     for (int i = 0; i < kQPer; ++i) {
       bool in;
       const T* src = q_src(J, i, in);
-      *reinterpret_cast<uint4*>(q_dst(i)) = in ? *reinterpret_cast<const uint4*>(src) : make_uint4(0u, 0u, 0u, 0u);
+      *reinterpret_cast<uint4*>(q_dst(buf, i)) = in ? *reinterpret_cast<const uint4*>(src) : make_uint4(0u, 0u, 0u, 0u);
     }
     fence_proxy_async();
     named_sync(1 + cw, 128);
   };
-  auto stage_q_async = [&](const Item& J) {
+  auto stage_q_async = [&](const Item& J, unsigned char* buf) {
     fence_proxy_async();
 #pragma unroll
     for (int i = 0; i < kQPer; ++i) {
       bool in;
       const T* src = q_src(J, i, in);
-      cp_async_16(q_dst(i), src, in ? 16 : 0);
+      cp_async_16(q_dst(buf, i), src, in ? 16 : 0);
     }
     cp_async_commit();
   };
@@ -714,7 +700,7 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
   auto stage_next_q = [&](int wn) {  // item wn's rows (its fields read again: see the item loop)
     Item J;
     item_at(wn, J);
-    stage_q_async(J);
+    stage_q_async(J, q_s);
   };
   auto start_rows = [&]() {  // this thread's rows of item I: positions, empty softmax state (not O)
 #pragma unroll
@@ -819,6 +805,12 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
     if (last) stage_next_q(wn);
   };
   int gbase = 0;                             // ring position of the item's first tile
+  // kFlagQAhead: the second Q buffer, which of the two holds the current item's rows, and whether
+  // the next item's rows were issued into the other one
+  const bool qahead = (flags & kFlagQAhead) != 0;
+  unsigned char* const q_a = smem + C::kQaOffset;
+  int qb = 0;
+  bool q_pending = false;
   const bool chain = pingpong && (merge || (flags & kFlagChain) != 0);
   bool first_item = true;
   // an item's start: the last warpgroup gives warpgroup 0 its first turn (with chained turns only
@@ -850,7 +842,7 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
     if (cw == 0 && tw == 0) stamp_start(prefill_stamps, w);
     q_addr = smem_u32(q_s);            // warpgroup 0's Q rows and row positions, for every warpgroup
     rA = 16 * warp + g;
-    if (cw == 0) stage_q(I);
+    if (cw == 0) stage_q(I, q_s);
     named_sync(kKsBar, 128 * NC);      // (its writes fenced for the async proxy by stage_q)
     start_rows();
     zero_o();
@@ -959,14 +951,33 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
       }
     }
     if (cw == 0 && tw == 0) stamp_start(prefill_stamps, w);  // off unless bench/prefill_stamps.py sets it
-    stage_q(I);
+    if (q_pending) {   // kFlagQAhead: this item's rows were copied into the other buffer during the last one
+      qb ^= 1;
+      q_addr = smem_u32(qb ? q_a : q_s) + 64 * cw * 128;
+      q_landed();
+    } else {
+      stage_q(I, qb ? q_a : q_s);
+    }
     start_rows();
     zero_o();
     kick();
     mbar_wait(&full[gbase % kS], (gbase / kS) & 1);  // tile 0: Q K^T alone
     begin_batch();
     issue_qk(gbase % kS);
-    end_batch(false);
+    wg_commit();
+    hand_on(false);
+    if (qahead) {  // kFlagQAhead: the next item's rows into the other buffer, under this Q K^T
+      int wq = w;
+      q_pending = next_item(w, wq);
+      if (q_pending) {
+        Item J;
+        item_at(wq, J);
+        stage_q_async(J, qb ? q_s : q_a);
+      }
+    }
+    wg_wait_all();
+    fence_regs(o);
+    fence_regs(sacc);
     if (splitkv) mbar_arrive(&empty[gbase % kS]);  // emptyK: S of tile 0 was waited on
     {
       float alpha[2];

@@ -1,4 +1,5 @@
-"""kFlagDescHoist (plans _dh, kernels/paged_prefill_wgmma.cuh): a wgmma descriptor stepped by a
+"""The prefill wgmma kernel's batches (kernels/paged_prefill_wgmma.cuh, session 22's `_dh`, made
+unconditional): a wgmma descriptor stepped by a
 k-step's offset (desc_step) is the descriptor built whole at that address (desc128), for every
 16-byte-aligned shared address and every offset the kernel steps by, as long as the address stays in
 the shared window (below 228 KB). Replayed from the kernel's source text (its field masks and
