@@ -27,14 +27,13 @@
 //                   fall in the first warpgroup's 64 has its key tiles split across the three
 //                   warpgroups and merged at the end (kFlagKeySplit, its own instantiation), e.g.
 //                   wgmma3_pp_ov_qp_xc_ks_ps;
-//                   "_qa" before "_ps" (head dim 64, not with _mi or _ks): each warpgroup's Q rows
-//                   of the CTA's next item copied into a second Q buffer during the current item
-//                   (kFlagQAhead, a runtime flag; the same output), e.g. wgmma3_pp_ov_qp_xc_qa_ps;
+//                   "_ds" before "_ps" (not with _mi or _ks): an item's O stored under the next
+//                   item's first Q K^T (kFlagDeferStore, a runtime flag; the same output), e.g.
+//                   wgmma3_pp_ov_qp_xc_ds_ps;
 //                   the wgmma plans are an error on other devices or without sm_90a code;
 //   wgmma3...       any of the above with three consumer warpgroups (192-row items, 512 threads,
 //                   setmaxnreg 32/160), e.g. wgmma3_pp_ov_ps: head dim 64 and bf16 only (the
 //                   lever for issue 8's D=64 shape, bench/NOTES.md "Session 15").
-#include <algorithm>
 #include <array>
 #include <cstdint>
 #include <cstdlib>
@@ -84,13 +83,7 @@ void launch_kernel(PrefillKernel<T> kernel, int rows_per_cta, int threads, int s
   static bool attr_set[64] = {};  // per kernel and device
   const int dev = q.get_device();
   if (!attr_set[dev & 63]) {
-    // the most any plan launches this kernel with (kFlagQAhead's second Q buffer where it fits)
-    int smem_max = smem;
-    if constexpr (kWgmma) {
-      using Cfg = oppo::attn::wgp::Cfg<D, NC>;
-      if constexpr (Cfg::kQaFits) smem_max = std::max(smem, Cfg::kSmemQa);
-    }
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_max));
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     if constexpr (kWgmma) {
       // setmaxnreg moves registers between warpgroups within what the CTA was given at launch: if
       // ptxas gave the kernel fewer (another toolkit, a code change), the consumers' increase would
@@ -131,7 +124,7 @@ constexpr int kThreeWG = 1 << 17;     // three consumer warpgroups (plans wgmma3
 // timed the default plan four times over).
 static_assert(((oppo::attn::kPrefillOutF32 | oppo::attn::wgp::kFlagPingPong | oppo::attn::wgp::kFlagOverlap |
                 oppo::attn::wgp::kFlagSplitKV | oppo::attn::wgp::kFlagQPrefetch | oppo::attn::wgp::kFlagChain |
-                oppo::attn::wgp::kFlagMerge | oppo::attn::wgp::kFlagKeySplit | oppo::attn::wgp::kFlagQAhead) &
+                oppo::attn::wgp::kFlagMerge | oppo::attn::wgp::kFlagKeySplit | oppo::attn::wgp::kFlagDeferStore) &
                (kPersistent | kThreeWG)) == 0,
               "a kernel flag shares a bit with the launcher's plan bits");
 
@@ -201,8 +194,8 @@ int prefill_plan(const at::Tensor& q) {
   {
     using namespace oppo::attn::wgp;
     constexpr std::pair<const char*, int> kSuffixes[] = {
-        {"_ps", kPersistent}, {"_qa", kFlagQAhead}, {"_ks", kFlagKeySplit}, {"_mi", kFlagMerge},
-        {"_xc", kFlagChain},  {"_qp", kFlagQPrefetch}, {"_kv", kFlagSplitKV}};
+        {"_ps", kPersistent}, {"_ds", kFlagDeferStore}, {"_ks", kFlagKeySplit}, {"_mi", kFlagMerge},
+        {"_xc", kFlagChain},  {"_qp", kFlagQPrefetch},   {"_kv", kFlagSplitKV}};
     for (const auto& [suffix, flag] : kSuffixes) {
       if (name.size() > 3 && name.compare(name.size() - 3, 3, suffix) == 0) {
         flags |= flag;
@@ -213,7 +206,7 @@ int prefill_plan(const at::Tensor& q) {
   if (name == "wgmma_pp") flags |= oppo::attn::wgp::kFlagPingPong;
   else if (name == "wgmma_ov") flags |= oppo::attn::wgp::kFlagOverlap;
   else if (name == "wgmma_pp_ov") flags |= oppo::attn::wgp::kFlagPingPong | oppo::attn::wgp::kFlagOverlap;
-  else OPPO_CHECK(name == "wgmma", "OPPO_PREFILL_PLAN must be auto, mma or wgmma[3][_pp][_ov][_kv][_qp][_xc][_mi][_ks][_qa][_ps] (e.g. wgmma_pp_ov_kv_ps), got '",
+  else OPPO_CHECK(name == "wgmma", "OPPO_PREFILL_PLAN must be auto, mma or wgmma[3][_pp][_ov][_kv][_qp][_xc][_mi][_ks][_ds][_ps] (e.g. wgmma_pp_ov_kv_ps), got '",
                   e, "'");
   OPPO_CHECK(!(flags & oppo::attn::wgp::kFlagChain) || (flags & oppo::attn::wgp::kFlagPingPong), "OPPO_PREFILL_PLAN=", e,
              ": _xc chains the ping-pong turns across items, so it needs _pp");
@@ -226,10 +219,9 @@ int prefill_plan(const at::Tensor& q) {
               !(flags & (oppo::attn::wgp::kFlagMerge | oppo::attn::wgp::kFlagSplitKV))),
              "OPPO_PREFILL_PLAN=", e, ": the _ks plans are built for wgmma3 at head dim 64 in bf16, without _mi and _kv; ",
              "got head dim ", q.size(2), " and ", q.scalar_type());
-  OPPO_CHECK(!(flags & oppo::attn::wgp::kFlagQAhead) ||
-             (q.size(2) == 64 && !(flags & (oppo::attn::wgp::kFlagMerge | oppo::attn::wgp::kFlagKeySplit))),
-             "OPPO_PREFILL_PLAN=", e, ": _qa needs head dim 64 (head dim 128's stages leave no shared memory for a ",
-             "second Q buffer) and neither _mi nor _ks; got head dim ", q.size(2));
+  OPPO_CHECK(!(flags & oppo::attn::wgp::kFlagDeferStore) ||
+             !(flags & (oppo::attn::wgp::kFlagMerge | oppo::attn::wgp::kFlagKeySplit)),
+             "OPPO_PREFILL_PLAN=", e, ": _ds is built without _mi and _ks");
   OPPO_CHECK(!(flags & kThreeWG) || (q.size(2) == 64 && q.scalar_type() == at::kBFloat16),
              "OPPO_PREFILL_PLAN=", e, ": the three-warpgroup plans are built for head dim 64 and bf16 only, got head dim ",
              q.size(2), " and ", q.scalar_type());
@@ -243,15 +235,6 @@ int prefill_plan(const at::Tensor& q) {
              OPPO_CUDA_ARCHS);
 #endif
   return flags;
-}
-
-// the wgmma kernel's dynamic shared memory: with kFlagQAhead its second Q buffer too (prefill_plan
-// allows the flag only where it fits)
-template <int D, int NC>
-int wgmma_smem(int flags) {
-  using C = oppo::attn::wgp::Cfg<D, NC>;
-  if constexpr (C::kQaFits) return (flags & oppo::attn::wgp::kFlagQAhead) ? C::kSmemQa : C::kSmem;
-  else return C::kSmem;
 }
 
 template <typename T, int D>
@@ -294,12 +277,12 @@ void launch(int plan, at::Tensor& out, const at::Tensor& q, const at::Tensor& k_
       if (plan & kThreeWG) {   // prefill_plan checked head dim and dtype
         using G3 = wgp::Geo<3>;
         launch_kernel<T, D, true, 3>(wgp::paged_prefill_wgmma_kernel<T, D, 3>, G3::kBM, G3::kThreads,
-                                     wgmma_smem<D, 3>(flags), flags, grid, out, q, k_cache, v_cache, cu_seqlens_q,
+                                     wgp::Cfg<D, 3>::kSmem, flags, grid, out, q, k_cache, v_cache, cu_seqlens_q,
                                      context_lens, block_tables, scale, max_seqlen_q);
         return;
       }
     }
-    launch_kernel<T, D, true>(wgp::paged_prefill_wgmma_kernel<T, D>, wgp::kBM, wgp::kThreads, wgmma_smem<D, 2>(flags),
+    launch_kernel<T, D, true>(wgp::paged_prefill_wgmma_kernel<T, D>, wgp::kBM, wgp::kThreads, wgp::Cfg<D>::kSmem,
                               flags, grid, out, q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale,
                               max_seqlen_q);
   } else {

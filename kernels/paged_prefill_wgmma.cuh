@@ -94,16 +94,12 @@ constexpr int kFlagMerge = 64;
 // they go to CTAs 0..127 as their first item, and each CTA that takes one item more than others
 // takes a short one (9 full + 1 short instead of 10 full at that shape).
 constexpr int kFlagKeySplit = 128;
-// kFlagQAhead (plans ..._qa; a runtime flag, head dim 64, not with _mi or _ks): each warpgroup's Q
-// rows of the CTA's next item are copied (cp.async) into a second Q buffer while the current item
-// runs, issued under its first Q K^T; at the next item's start the warpgroup only waits for them
-// to have landed. Without it each item starts with its Q rows loaded and stored by the consumers
-// (from L2 with _qp), and with the chained turns that staging sits between the first warpgroup's
-// last P V of an item and its next Q K^T: the tensor cores wait for it (session 21's stall map of
-// the D=64 kernel: 4.2% of the stall samples on the staging's stores). The second buffer sits
-// past the rest (Cfg::kQaOffset), so the plans without the flag keep their shared memory. D=128's
-// stages leave no room for it.
-constexpr int kFlagQAhead = 256;
+// kFlagDeferStore (plans ..._ds; a runtime flag, not with _mi or _ks): an item's O is stored after
+// the next item's first Q K^T is issued (under it), not before: the first warpgroup's turn after
+// an item's final P V no longer waits for its epilogue's stores. O's registers are not an operand
+// of Q K^T; the row sums are inverted before, O zeroed after the batch. The CTA's last item is
+// stored after the loop.
+constexpr int kFlagDeferStore = 256;
 // prefill_item_stamps' tag: an item's key tiles, | this bit for an item whose key tiles were split
 constexpr int64_t kStampKeySplit = int64_t(1) << 20;
 
@@ -134,11 +130,7 @@ struct Cfg {
   static constexpr int kKsFloats = D / 2 + 4;
   static constexpr int kKsBytes = NC == 3 ? (NC - 1) * 128 * kKsFloats * 4 : 0;
   static constexpr int kSmem = 1024 /*alignment slack*/ + kKsOffset + kKsBytes;
-  // kFlagQAhead: the second Q buffer, 1024-aligned (the 128-byte swizzle's period) past the rest
-  static constexpr int kQaOffset = (kKsOffset + kKsBytes + 1023) / 1024 * 1024;
-  static constexpr int kSmemQa = 1024 + kQaOffset + kQBytes;
   static_assert(kSmem <= 232448, "a CTA may have 227 KB of shared memory");
-  static constexpr bool kQaFits = kSmemQa <= 232448;
 };
 
 // Byte offset of 16-byte chunk `chunk` of row `row` in a [rows x D] tile (layout above).
@@ -231,7 +223,7 @@ static __constant__ CtaStamps prefill_stamps;
 
 // out          [Nq, Hq, D]  (T, or float32 with kPrefillOutF32), strides o_s0, o_s1, inner contiguous
 // flags        kPrefillOutF32 | kFlagPingPong | kFlagOverlap | kFlagSplitKV | kFlagQPrefetch | kFlagChain |
-//              kFlagMerge | kFlagKeySplit | kFlagQAhead
+//              kFlagMerge | kFlagKeySplit | kFlagDeferStore
 // q            [Nq, Hq, D]  packed by cu_seqlens_q [B+1], strides q_s0, q_s1, inner contiguous
 // k/v_cache    [num_blocks, block_size, Hkv, D] (page stride page_stride, equal for K and V)
 // context_lens [B] int32 (prefix + chunk);  block_tables [B, max_blocks] int32, row stride bt_stride
@@ -667,28 +659,28 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
                     (c % C::kChunks) * 8
               : q;
   };
-  auto q_dst = [&](unsigned char* buf, int i) {
+  auto q_dst = [&](int i) {
     const int c = i * 128 + tw;
-    return buf + swz(kBM, 64 * cw + c / C::kChunks, c % C::kChunks);
+    return q_s + swz(kBM, 64 * cw + c / C::kChunks, c % C::kChunks);
   };
-  auto stage_q = [&](const Item& J, unsigned char* buf) {
+  auto stage_q = [&](const Item& J) {
     fence_proxy_async();
 #pragma unroll
     for (int i = 0; i < kQPer; ++i) {
       bool in;
       const T* src = q_src(J, i, in);
-      *reinterpret_cast<uint4*>(q_dst(buf, i)) = in ? *reinterpret_cast<const uint4*>(src) : make_uint4(0u, 0u, 0u, 0u);
+      *reinterpret_cast<uint4*>(q_dst(i)) = in ? *reinterpret_cast<const uint4*>(src) : make_uint4(0u, 0u, 0u, 0u);
     }
     fence_proxy_async();
     named_sync(1 + cw, 128);
   };
-  auto stage_q_async = [&](const Item& J, unsigned char* buf) {
+  auto stage_q_async = [&](const Item& J) {
     fence_proxy_async();
 #pragma unroll
     for (int i = 0; i < kQPer; ++i) {
       bool in;
       const T* src = q_src(J, i, in);
-      cp_async_16(q_dst(buf, i), src, in ? 16 : 0);
+      cp_async_16(q_dst(i), src, in ? 16 : 0);
     }
     cp_async_commit();
   };
@@ -700,7 +692,7 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
   auto stage_next_q = [&](int wn) {  // item wn's rows (its fields read again: see the item loop)
     Item J;
     item_at(wn, J);
-    stage_q_async(J, q_s);
+    stage_q_async(J);
   };
   auto start_rows = [&]() {  // this thread's rows of item I: positions, empty softmax state (not O)
 #pragma unroll
@@ -805,12 +797,10 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
     if (last) stage_next_q(wn);
   };
   int gbase = 0;                             // ring position of the item's first tile
-  // kFlagQAhead: the second Q buffer, which of the two holds the current item's rows, and whether
-  // the next item's rows were issued into the other one
-  const bool qahead = (flags & kFlagQAhead) != 0;
-  unsigned char* const q_a = smem + C::kQaOffset;
-  int qb = 0;
-  bool q_pending = false;
+  // kFlagDeferStore: the item whose rows (O normalized) wait to be stored under the next item's
+  // first Q K^T, or -1
+  const bool defer_store = (flags & kFlagDeferStore) != 0;
+  int ds_w = -1;
   const bool chain = pingpong && (merge || (flags & kFlagChain) != 0);
   bool first_item = true;
   // an item's start: the last warpgroup gives warpgroup 0 its first turn (with chained turns only
@@ -842,7 +832,7 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
     if (cw == 0 && tw == 0) stamp_start(prefill_stamps, w);
     q_addr = smem_u32(q_s);            // warpgroup 0's Q rows and row positions, for every warpgroup
     rA = 16 * warp + g;
-    if (cw == 0) stage_q(I, q_s);
+    if (cw == 0) stage_q(I);
     named_sync(kKsBar, 128 * NC);      // (its writes fenced for the async proxy by stage_q)
     start_rows();
     zero_o();
@@ -951,33 +941,27 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
       }
     }
     if (cw == 0 && tw == 0) stamp_start(prefill_stamps, w);  // off unless bench/prefill_stamps.py sets it
-    if (q_pending) {   // kFlagQAhead: this item's rows were copied into the other buffer during the last one
-      qb ^= 1;
-      q_addr = smem_u32(qb ? q_a : q_s) + 64 * cw * 128;
-      q_landed();
-    } else {
-      stage_q(I, qb ? q_a : q_s);
-    }
+    stage_q(I);
     start_rows();
-    zero_o();
+    if (!defer_store) zero_o();
     kick();
     mbar_wait(&full[gbase % kS], (gbase / kS) & 1);  // tile 0: Q K^T alone
     begin_batch();
     issue_qk(gbase % kS);
     wg_commit();
     hand_on(false);
-    if (qahead) {  // kFlagQAhead: the next item's rows into the other buffer, under this Q K^T
-      int wq = w;
-      q_pending = next_item(w, wq);
-      if (q_pending) {
-        Item J;
-        item_at(wq, J);
-        stage_q_async(J, qb ? q_s : q_a);
+    if (defer_store) {  // kFlagDeferStore: the last item's rows, under this Q K^T
+      if (ds_w >= 0) {
+        Item P;
+        item_at(ds_w, P);
+        const float one[2] = {1.f, 1.f};
+        store_rows(P, one);
       }
     }
     wg_wait_all();
     fence_regs(o);
     fence_regs(sacc);
+    if (defer_store) zero_o();
     if (splitkv) mbar_arrive(&empty[gbase % kS]);  // emptyK: S of tile 0 was waited on
     {
       float alpha[2];
@@ -1042,9 +1026,21 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
     {
       float inv[2];
       inv_rows(inv);
-      store_rows(I, inv);
+      if (defer_store) {  // O normalized now, stored under the next item's first Q K^T
+#pragma unroll
+        for (int i = 0; i < D / 2; ++i) o[i] *= inv[(i >> 1) & 1];   // o[4 c + 0, 1]: row rA; + 2, 3: rA + 8
+        ds_w = w;
+      } else {
+        store_rows(I, inv);
+      }
     }
     if (cw == 0 && tw == 0) stamp_end(prefill_stamps, w, I.n_tiles);  // warpgroup 0's end of the item
+  }
+  if (ds_w >= 0) {  // kFlagDeferStore: the CTA's last item
+    Item P;
+    item_at(ds_w, P);
+    const float one[2] = {1.f, 1.f};
+    store_rows(P, one);
   }
 #endif
 }

@@ -9,7 +9,7 @@ import pytest
 from _scripts import load_script
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
-SCRIPTS = ["ab_v6_wgmma3.sh", "ab_ks_caps.sh", "ab_clock_gemm.sh", "prefill_source_map.sh", "ab_qa.sh"]
+SCRIPTS = ["ab_v6_wgmma3.sh", "ab_ks_caps.sh", "ab_clock_gemm.sh", "prefill_source_map.sh", "ab_ds.sh"]
 
 
 @pytest.fixture(params=SCRIPTS)
