@@ -7,7 +7,7 @@
 #   Flex and SDPA; memcheck and racecheck of `_ds`; the D=64 and the (16, 2048) D=128 shapes again
 #   in the reverse order; the item stamps of the two three-warpgroup plans; the GPU tests of `_ds`
 #   and the default plans; then every GPU test (bench/pytest_shards.sh -m gpu) in the time left.
-#   (Session 22's call 2 ran the same steps for `_qa`, since removed: `git show e34a5be:bench/ab_qa.sh`.)
+#   (Session 22's call 2 ran the same steps for `_qa`, since removed: ab_qa.sh as of e34a5be.)
 #
 #   OUT=$OUT bash bench/ab_ds.sh      (on the device, carrying .commit; results under $OUT)
 set -u
@@ -22,7 +22,7 @@ BENCH_ONLY=1 BENCH_LIMIT=150 SMOKE_PLANS=wgmma_pp_ov_qp_xc_ps,wgmma_pp_ov_qp_xc_
 {
   SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 90 "$SAN" --tool memcheck --error-exitcode 9 python3 bench/sanitize_attention.py \
-    --prefill-plans=wgmma3_pp_ov_qp_xc_ds_ps,wgmma_pp_ov_kv_xc_ds_ps,wgmma_pp_ov_qp_xc_ds_ps 2>&1 | tail -4
+    --prefill-plans=wgmma3_pp_ov_qp_xc_ds_ps,wgmma_pp_ov_qp_xc_ds_ps 2>&1 | tail -4
   echo "memcheck (_ds) rc=${PIPESTATUS[0]}"
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 90 "$SAN" --tool racecheck --error-exitcode 9 python3 bench/sanitize_attention.py \
     --prefill-plans=wgmma3_pp_ov_qp_xc_ds_ps 2>&1 | tail -3
