@@ -202,14 +202,7 @@ def main():
                                              [300 if i % 3 == 0 else 1 + i for i in range(40)]),
                                             # items of 64 valid rows: key tiles split across the warpgroups
                                             ("wgmma3_pp_ov_qp_xc_ks_ps", 14, 2, 64, [5 * i for i in range(40)],
-                                             [64 if i % 3 == 0 else 1 + i for i in range(40)]),
-                                            # an item's O stored under the next item's first Q K^T
-                                            ("wgmma3_pp_ov_qp_xc_ds_ps", 8, 2, 64, [5 * i for i in range(40)],
-                                             [300 if i % 3 == 0 else 1 + i for i in range(40)]),
-                                            ("wgmma_pp_ov_kv_xc_ds_ps", 8, 2, 64, [5 * i for i in range(40)],
-                                             [300 if i % 3 == 0 else 1 + i for i in range(40)]),
-                                            ("wgmma_pp_ov_qp_xc_ds_ps", 8, 2, 128, [5 * i for i in range(40)],
-                                             [300 if i % 3 == 0 else 1 + i for i in range(40)])):
+                                             [64 if i % 3 == 0 else 1 + i for i in range(40)])):
             if only_prefill is not None and plan not in only_prefill:
                 continue
             if not A.prefill_wgmma_available(plan=plan):

@@ -21,7 +21,6 @@ import time
 PLANS = ("wgmma", "wgmma_pp", "wgmma_ov", "wgmma_pp_ov", "wgmma_pp_ov_ps", "wgmma_kv", "wgmma_pp_ov_kv",
          "wgmma_pp_ov_qp_ps", "wgmma3_pp_ov_qp_ps", "wgmma_pp_ov_qp_xc_ps", "wgmma3_pp_ov_qp_xc_ps",
          "wgmma_pp_ov_qp_mi_ps", "wgmma3_pp_ov_qp_mi_ps", "wgmma3_pp_ov_qp_xc_ks_ps",
-         "wgmma_pp_ov_qp_xc_ds_ps", "wgmma3_pp_ov_qp_xc_ds_ps",
          "wgmma3_pp_ov", "wgmma3_pp_ov_ps", "wgmma3_ov_ps")   # wgmma3: three consumer warpgroups, head dim 64 only
 
 CASES = ((14, 2, 64, [0, 20, 3, 130, 700], [1, 70, 17, 300, 64]),     # Hq, Hkv, D, prefixes, chunks

@@ -27,9 +27,6 @@
 //                   fall in the first warpgroup's 64 has its key tiles split across the three
 //                   warpgroups and merged at the end (kFlagKeySplit, its own instantiation), e.g.
 //                   wgmma3_pp_ov_qp_xc_ks_ps;
-//                   "_ds" before "_ps" (not with _mi or _ks): an item's O stored under the next
-//                   item's first Q K^T (kFlagDeferStore, a runtime flag; the same output), e.g.
-//                   wgmma3_pp_ov_qp_xc_ds_ps;
 //                   the wgmma plans are an error on other devices or without sm_90a code;
 //   wgmma3...       any of the above with three consumer warpgroups (192-row items, 512 threads,
 //                   setmaxnreg 32/160), e.g. wgmma3_pp_ov_ps: head dim 64 and bf16 only (the
@@ -124,7 +121,7 @@ constexpr int kThreeWG = 1 << 17;     // three consumer warpgroups (plans wgmma3
 // timed the default plan four times over).
 static_assert(((oppo::attn::kPrefillOutF32 | oppo::attn::wgp::kFlagPingPong | oppo::attn::wgp::kFlagOverlap |
                 oppo::attn::wgp::kFlagSplitKV | oppo::attn::wgp::kFlagQPrefetch | oppo::attn::wgp::kFlagChain |
-                oppo::attn::wgp::kFlagMerge | oppo::attn::wgp::kFlagKeySplit | oppo::attn::wgp::kFlagDeferStore) &
+                oppo::attn::wgp::kFlagMerge | oppo::attn::wgp::kFlagKeySplit) &
                (kPersistent | kThreeWG)) == 0,
               "a kernel flag shares a bit with the launcher's plan bits");
 
@@ -194,8 +191,8 @@ int prefill_plan(const at::Tensor& q) {
   {
     using namespace oppo::attn::wgp;
     constexpr std::pair<const char*, int> kSuffixes[] = {
-        {"_ps", kPersistent}, {"_ds", kFlagDeferStore}, {"_ks", kFlagKeySplit}, {"_mi", kFlagMerge},
-        {"_xc", kFlagChain},  {"_qp", kFlagQPrefetch},   {"_kv", kFlagSplitKV}};
+        {"_ps", kPersistent}, {"_ks", kFlagKeySplit}, {"_mi", kFlagMerge},
+        {"_xc", kFlagChain},  {"_qp", kFlagQPrefetch}, {"_kv", kFlagSplitKV}};
     for (const auto& [suffix, flag] : kSuffixes) {
       if (name.size() > 3 && name.compare(name.size() - 3, 3, suffix) == 0) {
         flags |= flag;
@@ -206,7 +203,7 @@ int prefill_plan(const at::Tensor& q) {
   if (name == "wgmma_pp") flags |= oppo::attn::wgp::kFlagPingPong;
   else if (name == "wgmma_ov") flags |= oppo::attn::wgp::kFlagOverlap;
   else if (name == "wgmma_pp_ov") flags |= oppo::attn::wgp::kFlagPingPong | oppo::attn::wgp::kFlagOverlap;
-  else OPPO_CHECK(name == "wgmma", "OPPO_PREFILL_PLAN must be auto, mma or wgmma[3][_pp][_ov][_kv][_qp][_xc][_mi][_ks][_ds][_ps] (e.g. wgmma_pp_ov_kv_ps), got '",
+  else OPPO_CHECK(name == "wgmma", "OPPO_PREFILL_PLAN must be auto, mma or wgmma[3][_pp][_ov][_kv][_qp][_xc][_mi][_ks][_ps] (e.g. wgmma_pp_ov_kv_ps), got '",
                   e, "'");
   OPPO_CHECK(!(flags & oppo::attn::wgp::kFlagChain) || (flags & oppo::attn::wgp::kFlagPingPong), "OPPO_PREFILL_PLAN=", e,
              ": _xc chains the ping-pong turns across items, so it needs _pp");
@@ -219,9 +216,6 @@ int prefill_plan(const at::Tensor& q) {
               !(flags & (oppo::attn::wgp::kFlagMerge | oppo::attn::wgp::kFlagSplitKV))),
              "OPPO_PREFILL_PLAN=", e, ": the _ks plans are built for wgmma3 at head dim 64 in bf16, without _mi and _kv; ",
              "got head dim ", q.size(2), " and ", q.scalar_type());
-  OPPO_CHECK(!(flags & oppo::attn::wgp::kFlagDeferStore) ||
-             !(flags & (oppo::attn::wgp::kFlagMerge | oppo::attn::wgp::kFlagKeySplit)),
-             "OPPO_PREFILL_PLAN=", e, ": _ds is built without _mi and _ks");
   OPPO_CHECK(!(flags & kThreeWG) || (q.size(2) == 64 && q.scalar_type() == at::kBFloat16),
              "OPPO_PREFILL_PLAN=", e, ": the three-warpgroup plans are built for head dim 64 and bf16 only, got head dim ",
              q.size(2), " and ", q.scalar_type());

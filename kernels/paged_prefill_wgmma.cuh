@@ -94,12 +94,6 @@ constexpr int kFlagMerge = 64;
 // they go to CTAs 0..127 as their first item, and each CTA that takes one item more than others
 // takes a short one (9 full + 1 short instead of 10 full at that shape).
 constexpr int kFlagKeySplit = 128;
-// kFlagDeferStore (plans ..._ds; a runtime flag, not with _mi or _ks): an item's O is stored after
-// the next item's first Q K^T is issued (under it), not before: the first warpgroup's turn after
-// an item's final P V no longer waits for its epilogue's stores. O's registers are not an operand
-// of Q K^T; the row sums are inverted before, O zeroed after the batch. The CTA's last item is
-// stored after the loop.
-constexpr int kFlagDeferStore = 256;
 // prefill_item_stamps' tag: an item's key tiles, | this bit for an item whose key tiles were split
 constexpr int64_t kStampKeySplit = int64_t(1) << 20;
 
@@ -223,7 +217,7 @@ static __constant__ CtaStamps prefill_stamps;
 
 // out          [Nq, Hq, D]  (T, or float32 with kPrefillOutF32), strides o_s0, o_s1, inner contiguous
 // flags        kPrefillOutF32 | kFlagPingPong | kFlagOverlap | kFlagSplitKV | kFlagQPrefetch | kFlagChain |
-//              kFlagMerge | kFlagKeySplit | kFlagDeferStore
+//              kFlagMerge | kFlagKeySplit
 // q            [Nq, Hq, D]  packed by cu_seqlens_q [B+1], strides q_s0, q_s1, inner contiguous
 // k/v_cache    [num_blocks, block_size, Hkv, D] (page stride page_stride, equal for K and V)
 // context_lens [B] int32 (prefix + chunk);  block_tables [B, max_blocks] int32, row stride bt_stride
@@ -797,10 +791,6 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
     if (last) stage_next_q(wn);
   };
   int gbase = 0;                             // ring position of the item's first tile
-  // kFlagDeferStore: the item whose rows (O normalized) wait to be stored under the next item's
-  // first Q K^T, or -1
-  const bool defer_store = (flags & kFlagDeferStore) != 0;
-  int ds_w = -1;
   const bool chain = pingpong && (merge || (flags & kFlagChain) != 0);
   bool first_item = true;
   // an item's start: the last warpgroup gives warpgroup 0 its first turn (with chained turns only
@@ -943,25 +933,12 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
     if (cw == 0 && tw == 0) stamp_start(prefill_stamps, w);  // off unless bench/prefill_stamps.py sets it
     stage_q(I);
     start_rows();
-    if (!defer_store) zero_o();
+    zero_o();
     kick();
     mbar_wait(&full[gbase % kS], (gbase / kS) & 1);  // tile 0: Q K^T alone
     begin_batch();
     issue_qk(gbase % kS);
-    wg_commit();
-    hand_on(false);
-    if (defer_store) {  // kFlagDeferStore: the last item's rows, under this Q K^T
-      if (ds_w >= 0) {
-        Item P;
-        item_at(ds_w, P);
-        const float one[2] = {1.f, 1.f};
-        store_rows(P, one);
-      }
-    }
-    wg_wait_all();
-    fence_regs(o);
-    fence_regs(sacc);
-    if (defer_store) zero_o();
+    end_batch(false);
     if (splitkv) mbar_arrive(&empty[gbase % kS]);  // emptyK: S of tile 0 was waited on
     {
       float alpha[2];
@@ -1026,21 +1003,9 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
     {
       float inv[2];
       inv_rows(inv);
-      if (defer_store) {  // O normalized now, stored under the next item's first Q K^T
-#pragma unroll
-        for (int i = 0; i < D / 2; ++i) o[i] *= inv[(i >> 1) & 1];   // o[4 c + 0, 1]: row rA; + 2, 3: rA + 8
-        ds_w = w;
-      } else {
-        store_rows(I, inv);
-      }
+      store_rows(I, inv);
     }
     if (cw == 0 && tw == 0) stamp_end(prefill_stamps, w, I.n_tiles);  // warpgroup 0's end of the item
-  }
-  if (ds_w >= 0) {  // kFlagDeferStore: the CTA's last item
-    Item P;
-    item_at(ds_w, P);
-    const float one[2] = {1.f, 1.f};
-    store_rows(P, one);
   }
 #endif
 }
