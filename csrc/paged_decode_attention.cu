@@ -32,6 +32,8 @@
 // OPPO_DECODE_PDL=1 (plans v2, v3, v6, v7): programmatic dependent launch of both kernels (decode_pdl).
 // OPPO_DECODE_PREFETCH=0|1|2 (plans v2, v3, v6, v7; default 1): L2 prefetch 0, 1 or 2 tiles further ahead
 // (decode_l2_ahead).
+// OPPO_DECODE_REFILL=0|1 (plans v2, v3, v6, v7; default 1): a stage refilled when its tile is done, not
+// when the next one lands (decode_early_refill).
 //
 // v4/v7 ticket counters (one unsigned int per group = (sequence, kv head, head chunk), split plans
 // only). The kernel needs them at 0 when it starts and leaves them at 0 (the CTA that draws a
@@ -118,6 +120,24 @@ int decode_l2_ahead() {
   OPPO_CHECK(std::strcmp(e, "1") == 0 || std::strcmp(e, "2") == 0, "OPPO_DECODE_PREFETCH must be 0, 1 or 2, got '",
              e, "'");
   return *e - '0';
+}
+
+// OPPO_DECODE_REFILL=0|1 (plans v2, v3, v6, v7): the split kernel refills each pipeline stage as soon
+// as every warp is done with its tile, so kStages tiles are in flight while the CTA waits for the next
+// one (kStages - 1 with 0: the refill waited for the next tile to land). Why: session 15's read probe
+// reached 0.94-0.95 of copy on (1, 32768) with ~192 KiB requested per SM; 2 CTAs x 2 tiles of 32 KiB
+// is 128 KiB, where the kernel and the probe's 1-2 programs per SM both sat at ~0.80-0.83.
+// Default 1 (unset or empty); see bench/NOTES.md, session 23.
+bool decode_early_refill() {
+  const char* e = std::getenv("OPPO_DECODE_REFILL");
+  if (e == nullptr || *e == 0 || std::strcmp(e, "1") == 0) return true;
+  OPPO_CHECK(std::strcmp(e, "0") == 0, "OPPO_DECODE_REFILL must be 0 or 1, got '", e, "'");
+  return false;
+}
+
+// The split kernel's pipe_flags: the L2 prefetch level, and kDecodeEarlyRefill.
+int decode_pipe_flags() {
+  return decode_l2_ahead() | (decode_early_refill() ? oppo::attn::kDecodeEarlyRefill : 0);
 }
 
 // kernel<<<grid, block, smem, stream>>>(args...), with the PDL attribute when `pdl`.
@@ -492,7 +512,7 @@ void launch_decode_split(PlanKind kind, at::Tensor& out, const at::Tensor& q, co
       k_cache.stride(0), static_cast<int>(k_cache.stride(1)), static_cast<int>(k_cache.stride(2)), block_size, Hkv,
       block_tables.data_ptr<int>(), block_tables.stride(0),
       static_cast<int>(max_ctx), context_lens.data_ptr<int>(), ws_o_ptr, ws_lse_ptr, G, num_splits, plan.partition,
-      scale_log2, decode_l2_ahead(), sc.tickets);
+      scale_log2, decode_pipe_flags(), sc.tickets);
   if (num_splits > 1 && sc.tickets == nullptr) {  // v2, v3, v6: the reduction kernel (v7's CTAs merge)
     launch_kernel(paged_decode_reduce_kernel<T, D>, dim3(Hq, B), kDecodeReduceThreads, 0, stream, pdl,
         out.data_ptr(), out_f32, out.stride(0), out.stride(1), static_cast<const float*>(ws_o_ptr),

@@ -1,6 +1,7 @@
 """bench/decode_attention.py's parts that run without a GPU: the --ragged row's lengths, its
-SDPA mask (against SDPA on each sequence's own keys) and the summary that keeps it apart from
-issue 7's minima."""
+SDPA mask (against SDPA on each sequence's own keys), the summary that keeps it apart from
+issue 7's minima, and the plan names' switches."""
+import os
 from pathlib import Path
 
 import torch
@@ -40,3 +41,20 @@ def test_summary_keeps_the_ragged_row_out_of_issue_7s_minima():
     assert s["shapes"] == 2
     assert (s["ragged_fraction_of_copy_bw"], s["ragged_speedup_vs_sdpa_padded"], s["ragged_speedup_vs_flex"]) == (0.4, 5.0, 0.5)
     assert "ragged_fraction_of_copy_bw" not in d._summary(rows[:2])
+
+
+def test_plan_switches_set_every_decode_switch_and_restore_them(monkeypatch):
+    """A plan name states all of its switches: +rf sets OPPO_DECODE_REFILL=1 and its absence 0 (so an
+    A/B of the refill is one plan with it and one without), beside +pdl and +l2 / +l2x2; the
+    caller's values come back after."""
+    D = load_script(BENCH, "decode_attention")
+    monkeypatch.setenv("OPPO_DECODE_REFILL", "caller")
+    names = ("OPPO_DECODE_PLAN", "OPPO_DECODE_PDL", "OPPO_DECODE_PREFETCH", "OPPO_DECODE_REFILL")
+    want = {"v7+l2+rf": ("v7", "0", "1", "1"), "v7+l2": ("v7", "0", "1", "0"),
+            "v3+pdl+l2x2+rf": ("v3", "1", "2", "1"), "v6": ("v6", "0", "0", "0")}
+    for plan, values in want.items():
+        assert D._SPLIT_PLAN.fullmatch(plan), plan
+        with D.plan_env(plan):
+            assert tuple(os.environ[n] for n in names) == values, plan
+    assert os.environ["OPPO_DECODE_REFILL"] == "caller"
+    assert not D._SPLIT_PLAN.fullmatch("v7+rf2")
