@@ -40,7 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (L2Flush, copy_bandwidth, device_info, median_span_stamps, paged_pool, print_table, results_path,  # noqa: E402
                     stamp_stats, time_ms, write_json)
-from decode_attention import SHAPES, plan_env  # noqa: E402
+from decode_attention import _SPLIT_PLAN, SHAPES, plan_env  # noqa: E402
 
 ENGINE = (256, 384, 14, 2, 64)   # --engine: bench/engine.py's Qwen2.5-0.5B batch at its mean context
 COLUMNS = [("B", "B", "d"), ("ctx", "ctx", "d"), ("Hq", "Hq", "d"), ("Hkv", "Hkv", "d"), ("D", "D", "d"),
@@ -85,8 +85,8 @@ def main() -> None:
     assert layer_list and all(n >= 1 for n in layer_list), f"--layers takes positive integers, got {args.layers!r}"
     assert l2_list and set(l2_list) <= {"warm", "cold"}, f"--l2 takes warm and/or cold, got {args.l2!r}"
     plans = [p.strip() for p in args.plans.split(",") if p.strip()]
-    assert plans and all(p.split("+")[0] in ("v2", "v3", "v6", "v7") and set(p.split("+")[1:]) <= {"pdl", "l2", "l2x2"}
-                         for p in plans), f"--plans takes v2/v3/v6/v7, each also with +pdl and/or +l2 or +l2x2, got {args.plans!r}"
+    assert plans and all(_SPLIT_PLAN.fullmatch(p) and p != "v4" for p in plans), \
+        f"--plans takes v2/v3/v6/v7, each also with +pdl, +l2 or +l2x2, +h256, +lo, got {args.plans!r}"
 
     import oppo_runtime.ops  # noqa: F401  (loads torch.ops.oppo)
     from oppo_runtime.ops.attention import decode_cta_stamps, paged_decode_workspace

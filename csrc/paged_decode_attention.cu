@@ -31,9 +31,7 @@
 //   v6: v3 on the lean kernel (DecodeLeanCfg): D=128 with 2 stages and 3 CTAs per SM.
 // OPPO_DECODE_PDL=1 (plans v2, v3, v6, v7): programmatic dependent launch of both kernels (decode_pdl).
 // OPPO_DECODE_PREFETCH=0|1|2 (plans v2, v3, v6, v7; default 1): L2 prefetch 0, 1 or 2 tiles further ahead
-// (decode_l2_ahead).
-// OPPO_DECODE_REFILL=0|1 (plans v2, v3, v6, v7; default 1): a stage refilled when its tile is done, not
-// when the next one lands (decode_early_refill).
+// (decode_l2_ahead). OPPO_DECODE_L2HINT, OPPO_DECODE_DIAG_LOADS_ONLY: A/B switches (decode_pipe_flags).
 //
 // v4/v7 ticket counters (one unsigned int per group = (sequence, kv head, head chunk), split plans
 // only). The kernel needs them at 0 when it starts and leaves them at 0 (the CTA that draws a
@@ -122,22 +120,22 @@ int decode_l2_ahead() {
   return *e - '0';
 }
 
-// OPPO_DECODE_REFILL=0|1 (plans v2, v3, v6, v7): the split kernel refills each pipeline stage as soon
-// as every warp is done with its tile, so kStages tiles are in flight while the CTA waits for the next
-// one (kStages - 1 with 0: the refill waited for the next tile to land). Why: session 15's read probe
-// reached 0.94-0.95 of copy on (1, 32768) with ~192 KiB requested per SM; 2 CTAs x 2 tiles of 32 KiB
-// is 128 KiB, where the kernel and the probe's 1-2 programs per SM both sat at ~0.80-0.83.
-// Default 1 (unset or empty); see bench/NOTES.md, session 23.
-bool decode_early_refill() {
-  const char* e = std::getenv("OPPO_DECODE_REFILL");
-  if (e == nullptr || *e == 0 || std::strcmp(e, "1") == 0) return true;
-  OPPO_CHECK(std::strcmp(e, "0") == 0, "OPPO_DECODE_REFILL must be 0 or 1, got '", e, "'");
-  return false;
-}
-
-// The split kernel's pipe_flags: the L2 prefetch level, and kDecodeEarlyRefill.
+// Two A/B switches of the split kernel's loads, read at each launch (so at a graph's capture):
+// OPPO_DECODE_L2HINT=256: its tiles' cp.async carry the .L2::256B prefetch size (unset, empty or 0:
+// none). OPPO_DECODE_DIAG_LOADS_ONLY=1: a bench diagnostic that skips every tile's arithmetic (the
+// loads, waits and barriers stay), so the output is WRONG (ops.attention warns once). Both off by
+// default; bench/NOTES.md session 23 says why they exist.
 int decode_pipe_flags() {
-  return decode_l2_ahead() | (decode_early_refill() ? oppo::attn::kDecodeEarlyRefill : 0);
+  int flags = decode_l2_ahead();
+  if (const char* e = std::getenv("OPPO_DECODE_L2HINT"); e != nullptr && *e != 0 && std::strcmp(e, "0") != 0) {
+    OPPO_CHECK(std::strcmp(e, "256") == 0, "OPPO_DECODE_L2HINT must be 0 or 256, got '", e, "'");
+    flags |= oppo::attn::kDecodeL2Hint256;
+  }
+  if (const char* e = std::getenv("OPPO_DECODE_DIAG_LOADS_ONLY"); e != nullptr && *e != 0 && std::strcmp(e, "0") != 0) {
+    OPPO_CHECK(std::strcmp(e, "1") == 0, "OPPO_DECODE_DIAG_LOADS_ONLY must be 0 or 1, got '", e, "'");
+    flags |= oppo::attn::kDecodeLoadsOnly;
+  }
+  return flags;
 }
 
 // kernel<<<grid, block, smem, stream>>>(args...), with the PDL attribute when `pdl`.

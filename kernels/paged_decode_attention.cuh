@@ -21,7 +21,9 @@ namespace attn {
 
 constexpr int kDecodeThreads = 128;
 constexpr int kDecodeTile = 64;  // tokens per pipeline stage (16 per warp)
-constexpr int kDecodeEarlyRefill = 4;  // paged_decode_kernel's pipe_flags: see there
+// paged_decode_kernel's pipe_flags beside the prefetch level (bits 0-1): see there
+constexpr int kDecodeL2Hint256 = 4;
+constexpr int kDecodeLoadsOnly = 8;
 
 // Pipeline depth and the CTAs per SM the registers must allow (launch bounds), per head dim.
 // D=64 (v3): 3 stages = 55.5 KiB of smem -> 4 CTAs per SM on a 228 KiB SM (32 KiB in flight per
@@ -291,15 +293,13 @@ __device__ __forceinline__ void merge_split_partials(void* out, bool out_f32, in
 // block_tables [B, max_blocks] int32, row stride bt_stride; table_tokens = max_blocks * block_size
 //              (clamped to INT_MAX);  context_lens [B] int32, each <= table_tokens
 // ws_o         [B, Hq, num_splits, D] float;  ws_lse [B, Hq, num_splits] float  (num_splits > 1)
-// pipe_flags   bits 0-1, the L2 prefetch (l2_ahead): 0; 1: also prefetch into L2 the rows of the tile
-//              after those in flight, as soon as their offsets are known (one tile time before its
-//              cp.async); 2: the two tiles after them (the block table read one tile further ahead).
+// pipe_flags   bits 0-1 (l2_ahead): 0; 1: also prefetch into L2 the rows of the tile after those in
+//              flight, as soon as their offsets are known (one tile time before its cp.async); 2: the
+//              two tiles after them (the block table read one tile further ahead).
 //              OPPO_DECODE_PREFETCH=0|1|2 (default 1).
-//              bit 2 (kDecodeEarlyRefill), OPPO_DECODE_REFILL: each stage refilled as soon as every warp
-//              has finished its tile (a second barrier per tile), not after the next tile has landed:
-//              kStages tiles in flight while the CTA waits for one, not kStages - 1. The refill then
-//              leads by a compute time only, so a prefetch level of 1 or 2 prefetches the tile after
-//              the next refill (the level-2 path, one tile ahead of its cp.async).
+//              kDecodeL2Hint256 (OPPO_DECODE_L2HINT=256): the tiles' cp.async with the .L2::256B
+//              prefetch size. kDecodeLoadsOnly (OPPO_DECODE_DIAG_LOADS_ONLY=1, a bench diagnostic:
+//              the output is wrong): every load, wait and barrier, no tile arithmetic.
 // tickets      nullptr: with num_splits > 1 the partials go to the workspace for
 //              paged_decode_reduce_kernel (v2, v3, v6); else (v7) one counter per group
 //              (B * Hkv * q_chunks, zero before the launch, left at zero): the group's last CTA
@@ -330,9 +330,9 @@ paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t 
   int64_t* off_s = reinterpret_cast<int64_t*>(stage_base + kStages * 2 * S::kTileElems);
   cta_stamp_start(decode_stamps);
   pdl_wait();  // launched with PDL (OPPO_DECODE_PDL): the previous kernel's outputs (q, the cache) from here
-  const bool early = (pipe_flags & kDecodeEarlyRefill) != 0;
-  // early refill: the tile after the next refill is the one worth prefetching (the level-2 path)
-  const int l2_ahead = early ? ((pipe_flags & 3) > 0 ? 2 : 0) : (pipe_flags & 3);
+  const int l2_ahead = pipe_flags & 3;
+  const bool l2_256 = (pipe_flags & kDecodeL2Hint256) != 0;
+  const bool loads_only = (pipe_flags & kDecodeLoadsOnly) != 0;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int qr = lane >> 2, qc = lane & 3;
@@ -416,8 +416,8 @@ paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t 
     T* k_s = stage_base + (t % kStages) * 2 * S::kTileElems;
     T* v_s = k_s + S::kTileElems;
     const int64_t* off = off_s + (t % kStages) * kDecodeTile;
-    load_kv_tile<T, D, kDecodeTile, kDecodeThreads>(k_s, k_cache, off, tid);
-    load_kv_tile<T, D, kDecodeTile, kDecodeThreads>(v_s, v_cache, off, tid);
+    load_kv_tile<T, D, kDecodeTile, kDecodeThreads>(k_s, k_cache, off, tid, l2_256);
+    load_kv_tile<T, D, kDecodeTile, kDecodeThreads>(v_s, v_cache, off, tid, l2_256);
   };
   __syncthreads();
 #pragma unroll
@@ -445,23 +445,12 @@ paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t 
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk)
     ldmatrix_x4(qa[kk], q_s + (lane & 15) * kRow + kk * 16 + (lane >> 4) * 8);
-  if (early) {  // the last slot (Q's) is free once every warp holds Q: its tile goes now, not in iteration 0
-    __syncthreads();
-    if (kStages - 1 < ntiles) load_tile(kStages - 1);
-    cp_async_commit();
-  }
 
   for (int t = 0; t < ntiles; ++t) {
-    // pending copy groups behind tile t: tiles t+1 .. t+kStages-1 (early), t+1 .. t+kStages-2 (not)
-    if (early) {
-      cp_async_wait<kStages - 1>();
-      __syncthreads();
-    } else {
-      cp_async_wait<kStages - 2>();
-      __syncthreads();
-      if (t + kStages - 1 < ntiles) load_tile(t + kStages - 1);
-      cp_async_commit();
-    }
+    cp_async_wait<kStages - 2>();
+    __syncthreads();
+    if (t + kStages - 1 < ntiles) load_tile(t + kStages - 1);
+    cp_async_commit();
     if (t + kStages < ntiles && tid < kDecodeTile) {  // slot t % kStages: tile t is loaded already
       const int pos = start + (t + kStages) * kDecodeTile + tid;
       const int64_t off = decode_row_offset(next_page, pos, end, page_stride, block_size, row_stride, head_off);
@@ -491,13 +480,9 @@ paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t 
     }
 
     const T* k_s = stage_base + (t % kStages) * 2 * S::kTileElems + warp * 16 * kRow;
-    decode_tile_update<T, D, kRow>(k_s, k_s + S::kTileElems, qa, lane, start + t * kDecodeTile + warp * 16 + qc * 2,
-                                   end, scale_log2, m, l, o);
-    if (early) {  // slot t % kStages is free once every warp is past tile t; tile t + kStages's offsets
-      __syncthreads();  // (written above, in this slot's offsets) are visible after this barrier too
-      if (t + kStages < ntiles) load_tile(t + kStages);
-      cp_async_commit();
-    }
+    if (!loads_only)
+      decode_tile_update<T, D, kRow>(k_s, k_s + S::kTileElems, qa, lane, start + t * kDecodeTile + warp * 16 + qc * 2,
+                                     end, scale_log2, m, l, o);
   }
 
   // Merge the 4 warps (pipeline buffers reused).

@@ -453,8 +453,28 @@ def test_decode_cta_stamps_cover_every_cta_and_change_nothing(monkeypatch, plan,
                 torch.ops.oppo.decode_cta_stamps(few)
 
 
-@pytest.mark.parametrize("switch", ["OPPO_DECODE_PDL", "OPPO_DECODE_PREFETCH=1", "OPPO_DECODE_PREFETCH=2", "OPPO_DECODE_REFILL",
-                                    "both"])
+def test_decode_loads_only_diagnostic_reaches_the_kernel_and_warns(monkeypatch):
+    """OPPO_DECODE_DIAG_LOADS_ONLY=1 (bench/decode_attention.py's +lo: the split kernel's loads
+    without its arithmetic) must reach the kernel, or an A/B of it times the default twice (the
+    session-21 accident): its output differs from the default's, which matches the reference, and
+    the Python face warns that the output is wrong."""
+    _use_plan(monkeypatch, "v7")
+    B, Hq, Hkv, D, bs = 2, 14, 2, 64, 16
+    lens = [700, 129]
+    kv, bt, ctx = _full_width_case(lens, Hkv, D, 1024, bs)
+    q = torch.randn(B, Hq, D, device="cuda").bfloat16()
+    good = A.paged_decode_attention(q, kv.k, kv.v, bt, ctx, D ** -0.5, backend="cuda")
+    ref = A.paged_decode_attention_ref(q.float(), kv.k.float(), kv.v.float(), bt, ctx, D ** -0.5)
+    assert float((good.float() - ref).norm() / ref.norm()) < 2e-3
+    monkeypatch.setenv("OPPO_DECODE_DIAG_LOADS_ONLY", "1")
+    A._warn_loads_only.cache_clear()
+    with pytest.warns(RuntimeWarning, match="outputs are wrong"):
+        bad = A.paged_decode_attention(q, kv.k, kv.v, bt, ctx, D ** -0.5, backend="cuda")
+    assert not torch.equal(bad, good)
+
+
+@pytest.mark.parametrize("switch", ["OPPO_DECODE_PDL", "OPPO_DECODE_PREFETCH=1", "OPPO_DECODE_PREFETCH=2",
+                                    "OPPO_DECODE_L2HINT=256", "both"])
 @pytest.mark.parametrize("plan", ["v3", "v6", "v7"])
 @pytest.mark.parametrize("B,Hq,Hkv,D,table", [(1, 32, 8, 128, 32768), (3, 14, 2, 64, 2048), (40, 14, 2, 64, 512)])
 def test_decode_pdl_waits_for_the_kernel_ahead(monkeypatch, switch, plan, B, Hq, Hkv, D, table):
@@ -464,8 +484,8 @@ def test_decode_pdl_waits_for_the_kernel_ahead(monkeypatch, switch, plan, B, Hq,
     K/V append between some calls, gives bit for bit the chain without PDL, eagerly and replayed
     from a CUDA graph (programmatic edges). Split and unsplit plans, empty splits included. The
     same for OPPO_DECODE_PREFETCH=1 and 2 (L2 prefetch of the next tiles' rows: a hint, no result
-    changes), OPPO_DECODE_REFILL=1 against 0 (the stages refilled earlier: the same tiles in the
-    same order) and PDL with the prefetch of 2 at once."""
+    changes), OPPO_DECODE_L2HINT=256 (the loads' L2 prefetch size: a hint too) and PDL with the
+    prefetch of 2 at once."""
     switches = ["OPPO_DECODE_PDL", "OPPO_DECODE_PREFETCH=2"] if switch == "both" else [switch]
     _use_plan(monkeypatch, plan)
     bs = 16

@@ -15,7 +15,9 @@ also has a Triton kernel, ``prefill_triton.py``, the default on sm_90):
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -265,6 +267,14 @@ def paged_decode_workspace(q, k_cache, block_tables, backend: str | None = None,
     return torch.empty(n, dtype=torch.float32, device=q.device) if n else None
 
 
+@functools.lru_cache(maxsize=1)
+def _warn_loads_only() -> None:
+    """Once per process: OPPO_DECODE_DIAG_LOADS_ONLY=1 makes the decode kernel skip its arithmetic
+    (a bench diagnostic of its loads alone, csrc/paged_decode_attention.cu): every output is wrong."""
+    warnings.warn("OPPO_DECODE_DIAG_LOADS_ONLY=1: the CUDA decode attention skips its arithmetic (a bench "
+                  "diagnostic); its outputs are wrong", RuntimeWarning, stacklevel=3)
+
+
 def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale: float,
                            out: torch.Tensor | None = None, backend: str | None = None,
                            workspace: torch.Tensor | None = None, max_partition: int = 0):
@@ -302,6 +312,8 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
             if workspace.numel() < need:
                 raise ValueError(f"paged_decode_attention: workspace holds {workspace.numel()} floats, this "
                                  f"call's split plan needs {need} (size it with paged_decode_workspace)")
+        if os.environ.get("OPPO_DECODE_DIAG_LOADS_ONLY", "0") not in ("", "0"):
+            _warn_loads_only()
         torch.ops.oppo.paged_decode_attention(out, q, k_cache, v_cache, _i32(block_tables),
                                               _i32(context_lens), scale, workspace, max_partition)
         return out
