@@ -31,7 +31,7 @@
 //   v6: v3 on the lean kernel (DecodeLeanCfg): D=128 with 2 stages and 3 CTAs per SM.
 // OPPO_DECODE_PDL=1 (plans v2, v3, v6, v7): programmatic dependent launch of both kernels (decode_pdl).
 // OPPO_DECODE_PREFETCH=0|1|2 (plans v2, v3, v6, v7; default 1): L2 prefetch 0, 1 or 2 tiles further ahead
-// (decode_l2_ahead). OPPO_DECODE_L2HINT, OPPO_DECODE_DIAG_LOADS_ONLY: A/B switches (decode_pipe_flags).
+// (decode_l2_ahead). OPPO_DECODE_DIAG_LOADS_ONLY=1: a diagnostic (decode_pipe_flags).
 //
 // v4/v7 ticket counters (one unsigned int per group = (sequence, kv head, head chunk), split plans
 // only). The kernel needs them at 0 when it starts and leaves them at 0 (the CTA that draws a
@@ -120,17 +120,12 @@ int decode_l2_ahead() {
   return *e - '0';
 }
 
-// Two A/B switches of the split kernel's loads, read at each launch (so at a graph's capture):
-// OPPO_DECODE_L2HINT=256: its tiles' cp.async carry the .L2::256B prefetch size (unset, empty or 0:
-// none). OPPO_DECODE_DIAG_LOADS_ONLY=1: a bench diagnostic that skips every tile's arithmetic (the
-// loads, waits and barriers stay), so the output is WRONG (ops.attention warns once). Both off by
-// default; bench/NOTES.md session 23 says why they exist.
+// OPPO_DECODE_DIAG_LOADS_ONLY=1, read at each launch (so at a graph's capture): a bench diagnostic
+// that skips every tile's arithmetic of the split kernel (its loads, waits and barriers stay), so
+// the output is WRONG (ops.attention warns once). Off by default. Session 23 (H100) measured the
+// loads alone at 0.83-0.87 of copy on issue 7's two small shapes (bench/NOTES.md).
 int decode_pipe_flags() {
   int flags = decode_l2_ahead();
-  if (const char* e = std::getenv("OPPO_DECODE_L2HINT"); e != nullptr && *e != 0 && std::strcmp(e, "0") != 0) {
-    OPPO_CHECK(std::strcmp(e, "256") == 0, "OPPO_DECODE_L2HINT must be 0 or 256, got '", e, "'");
-    flags |= oppo::attn::kDecodeL2Hint256;
-  }
   if (const char* e = std::getenv("OPPO_DECODE_DIAG_LOADS_ONLY"); e != nullptr && *e != 0 && std::strcmp(e, "0") != 0) {
     OPPO_CHECK(std::strcmp(e, "1") == 0, "OPPO_DECODE_DIAG_LOADS_ONLY must be 0 or 1, got '", e, "'");
     flags |= oppo::attn::kDecodeLoadsOnly;

@@ -29,12 +29,6 @@ __device__ __forceinline__ void cp_async_16(void* dst, const void* src, int src_
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(src_bytes));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-// The same with the L2 told to fetch the 256-byte block around src (the .L2::256B prefetch size):
-// a 16-byte chunk's miss brings its row's neighbours too (decode's OPPO_DECODE_L2HINT A/B).
-__device__ __forceinline__ void cp_async_16_l2_256(void* dst, const void* src, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src),
-               "r"(src_bytes));
-}
 template <int N> __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
@@ -121,7 +115,7 @@ __device__ __forceinline__ void tile_row_offset_store(int64_t* __restrict__ off_
 // may hold anything, NaN included, and a zero V row keeps P*V finite).
 template <typename T, int D, int kRows, int kThreads>
 __device__ __forceinline__ void load_kv_tile(T* __restrict__ smem, const T* __restrict__ cache,
-                                             const int64_t* __restrict__ off_s, int tid, bool l2_256 = false) {
+                                             const int64_t* __restrict__ off_s, int tid) {
   constexpr int kVec = 16 / int(sizeof(T));
   constexpr int kChunks = D / kVec;                           // 16-byte chunks per row
   constexpr int kRowsPerPass = kThreads / kChunks;
@@ -133,10 +127,7 @@ __device__ __forceinline__ void load_kv_tile(T* __restrict__ smem, const T* __re
     const int r = row0 + i * kRowsPerPass;
     const int64_t off = off_s[r];
     const T* src = cache + (off >= 0 ? off : 0) + chunk * kVec;
-    if (l2_256)
-      cp_async_16_l2_256(smem + r * SmemRow<D>::kElems + chunk * kVec, src, off >= 0 ? 16 : 0);
-    else
-      cp_async_16(smem + r * SmemRow<D>::kElems + chunk * kVec, src, off >= 0 ? 16 : 0);
+    cp_async_16(smem + r * SmemRow<D>::kElems + chunk * kVec, src, off >= 0 ? 16 : 0);
   }
 }
 

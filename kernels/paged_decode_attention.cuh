@@ -22,8 +22,7 @@ namespace attn {
 constexpr int kDecodeThreads = 128;
 constexpr int kDecodeTile = 64;  // tokens per pipeline stage (16 per warp)
 // paged_decode_kernel's pipe_flags beside the prefetch level (bits 0-1): see there
-constexpr int kDecodeL2Hint256 = 4;
-constexpr int kDecodeLoadsOnly = 8;
+constexpr int kDecodeLoadsOnly = 4;
 
 // Pipeline depth and the CTAs per SM the registers must allow (launch bounds), per head dim.
 // D=64 (v3): 3 stages = 55.5 KiB of smem -> 4 CTAs per SM on a 228 KiB SM (32 KiB in flight per
@@ -297,9 +296,8 @@ __device__ __forceinline__ void merge_split_partials(void* out, bool out_f32, in
 //              flight, as soon as their offsets are known (one tile time before its cp.async); 2: the
 //              two tiles after them (the block table read one tile further ahead).
 //              OPPO_DECODE_PREFETCH=0|1|2 (default 1).
-//              kDecodeL2Hint256 (OPPO_DECODE_L2HINT=256): the tiles' cp.async with the .L2::256B
-//              prefetch size. kDecodeLoadsOnly (OPPO_DECODE_DIAG_LOADS_ONLY=1, a bench diagnostic:
-//              the output is wrong): every load, wait and barrier, no tile arithmetic.
+//              kDecodeLoadsOnly (OPPO_DECODE_DIAG_LOADS_ONLY=1, a bench diagnostic: the output is
+//              wrong): every load, wait and barrier, no tile arithmetic.
 // tickets      nullptr: with num_splits > 1 the partials go to the workspace for
 //              paged_decode_reduce_kernel (v2, v3, v6); else (v7) one counter per group
 //              (B * Hkv * q_chunks, zero before the launch, left at zero): the group's last CTA
@@ -331,7 +329,6 @@ paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t 
   cta_stamp_start(decode_stamps);
   pdl_wait();  // launched with PDL (OPPO_DECODE_PDL): the previous kernel's outputs (q, the cache) from here
   const int l2_ahead = pipe_flags & 3;
-  const bool l2_256 = (pipe_flags & kDecodeL2Hint256) != 0;
   const bool loads_only = (pipe_flags & kDecodeLoadsOnly) != 0;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -416,8 +413,8 @@ paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t 
     T* k_s = stage_base + (t % kStages) * 2 * S::kTileElems;
     T* v_s = k_s + S::kTileElems;
     const int64_t* off = off_s + (t % kStages) * kDecodeTile;
-    load_kv_tile<T, D, kDecodeTile, kDecodeThreads>(k_s, k_cache, off, tid, l2_256);
-    load_kv_tile<T, D, kDecodeTile, kDecodeThreads>(v_s, v_cache, off, tid, l2_256);
+    load_kv_tile<T, D, kDecodeTile, kDecodeThreads>(k_s, k_cache, off, tid);
+    load_kv_tile<T, D, kDecodeTile, kDecodeThreads>(v_s, v_cache, off, tid);
   };
   __syncthreads();
 #pragma unroll
