@@ -9,10 +9,10 @@ is the `ours` column, the others get `ours_<plan>` columns. v5xN: v5 with N work
 CTA slot at least (OPPO_DECODE_V5_ITEMS=N; default 4), v5pM: items of at most M tokens
 (OPPO_DECODE_V5_MAX_PART=M; default 512), both: v5xNpM. Each plan name states its switches: v3 is
 the split kernel without PDL and without the L2 prefetch, v3+l2 with the prefetch of one tile (the
-runtime's default since session 17); +lo its loads, waits and barriers without the arithmetic (a diagnostic: its output is wrong, never the
-first plan); v7 is v3's kernel with each group's splits merged by its last
-CTA (the runtime's default plan since session 19). Default: the environment's plan (v7) with +l2, as
-the runtime runs it.
+runtime's default since session 17), +lo its loads, waits and barriers without the arithmetic (a
+diagnostic whose output is wrong: the loader's ceiling); v7 is v3's kernel with each group's
+splits merged by its last CTA (the runtime's default plan since session 19). Default: the
+environment's plan (v7) with +l2, as the runtime runs it.
 --head-major: the first plan also on a pool of head-major pages ([2, Hkv, block_size, D]: a kv head's
 tokens of a page contiguous, as FlashInfer's HND layout), `ours_hm` columns (the layout A/B).
 Per plan the row also records the splits, the CTAs launched and the most items one CTA takes
@@ -104,10 +104,10 @@ _SPLIT_PLAN = re.compile(r"(v2|v3|v6|v7)(\+pdl|\+l2|\+l2x2|\+lo)*|v4")
 @contextlib.contextmanager
 def plan_env(plan: str):
     """OPPO_DECODE_PLAN (and for v5xNpM, OPPO_DECODE_V5_ITEMS=N and OPPO_DECODE_V5_MAX_PART=M; for
-    PLAN+pdl, OPPO_DECODE_PDL=1; for PLAN+l2 and PLAN+l2x2, OPPO_DECODE_PREFETCH=1 and 2; for PLAN+lo, OPPO_DECODE_DIAG_LOADS_ONLY=1 (the kernel's loads
-    alone: a diagnostic whose output is wrong, so its rows' error is not the kernel's); each 0
-    otherwise, so bare v3 runs without the prefetch the runtime defaults to) set inside: the launcher
-    and the plan mirror both read them."""
+    PLAN+pdl, OPPO_DECODE_PDL=1; for PLAN+l2 and PLAN+l2x2, OPPO_DECODE_PREFETCH=1 and 2; for
+    PLAN+lo, OPPO_DECODE_DIAG_LOADS_ONLY=1 (the kernel's loads alone: a diagnostic whose output is
+    wrong, so its rows' error is not the kernel's); each 0 otherwise, so bare v3 runs without the
+    prefetch the runtime defaults to) set inside: the launcher and the plan mirror both read them."""
     m = _V5.fullmatch(plan)
     base, items, max_part = (m.group(1), m.group(2), m.group(3)) if m else (plan, None, None)
     base, *switches = base.split("+")

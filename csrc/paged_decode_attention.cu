@@ -123,7 +123,7 @@ int decode_l2_ahead() {
 // OPPO_DECODE_DIAG_LOADS_ONLY=1, read at each launch (so at a graph's capture): a bench diagnostic
 // that skips every tile's arithmetic of the split kernel (its loads, waits and barriers stay), so
 // the output is WRONG (ops.attention warns once). Off by default. Session 23 (H100) measured the
-// loads alone at 0.83-0.87 of copy on issue 7's two small shapes (bench/NOTES.md).
+// loads alone at 0.84-0.88 of copy on issue 7's two small shapes (bench/NOTES.md).
 int decode_pipe_flags() {
   int flags = decode_l2_ahead();
   if (const char* e = std::getenv("OPPO_DECODE_DIAG_LOADS_ONLY"); e != nullptr && *e != 0 && std::strcmp(e, "0") != 0) {
