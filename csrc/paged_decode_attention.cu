@@ -31,8 +31,7 @@
 //   v6: v3 on the lean kernel (DecodeLeanCfg): D=128 with 2 stages and 3 CTAs per SM.
 // OPPO_DECODE_PDL=1 (plans v2, v3, v6, v7): programmatic dependent launch of both kernels (decode_pdl).
 // OPPO_DECODE_PREFETCH=0|1|2 (plans v2, v3, v6, v7; default 1): L2 prefetch 0, 1 or 2 tiles further ahead
-// (decode_l2_ahead). OPPO_DECODE_BULK=1 (sm_90): bulk-copy row loads; OPPO_DECODE_DIAG_LOADS_ONLY=1: a
-// diagnostic (decode_pipe_flags).
+// (decode_l2_ahead). OPPO_DECODE_DIAG_LOADS_ONLY=1: a diagnostic (decode_pipe_flags).
 //
 // v4/v7 ticket counters (one unsigned int per group = (sequence, kv head, head chunk), split plans
 // only). The kernel needs them at 0 when it starts and leaves them at 0 (the CTA that draws a
@@ -125,18 +124,8 @@ int decode_l2_ahead() {
 // that skips every tile's arithmetic of the split kernel (its loads, waits and barriers stay), so
 // the output is WRONG (ops.attention warns once). Off by default. Session 23 (H100) measured the
 // loads alone at 0.84-0.88 of copy on issue 7's two small shapes (bench/NOTES.md).
-// OPPO_DECODE_BULK=1 (sm_90 only): the split kernel loads each K/V row of a tile with one bulk copy
-// (cp.async.bulk, mbarrier-counted) instead of 16-byte cp.async spread over the CTA
-// (kDecodeBulkRows). Off by default until measured: the A/B is bench/decode_attention.py's +bk.
-int decode_pipe_flags(int dev) {
+int decode_pipe_flags() {
   int flags = decode_l2_ahead();
-  if (const char* e = std::getenv("OPPO_DECODE_BULK"); e != nullptr && *e != 0 && std::strcmp(e, "0") != 0) {
-    OPPO_CHECK(std::strcmp(e, "1") == 0, "OPPO_DECODE_BULK must be 0 or 1, got '", e, "'");
-    int major = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
-    OPPO_CHECK(major >= 9, "OPPO_DECODE_BULK=1 needs sm_90 or newer (bulk copies), this device is sm_", major, "x");
-    flags |= oppo::attn::kDecodeBulkRows;
-  }
   if (const char* e = std::getenv("OPPO_DECODE_DIAG_LOADS_ONLY"); e != nullptr && *e != 0 && std::strcmp(e, "0") != 0) {
     OPPO_CHECK(std::strcmp(e, "1") == 0, "OPPO_DECODE_DIAG_LOADS_ONLY must be 0 or 1, got '", e, "'");
     flags |= oppo::attn::kDecodeLoadsOnly;
@@ -516,7 +505,7 @@ void launch_decode_split(PlanKind kind, at::Tensor& out, const at::Tensor& q, co
       k_cache.stride(0), static_cast<int>(k_cache.stride(1)), static_cast<int>(k_cache.stride(2)), block_size, Hkv,
       block_tables.data_ptr<int>(), block_tables.stride(0),
       static_cast<int>(max_ctx), context_lens.data_ptr<int>(), ws_o_ptr, ws_lse_ptr, G, num_splits, plan.partition,
-      scale_log2, decode_pipe_flags(sh.dev), sc.tickets);
+      scale_log2, decode_pipe_flags(), sc.tickets);
   if (num_splits > 1 && sc.tickets == nullptr) {  // v2, v3, v6: the reduction kernel (v7's CTAs merge)
     launch_kernel(paged_decode_reduce_kernel<T, D>, dim3(Hq, B), kDecodeReduceThreads, 0, stream, pdl,
         out.data_ptr(), out_f32, out.stride(0), out.stride(1), static_cast<const float*>(ws_o_ptr),

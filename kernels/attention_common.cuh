@@ -157,53 +157,6 @@ __device__ __forceinline__ void pdl_launch_dependents() {
 #endif
 }
 
-// Shared-memory mbarriers (sm_90; the prefill wgmma ring and decode's bulk row loads). A phase
-// completes when its pending arrivals reach 0 and its transaction count (expect_tx up, the bulk
-// copies' complete_tx down) is 0; mbar_wait spins on the phase of the given parity.
-__device__ __forceinline__ void mbar_init(uint64_t* bar, int count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(count));
-}
-__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_u32(bar)) : "memory");
-}
-__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  uint32_t done = 0;
-  do {
-    asm volatile(
-        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
-        : "=r"(done) : "r"(smem_u32(bar)), "r"(parity) : "memory");
-  } while (!done);
-#else
-  __trap();
-#endif
-}
-// Generic-proxy accesses (st.shared, cp.async, ldmatrix) ordered before later async-proxy ones
-// (wgmma operands, bulk copies into the same bytes).
-__device__ __forceinline__ void fence_proxy_async() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-#endif
-}
-// This thread's arrival on `bar`, raising its phase's transaction count by `bytes` first.
-__device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(bytes) : "memory");
-#else
-  __trap();
-#endif
-}
-// `bytes` (a multiple of 16, both addresses 16-byte aligned) from global to this CTA's shared
-// memory by the bulk-copy engine, counted off `bar`'s transaction count when they land.
-__device__ __forceinline__ void bulk_copy_g2s(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
-               ::"r"(smem_u32(dst)), "l"(src), "r"(bytes), "r"(smem_u32(bar)) : "memory");
-#else
-  __trap();
-#endif
-}
-
 // Timestamps, for finding where a kernel's time goes (bench/decode_stamps.py, bench/prefill_stamps.py):
 // row r of a [capacity, 3] int64 buffer = (start ns, end ns, SM id | tag << 32) of a CTA (tag: its
 // SM cycles, cta_stamp_*; row = its

@@ -23,7 +23,6 @@ constexpr int kDecodeThreads = 128;
 constexpr int kDecodeTile = 64;  // tokens per pipeline stage (16 per warp)
 // paged_decode_kernel's pipe_flags beside the prefetch level (bits 0-1): see there
 constexpr int kDecodeLoadsOnly = 4;
-constexpr int kDecodeBulkRows = 8;
 
 // Pipeline depth and the CTAs per SM the registers must allow (launch bounds), per head dim.
 // D=64 (v3): 3 stages = 55.5 KiB of smem -> 4 CTAs per SM on a 228 KiB SM (32 KiB in flight per
@@ -299,13 +298,6 @@ __device__ __forceinline__ void merge_split_partials(void* out, bool out_f32, in
 //              OPPO_DECODE_PREFETCH=0|1|2 (default 1).
 //              kDecodeLoadsOnly (OPPO_DECODE_DIAG_LOADS_ONLY=1, a bench diagnostic: the output is
 //              wrong): every load, wait and barrier, no tile arithmetic.
-//              kDecodeBulkRows (OPPO_DECODE_BULK=1, sm_90): each K and V row of a tile is one bulk
-//              copy (cp.async.bulk, D * 2 bytes) issued by the row's thread (tid < 64), counted off
-//              the stage's mbarrier (thread 0 arrives with the tile's bytes), instead of D / 8
-//              16-byte cp.async per row spread over the CTA; rows past the end are zeroed by
-//              st.shared. Every thread fences its generic accesses to the stages (ldmatrix, the
-//              zeroing, Q's cp.async) against the async proxy before the barrier that precedes a
-//              refill.
 // tickets      nullptr: with num_splits > 1 the partials go to the workspace for
 //              paged_decode_reduce_kernel (v2, v3, v6); else (v7) one counter per group
 //              (B * Hkv * q_chunks, zero before the launch, left at zero): the group's last CTA
@@ -338,8 +330,6 @@ paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t 
   pdl_wait();  // launched with PDL (OPPO_DECODE_PDL): the previous kernel's outputs (q, the cache) from here
   const int l2_ahead = pipe_flags & 3;
   const bool loads_only = (pipe_flags & kDecodeLoadsOnly) != 0;
-  const bool bulk = (pipe_flags & kDecodeBulkRows) != 0;
-  __shared__ __align__(8) uint64_t tile_bar[kStages];  // bulk: one mbarrier per stage (count 1)
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int qr = lane >> 2, qc = lane & 3;
@@ -423,36 +413,9 @@ paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t 
     T* k_s = stage_base + (t % kStages) * 2 * S::kTileElems;
     T* v_s = k_s + S::kTileElems;
     const int64_t* off = off_s + (t % kStages) * kDecodeTile;
-    if (bulk) {
-      constexpr uint32_t kRowBytes = D * sizeof(T);
-      uint64_t* bar = tile_bar + t % kStages;
-      if (tid == 0)  // the tile's valid rows (a prefix: positions before `end`), K and V
-        mbar_arrive_expect_tx(bar, 2u * kRowBytes * static_cast<uint32_t>(min(kDecodeTile, end - start - t * kDecodeTile)));
-      if (tid < kDecodeTile) {
-        const int64_t o = off[tid];
-        if (o >= 0) {
-          bulk_copy_g2s(k_s + tid * kRow, k_cache + o, kRowBytes, bar);
-          bulk_copy_g2s(v_s + tid * kRow, v_cache + o, kRowBytes, bar);
-        } else {  // past the end: zeros (a zero V row keeps P V finite), published by a later barrier
-#pragma unroll
-          for (int c = 0; c < int(kRowBytes / 16); ++c) {
-            reinterpret_cast<uint4*>(k_s + tid * kRow)[c] = make_uint4(0u, 0u, 0u, 0u);
-            reinterpret_cast<uint4*>(v_s + tid * kRow)[c] = make_uint4(0u, 0u, 0u, 0u);
-          }
-        }
-      }
-    } else {
-      load_kv_tile<T, D, kDecodeTile, kDecodeThreads>(k_s, k_cache, off, tid);
-      load_kv_tile<T, D, kDecodeTile, kDecodeThreads>(v_s, v_cache, off, tid);
-    }
+    load_kv_tile<T, D, kDecodeTile, kDecodeThreads>(k_s, k_cache, off, tid);
+    load_kv_tile<T, D, kDecodeTile, kDecodeThreads>(v_s, v_cache, off, tid);
   };
-  if (bulk) {
-    if (tid == 0) {
-#pragma unroll
-      for (int s = 0; s < kStages; ++s) mbar_init(tile_bar + s, 1);
-    }
-    fence_proxy_async();  // the inits (and Q's cp.async above) before the bulk copies
-  }
   __syncthreads();
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
@@ -482,10 +445,6 @@ paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t 
 
   for (int t = 0; t < ntiles; ++t) {
     cp_async_wait<kStages - 2>();
-    if (bulk) {
-      mbar_wait(tile_bar + t % kStages, static_cast<uint32_t>(t / kStages) & 1u);
-      fence_proxy_async();  // this thread's reads of the stage refilled below, before the barrier
-    }
     __syncthreads();
     if (t + kStages - 1 < ntiles) load_tile(t + kStages - 1);
     cp_async_commit();
