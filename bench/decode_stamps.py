@@ -86,7 +86,7 @@ def main() -> None:
     assert l2_list and set(l2_list) <= {"warm", "cold"}, f"--l2 takes warm and/or cold, got {args.l2!r}"
     plans = [p.strip() for p in args.plans.split(",") if p.strip()]
     assert plans and all(_SPLIT_PLAN.fullmatch(p) and p != "v4" for p in plans), \
-        f"--plans takes v2/v3/v6/v7, each also with +pdl, +l2 or +l2x2, +lo, got {args.plans!r}"
+        f"--plans takes v2/v3/v6/v7, each also with +pdl, +l2 or +l2x2, +lo, +rf, got {args.plans!r}"
 
     import oppo_runtime.ops  # noqa: F401  (loads torch.ops.oppo)
     from oppo_runtime.ops.attention import decode_cta_stamps, paged_decode_workspace

@@ -31,7 +31,8 @@
 //   v6: v3 on the lean kernel (DecodeLeanCfg): D=128 with 2 stages and 3 CTAs per SM.
 // OPPO_DECODE_PDL=1 (plans v2, v3, v6, v7): programmatic dependent launch of both kernels (decode_pdl).
 // OPPO_DECODE_PREFETCH=0|1|2 (plans v2, v3, v6, v7; default 1): L2 prefetch 0, 1 or 2 tiles further ahead
-// (decode_l2_ahead). OPPO_DECODE_DIAG_LOADS_ONLY=1: a diagnostic (decode_pipe_flags).
+// (decode_l2_ahead). OPPO_DECODE_REFILL=1: the stages refilled early, an A/B switch;
+// OPPO_DECODE_DIAG_LOADS_ONLY=1: a diagnostic (decode_pipe_flags).
 //
 // v4/v7 ticket counters (one unsigned int per group = (sequence, kv head, head chunk), split plans
 // only). The kernel needs them at 0 when it starts and leaves them at 0 (the CTA that draws a
@@ -124,8 +125,15 @@ int decode_l2_ahead() {
 // that skips every tile's arithmetic of the split kernel (its loads, waits and barriers stay), so
 // the output is WRONG (ops.attention warns once). Off by default. Session 23 (H100) measured the
 // loads alone at 0.84-0.88 of copy on issue 7's two small shapes (bench/NOTES.md).
+// OPPO_DECODE_REFILL=1 (plans v2, v3, v6, v7): an A/B switch, off by default: each stage refilled as
+// soon as its tile is done (kDecodeEarlyRefill). Session 23 (H100): -2.4% at (1, 32768) alone, 3-7%
+// slower beside the default L2 prefetch; kept to time with the loads alone (bench +rf+lo).
 int decode_pipe_flags() {
   int flags = decode_l2_ahead();
+  if (const char* e = std::getenv("OPPO_DECODE_REFILL"); e != nullptr && *e != 0 && std::strcmp(e, "0") != 0) {
+    OPPO_CHECK(std::strcmp(e, "1") == 0, "OPPO_DECODE_REFILL must be 0 or 1, got '", e, "'");
+    flags |= oppo::attn::kDecodeEarlyRefill;
+  }
   if (const char* e = std::getenv("OPPO_DECODE_DIAG_LOADS_ONLY"); e != nullptr && *e != 0 && std::strcmp(e, "0") != 0) {
     OPPO_CHECK(std::strcmp(e, "1") == 0, "OPPO_DECODE_DIAG_LOADS_ONLY must be 0 or 1, got '", e, "'");
     flags |= oppo::attn::kDecodeLoadsOnly;

@@ -23,6 +23,7 @@ constexpr int kDecodeThreads = 128;
 constexpr int kDecodeTile = 64;  // tokens per pipeline stage (16 per warp)
 // paged_decode_kernel's pipe_flags beside the prefetch level (bits 0-1): see there
 constexpr int kDecodeLoadsOnly = 4;
+constexpr int kDecodeEarlyRefill = 8;
 
 // Pipeline depth and the CTAs per SM the registers must allow (launch bounds), per head dim.
 // D=64 (v3): 3 stages = 55.5 KiB of smem -> 4 CTAs per SM on a 228 KiB SM (32 KiB in flight per
@@ -298,6 +299,13 @@ __device__ __forceinline__ void merge_split_partials(void* out, bool out_f32, in
 //              OPPO_DECODE_PREFETCH=0|1|2 (default 1).
 //              kDecodeLoadsOnly (OPPO_DECODE_DIAG_LOADS_ONLY=1, a bench diagnostic: the output is
 //              wrong): every load, wait and barrier, no tile arithmetic.
+//              kDecodeEarlyRefill (OPPO_DECODE_REFILL=1, an A/B switch, off by default): each stage
+//              refilled as soon as every warp has finished its tile (a second barrier per tile), not
+//              after the next tile has landed: kStages tiles in flight while the CTA waits for one,
+//              not kStages - 1. The refill then leads by a compute time only, so a prefetch level of
+//              1 or 2 takes the level-2 path (the tile after the next refill). Session 23: -2.4% at
+//              (1, 32768) alone, 3-7% slower beside the prefetch; kept to time it with the loads
+//              alone (NOTES "Session 23").
 // tickets      nullptr: with num_splits > 1 the partials go to the workspace for
 //              paged_decode_reduce_kernel (v2, v3, v6); else (v7) one counter per group
 //              (B * Hkv * q_chunks, zero before the launch, left at zero): the group's last CTA
@@ -328,8 +336,9 @@ paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t 
   int64_t* off_s = reinterpret_cast<int64_t*>(stage_base + kStages * 2 * S::kTileElems);
   cta_stamp_start(decode_stamps);
   pdl_wait();  // launched with PDL (OPPO_DECODE_PDL): the previous kernel's outputs (q, the cache) from here
-  const int l2_ahead = pipe_flags & 3;
   const bool loads_only = (pipe_flags & kDecodeLoadsOnly) != 0;
+  const bool early = (pipe_flags & kDecodeEarlyRefill) != 0;
+  const int l2_ahead = early ? ((pipe_flags & 3) > 0 ? 2 : 0) : (pipe_flags & 3);
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int qr = lane >> 2, qc = lane & 3;
@@ -442,12 +451,23 @@ paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t 
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk)
     ldmatrix_x4(qa[kk], q_s + (lane & 15) * kRow + kk * 16 + (lane >> 4) * 8);
+  if (early) {  // the last slot (Q's) is free once every warp holds Q: its tile goes now, not in iteration 0
+    __syncthreads();
+    if (kStages - 1 < ntiles) load_tile(kStages - 1);
+    cp_async_commit();
+  }
 
   for (int t = 0; t < ntiles; ++t) {
-    cp_async_wait<kStages - 2>();
-    __syncthreads();
-    if (t + kStages - 1 < ntiles) load_tile(t + kStages - 1);
-    cp_async_commit();
+    // pending copy groups behind tile t: tiles t+1 .. t+kStages-1 (early), t+1 .. t+kStages-2 (not)
+    if (early) {
+      cp_async_wait<kStages - 1>();
+      __syncthreads();
+    } else {
+      cp_async_wait<kStages - 2>();
+      __syncthreads();
+      if (t + kStages - 1 < ntiles) load_tile(t + kStages - 1);
+      cp_async_commit();
+    }
     if (t + kStages < ntiles && tid < kDecodeTile) {  // slot t % kStages: tile t is loaded already
       const int pos = start + (t + kStages) * kDecodeTile + tid;
       const int64_t off = decode_row_offset(next_page, pos, end, page_stride, block_size, row_stride, head_off);
@@ -480,6 +500,11 @@ paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t 
     if (!loads_only)
       decode_tile_update<T, D, kRow>(k_s, k_s + S::kTileElems, qa, lane, start + t * kDecodeTile + warp * 16 + qc * 2,
                                      end, scale_log2, m, l, o);
+    if (early) {  // slot t % kStages is free once every warp is past tile t; tile t + kStages's offsets
+      __syncthreads();  // (written above, in this slot's offsets) are visible after this barrier too
+      if (t + kStages < ntiles) load_tile(t + kStages);
+      cp_async_commit();
+    }
   }
 
   // Merge the 4 warps (pipeline buffers reused).

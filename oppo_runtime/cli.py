@@ -88,6 +88,8 @@ _SWITCHES = (
     ("OPPO_DECODE_TICKETS", "pool (memset: v4/v5/v7's counters in the per-call workspace)"),
     ("OPPO_DECODE_PDL", "0 (1: the decode split kernel and its reduction with programmatic dependent launch)"),
     ("OPPO_DECODE_PREFETCH", "1 (0|1|2: the decode split kernel also prefetches the next 0, 1 or 2 tiles' rows into L2)"),
+    ("OPPO_DECODE_REFILL", "0 (1: the decode split kernel refills each stage as soon as its tile is done; an A/B"
+                           " switch, slower beside the prefetch in session 23)"),
     ("OPPO_DECODE_DIAG_LOADS_ONLY", "0 (1: a bench diagnostic, the decode split kernel's loads without its arithmetic;"
                                     " wrong outputs, it warns)"),
     ("OPPO_FUSE_KV_APPEND", "1 (K/V append inside the rotary kernel)"),
