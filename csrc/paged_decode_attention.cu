@@ -100,12 +100,15 @@ PlanKind decode_plan_kind() {
 // before its first read, so only the launch latency between kernels is hidden. Default off (0):
 // session 17 (H100) measured v3+pdl 1.2 us faster than v3 on (1, 32768) (56.7 vs 57.9 us) and equal on
 // the shapes that do not split, but not yet with the prefetch default nor in the engine's graphs.
-bool decode_pdl() {
-  const char* e = std::getenv("OPPO_DECODE_PDL");
+// A 0/1 switch read at every call: off when unset, empty or 0, on when 1, anything else an error.
+bool env_switch(const char* name) {
+  const char* e = std::getenv(name);
   if (e == nullptr || *e == 0 || std::strcmp(e, "0") == 0) return false;
-  OPPO_CHECK(std::strcmp(e, "1") == 0, "OPPO_DECODE_PDL must be 0 or 1, got '", e, "'");
+  OPPO_CHECK(std::strcmp(e, "1") == 0, name, " must be 0 or 1, got '", e, "'");
   return true;
 }
+
+bool decode_pdl() { return env_switch("OPPO_DECODE_PDL"); }
 
 // OPPO_DECODE_PREFETCH=0|1|2: the split kernel also prefetches into L2 the rows of the 1 or 2 tiles
 // after the ones in flight (kernel argument l2_ahead): more of the context requested from DRAM per
@@ -129,16 +132,8 @@ int decode_l2_ahead() {
 // soon as its tile is done (kDecodeEarlyRefill). Session 23 (H100): -2.4% at (1, 32768) alone, 3-7%
 // slower beside the default L2 prefetch; kept to time with the loads alone (bench +rf+lo).
 int decode_pipe_flags() {
-  int flags = decode_l2_ahead();
-  if (const char* e = std::getenv("OPPO_DECODE_REFILL"); e != nullptr && *e != 0 && std::strcmp(e, "0") != 0) {
-    OPPO_CHECK(std::strcmp(e, "1") == 0, "OPPO_DECODE_REFILL must be 0 or 1, got '", e, "'");
-    flags |= oppo::attn::kDecodeEarlyRefill;
-  }
-  if (const char* e = std::getenv("OPPO_DECODE_DIAG_LOADS_ONLY"); e != nullptr && *e != 0 && std::strcmp(e, "0") != 0) {
-    OPPO_CHECK(std::strcmp(e, "1") == 0, "OPPO_DECODE_DIAG_LOADS_ONLY must be 0 or 1, got '", e, "'");
-    flags |= oppo::attn::kDecodeLoadsOnly;
-  }
-  return flags;
+  return decode_l2_ahead() | (env_switch("OPPO_DECODE_REFILL") ? oppo::attn::kDecodeEarlyRefill : 0) |
+         (env_switch("OPPO_DECODE_DIAG_LOADS_ONLY") ? oppo::attn::kDecodeLoadsOnly : 0);
 }
 
 // kernel<<<grid, block, smem, stream>>>(args...), with the PDL attribute when `pdl`.
