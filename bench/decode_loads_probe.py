@@ -1,0 +1,246 @@
+"""Which load engine reaches the copy wall on decode's paged reads: a CUDA probe of loads alone.
+
+    python bench/decode_loads_probe.py [--out PATH] [--modes cta,warp,warp4,ldg] [--reps 15]
+
+Session 24 measured, on one H100, decode's split kernel with its arithmetic skipped (`+lo`) at
+0.79-0.83 of copy on (1, 32768, 32, 8, 128), while the Triton read probe (bench/sm_balance_probe.py)
+with the same CTA shape (4 warps, 64-token tiles, the next tile in flight, 256 programs) read the
+same paged bytes at 0.94. The probe loads into registers and its warps never wait for each other;
+the kernel copies tiles into shared memory with cp.async and every tile ends at a CTA barrier.
+This probe separates the two on the same reads (decode's pool: each 16-token page holds K then V,
+shuffled pages), timed like the bench (graph replays of 10 calls), beside the copy bandwidth:
+
+- cta:   the kernel's loader: 3 stages of 64-token K and V tiles, row offsets staged in shared
+         memory by threads 0-63, cp.async.cg 16 B, wait_group + __syncthreads per tile.
+- warp:  each warp its own 3-stage pipeline of its 16-token K and V tiles (the rows decode's warps
+         compute anyway): row offsets by shuffle from lanes 0-15, wait_group + __syncwarp, no CTA
+         barrier in the loop. Same shared memory, same bytes in flight.
+- warp4: warp with 4 stages.
+- ldg:   each warp's 16-row tiles loaded into registers (ld.global.cg 16 B), the next tile issued
+         before the current one is used (the Triton probe's 4:64:1).
+No timing assertion: a measurement for bench/NOTES.md.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import copy_bandwidth, device_info, results_path, time_ms, write_json  # noqa: E402
+
+_MODES = {"cta": 0, "warp": 1, "warp4": 2, "ldg": 3}
+
+_CUDA = r"""
+#include <torch/extension.h>
+#include <cuda_bf16.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cstdint>
+
+using T = __nv_bfloat16;
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void cp16(void* dst, const void* src, int bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(bytes));
+}
+__device__ __forceinline__ void commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void wait_g() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+__device__ __forceinline__ uint4 ldcg(const T* p) {
+  uint4 r;
+  asm volatile("ld.global.cg.v4.u32 {%0,%1,%2,%3}, [%4];\n" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+  return r;
+}
+
+// cache: pages of [2][bs][hkv][D] (K then V); grid = splits * hkv (head fastest); block 128.
+template <int D, int MODE>
+__global__ void __launch_bounds__(128) probe(const T* __restrict__ cache, const int* __restrict__ bt,
+                                             unsigned* __restrict__ out, int tokens, int hkv,
+                                             long long page_stride, int row_stride, long long v_off, int bs) {
+  constexpr int kRow = D + 8;
+  constexpr int CH = D / 8;         // 16-byte chunks per row
+  extern __shared__ uint4 smem_u4[];
+  T* smem = reinterpret_cast<T*>(smem_u4);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int head = blockIdx.x % hkv, t0 = (blockIdx.x / hkv) * tokens;
+  unsigned acc = 0;
+  if constexpr (MODE == 0) {
+    constexpr int TILE = 64, ST = 3, TE = TILE * kRow, RPP = 128 / CH;
+    long long* off_s = reinterpret_cast<long long*>(smem + ST * 2 * TE);
+    const int ntiles = tokens / TILE;
+    auto set_off = [&](int t) {
+      if (tid < TILE && t < ntiles) {
+        const int pos = t0 + t * TILE + tid;
+        off_s[(t % ST) * TILE + tid] = (long long)__ldg(bt + pos / bs) * page_stride + (pos % bs) * row_stride + head * D;
+      }
+    };
+    auto load = [&](int t) {
+      T* ks = smem + (t % ST) * 2 * TE;
+      const long long* off = off_s + (t % ST) * TILE;
+      for (int i = 0; i < TILE / RPP; ++i) {
+        const int r = tid / CH + i * RPP, c = (tid % CH) * 8;
+        const long long o = off[r];
+        cp16(ks + r * kRow + c, cache + o + c, 16);
+        cp16(ks + TE + r * kRow + c, cache + v_off + o + c, 16);
+      }
+    };
+    for (int s = 0; s < ST; ++s) set_off(s);
+    __syncthreads();
+    for (int s = 0; s < ST - 1; ++s) { if (s < ntiles) load(s); commit(); }
+    for (int t = 0; t < ntiles; ++t) {
+      wait_g<ST - 2>();
+      __syncthreads();
+      if (t + ST - 1 < ntiles) load(t + ST - 1);
+      commit();
+      set_off(t + ST);
+      const T* ks = smem + (t % ST) * 2 * TE;
+      acc += reinterpret_cast<const unsigned*>(ks)[tid];
+    }
+  } else if constexpr (MODE == 1 || MODE == 2) {
+    constexpr int ST = MODE == 1 ? 3 : 4, TILE = 16, TE = TILE * kRow, RPP = 32 / CH;
+    T* base = smem + warp * ST * 2 * TE;
+    const int ntiles = tokens / 64;  // tiles of 64 tokens, warp w reads rows 16w..16w+15 of each
+    auto row_off = [&](int t) -> long long {
+      const int pos = t0 + t * 64 + warp * 16 + (lane & 15);
+      return t < ntiles ? (long long)__ldg(bt + pos / bs) * page_stride + (pos % bs) * row_stride + head * D : 0;
+    };
+    auto load = [&](int t, long long my_off) {
+      T* ks = base + (t % ST) * 2 * TE;
+      for (int i = 0; i < TILE / RPP; ++i) {
+        const int r = lane / CH + i * RPP, c = (lane % CH) * 8;
+        const long long o = __shfl_sync(0xffffffffu, my_off, r);
+        cp16(ks + r * kRow + c, cache + o + c, 16);
+        cp16(ks + TE + r * kRow + c, cache + v_off + o + c, 16);
+      }
+    };
+    long long nxt = row_off(0);
+    for (int s = 0; s < ST - 1; ++s) {
+      const long long cur = nxt;
+      nxt = row_off(s + 1);
+      if (s < ntiles) load(s, cur);
+      commit();
+    }
+    for (int t = 0; t < ntiles; ++t) {
+      wait_g<ST - 2>();
+      __syncwarp();
+      if (t + ST - 1 < ntiles) {
+        const long long cur = nxt;
+        nxt = row_off(t + ST);
+        load(t + ST - 1, cur);
+      }
+      commit();
+      const T* ks = base + (t % ST) * 2 * TE;
+      acc += reinterpret_cast<const unsigned*>(ks)[lane];
+    }
+  } else {
+    constexpr int RPP = 32 / CH, N = 16 / RPP;   // 16-byte loads per lane per 16-row tile, K and V each
+    const int ntiles = tokens / 64;
+    auto row_off = [&](int t) -> long long {
+      const int pos = t0 + t * 64 + warp * 16 + (lane & 15);
+      return t < ntiles ? (long long)__ldg(bt + pos / bs) * page_stride + (pos % bs) * row_stride + head * D : 0;
+    };
+    uint4 k[N], v[N];
+    auto issue = [&](long long my_off, uint4 (&kk)[N], uint4 (&vv)[N]) {
+#pragma unroll
+      for (int i = 0; i < N; ++i) {
+        const int r = lane / CH + i * RPP, c = (lane % CH) * 8;
+        const long long o = __shfl_sync(0xffffffffu, my_off, r);
+        kk[i] = ldcg(cache + o + c);
+        vv[i] = ldcg(cache + v_off + o + c);
+      }
+    };
+    // two register buffers, unrolled by two (no moves that would wait on a pending load)
+    uint4 k2[N], v2[N];
+    auto eat = [&](const uint4 (&kk)[N], const uint4 (&vv)[N]) {
+#pragma unroll
+      for (int i = 0; i < N; ++i) acc += kk[i].x ^ kk[i].y ^ kk[i].z ^ kk[i].w ^ vv[i].x ^ vv[i].y ^ vv[i].z ^ vv[i].w;
+    };
+    long long nxt = row_off(1);
+    issue(row_off(0), k, v);
+    for (int t = 0; t < ntiles; t += 2) {
+      const long long o2 = row_off(t + 2);
+      if (t + 1 < ntiles) issue(nxt, k2, v2);
+      eat(k, v);
+      nxt = row_off(t + 3);
+      if (t + 2 < ntiles) issue(o2, k, v);
+      if (t + 1 < ntiles) eat(k2, v2);
+    }
+  }
+  wait_g<0>();
+  if (acc == 0x9e3779b9u) out[blockIdx.x * 128 + tid] = acc;   // keeps the loads; never true in practice
+}
+
+int smem_bytes(int D, int mode) {
+  const int kRow = D + 8;
+  if (mode == 0) return 3 * 2 * 64 * kRow * 2 + 3 * 64 * 8;
+  if (mode == 1) return 4 * 3 * 2 * 16 * kRow * 2;
+  if (mode == 2) return 4 * 4 * 2 * 16 * kRow * 2;
+  return 0;
+}
+
+void run(torch::Tensor cache, torch::Tensor bt, torch::Tensor out, int64_t tokens, int64_t hkv, int64_t D,
+         int64_t page_stride, int64_t row_stride, int64_t v_off, int64_t bs, int64_t mode, int64_t splits) {
+  const int smem = smem_bytes(D, mode);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const dim3 grid(splits * hkv);
+#define LAUNCH(DD, MM)                                                                                       \
+  do {                                                                                                        \
+    auto k = probe<DD, MM>;                                                                                   \
+    cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);                              \
+    k<<<grid, 128, smem, stream>>>(reinterpret_cast<const T*>(cache.data_ptr()), bt.data_ptr<int>(),        \
+                                   reinterpret_cast<unsigned*>(out.data_ptr()), tokens, hkv, page_stride,    \
+                                   row_stride, v_off, bs);                                                    \
+  } while (0)
+  if (D == 128) {
+    if (mode == 0) LAUNCH(128, 0); else if (mode == 1) LAUNCH(128, 1); else if (mode == 2) LAUNCH(128, 2); else LAUNCH(128, 3);
+  } else {
+    if (mode == 0) LAUNCH(64, 0); else if (mode == 1) LAUNCH(64, 1); else if (mode == 2) LAUNCH(64, 2); else LAUNCH(64, 3);
+  }
+  TORCH_CHECK(cudaGetLastError() == cudaSuccess, "probe launch failed");
+}
+"""
+
+_DECL = ("void run(torch::Tensor cache, torch::Tensor bt, torch::Tensor out, int64_t tokens, int64_t hkv, int64_t D, "
+         "int64_t page_stride, int64_t row_stride, int64_t v_off, int64_t bs, int64_t mode, int64_t splits);")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--modes", default="cta,warp,warp4,ldg")
+    ap.add_argument("--shapes", default="32768:8:128:32,262144:2:64:256",
+                    help="tokens:Hkv:D:splits (decode's (1, 32768, 32, 8, 128) and the bytes of (256, 1024, 14, 2, 64))")
+    args = ap.parse_args()
+    from torch.utils.cpp_extension import load_inline
+    mod = load_inline("decode_loads_probe", cpp_sources=_DECL, cuda_sources=_CUDA, functions=["run"],
+                      extra_cuda_cflags=["-O3", "-gencode=arch=compute_90a,code=sm_90a"], verbose=False)
+    info = device_info()
+    bw = copy_bandwidth()
+    print(f"{info['card']}  copy bandwidth {bw / 1e12:.2f} TB/s")
+    rows = []
+    for shape in args.shapes.split(","):
+        ctx, hkv, d, splits = (int(v) for v in shape.split(":"))
+        bs = 16
+        pages = ctx // bs
+        one = bs * hkv * d
+        cache = torch.randn(pages * 2 * one, device="cuda").to(torch.bfloat16)
+        bt = torch.randperm(pages, device="cuda").to(torch.int32)
+        nbytes = 2 * ctx * hkv * d * 2
+        out = torch.zeros(splits * hkv * 128, dtype=torch.int32, device="cuda")
+        for name in args.modes.split(","):
+            mode = _MODES[name]
+            fn = lambda: mod.run(cache, bt, out, ctx // splits, hkv, d, 2 * one, hkv * d, one, bs, mode, splits)  # noqa: E731
+            ms = min(time_ms(fn), time_ms(fn))
+            row = {"shape": shape, "mode": name, "us": ms * 1e3, "frac_copy_bw": nbytes / (ms * 1e-3) / bw}
+            rows.append(row)
+            print(f"{shape:>22} {name:>6}: {row['us']:.1f} us, {row['frac_copy_bw']:.3f} of copy")
+        del cache
+    path = results_path("decode_loads_probe", args.out)
+    write_json(path, {**info, "copy_bandwidth_Bps": bw, "rows": rows})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
