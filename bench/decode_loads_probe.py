@@ -18,6 +18,9 @@ shuffled pages), timed like the bench (graph replays of 10 calls), beside the co
 - warp4: warp with 4 stages.
 - ldg:   each warp's 16-row tiles loaded into registers (ld.global.cg 16 B), the next tile issued
          before the current one is used (the Triton probe's 4:64:1).
+- ldg4:  ldg with 4-byte loads (a warp load covers half a row). Triton compiles the probe's loads,
+         whose row offsets come from the block table and so are of unknown alignment, to 2-byte
+         ld.global.cg (Triton 3.8's PTX, session 24): many small requests, not 16-byte ones.
 No timing assertion: a measurement for bench/NOTES.md.
 """
 from __future__ import annotations
@@ -31,13 +34,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import copy_bandwidth, device_info, results_path, time_ms, write_json  # noqa: E402
 
-_MODES = {"cta": 0, "warp": 1, "warp4": 2, "ldg": 3}
+_MODES = {"cta": 0, "warp": 1, "warp4": 2, "ldg": 3, "ldg4": 4}
 
 _CUDA = r"""
 #include <torch/extension.h>
 #include <cuda_bf16.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cstdint>
+#include <type_traits>
 
 using T = __nv_bfloat16;
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
@@ -135,27 +139,41 @@ __global__ void __launch_bounds__(128) probe(const T* __restrict__ cache, const 
       acc += reinterpret_cast<const unsigned*>(ks)[lane];
     }
   } else {
-    constexpr int RPP = 32 / CH, N = 16 / RPP;   // 16-byte loads per lane per 16-row tile, K and V each
+    // each warp's 16 K rows then V rows, lane l's load i at byte (i * 32 + l) * W of the 16-row block
+    // (W = 16: two rows per warp load, the cp.async modes' pattern; W = 4: half a row)
+    constexpr int W = MODE == 3 ? 16 : 4, RB = D * 2, N = 16 * RB / (32 * W);
+    using V = typename std::conditional<W == 16, uint4, unsigned>::type;
     const int ntiles = tokens / 64;
     auto row_off = [&](int t) -> long long {
       const int pos = t0 + t * 64 + warp * 16 + (lane & 15);
       return t < ntiles ? (long long)__ldg(bt + pos / bs) * page_stride + (pos % bs) * row_stride + head * D : 0;
     };
-    uint4 k[N], v[N];
-    auto issue = [&](long long my_off, uint4 (&kk)[N], uint4 (&vv)[N]) {
+    auto ld = [&](const T* p) -> V {
+      if constexpr (W == 16) {
+        return ldcg(p);
+      } else {
+        unsigned r;
+        asm volatile("ld.global.cg.u32 %0, [%1];\n" : "=r"(r) : "l"(p));
+        return r;
+      }
+    };
+    auto fold = [](const V& x) -> unsigned {
+      if constexpr (W == 16) return x.x ^ x.y ^ x.z ^ x.w; else return x;
+    };
+    V k[N], v[N], k2[N], v2[N];
+    auto issue = [&](long long my_off, V (&kk)[N], V (&vv)[N]) {
 #pragma unroll
       for (int i = 0; i < N; ++i) {
-        const int r = lane / CH + i * RPP, c = (lane % CH) * 8;
+        const int f = (i * 32 + lane) * W, r = f / RB, c = (f % RB) / 2;
         const long long o = __shfl_sync(0xffffffffu, my_off, r);
-        kk[i] = ldcg(cache + o + c);
-        vv[i] = ldcg(cache + v_off + o + c);
+        kk[i] = ld(cache + o + c);
+        vv[i] = ld(cache + v_off + o + c);
       }
     };
     // two register buffers, unrolled by two (no moves that would wait on a pending load)
-    uint4 k2[N], v2[N];
-    auto eat = [&](const uint4 (&kk)[N], const uint4 (&vv)[N]) {
+    auto eat = [&](const V (&kk)[N], const V (&vv)[N]) {
 #pragma unroll
-      for (int i = 0; i < N; ++i) acc += kk[i].x ^ kk[i].y ^ kk[i].z ^ kk[i].w ^ vv[i].x ^ vv[i].y ^ vv[i].z ^ vv[i].w;
+      for (int i = 0; i < N; ++i) acc += fold(kk[i]) ^ fold(vv[i]);
     };
     long long nxt = row_off(1);
     issue(row_off(0), k, v);
@@ -194,9 +212,11 @@ void run(torch::Tensor cache, torch::Tensor bt, torch::Tensor out, int64_t token
                                    row_stride, v_off, bs);                                                    \
   } while (0)
   if (D == 128) {
-    if (mode == 0) LAUNCH(128, 0); else if (mode == 1) LAUNCH(128, 1); else if (mode == 2) LAUNCH(128, 2); else LAUNCH(128, 3);
+    if (mode == 0) LAUNCH(128, 0); else if (mode == 1) LAUNCH(128, 1); else if (mode == 2) LAUNCH(128, 2);
+    else if (mode == 3) LAUNCH(128, 3); else LAUNCH(128, 4);
   } else {
-    if (mode == 0) LAUNCH(64, 0); else if (mode == 1) LAUNCH(64, 1); else if (mode == 2) LAUNCH(64, 2); else LAUNCH(64, 3);
+    if (mode == 0) LAUNCH(64, 0); else if (mode == 1) LAUNCH(64, 1); else if (mode == 2) LAUNCH(64, 2);
+    else if (mode == 3) LAUNCH(64, 3); else LAUNCH(64, 4);
   }
   TORCH_CHECK(cudaGetLastError() == cudaSuccess, "probe launch failed");
 }
@@ -209,7 +229,7 @@ _DECL = ("void run(torch::Tensor cache, torch::Tensor bt, torch::Tensor out, int
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None)
-    ap.add_argument("--modes", default="cta,warp,warp4,ldg")
+    ap.add_argument("--modes", default="cta,warp,warp4,ldg,ldg4")
     ap.add_argument("--shapes", default="32768:8:128:32,262144:2:64:256",
                     help="tokens:Hkv:D:splits (decode's (1, 32768, 32, 8, 128) and the bytes of (256, 1024, 14, 2, 64))")
     args = ap.parse_args()
