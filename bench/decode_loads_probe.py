@@ -1,6 +1,6 @@
 """Which load engine reaches the copy wall on decode's paged reads: a CUDA probe of loads alone.
 
-    python bench/decode_loads_probe.py [--out PATH] [--modes cta,warp,warp4,ldg] [--reps 15]
+    python bench/decode_loads_probe.py [--out PATH] [--modes cta,cta_epi,ldg,ldg_epi,warp,ldg4] [--reps 15]
 
 Session 24 measured, on one H100, decode's split kernel with its arithmetic skipped (`+lo`) at
 0.79-0.83 of copy on (1, 32768, 32, 8, 128), while the Triton read probe (bench/sm_balance_probe.py)
@@ -18,6 +18,9 @@ shuffled pages), timed like the bench (graph replays of 10 calls), beside the co
 - warp4: warp with 4 stages.
 - ldg:   each warp's 16-row tiles loaded into registers (ld.global.cg 16 B), the next tile issued
          before the current one is used (the Triton probe's 4:64:1).
+- cta_epi, ldg_epi: cta and ldg, then decode v7's epilogue: each CTA's partial (query rows x D
+         floats) to a workspace with its lse, a ticket per group, and the group's last CTA merges the
+         group's partials into the output (32 splits at D=128); no split at D=64 (straight to out).
 - ldg4:  ldg with 4-byte loads (a warp load covers half a row). Triton compiles the probe's loads,
          whose row offsets come from the block table and so are of unknown alignment, to 2-byte
          ld.global.cg (Triton 3.8's PTX, session 24): many small requests, not 16-byte ones.
@@ -34,7 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import copy_bandwidth, device_info, results_path, time_ms, write_json  # noqa: E402
 
-_MODES = {"cta": 0, "warp": 1, "warp4": 2, "ldg": 3, "ldg4": 4}
+_MODES = {"cta": 0, "warp": 1, "warp4": 2, "ldg": 3, "ldg4": 4, "cta_epi": 5, "ldg_epi": 6}
 
 _CUDA = r"""
 #include <torch/extension.h>
@@ -62,7 +65,10 @@ __device__ __forceinline__ uint4 ldcg(const T* p) {
 template <int D, int MODE>
 __global__ void __launch_bounds__(128) probe(const T* __restrict__ cache, const int* __restrict__ bt,
                                              unsigned* __restrict__ out, int tokens, int hkv,
-                                             long long page_stride, int row_stride, long long v_off, int bs) {
+                                             long long page_stride, int row_stride, long long v_off, int bs,
+                                             float* __restrict__ ws, unsigned* __restrict__ tickets,
+                                             float* __restrict__ outf, int gsplit, int rows) {
+  constexpr int L = MODE == 5 ? 0 : MODE == 6 ? 3 : MODE;   // the loader; 5, 6: with decode v7's epilogue
   constexpr int kRow = D + 8;
   constexpr int CH = D / 8;         // 16-byte chunks per row
   extern __shared__ uint4 smem_u4[];
@@ -70,7 +76,7 @@ __global__ void __launch_bounds__(128) probe(const T* __restrict__ cache, const 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int head = blockIdx.x % hkv, t0 = (blockIdx.x / hkv) * tokens;
   unsigned acc = 0;
-  if constexpr (MODE == 0) {
+  if constexpr (L == 0) {
     constexpr int TILE = 64, ST = 3, TE = TILE * kRow, RPP = 128 / CH;
     long long* off_s = reinterpret_cast<long long*>(smem + ST * 2 * TE);
     const int ntiles = tokens / TILE;
@@ -102,8 +108,8 @@ __global__ void __launch_bounds__(128) probe(const T* __restrict__ cache, const 
       const T* ks = smem + (t % ST) * 2 * TE;
       acc += reinterpret_cast<const unsigned*>(ks)[tid];
     }
-  } else if constexpr (MODE == 1 || MODE == 2) {
-    constexpr int ST = MODE == 1 ? 3 : 4, TILE = 16, TE = TILE * kRow, RPP = 32 / CH;
+  } else if constexpr (L == 1 || L == 2) {
+    constexpr int ST = L == 1 ? 3 : 4, TILE = 16, TE = TILE * kRow, RPP = 32 / CH;
     T* base = smem + warp * ST * 2 * TE;
     const int ntiles = tokens / 64;  // tiles of 64 tokens, warp w reads rows 16w..16w+15 of each
     auto row_off = [&](int t) -> long long {
@@ -141,7 +147,7 @@ __global__ void __launch_bounds__(128) probe(const T* __restrict__ cache, const 
   } else {
     // each warp's 16 K rows then V rows, lane l's load i at byte (i * 32 + l) * W of the 16-row block
     // (W = 16: two rows per warp load, the cp.async modes' pattern; W = 4: half a row)
-    constexpr int W = MODE == 3 ? 16 : 4, RB = D * 2, N = 16 * RB / (32 * W);
+    constexpr int W = L == 3 ? 16 : 4, RB = D * 2, N = 16 * RB / (32 * W);
     using V = typename std::conditional<W == 16, uint4, unsigned>::type;
     const int ntiles = tokens / 64;
     auto row_off = [&](int t) -> long long {
@@ -187,19 +193,87 @@ __global__ void __launch_bounds__(128) probe(const T* __restrict__ cache, const 
     }
   }
   wait_g<0>();
+  if constexpr (MODE >= 5) {
+    // decode v7's epilogue (the kernel's, minus its warp merge in shared memory): rows x D floats
+    // of this CTA's partial; with gsplit > 1 (blockIdx.x = split * hkv + head, one group per head)
+    // into the workspace with its lse, a ticket, and the group's last CTA merges the gsplit
+    // partials (16 L2 loads in flight per batch, as merge_split_partials); else straight to out.
+    __syncthreads();
+    const float a = __uint_as_float((acc & 0x007fffffu) | 0x3f800000u);   // in [1, 2): not NaN
+    const int split = blockIdx.x / hkv;
+    if (gsplit == 1) {
+      for (int idx = tid; idx < rows * (D / 4); idx += 128)
+        reinterpret_cast<float4*>(outf)[(long long)blockIdx.x * 16 * (D / 4) + idx] = make_float4(a, a, a, a);
+    } else {
+      float* ws_lse = ws + (long long)gridDim.x * 16 * D;
+      for (int idx = tid; idx < rows * (D / 4); idx += 128) {
+        const int r = idx / (D / 4), d = (idx % (D / 4)) * 4;
+        const long long slot = (long long)(head * 16 + r) * gsplit + split;
+        *reinterpret_cast<float4*>(ws + slot * D + d) = make_float4(a, a, a, a);
+        if (d == 0) ws_lse[slot] = a;
+      }
+      __shared__ int last_s;
+      __syncthreads();
+      if (tid == 0) {
+        __threadfence();
+        const unsigned prev = atomicAdd(tickets + head, 1u);
+        const int last = prev == (unsigned)(gsplit - 1);
+        if (last) atomicExch(tickets + head, 0u);
+        __threadfence();
+        last_s = last;
+      }
+      __syncthreads();
+      if (last_s) {
+        for (int idx = tid; idx < rows * (D / 4); idx += 128) {
+          const int r = idx / (D / 4), d = (idx % (D / 4)) * 4;
+          const long long slot0 = (long long)(head * 16 + r) * gsplit;
+          float M = -INFINITY, W = 0.f;
+          float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
+          for (int s0 = 0; s0 < gsplit; s0 += 16) {
+            float lse[16];
+            float4 v[16];
+#pragma unroll
+            for (int u = 0; u < 16; ++u) {
+              lse[u] = -INFINITY;
+              v[u] = make_float4(0.f, 0.f, 0.f, 0.f);
+              if (s0 + u < gsplit) {
+                lse[u] = __ldcg(ws_lse + slot0 + s0 + u);
+                v[u] = __ldcg(reinterpret_cast<const float4*>(ws + (slot0 + s0 + u) * D + d));
+              }
+            }
+            float bm = M;
+#pragma unroll
+            for (int u = 0; u < 16; ++u) bm = fmaxf(bm, lse[u]);
+            const float c = exp2f(M - bm);
+            W *= c; o.x *= c; o.y *= c; o.z *= c; o.w *= c;
+#pragma unroll
+            for (int u = 0; u < 16; ++u) {
+              const float w = exp2f(lse[u] - bm);
+              W += w; o.x += v[u].x * w; o.y += v[u].y * w; o.z += v[u].z * w; o.w += v[u].w * w;
+            }
+            M = bm;
+          }
+          const float inv = 1.f / W;
+          reinterpret_cast<float4*>(outf)[((long long)head * 16 + r) * (D / 4) + d / 4] =
+              make_float4(o.x * inv, o.y * inv, o.z * inv, o.w * inv);
+        }
+      }
+    }
+  }
   if (acc == 0x9e3779b9u) out[blockIdx.x * 128 + tid] = acc;   // keeps the loads; never true in practice
 }
 
 int smem_bytes(int D, int mode) {
   const int kRow = D + 8;
-  if (mode == 0) return 3 * 2 * 64 * kRow * 2 + 3 * 64 * 8;
+  if (mode == 0 || mode == 5) return 3 * 2 * 64 * kRow * 2 + 3 * 64 * 8;
   if (mode == 1) return 4 * 3 * 2 * 16 * kRow * 2;
   if (mode == 2) return 4 * 4 * 2 * 16 * kRow * 2;
   return 0;
 }
 
 void run(torch::Tensor cache, torch::Tensor bt, torch::Tensor out, int64_t tokens, int64_t hkv, int64_t D,
-         int64_t page_stride, int64_t row_stride, int64_t v_off, int64_t bs, int64_t mode, int64_t splits) {
+         int64_t page_stride, int64_t row_stride, int64_t v_off, int64_t bs, int64_t mode, int64_t splits,
+         torch::Tensor ws, torch::Tensor tickets, torch::Tensor outf, int64_t gsplit, int64_t rows) {
   const int smem = smem_bytes(D, mode);
   auto stream = c10::cuda::getCurrentCUDAStream();
   const dim3 grid(splits * hkv);
@@ -209,29 +283,35 @@ void run(torch::Tensor cache, torch::Tensor bt, torch::Tensor out, int64_t token
     cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);                              \
     k<<<grid, 128, smem, stream>>>(reinterpret_cast<const T*>(cache.data_ptr()), bt.data_ptr<int>(),        \
                                    reinterpret_cast<unsigned*>(out.data_ptr()), tokens, hkv, page_stride,    \
-                                   row_stride, v_off, bs);                                                    \
+                                   row_stride, v_off, bs, ws.data_ptr<float>(),                              \
+                                   reinterpret_cast<unsigned*>(tickets.data_ptr()), outf.data_ptr<float>(),  \
+                                   gsplit, rows);                                                            \
   } while (0)
   if (D == 128) {
     if (mode == 0) LAUNCH(128, 0); else if (mode == 1) LAUNCH(128, 1); else if (mode == 2) LAUNCH(128, 2);
-    else if (mode == 3) LAUNCH(128, 3); else LAUNCH(128, 4);
+    else if (mode == 3) LAUNCH(128, 3); else if (mode == 4) LAUNCH(128, 4); else if (mode == 5) LAUNCH(128, 5);
+    else LAUNCH(128, 6);
   } else {
     if (mode == 0) LAUNCH(64, 0); else if (mode == 1) LAUNCH(64, 1); else if (mode == 2) LAUNCH(64, 2);
-    else if (mode == 3) LAUNCH(64, 3); else LAUNCH(64, 4);
+    else if (mode == 3) LAUNCH(64, 3); else if (mode == 4) LAUNCH(64, 4); else if (mode == 5) LAUNCH(64, 5);
+    else LAUNCH(64, 6);
   }
   TORCH_CHECK(cudaGetLastError() == cudaSuccess, "probe launch failed");
 }
 """
 
 _DECL = ("void run(torch::Tensor cache, torch::Tensor bt, torch::Tensor out, int64_t tokens, int64_t hkv, int64_t D, "
-         "int64_t page_stride, int64_t row_stride, int64_t v_off, int64_t bs, int64_t mode, int64_t splits);")
+         "int64_t page_stride, int64_t row_stride, int64_t v_off, int64_t bs, int64_t mode, int64_t splits, "
+         "torch::Tensor ws, torch::Tensor tickets, torch::Tensor outf, int64_t gsplit, int64_t rows);")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None)
-    ap.add_argument("--modes", default="cta,warp,warp4,ldg,ldg4")
-    ap.add_argument("--shapes", default="32768:8:128:32,262144:2:64:256",
-                    help="tokens:Hkv:D:splits (decode's (1, 32768, 32, 8, 128) and the bytes of (256, 1024, 14, 2, 64))")
+    ap.add_argument("--modes", default="cta,cta_epi,ldg,ldg_epi,warp,ldg4")
+    ap.add_argument("--shapes", default="32768:8:128:32:32:4,262144:2:64:256:1:7",
+                    help="tokens:Hkv:D:splits:group:rows (decode's (1, 32768, 32, 8, 128): 32 splits of a group of "
+                         "4 query rows per kv head; the bytes of (256, 1024, 14, 2, 64): 512 CTAs, no split, 7 rows)")
     args = ap.parse_args()
     from torch.utils.cpp_extension import load_inline
     mod = load_inline("decode_loads_probe", cpp_sources=_DECL, cuda_sources=_CUDA, functions=["run"],
@@ -241,7 +321,8 @@ def main() -> None:
     print(f"{info['card']}  copy bandwidth {bw / 1e12:.2f} TB/s")
     rows = []
     for shape in args.shapes.split(","):
-        ctx, hkv, d, splits = (int(v) for v in shape.split(":"))
+        ctx, hkv, d, splits, gsplit, qrows = (int(v) for v in shape.split(":"))
+        assert gsplit in (1, splits), "group: 1 (each CTA its own group) or the split count (one group per head)"
         bs = 16
         pages = ctx // bs
         one = bs * hkv * d
@@ -249,9 +330,13 @@ def main() -> None:
         bt = torch.randperm(pages, device="cuda").to(torch.int32)
         nbytes = 2 * ctx * hkv * d * 2
         out = torch.zeros(splits * hkv * 128, dtype=torch.int32, device="cuda")
+        ws = torch.empty(splits * hkv * 16 * (d + 1), device="cuda")
+        tickets = torch.zeros(hkv, dtype=torch.int32, device="cuda")
+        outf = torch.empty(splits * hkv * 16 * d, device="cuda")
         for name in args.modes.split(","):
             mode = _MODES[name]
-            fn = lambda: mod.run(cache, bt, out, ctx // splits, hkv, d, 2 * one, hkv * d, one, bs, mode, splits)  # noqa: E731
+            fn = lambda: mod.run(cache, bt, out, ctx // splits, hkv, d, 2 * one, hkv * d, one, bs, mode, splits,  # noqa: E731
+                                 ws, tickets, outf, gsplit, qrows)
             ms = min(time_ms(fn), time_ms(fn))
             row = {"shape": shape, "mode": name, "us": ms * 1e3, "frac_copy_bw": nbytes / (ms * 1e-3) / bw}
             rows.append(row)

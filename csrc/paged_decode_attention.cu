@@ -32,8 +32,7 @@
 // OPPO_DECODE_PDL=1 (plans v2, v3, v6, v7): programmatic dependent launch of both kernels (decode_pdl).
 // OPPO_DECODE_PREFETCH=0|1|2 (plans v2, v3, v6, v7; default 1): L2 prefetch 0, 1 or 2 tiles further ahead
 // (decode_l2_ahead). OPPO_DECODE_REFILL=1: the stages refilled early, an A/B switch;
-// OPPO_DECODE_DIAG_LOADS_ONLY=1: a diagnostic; OPPO_DECODE_WARP_PIPE=1: warp-private stage refills,
-// an A/B switch (decode_pipe_flags).
+// OPPO_DECODE_DIAG_LOADS_ONLY=1: a diagnostic (decode_pipe_flags).
 //
 // v4/v7 ticket counters (one unsigned int per group = (sequence, kv head, head chunk), split plans
 // only). The kernel needs them at 0 when it starts and leaves them at 0 (the CTA that draws a
@@ -132,15 +131,9 @@ int decode_l2_ahead() {
 // OPPO_DECODE_REFILL=1 (plans v2, v3, v6, v7): an A/B switch, off by default: each stage refilled as
 // soon as its tile is done (kDecodeEarlyRefill). Session 23 (H100): -2.4% at (1, 32768) alone, 3-7%
 // slower beside the default L2 prefetch; kept to time with the loads alone (bench +rf+lo).
-// OPPO_DECODE_WARP_PIPE=1 (plans v2, v3, v6, v7): an A/B switch, off by default: each warp streams
-// its own rows of the stages with no CTA barrier inside the loop (kDecodeWarpPipe). Session 24:
-// the Triton read probe with decode's CTA shape (4 warps, 64-token tiles, the next tile in flight,
-// warps that never wait for each other) read (1, 32768)'s pages at 0.94 of copy, our loads alone
-// 0.79-0.83 (bench/NOTES.md).
 int decode_pipe_flags() {
   return decode_l2_ahead() | (env_switch("OPPO_DECODE_REFILL") ? oppo::attn::kDecodeEarlyRefill : 0) |
-         (env_switch("OPPO_DECODE_DIAG_LOADS_ONLY") ? oppo::attn::kDecodeLoadsOnly : 0) |
-         (env_switch("OPPO_DECODE_WARP_PIPE") ? oppo::attn::kDecodeWarpPipe : 0);
+         (env_switch("OPPO_DECODE_DIAG_LOADS_ONLY") ? oppo::attn::kDecodeLoadsOnly : 0);
 }
 
 // kernel<<<grid, block, smem, stream>>>(args...), with the PDL attribute when `pdl`.

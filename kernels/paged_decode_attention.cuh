@@ -24,7 +24,6 @@ constexpr int kDecodeTile = 64;  // tokens per pipeline stage (16 per warp)
 // paged_decode_kernel's pipe_flags beside the prefetch level (bits 0-1): see there
 constexpr int kDecodeLoadsOnly = 4;
 constexpr int kDecodeEarlyRefill = 8;
-constexpr int kDecodeWarpPipe = 16;
 
 // Pipeline depth and the CTAs per SM the registers must allow (launch bounds), per head dim.
 // D=64 (v3): 3 stages = 55.5 KiB of smem -> 4 CTAs per SM on a 228 KiB SM (32 KiB in flight per
@@ -307,12 +306,6 @@ __device__ __forceinline__ void merge_split_partials(void* out, bool out_f32, in
 //              1 or 2 takes the level-2 path (the tile after the next refill). Session 23: -2.4% at
 //              (1, 32768) alone, 3-7% slower beside the prefetch; kept to time it with the loads
 //              alone (NOTES "Session 23").
-//              kDecodeWarpPipe (OPPO_DECODE_WARP_PIPE=1, an A/B switch): each warp loads, waits for and
-//              refills only its own 16 rows of every stage (its own row offsets, a __syncwarp, no CTA
-//              barrier inside the loop), so a warp whose rows have landed never waits for another
-//              warp's; the same tiles, slots and arithmetic (outputs bit for bit the default's). The
-//              refill switch is ignored with it; an L2 prefetch level of 1 or 2 prefetches the warp's
-//              rows one tile ahead of their cp.async.
 // tickets      nullptr: with num_splits > 1 the partials go to the workspace for
 //              paged_decode_reduce_kernel (v2, v3, v6); else (v7) one counter per group
 //              (B * Hkv * q_chunks, zero before the launch, left at zero): the group's last CTA
@@ -344,8 +337,7 @@ paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t 
   cta_stamp_start(decode_stamps);
   pdl_wait();  // launched with PDL (OPPO_DECODE_PDL): the previous kernel's outputs (q, the cache) from here
   const bool loads_only = (pipe_flags & kDecodeLoadsOnly) != 0;
-  const bool warp_pipe = (pipe_flags & kDecodeWarpPipe) != 0;
-  const bool early = !warp_pipe && (pipe_flags & kDecodeEarlyRefill) != 0;
+  const bool early = (pipe_flags & kDecodeEarlyRefill) != 0;
   const int l2_ahead = early ? ((pipe_flags & 3) > 0 ? 2 : 0) : (pipe_flags & 3);
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -398,11 +390,6 @@ paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t 
   int far_page = l2_ahead > 1 && tid < kDecodeTile
                      ? decode_row_page(bt, block_size, start + kProRows + kDecodeTile + tid, table_tokens)
                      : -1;
-  // warp_pipe: lane l < 16 of warp w reads the pages of row 16 w + l of the coming tiles: w_page for
-  // the tile it refills next, w_page2 for the one after (its L2 prefetch); first tile kStages's.
-  const int w_row = warp * 16 + (lane & 15);
-  int w_page = -1;
-  int w_page2 = warp_pipe && lane < 16 ? decode_row_page(bt, block_size, start + kProRows + w_row, table_tokens) : -1;
 
   if (num_splits > 1 && start >= ctx) {  // empty split: the reduction never reads it
     cp_async_wait<0>();                  // (no copy outstanding when the CTA leaves)
@@ -438,21 +425,10 @@ paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t 
     load_kv_tile<T, D, kDecodeTile, kDecodeThreads>(k_s, k_cache, off, tid);
     load_kv_tile<T, D, kDecodeTile, kDecodeThreads>(v_s, v_cache, off, tid);
   };
-  auto load_warp_rows = [&](int t) {  // warp_pipe: this warp's 16 rows of tile t, by its 32 lanes
-    T* k_s = stage_base + (t % kStages) * 2 * S::kTileElems + warp * 16 * kRow;
-    const int64_t* off = off_s + (t % kStages) * kDecodeTile + warp * 16;
-    load_kv_tile<T, D, 16, 32>(k_s, k_cache, off, lane);
-    load_kv_tile<T, D, 16, 32>(k_s + S::kTileElems, v_cache, off, lane);
-  };
   __syncthreads();
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
-    if (s < ntiles) {
-      if (warp_pipe)
-        load_warp_rows(s);
-      else
-        load_tile(s);
-    }
+    if (s < ntiles) load_tile(s);
     cp_async_commit();
   }
   if (l2_ahead > 1 && kStages < ntiles && tid < kDecodeTile) {  // tile kStages (l2_ahead 1: in iteration 0)
@@ -481,40 +457,7 @@ paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t 
     cp_async_commit();
   }
 
-  if (warp_pipe) {
-    __syncthreads();  // every warp holds Q before warp 0 refills Q's rows (slot kStages - 1) in iteration 0
-    for (int t = 0; t < ntiles; ++t) {
-      // pending copy groups of this thread behind tile t: its rows of tiles t+1 .. t+kStages-2
-      cp_async_wait<kStages - 2>();
-      __syncwarp();  // the warp's rows of tile t landed (every lane's copies), and slot (t-1)'s reads are done
-      const int u = t + kStages - 1;  // the tile this warp refills now (into slot (t - 1) % kStages)
-      if (u < ntiles) {
-        if (t > 0 && lane < 16)  // tile kStages - 1's offsets came from the start-up
-          off_s[(u % kStages) * kDecodeTile + w_row] = decode_row_offset(
-              w_page, start + u * kDecodeTile + w_row, end, page_stride, block_size, row_stride, head_off);
-        __syncwarp();
-        load_warp_rows(u);
-      }
-      cp_async_commit();
-      if (lane < 16) {
-        if (l2_ahead > 0 && u + 1 < ntiles) {  // the warp's rows of tile u + 1 (their cp.async: next iteration)
-          const int64_t off = decode_row_offset(w_page2, start + (u + 1) * kDecodeTile + w_row, end, page_stride,
-                                                block_size, row_stride, head_off);
-          if (off >= 0) {
-            prefetch_row_l2<T, D>(k_cache + off);
-            prefetch_row_l2<T, D>(v_cache + off);
-          }
-        }
-        w_page = w_page2;
-        w_page2 = decode_row_page(bt, block_size, start + (u + 2) * kDecodeTile + w_row, end);
-      }
-      const T* k_s = stage_base + (t % kStages) * 2 * S::kTileElems + warp * 16 * kRow;
-      if (!loads_only)
-        decode_tile_update<T, D, kRow>(k_s, k_s + S::kTileElems, qa, lane,
-                                       start + t * kDecodeTile + warp * 16 + qc * 2, end, scale_log2, m, l, o);
-    }
-  }
-  for (int t = 0; !warp_pipe && t < ntiles; ++t) {
+  for (int t = 0; t < ntiles; ++t) {
     // pending copy groups behind tile t: tiles t+1 .. t+kStages-1 (early), t+1 .. t+kStages-2 (not)
     if (early) {
       cp_async_wait<kStages - 1>();

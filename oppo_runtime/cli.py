@@ -92,8 +92,6 @@ _SWITCHES = (
                            " switch, slower beside the prefetch in session 23)"),
     ("OPPO_DECODE_DIAG_LOADS_ONLY", "0 (1: a bench diagnostic, the decode split kernel's loads without its arithmetic;"
                                     " wrong outputs, it warns)"),
-    ("OPPO_DECODE_WARP_PIPE", "0 (1: each warp of the decode split kernel loads and refills only its own rows of"
-                              " each stage, no CTA barrier in the loop; an A/B switch)"),
     ("OPPO_FUSE_KV_APPEND", "1 (K/V append inside the rotary kernel)"),
     ("OPPO_ASYNC_DECODE", "1 on CUDA (tokens read back one step late)"),
     ("OPPO_GRAPH_SAMPLING", "1 (LM head + sampler inside the decode graphs; 0: eager head)"),

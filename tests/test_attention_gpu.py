@@ -474,7 +474,7 @@ def test_decode_loads_only_diagnostic_reaches_the_kernel_and_warns(monkeypatch):
 
 
 @pytest.mark.parametrize("switch", ["OPPO_DECODE_PDL", "OPPO_DECODE_PREFETCH=1", "OPPO_DECODE_PREFETCH=2",
-                                    "OPPO_DECODE_REFILL", "OPPO_DECODE_WARP_PIPE", "both"])
+                                    "OPPO_DECODE_REFILL", "both"])
 @pytest.mark.parametrize("plan", ["v3", "v6", "v7"])
 @pytest.mark.parametrize("B,Hq,Hkv,D,table", [(1, 32, 8, 128, 32768), (3, 14, 2, 64, 2048), (40, 14, 2, 64, 512)])
 def test_decode_pdl_waits_for_the_kernel_ahead(monkeypatch, switch, plan, B, Hq, Hkv, D, table):
@@ -484,8 +484,7 @@ def test_decode_pdl_waits_for_the_kernel_ahead(monkeypatch, switch, plan, B, Hq,
     K/V append between some calls, gives bit for bit the chain without PDL, eagerly and replayed
     from a CUDA graph (programmatic edges). Split and unsplit plans, empty splits included. The
     same for OPPO_DECODE_PREFETCH=1 and 2 (L2 prefetch of the next tiles' rows: a hint, no result
-    changes), OPPO_DECODE_REFILL=1 (the stages refilled earlier: the same tiles in the same order),
-    OPPO_DECODE_WARP_PIPE=1 (each warp refills its own rows: the same tiles, slots and arithmetic)
+    changes), OPPO_DECODE_REFILL=1 (the stages refilled earlier: the same tiles in the same order)
     and PDL with the prefetch of 2 at once."""
     switches = ["OPPO_DECODE_PDL", "OPPO_DECODE_PREFETCH=2"] if switch == "both" else [switch]
     _use_plan(monkeypatch, plan)
