@@ -21,6 +21,9 @@ shuffled pages), timed like the bench (graph replays of 10 calls), beside the co
 - cta_epi, ldg_epi: cta and ldg, then decode v7's epilogue: each CTA's partial (query rows x D
          floats) to a workspace with its lse, a ticket per group, and the group's last CTA merges the
          group's partials into the output (32 splits at D=128); no split at D=64 (straight to out).
+  Their bisection (MODE+BITS, e.g. cta_epi+nomerge): +nofence (no __threadfence), +nomerge (the
+  ticket drawn, no merge), +acqrel (one atom.acq_rel.gpu for fence + atomicAdd + fence), +mb32 (the
+  merge's loads in batches of 32, not 16), +acqrel_mb32, +writeonly (the partials written only).
 - ldg4:  ldg with 4-byte loads (a warp load covers half a row). Triton compiles the probe's loads,
          whose row offsets come from the block table and so are of unknown alignment, to 2-byte
          ld.global.cg (Triton 3.8's PTX, session 24): many small requests, not 16-byte ones.
@@ -38,6 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import copy_bandwidth, device_info, results_path, time_ms, write_json  # noqa: E402
 
 _MODES = {"cta": 0, "warp": 1, "warp4": 2, "ldg": 3, "ldg4": 4, "cta_epi": 5, "ldg_epi": 6}
+# cta_epi / ldg_epi with the epilogue's bisection bits (see the kernel): name -> (mode, bits)
+_EPI = {"nofence": 1, "nomerge": 2, "acqrel": 4, "mb32": 8, "writeonly": 16, "acqrel_mb32": 12}
 
 _CUDA = r"""
 #include <torch/extension.h>
@@ -67,7 +72,7 @@ __global__ void __launch_bounds__(128) probe(const T* __restrict__ cache, const 
                                              unsigned* __restrict__ out, int tokens, int hkv,
                                              long long page_stride, int row_stride, long long v_off, int bs,
                                              float* __restrict__ ws, unsigned* __restrict__ tickets,
-                                             float* __restrict__ outf, int gsplit, int rows) {
+                                             float* __restrict__ outf, int gsplit, int rows, int epi) {
   constexpr int L = MODE == 5 ? 0 : MODE == 6 ? 3 : MODE;   // the loader; 5, 6: with decode v7's epilogue
   constexpr int kRow = D + 8;
   constexpr int CH = D / 8;         // 16-byte chunks per row
@@ -212,28 +217,41 @@ __global__ void __launch_bounds__(128) probe(const T* __restrict__ cache, const 
         *reinterpret_cast<float4*>(ws + slot * D + d) = make_float4(a, a, a, a);
         if (d == 0) ws_lse[slot] = a;
       }
+      // epi (bits, a bisection of the epilogue's cost; 0 = the kernel's): 1 no __threadfence,
+      // 2 no merge (the ticket still drawn), 4 one atom.acq_rel.gpu instead of fence + atomicAdd +
+      // fence, 8 the merge's loads in batches of 32 (one L2 round trip for 32 splits), 16 neither
+      // ticket nor merge (the partials written only)
       __shared__ int last_s;
       __syncthreads();
       if (tid == 0) {
-        __threadfence();
-        const unsigned prev = atomicAdd(tickets + head, 1u);
-        const int last = prev == (unsigned)(gsplit - 1);
-        if (last) atomicExch(tickets + head, 0u);
-        __threadfence();
-        last_s = last;
+        int last = 0;
+        if (!(epi & 16)) {
+          unsigned prev;
+          if (epi & 4) {
+            asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;\n" : "=r"(prev) : "l"(tickets + head) : "memory");
+          } else {
+            if (!(epi & 1)) __threadfence();
+            prev = atomicAdd(tickets + head, 1u);
+          }
+          last = prev == (unsigned)(gsplit - 1);
+          if (last) atomicExch(tickets + head, 0u);
+          if (!(epi & 5)) __threadfence();
+        }
+        last_s = last && !(epi & 2);
       }
       __syncthreads();
-      if (last_s) {
+      auto merge = [&](auto mb) {
+        constexpr int MB = decltype(mb)::value;
         for (int idx = tid; idx < rows * (D / 4); idx += 128) {
           const int r = idx / (D / 4), d = (idx % (D / 4)) * 4;
           const long long slot0 = (long long)(head * 16 + r) * gsplit;
           float M = -INFINITY, W = 0.f;
           float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
-          for (int s0 = 0; s0 < gsplit; s0 += 16) {
-            float lse[16];
-            float4 v[16];
+          for (int s0 = 0; s0 < gsplit; s0 += MB) {
+            float lse[MB];
+            float4 v[MB];
 #pragma unroll
-            for (int u = 0; u < 16; ++u) {
+            for (int u = 0; u < MB; ++u) {
               lse[u] = -INFINITY;
               v[u] = make_float4(0.f, 0.f, 0.f, 0.f);
               if (s0 + u < gsplit) {
@@ -243,11 +261,11 @@ __global__ void __launch_bounds__(128) probe(const T* __restrict__ cache, const 
             }
             float bm = M;
 #pragma unroll
-            for (int u = 0; u < 16; ++u) bm = fmaxf(bm, lse[u]);
+            for (int u = 0; u < MB; ++u) bm = fmaxf(bm, lse[u]);
             const float c = exp2f(M - bm);
             W *= c; o.x *= c; o.y *= c; o.z *= c; o.w *= c;
 #pragma unroll
-            for (int u = 0; u < 16; ++u) {
+            for (int u = 0; u < MB; ++u) {
               const float w = exp2f(lse[u] - bm);
               W += w; o.x += v[u].x * w; o.y += v[u].y * w; o.z += v[u].z * w; o.w += v[u].w * w;
             }
@@ -257,6 +275,12 @@ __global__ void __launch_bounds__(128) probe(const T* __restrict__ cache, const 
           reinterpret_cast<float4*>(outf)[((long long)head * 16 + r) * (D / 4) + d / 4] =
               make_float4(o.x * inv, o.y * inv, o.z * inv, o.w * inv);
         }
+      };
+      if (last_s) {
+        if (epi & 8)
+          merge(std::integral_constant<int, 32>{});
+        else
+          merge(std::integral_constant<int, 16>{});
       }
     }
   }
@@ -273,7 +297,7 @@ int smem_bytes(int D, int mode) {
 
 void run(torch::Tensor cache, torch::Tensor bt, torch::Tensor out, int64_t tokens, int64_t hkv, int64_t D,
          int64_t page_stride, int64_t row_stride, int64_t v_off, int64_t bs, int64_t mode, int64_t splits,
-         torch::Tensor ws, torch::Tensor tickets, torch::Tensor outf, int64_t gsplit, int64_t rows) {
+         torch::Tensor ws, torch::Tensor tickets, torch::Tensor outf, int64_t gsplit, int64_t rows, int64_t epi) {
   const int smem = smem_bytes(D, mode);
   auto stream = c10::cuda::getCurrentCUDAStream();
   const dim3 grid(splits * hkv);
@@ -285,7 +309,7 @@ void run(torch::Tensor cache, torch::Tensor bt, torch::Tensor out, int64_t token
                                    reinterpret_cast<unsigned*>(out.data_ptr()), tokens, hkv, page_stride,    \
                                    row_stride, v_off, bs, ws.data_ptr<float>(),                              \
                                    reinterpret_cast<unsigned*>(tickets.data_ptr()), outf.data_ptr<float>(),  \
-                                   gsplit, rows);                                                            \
+                                   gsplit, rows, epi);                                                       \
   } while (0)
   if (D == 128) {
     if (mode == 0) LAUNCH(128, 0); else if (mode == 1) LAUNCH(128, 1); else if (mode == 2) LAUNCH(128, 2);
@@ -302,7 +326,7 @@ void run(torch::Tensor cache, torch::Tensor bt, torch::Tensor out, int64_t token
 
 _DECL = ("void run(torch::Tensor cache, torch::Tensor bt, torch::Tensor out, int64_t tokens, int64_t hkv, int64_t D, "
          "int64_t page_stride, int64_t row_stride, int64_t v_off, int64_t bs, int64_t mode, int64_t splits, "
-         "torch::Tensor ws, torch::Tensor tickets, torch::Tensor outf, int64_t gsplit, int64_t rows);")
+         "torch::Tensor ws, torch::Tensor tickets, torch::Tensor outf, int64_t gsplit, int64_t rows, int64_t epi);")
 
 
 def main() -> None:
@@ -334,9 +358,10 @@ def main() -> None:
         tickets = torch.zeros(hkv, dtype=torch.int32, device="cuda")
         outf = torch.empty(splits * hkv * 16 * d, device="cuda")
         for name in args.modes.split(","):
-            mode = _MODES[name]
+            base, _, bits = name.partition("+")
+            mode, epi = _MODES[base], _EPI[bits] if bits else 0
             fn = lambda: mod.run(cache, bt, out, ctx // splits, hkv, d, 2 * one, hkv * d, one, bs, mode, splits,  # noqa: E731
-                                 ws, tickets, outf, gsplit, qrows)
+                                 ws, tickets, outf, gsplit, qrows, epi)
             ms = min(time_ms(fn), time_ms(fn))
             row = {"shape": shape, "mode": name, "us": ms * 1e3, "frac_copy_bw": nbytes / (ms * 1e-3) / bw}
             rows.append(row)
