@@ -1,9 +1,10 @@
 """Which load engine reaches the copy wall on decode's paged reads: a CUDA probe of loads alone.
 
-    python bench/decode_loads_probe.py [--out PATH] [--modes cta,cta_epi,ldg,ldg_epi,warp,ldg4] [--reps 15]
+    python bench/decode_loads_probe.py [--out PATH] [--modes cta,cta_epi,ldg,ldg_epi,warp,ldg4]
+                                       [--shapes tokens:Hkv:D:splits:group:rows,...]
 
-Session 24 measured, on one H100, decode's split kernel with its arithmetic skipped (`+lo`) at
-0.79-0.83 of copy on (1, 32768, 32, 8, 128), while the Triton read probe (bench/sm_balance_probe.py)
+Session 24 measured, on an H100, decode's split kernel with its arithmetic skipped (`+lo`) at
+0.79-0.84 of copy on (1, 32768, 32, 8, 128), while the Triton read probe (bench/sm_balance_probe.py)
 with the same CTA shape (4 warps, 64-token tiles, the next tile in flight, 256 programs) read the
 same paged bytes at 0.94. The probe loads into registers and its warps never wait for each other;
 the kernel copies tiles into shared memory with cp.async and every tile ends at a CTA barrier.
@@ -41,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import copy_bandwidth, device_info, results_path, time_ms, write_json  # noqa: E402
 
 _MODES = {"cta": 0, "warp": 1, "warp4": 2, "ldg": 3, "ldg4": 4, "cta_epi": 5, "ldg_epi": 6}
-# cta_epi / ldg_epi with the epilogue's bisection bits (see the kernel): name -> (mode, bits)
+# the bisection bits of cta_epi / ldg_epi's epilogue (MODE+NAME; see the kernel's `epi`): name -> bits
 _EPI = {"nofence": 1, "nomerge": 2, "acqrel": 4, "mb32": 8, "writeonly": 16, "acqrel_mb32": 12}
 
 _CUDA = r"""
