@@ -24,6 +24,7 @@ constexpr int kDecodeTile = 64;  // tokens per pipeline stage (16 per warp)
 // paged_decode_kernel's pipe_flags beside the prefetch level (bits 0-1): see there
 constexpr int kDecodeLoadsOnly = 4;
 constexpr int kDecodeEarlyRefill = 8;
+constexpr int kDecodeFastMerge = 16;
 
 // Pipeline depth and the CTAs per SM the registers must allow (launch bounds), per head dim.
 // D=64 (v3): 3 stages = 55.5 KiB of smem -> 4 CTAs per SM on a 228 KiB SM (32 KiB in flight per
@@ -223,15 +224,23 @@ __device__ __forceinline__ void store_out4(void* out, bool out_f32, int64_t off,
 // to 0 (ready for the next launch) and merges. The partials of all threads are ordered before
 // thread 0's fence by the barrier, and the fence (cumulative) makes them visible device-wide
 // before the ticket: one fence per CTA, as cooperative groups' grid sync does. Returns, to every
-// thread, whether this CTA merges.
-__device__ __forceinline__ bool draw_last_ticket(unsigned* counter, int nvalid, int* flag_s) {
+// thread, whether this CTA merges. acq_rel: one atom.acq_rel.gpu instead of fence + atomicAdd +
+// fence (the release is cumulative over the writes the barrier ordered before it, the acquire
+// orders the merge's reads after it; the barrier below passes that to the CTA's other threads, as
+// CUTLASS's semaphore does).
+__device__ __forceinline__ bool draw_last_ticket(unsigned* counter, int nvalid, int* flag_s, bool acq_rel = false) {
   __syncthreads();
   if (threadIdx.x == 0) {
-    __threadfence();
-    const unsigned prev = atomicAdd(counter, 1u);
+    unsigned prev;
+    if (acq_rel) {
+      asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;\n" : "=r"(prev) : "l"(counter) : "memory");
+    } else {
+      __threadfence();
+      prev = atomicAdd(counter, 1u);
+    }
     const int last = prev == static_cast<unsigned>(nvalid - 1);
     if (last) atomicExch(counter, 0u);  // ready for the next launch
-    __threadfence();                    // the other CTAs' partials are read after the ticket
+    if (!acq_rel) __threadfence();      // the other CTAs' partials are read after the ticket
     *flag_s = last;
   }
   __syncthreads();
@@ -240,12 +249,13 @@ __device__ __forceinline__ bool draw_last_ticket(unsigned* counter, int nvalid, 
 
 // The merging CTA: out = sum_s w_s o_s / sum_s w_s, w_s = 2^(lse_s - max) over the group's nvalid
 // partials (rows query heads hq0.. of sequence b), online over batches of kMergeBatch loads issued
-// together (L2 reads, bypassing L1: other CTAs wrote them).
-template <typename T, int D>
+// together (L2 reads, bypassing L1: other CTAs wrote them): 16 at D=128 and 8 at D=64 by default,
+// or kBatch (the fast merge: 32 at D=128, one L2 round trip for up to 32 splits).
+template <typename T, int D, int kBatch = (D == 128 ? 16 : 8)>
 __device__ __forceinline__ void merge_split_partials(void* out, bool out_f32, int64_t o_s0, int64_t o_s1,
                                                      const float* ws_o, const float* ws_lse, int b, int Hq, int hq0,
                                                      int rows, int nsplit, int nvalid, int tid) {
-  constexpr int kMergeBatch = D == 128 ? 16 : 8;
+  constexpr int kMergeBatch = kBatch;
   for (int idx = tid; idx < rows * (D / 4); idx += kDecodeThreads) {
     const int r = idx / (D / 4), d = (idx % (D / 4)) * 4;
     const int64_t slot0 = (static_cast<int64_t>(b) * Hq + hq0 + r) * nsplit;
@@ -306,6 +316,10 @@ __device__ __forceinline__ void merge_split_partials(void* out, bool out_f32, in
 //              1 or 2 takes the level-2 path (the tile after the next refill). Session 23: -2.4% at
 //              (1, 32768) alone, 3-7% slower beside the prefetch; kept to time it with the loads
 //              alone (NOTES "Session 23").
+//              kDecodeFastMerge (OPPO_DECODE_FAST_MERGE=1, an A/B switch, v7 only): the group's ticket
+//              drawn by one atom.acq_rel.gpu (no __threadfence), and at D=128 the merge's loads in
+//              batches of 32, not 16. Session 24's loads probe put v7's split epilogue at 4.8 us of
+//              (1, 32768)'s ~56 (bench/NOTES.md); not yet measured in the kernel.
 // tickets      nullptr: with num_splits > 1 the partials go to the workspace for
 //              paged_decode_reduce_kernel (v2, v3, v6); else (v7) one counter per group
 //              (B * Hkv * q_chunks, zero before the launch, left at zero): the group's last CTA
@@ -535,8 +549,17 @@ paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t 
   }
   if (tickets != nullptr && !direct) {  // v7: the group's last CTA merges its splits (no reduction kernel)
     __shared__ int flag_s;
-    if (draw_last_ticket(tickets + static_cast<int64_t>(b) * gridDim.x + blockIdx.x, nvalid, &flag_s))
-      merge_split_partials<T, D>(out, out_f32, o_s0, o_s1, ws_o, ws_lse, b, Hq, hq0, rows, num_splits, nvalid, tid);
+    const bool fast = (pipe_flags & kDecodeFastMerge) != 0;
+    if (draw_last_ticket(tickets + static_cast<int64_t>(b) * gridDim.x + blockIdx.x, nvalid, &flag_s, fast)) {
+      // 32-split batches only where the registers allow them: D=128 at 2 CTAs per SM (v7's 3
+      // stages; the lean 2-stage instantiation, 3 CTAs per SM, would spill, and never merges here)
+      constexpr bool kWide = D == 128 && kStages >= 3;
+      if (kWide && fast)
+        merge_split_partials<T, D, kWide ? 32 : 16>(out, out_f32, o_s0, o_s1, ws_o, ws_lse, b, Hq, hq0, rows,
+                                                      num_splits, nvalid, tid);
+      else
+        merge_split_partials<T, D>(out, out_f32, o_s0, o_s1, ws_o, ws_lse, b, Hq, hq0, rows, num_splits, nvalid, tid);
+    }
   }
   cta_stamp_end(decode_stamps);  // thread 0's last store: within the merge's few loads of the CTA's end
 }

@@ -473,6 +473,45 @@ def test_decode_loads_only_diagnostic_reaches_the_kernel_and_warns(monkeypatch):
     assert not torch.equal(bad, good)
 
 
+@pytest.mark.parametrize("mode", ["eager", "graph"])
+@pytest.mark.parametrize("B,Hq,Hkv,D,table", [(1, 32, 8, 128, 32768), (5, 32, 8, 128, 4096), (3, 14, 2, 64, 2048)])
+def test_decode_fast_merge_keeps_the_error(monkeypatch, mode, B, Hq, Hkv, D, table):
+    """OPPO_DECODE_FAST_MERGE=1 (v7's split merge: the group's ticket by one atom.acq_rel.gpu, no
+    __threadfence, and at D=128 the partials' loads in batches of 32): on split shapes with ragged
+    contexts (one within split 0), float32 out within 2e-3 of the fp32 reference and within 1e-5
+    of the default merge (the batches reorder only the merge's sums), eagerly and from a graph
+    replayed twice on the counters the first replay left."""
+    _use_plan(monkeypatch, "v7")
+    bs = 16
+    lens = [max(1, table - 5 - 1500 * b) for b in range(B)]
+    kv, bt, ctx = _full_width_case(lens, Hkv, D, table, bs)
+    assert _plan(B, Hq, Hkv, D, bt.shape[1] * bs, "v7")[0] > 1
+    q = torch.randn(B, Hq, D, device="cuda").bfloat16()
+    ref = A.paged_decode_attention_ref(q.float(), kv.k.float(), kv.v.float(), bt, ctx, D ** -0.5)
+    monkeypatch.setenv("OPPO_DECODE_FAST_MERGE", "0")
+    base = A.paged_decode_attention(q, kv.k, kv.v, bt, ctx, D ** -0.5, out=torch.empty_like(ref), backend="cuda")
+    monkeypatch.setenv("OPPO_DECODE_FAST_MERGE", "1")
+    ws = A.paged_decode_workspace(q, kv.k, bt, backend="cuda")
+    out = torch.full_like(ref, float("nan"))
+    if mode == "eager":
+        A.paged_decode_attention(q, kv.k, kv.v, bt, ctx, D ** -0.5, out=out, backend="cuda", workspace=ws)
+        runs = [out.clone()]
+    else:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            A.paged_decode_attention(q, kv.k, kv.v, bt, ctx, D ** -0.5, out=out, backend="cuda", workspace=ws)
+        runs = []
+        for _ in range(2):
+            out.fill_(float("nan"))
+            graph.replay()
+            torch.cuda.synchronize()
+            runs.append(out.clone())
+    for got in runs:
+        assert torch.isfinite(got).all()
+        assert float((got - ref).norm() / ref.norm()) < 2e-3
+        assert float((got - base).norm() / base.norm()) < 1e-5
+
+
 @pytest.mark.parametrize("switch", ["OPPO_DECODE_PDL", "OPPO_DECODE_PREFETCH=1", "OPPO_DECODE_PREFETCH=2",
                                     "OPPO_DECODE_REFILL", "both"])
 @pytest.mark.parametrize("plan", ["v3", "v6", "v7"])
