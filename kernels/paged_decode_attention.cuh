@@ -249,13 +249,13 @@ __device__ __forceinline__ bool draw_last_ticket(unsigned* counter, int nvalid, 
 
 // The merging CTA: out = sum_s w_s o_s / sum_s w_s, w_s = 2^(lse_s - max) over the group's nvalid
 // partials (rows query heads hq0.. of sequence b), online over batches of kMergeBatch loads issued
-// together (L2 reads, bypassing L1: other CTAs wrote them): 16 at D=128 and 8 at D=64 by default,
-// or kBatch (the fast merge: 32 at D=128, one L2 round trip for up to 32 splits).
-template <typename T, int D, int kBatch = (D == 128 ? 16 : 8)>
+// together (L2 reads, bypassing L1: other CTAs wrote them): 16 at D=128 and 8 at D=64, or with
+// kWide 32 (the fast merge at D=128: one L2 round trip for up to 32 splits).
+template <typename T, int D, bool kWide = false>
 __device__ __forceinline__ void merge_split_partials(void* out, bool out_f32, int64_t o_s0, int64_t o_s1,
                                                      const float* ws_o, const float* ws_lse, int b, int Hq, int hq0,
                                                      int rows, int nsplit, int nvalid, int tid) {
-  constexpr int kMergeBatch = kBatch;
+  constexpr int kMergeBatch = kWide ? 32 : (D == 128 ? 16 : 8);
   for (int idx = tid; idx < rows * (D / 4); idx += kDecodeThreads) {
     const int r = idx / (D / 4), d = (idx % (D / 4)) * 4;
     const int64_t slot0 = (static_cast<int64_t>(b) * Hq + hq0 + r) * nsplit;
@@ -553,10 +553,9 @@ paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t 
     if (draw_last_ticket(tickets + static_cast<int64_t>(b) * gridDim.x + blockIdx.x, nvalid, &flag_s, fast)) {
       // 32-split batches only where the registers allow them: D=128 at 2 CTAs per SM (v7's 3
       // stages; the lean 2-stage instantiation, 3 CTAs per SM, would spill, and never merges here)
-      constexpr bool kWide = D == 128 && kStages >= 3;
-      if (kWide && fast)
-        merge_split_partials<T, D, kWide ? 32 : 16>(out, out_f32, o_s0, o_s1, ws_o, ws_lse, b, Hq, hq0, rows,
-                                                      num_splits, nvalid, tid);
+      if (fast)
+        merge_split_partials<T, D, D == 128 && kStages >= 3>(out, out_f32, o_s0, o_s1, ws_o, ws_lse, b, Hq, hq0,
+                                                             rows, num_splits, nvalid, tid);
       else
         merge_split_partials<T, D>(out, out_f32, o_s0, o_s1, ws_o, ws_lse, b, Hq, hq0, rows, num_splits, nvalid, tid);
     }
