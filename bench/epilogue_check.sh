@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# One device call (~6-8 min on a fresh machine), session 25: where decode v7's split epilogue spends
+# its 4.8 us at (1, 32768) and whether the fast merge (OPPO_DECODE_FAST_MERGE, bench +fm) recovers it.
+#  1. the loads probe's epilogue bisection (bench/decode_loads_probe.py, no extension build), in both
+#     mode orders;
+#  2. the extension's build, the fast merge's GPU tests, decode_attention at (1, 32768) and the D=64
+#     shape with the four plans v7+l2[+fm][+lo], then the same plans in reverse order;
+#  3. compute-sanitizer memcheck and racecheck of v7:fm on a small case.
+#
+#   OUT=$OUT bash bench/epilogue_check.sh      (on the device, carrying .commit; results under $OUT)
+set -u
+cd "$(dirname "$0")/.."
+O=${OUT:-bench/results/epilogue_check}
+mkdir -p "$O"
+. bench/device_commit.sh
+M=cta,cta_epi,cta_epi+nofence,cta_epi+nomerge,cta_epi+acqrel,cta_epi+mb32,cta_epi+acqrel_mb32,cta_epi+writeonly,ldg,ldg_epi,ldg_epi+acqrel_mb32
+R=$(echo "$M" | tr , '\n' | tac | paste -sd,)
+P="timeout 200 python3 bench/decode_loads_probe.py --shapes 32768:8:128:32:32:4"
+$P --modes "$M" --out "$O/epi_bisect.json" > "$O/probe.txt" 2>&1; echo "probe rc=$?"
+$P --modes "$R" --out "$O/epi_bisect_reversed.json" >> "$O/probe.txt" 2>&1; echo "probe reversed rc=$?"
+grep -E "^\| |us" "$O/probe.txt" | tail -30
+BENCH_ONLY=1 SMOKE=0 BENCH_LIMIT=150 PYTEST_FILES=tests/test_attention_gpu.py PYTEST_K="fast_merge or pdl_waits" \
+  ARGS_decode_attention="--shapes 1,4 --no-flex --plans v7+l2+lo,v7+l2+fm+lo,v7+l2,v7+l2+fm" \
+  OUT="$O" bash bench/gpu_check.sh decode_attention > /dev/null 2>&1
+tail -12 "$O/report.md"
+timeout 120 python3 bench/decode_attention.py --shapes 1,4 --no-flex --plans v7+l2+fm,v7+l2,v7+l2+fm+lo,v7+l2+lo \
+  --out "$O/decode_attention_reversed.json" 2>&1 | tail -8
+SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+for tool in memcheck racecheck; do
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 100 "$SAN" --tool $tool --error-exitcode 9 \
+    python3 bench/sanitize_attention.py --decode-only --decode-plans=v7:fm > "$O/${tool}_fm.txt" 2>&1
+  echo "$tool v7:fm rc=$?"; tail -2 "$O/${tool}_fm.txt"
+done
