@@ -19,7 +19,10 @@ shuffled pages), timed like the bench (graph replays of 10 calls), beside the co
 - warp4: warp with 4 stages.
 - ldg:   each warp's 16-row tiles loaded into registers (ld.global.cg 16 B), the next tile issued
          before the current one is used (the Triton probe's 4:64:1).
-- cta_epi, ldg_epi: cta and ldg, then decode v7's epilogue: each CTA's partial (query rows x D
+- ldgst: the kernel's CTA tiles and 3 smem stages (cta's), each tile loaded by 16-byte ld.global.cg
+         into one tile of registers per thread and stored to its stage (st.shared) an iteration later:
+         a loader the decode kernel can take (ldmatrix stays), one tile of loads in flight per CTA.
+- cta_epi, ldg_epi, ldgst_epi: cta, ldg and ldgst, then decode v7's epilogue: each CTA's partial (query rows x D
          floats) to a workspace with its lse, a ticket per group, and the group's last CTA merges the
          group's partials into the output (32 splits at D=128); no split at D=64 (straight to out).
   Their bisection (MODE+BITS, e.g. cta_epi+nomerge): +nofence (no __threadfence), +nomerge (the
@@ -41,7 +44,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import copy_bandwidth, device_info, results_path, time_ms, write_json  # noqa: E402
 
-_MODES = {"cta": 0, "warp": 1, "warp4": 2, "ldg": 3, "ldg4": 4, "cta_epi": 5, "ldg_epi": 6}
+_MODES = {"cta": 0, "warp": 1, "warp4": 2, "ldg": 3, "ldg4": 4, "cta_epi": 5, "ldg_epi": 6, "ldgst": 7, "ldgst_epi": 8}
 # the bisection bits of cta_epi / ldg_epi's epilogue (MODE+NAME; see the kernel's `epi`): name -> bits
 _EPI = {"nofence": 1, "nomerge": 2, "acqrel": 4, "mb32": 8, "writeonly": 16, "acqrel_mb32": 12}
 
@@ -74,7 +77,8 @@ __global__ void __launch_bounds__(128) probe(const T* __restrict__ cache, const 
                                              long long page_stride, int row_stride, long long v_off, int bs,
                                              float* __restrict__ ws, unsigned* __restrict__ tickets,
                                              float* __restrict__ outf, int gsplit, int rows, int epi) {
-  constexpr int L = MODE == 5 ? 0 : MODE == 6 ? 3 : MODE;   // the loader; 5, 6: with decode v7's epilogue
+  // the loader; 5, 6, 8: cta, ldg, ldgst with decode v7's epilogue
+  constexpr int L = MODE == 5 ? 0 : MODE == 6 ? 3 : MODE == 8 ? 7 : MODE;
   constexpr int kRow = D + 8;
   constexpr int CH = D / 8;         // 16-byte chunks per row
   extern __shared__ uint4 smem_u4[];
@@ -111,6 +115,55 @@ __global__ void __launch_bounds__(128) probe(const T* __restrict__ cache, const 
       if (t + ST - 1 < ntiles) load(t + ST - 1);
       commit();
       set_off(t + ST);
+      const T* ks = smem + (t % ST) * 2 * TE;
+      acc += reinterpret_cast<const unsigned*>(ks)[tid];
+    }
+  } else if constexpr (L == 7) {
+    // ldgst: the kernel's CTA tiles and smem stages, each tile loaded by ld.global.cg (16 B) into one
+    // tile of registers per thread (K and V: 16 uint4 at D=128, 8 at D=64), stored to its stage with
+    // st.shared an iteration later. Iteration t: barrier (tile t visible; slot (t-1) % ST free), tile
+    // t+ST-1's registers to that slot, tile t+ST's loads issued, tile t+ST+1's row offsets written
+    // (slot of tile t+1, long read), tile t consumed.
+    constexpr int TILE = 64, ST = 3, TE = TILE * kRow, RPP = 128 / CH, NP = TILE / RPP;
+    long long* off_s = reinterpret_cast<long long*>(smem + ST * 2 * TE);
+    const int ntiles = tokens / TILE;
+    auto set_off = [&](int t) {
+      if (tid < TILE && t < ntiles) {
+        const int pos = t0 + t * TILE + tid;
+        off_s[(t % ST) * TILE + tid] = (long long)__ldg(bt + pos / bs) * page_stride + (pos % bs) * row_stride + head * D;
+      }
+    };
+    uint4 rk[NP], rv[NP];
+    auto ld = [&](int t) {
+      const long long* off = off_s + (t % ST) * TILE;
+#pragma unroll
+      for (int i = 0; i < NP; ++i) {
+        const int r = tid / CH + i * RPP, c = (tid % CH) * 8;
+        const long long o = off[r];
+        rk[i] = ldcg(cache + o + c);
+        rv[i] = ldcg(cache + v_off + o + c);
+      }
+    };
+    auto st = [&](int t) {
+      T* ks = smem + (t % ST) * 2 * TE;
+#pragma unroll
+      for (int i = 0; i < NP; ++i) {
+        const int r = tid / CH + i * RPP, c = (tid % CH) * 8;
+        *reinterpret_cast<uint4*>(ks + r * kRow + c) = rk[i];
+        *reinterpret_cast<uint4*>(ks + TE + r * kRow + c) = rv[i];
+      }
+    };
+    for (int s = 0; s < ST; ++s) set_off(s);
+    __syncthreads();
+    for (int s = 0; s < ST - 1; ++s) if (s < ntiles) { ld(s); st(s); }
+    if (ST - 1 < ntiles) ld(ST - 1);
+    __syncthreads();          // every thread's reads of tile 0's offsets are done: its slot takes tile ST's
+    set_off(ST);
+    for (int t = 0; t < ntiles; ++t) {
+      __syncthreads();
+      if (t + ST - 1 < ntiles) st(t + ST - 1);
+      if (t + ST < ntiles) ld(t + ST);
+      set_off(t + ST + 1);
       const T* ks = smem + (t % ST) * 2 * TE;
       acc += reinterpret_cast<const unsigned*>(ks)[tid];
     }
@@ -199,7 +252,7 @@ __global__ void __launch_bounds__(128) probe(const T* __restrict__ cache, const 
     }
   }
   wait_g<0>();
-  if constexpr (MODE >= 5) {
+  if constexpr (MODE == 5 || MODE == 6 || MODE == 8) {
     // decode v7's epilogue (the kernel's, minus its warp merge in shared memory): rows x D floats
     // of this CTA's partial; with gsplit > 1 (blockIdx.x = split * hkv + head, one group per head)
     // into the workspace with its lse, a ticket, and the group's last CTA merges the gsplit
@@ -290,7 +343,7 @@ __global__ void __launch_bounds__(128) probe(const T* __restrict__ cache, const 
 
 int smem_bytes(int D, int mode) {
   const int kRow = D + 8;
-  if (mode == 0 || mode == 5) return 3 * 2 * 64 * kRow * 2 + 3 * 64 * 8;
+  if (mode == 0 || mode == 5 || mode == 7 || mode == 8) return 3 * 2 * 64 * kRow * 2 + 3 * 64 * 8;
   if (mode == 1) return 4 * 3 * 2 * 16 * kRow * 2;
   if (mode == 2) return 4 * 4 * 2 * 16 * kRow * 2;
   return 0;
@@ -315,11 +368,11 @@ void run(torch::Tensor cache, torch::Tensor bt, torch::Tensor out, int64_t token
   if (D == 128) {
     if (mode == 0) LAUNCH(128, 0); else if (mode == 1) LAUNCH(128, 1); else if (mode == 2) LAUNCH(128, 2);
     else if (mode == 3) LAUNCH(128, 3); else if (mode == 4) LAUNCH(128, 4); else if (mode == 5) LAUNCH(128, 5);
-    else LAUNCH(128, 6);
+    else if (mode == 6) LAUNCH(128, 6); else if (mode == 7) LAUNCH(128, 7); else LAUNCH(128, 8);
   } else {
     if (mode == 0) LAUNCH(64, 0); else if (mode == 1) LAUNCH(64, 1); else if (mode == 2) LAUNCH(64, 2);
     else if (mode == 3) LAUNCH(64, 3); else if (mode == 4) LAUNCH(64, 4); else if (mode == 5) LAUNCH(64, 5);
-    else LAUNCH(64, 6);
+    else if (mode == 6) LAUNCH(64, 6); else if (mode == 7) LAUNCH(64, 7); else LAUNCH(64, 8);
   }
   TORCH_CHECK(cudaGetLastError() == cudaSuccess, "probe launch failed");
 }
