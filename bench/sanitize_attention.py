@@ -18,8 +18,8 @@ v3 kernel with each group's splits merged by its last CTA (tickets as v4's), run
 wgmma prefill plans' cases only (no decode);
 --decode-plans=v5,v4:memset: only the decode cases of those plans (v7 for the default, the cases without a plan; v3:stamps,
 v3:pdl, v3:l2off, v3:l2, v3:l2x2: per-CTA stamps on, programmatic dependent launch, L2 prefetch of 0,
-1 (the default) or 2 tiles; v7:rf: the stages refilled early, OPPO_DECODE_REFILL=1; v7:fm: the fast
-split merge, OPPO_DECODE_FAST_MERGE=1). Exits
+1 (the default) or 2 tiles; v7:rf: the stages refilled early, OPPO_DECODE_REFILL=1; v7:sm: the slow
+split merge, OPPO_DECODE_FAST_MERGE=0). Exits
 non-zero if an output differs from the reference.
 """
 import contextlib
@@ -126,8 +126,9 @@ def main():
              # the stages refilled early (OPPO_DECODE_REFILL=1): split, ragged with empty and
              # short contexts, both head dims
              (splits, 8, 2, D, "v7:rf"), ([37, 0, 5], 8, 2, D, "v7:rf"), (splits, 14, 2, 64, "v7:rf"),
-             # the fast merge (OPPO_DECODE_FAST_MERGE=1: acq_rel ticket, 32-split batches at D=128)
-             (splits, 8, 2, D, "v7:fm"), ([37, 0, 5], 8, 2, D, "v7:fm"), (splits, 14, 2, 64, "v7:fm"))
+             # the slow merge (OPPO_DECODE_FAST_MERGE=0: two fences, 16-split batches at D=128); the
+             # fast one (acq_rel ticket, 32-split batches) is the default, in the v7 cases above
+             (splits, 8, 2, D, "v7:sm"), ([37, 0, 5], 8, 2, D, "v7:sm"), (splits, 14, 2, 64, "v7:sm"))
     only = next((a.split("=", 1)[1].split(",") for a in sys.argv if a.startswith("--decode-plans=")), None)
     only_prefill = next((a.split("=", 1)[1].split(",") for a in sys.argv if a.startswith("--prefill-plans=")), None)
     for lens, Hq, Hkv, Dd, plan in cases:
@@ -150,8 +151,8 @@ def main():
             os.environ["OPPO_DECODE_PDL"] = "1"
         elif tickets == "rf":
             os.environ["OPPO_DECODE_REFILL"] = "1"
-        elif tickets == "fm":
-            os.environ["OPPO_DECODE_FAST_MERGE"] = "1"
+        elif tickets == "sm":
+            os.environ["OPPO_DECODE_FAST_MERGE"] = "0"
         elif tickets in ("l2off", "l2", "l2x2"):
             os.environ["OPPO_DECODE_PREFETCH"] = {"l2off": "0", "l2": "1", "l2x2": "2"}[tickets]
         elif tickets and tickets != "stamps":

@@ -32,7 +32,7 @@
 // OPPO_DECODE_PDL=1 (plans v2, v3, v6, v7): programmatic dependent launch of both kernels (decode_pdl).
 // OPPO_DECODE_PREFETCH=0|1|2 (plans v2, v3, v6, v7; default 1): L2 prefetch 0, 1 or 2 tiles further ahead
 // (decode_l2_ahead). OPPO_DECODE_REFILL=1: the stages refilled early, an A/B switch;
-// OPPO_DECODE_DIAG_LOADS_ONLY=1: a diagnostic; OPPO_DECODE_FAST_MERGE=1: v7's merge by an acq_rel
+// OPPO_DECODE_DIAG_LOADS_ONLY=1: a diagnostic; OPPO_DECODE_FAST_MERGE=1 (default): v7's merge by an acq_rel
 // ticket and 32-split batches, an A/B switch (decode_pipe_flags).
 //
 // v4/v7 ticket counters (one unsigned int per group = (sequence, kv head, head chunk), split plans
@@ -132,13 +132,19 @@ int decode_l2_ahead() {
 // OPPO_DECODE_REFILL=1 (plans v2, v3, v6, v7): an A/B switch, off by default: each stage refilled as
 // soon as its tile is done (kDecodeEarlyRefill). Session 23 (H100): -2.4% at (1, 32768) alone, 3-7%
 // slower beside the default L2 prefetch; kept to time with the loads alone (bench +rf+lo).
-// OPPO_DECODE_FAST_MERGE=1 (plan v7): an A/B switch, off by default: the ticket by one
-// atom.acq_rel.gpu and the merge's loads in batches of 32 at D=128 (kDecodeFastMerge). Built in
-// session 24 after its loads probe put v7's split epilogue at 4.8 us of (1, 32768); not measured yet.
+// OPPO_DECODE_FAST_MERGE=0|1 (plan v7), default 1: the ticket by one atom.acq_rel.gpu and the
+// merge's loads in batches of 32 at D=128 (kDecodeFastMerge); 0: two __threadfence around the
+// atomicAdd and batches of 16. Session 25 (H100, both plan orders): 56.2 / 55.8 us against 56.7 / 56.9
+// at (1, 32768), equal on the D=64 shape that does not split (bench/NOTES.md).
+bool decode_fast_merge() {
+  const char* e = std::getenv("OPPO_DECODE_FAST_MERGE");
+  return e == nullptr || *e == 0 || env_switch("OPPO_DECODE_FAST_MERGE");
+}
+
 int decode_pipe_flags() {
   return decode_l2_ahead() | (env_switch("OPPO_DECODE_REFILL") ? oppo::attn::kDecodeEarlyRefill : 0) |
          (env_switch("OPPO_DECODE_DIAG_LOADS_ONLY") ? oppo::attn::kDecodeLoadsOnly : 0) |
-         (env_switch("OPPO_DECODE_FAST_MERGE") ? oppo::attn::kDecodeFastMerge : 0);
+         (decode_fast_merge() ? oppo::attn::kDecodeFastMerge : 0);
 }
 
 // kernel<<<grid, block, smem, stream>>>(args...), with the PDL attribute when `pdl`.

@@ -316,10 +316,11 @@ __device__ __forceinline__ void merge_split_partials(void* out, bool out_f32, in
 //              1 or 2 takes the level-2 path (the tile after the next refill). Session 23: -2.4% at
 //              (1, 32768) alone, 3-7% slower beside the prefetch; kept to time it with the loads
 //              alone (NOTES "Session 23").
-//              kDecodeFastMerge (OPPO_DECODE_FAST_MERGE=1, an A/B switch, v7 only): the group's ticket
+//              kDecodeFastMerge (OPPO_DECODE_FAST_MERGE, default 1; v7 only): the group's ticket
 //              drawn by one atom.acq_rel.gpu (no __threadfence), and at D=128 the merge's loads in
-//              batches of 32, not 16. Session 24's loads probe put v7's split epilogue at 4.8 us of
-//              (1, 32768)'s ~56 (bench/NOTES.md); not yet measured in the kernel.
+//              batches of 32, not 16. Session 25 (H100): 0.5-1.1 us off (1, 32768)'s ~56.5 in both
+//              plan orders; the loads probe's bisection puts the rest of the split epilogue in the
+//              merge's reads by one CTA (2.3 us) and the partials' writes (1.2 us), bench/NOTES.md.
 // tickets      nullptr: with num_splits > 1 the partials go to the workspace for
 //              paged_decode_reduce_kernel (v2, v3, v6); else (v7) one counter per group
 //              (B * Hkv * q_chunks, zero before the launch, left at zero): the group's last CTA

@@ -92,8 +92,8 @@ _SWITCHES = (
                            " switch, slower beside the prefetch in session 23)"),
     ("OPPO_DECODE_DIAG_LOADS_ONLY", "0 (1: a bench diagnostic, the decode split kernel's loads without its arithmetic;"
                                     " wrong outputs, it warns)"),
-    ("OPPO_DECODE_FAST_MERGE", "0 (1: decode v7's split merge by an acq_rel ticket and 32-split batches at head dim"
-                               " 128; an A/B switch, not yet measured in the kernel)"),
+    ("OPPO_DECODE_FAST_MERGE", "1 (decode v7's split merge by an acq_rel ticket and 32-split batches at head dim"
+                               " 128; 0: two fences and 16-split batches)"),
     ("OPPO_FUSE_KV_APPEND", "1 (K/V append inside the rotary kernel)"),
     ("OPPO_ASYNC_DECODE", "1 on CUDA (tokens read back one step late)"),
     ("OPPO_GRAPH_SAMPLING", "1 (LM head + sampler inside the decode graphs; 0: eager head)"),

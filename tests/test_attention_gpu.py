@@ -476,8 +476,9 @@ def test_decode_loads_only_diagnostic_reaches_the_kernel_and_warns(monkeypatch):
 @pytest.mark.parametrize("mode", ["eager", "graph"])
 @pytest.mark.parametrize("B,Hq,Hkv,D,table", [(1, 32, 8, 128, 32768), (5, 32, 8, 128, 4096), (3, 14, 2, 64, 2048)])
 def test_decode_fast_merge_keeps_the_error(monkeypatch, mode, B, Hq, Hkv, D, table):
-    """OPPO_DECODE_FAST_MERGE=1 (v7's split merge: the group's ticket by one atom.acq_rel.gpu, no
-    __threadfence, and at D=128 the partials' loads in batches of 32): on split shapes with ragged
+    """OPPO_DECODE_FAST_MERGE=1 (the default; v7's split merge: the group's ticket by one
+    atom.acq_rel.gpu, no __threadfence, and at D=128 the partials' loads in batches of 32) against
+    OPPO_DECODE_FAST_MERGE=0 (two fences, batches of 16): on split shapes with ragged
     contexts (one within split 0), float32 out within 2e-3 of the fp32 reference and within 1e-5
     of the default merge (the batches reorder only the merge's sums), eagerly and from a graph
     replayed twice on the counters the first replay left."""
