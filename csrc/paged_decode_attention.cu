@@ -141,6 +141,12 @@ bool decode_fast_merge() {
   return e == nullptr || *e == 0 || env_switch("OPPO_DECODE_FAST_MERGE");
 }
 
+// OPPO_DECODE_REG_STAGE=1 (plans v2, v3, v7 at head dim 128): an A/B switch, off by default: the
+// split kernel's register-staged loader (paged_decode_kernel's kRS: ld.global into registers,
+// st.shared an iteration later, in place of cp.async from tile 2 on). Built in session 25 after its
+// loads probe (ldgst) read the same bytes 2-3% faster than cp.async.
+bool decode_reg_stage() { return env_switch("OPPO_DECODE_REG_STAGE"); }
+
 int decode_pipe_flags() {
   return decode_l2_ahead() | (env_switch("OPPO_DECODE_REFILL") ? oppo::attn::kDecodeEarlyRefill : 0) |
          (env_switch("OPPO_DECODE_DIAG_LOADS_ONLY") ? oppo::attn::kDecodeLoadsOnly : 0) |
@@ -487,8 +493,10 @@ void launch_decode_v4(PlanKind kind, at::Tensor& out, const at::Tensor& q, const
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// v2, v3, v7 (kStages = DecodeCfg's) and v6 (DecodeLeanCfg's): the split kernel, then (v2, v3, v6) the reduction.
-template <typename T, int D, int kStages>
+// v2, v3, v7 (kStages = DecodeCfg's) and v6 (DecodeLeanCfg's): the split kernel, then (v2, v3, v6) the
+// reduction. kRS: the register-staged loader (OPPO_DECODE_REG_STAGE=1), planned as the default
+// kernel: the launch checks that it fits as many CTAs per SM.
+template <typename T, int D, int kStages, bool kRS = false>
 void launch_decode_split(PlanKind kind, at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,
                          const at::Tensor& v_cache, const at::Tensor& block_tables, const at::Tensor& context_lens,
                          double scale, const std::optional<at::Tensor>& workspace, int64_t max_partition) {
@@ -497,9 +505,16 @@ void launch_decode_split(PlanKind kind, at::Tensor& out, const at::Tensor& q, co
   const int B = sh.B, Hq = sh.Hq, block_size = sh.block_size, Hkv = sh.Hkv, G = sh.G, q_chunks = sh.q_chunks;
   const int64_t max_ctx = sh.max_ctx;
 
-  auto kernel = paged_decode_kernel<T, D, kStages>;
-  constexpr int smem = DecodeSmem<T, D, kStages>::kBytes;
-  const DecodePlan plan = plan_for<T, D>(sh, kind, nullptr);
+  auto kernel = paged_decode_kernel<T, D, kStages, kRS>;
+  constexpr int smem = DecodeSmem<T, D, kStages, kRS>::kBytes;
+  int resident = 0;
+  const DecodePlan plan = plan_for<T, D>(sh, kind, &resident);
+  if constexpr (kRS) {
+    static int cache[64] = {};
+    const int rs_resident = setup_resident(kernel, smem, sh.dev, cache);
+    OPPO_CHECK(rs_resident == resident, "OPPO_DECODE_REG_STAGE=1: the register-staged decode kernel fits ",
+               rs_resident, " CTAs per SM, the plan assumes ", resident);
+  }
   const int num_splits = plan.num_splits;
 
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -538,9 +553,19 @@ void launch_decode(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cac
   else if (kind == PlanKind::v6 && DecodeLeanCfg<D>::kStages != DecodeCfg<D>::kStages)
     launch_decode_split<T, D, DecodeLeanCfg<D>::kStages>(kind, out, q, k_cache, v_cache, block_tables, context_lens,
                                                          scale, workspace, max_partition);
-  else
+  else if (decode_reg_stage()) {
+    OPPO_CHECK(kind != PlanKind::v6 && !env_switch("OPPO_DECODE_REFILL"),
+               "OPPO_DECODE_REG_STAGE=1 runs with plans v2, v3 and v7 and without OPPO_DECODE_REFILL");
+    if constexpr (D == 128)
+      launch_decode_split<T, D, DecodeCfg<D>::kStages, true>(kind, out, q, k_cache, v_cache, block_tables,
+                                                             context_lens, scale, workspace, max_partition);
+    else
+      OPPO_CHECK(false, "OPPO_DECODE_REG_STAGE=1 is built for head dim 128 only (at 64 its registers and shared "
+                 "memory do not fit the 4 CTAs per SM the plans take), got head dim ", D);
+  } else {
     launch_decode_split<T, D, DecodeCfg<D>::kStages>(kind, out, q, k_cache, v_cache, block_tables, context_lens,
                                                      scale, workspace, max_partition);
+  }
 }
 
 }  // namespace

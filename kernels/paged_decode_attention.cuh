@@ -53,13 +53,19 @@ static __constant__ CtaStamps decode_stamps;
 
 // Q (16 rows) is staged in the K buffer of the last pipeline slot: that slot is first written by
 // the load issued in loop iteration 0, after the barrier that follows every warp's ldmatrix of Q.
-template <typename T, int D, int kStages>
+// kRS (the register-staged loader, see paged_decode_kernel): one more slot of row offsets (a tile's
+// offsets are read an iteration earlier), and Q in its own area after them: the warps read their Q
+// fragments from it at every tile instead of holding them in 32 registers.
+template <typename T, int D, int kStages, bool kRS = false>
 struct DecodeSmem {
   static constexpr int kRow = SmemRow<D>::kElems;
   static constexpr int kTileElems = kDecodeTile * kRow;
-  static constexpr int kQOffset = (kStages - 1) * 2 * kTileElems;  // elements from the stage base
-  static constexpr int kOffBytes = kStages * kDecodeTile * 8;      // row offsets, one slot per stage
-  static constexpr int kBytes = kStages * 2 * kTileElems * int(sizeof(T)) + kOffBytes;
+  static constexpr int kOffSlots = kStages + (kRS ? 1 : 0);
+  static constexpr int kOffBytes = kOffSlots * kDecodeTile * 8;     // row offsets, one slot per stage (+1)
+  static constexpr int kStageBytes = kStages * 2 * kTileElems * int(sizeof(T));
+  // Q, in elements from the stage base
+  static constexpr int kQOffset = kRS ? (kStageBytes + kOffBytes) / int(sizeof(T)) : (kStages - 1) * 2 * kTileElems;
+  static constexpr int kBytes = kStageBytes + kOffBytes + (kRS ? 16 * kRow * int(sizeof(T)) : 0);
   static_assert(kStages >= 2 && 16 <= kDecodeTile, "Q must fit a K tile");
   // The warp merge reuses the pipeline buffers: o [4][16][D] + m, l [4][16] floats.
   static_assert(kStages * 2 * kTileElems * int(sizeof(T)) >= (4 * 16 * D + 2 * 4 * 16) * 4, "merge area");
@@ -85,21 +91,36 @@ __device__ __forceinline__ int64_t decode_row_offset(int page, int pos, int end,
              : -1;
 }
 
+// Q's A fragments of a decode tile: held in registers (QFragRegs), or read from shared memory at
+// every tile (QFragSmem: the register-staged loader's 32 registers back). frag(kk, a): columns
+// 16 kk .. 16 kk + 15 of Q's 16 rows.
+template <int D> struct QFragRegs {
+  const uint32_t (&qa)[D / 16][4];
+  __device__ __forceinline__ void operator()(int kk, uint32_t (&a)[4]) const {
+    a[0] = qa[kk][0]; a[1] = qa[kk][1]; a[2] = qa[kk][2]; a[3] = qa[kk][3];
+  }
+};
+template <typename T, int kRow> struct QFragSmem {
+  const T* q_s;  // this lane's ldmatrix row base: q_s + (lane & 15) * kRow + (lane >> 4) * 8
+  __device__ __forceinline__ void operator()(int kk, uint32_t (&a)[4]) const { ldmatrix_x4(a, q_s + kk * 16); }
+};
+
 // One K/V tile of a warp's 16 tokens (k_s, v_s: the warp's rows in smem): S = Q K^T masked past
 // `end` (tok0: this thread's first token), the online-softmax update of (m, l, o), and O += P V
 // with P split hi + lo so that P's rounding to T cancels. Shared by the v3 and v4 kernels.
-template <typename T, int D, int kRow>
-__device__ __forceinline__ void decode_tile_update(const T* k_s, const T* v_s, const uint32_t (&qa)[D / 16][4],
+template <typename T, int D, int kRow, typename QFrag>
+__device__ __forceinline__ void decode_tile_update(const T* k_s, const T* v_s, const QFrag& q_frag,
                                                    int lane, int tok0, int end, float scale_log2, float (&m)[2],
                                                    float (&l)[2], float (&o)[D / 8][4]) {
   const int mi = lane >> 3;
   float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) {
-    uint32_t kb[4];
+    uint32_t kb[4], qa[4];
+    q_frag(kk, qa);
     ldmatrix_x4(kb, k_s + ((lane & 7) + (mi >> 1) * 8) * kRow + kk * 16 + (mi & 1) * 8);
-    Mma<T>::run(s[0], qa[kk], kb[0], kb[1]);
-    Mma<T>::run(s[1], qa[kk], kb[2], kb[3]);
+    Mma<T>::run(s[0], qa, kb[0], kb[1]);
+    Mma<T>::run(s[1], qa, kb[2], kb[3]);
   }
 #pragma unroll
   for (int nt = 0; nt < 2; ++nt)
@@ -333,7 +354,17 @@ __device__ __forceinline__ void merge_split_partials(void* out, bool out_f32, in
 // the split fastest, empty CTAs were dealt alternately with real ones: in the engine's step (B=256,
 // 2 splits of 384 tokens, contexts of 384; H100) the call's last CTA started 13 us into its 27.9 us
 // and 17% of SM time idled at the end; split-major: 25.9 us, 6% (bench/NOTES.md, session 20).
-template <typename T, int D, int kStages>
+// kRS (OPPO_DECODE_REG_STAGE=1, an A/B switch, D=128 with 3 stages only): the register-staged
+//              loader. From tile kStages - 1 on, each tile is loaded by 16-byte ld.global.cg into one
+//              tile of registers per thread (K and V rows: 16 x 16 bytes at D=128) an iteration
+//              before it is stored to its stage with st.shared (after the barrier that frees the
+//              stage); ldmatrix reads it as before. Iteration t: the barrier, tile t + kStages - 1's
+//              registers to stage (t - 1) % kStages, tile t + kStages's loads issued, tile
+//              t + kStages + 1's row offsets written (kStages + 1 offset slots) and prefetched into L2
+//              (prefetch level 1 or 2 alike), tile t computed with Q read from its own smem area.
+//              Session 25's loads probe (bench/decode_loads_probe.py, ldgst) read the same bytes 2-3%
+//              faster than the cp.async loader (0.95 against 0.93 of copy at (1, 32768)).
+template <typename T, int D, int kStages, bool kRS = false>
 __global__ void __launch_bounds__(kDecodeThreads, DecodeBounds<D, kStages>::kMinBlocks)
 paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t o_s1,
                     const T* __restrict__ q, int64_t q_s0, int64_t q_s1,
@@ -343,8 +374,10 @@ paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t 
                     int table_tokens, const int* __restrict__ context_lens, float* __restrict__ ws_o,
                     float* __restrict__ ws_lse, int G, int num_splits, int partition, float scale_log2,
                     int pipe_flags, unsigned* __restrict__ tickets) {
-  using S = DecodeSmem<T, D, kStages>;
+  using S = DecodeSmem<T, D, kStages, kRS>;
+  static_assert(!kRS || (D == 128 && kStages == 3), "the register-staged loader is built for D=128, 3 stages");
   constexpr int kRow = S::kRow;
+  constexpr int kOffSlots = S::kOffSlots;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* stage_base = reinterpret_cast<T*>(smem_raw);
   T* q_s = stage_base + S::kQOffset;
@@ -427,11 +460,23 @@ paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t 
     if (i < kProRows) {
       const int64_t off = decode_row_offset(pro_page[j], start + i, end, page_stride, block_size, row_stride, head_off);
       off_s[i] = off;
-      if (l2_ahead > 0 && i >= (kStages - 1) * kDecodeTile && off >= 0) {  // tile kStages - 1: loaded in iteration 0
+      if (!kRS && l2_ahead > 0 && i >= (kStages - 1) * kDecodeTile && off >= 0) {  // tile kStages - 1: loaded in iteration 0
         prefetch_row_l2<T, D>(k_cache + off);
         prefetch_row_l2<T, D>(v_cache + off);
       }
     }
+  }
+  if constexpr (kRS) {  // tile kStages's offsets (slot kStages) and its L2 prefetch: its loads go in iteration 0
+    if (kStages < ntiles && tid < kDecodeTile) {
+      const int64_t off = decode_row_offset(next_page, start + kProRows + tid, end, page_stride, block_size,
+                                            row_stride, head_off);
+      off_s[kStages * kDecodeTile + tid] = off;
+      if (l2_ahead > 0 && off >= 0) {
+        prefetch_row_l2<T, D>(k_cache + off);
+        prefetch_row_l2<T, D>(v_cache + off);
+      }
+    }
+    next_page = tid < kDecodeTile ? decode_row_page(bt, block_size, start + kProRows + kDecodeTile + tid, end) : -1;
   }
   auto load_tile = [&](int t) {
     T* k_s = stage_base + (t % kStages) * 2 * S::kTileElems;
@@ -446,7 +491,7 @@ paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t 
     if (s < ntiles) load_tile(s);
     cp_async_commit();
   }
-  if (l2_ahead > 1 && kStages < ntiles && tid < kDecodeTile) {  // tile kStages (l2_ahead 1: in iteration 0)
+  if (!kRS && l2_ahead > 1 && kStages < ntiles && tid < kDecodeTile) {  // tile kStages (l2_ahead 1: in iteration 0)
     const int64_t off = decode_row_offset(next_page, start + kProRows + tid, end, page_stride, block_size, row_stride,
                                           head_off);
     if (off >= 0) {
@@ -460,65 +505,124 @@ paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t 
 #pragma unroll
   for (int j = 0; j < D / 8; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
 
-  cp_async_wait<kStages - 1>();
-  __syncthreads();
-  uint32_t qa[D / 16][4];
+  if constexpr (kRS) {
+    // one tile of K and V rows in registers: pass i of thread tid holds row tid / kChunks + i * kRowsPerPass,
+    // bytes 16 (tid % kChunks) .. of it (load_kv_tile's pattern)
+    constexpr int kChunks = D * int(sizeof(T)) / 16, kVec = 16 / int(sizeof(T));
+    constexpr int kRowsPerPass = kDecodeThreads / kChunks, kPasses = kDecodeTile / kRowsPerPass;
+    uint4 rk[kPasses], rv[kPasses];
+    auto ld_regs = [&](int t) {
+      const int64_t* off = off_s + (t % kOffSlots) * kDecodeTile;
 #pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk)
-    ldmatrix_x4(qa[kk], q_s + (lane & 15) * kRow + kk * 16 + (lane >> 4) * 8);
-  if (early) {  // the last slot (Q's) is free once every warp holds Q: its tile goes now, not in iteration 0
-    __syncthreads();
-    if (kStages - 1 < ntiles) load_tile(kStages - 1);
-    cp_async_commit();
-  }
-
-  for (int t = 0; t < ntiles; ++t) {
-    // pending copy groups behind tile t: tiles t+1 .. t+kStages-1 (early), t+1 .. t+kStages-2 (not)
-    if (early) {
-      cp_async_wait<kStages - 1>();
-      __syncthreads();
-    } else {
-      cp_async_wait<kStages - 2>();
-      __syncthreads();
-      if (t + kStages - 1 < ntiles) load_tile(t + kStages - 1);
-      cp_async_commit();
-    }
-    if (t + kStages < ntiles && tid < kDecodeTile) {  // slot t % kStages: tile t is loaded already
-      const int pos = start + (t + kStages) * kDecodeTile + tid;
-      const int64_t off = decode_row_offset(next_page, pos, end, page_stride, block_size, row_stride, head_off);
-      off_s[(t % kStages) * kDecodeTile + tid] = off;
-      if (l2_ahead == 1 && off >= 0) {  // tile t + kStages: its cp.async is issued next iteration
-        prefetch_row_l2<T, D>(k_cache + off);
-        prefetch_row_l2<T, D>(v_cache + off);
+      for (int i = 0; i < kPasses; ++i) {
+        const int64_t o_r = off[tid / kChunks + i * kRowsPerPass];
+        rk[i] = rv[i] = make_uint4(0u, 0u, 0u, 0u);
+        if (o_r >= 0) {  // rows past the split's end (-1): zeros, as cp.async's zero fill
+          rk[i] = __ldcg(reinterpret_cast<const uint4*>(k_cache + o_r + (tid % kChunks) * kVec));
+          rv[i] = __ldcg(reinterpret_cast<const uint4*>(v_cache + o_r + (tid % kChunks) * kVec));
+        }
       }
-    }
-    if (l2_ahead > 1) {  // tile t + kStages + 1 (its page was read an iteration ago), then one page further
-      if (t + kStages + 1 < ntiles && tid < kDecodeTile) {
+    };
+    auto st_regs = [&](int t) {
+      T* k_st = stage_base + (t % kStages) * 2 * S::kTileElems;
+#pragma unroll
+      for (int i = 0; i < kPasses; ++i) {
+        const int e = (tid / kChunks + i * kRowsPerPass) * kRow + (tid % kChunks) * kVec;
+        *reinterpret_cast<uint4*>(k_st + e) = rk[i];
+        *reinterpret_cast<uint4*>(k_st + S::kTileElems + e) = rv[i];
+      }
+    };
+    if (kStages - 1 < ntiles) ld_regs(kStages - 1);
+    cp_async_wait<kStages - 1>();  // Q
+    __syncthreads();
+    const QFragSmem<T, kRow> q_frag{q_s + (lane & 15) * kRow + (lane >> 4) * 8};
+    for (int t = 0; t < ntiles; ++t) {
+      // tiles 0 .. kStages - 2 came by cp.async (one group each, after Q's)
+      if (t == 0)
+        cp_async_wait<kStages - 2>();
+      else if (t < kStages - 1)
+        cp_async_wait<0>();
+      __syncthreads();  // tile t visible; every warp is past tile t - 1, whose stage takes tile t + kStages - 1
+      if (t + kStages - 1 < ntiles) st_regs(t + kStages - 1);
+      if (t + kStages < ntiles) ld_regs(t + kStages);
+      if (t + kStages + 1 < ntiles && tid < kDecodeTile) {  // its slot held tile t's offsets, read long ago
         const int pos = start + (t + kStages + 1) * kDecodeTile + tid;
-        const int64_t off = decode_row_offset(far_page, pos, end, page_stride, block_size, row_stride, head_off);
-        if (off >= 0) {
+        const int64_t off = decode_row_offset(next_page, pos, end, page_stride, block_size, row_stride, head_off);
+        off_s[((t + kStages + 1) % kOffSlots) * kDecodeTile + tid] = off;
+        if (l2_ahead > 0 && off >= 0) {  // its loads are issued next iteration
           prefetch_row_l2<T, D>(k_cache + off);
           prefetch_row_l2<T, D>(v_cache + off);
         }
       }
-      next_page = far_page;
-      far_page = tid < kDecodeTile
-                     ? decode_row_page(bt, block_size, start + (t + kStages + 2) * kDecodeTile + tid, end)
-                     : -1;
-    } else {
       next_page = tid < kDecodeTile
-                      ? decode_row_page(bt, block_size, start + (t + kStages + 1) * kDecodeTile + tid, end)
+                      ? decode_row_page(bt, block_size, start + (t + kStages + 2) * kDecodeTile + tid, end)
                       : -1;
+      const T* k_s = stage_base + (t % kStages) * 2 * S::kTileElems + warp * 16 * kRow;
+      if (!loads_only)
+        decode_tile_update<T, D, kRow>(k_s, k_s + S::kTileElems, q_frag, lane,
+                                       start + t * kDecodeTile + warp * 16 + qc * 2, end, scale_log2, m, l, o);
+    }
+  } else {
+    cp_async_wait<kStages - 1>();
+    __syncthreads();
+    uint32_t qa[D / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk)
+      ldmatrix_x4(qa[kk], q_s + (lane & 15) * kRow + kk * 16 + (lane >> 4) * 8);
+    if (early) {  // the last slot (Q's) is free once every warp holds Q: its tile goes now, not in iteration 0
+      __syncthreads();
+      if (kStages - 1 < ntiles) load_tile(kStages - 1);
+      cp_async_commit();
     }
 
-    const T* k_s = stage_base + (t % kStages) * 2 * S::kTileElems + warp * 16 * kRow;
-    if (!loads_only)
-      decode_tile_update<T, D, kRow>(k_s, k_s + S::kTileElems, qa, lane, start + t * kDecodeTile + warp * 16 + qc * 2,
-                                     end, scale_log2, m, l, o);
-    if (early) {  // slot t % kStages is free once every warp is past tile t; tile t + kStages's offsets
-      __syncthreads();  // (written above, in this slot's offsets) are visible after this barrier too
-      if (t + kStages < ntiles) load_tile(t + kStages);
-      cp_async_commit();
+    for (int t = 0; t < ntiles; ++t) {
+      // pending copy groups behind tile t: tiles t+1 .. t+kStages-1 (early), t+1 .. t+kStages-2 (not)
+      if (early) {
+        cp_async_wait<kStages - 1>();
+        __syncthreads();
+      } else {
+        cp_async_wait<kStages - 2>();
+        __syncthreads();
+        if (t + kStages - 1 < ntiles) load_tile(t + kStages - 1);
+        cp_async_commit();
+      }
+      if (t + kStages < ntiles && tid < kDecodeTile) {  // slot t % kStages: tile t is loaded already
+        const int pos = start + (t + kStages) * kDecodeTile + tid;
+        const int64_t off = decode_row_offset(next_page, pos, end, page_stride, block_size, row_stride, head_off);
+        off_s[(t % kStages) * kDecodeTile + tid] = off;
+        if (l2_ahead == 1 && off >= 0) {  // tile t + kStages: its cp.async is issued next iteration
+          prefetch_row_l2<T, D>(k_cache + off);
+          prefetch_row_l2<T, D>(v_cache + off);
+        }
+      }
+      if (l2_ahead > 1) {  // tile t + kStages + 1 (its page was read an iteration ago), then one page further
+        if (t + kStages + 1 < ntiles && tid < kDecodeTile) {
+          const int pos = start + (t + kStages + 1) * kDecodeTile + tid;
+          const int64_t off = decode_row_offset(far_page, pos, end, page_stride, block_size, row_stride, head_off);
+          if (off >= 0) {
+            prefetch_row_l2<T, D>(k_cache + off);
+            prefetch_row_l2<T, D>(v_cache + off);
+          }
+        }
+        next_page = far_page;
+        far_page = tid < kDecodeTile
+                       ? decode_row_page(bt, block_size, start + (t + kStages + 2) * kDecodeTile + tid, end)
+                       : -1;
+      } else {
+        next_page = tid < kDecodeTile
+                        ? decode_row_page(bt, block_size, start + (t + kStages + 1) * kDecodeTile + tid, end)
+                        : -1;
+      }
+
+      const T* k_s = stage_base + (t % kStages) * 2 * S::kTileElems + warp * 16 * kRow;
+      if (!loads_only)
+        decode_tile_update<T, D, kRow>(k_s, k_s + S::kTileElems, QFragRegs<D>{qa}, lane, start + t * kDecodeTile + warp * 16 + qc * 2,
+                                       end, scale_log2, m, l, o);
+      if (early) {  // slot t % kStages is free once every warp is past tile t; tile t + kStages's offsets
+        __syncthreads();  // (written above, in this slot's offsets) are visible after this barrier too
+        if (t + kStages < ntiles) load_tile(t + kStages);
+        cp_async_commit();
+      }
     }
   }
 
@@ -905,7 +1009,7 @@ paged_decode_v4_kernel(const DecodeV4Params p) {
 
     const int slot = t % kStages;
     const T* k_s = stage_base + slot * 2 * kTileElems + warp * 16 * kRow;
-    decode_tile_update<T, D, kRow>(k_s, k_s + kTileElems, qa, lane, rec.y + warp * 16 + qc * 2, rec.z, p.scale_log2,
+    decode_tile_update<T, D, kRow>(k_s, k_s + kTileElems, QFragRegs<D>{qa}, lane, rec.y + warp * 16 + qc * 2, rec.z, p.scale_log2,
                                    m, l, o);
 
     if (!(rec.w & kRecLast)) continue;

@@ -109,3 +109,32 @@ def test_decode_kernels_read_nothing_before_the_pdl_wait(D, stages):
     trigger = next(i for i, x in enumerate(split) if "PREEXIT" in x)
     last_copy = max(i for i, x in enumerate(split) if "LDGSTS" in x)
     assert trigger > last_copy, "the split kernel lets its dependents go before its last K/V load"
+
+
+RS_SOURCE = """
+#include <cuda_bf16.h>
+#include "paged_decode_attention.cuh"
+using T = __nv_bfloat16;
+template __global__ void oppo::attn::paged_decode_kernel<T, 128, 3, true>(void* __restrict__, bool, int64_t, int64_t,
+    const T* __restrict__, int64_t, int64_t, const T* __restrict__, const T* __restrict__, int64_t, int, int, int, int,
+    const int* __restrict__, int64_t, int, const int* __restrict__, float* __restrict__, float* __restrict__, int, int,
+    int, float, int, unsigned* __restrict__);
+"""
+
+
+def test_register_staged_decode_kernel_fits_two_ctas_and_loads_16_bytes():
+    """OPPO_DECODE_REG_STAGE=1's kernel (D=128, 3 stages, kRS) is planned as the default kernel (2
+    CTAs per SM): no spill, registers x 128 threads x 2 within an SM's 65536; its tiles come by
+    16-byte global loads (SASS LDG.E.128), and nothing is read before the PDL wait."""
+    tmp = Path(tempfile.mkdtemp(prefix="decode_rs_"))
+    try:
+        report, sass = nvcc_sm90a(RS_SOURCE, tmp, sass_with=cuobjdump_path())
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    regs = int(re.search(r"Used (\d+) registers", report).group(1))
+    assert re.search(r"\b0 bytes spill stores, 0 bytes spill loads", report), report
+    assert regs * 128 * A._DECODE_CTAS_BY_REGS[128] <= 65536, regs
+    ins = [ln.split(";")[0] for ln in sass.splitlines() if re.search(r"/\*[0-9a-f]{4,}\*/", ln)]
+    assert any(re.search(r"\bLDG\.E\.(128|ENL2\.128)", x) or ("LDG" in x and ".128" in x) for x in ins), "no 16-byte LDG"
+    wait = next(i for i, x in enumerate(ins) if "ACQBULK" in x)
+    assert not [x for x in ins[:wait] if _GLOBAL_READ.search(x)], "global reads before the PDL wait"
