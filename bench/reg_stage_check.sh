@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 O=${OUT:-bench/results/reg_stage_check}
 mkdir -p "$O"
 . bench/device_commit.sh
-BENCH_ONLY=1 SMOKE=0 BENCH_LIMIT=150 PYTEST_LIMIT=200 PYTEST_FILES=tests/test_attention_gpu.py \
+BENCH_ONLY=1 SMOKE=0 BENCH_LIMIT=150 PYTEST_LIMIT=150 PYTEST_FILES=tests/test_attention_gpu.py PYTEST_K="decode or kv_append" \
   ARGS_decode_attention="--no-flex --plans v7+l2,v7+l2+rs,v7+l2+sm" \
   OUT="$O" bash bench/gpu_check.sh decode_attention > /dev/null 2>&1
 tail -12 "$O/report.md"
