@@ -264,7 +264,7 @@ def main() -> None:
             except Exception as e:  # noqa: BLE001
                 print(f"check failed: {e}")
             for k in ("sdpa_us", "flex_us"):
-                if k in row:
+                if k in row and "ours_us" in row:   # (the first plan may have failed at this shape)
                     row["speedup_vs_" + k[:-3]] = row[k] / row["ours_us"]
         rows.append(row)
         del k_cache, v_cache, kc, vc

@@ -358,10 +358,11 @@ __device__ __forceinline__ void merge_split_partials(void* out, bool out_f32, in
 //              loader. From tile kStages - 1 on, each tile is loaded by 16-byte ld.global.cg into one
 //              tile of registers per thread (K and V rows: 16 x 16 bytes at D=128) an iteration
 //              before it is stored to its stage with st.shared (after the barrier that frees the
-//              stage); ldmatrix reads it as before. Iteration t: the barrier, tile t + kStages - 1's
-//              registers to stage (t - 1) % kStages, tile t + kStages's loads issued, tile
-//              t + kStages + 1's row offsets written (kStages + 1 offset slots) and prefetched into L2
-//              (prefetch level 1 or 2 alike), tile t computed with Q read from its own smem area.
+//              stage); ldmatrix reads it as before. Iteration t: the barrier, tile t + kStages + 1's
+//              row offsets written (kStages + 1 offset slots) and prefetched into L2 (prefetch level
+//              1 or 2 alike), tile t computed with Q read from its own smem area, then tile
+//              t + kStages - 1's registers to stage (t - 1) % kStages and tile t + kStages's loads
+//              issued.
 //              Session 25's loads probe (bench/decode_loads_probe.py, ldgst) read the same bytes 2-3%
 //              faster than the cp.async loader (0.95 against 0.93 of copy at (1, 32768)).
 template <typename T, int D, int kStages, bool kRS = false>
@@ -543,8 +544,6 @@ paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t 
       else if (t < kStages - 1)
         cp_async_wait<0>();
       __syncthreads();  // tile t visible; every warp is past tile t - 1, whose stage takes tile t + kStages - 1
-      if (t + kStages - 1 < ntiles) st_regs(t + kStages - 1);
-      if (t + kStages < ntiles) ld_regs(t + kStages);
       if (t + kStages + 1 < ntiles && tid < kDecodeTile) {  // its slot held tile t's offsets, read long ago
         const int pos = start + (t + kStages + 1) * kDecodeTile + tid;
         const int64_t off = decode_row_offset(next_page, pos, end, page_stride, block_size, row_stride, head_off);
@@ -561,6 +560,11 @@ paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t 
       if (!loads_only)
         decode_tile_update<T, D, kRow>(k_s, k_s + S::kTileElems, q_frag, lane,
                                        start + t * kDecodeTile + warp * 16 + qc * 2, end, scale_log2, m, l, o);
+      // after the tile's arithmetic, so that no tile waits for the registers' loads to land before
+      // it is computed (stored first, tile 0 waited for tile kStages - 1's loads: 1.6-2.2 us of
+      // (1, 32768)'s 56 in session 25)
+      if (t + kStages - 1 < ntiles) st_regs(t + kStages - 1);
+      if (t + kStages < ntiles) ld_regs(t + kStages);
     }
   } else {
     cp_async_wait<kStages - 1>();
