@@ -100,7 +100,7 @@ _V5 = re.compile(r"(v5)(?:x(\d+))?(?:p(\d+))?")   # v5, v5xN, v5pM, v5xNpM
 # the split plans with their switches (+pdl: OPPO_DECODE_PDL=1, +l2 / +l2x2: OPPO_DECODE_PREFETCH=1 / 2,
 # +lo: OPPO_DECODE_DIAG_LOADS_ONLY=1, +rf: OPPO_DECODE_REFILL=1, +sm: OPPO_DECODE_FAST_MERGE=0, the slow
 # merge; the fast one is the default since session 25; +rs: OPPO_DECODE_REG_STAGE=1, head dim 128), and v4
-_SPLIT_PLAN = re.compile(r"(v2|v3|v6|v7)(\+pdl|\+l2|\+l2x2|\+lo|\+rf|\+sm|\+rs2|\+rs)*|v4")
+_SPLIT_PLAN = re.compile(r"(v2|v3|v6|v7)(\+pdl|\+l2|\+l2x2|\+lo|\+rf|\+sm|\+rs)*|v4")
 
 
 @contextlib.contextmanager
@@ -110,8 +110,7 @@ def plan_env(plan: str):
     PLAN+lo, OPPO_DECODE_DIAG_LOADS_ONLY=1 (the kernel's loads alone: a diagnostic whose output is
     wrong, so its rows' error is not the kernel's); for PLAN+rf, OPPO_DECODE_REFILL=1; for PLAN+sm,
     OPPO_DECODE_FAST_MERGE=0 (1, the default, otherwise); for PLAN+rs, OPPO_DECODE_REG_STAGE=1 (the
-    register-staged loader, head dim 128 only: at head dim 64 its rows record the launcher's error; PLAN+rs2:
-    OPPO_DECODE_REG_STAGE=2, the same from the fourth tile); the others 0
+    register-staged loader, head dim 128 only: at head dim 64 its rows record the launcher's error); the others 0
     otherwise, so bare v3 runs without the prefetch the runtime defaults to) set inside: the launcher and the plan mirror both read them."""
     m = _V5.fullmatch(plan)
     base, items, max_part = (m.group(1), m.group(2), m.group(3)) if m else (plan, None, None)
@@ -123,7 +122,7 @@ def plan_env(plan: str):
           env_var("OPPO_DECODE_DIAG_LOADS_ONLY", "1" if "lo" in switches else "0"),
           env_var("OPPO_DECODE_REFILL", "1" if "rf" in switches else "0"),
           env_var("OPPO_DECODE_FAST_MERGE", "0" if "sm" in switches else "1"),
-          env_var("OPPO_DECODE_REG_STAGE", "2" if "rs2" in switches else "1" if "rs" in switches else "0")):
+          env_var("OPPO_DECODE_REG_STAGE", "1" if "rs" in switches else "0")):
         yield
 
 

@@ -131,8 +131,7 @@ def main():
              (splits, 8, 2, D, "v7:sm"), ([37, 0, 5], 8, 2, D, "v7:sm"), (splits, 14, 2, 64, "v7:sm"),
              # the register-staged loader (OPPO_DECODE_REG_STAGE=1, head dim 128): split, ragged
              # with empty and short contexts, v3's unmerged splits
-             (splits, 8, 2, 128, "v7:rs"), ([37, 0, 5, 200], 8, 2, 128, "v7:rs"), (splits, 32, 8, 128, "v3:rs"),
-             (splits, 8, 2, 128, "v7:rs2"), ([37, 0, 5, 200], 8, 2, 128, "v7:rs2"))
+             (splits, 8, 2, 128, "v7:rs"), ([37, 0, 5, 200], 8, 2, 128, "v7:rs"), (splits, 32, 8, 128, "v3:rs"))
     only = next((a.split("=", 1)[1].split(",") for a in sys.argv if a.startswith("--decode-plans=")), None)
     only_prefill = next((a.split("=", 1)[1].split(",") for a in sys.argv if a.startswith("--prefill-plans=")), None)
     for lens, Hq, Hkv, Dd, plan in cases:
@@ -157,8 +156,8 @@ def main():
             os.environ["OPPO_DECODE_REFILL"] = "1"
         elif tickets == "sm":
             os.environ["OPPO_DECODE_FAST_MERGE"] = "0"
-        elif tickets in ("rs", "rs2"):
-            os.environ["OPPO_DECODE_REG_STAGE"] = "2" if tickets == "rs2" else "1"
+        elif tickets == "rs":
+            os.environ["OPPO_DECODE_REG_STAGE"] = "1"
         elif tickets in ("l2off", "l2", "l2x2"):
             os.environ["OPPO_DECODE_PREFETCH"] = {"l2off": "0", "l2": "1", "l2x2": "2"}[tickets]
         elif tickets and tickets != "stamps":

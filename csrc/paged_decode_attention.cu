@@ -145,20 +145,12 @@ bool decode_fast_merge() {
 // split kernel's register-staged loader (paged_decode_kernel's kRS: ld.global into registers,
 // st.shared an iteration later, in place of cp.async from tile 2 on). Built in session 25 after its
 // loads probe (ldgst) read the same bytes 2-3% faster than cp.async.
-// 2: the same from tile 3 on, tile 2 by cp.async (kDecodeRegStageCp).
-int decode_reg_stage() {
-  const char* e = std::getenv("OPPO_DECODE_REG_STAGE");
-  if (e == nullptr || *e == 0 || std::strcmp(e, "0") == 0) return 0;
-  OPPO_CHECK(std::strcmp(e, "1") == 0 || std::strcmp(e, "2") == 0, "OPPO_DECODE_REG_STAGE must be 0, 1 or 2, got '",
-             e, "'");
-  return *e - '0';
-}
+bool decode_reg_stage() { return env_switch("OPPO_DECODE_REG_STAGE"); }
 
 int decode_pipe_flags() {
   return decode_l2_ahead() | (env_switch("OPPO_DECODE_REFILL") ? oppo::attn::kDecodeEarlyRefill : 0) |
          (env_switch("OPPO_DECODE_DIAG_LOADS_ONLY") ? oppo::attn::kDecodeLoadsOnly : 0) |
-         (decode_fast_merge() ? oppo::attn::kDecodeFastMerge : 0) |
-         (decode_reg_stage() == 2 ? oppo::attn::kDecodeRegStageCp : 0);
+         (decode_fast_merge() ? oppo::attn::kDecodeFastMerge : 0);
 }
 
 // kernel<<<grid, block, smem, stream>>>(args...), with the PDL attribute when `pdl`.
@@ -561,7 +553,7 @@ void launch_decode(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cac
   else if (kind == PlanKind::v6 && DecodeLeanCfg<D>::kStages != DecodeCfg<D>::kStages)
     launch_decode_split<T, D, DecodeLeanCfg<D>::kStages>(kind, out, q, k_cache, v_cache, block_tables, context_lens,
                                                          scale, workspace, max_partition);
-  else if (decode_reg_stage() != 0) {
+  else if (decode_reg_stage()) {
     OPPO_CHECK(kind != PlanKind::v6 && !env_switch("OPPO_DECODE_REFILL"),
                "OPPO_DECODE_REG_STAGE=1 runs with plans v2, v3 and v7 and without OPPO_DECODE_REFILL");
     if constexpr (D == 128)

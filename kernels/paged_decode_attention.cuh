@@ -25,7 +25,6 @@ constexpr int kDecodeTile = 64;  // tokens per pipeline stage (16 per warp)
 constexpr int kDecodeLoadsOnly = 4;
 constexpr int kDecodeEarlyRefill = 8;
 constexpr int kDecodeFastMerge = 16;
-constexpr int kDecodeRegStageCp = 32;  // kRS: tile kStages - 1 by cp.async (OPPO_DECODE_REG_STAGE=2)
 
 // Pipeline depth and the CTAs per SM the registers must allow (launch bounds), per head dim.
 // D=64 (v3): 3 stages = 55.5 KiB of smem -> 4 CTAs per SM on a 228 KiB SM (32 KiB in flight per
@@ -363,10 +362,12 @@ __device__ __forceinline__ void merge_split_partials(void* out, bool out_f32, in
 //              registers to stage (t - 1) % kStages, tile t + kStages's loads issued, tile
 //              t + kStages + 1's row offsets written (kStages + 1 offset slots) and prefetched into L2
 //              (prefetch level 1 or 2 alike), tile t computed with Q read from its own smem area.
-//              kDecodeRegStageCp (OPPO_DECODE_REG_STAGE=2): tile kStages - 1 by cp.async as well, so
-//              that tile 0 does not wait for register loads issued just before it.
 //              Session 25's loads probe (bench/decode_loads_probe.py, ldgst) read the same bytes 2-3%
-//              faster than the cp.async loader (0.95 against 0.93 of copy at (1, 32768)).
+//              faster than the cp.async loader (0.95 against 0.93 of copy at (1, 32768)). In the
+//              kernel (H100, bench +rs; bench/NOTES.md "Session 25"): 2-3.5% faster than cp.async on
+//              issue 7's long-CTA shapes in one call (0.996 of copy), 3-5% slower in another with
+//              this loop's SASS unchanged; 4% slower at (1, 32768) in both. Stored after the
+//              tile's arithmetic instead: slower everywhere; with tile 2 by cp.async: no better.
 template <typename T, int D, int kStages, bool kRS = false>
 __global__ void __launch_bounds__(kDecodeThreads, DecodeBounds<D, kStages>::kMinBlocks)
 paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t o_s1,
@@ -535,37 +536,18 @@ paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t 
         *reinterpret_cast<uint4*>(k_st + S::kTileElems + e) = rv[i];
       }
     };
-    // cp_last (kDecodeRegStageCp): tile kStages - 1 by cp.async too, the registers from tile kStages on
-    const bool cp_last = (pipe_flags & kDecodeRegStageCp) != 0;
-    if (cp_last) {
-      if (kStages - 1 < ntiles) load_tile(kStages - 1);
-      cp_async_commit();
-      cp_async_wait<kStages>();  // Q
-    } else {
-      if (kStages - 1 < ntiles) ld_regs(kStages - 1);
-      cp_async_wait<kStages - 1>();  // Q
-    }
+    if (kStages - 1 < ntiles) ld_regs(kStages - 1);
+    cp_async_wait<kStages - 1>();  // Q
     __syncthreads();
     const QFragSmem<T, kRow> q_frag{q_s + (lane & 15) * kRow + (lane >> 4) * 8};
     for (int t = 0; t < ntiles; ++t) {
-      // tiles 0 .. kStages - 2 (cp_last: .. kStages - 1) came by cp.async, one group each after Q's
-      static_assert(kStages == 3, "the waits below count 3 stages");
-      if (cp_last) {
-        if (t == 0)
-          cp_async_wait<2>();
-        else if (t == 1)
-          cp_async_wait<1>();
-        else if (t == 2)
-          cp_async_wait<0>();
-      } else {
-        if (t == 0)
-          cp_async_wait<1>();
-        else if (t == 1)
-          cp_async_wait<0>();
-      }
+      // tiles 0 .. kStages - 2 came by cp.async (one group each, after Q's)
+      if (t == 0)
+        cp_async_wait<kStages - 2>();
+      else if (t < kStages - 1)
+        cp_async_wait<0>();
       __syncthreads();  // tile t visible; every warp is past tile t - 1, whose stage takes tile t + kStages - 1
-      // stored before the tile's arithmetic (call 3: after it, every shape lost 1-6%)
-      if (t + kStages - 1 < ntiles && (t > 0 || !cp_last)) st_regs(t + kStages - 1);
+      if (t + kStages - 1 < ntiles) st_regs(t + kStages - 1);
       if (t + kStages < ntiles) ld_regs(t + kStages);
       if (t + kStages + 1 < ntiles && tid < kDecodeTile) {  // its slot held tile t's offsets, read long ago
         const int pos = start + (t + kStages + 1) * kDecodeTile + tid;

@@ -94,8 +94,8 @@ _SWITCHES = (
                                     " wrong outputs, it warns)"),
     ("OPPO_DECODE_FAST_MERGE", "1 (decode v7's split merge by an acq_rel ticket and 32-split batches at head dim"
                                " 128; 0: two fences and 16-split batches)"),
-    ("OPPO_DECODE_REG_STAGE", "0 (1: the decode split kernel loads tiles through registers, not cp.async; 2: the"
-                              " same from its fourth tile; head dim 128, plans v2/v3/v7; an A/B switch)"),
+    ("OPPO_DECODE_REG_STAGE", "0 (1: the decode split kernel loads tiles through registers, not cp.async; head dim"
+                              " 128, plans v2/v3/v7; an A/B switch)"),
     ("OPPO_FUSE_KV_APPEND", "1 (K/V append inside the rotary kernel)"),
     ("OPPO_ASYNC_DECODE", "1 on CUDA (tokens read back one step late)"),
     ("OPPO_GRAPH_SAMPLING", "1 (LM head + sampler inside the decode graphs; 0: eager head)"),

@@ -56,7 +56,7 @@ def test_plan_switches_set_every_decode_switch_and_restore_them(monkeypatch):
     want = {"v7+l2": ("v7", "0", "1", "0", "0", "1", "0"), "v7+l2+lo": ("v7", "0", "1", "1", "0", "1", "0"),
             "v7+rf+lo": ("v7", "0", "0", "1", "1", "1", "0"), "v3+pdl+l2x2+lo+rf": ("v3", "1", "2", "1", "1", "1", "0"),
             "v7+l2+sm": ("v7", "0", "1", "0", "0", "0", "0"), "v6": ("v6", "0", "0", "0", "0", "1", "0"),
-            "v7+l2+rs": ("v7", "0", "1", "0", "0", "1", "1"), "v7+rs2": ("v7", "0", "0", "0", "0", "1", "2")}
+            "v7+l2+rs": ("v7", "0", "1", "0", "0", "1", "1")}
     for plan, values in want.items():
         assert D._SPLIT_PLAN.fullmatch(plan), plan
         with D.plan_env(plan):
