@@ -27,7 +27,10 @@ shuffled pages), timed like the bench (graph replays of 10 calls), beside the co
          group's partials into the output (32 splits at D=128); no split at D=64 (straight to out).
   Their bisection (MODE+BITS, e.g. cta_epi+nomerge): +nofence (no __threadfence), +nomerge (the
   ticket drawn, no merge), +acqrel (one atom.acq_rel.gpu for fence + atomicAdd + fence), +mb32 (the
-  merge's loads in batches of 32, not 16), +acqrel_mb32, +writeonly (the partials written only).
+  merge's loads in batches of 32, not 16), +acqrel_mb32, +writeonly (the partials written only),
+  +dsm (session 25: the grid split-fastest in clusters of 8 CTAs, each cluster's 8 partials merged
+  through distributed shared memory, every CTA one eighth of them, then the acq_rel ticket and the
+  last CTA merging gsplit / 8 partials: 8 KiB read by one SM at (1, 32768) instead of 64).
 - ldg4:  ldg with 4-byte loads (a warp load covers half a row). Triton compiles the probe's loads,
          whose row offsets come from the block table and so are of unknown alignment, to 2-byte
          ld.global.cg (Triton 3.8's PTX, session 24): many small requests, not 16-byte ones.
@@ -46,7 +49,7 @@ from common import copy_bandwidth, device_info, results_path, time_ms, write_jso
 
 _MODES = {"cta": 0, "warp": 1, "warp4": 2, "ldg": 3, "ldg4": 4, "cta_epi": 5, "ldg_epi": 6, "ldgst": 7, "ldgst_epi": 8}
 # the bisection bits of cta_epi / ldg_epi's epilogue (MODE+NAME; see the kernel's `epi`): name -> bits
-_EPI = {"nofence": 1, "nomerge": 2, "acqrel": 4, "mb32": 8, "writeonly": 16, "acqrel_mb32": 12}
+_EPI = {"nofence": 1, "nomerge": 2, "acqrel": 4, "mb32": 8, "writeonly": 16, "acqrel_mb32": 12, "dsm": 36}
 
 _CUDA = r"""
 #include <torch/extension.h>
@@ -54,6 +57,8 @@ _CUDA = r"""
 #include <c10/cuda/CUDAStream.h>
 #include <cstdint>
 #include <type_traits>
+#include <algorithm>
+#include <cooperative_groups.h>
 
 using T = __nv_bfloat16;
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
@@ -84,7 +89,12 @@ __global__ void __launch_bounds__(128) probe(const T* __restrict__ cache, const 
   extern __shared__ uint4 smem_u4[];
   T* smem = reinterpret_cast<T*>(smem_u4);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int head = blockIdx.x % hkv, t0 = (blockIdx.x / hkv) * tokens;
+  // epi & 32 (dsm): the split fastest in the grid, so that a cluster of 8 CTAs is 8 splits of a head
+  const int nsp = gridDim.x / hkv;
+  const bool split_fast = (epi & 32) != 0;
+  const int head = split_fast ? blockIdx.x / nsp : blockIdx.x % hkv;
+  const int split_id = split_fast ? blockIdx.x % nsp : blockIdx.x / hkv;
+  const int t0 = split_id * tokens;
   unsigned acc = 0;
   if constexpr (L == 0) {
     constexpr int TILE = 64, ST = 3, TE = TILE * kRow, RPP = 128 / CH;
@@ -259,22 +269,68 @@ __global__ void __launch_bounds__(128) probe(const T* __restrict__ cache, const 
     // partials (16 L2 loads in flight per batch, as merge_split_partials); else straight to out.
     __syncthreads();
     const float a = __uint_as_float((acc & 0x007fffffu) | 0x3f800000u);   // in [1, 2): not NaN
-    const int split = blockIdx.x / hkv;
+    const int split = split_id;
+    float* ws_lse = ws + (long long)gridDim.x * 16 * D;
+    // the partials the group's last CTA merges: gsplit, or with dsm one per cluster
+    const int np = (epi & 32) ? gsplit / 8 : gsplit;
     if (gsplit == 1) {
       for (int idx = tid; idx < rows * (D / 4); idx += 128)
         reinterpret_cast<float4*>(outf)[(long long)blockIdx.x * 16 * (D / 4) + idx] = make_float4(a, a, a, a);
+    } else if (epi & 32) {
+      // dsm: the cluster's 8 splits merged through distributed shared memory first. Each CTA's
+      // partial (rows x D floats, then rows lse) in its own shared memory; after the cluster's
+      // barrier CTA rank k merges the k-th eighth of the rows x D/4 float4 items over the 8 CTAs
+      // and writes it as the cluster's partial; a second barrier keeps every CTA's shared memory
+      // until the reads are done. The group's last CTA (the ticket below) then merges gsplit / 8
+      // partials instead of gsplit.
+      namespace cg = cooperative_groups;
+      cg::cluster_group cl = cg::this_cluster();
+      const int C = static_cast<int>(cl.num_blocks()), rank = static_cast<int>(cl.block_rank());
+      float* part = reinterpret_cast<float*>(smem_u4);   // the loader's buffers: free after the barrier above
+      for (int idx = tid; idx < rows * (D / 4); idx += 128) {
+        reinterpret_cast<float4*>(part)[idx] = make_float4(a, a, a, a);
+        if (idx % (D / 4) == 0) part[rows * D + idx / (D / 4)] = a;
+      }
+      cl.sync();
+      const int n = rows * (D / 4), per = (n + C - 1) / C, idx = rank * per + tid;
+      if (tid < per && idx < n) {
+        const int r = idx / (D / 4), d = (idx % (D / 4)) * 4;
+        float M = -INFINITY, W = 0.f;
+        float lse[8];
+        float4 v[8];
+#pragma unroll
+        for (int c = 0; c < 8; ++c) {
+          const float* p = cl.map_shared_rank(part, c);
+          lse[c] = p[rows * D + r];
+          v[c] = *reinterpret_cast<const float4*>(p + r * D + d);
+          M = fmaxf(M, lse[c]);
+        }
+        float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+        for (int c = 0; c < 8; ++c) {
+          const float w = exp2f(lse[c] - M);
+          W += w; o.x += v[c].x * w; o.y += v[c].y * w; o.z += v[c].z * w; o.w += v[c].w * w;
+        }
+        const float inv = 1.f / W;
+        const long long slot = (long long)(head * 16 + r) * np + split / C;
+        *reinterpret_cast<float4*>(ws + slot * D + d) = make_float4(o.x * inv, o.y * inv, o.z * inv, o.w * inv);
+        if (d == 0) ws_lse[slot] = M + log2f(W);
+      }
+      cl.sync();
     } else {
-      float* ws_lse = ws + (long long)gridDim.x * 16 * D;
       for (int idx = tid; idx < rows * (D / 4); idx += 128) {
         const int r = idx / (D / 4), d = (idx % (D / 4)) * 4;
         const long long slot = (long long)(head * 16 + r) * gsplit + split;
         *reinterpret_cast<float4*>(ws + slot * D + d) = make_float4(a, a, a, a);
         if (d == 0) ws_lse[slot] = a;
       }
+    }
+    if (gsplit > 1) {
       // epi (bits, a bisection of the epilogue's cost; 0 = the kernel's): 1 no __threadfence,
       // 2 no merge (the ticket still drawn), 4 one atom.acq_rel.gpu instead of fence + atomicAdd +
       // fence, 8 the merge's loads in batches of 32 (one L2 round trip for 32 splits), 16 neither
-      // ticket nor merge (the partials written only)
+      // ticket nor merge (the partials written only), 32 (dsm, above) clusters of 8 splits merged
+      // through distributed shared memory first
       __shared__ int last_s;
       __syncthreads();
       if (tid == 0) {
@@ -298,17 +354,17 @@ __global__ void __launch_bounds__(128) probe(const T* __restrict__ cache, const 
         constexpr int MB = decltype(mb)::value;
         for (int idx = tid; idx < rows * (D / 4); idx += 128) {
           const int r = idx / (D / 4), d = (idx % (D / 4)) * 4;
-          const long long slot0 = (long long)(head * 16 + r) * gsplit;
+          const long long slot0 = (long long)(head * 16 + r) * np;
           float M = -INFINITY, W = 0.f;
           float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
-          for (int s0 = 0; s0 < gsplit; s0 += MB) {
+          for (int s0 = 0; s0 < np; s0 += MB) {
             float lse[MB];
             float4 v[MB];
 #pragma unroll
             for (int u = 0; u < MB; ++u) {
               lse[u] = -INFINITY;
               v[u] = make_float4(0.f, 0.f, 0.f, 0.f);
-              if (s0 + u < gsplit) {
+              if (s0 + u < np) {
                 lse[u] = __ldcg(ws_lse + slot0 + s0 + u);
                 v[u] = __ldcg(reinterpret_cast<const float4*>(ws + (slot0 + s0 + u) * D + d));
               }
@@ -352,18 +408,31 @@ int smem_bytes(int D, int mode) {
 void run(torch::Tensor cache, torch::Tensor bt, torch::Tensor out, int64_t tokens, int64_t hkv, int64_t D,
          int64_t page_stride, int64_t row_stride, int64_t v_off, int64_t bs, int64_t mode, int64_t splits,
          torch::Tensor ws, torch::Tensor tickets, torch::Tensor outf, int64_t gsplit, int64_t rows, int64_t epi) {
-  const int smem = smem_bytes(D, mode);
+  // dsm (epi & 32): clusters of 8 CTAs, and room for a CTA's partial in shared memory
+  const int smem = (epi & 32) ? std::max<int>(smem_bytes(D, mode), 16 * D * 4 + 16 * 4) : smem_bytes(D, mode);
   auto stream = c10::cuda::getCurrentCUDAStream();
   const dim3 grid(splits * hkv);
+  cudaLaunchConfig_t cfg = {};
+  cudaLaunchAttribute cluster[1];
+  cluster[0].id = cudaLaunchAttributeClusterDimension;
+  cluster[0].val.clusterDim.x = 8;
+  cluster[0].val.clusterDim.y = 1;
+  cluster[0].val.clusterDim.z = 1;
+  cfg.gridDim = grid;
+  cfg.blockDim = dim3(128);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cfg.attrs = cluster;
+  cfg.numAttrs = (epi & 32) ? 1 : 0;
 #define LAUNCH(DD, MM)                                                                                       \
   do {                                                                                                        \
     auto k = probe<DD, MM>;                                                                                   \
     cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);                              \
-    k<<<grid, 128, smem, stream>>>(reinterpret_cast<const T*>(cache.data_ptr()), bt.data_ptr<int>(),        \
+    TORCH_CHECK(cudaLaunchKernelEx(&cfg, k, reinterpret_cast<const T*>(cache.data_ptr()), bt.data_ptr<int>(), \
                                    reinterpret_cast<unsigned*>(out.data_ptr()), tokens, hkv, page_stride,    \
                                    row_stride, v_off, bs, ws.data_ptr<float>(),                              \
                                    reinterpret_cast<unsigned*>(tickets.data_ptr()), outf.data_ptr<float>(),  \
-                                   gsplit, rows, epi);                                                       \
+                                   gsplit, rows, epi) == cudaSuccess, "probe launch failed");                \
   } while (0)
   if (D == 128) {
     if (mode == 0) LAUNCH(128, 0); else if (mode == 1) LAUNCH(128, 1); else if (mode == 2) LAUNCH(128, 2);
@@ -414,6 +483,9 @@ def main() -> None:
         for name in args.modes.split(","):
             base, _, bits = name.partition("+")
             mode, epi = _MODES[base], _EPI[bits] if bits else 0
+            if epi & 32:
+                assert mode in (5, 6, 8) and gsplit == splits and splits % 8 == 0, \
+                    "+dsm: an epilogue mode, one group per head, splits in clusters of 8"
             fn = lambda: mod.run(cache, bt, out, ctx // splits, hkv, d, 2 * one, hkv * d, one, bs, mode, splits,  # noqa: E731
                                  ws, tickets, outf, gsplit, qrows, epi)
             ms = min(time_ms(fn), time_ms(fn))
