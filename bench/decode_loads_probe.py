@@ -96,15 +96,16 @@ __global__ void __launch_bounds__(128) probe(const T* __restrict__ cache, const 
   const int split_id = split_fast ? blockIdx.x % nsp : blockIdx.x / hkv;
   const int t0 = split_id * tokens;
   unsigned acc = 0;
+  // element offset of token pos's row of this head (its page from the block table)
+  auto row_at = [&](int pos) -> long long {
+    return (long long)__ldg(bt + pos / bs) * page_stride + (pos % bs) * row_stride + head * D;
+  };
   if constexpr (L == 0) {
     constexpr int TILE = 64, ST = 3, TE = TILE * kRow, RPP = 128 / CH;
     long long* off_s = reinterpret_cast<long long*>(smem + ST * 2 * TE);
     const int ntiles = tokens / TILE;
     auto set_off = [&](int t) {
-      if (tid < TILE && t < ntiles) {
-        const int pos = t0 + t * TILE + tid;
-        off_s[(t % ST) * TILE + tid] = (long long)__ldg(bt + pos / bs) * page_stride + (pos % bs) * row_stride + head * D;
-      }
+      if (tid < TILE && t < ntiles) off_s[(t % ST) * TILE + tid] = row_at(t0 + t * TILE + tid);
     };
     auto load = [&](int t) {
       T* ks = smem + (t % ST) * 2 * TE;
@@ -138,10 +139,7 @@ __global__ void __launch_bounds__(128) probe(const T* __restrict__ cache, const 
     long long* off_s = reinterpret_cast<long long*>(smem + ST * 2 * TE);
     const int ntiles = tokens / TILE;
     auto set_off = [&](int t) {
-      if (tid < TILE && t < ntiles) {
-        const int pos = t0 + t * TILE + tid;
-        off_s[(t % ST) * TILE + tid] = (long long)__ldg(bt + pos / bs) * page_stride + (pos % bs) * row_stride + head * D;
-      }
+      if (tid < TILE && t < ntiles) off_s[(t % ST) * TILE + tid] = row_at(t0 + t * TILE + tid);
     };
     uint4 rk[NP], rv[NP];
     auto ld = [&](int t) {
@@ -183,7 +181,7 @@ __global__ void __launch_bounds__(128) probe(const T* __restrict__ cache, const 
     const int ntiles = tokens / 64;  // tiles of 64 tokens, warp w reads rows 16w..16w+15 of each
     auto row_off = [&](int t) -> long long {
       const int pos = t0 + t * 64 + warp * 16 + (lane & 15);
-      return t < ntiles ? (long long)__ldg(bt + pos / bs) * page_stride + (pos % bs) * row_stride + head * D : 0;
+      return t < ntiles ? row_at(pos) : 0;
     };
     auto load = [&](int t, long long my_off) {
       T* ks = base + (t % ST) * 2 * TE;
@@ -221,7 +219,7 @@ __global__ void __launch_bounds__(128) probe(const T* __restrict__ cache, const 
     const int ntiles = tokens / 64;
     auto row_off = [&](int t) -> long long {
       const int pos = t0 + t * 64 + warp * 16 + (lane & 15);
-      return t < ntiles ? (long long)__ldg(bt + pos / bs) * page_stride + (pos % bs) * row_stride + head * D : 0;
+      return t < ntiles ? row_at(pos) : 0;
     };
     auto ld = [&](const T* p) -> V {
       if constexpr (W == 16) {

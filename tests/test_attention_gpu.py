@@ -473,6 +473,31 @@ def test_decode_loads_only_diagnostic_reaches_the_kernel_and_warns(monkeypatch):
     assert not torch.equal(bad, good)
 
 
+def _switch_runs(monkeypatch, switch, mode, q, kv, bt, ctx, scale):
+    """Decode attention (float32 out) with `switch`=0, and with `switch`=1 into NaN-poisoned outputs
+    with the caller's workspace: once eagerly, or (mode "graph") captured and replayed twice on the
+    state the first replay left. Returns (the switch-off output, [the switch-on outputs])."""
+    monkeypatch.setenv(switch, "0")
+    base = A.paged_decode_attention(q, kv.k, kv.v, bt, ctx, scale, out=torch.empty_like(q, dtype=torch.float32),
+                                    backend="cuda")
+    monkeypatch.setenv(switch, "1")
+    ws = A.paged_decode_workspace(q, kv.k, bt, backend="cuda")
+    out = torch.full_like(base, float("nan"))
+    if mode == "eager":
+        A.paged_decode_attention(q, kv.k, kv.v, bt, ctx, scale, out=out, backend="cuda", workspace=ws)
+        return base, [out.clone()]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        A.paged_decode_attention(q, kv.k, kv.v, bt, ctx, scale, out=out, backend="cuda", workspace=ws)
+    runs = []
+    for _ in range(2):
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        runs.append(out.clone())
+    return base, runs
+
+
 @pytest.mark.parametrize("mode", ["eager", "graph"])
 @pytest.mark.parametrize("B,Hq,Hkv,D,table", [(1, 32, 8, 128, 32768), (5, 32, 8, 128, 4096), (3, 14, 2, 64, 2048)])
 def test_decode_fast_merge_keeps_the_error(monkeypatch, mode, B, Hq, Hkv, D, table):
@@ -489,24 +514,7 @@ def test_decode_fast_merge_keeps_the_error(monkeypatch, mode, B, Hq, Hkv, D, tab
     assert _plan(B, Hq, Hkv, D, bt.shape[1] * bs, "v7")[0] > 1
     q = torch.randn(B, Hq, D, device="cuda").bfloat16()
     ref = A.paged_decode_attention_ref(q.float(), kv.k.float(), kv.v.float(), bt, ctx, D ** -0.5)
-    monkeypatch.setenv("OPPO_DECODE_FAST_MERGE", "0")
-    base = A.paged_decode_attention(q, kv.k, kv.v, bt, ctx, D ** -0.5, out=torch.empty_like(ref), backend="cuda")
-    monkeypatch.setenv("OPPO_DECODE_FAST_MERGE", "1")
-    ws = A.paged_decode_workspace(q, kv.k, bt, backend="cuda")
-    out = torch.full_like(ref, float("nan"))
-    if mode == "eager":
-        A.paged_decode_attention(q, kv.k, kv.v, bt, ctx, D ** -0.5, out=out, backend="cuda", workspace=ws)
-        runs = [out.clone()]
-    else:
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            A.paged_decode_attention(q, kv.k, kv.v, bt, ctx, D ** -0.5, out=out, backend="cuda", workspace=ws)
-        runs = []
-        for _ in range(2):
-            out.fill_(float("nan"))
-            graph.replay()
-            torch.cuda.synchronize()
-            runs.append(out.clone())
+    base, runs = _switch_runs(monkeypatch, "OPPO_DECODE_FAST_MERGE", mode, q, kv, bt, ctx, D ** -0.5)
     for got in runs:
         assert torch.isfinite(got).all()
         assert float((got - ref).norm() / ref.norm()) < 2e-3
@@ -539,24 +547,7 @@ def test_decode_reg_stage_is_the_default_bit_for_bit(monkeypatch, mode, plan, dt
     ctx = torch.tensor(lens, dtype=torch.int32, device="cuda")
     q = torch.randn(B, Hq, D, device="cuda").to(dtype)
     ref = A.paged_decode_attention_ref(q.float(), kv.k.float(), kv.v.float(), _ref_tables(bt), ctx, D ** -0.5)
-    monkeypatch.setenv("OPPO_DECODE_REG_STAGE", "0")
-    base = A.paged_decode_attention(q, kv.k, kv.v, bt, ctx, D ** -0.5, out=torch.empty_like(ref), backend="cuda")
-    monkeypatch.setenv("OPPO_DECODE_REG_STAGE", "1")
-    ws = A.paged_decode_workspace(q, kv.k, bt, backend="cuda")
-    out = torch.full_like(ref, float("nan"))
-    if mode == "eager":
-        A.paged_decode_attention(q, kv.k, kv.v, bt, ctx, D ** -0.5, out=out, backend="cuda", workspace=ws)
-        runs = [out.clone()]
-    else:
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            A.paged_decode_attention(q, kv.k, kv.v, bt, ctx, D ** -0.5, out=out, backend="cuda", workspace=ws)
-        runs = []
-        for _ in range(2):
-            out.fill_(float("nan"))
-            graph.replay()
-            torch.cuda.synchronize()
-            runs.append(out.clone())
+    base, runs = _switch_runs(monkeypatch, "OPPO_DECODE_REG_STAGE", mode, q, kv, bt, ctx, D ** -0.5)
     for got in runs:
         assert torch.equal(got, base)
         assert float((got - ref).norm() / ref.norm()) < 2e-3
