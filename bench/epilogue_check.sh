@@ -4,8 +4,10 @@
 #  1. the loads probe's epilogue bisection (bench/decode_loads_probe.py, no extension build), in both
 #     mode orders, with the register-staged loader (ldgst) beside cta and ldg, at D=64 too;
 #  2. the extension's build, the fast merge's GPU tests, decode_attention at (1, 32768) and the D=64
-#     shape with the four plans v7+l2[+fm][+lo], then the same plans in reverse order;
-#  3. compute-sanitizer memcheck and racecheck of v7:fm on a small case.
+#     shape with the four plans v7+l2[+sm][+lo], then the same plans in reverse order;
+#  3. compute-sanitizer memcheck and racecheck of v7:sm on a small case.
+# Session 25's call 1 ran it at 68dead9, where the fast merge was off by default and +fm / v7:fm
+# switched it on; since then it is the default and +sm / v7:sm switch it off.
 #
 #   OUT=$OUT bash bench/epilogue_check.sh      (on the device, carrying .commit; results under $OUT)
 set -u
@@ -22,14 +24,14 @@ timeout 100 python3 bench/decode_loads_probe.py --shapes 262144:2:64:256:1:7 --m
   --out "$O/ldgst_d64.json" >> "$O/probe.txt" 2>&1; echo "probe d64 rc=$?"
 grep -E "^\| |us" "$O/probe.txt" | tail -30
 BENCH_ONLY=1 SMOKE=0 BENCH_LIMIT=150 PYTEST_FILES=tests/test_attention_gpu.py PYTEST_K="fast_merge or pdl_waits" \
-  ARGS_decode_attention="--shapes 1,4 --no-flex --plans v7+l2+lo,v7+l2+fm+lo,v7+l2,v7+l2+fm" \
+  ARGS_decode_attention="--shapes 1,4 --no-flex --plans v7+l2+sm+lo,v7+l2+lo,v7+l2+sm,v7+l2" \
   OUT="$O" bash bench/gpu_check.sh decode_attention > /dev/null 2>&1
 tail -12 "$O/report.md"
-timeout 120 python3 bench/decode_attention.py --shapes 1,4 --no-flex --plans v7+l2+fm,v7+l2,v7+l2+fm+lo,v7+l2+lo \
+timeout 120 python3 bench/decode_attention.py --shapes 1,4 --no-flex --plans v7+l2,v7+l2+sm,v7+l2+lo,v7+l2+sm+lo \
   --out "$O/decode_attention_reversed.json" 2>&1 | tail -8
 SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
 for tool in memcheck racecheck; do
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 100 "$SAN" --tool $tool --error-exitcode 9 \
-    python3 bench/sanitize_attention.py --decode-only --decode-plans=v7:fm > "$O/${tool}_fm.txt" 2>&1
-  echo "$tool v7:fm rc=$?"; tail -2 "$O/${tool}_fm.txt"
+    python3 bench/sanitize_attention.py --decode-only --decode-plans=v7:sm > "$O/${tool}_sm.txt" 2>&1
+  echo "$tool v7:sm rc=$?"; tail -2 "$O/${tool}_sm.txt"
 done
