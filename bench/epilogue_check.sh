@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call (~6-8 min on a fresh machine), session 25: where decode v7's split epilogue spends
-# its 4.8 us at (1, 32768) and whether the fast merge (OPPO_DECODE_FAST_MERGE, bench +fm) recovers it.
+# its 4.8 us at (1, 32768) and whether the fast merge (OPPO_DECODE_FAST_MERGE, now the default) recovers it.
 #  1. the loads probe's epilogue bisection (bench/decode_loads_probe.py, no extension build), in both
 #     mode orders, with the register-staged loader (ldgst) beside cta and ldg, at D=64 too;
 #  2. the extension's build, the fast merge's GPU tests, decode_attention at (1, 32768) and the D=64
