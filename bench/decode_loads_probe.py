@@ -31,6 +31,8 @@ shuffled pages), timed like the bench (graph replays of 10 calls), beside the co
   +dsm (session 25: the grid split-fastest in clusters of 8 CTAs, each cluster's 8 partials merged
   through distributed shared memory, every CTA one eighth of them, then the acq_rel ticket and the
   last CTA merging gsplit / 8 partials: 8 KiB read by one SM at (1, 32768) instead of 64).
+  Without a split (group 1): +nostore (the partial computed, not stored), +st1 (one 16-byte store
+  per CTA): session 25 measured the unsplit epilogue at 2.7-4.5 us of the D=64 bytes' ~48.
 - ldg4:  ldg with 4-byte loads (a warp load covers half a row). Triton compiles the probe's loads,
          whose row offsets come from the block table and so are of unknown alignment, to 2-byte
          ld.global.cg (Triton 3.8's PTX, session 24): many small requests, not 16-byte ones.
@@ -49,7 +51,8 @@ from common import copy_bandwidth, device_info, results_path, time_ms, write_jso
 
 _MODES = {"cta": 0, "warp": 1, "warp4": 2, "ldg": 3, "ldg4": 4, "cta_epi": 5, "ldg_epi": 6, "ldgst": 7, "ldgst_epi": 8}
 # the bisection bits of cta_epi / ldg_epi's epilogue (MODE+NAME; see the kernel's `epi`): name -> bits
-_EPI = {"nofence": 1, "nomerge": 2, "acqrel": 4, "mb32": 8, "writeonly": 16, "acqrel_mb32": 12, "dsm": 36}
+_EPI = {"nofence": 1, "nomerge": 2, "acqrel": 4, "mb32": 8, "writeonly": 16, "acqrel_mb32": 12, "dsm": 36,
+        "nostore": 64, "st1": 128}
 
 _CUDA = r"""
 #include <torch/extension.h>
@@ -272,8 +275,16 @@ __global__ void __launch_bounds__(128) probe(const T* __restrict__ cache, const 
     // the partials the group's last CTA merges: gsplit, or with dsm one per cluster
     const int np = (epi & 32) ? gsplit / 8 : gsplit;
     if (gsplit == 1) {
-      for (int idx = tid; idx < rows * (D / 4); idx += 128)
-        reinterpret_cast<float4*>(outf)[(long long)blockIdx.x * 16 * (D / 4) + idx] = make_float4(a, a, a, a);
+      // the unsplit epilogue's bisection: 64 (nostore) no store (a is in [1, 2), never 0: the
+      // loads are still consumed), 128 (st1) one float4 per CTA by thread 0
+      if (epi & 64) {
+        if (a == 0.f) outf[blockIdx.x] = a;
+      } else if (epi & 128) {
+        if (tid == 0) reinterpret_cast<float4*>(outf)[(long long)blockIdx.x * 16 * (D / 4)] = make_float4(a, a, a, a);
+      } else {
+        for (int idx = tid; idx < rows * (D / 4); idx += 128)
+          reinterpret_cast<float4*>(outf)[(long long)blockIdx.x * 16 * (D / 4) + idx] = make_float4(a, a, a, a);
+      }
     } else if (epi & 32) {
       // dsm: the cluster's 8 splits merged through distributed shared memory first. Each CTA's
       // partial (rows x D floats, then rows lse) in its own shared memory; after the cluster's
