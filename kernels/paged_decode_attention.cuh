@@ -438,8 +438,9 @@ paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t 
   // The page of row tid of tile u is fetched one iteration before its offset is stored, so the
   // block-table latency hides behind a tile.
   int next_page = tid < kDecodeTile ? decode_row_page(bt, block_size, start + kProRows + tid, table_tokens) : -1;
-  // l2_ahead 2: the page of row tid of the tile after that one (prefetched an iteration early)
-  int far_page = l2_ahead > 1 && tid < kDecodeTile
+  // l2_ahead 2: the page of row tid of the tile after that one (prefetched an iteration early; kRS
+  // prefetches one tile ahead at either level and never reads it)
+  int far_page = !kRS && l2_ahead > 1 && tid < kDecodeTile
                      ? decode_row_page(bt, block_size, start + kProRows + kDecodeTile + tid, table_tokens)
                      : -1;
 
