@@ -103,13 +103,18 @@ __global__ void __launch_bounds__(128) probe(const T* __restrict__ cache, const 
   auto row_at = [&](int pos) -> long long {
     return (long long)__ldg(bt + pos / bs) * page_stride + (pos % bs) * row_stride + head * D;
   };
+  // warp, warp4, ldg, ldg4: lane l's row of warp w's 16 tokens of 64-token tile t (l < 16; 0 past the end)
+  auto row_off = [&](int t) -> long long {
+    return t < tokens / 64 ? row_at(t0 + t * 64 + warp * 16 + (lane & 15)) : 0;
+  };
+  // cta and ldgst: the kernel's CTA tiles, 3 smem stages, the row offsets of tile t in slot t % ST
+  constexpr int TILE = 64, ST = 3, TE = TILE * kRow, RPP = 128 / CH;
+  long long* off_s = reinterpret_cast<long long*>(smem + ST * 2 * TE);
+  auto set_off = [&](int t) {
+    if (tid < TILE && t < tokens / TILE) off_s[(t % ST) * TILE + tid] = row_at(t0 + t * TILE + tid);
+  };
   if constexpr (L == 0) {
-    constexpr int TILE = 64, ST = 3, TE = TILE * kRow, RPP = 128 / CH;
-    long long* off_s = reinterpret_cast<long long*>(smem + ST * 2 * TE);
     const int ntiles = tokens / TILE;
-    auto set_off = [&](int t) {
-      if (tid < TILE && t < ntiles) off_s[(t % ST) * TILE + tid] = row_at(t0 + t * TILE + tid);
-    };
     auto load = [&](int t) {
       T* ks = smem + (t % ST) * 2 * TE;
       const long long* off = off_s + (t % ST) * TILE;
@@ -138,12 +143,8 @@ __global__ void __launch_bounds__(128) probe(const T* __restrict__ cache, const 
     // st.shared an iteration later. Iteration t: barrier (tile t visible; slot (t-1) % ST free), tile
     // t+ST-1's registers to that slot, tile t+ST's loads issued, tile t+ST+1's row offsets written
     // (slot of tile t+1, long read), tile t consumed.
-    constexpr int TILE = 64, ST = 3, TE = TILE * kRow, RPP = 128 / CH, NP = TILE / RPP;
-    long long* off_s = reinterpret_cast<long long*>(smem + ST * 2 * TE);
+    constexpr int NP = TILE / RPP;
     const int ntiles = tokens / TILE;
-    auto set_off = [&](int t) {
-      if (tid < TILE && t < ntiles) off_s[(t % ST) * TILE + tid] = row_at(t0 + t * TILE + tid);
-    };
     uint4 rk[NP], rv[NP];
     auto ld = [&](int t) {
       const long long* off = off_s + (t % ST) * TILE;
@@ -182,10 +183,6 @@ __global__ void __launch_bounds__(128) probe(const T* __restrict__ cache, const 
     constexpr int ST = L == 1 ? 3 : 4, TILE = 16, TE = TILE * kRow, RPP = 32 / CH;
     T* base = smem + warp * ST * 2 * TE;
     const int ntiles = tokens / 64;  // tiles of 64 tokens, warp w reads rows 16w..16w+15 of each
-    auto row_off = [&](int t) -> long long {
-      const int pos = t0 + t * 64 + warp * 16 + (lane & 15);
-      return t < ntiles ? row_at(pos) : 0;
-    };
     auto load = [&](int t, long long my_off) {
       T* ks = base + (t % ST) * 2 * TE;
       for (int i = 0; i < TILE / RPP; ++i) {
@@ -220,10 +217,6 @@ __global__ void __launch_bounds__(128) probe(const T* __restrict__ cache, const 
     constexpr int W = L == 3 ? 16 : 4, RB = D * 2, N = 16 * RB / (32 * W);
     using V = typename std::conditional<W == 16, uint4, unsigned>::type;
     const int ntiles = tokens / 64;
-    auto row_off = [&](int t) -> long long {
-      const int pos = t0 + t * 64 + warp * 16 + (lane & 15);
-      return t < ntiles ? row_at(pos) : 0;
-    };
     auto ld = [&](const T* p) -> V {
       if constexpr (W == 16) {
         return ldcg(p);
