@@ -208,6 +208,8 @@ DecodePlan split_into(int64_t splits, int64_t max_ctx) {
 // tokens, one CTA at ~10 GB/s) set the time, 45 us against a floor of 10 (session 13). With a cap,
 // the long contexts get more CTAs; a split past a context's end exits at once and the reduction
 // never reads it.
+int env_int(const char* name, int dflt, int lo, int hi);
+
 DecodePlan plan_decode(int64_t base, int64_t max_ctx, int sms, int resident, bool v2, int64_t max_partition) {
   using oppo::attn::kDecodeTile;
   int64_t splits = 1;
@@ -215,7 +217,10 @@ DecodePlan plan_decode(int64_t base, int64_t max_ctx, int sms, int resident, boo
     const int64_t target = 8LL * sms;
     if (base < target) splits = (target + base - 1) / base;
   } else {
-    const int64_t slots = static_cast<int64_t>(sms) * std::max(1, resident);
+    // OPPO_DECODE_SPLIT_SLOTS=N (an A/B switch, session 26): split as if N CTAs per SM were resident
+    // (fewer, longer splits than one wave when N < resident); 0, the default: the kernel's own.
+    const int per_sm = env_int("OPPO_DECODE_SPLIT_SLOTS", 0, 0, 16);
+    const int64_t slots = static_cast<int64_t>(sms) * (per_sm > 0 ? per_sm : std::max(1, resident));
     if (base < slots) splits = slots / base;
   }
   splits = std::min<int64_t>(splits, std::max<int64_t>(1, (max_ctx + kMinPartition - 1) / kMinPartition));

@@ -96,6 +96,8 @@ _SWITCHES = (
                                " 128; 0: two fences and 16-split batches)"),
     ("OPPO_DECODE_REG_STAGE", "0 (1: the decode split kernel loads tiles through registers, not cp.async; head dim"
                               " 128, plans v2/v3/v7; an A/B switch)"),
+    ("OPPO_DECODE_SPLIT_SLOTS", "0 (N: the decode split rule (v3/v4/v6/v7) plans one wave of N CTAs per SM, not the"
+                                " kernel's resident count; an A/B switch)"),
     ("OPPO_FUSE_KV_APPEND", "1 (K/V append inside the rotary kernel)"),
     ("OPPO_ASYNC_DECODE", "1 on CUDA (tokens read back one step late)"),
     ("OPPO_GRAPH_SAMPLING", "1 (LM head + sampler inside the decode graphs; 0: eager head)"),

@@ -739,6 +739,25 @@ def test_decode_plan_mirror_matches_launcher(monkeypatch, plan, tickets, B, Hq, 
     assert rel_err(out, ref) < 2e-3
 
 
+@pytest.mark.parametrize("plan", ["v7", "v3"])
+@pytest.mark.parametrize("slots", ["1", "4"])
+@pytest.mark.parametrize("B,Hq,Hkv,D,table", [(1, 32, 8, 128, 32768), (16, 32, 8, 128, 16384), (4, 14, 2, 64, 4096)])
+def test_decode_split_slots_mirror_and_result(monkeypatch, plan, slots, B, Hq, Hkv, D, table):
+    """OPPO_DECODE_SPLIT_SLOTS (the A/B switch for fewer or more splits than one wave): the launcher
+    plans the splits the mirror plans (read through the workspace size), and the result stays within
+    the reference's tolerance with contexts spread over the table (full, ragged, one token)."""
+    _use_plan(monkeypatch, plan, None)
+    monkeypatch.setenv("OPPO_DECODE_SPLIT_SLOTS", slots)
+    bs = 16
+    lens = [table - (977 * b) % (table // 2) if b % 3 else 1 + b for b in range(B)]
+    lens[0] = table - 5
+    out, ref, ws = _decode_run(B, Hq, Hkv, D, bs, lens, torch.bfloat16, torch.float32,
+                               extra_blocks=table // bs - max(math.ceil(n / bs) for n in lens))
+    splits, _ = _plan(B, Hq, Hkv, D, table, plan)
+    assert ws == _ws_expected(B, Hq, D, splits, 0), f"launcher workspace {ws} B, mirror plans {splits} splits"
+    assert rel_err(out, ref) < 2e-3
+
+
 def test_decode_plans_v2_v3_v4_v5_agree(monkeypatch):
     """Same inputs under the four plans (they split (64, 4096, 14, 2, 64) 8, 3, 3 and ~13 ways)."""
     B, Hq, Hkv, D, bs = 64, 14, 2, 64, 16

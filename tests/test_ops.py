@@ -208,3 +208,30 @@ def test_decode_plan_mirror_v5_and_v6(monkeypatch):
                 *args, plan="v3", max_partition=cap)
             assert paged_decode_grid(*args, plan="v7", max_partition=cap) == paged_decode_grid(
                 *args, plan="v3", max_partition=cap)
+
+
+def test_decode_plan_mirror_split_slots(monkeypatch):
+    """OPPO_DECODE_SPLIT_SLOTS=N (an A/B switch): v3/v4/v6/v7 plan their splits as if N CTAs per SM
+    were resident instead of the kernel's count: (1, 32768, 32, 8, 128) on 132 SMs x 2 goes from 32
+    splits of 1024 to 16 of 2048 with N=1; a shape whose groups fill N x 132 slots gets no split; the
+    cap on tokens per split still wins; 0 or unset is the kernel's own; v2 and v5 ignore it; anything
+    but an integer in 0..16 is refused, as the launcher refuses it."""
+    from oppo_runtime.ops.attention import paged_decode_plan
+    monkeypatch.delenv("OPPO_DECODE_SPLIT_SLOTS", raising=False)
+    long1 = (1, 32, 8, 128, 32768, 132, 2)
+    assert paged_decode_plan(*long1, plan="v7") == (32, 1024)
+    v2, v5 = paged_decode_plan(*long1, plan="v2"), paged_decode_plan(*long1, plan="v5")
+    monkeypatch.setenv("OPPO_DECODE_SPLIT_SLOTS", "0")
+    assert paged_decode_plan(*long1, plan="v7") == (32, 1024)
+    monkeypatch.setenv("OPPO_DECODE_SPLIT_SLOTS", "1")
+    assert paged_decode_plan(*long1, plan="v7") == (16, 2048)
+    assert paged_decode_plan(*long1, plan="v3") == (16, 2048)
+    assert paged_decode_plan(*long1, plan="v7", max_partition=1024) == (32, 1024)
+    assert paged_decode_plan(16, 32, 8, 128, 16384, 132, 2, plan="v7") == (1, 1 << 30)
+    assert (paged_decode_plan(*long1, plan="v2"), paged_decode_plan(*long1, plan="v5")) == (v2, v5)
+    monkeypatch.setenv("OPPO_DECODE_SPLIT_SLOTS", "4")
+    assert paged_decode_plan(*long1, plan="v7") == (64, 512)
+    for bad in ("17", "-1", "one"):
+        monkeypatch.setenv("OPPO_DECODE_SPLIT_SLOTS", bad)
+        with pytest.raises(ValueError, match="OPPO_DECODE_SPLIT_SLOTS"):
+            paged_decode_plan(*long1, plan="v7")

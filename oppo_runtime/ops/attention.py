@@ -187,6 +187,21 @@ def paged_decode_resident_ctas(head_dim: int, device=None, plan: str | None = No
     return max(1, min(regs[head_dim], per_sm // (smem + 1024)))
 
 
+def _env_int_in(name: str, default: int, lo: int, hi: int) -> int:
+    """An integer switch as the launcher reads it (csrc env_int): ``default`` when unset or empty,
+    else an integer in lo..hi, or a ValueError naming the switch."""
+    raw = os.environ.get(name, "")
+    if raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = None
+    if value is None or not lo <= value <= hi:
+        raise ValueError(f"{name} must be an integer in {lo}..{hi}, got {raw!r}")
+    return value
+
+
 def paged_decode_plan(B: int, Hq: int, Hkv: int, head_dim: int, table_tokens: int, sm_count: int,
                       resident: int, plan: str | None = None, max_partition: int = 0) -> tuple[int, int]:
     """(num_splits, partition in tokens) of the CUDA decode launcher; partition 1 << 30 = no split.
@@ -216,8 +231,8 @@ def paged_decode_plan(B: int, Hq: int, Hkv: int, head_dim: int, table_tokens: in
         target = 8 * sm_count
         if base < target:
             splits = -(-target // base)
-    else:   # v3, v4, v6, v7
-        slots = sm_count * max(1, resident)
+    else:   # v3, v4, v6, v7 (OPPO_DECODE_SPLIT_SLOTS=N: as if N CTAs per SM were resident)
+        slots = sm_count * (_env_int_in("OPPO_DECODE_SPLIT_SLOTS", 0, 0, 16) or max(1, resident))
         if base < slots:
             splits = slots // base
     splits = min(splits, max(1, -(-max_ctx // _DECODE_MIN_PARTITION)))
