@@ -146,6 +146,9 @@ bool decode_fast_merge() {
 // st.shared an iteration later, in place of cp.async from tile 2 on). Built in session 25 after its
 // loads probe (ldgst) read the same bytes 2-3% faster than cp.async.
 bool decode_reg_stage() { return env_switch("OPPO_DECODE_REG_STAGE"); }
+// OPPO_DECODE_HEADS_AS_N=1: the split kernel's tiles with the heads as the mma's N (groups of <= 8
+// query heads per kv head; plans v2, v3, v7): half the mma and exponentials of the 16-row form
+bool decode_heads_as_n() { return env_switch("OPPO_DECODE_HEADS_AS_N"); }
 
 int decode_pipe_flags() {
   return decode_l2_ahead() | (env_switch("OPPO_DECODE_REFILL") ? oppo::attn::kDecodeEarlyRefill : 0) |
@@ -499,9 +502,10 @@ void launch_decode_v4(PlanKind kind, at::Tensor& out, const at::Tensor& q, const
 }
 
 // v2, v3, v7 (kStages = DecodeCfg's) and v6 (DecodeLeanCfg's): the split kernel, then (v2, v3, v6) the
-// reduction. kRS: the register-staged loader (OPPO_DECODE_REG_STAGE=1), planned as the default
-// kernel: the launch checks that it fits as many CTAs per SM.
-template <typename T, int D, int kStages, bool kRS = false>
+// reduction. kRS: the register-staged loader (OPPO_DECODE_REG_STAGE=1), kHN: the heads as the mma's
+// N (OPPO_DECODE_HEADS_AS_N=1), each planned as the default kernel: the launch checks that it fits as
+// many CTAs per SM.
+template <typename T, int D, int kStages, bool kRS = false, bool kHN = false>
 void launch_decode_split(PlanKind kind, at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,
                          const at::Tensor& v_cache, const at::Tensor& block_tables, const at::Tensor& context_lens,
                          double scale, const std::optional<at::Tensor>& workspace, int64_t max_partition) {
@@ -510,16 +514,18 @@ void launch_decode_split(PlanKind kind, at::Tensor& out, const at::Tensor& q, co
   const int B = sh.B, Hq = sh.Hq, block_size = sh.block_size, Hkv = sh.Hkv, G = sh.G, q_chunks = sh.q_chunks;
   const int64_t max_ctx = sh.max_ctx;
 
-  auto kernel = paged_decode_kernel<T, D, kStages, kRS>;
+  auto kernel = paged_decode_kernel<T, D, kStages, kRS, kHN>;
   constexpr int smem = DecodeSmem<T, D, kStages, kRS>::kBytes;
   int resident = 0;
   const DecodePlan plan = plan_for<T, D>(sh, kind, &resident);
-  if constexpr (kRS) {
+  if constexpr (kRS || kHN) {
     static int cache[64] = {};
-    const int rs_resident = setup_resident(kernel, smem, sh.dev, cache);
-    OPPO_CHECK(rs_resident == resident, "OPPO_DECODE_REG_STAGE=1: the register-staged decode kernel fits ",
-               rs_resident, " CTAs per SM, the plan assumes ", resident);
+    const int own_resident = setup_resident(kernel, smem, sh.dev, cache);
+    OPPO_CHECK(own_resident == resident, kRS ? "OPPO_DECODE_REG_STAGE=1" : "OPPO_DECODE_HEADS_AS_N=1",
+               ": the decode kernel fits ", own_resident, " CTAs per SM, the plan assumes ", resident);
   }
+  if constexpr (kHN)
+    OPPO_CHECK(G <= 8, "OPPO_DECODE_HEADS_AS_N=1 serves groups of at most 8 query heads per kv head, got ", G);
   const int num_splits = plan.num_splits;
 
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -558,7 +564,12 @@ void launch_decode(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cac
   else if (kind == PlanKind::v6 && DecodeLeanCfg<D>::kStages != DecodeCfg<D>::kStages)
     launch_decode_split<T, D, DecodeLeanCfg<D>::kStages>(kind, out, q, k_cache, v_cache, block_tables, context_lens,
                                                          scale, workspace, max_partition);
-  else if (decode_reg_stage()) {
+  else if (decode_heads_as_n()) {
+    OPPO_CHECK(kind != PlanKind::v6 && !decode_reg_stage(),
+               "OPPO_DECODE_HEADS_AS_N=1 runs with plans v2, v3 and v7 and without OPPO_DECODE_REG_STAGE");
+    launch_decode_split<T, D, DecodeCfg<D>::kStages, false, true>(kind, out, q, k_cache, v_cache, block_tables,
+                                                                  context_lens, scale, workspace, max_partition);
+  } else if (decode_reg_stage()) {
     OPPO_CHECK(kind != PlanKind::v6 && !env_switch("OPPO_DECODE_REFILL"),
                "OPPO_DECODE_REG_STAGE=1 runs with plans v2, v3 and v7 and without OPPO_DECODE_REFILL");
     if constexpr (D == 128)

@@ -178,6 +178,110 @@ __device__ __forceinline__ void decode_tile_update(const T* k_s, const T* v_s, c
   }
 }
 
+// movmatrix: the 8x8 b16 matrix whose row lane / 4 holds cols 2 (lane % 4) .. + 1 in `a`, transposed
+// (the same fragment layout, of the transpose).
+__device__ __forceinline__ uint32_t movmatrix_trans(uint32_t a) {
+  uint32_t d;
+  asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(d) : "r"(a));
+  return d;
+}
+
+// decode_tile_update with the heads as the mma's N (OPPO_DECODE_HEADS_AS_N, groups of <= 8 query
+// heads): S^T = K Q^T, the warp's 16 tokens the M of the A operand (K by ldmatrix) and the heads
+// the 8 columns of B (Q^T, in registers); O^T += V^T P^T, V^T the A operand (ldmatrix.trans) and
+// P^T the B operand (P's C fragments packed, then transposed by movmatrix). Half the mma, half the
+// exponentials and half the accumulators of the 16-row form, whose rows carry the heads padded to
+// 16. Fragments (m16n8k16; g = lane / 4, c = lane % 4):
+//   qb[kk]:  Q(head g, dims 16 kk + 2c, +1) and Q(head g, dims 16 kk + 8 + 2c, +1), packed pairs
+//   s[0..1]: S^T(token g, heads 2c, 2c + 1);  s[2..3]: (token g + 8, heads 2c, 2c + 1)
+//   o[j][0..1]: O^T(dim 16 j + g, heads 2c, 2c + 1);  o[j][2..3]: (dim 16 j + g + 8, same heads)
+//   m[e], l[e]: head 2c + e; m is the warp's (reduced over g), l this lane's two tokens only (summed
+//   over g by warp_partials_to_smem_hn).  tok0: the warp's first token.
+template <typename T, int D, int kRow>
+__device__ __forceinline__ void decode_tile_update_hn(const T* k_s, const T* v_s, const uint32_t (&qb)[D / 16][2],
+                                                      int lane, int tok0, int end, float scale_log2, float (&m)[2],
+                                                      float (&l)[2], float (&o)[D / 16][4]) {
+  const int g = lane >> 2;
+  float s[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    // A = K (tokens x dims): matrices (tokens 0-7, dims 0-7), (8-15, 0-7), (0-7, 8-15), (8-15, 8-15)
+    uint32_t ka[4];
+    ldmatrix_x4(ka, k_s + (lane & 15) * kRow + kk * 16 + (lane >> 4) * 8);
+    Mma<T>::run(s, ka, qb[kk][0], qb[kk][1]);
+  }
+#pragma unroll
+  for (int e = 0; e < 4; ++e) s[e] = (tok0 + g + (e >> 1) * 8 < end) ? s[e] * scale_log2 : -INFINITY;
+
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {  // head 2c + h: tokens g (s[h]) and g + 8 (s[2 + h])
+    float mx = fmaxf(s[h], s[2 + h]);
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
+    const float m_new = fmaxf(m[h], mx);
+    const float m_use = m_new == -INFINITY ? 0.f : m_new;
+    const float corr = exp2f(m[h] - m_use);
+    m[h] = m_new;
+    s[h] = exp2f(s[h] - m_use);
+    s[2 + h] = exp2f(s[2 + h] - m_use);
+    l[h] = l[h] * corr + (s[h] + s[2 + h]);
+#pragma unroll
+    for (int j = 0; j < D / 16; ++j) {
+      o[j][h] *= corr;
+      o[j][2 + h] *= corr;
+    }
+  }
+
+  // P (tokens x heads) packed hi + lo per 8x8 block (tokens 0-7, then 8-15), transposed into B's
+  // fragments: P^T(tokens 2c, 2c + 1 [+ 8], head g)
+  uint32_t ph[2], pl[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float x = s[2 * r], y = s[2 * r + 1];
+    const uint32_t hi = Mma<T>::pack(x, y);
+    const float2 back = Mma<T>::unpack(hi);
+    ph[r] = movmatrix_trans(hi);
+    pl[r] = movmatrix_trans(Mma<T>::pack(x - back.x, y - back.y));
+  }
+#pragma unroll
+  for (int j = 0; j < D / 16; ++j) {
+    // A = V^T (dims x tokens), by ldmatrix.trans of V's rows: matrices (dims 0-7, tokens 0-7),
+    // (dims 8-15, tokens 0-7), (dims 0-7, tokens 8-15), (dims 8-15, tokens 8-15) of block j
+    uint32_t va[4];
+    ldmatrix_x4_trans(va, v_s + ((lane & 7) + (lane >> 4) * 8) * kRow + j * 16 + ((lane >> 3) & 1) * 8);
+    Mma<T>::run(o[j], va, ph[0], ph[1]);
+    Mma<T>::run(o[j], va, pl[0], pl[1]);
+  }
+}
+
+// The heads-as-N partials of a warp into warp_partials_to_smem's layout (rows = heads; rows 8-15
+// are not written: a group of <= 8 heads never reads them).
+template <int D>
+__device__ __forceinline__ void warp_partials_to_smem_hn(float* o_m, const float (&m)[2], float (&l)[2],
+                                                         const float (&o)[D / 16][4], int warp, int lane) {
+  const int g = lane >> 2, c = lane & 3;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    l[h] += __shfl_xor_sync(0xffffffffu, l[h], 4);
+    l[h] += __shfl_xor_sync(0xffffffffu, l[h], 8);
+    l[h] += __shfl_xor_sync(0xffffffffu, l[h], 16);
+  }
+  float* m_m = o_m + 4 * 16 * D;
+  float* l_m = m_m + 4 * 16;
+  if (g == 0) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      m_m[warp * 16 + 2 * c + h] = m[h];
+      l_m[warp * 16 + 2 * c + h] = l[h];
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < D / 16; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) o_m[(warp * 16 + 2 * c + (e & 1)) * D + 16 * j + g + 8 * (e >> 1)] = o[j][e];
+}
+
 // The 4 warps' partials of a CTA's 16 rows in smem at o_m: o [4][16][D], then m [4][16], then
 // l [4][16] floats (l summed over the 4 lanes of a row first). A barrier must follow.
 template <int D>
@@ -368,7 +472,7 @@ __device__ __forceinline__ void merge_split_partials(void* out, bool out_f32, in
 //              issue 7's long-CTA shapes in one call (0.996 of copy), 3-5% slower in another with
 //              this loop's SASS unchanged; 4% slower at (1, 32768) in both. Stored after the
 //              tile's arithmetic instead: slower everywhere; with tile 2 by cp.async: no better.
-template <typename T, int D, int kStages, bool kRS = false>
+template <typename T, int D, int kStages, bool kRS = false, bool kHN = false>
 __global__ void __launch_bounds__(kDecodeThreads, DecodeBounds<D, kStages>::kMinBlocks)
 paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t o_s1,
                     const T* __restrict__ q, int64_t q_s0, int64_t q_s1,
@@ -380,6 +484,7 @@ paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t 
                     int pipe_flags, unsigned* __restrict__ tickets) {
   using S = DecodeSmem<T, D, kStages, kRS>;
   static_assert(!kRS || (D == 128 && kStages == 3), "the register-staged loader is built for D=128, 3 stages");
+  static_assert(!(kRS && kHN), "heads as N is built with the cp.async loader");
   constexpr int kRow = S::kRow;
   constexpr int kOffSlots = S::kOffSlots;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -505,10 +610,12 @@ paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t 
     }
   }
 
+  // kHN (heads as the mma's N, groups of <= 8 heads): o is O^T's fragments, see decode_tile_update_hn
+  constexpr int kOJ = kHN ? D / 16 : D / 8;
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
-  float o[D / 8][4];
+  float o[kOJ][4];
 #pragma unroll
-  for (int j = 0; j < D / 8; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
+  for (int j = 0; j < kOJ; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
 
   if constexpr (kRS) {
     // one tile of K and V rows in registers: pass i of thread tid holds row tid / kChunks + i * kRowsPerPass,
@@ -570,10 +677,17 @@ paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t 
   } else {
     cp_async_wait<kStages - 1>();
     __syncthreads();
-    uint32_t qa[D / 16][4];
+    uint32_t qa[kHN ? 1 : D / 16][4];  // the A fragments of Q's 16 rows, or (kHN) Q^T's B fragments
+    uint32_t qb[kHN ? D / 16 : 1][2];
 #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk)
-      ldmatrix_x4(qa[kk], q_s + (lane & 15) * kRow + kk * 16 + (lane >> 4) * 8);
+    for (int kk = 0; kk < D / 16; ++kk) {
+      if constexpr (kHN) {
+        qb[kk][0] = *reinterpret_cast<const uint32_t*>(q_s + qr * kRow + kk * 16 + 2 * qc);
+        qb[kk][1] = *reinterpret_cast<const uint32_t*>(q_s + qr * kRow + kk * 16 + 8 + 2 * qc);
+      } else {
+        ldmatrix_x4(qa[kk], q_s + (lane & 15) * kRow + kk * 16 + (lane >> 4) * 8);
+      }
+    }
     if (early) {  // the last slot (Q's) is free once every warp holds Q: its tile goes now, not in iteration 0
       __syncthreads();
       if (kStages - 1 < ntiles) load_tile(kStages - 1);
@@ -620,9 +734,14 @@ paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t 
       }
 
       const T* k_s = stage_base + (t % kStages) * 2 * S::kTileElems + warp * 16 * kRow;
-      if (!loads_only)
-        decode_tile_update<T, D, kRow>(k_s, k_s + S::kTileElems, QFragRegs<D>{qa}, lane, start + t * kDecodeTile + warp * 16 + qc * 2,
-                                       end, scale_log2, m, l, o);
+      if (!loads_only) {
+        if constexpr (kHN)
+          decode_tile_update_hn<T, D, kRow>(k_s, k_s + S::kTileElems, qb, lane, start + t * kDecodeTile + warp * 16,
+                                            end, scale_log2, m, l, o);
+        else
+          decode_tile_update<T, D, kRow>(k_s, k_s + S::kTileElems, QFragRegs<D>{qa}, lane,
+                                         start + t * kDecodeTile + warp * 16 + qc * 2, end, scale_log2, m, l, o);
+      }
       if (early) {  // slot t % kStages is free once every warp is past tile t; tile t + kStages's offsets
         __syncthreads();  // (written above, in this slot's offsets) are visible after this barrier too
         if (t + kStages < ntiles) load_tile(t + kStages);
@@ -636,7 +755,10 @@ paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t 
   pdl_launch_dependents();  // every read is done: the reduction (or the next op) may be scheduled
   __syncthreads();
   float* o_m = reinterpret_cast<float*>(stage_base);        // warp partials, see warp_partials_to_smem
-  warp_partials_to_smem<D>(o_m, m, l, o, warp, qr, qc);
+  if constexpr (kHN)
+    warp_partials_to_smem_hn<D>(o_m, m, l, o, warp, lane);
+  else
+    warp_partials_to_smem<D>(o_m, m, l, o, warp, qr, qc);
   __syncthreads();
   // v7 (tickets): the group's splits that hold part of the context (ctx > 0 here when split); a
   // context within split 0 is written by that CTA directly

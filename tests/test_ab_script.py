@@ -9,7 +9,8 @@ import pytest
 from _scripts import load_script
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
-SCRIPTS = ["ab_v6_wgmma3.sh", "ab_ks_caps.sh", "ab_clock_gemm.sh", "prefill_source_map.sh", "prefill_engine_check.sh"]
+SCRIPTS = ["ab_v6_wgmma3.sh", "ab_ks_caps.sh", "ab_clock_gemm.sh", "prefill_source_map.sh", "prefill_engine_check.sh",
+           "heads_as_n_check.sh"]
 
 
 @pytest.fixture(params=SCRIPTS)
@@ -40,6 +41,7 @@ def test_every_plan_the_calls_name_is_accepted(script):
     decode += [pl for ls in _plans_after(SCRIPT, "decode_stamps.py --plans") for pl in ls]
     decode += [pl for ls in _plans_after(SCRIPT, "decode_attention.py --plans") for pl in ls]
     decode += [pl for ls in re.findall(r'ARGS_decode_stamps="--plans ([\w+,]+)', SCRIPT) for pl in ls.split(",")]
+    decode += [pl for ls in re.findall(r"^P=([\w+,]+)", SCRIPT, flags=re.M) for pl in ls.split(",")]   # a plan list
     prefill = [pl for ls in re.findall(r'ARGS_prefill_attention="(?:--shapes [\d,]+ )?--plans ([\w,]+)', SCRIPT)
                for pl in ls.split(",")]
     prefill += [pl for ls in _plans_after(SCRIPT, "prefill_stamps.py --plans") for pl in ls]

@@ -557,6 +557,44 @@ def test_decode_reg_stage_is_the_default_bit_for_bit(monkeypatch, mode, plan, dt
         A.paged_decode_attention(q64, kv64.k, kv64.v, torch.zeros_like(bt), ctx.clamp_max(bs), 0.125, backend="cuda")
 
 
+@pytest.mark.parametrize("mode", ["eager", "graph"])
+@pytest.mark.parametrize("plan", ["v3", "v7"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B,Hq,Hkv,D,table,lens", [
+    (1, 32, 8, 128, 32768, None),                             # G=4, 32 splits, one group
+    (5, 32, 8, 128, 4096, None),                              # ragged, one context within split 0
+    (6, 28, 4, 64, 1024, [1, 37, 64, 129, 191, 1000]),        # G=7; 1 to 4 tiles: shorter than the pipeline
+    (3, 14, 2, 64, 2048, [2048, 1999, 1]),                    # G=7 at head dim 64, split
+    (4, 8, 8, 128, 512, [0, 17, 300, 512]),                   # G=1, an empty context
+    (2, 16, 2, 64, 700, [700, 333]),                          # G=8
+])
+def test_decode_heads_as_n_keeps_the_error(monkeypatch, mode, plan, dtype, B, Hq, Hkv, D, table, lens):
+    """OPPO_DECODE_HEADS_AS_N=1 (the split kernel's tiles with the heads as the mma's N: S^T = K Q^T,
+    O^T += V^T P^T, P^T by movmatrix; groups of <= 8 query heads) against the default 16-row form on
+    the same pages: float32 out within 2e-3 of the fp32 reference and within 1e-3 of the default (the
+    same products, summed in another order), on shuffled pages, ragged contexts (empty, one token,
+    shorter than the pipeline, not multiples of the page), G = 1, 4, 7 and 8, split and not, bf16 and
+    fp16, NaN-poisoned outputs, eagerly and from a graph replayed twice. A group of more than 8 heads
+    is a clear error, not a silent fallback."""
+    _use_plan(monkeypatch, plan)
+    bs = 16
+    lens = lens or [max(1, table - 5 - 1500 * b) for b in range(B)]
+    kv = PagedKV(num_blocks=sum(math.ceil(max(n, 1) / bs) for n in lens) + 7, block_size=bs, Hkv=Hkv, D=D, dtype=dtype)
+    bt = kv.tables([max(n, 1) for n in lens], extra_blocks=table // bs - max(math.ceil(max(n, 1) / bs) for n in lens))
+    kv.fill(bt, [max(n, 1) for n in lens])
+    ctx = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    q = torch.randn(B, Hq, D, device="cuda").to(dtype)
+    ref = A.paged_decode_attention_ref(q.float(), kv.k.float(), kv.v.float(), _ref_tables(bt), ctx, D ** -0.5)
+    base, runs = _switch_runs(monkeypatch, "OPPO_DECODE_HEADS_AS_N", mode, q, kv, bt, ctx, D ** -0.5)
+    for got in runs:
+        assert torch.isfinite(got).all()
+        assert float((got - ref).norm() / ref.norm()) < 2e-3
+        assert float((got - base).norm() / base.norm()) < 1e-3
+    q16 = torch.randn(B, 16 * Hkv, D, device="cuda").to(dtype)
+    with pytest.raises(RuntimeError, match="at most 8 query heads"):
+        A.paged_decode_attention(q16, kv.k, kv.v, bt, ctx, D ** -0.5, backend="cuda")
+
+
 @pytest.mark.parametrize("switch", ["OPPO_DECODE_PDL", "OPPO_DECODE_PREFETCH=1", "OPPO_DECODE_PREFETCH=2",
                                     "OPPO_DECODE_REFILL", "both"])
 @pytest.mark.parametrize("plan", ["v3", "v6", "v7"])

@@ -138,3 +138,53 @@ def test_register_staged_decode_kernel_fits_two_ctas_and_loads_16_bytes():
     assert any(re.search(r"\bLDG\.E\.(128|ENL2\.128)", x) or ("LDG" in x and ".128" in x) for x in ins), "no 16-byte LDG"
     wait = next(i for i, x in enumerate(ins) if "ACQBULK" in x)
     assert not [x for x in ins[:wait] if _GLOBAL_READ.search(x)], "global reads before the PDL wait"
+
+
+HN_SOURCE = """
+#include <cuda_bf16.h>
+#include "paged_decode_attention.cuh"
+using T = __nv_bfloat16;
+template __global__ void oppo::attn::paged_decode_kernel<T, {D}, 3, false, {HN}>(void* __restrict__, bool, int64_t,
+    int64_t, const T* __restrict__, int64_t, int64_t, const T* __restrict__, const T* __restrict__, int64_t, int, int,
+    int, int, const int* __restrict__, int64_t, int, const int* __restrict__, float* __restrict__, float* __restrict__,
+    int, int, int, float, int, unsigned* __restrict__);
+"""
+
+
+def _split_kernel_sass(D: int, hn: bool) -> tuple[int, list[str], str]:
+    """(registers, SASS instructions, ptxas's report) of the split kernel at head dim D, 3 stages,
+    with the heads as the mma's N or not."""
+    tmp = Path(tempfile.mkdtemp(prefix="decode_hn_"))
+    try:
+        report, sass = nvcc_sm90a(HN_SOURCE.replace("{D}", str(D)).replace("{HN}", "true" if hn else "false"), tmp,
+                                  sass_with=cuobjdump_path())
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    regs = int(re.search(r"Used (\d+) registers", report).group(1))
+    ins = [ln.split(";")[0] for ln in sass.splitlines() if re.search(r"/\*[0-9a-f]{4,}\*/", ln)]
+    return regs, ins, report
+
+
+@pytest.mark.parametrize("D", [64, 128])
+def test_heads_as_n_decode_kernel_halves_the_mma_and_fits(D):
+    """OPPO_DECODE_HEADS_AS_N=1's kernel (the split kernel with the heads as the mma's N, for groups of
+    <= 8 query heads) is planned as the default kernel: no spill, registers within the CTAs per SM the
+    mirror assumes; its tile loop issues half the default's HMMA and
+    MUFU.EX2 (counted over the whole kernel, whose merge adds the same few exponentials to both), and
+    its P^T goes through MOVM (movmatrix), and nothing is read before the PDL wait."""
+    regs, ins, report = _split_kernel_sass(D, True)
+    base_regs, base_ins, _ = _split_kernel_sass(D, False)
+    assert re.search(r"\b0 bytes spill stores, 0 bytes spill loads", report), report
+    assert regs * 128 * A._DECODE_CTAS_BY_REGS[D] <= 65536, (regs, base_regs)
+
+    def count(pattern, xs):
+        return sum(1 for x in xs if re.search(pattern, x))
+
+    hmma, base_hmma = count(r"\bHMMA\.16816", ins), count(r"\bHMMA\.16816", base_ins)
+    assert base_hmma > 0 and 2 * hmma <= base_hmma + 8, (hmma, base_hmma)
+    ex2, base_ex2 = count(r"\bMUFU\.EX2", ins), count(r"\bMUFU\.EX2", base_ins)
+    assert ex2 < base_ex2, (ex2, base_ex2)
+    assert count(r"\bMOVM\b", ins) > 0
+    print(f"D={D}: registers {regs} (default {base_regs}), HMMA {hmma} ({base_hmma}), MUFU.EX2 {ex2} ({base_ex2})")
+    wait = next(i for i, x in enumerate(ins) if "ACQBULK" in x)
+    assert not [x for x in ins[:wait] if _GLOBAL_READ.search(x)], "global reads before the PDL wait"
