@@ -521,6 +521,21 @@ def test_decode_fast_merge_keeps_the_error(monkeypatch, mode, B, Hq, Hkv, D, tab
         assert float((got - base).norm() / base.norm()) < 1e-5
 
 
+def _ragged_switch_case(B, Hq, Hkv, D, table, lens, dtype):
+    """A decode case for the switch tests: `lens` (default: from table - 5 down by 1500 a sequence;
+    0 = an empty context) on shuffled 16-token pages, tables `table` tokens wide; q, and the fp32
+    reference. Returns (kv, block tables, context lens, q, reference)."""
+    bs = 16
+    lens = lens or [max(1, table - 5 - 1500 * b) for b in range(B)]
+    kv = PagedKV(num_blocks=sum(math.ceil(max(n, 1) / bs) for n in lens) + 7, block_size=bs, Hkv=Hkv, D=D, dtype=dtype)
+    bt = kv.tables([max(n, 1) for n in lens], extra_blocks=table // bs - max(math.ceil(max(n, 1) / bs) for n in lens))
+    kv.fill(bt, [max(n, 1) for n in lens])
+    ctx = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    q = torch.randn(B, Hq, D, device="cuda").to(dtype)
+    ref = A.paged_decode_attention_ref(q.float(), kv.k.float(), kv.v.float(), _ref_tables(bt), ctx, D ** -0.5)
+    return kv, bt, ctx, q, ref
+
+
 @pytest.mark.parametrize("mode", ["eager", "graph"])
 @pytest.mark.parametrize("plan", ["v3", "v7"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -540,13 +555,7 @@ def test_decode_reg_stage_is_the_default_bit_for_bit(monkeypatch, mode, plan, dt
     64 it is a clear error, not a silent fallback."""
     _use_plan(monkeypatch, plan)
     D, bs = 128, 16
-    lens = lens or [max(1, table - 5 - 1500 * b) for b in range(B)]
-    kv = PagedKV(num_blocks=sum(math.ceil(max(n, 1) / bs) for n in lens) + 7, block_size=bs, Hkv=Hkv, D=D, dtype=dtype)
-    bt = kv.tables([max(n, 1) for n in lens], extra_blocks=table // bs - max(math.ceil(max(n, 1) / bs) for n in lens))
-    kv.fill(bt, [max(n, 1) for n in lens])
-    ctx = torch.tensor(lens, dtype=torch.int32, device="cuda")
-    q = torch.randn(B, Hq, D, device="cuda").to(dtype)
-    ref = A.paged_decode_attention_ref(q.float(), kv.k.float(), kv.v.float(), _ref_tables(bt), ctx, D ** -0.5)
+    kv, bt, ctx, q, ref = _ragged_switch_case(B, Hq, Hkv, D, table, lens, dtype)
     base, runs = _switch_runs(monkeypatch, "OPPO_DECODE_REG_STAGE", mode, q, kv, bt, ctx, D ** -0.5)
     for got in runs:
         assert torch.equal(got, base)
@@ -577,14 +586,7 @@ def test_decode_heads_as_n_keeps_the_error(monkeypatch, mode, plan, dtype, B, Hq
     fp16, NaN-poisoned outputs, eagerly and from a graph replayed twice. A group of more than 8 heads
     is a clear error, not a silent fallback."""
     _use_plan(monkeypatch, plan)
-    bs = 16
-    lens = lens or [max(1, table - 5 - 1500 * b) for b in range(B)]
-    kv = PagedKV(num_blocks=sum(math.ceil(max(n, 1) / bs) for n in lens) + 7, block_size=bs, Hkv=Hkv, D=D, dtype=dtype)
-    bt = kv.tables([max(n, 1) for n in lens], extra_blocks=table // bs - max(math.ceil(max(n, 1) / bs) for n in lens))
-    kv.fill(bt, [max(n, 1) for n in lens])
-    ctx = torch.tensor(lens, dtype=torch.int32, device="cuda")
-    q = torch.randn(B, Hq, D, device="cuda").to(dtype)
-    ref = A.paged_decode_attention_ref(q.float(), kv.k.float(), kv.v.float(), _ref_tables(bt), ctx, D ** -0.5)
+    kv, bt, ctx, q, ref = _ragged_switch_case(B, Hq, Hkv, D, table, lens, dtype)
     base, runs = _switch_runs(monkeypatch, "OPPO_DECODE_HEADS_AS_N", mode, q, kv, bt, ctx, D ** -0.5)
     for got in runs:
         assert torch.isfinite(got).all()
