@@ -42,6 +42,17 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* 
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_u32(p)));
 }
 
+// The online softmax's running max (log2 domain) after a tile whose max is mx: m becomes max(m, mx);
+// m_use is what the tile's scores are shifted by (0 while everything so far is masked, so that exp2
+// gives 0, not NaN); returns the factor that rescales the sums and outputs accumulated so far.
+__device__ __forceinline__ float online_max_step(float& m, float mx, float& m_use) {
+  const float m_new = fmaxf(m, mx);
+  m_use = m_new == -INFINITY ? 0.f : m_new;
+  const float corr = exp2f(m - m_use);
+  m = m_new;
+  return corr;
+}
+
 template <typename T> struct Mma;
 template <> struct Mma<__nv_bfloat16> {
   __device__ __forceinline__ static void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {

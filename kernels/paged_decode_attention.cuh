@@ -134,10 +134,8 @@ __device__ __forceinline__ void decode_tile_update(const T* k_s, const T* v_s, c
     float mx = fmaxf(fmaxf(s[0][2 * h], s[0][2 * h + 1]), fmaxf(s[1][2 * h], s[1][2 * h + 1]));
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-    const float m_new = fmaxf(m[h], mx);
-    const float m_use = m_new == -INFINITY ? 0.f : m_new;
-    const float corr = exp2f(m[h] - m_use);
-    m[h] = m_new;
+    float m_use;
+    const float corr = online_max_step(m[h], mx, m_use);
     float sum = 0.f;
 #pragma unroll
     for (int nt = 0; nt < 2; ++nt) {
@@ -219,10 +217,8 @@ __device__ __forceinline__ void decode_tile_update_hn(const T* k_s, const T* v_s
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
-    const float m_new = fmaxf(m[h], mx);
-    const float m_use = m_new == -INFINITY ? 0.f : m_new;
-    const float corr = exp2f(m[h] - m_use);
-    m[h] = m_new;
+    float m_use;
+    const float corr = online_max_step(m[h], mx, m_use);
     s[h] = exp2f(s[h] - m_use);
     s[2 + h] = exp2f(s[2 + h] - m_use);
     l[h] = l[h] * corr + (s[h] + s[2 + h]);

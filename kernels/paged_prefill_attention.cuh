@@ -161,10 +161,8 @@ paged_prefill_kernel(void* __restrict__ out, int flags, int64_t o_s0, int64_t o_
       for (int j = 0; j < BN / 8; ++j) mx = fmaxf(mx, fmaxf(s[j][2 * h], s[j][2 * h + 1]));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_new = fmaxf(m[h], mx);
-      const float m_use = m_new == -INFINITY ? 0.f : m_new;
-      const float corr = exp2f(m[h] - m_use);
-      m[h] = m_new;
+      float m_use;
+      const float corr = online_max_step(m[h], mx, m_use);
       float sum = 0.f;
 #pragma unroll
       for (int j = 0; j < BN / 8; ++j) {
