@@ -29,9 +29,4 @@ BENCH_ONLY=1 SMOKE=0 BENCH_LIMIT=150 PYTEST_FILES=tests/test_attention_gpu.py PY
 tail -12 "$O/report.md"
 timeout 120 python3 bench/decode_attention.py --shapes 1,4 --no-flex --plans v7+l2,v7+l2+sm,v7+l2+lo,v7+l2+sm+lo \
   --out "$O/decode_attention_reversed.json" 2>&1 | tail -8
-SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
-for tool in memcheck racecheck; do
-  PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 100 "$SAN" --tool $tool --error-exitcode 9 \
-    python3 bench/sanitize_attention.py --decode-only --decode-plans=v7:sm > "$O/${tool}_sm.txt" 2>&1
-  echo "$tool v7:sm rc=$?"; tail -2 "$O/${tool}_sm.txt"
-done
+bash bench/sanitize_decode.sh "$O" sm --decode-plans=v7:sm 100

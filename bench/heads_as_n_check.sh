@@ -21,9 +21,4 @@ tail -8 "$O/report.md"
 grep -E "passed|failed" "$O/log.txt" | tail -4
 grep -A9 "^ours = plan" "$O/log.txt" | tail -9
 timeout 120 python3 bench/decode_attention.py --no-flex --plans "$R" --out "$O/decode_hn_s1_reversed.json" 2>&1 | tail -7
-SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
-for tool in racecheck memcheck; do
-  PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 60 "$SAN" --tool $tool --error-exitcode 9 \
-    python3 bench/sanitize_attention.py --decode-only --decode-plans=v7:hn,v3:hn > "$O/${tool}_hn.txt" 2>&1
-  echo "$tool hn rc=$?"; grep -E "SUMMARY" "$O/${tool}_hn.txt" | tail -1
-done
+bash bench/sanitize_decode.sh "$O" hn --decode-plans=v7:hn,v3:hn

@@ -20,9 +20,4 @@ tail -8 "$O/report.md"
 grep -E "passed|failed" "$O/log.txt" | tail -4
 timeout 100 python3 bench/decode_attention.py --no-flex --shapes 0,2,3,4 --plans v7+l2+rs,v7+l2 \
   --out "$O/decode_rs_reversed.json" 2>&1 | tail -7
-SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
-for tool in racecheck memcheck; do
-  PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 60 "$SAN" --tool $tool --error-exitcode 9 \
-    python3 bench/sanitize_attention.py --decode-only --decode-plans=v7:rs,v3:rs > "$O/${tool}_rs.txt" 2>&1
-  echo "$tool rs rc=$?"; grep -E "SUMMARY" "$O/${tool}_rs.txt" | tail -1
-done
+bash bench/sanitize_decode.sh "$O" rs --decode-plans=v7:rs,v3:rs
