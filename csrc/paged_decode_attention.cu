@@ -95,20 +95,33 @@ PlanKind decode_plan_kind() {
   return PlanKind::v3;
 }
 
+// A 0/1 switch read at every call: `dflt` when unset or empty, off when 0, on when 1, anything else
+// an error.
+bool env_switch(const char* name, bool dflt = false) {
+  const char* e = std::getenv(name);
+  if (e == nullptr || *e == 0) return dflt;
+  if (std::strcmp(e, "0") == 0) return false;
+  OPPO_CHECK(std::strcmp(e, "1") == 0, name, " must be 0 or 1, got '", e, "'");
+  return true;
+}
+
+// An integer switch read at every call: `dflt` when unset, else checked to lie in lo..hi.
+int env_int(const char* name, int dflt, int lo, int hi) {
+  const char* e = std::getenv(name);
+  if (e == nullptr || *e == 0) return dflt;
+  char* end = nullptr;
+  const long v = std::strtol(e, &end, 10);
+  OPPO_CHECK(end != e && *end == 0 && v >= lo && v <= hi, name, " must be an integer in ", lo, "..", hi, ", got '", e,
+             "'");
+  return static_cast<int>(v);
+}
+
 // OPPO_DECODE_PDL=1: the split kernel and its reduction are launched with programmatic dependent
 // launch (cudaLaunchKernelEx, programmatic stream serialization): each may be scheduled before the
 // kernel ahead of it in the stream has finished, and waits in the kernel (griddepcontrol.wait)
 // before its first read, so only the launch latency between kernels is hidden. Default off (0):
 // session 17 (H100) measured v3+pdl 1.2 us faster than v3 on (1, 32768) (56.7 vs 57.9 us) and equal on
 // the shapes that do not split, but not yet with the prefetch default nor in the engine's graphs.
-// A 0/1 switch read at every call: off when unset, empty or 0, on when 1, anything else an error.
-bool env_switch(const char* name) {
-  const char* e = std::getenv(name);
-  if (e == nullptr || *e == 0 || std::strcmp(e, "0") == 0) return false;
-  OPPO_CHECK(std::strcmp(e, "1") == 0, name, " must be 0 or 1, got '", e, "'");
-  return true;
-}
-
 bool decode_pdl() { return env_switch("OPPO_DECODE_PDL"); }
 
 // OPPO_DECODE_PREFETCH=0|1|2: the split kernel also prefetches into L2 the rows of the 1 or 2 tiles
@@ -136,10 +149,7 @@ int decode_l2_ahead() {
 // merge's loads in batches of 32 at D=128 (kDecodeFastMerge); 0: two __threadfence around the
 // atomicAdd and batches of 16. Session 25 (H100, both plan orders): 56.2 / 55.8 us against 56.7 / 56.9
 // at (1, 32768), equal on the D=64 shape that does not split (bench/NOTES.md).
-bool decode_fast_merge() {
-  const char* e = std::getenv("OPPO_DECODE_FAST_MERGE");
-  return e == nullptr || *e == 0 || env_switch("OPPO_DECODE_FAST_MERGE");
-}
+bool decode_fast_merge() { return env_switch("OPPO_DECODE_FAST_MERGE", true); }
 
 // OPPO_DECODE_REG_STAGE=1 (plans v2, v3, v7 at head dim 128): an A/B switch, off by default: the
 // split kernel's register-staged loader (paged_decode_kernel's kRS: ld.global into registers,
@@ -211,8 +221,6 @@ DecodePlan split_into(int64_t splits, int64_t max_ctx) {
 // tokens, one CTA at ~10 GB/s) set the time, 45 us against a floor of 10 (session 13). With a cap,
 // the long contexts get more CTAs; a split past a context's end exits at once and the reduction
 // never reads it.
-int env_int(const char* name, int dflt, int lo, int hi);
-
 DecodePlan plan_decode(int64_t base, int64_t max_ctx, int sms, int resident, bool v2, int64_t max_partition) {
   using oppo::attn::kDecodeTile;
   int64_t splits = 1;
@@ -234,16 +242,6 @@ DecodePlan plan_decode(int64_t base, int64_t max_ctx, int sms, int resident, boo
   return split_into(splits, max_ctx);
 }
 
-// An integer switch read at every call: `dflt` when unset, else checked to lie in lo..hi.
-int env_int(const char* name, int dflt, int lo, int hi) {
-  const char* e = std::getenv(name);
-  if (e == nullptr || *e == 0) return dflt;
-  char* end = nullptr;
-  const long v = std::strtol(e, &end, 10);
-  OPPO_CHECK(end != e && *end == 0 && v >= lo && v <= hi, name, " must be an integer in ", lo, "..", hi, ", got '", e,
-             "'");
-  return static_cast<int>(v);
-}
 
 // v5 (dynamic items on the v4 kernel): at least `items_per_slot` (OPPO_DECODE_V5_ITEMS, default 4)
 // work items per resident CTA slot, so that CTAs that stream faster take more of them: splits =

@@ -148,8 +148,8 @@ def test_doctor_lists_every_environment_switch_the_package_reads():
         read |= set(re.findall(r"""environ(?:\.get)?\(\s*["'](OPPO_[A-Z0-9_]+)""", f.read_text()))
         read |= set(re.findall(r"""environ\[\s*["'](OPPO_[A-Z0-9_]+)""", f.read_text()))
     for f in (src.parent / "csrc").glob("*.cu"):                # the CUDA launchers read some too
-        # getenv("NAME") or a helper given the name (env_int("NAME", ...)): any literal that is a name
-        read |= set(re.findall(r'(?:getenv|env_int)\(\s*"(OPPO_[A-Z0-9_]+)"', f.read_text()))
+        # getenv("NAME") or a helper given the name (env_int / env_switch("NAME", ...)): any literal that is a name
+        read |= set(re.findall(r'(?:getenv|env_int|env_switch)\(\s*"(OPPO_[A-Z0-9_]+)"', f.read_text()))
     listed = {name for name, _ in _SWITCHES}
     assert read and read <= listed, f"not listed by doctor: {sorted(read - listed)}"
 
