@@ -224,8 +224,8 @@ def paged_decode_plan(B: int, Hq: int, Hkv: int, head_dim: int, table_tokens: in
     splits = 1
     max_ctx = min(table_tokens, 2**31 - 1)
     if plan == "v5":
-        items = int(os.environ.get("OPPO_DECODE_V5_ITEMS") or _DECODE_V5_ITEMS)
-        max_part = int(os.environ.get("OPPO_DECODE_V5_MAX_PART") or _DECODE_V5_MAX_PART)
+        items = _env_int_in("OPPO_DECODE_V5_ITEMS", _DECODE_V5_ITEMS, 1, 64)             # the launcher's bounds
+        max_part = _env_int_in("OPPO_DECODE_V5_MAX_PART", _DECODE_V5_MAX_PART, _DECODE_MIN_PARTITION, 1 << 30)
         splits = max(-(-items * sm_count * max(1, resident) // base), -(-max_ctx // max_part))
     elif plan == "v2":
         target = 8 * sm_count
