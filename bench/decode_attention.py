@@ -1,7 +1,7 @@
 """Paged decode attention: achieved KV bytes/s over the copy bandwidth measured in the same run,
 beside PyTorch SDPA on a contiguous (unpaged) cache of the same shape and FlexAttention.
 
-    python bench/decode_attention.py [--out PATH] [--block-size 16] [--no-flex] [--shapes 0,2] [--plans v4,v3]
+    python bench/decode_attention.py [--out PATH] [--block-size 16] [--no-flex] [--shapes 0,2,64x4096x16x8x128] [--plans v4,v3]
                                      [--head-major] [--ragged] [--caps 256,512]
 
 --plans: time our kernel under each plan (OPPO_DECODE_PLAN: v2, v3, v4, v5, v6, v7) in the same run; the first
@@ -61,6 +61,20 @@ SHAPES = [  # B, ctx, Hq, Hkv, D  (issue 7)
 RAGGED = (128, "ragged", 14, 2, 64)     # --ragged: workload G's decode batch
 
 
+def parse_shape(spec: str) -> tuple[int, int, int, int, int]:
+    """--shapes item: an index into SHAPES, or a shape of its own as BxCTXxHQxHKVxD (e.g. 64x4096x16x8x128
+    for a group of 2 heads: a sweep beside issue 7's five, whose minima then include it)."""
+    spec = spec.strip()
+    if "x" not in spec:
+        return SHAPES[int(spec)]
+    parts = spec.split("x")
+    ok = len(parts) == 5 and all(p.isdigit() and int(p) > 0 for p in parts)
+    assert ok, f"--shapes takes indices into SHAPES or BxCTXxHQxHKVxD shapes, got {spec!r}"
+    B, ctx, Hq, Hkv, D = (int(p) for p in parts)
+    assert Hq % Hkv == 0 and D in (64, 128), f"--shapes {spec!r}: Hq a multiple of Hkv, D 64 or 128"
+    return B, ctx, Hq, Hkv, D
+
+
 def ragged_lengths(B: int, seed: int = 0, prompt: int = 128, median: float = 400.0, sigma: float = 1.0,
                    cap: int = 4096) -> list[int]:
     """Context lengths of a decode batch part-way through lognormal responses (see --ragged)."""
@@ -100,9 +114,10 @@ _V5 = re.compile(r"(v5)(?:x(\d+))?(?:p(\d+))?")   # v5, v5xN, v5pM, v5xNpM
 # the split plans with their switches (+pdl: OPPO_DECODE_PDL=1, +l2 / +l2x2: OPPO_DECODE_PREFETCH=1 / 2,
 # +lo: OPPO_DECODE_DIAG_LOADS_ONLY=1, +rf: OPPO_DECODE_REFILL=1, +sm: OPPO_DECODE_FAST_MERGE=0, the slow
 # merge; the fast one is the default since session 25; +rs: OPPO_DECODE_REG_STAGE=1, head dim 128; +sN:
-# OPPO_DECODE_SPLIT_SLOTS=N, the splits planned as if N CTAs per SM were resident; +hn:
-# OPPO_DECODE_HEADS_AS_N=1, the heads as the mma's N, groups of <= 8 heads), and v4
-_SPLIT_PLAN = re.compile(r"(v2|v3|v6|v7)(\+pdl|\+l2|\+l2x2|\+lo|\+rf|\+sm|\+rs|\+hn|\+s\d{1,2})*|v4")
+# OPPO_DECODE_SPLIT_SLOTS=N, the splits planned as if N CTAs per SM were resident; +hn / +hn0:
+# OPPO_DECODE_HEADS_AS_N=1 / 0, the heads as the mma's N forced on (groups of <= 8 heads) / off; neither:
+# unset, the runtime's default, on for groups of 2..8 heads since session 27), and v4
+_SPLIT_PLAN = re.compile(r"(v2|v3|v6|v7)(\+pdl|\+l2|\+l2x2|\+lo|\+rf|\+sm|\+rs|\+hn0?|\+s\d{1,2})*|v4")
 
 
 @contextlib.contextmanager
@@ -114,7 +129,8 @@ def plan_env(plan: str):
     OPPO_DECODE_FAST_MERGE=0 (1, the default, otherwise); for PLAN+rs, OPPO_DECODE_REG_STAGE=1 (the
     register-staged loader, head dim 128 only: at head dim 64 its rows record the launcher's error); for
     PLAN+sN, OPPO_DECODE_SPLIT_SLOTS=N (splits for N CTAs per SM; 0, the kernel's own, otherwise); for
-    PLAN+hn, OPPO_DECODE_HEADS_AS_N=1 (groups of <= 8 heads: other rows record the launcher's error); the others 0
+    PLAN+hn, OPPO_DECODE_HEADS_AS_N=1 (groups of <= 8 heads: other rows record the launcher's error), for
+    PLAN+hn0, OPPO_DECODE_HEADS_AS_N=0, neither: empty (the runtime's default, by the group); the others 0
     otherwise, so bare v3 runs without the prefetch the runtime defaults to) set inside: the launcher and the plan mirror both read them."""
     m = _V5.fullmatch(plan)
     base, items, max_part = (m.group(1), m.group(2), m.group(3)) if m else (plan, None, None)
@@ -127,7 +143,7 @@ def plan_env(plan: str):
           env_var("OPPO_DECODE_REFILL", "1" if "rf" in switches else "0"),
           env_var("OPPO_DECODE_FAST_MERGE", "0" if "sm" in switches else "1"),
           env_var("OPPO_DECODE_REG_STAGE", "1" if "rs" in switches else "0"),
-          env_var("OPPO_DECODE_HEADS_AS_N", "1" if "hn" in switches else "0"),
+          env_var("OPPO_DECODE_HEADS_AS_N", "1" if "hn" in switches else "0" if "hn0" in switches else ""),
           env_var("OPPO_DECODE_SPLIT_SLOTS", next((w[1:] for w in switches if re.fullmatch(r"s\d+", w)), "0"))):
         yield
 
@@ -141,7 +157,7 @@ def main() -> None:
     info = device_info()
     bw = copy_bandwidth()
     print(f"{info['card']}  torch {info['torch']}  copy bandwidth {bw / 1e12:.2f} TB/s (read + write)")
-    shapes = SHAPES if args.shapes is None else [SHAPES[int(i)] for i in args.shapes.split(",")]
+    shapes = SHAPES if args.shapes is None else [parse_shape(i) for i in args.shapes.split(",")]
     if ragged_row:
         shapes = [*shapes, RAGGED]
     out_path = results_path("decode_attention", args.out)

@@ -156,9 +156,17 @@ bool decode_fast_merge() { return env_switch("OPPO_DECODE_FAST_MERGE", true); }
 // st.shared an iteration later, in place of cp.async from tile 2 on). Built in session 25 after its
 // loads probe (ldgst) read the same bytes 2-3% faster than cp.async.
 bool decode_reg_stage() { return env_switch("OPPO_DECODE_REG_STAGE"); }
-// OPPO_DECODE_HEADS_AS_N=1: the split kernel's tiles with the heads as the mma's N (groups of <= 8
-// query heads per kv head; plans v2, v3, v7): half the mma and exponentials of the 16-row form
-bool decode_heads_as_n() { return env_switch("OPPO_DECODE_HEADS_AS_N"); }
+// The split kernel's tiles with the heads as the mma's N (plans v2, v3, v7; groups of <= 8 query heads
+// per kv head): half the mma and exponentials of the 16-row form. OPPO_DECODE_HEADS_AS_N unset (the
+// default): on for groups of 2..8 heads with the plans that have it (session 27, H200, both plan
+// orders: 1.2-1.5 us faster at issue 7's two small shapes, 0.2-1.7% at G = 4 and D = 128, 2% off the
+// engine's step; at G = 1, (128, 2048, 32, 32, 128), 2.5-3% slower, so not there); 1: on (an error
+// for groups of more than 8 heads, or with plan v6 or OPPO_DECODE_REG_STAGE); 0: off.
+bool decode_heads_as_n(int G, PlanKind kind, bool reg_stage) {
+  const char* e = std::getenv("OPPO_DECODE_HEADS_AS_N");
+  if (e != nullptr && *e != 0) return env_switch("OPPO_DECODE_HEADS_AS_N");
+  return G >= 2 && G <= 8 && kind != PlanKind::v6 && !reg_stage;
+}
 
 int decode_pipe_flags() {
   return decode_l2_ahead() | (env_switch("OPPO_DECODE_REFILL") ? oppo::attn::kDecodeEarlyRefill : 0) |
@@ -562,7 +570,7 @@ void launch_decode(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cac
   else if (kind == PlanKind::v6 && DecodeLeanCfg<D>::kStages != DecodeCfg<D>::kStages)
     launch_decode_split<T, D, DecodeLeanCfg<D>::kStages>(kind, out, q, k_cache, v_cache, block_tables, context_lens,
                                                          scale, workspace, max_partition);
-  else if (decode_heads_as_n()) {
+  else if (decode_heads_as_n(static_cast<int>(q.size(1) / k_cache.size(2)), kind, decode_reg_stage())) {
     OPPO_CHECK(kind != PlanKind::v6 && !decode_reg_stage(),
                "OPPO_DECODE_HEADS_AS_N=1 runs with plans v2, v3 and v7 and without OPPO_DECODE_REG_STAGE");
     launch_decode_split<T, D, DecodeCfg<D>::kStages, false, true>(kind, out, q, k_cache, v_cache, block_tables,

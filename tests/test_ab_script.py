@@ -10,7 +10,7 @@ from _scripts import load_script
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 SCRIPTS = ["ab_v6_wgmma3.sh", "ab_ks_caps.sh", "ab_clock_gemm.sh", "prefill_source_map.sh", "prefill_engine_check.sh",
-           "heads_as_n_check.sh", "reg_stage_check.sh", "epilogue_check.sh"]
+           "heads_as_n_check.sh", "reg_stage_check.sh", "epilogue_check.sh", "hn_default_check.sh"]
 
 
 @pytest.fixture(params=SCRIPTS)
@@ -49,6 +49,9 @@ def test_every_plan_the_calls_name_is_accepted(script):
                 for pl in ls.split(",")]
     prefill += [pl for ls in re.findall(r"--prefill-plans=([\w,]+)", SCRIPT) for pl in ls.split(",")]
     assert decode or prefill
+    for shapes in re.findall(r"^S=([\w,]+)", SCRIPT, flags=re.M):    # a decode shape list (indices or BxCTXxHQxHKVxD)
+        for spec in shapes.split(","):
+            d.parse_shape(spec)
     for pl in decode:
         assert d._SPLIT_PLAN.fullmatch(pl) or d._V5.fullmatch(pl), pl
     for pl in prefill:

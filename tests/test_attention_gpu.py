@@ -554,6 +554,7 @@ def test_decode_reg_stage_is_the_default_bit_for_bit(monkeypatch, mode, plan, dt
     not, bf16 and fp16, NaN-poisoned outputs, eagerly and from a graph replayed twice. At head dim
     64 it is a clear error, not a silent fallback."""
     _use_plan(monkeypatch, plan)
+    monkeypatch.setenv("OPPO_DECODE_HEADS_AS_N", "0")   # the 16-row form on both sides (reg staging's)
     D, bs = 128, 16
     kv, bt, ctx, q, ref = _ragged_switch_case(B, Hq, Hkv, D, table, lens, dtype)
     base, runs = _switch_runs(monkeypatch, "OPPO_DECODE_REG_STAGE", mode, q, kv, bt, ctx, D ** -0.5)
@@ -575,7 +576,7 @@ def test_decode_reg_stage_is_the_default_bit_for_bit(monkeypatch, mode, plan, dt
     (6, 28, 4, 64, 1024, [1, 37, 64, 129, 191, 1000]),        # G=7; 1 to 4 tiles: shorter than the pipeline
     (3, 14, 2, 64, 2048, [2048, 1999, 1]),                    # G=7 at head dim 64, split
     (4, 8, 8, 128, 512, [0, 17, 300, 512]),                   # G=1, an empty context
-    (2, 16, 2, 64, 700, [700, 333]),                          # G=8
+    (2, 16, 2, 64, 704, [700, 333]),                          # G=8 (a context not a multiple of the page)
 ])
 def test_decode_heads_as_n_keeps_the_error(monkeypatch, mode, plan, dtype, B, Hq, Hkv, D, table, lens):
     """OPPO_DECODE_HEADS_AS_N=1 (the split kernel's tiles with the heads as the mma's N: S^T = K Q^T,
@@ -595,6 +596,40 @@ def test_decode_heads_as_n_keeps_the_error(monkeypatch, mode, plan, dtype, B, Hq
     q16 = torch.randn(B, 16 * Hkv, D, device="cuda").to(dtype)
     with pytest.raises(RuntimeError, match="at most 8 query heads"):
         A.paged_decode_attention(q16, kv.k, kv.v, bt, ctx, D ** -0.5, backend="cuda")
+
+
+@pytest.mark.parametrize("plan", ["v3", "v7", "v6"])
+@pytest.mark.parametrize("B,Hq,Hkv,D,table", [
+    (3, 8, 8, 128, 4096),      # G=1: the 16-row form (measured faster there)
+    (3, 16, 8, 128, 4096),     # G=2
+    (1, 32, 8, 128, 32768),    # G=4, split
+    (6, 14, 2, 64, 2048),      # G=7 (Qwen2.5)
+    (4, 16, 2, 64, 1024),      # G=8
+    (2, 32, 2, 64, 1024),      # G=16: the 16-row form, no error
+])
+def test_decode_heads_as_n_is_the_default_for_groups_of_2_to_8(monkeypatch, plan, B, Hq, Hkv, D, table):
+    """OPPO_DECODE_HEADS_AS_N unset (the runtime's default since session 27) runs the heads-as-N tiles
+    for groups of 2..8 query heads with plans v3 and v7: bit for bit the output of =1, and not that of
+    =0; with G = 1, G = 16 or plan v6 it runs the 16-row form (bit for bit =0's), without an error."""
+    _use_plan(monkeypatch, plan)
+    kv, bt, ctx, q, ref = _ragged_switch_case(B, Hq, Hkv, D, table, None, torch.bfloat16)
+
+    def run(value):
+        if value is None:
+            monkeypatch.delenv("OPPO_DECODE_HEADS_AS_N", raising=False)
+        else:
+            monkeypatch.setenv("OPPO_DECODE_HEADS_AS_N", value)
+        out = torch.full((B, Hq, D), float("nan"), device="cuda")
+        return A.paged_decode_attention(q, kv.k, kv.v, bt, ctx, D ** -0.5, out=out, backend="cuda")
+
+    default, off = run(None), run("0")
+    assert float((default - ref).norm() / ref.norm()) < 2e-3
+    if 2 <= Hq // Hkv <= 8 and plan != "v6":
+        on = run("1")
+        assert not torch.equal(on, off)    # the two forms sum in another order: the check below can fail
+        assert torch.equal(default, on)
+    else:
+        assert torch.equal(default, off)
 
 
 @pytest.mark.parametrize("switch", ["OPPO_DECODE_PDL", "OPPO_DECODE_PREFETCH=1", "OPPO_DECODE_PREFETCH=2",

@@ -4,6 +4,7 @@ issue 7's minima, and the plan names' switches."""
 import os
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -45,8 +46,8 @@ def test_summary_keeps_the_ragged_row_out_of_issue_7s_minima():
 
 def test_plan_switches_set_every_decode_switch_and_restore_them(monkeypatch):
     """A plan name states all of its switches: +lo sets OPPO_DECODE_DIAG_LOADS_ONLY=1, +rf
-    OPPO_DECODE_REFILL=1, +rs OPPO_DECODE_REG_STAGE=1 and +hn OPPO_DECODE_HEADS_AS_N=1, their absence 0,
-    +sN OPPO_DECODE_SPLIT_SLOTS=N,
+    OPPO_DECODE_REFILL=1, +rs OPPO_DECODE_REG_STAGE=1, their absence 0, +hn and +hn0
+    OPPO_DECODE_HEADS_AS_N=1 and 0, their absence empty (the runtime's default, by the group), +sN OPPO_DECODE_SPLIT_SLOTS=N,
     its absence 0, and +sm OPPO_DECODE_FAST_MERGE=0, its absence 1 (the runtime's
     default) (so an A/B is one plan with a switch and one without,
     whatever the caller's environment), beside +pdl and +l2 / +l2x2; the caller's values come back
@@ -56,15 +57,16 @@ def test_plan_switches_set_every_decode_switch_and_restore_them(monkeypatch):
     names = ("OPPO_DECODE_PLAN", "OPPO_DECODE_PDL", "OPPO_DECODE_PREFETCH", "OPPO_DECODE_DIAG_LOADS_ONLY",
              "OPPO_DECODE_REFILL", "OPPO_DECODE_FAST_MERGE", "OPPO_DECODE_REG_STAGE", "OPPO_DECODE_SPLIT_SLOTS",
              "OPPO_DECODE_HEADS_AS_N")
-    want = {"v7+l2": ("v7", "0", "1", "0", "0", "1", "0", "0", "0"),
-            "v7+l2+lo": ("v7", "0", "1", "1", "0", "1", "0", "0", "0"),
-            "v7+rf+lo": ("v7", "0", "0", "1", "1", "1", "0", "0", "0"),
-            "v3+pdl+l2x2+lo+rf": ("v3", "1", "2", "1", "1", "1", "0", "0", "0"),
-            "v7+l2+sm": ("v7", "0", "1", "0", "0", "0", "0", "0", "0"), "v6": ("v6", "0", "0", "0", "0", "1", "0", "0", "0"),
-            "v7+l2+rs": ("v7", "0", "1", "0", "0", "1", "1", "0", "0"),
-            "v7+l2+s1": ("v7", "0", "1", "0", "0", "1", "0", "1", "0"),
-            "v7+s12+lo": ("v7", "0", "0", "1", "0", "1", "0", "12", "0"),
-            "v7+l2+hn+s1": ("v7", "0", "1", "0", "0", "1", "0", "1", "1")}
+    want = {"v7+l2": ("v7", "0", "1", "0", "0", "1", "0", "0", ""),
+            "v7+l2+lo": ("v7", "0", "1", "1", "0", "1", "0", "0", ""),
+            "v7+rf+lo": ("v7", "0", "0", "1", "1", "1", "0", "0", ""),
+            "v3+pdl+l2x2+lo+rf": ("v3", "1", "2", "1", "1", "1", "0", "0", ""),
+            "v7+l2+sm": ("v7", "0", "1", "0", "0", "0", "0", "0", ""), "v6": ("v6", "0", "0", "0", "0", "1", "0", "0", ""),
+            "v7+l2+rs": ("v7", "0", "1", "0", "0", "1", "1", "0", ""),
+            "v7+l2+s1": ("v7", "0", "1", "0", "0", "1", "0", "1", ""),
+            "v7+s12+lo": ("v7", "0", "0", "1", "0", "1", "0", "12", ""),
+            "v7+l2+hn+s1": ("v7", "0", "1", "0", "0", "1", "0", "1", "1"),
+            "v7+l2+hn0": ("v7", "0", "1", "0", "0", "1", "0", "0", "0")}
     for plan, values in want.items():
         assert D._SPLIT_PLAN.fullmatch(plan), plan
         with D.plan_env(plan):
@@ -73,3 +75,14 @@ def test_plan_switches_set_every_decode_switch_and_restore_them(monkeypatch):
     assert not D._SPLIT_PLAN.fullmatch("v7+lo2")
     assert not D._SPLIT_PLAN.fullmatch("v7+fm")
     assert not D._SPLIT_PLAN.fullmatch("v7+s")
+
+
+def test_shapes_take_indices_or_shapes_of_their_own():
+    """--shapes: an index into issue 7's SHAPES, or BxCTXxHQxHKVxD (a group-size sweep beside them);
+    anything else, a GQA ratio that does not divide or a head dim without a kernel, is a clear error."""
+    D = load_script(BENCH, "decode_attention")
+    assert D.parse_shape("4") == D.SHAPES[4]
+    assert D.parse_shape(" 64x4096x16x8x128") == (64, 4096, 16, 8, 128)
+    for bad in ("64x4096x16x8", "64x4096x12x8x128", "64x4096x16x8x96", "0x4096x16x8x128", "ax1x1x1x64"):
+        with pytest.raises(AssertionError, match="--shapes"):
+            D.parse_shape(bad)
