@@ -175,6 +175,22 @@ def env_var(name: str, value: str):
             os.environ[name] = old
 
 
+def shape_arg(spec: str, shapes: list[tuple], form: str) -> tuple:
+    """One --shapes item of an attention bench: an index into its issue's `shapes`, or a shape of its own
+    written as `form` (numbers joined by x, e.g. decode's BxCTXxHQxHKVxD; the last three Hq, Hkv, D)."""
+    spec = spec.strip()
+    if "x" not in spec:
+        return shapes[int(spec)]
+    parts = spec.split("x")
+    ok = len(parts) == len(shapes[0]) and all(p.isdigit() for p in parts)
+    assert ok, f"--shapes takes indices or {form} shapes, got {spec!r}"
+    vals = tuple(int(p) for p in parts)
+    B, (Hq, Hkv, D) = vals[0], vals[-3:]
+    assert B > 0 and Hkv > 0 and Hq % Hkv == 0 and Hq > 0 and D in (64, 128), \
+        f"--shapes {spec!r}: B > 0, Hq a multiple of Hkv, D 64 or 128"
+    return vals
+
+
 def tree_commit() -> str | None:
     """The commit of the tree that runs: OPPO_COMMIT where set (the device machine's copy of the
     tree keeps a stale .git, so call scripts write the session's HEAD there), else git's HEAD."""
@@ -343,7 +359,7 @@ def attention_bench_setup(doc: str, argv: list[str] | None = None):
     ap.add_argument("--out", default=None)
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--no-flex", action="store_true")
-    ap.add_argument("--shapes", default=None, help="comma-separated indices into SHAPES")
+    ap.add_argument("--shapes", default=None, help="comma-separated indices into SHAPES or shapes of their own (their numbers joined by x, e.g. 64x4096x16x8x128)")
     ap.add_argument("--extra-block-sizes", default="", help="prefill: also time the Triton kernel on the same "
                     "K/V in pages of these sizes (comma-separated), e.g. 64")
     args = ap.parse_args(argv)

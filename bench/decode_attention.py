@@ -48,8 +48,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (attention_bench_setup, copy_bandwidth, device_info, env_var, paged_pool, print_table, results_path, time_ms,  # noqa: E402
-                    write_json)
+from common import (attention_bench_setup, copy_bandwidth, device_info, env_var, paged_pool, print_table, results_path, shape_arg,  # noqa: E402
+                    time_ms, write_json)
 
 SHAPES = [  # B, ctx, Hq, Hkv, D  (issue 7)
     (64, 4096, 32, 8, 128),
@@ -62,17 +62,9 @@ RAGGED = (128, "ragged", 14, 2, 64)     # --ragged: workload G's decode batch
 
 
 def parse_shape(spec: str) -> tuple[int, int, int, int, int]:
-    """--shapes item: an index into SHAPES, or a shape of its own as BxCTXxHQxHKVxD (e.g. 64x4096x16x8x128
-    for a group of 2 heads: a sweep beside issue 7's five, whose minima then include it)."""
-    spec = spec.strip()
-    if "x" not in spec:
-        return SHAPES[int(spec)]
-    parts = spec.split("x")
-    ok = len(parts) == 5 and all(p.isdigit() and int(p) > 0 for p in parts)
-    assert ok, f"--shapes takes indices into SHAPES or BxCTXxHQxHKVxD shapes, got {spec!r}"
-    B, ctx, Hq, Hkv, D = (int(p) for p in parts)
-    assert Hq % Hkv == 0 and D in (64, 128), f"--shapes {spec!r}: Hq a multiple of Hkv, D 64 or 128"
-    return B, ctx, Hq, Hkv, D
+    """--shapes item: an index into SHAPES, or BxCTXxHQxHKVxD (e.g. 64x4096x16x8x128, a group of 2 heads:
+    a sweep beside issue 7's five, whose minima then include it)."""
+    return shape_arg(spec, SHAPES, "BxCTXxHQxHKVxD")
 
 
 def ragged_lengths(B: int, seed: int = 0, prompt: int = 128, median: float = 400.0, sigma: float = 1.0,

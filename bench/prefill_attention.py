@@ -37,8 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from oppo_runtime.ops import prefill_triton  # noqa: E402
 from oppo_runtime.ops.attention import paged_prefill_attention, prefill_plan_head_dims, prefill_wgmma_available  # noqa: E402
 
-from common import (attention_bench_setup, device_info, env_var, matmul_flops, paged_pool, print_table, results_path, time_ms,  # noqa: E402
-                    write_json)
+from common import (attention_bench_setup, device_info, env_var, matmul_flops, paged_pool, print_table, results_path, shape_arg,  # noqa: E402
+                    time_ms, write_json)
 
 SHAPES = [  # B, prefix, chunk, Hq, Hkv, D  (issue 8)
     (16, 2048, 512, 32, 8, 128),
@@ -124,7 +124,7 @@ def main() -> None:
     info = device_info()
     mm = matmul_flops()
     print(f"{info['card']}  torch {info['torch']}  bf16 matmul {mm / 1e12:.0f} TFLOP/s")
-    shapes = SHAPES if args.shapes is None else [SHAPES[int(i)] for i in args.shapes.split(",")]
+    shapes = SHAPES if args.shapes is None else [shape_arg(i, SHAPES, "BxPREFIXxCHUNKxHQxHKVxD") for i in args.shapes.split(",")]
     out_path = results_path("prefill_attention", args.out)
     rows = []
     dtype = torch.bfloat16
