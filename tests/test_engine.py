@@ -1,4 +1,5 @@
 """ActorEngine: exact greedy decoding vs transformers, preemption, chunk stream, sampling."""
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -487,3 +488,50 @@ def test_resumed_sequence_with_its_kv_kept_decodes_without_a_prefill(tiny_llama)
         return seq.output_ids
 
     assert run(True) == run(False)
+
+
+def test_staging_reuses_its_pinned_buffers_only_after_their_copies(monkeypatch):
+    """runner._Staging on CUDA copies through a ring of pinned buffers it owns: each call's data lands
+    in the next buffer (grown when too small), and a buffer is written again only after the event
+    recorded behind its previous copy has been waited on. Checked on the CPU with the ring's logic
+    (unpinned buffers, events that record their calls): the values each call returns, the growth,
+    and that no slot is reused before its own event's synchronize()."""
+    from oppo_runtime.engine import runner as R
+
+    log = []
+
+    class FakeEvent:
+        def __init__(self):
+            self.id = len(log)
+            log.append(("new", self.id))
+
+        def record(self):
+            log.append(("record", self.id))
+
+        def synchronize(self):
+            log.append(("sync", self.id))
+
+    monkeypatch.setattr(R.torch.cuda, "Event", FakeEvent)
+    st = R._Staging(torch.device("cpu"))
+    st.pin, st._ring, st._events = True, R.PinnedRing(st.RING, False), [None] * st.RING
+    rng = np.random.default_rng(0)
+    for call in range(3 * st.RING + 1):
+        n = 5 if call != st.RING + 2 else (st.MIN_BYTES // 8) + 3        # one call outgrows the buffers
+        parts = [rng.integers(0, 1000, size=n), list(range(call)), [7]]
+        before = len(log)
+        got = st.many(parts)
+        assert [g.tolist() for g in got] == [list(parts[0]), list(range(call)), [7]]
+        slot = st._ring.i
+        assert slot == (call + 1) % st.RING
+        assert st._ring.bufs[slot].numel() >= max(st.MIN_BYTES, 8 * (n + call + 1))
+        ev = st._events[slot]
+        this_call = log[before:]
+        assert this_call[-1] == ("record", ev.id)
+        # from the second round on, the slot's previous copy is waited on before its buffer is written
+        assert (("sync", ev.id) in this_call) == (call >= st.RING)
+    uses = [e for e in log if e[0] == "record"]
+    syncs = [e for e in log if e[0] == "sync"]
+    assert len(uses) == 3 * st.RING + 1 and len(syncs) == 2 * st.RING + 1
+    assert len({e[1] for e in uses}) == st.RING       # one event per slot, made once
+    t = st([1.5, 2.5], torch.float32)
+    assert t.dtype == torch.float32 and t.tolist() == [1.5, 2.5]

@@ -358,3 +358,54 @@ def test_pinned_staging_beside_another_threads_capture():
     torch.cuda.synchronize()
     assert not errors, f"the staging thread failed beside the captures: {errors[0]!r}"
     assert done[0] > 0 and torch.allclose(y, x @ x + 1, rtol=1e-3, atol=1e-3)
+
+
+def test_runner_staging_keeps_every_copy_beside_another_threads_capture():
+    """runner._Staging (the scorers' and the actor's eager input staging: a ring of pinned buffers
+    it owns, each reused after the event behind its last copy) in one thread, many calls in flight
+    between host syncs, while another thread captures CUDA graphs (thread_local, as the runner
+    does): every staged tensor holds its own call's values (a buffer reused under a copy still in
+    flight would give another call's block tables to a kernel)."""
+    import threading
+    from oppo_runtime.engine.runner import _Staging
+    dev = torch.device("cuda")
+    stop, errors, done = threading.Event(), [], [0]
+
+    def stager():
+        st = _Staging(dev)
+        s = torch.cuda.Stream(dev)
+        with torch.cuda.stream(s):
+            i = 0
+            while not stop.is_set() or i < 64:
+                try:
+                    got = []
+                    for j in range(32):             # 32 copies in flight (4 rounds of the ring)
+                        k = i + j
+                        a, b = st.many([list(range(k, k + 1 + k % 61)), [k] * 3])
+                        torch.cuda._sleep(2000)     # the stream falls behind the host
+                        got.append((k, a.sum(), b.sum()))
+                    s.synchronize()
+                    for k, sa, sb in got:
+                        n = 1 + k % 61
+                        assert int(sa) == n * k + n * (n - 1) // 2 and int(sb) == 3 * k, k
+                except Exception as e:  # noqa: BLE001  (reported by the main thread)
+                    errors.append(e)
+                    return
+                i += 32
+            done[0] = i
+
+    th = threading.Thread(target=stager)
+    th.start()
+    try:
+        x = torch.randn(256, 256, device=dev)
+        for _ in range(100):
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, capture_error_mode="thread_local"):
+                y = x @ x + 1
+            g.replay()
+    finally:
+        stop.set()
+        th.join()
+    torch.cuda.synchronize()
+    assert not errors, f"the staging thread failed beside the captures: {errors[0]!r}"
+    assert done[0] >= 64 and torch.allclose(y, x @ x + 1, rtol=1e-3, atol=1e-3)

@@ -269,3 +269,16 @@ def test_prefill_inputs_refuse_a_span_past_its_pages(critic):
     spans = [Span(0, [1, 2, 3], 6)]                      # positions 6..8: a third page is missing
     with pytest.raises(RuntimeError, match="sequence 0"):
         _prefill_inputs(spans, view.pages, TPP, (64, 1, 16), view.pages_for_tokens(MAX_LEN))
+
+
+def test_the_runner_makes_the_models_device_constants_on_the_constructing_thread():
+    """A runner makes its model's per-device rotary constants (inv_freq, the cos|sin cache) when it is
+    built: a scorer's first forward in the scorer thread would otherwise copy them host-to-device while
+    the actor thread captures a decode graph (session 27's GPU suite failed on that copy)."""
+    model = build_model(ModelConfig.from_dict(CFG), "score", seed=4)
+    decoder = model.model
+    assert not decoder._cos_sin_cache and not decoder._inv_freq
+    pool = make_pool(model)
+    ModelRunner(model, pool.register("m", KVGeometry(*model.kv_geometry(), torch.float32), TPP), MAX_LEN)
+    dev = next(model.parameters()).device
+    assert dev in decoder._cos_sin_cache and dev in decoder._inv_freq

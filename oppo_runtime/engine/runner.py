@@ -159,17 +159,49 @@ def _decode_inputs(view: KVView, ids, starts: np.ndarray, tables, key_of) -> tup
 
 
 class _Staging:
-    """Host->device copies through pinned memory (non-blocking on CUDA)."""
+    """Host->device copies through pinned memory (non-blocking on CUDA).
+
+    On CUDA the pinned side is a ring of buffers this object owns (``RING`` of them, made when it is
+    built, grown when a copy needs more), each reused only after the event recorded behind its last
+    copy has completed: no pinned allocation per call. Pinning each call's data (``pin_memory()``)
+    went through PyTorch's caching host allocator, whose reuse of a freed block waits on events it
+    records itself; in a scorer thread while the actor thread captures a CUDA graph that is where
+    session 20's "invalid argument" was raised, and a block reused under a copy still in flight would
+    stage another step's block tables (session 27 saw an illegal address in the same overlapped
+    rollout). Copies are issued and their events recorded on the caller's current stream."""
+
+    RING = 8
+    MIN_BYTES = 1 << 18
 
     def __init__(self, device: torch.device):
         self.device = device
         self.pin = device.type == "cuda"
+        self._ring = PinnedRing(self.RING, self.pin) if self.pin else None
+        self._events: list = [None] * self.RING
+        if self.pin:    # the buffers now, on the constructing thread (see the class docstring)
+            for _ in range(self.RING):
+                self._ring.take(self.MIN_BYTES)
+
+    def _to_device(self, flat: torch.Tensor) -> torch.Tensor:
+        """A contiguous CPU tensor on the device: through the next pinned buffer on CUDA."""
+        if not self.pin:
+            return flat.to(self.device)
+        i = (self._ring.i + 1) % self.RING          # the slot take() hands out next
+        if self._events[i] is not None:
+            self._events[i].synchronize()          # its previous copy has read the buffer
+        nbytes = flat.numel() * flat.element_size()
+        buf = self._ring.take(nbytes, self.MIN_BYTES)
+        host = buf[:nbytes].view(flat.dtype).view(flat.shape)
+        host.copy_(flat)
+        dev = host.to(self.device, non_blocking=True)
+        if self._events[i] is None:
+            self._events[i] = torch.cuda.Event()
+        self._events[i].record()
+        return dev
 
     def __call__(self, data, dtype) -> torch.Tensor:
         t = torch.as_tensor(data, dtype=dtype)          # a list, or a numpy array without a copy
-        if self.pin:
-            return t.pin_memory().to(self.device, non_blocking=True)
-        return t.to(self.device)
+        return self._to_device(t.contiguous())
 
     def many(self, parts: list) -> list[torch.Tensor]:
         """Several int lists (or int64 numpy arrays) in one pinned buffer and one copy; int64
@@ -183,7 +215,7 @@ class _Staging:
                                                     for p in parts]).astype(np.int64, copy=False))
         else:
             flat = torch.from_numpy(np.fromiter(itertools.chain.from_iterable(parts), dtype=np.int64, count=n))
-        dev = flat.pin_memory().to(self.device, non_blocking=True) if self.pin else flat.to(self.device)
+        dev = self._to_device(flat)
         out, o = [], 0
         for k in sizes:
             out.append(dev[o:o + k])
@@ -401,6 +433,14 @@ class ModelRunner:
             # one QKV and one gate_up GEMM; the named parameters become views of the fused weights,
             # so a training model's optimizer steps reach the engine without a copy
             model.fuse_projections()
+        # The per-device constants a forward makes on first use (rotary inv_freq, a host-to-device copy,
+        # and the cos|sin cache) are made here, on the constructing thread. Made lazily by a scorer's
+        # first forward in the scorer thread while the actor thread captures a decode graph, that copy
+        # raised "Cannot copy between CPU and CUDA tensors during CUDA graph capture" (session 27's
+        # GPU suite, test_scorer_graphs_gpu's overlapped rollout).
+        for m in model.modules():
+            if callable(getattr(m, "cos_sin_cache", None)):
+                m.cos_sin_cache(self.device)
         self.max_model_len = max_model_len
         self.max_blocks = view.pages_for_tokens(max_model_len)
         self.stage = _Staging(self.device)

@@ -501,7 +501,9 @@ class PPOTrainer:
         """Host values on the training device without a stream sync (the engine's pinned,
         non-blocking staging): ``torch.tensor(list, device=cuda)`` waits for every queued kernel,
         which made the update host-bound."""
-        return _Staging(self.device)(values, dtype)
+        if getattr(self, "_stage", None) is None:
+            self._stage = _Staging(self.device)
+        return self._stage(values, dtype)
 
     def _forward(self, model, items: list[ScoredSequence], kind: str, with_entropy: bool = False):
         """Packed forward (no padding) -> per response token [sum T_i] logprobs (actor) or values."""
