@@ -178,6 +178,7 @@ class _Staging:
         self.pin = device.type == "cuda"
         self._ring = PinnedRing(self.RING, self.pin) if self.pin else None
         self._events: list = [None] * self.RING
+        self._lock = threading.Lock()   # a ring slot goes to one caller (a runner is one thread's, but cheap)
         if self.pin:    # the buffers now, on the constructing thread (see the class docstring)
             for _ in range(self.RING):
                 self._ring.take(self.MIN_BYTES)
@@ -186,18 +187,19 @@ class _Staging:
         """A contiguous CPU tensor on the device: through the next pinned buffer on CUDA."""
         if not self.pin:
             return flat.to(self.device)
-        i = (self._ring.i + 1) % self.RING          # the slot take() hands out next
-        if self._events[i] is not None:
-            self._events[i].synchronize()          # its previous copy has read the buffer
-        nbytes = flat.numel() * flat.element_size()
-        buf = self._ring.take(nbytes, self.MIN_BYTES)
-        host = buf[:nbytes].view(flat.dtype).view(flat.shape)
-        host.copy_(flat)
-        dev = host.to(self.device, non_blocking=True)
-        if self._events[i] is None:
-            self._events[i] = torch.cuda.Event()
-        self._events[i].record()
-        return dev
+        with self._lock:
+            i = (self._ring.i + 1) % self.RING          # the slot take() hands out next
+            if self._events[i] is not None:
+                self._events[i].synchronize()          # its previous copy has read the buffer
+            nbytes = flat.numel() * flat.element_size()
+            buf = self._ring.take(nbytes, self.MIN_BYTES)
+            host = buf[:nbytes].view(flat.dtype).view(flat.shape)
+            host.copy_(flat)
+            dev = host.to(self.device, non_blocking=True)
+            if self._events[i] is None:
+                self._events[i] = torch.cuda.Event()
+            self._events[i].record()
+            return dev
 
     def __call__(self, data, dtype) -> torch.Tensor:
         t = torch.as_tensor(data, dtype=dtype)          # a list, or a numpy array without a copy
