@@ -29,6 +29,6 @@ grep -A16 "^ours = plan\|^  B    ctx" "$O/log.txt" | head -18
 grep -a "B=256\|B=64" "$O/log.txt" | tail -4
 timeout 150 python3 bench/decode_attention.py --no-flex --shapes "$S" --plans "$R" \
   --out "$O/decode_hn_default_reversed.json" 2>&1 | tail -16
-bash bench/sanitize_decode.sh "$O" default --decode-plans=v7,v3
+bash bench/sanitize_decode.sh "$O" default --decode-plans=v7,v3 150
 timeout 90 python3 bench/decode_attention.py --no-flex --shapes 0,2,3 --plans v7+l2,v7+l2+lo,v7+l2+hn0+lo \
   --out "$O/decode_lo.json" 2>&1 | tail -5
