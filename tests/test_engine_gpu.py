@@ -314,40 +314,33 @@ def test_graph_sampling_falls_back_for_top_p_rows():
     assert [o for o, _, _ in off] == [o for o, _, _ in on]
 
 
-def test_pinned_staging_beside_another_threads_capture():
-    """The rollout's pattern without a model: one thread captures CUDA graphs (thread_local mode,
-    as the runner's decode and prefill captures do) while another pins host buffers and copies them
-    to and from the device on its own stream (the scorer thread's staging, runner._Staging). Session
-    20's whole suite failed once with "CUDA error: invalid argument" raised at a scorer thread's
-    pin_memory() (test_scorer_graphs_gpu's overlapped rollout; it passed rerun alone): this runs the
-    pattern many times on its own, so a race between PyTorch's pinned allocator and a capture on
-    another thread shows here, where the cause is the only thing running."""
+def _rounds_beside_captures(one_round, captures: int, min_rounds: int) -> None:
+    """Runs one_round(i, stream) -> next i over and over in a thread, on that thread's own stream,
+    while this thread captures and replays `captures` CUDA graphs (thread_local mode, as the
+    runner's decode and prefill captures do); at least min_rounds rounds. Fails on the thread's
+    first error, or if a replay's result is wrong."""
     import threading
     dev = torch.device("cuda")
     stop, errors, done = threading.Event(), [], [0]
 
-    def stager():
+    def worker():
         s = torch.cuda.Stream(dev)
         with torch.cuda.stream(s):
-            i = 0
-            while not stop.is_set():
+            i, rounds = 0, 0
+            while not stop.is_set() or rounds < min_rounds:
                 try:
-                    t = torch.as_tensor(list(range(1 + i % 97)), dtype=torch.int64).pin_memory().to(dev, non_blocking=True)
-                    h = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-                    h.copy_(t * 2, non_blocking=True)                   # a D2H into pinned memory, as the scorer's
-                    s.synchronize()
-                    assert int(h[-1]) == 2 * (i % 97), (i, h[-1])
+                    i = one_round(i, s)
                 except Exception as e:  # noqa: BLE001  (reported by the main thread)
                     errors.append(e)
                     return
-                i += 1
-            done[0] = i
+                rounds += 1
+            done[0] = rounds
 
-    th = threading.Thread(target=stager)
+    th = threading.Thread(target=worker)
     th.start()
     try:
         x = torch.randn(256, 256, device=dev)
-        for _ in range(200):
+        for _ in range(captures):
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g, capture_error_mode="thread_local"):
                 y = x @ x + 1
@@ -357,55 +350,49 @@ def test_pinned_staging_beside_another_threads_capture():
         th.join()
     torch.cuda.synchronize()
     assert not errors, f"the staging thread failed beside the captures: {errors[0]!r}"
-    assert done[0] > 0 and torch.allclose(y, x @ x + 1, rtol=1e-3, atol=1e-3)
+    assert done[0] >= max(1, min_rounds) and torch.allclose(y, x @ x + 1, rtol=1e-3, atol=1e-3)
+
+
+def test_pinned_staging_beside_another_threads_capture():
+    """The rollout's pattern without a model: one thread captures CUDA graphs while another pins
+    host buffers and copies them to and from the device on its own stream (the scorer thread's
+    staging before session 27). Session 20's whole suite failed once with "CUDA error: invalid
+    argument" raised at a scorer thread's pin_memory() (test_scorer_graphs_gpu's overlapped rollout;
+    it passed rerun alone): this runs the pattern many times on its own, so a race between
+    PyTorch's pinned allocator and a capture on another thread shows here, where the cause is the
+    only thing running."""
+    dev = torch.device("cuda")
+
+    def one_round(i, s):
+        t = torch.as_tensor(list(range(1 + i % 97)), dtype=torch.int64).pin_memory().to(dev, non_blocking=True)
+        h = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        h.copy_(t * 2, non_blocking=True)                   # a D2H into pinned memory, as the scorer's
+        s.synchronize()
+        assert int(h[-1]) == 2 * (i % 97), (i, h[-1])
+        return i + 1
+
+    _rounds_beside_captures(one_round, captures=200, min_rounds=0)
 
 
 def test_runner_staging_keeps_every_copy_beside_another_threads_capture():
     """runner._Staging (the scorers' and the actor's eager input staging: a ring of pinned buffers
     it owns, each reused after the event behind its last copy) in one thread, many calls in flight
-    between host syncs, while another thread captures CUDA graphs (thread_local, as the runner
-    does): every staged tensor holds its own call's values (a buffer reused under a copy still in
-    flight would give another call's block tables to a kernel)."""
-    import threading
+    between host syncs, while another thread captures CUDA graphs: every staged tensor holds its own
+    call's values (a buffer reused under a copy still in flight would give another call's block
+    tables to a kernel)."""
     from oppo_runtime.engine.runner import _Staging
-    dev = torch.device("cuda")
-    stop, errors, done = threading.Event(), [], [0]
+    st = _Staging(torch.device("cuda"))
 
-    def stager():
-        st = _Staging(dev)
-        s = torch.cuda.Stream(dev)
-        with torch.cuda.stream(s):
-            i = 0
-            while not stop.is_set() or i < 64:
-                try:
-                    got = []
-                    for j in range(32):             # 32 copies in flight (4 rounds of the ring)
-                        k = i + j
-                        a, b = st.many([list(range(k, k + 1 + k % 61)), [k] * 3])
-                        torch.cuda._sleep(2000)     # the stream falls behind the host
-                        got.append((k, a.sum(), b.sum()))
-                    s.synchronize()
-                    for k, sa, sb in got:
-                        n = 1 + k % 61
-                        assert int(sa) == n * k + n * (n - 1) // 2 and int(sb) == 3 * k, k
-                except Exception as e:  # noqa: BLE001  (reported by the main thread)
-                    errors.append(e)
-                    return
-                i += 32
-            done[0] = i
+    def one_round(i, s):
+        got = []
+        for k in range(i, i + 32):          # 32 copies in flight (4 rounds of the ring)
+            a, b = st.many([list(range(k, k + 1 + k % 61)), [k] * 3])
+            torch.cuda._sleep(2000)         # the stream falls behind the host
+            got.append((k, a.sum(), b.sum()))
+        s.synchronize()
+        for k, sa, sb in got:
+            n = 1 + k % 61
+            assert int(sa) == n * k + n * (n - 1) // 2 and int(sb) == 3 * k, k
+        return i + 32
 
-    th = threading.Thread(target=stager)
-    th.start()
-    try:
-        x = torch.randn(256, 256, device=dev)
-        for _ in range(100):
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, capture_error_mode="thread_local"):
-                y = x @ x + 1
-            g.replay()
-    finally:
-        stop.set()
-        th.join()
-    torch.cuda.synchronize()
-    assert not errors, f"the staging thread failed beside the captures: {errors[0]!r}"
-    assert done[0] >= 64 and torch.allclose(y, x @ x + 1, rtol=1e-3, atol=1e-3)
+    _rounds_beside_captures(one_round, captures=100, min_rounds=2)
