@@ -158,10 +158,11 @@ bool decode_fast_merge() { return env_switch("OPPO_DECODE_FAST_MERGE", true); }
 bool decode_reg_stage() { return env_switch("OPPO_DECODE_REG_STAGE"); }
 // The split kernel's tiles with the heads as the mma's N (plans v2, v3, v7; groups of <= 8 query heads
 // per kv head): half the mma and exponentials of the 16-row form. OPPO_DECODE_HEADS_AS_N unset (the
-// default): on for groups of 2..8 heads with the plans that have it (session 27, H200, both plan
-// orders: 1.2-1.5 us faster at issue 7's two small shapes, 0.2-1.7% at G = 4 and D = 128, 2% off the
-// engine's step; at G = 1, (128, 2048, 32, 32, 128), 2.5-3% slower, so not there); 1: on (an error
-// for groups of more than 8 heads, or with plan v6 or OPPO_DECODE_REG_STAGE); 0: off.
+// default): on for groups of 2..8 heads with the plans that have it (session 27, two H200s, both plan
+// orders: 1.3-4% faster on every shape timed with G = 2..8, split or not, both head dims; the engine's
+// step 1-2%). Not at G = 1: one machine measured it 2.5-3% slower at (128, 2048, 32, 32, 128), the
+// other faster there (bench/NOTES.md "Session 27"). 1: on (an error for groups of more than 8 heads,
+// or with plan v6 or OPPO_DECODE_REG_STAGE); 0: off.
 bool decode_heads_as_n(int G, PlanKind kind, bool reg_stage) {
   const char* e = std::getenv("OPPO_DECODE_HEADS_AS_N");
   if (e != nullptr && *e != 0) return env_switch("OPPO_DECODE_HEADS_AS_N");
