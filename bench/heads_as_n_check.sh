@@ -2,8 +2,8 @@
 # One device call (~5 min on a fresh machine), session 26: decode's tiles with the heads as the mma's
 # N (OPPO_DECODE_HEADS_AS_N=1, bench +hn: half the mma and exponentials for groups of <= 8 heads) and
 # fewer, longer splits (OPPO_DECODE_SPLIT_SLOTS=1, bench +s1: 16 splits at (1, 32768)) beside the
-# 16-row form (v7+l2+hn0, session 26's default) on issue 7's five shapes, in both plan orders, after their GPU tests; racecheck
-# and memcheck of v7:hn and v3:hn.
+# 16-row form (v7+l2+hn0, session 26's default) on issue 7's five shapes, in both plan orders, after
+# their GPU tests; racecheck and memcheck of v7:hn and v3:hn.
 #
 #   OUT=$OUT bash bench/heads_as_n_check.sh      (on the device, carrying .commit; results under $OUT)
 set -u
