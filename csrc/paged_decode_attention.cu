@@ -164,9 +164,7 @@ bool decode_reg_stage() { return env_switch("OPPO_DECODE_REG_STAGE"); }
 // other faster there (bench/NOTES.md "Session 27"). 1: on (an error for groups of more than 8 heads,
 // or with plan v6 or OPPO_DECODE_REG_STAGE); 0: off.
 bool decode_heads_as_n(int G, PlanKind kind, bool reg_stage) {
-  const char* e = std::getenv("OPPO_DECODE_HEADS_AS_N");
-  if (e != nullptr && *e != 0) return env_switch("OPPO_DECODE_HEADS_AS_N");
-  return G >= 2 && G <= 8 && kind != PlanKind::v6 && !reg_stage;
+  return env_switch("OPPO_DECODE_HEADS_AS_N", G >= 2 && G <= 8 && kind != PlanKind::v6 && !reg_stage);
 }
 
 int decode_pipe_flags() {
@@ -571,12 +569,13 @@ void launch_decode(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cac
   else if (kind == PlanKind::v6 && DecodeLeanCfg<D>::kStages != DecodeCfg<D>::kStages)
     launch_decode_split<T, D, DecodeLeanCfg<D>::kStages>(kind, out, q, k_cache, v_cache, block_tables, context_lens,
                                                          scale, workspace, max_partition);
-  else if (decode_heads_as_n(static_cast<int>(q.size(1) / k_cache.size(2)), kind, decode_reg_stage())) {
-    OPPO_CHECK(kind != PlanKind::v6 && !decode_reg_stage(),
+  else if (const bool rs = decode_reg_stage();
+           decode_heads_as_n(static_cast<int>(q.size(1) / k_cache.size(2)), kind, rs)) {
+    OPPO_CHECK(kind != PlanKind::v6 && !rs,
                "OPPO_DECODE_HEADS_AS_N=1 runs with plans v2, v3 and v7 and without OPPO_DECODE_REG_STAGE");
     launch_decode_split<T, D, DecodeCfg<D>::kStages, false, true>(kind, out, q, k_cache, v_cache, block_tables,
                                                                   context_lens, scale, workspace, max_partition);
-  } else if (decode_reg_stage()) {
+  } else if (rs) {
     OPPO_CHECK(kind != PlanKind::v6 && !env_switch("OPPO_DECODE_REFILL"),
                "OPPO_DECODE_REG_STAGE=1 runs with plans v2, v3 and v7 and without OPPO_DECODE_REFILL");
     if constexpr (D == 128)
