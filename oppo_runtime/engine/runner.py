@@ -188,11 +188,12 @@ class _Staging:
         if not self.pin:
             return flat.to(self.device)
         with self._lock:
-            i = (self._ring.i + 1) % self.RING          # the slot take() hands out next
-            if self._events[i] is not None:
-                self._events[i].synchronize()          # its previous copy has read the buffer
             nbytes = flat.numel() * flat.element_size()
             buf = self._ring.take(nbytes, self.MIN_BYTES)
+            i = self._ring.i                           # the slot take() handed out (a buffer it
+            # replaced to grow stays the host allocator's until the event it recorded behind its copy)
+            if self._events[i] is not None:
+                self._events[i].synchronize()          # its previous copy has read the buffer
             host = buf[:nbytes].view(flat.dtype).view(flat.shape)
             host.copy_(flat)
             dev = host.to(self.device, non_blocking=True)
