@@ -2,7 +2,8 @@
 # One device call (~6 min on a fresh machine, ~4 warm), session 28, for an H100 (issue 7's and 8's
 # card): issue 8's table and issue 7's engine row at the tree (bench/prefill_engine_check.sh: the
 # default prefill plans, the engine's B=256 step kernel by kernel), then G = 1 decided: the 16-row
-# form (the default there, v7+l2) against the heads as N (+hn) at three G = 1 shapes, both orders.
+# form (the default there, v7+l2) against the heads as N (+hn) at three G = 1 shapes, both orders;
+# then issue 8's D=64 rate at 1x, 2x and 4x the keys per item (below).
 #
 #   OUT=$OUT bash bench/h100_tables_check.sh      (on the device, carrying .commit; results under $OUT)
 set -u
@@ -16,3 +17,8 @@ for P in v7+l2,v7+l2+hn v7+l2+hn,v7+l2; do
   timeout 120 python3 bench/decode_attention.py --no-flex --shapes "$S" --plans "$P" \
     --out "$O/decode_g1_${P//[,+]/_}.json" 2>&1 | tail -6
 done
+# Session 22's open question, no build: is D=64's per-item cost (the stamps' 3.3-5 us intercept per
+# 192-row item) real? The same rows per (sequence, kv head) with 2x and 4x the keys per item (about
+# the same FLOPs): if the per-item cost is ~2.5 tiles' worth, TFLOP/s rises ~10% and ~17%.
+timeout 120 python3 bench/prefill_attention.py --no-flex --shapes 1,32x2304x256x14x2x64,16x4864x256x14x2x64 \
+  --plans wgmma3_pp_ov_qp_xc_ps --out "$O/prefill_item_keys.json" 2>&1 | tail -6
