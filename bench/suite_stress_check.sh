@@ -7,6 +7,7 @@
 # and only with the N form?
 #
 #   OUT=$OUT bash bench/suite_stress_check.sh      (on the device, carrying .commit; results under $OUT)
+# A shorter call (little device time left): ROUNDS=1 TABLE_ARGS="--plans v7+l2 --shapes 1 --no-flex".
 set -u
 cd "$(dirname "$0")/.."
 O=${OUT:-bench/results/suite_stress_check}
@@ -14,7 +15,7 @@ ROUNDS=${ROUNDS:-3}
 mkdir -p "$O"
 . bench/device_commit.sh
 BENCH_ONLY=1 SMOKE=0 BENCH_LIMIT=150 PYTEST_LIMIT=300 PYTEST_FILES=tests \
-  ARGS_decode_attention="--plans v7+l2" OUT="$O" bash bench/gpu_check.sh decode_attention > /dev/null 2>&1
+  ARGS_decode_attention="${TABLE_ARGS:---plans v7+l2}" OUT="$O" bash bench/gpu_check.sh decode_attention > /dev/null 2>&1
 tail -8 "$O/report.md"
 grep -E "passed|failed" "$O/log.txt" | tail -4
 grep -E "^FAILED" "$O/log.txt" | head -10
