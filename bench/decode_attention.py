@@ -108,7 +108,7 @@ _V5 = re.compile(r"(v5)(?:x(\d+))?(?:p(\d+))?")   # v5, v5xN, v5pM, v5xNpM
 # merge; the fast one is the default since session 25; +rs: OPPO_DECODE_REG_STAGE=1, head dim 128; +sN:
 # OPPO_DECODE_SPLIT_SLOTS=N, the splits planned as if N CTAs per SM were resident; +hn / +hn0:
 # OPPO_DECODE_HEADS_AS_N=1 / 0, the heads as the mma's N forced on (groups of <= 8 heads) / off; neither:
-# unset, the runtime's default, on for groups of 2..8 heads since session 27), and v4
+# unset, the runtime's default, on for groups of 2..8 heads since session 27, 1..8 since session 28), and v4
 _SPLIT_PLAN = re.compile(r"(v2|v3|v6|v7)(\+pdl|\+l2|\+l2x2|\+lo|\+rf|\+sm|\+rs|\+hn0?|\+s\d{1,2})*|v4")
 
 

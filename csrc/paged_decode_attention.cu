@@ -158,13 +158,14 @@ bool decode_fast_merge() { return env_switch("OPPO_DECODE_FAST_MERGE", true); }
 bool decode_reg_stage() { return env_switch("OPPO_DECODE_REG_STAGE"); }
 // The split kernel's tiles with the heads as the mma's N (plans v2, v3, v7; groups of <= 8 query heads
 // per kv head): half the mma and exponentials of the 16-row form. OPPO_DECODE_HEADS_AS_N unset (the
-// default): on for groups of 2..8 heads with the plans that have it (session 27, two H200s, both plan
-// orders: 1.3-4% faster on every shape timed with G = 2..8, split or not, both head dims; the engine's
-// step 1-2%). Not at G = 1: one machine measured it 2.5-3% slower at (128, 2048, 32, 32, 128), the
-// other faster there (bench/NOTES.md "Session 27"). 1: on (an error for groups of more than 8 heads,
-// or with plan v6 or OPPO_DECODE_REG_STAGE); 0: off.
+// default): on for groups of 1..8 heads with the plans that have it. Session 27 (two H200s, both plan
+// orders): 1.3-4% faster on every shape timed with G = 2..8, split or not, both head dims; the engine's
+// step 1-2%. G = 1 from session 28 (H100, both orders): 1.5-4% faster at head dim 64 on four shapes,
+// 0.2-2% at head dim 128 on four, where one of session 27's H200s had measured it 2.5-3% slower at
+// (128, 2048, 32, 32, 128) and the other faster (bench/NOTES.md "Session 28"). 1: on (an error for
+// groups of more than 8 heads, or with plan v6 or OPPO_DECODE_REG_STAGE); 0: off.
 bool decode_heads_as_n(int G, PlanKind kind, bool reg_stage) {
-  return env_switch("OPPO_DECODE_HEADS_AS_N", G >= 2 && G <= 8 && kind != PlanKind::v6 && !reg_stage);
+  return env_switch("OPPO_DECODE_HEADS_AS_N", G >= 1 && G <= 8 && kind != PlanKind::v6 && !reg_stage);
 }
 
 int decode_pipe_flags() {

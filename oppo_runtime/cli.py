@@ -97,7 +97,7 @@ _SWITCHES = (
     ("OPPO_DECODE_REG_STAGE", "0 (1: the decode split kernel loads tiles through registers, not cp.async; head dim"
                               " 128, plans v2/v3/v7; an A/B switch)"),
     ("OPPO_DECODE_HEADS_AS_N", "unset (the decode split kernel's tiles with the heads as the mma's N, half its mma"
-                               " and exponentials, for groups of 2..8 query heads with plans v2/v3/v7; 1: forced"
+                               " and exponentials, for groups of 1..8 query heads with plans v2/v3/v7; 1: forced"
                                " on, groups of <= 8; 0: the 16-row form)"),
     ("OPPO_DECODE_SPLIT_SLOTS", "0 (N: the decode split rule (v3/v4/v6/v7) plans one wave of N CTAs per SM, not the"
                                 " kernel's resident count; an A/B switch)"),

@@ -576,6 +576,7 @@ def test_decode_reg_stage_is_the_default_bit_for_bit(monkeypatch, mode, plan, dt
     (6, 28, 4, 64, 1024, [1, 37, 64, 129, 191, 1000]),        # G=7; 1 to 4 tiles: shorter than the pipeline
     (3, 14, 2, 64, 2048, [2048, 1999, 1]),                    # G=7 at head dim 64, split
     (4, 8, 8, 128, 512, [0, 17, 300, 512]),                   # G=1, an empty context
+    (5, 16, 16, 64, 1024, [1, 63, 64, 555, 1024]),            # G=1 at head dim 64 (default since session 28)
     (2, 16, 2, 64, 704, [700, 333]),                          # G=8 (a context not a multiple of the page)
 ])
 def test_decode_heads_as_n_keeps_the_error(monkeypatch, mode, plan, dtype, B, Hq, Hkv, D, table, lens):
@@ -600,17 +601,19 @@ def test_decode_heads_as_n_keeps_the_error(monkeypatch, mode, plan, dtype, B, Hq
 
 @pytest.mark.parametrize("plan", ["v3", "v7", "v6"])
 @pytest.mark.parametrize("B,Hq,Hkv,D,table", [
-    (3, 8, 8, 128, 4096),      # G=1: the 16-row form (the N form's gain there is not settled)
+    (3, 8, 8, 128, 4096),      # G=1 (the N form since session 28)
+    (4, 16, 16, 64, 1024),     # G=1 at head dim 64
     (3, 16, 8, 128, 4096),     # G=2
     (1, 32, 8, 128, 32768),    # G=4, split
     (6, 14, 2, 64, 2048),      # G=7 (Qwen2.5)
     (4, 16, 2, 64, 1024),      # G=8
     (2, 32, 2, 64, 1024),      # G=16: the 16-row form, no error
 ])
-def test_decode_heads_as_n_is_the_default_for_groups_of_2_to_8(monkeypatch, plan, B, Hq, Hkv, D, table):
-    """OPPO_DECODE_HEADS_AS_N unset (the runtime's default since session 27) runs the heads-as-N tiles
-    for groups of 2..8 query heads with plans v3 and v7: bit for bit the output of =1, and not that of
-    =0; with G = 1, G = 16 or plan v6 it runs the 16-row form (bit for bit =0's), without an error."""
+def test_decode_heads_as_n_is_the_default_for_groups_of_1_to_8(monkeypatch, plan, B, Hq, Hkv, D, table):
+    """OPPO_DECODE_HEADS_AS_N unset (the runtime's default: groups of 2..8 since session 27, G = 1 since
+    session 28) runs the heads-as-N tiles for groups of 1..8 query heads with plans v3 and v7: bit for
+    bit the output of =1, and not that of =0; with G = 16 or plan v6 it runs the 16-row form (bit for
+    bit =0's), without an error."""
     _use_plan(monkeypatch, plan)
     kv, bt, ctx, q, ref = _ragged_switch_case(B, Hq, Hkv, D, table, None, torch.bfloat16)
 
@@ -624,7 +627,7 @@ def test_decode_heads_as_n_is_the_default_for_groups_of_2_to_8(monkeypatch, plan
 
     default, off = run(None), run("0")
     assert float((default - ref).norm() / ref.norm()) < 2e-3
-    if 2 <= Hq // Hkv <= 8 and plan != "v6":
+    if 1 <= Hq // Hkv <= 8 and plan != "v6":
         on = run("1")
         assert not torch.equal(on, off)    # the two forms sum in another order: the check below can fail
         assert torch.equal(default, on)
