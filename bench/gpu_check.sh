@@ -104,7 +104,7 @@ step memcheck 120 "$SAN" --tool memcheck --error-exitcode 9 $PY bench/sanitize_a
 step racecheck_decode 120 "$SAN" --tool racecheck --error-exitcode 9 $PY bench/sanitize_attention.py \
   --decode-only --decode-plans=v7
 step racecheck_prefill 120 "$SAN" --tool racecheck --error-exitcode 9 $PY bench/sanitize_attention.py \
-  --prefill-plans=wgmma_pp_ov_qp_xc_ps,wgmma3_pp_ov_qp_xc_ps,wgmma4_pp_ov_qp_xc_ps
+  --prefill-plans=wgmma_pp_ov_qp_xc_ps,wgmma3_pp_ov_qp_xc_ps
 unset PYTORCH_NO_CUDA_MEMORY_CACHING
 fi
 for b in "${BENCHES[@]}"; do

@@ -229,12 +229,7 @@ def main():
                                              [300 if i % 3 == 0 else 1 + i for i in range(40)]),
                                             # items of 64 valid rows: key tiles split across the warpgroups
                                             ("wgmma3_pp_ov_qp_xc_ks_ps", 14, 2, 64, [5 * i for i in range(40)],
-                                             [64 if i % 3 == 0 else 1 + i for i in range(40)]),
-                                            # four consumer warpgroups (256-row items, 96-key tiles,
-                                            # P through shared memory), one item per CTA and chained
-                                            ("wgmma4_pp_ov", 14, 2, 64, [0, 20, 3, 130], [1, 70, 17, 60]),
-                                            ("wgmma4_pp_ov_qp_xc_ps", 14, 2, 64, [5 * i for i in range(40)],
-                                             [300 if i % 3 == 0 else 1 + i for i in range(40)])):
+                                             [64 if i % 3 == 0 else 1 + i for i in range(40)])):
             if only_prefill is not None and plan not in only_prefill:
                 continue
             if not A.prefill_wgmma_available(plan=plan):

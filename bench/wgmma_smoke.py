@@ -4,7 +4,7 @@ seconds, not the GPU check's whole test and benchmark time:
 
     python bench/wgmma_smoke.py [--limit-s 60] [--plans a,b]      (prints OPPO_PREFILL_WGMMA_OFF=<failed plans>)
 
-Per plan: D=64 (G=7) and D=128 (G=4; not for the head-dim-64 wgmma3 and wgmma4 plans), prefixes 0 to 700 not multiples of the page, chunks 1 to
+Per plan: D=64 (G=7) and D=128 (G=4; not for the head-dim-64 wgmma3 plans), prefixes 0 to 700 not multiples of the page, chunks 1 to
 300, shuffled pages, NaN-poisoned output, compared with the fp32 reference (the pool, tables and
 check of ``bench/sanitize_attention.py``). The last line is
 ``OPPO_PREFILL_WGMMA_OFF=...`` (empty when every plan passed): bench/gpu_check.sh exports it, so
@@ -21,8 +21,7 @@ import time
 PLANS = ("wgmma", "wgmma_pp", "wgmma_ov", "wgmma_pp_ov", "wgmma_pp_ov_ps", "wgmma_kv", "wgmma_pp_ov_kv",
          "wgmma_pp_ov_qp_ps", "wgmma3_pp_ov_qp_ps", "wgmma_pp_ov_qp_xc_ps", "wgmma3_pp_ov_qp_xc_ps",
          "wgmma_pp_ov_qp_mi_ps", "wgmma3_pp_ov_qp_mi_ps", "wgmma3_pp_ov_qp_xc_ks_ps",
-         "wgmma3_pp_ov", "wgmma3_pp_ov_ps", "wgmma3_ov_ps",   # wgmma3: three consumer warpgroups, head dim 64 only
-         "wgmma4_pp_ov", "wgmma4_pp_ov_qp_ps", "wgmma4_pp_ov_qp_xc_ps")    # wgmma4: four, head dim 64 only
+         "wgmma3_pp_ov", "wgmma3_pp_ov_ps", "wgmma3_ov_ps")   # wgmma3: three consumer warpgroups, head dim 64 only
 
 CASES = ((14, 2, 64, [0, 20, 3, 130, 700], [1, 70, 17, 300, 64]),     # Hq, Hkv, D, prefixes, chunks
          (8, 2, 128, [0, 200, 5, 511], [3, 90, 140, 257]))

@@ -30,12 +30,7 @@
 //                   the wgmma plans are an error on other devices or without sm_90a code;
 //   wgmma3...       any of the above with three consumer warpgroups (192-row items, 512 threads,
 //                   setmaxnreg 32/160), e.g. wgmma3_pp_ov_ps: head dim 64 and bf16 only (the
-//                   lever for issue 8's D=64 shape, bench/NOTES.md "Session 15");
-//   wgmma4...       any of the above but _mi and _ks with four consumer warpgroups (256-row items,
-//                   640 threads, setmaxnreg 32/112, 96-key tiles, P through shared memory), e.g.
-//                   wgmma4_pp_ov_qp_xc_ps: head dim 64 and bf16 only (session 29: fewer, fuller items
-//                   at G = 7, where 1792 rows per (sequence, kv head) are 7 items of 256 against 9 1/3
-//                   of 192).
+//                   lever for issue 8's D=64 shape, bench/NOTES.md "Session 15").
 #include <array>
 #include <cstdint>
 #include <cstdlib>
@@ -121,14 +116,13 @@ void launch_kernel(PrefillKernel<T> kernel, int rows_per_cta, int threads, int s
 
 constexpr int kPersistent = 1 << 16;  // host-side plan bits (not kernel flags): persistent CTAs,
 constexpr int kThreeWG = 1 << 17;     // three consumer warpgroups (plans wgmma3...)
-constexpr int kFourWG = 1 << 18;      // four consumer warpgroups (plans wgmma4...)
 // The launcher strips these two before the kernel sees its flags: a kernel flag on one of their
 // bits would be dropped without a word (session 21's first _ip and _pe, on bits 8 and 9: their A/B
 // timed the default plan four times over).
 static_assert(((oppo::attn::kPrefillOutF32 | oppo::attn::wgp::kFlagPingPong | oppo::attn::wgp::kFlagOverlap |
                 oppo::attn::wgp::kFlagSplitKV | oppo::attn::wgp::kFlagQPrefetch | oppo::attn::wgp::kFlagChain |
                 oppo::attn::wgp::kFlagMerge | oppo::attn::wgp::kFlagKeySplit) &
-               (kPersistent | kThreeWG | kFourWG)) == 0,
+               (kPersistent | kThreeWG)) == 0,
               "a kernel flag shares a bit with the launcher's plan bits");
 
 // Whether this device runs the extension's sm_90a code (wgmma): an sm_90 card, and 9.0a built.
@@ -189,8 +183,8 @@ int prefill_plan(const at::Tensor& q) {
   if (std::strcmp(e, "mma") == 0) return -1;
   std::string name(e);
   int flags = 0;
-  if (name.compare(0, 6, "wgmma3") == 0 || name.compare(0, 6, "wgmma4") == 0) {
-    flags |= name[5] == '3' ? kThreeWG : kFourWG;
+  if (name.compare(0, 6, "wgmma3") == 0) {
+    flags |= kThreeWG;
     name.erase(5, 1);  // wgmma3_pp_ov -> wgmma_pp_ov
   }
   // the optional suffixes, taken off from the end in this order (the grammar's order reversed)
@@ -209,7 +203,7 @@ int prefill_plan(const at::Tensor& q) {
   if (name == "wgmma_pp") flags |= oppo::attn::wgp::kFlagPingPong;
   else if (name == "wgmma_ov") flags |= oppo::attn::wgp::kFlagOverlap;
   else if (name == "wgmma_pp_ov") flags |= oppo::attn::wgp::kFlagPingPong | oppo::attn::wgp::kFlagOverlap;
-  else OPPO_CHECK(name == "wgmma", "OPPO_PREFILL_PLAN must be auto, mma or wgmma[3|4][_pp][_ov][_kv][_qp][_xc][_mi][_ks][_ps] (e.g. wgmma_pp_ov_kv_ps), got '",
+  else OPPO_CHECK(name == "wgmma", "OPPO_PREFILL_PLAN must be auto, mma or wgmma[3][_pp][_ov][_kv][_qp][_xc][_mi][_ks][_ps] (e.g. wgmma_pp_ov_kv_ps), got '",
                   e, "'");
   OPPO_CHECK(!(flags & oppo::attn::wgp::kFlagChain) || (flags & oppo::attn::wgp::kFlagPingPong), "OPPO_PREFILL_PLAN=", e,
              ": _xc chains the ping-pong turns across items, so it needs _pp");
@@ -225,10 +219,6 @@ int prefill_plan(const at::Tensor& q) {
   OPPO_CHECK(!(flags & kThreeWG) || (q.size(2) == 64 && q.scalar_type() == at::kBFloat16),
              "OPPO_PREFILL_PLAN=", e, ": the three-warpgroup plans are built for head dim 64 and bf16 only, got head dim ",
              q.size(2), " and ", q.scalar_type());
-  OPPO_CHECK(!(flags & kFourWG) || (q.size(2) == 64 && q.scalar_type() == at::kBFloat16 &&
-                                    !(flags & (oppo::attn::wgp::kFlagMerge | oppo::attn::wgp::kFlagKeySplit))),
-             "OPPO_PREFILL_PLAN=", e, ": the four-warpgroup plans are built for head dim 64 and bf16 only, without _mi and ",
-             "_ks; got head dim ", q.size(2), " and ", q.scalar_type());
   int major = 0, minor = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.get_device()));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, q.get_device()));
@@ -252,7 +242,7 @@ void launch(int plan, at::Tensor& out, const at::Tensor& q, const at::Tensor& k_
     OPPO_CHECK(k_cache.size(1) > 0 && k_cache.size(1) * k_cache.size(2) * D <= INT32_MAX,
                "paged_prefill_attention (wgmma): pages of ", k_cache.size(1), " x ", k_cache.size(2), " x ", D,
                " elements (empty, or past 32-bit offsets); use OPPO_PREFILL_PLAN=mma");
-    const int flags = plan & ~(kPersistent | kThreeWG | kFourWG);
+    const int flags = plan & ~(kPersistent | kThreeWG);
     const Grid grid = (plan & kPersistent) ? Grid::persistent : Grid::items;
     if constexpr (std::is_same_v<T, __nv_bfloat16>) {   // _mi: its own instantiations (prefill_plan checked which)
       if (plan & wgp::kFlagMerge) {
@@ -276,13 +266,6 @@ void launch(int plan, at::Tensor& out, const at::Tensor& q, const at::Tensor& k_
                                                   G3::kThreads, wgp::Cfg<D, 3>::kSmem, flags, grid, out, q, k_cache,
                                                   v_cache, cu_seqlens_q, context_lens, block_tables, scale,
                                                   max_seqlen_q);
-        return;
-      }
-      if (plan & kFourWG) {   // prefill_plan checked head dim, dtype and flags
-        using G4 = wgp::Geo<4>;
-        launch_kernel<T, D, true, 4>(wgp::paged_prefill_wgmma_kernel<T, D, 4>, G4::kBM, G4::kThreads,
-                                     wgp::Cfg<D, 4>::kSmem, flags, grid, out, q, k_cache, v_cache, cu_seqlens_q,
-                                     context_lens, block_tables, scale, max_seqlen_q);
         return;
       }
       if (plan & kThreeWG) {   // prefill_plan checked head dim and dtype

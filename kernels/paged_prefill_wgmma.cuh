@@ -46,12 +46,10 @@ namespace wgp {
 constexpr int kBM = 128;        // rows per work item: two consumer warpgroups x 64
 constexpr int kThreads = 384;   // producer warpgroup + two consumer warpgroups
 // NC consumer warpgroups (2: the plans above; 3: the "wgmma3" plans, head dim 64 only, FA3's
-// 192-row tile at that head dim: one more warpgroup's softmax to hide under the others' MMAs;
-// 4: the "wgmma4" plans, head dim 64 only, 256-row items with P staged in shared memory, see
-// Cfg::kPSmem).
+// 192-row tile at that head dim: one more warpgroup's softmax to hide under the others' MMAs).
 template <int NC>
 struct Geo {
-  static_assert(NC >= 2 && NC <= 4, "two, three or four consumer warpgroups");
+  static_assert(NC == 2 || NC == 3, "two or three consumer warpgroups");
   static constexpr int kBM = 64 * NC;              // rows per work item
   static constexpr int kThreads = 128 * (NC + 1);  // the producer warpgroup and the consumers
   static constexpr int kPingPongBar = 1 + NC;      // named barriers: 1 .. NC stage Q, then NC for ping-pong
@@ -104,9 +102,7 @@ struct Cfg {
   // keys per K/V tile: 128 (FA3's tile for these head dims): twice the MMA per softmax fixed cost
   // (barrier waits, max shuffles, the O rescale) of a 64-key tile. S is 64 registers; D=128's
   // consumers need ~200 in all, hence setmaxnreg (producer 56, consumers 224) for D=128.
-  // NC = 4: 96 keys (S 48 registers: what fits beside O in the consumers' 112 without a spill;
-  // 112 keys spill 548 bytes and serialize the wgmmas, 128 more).
-  static constexpr int kBN = NC == 4 ? 96 : 128;
+  static constexpr int kBN = 128;
   static constexpr int kChunks = D / 8;             // 16-byte chunks per row of one head
   // a stage (K and V of a tile) is held from its Q K^T to its P V one iteration later, so the
   // consumers hold two and the rest are the prefetch depth: 3 stages for D=128 (225 KB of the
@@ -114,28 +110,17 @@ struct Cfg {
   static constexpr int kStages = D == 128 ? 3 : 4;
   // NC = 3 (512 threads, 128 registers each at launch): FA3's split for three MMA warpgroups,
   // producer 32 and consumers 160 (128 x 32 + 384 x 160 = 65536).
-  // NC = 4 (640 threads, 96 registers each at launch): producer 32, consumers 112 (setmaxnreg.inc
-  // draws only on what the CTA's own decreases released: 128 x 32 + 512 x 112 = 640 x 96), too
-  // few for S, O and P in registers at once: see kPSmem and kBN.
-  static constexpr bool kSetMaxNReg = D == 128 || NC >= 3;
-  static constexpr int kProducerRegs = NC >= 3 ? 32 : 56;
-  static constexpr int kConsumerRegs = NC == 4 ? 112 : NC == 3 ? 160 : 224;   // NC = 2: 128 x 56 + 256 x 224 <= 65536
+  static constexpr bool kSetMaxNReg = D == 128 || NC == 3;
+  static constexpr int kProducerRegs = NC == 3 ? 32 : 56;
+  static constexpr int kConsumerRegs = NC == 3 ? 160 : 224;   // NC = 2: 128 x 56 + 256 x 224 <= 65536
   static_assert(128 * kProducerRegs + 128 * NC * kConsumerRegs <= 65536, "register split");
-  // kPSmem (NC = 4): each warpgroup's P (its 64 rows x kBN keys, T) goes through shared memory, a
-  // [64 x kBN] tile in the layout below, and P V reads it as an smem operand (ss_n64_tb) instead of
-  // registers: the 32 registers of the A fragments are what four consumer warpgroups lack.
-  static constexpr bool kPSmem = NC == 4;
-  static_assert(!kPSmem || D == 64, "four consumer warpgroups: head dim 64 only (shared memory)");
-  static constexpr int kPTileBytes = 64 * ((kBN + 63) / 64) * 128;   // whole 64-key column blocks
-  static constexpr int kPBytes = kPSmem ? NC * kPTileBytes : 0;
   static constexpr int kQBytes = Geo<NC>::kBM * D * 2;
   static constexpr int kTileBytes = kBN * D * 2;    // one K or V tile
   static constexpr int kStageBytes = 2 * kTileBytes;
   // barriers: full/empty per stage, and with kFlagSplitKV fullV/emptyV (full/empty are then K's)
   // kFlagKeySplit (NC = 3): warpgroups 1 and 2 hand their partial O (D / 2 floats per thread) and
   // m, l (2 + 2) to warpgroup 0 through shared memory after the barriers
-  // layout: Q, the stages, the P tiles (kPSmem; 1024-byte aligned like Q and the stages), barriers
-  static constexpr int kKsOffset = kQBytes + kStages * kStageBytes + kPBytes + 4 * kStages * 8;
+  static constexpr int kKsOffset = kQBytes + kStages * kStageBytes + 4 * kStages * 8;
   static constexpr int kKsFloats = D / 2 + 4;
   static constexpr int kKsBytes = NC == 3 ? (NC - 1) * 128 * kKsFloats * 4 : 0;
   static constexpr int kSmem = 1024 /*alignment slack*/ + kKsOffset + kKsBytes;
@@ -179,9 +164,6 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 __device__ __forceinline__ void named_sync(int id, int threads) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
-}
-__device__ __forceinline__ void st_shared_u32(uint32_t addr, uint32_t v) {
-  asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
 }
 __device__ __forceinline__ void named_arrive(int id, int threads) {
   asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
@@ -269,8 +251,7 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
   unsigned char* smem = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   unsigned char* q_s = smem;
   unsigned char* kv_s = smem + C::kQBytes;  // stage s: K tile at s * kStageBytes, V tile after it
-  unsigned char* p_s = kv_s + kS * C::kStageBytes;  // kPSmem: consumer warpgroup k's P at k * kPTileBytes
-  uint64_t* full = reinterpret_cast<uint64_t*>(p_s + C::kPBytes);
+  uint64_t* full = reinterpret_cast<uint64_t*>(kv_s + kS * C::kStageBytes);
   uint64_t* empty = full + kS;
   // kFlagSplitKV: full/empty guard the K tiles of the stages, fullV/emptyV their V tiles
   uint64_t* fullV = empty + kS;
@@ -538,11 +519,7 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
   float sacc[kBN / 2];
 #pragma unroll
   for (int i = 0; i < kBN / 2; ++i) sacc[i] = 0.f;
-  // P of the last softmaxed tile (T pairs): the register A operand of its P V (kPSmem: in this
-  // warpgroup's P tile in shared memory instead)
-  constexpr bool kPSmem = C::kPSmem;
-  uint32_t pa[kPSmem ? 1 : kKS][4];
-  const uint32_t p_addr = smem_u32(p_s) + cw * C::kPTileBytes;
+  uint32_t pa[kKS][4];  // P of the last softmaxed tile (T pairs): the register A operand of its P V
 
   // Tile t's Q K^T is issued together with tile t-1's P V (two commit groups; waited on together,
   // or with kFlagOverlap the S first and the softmax's first part before P V's wait).
@@ -570,19 +547,16 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
       const uint32_t offa = (kk >> 2) * (kBM * 128) + koff, offb = (kk >> 2) * (kBN * 128) + koff;
       const uint64_t da = desc_step(da0, offa), db = desc_step(db0, offb);
       if constexpr (kBN == 128) Ops::ss_n128(sacc, da, db, kk > 0 ? 1 : 0);
-      else if constexpr (kBN == 96) Ops::ss_n96(sacc, da, db, kk > 0 ? 1 : 0);
       else Ops::ss_n64(sacc, da, db, kk > 0 ? 1 : 0);
     }
   };
   auto issue_pv = [&](int s) {  // O += P V (kBN / 16 k-steps of 16 keys; V MN-major: LBO = column-block stride)
     const uint32_t v_addr = kv_addr + s * C::kStageBytes + C::kTileBytes;
     const uint64_t dv0 = desc128(v_addr, kBN * 128, 1024);
-    const uint64_t dp0 = desc128(p_addr, 16, 1024);  // kPSmem: P K-major like Q, 64 rows per column block
 #pragma unroll
     for (int kk = 0; kk < kKS; ++kk) {
       const uint64_t dv = desc_step(dv0, kk * 16 * 128);
-      if constexpr (kPSmem) Ops::ss_n64_tb(o, desc_step(dp0, (kk >> 2) * (64 * 128) + (kk & 3) * 32), dv, 1);
-      else if constexpr (D == 128) Ops::rs_n128(o, pa[kk], dv, 1);
+      if constexpr (D == 128) Ops::rs_n128(o, pa[kk], dv, 1);
       else Ops::rs_n64(o, pa[kk], dv, 1);
     }
   };
@@ -656,28 +630,13 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
       o[4 * i + 2] *= alpha[1];
       o[4 * i + 3] *= alpha[1];
     }
-    if constexpr (kPSmem) {
-      // P (T) into this warpgroup's P tile: the pair (row, keys 8i + 2tq, +1) is 4 bytes of 16-byte
-      // chunk i of its row (a warp's 32 stores hit 32 banks: the swizzle spreads its 8 rows). The
-      // tile is free: the P V that read it was waited on. Then the writes are made visible to the
-      // async proxy and every thread of the warpgroup has written before any issues the P V.
-      const int r0 = 16 * warp + g;
+    // P (T) as the register A operand: k-step kk covers keys 16 kk .. 16 kk + 15 = n8 blocks 2kk, 2kk+1
 #pragma unroll
-      for (int i = 0; i < kNB; ++i) {
-        st_shared_u32(p_addr + swz(64, r0, i) + 4 * tq, Mma<T>::pack(sacc[4 * i + 0], sacc[4 * i + 1]));
-        st_shared_u32(p_addr + swz(64, r0 + 8, i) + 4 * tq, Mma<T>::pack(sacc[4 * i + 2], sacc[4 * i + 3]));
-      }
-      fence_proxy_async();
-      named_sync(1 + cw, 128);
-    } else {
-      // P (T) as the register A operand: k-step kk covers keys 16 kk .. 16 kk + 15 = n8 blocks 2kk, 2kk+1
-#pragma unroll
-      for (int kk = 0; kk < kKS; ++kk) {
-        pa[kk][0] = Mma<T>::pack(sacc[8 * kk + 0], sacc[8 * kk + 1]);
-        pa[kk][1] = Mma<T>::pack(sacc[8 * kk + 2], sacc[8 * kk + 3]);
-        pa[kk][2] = Mma<T>::pack(sacc[8 * kk + 4], sacc[8 * kk + 5]);
-        pa[kk][3] = Mma<T>::pack(sacc[8 * kk + 6], sacc[8 * kk + 7]);
-      }
+    for (int kk = 0; kk < kKS; ++kk) {
+      pa[kk][0] = Mma<T>::pack(sacc[8 * kk + 0], sacc[8 * kk + 1]);
+      pa[kk][1] = Mma<T>::pack(sacc[8 * kk + 2], sacc[8 * kk + 3]);
+      pa[kk][2] = Mma<T>::pack(sacc[8 * kk + 4], sacc[8 * kk + 5]);
+      pa[kk][3] = Mma<T>::pack(sacc[8 * kk + 6], sacc[8 * kk + 7]);
     }
   };
 

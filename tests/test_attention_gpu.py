@@ -1218,16 +1218,12 @@ def test_prefill_key_split_refused_where_not_built(monkeypatch, plan, D, dtype):
 
 WGMMA3_PLANS = ["wgmma3_pp_ov", "wgmma3_pp_ov_ps", "wgmma3_ov_ps", "wgmma3", "wgmma3_pp_ov_qp_ps", "wgmma3_pp_ov_qp_xc_ps",
                 "wgmma3_pp_ov_qp_mi_ps", "wgmma3_pp_ov_qp_xc_ks_ps", "wgmma3_ks", "wgmma3_ov_ks_ps"]
-# four consumer warpgroups (256-row items, 96-key tiles, P through shared memory): the same kernel
-# flags as wgmma3 but _mi and _ks, which the launcher refuses for them
-WGMMA4_PLANS = ["wgmma4_pp_ov", "wgmma4_pp_ov_ps", "wgmma4_ov_ps", "wgmma4", "wgmma4_pp_ov_qp_xc_ps", "wgmma4_pp_ov_kv_xc_ps"]
 
 
 @pytest.mark.parametrize("shape", [s for s in PREFILL_SHAPES if s[2] == 64])
-@pytest.mark.parametrize("plan", WGMMA3_PLANS + WGMMA4_PLANS)
+@pytest.mark.parametrize("plan", WGMMA3_PLANS)
 def test_prefill_wgmma3_matches_reference(monkeypatch, plan, shape):
-    """Three consumer warpgroups (192-row items, 512 threads, setmaxnreg 32/160; head dim 64, bf16)
-    and four (256-row items, 640 threads, setmaxnreg 32/112, 96-key tiles, P through shared memory):
+    """Three consumer warpgroups (192-row items, 512 threads, setmaxnreg 32/160; head dim 64, bf16):
     every D=64 shape of the prefill tests (G = 7, 8, 16, big pages, pages of 64), fp32 output."""
     _skip_unless_wgmma(plan)
     monkeypatch.setenv("OPPO_PREFILL_PLAN", plan)
@@ -1238,7 +1234,7 @@ def test_prefill_wgmma3_matches_reference(monkeypatch, plan, shape):
 
 @pytest.mark.parametrize("plan", WGMMA3_PLANS[:3] + ["wgmma3_pp_ov_qp_ps", "wgmma3_pp_ov_qp_xc_ps", "wgmma3_pp_ov_kv_xc_ps",
                                                    "wgmma3_pp_ov_qp_mi_ps", "wgmma3_pp_ov_kv_mi_ps", "wgmma3_ov_mi_ps",
-                                                   "wgmma3_pp_ov_qp_xc_ks_ps", "wgmma3_pp_ov_ks_ps"] + WGMMA4_PLANS)
+                                                   "wgmma3_pp_ov_qp_xc_ks_ps", "wgmma3_pp_ov_ks_ps"])
 def test_prefill_wgmma3_persistent_many_items_and_native_output(monkeypatch, plan):
     """More items than SMs (persistent CTAs take several), ragged chunks, bf16 output; the plans
     with two or three warpgroups in ping-pong, and the auto plan at D=64 (with the Q prefetch)."""
@@ -1249,7 +1245,7 @@ def test_prefill_wgmma3_persistent_many_items_and_native_output(monkeypatch, pla
 
 
 @pytest.mark.parametrize("plan", ["wgmma_pp_ov", "wgmma_pp_ov_ps", "wgmma3_pp_ov_ps", "wgmma3_pp_ov_qp_mi_ps",
-                                  "wgmma3_pp_ov_qp_xc_ks_ps", "wgmma4_pp_ov_qp_xc_ps"])
+                                  "wgmma3_pp_ov_qp_xc_ks_ps"])
 def test_prefill_item_stamps_cover_every_item_and_change_nothing(monkeypatch, plan):
     """prefill_item_stamps: every work item of the wgmma kernel (row tile, kv head, sequence, in the
     kernel's order, prefill_item_coords; one CTA each or persistent CTAs) writes its row with its
@@ -1258,8 +1254,7 @@ def test_prefill_item_stamps_cover_every_item_and_change_nothing(monkeypatch, pl
     _skip_unless_wgmma(plan)
     monkeypatch.setenv("OPPO_PREFILL_PLAN", plan)
     Hq, Hkv, D, bs = 14, 2, 64, 16
-    G, bm = Hq // Hkv, {"wgmma3": 192, "wgmma4": 256}.get(plan[:6], 128)
-    bn = 96 if plan.startswith("wgmma4") else 128   # keys per K/V tile (Cfg<D, NC>::kBN)
+    G, bm = Hq // Hkv, 192 if plan.startswith("wgmma3") else 128
     prefixes, chunks = [0, 300, 77, 1000, 5], [256, 1, 129, 64, 200]
     lens = [p + c for p, c in zip(prefixes, chunks)]
     kv = PagedKV(num_blocks=sum(math.ceil(n / bs) for n in lens) + 5, block_size=bs, Hkv=Hkv, D=D, dtype=torch.bfloat16)
@@ -1288,29 +1283,18 @@ def test_prefill_item_stamps_cover_every_item_and_change_nothing(monkeypatch, pl
         start, end, tag = s[w].tolist()
         assert 0 < start <= end and (tag & 0xFFFFFFFF) < sms, (w, s[w].tolist())
         tiles, split = (tag >> 32) & 0xFFFFF, tag >> 52                  # kStampKeySplit: bit 20 of the tag
-        assert tiles == (last + bn) // bn, f"item {w}: key tiles {tiles}, expected {(last + bn) // bn}"
+        assert tiles == (last + 128) // 128, f"item {w}: key tiles {tiles}, expected {(last + 128) // 128}"
         assert split == int("_ks" in plan and chunks[b] * G - row0 <= 64), f"item {w}: key-split bit {split}"
 
 
-@pytest.mark.parametrize("plan", ["wgmma3_pp_ov", "wgmma4_pp_ov"])
-def test_prefill_wgmma3_refuses_head_dim_128_and_fp16(monkeypatch, plan):
-    """The wgmma3 and wgmma4 plans are built for head dim 64 and bf16 only: anything else is a
-    clear error."""
-    _skip_unless_wgmma(plan)
-    monkeypatch.setenv("OPPO_PREFILL_PLAN", plan)
+def test_prefill_wgmma3_refuses_head_dim_128_and_fp16(monkeypatch):
+    """The wgmma3 plans are built for head dim 64 and bf16 only: anything else is a clear error."""
+    _skip_unless_wgmma("wgmma3_pp_ov")
+    monkeypatch.setenv("OPPO_PREFILL_PLAN", "wgmma3_pp_ov")
     with pytest.raises(RuntimeError, match="head dim 64 and bf16 only"):
         _prefill_case(8, 2, 128, 16, [10], [20], torch.bfloat16, torch.float32)
     with pytest.raises(RuntimeError, match="head dim 64 and bf16 only"):
         _prefill_case(8, 2, 64, 16, [10], [20], torch.float16, torch.float32)
-
-
-@pytest.mark.parametrize("plan", ["wgmma4_pp_ov_qp_mi_ps", "wgmma4_pp_ov_qp_xc_ks_ps"])
-def test_prefill_wgmma4_refuses_merged_items_and_key_split(monkeypatch, plan):
-    """_mi and _ks have no four-warpgroup instantiation: a clear error, not another plan."""
-    _skip_unless_wgmma("wgmma4_pp_ov")
-    monkeypatch.setenv("OPPO_PREFILL_PLAN", plan)
-    with pytest.raises(RuntimeError, match="four-warpgroup plans are built for"):
-        _prefill_case(14, 2, 64, 16, [10], [20], torch.bfloat16, torch.float32)
 
 
 @pytest.mark.parametrize("plan", ["wgmma_ov_qp_xc_ps", "wgmma_xc_ps", "wgmma3_ov_xc_ps"])

@@ -45,14 +45,7 @@ def stages(D: int) -> int:
     return 3 if D == 128 else 4
 
 
-BN = 128   # keys per K/V tile (Cfg<D>::kBN, both head dims; 96 with four consumer warpgroups)
-
-
-P_BLOCK_STRIDE = 64 * 128   # bytes between the P tile's 64-key column blocks (the kernel's issue_pv)
-
-
-def bn_of(nc: int) -> int:
-    return 96 if nc == 4 else BN
+BN = 128   # keys per K/V tile (Cfg<D>::kBN, both head dims)
 
 
 # --------------------------------------------------------------------------- the hardware, as documented
@@ -143,11 +136,8 @@ def emulate(q, k_cache, v_cache, cu, ctx, bt, scale, out, grid=None, nc=2):
     """paged_prefill_wgmma_kernel over the whole grid, one CTA after another: CTA c takes items
     c, c + grid, ... (grid None: one item per CTA; fewer: the persistent plan), its K/V ring and
     the producer's prefetch running on across items. nc: consumer warpgroups (3: the wgmma3
-    plans' 192-row items; 4: the wgmma4 plans' 256-row items, 96-key tiles, each warpgroup's P
-    through its [64 x 128-key] tile of shared memory after the stages, read by P V's descriptor)."""
+    plans' 192-row items)."""
     BM = 64 * nc
-    BN = bn_of(nc)
-    psmem = nc == 4
     dtype = q.dtype
     Nq, Hq, D = q.shape
     _, bs, Hkv, _ = k_cache.shape
@@ -171,8 +161,7 @@ def emulate(q, k_cache, v_cache, cu, ctx, bt, scale, out, grid=None, nc=2):
     for c in range(grid):
         work = [I for I in items[c::grid] if I is not None]
         ring = [(I, it) for I in work for it in range(I["n_tiles"])]      # tiles in ring order (g)
-        p_base, p_tile = q_bytes + kS * stage_bytes, 64 * ((BN + 63) // 64) * 128
-        smem = np.full((p_base + (nc * p_tile if psmem else 0)) // 2, np.nan, np.float32)   # unwritten = NaN
+        smem = np.full((q_bytes + kS * stage_bytes) // 2, np.nan, np.float32)   # unwritten = NaN
         produced = 0
         # the producer's cursor (kernel: Tile): per thread, the page (q, r) of its key `own` of
         # the last tile produced, stepped by BN keys per tile, reset at an item's first tile
@@ -252,22 +241,17 @@ def emulate(q, k_cache, v_cache, cu, ctx, bt, scale, out, grid=None, nc=2):
                     S += a @ bmat.T
                 st["sacc"] = S[srow, scol]
 
-            def issue_pv(st, s, cw):
+            def issue_pv(st, s):
                 v_addr = q_bytes + s * stage_bytes + tile_bytes
                 O = np.zeros((64, D), np.float32)
                 O[orow, ocol] = st["o"]
+                lo, hi = st["pa"]
                 for kk in range(KS):
                     bmat = mnmajor(smem, desc128(v_addr + kk * 16 * 128, BN * 128, 1024), D)
-                    if psmem:   # A: the warpgroup's P tile, K-major like Q (64 rows per column block)
-                        a = kmajor(smem, desc128(p_base + cw * p_tile + (kk >> 2) * P_BLOCK_STRIDE + (kk & 3) * 32, 16,
-                                                 1024), 64)
-                    else:
-                        lo, hi = st["pa"]
-                        a = a_from_regs(lo[:, kk], hi[:, kk])
-                    O += a @ bmat
+                    O += a_from_regs(lo[:, kk], hi[:, kk]) @ bmat
                 st["o"] = O[orow, ocol]
 
-            def softmax(st, it, cw):
+            def softmax(st, it):
                 sacc = st["sacc"].copy()
                 if it >= I["n_full"]:
                     key = it * BN + scol
@@ -284,10 +268,6 @@ def emulate(q, k_cache, v_cache, cu, ctx, bt, scale, out, grid=None, nc=2):
                 st["l"] = st["l"] * alpha + np.stack([p[:, h].sum(1) for h in half], 1)
                 st["o"] = st["o"] * alpha[:, (np.arange(D // 2) % 4) >> 1]
                 pr = round_to(p, dtype)                           # Mma<T>::pack rounds to T
-                if psmem:   # the pair (row, 8i + 2t..+1) at 4t of chunk i of the row (the kernel's st.shared)
-                    addr = p_base + cw * p_tile + swz(64, srow, scol // 8) + (scol % 8) * 2
-                    smem[addr // 2] = pr
-                    return
                 lo = np.stack([pr[:, [8 * kk + 2 * r for r in range(4)]] for kk in range(KS)], 1)
                 hi = np.stack([pr[:, [8 * kk + 2 * r + 1 for r in range(4)]] for kk in range(KS)], 1)
                 st["pa"] = (lo, hi)                               # [128, kk, reg]
@@ -295,17 +275,17 @@ def emulate(q, k_cache, v_cache, cu, ctx, bt, scale, out, grid=None, nc=2):
             n_tiles = I["n_tiles"]
             for cw in range(nc):
                 issue_qk(state[cw], cw, gbase % kS)
-                softmax(state[cw], 0, cw)
+                softmax(state[cw], 0)
             for it in range(1, n_tiles):
                 gi = gbase + it
                 for cw in range(nc):
-                    issue_pv(state[cw], (gi - 1) % kS, cw)
+                    issue_pv(state[cw], (gi - 1) % kS)
                     issue_qk(state[cw], cw, gi % kS)
                 release()                                         # tile gi-1's stage
                 for cw in range(nc):
-                    softmax(state[cw], it, cw)
+                    softmax(state[cw], it)
             for cw in range(nc):
-                issue_pv(state[cw], (gbase + n_tiles - 1) % kS, cw)
+                issue_pv(state[cw], (gbase + n_tiles - 1) % kS)
             release()
             gbase += n_tiles
 
@@ -414,35 +394,3 @@ def test_emulation_catches_a_wrong_descriptor():
         assert float((out - ref).norm() / ref.norm()) > 0.1
     finally:
         desc128 = good
-
-
-@pytest.mark.parametrize("grid", [None, 3])
-@pytest.mark.parametrize("Hq,Hkv,bs,prefixes,chunks", [
-    (14, 2, 16, [0, 600, 37], [1, 30, 70]),          # G = 7: 256-row items cut mid-query, 4 stages wrap
-    (8, 2, 16, [0, 300, 5, 700], [150, 40, 1, 90]),  # G = 4: several row tiles, ragged
-    (8, 2, 64, [0, 95, 96, 97], [1, 1, 1, 200]),     # pages of 64 against 96-key tiles, tile edges
-])
-def test_four_consumer_warpgroups_match_reference(Hq, Hkv, bs, prefixes, chunks, grid):
-    """The wgmma4 plans' kernel (four consumer warpgroups, 256-row items, 96-key tiles, head dim 64,
-    bf16): each warpgroup's P stored into its swizzled tile of shared memory and read back by P V's
-    K-major descriptor (two column blocks, the second half used), V's MN-major descriptor over 96
-    keys, the producer's 6 chunks per thread and its page cursor stepped by 96 keys."""
-    out, ref = _case(Hq, Hkv, 64, bs, prefixes, chunks, torch.bfloat16, grid=grid, nc=4)
-    assert torch.isfinite(out).all(), "a row the kernel should write was left unwritten"
-    assert float((out - ref).norm() / ref.norm()) < 2e-3
-
-
-def test_emulation_catches_a_p_tile_read_with_the_wrong_column_block_stride():
-    """Not vacuous for the P tile: a P V descriptor stepping to the second 64-key column block by
-    the Q tile's stride (kBM x 128 bytes, the issue_qk formula) instead of the P tile's 64 x 128
-    reads keys 64-95 from the wrong place."""
-    global P_BLOCK_STRIDE
-    try:
-        P_BLOCK_STRIDE = 128 * 128   # (inside the P tiles of warpgroups 0..2: the last one's falls off)
-        try:
-            out, ref = _case(14, 2, 64, 16, [170], [20], torch.bfloat16, nc=4)
-        except IndexError:   # warpgroup 3's read past the end of shared memory
-            return
-        assert not torch.isfinite(out).all() or float((out - ref).norm() / ref.norm()) > 0.1
-    finally:
-        P_BLOCK_STRIDE = 64 * 128

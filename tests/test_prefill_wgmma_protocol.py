@@ -518,16 +518,14 @@ def test_split_kv_fullv_waits():
 
 @pytest.mark.parametrize("split", [False, True])
 @pytest.mark.parametrize("pingpong", [False, True])
-@pytest.mark.parametrize("nc", [3, 4])
 @pytest.mark.parametrize("items", [[1], [2], [5], [40], [3, 1, 5], [2, 7, 1, 4, 2]])
-def test_three_consumer_warpgroups_finish_without_races(items, nc, pingpong, split):
+def test_three_consumer_warpgroups_finish_without_races(items, pingpong, split):
     """The wgmma3 plans (head dim 64, 4 stages): three consumer warpgroups, empty barriers of 384
     arrivals, ping-pong as a ring over named barriers 4, 5, 6 (the last warpgroup kicks the first
-    at each item and skips its arrive after the item's final P V), one item or several; and the
-    wgmma4 plans' four (512 arrivals, the ring over named barriers 5..8)."""
+    at each item and skips its arrive after the item's final P V), one item or several."""
     for seed in range(15):
-        log = run(items, 4, pingpong, seed, split=split, nc=nc)
-        assert sorted(log) == ["producer done"] + [f"wg{c} done" for c in range(nc)]
+        log = run(items, 4, pingpong, seed, split=split, nc=3)
+        assert sorted(log) == ["producer done", "wg0 done", "wg1 done", "wg2 done"]
 
 
 def test_three_consumer_simulation_catches_a_two_warpgroup_ring():
@@ -562,7 +560,7 @@ def test_three_consumer_simulation_catches_a_two_warpgroup_ring():
 
 # ------------------------------------------------------------------ kFlagChain (plans _xc)
 @pytest.mark.parametrize("split", [False, True])
-@pytest.mark.parametrize("nc,kS", [(2, 3), (2, 4), (3, 4), (4, 4)])
+@pytest.mark.parametrize("nc,kS", [(2, 3), (2, 4), (3, 4)])
 @pytest.mark.parametrize("items", [[1], [4], [1, 1, 1], [3, 1, 5], [2, 7, 1, 4, 2], [9, 9]])
 def test_chained_turns_across_items_finish_without_races(items, nc, kS, split):
     """_xc: the last warpgroup kicks the first at the CTA's first item only, and its arrive after
