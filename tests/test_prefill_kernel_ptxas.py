@@ -48,3 +48,12 @@ def test_prefill_wgmma_kernels_keep_their_registers(T, D, NC, merge, key_split):
     spills = [int(s) for s in re.findall(r"(\d+) bytes spill stores", report)]
     assert spills, report
     assert max(spills) <= (MERGED_SPILL_BYTES if merge else 0), report
+    # setmaxnreg.inc draws only on the registers the CTA's own setmaxnreg.dec released (PTX: "a
+    # pool of available registers is maintained per-CTA"): the split (Cfg<D, NC>: producer,
+    # consumers) must fit in what the CTA was given at launch, or the launcher refuses the plan
+    # (launch_kernel's check: the increase would wait forever). Session 29's four-warpgroup
+    # kernel (640 threads, 96 each at launch) could give its consumers 112, not 120.
+    if D == 128 or NC == 3:
+        producer, consumer = (32, 160) if NC == 3 else (56, 224)
+        used = int(re.search(r"Used (\d+) registers", report).group(1))
+        assert used * 128 * (NC + 1) >= 128 * producer + 128 * NC * consumer, report
