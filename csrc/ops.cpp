@@ -18,6 +18,7 @@ TORCH_LIBRARY(oppo, m) {
   m.def("paged_decode_workspace_size(Tensor q, Tensor k_cache, Tensor block_tables, int max_partition=0) -> int");
   m.def("decode_cta_stamps(Tensor(a!) stamps) -> ()");
   m.def("prefill_item_stamps(Tensor(a!) stamps) -> ()");
+  m.def("prefill_turn_stamps(Tensor(a!) stamps) -> ()");
   m.def("paged_prefill_attention(Tensor(a!) out, Tensor q, Tensor k_cache, Tensor v_cache, Tensor cu_seqlens_q, "
         "Tensor context_lens, Tensor block_tables, float scale, int max_seqlen_q) -> ()");
 }

@@ -32,6 +32,7 @@
 //                   setmaxnreg 32/160), e.g. wgmma3_pp_ov_ps: head dim 64 and bf16 only (the
 //                   lever for issue 8's D=64 shape, bench/NOTES.md "Session 15").
 #include <array>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -66,7 +67,8 @@ int sm_count(int dev) {
   return sms[dev & 63];
 }
 
-template <typename T, int D, bool kWgmma, int NC = 2, bool kMerge = false, bool kKeySplit = false>   // one instantiation per kernel: attr_set below is its own
+template <typename T, int D, bool kWgmma, int NC = 2, bool kMerge = false, bool kKeySplit = false,
+          bool kTurnStamps = false>   // one instantiation per kernel: attr_set below is its own
 void launch_kernel(PrefillKernel<T> kernel, int rows_per_cta, int threads, int smem, int flags, Grid grid_kind,
                    at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                    const at::Tensor& cu_seqlens_q, const at::Tensor& context_lens, const at::Tensor& block_tables,
@@ -124,6 +126,12 @@ static_assert(((oppo::attn::kPrefillOutF32 | oppo::attn::wgp::kFlagPingPong | op
                 oppo::attn::wgp::kFlagMerge | oppo::attn::wgp::kFlagKeySplit) &
                (kPersistent | kThreeWG)) == 0,
               "a kernel flag shares a bit with the launcher's plan bits");
+
+// Whether prefill_turn_stamps is on (the launcher then takes the wgmma3 kernel that writes them).
+std::atomic<bool>& turn_stamps_on() {
+  static std::atomic<bool> on{false};
+  return on;
+}
 
 // Whether this device runs the extension's sm_90a code (wgmma): an sm_90 card, and 9.0a built.
 // Asked once per device (every prefill call with the default plan asks).
@@ -268,6 +276,14 @@ void launch(int plan, at::Tensor& out, const at::Tensor& q, const at::Tensor& k_
                                                   max_seqlen_q);
         return;
       }
+      if ((plan & kThreeWG) && turn_stamps_on().load()) {   // bench/prefill_turns.py: its own instantiation
+        using G3 = wgp::Geo<3>;
+        launch_kernel<T, D, true, 3, false, false, true>(wgp::paged_prefill_wgmma_kernel<T, D, 3, false, false, true>,
+                                                         G3::kBM, G3::kThreads, wgp::Cfg<D, 3>::kSmem, flags, grid, out,
+                                                         q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables,
+                                                         scale, max_seqlen_q);
+        return;
+      }
       if (plan & kThreeWG) {   // prefill_plan checked head dim and dtype
         using G3 = wgp::Geo<3>;
         launch_kernel<T, D, true, 3>(wgp::paged_prefill_wgmma_kernel<T, D, 3>, G3::kBM, G3::kThreads,
@@ -336,4 +352,12 @@ void paged_prefill_attention_cuda(at::Tensor& out, const at::Tensor& q, const at
 // set_stamps.
 void prefill_item_stamps_cuda(at::Tensor& stamps) {
   set_stamps("prefill_item_stamps", oppo::attn::wgp::prefill_stamps, stamps);
+}
+
+// Per-turn stamps of the three-warpgroup wgmma kernel (bench/prefill_turns.py; rows as
+// kernels/paged_prefill_wgmma.cuh's prefill_turn_stamps says): while on, the wgmma3 plans without
+// _mi and _ks run the kernel instantiated with them (the others write none); see set_stamps.
+void prefill_turn_stamps_cuda(at::Tensor& stamps) {
+  set_stamps("prefill_turn_stamps", oppo::attn::wgp::prefill_turn_stamps, stamps);
+  turn_stamps_on().store(stamps.numel() > 0);
 }

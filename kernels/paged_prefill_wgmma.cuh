@@ -214,6 +214,22 @@ __device__ __forceinline__ float ex2(float x) {
 // warpgroup 0's thread 0 at the item's start and after its epilogue; set by the launcher's host
 // side (oppo::prefill_item_stamps), off by default.
 static __constant__ CtaStamps prefill_stamps;
+// Per-turn stamps (bench/prefill_turns.py), only in the kernel instantiated with kTurnStamps (the
+// launcher takes it while oppo::prefill_turn_stamps is on; wgmma3 plans without _mi and _ks): each
+// consumer warpgroup's thread 0 of CTAs 0 and 1 writes one row per event of its tile chain, into
+// its own slice of capacity / (2 NC) rows (CTA c, warpgroup k: slice c NC + k): SM cycles
+// (%clock64), the event | tile << 8, the item index. The events:
+constexpr int kTsItem = 0;     // an item's start, before its Q rows are staged (tile: its key tiles)
+constexpr int kTsQ = 1;        // its Q rows staged (the named barrier of the warpgroup passed)
+constexpr int kTsReq = 2;      // a batch: before the wait for this warpgroup's turn
+constexpr int kTsGrant = 3;    // ... the turn taken
+constexpr int kTsIssued = 4;   // ... its MMAs issued and the turn handed on
+constexpr int kTsS = 5;        // ... S waited on (tile's Q K^T done)
+constexpr int kTsSoft = 6;     // ... the softmax's scores done
+constexpr int kTsPV = 7;       // ... the batch's P V waited on (every MMA of the batch done)
+constexpr int kTsFin = 8;      // ... the tile's end (O rescaled, P packed)
+constexpr int kTsStored = 9;   // an item's rows stored
+static __constant__ CtaStamps prefill_turn_stamps;
 
 // out          [Nq, Hq, D]  (T, or float32 with kPrefillOutF32), strides o_s0, o_s1, inner contiguous
 // flags        kPrefillOutF32 | kFlagPingPong | kFlagOverlap | kFlagSplitKV | kFlagQPrefetch | kFlagChain |
@@ -230,7 +246,7 @@ static __constant__ CtaStamps prefill_stamps;
 // kMerge: the kernel of the _mi plans (kFlagMerge): its own instantiation, because its item
 // hand-over costs the three-warpgroup consumers a few registers they do not have (spills), which
 // the plans without it must not pay.
-template <typename T, int D, int NC = 2, bool kMerge = false, bool kKeySplit = false>
+template <typename T, int D, int NC = 2, bool kMerge = false, bool kKeySplit = false, bool kTurnStamps = false>
 __global__ void __launch_bounds__(Geo<NC>::kThreads, 1)
 paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int64_t o_s1,
                            const T* __restrict__ q, int64_t q_s0, int64_t q_s1,
@@ -521,6 +537,29 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
   for (int i = 0; i < kBN / 2; ++i) sacc[i] = 0.f;
   uint32_t pa[kKS][4];  // P of the last softmaxed tile (T pairs): the register A operand of its P V
 
+  // kTurnStamps: this thread's slice of prefill_turn_stamps (thread 0 of each consumer warpgroup
+  // of CTAs 0 and 1; null elsewhere), its rows written so far, and the item they belong to
+  int64_t* ts_rows = nullptr;
+  int ts_n = 0, ts_cap = 0, ts_w = -1;
+  if constexpr (kTurnStamps) {
+    static_assert(!kMerge && !kKeySplit, "turn stamps: the plans without _mi and _ks");
+    const CtaStamps st = prefill_turn_stamps;
+    if (st.rows != nullptr && blockIdx.x < 2 && tw == 0) {
+      ts_cap = static_cast<int>(st.capacity / (2 * NC));
+      ts_rows = st.rows + 3 * static_cast<int64_t>(blockIdx.x * NC + cw) * ts_cap;
+    }
+  }
+  auto ts = [&](int event, int it) {
+    if constexpr (kTurnStamps) {
+      if (ts_rows != nullptr && ts_n < ts_cap) {
+        ts_rows[3 * ts_n] = sm_clock();
+        ts_rows[3 * ts_n + 1] = event | (it << 8);
+        ts_rows[3 * ts_n + 2] = ts_w;
+        ++ts_n;
+      }
+    }
+  };
+
   // Tile t's Q K^T is issued together with tile t-1's P V (two commit groups; waited on together,
   // or with kFlagOverlap the S first and the softmax's first part before P V's wait).
   // Ping-pong (flag): the NC warpgroups take turns issuing their batch, in a ring (named barriers
@@ -568,18 +607,22 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
   auto hand_on = [&](bool last) {
     if (pingpong && !(last && cw == NC - 1)) named_arrive(kPP + (cw + 1) % NC, 256);
   };
-  auto begin_batch = [&]() {
+  auto begin_batch = [&](int it) {
+    ts(kTsReq, it);
     take_turn();
+    ts(kTsGrant, it);
     fence_regs(o);
     fence_regs(sacc);
     wg_fence();
   };
-  auto end_batch = [&](bool last) {
+  auto end_batch = [&](bool last, int it, int waited) {  // waited: kTsS (a Q K^T alone) or kTsPV
     wg_commit();
     hand_on(last);
+    ts(kTsIssued, it);
     wg_wait_all();
     fence_regs(o);
     fence_regs(sacc);
+    ts(waited, it);
   };
   // Softmax of tile it in two parts: scores() needs only S (the running max and sum, P in sacc),
   // finish() the finished P V of tile it-1 (O rescaled by alpha, P packed into the A operand).
@@ -737,17 +780,20 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
   // groups); then tile it's softmax (row maxima and sums, P in sacc) and the release of sp. The
   // caller waited for both stages.
   auto qk_pv_step = [&](int s, int sp, int it, int n_full, float (&alpha)[2]) {
-    begin_batch();
+    begin_batch(it);
     issue_qk(s);  // group 1: S
     wg_commit();
     issue_pv(sp);  // group 2: P V
     wg_commit();
     hand_on(false);
+    ts(kTsIssued, it);
     if (overlap) {  // the softmax's first part runs while this warpgroup's P V is on the tensor cores
       wg_wait<1>();
       fence_regs(sacc);
+      ts(kTsS, it);
       if (splitkv) mbar_arrive(&empty[s]);  // emptyK: this thread's reads of K(s) are done
       scores(it, alpha, n_full);
+      ts(kTsSoft, it);
       // A bare wait_group 0 here is hoisted by ptxas to right after the wait_group 1 (SASS: the
       // two DEPBARs adjacent, every ex2 after them), which undoes the overlap. A warp-uniform,
       // always-true condition on the row sums (NaN included) makes the wait depend on the
@@ -757,12 +803,15 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
       if (__ballot_sync(0xffffffffu, !(l[0] + l[1] < -1.f))) wg_wait<0>();
       else __trap();
       fence_regs(o);
+      ts(kTsPV, it);
     } else {
       wg_wait<0>();
       fence_regs(sacc);
       fence_regs(o);
+      ts(kTsPV, it);
       if (splitkv) mbar_arrive(&empty[s]);  // emptyK: this thread's reads of K(s) are done
       scores(it, alpha, n_full);
+      ts(kTsSoft, it);
     }
     // this thread's reads of stage sp (kFlagSplitKV: of its V tile) are done
     mbar_arrive(splitkv ? &emptyV[sp] : &empty[sp]);
@@ -854,9 +903,9 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
         passed = t + 1;
         const int gt = gbase + t;
         mbar_wait(&full[gt % kS], (gt / kS) & 1);
-        begin_batch();
+        begin_batch(t);
         issue_qk(gt % kS);
-        end_batch(last);
+        end_batch(last, t, kTsS);
         float alpha[2];
         scores(t, alpha, I.n_full);
         finish(alpha);
@@ -931,19 +980,24 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
       }
     }
     if (cw == 0 && tw == 0) stamp_start(prefill_stamps, w);  // off unless bench/prefill_stamps.py sets it
+    if constexpr (kTurnStamps) ts_w = w;
+    ts(kTsItem, I.n_tiles);
     stage_q(I);
+    ts(kTsQ, 0);
     start_rows();
     zero_o();
     kick();
     mbar_wait(&full[gbase % kS], (gbase / kS) & 1);  // tile 0: Q K^T alone
-    begin_batch();
+    begin_batch(0);
     issue_qk(gbase % kS);
-    end_batch(false);
+    end_batch(false, 0, kTsS);
     if (splitkv) mbar_arrive(&empty[gbase % kS]);  // emptyK: S of tile 0 was waited on
     {
       float alpha[2];
       scores(0, alpha, I.n_full);
+      ts(kTsSoft, 0);
       end_of_tile(0, more, wn, alpha);
+      ts(kTsFin, 0);
     }
     // One batch per iteration: Q K^T of ring position gi (tile `it` of item I, or with kFlagMerge
     // at an item's end tile 0 of the next item, "cross") and P V of the tile before it. A merged
@@ -989,14 +1043,15 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
         it = 0;
       }
       end_of_tile(it, more, wn, alpha);
+      ts(kTsFin, it);
       ++it;
     }
     {
       const int gl = gbase + I.n_tiles - 1;
       if (splitkv) mbar_wait(&fullV[gl % kS], (gl / kS) & 1);
-      begin_batch();  // the last tile's P V
+      begin_batch(I.n_tiles);  // the last tile's P V (its turn stamped as tile n_tiles)
       issue_pv(gl % kS);
-      end_batch(!more);  // the last warpgroup hands on only when chained to another item
+      end_batch(!more, I.n_tiles, kTsPV);  // the last warpgroup hands on only when chained to another item
       mbar_arrive(splitkv ? &emptyV[gl % kS] : &empty[gl % kS]);
     }
     gbase += I.n_tiles;
@@ -1005,6 +1060,7 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
       inv_rows(inv);
       store_rows(I, inv);
     }
+    ts(kTsStored, I.n_tiles);
     if (cw == 0 && tw == 0) stamp_end(prefill_stamps, w, I.n_tiles);  // warpgroup 0's end of the item
   }
 #endif

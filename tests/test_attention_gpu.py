@@ -1287,6 +1287,55 @@ def test_prefill_item_stamps_cover_every_item_and_change_nothing(monkeypatch, pl
         assert split == int("_ks" in plan and chunks[b] * G - row0 <= 64), f"item {w}: key-split bit {split}"
 
 
+@pytest.mark.parametrize("plan", ["wgmma3_pp_ov_qp_xc_ps", "wgmma3_pp_ov_ps"])
+def test_prefill_turn_stamps_follow_each_chain_and_change_nothing(monkeypatch, plan):
+    """prefill_turn_stamps (bench/prefill_turns.py): the wgmma3 kernel instantiated with them gives
+    bit for bit the output of the plain one; each consumer warpgroup of CTAs 0 and 1 writes its own
+    slice, cycles never decrease, every item opens with its start and Q staged, every batch holds
+    its request, turn, issue and tile's end in that order, and the persistent CTAs' items are the
+    kernel's (c, c + grid, ...)."""
+    _skip_unless_wgmma(plan)
+    monkeypatch.setenv("OPPO_PREFILL_PLAN", plan)
+    Hq, Hkv, D, bs = 14, 2, 64, 16
+    prefixes, chunks = [0, 300, 77, 1000, 5] * 12, [256, 1, 129, 64, 200] * 12
+    lens = [p + c for p, c in zip(prefixes, chunks)]
+    kv = PagedKV(num_blocks=sum(math.ceil(n / bs) for n in lens) + 5, block_size=bs, Hkv=Hkv, D=D, dtype=torch.bfloat16)
+    bt = kv.tables(lens)
+    kv.fill(bt, lens)
+    cu = torch.tensor([0] + list(torch.tensor(chunks).cumsum(0).tolist()), dtype=torch.int32, device="cuda")
+    ctx = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    q = torch.randn(sum(chunks), Hq, D, device="cuda").bfloat16()
+    plain = A.paged_prefill_attention(q, kv.k, kv.v, cu, ctx, bt, D ** -0.5, max_seqlen_q=max(chunks), backend="cuda")
+    per = 2048
+    with A.prefill_turn_stamps(6 * per) as stamps:
+        stamped = A.paged_prefill_attention(q, kv.k, kv.v, cu, ctx, bt, D ** -0.5, max_seqlen_q=max(chunks),
+                                            backend="cuda")
+        torch.cuda.synchronize()
+        rows = stamps.cpu()
+    after = A.paged_prefill_attention(q, kv.k, kv.v, cu, ctx, bt, D ** -0.5, max_seqlen_q=max(chunks), backend="cuda")
+    assert torch.equal(stamped, plain) and torch.equal(after, plain)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for k in range(6):
+        sl = [r for r in rows[k * per:(k + 1) * per].tolist() if any(r)]
+        assert sl, f"slice {k} (CTA {k // 3}, warpgroup {k % 3}) empty"
+        cyc = [r[0] for r in sl]
+        assert cyc == sorted(cyc), f"slice {k}: cycles go back"
+        assert sl[0][1] & 0xFF == 0 and (sl[1][1] & 0xFF) == 1, f"slice {k} opens with {sl[:2]}"
+        items = [r[2] for r in sl if r[1] & 0xFF == 0]
+        assert items and all(w % sms == k // 3 for w in items) and items == sorted(items), items
+        batch, batches = [], 0
+        for r in sl + [[0, 0, 0]]:
+            e = r[1] & 0xFF
+            if e in (0, 2) and batch:      # a batch: request, turn, issued, ..., the tile's end or P V
+                assert batch[:3] == [2, 3, 4] and (8 in batch or 7 in batch), f"slice {k}: a batch of events {batch}"
+                batches += 1
+            if e in (0, 2):
+                batch = [2] if e == 2 else []
+            elif batch:
+                batch.append(e)
+        assert batches > len(items), f"slice {k}: {batches} batches for {len(items)} items"
+
+
 def test_prefill_wgmma3_refuses_head_dim_128_and_fp16(monkeypatch):
     """The wgmma3 plans are built for head dim 64 and bf16 only: anything else is a clear error."""
     _skip_unless_wgmma("wgmma3_pp_ov")

@@ -109,3 +109,51 @@ def test_the_stamp_benches_rows_print_as_their_tables(capsys):
     c.print_table([prow, spread], p.COLUMNS)
     out = capsys.readouterr().out
     assert "v3+l2" in out and "wgmma3_pp_ov_qp_ps" in out and "0-4096" in out
+
+
+def _turn_events(items, period=1000, extra=3000, q=400, epi=500):
+    """One consumer warpgroup's events as the wgmma3 kernel writes them (cycles, event, tile,
+    item), for items of the given key tiles: every turn `period` cycles apart (request, turn +10,
+    issued +20, S +100, scores +300, P V +400, the tile's end +450), each item change `extra`
+    cycles longer than two turns, its rows stored `epi` after the last P V, its Q staged in `q`."""
+    t = 0
+    ev = []
+    for w, n in enumerate(items):
+        ev += [(t, 0, n, w), (t + q, 1, 0, w)]
+        t += q + 10
+        for tile in range(n + 1):                   # tile n: the last P V alone
+            ev += [(t, 2, tile, w), (t + 10, 3, tile, w), (t + 20, 4, tile, w)]
+            if tile == 0:                           # Q K^T alone: S, scores, the tile's end
+                ev += [(t + 100, 5, 0, w), (t + 300, 6, 0, w), (t + 450, 8, 0, w)]
+            elif tile < n:
+                ev += [(t + 100, 5, tile, w), (t + 300, 6, tile, w), (t + 400, 7, tile, w), (t + 450, 8, tile, w)]
+            else:
+                ev += [(t + 400, 7, tile, w), (t + 400 + epi, 9, n, w)]
+            t += period
+        t += extra - (q + 10) - period             # the boundary: (last steady -> next tile 1) = 2 periods + extra
+    return ev
+
+
+def test_prefill_turns_splits_each_turn_and_the_item_boundary():
+    p = load_script(BENCH, "prefill_turns")
+    ev = _turn_events([5, 4, 6])
+    ph = p.phases(p.turns(ev))
+    steady = [x for x in ph if x["kind"] == "steady"]
+    assert len(steady) == 4 + 3 + 5 and len([x for x in ph if x["kind"] == "first"]) == 3
+    x = steady[0]
+    assert (x["wait_turn"], x["issue"], x["s_wait"], x["softmax"], x["pv_wait"], x["finish"]) == (10, 10, 80, 200, 100, 50)
+    assert x["period"] == 1000 and x["to_next"] == 550
+    costs = p.item_costs(ev, ph)
+    assert [c["boundary"] for c in costs] == [3000, 3000]
+    assert all(c["epilogue"] == 500 and c["q_stage"] == 400 for c in costs)
+    # rows as the kernel lays them out: 2 CTAs x 3 warpgroups, one slice each (here all alike)
+    per = 256
+    rows = torch.zeros(6 * per, 3, dtype=torch.int64)
+    for k in range(6):
+        for i, (c, e, t, w) in enumerate(ev):
+            rows[k * per + i] = torch.tensor([c + 1, e | (t << 8), w])
+    s = p.summarize(rows, mhz=1000.0)               # 1000 cycles per us
+    wg = s["by_warpgroup"][4]
+    assert (wg["cta"], wg["warpgroup"], wg["items"]) == (1, 1, 3)
+    assert wg["steady"]["period"] == pytest.approx(1.0) and wg["steady"]["softmax"] == pytest.approx(0.2)
+    assert wg["epilogue_us"] == pytest.approx(0.5) and wg["q_stage_us"] == pytest.approx(0.4)

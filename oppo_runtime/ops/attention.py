@@ -27,7 +27,7 @@ from ._backend import MissingKernelError, choose_backend, has_cuda_kernels, reco
 __all__ = [
     "kv_append", "kv_append_ref",
     "paged_decode_attention", "paged_decode_attention_ref", "paged_decode_plan", "paged_decode_resident_ctas",
-    "paged_decode_workspace", "decode_cta_stamps", "prefill_item_stamps",
+    "paged_decode_workspace", "decode_cta_stamps", "prefill_item_stamps", "prefill_turn_stamps",
     "paged_prefill_attention", "paged_prefill_attention_ref", "prefill_wgmma_available",
     "varlen_causal_attention", "gather_paged_kv", "acc_dtype", "attention_kernels_support",
 ]
@@ -378,6 +378,16 @@ def prefill_item_stamps(capacity: int, device=None):
     SM id | key tiles << 32 (| 1 << 52: an item whose key tiles were split, plans _ks). Only the
     wgmma plans write (not mma, not Triton)."""
     return _stamps("prefill_item_stamps", capacity, device)
+
+
+def prefill_turn_stamps(capacity: int, device=None):
+    """Per-turn stamps of the sm_90a three-warpgroup wgmma prefill (plans wgmma3 without _mi and
+    _ks; ``bench/prefill_turns.py``), as ``decode_cta_stamps``: while on, those plans run a kernel
+    instantiated with them. Thread 0 of each consumer warpgroup k of CTAs c = 0 and 1 writes its
+    events into rows [(3c + k) S, (3c + k + 1) S), S = capacity // 6: SM cycles (%clock64), the
+    event | tile << 8 (events: kernels/paged_prefill_wgmma.cuh kTs*), the work item. Rows past a
+    slice's end are not written."""
+    return _stamps("prefill_turn_stamps", capacity, device)
 
 
 # ----------------------------------------------------------------------------- chunk prefill
