@@ -94,6 +94,12 @@ constexpr int kFlagMerge = 64;
 // they go to CTAs 0..127 as their first item, and each CTA that takes one item more than others
 // takes a short one (9 full + 1 short instead of 10 full at that shape).
 constexpr int kFlagKeySplit = 128;
+// kFlagQSerial (plans _q1, the A/B of session 29's change): an item's Q rows staged by loads and
+// stores, one 16-byte chunk after another (each load's branch on the row being in the chunk keeps
+// the next load behind the store: 4 L2 round trips at head dim 64, 8 at 128; the turn stamps
+// measured 1.6-1.8 us per item at D=64). Without it (the default since session 29) they are staged
+// by cp.async, all of a thread's chunks in flight at once (zero-fill past the chunk), then waited on.
+constexpr int kFlagQSerial = 256;
 // prefill_item_stamps' tag: an item's key tiles, | this bit for an item whose key tiles were split
 constexpr int64_t kStampKeySplit = int64_t(1) << 20;
 
@@ -297,8 +303,8 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
     const int n = cu_seqlens_q[I.b + 1] - I.q0;
     I.rows = n * G;
     I.row0 = (m_tiles - 1 - x) * kBM;
+    I.L = context_lens[I.b];   // loaded with cu_seqlens_q's two (b < B for every item), not after the test
     if (I.row0 >= I.rows) return false;
-    I.L = context_lens[I.b];
     I.prefix = I.L - n;
     const int first = I.prefix + I.row0 / G;                        // position of the tile's first query
     const int last = I.prefix + (min(I.row0 + kBM, I.rows) - 1) / G;  // ... and of its last
@@ -982,7 +988,12 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
     if (cw == 0 && tw == 0) stamp_start(prefill_stamps, w);  // off unless bench/prefill_stamps.py sets it
     if constexpr (kTurnStamps) ts_w = w;
     ts(kTsItem, I.n_tiles);
-    stage_q(I);
+    if (flags & kFlagQSerial) {
+      stage_q(I);
+    } else {
+      stage_q_async(I);
+      q_landed();
+    }
     ts(kTsQ, 0);
     start_rows();
     zero_o();

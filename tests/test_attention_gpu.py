@@ -991,7 +991,7 @@ PREFILL_SHAPES = [  # Hq, Hkv, D, block_size, prefixes, chunks
 
 
 PREFILL_PLANS = ["mma", "wgmma", "wgmma_pp", "wgmma_ov", "wgmma_pp_ov", "wgmma_pp_ov_ps", "wgmma_kv",
-                 "wgmma_pp_ov_kv", "wgmma_pp_ov_qp_ps", "wgmma_pp_ov_qp_xc_ps"]
+                 "wgmma_pp_ov_kv", "wgmma_pp_ov_qp_ps", "wgmma_pp_ov_qp_xc_ps", "wgmma_pp_ov_qp_xc_q1_ps"]
 
 
 def _skip_unless_wgmma(plan: str) -> None:
@@ -1217,7 +1217,7 @@ def test_prefill_key_split_refused_where_not_built(monkeypatch, plan, D, dtype):
 
 
 WGMMA3_PLANS = ["wgmma3_pp_ov", "wgmma3_pp_ov_ps", "wgmma3_ov_ps", "wgmma3", "wgmma3_pp_ov_qp_ps", "wgmma3_pp_ov_qp_xc_ps",
-                "wgmma3_pp_ov_qp_mi_ps", "wgmma3_pp_ov_qp_xc_ks_ps", "wgmma3_ks", "wgmma3_ov_ks_ps"]
+                "wgmma3_pp_ov_qp_mi_ps", "wgmma3_pp_ov_qp_xc_ks_ps", "wgmma3_ks", "wgmma3_ov_ks_ps", "wgmma3_pp_ov_qp_xc_q1_ps"]
 
 
 @pytest.mark.parametrize("shape", [s for s in PREFILL_SHAPES if s[2] == 64])
