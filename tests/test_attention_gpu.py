@@ -1244,6 +1244,20 @@ def test_prefill_wgmma3_persistent_many_items_and_native_output(monkeypatch, pla
     assert rel_err(out, ref) < rel_err(ref.to(torch.bfloat16), ref) + TOL_F32_OUT[torch.bfloat16]
 
 
+def _stamps_case(Hq: int, Hkv: int, D: int, prefixes: list[int], chunks: list[int], bs: int = 16):
+    """A bf16 batch of chunks after prefixes on shuffled pages: a call of the CUDA prefill over it
+    (under the plan the caller set), for the stamp tests (each call's output compared bit for bit)."""
+    lens = [p + c for p, c in zip(prefixes, chunks)]
+    kv = PagedKV(num_blocks=sum(math.ceil(n / bs) for n in lens) + 5, block_size=bs, Hkv=Hkv, D=D, dtype=torch.bfloat16)
+    bt = kv.tables(lens)
+    kv.fill(bt, lens)
+    cu = torch.tensor([0] + list(torch.tensor(chunks).cumsum(0).tolist()), dtype=torch.int32, device="cuda")
+    ctx = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    q = torch.randn(sum(chunks), Hq, D, device="cuda").bfloat16()
+    return lambda: A.paged_prefill_attention(q, kv.k, kv.v, cu, ctx, bt, D ** -0.5, max_seqlen_q=max(chunks),
+                                             backend="cuda")
+
+
 @pytest.mark.parametrize("plan", ["wgmma_pp_ov", "wgmma_pp_ov_ps", "wgmma3_pp_ov_ps", "wgmma3_pp_ov_qp_mi_ps",
                                   "wgmma3_pp_ov_qp_xc_ks_ps"])
 def test_prefill_item_stamps_cover_every_item_and_change_nothing(monkeypatch, plan):
@@ -1253,22 +1267,15 @@ def test_prefill_item_stamps_cover_every_item_and_change_nothing(monkeypatch, pl
     short chunk write nothing, and the output is bit for bit the unstamped call's."""
     _skip_unless_wgmma(plan)
     monkeypatch.setenv("OPPO_PREFILL_PLAN", plan)
-    Hq, Hkv, D, bs = 14, 2, 64, 16
+    Hq, Hkv, D = 14, 2, 64
     G, bm = Hq // Hkv, 192 if plan.startswith("wgmma3") else 128
     prefixes, chunks = [0, 300, 77, 1000, 5], [256, 1, 129, 64, 200]
-    lens = [p + c for p, c in zip(prefixes, chunks)]
-    kv = PagedKV(num_blocks=sum(math.ceil(n / bs) for n in lens) + 5, block_size=bs, Hkv=Hkv, D=D, dtype=torch.bfloat16)
-    bt = kv.tables(lens)
-    kv.fill(bt, lens)
-    cu = torch.tensor([0] + list(torch.tensor(chunks).cumsum(0).tolist()), dtype=torch.int32, device="cuda")
-    ctx = torch.tensor(lens, dtype=torch.int32, device="cuda")
-    q = torch.randn(sum(chunks), Hq, D, device="cuda").bfloat16()
-    plain = A.paged_prefill_attention(q, kv.k, kv.v, cu, ctx, bt, D ** -0.5, max_seqlen_q=max(chunks), backend="cuda")
+    run = _stamps_case(Hq, Hkv, D, prefixes, chunks)
+    plain = run()
     m_tiles = math.ceil(max(chunks) * G / bm)
     items = m_tiles * Hkv * len(chunks)
     with A.prefill_item_stamps(items + 3) as stamps:
-        stamped = A.paged_prefill_attention(q, kv.k, kv.v, cu, ctx, bt, D ** -0.5, max_seqlen_q=max(chunks),
-                                            backend="cuda")
+        stamped = run()
         torch.cuda.synchronize()
         s = stamps.cpu()
     assert torch.equal(stamped, plain)
@@ -1296,23 +1303,14 @@ def test_prefill_turn_stamps_follow_each_chain_and_change_nothing(monkeypatch, p
     kernel's (c, c + grid, ...)."""
     _skip_unless_wgmma(plan)
     monkeypatch.setenv("OPPO_PREFILL_PLAN", plan)
-    Hq, Hkv, D, bs = 14, 2, 64, 16
-    prefixes, chunks = [0, 300, 77, 1000, 5] * 12, [256, 1, 129, 64, 200] * 12
-    lens = [p + c for p, c in zip(prefixes, chunks)]
-    kv = PagedKV(num_blocks=sum(math.ceil(n / bs) for n in lens) + 5, block_size=bs, Hkv=Hkv, D=D, dtype=torch.bfloat16)
-    bt = kv.tables(lens)
-    kv.fill(bt, lens)
-    cu = torch.tensor([0] + list(torch.tensor(chunks).cumsum(0).tolist()), dtype=torch.int32, device="cuda")
-    ctx = torch.tensor(lens, dtype=torch.int32, device="cuda")
-    q = torch.randn(sum(chunks), Hq, D, device="cuda").bfloat16()
-    plain = A.paged_prefill_attention(q, kv.k, kv.v, cu, ctx, bt, D ** -0.5, max_seqlen_q=max(chunks), backend="cuda")
+    run = _stamps_case(14, 2, 64, [0, 300, 77, 1000, 5] * 12, [256, 1, 129, 64, 200] * 12)
+    plain = run()
     per = 2048
     with A.prefill_turn_stamps(6 * per) as stamps:
-        stamped = A.paged_prefill_attention(q, kv.k, kv.v, cu, ctx, bt, D ** -0.5, max_seqlen_q=max(chunks),
-                                            backend="cuda")
+        stamped = run()
         torch.cuda.synchronize()
         rows = stamps.cpu()
-    after = A.paged_prefill_attention(q, kv.k, kv.v, cu, ctx, bt, D ** -0.5, max_seqlen_q=max(chunks), backend="cuda")
+    after = run()
     assert torch.equal(stamped, plain) and torch.equal(after, plain)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     for k in range(6):
