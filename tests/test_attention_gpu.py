@@ -991,7 +991,8 @@ PREFILL_SHAPES = [  # Hq, Hkv, D, block_size, prefixes, chunks
 
 
 PREFILL_PLANS = ["mma", "wgmma", "wgmma_pp", "wgmma_ov", "wgmma_pp_ov", "wgmma_pp_ov_ps", "wgmma_kv",
-                 "wgmma_pp_ov_kv", "wgmma_pp_ov_qp_ps", "wgmma_pp_ov_qp_xc_ps", "wgmma_pp_ov_qp_xc_q1_ps"]
+                 "wgmma_pp_ov_kv", "wgmma_pp_ov_qp_ps", "wgmma_pp_ov_qp_xc_ps", "wgmma_pp_ov_qp_xc_q1_ps",
+                 "wgmma_pp_ov_qp_xc_sr_ps", "wgmma_sr"]
 
 
 def _skip_unless_wgmma(plan: str) -> None:
@@ -1217,7 +1218,8 @@ def test_prefill_key_split_refused_where_not_built(monkeypatch, plan, D, dtype):
 
 
 WGMMA3_PLANS = ["wgmma3_pp_ov", "wgmma3_pp_ov_ps", "wgmma3_ov_ps", "wgmma3", "wgmma3_pp_ov_qp_ps", "wgmma3_pp_ov_qp_xc_ps",
-                "wgmma3_pp_ov_qp_mi_ps", "wgmma3_pp_ov_qp_xc_ks_ps", "wgmma3_ks", "wgmma3_ov_ks_ps", "wgmma3_pp_ov_qp_xc_q1_ps"]
+                "wgmma3_pp_ov_qp_mi_ps", "wgmma3_pp_ov_qp_xc_ks_ps", "wgmma3_ks", "wgmma3_ov_ks_ps", "wgmma3_pp_ov_qp_xc_q1_ps",
+                "wgmma3_pp_ov_qp_xc_sr_ps", "wgmma3_pp_ov_qp_xc_ks_sr_ps"]
 
 
 @pytest.mark.parametrize("shape", [s for s in PREFILL_SHAPES if s[2] == 64])
@@ -1259,7 +1261,7 @@ def _stamps_case(Hq: int, Hkv: int, D: int, prefixes: list[int], chunks: list[in
 
 
 @pytest.mark.parametrize("plan", ["wgmma_pp_ov", "wgmma_pp_ov_ps", "wgmma3_pp_ov_ps", "wgmma3_pp_ov_qp_mi_ps",
-                                  "wgmma3_pp_ov_qp_xc_ks_ps"])
+                                  "wgmma3_pp_ov_qp_xc_ks_ps", "wgmma3_pp_ov_qp_xc_sr_ps"])
 def test_prefill_item_stamps_cover_every_item_and_change_nothing(monkeypatch, plan):
     """prefill_item_stamps: every work item of the wgmma kernel (row tile, kv head, sequence, in the
     kernel's order, prefill_item_coords; one CTA each or persistent CTAs) writes its row with its
@@ -1294,7 +1296,7 @@ def test_prefill_item_stamps_cover_every_item_and_change_nothing(monkeypatch, pl
         assert split == int("_ks" in plan and chunks[b] * G - row0 <= 64), f"item {w}: key-split bit {split}"
 
 
-@pytest.mark.parametrize("plan", ["wgmma3_pp_ov_qp_xc_ps", "wgmma3_pp_ov_ps"])
+@pytest.mark.parametrize("plan", ["wgmma3_pp_ov_qp_xc_ps", "wgmma3_pp_ov_ps", "wgmma3_pp_ov_qp_xc_sr_ps"])
 def test_prefill_turn_stamps_follow_each_chain_and_change_nothing(monkeypatch, plan):
     """prefill_turn_stamps (bench/prefill_turns.py): the wgmma3 kernel instantiated with them gives
     bit for bit the output of the plain one; each consumer warpgroup of CTAs 0 and 1 writes its own
@@ -1332,6 +1334,32 @@ def test_prefill_turn_stamps_follow_each_chain_and_change_nothing(monkeypatch, p
             elif batch:
                 batch.append(e)
         assert batches > len(items), f"slice {k}: {batches} batches for {len(items)} items"
+
+
+@pytest.mark.parametrize("plan,D", [("wgmma_pp_ov_qp_xc_sr_ps", 128), ("wgmma_sr", 64), ("wgmma3_pp_ov_qp_xc_sr_ps", 64),
+                                    ("wgmma3_pp_ov_qp_xc_ks_sr_ps", 64)])
+def test_prefill_smem_rows_store_every_row_and_only_those(monkeypatch, plan, D):
+    """_sr (an item's rows through the warpgroup's Q rows, whole-row 16-byte stores; fp32 output
+    keeps the direct stores, so the reference tests with fp32 output do not reach it): bf16 output
+    bit for bit the same plan's without _sr, which the reference tests check, over ragged chunks
+    (items of one key tile, items past short chunks, G = 7 items cut mid-query, the key-split items
+    of warpgroup 0's rows only) on one item per CTA and persistent grids."""
+    _skip_unless_wgmma(plan)
+    Hq = 14 if D == 64 else 8
+    prefixes, chunks = [0, 300, 77, 1000, 5] * 6, [256, 1, 129, 64, 200] * 6
+    run = _stamps_case(Hq, 2, D, prefixes, chunks)
+    monkeypatch.setenv("OPPO_PREFILL_PLAN", plan.replace("_sr", ""))
+    plain = run()
+    monkeypatch.setenv("OPPO_PREFILL_PLAN", plan)
+    assert torch.equal(run(), plain)
+
+
+def test_prefill_smem_rows_refused_with_merged_items(monkeypatch):
+    """_sr with _mi: a clear error (the merged items' Q rows hold the next item's by the epilogue)."""
+    _skip_unless_wgmma("wgmma3_pp_ov_qp_mi_ps")
+    monkeypatch.setenv("OPPO_PREFILL_PLAN", "wgmma3_pp_ov_qp_mi_sr_ps")
+    with pytest.raises(RuntimeError, match="_sr stores an item's rows"):
+        _prefill_case(14, 2, 64, 16, [10], [20], torch.bfloat16, torch.float32)
 
 
 def test_prefill_wgmma3_refuses_head_dim_128_and_fp16(monkeypatch):
