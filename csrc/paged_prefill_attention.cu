@@ -261,6 +261,10 @@ void launch(int plan, at::Tensor& out, const at::Tensor& q, const at::Tensor& k_
                "paged_prefill_attention (wgmma): pages of ", k_cache.size(1), " x ", k_cache.size(2), " x ", D,
                " elements (empty, or past 32-bit offsets); use OPPO_PREFILL_PLAN=mma");
     const int flags = plan & ~(kPersistent | kThreeWG);
+    OPPO_CHECK(!(flags & wgp::kFlagSmemRows) || out.scalar_type() == at::kFloat ||
+               (out.stride(0) % 8 == 0 && out.stride(1) % 8 == 0),
+               "paged_prefill_attention: the _sr plans store whole rows in 16-byte pieces, so the output's row ",
+               "strides must be multiples of 8 elements; got ", out.stride(0), " and ", out.stride(1));
     const Grid grid = (plan & kPersistent) ? Grid::persistent : Grid::items;
     if constexpr (std::is_same_v<T, __nv_bfloat16>) {   // _mi: its own instantiations (prefill_plan checked which)
       if (plan & wgp::kFlagMerge) {

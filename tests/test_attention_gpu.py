@@ -1354,12 +1354,27 @@ def test_prefill_smem_rows_store_every_row_and_only_those(monkeypatch, plan, D):
     assert torch.equal(run(), plain)
 
 
-def test_prefill_smem_rows_refused_with_merged_items(monkeypatch):
-    """_sr with _mi: a clear error (the merged items' Q rows hold the next item's by the epilogue)."""
+def test_prefill_smem_rows_refused_with_merged_items_or_unaligned_rows(monkeypatch):
+    """_sr with _mi: a clear error (the merged items' Q rows hold the next item's by the epilogue);
+    and a bf16 output whose rows are not 16-byte aligned (a view with row stride 68): a clear error,
+    where the plan without _sr writes it."""
     _skip_unless_wgmma("wgmma3_pp_ov_qp_mi_ps")
     monkeypatch.setenv("OPPO_PREFILL_PLAN", "wgmma3_pp_ov_qp_mi_sr_ps")
     with pytest.raises(RuntimeError, match="_sr stores an item's rows"):
         _prefill_case(14, 2, 64, 16, [10], [20], torch.bfloat16, torch.float32)
+    kv = PagedKV(num_blocks=8, block_size=16, Hkv=2, D=64, dtype=torch.bfloat16)
+    bt = kv.tables([30])
+    kv.fill(bt, [30])
+    cu = torch.tensor([0, 20], dtype=torch.int32, device="cuda")
+    ctx = torch.tensor([30], dtype=torch.int32, device="cuda")
+    q = torch.randn(20, 14, 64, device="cuda").bfloat16()
+    out = torch.empty(20, 14, 68, device="cuda", dtype=torch.bfloat16)[..., :64]
+    monkeypatch.setenv("OPPO_PREFILL_PLAN", "wgmma3_pp_ov_qp_xc_sr_ps")
+    with pytest.raises(RuntimeError, match="16-byte pieces"):
+        A.paged_prefill_attention(q, kv.k, kv.v, cu, ctx, bt, 0.125, out=out, max_seqlen_q=20, backend="cuda")
+    monkeypatch.setenv("OPPO_PREFILL_PLAN", "wgmma3_pp_ov_qp_xc_ps")
+    A.paged_prefill_attention(q, kv.k, kv.v, cu, ctx, bt, 0.125, out=out, max_seqlen_q=20, backend="cuda")
+    assert torch.isfinite(out).all()
 
 
 def test_prefill_wgmma3_refuses_head_dim_128_and_fp16(monkeypatch):
