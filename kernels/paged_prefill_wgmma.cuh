@@ -328,6 +328,11 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
     I.n_full = (first + 1) / kBN;                                    // tiles no row of the item masks
     return true;
   };
+  // element offset of row grow of item J in a [Nq, Hq, D] tensor with strides s0, s1 (q or out):
+  // rows are (query, head of the group), the query's heads adjacent
+  auto row_at = [&](const Item& J, int grow, int64_t s0, int64_t s1) -> int64_t {
+    return static_cast<int64_t>(J.q0 + grow / G) * s0 + static_cast<int64_t>(J.kvh * G + grow % G) * s1;
+  };
   {  // a CTA without work leaves before any barrier (rows past a short chunk, padded max_seqlen_q)
     Item I;
     bool any = false;
@@ -398,8 +403,7 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
           for (int r = t; r < kBM; r += 128) {
             const int grow = I.row0 + r;
             if (grow < I.rows)
-              prefetch_l2<D * 2>(q + static_cast<int64_t>(I.q0 + grow / G) * q_s0 +
-                                 static_cast<int64_t>(I.kvh * G + grow % G) * q_s1);
+              prefetch_l2<D * 2>(q + row_at(I, grow, q_s0, q_s1));
           }
         }
       }
@@ -714,9 +718,7 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
     const int c = i * 128 + tw;
     const int grow = J.row0 + 64 * cw + c / C::kChunks;
     in = grow < J.rows;
-    return in ? q + static_cast<int64_t>(J.q0 + grow / G) * q_s0 + static_cast<int64_t>(J.kvh * G + grow % G) * q_s1 +
-                    (c % C::kChunks) * 8
-              : q;
+    return in ? q + row_at(J, grow, q_s0, q_s1) + (c % C::kChunks) * 8 : q;
   };
   auto q_dst = [&](int i) {
     const int c = i * 128 + tw;
@@ -799,8 +801,7 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
         const int grow = P.row0 + rl;
         const uint4 v = ld_shared_v4(qb + swz(kBM, rl, ch));
         if (grow < P.rows)
-          *reinterpret_cast<uint4*>(static_cast<T*>(out) + static_cast<int64_t>(P.q0 + grow / G) * o_s0 +
-                                    static_cast<int64_t>(P.kvh * G + grow % G) * o_s1 + ch * 8) = v;
+          *reinterpret_cast<uint4*>(static_cast<T*>(out) + row_at(P, grow, o_s0, o_s1) + ch * 8) = v;
       }
       named_sync(1 + (blk >> 6), 128);  // every read done before the next item's Q lands in these rows
       return;
@@ -810,8 +811,7 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
       const int grow = P.row0 + rA + 8 * r;
       if (grow >= P.rows) continue;
       const float inv = inv_r[r];
-      const int64_t base =
-          static_cast<int64_t>(P.q0 + grow / G) * o_s0 + static_cast<int64_t>(P.kvh * G + grow % G) * o_s1;
+      const int64_t base = row_at(P, grow, o_s0, o_s1);
 #pragma unroll
       for (int i = 0; i < D / 8; ++i) {
         const int col = 8 * i + 2 * tq;
