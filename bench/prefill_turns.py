@@ -184,11 +184,9 @@ def main() -> None:
         ev0 = slices(rows)[0]
         first = next(((c, w) for c, e, t, w in ev0 if e == ITEM), None)
         last = next(((c, w) for c, e, t, w in reversed(ev0) if e == STORED), None)
-        mhz = None
-        if first and last and first[1] != last[1]:
-            ns = int(irows[last[1], 1]) - int(irows[first[1], 0])
-            mhz = (last[0] - first[0]) / ns * 1e3 if ns > 0 else None
-        mhz = mhz or 1755.0
+        ns = int(irows[last[1], 1]) - int(irows[first[1], 0]) if first and last else 0
+        assert ns > 0, "CTA 0's item stamps hold no span: the SM clock cannot be measured, so no us"
+        mhz = (last[0] - first[0]) / ns * 1e3
         summary = summarize(rows, mhz)
         res = {"B": B, "prefix": prefix, "chunk": n, "Hq": Hq, "Hkv": Hkv, "D": D, "plan": args.plan,
                "us": ms * 1e3, "output_unchanged_by_stamps": same, **summary,
