@@ -1248,7 +1248,7 @@ def test_prefill_wgmma3_persistent_many_items_and_native_output(monkeypatch, pla
 
 def _stamps_case(Hq: int, Hkv: int, D: int, prefixes: list[int], chunks: list[int], bs: int = 16):
     """A bf16 batch of chunks after prefixes on shuffled pages: a call of the CUDA prefill over it
-    (under the plan the caller set), for the stamp tests (each call's output compared bit for bit)."""
+    (under the plan the caller set), for the tests that compare calls bit for bit (the stamps, _sr)."""
     lens = [p + c for p, c in zip(prefixes, chunks)]
     kv = PagedKV(num_blocks=sum(math.ceil(n / bs) for n in lens) + 5, block_size=bs, Hkv=Hkv, D=D, dtype=torch.bfloat16)
     bt = kv.tables(lens)
