@@ -244,6 +244,8 @@ KERNEL_CHECK = r"""
 import math, torch
 from oppo_runtime.ops.logprobs import linear_token_logprobs, token_logprobs, entropy_from_logits
 dev, dt = "{dev}", getattr(torch, "{dtype}")
+if dev == "cpu":   # one thread: the grad and no-grad calls below must agree bit for bit, and a CPU
+    torch.set_num_threads(1)   # BLAS free to pick its thread count per call (MKL_DYNAMIC) need not
 tol = dict(rtol=2e-5, atol=2e-5) if dt == torch.float32 else dict(rtol=2e-2, atol=2e-2)
 g = torch.Generator().manual_seed(0)
 for (N, V, H, rows, T, ent) in [(5, 4500, 24, None, 1.0, True), (9, 2048, 16, 4, 0.7, True),
