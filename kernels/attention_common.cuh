@@ -152,9 +152,6 @@ __device__ __forceinline__ void prefetch_l2(const void* p) {
     asm volatile("prefetch.global.L2 [%0];\n" ::"l"(static_cast<const char*>(p) + b));
 }
 
-// The line holding p into this SM's L1, fire and forget (a later load of it then waits on L1, not L2).
-__device__ __forceinline__ void prefetch_l1(const void* p) { asm volatile("prefetch.global.L1 [%0];\n" ::"l"(p)); }
-
 // Programmatic dependent launch (sm_90+; no-ops elsewhere and in a kernel launched without the
 // attribute). pdl_wait: blocks until the previous kernel in the stream has completed and its memory
 // is visible; a kernel launched with the attribute reads no input before it. pdl_launch_dependents:

@@ -108,17 +108,6 @@ constexpr int kFlagQSerial = 256;
 // D / 4 scattered 4-byte stores per row (a warp's store touches 8 rows, half a sector each): the
 // turn stamps measured that epilogue at 0.85-1.1 us per item (session 29). Built, not yet measured.
 constexpr int kFlagSmemRows = 512;
-// kFlagQEarly (plans _qe; not with _mi, which stages this way already, _sr, whose epilogue needs the
-// Q rows after the last P V, _q1 or _ks): the next item's Q rows staged by cp.async at the end of
-// the current item's last tile (its last Q K^T waited on: this warpgroup's Q rows are free), as
-// _mi does, and landed at the next item's start; its lookup (the CTA's next item, needed there)
-// after the item's first Q K^T instead of at the loop's top, its first candidate's fields
-// prefetched into L1 at the item's start (a wgmma in flight across the lookup's loop made ptxas
-// inject warpgroup.arrive, C7519, so it waits until that Q K^T is done). The item boundary's serial
-// chain in every warpgroup (session 29's turn stamps at D=64: final P V 0.4-0.6 us, epilogue
-// 0.85-1.0, lookup 0.8, Q staging 1.1-1.3) keeps only the P V and the epilogue. Built in session
-// 30; see bench/NOTES.md for its measurement.
-constexpr int kFlagQEarly = 1024;
 // prefill_item_stamps' tag: an item's key tiles, | this bit for an item whose key tiles were split
 constexpr int64_t kStampKeySplit = int64_t(1) << 20;
 
@@ -884,7 +873,6 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
   // Q K^T, then leaves O finished: no row sum to keep across that batch), and after finish, with
   // its last Q K^T waited on and the registers the MMAs hold free, this warpgroup's Q rows take
   // the next item's (cp.async, landed before the next batch).
-  const bool qearly = !merge && !kKeySplit && (flags & kFlagQEarly) != 0;  // (the launcher refuses those)
   auto end_of_tile = [&](int it, bool more, int wn, float (&alpha)[2]) {
     const bool last = merge && more && it == I.n_tiles - 1;
     if (last) {
@@ -1033,7 +1021,7 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
     // (Only the next item's index stays live through the tiles: its fields are read again where
     // needed, which keeps the consumers under their register budget.)
     int wn = w;
-    bool more = !qearly && ((chain && cw == NC - 1) || merge) && next_item(w, wn);  // (qearly: below)
+    bool more = ((chain && cw == NC - 1) || merge) && next_item(w, wn);
     if constexpr (kKeySplit) {
       if (I.rows - I.row0 <= 64) {  // only warpgroup 0's rows valid: the key tiles split instead
         key_split_item(w, more);
@@ -1043,14 +1031,7 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
     if (cw == 0 && tw == 0) stamp_start(prefill_stamps, w);  // off unless bench/prefill_stamps.py sets it
     if constexpr (kTurnStamps) ts_w = w;
     ts(kTsItem, I.n_tiles);
-    if (qearly && w + gridDim.x < num_items) {  // the next item's lookup (below) from L1, not L2
-      const int b2 = (w + static_cast<int>(gridDim.x)) / m_tiles / Hkv;  // (item_at's b)
-      prefetch_l1(cu_seqlens_q + b2);
-      prefetch_l1(context_lens + b2);
-    }
-    if (qearly && !first_item) {  // kFlagQEarly: staged at the end of the CTA's previous item's last tile
-      q_landed();
-    } else if (flags & kFlagQSerial) {
+    if (flags & kFlagQSerial) {
       stage_q(I);
     } else {
       stage_q_async(I);
@@ -1064,7 +1045,6 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
     begin_batch(0);
     issue_qk(gbase % kS);
     end_batch(false, 0, kTsS);
-    if (qearly) more = next_item(w, wn);  // its first candidate's fields prefetched into L1 above
     if (splitkv) mbar_arrive(&empty[gbase % kS]);  // emptyK: S of tile 0 was waited on
     {
       float alpha[2];
@@ -1120,9 +1100,6 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
       ts(kTsFin, it);
       ++it;
     }
-    // kFlagQEarly: the next item's Q rows (every Q K^T of this item was waited on; here, not in the
-    // loop above, whose last tile it follows directly: that loop's code stays as without the flag)
-    if (qearly && more) stage_next_q(wn);
     {
       const int gl = gbase + I.n_tiles - 1;
       if (splitkv) mbar_wait(&fullV[gl % kS], (gl / kS) & 1);

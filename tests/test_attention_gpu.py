@@ -992,7 +992,7 @@ PREFILL_SHAPES = [  # Hq, Hkv, D, block_size, prefixes, chunks
 
 PREFILL_PLANS = ["mma", "wgmma", "wgmma_pp", "wgmma_ov", "wgmma_pp_ov", "wgmma_pp_ov_ps", "wgmma_kv",
                  "wgmma_pp_ov_kv", "wgmma_pp_ov_qp_ps", "wgmma_pp_ov_qp_xc_ps", "wgmma_pp_ov_qp_xc_q1_ps",
-                 "wgmma_pp_ov_qp_xc_sr_ps", "wgmma_sr", "wgmma_pp_ov_qp_xc_qe_ps", "wgmma_qe"]
+                 "wgmma_pp_ov_qp_xc_sr_ps", "wgmma_sr"]
 
 
 def _skip_unless_wgmma(plan: str) -> None:
@@ -1150,7 +1150,7 @@ def _many_items_case(Hq: int, D: int, out_dtype):
 
 
 @pytest.mark.parametrize("plan", ["wgmma_pp_ov_ps", "wgmma_pp_ov_kv_ps", "wgmma_pp_ov_qp_ps", "wgmma_pp_ov_qp_xc_ps",
-                                  "wgmma_pp_ov_kv_xc_ps", "wgmma_pp_ov_qp_xc_qe_ps", "wgmma_ov_kv_qe_ps"])
+                                  "wgmma_pp_ov_kv_xc_ps"])
 def test_prefill_wgmma_persistent_many_items_per_cta(monkeypatch, plan):
     """The persistent plan with several items per CTA (more (row tile, kv head, sequence) items
     than SMs): ragged chunks, items past short chunks, a stage ring that runs on across items
@@ -1219,7 +1219,7 @@ def test_prefill_key_split_refused_where_not_built(monkeypatch, plan, D, dtype):
 
 WGMMA3_PLANS = ["wgmma3_pp_ov", "wgmma3_pp_ov_ps", "wgmma3_ov_ps", "wgmma3", "wgmma3_pp_ov_qp_ps", "wgmma3_pp_ov_qp_xc_ps",
                 "wgmma3_pp_ov_qp_mi_ps", "wgmma3_pp_ov_qp_xc_ks_ps", "wgmma3_ks", "wgmma3_ov_ks_ps", "wgmma3_pp_ov_qp_xc_q1_ps",
-                "wgmma3_pp_ov_qp_xc_sr_ps", "wgmma3_pp_ov_qp_xc_ks_sr_ps", "wgmma3_pp_ov_qp_xc_qe_ps"]
+                "wgmma3_pp_ov_qp_xc_sr_ps", "wgmma3_pp_ov_qp_xc_ks_sr_ps"]
 
 
 @pytest.mark.parametrize("shape", [s for s in PREFILL_SHAPES if s[2] == 64])
@@ -1236,8 +1236,7 @@ def test_prefill_wgmma3_matches_reference(monkeypatch, plan, shape):
 
 @pytest.mark.parametrize("plan", WGMMA3_PLANS[:3] + ["wgmma3_pp_ov_qp_ps", "wgmma3_pp_ov_qp_xc_ps", "wgmma3_pp_ov_kv_xc_ps",
                                                    "wgmma3_pp_ov_qp_mi_ps", "wgmma3_pp_ov_kv_mi_ps", "wgmma3_ov_mi_ps",
-                                                   "wgmma3_pp_ov_qp_xc_ks_ps", "wgmma3_pp_ov_ks_ps", "wgmma3_pp_ov_qp_xc_qe_ps",
-                                                   "wgmma3_ov_qe_ps"])
+                                                   "wgmma3_pp_ov_qp_xc_ks_ps", "wgmma3_pp_ov_ks_ps"])
 def test_prefill_wgmma3_persistent_many_items_and_native_output(monkeypatch, plan):
     """More items than SMs (persistent CTAs take several), ragged chunks, bf16 output; the plans
     with two or three warpgroups in ping-pong, and the auto plan at D=64 (with the Q prefetch)."""
@@ -1297,8 +1296,7 @@ def test_prefill_item_stamps_cover_every_item_and_change_nothing(monkeypatch, pl
         assert split == int("_ks" in plan and chunks[b] * G - row0 <= 64), f"item {w}: key-split bit {split}"
 
 
-@pytest.mark.parametrize("plan", ["wgmma3_pp_ov_qp_xc_ps", "wgmma3_pp_ov_ps", "wgmma3_pp_ov_qp_xc_sr_ps",
-                                  "wgmma3_pp_ov_qp_xc_qe_ps"])
+@pytest.mark.parametrize("plan", ["wgmma3_pp_ov_qp_xc_ps", "wgmma3_pp_ov_ps", "wgmma3_pp_ov_qp_xc_sr_ps"])
 def test_prefill_turn_stamps_follow_each_chain_and_change_nothing(monkeypatch, plan):
     """prefill_turn_stamps (bench/prefill_turns.py): the wgmma3 kernel instantiated with them gives
     bit for bit the output of the plain one; each consumer warpgroup of CTAs 0 and 1 writes its own
@@ -1339,22 +1337,18 @@ def test_prefill_turn_stamps_follow_each_chain_and_change_nothing(monkeypatch, p
 
 
 @pytest.mark.parametrize("plan,D", [("wgmma_pp_ov_qp_xc_sr_ps", 128), ("wgmma_sr", 64), ("wgmma3_pp_ov_qp_xc_sr_ps", 64),
-                                    ("wgmma3_pp_ov_qp_xc_ks_sr_ps", 64), ("wgmma_pp_ov_qp_xc_qe_ps", 128),
-                                    ("wgmma_pp_ov_qp_xc_qe_ps", 64), ("wgmma3_pp_ov_qp_xc_qe_ps", 64), ("wgmma3_ov_qe_ps", 64)])
-def test_prefill_store_and_staging_variants_equal_their_base_bit_for_bit(monkeypatch, plan, D):
+                                    ("wgmma3_pp_ov_qp_xc_ks_sr_ps", 64)])
+def test_prefill_smem_rows_store_every_row_and_only_those(monkeypatch, plan, D):
     """_sr (an item's rows through the warpgroup's Q rows, whole-row 16-byte stores; fp32 output
-    keeps the direct stores, so the reference tests with fp32 output do not reach it) and _qe (the
-    next item's Q rows staged at the end of an item's last tile, the next item's lookup after its
-    first Q K^T): bf16 output bit for bit the same plan's without the suffix, which the reference
-    tests check, over ragged chunks (items of one key tile, items past short chunks, G = 7 items cut
-    mid-query, the key-split items of warpgroup 0's rows only) on one item per CTA and persistent
-    grids (several items per CTA: the next item's Q staged early, in chained and unchained turns)."""
+    keeps the direct stores, so the reference tests with fp32 output do not reach it): bf16 output
+    bit for bit the same plan's without _sr, which the reference tests check, over ragged chunks
+    (items of one key tile, items past short chunks, G = 7 items cut mid-query, the key-split items
+    of warpgroup 0's rows only) on one item per CTA and persistent grids."""
     _skip_unless_wgmma(plan)
-    suffix = "_sr" if "_sr" in plan else "_qe"
     Hq = 14 if D == 64 else 8
     prefixes, chunks = [0, 300, 77, 1000, 5] * 6, [256, 1, 129, 64, 200] * 6
     run = _stamps_case(Hq, 2, D, prefixes, chunks)
-    monkeypatch.setenv("OPPO_PREFILL_PLAN", plan.replace(suffix, ""))
+    monkeypatch.setenv("OPPO_PREFILL_PLAN", plan.replace("_sr", ""))
     plain = run()
     monkeypatch.setenv("OPPO_PREFILL_PLAN", plan)
     assert torch.equal(run(), plain)
@@ -1381,17 +1375,6 @@ def test_prefill_smem_rows_refused_with_merged_items_or_unaligned_rows(monkeypat
     monkeypatch.setenv("OPPO_PREFILL_PLAN", "wgmma3_pp_ov_qp_xc_ps")
     A.paged_prefill_attention(q, kv.k, kv.v, cu, ctx, bt, 0.125, out=out, max_seqlen_q=20, backend="cuda")
     assert torch.isfinite(out).all()
-
-
-@pytest.mark.parametrize("plan", ["wgmma3_pp_ov_qp_mi_qe_ps", "wgmma3_pp_ov_qp_xc_ks_qe_ps", "wgmma3_pp_ov_qp_xc_q1_qe_ps",
-                                  "wgmma3_pp_ov_qp_xc_sr_qe_ps"])
-def test_prefill_early_q_refused_with_plans_that_stage_or_use_q_otherwise(monkeypatch, plan):
-    """_qe with _mi (stages early itself), _ks (its split items stage warpgroup 0's rows for all),
-    _q1 (the serial staging) or _sr (its epilogue writes through the Q rows): a clear error."""
-    _skip_unless_wgmma("wgmma3_pp_ov_qp_xc_ps")
-    monkeypatch.setenv("OPPO_PREFILL_PLAN", plan)
-    with pytest.raises(RuntimeError, match="_qe stages the next item's Q rows early"):
-        _prefill_case(14, 2, 64, 16, [10], [20], torch.bfloat16, torch.float32)
 
 
 def test_prefill_wgmma3_refuses_head_dim_128_and_fp16(monkeypatch):
