@@ -3,7 +3,7 @@
 # on tiny calls of each attention kernel and plan and racecheck on the default plans', then the named
 # benchmarks.
 #
-#   bash bench/gpu_check.sh [BENCH ...]      (default: decode_attention prefill_attention sampler)
+#   bash bench/gpu_check.sh [BENCH ... | none]      (default: decode_attention prefill_attention sampler)
 #
 # BENCH names a script bench/BENCH.py that takes --out PATH (it writes its JSON there).
 # Everything lands in $OUT (default bench/results/gpu_check): report.md (one line per step),
@@ -28,6 +28,7 @@ LOG="$OUT/log.txt"
 REPORT="$OUT/report.md"
 BENCHES=("$@")
 [ ${#BENCHES[@]} -eq 0 ] && BENCHES=(decode_attention prefill_attention sampler)
+[ "${BENCHES[*]}" = none ] && BENCHES=()      # `none`: no benchmark (a call of tests or sanitizers only)
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-16}
 . bench/device_commit.sh   # the commit each JSON records (common.tree_commit): the carried .commit

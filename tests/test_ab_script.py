@@ -27,7 +27,7 @@ def test_every_script_the_calls_run_exists(script):
     SCRIPT = script
     names = set(re.findall(r"bench/(\w+)\.(?:py|sh)", SCRIPT))
     for benches in re.findall(r"gpu_check\.sh ([\w ]+?)(?: >|$)", SCRIPT, flags=re.M):
-        names |= set(benches.split())
+        names |= set(benches.split()) - {"none"}   # gpu_check.sh none: no benchmark
     names |= {"sampler"}
     for n in names:
         assert (BENCH / f"{n}.py").exists() or (BENCH / f"{n}.sh").exists(), n
@@ -48,6 +48,7 @@ def test_every_plan_the_calls_name_is_accepted(script):
     prefill += [pl for ls in re.findall(r"prefill_attention\.py (?:--shapes [\d,]+ )?--plans ([\w,]+)", SCRIPT)
                 for pl in ls.split(",")]
     prefill += [pl for ls in re.findall(r"--prefill-plans=([\w,]+)", SCRIPT) for pl in ls.split(",")]
+    prefill += [pl for ls in re.findall(r"^PLANS=([\w,]+)", SCRIPT, flags=re.M) for pl in ls.split(",")]   # a prefill plan list
     assert decode or prefill
     for shapes in re.findall(r"^S=([\w,]+)", SCRIPT, flags=re.M):    # a decode shape list (indices or BxCTXxHQxHKVxD)
         for spec in shapes.split(","):
