@@ -236,6 +236,11 @@ def main():
                                             # rows stored through shared memory (bf16 output)
                                             ("wgmma_pp_ov_qp_xc_sr_ps", 8, 2, 128, [0, 200, 5], [3, 90, 140]),
                                             ("wgmma3_pp_ov_qp_xc_sr_ps", 14, 2, 64, [5 * i for i in range(40)],
+                                             [300 if i % 3 == 0 else 1 + i for i in range(40)]),
+                                            # the producer stages each item's Q rows (two buffers, head dim 64)
+                                            ("wgmma_pp_ov_qp_xc_pq_ps", 8, 2, 64, [5 * i for i in range(40)],
+                                             [300 if i % 3 == 0 else 1 + i for i in range(40)]),
+                                            ("wgmma3_pp_ov_qp_xc_pq_ps", 14, 2, 64, [5 * i for i in range(40)],
                                              [300 if i % 3 == 0 else 1 + i for i in range(40)])):
             if only_prefill is not None and plan not in only_prefill:
                 continue

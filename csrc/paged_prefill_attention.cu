@@ -34,6 +34,10 @@
 //                   warpgroup's own Q rows in shared memory as whole-row 16-byte stores
 //                   (kFlagSmemRows; fp32 output keeps the direct stores), e.g.
 //                   wgmma3_pp_ov_qp_xc_sr_ps; built in session 29, not yet measured;
+//                   "_pq" before "_ps" (head dim 64; not with _mi, _ks, _kv, _q1 or _sr): the
+//                   producer stages each item's Q rows into one of two Q buffers while the
+//                   consumers run the item before (kFlagProducerQ), e.g. wgmma3_pp_ov_qp_xc_pq_ps;
+//                   session 30;
 //                   the wgmma plans are an error on other devices or without sm_90a code;
 //   wgmma3...       any of the above with three consumer warpgroups (192-row items, 512 threads,
 //                   setmaxnreg 32/160), e.g. wgmma3_pp_ov_ps: head dim 64 and bf16 only (the
@@ -131,7 +135,7 @@ constexpr int kThreeWG = 1 << 17;     // three consumer warpgroups (plans wgmma3
 static_assert(((oppo::attn::kPrefillOutF32 | oppo::attn::wgp::kFlagPingPong | oppo::attn::wgp::kFlagOverlap |
                 oppo::attn::wgp::kFlagSplitKV | oppo::attn::wgp::kFlagQPrefetch | oppo::attn::wgp::kFlagChain |
                 oppo::attn::wgp::kFlagMerge | oppo::attn::wgp::kFlagKeySplit | oppo::attn::wgp::kFlagQSerial |
-                oppo::attn::wgp::kFlagSmemRows) &
+                oppo::attn::wgp::kFlagSmemRows | oppo::attn::wgp::kFlagProducerQ) &
                (kPersistent | kThreeWG)) == 0,
               "a kernel flag shares a bit with the launcher's plan bits");
 
@@ -207,7 +211,7 @@ int prefill_plan(const at::Tensor& q) {
   {
     using namespace oppo::attn::wgp;
     constexpr std::pair<const char*, int> kSuffixes[] = {
-        {"_ps", kPersistent}, {"_sr", kFlagSmemRows}, {"_q1", kFlagQSerial}, {"_ks", kFlagKeySplit}, {"_mi", kFlagMerge},
+        {"_ps", kPersistent}, {"_pq", kFlagProducerQ}, {"_sr", kFlagSmemRows}, {"_q1", kFlagQSerial}, {"_ks", kFlagKeySplit}, {"_mi", kFlagMerge},
         {"_xc", kFlagChain},  {"_qp", kFlagQPrefetch}, {"_kv", kFlagSplitKV}};
     for (const auto& [suffix, flag] : kSuffixes) {
       if (name.size() > 3 && name.compare(name.size() - 3, 3, suffix) == 0) {
@@ -219,10 +223,16 @@ int prefill_plan(const at::Tensor& q) {
   if (name == "wgmma_pp") flags |= oppo::attn::wgp::kFlagPingPong;
   else if (name == "wgmma_ov") flags |= oppo::attn::wgp::kFlagOverlap;
   else if (name == "wgmma_pp_ov") flags |= oppo::attn::wgp::kFlagPingPong | oppo::attn::wgp::kFlagOverlap;
-  else OPPO_CHECK(name == "wgmma", "OPPO_PREFILL_PLAN must be auto, mma or wgmma[3][_pp][_ov][_kv][_qp][_xc][_mi][_ks][_q1][_sr][_ps] (e.g. wgmma_pp_ov_kv_ps), got '",
+  else OPPO_CHECK(name == "wgmma", "OPPO_PREFILL_PLAN must be auto, mma or wgmma[3][_pp][_ov][_kv][_qp][_xc][_mi][_ks][_q1][_sr][_pq][_ps] (e.g. wgmma_pp_ov_kv_ps), got '",
                   e, "'");
   OPPO_CHECK(!((flags & oppo::attn::wgp::kFlagSmemRows) && (flags & oppo::attn::wgp::kFlagMerge)), "OPPO_PREFILL_PLAN=", e,
              ": _sr stores an item's rows through its Q rows, which _mi has already filled with the next item's");
+  OPPO_CHECK(!(flags & oppo::attn::wgp::kFlagProducerQ) ||
+                 (q.size(2) == 64 && !(flags & (oppo::attn::wgp::kFlagMerge | oppo::attn::wgp::kFlagKeySplit |
+                                                oppo::attn::wgp::kFlagSplitKV | oppo::attn::wgp::kFlagQSerial |
+                                                oppo::attn::wgp::kFlagSmemRows))),
+             "OPPO_PREFILL_PLAN=", e, ": _pq (the producer stages the Q rows into two buffers) is built for head dim 64 ",
+             "(head dim 128 has no room for a second Q buffer), without _mi, _ks, _kv, _q1 and _sr; got head dim ", q.size(2));
   OPPO_CHECK(!(flags & oppo::attn::wgp::kFlagChain) || (flags & oppo::attn::wgp::kFlagPingPong), "OPPO_PREFILL_PLAN=", e,
              ": _xc chains the ping-pong turns across items, so it needs _pp");
   OPPO_CHECK(!(flags & oppo::attn::wgp::kFlagMerge) || (q.scalar_type() == at::kBFloat16 &&

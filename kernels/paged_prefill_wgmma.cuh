@@ -108,6 +108,19 @@ constexpr int kFlagQSerial = 256;
 // D / 4 scattered 4-byte stores per row (a warp's store touches 8 rows, half a sector each): the
 // turn stamps measured that epilogue at 0.85-1.1 us per item (session 29). Built, not yet measured.
 constexpr int kFlagSmemRows = 512;
+// kFlagProducerQ (plans _pq; head dim 64 only, not with _mi, _ks, _kv, _q1 or _sr): the producer
+// warpgroup stages each item's Q rows (cp.async, all 128 threads) into one of two Q buffers, the
+// next item's while the consumers still run the current one: item k's rows are one commit group
+// issued right after the previous item's last tile (the first item's before the first tile), so
+// they land before item k's first tile is published and that tile's full barrier is all the
+// consumers wait for. The buffer of item k - 2 is reused once every consumer arrived on its
+// qempty barrier (after the item's last Q K^T was waited on). Session 29's turn stamps and session
+// 30's _qe put the item boundary's serial chain in every consumer warpgroup at 3.3-4 us (lookup,
+// Q staging, epilogue, final P V) at D=64, where the three warpgroups share each item, so the
+// whole CTA waits on it; _qe moved the staging along that chain and gained nothing. This takes the
+// lookup and the staging off the consumers. D=128 has no room for a second Q buffer (3 stages use
+// 192 of the 227 KB).
+constexpr int kFlagProducerQ = 1024;
 // prefill_item_stamps' tag: an item's key tiles, | this bit for an item whose key tiles were split
 constexpr int64_t kStampKeySplit = int64_t(1) << 20;
 
@@ -129,12 +142,14 @@ struct Cfg {
   static constexpr int kConsumerRegs = NC == 3 ? 160 : 224;   // NC = 2: 128 x 56 + 256 x 224 <= 65536
   static_assert(128 * kProducerRegs + 128 * NC * kConsumerRegs <= 65536, "register split");
   static constexpr int kQBytes = Geo<NC>::kBM * D * 2;
+  static constexpr int kQBufs = D == 64 ? 2 : 1;    // two at head dim 64: kFlagProducerQ's
   static constexpr int kTileBytes = kBN * D * 2;    // one K or V tile
   static constexpr int kStageBytes = 2 * kTileBytes;
   // barriers: full/empty per stage, and with kFlagSplitKV fullV/emptyV (full/empty are then K's)
   // kFlagKeySplit (NC = 3): warpgroups 1 and 2 hand their partial O (D / 2 floats per thread) and
   // m, l (2 + 2) to warpgroup 0 through shared memory after the barriers
-  static constexpr int kKsOffset = kQBytes + kStages * kStageBytes + 4 * kStages * 8;
+  // (barriers: full, empty, fullV, emptyV per stage, then qempty per Q buffer)
+  static constexpr int kKsOffset = kQBufs * kQBytes + kStages * kStageBytes + (4 * kStages + kQBufs) * 8;
   static constexpr int kKsFloats = D / 2 + 4;
   static constexpr int kKsBytes = NC == 3 ? (NC - 1) * 128 * kKsFloats * 4 : 0;
   static constexpr int kSmem = 1024 /*alignment slack*/ + kKsOffset + kKsBytes;
@@ -288,13 +303,17 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
   extern __shared__ unsigned char smem_raw[];
   unsigned char* smem = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   unsigned char* q_s = smem;
-  unsigned char* kv_s = smem + C::kQBytes;  // stage s: K tile at s * kStageBytes, V tile after it
+  unsigned char* kv_s = smem + C::kQBufs * C::kQBytes;  // stage s: K tile at s * kStageBytes, V tile after it
   uint64_t* full = reinterpret_cast<uint64_t*>(kv_s + kS * C::kStageBytes);
   uint64_t* empty = full + kS;
   // kFlagSplitKV: full/empty guard the K tiles of the stages, fullV/emptyV their V tiles
   uint64_t* fullV = empty + kS;
   uint64_t* emptyV = fullV + kS;
+  uint64_t* qempty = emptyV + kS;  // kFlagProducerQ: Q buffer b free again (every consumer's last Q K^T of its item done)
   const bool splitkv = (flags & kFlagSplitKV) != 0;
+  // kFlagProducerQ (the launcher allows it only where it applies; the condition keeps the rest out
+  // of the other instantiations)
+  const bool pq = C::kQBufs == 2 && !kMerge && !kKeySplit && (flags & kFlagProducerQ) != 0;
 
   // an item: row tile mt (heaviest, i.e. most keys, first within its (sequence, kv head)), its
   // rows, its context and its key tiles (n_full of them need no mask)
@@ -348,6 +367,8 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
       mbar_init(&fullV[s], 128);
       mbar_init(&emptyV[s], 128 * NC);
     }
+#pragma unroll
+    for (int b = 0; b < C::kQBufs; ++b) mbar_init(&qempty[b], 128 * NC);
   }
   __syncthreads();
 
@@ -408,6 +429,25 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
         }
       }
     };
+    // kFlagProducerQ: the Q rows of the item opened by tile x (the CTA's k-th item) into Q buffer
+    // k % 2, one commit group, once the consumers are done with item k - 2's; row r's chunk c is
+    // chunk r * kChunks + c of the item, thread t copies chunks t, t + 128, ... (zeros past the chunk)
+    int kq = 0;  // items whose Q rows this producer issued
+    auto issue_q = [&](const Tile& x) {
+      Item J;
+      item_at(x.w, J);
+      mbar_wait(&qempty[kq & 1], ((kq >> 1) & 1) ^ 1);
+      const uint32_t qb = smem_u32(q_s) + (kq & 1) * C::kQBytes;
+#pragma unroll 1
+      for (int c = t; c < kBM * C::kChunks; c += 128) {
+        const int r = c / C::kChunks, cc = c % C::kChunks;
+        const int grow = J.row0 + r;
+        const bool in = grow < J.rows;
+        cp_async_16_s(qb + swz(kBM, r, cc), in ? q + row_at(J, grow, q_s0, q_s1) + cc * 8 : q, in ? 16 : 0);
+      }
+      cp_async_commit();
+      ++kq;
+    };
     // this thread's key of tile x: in the context (then `page` is its block-table entry) or not
     auto key_in = [&](const Tile& x) { return x.w < num_items && x.it * kBN + own < x.L; };
     auto row_off = [&](const Tile& x, bool in, int page) -> int64_t {  // bytes; 0 past the context
@@ -456,6 +496,7 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
       ++g;
       off = row_off(nx, nin, page);
       lim = nx.L - nx.it * kBN - tok0;
+      if (pq && nx.it == 0 && nx.w < num_items) issue_q(nx);  // nx opens the CTA's next item
     };
     // kFlagSplitKV: K and V of a tile are two commit groups, each issued after its own ring's
     // empty wait, and published one group behind: after K(g)'s commit, wait_group 2 (all but V(g-1)
@@ -505,6 +546,7 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
 
     Tile cur;
     first_tile(blockIdx.x, cur);  // there is one: the CTA has an item
+    if (pq) issue_q(cur);         // (its own group, committed before the first tile's)
     {
       const bool in = key_in(cur);
       off = row_off(cur, in, in ? __ldg(cur.bt + cur.q) : 0);
@@ -553,6 +595,8 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
   uint32_t q_addr = smem_u32(q_s) + 64 * cw * 128;
   const uint32_t kv_addr = smem_u32(kv_s);
   int rA = 64 * cw + 16 * warp + g;   // this thread's two rows: rA and rA + 8 (local to the item)
+  // kFlagProducerQ: the Q buffer q_addr points into (0 or 1)
+  auto q_buf = [&]() -> int { return q_addr - smem_u32(q_s) >= static_cast<uint32_t>(C::kQBytes) ? 1 : 0; };
   const float kNegInf = -INFINITY;
   Item I;                                    // the current item
   int pos[2];                                // query positions of this thread's rows
@@ -1031,7 +1075,11 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
     if (cw == 0 && tw == 0) stamp_start(prefill_stamps, w);  // off unless bench/prefill_stamps.py sets it
     if constexpr (kTurnStamps) ts_w = w;
     ts(kTsItem, I.n_tiles);
-    if (flags & kFlagQSerial) {
+    if (pq) {
+      // kFlagProducerQ: the producer staged this item's rows in the Q buffer after the last item's
+      // (buffer 0 first); they landed before tile 0 was published (its full wait below)
+      if (!first_item) q_addr = q_buf() ? q_addr - C::kQBytes : q_addr + C::kQBytes;
+    } else if (flags & kFlagQSerial) {
       stage_q(I);
     } else {
       stage_q_async(I);
@@ -1099,6 +1147,11 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
       end_of_tile(it, more, wn, alpha);
       ts(kTsFin, it);
       ++it;
+    }
+    // kFlagProducerQ: every Q K^T of the item was waited on: its Q buffer is the producer's again
+    if (pq) {
+      fence_proxy_async();  // (the async proxy's reads of the buffer before the producer's next writes)
+      mbar_arrive(&qempty[q_buf()]);
     }
     {
       const int gl = gbase + I.n_tiles - 1;

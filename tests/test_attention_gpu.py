@@ -1021,6 +1021,19 @@ def test_prefill_kernel_error_in_float32_out(prefill_plan, dtype, shape):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [s for s in PREFILL_SHAPES if s[2] == 64])
+@pytest.mark.parametrize("plan", ["wgmma_pp_ov_qp_xc_pq_ps", "wgmma_pq", "wgmma_pp_ov_pq"])
+def test_prefill_producer_q_two_warpgroups_both_dtypes(monkeypatch, plan, shape, dtype):
+    """_pq on the two-warpgroup kernel (head dim 64: bf16 and fp16): every D=64 shape of the prefill
+    tests, fp32 output, one item per CTA and persistent."""
+    _skip_unless_wgmma(plan)
+    monkeypatch.setenv("OPPO_PREFILL_PLAN", plan)
+    Hq, Hkv, D, bs, prefixes, chunks = shape
+    out, ref = _prefill_case(Hq, Hkv, D, bs, prefixes, chunks, dtype, torch.float32)
+    assert rel_err(out, ref) < TOL_F32_OUT[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_prefill_native_dtype_output(prefill_plan, dtype):
     out, ref = _prefill_case(32, 8, 128, 16, [0, 333], [300, 45], dtype, dtype)
     rounding = rel_err(ref.to(dtype), ref)
@@ -1150,7 +1163,7 @@ def _many_items_case(Hq: int, D: int, out_dtype):
 
 
 @pytest.mark.parametrize("plan", ["wgmma_pp_ov_ps", "wgmma_pp_ov_kv_ps", "wgmma_pp_ov_qp_ps", "wgmma_pp_ov_qp_xc_ps",
-                                  "wgmma_pp_ov_kv_xc_ps"])
+                                  "wgmma_pp_ov_kv_xc_ps", "wgmma_pp_ov_qp_xc_pq_ps", "wgmma_pq_ps"])
 def test_prefill_wgmma_persistent_many_items_per_cta(monkeypatch, plan):
     """The persistent plan with several items per CTA (more (row tile, kv head, sequence) items
     than SMs): ragged chunks, items past short chunks, a stage ring that runs on across items
@@ -1219,7 +1232,8 @@ def test_prefill_key_split_refused_where_not_built(monkeypatch, plan, D, dtype):
 
 WGMMA3_PLANS = ["wgmma3_pp_ov", "wgmma3_pp_ov_ps", "wgmma3_ov_ps", "wgmma3", "wgmma3_pp_ov_qp_ps", "wgmma3_pp_ov_qp_xc_ps",
                 "wgmma3_pp_ov_qp_mi_ps", "wgmma3_pp_ov_qp_xc_ks_ps", "wgmma3_ks", "wgmma3_ov_ks_ps", "wgmma3_pp_ov_qp_xc_q1_ps",
-                "wgmma3_pp_ov_qp_xc_sr_ps", "wgmma3_pp_ov_qp_xc_ks_sr_ps"]
+                "wgmma3_pp_ov_qp_xc_sr_ps", "wgmma3_pp_ov_qp_xc_ks_sr_ps", "wgmma3_pp_ov_qp_xc_pq_ps", "wgmma3_pq",
+                "wgmma3_ov_pq_ps"]
 
 
 @pytest.mark.parametrize("shape", [s for s in PREFILL_SHAPES if s[2] == 64])
@@ -1236,7 +1250,8 @@ def test_prefill_wgmma3_matches_reference(monkeypatch, plan, shape):
 
 @pytest.mark.parametrize("plan", WGMMA3_PLANS[:3] + ["wgmma3_pp_ov_qp_ps", "wgmma3_pp_ov_qp_xc_ps", "wgmma3_pp_ov_kv_xc_ps",
                                                    "wgmma3_pp_ov_qp_mi_ps", "wgmma3_pp_ov_kv_mi_ps", "wgmma3_ov_mi_ps",
-                                                   "wgmma3_pp_ov_qp_xc_ks_ps", "wgmma3_pp_ov_ks_ps"])
+                                                   "wgmma3_pp_ov_qp_xc_ks_ps", "wgmma3_pp_ov_ks_ps", "wgmma3_pp_ov_qp_xc_pq_ps",
+                                                   "wgmma3_pp_ov_pq_ps"])
 def test_prefill_wgmma3_persistent_many_items_and_native_output(monkeypatch, plan):
     """More items than SMs (persistent CTAs take several), ragged chunks, bf16 output; the plans
     with two or three warpgroups in ping-pong, and the auto plan at D=64 (with the Q prefetch)."""
@@ -1296,7 +1311,8 @@ def test_prefill_item_stamps_cover_every_item_and_change_nothing(monkeypatch, pl
         assert split == int("_ks" in plan and chunks[b] * G - row0 <= 64), f"item {w}: key-split bit {split}"
 
 
-@pytest.mark.parametrize("plan", ["wgmma3_pp_ov_qp_xc_ps", "wgmma3_pp_ov_ps", "wgmma3_pp_ov_qp_xc_sr_ps"])
+@pytest.mark.parametrize("plan", ["wgmma3_pp_ov_qp_xc_ps", "wgmma3_pp_ov_ps", "wgmma3_pp_ov_qp_xc_sr_ps",
+                                  "wgmma3_pp_ov_qp_xc_pq_ps"])
 def test_prefill_turn_stamps_follow_each_chain_and_change_nothing(monkeypatch, plan):
     """prefill_turn_stamps (bench/prefill_turns.py): the wgmma3 kernel instantiated with them gives
     bit for bit the output of the plain one; each consumer warpgroup of CTAs 0 and 1 writes its own
@@ -1337,18 +1353,22 @@ def test_prefill_turn_stamps_follow_each_chain_and_change_nothing(monkeypatch, p
 
 
 @pytest.mark.parametrize("plan,D", [("wgmma_pp_ov_qp_xc_sr_ps", 128), ("wgmma_sr", 64), ("wgmma3_pp_ov_qp_xc_sr_ps", 64),
-                                    ("wgmma3_pp_ov_qp_xc_ks_sr_ps", 64)])
-def test_prefill_smem_rows_store_every_row_and_only_those(monkeypatch, plan, D):
+                                    ("wgmma3_pp_ov_qp_xc_ks_sr_ps", 64), ("wgmma3_pp_ov_qp_xc_pq_ps", 64),
+                                    ("wgmma_pp_ov_qp_xc_pq_ps", 64), ("wgmma3_pq", 64), ("wgmma3_ov_pq_ps", 64)])
+def test_prefill_store_and_staging_variants_equal_their_base_bit_for_bit(monkeypatch, plan, D):
     """_sr (an item's rows through the warpgroup's Q rows, whole-row 16-byte stores; fp32 output
-    keeps the direct stores, so the reference tests with fp32 output do not reach it): bf16 output
-    bit for bit the same plan's without _sr, which the reference tests check, over ragged chunks
-    (items of one key tile, items past short chunks, G = 7 items cut mid-query, the key-split items
-    of warpgroup 0's rows only) on one item per CTA and persistent grids."""
+    keeps the direct stores, so the reference tests with fp32 output do not reach it) and _pq (the
+    producer stages each item's Q rows into one of two buffers while the consumers run the item
+    before): bf16 output bit for bit the same plan's without the suffix, which the reference tests
+    check, over ragged chunks (items of one key tile, items past short chunks, G = 7 items cut
+    mid-query, the key-split items of warpgroup 0's rows only) on one item per CTA and persistent
+    grids (several items per CTA: both Q buffers, each reused)."""
     _skip_unless_wgmma(plan)
+    suffix = "_sr" if "_sr" in plan else "_pq"
     Hq = 14 if D == 64 else 8
     prefixes, chunks = [0, 300, 77, 1000, 5] * 6, [256, 1, 129, 64, 200] * 6
     run = _stamps_case(Hq, 2, D, prefixes, chunks)
-    monkeypatch.setenv("OPPO_PREFILL_PLAN", plan.replace("_sr", ""))
+    monkeypatch.setenv("OPPO_PREFILL_PLAN", plan.replace(suffix, ""))
     plain = run()
     monkeypatch.setenv("OPPO_PREFILL_PLAN", plan)
     assert torch.equal(run(), plain)
@@ -1375,6 +1395,18 @@ def test_prefill_smem_rows_refused_with_merged_items_or_unaligned_rows(monkeypat
     monkeypatch.setenv("OPPO_PREFILL_PLAN", "wgmma3_pp_ov_qp_xc_ps")
     A.paged_prefill_attention(q, kv.k, kv.v, cu, ctx, bt, 0.125, out=out, max_seqlen_q=20, backend="cuda")
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("plan,D", [("wgmma_pp_ov_qp_xc_pq_ps", 128), ("wgmma3_pp_ov_qp_mi_pq_ps", 64),
+                                    ("wgmma3_pp_ov_qp_xc_ks_pq_ps", 64), ("wgmma3_pp_ov_kv_xc_pq_ps", 64),
+                                    ("wgmma3_pp_ov_qp_xc_q1_pq_ps", 64), ("wgmma3_pp_ov_qp_xc_sr_pq_ps", 64)])
+def test_prefill_producer_q_refused_where_not_built(monkeypatch, plan, D):
+    """_pq at head dim 128 (no room for a second Q buffer) or with _mi, _ks, _kv, _q1 or _sr: a
+    clear error."""
+    _skip_unless_wgmma("wgmma_pp_ov_qp_xc_ps")
+    monkeypatch.setenv("OPPO_PREFILL_PLAN", plan)
+    with pytest.raises(RuntimeError, match="_pq .the producer stages the Q rows"):
+        _prefill_case(14 if D == 64 else 8, 2, D, 16, [10], [20], torch.bfloat16, torch.float32)
 
 
 def test_prefill_wgmma3_refuses_head_dim_128_and_fp16(monkeypatch):
