@@ -30,11 +30,7 @@
 //                   "_q1" before "_ps": each item's Q rows staged one 16-byte chunk after another by
 //                   loads and stores (kFlagQSerial: the staging before session 29, kept for its A/B;
 //                   the default stages them by cp.async, all in flight at once);
-//                   "_sr" before "_ps" (not with _mi): each item's rows stored through the
-//                   warpgroup's own Q rows in shared memory as whole-row 16-byte stores
-//                   (kFlagSmemRows; fp32 output keeps the direct stores), e.g.
-//                   wgmma3_pp_ov_qp_xc_sr_ps; built in session 29, not yet measured;
-//                   "_pq" before "_ps" (head dim 64; not with _mi, _ks, _kv, _q1 or _sr): the
+//                   "_pq" before "_ps" (head dim 64; not with _mi, _ks, _kv or _q1): the
 //                   producer stages each item's Q rows into one of two Q buffers while the
 //                   consumers run the item before (kFlagProducerQ), e.g. wgmma3_pp_ov_qp_xc_pq_ps;
 //                   session 30;
@@ -135,7 +131,7 @@ constexpr int kThreeWG = 1 << 17;     // three consumer warpgroups (plans wgmma3
 static_assert(((oppo::attn::kPrefillOutF32 | oppo::attn::wgp::kFlagPingPong | oppo::attn::wgp::kFlagOverlap |
                 oppo::attn::wgp::kFlagSplitKV | oppo::attn::wgp::kFlagQPrefetch | oppo::attn::wgp::kFlagChain |
                 oppo::attn::wgp::kFlagMerge | oppo::attn::wgp::kFlagKeySplit | oppo::attn::wgp::kFlagQSerial |
-                oppo::attn::wgp::kFlagSmemRows | oppo::attn::wgp::kFlagProducerQ) &
+                oppo::attn::wgp::kFlagProducerQ) &
                (kPersistent | kThreeWG)) == 0,
               "a kernel flag shares a bit with the launcher's plan bits");
 
@@ -211,7 +207,7 @@ int prefill_plan(const at::Tensor& q) {
   {
     using namespace oppo::attn::wgp;
     constexpr std::pair<const char*, int> kSuffixes[] = {
-        {"_ps", kPersistent}, {"_pq", kFlagProducerQ}, {"_sr", kFlagSmemRows}, {"_q1", kFlagQSerial}, {"_ks", kFlagKeySplit}, {"_mi", kFlagMerge},
+        {"_ps", kPersistent}, {"_pq", kFlagProducerQ}, {"_q1", kFlagQSerial}, {"_ks", kFlagKeySplit}, {"_mi", kFlagMerge},
         {"_xc", kFlagChain},  {"_qp", kFlagQPrefetch}, {"_kv", kFlagSplitKV}};
     for (const auto& [suffix, flag] : kSuffixes) {
       if (name.size() > 3 && name.compare(name.size() - 3, 3, suffix) == 0) {
@@ -223,16 +219,13 @@ int prefill_plan(const at::Tensor& q) {
   if (name == "wgmma_pp") flags |= oppo::attn::wgp::kFlagPingPong;
   else if (name == "wgmma_ov") flags |= oppo::attn::wgp::kFlagOverlap;
   else if (name == "wgmma_pp_ov") flags |= oppo::attn::wgp::kFlagPingPong | oppo::attn::wgp::kFlagOverlap;
-  else OPPO_CHECK(name == "wgmma", "OPPO_PREFILL_PLAN must be auto, mma or wgmma[3][_pp][_ov][_kv][_qp][_xc][_mi][_ks][_q1][_sr][_pq][_ps] (e.g. wgmma_pp_ov_kv_ps), got '",
+  else OPPO_CHECK(name == "wgmma", "OPPO_PREFILL_PLAN must be auto, mma or wgmma[3][_pp][_ov][_kv][_qp][_xc][_mi][_ks][_q1][_pq][_ps] (e.g. wgmma_pp_ov_kv_ps), got '",
                   e, "'");
-  OPPO_CHECK(!((flags & oppo::attn::wgp::kFlagSmemRows) && (flags & oppo::attn::wgp::kFlagMerge)), "OPPO_PREFILL_PLAN=", e,
-             ": _sr stores an item's rows through its Q rows, which _mi has already filled with the next item's");
   OPPO_CHECK(!(flags & oppo::attn::wgp::kFlagProducerQ) ||
                  (q.size(2) == 64 && !(flags & (oppo::attn::wgp::kFlagMerge | oppo::attn::wgp::kFlagKeySplit |
-                                                oppo::attn::wgp::kFlagSplitKV | oppo::attn::wgp::kFlagQSerial |
-                                                oppo::attn::wgp::kFlagSmemRows))),
+                                                oppo::attn::wgp::kFlagSplitKV | oppo::attn::wgp::kFlagQSerial))),
              "OPPO_PREFILL_PLAN=", e, ": _pq (the producer stages the Q rows into two buffers) is built for head dim 64 ",
-             "(head dim 128 has no room for a second Q buffer), without _mi, _ks, _kv, _q1 and _sr; got head dim ", q.size(2));
+             "(head dim 128 has no room for a second Q buffer), without _mi, _ks, _kv and _q1; got head dim ", q.size(2));
   OPPO_CHECK(!(flags & oppo::attn::wgp::kFlagChain) || (flags & oppo::attn::wgp::kFlagPingPong), "OPPO_PREFILL_PLAN=", e,
              ": _xc chains the ping-pong turns across items, so it needs _pp");
   OPPO_CHECK(!(flags & oppo::attn::wgp::kFlagMerge) || (q.scalar_type() == at::kBFloat16 &&
@@ -271,10 +264,6 @@ void launch(int plan, at::Tensor& out, const at::Tensor& q, const at::Tensor& k_
                "paged_prefill_attention (wgmma): pages of ", k_cache.size(1), " x ", k_cache.size(2), " x ", D,
                " elements (empty, or past 32-bit offsets); use OPPO_PREFILL_PLAN=mma");
     const int flags = plan & ~(kPersistent | kThreeWG);
-    OPPO_CHECK(!(flags & wgp::kFlagSmemRows) || out.scalar_type() == at::kFloat ||
-               (out.stride(0) % 8 == 0 && out.stride(1) % 8 == 0),
-               "paged_prefill_attention: the _sr plans store whole rows in 16-byte pieces, so the output's row ",
-               "strides must be multiples of 8 elements; got ", out.stride(0), " and ", out.stride(1));
     const Grid grid = (plan & kPersistent) ? Grid::persistent : Grid::items;
     if constexpr (std::is_same_v<T, __nv_bfloat16>) {   // _mi: its own instantiations (prefill_plan checked which)
       if (plan & wgp::kFlagMerge) {

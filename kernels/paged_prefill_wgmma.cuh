@@ -100,15 +100,7 @@ constexpr int kFlagKeySplit = 128;
 // measured 1.6-1.8 us per item at D=64). Without it (the default since session 29) they are staged
 // by cp.async, all of a thread's chunks in flight at once (zero-fill past the chunk), then waited on.
 constexpr int kFlagQSerial = 256;
-// kFlagSmemRows (plans _sr; not with _mi, whose Q rows hold the next item's by then; T output
-// only): an item's rows stored through the warpgroup's own Q rows (free once its last Q K^T was
-// waited on): each thread's pairs into the swizzled rows (conflict-free), a named barrier, then
-// 16-byte loads and whole-row 16-byte global stores (a warp writes 4 rows of 128 B at head dim 64),
-// and a second barrier before the next item's Q overwrites them. Without it each thread writes
-// D / 4 scattered 4-byte stores per row (a warp's store touches 8 rows, half a sector each): the
-// turn stamps measured that epilogue at 0.85-1.1 us per item (session 29). Built, not yet measured.
-constexpr int kFlagSmemRows = 512;
-// kFlagProducerQ (plans _pq; head dim 64 only, not with _mi, _ks, _kv, _q1 or _sr): the producer
+// kFlagProducerQ (plans _pq; head dim 64 only, not with _mi, _ks, _kv or _q1): the producer
 // warpgroup stages each item's Q rows (cp.async, all 128 threads) into one of two Q buffers, the
 // next item's while the consumers still run the current one: item k's rows are one commit group
 // issued right after the previous item's last tile (the first item's before the first tile), so
@@ -193,14 +185,6 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 __device__ __forceinline__ void named_sync(int id, int threads) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
-}
-__device__ __forceinline__ void st_shared_u32(uint32_t addr, uint32_t v) {
-  asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
-}
-__device__ __forceinline__ uint4 ld_shared_v4(uint32_t addr) {
-  uint4 v;
-  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(addr) : "memory");
-  return v;
 }
 __device__ __forceinline__ void named_arrive(int id, int threads) {
   asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
@@ -824,32 +808,6 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
   // the epilogue of item P: O times inv (1 / the row sums, or 1 where O is normalized already),
   // the valid rows stored
   auto store_rows = [&](const Item& P, const float (&inv_r)[2]) {
-    if (!kMerge && (flags & kFlagSmemRows) && !(flags & kPrefillOutF32)) {
-      // this thread's rows rA, rA + 8 are rows of the warpgroup's block of 64 (rA & ~63: the
-      // warpgroup's own, or warpgroup 0's for a key-split item) in the kBM-row Q tile
-      const uint32_t qb = smem_u32(q_s);
-      fence_proxy_async();  // the async proxy's reads of these rows (the item's Q K^T, waited on) first
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-#pragma unroll
-        for (int i = 0; i < D / 8; ++i)
-          st_shared_u32(qb + swz(kBM, rA + 8 * r, i) + 4 * tq,
-                        Mma<T>::pack(o[4 * i + 2 * r] * inv_r[r], o[4 * i + 2 * r + 1] * inv_r[r]));
-      }
-      const int blk = rA & ~63;
-      named_sync(1 + (blk >> 6), 128);
-#pragma unroll
-      for (int i = 0; i < kQPer; ++i) {  // chunk c = i * 128 + tw: row c / kChunks of the block (q_src's map)
-        const int c = i * 128 + tw;
-        const int rl = blk + c / C::kChunks, ch = c % C::kChunks;
-        const int grow = P.row0 + rl;
-        const uint4 v = ld_shared_v4(qb + swz(kBM, rl, ch));
-        if (grow < P.rows)
-          *reinterpret_cast<uint4*>(static_cast<T*>(out) + row_at(P, grow, o_s0, o_s1) + ch * 8) = v;
-      }
-      named_sync(1 + (blk >> 6), 128);  // every read done before the next item's Q lands in these rows
-      return;
-    }
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int grow = P.row0 + rA + 8 * r;

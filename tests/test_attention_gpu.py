@@ -991,8 +991,7 @@ PREFILL_SHAPES = [  # Hq, Hkv, D, block_size, prefixes, chunks
 
 
 PREFILL_PLANS = ["mma", "wgmma", "wgmma_pp", "wgmma_ov", "wgmma_pp_ov", "wgmma_pp_ov_ps", "wgmma_kv",
-                 "wgmma_pp_ov_kv", "wgmma_pp_ov_qp_ps", "wgmma_pp_ov_qp_xc_ps", "wgmma_pp_ov_qp_xc_q1_ps",
-                 "wgmma_pp_ov_qp_xc_sr_ps", "wgmma_sr"]
+                 "wgmma_pp_ov_kv", "wgmma_pp_ov_qp_ps", "wgmma_pp_ov_qp_xc_ps", "wgmma_pp_ov_qp_xc_q1_ps"]
 
 
 def _skip_unless_wgmma(plan: str) -> None:
@@ -1232,7 +1231,7 @@ def test_prefill_key_split_refused_where_not_built(monkeypatch, plan, D, dtype):
 
 WGMMA3_PLANS = ["wgmma3_pp_ov", "wgmma3_pp_ov_ps", "wgmma3_ov_ps", "wgmma3", "wgmma3_pp_ov_qp_ps", "wgmma3_pp_ov_qp_xc_ps",
                 "wgmma3_pp_ov_qp_mi_ps", "wgmma3_pp_ov_qp_xc_ks_ps", "wgmma3_ks", "wgmma3_ov_ks_ps", "wgmma3_pp_ov_qp_xc_q1_ps",
-                "wgmma3_pp_ov_qp_xc_sr_ps", "wgmma3_pp_ov_qp_xc_ks_sr_ps", "wgmma3_pp_ov_qp_xc_pq_ps", "wgmma3_pq",
+                "wgmma3_pp_ov_qp_xc_pq_ps", "wgmma3_pq",
                 "wgmma3_ov_pq_ps"]
 
 
@@ -1263,7 +1262,7 @@ def test_prefill_wgmma3_persistent_many_items_and_native_output(monkeypatch, pla
 
 def _stamps_case(Hq: int, Hkv: int, D: int, prefixes: list[int], chunks: list[int], bs: int = 16):
     """A bf16 batch of chunks after prefixes on shuffled pages: a call of the CUDA prefill over it
-    (under the plan the caller set), for the tests that compare calls bit for bit (the stamps, _sr)."""
+    (under the plan the caller set), for the tests that compare calls bit for bit (the stamps, _pq)."""
     lens = [p + c for p, c in zip(prefixes, chunks)]
     kv = PagedKV(num_blocks=sum(math.ceil(n / bs) for n in lens) + 5, block_size=bs, Hkv=Hkv, D=D, dtype=torch.bfloat16)
     bt = kv.tables(lens)
@@ -1276,7 +1275,7 @@ def _stamps_case(Hq: int, Hkv: int, D: int, prefixes: list[int], chunks: list[in
 
 
 @pytest.mark.parametrize("plan", ["wgmma_pp_ov", "wgmma_pp_ov_ps", "wgmma3_pp_ov_ps", "wgmma3_pp_ov_qp_mi_ps",
-                                  "wgmma3_pp_ov_qp_xc_ks_ps", "wgmma3_pp_ov_qp_xc_sr_ps"])
+                                  "wgmma3_pp_ov_qp_xc_ks_ps", "wgmma3_pp_ov_qp_xc_pq_ps"])
 def test_prefill_item_stamps_cover_every_item_and_change_nothing(monkeypatch, plan):
     """prefill_item_stamps: every work item of the wgmma kernel (row tile, kv head, sequence, in the
     kernel's order, prefill_item_coords; one CTA each or persistent CTAs) writes its row with its
@@ -1311,8 +1310,7 @@ def test_prefill_item_stamps_cover_every_item_and_change_nothing(monkeypatch, pl
         assert split == int("_ks" in plan and chunks[b] * G - row0 <= 64), f"item {w}: key-split bit {split}"
 
 
-@pytest.mark.parametrize("plan", ["wgmma3_pp_ov_qp_xc_ps", "wgmma3_pp_ov_ps", "wgmma3_pp_ov_qp_xc_sr_ps",
-                                  "wgmma3_pp_ov_qp_xc_pq_ps"])
+@pytest.mark.parametrize("plan", ["wgmma3_pp_ov_qp_xc_ps", "wgmma3_pp_ov_ps", "wgmma3_pp_ov_qp_xc_pq_ps"])
 def test_prefill_turn_stamps_follow_each_chain_and_change_nothing(monkeypatch, plan):
     """prefill_turn_stamps (bench/prefill_turns.py): the wgmma3 kernel instantiated with them gives
     bit for bit the output of the plain one; each consumer warpgroup of CTAs 0 and 1 writes its own
@@ -1352,57 +1350,28 @@ def test_prefill_turn_stamps_follow_each_chain_and_change_nothing(monkeypatch, p
         assert batches > len(items), f"slice {k}: {batches} batches for {len(items)} items"
 
 
-@pytest.mark.parametrize("plan,D", [("wgmma_pp_ov_qp_xc_sr_ps", 128), ("wgmma_sr", 64), ("wgmma3_pp_ov_qp_xc_sr_ps", 64),
-                                    ("wgmma3_pp_ov_qp_xc_ks_sr_ps", 64), ("wgmma3_pp_ov_qp_xc_pq_ps", 64),
-                                    ("wgmma_pp_ov_qp_xc_pq_ps", 64), ("wgmma3_pq", 64), ("wgmma3_ov_pq_ps", 64)])
-def test_prefill_store_and_staging_variants_equal_their_base_bit_for_bit(monkeypatch, plan, D):
-    """_sr (an item's rows through the warpgroup's Q rows, whole-row 16-byte stores; fp32 output
-    keeps the direct stores, so the reference tests with fp32 output do not reach it) and _pq (the
-    producer stages each item's Q rows into one of two buffers while the consumers run the item
-    before): bf16 output bit for bit the same plan's without the suffix, which the reference tests
+@pytest.mark.parametrize("plan", ["wgmma3_pp_ov_qp_xc_pq_ps", "wgmma_pp_ov_qp_xc_pq_ps", "wgmma3_pq", "wgmma3_ov_pq_ps"])
+def test_prefill_producer_q_equals_its_base_bit_for_bit(monkeypatch, plan):
+    """_pq (the producer stages each item's Q rows into one of two buffers while the consumers run
+    the item before): bf16 output bit for bit the same plan's without it, which the reference tests
     check, over ragged chunks (items of one key tile, items past short chunks, G = 7 items cut
-    mid-query, the key-split items of warpgroup 0's rows only) on one item per CTA and persistent
-    grids (several items per CTA: both Q buffers, each reused)."""
+    mid-query) on one item per CTA and persistent grids (several items per CTA: both Q buffers, each
+    reused)."""
     _skip_unless_wgmma(plan)
-    suffix = "_sr" if "_sr" in plan else "_pq"
-    Hq = 14 if D == 64 else 8
     prefixes, chunks = [0, 300, 77, 1000, 5] * 6, [256, 1, 129, 64, 200] * 6
-    run = _stamps_case(Hq, 2, D, prefixes, chunks)
-    monkeypatch.setenv("OPPO_PREFILL_PLAN", plan.replace(suffix, ""))
+    run = _stamps_case(14, 2, 64, prefixes, chunks)
+    monkeypatch.setenv("OPPO_PREFILL_PLAN", plan.replace("_pq", ""))
     plain = run()
     monkeypatch.setenv("OPPO_PREFILL_PLAN", plan)
     assert torch.equal(run(), plain)
 
 
-def test_prefill_smem_rows_refused_with_merged_items_or_unaligned_rows(monkeypatch):
-    """_sr with _mi: a clear error (the merged items' Q rows hold the next item's by the epilogue);
-    and a bf16 output whose rows are not 16-byte aligned (a view with row stride 68): a clear error,
-    where the plan without _sr writes it."""
-    _skip_unless_wgmma("wgmma3_pp_ov_qp_mi_ps")
-    monkeypatch.setenv("OPPO_PREFILL_PLAN", "wgmma3_pp_ov_qp_mi_sr_ps")
-    with pytest.raises(RuntimeError, match="_sr stores an item's rows"):
-        _prefill_case(14, 2, 64, 16, [10], [20], torch.bfloat16, torch.float32)
-    kv = PagedKV(num_blocks=8, block_size=16, Hkv=2, D=64, dtype=torch.bfloat16)
-    bt = kv.tables([30])
-    kv.fill(bt, [30])
-    cu = torch.tensor([0, 20], dtype=torch.int32, device="cuda")
-    ctx = torch.tensor([30], dtype=torch.int32, device="cuda")
-    q = torch.randn(20, 14, 64, device="cuda").bfloat16()
-    out = torch.empty(20, 14, 68, device="cuda", dtype=torch.bfloat16)[..., :64]
-    monkeypatch.setenv("OPPO_PREFILL_PLAN", "wgmma3_pp_ov_qp_xc_sr_ps")
-    with pytest.raises(RuntimeError, match="16-byte pieces"):
-        A.paged_prefill_attention(q, kv.k, kv.v, cu, ctx, bt, 0.125, out=out, max_seqlen_q=20, backend="cuda")
-    monkeypatch.setenv("OPPO_PREFILL_PLAN", "wgmma3_pp_ov_qp_xc_ps")
-    A.paged_prefill_attention(q, kv.k, kv.v, cu, ctx, bt, 0.125, out=out, max_seqlen_q=20, backend="cuda")
-    assert torch.isfinite(out).all()
-
-
 @pytest.mark.parametrize("plan,D", [("wgmma_pp_ov_qp_xc_pq_ps", 128), ("wgmma3_pp_ov_qp_mi_pq_ps", 64),
                                     ("wgmma3_pp_ov_qp_xc_ks_pq_ps", 64), ("wgmma3_pp_ov_kv_xc_pq_ps", 64),
-                                    ("wgmma3_pp_ov_qp_xc_q1_pq_ps", 64), ("wgmma3_pp_ov_qp_xc_sr_pq_ps", 64)])
+                                    ("wgmma3_pp_ov_qp_xc_q1_pq_ps", 64)])
 def test_prefill_producer_q_refused_where_not_built(monkeypatch, plan, D):
-    """_pq at head dim 128 (no room for a second Q buffer) or with _mi, _ks, _kv, _q1 or _sr: a
-    clear error."""
+    """_pq at head dim 128 (no room for a second Q buffer) or with _mi, _ks, _kv or _q1: a clear
+    error."""
     _skip_unless_wgmma("wgmma_pp_ov_qp_xc_ps")
     monkeypatch.setenv("OPPO_PREFILL_PLAN", plan)
     with pytest.raises(RuntimeError, match="_pq .the producer stages the Q rows"):

@@ -132,7 +132,7 @@ def items_of(cu, ctx, Gq, Hkv, BN, BM=BM):
     return out
 
 
-def emulate(q, k_cache, v_cache, cu, ctx, bt, scale, out, grid=None, nc=2, smem_rows=False):
+def emulate(q, k_cache, v_cache, cu, ctx, bt, scale, out, grid=None, nc=2):
     """paged_prefill_wgmma_kernel over the whole grid, one CTA after another: CTA c takes items
     c, c + grid, ... (grid None: one item per CTA; fewer: the persistent plan), its K/V ring and
     the producer's prefetch running on across items. nc: consumer warpgroups (3: the wgmma3
@@ -292,24 +292,6 @@ def emulate(q, k_cache, v_cache, cu, ctx, bt, scale, out, grid=None, nc=2, smem_
             for cw in range(nc):                                   # epilogue
                 st = state[cw]
                 l = st["l"].reshape(4, 8, 4, 2).sum(axis=2, keepdims=True).repeat(4, axis=2).reshape(128, 2)
-                if smem_rows:   # kFlagSmemRows: pairs into the warpgroup's Q rows, then 16-byte chunks out
-                    for r in range(2):
-                        vals = round_to(st["o"][:, [4 * i + 2 * r + d for i in range(D // 8) for d in (0, 1)]]
-                                        / l[:, r:r + 1], dtype)                   # [128, D]: (i, d) order
-                        for i in range(D // 8):
-                            addr = swz(BM, st["rA"] + 8 * r, i) + 4 * T_      # bytes, per thread
-                            smem[addr // 2] = vals[:, 2 * i]
-                            smem[addr // 2 + 1] = vals[:, 2 * i + 1]
-                    blk = 64 * cw
-                    for i in range(64 * chunks // 128):
-                        c = i * 128 + TW
-                        rl, chk = blk + c // chunks, c % chunks
-                        grow = I["row0"] + rl
-                        for tw in np.nonzero(grow < I["rows"])[0]:
-                            a = swz(BM, rl[tw], chk[tw]) // 2
-                            out[I["q0"] + grow[tw] // Gq, I["kvh"] * Gq + grow[tw] % Gq,
-                                chk[tw] * 8:chk[tw] * 8 + 8] = torch.from_numpy(smem[a:a + 8].copy())
-                    continue
                 for r in range(2):
                     grow = I["row0"] + st["rA"] + 8 * r
                     for tw in np.nonzero(grow < I["rows"])[0]:
@@ -320,7 +302,7 @@ def emulate(q, k_cache, v_cache, cu, ctx, bt, scale, out, grid=None, nc=2, smem_
 
 
 # --------------------------------------------------------------------------- the test
-def _case(Hq, Hkv, D, bs, prefixes, chunks, dtype, seed=0, grid=None, pad=0, nc=2, smem_rows=False):
+def _case(Hq, Hkv, D, bs, prefixes, chunks, dtype, seed=0, grid=None, pad=0, nc=2):
     """pad > 0: pages `pad` rows longer than block_size (page stride > page, garbage between pages)."""
     g = torch.Generator().manual_seed(seed)
     lens = [p + c for p, c in zip(prefixes, chunks)]
@@ -344,7 +326,7 @@ def _case(Hq, Hkv, D, bs, prefixes, chunks, dtype, seed=0, grid=None, pad=0, nc=
     q = torch.randn(sum(chunks), Hq, D, generator=g).to(dtype)
     scale = D ** -0.5
     out = torch.full((sum(chunks), Hq, D), float("nan"))
-    emulate(q, k, v, cu, ctx, bt, scale, out, grid=grid, nc=nc, smem_rows=smem_rows)
+    emulate(q, k, v, cu, ctx, bt, scale, out, grid=grid, nc=nc)
     ref = A.paged_prefill_attention_ref(q, k, v, cu, ctx, bt.clamp_min(0), scale, out=torch.empty_like(out))
     return out, ref
 
@@ -412,17 +394,3 @@ def test_emulation_catches_a_wrong_descriptor():
         assert float((out - ref).norm() / ref.norm()) > 0.1
     finally:
         desc128 = good
-
-
-@pytest.mark.parametrize("D,nc,Hq,prefixes,chunks", [
-    (64, 3, 14, [0, 600, 37], [1, 30, 70]),        # G = 7: 192-row items cut mid-query, rows past the chunk
-    (128, 2, 8, [0, 300, 5], [150, 40, 1]),        # two column blocks of the Q tile
-    (64, 2, 8, [450, 0], [9, 40]),
-])
-def test_rows_stored_through_shared_memory_match_reference(D, nc, Hq, prefixes, chunks):
-    """kFlagSmemRows (plans _sr): each thread's pairs written into the warpgroup's swizzled Q rows
-    and read back as 16-byte chunks by the item-row map of the Q staging land every row's columns
-    where they belong (the output rounded to T first, so the bound is T's rounding)."""
-    out, ref = _case(Hq, 2, D, 16, prefixes, chunks, torch.bfloat16, nc=nc, smem_rows=True)
-    assert torch.isfinite(out).all(), "a row the kernel should write was left unwritten"
-    assert float((out - ref).norm() / ref.norm()) < 5e-3
