@@ -110,8 +110,8 @@ constexpr int kFlagQSerial = 256;
 // 30's _qe put the item boundary's serial chain in every consumer warpgroup at 3.3-4 us (lookup,
 // Q staging, epilogue, final P V) at D=64, where the three warpgroups share each item, so the
 // whole CTA waits on it; _qe moved the staging along that chain and gained nothing. This takes the
-// lookup and the staging off the consumers. D=128 has no room for a second Q buffer (3 stages use
-// 192 of the 227 KB).
+// staging off the consumers (their item lookup at the loop's top stays: bench/NOTES.md, session 30).
+// D=128 has no room for a second Q buffer (3 stages use 192 of the 227 KB).
 constexpr int kFlagProducerQ = 1024;
 // prefill_item_stamps' tag: an item's key tiles, | this bit for an item whose key tiles were split
 constexpr int64_t kStampKeySplit = int64_t(1) << 20;
