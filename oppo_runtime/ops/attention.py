@@ -509,8 +509,8 @@ _TRITON_PREFERRED: dict[int, bool] = {}
 
 def prefill_plan_head_dims(plan: str) -> tuple[int, ...]:
     """The head dims a CUDA prefill wgmma plan is built for (the launcher refuses the others): the
-    three-warpgroup plans (``wgmma3...``) and the ``_pq`` plans 64, the other ``_mi`` plans 128, both
-    bf16 only (``_pq``: bf16 and fp16); the rest 64 and 128, bf16 and fp16."""
+    three-warpgroup plans (``wgmma3...``, bf16 only) and the ``_pq`` plans 64; the other ``_mi``
+    plans 128 (bf16 only); the rest 64 and 128, bf16 and fp16."""
     if plan.startswith("wgmma3") or "_pq" in plan:
         return (64,)
     if "_mi" in plan.split("_ps")[0]:
