@@ -241,7 +241,7 @@ static __constant__ CtaStamps prefill_stamps;
 // its own slice of capacity / (2 NC) rows (CTA c, warpgroup k: slice c NC + k): SM cycles
 // (%clock64), the event | tile << 8, the item index. The events:
 constexpr int kTsItem = 0;     // an item's start, before its Q rows are staged (tile: its key tiles)
-constexpr int kTsQ = 1;        // its Q rows staged (the named barrier of the warpgroup passed)
+constexpr int kTsQ = 1;        // its Q rows staged (the named barrier of the warpgroup passed; _pq: the buffer switched)
 constexpr int kTsReq = 2;      // a batch: before the wait for this warpgroup's turn
 constexpr int kTsGrant = 3;    // ... the turn taken
 constexpr int kTsIssued = 4;   // ... its MMAs issued and the turn handed on
@@ -336,6 +336,14 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
   auto row_at = [&](const Item& J, int grow, int64_t s0, int64_t s1) -> int64_t {
     return static_cast<int64_t>(J.q0 + grow / G) * s0 + static_cast<int64_t>(J.kvh * G + grow % G) * s1;
   };
+  // the source of 16-byte chunk cc of item J's row r (local to the item) in q, and whether the row
+  // is in the chunk (if not: q itself, for a zero-fill copy that reads nothing); the Q staging's,
+  // by the consumers or (kFlagProducerQ) the producer
+  auto q_chunk_src = [&](const Item& J, int r, int cc, bool& in) -> const T* {
+    const int grow = J.row0 + r;
+    in = grow < J.rows;
+    return in ? q + row_at(J, grow, q_s0, q_s1) + cc * 8 : q;
+  };
   {  // a CTA without work leaves before any barrier (rows past a short chunk, padded max_seqlen_q)
     Item I;
     bool any = false;
@@ -425,9 +433,9 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
 #pragma unroll 1
       for (int c = t; c < kBM * C::kChunks; c += 128) {
         const int r = c / C::kChunks, cc = c % C::kChunks;
-        const int grow = J.row0 + r;
-        const bool in = grow < J.rows;
-        cp_async_16_s(qb + swz(kBM, r, cc), in ? q + row_at(J, grow, q_s0, q_s1) + cc * 8 : q, in ? 16 : 0);
+        bool in;
+        const T* src = q_chunk_src(J, r, cc, in);
+        cp_async_16_s(qb + swz(kBM, r, cc), src, in ? 16 : 0);
       }
       cp_async_commit();
       ++kq;
@@ -744,9 +752,7 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
   constexpr int kQPer = 64 * C::kChunks / 128;
   auto q_src = [&](const Item& J, int i, bool& in) -> const T* {
     const int c = i * 128 + tw;
-    const int grow = J.row0 + 64 * cw + c / C::kChunks;
-    in = grow < J.rows;
-    return in ? q + row_at(J, grow, q_s0, q_s1) + (c % C::kChunks) * 8 : q;
+    return q_chunk_src(J, 64 * cw + c / C::kChunks, c % C::kChunks, in);
   };
   auto q_dst = [&](int i) {
     const int c = i * 128 + tw;
