@@ -62,7 +62,8 @@ constexpr int kBlockN = 64;
 // Both plans' kernels share one signature; they differ in rows per CTA, threads and smem.
 template <typename T>
 using PrefillKernel = void (*)(void*, int, int64_t, int64_t, const T*, int64_t, int64_t, const T*, const T*,
-                               int64_t, int, int, const int*, const int*, const int*, int64_t, int, float, int, int);
+                               int64_t, oppo::Divisor, oppo::Divisor, const int*, const int*, const int*, int64_t,
+                               oppo::Divisor, float, oppo::Divisor, int);
 
 // How the grid covers the (row tile, kv head, sequence) items: 3D, one CTA each (mma); 1D, one
 // CTA each (wgmma); 1D persistent, one CTA per SM looping over items (wgmma "_ps").
@@ -117,9 +118,9 @@ void launch_kernel(PrefillKernel<T> kernel, int rows_per_cta, int threads, int s
       out.data_ptr(), flags | (out.scalar_type() == at::kFloat ? oppo::attn::kPrefillOutF32 : 0), out.stride(0), out.stride(1),
       reinterpret_cast<const T*>(q.data_ptr()), q.stride(0), q.stride(1),
       reinterpret_cast<const T*>(k_cache.data_ptr()), reinterpret_cast<const T*>(v_cache.data_ptr()),
-      k_cache.stride(0), block_size, Hkv, cu_seqlens_q.data_ptr<int>(), context_lens.data_ptr<int>(),
-      block_tables.data_ptr<int>(), block_tables.stride(0), G, static_cast<float>(scale) * oppo::attn::kLog2e,
-      static_cast<int>(m_tiles), static_cast<int>(items));
+      k_cache.stride(0), oppo::Divisor(block_size), oppo::Divisor(Hkv), cu_seqlens_q.data_ptr<int>(),
+      context_lens.data_ptr<int>(), block_tables.data_ptr<int>(), block_tables.stride(0), oppo::Divisor(G),
+      static_cast<float>(scale) * oppo::attn::kLog2e, oppo::Divisor(static_cast<int>(m_tiles)), static_cast<int>(items));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -272,9 +272,9 @@ __global__ void __launch_bounds__(Geo<NC>::kThreads, 1)
 paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int64_t o_s1,
                            const T* __restrict__ q, int64_t q_s0, int64_t q_s1,
                            const T* __restrict__ k_cache, const T* __restrict__ v_cache, int64_t page_stride,
-                           int block_size, int Hkv, const int* __restrict__ cu_seqlens_q,
+                           Divisor block_size, Divisor Hkv, const int* __restrict__ cu_seqlens_q,
                            const int* __restrict__ context_lens, const int* __restrict__ block_tables,
-                           int64_t bt_stride, int G, float scale_log2, int m_tiles, int num_items) {
+                           int64_t bt_stride, Divisor G, float scale_log2, Divisor m_tiles, int num_items) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using C = Cfg<D, NC>;
   constexpr int kBM = Geo<NC>::kBM;

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from _scripts import nvcc_sm90a
 
-SIG = ("void*, int, int64_t, int64_t, const T*, int64_t, int64_t, const T*, const T*, int64_t, int, int, "
-       "const int*, const int*, const int*, int64_t, int, float, int, int")
+SIG = ("void*, int, int64_t, int64_t, const T*, int64_t, int64_t, const T*, const T*, int64_t, oppo::Divisor, "
+       "oppo::Divisor, const int*, const int*, const int*, int64_t, oppo::Divisor, float, oppo::Divisor, int")
 # (dtype, head dim, consumer warpgroups, merged items, key split): the launcher's instantiations
 KERNELS = [("__nv_bfloat16", 128, 2, False, False), ("__half", 128, 2, False, False),
            ("__nv_bfloat16", 64, 2, False, False), ("__half", 64, 2, False, False),

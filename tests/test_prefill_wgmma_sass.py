@@ -22,14 +22,13 @@ from pathlib import Path
 import pytest
 
 from _scripts import cuobjdump_path, nvcc_sm90a
+from test_prefill_kernel_ptxas import SIG
 
 SOURCE = """
 #include <cuda_bf16.h>
 #include "paged_prefill_wgmma.cuh"
-#define ARGS(T) void* __restrict__, int, int64_t, int64_t, const T* __restrict__, int64_t, int64_t, \\
-  const T* __restrict__, const T* __restrict__, int64_t, int, int, const int* __restrict__, \\
-  const int* __restrict__, const int* __restrict__, int64_t, int, float, int, int
-template __global__ void oppo::attn::wgp::paged_prefill_wgmma_kernel<__nv_bfloat16, {D}, {NC}>(ARGS(__nv_bfloat16));
+using T = __nv_bfloat16;
+template __global__ void oppo::attn::wgp::paged_prefill_wgmma_kernel<T, {D}, {NC}>(""" + SIG + """);
 """
 
 
