@@ -2,10 +2,11 @@
 # One device call (~5 min on a fresh machine), session 30: each item's Q rows staged by the producer
 # warpgroup into one of two Q buffers while the consumers run the item before (plans _pq,
 # kFlagProducerQ, head dim 64), against the defaults. In order of what matters most if the call is
-# cut short: build; the two _pq plans once each in their own process (a failing or hanging one is
+# cut short: build; the defaults and the two _pq plans once each in their own process (a failing or hanging one is
 # switched off); issue 8's table with the defaults and _pq beside Flex (3 rounds), then the reverse
 # order; the prefill GPU tests of tests/test_attention_gpu.py; memcheck and racecheck of the _pq
-# plans; the turn stamps at D=64 with _pq and without.
+# plans; the turn stamps at D=64 with _pq and without. Session 31: the kernels divide by a launch-time
+# Divisor (a864413), so the defaults are smoked too and the stamps show its boundary.
 #
 #   OUT=$OUT bash bench/pq_check.sh      (on the device, carrying .commit; results under $OUT)
 set -u
@@ -14,7 +15,7 @@ O=${OUT:-bench/results/pq_check}
 mkdir -p "$O"
 . bench/device_commit.sh
 PLANS=wgmma_pp_ov_qp_xc_ps,wgmma3_pp_ov_qp_xc_ps,wgmma_pp_ov_qp_xc_pq_ps,wgmma3_pp_ov_qp_xc_pq_ps
-OUT="$O" BENCH_ONLY=1 SMOKE_PLANS=wgmma_pp_ov_qp_xc_pq_ps,wgmma3_pp_ov_qp_xc_pq_ps ARGS_prefill_attention="--plans $PLANS" \
+OUT="$O" BENCH_ONLY=1 SMOKE_PLANS=$PLANS ARGS_prefill_attention="--plans $PLANS" \
   bash bench/gpu_check.sh prefill_attention > /dev/null 2>&1
 tail -8 "$O/report.md"
 off=$(grep -a "^OPPO_PREFILL_WGMMA_OFF=" "$O/log.txt" | tail -1 | cut -d= -f2)
