@@ -548,7 +548,8 @@ void launch_decode_split(PlanKind kind, at::Tensor& out, const at::Tensor& q, co
   launch_kernel(kernel, grid, kDecodeThreads, smem, stream, pdl,
       out.data_ptr(), out_f32, out.stride(0), out.stride(1), reinterpret_cast<const T*>(q.data_ptr()), q.stride(0),
       q.stride(1), reinterpret_cast<const T*>(k_cache.data_ptr()), reinterpret_cast<const T*>(v_cache.data_ptr()),
-      k_cache.stride(0), static_cast<int>(k_cache.stride(1)), static_cast<int>(k_cache.stride(2)), block_size, Hkv,
+      k_cache.stride(0), static_cast<int>(k_cache.stride(1)), static_cast<int>(k_cache.stride(2)),
+      oppo::Divisor(block_size), Hkv,
       block_tables.data_ptr<int>(), block_tables.stride(0),
       static_cast<int>(max_ctx), context_lens.data_ptr<int>(), ws_o_ptr, ws_lse_ptr, G, num_splits, plan.partition,
       scale_log2, decode_pipe_flags(), sc.tickets);

@@ -80,12 +80,12 @@ __device__ __forceinline__ void prefetch_row_l2(const T* p) {
 // Page of token `pos` of a sequence (its block-table row `bt`), or -1 at or past `limit` (a bound
 // in tokens: the table's width for the prologue, whose loads then need no context length, or the
 // split's end inside the loop).
-__device__ __forceinline__ int decode_row_page(const int* __restrict__ bt, int block_size, int pos, int limit) {
+__device__ __forceinline__ int decode_row_page(const int* __restrict__ bt, const Divisor& block_size, int pos, int limit) {
   return pos < limit ? __ldg(bt + pos / block_size) : -1;
 }
 // Element offset of token `pos` (page `page`) in the cache, or -1 for rows not to be read.
 __device__ __forceinline__ int64_t decode_row_offset(int page, int pos, int end, int64_t page_stride,
-                                                     int block_size, int row_stride, int head_off) {
+                                                     const Divisor& block_size, int row_stride, int head_off) {
   return (page >= 0 && pos < end)
              ? static_cast<int64_t>(page) * page_stride + static_cast<int64_t>(pos % block_size) * row_stride + head_off
              : -1;
@@ -473,7 +473,7 @@ __global__ void __launch_bounds__(kDecodeThreads, DecodeBounds<D, kStages>::kMin
 paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t o_s1,
                     const T* __restrict__ q, int64_t q_s0, int64_t q_s1,
                     const T* __restrict__ k_cache, const T* __restrict__ v_cache, int64_t page_stride,
-                    int row_stride, int head_stride, int block_size, int Hkv,
+                    int row_stride, int head_stride, Divisor block_size, int Hkv,
                     const int* __restrict__ block_tables, int64_t bt_stride,
                     int table_tokens, const int* __restrict__ context_lens, float* __restrict__ ws_o,
                     float* __restrict__ ws_lse, int G, int num_splits, int partition, float scale_log2,

@@ -18,14 +18,17 @@ from _scripts import cuobjdump_path, nvcc_sm90a
 
 from oppo_runtime.ops import attention as A
 
+# the split kernel's parameters (csrc launch_decode_split's arguments)
+SPLIT_SIG = ("void* __restrict__, bool, int64_t, int64_t, const T* __restrict__, int64_t, int64_t, const T* __restrict__, "
+             "const T* __restrict__, int64_t, int, int, oppo::Divisor, int, const int* __restrict__, int64_t, int, "
+             "const int* __restrict__, float* __restrict__, float* __restrict__, int, int, int, float, int, "
+             "unsigned* __restrict__")
+
 SOURCE = """
 #include <cuda_bf16.h>
 #include "paged_decode_attention.cuh"
 using T = __nv_bfloat16;
-template __global__ void oppo::attn::paged_decode_kernel<T, {D}, {S}>(void* __restrict__, bool, int64_t, int64_t,
-    const T* __restrict__, int64_t, int64_t, const T* __restrict__, const T* __restrict__, int64_t, int, int, int, int,
-    const int* __restrict__, int64_t, int, const int* __restrict__, float* __restrict__, float* __restrict__, int, int,
-    int, float, int, unsigned* __restrict__);
+template __global__ void oppo::attn::paged_decode_kernel<T, {D}, {S}>(""" + SPLIT_SIG + """);
 template __global__ void oppo::attn::paged_decode_v4_kernel<T, {D}, {S4}>(const oppo::attn::DecodeV4Params);
 """
 
@@ -115,10 +118,7 @@ RS_SOURCE = """
 #include <cuda_bf16.h>
 #include "paged_decode_attention.cuh"
 using T = __nv_bfloat16;
-template __global__ void oppo::attn::paged_decode_kernel<T, 128, 3, true>(void* __restrict__, bool, int64_t, int64_t,
-    const T* __restrict__, int64_t, int64_t, const T* __restrict__, const T* __restrict__, int64_t, int, int, int, int,
-    const int* __restrict__, int64_t, int, const int* __restrict__, float* __restrict__, float* __restrict__, int, int,
-    int, float, int, unsigned* __restrict__);
+template __global__ void oppo::attn::paged_decode_kernel<T, 128, 3, true>(""" + SPLIT_SIG + """);
 """
 
 
@@ -144,10 +144,7 @@ HN_SOURCE = """
 #include <cuda_bf16.h>
 #include "paged_decode_attention.cuh"
 using T = __nv_bfloat16;
-template __global__ void oppo::attn::paged_decode_kernel<T, {D}, 3, false, {HN}>(void* __restrict__, bool, int64_t,
-    int64_t, const T* __restrict__, int64_t, int64_t, const T* __restrict__, const T* __restrict__, int64_t, int, int,
-    int, int, const int* __restrict__, int64_t, int, const int* __restrict__, float* __restrict__, float* __restrict__,
-    int, int, int, float, int, unsigned* __restrict__);
+template __global__ void oppo::attn::paged_decode_kernel<T, {D}, 3, false, {HN}>(""" + SPLIT_SIG + """);
 """
 
 
