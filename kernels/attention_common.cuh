@@ -121,12 +121,15 @@ __device__ __forceinline__ void tile_row_offset_store(int64_t* __restrict__ off_
                        : -1;
 }
 
-// Loads a tile [kRows][D] of K or V rows (offsets from tile_row_offsets) into a padded smem tile
-// [kRows][D + 8]; rows marked -1 are zero-filled (never read: the slots past a sequence's length
-// may hold anything, NaN included, and a zero V row keeps P*V finite).
+// Loads the K and V tiles [kRows][D] of the same rows (offsets from tile_row_offsets, shared by the
+// two caches) into padded smem tiles [kRows][D + 8]; rows marked -1 are zero-filled (never read: the
+// slots past a sequence's length may hold anything, NaN included, and a zero V row keeps P*V
+// finite). Each row's offset is read and tested once for both copies (session 31: the two separate
+// loads of a tile read and tested it twice, ~6 instructions a 16-byte copy in decode's loop).
 template <typename T, int D, int kRows, int kThreads>
-__device__ __forceinline__ void load_kv_tile(T* __restrict__ smem, const T* __restrict__ cache,
-                                             const int64_t* __restrict__ off_s, int tid) {
+__device__ __forceinline__ void load_kv_tiles(T* __restrict__ k_smem, T* __restrict__ v_smem,
+                                              const T* __restrict__ k_cache, const T* __restrict__ v_cache,
+                                              const int64_t* __restrict__ off_s, int tid) {
   constexpr int kVec = 16 / int(sizeof(T));
   constexpr int kChunks = D / kVec;                           // 16-byte chunks per row
   constexpr int kRowsPerPass = kThreads / kChunks;
@@ -137,8 +140,11 @@ __device__ __forceinline__ void load_kv_tile(T* __restrict__ smem, const T* __re
   for (int i = 0; i < kRows / kRowsPerPass; ++i) {
     const int r = row0 + i * kRowsPerPass;
     const int64_t off = off_s[r];
-    const T* src = cache + (off >= 0 ? off : 0) + chunk * kVec;
-    cp_async_16(smem + r * SmemRow<D>::kElems + chunk * kVec, src, off >= 0 ? 16 : 0);
+    const int64_t src = (off >= 0 ? off : 0) + chunk * kVec;
+    const int bytes = off >= 0 ? 16 : 0;
+    const int dst = r * SmemRow<D>::kElems + chunk * kVec;
+    cp_async_16(k_smem + dst, k_cache + src, bytes);
+    cp_async_16(v_smem + dst, v_cache + src, bytes);
   }
 }
 

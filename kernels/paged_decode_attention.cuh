@@ -588,8 +588,7 @@ paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t 
     T* k_s = stage_base + (t % kStages) * 2 * S::kTileElems;
     T* v_s = k_s + S::kTileElems;
     const int64_t* off = off_s + (t % kStages) * kDecodeTile;
-    load_kv_tile<T, D, kDecodeTile, kDecodeThreads>(k_s, k_cache, off, tid);
-    load_kv_tile<T, D, kDecodeTile, kDecodeThreads>(v_s, v_cache, off, tid);
+    load_kv_tiles<T, D, kDecodeTile, kDecodeThreads>(k_s, v_s, k_cache, v_cache, off, tid);
   };
   __syncthreads();
 #pragma unroll
@@ -615,7 +614,7 @@ paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t 
 
   if constexpr (kRS) {
     // one tile of K and V rows in registers: pass i of thread tid holds row tid / kChunks + i * kRowsPerPass,
-    // bytes 16 (tid % kChunks) .. of it (load_kv_tile's pattern)
+    // bytes 16 (tid % kChunks) .. of it (load_kv_tiles' pattern)
     constexpr int kChunks = D * int(sizeof(T)) / 16, kVec = 16 / int(sizeof(T));
     constexpr int kRowsPerPass = kDecodeThreads / kChunks, kPasses = kDecodeTile / kRowsPerPass;
     uint4 rk[kPasses], rv[kPasses];
@@ -1099,8 +1098,7 @@ paged_decode_v4_kernel(const DecodeV4Params p) {
     T* k_s = stage_base + slot * 2 * kTileElems;
     T* v_s = k_s + kTileElems;
     const int64_t* off = off_s + slot * kDecodeTile;
-    load_kv_tile<T, D, kDecodeTile, kDecodeThreads>(k_s, k_cache, off, tid);
-    load_kv_tile<T, D, kDecodeTile, kDecodeThreads>(v_s, v_cache, off, tid);
+    load_kv_tiles<T, D, kDecodeTile, kDecodeThreads>(k_s, v_s, k_cache, v_cache, off, tid);
   };
   __syncthreads();
 #pragma unroll

@@ -93,8 +93,7 @@ paged_prefill_kernel(void* __restrict__ out, int flags, int64_t o_s0, int64_t o_
   store_off(1, page_of(1));
   int next_page = page_of(2);
   __syncthreads();
-  load_kv_tile<T, D, BN, kPrefillThreads>(k_s0, k_cache, off_s0, tid);
-  load_kv_tile<T, D, BN, kPrefillThreads>(v_s0, v_cache, off_s0, tid);
+  load_kv_tiles<T, D, BN, kPrefillThreads>(k_s0, v_s0, k_cache, v_cache, off_s0, tid);
   cp_async_commit();
 
   // The two rows this thread holds, and the last key each may see (padding rows see all).
@@ -115,8 +114,8 @@ paged_prefill_kernel(void* __restrict__ out, int flags, int64_t o_s0, int64_t o_
     __syncthreads();     // ... visible to all; every warp is done with tile t-1 and its stage
     if (t + 1 < ntiles) {
       const int64_t* off = off_s0 + ((t + 1) & 1) * BN;
-      load_kv_tile<T, D, BN, kPrefillThreads>(k_s0 + ((t + 1) & 1) * S::kTileElems, k_cache, off, tid);
-      load_kv_tile<T, D, BN, kPrefillThreads>(v_s0 + ((t + 1) & 1) * S::kTileElems, v_cache, off, tid);
+      load_kv_tiles<T, D, BN, kPrefillThreads>(k_s0 + ((t + 1) & 1) * S::kTileElems, v_s0 + ((t + 1) & 1) * S::kTileElems,
+                                               k_cache, v_cache, off, tid);
     }
     cp_async_commit();
     store_off(t + 2, next_page);  // slot t & 1: tile t's loads were issued before this iteration's barrier
