@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # One device call (~8-10 min on a fresh machine), session 31: both kernels now divide by launch-time
 # Divisors (prefill: G, kv heads, row tiles, page size, a864413; decode's split kernel: the page size,
-# e54368b), and session 30's _pq plans (never run) beside the prefill defaults. In
+# e54368b; and one offset read per row for its K and V copies, f888140), and session 30's _pq plans (never run) beside the prefill defaults. In
 # order of what matters most if the call is cut short: build; the defaults and the _pq plans once
 # each in their own process; issue 8's table (defaults and _pq beside Flex, 3 rounds) and issue 7's
 # table (beside SDPA and Flex); the prefill and decode GPU tests of tests/test_attention_gpu.py; the
-# prefill table in the reverse plan order; memcheck of the _pq plans and of decode v7, racecheck of
+# prefill table in the reverse plan order; decode with the loads alone (+lo) beside v7; memcheck of the _pq plans and of decode v7, racecheck of
 # decode v7; the turn stamps at D=64 with _pq and without.
 #
 #   OUT=$OUT bash bench/s31_check.sh      (on the device, carrying .commit; results under $OUT)
@@ -26,6 +26,8 @@ echo "pytest rc=$?"; grep -E "passed|failed|FAILED|ERROR" "$O/pytest.txt" | tail
 R=$(echo "$PLANS" | tr , '\n' | tac | paste -sd,)
 timeout 90 python3 bench/prefill_attention.py --no-flex --plans "$R" --out "$O/prefill_pq_reversed.json" > "$O/reversed.txt" 2>&1
 echo "reversed rc=$?"
+timeout 90 python3 bench/decode_attention.py --no-flex --plans v7+lo,v7 --out "$O/decode_lo.json" > "$O/decode_lo.txt" 2>&1
+echo "decode +lo rc=$?"; tail -14 "$O/decode_lo.txt"
 SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
 PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 90 "$SAN" --tool memcheck --error-exitcode 9 python3 bench/sanitize_attention.py \
   --prefill-plans=wgmma_pp_ov_qp_xc_pq_ps,wgmma3_pp_ov_qp_xc_pq_ps > "$O/memcheck_pq.txt" 2>&1
