@@ -28,6 +28,12 @@ __device__ __forceinline__ uint32_t smem_u32(const void* p) {
 __device__ __forceinline__ void cp_async_16(void* dst, const void* src, int src_bytes) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(src_bytes));
 }
+// 16-byte global->shared copy, or 16 zero bytes when `sign` < 0 (src then not read: cp.async's
+// ignore-src predicate, which leaves SASS no src-size arithmetic to do)
+__device__ __forceinline__ void cp_async_16_unless_negative(void* dst, const void* src, int sign) {
+  asm volatile("{\n .reg .pred z;\n setp.lt.s32 z, %2, 0;\n cp.async.cg.shared.global [%0], [%1], 16, z;\n}\n"
+               ::"r"(smem_u32(dst)), "l"(src), "r"(sign));
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N> __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
@@ -136,15 +142,17 @@ __device__ __forceinline__ void load_kv_tiles(T* __restrict__ k_smem, T* __restr
   static_assert(kThreads % kChunks == 0 && kRows % kRowsPerPass == 0, "tile/threads mismatch");
   const int chunk = tid % kChunks;
   const int row0 = tid / kChunks;
+  const T* k_src = k_cache + chunk * kVec;
+  const T* v_src = v_cache + chunk * kVec;
 #pragma unroll
   for (int i = 0; i < kRows / kRowsPerPass; ++i) {
     const int r = row0 + i * kRowsPerPass;
     const int64_t off = off_s[r];
-    const int64_t src = (off >= 0 ? off : 0) + chunk * kVec;
-    const int bytes = off >= 0 ? 16 : 0;
+    const int hi = static_cast<int>(off >> 32);                 // < 0: a row not to be read (-1)
+    const int64_t row = hi < 0 ? 0 : off;
     const int dst = r * SmemRow<D>::kElems + chunk * kVec;
-    cp_async_16(k_smem + dst, k_cache + src, bytes);
-    cp_async_16(v_smem + dst, v_cache + src, bytes);
+    cp_async_16_unless_negative(k_smem + dst, k_src + row, hi);
+    cp_async_16_unless_negative(v_smem + dst, v_src + row, hi);
   }
 }
 
