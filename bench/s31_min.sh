@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The smallest useful device call of session 31 (~4 min on a fresh machine; for when a session has
-# little device time left): build; issue 7's table at the default (v7) beside SDPA, whose rows carry
-# each kernel's error against the fp32 reference (the first GPU run of the Divisor page math and the
-# ignore-src loader); the D=64 prefill plans smoked, then issue 8's D=64 shape with the default and
-# _pq (3 rounds, both orders); the decode GPU tests with what is left.
+# little device time left): gpu_check.sh's build, the D=64 prefill plans smoked, issue 7's table at
+# the default (v7) beside SDPA, whose rows carry each kernel's error against the fp32 reference (the
+# first GPU run of the Divisor page math and the ignore-src loader); then issue 8's D=64 shape with
+# the default and _pq (3 rounds, both orders); the decode GPU tests with what is left.
 #
 #   OUT=$OUT bash bench/s31_min.sh      (on the device, carrying .commit; results under $OUT)
 set -u
@@ -11,14 +11,11 @@ cd "$(dirname "$0")/.."
 O=${OUT:-bench/results/s31_min}
 mkdir -p "$O"
 . bench/device_commit.sh
-CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=16 \
-  python3 -m pip install -q --no-build-isolation --no-deps -e . > "$O/build.txt" 2>&1 || { tail -30 "$O/build.txt"; exit 1; }
-echo "built at ${SECONDS}s"
-timeout 80 python3 bench/decode_attention.py --no-flex --out "$O/decode_attention.json" > "$O/decode.txt" 2>&1
-echo "decode rc=$? at ${SECONDS}s"; tail -12 "$O/decode.txt"
 PLANS=wgmma3_pp_ov_qp_xc_ps,wgmma3_pp_ov_qp_xc_pq_ps
-timeout 40 python3 bench/wgmma_smoke.py --plans $PLANS > "$O/smoke.txt" 2>&1
-echo "smoke rc=$?"; off=$(grep -a "^OPPO_PREFILL_WGMMA_OFF=" "$O/smoke.txt" | tail -1 | cut -d= -f2)
+OUT="$O" BENCH_ONLY=1 SMOKE_PLANS=$PLANS ARGS_decode_attention="--no-flex" \
+  bash bench/gpu_check.sh decode_attention > /dev/null 2>&1
+tail -7 "$O/report.md"; sed -n '/=== bench_decode_attention (/,/=== bench_decode_attention rc=/p' "$O/log.txt" | tail -12
+off=$(grep -a "^OPPO_PREFILL_WGMMA_OFF=" "$O/log.txt" | tail -1 | cut -d= -f2)
 [ -n "$off" ] && export OPPO_PREFILL_WGMMA_OFF=$off && echo "switched off: $off"
 R=$(echo "$PLANS" | tr , '\n' | tac | paste -sd,)
 for plans in "$PLANS" "$R"; do
