@@ -4,6 +4,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
+#include <stdexcept>
 
 namespace oppo {
 
@@ -37,6 +38,7 @@ struct Divisor {
   uint32_t shift = 0;
   Divisor() = default;
   __host__ explicit Divisor(int divisor) : d(divisor) {
+    if (divisor < 1) throw std::invalid_argument("oppo::Divisor: the divisor must be at least 1");
     while ((1ull << shift) < static_cast<uint64_t>(divisor)) ++shift;
     mul = static_cast<uint32_t>(((1ull << 32) * ((1ull << shift) - static_cast<uint64_t>(divisor))) /
                                 static_cast<uint64_t>(divisor) + 1);
