@@ -1,11 +1,11 @@
 """kernels/common.cuh's Divisor: the prefill kernels divide by the GQA group, the kv heads, the row
 tiles and the page size, the decode split kernel by the page size, each with a multiply-high and a
 shift (the multiplier made on the host, the quotient on the device with __umulhi). Its host path
-computes the same 32-bit arithmetic, so a host program checks the formula against the hardware division: every n below 2^18 for every divisor up
-to 1024, the whole range [0, 2^31) for divisors 3, 7 and 192, and for every divisor up to 2^16 and
-the divisors around each power of two up to 2^31 - 1 the n where an error would show first (each
-multiple of d and its neighbours near the top of the range, 0, 1, d - 1, d, d + 1). A divisor
-below 1 is refused with std::invalid_argument."""
+computes the same 32-bit arithmetic, so a host program checks the formula against the hardware
+division: every n below 2^18 for every divisor up to 1024, the whole range [0, 2^31) for divisors 3,
+7 and 192, and for every divisor up to 2^16 and the divisors around each power of two up to 2^31 - 1
+the n where an error would show first (each multiple of d and its neighbours near the top of the
+range, 0, 1, d - 1, d, d + 1). A divisor below 1 is refused with std::invalid_argument."""
 from __future__ import annotations
 
 import shutil
