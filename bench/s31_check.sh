@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # One device call (~8-10 min on a fresh machine), session 31: both kernels now divide by launch-time
-# Divisors (prefill: G, kv heads, row tiles, page size, a864413; decode's split kernel: the page size,
-# e54368b; one offset read per row for its K and V copies and cp.async ignore-src, f888140 and
-# 167735f), and session 30's _pq plans (never run) beside the prefill defaults. In
-# order of what matters most if the call is cut short: build; the defaults and the _pq plans once
-# each in their own process; issue 8's table (defaults and _pq beside Flex, 3 rounds) and issue 7's
-# table (beside SDPA and Flex); the prefill and decode GPU tests of tests/test_attention_gpu.py; the
-# prefill table in the reverse plan order; decode with the loads alone (+lo) beside v7; memcheck of the _pq plans and of decode v7, racecheck of
-# decode v7; the turn stamps at D=64 with _pq and without.
+# Divisors (prefill: G, kv heads, row tiles, page size, a864413; decode's split kernel: the page
+# size, e54368b; one offset read per row for its K and V copies and cp.async ignore-src, f888140 and
+# 167735f), and session 30's _pq plans (never run) beside the prefill defaults. In order of what
+# matters most if the call is cut short: build; the defaults and the _pq plans once each in their
+# own process; issue 8's table (defaults and _pq beside Flex, 3 rounds) and issue 7's table (beside
+# SDPA and Flex); the prefill and decode GPU tests of tests/test_attention_gpu.py; the prefill table
+# in the reverse plan order; decode with the loads alone (+lo) beside v7; memcheck of the _pq plans
+# and of decode v7, racecheck of decode v7; the turn stamps at D=64 with _pq and without.
 #
 #   OUT=$OUT bash bench/s31_check.sh      (on the device, carrying .commit; results under $OUT)
 set -u
