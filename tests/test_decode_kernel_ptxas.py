@@ -185,3 +185,58 @@ def test_heads_as_n_decode_kernel_halves_the_mma_and_fits(D):
     print(f"D={D}: registers {regs} (default {base_regs}), HMMA {hmma} ({base_hmma}), MUFU.EX2 {ex2} ({base_ex2})")
     wait = next(i for i, x in enumerate(ins) if "ACQBULK" in x)
     assert not [x for x in ins[:wait] if _GLOBAL_READ.search(x)], "global reads before the PDL wait"
+
+
+RD_SOURCE = """
+#include <cuda_bf16.h>
+#include "paged_decode_attention.cuh"
+using T = __nv_bfloat16;
+template __global__ void oppo::attn::paged_decode_rd_kernel<T, {D}, 3>(""" + SPLIT_SIG + """);
+"""
+
+
+@pytest.mark.parametrize("D", [64, 128])
+def test_register_direct_decode_kernel_fits_and_loads_straight_into_registers(D):
+    """OPPO_DECODE_REG_DIRECT=1's kernel (paged_decode_rd_kernel) is planned as the default kernel:
+    registers within the CTAs per SM the mirror assumes (4 at D=64, 2 at D=128) and no spill (Q's
+    fragments are read from shared memory at every slice: held in registers they spilled the D=64
+    slice loop's prefetched page, whose store then waited for the block-table load); K and V only by
+    16-byte global loads (LDG.E.128; no LDGSTS, LDSM or shared-memory stage in any loop); nothing read
+    before the PDL wait, and the dependents let go only after the last K/V load."""
+    tmp = Path(tempfile.mkdtemp(prefix="decode_rd_"))
+    try:
+        report, sass = nvcc_sm90a(RD_SOURCE.replace("{D}", str(D)), tmp, sass_with=cuobjdump_path())
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    regs = int(re.search(r"Used (\d+) registers", report).group(1))
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
+    assert regs * 128 * A._DECODE_CTAS_BY_REGS[D] <= 65536, regs
+    assert (int(spill.group(1)), int(spill.group(2))) == (0, 0), report
+    ins = [ln.split(";")[0] for ln in sass.splitlines() if re.search(r"/\*[0-9a-f]{4,}\*/", ln)]
+    assert not [x for x in ins if re.search(r"\b(LDGSTS|LDSM)\b", x)], "a cp.async or ldmatrix in the kernel"
+    loads = [i for i, x in enumerate(ins) if re.search(r"\bLDG\.E\.128\b", x) or ("LDG" in x and ".128" in x)]
+    assert len(loads) >= 2 * (D // 16), len(loads)     # two instantiations of the loop, 8 (D=64) / 16 loads a slice
+    wait = next(i for i, x in enumerate(ins) if "ACQBULK" in x)
+    assert not [x for x in ins[:wait] if _GLOBAL_READ.search(x)], "global reads before the PDL wait"
+    # the slice loops: backward branches' bodies with the slices' HMMA (two: 16-token pages, and the
+    # other sizes, whose rows come by SHFL.IDX); the dependents go after both (the split merge's own
+    # 16-byte loads of the partials come after that)
+    text = [ln for ln in sass.splitlines() if re.search(r"/\*[0-9a-f]{4,}\*/", ln)]
+    pos = {int(m.group(1), 16): i for i, ln in enumerate(text) for m in [re.search(r"/\*([0-9a-f]{4,})\*/", ln)]}
+    loops, ends = [], []
+    for i, ln in enumerate(text):
+        m = re.search(r"\bBRA (?:!?U?P\d, )?0x([0-9a-f]+)", ln)
+        if m and pos.get(int(m.group(1), 16), i) < i:
+            body = text[pos[int(m.group(1), 16)]:i + 1]
+            # (a jump back from code placed after the kernel's end, e.g. a divergent shuffle's
+            # fallback, spans an EXIT: not a loop)
+            if sum("HMMA" in x for x in body) >= D // 16 * 3 and not any("EXIT" in x for x in body):
+                loops.append(body)
+                ends.append(i)
+    assert len(loops) == 2, len(loops)
+    trigger = next(i for i, ln in enumerate(text) if "PREEXIT" in ln)
+    assert trigger > max(ends), "the kernel lets its dependents go before its last K/V load"
+    p16 = [b for b in loops if not any("SHFL.IDX" in x for x in b)]
+    assert p16, f"no shuffle-free slice loop among {len(loops)} loops"
+    assert not [x for b in p16 for x in b if re.search(r"\b(LDL|STL)\b", x)], "local memory in the 16-token-page loop"
+    print(f"D={D}: registers {regs}, {report.strip().splitlines()[-1]}")
