@@ -156,13 +156,6 @@ bool decode_fast_merge() { return env_switch("OPPO_DECODE_FAST_MERGE", true); }
 // st.shared an iteration later, in place of cp.async from tile 2 on). Built in session 25 after its
 // loads probe (ldgst) read the same bytes 2-3% faster than cp.async.
 bool decode_reg_stage() { return env_switch("OPPO_DECODE_REG_STAGE"); }
-// OPPO_DECODE_REG_DIRECT=1 (plans v2, v3, v7; groups of <= 8 query heads): an A/B switch, off by
-// default: paged_decode_rd_kernel, the split kernel's plan and heads-as-N arithmetic with every K/V
-// byte loaded by 16-byte ld.global.cg straight into the registers of the mma fragments that hold it
-// (the head dims permuted; no shared memory, cp.async or barrier in the loop). Built in session 32
-// after session 24's loads probe read issue 7's bytes at 0.95 / 0.93 of copy this way against 0.90 /
-// 0.88 through cp.async stages. Planned as the default kernel (the same grid and splits).
-bool decode_reg_direct() { return env_switch("OPPO_DECODE_REG_DIRECT"); }
 // The split kernel's tiles with the heads as the mma's N (plans v2, v3, v7; groups of <= 8 query heads
 // per kv head): half the mma and exponentials of the 16-row form. OPPO_DECODE_HEADS_AS_N unset (the
 // default): on for groups of 1..8 heads with the plans that have it. Session 27 (two H200s, both plan
@@ -517,9 +510,8 @@ void launch_decode_v4(PlanKind kind, at::Tensor& out, const at::Tensor& q, const
 // v2, v3, v7 (kStages = DecodeCfg's) and v6 (DecodeLeanCfg's): the split kernel, then (v2, v3, v6) the
 // reduction. kRS: the register-staged loader (OPPO_DECODE_REG_STAGE=1), kHN: the heads as the mma's
 // N (OPPO_DECODE_HEADS_AS_N=1), each planned as the default kernel: the launch checks that it fits as
-// many CTAs per SM. kRD (with kHN): paged_decode_rd_kernel (OPPO_DECODE_REG_DIRECT=1), planned as the
-// default kernel too; its small shared memory may fit more CTAs per SM, which the plan leaves unused.
-template <typename T, int D, int kStages, bool kRS = false, bool kHN = false, bool kRD = false>
+// many CTAs per SM.
+template <typename T, int D, int kStages, bool kRS = false, bool kHN = false>
 void launch_decode_split(PlanKind kind, at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,
                          const at::Tensor& v_cache, const at::Tensor& block_tables, const at::Tensor& context_lens,
                          double scale, const std::optional<at::Tensor>& workspace, int64_t max_partition) {
@@ -528,24 +520,18 @@ void launch_decode_split(PlanKind kind, at::Tensor& out, const at::Tensor& q, co
   const int B = sh.B, Hq = sh.Hq, block_size = sh.block_size, Hkv = sh.Hkv, G = sh.G, q_chunks = sh.q_chunks;
   const int64_t max_ctx = sh.max_ctx;
 
-  static_assert(!kRD || (kHN && !kRS), "the register-direct kernel computes with the heads as N");
-  const auto kernel = [] {  // (if constexpr: only the kernel launched is instantiated)
-    if constexpr (kRD) return paged_decode_rd_kernel<T, D, kStages>;
-    else return paged_decode_kernel<T, D, kStages, kRS, kHN>;
-  }();
-  constexpr int smem = kRD ? RdSmem<D>::kBytes : DecodeSmem<T, D, kStages, kRS>::kBytes;
+  auto kernel = paged_decode_kernel<T, D, kStages, kRS, kHN>;
+  constexpr int smem = DecodeSmem<T, D, kStages, kRS>::kBytes;
   int resident = 0;
   const DecodePlan plan = plan_for<T, D>(sh, kind, &resident);
   if constexpr (kRS || kHN) {
     static int cache[64] = {};
     const int own_resident = setup_resident(kernel, smem, sh.dev, cache);
-    OPPO_CHECK(kRD ? own_resident >= resident : own_resident == resident,
-               kRD ? "OPPO_DECODE_REG_DIRECT=1" : kRS ? "OPPO_DECODE_REG_STAGE=1" : "OPPO_DECODE_HEADS_AS_N=1",
+    OPPO_CHECK(own_resident == resident, kRS ? "OPPO_DECODE_REG_STAGE=1" : "OPPO_DECODE_HEADS_AS_N=1",
                ": the decode kernel fits ", own_resident, " CTAs per SM, the plan assumes ", resident);
   }
   if constexpr (kHN)
-    OPPO_CHECK(G <= 8, kRD ? "OPPO_DECODE_REG_DIRECT=1" : "OPPO_DECODE_HEADS_AS_N=1",
-               " serves groups of at most 8 query heads per kv head, got ", G);
+    OPPO_CHECK(G <= 8, "OPPO_DECODE_HEADS_AS_N=1 serves groups of at most 8 query heads per kv head, got ", G);
   const int num_splits = plan.num_splits;
 
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -585,15 +571,7 @@ void launch_decode(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cac
   else if (kind == PlanKind::v6 && DecodeLeanCfg<D>::kStages != DecodeCfg<D>::kStages)
     launch_decode_split<T, D, DecodeLeanCfg<D>::kStages>(kind, out, q, k_cache, v_cache, block_tables, context_lens,
                                                          scale, workspace, max_partition);
-  else if (decode_reg_direct()) {
-    OPPO_CHECK(kind == PlanKind::v2 || kind == PlanKind::v3 || kind == PlanKind::v7,
-               "OPPO_DECODE_REG_DIRECT=1 runs with plans v2, v3 and v7");
-    OPPO_CHECK(!decode_reg_stage() && !env_switch("OPPO_DECODE_REFILL") && env_switch("OPPO_DECODE_HEADS_AS_N", true),
-               "OPPO_DECODE_REG_DIRECT=1 is its own loader with the heads as the mma's N: not with "
-               "OPPO_DECODE_REG_STAGE, OPPO_DECODE_REFILL or OPPO_DECODE_HEADS_AS_N=0");
-    launch_decode_split<T, D, DecodeCfg<D>::kStages, false, true, true>(kind, out, q, k_cache, v_cache, block_tables,
-                                                                        context_lens, scale, workspace, max_partition);
-  } else if (const bool rs = decode_reg_stage();
+  else if (const bool rs = decode_reg_stage();
            decode_heads_as_n(static_cast<int>(q.size(1) / k_cache.size(2)), kind, rs)) {
     OPPO_CHECK(kind != PlanKind::v6 && !rs,
                "OPPO_DECODE_HEADS_AS_N=1 runs with plans v2, v3 and v7 and without OPPO_DECODE_REG_STAGE");

@@ -195,21 +195,17 @@ __device__ __forceinline__ uint32_t movmatrix_trans(uint32_t a) {
 //   o[j][0..1]: O^T(dim 16 j + g, heads 2c, 2c + 1);  o[j][2..3]: (dim 16 j + g + 8, same heads)
 //   m[e], l[e]: head 2c + e; m is the warp's (reduced over g), l this lane's two tokens only (summed
 //   over g by warp_partials_to_smem_hn).  tok0: the warp's first token.
-// The arithmetic of that tile on fragments from any source: k_frag(kk, ka) gives K's A fragments of
-// dims 16 kk .. 16 kk + 15 (tokens g, g + 8), v_frag(j, va) V^T's A fragments of dim block j (the
-// cp.async loader's by ldmatrix from shared memory: decode_tile_update_hn; the register-direct
-// loader's from the 16-byte loads it holds: paged_decode_rd_kernel).
-template <typename T, int D, typename KFrag, typename VFrag>
-__device__ __forceinline__ void decode_tile_math_hn(const KFrag& k_frag, const VFrag& v_frag,
-                                                    const uint32_t (&qb)[D / 16][2], int lane, int tok0, int end,
-                                                    float scale_log2, float (&m)[2], float (&l)[2],
-                                                    float (&o)[D / 16][4]) {
+template <typename T, int D, int kRow>
+__device__ __forceinline__ void decode_tile_update_hn(const T* k_s, const T* v_s, const uint32_t (&qb)[D / 16][2],
+                                                      int lane, int tok0, int end, float scale_log2, float (&m)[2],
+                                                      float (&l)[2], float (&o)[D / 16][4]) {
   const int g = lane >> 2;
   float s[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) {
+    // A = K (tokens x dims): matrices (tokens 0-7, dims 0-7), (8-15, 0-7), (0-7, 8-15), (8-15, 8-15)
     uint32_t ka[4];
-    k_frag(kk, ka);
+    ldmatrix_x4(ka, k_s + (lane & 15) * kRow + kk * 16 + (lane >> 4) * 8);
     Mma<T>::run(s, ka, qb[kk][0], qb[kk][1]);
   }
 #pragma unroll
@@ -246,26 +242,13 @@ __device__ __forceinline__ void decode_tile_math_hn(const KFrag& k_frag, const V
   }
 #pragma unroll
   for (int j = 0; j < D / 16; ++j) {
+    // A = V^T (dims x tokens), by ldmatrix.trans of V's rows: matrices (dims 0-7, tokens 0-7),
+    // (dims 8-15, tokens 0-7), (dims 0-7, tokens 8-15), (dims 8-15, tokens 8-15) of block j
     uint32_t va[4];
-    v_frag(j, va);
+    ldmatrix_x4_trans(va, v_s + ((lane & 7) + (lane >> 4) * 8) * kRow + j * 16 + ((lane >> 3) & 1) * 8);
     Mma<T>::run(o[j], va, ph[0], ph[1]);
     Mma<T>::run(o[j], va, pl[0], pl[1]);
   }
-}
-template <typename T, int D, int kRow>
-__device__ __forceinline__ void decode_tile_update_hn(const T* k_s, const T* v_s, const uint32_t (&qb)[D / 16][2],
-                                                      int lane, int tok0, int end, float scale_log2, float (&m)[2],
-                                                      float (&l)[2], float (&o)[D / 16][4]) {
-  // A = K (tokens x dims): matrices (tokens 0-7, dims 0-7), (8-15, 0-7), (0-7, 8-15), (8-15, 8-15)
-  const auto k_frag = [&](int kk, uint32_t(&ka)[4]) {
-    ldmatrix_x4(ka, k_s + (lane & 15) * kRow + kk * 16 + (lane >> 4) * 8);
-  };
-  // A = V^T (dims x tokens), by ldmatrix.trans of V's rows: matrices (dims 0-7, tokens 0-7),
-  // (dims 8-15, tokens 0-7), (dims 0-7, tokens 8-15), (dims 8-15, tokens 8-15) of block j
-  const auto v_frag = [&](int j, uint32_t(&va)[4]) {
-    ldmatrix_x4_trans(va, v_s + ((lane & 7) + (lane >> 4) * 8) * kRow + j * 16 + ((lane >> 3) & 1) * 8);
-  };
-  decode_tile_math_hn<T, D>(k_frag, v_frag, qb, lane, tok0, end, scale_log2, m, l, o);
 }
 
 // The heads-as-N partials of a warp into warp_partials_to_smem's layout (rows = heads; rows 8-15
@@ -431,50 +414,6 @@ __device__ __forceinline__ void merge_split_partials(void* out, bool out_f32, in
     acc.x *= inv; acc.y *= inv; acc.z *= inv; acc.w *= inv;
     store_out4<T>(out, out_f32, static_cast<int64_t>(b) * o_s0 + static_cast<int64_t>(hq0 + r) * o_s1 + d, acc);
   }
-}
-
-// A split kernel CTA's end, once its 4 warps' partials are in o_m (warp_partials_to_smem's layout)
-// and a barrier has passed: the merged rows to `out` (one split, or a context within split 0 under
-// v7), or to the workspace with their lse; then (v7, tickets) the group's last CTA merges the
-// splits. kWide: the fast merge's 32-split batches (where the registers allow them: D=128 at 2 CTAs
-// per SM; the lean 2-stage instantiation, 3 CTAs per SM, would spill, and never merges here).
-template <typename T, int D, bool kWide>
-__device__ __forceinline__ void decode_cta_finish(const float* o_m, void* out, bool out_f32, int64_t o_s0, int64_t o_s1,
-                                                  float* __restrict__ ws_o, float* __restrict__ ws_lse,
-                                                  unsigned* __restrict__ tickets, int pipe_flags, int b, int Hq,
-                                                  int hq0, int rows, int split, int num_splits, int partition, int ctx,
-                                                  int tid) {
-  // v7 (tickets): the group's splits that hold part of the context (ctx > 0 here when split); a
-  // context within split 0 is written by that CTA directly
-  const int nvalid =
-      tickets != nullptr && num_splits > 1 ? min(num_splits, (ctx - 1) / partition + 1) : num_splits;
-  const bool direct = num_splits == 1 || nvalid == 1;
-  for (int idx = tid; idx < 16 * (D / 4); idx += kDecodeThreads) {
-    const int r = idx / (D / 4), d = (idx % (D / 4)) * 4;
-    if (r >= rows) continue;
-    float M, L;
-    const float4 acc = merge_warp_row<D>(o_m, r, d, M, L);
-    const int hq = hq0 + r;
-    if (direct) {
-      store_out4<T>(out, out_f32, static_cast<int64_t>(b) * o_s0 + static_cast<int64_t>(hq) * o_s1 + d, acc);
-    } else {
-      const int64_t slot = (static_cast<int64_t>(b) * Hq + hq) * num_splits + split;
-      *reinterpret_cast<float4*>(ws_o + slot * D + d) = acc;
-      if (d == 0) ws_lse[slot] = M + log2f(L);
-    }
-  }
-  if (tickets != nullptr && !direct) {  // v7: the group's last CTA merges its splits (no reduction kernel)
-    __shared__ int flag_s;
-    const bool fast = (pipe_flags & kDecodeFastMerge) != 0;
-    if (draw_last_ticket(tickets + static_cast<int64_t>(b) * gridDim.x + blockIdx.x, nvalid, &flag_s, fast)) {
-      if (fast)
-        merge_split_partials<T, D, kWide>(out, out_f32, o_s0, o_s1, ws_o, ws_lse, b, Hq, hq0, rows, num_splits, nvalid,
-                                          tid);
-      else
-        merge_split_partials<T, D>(out, out_f32, o_s0, o_s1, ws_o, ws_lse, b, Hq, hq0, rows, num_splits, nvalid, tid);
-    }
-  }
-  cta_stamp_end(decode_stamps);  // thread 0's last store: within the merge's few loads of the CTA's end
 }
 
 // out          [B, Hq, D]  (dtype T, or float32 when out_f32), strides o_s0, o_s1, inner contiguous
@@ -816,231 +755,39 @@ paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t 
   else
     warp_partials_to_smem<D>(o_m, m, l, o, warp, qr, qc);
   __syncthreads();
-  decode_cta_finish<T, D, D == 128 && kStages >= 3>(o_m, out, out_f32, o_s0, o_s1, ws_o, ws_lse, tickets, pipe_flags,
-                                                    b, Hq, hq0, rows, split, num_splits, partition, ctx, tid);
-}
-
-// ---- The register-direct loader (OPPO_DECODE_REG_DIRECT=1, bench +rd; plans v2, v3, v7, groups of
-// <= 8 query heads; an A/B switch, off by default) ----
-// The split kernel's plan, grid, heads-as-N arithmetic and epilogue, with every K/V byte loaded by a
-// 16-byte ld.global.cg straight into the registers of the lane whose mma fragments hold it: no
-// shared memory, no cp.async and no barrier in the loop. Each warp streams its own 16-token slices
-// (tokens start + 64 n + 16 warp .. + 15, as the default kernel's warps compute them) through two
-// register tiles, the next slice's loads issued before the current one is computed. Why: session
-// 24's loads probe (bench/decode_loads_probe.py, H100) read issue 7's bytes at 0.95 / 0.93 of copy
-// this way (mode ldg) against 0.90 / 0.88 through the kernel's cp.async stages (mode cta).
-//
-// Lane (g = lane / 4, c = lane % 4) loads exactly its fragments' bytes because the head dims are
-// permuted (a relabelling: the output is stored at the true dims):
-//   K: tokens g and g + 8, 16-byte chunks c + 4u (u < D / 32) of each row. Q K^T sums over the dims,
-//      so one permutation applied to Q and K leaves S unchanged: the A fragment's logical dim pair
-//      c + 4i (i < D / 8; pair = dims 2p, 2p + 1) is the physical pair rd_k_pair(c, i) = 4 (c +
-//      4 (i / 4)) + i % 4, i.e. word i % 4 of chunk u = i / 4; Q^T's B fragments read the same map.
-//   V: tokens 2c, 2c + 1, 2c + 8, 2c + 9, chunks g + 8u (u < D / 64). O^T's logical row g + 8i
-//      (i < D / 8) is the physical dim rd_v_dim(g, i) = 8 (g + 8 (i / 8)) + i % 8; V^T's A fragment
-//      pairs two tokens' values of one dim, made by PRMT from the two rows' words.
-// tests/test_decode_heads_as_n_emulated.py replays these maps lane by lane on the CPU.
-template <int D> struct RdTile {
-  uint4 k[2][D / 32];  // tokens g, g + 8
-  uint4 v[4][D / 64];  // tokens 2c, 2c + 1, 2c + 8, 2c + 9
-};
-__host__ __device__ __forceinline__ constexpr int rd_k_pair(int c, int i) { return 4 * (c + 4 * (i / 4)) + i % 4; }
-__host__ __device__ __forceinline__ constexpr int rd_v_dim(int g, int i) { return 8 * (g + 8 * (i / 8)) + i % 8; }
-__device__ __forceinline__ uint32_t u4_word(const uint4& x, int w) {  // w a constant after unrolling
-  return w == 0 ? x.x : w == 1 ? x.y : w == 2 ? x.z : x.w;
-}
-// Shared memory of paged_decode_rd_kernel: the warp merge's o [4][16][D], m and l [4][16] floats,
-// then Q^T's B fragments [D / 16][32 lanes] x 2 words (the same for every warp; read at every slice
-// by ld.shared, which the compiler cannot hoist: held in registers they cost the D=64 loop a spill).
-template <int D> struct RdSmem {
-  static constexpr int kQOffset = (4 * 16 * D + 2 * 4 * 16) * 4;
-  static constexpr int kBytes = kQOffset + (D / 16) * 32 * 8;
-};
-__device__ __forceinline__ uint2 lds_u2(const void* p) {
-  uint2 v;
-  asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "r"(smem_u32(p)));
-  return v;
-}
-
-// The arguments and the CTA's work are paged_decode_kernel's (grid (Hkv, B, num_splits): q_chunks is
-// 1 for groups of <= 8 heads); kStages only names the default kernel whose launch bounds and plan
-// it shares. pipe_flags: kDecodeLoadsOnly and kDecodeFastMerge as there (no prefetch, no refill).
-// Pages whose size is a multiple of 16 hold a slice on one page (one block-table load per slice,
-// the same address for the whole warp); other sizes: lane l looks up token l % 16's page and the
-// rows' offsets go to the lanes that load them by shuffles (two instantiations of the loop).
-template <typename T, int D, int kStages>
-__global__ void __launch_bounds__(kDecodeThreads, DecodeBounds<D, kStages>::kMinBlocks)
-paged_decode_rd_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t o_s1,
-                       const T* __restrict__ q, int64_t q_s0, int64_t q_s1,
-                       const T* __restrict__ k_cache, const T* __restrict__ v_cache, int64_t page_stride,
-                       int row_stride, int head_stride, Divisor block_size, int Hkv,
-                       const int* __restrict__ block_tables, int64_t bt_stride,
-                       int table_tokens, const int* __restrict__ context_lens, float* __restrict__ ws_o,
-                       float* __restrict__ ws_lse, int G, int num_splits, int partition, float scale_log2,
-                       int pipe_flags, unsigned* __restrict__ tickets) {
-  constexpr int kVec = 16 / int(sizeof(T));
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  float* o_m = reinterpret_cast<float*>(smem_raw);
-  cta_stamp_start(decode_stamps);
-  pdl_wait();
-  const bool loads_only = (pipe_flags & kDecodeLoadsOnly) != 0;
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int g = lane >> 2, c = lane & 3;
-  const int split = blockIdx.z, kvh = blockIdx.x, b = blockIdx.y;
-  const int Hq = Hkv * G, rows = G, hq0 = kvh * G;
-  const int start = split * partition;
-  const int* bt = block_tables + static_cast<int64_t>(b) * bt_stride;
-  const int head_off = kvh * head_stride;
-  const int ctx = context_lens[b];
-
-  // Q^T's B fragments at the permuted dims, by warp 0 into shared memory (q_frag[kk][lane]):
-  // Q(head g, logical pairs c + 4 (2 kk), c + 4 (2 kk + 1)); heads past the group are 0
-  uint2* q_frag = reinterpret_cast<uint2*>(smem_raw + RdSmem<D>::kQOffset);
-  if (warp == 0) {
-    const uint32_t* qrow = reinterpret_cast<const uint32_t*>(q + static_cast<int64_t>(b) * q_s0 +
-                                                             static_cast<int64_t>(hq0 + min(g, rows - 1)) * q_s1);
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk)
-      q_frag[kk * 32 + lane] = g < rows ? make_uint2(__ldg(qrow + rd_k_pair(c, 2 * kk)), __ldg(qrow + rd_k_pair(c, 2 * kk + 1)))
-                                        : make_uint2(0u, 0u);
-  }
-  __syncthreads();
-  if (num_splits > 1 && start >= ctx) {  // empty split: as paged_decode_kernel's
-    if (tickets != nullptr && split == 0) {
-      for (int idx = tid; idx < rows * (D / 4); idx += kDecodeThreads)
-        store_out4<T>(out, out_f32, static_cast<int64_t>(b) * o_s0 + static_cast<int64_t>(hq0 + idx / (D / 4)) * o_s1 +
-                      (idx % (D / 4)) * 4, make_float4(0.f, 0.f, 0.f, 0.f));
-    }
-    cta_stamp_end(decode_stamps);
-    return;
-  }
-  const int end = min(ctx, start + partition);
-  const int first = start + 16 * warp;                               // this warp's slice n: first + 64 n
-  const int nw = end > first ? ceil_div(end - first, kDecodeTile) : 0;  // its slices holding a token
-  // Rows past the end are loaded from the slice's first row (always a context token): their scores
-  // are masked to -inf, so their P is 0 and a finite V row adds nothing, and no load is predicated.
-  // (Slots past a context may hold anything, NaN included: they are never read.)
-  const int kcol = c * kVec, vcol = g * kVec;  // chunk u adds 4u resp. 8u chunks
-  const auto page_of = [&](int n, int ptok) -> int {
-    const int pos = first + kDecodeTile * n + ptok;
-    return n < nw && pos < end ? __ldg(bt + pos / block_size) : -1;
-  };
-  // slice n's rows into t. kP16 (pages of a multiple of 16 tokens): the slice lies on page `page`;
-  // else `page` is the page of the lane's token lane & 15, and the rows' offsets come by shuffles.
-  const auto issue = [&](auto p16, int n, int page, RdTile<D>& t) {
-    constexpr bool kP16 = decltype(p16)::value;
-    const int pos0 = first + kDecodeTile * n;
-    const int lim = end - pos0;
-    const int ptok = kP16 ? 0 : (lane & 15);
-    const int64_t own = static_cast<int64_t>(max(page, 0)) * page_stride +
-                        static_cast<int64_t>((pos0 + ptok) % block_size) * row_stride + head_off;
-    const auto row = [&](int tok) -> int64_t {  // the row of token tok (< lim), or of token 0; every lane calls it
-      const int src = tok < lim ? tok : 0;
-      if constexpr (kP16) return own + src * row_stride;
-      else return __shfl_sync(0xffffffffu, own, src);
-    };
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const T* src = k_cache + row(g + 8 * i) + kcol;
-#pragma unroll
-      for (int u = 0; u < D / 32; ++u) t.k[i][u] = __ldcg(reinterpret_cast<const uint4*>(src + 4 * u * kVec));
-    }
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const T* src = v_cache + row(2 * c + (i & 1) + 8 * (i >> 1)) + vcol;
-#pragma unroll
-      for (int u = 0; u < D / 64; ++u) t.v[i][u] = __ldcg(reinterpret_cast<const uint4*>(src + 8 * u * kVec));
-    }
-  };
-
-  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
-  float o[D / 16][4];
-#pragma unroll
-  for (int j = 0; j < D / 16; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
-  const auto compute = [&](const RdTile<D>& t, int n) {
-    if (loads_only) {  // the words reach an empty asm: their loads stay, no arithmetic
-#pragma unroll
-      for (int i = 0; i < 2; ++i)
-#pragma unroll
-        for (int u = 0; u < D / 32; ++u) asm volatile("" ::"r"(t.k[i][u].x), "r"(t.k[i][u].y), "r"(t.k[i][u].z), "r"(t.k[i][u].w));
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int u = 0; u < D / 64; ++u) asm volatile("" ::"r"(t.v[i][u].x), "r"(t.v[i][u].y), "r"(t.v[i][u].z), "r"(t.v[i][u].w));
-      return;
-    }
-    // K's A fragment for dims block kk: logical pairs i = 2 kk (a0: token g, a1: g + 8) and 2 kk + 1 (a2, a3)
-    const auto k_frag = [&](int kk, uint32_t(&ka)[4]) {
-      ka[0] = u4_word(t.k[0][(2 * kk) / 4], (2 * kk) % 4);
-      ka[1] = u4_word(t.k[1][(2 * kk) / 4], (2 * kk) % 4);
-      ka[2] = u4_word(t.k[0][(2 * kk + 1) / 4], (2 * kk + 1) % 4);
-      ka[3] = u4_word(t.k[1][(2 * kk + 1) / 4], (2 * kk + 1) % 4);
-    };
-    // V^T's A fragment for dim block j: rows 16 j + g (i = 2 j: the low halves of word j % 4 of chunk
-    // j / 4) and 16 j + g + 8 (i = 2 j + 1: the high halves), tokens 2c, 2c + 1 (a0, a1) and 2c + 8, 2c + 9 (a2, a3)
-    const auto v_frag = [&](int j, uint32_t(&va)[4]) {
-      const uint32_t x0 = u4_word(t.v[0][j / 4], j % 4), x1 = u4_word(t.v[1][j / 4], j % 4);
-      const uint32_t x2 = u4_word(t.v[2][j / 4], j % 4), x3 = u4_word(t.v[3][j / 4], j % 4);
-      va[0] = __byte_perm(x0, x1, 0x5410);
-      va[1] = __byte_perm(x0, x1, 0x7632);
-      va[2] = __byte_perm(x2, x3, 0x5410);
-      va[3] = __byte_perm(x2, x3, 0x7632);
-    };
-    uint32_t qb[D / 16][2];
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      const uint2 w = lds_u2(q_frag + kk * 32 + lane);
-      qb[kk][0] = w.x;
-      qb[kk][1] = w.y;
-    }
-    decode_tile_math_hn<T, D>(k_frag, v_frag, qb, lane, first + kDecodeTile * n, end, scale_log2, m, l, o);
-  };
-
-  // Two register tiles, unrolled by two so that no tile is copied while its loads are in flight;
-  // each slice's page is read one slice before its loads are issued.
-  const auto stream = [&](auto p16) {
-    const int ptok = decltype(p16)::value ? 0 : (lane & 15);
-    RdTile<D> ta, tb;
-    int page_b = page_of(1, ptok);
-    if (nw > 0) issue(p16, 0, page_of(0, ptok), ta);
-    for (int n = 0; n < nw; n += 2) {
-      const int page_a = page_of(n + 2, ptok);
-      if (n + 1 < nw) issue(p16, n + 1, page_b, tb);
-      compute(ta, n);
-      page_b = page_of(n + 3, ptok);
-      if (n + 2 < nw) issue(p16, n + 2, page_a, ta);
-      if (n + 1 < nw) compute(tb, n + 1);
-    }
-  };
-  if (block_size.d % 16 == 0)
-    stream(std::true_type{});
-  else
-    stream(std::false_type{});
-
-  pdl_launch_dependents();
-  // The warp's partials at the true dims: o[j][e] is logical row 16 j + g + 8 (e >> 1) (i = 2 j + (e >> 1)), head 2c + (e & 1)
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    l[h] += __shfl_xor_sync(0xffffffffu, l[h], 4);
-    l[h] += __shfl_xor_sync(0xffffffffu, l[h], 8);
-    l[h] += __shfl_xor_sync(0xffffffffu, l[h], 16);
-  }
-  float* m_m = o_m + 4 * 16 * D;
-  float* l_m = m_m + 4 * 16;
-  if (g == 0) {
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      m_m[warp * 16 + 2 * c + h] = m[h];
-      l_m[warp * 16 + 2 * c + h] = l[h];
+  // v7 (tickets): the group's splits that hold part of the context (ctx > 0 here when split); a
+  // context within split 0 is written by that CTA directly
+  const int nvalid =
+      tickets != nullptr && num_splits > 1 ? min(num_splits, (ctx - 1) / partition + 1) : num_splits;
+  const bool direct = num_splits == 1 || nvalid == 1;
+  for (int idx = tid; idx < 16 * (D / 4); idx += kDecodeThreads) {
+    const int r = idx / (D / 4), d = (idx % (D / 4)) * 4;
+    if (r >= rows) continue;
+    float M, L;
+    const float4 acc = merge_warp_row<D>(o_m, r, d, M, L);
+    const int hq = hq0 + r;
+    if (direct) {
+      store_out4<T>(out, out_f32, static_cast<int64_t>(b) * o_s0 + static_cast<int64_t>(hq) * o_s1 + d, acc);
+    } else {
+      const int64_t slot = (static_cast<int64_t>(b) * Hq + hq) * num_splits + split;
+      *reinterpret_cast<float4*>(ws_o + slot * D + d) = acc;
+      if (d == 0) ws_lse[slot] = M + log2f(L);
     }
   }
-#pragma unroll
-  for (int j = 0; j < D / 16; ++j)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) o_m[(warp * 16 + 2 * c + (e & 1)) * D + rd_v_dim(g, 2 * j + (e >> 1))] = o[j][e];
-  __syncthreads();
-  decode_cta_finish<T, D, D == 128 && kStages >= 3>(o_m, out, out_f32, o_s0, o_s1, ws_o, ws_lse, tickets, pipe_flags,
-                                                    b, Hq, hq0, rows, split, num_splits, partition, ctx, tid);
+  if (tickets != nullptr && !direct) {  // v7: the group's last CTA merges its splits (no reduction kernel)
+    __shared__ int flag_s;
+    const bool fast = (pipe_flags & kDecodeFastMerge) != 0;
+    if (draw_last_ticket(tickets + static_cast<int64_t>(b) * gridDim.x + blockIdx.x, nvalid, &flag_s, fast)) {
+      // 32-split batches only where the registers allow them: D=128 at 2 CTAs per SM (v7's 3
+      // stages; the lean 2-stage instantiation, 3 CTAs per SM, would spill, and never merges here)
+      if (fast)
+        merge_split_partials<T, D, D == 128 && kStages >= 3>(out, out_f32, o_s0, o_s1, ws_o, ws_lse, b, Hq, hq0,
+                                                             rows, num_splits, nvalid, tid);
+      else
+        merge_split_partials<T, D>(out, out_f32, o_s0, o_s1, ws_o, ws_lse, b, Hq, hq0, rows, num_splits, nvalid, tid);
+    }
+  }
+  cta_stamp_end(decode_stamps);  // thread 0's last store: within the merge's few loads of the CTA's end
 }
 
 // Merges the splits of decode: out[b, h] = sum_s w_s o_s / sum_s w_s, w_s = 2^(lse_s - max lse).

@@ -96,9 +96,6 @@ _SWITCHES = (
                                " 128; 0: two fences and 16-split batches)"),
     ("OPPO_DECODE_REG_STAGE", "0 (1: the decode split kernel loads tiles through registers, not cp.async; head dim"
                               " 128, plans v2/v3/v7; an A/B switch)"),
-    ("OPPO_DECODE_REG_DIRECT", "0 (1: the decode split kernel's register-direct form: K/V by 16-byte loads straight"
-                               " into the mma fragments, no shared-memory stages; groups of <= 8 query heads,"
-                               " plans v2/v3/v7; an A/B switch)"),
     ("OPPO_DECODE_HEADS_AS_N", "unset (the decode split kernel's tiles with the heads as the mma's N, half its mma"
                                " and exponentials, for groups of 1..8 query heads with plans v2/v3/v7; 1: forced"
                                " on, groups of <= 8; 0: the 16-row form)"),

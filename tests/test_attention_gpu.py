@@ -499,49 +499,6 @@ def _switch_runs(monkeypatch, switch, mode, q, kv, bt, ctx, scale):
 
 
 @pytest.mark.parametrize("mode", ["eager", "graph"])
-@pytest.mark.parametrize("plan", ["v3", "v7"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("B,Hq,Hkv,D,table,lens,bs,head_major", [
-    (1, 32, 8, 128, 32768, None, 16, False),                  # G=4, 32 splits, one group
-    (5, 32, 8, 128, 4096, None, 16, True),                    # ragged, one context within split 0; head-major pages
-    (6, 28, 4, 64, 1024, [1, 37, 64, 129, 191, 1000], 16, False),  # G=7; 1 to 4 tiles, slices past the end
-    (3, 14, 2, 64, 2048, [2048, 1999, 1], 8, False),          # G=7, split; 8-token pages (the shuffled rows)
-    (4, 8, 8, 128, 528, [0, 17, 300, 512], 48, False),        # G=1, an empty context; 48-token pages
-    (5, 16, 16, 64, 1024, [1, 63, 64, 555, 1024], 16, True),  # G=1 at head dim 64, head-major
-    (2, 16, 2, 64, 704, [700, 333], 16, False),               # G=8, a context not a multiple of the page
-    (3, 24, 8, 128, 600, [600, 77, 15], 24, False),           # G=3, 24-token pages (a slice across two pages)
-])
-def test_decode_reg_direct_keeps_the_error(monkeypatch, mode, plan, dtype, B, Hq, Hkv, D, table, lens, bs,
-                                           head_major):
-    """OPPO_DECODE_REG_DIRECT=1 (paged_decode_rd_kernel: the split kernel's plan and heads-as-N
-    arithmetic, every K/V byte by 16-byte loads straight into the lanes' fragments, the head dims
-    permuted) against the default kernel on the same pages: float32 out within 2e-3 of the fp32
-    reference and within 1e-3 of the default (Q K^T summed over the dims in another order), on
-    shuffled pages of 8 to 48 tokens (a multiple of 16: one block-table load per slice; others: the
-    rows' offsets by shuffles), token- and head-major, ragged contexts (empty, one token, shorter than
-    a slice, not multiples of the page), G = 1, 3, 4, 7 and 8, split and not, bf16 and fp16,
-    NaN-poisoned outputs and garbage past every context, eagerly and from a graph replayed twice.
-    Groups of more than 8 heads, plan v6 and the 16-row form are clear errors, not fallbacks."""
-    _use_plan(monkeypatch, plan)
-    kv, bt, ctx, q, ref = _ragged_switch_case(B, Hq, Hkv, D, table, lens, dtype, bs=bs, head_major=head_major)
-    base, runs = _switch_runs(monkeypatch, "OPPO_DECODE_REG_DIRECT", mode, q, kv, bt, ctx, D ** -0.5)
-    for got in runs:
-        assert torch.isfinite(got).all()
-        assert float((got - ref).norm() / ref.norm()) < 2e-3
-        assert float((got - base).norm() / base.norm()) < 1e-3
-    q16 = torch.randn(B, 16 * Hkv, D, device="cuda").to(dtype)
-    with pytest.raises(RuntimeError, match="REG_DIRECT=1 serves groups of at most 8"):
-        A.paged_decode_attention(q16, kv.k, kv.v, bt, ctx, D ** -0.5, backend="cuda")
-    monkeypatch.setenv("OPPO_DECODE_HEADS_AS_N", "0")
-    with pytest.raises(RuntimeError, match="OPPO_DECODE_REG_DIRECT=1 is its own loader"):
-        A.paged_decode_attention(q, kv.k, kv.v, bt, ctx, D ** -0.5, backend="cuda")
-    monkeypatch.delenv("OPPO_DECODE_HEADS_AS_N")
-    _use_plan(monkeypatch, "v6")
-    with pytest.raises(RuntimeError, match="REG_DIRECT=1 runs with plans v2, v3 and v7"):
-        A.paged_decode_attention(q, kv.k, kv.v, bt, ctx, D ** -0.5, backend="cuda")
-
-
-@pytest.mark.parametrize("mode", ["eager", "graph"])
 @pytest.mark.parametrize("B,Hq,Hkv,D,table", [(1, 32, 8, 128, 32768), (5, 32, 8, 128, 4096), (3, 14, 2, 64, 2048)])
 def test_decode_fast_merge_keeps_the_error(monkeypatch, mode, B, Hq, Hkv, D, table):
     """OPPO_DECODE_FAST_MERGE=1 (the default; v7's split merge: the group's ticket by one
@@ -564,14 +521,13 @@ def test_decode_fast_merge_keeps_the_error(monkeypatch, mode, B, Hq, Hkv, D, tab
         assert float((got - base).norm() / base.norm()) < 1e-5
 
 
-def _ragged_switch_case(B, Hq, Hkv, D, table, lens, dtype, bs=16, head_major=False):
+def _ragged_switch_case(B, Hq, Hkv, D, table, lens, dtype):
     """A decode case for the switch tests: `lens` (default: from table - 5 down by 1500 a sequence;
-    0 = an empty context) on shuffled `bs`-token pages (token-major, or head-major viewed so), tables
-    `table` tokens wide; q, and the fp32 reference. Returns (kv, block tables, context lens, q,
-    reference)."""
+    0 = an empty context) on shuffled 16-token pages, tables `table` tokens wide; q, and the fp32
+    reference. Returns (kv, block tables, context lens, q, reference)."""
+    bs = 16
     lens = lens or [max(1, table - 5 - 1500 * b) for b in range(B)]
-    kv = PagedKV(num_blocks=sum(math.ceil(max(n, 1) / bs) for n in lens) + 7, block_size=bs, Hkv=Hkv, D=D, dtype=dtype,
-                 head_major=head_major)
+    kv = PagedKV(num_blocks=sum(math.ceil(max(n, 1) / bs) for n in lens) + 7, block_size=bs, Hkv=Hkv, D=D, dtype=dtype)
     bt = kv.tables([max(n, 1) for n in lens], extra_blocks=table // bs - max(math.ceil(max(n, 1) / bs) for n in lens))
     kv.fill(bt, [max(n, 1) for n in lens])
     ctx = torch.tensor(lens, dtype=torch.int32, device="cuda")

@@ -154,79 +154,6 @@ def tile_update_hn(k_s, v_s, qb, tok0, end, scale_log2, m, l, o, D):
         o[:, j] = mma(mma(o[:, j], va, ph), va, pl)
 
 
-def rd_k_pair(c, i):
-    """paged_decode_rd_kernel's K map: the lane's logical dim pair c + 4i is this physical pair."""
-    return 4 * (c + 4 * (i // 4)) + i % 4
-
-
-def rd_v_dim(g, i):
-    """... and its V map: O^T's logical row g + 8i is this physical dim."""
-    return 8 * (g + 8 * (i // 8)) + i % 8
-
-
-def word(row: np.ndarray, chunk: int, w: int) -> np.ndarray:
-    """Word w (a packed pair: low half = element 2w) of 16-byte chunk `chunk` of a row, as [2]."""
-    return row[8 * chunk + 2 * w:8 * chunk + 2 * w + 2]
-
-
-def prmt(x: np.ndarray, y: np.ndarray, sel: int) -> np.ndarray:
-    """__byte_perm on packed pairs: 0x5410 = (x.lo, y.lo), 0x7632 = (x.hi, y.hi)."""
-    return np.array([x[0], y[0]]) if sel == 0x5410 else np.array([x[1], y[1]])
-
-
-def tile_update_rd(k16, v16, qb, tok0, end, scale_log2, m, l, o, D):
-    """paged_decode_rd_kernel's slice, lane by lane: the 16-byte loads of each lane's rows (a row at
-    or past `end` - tok0 is loaded from the slice's token 0 instead), its fragments picked from the
-    loaded words (K) or made by PRMT (V), then decode_tile_math_hn's arithmetic (tile_update_hn's)."""
-    lim = end - tok0
-    row = lambda tok: tok if tok < lim else 0
-    kreg = {}  # lane -> [token i][chunk u] -> 8 values
-    vreg = {}
-    for t in range(32):
-        g, c = G[t], C[t]
-        kreg[t] = [[k16[row(g + 8 * i), 8 * (c + 4 * u):8 * (c + 4 * u) + 8] for u in range(D // 32)] for i in range(2)]
-        vreg[t] = [[v16[row(2 * c + (i & 1) + 8 * (i >> 1)), 8 * (g + 8 * u):8 * (g + 8 * u) + 8]
-                    for u in range(D // 64)] for i in range(4)]
-    s = np.zeros((32, 4))
-    for kk in range(D // 16):
-        ka = np.zeros((32, 4, 2))
-        for t in range(32):
-            i0, i1 = 2 * kk, 2 * kk + 1
-            ka[t, 0] = word(kreg[t][0][i0 // 4], 0, i0 % 4)
-            ka[t, 1] = word(kreg[t][1][i0 // 4], 0, i0 % 4)
-            ka[t, 2] = word(kreg[t][0][i1 // 4], 0, i1 % 4)
-            ka[t, 3] = word(kreg[t][1][i1 // 4], 0, i1 % 4)
-        s = mma(s, ka, qb[:, kk])
-    for e in range(4):
-        s[:, e] = np.where(tok0 + G + (e >> 1) * 8 < end, s[:, e] * scale_log2, -np.inf)
-    for h in range(2):
-        mx = np.maximum(s[:, h], s[:, 2 + h])
-        for msk in (4, 8, 16):
-            mx = np.maximum(mx, shfl_xor(mx, msk))
-        m_new = np.maximum(m[:, h], mx)
-        m_use = np.where(m_new == -np.inf, 0.0, m_new)
-        corr = np.exp2(m[:, h] - m_use)
-        m[:, h] = m_new
-        s[:, h] = np.exp2(s[:, h] - m_use)
-        s[:, 2 + h] = np.exp2(s[:, 2 + h] - m_use)
-        l[:, h] = l[:, h] * corr + (s[:, h] + s[:, 2 + h])
-        o[:, :, h] *= corr[:, None]
-        o[:, :, 2 + h] *= corr[:, None]
-    ph, pl = np.zeros((32, 2, 2)), np.zeros((32, 2, 2))
-    for r in range(2):
-        x, y = s[:, 2 * r], s[:, 2 * r + 1]
-        hi = np.stack([rnd(x), rnd(y)], 1)
-        ph[:, r] = movmatrix_trans(hi)
-        pl[:, r] = movmatrix_trans(np.stack([rnd(x - hi[:, 0]), rnd(y - hi[:, 1])], 1))
-    for j in range(D // 16):
-        va = np.zeros((32, 4, 2))
-        for t in range(32):
-            x = [word(vreg[t][i][j // 4], 0, j % 4) for i in range(4)]
-            va[t] = [prmt(x[0], x[1], 0x5410), prmt(x[0], x[1], 0x7632), prmt(x[2], x[3], 0x5410),
-                     prmt(x[2], x[3], 0x7632)]
-        o[:, j] = mma(mma(o[:, j], va, ph), va, pl)
-
-
 # ------------------------------------------------------------------ one warp's share of a CTA, end to end
 def _warp_partials(form, q, k, v, end, D, tiles):
     """The warp 0 of a CTA over `tiles` 64-token tiles (its 16 tokens of each), then its partials as
@@ -237,9 +164,6 @@ def _warp_partials(form, q, k, v, end, D, tiles):
     scale_log2 = D ** -0.5 * 1.4426950408889634
     m, l = np.full((32, 2), -np.inf), np.zeros((32, 2))
     o = np.zeros((32, D // 8 if form == "16" else D // 16, 4))
-    if form == "rd":     # qb[kk]: Q(head g, physical pairs rd_k_pair(c, 2 kk), rd_k_pair(c, 2 kk + 1))
-        qb = np.stack([np.stack([np.stack([q_s[G[t], 2 * rd_k_pair(C[t], 2 * kk + w):2 * rd_k_pair(C[t], 2 * kk + w) + 2]
-                                           for w in (0, 1)]) for kk in range(D // 16)]) for t in range(32)])
     if form == "hn":     # qb[kk]: Q(head g, dims 16 kk + 2c, +1) and (16 kk + 8 + 2c, +1)
         qb = np.stack([np.stack([q_s[G, kk * 16 + 2 * C + i] for i in (0, 1)], -1) for kk in range(D // 16)], 1)
         qb = np.stack([qb, np.stack([np.stack([q_s[G, kk * 16 + 8 + 2 * C + i] for i in (0, 1)], -1)
@@ -249,12 +173,6 @@ def _warp_partials(form, q, k, v, end, D, tiles):
         k_s, v_s = k[rows_tok], v[rows_tok]
         if form == "16":
             tile_update_16(k_s, v_s, q_s, t * 64, end, scale_log2, m, l, o, D)
-        elif form == "rd":   # the slots past the context hold NaN: the kernel must never read them
-            if t * 64 >= end:    # the kernel's warp streams only its nw slices that hold a token
-                continue
-            k_n, v_n = k_s.copy(), v_s.copy()
-            k_n[max(0, end - t * 64):], v_n[max(0, end - t * 64):] = np.nan, np.nan
-            tile_update_rd(k_n, v_n, qb, t * 64, end, scale_log2, m, l, o, D)
         else:
             tile_update_hn(k_s, v_s, qb, t * 64, end, scale_log2, m, l, o, D)
     o_m, m_m, l_m = np.zeros((16, D)), np.full(16, np.nan), np.full(16, np.nan)
@@ -267,7 +185,7 @@ def _warp_partials(form, q, k, v, end, D, tiles):
             for j in range(D // 8):
                 o_m[G[t], j * 8 + C[t] * 2:j * 8 + C[t] * 2 + 2] = o[t, j, 0:2]
                 o_m[G[t] + 8, j * 8 + C[t] * 2:j * 8 + C[t] * 2 + 2] = o[t, j, 2:4]
-    else:                # warp_partials_to_smem_hn, or (rd) the rd kernel's own at the physical dims
+    else:                # warp_partials_to_smem_hn
         for msk in (4, 8, 16):
             l = l + l[LANES ^ msk]
         for t in range(32):
@@ -276,12 +194,11 @@ def _warp_partials(form, q, k, v, end, D, tiles):
                     m_m[2 * C[t] + h], l_m[2 * C[t] + h] = m[t, h], l[t, h]
             for j in range(D // 16):
                 for e in range(4):
-                    dim = rd_v_dim(G[t], 2 * j + (e >> 1)) if form == "rd" else 16 * j + G[t] + 8 * (e >> 1)
-                    o_m[2 * C[t] + (e & 1), dim] = o[t, j, e]
+                    o_m[2 * C[t] + (e & 1), 16 * j + G[t] + 8 * (e >> 1)] = o[t, j, e]
     return o_m[:rows], m_m[:rows], l_m[:rows]
 
 
-@pytest.mark.parametrize("form", ["16", "hn", "rd"])
+@pytest.mark.parametrize("form", ["16", "hn"])
 @pytest.mark.parametrize("D,rows,tiles,end", [(64, 7, 2, 64 + 13), (128, 4, 3, 2 * 64 + 16), (64, 8, 1, 9),
                                               (128, 1, 2, 64 + 3), (64, 2, 2, 5)])
 def test_warp_partials_equal_the_softmax_of_its_tokens(form, D, rows, tiles, end):
@@ -309,40 +226,3 @@ def test_warp_partials_equal_the_softmax_of_its_tokens(form, D, rows, tiles, end
     got = o_m / l_m[:, None]
     # P enters the mma as bf16 hi + lo: the pair carries ~16 bits of P, so ~1e-5 relative
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max())
-
-
-MAPS_PROGRAM = r"""
-#include "paged_decode_attention.cuh"
-#include <cstdio>
-int main() {
-  for (int c = 0; c < 4; ++c) for (int i = 0; i < 16; ++i) std::printf("k %d %d %d\n", c, i, oppo::attn::rd_k_pair(c, i));
-  for (int g = 0; g < 8; ++g) for (int i = 0; i < 16; ++i) std::printf("v %d %d %d\n", g, i, oppo::attn::rd_v_dim(g, i));
-  return 0;
-}
-"""
-
-
-def test_rd_maps_are_the_headers_and_permute_the_dims(tmp_path):
-    """The emulator's rd_k_pair / rd_v_dim are the header's (a host program prints them), and at head
-    dims 64 and 128 they are permutations: every physical pair (K) and dim (V) is some lane's, once."""
-    import shutil
-    import subprocess
-    from pathlib import Path
-    for D in (64, 128):
-        pairs = sorted(rd_k_pair(c, i) for c in range(4) for i in range(D // 8))
-        dims = sorted(rd_v_dim(g, i) for g in range(8) for i in range(D // 8))
-        assert pairs == list(range(D // 2)) and dims == list(range(D)), D
-    nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
-    if not Path(nvcc).exists():
-        pytest.skip("needs nvcc (the header includes cuda_runtime.h)")
-    root = Path(__file__).resolve().parents[1]
-    src, exe = tmp_path / "maps.cu", tmp_path / "maps"
-    src.write_text(MAPS_PROGRAM)
-    subprocess.run([nvcc, "-std=c++20", "-O1", f"-I{root / 'kernels'}", str(src), "-o", str(exe)],
-                   check=True, capture_output=True, text=True, timeout=300)
-    lines = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60, check=True).stdout.split("\n")
-    got = [ln.split() for ln in lines if ln]
-    assert len(got) == 4 * 16 + 8 * 16
-    for kind, a, i, val in got:
-        want = rd_k_pair(int(a), int(i)) if kind == "k" else rd_v_dim(int(a), int(i))
-        assert int(val) == want, (kind, a, i, val, want)
