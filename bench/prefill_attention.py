@@ -9,9 +9,6 @@ chained across a persistent CTA's items "wgmma_pp_ov_qp_xc_ps", "wgmma3_pp_ov_qp
 merged into one stream of batches "wgmma_pp_ov_qp_mi_ps", "wgmma3_pp_ov_qp_mi_ps"; with the key tiles of items
 of 64 valid rows split across the three warpgroups "wgmma3_pp_ov_qp_xc_ks_ps"; three consumer warpgroups
 (192-row items, head dim 64 only: timed on the D=64 shapes) "wgmma3_pp_ov", "wgmma3_pp_ov_ps" and, without ping-pong, "wgmma3_ov_ps";
-the two defaults with each item's Q rows staged one chunk after another (the staging before session
-29) "wgmma_pp_ov_qp_xc_q1_ps", "wgmma3_pp_ov_qp_xc_q1_ps"; and with each item's Q rows staged by
-the producer into two buffers (head dim 64) "wgmma_pp_ov_qp_xc_pq_ps", "wgmma3_pp_ov_qp_xc_pq_ps";
 the Triton kernel, "triton") beside FlexAttention (bottom-right causal block mask) and SDPA
 (explicit boolean mask), both on contiguous KV. ``speedup_vs_flex`` / ``speedup_vs_sdpa`` use
 the fastest of our backends (``best``); per-backend speedups are kept beside them.
@@ -59,8 +56,7 @@ SHAPES = [  # B, prefix, chunk, Hq, Hkv, D  (issue 8)
 WGMMA_PLANS = ("wgmma", "wgmma_pp", "wgmma_ov", "wgmma_pp_ov", "wgmma_pp_ov_ps", "wgmma_kv", "wgmma_pp_ov_kv",
                "wgmma_pp_ov_qp_ps", "wgmma3_pp_ov_qp_ps", "wgmma_pp_ov_qp_xc_ps", "wgmma3_pp_ov_qp_xc_ps",
                "wgmma_pp_ov_qp_mi_ps", "wgmma3_pp_ov_qp_mi_ps", "wgmma3_pp_ov_qp_xc_ks_ps",
-               "wgmma3_pp_ov", "wgmma3_pp_ov_ps", "wgmma3_ov_ps", "wgmma_pp_ov_qp_xc_q1_ps", "wgmma3_pp_ov_qp_xc_q1_ps",
-               "wgmma_pp_ov_qp_xc_pq_ps", "wgmma3_pp_ov_qp_xc_pq_ps")
+               "wgmma3_pp_ov", "wgmma3_pp_ov_ps", "wgmma3_ov_ps")
 OURS = {"ours": "cuda", **{p: "cuda_" + p for p in WGMMA_PLANS}, "triton": "triton"}   # result key -> backend
 
 

@@ -229,12 +229,7 @@ def main():
                                              [300 if i % 3 == 0 else 1 + i for i in range(40)]),
                                             # items of 64 valid rows: key tiles split across the warpgroups
                                             ("wgmma3_pp_ov_qp_xc_ks_ps", 14, 2, 64, [5 * i for i in range(40)],
-                                             [64 if i % 3 == 0 else 1 + i for i in range(40)]),
-                                            # the producer stages each item's Q rows (two buffers, head dim 64)
-                                            ("wgmma_pp_ov_qp_xc_pq_ps", 8, 2, 64, [5 * i for i in range(40)],
-                                             [300 if i % 3 == 0 else 1 + i for i in range(40)]),
-                                            ("wgmma3_pp_ov_qp_xc_pq_ps", 14, 2, 64, [5 * i for i in range(40)],
-                                             [300 if i % 3 == 0 else 1 + i for i in range(40)])):
+                                             [64 if i % 3 == 0 else 1 + i for i in range(40)])):
             if only_prefill is not None and plan not in only_prefill:
                 continue
             if not A.prefill_wgmma_available(plan=plan):

@@ -21,9 +21,7 @@ import time
 PLANS = ("wgmma", "wgmma_pp", "wgmma_ov", "wgmma_pp_ov", "wgmma_pp_ov_ps", "wgmma_kv", "wgmma_pp_ov_kv",
          "wgmma_pp_ov_qp_ps", "wgmma3_pp_ov_qp_ps", "wgmma_pp_ov_qp_xc_ps", "wgmma3_pp_ov_qp_xc_ps",
          "wgmma_pp_ov_qp_mi_ps", "wgmma3_pp_ov_qp_mi_ps", "wgmma3_pp_ov_qp_xc_ks_ps",
-         "wgmma3_pp_ov", "wgmma3_pp_ov_ps", "wgmma3_ov_ps",   # wgmma3: three consumer warpgroups, head dim 64 only
-         "wgmma_pp_ov_qp_xc_q1_ps", "wgmma3_pp_ov_qp_xc_q1_ps",   # _q1: Q staged chunk by chunk (session 29's A/B)
-         "wgmma_pp_ov_qp_xc_pq_ps", "wgmma3_pp_ov_qp_xc_pq_ps")   # _pq: the producer stages Q (head dim 64)
+         "wgmma3_pp_ov", "wgmma3_pp_ov_ps", "wgmma3_ov_ps")   # wgmma3: three consumer warpgroups, head dim 64 only
 
 CASES = ((14, 2, 64, [0, 20, 3, 130, 700], [1, 70, 17, 300, 64]),     # Hq, Hkv, D, prefixes, chunks
          (8, 2, 128, [0, 200, 5, 511], [3, 90, 140, 257]))

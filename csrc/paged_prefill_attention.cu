@@ -27,13 +27,6 @@
 //                   fall in the first warpgroup's 64 has its key tiles split across the three
 //                   warpgroups and merged at the end (kFlagKeySplit, its own instantiation), e.g.
 //                   wgmma3_pp_ov_qp_xc_ks_ps;
-//                   "_q1" before "_ps": each item's Q rows staged one 16-byte chunk after another by
-//                   loads and stores (kFlagQSerial: the staging before session 29, kept for its A/B;
-//                   the default stages them by cp.async, all in flight at once);
-//                   "_pq" before "_ps" (head dim 64; not with _mi, _ks, _kv or _q1): the
-//                   producer stages each item's Q rows into one of two Q buffers while the
-//                   consumers run the item before (kFlagProducerQ), e.g. wgmma3_pp_ov_qp_xc_pq_ps;
-//                   session 30;
 //                   the wgmma plans are an error on other devices or without sm_90a code;
 //   wgmma3...       any of the above with three consumer warpgroups (192-row items, 512 threads,
 //                   setmaxnreg 32/160), e.g. wgmma3_pp_ov_ps: head dim 64 and bf16 only (the
@@ -131,8 +124,7 @@ constexpr int kThreeWG = 1 << 17;     // three consumer warpgroups (plans wgmma3
 // timed the default plan four times over).
 static_assert(((oppo::attn::kPrefillOutF32 | oppo::attn::wgp::kFlagPingPong | oppo::attn::wgp::kFlagOverlap |
                 oppo::attn::wgp::kFlagSplitKV | oppo::attn::wgp::kFlagQPrefetch | oppo::attn::wgp::kFlagChain |
-                oppo::attn::wgp::kFlagMerge | oppo::attn::wgp::kFlagKeySplit | oppo::attn::wgp::kFlagQSerial |
-                oppo::attn::wgp::kFlagProducerQ) &
+                oppo::attn::wgp::kFlagMerge | oppo::attn::wgp::kFlagKeySplit) &
                (kPersistent | kThreeWG)) == 0,
               "a kernel flag shares a bit with the launcher's plan bits");
 
@@ -208,7 +200,7 @@ int prefill_plan(const at::Tensor& q) {
   {
     using namespace oppo::attn::wgp;
     constexpr std::pair<const char*, int> kSuffixes[] = {
-        {"_ps", kPersistent}, {"_pq", kFlagProducerQ}, {"_q1", kFlagQSerial}, {"_ks", kFlagKeySplit}, {"_mi", kFlagMerge},
+        {"_ps", kPersistent}, {"_ks", kFlagKeySplit}, {"_mi", kFlagMerge},
         {"_xc", kFlagChain},  {"_qp", kFlagQPrefetch}, {"_kv", kFlagSplitKV}};
     for (const auto& [suffix, flag] : kSuffixes) {
       if (name.size() > 3 && name.compare(name.size() - 3, 3, suffix) == 0) {
@@ -220,13 +212,8 @@ int prefill_plan(const at::Tensor& q) {
   if (name == "wgmma_pp") flags |= oppo::attn::wgp::kFlagPingPong;
   else if (name == "wgmma_ov") flags |= oppo::attn::wgp::kFlagOverlap;
   else if (name == "wgmma_pp_ov") flags |= oppo::attn::wgp::kFlagPingPong | oppo::attn::wgp::kFlagOverlap;
-  else OPPO_CHECK(name == "wgmma", "OPPO_PREFILL_PLAN must be auto, mma or wgmma[3][_pp][_ov][_kv][_qp][_xc][_mi][_ks][_q1][_pq][_ps] (e.g. wgmma_pp_ov_kv_ps), got '",
+  else OPPO_CHECK(name == "wgmma", "OPPO_PREFILL_PLAN must be auto, mma or wgmma[3][_pp][_ov][_kv][_qp][_xc][_mi][_ks][_ps] (e.g. wgmma_pp_ov_kv_ps), got '",
                   e, "'");
-  OPPO_CHECK(!(flags & oppo::attn::wgp::kFlagProducerQ) ||
-                 (q.size(2) == 64 && !(flags & (oppo::attn::wgp::kFlagMerge | oppo::attn::wgp::kFlagKeySplit |
-                                                oppo::attn::wgp::kFlagSplitKV | oppo::attn::wgp::kFlagQSerial))),
-             "OPPO_PREFILL_PLAN=", e, ": _pq (the producer stages the Q rows into two buffers) is built for head dim 64 ",
-             "(head dim 128 has no room for a second Q buffer), without _mi, _ks, _kv and _q1; got head dim ", q.size(2));
   OPPO_CHECK(!(flags & oppo::attn::wgp::kFlagChain) || (flags & oppo::attn::wgp::kFlagPingPong), "OPPO_PREFILL_PLAN=", e,
              ": _xc chains the ping-pong turns across items, so it needs _pp");
   OPPO_CHECK(!(flags & oppo::attn::wgp::kFlagMerge) || (q.scalar_type() == at::kBFloat16 &&

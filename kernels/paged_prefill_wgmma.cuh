@@ -94,25 +94,6 @@ constexpr int kFlagMerge = 64;
 // they go to CTAs 0..127 as their first item, and each CTA that takes one item more than others
 // takes a short one (9 full + 1 short instead of 10 full at that shape).
 constexpr int kFlagKeySplit = 128;
-// kFlagQSerial (plans _q1, the A/B of session 29's change): an item's Q rows staged by loads and
-// stores, one 16-byte chunk after another (each load's branch on the row being in the chunk keeps
-// the next load behind the store: 4 L2 round trips at head dim 64, 8 at 128; the turn stamps
-// measured 1.6-1.8 us per item at D=64). Without it (the default since session 29) they are staged
-// by cp.async, all of a thread's chunks in flight at once (zero-fill past the chunk), then waited on.
-constexpr int kFlagQSerial = 256;
-// kFlagProducerQ (plans _pq; head dim 64 only, not with _mi, _ks, _kv or _q1): the producer
-// warpgroup stages each item's Q rows (cp.async, all 128 threads) into one of two Q buffers, the
-// next item's while the consumers still run the current one: item k's rows are one commit group
-// issued right after the previous item's last tile (the first item's before the first tile), so
-// they land before item k's first tile is published and that tile's full barrier is all the
-// consumers wait for. The buffer of item k - 2 is reused once every consumer arrived on its
-// qempty barrier (after the item's last Q K^T was waited on). Session 29's turn stamps and session
-// 30's _qe put the item boundary's serial chain in every consumer warpgroup at 3.3-4 us (lookup,
-// Q staging, epilogue, final P V) at D=64, where the three warpgroups share each item, so the
-// whole CTA waits on it; _qe moved the staging along that chain and gained nothing. This takes the
-// staging off the consumers (their item lookup at the loop's top stays: bench/NOTES.md, session 30).
-// D=128 has no room for a second Q buffer (3 stages use 192 of the 227 KB).
-constexpr int kFlagProducerQ = 1024;
 // prefill_item_stamps' tag: an item's key tiles, | this bit for an item whose key tiles were split
 constexpr int64_t kStampKeySplit = int64_t(1) << 20;
 
@@ -134,14 +115,13 @@ struct Cfg {
   static constexpr int kConsumerRegs = NC == 3 ? 160 : 224;   // NC = 2: 128 x 56 + 256 x 224 <= 65536
   static_assert(128 * kProducerRegs + 128 * NC * kConsumerRegs <= 65536, "register split");
   static constexpr int kQBytes = Geo<NC>::kBM * D * 2;
-  static constexpr int kQBufs = D == 64 ? 2 : 1;    // two at head dim 64: kFlagProducerQ's
   static constexpr int kTileBytes = kBN * D * 2;    // one K or V tile
   static constexpr int kStageBytes = 2 * kTileBytes;
   // barriers: full/empty per stage, and with kFlagSplitKV fullV/emptyV (full/empty are then K's)
   // kFlagKeySplit (NC = 3): warpgroups 1 and 2 hand their partial O (D / 2 floats per thread) and
   // m, l (2 + 2) to warpgroup 0 through shared memory after the barriers
-  // (barriers: full, empty, fullV, emptyV per stage, then qempty per Q buffer)
-  static constexpr int kKsOffset = kQBufs * kQBytes + kStages * kStageBytes + (4 * kStages + kQBufs) * 8;
+  // (barriers: full, empty, fullV, emptyV per stage)
+  static constexpr int kKsOffset = kQBytes + kStages * kStageBytes + 4 * kStages * 8;
   static constexpr int kKsFloats = D / 2 + 4;
   static constexpr int kKsBytes = NC == 3 ? (NC - 1) * 128 * kKsFloats * 4 : 0;
   static constexpr int kSmem = 1024 /*alignment slack*/ + kKsOffset + kKsBytes;
@@ -241,7 +221,7 @@ static __constant__ CtaStamps prefill_stamps;
 // its own slice of capacity / (2 NC) rows (CTA c, warpgroup k: slice c NC + k): SM cycles
 // (%clock64), the event | tile << 8, the item index. The events:
 constexpr int kTsItem = 0;     // an item's start, before its Q rows are staged (tile: its key tiles)
-constexpr int kTsQ = 1;        // its Q rows staged (the named barrier of the warpgroup passed; _pq: the buffer switched)
+constexpr int kTsQ = 1;        // its Q rows staged (the named barrier of the warpgroup passed)
 constexpr int kTsReq = 2;      // a batch: before the wait for this warpgroup's turn
 constexpr int kTsGrant = 3;    // ... the turn taken
 constexpr int kTsIssued = 4;   // ... its MMAs issued and the turn handed on
@@ -287,17 +267,13 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
   extern __shared__ unsigned char smem_raw[];
   unsigned char* smem = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   unsigned char* q_s = smem;
-  unsigned char* kv_s = smem + C::kQBufs * C::kQBytes;  // stage s: K tile at s * kStageBytes, V tile after it
+  unsigned char* kv_s = smem + C::kQBytes;  // stage s: K tile at s * kStageBytes, V tile after it
   uint64_t* full = reinterpret_cast<uint64_t*>(kv_s + kS * C::kStageBytes);
   uint64_t* empty = full + kS;
   // kFlagSplitKV: full/empty guard the K tiles of the stages, fullV/emptyV their V tiles
   uint64_t* fullV = empty + kS;
   uint64_t* emptyV = fullV + kS;
-  uint64_t* qempty = emptyV + kS;  // kFlagProducerQ: Q buffer b free again (every consumer's last Q K^T of its item done)
   const bool splitkv = (flags & kFlagSplitKV) != 0;
-  // kFlagProducerQ (the launcher allows it only where it applies; the condition keeps the rest out
-  // of the other instantiations)
-  const bool pq = C::kQBufs == 2 && !kMerge && !kKeySplit && (flags & kFlagProducerQ) != 0;
 
   // an item: row tile mt (heaviest, i.e. most keys, first within its (sequence, kv head)), its
   // rows, its context and its key tiles (n_full of them need no mask)
@@ -337,8 +313,7 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
     return static_cast<int64_t>(J.q0 + grow / G) * s0 + static_cast<int64_t>(J.kvh * G + grow % G) * s1;
   };
   // the source of 16-byte chunk cc of item J's row r (local to the item) in q, and whether the row
-  // is in the chunk (if not: q itself, for a zero-fill copy that reads nothing); the Q staging's,
-  // by the consumers or (kFlagProducerQ) the producer
+  // is in the chunk (if not: q itself, for a zero-fill copy that reads nothing); the consumers' Q staging's
   auto q_chunk_src = [&](const Item& J, int r, int cc, bool& in) -> const T* {
     const int grow = J.row0 + r;
     in = grow < J.rows;
@@ -359,8 +334,6 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
       mbar_init(&fullV[s], 128);
       mbar_init(&emptyV[s], 128 * NC);
     }
-#pragma unroll
-    for (int b = 0; b < C::kQBufs; ++b) mbar_init(&qempty[b], 128 * NC);
   }
   __syncthreads();
 
@@ -421,25 +394,6 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
         }
       }
     };
-    // kFlagProducerQ: the Q rows of the item opened by tile x (the CTA's k-th item) into Q buffer
-    // k % 2, one commit group, once the consumers are done with item k - 2's; row r's chunk c is
-    // chunk r * kChunks + c of the item, thread t copies chunks t, t + 128, ... (zeros past the chunk)
-    int kq = 0;  // items whose Q rows this producer issued
-    auto issue_q = [&](const Tile& x) {
-      Item J;
-      item_at(x.w, J);
-      mbar_wait(&qempty[kq & 1], ((kq >> 1) & 1) ^ 1);
-      const uint32_t qb = smem_u32(q_s) + (kq & 1) * C::kQBytes;
-#pragma unroll 1
-      for (int c = t; c < kBM * C::kChunks; c += 128) {
-        const int r = c / C::kChunks, cc = c % C::kChunks;
-        bool in;
-        const T* src = q_chunk_src(J, r, cc, in);
-        cp_async_16_s(qb + swz(kBM, r, cc), src, in ? 16 : 0);
-      }
-      cp_async_commit();
-      ++kq;
-    };
     // this thread's key of tile x: in the context (then `page` is its block-table entry) or not
     auto key_in = [&](const Tile& x) { return x.w < num_items && x.it * kBN + own < x.L; };
     auto row_off = [&](const Tile& x, bool in, int page) -> int64_t {  // bytes; 0 past the context
@@ -488,7 +442,6 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
       ++g;
       off = row_off(nx, nin, page);
       lim = nx.L - nx.it * kBN - tok0;
-      if (pq && nx.it == 0 && nx.w < num_items) issue_q(nx);  // nx opens the CTA's next item
     };
     // kFlagSplitKV: K and V of a tile are two commit groups, each issued after its own ring's
     // empty wait, and published one group behind: after K(g)'s commit, wait_group 2 (all but V(g-1)
@@ -538,7 +491,6 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
 
     Tile cur;
     first_tile(blockIdx.x, cur);  // there is one: the CTA has an item
-    if (pq) issue_q(cur);         // (its own group, committed before the first tile's)
     {
       const bool in = key_in(cur);
       off = row_off(cur, in, in ? __ldg(cur.bt + cur.q) : 0);
@@ -587,8 +539,6 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
   uint32_t q_addr = smem_u32(q_s) + 64 * cw * 128;
   const uint32_t kv_addr = smem_u32(kv_s);
   int rA = 64 * cw + 16 * warp + g;   // this thread's two rows: rA and rA + 8 (local to the item)
-  // kFlagProducerQ: the Q buffer q_addr points into (0 or 1)
-  auto q_buf = [&]() -> int { return q_addr - smem_u32(q_s) >= static_cast<uint32_t>(C::kQBytes) ? 1 : 0; };
   const float kNegInf = -INFINITY;
   Item I;                                    // the current item
   int pos[2];                                // query positions of this thread's rows
@@ -1039,16 +989,8 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
     if (cw == 0 && tw == 0) stamp_start(prefill_stamps, w);  // off unless bench/prefill_stamps.py sets it
     if constexpr (kTurnStamps) ts_w = w;
     ts(kTsItem, I.n_tiles);
-    if (pq) {
-      // kFlagProducerQ: the producer staged this item's rows in the Q buffer after the last item's
-      // (buffer 0 first); they landed before tile 0 was published (its full wait below)
-      if (!first_item) q_addr = q_buf() ? q_addr - C::kQBytes : q_addr + C::kQBytes;
-    } else if (flags & kFlagQSerial) {
-      stage_q(I);
-    } else {
-      stage_q_async(I);
-      q_landed();
-    }
+    stage_q_async(I);
+    q_landed();
     ts(kTsQ, 0);
     start_rows();
     zero_o();
@@ -1111,11 +1053,6 @@ paged_prefill_wgmma_kernel(void* __restrict__ out, int flags, int64_t o_s0, int6
       end_of_tile(it, more, wn, alpha);
       ts(kTsFin, it);
       ++it;
-    }
-    // kFlagProducerQ: every Q K^T of the item was waited on: its Q buffer is the producer's again
-    if (pq) {
-      fence_proxy_async();  // (the async proxy's reads of the buffer before the producer's next writes)
-      mbar_arrive(&qempty[q_buf()]);
     }
     {
       const int gl = gbase + I.n_tiles - 1;

@@ -83,7 +83,7 @@ _SWITCHES = (
     ("OPPO_DECODE_PLAN", "v7 (v3's kernel, the splits merged by each group's last CTA; v2/v3/v4/v5/v6: A/B plans of the decode kernel; v3 merges splits with a second kernel, v5 claims items dynamically, v6 is v3 lean at D=128)"),
     ("OPPO_DECODE_V5_ITEMS", "4 (v5: work items per resident CTA slot, at least)"),
     ("OPPO_DECODE_V5_MAX_PART", "512 (v5: tokens per work item, at most)"),
-    ("OPPO_PREFILL_PLAN", "auto (on sm_90a wgmma_pp_ov_qp_xc_ps at D=128, wgmma3_pp_ov_qp_xc_ps at D=64 bf16, else mma; wgmma[3][_pp][_ov][_kv][_qp][_xc][_mi][_ks][_q1][_pq][_ps]: the sm_90a plans, wgmma3 D=64 bf16)"),
+    ("OPPO_PREFILL_PLAN", "auto (on sm_90a wgmma_pp_ov_qp_xc_ps at D=128, wgmma3_pp_ov_qp_xc_ps at D=64 bf16, else mma; wgmma[3][_pp][_ov][_kv][_qp][_xc][_mi][_ks][_ps]: the sm_90a plans, wgmma3 D=64 bf16)"),
     ("OPPO_PREFILL_WGMMA_OFF", "none (a comma list of wgmma plans, or all, that tests and benches skip)"),
     ("OPPO_DECODE_TICKETS", "pool (memset: v4/v5/v7's counters in the per-call workspace)"),
     ("OPPO_DECODE_PDL", "0 (1: the decode split kernel and its reduction with programmatic dependent launch)"),

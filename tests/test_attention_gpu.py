@@ -991,7 +991,7 @@ PREFILL_SHAPES = [  # Hq, Hkv, D, block_size, prefixes, chunks
 
 
 PREFILL_PLANS = ["mma", "wgmma", "wgmma_pp", "wgmma_ov", "wgmma_pp_ov", "wgmma_pp_ov_ps", "wgmma_kv",
-                 "wgmma_pp_ov_kv", "wgmma_pp_ov_qp_ps", "wgmma_pp_ov_qp_xc_ps", "wgmma_pp_ov_qp_xc_q1_ps"]
+                 "wgmma_pp_ov_kv", "wgmma_pp_ov_qp_ps", "wgmma_pp_ov_qp_xc_ps"]
 
 
 def _skip_unless_wgmma(plan: str) -> None:
@@ -1014,19 +1014,6 @@ def prefill_plan(request, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", PREFILL_SHAPES)
 def test_prefill_kernel_error_in_float32_out(prefill_plan, dtype, shape):
-    Hq, Hkv, D, bs, prefixes, chunks = shape
-    out, ref = _prefill_case(Hq, Hkv, D, bs, prefixes, chunks, dtype, torch.float32)
-    assert rel_err(out, ref) < TOL_F32_OUT[dtype]
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("shape", [s for s in PREFILL_SHAPES if s[2] == 64])
-@pytest.mark.parametrize("plan", ["wgmma_pp_ov_qp_xc_pq_ps", "wgmma_pq", "wgmma_pp_ov_pq"])
-def test_prefill_producer_q_two_warpgroups_both_dtypes(monkeypatch, plan, shape, dtype):
-    """_pq on the two-warpgroup kernel (head dim 64: bf16 and fp16): every D=64 shape of the prefill
-    tests, fp32 output, one item per CTA and persistent."""
-    _skip_unless_wgmma(plan)
-    monkeypatch.setenv("OPPO_PREFILL_PLAN", plan)
     Hq, Hkv, D, bs, prefixes, chunks = shape
     out, ref = _prefill_case(Hq, Hkv, D, bs, prefixes, chunks, dtype, torch.float32)
     assert rel_err(out, ref) < TOL_F32_OUT[dtype]
@@ -1162,7 +1149,7 @@ def _many_items_case(Hq: int, D: int, out_dtype):
 
 
 @pytest.mark.parametrize("plan", ["wgmma_pp_ov_ps", "wgmma_pp_ov_kv_ps", "wgmma_pp_ov_qp_ps", "wgmma_pp_ov_qp_xc_ps",
-                                  "wgmma_pp_ov_kv_xc_ps", "wgmma_pp_ov_qp_xc_pq_ps", "wgmma_pq_ps"])
+                                  "wgmma_pp_ov_kv_xc_ps"])
 def test_prefill_wgmma_persistent_many_items_per_cta(monkeypatch, plan):
     """The persistent plan with several items per CTA (more (row tile, kv head, sequence) items
     than SMs): ragged chunks, items past short chunks, a stage ring that runs on across items
@@ -1230,9 +1217,7 @@ def test_prefill_key_split_refused_where_not_built(monkeypatch, plan, D, dtype):
 
 
 WGMMA3_PLANS = ["wgmma3_pp_ov", "wgmma3_pp_ov_ps", "wgmma3_ov_ps", "wgmma3", "wgmma3_pp_ov_qp_ps", "wgmma3_pp_ov_qp_xc_ps",
-                "wgmma3_pp_ov_qp_mi_ps", "wgmma3_pp_ov_qp_xc_ks_ps", "wgmma3_ks", "wgmma3_ov_ks_ps", "wgmma3_pp_ov_qp_xc_q1_ps",
-                "wgmma3_pp_ov_qp_xc_pq_ps", "wgmma3_pq",
-                "wgmma3_ov_pq_ps"]
+                "wgmma3_pp_ov_qp_mi_ps", "wgmma3_pp_ov_qp_xc_ks_ps", "wgmma3_ks", "wgmma3_ov_ks_ps"]
 
 
 @pytest.mark.parametrize("shape", [s for s in PREFILL_SHAPES if s[2] == 64])
@@ -1249,8 +1234,7 @@ def test_prefill_wgmma3_matches_reference(monkeypatch, plan, shape):
 
 @pytest.mark.parametrize("plan", WGMMA3_PLANS[:3] + ["wgmma3_pp_ov_qp_ps", "wgmma3_pp_ov_qp_xc_ps", "wgmma3_pp_ov_kv_xc_ps",
                                                    "wgmma3_pp_ov_qp_mi_ps", "wgmma3_pp_ov_kv_mi_ps", "wgmma3_ov_mi_ps",
-                                                   "wgmma3_pp_ov_qp_xc_ks_ps", "wgmma3_pp_ov_ks_ps", "wgmma3_pp_ov_qp_xc_pq_ps",
-                                                   "wgmma3_pp_ov_pq_ps"])
+                                                   "wgmma3_pp_ov_qp_xc_ks_ps", "wgmma3_pp_ov_ks_ps"])
 def test_prefill_wgmma3_persistent_many_items_and_native_output(monkeypatch, plan):
     """More items than SMs (persistent CTAs take several), ragged chunks, bf16 output; the plans
     with two or three warpgroups in ping-pong, and the auto plan at D=64 (with the Q prefetch)."""
@@ -1262,7 +1246,7 @@ def test_prefill_wgmma3_persistent_many_items_and_native_output(monkeypatch, pla
 
 def _stamps_case(Hq: int, Hkv: int, D: int, prefixes: list[int], chunks: list[int], bs: int = 16):
     """A bf16 batch of chunks after prefixes on shuffled pages: a call of the CUDA prefill over it
-    (under the plan the caller set), for the tests that compare calls bit for bit (the stamps, _pq)."""
+    (under the plan the caller set), for the tests that compare calls bit for bit (the stamps)."""
     lens = [p + c for p, c in zip(prefixes, chunks)]
     kv = PagedKV(num_blocks=sum(math.ceil(n / bs) for n in lens) + 5, block_size=bs, Hkv=Hkv, D=D, dtype=torch.bfloat16)
     bt = kv.tables(lens)
@@ -1275,7 +1259,7 @@ def _stamps_case(Hq: int, Hkv: int, D: int, prefixes: list[int], chunks: list[in
 
 
 @pytest.mark.parametrize("plan", ["wgmma_pp_ov", "wgmma_pp_ov_ps", "wgmma3_pp_ov_ps", "wgmma3_pp_ov_qp_mi_ps",
-                                  "wgmma3_pp_ov_qp_xc_ks_ps", "wgmma3_pp_ov_qp_xc_pq_ps"])
+                                  "wgmma3_pp_ov_qp_xc_ks_ps"])
 def test_prefill_item_stamps_cover_every_item_and_change_nothing(monkeypatch, plan):
     """prefill_item_stamps: every work item of the wgmma kernel (row tile, kv head, sequence, in the
     kernel's order, prefill_item_coords; one CTA each or persistent CTAs) writes its row with its
@@ -1310,7 +1294,7 @@ def test_prefill_item_stamps_cover_every_item_and_change_nothing(monkeypatch, pl
         assert split == int("_ks" in plan and chunks[b] * G - row0 <= 64), f"item {w}: key-split bit {split}"
 
 
-@pytest.mark.parametrize("plan", ["wgmma3_pp_ov_qp_xc_ps", "wgmma3_pp_ov_ps", "wgmma3_pp_ov_qp_xc_pq_ps"])
+@pytest.mark.parametrize("plan", ["wgmma3_pp_ov_qp_xc_ps", "wgmma3_pp_ov_ps"])
 def test_prefill_turn_stamps_follow_each_chain_and_change_nothing(monkeypatch, plan):
     """prefill_turn_stamps (bench/prefill_turns.py): the wgmma3 kernel instantiated with them gives
     bit for bit the output of the plain one; each consumer warpgroup of CTAs 0 and 1 writes its own
@@ -1350,32 +1334,14 @@ def test_prefill_turn_stamps_follow_each_chain_and_change_nothing(monkeypatch, p
         assert batches > len(items), f"slice {k}: {batches} batches for {len(items)} items"
 
 
-@pytest.mark.parametrize("plan", ["wgmma3_pp_ov_qp_xc_pq_ps", "wgmma_pp_ov_qp_xc_pq_ps", "wgmma3_pq", "wgmma3_ov_pq_ps"])
-def test_prefill_producer_q_equals_its_base_bit_for_bit(monkeypatch, plan):
-    """_pq (the producer stages each item's Q rows into one of two buffers while the consumers run
-    the item before): bf16 output bit for bit the same plan's without it, which the reference tests
-    check, over ragged chunks (items of one key tile, items past short chunks, G = 7 items cut
-    mid-query) on one item per CTA and persistent grids (several items per CTA: both Q buffers, each
-    reused)."""
-    _skip_unless_wgmma(plan)
-    prefixes, chunks = [0, 300, 77, 1000, 5] * 6, [256, 1, 129, 64, 200] * 6
-    run = _stamps_case(14, 2, 64, prefixes, chunks)
-    monkeypatch.setenv("OPPO_PREFILL_PLAN", plan.replace("_pq", ""))
-    plain = run()
-    monkeypatch.setenv("OPPO_PREFILL_PLAN", plan)
-    assert torch.equal(run(), plain)
-
-
-@pytest.mark.parametrize("plan,D", [("wgmma_pp_ov_qp_xc_pq_ps", 128), ("wgmma3_pp_ov_qp_mi_pq_ps", 64),
-                                    ("wgmma3_pp_ov_qp_xc_ks_pq_ps", 64), ("wgmma3_pp_ov_kv_xc_pq_ps", 64),
-                                    ("wgmma3_pp_ov_qp_xc_q1_pq_ps", 64)])
-def test_prefill_producer_q_refused_where_not_built(monkeypatch, plan, D):
-    """_pq at head dim 128 (no room for a second Q buffer) or with _mi, _ks, _kv or _q1: a clear
-    error."""
+@pytest.mark.parametrize("plan", ["wgmma3_pp_ov_qp_xc_pq_ps", "wgmma_pp_ov_qp_xc_q1_ps", "wgmma_pp_ov_xx_ps"])
+def test_prefill_unknown_plan_suffix_is_refused(monkeypatch, plan):
+    """A plan with a suffix the launcher does not know (e.g. _pq and _q1, A/B plans removed in session
+    33) is a clear error naming the grammar, never another plan run in its place."""
     _skip_unless_wgmma("wgmma_pp_ov_qp_xc_ps")
     monkeypatch.setenv("OPPO_PREFILL_PLAN", plan)
-    with pytest.raises(RuntimeError, match="_pq .the producer stages the Q rows"):
-        _prefill_case(14 if D == 64 else 8, 2, D, 16, [10], [20], torch.bfloat16, torch.float32)
+    with pytest.raises(RuntimeError, match="OPPO_PREFILL_PLAN must be auto, mma or wgmma"):
+        _prefill_case(14, 2, 64, 16, [10], [20], torch.bfloat16, torch.float32)
 
 
 def test_prefill_wgmma3_refuses_head_dim_128_and_fp16(monkeypatch):

@@ -20,14 +20,6 @@ group before it landed is caught too.
 kFlagChain (plans ``_xc``) runs the ring of turns on across a persistent CTA's items; kFlagMerge
 (plans ``_mi``) also issues each item's last P V in one batch with the next item's first Q K^T
 (the next item's Q staged by each warpgroup into its own rows, which only its own barrier guards).
-
-kFlagProducerQ (plans ``_pq``, head dim 64: 4 stages) has the producer stage each item's Q rows into
-one of two Q buffers: item k's rows are one cp.async group committed right after the previous item's
-last tile (after that iteration's publish; the first item's before the first tile), once every
-consumer arrived on the buffer's qempty barrier after its last Q K^T of item k - 2. A group lands by
-the next wait_group 1, i.e. before the tile after it is published; the consumers wait for nothing
-but the item's first tile. Checked: no deadlock, a consumer reads only the Q rows of its own item,
-landed, and the producer never overwrites a buffer a consumer still reads.
 """
 from __future__ import annotations
 
@@ -98,7 +90,7 @@ def _turns(named: dict, pingpong: bool, cw: int, name: str, nc: int = 2):
 
 
 def programs(items: list[int], kS: int, pingpong: bool, log: list, nc: int = 2, chain: bool | str = False,
-             merge: bool | str = False, key_split: frozenset = frozenset(), producer_q: bool | str = False):
+             merge: bool | str = False, key_split: frozenset = frozenset()):
     """Generators for the producer and the two consumer warpgroups of a CTA that works through
     ``items`` (each a number of key tiles; one item, or several for the persistent plan), the
     ring of stages running on across items; each yields a predicate (callable) it waits on, or
@@ -112,45 +104,20 @@ def programs(items: list[int], kS: int, pingpong: bool, log: list, nc: int = 2, 
     readers = [set() for _ in range(kS)]
 
     issue_first = kS >= 4             # the kernel's kIssueFirst
-    # kFlagProducerQ: which item's Q rows a buffer holds (("landing", k) while in flight), the
-    # consumers reading it, its qempty barrier, and the Q groups in flight (item, the iteration that
-    # committed it: it has landed once that iteration's tile is published)
-    qbuf: list = [None, None]
-    qreaders = [set(), set()]
-    qempty = [MBarrier(128 * nc) for _ in range(2)]
-    q_flight: list = []
-    first_tile = [sum(items[:k]) for k in range(len(items))]
 
     def publish(t):                   # wait_group, proxy fence, arrive on tile t's full barrier
         st = t % kS
         assert stage_tile[st] == ("landing", t), f"publishing tile {t}, stage {st} holds {stage_tile[st]}"
-        for k, g in list(q_flight):   # (wait_group 1 at iteration t + 1: every group but tile t + 1's)
-            if g <= t:
-                qbuf[k % 2] = k
-                q_flight.remove((k, g))
         stage_tile[st] = t
         full[st].arrive(128)
-
-    def issue_q(k, g):                # the producer's issue_q for item k, committed in iteration g
-        b = k % 2
-        if producer_q != "no-wait":   # (a mutation for the negative test)
-            yield lambda: qempty[b].ready(((k >> 1) & 1) ^ 1)
-        assert not qreaders[b], f"producer overwrites Q buffer {b} while {qreaders[b]} still read item {qbuf[b]}"
-        qbuf[b] = ("landing", k)
-        q_flight.append((k, g))
 
     def producer():
         # The kernel's producer also loads tile g+1's block-table entries during tile g (after the
         # publish with 3 stages, before the stage wait with 4) and shares row offsets by warp
         # shuffles: neither is a barrier operation, so the order simulated here is unchanged.
-        if producer_q:
-            yield from issue_q(0, -1)   # the first item's rows, before the first tile
         for g in range(n_total):      # g: the ring position (tiles of all items, in order)
             s = g % kS
             p = ((g // kS) & 1) ^ 1
-            opens = producer_q and g + 1 in first_tile     # the next tile opens item k
-            if opens and producer_q == "before-publish":    # (a mutation: before this tile's issue and publish)
-                yield from issue_q(first_tile.index(g + 1), g - 1)
             if g > 0 and not issue_first:   # 3 stages: the previous tile before this tile's stage wait
                 publish(g - 1)
             yield lambda s=s, p=p: empty[s].ready(p)
@@ -160,12 +127,7 @@ def programs(items: list[int], kS: int, pingpong: bool, log: list, nc: int = 2, 
             stage_tile[s] = ("landing", g)
             if g > 0 and issue_first:       # 4 stages: this tile issued, then the previous one (wait_group 1)
                 publish(g - 1)
-            if opens and producer_q != "before-publish":   # the kernel: at the end of run(), after both
-                yield from issue_q(first_tile.index(g + 1), g)
         publish(n_total - 1)
-        for k, _ in list(q_flight):   # (wait_group 0)
-            qbuf[k % 2] = k
-        q_flight.clear()
         log.append("producer done")
 
     def consumer(cw: int):
@@ -179,17 +141,6 @@ def programs(items: list[int], kS: int, pingpong: bool, log: list, nc: int = 2, 
         def release(s):
             readers[s].discard(name)
             empty[s].arrive(128)
-
-        def read_q(idx):                # kFlagProducerQ: a Q K^T of item idx reads its buffer
-            if producer_q:
-                b = idx % 2
-                assert qbuf[b] == idx, f"{name} reads Q buffer {b} for item {idx}, it holds {qbuf[b]}"
-                qreaders[b].add(name)
-
-        def done_q(idx):                # after the item's last Q K^T: the buffer back to the producer
-            if producer_q:
-                qreaders[idx % 2].discard(name)
-                qempty[idx % 2].arrive(128)
 
         def ks_sync():                 # bar.sync on the consumers' barrier
             gen = ks_bar.arrive(name)
@@ -263,15 +214,13 @@ def programs(items: list[int], kS: int, pingpong: bool, log: list, nc: int = 2, 
                 gbase += n_tiles
                 continue
             if not (merge and idx > 0):    # kFlagMerge: tile 0 was issued with the last item's final P V
-                if not producer_q:
-                    yield None             # the Q load of the item (named barrier of this warpgroup)
+                yield None                 # the Q load of the item (named barrier of this warpgroup)
                 if pingpong and cw == nc - 1 and (chain is not True or first[0]):   # kFlagChain: only the first kick
                     named[_pp_base(nc)].arrive(name)
                 first[0] = False
                 yield lambda g0=gbase: full[g0 % kS].ready((g0 // kS) & 1)
                 yield from begin()
                 read(gbase % kS, gbase)    # Q K^T of tile 0
-                read_q(idx)
                 end(False)
                 yield None                 # softmax
             for it in range(1, n_tiles):
@@ -280,13 +229,11 @@ def programs(items: list[int], kS: int, pingpong: bool, log: list, nc: int = 2, 
                 yield lambda s=s, gi=gi: full[s].ready((gi // kS) & 1)
                 yield from begin()
                 read(s, gi)            # Q K^T of tile it (K of stage s)
-                read_q(idx)
                 read(sp, gi - 1)       # P V of tile it-1 (V of stage sp)
                 end(False)
                 yield None             # the MMAs run, the softmax's first part
                 release(sp)
                 yield None
-            done_q(idx)                    # (every Q K^T of the item waited on)
             gl = gbase + n_tiles - 1
             if merge and not last_item:    # the next item's Q staged (cp.async, own rows); its tile 0
                 g0 = gl + 1                # with this item's last P V in one batch
@@ -456,15 +403,14 @@ def programs_split(items: list[int], kS: int, pingpong: bool, log: list, rng: ra
 
 
 def run(items, kS: int, pingpong: bool, seed: int, split: bool = False, nc: int = 2, chain: bool | str = False,
-        merge: bool | str = False, key_split: frozenset = frozenset(), producer_q: bool | str = False, **kw) -> list:
+        merge: bool | str = False, key_split: frozenset = frozenset(), **kw) -> list:
     log: list = []
     items = [items] if isinstance(items, int) else list(items)
     if split:
         progs, named = programs_split(items, kS, pingpong, log, random.Random(seed + 7919), nc=nc, chain=chain,
                                       merge=merge, **kw)
     else:
-        progs, named = programs(items, kS, pingpong, log, nc=nc, chain=chain, merge=merge, key_split=key_split,
-                                producer_q=producer_q)
+        progs, named = programs(items, kS, pingpong, log, nc=nc, chain=chain, merge=merge, key_split=key_split)
     waiting = [None] * len(progs)
     alive = set(range(len(progs)))
     rng = random.Random(seed)
@@ -709,38 +655,3 @@ def test_item_order_gives_the_short_items_to_the_ctas_with_one_more(key_split):
         assert all(s == 1 for f, s in zip(full, short) if f + s == max(f + s for f, s in zip(full, short)))
     else:
         assert max(full) == 10 and all(s == 0 for c, s in enumerate(short) if c % 2)
-
-
-# ------------------------------------------------------------------ kFlagProducerQ (plans _pq)
-@pytest.mark.parametrize("chain", [False, True])
-@pytest.mark.parametrize("pingpong", [False, True])
-@pytest.mark.parametrize("nc", [2, 3])
-@pytest.mark.parametrize("items", [[1], [4], [1, 1, 1], [1, 1, 1, 1, 1, 1], [3, 1, 5], [2, 7, 1, 4, 2], [9, 9],
-                                   [1, 9, 1, 1, 2]])
-def test_producer_staged_q_finishes_without_races(items, nc, pingpong, chain):
-    """_pq (head dim 64: 4 stages; two or three consumer warpgroups, with and without ping-pong and
-    the chained turns): one item or many, items of one tile back to back (each buffer reused while
-    the other item's Q is in flight): no deadlock, every Q K^T reads its own item's landed rows, no
-    buffer overwritten while read."""
-    if chain and not pingpong:
-        pytest.skip("the chained turns need ping-pong")
-    for seed in range(15):
-        log = run(items, 4, pingpong, seed, nc=nc, chain=chain, producer_q=True)
-        assert sorted(log) == ["producer done"] + [f"wg{c} done" for c in range(nc)]
-
-
-def test_producer_staged_q_catches_a_missing_qempty_wait():
-    """Not vacuous: the producer issuing item k's rows without waiting for item k - 2's readers
-    overwrites a buffer still read (or a warpgroup later reads rows of the wrong item)."""
-    with pytest.raises(AssertionError, match="Q buffer"):   # an overwrite, or a read of the next rows
-        for seed in range(40):
-            run([1, 1, 1, 1, 1, 1], 4, True, seed, nc=3, chain=True, producer_q="no-wait")
-
-
-def test_producer_staged_q_catches_the_issue_before_the_publish():
-    """Not vacuous: issuing item k's rows at the start of the previous item's last tile (before that
-    iteration's publish), the qempty wait can need item k - 2's last tile, which only that publish
-    releases: a deadlock when the item between is one tile long."""
-    with pytest.raises(AssertionError, match="deadlock"):
-        for seed in range(40):
-            run([1, 1, 1, 1, 1, 1], 4, True, seed, nc=3, chain=True, producer_q="before-publish")

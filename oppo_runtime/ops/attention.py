@@ -509,9 +509,9 @@ _TRITON_PREFERRED: dict[int, bool] = {}
 
 def prefill_plan_head_dims(plan: str) -> tuple[int, ...]:
     """The head dims a CUDA prefill wgmma plan is built for (the launcher refuses the others): the
-    three-warpgroup plans (``wgmma3...``, bf16 only) and the ``_pq`` plans 64; the other ``_mi``
-    plans 128 (bf16 only); the rest 64 and 128, bf16 and fp16."""
-    if plan.startswith("wgmma3") or "_pq" in plan:
+    three-warpgroup plans (``wgmma3...``, bf16 only) 64; the other ``_mi`` plans 128 (bf16
+    only); the rest 64 and 128, bf16 and fp16."""
+    if plan.startswith("wgmma3"):
         return (64,)
     if "_mi" in plan.split("_ps")[0]:
         return (128,)
@@ -519,7 +519,7 @@ def prefill_plan_head_dims(plan: str) -> tuple[int, ...]:
 
 
 def prefill_wgmma_available(device: torch.device | None = None, plan: str | None = None) -> bool:
-    """Whether the CUDA prefill's wgmma plans (OPPO_PREFILL_PLAN=wgmma[3][_pp][_ov][_kv][_qp][_xc][_mi][_ks][_q1][_pq][_ps]) can run
+    """Whether the CUDA prefill's wgmma plans (OPPO_PREFILL_PLAN=wgmma[3][_pp][_ov][_kv][_qp][_xc][_mi][_ks][_ps]) can run
     here: an sm_90 device and an extension built with sm_90a code (TORCH_CUDA_ARCH_LIST with
     9.0a). With ``plan``, also that this plan is not switched off by OPPO_PREFILL_WGMMA_OFF (a
     comma list of plans, or ``all``: what ``bench/wgmma_smoke.py`` found failing or hanging)."""
@@ -555,7 +555,7 @@ def paged_prefill_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, blo
         return prefill_triton.paged_prefill_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens,
                                                       block_tables, scale, out=out, max_seqlen_q=max_seqlen_q)
     if which == "cuda":
-        # the launcher picks its plan from OPPO_PREFILL_PLAN (auto | mma | wgmma[3][_pp][_ov][_kv][_qp][_xc][_mi][_ks][_q1][_pq][_ps]) at every call
+        # the launcher picks its plan from OPPO_PREFILL_PLAN (auto | mma | wgmma[3][_pp][_ov][_kv][_qp][_xc][_mi][_ks][_ps]) at every call
         record_backend("paged_prefill_attention/cuda_plan", _cuda_prefill_plan(q))
         if out is None:
             out = torch.empty_like(q)
