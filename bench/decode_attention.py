@@ -98,7 +98,7 @@ def _plans() -> tuple[list[str], bool, bool, list[int], list[str]]:
         return [f"{base}+l2" if base in ("v2", "v3", "v6", "v7") else base], known.head_major, known.ragged, caps, rest
     plans = [p.strip() for p in known.plans.split(",") if p.strip()]
     ok = all(_SPLIT_PLAN.fullmatch(p) or _V5.fullmatch(p) for p in plans)
-    assert plans and ok, f"--plans takes v2/v3/v4/v6/v7 (v2/v3/v6/v7 also with +pdl, +l2 or +l2x2, +lo, +rf, +sm, +rs, +hn, +sN; v7 with +cl)/v5/v5xNpM, got {known.plans!r}"
+    assert plans and ok, f"--plans takes v2/v3/v4/v6/v7 (v2/v3/v6/v7 also with +pdl, +l2 or +l2x2, +lo, +rf, +sm, +rs, +hn, +sN)/v5/v5xNpM, got {known.plans!r}"
     return plans, known.head_major, known.ragged, caps, rest
 
 
@@ -108,9 +108,8 @@ _V5 = re.compile(r"(v5)(?:x(\d+))?(?:p(\d+))?")   # v5, v5xN, v5pM, v5xNpM
 # merge; the fast one is the default since session 25; +rs: OPPO_DECODE_REG_STAGE=1, head dim 128; +sN:
 # OPPO_DECODE_SPLIT_SLOTS=N, the splits planned as if N CTAs per SM were resident; +hn / +hn0:
 # OPPO_DECODE_HEADS_AS_N=1 / 0, the heads as the mma's N forced on (groups of <= 8 heads) / off; neither:
-# unset, the runtime's default, on for groups of 2..8 heads since session 27, 1..8 since session 28; +cl:
-# OPPO_DECODE_CLAIM=1, v7's splits balance a group's tiles by claims, session 33), and v4
-_SPLIT_PLAN = re.compile(r"(v2|v3|v6|v7)(\+pdl|\+l2|\+l2x2|\+lo|\+rf|\+sm|\+rs|\+hn0?|\+s\d{1,2}|\+cl)*|v4")
+# unset, the runtime's default, on for groups of 2..8 heads since session 27, 1..8 since session 28), and v4
+_SPLIT_PLAN = re.compile(r"(v2|v3|v6|v7)(\+pdl|\+l2|\+l2x2|\+lo|\+rf|\+sm|\+rs|\+hn0?|\+s\d{1,2})*|v4")
 
 
 @contextlib.contextmanager
@@ -123,8 +122,7 @@ def plan_env(plan: str):
     register-staged loader, head dim 128 only: at head dim 64 its rows record the launcher's error); for
     PLAN+sN, OPPO_DECODE_SPLIT_SLOTS=N (splits for N CTAs per SM; 0, the kernel's own, otherwise); for
     PLAN+hn, OPPO_DECODE_HEADS_AS_N=1 (groups of <= 8 heads: other rows record the launcher's error), for
-    PLAN+hn0, OPPO_DECODE_HEADS_AS_N=0, neither: empty (the runtime's default, by the group); for PLAN+cl,
-    OPPO_DECODE_CLAIM=1 (plan v7: the splits of a group claim the last quarter of its tiles); the others 0
+    PLAN+hn0, OPPO_DECODE_HEADS_AS_N=0, neither: empty (the runtime's default, by the group); the others 0
     otherwise, so bare v3 runs without the prefetch the runtime defaults to) set inside: the launcher and the plan mirror both read them."""
     m = _V5.fullmatch(plan)
     base, items, max_part = (m.group(1), m.group(2), m.group(3)) if m else (plan, None, None)
@@ -138,8 +136,7 @@ def plan_env(plan: str):
           env_var("OPPO_DECODE_FAST_MERGE", "0" if "sm" in switches else "1"),
           env_var("OPPO_DECODE_REG_STAGE", "1" if "rs" in switches else "0"),
           env_var("OPPO_DECODE_HEADS_AS_N", "1" if "hn" in switches else "0" if "hn0" in switches else ""),
-          env_var("OPPO_DECODE_SPLIT_SLOTS", next((w[1:] for w in switches if re.fullmatch(r"s\d+", w)), "0")),
-          env_var("OPPO_DECODE_CLAIM", "1" if "cl" in switches else "0")):
+          env_var("OPPO_DECODE_SPLIT_SLOTS", next((w[1:] for w in switches if re.fullmatch(r"s\d+", w)), "0"))):
         yield
 
 

@@ -20,8 +20,7 @@ wgmma prefill plans' cases only (no decode);
 v3:pdl, v3:l2off, v3:l2, v3:l2x2: per-CTA stamps on, programmatic dependent launch, L2 prefetch of 0,
 1 (the default) or 2 tiles; v7:rf: the stages refilled early, OPPO_DECODE_REFILL=1; v7:sm: the slow
 split merge, OPPO_DECODE_FAST_MERGE=0; v7:rs, v3:rs: the register-staged loader, OPPO_DECODE_REG_STAGE=1;
-v7:hn, v3:hn: the heads as the mma's N, OPPO_DECODE_HEADS_AS_N=1; v7:cl: the splits' claims,
-OPPO_DECODE_CLAIM=1). Exits
+v7:hn, v3:hn: the heads as the mma's N, OPPO_DECODE_HEADS_AS_N=1). Exits
 non-zero if an output differs from the reference.
 """
 import contextlib
@@ -100,7 +99,6 @@ def main():
     # v4 persistent: B * Hkv = 7 x SMs: 2-3 items per CTA for D=64 (3 CTAs per SM), 3-4 for D=128 (2)
     many = [edges[(3 * i) % len(edges)] for i in range(math.ceil(7 * sms / 2))]
     splits = [7000, 100, 0, 3000, 6999, 1, 64, 65]
-    long_splits = [16000, 100, 0, 9000, 16383, 1, 64, 65]   # D=64, 8 x 2 groups: 33 splits of 8 tiles (claims)
     cases = (([37, 0, 5], 8, 2, D, None), ([600], 40, 2, D, None), (fill, 14, 2, 64, None),
              (splits, 14, 2, 64, None),                   # the default plan (v7): 5-tile splits, empty ones
              (splits, 14, 2, 64, "v2"),
@@ -138,10 +136,7 @@ def main():
              # the heads as the mma's N (OPPO_DECODE_HEADS_AS_N=1, groups of <= 8 heads): split, ragged
              # with empty and short contexts, both head dims, v3's unmerged splits
              (splits, 8, 2, 128, "v7:hn"), ([37, 0, 5, 200], 14, 2, 64, "v7:hn"), (splits, 14, 2, 64, "v7:hn"),
-             (splits, 32, 8, 128, "v3:hn"),
-             # the splits' claims (OPPO_DECODE_CLAIM=1, v7): D=128 with 16 splits of 7 tiles, D=64 with 33
-             # of 8, ragged with empty and short contexts; a shape too short to claim (static splits)
-             (splits, 8, 2, 128, "v7:cl"), (long_splits, 14, 2, 64, "v7:cl"), (splits, 14, 2, 64, "v7:cl"))
+             (splits, 32, 8, 128, "v3:hn"))
     only = next((a.split("=", 1)[1].split(",") for a in sys.argv if a.startswith("--decode-plans=")), None)
     only_prefill = next((a.split("=", 1)[1].split(",") for a in sys.argv if a.startswith("--prefill-plans=")), None)
     for lens, Hq, Hkv, Dd, plan in cases:
@@ -170,8 +165,6 @@ def main():
             os.environ["OPPO_DECODE_REG_STAGE"] = "1"
         elif tickets == "hn":
             os.environ["OPPO_DECODE_HEADS_AS_N"] = "1"
-        elif tickets == "cl":
-            os.environ["OPPO_DECODE_CLAIM"] = "1"
         elif tickets in ("l2off", "l2", "l2x2"):
             os.environ["OPPO_DECODE_PREFETCH"] = {"l2off": "0", "l2": "1", "l2x2": "2"}[tickets]
         elif tickets and tickets != "stamps":
@@ -189,7 +182,6 @@ def main():
         os.environ.pop("OPPO_DECODE_FAST_MERGE", None)
         os.environ.pop("OPPO_DECODE_REG_STAGE", None)
         os.environ.pop("OPPO_DECODE_HEADS_AS_N", None)
-        os.environ.pop("OPPO_DECODE_CLAIM", None)
         ref = A.paged_decode_attention_ref(q, kk, vv, bt.clamp_min(0), ctx, 0.1, out=torch.empty_like(out))
         ok &= check(f"decode B={len(lens)} max len={max(lens)} Hq={Hq} Hkv={Hkv} D={Dd} plan={plan or 'v3'} "
                     f"splits={nsplit} ctas={ctas} items/cta<={per_cta}", out, ref)

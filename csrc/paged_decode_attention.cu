@@ -168,12 +168,6 @@ bool decode_heads_as_n(int G, PlanKind kind, bool reg_stage) {
   return env_switch("OPPO_DECODE_HEADS_AS_N", G >= 1 && G <= 8 && kind != PlanKind::v6 && !reg_stage);
 }
 
-// OPPO_DECODE_CLAIM=1 (plan v7 with the heads as N, split plans; the L2 prefetch at level 0 or 1, no
-// early refill): an A/B switch, off by default: the splits of a group balance its tiles at run time
-// (paged_decode_kernel's kCL: each split keeps three quarters of its partition, the rest is claimed
-// tile by tile from a counter per group by the splits that finish their own first). Session 33.
-bool decode_claim() { return env_switch("OPPO_DECODE_CLAIM"); }
-
 int decode_pipe_flags() {
   return decode_l2_ahead() | (env_switch("OPPO_DECODE_REFILL") ? oppo::attn::kDecodeEarlyRefill : 0) |
          (env_switch("OPPO_DECODE_DIAG_LOADS_ONLY") ? oppo::attn::kDecodeLoadsOnly : 0) |
@@ -415,11 +409,10 @@ DecodePlan plan_for(const DecodeShape& sh, PlanKind kind, int* resident_out) {
 }
 
 // Counters a v4/v5/v7 launch needs: one ticket per group when split, + (v5) the claim and exit
-// counters after them, + (v7 with OPPO_DECODE_CLAIM) one claim counter per group after the tickets;
-// none for v2, v3, v6 (their splits are merged by the reduction kernel).
-int64_t v4_counters(PlanKind kind, int64_t groups, int num_splits, bool claim = false) {
+// counters after them; none for v2, v3, v6 (their splits are merged by the reduction kernel).
+int64_t v4_counters(PlanKind kind, int64_t groups, int num_splits) {
   if (kind != PlanKind::v4 && kind != PlanKind::v5 && kind != PlanKind::v7) return 0;
-  return (num_splits > 1 ? groups * (claim && kind == PlanKind::v7 ? 2 : 1) : 0) + (kind == PlanKind::v5 ? 2 : 0);
+  return (num_splits > 1 ? groups : 0) + (kind == PlanKind::v5 ? 2 : 0);
 }
 
 // A launch's scratch: the split partials o [B, Hq, S, D] and lse [B, Hq, S] (when split) and
@@ -518,7 +511,7 @@ void launch_decode_v4(PlanKind kind, at::Tensor& out, const at::Tensor& q, const
 // reduction. kRS: the register-staged loader (OPPO_DECODE_REG_STAGE=1), kHN: the heads as the mma's
 // N (OPPO_DECODE_HEADS_AS_N=1), each planned as the default kernel: the launch checks that it fits as
 // many CTAs per SM.
-template <typename T, int D, int kStages, bool kRS = false, bool kHN = false, bool kCL = false>
+template <typename T, int D, int kStages, bool kRS = false, bool kHN = false>
 void launch_decode_split(PlanKind kind, at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,
                          const at::Tensor& v_cache, const at::Tensor& block_tables, const at::Tensor& context_lens,
                          double scale, const std::optional<at::Tensor>& workspace, int64_t max_partition) {
@@ -527,7 +520,7 @@ void launch_decode_split(PlanKind kind, at::Tensor& out, const at::Tensor& q, co
   const int B = sh.B, Hq = sh.Hq, block_size = sh.block_size, Hkv = sh.Hkv, G = sh.G, q_chunks = sh.q_chunks;
   const int64_t max_ctx = sh.max_ctx;
 
-  auto kernel = paged_decode_kernel<T, D, kStages, kRS, kHN, kCL>;
+  auto kernel = paged_decode_kernel<T, D, kStages, kRS, kHN>;
   constexpr int smem = DecodeSmem<T, D, kStages, kRS>::kBytes;
   int resident = 0;
   const DecodePlan plan = plan_for<T, D>(sh, kind, &resident);
@@ -544,8 +537,7 @@ void launch_decode_split(PlanKind kind, at::Tensor& out, const at::Tensor& q, co
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   at::Tensor ws;  // one piece: o [B, Hq, S, D] then lse [B, Hq, S] (v7: then its tickets, if not from the registry)
   const int64_t groups = static_cast<int64_t>(B) * Hkv * q_chunks;
-  const SplitScratch sc =
-      split_scratch(workspace, sh, D, num_splits, v4_counters(kind, groups, num_splits, kCL), q, ws, stream);
+  const SplitScratch sc = split_scratch(workspace, sh, D, num_splits, v4_counters(kind, groups, num_splits), q, ws, stream);
   float* ws_o_ptr = sc.ws_o;
   float* ws_lse_ptr = sc.ws_lse;
   const bool out_f32 = out.scalar_type() == at::kFloat;
@@ -574,7 +566,6 @@ void launch_decode(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cac
                    const std::optional<at::Tensor>& workspace, int64_t max_partition) {
   using namespace oppo::attn;
   const PlanKind kind = decode_plan_kind();
-  OPPO_CHECK(kind == PlanKind::v7 || !decode_claim(), "OPPO_DECODE_CLAIM=1 runs with plan v7 only");
   if (kind == PlanKind::v4 || kind == PlanKind::v5)
     launch_decode_v4<T, D>(kind, out, q, k_cache, v_cache, block_tables, context_lens, scale, workspace);
   else if (kind == PlanKind::v6 && DecodeLeanCfg<D>::kStages != DecodeCfg<D>::kStages)
@@ -584,18 +575,9 @@ void launch_decode(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cac
            decode_heads_as_n(static_cast<int>(q.size(1) / k_cache.size(2)), kind, rs)) {
     OPPO_CHECK(kind != PlanKind::v6 && !rs,
                "OPPO_DECODE_HEADS_AS_N=1 runs with plans v2, v3 and v7 and without OPPO_DECODE_REG_STAGE");
-    if (decode_claim()) {
-      OPPO_CHECK(kind == PlanKind::v7 && decode_l2_ahead() <= 1 && !env_switch("OPPO_DECODE_REFILL"),
-                 "OPPO_DECODE_CLAIM=1 runs with plan v7, OPPO_DECODE_PREFETCH 0 or 1 and without OPPO_DECODE_REFILL");
-      launch_decode_split<T, D, DecodeCfg<D>::kStages, false, true, true>(
-          kind, out, q, k_cache, v_cache, block_tables, context_lens, scale, workspace, max_partition);
-    } else {
-      launch_decode_split<T, D, DecodeCfg<D>::kStages, false, true>(kind, out, q, k_cache, v_cache, block_tables,
-                                                                    context_lens, scale, workspace, max_partition);
-    }
+    launch_decode_split<T, D, DecodeCfg<D>::kStages, false, true>(kind, out, q, k_cache, v_cache, block_tables,
+                                                                  context_lens, scale, workspace, max_partition);
   } else if (rs) {
-    OPPO_CHECK(!decode_claim(), "OPPO_DECODE_CLAIM=1 runs with the heads as N (groups of <= 8 heads), not with "
-               "OPPO_DECODE_REG_STAGE");
     OPPO_CHECK(kind != PlanKind::v6 && !env_switch("OPPO_DECODE_REFILL"),
                "OPPO_DECODE_REG_STAGE=1 runs with plans v2, v3 and v7 and without OPPO_DECODE_REFILL");
     if constexpr (D == 128)
@@ -605,8 +587,6 @@ void launch_decode(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cac
       OPPO_CHECK(false, "OPPO_DECODE_REG_STAGE=1 is built for head dim 128 only (at 64 its registers and shared "
                  "memory do not fit the 4 CTAs per SM the plans take), got head dim ", D);
   } else {
-    OPPO_CHECK(!decode_claim(),
-               "OPPO_DECODE_CLAIM=1 runs with the heads as N (groups of <= 8 heads, OPPO_DECODE_HEADS_AS_N not 0)");
     launch_decode_split<T, D, DecodeCfg<D>::kStages>(kind, out, q, k_cache, v_cache, block_tables, context_lens,
                                                      scale, workspace, max_partition);
   }
@@ -685,7 +665,7 @@ int64_t paged_decode_workspace_size_cuda(const at::Tensor& q, const at::Tensor& 
     using T = decltype(tag);
     constexpr int kD = decltype(dtag)::value;
     const DecodePlan plan = plan_for<T, kD>(sh, kind, nullptr);
-    return workspace_floats(sh, kD, plan.num_splits, 0) + v4_counters(kind, groups, plan.num_splits, decode_claim());
+    return workspace_floats(sh, kD, plan.num_splits, 0) + v4_counters(kind, groups, plan.num_splits);
   };
   using D64 = std::integral_constant<int, 64>;
   using D128 = std::integral_constant<int, 128>;

@@ -468,23 +468,7 @@ __device__ __forceinline__ void merge_split_partials(void* out, bool out_f32, in
 //              issue 7's long-CTA shapes in one call (0.996 of copy), 3-5% slower in another with
 //              this loop's SASS unchanged; 4% slower at (1, 32768) in both. Stored after the
 //              tile's arithmetic instead: slower everywhere; with tile 2 by cp.async: no better.
-// kCL (OPPO_DECODE_CLAIM=1, an A/B switch, plan v7 with the heads as N, split plans): the tiles of a
-//              group are balanced across its splits at run time. Split s keeps the first F of its
-//              PT = partition / 64 tiles (F = PT - PT / 4) as its own; the last PT / 4 tiles of every
-//              split form the group's pool, which the splits whose F tiles all lie in the context
-//              claim one tile at a time from the group's counter (tickets + B * gridDim.x + group),
-//              in order, when their own tiles run out: a split on a faster SM takes more of them.
-//              Claim k is pool tile (k / R) PT + F + k % R (R = PT / 4): increasing in k, so the
-//              first claim past the context ends a split's stream. Each stream position's first token
-//              goes through a ring of 8 ints in shared memory that thread 0 fills kStages + 2
-//              positions ahead (a claim is issued one position before it is needed: one tile time
-//              for the atomic); the loop is the default's with the tile numbers taken from the ring.
-//              Only where F >= kStages + 3 (claims start no earlier than iteration 0); else the
-//              default's static splits. The group's merging CTA (or a split-less one) zeroes the
-//              claim counter for the next launch. Session 33's stamps put the one-wave spread of
-//              SM finish times at issue 7's small shapes in SM ranges (GPCs) that finish ~20%
-//              early in every run: a static split cannot follow that, claims can.
-template <typename T, int D, int kStages, bool kRS = false, bool kHN = false, bool kCL = false>
+template <typename T, int D, int kStages, bool kRS = false, bool kHN = false>
 __global__ void __launch_bounds__(kDecodeThreads, DecodeBounds<D, kStages>::kMinBlocks)
 paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t o_s1,
                     const T* __restrict__ q, int64_t q_s0, int64_t q_s1,
@@ -497,7 +481,6 @@ paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t 
   using S = DecodeSmem<T, D, kStages, kRS>;
   static_assert(!kRS || (D == 128 && kStages == 3), "the register-staged loader is built for D=128, 3 stages");
   static_assert(!(kRS && kHN), "heads as N is built with the cp.async loader");
-  static_assert(!kCL || kHN, "claims are built on the heads-as-N loop");
   constexpr int kRow = S::kRow;
   constexpr int kOffSlots = S::kOffSlots;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -572,23 +555,8 @@ paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t 
     cta_stamp_end(decode_stamps);
     return;
   }
-  // kCL: the tiles of split s's partition kept as its own (F), the pool's tiles per split (R: 0, no
-  // claims), and whether this split claims (its F tiles all lie in the context)
-  const int part_tiles = num_splits > 1 ? partition / kDecodeTile : 0;
-  const int cl_keep = part_tiles - part_tiles / 4;
-  const int cl_pool = kCL && cl_keep >= kStages + 3 ? part_tiles / 4 : 0;
-  const bool claimer = cl_pool > 0 && start + cl_keep * kDecodeTile <= ctx;
-  // rows past `end` are masked; with claims any row of the group's context may come to this split
-  const int end = cl_pool > 0 ? ctx : min(ctx, start + partition);
-  const int ntiles = cl_pool > 0 ? ceil_div(min(ctx, start + cl_keep * kDecodeTile) - start, kDecodeTile)
-                     : end > start ? ceil_div(end - start, kDecodeTile) : 0;
-  unsigned* claims = cl_pool > 0 ? tickets + static_cast<int64_t>(gridDim.x) * gridDim.y +
-                                       static_cast<int64_t>(b) * gridDim.x + blockIdx.x
-                                 : nullptr;
-  // kCL: stream position p's first token (or -1: the stream has ended) in slot p % 8, filled by
-  // thread 0 kStages + 2 positions ahead; positions 0 .. kStages + 1 here (this split's own tiles)
-  __shared__ int cl_tok[8];
-  if (kCL && tid < kStages + 2) cl_tok[tid] = tid < ntiles ? start + tid * kDecodeTile : -1;
+  const int end = min(ctx, start + partition);
+  const int ntiles = end > start ? ceil_div(end - start, kDecodeTile) : 0;
 
   // Row offsets of tile t go to slot t % kStages; they are written kStages - 1 iterations before
   // the tile's load and made visible by the barrier at the top of the loop.
@@ -721,50 +689,6 @@ paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t 
       cp_async_commit();
     }
 
-    if constexpr (kCL) {
-      // The default loop (not early, prefetch level <= 1: the launcher checks) with stream positions
-      // for tiles: position u's first token is cl_tok[u % 8]. Thread 0's claim for position
-      // t + kStages + 3 is issued in iteration t and read in iteration t + 1.
-      int claimed = 0;     // thread 0: the claim issued last iteration (its position is written now)
-      bool spent = false;  // thread 0: a claim came back past the context (every later one would)
-      for (int t = 0; cl_tok[t & 7] >= 0; ++t) {
-        const int tok_t = cl_tok[t & 7];
-        cp_async_wait<kStages - 2>();
-        __syncthreads();  // tile t visible; every warp is past tile t - 1; cl_tok up to t + kStages + 1 set
-        if (cl_tok[(t + kStages - 1) & 7] >= 0) load_tile(t + kStages - 1);
-        cp_async_commit();
-        const int tok_off = cl_tok[(t + kStages) & 7];
-        if (tok_off >= 0 && tid < kDecodeTile) {  // slot t % kStages: tile t is loaded already
-          const int64_t off = decode_row_offset(next_page, tok_off + tid, end, page_stride, block_size, row_stride,
-                                                head_off);
-          off_s[(t % kStages) * kDecodeTile + tid] = off;
-          if (l2_ahead == 1 && off >= 0) {
-            prefetch_row_l2<T, D>(k_cache + off);
-            prefetch_row_l2<T, D>(v_cache + off);
-          }
-        }
-        const int tok_pg = cl_tok[(t + kStages + 1) & 7];
-        next_page = tok_pg >= 0 && tid < kDecodeTile ? decode_row_page(bt, block_size, tok_pg + tid, end) : -1;
-        if (tid == 0) {  // position t + kStages + 2 (its slot last held position t + kStages - 6 < t)
-          const int u = t + kStages + 2;
-          int tok = -1;
-          if (u < ntiles) {
-            tok = start + u * kDecodeTile;
-          } else if (claimer && !spent) {
-            const int tile = (claimed / cl_pool) * part_tiles + cl_keep + claimed % cl_pool;
-            if (tile < ceil_div(ctx, kDecodeTile)) tok = tile * kDecodeTile;
-            else spent = true;
-          }
-          cl_tok[u & 7] = tok;
-          if (claimer && !spent && u + 1 >= ntiles) claimed = static_cast<int>(atomicAdd(claims, 1u));
-        }
-        if (!loads_only)
-          decode_tile_update_hn<T, D, kRow>(stage_base + (t % kStages) * 2 * S::kTileElems + warp * 16 * kRow,
-                                            stage_base + (t % kStages) * 2 * S::kTileElems + S::kTileElems +
-                                                warp * 16 * kRow,
-                                            qb, lane, tok_t + warp * 16, end, scale_log2, m, l, o);
-      }
-    } else
     for (int t = 0; t < ntiles; ++t) {
       // pending copy groups behind tile t: tiles t+1 .. t+kStages-1 (early), t+1 .. t+kStages-2 (not)
       if (early) {
@@ -850,14 +774,10 @@ paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t 
       if (d == 0) ws_lse[slot] = M + log2f(L);
     }
   }
-  // kCL: the claim counter back to zero for the next launch, by the CTA that writes the output (after
-  // every claim of the group: each split's claims come before its ticket, whose atomic orders them)
-  if (kCL && claims != nullptr && direct && tid == 0) atomicExch(claims, 0u);
   if (tickets != nullptr && !direct) {  // v7: the group's last CTA merges its splits (no reduction kernel)
     __shared__ int flag_s;
     const bool fast = (pipe_flags & kDecodeFastMerge) != 0;
     if (draw_last_ticket(tickets + static_cast<int64_t>(b) * gridDim.x + blockIdx.x, nvalid, &flag_s, fast)) {
-      if (kCL && claims != nullptr && tid == 0) atomicExch(claims, 0u);
       // 32-split batches only where the registers allow them: D=128 at 2 CTAs per SM (v7's 3
       // stages; the lean 2-stage instantiation, 3 CTAs per SM, would spill, and never merges here)
       if (fast)

@@ -599,51 +599,6 @@ def test_decode_heads_as_n_keeps_the_error(monkeypatch, mode, plan, dtype, B, Hq
         A.paged_decode_attention(q16, kv.k, kv.v, bt, ctx, D ** -0.5, backend="cuda")
 
 
-@pytest.mark.parametrize("mode", ["eager", "graph"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("B,Hq,Hkv,D,table,lens", [
-    (1, 32, 8, 128, 32768, None),                             # 32 splits of 16 tiles: 12 kept, 4 to the pool
-    (5, 32, 8, 128, 4096, None),                              # ragged, 6 splits of 11 tiles; one context within split 0
-    (40, 14, 2, 64, 4096, [4096 - 97 * b for b in range(40)]),  # G=7 at head dim 64, 6 splits, every length
-    (4, 8, 8, 128, 8192, [0, 17, 8192, 5000]),                # G=1, an empty context, one token
-    (3, 14, 2, 64, 2048, [2048, 1999, 1]),                    # splits of 4 tiles: too short to claim (static)
-])
-def test_decode_claims_keep_the_error(monkeypatch, mode, dtype, B, Hq, Hkv, D, table, lens):
-    """OPPO_DECODE_CLAIM=1 (plan v7, heads as N: each split keeps three quarters of its partition and
-    the rest of the group's tiles are claimed one by one from a counter per group) against the
-    static splits on the same pages: float32 out within 2e-3 of the fp32 reference and within 1e-3
-    of the default (the same products, summed per split in another order), on shuffled pages, ragged
-    contexts (empty, one token, within split 0, not multiples of the page), G = 1, 4 and 7, both head
-    dims, bf16 and fp16, NaN-poisoned outputs; twice eagerly and twice from a graph replay (each on
-    the claim counters the last call left: they must be back at zero)."""
-    _use_plan(monkeypatch, "v7")
-    kv, bt, ctx, q, ref = _ragged_switch_case(B, Hq, Hkv, D, table, lens, dtype)
-    base, runs = _switch_runs(monkeypatch, "OPPO_DECODE_CLAIM", mode, q, kv, bt, ctx, D ** -0.5)
-    if mode == "eager":   # a second eager call on the counters the first left
-        _, again = _switch_runs(monkeypatch, "OPPO_DECODE_CLAIM", mode, q, kv, bt, ctx, D ** -0.5)
-        runs += again
-    for got in runs:
-        assert torch.isfinite(got).all()
-        assert float((got - ref).norm() / ref.norm()) < 2e-3
-        assert float((got - base).norm() / base.norm()) < 1e-3
-
-
-def test_decode_claims_refused_where_not_built(monkeypatch):
-    """OPPO_DECODE_CLAIM=1 with a plan other than v7, with the 16-row form (a group of 16 heads) or
-    with the level-2 prefetch: a clear error, not a silent fallback to the static splits."""
-    kv, bt, ctx, q, _ = _ragged_switch_case(1, 32, 8, 128, 32768, None, torch.bfloat16)
-    monkeypatch.setenv("OPPO_DECODE_CLAIM", "1")
-    for plan, env, match in (("v3", {}, "plan v7 only"), ("v7", {"OPPO_DECODE_PREFETCH": "2"}, "PREFETCH 0 or 1"),
-                             ("v7", {"OPPO_DECODE_HEADS_AS_N": "0"}, "heads as N")):
-        _use_plan(monkeypatch, plan)
-        for k, v in env.items():
-            monkeypatch.setenv(k, v)
-        with pytest.raises(RuntimeError, match=match):
-            A.paged_decode_attention(q, kv.k, kv.v, bt, ctx, 128 ** -0.5, backend="cuda")
-        for k in env:
-            monkeypatch.delenv(k)
-
-
 @pytest.mark.parametrize("plan", ["v3", "v7", "v6"])
 @pytest.mark.parametrize("B,Hq,Hkv,D,table", [
     (3, 8, 8, 128, 4096),      # G=1 (the N form since session 28)
