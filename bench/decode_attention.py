@@ -30,6 +30,13 @@ ragged lengths as a mask (SDPA: a boolean mask over the padded cache; FlexAttent
 which skips the padding's blocks). It is reported apart: `summary.ragged_*`, not in the minima of
 the five shapes of issue 7.
 
+Beside the 4 GiB copy (the rate the fractions are of), each row times a device copy that moves the
+row's own bytes (`copy_` of half of them: half read, half written; eager or graph replays, the
+faster, as the 4 GiB copy): `copy_same_*` columns and `summary.min_speedup_vs_same_size_copy`. At
+issue 7's 135 MB shapes a call's fixed costs (the launch gap, the ramp before DRAM streams, the
+drain after the last byte) are ~15% of its time, for a copy too (session 33, H100: the copy of
+134 MB reached 0.846 of the 4 GiB copy's rate; bench/size_ceiling.py sweeps the sizes).
+
 Bytes counted: every K and V byte of every context once, plus q and out. One query per
 sequence; all sequences hold `ctx` tokens on shuffled pages of a pool whose page holds one
 layer's K and V (so the K/V page stride is twice a page's K). SDPA gets the GQA group as a
@@ -250,6 +257,16 @@ def main() -> None:
         except Exception as e:  # noqa: BLE001
             row["sdpa_error"] = f"{type(e).__name__}: {e}"[:300]
             print(row["sdpa_error"])
+        try:   # a copy that moves this row's bytes (the size's own ceiling beside the 4 GiB copy's rate)
+            src = torch.empty(nbytes // 4, dtype=torch.bfloat16, device="cuda").uniform_()
+            dst = torch.empty_like(src)
+            ms = min(time_ms(lambda: dst.copy_(src), graph=g) for g in (True, False))
+            row["copy_same_us"] = ms * 1e3
+            row["copy_same_frac_copy_bw"] = 4 * (nbytes // 4) / (ms * 1e-3) / bw
+            del src, dst
+        except Exception as e:  # noqa: BLE001
+            row["copy_same_error"] = f"{type(e).__name__}: {e}"[:300]
+            print(row["copy_same_error"])
         if flex is not None:
             q4 = q.view(B, Hq, 1, D)
             try:
@@ -277,7 +294,7 @@ def main() -> None:
                 del ref
             except Exception as e:  # noqa: BLE001
                 print(f"check failed: {e}")
-            for k in ("sdpa_us", "flex_us"):
+            for k in ("sdpa_us", "flex_us", "copy_same_us"):
                 if k in row and "ours_us" in row:   # (the first plan may have failed at this shape)
                     row["speedup_vs_" + k[:-3]] = row[k] / row["ours_us"]
         rows.append(row)
@@ -303,9 +320,11 @@ def main() -> None:
                        (f"ctas_{plans[0]}", "CTAs", "d"), (f"items_per_cta_{plans[0]}", "items/CTA", "d"), ("ours_us", "ours us", ".1f"),
                        ("ours_frac_copy_bw", "ours/copy", ".3f"), ("ours_again_us", "again us", ".1f"),
                        ("ours_spread", "spread", ".3f"), *extra, ("sdpa_us", "sdpa us", ".1f"),
-                       ("sdpa_frac_copy_bw", "sdpa/copy", ".3f"), ("flex_us", "flex us", ".1f"),
+                       ("sdpa_frac_copy_bw", "sdpa/copy", ".3f"), ("copy_same_us", "same-size copy us", ".1f"),
+                       ("copy_same_frac_copy_bw", "same-size copy/copy", ".3f"), ("flex_us", "flex us", ".1f"),
                        ("flex_frac_copy_bw", "flex/copy", ".3f"), ("speedup_vs_sdpa", "x sdpa", ".2f"),
-                       ("speedup_vs_flex", "x flex", ".2f"), ("rel_err_vs_fp32", "rel err", ".1e")])
+                       ("speedup_vs_flex", "x flex", ".2f"), ("speedup_vs_copy_same", "x same-size copy", ".2f"),
+                       ("rel_err_vs_fp32", "rel err", ".1e")])
     print("summary:", _summary(rows))
     print("wrote", out_path)
 
@@ -325,6 +344,7 @@ def _summary(rows):
            **{f"min_fraction_of_copy_bw_{p}": mn(f"ours_{p}_frac_copy_bw") for p in other},
            "min_speedup_vs_sdpa_contiguous": mn("speedup_vs_sdpa"),
            "min_speedup_vs_flex": mn("speedup_vs_flex"),
+           "min_speedup_vs_same_size_copy": mn("speedup_vs_copy_same"),
            "max_spread_same_plan": max((r["ours_spread"] for r in rows if "ours_spread" in r), default=None),
            "shapes": len(rows)}
     if extra:
