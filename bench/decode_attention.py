@@ -34,8 +34,8 @@ Beside the 4 GiB copy (the rate the fractions are of), each row times a device c
 row's own bytes (`copy_` of half of them: half read, half written; eager or graph replays, the
 faster, as the 4 GiB copy): `copy_same_*` columns and `summary.min_speedup_vs_same_size_copy`. At
 issue 7's 135 MB shapes a call's fixed costs (the launch gap, the ramp before DRAM streams, the
-drain after the last byte) are ~15% of its time, for a copy too (session 33, H100: the copy of
-134 MB reached 0.846 of the 4 GiB copy's rate; bench/size_ceiling.py sweeps the sizes).
+drain after the last byte) weigh on a copy too: session 33 (H100) measured a 135 MB copy at
+0.93-0.945 of the 4 GiB copy's rate (bench/size_ceiling.py sweeps the sizes).
 
 Bytes counted: every K and V byte of every context once, plus q and out. One query per
 sequence; all sequences hold `ctx` tokens on shuffled pages of a pool whose page holds one

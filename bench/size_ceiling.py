@@ -40,18 +40,19 @@ def main() -> None:
         nbytes = int(mb * 1e6) // 1024 * 1024
         n = nbytes // 2                                  # bf16 elements moved
         src = torch.empty(n, dtype=torch.bfloat16, device="cuda").uniform_()
-        half = torch.empty(n // 2, dtype=torch.bfloat16, device="cuda")
+        a = torch.empty(n // 2, dtype=torch.bfloat16, device="cuda").uniform_()   # the copy: a -> b, as
+        b = torch.empty_like(a)                                                  # decode_attention.py's column
         red = torch.empty(n // 32768, dtype=torch.bfloat16, device="cuda")
         view = src[: (n // 32768) * 32768].view(-1, 32768)
         row = {"mb": nbytes / 1e6}
         for name, fn, moved in (
-                ("copy", lambda: half.copy_(src[: n // 2]), 2 * (n // 2) * 2),   # n/2 read + n/2 written
+                ("copy", lambda: b.copy_(a), 2 * (n // 2) * 2),   # n/2 read + n/2 written
                 ("read", lambda: torch.amax(view, dim=1, out=red), view.numel() * 2),
                 ("write", lambda: src.fill_(1.0), n * 2)):
             ms = min(time_ms(fn, calls_per_replay=10, reps=15, graph=g) for g in (True, False))
             row[f"{name}_us"] = ms * 1e3
             row[f"{name}_frac_copy_bw"] = moved / (ms * 1e-3) / bw
-        del src, half, red, view
+        del src, a, b, red, view
         torch.cuda.empty_cache()
         rows.append(row)
         print(f"  done {row['mb']:.0f} MB: " + ", ".join(f"{k}={v:.3g}" for k, v in row.items() if k != "mb"))
