@@ -8,6 +8,7 @@ void paged_decode_attention_cuda(at::Tensor& out, const at::Tensor& q, const at:
                                  const at::Tensor& context_lens, double scale,
                                  const std::optional<at::Tensor>& workspace, int64_t max_partition);
 void decode_cta_stamps_cuda(at::Tensor& stamps);
+void decode_tile_stamps_cuda(at::Tensor& stamps);
 void prefill_item_stamps_cuda(at::Tensor& stamps);
 void prefill_turn_stamps_cuda(at::Tensor& stamps);
 int64_t paged_decode_workspace_size_cuda(const at::Tensor& q, const at::Tensor& k_cache,
@@ -21,6 +22,7 @@ void paged_prefill_attention_cuda(at::Tensor& out, const at::Tensor& q, const at
   m.impl("paged_decode_attention", &paged_decode_attention_cuda);          \
   m.impl("paged_decode_workspace_size", &paged_decode_workspace_size_cuda); \
   m.impl("decode_cta_stamps", &decode_cta_stamps_cuda);                    \
+  m.impl("decode_tile_stamps", &decode_tile_stamps_cuda);                  \
   m.impl("paged_prefill_attention", &paged_prefill_attention_cuda);        \
   m.impl("prefill_item_stamps", &prefill_item_stamps_cuda);               \
   m.impl("prefill_turn_stamps", &prefill_turn_stamps_cuda);

@@ -17,6 +17,7 @@ TORCH_LIBRARY(oppo, m) {
         "Tensor context_lens, float scale, Tensor(b!)? workspace=None, int max_partition=0) -> ()");
   m.def("paged_decode_workspace_size(Tensor q, Tensor k_cache, Tensor block_tables, int max_partition=0) -> int");
   m.def("decode_cta_stamps(Tensor(a!) stamps) -> ()");
+  m.def("decode_tile_stamps(Tensor(a!) stamps) -> ()");
   m.def("prefill_item_stamps(Tensor(a!) stamps) -> ()");
   m.def("prefill_turn_stamps(Tensor(a!) stamps) -> ()");
   m.def("paged_prefill_attention(Tensor(a!) out, Tensor q, Tensor k_cache, Tensor v_cache, Tensor cu_seqlens_q, "

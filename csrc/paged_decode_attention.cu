@@ -51,6 +51,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <algorithm>
+#include <atomic>
 #include <array>
 #include <climits>
 #include <cstdlib>
@@ -166,6 +167,12 @@ bool decode_reg_stage() { return env_switch("OPPO_DECODE_REG_STAGE"); }
 // groups of more than 8 heads, or with plan v6 or OPPO_DECODE_REG_STAGE); 0: off.
 bool decode_heads_as_n(int G, PlanKind kind, bool reg_stage) {
   return env_switch("OPPO_DECODE_HEADS_AS_N", G >= 1 && G <= 8 && kind != PlanKind::v6 && !reg_stage);
+}
+
+// Whether decode_tile_stamps is on (the launcher then takes the heads-as-N kernel that writes them).
+std::atomic<bool>& tile_stamps_on() {
+  static std::atomic<bool> on{false};
+  return on;
 }
 
 int decode_pipe_flags() {
@@ -511,7 +518,7 @@ void launch_decode_v4(PlanKind kind, at::Tensor& out, const at::Tensor& q, const
 // reduction. kRS: the register-staged loader (OPPO_DECODE_REG_STAGE=1), kHN: the heads as the mma's
 // N (OPPO_DECODE_HEADS_AS_N=1), each planned as the default kernel: the launch checks that it fits as
 // many CTAs per SM.
-template <typename T, int D, int kStages, bool kRS = false, bool kHN = false>
+template <typename T, int D, int kStages, bool kRS = false, bool kHN = false, bool kTS = false>
 void launch_decode_split(PlanKind kind, at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,
                          const at::Tensor& v_cache, const at::Tensor& block_tables, const at::Tensor& context_lens,
                          double scale, const std::optional<at::Tensor>& workspace, int64_t max_partition) {
@@ -520,7 +527,7 @@ void launch_decode_split(PlanKind kind, at::Tensor& out, const at::Tensor& q, co
   const int B = sh.B, Hq = sh.Hq, block_size = sh.block_size, Hkv = sh.Hkv, G = sh.G, q_chunks = sh.q_chunks;
   const int64_t max_ctx = sh.max_ctx;
 
-  auto kernel = paged_decode_kernel<T, D, kStages, kRS, kHN>;
+  auto kernel = paged_decode_kernel<T, D, kStages, kRS, kHN, kTS>;
   constexpr int smem = DecodeSmem<T, D, kStages, kRS>::kBytes;
   int resident = 0;
   const DecodePlan plan = plan_for<T, D>(sh, kind, &resident);
@@ -575,8 +582,16 @@ void launch_decode(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cac
            decode_heads_as_n(static_cast<int>(q.size(1) / k_cache.size(2)), kind, rs)) {
     OPPO_CHECK(kind != PlanKind::v6 && !rs,
                "OPPO_DECODE_HEADS_AS_N=1 runs with plans v2, v3 and v7 and without OPPO_DECODE_REG_STAGE");
-    launch_decode_split<T, D, DecodeCfg<D>::kStages, false, true>(kind, out, q, k_cache, v_cache, block_tables,
-                                                                  context_lens, scale, workspace, max_partition);
+    if (tile_stamps_on().load()) {  // bench/decode_tiles.py: its own instantiation, bf16 only
+      if constexpr (std::is_same_v<T, __nv_bfloat16>)
+        launch_decode_split<T, D, DecodeCfg<D>::kStages, false, true, true>(
+            kind, out, q, k_cache, v_cache, block_tables, context_lens, scale, workspace, max_partition);
+      else
+        OPPO_CHECK(false, "decode_tile_stamps: built for bf16 only");
+    } else {
+      launch_decode_split<T, D, DecodeCfg<D>::kStages, false, true>(kind, out, q, k_cache, v_cache, block_tables,
+                                                                    context_lens, scale, workspace, max_partition);
+    }
   } else if (rs) {
     OPPO_CHECK(kind != PlanKind::v6 && !env_switch("OPPO_DECODE_REFILL"),
                "OPPO_DECODE_REG_STAGE=1 runs with plans v2, v3 and v7 and without OPPO_DECODE_REFILL");
@@ -639,6 +654,15 @@ void paged_decode_attention_cuda(at::Tensor& out, const at::Tensor& q, const at:
 // writes row c (start ns, end ns, SM id); see set_stamps.
 void decode_cta_stamps_cuda(at::Tensor& stamps) {
   set_stamps("decode_cta_stamps", oppo::attn::decode_stamps, stamps);
+}
+
+// Per-tile stamps of paged_decode_kernel (plans v2, v3, v7 with the heads as N, bf16;
+// bench/decode_tiles.py): while on, those launches take the kernel instantiated with them, whose
+// thread 0 of CTA c writes rows c * kTileStampRows ..: one per event (kernels/paged_decode_attention.cuh
+// kTsd*). Off again with an empty tensor.
+void decode_tile_stamps_cuda(at::Tensor& stamps) {
+  set_stamps("decode_tile_stamps", oppo::attn::decode_tile_stamps, stamps);
+  tile_stamps_on().store(stamps.numel() > 0);
 }
 
 // Floats of `workspace` that paged_decode_attention needs for this q, k_cache and block_tables

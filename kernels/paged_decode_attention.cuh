@@ -50,6 +50,19 @@ template <int D, int kStages> struct DecodeBounds {
 // Per-CTA timestamps of paged_decode_kernel (see CtaStamps), set by the launcher's host side
 // (oppo::decode_cta_stamps); off by default. Constant memory: the check costs no register.
 static __constant__ CtaStamps decode_stamps;
+// Per-tile stamps (bench/decode_tiles.py), only in the kernel instantiated with kTS (the launcher
+// takes it while oppo::decode_tile_stamps is on: plans v2, v3 and v7 with the heads as N, bf16):
+// thread 0 of CTA c (linear id) writes rows c * kTileStampRows .. (c + 1) * kTileStampRows - 1, one
+// per event in order: %globaltimer ns, event | tile << 8, the SM id. Rows past the CTA's slice or the
+// buffer are not written. The events of a CTA's life:
+constexpr int kTsdStart = 0;    // its start, before its first load
+constexpr int kTsdIssued = 1;   // its start-up's loads issued (Q, the first tiles' offsets and copies)
+constexpr int kTsdLanded = 2;   // tile t landed (the wait and barrier at the top of iteration t passed)
+constexpr int kTsdLoopEnd = 3;  // every tile computed and every copy waited on (the warps' merge next)
+constexpr int kTsdStored = 4;   // its partial (or, unsplit, its output) written by thread 0
+constexpr int kTsdEnd = 5;      // its end: tile 1 if it merged its group's splits after the ticket, else 0
+constexpr int kTileStampRows = 64;
+static __constant__ CtaStamps decode_tile_stamps;
 
 // Q (16 rows) is staged in the K buffer of the last pipeline slot: that slot is first written by
 // the load issued in loop iteration 0, after the barrier that follows every warp's ldmatrix of Q.
@@ -468,7 +481,7 @@ __device__ __forceinline__ void merge_split_partials(void* out, bool out_f32, in
 //              issue 7's long-CTA shapes in one call (0.996 of copy), 3-5% slower in another with
 //              this loop's SASS unchanged; 4% slower at (1, 32768) in both. Stored after the
 //              tile's arithmetic instead: slower everywhere; with tile 2 by cp.async: no better.
-template <typename T, int D, int kStages, bool kRS = false, bool kHN = false>
+template <typename T, int D, int kStages, bool kRS = false, bool kHN = false, bool kTS = false>
 __global__ void __launch_bounds__(kDecodeThreads, DecodeBounds<D, kStages>::kMinBlocks)
 paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t o_s1,
                     const T* __restrict__ q, int64_t q_s0, int64_t q_s1,
@@ -481,6 +494,7 @@ paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t 
   using S = DecodeSmem<T, D, kStages, kRS>;
   static_assert(!kRS || (D == 128 && kStages == 3), "the register-staged loader is built for D=128, 3 stages");
   static_assert(!(kRS && kHN), "heads as N is built with the cp.async loader");
+  static_assert(!kTS || kHN, "the tile stamps are built into the heads-as-N loop");
   constexpr int kRow = S::kRow;
   constexpr int kOffSlots = S::kOffSlots;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -488,6 +502,21 @@ paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t 
   T* q_s = stage_base + S::kQOffset;
   int64_t* off_s = reinterpret_cast<int64_t*>(stage_base + kStages * 2 * S::kTileElems);
   cta_stamp_start(decode_stamps);
+  // kTS: thread 0's next row of decode_tile_stamps (see kTsdStart)
+  int ts_row = 0;
+  auto tstamp = [&](int event, int tile) {
+    if constexpr (kTS) {
+      const CtaStamps st = decode_tile_stamps;
+      const int64_t row = cta_linear_id() * kTileStampRows + ts_row;
+      if (threadIdx.x == 0 && st.rows != nullptr && ts_row < kTileStampRows && row < st.capacity) {
+        st.rows[3 * row] = global_ns();
+        st.rows[3 * row + 1] = event | (static_cast<int64_t>(tile) << 8);
+        st.rows[3 * row + 2] = sm_id();
+      }
+      ++ts_row;
+    }
+  };
+  tstamp(kTsdStart, 0);
   pdl_wait();  // launched with PDL (OPPO_DECODE_PDL): the previous kernel's outputs (q, the cache) from here
   const bool loads_only = (pipe_flags & kDecodeLoadsOnly) != 0;
   const bool early = (pipe_flags & kDecodeEarlyRefill) != 0;
@@ -596,6 +625,7 @@ paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t 
     if (s < ntiles) load_tile(s);
     cp_async_commit();
   }
+  tstamp(kTsdIssued, 0);
   if (!kRS && l2_ahead > 1 && kStages < ntiles && tid < kDecodeTile) {  // tile kStages (l2_ahead 1: in iteration 0)
     const int64_t off = decode_row_offset(next_page, start + kProRows + tid, end, page_stride, block_size, row_stride,
                                           head_off);
@@ -700,6 +730,7 @@ paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t 
         if (t + kStages - 1 < ntiles) load_tile(t + kStages - 1);
         cp_async_commit();
       }
+      tstamp(kTsdLanded, t);
       if (t + kStages < ntiles && tid < kDecodeTile) {  // slot t % kStages: tile t is loaded already
         const int pos = start + (t + kStages) * kDecodeTile + tid;
         const int64_t off = decode_row_offset(next_page, pos, end, page_stride, block_size, row_stride, head_off);
@@ -749,6 +780,7 @@ paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t 
   cp_async_wait<0>();
   pdl_launch_dependents();  // every read is done: the reduction (or the next op) may be scheduled
   __syncthreads();
+  tstamp(kTsdLoopEnd, 0);
   float* o_m = reinterpret_cast<float*>(stage_base);        // warp partials, see warp_partials_to_smem
   if constexpr (kHN)
     warp_partials_to_smem_hn<D>(o_m, m, l, o, warp, lane);
@@ -774,10 +806,13 @@ paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t 
       if (d == 0) ws_lse[slot] = M + log2f(L);
     }
   }
+  tstamp(kTsdStored, 0);
+  bool merged = false;
   if (tickets != nullptr && !direct) {  // v7: the group's last CTA merges its splits (no reduction kernel)
     __shared__ int flag_s;
     const bool fast = (pipe_flags & kDecodeFastMerge) != 0;
     if (draw_last_ticket(tickets + static_cast<int64_t>(b) * gridDim.x + blockIdx.x, nvalid, &flag_s, fast)) {
+      merged = true;
       // 32-split batches only where the registers allow them: D=128 at 2 CTAs per SM (v7's 3
       // stages; the lean 2-stage instantiation, 3 CTAs per SM, would spill, and never merges here)
       if (fast)
@@ -787,6 +822,7 @@ paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t 
         merge_split_partials<T, D>(out, out_f32, o_s0, o_s1, ws_o, ws_lse, b, Hq, hq0, rows, num_splits, nvalid, tid);
     }
   }
+  tstamp(kTsdEnd, merged ? 1 : 0);
   cta_stamp_end(decode_stamps);  // thread 0's last store: within the merge's few loads of the CTA's end
 }
 

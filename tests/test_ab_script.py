@@ -10,7 +10,7 @@ from _scripts import load_script
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 SCRIPTS = ["ab_v6_wgmma3.sh", "ab_ks_caps.sh", "ab_clock_gemm.sh", "prefill_source_map.sh", "prefill_engine_check.sh",
-           "heads_as_n_check.sh", "reg_stage_check.sh", "epilogue_check.sh", "hn_default_check.sh", "suite_stress_check.sh", "turns_check.sh"]
+           "heads_as_n_check.sh", "reg_stage_check.sh", "epilogue_check.sh", "hn_default_check.sh", "suite_stress_check.sh", "turns_check.sh", "tiles_check.sh"]
 
 
 @pytest.fixture(params=SCRIPTS)
@@ -39,6 +39,7 @@ def test_every_plan_the_calls_name_is_accepted(script):
     p = load_script(BENCH, "prefill_attention")
     decode = [pl for ls in re.findall(r'ARGS_decode_attention="[^"]*?--plans ([\w+,]+)', SCRIPT) for pl in ls.split(",")]
     decode += [pl for ls in _plans_after(SCRIPT, "decode_stamps.py --plans") for pl in ls]
+    decode += [pl for ls in _plans_after(SCRIPT, "decode_tiles.py --plans") for pl in ls]
     decode += [pl for ls in re.findall(r"decode_attention\.py[^\n]*?--plans\s+([\w+,]+)", SCRIPT) for pl in ls.split(",")]
     decode += [pl for ls in re.findall(r'ARGS_decode_stamps="--plans ([\w+,]+)', SCRIPT) for pl in ls.split(",")]
     decode += [pl for ls in re.findall(r"^P=([\w+,]+)", SCRIPT, flags=re.M) for pl in ls.split(",")]   # a plan list

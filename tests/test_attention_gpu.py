@@ -453,6 +453,58 @@ def test_decode_cta_stamps_cover_every_cta_and_change_nothing(monkeypatch, plan,
                 torch.ops.oppo.decode_cta_stamps(few)
 
 
+@pytest.mark.parametrize("plan", ["v7", "v3"])
+@pytest.mark.parametrize("B,Hq,Hkv,D,table", [(1, 32, 8, 128, 32768), (3, 14, 2, 64, 2048)])
+def test_decode_tile_stamps_follow_each_cta_and_change_nothing(monkeypatch, plan, B, Hq, Hkv, D, table):
+    """decode_tile_stamps (bench/decode_tiles.py): the kernel instantiated with them gives bit for
+    bit the plain kernel's output; each CTA of the grid with part of a context writes its events in
+    order (start, loads issued, tiles 0, 1, ... landed, loop end, stored, end), at non-decreasing
+    times on one SM, one row per tile of its split (the plan mirror's partition); splits past a
+    context write nothing; with plan v7 and a split group exactly one CTA per group merges (end's
+    tile 1). fp16 is a clear error; after the block launches write nothing."""
+    _use_plan(monkeypatch, plan)
+    bs = 16
+    lens = [table - 5 - 700 * b for b in range(B)]
+    kv, bt, ctx = _full_width_case(lens, Hkv, D, table, bs)
+    q = torch.randn(B, Hq, D, device="cuda").bfloat16()
+    splits, part = _plan(B, Hq, Hkv, D, bt.shape[1] * bs, plan)
+    groups = Hkv * math.ceil(Hq // Hkv / 16)
+    ws = A.paged_decode_workspace(q, kv.k, bt, backend="cuda")
+    plain = A.paged_decode_attention(q, kv.k, kv.v, bt, ctx, D ** -0.5, backend="cuda", workspace=ws)
+    rows_per = 64
+    with A.decode_tile_stamps(splits * groups * B * rows_per) as stamps:
+        stamped = A.paged_decode_attention(q, kv.k, kv.v, bt, ctx, D ** -0.5, backend="cuda", workspace=ws)
+        torch.cuda.synchronize()
+        st = stamps.cpu().view(-1, rows_per, 3)
+        with pytest.raises(RuntimeError, match="bf16 only"):
+            A.paged_decode_attention(q.half(), kv.k.half(), kv.v.half(), bt, ctx, D ** -0.5, backend="cuda")
+    assert torch.equal(stamped, plain)
+    merges = {}
+    for c in range(splits * groups * B):
+        g, b, split = c % groups, (c // groups) % B, c // (groups * B)      # grid (groups, B, splits)
+        start, end = split * part, min(lens[b], split * part + part) if splits > 1 else lens[b]
+        cta = st[c]
+        if splits > 1 and start >= lens[b]:   # a split past its context: its start only
+            assert int(cta[0, 1]) == 0 and int(cta[0, 0]) > 0 and not cta[1:].any(), (c, cta[:3].tolist())
+            continue
+        n = math.ceil((end - start) / 64)
+        ev = [int(e) & 0xFF for e in cta[:, 1]]
+        tiles = [int(e) >> 8 for e in cta[:, 1]]
+        want = [0, 1] + [2] * n + [3, 4, 5]
+        assert ev[:len(want)] == want and not cta[len(want):].any(), (c, ev[:len(want) + 2])
+        assert tiles[2:2 + n] == list(range(n)), (c, tiles[:n + 2])
+        t = cta[:len(want), 0]
+        assert bool((t[1:] >= t[:-1]).all()) and int(t[0]) > 0, (c, t.tolist())
+        assert len({int(x) for x in cta[:len(want), 2]}) == 1, f"CTA {c} on several SMs"
+        merges[(b, g)] = merges.get((b, g), 0) + tiles[len(want) - 1]
+    if plan == "v7" and splits > 1:
+        assert all(m == 1 for (b, g), m in merges.items() if lens[b] > part), merges
+    stamps.zero_()
+    A.paged_decode_attention(q, kv.k, kv.v, bt, ctx, D ** -0.5, backend="cuda", workspace=ws)
+    torch.cuda.synchronize()
+    assert not stamps.any(), "stamps written after the block"
+
+
 def test_decode_loads_only_diagnostic_reaches_the_kernel_and_warns(monkeypatch):
     """OPPO_DECODE_DIAG_LOADS_ONLY=1 (bench/decode_attention.py's +lo: the split kernel's loads
     without its arithmetic) must reach the kernel, or an A/B of it times the default twice (the

@@ -27,7 +27,7 @@ from ._backend import MissingKernelError, choose_backend, has_cuda_kernels, reco
 __all__ = [
     "kv_append", "kv_append_ref",
     "paged_decode_attention", "paged_decode_attention_ref", "paged_decode_plan", "paged_decode_resident_ctas",
-    "paged_decode_workspace", "decode_cta_stamps", "prefill_item_stamps", "prefill_turn_stamps",
+    "paged_decode_workspace", "decode_cta_stamps", "decode_tile_stamps", "prefill_item_stamps", "prefill_turn_stamps",
     "paged_prefill_attention", "paged_prefill_attention_ref", "prefill_wgmma_available",
     "varlen_causal_attention", "gather_paged_kv", "acc_dtype", "attention_kernels_support",
 ]
@@ -368,6 +368,17 @@ def decode_cta_stamps(capacity: int, device=None):
     but graphs replayed inside the block stamp too. Raises where the CUDA kernels are not built or
     no GPU is present."""
     return _stamps("decode_cta_stamps", capacity, device)
+
+
+def decode_tile_stamps(capacity: int, device=None):
+    """Per-tile stamps of the CUDA decode kernel (plans v2, v3, v7 with the heads as the mma's N, bf16;
+    ``bench/decode_tiles.py``), as ``decode_cta_stamps``: while on, those launches run a kernel
+    instantiated with them. Thread 0 of CTA c (linear id) writes rows c * 64 .. c * 64 + 63, one per
+    event in order: %globaltimer ns, event | tile << 8, SM id; events (kernels/paged_decode_attention.cuh
+    kTsd*): 0 start, 1 start-up's loads issued, 2 tile t landed (one row per tile), 3 every tile done,
+    4 its partial or output written, 5 its end (tile 1: it merged its group's splits). A CTA's rows past
+    64 and rows past ``capacity`` are not written; a split past its context writes its start only."""
+    return _stamps("decode_tile_stamps", capacity, device)
 
 
 def prefill_item_stamps(capacity: int, device=None):

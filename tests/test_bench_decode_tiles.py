@@ -1,0 +1,38 @@
+"""bench/decode_tiles.py's reading of the per-tile stamps, without a GPU: a synthetic call of three
+CTAs (one merging its group, one that does not, one split past its context) whose stamps are known,
+read back as the ramp, the tile interval, the end's parts and the rate per time bin."""
+from pathlib import Path
+
+import torch
+
+from _scripts import load_script
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def _cta(rows: list[tuple[float, int, int]], sm: int = 3) -> torch.Tensor:
+    """One CTA's 64 rows from (us after t0 = 1 s, event, tile)."""
+    t = torch.zeros(64, 3, dtype=torch.int64)
+    for i, (us, e, tile) in enumerate(rows):
+        t[i] = torch.tensor([10**9 + int(us * 1000), e | (tile << 8), sm])
+    return t
+
+
+def test_stamps_read_back_as_ramp_tiles_end_and_rate():
+    d = load_script(BENCH, "decode_tiles")
+    S, I, L, E, ST, END = d.START, d.ISSUED, d.LANDED, d.LOOP_END, d.STORED, d.END
+    a = _cta([(0, S, 0), (0.5, I, 0), (2, L, 0), (5, L, 1), (8, L, 2), (8.5, E, 0), (9, ST, 0), (11, END, 1)])
+    b = _cta([(1, S, 0), (1.5, I, 0), (4, L, 0), (7, L, 1), (7.5, E, 0), (8, ST, 0), (8.5, END, 0)])
+    c = _cta([(0.2, S, 0)])                                   # a split past its context: its start only
+    st = torch.stack([a, b, c])
+    tile = 1000
+    r = d.analyse(st, [[tile] * 3, [tile] * 2, []], bw=1e9, bin_us=4.0)
+    assert r["ctas"] == 2 and r["span_us"] == 11
+    assert r["ramp_us_p10"] == 2 and r["ramp_us_max"] == 3          # 2 - 0 and 4 - 1
+    assert r["first_tile_all_us"] == 4
+    assert r["tile_interval_us_p50"] == 3                            # every interval is 3 us
+    assert r["last_tile_us_max"] == 8 and r["last_tile_to_loop_end_us_p50"] == 0.5
+    assert r["merges"] == 1 and r["merge_us_p50"] == 2               # 11 - 9, the merging CTA only
+    # bytes landed per 4 us bin: [0, 4): tile at 2; [4, 8): tiles at 4, 5, 7; [8, 12): tile at 8
+    rate = r["rate_frac_copy_bw_by_bin"]
+    assert [round(x * 4e-6 * 1e9 / tile) for x in rate] == [1, 3, 1]
