@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import copy_bandwidth, device_info, paged_pool, print_table, results_path, time_ms, write_json  # noqa: E402
-from decode_attention import _SPLIT_PLAN, SHAPES, parse_shape, plan_env  # noqa: E402
+from decode_attention import _SPLIT_PLAN, parse_shape, plan_env  # noqa: E402
 
 ROWS = 64   # kernels/paged_decode_attention.cuh kTileStampRows
 START, ISSUED, LANDED, LOOP_END, STORED, END = range(6)
