@@ -111,7 +111,7 @@ def test_asking_for_a_cuda_kernel_on_cpu_tensors_names_the_op():
                   backend="triton")
 
 
-@pytest.mark.parametrize("op", ["decode_cta_stamps", "prefill_item_stamps"])
+@pytest.mark.parametrize("op", ["decode_cta_stamps", "decode_tile_stamps", "prefill_item_stamps", "prefill_turn_stamps"])
 def test_stamp_switches_are_registered_and_refuse_without_a_gpu(op):
     """The profiling switches (bench/decode_stamps.py, bench/prefill_stamps.py): torch ops of the
     extension where it is built with CUDA; without a GPU the context managers raise before
