@@ -31,8 +31,8 @@ which skips the padding's blocks). It is reported apart: `summary.ragged_*`, not
 the five shapes of issue 7.
 
 Beside the 4 GiB copy (the rate the fractions are of), each row times a device copy that moves the
-row's own bytes (`copy_` of half of them: half read, half written; eager or graph replays, the
-faster, as the 4 GiB copy): `copy_same_*` columns and `summary.min_speedup_vs_same_size_copy`. At
+row's own bytes (`common.copy_bandwidth` at half of them: half read, half written, timed as the
+4 GiB copy): `copy_same_*` columns and `summary.min_speedup_vs_same_size_copy`. At
 issue 7's 135 MB shapes a call's fixed costs (the launch gap, the ramp before DRAM streams, the
 drain after the last byte) weigh on a copy too: session 33 (H100) measured a 135 MB copy at
 0.93-0.945 of the 4 GiB copy's rate (bench/size_ceiling.py sweeps the sizes).
@@ -258,12 +258,10 @@ def main() -> None:
             row["sdpa_error"] = f"{type(e).__name__}: {e}"[:300]
             print(row["sdpa_error"])
         try:   # a copy that moves this row's bytes (the size's own ceiling beside the 4 GiB copy's rate)
-            src = torch.empty(nbytes // 4, dtype=torch.bfloat16, device="cuda").uniform_()
-            dst = torch.empty_like(src)
-            ms = min(time_ms(lambda: dst.copy_(src), graph=g) for g in (True, False))
-            row["copy_same_us"] = ms * 1e3
-            row["copy_same_frac_copy_bw"] = 4 * (nbytes // 4) / (ms * 1e-3) / bw
-            del src, dst
+            moved = 2 * (nbytes // 2)                    # nbytes // 2 read and as many written
+            rate = copy_bandwidth(nbytes // 2)           # the 4 GiB copy's measurement, at this size
+            row["copy_same_us"] = moved / rate * 1e6
+            row["copy_same_frac_copy_bw"] = rate / bw
         except Exception as e:  # noqa: BLE001
             row["copy_same_error"] = f"{type(e).__name__}: {e}"[:300]
             print(row["copy_same_error"])
