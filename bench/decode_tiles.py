@@ -14,7 +14,8 @@ calls (its predecessor's tail before it), and reads from its CTAs:
   group's partials) of the CTAs that merged;
 - the rate over time: the K/V bytes of the tiles that landed in each ``--bin-us`` bin, over the
   copy rate measured in the same run (the first and last bins are the ramp and the drain);
-- outside: the graph's time per call minus the stamped call's span (launch and the gap between).
+- outside: the stamped graph's time per call minus the stamped call's span (launch and the gap
+  between); the start spread (the last CTA's start) and each CTA's start to its loads issued.
 The stamped kernel is its own instantiation (bf16, heads as N): its output is the plain kernel's bit
 for bit (tests/test_attention_gpu.py). No timing assertion: a measurement for bench/RESULTS.md.
 """
@@ -30,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import copy_bandwidth, device_info, paged_pool, print_table, results_path, time_ms, write_json  # noqa: E402
 from decode_attention import _SPLIT_PLAN, parse_shape, plan_env  # noqa: E402
 
-ROWS = 64   # kernels/paged_decode_attention.cuh kTileStampRows
+ROWS = 128  # ops.attention.TILE_STAMP_ROWS (kernels/paged_decode_attention.cuh kTileStampRows)
 START, ISSUED, LANDED, LOOP_END, STORED, END = range(6)
 
 
@@ -45,6 +46,7 @@ def analyse(st: torch.Tensor, tile_bytes: list[list[int]], bw: float, bin_us: fl
     """st [ctas, ROWS, 3] (ns, event | tile << 8, SM); tile_bytes[c][t]: the K/V bytes of CTA c's tile t."""
     t0 = min(int(r[0, 0]) for r in st if int(r[0, 0]) > 0)
     ramp, steady, tail_loop, tail_store, merge, first, lasts, ends, landed = [], [], [], [], [], [], [], [], []
+    starts, issue, truncated = [], [], 0
     for c, r in enumerate(st):
         ev = {}
         tiles = []
@@ -59,7 +61,11 @@ def analyse(st: torch.Tensor, tile_bytes: list[list[int]], bw: float, bin_us: fl
         if START not in ev or END not in ev:
             continue                                  # a split past its context
         start = ev[START][0]
+        starts.append(start)
         ends.append(ev[END][0])
+        if ISSUED in ev:
+            issue.append(ev[ISSUED][0] - start)
+        truncated += len(tiles) < len(tile_bytes[c])
         if tiles:
             ramp.append(tiles[0][1] - start)
             first.append(tiles[0][1])
@@ -70,13 +76,16 @@ def analyse(st: torch.Tensor, tile_bytes: list[list[int]], bw: float, bin_us: fl
         tail_store.append(ev[STORED][0] - ev[LOOP_END][0])
         if ev[END][1] == 1:
             merge.append(ev[END][0] - ev[STORED][0])
+    if not ends:
+        raise ValueError("no CTA wrote both its start and its end: were the stamps on for this launch?")
     span = max(ends)
     nbins = int(span / bin_us) + 1
     bins = [0.0] * nbins
     for at, nb in landed:
         bins[min(nbins - 1, int(at / bin_us))] += nb
     rate = [b / (bin_us * 1e-6) / bw for b in bins]
-    return {"span_us": span, "ctas": len(ends),
+    return {"span_us": span, "ctas": len(ends), "tiles_dropped_ctas": truncated,
+            "start_us_p50": _pct(starts, 0.5), "start_us_max": max(starts), "issued_us_p50": _pct(issue, 0.5),
             "ramp_us_p10": _pct(ramp, 0.1), "ramp_us_p50": _pct(ramp, 0.5), "ramp_us_max": max(ramp, default=None),
             "first_tile_half_us": _pct(first, 0.5), "first_tile_all_us": max(first, default=None),
             "tile_interval_us_p50": _pct(steady, 0.5), "tile_interval_us_p90": _pct(steady, 0.9),
@@ -143,20 +152,30 @@ def main() -> None:
                     g.replay()
                     torch.cuda.synchronize()
                     st2 = stamps.cpu().view(ctas, ROWS, 3)
+                    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    e0.record()
+                    for _ in range(5):
+                        g.replay()
+                    e1.record()
+                    torch.cuda.synchronize()
+                    stamped_us = e0.elapsed_time(e1) * 1e3 / 50
                     del g
             a = analyse(st, tile_bytes, bw, args.bin_us)
             a2 = analyse(st2, tile_bytes, bw, args.bin_us)
             row = {"B": B, "ctx": ctx, "Hq": Hq, "Hkv": Hkv, "D": D, "plan": plan, "splits": splits, "bytes": nbytes,
                    "us": ms * 1e3, "frac_copy_bw": nbytes / (ms * 1e-3) / bw, "floor_us": nbytes / bw * 1e6, **a,
-                   "outside_us": ms * 1e3 - a["span_us"], "again": {k: a2[k] for k in ("span_us", "ramp_us_p50",
+                   "stamped_us": stamped_us, "outside_us": stamped_us - a["span_us"], "again": {k: a2[k] for k in ("span_us", "ramp_us_p50",
                                                                                         "merge_us_p50", "last_tile_us_max")}}
             rows.append(row)
-            print(f"  {B}x{ctx} {Hq}/{Hkv}/{D} {plan}: {row['us']:.1f} us, span {a['span_us']:.1f}, rate by "
+            print(f"  {B}x{ctx} {Hq}/{Hkv}/{D} {plan}: {row['us']:.1f} us ({stamped_us:.1f} stamped), span "
+                  f"{a['span_us']:.1f}, rate by "
                   f"{args.bin_us:g} us: " + " ".join(f"{x:.2f}" for x in a["rate_frac_copy_bw_by_bin"]))
         del k_cache, v_cache
         torch.cuda.empty_cache()
     print_table(rows, [("B", "B", "d"), ("ctx", "ctx", "d"), ("D", "D", "d"), ("plan", "plan", "s"), ("us", "us", ".1f"),
-                       ("floor_us", "floor us", ".1f"), ("span_us", "span", ".1f"), ("outside_us", "outside", ".1f"),
+                       ("floor_us", "floor us", ".1f"), ("stamped_us", "stamped", ".1f"), ("span_us", "span", ".1f"),
+                       ("outside_us", "outside", ".1f"), ("start_us_max", "last start", ".2f"),
+                       ("issued_us_p50", "issued p50", ".2f"),
                        ("ramp_us_p50", "ramp p50", ".2f"), ("first_tile_all_us", "all started", ".2f"),
                        ("tile_interval_us_p50", "tile p50", ".2f"), ("last_tile_us_p10", "last tile p10", ".1f"),
                        ("last_tile_us_max", "last tile max", ".1f"), ("last_tile_to_loop_end_us_p50", "to loop end", ".2f"),

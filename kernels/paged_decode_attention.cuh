@@ -53,15 +53,16 @@ static __constant__ CtaStamps decode_stamps;
 // Per-tile stamps (bench/decode_tiles.py), only in the kernel instantiated with kTS (the launcher
 // takes it while oppo::decode_tile_stamps is on: plans v2, v3 and v7 with the heads as N, bf16):
 // thread 0 of CTA c (linear id) writes rows c * kTileStampRows .. (c + 1) * kTileStampRows - 1, one
-// per event in order: %globaltimer ns, event | tile << 8, the SM id. Rows past the CTA's slice or the
-// buffer are not written. The events of a CTA's life:
+// per event in order: %globaltimer ns, event | tile << 8, the SM id. A CTA with more tiles than its
+// slice holds drops the landings past its slice's last three rows, which stay for its end's three
+// events; rows past the buffer are not written. The events of a CTA's life:
 constexpr int kTsdStart = 0;    // its start, before its first load
 constexpr int kTsdIssued = 1;   // its start-up's loads issued (Q, the first tiles' offsets and copies)
 constexpr int kTsdLanded = 2;   // tile t landed (the wait and barrier at the top of iteration t passed)
 constexpr int kTsdLoopEnd = 3;  // every tile computed and every copy waited on (the warps' merge next)
 constexpr int kTsdStored = 4;   // its partial (or, unsplit, its output) written by thread 0
 constexpr int kTsdEnd = 5;      // its end: tile 1 if it merged its group's splits after the ticket, else 0
-constexpr int kTileStampRows = 64;
+constexpr int kTileStampRows = 128;  // ops/attention.py TILE_STAMP_ROWS
 static __constant__ CtaStamps decode_tile_stamps;
 
 // Q (16 rows) is staged in the K buffer of the last pipeline slot: that slot is first written by
@@ -508,12 +509,13 @@ paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t 
     if constexpr (kTS) {
       const CtaStamps st = decode_tile_stamps;
       const int64_t row = cta_linear_id() * kTileStampRows + ts_row;
-      if (threadIdx.x == 0 && st.rows != nullptr && ts_row < kTileStampRows && row < st.capacity) {
+      const bool room = ts_row < kTileStampRows - (event == kTsdLanded ? 3 : 0);
+      if (threadIdx.x == 0 && st.rows != nullptr && room && row < st.capacity) {
         st.rows[3 * row] = global_ns();
         st.rows[3 * row + 1] = event | (static_cast<int64_t>(tile) << 8);
         st.rows[3 * row + 2] = sm_id();
       }
-      ++ts_row;
+      ts_row += room ? 1 : 0;
     }
   };
   tstamp(kTsdStart, 0);

@@ -3,6 +3,7 @@ CTAs (one merging its group, one that does not, one split past its context) whos
 read back as the ramp, the tile interval, the end's parts and the rate per time bin."""
 from pathlib import Path
 
+import pytest
 import torch
 
 from _scripts import load_script
@@ -11,8 +12,8 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
 def _cta(rows: list[tuple[float, int, int]], sm: int = 3) -> torch.Tensor:
-    """One CTA's 64 rows from (us after t0 = 1 s, event, tile)."""
-    t = torch.zeros(64, 3, dtype=torch.int64)
+    """One CTA's rows from (us after t0 = 1 s, event, tile)."""
+    t = torch.zeros(128, 3, dtype=torch.int64)
     for i, (us, e, tile) in enumerate(rows):
         t[i] = torch.tensor([10**9 + int(us * 1000), e | (tile << 8), sm])
     return t
@@ -28,6 +29,9 @@ def test_stamps_read_back_as_ramp_tiles_end_and_rate():
     tile = 1000
     r = d.analyse(st, [[tile] * 3, [tile] * 2, []], bw=1e9, bin_us=4.0)
     assert r["ctas"] == 2 and r["span_us"] == 11
+    assert r["start_us_max"] == 1 and r["issued_us_p50"] == 0.5 and r["tiles_dropped_ctas"] == 0
+    # a CTA whose landings outran its rows (four tiles, three rows) is counted, not misread
+    assert d.analyse(st, [[tile] * 4, [tile] * 2, []], bw=1e9, bin_us=4.0)["tiles_dropped_ctas"] == 1
     assert r["ramp_us_p10"] == 2 and r["ramp_us_max"] == 3          # 2 - 0 and 4 - 1
     assert r["first_tile_all_us"] == 4
     assert r["tile_interval_us_p50"] == 3                            # every interval is 3 us
@@ -36,3 +40,11 @@ def test_stamps_read_back_as_ramp_tiles_end_and_rate():
     # bytes landed per 4 us bin: [0, 4): tile at 2; [4, 8): tiles at 4, 5, 7; [8, 12): tile at 8
     rate = r["rate_frac_copy_bw_by_bin"]
     assert [round(x * 4e-6 * 1e9 / tile) for x in rate] == [1, 3, 1]
+
+
+def test_stamps_of_no_launch_are_a_clear_error():
+    d = load_script(BENCH, "decode_tiles")
+    st = torch.zeros(2, 128, 3, dtype=torch.int64)
+    st[0, 0] = torch.tensor([10**9, d.START, 1])             # a start without an end
+    with pytest.raises(ValueError, match="start and its end"):
+        d.analyse(st, [[], []], bw=1e9, bin_us=2.0)

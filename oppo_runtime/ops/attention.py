@@ -370,14 +370,19 @@ def decode_cta_stamps(capacity: int, device=None):
     return _stamps("decode_cta_stamps", capacity, device)
 
 
+TILE_STAMP_ROWS = 128   # decode_tile_stamps' rows per CTA (kernels/paged_decode_attention.cuh kTileStampRows)
+
+
 def decode_tile_stamps(capacity: int, device=None):
     """Per-tile stamps of the CUDA decode kernel (plans v2, v3, v7 with the heads as the mma's N, bf16;
     ``bench/decode_tiles.py``), as ``decode_cta_stamps``: while on, those launches run a kernel
-    instantiated with them. Thread 0 of CTA c (linear id) writes rows c * 64 .. c * 64 + 63, one per
-    event in order: %globaltimer ns, event | tile << 8, SM id; events (kernels/paged_decode_attention.cuh
-    kTsd*): 0 start, 1 start-up's loads issued, 2 tile t landed (one row per tile), 3 every tile done,
-    4 its partial or output written, 5 its end (tile 1: it merged its group's splits). A CTA's rows past
-    64 and rows past ``capacity`` are not written; a split past its context writes its start only."""
+    instantiated with them. Thread 0 of CTA c (linear id) writes rows c * R .. c * R + R - 1
+    (R = TILE_STAMP_ROWS), one per event in order: %globaltimer ns, event | tile << 8, SM id; events
+    (kernels/paged_decode_attention.cuh kTsd*): 0 start, 1 start-up's loads issued, 2 tile t landed
+    (one row per tile), 3 every tile done, 4 its partial or output written, 5 its end (tile 1: it
+    merged its group's splits). A CTA with more than R - 5 tiles drops the later landings (its end's
+    three rows stay); rows past ``capacity`` are not written; a split past its context writes its
+    start only."""
     return _stamps("decode_tile_stamps", capacity, device)
 
 
