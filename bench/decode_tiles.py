@@ -1,6 +1,6 @@
 """Where a decode call's time goes inside its CTAs: per-tile stamps (``ops.attention.decode_tile_stamps``).
 
-    python bench/decode_tiles.py [--shapes 1,4] [--plans v7+l2] [--bin-us 2] [--out PATH]
+    python bench/decode_tiles.py [--shapes 1,4] [--plans v7+l2] [--bin-us 2] [--out PATH] [--raw DIR]
 
 Session 33 (H100) put issue 7's two 135 MB shapes at ~9 us over their bytes at the copy rate, a cost
 that does not grow with the context, and found that balancing the splits' tiles across SMs moved
@@ -102,6 +102,8 @@ def main() -> None:
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--bin-us", type=float, default=2.0)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--raw", default=None, help="a folder: each (shape, plan)'s stamps as .npy (int64 [ctas, ROWS, 3]) "
+                    "and its tiles' bytes as .json, for reading offline")
     args = ap.parse_args()
     plans = [p for p in args.plans.split(",") if p]
     assert plans and all(_SPLIT_PLAN.fullmatch(p) and p != "v4" for p in plans), f"--plans: split plans, got {plans}"
@@ -160,6 +162,16 @@ def main() -> None:
                     torch.cuda.synchronize()
                     stamped_us = e0.elapsed_time(e1) * 1e3 / 50
                     del g
+            if args.raw:
+                import json
+
+                import numpy as np
+                raw = Path(args.raw)
+                raw.mkdir(parents=True, exist_ok=True)
+                stem = f"{B}x{ctx}x{Hq}x{Hkv}x{D}_{plan.replace('+', '_')}"
+                np.save(raw / f"{stem}.npy", st.numpy())
+                (raw / f"{stem}.json").write_text(json.dumps({"tile_bytes": tile_bytes, "copy_bandwidth_Bps": bw,
+                                                              "us": ms * 1e3, "stamped_us": stamped_us}))
             a = analyse(st, tile_bytes, bw, args.bin_us)
             a2 = analyse(st2, tile_bytes, bw, args.bin_us)
             row = {"B": B, "ctx": ctx, "Hq": Hq, "Hkv": Hkv, "D": D, "plan": plan, "splits": splits, "bytes": nbytes,
