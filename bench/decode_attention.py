@@ -105,19 +105,18 @@ def _plans() -> tuple[list[str], bool, bool, list[int], list[str]]:
         return [f"{base}+l2" if base in ("v2", "v3", "v6", "v7") else base], known.head_major, known.ragged, caps, rest
     plans = [p.strip() for p in known.plans.split(",") if p.strip()]
     ok = all(_SPLIT_PLAN.fullmatch(p) or _V5.fullmatch(p) for p in plans)
-    assert plans and ok, f"--plans takes v2/v3/v4/v6/v7 (v2/v3/v6/v7 also with +pdl, +l2 or +l2x2, +lo, +rf, +sm, +tf, +rs, +hn, +sN)/v5/v5xNpM, got {known.plans!r}"
+    assert plans and ok, f"--plans takes v2/v3/v4/v6/v7 (v2/v3/v6/v7 also with +pdl, +l2 or +l2x2, +lo, +rf, +sm, +rs, +hn, +sN)/v5/v5xNpM, got {known.plans!r}"
     return plans, known.head_major, known.ragged, caps, rest
 
 
 _V5 = re.compile(r"(v5)(?:x(\d+))?(?:p(\d+))?")   # v5, v5xN, v5pM, v5xNpM
 # the split plans with their switches (+pdl: OPPO_DECODE_PDL=1, +l2 / +l2x2: OPPO_DECODE_PREFETCH=1 / 2,
 # +lo: OPPO_DECODE_DIAG_LOADS_ONLY=1, +rf: OPPO_DECODE_REFILL=1, +sm: OPPO_DECODE_FAST_MERGE=0, the slow
-# merge; the fast one is the default since session 25; +tf: OPPO_DECODE_TICKET_FIRST=1 (v7's ticket before
-# the partial's stores, session 34); +rs: OPPO_DECODE_REG_STAGE=1, head dim 128; +sN:
+# merge; the fast one is the default since session 25; +rs: OPPO_DECODE_REG_STAGE=1, head dim 128; +sN:
 # OPPO_DECODE_SPLIT_SLOTS=N, the splits planned as if N CTAs per SM were resident; +hn / +hn0:
 # OPPO_DECODE_HEADS_AS_N=1 / 0, the heads as the mma's N forced on (groups of <= 8 heads) / off; neither:
 # unset, the runtime's default, on for groups of 2..8 heads since session 27, 1..8 since session 28), and v4
-_SPLIT_PLAN = re.compile(r"(v2|v3|v6|v7)(\+pdl|\+l2|\+l2x2|\+lo|\+rf|\+sm|\+tf|\+rs|\+hn0?|\+s\d{1,2})*|v4")
+_SPLIT_PLAN = re.compile(r"(v2|v3|v6|v7)(\+pdl|\+l2|\+l2x2|\+lo|\+rf|\+sm|\+rs|\+hn0?|\+s\d{1,2})*|v4")
 
 
 @contextlib.contextmanager
@@ -126,7 +125,7 @@ def plan_env(plan: str):
     PLAN+pdl, OPPO_DECODE_PDL=1; for PLAN+l2 and PLAN+l2x2, OPPO_DECODE_PREFETCH=1 and 2; for
     PLAN+lo, OPPO_DECODE_DIAG_LOADS_ONLY=1 (the kernel's loads alone: a diagnostic whose output is
     wrong, so its rows' error is not the kernel's); for PLAN+rf, OPPO_DECODE_REFILL=1; for PLAN+sm,
-    OPPO_DECODE_FAST_MERGE=0 (1, the default, otherwise); for PLAN+tf, OPPO_DECODE_TICKET_FIRST=1; for PLAN+rs, OPPO_DECODE_REG_STAGE=1 (the
+    OPPO_DECODE_FAST_MERGE=0 (1, the default, otherwise); for PLAN+rs, OPPO_DECODE_REG_STAGE=1 (the
     register-staged loader, head dim 128 only: at head dim 64 its rows record the launcher's error); for
     PLAN+sN, OPPO_DECODE_SPLIT_SLOTS=N (splits for N CTAs per SM; 0, the kernel's own, otherwise); for
     PLAN+hn, OPPO_DECODE_HEADS_AS_N=1 (groups of <= 8 heads: other rows record the launcher's error), for
@@ -142,7 +141,6 @@ def plan_env(plan: str):
           env_var("OPPO_DECODE_DIAG_LOADS_ONLY", "1" if "lo" in switches else "0"),
           env_var("OPPO_DECODE_REFILL", "1" if "rf" in switches else "0"),
           env_var("OPPO_DECODE_FAST_MERGE", "0" if "sm" in switches else "1"),
-          env_var("OPPO_DECODE_TICKET_FIRST", "1" if "tf" in switches else "0"),
           env_var("OPPO_DECODE_REG_STAGE", "1" if "rs" in switches else "0"),
           env_var("OPPO_DECODE_HEADS_AS_N", "1" if "hn" in switches else "0" if "hn0" in switches else ""),
           env_var("OPPO_DECODE_SPLIT_SLOTS", next((w[1:] for w in switches if re.fullmatch(r"s\d+", w)), "0"))):

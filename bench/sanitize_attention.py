@@ -19,7 +19,7 @@ wgmma prefill plans' cases only (no decode);
 --decode-plans=v5,v4:memset: only the decode cases of those plans (v7 for the default, the cases without a plan; v3:stamps,
 v3:pdl, v3:l2off, v3:l2, v3:l2x2: per-CTA stamps on, programmatic dependent launch, L2 prefetch of 0,
 1 (the default) or 2 tiles; v7:rf: the stages refilled early, OPPO_DECODE_REFILL=1; v7:sm: the slow
-split merge, OPPO_DECODE_FAST_MERGE=0; v7:tf: the ticket drawn first, OPPO_DECODE_TICKET_FIRST=1; v7:rs, v3:rs: the register-staged loader, OPPO_DECODE_REG_STAGE=1;
+split merge, OPPO_DECODE_FAST_MERGE=0; v7:rs, v3:rs: the register-staged loader, OPPO_DECODE_REG_STAGE=1;
 v7:hn, v3:hn: the heads as the mma's N, OPPO_DECODE_HEADS_AS_N=1). Exits
 non-zero if an output differs from the reference.
 """
@@ -130,10 +130,6 @@ def main():
              # the slow merge (OPPO_DECODE_FAST_MERGE=0: two fences, 16-split batches at D=128); the
              # fast one (acq_rel ticket, 32-split batches) is the default, in the v7 cases above
              (splits, 8, 2, D, "v7:sm"), ([37, 0, 5], 8, 2, D, "v7:sm"), (splits, 14, 2, 64, "v7:sm"),
-             # the ticket first (OPPO_DECODE_TICKET_FIRST=1: the last CTA merges its own partial from
-             # registers after the others' stores are counted): split, ragged, both head dims
-             (splits, 8, 2, D, "v7:tf"), ([37, 0, 5], 8, 2, D, "v7:tf"), (splits, 14, 2, 64, "v7:tf"),
-             (splits, 32, 8, 128, "v7:tf"),
              # the register-staged loader (OPPO_DECODE_REG_STAGE=1, head dim 128): split, ragged
              # with empty and short contexts, v3's unmerged splits
              (splits, 8, 2, 128, "v7:rs"), ([37, 0, 5, 200], 8, 2, 128, "v7:rs"), (splits, 32, 8, 128, "v3:rs"),
@@ -165,8 +161,6 @@ def main():
             os.environ["OPPO_DECODE_REFILL"] = "1"
         elif tickets == "sm":
             os.environ["OPPO_DECODE_FAST_MERGE"] = "0"
-        elif tickets == "tf":
-            os.environ["OPPO_DECODE_TICKET_FIRST"] = "1"
         elif tickets == "rs":
             os.environ["OPPO_DECODE_REG_STAGE"] = "1"
         elif tickets == "hn":
@@ -186,7 +180,6 @@ def main():
         os.environ.pop("OPPO_DECODE_PREFETCH", None)
         os.environ.pop("OPPO_DECODE_REFILL", None)
         os.environ.pop("OPPO_DECODE_FAST_MERGE", None)
-        os.environ.pop("OPPO_DECODE_TICKET_FIRST", None)
         os.environ.pop("OPPO_DECODE_REG_STAGE", None)
         os.environ.pop("OPPO_DECODE_HEADS_AS_N", None)
         ref = A.paged_decode_attention_ref(q, kk, vv, bt.clamp_min(0), ctx, 0.1, out=torch.empty_like(out))

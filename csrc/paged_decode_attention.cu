@@ -33,13 +33,11 @@
 // OPPO_DECODE_PREFETCH=0|1|2 (plans v2, v3, v6, v7; default 1): L2 prefetch 0, 1 or 2 tiles further ahead
 // (decode_l2_ahead). OPPO_DECODE_REFILL=1: the stages refilled early, an A/B switch;
 // OPPO_DECODE_DIAG_LOADS_ONLY=1: a diagnostic; OPPO_DECODE_FAST_MERGE=1 (default): v7's merge by an acq_rel
-// ticket and 32-split batches, an A/B switch; OPPO_DECODE_TICKET_FIRST=1: v7's ticket drawn before
-// the partial's stores, an A/B switch (decode_pipe_flags).
+// ticket and 32-split batches, an A/B switch (decode_pipe_flags).
 //
 // v4/v7 ticket counters (one unsigned int per group = (sequence, kv head, head chunk), split plans
-// only; v7 a pair per group, the second counting the stored partials of the ticket-first merge).
-// The kernel needs them at 0 when it starts and leaves them at 0 (the CTA that draws a group's
-// last ticket resets them), so a counter stays usable as long as two launches that may
+// only). The kernel needs them at 0 when it starts and leaves them at 0 (the CTA that draws a
+// group's last ticket resets it), so a counter stays usable as long as two launches that may
 // overlap in time never share it. This launcher owns them:
 //   - eager launches: one set per (device, stream) (launches on one stream are ordered);
 //   - launches captured into a CUDA graph: a set of their own, kept for the life of the process
@@ -153,12 +151,6 @@ int decode_l2_ahead() {
 // atomicAdd and batches of 16. Session 25 (H100, both plan orders): 56.2 / 55.8 us against 56.7 / 56.9
 // at (1, 32768), equal on the D=64 shape that does not split (bench/NOTES.md).
 bool decode_fast_merge() { return env_switch("OPPO_DECODE_FAST_MERGE", true); }
-// OPPO_DECODE_TICKET_FIRST=1 (plan v7): an A/B switch, off by default (kDecodeTicketFirst): a split
-// CTA draws its group's ticket before its partial is stored; the last one merges with its own
-// partial from registers once the others have counted their stores, so its chain after the loop
-// loses the partial's stores and the fence before the ticket. Session 34's per-tile stamps at
-// (1, 32768) (H100): loop end -> stores 0.9 us, stores -> merged 2.5 us of the ~9 us fixed cost.
-bool decode_ticket_first() { return env_switch("OPPO_DECODE_TICKET_FIRST"); }
 
 // OPPO_DECODE_REG_STAGE=1 (plans v2, v3, v7 at head dim 128): an A/B switch, off by default: the
 // split kernel's register-staged loader (paged_decode_kernel's kRS: ld.global into registers,
@@ -186,8 +178,7 @@ std::atomic<bool>& tile_stamps_on() {
 int decode_pipe_flags() {
   return decode_l2_ahead() | (env_switch("OPPO_DECODE_REFILL") ? oppo::attn::kDecodeEarlyRefill : 0) |
          (env_switch("OPPO_DECODE_DIAG_LOADS_ONLY") ? oppo::attn::kDecodeLoadsOnly : 0) |
-         (decode_fast_merge() ? oppo::attn::kDecodeFastMerge : 0) |
-         (decode_ticket_first() ? oppo::attn::kDecodeTicketFirst : 0);
+         (decode_fast_merge() ? oppo::attn::kDecodeFastMerge : 0);
 }
 
 // kernel<<<grid, block, smem, stream>>>(args...), with the PDL attribute when `pdl`.
@@ -428,8 +419,7 @@ DecodePlan plan_for(const DecodeShape& sh, PlanKind kind, int* resident_out) {
 // counters after them; none for v2, v3, v6 (their splits are merged by the reduction kernel).
 int64_t v4_counters(PlanKind kind, int64_t groups, int num_splits) {
   if (kind != PlanKind::v4 && kind != PlanKind::v5 && kind != PlanKind::v7) return 0;
-  // v7: a pair per group (tickets drawn, partials stored: the second for OPPO_DECODE_TICKET_FIRST)
-  return (num_splits > 1 ? (kind == PlanKind::v7 ? 2 : 1) * groups : 0) + (kind == PlanKind::v5 ? 2 : 0);
+  return (num_splits > 1 ? groups : 0) + (kind == PlanKind::v5 ? 2 : 0);
 }
 
 // A launch's scratch: the split partials o [B, Hq, S, D] and lse [B, Hq, S] (when split) and

@@ -25,7 +25,6 @@ constexpr int kDecodeTile = 64;  // tokens per pipeline stage (16 per warp)
 constexpr int kDecodeLoadsOnly = 4;
 constexpr int kDecodeEarlyRefill = 8;
 constexpr int kDecodeFastMerge = 16;
-constexpr int kDecodeTicketFirst = 32;
 
 // Pipeline depth and the CTAs per SM the registers must allow (launch bounds), per head dim.
 // D=64 (v3): 3 stages = 55.5 KiB of smem -> 4 CTAs per SM on a 228 KiB SM (32 KiB in flight per
@@ -387,100 +386,48 @@ __device__ __forceinline__ bool draw_last_ticket(unsigned* counter, int nvalid, 
 // partials (rows query heads hq0.. of sequence b), online over batches of kMergeBatch loads issued
 // together (L2 reads, bypassing L1: other CTAs wrote them): 16 at D=128 and 8 at D=64, or with
 // kWide 32 (the fast merge at D=128: one L2 round trip for up to 32 splits).
-template <bool kWide, int D> constexpr int merge_batch() { return kWide ? 32 : (D == 128 ? 16 : 8); }
-
-// One row chunk of the merge (dims d..d+3 of the row whose partials start at slot0). kOwn: split
-// `own`'s partial is (own_v, own_lse), the caller's registers, instead of a workspace read (the
-// ticket-first merge: the merging CTA never stores its own partial); the sums' order is the same.
-template <int D, int kMergeBatch, bool kOwn>
-__device__ __forceinline__ float4 merge_split_row(const float* ws_o, const float* ws_lse, int64_t slot0, int d,
-                                                  int nvalid, int own, float4 own_v, float own_lse) {
-  float M = -INFINITY, W = 0.f;
-  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-  for (int s0 = 0; s0 < nvalid; s0 += kMergeBatch) {
-    float lse[kMergeBatch];
-    float4 v[kMergeBatch];
-#pragma unroll
-    for (int u = 0; u < kMergeBatch; ++u) {
-      const int sp = s0 + u;
-      lse[u] = -INFINITY;
-      v[u] = make_float4(0.f, 0.f, 0.f, 0.f);
-      if (kOwn && sp == own) {
-        lse[u] = own_lse;
-        v[u] = own_v;
-      } else if (sp < nvalid) {
-        lse[u] = __ldcg(ws_lse + slot0 + sp);
-        v[u] = __ldcg(reinterpret_cast<const float4*>(ws_o + (slot0 + sp) * D + d));
-      }
-    }
-    float bm = M;
-#pragma unroll
-    for (int u = 0; u < kMergeBatch; ++u) bm = fmaxf(bm, lse[u]);
-    if (bm == -INFINITY) continue;
-    const float c = exp2f(M - bm);  // 0 while M is -inf
-    W *= c;
-    acc.x *= c; acc.y *= c; acc.z *= c; acc.w *= c;
-#pragma unroll
-    for (int u = 0; u < kMergeBatch; ++u) {
-      const float w = exp2f(lse[u] - bm);  // 0 for the padding (-inf)
-      W += w;
-      acc.x += v[u].x * w; acc.y += v[u].y * w; acc.z += v[u].z * w; acc.w += v[u].w * w;
-    }
-    M = bm;
-  }
-  const float inv = W > 0.f ? 1.f / W : 0.f;
-  acc.x *= inv; acc.y *= inv; acc.z *= inv; acc.w *= inv;
-  return acc;
-}
-
 template <typename T, int D, bool kWide = false>
 __device__ __forceinline__ void merge_split_partials(void* out, bool out_f32, int64_t o_s0, int64_t o_s1,
                                                      const float* ws_o, const float* ws_lse, int b, int Hq, int hq0,
                                                      int rows, int nsplit, int nvalid, int tid) {
+  constexpr int kMergeBatch = kWide ? 32 : (D == 128 ? 16 : 8);
   for (int idx = tid; idx < rows * (D / 4); idx += kDecodeThreads) {
     const int r = idx / (D / 4), d = (idx % (D / 4)) * 4;
     const int64_t slot0 = (static_cast<int64_t>(b) * Hq + hq0 + r) * nsplit;
-    const float4 acc = merge_split_row<D, merge_batch<kWide, D>(), false>(ws_o, ws_lse, slot0, d, nvalid, -1,
-                                                                            float4{}, 0.f);
-    store_out4<T>(out, out_f32, static_cast<int64_t>(b) * o_s0 + static_cast<int64_t>(hq0 + r) * o_s1 + d, acc);
-  }
-}
-
-// A split CTA's row chunks: chunk k of thread tid is idx = tid + k * kDecodeThreads (row idx / (D / 4)),
-// the same chunks as the partial's store loop and merge_split_partials' loop.
-template <int D> constexpr int kSplitChunks = 16 * (D / 4) / kDecodeThreads;
-
-// merge_split_partials for the ticket-first merge: split `own`'s chunks from the registers.
-template <typename T, int D, bool kWide = false>
-__device__ __forceinline__ void merge_split_partials_own(void* out, bool out_f32, int64_t o_s0, int64_t o_s1,
-                                                         const float* ws_o, const float* ws_lse, int b, int Hq,
-                                                         int hq0, int rows, int nsplit, int nvalid, int tid, int own,
-                                                         const float4 (&own_v)[kSplitChunks<D>],
-                                                         const float (&own_lse)[kSplitChunks<D>]) {
+    float M = -INFINITY, W = 0.f;
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int s0 = 0; s0 < nvalid; s0 += kMergeBatch) {
+      float lse[kMergeBatch];
+      float4 v[kMergeBatch];
 #pragma unroll
-  for (int k = 0; k < kSplitChunks<D>; ++k) {
-    const int idx = tid + k * kDecodeThreads, r = idx / (D / 4), d = (idx % (D / 4)) * 4;
-    if (r >= rows) continue;
-    const int64_t slot0 = (static_cast<int64_t>(b) * Hq + hq0 + r) * nsplit;
-    const float4 acc = merge_split_row<D, merge_batch<kWide, D>(), true>(ws_o, ws_lse, slot0, d, nvalid, own,
-                                                                           own_v[k], own_lse[k]);
+      for (int u = 0; u < kMergeBatch; ++u) {
+        const int sp = s0 + u;
+        lse[u] = -INFINITY;
+        v[u] = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (sp < nvalid) {
+          lse[u] = __ldcg(ws_lse + slot0 + sp);
+          v[u] = __ldcg(reinterpret_cast<const float4*>(ws_o + (slot0 + sp) * D + d));
+        }
+      }
+      float bm = M;
+#pragma unroll
+      for (int u = 0; u < kMergeBatch; ++u) bm = fmaxf(bm, lse[u]);
+      if (bm == -INFINITY) continue;
+      const float c = exp2f(M - bm);  // 0 while M is -inf
+      W *= c;
+      acc.x *= c; acc.y *= c; acc.z *= c; acc.w *= c;
+#pragma unroll
+      for (int u = 0; u < kMergeBatch; ++u) {
+        const float w = exp2f(lse[u] - bm);  // 0 for the padding (-inf)
+        W += w;
+        acc.x += v[u].x * w; acc.y += v[u].y * w; acc.z += v[u].z * w; acc.w += v[u].w * w;
+      }
+      M = bm;
+    }
+    const float inv = W > 0.f ? 1.f / W : 0.f;
+    acc.x *= inv; acc.y *= inv; acc.z *= inv; acc.w *= inv;
     store_out4<T>(out, out_f32, static_cast<int64_t>(b) * o_s0 + static_cast<int64_t>(hq0 + r) * o_s1 + d, acc);
   }
-}
-
-// Ticket-first counters (kDecodeTicketFirst): a group's pair is (tickets drawn, partials stored).
-__device__ __forceinline__ unsigned atom_add_relaxed_gpu(unsigned* p, unsigned v) {
-  unsigned prev;
-  asm volatile("atom.relaxed.gpu.global.add.u32 %0, [%1], %2;\n" : "=r"(prev) : "l"(p), "r"(v) : "memory");
-  return prev;
-}
-__device__ __forceinline__ void red_add_release_gpu(unsigned* p, unsigned v) {
-  asm volatile("red.release.gpu.global.add.u32 [%0], %1;\n" : : "l"(p), "r"(v) : "memory");
-}
-__device__ __forceinline__ unsigned ld_acquire_gpu(const unsigned* p) {
-  unsigned v;
-  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
-  return v;
 }
 
 // out          [B, Hq, D]  (dtype T, or float32 when out_f32), strides o_s0, o_s1, inner contiguous
@@ -509,12 +456,8 @@ __device__ __forceinline__ unsigned ld_acquire_gpu(const unsigned* p) {
 //              batches of 32, not 16. Session 25 (H100): 0.5-1.1 us off (1, 32768)'s ~56.5 in both
 //              plan orders; the loads probe's bisection puts the rest of the split epilogue in the
 //              merge's reads by one CTA (2.3 us) and the partials' writes (1.2 us), bench/NOTES.md.
-//              kDecodeTicketFirst (OPPO_DECODE_TICKET_FIRST=1, an A/B switch; v7 only): the ticket
-//              drawn before the partial is stored; the last CTA merges with its own partial from
-//              registers once the group's stored-partials counter (acquire) says the others' are in.
 // tickets      nullptr: with num_splits > 1 the partials go to the workspace for
-//              paged_decode_reduce_kernel (v2, v3, v6); else (v7) a pair of counters per group
-//              (tickets drawn, partials stored)
+//              paged_decode_reduce_kernel (v2, v3, v6); else (v7) one counter per group
 //              (B * Hkv * q_chunks, zero before the launch, left at zero): the group's last CTA
 //              merges its splits into `out` (draw_last_ticket), a context within split 0 is written
 //              by that CTA, a context of 0 by split 0 (zeros)
@@ -851,87 +794,34 @@ paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t 
   const int nvalid =
       tickets != nullptr && num_splits > 1 ? min(num_splits, (ctx - 1) / partition + 1) : num_splits;
   const bool direct = num_splits == 1 || nvalid == 1;
-  const bool fast = (pipe_flags & kDecodeFastMerge) != 0;
-  // v7: the group's counter pair (tickets drawn, partials stored; the second only ticket-first)
-  unsigned* const ticket = tickets != nullptr ? tickets + 2 * (static_cast<int64_t>(b) * gridDim.x + blockIdx.x) : nullptr;
-  bool merged = false;
-  // (not in the lean 2-stage instantiation: v6 does not merge, and its 168 registers would spill)
-  if (kStages >= 3 && ticket != nullptr && !direct && (pipe_flags & kDecodeTicketFirst) != 0) {
-    // Ticket first (OPPO_DECODE_TICKET_FIRST=1): thread 0 draws the ticket while the warps' rows
-    // are merged into registers; the group's last CTA merges with its own partial from registers
-    // (no store, no fence before the ticket), once the others' stores are counted (acquire); every
-    // other CTA stores its partial and counts it (release, after the barrier).
-    __shared__ int last_s;
-    unsigned prev = 0;
-    if (tid == 0) prev = atom_add_relaxed_gpu(ticket, 1u);
-    float4 pv[kSplitChunks<D>];
-    float pl[kSplitChunks<D>];
-#pragma unroll
-    for (int k = 0; k < kSplitChunks<D>; ++k) {
-      const int idx = tid + k * kDecodeThreads, r = idx / (D / 4), d = (idx % (D / 4)) * 4;
-      float M = -INFINITY, L = 0.f;
-      pv[k] = r < rows ? merge_warp_row<D>(o_m, r, d, M, L) : make_float4(0.f, 0.f, 0.f, 0.f);
-      pl[k] = M + log2f(L);
-    }
-    if (tid == 0) last_s = prev == static_cast<unsigned>(nvalid - 1);
-    __syncthreads();
-    if (last_s == 0) {
-#pragma unroll
-      for (int k = 0; k < kSplitChunks<D>; ++k) {
-        const int idx = tid + k * kDecodeThreads, r = idx / (D / 4), d = (idx % (D / 4)) * 4;
-        if (r >= rows) continue;
-        const int64_t slot = (static_cast<int64_t>(b) * Hq + hq0 + r) * num_splits + split;
-        *reinterpret_cast<float4*>(ws_o + slot * D + d) = pv[k];
-        if (d == 0) ws_lse[slot] = pl[k];
-      }
-      tstamp(kTsdStored, 0);
-      __syncthreads();  // every thread's stores before thread 0's release (cumulative over them)
-      if (tid == 0) red_add_release_gpu(ticket + 1, 1u);
+  for (int idx = tid; idx < 16 * (D / 4); idx += kDecodeThreads) {
+    const int r = idx / (D / 4), d = (idx % (D / 4)) * 4;
+    if (r >= rows) continue;
+    float M, L;
+    const float4 acc = merge_warp_row<D>(o_m, r, d, M, L);
+    const int hq = hq0 + r;
+    if (direct) {
+      store_out4<T>(out, out_f32, static_cast<int64_t>(b) * o_s0 + static_cast<int64_t>(hq) * o_s1 + d, acc);
     } else {
-      tstamp(kTsdStored, 0);
-      if (tid == 0) {
-        while (ld_acquire_gpu(ticket + 1) != static_cast<unsigned>(nvalid - 1)) {
-        }
-        ticket[0] = 0u;  // ready for the next launch: every other CTA of the group is done with both
-        ticket[1] = 0u;
-      }
-      __syncthreads();  // the acquire's order passes to the CTA's other threads
+      const int64_t slot = (static_cast<int64_t>(b) * Hq + hq) * num_splits + split;
+      *reinterpret_cast<float4*>(ws_o + slot * D + d) = acc;
+      if (d == 0) ws_lse[slot] = M + log2f(L);
+    }
+  }
+  tstamp(kTsdStored, 0);
+  bool merged = false;
+  if (tickets != nullptr && !direct) {  // v7: the group's last CTA merges its splits (no reduction kernel)
+    __shared__ int flag_s;
+    const bool fast = (pipe_flags & kDecodeFastMerge) != 0;
+    if (draw_last_ticket(tickets + static_cast<int64_t>(b) * gridDim.x + blockIdx.x, nvalid, &flag_s, fast)) {
       merged = true;
+      // 32-split batches only where the registers allow them: D=128 at 2 CTAs per SM (v7's 3
+      // stages; the lean 2-stage instantiation, 3 CTAs per SM, would spill, and never merges here)
       if (fast)
-        merge_split_partials_own<T, D, D == 128 && kStages >= 3>(out, out_f32, o_s0, o_s1, ws_o, ws_lse, b, Hq, hq0,
-                                                                 rows, num_splits, nvalid, tid, split, pv, pl);
+        merge_split_partials<T, D, D == 128 && kStages >= 3>(out, out_f32, o_s0, o_s1, ws_o, ws_lse, b, Hq, hq0,
+                                                             rows, num_splits, nvalid, tid);
       else
-        merge_split_partials_own<T, D>(out, out_f32, o_s0, o_s1, ws_o, ws_lse, b, Hq, hq0, rows, num_splits, nvalid,
-                                       tid, split, pv, pl);
-    }
-  } else {
-    for (int idx = tid; idx < 16 * (D / 4); idx += kDecodeThreads) {
-      const int r = idx / (D / 4), d = (idx % (D / 4)) * 4;
-      if (r >= rows) continue;
-      float M, L;
-      const float4 acc = merge_warp_row<D>(o_m, r, d, M, L);
-      const int hq = hq0 + r;
-      if (direct) {
-        store_out4<T>(out, out_f32, static_cast<int64_t>(b) * o_s0 + static_cast<int64_t>(hq) * o_s1 + d, acc);
-      } else {
-        const int64_t slot = (static_cast<int64_t>(b) * Hq + hq) * num_splits + split;
-        *reinterpret_cast<float4*>(ws_o + slot * D + d) = acc;
-        if (d == 0) ws_lse[slot] = M + log2f(L);
-      }
-    }
-    tstamp(kTsdStored, 0);
-    if (ticket != nullptr && !direct) {  // v7: the group's last CTA merges its splits (no reduction kernel)
-      __shared__ int flag_s;
-      if (draw_last_ticket(ticket, nvalid, &flag_s, fast)) {
-        merged = true;
-        // 32-split batches only where the registers allow them: D=128 at 2 CTAs per SM (v7's 3
-        // stages; the lean 2-stage instantiation, 3 CTAs per SM, would spill, and never merges here)
-        if (fast)
-          merge_split_partials<T, D, D == 128 && kStages >= 3>(out, out_f32, o_s0, o_s1, ws_o, ws_lse, b, Hq, hq0,
-                                                               rows, num_splits, nvalid, tid);
-        else
-          merge_split_partials<T, D>(out, out_f32, o_s0, o_s1, ws_o, ws_lse, b, Hq, hq0, rows, num_splits, nvalid, tid);
-      }
+        merge_split_partials<T, D>(out, out_f32, o_s0, o_s1, ws_o, ws_lse, b, Hq, hq0, rows, num_splits, nvalid, tid);
     }
   }
   tstamp(kTsdEnd, merged ? 1 : 0);

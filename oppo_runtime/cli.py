@@ -94,8 +94,6 @@ _SWITCHES = (
                                     " wrong outputs, it warns)"),
     ("OPPO_DECODE_FAST_MERGE", "1 (decode v7's split merge by an acq_rel ticket and 32-split batches at head dim"
                                " 128; 0: two fences and 16-split batches)"),
-    ("OPPO_DECODE_TICKET_FIRST", "0 (1: decode v7's split CTAs draw the merge ticket before storing their partial, the"
-                                 " last one merges its own from registers; an A/B switch)"),
     ("OPPO_DECODE_REG_STAGE", "0 (1: the decode split kernel loads tiles through registers, not cp.async; head dim"
                               " 128, plans v2/v3/v7; an A/B switch)"),
     ("OPPO_DECODE_HEADS_AS_N", "unset (the decode split kernel's tiles with the heads as the mma's N, half its mma"

@@ -154,11 +154,10 @@ def _ws_expected(B, Hq, D, splits, counters=0):
 
 
 def _counters(plan, groups, splits):
-    """Counters of a v4/v5/v7 launch: one ticket per group when split (v7: a pair, tickets and the
-    ticket-first merge's stored partials), + (v5) claim and exit."""
+    """Counters of a v4/v5/v7 launch: one ticket per group when split, + (v5) claim and exit."""
     if plan not in ("v4", "v5", "v7"):
         return 0
-    return ((2 if plan == "v7" else 1) * groups if splits > 1 else 0) + (2 if plan == "v5" else 0)
+    return (groups if splits > 1 else 0) + (2 if plan == "v5" else 0)
 
 
 def _use_plan(monkeypatch, plan, tickets=None):
@@ -573,32 +572,6 @@ def test_decode_fast_merge_keeps_the_error(monkeypatch, mode, B, Hq, Hkv, D, tab
         assert torch.isfinite(got).all()
         assert float((got - ref).norm() / ref.norm()) < 2e-3
         assert float((got - base).norm() / base.norm()) < 1e-5
-
-
-@pytest.mark.parametrize("mode", ["eager", "graph"])
-@pytest.mark.parametrize("B,Hq,Hkv,D,table", [(1, 32, 8, 128, 32768), (5, 32, 8, 128, 4096), (3, 14, 2, 64, 2048),
-                                              (4, 8, 8, 64, 8192)])
-def test_decode_ticket_first_equals_the_default_merge(monkeypatch, mode, B, Hq, Hkv, D, table):
-    """OPPO_DECODE_TICKET_FIRST=1 (v7: a split CTA draws its group's ticket before storing its
-    partial; the last one merges its own partial from registers once the others' stores are
-    counted) sums the same partials in the same order as the default merge: on split shapes with
-    ragged contexts (one within split 0), float32 out within 1e-6 of the default (the same
-    arithmetic; only the own partial skips its round trip through memory) and 2e-3 of the fp32
-    reference, eagerly and from a graph replayed twice on the counter pairs the first replay left
-    (the last CTA must have zeroed both)."""
-    _use_plan(monkeypatch, "v7")
-    monkeypatch.setenv("OPPO_DECODE_FAST_MERGE", "1")
-    bs = 16
-    lens = [max(1, table - 5 - 1500 * b) for b in range(B)]
-    kv, bt, ctx = _full_width_case(lens, Hkv, D, table, bs)
-    assert _plan(B, Hq, Hkv, D, bt.shape[1] * bs, "v7")[0] > 1
-    q = torch.randn(B, Hq, D, device="cuda").bfloat16()
-    ref = A.paged_decode_attention_ref(q.float(), kv.k.float(), kv.v.float(), bt, ctx, D ** -0.5)
-    base, runs = _switch_runs(monkeypatch, "OPPO_DECODE_TICKET_FIRST", mode, q, kv, bt, ctx, D ** -0.5)
-    for got in runs:
-        assert torch.isfinite(got).all()
-        assert float((got - ref).norm() / ref.norm()) < 2e-3
-        assert float((got - base).norm() / base.norm()) < 1e-6
 
 
 def _ragged_switch_case(B, Hq, Hkv, D, table, lens, dtype):

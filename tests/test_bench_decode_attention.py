@@ -48,7 +48,7 @@ def test_plan_switches_set_every_decode_switch_and_restore_them(monkeypatch):
     """A plan name states all of its switches: +lo sets OPPO_DECODE_DIAG_LOADS_ONLY=1, +rf
     OPPO_DECODE_REFILL=1, +rs OPPO_DECODE_REG_STAGE=1, their absence 0, +hn and +hn0
     OPPO_DECODE_HEADS_AS_N=1 and 0, their absence empty (the runtime's default, by the group), +sN OPPO_DECODE_SPLIT_SLOTS=N,
-    its absence 0, +tf OPPO_DECODE_TICKET_FIRST=1, its absence 0, and +sm OPPO_DECODE_FAST_MERGE=0, its absence 1 (the runtime's
+    its absence 0, and +sm OPPO_DECODE_FAST_MERGE=0, its absence 1 (the runtime's
     default) (so an A/B is one plan with a switch and one without,
     whatever the caller's environment), beside +pdl and +l2 / +l2x2; the caller's values come back
     after."""
@@ -56,18 +56,17 @@ def test_plan_switches_set_every_decode_switch_and_restore_them(monkeypatch):
     monkeypatch.setenv("OPPO_DECODE_DIAG_LOADS_ONLY", "caller")
     names = ("OPPO_DECODE_PLAN", "OPPO_DECODE_PDL", "OPPO_DECODE_PREFETCH", "OPPO_DECODE_DIAG_LOADS_ONLY",
              "OPPO_DECODE_REFILL", "OPPO_DECODE_FAST_MERGE", "OPPO_DECODE_REG_STAGE", "OPPO_DECODE_SPLIT_SLOTS",
-             "OPPO_DECODE_HEADS_AS_N", "OPPO_DECODE_TICKET_FIRST")
-    want = {"v7+l2": ("v7", "0", "1", "0", "0", "1", "0", "0", "", "0"),
-            "v7+l2+lo": ("v7", "0", "1", "1", "0", "1", "0", "0", "", "0"),
-            "v7+rf+lo": ("v7", "0", "0", "1", "1", "1", "0", "0", "", "0"),
-            "v3+pdl+l2x2+lo+rf": ("v3", "1", "2", "1", "1", "1", "0", "0", "", "0"),
-            "v7+l2+sm": ("v7", "0", "1", "0", "0", "0", "0", "0", "", "0"), "v6": ("v6", "0", "0", "0", "0", "1", "0", "0", "", "0"),
-            "v7+l2+rs": ("v7", "0", "1", "0", "0", "1", "1", "0", "", "0"),
-            "v7+l2+s1": ("v7", "0", "1", "0", "0", "1", "0", "1", "", "0"),
-            "v7+s12+lo": ("v7", "0", "0", "1", "0", "1", "0", "12", "", "0"),
-            "v7+l2+hn+s1": ("v7", "0", "1", "0", "0", "1", "0", "1", "1", "0"),
-            "v7+l2+hn0": ("v7", "0", "1", "0", "0", "1", "0", "0", "0", "0"),
-            "v7+l2+tf": ("v7", "0", "1", "0", "0", "1", "0", "0", "", "1")}
+             "OPPO_DECODE_HEADS_AS_N")
+    want = {"v7+l2": ("v7", "0", "1", "0", "0", "1", "0", "0", ""),
+            "v7+l2+lo": ("v7", "0", "1", "1", "0", "1", "0", "0", ""),
+            "v7+rf+lo": ("v7", "0", "0", "1", "1", "1", "0", "0", ""),
+            "v3+pdl+l2x2+lo+rf": ("v3", "1", "2", "1", "1", "1", "0", "0", ""),
+            "v7+l2+sm": ("v7", "0", "1", "0", "0", "0", "0", "0", ""), "v6": ("v6", "0", "0", "0", "0", "1", "0", "0", ""),
+            "v7+l2+rs": ("v7", "0", "1", "0", "0", "1", "1", "0", ""),
+            "v7+l2+s1": ("v7", "0", "1", "0", "0", "1", "0", "1", ""),
+            "v7+s12+lo": ("v7", "0", "0", "1", "0", "1", "0", "12", ""),
+            "v7+l2+hn+s1": ("v7", "0", "1", "0", "0", "1", "0", "1", "1"),
+            "v7+l2+hn0": ("v7", "0", "1", "0", "0", "1", "0", "0", "0")}
     for plan, values in want.items():
         assert D._SPLIT_PLAN.fullmatch(plan), plan
         with D.plan_env(plan):
