@@ -31,7 +31,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import copy_bandwidth, device_info, paged_pool, print_table, results_path, time_ms, write_json  # noqa: E402
 from decode_attention import _SPLIT_PLAN, parse_shape, plan_env  # noqa: E402
 
-ROWS = 128  # ops.attention.TILE_STAMP_ROWS (kernels/paged_decode_attention.cuh kTileStampRows)
 START, ISSUED, LANDED, LOOP_END, STORED, END = range(6)
 
 
@@ -43,7 +42,7 @@ def _pct(vals: list[float], p: float) -> float | None:
 
 
 def analyse(st: torch.Tensor, tile_bytes: list[list[int]], bw: float, bin_us: float) -> dict:
-    """st [ctas, ROWS, 3] (ns, event | tile << 8, SM); tile_bytes[c][t]: the K/V bytes of CTA c's tile t."""
+    """st [ctas, rows per CTA, 3] (ns, event | tile << 8, SM); tile_bytes[c][t]: the K/V bytes of CTA c's tile t."""
     t0 = min(int(r[0, 0]) for r in st if int(r[0, 0]) > 0)
     ramp, steady, tail_loop, tail_store, merge, first, lasts, ends, landed = [], [], [], [], [], [], [], [], []
     starts, issue, truncated = [], [], 0
@@ -102,14 +101,15 @@ def main() -> None:
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--bin-us", type=float, default=2.0)
     ap.add_argument("--out", default=None)
-    ap.add_argument("--raw", default=None, help="a folder: each (shape, plan)'s stamps as .npy (int64 [ctas, ROWS, 3]) "
+    ap.add_argument("--raw", default=None, help="a folder: each (shape, plan)'s stamps as .npy (int64 [ctas, rows, 3]) "
                     "and its tiles' bytes as .json, for reading offline")
     args = ap.parse_args()
     plans = [p for p in args.plans.split(",") if p]
     assert plans and all(_SPLIT_PLAN.fullmatch(p) and p != "v4" for p in plans), f"--plans: split plans, got {plans}"
     assert torch.cuda.is_available(), "decode_tiles needs a CUDA device"
     import oppo_runtime.ops  # noqa: F401  (loads torch.ops.oppo)
-    from oppo_runtime.ops.attention import decode_tile_stamps, paged_decode_plan, paged_decode_resident_ctas, paged_decode_workspace
+    from oppo_runtime.ops.attention import (TILE_STAMP_ROWS as ROWS, decode_tile_stamps, paged_decode_plan,
+                                            paged_decode_resident_ctas, paged_decode_workspace)
 
     info = device_info()
     bw = copy_bandwidth()
@@ -178,8 +178,8 @@ def main() -> None:
             a2 = analyse(st2, tile_bytes, bw, args.bin_us)
             row = {"B": B, "ctx": ctx, "Hq": Hq, "Hkv": Hkv, "D": D, "plan": plan, "splits": splits, "bytes": nbytes,
                    "us": ms * 1e3, "frac_copy_bw": nbytes / (ms * 1e-3) / bw, "floor_us": nbytes / bw * 1e6, **a,
-                   "stamped_us": stamped_us, "outside_us": stamped_us - a["span_us"], "again": {k: a2[k] for k in ("span_us", "ramp_us_p50",
-                                                                                        "merge_us_p50", "last_tile_us_max")}}
+                   "stamped_us": stamped_us, "outside_us": stamped_us - a["span_us"],
+                   "again": {k: a2[k] for k in ("span_us", "ramp_us_p50", "merge_us_p50", "last_tile_us_max")}}
             rows.append(row)
             print(f"  {B}x{ctx} {Hq}/{Hkv}/{D} {plan}: {row['us']:.1f} us ({stamped_us:.1f} stamped), span "
                   f"{a['span_us']:.1f}, rate by "
