@@ -1,6 +1,6 @@
 """Where a decode call's time goes inside its CTAs: per-tile stamps (``ops.attention.decode_tile_stamps``).
 
-    python bench/decode_tiles.py [--shapes 1,4] [--plans v7+l2] [--bin-us 2] [--out PATH] [--raw DIR]
+    python bench/decode_tiles.py [--shapes 1,4] [--plans v7+l2] [--bin-us 2] [--out PATH] [--raw DIR] [--probe N]
 
 Session 33 (H100) put issue 7's two 135 MB shapes at ~9 us over their bytes at the copy rate, a cost
 that does not grow with the context, and found that balancing the splits' tiles across SMs moved
@@ -15,7 +15,10 @@ calls (its predecessor's tail before it), and reads from its CTAs:
 - the rate over time: the K/V bytes of the tiles that landed in each ``--bin-us`` bin, over the
   copy rate measured in the same run (the first and last bins are the ramp and the drain);
 - outside: the stamped graph's time per call minus the stamped call's span (launch and the gap
-  between); the start spread (the last CTA's start) and each CTA's start to its loads issued.
+  between); the start spread (the last CTA's start) and each CTA's start to its loads issued;
+- with ``--probe N``: a DRAM latency probe (bench/dram_probe.py) chasing pointers beside one more
+  replay: the memory system's queue over the last call's life (busy: the chase waits in the queue;
+  idle: its unloaded latency), so the ramp and the end can be read as DRAM-bound or not.
 The stamped kernel is its own instantiation (bf16, heads as N): its output is the plain kernel's bit
 for bit (tests/test_attention_gpu.py). No timing assertion: a measurement for bench/RESULTS.md.
 """
@@ -94,6 +97,25 @@ def analyse(st: torch.Tensor, tile_bytes: list[list[int]], bw: float, bin_us: fl
             "end_us_p50": _pct(ends, 0.5), "bin_us": bin_us, "rate_frac_copy_bw_by_bin": rate}
 
 
+def probe_reading(st: torch.Tensor, pout: torch.Tensor, period_us: float, bin_us: float) -> dict:
+    """The DRAM probe's chase loads against the stamped call (``st``, the last of the graph's ten):
+    their median latency per ``bin_us`` bin from 4 us before the call's first CTA start to 6 us past
+    its last CTA end, and the median of the loads issued more than a call's ``period_us`` after the
+    graph's end (an idle DRAM)."""
+    import dram_probe
+
+    starts = [int(r[0, 0]) for r in st if int(r[0, 0]) > 0]
+    ends = [int(ns) for r in st for ns, tag, _ in r.tolist() if ns > 0 and (tag & 0xFF) == END]
+    t0 = min(starts)
+    span = (max(ends) - t0) / 1e3
+    samples = dram_probe.read(pout, t0)
+    idle = sorted(lat for at, lat in samples if at > span + period_us)
+    lo, hi = -4.0, span + 6.0
+    return {"probe_idle_us": round(idle[len(idle) // 2], 3) if idle else None, "probe_from_us": lo,
+            "probe_samples": sum(1 for at, _ in samples if 0 <= at < span),
+            "probe_latency_us_by_bin": dram_probe.by_bin(samples, lo, hi, bin_us)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="1,4", help="indices into decode_attention.SHAPES or BxCTXxHQxHKVxD")
@@ -101,6 +123,9 @@ def main() -> None:
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--bin-us", type=float, default=2.0)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--probe", type=int, default=0, metavar="N",
+                    help="N > 0: replay the stamped graph once more beside a DRAM latency probe of N chase loads "
+                         "(bench/dram_probe.py) and read its latency per --bin-us bin of the last call's span")
     ap.add_argument("--raw", default=None, help="a folder: each (shape, plan)'s stamps as .npy (int64 [ctas, rows, 3]) "
                     "and its tiles' bytes as .json, for reading offline")
     args = ap.parse_args()
@@ -111,6 +136,10 @@ def main() -> None:
     from oppo_runtime.ops.attention import (TILE_STAMP_ROWS as ROWS, decode_tile_stamps, paged_decode_plan,
                                             paged_decode_resident_ctas, paged_decode_workspace)
 
+    probe = nxt = None
+    if args.probe > 0:
+        import dram_probe
+        probe, nxt = dram_probe.build(), dram_probe.chase_buffer()
     info = device_info()
     bw = copy_bandwidth()
     print(f"{info['card']}  torch {info['torch']}  copy bandwidth {bw / 1e12:.2f} TB/s (read + write)")
@@ -163,6 +192,15 @@ def main() -> None:
                     e1.record()
                     torch.cuda.synchronize()
                     stamped_us = e0.elapsed_time(e1) * 1e3 / 50
+                    probed = None
+                    if probe is not None:   # the chase on a side stream first, the ten calls beside it
+                        side = torch.cuda.Stream()
+                        side.wait_stream(torch.cuda.current_stream())
+                        with torch.cuda.stream(side):
+                            pout = dram_probe.launch(probe, nxt, args.probe)
+                        g.replay()
+                        torch.cuda.synchronize()
+                        probed = (stamps.cpu().view(ctas, ROWS, 3), pout)
                     del g
             if args.raw:
                 import json
@@ -176,6 +214,8 @@ def main() -> None:
                                                               "us": ms * 1e3, "stamped_us": stamped_us}))
             a = analyse(st, tile_bytes, bw, args.bin_us)
             a2 = analyse(st2, tile_bytes, bw, args.bin_us)
+            if probed is not None:
+                a.update(probe_reading(*probed, stamped_us, args.bin_us))
             row = {"B": B, "ctx": ctx, "Hq": Hq, "Hkv": Hkv, "D": D, "plan": plan, "splits": splits, "bytes": nbytes,
                    "us": ms * 1e3, "frac_copy_bw": nbytes / (ms * 1e-3) / bw, "floor_us": nbytes / bw * 1e6, **a,
                    "stamped_us": stamped_us, "outside_us": stamped_us - a["span_us"],
@@ -184,6 +224,10 @@ def main() -> None:
             print(f"  {B}x{ctx} {Hq}/{Hkv}/{D} {plan}: {row['us']:.1f} us ({stamped_us:.1f} stamped), span "
                   f"{a['span_us']:.1f}, rate by "
                   f"{args.bin_us:g} us: " + " ".join(f"{x:.2f}" for x in a["rate_frac_copy_bw_by_bin"]))
+            if "probe_latency_us_by_bin" in a:
+                print(f"    DRAM probe: idle {a['probe_idle_us']}, {a['probe_samples']} loads in the call; latency by "
+                      f"{args.bin_us:g} us from {a['probe_from_us']:g}: "
+                      + " ".join("-" if x is None else f"{x:.2f}" for x in a["probe_latency_us_by_bin"]))
         del k_cache, v_cache
         torch.cuda.empty_cache()
     print_table(rows, [("B", "B", "d"), ("ctx", "ctx", "d"), ("D", "D", "d"), ("plan", "plan", "s"), ("us", "us", ".1f"),

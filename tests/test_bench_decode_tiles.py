@@ -48,3 +48,23 @@ def test_stamps_of_no_launch_are_a_clear_error():
     st[0, 0] = torch.tensor([10**9, d.START, 1])             # a start without an end
     with pytest.raises(ValueError, match="start and its end"):
         d.analyse(st, [[], []], bw=1e9, bin_us=2.0)
+
+
+def test_dram_probe_reading_bins_the_chase_against_the_call():
+    """decode_tiles --probe: the chase's (issue ns, latency ns) pairs read against the stamped call's
+    first start (t0 = 1 s) and last end: the median latency per bin from 4 us before the call, the
+    loads inside the call counted, and the idle latency from loads a period past its end."""
+    d = load_script(BENCH, "decode_tiles")
+    S, I, L, E, ST, END = d.START, d.ISSUED, d.LANDED, d.LOOP_END, d.STORED, d.END
+    st = torch.stack([_cta([(0, S, 0), (0.5, I, 0), (2, L, 0), (7, E, 0), (8, ST, 0), (9, END, 0)]),
+                      _cta([(1, S, 0), (1.5, I, 0), (3, L, 0), (8, E, 0), (9, ST, 0), (10, END, 1)])])
+    # loads issued at -3 us (idle 0.7), 1, 1.5 and 9 us (queued 3.0, 5.0, 2.0), 25 us (idle 0.6), 30 (0.8)
+    issue = [-3, 1, 1.5, 9, 25, 30]
+    lat = [0.7, 3.0, 5.0, 2.0, 0.6, 0.8]
+    pout = torch.tensor([[10**9 + int(a * 1000), int(x * 1000)] for a, x in zip(issue, lat)] + [[0, 0]],
+                        dtype=torch.int64).flatten()
+    r = d.probe_reading(st, pout, period_us=12.0, bin_us=4.0)
+    assert r["probe_samples"] == 3                       # 1, 1.5 and 9 us are inside [0, 10)
+    assert r["probe_idle_us"] == 0.8                     # issued past 10 + 12 us: 0.6 and 0.8, the upper median
+    # bins of 4 us from -4 to 16: [-4, 0): 0.7; [0, 4): 3.0 and 5.0 (upper median); [4, 8): none; [8, 12): 2.0; [12, 16): none
+    assert r["probe_latency_us_by_bin"] == [0.7, 5.0, None, 2.0, None]
