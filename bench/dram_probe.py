@@ -50,8 +50,9 @@ void chase(torch::Tensor next, torch::Tensor out, int64_t start, int64_t n, int6
   TORCH_CHECK(next.is_cuda() && next.scalar_type() == at::kLong && out.is_cuda() && out.scalar_type() == at::kLong,
               "chase: int64 CUDA tensors");
   TORCH_CHECK(out.numel() >= 2 * n, "chase: out holds 2 n stamps");
-  chase_kernel<<<1, 32, 0, at::cuda::getCurrentCUDAStream()>>>(next.data_ptr<long long>(), out.data_ptr<long long>(),
-                                                                start, static_cast<int>(n), static_cast<int>(stride));
+  chase_kernel<<<1, 32, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      reinterpret_cast<const long long*>(next.data_ptr<int64_t>()), reinterpret_cast<long long*>(out.data_ptr<int64_t>()),
+      start, static_cast<int>(n), static_cast<int>(stride));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 """
