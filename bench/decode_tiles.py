@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import copy_bandwidth, device_info, paged_pool, print_table, results_path, time_ms, write_json  # noqa: E402
+from common import (copy_bandwidth, device_info, events_ms, paged_pool, print_table, results_path, time_ms,  # noqa: E402
+                    write_json)
 from decode_attention import _SPLIT_PLAN, parse_shape, plan_env  # noqa: E402
 
 START, ISSUED, LANDED, LOOP_END, STORED, END = range(6)
@@ -185,13 +186,7 @@ def main() -> None:
                     g.replay()
                     torch.cuda.synchronize()
                     st2 = stamps.cpu().view(ctas, ROWS, 3)
-                    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    e0.record()
-                    for _ in range(5):
-                        g.replay()
-                    e1.record()
-                    torch.cuda.synchronize()
-                    stamped_us = e0.elapsed_time(e1) * 1e3 / 50
+                    stamped_us = events_ms(g.replay, n=5) * 1e3 / 50    # 5 replays of 10 calls
                     probed = None
                     if probe is not None:   # the chase on a side stream first, the ten calls beside it
                         side = torch.cuda.Stream()
