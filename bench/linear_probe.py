@@ -2,8 +2,8 @@
 weights stay in L2) and cold (an L2 flush before each call: in the engine every layer's weights
 come from DRAM), under each BLAS library PyTorch offers here, over the bytes' floor.
 
-    python bench/linear_probe.py [--shapes qwen2.5-0.5b] [--batches 64,256] [--libs cublas,cublaslt,inductor]
-                                 [--out bench/results/linear_probe.json]
+    python bench/linear_probe.py [--shapes qwen2.5-0.5b] [--batches 64,256] [--libs cublas,cublaslt,inductor,lt_all]
+                                 [--max-algos 16] [--out bench/results/linear_probe.json]
 
 Why: the engine's kernel profile (H100, B=256) has the QKV projection at 5.4 us and o_proj at 4.5
 us per call for ~1 us of bytes, and down_proj at 10.2 us for ~3.7 us. Before writing a GEMM of our
@@ -11,7 +11,10 @@ own, this says how much of that is the cold L2 (nothing to win by a better tile)
 other library's heuristics pick better tiles (a one-line switch). ``inductor``: the same F.linear
 under ``torch.compile(mode="max-autotune-no-cudagraphs")``, which times its Triton GEMM templates
 against cuBLAS for this shape and keeps the faster (its table of configs goes to the log): whether a
-Triton GEMM of our own can beat cuBLAS at these small-M shapes, before writing one. Floor: weights +
+Triton GEMM of our own can beat cuBLAS at these small-M shapes, before writing one. ``lt_all``
+(bench/lt_probe.py): every answer of cuBLASLt's heuristic (up to --max-algos) and their split-K
+versions, each timed cold (each checked against the fp32 product first); one row for the fastest,
+with its configuration, and the JSON's ``lt_all`` list has them all. Floor: weights +
 input + output bytes over the copy bandwidth measured in the same run. No timing assertion.
 """
 from __future__ import annotations
@@ -55,16 +58,60 @@ def inductor_linear(x, w, b):
     return run
 
 
+def lt_all(lt, x, w, b, out, ref, workspace, flusher, max_algos: int, key: dict) -> dict:
+    """Every cuBLASLt candidate (bench/lt_probe.py) for this GEMM, each checked against the fp32 product
+    and timed cold; the row of the fastest (``lt_all``: them all, ``lt_rejected``: those whose output
+    was wrong or that failed to run)."""
+    import lt_probe
+    B, K = x.shape
+    N = w.shape[0]
+    plan, cands = lt_probe.candidates(lt, B, N, K, b is not None, max_algos)
+    timed, rejected = [], []
+    for i, c in enumerate(cands):
+        def run(i=i):
+            lt.lt_run(plan, i, x, w, b, out, workspace)
+        try:
+            out.fill_(float("nan"))
+            run()
+            torch.cuda.synchronize()
+            err = float((out.float() - ref).norm() / ref.norm())
+            if not err < 2e-2:
+                rejected.append({**c, "why": f"relative error {err:.2e}"})
+                continue
+            cold = time_ms(run, cold_l2=flusher, reps=7, warmup_ms=5.0) * 1e3
+        except RuntimeError as e:
+            rejected.append({**c, "why": str(e)[:200]})
+            continue
+        timed.append({**c, "cold_us": cold, "rel_err": err, "label": lt_probe.label(c)})
+    assert timed, f"lt_all {key}: no cuBLASLt candidate ran ({rejected[:3]})"
+    timed.sort(key=lambda t: t["cold_us"])
+    best = timed[0]
+    first = next((t for t in timed if t["rank"] == 0), None)
+    print(f"{key['shape']} B={B} {key['proj']} {K}->{N} lt_all: {len(timed)} ran ({len(rejected)} rejected), best "
+          f"{best['cold_us']:.2f} us cold ({best['label']}), heuristic's first "
+          f"{first['cold_us'] if first else float('nan'):.2f} us", flush=True)
+    return {**key, "lib": "lt_all", "warm_us": float("nan"), "cold_us": best["cold_us"],
+            "cold_over_floor": best["cold_us"] / key["floor_us"], "rel_err": best["rel_err"], "lt_best": best["label"],
+            "lt_first_cold_us": first["cold_us"] if first else None, "lt_candidates": len(timed),
+            "lt_all": timed, "lt_rejected": rejected}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="qwen2.5-0.5b")
     ap.add_argument("--batches", default="64,256")
     ap.add_argument("--libs", default="cublas,cublaslt")
+    ap.add_argument("--max-algos", type=int, default=16, help="lt_all: how many heuristic answers to ask for")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     libs = [x.strip() for x in args.libs.split(",") if x.strip()]
-    assert libs and set(libs) <= {"cublas", "cublaslt", "inductor"}, \
-        f"--libs takes cublas, cublaslt and/or inductor, got {args.libs!r}"
+    assert libs and set(libs) <= {"cublas", "cublaslt", "inductor", "lt_all"}, \
+        f"--libs takes cublas, cublaslt, inductor and/or lt_all, got {args.libs!r}"
+    lt = None
+    if "lt_all" in libs:
+        import lt_probe
+        lt = lt_probe.build()
+        workspace = torch.empty(32 << 20, dtype=torch.uint8, device="cuda")
     info = device_info()
     bw = copy_bandwidth()
     print(f"{info['card']}  torch {info['torch']}  copy bandwidth {bw / 1e12:.2f} TB/s (read + write)")
@@ -82,6 +129,10 @@ def main() -> None:
                     ref = F.linear(x.float(), w.float(), None if b is None else b.float())
                     floor_us = 2 * (N * K + B * K + B * N) / bw * 1e6
                     for lib in libs:
+                        if lib == "lt_all":
+                            rows.append(lt_all(lt, x, w, b, out, ref, workspace, flusher, args.max_algos,
+                                               dict(shape=name, B=B, proj=proj, K=K, N=N, floor_us=floor_us)))
+                            continue
                         torch.backends.cuda.preferred_blas_library("cublas" if lib == "inductor" else lib)
                         if lib == "inductor":
                             run = inductor_linear(x, w, b)
@@ -103,6 +154,15 @@ def main() -> None:
     finally:
         torch.backends.cuda.preferred_blas_library(before)
     print_table(rows, COLUMNS)
+    for r in rows:
+        if r["lib"] == "lt_all":
+            base = next((q for q in rows if q["lib"] == "cublaslt" and all(q[k] == r[k] for k in ("shape", "B", "proj"))),
+                        None)
+            if base is not None:
+                r["speedup_vs_cublaslt_cold"] = base["cold_us"] / r["cold_us"]
+                print(f"{r['shape']} B={r['B']} {r['proj']}: best of {r['lt_candidates']} cuBLASLt algorithms "
+                      f"{r['cold_us']:.2f} us cold ({r['lt_best']}), F.linear (cublaslt) {base['cold_us']:.2f} us: "
+                      f"{r['speedup_vs_cublaslt_cold']:.2f}x")
     path = results_path("linear_probe", args.out)
     write_json(path, {**info, "copy_bandwidth_Bps": bw, "rows": rows})
     print(f"wrote {path}")

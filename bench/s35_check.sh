@@ -4,7 +4,9 @@
 # Triton kernels launched with PDL (OPPO_TRITON_PDL=1), alone and with the decode kernel's PDL
 # (OPPO_DECODE_PDL=1), in the engine's decode graph at B=256 and B=64, beside the default in the
 # same process, with the default's kernel profile. Build; the PDL GPU test and the fused ops' GPU
-# tests first (a wrong PDL wait shows there as a mismatch, not as a timing).
+# tests first (a wrong PDL wait shows there as a mismatch, not as a timing). (3) cuBLASLt's other
+# algorithms (the heuristic's 16 first answers and their split-K versions, bench/lt_probe.py) for the
+# four projections at B=256 and 64, cold, beside F.linear: is a better GEMM one algorithm choice away?
 #
 #   OUT=$OUT bash bench/s35_check.sh      (on the device, carrying .commit; results under $OUT)
 set -u
@@ -19,3 +21,4 @@ timeout 150 python3 bench/decode_tiles.py --plans v7+l2 --shapes 1,4 --probe 200
 timeout 240 python3 bench/engine.py --kernel-profile --shapes qwen2.5-0.5b --batches 256,64 --hf-min-batch 100000 \
   --decode-env tpdl:OPPO_TRITON_PDL=1 --decode-env pdl:OPPO_TRITON_PDL=1,OPPO_DECODE_PDL=1 \
   --out "$O/engine_pdl.json" 2>&1 | tail -14
+timeout 240 python3 bench/linear_probe.py --batches 256,64 --libs cublaslt,lt_all --out "$O/linear_probe_lt.json" 2>&1 | tail -24
