@@ -170,10 +170,7 @@ bool decode_heads_as_n(int G, PlanKind kind, bool reg_stage) {
 }
 
 // Whether decode_tile_stamps is on (the launcher then takes the heads-as-N kernel that writes them).
-std::atomic<bool>& tile_stamps_on() {
-  static std::atomic<bool> on{false};
-  return on;
-}
+std::atomic<bool> g_tile_stamps_on{false};
 
 int decode_pipe_flags() {
   return decode_l2_ahead() | (env_switch("OPPO_DECODE_REFILL") ? oppo::attn::kDecodeEarlyRefill : 0) |
@@ -582,7 +579,7 @@ void launch_decode(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cac
            decode_heads_as_n(static_cast<int>(q.size(1) / k_cache.size(2)), kind, rs)) {
     OPPO_CHECK(kind != PlanKind::v6 && !rs,
                "OPPO_DECODE_HEADS_AS_N=1 runs with plans v2, v3 and v7 and without OPPO_DECODE_REG_STAGE");
-    if (tile_stamps_on().load()) {  // bench/decode_tiles.py: its own instantiation, bf16 only
+    if (g_tile_stamps_on.load()) {  // bench/decode_tiles.py: its own instantiation, bf16 only
       if constexpr (std::is_same_v<T, __nv_bfloat16>)
         launch_decode_split<T, D, DecodeCfg<D>::kStages, false, true, true>(
             kind, out, q, k_cache, v_cache, block_tables, context_lens, scale, workspace, max_partition);
@@ -661,8 +658,7 @@ void decode_cta_stamps_cuda(at::Tensor& stamps) {
 // thread 0 of CTA c writes rows c * kTileStampRows ..: one per event (kernels/paged_decode_attention.cuh
 // kTsd*). Off again with an empty tensor.
 void decode_tile_stamps_cuda(at::Tensor& stamps) {
-  set_stamps("decode_tile_stamps", oppo::attn::decode_tile_stamps, stamps);
-  tile_stamps_on().store(stamps.numel() > 0);
+  set_stamps("decode_tile_stamps", oppo::attn::decode_tile_stamps, stamps, &g_tile_stamps_on);
 }
 
 // Floats of `workspace` that paged_decode_attention needs for this q, k_cache and block_tables

@@ -129,10 +129,7 @@ static_assert(((oppo::attn::kPrefillOutF32 | oppo::attn::wgp::kFlagPingPong | op
               "a kernel flag shares a bit with the launcher's plan bits");
 
 // Whether prefill_turn_stamps is on (the launcher then takes the wgmma3 kernel that writes them).
-std::atomic<bool>& turn_stamps_on() {
-  static std::atomic<bool> on{false};
-  return on;
-}
+std::atomic<bool> g_turn_stamps_on{false};
 
 // Whether this device runs the extension's sm_90a code (wgmma): an sm_90 card, and 9.0a built.
 // Asked once per device (every prefill call with the default plan asks).
@@ -277,7 +274,7 @@ void launch(int plan, at::Tensor& out, const at::Tensor& q, const at::Tensor& k_
                                                   max_seqlen_q);
         return;
       }
-      if ((plan & kThreeWG) && turn_stamps_on().load()) {   // bench/prefill_turns.py: its own instantiation
+      if ((plan & kThreeWG) && g_turn_stamps_on.load()) {   // bench/prefill_turns.py: its own instantiation
         using G3 = wgp::Geo<3>;
         launch_kernel<T, D, true, 3, false, false, true>(wgp::paged_prefill_wgmma_kernel<T, D, 3, false, false, true>,
                                                          G3::kBM, G3::kThreads, wgp::Cfg<D, 3>::kSmem, flags, grid, out,
@@ -359,6 +356,5 @@ void prefill_item_stamps_cuda(at::Tensor& stamps) {
 // kernels/paged_prefill_wgmma.cuh's prefill_turn_stamps says): while on, the wgmma3 plans without
 // _mi and _ks run the kernel instantiated with them (the others write none); see set_stamps.
 void prefill_turn_stamps_cuda(at::Tensor& stamps) {
-  set_stamps("prefill_turn_stamps", oppo::attn::wgp::prefill_turn_stamps, stamps);
-  turn_stamps_on().store(stamps.numel() > 0);
+  set_stamps("prefill_turn_stamps", oppo::attn::wgp::prefill_turn_stamps, stamps, &g_turn_stamps_on);
 }

@@ -5,6 +5,7 @@
 #pragma once
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <atomic>
 #include <map>
 #include <mutex>
 #include <string>
@@ -17,9 +18,11 @@
 // host memory at every replay), and `stamps`
 // is held here while on, so a buffer its caller frees is never written; when it is switched off or
 // replaced, the allocator reuses it only after the launches queued on this stream before the
-// switch (the switch is meant for one stream's launches).
+// switch (the switch is meant for one stream's launches). `on`, when given, is the launcher's switch
+// to the kernel instantiation that writes these stamps (a kernel whose stamps cost registers has its
+// own): true from here while stamps are on, read at each launch.
 template <typename Symbol>
-void set_stamps(const char* op, const Symbol& symbol, at::Tensor& stamps) {
+void set_stamps(const char* op, const Symbol& symbol, at::Tensor& stamps, std::atomic<bool>* on = nullptr) {
   OPPO_CHECK(stamps.is_cuda(), op, ": stamps must be a CUDA tensor");
   OPPO_CHECK(stamps.scalar_type() == at::kLong && stamps.dim() == 2 && stamps.size(1) == 3 && stamps.is_contiguous(),
              op, ": stamps must be int64 [n, 3] contiguous (n = 0: off)");
@@ -42,4 +45,5 @@ void set_stamps(const char* op, const Symbol& symbol, at::Tensor& stamps) {
     held->erase(it);
   }
   if (h.rows != nullptr) (*held)[key] = stamps;
+  if (on != nullptr) on->store(h.rows != nullptr);
 }
