@@ -4,7 +4,7 @@
 # Triton kernels launched with PDL (OPPO_TRITON_PDL=1), alone and with the decode kernel's PDL
 # (OPPO_DECODE_PDL=1), in the engine's decode graph at B=256 and B=64, beside the default in the
 # same process, with the default's kernel profile. Build; the PDL GPU test and the fused ops' GPU
-# tests first (a wrong PDL wait shows there as a mismatch, not as a timing). (3) cuBLASLt's other
+# tests first, and the stamps tests of the one-switch mend (a wrong PDL wait shows there as a mismatch, not as a timing). (3) cuBLASLt's other
 # algorithms (the heuristic's 16 first answers and their split-K versions, bench/lt_probe.py) for the
 # four projections at B=256 and 64, cold, beside F.linear: is a better GEMM one algorithm choice away?
 #
@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 O=${OUT:-bench/results/s35_check}
 mkdir -p "$O"
 . bench/device_commit.sh
-OUT="$O" BENCH_ONLY=1 SMOKE=0 PYTEST_FILES="tests/test_triton_pdl.py tests/test_fused_ops.py" PYTEST_SHARDS=1 \
+OUT="$O" BENCH_ONLY=1 SMOKE=0 PYTEST_FILES="tests/test_triton_pdl.py tests/test_fused_ops.py tests/test_attention_gpu.py" PYTEST_K="pdl or kernels or tile_stamps or turn_stamps" PYTEST_SHARDS=1 \
   PYTEST_LIMIT=150 bash bench/gpu_check.sh none > /dev/null 2>&1
 grep -E "^\| (build|pytest)|passed|failed|FAILED|Error" "$O/report.md" | head -20
 timeout 150 python3 bench/decode_tiles.py --plans v7+l2 --shapes 1,4 --probe 2000 --out "$O/decode_tiles_probe.json" 2>&1 | tail -30
