@@ -147,3 +147,20 @@ def test_pdl_launches_equal_plain_launches_behind_cublas_eager_and_in_a_graph():
     import sys
     r = subprocess.run([sys.executable, "-c", GPU_CHECK], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and "ok" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+def test_diag_skip_is_off_on_cpu_and_checks_its_names(monkeypatch):
+    """OPPO_DIAG_SKIP_ELEMENTWISE (bench/engine.py's ceiling of folding the elementwise kernels away)
+    never touches CPU tensors, and a name it does not know is an error, not silently nothing."""
+    from oppo_runtime.ops import fused
+    x = torch.randn(3, 8)
+    monkeypatch.setenv("OPPO_DIAG_SKIP_ELEMENTWISE", "norm,silu")
+    assert fused.diag_skip("norm", x) is False
+    out, res = fused.fused_add_rms_norm(x, x, torch.ones(8), 1e-6)
+    assert torch.equal(res, x + x) and not torch.equal(out, x)
+    if torch.cuda.is_available():
+        y = x.cuda()
+        assert fused.diag_skip("norm", y) and fused.diag_skip("silu", y)
+        monkeypatch.setenv("OPPO_DIAG_SKIP_ELEMENTWISE", "rotary")
+        with pytest.raises(ValueError, match="comma list"):
+            fused.diag_skip("norm", y)

@@ -23,7 +23,9 @@ does what the next kernel did, so a decode layer is 5 launches instead of 9:
 """
 from __future__ import annotations
 
+import functools
 import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -69,6 +71,33 @@ def _choose(op: str, tensors, backend: str | None) -> str:
     return chosen
 
 
+# ----------------------------------------------------------------------------- a bench diagnostic
+_SKIPPABLE = ("norm", "silu")
+
+
+def diag_skip(op: str, tensor: torch.Tensor) -> bool:
+    """``OPPO_DIAG_SKIP_ELEMENTWISE=norm,silu`` (or ``norm+silu``; a bench diagnostic, ``bench/engine.py --decode-env``):
+    on CUDA tensors the named kernels are not launched and a stand-in costs nothing (add+RMSNorm returns
+    its input, silu*mul the gate half as a view), so the engine's step says what the whole launch of
+    each (its kernel and its gap in the graph) costs: the most that folding it into a GEMM could win.
+    Every output is wrong; it warns once."""
+    e = os.environ.get("OPPO_DIAG_SKIP_ELEMENTWISE", "")
+    if not e or not tensor.is_cuda:
+        return False
+    names = {n.strip() for n in e.replace("+", ",").split(",") if n.strip()}
+    if not names <= set(_SKIPPABLE):
+        raise ValueError(f"OPPO_DIAG_SKIP_ELEMENTWISE takes a comma list of {_SKIPPABLE}, got {e!r}")
+    _warn_diag_skip(e)
+    return op in names
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_diag_skip(value: str) -> None:
+    warnings.warn(f"OPPO_DIAG_SKIP_ELEMENTWISE={value}: those kernels are skipped (a bench diagnostic); every "
+                  "output is wrong", RuntimeWarning, stacklevel=4)
+    record_backend("diag_skip_elementwise", value)
+
+
 # ----------------------------------------------------------------------------- add + RMSNorm
 def fused_add_rms_norm_ref(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float):
     """(rms_norm(x + residual), x + residual); the sum in the model dtype, as ``h = h + sublayer(h)``."""
@@ -89,6 +118,8 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: t
         raise ValueError(f"fused_add_rms_norm: residual {tuple(residual.shape)} must have x's shape {tuple(x.shape)}")
     if weight.shape != x.shape[-1:]:
         raise ValueError(f"fused_add_rms_norm: weight {tuple(weight.shape)} must be [{x.shape[-1]}]")
+    if diag_skip("norm", x):
+        return x, x if residual is None else residual
     if _choose("fused_add_rms_norm", tensors, backend) == "reference":
         return fused_add_rms_norm_ref(x, residual, weight, eps)
     from . import fused_triton
@@ -199,6 +230,8 @@ def silu_mul(gate_up: torch.Tensor, backend: str | None = None) -> torch.Tensor:
     """gate_up [..., 2I] -> [..., I]; one kernel."""
     if gate_up.shape[-1] % 2:
         raise ValueError(f"silu_mul: the last dim must be even (gate | up), got {gate_up.shape[-1]}")
+    if diag_skip("silu", gate_up):
+        return gate_up[..., :gate_up.shape[-1] // 2]
     if _choose("silu_mul", (gate_up,), backend) == "reference":
         return silu_mul_ref(gate_up)
     from . import fused_triton
