@@ -19,8 +19,8 @@ OUT="$O" BENCH_ONLY=1 SMOKE=0 PYTEST_FILES="tests/test_triton_pdl.py" PYTEST_SHA
   PYTEST_LIMIT=90 bash bench/gpu_check.sh none > /dev/null 2>&1
 grep -E "^\| (build|pytest)|passed|failed|FAILED|Error" "$O/report.md" | head -20
 timeout 110 python3 bench/decode_tiles.py --plans v7+l2 --shapes 1,4 --probe 2000 --out "$O/decode_tiles_probe.json" 2>&1 | tail -30
-timeout 150 python3 bench/engine.py --kernel-profile --shapes qwen2.5-0.5b --batches 256 --hf-min-batch 100000 \
+timeout 200 python3 bench/engine.py --kernel-profile --shapes qwen2.5-0.5b --batches 256 --hf-min-batch 100000 \
   --decode-env tpdl:OPPO_TRITON_PDL=1 --decode-env pdl:OPPO_TRITON_PDL=1,OPPO_DECODE_PDL=1 \
   --decode-env skip:OPPO_DIAG_SKIP_ELEMENTWISE=norm+silu \
   --out "$O/engine_pdl.json" 2>&1 | tail -14
-timeout 120 python3 bench/linear_probe.py --batches 256 --libs cublaslt,lt_all --out "$O/linear_probe_lt.json" 2>&1 | tail -24
+timeout 100 python3 bench/linear_probe.py --batches 256 --libs cublaslt,lt_all --out "$O/linear_probe_lt.json" 2>&1 | tail -24
