@@ -87,8 +87,6 @@ _SWITCHES = (
     ("OPPO_PREFILL_WGMMA_OFF", "none (a comma list of wgmma plans, or all, that tests and benches skip)"),
     ("OPPO_DECODE_TICKETS", "pool (memset: v4/v5/v7's counters in the per-call workspace)"),
     ("OPPO_DECODE_PDL", "0 (1: the decode split kernel and its reduction with programmatic dependent launch)"),
-    ("OPPO_TRITON_PDL", "0 (1: the add+RMSNorm, rotary and silu*mul Triton kernels with programmatic dependent launch,"
-                        " sm_90+)"),
     ("OPPO_DIAG_SKIP_ELEMENTWISE", "unset (norm,silu: a bench diagnostic, those Triton kernels not launched on CUDA"
                                    " tensors; wrong outputs, it warns)"),
     ("OPPO_DECODE_PREFETCH", "1 (0|1|2: the decode split kernel also prefetches the next 0, 1 or 2 tiles' rows into L2)"),

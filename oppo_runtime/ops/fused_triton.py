@@ -35,49 +35,13 @@ def _warps(block: int) -> int:
     return max(1, min(8, block // 256))
 
 
-def pdl_enabled(device: torch.device) -> bool:
-    """``OPPO_TRITON_PDL=1``: the add+RMSNorm, rotary and silu*mul kernels are launched with
-    programmatic dependent launch (Triton's ``launch_pdl``; a CUDA graph captures it as a
-    programmatic edge), so each is scheduled while the kernel ahead of it in the stream finishes and
-    waits in the kernel (griddepcontrol.wait) before its first read: the launch latency between
-    kernels is hidden, nothing else changes. Read at each launch (a graph keeps what its capture
-    saw). Off unless set: not yet measured (bench/engine.py --decode-env). Needs sm_90+ and a
-    Triton with ``tl.extra.cuda.gdc_wait``; asked for without them it raises."""
-    e = os.environ.get("OPPO_TRITON_PDL", "")
-    if e in ("", "0"):
-        return False
-    if e != "1":
-        raise ValueError(f"OPPO_TRITON_PDL must be 0 or 1, got {e!r}")
-    if os.environ.get("TRITON_INTERPRET") == "1" or device.type != "cuda":
-        return False                       # the interpreter runs programs one by one: nothing to overlap
-    from ._backend import record_backend
-    why = None
-    if not hasattr(getattr(tl.extra, "cuda", None), "gdc_wait"):
-        why = f"Triton {triton.__version__} has no tl.extra.cuda.gdc_wait"
-    elif torch.cuda.get_device_capability(device)[0] < 9:
-        why = f"{torch.cuda.get_device_name(device)} is not sm_90+"
-    if why is not None:
-        raise RuntimeError(f"OPPO_TRITON_PDL=1: programmatic dependent launch is not available ({why})")
-    record_backend("triton_pdl", "on (OPPO_TRITON_PDL=1)")
-    return True
-
-
-def _pdl_args(device: torch.device) -> dict:
-    """The PDL kernel argument and launch option of one launch (``pdl_enabled``)."""
-    on = pdl_enabled(device)
-    return {"USE_GDC": True, "launch_pdl": True} if on else {"USE_GDC": False}
-
-
 if triton is not None:
     @triton.jit
     def _add_rms_norm_kernel(x_ptr, x_stride, res_ptr, res_stride, w_ptr, out_ptr, out_stride,
                              res_out_ptr, res_out_stride, H, eps,
-                             HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, USE_GDC: tl.constexpr):
+                             HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
         # x, residual, res_out: [N, H] (rows strided, each row contiguous); weight [H]; out [N, H].
         # Without a residual, res_out is x itself (never written): its dtype is the normed input's.
-        # USE_GDC: launched with PDL (``pdl_enabled``): nothing is read before the previous kernel is done
-        if USE_GDC:
-            tl.extra.cuda.gdc_wait()
         row = tl.program_id(0).to(tl.int64)
         in_dtype = res_out_ptr.dtype.element_ty
         cols = tl.arange(0, BLOCK)
@@ -88,8 +52,6 @@ if triton is not None:
             s = (x + r).to(res_out_ptr.dtype.element_ty)          # h = h + sublayer(h), in the model dtype
             tl.store(res_out_ptr + row * res_out_stride + cols, s, mask=ok)
             x = s.to(tl.float32)
-        if USE_GDC:
-            tl.extra.cuda.gdc_launch_dependents()     # read all it reads: the next kernel may be scheduled
         var = tl.sum(x * x, 0) / H
         y = (x * tl.math.rsqrt(var + eps)).to(in_dtype).to(tl.float32)
         w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
@@ -130,18 +92,11 @@ if triton is not None:
                           cache_ptr, cache_stride, max_pos, pos_ptr, qw_ptr, kw_ptr, eps, HQ, HKV,
                           v_ptr, v_stride0, v_stride1, kc_ptr, vc_ptr, page_stride, block_size, slot_ptr,
                           HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr,
-                          BLOCK_D: tl.constexpr, HAS_NORM: tl.constexpr, WRITE_KV: tl.constexpr,
-                          USE_GDC: tl.constexpr):
+                          BLOCK_D: tl.constexpr, HAS_NORM: tl.constexpr, WRITE_KV: tl.constexpr):
         # q [N, HQ, D], k [N, HKV, D]; cos_sin_cache [max_pos, D] float32 (cos | sin); positions [N].
         # WRITE_KV: also the rotated k and v [N, HKV, D] into the paged caches [blocks, block_size,
         # HKV, D] (page stride page_stride, each page contiguous) at slot_mapping[tok] (-1: skip),
-        # which the kv_append kernel otherwise does as one more launch per layer. USE_GDC: launched with
-        # PDL, it waits for the previous kernel before its first read and lets the next one (the decode
-        # attention, when it too is launched with PDL) be scheduled from its start (that one waits in
-        # its own griddepcontrol.wait for this kernel's completion)
-        if USE_GDC:
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
+        # which the kv_append kernel otherwise does as one more launch per layer
         tok = tl.program_id(0).to(tl.int64)
         pos = tl.load(pos_ptr + tok).to(tl.int64)
         d = tl.arange(0, BLOCK_D)[None, :]
@@ -170,11 +125,8 @@ if triton is not None:
                           c, s, k_out_ptr, False, HALF, BLOCK_HKV, BLOCK_D, HAS_NORM, False)
 
     @triton.jit
-    def _silu_mul_kernel(x_ptr, x_stride, out_ptr, out_stride, INTER, BLOCK: tl.constexpr, USE_GDC: tl.constexpr):
-        # x [N, 2*INTER] (gate | up), rows strided; out [N, INTER]; USE_GDC: launched with PDL
-        if USE_GDC:
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
+    def _silu_mul_kernel(x_ptr, x_stride, out_ptr, out_stride, INTER, BLOCK: tl.constexpr):
+        # x [N, 2*INTER] (gate | up), rows strided; out [N, INTER]
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         ok = cols < INTER
@@ -329,8 +281,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
         r = x if residual is None else residual
         _add_rms_norm_kernel[(N,)](x, x.stride(0), r, r.stride(0), weight, out, out.stride(0),
                                    res_out, res_out.stride(0), H, eps,
-                                   HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=_warps(block),
-                                   **_pdl_args(x.device))
+                                   HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=_warps(block))
     return out, res_out
 
 
@@ -357,7 +308,7 @@ def rotary_qk(q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor, pos
                                 cos_sin_cache, cos_sin_cache.stride(0), cos_sin_cache.shape[0], positions,
                                 qw, kw, eps, Hq, Hkv, *kv_args, HALF=half, BLOCK_HQ=triton.next_power_of_2(Hq),
                                 BLOCK_HKV=triton.next_power_of_2(Hkv), BLOCK_D=block_d,
-                                HAS_NORM=has_norm, WRITE_KV=kv is not None, num_warps=4, **_pdl_args(q.device))
+                                HAS_NORM=has_norm, WRITE_KV=kv is not None, num_warps=4)
     return q_out, k_out
 
 
@@ -369,8 +320,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     if N:
         block = min(1024, triton.next_power_of_2(inter))
         _silu_mul_kernel[(N, triton.cdiv(inter, block))](gate_up, gate_up.stride(0), out, out.stride(0), inter,
-                                                         BLOCK=block, num_warps=_warps(block),
-                                                         **_pdl_args(gate_up.device))
+                                                         BLOCK=block, num_warps=_warps(block))
     return out
 
 
