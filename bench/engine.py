@@ -306,7 +306,7 @@ def main():
                 return v
 
             for name, env in decode_env.items():   # A/B: the decode kernels' switches (read at capture)
-                v = variant(name, env=env)
+                v = variant(name, env=env, kernel_profile_path=kp and kp.replace(".txt", f"_{name}.txt"))
                 if v is not None:
                     r[f"{name}_gpu_speedup"] = r["gpu_ms"] / v["gpu_ms"]
             for c in (int(x) for x in args.caps.split(",") if x.strip()):   # A/B: the decode split cap

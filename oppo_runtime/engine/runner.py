@@ -449,6 +449,9 @@ class ModelRunner:
         self.stage = _Staging(self.device)
         self.graphs: dict[int, tuple] = {}
         self.decode_head = None             # see set_decode_head (the LM head + sampler in decode graphs)
+        # a decode graph of norm-folded layers reads copies of weights that the eager forward would
+        # refresh; a replay does not run it, so the runner refreshes them first (see _NormFold)
+        self._refresh_folds = getattr(model, "refresh_norm_folds", None)
         self._graph_generation = view.pool.generation
         g = view.geometry
         kernels = attention_kernels_support(g.dtype, g.head_dim)
@@ -638,6 +641,8 @@ class ModelRunner:
         graph, st = self.graphs[bs]
         self._pack_decode(bs, st, fast[0], B, fast[1], ids_from, sampler)
         if graph is not None:
+            if self._refresh_folds is not None:
+                self._refresh_folds()            # norm-folded layers: weights changed since their fold
             graph.replay()
         else:                                    # CPU (OPPO_STATIC_DECODE=1): the same buffers, eagerly
             st["hidden"], st["sampled"] = st["step"]()

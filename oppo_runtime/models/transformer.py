@@ -48,7 +48,8 @@ from torch.utils.checkpoint import checkpoint
 from ..ops import (kv_append, paged_decode_attention, paged_prefill_attention,
                    rotary_cos_sin, token_logprobs, varlen_causal_attention)
 from ..ops._backend import record_backend
-from ..ops.fused import (decode_gemm_fusion, fused_add_rms_norm, norm_gate_up_silu, norm_qkv_rotary,
+from ..ops.fused import (_fusable_kv, decode_gemm_fusion, decode_norm_fold, fold_norm_weight, folded_qkv_rotary,
+                         folded_silu_mul, fused_add_rms_norm, norm_gate_up_silu, norm_qkv_rotary,
                          qkv_kernel_refuses, rotary_cos_sin_cache, rotary_qk, silu_mul)
 from ..ops.logprobs import entropy_from_logits, linear_token_logprobs
 from ..ops.train_fused import rms_norm_train, rotary_train, silu_mul_train
@@ -113,6 +114,54 @@ class _FusedLinears:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
+
+
+class _NormFold:
+    """A decoder layer's qkv and gate_up weights with its two RMSNorm weights folded in (each column
+    scaled: ``W * norm.weight``), for the norm-folded decode layer (``ops.fused.decode_norm_fold``).
+
+    The copies are refreshed in place (their addresses never change, so CUDA graphs captured on
+    them stay valid) whenever a source changed: ``refresh()`` compares the sum of the sources'
+    version counters (every in-place update bumps one: optimizer steps, ``copy_``, load_state_dict)
+    with that of the last fold. The eager forward calls it (outside a graph
+    capture), and ``ModelRunner`` before every decode-graph replay, so a replay never reads a fold
+    of old weights. (Writes through ``param.data`` bypass the version counter: call
+    ``CausalLM.refresh_norm_folds(force=True)`` after them.)"""
+
+    def __init__(self, layer: "DecoderLayer"):
+        attn, mlp = layer.self_attn, layer.mlp
+        self.qkv_src, self.gate_up_src = attn.qkv, mlp.gate_up
+        self.norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
+        # every tensor a fold reads, and every parameter that views one (each has its own counter)
+        self.sources = [attn.qkv.weight, mlp.gate_up.weight, *self.norms,
+                        *(lin.weight for lin in attn.qkv.linears + mlp.gate_up.linears)]
+        with torch.no_grad(), torch.inference_mode(False):   # real tensors: refreshed in and out of inference
+            self.qkv = torch.empty_like(attn.qkv.weight)
+            self.gate_up = torch.empty_like(mlp.gate_up.weight)
+        self._key = None
+        self.refreshes = 0
+
+    def current_for(self, layer: "DecoderLayer") -> bool:
+        """Whether this fold is of the layer's present fused weights and norms (not replaced since)."""
+        return (self.qkv_src is layer.self_attn.qkv and self.gate_up_src is layer.mlp.gate_up
+                and self.norms[0] is layer.input_layernorm.weight and self.norms[1] is layer.post_attention_layernorm.weight)
+
+    def _state(self) -> int:
+        # versions only (~1 us a layer: the runner checks before every replay); a source replaced
+        # rather than updated leaves the fused weight the graphs read anyway (qkv.check says so eagerly)
+        return sum(t._version for t in self.sources)
+
+    def refresh(self, force: bool = False) -> bool:
+        """Fold again if a source changed since the last fold (or ``force``); True if it did."""
+        key = self._state()
+        if key == self._key and not force:
+            return False
+        with torch.no_grad():
+            fold_norm_weight(self.qkv_src.weight, self.norms[0], out=self.qkv)
+            fold_norm_weight(self.gate_up_src.weight, self.norms[1], out=self.gate_up)
+        self._key = key
+        self.refreshes += 1
+        return True
 
 
 class RMSNorm(nn.Module):
@@ -190,6 +239,10 @@ class Attention(nn.Module):
         return self._attend_and_project(q, k, v, ctx, appended=kv is not None)
 
     def _attend_and_project(self, q, k, v, ctx, appended: bool = False):
+        return self.o_proj(self._attend(q, k, v, ctx, appended))
+
+    def _attend(self, q, k, v, ctx, appended: bool = False):
+        """Attention of q [n, Hq, D] -> [n, Hq * D] (k, v appended to the pages first unless ``appended``)."""
         n = q.shape[0]
         if isinstance(ctx, DenseContext):
             o = varlen_causal_attention(q, k, v, ctx.cu_seqlens, self.scale, max_seqlen=ctx.max_seqlen)
@@ -203,7 +256,7 @@ class Attention(nn.Module):
             else:
                 o = paged_prefill_attention(q, k_cache, v_cache, ctx.cu_seqlens_q, ctx.context_lens,
                                             ctx.block_tables, self.scale, max_seqlen_q=ctx.max_seqlen_q)
-        return self.o_proj(o.reshape(n, self.num_heads * self.head_dim))
+        return o.reshape(n, self.num_heads * self.head_dim)
 
 
 class MLP(nn.Module):
@@ -243,6 +296,12 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm_fold: _NormFold | None = None      # built on the first norm-folded decode step
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self.norm_fold = None             # .to()/.half()/...: fold the moved weights again
+        return self
 
     def forward(self, h, cos, sin, ctx):
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, ctx)
@@ -253,10 +312,13 @@ class DecoderLayer(nn.Module):
         into the next add+RMSNorm (residual None: x is the embedding, the stream starts here)."""
         norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
         if isinstance(ctx, PagedContext) and ctx.is_decode:
+            unfolded = self._norm_fold_refused(ctx)
+            if unfolded is None:
+                return self._forward_decode_norm_folded(x, residual, positions, cos_sin_cache, ctx), None
             refused = self._gemm_fusion_refused(ctx)
             if refused is None:
                 return self._forward_decode_gemm_fused(x, residual, positions, cos_sin_cache, ctx)
-            record_backend("decode_layer", f"unfused (9 launches{refused})")
+            record_backend("decode_layer", f"unfused (9 launches{refused or unfolded})")
         x, residual = fused_add_rms_norm(x, residual, norm1.weight, norm1.eps)
         x = self.self_attn.forward_fused(x, positions, cos_sin_cache, ctx)
         x, residual = fused_add_rms_norm(x, residual, norm2.weight, norm2.eps)
@@ -296,6 +358,61 @@ class DecoderLayer(nn.Module):
         record_backend("decode_layer", "gemm-fused (5 launches)")
         return mlp.down_proj(act), residual
 
+
+    def _norm_fold_refused(self, ctx) -> str | None:
+        """None when this decode step takes the norm-folded layer (``OPPO_DECODE_NORM_FOLD=1``, fused
+        projections, bfloat16 or float32, no o_proj/down_proj bias, and on CUDA caches the rotary
+        kernel appends to); else why not, for the log ('' if off)."""
+        if not decode_norm_fold():
+            return ""
+        if decode_gemm_fusion():
+            raise ValueError("OPPO_DECODE_NORM_FOLD=1 and OPPO_DECODE_GEMM_FUSION=1: choose one (both replace the "
+                             "decode layer's add+RMSNorm kernels)")
+        attn, mlp = self.self_attn, self.mlp
+        if attn.qkv is None or mlp.gate_up is None:
+            return ": projections not fused"
+        dtype = attn.qkv.weight.dtype
+        if dtype not in (torch.bfloat16, torch.float32):
+            return (f": no norm fold for {dtype} (the unnormalised stream times the weights can pass float16's "
+                    "range)" if dtype == torch.float16 else f": no norm fold for {dtype}")
+        if attn.o_proj.bias is not None or mlp.down_proj.bias is not None:
+            return ": no norm fold with an o_proj/down_proj bias"
+        k_cache, v_cache = ctx.kv_caches[attn.layer_idx]
+        if k_cache.is_cuda:
+            k = torch.empty(0, attn.num_kv_heads, attn.head_dim, dtype=dtype, device=k_cache.device)
+            if not _fusable_kv(k, k, k_cache, v_cache):
+                return ": no norm fold for the caches' layout or dtype"
+        return None
+
+    def _forward_decode_norm_folded(self, x, residual, positions, cos_sin_cache, ctx):
+        """The decode layer with each RMSNorm folded into the projection after it (7 launches: QKV,
+        rotary with the row scale + K/V append, attention, o_proj + residual, gate_up, silu*mul with
+        the row scale, down_proj + residual) -> the residual stream after the layer. ``x`` is the
+        stream (``residual`` None), or the sublayer output to add to ``residual`` (an unfolded layer
+        before). The stream is updated in place (addmm_ with beta 1)."""
+        attn, mlp = self.self_attn, self.mlp
+        norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
+        attn.qkv.check(f"layer {attn.layer_idx} q/k/v_proj")
+        mlp.gate_up.check("gate_proj/up_proj")
+        if self.norm_fold is None or not self.norm_fold.current_for(self):
+            self.norm_fold = _NormFold(self)
+        fold = self.norm_fold
+        if not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+            fold.refresh()           # a capture bakes in the fold's address; the runner refreshes before replays
+        s = x if residual is None else residual + x
+        n = s.shape[0]
+        k_cache, v_cache = ctx.kv_caches[attn.layer_idx]
+        qn, kn = attn.q_norm, attn.k_norm
+        q = folded_qkv_rotary(torch.mm(s, fold.qkv.t()), s, norm1.eps, attn.qkv.bias, attn.num_heads,
+                              attn.num_kv_heads, cos_sin_cache, positions, k_cache, v_cache, ctx.slot_mapping,
+                              None if qn is None else qn.weight, None if kn is None else kn.weight,
+                              1e-6 if qn is None else qn.eps)
+        o = attn._attend(q, None, None, ctx, appended=True)
+        s = s.addmm_(o.reshape(n, attn.num_heads * attn.head_dim), attn.o_proj.weight.t())
+        act = folded_silu_mul(torch.mm(s, fold.gate_up.t()), s, norm2.eps, mlp.gate_up.bias)
+        s = s.addmm_(act, mlp.down_proj.weight.t())
+        record_backend("decode_layer", "norm-folded (7 launches)")
+        return s
 
 class Decoder(nn.Module):
     """Embedding, layers, final norm: ``model.*`` in transformers' naming."""
@@ -337,6 +454,10 @@ class Decoder(nn.Module):
                 h = layer(h, cos, sin, ctx)
         return self.norm(h)
 
+    def refresh_norm_folds(self, force: bool = False) -> int:
+        """Refresh every layer's norm fold whose weights changed (see ``_NormFold``); how many did."""
+        return sum(layer.norm_fold.refresh(force) for layer in self.layers if layer.norm_fold is not None)
+
     def _forward_fused(self, h, positions, ctx):
         cache = self.cos_sin_cache(h.device)
         residual = None
@@ -366,6 +487,12 @@ class _DecoderModel(nn.Module):
             layer.self_attn.fuse_projections()
             layer.mlp.fuse_projections()
         return self
+
+    def refresh_norm_folds(self, force: bool = False) -> int:
+        """The norm-folded decode layers' weight copies refreshed where a weight changed since their
+        last fold (``ModelRunner`` calls it before every decode-graph replay; ``force``: all of them,
+        e.g. after writes through ``param.data``, which no version counter sees). How many were."""
+        return self.model.refresh_norm_folds(force)
 
     def kv_geometry(self) -> tuple[int, int, int]:
         """(num_layers, num_kv_heads, head_dim) of this model's KV cache."""

@@ -20,6 +20,14 @@ does what the next kernel did, so a decode layer is 5 launches instead of 9:
     norm_qkv_rotary(x, residual, norm_w, eps, w_qkv, b_qkv, Hq, Hkv, cos_sin_cache, positions,
                     k_cache, v_cache, slot_mapping) -> (q rotated, new residual); k, v to the pages
     norm_gate_up_silu(x, residual, norm_w, eps, w_gate_up, b_gate_up) -> (silu(gate) * up, new residual)
+
+Decode-layer norm fold (opt-in: ``OPPO_DECODE_NORM_FOLD=1``; see ``decode_norm_fold``): each RMSNorm's
+weight goes into the projection after it (``fold_norm_weight``), the projection reads the residual
+stream itself, and the kernel after it applies each row's RMSNorm scale (and the bias):
+
+    folded_qkv_rotary(raw, stream, eps, b_qkv, Hq, Hkv, cos_sin_cache, positions, k_cache, v_cache,
+                      slot_mapping) -> q rotated; k, v to the pages
+    folded_silu_mul(raw, stream, eps, b_gate_up) -> silu(gate) * up
 """
 from __future__ import annotations
 
@@ -36,7 +44,8 @@ from .norm_rope import apply_rotary, rms_norm
 
 __all__ = ["fused_add_rms_norm", "fused_add_rms_norm_ref", "rotary_cos_sin_cache", "rotary_qk", "rotary_qk_ref",
            "silu_mul", "silu_mul_ref", "decode_gemm_fusion", "norm_qkv_rotary", "norm_qkv_rotary_ref", "qkv_kernel_refuses",
-           "norm_gate_up_silu", "norm_gate_up_silu_ref"]
+           "norm_gate_up_silu", "norm_gate_up_silu_ref", "decode_norm_fold", "fold_norm_weight",
+           "folded_qkv_rotary", "folded_qkv_rotary_ref", "folded_silu_mul", "folded_silu_mul_ref"]
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)   # float64 keeps the reference
 
@@ -363,3 +372,117 @@ def norm_qkv_rotary(x, residual, norm_weight, eps, weight, bias, num_heads, num_
     return fused_triton.norm_qkv_rotary(x, residual, norm_weight, eps, weight, bias, num_heads, num_kv_heads,
                                         cos_sin_cache.contiguous(), positions.contiguous(), k_cache, v_cache,
                                         slot_mapping.contiguous(), q_norm_weight, k_norm_weight, qk_eps)
+
+
+# ----------------------------------------------------------------------------- the norm fold
+def decode_norm_fold() -> bool:
+    """Whether the model's decode steps fold each RMSNorm into the projection after it (env
+    ``OPPO_DECODE_NORM_FOLD=1``; opt-in until measured). RMSNorm(s) @ W^T = r * (s @ (W * w)^T) with
+    r = rsqrt(mean(s^2) + eps) per row and w the norm's weight, so the layer keeps a copy of its
+    qkv and gate_up weights times w (``models.transformer._NormFold``), projects the residual
+    stream itself, and the rotary and silu*mul kernels that follow apply r (and the bias); the
+    residual adds go into o_proj and down_proj (cuBLAS's beta = 1). A decode layer is then 7
+    launches instead of 9, and neither add+RMSNorm is launched."""
+    return os.environ.get("OPPO_DECODE_NORM_FOLD") == "1"
+
+
+def fold_norm_weight(weight: torch.Tensor, norm_weight: torch.Tensor, out: torch.Tensor | None = None):
+    """weight [N, H] times norm_weight [H] along H (each column scaled), rounded to weight's dtype."""
+    if weight.dim() != 2 or norm_weight.shape != weight.shape[1:]:
+        raise ValueError(f"fold_norm_weight: weight [N, H] and norm weight [H], got {tuple(weight.shape)} and "
+                         f"{tuple(norm_weight.shape)}")
+    if out is None:
+        return (weight * norm_weight).to(weight.dtype)
+    return torch.mul(weight, norm_weight, out=out)
+
+
+def _row_scaled(raw: torch.Tensor, stream: torch.Tensor, eps: float, bias: torch.Tensor | None) -> torch.Tensor:
+    """rsqrt(mean(stream^2) + eps) * raw (+ bias), per row, in float32, rounded to raw's dtype."""
+    acc = torch.float64 if raw.dtype == torch.float64 else torch.float32
+    s = stream.to(acc)
+    x = raw.to(acc) * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + eps)
+    if bias is not None:
+        x = x + bias.to(acc)
+    return x.to(raw.dtype)
+
+
+def _check_fold(op: str, raw, stream, bias) -> None:
+    if raw.dim() != 2 or stream.dim() != 2 or raw.shape[0] != stream.shape[0]:
+        raise ValueError(f"{op}: raw [M, N] and stream [M, H], got {tuple(raw.shape)} and {tuple(stream.shape)}")
+    if bias is not None and bias.shape != raw.shape[1:]:
+        raise ValueError(f"{op}: bias {tuple(bias.shape)} must be [{raw.shape[1]}]")
+
+
+def _fold_kernel_takes(raw, stream, bias) -> str | None:
+    if raw.dtype not in (torch.float16, torch.bfloat16, torch.float32) or \
+            stream.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"dtypes {raw.dtype}, {stream.dtype}"
+    if any(t is not None and t.stride(-1) != 1 for t in (raw, stream, bias)):
+        return "an operand's rows are not contiguous"
+    return None
+
+
+def folded_qkv_rotary_ref(raw, stream, eps, bias, num_heads, num_kv_heads, cos_sin_cache, positions, k_cache,
+                          v_cache, slot_mapping, q_norm_weight=None, k_norm_weight=None, qk_eps: float = 1e-6):
+    """The row scale and the bias, then what ``rotary_qk`` with ``kv=`` does: (q/k norm and) rotary
+    of q and k, the rotated k and v appended to the pages."""
+    n, D = raw.shape[0], cos_sin_cache.shape[1]
+    q, k, v = _row_scaled(raw, stream, eps, bias).split([num_heads * D, num_kv_heads * D, num_kv_heads * D], -1)
+    q, k = rotary_qk_ref(q.reshape(n, num_heads, D), k.reshape(n, num_kv_heads, D), cos_sin_cache, positions,
+                         q_norm_weight, k_norm_weight, qk_eps)
+    kv_append_ref(k, v.reshape(n, num_kv_heads, D), k_cache, v_cache, slot_mapping)
+    return q
+
+
+def folded_qkv_rotary(raw, stream, eps, bias, num_heads, num_kv_heads, cos_sin_cache, positions, k_cache,
+                      v_cache, slot_mapping, q_norm_weight=None, k_norm_weight=None, qk_eps: float = 1e-6,
+                      backend: str | None = None):
+    """raw [M, (Hq + 2 Hkv) D] = stream @ (W_qkv * input_layernorm.weight)^T (no bias), stream [M, H]
+    the residual stream it projects -> q [M, Hq, D] rotated; k and v to the pages (slot -1 skipped).
+    q, k, v are first rsqrt(mean(stream^2) + eps) * raw + bias per row (what RMSNorm then the QKV
+    projection give), then as ``rotary_qk(..., kv=)``. One kernel on the Triton path."""
+    _check_fold("folded_qkv_rotary", raw, stream, bias)
+    D = cos_sin_cache.shape[1]
+    if raw.shape[1] != (num_heads + 2 * num_kv_heads) * D or D % 2:
+        raise ValueError(f"folded_qkv_rotary: raw [M, {(num_heads + 2 * num_kv_heads) * D}] for {num_heads} q and "
+                         f"{num_kv_heads} kv heads of dim {D}, got {tuple(raw.shape)}")
+    if cos_sin_cache.dtype != torch.float32:
+        raise ValueError(f"folded_qkv_rotary: cos_sin_cache must be float32, got {cos_sin_cache.dtype}")
+    if (q_norm_weight is None) != (k_norm_weight is None):
+        raise ValueError("folded_qkv_rotary: give both q_norm_weight and k_norm_weight, or neither")
+    M = raw.shape[0]
+    if k_cache.shape[2:] != (num_kv_heads, D) or slot_mapping.shape != (M,) or positions.shape != (M,):
+        raise ValueError(f"folded_qkv_rotary: caches [pages, block_size, {num_kv_heads}, {D}] and positions / "
+                         f"slot_mapping [{M}], got {tuple(k_cache.shape)}, {tuple(positions.shape)}, "
+                         f"{tuple(slot_mapping.shape)}")
+    k_like = raw.new_empty(0, num_kv_heads, D)
+    why = _fold_kernel_takes(raw, stream, bias) or (
+        None if _fusable_kv(k_like, k_like, k_cache, v_cache) else "the caches' layout or dtype")
+    if not _use_kernel("folded_qkv_rotary", raw, stream, why, backend):
+        return folded_qkv_rotary_ref(raw, stream, eps, bias, num_heads, num_kv_heads, cos_sin_cache, positions,
+                                     k_cache, v_cache, slot_mapping, q_norm_weight, k_norm_weight, qk_eps)
+    from . import fused_triton
+    q, k, v = raw.split([num_heads * D, num_kv_heads * D, num_kv_heads * D], -1)
+    q, _ = fused_triton.rotary_qk(q.view(M, num_heads, D), k.view(M, num_kv_heads, D), cos_sin_cache.contiguous(),
+                                  positions.contiguous(), q_norm_weight, k_norm_weight, qk_eps,
+                                  kv=(v.view(M, num_kv_heads, D), k_cache, v_cache, slot_mapping.contiguous()),
+                                  fold=(stream, eps, None if bias is None else bias.contiguous()))
+    return q
+
+
+def folded_silu_mul_ref(raw, stream, eps, bias=None):
+    """silu_mul of the row-scaled raw gate | up (plus the bias)."""
+    return silu_mul_ref(_row_scaled(raw, stream, eps, bias))
+
+
+def folded_silu_mul(raw, stream, eps, bias=None, backend: str | None = None):
+    """raw [M, 2I] = stream @ (W_gate_up * post_attention_layernorm.weight)^T (no bias), stream [M, H]
+    -> silu(gate) * up [M, I] of rsqrt(mean(stream^2) + eps) * raw + bias per row (what RMSNorm then
+    the gate_up projection give). One kernel on the Triton path."""
+    _check_fold("folded_silu_mul", raw, stream, bias)
+    if raw.shape[1] % 2:
+        raise ValueError(f"folded_silu_mul: the last dim must be even (gate | up), got {raw.shape[1]}")
+    if not _use_kernel("folded_silu_mul", raw, stream, _fold_kernel_takes(raw, stream, bias), backend):
+        return folded_silu_mul_ref(raw, stream, eps, bias)
+    from . import fused_triton
+    return fused_triton.silu_mul(raw, fold=(stream, eps, None if bias is None else bias.contiguous()))

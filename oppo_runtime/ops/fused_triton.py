@@ -7,7 +7,8 @@ order of its float32 sum of squares.
 
     _add_rms_norm_kernel   one row per program: residual add, sum of squares, scale, weight
     _rotary_qk_kernel      one token per program: all q and k heads, optional per-head RMSNorm first
-    _silu_mul_kernel       (row, column block) per program
+                           (and, for the norm fold, the row's RMSNorm scale and the bias first)
+    _silu_mul_kernel       (row, column block) per program (the norm fold: the row scale first)
     _norm_dual_gemm_kernel (row block, column tile) per program: add+RMSNorm as the prologue of a
                            GEMM with two accumulators, whose epilogue is silu(gate) * up, or rotary
                            of one q/k head (and the K/V append) -- a decode layer in 5 launches
@@ -58,17 +59,34 @@ if triton is not None:
         tl.store(out_ptr + row * out_stride + cols, (w * y).to(out_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
-    def _rotate_heads(x_ptr, head_stride, out_ptr, w_ptr, eps, H, c, s, out2_ptr, out2_ok,
+    def _row_rstd(s_ptr, HS, eps, BLOCK_S: tl.constexpr):
+        # rsqrt(mean(s^2) + eps) of one row s [HS] (the RMSNorm scale of the residual stream's row)
+        cols = tl.arange(0, BLOCK_S)
+        x = tl.load(s_ptr + cols, mask=cols < HS, other=0.0).to(tl.float32)
+        return tl.math.rsqrt(tl.sum(x * x, 0) / HS + eps)
+
+    @triton.jit
+    def _rotate_heads(x_ptr, head_stride, out_ptr, w_ptr, eps, H, c, s, out2_ptr, out2_ok, scale, b_ptr,
                       HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, HAS_NORM: tl.constexpr,
-                      HAS_OUT2: tl.constexpr):
+                      HAS_OUT2: tl.constexpr, SCALED: tl.constexpr, HAS_BIAS: tl.constexpr):
         # x: [H, 2*HALF] of one token (heads strided, each head contiguous); out: contiguous [H, 2*HALF];
-        # HAS_OUT2: the result also to out2 (the token's row of the K cache), where out2_ok
+        # HAS_OUT2: the result also to out2 (the token's row of the K cache), where out2_ok;
+        # SCALED: x is first scale * x (+ bias [H, 2*HALF] when HAS_BIAS), rounded to the dtype (the
+        # norm fold: x is the projection of the unnormalised stream, scale its row's RMSNorm scale)
         dt = out_ptr.dtype.element_ty
         h = tl.arange(0, BLOCK_H)[:, None]
         d = tl.arange(0, BLOCK_D)[None, :]
         ok = (h < H) & (d < HALF)
         x1 = tl.load(x_ptr + h * head_stride + d, mask=ok, other=0.0).to(tl.float32)
         x2 = tl.load(x_ptr + h * head_stride + HALF + d, mask=ok, other=0.0).to(tl.float32)
+        if SCALED:
+            x1 = x1 * scale
+            x2 = x2 * scale
+            if HAS_BIAS:
+                x1 += tl.load(b_ptr + h * (2 * HALF) + d, mask=ok, other=0.0).to(tl.float32)
+                x2 += tl.load(b_ptr + h * (2 * HALF) + HALF + d, mask=ok, other=0.0).to(tl.float32)
+            x1 = x1.to(dt).to(tl.float32)
+            x2 = x2.to(dt).to(tl.float32)
         if HAS_NORM:   # Qwen3's q_norm / k_norm over each head, before the rotation
             var = (tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / (2 * HALF)
             rstd = tl.math.rsqrt(var + eps)[:, None]
@@ -91,12 +109,17 @@ if triton is not None:
     def _rotary_qk_kernel(q_ptr, q_stride0, q_stride1, k_ptr, k_stride0, k_stride1, q_out_ptr, k_out_ptr,
                           cache_ptr, cache_stride, max_pos, pos_ptr, qw_ptr, kw_ptr, eps, HQ, HKV,
                           v_ptr, v_stride0, v_stride1, kc_ptr, vc_ptr, page_stride, block_size, slot_ptr,
+                          s_ptr, s_stride, HS, row_eps, b_ptr,
                           HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr,
-                          BLOCK_D: tl.constexpr, HAS_NORM: tl.constexpr, WRITE_KV: tl.constexpr):
+                          BLOCK_D: tl.constexpr, HAS_NORM: tl.constexpr, WRITE_KV: tl.constexpr,
+                          ROW_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_S: tl.constexpr):
         # q [N, HQ, D], k [N, HKV, D]; cos_sin_cache [max_pos, D] float32 (cos | sin); positions [N].
         # WRITE_KV: also the rotated k and v [N, HKV, D] into the paged caches [blocks, block_size,
         # HKV, D] (page stride page_stride, each page contiguous) at slot_mapping[tok] (-1: skip),
-        # which the kv_append kernel otherwise does as one more launch per layer
+        # which the kv_append kernel otherwise does as one more launch per layer.
+        # ROW_SCALE (the norm fold; needs WRITE_KV): q, k, v are projections of the residual stream
+        # s [N, HS] (row stride s_stride) by RMSNorm-weighted weights, so each is first
+        # rsqrt(mean(s^2) + row_eps) * x (+ the bias [(HQ + 2 HKV) D] when HAS_BIAS), rounded
         tok = tl.program_id(0).to(tl.int64)
         pos = tl.load(pos_ptr + tok).to(tl.int64)
         d = tl.arange(0, BLOCK_D)[None, :]
@@ -106,33 +129,56 @@ if triton is not None:
         dt = q_out_ptr.dtype.element_ty
         c = c.to(dt).to(tl.float32)                    # cos.to(x.dtype)
         s = s.to(dt).to(tl.float32)
+        r = 1.0
+        if ROW_SCALE:
+            r = _row_rstd(s_ptr + tok * s_stride, HS, row_eps, BLOCK_S)
         _rotate_heads(q_ptr + tok * q_stride0, q_stride1, q_out_ptr + tok * HQ * 2 * HALF, qw_ptr, eps, HQ, c, s,
-                      q_out_ptr, False, HALF, BLOCK_HQ, BLOCK_D, HAS_NORM, False)
+                      q_out_ptr, False, r, b_ptr, HALF, BLOCK_HQ, BLOCK_D, HAS_NORM, False, ROW_SCALE, HAS_BIAS)
         if WRITE_KV:
             slot = tl.load(slot_ptr + tok).to(tl.int64)
             keep = slot >= 0
             slot = tl.maximum(slot, 0)
             row = (slot // block_size) * page_stride + (slot % block_size) * (HKV * 2 * HALF)
             _rotate_heads(k_ptr + tok * k_stride0, k_stride1, k_out_ptr + tok * HKV * 2 * HALF, kw_ptr, eps, HKV,
-                          c, s, kc_ptr + row, keep, HALF, BLOCK_HKV, BLOCK_D, HAS_NORM, True)
+                          c, s, kc_ptr + row, keep, r, b_ptr + HQ * 2 * HALF, HALF, BLOCK_HKV, BLOCK_D, HAS_NORM,
+                          True, ROW_SCALE, HAS_BIAS)
             h = tl.arange(0, BLOCK_HKV)[:, None]
             dd = tl.arange(0, 2 * BLOCK_D)[None, :]
             okv = (h < HKV) & (dd < 2 * HALF)
             v = tl.load(v_ptr + tok * v_stride0 + h * v_stride1 + dd, mask=okv, other=0.0)
+            if ROW_SCALE:
+                v = v.to(tl.float32) * r
+                if HAS_BIAS:
+                    v += tl.load(b_ptr + (HQ + HKV) * 2 * HALF + h * (2 * HALF) + dd, mask=okv,
+                                 other=0.0).to(tl.float32)
+                v = v.to(dt)
             tl.store(vc_ptr + row + h * (2 * HALF) + dd, v.to(vc_ptr.dtype.element_ty), mask=okv & keep)
         else:
             _rotate_heads(k_ptr + tok * k_stride0, k_stride1, k_out_ptr + tok * HKV * 2 * HALF, kw_ptr, eps, HKV,
-                          c, s, k_out_ptr, False, HALF, BLOCK_HKV, BLOCK_D, HAS_NORM, False)
+                          c, s, k_out_ptr, False, r, b_ptr, HALF, BLOCK_HKV, BLOCK_D, HAS_NORM, False, False, False)
 
     @triton.jit
-    def _silu_mul_kernel(x_ptr, x_stride, out_ptr, out_stride, INTER, BLOCK: tl.constexpr):
-        # x [N, 2*INTER] (gate | up), rows strided; out [N, INTER]
+    def _silu_mul_kernel(x_ptr, x_stride, out_ptr, out_stride, INTER, s_ptr, s_stride, HS, row_eps, b_ptr,
+                         BLOCK: tl.constexpr, ROW_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         BLOCK_S: tl.constexpr):
+        # x [N, 2*INTER] (gate | up), rows strided; out [N, INTER]. ROW_SCALE (the norm fold): x is
+        # the projection of the residual stream s [N, HS] by RMSNorm-weighted weights, so gate and
+        # up are first rsqrt(mean(s^2) + row_eps) * x (+ the bias [2*INTER] when HAS_BIAS), rounded
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         ok = cols < INTER
         dt = out_ptr.dtype.element_ty
         g = tl.load(x_ptr + row * x_stride + cols, mask=ok, other=0.0).to(tl.float32)
         u = tl.load(x_ptr + row * x_stride + INTER + cols, mask=ok, other=0.0).to(tl.float32)
+        if ROW_SCALE:
+            r = _row_rstd(s_ptr + row * s_stride, HS, row_eps, BLOCK_S)
+            g = g * r
+            u = u * r
+            if HAS_BIAS:
+                g += tl.load(b_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+                u += tl.load(b_ptr + INTER + cols, mask=ok, other=0.0).to(tl.float32)
+            g = g.to(dt).to(tl.float32)
+            u = u.to(dt).to(tl.float32)
         a = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)      # F.silu rounds to the dtype
         tl.store(out_ptr + row * out_stride + cols, (a * u).to(dt), mask=ok)
 
@@ -285,14 +331,29 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
     return out, res_out
 
 
+def _fold_args(fold, placeholder):
+    """The kernels' (s, s_stride, HS, row_eps, bias) for ``fold=(stream [N, HS], row_eps, bias or
+    None)``, then (ROW_SCALE, HAS_BIAS, BLOCK_S); placeholders when there is no fold."""
+    if fold is None:
+        return (placeholder, 0, 1, 0.0, placeholder), dict(ROW_SCALE=False, HAS_BIAS=False, BLOCK_S=1)
+    stream, row_eps, bias = fold
+    return ((stream, stream.stride(0), stream.shape[1], row_eps, placeholder if bias is None else bias),
+            dict(ROW_SCALE=True, HAS_BIAS=bias is not None, BLOCK_S=triton.next_power_of_2(stream.shape[1])))
+
+
 def rotary_qk(q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor, positions: torch.Tensor,
-              q_norm_weight: torch.Tensor | None, k_norm_weight: torch.Tensor | None, eps: float, kv=None):
+              q_norm_weight: torch.Tensor | None, k_norm_weight: torch.Tensor | None, eps: float, kv=None,
+              fold=None):
     """q [N, Hq, D], k [N, Hkv, D] (heads may be strided) -> new contiguous (q, k); with
-    ``kv=(v, k_cache, v_cache, slot_mapping)`` the rotated k and v also go to the caches."""
+    ``kv=(v, k_cache, v_cache, slot_mapping)`` the rotated k and v also go to the caches; with
+    ``fold=(stream [N, H], eps, bias [(Hq + 2 Hkv) D] or None)`` (needs kv) q, k and v are first
+    each row's rsqrt(mean(stream^2) + eps) times themselves, plus the bias."""
     N, Hq, D = q.shape
     Hkv = k.shape[1]
     q_out = torch.empty(N, Hq, D, dtype=q.dtype, device=q.device)
     k_out = torch.empty(N, Hkv, D, dtype=k.dtype, device=k.device)
+    if fold is not None and kv is None:
+        raise ValueError("rotary_qk: the folded row scale needs kv (v is scaled on its way to the cache)")
     if N:
         has_norm = q_norm_weight is not None
         qw = q_norm_weight if has_norm else cos_sin_cache     # unread placeholders
@@ -304,23 +365,28 @@ def rotary_qk(q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor, pos
             kv_args = (v, v.stride(0), v.stride(1), k_cache, v_cache, k_cache.stride(0), k_cache.shape[1], slots)
         else:
             kv_args = (k, 0, 0, k_out, k_out, 0, 1, positions)          # unread placeholders
+        fold_args, fold_flags = _fold_args(fold, cos_sin_cache)
         _rotary_qk_kernel[(N,)](q, q.stride(0), q.stride(1), k, k.stride(0), k.stride(1), q_out, k_out,
                                 cos_sin_cache, cos_sin_cache.stride(0), cos_sin_cache.shape[0], positions,
-                                qw, kw, eps, Hq, Hkv, *kv_args, HALF=half, BLOCK_HQ=triton.next_power_of_2(Hq),
-                                BLOCK_HKV=triton.next_power_of_2(Hkv), BLOCK_D=block_d,
-                                HAS_NORM=has_norm, WRITE_KV=kv is not None, num_warps=4)
+                                qw, kw, eps, Hq, Hkv, *kv_args, *fold_args, HALF=half,
+                                BLOCK_HQ=triton.next_power_of_2(Hq), BLOCK_HKV=triton.next_power_of_2(Hkv),
+                                BLOCK_D=block_d, HAS_NORM=has_norm, WRITE_KV=kv is not None, **fold_flags,
+                                num_warps=4)
     return q_out, k_out
 
 
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """gate_up [N, 2I] -> silu(gate) * up [N, I]."""
+def silu_mul(gate_up: torch.Tensor, fold=None) -> torch.Tensor:
+    """gate_up [N, 2I] -> silu(gate) * up [N, I]; with ``fold=(stream [N, H], eps, bias [2I] or
+    None)`` gate and up are first each row's rsqrt(mean(stream^2) + eps) times themselves, plus the bias."""
     N, two_i = gate_up.shape
     inter = two_i // 2
     out = torch.empty(N, inter, dtype=gate_up.dtype, device=gate_up.device)
     if N:
         block = min(1024, triton.next_power_of_2(inter))
+        fold_args, fold_flags = _fold_args(fold, gate_up)
         _silu_mul_kernel[(N, triton.cdiv(inter, block))](gate_up, gate_up.stride(0), out, out.stride(0), inter,
-                                                         BLOCK=block, num_warps=_warps(block))
+                                                         *fold_args, BLOCK=block, **fold_flags,
+                                                         num_warps=_warps(block))
     return out
 
 
