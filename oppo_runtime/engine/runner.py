@@ -403,7 +403,8 @@ def _prefill_inputs(spans: list[Span], pages_of, tokens_per_page: int, bucket: t
 
 
 def _weight_fingerprint(model) -> tuple[int, ...]:
-    """Addresses of every weight a captured graph reads (parameters, buffers, fused projections)."""
+    """Addresses of every weight a captured graph reads (parameters, buffers, fused projections,
+    norm-folded copies)."""
     ptrs = [t.data_ptr() for t in itertools.chain(model.parameters(), model.buffers())]
     for m in model.modules():
         for name in ("qkv", "gate_up"):
@@ -412,6 +413,9 @@ def _weight_fingerprint(model) -> tuple[int, ...]:
                 ptrs.append(fused.weight.data_ptr())
                 if fused.bias is not None:
                     ptrs.append(fused.bias.data_ptr())
+        fold = getattr(m, "norm_fold", None)
+        if fold is not None:
+            ptrs += [fold.qkv.data_ptr(), fold.gate_up.data_ptr()]
     return tuple(ptrs)
 
 
