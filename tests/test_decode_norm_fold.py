@@ -39,7 +39,9 @@ FOLD_CHECK = textwrap.dedent("""
             assert err < tol, (what, err)
 
     for dtype in ({dtypes}):
-        tol = {{torch.float32: 1e-5, torch.bfloat16: {half_tol}, torch.float16: {half_tol}}}[dtype]
+        # float32: 1e-4, element by element. The rows below include ones of tiny norm (row scales
+        # up to ~100, outputs up to ~1e4), where the float32 reference itself is 2.5x 1e-5 from float64
+        tol = {{torch.float32: 1e-4, torch.bfloat16: {half_tol}, torch.float16: {half_tol}}}[dtype]
         for H, D, Hq, Hkv, I in ({shapes}):
             inv = 1.0 / (1e6 ** (torch.arange(0, D, 2).float() / D))
             cache = fused.rotary_cos_sin_cache(inv, 40000, dev)
