@@ -206,6 +206,31 @@ def test_fold_is_refreshed_after_in_place_updates_and_only_then(monkeypatch):
     assert _rel(_decode(model, True, monkeypatch)[0], unfolded) < 1e-5
 
 
+def test_a_fused_optimizer_step_is_folded_by_update_weights(monkeypatch):
+    """The PPO loop's shared actor: the trainer's AdamW(fused=True) updates the parameters in place
+    and bumps no version counter, so only the forced refresh of ``ActorEngine.update_weights`` (which
+    the loop calls after every step) folds the new weights: without it the folded step is stale."""
+    from oppo_runtime.engine import ActorEngine, EngineConfig
+    from oppo_runtime.memory import KVGeometry, PagePool
+    model = _model("qwen2", torch.float32)
+    model.fuse_projections()
+    _decode(model, True, monkeypatch)
+    L, Hkv, D = model.kv_geometry()
+    engine = ActorEngine(model, PagePool(16, PagePool.page_bytes_for([KVGeometry(L, Hkv, D, torch.float32)], 4)),
+                         EngineConfig(seed=0))
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05, fused=True)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    unfolded, _ = _decode(model, False, monkeypatch)
+    assert model.refresh_norm_folds() == 0                 # no counter moved: what the check alone sees
+    stale, _ = _decode(model, True, monkeypatch)
+    assert _rel(stale, unfolded) > 1e-3
+    engine.update_weights(1)
+    assert all(layer.norm_fold.refreshes == 2 for layer in model.model.layers)
+    assert _rel(_decode(model, True, monkeypatch)[0], unfolded) < 1e-5
+
+
 def test_fold_follows_the_model_to_another_dtype(monkeypatch):
     """.to() drops the folds (they are rebuilt from the moved weights on the next folded step)."""
     model = _model("qwen2", torch.float32)

@@ -219,7 +219,8 @@ class ActorEngine:
 
         With ``state_dict=None`` the engine already runs on the training model's parameters (no
         copy); otherwise the tensors are copied into the engine's parameters in place (CUDA graphs
-        stay valid).
+        stay valid). Call it after every change of the weights: the norm-folded decode layers'
+        weight copies are refreshed here (a fused optimizer's step is visible to nothing else).
         """
         self.sync()
         if state_dict is not None:
@@ -227,6 +228,11 @@ class ActorEngine:
             with torch.no_grad():
                 for k, v in state_dict.items():
                     params[k].copy_(v)
+        refold = getattr(self.model, "refresh_norm_folds", None)
+        if refold is not None:
+            # the norm-folded decode layers' weight copies (OPPO_DECODE_NORM_FOLD): forced, because a
+            # fused optimizer's in-place step bumps no version counter (models.transformer._NormFold)
+            refold(force=True)
         self.version = version
 
     # ------------------------------------------------------------------ the step

@@ -121,12 +121,13 @@ class _NormFold:
     scaled: ``W * norm.weight``), for the norm-folded decode layer (``ops.fused.decode_norm_fold``).
 
     The copies are refreshed in place (their addresses never change, so CUDA graphs captured on
-    them stay valid) whenever a source changed: ``refresh()`` compares the sum of the sources'
-    version counters (every in-place update bumps one: optimizer steps, ``copy_``, load_state_dict)
-    with that of the last fold. The eager forward calls it (outside a graph
-    capture), and ``ModelRunner`` before every decode-graph replay, so a replay never reads a fold
-    of old weights. (Writes through ``param.data`` bypass the version counter: call
-    ``CausalLM.refresh_norm_folds(force=True)`` after them.)"""
+    them stay valid) when ``refresh(force=True)`` is called (``ActorEngine.update_weights`` does, for
+    every layer) or when a source's version counter moved: ``refresh()`` compares the sum of the
+    sources' counters with that of the last fold. Most in-place updates bump a counter (``copy_``,
+    ``load_state_dict``, foreach and for-loop optimizers); a fused optimizer (``AdamW(fused=True)``,
+    the trainer's on CUDA) and writes through ``param.data`` do not, hence the forced refresh after
+    every weight update. The eager forward calls ``refresh()`` (outside a graph capture), and
+    ``ModelRunner`` before every decode-graph replay."""
 
     def __init__(self, layer: "DecoderLayer"):
         attn, mlp = layer.self_attn, layer.mlp
