@@ -225,6 +225,18 @@ def test_fused_decode_step_matches_the_unfused_one_on_gpu(dtype, tol):
     run_check(MODEL_DECODE_CHECK.format(dev="cuda", dtype=dtype, tol=tol, batches="1, 5, 64, 200"))
 
 
+# the GPU engine tests' model (head_dim 64: the decode kernels and graphs) and 24 ragged prompts
+ENGINE_CFG = dict(architectures=["Qwen2ForCausalLM"], vocab_size=512, hidden_size=512, intermediate_size=1024,
+                  num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1024,
+                  tie_word_embeddings=True)
+
+
+def engine_prompts(n: int = 24) -> list[list[int]]:
+    g = torch.Generator().manual_seed(4)
+    return [torch.randint(0, 512, (int(torch.randint(3, 60, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_engine_decode_step_in_cuda_graphs_with_the_fused_layer(dtype, monkeypatch):
@@ -236,12 +248,7 @@ def test_engine_decode_step_in_cuda_graphs_with_the_fused_layer(dtype, monkeypat
     from oppo_runtime.memory import KVGeometry, PagePool
     if not ops.has_cuda_kernels():
         pytest.skip("CUDA kernels not built")
-    cfg = dict(architectures=["Qwen2ForCausalLM"], vocab_size=512, hidden_size=512, intermediate_size=1024,
-               num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1024,
-               tie_word_embeddings=True)
-    g = torch.Generator().manual_seed(4)
-    ps = [torch.randint(0, 512, (int(torch.randint(3, 60, (1,), generator=g)),), generator=g).tolist()
-          for _ in range(24)]
+    cfg, ps = ENGINE_CFG, engine_prompts()
     hidden = []
     for fused in ("0", "1"):
         monkeypatch.setenv("OPPO_DECODE_GEMM_FUSION", fused)

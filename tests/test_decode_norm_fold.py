@@ -8,7 +8,6 @@ unfolded step is); the refusals; the fold refreshed after in-place weight update
 GPU (``-m gpu``): the kernels over real shapes, and the engine's decode graphs after the actor's
 weights change between two replays.
 """
-import os
 import textwrap
 
 import pytest
@@ -17,7 +16,7 @@ import torch
 from oppo_runtime.ops import backends
 
 from _scripts import run_check  # noqa: E402
-from test_decode_gemm_fusion import FAMILIES, _model, decode_step  # noqa: E402
+from test_decode_gemm_fusion import ENGINE_CFG, _model, decode_step, engine_prompts  # noqa: E402
 
 FOLD_CHECK = textwrap.dedent("""
     import torch
@@ -272,12 +271,7 @@ def test_engine_decode_graphs_fold_the_new_weights_after_update_weights(monkeypa
     from oppo_runtime.models import ModelConfig, build_model
     if not ops.has_cuda_kernels():
         pytest.skip("CUDA kernels not built")
-    cfg = dict(architectures=["Qwen2ForCausalLM"], vocab_size=512, hidden_size=512, intermediate_size=1024,
-               num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1024,
-               tie_word_embeddings=True)
-    g = torch.Generator().manual_seed(4)
-    ps = [torch.randint(0, 512, (int(torch.randint(3, 60, (1,), generator=g)),), generator=g).tolist()
-          for _ in range(24)]
+    cfg, ps = ENGINE_CFG, engine_prompts()
 
     def run(fold: bool, refresh: bool = True):
         monkeypatch.setenv("OPPO_DECODE_NORM_FOLD", "1" if fold else "0")

@@ -326,6 +326,25 @@ def qkv_kernel_refuses(dtype: torch.dtype, head_dim: int, num_kv_heads: int, k_c
     return None
 
 
+def _check_qkv_rotary(op: str, what: str, width: int, M: int, num_heads: int, num_kv_heads: int, cos_sin_cache,
+                      positions, k_cache, slot_mapping, q_norm_weight, k_norm_weight) -> int:
+    """The QKV-then-rotary ops' shared checks (``what``: the weight's rows or the projection's
+    columns, ``width`` of them, q | k | v, for M tokens); returns the head dim."""
+    D = cos_sin_cache.shape[1]
+    if width != (num_heads + 2 * num_kv_heads) * D or D % 2:
+        raise ValueError(f"{op}: {what} must hold {(num_heads + 2 * num_kv_heads) * D} (q | k | v) for {num_heads} "
+                         f"q and {num_kv_heads} kv heads of dim {D}, got {width}")
+    if cos_sin_cache.dtype != torch.float32:
+        raise ValueError(f"{op}: cos_sin_cache must be float32, got {cos_sin_cache.dtype}")
+    if (q_norm_weight is None) != (k_norm_weight is None) or \
+            any(w is not None and w.shape != (D,) for w in (q_norm_weight, k_norm_weight)):
+        raise ValueError(f"{op}: q_norm_weight and k_norm_weight [{D}] together, or neither")
+    if k_cache.shape[2:] != (num_kv_heads, D) or slot_mapping.shape != (M,) or positions.shape != (M,):
+        raise ValueError(f"{op}: caches [pages, block_size, {num_kv_heads}, {D}] and positions / slot_mapping "
+                         f"[{M}], got {tuple(k_cache.shape)}, {tuple(positions.shape)}, {tuple(slot_mapping.shape)}")
+    return D
+
+
 def norm_qkv_rotary_ref(x, residual, norm_weight, eps, weight, bias, num_heads, num_kv_heads, cos_sin_cache,
                         positions, k_cache, v_cache, slot_mapping, q_norm_weight=None, k_norm_weight=None,
                         qk_eps: float = 1e-6):
@@ -350,19 +369,8 @@ def norm_qkv_rotary(x, residual, norm_weight, eps, weight, bias, num_heads, num_
     before the rotation. One kernel on the Triton path (the add+RMSNorm, QKV GEMM and rotary+append
     kernels of the unfused decode layer)."""
     _check_norm_linear("norm_qkv_rotary", x, residual, norm_weight, weight, bias)
-    D = cos_sin_cache.shape[1]
-    if weight.shape[0] != (num_heads + 2 * num_kv_heads) * D or D % 2:
-        raise ValueError(f"norm_qkv_rotary: weight [{(num_heads + 2 * num_kv_heads) * D}, H] for {num_heads} q and "
-                         f"{num_kv_heads} kv heads of dim {D}, got {tuple(weight.shape)}")
-    if cos_sin_cache.dtype != torch.float32:
-        raise ValueError(f"norm_qkv_rotary: cos_sin_cache must be float32, got {cos_sin_cache.dtype}")
-    if (q_norm_weight is None) != (k_norm_weight is None) or \
-            any(w is not None and w.shape != (D,) for w in (q_norm_weight, k_norm_weight)):
-        raise ValueError(f"norm_qkv_rotary: q_norm_weight and k_norm_weight [{D}] together, or neither")
-    if k_cache.shape[2:] != (num_kv_heads, D) or slot_mapping.shape != (x.shape[0],) or positions.shape != (x.shape[0],):
-        raise ValueError(f"norm_qkv_rotary: caches [pages, block_size, {num_kv_heads}, {D}] and positions / "
-                         f"slot_mapping [{x.shape[0]}], got {tuple(k_cache.shape)}, {tuple(positions.shape)}, "
-                         f"{tuple(slot_mapping.shape)}")
+    D = _check_qkv_rotary("norm_qkv_rotary", "weight", weight.shape[0], x.shape[0], num_heads, num_kv_heads,
+                          cos_sin_cache, positions, k_cache, slot_mapping, q_norm_weight, k_norm_weight)
     why = _kernel_takes(x, residual, weight, bias) or qkv_kernel_refuses(x.dtype, D, num_kv_heads, k_cache, v_cache)
     if not _use_kernel("norm_qkv_rotary", x, weight, why, backend):
         return norm_qkv_rotary_ref(x, residual, norm_weight, eps, weight, bias, num_heads, num_kv_heads,
@@ -442,19 +450,9 @@ def folded_qkv_rotary(raw, stream, eps, bias, num_heads, num_kv_heads, cos_sin_c
     q, k, v are first rsqrt(mean(stream^2) + eps) * raw + bias per row (what RMSNorm then the QKV
     projection give), then as ``rotary_qk(..., kv=)``. One kernel on the Triton path."""
     _check_fold("folded_qkv_rotary", raw, stream, bias)
-    D = cos_sin_cache.shape[1]
-    if raw.shape[1] != (num_heads + 2 * num_kv_heads) * D or D % 2:
-        raise ValueError(f"folded_qkv_rotary: raw [M, {(num_heads + 2 * num_kv_heads) * D}] for {num_heads} q and "
-                         f"{num_kv_heads} kv heads of dim {D}, got {tuple(raw.shape)}")
-    if cos_sin_cache.dtype != torch.float32:
-        raise ValueError(f"folded_qkv_rotary: cos_sin_cache must be float32, got {cos_sin_cache.dtype}")
-    if (q_norm_weight is None) != (k_norm_weight is None):
-        raise ValueError("folded_qkv_rotary: give both q_norm_weight and k_norm_weight, or neither")
+    D = _check_qkv_rotary("folded_qkv_rotary", "raw", raw.shape[1], raw.shape[0], num_heads, num_kv_heads,
+                          cos_sin_cache, positions, k_cache, slot_mapping, q_norm_weight, k_norm_weight)
     M = raw.shape[0]
-    if k_cache.shape[2:] != (num_kv_heads, D) or slot_mapping.shape != (M,) or positions.shape != (M,):
-        raise ValueError(f"folded_qkv_rotary: caches [pages, block_size, {num_kv_heads}, {D}] and positions / "
-                         f"slot_mapping [{M}], got {tuple(k_cache.shape)}, {tuple(positions.shape)}, "
-                         f"{tuple(slot_mapping.shape)}")
     k_like = raw.new_empty(0, num_kv_heads, D)
     why = _fold_kernel_takes(raw, stream, bias) or (
         None if _fusable_kv(k_like, k_like, k_cache, v_cache) else "the caches' layout or dtype")
