@@ -359,7 +359,6 @@ class DecoderLayer(nn.Module):
         record_backend("decode_layer", "gemm-fused (5 launches)")
         return mlp.down_proj(act), residual
 
-
     def _norm_fold_refused(self, ctx) -> str | None:
         """None when this decode step takes the norm-folded layer (``OPPO_DECODE_NORM_FOLD=1``, fused
         projections, bfloat16 or float32, no o_proj/down_proj bias, and on CUDA caches the rotary
@@ -414,6 +413,7 @@ class DecoderLayer(nn.Module):
         s = s.addmm_(act, mlp.down_proj.weight.t())
         record_backend("decode_layer", "norm-folded (7 launches)")
         return s
+
 
 class Decoder(nn.Module):
     """Embedding, layers, final norm: ``model.*`` in transformers' naming."""

@@ -385,7 +385,8 @@ def norm_qkv_rotary(x, residual, norm_weight, eps, weight, bias, num_heads, num_
 # ----------------------------------------------------------------------------- the norm fold
 def decode_norm_fold() -> bool:
     """Whether the model's decode steps fold each RMSNorm into the projection after it (env
-    ``OPPO_DECODE_NORM_FOLD=1``; opt-in until measured). RMSNorm(s) @ W^T = r * (s @ (W * w)^T) with
+    ``OPPO_DECODE_NORM_FOLD=1``; opt-in: session 36, H100, -4.8% per decode step at 0.5B B=256 and
+    -3.3% at 1.5B, for a second copy of the qkv and gate_up weights). RMSNorm(s) @ W^T = r * (s @ (W * w)^T) with
     r = rsqrt(mean(s^2) + eps) per row and w the norm's weight, so the layer keeps a copy of its
     qkv and gate_up weights times w (``models.transformer._NormFold``), projects the residual
     stream itself, and the rotary and silu*mul kernels that follow apply r (and the bias); the
