@@ -382,10 +382,7 @@ def silu_mul(gate_up: torch.Tensor, fold=None) -> torch.Tensor:
     inter = two_i // 2
     out = torch.empty(N, inter, dtype=gate_up.dtype, device=gate_up.device)
     if N:
-        # the fold: each program reads its row of the stream for the scale, so wider column blocks
-        # (fewer programs a row) read it fewer times (session 36, H100: at 1.5B, 9 blocks of 1024 a
-        # row cost 1.0 us a call over the unfolded kernel; 7 MB of repeated L2 reads)
-        block = min(1024 if fold is None else 4096, triton.next_power_of_2(inter))
+        block = min(1024, triton.next_power_of_2(inter))
         fold_args, fold_flags = _fold_args(fold, gate_up)
         _silu_mul_kernel[(N, triton.cdiv(inter, block))](gate_up, gate_up.stride(0), out, out.stride(0), inter,
                                                          *fold_args, BLOCK=block, **fold_flags,
