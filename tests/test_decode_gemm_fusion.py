@@ -172,42 +172,53 @@ def test_fusion_needs_fused_projections(monkeypatch):
     assert backends()["decode_layer"] == "gemm-fused (5 launches)"
 
 
+# A model's decode step with a layer switch on against it off (``switch``: OPPO_DECODE_GEMM_FUSION or
+# OPPO_DECODE_NORM_FOLD), logits and pages; on a CPU the switch's ``kernel_ops`` run interpreted.
 MODEL_DECODE_CHECK = textwrap.dedent("""
-    import sys
+    import os, sys
     import torch
     sys.path.insert(0, "tests")
     from oppo_runtime.ops import fused
-    from test_decode_gemm_fusion import _model, decode_step, FAMILIES
+    from test_decode_gemm_fusion import _model, decode_step
 
     class Env:                     # decode_step's monkeypatch, outside pytest
         def setenv(self, k, v):
-            __import__("os").environ[k] = v
+            os.environ[k] = v
 
-    dev, dtype = "{dev}", torch.{dtype}
-    if dev == "cpu":       # the interpreted kernels for the two fused ops
+    dev, dtype, switch, kernel_ops = "{dev}", torch.{dtype}, "{switch}", {kernel_ops}
+    if dev == "cpu":       # the interpreted kernels for the switch's ops
         choose = fused._choose
         fused._choose = lambda op, tensors, backend: choose(op, tensors, backend or (
-            "triton" if op in ("norm_qkv_rotary", "norm_gate_up_silu") else None))
-    for family in ("qwen2", "llama-bias", "llama3-rope", "qwen3"):
+            "triton" if op in kernel_ops else None))
+    for family in {families}:
         model = _model(family, dtype, device=dev)
         model.fuse_projections()
         for B in ({batches}):
-            want, want_caches = decode_step(model, B=B, fused=False, monkeypatch=Env())
-            got, got_caches = decode_step(model, B=B, fused=True, monkeypatch=Env())
+            outs = []
+            for on in (False, True):
+                os.environ[switch] = "1" if on else "0"      # (decode_step sets the GEMM fusion's itself)
+                outs.append(decode_step(model, B=B, fused=on and switch == "OPPO_DECODE_GEMM_FUSION",
+                                        monkeypatch=Env()))
+            (want, want_caches), (got, got_caches) = outs
             err = ((got.float() - want.float()).norm() / want.float().norm()).item()
             assert err < {tol}, (family, B, err)
             for (gk, gv), (wk, wv) in zip(got_caches, want_caches):
                 for a, b in ((gk, wk), (gv, wv)):
                     e = ((a.float() - b.float()).norm() / b.float().norm()).item()
                     assert e < {tol}, (family, B, "pages", e)
-    assert fused.record_backend.__globals__["_seen"]["norm_qkv_rotary"] == "triton"
+    seen = fused.record_backend.__globals__["_seen"]
+    assert seen[kernel_ops[0]] == "triton" and seen["decode_layer"] == "{layer}", seen
     print("ok")
 """)
+GEMM_FUSION_CHECK = dict(switch="OPPO_DECODE_GEMM_FUSION", kernel_ops=("norm_qkv_rotary", "norm_gate_up_silu"),
+                         families=("qwen2", "llama-bias", "llama3-rope", "qwen3"), layer="gemm-fused (5 launches)")
+
 
 
 def test_fused_decode_step_runs_the_kernels_in_the_interpreter():
     pytest.importorskip("triton")
-    run_check(MODEL_DECODE_CHECK.format(dev="cpu", dtype="float32", tol=1e-5, batches="1, 5"), interpret=True)
+    run_check(MODEL_DECODE_CHECK.format(dev="cpu", dtype="float32", tol=1e-5, batches="1, 5", **GEMM_FUSION_CHECK),
+              interpret=True)
 
 
 # ----------------------------------------------------------------------------- GPU
@@ -222,7 +233,7 @@ def test_dual_gemm_kernels_equal_references_on_gpu(dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype,tol", [("bfloat16", 2e-2), ("float16", 5e-3), ("float32", 1e-5)])
 def test_fused_decode_step_matches_the_unfused_one_on_gpu(dtype, tol):
-    run_check(MODEL_DECODE_CHECK.format(dev="cuda", dtype=dtype, tol=tol, batches="1, 5, 64, 200"))
+    run_check(MODEL_DECODE_CHECK.format(dev="cuda", dtype=dtype, tol=tol, batches="1, 5, 64, 200", **GEMM_FUSION_CHECK))
 
 
 # the GPU engine tests' model (head_dim 64: the decode kernels and graphs) and 24 ragged prompts

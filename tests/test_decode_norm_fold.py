@@ -16,7 +16,7 @@ import torch
 from oppo_runtime.ops import backends
 
 from _scripts import run_check  # noqa: E402
-from test_decode_gemm_fusion import ENGINE_CFG, _model, decode_step, engine_prompts  # noqa: E402
+from test_decode_gemm_fusion import ENGINE_CFG, MODEL_DECODE_CHECK, _model, decode_step, engine_prompts  # noqa: E402
 
 FOLD_CHECK = textwrap.dedent("""
     import torch
@@ -82,45 +82,14 @@ def test_fold_kernels_equal_references_in_the_interpreter():
                                 shapes="(64, 32, 4, 2, 96), (96, 64, 3, 1, 4500)", rows="1, 5, 33"), interpret=True)   # 4500: 2 blocks
 
 
-MODEL_FOLD_CHECK = textwrap.dedent("""
-    import os, sys
-    import torch
-    sys.path.insert(0, "tests")
-    from oppo_runtime.ops import fused
-    from test_decode_gemm_fusion import _model, decode_step
-
-    class Env:                     # decode_step's monkeypatch, outside pytest
-        def setenv(self, k, v):
-            os.environ[k] = v
-
-    dev, dtype = "{dev}", torch.{dtype}
-    if dev == "cpu":       # the interpreted kernels for the two folded ops
-        choose = fused._choose
-        fused._choose = lambda op, tensors, backend: choose(op, tensors, backend or (
-            "triton" if op in ("folded_qkv_rotary", "folded_silu_mul") else None))
-    for family in ("qwen2", "llama3-rope", "qwen3"):
-        model = _model(family, dtype, device=dev)
-        model.fuse_projections()
-        for B in ({batches}):
-            os.environ["OPPO_DECODE_NORM_FOLD"] = "0"
-            want, want_caches = decode_step(model, B=B, monkeypatch=Env())
-            os.environ["OPPO_DECODE_NORM_FOLD"] = "1"
-            got, got_caches = decode_step(model, B=B, monkeypatch=Env())
-            err = ((got.float() - want.float()).norm() / want.float().norm()).item()
-            assert err < {tol}, (family, B, err)
-            for (gk, gv), (wk, wv) in zip(got_caches, want_caches):
-                for a, b in ((gk, wk), (gv, wv)):
-                    e = ((a.float() - b.float()).norm() / b.float().norm()).item()
-                    assert e < {tol}, (family, B, "pages", e)
-    seen = fused.record_backend.__globals__["_seen"]
-    assert seen["folded_qkv_rotary"] == "triton" and seen["decode_layer"] == "norm-folded (7 launches)", seen
-    print("ok")
-""")
+NORM_FOLD_CHECK = dict(switch="OPPO_DECODE_NORM_FOLD", kernel_ops=("folded_qkv_rotary", "folded_silu_mul"),
+                       families=("qwen2", "llama3-rope", "qwen3"), layer="norm-folded (7 launches)")
 
 
 def test_folded_decode_step_runs_the_kernels_in_the_interpreter():
     pytest.importorskip("triton")
-    run_check(MODEL_FOLD_CHECK.format(dev="cpu", dtype="float32", tol=1e-5, batches="1, 5"), interpret=True)
+    run_check(MODEL_DECODE_CHECK.format(dev="cpu", dtype="float32", tol=1e-5, batches="1, 5", **NORM_FOLD_CHECK),
+              interpret=True)
 
 
 def _decode(model, fold, monkeypatch, **kw):
@@ -253,7 +222,7 @@ def test_fold_kernels_equal_references_on_gpu(dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype,tol", [("bfloat16", 2e-2), ("float32", 1e-5)])
 def test_folded_decode_step_matches_the_unfolded_one_on_gpu(dtype, tol):
-    run_check(MODEL_FOLD_CHECK.format(dev="cuda", dtype=dtype, tol=tol, batches="1, 5, 64, 200"))
+    run_check(MODEL_DECODE_CHECK.format(dev="cuda", dtype=dtype, tol=tol, batches="1, 5, 64, 200", **NORM_FOLD_CHECK))
 
 
 @pytest.mark.gpu
