@@ -4,7 +4,8 @@ projection, the residual adds inside o_proj / down_proj (ops.fused, models.trans
 
 CPU: the kernels (interpreted) against their references; a model's folded decode step against the
 unfolded one (float32 to float rounding, bfloat16 no further from a float32 model than the
-unfolded step is); the refusals; the fold refreshed after in-place weight updates and only then.
+unfolded step is); the refusals; the fold refreshed after in-place weight updates and only then,
+and by ``ActorEngine.update_weights`` after a fused optimizer's step (which bumps no version counter).
 GPU (``-m gpu``): the kernels over real shapes, and the engine's decode graphs after the actor's
 weights change between two replays.
 """
