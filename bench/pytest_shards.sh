@@ -14,8 +14,8 @@ dir=$(mktemp -d)
 pids=()
 # Each shard in its own process group (setsid), killed as a group: the checks that tests run as
 # `python -c` subprocesses (tests/_scripts.py run_check) would otherwise outlive a timed-out shard and
-# hold the GPU under the benchmarks that follow (session 36: an orphaned check beside the engine
-# bench made its device times read 5-10% high).
+# hold the GPU and the CPU under the benchmarks that follow (session 36: a check left running beside
+# the engine bench is the likely cause of that run's step times reading 5-25% high).
 trap 'for p in "${pids[@]}"; do kill -- -"$p" 2>/dev/null; done; wait 2>/dev/null' TERM INT
 for ((i = 0; i < n; i++)); do
   OPPO_TEST_SHARD=$i/$n setsid $PY -m pytest "$@" > "$dir/shard$i.txt" 2>&1 &
