@@ -48,8 +48,8 @@ from torch.utils.checkpoint import checkpoint
 from ..ops import (kv_append, paged_decode_attention, paged_prefill_attention,
                    rotary_cos_sin, token_logprobs, varlen_causal_attention)
 from ..ops._backend import record_backend
-from ..ops.fused import (_fusable_kv, decode_gemm_fusion, decode_norm_fold, fold_norm_weight, folded_qkv_rotary,
-                         folded_silu_mul, fused_add_rms_norm, norm_gate_up_silu, norm_qkv_rotary,
+from ..ops.fused import (decode_gemm_fusion, decode_norm_fold, fold_norm_weight, folded_qkv_rotary,
+                         folded_silu_mul, fused_add_rms_norm, kv_append_refuses, norm_gate_up_silu, norm_qkv_rotary,
                          qkv_kernel_refuses, rotary_cos_sin_cache, rotary_qk, silu_mul)
 from ..ops.logprobs import entropy_from_logits, linear_token_logprobs
 from ..ops.train_fused import rms_norm_train, rotary_train, silu_mul_train
@@ -379,9 +379,9 @@ class DecoderLayer(nn.Module):
             return ": no norm fold with an o_proj/down_proj bias"
         k_cache, v_cache = ctx.kv_caches[attn.layer_idx]
         if k_cache.is_cuda:
-            k = torch.empty(0, attn.num_kv_heads, attn.head_dim, dtype=dtype, device=k_cache.device)
-            if not _fusable_kv(k, k, k_cache, v_cache):
-                return ": no norm fold for the caches' layout or dtype"
+            why = kv_append_refuses(dtype, attn.num_kv_heads, attn.head_dim, k_cache, v_cache)
+            if why is not None:
+                return f": no norm fold for {why}"
         return None
 
     def _forward_decode_norm_folded(self, x, residual, positions, cos_sin_cache, ctx):

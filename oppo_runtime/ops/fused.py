@@ -44,6 +44,7 @@ from .norm_rope import apply_rotary, rms_norm
 
 __all__ = ["fused_add_rms_norm", "fused_add_rms_norm_ref", "rotary_cos_sin_cache", "rotary_qk", "rotary_qk_ref",
            "silu_mul", "silu_mul_ref", "decode_gemm_fusion", "norm_qkv_rotary", "norm_qkv_rotary_ref", "qkv_kernel_refuses",
+           "kv_append_refuses",
            "norm_gate_up_silu", "norm_gate_up_silu_ref", "decode_norm_fold", "fold_norm_weight",
            "folded_qkv_rotary", "folded_qkv_rotary_ref", "folded_silu_mul", "folded_silu_mul_ref"]
 
@@ -320,7 +321,13 @@ def qkv_kernel_refuses(dtype: torch.dtype, head_dim: int, num_kv_heads: int, k_c
     D = head_dim
     if D < 32 or D & (D - 1):
         return f"head_dim {D} (the kernel takes powers of two from 32: a rotary half is one dot tile)"
-    k = torch.empty(0, num_kv_heads, D, dtype=k_cache.dtype, device=k_cache.device)
+    return kv_append_refuses(dtype, num_kv_heads, D, k_cache, v_cache)
+
+
+def kv_append_refuses(dtype: torch.dtype, num_kv_heads: int, head_dim: int, k_cache, v_cache) -> str | None:
+    """Why a kernel that appends k and v of ``dtype`` cannot write these caches itself (None: it can):
+    they must be of that dtype, each page one contiguous [block_size, Hkv, D] block (``_fusable_kv``)."""
+    k = torch.empty(0, num_kv_heads, head_dim, dtype=dtype, device=k_cache.device)
     if k_cache.dtype != dtype or not _fusable_kv(k, k, k_cache, v_cache):
         return "the caches' layout or dtype"
     return None
@@ -454,9 +461,7 @@ def folded_qkv_rotary(raw, stream, eps, bias, num_heads, num_kv_heads, cos_sin_c
     D = _check_qkv_rotary("folded_qkv_rotary", "raw", raw.shape[1], raw.shape[0], num_heads, num_kv_heads,
                           cos_sin_cache, positions, k_cache, slot_mapping, q_norm_weight, k_norm_weight)
     M = raw.shape[0]
-    k_like = raw.new_empty(0, num_kv_heads, D)
-    why = _fold_kernel_takes(raw, stream, bias) or (
-        None if _fusable_kv(k_like, k_like, k_cache, v_cache) else "the caches' layout or dtype")
+    why = _fold_kernel_takes(raw, stream, bias) or kv_append_refuses(raw.dtype, num_kv_heads, D, k_cache, v_cache)
     if not _use_kernel("folded_qkv_rotary", raw, stream, why, backend):
         return folded_qkv_rotary_ref(raw, stream, eps, bias, num_heads, num_kv_heads, cos_sin_cache, positions,
                                      k_cache, v_cache, slot_mapping, q_norm_weight, k_norm_weight, qk_eps)
