@@ -688,8 +688,8 @@ def test_decode_heads_as_n_is_the_default_for_groups_of_1_to_8(monkeypatch, plan
         assert torch.equal(default, off)
 
 
-@pytest.mark.parametrize("switch", ["OPPO_DECODE_PDL", "OPPO_DECODE_PREFETCH=1", "OPPO_DECODE_PREFETCH=2",
-                                    "OPPO_DECODE_REFILL", "both"])
+@pytest.mark.parametrize("switch", ["OPPO_DECODE_PDL", "OPPO_DECODE_PDL=2", "OPPO_DECODE_PREFETCH=1",
+                                    "OPPO_DECODE_PREFETCH=2", "OPPO_DECODE_REFILL", "both"])
 @pytest.mark.parametrize("plan", ["v3", "v6", "v7"])
 @pytest.mark.parametrize("B,Hq,Hkv,D,table", [(1, 32, 8, 128, 32768), (3, 14, 2, 64, 2048), (40, 14, 2, 64, 512)])
 def test_decode_pdl_waits_for_the_kernel_ahead(monkeypatch, switch, plan, B, Hq, Hkv, D, table):
@@ -700,9 +700,17 @@ def test_decode_pdl_waits_for_the_kernel_ahead(monkeypatch, switch, plan, B, Hq,
     from a CUDA graph (programmatic edges). Split and unsplit plans, empty splits included. The
     same for OPPO_DECODE_PREFETCH=1 and 2 (L2 prefetch of the next tiles' rows: a hint, no result
     changes), OPPO_DECODE_REFILL=1 (the stages refilled earlier: the same tiles in the same order)
-    and PDL with the prefetch of 2 at once."""
+    and PDL with the prefetch of 2 at once. OPPO_DECODE_PDL=2 (the first tiles read before the wait)
+    keeps its contract here: the kernel ahead of each call writes q, or (the append) the last row."""
     switches = ["OPPO_DECODE_PDL", "OPPO_DECODE_PREFETCH=2"] if switch == "both" else [switch]
     _use_plan(monkeypatch, plan)
+    if switch == "OPPO_DECODE_PDL=2" and plan == "v6":    # built into the heads-as-N kernel only
+        monkeypatch.setenv("OPPO_DECODE_PDL", "2")
+        q = torch.randn(B, Hq, D, device="cuda").bfloat16()
+        kv, bt, ctx = _full_width_case([table - 5] * B, Hkv, D, table, 16)
+        with pytest.raises(RuntimeError, match="OPPO_DECODE_PDL=2 runs with the heads-as-N"):
+            A.paged_decode_attention(q, kv.k, kv.v, bt, ctx, D ** -0.5, backend="cuda")
+        return
     bs = 16
     lens = [max(1, table - 5 - 700 * b) for b in range(B)]
     kv, bt, ctx = _full_width_case(lens, Hkv, D, table, bs)
@@ -746,6 +754,99 @@ def test_decode_pdl_waits_for_the_kernel_ahead(monkeypatch, switch, plan, B, Hq,
             got = [o.clone() for o in outs]
         for i, (g, w) in enumerate(zip(got, want)):
             assert torch.equal(g, w), f"{mode}: call {i} differs with {switches}"
+
+
+def _late_writer_kernel():
+    """A Triton kernel that lets its PDL dependents start at once, then spins ``SPIN_NS`` and only
+    then writes q (from a source) and one K/V row per sequence: the kernel ahead of a decode call
+    at its worst (the engine's rotary kernel does the same writes in ~3 us)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def late_writer(q_src, q_dst, NQ, k_src, v_src, k_dst, v_dst, dst_off_ptr, NKV, SPIN_NS,
+                    BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr):
+        tl.extra.cuda.gdc_launch_dependents()
+        t0 = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1)
+        t = t0
+        while t - t0 < SPIN_NS:
+            t = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False,
+                                          pack=1)
+        b = tl.program_id(0).to(tl.int64)
+        i = tl.arange(0, BLOCK_Q)
+        tl.store(q_dst + b * NQ + i, tl.load(q_src + b * NQ + i, mask=i < NQ), mask=i < NQ)
+        j = tl.arange(0, BLOCK_KV)
+        off = tl.load(dst_off_ptr + b)
+        tl.store(k_dst + off + j, tl.load(k_src + b * NKV + j, mask=j < NKV), mask=j < NKV)
+        tl.store(v_dst + off + j, tl.load(v_src + b * NKV + j, mask=j < NKV), mask=j < NKV)
+
+    return triton, late_writer
+
+
+@pytest.mark.parametrize("D,Hq,Hkv", [(64, 14, 2), (128, 32, 8)])
+def test_decode_pdl2_reads_only_older_rows_before_the_wait(monkeypatch, D, Hq, Hkv):
+    """OPPO_DECODE_PDL=2 behind a kernel that releases it at once and writes q and each sequence's
+    last row (ctx - 1) only after a 30 us spin: the outputs equal OPPO_DECODE_PDL=0's bit for bit,
+    eagerly and from a CUDA graph (q and that row are read after the wait; a context whose first
+    tiles hold it takes them after the wait too). The same writer putting row 0 instead shows that
+    the early reads happen: with OPPO_DECODE_PDL=2 the sequences whose first tiles end before ctx - 1
+    see row 0's old contents (so the test above can fail), with 0 and 1 none does."""
+    triton, late_writer = _late_writer_kernel()
+    bs, lens = 16, [5, 100, 129, 130, 1000, 3000]
+    B = len(lens)
+    kv, bt, ctx = _full_width_case(lens, Hkv, D, 4096, bs)
+    q_src = torch.randn(B, Hq, D, device="cuda").bfloat16()
+    k_src, v_src = (torch.randn(B, Hkv, D, device="cuda").bfloat16() * 3 for _ in range(2))
+    q = torch.full_like(q_src, float("nan"))
+    out = torch.empty_like(q_src)
+    ws = A.paged_decode_workspace(q_src, kv.k, bt, backend="cuda")
+    elem = kv.k.stride(0)
+
+    def offsets(rows):   # element offsets (from kv.k's first element) of row rows[b] of sequence b
+        return torch.tensor([int(bt[b, r // bs]) * elem + (r % bs) * Hkv * D for b, r in enumerate(rows)],
+                            dtype=torch.int64, device="cuda")
+
+    def step(dst):
+        late_writer[(B,)](q_src, q, Hq * D, k_src, v_src, kv.k, kv.v, dst, Hkv * D, 30_000,
+                          BLOCK_Q=triton.next_power_of_2(Hq * D), BLOCK_KV=triton.next_power_of_2(Hkv * D))
+        A.paged_decode_attention(q, kv.k, kv.v, bt, ctx, D ** -0.5, out=out, backend="cuda", workspace=ws)
+
+    pool0 = kv.pool.clone()
+    results = {}
+    for rows_name, rows in (("last", [n - 1 for n in lens]), ("first", [0] * B)):
+        dst = offsets(rows)
+        for pdl in ("0", "1", "2"):
+            monkeypatch.setenv("OPPO_DECODE_PDL", pdl)
+            for mode in ("eager", "graph"):
+                kv.pool.copy_(pool0)
+                q.fill_(float("nan"))
+                out.fill_(float("nan"))
+                torch.cuda.synchronize()
+                if mode == "eager":
+                    step(dst)
+                else:
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph):
+                        step(dst)
+                    kv.pool.copy_(pool0)
+                    q.fill_(float("nan"))
+                    out.fill_(float("nan"))
+                    torch.cuda.synchronize()
+                    graph.replay()
+                torch.cuda.synchronize()
+                results[rows_name, pdl, mode] = out.clone()
+        ref = A.paged_decode_attention_ref(q_src, kv.k, kv.v, bt, ctx, D ** -0.5)   # the cache as written
+        want = results[rows_name, "0", "eager"]
+        assert float((want.float() - ref.float()).norm() / ref.float().norm()) < 2e-3
+    for key, got in results.items():
+        if key[0] == "last" or key[1] != "2":
+            assert torch.equal(got, results[key[0], "0", "eager"]), key
+    early = [b for b, n in enumerate(lens) if 2 * 64 <= n - 1]     # tiles 0, 1 of split 0 end before ctx - 1
+    for mode in ("eager", "graph"):
+        got, fresh = results["first", "2", mode], results["first", "0", "eager"]
+        for b in range(B):
+            same = torch.equal(got[b], fresh[b])
+            assert same != (b in early), (mode, b, lens[b], "row 0 read before the wait" if b in early else "")
 
 
 _RAW_WS_PROBE = """

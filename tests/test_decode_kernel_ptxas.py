@@ -185,3 +185,49 @@ def test_heads_as_n_decode_kernel_halves_the_mma_and_fits(D):
     print(f"D={D}: registers {regs} (default {base_regs}), HMMA {hmma} ({base_hmma}), MUFU.EX2 {ex2} ({base_ex2})")
     wait = next(i for i, x in enumerate(ins) if "ACQBULK" in x)
     assert not [x for x in ins[:wait] if _GLOBAL_READ.search(x)], "global reads before the PDL wait"
+
+
+PW_SOURCE = """
+#include <cuda_bf16.h>
+#include "paged_decode_attention.cuh"
+using T = __nv_bfloat16;
+template __global__ void oppo::attn::paged_decode_kernel<T, {D}, 3, false, true, false, false>(""" + SPLIT_SIG + """);
+template __global__ void oppo::attn::paged_decode_kernel<T, {D}, 3, false, true, false, true>(""" + SPLIT_SIG + """);
+"""
+
+
+@pytest.mark.parametrize("D", [64, 128])
+def test_decode_pre_wait_kernel_reads_q_after_its_waits(D):
+    """The heads-as-N split kernel (the default) and its OPPO_DECODE_PDL=2 form (kPW), bf16: the
+    same registers, no spill (so the same CTAs per SM and plan); the default reads nothing before
+    its griddepcontrol.wait (SASS ACQBULK); the kPW form has its two conditional waits (before the
+    first tiles' copies when one of them holds row ctx - 1, after them otherwise) ahead of Q's loads
+    (LDG.E.128.STRONG, before the first mma), which the kernel ahead may still be writing."""
+    tmp = Path(tempfile.mkdtemp(prefix="decode_pw_"))
+    try:
+        report, sass = nvcc_sm90a(PW_SOURCE.replace("{D}", str(D)), tmp, sass_with=cuobjdump_path())
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    regs = {}
+    for block in re.split(r"Compiling entry function", report)[1:]:
+        pw = "Lb1ELb0ELb1E" in block.split("\n", 1)[0]
+        assert re.search(r"\b0 bytes spill stores, 0 bytes spill loads", block), block
+        regs[pw] = int(re.search(r"Used (\d+) registers", block).group(1))
+    assert set(regs) == {False, True} and regs[True] == regs[False], regs
+    funcs = {}
+    for block in re.split(r"\n\s*Function : ", sass)[1:]:
+        name, body = block.split("\n", 1)
+        funcs["Lb1ELb0ELb1E" in name] = [ln.split(";")[0] for ln in body.splitlines()
+                                         if re.search(r"/\*[0-9a-f]{4,}\*/", ln)]
+    assert set(funcs) == {False, True}, sass[:2000]
+    ins = funcs[False]
+    wait = next(i for i, x in enumerate(ins) if "ACQBULK" in x)
+    assert not [x.strip() for x in ins[:wait] if _GLOBAL_READ.search(x)], f"D={D}: reads before the wait"
+    ins = funcs[True]
+    waits = [i for i, x in enumerate(ins) if "ACQBULK" in x]
+    first_mma = next(i for i, x in enumerate(ins) if "HMMA" in x)
+    q_loads = [i for i, x in enumerate(ins[:first_mma]) if "LDG.E.128.STRONG" in x]
+    copies = [i for i, x in enumerate(ins[:first_mma]) if "LDGSTS" in x]
+    first = [i for i in copies if i < waits[1]]    # the first tiles' copies, between the two waits
+    assert len(waits) >= 2 and q_loads and first, (waits, q_loads, copies)
+    assert waits[0] < min(copies) and waits[1] < min(q_loads), (waits, copies, q_loads)
