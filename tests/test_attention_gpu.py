@@ -786,7 +786,9 @@ def _late_writer_kernel():
 @pytest.mark.parametrize("D,Hq,Hkv", [(64, 14, 2), (128, 32, 8)])
 def test_decode_pdl2_reads_only_older_rows_before_the_wait(monkeypatch, D, Hq, Hkv):
     """OPPO_DECODE_PDL=2 behind a kernel that releases it at once and writes q and each sequence's
-    last row (ctx - 1) only after a 30 us spin: the outputs equal OPPO_DECODE_PDL=0's bit for bit,
+    last row (ctx - 1) only after a 300 us spin (longer than the host's time between the two launches
+    in eager mode: a 30 us one was over before the attention was launched, call 1 of session 37):
+    the outputs equal OPPO_DECODE_PDL=0's bit for bit,
     eagerly and from a CUDA graph (q and that row are read after the wait; a context whose first
     tiles hold it takes them after the wait too). The same writer putting row 0 instead shows that
     the early reads happen: with OPPO_DECODE_PDL=2 the sequences whose first tiles end before ctx - 1
@@ -807,7 +809,7 @@ def test_decode_pdl2_reads_only_older_rows_before_the_wait(monkeypatch, D, Hq, H
                             dtype=torch.int64, device="cuda")
 
     def step(dst):
-        late_writer[(B,)](q_src, q, Hq * D, k_src, v_src, kv.k, kv.v, dst, Hkv * D, 30_000,
+        late_writer[(B,)](q_src, q, Hq * D, k_src, v_src, kv.k, kv.v, dst, Hkv * D, 300_000,
                           BLOCK_Q=triton.next_power_of_2(Hq * D), BLOCK_KV=triton.next_power_of_2(Hkv * D))
         A.paged_decode_attention(q, kv.k, kv.v, bt, ctx, D ** -0.5, out=out, backend="cuda", workspace=ws)
 
