@@ -17,8 +17,7 @@ v3 kernel with each group's splits merged by its last CTA (tickets as v4's), run
 --decode-only: kv_append and decode only; --prefill-plans=a,b: kv_append, the mma prefill case and those
 wgmma prefill plans' cases only (no decode);
 --decode-plans=v5,v4:memset: only the decode cases of those plans (v7 for the default, the cases without a plan; v3:stamps,
-v3:pdl, v7:pdl2, v3:l2off, v3:l2, v3:l2x2: per-CTA stamps on, programmatic dependent launch (v7:pdl2:
-OPPO_DECODE_PDL=2, the first tiles read before the wait), L2 prefetch of 0,
+v3:pdl, v3:l2off, v3:l2, v3:l2x2: per-CTA stamps on, programmatic dependent launch, L2 prefetch of 0,
 1 (the default) or 2 tiles; v7:rf: the stages refilled early, OPPO_DECODE_REFILL=1; v7:sm: the slow
 split merge, OPPO_DECODE_FAST_MERGE=0; v7:rs, v3:rs: the register-staged loader, OPPO_DECODE_REG_STAGE=1;
 v7:hn, v3:hn: the heads as the mma's N, OPPO_DECODE_HEADS_AS_N=1). Exits
@@ -115,8 +114,6 @@ def main():
              (splits, 14, 2, 64, "v3:stamps"), (splits, 8, 2, D, "v6:stamps"),
              # programmatic dependent launch of the split kernel and its reduction
              (splits, 14, 2, 64, "v3:pdl"), (splits, 8, 2, D, "v6:pdl"), (fill, 14, 2, 64, "v3:pdl"),
-             # OPPO_DECODE_PDL=2: the first tiles read before the wait (heads-as-N kernel, v7)
-             (splits, 14, 2, 64, "v7:pdl2"), (splits, 8, 2, D, "v7:pdl2"), (fill, 14, 2, 64, "v7:pdl2"),
              # L2 prefetch of the tile after those in flight (the default; rows past a context are not
              # prefetched), of none, and of two tiles
              (splits, 14, 2, 64, "v3:l2off"), ([600], 40, 2, D, "v3:l2off"), (splits, 14, 2, 64, "v3:l2"),
@@ -158,8 +155,8 @@ def main():
         nsplit = A.paged_decode_plan(len(lens), Hq, Hkv, Dd, bt.shape[1] * bs, sms, resident, name)[0]
         ctas, per_cta = A.paged_decode_grid(len(lens), Hq, Hkv, Dd, bt.shape[1] * bs, sms, resident, name)
         os.environ["OPPO_DECODE_PLAN"] = name
-        if tickets in ("pdl", "pdl2"):
-            os.environ["OPPO_DECODE_PDL"] = "1" if tickets == "pdl" else "2"
+        if tickets == "pdl":
+            os.environ["OPPO_DECODE_PDL"] = "1"
         elif tickets == "rf":
             os.environ["OPPO_DECODE_REFILL"] = "1"
         elif tickets == "sm":

@@ -29,8 +29,7 @@
 //       of min(items, slots) CTAs; splits merged as in v4. Two more counters per launch (claim,
 //       exit), from the same registry as v4's tickets.
 //   v6: v3 on the lean kernel (DecodeLeanCfg): D=128 with 2 stages and 3 CTAs per SM.
-// OPPO_DECODE_PDL=1|2 (plans v2, v3, v6, v7): programmatic dependent launch of both kernels; 2 with the
-// split kernel's first loads before its wait (decode_pdl_mode).
+// OPPO_DECODE_PDL=1 (plans v2, v3, v6, v7): programmatic dependent launch of both kernels (decode_pdl).
 // OPPO_DECODE_PREFETCH=0|1|2 (plans v2, v3, v6, v7; default 1): L2 prefetch 0, 1 or 2 tiles further ahead
 // (decode_l2_ahead). OPPO_DECODE_REFILL=1: the stages refilled early, an A/B switch;
 // OPPO_DECODE_DIAG_LOADS_ONLY=1: a diagnostic; OPPO_DECODE_FAST_MERGE=1 (default): v7's merge by an acq_rel
@@ -124,13 +123,7 @@ int env_int(const char* name, int dflt, int lo, int hi) {
 // before its first read, so only the launch latency between kernels is hidden. Default off (0):
 // session 17 (H100) measured v3+pdl 1.2 us faster than v3 on (1, 32768) (56.7 vs 57.9 us) and equal on
 // the shapes that do not split, but not yet with the prefetch default nor in the engine's graphs.
-// OPPO_DECODE_PDL=2: the same launch, and the split kernel issues its block-table reads and its first
-// tiles' copies before the wait (paged_decode_kernel's kPW; the heads-as-N kernel only, so plans v2,
-// v3, v7 with groups of <= 8 query heads: elsewhere an error): the kernel ahead must write nothing it
-// reads but q and each sequence's last row (ctx - 1), as the decode step's rotary + K/V append does
-// (ops.fused_triton.rotary_qk releases its dependents at its start under this switch, so the
-// attention's loads overlap it).
-int decode_pdl_mode() { return env_int("OPPO_DECODE_PDL", 0, 0, 2); }
+bool decode_pdl() { return env_switch("OPPO_DECODE_PDL"); }
 
 // OPPO_DECODE_PREFETCH=0|1|2: the split kernel also prefetches into L2 the rows of the 1 or 2 tiles
 // after the ones in flight (kernel argument l2_ahead): more of the context requested from DRAM per
@@ -522,7 +515,7 @@ void launch_decode_v4(PlanKind kind, at::Tensor& out, const at::Tensor& q, const
 // reduction. kRS: the register-staged loader (OPPO_DECODE_REG_STAGE=1), kHN: the heads as the mma's
 // N (OPPO_DECODE_HEADS_AS_N=1), each planned as the default kernel: the launch checks that it fits as
 // many CTAs per SM.
-template <typename T, int D, int kStages, bool kRS = false, bool kHN = false, bool kTS = false, bool kPW = false>
+template <typename T, int D, int kStages, bool kRS = false, bool kHN = false, bool kTS = false>
 void launch_decode_split(PlanKind kind, at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,
                          const at::Tensor& v_cache, const at::Tensor& block_tables, const at::Tensor& context_lens,
                          double scale, const std::optional<at::Tensor>& workspace, int64_t max_partition) {
@@ -531,7 +524,7 @@ void launch_decode_split(PlanKind kind, at::Tensor& out, const at::Tensor& q, co
   const int B = sh.B, Hq = sh.Hq, block_size = sh.block_size, Hkv = sh.Hkv, G = sh.G, q_chunks = sh.q_chunks;
   const int64_t max_ctx = sh.max_ctx;
 
-  auto kernel = paged_decode_kernel<T, D, kStages, kRS, kHN, kTS, kPW>;
+  auto kernel = paged_decode_kernel<T, D, kStages, kRS, kHN, kTS>;
   constexpr int smem = DecodeSmem<T, D, kStages, kRS>::kBytes;
   int resident = 0;
   const DecodePlan plan = plan_for<T, D>(sh, kind, &resident);
@@ -554,7 +547,7 @@ void launch_decode_split(PlanKind kind, at::Tensor& out, const at::Tensor& q, co
   const bool out_f32 = out.scalar_type() == at::kFloat;
   const float scale_log2 = static_cast<float>(scale) * kLog2e;
 
-  const bool pdl = kPW || decode_pdl_mode() > 0;
+  const bool pdl = decode_pdl();
   const dim3 grid(Hkv * q_chunks, B, num_splits);  // split slowest: see paged_decode_kernel
   launch_kernel(kernel, grid, kDecodeThreads, smem, stream, pdl,
       out.data_ptr(), out_f32, out.stride(0), out.stride(1), reinterpret_cast<const T*>(q.data_ptr()), q.stride(0),
@@ -571,21 +564,12 @@ void launch_decode_split(PlanKind kind, at::Tensor& out, const at::Tensor& q, co
   }
 }
 
-// OPPO_DECODE_PDL=2 is built into the heads-as-N kernel only: a clear error where another one runs.
-void check_pdl_pre_wait(PlanKind kind, int G) {
-  OPPO_CHECK(decode_pdl_mode() != 2 || (kind != PlanKind::v4 && kind != PlanKind::v5 &&
-                                        decode_heads_as_n(G, kind, decode_reg_stage())),
-             "OPPO_DECODE_PDL=2 runs with the heads-as-N decode kernel only (plans v2, v3, v7, groups of at most 8 "
-             "query heads per kv head, without OPPO_DECODE_REG_STAGE or OPPO_DECODE_HEADS_AS_N=0); use 1 here");
-}
-
 template <typename T, int D>
 void launch_decode(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                    const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
                    const std::optional<at::Tensor>& workspace, int64_t max_partition) {
   using namespace oppo::attn;
   const PlanKind kind = decode_plan_kind();
-  check_pdl_pre_wait(kind, static_cast<int>(q.size(1) / k_cache.size(2)));
   if (kind == PlanKind::v4 || kind == PlanKind::v5)
     launch_decode_v4<T, D>(kind, out, q, k_cache, v_cache, block_tables, context_lens, scale, workspace);
   else if (kind == PlanKind::v6 && DecodeLeanCfg<D>::kStages != DecodeCfg<D>::kStages)
@@ -595,12 +579,7 @@ void launch_decode(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cac
            decode_heads_as_n(static_cast<int>(q.size(1) / k_cache.size(2)), kind, rs)) {
     OPPO_CHECK(kind != PlanKind::v6 && !rs,
                "OPPO_DECODE_HEADS_AS_N=1 runs with plans v2, v3 and v7 and without OPPO_DECODE_REG_STAGE");
-    const bool pre_wait = decode_pdl_mode() == 2;
-    OPPO_CHECK(!(pre_wait && g_tile_stamps_on.load()), "OPPO_DECODE_PDL=2 is not built with decode_tile_stamps");
-    if (pre_wait) {
-      launch_decode_split<T, D, DecodeCfg<D>::kStages, false, true, false, true>(
-          kind, out, q, k_cache, v_cache, block_tables, context_lens, scale, workspace, max_partition);
-    } else if (g_tile_stamps_on.load()) {  // bench/decode_tiles.py: its own instantiation, bf16 only
+    if (g_tile_stamps_on.load()) {  // bench/decode_tiles.py: its own instantiation, bf16 only
       if constexpr (std::is_same_v<T, __nv_bfloat16>)
         launch_decode_split<T, D, DecodeCfg<D>::kStages, false, true, true>(
             kind, out, q, k_cache, v_cache, block_tables, context_lens, scale, workspace, max_partition);

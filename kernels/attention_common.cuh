@@ -176,14 +176,6 @@ __device__ __forceinline__ void pdl_wait() {
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
 #endif
 }
-// 16 bytes by ld.global.cg in an asm volatile with a memory clobber: never moved above a pdl_wait
-// (a plain or __ldcg load of a const __restrict__ pointer may be, as read-only for the whole kernel).
-__device__ __forceinline__ uint4 ld_cg_v4_after_wait(const void* p) {
-  uint4 v;
-  asm volatile("ld.global.cg.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p) : "memory");
-  return v;
-}
 __device__ __forceinline__ void pdl_launch_dependents() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");

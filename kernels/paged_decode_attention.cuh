@@ -482,14 +482,7 @@ __device__ __forceinline__ void merge_split_partials(void* out, bool out_f32, in
 //              issue 7's long-CTA shapes in one call (0.996 of copy), 3-5% slower in another with
 //              this loop's SASS unchanged; 4% slower at (1, 32768) in both. Stored after the
 //              tile's arithmetic instead: slower everywhere; with tile 2 by cp.async: no better.
-// kPW (OPPO_DECODE_PDL=2, launched with PDL; built with kHN only): the start-up up to the first
-//              kStages - 1 tiles' cp.async runs before pdl_wait when those tiles end before the
-//              context's last row (ctx - 1), which is then read after it, and Q after it too (by
-//              ordered loads, not a copy group). The contract: the kernel ahead in the stream writes
-//              q and at most each sequence's row ctx - 1 of the cache (the decode step's rotary and
-//              K/V append: the engine's `rotary_qk` lets its dependents start at once under this
-//              switch), nothing else this kernel reads; every kernel before that one has finished.
-template <typename T, int D, int kStages, bool kRS = false, bool kHN = false, bool kTS = false, bool kPW = false>
+template <typename T, int D, int kStages, bool kRS = false, bool kHN = false, bool kTS = false>
 __global__ void __launch_bounds__(kDecodeThreads, DecodeBounds<D, kStages>::kMinBlocks)
 paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t o_s1,
                     const T* __restrict__ q, int64_t q_s0, int64_t q_s1,
@@ -503,7 +496,6 @@ paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t 
   static_assert(!kRS || (D == 128 && kStages == 3), "the register-staged loader is built for D=128, 3 stages");
   static_assert(!(kRS && kHN), "heads as N is built with the cp.async loader");
   static_assert(!kTS || kHN, "the tile stamps are built into the heads-as-N loop");
-  static_assert(!kPW || (kHN && !kTS), "the reads before the PDL wait are built into the heads-as-N kernel");
   constexpr int kRow = S::kRow;
   constexpr int kOffSlots = S::kOffSlots;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -527,8 +519,7 @@ paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t 
     }
   };
   tstamp(kTsdStart, 0);
-  // kPW: block table, context, K/V rows before ctx - 1 read before the wait (see above)
-  if constexpr (!kPW) pdl_wait();  // launched with PDL (OPPO_DECODE_PDL): the previous kernel's outputs (q, the cache) from here
+  pdl_wait();  // launched with PDL (OPPO_DECODE_PDL): the previous kernel's outputs (q, the cache) from here
   const bool loads_only = (pipe_flags & kDecodeLoadsOnly) != 0;
   const bool early = (pipe_flags & kDecodeEarlyRefill) != 0;
   const int l2_ahead = early ? ((pipe_flags & 3) > 0 ? 2 : 0) : (pipe_flags & 3);
@@ -551,7 +542,7 @@ paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t 
   // row offsets): the context length, Q's copy, and the pages of the first kStages tiles (bounded
   // by the table's width, not by the context).
   const int ctx = context_lens[b];
-  if constexpr (!kPW) {
+  {
     // Q rows (zero past `rows`), its own commit group.
     constexpr int kChunks = D * int(sizeof(T)) / 16, kVec = 16 / int(sizeof(T));
     for (int c = tid; c < 16 * kChunks; c += kDecodeThreads) {
@@ -586,7 +577,6 @@ paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t 
                      : -1;
 
   if (num_splits > 1 && start >= ctx) {  // empty split: the reduction never reads it
-    if constexpr (kPW) pdl_wait();
     cp_async_wait<0>();                  // (no copy outstanding when the CTA leaves)
     if (tickets != nullptr && split == 0) {  // v7, a context of 0: no CTA merges, split 0 writes the zeros
       for (int idx = tid; idx < rows * (D / 4); idx += kDecodeThreads)
@@ -632,28 +622,10 @@ paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t 
     load_kv_tiles<T, D, kDecodeTile, kDecodeThreads>(k_s, v_s, k_cache, v_cache, off, tid);
   };
   __syncthreads();
-  // kPW: the first tiles go before the wait only if none holds row ctx - 1 (L2 prefetches of that
-  // row are harmless: the L2 is coherent, only the copy into shared memory must come after)
-  const bool tiles_early = kPW && start + (kStages - 1) * kDecodeTile <= ctx - 1;
-  if (kPW && !tiles_early) pdl_wait();
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
     if (s < ntiles) load_tile(s);
     cp_async_commit();
-  }
-  if constexpr (kPW) {
-    if (tiles_early) pdl_wait();
-    // Q rows (zero past `rows`) by loads into their smem area, ordered after the wait (asm volatile;
-    // no copy group, so the waits below count the tiles' groups alone; the barrier before Q's
-    // first read makes the rows visible)
-    constexpr int kChunks = D * int(sizeof(T)) / 16, kVec = 16 / int(sizeof(T));
-    for (int c = tid; c < 16 * kChunks; c += kDecodeThreads) {
-      const int r = c / kChunks, ch = c % kChunks;
-      uint4 v = make_uint4(0u, 0u, 0u, 0u);
-      if (r < rows)
-        v = ld_cg_v4_after_wait(q + static_cast<int64_t>(b) * q_s0 + static_cast<int64_t>(hq0 + r) * q_s1 + ch * kVec);
-      *reinterpret_cast<uint4*>(q_s + r * kRow + ch * kVec) = v;
-    }
   }
   tstamp(kTsdIssued, 0);
   if (!kRS && l2_ahead > 1 && kStages < ntiles && tid < kDecodeTile) {  // tile kStages (l2_ahead 1: in iteration 0)

@@ -86,9 +86,7 @@ _SWITCHES = (
     ("OPPO_PREFILL_PLAN", "auto (on sm_90a wgmma_pp_ov_qp_xc_ps at D=128, wgmma3_pp_ov_qp_xc_ps at D=64 bf16, else mma; wgmma[3][_pp][_ov][_kv][_qp][_xc][_mi][_ks][_ps]: the sm_90a plans, wgmma3 D=64 bf16)"),
     ("OPPO_PREFILL_WGMMA_OFF", "none (a comma list of wgmma plans, or all, that tests and benches skip)"),
     ("OPPO_DECODE_TICKETS", "pool (memset: v4/v5/v7's counters in the per-call workspace)"),
-    ("OPPO_DECODE_PDL", "0 (1: the decode split kernel and its reduction with programmatic dependent launch; "
-                        "2: that, with the split kernel's first loads before its wait, overlapping the rotary "
-                        "kernel ahead, which then releases it at its start)"),
+    ("OPPO_DECODE_PDL", "0 (1: the decode split kernel and its reduction with programmatic dependent launch)"),
     ("OPPO_DIAG_SKIP_ELEMENTWISE", "unset (norm,silu: a bench diagnostic, those Triton kernels not launched on CUDA"
                                    " tensors; wrong outputs, it warns)"),
     ("OPPO_DECODE_PREFETCH", "1 (0|1|2: the decode split kernel also prefetches the next 0, 1 or 2 tiles' rows into L2)"),

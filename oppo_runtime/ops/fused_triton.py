@@ -19,8 +19,6 @@ import os
 
 import torch
 
-from ._backend import record_backend
-
 try:
     import triton
     import triton.language as tl
@@ -114,8 +112,7 @@ if triton is not None:
                           s_ptr, s_stride, HS, row_eps, b_ptr,
                           HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr,
                           BLOCK_D: tl.constexpr, HAS_NORM: tl.constexpr, WRITE_KV: tl.constexpr,
-                          ROW_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_S: tl.constexpr,
-                          PDL_TRIGGER: tl.constexpr):
+                          ROW_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_S: tl.constexpr):
         # q [N, HQ, D], k [N, HKV, D]; cos_sin_cache [max_pos, D] float32 (cos | sin); positions [N].
         # WRITE_KV: also the rotated k and v [N, HKV, D] into the paged caches [blocks, block_size,
         # HKV, D] (page stride page_stride, each page contiguous) at slot_mapping[tok] (-1: skip),
@@ -123,10 +120,6 @@ if triton is not None:
         # ROW_SCALE (the norm fold; needs WRITE_KV): q, k, v are projections of the residual stream
         # s [N, HS] (row stride s_stride) by RMSNorm-weighted weights, so each is first
         # rsqrt(mean(s^2) + row_eps) * x (+ the bias [(HQ + 2 HKV) D] when HAS_BIAS), rounded
-        # PDL_TRIGGER (``rotary_pdl_trigger``): the decode attention launched behind this kernel with
-        # PDL may be scheduled at once; it waits for this kernel's end before it reads q or row ctx - 1
-        if PDL_TRIGGER:
-            tl.extra.cuda.gdc_launch_dependents()
         tok = tl.program_id(0).to(tl.int64)
         pos = tl.load(pos_ptr + tok).to(tl.int64)
         d = tl.arange(0, BLOCK_D)[None, :]
@@ -348,20 +341,6 @@ def _fold_args(fold, placeholder):
             dict(ROW_SCALE=True, HAS_BIAS=bias is not None, BLOCK_S=triton.next_power_of_2(stream.shape[1])))
 
 
-def rotary_pdl_trigger(device: torch.device) -> bool:
-    """Whether ``rotary_qk`` releases its dependents at its start: under ``OPPO_DECODE_PDL=2`` on a
-    CUDA device of compute capability 9.0 or more, where the decode attention behind it is launched
-    with PDL and reads its first tiles (rows before the appended one) while this kernel runs
-    (csrc/paged_decode_attention.cu). Logged as the backend of ``rotary_pdl_trigger``."""
-    if os.environ.get("OPPO_DECODE_PDL", "") != "2" or device.type != "cuda":
-        return False
-    if torch.cuda.get_device_capability(device)[0] < 9:
-        record_backend("rotary_pdl_trigger", "off (OPPO_DECODE_PDL=2 needs sm_90+)")
-        return False
-    record_backend("rotary_pdl_trigger", "on (OPPO_DECODE_PDL=2)")
-    return True
-
-
 def rotary_qk(q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor, positions: torch.Tensor,
               q_norm_weight: torch.Tensor | None, k_norm_weight: torch.Tensor | None, eps: float, kv=None,
               fold=None):
@@ -392,7 +371,7 @@ def rotary_qk(q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor, pos
                                 qw, kw, eps, Hq, Hkv, *kv_args, *fold_args, HALF=half,
                                 BLOCK_HQ=triton.next_power_of_2(Hq), BLOCK_HKV=triton.next_power_of_2(Hkv),
                                 BLOCK_D=block_d, HAS_NORM=has_norm, WRITE_KV=kv is not None, **fold_flags,
-                                PDL_TRIGGER=rotary_pdl_trigger(q.device), num_warps=4)
+                                num_warps=4)
     return q_out, k_out
 
 
