@@ -274,7 +274,7 @@ def _kernel_takes(x, residual, weight, bias) -> str | None:
     """Why the dual-GEMM kernel cannot take these operands (None: it can)."""
     if len({t.dtype for t in (x, weight) + (() if residual is None else (residual,))}) > 1:
         return "mixed dtypes"
-    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+    if x.dtype not in _KERNEL_DTYPES:
         return f"dtype {x.dtype}"
     if any(t is not None and t.stride(-1) != 1 for t in (x, residual, weight, bias)):
         return "an operand's rows are not contiguous"
@@ -430,8 +430,7 @@ def _check_fold(op: str, raw, stream, bias) -> None:
 
 
 def _fold_kernel_takes(raw, stream, bias) -> str | None:
-    if raw.dtype not in (torch.float16, torch.bfloat16, torch.float32) or \
-            stream.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+    if raw.dtype not in _KERNEL_DTYPES or stream.dtype not in _KERNEL_DTYPES:
         return f"dtypes {raw.dtype}, {stream.dtype}"
     if any(t is not None and t.stride(-1) != 1 for t in (raw, stream, bias)):
         return "an operand's rows are not contiguous"
