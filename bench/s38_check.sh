@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# One device call (~8 min on a fresh H100), session 38: the split-K Triton GEMM of the decode
+# projections (oppo_runtime.ops.gemm; OPPO_DECODE_GEMM=splitk). Build; the projections of
+# Qwen2.5-0.5B (B=256: cuBLAS, the plan's config and a sweep around it, cold) and of 1.5B (cuBLAS and
+# the plan); the engine at 0.5B B=256 with the split-K GEMM, unfolded and norm-folded, beside the
+# default twice (the run's noise), with kernel profiles; then the GPU tests of the kernel (the
+# float32 product over real shapes, graphs, the engine against cuBLAS) and session 37's late-writer
+# test of the decode kernel's PDL 1 form (never run on a GPU).
+#
+#   OUT=$OUT bash bench/s38_check.sh [a|b]   (on the device, carrying .commit; results under $OUT)
+# a (default): build, the 0.5B probe and the engine (~8 min cold); b: build, the 1.5B probe and the
+# GPU tests (~4 min); both: `a b`.
+set -u
+cd "$(dirname "$0")/.."
+O=${OUT:-bench/results/s38_check}
+mkdir -p "$O"
+. bench/device_commit.sh
+T0=$(date +%s)
+CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=16 \
+  python3 -m pip install -q --no-build-isolation --no-deps -e . > "$O/build.txt" 2>&1 || { tail -30 "$O/build.txt"; exit 1; }
+echo "[$(( $(date +%s) - T0 ))s] built"
+PARTS=" ${*:-a} "
+if [[ $PARTS == *" a "* ]]; then
+timeout 170 python3 bench/linear_probe.py --shapes qwen2.5-0.5b --batches 256 --libs cublas,splitk,splitk_sweep \
+  --out "$O/linear_probe_splitk_05b.json" > "$O/probe_05b.log" 2>&1
+rc=$?; echo "[$(( $(date +%s) - T0 ))s] probe 0.5B rc=$rc"; grep -E "split-K plan|Error|error" "$O/probe_05b.log" | head -12
+timeout 260 python3 bench/engine.py --kernel-profile --shapes qwen2.5-0.5b --batches 256 --hf-min-batch 100000 \
+  --decode-env splitk:OPPO_DECODE_GEMM=splitk --decode-env again:OPPO_DECODE_GEMM=cublas \
+  --decode-env fsplitk:OPPO_DECODE_NORM_FOLD=1,OPPO_DECODE_GEMM=splitk \
+  --out "$O/engine_splitk.json" > "$O/engine.log" 2>&1
+rc=$?; echo "[$(( $(date +%s) - T0 ))s] engine rc=$rc"; grep -E "Error|error" "$O/engine.log" | head -5; tail -6 "$O/engine.log"
+fi
+if [[ $PARTS == *" b "* ]]; then
+timeout 60 python3 bench/linear_probe.py --shapes qwen2.5-1.5b --batches 256 --libs cublas,splitk \
+  --out "$O/linear_probe_splitk_15b.json" > "$O/probe_15b.log" 2>&1
+rc=$?; echo "[$(( $(date +%s) - T0 ))s] probe 1.5B rc=$rc"; grep -E "split-K plan|Error|error" "$O/probe_15b.log" | head -6
+timeout 150 python3 -m pytest -q -m gpu -x tests/test_gemm.py "tests/test_attention_gpu.py::test_decode_pdl_reads_nothing_before_a_late_writer_ends" \
+  > "$O/pytest.log" 2>&1
+rc=$?; echo "[$(( $(date +%s) - T0 ))s] pytest rc=$rc"; tail -5 "$O/pytest.log"
+fi
