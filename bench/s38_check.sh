@@ -21,11 +21,12 @@ CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=16 \
 echo "[$(( $(date +%s) - T0 ))s] built"
 PARTS=" ${*:-a} "
 if [[ $PARTS == *" a "* ]]; then
-timeout 170 python3 bench/linear_probe.py --shapes qwen2.5-0.5b --batches 256 --libs cublas,splitk,splitk_sweep \
+timeout 150 python3 bench/linear_probe.py --shapes qwen2.5-0.5b --batches 256 --libs cublas,splitk,splitk_sweep \
   --out "$O/linear_probe_splitk_05b.json" > "$O/probe_05b.log" 2>&1
 rc=$?; echo "[$(( $(date +%s) - T0 ))s] probe 0.5B rc=$rc"; grep -E "split-K plan|Error|error" "$O/probe_05b.log" | head -12
 timeout 260 python3 bench/engine.py --kernel-profile --shapes qwen2.5-0.5b --batches 256 --hf-min-batch 100000 \
   --decode-env splitk:OPPO_DECODE_GEMM=splitk --decode-env again:OPPO_DECODE_GEMM=cublas \
+  --decode-env sapart:OPPO_DECODE_GEMM=splitk-silu-apart \
   --decode-env fsplitk:OPPO_DECODE_NORM_FOLD=1,OPPO_DECODE_GEMM=splitk \
   --out "$O/engine_splitk.json" > "$O/engine.log" 2>&1
 rc=$?; echo "[$(( $(date +%s) - T0 ))s] engine rc=$rc"; grep -E "Error|error" "$O/engine.log" | head -5; tail -6 "$O/engine.log"

@@ -441,9 +441,10 @@ class ModelRunner:
         # OPPO_DECODE_GEMM=splitk: the decode steps' projections run ops.gemm's split-K kernel on
         # this runner's own workspace (its decode steps and graphs run one at a time)
         self.gemm_workspace = None
-        if self.device.type == "cuda" and decode_gemm() == "splitk":
-            self.gemm_workspace = SplitKWorkspace(self.device)
-            record_backend("decode_gemm", "splitk (ops.gemm, Triton)")
+        which = decode_gemm()
+        if self.device.type == "cuda" and which != "cublas":
+            self.gemm_workspace = SplitKWorkspace(self.device, silu_in_gate_up=which == "splitk")
+            record_backend("decode_gemm", f"{which} (ops.gemm, Triton)")
         if self.device.type == "cuda" and hasattr(model, "fuse_projections"):
             # one QKV and one gate_up GEMM; the named parameters become views of the fused weights,
             # so a training model's optimizer steps reach the engine without a copy

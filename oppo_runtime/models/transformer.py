@@ -51,6 +51,7 @@ from ..ops._backend import record_backend
 from ..ops.fused import (decode_gemm_fusion, decode_norm_fold, fold_norm_weight, folded_qkv_rotary,
                          folded_silu_mul, fused_add_rms_norm, kv_append_refuses, norm_gate_up_silu, norm_qkv_rotary,
                          qkv_kernel_refuses, rotary_cos_sin_cache, rotary_qk, silu_mul)
+from ..ops.gemm import gate_up_silu
 from ..ops.gemm import linear as splitk_linear
 from ..ops.logprobs import entropy_from_logits, linear_token_logprobs
 from ..ops.train_fused import rms_norm_train, rotary_train, silu_mul_train
@@ -304,7 +305,11 @@ class MLP(nn.Module):
         if self.gate_up is None:
             return self.forward(x)
         self.gate_up.check("gate_proj/up_proj")
-        act = silu_mul(_project(x, self.gate_up.weight, self.gate_up.bias, ctx))
+        ws = getattr(ctx, "gemm_workspace", None)
+        if ws is not None and ws.silu_in_gate_up:
+            act = gate_up_silu(x, self.gate_up.weight, self.gate_up.bias, workspace=ws)
+        else:
+            act = silu_mul(_project(x, self.gate_up.weight, self.gate_up.bias, ctx))
         return _project(act, self.down_proj.weight, self.down_proj.bias, ctx, module=self.down_proj)
 
 

@@ -3,13 +3,19 @@
     linear(x, weight, bias=None, residual=None, out=None, workspace=None, backend=None, config=None)
         -> x @ weight^T (+ bias) (+ residual) [M, N], rounded once to the dtype
     linear_ref(...)                        the same through torch (F.linear / addmm): the reference
+    gate_up_silu(x, weight, bias=None, out=None, workspace=None, backend=None, config=None)
+        -> silu(x @ gate^T) * (x @ up^T) [M, I] for weight [2I, K] (gate | up): one kernel, two
+           accumulators, the silu*mul kernel as its epilogue
+    gate_up_silu_ref(...)                  silu_mul_ref(F.linear(x, weight, bias))
     splitk_config(M, N, K, sm_count)       (BLOCK_M, BLOCK_N, BLOCK_K, K_SPLIT, warps, stages)
     SplitKWorkspace(device)                the partial sums and tile counters a caller keeps
     decode_gemm()                          which GEMM the decode layers use (``OPPO_DECODE_GEMM``)
 
 ``OPPO_DECODE_GEMM=splitk`` makes the decode layers' projections (qkv, o_proj, gate_up, down, and
-the norm fold's) run ``linear`` on the Triton kernel of ``gemm_triton`` instead of cuBLAS; unset or
-``cublas``: cuBLAS (the default until the kernel is measured faster on the engine's step). The
+the norm fold's) run ``linear`` on the Triton kernel of ``gemm_triton`` instead of cuBLAS, and the
+unfolded layer's gate_up with silu*mul as ``gate_up_silu`` (``splitk-silu-apart``: gate_up and
+silu*mul as two kernels, an A/B switch); unset or ``cublas``: cuBLAS (the default until the kernel is
+measured faster on the engine's step). The
 kernel runs on CUDA tensors of float16/bfloat16 with unit stride along K (``backend='triton'`` forces
 it, and runs it on CPU tensors under ``TRITON_INTERPRET=1``); otherwise the reference runs, and
 ``record_backend`` logs which, once per op.
@@ -26,13 +32,15 @@ import torch.nn.functional as F
 
 from ._backend import MissingKernelError, record_backend, sm_count
 
-__all__ = ["linear", "linear_ref", "splitk_config", "SplitKWorkspace", "decode_gemm"]
+__all__ = ["linear", "linear_ref", "gate_up_silu", "gate_up_silu_ref", "splitk_config", "SplitKWorkspace",
+           "decode_gemm"]
 
-_DECODE_GEMMS = ("cublas", "splitk")
+_DECODE_GEMMS = ("cublas", "splitk", "splitk-silu-apart")
 
 
 def decode_gemm() -> str:
-    """'cublas' (default) or 'splitk': the GEMM of the decode layers' projections (``OPPO_DECODE_GEMM``)."""
+    """'cublas' (default), 'splitk' or 'splitk-silu-apart': the GEMM of the decode layers'
+    projections (``OPPO_DECODE_GEMM``)."""
     v = os.environ.get("OPPO_DECODE_GEMM", "") or "cublas"
     if v not in _DECODE_GEMMS:
         raise ValueError(f"OPPO_DECODE_GEMM must be one of {_DECODE_GEMMS}, got {v!r}")
@@ -74,10 +82,13 @@ class SplitKWorkspace:
     decode graphs share one: they never run at once). The counters are zero between calls (each
     call's last split resets its own), so the buffers are allocated here, zeroed, and grown only
     outside a CUDA graph capture (a capture that needs more raises: call ``reserve`` first). Buffers
-    outgrown are kept, not freed: a graph captured on them still reads and writes them."""
+    outgrown are kept, not freed: a graph captured on them still reads and writes them.
+    ``silu_in_gate_up``: the decode layers run gate_up and silu*mul as one ``gate_up_silu`` launch
+    (``OPPO_DECODE_GEMM=splitk``) rather than two (``splitk-silu-apart``)."""
 
-    def __init__(self, device, part_floats: int = 0, tiles: int = 0):
+    def __init__(self, device, part_floats: int = 0, tiles: int = 0, silu_in_gate_up: bool = True):
         self.device = torch.device(device)
+        self.silu_in_gate_up = silu_in_gate_up
         self._outgrown: list[torch.Tensor] = []
         self.part = torch.zeros(0, dtype=torch.float32, device=self.device)
         self.counters = torch.zeros(0, dtype=torch.int32, device=self.device)
@@ -127,6 +138,62 @@ def _choose(x: torch.Tensor, weight: torch.Tensor, backend: str | None) -> str:
     return "reference"
 
 
+def gate_up_silu_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+    """silu(gate) * up of x [M, K] @ weight [2I, K]^T (+ bias [2I]) through torch and silu_mul_ref."""
+    from .fused import silu_mul_ref
+    y = silu_mul_ref(F.linear(x, weight, bias))
+    return y if out is None else out.copy_(y)
+
+
+def gate_up_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                 out: torch.Tensor | None = None, workspace: SplitKWorkspace | None = None,
+                 backend: str | None = None, config: tuple[int, int, int, int, int, int] | None = None
+                 ) -> torch.Tensor:
+    """silu(x @ gate^T (+ b_gate)) * (x @ up^T (+ b_up)) -> [M, I] for weight [2I, K] = gate | up, in
+    one split-K launch (the config's BLOCK_N columns of gate and of up per tile), or the reference.
+    Rounds as gate_up then silu*mul do: gate and up to the dtype, silu to the dtype, the product."""
+    M, I2 = x.shape[0], weight.shape[0]
+    if I2 % 2:
+        raise ValueError(f"gate_up_silu: weight must have 2I rows (gate | up), got {I2}")
+    if bias is not None and tuple(bias.shape) != (I2,):
+        raise ValueError(f"gate_up_silu: bias must be [{I2}], got {list(bias.shape)}")
+    if out is not None and tuple(out.shape) != (M, I2 // 2):
+        raise ValueError(f"gate_up_silu: out must be [{M}, {I2 // 2}], got {list(out.shape)}")
+    chosen = _choose(x, weight, backend)
+    record_backend("gate_up_silu", chosen)
+    if chosen == "reference":
+        return gate_up_silu_ref(x, weight, bias, out)
+    return _launch(x, weight, bias, None, out, workspace, config, dual=True)
+
+
+def _launch(x, weight, bias, residual, out, workspace, config, dual: bool = False) -> torch.Tensor:
+    from . import gemm_triton
+    M, K = x.shape
+    N = weight.shape[0] // 2 if dual else weight.shape[0]
+    if out is None:
+        out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    elif out.stride(1) != 1 or (residual is not None and residual.stride(1) != 1):
+        raise ValueError("linear: out and residual need unit column stride")
+    if M == 0 or N == 0:
+        return out
+    if config is None:
+        config = splitk_config(M, N, K, sm_count(x.device) if x.is_cuda else 132)
+    bm, bn, _, k_split, _, _ = config
+    splits = -(-K // k_split)
+    tiles = -(-M // bm) * -(-N // bn)
+    if splits > 1:
+        if workspace is None:
+            workspace = SplitKWorkspace(x.device)
+        workspace.reserve(splits * M * N * (2 if dual else 1), tiles)
+        part, counters = workspace.part, workspace.counters
+    else:
+        part = counters = out                      # unread placeholders
+    dot_f32 = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") and x.dtype == torch.bfloat16
+    gemm_triton.splitk_linear_launch(x, weight, bias, residual, out, part, counters, config, dot_f32, dual)
+    return out
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            residual: torch.Tensor | None = None, out: torch.Tensor | None = None,
            workspace: SplitKWorkspace | None = None, backend: str | None = None,
@@ -144,26 +211,4 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     record_backend("linear", chosen)
     if chosen == "reference":
         return linear_ref(x, weight, bias, residual, out)
-    from . import gemm_triton
-    if out is None:
-        out = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    elif out.stride(1) != 1 or (residual is not None and residual.stride(1) != 1):
-        raise ValueError("linear: out and residual need unit column stride")
-    if M == 0 or N == 0:
-        return out
-    K = x.shape[1]
-    if config is None:
-        config = splitk_config(M, N, K, sm_count(x.device) if x.is_cuda else 132)
-    bm, bn, _, k_split, _, _ = config
-    splits = -(-K // k_split)
-    tiles = -(-M // bm) * -(-N // bn)
-    if splits > 1:
-        if workspace is None:
-            workspace = SplitKWorkspace(x.device)
-        workspace.reserve(splits * M * N, tiles)
-        part, counters = workspace.part, workspace.counters
-    else:
-        part = counters = out                      # unread placeholders
-    dot_f32 = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") and x.dtype == torch.bfloat16
-    gemm_triton.splitk_linear_launch(x, weight, bias, residual, out, part, counters, config, dot_f32)
-    return out
+    return _launch(x, weight, bias, residual, out, workspace, config)
