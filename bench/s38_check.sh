@@ -1,15 +1,14 @@
 #!/usr/bin/env bash
-# One device call (~8 min on a fresh H100), session 38: the split-K Triton GEMM of the decode
-# projections (oppo_runtime.ops.gemm; OPPO_DECODE_GEMM=splitk). Build; the projections of
-# Qwen2.5-0.5B (B=256: cuBLAS, the plan's config and a sweep around it, cold) and of 1.5B (cuBLAS and
-# the plan); the engine at 0.5B B=256 with the split-K GEMM, unfolded and norm-folded, beside the
-# default twice (the run's noise), with kernel profiles; then the GPU tests of the kernel (the
-# float32 product over real shapes, graphs, the engine against cuBLAS) and session 37's late-writer
-# test of the decode kernel's PDL 1 form (never run on a GPU).
+# Device calls of session 38: the split-K Triton GEMM of the decode projections
+# (oppo_runtime.ops.gemm; OPPO_DECODE_GEMM=splitk). a (~7 min on a fresh H100): build; the
+# projections of Qwen2.5-0.5B at B=256 (cuBLAS and the plan's config, cold); the engine at 0.5B
+# B=256 with the split-K GEMM (gate_up and silu*mul in one kernel) beside the default twice (the
+# run's noise), with kernel profiles; then a config sweep around the plan. b (~6 min): the engine
+# with gate_up and silu*mul apart (`sapart`), norm-folded with and without the split-K GEMM; 1.5B's
+# projections; the GPU tests of the kernel (the float32 product over real shapes, graphs, the engine
+# against cuBLAS) and session 37's late-writer test of the decode kernel's PDL 1 form.
 #
 #   OUT=$OUT bash bench/s38_check.sh [a|b]   (on the device, carrying .commit; results under $OUT)
-# a (default): build, the 0.5B probe and the engine (~8 min cold); b: build, the 1.5B probe and the
-# GPU tests (~4 min); both: `a b`.
 set -u
 cd "$(dirname "$0")/.."
 O=${OUT:-bench/results/s38_check}
@@ -21,17 +20,22 @@ CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=16 \
 echo "[$(( $(date +%s) - T0 ))s] built"
 PARTS=" ${*:-a} "
 if [[ $PARTS == *" a "* ]]; then
-timeout 150 python3 bench/linear_probe.py --shapes qwen2.5-0.5b --batches 256 --libs cublas,splitk,splitk_sweep \
+timeout 60 python3 bench/linear_probe.py --shapes qwen2.5-0.5b --batches 256 --libs cublas,splitk \
   --out "$O/linear_probe_splitk_05b.json" > "$O/probe_05b.log" 2>&1
-rc=$?; echo "[$(( $(date +%s) - T0 ))s] probe 0.5B rc=$rc"; grep -E "split-K plan|Error|error" "$O/probe_05b.log" | head -12
-timeout 260 python3 bench/engine.py --kernel-profile --shapes qwen2.5-0.5b --batches 256 --hf-min-batch 100000 \
+rc=$?; echo "[$(( $(date +%s) - T0 ))s] probe 0.5B rc=$rc"; grep -E "split-K plan|Error|error" "$O/probe_05b.log" | head -8
+timeout 200 python3 bench/engine.py --kernel-profile --shapes qwen2.5-0.5b --batches 256 --hf-min-batch 100000 \
   --decode-env splitk:OPPO_DECODE_GEMM=splitk --decode-env again:OPPO_DECODE_GEMM=cublas \
-  --decode-env sapart:OPPO_DECODE_GEMM=splitk-silu-apart \
-  --decode-env fsplitk:OPPO_DECODE_NORM_FOLD=1,OPPO_DECODE_GEMM=splitk \
   --out "$O/engine_splitk.json" > "$O/engine.log" 2>&1
 rc=$?; echo "[$(( $(date +%s) - T0 ))s] engine rc=$rc"; grep -E "Error|error" "$O/engine.log" | head -5; tail -6 "$O/engine.log"
+timeout 150 python3 bench/linear_probe.py --shapes qwen2.5-0.5b --batches 256 --libs cublas,splitk,splitk_sweep \
+  --out "$O/linear_probe_sweep_05b.json" > "$O/sweep_05b.log" 2>&1
+rc=$?; echo "[$(( $(date +%s) - T0 ))s] sweep 0.5B rc=$rc"; grep -E "split-K plan|Error|error" "$O/sweep_05b.log" | head -8
 fi
 if [[ $PARTS == *" b "* ]]; then
+timeout 200 python3 bench/engine.py --kernel-profile --shapes qwen2.5-0.5b --batches 256 --hf-min-batch 100000 \
+  --decode-env sapart:OPPO_DECODE_GEMM=splitk-silu-apart --decode-env fsplitk:OPPO_DECODE_NORM_FOLD=1,OPPO_DECODE_GEMM=splitk \
+  --decode-env fold:OPPO_DECODE_NORM_FOLD=1 --out "$O/engine_splitk_b.json" > "$O/engine_b.log" 2>&1
+rc=$?; echo "[$(( $(date +%s) - T0 ))s] engine b rc=$rc"; grep -E "Error|error" "$O/engine_b.log" | head -5; tail -6 "$O/engine_b.log"
 timeout 60 python3 bench/linear_probe.py --shapes qwen2.5-1.5b --batches 256 --libs cublas,splitk \
   --out "$O/linear_probe_splitk_15b.json" > "$O/probe_15b.log" 2>&1
 rc=$?; echo "[$(( $(date +%s) - T0 ))s] probe 1.5B rc=$rc"; grep -E "split-K plan|Error|error" "$O/probe_15b.log" | head -6
