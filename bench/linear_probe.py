@@ -2,8 +2,7 @@
 weights stay in L2) and cold (an L2 flush before each call: in the engine every layer's weights
 come from DRAM), under each BLAS library PyTorch offers here, over the bytes' floor.
 
-    python bench/linear_probe.py [--shapes qwen2.5-0.5b] [--batches 64,256]
-                                 [--libs cublas,cublaslt,inductor,lt_all,splitk,splitk_sweep]
+    python bench/linear_probe.py [--shapes qwen2.5-0.5b] [--batches 64,256] [--libs cublas,cublaslt,inductor,lt_all]
                                  [--max-algos 16] [--out bench/results/linear_probe.json]
 
 Why: the engine's kernel profile (H100, B=256) has the QKV projection at 5.4 us and o_proj at 4.5
@@ -17,10 +16,6 @@ Triton GEMM of our own can beat cuBLAS at these small-M shapes, before writing o
 versions, each timed cold (each checked against the fp32 product first); one row for the fastest,
 with its configuration, and the JSON's ``lt_all`` list has them all. Floor: weights +
 input + output bytes over the copy bandwidth measured in the same run. No timing assertion.
-``splitk``: our split-K Triton GEMM (oppo_runtime.ops.gemm, what ``OPPO_DECODE_GEMM=splitk`` runs)
-with its plan's config; ``splitk_sweep``: the same kernel over a set of configs around the plan's
-(tile shape, splits, warps, stages), one row each (lib ``splitk:BMxBN/kK_SPLIT/wW/sS``), to say
-whether the plan picks well.
 """
 from __future__ import annotations
 
@@ -61,26 +56,6 @@ def inductor_linear(x, w, b):
     def run():
         return fn(x, w, b)
     return run
-
-
-def splitk_sweep_configs(M: int, N: int, K: int, sms: int) -> list[tuple[int, int, int, int, int, int]]:
-    """Configs of the split-K kernel around its plan's: row blocks 64/128, column blocks 64/128, the
-    split count that fills one wave (1 CTA per SM), half and twice that, 3 stages (4 warps; 8 for
-    128 x 128 tiles); K splits of at least two 64-column steps."""
-    from oppo_runtime.ops.gemm import splitk_config
-    out = [splitk_config(M, N, K, sms)]
-    for bm in (64, 128):
-        for bn in (64, 128):
-            tiles = -(-M // bm) * -(-N // bn)
-            fill = max(1, sms // tiles)
-            for splits in sorted({max(1, fill // 2), fill, 2 * fill}):
-                k_split = -(-(-(-K // splits)) // 64) * 64
-                if k_split < 128 and splits > 1:
-                    continue
-                cfg = (bm, bn, 64, k_split, 8 if bm * bn == 128 * 128 else 4, 3)
-                if cfg not in out:
-                    out.append(cfg)
-    return out
 
 
 def lt_all(lt, x, w, b, out, ref, workspace, flusher, max_algos: int, key: dict) -> dict:
@@ -130,11 +105,8 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     libs = [x.strip() for x in args.libs.split(",") if x.strip()]
-    assert libs and set(libs) <= {"cublas", "cublaslt", "inductor", "lt_all", "splitk", "splitk_sweep"}, \
-        f"--libs takes cublas, cublaslt, inductor, lt_all, splitk and/or splitk_sweep, got {args.libs!r}"
-    from oppo_runtime.ops.gemm import SplitKWorkspace, linear as splitk_linear
-    splitk_ws = SplitKWorkspace("cuda")
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    assert libs and set(libs) <= {"cublas", "cublaslt", "inductor", "lt_all"}, \
+        f"--libs takes cublas, cublaslt, inductor and/or lt_all, got {args.libs!r}"
     lt = None
     if "lt_all" in libs:
         import lt_probe
@@ -156,36 +128,23 @@ def main() -> None:
                     out = torch.empty(B, N, device="cuda", dtype=torch.bfloat16)
                     ref = F.linear(x.float(), w.float(), None if b is None else b.float())
                     floor_us = 2 * (N * K + B * K + B * N) / bw * 1e6
-                    runs = []
                     for lib in libs:
-                        if lib == "splitk_sweep":
-                            runs += [(f"splitk:{c[0]}x{c[1]}/k{c[3]}/w{c[4]}/s{c[5]}", c)
-                                     for c in splitk_sweep_configs(B, N, K, sms)]
-                        else:
-                            runs.append((lib, None))
-                    for lib, cfg in runs:
                         if lib == "lt_all":
                             rows.append(lt_all(lt, x, w, b, out, ref, workspace, flusher, args.max_algos,
                                                dict(shape=name, B=B, proj=proj, K=K, N=N, floor_us=floor_us)))
                             continue
-                        if lib.startswith("splitk"):
-                            def run(cfg=cfg):
-                                splitk_linear(x, w, b, out=out, workspace=splitk_ws, config=cfg)
-                        elif lib == "inductor":
-                            torch.backends.cuda.preferred_blas_library("cublas")
+                        torch.backends.cuda.preferred_blas_library("cublas" if lib == "inductor" else lib)
+                        if lib == "inductor":
                             run = inductor_linear(x, w, b)
                         else:
-                            torch.backends.cuda.preferred_blas_library(lib)
-
                             def run():
                                 torch.matmul(x, w.t(), out=out) if b is None else torch.addmm(b, x, w.t(), out=out)
 
-                        out.fill_(float("nan"))
                         got = run()
                         got = out if got is None else got
                         err = float((got.float() - ref).norm() / ref.norm())
                         assert err < 2e-2, f"{name} {proj} B={B} {lib}: relative error {err:.2e}"
-                        warm = time_ms(run) * 1e3 if ":" not in lib else float("nan")   # the sweep: cold only
+                        warm = time_ms(run) * 1e3
                         cold = time_ms(run, cold_l2=flusher) * 1e3
                         rows.append({"shape": name, "B": B, "proj": proj, "K": K, "N": N, "lib": lib,
                                      "floor_us": floor_us, "warm_us": warm, "cold_us": cold,
@@ -204,24 +163,8 @@ def main() -> None:
                 print(f"{r['shape']} B={r['B']} {r['proj']}: best of {r['lt_candidates']} cuBLASLt algorithms "
                       f"{r['cold_us']:.2f} us cold ({r['lt_best']}), F.linear (cublaslt) {base['cold_us']:.2f} us: "
                       f"{r['speedup_vs_cublaslt_cold']:.2f}x")
-    summary = []
-    for key in sorted({(r["shape"], r["B"], r["proj"]) for r in rows}, key=str):
-        mine = [r for r in rows if (r["shape"], r["B"], r["proj"]) == key]
-        base = next((r for r in mine if r["lib"] == "cublas"), None)
-        ours = [r for r in mine if r["lib"].startswith("splitk")]
-        if base is None or not ours:
-            continue
-        plan = next((r for r in ours if r["lib"] == "splitk"), None)
-        best = min(ours, key=lambda r: r["cold_us"])
-        summary.append({"shape": key[0], "B": key[1], "proj": key[2], "cublas_cold_us": base["cold_us"],
-                        "splitk_plan_cold_us": plan["cold_us"] if plan else None,
-                        "splitk_best_cold_us": best["cold_us"], "splitk_best": best["lib"],
-                        "speedup_plan_vs_cublas": base["cold_us"] / plan["cold_us"] if plan else None,
-                        "speedup_best_vs_cublas": base["cold_us"] / best["cold_us"]})
-        print(f"{key[0]} B={key[1]} {key[2]}: cuBLAS {base['cold_us']:.2f} us cold, split-K plan "
-              f"{plan['cold_us'] if plan else float('nan'):.2f}, best {best['cold_us']:.2f} ({best['lib']})")
     path = results_path("linear_probe", args.out)
-    write_json(path, {**info, "copy_bandwidth_Bps": bw, "rows": rows, "splitk_summary": summary})
+    write_json(path, {**info, "copy_bandwidth_Bps": bw, "rows": rows})
     print(f"wrote {path}")
 
 

@@ -33,8 +33,6 @@ import torch
 from ..memory import KVView
 from ..models.context import PagedContext
 from ..ops import attention_kernels_support, paged_decode_workspace
-from ..ops._backend import record_backend
-from ..ops.gemm import SplitKWorkspace, decode_gemm
 
 __all__ = ["Span", "DecodeRows", "TokensFrom", "ModelRunner", "PinnedRing"]
 
@@ -438,13 +436,6 @@ class ModelRunner:
         self.model, self.view = model, view
         self.decode_max_partition = decode_max_partition    # EngineConfig.decode_max_partition
         self.device = next(model.parameters()).device
-        # OPPO_DECODE_GEMM=splitk: the decode steps' projections run ops.gemm's split-K kernel on
-        # this runner's own workspace (its decode steps and graphs run one at a time)
-        self.gemm_workspace = None
-        which = decode_gemm()
-        if self.device.type == "cuda" and which != "cublas":
-            self.gemm_workspace = SplitKWorkspace(self.device, silu_in_gate_up=which == "splitk")
-            record_backend("decode_gemm", f"{which} (ops.gemm, Triton)")
         if self.device.type == "cuda" and hasattr(model, "fuse_projections"):
             # one QKV and one gate_up GEMM; the named parameters become views of the fused weights,
             # so a training model's optimizer steps reach the engine without a copy
@@ -591,7 +582,6 @@ class ModelRunner:
             max_seqlen_q=max_q,
             is_decode=is_decode,
             decode_max_partition=self.decode_max_partition,
-            gemm_workspace=self.gemm_workspace if is_decode else None,
         )
         return d_ids, d_pos, ctx
 
@@ -748,7 +738,7 @@ class ModelRunner:
                            # the graph's own split-KV scratch (all layers share it: one stream)
                            decode_workspace=paged_decode_workspace(q_like, k0, st["block_tables"],
                                                                    max_partition=self.decode_max_partition),
-                           decode_max_partition=self.decode_max_partition, gemm_workspace=self.gemm_workspace)
+                           decode_max_partition=self.decode_max_partition)
         # st keeps every tensor the graph reads or writes alive for the graph's life: the context's
         # workspace and cu_seqlens come from the caching allocator outside the graph's pool, and a
         # freed block handed to another tensor would take the replays' writes (session 10 lost a

@@ -37,5 +37,3 @@ class PagedContext:
     decode_workspace: torch.Tensor | None = None  # split-KV scratch of the decode kernel (a captured
                                                   # graph's own; None: the kernel allocates one)
     decode_max_partition: int = 0       # the decode kernel's cap on tokens per split (EngineConfig)
-    gemm_workspace: object | None = None  # ops.gemm.SplitKWorkspace: the decode projections run the
-                                          # split-K kernel (OPPO_DECODE_GEMM=splitk); None: torch's GEMM

@@ -51,8 +51,6 @@ from ..ops._backend import record_backend
 from ..ops.fused import (decode_gemm_fusion, decode_norm_fold, fold_norm_weight, folded_qkv_rotary,
                          folded_silu_mul, fused_add_rms_norm, kv_append_refuses, norm_gate_up_silu, norm_qkv_rotary,
                          qkv_kernel_refuses, rotary_cos_sin_cache, rotary_qk, silu_mul)
-from ..ops.gemm import gate_up_silu
-from ..ops.gemm import linear as splitk_linear
 from ..ops.logprobs import entropy_from_logits, linear_token_logprobs
 from ..ops.train_fused import rms_norm_train, rotary_train, silu_mul_train
 from .config import ModelConfig
@@ -81,21 +79,6 @@ def rotary_inv_freq(config: ModelConfig) -> torch.Tensor:
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
     return torch.where(is_medium, smoothed, scaled)
-
-
-def _project(x, weight, bias, ctx, residual=None, module=None):
-    """A projection of the inference path: x @ weight^T (+ bias), or ``residual`` += x @ weight^T in
-    place. A decode step whose context carries a split-K workspace (``OPPO_DECODE_GEMM=splitk``, see
-    ``ops.gemm``) runs the split-K kernel; anything else torch's GEMM (cuBLAS on CUDA), through
-    ``module`` (an nn.Linear, its hooks included) where one is given."""
-    ws = getattr(ctx, "gemm_workspace", None)
-    if ws is not None:
-        return splitk_linear(x, weight, bias, residual, out=residual, workspace=ws)
-    if module is not None:
-        return module(x)
-    if residual is not None:
-        return residual.addmm_(x, weight.t()) if bias is None else residual.add_(F.linear(x, weight, bias))
-    return F.linear(x, weight, bias)
 
 
 class _FusedLinears:
@@ -239,7 +222,7 @@ class Attention(nn.Module):
         q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         if self.qkv is not None:
             self.qkv.check(f"layer {self.layer_idx} q/k/v_proj")
-            q, k, v = _project(x, self.qkv.weight, self.qkv.bias, ctx).split([q_dim, kv_dim, kv_dim], dim=-1)
+            q, k, v = self.qkv(x).split([q_dim, kv_dim, kv_dim], dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.view(n, self.num_heads, self.head_dim)
@@ -257,8 +240,7 @@ class Attention(nn.Module):
         return self._attend_and_project(q, k, v, ctx, appended=kv is not None)
 
     def _attend_and_project(self, q, k, v, ctx, appended: bool = False):
-        return _project(self._attend(q, k, v, ctx, appended), self.o_proj.weight, self.o_proj.bias, ctx,
-                        module=self.o_proj)
+        return self.o_proj(self._attend(q, k, v, ctx, appended))
 
     def _attend(self, q, k, v, ctx, appended: bool = False):
         """Attention of q [n, Hq, D] -> [n, Hq * D] (k, v appended to the pages first unless ``appended``)."""
@@ -300,17 +282,12 @@ class MLP(nn.Module):
     def forward(self, x):
         return self.down_proj(silu_mul_train(self.gate_proj(x), self.up_proj(x)))
 
-    def forward_fused(self, x, ctx=None):
+    def forward_fused(self, x):
         """Inference path: one gate_up GEMM and one silu*mul kernel (when fused)."""
         if self.gate_up is None:
             return self.forward(x)
         self.gate_up.check("gate_proj/up_proj")
-        ws = getattr(ctx, "gemm_workspace", None)
-        if ws is not None and ws.silu_in_gate_up:
-            act = gate_up_silu(x, self.gate_up.weight, self.gate_up.bias, workspace=ws)
-        else:
-            act = silu_mul(_project(x, self.gate_up.weight, self.gate_up.bias, ctx))
-        return _project(act, self.down_proj.weight, self.down_proj.bias, ctx, module=self.down_proj)
+        return self.down_proj(silu_mul(self.gate_up(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -346,7 +323,7 @@ class DecoderLayer(nn.Module):
         x, residual = fused_add_rms_norm(x, residual, norm1.weight, norm1.eps)
         x = self.self_attn.forward_fused(x, positions, cos_sin_cache, ctx)
         x, residual = fused_add_rms_norm(x, residual, norm2.weight, norm2.eps)
-        return self.mlp.forward_fused(x, ctx), residual
+        return self.mlp.forward_fused(x), residual
 
     def _gemm_fusion_refused(self, ctx) -> str | None:
         """None when this decode step takes the 5-launch layer (``OPPO_DECODE_GEMM_FUSION=1``, fused
@@ -426,14 +403,14 @@ class DecoderLayer(nn.Module):
         n = s.shape[0]
         k_cache, v_cache = ctx.kv_caches[attn.layer_idx]
         qn, kn = attn.q_norm, attn.k_norm
-        q = folded_qkv_rotary(_project(s, fold.qkv, None, ctx), s, norm1.eps, attn.qkv.bias, attn.num_heads,
+        q = folded_qkv_rotary(torch.mm(s, fold.qkv.t()), s, norm1.eps, attn.qkv.bias, attn.num_heads,
                               attn.num_kv_heads, cos_sin_cache, positions, k_cache, v_cache, ctx.slot_mapping,
                               None if qn is None else qn.weight, None if kn is None else kn.weight,
                               1e-6 if qn is None else qn.eps)
         o = attn._attend(q, None, None, ctx, appended=True)
-        s = _project(o.reshape(n, attn.num_heads * attn.head_dim), attn.o_proj.weight, None, ctx, residual=s)
-        act = folded_silu_mul(_project(s, fold.gate_up, None, ctx), s, norm2.eps, mlp.gate_up.bias)
-        s = _project(act, mlp.down_proj.weight, None, ctx, residual=s)
+        s = s.addmm_(o.reshape(n, attn.num_heads * attn.head_dim), attn.o_proj.weight.t())
+        act = folded_silu_mul(torch.mm(s, fold.gate_up.t()), s, norm2.eps, mlp.gate_up.bias)
+        s = s.addmm_(act, mlp.down_proj.weight.t())
         record_backend("decode_layer", "norm-folded (7 launches)")
         return s
 
