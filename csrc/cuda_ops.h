@@ -7,7 +7,7 @@ void paged_decode_attention_cuda(at::Tensor& out, const at::Tensor& q, const at:
                                  const at::Tensor& v_cache, const at::Tensor& block_tables,
                                  const at::Tensor& context_lens, double scale,
                                  const std::optional<at::Tensor>& workspace, int64_t max_partition,
-                                 at::TensorList l2_prefetch, bool l2_evict_last);
+                                 std::optional<at::TensorList> l2_prefetch, bool l2_evict_last);
 void decode_cta_stamps_cuda(at::Tensor& stamps);
 void decode_tile_stamps_cuda(at::Tensor& stamps);
 void prefill_item_stamps_cuda(at::Tensor& stamps);

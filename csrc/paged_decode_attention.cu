@@ -618,16 +618,17 @@ void paged_decode_attention_cuda(at::Tensor& out, const at::Tensor& q, const at:
                                  const at::Tensor& v_cache, const at::Tensor& block_tables,
                                  const at::Tensor& context_lens, double scale,
                                  const std::optional<at::Tensor>& workspace, int64_t max_partition,
-                                 at::TensorList l2_prefetch, bool l2_evict_last) {
+                                 std::optional<at::TensorList> l2_prefetch, bool l2_evict_last) {
   constexpr const char* op = "paged_decode_attention";
   OPPO_CHECK(max_partition >= 0, op, ": max_partition must be >= 0 (0: no cap), got ", max_partition);
   // l2_prefetch: bytes the caller reads next, fetched into L2 as the CTAs finish (see L2Prefetch);
   // each a contiguous CUDA tensor on q's device, 16-byte aligned (its last bytes past a multiple of
   // 16 are left out: a hint, not a copy)
   oppo::attn::L2Prefetch l2pf = {};
-  OPPO_CHECK(static_cast<int>(l2_prefetch.size()) <= oppo::attn::L2Prefetch::kMax, op, ": l2_prefetch takes at most ",
-             oppo::attn::L2Prefetch::kMax, " tensors, got ", l2_prefetch.size());
-  for (const at::Tensor& t : l2_prefetch) {
+  const at::TensorList pf_list = l2_prefetch.has_value() ? *l2_prefetch : at::TensorList();
+  OPPO_CHECK(static_cast<int>(pf_list.size()) <= oppo::attn::L2Prefetch::kMax, op, ": l2_prefetch takes at most ",
+             oppo::attn::L2Prefetch::kMax, " tensors, got ", pf_list.size());
+  for (const at::Tensor& t : pf_list) {
     OPPO_CHECK(t.is_cuda() && t.device() == q.device() && t.is_contiguous(), op,
                ": l2_prefetch tensors must be contiguous and on q's device");
     OPPO_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, op, ": l2_prefetch tensors must be 16-byte aligned");

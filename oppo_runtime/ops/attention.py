@@ -352,7 +352,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
             _warn_loads_only()
         torch.ops.oppo.paged_decode_attention(out, q, k_cache, v_cache, _i32(block_tables),
                                               _i32(context_lens), scale, workspace, max_partition,
-                                              list(l2_prefetch), bool(l2_evict_last))
+                                              list(l2_prefetch) or None, bool(l2_evict_last))
         return out
     if max_partition < 0:
         raise ValueError(f"paged_decode_attention: max_partition must be >= 0 (0: no cap), got {max_partition}")
