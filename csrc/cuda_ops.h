@@ -6,8 +6,7 @@
 void paged_decode_attention_cuda(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,
                                  const at::Tensor& v_cache, const at::Tensor& block_tables,
                                  const at::Tensor& context_lens, double scale,
-                                 const std::optional<at::Tensor>& workspace, int64_t max_partition,
-                                 std::optional<at::TensorList> l2_prefetch, bool l2_evict_last);
+                                 const std::optional<at::Tensor>& workspace, int64_t max_partition);
 void decode_cta_stamps_cuda(at::Tensor& stamps);
 void decode_tile_stamps_cuda(at::Tensor& stamps);
 void prefill_item_stamps_cuda(at::Tensor& stamps);

@@ -14,8 +14,7 @@ void kv_append_cuda(const at::Tensor& key, const at::Tensor& value, at::Tensor& 
 TORCH_LIBRARY(oppo, m) {
   m.def("kv_append(Tensor key, Tensor value, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()");
   m.def("paged_decode_attention(Tensor(a!) out, Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
-        "Tensor context_lens, float scale, Tensor(b!)? workspace=None, int max_partition=0, "
-        "Tensor[]? l2_prefetch=None, bool l2_evict_last=False) -> ()");
+        "Tensor context_lens, float scale, Tensor(b!)? workspace=None, int max_partition=0) -> ()");
   m.def("paged_decode_workspace_size(Tensor q, Tensor k_cache, Tensor block_tables, int max_partition=0) -> int");
   m.def("decode_cta_stamps(Tensor(a!) stamps) -> ()");
   m.def("decode_tile_stamps(Tensor(a!) stamps) -> ()");

@@ -518,8 +518,7 @@ void launch_decode_v4(PlanKind kind, at::Tensor& out, const at::Tensor& q, const
 template <typename T, int D, int kStages, bool kRS = false, bool kHN = false, bool kTS = false>
 void launch_decode_split(PlanKind kind, at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,
                          const at::Tensor& v_cache, const at::Tensor& block_tables, const at::Tensor& context_lens,
-                         double scale, const std::optional<at::Tensor>& workspace, int64_t max_partition,
-                         const oppo::attn::L2Prefetch& l2pf) {
+                         double scale, const std::optional<at::Tensor>& workspace, int64_t max_partition) {
   using namespace oppo::attn;
   const DecodeShape sh(q, k_cache, block_tables, max_partition);
   const int B = sh.B, Hq = sh.Hq, block_size = sh.block_size, Hkv = sh.Hkv, G = sh.G, q_chunks = sh.q_chunks;
@@ -557,7 +556,7 @@ void launch_decode_split(PlanKind kind, at::Tensor& out, const at::Tensor& q, co
       oppo::Divisor(block_size), Hkv,
       block_tables.data_ptr<int>(), block_tables.stride(0),
       static_cast<int>(max_ctx), context_lens.data_ptr<int>(), ws_o_ptr, ws_lse_ptr, G, num_splits, plan.partition,
-      scale_log2, decode_pipe_flags(), sc.tickets, l2pf);
+      scale_log2, decode_pipe_flags(), sc.tickets);
   if (num_splits > 1 && sc.tickets == nullptr) {  // v2, v3, v6: the reduction kernel (v7's CTAs merge)
     launch_kernel(paged_decode_reduce_kernel<T, D>, dim3(Hq, B), kDecodeReduceThreads, 0, stream, pdl,
         out.data_ptr(), out_f32, out.stride(0), out.stride(1), static_cast<const float*>(ws_o_ptr),
@@ -568,17 +567,14 @@ void launch_decode_split(PlanKind kind, at::Tensor& out, const at::Tensor& q, co
 template <typename T, int D>
 void launch_decode(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                    const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
-                   const std::optional<at::Tensor>& workspace, int64_t max_partition,
-                   const oppo::attn::L2Prefetch& l2pf) {
+                   const std::optional<at::Tensor>& workspace, int64_t max_partition) {
   using namespace oppo::attn;
   const PlanKind kind = decode_plan_kind();
-  OPPO_CHECK(l2pf.count == 0 || (kind != PlanKind::v4 && kind != PlanKind::v5),
-             "paged_decode_attention: l2_prefetch is served by plans v2, v3, v6 and v7, not by OPPO_DECODE_PLAN=v4/v5");
   if (kind == PlanKind::v4 || kind == PlanKind::v5)
     launch_decode_v4<T, D>(kind, out, q, k_cache, v_cache, block_tables, context_lens, scale, workspace);
   else if (kind == PlanKind::v6 && DecodeLeanCfg<D>::kStages != DecodeCfg<D>::kStages)
     launch_decode_split<T, D, DecodeLeanCfg<D>::kStages>(kind, out, q, k_cache, v_cache, block_tables, context_lens,
-                                                         scale, workspace, max_partition, l2pf);
+                                                         scale, workspace, max_partition);
   else if (const bool rs = decode_reg_stage();
            decode_heads_as_n(static_cast<int>(q.size(1) / k_cache.size(2)), kind, rs)) {
     OPPO_CHECK(kind != PlanKind::v6 && !rs,
@@ -586,25 +582,25 @@ void launch_decode(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cac
     if (g_tile_stamps_on.load()) {  // bench/decode_tiles.py: its own instantiation, bf16 only
       if constexpr (std::is_same_v<T, __nv_bfloat16>)
         launch_decode_split<T, D, DecodeCfg<D>::kStages, false, true, true>(
-            kind, out, q, k_cache, v_cache, block_tables, context_lens, scale, workspace, max_partition, l2pf);
+            kind, out, q, k_cache, v_cache, block_tables, context_lens, scale, workspace, max_partition);
       else
         OPPO_CHECK(false, "decode_tile_stamps: built for bf16 only");
     } else {
       launch_decode_split<T, D, DecodeCfg<D>::kStages, false, true>(kind, out, q, k_cache, v_cache, block_tables,
-                                                                    context_lens, scale, workspace, max_partition, l2pf);
+                                                                    context_lens, scale, workspace, max_partition);
     }
   } else if (rs) {
     OPPO_CHECK(kind != PlanKind::v6 && !env_switch("OPPO_DECODE_REFILL"),
                "OPPO_DECODE_REG_STAGE=1 runs with plans v2, v3 and v7 and without OPPO_DECODE_REFILL");
     if constexpr (D == 128)
       launch_decode_split<T, D, DecodeCfg<D>::kStages, true>(kind, out, q, k_cache, v_cache, block_tables,
-                                                             context_lens, scale, workspace, max_partition, l2pf);
+                                                             context_lens, scale, workspace, max_partition);
     else
       OPPO_CHECK(false, "OPPO_DECODE_REG_STAGE=1 is built for head dim 128 only (at 64 its registers and shared "
                  "memory do not fit the 4 CTAs per SM the plans take), got head dim ", D);
   } else {
     launch_decode_split<T, D, DecodeCfg<D>::kStages>(kind, out, q, k_cache, v_cache, block_tables, context_lens,
-                                                     scale, workspace, max_partition, l2pf);
+                                                     scale, workspace, max_partition);
   }
 }
 
@@ -617,29 +613,9 @@ void launch_decode(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cac
 void paged_decode_attention_cuda(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,
                                  const at::Tensor& v_cache, const at::Tensor& block_tables,
                                  const at::Tensor& context_lens, double scale,
-                                 const std::optional<at::Tensor>& workspace, int64_t max_partition,
-                                 std::optional<at::TensorList> l2_prefetch, bool l2_evict_last) {
+                                 const std::optional<at::Tensor>& workspace, int64_t max_partition) {
   constexpr const char* op = "paged_decode_attention";
   OPPO_CHECK(max_partition >= 0, op, ": max_partition must be >= 0 (0: no cap), got ", max_partition);
-  // l2_prefetch: bytes the caller reads next, fetched into L2 as the CTAs finish (see L2Prefetch);
-  // each a contiguous CUDA tensor on q's device, 16-byte aligned (its last bytes past a multiple of
-  // 16 are left out: a hint, not a copy)
-  oppo::attn::L2Prefetch l2pf = {};
-  const at::TensorList pf_list = l2_prefetch.has_value() ? *l2_prefetch : at::TensorList();
-  OPPO_CHECK(static_cast<int>(pf_list.size()) <= oppo::attn::L2Prefetch::kMax, op, ": l2_prefetch takes at most ",
-             oppo::attn::L2Prefetch::kMax, " tensors, got ", pf_list.size());
-  for (const at::Tensor& t : pf_list) {
-    OPPO_CHECK(t.is_cuda() && t.device() == q.device() && t.is_contiguous(), op,
-               ": l2_prefetch tensors must be contiguous and on q's device");
-    OPPO_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, op, ": l2_prefetch tensors must be 16-byte aligned");
-    const int64_t n = static_cast<int64_t>(t.nbytes()) / 16 * 16;
-    if (n == 0) continue;
-    l2pf.ptr[l2pf.count] = static_cast<const char*>(t.data_ptr());
-    l2pf.bytes[l2pf.count] = n;
-    l2pf.total += n;
-    ++l2pf.count;
-  }
-  l2pf.evict_last = l2_evict_last ? 1 : 0;
   OPPO_CHECK_CUDA(out, "paged_decode_attention"); OPPO_CHECK_CUDA(q, "paged_decode_attention");
   OPPO_CHECK_CUDA(k_cache, "paged_decode_attention"); OPPO_CHECK_CUDA(v_cache, "paged_decode_attention");
   OPPO_CHECK_CUDA(block_tables, "paged_decode_attention"); OPPO_CHECK_CUDA(context_lens, "paged_decode_attention");
@@ -663,11 +639,11 @@ void paged_decode_attention_cuda(at::Tensor& out, const at::Tensor& q, const at:
   if (B == 0 || Hq == 0) return;
   const at::cuda::OptionalCUDAGuard guard(q.device());
   if (q.scalar_type() == at::kBFloat16) {
-    if (D == 64) launch_decode<__nv_bfloat16, 64>(out, q, k_cache, v_cache, block_tables, context_lens, scale, workspace, max_partition, l2pf);
-    else launch_decode<__nv_bfloat16, 128>(out, q, k_cache, v_cache, block_tables, context_lens, scale, workspace, max_partition, l2pf);
+    if (D == 64) launch_decode<__nv_bfloat16, 64>(out, q, k_cache, v_cache, block_tables, context_lens, scale, workspace, max_partition);
+    else launch_decode<__nv_bfloat16, 128>(out, q, k_cache, v_cache, block_tables, context_lens, scale, workspace, max_partition);
   } else {
-    if (D == 64) launch_decode<__half, 64>(out, q, k_cache, v_cache, block_tables, context_lens, scale, workspace, max_partition, l2pf);
-    else launch_decode<__half, 128>(out, q, k_cache, v_cache, block_tables, context_lens, scale, workspace, max_partition, l2pf);
+    if (D == 64) launch_decode<__half, 64>(out, q, k_cache, v_cache, block_tables, context_lens, scale, workspace, max_partition);
+    else launch_decode<__half, 128>(out, q, k_cache, v_cache, block_tables, context_lens, scale, workspace, max_partition);
   }
 }
 

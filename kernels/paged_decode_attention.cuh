@@ -26,50 +26,6 @@ constexpr int kDecodeLoadsOnly = 4;
 constexpr int kDecodeEarlyRefill = 8;
 constexpr int kDecodeFastMerge = 16;
 
-// Bytes the caller reads right after the call (the next GEMMs' weights), prefetched into L2 by the
-// CTAs as their loops end (paged_decode_attention's l2_prefetch, OPPO_DECODE_WEIGHT_PREFETCH): the
-// call's last microseconds leave the DRAM idle while its slowest CTAs finish from L2 (session 35's
-// probe), so bytes fetched then cost the call nothing and the GEMMs after it start warm. Ranges
-// 16-byte aligned, bytes multiples of 16; count 0: none.
-struct L2Prefetch {
-  static constexpr int kMax = 4;
-  const char* ptr[kMax];
-  int64_t bytes[kMax];
-  int64_t total;
-  int count;
-  int evict_last;  // 1: the lines get L2::evict_last (createpolicy), else the default priority
-};
-
-// This CTA's share of `pf`: the ranges read as one concatenation, cut into groups x nvalid equal
-// chunks (group = the CTA's (kv head chunk, sequence), nvalid = the group's splits that hold part of
-// its context, so empty splits leave nothing unfetched). Thread 0 issues cp.async.bulk.prefetch.L2
-// pieces of at most 32 KiB; fire and forget.
-__device__ __forceinline__ void prefetch_share_l2(const L2Prefetch& pf, int64_t group, int64_t groups, int idx,
-                                                  int nvalid) {
-  if (pf.count <= 0 || threadIdx.x != 0) return;
-  const int64_t parts = groups * nvalid;
-  const int64_t chunk = ((pf.total + parts - 1) / parts + 15) / 16 * 16;
-  int64_t lo = (group * nvalid + idx) * chunk;
-  const int64_t hi = min(lo + chunk, pf.total);
-  uint64_t policy = 0;
-  if (pf.evict_last) asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(policy));
-  int64_t base = 0;
-  for (int r = 0; r < L2Prefetch::kMax && r < pf.count && lo < hi; ++r) {
-    const int64_t end = base + pf.bytes[r];
-    for (; lo < hi && lo < end;) {
-      const int64_t n = min(min(hi, end) - lo, static_cast<int64_t>(32768));
-      const char* a = pf.ptr[r] + (lo - base);
-      if (pf.evict_last)
-        asm volatile("cp.async.bulk.prefetch.L2.global.L2::cache_hint [%0], %1, %2;" ::"l"(a),
-                     "r"(static_cast<unsigned>(n)), "l"(policy) : "memory");
-      else
-        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(a), "r"(static_cast<unsigned>(n)) : "memory");
-      lo += n;
-    }
-    base = end;
-  }
-}
-
 // Pipeline depth and the CTAs per SM the registers must allow (launch bounds), per head dim.
 // D=64 (v3): 3 stages = 55.5 KiB of smem -> 4 CTAs per SM on a 228 KiB SM (32 KiB in flight per
 //   CTA, 128 KiB per SM), registers capped at 128. With 4 stages (74 KiB, 3 per SM) the 512 CTAs
@@ -535,7 +491,7 @@ paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t 
                     const int* __restrict__ block_tables, int64_t bt_stride,
                     int table_tokens, const int* __restrict__ context_lens, float* __restrict__ ws_o,
                     float* __restrict__ ws_lse, int G, int num_splits, int partition, float scale_log2,
-                    int pipe_flags, unsigned* __restrict__ tickets, L2Prefetch l2pf) {
+                    int pipe_flags, unsigned* __restrict__ tickets) {
   using S = DecodeSmem<T, D, kStages, kRS>;
   static_assert(!kRS || (D == 128 && kStages == 3), "the register-staged loader is built for D=128, 3 stages");
   static_assert(!(kRS && kHN), "heads as N is built with the cp.async loader");
@@ -822,11 +778,6 @@ paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t 
     }
   }
 
-  // The caller's next bytes into L2 (l2pf): this CTA's loads are all issued, the DRAM is left to
-  // the slower CTAs' last tiles. Empty splits returned above; ctx > 0 here.
-  prefetch_share_l2(l2pf, static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x,
-                    static_cast<int64_t>(gridDim.x) * gridDim.y, split,
-                    num_splits == 1 ? 1 : min(num_splits, (ctx - 1) / partition + 1));
   // Merge the 4 warps (pipeline buffers reused).
   cp_async_wait<0>();
   pdl_launch_dependents();  // every read is done: the reduction (or the next op) may be scheduled

@@ -109,8 +109,6 @@ _SWITCHES = (
     ("OPPO_DECODE_GEMM_FUSION", "0 (1: add+RMSNorm fused into the decode QKV and gate_up GEMMs)"),
     ("OPPO_DECODE_NORM_FOLD", "0 (1: each decode RMSNorm folded into the projection after it: its weight into a "
                               "copy of the qkv/gate_up weights, its row scale into the rotary/silu*mul kernels)"),
-    ("OPPO_DECODE_WEIGHT_PREFETCH", "0 (1: each decode attention call prefetches into L2 the weights read after it, "
-                                    "as its CTAs finish; 2: the same with L2::evict_last; an A/B switch)"),
     ("OPPO_STATIC_DECODE", "0 (1 on a CPU: decode through the graphs' packed input buffers, eagerly)"),
     ("OPPO_SCORER_GRAPHS", "1 (scorers' chunk prefill in CUDA graphs; 0: eager)"),
     ("OPPO_TRAIN_ATTENTION", "auto (FlashAttention-2 varlen on sm_80+, else padded SDPA)"),

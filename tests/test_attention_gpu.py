@@ -526,26 +526,22 @@ def test_decode_loads_only_diagnostic_reaches_the_kernel_and_warns(monkeypatch):
     assert not torch.equal(bad, good)
 
 
-def _switch_runs(monkeypatch, switch, mode, q, kv, bt, ctx, scale, on_kw=None):
+def _switch_runs(monkeypatch, switch, mode, q, kv, bt, ctx, scale):
     """Decode attention (float32 out) with `switch`=0, and with `switch`=1 into NaN-poisoned outputs
     with the caller's workspace: once eagerly, or (mode "graph") captured and replayed twice on the
-    state the first replay left. Returns (the switch-off output, [the switch-on outputs]). `switch`
-    None: no variable, the "on" calls are the ones given the arguments `on_kw`."""
-    if switch is not None:
-        monkeypatch.setenv(switch, "0")
+    state the first replay left. Returns (the switch-off output, [the switch-on outputs])."""
+    monkeypatch.setenv(switch, "0")
     base = A.paged_decode_attention(q, kv.k, kv.v, bt, ctx, scale, out=torch.empty_like(q, dtype=torch.float32),
                                     backend="cuda")
-    if switch is not None:
-        monkeypatch.setenv(switch, "1")
-    on_kw = on_kw or {}
+    monkeypatch.setenv(switch, "1")
     ws = A.paged_decode_workspace(q, kv.k, bt, backend="cuda")
     out = torch.full_like(base, float("nan"))
     if mode == "eager":
-        A.paged_decode_attention(q, kv.k, kv.v, bt, ctx, scale, out=out, backend="cuda", workspace=ws, **on_kw)
+        A.paged_decode_attention(q, kv.k, kv.v, bt, ctx, scale, out=out, backend="cuda", workspace=ws)
         return base, [out.clone()]
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        A.paged_decode_attention(q, kv.k, kv.v, bt, ctx, scale, out=out, backend="cuda", workspace=ws, **on_kw)
+        A.paged_decode_attention(q, kv.k, kv.v, bt, ctx, scale, out=out, backend="cuda", workspace=ws)
     runs = []
     for _ in range(2):
         out.fill_(float("nan"))
@@ -777,41 +773,6 @@ def _late_writer_kernel():
         tl.store(v_dst + off + j, tl.load(v_src + b * NKV + j, mask=j < NKV), mask=j < NKV)
 
     return triton, late_writer
-
-
-@pytest.mark.parametrize("mode", ["eager", "graph"])
-@pytest.mark.parametrize("evict_last", [False, True])
-@pytest.mark.parametrize("plan", ["v3", "v7"])
-@pytest.mark.parametrize("B,Hq,Hkv,D,table,lens", [
-    (1, 32, 8, 128, 32768, None),                             # 32 splits, one group
-    (6, 28, 4, 128, 1024, [1, 37, 64, 129, 191, 1000]),       # G=7, ragged, some splits empty
-    (4, 8, 8, 64, 512, [0, 17, 300, 512]),                    # G=1, an empty context
-    (40, 14, 2, 64, 512, [7 + 11 * b for b in range(40)]),    # the engine's head shape, short contexts
-])
-def test_decode_l2_prefetch_changes_nothing(monkeypatch, mode, evict_last, plan, B, Hq, Hkv, D, table, lens):
-    """``l2_prefetch`` (OPPO_DECODE_WEIGHT_PREFETCH's hint: the caller's next bytes fetched into L2 by
-    the CTAs as their loops end) leaves the output bit for bit what it is without, within 2e-3 of
-    the fp32 reference, eagerly and from a graph replayed twice, with ranges of every kind (40 MB,
-    more than all the CTAs' shares of a small grid; sizes not multiples of 16 bytes; one under 16
-    bytes, left out), and writes nothing to them. Plans v4/v5 refuse it; more than 4 tensors or one
-    on another device is a ValueError."""
-    _use_plan(monkeypatch, plan)
-    kv, bt, ctx, q, ref = _ragged_switch_case(B, Hq, Hkv, D, table, lens, torch.bfloat16)
-    bufs = [torch.randn(n, device="cuda").bfloat16() for n in (20_000_001, 7, 123_457, 999)]
-    keep = [b.clone() for b in bufs]
-    base, runs = _switch_runs(monkeypatch, None, mode, q, kv, bt, ctx, D ** -0.5,
-                              on_kw=dict(l2_prefetch=bufs, l2_evict_last=evict_last))
-    for got in runs:
-        assert torch.equal(got, base)
-        assert float((got - ref).norm() / ref.norm()) < 2e-3
-    assert all(torch.equal(b, k) for b, k in zip(bufs, keep))
-    with pytest.raises(ValueError, match="at most 4"):
-        A.paged_decode_attention(q, kv.k, kv.v, bt, ctx, 0.1, backend="cuda", l2_prefetch=bufs + bufs[:1])
-    with pytest.raises(ValueError, match="on q's device"):
-        A.paged_decode_attention(q, kv.k, kv.v, bt, ctx, 0.1, backend="cuda", l2_prefetch=[bufs[1].cpu()])
-    _use_plan(monkeypatch, "v4")
-    with pytest.raises(RuntimeError, match="not by OPPO_DECODE_PLAN=v4/v5"):
-        A.paged_decode_attention(q, kv.k, kv.v, bt, ctx, 0.1, backend="cuda", l2_prefetch=bufs[:1])
 
 
 @pytest.mark.parametrize("plan", ["v3", "v7"])

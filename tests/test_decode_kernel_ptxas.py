@@ -22,7 +22,7 @@ from oppo_runtime.ops import attention as A
 SPLIT_SIG = ("void* __restrict__, bool, int64_t, int64_t, const T* __restrict__, int64_t, int64_t, const T* __restrict__, "
              "const T* __restrict__, int64_t, int, int, oppo::Divisor, int, const int* __restrict__, int64_t, int, "
              "const int* __restrict__, float* __restrict__, float* __restrict__, int, int, int, float, int, "
-             "unsigned* __restrict__, oppo::attn::L2Prefetch")
+             "unsigned* __restrict__")
 
 SOURCE = """
 #include <cuda_bf16.h>

@@ -47,7 +47,6 @@ from torch.utils.checkpoint import checkpoint
 
 from ..ops import (kv_append, paged_decode_attention, paged_prefill_attention,
                    rotary_cos_sin, token_logprobs, varlen_causal_attention)
-from ..ops.attention import decode_weight_prefetch
 from ..ops._backend import record_backend
 from ..ops.fused import (decode_gemm_fusion, decode_norm_fold, fold_norm_weight, folded_qkv_rotary,
                          folded_silu_mul, fused_add_rms_norm, kv_append_refuses, norm_gate_up_silu, norm_qkv_rotary,
@@ -216,10 +215,9 @@ class Attention(nn.Module):
         q, k = rotary_train(q, k, cos, sin)       # one Triton kernel each way on CUDA
         return self._attend_and_project(q, k, v, ctx)
 
-    def forward_fused(self, x, positions, cos_sin_cache, ctx, l2_next=()):
+    def forward_fused(self, x, positions, cos_sin_cache, ctx):
         """Inference path: one QKV GEMM (when fused), one rotary kernel (q_norm/k_norm inside, and the
-        K/V append to the pages). ``l2_next``: the weights read after the attention, for its
-        ``l2_prefetch`` (decode only; see ``DecoderLayer._decode_l2_next``)."""
+        K/V append to the pages)."""
         n = x.shape[0]
         q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         if self.qkv is not None:
@@ -239,14 +237,13 @@ class Attention(nn.Module):
                              kv=kv)
         else:
             q, k = rotary_qk(q, k, cos_sin_cache, positions, kv=kv)
-        return self._attend_and_project(q, k, v, ctx, appended=kv is not None, l2_next=l2_next)
+        return self._attend_and_project(q, k, v, ctx, appended=kv is not None)
 
-    def _attend_and_project(self, q, k, v, ctx, appended: bool = False, l2_next=()):
-        return self.o_proj(self._attend(q, k, v, ctx, appended, l2_next))
+    def _attend_and_project(self, q, k, v, ctx, appended: bool = False):
+        return self.o_proj(self._attend(q, k, v, ctx, appended))
 
-    def _attend(self, q, k, v, ctx, appended: bool = False, l2_next=()):
-        """Attention of q [n, Hq, D] -> [n, Hq * D] (k, v appended to the pages first unless ``appended``;
-        ``l2_next``: tensors a decode call prefetches into L2 for what follows it)."""
+    def _attend(self, q, k, v, ctx, appended: bool = False):
+        """Attention of q [n, Hq, D] -> [n, Hq * D] (k, v appended to the pages first unless ``appended``)."""
         n = q.shape[0]
         if isinstance(ctx, DenseContext):
             o = varlen_causal_attention(q, k, v, ctx.cu_seqlens, self.scale, max_seqlen=ctx.max_seqlen)
@@ -256,8 +253,7 @@ class Attention(nn.Module):
                 kv_append(k, v, k_cache, v_cache, ctx.slot_mapping)
             if ctx.is_decode:
                 o = paged_decode_attention(q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, self.scale,
-                                           workspace=ctx.decode_workspace, max_partition=ctx.decode_max_partition,
-                                           l2_prefetch=l2_next, l2_evict_last=decode_weight_prefetch() == 2)
+                                           workspace=ctx.decode_workspace, max_partition=ctx.decode_max_partition)
             else:
                 o = paged_prefill_attention(q, k_cache, v_cache, ctx.cu_seqlens_q, ctx.context_lens,
                                             ctx.block_tables, self.scale, max_seqlen_q=ctx.max_seqlen_q)
@@ -312,48 +308,22 @@ class DecoderLayer(nn.Module):
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, ctx)
         return h + self.mlp(self.post_attention_layernorm(h))
 
-    def forward_fused(self, x, residual, positions, cos_sin_cache, ctx, next_layer: "DecoderLayer | None" = None):
+    def forward_fused(self, x, residual, positions, cos_sin_cache, ctx):
         """(x, residual) -> (mlp output, residual); the residual add of each sublayer is deferred
-        into the next add+RMSNorm (residual None: x is the embedding, the stream starts here).
-        ``next_layer``: the layer after this one (its qkv weight is among the decode step's
-        ``OPPO_DECODE_WEIGHT_PREFETCH`` bytes)."""
+        into the next add+RMSNorm (residual None: x is the embedding, the stream starts here)."""
         norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
-        l2_next = ()
         if isinstance(ctx, PagedContext) and ctx.is_decode:
             unfolded = self._norm_fold_refused(ctx)
-            l2_next = self._decode_l2_next(ctx, next_layer, unfolded is None)
             if unfolded is None:
-                return self._forward_decode_norm_folded(x, residual, positions, cos_sin_cache, ctx, l2_next), None
+                return self._forward_decode_norm_folded(x, residual, positions, cos_sin_cache, ctx), None
             refused = self._gemm_fusion_refused(ctx)
             if refused is None:
-                return self._forward_decode_gemm_fused(x, residual, positions, cos_sin_cache, ctx, l2_next)
+                return self._forward_decode_gemm_fused(x, residual, positions, cos_sin_cache, ctx)
             record_backend("decode_layer", f"unfused (9 launches{refused or unfolded})")
         x, residual = fused_add_rms_norm(x, residual, norm1.weight, norm1.eps)
-        x = self.self_attn.forward_fused(x, positions, cos_sin_cache, ctx, l2_next)
+        x = self.self_attn.forward_fused(x, positions, cos_sin_cache, ctx)
         x, residual = fused_add_rms_norm(x, residual, norm2.weight, norm2.eps)
         return self.mlp.forward_fused(x), residual
-
-    def _current_fold(self) -> _NormFold:
-        """This layer's norm fold, made anew if it is missing or of replaced weights."""
-        if self.norm_fold is None or not self.norm_fold.current_for(self):
-            self.norm_fold = _NormFold(self)
-        return self.norm_fold
-
-    def _decode_l2_next(self, ctx, next_layer: "DecoderLayer | None", folded: bool) -> list[torch.Tensor]:
-        """What a decode step reads after this layer's attention, in the order it reads it: o_proj,
-        gate_up (the fold's copy when ``folded``), down_proj, the next layer's qkv (its fold's copy
-        once it has one): ``paged_decode_attention``'s ``l2_prefetch`` under
-        ``OPPO_DECODE_WEIGHT_PREFETCH`` (else nothing). Unfused projections are left out (on a CPU
-        the reference checks the list and ignores it: it has no L2)."""
-        if not decode_weight_prefetch():
-            return []
-        attn, mlp = self.self_attn, self.mlp
-        gate_up = self._current_fold().gate_up if folded else (mlp.gate_up.weight if mlp.gate_up is not None else None)
-        nxt = None
-        if next_layer is not None and next_layer.self_attn.qkv is not None:
-            nxt = (next_layer._current_fold().qkv if folded and next_layer._norm_fold_refused(ctx) is None
-                   else next_layer.self_attn.qkv.weight)
-        return [t for t in (attn.o_proj.weight, gate_up, mlp.down_proj.weight, nxt) if t is not None]
 
     def _gemm_fusion_refused(self, ctx) -> str | None:
         """None when this decode step takes the 5-launch layer (``OPPO_DECODE_GEMM_FUSION=1``, fused
@@ -371,7 +341,7 @@ class DecoderLayer(nn.Module):
                 return f": the fused kernels refuse {why}"
         return None
 
-    def _forward_decode_gemm_fused(self, x, residual, positions, cos_sin_cache, ctx, l2_next=()):
+    def _forward_decode_gemm_fused(self, x, residual, positions, cos_sin_cache, ctx):
         """The decode layer in 5 launches: add+RMSNorm+QKV+rotary+K/V append, attention, o_proj,
         add+RMSNorm+gate_up+silu*mul, down_proj (instead of 9; see ops.fused)."""
         attn, mlp = self.self_attn, self.mlp
@@ -384,7 +354,7 @@ class DecoderLayer(nn.Module):
                                       attn.num_heads, attn.num_kv_heads, cos_sin_cache, positions, k_cache, v_cache,
                                       ctx.slot_mapping, None if qn is None else qn.weight,
                                       None if kn is None else kn.weight, 1e-6 if qn is None else qn.eps)
-        x = attn._attend_and_project(q, None, None, ctx, appended=True, l2_next=l2_next)
+        x = attn._attend_and_project(q, None, None, ctx, appended=True)
         act, residual = norm_gate_up_silu(x, residual, norm2.weight, norm2.eps, mlp.gate_up.weight, mlp.gate_up.bias)
         record_backend("decode_layer", "gemm-fused (5 launches)")
         return mlp.down_proj(act), residual
@@ -414,7 +384,7 @@ class DecoderLayer(nn.Module):
                 return f": no norm fold for {why}"
         return None
 
-    def _forward_decode_norm_folded(self, x, residual, positions, cos_sin_cache, ctx, l2_next=()):
+    def _forward_decode_norm_folded(self, x, residual, positions, cos_sin_cache, ctx):
         """The decode layer with each RMSNorm folded into the projection after it (7 launches: QKV,
         rotary with the row scale + K/V append, attention, o_proj + residual, gate_up, silu*mul with
         the row scale, down_proj + residual) -> the residual stream after the layer. ``x`` is the
@@ -424,7 +394,9 @@ class DecoderLayer(nn.Module):
         norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
         attn.qkv.check(f"layer {attn.layer_idx} q/k/v_proj")
         mlp.gate_up.check("gate_proj/up_proj")
-        fold = self._current_fold()
+        if self.norm_fold is None or not self.norm_fold.current_for(self):
+            self.norm_fold = _NormFold(self)
+        fold = self.norm_fold
         if not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
             fold.refresh()           # a capture bakes in the fold's address; the runner refreshes before replays
         s = x if residual is None else residual + x
@@ -435,7 +407,7 @@ class DecoderLayer(nn.Module):
                               attn.num_kv_heads, cos_sin_cache, positions, k_cache, v_cache, ctx.slot_mapping,
                               None if qn is None else qn.weight, None if kn is None else kn.weight,
                               1e-6 if qn is None else qn.eps)
-        o = attn._attend(q, None, None, ctx, appended=True, l2_next=l2_next)
+        o = attn._attend(q, None, None, ctx, appended=True)
         s = s.addmm_(o.reshape(n, attn.num_heads * attn.head_dim), attn.o_proj.weight.t())
         act = folded_silu_mul(torch.mm(s, fold.gate_up.t()), s, norm2.eps, mlp.gate_up.bias)
         s = s.addmm_(act, mlp.down_proj.weight.t())
@@ -490,10 +462,8 @@ class Decoder(nn.Module):
     def _forward_fused(self, h, positions, ctx):
         cache = self.cos_sin_cache(h.device)
         residual = None
-        layers = list(self.layers)
-        for i, layer in enumerate(layers):
-            h, residual = layer.forward_fused(h, residual, positions, cache, ctx,
-                                              layers[i + 1] if i + 1 < len(layers) else None)
+        for layer in self.layers:
+            h, residual = layer.forward_fused(h, residual, positions, cache, ctx)
         return fused_add_rms_norm(h, residual, self.norm.weight, self.norm.eps)[0]
 
 

@@ -18,7 +18,6 @@ import contextlib
 import functools
 import os
 import warnings
-from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -291,18 +290,9 @@ def _warn_loads_only() -> None:
                   "diagnostic); its outputs are wrong", RuntimeWarning, stacklevel=3)
 
 
-def decode_weight_prefetch() -> int:
-    """``OPPO_DECODE_WEIGHT_PREFETCH`` (read when a decode graph is captured, or per eager step): 0
-    (default) nothing; 1: each decode layer's attention call prefetches into L2 the weights the step
-    reads after it (o_proj, gate_up, down_proj, the next layer's qkv; ``paged_decode_attention``'s
-    ``l2_prefetch``); 2: the same with the lines marked L2::evict_last. An A/B switch (session 39)."""
-    return _env_int_in("OPPO_DECODE_WEIGHT_PREFETCH", 0, 0, 2)
-
-
 def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale: float,
                            out: torch.Tensor | None = None, backend: str | None = None,
-                           workspace: torch.Tensor | None = None, max_partition: int = 0,
-                           l2_prefetch: Sequence[torch.Tensor] = (), l2_evict_last: bool = False):
+                           workspace: torch.Tensor | None = None, max_partition: int = 0):
     """CUDA kernel (bf16/fp16, head_dim 64/128) or the reference. Split plan: see
     ``paged_decode_plan``; ``OPPO_DECODE_PLAN=v2`` selects the previous plan (A/B timing),
     ``OPPO_DECODE_PLAN=v4`` the one-launch kernel (last-CTA merge, persistent grid), ``v5`` that
@@ -317,18 +307,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
 
     ``workspace``: the split-KV scratch from ``paged_decode_workspace`` (float32); with it and
     ``out`` given the call allocates nothing. Without it the kernel takes one from PyTorch's
-    caching allocator (graph-safe too: the graph's private pool under capture).
-
-    ``l2_prefetch`` (at most 4 contiguous tensors on q's device, 16-byte aligned): bytes the caller
-    reads right after the call (the decode layer's next weights), fetched into L2 by the CTAs as
-    their loops end, when the call's DRAM traffic is over for them (``l2_evict_last``: with the
-    L2::evict_last priority). A hint: the output does not depend on it, and the reference (no L2)
-    checks and ignores it. Plans v2/v3/v6/v7; v4 and v5 refuse it."""
-    if len(l2_prefetch) > 4:
-        raise ValueError(f"paged_decode_attention: l2_prefetch takes at most 4 tensors, got {len(l2_prefetch)}")
-    for t in l2_prefetch:
-        if not isinstance(t, torch.Tensor) or t.device != q.device or not t.is_contiguous():
-            raise ValueError("paged_decode_attention: l2_prefetch must be contiguous tensors on q's device")
+    caching allocator (graph-safe too: the graph's private pool under capture)."""
     _check_cache("paged_decode_attention", k_cache, v_cache, head_major_ok=True)
     if q.dim() != 3 or q.shape[2] != k_cache.shape[3] or q.shape[1] % k_cache.shape[2]:
         raise ValueError(f"paged_decode_attention: q must be [B, Hq, {k_cache.shape[3]}] with Hq a "
@@ -351,8 +330,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
         if os.environ.get("OPPO_DECODE_DIAG_LOADS_ONLY", "0") not in ("", "0"):
             _warn_loads_only()
         torch.ops.oppo.paged_decode_attention(out, q, k_cache, v_cache, _i32(block_tables),
-                                              _i32(context_lens), scale, workspace, max_partition,
-                                              list(l2_prefetch) or None, bool(l2_evict_last))
+                                              _i32(context_lens), scale, workspace, max_partition)
         return out
     if max_partition < 0:
         raise ValueError(f"paged_decode_attention: max_partition must be >= 0 (0: no cap), got {max_partition}")
