@@ -20,7 +20,8 @@ wgmma prefill plans' cases only (no decode);
 v3:pdl, v3:l2off, v3:l2, v3:l2x2: per-CTA stamps on, programmatic dependent launch, L2 prefetch of 0,
 1 (the default) or 2 tiles; v7:rf: the stages refilled early, OPPO_DECODE_REFILL=1; v7:sm: the slow
 split merge, OPPO_DECODE_FAST_MERGE=0; v7:rs, v3:rs: the register-staged loader, OPPO_DECODE_REG_STAGE=1;
-v7:hn, v3:hn: the heads as the mma's N, OPPO_DECODE_HEADS_AS_N=1). Exits
+v7:hn, v3:hn: the heads as the mma's N, OPPO_DECODE_HEADS_AS_N=1; v7:rope, v3:rope: the rotary and
+K/V append as the prologue, paged_decode_attention_rope). Exits
 non-zero if an output differs from the reference.
 """
 import contextlib
@@ -84,6 +85,32 @@ def prefill_plan_check(name, plan, Hq, Hkv, D, prefixes, chunks, scale, bs=16, s
     return check(name, out, ref)
 
 
+def rope_check(name, lens, Hq, Hkv, D, plan, bs=16):
+    """paged_decode_attention_rope (the rotary + K/V append prologue, OPPO_DECODE_ROPE_IN) on fresh
+    pages against its reference on a copy: output and pages."""
+    from oppo_runtime.ops.fused import rotary_cos_sin_cache
+    B = len(lens)
+    nblk = sum(math.ceil(max(n, 1) / bs) for n in lens) + 4
+    kk, vv = pool(nblk, bs, Hkv, D)
+    bt = tables([max(n, 1) for n in lens], bs, nblk)
+    ctx = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    pos = (ctx.long() - 1).clamp_min(0)
+    slots = bt[torch.arange(B, device="cuda"), pos // bs].long() * bs + pos % bs
+    slots[ctx == 0] = -1
+    qkv = torch.randn(B, (Hq + 2 * Hkv) * D, device="cuda").bfloat16()
+    cache = rotary_cos_sin_cache(1.0 / (1e4 ** (torch.arange(0, D, 2).float() / D)), 8192, "cuda")
+    kr, vr = kk.clone(), vv.clone()
+    out = torch.full((B, Hq, D), float("nan"), device="cuda")
+    os.environ["OPPO_DECODE_PLAN"] = plan
+    A.paged_decode_attention_rope(qkv, Hq, kk, vv, bt, ctx, 0.1, cache, pos, slots, out=out, backend="cuda")
+    os.environ.pop("OPPO_DECODE_PLAN", None)
+    ref = A.paged_decode_attention_rope(qkv, Hq, kr, vr, bt.clamp_min(0), ctx, 0.1, cache, pos, slots,
+                                        out=torch.empty_like(out), backend="reference")
+    ok = check(f"{name} out", out, ref)
+    return ok & check(f"{name} pages", torch.cat((kk.flatten(), vv.flatten())), torch.cat((kr.flatten(), vr.flatten())),
+                      tol=1e-2)
+
+
 def main():
     torch.manual_seed(0)
     ok = True
@@ -136,7 +163,10 @@ def main():
              # the heads as the mma's N (OPPO_DECODE_HEADS_AS_N=1, groups of <= 8 heads): split, ragged
              # with empty and short contexts, both head dims, v3's unmerged splits
              (splits, 8, 2, 128, "v7:hn"), ([37, 0, 5, 200], 14, 2, 64, "v7:hn"), (splits, 14, 2, 64, "v7:hn"),
-             (splits, 32, 8, 128, "v3:hn"))
+             (splits, 32, 8, 128, "v3:hn"),
+             # the rotary and K/V append as the prologue (OPPO_DECODE_ROPE_IN; paged_decode_attention_rope):
+             # split with empty contexts, ragged short ones, both head dims, v3's unmerged splits
+             (splits, 8, 2, 128, "v7:rope"), ([37, 0, 5, 200], 14, 2, 64, "v7:rope"), (splits, 14, 2, 64, "v3:rope"))
     only = next((a.split("=", 1)[1].split(",") for a in sys.argv if a.startswith("--decode-plans=")), None)
     only_prefill = next((a.split("=", 1)[1].split(",") for a in sys.argv if a.startswith("--prefill-plans=")), None)
     for lens, Hq, Hkv, Dd, plan in cases:
@@ -151,6 +181,10 @@ def main():
         q = torch.randn(len(lens), Hq, Dd, device="cuda").bfloat16()
         out = torch.empty(len(lens), Hq, Dd, device="cuda")
         name, _, tickets = (plan or "v7").partition(":")
+        if tickets == "rope":
+            ok &= rope_check(f"decode rope B={len(lens)} max len={max(lens)} Hq={Hq} Hkv={Hkv} D={Dd} plan={name}",
+                             lens, Hq, Hkv, Dd, name)
+            continue
         resident = A.paged_decode_resident_ctas(Dd, plan=name)
         nsplit = A.paged_decode_plan(len(lens), Hq, Hkv, Dd, bt.shape[1] * bs, sms, resident, name)[0]
         ctas, per_cta = A.paged_decode_grid(len(lens), Hq, Hkv, Dd, bt.shape[1] * bs, sms, resident, name)

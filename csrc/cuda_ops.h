@@ -7,6 +7,10 @@ void paged_decode_attention_cuda(at::Tensor& out, const at::Tensor& q, const at:
                                  const at::Tensor& v_cache, const at::Tensor& block_tables,
                                  const at::Tensor& context_lens, double scale,
                                  const std::optional<at::Tensor>& workspace, int64_t max_partition);
+void paged_decode_attention_rope_cuda(at::Tensor& out, const at::Tensor& q, at::Tensor& k_cache, at::Tensor& v_cache,
+                                      const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
+                                      const at::Tensor& cos_sin, const at::Tensor& positions, const at::Tensor& slots,
+                                      const std::optional<at::Tensor>& workspace, int64_t max_partition);
 void decode_cta_stamps_cuda(at::Tensor& stamps);
 void decode_tile_stamps_cuda(at::Tensor& stamps);
 void prefill_item_stamps_cuda(at::Tensor& stamps);
@@ -20,6 +24,7 @@ void paged_prefill_attention_cuda(at::Tensor& out, const at::Tensor& q, const at
 
 #define OPPO_REGISTER_CUDA_ATTENTION(m)                                    \
   m.impl("paged_decode_attention", &paged_decode_attention_cuda);          \
+  m.impl("paged_decode_attention_rope", &paged_decode_attention_rope_cuda); \
   m.impl("paged_decode_workspace_size", &paged_decode_workspace_size_cuda); \
   m.impl("decode_cta_stamps", &decode_cta_stamps_cuda);                    \
   m.impl("decode_tile_stamps", &decode_tile_stamps_cuda);                  \

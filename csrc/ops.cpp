@@ -15,6 +15,9 @@ TORCH_LIBRARY(oppo, m) {
   m.def("kv_append(Tensor key, Tensor value, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()");
   m.def("paged_decode_attention(Tensor(a!) out, Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
         "Tensor context_lens, float scale, Tensor(b!)? workspace=None, int max_partition=0) -> ()");
+  m.def("paged_decode_attention_rope(Tensor(a!) out, Tensor q, Tensor(b!) k_cache, Tensor(c!) v_cache, "
+        "Tensor block_tables, Tensor context_lens, float scale, Tensor cos_sin, Tensor positions, Tensor slots, "
+        "Tensor(d!)? workspace=None, int max_partition=0) -> ()");
   m.def("paged_decode_workspace_size(Tensor q, Tensor k_cache, Tensor block_tables, int max_partition=0) -> int");
   m.def("decode_cta_stamps(Tensor(a!) stamps) -> ()");
   m.def("decode_tile_stamps(Tensor(a!) stamps) -> ()");

@@ -515,16 +515,17 @@ void launch_decode_v4(PlanKind kind, at::Tensor& out, const at::Tensor& q, const
 // reduction. kRS: the register-staged loader (OPPO_DECODE_REG_STAGE=1), kHN: the heads as the mma's
 // N (OPPO_DECODE_HEADS_AS_N=1), each planned as the default kernel: the launch checks that it fits as
 // many CTAs per SM.
-template <typename T, int D, int kStages, bool kRS = false, bool kHN = false, bool kTS = false>
+template <typename T, int D, int kStages, bool kRS = false, bool kHN = false, bool kTS = false, bool kRope = false>
 void launch_decode_split(PlanKind kind, at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,
                          const at::Tensor& v_cache, const at::Tensor& block_tables, const at::Tensor& context_lens,
-                         double scale, const std::optional<at::Tensor>& workspace, int64_t max_partition) {
+                         double scale, const std::optional<at::Tensor>& workspace, int64_t max_partition,
+                         const oppo::attn::DecodeRope& rope = {}) {
   using namespace oppo::attn;
   const DecodeShape sh(q, k_cache, block_tables, max_partition);
   const int B = sh.B, Hq = sh.Hq, block_size = sh.block_size, Hkv = sh.Hkv, G = sh.G, q_chunks = sh.q_chunks;
   const int64_t max_ctx = sh.max_ctx;
 
-  auto kernel = paged_decode_kernel<T, D, kStages, kRS, kHN, kTS>;
+  auto kernel = paged_decode_kernel<T, D, kStages, kRS, kHN, kTS, kRope>;
   constexpr int smem = DecodeSmem<T, D, kStages, kRS>::kBytes;
   int resident = 0;
   const DecodePlan plan = plan_for<T, D>(sh, kind, &resident);
@@ -556,7 +557,7 @@ void launch_decode_split(PlanKind kind, at::Tensor& out, const at::Tensor& q, co
       oppo::Divisor(block_size), Hkv,
       block_tables.data_ptr<int>(), block_tables.stride(0),
       static_cast<int>(max_ctx), context_lens.data_ptr<int>(), ws_o_ptr, ws_lse_ptr, G, num_splits, plan.partition,
-      scale_log2, decode_pipe_flags(), sc.tickets);
+      scale_log2, decode_pipe_flags(), sc.tickets, rope);
   if (num_splits > 1 && sc.tickets == nullptr) {  // v2, v3, v6: the reduction kernel (v7's CTAs merge)
     launch_kernel(paged_decode_reduce_kernel<T, D>, dim3(Hq, B), kDecodeReduceThreads, 0, stream, pdl,
         out.data_ptr(), out_f32, out.stride(0), out.stride(1), static_cast<const float*>(ws_o_ptr),
@@ -567,9 +568,21 @@ void launch_decode_split(PlanKind kind, at::Tensor& out, const at::Tensor& q, co
 template <typename T, int D>
 void launch_decode(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                    const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
-                   const std::optional<at::Tensor>& workspace, int64_t max_partition) {
+                   const std::optional<at::Tensor>& workspace, int64_t max_partition,
+                   const oppo::attn::DecodeRope& rope) {
   using namespace oppo::attn;
   const PlanKind kind = decode_plan_kind();
+  if (rope.cos_sin != nullptr) {  // the rotary prologue: the heads-as-N kernel's kRope form only
+    const bool rs = decode_reg_stage();
+    OPPO_CHECK(kind != PlanKind::v4 && kind != PlanKind::v5 && kind != PlanKind::v6 && !rs &&
+                   !env_switch("OPPO_DECODE_REFILL") && !g_tile_stamps_on.load() &&
+                   decode_heads_as_n(static_cast<int>(q.size(1) / k_cache.size(2)), kind, rs),
+               "paged_decode_attention with a rotary prologue runs the heads-as-N kernel (groups of <= 8 query heads, "
+               "plans v2/v3/v7, without OPPO_DECODE_REG_STAGE, OPPO_DECODE_REFILL or the tile stamps)");
+    launch_decode_split<T, D, DecodeCfg<D>::kStages, false, true, false, true>(
+        kind, out, q, k_cache, v_cache, block_tables, context_lens, scale, workspace, max_partition, rope);
+    return;
+  }
   if (kind == PlanKind::v4 || kind == PlanKind::v5)
     launch_decode_v4<T, D>(kind, out, q, k_cache, v_cache, block_tables, context_lens, scale, workspace);
   else if (kind == PlanKind::v6 && DecodeLeanCfg<D>::kStages != DecodeCfg<D>::kStages)
@@ -610,11 +623,12 @@ void launch_decode(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cac
 // q            [B, Hq, D]  bf16/fp16, inner dim contiguous
 // k/v_cache    [num_blocks, block_size, Hkv, D]  each page contiguous, equal strides
 // block_tables [B, max_blocks] int32;  context_lens [B] int32
-void paged_decode_attention_cuda(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,
-                                 const at::Tensor& v_cache, const at::Tensor& block_tables,
-                                 const at::Tensor& context_lens, double scale,
-                                 const std::optional<at::Tensor>& workspace, int64_t max_partition) {
-  constexpr const char* op = "paged_decode_attention";
+namespace {
+void paged_decode_impl(const char* op, at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,
+                       const at::Tensor& v_cache, const at::Tensor& block_tables, const at::Tensor& context_lens,
+                       double scale, const std::optional<at::Tensor>& workspace, int64_t max_partition,
+                       const std::optional<at::Tensor>& rope_cos_sin, const std::optional<at::Tensor>& rope_positions,
+                       const std::optional<at::Tensor>& rope_slots) {
   OPPO_CHECK(max_partition >= 0, op, ": max_partition must be >= 0 (0: no cap), got ", max_partition);
   OPPO_CHECK_CUDA(out, "paged_decode_attention"); OPPO_CHECK_CUDA(q, "paged_decode_attention");
   OPPO_CHECK_CUDA(k_cache, "paged_decode_attention"); OPPO_CHECK_CUDA(v_cache, "paged_decode_attention");
@@ -636,15 +650,55 @@ void paged_decode_attention_cuda(at::Tensor& out, const at::Tensor& q, const at:
   for (const at::Tensor& t : std::array<at::Tensor, 4>{q, k_cache, v_cache, out})
     OPPO_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, op, ": tensors must be 16-byte aligned");
   OPPO_CHECK(B <= 65535, op, ": batch above 65535");
+  // The rotary prologue (all three or none): q is the query part of the QKV output [B, (Hq + 2 Hkv) D]
+  // (k and v follow in each row), rotated at rope_positions [B] int64 by rope_cos_sin [P, D] float32;
+  // the new rows' k (rotated) and v go to the caches at rope_slots [B] int64 (-1: none).
+  oppo::attn::DecodeRope rope = {};
+  OPPO_CHECK(rope_cos_sin.has_value() == rope_positions.has_value() && rope_cos_sin.has_value() == rope_slots.has_value(),
+             op, ": give rope_cos_sin, rope_positions and rope_slots together, or none");
+  if (rope_cos_sin.has_value()) {
+    const at::Tensor &cs = *rope_cos_sin, &pos = *rope_positions, &slots = *rope_slots;
+    OPPO_CHECK(cs.is_cuda() && pos.is_cuda() && slots.is_cuda(), op, ": cos_sin, positions and slots must be CUDA tensors");
+    OPPO_CHECK(cs.scalar_type() == at::kFloat && cs.dim() == 2 && cs.size(1) == D && cs.stride(1) == 1 &&
+                   cs.stride(0) % 4 == 0 && reinterpret_cast<uintptr_t>(cs.data_ptr()) % 16 == 0,
+               op, ": rope_cos_sin must be float32 [P, head_dim], rows contiguous and 16-byte aligned");
+    OPPO_CHECK(pos.scalar_type() == at::kLong && slots.scalar_type() == at::kLong && pos.dim() == 1 &&
+                   slots.dim() == 1 && pos.size(0) == B && slots.size(0) == B && pos.is_contiguous() && slots.is_contiguous(),
+               op, ": rope_positions and rope_slots must be int64 [B], contiguous");
+    OPPO_CHECK(q.stride(1) == D && q.stride(0) >= (Hq + 2 * Hkv) * D, op,
+               ": with a rotary prologue q must be the query part of the QKV output [B, (Hq + 2 Hkv) * D]");
+    OPPO_CHECK(k_cache.dtype() == q.dtype(), op, ": the rotary prologue writes the caches in q's dtype");
+    rope = {cs.data_ptr<float>(), cs.stride(0), cs.size(0), pos.data_ptr<int64_t>(), slots.data_ptr<int64_t>(),
+            k_cache.data_ptr(), v_cache.data_ptr()};
+  }
   if (B == 0 || Hq == 0) return;
   const at::cuda::OptionalCUDAGuard guard(q.device());
   if (q.scalar_type() == at::kBFloat16) {
-    if (D == 64) launch_decode<__nv_bfloat16, 64>(out, q, k_cache, v_cache, block_tables, context_lens, scale, workspace, max_partition);
-    else launch_decode<__nv_bfloat16, 128>(out, q, k_cache, v_cache, block_tables, context_lens, scale, workspace, max_partition);
+    if (D == 64) launch_decode<__nv_bfloat16, 64>(out, q, k_cache, v_cache, block_tables, context_lens, scale, workspace, max_partition, rope);
+    else launch_decode<__nv_bfloat16, 128>(out, q, k_cache, v_cache, block_tables, context_lens, scale, workspace, max_partition, rope);
   } else {
-    if (D == 64) launch_decode<__half, 64>(out, q, k_cache, v_cache, block_tables, context_lens, scale, workspace, max_partition);
-    else launch_decode<__half, 128>(out, q, k_cache, v_cache, block_tables, context_lens, scale, workspace, max_partition);
+    if (D == 64) launch_decode<__half, 64>(out, q, k_cache, v_cache, block_tables, context_lens, scale, workspace, max_partition, rope);
+    else launch_decode<__half, 128>(out, q, k_cache, v_cache, block_tables, context_lens, scale, workspace, max_partition, rope);
   }
+}
+}  // namespace
+
+void paged_decode_attention_cuda(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,
+                                 const at::Tensor& v_cache, const at::Tensor& block_tables,
+                                 const at::Tensor& context_lens, double scale,
+                                 const std::optional<at::Tensor>& workspace, int64_t max_partition) {
+  paged_decode_impl("paged_decode_attention", out, q, k_cache, v_cache, block_tables, context_lens, scale, workspace,
+                    max_partition, std::nullopt, std::nullopt, std::nullopt);
+}
+
+// The same with the decode layer's rotary and K/V append as the kernel's prologue (see DecodeRope):
+// q [B, Hq, D] the query part of the QKV output [B, (Hq + 2 Hkv) D]; the caches are written.
+void paged_decode_attention_rope_cuda(at::Tensor& out, const at::Tensor& q, at::Tensor& k_cache, at::Tensor& v_cache,
+                                      const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
+                                      const at::Tensor& cos_sin, const at::Tensor& positions, const at::Tensor& slots,
+                                      const std::optional<at::Tensor>& workspace, int64_t max_partition) {
+  paged_decode_impl("paged_decode_attention_rope", out, q, k_cache, v_cache, block_tables, context_lens, scale,
+                    workspace, max_partition, cos_sin, positions, slots);
 }
 
 // Per-CTA timestamps of paged_decode_kernel (plans v2, v3, v6, v7; bench/decode_stamps.py): CTA c

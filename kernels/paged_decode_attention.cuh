@@ -26,6 +26,56 @@ constexpr int kDecodeLoadsOnly = 4;
 constexpr int kDecodeEarlyRefill = 8;
 constexpr int kDecodeFastMerge = 16;
 
+// The decode layer's rotary and K/V append done by the attention itself (OPPO_DECODE_ROPE_IN, the
+// kRope instantiation; heads as N only): q is then the query part of the QKV projection's output
+// row (q [B, Hq, D] viewed in qkv [B, (Hq + 2 Hkv) D]: the sequence's k and v follow its q heads in
+// the same row), rotated here at positions[b] (half-split / NeoX, each product rounded to the dtype
+// as torch and the Triton rotary do); the CTA whose split holds the new row (ctx - 1) also rotates
+// that kv head's k and writes it and v to the caches at slots[b] (-1: nothing written), and puts
+// both into its own tile in shared memory in place of what the pages held before the write.
+struct DecodeRope {
+  const float* cos_sin;      // [max_pos, D] float32: cos | sin (rotary_cos_sin_cache); nullptr: no rope
+  int64_t cs_stride;
+  int64_t max_pos;
+  const int64_t* positions;  // [B]
+  const int64_t* slots;      // [B]
+  void* k_out;               // the K and V caches (the kernel's k_cache / v_cache), written at slots[b]
+  void* v_out;
+};
+
+// Elements 8j..8j+7 of a head row x [D] and their partners 8j + D/2..: rotated by the cos | sin row
+// `cs` (nullptr: a position past the cache, NaN as the Triton rotary gives), into lo / hi.
+template <typename T, int D>
+__device__ __forceinline__ void rope_rotate8(const T* __restrict__ x, const float* __restrict__ cs, int j, uint4& lo,
+                                             uint4& hi) {
+  constexpr int H = D / 2;
+  const uint4 a = *reinterpret_cast<const uint4*>(x + 8 * j);
+  const uint4 b = *reinterpret_cast<const uint4*>(x + H + 8 * j);
+  float c[8], s[8];
+  if (cs != nullptr) {
+    const float4 c0 = *reinterpret_cast<const float4*>(cs + 8 * j), c1 = *reinterpret_cast<const float4*>(cs + 8 * j + 4);
+    const float4 s0 = *reinterpret_cast<const float4*>(cs + H + 8 * j);
+    const float4 s1 = *reinterpret_cast<const float4*>(cs + H + 8 * j + 4);
+    c[0] = c0.x; c[1] = c0.y; c[2] = c0.z; c[3] = c0.w; c[4] = c1.x; c[5] = c1.y; c[6] = c1.z; c[7] = c1.w;
+    s[0] = s0.x; s[1] = s0.y; s[2] = s0.z; s[3] = s0.w; s[4] = s1.x; s[5] = s1.y; s[6] = s1.z; s[7] = s1.w;
+  } else {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) c[i] = s[i] = __int_as_float(0x7fc00000);
+  }
+  const T* pa = reinterpret_cast<const T*>(&a);
+  const T* pb = reinterpret_cast<const T*>(&b);
+  T* po = reinterpret_cast<T*>(&lo);
+  T* ph = reinterpret_cast<T*>(&hi);
+  auto rd = [](float v) { return to_float(from_float<T>(v)); };   // rounded to the dtype
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const float x1 = to_float(pa[i]), x2 = to_float(pb[i]);
+    const float ci = rd(c[i]), si = rd(s[i]);                      // cos.to(x.dtype)
+    po[i] = from_float<T>(rd(x1 * ci) + rd(-x2 * si));
+    ph[i] = from_float<T>(rd(x2 * ci) + rd(x1 * si));
+  }
+}
+
 // Pipeline depth and the CTAs per SM the registers must allow (launch bounds), per head dim.
 // D=64 (v3): 3 stages = 55.5 KiB of smem -> 4 CTAs per SM on a 228 KiB SM (32 KiB in flight per
 //   CTA, 128 KiB per SM), registers capped at 128. With 4 stages (74 KiB, 3 per SM) the 512 CTAs
@@ -482,7 +532,7 @@ __device__ __forceinline__ void merge_split_partials(void* out, bool out_f32, in
 //              issue 7's long-CTA shapes in one call (0.996 of copy), 3-5% slower in another with
 //              this loop's SASS unchanged; 4% slower at (1, 32768) in both. Stored after the
 //              tile's arithmetic instead: slower everywhere; with tile 2 by cp.async: no better.
-template <typename T, int D, int kStages, bool kRS = false, bool kHN = false, bool kTS = false>
+template <typename T, int D, int kStages, bool kRS = false, bool kHN = false, bool kTS = false, bool kRope = false>
 __global__ void __launch_bounds__(kDecodeThreads, DecodeBounds<D, kStages>::kMinBlocks)
 paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t o_s1,
                     const T* __restrict__ q, int64_t q_s0, int64_t q_s1,
@@ -491,11 +541,12 @@ paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t 
                     const int* __restrict__ block_tables, int64_t bt_stride,
                     int table_tokens, const int* __restrict__ context_lens, float* __restrict__ ws_o,
                     float* __restrict__ ws_lse, int G, int num_splits, int partition, float scale_log2,
-                    int pipe_flags, unsigned* __restrict__ tickets) {
+                    int pipe_flags, unsigned* __restrict__ tickets, DecodeRope rope) {
   using S = DecodeSmem<T, D, kStages, kRS>;
   static_assert(!kRS || (D == 128 && kStages == 3), "the register-staged loader is built for D=128, 3 stages");
   static_assert(!(kRS && kHN), "heads as N is built with the cp.async loader");
   static_assert(!kTS || kHN, "the tile stamps are built into the heads-as-N loop");
+  static_assert(!kRope || (kHN && !kTS), "the rotary prologue is built into the heads-as-N loop (<= 8 query rows)");
   constexpr int kRow = S::kRow;
   constexpr int kOffSlots = S::kOffSlots;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -542,7 +593,9 @@ paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t 
   // row offsets): the context length, Q's copy, and the pages of the first kStages tiles (bounded
   // by the table's width, not by the context).
   const int ctx = context_lens[b];
-  {
+  if constexpr (kRope) {
+    cp_async_commit();  // Q is computed below (rotated), after the first tiles' loads: an empty group here keeps the count
+  } else {
     // Q rows (zero past `rows`), its own commit group.
     constexpr int kChunks = D * int(sizeof(T)) / 16, kVec = 16 / int(sizeof(T));
     for (int c = tid; c < 16 * kChunks; c += kDecodeThreads) {
@@ -628,6 +681,45 @@ paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t 
     cp_async_commit();
   }
   tstamp(kTsdIssued, 0);
+  // kRope, issued after the first tiles' copies (their latency covers these loads): Q's rows
+  // rotated into q_s (rows past `rows` zero, up to the 8 the heads-as-N B operand reads), and, in the
+  // CTA whose split holds the new row ctx - 1 (chunk 0: heads as N has one chunk), that row's k
+  // (rotated) and v written to the caches at the slot and kept, one 16-byte chunk a thread (tid <
+  // D / 4: k chunks then v chunks), for its tile in the loop (patch_t), whose copy read the row
+  // before this write.
+  int patch_t = -1, patch_row = 0;
+  uint4 patch = make_uint4(0u, 0u, 0u, 0u);
+  if constexpr (kRope) {
+    const int64_t pos = rope.positions[b];
+    const float* cs = pos >= 0 && pos < rope.max_pos ? rope.cos_sin + pos * rope.cs_stride : nullptr;
+    const T* qrow = q + static_cast<int64_t>(b) * q_s0;   // the sequence's qkv row (q_s1 == D: heads back to back)
+    constexpr int kJ = D / 16;                             // 8-element pairs of a head (first half, second half)
+    for (int c = tid; c < 8 * kJ; c += kDecodeThreads) {
+      const int r = c / kJ, j = c % kJ;
+      uint4 lo = make_uint4(0u, 0u, 0u, 0u), hi = lo;
+      if (r < rows) rope_rotate8<T, D>(qrow + static_cast<int64_t>(hq0 + r) * D, cs, j, lo, hi);
+      *reinterpret_cast<uint4*>(q_s + r * kRow + 8 * j) = lo;
+      *reinterpret_cast<uint4*>(q_s + r * kRow + D / 2 + 8 * j) = hi;
+    }
+    const int64_t slot = rope.slots[b];
+    if (slot >= 0 && ctx >= 1 && ctx - 1 >= start && ctx - 1 < end) {
+      patch_t = (ctx - 1 - start) / kDecodeTile;
+      patch_row = (ctx - 1 - start) % kDecodeTile;
+      const int sl = static_cast<int>(slot);
+      const int64_t off = static_cast<int64_t>(sl / block_size) * page_stride +
+                          static_cast<int64_t>(sl % block_size) * row_stride + head_off;
+      if (tid < D / 8) {           // k chunk tid (elements 8 tid..): rotated
+        uint4 lo, hi;
+        rope_rotate8<T, D>(qrow + static_cast<int64_t>(Hq + kvh) * D, cs, tid % kJ, lo, hi);
+        patch = tid < kJ ? lo : hi;
+        *reinterpret_cast<uint4*>(static_cast<T*>(rope.k_out) + off + 8 * tid) = patch;
+      } else if (tid < D / 4) {    // v chunk tid - D / 8: as the projection gave it
+        const int jj = tid - D / 8;
+        patch = *reinterpret_cast<const uint4*>(qrow + static_cast<int64_t>(Hq + Hkv + kvh) * D + 8 * jj);
+        *reinterpret_cast<uint4*>(static_cast<T*>(rope.v_out) + off + 8 * jj) = patch;
+      }
+    }
+  }
   if (!kRS && l2_ahead > 1 && kStages < ntiles && tid < kDecodeTile) {  // tile kStages (l2_ahead 1: in iteration 0)
     const int64_t off = decode_row_offset(next_page, start + kProRows + tid, end, page_stride, block_size, row_stride,
                                           head_off);
@@ -731,6 +823,14 @@ paged_decode_kernel(void* __restrict__ out, bool out_f32, int64_t o_s0, int64_t 
         __syncthreads();
         if (t + kStages - 1 < ntiles) load_tile(t + kStages - 1);
         cp_async_commit();
+      }
+      if constexpr (kRope) {
+        if (t == patch_t) {  // (uniform) the new row's tile: its K / V as written above, over the copy of the old
+          if (tid < D / 4)
+            *reinterpret_cast<uint4*>(stage_base + (t % kStages) * 2 * S::kTileElems + (tid < D / 8 ? 0 : S::kTileElems) +
+                                      patch_row * kRow + 8 * (tid % (D / 8))) = patch;
+          __syncthreads();
+        }
       }
       tstamp(kTsdLanded, t);
       if (t + kStages < ntiles && tid < kDecodeTile) {  // slot t % kStages: tile t is loaded already

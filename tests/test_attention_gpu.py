@@ -775,6 +775,89 @@ def _late_writer_kernel():
     return triton, late_writer
 
 
+@pytest.mark.parametrize("mode", ["eager", "graph"])
+@pytest.mark.parametrize("plan", ["v3", "v7"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B,Hq,Hkv,D,table,lens", [
+    (1, 32, 8, 128, 32768, [32000]),                          # 32 splits: the new row in the last non-empty one
+    (6, 28, 4, 128, 1024, [1, 37, 64, 129, 191, 1000]),       # G=7, ragged: new rows in tiles 0, 0, 0, 2, 2, 15
+    (4, 8, 8, 64, 512, [1, 17, 300, 512]),                    # G=1
+    (40, 14, 2, 64, 512, [7 + 11 * b for b in range(40)]),    # the engine's head shape, short contexts
+])
+def test_decode_rope_prologue_is_the_rotary_kernel_then_the_attention(monkeypatch, mode, plan, dtype, B, Hq, Hkv, D,
+                                                                      table, lens):
+    """OPPO_DECODE_ROPE_IN's kernel (paged_decode_attention_rope: q and the new row's k rotated, k and
+    v appended, in the attention kernel's prologue) against the rotary kernel (with its K/V append)
+    followed by the attention kernel, on shuffled pages with ragged contexts: the pages bit for bit,
+    the output equal and within 2e-3 of the fp32 attention of the same rotated q, eagerly and from a
+    graph replayed twice (the pool restored before each replay). The rows the step writes are NaN
+    before it (a tile that kept the pages' old row would show it); one sequence's slot is -1 (its
+    row is not written, and both read the old one). Plan v4 refuses the prologue."""
+    from oppo_runtime.ops.fused import rotary_cos_sin_cache, rotary_qk
+    _use_plan(monkeypatch, plan)
+    bs = 16
+    kv = PagedKV(num_blocks=sum(math.ceil(n / bs) for n in lens) + 7, block_size=bs, Hkv=Hkv, D=D, dtype=dtype)
+    bt = kv.tables(lens, extra_blocks=table // bs - max(math.ceil(n / bs) for n in lens))
+    kv.fill(bt, lens)
+    ctx = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    pos = ctx.long() - 1
+    slots = bt[torch.arange(B, device="cuda"), pos // bs].long() * bs + pos % bs
+    if B > 1:
+        slots[1] = -1
+    for b in range(B):
+        if slots[b] >= 0:
+            kv.k[slots[b] // bs, slots[b] % bs] = float("nan")
+            kv.v[slots[b] // bs, slots[b] % bs] = float("nan")
+    pool0 = kv.pool.clone()
+    qkv = torch.randn(B, (Hq + 2 * Hkv) * D, device="cuda").to(dtype)
+    cache = rotary_cos_sin_cache(1.0 / (1e6 ** (torch.arange(0, D, 2).float() / D)), 40000, "cuda")
+    scale = D ** -0.5
+
+    def views(pool):
+        return (pool.as_strided(kv.k.shape, kv.k.stride(), kv.k.storage_offset()),
+                pool.as_strided(kv.v.shape, kv.v.stride(), kv.v.storage_offset()))
+
+    pool_a = pool0.clone()
+    ka, va = views(pool_a)
+    q, k, v = qkv.view(B, Hq + 2 * Hkv, D).split([Hq, Hkv, Hkv], dim=1)
+    qr, _ = rotary_qk(q, k, cache, pos, kv=(v, ka, va, slots), backend="triton")
+    want = A.paged_decode_attention(qr, ka, va, bt, ctx, scale, out=torch.empty(B, Hq, D, device="cuda"),
+                                    backend="cuda")
+    ref = A.paged_decode_attention_ref(qr.float(), ka.float(), va.float(), _ref_tables(bt), ctx, scale)
+    assert torch.isfinite(want).all()
+
+    pool_b = pool0.clone()
+    kb, vb = views(pool_b)
+    ws = A.paged_decode_workspace(q, kb, bt, backend="cuda")
+    out = torch.full((B, Hq, D), float("nan"), device="cuda")
+
+    def call():
+        A.paged_decode_attention_rope(qkv, Hq, kb, vb, bt, ctx, scale, cache, pos, slots, out=out, backend="cuda",
+                                      workspace=ws)
+
+    runs = []
+    if mode == "eager":
+        call()
+        runs.append((out.clone(), pool_b.clone()))
+    else:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            call()
+        for _ in range(2):
+            pool_b.copy_(pool0)
+            out.fill_(float("nan"))
+            graph.replay()
+            torch.cuda.synchronize()
+            runs.append((out.clone(), pool_b.clone()))
+    for got, pages in runs:
+        assert torch.equal(pages, pool_a), "the pages differ from the rotary kernel's append"
+        assert torch.equal(got, want)
+        assert float((got - ref).norm() / ref.norm()) < 2e-3
+    _use_plan(monkeypatch, "v4")
+    with pytest.raises((RuntimeError, ValueError), match="heads-as-N|plan v4"):
+        A.paged_decode_attention_rope(qkv, Hq, kb, vb, bt, ctx, scale, cache, pos, slots, backend="cuda")
+
+
 @pytest.mark.parametrize("plan", ["v3", "v7"])
 @pytest.mark.parametrize("D,Hq,Hkv", [(64, 14, 2), (128, 32, 8)])
 def test_decode_pdl_reads_nothing_before_a_late_writer_ends(monkeypatch, plan, D, Hq, Hkv):

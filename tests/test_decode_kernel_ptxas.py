@@ -22,7 +22,7 @@ from oppo_runtime.ops import attention as A
 SPLIT_SIG = ("void* __restrict__, bool, int64_t, int64_t, const T* __restrict__, int64_t, int64_t, const T* __restrict__, "
              "const T* __restrict__, int64_t, int, int, oppo::Divisor, int, const int* __restrict__, int64_t, int, "
              "const int* __restrict__, float* __restrict__, float* __restrict__, int, int, int, float, int, "
-             "unsigned* __restrict__")
+             "unsigned* __restrict__, oppo::attn::DecodeRope")
 
 SOURCE = """
 #include <cuda_bf16.h>
@@ -185,3 +185,32 @@ def test_heads_as_n_decode_kernel_halves_the_mma_and_fits(D):
     print(f"D={D}: registers {regs} (default {base_regs}), HMMA {hmma} ({base_hmma}), MUFU.EX2 {ex2} ({base_ex2})")
     wait = next(i for i, x in enumerate(ins) if "ACQBULK" in x)
     assert not [x for x in ins[:wait] if _GLOBAL_READ.search(x)], "global reads before the PDL wait"
+
+
+ROPE_SOURCE = """
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include "paged_decode_attention.cuh"
+using T = {T};
+template __global__ void oppo::attn::paged_decode_kernel<T, {D}, 3, false, true, false, true>(""" + SPLIT_SIG + """);
+"""
+
+
+@pytest.mark.parametrize("T", ["__nv_bfloat16", "__half"])
+@pytest.mark.parametrize("D", [64, 128])
+def test_rotary_prologue_decode_kernel_fits_the_plans_ctas(T, D):
+    """OPPO_DECODE_ROPE_IN's instantiation (the heads-as-N kernel with the rotary and the K/V append
+    as its prologue) keeps the CTAs per SM the plan mirror assumes: no spill, registers within
+    65536 / (128 threads x CTAs per SM), and nothing read before the PDL wait."""
+    tmp = Path(tempfile.mkdtemp(prefix="decode_rope_"))
+    try:
+        report, sass = nvcc_sm90a(ROPE_SOURCE.replace("{D}", str(D)).replace("{T}", T), tmp, sass_with=cuobjdump_path())
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    regs = int(re.search(r"Used (\d+) registers", report).group(1))
+    assert re.search(r"\b0 bytes spill stores, 0 bytes spill loads", report), report
+    assert regs * 128 * A._DECODE_CTAS_BY_REGS[D] <= 65536, regs
+    ins = [ln.split(";")[0] for ln in sass.splitlines() if re.search(r"/\*[0-9a-f]{4,}\*/", ln)]
+    wait = next(i for i, x in enumerate(ins) if "ACQBULK" in x)
+    assert not [x for x in ins[:wait] if _GLOBAL_READ.search(x)], "global reads before the PDL wait"
+    print(f"D={D} {T}: registers {regs}")

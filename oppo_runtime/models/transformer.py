@@ -47,6 +47,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..ops import (kv_append, paged_decode_attention, paged_prefill_attention,
                    rotary_cos_sin, token_logprobs, varlen_causal_attention)
+from ..ops.attention import decode_rope_in, paged_decode_attention_rope, paged_decode_attention_rope_refuses
 from ..ops._backend import record_backend
 from ..ops.fused import (decode_gemm_fusion, decode_norm_fold, fold_norm_weight, folded_qkv_rotary,
                          folded_silu_mul, fused_add_rms_norm, kv_append_refuses, norm_gate_up_silu, norm_qkv_rotary,
@@ -222,7 +223,12 @@ class Attention(nn.Module):
         q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         if self.qkv is not None:
             self.qkv.check(f"layer {self.layer_idx} q/k/v_proj")
-            q, k, v = self.qkv(x).split([q_dim, kv_dim, kv_dim], dim=-1)
+            qkv = self.qkv(x)
+            if isinstance(ctx, PagedContext) and ctx.is_decode and decode_rope_in():
+                o = self._decode_rope_in(qkv, positions, cos_sin_cache, ctx)
+                if o is not None:
+                    return self.o_proj(o.reshape(n, q_dim))
+            q, k, v = qkv.split([q_dim, kv_dim, kv_dim], dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.view(n, self.num_heads, self.head_dim)
@@ -238,6 +244,21 @@ class Attention(nn.Module):
         else:
             q, k = rotary_qk(q, k, cos_sin_cache, positions, kv=kv)
         return self._attend_and_project(q, k, v, ctx, appended=kv is not None)
+
+    def _decode_rope_in(self, qkv, positions, cos_sin_cache, ctx):
+        """``OPPO_DECODE_ROPE_IN=1``: the rotary, the K/V append and the attention of a decode step in
+        one kernel (``paged_decode_attention_rope``) -> [n, Hq, D]; None (logged why) where it does
+        not serve this layer, which then takes the rotary kernel and the attention."""
+        k_cache, v_cache = ctx.kv_caches[self.layer_idx]
+        why = "q_norm/k_norm" if self.q_norm is not None else (
+            paged_decode_attention_rope_refuses(self.num_heads, qkv, k_cache, v_cache) if qkv.is_cuda else None)
+        if why is not None:
+            record_backend("decode_rope", f"rotary kernel (not in the attention: {why})")
+            return None
+        record_backend("decode_rope", "in the attention")
+        return paged_decode_attention_rope(qkv, self.num_heads, k_cache, v_cache, ctx.block_tables, ctx.context_lens,
+                                           self.scale, cos_sin_cache, positions, ctx.slot_mapping,
+                                           workspace=ctx.decode_workspace, max_partition=ctx.decode_max_partition)
 
     def _attend_and_project(self, q, k, v, ctx, appended: bool = False):
         return self.o_proj(self._attend(q, k, v, ctx, appended))

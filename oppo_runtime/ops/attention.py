@@ -337,6 +337,89 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
     return paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale, out)
 
 
+def decode_rope_in() -> bool:
+    """``OPPO_DECODE_ROPE_IN=1`` (read when a decode graph is captured, or per eager step): the decode
+    layers take ``paged_decode_attention_rope`` (the rotary and the K/V append as the attention
+    kernel's prologue: one launch a layer fewer) where it serves them; off by default until measured
+    (session 39, built without a GPU)."""
+    return _env_int_in("OPPO_DECODE_ROPE_IN", 0, 0, 1) == 1
+
+
+def paged_decode_attention_rope_refuses(num_heads: int, qkv: torch.Tensor, k_cache: torch.Tensor,
+                                        v_cache: torch.Tensor) -> str | None:
+    """Why the CUDA kernel's rotary prologue cannot serve this decode layer (None: it can): it runs
+    the heads-as-N kernel (groups of 1-8 query heads per kv head, plans v2/v3/v7) on token-major
+    pages in qkv's dtype (bf16/fp16, head_dim 64/128), the fused QKV output rows contiguous."""
+    Hkv, D = k_cache.shape[2], k_cache.shape[3]
+    G = num_heads // Hkv if Hkv else 0
+    if qkv.dtype not in _KERNEL_DTYPES or D not in _KERNEL_HEAD_DIMS:
+        return f"{qkv.dtype} with head_dim {D}"
+    if not 1 <= G <= 8 or num_heads % Hkv:
+        return f"{num_heads} query heads over {Hkv} kv heads (groups of 1-8)"
+    if _decode_plan_name(None) not in ("v2", "v3", "v7"):
+        return f"plan {_decode_plan_name(None)}"
+    for name in ("OPPO_DECODE_REG_STAGE", "OPPO_DECODE_REFILL"):
+        if os.environ.get(name, "0") not in ("", "0"):
+            return name
+    if os.environ.get("OPPO_DECODE_HEADS_AS_N", "") == "0":
+        return "OPPO_DECODE_HEADS_AS_N=0"
+    if k_cache.dtype != qkv.dtype or v_cache.dtype != qkv.dtype or k_cache.stride()[1:] != (Hkv * D, D, 1) \
+            or v_cache.stride() != k_cache.stride():
+        return "caches that are not token-major pages in the model's dtype"
+    if qkv.dim() != 2 or qkv.stride(1) != 1 or qkv.stride(0) % 8:
+        return "a QKV output whose rows are not contiguous"
+    return None
+
+
+def paged_decode_attention_rope(qkv, num_heads: int, k_cache, v_cache, block_tables, context_lens, scale: float,
+                                cos_sin_cache, positions, slot_mapping, out: torch.Tensor | None = None,
+                                backend: str | None = None, workspace: torch.Tensor | None = None,
+                                max_partition: int = 0):
+    """A decode layer's rotary, K/V append and attention in one kernel: ``qkv`` [B, (Hq + 2 Hkv) D] is
+    the QKV projection's output (bias included); q and k are rotated (half-split) at ``positions``
+    by ``cos_sin_cache`` (``rotary_cos_sin_cache``), k and v written to the caches at
+    ``slot_mapping`` (-1: not written), and the attention of q over the pages (the new row included)
+    returned [B, Hq, D]: exactly ``rotary_qk`` with ``kv=`` followed by ``paged_decode_attention``,
+    which is the reference. No q_norm / k_norm (Qwen3: the model keeps the two kernels). The CUDA
+    kernel: ``paged_decode_attention_rope_refuses`` says what it serves."""
+    Hkv, D = k_cache.shape[2], k_cache.shape[3]
+    B = qkv.shape[0]
+    if qkv.dim() != 2 or qkv.shape[1] != (num_heads + 2 * Hkv) * D or num_heads % max(Hkv, 1):
+        raise ValueError(f"paged_decode_attention_rope: qkv must be [B, (Hq + 2 Hkv) * D] = [B, "
+                         f"{(num_heads + 2 * Hkv) * D}] with Hq={num_heads} a multiple of Hkv={Hkv}, got {tuple(qkv.shape)}")
+    if positions.shape != (B,) or slot_mapping.shape != (B,):
+        raise ValueError("paged_decode_attention_rope: positions and slot_mapping must be [B]")
+    if cos_sin_cache.dtype != torch.float32 or cos_sin_cache.dim() != 2 or cos_sin_cache.shape[1] != D:
+        raise ValueError(f"paged_decode_attention_rope: cos_sin_cache must be float32 [P, {D}], got "
+                         f"{cos_sin_cache.dtype} {tuple(cos_sin_cache.shape)}")
+    q3 = qkv.view(B, num_heads + 2 * Hkv, D)
+    backend = _kernel_backend("paged_decode_attention_rope", qkv.view(B, -1, D), backend)
+    why = paged_decode_attention_rope_refuses(num_heads, qkv, k_cache, v_cache)
+    if why is not None and backend != "reference" and (qkv.is_cuda or backend == "cuda"):
+        raise ValueError(f"paged_decode_attention_rope: the CUDA kernel does not serve {why} (the model takes "
+                         "rotary_qk and paged_decode_attention there)")
+    if choose_backend("paged_decode_attention_rope", qkv.device, backend) == "cuda":
+        _check_cache("paged_decode_attention_rope", k_cache, v_cache)
+        if out is None:
+            out = torch.empty(B, num_heads, D, dtype=qkv.dtype, device=qkv.device)
+        if workspace is not None:
+            need = int(torch.ops.oppo.paged_decode_workspace_size(q3[:, :num_heads], k_cache, block_tables,
+                                                                  max_partition))
+            if workspace.numel() < need:
+                raise ValueError(f"paged_decode_attention_rope: workspace holds {workspace.numel()} floats, this "
+                                 f"call's split plan needs {need} (size it with paged_decode_workspace)")
+        torch.ops.oppo.paged_decode_attention_rope(out, q3[:, :num_heads], k_cache, v_cache, _i32(block_tables),
+                                                   _i32(context_lens), scale, cos_sin_cache,
+                                                   positions.to(torch.int64), slot_mapping.to(torch.int64),
+                                                   workspace, max_partition)
+        return out
+    from .fused import rotary_qk_ref
+    q, k, v = q3.split([num_heads, Hkv, Hkv], dim=1)
+    q, k = rotary_qk_ref(q, k, cos_sin_cache, positions)
+    kv_append_ref(k, v, k_cache, v_cache, slot_mapping)
+    return paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale, out)
+
+
 @contextlib.contextmanager
 def _stamps(op: str, capacity: int, device):
     """Point a kernel's timestamp buffer (torch.ops.oppo.<op>) at fresh zeros inside the block."""
