@@ -121,15 +121,13 @@ def _model(family, dtype, device="cpu", seed=3):
     return model.eval()
 
 
-def decode_step(model, B=5, bs=4, seed=7, fused=False, monkeypatch=None):
-    """One decode step of B sequences with ragged contexts over shuffled pages (K/V random):
-    (logits [B, V], K and V caches after the step)."""
-    L, Hkv, D = model.kv_geometry()
-    dev, dtype = model.device, model.dtype
-    g = torch.Generator().manual_seed(seed)
+def ragged_decode_pages(B: int, bs: int, g: torch.Generator, spare: int = 2):
+    """A decode step's paging on the CPU: B contexts of 1..3 bs + 1 tokens on shuffled pages of bs
+    tokens. Returns (context lengths, block tables [B, max pages] int32, pages in all, positions of
+    the new rows (ctx - 1), their slots)."""
     ctx_lens = torch.randint(1, 3 * bs + 2, (B,), generator=g)
     pages_per = (ctx_lens + bs - 1) // bs
-    nblk = int(pages_per.sum()) + 2
+    nblk = int(pages_per.sum()) + spare
     perm = torch.randperm(nblk, generator=g)
     tables = torch.zeros(B, int(pages_per.max()), dtype=torch.int32)
     o = 0
@@ -138,6 +136,16 @@ def decode_step(model, B=5, bs=4, seed=7, fused=False, monkeypatch=None):
         o += int(pages_per[b])
     pos = ctx_lens - 1
     slots = tables[torch.arange(B), pos // bs].long() * bs + pos % bs
+    return ctx_lens, tables, nblk, pos, slots
+
+
+def decode_step(model, B=5, bs=4, seed=7, fused=False, monkeypatch=None):
+    """One decode step of B sequences with ragged contexts over shuffled pages (K/V random):
+    (logits [B, V], K and V caches after the step)."""
+    L, Hkv, D = model.kv_geometry()
+    dev, dtype = model.device, model.dtype
+    g = torch.Generator().manual_seed(seed)
+    ctx_lens, tables, nblk, pos, slots = ragged_decode_pages(B, bs, g)
     caches = [tuple((torch.randn(nblk, bs, Hkv, D, generator=g) * 0.5).to(dev, dtype) for _ in range(2))
               for _ in range(L)]
     ctx = PagedContext(caches, slots.to(dev), tables.to(dev), ctx_lens.to(dev, torch.int32),

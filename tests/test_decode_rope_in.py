@@ -15,22 +15,12 @@ from oppo_runtime.ops import attention as A
 from oppo_runtime.ops import backends
 from oppo_runtime.ops.fused import rotary_cos_sin_cache
 
-from test_decode_gemm_fusion import ENGINE_CFG, _model, decode_step, engine_prompts  # noqa: E402
+from test_decode_gemm_fusion import ENGINE_CFG, _model, decode_step, engine_prompts, ragged_decode_pages  # noqa: E402
 
 
 def _case(B=5, Hq=8, Hkv=2, D=64, bs=4, seed=0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
-    lens = torch.randint(1, 3 * bs + 2, (B,), generator=g)
-    pages = (lens + bs - 1) // bs
-    nblk = int(pages.sum()) + 3
-    perm = torch.randperm(nblk, generator=g)
-    tables = torch.zeros(B, int(pages.max()), dtype=torch.int32)
-    o = 0
-    for b in range(B):
-        tables[b, :pages[b]] = perm[o:o + pages[b]]
-        o += int(pages[b])
-    pos = lens - 1
-    slots = tables[torch.arange(B), pos // bs].long() * bs + pos % bs
+    lens, tables, nblk, pos, slots = ragged_decode_pages(B, bs, g, spare=3)
     slots[1] = -1                                           # a row the step does not write
     kc = torch.randn(nblk, bs, Hkv, D, generator=g).to(dtype)
     vc = torch.randn(nblk, bs, Hkv, D, generator=g).to(dtype)
