@@ -7,7 +7,8 @@
 # cases; then the engine at 0.5B B=256 with the rotary in the attention (`rope`) beside the default
 # twice (`again`: the run's noise), with kernel profiles. b (~2 min, warm): bench/ingest_probe.py
 # (per-SM ingest by TMA bulk copies, alone / all SMs / cluster multicast; NOTES "A probe of what
-# streams into an SM" has its prediction).
+# streams into an SM" has its prediction), then, where part a built the extension, (1, 32768) with
+# 16 splits against 32 on this card, both orders.
 #
 #   OUT=$OUT bash bench/s39_check.sh [a|b]   (on the device, carrying .commit; results under $OUT)
 set -u
@@ -36,4 +37,13 @@ fi
 if [[ $PARTS == *" b "* ]]; then
 timeout 150 python3 bench/ingest_probe.py --out "$O/ingest_probe.json" > "$O/ingest.log" 2>&1
 rc=$?; echo "[$(( $(date +%s) - T0 ))s] ingest probe rc=$rc"; tail -32 "$O/ingest.log"
+# (1, 32768) with 16 splits instead of 32 (OPPO_DECODE_SPLIT_SLOTS=1), both orders: measured on H200s
+# only (session 27); needs the extension part a built on this machine
+if python3 -c "import oppo_runtime._C" 2>/dev/null; then
+  timeout 120 python3 bench/decode_attention.py --no-flex --shapes 4,1 --plans v7+l2,v7+l2+s1 \
+    --out "$O/decode_s1.json" > "$O/decode_s1.log" 2>&1
+  timeout 120 python3 bench/decode_attention.py --no-flex --shapes 4,1 --plans v7+l2+s1,v7+l2 \
+    --out "$O/decode_s1_reversed.json" > "$O/decode_s1_reversed.log" 2>&1
+  echo "[$(( $(date +%s) - T0 ))s] split slots"; tail -4 "$O/decode_s1.log" "$O/decode_s1_reversed.log"
+fi
 fi
