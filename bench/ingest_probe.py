@@ -151,10 +151,14 @@ static cudaLaunchConfig_t config(int grid, int cluster, cudaLaunchAttribute* att
   return cfg;
 }
 
-int64_t max_clusters(int64_t cluster) {
+static void set_attributes(int64_t cluster) {  // the whole shared memory; clusters over 8 where asked
   C10_CUDA_CHECK(cudaFuncSetAttribute(ingest_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
   if (cluster > 8)
     C10_CUDA_CHECK(cudaFuncSetAttribute(ingest_kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+}
+
+int64_t max_clusters(int64_t cluster) {
+  set_attributes(cluster);
   cudaLaunchAttribute attr[1];
   cudaLaunchConfig_t cfg = config(static_cast<int>(cluster), static_cast<int>(cluster), attr, 0);
   int n = 0;
@@ -172,9 +176,7 @@ std::vector<int64_t> ingest(torch::Tensor src, torch::Tensor stamps, int64_t clu
   TORCH_CHECK(1024 + stages * tile <= kSmem && stages >= 2 && stages <= 64, "ingest: the ring exceeds the smem");
   TORCH_CHECK(src.nbytes() % tile == 0, "ingest: the buffer holds whole tiles");
   TORCH_CHECK(ms.numel() >= reps && ms.scalar_type() == at::kFloat && !ms.is_cuda(), "ingest: ms on the host");
-  C10_CUDA_CHECK(cudaFuncSetAttribute(ingest_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
-  if (cluster > 8)
-    C10_CUDA_CHECK(cudaFuncSetAttribute(ingest_kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+  set_attributes(cluster);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   cudaLaunchAttribute attr[1];
   cudaLaunchConfig_t cfg = config(static_cast<int>(grid), static_cast<int>(cluster), attr, stream);

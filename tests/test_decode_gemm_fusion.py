@@ -256,6 +256,24 @@ def engine_prompts(n: int = 24) -> list[list[int]]:
             for _ in range(n)]
 
 
+def engine_first_decode_hidden(dtype) -> torch.Tensor:
+    """The engine's hidden states [24, H] (float32) after the first decode step of engine_prompts()'s
+    24 sequences (greedy, after the eager prefill), read from its decode graph of batch 24; the
+    engine is built under the caller's switches and must capture its graphs."""
+    from oppo_runtime.engine import ActorEngine, EngineConfig, SamplingParams
+    from oppo_runtime.memory import KVGeometry, PagePool
+    m = build_model(ModelConfig.from_dict(ENGINE_CFG), seed=0, dtype=dtype, device="cuda").eval()
+    geo = KVGeometry(*m.kv_geometry(), dtype)
+    eng = ActorEngine(m, PagePool(400, PagePool.page_bytes_for([geo], 16), "cuda"),
+                      EngineConfig(max_num_seqs=32, async_decode=False))
+    assert eng.warmup() > 0 and eng.runner.use_graphs
+    for p in engine_prompts():
+        eng.add_request(p, SamplingParams(temperature=0.0, max_new_tokens=8), target_len=8)
+    while eng.stats["decode_steps"] == 0:
+        eng.step()
+    return eng.runner.graphs[24][1]["hidden"][:24].float().clone()
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_engine_decode_step_in_cuda_graphs_with_the_fused_layer(dtype, monkeypatch):
@@ -263,24 +281,12 @@ def test_engine_decode_step_in_cuda_graphs_with_the_fused_layer(dtype, monkeypat
     sequences (after the same eager prefill) gives the unfused engine's hidden states within the
     dtype's rounding, and each run logs the layer it ran."""
     from oppo_runtime import ops
-    from oppo_runtime.engine import ActorEngine, EngineConfig, SamplingParams
-    from oppo_runtime.memory import KVGeometry, PagePool
     if not ops.has_cuda_kernels():
         pytest.skip("CUDA kernels not built")
-    cfg, ps = ENGINE_CFG, engine_prompts()
     hidden = []
     for fused in ("0", "1"):
         monkeypatch.setenv("OPPO_DECODE_GEMM_FUSION", fused)
-        m = build_model(ModelConfig.from_dict(cfg), seed=0, dtype=dtype, device="cuda").eval()
-        geo = KVGeometry(*m.kv_geometry(), dtype)
-        eng = ActorEngine(m, PagePool(400, PagePool.page_bytes_for([geo], 16), "cuda"),
-                          EngineConfig(max_num_seqs=32, async_decode=False))
-        assert eng.warmup() > 0 and eng.runner.use_graphs
-        for p in ps:
-            eng.add_request(p, SamplingParams(temperature=0.0, max_new_tokens=8), target_len=8)
-        while eng.stats["decode_steps"] == 0:
-            eng.step()
-        hidden.append(eng.runner.graphs[24][1]["hidden"][:24].float().clone())
+        hidden.append(engine_first_decode_hidden(dtype))
         assert backends()["decode_layer"] == ("gemm-fused (5 launches)" if fused == "1" else "unfused (9 launches)")
     err = ((hidden[1] - hidden[0]).norm() / hidden[0].norm()).item()
     assert err < (2e-2 if dtype == torch.bfloat16 else 5e-3), err

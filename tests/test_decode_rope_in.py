@@ -15,7 +15,7 @@ from oppo_runtime.ops import attention as A
 from oppo_runtime.ops import backends
 from oppo_runtime.ops.fused import rotary_cos_sin_cache
 
-from test_decode_gemm_fusion import ENGINE_CFG, _model, decode_step, engine_prompts, ragged_decode_pages  # noqa: E402
+from test_decode_gemm_fusion import _model, decode_step, engine_first_decode_hidden, ragged_decode_pages  # noqa: E402
 
 
 def _case(B=5, Hq=8, Hkv=2, D=64, bs=4, seed=0, dtype=torch.float32):
@@ -110,24 +110,12 @@ def test_engine_decode_graphs_with_the_rope_in_the_attention(monkeypatch):
     24 sequences gives the same hidden states bit for bit as with the rotary kernel (the prologue
     rounds as that kernel does), and the run logs where the rotary ran."""
     from oppo_runtime import ops
-    from oppo_runtime.engine import ActorEngine, EngineConfig, SamplingParams
-    from oppo_runtime.memory import KVGeometry, PagePool
-    from oppo_runtime.models import ModelConfig, build_model
     if not ops.has_cuda_kernels():
         pytest.skip("CUDA kernels not built")
     hidden = []
     for on in ("0", "1"):
         monkeypatch.setenv("OPPO_DECODE_ROPE_IN", on)
-        m = build_model(ModelConfig.from_dict(ENGINE_CFG), seed=0, dtype=torch.bfloat16, device="cuda").eval()
-        geo = KVGeometry(*m.kv_geometry(), torch.bfloat16)
-        eng = ActorEngine(m, PagePool(400, PagePool.page_bytes_for([geo], 16), "cuda"),
-                          EngineConfig(max_num_seqs=32, async_decode=False))
-        assert eng.warmup() > 0 and eng.runner.use_graphs
-        for p in engine_prompts():
-            eng.add_request(p, SamplingParams(temperature=0.0, max_new_tokens=8), target_len=8)
-        while eng.stats["decode_steps"] == 0:
-            eng.step()
-        hidden.append(eng.runner.graphs[24][1]["hidden"][:24].float().clone())
+        hidden.append(engine_first_decode_hidden(torch.bfloat16))
         if on == "1":
             assert ops.backends()["decode_rope"] == "in the attention"
     assert torch.isfinite(hidden[0]).all()

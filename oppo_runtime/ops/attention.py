@@ -363,8 +363,8 @@ def paged_decode_attention_rope_refuses(num_heads: int, qkv: torch.Tensor, k_cac
             return name
     if os.environ.get("OPPO_DECODE_HEADS_AS_N", "") == "0":
         return "OPPO_DECODE_HEADS_AS_N=0"
-    if k_cache.dtype != qkv.dtype or v_cache.dtype != qkv.dtype or k_cache.stride()[1:] != (Hkv * D, D, 1) \
-            or v_cache.stride() != k_cache.stride():
+    from .fused import kv_append_refuses      # (fused imports this module)
+    if kv_append_refuses(qkv.dtype, Hkv, D, k_cache, v_cache) is not None:
         return "caches that are not token-major pages in the model's dtype"
     if qkv.dim() != 2 or qkv.stride(1) != 1 or qkv.stride(0) % 8:
         return "a QKV output whose rows are not contiguous"
