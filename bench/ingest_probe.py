@@ -37,7 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 _DECL = ("std::vector<int64_t> ingest(torch::Tensor src, torch::Tensor stamps, int64_t cluster, bool multicast, "
          "int64_t tile, int64_t stages, int64_t slice, int64_t grid, int64_t reps, torch::Tensor ms);\n"
-         "int64_t max_clusters(int64_t cluster);")
+         "int64_t max_clusters(int64_t cluster);\n"
+         "void plain_loads(torch::Tensor src, torch::Tensor stamps, int64_t slice, int64_t grid, int64_t reps, "
+         "torch::Tensor ms);")
 
 _CUDA = r"""
 #include <torch/extension.h>
@@ -199,6 +201,67 @@ std::vector<int64_t> ingest(torch::Tensor src, torch::Tensor stamps, int64_t clu
   C10_CUDA_CHECK(cudaEventDestroy(b));
   return {grid, cluster, tile, stages, slice};
 }
+
+// The same slices read by ordinary loads (ld.global.cg: from the L2, past the L1) into registers:
+// 1024 threads a CTA, 8 loads of 16 bytes each in flight per thread (128 KiB a CTA), the bytes
+// xor-folded so nothing is dead. The rate of the SMs' load path, beside the TMA's.
+__global__ void __launch_bounds__(1024) plain_load_kernel(const int4* __restrict__ src, long long mask16,
+                                                          long long* __restrict__ stamps, long long slice16,
+                                                          int* __restrict__ sink) {
+  __shared__ long long t0;
+  if (threadIdx.x == 0) t0 = now_ns();
+  __syncthreads();
+  const long long base = static_cast<long long>(blockIdx.x) * slice16;
+  int acc = 0;
+  for (long long i = threadIdx.x; i < slice16; i += 8ll * blockDim.x) {
+    int4 v[8];
+#pragma unroll
+    for (int u = 0; u < 8; ++u) {
+      const long long j = i + static_cast<long long>(u) * blockDim.x;
+      const int4* p = src + ((base + j) & mask16);
+      if (j < slice16)
+        asm volatile("ld.global.cg.v4.s32 {%0, %1, %2, %3}, [%4];"
+                     : "=r"(v[u].x), "=r"(v[u].y), "=r"(v[u].z), "=r"(v[u].w) : "l"(p));
+      else
+        v[u] = make_int4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int u = 0; u < 8; ++u) acc ^= v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;
+  }
+  if (acc == 0x7531bdf9) sink[0] = acc;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    stamps[2 * blockIdx.x] = t0;
+    stamps[2 * blockIdx.x + 1] = now_ns();
+  }
+}
+
+void plain_loads(torch::Tensor src, torch::Tensor stamps, int64_t slice, int64_t grid, int64_t reps,
+                 torch::Tensor ms) {
+  const int64_t n16 = src.nbytes() / 16;
+  TORCH_CHECK(src.is_cuda() && stamps.is_cuda() && stamps.numel() >= 2 * grid, "plain_loads: CUDA tensors, 2 stamps a CTA");
+  TORCH_CHECK(n16 > 0 && (n16 & (n16 - 1)) == 0 && slice % 16 == 0, "plain_loads: a power-of-two buffer, 16-byte slices");
+  TORCH_CHECK(ms.numel() >= reps && ms.scalar_type() == at::kFloat && !ms.is_cuda(), "plain_loads: ms on the host");
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  auto sink = torch::zeros({1}, src.options().dtype(torch::kInt));
+  cudaEvent_t a, b;
+  C10_CUDA_CHECK(cudaEventCreate(&a));
+  C10_CUDA_CHECK(cudaEventCreate(&b));
+  for (int64_t i = 0; i < reps; ++i) {
+    C10_CUDA_CHECK(cudaEventRecord(a, stream));
+    plain_load_kernel<<<static_cast<unsigned>(grid), 1024, 0, stream>>>(
+        static_cast<const int4*>(src.data_ptr()), n16 - 1, reinterpret_cast<long long*>(stamps.data_ptr<int64_t>()),
+        slice / 16, sink.data_ptr<int>());
+    C10_CUDA_CHECK(cudaGetLastError());
+    C10_CUDA_CHECK(cudaEventRecord(b, stream));
+    C10_CUDA_CHECK(cudaEventSynchronize(b));
+    float t = 0.f;
+    C10_CUDA_CHECK(cudaEventElapsedTime(&t, a, b));
+    ms.data_ptr<float>()[i] = t;
+  }
+  C10_CUDA_CHECK(cudaEventDestroy(a));
+  C10_CUDA_CHECK(cudaEventDestroy(b));
+}
 """
 
 
@@ -206,7 +269,7 @@ def build():
     """The compiled probe (torch.utils.cpp_extension.load_inline, sm_90a)."""
     from torch.utils.cpp_extension import load_inline
     return load_inline("oppo_ingest_probe", cpp_sources=_DECL, cuda_sources=_CUDA,
-                       functions=["ingest", "max_clusters"],
+                       functions=["ingest", "max_clusters", "plain_loads"],
                        extra_cuda_cflags=["-O3", "-gencode=arch=compute_90a,code=sm_90a"], verbose=False)
 
 
@@ -253,40 +316,48 @@ def main():
     fits = {c: int(mod.max_clusters(c)) for c in (1, 2, 4, 8)}
     print(f"{sms} SMs, copy {bw / 1e12:.2f} TB/s; clusters resident at once (1 CTA per SM): "
           + ", ".join(f"size {c}: {n} ({c * n} SMs)" for c, n in fits.items()), flush=True)
-    # (name, source, grid: 'one' or 'all', cluster, multicast, stages)
-    configs = [("one SM", "warm", "one", 1, False, 12), ("one SM", "dram", "one", 1, False, 12)]
+    # (name, source, grid: 'one' or 'all', cluster, multicast, stages, tile bytes; stages 0: plain loads)
+    configs = [("one SM", "warm", "one", 1, False, 12, tile), ("one SM", "dram", "one", 1, False, 12, tile),
+               # the bytes a bulk copy carries: 4 KiB x 48 and 64 KiB x 3 (the same 192 KiB in flight)
+               ("one SM, 4 KiB copies", "warm", "one", 1, False, 48, 4096),
+               ("one SM, 64 KiB copies", "warm", "one", 1, False, 3, 65536),
+               ("one SM, plain loads", "warm", "one", 1, False, 0, 0),
+               ("one SM, plain loads", "dram", "one", 1, False, 0, 0)]
     stage_sets = (4, 12) if args.quick else (4, 8, 12)
     for src in ("warm", "dram"):
         for st in stage_sets:
-            configs.append(("all, CS 1", src, "all", 1, False, st))
+            configs.append(("all, CS 1", src, "all", 1, False, st, tile))
         for cs in (2, 4) if args.quick else (2, 4, 8):
-            configs.append((f"CS {cs} multicast", src, "all", cs, True, 12))
-        configs.append(("CS 4, each its own", src, "all", 4, False, 12))
+            configs.append((f"CS {cs} multicast", src, "all", cs, True, 12, tile))
+        configs.append(("CS 4, each its own", src, "all", 4, False, 12, tile))
+        configs.append(("all, plain loads", src, "all", 1, False, 0, 0))
     rows = []
-    for name, src, which, cs, mc, st in configs:
+    for name, src, which, cs, mc, st, tl in configs:
         buf = bufs[src]
-        grid = cs if which == "one" else cs * min(fits[cs], sms // cs)
-        # each cluster's slice: the whole buffer over the clusters (warm), 8 MiB (dram: one pass of
-        # 1 GiB would be >100 MB a CTA; 8 MiB a cluster reads 132-264 MB a rep, far over the L2)
+        grid = (cs if which == "one" else cs * min(fits[cs], sms // cs)) if st else (1 if which == "one" else sms)
         # each cluster's slice: 2 MiB from the 16 MiB buffer, wrapping (warm: all of it in the L2),
         # 8 MiB of the 1 GiB one (dram: 132-264 MB a rep, far over the L2); one CTA alone: 16 / 64 MiB
         slice_bytes = {("warm", "all"): 2 << 20, ("dram", "all"): 8 << 20,
                        ("warm", "one"): 16 << 20, ("dram", "one"): 64 << 20}[(src, which)]
+        if st:
+            run = lambda reps: mod.ingest(buf, stamps, cs, mc, tl, st, slice_bytes, grid, reps, ms)  # noqa: E731
+        else:
+            run = lambda reps: mod.plain_loads(buf, stamps, slice_bytes, grid, reps, ms)  # noqa: E731
         if src == "warm":                 # the bytes into the L2 first
-            mod.ingest(buf, stamps, cs, mc, tile, st, slice_bytes, grid, 1, ms)
-        mod.ingest(buf, stamps, cs, mc, tile, st, slice_bytes, grid, args.reps, ms)
+            run(1)
+        run(args.reps)
         k = min(ms.tolist()[:args.reps])
         # the stamps are the last rep's; its kernel time beside them
         r = {"config": name, "source": src, "grid": grid, "cluster": cs, "multicast": mc, "stages": st,
-             "tile": tile, "slice_bytes": slice_bytes,
+             "tile": tl, "slice_bytes": slice_bytes,
              **read_row(stamps.cpu().tolist(), grid, cs, mc, slice_bytes, ms.tolist()[args.reps - 1]),
              "kernel_us_min": k * 1e3}
         rows.append(r)
-        print(f"{name:>20} {src:>5} grid {grid:3d} stages {st:2d}: per CTA {r['per_cta_GBps_median']:.0f} GB/s "
+        print(f"{name:>22} {src:>5} grid {grid:3d} stages {st:2d} tile {tl:5d}: per CTA {r['per_cta_GBps_median']:.0f} GB/s "
               f"(p10 {r['per_cta_GBps_p10']:.0f}, p90 {r['per_cta_GBps_p90']:.0f}), received "
               f"{r['received_TBps']:.2f} TB/s, L2 served {r['l2_served_TBps']:.2f} TB/s", flush=True)
     print_table(rows, [("config", "config", ""), ("source", "src", ""), ("grid", "CTAs", "d"),
-                       ("stages", "stages", "d"), ("per_cta_GBps_median", "GB/s per CTA", ".0f"),
+                       ("stages", "stages", "d"), ("tile", "tile", "d"), ("per_cta_GBps_median", "GB/s per CTA", ".0f"),
                        ("per_cta_GBps_p10", "p10", ".0f"), ("received_TBps", "received TB/s", ".2f"),
                        ("l2_served_TBps", "L2 served TB/s", ".2f"), ("kernel_us", "us", ".1f")])
     write_json(results_path("ingest_probe", args.out),

@@ -119,4 +119,42 @@ def test_engine_decode_graphs_with_the_rope_in_the_attention(monkeypatch):
         if on == "1":
             assert ops.backends()["decode_rope"] == "in the attention"
     assert torch.isfinite(hidden[0]).all()
-    assert torch.equal(hidden[1], hidden[0])
+    assert torch.equal(hidden[1], hidden[0]), _where_they_differ(hidden[1], hidden[0])
+
+
+def _where_they_differ(got: torch.Tensor, want: torch.Tensor) -> str:
+    """A failure message that says how two tensors differ: how many elements, the largest difference
+    and the first differing element's index and values (the first thing to read on a mismatch)."""
+    bad = (got != want) & ~(got.isnan() & want.isnan())
+    if not bad.any():
+        return "equal"
+    idx = tuple(int(i) for i in bad.nonzero()[0])
+    diff = (got.float() - want.float()).abs()[bad]
+    return (f"{int(bad.sum())} of {bad.numel()} elements differ, largest {float(diff.max()):.3g}, first at {idx}: "
+            f"{float(got[idx])} against {float(want[idx])}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B", [5, 24])
+def test_engine_model_decode_step_eagerly_with_the_rope_in_the_attention(monkeypatch, B):
+    """The engine test's model (head dim 64, 4 query heads a kv head, QKV bias) on the GPU in bf16, one
+    decode step eagerly (no graph) over shuffled pages with ragged contexts, with and without the
+    rotary in the attention: each layer's K/V pages bit for bit, then the logits (the engine test's
+    graphs add nothing this leaves out but the capture)."""
+    from oppo_runtime import ops
+    from oppo_runtime.models import ModelConfig, build_model
+    from test_decode_gemm_fusion import ENGINE_CFG
+    if not ops.has_cuda_kernels():
+        pytest.skip("CUDA kernels not built")
+    model = build_model(ModelConfig.from_dict(ENGINE_CFG), seed=0, dtype=torch.bfloat16, device="cuda").eval()
+    model.fuse_projections()
+    monkeypatch.setenv("OPPO_DECODE_ROPE_IN", "0")
+    want, want_caches = decode_step(model, B=B, bs=16, monkeypatch=monkeypatch)
+    monkeypatch.setenv("OPPO_DECODE_ROPE_IN", "1")
+    got, got_caches = decode_step(model, B=B, bs=16, monkeypatch=monkeypatch)
+    assert backends()["decode_rope"] == "in the attention"
+    for layer, ((gk, gv), (wk, wv)) in enumerate(zip(got_caches, want_caches)):
+        assert torch.equal(gk, wk), f"layer {layer} K pages: " + _where_they_differ(gk, wk)
+        assert torch.equal(gv, wv), f"layer {layer} V pages: " + _where_they_differ(gv, wv)
+    assert torch.isfinite(want).all()
+    assert torch.equal(got, want), "logits: " + _where_they_differ(got, want)

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Device call of session 40 (~4 min on a fresh H100). Session 39's rope prologue (OPPO_DECODE_ROPE_IN)
+# failed its engine test (hidden states not bit-equal) in s39_check.sh a, whose -x stopped before the
+# kernel's own tests ran. Here, without -x and with the differing elements printed: the kernel against
+# the rotary kernel + attention (32 cases), the engine's model one decode step eagerly (each layer's
+# pages, then the logits), the engine's graphs; then bench/ingest_probe.py again with the bulk copy's
+# size varied and ordinary loads beside the TMA (session 40: 32 GB/s a CTA by TMA whatever the depth).
+#
+#   OUT=$OUT bash bench/s40_check.sh   (on the device, carrying .commit; results under $OUT)
+set -u
+cd "$(dirname "$0")/.."
+O=${OUT:-bench/results/s40_check}
+mkdir -p "$O"
+. bench/device_commit.sh
+T0=$(date +%s)
+if ! python3 -c "import oppo_runtime._C" 2>/dev/null; then
+  CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=16 \
+    python3 -m pip install -q --no-build-isolation --no-deps -e . > "$O/build.txt" 2>&1 || { tail -30 "$O/build.txt"; exit 1; }
+  python3 -c "import oppo_runtime._C" || exit 1
+fi
+echo "[$(( $(date +%s) - T0 ))s] built"
+timeout 240 python3 -m pytest -q -m gpu --tb=short -rf tests/test_decode_rope_in.py \
+  "tests/test_attention_gpu.py::test_decode_rope_prologue_is_the_rotary_kernel_then_the_attention" \
+  "tests/test_attention_gpu.py::test_decode_heads_as_n_keeps_the_error" > "$O/pytest.log" 2>&1
+rc=$?; echo "[$(( $(date +%s) - T0 ))s] pytest rc=$rc"
+grep -E "^E  |^FAILED" "$O/pytest.log" | cut -c1-400 | head -40; tail -n 2 "$O/pytest.log"
+timeout 150 python3 bench/ingest_probe.py --out "$O/ingest_probe.json" > "$O/ingest.log" 2>&1
+rc=$?; echo "[$(( $(date +%s) - T0 ))s] ingest probe rc=$rc"; tail -n 26 "$O/ingest.log"
