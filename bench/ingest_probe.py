@@ -7,7 +7,10 @@ M = 256 spends its time") is designed from, measured before any such kernel is w
 The kernel: one CTA per SM (its shared memory requested whole), thread 0 streaming a slice of a
 buffer into a ring of ``stages`` tiles of ``tile`` bytes by cp.async.bulk (TMA's 1-D form), one
 mbarrier per slot; a tile is consumed (its slot released) as soon as it has landed, so the time is
-the ingest alone. In a cluster of CS CTAs that multicast, CTA rank r fetches the r-th CS-th of each
+the ingest alone. "split roles": thread 0 only issues and thread 32 (another warp) only waits and
+releases, as a warp-specialised kernel does (session 40: one thread doing both read ~0.5 us a copy
+whatever its size or the ring's depth). "plain loads": the same slices by ``ld.global.cg`` from
+1024 threads, 8 x 16 bytes in flight each (the SMs' load path beside the TMA's). In a cluster of CS CTAs that multicast, CTA rank r fetches the r-th CS-th of each
 tile and multicasts it to all CS CTAs: every CTA receives the cluster's whole slice while the L2
 serves each byte once (a GEMM's weight tile sent to the CTAs that hold different rows of the
 activations). ``mc 0`` with CS > 1 is the same slice fetched by each CTA itself (CS reads of each
@@ -35,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-_DECL = ("std::vector<int64_t> ingest(torch::Tensor src, torch::Tensor stamps, int64_t cluster, bool multicast, "
+_DECL = ("std::vector<int64_t> ingest(torch::Tensor src, torch::Tensor stamps, int64_t cluster, int64_t flags, "
          "int64_t tile, int64_t stages, int64_t slice, int64_t grid, int64_t reps, torch::Tensor ms);\n"
          "int64_t max_clusters(int64_t cluster);\n"
          "void plain_loads(torch::Tensor src, torch::Tensor stamps, int64_t slice, int64_t grid, int64_t reps, "
@@ -73,8 +76,11 @@ __device__ __forceinline__ void cluster_sync() {
 
 // src: the buffer; cluster c (of gridDim.x / CS) streams bytes [c * slice, (c + 1) * slice) of it
 // (mod its size), tile by tile. stamps[2 * blockIdx.x + {0, 1}]: the CTA's start, last landing (ns).
-__global__ void __launch_bounds__(32) ingest_kernel(const char* __restrict__ src, long long src_bytes,
-                                                    long long* __restrict__ stamps, int multicast, int tile,
+// flags: 1 multicast (CS > 1); 2 roles split: thread 0 (warp 0) only issues, thread 32 (warp 1) only
+// waits for the landings and releases the slots (the form of a warp-specialised kernel), else
+// thread 0 does both in one loop.
+__global__ void __launch_bounds__(64) ingest_kernel(const char* __restrict__ src, long long src_bytes,
+                                                    long long* __restrict__ stamps, int flags, int tile,
                                                     int stages, long long slice) {
   extern __shared__ __align__(128) unsigned char smem[];
   unsigned long long* full = reinterpret_cast<unsigned long long*>(smem);            // [stages]
@@ -83,7 +89,8 @@ __global__ void __launch_bounds__(32) ingest_kernel(const char* __restrict__ src
   unsigned cs, rank;
   asm volatile("mov.u32 %0, %%cluster_nctarank;" : "=r"(cs));
   asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
-  const bool mc = multicast && cs > 1;
+  const bool mc = (flags & 1) && cs > 1;
+  const bool split = (flags & 2) != 0;
   if (threadIdx.x == 0) {
     for (int s = 0; s < stages; ++s) {
       asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(su32(full + s)));
@@ -93,46 +100,55 @@ __global__ void __launch_bounds__(32) ingest_kernel(const char* __restrict__ src
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
   cluster_sync();
-  if (threadIdx.x == 0) {
-    const long long t0 = now_ns();
-    const long long base = (static_cast<long long>(blockIdx.x / cs) * slice) % src_bytes;
-    const int ntiles = static_cast<int>(slice / tile);
-    const int part = mc ? tile / static_cast<int>(cs) : tile;   // bytes this CTA fetches of each tile
-    const int poff = mc ? static_cast<int>(rank) * part : 0;
-    const unsigned short mask = static_cast<unsigned short>((1u << cs) - 1u);
-    for (int t = 0; t < ntiles + stages - 1; ++t) {
-      const int c = t - (stages - 1);            // consume tile c: wait for it, release its slot everywhere
-      if (c >= 0) {
-        const int s = c % stages;
-        wait_parity(su32(full + s), (c / stages) & 1);
-        if (mc) {
-          for (unsigned r = 0; r < cs; ++r) {
-            unsigned remote;
-            asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(su32(empty + s)), "r"(r));
-            asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];" ::"r"(remote) : "memory");
-          }
-        } else {
-          asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(su32(empty + s)) : "memory");
-        }
+  const long long base = (static_cast<long long>(blockIdx.x / cs) * slice) % src_bytes;
+  const int ntiles = static_cast<int>(slice / tile);
+  const int part = mc ? tile / static_cast<int>(cs) : tile;   // bytes this CTA fetches of each tile
+  const int poff = mc ? static_cast<int>(rank) * part : 0;
+  const unsigned short mask = static_cast<unsigned short>((1u << cs) - 1u);
+  auto consume = [&](int c) {                   // wait for tile c, release its slot everywhere
+    const int s = c % stages;
+    wait_parity(su32(full + s), (c / stages) & 1);
+    if (mc) {
+      for (unsigned r = 0; r < cs; ++r) {
+        unsigned remote;
+        asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(su32(empty + s)), "r"(r));
+        asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];" ::"r"(remote) : "memory");
       }
-      if (t < ntiles) {                          // issue tile t into slot t % stages
-        const int s = t % stages;
-        if (t >= stages) wait_parity(su32(empty + s), ((t / stages) - 1) & 1);
-        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(su32(full + s)), "r"(tile)
-                     : "memory");
-        const long long at = (base + static_cast<long long>(t) * tile) % src_bytes + poff;   // src_bytes % tile == 0
-        const unsigned dst = su32(ring + static_cast<size_t>(s) * tile + poff);
-        if (mc) {
-          asm volatile(
-              "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster [%0], [%1], %2, [%3], %4;"
-              ::"r"(dst), "l"(src + at), "r"(part), "r"(su32(full + s)), "h"(mask) : "memory");
-        } else {
-          asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
-                       ::"r"(dst), "l"(src + at), "r"(part), "r"(su32(full + s)) : "memory");
-        }
-      }
+    } else {
+      asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(su32(empty + s)) : "memory");
     }
-    stamps[2 * blockIdx.x] = t0;
+  };
+  auto issue = [&](int t) {                     // tile t into slot t % stages, once the slot is free
+    const int s = t % stages;
+    if (t >= stages) wait_parity(su32(empty + s), ((t / stages) - 1) & 1);
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(su32(full + s)), "r"(tile)
+                 : "memory");
+    const long long at = (base + static_cast<long long>(t) * tile) % src_bytes + poff;   // src_bytes % tile == 0
+    const unsigned dst = su32(ring + static_cast<size_t>(s) * tile + poff);
+    if (mc) {
+      asm volatile(
+          "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster [%0], [%1], %2, [%3], %4;"
+          ::"r"(dst), "l"(src + at), "r"(part), "r"(su32(full + s)), "h"(mask) : "memory");
+    } else {
+      asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+                   ::"r"(dst), "l"(src + at), "r"(part), "r"(su32(full + s)) : "memory");
+    }
+  };
+  if (!split) {
+    if (threadIdx.x == 0) {
+      const long long t0 = now_ns();
+      for (int t = 0; t < ntiles + stages - 1; ++t) {
+        if (t >= stages - 1) consume(t - (stages - 1));
+        if (t < ntiles) issue(t);
+      }
+      stamps[2 * blockIdx.x] = t0;
+      stamps[2 * blockIdx.x + 1] = now_ns();
+    }
+  } else if (threadIdx.x == 0) {
+    stamps[2 * blockIdx.x] = now_ns();
+    for (int t = 0; t < ntiles; ++t) issue(t);
+  } else if (threadIdx.x == 32) {
+    for (int c = 0; c < ntiles; ++c) consume(c);
     stamps[2 * blockIdx.x + 1] = now_ns();
   }
   cluster_sync();   // no CTA leaves while a peer may still write into it or arrive on its barriers
@@ -141,7 +157,7 @@ __global__ void __launch_bounds__(32) ingest_kernel(const char* __restrict__ src
 static cudaLaunchConfig_t config(int grid, int cluster, cudaLaunchAttribute* attr, cudaStream_t stream) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(grid);
-  cfg.blockDim = dim3(32);
+  cfg.blockDim = dim3(64);
   cfg.dynamicSmemBytes = kSmem;
   cfg.stream = stream;
   attr[0].id = cudaLaunchAttributeClusterDimension;
@@ -169,7 +185,7 @@ int64_t max_clusters(int64_t cluster) {
 }
 
 // reps launches back to back; ms[i] the i-th launch's time (events). Returns the launch's shape.
-std::vector<int64_t> ingest(torch::Tensor src, torch::Tensor stamps, int64_t cluster, bool multicast, int64_t tile,
+std::vector<int64_t> ingest(torch::Tensor src, torch::Tensor stamps, int64_t cluster, int64_t flags, int64_t tile,
                             int64_t stages, int64_t slice, int64_t grid, int64_t reps, torch::Tensor ms) {
   TORCH_CHECK(src.is_cuda() && stamps.is_cuda() && stamps.scalar_type() == at::kLong, "ingest: CUDA tensors");
   TORCH_CHECK(stamps.numel() >= 2 * grid, "ingest: stamps holds 2 per CTA");
@@ -189,7 +205,7 @@ std::vector<int64_t> ingest(torch::Tensor src, torch::Tensor stamps, int64_t clu
     C10_CUDA_CHECK(cudaEventRecord(a, stream));
     C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, ingest_kernel, static_cast<const char*>(src.data_ptr()),
                                       static_cast<long long>(src.nbytes()), reinterpret_cast<long long*>(stamps.data_ptr<int64_t>()),
-                                      static_cast<int>(multicast), static_cast<int>(tile), static_cast<int>(stages),
+                                      static_cast<int>(flags), static_cast<int>(tile), static_cast<int>(stages),
                                       static_cast<long long>(slice)));
     C10_CUDA_CHECK(cudaEventRecord(b, stream));
     C10_CUDA_CHECK(cudaEventSynchronize(b));
@@ -316,23 +332,31 @@ def main():
     fits = {c: int(mod.max_clusters(c)) for c in (1, 2, 4, 8)}
     print(f"{sms} SMs, copy {bw / 1e12:.2f} TB/s; clusters resident at once (1 CTA per SM): "
           + ", ".join(f"size {c}: {n} ({c * n} SMs)" for c, n in fits.items()), flush=True)
-    # (name, source, grid: 'one' or 'all', cluster, multicast, stages, tile bytes; stages 0: plain loads)
-    configs = [("one SM", "warm", "one", 1, False, 12, tile), ("one SM", "dram", "one", 1, False, 12, tile),
+    # (name, source, grid: 'one' or 'all', cluster, multicast, stages, tile bytes, roles split;
+    # stages 0: plain loads)
+    configs = [("one SM", "warm", "one", 1, False, 12, tile, False),
+               ("one SM", "dram", "one", 1, False, 12, tile, False),
                # the bytes a bulk copy carries: 4 KiB x 48 and 64 KiB x 3 (the same 192 KiB in flight)
-               ("one SM, 4 KiB copies", "warm", "one", 1, False, 48, 4096),
-               ("one SM, 64 KiB copies", "warm", "one", 1, False, 3, 65536),
-               ("one SM, plain loads", "warm", "one", 1, False, 0, 0),
-               ("one SM, plain loads", "dram", "one", 1, False, 0, 0)]
+               ("one SM, 4 KiB copies", "warm", "one", 1, False, 48, 4096, False),
+               ("one SM, 64 KiB copies", "warm", "one", 1, False, 3, 65536, False),
+               # a producer warp and a consumer warp (session 40: one thread doing both read ~0.5 us
+               # a copy, whatever its size or the depth)
+               ("one SM, split roles", "warm", "one", 1, False, 12, tile, True),
+               ("one SM, split, 4 KiB", "warm", "one", 1, False, 48, 4096, True),
+               ("one SM, plain loads", "warm", "one", 1, False, 0, 0, False),
+               ("one SM, plain loads", "dram", "one", 1, False, 0, 0, False)]
     stage_sets = (4, 12) if args.quick else (4, 8, 12)
     for src in ("warm", "dram"):
         for st in stage_sets:
-            configs.append(("all, CS 1", src, "all", 1, False, st, tile))
+            configs.append(("all, CS 1", src, "all", 1, False, st, tile, False))
+        configs.append(("all, split roles", src, "all", 1, False, 12, tile, True))
         for cs in (2, 4) if args.quick else (2, 4, 8):
-            configs.append((f"CS {cs} multicast", src, "all", cs, True, 12, tile))
-        configs.append(("CS 4, each its own", src, "all", 4, False, 12, tile))
-        configs.append(("all, plain loads", src, "all", 1, False, 0, 0))
+            configs.append((f"CS {cs} multicast", src, "all", cs, True, 12, tile, False))
+        configs.append(("CS 4 multicast, split", src, "all", 4, True, 12, tile, True))
+        configs.append(("CS 4, each its own", src, "all", 4, False, 12, tile, False))
+        configs.append(("all, plain loads", src, "all", 1, False, 0, 0, False))
     rows = []
-    for name, src, which, cs, mc, st, tl in configs:
+    for name, src, which, cs, mc, st, tl, split in configs:
         buf = bufs[src]
         grid = (cs if which == "one" else cs * min(fits[cs], sms // cs)) if st else (1 if which == "one" else sms)
         # each cluster's slice: 2 MiB from the 16 MiB buffer, wrapping (warm: all of it in the L2),
@@ -340,7 +364,8 @@ def main():
         slice_bytes = {("warm", "all"): 2 << 20, ("dram", "all"): 8 << 20,
                        ("warm", "one"): 16 << 20, ("dram", "one"): 64 << 20}[(src, which)]
         if st:
-            run = lambda reps: mod.ingest(buf, stamps, cs, mc, tl, st, slice_bytes, grid, reps, ms)  # noqa: E731
+            flags = (1 if mc else 0) | (2 if split else 0)
+            run = lambda reps: mod.ingest(buf, stamps, cs, flags, tl, st, slice_bytes, grid, reps, ms)  # noqa: E731
         else:
             run = lambda reps: mod.plain_loads(buf, stamps, slice_bytes, grid, reps, ms)  # noqa: E731
         if src == "warm":                 # the bytes into the L2 first
@@ -348,7 +373,7 @@ def main():
         run(args.reps)
         k = min(ms.tolist()[:args.reps])
         # the stamps are the last rep's; its kernel time beside them
-        r = {"config": name, "source": src, "grid": grid, "cluster": cs, "multicast": mc, "stages": st,
+        r = {"config": name, "source": src, "grid": grid, "cluster": cs, "multicast": mc, "split_roles": split, "stages": st,
              "tile": tl, "slice_bytes": slice_bytes,
              **read_row(stamps.cpu().tolist(), grid, cs, mc, slice_bytes, ms.tolist()[args.reps - 1]),
              "kernel_us_min": k * 1e3}

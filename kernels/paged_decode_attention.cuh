@@ -66,16 +66,17 @@ __device__ __forceinline__ void rope_rotate8(const T* __restrict__ x, const floa
   const T* pb = reinterpret_cast<const T*>(&b);
   T* po = reinterpret_cast<T*>(&lo);
   T* ph = reinterpret_cast<T*>(&hi);
-  // As the Triton rotary (ops/fused_triton.py _rotate_heads) compiles for sm_90, which the engine's
-  // other decode path runs: its `(x1 c).to(dt) + (-x2 s).to(dt)` in float32 becomes dtype
-  // arithmetic, o1 = fma.rn(x1, c, -(x2 s)) and o2 = fma.rn(x2, c, x1 s), the first product
-  // unrounded (read from its PTX; rounding both products, as torch's apply_rotary does, differed
-  // from it by 1 ulp in ~2% of the rotated elements on the H100, session 40).
+  // As the Triton rotary (ops/fused_triton.py _rope_pair), which the engine's other decode path
+  // runs: cos / sin rounded to the dtype, x1 c - x2 s and x2 c + x1 s in float32 (each product of
+  // two dtype values exact there, so fused or not the same), rounded once to the dtype. (Rounding
+  // each product first, as torch's apply_rotary does, is not what a compiler keeps: session 40 found
+  // Triton's form narrowed to bf16 fmas, 1 ulp off in ~2% of the elements on the H100.)
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
-    const T ci = from_float<T>(c[i]), si = from_float<T>(s[i]);   // cos.to(x.dtype)
-    po[i] = __hfma(pa[i], ci, __hneg(__hmul(pb[i], si)));
-    ph[i] = __hfma(pb[i], ci, __hmul(pa[i], si));
+    const float x1 = to_float(pa[i]), x2 = to_float(pb[i]);
+    const float ci = to_float(from_float<T>(c[i])), si = to_float(from_float<T>(s[i]));   // cos.to(x.dtype)
+    po[i] = from_float<T>(__fmaf_rn(x1, ci, -(x2 * si)));
+    ph[i] = from_float<T>(__fmaf_rn(x2, ci, x1 * si));
   }
 }
 

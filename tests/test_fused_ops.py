@@ -138,7 +138,8 @@ KERNEL_CHECK = textwrap.dedent("""
                         got = fused.rotary_qk(q, k, cache, pos, wq, wk, 1e-6, backend="triton")
                         want = fused.rotary_qk_ref(q, k, cache, pos, wq, wk, 1e-6)
                         what = f"rotary {{dtype}} D={{D}} Hq={{Hq}} Hkv={{Hkv}} N={{N}} norm={{norm}}"
-                        # not bit-exact on the GPU: x*cos + rot*sin contracts to an FMA (1 ulp, measured)
+                        # not bit-exact on the GPU: the kernel rounds x*cos + rot*sin once, in float32
+                        # (fused_triton._rope_pair); torch rounds each product to the dtype first (1 ulp)
                         close(got[0], want[0], dtype, "q " + what)
                         close(got[1], want[1], dtype, "k " + what)
                         assert got[0].is_contiguous() and got[1].is_contiguous()

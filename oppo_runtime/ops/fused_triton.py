@@ -66,6 +66,18 @@ if triton is not None:
         return tl.math.rsqrt(tl.sum(x * x, 0) / HS + eps)
 
     @triton.jit
+    def _rope_pair(x1, x2, c, s):
+        """The rotation of a half-split pair, float32 in and out: x1, x2 and cos / sin hold values of
+        the model dtype (bf16 / fp16), so each product is exact in float32 and x1 c - x2 s, x2 c + x1 s
+        are the exact sums rounded once to float32 (fused or not), then once to the dtype by the
+        caller's store. Written so on purpose: `(x1 * c).to(dt).to(f32) + ...`, torch's rounding of
+        each product, was narrowed by the compiler to `fma.rn.bf16(x1, c, -(x2 s))` (the first
+        product unrounded, an order the compiler chose; session 40 read it from the sm_90 PTX), and
+        the decode attention's rotary prologue (kernels/paged_decode_attention.cuh rope_rotate8)
+        computes this same form so that both paths write the same bits."""
+        return x1 * c - x2 * s, x2 * c + x1 * s
+
+    @triton.jit
     def _rotate_heads(x_ptr, head_stride, out_ptr, w_ptr, eps, H, c, s, out2_ptr, out2_ok, scale, b_ptr,
                       HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, HAS_NORM: tl.constexpr,
                       HAS_OUT2: tl.constexpr, SCALED: tl.constexpr, HAS_BIAS: tl.constexpr):
@@ -94,9 +106,8 @@ if triton is not None:
             w2 = tl.load(w_ptr + HALF + d, mask=d < HALF, other=0.0).to(tl.float32)
             x1 = (w1 * (x1 * rstd).to(dt).to(tl.float32)).to(dt).to(tl.float32)
             x2 = (w2 * (x2 * rstd).to(dt).to(tl.float32)).to(dt).to(tl.float32)
-        # x * cos + rotate_half(x) * sin, each product rounded to the model dtype as torch does
-        o1 = (x1 * c).to(dt).to(tl.float32) + (-x2 * s).to(dt).to(tl.float32)
-        o2 = (x2 * c).to(dt).to(tl.float32) + (x1 * s).to(dt).to(tl.float32)
+        # x * cos + rotate_half(x) * sin in float32, rounded once to the dtype (_rope_pair)
+        o1, o2 = _rope_pair(x1, x2, c, s)
         base = out_ptr + h * (2 * HALF) + d
         tl.store(base, o1.to(dt), mask=ok)
         tl.store(base + HALF, o2.to(dt), mask=ok)
@@ -288,8 +299,7 @@ if triton is not None:
                             other=float("nan"))
                 c = c.to(odt).to(tl.float32)
                 s = s.to(odt).to(tl.float32)
-                o1 = (ga * c).to(odt).to(tl.float32) + (-gb * s).to(odt).to(tl.float32)
-                o2 = (gb * c).to(odt).to(tl.float32) + (ga * s).to(odt).to(tl.float32)
+                o1, o2 = _rope_pair(ga, gb, c, s)
             else:
                 o1 = ga
                 o2 = gb
