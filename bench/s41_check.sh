@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Device call prepared in session 40 (~4 min on a fresh H100). The rotary is now one form in both the
+# Triton rotary and the decode attention's prologue (fused_triton._rope_pair / rope_rotate8: x1 c -
+# x2 s in float32, rounded once; f6b13b6). First the GPU tests that see it: the prologue against the
+# rotary kernel + attention (pages bit for bit, 32 cases), the engine's model eagerly and the engine's
+# graphs (OPPO_DECODE_ROPE_IN, bit for bit); the Triton kernels and the fold's against their
+# references (tolerances: the references round each product as torch does); then the engine A/B at
+# 0.5B B=256 with kernel profiles; then bench/ingest_probe.py with the TMA's producer and consumer in
+# two warps.
+#
+#   OUT=$OUT bash bench/s41_check.sh   (on the device, carrying .commit; results under $OUT)
+set -u
+cd "$(dirname "$0")/.."
+O=${OUT:-bench/results/s41_check}
+mkdir -p "$O"
+. bench/device_commit.sh
+T0=$(date +%s)
+# always built: a machine kept warm holds the last call's extension, which may predate the sources
+CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=16 \
+  python3 -m pip install -q --no-build-isolation --no-deps -e . > "$O/build.txt" 2>&1 || { tail -30 "$O/build.txt"; exit 1; }
+python3 -c "import oppo_runtime._C" || exit 1
+echo "[$(( $(date +%s) - T0 ))s] built"
+timeout 300 python3 -m pytest -q -m gpu --tb=short -rf tests/test_decode_rope_in.py \
+  "tests/test_attention_gpu.py::test_decode_rope_prologue_is_the_rotary_kernel_then_the_attention" \
+  tests/test_fused_ops.py tests/test_decode_norm_fold.py tests/test_decode_gemm_fusion.py > "$O/pytest.log" 2>&1
+rc=$?; echo "[$(( $(date +%s) - T0 ))s] pytest rc=$rc"
+grep -E "^E  |^FAILED" "$O/pytest.log" | cut -c1-300 | head -30; tail -n 2 "$O/pytest.log"
+timeout 200 python3 bench/engine.py --kernel-profile --shapes qwen2.5-0.5b --batches 256 --hf-min-batch 100000 \
+  --decode-env rope:OPPO_DECODE_ROPE_IN=1 --decode-env again:OPPO_DECODE_ROPE_IN=0 \
+  --out "$O/engine_rope.json" > "$O/engine.log" 2>&1
+rc=$?; echo "[$(( $(date +%s) - T0 ))s] engine rc=$rc"; grep -E "Error|error" "$O/engine.log" | head -5; tail -n 5 "$O/engine.log" | cut -c1-600
+timeout 180 python3 bench/ingest_probe.py --out "$O/ingest_probe.json" > "$O/ingest.log" 2>&1
+rc=$?; echo "[$(( $(date +%s) - T0 ))s] ingest probe rc=$rc"; grep -A40 "^ *config" "$O/ingest.log" | cut -c1-160
