@@ -184,6 +184,26 @@ int64_t max_clusters(int64_t cluster) {
   return n;
 }
 
+// reps launches of `launch()` back to back on `stream`; ms[i] the i-th launch's time (events).
+template <typename Launch>
+void time_launches(int64_t reps, torch::Tensor ms, cudaStream_t stream, Launch launch) {
+  TORCH_CHECK(ms.numel() >= reps && ms.scalar_type() == at::kFloat && !ms.is_cuda(), "probe: ms on the host");
+  cudaEvent_t a, b;
+  C10_CUDA_CHECK(cudaEventCreate(&a));
+  C10_CUDA_CHECK(cudaEventCreate(&b));
+  for (int64_t i = 0; i < reps; ++i) {
+    C10_CUDA_CHECK(cudaEventRecord(a, stream));
+    launch();
+    C10_CUDA_CHECK(cudaEventRecord(b, stream));
+    C10_CUDA_CHECK(cudaEventSynchronize(b));
+    float t = 0.f;
+    C10_CUDA_CHECK(cudaEventElapsedTime(&t, a, b));
+    ms.data_ptr<float>()[i] = t;
+  }
+  C10_CUDA_CHECK(cudaEventDestroy(a));
+  C10_CUDA_CHECK(cudaEventDestroy(b));
+}
+
 // reps launches back to back; ms[i] the i-th launch's time (events). Returns the launch's shape.
 std::vector<int64_t> ingest(torch::Tensor src, torch::Tensor stamps, int64_t cluster, int64_t flags, int64_t tile,
                             int64_t stages, int64_t slice, int64_t grid, int64_t reps, torch::Tensor ms) {
@@ -193,28 +213,16 @@ std::vector<int64_t> ingest(torch::Tensor src, torch::Tensor stamps, int64_t clu
   TORCH_CHECK(tile % (16 * cluster) == 0 && slice % tile == 0 && slice >= tile, "ingest: tile / slice shapes");
   TORCH_CHECK(1024 + stages * tile <= kSmem && stages >= 2 && stages <= 64, "ingest: the ring exceeds the smem");
   TORCH_CHECK(src.nbytes() % tile == 0, "ingest: the buffer holds whole tiles");
-  TORCH_CHECK(ms.numel() >= reps && ms.scalar_type() == at::kFloat && !ms.is_cuda(), "ingest: ms on the host");
   set_attributes(cluster);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   cudaLaunchAttribute attr[1];
   cudaLaunchConfig_t cfg = config(static_cast<int>(grid), static_cast<int>(cluster), attr, stream);
-  cudaEvent_t a, b;
-  C10_CUDA_CHECK(cudaEventCreate(&a));
-  C10_CUDA_CHECK(cudaEventCreate(&b));
-  for (int64_t i = 0; i < reps; ++i) {
-    C10_CUDA_CHECK(cudaEventRecord(a, stream));
+  time_launches(reps, ms, stream, [&] {
     C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, ingest_kernel, static_cast<const char*>(src.data_ptr()),
                                       static_cast<long long>(src.nbytes()), reinterpret_cast<long long*>(stamps.data_ptr<int64_t>()),
                                       static_cast<int>(flags), static_cast<int>(tile), static_cast<int>(stages),
                                       static_cast<long long>(slice)));
-    C10_CUDA_CHECK(cudaEventRecord(b, stream));
-    C10_CUDA_CHECK(cudaEventSynchronize(b));
-    float t = 0.f;
-    C10_CUDA_CHECK(cudaEventElapsedTime(&t, a, b));
-    ms.data_ptr<float>()[i] = t;
-  }
-  C10_CUDA_CHECK(cudaEventDestroy(a));
-  C10_CUDA_CHECK(cudaEventDestroy(b));
+  });
   return {grid, cluster, tile, stages, slice};
 }
 
@@ -257,26 +265,14 @@ void plain_loads(torch::Tensor src, torch::Tensor stamps, int64_t slice, int64_t
   const int64_t n16 = src.nbytes() / 16;
   TORCH_CHECK(src.is_cuda() && stamps.is_cuda() && stamps.numel() >= 2 * grid, "plain_loads: CUDA tensors, 2 stamps a CTA");
   TORCH_CHECK(n16 > 0 && (n16 & (n16 - 1)) == 0 && slice % 16 == 0, "plain_loads: a power-of-two buffer, 16-byte slices");
-  TORCH_CHECK(ms.numel() >= reps && ms.scalar_type() == at::kFloat && !ms.is_cuda(), "plain_loads: ms on the host");
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   auto sink = torch::zeros({1}, src.options().dtype(torch::kInt));
-  cudaEvent_t a, b;
-  C10_CUDA_CHECK(cudaEventCreate(&a));
-  C10_CUDA_CHECK(cudaEventCreate(&b));
-  for (int64_t i = 0; i < reps; ++i) {
-    C10_CUDA_CHECK(cudaEventRecord(a, stream));
+  time_launches(reps, ms, stream, [&] {
     plain_load_kernel<<<static_cast<unsigned>(grid), 1024, 0, stream>>>(
         static_cast<const int4*>(src.data_ptr()), n16 - 1, reinterpret_cast<long long*>(stamps.data_ptr<int64_t>()),
         slice / 16, sink.data_ptr<int>());
     C10_CUDA_CHECK(cudaGetLastError());
-    C10_CUDA_CHECK(cudaEventRecord(b, stream));
-    C10_CUDA_CHECK(cudaEventSynchronize(b));
-    float t = 0.f;
-    C10_CUDA_CHECK(cudaEventElapsedTime(&t, a, b));
-    ms.data_ptr<float>()[i] = t;
-  }
-  C10_CUDA_CHECK(cudaEventDestroy(a));
-  C10_CUDA_CHECK(cudaEventDestroy(b));
+  });
 }
 """
 

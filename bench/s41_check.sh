@@ -15,11 +15,7 @@ O=${OUT:-bench/results/s41_check}
 mkdir -p "$O"
 . bench/device_commit.sh
 T0=$(date +%s)
-# always built: a machine kept warm holds the last call's extension, which may predate the sources
-CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=16 \
-  python3 -m pip install -q --no-build-isolation --no-deps -e . > "$O/build.txt" 2>&1 || { tail -30 "$O/build.txt"; exit 1; }
-python3 -c "import oppo_runtime._C" || exit 1
-echo "[$(( $(date +%s) - T0 ))s] built"
+. bench/device_build.sh
 timeout 300 python3 -m pytest -q -m gpu --tb=short -rf tests/test_decode_rope_in.py \
   "tests/test_attention_gpu.py::test_decode_rope_prologue_is_the_rotary_kernel_then_the_attention" \
   tests/test_fused_ops.py tests/test_decode_norm_fold.py tests/test_decode_gemm_fusion.py > "$O/pytest.log" 2>&1
