@@ -4,8 +4,9 @@
 # x2 s in float32, rounded once; f6b13b6). First the GPU tests that see it: the prologue against the
 # rotary kernel + attention (pages bit for bit, 32 cases), the engine's model eagerly and the engine's
 # graphs (OPPO_DECODE_ROPE_IN, bit for bit); the Triton kernels and the fold's against their
-# references (tolerances: the references round each product as torch does); then the engine A/B at
-# 0.5B B=256 with kernel profiles; then bench/ingest_probe.py with the TMA's producer and consumer in
+# references (tolerances: the references round each product as torch does); the decode graphs in two
+# halves on two streams (OPPO_DECODE_MICROBATCH=2) against one batch; then the engine A/B at 0.5B
+# B=256 with kernel profiles (`rope`, `mb2`, the default twice); then bench/ingest_probe.py with the TMA's producer and consumer in
 # two warps.
 #
 #   OUT=$OUT bash bench/s41_check.sh   (on the device, carrying .commit; results under $OUT)
@@ -18,12 +19,13 @@ T0=$(date +%s)
 . bench/device_build.sh
 timeout 300 python3 -m pytest -q -m gpu --tb=short -rf tests/test_decode_rope_in.py \
   "tests/test_attention_gpu.py::test_decode_rope_prologue_is_the_rotary_kernel_then_the_attention" \
-  tests/test_fused_ops.py tests/test_decode_norm_fold.py tests/test_decode_gemm_fusion.py > "$O/pytest.log" 2>&1
+  tests/test_fused_ops.py tests/test_decode_norm_fold.py tests/test_decode_gemm_fusion.py \
+  "tests/test_engine_gpu.py::test_decode_graphs_in_two_halves_on_two_streams" > "$O/pytest.log" 2>&1
 rc=$?; echo "[$(( $(date +%s) - T0 ))s] pytest rc=$rc"
 grep -E "^E  |^FAILED" "$O/pytest.log" | cut -c1-300 | head -30; tail -n 2 "$O/pytest.log"
 timeout 200 python3 bench/engine.py --kernel-profile --shapes qwen2.5-0.5b --batches 256 --hf-min-batch 100000 \
-  --decode-env rope:OPPO_DECODE_ROPE_IN=1 --decode-env again:OPPO_DECODE_ROPE_IN=0 \
-  --out "$O/engine_rope.json" > "$O/engine.log" 2>&1
+  --decode-env rope:OPPO_DECODE_ROPE_IN=1 --decode-env mb2:OPPO_DECODE_MICROBATCH=2 \
+  --decode-env again:OPPO_DECODE_ROPE_IN=0 --out "$O/engine_rope.json" > "$O/engine.log" 2>&1
 rc=$?; echo "[$(( $(date +%s) - T0 ))s] engine rc=$rc"; grep -E "Error|error" "$O/engine.log" | head -5; tail -n 5 "$O/engine.log" | cut -c1-600
 timeout 180 python3 bench/ingest_probe.py --out "$O/ingest_probe.json" > "$O/ingest.log" 2>&1
 rc=$?; echo "[$(( $(date +%s) - T0 ))s] ingest probe rc=$rc"; grep -A40 "^ *config" "$O/ingest.log" | cut -c1-160

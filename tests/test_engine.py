@@ -535,3 +535,38 @@ def test_staging_reuses_its_pinned_buffers_only_after_their_copies(monkeypatch):
     assert len({e[1] for e in uses}) == st.RING       # one event per slot, made once
     t = st([1.5, 2.5], torch.float32)
     assert t.dtype == torch.float32 and t.tolist() == [1.5, 2.5]
+
+
+@pytest.mark.parametrize("graph_sampling", [False, True])
+def test_decode_in_two_halves_equals_one_batch(tiny_llama, graph_sampling, monkeypatch):
+    """OPPO_DECODE_MICROBATCH=2: each decode graph of batch >= 16 runs the batch as two independent
+    halves (on the CPU in turn, through the graphs' packed buffers; on a GPU on two streams): the same
+    tokens and log-probs as one batch, and the run logs it. Batches under 16 stay whole."""
+    from oppo_runtime.engine import runner
+    from oppo_runtime.ops import backends
+    _, model = tiny_llama
+    monkeypatch.setenv("OPPO_STATIC_DECODE", "1")
+    ps = prompts(20, seed=31)
+    runs, calls = [], []
+    real = runner._decode_in_halves
+    monkeypatch.setattr(runner, "_decode_in_halves", lambda *a: calls.append(a[1]["input_ids"].shape[0]) or real(*a))
+    for mb in ("1", "2"):
+        monkeypatch.setenv("OPPO_DECODE_MICROBATCH", mb)
+        eng = ActorEngine(model, make_pool(model, 256), EngineConfig(seed=6, graph_sampling=graph_sampling,
+                                                                     max_model_len=64))
+        seqs = eng.generate(ps, SamplingParams(temperature=1.0, max_new_tokens=12))
+        runs.append([(s.output_ids, s.logprobs) for s in seqs])
+        halves = [st for bs, (_, st) in eng.runner.graphs.items() if "halves" in st]
+        if mb == "2":
+            assert halves and all(len(st["halves"][0]) == 2 for st in halves)
+            assert calls and set(calls) == {bs for bs, (_, st) in eng.runner.graphs.items() if "halves" in st}
+            assert min(calls) >= 16 and backends()["decode_microbatch"] == "two halves, in turn"
+        else:
+            assert not halves and not calls and backends()["decode_microbatch"] == "one batch"
+    assert [o for o, _ in runs[0]] == [o for o, _ in runs[1]]
+    torch.testing.assert_close(torch.tensor([lp for _, l in runs[0] for lp in l]),
+                               torch.tensor([lp for _, l in runs[1] for lp in l]), atol=1e-5, rtol=0)
+    monkeypatch.setenv("OPPO_DECODE_MICROBATCH", "3")
+    with pytest.raises(ValueError, match="OPPO_DECODE_MICROBATCH"):
+        from oppo_runtime.engine.runner import decode_microbatch
+        decode_microbatch()

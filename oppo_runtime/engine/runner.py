@@ -744,6 +744,9 @@ class ModelRunner:
         # freed block handed to another tensor would take the replays' writes (session 10 lost a
         # G run to this: an illegal address at the third PPO step)
         st["ctx"] = ctx
+        halves = _microbatch_halves(bs, self.view.kv_caches, st, q_like, k0, self.decode_max_partition)
+        if halves is not None:
+            st["halves"] = halves            # (their contexts and workspaces live as long as the graph)
         head = self.decode_head
         if head is not None:     # the sampler's per-row inputs (padding rows: key 0, position 0, T=1)
             st["keys"], st["sample_pos"] = v64[3], v64[4]
@@ -757,7 +760,10 @@ class ModelRunner:
         # an H200, intra_overlap's `alone` 4.37 s vs the same rollout lazily captured 2.37 s)
         @torch.no_grad()
         def step():
-            hidden = self.model(st["input_ids"], st["positions"], ctx)
+            if halves is not None:
+                hidden = _decode_in_halves(self.model, st, halves)
+            else:
+                hidden = self.model(st["input_ids"], st["positions"], ctx)
             sampled = head(hidden, st["temperature"], st["keys"], st["sample_pos"]) if head is not None else None
             return hidden, sampled
 
@@ -925,3 +931,54 @@ class ModelRunner:
         self._refused_logged = False
         self._weights = None
         self._graph_generation = self.view.pool.generation
+
+
+def decode_microbatch() -> int:
+    """``OPPO_DECODE_MICROBATCH`` (1 default, 2; read when a decode graph is captured): 2 runs each
+    decode graph of batch >= 16 as two independent halves of the batch on two CUDA streams (forked
+    and joined inside the capture), so that one half's latency-bound projections can run beside the
+    other half's memory-bound attention (NanoFlow's nano-batches); the LM head and the sampler take
+    the joined batch. The weights are read once per half."""
+    from ..ops.attention import _env_int_in
+    return _env_int_in("OPPO_DECODE_MICROBATCH", 1, 1, 2)
+
+
+def _microbatch_halves(bs: int, kv_caches, st: dict, q_like: torch.Tensor, k0: torch.Tensor, max_partition: int):
+    """The two halves' (slice, PagedContext) of a decode graph's buffers under
+    OPPO_DECODE_MICROBATCH=2 (None: one batch), each with its own split-KV workspace (the decode
+    kernel's tickets must not be shared by two kernels in flight) and a side stream for the second."""
+    from ..ops._backend import record_backend
+    if decode_microbatch() < 2 or bs < 16:
+        record_backend("decode_microbatch", "one batch" if decode_microbatch() < 2 else
+                       f"one batch (batch {bs} < 16)")
+        return None
+    dev = q_like.device
+    h = bs // 2
+    parts = []
+    for sl in (slice(0, h), slice(h, bs)):
+        n = sl.stop - sl.start
+        parts.append((sl, PagedContext(
+            kv_caches, st["slot_mapping"][sl], st["block_tables"][sl], st["context_lens"][sl],
+            torch.arange(n + 1, dtype=torch.int32, device=dev), 1, True,
+            decode_workspace=paged_decode_workspace(q_like[sl], k0, st["block_tables"][sl], max_partition=max_partition),
+            decode_max_partition=max_partition)))
+    side = torch.cuda.Stream(dev) if dev.type == "cuda" else None
+    record_backend("decode_microbatch", "two halves on two streams" if side is not None else "two halves, in turn")
+    return parts, side
+
+
+def _decode_in_halves(model, st: dict, halves) -> torch.Tensor:
+    """The decode step's hidden states [bs, H] as two independent halves: the second on the side
+    stream (forked from and joined to the current one), the first on the current stream, joined."""
+    (sa, ca), (sb, cb) = halves[0]
+    side = halves[1]
+    ids, pos = st["input_ids"], st["positions"]
+    if side is None:                                     # CPU: in turn
+        return torch.cat([model(ids[sa], pos[sa], ca), model(ids[sb], pos[sb], cb)])
+    cur = torch.cuda.current_stream(ids.device)
+    side.wait_stream(cur)
+    with torch.cuda.stream(side):
+        hb = model(ids[sb], pos[sb], cb)
+    ha = model(ids[sa], pos[sa], ca)
+    cur.wait_stream(side)
+    return torch.cat([ha, hb])
