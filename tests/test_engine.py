@@ -570,3 +570,20 @@ def test_decode_in_two_halves_equals_one_batch(tiny_llama, graph_sampling, monke
     with pytest.raises(ValueError, match="OPPO_DECODE_MICROBATCH"):
         from oppo_runtime.engine.runner import decode_microbatch
         decode_microbatch()
+
+
+def test_the_paged_inference_path_reports_each_layer_once_launched(tiny_llama):
+    """``after_layer(i)`` (the engine's halves record a stream event there): called for each decoder
+    layer in order on the paged inference path; the autograd path ignores it."""
+    from oppo_runtime.models.context import PagedContext
+    _, model = tiny_llama
+    L, Hkv, D = model.kv_geometry()
+    caches = [(torch.zeros(4, 4, Hkv, D, dtype=model.dtype), torch.zeros(4, 4, Hkv, D, dtype=model.dtype))
+              for _ in range(L)]
+    ctx = PagedContext(caches, torch.tensor([0, 4]), torch.tensor([[0], [1]], dtype=torch.int32),
+                       torch.tensor([1, 1], dtype=torch.int32), torch.arange(3, dtype=torch.int32), 1, True)
+    seen = []
+    with torch.inference_mode():
+        want = model(torch.tensor([3, 5]), torch.tensor([0, 0]), ctx)
+        got = model(torch.tensor([3, 5]), torch.tensor([0, 0]), ctx, after_layer=seen.append)
+    assert seen == list(range(L)) and torch.equal(got, want)

@@ -943,6 +943,14 @@ def decode_microbatch() -> int:
     return _env_int_in("OPPO_DECODE_MICROBATCH", 1, 1, 2)
 
 
+def decode_microbatch_lag() -> int:
+    """``OPPO_DECODE_MICROBATCH_LAG=k`` (0 default; with OPPO_DECODE_MICROBATCH=2): the second half
+    starts once the first half's decoder layer k - 1 has run (an event between the streams), so the
+    halves run out of phase: one's projections beside the other's attention rather than both at once."""
+    from ..ops.attention import _env_int_in
+    return _env_int_in("OPPO_DECODE_MICROBATCH_LAG", 0, 0, 1024)
+
+
 def _microbatch_halves(bs: int, kv_caches, st: dict, q_like: torch.Tensor, k0: torch.Tensor, max_partition: int):
     """The two halves' (slice, PagedContext) of a decode graph's buffers under
     OPPO_DECODE_MICROBATCH=2 (None: one batch), each with its own split-KV workspace (the decode
@@ -963,22 +971,31 @@ def _microbatch_halves(bs: int, kv_caches, st: dict, q_like: torch.Tensor, k0: t
             decode_workspace=paged_decode_workspace(q_like[sl], k0, st["block_tables"][sl], max_partition=max_partition),
             decode_max_partition=max_partition)))
     side = torch.cuda.Stream(dev) if dev.type == "cuda" else None
-    record_backend("decode_microbatch", "two halves on two streams" if side is not None else "two halves, in turn")
-    return parts, side
+    lag = decode_microbatch_lag()
+    record_backend("decode_microbatch", ("two halves on two streams" if side is not None else "two halves, in turn")
+                   + (f", the second {lag} layer(s) behind" if lag else ""))
+    return parts, side, lag
 
 
 def _decode_in_halves(model, st: dict, halves) -> torch.Tensor:
     """The decode step's hidden states [bs, H] as two independent halves: the second on the side
     stream (forked from and joined to the current one), the first on the current stream, joined."""
-    (sa, ca), (sb, cb) = halves[0]
-    side = halves[1]
+    ((sa, ca), (sb, cb)), side, lag = halves
     ids, pos = st["input_ids"], st["positions"]
     if side is None:                                     # CPU: in turn
         return torch.cat([model(ids[sa], pos[sa], ca), model(ids[sb], pos[sb], cb)])
     cur = torch.cuda.current_stream(ids.device)
-    side.wait_stream(cur)
-    with torch.cuda.stream(side):
-        hb = model(ids[sb], pos[sb], cb)
-    ha = model(ids[sa], pos[sa], ca)
+    if lag:                                              # the second half waits for the first's layer lag - 1
+        started = torch.cuda.Event()
+        ha = model(ids[sa], pos[sa], ca,
+                   after_layer=lambda i: started.record(cur) if i == min(lag, len(model.model.layers)) - 1 else None)
+        side.wait_event(started)
+        with torch.cuda.stream(side):
+            hb = model(ids[sb], pos[sb], cb)
+    else:
+        side.wait_stream(cur)
+        with torch.cuda.stream(side):
+            hb = model(ids[sb], pos[sb], cb)
+        ha = model(ids[sa], pos[sa], ca)
     cur.wait_stream(side)
     return torch.cat([ha, hb])
