@@ -60,13 +60,21 @@ __device__ __forceinline__ long long now_ns() {
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t) : : "memory");
   return t;
 }
-__device__ __forceinline__ void wait_parity(unsigned bar, unsigned parity) {
+__device__ __forceinline__ bool try_wait_parity(unsigned bar, unsigned parity) {
   unsigned done = 0;
-  const long long t0 = now_ns();
+  asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+               : "=r"(done) : "r"(bar), "r"(parity) : "memory");
+  return done != 0;
+}
+// Waits for the phase; traps after 2 s (a hang). timer_first (flags & 4, session 40's form): the
+// timer read before the first try, at every wait; else only once a first try has failed (a suspect
+// for session 40's ~0.5 us a copy: %globaltimer read at every wait).
+__device__ __forceinline__ void wait_parity(unsigned bar, unsigned parity, bool timer_first = false) {
+  long long t0 = timer_first ? now_ns() : 0;
+  if (try_wait_parity(bar, parity)) return;
+  if (!timer_first) t0 = now_ns();
   for (unsigned tries = 1;; ++tries) {
-    asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
-                 : "=r"(done) : "r"(bar), "r"(parity) : "memory");
-    if (done) break;
+    if (try_wait_parity(bar, parity)) break;
     if ((tries & 1023u) == 0 && now_ns() - t0 > 2000000000ll) asm volatile("trap;");   // 2 s: a hang
   }
 }
@@ -78,7 +86,7 @@ __device__ __forceinline__ void cluster_sync() {
 // (mod its size), tile by tile. stamps[2 * blockIdx.x + {0, 1}]: the CTA's start, last landing (ns).
 // flags: 1 multicast (CS > 1); 2 roles split: thread 0 (warp 0) only issues, thread 32 (warp 1) only
 // waits for the landings and releases the slots (the form of a warp-specialised kernel), else
-// thread 0 does both in one loop.
+// thread 0 does both in one loop; 4 the timer read at every wait (wait_parity's timer_first).
 __global__ void __launch_bounds__(64) ingest_kernel(const char* __restrict__ src, long long src_bytes,
                                                     long long* __restrict__ stamps, int flags, int tile,
                                                     int stages, long long slice) {
@@ -91,6 +99,7 @@ __global__ void __launch_bounds__(64) ingest_kernel(const char* __restrict__ src
   asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
   const bool mc = (flags & 1) && cs > 1;
   const bool split = (flags & 2) != 0;
+  const bool timer_first = (flags & 4) != 0;
   if (threadIdx.x == 0) {
     for (int s = 0; s < stages; ++s) {
       asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(su32(full + s)));
@@ -107,7 +116,7 @@ __global__ void __launch_bounds__(64) ingest_kernel(const char* __restrict__ src
   const unsigned short mask = static_cast<unsigned short>((1u << cs) - 1u);
   auto consume = [&](int c) {                   // wait for tile c, release its slot everywhere
     const int s = c % stages;
-    wait_parity(su32(full + s), (c / stages) & 1);
+    wait_parity(su32(full + s), (c / stages) & 1, timer_first);
     if (mc) {
       for (unsigned r = 0; r < cs; ++r) {
         unsigned remote;
@@ -120,7 +129,7 @@ __global__ void __launch_bounds__(64) ingest_kernel(const char* __restrict__ src
   };
   auto issue = [&](int t) {                     // tile t into slot t % stages, once the slot is free
     const int s = t % stages;
-    if (t >= stages) wait_parity(su32(empty + s), ((t / stages) - 1) & 1);
+    if (t >= stages) wait_parity(su32(empty + s), ((t / stages) - 1) & 1, timer_first);
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(su32(full + s)), "r"(tile)
                  : "memory");
     const long long at = (base + static_cast<long long>(t) * tile) % src_bytes + poff;   // src_bytes % tile == 0
@@ -330,7 +339,9 @@ def main():
           + ", ".join(f"size {c}: {n} ({c * n} SMs)" for c, n in fits.items()), flush=True)
     # (name, source, grid: 'one' or 'all', cluster, multicast, stages, tile bytes, roles split;
     # stages 0: plain loads)
-    configs = [("one SM", "warm", "one", 1, False, 12, tile, False),
+    # flags 4 (the timer read at every wait, session 40's form) where the name says "timer each wait"
+    configs = [("one SM, timer each wait", "warm", "one", 1, False, 12, tile, False),
+               ("one SM", "warm", "one", 1, False, 12, tile, False),
                ("one SM", "dram", "one", 1, False, 12, tile, False),
                # the bytes a bulk copy carries: 4 KiB x 48 and 64 KiB x 3 (the same 192 KiB in flight)
                ("one SM, 4 KiB copies", "warm", "one", 1, False, 48, 4096, False),
@@ -343,6 +354,7 @@ def main():
                ("one SM, plain loads", "dram", "one", 1, False, 0, 0, False)]
     stage_sets = (4, 12) if args.quick else (4, 8, 12)
     for src in ("warm", "dram"):
+        configs.append(("all, CS 1, timer each wait", src, "all", 1, False, 12, tile, False))
         for st in stage_sets:
             configs.append(("all, CS 1", src, "all", 1, False, st, tile, False))
         configs.append(("all, split roles", src, "all", 1, False, 12, tile, True))
@@ -360,7 +372,7 @@ def main():
         slice_bytes = {("warm", "all"): 2 << 20, ("dram", "all"): 8 << 20,
                        ("warm", "one"): 16 << 20, ("dram", "one"): 64 << 20}[(src, which)]
         if st:
-            flags = (1 if mc else 0) | (2 if split else 0)
+            flags = (1 if mc else 0) | (2 if split else 0) | (4 if "timer each wait" in name else 0)
             run = lambda reps: mod.ingest(buf, stamps, cs, flags, tl, st, slice_bytes, grid, reps, ms)  # noqa: E731
         else:
             run = lambda reps: mod.plain_loads(buf, stamps, slice_bytes, grid, reps, ms)  # noqa: E731
@@ -374,7 +386,7 @@ def main():
              **read_row(stamps.cpu().tolist(), grid, cs, mc, slice_bytes, ms.tolist()[args.reps - 1]),
              "kernel_us_min": k * 1e3}
         rows.append(r)
-        print(f"{name:>22} {src:>5} grid {grid:3d} stages {st:2d} tile {tl:5d}: per CTA {r['per_cta_GBps_median']:.0f} GB/s "
+        print(f"{name:>26} {src:>5} grid {grid:3d} stages {st:2d} tile {tl:5d}: per CTA {r['per_cta_GBps_median']:.0f} GB/s "
               f"(p10 {r['per_cta_GBps_p10']:.0f}, p90 {r['per_cta_GBps_p90']:.0f}), received "
               f"{r['received_TBps']:.2f} TB/s, L2 served {r['l2_served_TBps']:.2f} TB/s", flush=True)
     print_table(rows, [("config", "config", ""), ("source", "src", ""), ("grid", "CTAs", "d"),
