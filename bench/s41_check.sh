@@ -6,7 +6,8 @@
 # graphs (OPPO_DECODE_ROPE_IN, bit for bit); the Triton kernels and the fold's against their
 # references (tolerances: the references round each product as torch does); the decode graphs in two
 # halves on two streams (OPPO_DECODE_MICROBATCH=2) against one batch; then the engine A/B at 0.5B
-# B=256 with kernel profiles (`rope`, `mb2`, `mb2lag`, the default twice); then bench/ingest_probe.py with the TMA's producer and consumer in
+# B=256 with kernel profiles (`rope`, `mb2`, `mb2lag`, the default twice); bench/overlap_probe.py
+# (the projections and the attention in turn, side by side, as two halves: the kernels alone); then bench/ingest_probe.py with the TMA's producer and consumer in
 # two warps.
 #
 #   OUT=$OUT bash bench/s41_check.sh   (on the device, carrying .commit; results under $OUT)
@@ -28,5 +29,7 @@ timeout 200 python3 bench/engine.py --kernel-profile --shapes qwen2.5-0.5b --bat
   --decode-env mb2lag:OPPO_DECODE_MICROBATCH=2,OPPO_DECODE_MICROBATCH_LAG=1 \
   --decode-env again:OPPO_DECODE_ROPE_IN=0 --out "$O/engine_rope.json" > "$O/engine.log" 2>&1
 rc=$?; echo "[$(( $(date +%s) - T0 ))s] engine rc=$rc"; grep -E "Error|error" "$O/engine.log" | head -5; tail -n 5 "$O/engine.log" | cut -c1-600
+timeout 120 python3 bench/overlap_probe.py --out "$O/overlap_probe.json" > "$O/overlap.log" 2>&1
+rc=$?; echo "[$(( $(date +%s) - T0 ))s] overlap probe rc=$rc"; tail -n 12 "$O/overlap.log"
 timeout 180 python3 bench/ingest_probe.py --out "$O/ingest_probe.json" > "$O/ingest.log" 2>&1
 rc=$?; echo "[$(( $(date +%s) - T0 ))s] ingest probe rc=$rc"; grep -A40 "^ *config" "$O/ingest.log" | cut -c1-160
