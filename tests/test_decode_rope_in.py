@@ -6,7 +6,9 @@ CPU: the op's reference against the rotation, append and attention done by hand;
 step bit for bit with and without the switch, and what it logs (Qwen3's q_norm/k_norm keep the
 rotary kernel); what the CUDA kernel refuses and the argument errors. GPU (``-m gpu``): the kernel
 against the rotary kernel + attention kernel (pages bit for bit, output equal) in
-tests/test_attention_gpu.py, and the engine's decode graphs below.
+tests/test_attention_gpu.py; below, the engine's model one decode step eagerly (each layer's pages,
+then the logits, bit for bit) and the engine's decode graphs. Both paths rotate in one form
+(ops/fused_triton.py _rope_pair), which is what makes bit-equality the contract.
 """
 import pytest
 import torch
