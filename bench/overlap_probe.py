@@ -29,11 +29,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import copy_bandwidth, device_info, paged_pool, print_table, results_path, time_ms, write_json  # noqa: E402
-
-SHAPES = {   # hidden, intermediate, Hq, Hkv, D
-    "qwen2.5-0.5b": (896, 4864, 14, 2, 64),
-    "qwen2.5-1.5b": (1536, 8960, 12, 2, 128),
-}
+from linear_probe import SHAPES  # noqa: E402  (hidden, intermediate, Hq, Hkv, D)
 
 
 class Layer:

@@ -733,12 +733,7 @@ class ModelRunner:
         st["context_lens"].fill_(1)
         k0 = self.view.kv_caches[0][0]
         q_like = torch.empty(bs, self.model.config.num_attention_heads, k0.shape[3], dtype=k0.dtype, device=dev)
-        ctx = PagedContext(self.view.kv_caches, st["slot_mapping"], st["block_tables"], st["context_lens"],
-                           torch.arange(bs + 1, dtype=torch.int32, device=dev), 1, True,
-                           # the graph's own split-KV scratch (all layers share it: one stream)
-                           decode_workspace=paged_decode_workspace(q_like, k0, st["block_tables"],
-                                                                   max_partition=self.decode_max_partition),
-                           decode_max_partition=self.decode_max_partition)
+        ctx = _graph_decode_ctx(self.view.kv_caches, st, slice(0, bs), q_like, k0, self.decode_max_partition)
         # st keeps every tensor the graph reads or writes alive for the graph's life: the context's
         # workspace and cu_seqlens come from the caching allocator outside the graph's pool, and a
         # freed block handed to another tensor would take the replays' writes (session 10 lost a
@@ -951,6 +946,18 @@ def decode_microbatch_lag() -> int:
     return _env_int_in("OPPO_DECODE_MICROBATCH_LAG", 0, 0, 1024)
 
 
+def _graph_decode_ctx(kv_caches, st: dict, rows: slice, q_like: torch.Tensor, k0: torch.Tensor,
+                      max_partition: int) -> PagedContext:
+    """The decode context over rows ``rows`` of a decode graph's packed buffers ``st``, with its own
+    split-KV scratch (the layers of one stream share it; two streams in flight must not)."""
+    n = rows.stop - rows.start
+    return PagedContext(kv_caches, st["slot_mapping"][rows], st["block_tables"][rows], st["context_lens"][rows],
+                        torch.arange(n + 1, dtype=torch.int32, device=q_like.device), 1, True,
+                        decode_workspace=paged_decode_workspace(q_like[rows], k0, st["block_tables"][rows],
+                                                                max_partition=max_partition),
+                        decode_max_partition=max_partition)
+
+
 def _microbatch_halves(bs: int, kv_caches, st: dict, q_like: torch.Tensor, k0: torch.Tensor, max_partition: int):
     """The two halves' (slice, PagedContext) of a decode graph's buffers under
     OPPO_DECODE_MICROBATCH=2 (None: one batch), each with its own split-KV workspace (the decode
@@ -961,15 +968,8 @@ def _microbatch_halves(bs: int, kv_caches, st: dict, q_like: torch.Tensor, k0: t
                        f"one batch (batch {bs} < 16)")
         return None
     dev = q_like.device
-    h = bs // 2
-    parts = []
-    for sl in (slice(0, h), slice(h, bs)):
-        n = sl.stop - sl.start
-        parts.append((sl, PagedContext(
-            kv_caches, st["slot_mapping"][sl], st["block_tables"][sl], st["context_lens"][sl],
-            torch.arange(n + 1, dtype=torch.int32, device=dev), 1, True,
-            decode_workspace=paged_decode_workspace(q_like[sl], k0, st["block_tables"][sl], max_partition=max_partition),
-            decode_max_partition=max_partition)))
+    parts = [(sl, _graph_decode_ctx(kv_caches, st, sl, q_like, k0, max_partition))
+             for sl in (slice(0, bs // 2), slice(bs // 2, bs))]
     side = torch.cuda.Stream(dev) if dev.type == "cuda" else None
     lag = decode_microbatch_lag()
     record_backend("decode_microbatch", ("two halves on two streams" if side is not None else "two halves, in turn")
@@ -985,17 +985,15 @@ def _decode_in_halves(model, st: dict, halves) -> torch.Tensor:
     if side is None:                                     # CPU: in turn
         return torch.cat([model(ids[sa], pos[sa], ca), model(ids[sb], pos[sb], cb)])
     cur = torch.cuda.current_stream(ids.device)
-    if lag:                                              # the second half waits for the first's layer lag - 1
-        started = torch.cuda.Event()
-        ha = model(ids[sa], pos[sa], ca,
-                   after_layer=lambda i: started.record(cur) if i == min(lag, len(model.model.layers)) - 1 else None)
+    started = torch.cuda.Event() if lag else None       # lag: the second half waits for the first's layer lag - 1
+    if started is None:
+        side.wait_stream(cur)                            # else: forked here, before either half
+    last = min(lag, len(model.model.layers)) - 1
+    ha = model(ids[sa], pos[sa], ca,
+               after_layer=None if started is None else lambda i: started.record(cur) if i == last else None)
+    if started is not None:
         side.wait_event(started)
-        with torch.cuda.stream(side):
-            hb = model(ids[sb], pos[sb], cb)
-    else:
-        side.wait_stream(cur)
-        with torch.cuda.stream(side):
-            hb = model(ids[sb], pos[sb], cb)
-        ha = model(ids[sa], pos[sa], ca)
+    with torch.cuda.stream(side):
+        hb = model(ids[sb], pos[sb], cb)
     cur.wait_stream(side)
     return torch.cat([ha, hb])
