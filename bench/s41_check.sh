@@ -29,6 +29,24 @@ timeout 200 python3 bench/engine.py --kernel-profile --shapes qwen2.5-0.5b --bat
   --decode-env mb2lag:OPPO_DECODE_MICROBATCH=2,OPPO_DECODE_MICROBATCH_LAG=1 \
   --decode-env again:OPPO_DECODE_ROPE_IN=0 --out "$O/engine_rope.json" > "$O/engine.log" 2>&1
 rc=$?; echo "[$(( $(date +%s) - T0 ))s] engine rc=$rc"; grep -E "Error|error" "$O/engine.log" | head -5; tail -n 5 "$O/engine.log" | cut -c1-600
+# The follow-up the prediction names, only if a two-halves variant gained beyond the run's spread
+# (the default twice: step_ms and again_step_ms): the winner at B=64 and 128 (0.5B) and at 1.5B B=256.
+win=$(python3 - "$O/engine_rope.json" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))["rows"][0]
+base, again = r["step_ms"], r["again_step_ms"]
+spread = abs(base - again)
+best = min((r.get(f"{v}_step_ms", 1e9), v) for v in ("mb2", "mb2lag"))
+print(best[1] if best[0] < min(base, again) - max(spread, 0.01) else "")
+PY
+)
+echo "two-halves winner: '${win}'"
+if [ -n "$win" ]; then
+  case $win in mb2) envs=OPPO_DECODE_MICROBATCH=2;; *) envs=OPPO_DECODE_MICROBATCH=2,OPPO_DECODE_MICROBATCH_LAG=1;; esac
+  timeout 170 python3 bench/engine.py --shapes qwen2.5-0.5b,qwen2.5-1.5b --batches 64,128,256 --hf-min-batch 100000 \
+    --decode-env "$win:$envs" --decode-env again:OPPO_DECODE_MICROBATCH=0 --out "$O/engine_mb2_sweep.json" > "$O/engine_sweep.log" 2>&1
+  rc=$?; echo "[$(( $(date +%s) - T0 ))s] sweep rc=$rc"; tail -n 8 "$O/engine_sweep.log" | cut -c1-400
+fi
 timeout 120 python3 bench/overlap_probe.py --out "$O/overlap_probe.json" > "$O/overlap.log" 2>&1
 rc=$?; echo "[$(( $(date +%s) - T0 ))s] overlap probe rc=$rc"; tail -n 12 "$O/overlap.log"
 timeout 180 python3 bench/ingest_probe.py --out "$O/ingest_probe.json" > "$O/ingest.log" 2>&1
