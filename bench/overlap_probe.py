@@ -1,6 +1,8 @@
 """Whether the decode step's projections and its attention run faster side by side than in turn: the
-question `OPPO_DECODE_MICROBATCH=2` (two halves of the batch on two CUDA streams) rests on, asked of
-the kernels alone, without the engine's small kernels, host or sampler.
+question the engine's two-halves decode (`OPPO_DECODE_MICROBATCH=2`, two halves of the batch on two
+CUDA streams; measured slower and removed in session 41, code at 1eed463) rested on, asked of the
+kernels alone, without the engine's small kernels, host or sampler. Session 41 (H100): side by side
+hid 29% of the shorter; the halves took 1.16x the in-turn time.
 
     python bench/overlap_probe.py [--shape qwen2.5-0.5b] [--batch 256] [--ctx 384] [--layers 8]
                                   [--out bench/results/overlap_probe.json]
@@ -14,7 +16,7 @@ sequence on shuffled pages. Timed as CUDA graphs (bench/common.time_ms: median o
 - ``side by side``: all projections on one stream and all attentions on another (forked and joined
   in the graph): how much of the shorter one the longer one hides, with nothing ordering them;
 - ``halves``: the batch as two halves, each per layer projections then attention, the second half
-  on a second stream (the engine's OPPO_DECODE_MICROBATCH=2 at the kernel level: each half reads the
+  on a second stream (the removed OPPO_DECODE_MICROBATCH=2 at the kernel level: each half reads the
   weights once more); ``halves, lag 1``: the second half starts after the first half's layer 0.
 Reported beside ``in turn``: each form's time and ratio. No timing assertion.
 """

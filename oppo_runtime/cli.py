@@ -112,10 +112,6 @@ _SWITCHES = (
     ("OPPO_DECODE_ROPE_IN", "0 (1: the decode layer's rotary and K/V append as the decode attention kernel's "
                             "prologue, one launch a layer fewer: -55 to -65 us of kernel time a step at 0.5B B=256 on an H100, "
                             "session 40; opt-in until its one rotary form is checked bit for bit on a GPU)"),
-    ("OPPO_DECODE_MICROBATCH", "1 (2: each decode graph of batch >= 16 as two halves on two CUDA streams, one half's "
-                               "projections beside the other's attention; not yet measured)"),
-    ("OPPO_DECODE_MICROBATCH_LAG", "0 (k: with OPPO_DECODE_MICROBATCH=2 the second half starts after the first half's "
-                                   "layer k - 1, out of phase)"),
     ("OPPO_STATIC_DECODE", "0 (1 on a CPU: decode through the graphs' packed input buffers, eagerly)"),
     ("OPPO_SCORER_GRAPHS", "1 (scorers' chunk prefill in CUDA graphs; 0: eager)"),
     ("OPPO_TRAIN_ATTENTION", "auto (FlashAttention-2 varlen on sm_80+, else padded SDPA)"),

@@ -396,25 +396,3 @@ def test_runner_staging_keeps_every_copy_beside_another_threads_capture():
         return i + 32
 
     _rounds_beside_captures(one_round, captures=100, min_rounds=2)
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_decode_graphs_in_two_halves_on_two_streams(dtype, monkeypatch):
-    """OPPO_DECODE_MICROBATCH=2 on a GPU: the decode graph of batch 24 captured as two halves on two
-    streams (forked and joined inside the capture; with OPPO_DECODE_MICROBATCH_LAG=1 the second
-    waiting on an event after the first half's layer 0) gives the one-batch graph's hidden states
-    after the first decode step, within the rounding of GEMMs of another M, and logs it."""
-    if not ops.has_cuda_kernels():
-        pytest.skip("CUDA kernels not built")
-    from test_decode_gemm_fusion import engine_first_decode_hidden
-    hidden = []
-    for mb, lag, logged in (("1", "0", "one batch"), ("2", "0", "two halves on two streams"),
-                            ("2", "1", "two halves on two streams, the second 1 layer(s) behind")):
-        monkeypatch.setenv("OPPO_DECODE_MICROBATCH", mb)
-        monkeypatch.setenv("OPPO_DECODE_MICROBATCH_LAG", lag)
-        hidden.append(engine_first_decode_hidden(dtype))
-        assert ops.backends()["decode_microbatch"] == logged
-    assert torch.isfinite(hidden[0]).all()
-    for h in hidden[1:]:
-        err = float((h - hidden[0]).norm() / hidden[0].norm())
-        assert err < (2e-2 if dtype == torch.bfloat16 else 5e-3), err

@@ -733,15 +733,17 @@ class ModelRunner:
         st["context_lens"].fill_(1)
         k0 = self.view.kv_caches[0][0]
         q_like = torch.empty(bs, self.model.config.num_attention_heads, k0.shape[3], dtype=k0.dtype, device=dev)
-        ctx = _graph_decode_ctx(self.view.kv_caches, st, slice(0, bs), q_like, k0, self.decode_max_partition)
+        ctx = PagedContext(self.view.kv_caches, st["slot_mapping"], st["block_tables"], st["context_lens"],
+                           torch.arange(bs + 1, dtype=torch.int32, device=dev), 1, True,
+                           # the graph's own split-KV scratch (all layers share it: one stream)
+                           decode_workspace=paged_decode_workspace(q_like, k0, st["block_tables"],
+                                                                   max_partition=self.decode_max_partition),
+                           decode_max_partition=self.decode_max_partition)
         # st keeps every tensor the graph reads or writes alive for the graph's life: the context's
         # workspace and cu_seqlens come from the caching allocator outside the graph's pool, and a
         # freed block handed to another tensor would take the replays' writes (session 10 lost a
         # G run to this: an illegal address at the third PPO step)
         st["ctx"] = ctx
-        halves = _microbatch_halves(bs, self.view.kv_caches, st, q_like, k0, self.decode_max_partition)
-        if halves is not None:
-            st["halves"] = halves            # (their contexts and workspaces live as long as the graph)
         head = self.decode_head
         if head is not None:     # the sampler's per-row inputs (padding rows: key 0, position 0, T=1)
             st["keys"], st["sample_pos"] = v64[3], v64[4]
@@ -755,10 +757,7 @@ class ModelRunner:
         # an H200, intra_overlap's `alone` 4.37 s vs the same rollout lazily captured 2.37 s)
         @torch.no_grad()
         def step():
-            if halves is not None:
-                hidden = _decode_in_halves(self.model, st, halves)
-            else:
-                hidden = self.model(st["input_ids"], st["positions"], ctx)
+            hidden = self.model(st["input_ids"], st["positions"], ctx)
             sampled = head(hidden, st["temperature"], st["keys"], st["sample_pos"]) if head is not None else None
             return hidden, sampled
 
@@ -926,74 +925,3 @@ class ModelRunner:
         self._refused_logged = False
         self._weights = None
         self._graph_generation = self.view.pool.generation
-
-
-def decode_microbatch() -> int:
-    """``OPPO_DECODE_MICROBATCH`` (1 default, 2; read when a decode graph is captured): 2 runs each
-    decode graph of batch >= 16 as two independent halves of the batch on two CUDA streams (forked
-    and joined inside the capture), so that one half's latency-bound projections can run beside the
-    other half's memory-bound attention (NanoFlow's nano-batches); the LM head and the sampler take
-    the joined batch. The weights are read once per half."""
-    from ..ops.attention import _env_int_in
-    return _env_int_in("OPPO_DECODE_MICROBATCH", 1, 1, 2)
-
-
-def decode_microbatch_lag() -> int:
-    """``OPPO_DECODE_MICROBATCH_LAG=k`` (0 default; with OPPO_DECODE_MICROBATCH=2): the second half
-    starts once the first half's decoder layer k - 1 has run (an event between the streams), so the
-    halves run out of phase: one's projections beside the other's attention rather than both at once."""
-    from ..ops.attention import _env_int_in
-    return _env_int_in("OPPO_DECODE_MICROBATCH_LAG", 0, 0, 1024)
-
-
-def _graph_decode_ctx(kv_caches, st: dict, rows: slice, q_like: torch.Tensor, k0: torch.Tensor,
-                      max_partition: int) -> PagedContext:
-    """The decode context over rows ``rows`` of a decode graph's packed buffers ``st``, with its own
-    split-KV scratch (the layers of one stream share it; two streams in flight must not)."""
-    n = rows.stop - rows.start
-    return PagedContext(kv_caches, st["slot_mapping"][rows], st["block_tables"][rows], st["context_lens"][rows],
-                        torch.arange(n + 1, dtype=torch.int32, device=q_like.device), 1, True,
-                        decode_workspace=paged_decode_workspace(q_like[rows], k0, st["block_tables"][rows],
-                                                                max_partition=max_partition),
-                        decode_max_partition=max_partition)
-
-
-def _microbatch_halves(bs: int, kv_caches, st: dict, q_like: torch.Tensor, k0: torch.Tensor, max_partition: int):
-    """The two halves' (slice, PagedContext) of a decode graph's buffers under
-    OPPO_DECODE_MICROBATCH=2 (None: one batch), each with its own split-KV workspace (the decode
-    kernel's tickets must not be shared by two kernels in flight) and a side stream for the second."""
-    from ..ops._backend import record_backend
-    if decode_microbatch() < 2 or bs < 16:
-        record_backend("decode_microbatch", "one batch" if decode_microbatch() < 2 else
-                       f"one batch (batch {bs} < 16)")
-        return None
-    dev = q_like.device
-    parts = [(sl, _graph_decode_ctx(kv_caches, st, sl, q_like, k0, max_partition))
-             for sl in (slice(0, bs // 2), slice(bs // 2, bs))]
-    side = torch.cuda.Stream(dev) if dev.type == "cuda" else None
-    lag = decode_microbatch_lag()
-    record_backend("decode_microbatch", ("two halves on two streams" if side is not None else "two halves, in turn")
-                   + (f", the second {lag} layer(s) behind" if lag else ""))
-    return parts, side, lag
-
-
-def _decode_in_halves(model, st: dict, halves) -> torch.Tensor:
-    """The decode step's hidden states [bs, H] as two independent halves: the second on the side
-    stream (forked from and joined to the current one), the first on the current stream, joined."""
-    ((sa, ca), (sb, cb)), side, lag = halves
-    ids, pos = st["input_ids"], st["positions"]
-    if side is None:                                     # CPU: in turn
-        return torch.cat([model(ids[sa], pos[sa], ca), model(ids[sb], pos[sb], cb)])
-    cur = torch.cuda.current_stream(ids.device)
-    started = torch.cuda.Event() if lag else None       # lag: the second half waits for the first's layer lag - 1
-    if started is None:
-        side.wait_stream(cur)                            # else: forked here, before either half
-    last = min(lag, len(model.model.layers)) - 1
-    ha = model(ids[sa], pos[sa], ca,
-               after_layer=None if started is None else lambda i: started.record(cur) if i == last else None)
-    if started is not None:
-        side.wait_event(started)
-    with torch.cuda.stream(side):
-        hb = model(ids[sb], pos[sb], cb)
-    cur.wait_stream(side)
-    return torch.cat([ha, hb])

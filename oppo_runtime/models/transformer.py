@@ -463,10 +463,10 @@ class Decoder(nn.Module):
                 self._cos_sin_cache[device] = rotary_cos_sin_cache(self.inv_freq(device), positions, device)
         return self._cos_sin_cache[device]
 
-    def forward(self, input_ids, positions, ctx, use_checkpoint: bool = False, after_layer=None):
+    def forward(self, input_ids, positions, ctx, use_checkpoint: bool = False):
         h = self.embed_tokens(input_ids)
         if isinstance(ctx, PagedContext) and not torch.is_grad_enabled():
-            return self._forward_fused(h, positions, ctx, after_layer)
+            return self._forward_fused(h, positions, ctx)
         cos, sin = rotary_cos_sin(positions, self.inv_freq(h.device))
         use_checkpoint = use_checkpoint and isinstance(ctx, DenseContext) and torch.is_grad_enabled()
         for layer in self.layers:
@@ -480,13 +480,11 @@ class Decoder(nn.Module):
         """Refresh every layer's norm fold whose weights changed (see ``_NormFold``); how many did."""
         return sum(layer.norm_fold.refresh(force) for layer in self.layers if layer.norm_fold is not None)
 
-    def _forward_fused(self, h, positions, ctx, after_layer=None):
+    def _forward_fused(self, h, positions, ctx):
         cache = self.cos_sin_cache(h.device)
         residual = None
-        for i, layer in enumerate(self.layers):
+        for layer in self.layers:
             h, residual = layer.forward_fused(h, residual, positions, cache, ctx)
-            if after_layer is not None:      # the engine's halves: an event after layer i's launches
-                after_layer(i)
         return fused_add_rms_norm(h, residual, self.norm.weight, self.norm.eps)[0]
 
 
@@ -498,12 +496,9 @@ class _DecoderModel(nn.Module):
         self.gradient_checkpointing = False
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                ctx: DenseContext | PagedContext, after_layer=None) -> torch.Tensor:
-        """input_ids [N] long, positions [N] long -> final-normed hidden states [N, hidden_size].
-        ``after_layer(i)``: called once decoder layer i's work is launched, on the paged inference
-        path only (the engine records a stream event there)."""
-        return self.model(input_ids, positions, ctx, use_checkpoint=self.gradient_checkpointing and self.training,
-                          after_layer=after_layer)
+                ctx: DenseContext | PagedContext) -> torch.Tensor:
+        """input_ids [N] long, positions [N] long -> final-normed hidden states [N, hidden_size]."""
+        return self.model(input_ids, positions, ctx, use_checkpoint=self.gradient_checkpointing and self.training)
 
     def fuse_projections(self) -> "_DecoderModel":
         """One QKV and one gate_up weight per layer, viewed by the named parameters (see the module
