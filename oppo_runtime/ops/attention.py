@@ -338,12 +338,13 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
 
 
 def decode_rope_in() -> bool:
-    """``OPPO_DECODE_ROPE_IN=1`` (read when a decode graph is captured, or per eager step): the decode
-    layers take ``paged_decode_attention_rope`` (the rotary and the K/V append as the attention
-    kernel's prologue: one launch a layer fewer) where it serves them. Off by default: session 40
-    measured -55 to -65 us of kernel time a step (0.5B, B=256, H100) but pages 1 ulp off the rotary
-    kernel's; both now share one rotary form (fused_triton._rope_pair), not yet run on a GPU."""
-    return _env_int_in("OPPO_DECODE_ROPE_IN", 0, 0, 1) == 1
+    """``OPPO_DECODE_ROPE_IN`` (1 default; read when a decode graph is captured, or per eager step):
+    the decode layers take ``paged_decode_attention_rope`` (the rotary and the K/V append as the
+    attention kernel's prologue: one launch a layer fewer) where it serves them; 0: the rotary
+    kernel, then the attention. Session 40 measured -55 to -65 us of kernel time a step (0.5B,
+    B=256, H100); session 41 found its pages and outputs bit-equal to the rotary kernel's on an
+    H100 (both compute fused_triton._rope_pair's one rotary form) and made it the default."""
+    return _env_int_in("OPPO_DECODE_ROPE_IN", 1, 0, 1) == 1
 
 
 def paged_decode_attention_rope_refuses(num_heads: int, qkv: torch.Tensor, k_cache: torch.Tensor,
