@@ -229,8 +229,8 @@ def test_folded_decode_step_matches_the_unfolded_one_on_gpu(dtype, tol):
 @pytest.mark.gpu
 def test_engine_decode_graphs_fold_the_new_weights_after_update_weights(monkeypatch):
     """The hazard of the fold: a decode graph reads the folded copies, which only a refresh updates.
-    Three bf16 engines (unfolded; folded; folded with the runner's refresh before replays turned
-    off) run the same greedy prefill and first decode step in CUDA graphs, take the same new weights
+    Three bf16 engines (unfolded; folded; folded with every refresh turned off: the runner's before
+    replays and ``update_weights``' forced one, 582d820) run the same greedy prefill and first decode step in CUDA graphs, take the same new weights
     through ``update_weights`` (norms scaled, projections moved: in-place copies), and replay the
     second decode step. Where the rows' inputs agree, the folded engine's hidden states equal the
     unfolded one's within bf16 rounding; the engine that skipped the refresh is far off (what the
@@ -250,8 +250,9 @@ def test_engine_decode_graphs_fold_the_new_weights_after_update_weights(monkeypa
         eng = ActorEngine(m, PagePool(400, PagePool.page_bytes_for([geo], 16), "cuda"),
                           EngineConfig(max_num_seqs=32, async_decode=False))
         assert eng.warmup() > 0 and eng.runner.use_graphs
-        if not refresh:
+        if not refresh:      # no refresh anywhere: neither the runner's before a replay nor update_weights'
             eng.runner._refresh_folds = None
+            m.refresh_norm_folds = lambda force=False: 0
         for p in ps:
             eng.add_request(p, SamplingParams(temperature=0.0, max_new_tokens=8), target_len=8)
         while eng.stats["decode_steps"] == 0:
