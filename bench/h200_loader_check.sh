@@ -11,8 +11,8 @@ cd "$(dirname "$0")/.."
 O=${OUT:-bench/results/h200_loader_check}
 mkdir -p "$O"
 . bench/device_commit.sh
-CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=16 \
-  python3 -m pip install -q --no-build-isolation --no-deps -e . > "$O/build.txt" 2>&1 || { tail -30 "$O/build.txt"; exit 1; }
+T0=$(date +%s)
+. bench/device_build.sh
 P=v7+l2,v7+l2+lo,v7+rf+lo,v7+rf,v6+l2+lo
 R=$(echo "$P" | tr , '\n' | tac | paste -sd,)
 for plans in "$P" "$R"; do

@@ -19,10 +19,7 @@ mkdir -p "$O"
 T0=$(date +%s)
 PARTS=" ${*:-a} "
 if [[ $PARTS == *" a "* ]]; then
-CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=16 \
-  python3 -m pip install -q --no-build-isolation --no-deps -e . > "$O/build.txt" 2>&1 || { tail -30 "$O/build.txt"; exit 1; }
-python3 -c "import oppo_runtime._C" || exit 1
-echo "[$(( $(date +%s) - T0 ))s] built"
+. bench/device_build.sh
 timeout 240 python3 -m pytest -q -m gpu -x tests/test_decode_rope_in.py \
   "tests/test_attention_gpu.py::test_decode_rope_prologue_is_the_rotary_kernel_then_the_attention" \
   "tests/test_attention_gpu.py::test_decode_heads_as_n_keeps_the_error" > "$O/pytest.log" 2>&1
