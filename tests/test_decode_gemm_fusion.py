@@ -256,10 +256,10 @@ def engine_prompts(n: int = 24) -> list[list[int]]:
             for _ in range(n)]
 
 
-def engine_first_decode_hidden(dtype) -> torch.Tensor:
-    """The engine's hidden states [24, H] (float32) after the first decode step of engine_prompts()'s
-    24 sequences (greedy, after the eager prefill), read from its decode graph of batch 24; the
-    engine is built under the caller's switches and must capture its graphs."""
+def engine_after_first_decode(dtype):
+    """(engine, model) after the first decode step of engine_prompts()'s 24 sequences (greedy, after
+    the eager prefill), in its decode graph of batch 24; the engine is built under the caller's
+    switches and must capture its graphs."""
     from oppo_runtime.engine import ActorEngine, EngineConfig, SamplingParams
     from oppo_runtime.memory import KVGeometry, PagePool
     m = build_model(ModelConfig.from_dict(ENGINE_CFG), seed=0, dtype=dtype, device="cuda").eval()
@@ -271,6 +271,12 @@ def engine_first_decode_hidden(dtype) -> torch.Tensor:
         eng.add_request(p, SamplingParams(temperature=0.0, max_new_tokens=8), target_len=8)
     while eng.stats["decode_steps"] == 0:
         eng.step()
+    return eng, m
+
+
+def engine_first_decode_hidden(dtype) -> torch.Tensor:
+    """The engine's hidden states [24, H] (float32) after its first decode step (engine_after_first_decode)."""
+    eng, _ = engine_after_first_decode(dtype)
     return eng.runner.graphs[24][1]["hidden"][:24].float().clone()
 
 

@@ -17,7 +17,7 @@ import torch
 from oppo_runtime.ops import backends
 
 from _scripts import run_check  # noqa: E402
-from test_decode_gemm_fusion import ENGINE_CFG, MODEL_DECODE_CHECK, _model, decode_step, engine_prompts  # noqa: E402
+from test_decode_gemm_fusion import MODEL_DECODE_CHECK, _model, decode_step, engine_after_first_decode  # noqa: E402
 
 FOLD_CHECK = textwrap.dedent("""
     import torch
@@ -230,34 +230,22 @@ def test_folded_decode_step_matches_the_unfolded_one_on_gpu(dtype, tol):
 def test_engine_decode_graphs_fold_the_new_weights_after_update_weights(monkeypatch):
     """The hazard of the fold: a decode graph reads the folded copies, which only a refresh updates.
     Three bf16 engines (unfolded; folded; folded with every refresh turned off: the runner's before
-    replays and ``update_weights``' forced one, 582d820) run the same greedy prefill and first decode step in CUDA graphs, take the same new weights
-    through ``update_weights`` (norms scaled, projections moved: in-place copies), and replay the
-    second decode step. Where the rows' inputs agree, the folded engine's hidden states equal the
-    unfolded one's within bf16 rounding; the engine that skipped the refresh is far off (what the
-    test would see of a stale fold)."""
+    replays and ``update_weights``' forced one, 582d820) run the same greedy prefill and first decode
+    step in CUDA graphs, take the same new weights through ``update_weights`` (norms scaled,
+    projections moved: in-place copies), and replay the second decode step. Where the rows' inputs
+    agree, the folded engine's hidden states equal the unfolded one's within bf16 rounding; the
+    engine that skipped the refresh is far off (what the test would see of a stale fold)."""
     from oppo_runtime import ops
-    from oppo_runtime.engine import ActorEngine, EngineConfig, SamplingParams
-    from oppo_runtime.memory import KVGeometry, PagePool
-    from oppo_runtime.models import ModelConfig, build_model
     if not ops.has_cuda_kernels():
         pytest.skip("CUDA kernels not built")
-    cfg, ps = ENGINE_CFG, engine_prompts()
 
     def run(fold: bool, refresh: bool = True):
         monkeypatch.setenv("OPPO_DECODE_NORM_FOLD", "1" if fold else "0")
-        m = build_model(ModelConfig.from_dict(cfg), seed=0, dtype=torch.bfloat16, device="cuda").eval()
-        geo = KVGeometry(*m.kv_geometry(), torch.bfloat16)
-        eng = ActorEngine(m, PagePool(400, PagePool.page_bytes_for([geo], 16), "cuda"),
-                          EngineConfig(max_num_seqs=32, async_decode=False))
-        assert eng.warmup() > 0 and eng.runner.use_graphs
+        eng, m = engine_after_first_decode(torch.bfloat16)
+        assert backends()["decode_layer"] == ("norm-folded (7 launches)" if fold else "unfused (9 launches)")
         if not refresh:      # no refresh anywhere: neither the runner's before a replay nor update_weights'
             eng.runner._refresh_folds = None
             m.refresh_norm_folds = lambda force=False: 0
-        for p in ps:
-            eng.add_request(p, SamplingParams(temperature=0.0, max_new_tokens=8), target_len=8)
-        while eng.stats["decode_steps"] == 0:
-            eng.step()
-        assert backends()["decode_layer"] == ("norm-folded (7 launches)" if fold else "unfused (9 launches)")
         w = torch.Generator().manual_seed(11)
         new = {}
         for k, v in m.state_dict().items():
