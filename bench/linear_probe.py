@@ -2,7 +2,7 @@
 weights stay in L2) and cold (an L2 flush before each call: in the engine every layer's weights
 come from DRAM), under each BLAS library PyTorch offers here, over the bytes' floor.
 
-    python bench/linear_probe.py [--shapes qwen2.5-0.5b] [--batches 64,256] [--libs cublas,cublaslt,inductor,lt_all]
+    python bench/linear_probe.py [--shapes qwen2.5-0.5b] [--batches 64,256] [--libs cublas,cublaslt,inductor,lt_all,gus]
                                  [--max-algos 16] [--out bench/results/linear_probe.json]
 
 Why: the engine's kernel profile (H100, B=256) has the QKV projection at 5.4 us and o_proj at 4.5
@@ -16,6 +16,12 @@ Triton GEMM of our own can beat cuBLAS at these small-M shapes, before writing o
 versions, each timed cold (each checked against the fp32 product first); one row for the fastest,
 with its configuration, and the JSON's ``lt_all`` list has them all. Floor: weights +
 input + output bytes over the copy bandwidth measured in the same run. No timing assertion.
+
+``gus`` (session 42): the decode MLP's gate_up GEMM and silu*mul as a unit, two rows at each batch:
+``cublas+silu_mul`` (what the engine runs: cuBLAS's gate_up, then the Triton silu*mul over its
+output) and ``gate_up_silu`` (our one sm_90a kernel, kernels/gate_up_silu.cuh), each checked against
+the float32 reference first; the floor is the larger of the bytes (weights + x + act) over the copy
+bandwidth and the FLOPs over the bf16 matmul rate, both measured in the same run.
 """
 from __future__ import annotations
 
@@ -27,7 +33,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import L2Flush, copy_bandwidth, device_info, print_table, results_path, time_ms, write_json  # noqa: E402
+from common import (L2Flush, copy_bandwidth, device_info, matmul_flops, print_table, results_path,  # noqa: E402
+                    time_ms, write_json)
 
 SHAPES = {   # hidden, intermediate, Hq, Hkv, D
     "qwen2.5-0.5b": (896, 4864, 14, 2, 64),
@@ -96,6 +103,31 @@ def lt_all(lt, x, w, b, out, ref, workspace, flusher, max_algos: int, key: dict)
             "lt_all": timed, "lt_rejected": rejected}
 
 
+def gate_up_silu_rows(x, w, flusher, bw: float, mm: float, key: dict) -> list[dict]:
+    """The gate_up GEMM + silu*mul unit, as the engine runs it and as our one kernel (see the doc)."""
+    from oppo_runtime.ops import fused
+    B, K = x.shape
+    inter = w.shape[0] // 2
+    gu = torch.empty(B, 2 * inter, device="cuda", dtype=x.dtype)
+    act = torch.empty(B, inter, device="cuda", dtype=x.dtype)
+    ref = fused.gate_up_silu_ref(x, w).float()
+    floor_us = max(2 * (w.numel() + x.numel() + act.numel()) / bw, 2 * B * K * 2 * inter / mm) * 1e6
+    runs = {"cublas+silu_mul": lambda: fused.silu_mul(torch.matmul(x, w.t(), out=gu), backend="triton"),
+            "gate_up_silu": lambda: fused.gate_up_silu(x, w, out=act, backend="cuda")}
+    rows = []
+    for lib, run in runs.items():
+        err = float((run().float() - ref).norm() / ref.norm())
+        assert err < 2e-2, f"{key} {lib}: relative error {err:.2e}"
+        warm = time_ms(run) * 1e3
+        cold = time_ms(run, cold_l2=flusher) * 1e3
+        rows.append({**key, "proj": "gate_up+silu", "lib": lib, "floor_us": floor_us, "warm_us": warm, "cold_us": cold,
+                     "cold_over_floor": cold / floor_us, "rel_err": err, "matmul_flops": mm})
+        print(f"{key['shape']} B={B} gate_up+silu {K}->{inter} {lib}: warm {warm:.2f} us, cold {cold:.2f} us, "
+              f"floor {floor_us:.2f} us", flush=True)
+    rows[-1]["speedup_vs_cublas_cold"] = rows[0]["cold_us"] / rows[-1]["cold_us"]
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="qwen2.5-0.5b")
@@ -105,8 +137,8 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     libs = [x.strip() for x in args.libs.split(",") if x.strip()]
-    assert libs and set(libs) <= {"cublas", "cublaslt", "inductor", "lt_all"}, \
-        f"--libs takes cublas, cublaslt, inductor and/or lt_all, got {args.libs!r}"
+    assert libs and set(libs) <= {"cublas", "cublaslt", "inductor", "lt_all", "gus"}, \
+        f"--libs takes cublas, cublaslt, inductor, lt_all and/or gus, got {args.libs!r}"
     lt = None
     if "lt_all" in libs:
         import lt_probe
@@ -114,7 +146,9 @@ def main() -> None:
         workspace = torch.empty(32 << 20, dtype=torch.uint8, device="cuda")
     info = device_info()
     bw = copy_bandwidth()
-    print(f"{info['card']}  torch {info['torch']}  copy bandwidth {bw / 1e12:.2f} TB/s (read + write)")
+    mm = matmul_flops() if "gus" in libs else None
+    print(f"{info['card']}  torch {info['torch']}  copy bandwidth {bw / 1e12:.2f} TB/s (read + write)"
+          + (f"  bf16 matmul {mm / 1e12:.0f} TFLOP/s" if mm else ""))
     flusher = L2Flush()
     rows = []
     before = torch.backends.cuda.preferred_blas_library()
@@ -129,6 +163,10 @@ def main() -> None:
                     ref = F.linear(x.float(), w.float(), None if b is None else b.float())
                     floor_us = 2 * (N * K + B * K + B * N) / bw * 1e6
                     for lib in libs:
+                        if lib == "gus":
+                            if proj == "gate_up":
+                                rows.extend(gate_up_silu_rows(x, w, flusher, bw, mm, dict(shape=name, B=B, K=K, N=N)))
+                            continue
                         if lib == "lt_all":
                             rows.append(lt_all(lt, x, w, b, out, ref, workspace, flusher, args.max_algos,
                                                dict(shape=name, B=B, proj=proj, K=K, N=N, floor_us=floor_us)))

@@ -1,4 +1,4 @@
-// CUDA implementations of the attention ops (launchers in csrc/*.cu), registered by ops.cpp.
+// CUDA implementations of the ops (launchers in csrc/*.cu: attention, gate_up_silu), registered by ops.cpp.
 #pragma once
 #include <ATen/ATen.h>
 #include <optional>
@@ -17,12 +17,15 @@ void prefill_item_stamps_cuda(at::Tensor& stamps);
 void prefill_turn_stamps_cuda(at::Tensor& stamps);
 int64_t paged_decode_workspace_size_cuda(const at::Tensor& q, const at::Tensor& k_cache,
                                          const at::Tensor& block_tables, int64_t max_partition);
+// Whether this device runs the extension's sm_90a code (paged_prefill_attention.cu).
+bool sm90a_here(const at::Tensor& t);
+void gate_up_silu_cuda(at::Tensor& act, const at::Tensor& x, const at::Tensor& w);
 void paged_prefill_attention_cuda(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,
                                   const at::Tensor& v_cache, const at::Tensor& cu_seqlens_q,
                                   const at::Tensor& context_lens, const at::Tensor& block_tables, double scale,
                                   int64_t max_seqlen_q);
 
-#define OPPO_REGISTER_CUDA_ATTENTION(m)                                    \
+#define OPPO_REGISTER_CUDA_OPS(m)                                    \
   m.impl("paged_decode_attention", &paged_decode_attention_cuda);          \
   m.impl("paged_decode_attention_rope", &paged_decode_attention_rope_cuda); \
   m.impl("paged_decode_workspace_size", &paged_decode_workspace_size_cuda); \
@@ -30,4 +33,5 @@ void paged_prefill_attention_cuda(at::Tensor& out, const at::Tensor& q, const at
   m.impl("decode_tile_stamps", &decode_tile_stamps_cuda);                  \
   m.impl("paged_prefill_attention", &paged_prefill_attention_cuda);        \
   m.impl("prefill_item_stamps", &prefill_item_stamps_cuda);               \
-  m.impl("prefill_turn_stamps", &prefill_turn_stamps_cuda);
+  m.impl("prefill_turn_stamps", &prefill_turn_stamps_cuda);              \
+  m.impl("gate_up_silu", &gate_up_silu_cuda);

@@ -25,12 +25,13 @@ TORCH_LIBRARY(oppo, m) {
   m.def("prefill_turn_stamps(Tensor(a!) stamps) -> ()");
   m.def("paged_prefill_attention(Tensor(a!) out, Tensor q, Tensor k_cache, Tensor v_cache, Tensor cu_seqlens_q, "
         "Tensor context_lens, Tensor block_tables, float scale, int max_seqlen_q) -> ()");
+  m.def("gate_up_silu(Tensor(a!) act, Tensor x, Tensor w) -> ()");
 }
 
 #ifdef OPPO_WITH_CUDA
 TORCH_LIBRARY_IMPL(oppo, CUDA, m) {
   m.impl("kv_append", &kv_append_cuda);
-  OPPO_REGISTER_CUDA_ATTENTION(m)
+  OPPO_REGISTER_CUDA_OPS(m)
 }
 #endif
 

@@ -131,8 +131,10 @@ static_assert(((oppo::attn::kPrefillOutF32 | oppo::attn::wgp::kFlagPingPong | op
 // Whether prefill_turn_stamps is on (the launcher then takes the wgmma3 kernel that writes them).
 std::atomic<bool> g_turn_stamps_on{false};
 
+}  // namespace
+
 // Whether this device runs the extension's sm_90a code (wgmma): an sm_90 card, and 9.0a built.
-// Asked once per device (every prefill call with the default plan asks).
+// Asked once per device (every prefill call with the default plan asks; gate_up_silu too).
 bool sm90a_here(const at::Tensor& q) {
   static signed char cached[64] = {};  // 0: not asked yet, 1: yes, -1: no
   signed char& c = cached[q.get_device() & 63];
@@ -148,6 +150,8 @@ bool sm90a_here(const at::Tensor& q) {
   }
   return c > 0;
 }
+
+namespace {
 
 // Whether OPPO_PREFILL_WGMMA_OFF (a comma list of plans, or "all": what bench/wgmma_smoke.py found
 // failing) switches `plan` off.

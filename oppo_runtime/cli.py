@@ -106,6 +106,8 @@ _SWITCHES = (
     ("OPPO_FUSE_KV_APPEND", "1 (K/V append inside the rotary kernel)"),
     ("OPPO_ASYNC_DECODE", "1 on CUDA (tokens read back one step late)"),
     ("OPPO_GRAPH_SAMPLING", "1 (LM head + sampler inside the decode graphs; 0: eager head)"),
+    ("OPPO_DECODE_GATE_UP_SILU", "0 (1: the decode MLP's gate_up GEMM and silu*mul as one sm_90a kernel, batches of <= 256"
+                                 " rows; an A/B switch)"),
     ("OPPO_DECODE_GEMM_FUSION", "0 (1: add+RMSNorm fused into the decode QKV and gate_up GEMMs)"),
     ("OPPO_DECODE_NORM_FOLD", "0 (1: each decode RMSNorm folded into the projection after it: its weight into a "
                               "copy of the qkv/gate_up weights, its row scale into the rotary/silu*mul kernels)"),

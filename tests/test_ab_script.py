@@ -11,7 +11,7 @@ from _scripts import load_script
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 SCRIPTS = ["ab_v6_wgmma3.sh", "ab_ks_caps.sh", "ab_clock_gemm.sh", "prefill_source_map.sh", "prefill_engine_check.sh",
            "heads_as_n_check.sh", "reg_stage_check.sh", "epilogue_check.sh", "hn_default_check.sh", "suite_stress_check.sh", "turns_check.sh", "tiles_check.sh",
-           "s36_check.sh", "s39_check.sh", "s40_check.sh"]
+           "s36_check.sh", "s39_check.sh", "s40_check.sh", "s42_check.sh"]
 
 
 @pytest.fixture(params=SCRIPTS)

@@ -49,9 +49,10 @@ from ..ops import (kv_append, paged_decode_attention, paged_prefill_attention,
                    rotary_cos_sin, token_logprobs, varlen_causal_attention)
 from ..ops.attention import decode_rope_in, paged_decode_attention_rope, paged_decode_attention_rope_refuses
 from ..ops._backend import record_backend
-from ..ops.fused import (decode_gemm_fusion, decode_norm_fold, fold_norm_weight, folded_qkv_rotary,
-                         folded_silu_mul, fused_add_rms_norm, kv_append_refuses, norm_gate_up_silu, norm_qkv_rotary,
-                         qkv_kernel_refuses, rotary_cos_sin_cache, rotary_qk, silu_mul)
+from ..ops.fused import (decode_gate_up_silu, decode_gemm_fusion, decode_norm_fold, fold_norm_weight,
+                         folded_qkv_rotary, folded_silu_mul, fused_add_rms_norm, gate_up_silu, gate_up_silu_refuses,
+                         kv_append_refuses, norm_gate_up_silu, norm_qkv_rotary, qkv_kernel_refuses,
+                         rotary_cos_sin_cache, rotary_qk, silu_mul)
 from ..ops.logprobs import entropy_from_logits, linear_token_logprobs
 from ..ops.train_fused import rms_norm_train, rotary_train, silu_mul_train
 from .config import ModelConfig
@@ -303,11 +304,19 @@ class MLP(nn.Module):
     def forward(self, x):
         return self.down_proj(silu_mul_train(self.gate_proj(x), self.up_proj(x)))
 
-    def forward_fused(self, x):
-        """Inference path: one gate_up GEMM and one silu*mul kernel (when fused)."""
+    def forward_fused(self, x, decode: bool = False):
+        """Inference path: one gate_up GEMM and one silu*mul kernel (when fused); in a decode step
+        under ``OPPO_DECODE_GATE_UP_SILU=1`` the two as one kernel (``ops.fused.gate_up_silu``)
+        where it can take the operands (else logged why not)."""
         if self.gate_up is None:
             return self.forward(x)
         self.gate_up.check("gate_proj/up_proj")
+        if decode and decode_gate_up_silu():
+            why = gate_up_silu_refuses(x, self.gate_up.weight, self.gate_up.bias)
+            if why is None:
+                record_backend("decode_mlp", "gate_up_silu (one kernel)")
+                return self.down_proj(gate_up_silu(x, self.gate_up.weight))
+            record_backend("decode_mlp", f"gate_up GEMM + silu_mul ({why})")
         return self.down_proj(silu_mul(self.gate_up(x)))
 
 
@@ -344,7 +353,7 @@ class DecoderLayer(nn.Module):
         x, residual = fused_add_rms_norm(x, residual, norm1.weight, norm1.eps)
         x = self.self_attn.forward_fused(x, positions, cos_sin_cache, ctx)
         x, residual = fused_add_rms_norm(x, residual, norm2.weight, norm2.eps)
-        return self.mlp.forward_fused(x), residual
+        return self.mlp.forward_fused(x, decode=isinstance(ctx, PagedContext) and ctx.is_decode), residual
 
     def _gemm_fusion_refused(self, ctx) -> str | None:
         """None when this decode step takes the 5-launch layer (``OPPO_DECODE_GEMM_FUSION=1``, fused

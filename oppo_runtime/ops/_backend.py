@@ -77,6 +77,16 @@ def sm_count(device: torch.device) -> int:
     return n
 
 
+def sm90a_kernels(device: torch.device | None = None) -> bool:
+    """Whether the extension's sm_90a kernels (wgmma) can run on ``device``: built with 9.0a code
+    (TORCH_CUDA_ARCH_LIST with 9.0a) and an sm_90 device."""
+    if not (torch.cuda.is_available() and has_cuda_kernels()):
+        return False
+    if "sm_90a" not in extension().cuda_arch_list().split():
+        return False
+    return torch.cuda.get_device_capability(device) == (9, 0)
+
+
 def choose_backend(op: str, device: torch.device, requested: str | None = None) -> str:
     """'cuda' or 'reference' for an op whose tensors live on ``device``.
 

@@ -22,7 +22,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from ._backend import MissingKernelError, choose_backend, has_cuda_kernels, record_backend
+from ._backend import MissingKernelError, choose_backend, has_cuda_kernels, record_backend, sm90a_kernels
 
 __all__ = [
     "kv_append", "kv_append_ref",
@@ -626,12 +626,7 @@ def prefill_wgmma_available(device: torch.device | None = None, plan: str | None
     comma list of plans, or ``all``: what ``bench/wgmma_smoke.py`` found failing or hanging)."""
     if plan is not None and _wgmma_switched_off(plan):
         return False
-    if not (torch.cuda.is_available() and has_cuda_kernels()):
-        return False
-    from ._backend import extension
-    if "sm_90a" not in extension().cuda_arch_list().split():
-        return False
-    return torch.cuda.get_device_capability(device) == (9, 0)
+    return sm90a_kernels(device)
 
 
 def paged_prefill_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables,

@@ -12,6 +12,8 @@ kernel and raises if it cannot run (on CPU tensors it runs only under ``TRITON_I
     rotary_cos_sin_cache(inv_freq, max_positions, device) -> [max_positions, D] float32 (cos | sin)
     rotary_qk(q, k, cos_sin_cache, positions, q_norm_weight=None, k_norm_weight=None, eps=1e-6) -> (q, k)
     silu_mul(gate_up) -> silu(gate) * up
+    gate_up_silu(x, w_gate_up) -> silu(x w_gate^T) * (x w_up^T): the GEMM and silu*mul as one CUDA
+        kernel (sm_90a, batches of <= 256 rows; opt-in for decode steps: ``OPPO_DECODE_GATE_UP_SILU=1``)
 
 Decode-layer GEMM fusion (opt-in: ``OPPO_DECODE_GEMM_FUSION=1``; see ``decode_gemm_fusion``): the
 add+RMSNorm becomes the prologue of the projection that follows it, and the projection's epilogue
@@ -38,12 +40,13 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from ._backend import MissingKernelError, record_backend
+from ._backend import MissingKernelError, choose_backend, record_backend, sm90a_kernels
 from .attention import kv_append, kv_append_ref
 from .norm_rope import apply_rotary, rms_norm
 
 __all__ = ["fused_add_rms_norm", "fused_add_rms_norm_ref", "rotary_cos_sin_cache", "rotary_qk", "rotary_qk_ref",
-           "silu_mul", "silu_mul_ref", "decode_gemm_fusion", "norm_qkv_rotary", "norm_qkv_rotary_ref", "qkv_kernel_refuses",
+           "silu_mul", "silu_mul_ref", "gate_up_silu", "gate_up_silu_ref", "gate_up_silu_refuses",
+           "decode_gate_up_silu", "decode_gemm_fusion", "norm_qkv_rotary", "norm_qkv_rotary_ref", "qkv_kernel_refuses",
            "kv_append_refuses",
            "norm_gate_up_silu", "norm_gate_up_silu_ref", "decode_norm_fold", "fold_norm_weight",
            "folded_qkv_rotary", "folded_qkv_rotary_ref", "folded_silu_mul", "folded_silu_mul_ref"]
@@ -249,6 +252,79 @@ def silu_mul(gate_up: torch.Tensor, backend: str | None = None) -> torch.Tensor:
     shape = gate_up.shape
     rows = gate_up if gate_up.dim() == 2 and gate_up.stride(-1) == 1 else gate_up.reshape(-1, shape[-1]).contiguous()
     return fused_triton.silu_mul(rows).view(*shape[:-1], shape[-1] // 2)
+
+
+# ----------------------------------------------------------------------------- gate_up GEMM + silu * mul
+GATE_UP_SILU_MAX_ROWS = 256     # the kernel holds the whole batch in each CTA (kernels/gate_up_silu.cuh)
+
+
+def decode_gate_up_silu() -> bool:
+    """Whether decode steps run the MLP's gate_up GEMM and silu*mul as one kernel (``gate_up_silu``;
+    env ``OPPO_DECODE_GATE_UP_SILU=1``, off by default until measured against cuBLAS + silu_mul).
+    Read when a decode graph is captured (or per eager step)."""
+    return os.environ.get("OPPO_DECODE_GATE_UP_SILU") == "1"
+
+
+def _check_gate_up(op: str, x, weight) -> None:
+    if x.dim() != 2 or weight.dim() != 2 or weight.shape[1] != x.shape[1] or weight.shape[0] % 2:
+        raise ValueError(f"{op}: x [M, K] and weight [2I, K] (gate | up), got {tuple(x.shape)} and "
+                         f"{tuple(weight.shape)}")
+
+
+def gate_up_silu_ref(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [M, K], weight [2I, K] (gate rows, then up rows) -> silu(g) * u [M, I], g and u the float32
+    products (not rounded to x's dtype in between, as the kernel's accumulators are not), rounded once."""
+    _check_gate_up("gate_up_silu", x, weight)
+    inter = weight.shape[0] // 2
+    gu = F.linear(x.float(), weight.float())
+    return (F.silu(gu[:, :inter]) * gu[:, inter:]).to(x.dtype)
+
+
+def gate_up_silu_refuses(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> str | None:
+    """Why ``gate_up_silu`` cannot serve these operands on their device (None: it can; on the CPU its
+    reference runs). The CUDA kernel: sm_90a, bf16/fp16, at most 256 rows, K a positive multiple of
+    8, 16-byte aligned contiguous rows, no bias."""
+    if bias is not None:
+        return "a gate/up bias"
+    if x.shape[0] > GATE_UP_SILU_MAX_ROWS:
+        return f"{x.shape[0]} rows (at most {GATE_UP_SILU_MAX_ROWS})"
+    if not x.is_cuda:
+        return None
+    if x.dtype not in (torch.bfloat16, torch.float16) or weight.dtype != x.dtype:
+        return f"dtype {x.dtype} / {weight.dtype} (bf16 or fp16)"
+    if not sm90a_kernels(x.device):
+        return "no sm_90a kernels here (an sm_90 device and the extension built for 9.0a)"
+    if (x.shape[1] % 8 or x.shape[1] == 0 or x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16
+            or not weight.is_contiguous() or weight.data_ptr() % 16):
+        return "operands not 16-byte aligned contiguous rows with K % 8 == 0"
+    return None
+
+
+def gate_up_silu(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None,
+                 backend: str | None = None) -> torch.Tensor:
+    """silu(x W_gate^T) * (x W_up^T) [M, I] for x [M, K] and the fused weight [2I, K] (gate | up):
+    one CUDA kernel on CUDA tensors it can take (``gate_up_silu_refuses``; else the reference runs,
+    logged with the reason, or with ``backend='cuda'`` a ValueError), the reference elsewhere.
+    ``out``: [M, I] to write, else a new tensor."""
+    _check_gate_up("gate_up_silu", x, weight)
+    inter = weight.shape[0] // 2
+    if out is not None and (out.shape != (x.shape[0], inter) or out.dtype != x.dtype):
+        raise ValueError(f"gate_up_silu: out must be [{x.shape[0]}, {inter}] {x.dtype}, got "
+                         f"{tuple(out.shape)} {out.dtype}")
+    why = gate_up_silu_refuses(x, weight)
+    if why is not None and x.is_cuda and backend != "cuda":
+        backend = "reference"
+    if choose_backend("gate_up_silu", x.device, backend) == "reference":
+        if why is not None and x.is_cuda:
+            record_backend("gate_up_silu", f"reference ({why})")
+        res = gate_up_silu_ref(x, weight)
+        return res if out is None else out.copy_(res)
+    if why is not None:
+        raise ValueError(f"gate_up_silu: the CUDA kernel cannot take these operands ({why})")
+    if out is None:
+        out = torch.empty(x.shape[0], inter, dtype=x.dtype, device=x.device)
+    torch.ops.oppo.gate_up_silu(out, x, weight)
+    return out
 
 
 # ----------------------------------------------------------------------------- decode-layer GEMM fusion

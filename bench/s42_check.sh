@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Session 42's device calls (H100), two parts on one warm machine, each under the 10-minute limit:
+#
+#   OUT=$OUT bash bench/s42_check.sh a   (carry .commit; ~8 min on a fresh machine)
+#     the whole GPU check without benchmarks (build, the wgmma smoke, every GPU test: the rotary
+#     prologue now the default, the fixed fold test, tests/test_gate_up_silu.py; the attention
+#     sanitizers), then compute-sanitizer memcheck and racecheck of the gate_up_silu kernel on a small
+#     case (two column blocks, a partial one, K not a multiple of 64, 70 rows)
+#   OUT=$OUT bash bench/s42_check.sh b   (~6 min on the machine of part a)
+#     issue 7's decode table; linear_probe's gate_up + silu*mul unit (cuBLAS + silu_mul against the
+#     one kernel, 0.5B and 1.5B, B=64 and 256, over its floor); the engine at 0.5B B=256 with the
+#     rotary prologue off (`off`) and the one-kernel MLP on (`gus`), kernel profiles
+# Both pack $OUT (at most 8 files come back).
+set -u
+cd "$(dirname "$0")/.."
+part=${1:-a}
+OUT=${OUT:-bench/results/s42}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+case $part in
+a)
+  OUT=$OUT bash bench/gpu_check.sh none
+  SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+  code='
+import torch
+from oppo_runtime.ops import fused
+g = torch.Generator().manual_seed(0)
+x = torch.randn(70, 136, generator=g).cuda().bfloat16()
+w = (torch.randn(2 * 104, 136, generator=g) * 0.1).cuda().bfloat16()
+out = fused.gate_up_silu(x, w, backend="cuda")
+err = ((out.float() - fused.gate_up_silu_ref(x, w).float()).norm() / fused.gate_up_silu_ref(x, w).float().norm()).item()
+torch.cuda.synchronize()
+print("gate_up_silu rel err", err)
+assert err < 2e-3
+'
+  for tool in memcheck racecheck; do
+    echo "=== gate_up_silu $tool" >> "$OUT/log.txt"
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 120 "$SAN" --tool $tool --error-exitcode 9 $PY -c "$code" >> "$OUT/log.txt" 2>&1
+    rc=$?
+    echo "| gate_up_silu $tool | $rc | - |" >> "$OUT/report.md"
+    echo "gate_up_silu $tool rc=$rc"
+  done
+  grep -E "ERROR SUMMARY|RACECHECK SUMMARY|gate_up_silu rel err" "$OUT/log.txt" | tail -6
+  ;;
+b)
+  BENCH_ONLY=1 SMOKE=0 OUT=$OUT \
+    ARGS_linear_probe="--shapes qwen2.5-0.5b,qwen2.5-1.5b --batches 64,256 --libs cublas,gus" \
+    ARGS_engine="--kernel-profile --shapes qwen2.5-0.5b --batches 256 --hf-min-batch 100000 --decode-env off:OPPO_DECODE_ROPE_IN=0 --decode-env gus:OPPO_DECODE_GATE_UP_SILU=1" \
+    bash bench/gpu_check.sh decode_attention linear_probe engine
+  ;;
+*) echo "usage: s42_check.sh a|b"; exit 2 ;;
+esac
+bash bench/pack_out.sh "$OUT" >> "$OUT/log.txt" 2>&1

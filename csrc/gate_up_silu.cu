@@ -1,0 +1,53 @@
+// Launcher of gate_up_silu (kernels/gate_up_silu.cuh): checks arguments, launches on the current
+// stream. sm_90a only (wgmma); the Python face (ops/mlp.py) runs cuBLAS + silu_mul elsewhere.
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include "dispatch.h"
+#include "cuda_ops.h"
+#include "../kernels/gate_up_silu.cuh"
+
+// act [M, I] (written), x [M, K], w [2I, K] (gate | up) -> act = silu(x w_gate^T) * (x w_up^T)
+void gate_up_silu_cuda(at::Tensor& act, const at::Tensor& x, const at::Tensor& w) {
+  constexpr const char* op = "gate_up_silu";
+  using C = oppo::mlp::GateUpSilu;
+  OPPO_CHECK_CUDA(act, "gate_up_silu"); OPPO_CHECK_CUDA(x, "gate_up_silu"); OPPO_CHECK_CUDA(w, "gate_up_silu");
+  OPPO_CHECK(x.dim() == 2 && w.dim() == 2 && act.dim() == 2, op, ": x [M, K], w [2I, K] and act [M, I] must be 2-D");
+  const int64_t M = x.size(0), K = x.size(1), I = w.size(0) / 2;
+  OPPO_CHECK(w.size(1) == K && w.size(0) % 2 == 0, op, ": w must be [2I, K] with x's K = ", K, ", got ", w.sizes());
+  OPPO_CHECK(act.size(0) == M && act.size(1) == I, op, ": act must be [", M, ", ", I, "], got ", act.sizes());
+  OPPO_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf, op, ": x must be bf16 or fp16, got ",
+             x.scalar_type());
+  OPPO_CHECK(w.scalar_type() == x.scalar_type() && act.scalar_type() == x.scalar_type(), op,
+             ": x, w and act must share a dtype");
+  OPPO_CHECK(M <= C::kRows, op, ": at most ", C::kRows, " rows (the kernel holds the whole batch), got ", M);
+  OPPO_CHECK(K > 0 && K % 8 == 0 && I % 2 == 0, op, ": K must be a positive multiple of 8 and I even, got K ", K,
+             ", I ", I);
+  OPPO_CHECK(x.stride(1) == 1 && x.stride(0) % 8 == 0 && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0, op,
+             ": x's rows must be contiguous, 16-byte aligned");
+  OPPO_CHECK(w.is_contiguous() && reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0, op,
+             ": w must be contiguous, 16-byte aligned");
+  OPPO_CHECK(act.stride(1) == 1 && act.stride(0) % 2 == 0 && reinterpret_cast<uintptr_t>(act.data_ptr()) % 4 == 0,
+             op, ": act's rows must be contiguous, 4-byte aligned");
+  OPPO_CHECK(K < (1LL << 31) && I < (1LL << 30) && x.stride(0) < (1LL << 31) && act.stride(0) < (1LL << 31), op,
+             ": sizes beyond 32-bit indexing");
+  OPPO_CHECK(sm90a_here(x), op, ": needs an sm_90 device and the extension built for 9.0a (wgmma)");
+  if (M == 0 || I == 0) return;
+  const at::cuda::OptionalCUDAGuard guard(x.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const int grid = static_cast<int>((I + C::kBH - 1) / C::kBH);
+  auto launch = [&](auto tag) {
+    using T = decltype(tag);
+    auto kernel = oppo::mlp::gate_up_silu_kernel<T>;
+    static bool attr_set[64] = {};  // per instantiation and device
+    if (!attr_set[x.get_device() & 63]) {
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmem));
+      attr_set[x.get_device() & 63] = true;
+    }
+    kernel<<<grid, C::kThreads, C::kSmem, stream>>>(
+        reinterpret_cast<T*>(act.data_ptr()), act.stride(0), reinterpret_cast<const T*>(x.data_ptr()), x.stride(0),
+        reinterpret_cast<const T*>(w.data_ptr()), static_cast<int>(M), static_cast<int>(K), static_cast<int>(I));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  if (x.scalar_type() == at::kBFloat16) launch(__nv_bfloat16{});
+  else launch(__half{});
+}
