@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # Session 42's device calls (H100), two parts on one warm machine, each under the 10-minute limit:
 #
-#   OUT=$OUT bash bench/s42_check.sh a   (carry .commit; ~8 min on a fresh machine)
-#     the whole GPU check without benchmarks (build, the wgmma smoke, every GPU test: the rotary
-#     prologue now the default, the fixed fold test, tests/test_gate_up_silu.py; the attention
-#     sanitizers), then compute-sanitizer memcheck and racecheck of the gate_up_silu kernel on a small
-#     case (two column blocks, a partial one, K not a multiple of 64, 70 rows)
-#   OUT=$OUT bash bench/s42_check.sh b   (~6 min on the machine of part a)
-#     issue 7's decode table; linear_probe's gate_up + silu*mul unit (cuBLAS + silu_mul against the
-#     one kernel, 0.5B and 1.5B, B=64 and 256, over its floor); the engine at 0.5B B=256 with the
-#     rotary prologue off (`off`) and the one-kernel MLP on (`gus`), kernel profiles
+#   OUT=$OUT bash bench/s42_check.sh a   (carry .commit; ~7-8 min on a fresh machine)
+#     build, the wgmma smoke, every GPU test (the rotary prologue now the default, the fixed fold
+#     test, tests/test_gate_up_silu.py), linear_probe's gate_up + silu*mul unit (cuBLAS + silu_mul
+#     against the one kernel, 0.5B and 1.5B, B=64 and 256, over its floor), then compute-sanitizer
+#     memcheck and racecheck of the gate_up_silu kernel on a small case (two column blocks and a
+#     partial one, K not a multiple of 64, 70 rows). The attention sanitizers are not in it (their
+#     kernels did not change this session; device time).
+#   OUT=$OUT bash bench/s42_check.sh b   (~5 min on the machine of part a)
+#     the engine at 0.5B B=256 with the rotary prologue off (`off`) and the one-kernel MLP on
+#     (`gus`), kernel profiles; then issue 7's decode table
 # Both pack $OUT (at most 8 files come back).
 set -u
 cd "$(dirname "$0")/.."
@@ -19,7 +20,9 @@ mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 case $part in
 a)
-  OUT=$OUT bash bench/gpu_check.sh none
+  BENCH_ONLY=1 PYTEST_FILES=tests PYTEST_LIMIT=240 OUT=$OUT \
+    ARGS_linear_probe="--shapes qwen2.5-0.5b,qwen2.5-1.5b --batches 64,256 --libs cublas,gus" \
+    bash bench/gpu_check.sh linear_probe
   SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
   code='
 import torch
@@ -44,9 +47,8 @@ assert err < 2e-3
   ;;
 b)
   BENCH_ONLY=1 SMOKE=0 OUT=$OUT \
-    ARGS_linear_probe="--shapes qwen2.5-0.5b,qwen2.5-1.5b --batches 64,256 --libs cublas,gus" \
     ARGS_engine="--kernel-profile --shapes qwen2.5-0.5b --batches 256 --hf-min-batch 100000 --decode-env off:OPPO_DECODE_ROPE_IN=0 --decode-env gus:OPPO_DECODE_GATE_UP_SILU=1" \
-    bash bench/gpu_check.sh decode_attention linear_probe engine
+    bash bench/gpu_check.sh engine decode_attention
   ;;
 *) echo "usage: s42_check.sh a|b"; exit 2 ;;
 esac
