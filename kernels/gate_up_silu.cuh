@@ -15,7 +15,8 @@
 // w    [2I, K]  contiguous, 16-byte aligned (gate rows 0..I-1, up rows I..2I-1: the fused gate_up
 //               weight), I even
 // grid ceil(I / kBH), block kThreads (two warpgroups; warpgroup g holds rows 128 g .. 128 g + 127 as
-// two m64 blocks), dynamic shared memory kSmem.
+// two m64 blocks, and issues the MMAs of those that hold rows < M only: a batch of 64 rows costs a
+// quarter of 256's tensor time), dynamic shared memory kSmem.
 //
 // The K loop runs in steps of 64 (one 128-byte swizzle panel of x and of the CTA's 80 weight rows) over
 // kStages stages filled by cp.async from every thread (out-of-range rows and columns zero-filled):
@@ -100,6 +101,7 @@ gate_up_silu_kernel(T* __restrict__ act, int64_t lda, const T* __restrict__ x, i
   };
 
   const int wg = tid >> 7;
+  const int nblk = min(2, max(0, (M - wg * 128 + 63) / 64));   // this warpgroup's row blocks with rows < M
   float acc[2][C::kBN / 2];
 
 #pragma unroll
@@ -112,15 +114,27 @@ gate_up_silu_kernel(T* __restrict__ act, int64_t lda, const T* __restrict__ x, i
     const uint32_t b_s = s0 + (kb % C::kStages) * C::kStageBytes + C::kABytes;
     // (no register fence on acc inside the loop: with a group in flight across the back edge, ptxas
     // takes one for a definition of the accumulators and serializes every wgmma, C7515)
-    attn::wgp::wg_fence();
+    // the warpgroup's row blocks that hold rows < M (warpgroup-uniform): a batch of 8, of 4 or none,
+    // each whole between its fence and its commit (a branch inside a batch would serialize it)
+    if (nblk == 2) {
+      attn::wgp::wg_fence();
 #pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
-      const uint64_t db = desc128(b_s + kk * 32, 16, 1024);
-      const int accum = (kb > 0 || kk > 0) ? 1 : 0;
-      Ops::ss_n80(acc[0], desc128(a_s + kk * 32, 16, 1024), db, accum);
-      Ops::ss_n80(acc[1], desc128(a_s + 64 * 128 + kk * 32, 16, 1024), db, accum);
+      for (int kk = 0; kk < 4; ++kk) {
+        const uint64_t db = desc128(b_s + kk * 32, 16, 1024);
+        const int accum = (kb > 0 || kk > 0) ? 1 : 0;
+        Ops::ss_n80(acc[0], desc128(a_s + kk * 32, 16, 1024), db, accum);
+        Ops::ss_n80(acc[1], desc128(a_s + 64 * 128 + kk * 32, 16, 1024), db, accum);
+      }
+      attn::wgp::wg_commit();
+    } else if (nblk == 1) {
+      attn::wgp::wg_fence();
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) {
+        const int accum = (kb > 0 || kk > 0) ? 1 : 0;
+        Ops::ss_n80(acc[0], desc128(a_s + kk * 32, 16, 1024), desc128(b_s + kk * 32, 16, 1024), accum);
+      }
+      attn::wgp::wg_commit();
     }
-    attn::wgp::wg_commit();
     load(kb + C::kStages - 2, (kb + C::kStages - 2) % C::kStages);   // into the stage step kb - 2 read
     attn::wgp::wg_wait<1>();                   // step kb - 1's MMAs done (kb's may run on)
   }

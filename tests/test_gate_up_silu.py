@@ -110,7 +110,7 @@ def test_kernel_matches_the_reference_on_gpu(dtype):
     # (K, I): Qwen2.5-0.5B, 1.5B, the engine tests' model, K % 64 != 0 with a partial last column
     # block (104 = 2 x 40 + 24), one block of K
     for K, I in ((896, 4864), (1536, 8960), (512, 1024), (72, 104), (64, 40)):
-        for M in (1, 37, 128, 200, 256):
+        for M in (1, 37, 64, 128, 129, 200, 256):   # each warpgroup with 0, 1 or 2 row blocks
             x, w = _operands(M, K, I, dtype, "cuda", seed=M + K)
             want = fused.gate_up_silu_ref(x, w)
             out = torch.full((M, I), float("nan"), dtype=dtype, device="cuda")

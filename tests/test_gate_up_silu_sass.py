@@ -1,0 +1,87 @@
+"""The gate_up_silu kernel's machine code (sm_90a SASS), checked without a GPU.
+
+Its design holds only if ptxas keeps the MMAs asynchronous: two earlier forms of the kernel made it
+serialize every wgmma (C7515: register fences on the accumulators inside the K loop with a group in
+flight; zero-initialised accumulators with accumulate = 1). This compiles both instantiations (bf16,
+fp16) and checks: no performance-loss warning, no spill, and the K loop's shape: one barrier, the
+step's m64n80k16 MMAs as one batch of 8 or 4 (the warpgroup's row blocks that hold rows < M; no wait
+or arrive inside a batch, one completion signal), then the refill's 11 cp.async copies a thread (8 rows of x and
+up to 3 of the weights) with no branch among the x copies, then a wait down to one MMA group in
+flight (not zero: the tensor pipe runs across steps), no integer division.
+"""
+import functools
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from _scripts import cuobjdump_path, nvcc_sm90a
+from test_prefill_wgmma_sass import _instructions, _opcode
+
+SOURCE = """
+#include "gate_up_silu.cuh"
+using T = {T};
+template __global__ void oppo::mlp::gate_up_silu_kernel<T>(T*, int64_t, const T*, int64_t, const T*, int, int, int);
+"""
+
+
+@functools.lru_cache(maxsize=None)
+def _build(dtype: str) -> tuple[str, str]:
+    tmp = Path(tempfile.mkdtemp(prefix=f"gus_sass_{dtype}_"))
+    try:
+        return nvcc_sm90a(SOURCE.replace("{T}", dtype), tmp, sass_with=cuobjdump_path())
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def k_loop(sass: str) -> list[str]:
+    """The K loop: the innermost backward branch whose body holds the HGMMAs."""
+    ins = _instructions(sass)
+    addr = [a for a, _ in ins]
+    best = None
+    for k, (a, t) in enumerate(ins):
+        m = re.search(r"\bBRA\b.*?(0x[0-9a-f]+)$", t)
+        if not (m and t.startswith("@")) or int(m.group(1), 16) >= a:
+            continue
+        body = [x for _, x in ins[addr.index(int(m.group(1), 16)):k + 1]]
+        if any("HGMMA" in x for x in body) and (best is None or len(body) < len(best)):
+            best = body
+    assert best is not None, "no loop with the MMAs"
+    return best
+
+
+@pytest.mark.parametrize("dtype", ["__nv_bfloat16", "__half"])
+def test_gate_up_silu_keeps_its_mmas_asynchronous(dtype):
+    report, sass = _build(dtype)
+    assert "Potential Performance Loss" not in report, report       # no serialized wgmma (C75xx)
+    assert re.search(r"\b0 bytes spill stores, 0 bytes spill loads", report), report
+    body = k_loop(sass)
+    ops = [_opcode(x) for x in body]
+    # a step's MMAs: a batch of 8 (both row blocks) or of 4 (the first: M ends in it), each opened by
+    # one arrive, with no wait inside and only its last MMA signalling
+    batches, cur = [], None
+    for i, x in enumerate(body):
+        if "WARPGROUP.ARRIVE" in x:
+            cur = []
+            batches.append(cur)
+        elif "HGMMA" in x:
+            assert cur is not None and "64x80x16" in x, x
+            cur.append(i)
+        elif "WARPGROUP.DEPBAR" in x:
+            cur = None
+    assert sorted(len(b) for b in batches) == [4, 8], batches
+    for b in batches:
+        assert [i for i in b if "gsb0" in body[i]] == [b[-1]], [body[i] for i in b]
+    mma = sorted(i for b in batches for i in b)
+    assert ops.count("BAR.SYNC") == 1 or sum(o.startswith("BAR") for o in ops) == 1, ops
+    bar = next(i for i, o in enumerate(ops) if o.startswith("BAR"))
+    assert bar < mma[0]                                              # the stage is everyone's first
+    copies = [i for i, o in enumerate(ops) if o.startswith("LDGSTS")]
+    assert len(copies) == 11 and copies[0] > mma[-1], (copies, mma)  # the refill after the MMAs
+    xs = copies[:8]
+    assert not any(o == "BRA" for o in ops[xs[0]:xs[-1]]), ops[xs[0]:xs[-1]]   # x's copies: no branch
+    waits = [re.search(r"gsb0,\s*(0x[0-9a-f]+)", x).group(1) for x in body if "WARPGROUP.DEPBAR" in x]
+    assert waits == ["0x1"], waits                                   # one group left in flight
+    assert not [o for o in ops if re.match(r"^(I2F|F2I|MUFU\.RCP)", o)], ops
