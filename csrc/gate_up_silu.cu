@@ -1,5 +1,8 @@
 // Launcher of gate_up_silu (kernels/gate_up_silu.cuh): checks arguments, launches on the current
 // stream. sm_90a only (wgmma); the Python face (ops/mlp.py) runs cuBLAS + silu_mul elsewhere.
+#include <cstdlib>
+#include <string>
+#include <type_traits>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include "dispatch.h"
@@ -35,9 +38,15 @@ void gate_up_silu_cuda(at::Tensor& act, const at::Tensor& x, const at::Tensor& w
   const at::cuda::OptionalCUDAGuard guard(x.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const int grid = static_cast<int>((I + C::kBH - 1) / C::kBH);
-  auto launch = [&](auto tag) {
+  // OPPO_GATE_UP_SILU_LAG (read at every call, so at a graph's capture): MMA groups left in flight at
+  // a K step's end, 1 (default) or 0 (an A/B: see the kernel)
+  const char* lag_env = std::getenv("OPPO_GATE_UP_SILU_LAG");
+  const bool lag0 = lag_env != nullptr && std::string(lag_env) == "0";
+  OPPO_CHECK(lag_env == nullptr || lag0 || std::string(lag_env) == "1", op,
+             ": OPPO_GATE_UP_SILU_LAG must be 0 or 1, got ", lag_env == nullptr ? "" : lag_env);
+  auto launch = [&](auto tag, auto lag_tag) {
     using T = decltype(tag);
-    auto kernel = oppo::mlp::gate_up_silu_kernel<T>;
+    auto kernel = oppo::mlp::gate_up_silu_kernel<T, decltype(lag_tag)::value>;
     static bool attr_set[64] = {};  // per instantiation and device
     if (!attr_set[x.get_device() & 63]) {
       C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmem));
@@ -48,6 +57,8 @@ void gate_up_silu_cuda(at::Tensor& act, const at::Tensor& x, const at::Tensor& w
         reinterpret_cast<const T*>(w.data_ptr()), static_cast<int>(M), static_cast<int>(K), static_cast<int>(I));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
-  if (x.scalar_type() == at::kBFloat16) launch(__nv_bfloat16{});
-  else launch(__half{});
+  using Lag0 = std::integral_constant<int, 0>;
+  using Lag1 = std::integral_constant<int, 1>;
+  if (x.scalar_type() == at::kBFloat16) lag0 ? launch(__nv_bfloat16{}, Lag0{}) : launch(__nv_bfloat16{}, Lag1{});
+  else lag0 ? launch(__half{}, Lag0{}) : launch(__half{}, Lag1{});
 }

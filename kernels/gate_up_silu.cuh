@@ -21,8 +21,12 @@
 // The K loop runs in steps of 64 (one 128-byte swizzle panel of x and of the CTA's 80 weight rows) over
 // kStages stages filled by cp.async from every thread (out-of-range rows and columns zero-filled):
 // step kb waits for its stage, fences it to the async proxy and passes one barrier, issues its 8 MMAs a
-// warpgroup (2 row blocks x 4 k16 steps, m64n80k16), then refills the stage that step kb - 2 read
-// (its MMAs are done: each warpgroup waited down to one group in flight before the barrier).
+// warpgroup (2 row blocks x 4 k16 steps, m64n80k16), refills the stage that step kb - 1 - kLag read,
+// and waits until at most kLag MMA groups are in flight. kLag = 1 (the default): the tensor pipe runs
+// across steps, 3 stages (126 KB) of copies in flight ahead; kLag = 0 (an A/B,
+// OPPO_GATE_UP_SILU_LAG=0): each step's MMAs done before the next, 4 stages (168 KB) in flight, for
+// when the copies' latency, not the MMAs, paces the loop (Little's law: 126 KB at ~1.5 us of loaded L2
+// latency is ~84 GB/s an SM, under the ~112 of session 40's probe).
 #pragma once
 #include "paged_prefill_wgmma.cuh"  // sm_90a helpers: 128-byte swizzle, descriptors, fences; wgmma::Ops
 
@@ -55,7 +59,7 @@ template <> struct Pair<__half> {
   static __device__ __forceinline__ type make(float a, float b) { return __floats2half2_rn(a, b); }
 };
 
-template <typename T>
+template <typename T, int kLag>
 __global__ void __launch_bounds__(GateUpSilu::kThreads, 1)
 gate_up_silu_kernel(T* __restrict__ act, int64_t lda, const T* __restrict__ x, int64_t ldx,
                     const T* __restrict__ w, int M, int K, int I) {
@@ -105,11 +109,13 @@ gate_up_silu_kernel(T* __restrict__ act, int64_t lda, const T* __restrict__ x, i
   float acc[2][C::kBN / 2];
 
 #pragma unroll
-  for (int s = 0; s < C::kStages - 2; ++s) load(s, s);
+  static_assert(kLag == 0 || kLag == 1, "MMA groups left in flight at a step's end");
+  constexpr int kAhead = C::kStages - 1 - kLag;   // k-blocks whose copies are in flight ahead
+  for (int s = 0; s < kAhead; ++s) load(s, s);
   for (int kb = 0; kb < nk; ++kb) {
-    attn::cp_async_wait<C::kStages - 3>();   // this thread's copies of k-block kb have landed
+    attn::cp_async_wait<kAhead - 1>();         // this thread's copies of k-block kb have landed
     attn::wgp::fence_proxy_async();            // ... and are visible to the MMAs
-    __syncthreads();                           // everyone's; and step kb - 2's MMAs are done
+    __syncthreads();                           // everyone's; and step kb - 1 - kLag's MMAs are done
     const uint32_t a_s = s0 + (kb % C::kStages) * C::kStageBytes + wg * 128 * 128;
     const uint32_t b_s = s0 + (kb % C::kStages) * C::kStageBytes + C::kABytes;
     // (no register fence on acc inside the loop: with a group in flight across the back edge, ptxas
@@ -135,8 +141,8 @@ gate_up_silu_kernel(T* __restrict__ act, int64_t lda, const T* __restrict__ x, i
       }
       attn::wgp::wg_commit();
     }
-    load(kb + C::kStages - 2, (kb + C::kStages - 2) % C::kStages);   // into the stage step kb - 2 read
-    attn::wgp::wg_wait<1>();                   // step kb - 1's MMAs done (kb's may run on)
+    load(kb + kAhead, (kb + kAhead) % C::kStages);   // into the stage step kb - 1 - kLag read
+    attn::wgp::wg_wait<kLag>();                // step kb - kLag's MMAs done (kLag 1: kb's may run on)
   }
   attn::wgp::wg_wait_all();
   attn::wgp::fence_regs(acc[0]);

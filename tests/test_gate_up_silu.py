@@ -103,9 +103,11 @@ def _rel_err(a, b):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("lag", ["1", "0"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_kernel_matches_the_reference_on_gpu(dtype):
+def test_kernel_matches_the_reference_on_gpu(dtype, lag, monkeypatch):
     _need_kernel()
+    monkeypatch.setenv("OPPO_GATE_UP_SILU_LAG", lag)        # the default form and its A/B
     tol = 2e-3 if dtype == torch.bfloat16 else 1e-3
     # (K, I): Qwen2.5-0.5B, 1.5B, the engine tests' model, K % 64 != 0 with a partial last column
     # block (104 = 2 x 40 + 24), one block of K
@@ -151,11 +153,16 @@ def test_kernel_in_a_cuda_graph_replays_on_new_inputs():
 
 
 @pytest.mark.gpu
-def test_kernel_refuses_what_it_cannot_take_on_gpu():
+def test_kernel_refuses_what_it_cannot_take_on_gpu(monkeypatch):
     _need_kernel()
     x, w = _operands(300, 64, 40, torch.bfloat16, "cuda")
     with pytest.raises(ValueError, match="300 rows"):
         fused.gate_up_silu(x, w, backend="cuda")
+    x, w = _operands(8, 64, 40, torch.bfloat16, "cuda")
+    monkeypatch.setenv("OPPO_GATE_UP_SILU_LAG", "2")
+    with pytest.raises(RuntimeError, match="OPPO_GATE_UP_SILU_LAG must be 0 or 1"):
+        fused.gate_up_silu(x, w, backend="cuda")
+    monkeypatch.delenv("OPPO_GATE_UP_SILU_LAG")
     x, w = _operands(8, 64, 40, torch.float32, "cuda")
     assert "dtype" in fused.gate_up_silu_refuses(x, w)
     got = fused.gate_up_silu(x, w)                              # auto: the reference, logged

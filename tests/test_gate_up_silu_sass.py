@@ -2,12 +2,13 @@
 
 Its design holds only if ptxas keeps the MMAs asynchronous: two earlier forms of the kernel made it
 serialize every wgmma (C7515: register fences on the accumulators inside the K loop with a group in
-flight; zero-initialised accumulators with accumulate = 1). This compiles both instantiations (bf16,
-fp16) and checks: no performance-loss warning, no spill, and the K loop's shape: one barrier, the
-step's m64n80k16 MMAs as one batch of 8 or 4 (the warpgroup's row blocks that hold rows < M; no wait
-or arrive inside a batch, one completion signal), then the refill's 11 cp.async copies a thread (8 rows of x and
-up to 3 of the weights) with no branch among the x copies, then a wait down to one MMA group in
-flight (not zero: the tensor pipe runs across steps), no integer division.
+flight; zero-initialised accumulators with accumulate = 1). This compiles the four instantiations
+(bf16 / fp16, kLag 1 / 0) and checks: no performance-loss warning, no spill, and the K loop's shape:
+one barrier; the step's m64n80k16 MMAs as one batch of 8 or 4 (the warpgroup's row blocks that hold
+rows < M; no wait or arrive inside a batch, one completion signal); then the refill's 11 cp.async
+copies a thread (8 rows of x, up to 3 of the weights) with no branch among x's 8; then a wait down
+to kLag MMA groups in flight (1, the default: the tensor pipe runs across steps; 0, the A/B with one
+more stage of copies in flight); the copies' wait leaving 3 - kLag groups in flight; no division.
 """
 import functools
 import re
@@ -23,15 +24,17 @@ from test_prefill_wgmma_sass import _instructions, _opcode
 SOURCE = """
 #include "gate_up_silu.cuh"
 using T = {T};
-template __global__ void oppo::mlp::gate_up_silu_kernel<T>(T*, int64_t, const T*, int64_t, const T*, int, int, int);
+template __global__ void oppo::mlp::gate_up_silu_kernel<T, {LAG}>(T*, int64_t, const T*, int64_t, const T*, int, int,
+                                                                  int);
 """
+VARIANTS = [("__nv_bfloat16", 1), ("__half", 1), ("__nv_bfloat16", 0), ("__half", 0)]   # (dtype, kLag)
 
 
 @functools.lru_cache(maxsize=None)
-def _build(dtype: str) -> tuple[str, str]:
-    tmp = Path(tempfile.mkdtemp(prefix=f"gus_sass_{dtype}_"))
+def _build(dtype: str, lag: int = 1) -> tuple[str, str]:
+    tmp = Path(tempfile.mkdtemp(prefix=f"gus_sass_{dtype}_{lag}_"))
     try:
-        return nvcc_sm90a(SOURCE.replace("{T}", dtype), tmp, sass_with=cuobjdump_path())
+        return nvcc_sm90a(SOURCE.replace("{T}", dtype).replace("{LAG}", str(lag)), tmp, sass_with=cuobjdump_path())
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -52,9 +55,9 @@ def k_loop(sass: str) -> list[str]:
     return best
 
 
-@pytest.mark.parametrize("dtype", ["__nv_bfloat16", "__half"])
-def test_gate_up_silu_keeps_its_mmas_asynchronous(dtype):
-    report, sass = _build(dtype)
+@pytest.mark.parametrize("dtype,lag", VARIANTS)
+def test_gate_up_silu_keeps_its_mmas_asynchronous(dtype, lag):
+    report, sass = _build(dtype, lag)
     assert "Potential Performance Loss" not in report, report       # no serialized wgmma (C75xx)
     assert re.search(r"\b0 bytes spill stores, 0 bytes spill loads", report), report
     body = k_loop(sass)
@@ -83,5 +86,7 @@ def test_gate_up_silu_keeps_its_mmas_asynchronous(dtype):
     xs = copies[:8]
     assert not any(o == "BRA" for o in ops[xs[0]:xs[-1]]), ops[xs[0]:xs[-1]]   # x's copies: no branch
     waits = [re.search(r"gsb0,\s*(0x[0-9a-f]+)", x).group(1) for x in body if "WARPGROUP.DEPBAR" in x]
-    assert waits == ["0x1"], waits                                   # one group left in flight
+    assert waits == [f"0x{lag}"], waits                              # kLag groups left in flight
+    cp_waits = [re.search(r"SB0,\s*(0x[0-9a-f]+)", x).group(1) for x in body if re.search(r"\bDEPBAR\.LE SB0", x)]
+    assert cp_waits == [f"0x{3 - lag}"], cp_waits                    # the copies of 4 - kLag steps ahead
     assert not [o for o in ops if re.match(r"^(I2F|F2I|MUFU\.RCP)", o)], ops
