@@ -2,7 +2,8 @@
 weights stay in L2) and cold (an L2 flush before each call: in the engine every layer's weights
 come from DRAM), under each BLAS library PyTorch offers here, over the bytes' floor.
 
-    python bench/linear_probe.py [--shapes qwen2.5-0.5b] [--batches 64,256] [--libs cublas,cublaslt,inductor,lt_all,gus]
+    python bench/linear_probe.py [--shapes qwen2.5-0.5b] [--batches 64,256]
+                                 [--libs cublas,cublaslt,inductor,lt_all,gus,ksplit]
                                  [--max-algos 16] [--out bench/results/linear_probe.json]
 
 Why: the engine's kernel profile (H100, B=256) has the QKV projection at 5.4 us and o_proj at 4.5
@@ -22,7 +23,10 @@ input + output bytes over the copy bandwidth measured in the same run. No timing
 output), ``gate_up_silu`` (our one sm_90a kernel, kernels/gate_up_silu.cuh) and ``gate_up_silu_lag0``
 (the same with OPPO_GATE_UP_SILU_LAG=0: one more stage of copies in flight), each checked against
 the float32 reference first; the floor is the larger of the bytes (weights + x + act) over the copy
-bandwidth and the FLOPs over the bf16 matmul rate, both measured in the same run.
+bandwidth and the FLOPs over the bf16 matmul rate, both measured in the same run. ``ksplit``
+(session 42): o_proj and down_proj through ``linear_ksplit`` (kernels/linear_ksplit.cuh: all rows a
+cluster of 8 CTAs that split K, the partials summed through distributed shared memory), beside the
+same projections' cuBLAS rows.
 """
 from __future__ import annotations
 
@@ -142,8 +146,8 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     libs = [x.strip() for x in args.libs.split(",") if x.strip()]
-    assert libs and set(libs) <= {"cublas", "cublaslt", "inductor", "lt_all", "gus"}, \
-        f"--libs takes cublas, cublaslt, inductor, lt_all and/or gus, got {args.libs!r}"
+    assert libs and set(libs) <= {"cublas", "cublaslt", "inductor", "lt_all", "gus", "ksplit"}, \
+        f"--libs takes cublas, cublaslt, inductor, lt_all, gus and/or ksplit, got {args.libs!r}"
     lt = None
     if "lt_all" in libs:
         import lt_probe
@@ -176,9 +180,16 @@ def main() -> None:
                             rows.append(lt_all(lt, x, w, b, out, ref, workspace, flusher, args.max_algos,
                                                dict(shape=name, B=B, proj=proj, K=K, N=N, floor_us=floor_us)))
                             continue
-                        torch.backends.cuda.preferred_blas_library("cublas" if lib == "inductor" else lib)
+                        if lib == "ksplit" and (b is not None or proj not in ("o_proj", "down")):
+                            continue            # the decode layers' o_proj and down_proj (no bias)
+                        torch.backends.cuda.preferred_blas_library("cublas" if lib in ("inductor", "ksplit") else lib)
                         if lib == "inductor":
                             run = inductor_linear(x, w, b)
+                        elif lib == "ksplit":
+                            from oppo_runtime.ops import fused
+
+                            def run():
+                                return fused.linear_ksplit(x, w, out=out, backend="cuda")
                         else:
                             def run():
                                 torch.matmul(x, w.t(), out=out) if b is None else torch.addmm(b, x, w.t(), out=out)

@@ -1,4 +1,5 @@
-// CUDA implementations of the ops (launchers in csrc/*.cu: attention, gate_up_silu), registered by ops.cpp.
+// CUDA implementations of the ops (launchers in csrc/*.cu: attention, gate_up_silu, linear_ksplit),
+// registered by ops.cpp.
 #pragma once
 #include <ATen/ATen.h>
 #include <optional>
@@ -20,6 +21,7 @@ int64_t paged_decode_workspace_size_cuda(const at::Tensor& q, const at::Tensor& 
 // Whether this device runs the extension's sm_90a code (paged_prefill_attention.cu).
 bool sm90a_here(const at::Tensor& t);
 void gate_up_silu_cuda(at::Tensor& act, const at::Tensor& x, const at::Tensor& w);
+void linear_ksplit_cuda(at::Tensor& out, const at::Tensor& x, const at::Tensor& w);
 void paged_prefill_attention_cuda(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,
                                   const at::Tensor& v_cache, const at::Tensor& cu_seqlens_q,
                                   const at::Tensor& context_lens, const at::Tensor& block_tables, double scale,
@@ -34,4 +36,5 @@ void paged_prefill_attention_cuda(at::Tensor& out, const at::Tensor& q, const at
   m.impl("paged_prefill_attention", &paged_prefill_attention_cuda);        \
   m.impl("prefill_item_stamps", &prefill_item_stamps_cuda);               \
   m.impl("prefill_turn_stamps", &prefill_turn_stamps_cuda);              \
-  m.impl("gate_up_silu", &gate_up_silu_cuda);
+  m.impl("gate_up_silu", &gate_up_silu_cuda);                              \
+  m.impl("linear_ksplit", &linear_ksplit_cuda);

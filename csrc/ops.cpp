@@ -26,6 +26,7 @@ TORCH_LIBRARY(oppo, m) {
   m.def("paged_prefill_attention(Tensor(a!) out, Tensor q, Tensor k_cache, Tensor v_cache, Tensor cu_seqlens_q, "
         "Tensor context_lens, Tensor block_tables, float scale, int max_seqlen_q) -> ()");
   m.def("gate_up_silu(Tensor(a!) act, Tensor x, Tensor w) -> ()");
+  m.def("linear_ksplit(Tensor(a!) out, Tensor x, Tensor w) -> ()");
 }
 
 #ifdef OPPO_WITH_CUDA

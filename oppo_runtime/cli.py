@@ -110,6 +110,8 @@ _SWITCHES = (
                                  " rows; an A/B switch)"),
     ("OPPO_GATE_UP_SILU_LAG", "1 (gate_up_silu's MMA groups left in flight at a K step's end; 0: an A/B with one"
                               " more stage of copies in flight)"),
+    ("OPPO_DECODE_LINEAR_KSPLIT", "0 (1: the decode layers' o_proj and down_proj as one sm_90a kernel in clusters of 8"
+                                  " CTAs splitting K, batches of <= 256 rows; an A/B switch)"),
     ("OPPO_DECODE_GEMM_FUSION", "0 (1: add+RMSNorm fused into the decode QKV and gate_up GEMMs)"),
     ("OPPO_DECODE_NORM_FOLD", "0 (1: each decode RMSNorm folded into the projection after it: its weight into a "
                               "copy of the qkv/gate_up weights, its row scale into the rotary/silu*mul kernels)"),

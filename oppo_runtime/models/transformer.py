@@ -49,7 +49,7 @@ from ..ops import (kv_append, paged_decode_attention, paged_prefill_attention,
                    rotary_cos_sin, token_logprobs, varlen_causal_attention)
 from ..ops.attention import decode_rope_in, paged_decode_attention_rope, paged_decode_attention_rope_refuses
 from ..ops._backend import record_backend
-from ..ops.fused import (decode_gate_up_silu, decode_gemm_fusion, decode_norm_fold, fold_norm_weight,
+from ..ops.fused import (decode_gate_up_silu, decode_gemm_fusion, decode_linear, decode_norm_fold, fold_norm_weight,
                          folded_qkv_rotary, folded_silu_mul, fused_add_rms_norm, gate_up_silu, gate_up_silu_refuses,
                          kv_append_refuses, norm_gate_up_silu, norm_qkv_rotary, qkv_kernel_refuses,
                          rotary_cos_sin_cache, rotary_qk, silu_mul)
@@ -262,7 +262,8 @@ class Attention(nn.Module):
                                            workspace=ctx.decode_workspace, max_partition=ctx.decode_max_partition)
 
     def _attend_and_project(self, q, k, v, ctx, appended: bool = False):
-        return self.o_proj(self._attend(q, k, v, ctx, appended))
+        decode = isinstance(ctx, PagedContext) and ctx.is_decode
+        return decode_linear(self.o_proj, self._attend(q, k, v, ctx, appended), decode)
 
     def _attend(self, q, k, v, ctx, appended: bool = False):
         """Attention of q [n, Hq, D] -> [n, Hq * D] (k, v appended to the pages first unless ``appended``)."""
@@ -307,7 +308,8 @@ class MLP(nn.Module):
     def forward_fused(self, x, decode: bool = False):
         """Inference path: one gate_up GEMM and one silu*mul kernel (when fused); in a decode step
         under ``OPPO_DECODE_GATE_UP_SILU=1`` the two as one kernel (``ops.fused.gate_up_silu``)
-        where it can take the operands (else logged why not)."""
+        where it can take the operands (else logged why not); down_proj through ``decode_linear``
+        (``OPPO_DECODE_LINEAR_KSPLIT=1``)."""
         if self.gate_up is None:
             return self.forward(x)
         self.gate_up.check("gate_proj/up_proj")
@@ -315,9 +317,9 @@ class MLP(nn.Module):
             why = gate_up_silu_refuses(x, self.gate_up.weight, self.gate_up.bias)
             if why is None:
                 record_backend("decode_mlp", "gate_up_silu (one kernel)")
-                return self.down_proj(gate_up_silu(x, self.gate_up.weight))
+                return decode_linear(self.down_proj, gate_up_silu(x, self.gate_up.weight), decode)
             record_backend("decode_mlp", f"gate_up GEMM + silu_mul ({why})")
-        return self.down_proj(silu_mul(self.gate_up(x)))
+        return decode_linear(self.down_proj, silu_mul(self.gate_up(x)), decode)
 
 
 class DecoderLayer(nn.Module):

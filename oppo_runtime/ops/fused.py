@@ -14,6 +14,8 @@ kernel and raises if it cannot run (on CPU tensors it runs only under ``TRITON_I
     silu_mul(gate_up) -> silu(gate) * up
     gate_up_silu(x, w_gate_up) -> silu(x w_gate^T) * (x w_up^T): the GEMM and silu*mul as one CUDA
         kernel (sm_90a, batches of <= 256 rows; opt-in for decode steps: ``OPPO_DECODE_GATE_UP_SILU=1``)
+    linear_ksplit(x, w) -> x w^T: clusters of 8 CTAs splitting K (sm_90a, <= 256 rows; opt-in for the
+        decode steps' o_proj and down_proj: ``OPPO_DECODE_LINEAR_KSPLIT=1``)
 
 Decode-layer GEMM fusion (opt-in: ``OPPO_DECODE_GEMM_FUSION=1``; see ``decode_gemm_fusion``): the
 add+RMSNorm becomes the prologue of the projection that follows it, and the projection's epilogue
@@ -46,8 +48,9 @@ from .norm_rope import apply_rotary, rms_norm
 
 __all__ = ["fused_add_rms_norm", "fused_add_rms_norm_ref", "rotary_cos_sin_cache", "rotary_qk", "rotary_qk_ref",
            "silu_mul", "silu_mul_ref", "gate_up_silu", "gate_up_silu_ref", "gate_up_silu_refuses",
-           "decode_gate_up_silu", "decode_gemm_fusion", "norm_qkv_rotary", "norm_qkv_rotary_ref", "qkv_kernel_refuses",
-           "kv_append_refuses",
+           "decode_gate_up_silu", "linear_ksplit", "linear_ksplit_ref", "linear_ksplit_refuses",
+           "decode_linear_ksplit", "decode_linear", "decode_gemm_fusion", "norm_qkv_rotary", "norm_qkv_rotary_ref",
+           "qkv_kernel_refuses", "kv_append_refuses",
            "norm_gate_up_silu", "norm_gate_up_silu_ref", "decode_norm_fold", "fold_norm_weight",
            "folded_qkv_rotary", "folded_qkv_rotary_ref", "folded_silu_mul", "folded_silu_mul_ref"]
 
@@ -255,7 +258,7 @@ def silu_mul(gate_up: torch.Tensor, backend: str | None = None) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- gate_up GEMM + silu * mul
-GATE_UP_SILU_MAX_ROWS = 256     # the kernel holds the whole batch in each CTA (kernels/gate_up_silu.cuh)
+SMALL_M_MAX_ROWS = 256     # gate_up_silu and linear_ksplit hold the whole batch in each CTA
 
 
 def decode_gate_up_silu() -> bool:
@@ -280,14 +283,12 @@ def gate_up_silu_ref(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return (F.silu(gu[:, :inter]) * gu[:, inter:]).to(x.dtype)
 
 
-def gate_up_silu_refuses(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> str | None:
-    """Why ``gate_up_silu`` cannot serve these operands on their device (None: it can; on the CPU its
-    reference runs). The CUDA kernel: sm_90a, bf16/fp16, at most 256 rows, K a positive multiple of
-    8, 16-byte aligned contiguous rows, no bias."""
-    if bias is not None:
-        return "a gate/up bias"
-    if x.shape[0] > GATE_UP_SILU_MAX_ROWS:
-        return f"{x.shape[0]} rows (at most {GATE_UP_SILU_MAX_ROWS})"
+def _small_m_refuses(x: torch.Tensor, weight: torch.Tensor) -> str | None:
+    """Why the sm_90a small-M GEMM kernels (gate_up_silu, linear_ksplit) cannot take x [M, K] and
+    weight [*, K] (None: they can; on the CPU their references serve): at most 256 rows; on CUDA
+    bf16/fp16, an sm_90a build and device, K a positive multiple of 8, 16-byte aligned contiguous rows."""
+    if x.shape[0] > SMALL_M_MAX_ROWS:
+        return f"{x.shape[0]} rows (at most {SMALL_M_MAX_ROWS})"
     if not x.is_cuda:
         return None
     if x.dtype not in (torch.bfloat16, torch.float16) or weight.dtype != x.dtype:
@@ -298,6 +299,15 @@ def gate_up_silu_refuses(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
             or not weight.is_contiguous() or weight.data_ptr() % 16):
         return "operands not 16-byte aligned contiguous rows with K % 8 == 0"
     return None
+
+
+def gate_up_silu_refuses(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> str | None:
+    """Why ``gate_up_silu`` cannot serve these operands on their device (None: it can; on the CPU its
+    reference runs). The CUDA kernel: sm_90a, bf16/fp16, at most 256 rows, K a positive multiple of
+    8, 16-byte aligned contiguous rows, no bias."""
+    if bias is not None:
+        return "a gate/up bias"
+    return _small_m_refuses(x, weight)
 
 
 def gate_up_silu(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None,
@@ -325,6 +335,74 @@ def gate_up_silu(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None
         out = torch.empty(x.shape[0], inter, dtype=x.dtype, device=x.device)
     torch.ops.oppo.gate_up_silu(out, x, weight)
     return out
+
+
+# ----------------------------------------------------------------------------- linear, K split over a cluster
+def decode_linear_ksplit() -> bool:
+    """Whether decode steps run o_proj and down_proj through ``linear_ksplit`` (env
+    ``OPPO_DECODE_LINEAR_KSPLIT=1``, off by default until measured against cuBLAS). Read when a decode
+    graph is captured (or per eager step)."""
+    return os.environ.get("OPPO_DECODE_LINEAR_KSPLIT") == "1"
+
+
+def linear_ksplit_ref(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [M, K] @ weight [N, K]^T with float32 sums, rounded once to x's dtype."""
+    if x.dim() != 2 or weight.dim() != 2 or weight.shape[1] != x.shape[1]:
+        raise ValueError(f"linear_ksplit: x [M, K] and weight [N, K], got {tuple(x.shape)} and {tuple(weight.shape)}")
+    return F.linear(x.float(), weight.float()).to(x.dtype)
+
+
+def linear_ksplit_refuses(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> str | None:
+    """Why ``linear_ksplit`` cannot serve these operands on their device (None: it can; on the CPU its
+    reference runs): ``gate_up_silu``'s conditions, N a multiple of 8, no bias."""
+    if bias is not None:
+        return "a bias"
+    if x.is_cuda and weight.shape[0] % 8:
+        return f"N = {weight.shape[0]} (a multiple of 8)"
+    return _small_m_refuses(x, weight)
+
+
+def linear_ksplit(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None,
+                  backend: str | None = None) -> torch.Tensor:
+    """x [M, K] @ weight [N, K]^T for M <= 256 on the CUDA kernel (clusters of 8 CTAs split K, the
+    partials summed through distributed shared memory: kernels/linear_ksplit.cuh) where it can take the
+    operands (``linear_ksplit_refuses``; else the reference, logged with the reason, or with
+    ``backend='cuda'`` a ValueError), the reference elsewhere. ``out``: [M, N] to write (16-byte
+    aligned rows), else a new tensor."""
+    if x.dim() != 2 or weight.dim() != 2 or weight.shape[1] != x.shape[1]:
+        raise ValueError(f"linear_ksplit: x [M, K] and weight [N, K], got {tuple(x.shape)} and {tuple(weight.shape)}")
+    if out is not None and (out.shape != (x.shape[0], weight.shape[0]) or out.dtype != x.dtype):
+        raise ValueError(f"linear_ksplit: out must be [{x.shape[0]}, {weight.shape[0]}] {x.dtype}, got "
+                         f"{tuple(out.shape)} {out.dtype}")
+    why = linear_ksplit_refuses(x, weight)
+    if (why is None and out is not None and x.is_cuda
+            and (out.stride(1) != 1 or out.stride(0) % 8 or out.data_ptr() % 16)):
+        why = "out's rows not 16-byte aligned and contiguous"
+    if why is not None and x.is_cuda and backend != "cuda":
+        backend = "reference"
+    if choose_backend("linear_ksplit", x.device, backend) == "reference":
+        if why is not None and x.is_cuda:
+            record_backend("linear_ksplit", f"reference ({why})")
+        res = linear_ksplit_ref(x, weight)
+        return res if out is None else out.copy_(res)
+    if why is not None:
+        raise ValueError(f"linear_ksplit: the CUDA kernel cannot take these operands ({why})")
+    if out is None:
+        out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
+    torch.ops.oppo.linear_ksplit(out, x, weight)
+    return out
+
+
+def decode_linear(lin, x: torch.Tensor, decode: bool) -> torch.Tensor:
+    """``lin(x)`` (an nn.Linear), or in a decode step under ``OPPO_DECODE_LINEAR_KSPLIT=1`` the
+    ``linear_ksplit`` kernel where it can take the operands (else logged why not)."""
+    if decode and decode_linear_ksplit():
+        why = linear_ksplit_refuses(x, lin.weight, lin.bias)
+        if why is None:
+            record_backend("decode_linear", "linear_ksplit")
+            return linear_ksplit(x, lin.weight)
+        record_backend("decode_linear", f"F.linear ({why})")
+    return lin(x)
 
 
 # ----------------------------------------------------------------------------- decode-layer GEMM fusion
