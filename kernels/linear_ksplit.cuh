@@ -16,23 +16,16 @@
 // w    [N, K]  contiguous, 16-byte aligned, N % 8 == 0
 // grid 8 ceil(N / 64) CTAs in clusters of 8 along x (cluster c: columns 64 c ..), block kThreads (two
 // warpgroups, rows as in gate_up_silu.cuh: each issues the MMAs of its row blocks holding rows < M),
-// dynamic shared memory kSmem. The K loop is gate_up_silu's (64-wide 128-byte-swizzled panels,
-// kStages cp.async stages, one barrier a step, one MMA group left in flight), over the CTA's k-blocks.
+// dynamic shared memory kSmem. The K loop (small_m_gemm.cuh, kLag 1) over the CTA's k-blocks, kStages
+// stages of 40 KB (x 32 KB, the 64 weight rows 8 KB).
 #pragma once
-#include "paged_prefill_wgmma.cuh"  // sm_90a helpers: 128-byte swizzle, descriptors, fences; wgmma::Ops
+#include "small_m_gemm.cuh"
 
 namespace oppo {
 namespace mlp {
 
-struct LinearKSplit {
-  static constexpr int kBN = 64;                  // output columns per cluster: the MMA's N
+struct LinearKSplit : SmallM<64, 5> {
   static constexpr int kSplit = 8;                // CTAs a cluster, each an eighth of K
-  static constexpr int kRows = 256;               // x rows per CTA: the whole batch
-  static constexpr int kThreads = 256;
-  static constexpr int kStages = 5;
-  static constexpr int kABytes = kRows * 128;     // a stage's x panel: 256 rows x 64 elements
-  static constexpr int kBBytes = kBN * 128;       // a stage's weight panel: 64 rows x 64 elements
-  static constexpr int kStageBytes = kABytes + kBBytes;
   // the float32 partial [256, kBN] after the loop, over the stages: rows of 68 floats (272 bytes:
   // the accumulators' float2 stores fall in 32 distinct banks a warp; the reduction's float4 reads
   // stay 16-byte aligned)
@@ -40,7 +33,6 @@ struct LinearKSplit {
   static constexpr int kPartBytes = kRows * kPartStride * 4;
   static constexpr int kBody = kStages * kStageBytes > kPartBytes ? kStages * kStageBytes : kPartBytes;
   static constexpr int kSmem = 1024 /*alignment slack*/ + kBody;
-  static_assert(kStageBytes % 1024 == 0, "each panel on a 1024-byte boundary (the swizzle's period)");
   static_assert(kSmem <= 232448, "a CTA may have 227 KB of shared memory");
   static_assert(kRows / kSplit * kBN == 8 * kThreads, "the reduction: 8 columns a thread, 32 rows a CTA");
 };
@@ -104,9 +96,6 @@ linear_ksplit_kernel(T* __restrict__ out, int64_t ldo, const T* __restrict__ x, 
                      const T* __restrict__ w, int M, int K, int N) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using C = LinearKSplit;
-  using Ops = wgmma::Ops<T>;
-  using attn::wgp::swz;
-  using attn::wgp::desc128;
   extern __shared__ unsigned char smem_raw[];
   const uint32_t s0 = (attn::smem_u32(smem_raw) + 1023u) & ~1023u;
   const int tid = threadIdx.x;
@@ -114,68 +103,11 @@ linear_ksplit_kernel(T* __restrict__ out, int64_t ldo, const T* __restrict__ x, 
   const int c0 = (blockIdx.x / C::kSplit) * C::kBN;
   const int nk_all = (K + 63) / 64;
   const int kb0 = rank * nk_all / C::kSplit, nk = (rank + 1) * nk_all / C::kSplit - kb0;   // this CTA's k-blocks
-
-  // k-block kb0 + j into stage s (see gate_up_silu.cuh: chunk tid % 8 of rows tid / 8 + 32 i)
-  const int ch = tid & 7, r0 = tid >> 3;
-  auto load = [&](int j, int s) {
-    if (j < nk) {
-      const uint32_t a_s = s0 + s * C::kStageBytes, b_s = a_s + C::kABytes;
-      const int k = (kb0 + j) * 64 + ch * 8;
-      const bool k_ok = k < K;
-#pragma unroll
-      for (int i = 0; i < C::kRows / 32; ++i) {
-        const int r = r0 + 32 * i;
-        const bool ok = k_ok && r < M;
-        attn::wgp::cp_async_16_s(a_s + swz(C::kRows, r, ch), ok ? x + r * ldx + k : x, ok ? 16 : 0);
-      }
-#pragma unroll
-      for (int i = 0; i < C::kBN / 32; ++i) {
-        const int n = r0 + 32 * i;
-        const bool ok = k_ok && c0 + n < N;
-        attn::wgp::cp_async_16_s(b_s + swz(C::kBN, n, ch), ok ? w + static_cast<int64_t>(c0 + n) * K + k : w,
-                                 ok ? 16 : 0);
-      }
-    }
-    attn::cp_async_commit();
-  };
-
   const int wg = tid >> 7;
-  const int nblk = min(2, max(0, (M - wg * 128 + 63) / 64));   // this warpgroup's row blocks with rows < M
+  const int nblk = small_m_row_blocks(M);
   float acc[2][C::kBN / 2];
-  constexpr int kAhead = C::kStages - 2;
-#pragma unroll
-  for (int s = 0; s < kAhead; ++s) load(s, s);
-  for (int j = 0; j < nk; ++j) {
-    attn::cp_async_wait<kAhead - 1>();
-    attn::wgp::fence_proxy_async();
-    __syncthreads();
-    const uint32_t a_s = s0 + (j % C::kStages) * C::kStageBytes + wg * 128 * 128;
-    const uint32_t b_s = s0 + (j % C::kStages) * C::kStageBytes + C::kABytes;
-    if (nblk == 2) {
-      attn::wgp::wg_fence();
-#pragma unroll
-      for (int kk = 0; kk < 4; ++kk) {
-        const uint64_t db = desc128(b_s + kk * 32, 16, 1024);
-        const int accum = (j > 0 || kk > 0) ? 1 : 0;
-        Ops::ss_n64(acc[0], desc128(a_s + kk * 32, 16, 1024), db, accum);
-        Ops::ss_n64(acc[1], desc128(a_s + 64 * 128 + kk * 32, 16, 1024), db, accum);
-      }
-      attn::wgp::wg_commit();
-    } else if (nblk == 1) {
-      attn::wgp::wg_fence();
-#pragma unroll
-      for (int kk = 0; kk < 4; ++kk) {
-        const int accum = (j > 0 || kk > 0) ? 1 : 0;
-        Ops::ss_n64(acc[0], desc128(a_s + kk * 32, 16, 1024), desc128(b_s + kk * 32, 16, 1024), accum);
-      }
-      attn::wgp::wg_commit();
-    }
-    load(j + kAhead, (j + kAhead) % C::kStages);
-    attn::wgp::wg_wait<1>();
-  }
-  attn::wgp::wg_wait_all();
-  attn::wgp::fence_regs(acc[0]);
-  attn::wgp::fence_regs(acc[1]);
+  small_m_k_loop<T, C, 1>(acc, s0, x, ldx, w, M, K, kb0, nk, nblk,
+                          [&](int j) -> int64_t { return c0 + j < N ? c0 + j : -1; });
   __syncthreads();   // every warpgroup's MMAs are done with the stages the partial overwrites
 
   // the partial (zeros where this CTA had no k-block: K < 8 * 64), rows of its computed row blocks

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from oppo_runtime.ops import backends
 from oppo_runtime.ops import fused
 
+from _small_m import graph_replays_on_new_inputs, kernel_matches_reference, need_kernel, rel_err  # noqa: E402
 from test_decode_gemm_fusion import _model, decode_step, engine_first_decode_hidden  # noqa: E402
 
 
@@ -92,69 +93,29 @@ def test_decode_step_logs_why_the_kernel_does_not_serve(monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------- GPU
-def _need_kernel():
-    from oppo_runtime.ops._backend import sm90a_kernels
-    if not torch.cuda.is_available() or not sm90a_kernels():
-        pytest.skip("needs an sm_90 device and the extension built for 9.0a")
-
-
-def _rel_err(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("lag", ["1", "0"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_kernel_matches_the_reference_on_gpu(dtype, lag, monkeypatch):
-    _need_kernel()
+    need_kernel()
     monkeypatch.setenv("OPPO_GATE_UP_SILU_LAG", lag)        # the default form and its A/B
-    tol = 2e-3 if dtype == torch.bfloat16 else 1e-3
     # (K, I): Qwen2.5-0.5B, 1.5B, the engine tests' model, K % 64 != 0 with a partial last column
     # block (104 = 2 x 40 + 24), one block of K
-    for K, I in ((896, 4864), (1536, 8960), (512, 1024), (72, 104), (64, 40)):
-        for M in (1, 37, 64, 128, 129, 200, 256):   # each warpgroup with 0, 1 or 2 row blocks
-            x, w = _operands(M, K, I, dtype, "cuda", seed=M + K)
-            want = fused.gate_up_silu_ref(x, w)
-            out = torch.full((M, I), float("nan"), dtype=dtype, device="cuda")
-            got = fused.gate_up_silu(x, w, out=out, backend="cuda")
-            assert got is out
-            assert not torch.isnan(out).any(), (K, I, M, "not every element written")
-            err = _rel_err(out, want)
-            assert err < tol, (K, I, M, err)
-    # strided rows: x a column slice of a wider buffer, out written into a wider one (its other
-    # columns untouched)
-    M, K, I = 100, 896, 4864
-    xb, w = _operands(M, K + 64, I, dtype, "cuda", seed=5)
-    x = xb[:, 32:32 + K]
-    w = w[:, :K].contiguous()
-    big = torch.full((M, I + 8), float("nan"), dtype=dtype, device="cuda")
-    fused.gate_up_silu(x, w, out=big[:, :I], backend="cuda")
-    assert _rel_err(big[:, :I], fused.gate_up_silu_ref(x, w)) < tol
-    assert torch.isnan(big[:, I:]).all()
+    kernel_matches_reference(fused.gate_up_silu, fused.gate_up_silu_ref, _operands, lambda i: i,
+                             ((896, 4864), (1536, 8960), (512, 1024), (72, 104), (64, 40)), dtype,
+                             2e-3 if dtype == torch.bfloat16 else 1e-3)
     assert backends()["gate_up_silu"] == "cuda"
 
 
 @pytest.mark.gpu
 def test_kernel_in_a_cuda_graph_replays_on_new_inputs():
-    _need_kernel()
-    M, K, I = 256, 896, 4864
-    x, w = _operands(M, K, I, torch.bfloat16, "cuda", seed=1)
-    out = torch.empty(M, I, dtype=torch.bfloat16, device="cuda")
-    fused.gate_up_silu(x, w, out=out, backend="cuda")          # first call outside (attributes set)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fused.gate_up_silu(x, w, out=out, backend="cuda")
-    for seed in (2, 3):
-        x.copy_(_operands(M, K, I, torch.bfloat16, "cuda", seed=seed)[0])
-        out.fill_(float("nan"))
-        graph.replay()
-        torch.cuda.synchronize()
-        assert _rel_err(out, fused.gate_up_silu_ref(x, w)) < 2e-3
+    need_kernel()
+    graph_replays_on_new_inputs(fused.gate_up_silu, fused.gate_up_silu_ref, _operands, lambda i: i, 896, 4864)
 
 
 @pytest.mark.gpu
 def test_kernel_refuses_what_it_cannot_take_on_gpu(monkeypatch):
-    _need_kernel()
+    need_kernel()
     x, w = _operands(300, 64, 40, torch.bfloat16, "cuda")
     with pytest.raises(ValueError, match="300 rows"):
         fused.gate_up_silu(x, w, backend="cuda")
@@ -175,12 +136,12 @@ def test_kernel_refuses_what_it_cannot_take_on_gpu(monkeypatch):
 def test_engine_decode_step_in_cuda_graphs_with_gate_up_silu(dtype, monkeypatch):
     """The one-kernel MLP captured in the engine's decode graphs (24 sequences): the first decode
     step's hidden states as the unfused engine's within the dtype's rounding; each run logs its MLP."""
-    _need_kernel()
+    need_kernel()
     hidden = []
     for on in ("0", "1"):
         monkeypatch.setenv("OPPO_DECODE_GATE_UP_SILU", on)
         hidden.append(engine_first_decode_hidden(dtype))
         if on == "1":
             assert backends()["decode_mlp"] == "gate_up_silu (one kernel)", backends()
-    err = _rel_err(hidden[1], hidden[0])
+    err = rel_err(hidden[1], hidden[0])
     assert 0 < err < (2e-2 if dtype == torch.bfloat16 else 5e-3), err

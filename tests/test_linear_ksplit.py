@@ -14,7 +14,7 @@ from oppo_runtime.ops import backends
 from oppo_runtime.ops import fused
 
 from test_decode_gemm_fusion import _model, decode_step, engine_first_decode_hidden  # noqa: E402
-from test_gate_up_silu import _need_kernel, _rel_err  # noqa: E402
+from _small_m import graph_replays_on_new_inputs, kernel_matches_reference, need_kernel, rel_err  # noqa: E402
 
 
 def _operands(M, K, N, dtype, device="cpu", seed=0):
@@ -63,7 +63,7 @@ def test_decode_step_through_linear_ksplit_matches_the_plain_one_on_cpu(dtype, m
     if dtype == torch.float32:
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     else:
-        assert _rel_err(got, want) < 2e-2
+        assert rel_err(got, want) < 2e-2
 
 
 def test_decode_step_logs_why_the_kernel_does_not_serve(monkeypatch):
@@ -82,47 +82,19 @@ def test_decode_step_logs_why_the_kernel_does_not_serve(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_kernel_matches_the_reference_on_gpu(dtype):
-    _need_kernel()
-    tol = 2e-3 if dtype == torch.bfloat16 else 1e-3
+    need_kernel()
     # (K, N): 0.5B's down_proj and o_proj, 1.5B's, the engine tests' model's down_proj; K of 2 k-blocks
     # (6 CTAs of each cluster without one) with a partial column tile; one k-block in all
-    for K, N in ((4864, 896), (896, 896), (8960, 1536), (1536, 1536), (1024, 512), (72, 24), (64, 8)):
-        for M in (1, 37, 64, 128, 129, 200, 256):
-            x, w = _operands(M, K, N, dtype, "cuda", seed=M + K)
-            want = fused.linear_ksplit_ref(x, w)
-            out = torch.full((M, N), float("nan"), dtype=dtype, device="cuda")
-            assert fused.linear_ksplit(x, w, out=out, backend="cuda") is out
-            assert not torch.isnan(out).any(), (K, N, M, "not every element written")
-            err = _rel_err(out, want)
-            assert err < tol, (K, N, M, err)
-    # strided rows: x a column slice of a wider buffer, out written into a wider one (its other
-    # columns untouched)
-    M, K, N = 100, 4864, 896
-    xb, w = _operands(M, K + 64, N, dtype, "cuda", seed=5)
-    x, w = xb[:, 32:32 + K], w[:, :K].contiguous()
-    big = torch.full((M, N + 8), float("nan"), dtype=dtype, device="cuda")
-    fused.linear_ksplit(x, w, out=big[:, :N], backend="cuda")
-    assert _rel_err(big[:, :N], fused.linear_ksplit_ref(x, w)) < tol
-    assert torch.isnan(big[:, N:]).all()
+    kernel_matches_reference(fused.linear_ksplit, fused.linear_ksplit_ref, _operands, lambda n: n,
+                             ((4864, 896), (896, 896), (8960, 1536), (1536, 1536), (1024, 512), (72, 24), (64, 8)),
+                             dtype, 2e-3 if dtype == torch.bfloat16 else 1e-3)
     assert backends()["linear_ksplit"] == "cuda"
 
 
 @pytest.mark.gpu
 def test_kernel_in_a_cuda_graph_replays_on_new_inputs():
-    _need_kernel()
-    M, K, N = 256, 4864, 896
-    x, w = _operands(M, K, N, torch.bfloat16, "cuda", seed=1)
-    out = torch.empty(M, N, dtype=torch.bfloat16, device="cuda")
-    fused.linear_ksplit(x, w, out=out, backend="cuda")
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fused.linear_ksplit(x, w, out=out, backend="cuda")
-    for seed in (2, 3):
-        x.copy_(_operands(M, K, N, torch.bfloat16, "cuda", seed=seed)[0])
-        out.fill_(float("nan"))
-        graph.replay()
-        torch.cuda.synchronize()
-        assert _rel_err(out, fused.linear_ksplit_ref(x, w)) < 2e-3
+    need_kernel()
+    graph_replays_on_new_inputs(fused.linear_ksplit, fused.linear_ksplit_ref, _operands, lambda n: n, 4864, 896)
 
 
 @pytest.mark.gpu
@@ -130,12 +102,12 @@ def test_kernel_in_a_cuda_graph_replays_on_new_inputs():
 def test_engine_decode_step_in_cuda_graphs_with_linear_ksplit(dtype, monkeypatch):
     """o_proj and down_proj through linear_ksplit, captured in the engine's decode graphs (24
     sequences): the first decode step's hidden states as the plain engine's within the dtype's rounding."""
-    _need_kernel()
+    need_kernel()
     hidden = []
     for on in ("0", "1"):
         monkeypatch.setenv("OPPO_DECODE_LINEAR_KSPLIT", on)
         hidden.append(engine_first_decode_hidden(dtype))
         if on == "1":
             assert backends()["decode_linear"] == "linear_ksplit", backends()
-    err = _rel_err(hidden[1], hidden[0])
+    err = rel_err(hidden[1], hidden[0])
     assert err < (2e-2 if dtype == torch.bfloat16 else 5e-3), err

@@ -317,23 +317,33 @@ def gate_up_silu(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None
     logged with the reason, or with ``backend='cuda'`` a ValueError), the reference elsewhere.
     ``out``: [M, I] to write, else a new tensor."""
     _check_gate_up("gate_up_silu", x, weight)
-    inter = weight.shape[0] // 2
-    if out is not None and (out.shape != (x.shape[0], inter) or out.dtype != x.dtype):
-        raise ValueError(f"gate_up_silu: out must be [{x.shape[0]}, {inter}] {x.dtype}, got "
-                         f"{tuple(out.shape)} {out.dtype}")
-    why = gate_up_silu_refuses(x, weight)
+    return _small_m_op("gate_up_silu", x, weight, out, weight.shape[0] // 2, gate_up_silu_refuses(x, weight),
+                       gate_up_silu_ref, lambda o, a, b: torch.ops.oppo.gate_up_silu(o, a, b), backend)
+
+
+def _small_m_op(op: str, x, weight, out, cols: int, why: str | None, ref, kernel, backend: str | None,
+                out_align: int = 4) -> torch.Tensor:
+    """The face the small-M GEMM ops share: ``out`` checked ([M, cols], x's dtype); on CUDA tensors
+    the kernel (``kernel(out, x, weight)``) unless ``why`` (the operands it cannot take; an ``out``
+    whose rows are not contiguous or ``out_align``-byte aligned is one), then the reference, logged
+    with the reason, or with ``backend='cuda'`` a ValueError; the reference elsewhere."""
+    if out is not None and (out.shape != (x.shape[0], cols) or out.dtype != x.dtype):
+        raise ValueError(f"{op}: out must be [{x.shape[0]}, {cols}] {x.dtype}, got {tuple(out.shape)} {out.dtype}")
+    if (why is None and out is not None and x.is_cuda
+            and (out.stride(1) != 1 or (out.stride(0) * out.element_size()) % out_align or out.data_ptr() % out_align)):
+        why = f"out's rows not contiguous and {out_align}-byte aligned"
     if why is not None and x.is_cuda and backend != "cuda":
         backend = "reference"
-    if choose_backend("gate_up_silu", x.device, backend) == "reference":
+    if choose_backend(op, x.device, backend) == "reference":
         if why is not None and x.is_cuda:
-            record_backend("gate_up_silu", f"reference ({why})")
-        res = gate_up_silu_ref(x, weight)
+            record_backend(op, f"reference ({why})")
+        res = ref(x, weight)
         return res if out is None else out.copy_(res)
     if why is not None:
-        raise ValueError(f"gate_up_silu: the CUDA kernel cannot take these operands ({why})")
+        raise ValueError(f"{op}: the CUDA kernel cannot take these operands ({why})")
     if out is None:
-        out = torch.empty(x.shape[0], inter, dtype=x.dtype, device=x.device)
-    torch.ops.oppo.gate_up_silu(out, x, weight)
+        out = torch.empty(x.shape[0], cols, dtype=x.dtype, device=x.device)
+    kernel(out, x, weight)
     return out
 
 
@@ -345,10 +355,14 @@ def decode_linear_ksplit() -> bool:
     return os.environ.get("OPPO_DECODE_LINEAR_KSPLIT") == "1"
 
 
+def _check_linear(op: str, x, weight) -> None:
+    if x.dim() != 2 or weight.dim() != 2 or weight.shape[1] != x.shape[1]:
+        raise ValueError(f"{op}: x [M, K] and weight [N, K], got {tuple(x.shape)} and {tuple(weight.shape)}")
+
+
 def linear_ksplit_ref(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x [M, K] @ weight [N, K]^T with float32 sums, rounded once to x's dtype."""
-    if x.dim() != 2 or weight.dim() != 2 or weight.shape[1] != x.shape[1]:
-        raise ValueError(f"linear_ksplit: x [M, K] and weight [N, K], got {tuple(x.shape)} and {tuple(weight.shape)}")
+    _check_linear("linear_ksplit", x, weight)
     return F.linear(x.float(), weight.float()).to(x.dtype)
 
 
@@ -369,28 +383,10 @@ def linear_ksplit(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | Non
     operands (``linear_ksplit_refuses``; else the reference, logged with the reason, or with
     ``backend='cuda'`` a ValueError), the reference elsewhere. ``out``: [M, N] to write (16-byte
     aligned rows), else a new tensor."""
-    if x.dim() != 2 or weight.dim() != 2 or weight.shape[1] != x.shape[1]:
-        raise ValueError(f"linear_ksplit: x [M, K] and weight [N, K], got {tuple(x.shape)} and {tuple(weight.shape)}")
-    if out is not None and (out.shape != (x.shape[0], weight.shape[0]) or out.dtype != x.dtype):
-        raise ValueError(f"linear_ksplit: out must be [{x.shape[0]}, {weight.shape[0]}] {x.dtype}, got "
-                         f"{tuple(out.shape)} {out.dtype}")
-    why = linear_ksplit_refuses(x, weight)
-    if (why is None and out is not None and x.is_cuda
-            and (out.stride(1) != 1 or out.stride(0) % 8 or out.data_ptr() % 16)):
-        why = "out's rows not 16-byte aligned and contiguous"
-    if why is not None and x.is_cuda and backend != "cuda":
-        backend = "reference"
-    if choose_backend("linear_ksplit", x.device, backend) == "reference":
-        if why is not None and x.is_cuda:
-            record_backend("linear_ksplit", f"reference ({why})")
-        res = linear_ksplit_ref(x, weight)
-        return res if out is None else out.copy_(res)
-    if why is not None:
-        raise ValueError(f"linear_ksplit: the CUDA kernel cannot take these operands ({why})")
-    if out is None:
-        out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
-    torch.ops.oppo.linear_ksplit(out, x, weight)
-    return out
+    _check_linear("linear_ksplit", x, weight)
+    return _small_m_op("linear_ksplit", x, weight, out, weight.shape[0], linear_ksplit_refuses(x, weight),
+                       linear_ksplit_ref, lambda o, a, b: torch.ops.oppo.linear_ksplit(o, a, b), backend,
+                       out_align=16)
 
 
 def decode_linear(lin, x: torch.Tensor, decode: bool) -> torch.Tensor:
