@@ -137,11 +137,9 @@ def _regs(operand: str) -> set[str]:
     return regs
 
 
-def producer_loop(sass: str, commits: int = 1) -> dict:
-    """The producer's steady-state tile loop: the innermost loop (a predicated backward branch)
-    holding the cp.async copies (LDGSTS), an mbarrier wait and ``commits`` commits (LDGDEPBAR: one
-    per tile in the stage ring, two, K's and V's, with kFlagSplitKV). Returns its instructions and
-    the indices (into them) of the stage wait before the first copy and of the commit after it."""
+def innermost_loop(sass: str, keep) -> list[str] | None:
+    """The shortest loop body (the instructions from a predicated backward branch's target to the
+    branch) for which ``keep(body)`` holds, or None."""
     ins = _instructions(sass)
     addr = [a for a, _ in ins]
     best = None
@@ -149,12 +147,20 @@ def producer_loop(sass: str, commits: int = 1) -> dict:
         m = re.search(r"\bBRA\b.*?(0x[0-9a-f]+)$", t)
         if not (m and t.startswith("@")) or int(m.group(1), 16) >= a:
             continue
-        h = addr.index(int(m.group(1), 16))
-        body = [x for _, x in ins[h:k + 1]]
-        if any(_opcode(x).startswith("LDGSTS") for x in body) and any("TRYWAIT" in x for x in body) \
-                and sum(_opcode(x) == "LDGDEPBAR" for x in body) == commits:
-            if best is None or k - h < len(best):
-                best = body
+        body = [x for _, x in ins[addr.index(int(m.group(1), 16)):k + 1]]
+        if keep(body) and (best is None or len(body) < len(best)):
+            best = body
+    return best
+
+
+def producer_loop(sass: str, commits: int = 1) -> dict:
+    """The producer's steady-state tile loop: the innermost loop (a predicated backward branch)
+    holding the cp.async copies (LDGSTS), an mbarrier wait and ``commits`` commits (LDGDEPBAR: one
+    per tile in the stage ring, two, K's and V's, with kFlagSplitKV). Returns its instructions and
+    the indices (into them) of the stage wait before the first copy and of the commit after it."""
+    best = innermost_loop(sass, lambda body: any(_opcode(x).startswith("LDGSTS") for x in body)
+                          and any("TRYWAIT" in x for x in body)
+                          and sum(_opcode(x) == "LDGDEPBAR" for x in body) == commits)
     assert best is not None, "no producer loop (LDGSTS and an mbarrier wait under a backward branch)"
     ops = [_opcode(x) for x in best]
     first = ops.index(next(o for o in ops if o.startswith("LDGSTS")))

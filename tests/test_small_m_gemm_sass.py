@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from _scripts import cuobjdump_path, nvcc_sm90a
-from test_prefill_wgmma_sass import _instructions, _opcode
+from test_prefill_wgmma_sass import _instructions, _opcode, innermost_loop
 
 SOURCES = {
     "gate_up_silu": """
@@ -55,16 +55,7 @@ def _build(kernel: str, dtype: str, lag: int = 1) -> tuple[str, str]:
 
 def k_loop(sass: str) -> list[str]:
     """The K loop: the innermost backward branch whose body holds the HGMMAs."""
-    ins = _instructions(sass)
-    addr = [a for a, _ in ins]
-    best = None
-    for k, (a, t) in enumerate(ins):
-        m = re.search(r"\bBRA\b.*?(0x[0-9a-f]+)$", t)
-        if not (m and t.startswith("@")) or int(m.group(1), 16) >= a:
-            continue
-        body = [x for _, x in ins[addr.index(int(m.group(1), 16)):k + 1]]
-        if any("HGMMA" in x for x in body) and (best is None or len(body) < len(best)):
-            best = body
+    best = innermost_loop(sass, lambda body: any("HGMMA" in x for x in body))
     assert best is not None, "no loop with the MMAs"
     return best
 
