@@ -9,7 +9,6 @@ inputs, and the engine's first decode step in its graphs against the unfused lay
 """
 import pytest
 import torch
-import torch.nn.functional as F
 
 from oppo_runtime.ops import backends
 from oppo_runtime.ops import fused
