@@ -38,11 +38,6 @@ void linear_ksplit_cuda(at::Tensor& out, const at::Tensor& x, const at::Tensor& 
   auto launch = [&](auto tag) {
     using T = decltype(tag);
     auto kernel = oppo::mlp::linear_ksplit_kernel<T>;
-    static bool attr_set[64] = {};  // per instantiation and device
-    if (!attr_set[x.get_device() & 63]) {
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmem));
-      attr_set[x.get_device() & 63] = true;
-    }
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = dim3(static_cast<unsigned>(C::kSplit * ((N + C::kBN - 1) / C::kBN)));
     cfg.blockDim = dim3(C::kThreads);
@@ -55,6 +50,16 @@ void linear_ksplit_cuda(at::Tensor& out, const at::Tensor& x, const at::Tensor& 
     attr[0].val.clusterDim.z = 1;
     cfg.attrs = attr;
     cfg.numAttrs = 1;
+    static bool attr_set[64] = {};  // per instantiation and device
+    if (!attr_set[x.get_device() & 63]) {
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmem));
+      // a cluster of 8 CTAs of kSmem bytes each must fit one GPC: say so once, not as a launch failure
+      int clusters = 0;
+      C10_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg));
+      OPPO_CHECK(clusters > 0, op, ": this device cannot co-schedule a cluster of ", C::kSplit, " CTAs with ",
+                 C::kSmem, " bytes of shared memory each");
+      attr_set[x.get_device() & 63] = true;
+    }
     C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, reinterpret_cast<T*>(out.data_ptr()),
                                       static_cast<int64_t>(out.stride(0)), reinterpret_cast<const T*>(x.data_ptr()),
                                       static_cast<int64_t>(x.stride(0)), reinterpret_cast<const T*>(w.data_ptr()),
