@@ -44,6 +44,28 @@ inline void check_attention_tensors(const char* op, const char* q_shape, const a
   OPPO_CHECK(D == 64 || D == 128, op, ": head_dim must be 64 or 128, got ", D);
 }
 
+// The checks the small-M GEMM launchers (gate_up_silu.cu, linear_ksplit.cu) share on x [M, K] and
+// w [*, K]: CUDA, 2-D, bf16/fp16 alike; at most max_rows rows (the kernels hold the whole batch); K a
+// positive multiple of 8 within 32-bit indexing; x's rows contiguous and 16-byte aligned; w contiguous
+// and 16-byte aligned. `w_shape` names w's layout in the message ("[2I, K]" or "[N, K]").
+inline void check_small_m_operands(const char* op, const char* w_shape, const at::Tensor& x, const at::Tensor& w,
+                                   int64_t max_rows) {
+  OPPO_CHECK(x.is_cuda() && w.is_cuda(), op, ": x and w must be CUDA tensors");
+  OPPO_CHECK(x.dim() == 2 && w.dim() == 2, op, ": x [M, K] and w ", w_shape, " must be 2-D");
+  const int64_t M = x.size(0), K = x.size(1);
+  OPPO_CHECK(w.size(1) == K, op, ": w must be ", w_shape, " with x's K = ", K, ", got ", w.sizes());
+  OPPO_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf, op, ": x must be bf16 or fp16, got ",
+             x.scalar_type());
+  OPPO_CHECK(w.scalar_type() == x.scalar_type(), op, ": x and w must share a dtype");
+  OPPO_CHECK(M <= max_rows, op, ": at most ", max_rows, " rows (the kernel holds the whole batch), got ", M);
+  OPPO_CHECK(K > 0 && K % 8 == 0 && K < (1LL << 31) && x.stride(0) < (1LL << 31), op,
+             ": K must be a positive multiple of 8 within 32-bit indexing, got ", K);
+  OPPO_CHECK(x.stride(1) == 1 && x.stride(0) % 8 == 0 && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0, op,
+             ": x's rows must be contiguous, 16-byte aligned");
+  OPPO_CHECK(w.is_contiguous() && reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0, op,
+             ": w must be contiguous, 16-byte aligned");
+}
+
 // Only the three float types the runtime uses are instantiated.
 #define OPPO_DISPATCH_FLOAT(scalar_type, op, ...)                                  \
   [&] {                                                                            \

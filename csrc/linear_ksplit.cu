@@ -1,6 +1,6 @@
 // Launcher of linear_ksplit (kernels/linear_ksplit.cuh): checks arguments, launches clusters of 8 CTAs
-// on the current stream. sm_90a only (wgmma, clusters); the Python face (ops/fused.py) runs F.linear
-// elsewhere.
+// on the current stream. sm_90a only (wgmma, clusters); the Python face (ops/fused.py) runs its
+// reference elsewhere.
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include "dispatch.h"
@@ -11,26 +11,15 @@
 void linear_ksplit_cuda(at::Tensor& out, const at::Tensor& x, const at::Tensor& w) {
   constexpr const char* op = "linear_ksplit";
   using C = oppo::mlp::LinearKSplit;
-  OPPO_CHECK_CUDA(out, "linear_ksplit"); OPPO_CHECK_CUDA(x, "linear_ksplit"); OPPO_CHECK_CUDA(w, "linear_ksplit");
-  OPPO_CHECK(x.dim() == 2 && w.dim() == 2 && out.dim() == 2, op, ": x [M, K], w [N, K] and out [M, N] must be 2-D");
+  check_small_m_operands(op, "[N, K]", x, w, C::kRows);
+  OPPO_CHECK(out.is_cuda() && out.dim() == 2, op, ": out [M, N] must be a 2-D CUDA tensor");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  OPPO_CHECK(w.size(1) == K, op, ": w must be [N, K] with x's K = ", K, ", got ", w.sizes());
+  OPPO_CHECK(N % 8 == 0 && N < (1LL << 24), op, ": N must be a multiple of 8 within 2^24, got ", N);
   OPPO_CHECK(out.size(0) == M && out.size(1) == N, op, ": out must be [", M, ", ", N, "], got ", out.sizes());
-  OPPO_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf, op, ": x must be bf16 or fp16, got ",
-             x.scalar_type());
-  OPPO_CHECK(w.scalar_type() == x.scalar_type() && out.scalar_type() == x.scalar_type(), op,
-             ": x, w and out must share a dtype");
-  OPPO_CHECK(M <= C::kRows, op, ": at most ", C::kRows, " rows (the kernel holds the whole batch), got ", M);
-  OPPO_CHECK(K > 0 && K % 8 == 0 && N % 8 == 0, op,
-             ": K must be a positive multiple of 8 and N a multiple of 8, got K ", K, ", N ", N);
-  OPPO_CHECK(x.stride(1) == 1 && x.stride(0) % 8 == 0 && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0, op,
-             ": x's rows must be contiguous, 16-byte aligned");
-  OPPO_CHECK(w.is_contiguous() && reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0, op,
-             ": w must be contiguous, 16-byte aligned");
+  OPPO_CHECK(out.scalar_type() == x.scalar_type(), op, ": x, w and out must share a dtype");
   OPPO_CHECK(out.stride(1) == 1 && out.stride(0) % 8 == 0 && reinterpret_cast<uintptr_t>(out.data_ptr()) % 16 == 0,
              op, ": out's rows must be contiguous, 16-byte aligned");
-  OPPO_CHECK(K < (1LL << 31) && N < (1LL << 24) && x.stride(0) < (1LL << 31) && out.stride(0) < (1LL << 31), op,
-             ": sizes beyond 32-bit indexing");
+  OPPO_CHECK(out.stride(0) < (1LL << 31), op, ": sizes beyond 32-bit indexing");
   OPPO_CHECK(sm90a_here(x), op, ": needs an sm_90 device and the extension built for 9.0a (wgmma, clusters)");
   if (M == 0 || N == 0) return;
   const at::cuda::OptionalCUDAGuard guard(x.device());
